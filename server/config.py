@@ -1,0 +1,37 @@
+"""Validated settings, built once at start-up and passed down (nothing reads the environment later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.sampling import SamplingOptions
+
+
+class EngineConfig(BaseModel):
+    """What the worker needs: where the model is, where it runs, and its capacity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path | None = Field(None, description="release checkpoint directory; None = tiny demo model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    max_sessions: int = Field(16, ge=1, le=4096, description="KV-cache slots = concurrent sessions")
+    max_positions: int = Field(
+        4096, ge=128, le=32768, description="per-session context budget; the model was trained below 4096"
+    )
+    max_batch_rows: int | None = Field(None, ge=1, description="rows per step; None = max_sessions")
+
+
+class SessionOptions(BaseModel):
+    """Per-session model options (the wire protocol's session configuration carries these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_prompt: str | None = Field(None, description="None = the model's trained system prompt")
+    max_turn_tokens: int = Field(512, ge=1, le=4096, description="reply cap, emotion tag included")
+    sampling: SamplingOptions = SamplingOptions()

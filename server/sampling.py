@@ -1,0 +1,51 @@
+"""Turning a step's logits into tokens: the constrained decision and reply sampling."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from server import tokens as T
+
+
+class SamplingOptions(BaseModel):
+    """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
+    seed: int | None = Field(None, description="seed of this session's sampler; random when unset")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def decide(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) token ids: TEXT_BEGIN iff its logit is strictly above KEEP_SILENCE's.
+
+    The model only ever continues a listening block with one of the two; any
+    other argmax would crash the reference, so the choice is constrained.
+    """
+    speak = logits[:, T.TEXT_BEGIN] > logits[:, T.KEEP_SILENCE]
+    return torch.where(speak, T.TEXT_BEGIN, T.KEEP_SILENCE)
+
+
+def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
+    """One row (V,) -> token id under the session's options."""
+    if options.is_greedy:
+        return int(logits.argmax())
+    scores = logits.float() / options.temperature
+    if options.top_k > 0:
+        kth = torch.topk(scores, min(options.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if options.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= options.top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

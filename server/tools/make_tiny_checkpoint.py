@@ -1,0 +1,142 @@
+"""Write a seeded random Audio-Interaction checkpoint in the exact release layout.
+
+    python -m server.tools.make_tiny_checkpoint OUT_DIR [--preset tiny|real] [--seed 0]
+
+``tiny`` is a few-MB decoder (plus the real 151,936-row padded vocabulary, so
+every real control id exists) for tests and the no-weights demo; ``real`` has
+the release's Qwen2.5-3B / Omni audio-tower shapes with random weights, for
+throughput benchmarks. The same loader reads these and the released weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    lm: dict
+    audio: dict
+    num_shards: int
+
+
+# LitGPT field names, as the release's model_config.yaml spells them.
+_QWEN_COMMON = dict(
+    vocab_size=151643,
+    padded_vocab_size=151936,
+    padding_multiple=512,
+    norm_class_name="RMSNorm",
+    norm_eps=1e-6,
+    mlp_class_name="LLaMAMLP",
+    rope_base=1000000,
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    bias=False,
+    attn_bias=True,
+    lm_head_bias=False,
+)
+
+PRESETS = {
+    "tiny": Preset(
+        lm=dict(name="audio-interaction-tiny", block_size=8192, n_layer=2, n_embd=64, n_head=4,
+                n_query_groups=2, head_size=16, intermediate_size=160, **_QWEN_COMMON),
+        audio=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                   output_dim=64, num_mel_bins=128, n_window=100, max_source_positions=1500),
+        num_shards=2,
+    ),
+    "real": Preset(
+        lm=dict(name="Qwen2.5-3B", hf_config={"org": "Qwen", "name": "Qwen2.5-3B"}, block_size=32768,
+                n_layer=36, n_embd=2048, n_head=16, n_query_groups=2, head_size=128,
+                intermediate_size=11008, **_QWEN_COMMON),
+        audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                   output_dim=2048, num_mel_bins=128, n_window=100, max_source_positions=1500),
+        num_shards=4,
+    ),
+}
+
+
+def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(state):  # sorted: the seed alone decides every value
+        shape = state[name].shape
+        if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight") \
+                or name.endswith("layer_norm.weight") or name.endswith("ln_post.weight"):
+            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            out[name] = std * torch.randn(shape, generator=generator)
+    return out
+
+
+def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    from server.checkpoint import parse_lm_config
+    from server.lm import AudioInteractionLM
+
+    (out / "model_config.yaml").write_text(yaml.safe_dump(preset.lm, sort_keys=False))
+    cfg = parse_lm_config(out / "model_config.yaml")
+    with torch.device("meta"):
+        shapes = AudioInteractionLM(cfg).state_dict()
+    state = _random_like(shapes, generator, std=0.02 if preset is PRESETS["real"] else 0.2)
+    names = list(state)
+    per_shard = -(-len(names) // preset.num_shards)
+    weight_map = {}
+    for i in range(preset.num_shards):
+        shard = f"model-{i + 1:05d}-of-{preset.num_shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[i * per_shard:(i + 1) * per_shard]}
+        save_file(part, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> None:
+    from transformers import Qwen2_5OmniConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    omni = Qwen2_5OmniConfig(thinker_config={"audio_config": preset.audio})
+    omni.save_pretrained(str(out / "qwen25OmniConfig"))
+    with torch.device("meta"):
+        tower = Qwen2_5OmniAudioEncoder._from_config(omni.thinker_config.audio_config)
+    shapes = {k: v for k, v in tower.state_dict().items()}
+    torch.save(_random_like(shapes, generator, std=0.05), out / "audiointeraction_ChunkwisedEncoder.pth")
+
+
+def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    from server.tools.qwen_vocab import write_tokenizer_files
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = PRESETS[preset]
+    generator = torch.Generator().manual_seed(seed)
+    write_lm(out, chosen, generator)
+    write_audio_tower(out, chosen, generator)
+    write_tokenizer_files(out)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
+    log.info("wrote %s checkpoint (seed %d) to %s", preset, seed, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    make_checkpoint(args.out, args.preset, args.seed)
+
+
+if __name__ == "__main__":
+    main()

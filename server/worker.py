@@ -1,0 +1,342 @@
+"""The one worker that owns the model: every ready session advances in one batched step.
+
+Threading contract: exactly one thread (the worker thread started by
+``start()``, or the caller of ``step()``/``run_until_idle()`` when no thread is
+started) touches the model, the KV cache and the conversations. Other threads
+only call ``open_session``, ``push_audio``, ``cancel``, ``close_session``; these
+enqueue commands that are applied between steps, never mid-step. Events go
+out through each session's ``emit`` callback, called on the worker thread with
+a list of events; the callback must be quick and must not call back into
+blocking worker APIs.
+
+A step: apply commands -> schedule ready sessions -> encode their audio chunks
+in one encoder call -> one LM forward over all rows -> decide/sample ->
+commit to each conversation -> emit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from server import tokens as T
+from server.checkpoint import LoadedModel
+from server.config import EngineConfig, SessionOptions
+from server.conversation import ContextFull, Conversation, RowPlan
+from server.encoder import AudioEncoder
+from server.lm import StepBatch
+from server.engine_events import EngineEvent, SessionEnded, SessionStarted
+from server.sampling import decide, sample
+
+log = logging.getLogger(__name__)
+
+EmitFn = Callable[[list[EngineEvent]], None]
+
+
+@dataclass
+class _Session:
+    session_id: str
+    slot: int
+    options: SessionOptions
+    conversation: Conversation
+    emit: EmitFn
+    generator: torch.Generator | None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_rows: int
+    num_decisions: int
+    num_reply_tokens: int
+    num_tokens_fed: int
+    encode_s: float
+    forward_s: float
+    total_s: float
+
+
+@dataclass
+class _Command:
+    kind: str
+    session_id: str
+    payload: Any = None
+    emit: EmitFn | None = None
+
+
+@dataclass
+class _Row:
+    session: _Session
+    plan: RowPlan
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Worker:
+    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        self.encoder = AudioEncoder(model.encoder_tower)
+        self.cache = model.lm.new_cache(config.max_sessions, config.max_positions)
+        self.max_batch_rows = config.max_batch_rows or config.max_sessions
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._sessions: dict[str, _Session] = {}
+        self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
+        self._round_robin = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failure: BaseException | None = None
+        self.on_step: Callable[[StepStats], None] | None = None
+        self._prompt_cache: dict[str | None, list[int]] = {}
+
+    # ---- thread-safe API -------------------------------------------------
+    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
+        self._inbox.put(_Command("open", session_id, options, emit))
+
+    def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None:
+        """Queue (N, 128, 40) mel chunks for the session, consumed in order."""
+        self._inbox.put(_Command("audio", session_id, mel_chunks))
+
+    def cancel(self, session_id: str) -> None:
+        self._inbox.put(_Command("cancel", session_id))
+
+    def close_session(self, session_id: str) -> None:
+        self._inbox.put(_Command("close", session_id))
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.failure is None and (self._thread is None or self._thread.is_alive())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(_Command("wake", ""))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ---- worker thread ---------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.step() is None:
+                    self._apply_commands(block_s=0.05)
+        except BaseException as exc:  # the worker must never die silently
+            self.failure = exc
+            log.exception("model worker died; every session is ended")
+            for session in list(self._sessions.values()):
+                self._end(session, "worker_failed", f"the model worker failed: {exc}")
+
+    def run_until_idle(self) -> None:
+        """Step until no session has work (synchronous mode, e.g. the offline CLI)."""
+        while self.step() is not None:
+            pass
+
+    def step(self) -> StepStats | None:
+        started = time.perf_counter()
+        self._apply_commands()
+        rows = self._plan_rows(self._schedule())
+        if not rows:
+            return None
+        encode_s, forward_s = self._execute(rows)
+        num_decisions = num_reply = 0
+        for row in rows:
+            if row.error is None and row.logits is not None and not torch.isfinite(row.logits).all():
+                row.error = FloatingPointError("non-finite logits")
+            if row.error is not None:
+                code = "numerical_error" if isinstance(row.error, FloatingPointError) else "internal_error"
+                log.error("session %s failed in a step: %r", row.session.session_id, row.error)
+                self._end(row.session, code, f"the model step failed for this session: {row.error}")
+                continue
+            num_decisions += row.plan.is_decision
+            num_reply += not row.plan.is_decision
+        self._commit(rows)
+        stats = StepStats(
+            num_rows=len(rows),
+            num_decisions=num_decisions,
+            num_reply_tokens=num_reply,
+            num_tokens_fed=sum(len(r.plan.tokens) for r in rows),
+            encode_s=encode_s,
+            forward_s=forward_s,
+            total_s=time.perf_counter() - started,
+        )
+        if self.on_step is not None:
+            self.on_step(stats)
+        return stats
+
+    def _apply_commands(self, block_s: float = 0.0) -> None:
+        try:
+            command = self._inbox.get(timeout=block_s) if block_s > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: _Command) -> None:
+        if command.kind == "wake":
+            return
+        if command.kind == "open":
+            self._open(command)
+            return
+        session = self._sessions.get(command.session_id)
+        if session is None:
+            return  # the session already ended; late commands are harmless
+        if command.kind == "audio":
+            for chunk in command.payload:
+                session.conversation.add_audio(chunk)
+        elif command.kind == "cancel":
+            self._emit(session, session.conversation.cancel())
+        elif command.kind == "close":
+            self._end(session, None, "closed by the client")
+
+    def _open(self, command: _Command) -> None:
+        assert command.emit is not None
+        options: SessionOptions = command.payload
+        if command.session_id in self._sessions:
+            command.emit([SessionEnded("duplicate_session", f"session {command.session_id} is already open")])
+            return
+        if not self._free_slots:
+            command.emit([SessionEnded("capacity", f"all {self.config.max_sessions} session slots are in use")])
+            return
+        slot = self._free_slots.pop()
+        self.cache.clear_slot(slot)
+        prefix = self._prefix(options.system_prompt)
+        generator = None
+        if not options.sampling.is_greedy:
+            generator = torch.Generator()
+            generator.manual_seed(options.sampling.seed if options.sampling.seed is not None else
+                                  torch.seed() & 0xFFFF_FFFF_FFFF)
+        session = _Session(
+            command.session_id,
+            slot,
+            options,
+            Conversation(prefix, options.max_turn_tokens, self.config.max_positions),
+            command.emit,
+            generator,
+        )
+        self._sessions[command.session_id] = session
+        self._emit(session, [SessionStarted(slot, len(prefix))])
+
+    def _prefix(self, system_prompt: str | None) -> list[int]:
+        if system_prompt not in self._prompt_cache:
+            text = T.SYSTEM_PROMPT if system_prompt is None else system_prompt
+            self._prompt_cache[system_prompt] = T.prompt_prefix(self.model.tokenizer.encode(text).ids)
+        return self._prompt_cache[system_prompt]
+
+    def _schedule(self) -> list[_Session]:
+        ready = [s for s in self._sessions.values() if s.conversation.is_ready]
+        if len(ready) <= self.max_batch_rows:
+            return ready
+        # More ready sessions than rows: rotate the start so nobody starves.
+        start = self._round_robin % len(ready)
+        self._round_robin += self.max_batch_rows
+        return (ready[start:] + ready[:start])[: self.max_batch_rows]
+
+    def _plan_rows(self, sessions: list[_Session]) -> list[_Row]:
+        rows = []
+        for session in sessions:
+            try:
+                rows.append(_Row(session, session.conversation.plan()))
+            except ContextFull as exc:
+                self._end(session, "context_full", str(exc))
+        return rows
+
+    def _execute(self, rows: list[_Row]) -> tuple[float, float]:
+        """Run the rows in one batch; if that fails, run them one by one to isolate the culprit."""
+        try:
+            return self._forward(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                rows[0].error = exc
+                return 0.0, 0.0
+            log.warning("batched step of %d rows failed (%r); retrying rows one by one", len(rows), exc)
+        encode_s = forward_s = 0.0
+        for row in rows:
+            try:
+                e, f = self._forward([row])
+                encode_s, forward_s = encode_s + e, forward_s + f
+            except Exception as exc:
+                row.error = exc
+        return encode_s, forward_s
+
+    def _forward(self, rows: list[_Row]) -> tuple[float, float]:
+        device = self.model.device
+        t0 = time.perf_counter()
+        chunks = [r.plan.audio for r in rows if r.plan.audio is not None]
+        audio_embeds = None
+        if chunks:
+            # (N, 10, E) -> rows in the row-major order of the batch's audio mask.
+            audio_embeds = self.encoder.encode(torch.stack(chunks)).flatten(0, 1)
+        t1 = time.perf_counter()
+        batch = StepBatch.build(
+            rows=[r.plan.tokens for r in rows],
+            start_positions=[r.plan.start_position for r in rows],
+            slots=[r.session.slot for r in rows],
+            audio_spans=[r.plan.audio_span for r in rows],
+            audio_embeds=audio_embeds,
+            device=device,
+        )
+        logits = self.model.lm(batch, self.cache)  # (B, V) fp32
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        for row, row_logits in zip(rows, logits):
+            row.logits = row_logits
+        return t1 - t0, time.perf_counter() - t1
+
+    def _commit(self, rows: list[_Row]) -> None:
+        live = [r for r in rows if r.error is None and r.session.session_id in self._sessions]
+        decision_rows = [r for r in live if r.plan.is_decision]
+        if decision_rows:
+            decisions = decide(torch.stack([r.logits for r in decision_rows])).tolist()
+            for row, token in zip(decision_rows, decisions):
+                self._commit_one(row, token)
+        for row in live:
+            if not row.plan.is_decision:
+                options = row.session.options.sampling
+                self._commit_one(row, sample(row.logits, options, row.session.generator))
+
+    def _commit_one(self, row: _Row, token_id: int) -> None:
+        try:
+            events = row.session.conversation.commit(row.plan, token_id)
+        except Exception as exc:
+            log.exception("session %s: bad state", row.session.session_id)
+            self._end(row.session, "internal_error", f"session state error: {exc}")
+            return
+        self._emit(row.session, events)
+
+    def _emit(self, session: _Session, events: list[EngineEvent]) -> None:
+        if not events:
+            return
+        try:
+            session.emit(events)
+        except Exception:
+            log.exception("emit callback of session %s failed; ending it", session.session_id)
+            self._end(session, "internal_error", "event delivery failed", notify=False)
+
+    def _end(self, session: _Session, error_code: str | None, message: str, notify: bool = True) -> None:
+        if self._sessions.pop(session.session_id, None) is None:
+            return
+        # A reply cut by a normal close still gets its end event; after an error it does not.
+        events = session.conversation.cancel("session_closed") if error_code is None else []
+        events.append(SessionEnded(error_code, message))
+        self._free_slots.append(session.slot)
+        self._free_slots.sort(reverse=True)
+        if notify:
+            try:
+                session.emit(events)
+            except Exception:
+                log.exception("emit callback of session %s failed at close", session.session_id)
