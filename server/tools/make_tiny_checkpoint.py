@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,29 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
     log.info("wrote %s checkpoint (seed %d) to %s", preset, seed, out)
     return out
+
+
+# Bump when the generated layout or values change, so cached demo models are rebuilt.
+GENERATOR_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AUDIO_INTERACTION_CACHE", Path.home() / ".cache" / "audio-interaction"))
+
+
+def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """The tiny demo checkpoint, generated once into the cache (atomically: a rename publishes it)."""
+    root = (cache_dir or default_cache_dir()) / f"demo-tiny-v{GENERATOR_VERSION}-seed{seed}"
+    if root.is_dir():
+        return root
+    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    make_checkpoint(staging, "tiny", seed)
+    try:
+        staging.rename(root)
+    except OSError:  # another process published it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:

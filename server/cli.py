@@ -1,0 +1,142 @@
+"""Command line: offline runs over audio files (one JSON event per line).
+
+    python -m server.cli run [--checkpoint DIR | --demo] [--features offline|streaming] FILE_OR_FOLDER...
+
+All files form one continuous session. ``--features offline`` lays the stream
+out like the reference's offline runner: every file zero-padded to whole
+0.4 s chunks and featurised as one clip, then ``--trailing-silence`` seconds
+of zeros as a clip of its own. ``--features streaming`` feeds the files back
+to back through the live server's streaming front-end and ends with the same
+trailing silence, as a client's ``flush`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server import tokens as T
+from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, offline_chunks
+from server.checkpoint import CheckpointError, load_model
+from server.config import EngineConfig, SessionOptions
+from server.engine_events import EngineEvent, SessionEnded
+from server.replies import ReplyRenderer
+from server.sampling import SamplingOptions
+from server.worker import Worker
+
+log = logging.getLogger("server.cli")
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; a folder stands for the files its ``sequence.json`` lists, in order."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        paths.extend(load_audio_sequence(path) if path.is_dir() else [path])
+    return paths
+
+
+def trailing_silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(round(seconds * T.SAMPLE_RATE_HZ)), dtype=np.float32)
+
+
+def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
+    """Per file: its chunks, then a silence clip; each clip featurised as a whole."""
+    clips = []
+    for path in files:
+        clips.append(offline_chunks(load_audio_file(path)))
+        if silence_s > 0:
+            clips.append(offline_chunks(trailing_silence(silence_s)))
+    return clips
+
+
+def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
+    front_end = StreamingLogMel()
+    chunks: list[torch.Tensor] = []
+    for path in files:
+        chunks += front_end.push(load_audio_file(path))
+    if silence_s > 0:
+        chunks += front_end.push(trailing_silence(silence_s))
+    chunks += front_end.flush()
+    return [torch.stack(chunks)] if chunks else []
+
+
+def resolve_checkpoint(checkpoint: Path | None) -> Path:
+    if checkpoint is not None:
+        return checkpoint
+    from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+
+    log.warning("no --checkpoint given: using the tiny RANDOM demo model (its replies are noise)")
+    return ensure_demo_checkpoint()
+
+
+def run(args: argparse.Namespace) -> int:
+    files = expand_inputs(args.files)
+    model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
+    worker = Worker(model, EngineConfig(max_sessions=1, max_positions=args.max_positions))
+    session_id = uuid.uuid4().hex[:12]
+    renderer = ReplyRenderer(model.tokenizer)
+    ended: list[SessionEnded] = []
+
+    def emit(events: list[EngineEvent]) -> None:
+        for event in events:
+            if isinstance(event, SessionEnded):
+                ended.append(event)
+            for wire_event in renderer.render(event):
+                print(wire_event.model_dump_json(exclude_none=True), flush=True)
+
+    sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    worker.open_session(session_id, SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling), emit)
+    make_clips = offline_clips if args.features == "offline" else streaming_clips
+    for clip in make_clips(files, args.trailing_silence):
+        worker.push_audio(session_id, clip)
+    worker.run_until_idle()
+    worker.close_session(session_id)
+    worker.step()
+    failures = [e for e in ended if e.error_code is not None]
+    for failure in failures:
+        print(f"error: {failure.error_code}: {failure.message}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audio-interaction", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events")
+    source = run_cmd.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, help="release checkpoint directory")
+    source.add_argument("--demo", action="store_true", help="tiny random model (the default without --checkpoint)")
+    run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run_cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    run_cmd.add_argument("--features", choices=["offline", "streaming"], default="offline")
+    run_cmd.add_argument("--max-turn-tokens", type=int, default=512)
+    run_cmd.add_argument("--max-positions", type=int, default=4096, help="context budget of the session")
+    run_cmd.add_argument("--trailing-silence", type=float, default=1.0, help="seconds of zeros after audio")
+    run_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy replies")
+    run_cmd.add_argument("--top-p", type=float, default=1.0)
+    run_cmd.add_argument("--top-k", type=int, default=0)
+    run_cmd.add_argument("--seed", type=int, default=None)
+    run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
+    run_cmd.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.handler(args))
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Renders a session's token-level engine events as wire events (emotion, text deltas, turn ends)."""
+
+from __future__ import annotations
+
+from server import tokens as T
+from server.detokenizer import StreamingDetokenizer
+from server.engine_events import Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
+from server.protocol import DecisionEvent, EmotionEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent, _Event
+
+CHUNK_SECONDS = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
+
+
+class ReplyRenderer:
+    """One per session; not thread-safe. Engine events without a wire form render to nothing."""
+
+    def __init__(self, tokenizer, session_id: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.session_id = session_id
+        self._detokenizer: StreamingDetokenizer | None = None
+        self._num_turn_tokens = 0
+
+    def render(self, event: EngineEvent) -> list[_Event]:
+        sid = self.session_id
+        if isinstance(event, Decision):
+            decision = "text_begin" if event.token_id == T.TEXT_BEGIN else "keep_silence"
+            return [DecisionEvent(session_id=sid, chunk=event.chunk_index, token_id=event.token_id,
+                                  decision=decision, audio_time_s=round((event.chunk_index + 1) * CHUNK_SECONDS, 3))]
+        if isinstance(event, TurnBegin):
+            self._detokenizer = StreamingDetokenizer(self.tokenizer)
+            self._num_turn_tokens = 0
+            return [TurnBeginEvent(session_id=sid, turn=event.turn_index, chunk=event.chunk_index,
+                                   audio_time_s=round((event.chunk_index + 1) * CHUNK_SECONDS, 3))]
+        if isinstance(event, TurnToken):
+            return self._token(event)
+        if isinstance(event, TurnEnd):
+            return self._end(event)
+        return []
+
+    def _token(self, event: TurnToken) -> list[_Event]:
+        assert self._detokenizer is not None, "TurnToken before TurnBegin"
+        is_first = self._num_turn_tokens == 0
+        self._num_turn_tokens += 1
+        if is_first and event.token_id in T.EMOTION_NAMES:
+            self._detokenizer.push(event.token_id)  # recorded, never rendered as text
+            return [EmotionEvent(session_id=self.session_id, turn=event.turn_index,
+                                 emotion=T.EMOTION_NAMES[event.token_id], token_id=event.token_id)]
+        delta = self._detokenizer.push(event.token_id)
+        return [TextDeltaEvent(session_id=self.session_id, turn=event.turn_index, text=delta)] if delta else []
+
+    def _end(self, event: TurnEnd) -> list[_Event]:
+        assert self._detokenizer is not None, "TurnEnd before TurnBegin"
+        out: list[_Event] = []
+        tail = self._detokenizer.finish()
+        if tail:
+            out.append(TextDeltaEvent(session_id=self.session_id, turn=event.turn_index, text=tail))
+        out.append(TurnEndEvent(session_id=self.session_id, turn=event.turn_index, text=self._detokenizer.text,
+                                token_ids=list(event.token_ids), num_tokens=len(event.token_ids),
+                                end_reason=event.end_reason))
+        self._detokenizer = None
+        return out
