@@ -1,0 +1,111 @@
+"""The listen/speak state machine in token ids (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import tokens as T
+from server.conversation import ContextFull, Conversation, Phase
+from server.engine_events import Decision, TurnBegin, TurnEnd, TurnToken
+
+PREFIX = T.prompt_prefix([1000 + i for i in range(41)])  # 46 tokens, as with the real prompt
+
+
+def listen(conv: Conversation, decision: int):
+    row = conv.plan()
+    return row, conv.commit(row, decision)
+
+
+def test_first_row_is_prefix_plus_block_with_audio_span():
+    conv = Conversation(PREFIX, max_turn_tokens=8, max_positions=4096)
+    conv.add_audio("chunk0")
+    row = conv.plan()
+    assert len(PREFIX) == 46 and len(row.tokens) == 58 and row.start_position == 0
+    assert row.tokens[:46] == PREFIX and row.tokens[46] == T.AUDIO_BEGIN and row.tokens[-1] == T.ASSISTANT
+    lo, hi = row.audio_span
+    assert row.tokens[lo:hi] == [T.PAD] * 10 and row.audio == "chunk0"
+
+
+def test_plan_does_not_change_state():
+    conv = Conversation(PREFIX, 8, 4096)
+    conv.add_audio("a")
+    assert conv.plan() == conv.plan()
+    assert conv.next_position == 0 and len(conv.audio_queue) == 1
+
+
+def test_keep_silence_leads_the_next_13_token_block():
+    conv = Conversation(PREFIX, 8, 4096)
+    conv.add_audio("a")
+    conv.add_audio("b")
+    _, events = listen(conv, T.KEEP_SILENCE)
+    assert events == [Decision(0, T.KEEP_SILENCE)]
+    row = conv.plan()
+    assert row.start_position == 58 and len(row.tokens) == 13
+    assert row.tokens[0] == T.KEEP_SILENCE and row.audio == "b" and row.audio_span == (2, 12)
+
+
+def test_reply_then_back_to_listening_with_text_end_first():
+    conv = Conversation(PREFIX, 8, 4096)
+    for name in "abc":
+        conv.add_audio(name)
+    _, events = listen(conv, T.TEXT_BEGIN)
+    assert events == [Decision(0, T.TEXT_BEGIN), TurnBegin(0, 0)]
+    assert conv.phase is Phase.SPEAKING and conv.is_ready
+    generated = [151617, 40, 41]
+    for token in generated:
+        row = conv.plan()
+        assert row.audio is None and len(row.tokens) == 1
+        assert conv.commit(row, token) == [TurnToken(0, token)]
+    row = conv.plan()
+    assert row.tokens == [41]
+    assert conv.commit(row, T.TEXT_END) == [TurnEnd(0, tuple(generated), "text_end")]
+    row = conv.plan()
+    # Audio that arrived during the reply is consumed in order, right after the trigger chunk.
+    assert row.tokens[0] == T.TEXT_END and row.audio == "b"
+    assert row.start_position == 58 + 1 + 3
+
+
+def test_turn_cap_forces_text_end():
+    conv = Conversation(PREFIX, max_turn_tokens=2, max_positions=4096)
+    conv.add_audio("a")
+    conv.add_audio("b")
+    listen(conv, T.TEXT_BEGIN)
+    conv.commit(conv.plan(), 151618)
+    events = conv.commit(conv.plan(), 55)
+    assert events == [TurnToken(0, 55), TurnEnd(0, (151618, 55), "max_tokens")]
+    assert conv.phase is Phase.LISTENING and conv.plan().tokens[0] == T.TEXT_END
+
+
+def test_cancel_ends_the_reply_and_is_a_noop_while_listening():
+    conv = Conversation(PREFIX, 8, 4096)
+    assert conv.cancel() == []
+    conv.add_audio("a")
+    listen(conv, T.TEXT_BEGIN)
+    conv.commit(conv.plan(), 151614)
+    assert conv.cancel() == [TurnEnd(0, (151614,), "cancelled")]
+    assert conv.phase is Phase.LISTENING and not conv.is_ready
+    assert conv.num_turns == 1
+
+
+def test_listening_without_audio_is_not_ready():
+    conv = Conversation(PREFIX, 8, 4096)
+    assert not conv.is_ready
+    with pytest.raises(RuntimeError):
+        conv.plan()
+
+
+def test_non_protocol_decision_is_rejected():
+    conv = Conversation(PREFIX, 8, 4096)
+    conv.add_audio("a")
+    with pytest.raises(ValueError):
+        listen(conv, 42)
+
+
+def test_context_budget_is_enforced_before_feeding():
+    conv = Conversation(PREFIX, 8, max_positions=58 + 13)
+    for name in "abc":
+        conv.add_audio(name)
+    listen(conv, T.KEEP_SILENCE)
+    listen(conv, T.KEEP_SILENCE)
+    with pytest.raises(ContextFull):
+        conv.plan()
