@@ -1,0 +1,349 @@
+"""Audio front-end: PCM decoding, resampling to 16 kHz and whisper-style log-mel features.
+
+Sans-I/O except ``load_audio_file``/``load_audio_sequence`` (offline file mode): arrays in,
+arrays/tensors out. The streaming log-mel reproduces whole-file STFT bit-for-bit with 40
+samples of look-ahead; only the clamp differs, because it uses the running maximum of the
+stream (model-notes §4.3, decision 5).
+
+Threading contract: nothing here is thread-safe. ``StreamingResampler``, ``LogMelChunker``
+and ``StreamingLogMel`` hold per-stream state; use one instance per stream, owned by one
+thread (or one asyncio task) at a time. The module-level functions are pure and re-entrant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Final, Literal
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+import torch.nn.functional as F
+from transformers.audio_utils import mel_filter_bank
+
+from server.tokens import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
+
+N_FFT: Final = 400
+HOP_SAMPLES: Final = 160
+NUM_MEL_BINS: Final = 128
+# torch.stft(center=True) pads n_fft // 2 on each side: frame i is centred on sample 160 * i.
+_HALF_WINDOW_SAMPLES: Final = N_FFT // 2
+# Frames 40k..40k+39 span original samples [6400k - 200, 6400k + 6440): 40 samples past
+# the chunk end are needed by its last frame, everything else is in the past.
+LOOKAHEAD_SAMPLES: Final = HOP_SAMPLES * (MEL_FRAMES_PER_CHUNK - 1) + _HALF_WINDOW_SAMPLES - CHUNK_SAMPLES
+_BLOCK_INPUT_SAMPLES: Final = HOP_SAMPLES * (MEL_FRAMES_PER_CHUNK - 1) + N_FFT  # 6640
+MIN_INPUT_RATE_HZ: Final = 1_000
+MAX_INPUT_RATE_HZ: Final = 384_000
+_LOG_FLOOR: Final = 1e-10
+_DYNAMIC_RANGE: Final = 8.0  # log10 units kept below the maximum (whisper's clamp)
+
+SampleFormat = Literal["pcm_s16le", "pcm_f32le"]
+_SAMPLE_DTYPES: Final[dict[str, np.dtype]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+
+
+class AudioFormatError(ValueError):
+    """Audio bytes or files that cannot be turned into samples."""
+
+
+def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
+    """Interleaved little-endian PCM → float32 mono (channels averaged)."""
+    if sample_format not in _SAMPLE_DTYPES:
+        raise AudioFormatError(f"unknown sample format {sample_format!r}; expected {list(_SAMPLE_DTYPES)}")
+    if num_channels < 1:
+        raise AudioFormatError(f"num_channels must be >= 1, got {num_channels}")
+    dtype = _SAMPLE_DTYPES[sample_format]
+    frame_bytes = dtype.itemsize * num_channels
+    if len(data) % frame_bytes:
+        raise AudioFormatError(
+            f"{len(data)} bytes is not a whole number of {sample_format} frames "
+            f"({dtype.itemsize} bytes x {num_channels} channels = {frame_bytes} bytes per frame)"
+        )
+    samples = np.frombuffer(data, dtype=dtype)
+    if sample_format == "pcm_s16le":
+        samples = samples.astype(np.float32) / 32768.0  # same scaling as whisper.load_audio
+    elif not np.isfinite(samples).all():
+        # NaN/Inf would poison the STFT and the running max of the whole stream.
+        raise AudioFormatError("pcm_f32le data contains NaN or Inf samples")
+    if num_channels > 1:
+        samples = samples.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def load_audio_file(path: str | Path) -> np.ndarray:
+    """Decode wav/flac/mp3 (libsndfile >= 1.1) → float32 mono at 16 kHz."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        samples, rate_hz = soundfile.read(path, dtype="float32", always_2d=True)  # (T, C)
+    except soundfile.LibsndfileError as error:
+        raise AudioFormatError(f"cannot decode {path}: {error}") from error
+    mono = samples.mean(axis=1, dtype=np.float32)  # down-mix first: resampling is linear, 1 channel is cheaper
+    if rate_hz != SAMPLE_RATE_HZ:
+        mono = soxr.resample(mono, rate_hz, SAMPLE_RATE_HZ, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_audio_sequence(folder: str | Path) -> list[Path]:
+    """The files of ``folder/sequence.json`` (a JSON list of names, repeats allowed), in order."""
+    folder = Path(folder)
+    names = json.loads((folder / "sequence.json").read_text(encoding="utf-8"))
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{folder / 'sequence.json'} must be a JSON list of file names")
+    paths = [folder / name for name in names]
+    missing = sorted({str(p) for p in paths if not p.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{folder / 'sequence.json'} names missing files: {missing}")
+    return paths
+
+
+class StreamingResampler:
+    """Any input rate → 16 kHz, chunk by chunk; the output equals one-shot ``soxr.resample``."""
+
+    def __init__(self, input_rate_hz: int) -> None:
+        if not MIN_INPUT_RATE_HZ <= input_rate_hz <= MAX_INPUT_RATE_HZ:
+            limits = f"{MIN_INPUT_RATE_HZ}..{MAX_INPUT_RATE_HZ} Hz"
+            raise ValueError(f"input rate {input_rate_hz} Hz outside the supported {limits}")
+        self.input_rate_hz = input_rate_hz
+        self._stream: soxr.ResampleStream | None = None  # 16 kHz input passes through untouched
+        if input_rate_hz != SAMPLE_RATE_HZ:
+            self._stream = soxr.ResampleStream(input_rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
+        self._is_flushed = False
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        if self._is_flushed:
+            raise RuntimeError("StreamingResampler was flushed; call reset() to start a new stream")
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if samples.ndim != 1:
+            raise ValueError(f"expected mono samples (1-D), got shape {samples.shape}")
+        if self._stream is None:
+            return samples.copy()  # never alias the caller's buffer, which it may reuse
+        return self._stream.resample_chunk(samples)
+
+    def flush(self) -> np.ndarray:
+        """End the stream: returns the samples soxr still holds back for its filter delay."""
+        was_flushed, self._is_flushed = self._is_flushed, True
+        if was_flushed or self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+    def reset(self) -> None:
+        if self._stream is not None:
+            self._stream.clear()
+        self._is_flushed = False
+
+
+@functools.cache
+def mel_filters() -> torch.Tensor:
+    """(128, 201) float32 Slaney mel filterbank = librosa.filters.mel(sr=16000, n_fft=400, n_mels=128).
+
+    Computed in float64 and rounded once; whisper's mel_filters.npz (librosa applies the norm in
+    float32) may differ by an ulp. Shared and cached: treat it as read-only.
+    """
+    filters = mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=NUM_MEL_BINS, min_frequency=0.0,
+        max_frequency=SAMPLE_RATE_HZ / 2, sampling_rate=SAMPLE_RATE_HZ, norm="slaney", mel_scale="slaney",
+    )  # (201, 128) float64
+    return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32))
+
+
+@functools.cache
+def _hann_window() -> torch.Tensor:
+    return torch.hann_window(N_FFT)
+
+
+def _log_mel_block(padded_samples: torch.Tensor) -> torch.Tensor:
+    """Unclamped log10 mel of one 40-frame block: 6640 centre-padded samples → (128, 40).
+
+    The one place both paths compute features, always on exactly 40 frames: FFT batch size and
+    matmul shape then never vary (a 1-frame block takes MKL's gemv path and rounds differently,
+    observed), and the clone gives both paths the same allocator-aligned storage, so whole-file
+    and streaming frames are bit-identical by construction rather than by luck of the kernels.
+    """
+    if padded_samples.shape != (_BLOCK_INPUT_SAMPLES,):
+        raise ValueError(f"expected {_BLOCK_INPUT_SAMPLES} samples, got {tuple(padded_samples.shape)}")
+    spectrum = torch.stft(
+        padded_samples.clone(), N_FFT, HOP_SAMPLES, window=_hann_window(), center=False, return_complex=True
+    )  # (201, 40)
+    power = spectrum.abs() ** 2
+    mel = mel_filters() @ power  # (128, 40)
+    return torch.log10(torch.clamp(mel, min=_LOG_FLOOR))
+
+
+def normalize_log_mel(log_mel: torch.Tensor, max_value: float) -> torch.Tensor:
+    """Whisper's clamp and scaling, given the maximum to clamp against (whole-file or running)."""
+    return (torch.clamp(log_mel, min=max_value - _DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def log_mel_raw(samples_16k: np.ndarray) -> torch.Tensor:
+    """Unclamped log10 mel of a whole signal, (128, N // 160), exactly whisper's framing.
+
+    Equal to torch.stft(center=True, pad_mode="reflect") with the last frame dropped, computed
+    in 40-frame blocks (see ``_log_mel_block``); the reflect padding is F.pad's, as in torch.stft.
+    """
+    samples = torch.from_numpy(np.ascontiguousarray(samples_16k, dtype=np.float32))
+    num_frames = samples.shape[0] // HOP_SAMPLES
+    if num_frames == 0:
+        return torch.zeros(NUM_MEL_BINS, 0)
+    if samples.shape[0] <= _HALF_WINDOW_SAMPLES:
+        raise ValueError(f"need more than {_HALF_WINDOW_SAMPLES} samples for reflect padding")
+    padded = F.pad(samples[None, None], (_HALF_WINDOW_SAMPLES, _HALF_WINDOW_SAMPLES), mode="reflect")[0, 0]
+    num_blocks = math.ceil(num_frames / MEL_FRAMES_PER_CHUNK)
+    # Zeros past the end complete the last block; they only feed frames >= num_frames, cut below.
+    num_zeros = CHUNK_SAMPLES * (num_blocks - 1) + _BLOCK_INPUT_SAMPLES - padded.shape[0]
+    padded = F.pad(padded, (0, max(0, num_zeros)))
+    blocks = [
+        _log_mel_block(padded[CHUNK_SAMPLES * block : CHUNK_SAMPLES * block + _BLOCK_INPUT_SAMPLES])
+        for block in range(num_blocks)
+    ]
+    return torch.cat(blocks, dim=1)[:, :num_frames]  # (128, N // 160)
+
+
+def log_mel_whole(samples_16k: np.ndarray) -> torch.Tensor:
+    """Whisper ``log_mel_spectrogram(audio, n_mels=128)``: (128, N // 160) float32, clamped at max - 8."""
+    log_mel = log_mel_raw(samples_16k)
+    if log_mel.shape[1] == 0:
+        return log_mel
+    return normalize_log_mel(log_mel, float(log_mel.max()))
+
+
+def offline_chunks(samples_16k: np.ndarray) -> torch.Tensor:
+    """The reference's offline path per file: zero-pad to 0.4 s, whole-file mel, split → (K, 128, 40)."""
+    samples = np.asarray(samples_16k, dtype=np.float32)
+    padded = np.pad(samples, (0, -samples.shape[0] % CHUNK_SAMPLES))
+    log_mel = log_mel_whole(padded)  # (128, 40 K)
+    num_chunks = padded.shape[0] // CHUNK_SAMPLES
+    return log_mel.reshape(NUM_MEL_BINS, num_chunks, MEL_FRAMES_PER_CHUNK).permute(1, 0, 2).contiguous()
+
+
+class LogMelChunker:
+    """Streaming unclamped log-mel: 16 kHz samples in, (128, 40) chunks out, each bit-identical
+    to the same frames of ``log_mel_raw`` on the whole (zero-padded) stream.
+
+    Keeps 200 samples of left context plus the not-yet-emitted samples in a fixed buffer, so
+    memory and cost per chunk do not grow with the stream.
+    """
+
+    # After emitting, fewer than 200 + 6440 samples remain; room for one more chunk on top
+    # means every copy into the buffer advances by at least 6400 samples.
+    _CAPACITY_SAMPLES: Final = _BLOCK_INPUT_SAMPLES + CHUNK_SAMPLES
+
+    def __init__(self) -> None:
+        self._buffer = np.zeros(self._CAPACITY_SAMPLES, dtype=np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self._buffer_start = 0  # stream index of _buffer[0]
+        self._num_buffered = 0
+        self.num_chunks_emitted = 0
+        self._is_flushed = False
+
+    @property
+    def num_buffered_samples(self) -> int:
+        """Retained history: 200 samples of left context + the not-yet-emitted samples (< 6640)."""
+        return self._num_buffered
+
+    @property
+    def num_samples_pushed(self) -> int:
+        return self._buffer_start + self._num_buffered
+
+    def push(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
+        if self._is_flushed:
+            raise RuntimeError("stream was flushed; call reset() to start a new one")
+        samples = np.asarray(samples_16k, dtype=np.float32)
+        if samples.ndim != 1:
+            raise ValueError(f"expected mono samples (1-D), got shape {samples.shape}")
+        if not np.isfinite(samples).all():  # one NaN would poison every later frame's running max
+            raise ValueError("samples contain NaN or Inf")
+        chunks: list[torch.Tensor] = []
+        position = 0
+        while position < samples.shape[0]:  # large pushes go in pieces so the buffer never grows
+            count = min(samples.shape[0] - position, self._CAPACITY_SAMPLES - self._num_buffered)
+            self._buffer[self._num_buffered : self._num_buffered + count] = samples[position : position + count]
+            self._num_buffered += count
+            position += count
+            while self.num_samples_pushed >= CHUNK_SAMPLES * (self.num_chunks_emitted + 1) + LOOKAHEAD_SAMPLES:
+                chunks.append(self._emit(stream_end=None))
+        return chunks
+
+    def flush(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
+        """End the stream. ``pad_to_chunk`` zero-pads a partial last chunk (as the reference pads
+        files); otherwise it is dropped. The final chunk uses reflect padding at the stream end,
+        like whole-file STFT on the padded signal."""
+        if self._is_flushed:
+            return []
+        self._is_flushed = True
+        round_chunks = math.ceil if pad_to_chunk else math.floor
+        stream_end = round_chunks(self.num_samples_pushed / CHUNK_SAMPLES) * CHUNK_SAMPLES
+        num_zeros = stream_end - self.num_samples_pushed
+        if num_zeros > 0:  # < 6400, fits: the buffer holds < 6640 samples after push
+            self._buffer[self._num_buffered : self._num_buffered + num_zeros] = 0.0
+            self._num_buffered += num_zeros
+        chunks = []
+        while CHUNK_SAMPLES * (self.num_chunks_emitted + 1) <= stream_end:
+            chunks.append(self._emit(stream_end=stream_end))
+        return chunks
+
+    def _emit(self, stream_end: int | None) -> torch.Tensor:
+        # Padded-domain block of chunk k = original samples [6400k - 200, 6400k + 6440); the
+        # parts outside [0, stream_end) are reflections, exactly as F.pad does for the whole file.
+        first = CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES
+        last = first + _BLOCK_INPUT_SAMPLES
+        left_pad = max(0, -first)
+        right_pad = 0 if stream_end is None else max(0, last - stream_end)
+        offset = self._buffer_start
+        block = torch.from_numpy(self._buffer[first + left_pad - offset : last - right_pad - offset])
+        if left_pad or right_pad:
+            block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
+        chunk = _log_mel_block(block)  # (128, 40); it clones, so the buffer may be reused below
+        self.num_chunks_emitted += 1
+        self._drop_consumed()
+        return chunk
+
+    def _drop_consumed(self) -> None:
+        keep_from = max(0, CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES)
+        num_dropped = min(keep_from - self._buffer_start, self._num_buffered)
+        if num_dropped <= 0:
+            return
+        remaining = self._num_buffered - num_dropped
+        self._buffer[:remaining] = self._buffer[num_dropped : self._num_buffered]  # numpy handles overlap
+        self._buffer_start += num_dropped
+        self._num_buffered = remaining
+
+
+class StreamingLogMel:
+    """Streaming whisper features: ``LogMelChunker`` plus the clamp against the running maximum.
+
+    Only the clamp differs from whole-file features: it uses M = max over all frames emitted so
+    far (this chunk included), because the whole-stream maximum is unknowable while streaming.
+    """
+
+    def __init__(self) -> None:
+        self._chunker = LogMelChunker()
+        self.running_max = -math.inf
+
+    @property
+    def num_chunks_emitted(self) -> int:
+        return self._chunker.num_chunks_emitted
+
+    @property
+    def num_buffered_samples(self) -> int:
+        return self._chunker.num_buffered_samples
+
+    def reset(self) -> None:
+        self._chunker.reset()
+        self.running_max = -math.inf
+
+    def push(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
+        return [self._normalize(chunk) for chunk in self._chunker.push(samples_16k)]
+
+    def flush(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
+        return [self._normalize(chunk) for chunk in self._chunker.flush(pad_to_chunk)]
+
+    def _normalize(self, raw_chunk: torch.Tensor) -> torch.Tensor:
+        self.running_max = max(self.running_max, float(raw_chunk.max()))
+        return normalize_log_mel(raw_chunk, self.running_max)
