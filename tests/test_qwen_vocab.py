@@ -1,0 +1,171 @@
+"""The converted Qwen tokenizer: ids, lengths, round trips, and tokenisation equal to tiktoken's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from server.detokenizer import byte_level_chars
+from server.tokens import KEEP_SILENCE, SYSTEM_PROMPT, USER
+from server.tools import qwen_vocab
+
+ROUND_TRIP_TEXTS = [
+    "Hello, world! It's a test: 3.14159, don't PANIC.\n\n  Indented   line\twith tab.",
+    "你好，世界！今天天气怎么样？",
+    "👋🏽 hi 🎉",
+]
+
+PROBE_TEXTS = [
+    SYSTEM_PROMPT,
+    "I'LL say it's fine, you're sure they've done it?",
+    "   leading spaces and trailing   ",
+    "line one\r\nline two\n\n\n  line three  \n",
+    "Numbers 1234567890 and 3.14 and -42e10",
+    "你好，世界！今天天气怎么样？我们去公园散步吧。",
+    "こんにちは、元気ですか？ 안녕하세요 Привет, мир! مرحبا",
+    "👋🏽 hi 🎉 🇺🇸👨‍👩‍👧 ok",
+    "def f(x):\n    return {'a': [x, x**2]}  # comment",
+    "Straße — naïve café… “quoted” ‘single’",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen_tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def ranks(qwen_tokenizer_dir: Path) -> dict[bytes, int]:
+    return qwen_vocab.load_ranks(qwen_vocab.qwen_tiktoken_path())
+
+
+def reference_encode(tokenizer: Tokenizer, ranks: dict[bytes, int], text: str) -> list[int]:
+    """tiktoken's algorithm written out: whole-piece lookup, else merge the lowest-ranked pair."""
+    char_to_byte = {c: b for b, c in enumerate(byte_level_chars())}
+    normalized = tokenizer.normalizer.normalize_str(text)
+    ids: list[int] = []
+    for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized):
+        data = bytes(char_to_byte[c] for c in piece)
+        if data in ranks:
+            ids.append(ranks[data])
+            continue
+        parts = [data[i : i + 1] for i in range(len(data))]
+        while True:
+            candidates = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            candidates = [(rank, i) for rank, i in candidates if rank is not None]
+            if not candidates:
+                break
+            _, i = min(candidates)
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        ids.extend(ranks[part] for part in parts)
+    return ids
+
+
+def test_vocabulary_size_and_added_token_ids(tokenizer: Tokenizer) -> None:
+    assert tokenizer.get_vocab_size() == 151643 + len(qwen_vocab.ADDED_TOKENS) == 151665
+    assert tokenizer.token_to_id("<|endoftext|>") == 151643
+    assert tokenizer.token_to_id("<|im_start|>") == 151644
+    assert tokenizer.token_to_id("<|im_end|>") == 151645
+    assert tokenizer.token_to_id("<|AUDIO|>") == 151646
+    assert tokenizer.token_to_id("<|audio_bos|>") == 151647
+    assert tokenizer.token_to_id("<|audio_eos|>") == 151648
+    assert tokenizer.token_to_id("<|IMAGE|>") == 151655
+    assert tokenizer.token_to_id("<|VIDEO|>") == 151656
+    assert tokenizer.token_to_id("<|file_sep|>") == 151664
+
+
+def test_repurposed_control_ids_are_ordinary_tokens(tokenizer: Tokenizer) -> None:
+    assert tokenizer.decode([KEEP_SILENCE]) == "㉫"
+    assert tokenizer.decode([USER]) == "ㄍ"
+
+
+def test_system_prompt_is_41_tokens(tokenizer: Tokenizer) -> None:
+    assert len(tokenizer.encode(SYSTEM_PROMPT).ids) == 41
+
+
+def test_special_token_strings_parse_as_specials(tokenizer: Tokenizer) -> None:
+    assert tokenizer.encode("<|im_start|>hi<|endoftext|>").ids[::2] == [151644, 151643]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS, ids=["english", "chinese", "emoji"])
+def test_round_trip(tokenizer: Tokenizer, text: str) -> None:
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+@pytest.mark.parametrize("text", PROBE_TEXTS, ids=[f"probe{i}" for i in range(len(PROBE_TEXTS))])
+def test_encoding_matches_reference_bpe(tokenizer: Tokenizer, ranks: dict[bytes, int], text: str) -> None:
+    assert tokenizer.encode(text).ids == reference_encode(tokenizer, ranks, text)
+
+
+@pytest.mark.parametrize("text", PROBE_TEXTS, ids=[f"probe{i}" for i in range(len(PROBE_TEXTS))])
+def test_encoding_matches_tiktoken(tokenizer: Tokenizer, ranks: dict[bytes, int], text: str) -> None:
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken not installed (optional cross-check)")
+    specials = {content: 151643 + i for i, (content, _) in enumerate(qwen_vocab.ADDED_TOKENS)}
+    encoding = tiktoken.Encoding(
+        "qwen", pat_str=qwen_vocab.PRETOKENIZE_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
+    assert tokenizer.encode(text).ids == encoding.encode_ordinary(text)
+
+
+def test_tokenizer_config(qwen_tokenizer_dir: Path) -> None:
+    config = json.loads((qwen_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "Qwen2Tokenizer"
+    assert config["bos_token"] is None
+    assert config["eos_token"] == "<|endoftext|>"
+    assert config["add_bos_token"] is False
+    assert config["added_tokens_decoder"]["151646"]["content"] == "<|AUDIO|>"
+
+
+def test_cached_rebuild_is_identical(qwen_tokenizer_dir: Path, tmp_path: Path) -> None:
+    qwen_vocab.write_tokenizer_files(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (qwen_tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+# --- offline: the merge derivation on toy vocabularies -------------------------------------
+
+
+def test_merge_is_the_pair_tiktoken_reaches_not_the_cheapest_split() -> None:
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks |= {b"bc": 256, b"cd": 257, b"ab": 258, b"abc": 259, b"abcd": 260}
+    # On "abcd" tiktoken merges bc, then a+bc, then abc+d; the split with the
+    # lowest-ranked halves, ab+cd, is never reached and would strand "abc","d".
+    merges = qwen_vocab.derive_merges(ranks)
+    assert merges == [(b"b", b"c"), (b"c", b"d"), (b"a", b"b"), (b"a", b"bc"), (b"abc", b"d")]
+    tokenizer = qwen_vocab.tokenizer_from_ranks(ranks, added_tokens=())
+    assert tokenizer.encode(" abcd").ids == [ord(" "), 260]
+
+
+def test_token_unreachable_by_merges_gets_no_merge() -> None:
+    ranks = {bytes([b]): b for b in range(256)} | {b"xyz": 256}
+    assert qwen_vocab.derive_merges(ranks) == []
+    tokenizer = qwen_vocab.tokenizer_from_ranks(ranks, added_tokens=())
+    assert tokenizer.encode("xyz").ids == [256]  # whole-piece lookup, as tiktoken does
+    assert tokenizer.encode("xyzx").ids == [ord("x"), ord("y"), ord("z"), ord("x")]
+
+
+@st.composite
+def toy_ranks(draw: st.DrawFn) -> dict[bytes, int]:
+    """Single bytes, then tokens made by merging earlier ones (as BPE training does), plus strays."""
+    ranks = {bytes([b]): b for b in range(256)}
+    pool = [bytes([b]) for b in b"abc "]
+    for _ in range(draw(st.integers(0, 40))):
+        if draw(st.integers(0, 9)) == 0:
+            token = draw(st.binary(min_size=2, max_size=5).map(lambda raw: bytes(b"abc"[x % 3] for x in raw)))
+        else:
+            token = draw(st.sampled_from(pool)) + draw(st.sampled_from(pool))
+        if token not in ranks:
+            ranks[token] = len(ranks)
+            pool.append(token)
+    return ranks
+
+
+@settings(max_examples=150, deadline=None)
+@given(ranks=toy_ranks(), text=st.text(alphabet="abc ", max_size=40))
+def test_toy_vocabulary_tokenizes_like_reference(ranks: dict[bytes, int], text: str) -> None:
+    tokenizer = qwen_vocab.tokenizer_from_ranks(ranks, added_tokens=())
+    assert tokenizer.encode(text).ids == reference_encode(tokenizer, ranks, text)
