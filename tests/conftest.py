@@ -22,3 +22,45 @@ def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except VocabUnavailable as error:
         pytest.skip(f"Qwen vocabulary unavailable (no cache, no network?): {error}")
     return out_dir
+
+
+SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+
+
+@pytest.fixture(scope="session")
+def shared_audio() -> Path:
+    if not SHARED_AUDIO.is_dir():
+        pytest.skip(f"real test audio not found at {SHARED_AUDIO}")
+    return SHARED_AUDIO
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Path:
+    """A seeded tiny random checkpoint in the exact release layout (written once per test run)."""
+    from server.tools.make_tiny_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    from server.checkpoint import load_model
+
+    return load_model(tiny_checkpoint, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def stream_chunks(shared_audio: Path) -> list:
+    """Streaming mel chunks (N, 128, 40) of six real recordings, one tensor per recording."""
+    import torch
+
+    from server.audio import StreamingLogMel, load_audio_file
+
+    names = ["01_count_bark/sample01_01.mp3", "02_translate/sample02_02.wav", "03_cough_music/sample03_01.wav",
+             "02_translate/sample02_01.mp3", "03_cough_music/sample03_03.wav", "01_count_bark/sample01_02.wav"]
+    streams = []
+    for name in names:
+        front_end = StreamingLogMel()
+        chunks = front_end.push(load_audio_file(shared_audio / name)) + front_end.flush()
+        streams.append(torch.stack(chunks[:12]))  # bounded so the suite stays fast
+    return streams

@@ -134,12 +134,10 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
 GENERATOR_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AUDIO_INTERACTION_CACHE", Path.home() / ".cache" / "audio-interaction"))
-
-
 def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
     """The tiny demo checkpoint, generated once into the cache (atomically: a rename publishes it)."""
+    from server.tools.qwen_vocab import cache_dir as default_cache_dir
+
     root = (cache_dir or default_cache_dir()) / f"demo-tiny-v{GENERATOR_VERSION}-seed{seed}"
     if root.is_dir():
         return root

@@ -1,0 +1,131 @@
+"""Loading the release layout: the tiny generated checkpoint, both encoder names, readable errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from server import checkpoint as ckpt
+from server.encoder import AudioEncoder
+from server.lm import StepBatch
+
+
+@pytest.fixture()
+def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    return copy
+
+
+def test_tiny_checkpoint_has_the_release_layout(tiny_checkpoint: Path):
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"model_config.yaml", "model.safetensors.index.json", "audiointeraction_ChunkwisedEncoder.pth",
+            "qwen25OmniConfig", "tokenizer.json", "tokenizer_config.json"} <= names
+    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    raw = yaml.safe_load((tiny_checkpoint / "model_config.yaml").read_text())
+    assert set(raw) <= ckpt.LITGPT_FIELDS and raw["padded_vocab_size"] == 151936
+
+
+def test_generator_is_seeded(tmp_path: Path, tiny_checkpoint: Path):
+    from safetensors.torch import load_file
+
+    from server.tools.make_tiny_checkpoint import PRESETS, write_lm
+
+    write_lm(tmp_path, PRESETS["tiny"], torch.Generator().manual_seed(0))
+    shard = "model-00001-of-00002.safetensors"
+    a, b = load_file(str(tmp_path / shard)), load_file(str(tiny_checkpoint / shard))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loads_and_runs(tiny_model):
+    assert tiny_model.lm.cfg.padded_vocab_size == 151936
+    embeds = AudioEncoder(tiny_model.encoder_tower).encode(torch.randn(2, 128, 40))
+    assert embeds.shape == (2, 10, tiny_model.lm.cfg.n_embd)
+    cache = tiny_model.lm.new_cache(1, 128)
+    tokens = [151647] + [151608] * 10 + [151602]
+    logits = tiny_model.lm(StepBatch.build([tokens], [0], [0], [(1, 11)], embeds[0], torch.device("cpu")), cache)
+    assert logits.shape == (1, 151936) and torch.isfinite(logits).all()
+
+
+def test_accepts_the_old_encoder_file_name(checkpoint_copy: Path):
+    (checkpoint_copy / "audiointeraction_ChunkwisedEncoder.pth").rename(
+        checkpoint_copy / "MiniOmni3_ChunkwisedEncoder.pth")
+    files = ckpt.resolve_files(checkpoint_copy)
+    assert files.encoder_weights.name == "MiniOmni3_ChunkwisedEncoder.pth"
+    ckpt.load_audio_encoder(files, torch.device("cpu"), None)
+
+
+def test_legacy_interleaved_qkv_is_reassembled(checkpoint_copy: Path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_model.lm.cfg
+    q_per_kv, d = cfg.n_head // cfg.n_query_groups, cfg.head_size
+    index = json.loads((checkpoint_copy / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        state = load_file(str(checkpoint_copy / shard))
+        for key in [k for k in state if ".attn.qkv." in k]:
+            q, k, v = state.pop(key).split([cfg.n_head * d, cfg.n_query_groups * d, cfg.n_query_groups * d])
+            rest = q.shape[1:]
+            groups = [torch.cat((q.view(cfg.n_query_groups, q_per_kv * d, *rest)[g],
+                                 k.view(cfg.n_query_groups, d, *rest)[g], v.view(cfg.n_query_groups, d, *rest)[g]))
+                      for g in range(cfg.n_query_groups)]
+            state[key.replace(".attn.qkv.", ".attn.attn.")] = torch.cat(groups)
+        save_file(state, str(checkpoint_copy / shard))
+    legacy = ckpt.load_lm(ckpt.resolve_files(checkpoint_copy), torch.device("cpu"), torch.float32)
+    for name, tensor in tiny_model.lm.state_dict().items():
+        assert torch.equal(legacy.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: shutil.rmtree(d / "qwen25OmniConfig"), "qwen25OmniConfig is missing"),
+        (lambda d: (d / "model.safetensors.index.json").unlink(), "model.safetensors.index.json is missing"),
+        (lambda d: (d / "audiointeraction_ChunkwisedEncoder.pth").unlink(), "has no audio tower"),
+        (lambda d: (d / "model-00002-of-00002.safetensors").unlink(), "model-00002-of-00002.safetensors is missing"),
+        (lambda d: (d / "model-00001-of-00002.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
+        (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        (lambda d: (d / "model.safetensors.index.json").write_text("{}"), "weight_map"),
+        (lambda d: (d / "audiointeraction_ChunkwisedEncoder.pth").write_bytes(b"xx"), "not a readable torch state"),
+    ],
+)
+def test_broken_layouts_give_one_readable_error(checkpoint_copy: Path, damage, message):
+    damage(checkpoint_copy)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def edit_yaml(path: Path, **changes) -> None:
+    raw = yaml.safe_load(path.read_text())
+    raw.update(changes)
+    path.write_text(yaml.safe_dump(raw))
+
+
+def test_shape_mismatch_names_the_tensor(checkpoint_copy: Path):
+    edit_yaml(checkpoint_copy / "model_config.yaml", intermediate_size=200)
+    with pytest.raises(ckpt.CheckpointError, match=r"shape mismatch: transformer\.h\.0\.mlp\.fc_1\.weight"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_unknown_config_field_is_rejected(checkpoint_copy: Path):
+    edit_yaml(checkpoint_copy / "model_config.yaml", rope_indices=[0, 1])
+    with pytest.raises(ckpt.CheckpointError, match="model_config.yaml has fields .* rope_indices"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_unsupported_architecture_is_rejected(checkpoint_copy: Path):
+    edit_yaml(checkpoint_copy / "model_config.yaml", parallel_residual=True)
+    with pytest.raises(ckpt.CheckpointError, match="parallel_residual"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_missing_directory():
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_model(Path("/nonexistent/ckpt"), "cpu", "float32")

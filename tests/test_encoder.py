@@ -1,0 +1,34 @@
+"""The audio tower wrapper: many sessions' chunks in one call == one call per chunk == the reference's call."""
+
+from __future__ import annotations
+
+import torch
+
+from server.encoder import AudioEncoder
+
+
+def test_batched_chunks_equal_single_chunks(tiny_model, stream_chunks):
+    encoder = AudioEncoder(tiny_model.encoder_tower)
+    chunks = torch.cat([s[:3] for s in stream_chunks[:3]])  # chunks of three different streams
+    together = encoder.encode(chunks)
+    alone = torch.cat([encoder.encode(chunks[i:i + 1]) for i in range(len(chunks))])
+    assert together.shape == (9, 10, tiny_model.lm.cfg.n_embd)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_the_reference_call_convention(tiny_model, stream_chunks):
+    """The reference passes one (128, T) mel with feature_lens=[40]*n and a scalar aftercnn_lens."""
+    chunks = stream_chunks[0][:5]
+    mel = chunks.permute(1, 0, 2).reshape(128, -1)
+    with torch.inference_mode():
+        expected = tiny_model.encoder_tower(
+            input_features=mel, feature_lens=torch.full((5,), 40), aftercnn_lens=torch.tensor((200 - 1) // 2 + 1),
+        ).last_hidden_state
+    torch.testing.assert_close(AudioEncoder(tiny_model.encoder_tower).encode(chunks).flatten(0, 1), expected)
+
+
+def test_rejects_wrong_shapes(tiny_model):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"\(N, 128, 40\)"):
+        AudioEncoder(tiny_model.encoder_tower).encode(torch.zeros(2, 128, 39))

@@ -1,0 +1,218 @@
+"""The batched worker on the tiny real model: batched == alone, isolation, capacity, close/cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from server import tokens as T
+from server.config import EngineConfig, SessionOptions
+from server.engine_events import Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken
+from server.worker import Worker
+
+OPTIONS = SessionOptions(max_turn_tokens=6)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events = []
+
+    def __call__(self, events) -> None:
+        self.events.extend(events)
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+    @property
+    def protocol(self):
+        """Everything but the slot number, which legitimately depends on who else is connected."""
+        return [e for e in self.events if not isinstance(e, SessionStarted)]
+
+
+def test_sessions_batched_together_equal_each_alone(tiny_model, stream_chunks):
+    streams = stream_chunks[:4]
+    # Sessions join at different times, so rows sit at different positions in one step.
+    join_after_steps = [0, 0, 3, 7]
+
+    def run(session_ids):
+        worker = Worker(tiny_model, EngineConfig(max_sessions=4))
+        recorders = {}
+        steps = 0
+        while True:
+            for i in session_ids:
+                if i not in recorders and steps >= join_after_steps[i]:
+                    recorders[i] = Recorder()
+                    worker.open_session(f"s{i}", OPTIONS, recorders[i])
+                    worker.push_audio(f"s{i}", streams[i])
+            if worker.step() is None and len(recorders) == len(session_ids):
+                return recorders
+            steps += 1
+
+    together = run([0, 1, 2, 3])
+    speaking = 0
+    for i in range(4):
+        alone = run([i])[i]
+        assert together[i].protocol == alone.protocol, f"session {i} differs when batched"
+        assert len(alone.of(Decision)) == len(streams[i])
+        speaking += len(alone.of(TurnBegin))
+    assert speaking > 0, "the tiny model never replied: the speaking path went untested"
+
+
+def test_nan_in_one_session_ends_only_that_session(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=3))
+    good, bad = Recorder(), Recorder()
+    worker.open_session("good", OPTIONS, good)
+    worker.open_session("bad", OPTIONS, bad)
+    poisoned = stream_chunks[1][:3].clone()
+    poisoned[1] = float("nan")
+    worker.push_audio("good", stream_chunks[0])
+    worker.push_audio("bad", poisoned)
+    worker.run_until_idle()
+    assert bad.of(SessionEnded)[0].error_code == "numerical_error"
+    assert len(bad.of(Decision)) == 1
+    assert good.of(SessionEnded) == [] and len(good.of(Decision)) == len(stream_chunks[0])
+    # The freed slot is reusable and the survivor's results equal a clean run.
+    alone = Recorder()
+    solo = Worker(tiny_model, EngineConfig(max_sessions=1))
+    solo.open_session("good", OPTIONS, alone)
+    solo.push_audio("good", stream_chunks[0])
+    solo.run_until_idle()
+    assert good.protocol == alone.protocol
+
+
+def test_capacity_is_refused_with_a_clear_error(tiny_model):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    recorders = [Recorder() for _ in range(3)]
+    for i, rec in enumerate(recorders):
+        worker.open_session(f"s{i}", OPTIONS, rec)
+    worker.step()
+    assert [type(e) for e in recorders[2].events] == [SessionEnded]
+    assert recorders[2].events[0].error_code == "capacity"
+    worker.close_session("s0")
+    late = Recorder()
+    worker.open_session("s3", OPTIONS, late)
+    worker.step()
+    assert late.of(SessionStarted)[0].slot == 0  # the closed session's slot was freed
+
+
+def speak_until_reply(worker, rec, session_id, chunks):
+    """Feed chunks one at a time until the session starts a reply."""
+    for chunk in chunks:
+        worker.push_audio(session_id, chunk[None])
+        worker.step()
+        if rec.of(TurnBegin):
+            return True
+    return False
+
+
+def test_close_mid_reply_ends_the_turn_and_frees_the_slot(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", SessionOptions(max_turn_tokens=50), rec)
+    assert speak_until_reply(worker, rec, "s", torch.cat(stream_chunks))
+    worker.step()  # one reply token
+    worker.close_session("s")
+    worker.step()
+    end = rec.of(TurnEnd)[-1]
+    assert end.end_reason == "session_closed" and rec.events[-1] == SessionEnded(None, "closed by the client")
+    assert worker.num_sessions == 0
+
+
+def test_cancel_mid_reply_returns_to_listening(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", SessionOptions(max_turn_tokens=50), rec)
+    chunks = torch.cat(stream_chunks)
+    assert speak_until_reply(worker, rec, "s", chunks)
+    worker.step()
+    worker.cancel("s")
+    worker.push_audio("s", chunks[:2])
+    worker.run_until_idle()
+    cancelled = rec.of(TurnEnd)[0]
+    assert cancelled.end_reason == "cancelled" and len(cancelled.token_ids) == 1
+    decisions_after = [e for e in rec.events[rec.events.index(cancelled):] if isinstance(e, Decision)]
+    assert len(decisions_after) == 2
+
+
+def test_turn_cap_ends_replies(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", SessionOptions(max_turn_tokens=3), rec)
+    worker.push_audio("s", torch.cat(stream_chunks))
+    worker.run_until_idle()
+    ends = rec.of(TurnEnd)
+    assert ends and all(len(e.token_ids) <= 3 for e in ends)
+    assert all(e.end_reason in ("text_end", "max_tokens") for e in ends)
+    for e in ends:
+        assert T.TEXT_END not in e.token_ids and T.TEXT_BEGIN not in e.token_ids
+    assert len(rec.of(TurnToken)) == sum(len(e.token_ids) for e in ends)
+
+
+def test_context_budget_ends_one_session_cleanly(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2, max_positions=128))
+    short, normal = Recorder(), Recorder()
+    worker.open_session("short", OPTIONS, short)
+    worker.push_audio("short", stream_chunks[0])
+    worker.run_until_idle()
+    assert short.of(SessionEnded)[0].error_code == "context_full"
+    worker.open_session("next", OPTIONS, normal)
+    worker.push_audio("next", stream_chunks[1][:2])
+    worker.run_until_idle()
+    assert len(normal.of(Decision)) == 2
+
+
+def test_worker_thread_serves_sessions_and_stops(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    done = threading.Event()
+    rec = Recorder()
+
+    def emit(events):
+        rec(events)
+        if len(rec.of(Decision)) == 3:
+            done.set()
+
+    worker.start()
+    try:
+        worker.open_session("s", OPTIONS, emit)
+        worker.push_audio("s", stream_chunks[0][:3])
+        assert done.wait(30)
+    finally:
+        started = time.monotonic()
+        worker.stop()
+    assert time.monotonic() - started < 5
+    assert not worker._thread.is_alive() and worker.failure is None
+
+
+def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    good = Recorder()
+
+    def broken(events):
+        if any(isinstance(e, Decision) for e in events):
+            raise RuntimeError("client went away")
+
+    worker.open_session("broken", OPTIONS, broken)
+    worker.open_session("good", OPTIONS, good)
+    worker.push_audio("broken", stream_chunks[0][:2])
+    worker.push_audio("good", stream_chunks[0][:2])
+    worker.run_until_idle()
+    assert worker.num_sessions == 1 and len(good.of(Decision)) == 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sampling_with_a_seed_is_reproducible(tiny_model, stream_chunks, seed):
+    from server.sampling import SamplingOptions
+
+    options = SessionOptions(max_turn_tokens=5, sampling=SamplingOptions(temperature=1.0, top_k=50, seed=seed))
+    runs = []
+    for _ in range(2):
+        worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+        rec = Recorder()
+        worker.open_session("s", options, rec)
+        worker.push_audio("s", torch.cat(stream_chunks[:2]))
+        worker.run_until_idle()
+        runs.append(rec.protocol)
+    assert runs[0] == runs[1]
