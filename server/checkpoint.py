@@ -238,7 +238,11 @@ def load_lm(files: CheckpointFiles, device: torch.device, dtype: torch.dtype) ->
 
 def load_audio_config(files: CheckpointFiles) -> Any:
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    # transformers 5.x warns about the talker's default token ids, which the audio tower never uses.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         omni = AutoConfig.from_pretrained(str(files.omni_config_dir))
         return omni.thinker_config.audio_config
@@ -247,6 +251,8 @@ def load_audio_config(files: CheckpointFiles) -> Any:
             f"{files.omni_config_dir / 'config.json'} is not a Qwen2.5-Omni config with "
             f"thinker_config.audio_config: {exc}"
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:

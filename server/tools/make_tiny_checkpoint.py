@@ -107,7 +107,9 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-    omni = Qwen2_5OmniConfig(thinker_config={"audio_config": preset.audio})
+    # The text config's vocabulary must hold the Omni token ids the config names, as the real one does.
+    omni = Qwen2_5OmniConfig(thinker_config={"audio_config": preset.audio,
+                                             "text_config": {"vocab_size": preset.lm["padded_vocab_size"]}})
     omni.save_pretrained(str(out / "qwen25OmniConfig"))
     with torch.device("meta"):
         tower = Qwen2_5OmniAudioEncoder._from_config(omni.thinker_config.audio_config)
@@ -131,7 +133,7 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
 
 
 # Bump when the generated layout or values change, so cached demo models are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
