@@ -73,6 +73,7 @@ class _Row:
     session: _Session
     plan: RowPlan
     logits: torch.Tensor | None = None
+    is_finite: bool = False
     error: BaseException | None = None
 
 
@@ -151,7 +152,7 @@ class Worker:
         encode_s, forward_s = self._execute(rows)
         num_decisions = num_reply = 0
         for row in rows:
-            if row.error is None and row.logits is not None and not torch.isfinite(row.logits).all():
+            if row.error is None and not row.is_finite:
                 row.error = FloatingPointError("non-finite logits")
             if row.error is not None:
                 code = "numerical_error" if isinstance(row.error, FloatingPointError) else "internal_error"
@@ -293,8 +294,9 @@ class Worker:
         logits = self.model.lm(batch, self.cache)  # (B, V) fp32
         if device.type == "cuda":
             torch.cuda.synchronize()
-        for row, row_logits in zip(rows, logits):
-            row.logits = row_logits
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check for the batch, not one per row
+        for row, row_logits, is_finite in zip(rows, logits, finite):
+            row.logits, row.is_finite = row_logits, is_finite
         return t1 - t0, time.perf_counter() - t1
 
     def _commit(self, rows: list[_Row]) -> None:

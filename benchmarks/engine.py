@@ -1,0 +1,154 @@
+"""Engine benchmarks, each printed as ratios measured side by side in one run.
+
+    python benchmarks/engine.py [--checkpoint DIR] [--device cpu] [frontend|batching|all]
+
+frontend  Per-chunk cost of front-end (mel) + audio encoder at 10 s vs 10 min
+          into a stream: our streaming path (constant work per chunk) against
+          the reference web demo's way (mel + encoder over the whole history
+          every chunk, keep the last 10 frames).
+batching  The same workload (16 sessions x N chunks, replies included) stepped
+          as one batch of 16 rows per step vs one session per step.
+
+Without --checkpoint the tiny random demo model is used (CPU numbers only
+say something about host overhead and scaling, not about the 3B model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
+from server.checkpoint import load_model
+from server.config import EngineConfig, SessionOptions
+from server.encoder import AudioEncoder
+from server.tokens import CHUNK_SAMPLES
+from server.worker import Worker
+
+SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+
+
+def real_audio(seconds: float) -> np.ndarray:
+    """The shared recordings back to back, repeated to the requested length (16 kHz mono)."""
+    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+              for p in load_audio_sequence(folder)]
+    one_pass = np.concatenate(pieces)
+    repeats = int(np.ceil(seconds * 16000 / len(one_pass)))
+    return np.tile(one_pass, repeats)[: int(seconds * 16000)]
+
+
+def time_ms(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def bench_frontend(encoder: AudioEncoder, repeats: int) -> None:
+    print("\n## Front-end + encoder cost per 0.4 s chunk (median ms)\n")
+    print("| stream position | streaming (ours) | whole history (reference web demo) |")
+    print("|---|---|---|")
+    audio = real_audio(600.0 + 0.4 * (repeats + 1))
+    # Warm-up: the first calls pay one-off allocation and dispatch costs.
+    for _ in range(3):
+        log_mel_whole(audio[: CHUNK_SAMPLES * 4])
+        encoder.encode(torch.zeros(4, 128, 40))
+    results = {}
+    for label, seconds in (("10 s", 10.0), ("10 min", 600.0)):
+        cut = int(seconds * 16000) // CHUNK_SAMPLES * CHUNK_SAMPLES
+        # Stream up to the position once, then time the following chunks one by one.
+        front_end = StreamingLogMel()
+        front_end.push(audio[:cut])
+        ours_ms = []
+        for i in range(repeats):
+            start_sample = cut + i * CHUNK_SAMPLES
+            start = time.perf_counter()
+            chunks = front_end.push(audio[start_sample:start_sample + CHUNK_SAMPLES])
+            encoder.encode(torch.stack(chunks))
+            ours_ms.append((time.perf_counter() - start) * 1000)
+
+        history = audio[: cut + CHUNK_SAMPLES]
+
+        def reference():
+            mel = log_mel_whole(history)  # (128, T) over the whole history
+            num = mel.shape[1] // 40
+            embeds = encoder.encode(mel[:, : num * 40].reshape(128, num, 40).permute(1, 0, 2))
+            return embeds[-1]
+
+        results[label] = (statistics.median(ours_ms), time_ms(reference, max(1, repeats // 4)))
+        print(f"| {label} | {results[label][0]:.2f} | {results[label][1]:.2f} |")
+    ours_ratio = results["10 min"][0] / results["10 s"][0]
+    ref_ratio = results["10 min"][1] / results["10 s"][1]
+    print(f"\nratio 10 min / 10 s: streaming {ours_ratio:.2f}x, whole-history {ref_ratio:.1f}x; "
+          f"at 10 min the streaming path is {results['10 min'][1] / results['10 min'][0]:.0f}x cheaper")
+
+
+def bench_batching(model, num_sessions: int, num_chunks: int) -> None:
+    print(f"\n## {num_sessions} sessions x {num_chunks} chunks: batched vs one session per step\n")
+    audio = real_audio(num_chunks * 0.4 * num_sessions + 1)
+    streams = []
+    for i in range(num_sessions):
+        fe = StreamingLogMel()
+        start = i * num_chunks * CHUNK_SAMPLES
+        streams.append(torch.stack(fe.push(audio[start:start + num_chunks * CHUNK_SAMPLES]) + fe.flush()))
+    options = SessionOptions(max_turn_tokens=8)
+    rows = []
+    for label, rows_per_step in (("batched (16 rows/step)", num_sessions), ("one session per step", 1)):
+        worker = Worker(model, EngineConfig(max_sessions=num_sessions, max_batch_rows=rows_per_step))
+        counts = {"steps": 0, "rows": 0, "decisions": 0, "reply_tokens": 0}
+
+        def on_step(stats, counts=counts):
+            counts["steps"] += 1
+            counts["rows"] += stats.num_rows
+            counts["decisions"] += stats.num_decisions
+            counts["reply_tokens"] += stats.num_reply_tokens
+
+        worker.on_step = on_step
+        for i, chunks in enumerate(streams):
+            worker.open_session(f"s{i}", options, lambda events: None)
+            worker.push_audio(f"s{i}", chunks)
+        start = time.perf_counter()
+        worker.run_until_idle()
+        elapsed = time.perf_counter() - start
+        rows.append((label, elapsed, counts))
+    print("| mode | wall s | steps | decisions | reply tokens | ms per row |")
+    print("|---|---|---|---|---|---|")
+    for label, elapsed, c in rows:
+        print(f"| {label} | {elapsed:.2f} | {c['steps']} | {c['decisions']} | {c['reply_tokens']} | "
+              f"{elapsed * 1000 / c['rows']:.2f} |")
+    print(f"\nspeed-up of batching: {rows[1][1] / rows[0][1]:.1f}x (same work: "
+          f"{rows[0][2]['rows']} vs {rows[1][2]['rows']} rows)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", choices=["frontend", "batching", "all"], default="all")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--chunks", type=int, default=25, help="chunks per session in the batching run")
+    args = parser.parse_args()
+    if args.checkpoint is None:
+        from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+
+        args.checkpoint = ensure_demo_checkpoint()
+    torch.manual_seed(0)
+    model = load_model(args.checkpoint, args.device)
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, device {model.device}, model {model.name}")
+    if args.which in ("frontend", "all"):
+        bench_frontend(AudioEncoder(model.encoder_tower), args.repeats)
+    if args.which in ("batching", "all"):
+        bench_batching(model, 16, args.chunks)
+
+
+if __name__ == "__main__":
+    main()
