@@ -88,6 +88,8 @@ def resolve_files(root: Path) -> CheckpointFiles:
             raise CheckpointError(f"{path} is missing: expected {what} (release layout)")
         return path
 
+    model_config = required(MODEL_CONFIG_FILE, "the LitGPT model config (YAML)")
+    index = required(INDEX_FILE, 'the safetensors index {"weight_map": {...}}')
     encoder = next((root / n for n in ENCODER_FILES if (root / n).is_file()), None)
     if encoder is None:
         raise CheckpointError(
@@ -96,14 +98,15 @@ def resolve_files(root: Path) -> CheckpointFiles:
         )
     omni_dir = required(OMNI_CONFIG_DIR, "a directory with the Qwen2.5-Omni config.json")
     required(f"{OMNI_CONFIG_DIR}/config.json", "the Qwen2.5-Omni config with thinker_config.audio_config")
+    tokenizer = required(TOKENIZER_FILE, "a HF tokenizers tokenizer.json")
     tokenizer_config = root / TOKENIZER_CONFIG_FILE
     return CheckpointFiles(
         root=root,
-        model_config=required(MODEL_CONFIG_FILE, "the LitGPT model config (YAML)"),
-        index=required(INDEX_FILE, 'the safetensors index {"weight_map": {...}}'),
+        model_config=model_config,
+        index=index,
         encoder_weights=encoder,
         omni_config_dir=omni_dir,
-        tokenizer=required(TOKENIZER_FILE, "a HF tokenizers tokenizer.json"),
+        tokenizer=tokenizer,
         tokenizer_config=tokenizer_config if tokenizer_config.is_file() else None,
     )
 

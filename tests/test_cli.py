@@ -1,0 +1,70 @@
+"""The offline CLI on real audio with the tiny checkpoint: one JSON event per line, reference layout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from pydantic import TypeAdapter
+
+from server import cli
+from server.audio import load_audio_file, load_audio_sequence
+from server.protocol import TurnEvent
+
+EVENTS = TypeAdapter(TurnEvent)
+
+
+def run_cli(capsys, *args: str) -> list:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", *args])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return [EVENTS.validate_python(json.loads(line)) for line in lines]
+
+
+def check_turns(events) -> None:
+    """Every turn: begin, optional emotion, deltas, end; deltas add up to the end's text."""
+    open_turn, text = None, ""
+    for event in events:
+        if event.type == "turn_begin":
+            assert open_turn is None
+            open_turn, text = event.turn, ""
+        elif event.type in ("emotion", "text_delta"):
+            assert event.turn == open_turn
+            text += getattr(event, "text", "")
+        elif event.type == "turn_end":
+            assert event.turn == open_turn and event.text == text
+            assert event.num_tokens == len(event.token_ids) and event.end_reason in ("text_end", "max_tokens")
+            assert not {151643, 151644} & set(event.token_ids)
+            open_turn = None
+        else:
+            assert event.type == "decision" and open_turn is None
+    assert open_turn is None
+
+
+def test_offline_features_follow_the_reference_layout(capsys, tiny_checkpoint, shared_audio):
+    folder = shared_audio / "03_cough_music"
+    events = run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--max-turn-tokens", "6", str(folder))
+    decisions = [e for e in events if e.type == "decision"]
+    # Each file padded to whole chunks, then 1.0 s of silence padded to 1.2 s = 3 chunks.
+    expected = sum(math.ceil(len(load_audio_file(p)) / 6400) + 3 for p in load_audio_sequence(folder))
+    assert [d.chunk for d in decisions] == list(range(expected))
+    assert {d.token_id for d in decisions} <= {151605, 151644}
+    check_turns(events)
+
+
+def test_streaming_features_run_files_as_one_stream(capsys, tiny_checkpoint, shared_audio):
+    files = load_audio_sequence(shared_audio / "01_count_bark")[:3]
+    events = run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--features", "streaming",
+                     "--max-turn-tokens", "4", "--trailing-silence", "0.5", *map(str, files))
+    total = sum(len(load_audio_file(p)) for p in files) + 8000
+    assert len([e for e in events if e.type == "decision"]) == math.ceil(total / 6400)
+    check_turns(events)
+
+
+def test_unreadable_checkpoint_is_a_clean_error(capsys, tmp_path, shared_audio):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--checkpoint", str(tmp_path), str(shared_audio / "02_translate")])
+    assert exit_info.value.code == 2
+    assert "model_config.yaml is missing" in capsys.readouterr().err
