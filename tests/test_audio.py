@@ -27,14 +27,10 @@ from server.audio import (
 )
 from server.tokens import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
 
-AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
-
 
 @pytest.fixture(scope="module")
-def audio_dir() -> Path:
-    if not AUDIO_DIR.is_dir():
-        pytest.skip(f"sample audio not found at {AUDIO_DIR}")
-    return AUDIO_DIR
+def audio_dir(shared_audio: Path) -> Path:
+    return shared_audio
 
 
 @pytest.fixture(scope="module")
