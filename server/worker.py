@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,8 +220,8 @@ class Worker:
         generator = None
         if not options.sampling.is_greedy:
             generator = torch.Generator()
-            generator.manual_seed(options.sampling.seed if options.sampling.seed is not None else
-                                  torch.seed() & 0xFFFF_FFFF_FFFF)
+            seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(63)
+            generator.manual_seed(seed)
         session = _Session(
             command.session_id,
             slot,
