@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from server.tokens import TEXT_END
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,7 @@ class Preset:
     lm: dict
     audio: dict
     num_shards: int
+    text_end_logit_scale: float = 1.0
 
 
 # LitGPT field names, as the release's model_config.yaml spells them.
@@ -54,6 +57,7 @@ PRESETS = {
         audio=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
                    output_dim=64, num_mel_bins=128, n_window=100, max_source_positions=1500),
         num_shards=2,
+        text_end_logit_scale=3.0,
     ),
     "real": Preset(
         lm=dict(name="Qwen2.5-3B", hf_config={"org": "Qwen", "name": "Qwen2.5-3B"}, block_size=32768,
@@ -89,6 +93,10 @@ def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
     with torch.device("meta"):
         shapes = AudioInteractionLM(cfg).state_dict()
     state = _random_like(shapes, generator, std=0.02 if preset is PRESETS["real"] else 0.2)
+    if preset.text_end_logit_scale != 1.0:
+        # A purely random head almost never ranks TEXT_END first, so every reply would run to the
+        # turn cap; a larger TEXT_END row lets random replies end on their own too.
+        state["lm_head.weight"][TEXT_END] *= preset.text_end_logit_scale
     names = list(state)
     per_shard = -(-len(names) // preset.num_shards)
     weight_map = {}
@@ -133,7 +141,7 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
 
 
 # Bump when the generated layout or values change, so cached demo models are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
