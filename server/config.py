@@ -25,6 +25,12 @@ class EngineConfig(BaseModel):
         4096, ge=128, le=32768, description="per-session context budget; the model was trained below 4096"
     )
     max_batch_rows: int | None = Field(None, ge=1, description="rows per step; None = max_sessions")
+    rollover_window_positions: int | None = Field(
+        2048,
+        ge=0,
+        description="history re-fed when a session nears max_positions (context rollover); "
+        "None = no rollover: the session ends with context_full at the budget",
+    )
 
 
 class SessionOptions(BaseModel):

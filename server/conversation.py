@@ -9,6 +9,13 @@ next row, exactly as the reference does, so the first row of a session is
 The worker asks ``plan()`` what to feed, runs the model, then calls
 ``commit(token)``; ``plan()`` never changes state, so a failed step can be
 retried. Audio that arrives while speaking waits in ``audio_queue`` in order.
+
+Context rollover: the model was trained below 4,096 positions, so a session
+that nears its budget rebuilds its context at a safe point (listening, never
+mid-reply): the system prefix plus the most recent blocks (audio chunks with
+the replies that followed them) that fit ``rollover_window`` positions, fed
+again from position 0 in one row. The blocks needed for that are kept in a
+bounded history; older ones are forgotten.
 """
 
 from __future__ import annotations
@@ -19,7 +26,15 @@ from enum import Enum
 from typing import Any
 
 from server import tokens as T
-from server.engine_events import Decision, EndReason, EngineEvent, TurnBegin, TurnEnd, TurnToken
+from server.engine_events import (
+    ContextRollover,
+    Decision,
+    EndReason,
+    EngineEvent,
+    TurnBegin,
+    TurnEnd,
+    TurnToken,
+)
 
 
 class Phase(Enum):
@@ -35,12 +50,23 @@ class ContextFull(RuntimeError):
 class RowPlan:
     tokens: list[int]
     start_position: int
-    audio_span: tuple[int, int] | None  # columns of the PAD slots that audio overwrites
-    audio: Any  # the chunk consumed by this row (opaque here), None while speaking
+    audio_spans: tuple[tuple[int, int], ...]  # PAD columns that audio overwrites, one per chunk
+    audio: tuple[Any, ...]  # chunks for those spans (opaque here); the last is the one decided on
+    new_block_start: int = 0  # column where this row's own chunk block starts (listening rows)
+    rolls_over: bool = False  # this row rebuilds the whole context from position 0
 
     @property
     def is_decision(self) -> bool:
-        return self.audio is not None
+        return bool(self.audio)
+
+
+@dataclass
+class _Block:
+    """One chunk's listening block as fed, plus the reply tokens fed after it."""
+
+    tokens: list[int]
+    has_lead: bool  # tokens[0] is the previous token (KEEP_SILENCE / TEXT_END), not AUDIO_BEGIN
+    audio: Any
 
 
 @dataclass
@@ -48,16 +74,36 @@ class Conversation:
     prefix_ids: list[int]
     max_turn_tokens: int
     max_positions: int
+    rollover_window: int | None = None  # positions of history kept at a rollover; None = never roll over
     phase: Phase = Phase.LISTENING
     next_position: int = 0
     num_chunks_consumed: int = 0
     num_turns: int = 0
+    num_rollovers: int = 0
     audio_queue: deque = field(default_factory=deque)
     _unfed: list[int] = field(default_factory=list)
     _turn_tokens: list[int] = field(default_factory=list)
+    _history: deque = field(default_factory=deque)  # of _Block, oldest first
+    _history_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._unfed = list(self.prefix_ids)
+        if self.rollover_window is not None:
+            rebuilt_max = len(self.prefix_ids) + self.rollover_window + 2 * BLOCK_TOKENS
+            if rebuilt_max >= self.rollover_at:
+                raise ValueError(
+                    f"rollover window {self.rollover_window} leaves no room: a rebuilt context "
+                    f"({rebuilt_max} positions) must stay below the rollover point {self.rollover_at}"
+                )
+
+    @property
+    def rollover_at(self) -> int:
+        """Positions after which a listening row triggers a rollover: room is kept for a full reply."""
+        return self.max_positions - self.max_turn_tokens - 2 * BLOCK_TOKENS
+
+    @property
+    def history_tokens(self) -> int:
+        return self._history_tokens
 
     def add_audio(self, chunk: Any) -> None:
         self.audio_queue.append(chunk)
@@ -68,25 +114,64 @@ class Conversation:
 
     def plan(self) -> RowPlan:
         if self.phase is Phase.SPEAKING:
-            row = RowPlan(list(self._unfed), self.next_position, None, None)
+            row = RowPlan(list(self._unfed), self.next_position, (), ())
         else:
             if not self.audio_queue:
                 raise RuntimeError("plan() called while listening with no audio queued")
-            start = len(self._unfed) + 1  # after the unfed tokens and AUDIO_BEGIN
-            span = (start, start + T.AUDIO_FRAMES_PER_CHUNK)
-            row = RowPlan(self._unfed + T.listening_block(), self.next_position, span, self.audio_queue[0])
+            row = self._plan_listening()
         if row.start_position + len(row.tokens) > self.max_positions:
-            raise ContextFull(
-                f"the session reached its context budget of {self.max_positions} positions"
-            )
+            raise ContextFull(f"the session reached its context budget of {self.max_positions} positions")
         return row
+
+    def _plan_listening(self) -> RowPlan:
+        block = self._unfed + T.listening_block()
+        is_first = self.num_chunks_consumed == 0
+        needs_rollover = self.next_position + len(block) > self.rollover_at
+        if self.rollover_window is None or not needs_rollover or is_first:
+            new_block_start = len(self._unfed) - (0 if is_first else 1)
+            return RowPlan(block, self.next_position, (_pad_span(len(self._unfed)),), (self.audio_queue[0],),
+                           new_block_start)
+        tokens, spans, audio = list(self.prefix_ids), [], []
+        for i, kept in enumerate(self._history):
+            # The oldest kept block follows the prefix directly, as the first block of a session does.
+            body = kept.tokens[1:] if i == 0 and kept.has_lead else kept.tokens
+            spans.append(_pad_span(len(tokens) + body.index(T.AUDIO_BEGIN)))
+            audio.append(kept.audio)
+            tokens += body
+        new_block_start = len(tokens)
+        spans.append(_pad_span(len(tokens) + len(self._unfed)))
+        audio.append(self.audio_queue[0])
+        return RowPlan(tokens + block, 0, tuple(spans), tuple(audio), new_block_start, rolls_over=True)
 
     def commit(self, row: RowPlan, token_id: int) -> list[EngineEvent]:
         """Apply the model's next token after ``row`` was fed."""
+        events: list[EngineEvent] = []
+        if row.rolls_over:
+            events.append(ContextRollover(self.next_position, len(row.tokens), len(row.audio) - 1))
+            self.num_rollovers += 1
+            self.next_position = 0
         self.next_position += len(row.tokens)
         if self.phase is Phase.LISTENING:
-            return self._decide(token_id)
-        return self._speak(token_id)
+            # Every block but the session's first starts with the token sampled before it.
+            has_lead = self.num_chunks_consumed > 0
+            self._remember(_Block(row.tokens[row.new_block_start:], has_lead, row.audio[-1]))
+            return events + self._decide(token_id)
+        if self._history:
+            self._history[-1].tokens.extend(row.tokens)
+            self._history_tokens += len(row.tokens)
+        return events + self._speak(token_id)
+
+    def _remember(self, block: _Block) -> None:
+        if self.rollover_window is None:
+            return  # nothing will ever be re-fed: keep no history
+        self._history.append(block)
+        self._history_tokens += len(block.tokens)
+
+    def _forget_old_blocks(self) -> None:
+        if self.rollover_window is None:
+            return
+        while self._history and self._history_tokens > self.rollover_window:
+            self._history_tokens -= len(self._history.popleft().tokens)
 
     def cancel(self, reason: EndReason = "cancelled") -> list[EngineEvent]:
         """End the current reply as if TEXT_END had been generated (between steps only)."""
@@ -106,6 +191,8 @@ class Conversation:
             self.phase = Phase.SPEAKING
             self._turn_tokens = []
             events.append(TurnBegin(self.num_turns, chunk_index))
+        else:
+            self._forget_old_blocks()
         return events
 
     def _speak(self, token_id: int) -> list[EngineEvent]:
@@ -125,4 +212,14 @@ class Conversation:
         self._unfed = [T.TEXT_END]
         self._turn_tokens = []
         self.num_turns += 1
+        self._forget_old_blocks()
         return [event]
+
+
+BLOCK_TOKENS = 1 + len(T.listening_block())  # lead token + AUDIO_BEGIN + PADs + ASSISTANT
+
+
+def _pad_span(audio_begin_column: int) -> tuple[int, int]:
+    """PAD columns of a block whose AUDIO_BEGIN sits at ``audio_begin_column``."""
+    start = audio_begin_column + 1
+    return (start, start + T.AUDIO_FRAMES_PER_CHUNK)

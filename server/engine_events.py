@@ -37,6 +37,15 @@ class TurnEnd:
 
 
 @dataclass(frozen=True)
+class ContextRollover:
+    """The session's context was rebuilt from position 0 with its most recent history."""
+
+    from_positions: int  # positions in use before
+    to_positions: int  # positions in use after (prefix + kept history + the new block)
+    kept_chunks: int  # earlier chunks whose audio was re-fed
+
+
+@dataclass(frozen=True)
 class SessionStarted:
     slot: int
     prefix_tokens: int
@@ -50,4 +59,4 @@ class SessionEnded:
     message: str = ""
 
 
-EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, SessionStarted, SessionEnded]
+EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, SessionStarted, SessionEnded]

@@ -20,6 +20,7 @@ Threading: not thread-safe; the worker thread owns the model and its cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,11 +200,11 @@ class StepBatch:
         rows: list[list[int]],
         start_positions: list[int],
         slots: list[int],
-        audio_spans: list[tuple[int, int] | None],
+        audio_spans: list[Sequence[tuple[int, int]]],
         audio_embeds: torch.Tensor | None,
         device: torch.device,
     ) -> "StepBatch":
-        """Rows of token ids starting at the given positions; ``audio_spans[i]`` = (start, end) columns."""
+        """Rows of token ids starting at the given positions; ``audio_spans[i]``: (start, end) column spans."""
         B, T = len(rows), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
@@ -211,8 +212,7 @@ class StepBatch:
         for i, (row, start) in enumerate(zip(rows, start_positions)):
             tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             positions[i, : len(row)] = torch.arange(start, start + len(row))
-            if audio_spans[i] is not None:
-                lo, hi = audio_spans[i]
+            for lo, hi in audio_spans[i]:
                 audio_mask[i, lo:hi] = True
         return StepBatch(
             tokens=tokens.to(device),

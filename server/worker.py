@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 EmitFn = Callable[[list[EngineEvent]], None]
 
+# Rows longer than a listening block (a session's first row, a context rollover) run in a batch of their own.
+LONG_ROW_TOKENS = 16
+
 
 @dataclass
 class _Session:
@@ -222,14 +225,14 @@ class Worker:
             generator = torch.Generator()
             seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
-        session = _Session(
-            command.session_id,
-            slot,
-            options,
-            Conversation(prefix, options.max_turn_tokens, self.config.max_positions),
-            command.emit,
-            generator,
-        )
+        try:
+            conversation = Conversation(prefix, options.max_turn_tokens, self.config.max_positions,
+                                        self.config.rollover_window_positions)
+        except ValueError as exc:
+            self._free_slots.append(slot)
+            command.emit([SessionEnded("invalid_options", str(exc))])
+            return
+        session = _Session(command.session_id, slot, options, conversation, command.emit, generator)
         self._sessions[command.session_id] = session
         self._emit(session, [SessionStarted(slot, len(prefix))])
 
@@ -258,6 +261,21 @@ class Worker:
         return rows
 
     def _execute(self, rows: list[_Row]) -> tuple[float, float]:
+        """Run short rows (blocks, reply tokens) and long rows (first blocks, rollovers) as two batches.
+
+        Rows are padded to the longest in their batch, so one 2,000-token rollover
+        would otherwise make every 1-token reply row cost 2,000 tokens.
+        """
+        short = [r for r in rows if len(r.plan.tokens) <= LONG_ROW_TOKENS]
+        long = [r for r in rows if len(r.plan.tokens) > LONG_ROW_TOKENS]
+        encode_s = forward_s = 0.0
+        for group in (short, long):
+            if group:
+                e, f = self._execute_isolated(group)
+                encode_s, forward_s = encode_s + e, forward_s + f
+        return encode_s, forward_s
+
+    def _execute_isolated(self, rows: list[_Row]) -> tuple[float, float]:
         """Run the rows in one batch; if that fails, run them one by one to isolate the culprit."""
         try:
             return self._forward(rows)
@@ -278,7 +296,7 @@ class Worker:
     def _forward(self, rows: list[_Row]) -> tuple[float, float]:
         device = self.model.device
         t0 = time.perf_counter()
-        chunks = [r.plan.audio for r in rows if r.plan.audio is not None]
+        chunks = [chunk for r in rows for chunk in r.plan.audio]
         audio_embeds = None
         if chunks:
             # (N, 10, E) -> rows in the row-major order of the batch's audio mask.
@@ -288,7 +306,7 @@ class Worker:
             rows=[r.plan.tokens for r in rows],
             start_positions=[r.plan.start_position for r in rows],
             slots=[r.session.slot for r in rows],
-            audio_spans=[r.plan.audio_span for r in rows],
+            audio_spans=[r.plan.audio_spans for r in rows],
             audio_embeds=audio_embeds,
             device=device,
         )

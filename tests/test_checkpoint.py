@@ -50,7 +50,7 @@ def test_loads_and_runs(tiny_model):
     assert embeds.shape == (2, 10, tiny_model.lm.cfg.n_embd)
     cache = tiny_model.lm.new_cache(1, 128)
     tokens = [151647] + [151608] * 10 + [151602]
-    logits = tiny_model.lm(StepBatch.build([tokens], [0], [0], [(1, 11)], embeds[0], torch.device("cpu")), cache)
+    logits = tiny_model.lm(StepBatch.build([tokens], [0], [0], [[(1, 11)]], embeds[0], torch.device("cpu")), cache)
     assert logits.shape == (1, 151936) and torch.isfinite(logits).all()
 
 

@@ -68,7 +68,7 @@ def fp16_positions(n: int) -> torch.Tensor:
 
 
 def feed(model, cache, tokens, start, slot=0, audio_span=None, audio=None):
-    batch = StepBatch.build([tokens], [start], [slot], [audio_span], audio, CPU)
+    batch = StepBatch.build([tokens], [start], [slot], [[audio_span] if audio_span else []], audio, CPU)
     return model(batch, cache)[0]
 
 
@@ -154,7 +154,7 @@ def test_batched_rows_at_different_positions_equal_single_rows():
     slots = [3, 0, 1]
     for i in range(3):
         feed(model, cache, histories[i], 0, slot=slots[i])
-    batch = StepBatch.build(steps, [len(h) for h in histories], slots, spans, audio, CPU)
+    batch = StepBatch.build(steps, [len(h) for h in histories], slots, [[s] if s else [] for s in spans], audio, CPU)
     batched = model(batch, cache)
     for i in range(3):
         torch.testing.assert_close(batched[i], single[i], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from server import tokens as T
 from server.config import EngineConfig, SessionOptions
-from server.engine_events import Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken
+from server.engine_events import ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken
 from server.worker import Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
@@ -152,7 +152,7 @@ def test_turn_cap_ends_replies(tiny_model, stream_chunks):
 
 
 def test_context_budget_ends_one_session_cleanly(tiny_model, stream_chunks):
-    worker = Worker(tiny_model, EngineConfig(max_sessions=2, max_positions=128))
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2, max_positions=128, rollover_window_positions=None))
     short, normal = Recorder(), Recorder()
     worker.open_session("short", OPTIONS, short)
     worker.push_audio("short", stream_chunks[0])
@@ -216,3 +216,21 @@ def test_sampling_with_a_seed_is_reproducible(tiny_model, stream_chunks, seed):
         worker.run_until_idle()
         runs.append(rec.protocol)
     assert runs[0] == runs[1]
+
+
+def test_rollover_keeps_a_long_session_inside_its_budget(tiny_model, stream_chunks):
+    config = EngineConfig(max_sessions=2, max_positions=400, rollover_window_positions=120)
+    worker = Worker(tiny_model, config)
+    long_session, neighbour = Recorder(), Recorder()
+    worker.open_session("long", OPTIONS, long_session)
+    worker.open_session("neighbour", OPTIONS, neighbour)
+    audio = torch.cat(stream_chunks)  # ~60 chunks: several rollovers at this budget
+    worker.push_audio("long", audio)
+    worker.push_audio("neighbour", audio[:10])
+    worker.run_until_idle()
+    rollovers = long_session.of(ContextRollover)
+    assert len(rollovers) >= 2 and not long_session.of(SessionEnded)
+    assert len(long_session.of(Decision)) == len(audio)
+    for event in rollovers:
+        assert event.from_positions <= 400 and event.to_positions <= 46 + 120 + 2 * 13
+    assert len(neighbour.of(Decision)) == 10
