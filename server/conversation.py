@@ -105,6 +105,10 @@ class Conversation:
     def history_tokens(self) -> int:
         return self._history_tokens
 
+    @property
+    def num_history_chunks(self) -> int:
+        return len(self._history)
+
     def add_audio(self, chunk: Any) -> None:
         self.audio_queue.append(chunk)
 

@@ -64,6 +64,15 @@ class StepStats:
     total_s: float
 
 
+@dataclass(frozen=True)
+class SessionStateSize:
+    positions: int  # KV-cache positions in use
+    history_tokens: int  # tokens kept for a context rollover
+    history_chunks: int  # audio chunks kept for a context rollover
+    queued_chunks: int  # audio received but not yet consumed
+    num_rollovers: int
+
+
 @dataclass
 class _Command:
     kind: str
@@ -111,6 +120,15 @@ class Worker:
 
     def close_session(self, session_id: str) -> None:
         self._inbox.put(_Command("close", session_id))
+
+    def state_size(self, session_id: str) -> "SessionStateSize | None":
+        """What one session holds right now (a racy read from other threads: for monitoring only)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        conv = session.conversation
+        return SessionStateSize(conv.next_position, conv.history_tokens, conv.num_history_chunks,
+                                len(conv.audio_queue), conv.num_rollovers)
 
     @property
     def num_sessions(self) -> int:
