@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--seed", type=int, default=None)
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
+    from server.__main__ import add_serve_arguments, serve
+
+    serve_cmd = commands.add_parser("serve", help="run the WebSocket server (same as python -m server)")
+    add_serve_arguments(serve_cmd)
+    serve_cmd.set_defaults(handler=serve)
     return parser
 
 

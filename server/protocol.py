@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 EMOTIONS = Literal["happy", "sad", "angry", "surprise", "normal", "urgent"]
 
@@ -62,3 +62,293 @@ TurnEvent = Annotated[
     Union[DecisionEvent, TurnBeginEvent, EmotionEvent, TextDeltaEvent, TurnEndEvent],
     Field(discriminator="type"),
 ]
+
+
+# ---- The WebSocket protocol (docs/protocol.md) --------------------------------------
+# Everything below is what ``/v1/stream`` speaks: binary frames carry PCM audio, text
+# frames carry one JSON event each. Client events are parsed once through
+# ``CLIENT_EVENT_ADAPTER``; every server event carries ``server_time_ms``.
+
+PROTOCOL_VERSION = "1"
+
+SampleFormatName = Literal["pcm_s16le", "pcm_f32le"]
+
+
+class AudioFormat(BaseModel):
+    """The layout of the client's binary frames: interleaved little-endian PCM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_format: SampleFormatName = "pcm_s16le"
+    sample_rate_hz: int = Field(16_000, ge=1_000, le=384_000, description="resampled to 16 kHz by the server")
+    num_channels: int = Field(1, ge=1, le=8, description="channels are averaged to mono")
+
+
+class SamplingConfig(BaseModel):
+    """Reply sampling (mirrors ``server.sampling.SamplingOptions``, kept torch-free for clients)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
+    seed: int | None = Field(None, description="seed of the session's sampler; random when unset")
+
+
+class SessionSettings(BaseModel):
+    """The session's effective options, as reported in ``session.created``/``session.updated``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str | None = Field(None, description="absent = the model's trained system prompt")
+    max_turn_tokens: int
+    sampling: SamplingConfig
+    decision_events: bool = Field(description="whether a `decision` event is sent for every 0.4 s chunk")
+
+
+class SessionLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_frame_bytes: int = Field(description="larger frames are refused with an `error` event")
+    max_buffered_audio_s: float = Field(description="audio accepted but not yet heard by the model")
+    idle_timeout_s: float = Field(description="the session closes after this long without a client frame")
+    max_session_s: float = Field(description="the session closes after this long")
+    chunk_s: float = Field(description="the model hears audio in chunks of this length")
+
+
+class CloseCode:
+    """WebSocket close codes of ``/v1/stream`` and the subscriber endpoint (docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutdown
+    POLICY = 1008  # authentication or origin refused, options the engine cannot run
+    INTERNAL = 1011  # the model failed
+    TRY_AGAIN = 1013  # at capacity or not loaded yet
+    IDLE = 4000
+    SESSION_LIMIT = 4001  # max_session_s or the model's context budget
+    NOT_FOUND = 4004  # subscriber: no such session
+    TOO_SLOW = 4008  # the client does not read its events
+
+
+# ---- client -> server ---------------------------------------------------------------------
+
+
+class _ClientEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str | None = Field(None, max_length=64, description="echoed by an `error` this event causes")
+
+
+class SessionConfigureEvent(_ClientEvent):
+    """Set session options; fields left out keep their value, an explicit null resets to the default.
+
+    ``audio`` and ``decision_events`` may change at any time; the model options
+    (``system_prompt``, ``sampling``, ``max_turn_tokens``) only before the first audio frame.
+    """
+
+    type: Literal["session.configure"]
+    audio: AudioFormat | None = None
+    system_prompt: str | None = Field(None, max_length=8_000)
+    sampling: SamplingConfig | None = None
+    max_turn_tokens: int | None = Field(None, ge=1, le=4096)
+    decision_events: bool | None = None
+
+
+class InputFlushEvent(_ClientEvent):
+    """End of input: pad the partial chunk, add trailing silence, so the model can answer."""
+
+    type: Literal["input.flush"]
+    trailing_silence_s: float | None = Field(None, ge=0.0, le=10.0, description="absent = server default")
+
+
+class ResponseCancelEvent(_ClientEvent):
+    """Stop the reply in progress (a no-op while the model listens)."""
+
+    type: Literal["response.cancel"]
+
+
+class SessionCloseEvent(_ClientEvent):
+    """End the session now; audio not yet heard is reported in `session.closed`."""
+
+    type: Literal["session.close"]
+
+
+ClientEvent = Annotated[
+    Union[SessionConfigureEvent, InputFlushEvent, ResponseCancelEvent, SessionCloseEvent],
+    Field(discriminator="type"),
+]
+CLIENT_EVENT_ADAPTER: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+
+
+class ClientEventError(ValueError):
+    """A text frame that is not a valid client event; ``code`` is the `error` event's code."""
+
+    def __init__(self, code: str, message: str, event_type: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.event_type = code, message, event_type
+
+
+def parse_client_event(text: str | bytes) -> ClientEvent:
+    """Parse one text frame, once, through the discriminated union; raises ``ClientEventError``."""
+    try:
+        return CLIENT_EVENT_ADAPTER.validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        context = first.get("ctx", {})
+        if first["type"] == "json_invalid":
+            raise ClientEventError("invalid_json", f"text frames must hold one JSON object: {first['msg']}") from None
+        if first["type"] == "union_tag_invalid":
+            raise ClientEventError("unknown_event", f"unknown event type {context.get('tag')!r}; expected one of "
+                                   f"{context.get('expected_tags')}", str(context.get("tag"))) from None
+        has_type = first["loc"] and first["type"] != "union_tag_not_found"
+        raise ClientEventError("invalid_event", summarize(error), str(first["loc"][0]) if has_type else None) from None
+
+
+def summarize(error: ValidationError, max_errors: int = 5) -> str:
+    """A validation error in one line: ``where: what; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in item['loc']) or 'event'}: {item['msg']}"
+                     for item in error.errors()[:max_errors])
+
+
+# ---- server -> client ---------------------------------------------------------------------
+
+
+class _Stamped(BaseModel):
+    server_time_ms: int = Field(description="server wall clock (ms since the Unix epoch) at the event")
+
+
+class SessionCreatedEvent(_Event, _Stamped):
+    type: Literal["session.created"] = "session.created"
+    protocol_version: str = PROTOCOL_VERSION
+    model: str = Field(description="name of the loaded model")
+    is_demo: bool = Field(description="true for the tiny random demo model: its replies are noise")
+    audio: AudioFormat
+    options: SessionSettings
+    limits: SessionLimits
+
+
+class SessionUpdatedEvent(_Event, _Stamped):
+    """The answer to `session.configure`: the session's options now."""
+
+    type: Literal["session.updated"] = "session.updated"
+    audio: AudioFormat
+    options: SessionSettings
+
+
+class ErrorEvent(_Event, _Stamped):
+    type: Literal["error"] = "error"
+    code: str = Field(description="machine-readable reason, see docs/protocol.md")
+    message: str
+    is_fatal: bool = Field(False, description="true when the session closes because of it")
+    event_type: str | None = Field(None, description="type of the client event that caused it")
+    event_id: str | None = Field(None, description="event_id of the client event that caused it")
+
+
+class SessionClosedEvent(_Event, _Stamped):
+    """Always the last event of a session."""
+
+    type: Literal["session.closed"] = "session.closed"
+    reason: str
+    num_chunks_received: int = Field(description="0.4 s chunks of audio accepted from the client")
+    num_chunks_decided: int = Field(description="chunks the model heard; the rest were cut by the close")
+    audio_received_s: float = Field(description="seconds of audio accepted, at the client's rate")
+
+
+class SegmentEvent(_Event, _Stamped):
+    """A sentence-sized piece of a reply's text, for text-to-speech."""
+
+    type: Literal["segment"] = "segment"
+    turn: int
+    index: int = Field(description="0-based segment index within the turn")
+    text: str
+
+
+class InputFlushedEvent(_Event, _Stamped):
+    """Everything before an `input.flush` was heard, and any reply it started has ended."""
+
+    type: Literal["input.flushed"] = "input.flushed"
+    num_chunks: int = Field(description="chunks heard so far in the session")
+    audio_time_s: float = Field(description="stream time the model has heard up to")
+
+
+class LiveDecisionEvent(DecisionEvent, _Stamped):
+    pass
+
+
+class LiveTurnBeginEvent(TurnBeginEvent, _Stamped):
+    onset_latency_ms: float | None = Field(
+        None, description="from receiving the audio that completed the triggering chunk to this event"
+    )
+
+
+class LiveEmotionEvent(EmotionEvent, _Stamped):
+    pass
+
+
+class LiveTextDeltaEvent(TextDeltaEvent, _Stamped):
+    pass
+
+
+class LiveTurnEndEvent(TurnEndEvent, _Stamped):
+    pass
+
+
+ServerEvent = Annotated[
+    Union[
+        SessionCreatedEvent, SessionUpdatedEvent, ErrorEvent, SessionClosedEvent, SegmentEvent, InputFlushedEvent,
+        LiveDecisionEvent, LiveTurnBeginEvent, LiveEmotionEvent, LiveTextDeltaEvent, LiveTurnEndEvent,
+    ],
+    Field(discriminator="type"),
+]
+SERVER_EVENT_ADAPTER: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
+
+# Renderer events (server.replies) -> their stamped wire form.
+LIVE_FORMS: dict[type, type] = {
+    DecisionEvent: LiveDecisionEvent,
+    TurnBeginEvent: LiveTurnBeginEvent,
+    EmotionEvent: LiveEmotionEvent,
+    TextDeltaEvent: LiveTextDeltaEvent,
+    TurnEndEvent: LiveTurnEndEvent,
+}
+
+
+def json_schema() -> dict:
+    """One JSON Schema (draft 2020-12) document for both directions of ``/v1/stream``.
+
+    Both unions' definitions share one root ``$defs`` because pydantic's ``$ref``s are
+    root-relative; ``#/$defs/ClientEvent`` and ``#/$defs/ServerEvent`` are the entry points.
+    """
+    definitions: dict = {}
+    for name, adapter in (("ClientEvent", CLIENT_EVENT_ADAPTER), ("ServerEvent", SERVER_EVENT_ADAPTER)):
+        schema = adapter.json_schema()
+        definitions.update(schema.pop("$defs", {}))
+        definitions[name] = schema
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"Audio-Interaction streaming protocol v{PROTOCOL_VERSION}",
+        "anyOf": [{"$ref": "#/$defs/ClientEvent"}, {"$ref": "#/$defs/ServerEvent"}],
+        "$defs": definitions,
+    }
+
+
+def event_schema(direction: Literal["client", "server"]) -> dict:
+    """A standalone schema that accepts exactly one direction's events."""
+    root = json_schema()
+    entry = "ClientEvent" if direction == "client" else "ServerEvent"
+    return {"$schema": root["$schema"], "$ref": f"#/$defs/{entry}", "$defs": root["$defs"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m server.protocol", description="wire protocol tools")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of every event")
+    args = parser.parse_args(argv)
+    if not args.schema:
+        parser.error("nothing to do: pass --schema")
+    print(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""FastAPI app: the streaming WebSocket, the subscriber WebSocket, health, info and metrics.
+
+``create_app(config)`` builds the app; its lifespan loads the model once (on a thread,
+so ``/health`` answers while a large checkpoint loads and ``/ready`` says 503 until it
+is done), starts the worker, and on shutdown closes every open session with a final
+``session.closed`` before stopping the worker. ``build_server`` wraps it in uvicorn
+with per-message deflate off (frames are small and frequent; compressing PCM gains
+little and costs latency) and a shutdown that closes sessions before uvicorn drops sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Response, WebSocket
+from fastapi.responses import JSONResponse
+
+from server import tokens as T
+from server.connection import StreamConnection, Subscriber, send_and_close
+from server.metrics import Metrics
+from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
+from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
+from server.settings import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything the app holds for its lifetime; only touched from the event loop."""
+
+    def __init__(self, config: ServerConfig, on_fatal: Callable[[str], None] | None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.on_fatal = on_fatal
+        self.model = None
+        self.worker = None
+        self.load_error: str | None = None
+        self.is_shutting_down = False
+        self.streams: dict[str, StreamConnection] = {}
+
+    @property
+    def is_ready(self) -> bool:
+        return self.worker is not None and self.worker.is_alive and not self.is_shutting_down
+
+    def not_ready_reason(self) -> str:
+        if self.is_shutting_down:
+            return "shutting down"
+        if self.load_error is not None:
+            return f"model failed to load: {self.load_error}"
+        if self.worker is None:
+            return "loading the model"
+        return f"the model worker died: {self.worker.failure!r}"
+
+    async def load(self) -> None:
+        try:
+            self.model, self.worker = await asyncio.to_thread(self._load_blocking)
+            self.metrics.model_ready.set(1)
+        except Exception as error:  # a server without its model is useless: say why, then stop
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.error("cannot serve: %s", self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.load_error)
+
+    def _load_blocking(self):
+        from server.checkpoint import load_model
+        from server.worker import Worker
+
+        engine = self.config.engine
+        checkpoint = engine.checkpoint
+        if self.config.is_demo:
+            from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+
+            log.warning("=" * 72)
+            log.warning("DEMO MODE: serving the tiny RANDOM model; its replies are noise.")
+            log.warning("Set engine.checkpoint (AIS_ENGINE__CHECKPOINT) to serve the real model.")
+            log.warning("=" * 72)
+            checkpoint = ensure_demo_checkpoint()
+        model = load_model(checkpoint, engine.device, engine.dtype)
+        worker = Worker(model, engine)
+        worker.on_step = self._on_step
+        worker.start()
+        return model, worker
+
+    def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
+        self.metrics.observe_step(stats)
+
+    async def shutdown(self) -> None:
+        """Close every session with a final event, then stop the worker."""
+        self.is_shutting_down = True
+        self.metrics.model_ready.set(0)
+        streams = list(self.streams.values())
+        for stream in streams:
+            stream.shut_down()
+        if streams:
+            waits = [asyncio.create_task(stream.finished.wait()) for stream in streams]
+            _, pending = await asyncio.wait(waits, timeout=CLOSE_GRACE_S + 1.0)
+            for task in pending:
+                task.cancel()
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+
+def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    runtime = Runtime(config, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(runtime.load())
+        try:
+            yield
+        finally:
+            await runtime.shutdown()
+            if not loader.done():
+                loader.cancel()
+
+    app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan)
+    app.state.runtime = runtime
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if runtime.is_ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not_ready", "reason": runtime.not_ready_reason()}, status_code=503)
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        return _info(runtime)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        runtime.metrics.model_ready.set(1 if runtime.is_ready else 0)
+        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+
+    @app.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        await _serve_stream(runtime, websocket)
+
+    @app.websocket("/v1/sessions/{session_id}/events")
+    async def events(websocket: WebSocket, session_id: str) -> None:
+        await _serve_subscriber(runtime, websocket, session_id)
+
+    return app
+
+
+def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
+        ws_per_message_deflate=False,
+        # Above max_frame_bytes so an oversized frame still reaches the session and gets an
+        # error event; past this the transport itself closes with 1009.
+        ws_max_size=max(4 * config.max_frame_bytes, 1 << 20),
+        timeout_graceful_shutdown=CLOSE_GRACE_S + 5,
+    )
+    return _SessionClosingServer(uv_config, app.state.runtime)
+
+
+class _SessionClosingServer(uvicorn.Server):
+    """uvicorn drops WebSockets (code 1012) before the lifespan shutdown; close sessions first."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await self.runtime.shutdown()
+        await super().shutdown(sockets)
+
+
+# ---- WebSocket handlers ---------------------------------------------------------------------
+
+
+def _refusal(runtime: Runtime, websocket: WebSocket) -> tuple[str, str, int] | None:
+    """(error code, message, close code) when this client may not connect."""
+    config = runtime.config
+    origin = websocket.headers.get("origin")
+    # Origin is what a browser cannot forge; other clients may omit it (the API key guards them).
+    if config.allowed_origins and origin is not None and origin.rstrip("/") not in config.allowed_origins:
+        return "origin_not_allowed", f"origin {origin!r} is not allowed", CloseCode.POLICY
+    if config.api_key is not None:
+        offered = _offered_key(websocket)
+        expected = config.api_key.get_secret_value()
+        if offered is None or not hmac.compare_digest(offered.encode(), expected.encode()):
+            return "unauthorized", "missing or wrong API key", CloseCode.POLICY
+    if not runtime.is_ready:
+        return "not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN
+    return None
+
+
+def _offered_key(websocket: WebSocket) -> str | None:
+    authorization = websocket.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    # Browsers cannot set headers on a WebSocket, hence the query parameter.
+    return websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
+
+
+def _error(code: str, message: str, session_id: str | None = None) -> ErrorEvent:
+    return ErrorEvent(session_id=session_id, server_time_ms=int(time.time() * 1000), code=code, message=message,
+                      is_fatal=True)
+
+
+async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
+    config, metrics = runtime.config, runtime.metrics
+    refusal = _refusal(runtime, websocket)
+    if refusal is None and len(runtime.streams) >= config.session_capacity:
+        refusal = "capacity", f"all {config.session_capacity} sessions are in use; retry later", CloseCode.TRY_AGAIN
+    if refusal is not None:
+        code, message, close_code = refusal
+        metrics.refused_total.labels(code).inc()
+        await websocket.accept()
+        await send_and_close(websocket, [_error(code, message)], close_code)
+        return
+    session_id = uuid.uuid4().hex  # unguessable: it is also the subscription capability
+    model = runtime.model
+    info = ModelInfo(model.name, runtime.config.is_demo, model.tokenizer)
+
+    def on_closed(reason: str) -> None:
+        runtime.streams.pop(session_id, None)
+        metrics.sessions_active.set(len(runtime.streams))
+        metrics.sessions_total.labels(reason).inc()
+
+    def make_session(engine_emit: Callable) -> Session:
+        return Session(session_id, config, info, runtime.worker, engine_emit, time.monotonic(), observer=metrics)
+
+    connection = StreamConnection(websocket, make_session, config.max_queued_events,
+                                  min(1.0, config.idle_timeout_s / 4), on_closed)
+    # Registered before the first await, so the capacity check above cannot be raced.
+    runtime.streams[session_id] = connection
+    metrics.sessions_active.set(len(runtime.streams))
+    try:
+        await websocket.accept()
+    except Exception:
+        on_closed("handshake_failed")
+        raise
+    await connection.run()
+
+
+async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:
+    refusal = _refusal(runtime, websocket)
+    stream = runtime.streams.get(session_id)
+    if refusal is None and stream is None:
+        refusal = "unknown_session", f"no open session {session_id!r}", CloseCode.NOT_FOUND
+    if refusal is None and len(stream.subscribers) >= runtime.config.max_subscribers_per_session:
+        refusal = "too_many_subscribers", "this session has its maximum of subscribers", CloseCode.TRY_AGAIN
+    if refusal is not None:
+        code, message, close_code = refusal
+        runtime.metrics.refused_total.labels(code).inc()
+        await websocket.accept()
+        await send_and_close(websocket, [_error(code, message, session_id)], close_code)
+        return
+    subscriber = Subscriber(websocket, runtime.config.max_queued_events)
+    # Subscribed before the handshake completes: once the client sees it open, no event is missed.
+    stream.subscribers.add(subscriber)
+    runtime.metrics.subscribers_active.inc()
+    try:
+        await websocket.accept()
+        await subscriber.run()
+    except* Exception:
+        pass  # the subscriber left; nothing to clean up beyond the registration
+    finally:
+        stream.subscribers.discard(subscriber)
+        runtime.metrics.subscribers_active.dec()
+
+
+def _info(runtime: Runtime) -> dict:
+    config, model = runtime.config, runtime.model
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "model": None if model is None else model.name,
+        "is_demo": config.is_demo,
+        "device": None if model is None else str(model.device),
+        "dtype": None if model is None else str(model.dtype).removeprefix("torch."),
+        "ready": runtime.is_ready,
+        "sessions": {"active": len(runtime.streams), "max": config.session_capacity},
+        "audio": {"sample_formats": ["pcm_s16le", "pcm_f32le"], "model_rate_hz": T.SAMPLE_RATE_HZ,
+                  "chunk_s": CHUNK_S},
+        "limits": {"max_frame_bytes": config.max_frame_bytes, "max_buffered_audio_s": config.max_buffered_audio_s,
+                   "idle_timeout_s": config.idle_timeout_s, "max_session_s": config.max_session_s},
+        "auth": "api_key" if config.api_key is not None else "none",
+        "endpoints": {"stream": "/v1/stream", "subscribe": "/v1/sessions/{session_id}/events"},
+    }

@@ -1,0 +1,83 @@
+"""A session's audio input chain: PCM frames -> mono float32 -> 16 kHz -> log-mel chunks -> the engine.
+
+Sans-I/O: ``push_chunks`` is how chunks leave (the session passes ``engine.push_audio``).
+It also keeps the stream-time books the session's limits and counters need.
+Not thread-safe: one instance per session, used from one task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from server import tokens as T
+from server.audio import StreamingLogMel, StreamingResampler, decode_pcm
+from server.protocol import AudioFormat
+
+CHUNK_S = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
+
+
+class AudioInput:
+    def __init__(self, push_chunks: Callable[[torch.Tensor], None]) -> None:
+        self._push_chunks = push_chunks
+        self.format = AudioFormat()
+        self._resampler: StreamingResampler | None = None
+        self._front_end: StreamingLogMel | None = None
+        self.num_chunks_pushed = 0
+        self.audio_received_s = 0.0  # accepted client audio
+        self.stream_s = 0.0  # stream time given to the front-end: audio, flush silence and padding
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Frame bytes -> mono float32 at the client's rate; raises ``AudioFormatError``."""
+        return decode_pcm(data, self.format.sample_format, self.format.num_channels)
+
+    def duration_s(self, samples: np.ndarray) -> float:
+        return samples.shape[0] / self.format.sample_rate_hz
+
+    def set_format(self, audio_format: AudioFormat) -> int:
+        """Switch the input format; the 16 kHz stream goes on unbroken. Returns chunks pushed."""
+        num_pushed = 0
+        if audio_format != self.format:
+            num_pushed = self._end_resampler()
+        self.format = audio_format
+        return num_pushed
+
+    def accept(self, samples: np.ndarray) -> int:
+        """Decoded samples into the stream; returns how many chunks that completed (and pushed)."""
+        self.audio_received_s += self.duration_s(samples)
+        self.stream_s += self.duration_s(samples)
+        if self._resampler is None:
+            self._resampler = StreamingResampler(self.format.sample_rate_hz)
+        if self._front_end is None:
+            self._front_end = StreamingLogMel()
+        return self._push(self._front_end.push(self._resampler.process(samples)))
+
+    def flush(self, trailing_silence_s: float) -> int:
+        """End an utterance: resampler tail, trailing silence, zero-padded last chunk. Returns chunks pushed.
+
+        The next audio starts a fresh front-end (new left context and running maximum), as
+        after a pause between utterances; the engine's conversation itself goes on.
+        """
+        num_pushed = self._end_resampler()
+        front_end = self._front_end or StreamingLogMel()
+        chunks = front_end.push(np.zeros(int(round(trailing_silence_s * T.SAMPLE_RATE_HZ)), dtype=np.float32))
+        num_pushed += self._push(chunks + front_end.flush(pad_to_chunk=True))
+        self._front_end = None
+        self.stream_s = self.num_chunks_pushed * CHUNK_S
+        return num_pushed
+
+    def _end_resampler(self) -> int:
+        """Drain the resampler's filter delay into the feature stream (soxr holds some samples back)."""
+        num_pushed = 0
+        if self._resampler is not None and self._front_end is not None:
+            num_pushed = self._push(self._front_end.push(self._resampler.flush()))
+        self._resampler = None
+        return num_pushed
+
+    def _push(self, chunks: list[torch.Tensor]) -> int:
+        if chunks:
+            self._push_chunks(torch.stack(chunks))  # (N, 128, 40)
+            self.num_chunks_pushed += len(chunks)
+        return len(chunks)

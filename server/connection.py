@@ -1,0 +1,198 @@
+"""The I/O around one WebSocket: a stream (client audio in, events out) or a subscriber (events out).
+
+Each connection runs its loops in one task group; the first loop to finish cancels
+the others. Only the receive loop ends on a client disconnect, and only the send loop
+ends on a server-side close, after it has sent every event queued before the close,
+so a closing session's last events are never cut off by the cancellation.
+
+Threading contract: everything runs on the event loop except ``engine_emit``, which
+the worker calls on its thread and which only schedules work onto the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from server.engine_events import EngineEvent
+from server.protocol import ErrorEvent
+from server.protocol import CloseCode
+from server.session import Session
+
+log = logging.getLogger(__name__)
+
+# What a subscriber of /v1/sessions/{id}/events receives.
+SUBSCRIBED_TYPES = frozenset({"turn_begin", "emotion", "text_delta", "segment", "turn_end", "session.closed"})
+
+
+class _Close:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+async def run_first_exit(*loops: Coroutine) -> None:
+    """Run the loops in one task group until the first of them returns (or raises)."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(loop) for loop in loops]
+
+        def cancel_others(finished: asyncio.Task) -> None:
+            for task in tasks:
+                if task is not finished:
+                    task.cancel()
+
+        for task in tasks:
+            task.add_done_callback(cancel_others)
+
+
+async def send_and_close(websocket: WebSocket, events: list, code: int) -> None:
+    """For refusals: a few events, then the close code."""
+    try:
+        for event in events:
+            await websocket.send_text(event.model_dump_json(exclude_none=True))
+        await websocket.close(code)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client left first
+
+
+class Outbox:
+    """Events waiting for one client, bounded so a client that stops reading cannot eat the memory."""
+
+    def __init__(self, websocket: WebSocket, max_events: int) -> None:
+        self.websocket = websocket
+        self.max_events = max_events
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.is_closing = False
+
+    def put(self, events: list) -> bool:
+        """False once the client is too far behind (the caller then ends the connection)."""
+        if self.is_closing:
+            return True
+        if self._queue.qsize() + len(events) > self.max_events:
+            return False
+        for event in events:
+            self._queue.put_nowait(event)
+        return True
+
+    def close(self, code: int, last_events: list = ()) -> None:
+        """Queue the close after everything already queued (``last_events`` go in regardless of the bound)."""
+        if self.is_closing:
+            return
+        for event in last_events:
+            self._queue.put_nowait(event)
+        self.is_closing = True
+        self._queue.put_nowait(_Close(code))
+
+    def abandon(self, code: int, last_events: list) -> None:
+        """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self.is_closing = False
+        self.close(code, last_events)
+
+    async def send_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Close):
+                if self.websocket.application_state is not WebSocketState.DISCONNECTED:
+                    await self.websocket.close(item.code)
+                return
+            await self.websocket.send_text(item.model_dump_json(exclude_none=True))
+
+
+class Subscriber:
+    def __init__(self, websocket: WebSocket, max_events: int) -> None:
+        self.outbox = Outbox(websocket, max_events)
+
+    def deliver(self, events: list) -> None:
+        wanted = [event for event in events if event.type in SUBSCRIBED_TYPES]
+        if not self.outbox.put(wanted):
+            self.outbox.abandon(CloseCode.TOO_SLOW, [])
+            return
+        if any(event.type == "session.closed" for event in wanted):
+            self.outbox.close(CloseCode.NORMAL)
+
+    async def run(self) -> None:
+        await run_first_exit(self._receive_loop(), self.outbox.send_loop())
+
+    async def _receive_loop(self) -> None:
+        while True:  # subscribers only listen; what they send is read and dropped
+            message = await self.outbox.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+
+class StreamConnection:
+    """One ``/v1/stream`` client: feeds its ``Session`` and sends what it returns."""
+
+    def __init__(self, websocket: WebSocket, make_session: Callable[[Callable], Session], max_events: int,
+                 poll_interval_s: float, on_closed: Callable[[str], None]) -> None:
+        self.websocket = websocket
+        self._loop = asyncio.get_running_loop()
+        self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
+        self.outbox = Outbox(websocket, max_events)
+        self.subscribers: set[Subscriber] = set()
+        self.poll_interval_s = poll_interval_s
+        self._on_closed = on_closed
+        self.finished = asyncio.Event()
+        self._end_reason = "disconnected"
+
+    # Called by the worker thread: hop to the loop (the session is not thread-safe).
+    def engine_emit(self, events: list[EngineEvent]) -> None:
+        self._loop.call_soon_threadsafe(self._on_engine_events, events)
+
+    def _on_engine_events(self, events: list[EngineEvent]) -> None:
+        self.deliver(self.session.on_engine_events(events, time.monotonic()))
+
+    def deliver(self, events: list) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.deliver(events)
+        if not self.outbox.put(events):
+            log.warning("session %s: client does not read its events; closing", self.session.session_id)
+            closed = self.session.abort("client_too_slow")
+            for subscriber in list(self.subscribers):
+                subscriber.deliver(closed)
+            error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
+                               code="client_too_slow", message="too many unsent events", is_fatal=True)
+            self.outbox.abandon(CloseCode.TOO_SLOW, [error, *closed])
+        elif self.session.close_code is not None:
+            self.outbox.close(self.session.close_code)
+            self._end_reason = next((e.reason for e in events if e.type == "session.closed"), self._end_reason)
+
+    def shut_down(self) -> None:
+        """Server shutdown: close like a client's session.close would, with code 1001."""
+        self.deliver(self.session.begin_close("server_shutdown", CloseCode.GOING_AWAY, time.monotonic()))
+
+    async def run(self) -> None:
+        try:
+            self.deliver(self.session.start())
+            await run_first_exit(self._receive_loop(), self.outbox.send_loop(), self._poll_loop())
+        except* (WebSocketDisconnect, ConnectionError):
+            pass  # the client left while we were sending; the finally frees its slot
+        finally:
+            if not self.session.is_closed:  # the client vanished: free the engine slot now
+                closed = self.session.abort("disconnected")
+                for subscriber in list(self.subscribers):
+                    subscriber.deliver(closed)
+            self._on_closed(self._end_reason)
+            self.finished.set()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            now_s = time.monotonic()
+            if message.get("bytes") is not None:
+                self.deliver(self.session.receive_audio(message["bytes"], now_s))
+            elif message.get("text") is not None:
+                self.deliver(self.session.receive_text(message["text"], now_s))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            self.deliver(self.session.poll(time.monotonic()))

@@ -1,0 +1,171 @@
+"""The server's one validated configuration: YAML file, then ``AIS_*`` environment, then flags.
+
+Built once at start-up by ``load_config`` and passed down; nothing reads the
+environment after that. Precedence, lowest first: the model defaults below,
+``configs/default.yaml`` (or ``--config PATH``), environment variables, command-line flags.
+
+Environment variables: ``AIS_`` + the field path in capitals, ``__`` between levels::
+
+    AIS_PORT=9000  AIS_API_KEY=secret  AIS_ENGINE__CHECKPOINT=/models/ai  AIS_SESSION__MAX_TURN_TOKENS=256
+    AIS_ALLOWED_ORIGINS=https://a.example,https://b.example      (or a JSON list)
+
+An unknown ``AIS_*`` name is an error, so a typo cannot be silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from server.config import EngineConfig, SessionOptions
+
+ENV_PREFIX = "AIS_"
+ENV_NESTING = "__"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot start the server; the message names every bad field and its source."""
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
+    api_key: SecretStr | None = Field(None, description="None = no authentication")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed; empty = any")
+    max_sessions: int | None = Field(None, ge=1, description="concurrent streams; None = engine.max_sessions")
+    max_subscribers_per_session: int = Field(4, ge=0)
+    max_frame_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_buffered_audio_s: float = Field(60.0, gt=0, description="audio accepted but not yet heard by the model")
+    max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
+    idle_timeout_s: float = Field(120.0, gt=0, description="close a stream after this long without a client frame")
+    max_session_s: float = Field(4 * 3600.0, gt=0)
+    trailing_silence_s: float = Field(1.0, ge=0, le=10, description="input.flush default, as the offline CLI's")
+    decision_events: bool = Field(False, description="default of session.configure's decision_events")
+    session: SessionOptions = SessionOptions()
+    engine: EngineConfig = EngineConfig()
+    demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's comma-separated form
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _no_trailing_slash(cls, origins: list[str]) -> list[str]:
+        # Browsers send "https://a.example", never with a path; a trailing slash would never match.
+        return [origin.rstrip("/") for origin in origins]
+
+    @model_validator(mode="after")
+    def _sessions_fit_the_engine(self) -> ServerConfig:
+        if self.max_sessions is None:
+            self.max_sessions = self.engine.max_sessions
+        elif self.max_sessions > self.engine.max_sessions:
+            raise ValueError(
+                f"max_sessions ({self.max_sessions}) exceeds engine.max_sessions ({self.engine.max_sessions}), "
+                "the number of KV-cache slots; raise engine.max_sessions too"
+            )
+        checkpoint = self.engine.checkpoint
+        if checkpoint is not None and not self.demo and not checkpoint.is_dir():
+            # Fail at start-up, not minutes later in the background loader.
+            raise ValueError(f"engine.checkpoint {checkpoint} is not a directory")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo or self.engine.checkpoint is None
+
+    @property
+    def session_capacity(self) -> int:
+        assert self.max_sessions is not None  # filled in by the validator
+        return self.max_sessions
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Defaults < YAML (``path``, else configs/default.yaml if present) < ``AIS_*`` in ``environ`` < overrides.
+
+    ``overrides`` uses nested dicts (``{"engine": {"checkpoint": ...}}``); the caller passes
+    ``os.environ`` explicitly so tests and embedders control what is read.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    yaml_path = path if path is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+    if yaml_path is not None:
+        _merge(merged, _read_yaml(yaml_path), sources, str(yaml_path))
+    for name, value in sorted((environ or {}).items()):
+        if name.startswith(ENV_PREFIX):
+            keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
+            _merge(merged, _nest(keys, _env_value(value)), sources, f"environment {name}")
+    _merge(merged, dict(overrides or {}), sources, "command line")
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _env_value(text: str) -> Any:
+    """Strings stay strings (pydantic converts numbers and booleans); JSON lists/objects are parsed;
+    an empty value means null, so ``AIS_API_KEY=`` turns authentication off."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if stripped[0] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return text  # let validation report it against the field
+    return text
+
+
+def _nest(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(keys[1:]):
+        value = {key: value}
+    return {keys[0]: value}
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], sources: dict, source: str, at: tuple = ()) -> None:
+    for key, value in update.items():
+        path = (*at, key)
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, sources, source, path)
+        else:
+            into[key] = value
+            sources[path] = source
+
+
+def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    lines = ["invalid server configuration:"]
+    for item in error.errors():
+        path = tuple(str(part) for part in item["loc"])
+        source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+        where = ".".join(path) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}" + (f" (from {source})" if source else ""))
+    return "\n".join(lines)

@@ -1,0 +1,423 @@
+"""The server end to end: real uvicorn on 127.0.0.1, the tiny real model, a ``websockets`` client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from server.app import build_server, create_app
+from server.audio import load_audio_file, load_audio_sequence
+from server.protocol import SERVER_EVENT_ADAPTER
+from server.settings import ConfigError, ServerConfig, load_config
+
+API_KEY = "test-key"
+GOOD_ORIGIN = "http://allowed.example"
+MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
+
+
+class LiveServer:
+    """uvicorn in a background thread, built exactly as ``python -m server`` builds it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.fatal: list[str] = []
+        self.app = create_app(config, on_fatal=self.fatal.append)
+        self.server = build_server(self.app, config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    @property
+    def runtime(self):
+        return self.app.state.runtime
+
+    def start(self, wait_ready: bool = True) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started or (wait_ready and not self.runtime.is_ready):
+            assert time.monotonic() < deadline, "server did not become ready"
+            assert self.thread.is_alive(), "server thread died"
+            assert not (wait_ready and self.fatal), f"model failed to load: {self.fatal}"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def connect(self, path: str = "/v1/stream", key: str | None = API_KEY, how: str = "bearer",
+                origin: str | None = None) -> ClientConnection:
+        headers = {}
+        if key is not None and how == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        elif key is not None and how == "header":
+            headers["X-API-Key"] = key
+        elif key is not None and how == "query":
+            path += f"?api_key={key}"
+        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, origin=origin,
+                       compression=None, open_timeout=10, max_size=None)
+
+
+def server_config(checkpoint: Path, **overrides) -> ServerConfig:
+    settings = dict(port=0, api_key=API_KEY, allowed_origins=[GOOD_ORIGIN], log_level="warning",
+                    max_frame_bytes=64 * 1024, engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
+                    session={"max_turn_tokens": MAX_TURN_TOKENS})
+    settings.update(overrides)
+    return ServerConfig.model_validate(settings)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    yield server
+    server.stop()
+
+
+def recv_event(ws: ClientConnection, timeout: float = 20) -> dict:
+    event = json.loads(ws.recv(timeout=timeout))
+    SERVER_EVENT_ADAPTER.validate_python(event)  # every event the server sends is a valid protocol event
+    return event
+
+
+def recv_until(ws: ClientConnection, stop, timeout: float = 30) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout
+    while True:
+        events.append(recv_event(ws, max(0.1, deadline - time.monotonic())))
+        if stop(events[-1]):
+            return events
+
+
+def recv_to_close(ws: ClientConnection, timeout: float = 30) -> tuple[list[dict], int]:
+    events = []
+    try:
+        while True:
+            events.append(recv_event(ws, timeout))
+    except ConnectionClosed as closed:
+        return events, closed.rcvd.code if closed.rcvd is not None else None
+
+
+def send_configure(ws: ClientConnection, received: list | None = None, **fields) -> dict:
+    """Configure and return the answer; events that arrive before it go to ``received``."""
+    ws.send(json.dumps({"type": "session.configure", **fields}))
+    events = recv_until(ws, lambda e: e["type"] in ("session.updated", "error"))
+    if received is not None:
+        received += events[:-1]
+    return events[-1]
+
+
+def send_pcm(ws: ClientConnection, frames: np.ndarray, rate_hz: int, frame_s: float = 0.1) -> None:
+    """Interleaved (T, C) or (T,) samples in ``frame_s`` pieces, as fast as the socket takes them."""
+    step = int(rate_hz * frame_s)
+    for start in range(0, len(frames), step):
+        ws.send(frames[start:start + step].tobytes())
+
+
+def assert_well_formed(events: list[dict]) -> None:
+    """Turns nest properly, text deltas add up to each turn's text, timestamps never go back."""
+    stamps = [e["server_time_ms"] for e in events]
+    assert stamps == sorted(stamps)
+    turn, text = None, ""
+    for event in events:
+        kind = event["type"]
+        if kind == "turn_begin":
+            assert turn is None, "turn_begin inside a turn"
+            turn, text = event["turn"], ""
+            assert event["onset_latency_ms"] >= 0
+        elif kind in ("emotion", "text_delta", "segment"):
+            assert event["turn"] == turn, f"{kind} outside its turn"
+            text += event["text"] if kind == "text_delta" else ""
+        elif kind == "turn_end":
+            assert event["turn"] == turn and event["text"] == text
+            assert event["num_tokens"] == len(event["token_ids"]) <= MAX_TURN_TOKENS
+            turn = None
+
+
+def test_stream_at_original_rates_gives_well_formed_events_and_subscriber_gets_same_text(live, shared_audio):
+    files = load_audio_sequence(shared_audio / "01_count_bark")  # mp3 44.1 kHz mono, then 48 kHz stereo wavs
+    with live.connect() as ws:
+        created = recv_event(ws)
+        assert created["type"] == "session.created" and created["model"] == "audio-interaction-tiny"
+        assert created["is_demo"] is False and created["limits"]["chunk_s"] == 0.4
+        with live.connect(f"/v1/sessions/{created['session_id']}/events") as subscriber:
+            assert send_configure(ws, decision_events=True)["options"]["decision_events"] is True
+            audio_s, events = 0.0, []
+            for path in files:
+                samples, rate_hz = soundfile.read(path, dtype="int16")  # the file's own rate and channels
+                channels = 1 if samples.ndim == 1 else samples.shape[1]
+                updated = send_configure(ws, events, audio={"sample_rate_hz": rate_hz, "num_channels": channels})
+                assert updated["type"] == "session.updated", updated
+                send_pcm(ws, samples, rate_hz)
+                audio_s += len(samples) / rate_hz
+            ws.send(json.dumps({"type": "input.flush"}))
+            events += recv_until(ws, lambda e: e["type"] == "input.flushed")
+            ws.send(json.dumps({"type": "session.close"}))
+            closing, code = recv_to_close(ws)
+            subscribed, subscriber_code = recv_to_close(subscriber)
+
+    assert code == 1000 and subscriber_code == 1000
+    assert [e["type"] for e in closing] == ["session.closed"]
+    closed = closing[0]
+    assert closed["reason"] == "client_closed" and closed["audio_received_s"] == pytest.approx(audio_s, abs=1e-3)
+    assert closed["num_chunks_received"] == closed["num_chunks_decided"] == events[-1]["num_chunks"]
+    # ~6.3 s of audio + 1 s of flush silence, in 0.4 s chunks, each decided once, in order.
+    decisions = [e for e in events if e["type"] == "decision"]
+    assert [d["chunk"] for d in decisions] == list(range(closed["num_chunks_received"]))
+    assert 17 <= len(decisions) <= 20
+    turns = [e for e in events if e["type"] == "turn_end"]
+    assert turns, "the tiny model never replied: the reply path went untested"
+    assert_well_formed(events)
+    # The subscriber saw the same replies, and nothing it did not ask for.
+    assert {e["type"] for e in subscribed} <= {"turn_begin", "emotion", "text_delta", "segment", "turn_end",
+                                               "session.closed"}
+    assert [e["text"] for e in subscribed if e["type"] == "turn_end"] == [t["text"] for t in turns]
+    assert [e["text"] for e in subscribed if e["type"] == "segment"] == \
+        [e["text"] for e in events if e["type"] == "segment"]
+    assert subscribed[-1]["type"] == "session.closed"
+
+
+def test_bad_input_gets_error_events_and_session_survives(live):
+    with live.connect() as ws:
+        recv_event(ws)
+        bad_frames = [
+            ("{not json", "invalid_json"),
+            (json.dumps({"type": "input.shout"}), "unknown_event"),
+            (json.dumps({"no_type": 1}), "invalid_event"),
+            (json.dumps({"type": "session.configure", "max_turn_tokens": "many"}), "invalid_event"),
+            (json.dumps({"type": "session.configure", "audio": {"sample_rate_hz": 5}}), "invalid_event"),
+            (b"\x01\x02\x03", "invalid_audio"),  # 3 bytes: not whole s16 samples
+            (b"\x00" * (64 * 1024 + 2), "frame_too_large"),
+            ("x" * (64 * 1024 + 1), "frame_too_large"),
+        ]
+        for frame, code in bad_frames:
+            ws.send(frame)
+            error = recv_event(ws)
+            assert (error["type"], error["code"], error["is_fatal"]) == ("error", code, False), (frame[:20], error)
+        # Still alive: it takes configuration and audio, and closes normally.
+        assert send_configure(ws, decision_events=True)["type"] == "session.updated"
+        ws.send(np.zeros(8000, dtype=np.int16).tobytes())  # 0.5 s: a chunk plus its 40-sample look-ahead
+        assert recv_until(ws, lambda e: e["type"] == "decision")[-1]["chunk"] == 0
+        ws.send(json.dumps({"type": "session.close"}))
+        events, code = recv_to_close(ws)
+        assert code == 1000 and events[-1]["type"] == "session.closed"
+
+
+def test_flush_pads_the_partial_chunk_and_adds_trailing_silence(live):
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, decision_events=True)
+        ws.send(np.zeros(4800, dtype=np.int16).tobytes())  # 0.3 s: less than one chunk, so no decision yet
+        ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.5}))
+        events = recv_until(ws, lambda e: e["type"] == "input.flushed", timeout=20)
+        # 0.3 s + 0.5 s = 0.8 s = exactly 2 chunks; the flush waits for any reply they start.
+        assert [e["chunk"] for e in events if e["type"] == "decision"] == [0, 1]
+        assert events[-1]["num_chunks"] == 2 and events[-1]["audio_time_s"] == 0.8
+        assert_well_formed(events)
+        # After a flush the stream goes on with a fresh front-end; chunks keep counting.
+        ws.send(np.zeros(8000, dtype=np.int16).tobytes())  # 0.5 s: a chunk plus its 40-sample look-ahead
+        assert recv_until(ws, lambda e: e["type"] == "decision")[-1]["chunk"] == 2
+
+
+LONG_REPLY_TOKENS = 512  # the engine's default cap: far longer than a cancel takes to arrive
+
+
+def send_count_bark(ws: ClientConnection, shared_audio: Path) -> None:
+    """8.6 s of audio on which the tiny model starts several replies."""
+    for path in load_audio_sequence(shared_audio / "01_count_bark"):
+        send_pcm(ws, (load_audio_file(path) * 32767).astype(np.int16), 16_000)
+
+
+def stream_until_turn_begin(ws: ClientConnection, shared_audio: Path) -> list[dict]:
+    send_count_bark(ws, shared_audio)
+    return recv_until(ws, lambda e: e["type"] == "turn_begin")
+
+
+def test_cancel_mid_reply(live, shared_audio):
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, max_turn_tokens=LONG_REPLY_TOKENS)
+        send_count_bark(ws, shared_audio)
+        ws.send(json.dumps({"type": "input.flush"}))
+        # The tiny model's replies also end on their own (1-90 tokens), so a cancel can lose the
+        # race to TEXT_END; cancel every reply as it begins until one is cut.
+        ends = []
+        while not ends or ends[-1]["end_reason"] != "cancelled":
+            events = recv_until(ws, lambda e: e["type"] in ("turn_begin", "input.flushed"))
+            assert events[-1]["type"] == "turn_begin", f"no reply was cancelled mid-way: {ends}"
+            ws.send(json.dumps({"type": "response.cancel"}))
+            ends.append(recv_until(ws, lambda e: e["type"] == "turn_end")[-1])
+        assert ends[-1]["num_tokens"] < LONG_REPLY_TOKENS
+        assert all(end["end_reason"] in ("text_end", "cancelled") for end in ends)
+        ws.send(json.dumps({"type": "session.close"}))
+        events, code = recv_to_close(ws)
+        assert code == 1000 and events[-1]["type"] == "session.closed"
+
+
+def test_refused_past_max_sessions_and_disconnect_mid_reply_frees_the_slot(live, shared_audio):
+    with live.connect() as first, live.connect() as second:
+        recv_event(first), recv_event(second)
+        first.send(np.zeros(6400, dtype=np.int16).tobytes())  # holds an engine slot, not just a connection
+        with live.connect() as third:
+            error = recv_event(third)
+            assert (error["type"], error["code"], error["is_fatal"]) == ("error", "capacity", True)
+            assert recv_to_close(third)[1] == 1013
+        send_configure(second, max_turn_tokens=LONG_REPLY_TOKENS)
+        stream_until_turn_begin(second, shared_audio)
+        second.socket.close()  # vanish mid-reply, without a close frame
+        deadline = time.monotonic() + 10
+        while json.loads(live.get("/v1/info")[1])["sessions"]["active"] != 1:
+            assert time.monotonic() < deadline, "the disconnected session was never released"
+            time.sleep(0.02)
+        # The engine slot is free too: a new session gets a reply, not a capacity refusal.
+        with live.connect() as fourth:
+            assert recv_event(fourth)["type"] == "session.created"
+            assert stream_until_turn_begin(fourth, shared_audio)[-1]["type"] == "turn_begin"
+    metrics = live.get("/metrics")[1].decode()
+    assert 'ais_connections_refused_total{reason="capacity"} 1.0' in metrics
+    assert 'ais_sessions_total{reason="disconnected"}' in metrics
+
+
+@pytest.mark.parametrize("how", ["bearer", "header", "query"])
+def test_api_key_accepted_by_header_or_query(live, how):
+    with live.connect(how=how, origin=GOOD_ORIGIN) as ws:
+        assert recv_event(ws)["type"] == "session.created"
+
+
+@pytest.mark.parametrize(("key", "origin", "code"), [
+    (None, None, "unauthorized"),
+    ("wrong-key", None, "unauthorized"),
+    (API_KEY, "http://evil.example", "origin_not_allowed"),
+])
+def test_rejected_without_key_or_from_a_foreign_origin(live, key, origin, code):
+    with live.connect(key=key, origin=origin) as ws:
+        events, close_code = recv_to_close(ws)
+    assert [(e["type"], e["code"]) for e in events] == [("error", code)] and close_code == 1008
+
+
+def test_subscriber_needs_key_and_a_live_session(live):
+    with live.connect("/v1/sessions/nope/events") as ws:
+        events, code = recv_to_close(ws)
+    assert events[0]["code"] == "unknown_session" and code == 4004
+    with live.connect() as stream:
+        session_id = recv_event(stream)["session_id"]
+        with live.connect(f"/v1/sessions/{session_id}/events", key=None) as ws:
+            events, code = recv_to_close(ws)
+        assert events[0]["code"] == "unauthorized" and code == 1008
+
+
+def test_health_ready_info_metrics(live):
+    assert live.get("/health") == (200, b'{"status":"ok"}')
+    assert live.get("/ready")[0] == 200
+    info = json.loads(live.get("/v1/info")[1])
+    assert info["model"] == "audio-interaction-tiny" and info["is_demo"] is False and info["auth"] == "api_key"
+    assert info["sessions"] == {"active": 0, "max": 2}
+    status, body = live.get("/metrics")
+    assert status == 200 and b"ais_model_ready 1.0" in body and b"ais_worker_step_seconds_bucket" in body
+
+
+def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):
+    server = LiveServer(server_config(tmp_path)).start(wait_ready=False)  # an empty directory
+    try:
+        deadline = time.monotonic() + 10
+        while not server.fatal:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "CheckpointError" in server.fatal[0]
+        status, body = server.get("/ready")
+        assert status == 503 and "model failed to load" in json.loads(body)["reason"]
+        assert server.get("/health")[0] == 200
+        with server.connect() as ws:
+            events, code = recv_to_close(ws)
+        assert events[0]["code"] == "not_ready" and code == 1013
+    finally:
+        server.stop()
+
+
+def test_shutdown_closes_open_sessions_with_a_final_event(tiny_checkpoint, shared_audio):
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        with server.connect() as ws:
+            recv_event(ws)
+            send_configure(ws, max_turn_tokens=LONG_REPLY_TOKENS)
+            stream_until_turn_begin(ws, shared_audio)  # usually mid-reply, with audio still queued
+            server.server.should_exit = True
+            events, code = recv_to_close(ws)
+    finally:
+        server.stop()
+    assert code == 1001
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_shutdown"
+    # A reply the shutdown cut still gets its turn_end.
+    begins = [e for e in events if e["type"] == "turn_begin"]
+    ends = [e for e in events if e["type"] == "turn_end"]
+    assert len(ends) == len(begins) + 1 and ends[-1]["end_reason"] in ("session_closed", "text_end")
+    assert not server.runtime.worker.is_alive or server.runtime.worker.num_sessions == 0
+
+
+def test_offline_cli_and_websocket_give_the_same_tokens(live, tiny_checkpoint, shared_audio, capsys):
+    from server.cli import build_parser, expand_inputs
+
+    folder = shared_audio / "01_count_bark"
+    args = build_parser().parse_args(["run", "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                                      "--features", "streaming", "--max-turn-tokens", str(MAX_TURN_TOKENS),
+                                      "--trailing-silence", "1.0", str(folder)])
+    assert args.handler(args) == 0
+    offline = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # The same 16 kHz mono samples the CLI decodes, sent as float32 so nothing is re-quantised.
+    samples = np.concatenate([load_audio_file(path) for path in expand_inputs([str(folder)])])
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, audio={"sample_format": "pcm_f32le", "sample_rate_hz": 16_000}, decision_events=True)
+        send_pcm(ws, samples, 16_000, frame_s=0.25)
+        ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 1.0}))
+        live_events = recv_until(ws, lambda e: e["type"] == "input.flushed")
+
+    def tokens(events):
+        return ([(e["chunk"], e["token_id"]) for e in events if e["type"] == "decision"],
+                [e["token_ids"] for e in events if e["type"] == "turn_end"])
+
+    assert tokens(live_events) == tokens(offline)
+    assert len(tokens(offline)[1]) > 0
+
+
+def test_config_yaml_env_and_errors(tmp_path):
+    assert load_config() == ServerConfig(), "configs/default.yaml drifted from the documented defaults"
+    custom = tmp_path / "server.yaml"
+    custom.write_text("port: 9001\nengine:\n  max_sessions: 4\n")
+    config = load_config(custom, {"AIS_API_KEY": "k", "AIS_ALLOWED_ORIGINS": "https://a.example/,https://b.example",
+                                  "AIS_SESSION__MAX_TURN_TOKENS": "64", "HOME": "/ignored"}, {"port": 9002})
+    assert config.port == 9002 and config.engine.max_sessions == 4 and config.session_capacity == 4
+    assert config.api_key.get_secret_value() == "k" and config.session.max_turn_tokens == 64
+    assert config.allowed_origins == ["https://a.example", "https://b.example"]
+    with pytest.raises(ConfigError) as error:
+        load_config(custom, {"AIS_PORTT": "1", "AIS_ENGINE__MAX_SESSIONS": "lots"})
+    assert "portt" in str(error.value) and "AIS_PORTT" in str(error.value)
+    assert "engine.max_sessions" in str(error.value) and "AIS_ENGINE__MAX_SESSIONS" in str(error.value)
+    with pytest.raises(ConfigError, match="exceeds engine.max_sessions"):
+        load_config(custom, {"AIS_MAX_SESSIONS": "5"})
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_config(None, {"AIS_ENGINE__CHECKPOINT": str(tmp_path / "missing")})
+
+
+def test_serve_command_line_builds_overrides():
+    from server.__main__ import overrides_from
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "0", "--demo"])
+    assert overrides_from(args) == {"port": 0, "demo": True}
+    assert load_config(None, {}, overrides_from(args)).is_demo
+

@@ -1,0 +1,116 @@
+"""The wire protocol: one typed model per event, a published JSON Schema, and what we emit obeys it."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server import protocol as P
+
+jsonschema = pytest.importorskip("jsonschema")  # the schema checks need a validator independent of pydantic
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+
+
+def validator(direction: str):
+    schema = P.event_schema(direction)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def union_members(union) -> list[type]:
+    return list(typing.get_args(typing.get_args(union)[0]))
+
+
+def test_schema_is_valid_and_printed_by_the_module(capsys):
+    jsonschema.Draft202012Validator.check_schema(P.json_schema())
+    P.main(["--schema"])
+    assert json.loads(capsys.readouterr().out) == P.json_schema()
+
+
+def test_every_server_event_is_typed_stamped_and_in_the_schema():
+    members = union_members(P.ServerEvent)
+    assert len({m.model_fields["type"].default for m in members}) == len(members) == 11
+    defs = P.json_schema()["$defs"]
+    for member in members:
+        assert "server_time_ms" in defs[member.__name__]["required"], member
+        assert "session_id" in member.model_fields
+    # Every renderer event has a stamped wire form with the same type.
+    for plain, live in P.LIVE_FORMS.items():
+        assert issubclass(live, plain) and live in members
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "session.configure", "audio": {"sample_format": "pcm_f32le", "sample_rate_hz": 48000,
+                                            "num_channels": 2}, "system_prompt": "Be brief.",
+     "sampling": {"temperature": 0.3, "top_k": 3, "seed": 7}, "max_turn_tokens": 64, "decision_events": True,
+     "event_id": "c1"},
+    {"type": "session.configure"},
+    {"type": "input.flush"},
+    {"type": "input.flush", "trailing_silence_s": 0.0},
+    {"type": "response.cancel"},
+    {"type": "session.close", "event_id": "bye"},
+])
+def test_client_events_parse_and_match_the_schema(event):
+    parsed = P.CLIENT_EVENT_ADAPTER.validate_json(json.dumps(event))
+    assert parsed.type == event["type"]
+    validator("client").validate(event)
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "session.configure", "audio": {"sample_rate_hz": 999}},
+    {"type": "session.configure", "sampling": {"top_p": 1.5}},
+    {"type": "input.flush", "trailing_silence_s": -1},
+    {"type": "response.cancel", "extra": 1},
+    {"type": "session.open"},
+])
+def test_invalid_client_events_fail_both_pydantic_and_the_schema(event):
+    with pytest.raises(Exception):
+        P.CLIENT_EVENT_ADAPTER.validate_python(event)
+    assert not validator("client").is_valid(event)
+
+
+def test_everything_a_session_emits_validates_against_the_schema(tiny_model, shared_audio):
+    """A session run through every event kind: created, updated, errors, decisions, turns, segments,
+    flushed, closed; each serialised exactly as the app sends it."""
+    from test_session import Harness, s16
+
+    from server.audio import load_audio_file
+
+    speech = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")
+    h = Harness(tiny_model)
+    h.send({"type": "session.configure", "decision_events": True, "event_id": "c1"})
+    h.send("{oops")
+    h.send({"type": "nope"})
+    h.audio(b"\x00")
+    for start in range(0, len(speech), 4000):
+        h.audio(s16(speech[start:start + 4000]))
+    h.send({"type": "input.flush"})
+    h.run()
+    h.audio(s16(np.zeros(8000, dtype=np.float32)))
+    h.send({"type": "session.close"})
+    h.run()
+    server_validator = validator("server")
+    for event in h.events:
+        wire = json.loads(event.model_dump_json(exclude_none=True))
+        server_validator.validate(wire)
+        assert P.SERVER_EVENT_ADAPTER.validate_python(wire) == event
+    kinds = set(h.types())
+    assert kinds >= {"session.created", "session.updated", "error", "decision", "turn_begin", "text_delta",
+                     "segment", "turn_end", "input.flushed", "session.closed"}, kinds
+
+
+def test_the_documented_example_exchange_is_valid():
+    """docs/protocol.md's captured exchange: every JSON line obeys the schema of its direction."""
+    lines = DOCS.read_text(encoding="utf-8").splitlines()
+    client = [line[2:] for line in lines if line.startswith("> {")]
+    server = [line[2:] for line in lines if line.startswith("< {")]
+    assert len(client) >= 3 and len(server) >= 8
+    for line in client:
+        validator("client").validate(json.loads(line))
+    for line in server:
+        validator("server").validate(json.loads(line))

@@ -1,0 +1,285 @@
+"""The per-connection session without sockets: the real tiny model's worker stepped in this thread,
+time passed in as numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from server.audio import load_audio_file
+from server.config import EngineConfig
+from server.engine_events import SessionEnded
+from server.segmenter import Segmenter
+from server.protocol import CloseCode
+from server.session import ModelInfo, Session
+from server.settings import ServerConfig
+from server.worker import Worker
+
+WALL_EPOCH_S = 1_800_000_000.0
+
+
+class Harness:
+    """A session wired to a synchronous worker: ``run()`` steps the model until it is idle."""
+
+    def __init__(self, tiny_model, worker: Worker | None = None, session_id: str = "s1", **settings) -> None:
+        settings.setdefault("session", {"max_turn_tokens": 40})
+        self.config = ServerConfig(engine={"max_sessions": 2}, **settings)
+        self.worker = worker or Worker(tiny_model, EngineConfig(max_sessions=2))
+        self.now_s = 0.0
+        self.events: list = []
+        model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+        self.session = Session(session_id, self.config, model, self.worker, self._emit, self.now_s,
+                               wall_clock=lambda: WALL_EPOCH_S + self.now_s)
+        self.events += self.session.start()
+
+    def _emit(self, engine_events) -> None:  # the worker calls this; here on this very thread
+        self.events += self.session.on_engine_events(engine_events, self.now_s)
+
+    def send(self, event: dict | str) -> list:
+        new = self.session.receive_text(event if isinstance(event, str) else json.dumps(event), self.now_s)
+        self.events += new
+        return new
+
+    def audio(self, data: bytes | np.ndarray) -> list:
+        new = self.session.receive_audio(data if isinstance(data, bytes) else data.tobytes(), self.now_s)
+        self.events += new
+        return new
+
+    def run(self) -> None:
+        self.worker.run_until_idle()
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    def of(self, kind: str) -> list:
+        return [e for e in self.events if e.type == kind]
+
+
+@pytest.fixture(scope="module")
+def speech(shared_audio) -> np.ndarray:
+    """3.3 s of real audio, 16 kHz float32, on which the tiny model replies."""
+    return load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")
+
+
+def s16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def test_created_reports_model_format_options_and_limits(tiny_model):
+    h = Harness(tiny_model, max_frame_bytes=4096, idle_timeout_s=7)
+    (created,) = h.events
+    assert created.type == "session.created" and created.session_id == "s1" and created.model == tiny_model.name
+    assert created.audio.sample_format == "pcm_s16le" and created.audio.sample_rate_hz == 16_000
+    assert created.options.max_turn_tokens == 40 and created.options.decision_events is False
+    assert created.limits.max_frame_bytes == 4096 and created.limits.idle_timeout_s == 7
+    assert created.server_time_ms == WALL_EPOCH_S * 1000
+
+
+BAD_FRAMES = {
+    "not json": ("{", "invalid_json"),
+    "not an object": ("[1, 2]", "invalid_event"),
+    "out of range": ('{"type": "input.flush", "trailing_silence_s": 60}', "invalid_event"),
+    "unknown field": ('{"type": "session.configure", "colour": "blue"}', "invalid_event"),
+    "bad sampling": ('{"type": "session.configure", "sampling": {"top_p": 0}}', "invalid_event"),
+    "bad format": ('{"type": "session.configure", "audio": {"sample_format": "mp3"}}', "invalid_event"),
+    "unknown type": ('{"type": "telepathy"}', "unknown_event"),
+    "no type": ('{"kind": "input.flush"}', "invalid_event"),
+    "odd bytes": (b"\x00\x00\x00", "invalid_audio"),
+    "nan f32": (np.full(4, np.nan, dtype="<f4").tobytes(), "invalid_audio"),
+    "big audio": (b"\x00" * 4098, "frame_too_large"),
+    "big text": ("\u00e9" * 2049, "frame_too_large"),  # 2049 characters, 4098 bytes: the limit is in bytes
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES)
+def test_bad_frames_get_an_error_and_the_session_goes_on(tiny_model, name):
+    frame, code = BAD_FRAMES[name]
+    h = Harness(tiny_model, max_frame_bytes=4096)
+    if name == "nan f32":
+        h.send({"type": "session.configure", "audio": {"sample_format": "pcm_f32le"}})
+    out = h.audio(frame) if isinstance(frame, bytes) else h.send(frame)
+    assert [(e.type, e.code, e.is_fatal) for e in out] == [("error", code, False)], out
+    assert h.session.close_code is None
+    assert h.send({"type": "session.configure", "decision_events": True})[0].type == "session.updated"
+
+
+def test_error_names_the_event_that_caused_it(tiny_model):
+    h = Harness(tiny_model)
+    h.audio(np.zeros(800, dtype="<i2"))
+    (error,) = h.send({"type": "session.configure", "event_id": "c7", "system_prompt": "Be brief."})
+    assert (error.code, error.event_type, error.event_id) == ("invalid_state", "session.configure", "c7")
+
+
+def test_model_options_apply_before_audio_and_null_resets_them(tiny_model):
+    h = Harness(tiny_model)
+    (updated,) = h.send({"type": "session.configure", "system_prompt": "Be brief.", "max_turn_tokens": 7,
+                         "sampling": {"temperature": 0.7, "seed": 3}})
+    assert updated.options.system_prompt == "Be brief." and updated.options.max_turn_tokens == 7
+    assert updated.options.sampling.temperature == 0.7 and updated.options.sampling.seed == 3
+    (updated,) = h.send({"type": "session.configure", "system_prompt": None, "sampling": None})
+    assert updated.options.system_prompt is None and updated.options.sampling.temperature == 0.0
+    assert updated.options.max_turn_tokens == 7  # left out = unchanged
+    assert h.session.options.max_turn_tokens == 7
+
+
+def test_decisions_turns_segments_and_flush_on_real_audio(tiny_model, speech):
+    h = Harness(tiny_model)
+    h.send({"type": "session.configure", "decision_events": True})
+    for start in range(0, len(speech), 1600):  # 0.1 s frames
+        h.audio(s16(speech[start:start + 1600]))
+        h.now_s += 0.1
+    h.send({"type": "input.flush"})
+    h.now_s += 0.5
+    h.run()
+    decisions = h.of("decision")
+    num_chunks = int(np.ceil((len(speech) + 16_000) / 6400))  # audio + 1 s of silence, padded to 0.4 s
+    assert [d.chunk for d in decisions] == list(range(num_chunks))
+    assert h.types()[-1] == "input.flushed" and h.events[-1].num_chunks == num_chunks
+    turns = h.of("turn_end")
+    assert turns and len(turns) == len(h.of("turn_begin"))
+    for end in turns:  # segments cover the reply's text, in order, without the whitespace between them
+        segments = [s.text for s in h.of("segment") if s.turn == end.turn]
+        assert "".join(segments) == "".join(end.text.split()) or \
+            " ".join(segments).split() == end.text.split()
+        assert [s.index for s in h.of("segment") if s.turn == end.turn] == list(range(len(segments)))
+    # Onset latency: from the push of the triggering chunk's last frame to the turn_begin.
+    assert all(b.onset_latency_ms >= 500 for b in h.of("turn_begin"))
+
+
+def test_decision_events_are_off_by_default(tiny_model, speech):
+    h = Harness(tiny_model)
+    h.audio(s16(speech))
+    h.run()
+    assert h.of("decision") == [] and h.session.num_chunks_decided > 0
+
+
+def test_idle_timeout_closes_with_an_error_and_4000(tiny_model):
+    h = Harness(tiny_model, idle_timeout_s=10)
+    h.now_s = 9.5
+    assert h.session.poll(h.now_s) == []
+    h.audio(np.zeros(8000, dtype="<i2"))  # activity resets the clock, and opens the engine session
+    h.now_s = 19.0
+    assert h.session.poll(h.now_s) == []
+    h.now_s = 19.6
+    out = h.session.poll(h.now_s)
+    assert [(e.type, getattr(e, "code", None), getattr(e, "is_fatal", None)) for e in out] == [
+        ("error", "idle_timeout", True)]
+    h.events += out
+    h.run()  # the engine confirms the close; only then comes session.closed
+    assert h.types()[-1] == "session.closed" and h.events[-1].reason == "idle_timeout"
+    assert h.session.close_code == CloseCode.IDLE
+
+
+def test_max_session_length_closes_with_4001(tiny_model):
+    h = Harness(tiny_model, max_session_s=60, idle_timeout_s=1000)
+    h.now_s = 61
+    out = h.session.poll(h.now_s)
+    assert [e.type for e in out] == ["error", "session.closed"]  # no engine session to wait for
+    assert out[0].code == "session_too_long" and h.session.close_code == CloseCode.SESSION_LIMIT
+
+
+def test_buffered_audio_limit_refuses_frames_until_the_model_catches_up(tiny_model):
+    h = Harness(tiny_model, max_buffered_audio_s=1.0)
+    frame = np.zeros(3200, dtype="<i2")  # 0.2 s
+    accepted = sum(h.audio(frame) == [] for _ in range(10))
+    errors = h.of("error")
+    assert accepted == 5 and len(errors) == 5, "exactly 1.0 s is accepted, counting the partial chunk"
+    assert all(e.code == "audio_buffer_full" and not e.is_fatal for e in errors)
+    h.run()  # the model hears what is queued; audio is accepted again
+    assert h.audio(frame) == [] and h.session.num_chunks_pending == 0
+    h.send({"type": "session.close"})
+    h.run()
+    closed = h.events[-1]
+    assert closed.type == "session.closed" and closed.audio_received_s == pytest.approx(0.2 * (accepted + 1))
+
+
+def test_close_mid_reply_ends_the_turn_then_reports_unheard_audio(tiny_model, speech):
+    h = Harness(tiny_model, session={"max_turn_tokens": 512})
+    h.audio(s16(speech))
+    while not h.of("turn_begin"):  # step until the model starts speaking, with audio still queued
+        assert h.worker.step() is not None, "the tiny model never replied"
+    h.send({"type": "session.close"})
+    h.run()
+    assert h.types()[-2:] == ["turn_end", "session.closed"]
+    closed = h.events[-1]
+    assert h.events[-2].end_reason in ("session_closed", "text_end") and closed.reason == "client_closed"
+    assert closed.num_chunks_decided < closed.num_chunks_received  # cut audio is reported, not lost silently
+    assert h.session.close_code == CloseCode.NORMAL
+    assert h.send({"type": "input.flush"}) == [] and h.audio(b"\x00\x00") == []  # a closed session is inert
+
+
+def test_abort_frees_the_engine_slot(tiny_model, speech):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    first = Harness(tiny_model, worker=worker, session_id="a")
+    first.audio(s16(speech[:16000]))
+    worker.step()
+    assert worker.num_sessions == 1
+    assert [e.reason for e in first.session.abort()] == ["disconnected"]
+    second = Harness(tiny_model, worker=worker, session_id="b")
+    second.audio(s16(speech[:16000]))
+    second.run()
+    assert second.of("error") == [] and worker.num_sessions == 1
+
+
+def test_engine_refusal_and_failure_close_with_their_codes(tiny_model, speech):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    holder = Harness(tiny_model, worker=worker, session_id="a")
+    holder.audio(s16(speech[:8000]))
+    refused = Harness(tiny_model, worker=worker, session_id="b")
+    refused.audio(s16(speech[:8000]))
+    refused.run()
+    assert [e.type for e in refused.events[1:]] == ["error", "session.closed"]
+    assert refused.events[1].code == "capacity" and refused.session.close_code == CloseCode.TRY_AGAIN
+    out = holder.session.on_engine_events([SessionEnded("numerical_error", "non-finite logits")], holder.now_s)
+    assert [e.type for e in out] == ["error", "session.closed"] and out[0].is_fatal
+    assert holder.session.close_code == CloseCode.INTERNAL
+
+
+def test_changing_the_audio_format_mid_stream_continues_the_same_16k_stream(tiny_model, speech):
+    """Mono, then the same samples as identical stereo channels: the model hears one unbroken stream."""
+    def run(switch: bool):
+        h = Harness(tiny_model)
+        h.send({"type": "session.configure", "decision_events": True, "audio": {"sample_format": "pcm_f32le"}})
+        half = 6400 * 3 + 1234  # mid-chunk, so the switch falls inside a chunk's samples
+        h.audio(speech[:half].astype("<f4"))
+        rest = speech[half:].astype("<f4")
+        if switch:
+            h.send({"type": "session.configure", "audio": {"sample_format": "pcm_f32le", "num_channels": 2}})
+            rest = np.repeat(rest, 2)  # interleaved L R with L == R: the mean is exactly the sample
+        for start in range(0, len(rest), 8000):
+            h.audio(rest[start:start + 8000])
+        h.send({"type": "input.flush"})
+        h.run()
+        assert h.of("error") == []
+        return [(e.type, getattr(e, "token_id", None), getattr(e, "token_ids", None)) for e in h.events
+                if e.type in ("decision", "turn_end")]
+
+    assert run(switch=True) == run(switch=False)
+
+
+def test_flush_of_an_empty_stream_reports_at_once(tiny_model):
+    h = Harness(tiny_model)
+    (flushed,) = h.send({"type": "input.flush", "trailing_silence_s": 0})
+    assert flushed.type == "input.flushed" and flushed.num_chunks == 0
+
+
+@pytest.mark.parametrize(("deltas", "segments"), [
+    (["Hello", " there.", " How are", " you?"], ["Hello there.", "How are you?"]),
+    (["It is 3", ".5 degrees", " today! Yes"], ["It is 3.5 degrees today!", "Yes"]),
+    (["你好。", "今天", "天气很好！", "再见"], ["你好。", "今天天气很好！", "再见"]),
+    (["line one\nline", " two"], ["line one", "line two"]),
+    (["   ", "\n"], []),
+])
+def test_segmenter_cuts_sentences(deltas, segments):
+    segmenter = Segmenter()
+    out = [s for delta in deltas for s in segmenter.push(delta)]
+    assert out + segmenter.finish() == segments
+
+
+def test_segmenter_cuts_run_on_text_at_a_space():
+    segmenter = Segmenter(max_chars=20)
+    out = segmenter.push("word " * 10)
+    assert out and all(len(s) <= 20 for s in out) and all(not s.endswith(" ") for s in out)
+    assert " ".join(out + segmenter.finish()).split() == ["word"] * 10
