@@ -64,7 +64,10 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     server = build_server(create_app(config, on_fatal=on_fatal), config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises SIGINT after its graceful shutdown; that is a normal stop
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Response, WebSocket
 from fastapi.responses import JSONResponse
 
 from server import tokens as T
-from server.connection import StreamConnection, Subscriber, send_and_close
+from server.connection import CLIENT_GONE, StreamConnection, Subscriber, send_and_close
 from server.metrics import Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
@@ -267,7 +267,7 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
     try:
         await websocket.accept()
         await subscriber.run()
-    except* Exception:
+    except* CLIENT_GONE:
         pass  # the subscriber left; nothing to clean up beyond the registration
     finally:
         stream.subscribers.discard(subscriber)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 
 from fastapi import WebSocket
+from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server.engine_events import EngineEvent
@@ -25,6 +26,11 @@ from server.protocol import CloseCode
 from server.session import Session
 
 log = logging.getLogger(__name__)
+
+# What a client leaving looks like from the app: a disconnect while receiving, an OSError or
+# (Starlette >= 1.0) WebSocketDisconnected while sending. Anything else is a bug and propagates.
+CLIENT_GONE: tuple[type[BaseException], ...] = (WebSocketDisconnect, OSError) + tuple(
+    getattr(_starlette_ws, name) for name in ("WebSocketDisconnected",) if hasattr(_starlette_ws, name))
 
 # What a subscriber of /v1/sessions/{id}/events receives.
 SUBSCRIBED_TYPES = frozenset({"turn_begin", "emotion", "text_delta", "segment", "turn_end", "session.closed"})
@@ -55,7 +61,7 @@ async def send_and_close(websocket: WebSocket, events: list, code: int) -> None:
         for event in events:
             await websocket.send_text(event.model_dump_json(exclude_none=True))
         await websocket.close(code)
-    except (WebSocketDisconnect, RuntimeError):
+    except CLIENT_GONE:
         pass  # the client left first
 
 
@@ -171,7 +177,7 @@ class StreamConnection:
         try:
             self.deliver(self.session.start())
             await run_first_exit(self._receive_loop(), self.outbox.send_loop(), self._poll_loop())
-        except* (WebSocketDisconnect, ConnectionError):
+        except* CLIENT_GONE:
             pass  # the client left while we were sending; the finally frees its slot
         finally:
             if not self.session.is_closed:  # the client vanished: free the engine slot now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ jsonschema = pytest.importorskip("jsonschema")  # the schema checks need a valid
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
 
+@functools.cache
 def validator(direction: str):
     schema = P.event_schema(direction)
     jsonschema.Draft202012Validator.check_schema(schema)
