@@ -88,18 +88,12 @@ class Conversation:
 
     def __post_init__(self) -> None:
         self._unfed = list(self.prefix_ids)
-        if self.rollover_window is not None:
-            rebuilt_max = len(self.prefix_ids) + self.rollover_window + 2 * BLOCK_TOKENS
-            if rebuilt_max >= self.rollover_at:
-                raise ValueError(
-                    f"rollover window {self.rollover_window} leaves no room: a rebuilt context "
-                    f"({rebuilt_max} positions) must stay below the rollover point {self.rollover_at}"
-                )
+        check_room(len(self.prefix_ids), self.max_turn_tokens, self.max_positions, self.rollover_window)
 
     @property
     def rollover_at(self) -> int:
         """Positions after which a listening row triggers a rollover: room is kept for a full reply."""
-        return self.max_positions - self.max_turn_tokens - 2 * BLOCK_TOKENS
+        return rollover_point(self.max_positions, self.max_turn_tokens)
 
     @property
     def history_tokens(self) -> int:
@@ -227,3 +221,28 @@ def _pad_span(audio_begin_column: int) -> tuple[int, int]:
     """PAD columns of a block whose AUDIO_BEGIN sits at ``audio_begin_column``."""
     start = audio_begin_column + 1
     return (start, start + T.AUDIO_FRAMES_PER_CHUNK)
+
+
+def rollover_point(max_positions: int, max_turn_tokens: int) -> int:
+    return max_positions - max_turn_tokens - 2 * BLOCK_TOKENS
+
+
+def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
+    """Raise ValueError if a session with these settings could not run (or could not roll over)."""
+    first_row = prefix_tokens + BLOCK_TOKENS
+    if first_row + max_turn_tokens + BLOCK_TOKENS > max_positions:
+        raise ValueError(
+            f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
+            f"{max_positions}-position context budget"
+        )
+    if rollover_window is None:
+        return
+    rebuilt_max = prefix_tokens + rollover_window + 2 * BLOCK_TOKENS
+    at = rollover_point(max_positions, max_turn_tokens)
+    if rebuilt_max >= at:
+        raise ValueError(
+            f"max_turn_tokens {max_turn_tokens} is too large for context rollover: a rebuilt context "
+            f"(prompt {prefix_tokens} + window {rollover_window} + 2 blocks = {rebuilt_max} positions) plus "
+            f"a full reply must fit {max_positions} positions; the largest possible here is "
+            f"{max_positions - rebuilt_max - 2 * BLOCK_TOKENS - 1}"
+        )

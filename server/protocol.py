@@ -58,8 +58,17 @@ class TurnEndEvent(_Event):
     end_reason: Literal["text_end", "max_tokens", "cancelled", "session_closed"]
 
 
+class ContextRolloverEvent(_Event):
+    """The session's context was rebuilt from the prompt and its most recent history (long sessions)."""
+
+    type: Literal["context_rollover"] = "context_rollover"
+    from_positions: int = Field(description="context positions in use before")
+    to_positions: int = Field(description="context positions in use after (prompt + kept history + new chunk)")
+    kept_chunks: int = Field(description="earlier chunks whose audio stayed in the context")
+
+
 TurnEvent = Annotated[
-    Union[DecisionEvent, TurnBeginEvent, EmotionEvent, TextDeltaEvent, TurnEndEvent],
+    Union[DecisionEvent, TurnBeginEvent, EmotionEvent, TextDeltaEvent, TurnEndEvent, ContextRolloverEvent],
     Field(discriminator="type"),
 ]
 
@@ -293,10 +302,15 @@ class LiveTurnEndEvent(TurnEndEvent, _Stamped):
     pass
 
 
+class LiveContextRolloverEvent(ContextRolloverEvent, _Stamped):
+    pass
+
+
 ServerEvent = Annotated[
     Union[
         SessionCreatedEvent, SessionUpdatedEvent, ErrorEvent, SessionClosedEvent, SegmentEvent, InputFlushedEvent,
         LiveDecisionEvent, LiveTurnBeginEvent, LiveEmotionEvent, LiveTextDeltaEvent, LiveTurnEndEvent,
+        LiveContextRolloverEvent,
     ],
     Field(discriminator="type"),
 ]
@@ -309,6 +323,7 @@ LIVE_FORMS: dict[type, type] = {
     EmotionEvent: LiveEmotionEvent,
     TextDeltaEvent: LiveTextDeltaEvent,
     TurnEndEvent: LiveTurnEndEvent,
+    ContextRolloverEvent: LiveContextRolloverEvent,
 }
 
 

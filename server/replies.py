@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from server import tokens as T
 from server.detokenizer import StreamingDetokenizer
-from server.engine_events import Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
-from server.protocol import DecisionEvent, EmotionEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent, _Event
+from server.engine_events import ContextRollover, Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
+from server.protocol import (
+    ContextRolloverEvent,
+    DecisionEvent,
+    EmotionEvent,
+    TextDeltaEvent,
+    TurnBeginEvent,
+    TurnEndEvent,
+    _Event,
+)
 
 CHUNK_SECONDS = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
 
@@ -34,6 +42,9 @@ class ReplyRenderer:
             return self._token(event)
         if isinstance(event, TurnEnd):
             return self._end(event)
+        if isinstance(event, ContextRollover):
+            return [ContextRolloverEvent(session_id=sid, from_positions=event.from_positions,
+                                         to_positions=event.to_positions, kept_chunks=event.kept_chunks)]
         return []
 
     def _token(self, event: TurnToken) -> list[_Event]:

@@ -54,6 +54,7 @@ class Engine(Protocol):
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
     def cancel(self, session_id: str) -> None: ...
     def close_session(self, session_id: str) -> None: ...
+    def check_options(self, options: SessionOptions) -> None: ...
 
 
 class SessionObserver(Protocol):
@@ -261,6 +262,10 @@ class Session:
             options = SessionOptions(**{**self.options.model_dump(), **update})
         except ValidationError as error:
             return self._error("invalid_event", summarize(error), event)
+        try:
+            self.engine.check_options(options)
+        except ValueError as error:  # fits the schema but not this server's context budget
+            return self._error("invalid_event", str(error), event)
         if "audio" in given:
             self._note_pushed(self.audio.set_format(event.audio or AudioFormat()), now_s)
         if "decision_events" in given:

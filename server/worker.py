@@ -21,7 +21,7 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,7 +29,7 @@ import torch
 from server import tokens as T
 from server.checkpoint import LoadedModel
 from server.config import EngineConfig, SessionOptions
-from server.conversation import ContextFull, Conversation, RowPlan
+from server.conversation import ContextFull, Conversation, RowPlan, check_room
 from server.encoder import AudioEncoder
 from server.lm import StepBatch
 from server.engine_events import EngineEvent, SessionEnded, SessionStarted
@@ -121,6 +121,13 @@ class Worker:
     def close_session(self, session_id: str) -> None:
         self._inbox.put(_Command("close", session_id))
 
+    def check_options(self, options: SessionOptions) -> None:
+        """Raise ValueError if a session with these options could not run here (callable from any thread)."""
+        text = T.SYSTEM_PROMPT if options.system_prompt is None else options.system_prompt
+        prefix_tokens = len(T.prompt_prefix(self.model.tokenizer.encode(text).ids))
+        check_room(prefix_tokens, options.max_turn_tokens, self.config.max_positions,
+                   self.config.rollover_window_positions)
+
     def state_size(self, session_id: str) -> "SessionStateSize | None":
         """What one session holds right now (a racy read from other threads: for monitoring only)."""
         session = self._sessions.get(session_id)
@@ -143,10 +150,16 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop stepping; sessions still open get a final ``SessionEnded("server_shutdown")``."""
         self._stop.set()
         self._inbox.put(_Command("wake", ""))
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("model worker did not stop within %.1f s", timeout_s)
+                return  # it still owns the sessions; touching them here would race
+        for session in list(self._sessions.values()):
+            self._end(session, "server_shutdown", "the server is shutting down")
 
     # ---- worker thread ---------------------------------------------------
     def _run(self) -> None:

@@ -102,11 +102,11 @@ def test_non_protocol_decision_is_rejected():
 
 
 def test_context_budget_is_enforced_before_feeding():
-    conv = Conversation(PREFIX, 8, max_positions=58 + 13)
-    for name in "abc":
+    conv = Conversation(PREFIX, 1, max_positions=58 + 13 + 13)
+    for name in "abcd":
         conv.add_audio(name)
-    listen(conv, T.KEEP_SILENCE)
-    listen(conv, T.KEEP_SILENCE)
+    for _ in range(3):
+        listen(conv, T.KEEP_SILENCE)
     with pytest.raises(ContextFull):
         conv.plan()
 
@@ -140,5 +140,7 @@ def test_rollover_rebuilds_prefix_plus_recent_blocks_at_a_safe_point():
 
 
 def test_rollover_window_that_cannot_fit_is_rejected():
-    with pytest.raises(ValueError, match="leaves no room"):
-        Conversation(PREFIX, max_turn_tokens=512, max_positions=1024, rollover_window=600)
+    with pytest.raises(ValueError, match="too large for context rollover.* largest possible here is 425"):
+        Conversation(PREFIX, max_turn_tokens=512, max_positions=1024, rollover_window=500)
+    with pytest.raises(ValueError, match="does not fit the 300-position context budget"):
+        Conversation(PREFIX, max_turn_tokens=400, max_positions=300, rollover_window=None)

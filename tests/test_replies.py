@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from server import tokens as T
-from server.engine_events import Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken
+from server.engine_events import ContextRollover, Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken
 from server.replies import ReplyRenderer
 
 
@@ -50,3 +50,10 @@ def test_control_ids_never_reach_text(tokenizer):
     assert events[-1].text == "hello there" and events[-1].end_reason == "max_tokens"
     for forbidden in ("㉫", "ㄍ", "㈼"):
         assert all(forbidden not in getattr(e, "text", "") for e in events)
+
+
+def test_context_rollover_has_a_wire_form(tiny_model):
+    (event,) = ReplyRenderer(tiny_model.tokenizer, "s").render(ContextRollover(3990, 2101, 117))
+    assert event.model_dump(exclude_none=True) == {
+        "session_id": "s", "type": "context_rollover", "from_positions": 3990, "to_positions": 2101,
+        "kept_chunks": 117}

@@ -124,6 +124,17 @@ def test_model_options_apply_before_audio_and_null_resets_them(tiny_model):
     assert h.session.options.max_turn_tokens == 7
 
 
+def test_options_that_cannot_fit_the_context_budget_are_refused_at_configure(tiny_model):
+    h = Harness(tiny_model)
+    (error,) = h.send({"type": "session.configure", "max_turn_tokens": 4096})
+    assert error.type == "error" and error.code == "invalid_event" and "does not fit" in error.message
+    (error,) = h.send({"type": "session.configure", "max_turn_tokens": 3000})
+    assert "too large for context rollover" in error.message and not error.is_fatal
+    assert h.session.options.max_turn_tokens == 40  # unchanged; the session goes on
+    (updated,) = h.send({"type": "session.configure", "max_turn_tokens": 1000})
+    assert updated.options.max_turn_tokens == 1000
+
+
 def test_decisions_turns_segments_and_flush_on_real_audio(tiny_model, speech):
     h = Harness(tiny_model)
     h.send({"type": "session.configure", "decision_events": True})

@@ -184,6 +184,7 @@ def test_worker_thread_serves_sessions_and_stops(tiny_model, stream_chunks):
         worker.stop()
     assert time.monotonic() - started < 5
     assert not worker._thread.is_alive() and worker.failure is None
+    assert rec.events[-1] == SessionEnded("server_shutdown", "the server is shutting down")
 
 
 def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
