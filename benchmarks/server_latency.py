@@ -1,0 +1,221 @@
+"""Added latency of the server over the engine alone: chunk complete -> decision, p50/p95.
+
+    python benchmarks/server_latency.py [--streams 1 32] [--seconds 20] [--checkpoint DIR]
+
+Both modes stream the same real audio (16 kHz mono, 100 ms frames, real-time
+pace, streams staggered over one chunk) with the same options
+(`max_turn_tokens` 4, greedy):
+
+engine  the worker thread alone, fed by a real-time pacer in this process; the
+        clock starts when the front-end emits a chunk (the frame carrying its
+        40 look-ahead samples arrived) and stops when the worker emits its
+        decision.
+server  `python -m server` in a subprocess on 127.0.0.1 and one `websockets`
+        client per stream in this process; the clock starts when the client
+        sends the frame that completes the chunk and stops when the `decision`
+        event is received.
+
+A decision that waits behind a reply of the same session counts in both
+modes (audio is queued while the model speaks), so p95 includes replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence
+from server.checkpoint import load_model
+from server.config import EngineConfig, SessionOptions
+from server.engine_events import Decision
+from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.worker import Worker
+
+SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+FRAME_SAMPLES = 1600  # 100 ms
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE_HZ
+CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
+MAX_TURN_TOKENS = 4
+
+
+def audio_for(stream: int, seconds: float) -> np.ndarray:
+    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+              for p in load_audio_sequence(folder)]
+    loop = np.concatenate(pieces)
+    start = (stream * 7919 * FRAME_SAMPLES) % len(loop)  # a different place in the loop per stream
+    needed = int(seconds * SAMPLE_RATE_HZ)
+    return np.tile(loop, needed // len(loop) + 2)[start:start + needed]
+
+
+def completing_frame(chunk: int) -> int:
+    """The frame whose arrival completes ``chunk`` (it carries the chunk's 40 look-ahead samples)."""
+    return (CHUNK_SAMPLES * (chunk + 1) + 40 - 1) // FRAME_SAMPLES
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return statistics.median(ordered), p95
+
+
+def run_engine(model, num_streams: int, seconds: float) -> list[float]:
+    worker = Worker(model, EngineConfig(max_sessions=num_streams))
+    pushed_at: dict[tuple[int, int], float] = {}
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def emit_for(stream: int):
+        def emit(events):
+            now = time.perf_counter()
+            for event in events:
+                if isinstance(event, Decision):
+                    with lock:
+                        latencies.append(now - pushed_at.pop((stream, event.chunk_index)))
+        return emit
+
+    options = SessionOptions(max_turn_tokens=MAX_TURN_TOKENS)
+    audios = [audio_for(i, seconds) for i in range(num_streams)]
+    front_ends = [StreamingLogMel() for _ in range(num_streams)]
+    emitted = [0] * num_streams
+    for i in range(num_streams):
+        worker.open_session(f"s{i}", options, emit_for(i))
+    worker.start()
+    num_frames = int(seconds / FRAME_S)
+    offsets = [i * CHUNK_S / num_streams for i in range(num_streams)]
+    schedule = sorted((offsets[i] + j * FRAME_S, i, j) for i in range(num_streams) for j in range(num_frames))
+    start = time.perf_counter()
+    for due, stream, frame in schedule:
+        delay = start + due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        chunks = front_ends[stream].push(audios[stream][frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES])
+        if chunks:
+            now = time.perf_counter()
+            with lock:
+                for k in range(emitted[stream], emitted[stream] + len(chunks)):
+                    pushed_at[(stream, k)] = now
+            emitted[stream] += len(chunks)
+            worker.push_audio(f"s{stream}", torch.stack(chunks))
+    deadline = time.perf_counter() + 30
+    while pushed_at and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    worker.stop()
+    return latencies
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint: Path, num_streams: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, AIS_ENGINE__MAX_SESSIONS=str(num_streams), AIS_PORT=str(port),
+               AIS_ENGINE__CHECKPOINT=str(checkpoint), AIS_LOG_LEVEL="warning")
+    process = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, f"ws://127.0.0.1:{port}/v1/stream"
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become ready in 120 s")
+
+
+async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, start: float,
+                     latencies: list[float]) -> None:
+    import websockets
+
+    sent_at: dict[int, float] = {}
+    async with websockets.connect(url, compression=None, max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
+                                  "max_turn_tokens": MAX_TURN_TOKENS,
+                                  "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": SAMPLE_RATE_HZ,
+                                            "num_channels": 1}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"
+        num_frames = len(audio) // FRAME_SAMPLES
+        expected_chunks = (num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES
+
+        async def receive() -> None:
+            received = 0
+            while received < expected_chunks:
+                event = json.loads(await ws.recv())
+                if event["type"] == "decision":
+                    latencies.append(time.perf_counter() - sent_at[completing_frame(event["chunk"])])
+                    received += 1
+
+        receiver = asyncio.create_task(receive())
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+        for frame in range(num_frames):
+            delay = start + offset_s + frame * FRAME_S - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at[frame] = time.perf_counter()
+            await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
+        await asyncio.wait_for(receiver, timeout=60)
+        await ws.send(json.dumps({"type": "session.close"}))
+
+
+def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float]:
+    process, url = start_server(checkpoint, num_streams)
+    latencies: list[float] = []
+    try:
+        async def main() -> None:
+            start = time.perf_counter() + 1.0
+            await asyncio.gather(*(one_client(url, i, audio_for(i, seconds), i * CHUNK_S / num_streams, start,
+                                              latencies) for i in range(num_streams)))
+        asyncio.run(main())
+    finally:
+        process.terminate()
+        process.wait(30)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream (streamed in real time)")
+    args = parser.parse_args()
+    if args.checkpoint is None:
+        from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+
+        args.checkpoint = ensure_demo_checkpoint()
+    model = load_model(args.checkpoint, "cpu")
+    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"model {model.name}, {args.seconds:g} s of audio per stream, 100 ms frames, real time\n")
+    print("| streams | engine p50 ms | engine p95 ms | server p50 ms | server p95 ms | added p50 ms | added p95 ms |"
+          " decisions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for num_streams in args.streams:
+        engine = percentiles(run_engine(model, num_streams, args.seconds))
+        served = run_server(args.checkpoint, num_streams, args.seconds)
+        server = percentiles(served)
+        print(f"| {num_streams} | {engine[0] * 1e3:.1f} | {engine[1] * 1e3:.1f} | {server[0] * 1e3:.1f} | "
+              f"{server[1] * 1e3:.1f} | {(server[0] - engine[0]) * 1e3:.1f} | {(server[1] - engine[1]) * 1e3:.1f} |"
+              f" {len(served)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
