@@ -25,6 +25,10 @@ class EngineConfig(BaseModel):
         4096, ge=128, le=32768, description="per-session context budget; the model was trained below 4096"
     )
     max_batch_rows: int | None = Field(None, ge=1, description="rows per step; None = max_sessions")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (process-wide); None = torch's default. On a shared "
+        "CPU host fewer threads than cores avoids oversubscription stalls"
+    )
     rollover_window_positions: int | None = Field(
         2048,
         ge=0,

@@ -95,6 +95,8 @@ class Worker:
         self.model = model
         self.config = config
         self.encoder = AudioEncoder(model.encoder_tower)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.cache = model.lm.new_cache(config.max_sessions, config.max_positions)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
