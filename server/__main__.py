@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+class _StopRequested(Exception):
+    pass
+
+
+def _stop_requested(signum: int, frame: Any) -> None:
+    raise _StopRequested()
+
+
 def serve(args: argparse.Namespace) -> int:
     from server.settings import ConfigError, load_config
 
@@ -64,10 +73,15 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     server = build_server(create_app(config, on_fatal=on_fatal), config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler
+    # that was installed before it ran; this one turns SIGTERM (docker stop, k8s) into a normal stop.
+    previous_sigterm = signal.signal(signal.SIGTERM, _stop_requested)
     try:
         server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises SIGINT after its graceful shutdown; that is a normal stop
+    except (KeyboardInterrupt, _StopRequested):
+        pass  # a graceful shutdown has already happened: this is a normal stop
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
         return 1

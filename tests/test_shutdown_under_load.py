@@ -1,0 +1,98 @@
+"""SIGTERM with 32 live sessions: each gets a final event and a proper close, the process exits in time, cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import websockets
+
+NUM_STREAMS = 32
+DRAIN_LIMIT_S = 15.0  # the server's graceful-shutdown budget is CLOSE_GRACE_S + 5 = 10 s
+
+
+def start_server(checkpoint) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu",
+           "AIS_ENGINE__MAX_SESSIONS": str(NUM_STREAMS)}
+    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(checkpoint)],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in process.stderr:
+        found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
+        port = int(found.group(1)) if found else port
+        if port and "loaded audio-interaction-tiny" in line:
+            break
+    assert port, "the server never reported its port"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
+                return process, port
+        except urllib.error.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, results: list) -> None:
+    rng = np.random.default_rng(index)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None) as ws:
+        events = [json.loads(await ws.recv())]
+        await ws.send(json.dumps({"type": "session.configure", "max_turn_tokens": 8}))
+        await ready.wait()
+
+        async def send_audio() -> None:
+            try:
+                while True:  # 0.4 s of audio every 0.1 s: faster than real time, until the server closes
+                    await ws.send((rng.standard_normal(6400) * 3000).astype("<i2").tobytes())
+                    await asyncio.sleep(0.1)
+            except websockets.ConnectionClosed:
+                pass
+
+        sender = asyncio.create_task(send_audio())
+        try:
+            async for message in ws:
+                events.append(json.loads(message))
+        except websockets.ConnectionClosed:
+            pass
+        sender.cancel()
+        results[index] = (events, ws.close_code)
+
+
+def test_sigterm_with_32_live_sessions_closes_each_with_a_final_event(tiny_checkpoint):
+    process, port = start_server(tiny_checkpoint)
+    results: list = [None] * NUM_STREAMS
+    try:
+        async def main() -> float:
+            ready = asyncio.Barrier(NUM_STREAMS + 1)
+            clients = [asyncio.create_task(stream_until_closed(port, i, ready, results))
+                       for i in range(NUM_STREAMS)]
+            await ready.wait()
+            await asyncio.sleep(2.0)  # every session live, mid-stream
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*clients), timeout=DRAIN_LIMIT_S)
+            return sent
+
+        sent = asyncio.run(main())
+        rest = process.stderr.read()
+        assert process.wait(timeout=DRAIN_LIMIT_S) == 0
+        assert time.monotonic() - sent < DRAIN_LIMIT_S
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert "Traceback" not in rest and "Application shutdown complete" in rest
+    for events, close_code in results:
+        types = [e["type"] for e in events]
+        assert types[0] == "session.created" and types[-1] == "session.closed", types[-5:]
+        assert events[-1]["reason"] == "server_shutdown" and close_code == 1001
+        assert events[-1]["num_chunks_received"] >= events[-1]["num_chunks_decided"] > 0
