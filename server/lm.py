@@ -274,9 +274,24 @@ class AudioInteractionLM(nn.Module):
         self._rope = rope_table(self.cfg, max_positions, param.device)
         return SlotKVCache(self.cfg, num_slots, max_positions, param.device, param.dtype)
 
-    @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: SlotKVCache) -> torch.Tensor:
         """Feed every row's tokens into its slot; return fp32 logits at each row's last token, (B, V)."""
+        return self.logits(self.last_hidden(batch, cache))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits (B, V) from ``last_hidden``; with ``token_ids`` (K,) only those columns, (B, K).
+
+        A listening row needs just two logits (TEXT_BEGIN vs KEEP_SILENCE): projecting
+        onto two rows of the 151,936-row head instead of all of them.
+        """
+        weight = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]
+        bias = self.lm_head.bias if token_ids is None or self.lm_head.bias is None else self.lm_head.bias[token_ids]
+        return F.linear(hidden, weight, bias).float()
+
+    @torch.inference_mode()
+    def last_hidden(self, batch: StepBatch, cache: SlotKVCache) -> torch.Tensor:
+        """Feed every row's tokens into its slot; return the final-norm hidden state at each row's last token."""
         if self._rope is None or self._rope[0].shape[0] != cache.max_positions:
             self._rope = rope_table(self.cfg, cache.max_positions, cache.k.device)
         B, T = batch.tokens.shape
@@ -302,4 +317,4 @@ class AudioInteractionLM(nn.Module):
             )
             x = x + block.mlp(block.norm_2(x))
         last = x[torch.arange(B, device=x.device), batch.lengths - 1]  # (B, E)
-        return self.lm_head(self.transformer.ln_f(last)).float()
+        return self.transformer.ln_f(last)

@@ -23,13 +23,17 @@ class SamplingOptions(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
 
-def decide(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) -> (B,) token ids: TEXT_BEGIN iff its logit is strictly above KEEP_SILENCE's.
+# The only two tokens a listening block may continue with, in the column order ``decide`` expects.
+DECISION_TOKENS = (T.TEXT_BEGIN, T.KEEP_SILENCE)
+
+
+def decide(decision_logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2) logits of ``DECISION_TOKENS`` -> (B,) token ids: TEXT_BEGIN iff strictly above KEEP_SILENCE.
 
     The model only ever continues a listening block with one of the two; any
     other argmax would crash the reference, so the choice is constrained.
     """
-    speak = logits[:, T.TEXT_BEGIN] > logits[:, T.KEEP_SILENCE]
+    speak = decision_logits[:, 0] > decision_logits[:, 1]
     return torch.where(speak, T.TEXT_BEGIN, T.KEEP_SILENCE)
 
 

@@ -33,7 +33,7 @@ from server.conversation import ContextFull, Conversation, RowPlan, check_room
 from server.encoder import AudioEncoder
 from server.lm import StepBatch
 from server.engine_events import EngineEvent, SessionEnded, SessionStarted
-from server.sampling import decide, sample
+from server.sampling import DECISION_TOKENS, decide, sample
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Worker:
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.cache = model.lm.new_cache(config.max_sessions, config.max_positions)
+        self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._sessions: dict[str, _Session] = {}
@@ -343,12 +344,19 @@ class Worker:
             audio_embeds=audio_embeds,
             device=device,
         )
-        logits = self.model.lm(batch, self.cache)  # (B, V) fp32
+        lm = self.model.lm
+        hidden = lm.last_hidden(batch, self.cache)  # (B, E)
+        # Listening rows need only the two decision logits; reply rows need the whole vocabulary.
+        for is_decision, token_ids in ((True, self._decision_ids), (False, None)):
+            index = [i for i, r in enumerate(rows) if r.plan.is_decision == is_decision]
+            if not index:
+                continue
+            logits = lm.logits(hidden[index], token_ids)  # (n, 2) or (n, V), fp32
+            finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check for the group, not one per row
+            for i, row_logits, is_finite in zip(index, logits, finite):
+                rows[i].logits, rows[i].is_finite = row_logits, is_finite
         if device.type == "cuda":
             torch.cuda.synchronize()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check for the batch, not one per row
-        for row, row_logits, is_finite in zip(rows, logits, finite):
-            row.logits, row.is_finite = row_logits, is_finite
         return t1 - t0, time.perf_counter() - t1
 
     def _commit(self, rows: list[_Row]) -> None:

@@ -186,3 +186,12 @@ def test_position_beyond_cache_is_refused():
     cache = model.new_cache(1, 16)
     with pytest.raises(ValueError, match="beyond the cache"):
         feed(model, cache, list(range(10)), 10)
+
+
+def test_decision_logits_equal_the_full_heads_columns():
+    model = random_lm(small_config())
+    cache = model.new_cache(2, 64)
+    batch = StepBatch.build([list(range(13)), [5]], [0, 0], [0, 1], [[(1, 11)], []], torch.randn(10, 64), CPU)
+    hidden = model.last_hidden(batch, cache)
+    ids = torch.tensor([7, 3])
+    torch.testing.assert_close(model.logits(hidden, ids), model.logits(hidden)[:, ids], rtol=1e-6, atol=1e-6)
