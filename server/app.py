@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
 from server.settings import ServerConfig
+from server.static_pages import router as static_pages_router
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 
     app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan)
     app.state.runtime = runtime
+    app.include_router(static_pages_router)  # the browser front-end at / (server/web/)
 
     @app.get("/health")
     async def health() -> dict:

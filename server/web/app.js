@@ -1,0 +1,372 @@
+// The page: wires the form, an AudioCapture and a ProtocolClient together and renders the events.
+
+import { AudioCapture } from "./audio-capture.js";
+import { ConnectionState, ProtocolClient } from "./protocol-client.js";
+
+const MAX_CHUNKS_SHOWN = 75; // 30 s of 0.4 s chunks
+const FRAME_MS = 20;
+const EMOTION_ICONS = { happy: "😊", sad: "😢", angry: "😠", surprise: "😮", normal: "🙂", urgent: "⚠️" };
+
+const el = (id) => document.getElementById(id);
+const form = el("setup");
+
+// What the page has seen, as plain data: for debugging from the console, and for tests.
+const seen = {
+  sessionCreated: null,
+  sessionUpdated: null,
+  captureFormat: null,
+  connectionStates: [],
+  numDecisions: 0,
+  numReplyDecisions: 0,
+  turns: [],
+  errors: [],
+};
+window.audioInteraction = seen;
+
+let client = null;
+let capture = null;
+let activeTurn = null; // {key, card, textNode, record}
+let numReplies = 0;
+let audioSentS = 0;
+
+// ---- setup ------------------------------------------------------------------------------------
+
+function defaultServerUrl() {
+  const fromQuery = new URLSearchParams(location.search).get("server");
+  if (fromQuery) return fromQuery;
+  if (!location.host) return "ws://127.0.0.1:8000/v1/stream";
+  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/v1/stream`;
+}
+
+el("server-url").value = defaultServerUrl();
+for (const radio of form.elements.source) radio.addEventListener("change", syncSourceFields);
+syncSourceFields();
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  start().catch((error) => showError("start_failed", error.message, { isFatal: true }));
+});
+el("stop").addEventListener("click", () => stop());
+el("flush").addEventListener("click", () => flush());
+el("cancel").addEventListener("click", () => client?.cancel());
+
+function syncSourceFields() {
+  const isFile = form.elements.source.value === "file";
+  el("audio-file").disabled = !isFile;
+  el("monitor").disabled = !isFile;
+}
+
+function setRunning(isRunning) {
+  el("start").disabled = isRunning;
+  el("stop").disabled = !isRunning && !client;
+  const isFile = form.elements.source.value === "file";
+  for (const radio of form.elements.source) radio.disabled = isRunning;
+  el("audio-file").disabled = isRunning || !isFile;
+  el("monitor").disabled = isRunning || !isFile;
+  // Server, key and reply length belong to the session: fixed while one is open.
+  for (const id of ["server-url", "api-key", "max-tokens"]) el(id).disabled = isRunning || client !== null;
+}
+
+// ---- actions ----------------------------------------------------------------------------------
+
+async function start() {
+  const source = form.elements.source.value;
+  const file = el("audio-file").files[0];
+  if (source === "file" && !file) {
+    showError("no_file", "Choose an audio file to stream first.");
+    return;
+  }
+  setRunning(true);
+  try {
+    if (!client) {
+      client = makeClient();
+      const options = { decision_events: true };
+      const maxTokens = el("max-tokens").valueAsNumber;
+      if (Number.isFinite(maxTokens)) options.max_turn_tokens = maxTokens;
+      client.configure(options).catch(alreadyShown);
+    }
+    await client.connect();
+    capture = new AudioCapture({ onFrame, onFormat, frameMs: FRAME_MS });
+    if (source === "microphone") {
+      await capture.startMicrophone();
+      setListenState("listening", "Listening");
+    } else {
+      setListenState("listening", `Streaming ${file.name}`);
+      const running = capture;
+      await capture.startFile(file, { monitor: el("monitor").checked });
+      if (capture !== running) return; // stopped meanwhile
+      await capture.stop();
+      capture = null;
+      setRunning(false);
+      setListenState("waiting", "File sent; waiting for the model to hear it all");
+      await flush();
+    }
+  } catch (error) {
+    if (!client) return; // stopped meanwhile (Stop, or a refusal already shown): nothing more to say
+    await stop();
+    throw error;
+  }
+}
+
+async function stop() {
+  const running = capture;
+  capture = null;
+  await running?.stop();
+  const closing = client;
+  client = null;
+  setRunning(false);
+  if (closing) await closing.close();
+  setListenState("idle", "Idle");
+  el("level").style.width = "0%";
+}
+
+async function flush() {
+  if (!client) return;
+  try {
+    const flushed = await client.flush();
+    el("capture-info").textContent =
+      `Everything sent so far was heard: ${flushed.num_chunks} chunks, ${flushed.audio_time_s.toFixed(1)} s.`;
+    if (!capture) setListenState("idle", "All audio heard");
+  } catch (error) {
+    showError("flush_failed", error.message);
+  }
+}
+
+function makeClient() {
+  const made = new ProtocolClient(el("server-url").value.trim(), { apiKey: el("api-key").value.trim() || null });
+  made.on("state", onConnectionState);
+  made.on("event", onServerEvent);
+  return made;
+}
+
+// ---- audio --------------------------------------------------------------------------------------
+
+function onFormat(format) {
+  seen.captureFormat = format;
+  // The real rate and layout; the server resamples to 16 kHz and averages channels.
+  client?.configure({
+    audio: { sample_format: "pcm_s16le", sample_rate_hz: format.sampleRateHz, num_channels: format.numChannels },
+  }).catch(alreadyShown);
+}
+
+let pendingLevel = 0;
+let isLevelScheduled = false;
+let lastInfoUpdateMs = 0;
+
+function onFrame(pcm, peak) {
+  if (!client) return;
+  const format = capture?.format;
+  if (client.sendAudio(pcm) && format) audioSentS += pcm.length / format.numChannels / format.sampleRateHz;
+  pendingLevel = Math.max(pendingLevel, peak);
+  if (!isLevelScheduled) {
+    isLevelScheduled = true;
+    requestAnimationFrame(drawLevel);
+  }
+  const nowMs = performance.now();
+  if (format && nowMs - lastInfoUpdateMs > 250) {
+    lastInfoUpdateMs = nowMs;
+    const what = capture.kind === "microphone" ? "the microphone" : "a file";
+    const channels = format.numChannels === 1 ? "1 channel" : `${format.numChannels} channels`;
+    const dropped = client.numFramesDropped ? ` · ${client.numFramesDropped} frames dropped while disconnected` : "";
+    el("capture-info").textContent =
+      `Streaming ${what} at ${format.sampleRateHz} Hz, ${channels}, ${FRAME_MS} ms frames · ` +
+      `${audioSentS.toFixed(1)} s sent${dropped}`;
+  }
+}
+
+function drawLevel() {
+  isLevelScheduled = false;
+  // Square root: a perceptual-ish scale, so speech does not hug the left edge.
+  const percent = Math.round(Math.sqrt(Math.min(1, pendingLevel)) * 100);
+  pendingLevel = 0;
+  el("level").style.width = `${percent}%`;
+  el("level").parentElement.setAttribute("aria-valuenow", String(percent));
+}
+
+// ---- events -------------------------------------------------------------------------------------
+
+function onConnectionState({ state, attempt, delayMs, code, reason }) {
+  seen.connectionStates.push({ state, attempt, delayMs, code });
+  const badge = el("connection");
+  badge.dataset.state = state;
+  const why = code ? ` (code ${code}${reason ? `: ${reason}` : ""})` : "";
+  if (state === ConnectionState.CONNECTING) {
+    badge.textContent = "Connecting…";
+  } else if (state === ConnectionState.OPEN) {
+    badge.textContent = "Connected";
+  } else if (state === ConnectionState.RECONNECTING) {
+    badge.textContent = delayMs > 0
+      ? `Connection lost${why}. Reconnecting in ${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`
+      : `Reconnecting (attempt ${attempt})…`;
+    endActiveTurn("interrupted", "connection lost");
+  } else if (state === ConnectionState.CLOSED) {
+    badge.textContent = code === 1000 || code === undefined ? "Disconnected" : `Connection closed${why}`;
+    endActiveTurn("interrupted", "connection closed");
+    if (client && client.state === ConnectionState.CLOSED) {
+      // Closed for good by the server (refused key, idle timeout...): release the microphone too.
+      stop();
+    }
+  }
+  const isOpen = state === ConnectionState.OPEN;
+  el("flush").disabled = !isOpen;
+  el("cancel").disabled = !isOpen;
+}
+
+function onServerEvent(event) {
+  switch (event.type) {
+    case "session.created":
+      seen.sessionCreated = event;
+      el("session-id").textContent = event.session_id.slice(0, 8);
+      el("session-id").title = event.session_id;
+      el("model-name").textContent = event.model;
+      el("demo-warning").hidden = !event.is_demo;
+      el("connection").textContent = `Connected · session ${event.session_id.slice(0, 8)}`;
+      break;
+    case "session.updated": {
+      seen.sessionUpdated = event;
+      const audio = event.audio;
+      el("audio-format").textContent =
+        `${audio.sample_rate_hz} Hz · ${audio.num_channels} ch · ${audio.sample_format} (confirmed by the server)`;
+      break;
+    }
+    case "decision":
+      addDecision(event);
+      break;
+    case "turn_begin":
+      beginTurn(event);
+      break;
+    case "emotion":
+      if (activeTurn) setEmotion(activeTurn, event.emotion);
+      break;
+    case "text_delta":
+      if (activeTurn) {
+        activeTurn.textNode.append(event.text);
+        activeTurn.record.text += event.text;
+      }
+      break;
+    case "turn_end":
+      endActiveTurn(event.end_reason, null, event);
+      break;
+    case "context_rollover":
+      el("capture-info").textContent =
+        `Long session: the model's context was rebuilt (${event.kept_chunks} chunks kept).`;
+      break;
+    case "error":
+      showError(event.code, event.message, { isFatal: event.is_fatal });
+      break;
+    default:
+      break;
+  }
+}
+
+function addDecision(event) {
+  seen.numDecisions += 1;
+  const isReply = event.decision === "text_begin";
+  if (isReply) seen.numReplyDecisions += 1;
+  const chunks = el("chunks");
+  const item = document.createElement("li");
+  item.className = `chunk ${isReply ? "reply" : "silence"}`;
+  item.title = `chunk ${event.chunk} · ${event.audio_time_s.toFixed(1)} s · ${isReply ? "reply" : "keep listening"}`;
+  chunks.append(item);
+  while (chunks.childElementCount > MAX_CHUNKS_SHOWN) chunks.firstElementChild.remove();
+  el("chunk-summary").textContent =
+    `${seen.numDecisions} chunks heard, ${seen.numReplyDecisions} started a reply; last: ` +
+    `${isReply ? "reply" : "keep listening"} at ${event.audio_time_s.toFixed(1)} s`;
+  if (!isReply && !activeTurn && capture) setListenState("listening", "Listening");
+}
+
+function beginTurn(event) {
+  endActiveTurn("interrupted", "a new reply began");
+  numReplies += 1;
+  el("no-replies").hidden = true;
+  const card = document.createElement("article");
+  card.className = "turn";
+  card.dataset.session = event.session_id;
+  card.dataset.turn = String(event.turn);
+  card.dataset.state = "streaming";
+  card.setAttribute("aria-busy", "true");
+  const head = document.createElement("header");
+  const title = document.createElement("h3");
+  title.textContent = `Reply ${numReplies}`;
+  const emotion = document.createElement("span");
+  emotion.className = "emotion";
+  emotion.dataset.emotion = "pending";
+  emotion.textContent = "…";
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const onset = event.onset_latency_ms;
+  meta.append(chip("onset", onset == null ? "n/a" : `${Math.round(onset)} ms`, "onset-latency"),
+    chip("at", `${event.audio_time_s.toFixed(1)} s`));
+  head.append(title, emotion, meta);
+  const text = document.createElement("p");
+  text.className = "turn-text";
+  const footer = document.createElement("p");
+  footer.className = "turn-end muted";
+  footer.textContent = "streaming…";
+  card.append(head, text, footer);
+  el("replies").prepend(card);
+  const record = { sessionId: event.session_id, turn: event.turn, onsetLatencyMs: onset, emotion: null, text: "",
+    endReason: null };
+  seen.turns.push(record);
+  activeTurn = { key: `${event.session_id}:${event.turn}`, card, textNode: text, emotion, footer, record };
+  setListenState("replying", "Replying");
+}
+
+function chip(label, value, className = "") {
+  const span = document.createElement("span");
+  span.className = `chip ${className}`.trim();
+  const name = document.createElement("span");
+  name.className = "chip-label";
+  name.textContent = label;
+  span.append(name, ` ${value}`);
+  return span;
+}
+
+function setEmotion(turn, emotion) {
+  turn.record.emotion = emotion;
+  turn.emotion.dataset.emotion = emotion;
+  const icon = document.createElement("span");
+  icon.className = "emotion-icon";
+  icon.setAttribute("aria-hidden", "true");
+  icon.textContent = EMOTION_ICONS[emotion] ?? "";
+  turn.emotion.replaceChildren(icon, emotion);
+}
+
+function endActiveTurn(endReason, note, event = null) {
+  if (!activeTurn) return;
+  const { card, footer, emotion, record } = activeTurn;
+  activeTurn = null;
+  record.endReason = endReason;
+  card.dataset.state = endReason === "text_end" || endReason === "max_tokens" ? "done" : endReason;
+  card.removeAttribute("aria-busy");
+  if (emotion.dataset.emotion === "pending") {
+    emotion.dataset.emotion = "none";
+    emotion.textContent = "no emotion tag";
+  }
+  const reasons = { text_end: "finished", max_tokens: "token limit reached", cancelled: "cancelled",
+    session_closed: "session closed", interrupted: note ?? "interrupted" };
+  footer.textContent = reasons[endReason] ?? endReason;
+  if (event) footer.textContent += ` · ${event.num_tokens} tokens`;
+  if (capture) setListenState("listening", "Listening");
+}
+
+// A refused configure comes with an `error` event and a lost connection changes the badge; both are
+// on screen already, so the rejected promise itself needs no second message.
+function alreadyShown() {}
+
+function setListenState(state, text) {
+  const node = el("listen-state");
+  node.dataset.state = state;
+  node.textContent = text;
+}
+
+function showError(code, message, { isFatal = false } = {}) {
+  seen.errors.push({ code, message, isFatal });
+  el("errors-panel").hidden = false;
+  const item = document.createElement("li");
+  item.dataset.fatal = String(isFatal);
+  if (isFatal) item.setAttribute("role", "alert");
+  const label = document.createElement("code");
+  label.textContent = code;
+  item.append(label, ` ${message}`);
+  el("errors").prepend(item);
+}

@@ -1,0 +1,128 @@
+// Audio sources for the page: the microphone or a decoded file, both played in real time through
+// the same AudioWorklet (pcm-worklet.js), which hands back int16 frames at the context's native rate.
+
+const WORKLET_URL = new URL("./pcm-worklet.js", import.meta.url);
+
+export class AudioCapture {
+  /**
+   * @param {object} callbacks
+   * @param {(pcm: Int16Array, peak: number) => void} callbacks.onFrame interleaved int16 PCM, one frame
+   * @param {(format: {sampleRateHz: number, numChannels: number}) => void} callbacks.onFormat
+   *   called before the first frame and whenever the layout changes
+   * @param {number} [frameMs=20] frame length
+   * @param {number} [maxChannels=2] more channels are down-mixed to this many (the server averages to mono)
+   */
+  constructor({ onFrame, onFormat, frameMs = 20, maxChannels = 2 }) {
+    this.onFrame = onFrame;
+    this.onFormat = onFormat;
+    this.frameMs = frameMs;
+    this.maxChannels = maxChannels;
+    this.context = null;
+    this.node = null;
+    this.kind = null; // "microphone" | "file"
+    this.format = null; // {sampleRateHz, numChannels} of the frames being produced
+    this._stream = null;
+    this._source = null;
+    this._drained = null;
+  }
+
+  get isRunning() {
+    return this.context !== null;
+  }
+
+  /** Captures the default microphone, unprocessed, at the browser's own rate (never forced to 16 kHz). */
+  async startMicrophone() {
+    if (!navigator.mediaDevices?.getUserMedia) {
+      throw new Error("this page cannot use the microphone: it needs a secure context (https:// or localhost)");
+    }
+    // The model was trained on plain recordings; the browser's voice-call processing would alter them.
+    const constraints = { audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } };
+    this._stream = await navigator.mediaDevices.getUserMedia(constraints);
+    try {
+      await this._open("microphone");
+      this._source = new MediaStreamAudioSourceNode(this.context, { mediaStream: this._stream });
+      this._source.connect(this.node);
+    } catch (error) {
+      await this.stop();
+      throw error;
+    }
+  }
+
+  /**
+   * Streams a file in real time through the same path as the microphone.
+   * @param {Blob} file any format the browser decodes (wav, mp3, ogg, ...)
+   * @param {{monitor?: boolean}} options monitor: also play it through the speakers
+   * @returns {Promise<void>} resolves when the whole file has gone out as frames
+   */
+  async startFile(file, { monitor = false } = {}) {
+    await this._open("file");
+    try {
+      // decodeAudioData resamples to the context's rate, so frames come out at the native rate here too.
+      const buffer = await this.context.decodeAudioData(await file.arrayBuffer());
+      this._source = new AudioBufferSourceNode(this.context, { buffer });
+      this._source.connect(this.node);
+      if (monitor) this._source.connect(this.context.destination);
+      const finished = new Promise((resolve) => {
+        this._source.onended = () => this._drain().then(resolve);
+      });
+      this._source.start();
+      return await finished;
+    } catch (error) {
+      await this.stop();
+      throw error;
+    }
+  }
+
+  /** Stops the source and releases the microphone; frames still in the worklet are dropped. */
+  async stop() {
+    this._stream?.getTracks().forEach((track) => track.stop());
+    if (this._source) {
+      this._source.onended = null;
+      this._source.disconnect();
+    }
+    const context = this.context;
+    this.context = this.node = this._source = this._stream = this.kind = this.format = null;
+    if (context && context.state !== "closed") await context.close();
+  }
+
+  async _open(kind) {
+    if (this.context) throw new Error("capture already running");
+    // No sampleRate option: the context runs at the hardware's rate (44.1 or 48 kHz typically) and
+    // the server resamples; asking the browser for 16 kHz would resample twice.
+    this.context = new AudioContext({ latencyHint: "interactive" });
+    this.kind = kind;
+    await this.context.audioWorklet.addModule(WORKLET_URL);
+    // No outputs: such a worklet node is pulled by the renderer without a path to the speakers.
+    this.node = new AudioWorkletNode(this.context, "pcm-capture", {
+      numberOfInputs: 1,
+      numberOfOutputs: 0,
+      channelCount: this.maxChannels,
+      channelCountMode: "clamped-max",
+      channelInterpretation: "speakers",
+      processorOptions: { frameMs: this.frameMs },
+    });
+    this.node.port.onmessage = (message) => this._onMessage(message.data);
+    if (this.context.state === "suspended") await this.context.resume();
+  }
+
+  _onMessage(data) {
+    if (data.type === "format") {
+      this.format = { sampleRateHz: data.sampleRateHz, numChannels: data.numChannels };
+      this.onFormat?.(this.format);
+    } else if (data.type === "frame") {
+      this.onFrame?.(data.pcm, data.peak);
+    } else if (data.type === "drained") {
+      this._drained?.();
+      this._drained = null;
+    }
+  }
+
+  /** Asks the worklet for its partial frame; resolves after that frame was handed to onFrame. */
+  _drain() {
+    if (!this.node) return Promise.resolve();
+    return new Promise((resolve) => {
+      this._drained = resolve;
+      this.node.port.postMessage({ type: "drain" });
+    });
+  }
+}
