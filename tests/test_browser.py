@@ -281,9 +281,10 @@ def test_microphone_streams_at_the_browser_rate_and_replies_render(live, page: P
     start_audio_s, start_s = server_audio.audio_received_s, time.monotonic()
     page.wait_for_function("() => window.audioInteraction.numDecisions >= 6"
                            " && window.audioInteraction.turns.some((t) => t.endReason)", timeout=30_000)
-    time.sleep(max(0.0, 2.5 - (time.monotonic() - start_s)))
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - start_s)))
     audio_per_wall_s = (server_audio.audio_received_s - start_audio_s) / (time.monotonic() - start_s)
-    assert 0.95 < audio_per_wall_s < 1.05, f"declared rate off by {audio_per_wall_s:.3f}x"
+    # 44.1 kHz audio declared as 48 kHz (or the reverse) would be 8.8 % off; 6 % leaves room for jitter.
+    assert 0.94 < audio_per_wall_s < 1.06, f"declared rate off by {audio_per_wall_s:.3f}x"
     configure = [event for event in wire.sent_events if event["type"] == "session.configure"]
     assert configure[0]["decision_events"] is True
     assert configure[-1]["audio"]["sample_rate_hz"] == native_rate_hz

@@ -79,6 +79,7 @@ async function start() {
   try {
     if (!client) {
       client = makeClient();
+      audioSentS = 0;
       const options = { decision_events: true };
       const maxTokens = el("max-tokens").valueAsNumber;
       if (Number.isFinite(maxTokens)) options.max_turn_tokens = maxTokens;
@@ -117,6 +118,7 @@ async function stop() {
   if (closing) await closing.close();
   setListenState("idle", "Idle");
   el("level").style.width = "0%";
+  if (closing) el("capture-info").textContent = `Stopped: ${audioSentS.toFixed(1)} s of audio sent.`;
 }
 
 async function flush() {
