@@ -349,6 +349,32 @@ def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audi
     page.click("#stop")
 
 
+def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, page: Page):
+    """server/web/ from a plain static server (as ``python -m http.server`` serves it), ``?server=`` in the URL."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from server.static_pages import WEB_DIR
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    static = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(WEB_DIR)))
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    try:
+        stream_url = f"ws://127.0.0.1:{live.port}/v1/stream"
+        page.goto(f"http://127.0.0.1:{static.server_address[1]}/?server={stream_url}")
+        assert page.input_value("#server-url") == stream_url
+        page.fill("#api-key", API_KEY)
+        page.click("#start")
+        page.wait_for_function("() => window.audioInteraction.numDecisions >= 1", timeout=15_000)
+        assert page.locator("#connection").text_content().startswith("Connected")
+        page.click("#stop")
+    finally:
+        static.shutdown()
+
+
 def test_wrong_api_key_is_shown_and_not_retried(live, page: Page):
     wire = WireLog(page)
     page.goto(live.url)
