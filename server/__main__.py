@@ -21,7 +21,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="interface to listen on (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default from the config: 8000)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="release checkpoint directory")
+    source.add_argument("--checkpoint", type=Path,
+                        help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
 

@@ -84,6 +84,10 @@ class Runtime:
             log.warning("Set engine.checkpoint (AIS_ENGINE__CHECKPOINT) to serve the real model.")
             log.warning("=" * 72)
             checkpoint = ensure_demo_checkpoint()
+        else:
+            from server.hub import resolve_checkpoint_source
+
+            checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
         model = load_model(checkpoint, engine.device, engine.dtype)
         worker = Worker(model, engine)
         worker.on_step = self._on_step

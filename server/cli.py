@@ -69,7 +69,9 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     if checkpoint is not None:
-        return checkpoint
+        from server.hub import resolve_checkpoint_source
+
+        return resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
     from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
     log.warning("no --checkpoint given: using the tiny RANDOM demo model (its replies are noise)")

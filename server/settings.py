@@ -77,8 +77,15 @@ class ServerConfig(BaseModel):
             )
         checkpoint = self.engine.checkpoint
         if checkpoint is not None and not self.demo and not checkpoint.is_dir():
-            # Fail at start-up, not minutes later in the background loader.
-            raise ValueError(f"engine.checkpoint {checkpoint} is not a directory")
+            from server.hub import parse_repo_id
+
+            # Fail at start-up, not minutes later in the background loader; a repo id is
+            # fetched (or found in the HF cache) by the loader, see server/hub.py.
+            if parse_repo_id(str(checkpoint)) is None:
+                raise ValueError(
+                    f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
+                    "('owner/name' or 'owner/name@revision')"
+                )
         return self
 
     @property

@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1
+#
+# Audio-Interaction server. docs/deployment.md explains running it (docker compose up).
+#
+# Base image: plain Python 3.11, not nvidia/cuda. On Linux x86_64, PyPI's torch==2.13.0 is the
+# CUDA 13.0 build and installs its own CUDA user-space as wheels (cuda-toolkit 13.0.3: cudart,
+# cuBLAS, cuFFT, NVRTC...; nvidia-cudnn-cu13 9.20; NCCL), and torch loads those, never a system
+# copy. A cuda/cudnn "runtime" base image would add a second, unused CUDA of several GB. What the
+# container needs from the host is the NVIDIA driver (>= 580, the CUDA 13.0 minimum) and the NVIDIA
+# Container Toolkit; the NVIDIA_* variables below are the ones nvidia/cuda images set, including
+# NVIDIA_REQUIRE_CUDA, so the toolkit refuses to start the container on an older driver.
+#
+# Build args:
+#   TORCH_INDEX_URL  empty = PyPI (the CUDA build above). https://download.pytorch.org/whl/cpu
+#                    gives the CPU-only wheel: a much smaller image for the CPU demo.
+#   TORCH_VERSION    keep equal to the README's pin.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+ARG TORCH_INDEX_URL=""
+ARG TORCH_VERSION=2.13.0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
+
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app
+
+# Layer 1, torch alone: by far the largest, rebuilt only when TORCH_VERSION or TORCH_INDEX_URL change.
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+        pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi
+
+# Layer 2, the other dependencies, read from pyproject.toml (one list to maintain); the constraint
+# keeps the torch installed above. Rebuilt only when pyproject.toml changes.
+WORKDIR /app
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
+    && pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
+    && rm /tmp/requirements.txt /tmp/constraints.txt
+
+# Layer 3, the code: a code change rebuilds only from here. It runs from /app (not pip-installed)
+# so configs/default.yaml stays where server/settings.py looks for it.
+COPY configs ./configs
+COPY server ./server
+ENV PYTHONPATH=/app
+
+# The --demo model, generated at build time (it needs the Qwen vocabulary, fetched from PyPI's
+# dashscope wheel) so the demo starts offline and instantly; about 50 MB, read-only at run time.
+ENV AUDIO_INTERACTION_CACHE=/opt/audio-interaction
+RUN python -c "from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())" \
+    && chmod -R a+rX /opt/audio-interaction
+
+# Checkpoints: a release-layout directory mounted at /models (read-only is fine), or a Hub repo id in
+# AIS_ENGINE__CHECKPOINT, downloaded into HF_HOME (mount a volume at /cache to keep it).
+ENV AIS_ENGINE__CHECKPOINT=/models \
+    HF_HOME=/cache/huggingface
+RUN mkdir -p /models /cache/huggingface && chown -R app:app /cache
+
+USER 10001:10001
+EXPOSE 8000
+
+# Liveness: /health answers as soon as the process serves, also while a large checkpoint loads
+# (/ready says when sessions are accepted). It follows AIS_PORT if the port is changed that way.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('AIS_PORT') or '8000'), timeout=4)"]
+
+ENTRYPOINT ["python", "-m", "server", "--host", "0.0.0.0"]
+CMD []

@@ -1,0 +1,233 @@
+"""Dockerfile, .dockerignore and docker-compose.yml: the structure we rely on, and the container's
+command run on this host (no Docker engine is needed: the image's ENTRYPOINT, the cpu-demo
+service's command and environment, and the HEALTHCHECK command are read from the files and run).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.__main__ import add_serve_arguments, overrides_from
+from server.settings import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
+    steps: list[tuple[str, str]] = []
+    pending = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped:
+            continue  # Docker drops comment lines, also inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, rest = (pending + stripped).partition(" ")
+        steps.append((keyword.upper(), rest.strip()))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return steps
+
+
+def instruction(name: str) -> str:
+    found = [rest for keyword, rest in dockerfile() if keyword == name]
+    assert found, f"no {name} in the Dockerfile"
+    return found[-1]  # Docker uses the last ENTRYPOINT/CMD/HEALTHCHECK/USER
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile():
+        if keyword == "ENV":
+            for key, value in re.findall(r'(\w+)=("[^"]*"|\S+)', rest):
+                env[key] = value.strip('"')
+    return env
+
+
+def dockerfile_arg_default(name: str) -> str:
+    for keyword, rest in dockerfile():
+        if keyword == "ARG" and rest.startswith(f"{name}="):
+            return rest.split("=", 1)[1].strip('"')
+    raise AssertionError(f"no ARG {name}= in the Dockerfile")
+
+
+def healthcheck_argv() -> list[str]:
+    options, _, command = instruction("HEALTHCHECK").partition("CMD ")
+    assert "--start-period=" in options and "--timeout=" in options
+    return json.loads(command)  # exec form: no shell needed in the image
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def interpolate(value: object, environ: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` / ``${NAME}`` substitution (the forms this file uses)."""
+    def replace(match: re.Match) -> str:
+        name, default = match["name"], match["default"]
+        return environ.get(name) or (default if default is not None else "")
+
+    return re.sub(r"\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}", replace, str(value))
+
+
+def service_env(service: str, environ: dict[str, str]) -> dict[str, str]:
+    return {key: interpolate(value, environ) for key, value in compose()["services"][service]["environment"].items()}
+
+
+def readme_torch_pin() -> str:
+    return re.search(r'"torch==([\w.+]+)"', (ROOT / "README.md").read_text())[1]
+
+
+def test_dockerfile_serves_as_a_non_root_user_with_health_check_and_a_models_mount():
+    entrypoint = json.loads(instruction("ENTRYPOINT"))
+    assert entrypoint == ["python", "-m", "server", "--host", "0.0.0.0"]
+    assert json.loads(instruction("CMD")) == []  # compose's `command` appends flags such as --demo
+    user = instruction("USER").split(":")[0]
+    assert user not in ("root", "0") and user.isdigit()  # numeric: Kubernetes' runAsNonRoot can check it
+    assert instruction("EXPOSE") == "8000"
+    assert healthcheck_argv()[:2] == ["python", "-c"] and "/health" in healthcheck_argv()[2]
+    env = dockerfile_env()
+    assert env["AIS_ENGINE__CHECKPOINT"] == "/models" and env["HF_HOME"].startswith("/cache/")
+    assert env["NVIDIA_REQUIRE_CUDA"] == "cuda>=13.0"  # torch 2.13's PyPI wheel is the CUDA 13.0 build
+    assert dockerfile_arg_default("PYTHON_IMAGE").startswith("python:3.11-")
+    assert dockerfile_arg_default("TORCH_VERSION") == readme_torch_pin()
+
+
+def test_dockerfile_installs_torch_and_dependencies_before_copying_the_code():
+    steps = dockerfile()
+    position = {step: i for i, step in enumerate(steps)}
+    torch_install = next(i for i, (k, rest) in enumerate(steps) if k == "RUN" and "torch==${TORCH_VERSION}" in rest
+                         and "--index-url" in rest)
+    copies = [(i, rest.split()) for i, (k, rest) in enumerate(steps) if k == "COPY"]
+    assert copies and all(i > torch_install for i, _ in copies)
+    assert copies[0][1] == ["pyproject.toml", "./"]  # only the dependency list before the dependency layer
+    deps_install = next(i for i, (k, rest) in enumerate(steps) if k == "RUN" and "tomllib" in rest)
+    assert copies[0][0] < deps_install < copies[1][0]
+    assert all(args[0] not in (".", "./") for _, args in copies)  # no `COPY . .`: edits stay in the last layers
+    assert position[("USER", instruction("USER"))] > max(i for i, _ in copies)
+
+
+def test_dockerignore_keeps_checkpoints_out_but_not_what_the_image_copies():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for must in ("checkpoints", "*.safetensors", "*.pth", ".git"):
+        assert must in patterns
+    copied = [rest.split()[0] for keyword, rest in dockerfile() if keyword == "COPY"]
+    for source in copied:
+        assert (ROOT / source).exists()
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
+
+
+def test_compose_server_reserves_a_gpu_mounts_checkpoints_and_checks_health():
+    spec = compose()
+    server = spec["services"]["server"]
+    assert "profiles" not in server  # `docker compose up` starts it
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "./checkpoints:/models:ro" in server["volumes"]
+    named = [v.split(":")[0] for v in server["volumes"] if v.split(":")[1] == "/cache"]
+    assert named and named[0] in spec["volumes"]  # the HF cache outlives the container
+    assert any(str(port).endswith(":8000") for port in server["ports"])
+    assert server["healthcheck"]["test"] == ["CMD", *healthcheck_argv()]  # the same check as the image's
+    assert server["environment"]["AIS_API_KEY"] == "${AIS_API_KEY:-}"
+    assert server["environment"]["AIS_ENGINE__DEVICE"] == "cuda"
+
+
+def test_compose_cpu_demo_is_a_profile_without_a_gpu():
+    demo = compose()["services"]["cpu-demo"]
+    assert demo["profiles"] == ["cpu-demo"] and "deploy" not in demo
+    assert demo["command"] == ["--demo", "--device", "cpu"]
+    assert "TORCH_INDEX_URL" in demo["build"]["args"]
+    assert demo["healthcheck"]["test"] == ["CMD", *healthcheck_argv()]
+
+
+def parse_serve_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_compose_environment_defaults_and_overrides_make_valid_configs(tmp_path):
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("AIS_")}
+    server_args = parse_serve_args(json.loads(instruction("ENTRYPOINT"))[3:])
+    server_env = {**image_env, **service_env("server", {})}
+    # /models does not exist on this host: stand a directory in for the bind mount.
+    config = load_config(None, {**server_env, "AIS_ENGINE__CHECKPOINT": str(tmp_path)}, overrides_from(server_args))
+    assert config.host == "0.0.0.0" and config.port == 8000 and config.engine.device == "cuda"
+    assert config.api_key is None and config.allowed_origins == [] and not config.is_demo
+    chosen = service_env("server", {"AIS_API_KEY": "s3cret", "AIS_ENGINE__CHECKPOINT": "zhifeixie/AudioInteraction",
+                                    "AIS_ALLOWED_ORIGINS": "https://a.example"})
+    config = load_config(None, {**image_env, **chosen}, overrides_from(server_args))
+    assert config.api_key.get_secret_value() == "s3cret" and config.allowed_origins == ["https://a.example"]
+    assert str(config.engine.checkpoint) == "zhifeixie/AudioInteraction"
+
+    demo_args = parse_serve_args(json.loads(instruction("ENTRYPOINT"))[3:] + compose()["services"]["cpu-demo"]["command"])
+    config = load_config(None, {**image_env, **service_env("cpu-demo", {})}, overrides_from(demo_args))
+    assert config.is_demo and config.engine.device == "cpu" and config.host == "0.0.0.0"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def on_host(argv: list[str]) -> list[str]:
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
+
+
+def test_the_cpu_demo_container_command_serves_health_on_this_host(qwen_tokenizer_dir, tmp_path):
+    """ENTRYPOINT + the cpu-demo command with the image's and the service's AIS_* environment; the
+    HEALTHCHECK command fails before the server listens and passes once it does; SIGTERM stops it cleanly."""
+    argv = on_host(json.loads(instruction("ENTRYPOINT")) + compose()["services"]["cpu-demo"]["command"])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIS_", "HF_"))}
+    env.update({k: v for k, v in dockerfile_env().items() if k.startswith("AIS_")})
+    env.update(service_env("cpu-demo", {}))
+    env.update({"AIS_PORT": str(port), "AIS_LOG_LEVEL": "info"})
+    health = on_host(healthcheck_argv())
+    assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode != 0  # nothing listens yet
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # polled in-process: a probe interpreter per try would slow the start-up it waits for
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):  # not listening yet, or 503 while the demo loads
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        probe = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 0, probe.stderr
+        process.send_signal(signal.SIGTERM)  # what `docker stop` sends
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log_path.read_text()
+    assert f"running on http://0.0.0.0:{port}" in text and "DEMO MODE" in text and "Traceback" not in text
