@@ -67,7 +67,7 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     return [torch.stack(chunks)] if chunks else []
 
 
-def resolve_checkpoint(checkpoint: Path | None) -> Path:
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
         from server.hub import resolve_checkpoint_source
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events")
     source = run_cmd.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="release checkpoint directory")
+    source.add_argument("--checkpoint", help="release checkpoint directory or Hugging Face repo id (owner/name[@rev])")
     source.add_argument("--demo", action="store_true", help="tiny random model (the default without --checkpoint)")
     run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run_cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
