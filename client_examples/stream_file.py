@@ -1,0 +1,147 @@
+"""Stream audio files to an Audio-Interaction server and print its replies as they arrive.
+
+    python client_examples/stream_file.py ws://127.0.0.1:8000 ../shared/audio/01_count_bark
+
+Each file is sent as s16le PCM at its own sample rate and channel count (the server
+resamples and down-mixes), in real time by default, then ``input.flush`` so the model can
+answer the end, then ``session.close``. A folder stands for the files its
+``sequence.json`` lists. Exit status: 0 on a normal session, 1 on a fatal error or an
+abnormal close, 2 on bad arguments or unreadable files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, default_api_key, run_main,
+                        run_stream)
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    path: Path
+    sample_rate_hz: int
+    num_channels: int
+
+
+def expand_inputs(names: list[str]) -> list[AudioFile]:
+    """Files as given; a folder becomes the files its ``sequence.json`` lists, in order (repeats allowed)."""
+    paths: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            listing = path / "sequence.json"
+            if not listing.is_file():
+                raise ClientError(f"{path} is a folder without a sequence.json listing its files")
+            paths += [path / entry for entry in json.loads(listing.read_text())]
+        else:
+            paths.append(path)
+    files = []
+    for path in paths:
+        try:
+            info = soundfile.info(str(path))
+        except RuntimeError as error:  # missing or undecodable (soundfile.LibsndfileError)
+            raise ClientError(f"cannot read {path}: {error}") from None
+        # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
+        files.append(AudioFile(path, info.samplerate, info.channels))
+    return files
+
+
+def read_pcm(path: Path) -> np.ndarray:
+    """(T, C) little-endian int16: the wire format, interleaved once ``tobytes`` flattens it."""
+    return soundfile.read(str(path), dtype="int16", always_2d=True)[0].astype("<i2", copy=False)
+
+
+def wait_for_enter(prompt: str) -> asyncio.Future:
+    """A future that completes on a line from stdin.
+
+    A daemon thread rather than the loop's executor: if the session ends first, a thread
+    blocked on stdin must not keep the process alive.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def read() -> None:
+        sys.stdin.readline()
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    print(prompt, file=sys.stderr, flush=True)
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return done
+
+
+class FileSender:
+    """Sends the files frame by frame, re-declaring the format whenever it changes."""
+
+    def __init__(self, files: list[AudioFile], speed: float, frame_ms: float, wait: bool) -> None:
+        self.files, self.speed, self.frame_s, self.wait = files, speed, frame_ms / 1000, wait
+
+    async def __call__(self, session: StreamSession) -> None:
+        if self.wait:
+            await wait_for_enter("press Enter to start streaming")
+        loop = asyncio.get_running_loop()
+        start_s, audio_s, current_format = loop.time(), 0.0, None
+        for audio_file in self.files:
+            audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": audio_file.sample_rate_hz,
+                            "num_channels": audio_file.num_channels}
+            if audio_format != current_format:
+                # A format change continues the same stream (no flush needed); the answer is awaited
+                # so that no frame is read in the old format.
+                await session.configure(audio=audio_format)
+                current_format = audio_format
+            samples = await asyncio.to_thread(read_pcm, audio_file.path)
+            frame_samples = max(1, round(audio_file.sample_rate_hz * self.frame_s))
+            if frame_samples * samples.shape[1] * 2 > session.created["limits"]["max_frame_bytes"]:
+                raise ClientError(f"--frame-ms {self.frame_s * 1000:g} gives frames over the server's "
+                                  f"max_frame_bytes for {audio_file.path}")
+            for begin in range(0, len(samples), frame_samples):
+                frame = samples[begin:begin + frame_samples]
+                if self.speed > 0:  # real-time pacing against one clock, so waits never accumulate drift
+                    await asyncio.sleep(max(0.0, start_s + audio_s / self.speed - loop.time()))
+                duration_s = len(frame) / audio_file.sample_rate_hz
+                await session.send_pcm(frame.tobytes(), duration_s)
+                audio_s += duration_s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Stream audio files to an Audio-Interaction server.")
+    parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
+                        help="wav/flac/mp3 files, or folders with a sequence.json")
+    parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="1 = real time, 2 = twice as fast, 0 = as fast as the server takes it")
+    parser.add_argument("--frame-ms", type=float, default=20.0, help="audio per WebSocket frame (default 20)")
+    parser.add_argument("--decisions", action="store_true", help="also show the per-chunk listen/speak decisions")
+    parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for Enter before streaming (time to attach tts_subscriber.py to the session)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.speed < 0 or not 1 <= args.frame_ms <= 1000:
+        print("error: --speed must be >= 0 and --frame-ms between 1 and 1000", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        files = expand_inputs(args.inputs)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    console = ReplyConsole(as_json=args.json, show_decisions=args.decisions)
+    sender = FileSender(files, args.speed, args.frame_ms, args.wait)
+    return run_main(run_stream(args.url, args.api_key, console, sender))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Follow a live session's replies and speak each sentence with a text-to-speech command.
+
+    python client_examples/tts_subscriber.py ws://127.0.0.1:8000 SESSION_ID
+    python client_examples/tts_subscriber.py ws://127.0.0.1:8000 SESSION_ID --out-dir replies/
+
+Subscribes to ``/v1/sessions/{id}/events`` (a second device, e.g. a speaker box, following
+someone else's stream) and runs the TTS command once per ``segment`` event, in order. The
+command is a template: ``{text}`` becomes the sentence and ``{wav}`` the output file, each
+inside its own argument; it runs without a shell, so nothing in a reply is ever interpreted.
+With ``--out-dir`` every segment is written to ``turn{N}_seg{M}.wav`` instead of spoken.
+Exits when the session closes: 0 if it closed normally and every command succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import soundfile
+from websockets.exceptions import ConnectionClosed
+
+from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, default_api_key, describe_close,
+                        describe_error, endpoint_url, open_websocket, printable, run_main)
+
+SPEAK_COMMAND = "espeak-ng -- {text}"
+WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
+TTS_TIMEOUT_S = 60.0
+_PLACEHOLDER = re.compile(r"\{(text|wav)\}")
+
+
+class TtsCommand:
+    """A command template, checked once, expanded per segment."""
+
+    def __init__(self, template: str, writes_wav: bool) -> None:
+        self.argv = shlex.split(template)
+        if not self.argv:
+            raise ClientError("--tts-command is empty")
+        placeholders = set(_PLACEHOLDER.findall(template))
+        if "text" not in placeholders:
+            raise ClientError(f"--tts-command must contain {{text}}: {template!r}")
+        if writes_wav != ("wav" in placeholders):
+            need = "must contain {wav} with --out-dir" if writes_wav else "has {wav}: pass --out-dir"
+            raise ClientError(f"--tts-command {need}: {template!r}")
+        if shutil.which(self.argv[0]) is None:
+            hint = " (apt-get install espeak-ng, or pass --tts-command)" if self.argv[0] == "espeak-ng" else ""
+            raise ClientError(f"TTS program {self.argv[0]!r} not found{hint}")
+
+    def expand(self, text: str, wav: Path | None) -> list[str]:
+        # One substitution pass per argument, so a sentence containing "{wav}" stays literal text.
+        values = {"text": text, "wav": str(wav)}
+        return [_PLACEHOLDER.sub(lambda match: values[match.group(1)], arg) for arg in self.argv]
+
+
+class Speaker:
+    """Runs the command for each queued segment, one at a time, in arrival order."""
+
+    def __init__(self, command: TtsCommand, out_dir: Path | None) -> None:
+        self.command, self.out_dir = command, out_dir
+        self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # None: the session ended
+        self.num_done = self.num_failed = 0
+
+    async def run(self) -> None:
+        while (segment := await self.queue.get()) is not None:
+            await self._speak(segment)
+
+    async def _speak(self, segment: dict) -> None:
+        name = f"turn{segment['turn']}_seg{segment['index']}"
+        wav = None if self.out_dir is None else self.out_dir / f"{name}.wav"
+        failure = await self._run(self.command.expand(segment["text"], wav))
+        done = "spoken"
+        if failure is None and wav is not None:
+            try:
+                done = f"wrote {wav} ({soundfile.info(str(wav)).duration:.2f} s)"
+            except RuntimeError as error:  # the command succeeded but left no readable wav
+                failure = f"no readable wav at {wav}: {error}"
+        if failure is None:
+            self.num_done += 1
+            print(f"{name}: {done}", flush=True)
+        else:
+            self.num_failed += 1
+            print(f"{name}: TTS command failed: {failure}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    async def _run(argv: list[str]) -> str | None:
+        """Run one command to the end; what went wrong, or None."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+        except OSError as error:
+            return str(error)
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), TTS_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return f"took over {TTS_TIMEOUT_S:g} s"
+        if process.returncode != 0:
+            return f"exit status {process.returncode}: {stderr.decode(errors='replace').strip()}"
+        return None
+
+
+async def follow(url: str, session_id: str, api_key: str | None, speaker: Speaker) -> int:
+    websocket = await open_websocket(endpoint_url(url, f"/v1/sessions/{session_id}/events"), api_key)
+    # The server registers a subscriber before completing the handshake, so from here on no
+    # event is missed (an unknown session is still accepted, then refused with an error).
+    print(f"subscribed to session {session_id}", flush=True)
+    worker = asyncio.create_task(speaker.run())
+    is_fatal = False
+    try:
+        async with websocket:
+            while True:
+                event = json.loads(await websocket.recv())
+                kind = event.get("type")
+                if kind == "segment":
+                    print(f"turn{event['turn']}_seg{event['index']}: {printable(event['text'])}", flush=True)
+                    speaker.queue.put_nowait(event)
+                elif kind == "error":
+                    is_fatal |= bool(event.get("is_fatal"))
+                    print(describe_error(event), file=sys.stderr, flush=True)
+                elif kind == "session.closed":
+                    print(f"session closed ({event['reason']})", flush=True)
+    except ConnectionClosed:
+        pass
+    finally:
+        speaker.queue.put_nowait(None)
+        await worker  # the segments already received are still spoken
+    code = websocket.close_code
+    print(f"{speaker.num_done} segments done, {speaker.num_failed} failed", flush=True)
+    if code != 1000:
+        print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
+    return EXIT_OK if code == 1000 and not is_fatal and speaker.num_failed == 0 else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Speak a live session's replies with a TTS command.")
+    parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
+    parser.add_argument("session_id", help="the id stream_file.py / microphone.py print as 'session: ID'")
+    parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
+    parser.add_argument("--tts-command", help=f"template with {{text}} (and {{wav}} with --out-dir); default "
+                                              f"{SPEAK_COMMAND!r}, or {WAV_COMMAND!r} with --out-dir")
+    parser.add_argument("--out-dir", type=Path, help="write turn{N}_seg{M}.wav files here instead of speaking")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    template = args.tts_command or (SPEAK_COMMAND if args.out_dir is None else WAV_COMMAND)
+    try:
+        command = TtsCommand(template, writes_wav=args.out_dir is not None)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"TTS command: {shlex.join(command.argv)}", flush=True)
+    return run_main(follow(args.url, args.session_id, args.api_key, Speaker(command, args.out_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""client_examples/ as a user runs them: real subprocesses against a real server on 127.0.0.1 (tiny model)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from server.app import build_server, create_app
+from server.protocol import SERVER_EVENT_ADAPTER
+from server.settings import ServerConfig
+
+CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"
+API_KEY = "client-test-key"
+MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
+SESSION_LINE = re.compile(r"^session: ([0-9a-f]{32})$")
+TURN_LINE = re.compile(r"^\[turn (\d+) \| (happy|sad|angry|surprise|normal|urgent|-) \| onset \d+ ms\] ")
+SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent\), (\d+) turns, "
+                          r"mean onset latency (\d+ ms|n/a)$")
+
+
+class LiveServer:
+    """uvicorn in a background thread, built as ``python -m server`` builds it (the tests/test_app.py pattern)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        config = ServerConfig.model_validate(dict(
+            # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
+            # themselves by the model's decisions, or frames get refused (audio_buffer_full).
+            port=0, api_key=API_KEY, log_level="warning", max_buffered_audio_s=1.0,
+            engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
+            session={"max_turn_tokens": MAX_TURN_TOKENS}))
+        self.app = create_app(config, on_fatal=lambda message: None)
+        self.server = build_server(self.app, config)
+        self.thread = threading.Thread(target=self.server.run, name="client-examples-uvicorn", daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not (self.server.started and self.app.state.runtime.is_ready):
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not become ready"
+            time.sleep(0.02)
+        self.url = f"ws://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    server = LiveServer(tiny_checkpoint).start()
+    yield server
+    server.stop()
+
+
+class Script:
+    """One client example as a subprocess; stdout and stderr are collected line by line as they come."""
+
+    def __init__(self, name: str, *args: str, cwd: Path, stdin: bool = False, env: dict | None = None) -> None:
+        environment = {k: v for k, v in os.environ.items() if k != "AIS_API_KEY"}
+        environment.update(PYTHONIOENCODING="utf-8", **(env or {}))
+        self.process = subprocess.Popen(
+            [sys.executable, str(CLIENTS / name), *args], cwd=cwd, env=environment, text=True, encoding="utf-8",
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._arrivals: queue.Queue = queue.Queue()
+        self._readers = [threading.Thread(target=self._read, args=pipe, daemon=True)
+                         for pipe in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, pipe, lines: list[str]) -> None:
+        for line in pipe:
+            lines.append(line.rstrip("\n"))
+            self._arrivals.put(lines[-1])
+        self._arrivals.put(None)
+
+    def wait_for_line(self, pattern: re.Pattern, timeout_s: float = 30) -> re.Match:
+        deadline, num_closed = time.monotonic() + timeout_s, 0
+        while num_closed < 2:
+            line = self._arrivals.get(timeout=max(0.01, deadline - time.monotonic()))
+            num_closed += line is None
+            if line is not None and (found := pattern.search(line)):
+                return found
+        raise AssertionError(f"no line matching {pattern.pattern!r}: {self.stdout} {self.stderr}")
+
+    def finish(self, timeout_s: float = 60) -> int:
+        try:
+            code = self.process.wait(timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        for reader in self._readers:
+            reader.join(10)
+        return code
+
+
+def run_script(name: str, *args: str, cwd: Path) -> tuple[int, list[str], list[str]]:
+    script = Script(name, *args, cwd=cwd)
+    return script.finish(), script.stdout, script.stderr
+
+
+def audio_seconds(*paths: Path) -> float:
+    """Decoded, not ``soundfile.info``: an mp3's frame count there is an estimate (5.6 s for a 3.3 s file)."""
+    seconds = 0.0
+    for path in paths:
+        names = json.loads((path / "sequence.json").read_text()) if path.is_dir() else [path.name]
+        for name in names:
+            samples, rate_hz = soundfile.read(str(path / name if path.is_dir() else path), dtype="int16")
+            seconds += len(samples) / rate_hz
+    return seconds
+
+
+def assert_replies_well_formed(events: list[dict]) -> None:
+    """Turns nest, their deltas add up to their text, and every segment belongs to an open turn."""
+    turn, text = None, ""
+    for event in events:
+        if event["type"] == "turn_begin":
+            assert turn is None
+            turn, text = event["turn"], ""
+        elif event["type"] in ("emotion", "text_delta", "segment"):
+            assert event["turn"] == turn
+            text += event["text"] if event["type"] == "text_delta" else ""
+        elif event["type"] == "turn_end":
+            assert (event["turn"], event["text"]) == (turn, text) and event["num_tokens"] <= MAX_TURN_TOKENS
+            turn = None
+    assert turn is None
+
+
+def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live, shared_audio, tmp_path):
+    folder = shared_audio / "01_count_bark"  # an mp3 at 44.1 kHz mono, then wavs at 48 kHz stereo
+    code, out, err = run_script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "0",
+                                "--json", cwd=tmp_path)
+    assert code == 0, err
+    events = [json.loads(line) for line in out]
+    for event in events:
+        SERVER_EVENT_ADAPTER.validate_python(event)
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "client_closed"
+    # Each file's own format was declared before its frames; the change mid-stream needed no flush.
+    formats = [(e["audio"]["sample_rate_hz"], e["audio"]["num_channels"]) for e in events
+               if e["type"] == "session.updated"]
+    assert formats == [(16_000, 1), (44_100, 1), (48_000, 2)]
+    closed = events[-1]
+    assert closed["audio_received_s"] == pytest.approx(audio_seconds(folder), abs=1e-3)
+    assert closed["num_chunks_received"] == closed["num_chunks_decided"] >= 16
+    assert [e["type"] for e in events[-2:]] == ["input.flushed", "session.closed"]
+    assert not [e for e in events if e["type"] in ("decision", "error")]  # decisions only with --decisions
+    turns = [e for e in events if e["type"] == "turn_end"]
+    assert turns, "the tiny model never replied: the reply path went untested"
+    assert_replies_well_formed(events)
+    assert SESSION_LINE.match(err[0]) and SESSION_LINE.match(err[0])[1] == closed["session_id"]
+    summary = SUMMARY_LINE.match(err[-1])
+    assert summary and int(summary[1]) == closed["num_chunks_decided"] and int(summary[3]) == len(turns)
+
+
+def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
+    folder = shared_audio / "01_count_bark"
+    started = time.monotonic()
+    code, out, err = run_script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "5",
+                                "--decisions", cwd=tmp_path)
+    elapsed_s = time.monotonic() - started
+    assert code == 0, err
+    assert elapsed_s >= audio_seconds(folder) / 5  # paced, not dumped
+    turn_lines = [TURN_LINE.match(line) for line in out[:-1]]
+    assert turn_lines and all(turn_lines), out
+    assert [int(m[1]) for m in turn_lines] == list(range(len(turn_lines)))
+    summary = SUMMARY_LINE.match(out[-1])
+    assert summary and int(summary[3]) == len(turn_lines) and summary[4] != "n/a"
+    decisions = [line for line in err if re.match(r"chunk \d+ @ \d+\.\d s: (keep_silence|text_begin)$", line)]
+    assert len(decisions) == int(summary[1])
+
+
+@pytest.mark.parametrize("script", ["stream_file.py", "tts_subscriber.py"])
+def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, script, tmp_path):
+    target = str(shared_audio / "01_count_bark") if script == "stream_file.py" else "0" * 32
+    code, out, err = run_script(script, live.url, target, "--api-key", "wrong", cwd=tmp_path)
+    assert code == 1
+    message = "\n".join(err)
+    assert "server error unauthorized (fatal)" in message
+    assert "connection closed with code 1008: refused: check --api-key" in message
+    assert not [line for line in out if TURN_LINE.match(line)]
+
+
+def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
+    code, out, err = run_script("tts_subscriber.py", live.url, "0" * 32, "--api-key", API_KEY,
+                                "--tts-command", "true {text}", cwd=tmp_path)
+    assert code == 1 and "code 4004: no open session with that id" in "\n".join(err)
+
+
+def drive_session_with_subscriber(live, folder: Path, tmp_path: Path, *tts_args: str) -> tuple[list[dict], Script]:
+    """stream_file.py waits (--wait) until tts_subscriber.py has subscribed, so no segment is missed."""
+    stream = Script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "0", "--json",
+                    "--wait", cwd=tmp_path, stdin=True)
+    subscriber = None
+    try:
+        session_id = stream.wait_for_line(SESSION_LINE)[1]
+        subscriber = Script("tts_subscriber.py", live.url, session_id, "--api-key", API_KEY, *tts_args,
+                            cwd=tmp_path)
+        subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
+        stream.process.stdin.write("\n")
+        stream.process.stdin.close()
+        assert stream.finish() == 0, stream.stderr
+        assert subscriber.finish() == 0, subscriber.stderr
+    finally:
+        for script in (stream, subscriber):
+            if script is not None and script.process.poll() is None:
+                script.process.kill()
+    return [json.loads(line) for line in stream.stdout], subscriber
+
+
+FAKE_TTS = '''
+import array
+import math
+import sys
+import wave
+from pathlib import Path
+
+wav, text = sys.argv[1:]  # exactly two arguments: {text} arrives as one, whatever it holds
+with wave.open(wav, "wb") as out:  # 0.1 s of a 440 Hz sine; stdlib only, so each call starts fast
+    out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000)
+    out.writeframes(array.array("h", (int(3000 * math.sin(2 * math.pi * 440 * i / 16000)) for i in range(1600))))
+Path(wav).with_suffix(".txt").write_text(text, encoding="utf-8")
+'''
+
+
+def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path):
+    fake_tts = tmp_path / "fake_tts.py"
+    fake_tts.write_text(FAKE_TTS)
+    out_dir = tmp_path / "speech"
+    command = shlex.join([sys.executable, str(fake_tts), "{wav}", "{text}"])
+    events, subscriber = drive_session_with_subscriber(live, shared_audio / "01_count_bark", tmp_path,
+                                                       "--tts-command", command, "--out-dir", str(out_dir))
+    segments = {f"turn{e['turn']}_seg{e['index']}": e["text"] for e in events if e["type"] == "segment"}
+    assert segments, "no segments: the TTS path went untested"
+    assert sorted(path.stem for path in out_dir.glob("*.wav")) == sorted(segments)
+    for name, text in segments.items():
+        assert soundfile.info(str(out_dir / f"{name}.wav")).frames == 1600
+        assert (out_dir / f"{name}.txt").read_text(encoding="utf-8") == text
+    assert "session closed (client_closed)" in subscriber.stdout
+    assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_tts_subscriber_default_command_is_espeak_ng(live, shared_audio, tmp_path):
+    out_dir = tmp_path / "speech"
+    events, subscriber = drive_session_with_subscriber(live, shared_audio / "01_count_bark", tmp_path,
+                                                       "--out-dir", str(out_dir))
+    segments = [f"turn{e['turn']}_seg{e['index']}" for e in events if e["type"] == "segment"]
+    assert segments and sorted(path.stem for path in out_dir.glob("*.wav")) == sorted(segments)
+    assert all(soundfile.info(str(path)).frames > 0 for path in out_dir.glob("*.wav"))
+    assert subscriber.stdout[0].startswith("TTS command: espeak-ng -w ")
+
+
+FAKE_SOUNDDEVICE = '''
+"""Stands in for sounddevice: a 44.1 kHz microphone that "hears" a recording, then the user presses Ctrl-C."""
+import os
+import signal
+import threading
+
+import soundfile
+
+
+class PortAudioError(Exception):
+    pass
+
+
+def query_devices(device=None, kind=None):
+    return {"name": "fake microphone", "default_samplerate": 44100.0}
+
+
+class RawInputStream:
+    def __init__(self, samplerate, channels, dtype, device, blocksize, callback):
+        assert (samplerate, channels, dtype) == (44100, 1, "int16")
+        self.blocksize, self.callback = blocksize, callback
+
+    def __enter__(self):
+        threading.Thread(target=self._play, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _play(self):
+        samples, _ = soundfile.read(os.environ["FAKE_MICROPHONE_FILE"], dtype="int16")
+        for begin in range(0, len(samples), self.blocksize):
+            block = samples[begin:begin + self.blocksize]
+            self.callback(block.tobytes(), len(block), None, "")
+        os.kill(os.getpid(), signal.SIGINT)
+'''
+
+
+def test_microphone_streams_until_ctrl_c_then_flushes_and_closes(live, shared_audio, tmp_path):
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    recording = shared_audio / "01_count_bark" / "sample01_01.mp3"  # 44.1 kHz mono
+    microphone = Script("microphone.py", live.url, "--api-key", API_KEY, cwd=tmp_path,
+                        env={"PYTHONPATH": str(tmp_path), "FAKE_MICROPHONE_FILE": str(recording)})
+    assert microphone.finish() == 0, microphone.stderr
+    summary = SUMMARY_LINE.match(microphone.stdout[-1])
+    assert summary and float(summary[2]) == pytest.approx(audio_seconds(recording), abs=0.05)
+    assert all(TURN_LINE.match(line) for line in microphone.stdout[:-1])
+    assert "finishing: waiting for the model to hear the end" in microphone.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sounddevice") is not None, reason="sounddevice is installed")
+def test_microphone_without_sounddevice_says_how_to_install_it(tmp_path):
+    code, out, err = run_script("microphone.py", "ws://127.0.0.1:9", cwd=tmp_path)
+    assert code == 2 and "pip install sounddevice" in "\n".join(err)
+
+
+def test_client_examples_do_not_import_the_server_package():
+    for path in CLIENTS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [name for name in names if name.split(".")[0] == "server"], path.name
