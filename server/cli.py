@@ -27,7 +27,7 @@ from server.checkpoint import CheckpointError, load_model
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import EngineEvent, SessionEnded
 from server.replies import ReplyRenderer
-from server.sampling import SamplingOptions
+from server.config import SamplingOptions
 from server.worker import Worker
 
 log = logging.getLogger("server.cli")

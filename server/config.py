@@ -7,7 +7,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.sampling import SamplingOptions
+
+class SamplingOptions(BaseModel):
+    """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
+    seed: int | None = Field(None, description="seed of this session's sampler; random when unset")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
 
 
 class EngineConfig(BaseModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 
 from fastapi import WebSocket
@@ -66,43 +67,67 @@ async def send_and_close(websocket: WebSocket, events: list, code: int) -> None:
 
 
 class Outbox:
-    """Events waiting for one client, bounded so a client that stops reading cannot eat the memory."""
+    """Events waiting for one client, bounded so a client that stops reading cannot eat the memory.
+
+    While a client is behind, consecutive unsent text deltas of one reply merge into one
+    event (same text, fewer events), so a slow reader costs memory per reply, not per
+    token; only a client that stays behind until ``max_events`` is disconnected.
+    """
 
     def __init__(self, websocket: WebSocket, max_events: int) -> None:
         self.websocket = websocket
         self.max_events = max_events
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: deque = deque()
+        self._has_items = asyncio.Event()
         self.is_closing = False
+        self.num_coalesced = 0
 
     def put(self, events: list) -> bool:
         """False once the client is too far behind (the caller then ends the connection)."""
         if self.is_closing:
             return True
-        if self._queue.qsize() + len(events) > self.max_events:
-            return False
         for event in events:
-            self._queue.put_nowait(event)
+            if not self._merge_into_last(event):
+                if len(self._items) >= self.max_events:
+                    return False
+                self._items.append(event)
+        self._wake()
+        return True
+
+    def _merge_into_last(self, event) -> bool:
+        last = self._items[-1] if self._items else None
+        if (event.type != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
+                or last.turn != event.turn):
+            return False
+        self._items[-1] = last.model_copy(update={"text": last.text + event.text})
+        self.num_coalesced += 1
         return True
 
     def close(self, code: int, last_events: list = ()) -> None:
         """Queue the close after everything already queued (``last_events`` go in regardless of the bound)."""
         if self.is_closing:
             return
-        for event in last_events:
-            self._queue.put_nowait(event)
+        self._items.extend(last_events)
         self.is_closing = True
-        self._queue.put_nowait(_Close(code))
+        self._items.append(_Close(code))
+        self._wake()
 
     def abandon(self, code: int, last_events: list) -> None:
         """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._items.clear()
         self.is_closing = False
         self.close(code, last_events)
 
+    def _wake(self) -> None:
+        if self._items:
+            self._has_items.set()
+
     async def send_loop(self) -> None:
         while True:
-            item = await self._queue.get()
+            while not self._items:
+                self._has_items.clear()
+                await self._has_items.wait()
+            item = self._items.popleft()
             if isinstance(item, _Close):
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)

@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from server.config import SamplingOptions  # torch-free, so clients can import the protocol
+
 EMOTIONS = Literal["happy", "sad", "angry", "surprise", "normal", "urgent"]
 
 
@@ -93,17 +95,6 @@ class AudioFormat(BaseModel):
     num_channels: int = Field(1, ge=1, le=8, description="channels are averaged to mono")
 
 
-class SamplingConfig(BaseModel):
-    """Reply sampling (mirrors ``server.sampling.SamplingOptions``, kept torch-free for clients)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
-    seed: int | None = Field(None, description="seed of the session's sampler; random when unset")
-
-
 class SessionSettings(BaseModel):
     """The session's effective options, as reported in ``session.created``/``session.updated``."""
 
@@ -111,7 +102,7 @@ class SessionSettings(BaseModel):
 
     system_prompt: str | None = Field(None, description="absent = the model's trained system prompt")
     max_turn_tokens: int
-    sampling: SamplingConfig
+    sampling: SamplingOptions
     decision_events: bool = Field(description="whether a `decision` event is sent for every 0.4 s chunk")
 
 
@@ -158,7 +149,7 @@ class SessionConfigureEvent(_ClientEvent):
     type: Literal["session.configure"]
     audio: AudioFormat | None = None
     system_prompt: str | None = Field(None, max_length=8_000)
-    sampling: SamplingConfig | None = None
+    sampling: SamplingOptions | None = None
     max_turn_tokens: int | None = Field(None, ge=1, le=4096)
     decision_events: bool | None = None
 

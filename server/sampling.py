@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from server import tokens as T
-
-
-class SamplingOptions(BaseModel):
-    """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
-    seed: int | None = Field(None, description="seed of this session's sampler; random when unset")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+from server.config import SamplingOptions
 
 
 # The only two tokens a listening block may continue with, in the column order ``decide`` expects.

@@ -30,12 +30,11 @@ from server.config import SessionOptions
 from server.engine_events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
 from server.protocol import (
     LIVE_FORMS, AudioFormat, ClientEvent, ClientEventError, CloseCode, ErrorEvent, InputFlushedEvent,
-    InputFlushEvent, ResponseCancelEvent, SamplingConfig, SegmentEvent, SessionClosedEvent, SessionCloseEvent,
+    InputFlushEvent, ResponseCancelEvent, SegmentEvent, SessionClosedEvent, SessionCloseEvent,
     SessionConfigureEvent, SessionCreatedEvent, SessionLimits, SessionSettings, SessionUpdatedEvent,
     TextDeltaEvent, TurnBeginEvent, TurnEndEvent, parse_client_event, summarize,
 )
 from server.replies import ReplyRenderer
-from server.sampling import SamplingOptions
 from server.segmenter import Segmenter
 from server.settings import ServerConfig
 
@@ -257,7 +256,7 @@ class Session:
             update["max_turn_tokens"] = event.max_turn_tokens or defaults.max_turn_tokens
         try:
             if "sampling" in given:
-                update["sampling"] = (SamplingOptions(**event.sampling.model_dump()) if event.sampling is not None
+                update["sampling"] = (event.sampling if event.sampling is not None
                                       else defaults.sampling)
             options = SessionOptions(**{**self.options.model_dump(), **update})
         except ValidationError as error:
@@ -356,7 +355,7 @@ class Session:
 
     def _settings(self) -> SessionSettings:
         return SessionSettings(system_prompt=self.options.system_prompt, max_turn_tokens=self.options.max_turn_tokens,
-                               sampling=SamplingConfig(**self.options.sampling.model_dump()),
+                               sampling=self.options.sampling,
                                decision_events=self.decision_events)
 
     def _limits(self) -> SessionLimits:

@@ -426,35 +426,18 @@ def test_serve_command_line_builds_overrides():
 def test_python_dash_m_server_serves_and_stops_cleanly(tiny_checkpoint, tmp_path):
     """The real entry point: a bad config exits 2 with a readable message; a good one serves until SIGINT."""
     import os
-    import re
     import signal
     import subprocess
     import sys
+
+    from conftest import spawn_server
 
     env = {**os.environ, "AIS_PORTT": "1"}
     bad = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "portt" in bad.stderr and "AIS_PORTT" in bad.stderr
 
-    env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(tiny_checkpoint)],
-                               env=env, stderr=subprocess.PIPE, text=True)
+    process, port = spawn_server(tiny_checkpoint)
     try:
-        port = None
-        for line in process.stderr:  # uvicorn logs the port it bound, the model load follows
-            found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else port
-            if port and "loaded audio-interaction-tiny" in line:
-                break
-        assert port, "the server never reported its port"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except urllib.error.HTTPError:  # 503 for the moment between load and worker start
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         rest = process.stderr.read()
         assert process.wait(timeout=30) == 0

@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import websockets
+from conftest import spawn_server
 
 NUM_STREAMS = 32
 DRAIN_LIMIT_S = 15.0  # the server's graceful-shutdown budget is CLOSE_GRACE_S + 5 = 10 s
-
-
-def start_server(checkpoint) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu",
-           "AIS_ENGINE__MAX_SESSIONS": str(NUM_STREAMS)}
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(checkpoint)],
-                               env=env, stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in process.stderr:
-        found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-        port = int(found.group(1)) if found else port
-        if port and "loaded audio-interaction-tiny" in line:
-            break
-    assert port, "the server never reported its port"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
-                return process, port
-        except urllib.error.HTTPError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
 
 
 async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, results: list) -> None:
@@ -68,7 +43,7 @@ async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, res
 
 
 def test_sigterm_with_32_live_sessions_closes_each_with_a_final_event(tiny_checkpoint):
-    process, port = start_server(tiny_checkpoint)
+    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__MAX_SESSIONS": str(NUM_STREAMS)})
     results: list = [None] * NUM_STREAMS
     try:
         async def main() -> float:

@@ -205,7 +205,7 @@ def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sampling_with_a_seed_is_reproducible(tiny_model, stream_chunks, seed):
-    from server.sampling import SamplingOptions
+    from server.config import SamplingOptions
 
     options = SessionOptions(max_turn_tokens=5, sampling=SamplingOptions(temperature=1.0, top_k=50, seed=seed))
     runs = []
