@@ -29,6 +29,10 @@ class Metrics:
         self.chunks_total = Counter("ais_chunks_decided", "0.4 s chunks the model decided on", registry=r)
         self.turns_total = Counter("ais_turns", "replies by end reason", ["end_reason"], registry=r)
         self.reply_tokens_total = Counter("ais_reply_tokens", "reply tokens generated", registry=r)
+        self.decision_latency = Histogram(
+            "ais_decision_latency_seconds", "chunk complete (its last audio received) -> decision made; includes "
+            "queueing behind the session's own reply and behind other sessions", buckets=_LATENCY_BUCKETS_S,
+            registry=r)
         self.onset_latency = Histogram("ais_turn_onset_latency_seconds", "audio received -> turn_begin sent",
                                        buckets=_LATENCY_BUCKETS_S, registry=r)
         self.step_seconds = Histogram("ais_worker_step_seconds", "one batched model step",
@@ -40,8 +44,10 @@ class Metrics:
     def audio_received(self, seconds: float) -> None:
         self.audio_seconds_total.inc(seconds)
 
-    def chunk_decided(self) -> None:
+    def chunk_decided(self, latency_s: float | None = None) -> None:
         self.chunks_total.inc()
+        if latency_s is not None:
+            self.decision_latency.observe(latency_s)
 
     def turn_began(self, onset_latency_s: float | None) -> None:
         if onset_latency_s is not None:

@@ -60,7 +60,7 @@ class SessionObserver(Protocol):
     """Where a session reports what it measures (``server.metrics.Metrics`` in the app)."""
 
     def audio_received(self, seconds: float) -> None: ...
-    def chunk_decided(self) -> None: ...
+    def chunk_decided(self, latency_s: float | None = None) -> None: ...
     def turn_began(self, onset_latency_s: float | None) -> None: ...
     def turn_ended(self, num_tokens: int, end_reason: str) -> None: ...
     def error_sent(self, code: str) -> None: ...
@@ -190,7 +190,8 @@ class Session:
             if isinstance(event, Decision):
                 self._num_chunks_decided += 1
                 self._last_decided_push_s = self._chunk_push_s.popleft() if self._chunk_push_s else None
-                self._observer.chunk_decided()
+                pushed_s = self._last_decided_push_s
+                self._observer.chunk_decided(None if pushed_s is None else max(0.0, now_s - pushed_s))
             elif isinstance(event, TurnBegin):
                 self._is_speaking = True
                 self._segmenter, self._num_segments = Segmenter(), 0
@@ -295,14 +296,15 @@ class Session:
         """A renderer event in its stamped wire form, plus the segments its text completes."""
         before: list = []  # a reply's last segment goes before its turn_end
         after: list = []
+        stamp_ms = self._now_ms()  # one stamp for the event and its segments, so stamps never go back
         if isinstance(wire, TextDeltaEvent) and self._segmenter is not None:
-            after = self._segments(wire.turn, self._segmenter.push(wire.text))
+            after = self._segments(wire.turn, self._segmenter.push(wire.text), stamp_ms)
         if isinstance(wire, TurnEndEvent) and self._segmenter is not None:
             # A cancelled reply's tail is not spoken: the client asked for silence.
             if wire.end_reason in ("text_end", "max_tokens"):
-                before = self._segments(wire.turn, self._segmenter.finish())
+                before = self._segments(wire.turn, self._segmenter.finish(), stamp_ms)
             self._segmenter = None
-        fields = dict(wire.__dict__, server_time_ms=self._now_ms())
+        fields = dict(wire.__dict__, server_time_ms=stamp_ms)
         if isinstance(wire, TurnBeginEvent):
             onset_s = None if self._last_decided_push_s is None else max(0.0, now_s - self._last_decided_push_s)
             fields["onset_latency_ms"] = None if onset_s is None else round(onset_s * 1000, 3)
@@ -313,10 +315,10 @@ class Session:
             return before + after
         return before + ([live] if live.type != "decision" or self.decision_events else []) + after
 
-    def _segments(self, turn: int, texts: list[str]) -> list:
+    def _segments(self, turn: int, texts: list[str], stamp_ms: int) -> list:
         out = []
         for text in texts:
-            out.append(SegmentEvent(session_id=self.session_id, server_time_ms=self._now_ms(), turn=turn,
+            out.append(SegmentEvent(session_id=self.session_id, server_time_ms=stamp_ms, turn=turn,
                                     index=self._num_segments, text=text))
             self._num_segments += 1
         return out

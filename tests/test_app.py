@@ -328,6 +328,7 @@ def test_health_ready_info_metrics(live):
     assert info["sessions"] == {"active": 0, "max": 2}
     status, body = live.get("/metrics")
     assert status == 200 and b"ais_model_ready 1.0" in body and b"ais_worker_step_seconds_bucket" in body
+    assert b"ais_decision_latency_seconds_bucket" in body and b"ais_turn_onset_latency_seconds_bucket" in body
 
 
 def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):
