@@ -17,8 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,14 +28,11 @@ import websockets
 from server.audio import load_audio_file, load_audio_sequence
 from server.protocol import SERVER_EVENT_ADAPTER
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import server_log, start_server  # noqa: E402
+
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -142,25 +137,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=5.0)
     args = parser.parse_args()
-    port = free_port()
-    env = dict(os.environ, AIS_PORT=str(port), AIS_ENGINE__MAX_SESSIONS=str(args.streams), AIS_LOG_LEVEL="warning",
-               AIS_ENGINE__DEVICE="cpu")
+    env = {"AIS_ENGINE__MAX_SESSIONS": str(args.streams), "AIS_ENGINE__DEVICE": "cpu"}
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
-    server = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    server, port = start_server(env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if info(base)["ready"]:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server not ready in 120 s")
-            time.sleep(0.2)
         print(f"# {args.streams} streams, {args.minutes:g} min, {os.cpu_count()} CPUs, server pid {server.pid}\n")
         tally = asyncio.run(run(f"ws://127.0.0.1:{port}/v1/stream", base, server.pid, args.streams, args.minutes))
         time.sleep(2.0)  # let the server notice the last dropped connections
@@ -172,8 +154,8 @@ def main() -> None:
         print(f"active sessions after all clients left: {active} (leaked slots: {active})")
     finally:
         server.terminate()
-        _, stderr = server.communicate(timeout=30)
-        print(f"server exit code {server.returncode}; traceback in its log: {'Traceback' in stderr}")
+        server.wait(timeout=30)
+        print(f"server exit code {server.returncode}; traceback in its log: {'Traceback' in server_log(server)}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -42,6 +40,9 @@ from server.config import EngineConfig, SessionOptions
 from server.engine_events import Decision
 from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from server.worker import Worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import start_server  # noqa: E402
 
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600  # 100 ms
@@ -115,33 +116,6 @@ def run_engine(model, num_streams: int, seconds: float) -> list[float]:
     return latencies
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(checkpoint: Path, num_streams: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, AIS_ENGINE__MAX_SESSIONS=str(num_streams), AIS_PORT=str(port),
-               AIS_ENGINE__CHECKPOINT=str(checkpoint), AIS_LOG_LEVEL="warning")
-    process = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=1) as response:
-                if response.status == 200:
-                    return process, f"ws://127.0.0.1:{port}/v1/stream"
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in 120 s")
-
-
 async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, start: float,
                      latencies: list[float]) -> None:
     import websockets
@@ -178,7 +152,9 @@ async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, 
 
 
 def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float]:
-    process, url = start_server(checkpoint, num_streams)
+    process, port = start_server({"AIS_ENGINE__MAX_SESSIONS": str(num_streams),
+                                  "AIS_ENGINE__CHECKPOINT": str(checkpoint)})
+    url = f"ws://127.0.0.1:{port}/v1/stream"
     latencies: list[float] = []
     try:
         async def main() -> None:
@@ -188,7 +164,7 @@ def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float
         asyncio.run(main())
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(timeout=30)
     return latencies
 
 
