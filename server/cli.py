@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from server import tokens as T
-from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, offline_chunks
+from server.audio import load_audio_file, load_audio_sequence, offline_chunks
+from server.audio_input import AudioInput
 from server.checkpoint import CheckpointError, load_model
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import EngineEvent, SessionEnded
@@ -57,14 +58,13 @@ def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 
 def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
-    front_end = StreamingLogMel()
-    chunks: list[torch.Tensor] = []
+    """The live server's audio path: files back to back, then a client's ``input.flush``."""
+    clips: list[torch.Tensor] = []
+    audio = AudioInput(clips.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
-        chunks += front_end.push(load_audio_file(path))
-    if silence_s > 0:
-        chunks += front_end.push(trailing_silence(silence_s))
-    chunks += front_end.flush()
-    return [torch.stack(chunks)] if chunks else []
+        audio.accept(load_audio_file(path))
+    audio.flush(silence_s)
+    return clips
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
