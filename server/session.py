@@ -43,7 +43,7 @@ CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events befor
 
 # Engine end codes that are not the server's fault; any other engine error closes with 1011.
 _ENGINE_CLOSE_CODES = {"capacity": CloseCode.TRY_AGAIN, "context_full": CloseCode.SESSION_LIMIT,
-                       "invalid_options": CloseCode.POLICY}
+                       "invalid_options": CloseCode.POLICY, "server_shutdown": CloseCode.GOING_AWAY}
 
 
 class Engine(Protocol):
