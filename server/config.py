@@ -42,6 +42,17 @@ class EngineConfig(BaseModel):
         None, ge=1, description="torch intra-op threads (process-wide); None = torch's default. On a shared "
         "CPU host fewer threads than cores avoids oversubscription stalls"
     )
+    attention: Literal["auto", "gather", "flex"] = Field(
+        "auto",
+        description="how attention reads the KV cache: flex = in place (compiled FlexAttention, for GPUs), "
+        "gather = copy each row's slot (fast for small models on CPU); auto = flex on CUDA if its start-up "
+        "self-check passes, else gather",
+    )
+    kv_memory_fraction: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="share of the accelerator memory free after loading that the KV cache may take; "
+        "start-up fails with the largest max_sessions that fits when it does not",
+    )
     rollover_window_positions: int | None = Field(
         2048,
         ge=0,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,12 +89,9 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, E)
         cos: torch.Tensor,  # (B, T, rope_n_elem) fp32
         sin: torch.Tensor,
-        cache_k: torch.Tensor,  # (S, G, L, D) this layer's cache
+        cache_k: torch.Tensor,  # (G, S, L, D) this layer's cache
         cache_v: torch.Tensor,
-        write: "CacheWrite",
-        slots: torch.Tensor,  # (B,)
-        num_keys: int,
-        mask: torch.Tensor,  # (B, 1, T, num_keys) bool, True = may attend
+        plan: "AttentionPlan",
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
@@ -105,19 +104,11 @@ class Attention(nn.Module):
         v = v.view(B, T, cfg.n_query_groups, D)
 
         # Only real tokens are written: padding rows must not touch any slot.
-        cache_k[write.slot_index, :, write.position] = k[write.row, write.col].to(cache_k.dtype)
-        cache_v[write.slot_index, :, write.position] = v[write.row, write.col].to(cache_v.dtype)
+        write = plan.write
+        cache_k[:, write.slot_index, write.position] = k[write.row, write.col].transpose(0, 1).to(cache_k.dtype)
+        cache_v[:, write.slot_index, write.position] = v[write.row, write.col].transpose(0, 1).to(cache_v.dtype)
 
-        keys = cache_k[slots, :, :num_keys].to(q.dtype)  # (B, G, K, D)
-        values = cache_v[slots, :, :num_keys].to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (B, H, T, D)
-            keys,
-            values,
-            attn_mask=mask,
-            scale=1.0 / math.sqrt(D),
-            enable_gqa=cfg.n_query_groups != cfg.n_head,
-        )  # (B, H, T, D)
+        y = plan.attend(q.transpose(1, 2), cache_k, cache_v)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * D))
 
 
@@ -180,20 +171,167 @@ class CacheWrite:
     position: torch.Tensor
 
 
+AttentionBackend = Literal["gather", "flex"]
+
+# FlexAttention's KV block: a slot's keys are whole blocks, so max_positions must be a multiple of it.
+FLEX_BLOCK = 128
+
+
+class AttentionPlan:
+    """How every layer of one step reads the cache: built once per step, shared by the layers.
+
+    ``gather`` copies each row's slot (up to the longest position in the batch)
+    into a dense (B, G, K, D) tensor and runs SDPA with a mask: simple and fast
+    for a tiny model on CPU, but at 3B scale on a GPU it copies the whole
+    live cache every layer. ``flex`` reads the cache in place: the cache is
+    viewed as one long sequence per KV head and a FlexAttention block mask
+    lists, for each row, only the blocks of its own slot up to its last
+    position, so nothing is copied and no other slot is even visited.
+    """
+
+    def __init__(self, write: CacheWrite, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                 num_keys: int, scale: float, enable_gqa: bool) -> None:
+        self.write = write
+        self.slots = slots  # (B,)
+        self.positions = positions  # (B, T); padding queries at position 0
+        self.valid = valid  # (B, T)
+        self.num_keys = num_keys
+        self.scale = scale
+        self.enable_gqa = enable_gqa
+
+    def attend(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GatherAttention(AttentionPlan):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        B, T = self.positions.shape
+        key_positions = torch.arange(self.num_keys, device=self.positions.device)
+        # Causal within the slot's own history; padding queries see position 0 only.
+        self.mask = key_positions.view(1, 1, 1, -1) <= self.positions.view(B, 1, T, 1)  # (B, 1, T, K)
+
+    def attend(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        keys = cache_k[:, self.slots, : self.num_keys].transpose(0, 1).to(q.dtype)  # (B, G, K, D)
+        values = cache_v[:, self.slots, : self.num_keys].transpose(0, 1).to(q.dtype)
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=self.mask, scale=self.scale, enable_gqa=self.enable_gqa
+        )
+
+
+class FlexAttention(AttentionPlan):
+    """In-place attention for short rows (listening blocks, reply tokens), padded to a few fixed shapes.
+
+    Compiled FlexAttention specialises on shapes, so the batch is padded to a
+    power of two and rows to ``FLEX_QUERY_ROWS`` tokens: at most
+    log2(max rows) kernels are ever compiled. Padding rows visit no block.
+    """
+
+    def __init__(self, *args, max_positions: int, num_slots: int, compiled: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from torch.nn.attention.flex_attention import BlockMask
+
+        B, T = self.positions.shape
+        if max_positions % FLEX_BLOCK:
+            raise ValueError(f"flex attention needs max_positions divisible by {FLEX_BLOCK}, got {max_positions}")
+        if T > FLEX_QUERY_ROWS:
+            raise ValueError(f"flex attention serves rows of at most {FLEX_QUERY_ROWS} tokens, got {T}")
+        self._flex = _compiled_flex_attention() if compiled else _eager_flex_attention()
+        self.rows = B
+        padded_rows = flex_batch_bucket(B)
+        device = self.positions.device
+        blocks_per_slot = max_positions // FLEX_BLOCK
+        total_blocks = num_slots * blocks_per_slot
+        slots = F.pad(self.slots, (0, padded_rows - B))
+        positions = F.pad(self.positions, (0, FLEX_QUERY_ROWS - T, 0, padded_rows - B))
+        lengths = F.pad(self.valid.sum(dim=1), (0, padded_rows - B))  # padding rows: 0
+        L = max_positions
+        # Keys before a row's first position are visible to all its queries (full blocks, no
+        # mask_mod); the blocks from there to its last position are partial (causal inside).
+        start = positions[:, 0]
+        has_queries = lengths > 0
+        full = torch.where(has_queries, start // FLEX_BLOCK, 0).to(torch.int32)  # (B',)
+        reach = torch.where(has_queries, (start + lengths - 1) // FLEX_BLOCK + 1, 0).to(torch.int32)
+        base = (slots * blocks_per_slot).to(torch.int32).view(-1, 1)
+        ladder = torch.arange(total_blocks, device=device, dtype=torch.int32).view(1, -1)
+        # Entries past a row's count are never read; they only have to be valid block indices.
+        full_indices = (base + ladder).clamp(max=total_blocks - 1)
+        partial_indices = (base + full.view(-1, 1) + ladder).clamp(max=total_blocks - 1)
+
+        def causal_in_own_slot(b, h, q_idx, kv_idx):
+            return (kv_idx // L == slots[b]) & (kv_idx % L <= positions[b, q_idx])
+
+        def per_row(counts: torch.Tensor) -> torch.Tensor:
+            return counts.view(padded_rows, 1, 1).contiguous()  # (B', 1 head, 1 query block)
+
+        def per_row_indices(indices: torch.Tensor) -> torch.Tensor:
+            return indices.view(padded_rows, 1, 1, total_blocks).contiguous()
+
+        self.block_mask = BlockMask.from_kv_blocks(
+            per_row(reach - full),
+            per_row_indices(partial_indices),
+            per_row(full),
+            per_row_indices(full_indices),
+            BLOCK_SIZE=FLEX_BLOCK,
+            mask_mod=causal_in_own_slot,
+            seq_lengths=(FLEX_QUERY_ROWS, total_blocks * FLEX_BLOCK),
+        )
+
+    def attend(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        G, S, L, D = cache_k.shape
+        B, H, T, _ = q.shape
+        padded = F.pad(q, (0, 0, 0, FLEX_QUERY_ROWS - T, 0, 0, 0, flex_batch_bucket(B) - B))
+        # (G, S, L, D) -> (1, G, S*L, D) is a view: the cache is read where it lies.
+        keys = cache_k.view(1, G, S * L, D)
+        values = cache_v.view(1, G, S * L, D)
+        y = self._flex(padded, keys, values, block_mask=self.block_mask, scale=self.scale,
+                       enable_gqa=self.enable_gqa)
+        return y[:B, :, :T]
+
+
+# Rows up to this many tokens (a listening block is 13, a reply step 1) use in-place attention;
+# longer ones (a session's first row, a context rollover) are rare and gather their one slot.
+FLEX_QUERY_ROWS = 16
+
+
+def flex_batch_bucket(rows: int) -> int:
+    """The padded batch size for ``rows`` rows: the next power of two, at least 8."""
+    return max(8, 1 << (rows - 1).bit_length())
+
+
+def _eager_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # One compiled function for the process, specialised per padded shape (see FlexAttention).
+    # Static shapes: dynamic-shape flex kernels failed to build with the CPU backend of torch 2.13.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    return torch.compile(_eager_flex_attention(), dynamic=False)
+
+
 @dataclass
 class StepBatch:
     """One forward over several slots. Rows are right-padded to a common length.
 
     ``audio_mask`` marks the token positions whose embeddings are replaced, in
-    row-major order, by the rows of ``audio_embeds``.
+    row-major order, by the rows of ``audio_embeds``. Everything the step needs
+    to know about shapes and positions is computed here on the host, so the
+    forward never waits on the device to learn them.
     """
 
     tokens: torch.Tensor  # (B, T) long
-    positions: torch.Tensor  # (B, T) long; positions of padding entries are ignored
+    positions: torch.Tensor  # (B, T) long; padding entries are 0
     lengths: torch.Tensor  # (B,) long, >= 1
+    valid: torch.Tensor  # (B, T) bool, real (non-padding) tokens
     slots: torch.Tensor  # (B,) long, distinct
     audio_mask: torch.Tensor  # (B, T) bool
     audio_embeds: torch.Tensor | None  # (audio_mask.sum(), E)
+    write: CacheWrite  # where the real tokens go in the cache
+    num_keys: int  # 1 + the largest position in the batch
 
     @staticmethod
     def build(
@@ -209,18 +347,32 @@ class StepBatch:
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
         audio_mask = torch.zeros(B, T, dtype=torch.bool)
+        write_row, write_col, write_slot, write_position = [], [], [], []
         for i, (row, start) in enumerate(zip(rows, start_positions)):
-            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            positions[i, : len(row)] = torch.arange(start, start + len(row))
+            n = len(row)
+            tokens[i, :n] = torch.tensor(row, dtype=torch.long)
+            positions[i, :n] = torch.arange(start, start + n)
             for lo, hi in audio_spans[i]:
                 audio_mask[i, lo:hi] = True
+            write_row += [i] * n
+            write_col += range(n)
+            write_slot += [slots[i]] * n
+            write_position += range(start, start + n)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+        def put(values) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
         return StepBatch(
-            tokens=tokens.to(device),
-            positions=positions.to(device),
-            lengths=torch.tensor([len(r) for r in rows], dtype=torch.long, device=device),
-            slots=torch.tensor(slots, dtype=torch.long, device=device),
-            audio_mask=audio_mask.to(device),
+            tokens=tokens.to(device, non_blocking=True),
+            positions=positions.to(device, non_blocking=True),
+            lengths=lengths.to(device, non_blocking=True),
+            valid=(torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device, non_blocking=True),
+            slots=put(slots),
+            audio_mask=audio_mask.to(device, non_blocking=True),
             audio_embeds=audio_embeds,
+            write=CacheWrite(put(write_row), put(write_col), put(write_slot), put(write_position)),
+            num_keys=max(start + len(row) for row, start in zip(rows, start_positions)),
         )
 
 
@@ -234,7 +386,8 @@ class SlotKVCache:
     def __init__(
         self, cfg: LMConfig, num_slots: int, max_positions: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        shape = (cfg.n_layer, num_slots, cfg.n_query_groups, max_positions, cfg.head_size)
+        # Heads before slots: one layer's (G, S, L, D) views as (1, G, S*L, D) for in-place attention.
+        shape = (cfg.n_layer, cfg.n_query_groups, num_slots, max_positions, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_slots = num_slots
@@ -243,12 +396,12 @@ class SlotKVCache:
     def clear_slot(self, slot: int) -> None:
         # Stale values at masked positions are harmless unless they are NaN/inf
         # (0 * NaN poisons attention), so a reused slot starts from zeros.
-        self.k[:, slot].zero_()
-        self.v[:, slot].zero_()
+        self.k[:, :, slot].zero_()
+        self.v[:, :, slot].zero_()
 
     @property
     def bytes_per_slot(self) -> int:
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
 
 
 class AudioInteractionLM(nn.Module):
@@ -266,6 +419,9 @@ class AudioInteractionLM(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=cfg.lm_head_bias)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # How attention reads the cache (see AttentionPlan); the worker picks these per device.
+        self.attention_backend: AttentionBackend = "gather"
+        self.compile_attention = False
 
     def new_cache(self, num_slots: int, max_positions: int) -> SlotKVCache:
         param = self.lm_head.weight
@@ -294,27 +450,27 @@ class AudioInteractionLM(nn.Module):
         """Feed every row's tokens into its slot; return the final-norm hidden state at each row's last token."""
         if self._rope is None or self._rope[0].shape[0] != cache.max_positions:
             self._rope = rope_table(self.cfg, cache.max_positions, cache.k.device)
+        if batch.num_keys > cache.max_positions:
+            raise ValueError(f"position {batch.num_keys - 1} is beyond the cache ({cache.max_positions} positions)")
         B, T = batch.tokens.shape
-        valid = torch.arange(T, device=batch.tokens.device).unsqueeze(0) < batch.lengths.unsqueeze(1)  # (B, T)
-        row, col = valid.nonzero(as_tuple=True)
-        write = CacheWrite(row, col, batch.slots[row], batch.positions[row, col])
-        num_keys = int(write.position.max()) + 1
-        if num_keys > cache.max_positions:
-            raise ValueError(f"position {num_keys - 1} is beyond the cache ({cache.max_positions} positions)")
-
         x = self.transformer.wte(batch.tokens)  # (B, T, E)
         if batch.audio_embeds is not None and batch.audio_embeds.shape[0] > 0:
             x[batch.audio_mask] = batch.audio_embeds.to(x.dtype)
-        positions = batch.positions.masked_fill(~valid, 0)
-        cos, sin = self._rope[0][positions], self._rope[1][positions]  # (B, T, n_elem)
-        key_positions = torch.arange(num_keys, device=x.device)
-        # Causal within the slot's own history; padding queries see position 0 only.
-        mask = (key_positions.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1))  # (B, 1, T, K)
-
+        cos, sin = self._rope[0][batch.positions], self._rope[1][batch.positions]  # (B, T, n_elem)
+        plan = self._attention_plan(batch, cache)
         for layer, block in enumerate(self.transformer.h):
-            x = x + block.attn(
-                block.norm_1(x), cos, sin, cache.k[layer], cache.v[layer], write, batch.slots, num_keys, mask
-            )
+            x = x + block.attn(block.norm_1(x), cos, sin, cache.k[layer], cache.v[layer], plan)
             x = x + block.mlp(block.norm_2(x))
         last = x[torch.arange(B, device=x.device), batch.lengths - 1]  # (B, E)
         return self.transformer.ln_f(last)
+
+    def _attention_plan(self, batch: StepBatch, cache: SlotKVCache) -> AttentionPlan:
+        common = dict(
+            write=batch.write, slots=batch.slots, positions=batch.positions, valid=batch.valid,
+            num_keys=batch.num_keys, scale=1.0 / math.sqrt(self.cfg.head_size),
+            enable_gqa=self.cfg.n_query_groups != self.cfg.n_head,
+        )
+        if self.attention_backend == "flex" and batch.tokens.shape[1] <= FLEX_QUERY_ROWS:
+            return FlexAttention(**common, max_positions=cache.max_positions, num_slots=cache.num_slots,
+                                 compiled=self.compile_attention)
+        return GatherAttention(**common)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from server import tokens as T
+from server.accelerator import check_kv_fits, choose_attention
 from server.checkpoint import LoadedModel
 from server.config import EngineConfig, SessionOptions
 from server.conversation import ContextFull, Conversation, RowPlan, check_room
@@ -85,7 +86,8 @@ class _Command:
 class _Row:
     session: _Session
     plan: RowPlan
-    logits: torch.Tensor | None = None
+    token: int | None = None  # chosen on the device (decisions, greedy replies)
+    logits: torch.Tensor | None = None  # kept only for rows sampled on the host
     is_finite: bool = False
     error: BaseException | None = None
 
@@ -97,9 +99,11 @@ class Worker:
         self.encoder = AudioEncoder(model.encoder_tower)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
+        check_kv_fits(model.lm, config.max_sessions, config.max_positions, config.kv_memory_fraction)
         self.cache = model.lm.new_cache(config.max_sessions, config.max_positions)
         self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
+        self.attention = choose_attention(config.attention, model.lm, self.cache, self.max_batch_rows)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._sessions: dict[str, _Session] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
@@ -346,30 +350,50 @@ class Worker:
         )
         lm = self.model.lm
         hidden = lm.last_hidden(batch, self.cache)  # (B, E)
-        # Listening rows need only the two decision logits; reply rows need the whole vocabulary.
-        for is_decision, token_ids in ((True, self._decision_ids), (False, None)):
-            index = [i for i, r in enumerate(rows) if r.plan.is_decision == is_decision]
-            if not index:
-                continue
-            logits = lm.logits(hidden[index], token_ids)  # (n, 2) or (n, V), fp32
-            finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check for the group, not one per row
-            for i, row_logits, is_finite in zip(index, logits, finite):
-                rows[i].logits, rows[i].is_finite = row_logits, is_finite
+        self._choose_tokens(rows, hidden)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return t1 - t0, time.perf_counter() - t1
 
+    def _choose_tokens(self, rows: list[_Row], hidden: torch.Tensor) -> None:
+        """Decisions, greedy reply tokens and finiteness for the whole batch, read back in one transfer.
+
+        Listening rows need only the two decision logits; reply rows need the whole
+        vocabulary. Only rows that sample with a temperature keep their logits.
+        """
+        lm = self.model.lm
+        decision_index = [i for i, r in enumerate(rows) if r.plan.is_decision]
+        reply_index = [i for i, r in enumerate(rows) if not r.plan.is_decision]
+        on_device: list[torch.Tensor] = []
+        if decision_index:
+            logits = lm.logits(hidden[decision_index], self._decision_ids)  # (n, 2) fp32
+            on_device += [decide(logits), torch.isfinite(logits).all(dim=-1)]
+        if reply_index:
+            logits = lm.logits(hidden[reply_index])  # (m, V) fp32
+            on_device += [logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1)]
+            for j, i in enumerate(reply_index):
+                if not rows[i].session.options.sampling.is_greedy:
+                    rows[i].logits = logits[j]
+        values = torch.cat([t.to(torch.long) for t in on_device]).tolist()  # the step's one device->host sync
+        offset = 0
+        for index in (decision_index, reply_index):
+            if not index:
+                continue
+            n = len(index)
+            tokens, finite = values[offset:offset + n], values[offset + n:offset + 2 * n]
+            offset += 2 * n
+            for i, token, is_finite in zip(index, tokens, finite):
+                rows[i].token, rows[i].is_finite = token, bool(is_finite)
+
     def _commit(self, rows: list[_Row]) -> None:
         live = [r for r in rows if r.error is None and r.session.session_id in self._sessions]
-        decision_rows = [r for r in live if r.plan.is_decision]
-        if decision_rows:
-            decisions = decide(torch.stack([r.logits for r in decision_rows])).tolist()
-            for row, token in zip(decision_rows, decisions):
-                self._commit_one(row, token)
-        for row in live:
-            if not row.plan.is_decision:
-                options = row.session.options.sampling
-                self._commit_one(row, sample(row.logits, options, row.session.generator))
+        # Decisions first, then reply tokens (each session has one row per step, so this is only tidiness).
+        for row in sorted(live, key=lambda r: not r.plan.is_decision):
+            token = row.token
+            if row.logits is not None:
+                token = sample(row.logits, row.session.options.sampling, row.session.generator)
+            assert token is not None
+            self._commit_one(row, token)
 
     def _commit_one(self, row: _Row, token_id: int) -> None:
         try:

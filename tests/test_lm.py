@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -19,9 +21,10 @@ def small_config(**overrides) -> LMConfig:
     return LMConfig(**fields)
 
 
-def random_lm(cfg: LMConfig, seed: int = 0) -> AudioInteractionLM:
+def random_lm(cfg: LMConfig, seed: int = 0, attention: str = "gather") -> AudioInteractionLM:
     torch.manual_seed(seed)
     model = AudioInteractionLM(cfg)
+    model.attention_backend = attention
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -63,6 +66,10 @@ def hf_qwen2_from(model: AudioInteractionLM):
     return hf
 
 
+# Both ways of reading the cache must give the same numbers (flex runs eagerly here; see the compiled test).
+ATTENTION = pytest.mark.parametrize("attention", ["gather", "flex"])
+
+
 def fp16_positions(n: int) -> torch.Tensor:
     return torch.arange(n).to(torch.float16).long().unsqueeze(0)
 
@@ -80,8 +87,9 @@ def test_rope_positions_are_rounded_to_float16():
     assert torch.equal(cos[4095], rope_table(cfg, 4097, CPU)[0][4096])
 
 
-def test_logits_match_transformers_qwen2_with_fp16_positions():
-    model = random_lm(small_config())
+@ATTENTION
+def test_logits_match_transformers_qwen2_with_fp16_positions(attention):
+    model = random_lm(small_config(), attention=attention)
     hf = hf_qwen2_from(model)
     ids = torch.randint(0, 500, (1, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -94,8 +102,9 @@ def test_logits_match_transformers_qwen2_with_fp16_positions():
     torch.testing.assert_close(got_block, expected[59], rtol=1e-4, atol=1e-4)
 
 
-def test_logits_match_transformers_above_position_2048():
-    model = random_lm(small_config())
+@ATTENTION
+def test_logits_match_transformers_above_position_2048(attention):
+    model = random_lm(small_config(), attention=attention)
     hf = hf_qwen2_from(model)
     n = 2080
     ids = torch.randint(0, 500, (1, n), generator=torch.Generator().manual_seed(2))
@@ -111,8 +120,9 @@ def test_logits_match_transformers_above_position_2048():
     assert (exact[n - 1] - expected[n - 1]).abs().max() > 1e-3
 
 
-def test_audio_overwrites_pad_embeddings():
-    model = random_lm(small_config())
+@ATTENTION
+def test_audio_overwrites_pad_embeddings(attention):
+    model = random_lm(small_config(), attention=attention)
     hf = hf_qwen2_from(model)
     ids = torch.randint(0, 500, (1, 13), generator=torch.Generator().manual_seed(3))
     audio = torch.randn(10, 64, generator=torch.Generator().manual_seed(4))
@@ -120,12 +130,13 @@ def test_audio_overwrites_pad_embeddings():
     embeds[0, 2:12] = audio
     with torch.no_grad():
         expected = hf(inputs_embeds=embeds, position_ids=fp16_positions(13)).logits[0, -1]
-    got = feed(model, model.new_cache(1, 64), ids[0].tolist(), 0, audio_span=(2, 12), audio=audio)
+    got = feed(model, model.new_cache(1, 128), ids[0].tolist(), 0, audio_span=(2, 12), audio=audio)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_kv_cached_decode_equals_full_forward():
-    model = random_lm(small_config())
+@ATTENTION
+def test_kv_cached_decode_equals_full_forward(attention):
+    model = random_lm(small_config(), attention=attention)
     ids = torch.randint(0, 500, (80,), generator=torch.Generator().manual_seed(5)).tolist()
     full = feed(model, model.new_cache(1, 128), ids, 0)
     cache = model.new_cache(1, 128)
@@ -137,8 +148,9 @@ def test_kv_cached_decode_equals_full_forward():
     torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_rows_at_different_positions_equal_single_rows():
-    model = random_lm(small_config())
+@ATTENTION
+def test_batched_rows_at_different_positions_equal_single_rows(attention):
+    model = random_lm(small_config(), attention=attention)
     gen = torch.Generator().manual_seed(6)
     histories = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (46, 70, 5)]
     steps = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (13, 1, 13)]
@@ -161,22 +173,24 @@ def test_batched_rows_at_different_positions_equal_single_rows():
         assert int(batched[i].argmax()) == int(single[i].argmax())
 
 
-def test_slot_join_and_leave_leave_other_slots_bit_identical():
-    model = random_lm(small_config())
-    cache = model.new_cache(3, 64)
+@ATTENTION
+def test_slot_join_and_leave_leave_other_slots_bit_identical(attention):
+    model = random_lm(small_config(), attention=attention)
+    cache = model.new_cache(3, 128)
     feed(model, cache, list(range(20)), 0, slot=0)
-    before_k, before_v = cache.k[:, 0].clone(), cache.v[:, 0].clone()
+    before_k, before_v = cache.k[:, :, 0].clone(), cache.v[:, :, 0].clone()
     feed(model, cache, list(range(30, 60)), 0, slot=1)  # another session joins and runs
     cache.clear_slot(1)  # ...and leaves
     feed(model, cache, [7, 8, 9], 0, slot=2)
-    assert torch.equal(cache.k[:, 0], before_k) and torch.equal(cache.v[:, 0], before_v)
-    assert cache.k[:, 1].abs().sum() == 0
+    assert torch.equal(cache.k[:, :, 0], before_k) and torch.equal(cache.v[:, :, 0], before_v)
+    assert cache.k[:, :, 1].abs().sum() == 0
 
 
-def test_nan_in_a_reused_slot_does_not_poison_the_next_session():
-    model = random_lm(small_config())
-    cache = model.new_cache(1, 64)
-    cache.k[:, 0, :, 40:].fill_(float("nan"))  # garbage left by a failed session
+@ATTENTION
+def test_nan_in_a_reused_slot_does_not_poison_the_next_session(attention):
+    model = random_lm(small_config(), attention=attention)
+    cache = model.new_cache(1, 128)
+    cache.k[:, :, 0, 40:].fill_(float("nan"))  # garbage left by a failed session
     cache.clear_slot(0)
     assert torch.isfinite(feed(model, cache, list(range(10)), 0)).all()
 
@@ -195,3 +209,30 @@ def test_decision_logits_equal_the_full_heads_columns():
     hidden = model.last_hidden(batch, cache)
     ids = torch.tensor([7, 3])
     torch.testing.assert_close(model.logits(hidden, ids), model.logits(hidden)[:, ids], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_in_place_attention_equals_gather():
+    """The compiled FlexAttention kernel honours the block mask (eager flex ignores it), so this is its proof."""
+    flex = random_lm(small_config(), attention="flex")
+    flex.compile_attention = True
+    gather = random_lm(small_config(), attention="gather")
+    gen = torch.Generator().manual_seed(8)
+    # Histories that end inside, just before and exactly on 128-position block boundaries.
+    lengths = [300, 127, 128, 5, 260]
+    histories = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in lengths]
+    slots = [4, 0, 2, 5, 1]
+    caches = {}
+    for model in (flex, gather):
+        cache = caches[model.attention_backend] = model.new_cache(6, 512)
+        for history, slot in zip(histories, slots):
+            feed(model, cache, history, 0, slot=slot)
+    for step in range(2):
+        rows = [torch.randint(0, 500, (13 if (i + step) % 2 else 1,), generator=gen).tolist() for i in range(5)]
+        starts = list(lengths)
+        outputs = []
+        for model in (flex, gather):
+            batch = StepBatch.build(rows, starts, slots, [[] for _ in rows], None, CPU)
+            outputs.append(model(batch, caches[model.attention_backend]))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        lengths = [n + len(r) for n, r in zip(starts, rows)]

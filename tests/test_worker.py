@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -32,24 +33,29 @@ class Recorder:
         return [e for e in self.events if not isinstance(e, SessionStarted)]
 
 
+def run_joining_sessions(tiny_model, stream_chunks, session_ids, **engine):
+    """Sessions join at different times, so rows sit at different positions in one step."""
+    streams = stream_chunks[:4]
+    join_after_steps = [0, 0, 3, 7]
+    worker = Worker(tiny_model, EngineConfig(max_sessions=4, **engine))
+    recorders = {}
+    steps = 0
+    while True:
+        for i in session_ids:
+            if i not in recorders and steps >= join_after_steps[i]:
+                recorders[i] = Recorder()
+                worker.open_session(f"s{i}", OPTIONS, recorders[i])
+                worker.push_audio(f"s{i}", streams[i])
+        if worker.step() is None and len(recorders) == len(session_ids):
+            return recorders
+        steps += 1
+
+
 def test_sessions_batched_together_equal_each_alone(tiny_model, stream_chunks):
     streams = stream_chunks[:4]
-    # Sessions join at different times, so rows sit at different positions in one step.
-    join_after_steps = [0, 0, 3, 7]
 
     def run(session_ids):
-        worker = Worker(tiny_model, EngineConfig(max_sessions=4))
-        recorders = {}
-        steps = 0
-        while True:
-            for i in session_ids:
-                if i not in recorders and steps >= join_after_steps[i]:
-                    recorders[i] = Recorder()
-                    worker.open_session(f"s{i}", OPTIONS, recorders[i])
-                    worker.push_audio(f"s{i}", streams[i])
-            if worker.step() is None and len(recorders) == len(session_ids):
-                return recorders
-            steps += 1
+        return run_joining_sessions(tiny_model, stream_chunks, session_ids)
 
     together = run([0, 1, 2, 3])
     speaking = 0
@@ -59,6 +65,16 @@ def test_sessions_batched_together_equal_each_alone(tiny_model, stream_chunks):
         assert len(alone.of(Decision)) == len(streams[i])
         speaking += len(alone.of(TurnBegin))
     assert speaking > 0, "the tiny model never replied: the speaking path went untested"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
+def test_in_place_attention_gives_the_same_events_as_gather(tiny_model, stream_chunks):
+    """The GPU attention path (compiled FlexAttention over the cache in place), run on CPU."""
+    gather = run_joining_sessions(tiny_model, stream_chunks, [0, 1, 2, 3], attention="gather")
+    flex = run_joining_sessions(tiny_model, stream_chunks, [0, 1, 2, 3], attention="flex")
+    for i in range(4):
+        assert flex[i].protocol == gather[i].protocol, f"session {i} differs with in-place attention"
+    assert any(flex[i].of(TurnBegin) for i in range(4))
 
 
 def test_nan_in_one_session_ends_only_that_session(tiny_model, stream_chunks):

@@ -1,0 +1,129 @@
+"""Fitting the engine to its device: KV-cache sizing and the choice of attention path.
+
+Both are decided once, at worker start-up, from what the device really has and
+really does: the KV cache is sized against the memory left after the weights
+are loaded, and in-place (FlexAttention) attention is only used after it has
+been compiled and checked against the gather path on this device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.lm import FLEX_BLOCK, AudioInteractionLM, SlotKVCache, StepBatch, flex_batch_bucket
+
+log = logging.getLogger(__name__)
+
+
+class KVCacheTooLarge(RuntimeError):
+    """The configured sessions x positions do not fit the accelerator's free memory."""
+
+
+def kv_bytes_per_slot(lm: AudioInteractionLM, max_positions: int) -> int:
+    """K and V for one session of ``max_positions`` tokens, every layer, in the model's dtype."""
+    cfg = lm.cfg
+    element = lm.lm_head.weight.element_size()
+    return 2 * cfg.n_layer * cfg.n_query_groups * max_positions * cfg.head_size * element
+
+
+def sessions_that_fit(lm: AudioInteractionLM, max_positions: int, memory_fraction: float) -> int | None:
+    """Slots the accelerator's free memory holds (None on CPU, where the host's memory is not probed)."""
+    device = lm.lm_head.weight.device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * memory_fraction) // kv_bytes_per_slot(lm, max_positions)
+
+
+def check_kv_fits(lm: AudioInteractionLM, num_slots: int, max_positions: int, memory_fraction: float) -> None:
+    fit = sessions_that_fit(lm, max_positions, memory_fraction)
+    if fit is None:
+        return
+    per_slot = kv_bytes_per_slot(lm, max_positions)
+    log.info("KV cache: %d slots x %.1f MiB = %.2f GiB (room for %d slots in %.0f%% of free memory)",
+             num_slots, per_slot / 2**20, num_slots * per_slot / 2**30, fit, 100 * memory_fraction)
+    if num_slots > fit:
+        raise KVCacheTooLarge(
+            f"engine.max_sessions {num_slots} needs {num_slots * per_slot / 2**30:.1f} GiB of KV cache at "
+            f"{max_positions} positions, but {100 * memory_fraction:.0f}% of the free accelerator memory holds "
+            f"{fit} sessions; set engine.max_sessions <= {fit} (or lower engine.max_positions)"
+        )
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    backend: str  # "gather" or "flex"
+    compiled: bool
+    reason: str
+
+
+def choose_attention(requested: str, lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -> AttentionChoice:
+    """Apply the configured attention path to ``lm``; ``auto`` tries flex on CUDA and keeps it only if it checks out."""
+    on_cuda = cache.k.device.type == "cuda"
+    if requested == "gather" or (requested == "auto" and not on_cuda):
+        choice = AttentionChoice("gather", False, "configured" if requested == "gather" else "CPU device")
+    elif cache.max_positions % FLEX_BLOCK:
+        if requested == "flex":
+            raise ValueError(f"attention 'flex' needs max_positions divisible by {FLEX_BLOCK}")
+        choice = AttentionChoice("gather", False, f"max_positions is not a multiple of {FLEX_BLOCK}")
+    else:
+        # Compiled on every device: eager FlexAttention materialises scores over the whole cache.
+        try:
+            worst = self_check_flex(lm, cache, max_rows)
+            choice = AttentionChoice("flex", True, f"self-check passed (max |diff| {worst:.2e} against gather)")
+        except Exception as exc:
+            if requested == "flex":
+                raise
+            log.warning("in-place attention unavailable on this device (%r); using gather", exc)
+            choice = AttentionChoice("gather", False, f"flex self-check failed: {exc!r}")
+    lm.attention_backend, lm.compile_attention = choice.backend, choice.compiled
+    log.info("attention: %s (compiled=%s): %s", choice.backend, choice.compiled, choice.reason)
+    return choice
+
+
+def self_check_flex(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -> float:
+    """Compile flex for every batch bucket up to ``max_rows`` and check it against gather; return the worst diff.
+
+    Uses the real cache's slots as scratch (they are cleared afterwards, and
+    every session clears its slot when it opens anyway).
+    """
+    device = cache.k.device
+    generator = torch.Generator().manual_seed(0)
+    history = 150  # crosses a 128-position block, so full and partial blocks are both exercised
+    slots = list(range(min(cache.num_slots, 2)))
+    worst = 0.0
+    started = time.perf_counter()
+    try:
+        for slot in slots:
+            tokens = torch.randint(0, lm.cfg.vocab_size, (history,), generator=generator).tolist()
+            lm.attention_backend = "gather"
+            lm.last_hidden(StepBatch.build([tokens], [0], [slot], [[]], None, device), cache)
+        step = [torch.randint(0, lm.cfg.vocab_size, (13,), generator=generator).tolist() for _ in slots]
+        batch = StepBatch.build(step, [history] * len(slots), slots, [[] for _ in slots], None, device)
+        lm.attention_backend = "gather"
+        expected = lm.last_hidden(batch, cache).float()
+        lm.attention_backend, lm.compile_attention = "flex", True
+        got = lm.last_hidden(batch, cache).float()
+        worst = float((got - expected).abs().max())
+        scale = float(expected.abs().max()) + 1e-6
+        if not torch.isfinite(got).all() or worst > 0.05 * scale:
+            raise RuntimeError(f"flex attention differs from gather by {worst:.3g} (scale {scale:.3g})")
+        # Compile every padded batch size the worker can produce now, not in the middle of serving.
+        rows, bucket = max(1, max_rows), 8
+        while True:
+            count = min(bucket, rows)
+            warm_slots = [i % cache.num_slots for i in range(count)]
+            warm = StepBatch.build([[0]] * count, [0] * count, warm_slots, [[] for _ in range(count)], None, device)
+            lm.last_hidden(warm, cache)
+            if flex_batch_bucket(count) >= flex_batch_bucket(rows):
+                break
+            bucket *= 2
+    finally:
+        for slot in range(min(cache.num_slots, max(max_rows, len(slots)))):
+            cache.clear_slot(slot)
+    log.info("flex attention compiled and checked in %.1f s", time.perf_counter() - started)
+    return worst
