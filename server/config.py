@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.scripted import ScriptedTurns
+
 
 class SamplingOptions(BaseModel):
     """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
@@ -52,6 +54,11 @@ class EngineConfig(BaseModel):
         0.9, gt=0.0, le=1.0,
         description="share of the accelerator memory free after loading that the KV cache may take; "
         "start-up fails with the largest max_sessions that fits when it does not",
+    )
+    scripted_turns: ScriptedTurns | None = Field(
+        None,
+        description="benchmarks only: replace the model's decisions and reply tokens with a fixed schedule "
+        "(a reply every N chunks, L tokens long) so random weights exercise the speaking path",
     )
     rollover_window_positions: int | None = Field(
         2048,

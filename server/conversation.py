@@ -100,6 +100,11 @@ class Conversation:
         return self._history_tokens
 
     @property
+    def turn_length(self) -> int:
+        """Tokens of the current reply so far (0 while listening)."""
+        return len(self._turn_tokens)
+
+    @property
     def num_history_chunks(self) -> int:
         return len(self._history)
 

@@ -104,6 +104,9 @@ class Worker:
         self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
         self.attention = choose_attention(config.attention, model.lm, self.cache, self.max_batch_rows)
+        if config.scripted_turns is not None:
+            log.warning("scripted turns (%s): decisions and replies follow a benchmark schedule, not the model",
+                        config.scripted_turns)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._sessions: dict[str, _Session] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
@@ -393,6 +396,8 @@ class Worker:
             if row.logits is not None:
                 token = sample(row.logits, row.session.options.sampling, row.session.generator)
             assert token is not None
+            if self.config.scripted_turns is not None:
+                token = self.config.scripted_turns.token(row.session.conversation, row.session.slot, token)
             self._commit_one(row, token)
 
     def _commit_one(self, row: _Row, token_id: int) -> None:

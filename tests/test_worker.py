@@ -251,3 +251,20 @@ def test_rollover_keeps_a_long_session_inside_its_budget(tiny_model, stream_chun
     for event in rollovers:
         assert event.from_positions <= 400 and event.to_positions <= 46 + 120 + 2 * 13
     assert len(neighbour.of(Decision)) == 10
+
+
+def test_scripted_turns_follow_their_schedule(tiny_model, stream_chunks):
+    """The benchmark override: a reply every 5 chunks (staggered by slot), each exactly 3 tokens."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2, scripted_turns={"every_chunks": 5, "reply_tokens": 3}))
+    recorders = [Recorder(), Recorder()]
+    for i, recorder in enumerate(recorders):
+        worker.open_session(f"s{i}", OPTIONS, recorder)
+        worker.push_audio(f"s{i}", torch.cat([stream_chunks[0], stream_chunks[1]])[:12])
+    worker.run_until_idle()
+    for slot, recorder in enumerate(recorders):
+        assert len(recorder.of(Decision)) == 12
+        begins = [e.chunk_index for e in recorder.of(TurnBegin)]
+        assert begins == [k for k in range(12) if (k + slot) % 5 == 4]
+        ends = recorder.of(TurnEnd)
+        assert len(ends) == len(begins) and all(len(e.token_ids) == 3 and e.end_reason == "text_end" for e in ends)
+        assert all(not T.is_control_token(t) for e in ends for t in e.token_ids)

@@ -1,0 +1,35 @@
+"""Scripted turns: a benchmark-only override that makes a random-weight model talk on a schedule.
+
+Random weights decide almost at random and ramble or stop at once, so the
+speaking load of a capacity run would be an accident. With a script, every
+session starts a reply every ``every_chunks`` chunks (staggered by slot) and
+each reply is exactly ``reply_tokens`` tokens. The model still computes every
+row's logits exactly as in serving; only the committed token is replaced.
+Runs that use it must say so (the server logs a warning at start-up).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server import tokens as T
+from server.conversation import Conversation, Phase
+
+# A plain text token stands in for a control token the random model picks mid-reply.
+_FILLER_TOKEN = 1350  # an ordinary BPE token of the Qwen vocabulary
+
+
+class ScriptedTurns(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every_chunks: int = Field(ge=2, description="a reply starts every this many chunks per session")
+    reply_tokens: int = Field(ge=1, description="tokens per reply, TEXT_END excluded")
+
+    def token(self, conversation: Conversation, slot: int, model_token: int) -> int:
+        """The token to commit instead of ``model_token`` for the row just planned on ``conversation``."""
+        if conversation.phase is Phase.LISTENING:
+            speak = (conversation.num_chunks_consumed + slot) % self.every_chunks == self.every_chunks - 1
+            return T.TEXT_BEGIN if speak else T.KEEP_SILENCE
+        if conversation.turn_length + 1 > self.reply_tokens:
+            return T.TEXT_END
+        return _FILLER_TOKEN if T.is_control_token(model_token) else model_token
