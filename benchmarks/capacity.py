@@ -1,0 +1,502 @@
+"""Capacity: how many real-time streams one device serves, against the reference's way of serving.
+
+    python benchmarks/capacity.py [--mode direct websocket baseline] [--streams 1 8 32 64]
+                                  [--seconds 20] [--model tiny|real|CHECKPOINT_DIR] [--device auto]
+                                  [--dtype auto] [--schedule 25:20 | --schedule model]
+
+For every N in ``--streams`` and every mode, N simulated clients stream real
+audio (``../shared/audio`` looped, a different place per stream) at real-time
+pace, staggered over one 0.4 s chunk, and the run reports:
+
+* decision latency p50/p95/p99: chunk complete -> its decision;
+* time to first reply token after TEXT_BEGIN (p50/p95) and reply tokens/s per reply;
+* step time split into encoder, LM (forward + logits + the step's one device read)
+  and host (planning, batch building, commits, event fan-out);
+* peak accelerator memory (or process RSS on CPU);
+* PASS when p95 decision latency <= --target-ms, p95 time to first token <=
+  --ttft-target-ms and every decision arrived; the largest passing N is the capacity.
+
+Modes:
+
+direct     the engine's worker thread, fed in this process (audio already turned
+           into mel chunks: the per-connection front-end runs on the event loop in
+           the server and is measured by ``websocket``). Clock: chunk pushed -> decision emitted.
+websocket  ``python -m server`` in a subprocess, one WebSocket client per stream sending
+           100 ms PCM frames. Clock: frame completing the chunk sent -> ``decision`` received.
+           Needs a checkpoint directory (the tiny demo by default), not ``--model real``.
+baseline   the reference's way of serving, as a mode of our engine (same model code):
+           one stream at a time, batch size 1, log-mel + audio encoder over the
+           whole audio history for every chunk, reply tokens generated inline, and
+           the context (and audio history) reset after each reply. Clock: chunk due -> decision.
+
+``--schedule K:L`` (default 25:20 for random weights) replaces the model's decisions
+with a reply every K chunks per stream (staggered) of exactly L tokens
+(``engine.scripted_turns``), so the speaking load is known: 25:20 puts about
+10% of streams mid-reply at 20 tokens/s. ``--schedule model`` lets the model decide.
+Runs with a schedule say so in their header.
+
+The first 3 chunks of each stream (its 58-token first row) are left out of the
+latency percentiles as warm-up; everything else is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server import tokens as T
+from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
+from server.checkpoint import LoadedModel, load_model
+from server.config import EngineConfig, SessionOptions
+from server.conversation import Conversation
+from server.encoder import AudioEncoder
+from server.engine_events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
+from server.lm import StepBatch
+from server.sampling import DECISION_TOKENS, decide
+from server.scripted import ScriptedTurns
+from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from server.worker import StepStats, Worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import server_log, start_server  # noqa: E402
+
+SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
+FRAME_SAMPLES = 1600  # 100 ms frames in websocket mode
+WARMUP_CHUNKS = 3
+MAX_TURN_TOKENS = 64  # the cap for model-decided replies; scripted replies are shorter
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+
+
+def audio_loop() -> np.ndarray:
+    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+              for p in load_audio_sequence(folder)]
+    return np.concatenate(pieces)
+
+
+def stream_audio(loop: np.ndarray, stream: int, seconds: float) -> np.ndarray:
+    start = (stream * 7919 * FRAME_SAMPLES) % len(loop)  # a different place in the loop per stream
+    needed = int(seconds * SAMPLE_RATE_HZ) + CHUNK_SAMPLES
+    return np.tile(loop, needed // len(loop) + 2)[start:start + needed]
+
+
+def mel_chunks(loop: np.ndarray) -> list[torch.Tensor]:
+    """The whole loop as mel chunks, computed once and shared by every direct-mode stream."""
+    return StreamingLogMel().push(loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Run:
+    mode: str
+    streams: int
+    seconds: float
+    expected_decisions: int = 0
+    decision_s: list[float] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)
+    reply_rates: list[float] = field(default_factory=list)
+    steps: list[StepStats] = field(default_factory=list)
+    memory_mib: float = 0.0
+    errors: int = 0
+
+    def passes(self, target_ms: float, ttft_target_ms: float) -> bool:
+        complete = len(self.decision_s) >= self.expected_decisions and self.errors == 0
+        ttft_ok = not self.first_token_s or pct(self.first_token_s, 95) * 1e3 <= ttft_target_ms
+        return complete and bool(self.decision_s) and pct(self.decision_s, 95) * 1e3 <= target_ms and ttft_ok
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def fmt_ms(values: list[float], q: float) -> str:
+    return f"{pct(values, q) * 1e3:.1f}" if values else "-"
+
+
+def memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+class TurnClock:
+    """Time to first reply token and tokens/s, from engine events or wire events of one stream."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.began: float | None = None
+        self.first: float | None = None
+
+    def begin(self, now: float) -> None:
+        self.began, self.first = now, None
+
+    def token(self, now: float) -> None:
+        if self.began is not None and self.first is None:
+            self.first = now
+            self.run.first_token_s.append(now - self.began)
+
+    def end(self, now: float, num_tokens: int) -> None:
+        if self.began is not None and num_tokens > 0 and now > self.began:
+            self.run.reply_rates.append(num_tokens / (now - self.began))
+        self.began = None
+
+
+# ---------------------------------------------------------------------------------------------
+# direct: the worker thread, fed in this process
+
+
+def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, seconds: float,
+               engine: dict) -> Run:
+    run = Run("direct", streams, seconds)
+    worker = Worker(model, EngineConfig(max_sessions=streams, **engine))
+    worker.on_step = run.steps.append
+    chunks_per_stream = int(seconds / CHUNK_S)
+    pushed_at: dict[tuple[int, int], float] = {}
+    lock = threading.Lock()
+    stopping = threading.Event()  # sessions the final stop() ends are not errors
+
+    def emit_for(stream: int):
+        clock = TurnClock(run)
+
+        def emit(events) -> None:
+            now = time.perf_counter()
+            for event in events:
+                if isinstance(event, Decision):
+                    with lock:
+                        pushed = pushed_at.pop((stream, event.chunk_index), None)
+                    if pushed is not None and event.chunk_index >= WARMUP_CHUNKS:
+                        run.decision_s.append(now - pushed)
+                elif isinstance(event, TurnBegin):
+                    clock.begin(now)
+                elif isinstance(event, TurnToken):
+                    clock.token(now)
+                elif isinstance(event, TurnEnd):
+                    clock.end(now, len(event.token_ids))
+                elif isinstance(event, SessionEnded) and event.error_code and not stopping.is_set():
+                    run.errors += 1
+        return emit
+
+    options = SessionOptions(max_turn_tokens=MAX_TURN_TOKENS)
+    for i in range(streams):
+        worker.open_session(f"s{i}", options, emit_for(i))
+    worker.start()
+    offsets = [(i * 7) % len(chunks) for i in range(streams)]
+    schedule = sorted((i * CHUNK_S / streams + k * CHUNK_S, i, k) for i in range(streams)
+                      for k in range(chunks_per_stream))
+    run.expected_decisions = streams * (chunks_per_stream - WARMUP_CHUNKS)
+    start = time.perf_counter() + 0.2
+    for due, stream, k in schedule:
+        delay = start + due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with lock:
+            pushed_at[(stream, k)] = time.perf_counter()
+        worker.push_audio(f"s{stream}", chunks[(offsets[stream] + k) % len(chunks)].unsqueeze(0))
+    deadline = time.perf_counter() + 30
+    while pushed_at and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    stopping.set()
+    worker.stop()
+    run.memory_mib = memory_mib(model.device)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# websocket: the real server in a subprocess
+
+
+async def websocket_client(url: str, stream: int, audio: np.ndarray, offset_s: float, start: float,
+                           run: Run, num_frames: int) -> None:
+    import websockets
+
+    sent_at: dict[int, float] = {}
+    clock = TurnClock(run)
+    async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
+                                  "max_turn_tokens": MAX_TURN_TOKENS,
+                                  "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": SAMPLE_RATE_HZ,
+                                            "num_channels": 1}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"
+        expected_chunks = (num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES
+
+        async def receive() -> None:
+            received = 0
+            while received < expected_chunks:
+                event = json.loads(await ws.recv())
+                now = time.perf_counter()
+                kind = event["type"]
+                if kind == "decision":
+                    received += 1
+                    completing = (CHUNK_SAMPLES * (event["chunk"] + 1) + 40 - 1) // FRAME_SAMPLES
+                    if event["chunk"] >= WARMUP_CHUNKS:
+                        run.decision_s.append(now - sent_at[completing])
+                elif kind == "turn_begin":
+                    clock.begin(now)
+                elif kind in ("emotion", "text_delta"):
+                    clock.token(now)
+                elif kind == "turn_end":
+                    clock.end(now, event["num_tokens"])
+                elif kind in ("error", "session.closed"):
+                    run.errors += 1
+                    return
+
+        receiver = asyncio.create_task(receive())
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+        for frame in range(num_frames):
+            delay = start + offset_s + frame * FRAME_SAMPLES / SAMPLE_RATE_HZ - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at[frame] = time.perf_counter()
+            await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
+        await asyncio.wait_for(receiver, timeout=60)
+        await ws.send(json.dumps({"type": "session.close"}))
+
+
+def server_rss_mib(port: int) -> float:
+    """The server process's resident memory from its Prometheus process collector (0 if absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("process_resident_memory_bytes "):
+                return float(line.split()[1]) / 2**20
+    return 0.0
+
+
+def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: float, engine: dict) -> Run:
+    run = Run("websocket", streams, seconds)
+    env = {"AIS_ENGINE__MAX_SESSIONS": str(streams), "AIS_ENGINE__CHECKPOINT": str(checkpoint),
+           "AIS_MAX_SESSIONS": str(streams)}
+    for key, value in engine.items():
+        if isinstance(value, dict):
+            env.update({f"AIS_ENGINE__{key.upper()}__{k.upper()}": str(v) for k, v in value.items()})
+        else:
+            env[f"AIS_ENGINE__{key.upper()}"] = str(value)
+    process, port = start_server(env, timeout_s=600)
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    num_frames = int(seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
+    run.expected_decisions = streams * ((num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES - WARMUP_CHUNKS)
+    try:
+        async def main() -> None:
+            start = time.perf_counter() + 1.0
+            await asyncio.gather(*(websocket_client(url, i, stream_audio(loop, i, seconds), i * CHUNK_S / streams,
+                                                    start, run, num_frames) for i in range(streams)))
+        asyncio.run(main())
+        run.memory_mib = server_rss_mib(port)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    if run.errors:
+        print(server_log(process)[-2000:], file=sys.stderr)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# baseline: the reference's way of serving, on our model code
+
+
+class ReferenceStyleStream:
+    """One stream served the reference's way: whole-history features, batch 1, reset after each reply."""
+
+    def __init__(self, model: LoadedModel, encoder: AudioEncoder, cache, slot: int, prefix: list[int],
+                 script: ScriptedTurns | None, run: Run) -> None:
+        self.model, self.encoder, self.cache, self.slot = model, encoder, cache, slot
+        self.prefix, self.script, self.run = prefix, script, run
+        self.clock = TurnClock(run)
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = np.zeros(0, dtype=np.float32)
+        self.conversation = Conversation(self.prefix, MAX_TURN_TOKENS, 4096, None)
+        self.cache.clear_slot(self.slot)
+
+    def step(self, row_tokens_audio) -> int:
+        plan = self.conversation.plan()
+        batch = StepBatch.build([plan.tokens], [plan.start_position], [self.slot], [plan.audio_spans],
+                                row_tokens_audio, self.model.device)
+        lm = self.model.lm
+        hidden = lm.last_hidden(batch, self.cache)
+        if plan.is_decision:
+            token = int(decide(lm.logits(hidden, torch.tensor(DECISION_TOKENS, device=self.model.device)))[0])
+        else:
+            token = int(lm.logits(hidden).argmax(dim=-1)[0])
+        if self.script is not None:
+            token = self.script.token(self.conversation, self.slot, token)
+        events = self.conversation.commit(plan, token)
+        return token, events
+
+    def on_chunk(self, pcm: np.ndarray, due: float, chunk_index: int) -> None:
+        self.history = np.concatenate([self.history, pcm])
+        # The reference web demo: log-mel and the encoder over the whole history, keep the last chunk.
+        mel = log_mel_whole(self.history)  # (128, frames)
+        usable = mel.shape[1] // T.MEL_FRAMES_PER_CHUNK * T.MEL_FRAMES_PER_CHUNK
+        chunks = mel[:, :usable].reshape(128, -1, T.MEL_FRAMES_PER_CHUNK).permute(1, 0, 2)
+        embeds = self.encoder.encode(chunks)[-1]  # (10, E)
+        self.conversation.add_audio(None)
+        _, events = self.step(embeds)
+        now = time.perf_counter()
+        for event in events:
+            # The stream's own chunk count: the conversation's restarts at 0 after every reset.
+            if isinstance(event, Decision) and chunk_index >= WARMUP_CHUNKS:
+                self.run.decision_s.append(now - due)
+        if any(isinstance(e, TurnBegin) for e in events):
+            self.clock.begin(now)
+            tokens = 0
+            while True:  # the reference generates the whole reply before it looks at audio again
+                _, events = self.step(None)
+                now = time.perf_counter()
+                if any(isinstance(e, TurnToken) for e in events):
+                    tokens += 1
+                    self.clock.token(now)
+                if any(isinstance(e, TurnEnd) for e in events):
+                    self.clock.end(now, tokens)
+                    break
+            self.reset()
+
+
+def run_baseline(model: LoadedModel, loop: np.ndarray, streams: int, seconds: float, script) -> Run:
+    run = Run("baseline", streams, seconds)
+    encoder = AudioEncoder(model.encoder_tower)
+    cache = model.lm.new_cache(streams, 4096)
+    model.lm.attention_backend = "gather"  # batch 1 reads one slot: nothing to save
+    prefix = T.prompt_prefix(model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
+    served = [ReferenceStyleStream(model, encoder, cache, i, prefix, script, run) for i in range(streams)]
+    audios = [stream_audio(loop, i, seconds) for i in range(streams)]
+    chunks_per_stream = int(seconds / CHUNK_S)
+    run.expected_decisions = streams * (chunks_per_stream - WARMUP_CHUNKS)
+    schedule = sorted((i * CHUNK_S / streams + (k + 1) * CHUNK_S, i, k) for i in range(streams)
+                      for k in range(chunks_per_stream))
+    start = time.perf_counter() + 0.2
+    give_up = start + seconds + 60  # an overloaded baseline falls behind without bound: stop counting
+    for due, stream, k in schedule:
+        delay = start + due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if time.perf_counter() > give_up:
+            break
+        served[stream].on_chunk(audios[stream][k * CHUNK_SAMPLES:(k + 1) * CHUNK_SAMPLES], start + due, k)
+    run.memory_mib = memory_mib(model.device)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def step_breakdown(run: Run) -> str:
+    steps = [s for s in run.steps if s.num_rows]
+    if not steps:
+        return "- | - | - | - | -"
+    total = sum(s.total_s for s in steps)
+    encode = sum(s.encode_s for s in steps)
+    forward = sum(s.forward_s for s in steps)
+    host = total - encode - forward
+    mean_rows = statistics.mean(s.num_rows for s in steps)
+    return (f"{1e3 * total / len(steps):.1f} | {100 * encode / total:.0f}% | {100 * forward / total:.0f}% | "
+            f"{100 * host / total:.0f}% | {mean_rows:.1f}")
+
+
+def print_row(run: Run, target_ms: float, ttft_target_ms: float) -> None:
+    rate = f"{statistics.median(run.reply_rates):.0f}" if run.reply_rates else "-"
+    verdict = "PASS" if run.passes(target_ms, ttft_target_ms) else "fail"
+    print(f"| {run.mode} | {run.streams} | {fmt_ms(run.decision_s, 50)} | {fmt_ms(run.decision_s, 95)} | "
+          f"{fmt_ms(run.decision_s, 99)} | {fmt_ms(run.first_token_s, 50)} | {fmt_ms(run.first_token_s, 95)} | "
+          f"{rate} | {step_breakdown(run)} | {run.memory_mib:.0f} | "
+          f"{len(run.decision_s)}/{run.expected_decisions} | {verdict} |", flush=True)
+
+
+def load(model_arg: str, device: str, dtype: str) -> tuple[LoadedModel, Path | None]:
+    if model_arg in ("tiny", "real") and not Path(model_arg).is_dir():
+        if model_arg == "tiny":
+            from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+
+            checkpoint = ensure_demo_checkpoint()
+            return load_model(checkpoint, device, dtype), checkpoint
+        from server.tools.random_model import random_model
+
+        return random_model("real", device, dtype), None
+    return load_model(Path(model_arg), device, dtype), Path(model_arg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", nargs="+", choices=["direct", "websocket", "baseline"],
+                        default=["direct", "baseline"])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream, streamed in real time")
+    parser.add_argument("--model", default="tiny", help="tiny (demo checkpoint), real (random 3B shapes "
+                        "built on the device), or a checkpoint directory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--attention", choices=["auto", "gather", "flex"], default="auto")
+    parser.add_argument("--schedule", default="25:20", help="K:L scripted replies, or 'model'")
+    parser.add_argument("--target-ms", type=float, default=100.0)
+    parser.add_argument("--ttft-target-ms", type=float, default=50.0)
+    parser.add_argument("--stop-after-fail", action="store_true", help="stop a mode's ramp at its first failure")
+    args = parser.parse_args()
+
+    model, checkpoint = load(args.model, args.device, args.dtype)
+    script = None
+    engine: dict = {"attention": args.attention}
+    if args.schedule != "model":
+        every, length = (int(x) for x in args.schedule.split(":"))
+        script = ScriptedTurns(every_chunks=every, reply_tokens=length)
+        engine["scripted_turns"] = {"every_chunks": every, "reply_tokens": length}
+    device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    print(f"# {model.name} on {model.device} ({device_name}; {os.cpu_count()} CPUs), {model.dtype}, torch "
+          f"{torch.__version__}; {args.seconds:g} s of real audio per stream in real time; replies: "
+          + (f"SCRIPTED every {script.every_chunks} chunks x {script.reply_tokens} tokens" if script
+             else "decided by the model") + f"; targets p95 decision <= {args.target_ms:g} ms, "
+          f"p95 first token <= {args.ttft_target_ms:g} ms\n")
+    print("| mode | streams | decision p50 ms | p95 | p99 | first token p50 ms | p95 | reply tok/s | "
+          "step ms | encoder | LM | host | rows/step | peak MiB | decisions | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    loop = audio_loop()
+    chunks = mel_chunks(loop)
+    capacity: dict[str, int] = {}
+    for mode in args.mode:
+        for streams in args.streams:
+            if mode == "direct":
+                run = run_direct(model, chunks, streams, args.seconds, engine)
+            elif mode == "websocket":
+                if checkpoint is None:
+                    print("| websocket | - | needs a checkpoint directory (the server loads one) |")
+                    break
+                run = run_websocket(checkpoint, loop, streams, args.seconds, engine)
+            else:
+                run = run_baseline(model, loop, streams, args.seconds, script)
+            print_row(run, args.target_ms, args.ttft_target_ms)
+            if run.passes(args.target_ms, args.ttft_target_ms):
+                capacity[mode] = max(capacity.get(mode, 0), streams)
+            elif args.stop_after_fail:
+                break
+    print()
+    for mode in args.mode:
+        print(f"- largest N that held the targets, {mode}: {capacity.get(mode, 0)} (of {args.streams})")
+    if capacity.get("baseline") and "direct" in capacity:
+        print(f"- capacity ratio direct / baseline: {capacity['direct'] / capacity['baseline']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
