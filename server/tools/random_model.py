@@ -50,7 +50,15 @@ def _random_audio_tower(audio: dict, vocab_size: int, device: torch.device, dtyp
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-    omni = Qwen2_5OmniConfig(thinker_config={"audio_config": audio, "text_config": {"vocab_size": vocab_size}})
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns about the talker's token ids, which the audio tower never uses.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        omni = Qwen2_5OmniConfig(thinker_config={"audio_config": audio, "text_config": {"vocab_size": vocab_size}})
+    finally:
+        hf_logging.set_verbosity(verbosity)
     audio_config = omni.thinker_config.audio_config
     audio_config._attn_implementation = "sdpa"
     # Built on the device (not meta): its sinusoidal position table is a buffer computed at construction.
