@@ -274,14 +274,14 @@ async def websocket_client(url: str, stream: int, audio: np.ndarray, offset_s: f
         await ws.send(json.dumps({"type": "session.close"}))
 
 
-def server_rss_mib(port: int) -> float:
-    """The server process's resident memory from its Prometheus process collector (0 if absent)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("process_resident_memory_bytes "):
-                return float(line.split()[1]) / 2**20
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM) on Linux; 0 where /proc is not there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return 0.0
 
 
@@ -304,7 +304,7 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
             await asyncio.gather(*(websocket_client(url, i, stream_audio(loop, i, seconds), i * CHUNK_S / streams,
                                                     start, run, num_frames) for i in range(streams)))
         asyncio.run(main())
-        run.memory_mib = server_rss_mib(port)
+        run.memory_mib = peak_rss_mib(process.pid)  # the server's, not this client's
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -419,10 +419,11 @@ def step_breakdown(run: Run) -> str:
 
 def print_row(run: Run, target_ms: float, ttft_target_ms: float) -> None:
     rate = f"{statistics.median(run.reply_rates):.0f}" if run.reply_rates else "-"
+    memory = f"{run.memory_mib:.0f}" if run.memory_mib else "-"
     verdict = "PASS" if run.passes(target_ms, ttft_target_ms) else "fail"
     print(f"| {run.mode} | {run.streams} | {fmt_ms(run.decision_s, 50)} | {fmt_ms(run.decision_s, 95)} | "
           f"{fmt_ms(run.decision_s, 99)} | {fmt_ms(run.first_token_s, 50)} | {fmt_ms(run.first_token_s, 95)} | "
-          f"{rate} | {step_breakdown(run)} | {run.memory_mib:.0f} | "
+          f"{rate} | {step_breakdown(run)} | {memory} | "
           f"{len(run.decision_s)}/{run.expected_decisions} | {verdict} |", flush=True)
 
 
