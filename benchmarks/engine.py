@@ -8,6 +8,8 @@ frontend  Per-chunk cost of front-end (mel) + audio encoder at 10 s vs 10 min
           every chunk, keep the last 10 frames).
 batching  The same workload (16 sessions x N chunks, replies included) stepped
           as one batch of 16 rows per step vs one session per step.
+attention One LM step of listening rows deep into their context: the gather path
+          (copy each row's slot, SDPA) vs in-place compiled FlexAttention.
 
 Without --checkpoint the tiny random demo model is used (CPU numbers only
 say something about host overhead and scaling, not about the 3B model).
@@ -128,9 +130,34 @@ def bench_batching(model, num_sessions: int, num_chunks: int) -> None:
           f"{rows[0][2]['rows']} vs {rows[1][2]['rows']} rows)")
 
 
+def bench_attention(model, num_slots: int, history: int, repeats: int) -> None:
+    """One LM step of ``num_slots`` listening rows (13 tokens) at position ``history``: gather vs in place."""
+    from server.lm import StepBatch
+
+    print(f"\n## Attention over the cache: {num_slots} rows of 13 tokens at position {history} "
+          f"(median ms per LM step)\n")
+    lm = model.lm
+    cache = lm.new_cache(num_slots, 4096)
+    rows = [[7] * 13 for _ in range(num_slots)]
+    batch = StepBatch.build(rows, [history] * num_slots, list(range(num_slots)), [[] for _ in rows], None,
+                            model.device)
+    print("| attention | ms per step |")
+    print("|---|---|")
+    timings = {}
+    for backend, compiled in (("gather", False), ("flex", True)):
+        lm.attention_backend, lm.compile_attention = backend, compiled
+        for _ in range(3):  # warm-up (and compile)
+            lm.last_hidden(batch, cache)
+        timings[backend] = time_ms(lambda: lm.last_hidden(batch, cache), repeats)
+        print(f"| {backend}{' (compiled FlexAttention)' if compiled else ' (copy each slot, SDPA)'} | "
+              f"{timings[backend]:.2f} |")
+    lm.attention_backend, lm.compile_attention = "gather", False
+    print(f"\nin place / gather: {timings['flex'] / timings['gather']:.2f}x the time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="?", choices=["frontend", "batching", "all"], default="all")
+    parser.add_argument("which", nargs="?", choices=["frontend", "batching", "attention", "all"], default="all")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
@@ -148,6 +175,9 @@ def main() -> None:
         bench_frontend(AudioEncoder(model.encoder_tower), args.repeats)
     if args.which in ("batching", "all"):
         bench_batching(model, 16, args.chunks)
+    if args.which in ("attention", "all"):
+        for slots, history in ((16, 256), (16, 3000), (64, 3000)):
+            bench_attention(model, slots, history, args.repeats)
 
 
 if __name__ == "__main__":
