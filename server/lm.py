@@ -86,30 +86,34 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, T, E)
-        cos: torch.Tensor,  # (B, T, rope_n_elem) fp32
+        x: torch.Tensor,  # (N, E): the batch's real tokens, packed row-major
+        cos: torch.Tensor,  # (N, rope_n_elem) fp32
         sin: torch.Tensor,
         cache_k: torch.Tensor,  # (G, S, L, D) this layer's cache
         cache_v: torch.Tensor,
         plan: "AttentionPlan",
     ) -> torch.Tensor:
         cfg = self.cfg
-        B, T, _ = x.shape
+        N = x.shape[0]
         D = cfg.head_size
         q, k, v = self.qkv(x).split(
             [cfg.n_head * D, cfg.n_query_groups * D, cfg.n_query_groups * D], dim=-1
         )  # contiguous [Q heads | K groups | V groups], the release layout
-        q = apply_rope(q.view(B, T, cfg.n_head, D), cos, sin, cfg.rope_n_elem)
-        k = apply_rope(k.view(B, T, cfg.n_query_groups, D), cos, sin, cfg.rope_n_elem)
-        v = v.view(B, T, cfg.n_query_groups, D)
+        q = apply_rope(q.view(N, cfg.n_head, D), cos, sin, cfg.rope_n_elem)
+        k = apply_rope(k.view(N, cfg.n_query_groups, D), cos, sin, cfg.rope_n_elem)
+        v = v.view(N, cfg.n_query_groups, D)
 
-        # Only real tokens are written: padding rows must not touch any slot.
-        write = plan.write
-        cache_k[:, write.slot_index, write.position] = k[write.row, write.col].transpose(0, 1).to(cache_k.dtype)
-        cache_v[:, write.slot_index, write.position] = v[write.row, write.col].transpose(0, 1).to(cache_v.dtype)
+        write = plan.write  # packed token i goes to (slot_index[i], position[i])
+        cache_k[:, write.slot_index, write.position] = k.transpose(0, 1).to(cache_k.dtype)
+        cache_v[:, write.slot_index, write.position] = v.transpose(0, 1).to(cache_v.dtype)
 
-        y = plan.attend(q.transpose(1, 2), cache_k, cache_v)  # (B, H, T, D)
-        return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * D))
+        # Attention works on rows, so queries are scattered into a zero-padded (B, T) grid and back.
+        B, T = plan.positions.shape
+        grid = q.new_zeros(B, T, cfg.n_head, D)
+        grid[write.row, write.col] = q
+        y = plan.attend(grid.transpose(1, 2), cache_k, cache_v)  # (B, H, T, D)
+        y = y.transpose(1, 2)[write.row, write.col]  # (N, H, D)
+        return self.proj(y.reshape(N, cfg.n_head * D))
 
 
 class LLaMAMLP(nn.Module):
@@ -133,9 +137,9 @@ class Block(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
-    """Half-split rotation on the first ``n_elem`` dims; x (B, T, heads, D), cos/sin (B, T, n_elem)."""
-    cos = cos.unsqueeze(2)
-    sin = sin.unsqueeze(2)
+    """Half-split rotation on the first ``n_elem`` dims; x (..., heads, D), cos/sin (..., n_elem)."""
+    cos = cos.unsqueeze(-2)
+    sin = sin.unsqueeze(-2)
     rotated, passthrough = x[..., :n_elem], x[..., n_elem:]
     half = n_elem // 2
     x1, x2 = rotated[..., :half], rotated[..., half:]
@@ -330,8 +334,10 @@ class StepBatch:
     slots: torch.Tensor  # (B,) long, distinct
     audio_mask: torch.Tensor  # (B, T) bool
     audio_embeds: torch.Tensor | None  # (audio_mask.sum(), E)
-    write: CacheWrite  # where the real tokens go in the cache
+    write: CacheWrite  # where the real tokens go in the cache, in packed (row-major) order
     num_keys: int  # 1 + the largest position in the batch
+    audio_index: torch.Tensor  # (audio_mask.sum(),) packed indices of the audio tokens, row-major
+    last_index: torch.Tensor  # (B,) packed index of each row's last token
 
     @staticmethod
     def build(
@@ -348,12 +354,15 @@ class StepBatch:
         positions = torch.zeros(B, T, dtype=torch.long)
         audio_mask = torch.zeros(B, T, dtype=torch.bool)
         write_row, write_col, write_slot, write_position = [], [], [], []
+        audio_index, last_index = [], []
         for i, (row, start) in enumerate(zip(rows, start_positions)):
             n = len(row)
             tokens[i, :n] = torch.tensor(row, dtype=torch.long)
             positions[i, :n] = torch.arange(start, start + n)
             for lo, hi in audio_spans[i]:
                 audio_mask[i, lo:hi] = True
+                audio_index += range(len(write_row) + lo, len(write_row) + hi)
+            last_index.append(len(write_row) + n - 1)
             write_row += [i] * n
             write_col += range(n)
             write_slot += [slots[i]] * n
@@ -373,6 +382,8 @@ class StepBatch:
             audio_embeds=audio_embeds,
             write=CacheWrite(put(write_row), put(write_col), put(write_slot), put(write_position)),
             num_keys=max(start + len(row) for row, start in zip(rows, start_positions)),
+            audio_index=put(audio_index),
+            last_index=put(last_index),
         )
 
 
@@ -452,17 +463,17 @@ class AudioInteractionLM(nn.Module):
             self._rope = rope_table(self.cfg, cache.max_positions, cache.k.device)
         if batch.num_keys > cache.max_positions:
             raise ValueError(f"position {batch.num_keys - 1} is beyond the cache ({cache.max_positions} positions)")
-        B, T = batch.tokens.shape
-        x = self.transformer.wte(batch.tokens)  # (B, T, E)
+        # Linear layers and norms see only real tokens (a 1-token reply row is not padded to 13).
+        write = batch.write
+        x = self.transformer.wte(batch.tokens[write.row, write.col])  # (N, E)
         if batch.audio_embeds is not None and batch.audio_embeds.shape[0] > 0:
-            x[batch.audio_mask] = batch.audio_embeds.to(x.dtype)
-        cos, sin = self._rope[0][batch.positions], self._rope[1][batch.positions]  # (B, T, n_elem)
+            x[batch.audio_index] = batch.audio_embeds.to(x.dtype)
+        cos, sin = self._rope[0][write.position], self._rope[1][write.position]  # (N, n_elem)
         plan = self._attention_plan(batch, cache)
         for layer, block in enumerate(self.transformer.h):
             x = x + block.attn(block.norm_1(x), cos, sin, cache.k[layer], cache.v[layer], plan)
             x = x + block.mlp(block.norm_2(x))
-        last = x[torch.arange(B, device=x.device), batch.lengths - 1]  # (B, E)
-        return self.transformer.ln_f(last)
+        return self.transformer.ln_f(x[batch.last_index])  # (B, E)
 
     def _attention_plan(self, batch: StepBatch, cache: SlotKVCache) -> AttentionPlan:
         common = dict(
