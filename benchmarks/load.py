@@ -5,9 +5,15 @@
 Each client streams real audio (16 kHz s16, 100 ms frames, real time) and,
 at random (mean session length 40 s), either closes politely or drops the TCP
 connection mid-stream, then reconnects as a new session. Every received event
-is validated against the published schema. Every 30 s the server's RSS and
-`/v1/info` active-session count are printed. At the end all clients stop and
-the server must report 0 active sessions (no leaked slots).
+is validated against the published schema. Every `--report-every` seconds the
+server's own memory figures are scraped from `/metrics`: RSS, glibc heap (live
+bytes and free bytes held), open file descriptors, and what the open sessions
+hold (history chunks, queued audio chunks, unsent events). At the end all
+clients stop; the server must report 0 active sessions (no leaked slots) and
+zero session state, and the RSS and live-heap slopes after `--warmup` minutes
+are printed in MiB per hour (least squares over the rows).
+
+    python benchmarks/load.py --streams 64 --minutes 15 --server-env MALLOC_ARENA_MAX=2
 """
 
 from __future__ import annotations
@@ -35,16 +41,31 @@ SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+MIB = 1 << 20
 
 
 def info(base: str) -> dict:
     with urllib.request.urlopen(f"{base}/v1/info", timeout=5) as response:
         return json.loads(response.read())
+
+
+def scrape(base: str) -> dict[str, float]:
+    """The server's /metrics samples, keyed by name with labels (``ais_malloc_heap_bytes{state="free"}``)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def slope_per_hour(minutes: list[float], values: list[float]) -> float:
+    """Least-squares slope of ``values`` against time, per hour (nan with fewer than 2 points)."""
+    if len(minutes) < 2:
+        return float("nan")
+    return float(np.polyfit(np.array(minutes) / 60.0, np.array(values), 1)[0])
 
 
 class Tally:
@@ -112,21 +133,51 @@ async def client(url: str, pcm: np.ndarray, stop_at: float, rng: random.Random, 
             tally.errors[type(error).__name__] = tally.errors.get(type(error).__name__, 0) + 1
 
 
-async def run(url: str, base: str, pid: int, streams: int, minutes: float) -> Tally:
+class MemoryLog:
+    """One row per report: the server's memory and session-state figures from /metrics."""
+
+    COLUMNS = ("minute", "RSS MiB", "heap in use MiB", "heap free MiB", "mmapped MiB", "open fds", "active",
+               "history chunks", "queued chunks", "queued events")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, ...]] = []
+
+    def record(self, minute: float, base: str) -> tuple[float, ...]:
+        m = scrape(base)
+        row = (minute, m["ais_process_resident_memory_bytes"] / MIB, m['ais_malloc_heap_bytes{state="in_use"}'] / MIB,
+               m['ais_malloc_heap_bytes{state="free"}'] / MIB, m['ais_malloc_heap_bytes{state="mmapped"}'] / MIB,
+               m["ais_process_open_fds"], m["ais_sessions_active"], m["ais_session_history_chunks"],
+               m["ais_session_queued_chunks"], m["ais_session_queued_events"])
+        self.rows.append(row)
+        return row
+
+    def slopes(self, warmup_min: float) -> str:
+        after = [row for row in self.rows if row[0] >= warmup_min]
+        minutes = [row[0] for row in after]
+        rss = slope_per_hour(minutes, [row[1] for row in after])
+        live = slope_per_hour(minutes, [row[2] + row[4] for row in after])
+        return (f"after minute {warmup_min:g} ({len(after)} rows): RSS {rss:+.1f} MiB/h, "
+                f"live heap (in use + mmapped) {live:+.1f} MiB/h")
+
+
+async def run(url: str, base: str, streams: int, minutes: float, report_every_s: float,
+              memory: MemoryLog) -> Tally:
     tally = Tally()
     pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
               for p in load_audio_sequence(folder)]
     pcm = (np.clip(np.concatenate(pieces), -1, 1) * 32767).astype("<i2")
     stop_at = time.monotonic() + minutes * 60
     clients = [asyncio.create_task(client(url, pcm, stop_at, random.Random(i), tally)) for i in range(streams)]
-    print("| minute | server RSS MiB | active sessions | sessions so far | events | decisions | turns |")
-    print("|---|---|---|---|---|---|---|")
+    columns = MemoryLog.COLUMNS + ("sessions so far", "events", "decisions", "replies")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     started = time.monotonic()
     while time.monotonic() < stop_at:
-        active = (await asyncio.to_thread(info, base))["sessions"]["active"]
-        print(f"| {(time.monotonic() - started) / 60:.1f} | {rss_mib(pid):.0f} | {active} | {tally.sessions} | "
-              f"{tally.events} | {tally.decisions} | {tally.turns} |", flush=True)
-        await asyncio.sleep(min(30, max(0.0, stop_at - time.monotonic())))
+        row = await asyncio.to_thread(memory.record, (time.monotonic() - started) / 60, base)
+        cells = [f"{row[0]:.1f}"] + [f"{value:.0f}" for value in row[1:]]
+        cells += [str(tally.sessions), str(tally.events), str(tally.decisions), str(tally.turns)]
+        print("| " + " | ".join(cells) + " |", flush=True)
+        await asyncio.sleep(min(report_every_s, max(0.0, stop_at - time.monotonic())))
     await asyncio.gather(*clients)
     return tally
 
@@ -136,17 +187,30 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--report-every", type=float, default=60.0, help="seconds between memory rows")
+    parser.add_argument("--warmup", type=float, default=2.0, help="minutes left out of the slopes")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the server only (e.g. MALLOC_ARENA_MAX=2); repeatable")
     args = parser.parse_args()
     env = {"AIS_ENGINE__MAX_SESSIONS": str(args.streams), "AIS_ENGINE__DEVICE": "cpu"}
+    env.update(item.split("=", 1) for item in args.server_env)
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     server, port = start_server(env)
     base = f"http://127.0.0.1:{port}"
     try:
-        print(f"# {args.streams} streams, {args.minutes:g} min, {os.cpu_count()} CPUs, server pid {server.pid}\n")
-        tally = asyncio.run(run(f"ws://127.0.0.1:{port}/v1/stream", base, server.pid, args.streams, args.minutes))
+        print(f"# {args.streams} streams, {args.minutes:g} min, {os.cpu_count()} CPUs, server pid {server.pid}, "
+              f"server env {args.server_env}\n")
+        memory = MemoryLog()
+        tally = asyncio.run(run(f"ws://127.0.0.1:{port}/v1/stream", base, args.streams, args.minutes,
+                                args.report_every, memory))
         time.sleep(2.0)  # let the server notice the last dropped connections
         active = info(base)["sessions"]["active"]
+        print(f"\nslopes {memory.slopes(args.warmup)}")  # before the idle row below joins the log
+        idle = memory.record(args.minutes, base)
+        print(f"after all clients left: RSS {idle[1]:.0f} MiB, heap in use {idle[2]:.0f} MiB, free {idle[3]:.0f} MiB, "
+              f"mmapped {idle[4]:.0f} MiB, open fds {idle[5]:.0f}; session state left: history chunks {idle[7]:.0f}, "
+              f"queued chunks {idle[8]:.0f}, queued events {idle[9]:.0f}")
         print(f"\nsessions: {tally.sessions} ({tally.polite} closed politely, {tally.dropped} dropped, "
               f"{tally.refused} refused while full and retried), "
               f"events: {tally.events}, decisions: {tally.decisions}, replies: {tally.turns}")

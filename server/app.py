@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 
 from server import tokens as T
 from server.connection import CLIENT_GONE, StreamConnection, Subscriber, send_and_close
-from server.metrics import Metrics
+from server.metrics import SESSION_STATE, Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
 from server.settings import ServerConfig
@@ -46,6 +46,23 @@ class Runtime:
         self.load_error: str | None = None
         self.is_shutting_down = False
         self.streams: dict[str, StreamConnection] = {}
+        self.metrics.set_state_source(self.state_totals)
+
+    def state_totals(self) -> dict[str, float]:
+        """What the open sessions hold, summed (the ``ais_session_*`` gauges; event loop only).
+
+        The engine side is a racy read of the worker's counters, good enough for monitoring.
+        """
+        totals = dict.fromkeys(SESSION_STATE, 0)
+        for session_id, stream in list(self.streams.items()):
+            totals["ais_session_queued_events"] += stream.queued_events
+            size = self.worker.state_size(session_id) if self.worker is not None else None
+            if size is not None:
+                totals["ais_session_kv_positions"] += size.positions
+                totals["ais_session_history_tokens"] += size.history_tokens
+                totals["ais_session_history_chunks"] += size.history_chunks
+                totals["ais_session_queued_chunks"] += size.queued_chunks
+        return totals
 
     @property
     def is_ready(self) -> bool:

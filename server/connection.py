@@ -118,6 +118,9 @@ class Outbox:
         self.is_closing = False
         self.close(code, last_events)
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def _wake(self) -> None:
         if self._items:
             self._has_items.set()
@@ -171,6 +174,11 @@ class StreamConnection:
         self._on_closed = on_closed
         self.finished = asyncio.Event()
         self._end_reason = "disconnected"
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting to be sent to this client and its subscribers."""
+        return len(self.outbox) + sum(len(subscriber.outbox) for subscriber in self.subscribers)
 
     # Called by the worker thread: hop to the loop (the session is not thread-safe).
     def engine_emit(self, events: list[EngineEvent]) -> None:

@@ -3,11 +3,25 @@
 A private registry per instance, so several apps in one process (tests) do not
 collide in prometheus_client's global one. Everything here is thread-safe: the
 worker thread reports steps, the event loop reports sessions.
+
+Memory is reported in two layers so a dashboard can tell a leak from allocator
+behaviour: what the sessions hold (history tokens and chunks, queued audio,
+unsent events; read at scrape time through ``set_state_source``) and what the
+process holds (RSS, and glibc's split of its heap into bytes in use and free
+bytes it has not returned to the OS).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 _STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -39,6 +53,13 @@ class Metrics:
                                       buckets=_STEP_BUCKETS_S, registry=r)
         self.step_rows = Histogram("ais_worker_step_rows", "sessions advanced per step",
                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self._state = _StateCollector()
+        r.register(self._state)
+        r.register(_ProcessMemoryCollector())
+
+    def set_state_source(self, source: Callable[[], Mapping[str, float]]) -> None:
+        """``source()`` -> {name: value} for the ``SESSION_STATE`` gauges, called at each scrape."""
+        self._state.source = source
 
     # ---- server.session.SessionObserver ------------------------------------------------
     def audio_received(self, seconds: float) -> None:
@@ -67,3 +88,108 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# What every open session holds, summed over sessions: these must stay bounded however long
+# sessions run (docs/reliability.md). Keys of the state source's mapping -> help text.
+SESSION_STATE = {
+    "ais_session_kv_positions": "KV-cache positions in use, summed over sessions",
+    "ais_session_history_tokens": "tokens kept for context rollover, summed over sessions",
+    "ais_session_history_chunks": "audio chunks (20 KB of mel each) kept for context rollover, summed over sessions",
+    "ais_session_queued_chunks": "audio chunks received but not yet consumed by the model, summed over sessions",
+    "ais_session_queued_events": "events waiting to be sent to clients, summed over connections",
+}
+
+
+class _StateCollector(Collector):
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, float]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self.source() if self.source is not None else {}
+        for name, documentation in SESSION_STATE.items():
+            yield GaugeMetricFamily(name, documentation, value=values.get(name, 0))
+
+
+class _ProcessMemoryCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rss = resident_bytes()
+        if rss is not None:
+            yield GaugeMetricFamily("ais_process_resident_memory_bytes", "resident set size of the server process",
+                                    value=rss)
+        fds = open_fds()
+        if fds is not None:
+            yield GaugeMetricFamily("ais_process_open_fds", "open file descriptors (sockets included)", value=fds)
+        heap = heap_stats()
+        if heap is not None:
+            family = GaugeMetricFamily(
+                "ais_malloc_heap_bytes", "glibc malloc heap: in_use = live allocations in arenas, free = held in "
+                "arenas but unused (fragmentation or not yet trimmed), mmapped = live large blocks mapped directly",
+                labels=["state"])
+            family.add_metric(["in_use"], heap.in_use)
+            family.add_metric(["free"], heap.free)
+            family.add_metric(["mmapped"], heap.mmapped)
+            yield family
+
+
+# ---- process memory (Linux, glibc) ------------------------------------------------------
+
+
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def open_fds(pid: int | str = "self") -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class HeapStats:
+    in_use: int  # bytes of live allocations in the arenas
+    free: int  # bytes the arenas hold that nobody uses (RSS only where touched and not yet trimmed)
+    mmapped: int  # bytes of live large allocations mapped directly (unmapped, not kept, when freed)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _load_glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not glibc (musl, macOS): no heap figures, no trimming
+        return None
+    return libc
+
+
+_GLIBC = _load_glibc()
+
+
+def heap_stats() -> HeapStats | None:
+    """glibc's heap figures summed over all arenas (None off glibc)."""
+    if _GLIBC is None:
+        return None
+    info = _GLIBC.mallinfo2()
+    return HeapStats(in_use=info.uordblks, free=info.fordblks, mmapped=info.hblkhd)
+
+
+def malloc_trim() -> bool:
+    """Return free heap pages of every arena to the OS; False where that is not possible."""
+    if _GLIBC is None:
+        return False
+    _GLIBC.malloc_trim(0)
+    return True

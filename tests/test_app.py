@@ -17,6 +17,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from server.app import build_server, create_app
 from server.audio import load_audio_file, load_audio_sequence
+from server.metrics import SESSION_STATE
 from server.protocol import SERVER_EVENT_ADAPTER
 from server.settings import ConfigError, ServerConfig, load_config
 
@@ -329,6 +330,39 @@ def test_health_ready_info_metrics(live):
     status, body = live.get("/metrics")
     assert status == 200 and b"ais_model_ready 1.0" in body and b"ais_worker_step_seconds_bucket" in body
     assert b"ais_decision_latency_seconds_bucket" in body and b"ais_turn_onset_latency_seconds_bucket" in body
+
+
+def metric_samples(live: LiveServer) -> dict[str, float]:
+    status, body = live.get("/metrics")
+    assert status == 200
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in body.decode().splitlines() if line and not line.startswith("#"))}
+
+
+def test_metrics_show_what_a_session_holds_and_nothing_after_it_closes(live):
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, decision_events=True)
+        ws.send(np.zeros(16000, dtype=np.int16).tobytes())  # 1.0 s
+        ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.2}))  # 1.2 s = exactly 3 chunks
+        events = recv_until(ws, lambda e: e["type"] == "input.flushed")
+        held = metric_samples(live)
+        # Each decided chunk is kept for a context rollover; nothing waits for the model or the client.
+        assert held["ais_session_history_chunks"] == 3 and held["ais_session_queued_chunks"] == 0
+        num_reply_tokens = sum(e["num_tokens"] for e in events if e["type"] == "turn_end")
+        # 13 tokens per listening block (the first has no lead token), plus the reply tokens fed.
+        assert held["ais_session_history_tokens"] >= 3 * 13 - 1 + num_reply_tokens
+        assert held["ais_session_kv_positions"] > held["ais_session_history_tokens"]  # plus the system prompt
+        assert held["ais_sessions_active"] == 1 and held["ais_session_queued_events"] == 0
+        ws.send(json.dumps({"type": "session.close"}))
+        recv_to_close(ws)
+    deadline = time.monotonic() + 10
+    while (released := metric_samples(live))["ais_sessions_active"] != 0:
+        assert time.monotonic() < deadline, "the closed session was never released"
+        time.sleep(0.02)
+    assert all(released[name] == 0 for name in SESSION_STATE), released
+    assert released["ais_process_resident_memory_bytes"] > 100 * (1 << 20)  # the server holds the model
+    assert released['ais_malloc_heap_bytes{state="in_use"}'] > 0 and released["ais_process_open_fds"] > 3
 
 
 def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):

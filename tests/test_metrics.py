@@ -1,0 +1,71 @@
+"""server.metrics: process memory figures and the session-state gauges, without a server."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from server.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
+
+MIB = 1 << 20
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or heap_stats() is None,
+                                 reason="reads /proc and glibc's mallinfo2")
+
+
+def samples(metrics: Metrics) -> dict[str, float]:
+    out = {}
+    for line in metrics.render().decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@linux_glibc
+def test_rss_and_heap_follow_a_64_mib_allocation():
+    rss_before, heap_before = resident_bytes(), heap_stats()
+    block = np.ones(16 * MIB, dtype=np.float32)  # 64 MiB, every page touched; malloc maps it directly
+    rss_during, heap_during = resident_bytes(), heap_stats()
+    assert rss_during - rss_before >= 60 * MIB
+    assert heap_during.mmapped - heap_before.mmapped >= 60 * MIB
+    del block
+    assert heap_stats().mmapped - heap_before.mmapped < 4 * MIB  # a mapped block is unmapped, not kept
+    assert resident_bytes() - rss_before < 16 * MIB
+
+
+@linux_glibc
+def test_malloc_trim_returns_free_heap_pages_to_the_os():
+    # Many small blocks live in the arena; freeing all but the last leaves free pages below the top
+    # that glibc does not give back by itself.
+    blocks = [bytearray(b"x" * 2000) for _ in range(40_000)]  # about 80 MiB of 2 KB blocks
+    keep = blocks[-1]
+    del blocks
+    free_before = heap_stats().free
+    rss_before = resident_bytes()
+    assert free_before >= 40 * MIB
+    assert malloc_trim()
+    assert rss_before - resident_bytes() >= 30 * MIB
+    assert keep[0] == ord("x")
+
+
+@linux_glibc
+def test_process_gauges_are_rendered():
+    values = samples(Metrics())
+    assert values["ais_process_resident_memory_bytes"] > 10 * MIB
+    assert values["ais_process_open_fds"] >= 3  # stdin, stdout, stderr at least
+    assert values['ais_malloc_heap_bytes{state="in_use"}'] > 0
+    assert {'ais_malloc_heap_bytes{state="free"}', 'ais_malloc_heap_bytes{state="mmapped"}'} <= values.keys()
+
+
+def test_session_state_gauges_read_the_source_at_each_scrape():
+    metrics = Metrics()
+    assert all(samples(metrics)[name] == 0 for name in SESSION_STATE)  # no source yet: zeros, not missing
+    state = {"ais_session_history_chunks": 7, "ais_session_queued_events": 3}
+    metrics.set_state_source(lambda: state)
+    values = samples(metrics)
+    assert values["ais_session_history_chunks"] == 7 and values["ais_session_queued_events"] == 3
+    assert values["ais_session_kv_positions"] == 0
+    state["ais_session_history_chunks"] = 2  # read again at the next scrape, not cached
+    assert samples(metrics)["ais_session_history_chunks"] == 2
