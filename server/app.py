@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Response, WebSocket
 from fastapi.responses import JSONResponse
 
 from server import tokens as T
-from server.connection import CLIENT_GONE, StreamConnection, Subscriber, send_and_close
+from server.connection import CLIENT_GONE, ConnectionRateLimiter, StreamConnection, Subscriber, send_and_close
 from server.metrics import SESSION_STATE, Metrics
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
@@ -47,6 +48,8 @@ class Runtime:
         self.is_shutting_down = False
         self.streams: dict[str, StreamConnection] = {}
         self.metrics.set_state_source(self.state_totals)
+        self.rate_limiter = None if config.connect_rate_per_ip is None else \
+            ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
 
     def state_totals(self) -> dict[str, float]:
         """What the open sessions hold, summed (the ``ais_session_*`` gauges; event loop only).
@@ -234,8 +237,28 @@ def _error(code: str, message: str, session_id: str | None = None) -> ErrorEvent
                       is_fatal=True)
 
 
+async def _rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
+    """Refuse a client IP over its connection-attempt rate with HTTP 429, before the handshake."""
+    if runtime.rate_limiter is None:
+        return False
+    address = websocket.client.host if websocket.client is not None else "unknown"
+    retry_after_s = runtime.rate_limiter.retry_after_s(address, time.monotonic())
+    if retry_after_s is None:
+        return False
+    runtime.metrics.refused_total.labels("rate_limited").inc()
+    try:
+        await websocket.send_denial_response(Response(
+            "too many connection attempts from this address; retry later\n", status_code=429,
+            headers={"Retry-After": str(math.ceil(retry_after_s))}, media_type="text/plain"))
+    except RuntimeError:  # an ASGI server without the denial-response extension: a plain refusal (HTTP 403)
+        await websocket.close(CloseCode.TRY_AGAIN)
+    return True
+
+
 async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
     config, metrics = runtime.config, runtime.metrics
+    if await _rate_limited(runtime, websocket):
+        return
     refusal = _refusal(runtime, websocket)
     if refusal is None and len(runtime.streams) >= config.session_capacity:
         refusal = "capacity", f"all {config.session_capacity} sessions are in use; retry later", CloseCode.TRY_AGAIN
@@ -271,6 +294,8 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
 
 
 async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:
+    if await _rate_limited(runtime, websocket):
+        return
     refusal = _refusal(runtime, websocket)
     stream = runtime.streams.get(session_id)
     if refusal is None and stream is None:

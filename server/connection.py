@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 
 from fastapi import WebSocket
@@ -35,6 +35,36 @@ CLIENT_GONE: tuple[type[BaseException], ...] = (WebSocketDisconnect, OSError) + 
 
 # What a subscriber of /v1/sessions/{id}/events receives.
 SUBSCRIBED_TYPES = frozenset({"turn_begin", "emotion", "text_delta", "segment", "turn_end", "session.closed"})
+
+
+class ConnectionRateLimiter:
+    """WebSocket connection attempts per client IP: a token bucket of ``burst`` attempts refilled at ``rate_per_s``.
+
+    Sessions are long and reconnects rare, so a client that opens connections in a tight
+    loop (a reconnect bug, a flood) is refused before the handshake, at the cost of a dict
+    lookup. Memory is bounded: at most ``max_tracked`` addresses are remembered, least
+    recently seen forgotten first (forgetting an address only gives it a full bucket again).
+    Event loop only.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, max_tracked: int = 65_536) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at time)
+
+    def retry_after_s(self, address: str, now_s: float) -> float | None:
+        """None and one attempt counted when ``address`` may connect now; else seconds until it may."""
+        tokens, at_s = self._buckets.pop(address, (float(self.burst), now_s))
+        tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[address] = (tokens - 1.0 if allowed else tokens, now_s)
+        while len(self._buckets) > self.max_tracked:
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate_per_s
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class _Close:

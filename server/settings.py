@@ -41,6 +41,10 @@ class ServerConfig(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed; empty = any")
     max_sessions: int | None = Field(None, ge=1, description="concurrent streams; None = engine.max_sessions")
     max_subscribers_per_session: int = Field(4, ge=0)
+    connect_rate_per_ip: float | None = Field(
+        10.0, gt=0, description="WebSocket connection attempts per second per client IP, sustained (beyond "
+        "connect_burst_per_ip at once); more get HTTP 429 before the handshake. None = no limit")
+    connect_burst_per_ip: int = Field(100, ge=1, description="connection attempts one client IP may make at once")
     max_frame_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_buffered_audio_s: float = Field(60.0, gt=0, description="audio accepted but not yet heard by the model")
     max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
