@@ -1,19 +1,29 @@
 """Long-session soak: a simulated hour of real audio through one session, faster than real time.
 
-    python benchmarks/soak.py [--minutes 60] [--max-positions 4096] [--window 2048]
+    python benchmarks/soak.py [--minutes 60] [--report-every 5] [--max-positions 4096] [--window 2048]
 
 Streams the shared recordings (looped, with 2 s of silence between files) into
 the worker as fast as it steps, once with context rollover and once without,
-and prints per simulated 5 minutes: positions in use, rollover history kept,
-rollovers so far, process RSS. Without rollover the session must end cleanly
-with `context_full` and the worker must go on serving a new session.
+and prints per simulated `--report-every` minutes: positions in use, rollover
+history kept, queued chunks, rollovers so far, and the process's memory: RSS
+and glibc's heap split into live bytes (in use + mmapped) and free bytes it
+holds. At the end, the slopes of RSS and of the live heap after `--warmup`
+simulated minutes, in MiB per simulated hour (least squares over the rows).
+Without rollover the session must end cleanly with `context_full` and the
+worker must go on serving a new session.
+
+Events are counted, not kept, so the benchmark's own memory does not grow with
+the stream. `--encoder-batches pow2` pads every encoder call to a power-of-two
+number of chunks: the change docs/reliability.md proposes for server/encoder.py,
+applied here from outside so its effect can be measured before it lands.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +32,33 @@ import torch
 from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence
 from server.checkpoint import load_model
 from server.config import EngineConfig, SessionOptions
-from server.engine_events import ContextRollover, Decision, SessionEnded
+from server.engine_events import SessionEnded
+from server.metrics import heap_stats, resident_bytes
 from server.tokens import CHUNK_SAMPLES
 from server.worker import Worker
 
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 CHUNKS_PER_MINUTE = 150
+MIB = 1 << 20
 
 
 def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = resident_bytes()
+    return float("nan") if rss is None else rss / MIB
+
+
+def heap_mib() -> tuple[float, float]:
+    """(live, free) MiB of glibc's heap; nan off glibc."""
+    heap = heap_stats()
+    if heap is None:
+        return float("nan"), float("nan")
+    return (heap.in_use + heap.mmapped) / MIB, heap.free / MIB
+
+
+def slope_per_hour(minutes: list[float], values: list[float]) -> float:
+    if len(minutes) < 2:
+        return float("nan")
+    return float(np.polyfit(np.array(minutes) / 60.0, np.array(values), 1)[0])
 
 
 def audio_loop() -> np.ndarray:
@@ -46,21 +70,54 @@ def audio_loop() -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def soak(model, minutes: float, max_positions: int, window: int | None, report_every_min: float) -> dict:
+def pad_encoder_batches_to_powers_of_two() -> None:
+    """Every encoder call gets 1, 2, 4, ... chunks (zero chunks appended, their outputs dropped).
+
+    Chunks are encoded independently, so the padding does not change the real chunks'
+    embeddings; it only bounds how many input shapes the encoder ever sees.
+    """
+    from server.encoder import AudioEncoder
+
+    encode = AudioEncoder.encode
+
+    def padded(self: AudioEncoder, mel_chunks: torch.Tensor) -> torch.Tensor:
+        n = mel_chunks.shape[0]
+        bucket = 1 << max(0, (n - 1).bit_length())
+        if n == 0 or bucket == n:
+            return encode(self, mel_chunks)
+        padding = mel_chunks.new_zeros(bucket - n, *mel_chunks.shape[1:])
+        return encode(self, torch.cat([mel_chunks, padding]))[:n]
+
+    AudioEncoder.encode = padded
+
+
+COLUMNS = ("simulated min", "decisions", "positions", "history tokens", "history chunks", "queued chunks",
+           "rollovers", "RSS MiB", "heap live MiB", "heap free MiB")
+
+
+def soak(model, minutes: float, max_positions: int, window: int | None, report_every_min: float,
+         warmup_min: float) -> dict:
     worker = Worker(model, EngineConfig(max_sessions=2, max_positions=max_positions,
                                         rollover_window_positions=window))
-    events = []
-    worker.open_session("soak", SessionOptions(max_turn_tokens=32), events.extend)
+    counts: Counter[str] = Counter()
+    ended: list[SessionEnded] = []
+
+    def count(events: list) -> None:  # kept: only the final event, if any
+        counts.update(type(event).__name__ for event in events)
+        ended.extend(event for event in events if isinstance(event, SessionEnded))
+
+    worker.open_session("soak", SessionOptions(max_turn_tokens=32), count)
     loop = audio_loop()
     front_end = StreamingLogMel()
     total_chunks = int(minutes * CHUNKS_PER_MINUTE)
     fed = 0
     next_report = 0.0
     max_positions_seen = 0
+    memory: list[tuple[float, float, float]] = []  # (simulated minute, RSS, live heap)
     started = time.perf_counter()
     print(f"\n### rollover window: {window}  (budget {max_positions} positions)\n")
-    print("| simulated min | decisions | positions | history tokens | history chunks | rollovers | RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
     while fed < total_chunks:
         start = (fed * CHUNK_SAMPLES) % (len(loop) - CHUNK_SAMPLES)
         chunks = front_end.push(loop[start:start + CHUNK_SAMPLES])
@@ -73,27 +130,36 @@ def soak(model, minutes: float, max_positions: int, window: int | None, report_e
                 max_positions_seen = max(max_positions_seen, size.positions)
         size = worker.state_size("soak")
         minute = fed / CHUNKS_PER_MINUTE
-        if minute >= next_report or size is None:
-            decisions = sum(isinstance(e, Decision) for e in events)
+        if minute >= next_report or size is None or fed == total_chunks:
+            rss = rss_mib()
+            live, free = heap_mib()
             if size is None:
-                print(f"| {minute:.1f} | {decisions} | session ended | | | | {rss_mib():.0f} |")
+                print(f"| {minute:.1f} | {counts['Decision']} | session ended | | | | | {rss:.0f} | {live:.0f} | "
+                      f"{free:.0f} |")
                 break
-            print(f"| {minute:.1f} | {decisions} | {size.positions} | {size.history_tokens} | "
-                  f"{size.history_chunks} | {size.num_rollovers} | {rss_mib():.0f} |")
+            memory.append((minute, rss, live))
+            print(f"| {minute:.1f} | {counts['Decision']} | {size.positions} | {size.history_tokens} | "
+                  f"{size.history_chunks} | {size.queued_chunks} | {size.num_rollovers} | {rss:.0f} | {live:.1f} | "
+                  f"{free:.0f} |", flush=True)
             next_report += report_every_min
-    ended = [e for e in events if isinstance(e, SessionEnded)]
+    after = [row for row in memory if row[0] >= warmup_min]
+    minutes_after = [row[0] for row in after]
     # The worker must still serve a new session whatever happened to this one.
-    probe = []
-    worker.open_session("probe", SessionOptions(), probe.extend)
+    probe: Counter[str] = Counter()
+    worker.open_session("probe", SessionOptions(), lambda events: probe.update(type(e).__name__ for e in events))
     worker.push_audio("probe", torch.zeros(2, 128, 40) - 1.5)
     worker.run_until_idle()
     return {
-        "wall_s": time.perf_counter() - started,
-        "decisions": sum(isinstance(e, Decision) for e in events),
-        "rollovers": sum(isinstance(e, ContextRollover) for e in events),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "decisions": counts["Decision"],
+        "replies": counts["TurnEnd"],
+        "rollovers": counts["ContextRollover"],
         "max_positions_seen": max_positions_seen,
         "ended": ended[0].error_code if ended else None,
-        "worker_still_serves": sum(isinstance(e, Decision) for e in probe) == 2,
+        "worker_still_serves": probe["Decision"] == 2,
+        f"rss_mib_per_hour_after_min_{warmup_min:g}": round(slope_per_hour(minutes_after, [r[1] for r in after]), 1),
+        f"live_heap_mib_per_hour_after_min_{warmup_min:g}":
+            round(slope_per_hour(minutes_after, [r[2] for r in after]), 1),
     }
 
 
@@ -104,14 +170,22 @@ def main() -> None:
     parser.add_argument("--max-positions", type=int, default=4096)
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--report-every", type=float, default=5.0, help="simulated minutes between rows")
+    parser.add_argument("--warmup", type=float, default=5.0, help="simulated minutes left out of the slopes")
+    parser.add_argument("--encoder-batches", choices=["as-is", "pow2"], default="as-is",
+                        help="pow2: pad encoder calls to powers of two (the proposed server/encoder.py change)")
+    parser.add_argument("--skip-no-rollover", action="store_true", help="only the run with rollover")
     args = parser.parse_args()
     if args.checkpoint is None:
         from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
+    if args.encoder_batches == "pow2":
+        pad_encoder_batches_to_powers_of_two()
     model = load_model(args.checkpoint, "cpu")
-    for window in (args.window, None):
-        result = soak(model, args.minutes, args.max_positions, window, args.report_every)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, encoder batches {args.encoder_batches}, "
+          f"python {sys.version.split()[0]}")
+    for window in (args.window,) if args.skip_no_rollover else (args.window, None):
+        result = soak(model, args.minutes, args.max_positions, window, args.report_every, args.warmup)
         print(f"\nresult: {result}")
 
 
