@@ -208,6 +208,9 @@ def main() -> None:
         active = info(base)["sessions"]["active"]
         print(f"\nslopes {memory.slopes(args.warmup)}")  # before the idle row below joins the log
         idle = memory.record(args.minutes, base)
+        trims = scrape(base)
+        count, total_s = trims.get("ais_malloc_trim_seconds_count", 0), trims.get("ais_malloc_trim_seconds_sum", 0)
+        print(f"periodic malloc_trim: {count:.0f} calls, mean {1000 * total_s / max(count, 1):.1f} ms")
         print(f"after all clients left: RSS {idle[1]:.0f} MiB, heap in use {idle[2]:.0f} MiB, free {idle[3]:.0f} MiB, "
               f"mmapped {idle[4]:.0f} MiB, open fds {idle[5]:.0f}; session state left: history chunks {idle[7]:.0f}, "
               f"queued chunks {idle[8]:.0f}, queued events {idle[9]:.0f}")

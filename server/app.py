@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from server import tokens as T
 from server.connection import CLIENT_GONE, ConnectionRateLimiter, StreamConnection, Subscriber, send_and_close
-from server.metrics import SESSION_STATE, Metrics
+from server.metrics import SESSION_STATE, Metrics, malloc_trim
 from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
 from server.settings import ServerConfig
@@ -117,6 +117,24 @@ class Runtime:
     def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
         self.metrics.observe_step(stats)
 
+    async def trim_memory_periodically(self, interval_s: float) -> None:
+        """Return the heap's free pages to the OS every ``interval_s``.
+
+        glibc keeps freed memory in its arenas and returns only the top of each heap, so with
+        sessions coming and going (their mel chunks, queued audio and events allocated on
+        one thread, freed on another) free but resident pages pile up: in the 64-session load
+        run of docs/reliability.md, RSS rose 1013 -> 1370 MiB over 14 minutes while the live
+        heap stayed within 283-382 MiB and the free heap grew 214 -> 512 MiB; with this trim
+        every 60 s RSS stayed at 1,000-1,050 MiB from minute 4 on. It runs on a thread:
+        walking the arenas takes milliseconds and must not stall the event loop.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            started = time.perf_counter()
+            if not await asyncio.to_thread(malloc_trim):
+                return  # not glibc: nothing to trim
+            self.metrics.malloc_trim_seconds.observe(time.perf_counter() - started)
+
     async def shutdown(self) -> None:
         """Close every session with a final event, then stop the worker."""
         self.is_shutting_down = True
@@ -139,9 +157,14 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = asyncio.create_task(runtime.load())
+        trimmer = None
+        if config.memory_trim_interval_s is not None:
+            trimmer = asyncio.create_task(runtime.trim_memory_periodically(config.memory_trim_interval_s))
         try:
             yield
         finally:
+            if trimmer is not None:
+                trimmer.cancel()
             await runtime.shutdown()
             if not loader.done():
                 loader.cancel()

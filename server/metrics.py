@@ -53,6 +53,9 @@ class Metrics:
                                       buckets=_STEP_BUCKETS_S, registry=r)
         self.step_rows = Histogram("ais_worker_step_rows", "sessions advanced per step",
                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.malloc_trim_seconds = Histogram(
+            "ais_malloc_trim_seconds", "one periodic malloc_trim (memory_trim_interval_s), run off the event loop",
+            buckets=_STEP_BUCKETS_S, registry=r)
         self._state = _StateCollector()
         r.register(self._state)
         r.register(_ProcessMemoryCollector())

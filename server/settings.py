@@ -50,6 +50,9 @@ class ServerConfig(BaseModel):
     max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
     idle_timeout_s: float = Field(120.0, gt=0, description="close a stream after this long without a client frame")
     max_session_s: float = Field(4 * 3600.0, gt=0)
+    memory_trim_interval_s: float | None = Field(
+        60.0, gt=0, description="seconds between malloc_trim calls that return the glibc heap's free pages to "
+        "the OS (docs/reliability.md); None = never. No effect off glibc")
     trailing_silence_s: float = Field(1.0, ge=0, le=10, description="input.flush default, as the offline CLI's")
     decision_events: bool = Field(False, description="default of session.configure's decision_events")
     session: SessionOptions = SessionOptions()

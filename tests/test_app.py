@@ -17,7 +17,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from server.app import build_server, create_app
 from server.audio import load_audio_file, load_audio_sequence
-from server.metrics import SESSION_STATE
+from server.metrics import SESSION_STATE, heap_stats
 from server.protocol import SERVER_EVENT_ADAPTER
 from server.settings import ConfigError, ServerConfig, load_config
 
@@ -363,6 +363,20 @@ def test_metrics_show_what_a_session_holds_and_nothing_after_it_closes(live):
     assert all(released[name] == 0 for name in SESSION_STATE), released
     assert released["ais_process_resident_memory_bytes"] > 100 * (1 << 20)  # the server holds the model
     assert released['ais_malloc_heap_bytes{state="in_use"}'] > 0 and released["ais_process_open_fds"] > 3
+
+
+def test_periodic_malloc_trim_runs_and_is_timed(tiny_checkpoint):
+    if heap_stats() is None:
+        pytest.skip("malloc_trim is glibc's")
+    server = LiveServer(server_config(tiny_checkpoint, memory_trim_interval_s=0.05)).start()
+    try:
+        deadline = time.monotonic() + 10
+        while metric_samples(server)["ais_malloc_trim_seconds_count"] < 3:
+            assert time.monotonic() < deadline, "no periodic trim was recorded"
+            time.sleep(0.05)
+        assert server.get("/health")[0] == 200  # the loop stays responsive between trims
+    finally:
+        server.stop()
 
 
 def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):
