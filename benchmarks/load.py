@@ -160,6 +160,18 @@ class MemoryLog:
                 f"live heap (in use + mmapped) {live:+.1f} MiB/h")
 
 
+def after_next_trim(base: str, memory: MemoryLog, minute: float, timeout_s: float = 90.0) -> tuple | None:
+    """The memory row once the server has trimmed its heap again (None when it does not trim):
+    what the idle server really keeps, without the free pages glibc had not yet returned."""
+    count = scrape(base).get("ais_malloc_trim_seconds_count", 0)
+    if count == 0:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while scrape(base)["ais_malloc_trim_seconds_count"] == count and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return memory.record(minute, base)
+
+
 async def run(url: str, base: str, streams: int, minutes: float, report_every_s: float,
               memory: MemoryLog) -> Tally:
     tally = Tally()
@@ -207,13 +219,15 @@ def main() -> None:
         time.sleep(2.0)  # let the server notice the last dropped connections
         active = info(base)["sessions"]["active"]
         print(f"\nslopes {memory.slopes(args.warmup)}")  # before the idle row below joins the log
-        idle = memory.record(args.minutes, base)
+        for label, row in (("after all clients left", memory.record(args.minutes, base)),
+                           ("after the next periodic trim", after_next_trim(base, memory, args.minutes))):
+            if row is not None:
+                print(f"{label}: RSS {row[1]:.0f} MiB, heap in use {row[2]:.0f} MiB, free {row[3]:.0f} MiB, "
+                      f"mmapped {row[4]:.0f} MiB, open fds {row[5]:.0f}; session state left: history chunks "
+                      f"{row[7]:.0f}, queued chunks {row[8]:.0f}, queued events {row[9]:.0f}")
         trims = scrape(base)
         count, total_s = trims.get("ais_malloc_trim_seconds_count", 0), trims.get("ais_malloc_trim_seconds_sum", 0)
         print(f"periodic malloc_trim: {count:.0f} calls, mean {1000 * total_s / max(count, 1):.1f} ms")
-        print(f"after all clients left: RSS {idle[1]:.0f} MiB, heap in use {idle[2]:.0f} MiB, free {idle[3]:.0f} MiB, "
-              f"mmapped {idle[4]:.0f} MiB, open fds {idle[5]:.0f}; session state left: history chunks {idle[7]:.0f}, "
-              f"queued chunks {idle[8]:.0f}, queued events {idle[9]:.0f}")
         print(f"\nsessions: {tally.sessions} ({tally.polite} closed politely, {tally.dropped} dropped, "
               f"{tally.refused} refused while full and retried), "
               f"events: {tally.events}, decisions: {tally.decisions}, replies: {tally.turns}")
