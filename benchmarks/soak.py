@@ -13,9 +13,9 @@ Without rollover the session must end cleanly with `context_full` and the
 worker must go on serving a new session.
 
 Events are counted, not kept, so the benchmark's own memory does not grow with
-the stream. `--encoder-batches pow2` pads every encoder call to a power-of-two
-number of chunks: the change docs/reliability.md proposes for server/encoder.py,
-applied here from outside so its effect can be measured before it lands.
+the stream. `--encoder-batches exact` turns off the server's padding of encoder
+calls to a few batch sizes (engine.encoder_batch_buckets), to measure what it
+is for.
 """
 
 from __future__ import annotations
@@ -70,35 +70,14 @@ def audio_loop() -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def pad_encoder_batches_to_powers_of_two() -> None:
-    """Every encoder call gets 1, 2, 4, ... chunks (zero chunks appended, their outputs dropped).
-
-    Chunks are encoded independently, so the padding does not change the real chunks'
-    embeddings; it only bounds how many input shapes the encoder ever sees.
-    """
-    from server.encoder import AudioEncoder
-
-    encode = AudioEncoder.encode
-
-    def padded(self: AudioEncoder, mel_chunks: torch.Tensor) -> torch.Tensor:
-        n = mel_chunks.shape[0]
-        bucket = 1 << max(0, (n - 1).bit_length())
-        if n == 0 or bucket == n:
-            return encode(self, mel_chunks)
-        padding = mel_chunks.new_zeros(bucket - n, *mel_chunks.shape[1:])
-        return encode(self, torch.cat([mel_chunks, padding]))[:n]
-
-    AudioEncoder.encode = padded
-
-
 COLUMNS = ("simulated min", "decisions", "positions", "history tokens", "history chunks", "queued chunks",
            "rollovers", "RSS MiB", "heap live MiB", "heap free MiB")
 
 
 def soak(model, minutes: float, max_positions: int, window: int | None, report_every_min: float,
-         warmup_min: float) -> dict:
+         warmup_min: float, encoder_buckets: bool) -> dict:
     worker = Worker(model, EngineConfig(max_sessions=2, max_positions=max_positions,
-                                        rollover_window_positions=window))
+                                        rollover_window_positions=window, encoder_batch_buckets=encoder_buckets))
     counts: Counter[str] = Counter()
     ended: list[SessionEnded] = []
 
@@ -171,21 +150,20 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--report-every", type=float, default=5.0, help="simulated minutes between rows")
     parser.add_argument("--warmup", type=float, default=5.0, help="simulated minutes left out of the slopes")
-    parser.add_argument("--encoder-batches", choices=["as-is", "pow2"], default="as-is",
-                        help="pow2: pad encoder calls to powers of two (the proposed server/encoder.py change)")
+    parser.add_argument("--encoder-batches", choices=["buckets", "exact"], default="buckets",
+                        help="exact: encode every call at its own batch size (engine.encoder_batch_buckets off)")
     parser.add_argument("--skip-no-rollover", action="store_true", help="only the run with rollover")
     args = parser.parse_args()
     if args.checkpoint is None:
         from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
-    if args.encoder_batches == "pow2":
-        pad_encoder_batches_to_powers_of_two()
     model = load_model(args.checkpoint, "cpu")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, encoder batches {args.encoder_batches}, "
           f"python {sys.version.split()[0]}")
     for window in (args.window,) if args.skip_no_rollover else (args.window, None):
-        result = soak(model, args.minutes, args.max_positions, window, args.report_every, args.warmup)
+        result = soak(model, args.minutes, args.max_positions, window, args.report_every, args.warmup,
+                      encoder_buckets=args.encoder_batches == "buckets")
         print(f"\nresult: {result}")
 
 

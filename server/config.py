@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
         description="share of the accelerator memory free after loading that the KV cache may take; "
         "start-up fails with the largest max_sessions that fits when it does not",
     )
+    encoder_batch_buckets: bool = Field(
+        True,
+        description="pad each audio-encoder call to one of a few batch sizes (1, 2, 3, 4, 6, 8, 12, ...) so "
+        "the backend's per-shape kernel caches stop growing; the padding's outputs are dropped",
+    )
     scripted_turns: ScriptedTurns | None = Field(
         None,
         description="benchmarks only: replace the model's decisions and reply tokens with a fixed schedule "

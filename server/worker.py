@@ -96,7 +96,7 @@ class Worker:
     def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
         self.model = model
         self.config = config
-        self.encoder = AudioEncoder(model.encoder_tower)
+        self.encoder = AudioEncoder(model.encoder_tower, pad_to_buckets=config.encoder_batch_buckets)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         check_kv_fits(model.lm, config.max_sessions, config.max_positions, config.kv_memory_fraction)

@@ -32,3 +32,19 @@ def test_rejects_wrong_shapes(tiny_model):
 
     with pytest.raises(ValueError, match=r"\(N, 128, 40\)"):
         AudioEncoder(tiny_model.encoder_tower).encode(torch.zeros(2, 128, 39))
+
+
+def test_batch_buckets_are_few_and_waste_at_most_a_third():
+    from server.encoder import batch_bucket
+
+    buckets = [batch_bucket(n) for n in range(1, 513)]
+    assert sorted(set(buckets)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert all(n <= b < 1.5 * n or b - n <= 1 for n, b in zip(range(1, 513), buckets))
+
+
+def test_padding_to_a_bucket_leaves_the_real_chunks_unchanged(tiny_model, stream_chunks):
+    chunks = torch.cat([s[:3] for s in stream_chunks[:3]])[:5]  # 5 chunks -> padded to 6
+    padded = AudioEncoder(tiny_model.encoder_tower, pad_to_buckets=True).encode(chunks)
+    exact = AudioEncoder(tiny_model.encoder_tower, pad_to_buckets=False).encode(chunks)
+    assert padded.shape == exact.shape == (5, 10, tiny_model.lm.cfg.n_embd)
+    torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
