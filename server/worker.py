@@ -108,6 +108,9 @@ class Worker:
             log.warning("scripted turns (%s): decisions and replies follow a benchmark schedule, not the model",
                         config.scripted_turns)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        # Held while posting and while the dying worker sets ``failure`` and drains the inbox,
+        # so every command is either drained (opens answered) or sees the failure.
+        self._inbox_lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
         self._round_robin = 0
@@ -119,17 +122,27 @@ class Worker:
 
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
-        self._inbox.put(_Command("open", session_id, options, emit))
+        self._post(_Command("open", session_id, options, emit))
 
     def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None:
         """Queue (N, 128, 40) mel chunks for the session, consumed in order."""
-        self._inbox.put(_Command("audio", session_id, mel_chunks))
+        self._post(_Command("audio", session_id, mel_chunks))
 
     def cancel(self, session_id: str) -> None:
-        self._inbox.put(_Command("cancel", session_id))
+        self._post(_Command("cancel", session_id))
 
     def close_session(self, session_id: str) -> None:
-        self._inbox.put(_Command("close", session_id))
+        self._post(_Command("close", session_id))
+
+    def _post(self, command: _Command) -> None:
+        with self._inbox_lock:
+            if self.failure is None:
+                self._inbox.put(command)
+                return
+        # A dead worker answers opens at once, so no client waits for a session that never starts.
+        if command.kind == "open":
+            assert command.emit is not None
+            command.emit([SessionEnded("worker_failed", f"the model worker failed: {self.failure}")])
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
@@ -178,10 +191,24 @@ class Worker:
                 if self.step() is None:
                     self._apply_commands(block_s=0.05)
         except BaseException as exc:  # the worker must never die silently
-            self.failure = exc
+            with self._inbox_lock:
+                self.failure = exc
             log.exception("model worker died; every session is ended")
             for session in list(self._sessions.values()):
                 self._end(session, "worker_failed", f"the model worker failed: {exc}")
+            self._refuse_pending_opens()
+
+    def _refuse_pending_opens(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command.kind == "open" and command.emit is not None:
+                try:
+                    command.emit([SessionEnded("worker_failed", f"the model worker failed: {self.failure}")])
+                except Exception:
+                    log.exception("emit callback of session %s failed at close", command.session_id)
 
     def run_until_idle(self) -> None:
         """Step until no session has work (synchronous mode, e.g. the offline CLI)."""

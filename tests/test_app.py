@@ -397,6 +397,36 @@ def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):
         server.stop()
 
 
+def test_a_dead_worker_closes_sessions_and_takes_the_server_to_not_ready(tiny_checkpoint, shared_audio, caplog):
+    """The worker's step loop itself raising (not one row): every stream gets an error close, none hangs."""
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        with server.connect() as ws:
+            recv_event(ws)
+            send_configure(ws, decision_events=True)
+            send_count_bark(ws, shared_audio)
+            recv_until(ws, lambda e: e["type"] == "decision")
+
+            def crash():
+                raise RuntimeError("simulated worker crash")
+
+            server.runtime.worker.step = crash  # the loop calls self.step(): the instance attribute wins
+            events, code = recv_to_close(ws)
+        assert code == 1011
+        assert [e["code"] for e in events if e["type"] == "error"] == ["worker_failed"]
+        assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
+        assert "model worker died" in caplog.text and "simulated worker crash" in caplog.text
+
+        status, body = server.get("/ready")
+        assert status == 503 and "simulated worker crash" in json.loads(body)["reason"]
+        assert b"ais_model_ready 0.0" in server.get("/metrics")[1]
+        with server.connect() as ws:  # a new stream is refused at once, not left waiting for the worker
+            events, code = recv_to_close(ws, timeout=10)
+        assert events[0]["code"] == "not_ready" and code == 1013
+    finally:
+        server.stop()
+
+
 def test_shutdown_closes_open_sessions_with_a_final_event(tiny_checkpoint, shared_audio):
     server = LiveServer(server_config(tiny_checkpoint)).start()
     try:

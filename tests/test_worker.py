@@ -203,6 +203,26 @@ def test_worker_thread_serves_sessions_and_stops(tiny_model, stream_chunks):
     assert rec.events[-1] == SessionEnded("server_shutdown", "the server is shutting down")
 
 
+def test_a_dead_worker_answers_every_open_with_worker_failed(tiny_model, stream_chunks):
+    """Opens still in the inbox when the step loop dies, and opens posted afterwards, are all refused."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    queued, late = Recorder(), Recorder()
+    worker.open_session("queued", OPTIONS, queued)
+    worker.push_audio("queued", stream_chunks[0][:2])
+
+    def crash():
+        raise RuntimeError("simulated worker crash")
+
+    worker.step = crash  # _run calls self.step(): the loop dies before it applies the queued open
+    worker.start()
+    worker._thread.join(10)
+    assert not worker.is_alive and isinstance(worker.failure, RuntimeError)
+    worker.open_session("late", OPTIONS, late)
+    worker.push_audio("late", stream_chunks[1][:2])  # dropped: there is no session to feed
+    for recorder in (queued, late):
+        assert recorder.events == [SessionEnded("worker_failed", "the model worker failed: simulated worker crash")]
+
+
 def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
     worker = Worker(tiny_model, EngineConfig(max_sessions=2))
     good = Recorder()
