@@ -81,6 +81,7 @@ class Runtime:
         return f"the model worker died: {self.worker.failure!r}"
 
     async def load(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             self.model, self.worker = await asyncio.to_thread(self._load_blocking)
             self.metrics.model_ready.set(1)
@@ -111,11 +112,26 @@ class Runtime:
         model = load_model(checkpoint, engine.device, engine.dtype)
         worker = Worker(model, engine)
         worker.on_step = self._on_step
+        worker.on_failure = self._on_worker_failure
         worker.start()
         return model, worker
 
     def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
         self.metrics.observe_step(stats)
+
+    def _on_worker_failure(self, error: BaseException) -> None:  # the dying worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._worker_failed, f"the model worker died: {error!r}")
+        except RuntimeError:
+            pass  # the event loop is already closed: the server is stopping anyway
+
+    def _worker_failed(self, reason: str) -> None:
+        # The worker has ended every session; a server without it is useless, and only a new
+        # process gets a new one, so stop (exit status 1) and let the supervisor restart us.
+        self.metrics.model_ready.set(0)
+        log.error("cannot serve: %s; stopping so that a supervisor can restart the server", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def trim_memory_periodically(self, interval_s: float) -> None:
         """Return the heap's free pages to the OS every ``interval_s``.

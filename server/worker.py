@@ -118,6 +118,7 @@ class Worker:
         self._stop = threading.Event()
         self.failure: BaseException | None = None
         self.on_step: Callable[[StepStats], None] | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None  # called on the dying worker thread
         self._prompt_cache: dict[str | None, list[int]] = {}
 
     # ---- thread-safe API -------------------------------------------------
@@ -197,6 +198,11 @@ class Worker:
             for session in list(self._sessions.values()):
                 self._end(session, "worker_failed", f"the model worker failed: {exc}")
             self._refuse_pending_opens()
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(exc)
+                except Exception:
+                    log.exception("the worker's failure callback failed")
 
     def _refuse_pending_opens(self) -> None:
         while True:

@@ -416,6 +416,12 @@ def test_a_dead_worker_closes_sessions_and_takes_the_server_to_not_ready(tiny_ch
         assert [e["code"] for e in events if e["type"] == "error"] == ["worker_failed"]
         assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
         assert "model worker died" in caplog.text and "simulated worker crash" in caplog.text
+        deadline = time.monotonic() + 10
+        # on_fatal: `python -m server` then exits 1 (test_python_dash_m_server_exits_1_when_it_cannot_serve).
+        while not server.fatal:
+            assert time.monotonic() < deadline, "the worker's death did not reach on_fatal"
+            time.sleep(0.02)
+        assert "model worker died" in server.fatal[0]
 
         status, body = server.get("/ready")
         assert status == 503 and "simulated worker crash" in json.loads(body)["reason"]
@@ -500,6 +506,18 @@ def test_serve_command_line_builds_overrides():
     assert overrides_from(args) == {"port": 0, "demo": True}
     assert load_config(None, {}, overrides_from(args)).is_demo
 
+
+
+def test_python_dash_m_server_exits_1_when_it_cannot_serve(tmp_path):
+    """on_fatal (a model that cannot load, a dead worker) stops the process with status 1 and says why."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIS_ENGINE__CHECKPOINT": str(tmp_path), "AIS_PORT": "0"}  # an empty directory
+    result = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "error: CheckpointError" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_python_dash_m_server_serves_and_stops_cleanly(tiny_checkpoint, tmp_path):
