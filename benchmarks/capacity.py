@@ -21,6 +21,9 @@ Modes:
 direct     the engine's worker thread, fed in this process (audio already turned
            into mel chunks: the per-connection front-end runs on the event loop in
            the server and is measured by ``websocket``). Clock: chunk pushed -> decision emitted.
+direct-exact  ``direct`` with every encoder call at its own batch size instead of
+           padded to a bucket (``engine.encoder_batch_buckets: false``): what the
+           padding costs.
 websocket  ``python -m server`` in a subprocess, one WebSocket client per stream sending
            100 ms PCM frames. Clock: frame completing the chunk sent -> ``decision`` received.
            Needs a checkpoint directory (the tiny demo by default), not ``--model real``.
@@ -167,8 +170,8 @@ class TurnClock:
 
 
 def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, seconds: float,
-               engine: dict) -> Run:
-    run = Run("direct", streams, seconds)
+               engine: dict, name: str = "direct") -> Run:
+    run = Run(name, streams, seconds)
     worker = Worker(model, EngineConfig(max_sessions=streams, **engine))
     worker.on_step = run.steps.append
     chunks_per_stream = int(seconds / CHUNK_S)
@@ -442,7 +445,7 @@ def load(model_arg: str, device: str, dtype: str) -> tuple[LoadedModel, Path | N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", nargs="+", choices=["direct", "websocket", "baseline"],
+    parser.add_argument("--mode", nargs="+", choices=["direct", "direct-exact", "websocket", "baseline"],
                         default=["direct", "baseline"])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream, streamed in real time")
@@ -480,6 +483,9 @@ def main() -> None:
         for streams in args.streams:
             if mode == "direct":
                 run = run_direct(model, chunks, streams, args.seconds, engine)
+            elif mode == "direct-exact":
+                run = run_direct(model, chunks, streams, args.seconds, {**engine, "encoder_batch_buckets": False},
+                                 name=mode)
             elif mode == "websocket":
                 if checkpoint is None:
                     print("| websocket | - | needs a checkpoint directory (the server loads one) |")
