@@ -54,7 +54,6 @@ import statistics
 import sys
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 
 from server import tokens as T
-from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
+from server.audio import StreamingLogMel, log_mel_whole
 from server.checkpoint import LoadedModel, load_model
 from server.config import EngineConfig, SessionOptions
 from server.conversation import Conversation
@@ -75,11 +74,12 @@ from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from server.worker import StepStats, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import server_log, start_server  # noqa: E402
+from served import (  # noqa: E402
+    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time, server_log,
+    start_server, stream_audio,
+)
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
-FRAME_SAMPLES = 1600  # 100 ms frames in websocket mode
 WARMUP_CHUNKS = 3
 MAX_TURN_TOKENS = 64  # the cap for model-decided replies; scripted replies are shorter
 
@@ -88,16 +88,9 @@ MAX_TURN_TOKENS = 64  # the cap for model-decided replies; scripted replies are 
 # Audio
 
 
-def audio_loop() -> np.ndarray:
-    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
-              for p in load_audio_sequence(folder)]
-    return np.concatenate(pieces)
-
-
-def stream_audio(loop: np.ndarray, stream: int, seconds: float) -> np.ndarray:
-    start = (stream * 7919 * FRAME_SAMPLES) % len(loop)  # a different place in the loop per stream
-    needed = int(seconds * SAMPLE_RATE_HZ) + CHUNK_SAMPLES
-    return np.tile(loop, needed // len(loop) + 2)[start:start + needed]
+def stream_seconds(loop: np.ndarray, stream: int, seconds: float) -> np.ndarray:
+    """``seconds`` of a stream's audio plus one chunk, so its last full-duration chunk completes."""
+    return stream_audio(loop, stream, int(seconds * SAMPLE_RATE_HZ) + CHUNK_SAMPLES)
 
 
 def mel_chunks(loop: np.ndarray) -> list[torch.Tensor]:
@@ -236,13 +229,8 @@ async def websocket_client(url: str, stream: int, audio: np.ndarray, offset_s: f
     sent_at: dict[int, float] = {}
     clock = TurnClock(run)
     async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
-        assert json.loads(await ws.recv())["type"] == "session.created"
-        await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
-                                  "max_turn_tokens": MAX_TURN_TOKENS,
-                                  "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": SAMPLE_RATE_HZ,
-                                            "num_channels": 1}}))
-        assert json.loads(await ws.recv())["type"] == "session.updated"
-        expected_chunks = (num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES
+        await configure_s16_stream(ws, MAX_TURN_TOKENS)
+        expected_chunks = chunks_decided(num_frames)
 
         async def receive() -> None:
             received = 0
@@ -252,9 +240,8 @@ async def websocket_client(url: str, stream: int, audio: np.ndarray, offset_s: f
                 kind = event["type"]
                 if kind == "decision":
                     received += 1
-                    completing = (CHUNK_SAMPLES * (event["chunk"] + 1) + 40 - 1) // FRAME_SAMPLES
                     if event["chunk"] >= WARMUP_CHUNKS:
-                        run.decision_s.append(now - sent_at[completing])
+                        run.decision_s.append(now - sent_at[completing_frame(event["chunk"])])
                 elif kind == "turn_begin":
                     clock.begin(now)
                 elif kind in ("emotion", "text_delta"):
@@ -266,13 +253,7 @@ async def websocket_client(url: str, stream: int, audio: np.ndarray, offset_s: f
                     return
 
         receiver = asyncio.create_task(receive())
-        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-        for frame in range(num_frames):
-            delay = start + offset_s + frame * FRAME_SAMPLES / SAMPLE_RATE_HZ - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            sent_at[frame] = time.perf_counter()
-            await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
+        await send_in_real_time(ws, audio, num_frames, start + offset_s, sent_at)
         await asyncio.wait_for(receiver, timeout=60)
         await ws.send(json.dumps({"type": "session.close"}))
 
@@ -300,11 +281,11 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
     process, port = start_server(env, timeout_s=600)
     url = f"ws://127.0.0.1:{port}/v1/stream"
     num_frames = int(seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
-    run.expected_decisions = streams * ((num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES - WARMUP_CHUNKS)
+    run.expected_decisions = streams * (chunks_decided(num_frames) - WARMUP_CHUNKS)
     try:
         async def main() -> None:
             start = time.perf_counter() + 1.0
-            await asyncio.gather(*(websocket_client(url, i, stream_audio(loop, i, seconds), i * CHUNK_S / streams,
+            await asyncio.gather(*(websocket_client(url, i, stream_seconds(loop, i, seconds), i * CHUNK_S / streams,
                                                     start, run, num_frames) for i in range(streams)))
         asyncio.run(main())
         run.memory_mib = peak_rss_mib(process.pid)  # the server's, not this client's
@@ -386,7 +367,7 @@ def run_baseline(model: LoadedModel, loop: np.ndarray, streams: int, seconds: fl
     model.lm.attention_backend = "gather"  # batch 1 reads one slot: nothing to save
     prefix = T.prompt_prefix(model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
     served = [ReferenceStyleStream(model, encoder, cache, i, prefix, script, run) for i in range(streams)]
-    audios = [stream_audio(loop, i, seconds) for i in range(streams)]
+    audios = [stream_seconds(loop, i, seconds) for i in range(streams)]
     chunks_per_stream = int(seconds / CHUNK_S)
     run.expected_decisions = streams * (chunks_per_stream - WARMUP_CHUNKS)
     schedule = sorted((i * CHUNK_S / streams + (k + 1) * CHUNK_S, i, k) for i in range(streams)

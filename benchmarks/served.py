@@ -1,7 +1,11 @@
-"""`python -m server` as a subprocess on a free loopback port, for the benchmarks that go over sockets."""
+"""What the benchmarks that go over sockets share: `python -m server` as a subprocess on a
+free loopback port, the shared recordings as one loop, and the client side of a real-time
+16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +13,16 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from server.audio import load_audio_file, load_audio_sequence
+from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+
+SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+FRAME_SAMPLES = 1600  # 100 ms frames
+LOOKAHEAD_SAMPLES = 40  # a chunk is complete once 40 samples past its end have arrived
 
 
 def free_port() -> int:
@@ -44,3 +58,49 @@ def start_server(env_overrides: dict[str, str], timeout_s: float = 120.0) -> tup
 def server_log(process: subprocess.Popen) -> str:
     process.log_file.seek(0)
     return process.log_file.read()
+
+
+def audio_loop() -> np.ndarray:
+    """Every shared recording, 16 kHz mono, in folder and sequence order."""
+    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+              for p in load_audio_sequence(folder)]
+    return np.concatenate(pieces)
+
+
+def stream_audio(loop: np.ndarray, stream: int, num_samples: int) -> np.ndarray:
+    """``num_samples`` of the loop, starting at a different place for each stream."""
+    start = (stream * 7919 * FRAME_SAMPLES) % len(loop)
+    return np.tile(loop, num_samples // len(loop) + 2)[start:start + num_samples]
+
+
+def completing_frame(chunk: int) -> int:
+    """The frame whose arrival completes ``chunk`` (it carries the chunk's look-ahead samples)."""
+    return (CHUNK_SAMPLES * (chunk + 1) + LOOKAHEAD_SAMPLES - 1) // FRAME_SAMPLES
+
+
+def chunks_decided(num_frames: int) -> int:
+    """Decisions a stream of ``num_frames`` frames gets without a flush."""
+    return (num_frames * FRAME_SAMPLES - LOOKAHEAD_SAMPLES) // CHUNK_SAMPLES
+
+
+async def configure_s16_stream(ws, max_turn_tokens: int) -> None:
+    """Read ``session.created``, ask for decision events and 16 kHz mono s16, wait for ``session.updated``."""
+    assert json.loads(await ws.recv())["type"] == "session.created"
+    await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
+                              "max_turn_tokens": max_turn_tokens,
+                              "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": SAMPLE_RATE_HZ,
+                                        "num_channels": 1}}))
+    assert json.loads(await ws.recv())["type"] == "session.updated"
+
+
+async def send_in_real_time(ws, audio: np.ndarray, num_frames: int, first_frame_at: float,
+                            sent_at: dict[int, float]) -> None:
+    """Send ``num_frames`` 100 ms s16 frames of ``audio``, frame i due at ``first_frame_at + i * 0.1 s``
+    (``time.perf_counter`` clock); ``sent_at[i]`` records when frame i went out."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    for frame in range(num_frames):
+        delay = first_frame_at + frame * FRAME_SAMPLES / SAMPLE_RATE_HZ - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent_at[frame] = time.perf_counter()
+        await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.audio import StreamingLogMel, load_audio_file, load_audio_sequence
+from server.audio import StreamingLogMel
 from server.checkpoint import load_model
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import Decision
@@ -42,33 +42,25 @@ from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from server.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import start_server  # noqa: E402
+from served import (  # noqa: E402
+    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
+    start_server, stream_audio,
+)
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
-FRAME_SAMPLES = 1600  # 100 ms
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE_HZ
 CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
 MAX_TURN_TOKENS = 4
-
-
-def audio_for(stream: int, seconds: float) -> np.ndarray:
-    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
-              for p in load_audio_sequence(folder)]
-    loop = np.concatenate(pieces)
-    start = (stream * 7919 * FRAME_SAMPLES) % len(loop)  # a different place in the loop per stream
-    needed = int(seconds * SAMPLE_RATE_HZ)
-    return np.tile(loop, needed // len(loop) + 2)[start:start + needed]
-
-
-def completing_frame(chunk: int) -> int:
-    """The frame whose arrival completes ``chunk`` (it carries the chunk's 40 look-ahead samples)."""
-    return (CHUNK_SAMPLES * (chunk + 1) + 40 - 1) // FRAME_SAMPLES
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
     return statistics.median(ordered), p95
+
+
+def streams_audio(num_streams: int, seconds: float) -> list[np.ndarray]:
+    loop = audio_loop()  # read once: every stream is a different place in the same loop
+    return [stream_audio(loop, i, int(seconds * SAMPLE_RATE_HZ)) for i in range(num_streams)]
 
 
 def run_engine(model, num_streams: int, seconds: float) -> list[float]:
@@ -87,7 +79,7 @@ def run_engine(model, num_streams: int, seconds: float) -> list[float]:
         return emit
 
     options = SessionOptions(max_turn_tokens=MAX_TURN_TOKENS)
-    audios = [audio_for(i, seconds) for i in range(num_streams)]
+    audios = streams_audio(num_streams, seconds)
     front_ends = [StreamingLogMel() for _ in range(num_streams)]
     emitted = [0] * num_streams
     for i in range(num_streams):
@@ -122,14 +114,9 @@ async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, 
 
     sent_at: dict[int, float] = {}
     async with websockets.connect(url, compression=None, max_size=None) as ws:
-        assert json.loads(await ws.recv())["type"] == "session.created"
-        await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
-                                  "max_turn_tokens": MAX_TURN_TOKENS,
-                                  "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": SAMPLE_RATE_HZ,
-                                            "num_channels": 1}}))
-        assert json.loads(await ws.recv())["type"] == "session.updated"
+        await configure_s16_stream(ws, MAX_TURN_TOKENS)
         num_frames = len(audio) // FRAME_SAMPLES
-        expected_chunks = (num_frames * FRAME_SAMPLES - 40) // CHUNK_SAMPLES
+        expected_chunks = chunks_decided(num_frames)
 
         async def receive() -> None:
             received = 0
@@ -140,13 +127,7 @@ async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, 
                     received += 1
 
         receiver = asyncio.create_task(receive())
-        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-        for frame in range(num_frames):
-            delay = start + offset_s + frame * FRAME_S - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            sent_at[frame] = time.perf_counter()
-            await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
+        await send_in_real_time(ws, audio, num_frames, start + offset_s, sent_at)
         await asyncio.wait_for(receiver, timeout=60)
         await ws.send(json.dumps({"type": "session.close"}))
 
@@ -156,11 +137,12 @@ def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float
                                   "AIS_ENGINE__CHECKPOINT": str(checkpoint)})
     url = f"ws://127.0.0.1:{port}/v1/stream"
     latencies: list[float] = []
+    audios = streams_audio(num_streams, seconds)
     try:
         async def main() -> None:
             start = time.perf_counter() + 1.0
-            await asyncio.gather(*(one_client(url, i, audio_for(i, seconds), i * CHUNK_S / num_streams, start,
-                                              latencies) for i in range(num_streams)))
+            await asyncio.gather(*(one_client(url, i, audio, i * CHUNK_S / num_streams, start, latencies)
+                                   for i, audio in enumerate(audios)))
         asyncio.run(main())
     finally:
         process.terminate()
