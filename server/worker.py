@@ -140,10 +140,17 @@ class Worker:
             if self.failure is None:
                 self._inbox.put(command)
                 return
-        # A dead worker answers opens at once, so no client waits for a session that never starts.
-        if command.kind == "open":
-            assert command.emit is not None
+        self._refuse(command)
+
+    def _refuse(self, command: _Command) -> None:
+        """After the worker died: an open is answered with ``worker_failed`` at once, so no client
+        waits for a session that never starts; other commands have no session left to act on."""
+        if command.kind != "open" or command.emit is None:
+            return
+        try:
             command.emit([SessionEnded("worker_failed", f"the model worker failed: {self.failure}")])
+        except Exception:
+            log.exception("emit callback of session %s failed at close", command.session_id)
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
@@ -207,14 +214,9 @@ class Worker:
     def _refuse_pending_opens(self) -> None:
         while True:
             try:
-                command = self._inbox.get_nowait()
+                self._refuse(self._inbox.get_nowait())
             except queue.Empty:
                 return
-            if command.kind == "open" and command.emit is not None:
-                try:
-                    command.emit([SessionEnded("worker_failed", f"the model worker failed: {self.failure}")])
-                except Exception:
-                    log.exception("emit callback of session %s failed at close", command.session_id)
 
     def run_until_idle(self) -> None:
         """Step until no session has work (synchronous mode, e.g. the offline CLI)."""
