@@ -25,9 +25,7 @@ class KVCacheTooLarge(RuntimeError):
 
 def kv_bytes_per_slot(lm: AudioInteractionLM, max_positions: int) -> int:
     """K and V for one session of ``max_positions`` tokens, every layer, in the model's dtype."""
-    cfg = lm.cfg
-    element = lm.lm_head.weight.element_size()
-    return 2 * cfg.n_layer * cfg.n_query_groups * max_positions * cfg.head_size * element
+    return SlotKVCache.bytes_per_slot(lm.cfg, max_positions, lm.lm_head.weight.dtype)
 
 
 def sessions_that_fit(lm: AudioInteractionLM, max_positions: int, memory_fraction: float) -> int | None:

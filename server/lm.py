@@ -193,12 +193,12 @@ class AttentionPlan:
     position, so nothing is copied and no other slot is even visited.
     """
 
-    def __init__(self, write: CacheWrite, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+    def __init__(self, write: CacheWrite, slots: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                  num_keys: int, scale: float, enable_gqa: bool) -> None:
         self.write = write
         self.slots = slots  # (B,)
         self.positions = positions  # (B, T); padding queries at position 0
-        self.valid = valid  # (B, T)
+        self.lengths = lengths  # (B,) real tokens per row
         self.num_keys = num_keys
         self.scale = scale
         self.enable_gqa = enable_gqa
@@ -248,7 +248,7 @@ class FlexAttention(AttentionPlan):
         total_blocks = num_slots * blocks_per_slot
         slots = F.pad(self.slots, (0, padded_rows - B))
         positions = F.pad(self.positions, (0, FLEX_QUERY_ROWS - T, 0, padded_rows - B))
-        lengths = F.pad(self.valid.sum(dim=1), (0, padded_rows - B))  # padding rows: 0
+        lengths = F.pad(self.lengths, (0, padded_rows - B))  # padding rows: 0
         L = max_positions
         # Keys before a row's first position are visible to all its queries (full blocks, no
         # mask_mod); the blocks from there to its last position are partial (causal inside).
@@ -321,8 +321,8 @@ def _compiled_flex_attention():
 class StepBatch:
     """One forward over several slots. Rows are right-padded to a common length.
 
-    ``audio_mask`` marks the token positions whose embeddings are replaced, in
-    row-major order, by the rows of ``audio_embeds``. Everything the step needs
+    ``audio_index`` lists the packed (row-major, real tokens only) indices whose
+    embeddings are replaced, in order, by the rows of ``audio_embeds``. Everything the step needs
     to know about shapes and positions is computed here on the host, so the
     forward never waits on the device to learn them.
     """
@@ -330,13 +330,11 @@ class StepBatch:
     tokens: torch.Tensor  # (B, T) long
     positions: torch.Tensor  # (B, T) long; padding entries are 0
     lengths: torch.Tensor  # (B,) long, >= 1
-    valid: torch.Tensor  # (B, T) bool, real (non-padding) tokens
     slots: torch.Tensor  # (B,) long, distinct
-    audio_mask: torch.Tensor  # (B, T) bool
-    audio_embeds: torch.Tensor | None  # (audio_mask.sum(), E)
+    audio_embeds: torch.Tensor | None  # (len(audio_index), E)
     write: CacheWrite  # where the real tokens go in the cache, in packed (row-major) order
     num_keys: int  # 1 + the largest position in the batch
-    audio_index: torch.Tensor  # (audio_mask.sum(),) packed indices of the audio tokens, row-major
+    audio_index: torch.Tensor  # (A,) packed indices of the audio tokens, row-major
     last_index: torch.Tensor  # (B,) packed index of each row's last token
 
     @staticmethod
@@ -352,7 +350,6 @@ class StepBatch:
         B, T = len(rows), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
-        audio_mask = torch.zeros(B, T, dtype=torch.bool)
         write_row, write_col, write_slot, write_position = [], [], [], []
         audio_index, last_index = [], []
         for i, (row, start) in enumerate(zip(rows, start_positions)):
@@ -360,7 +357,6 @@ class StepBatch:
             tokens[i, :n] = torch.tensor(row, dtype=torch.long)
             positions[i, :n] = torch.arange(start, start + n)
             for lo, hi in audio_spans[i]:
-                audio_mask[i, lo:hi] = True
                 audio_index += range(len(write_row) + lo, len(write_row) + hi)
             last_index.append(len(write_row) + n - 1)
             write_row += [i] * n
@@ -376,9 +372,7 @@ class StepBatch:
             tokens=tokens.to(device, non_blocking=True),
             positions=positions.to(device, non_blocking=True),
             lengths=lengths.to(device, non_blocking=True),
-            valid=(torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device, non_blocking=True),
             slots=put(slots),
-            audio_mask=audio_mask.to(device, non_blocking=True),
             audio_embeds=audio_embeds,
             write=CacheWrite(put(write_row), put(write_col), put(write_slot), put(write_position)),
             num_keys=max(start + len(row) for row, start in zip(rows, start_positions)),
@@ -397,22 +391,27 @@ class SlotKVCache:
     def __init__(
         self, cfg: LMConfig, num_slots: int, max_positions: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        # Heads before slots: one layer's (G, S, L, D) views as (1, G, S*L, D) for in-place attention.
-        shape = (cfg.n_layer, cfg.n_query_groups, num_slots, max_positions, cfg.head_size)
+        shape = self.shape(cfg, num_slots, max_positions)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_slots = num_slots
         self.max_positions = max_positions
+
+    @staticmethod
+    def shape(cfg: LMConfig, num_slots: int, max_positions: int) -> tuple[int, ...]:
+        # Heads before slots: one layer's (G, S, L, D) views as (1, G, S*L, D) for in-place attention.
+        return (cfg.n_layer, cfg.n_query_groups, num_slots, max_positions, cfg.head_size)
+
+    @staticmethod
+    def bytes_per_slot(cfg: LMConfig, max_positions: int, dtype: torch.dtype) -> int:
+        """K and V of one slot, every layer: what a cache of this layout costs per session, before allocating it."""
+        return 2 * math.prod(SlotKVCache.shape(cfg, 1, max_positions)) * dtype.itemsize
 
     def clear_slot(self, slot: int) -> None:
         # Stale values at masked positions are harmless unless they are NaN/inf
         # (0 * NaN poisons attention), so a reused slot starts from zeros.
         self.k[:, :, slot].zero_()
         self.v[:, :, slot].zero_()
-
-    @property
-    def bytes_per_slot(self) -> int:
-        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
 
 
 class AudioInteractionLM(nn.Module):
@@ -477,7 +476,7 @@ class AudioInteractionLM(nn.Module):
 
     def _attention_plan(self, batch: StepBatch, cache: SlotKVCache) -> AttentionPlan:
         common = dict(
-            write=batch.write, slots=batch.slots, positions=batch.positions, valid=batch.valid,
+            write=batch.write, slots=batch.slots, positions=batch.positions, lengths=batch.lengths,
             num_keys=batch.num_keys, scale=1.0 / math.sqrt(self.cfg.head_size),
             enable_gqa=self.cfg.n_query_groups != self.cfg.n_head,
         )
