@@ -31,13 +31,11 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from server.audio import load_audio_file, load_audio_sequence
 from server.protocol import SERVER_EVENT_ADAPTER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import server_log, start_server  # noqa: E402
+from served import audio_loop, server_log, slope_per_hour, start_server  # noqa: E402
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600
 
 
@@ -59,13 +57,6 @@ def scrape(base: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
-
-
-def slope_per_hour(minutes: list[float], values: list[float]) -> float:
-    """Least-squares slope of ``values`` against time, per hour (nan with fewer than 2 points)."""
-    if len(minutes) < 2:
-        return float("nan")
-    return float(np.polyfit(np.array(minutes) / 60.0, np.array(values), 1)[0])
 
 
 class Tally:
@@ -175,9 +166,7 @@ def after_next_trim(base: str, memory: MemoryLog, minute: float, timeout_s: floa
 async def run(url: str, base: str, streams: int, minutes: float, report_every_s: float,
               memory: MemoryLog) -> Tally:
     tally = Tally()
-    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
-              for p in load_audio_sequence(folder)]
-    pcm = (np.clip(np.concatenate(pieces), -1, 1) * 32767).astype("<i2")
+    pcm = (np.clip(audio_loop(), -1, 1) * 32767).astype("<i2")
     stop_at = time.monotonic() + minutes * 60
     clients = [asyncio.create_task(client(url, pcm, stop_at, random.Random(i), tally)) for i in range(streams)]
     columns = MemoryLog.COLUMNS + ("sessions so far", "events", "decisions", "replies")

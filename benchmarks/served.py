@@ -1,6 +1,7 @@
 """What the benchmarks that go over sockets share: `python -m server` as a subprocess on a
-free loopback port, the shared recordings as one loop, and the client side of a real-time
-16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame)."""
+free loopback port, the shared recordings as one loop, the client side of a real-time
+16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame), and
+the memory-trend figure the long runs report."""
 
 from __future__ import annotations
 
@@ -104,3 +105,10 @@ async def send_in_real_time(ws, audio: np.ndarray, num_frames: int, first_frame_
             await asyncio.sleep(delay)
         sent_at[frame] = time.perf_counter()
         await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
+
+
+def slope_per_hour(minutes: list[float], values: list[float]) -> float:
+    """Least-squares slope of ``values`` against time, per hour (nan with fewer than 2 points)."""
+    if len(minutes) < 2:
+        return float("nan")
+    return float(np.polyfit(np.array(minutes) / 60.0, np.array(values), 1)[0])

@@ -37,7 +37,9 @@ from server.metrics import heap_stats, resident_bytes
 from server.tokens import CHUNK_SAMPLES
 from server.worker import Worker
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import SHARED_AUDIO, slope_per_hour  # noqa: E402
+
 CHUNKS_PER_MINUTE = 150
 MIB = 1 << 20
 
@@ -53,12 +55,6 @@ def heap_mib() -> tuple[float, float]:
     if heap is None:
         return float("nan"), float("nan")
     return (heap.in_use + heap.mmapped) / MIB, heap.free / MIB
-
-
-def slope_per_hour(minutes: list[float], values: list[float]) -> float:
-    if len(minutes) < 2:
-        return float("nan")
-    return float(np.polyfit(np.array(minutes) / 60.0, np.array(values), 1)[0])
 
 
 def audio_loop() -> np.ndarray:
