@@ -4,10 +4,10 @@ Each 0.4 s chunk is encoded independently (the encoder's attention is limited
 to a chunk by ``feature_lens``), so chunks of many sessions go through one
 call and the result is the same as encoding them one at a time. That also
 lets a call be padded with all-zero chunks whose outputs are dropped: every call
-is rounded up to one of a few batch sizes (``batch_bucket``), because backends
-build and cache kernels per input shape (oneDNN a convolution primitive per
-batch size, ~50 KB each, kept in a 1,024-entry cache; cuDNN its plans), and a
-server that sees every size from 1 to a few hundred chunks (sessions deciding
+is rounded up to one of a few batch sizes (``batch_bucket``), because oneDNN
+(the CPU backend) builds and caches a convolution primitive per input shape
+(about 0.2 MiB of heap per new batch size in benchmarks/encoder_shapes.py, in a
+1,024-entry cache), and a server that sees every size from 1 to a few hundred chunks (sessions deciding
 in one step, rollovers re-encoding 90-170 kept chunks) would keep growing that
 cache, and fragmenting the heap around it, for hours. See docs/reliability.md.
 
