@@ -7,9 +7,10 @@ lets a call be padded with all-zero chunks whose outputs are dropped: every call
 is rounded up to one of a few batch sizes (``batch_bucket``), because oneDNN
 (the CPU backend) builds and caches a convolution primitive per input shape
 (about 0.2 MiB of heap per new batch size in benchmarks/encoder_shapes.py, in a
-1,024-entry cache), and a server that sees every size from 1 to a few hundred chunks (sessions deciding
-in one step, rollovers re-encoding 90-170 kept chunks) would keep growing that
-cache, and fragmenting the heap around it, for hours. See docs/reliability.md.
+1,024-entry cache), and a server that sees every size from 1 to a few hundred
+chunks (sessions deciding in one step, rollovers re-encoding 90-170 kept
+chunks) would keep growing that cache, and fragmenting the heap around it, for
+hours. See docs/reliability.md.
 
 Threading: not thread-safe; only the worker thread calls it.
 """
