@@ -115,12 +115,74 @@ def test_dockerfile_installs_torch_and_dependencies_before_copying_the_code():
     torch_install = next(i for i, (k, rest) in enumerate(steps) if k == "RUN" and "torch==${TORCH_VERSION}" in rest
                          and "--index-url" in rest)
     copies = [(i, rest.split()) for i, (k, rest) in enumerate(steps) if k == "COPY"]
-    assert copies and all(i > torch_install for i, _ in copies)
-    assert copies[0][1] == ["pyproject.toml", "./"]  # only the dependency list before the dependency layer
+    # Only the pinned versions before the torch layer, only the dependency list before the dependency layer.
+    assert copies[0][1] == ["constraints.txt", "./"] and copies[0][0] < torch_install
+    assert all(i > torch_install for i, _ in copies[1:])
+    assert copies[1][1] == ["pyproject.toml", "./"]
     deps_install = next(i for i, (k, rest) in enumerate(steps) if k == "RUN" and "tomllib" in rest)
-    assert copies[0][0] < deps_install < copies[1][0]
+    assert copies[1][0] < deps_install < copies[2][0]
     assert all(args[0] not in (".", "./") for _, args in copies)  # no `COPY . .`: edits stay in the last layers
     assert position[("USER", instruction("USER"))] > max(i for i, _ in copies)
+
+
+def test_dockerfile_has_no_syntax_directive():
+    """``# syntax=`` makes BuildKit pull its frontend image from a registry: an air-gapped build fails."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.IGNORECASE | re.MULTILINE)
+
+
+def pinned_constraints() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}; every line must be an exact ``name==version`` pin."""
+    from server.tools.freeze_constraints import canonical_name
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!]+)", line.strip())
+        assert match, f"not an exact pin: {line!r}"
+        pins[canonical_name(match[1])] = match[2]
+    return pins
+
+
+def test_constraints_pin_every_runtime_dependency_but_torch():
+    from packaging.version import Version
+
+    from server.tools.freeze_constraints import project_dependencies, runtime_closure
+
+    pins = pinned_constraints()
+    assert "torch" not in pins  # pinned by TORCH_VERSION; a +cpu/CUDA build is the index's choice
+    for requirement in project_dependencies():
+        name = requirement.name.lower().replace("_", "-")
+        if name != "torch":
+            assert requirement.specifier.contains(Version(pins[name])), (requirement, pins[name])
+    # Everything the server imports at run time, down to the last transitive requirement, as installed here:
+    # a dependency added to pyproject.toml without regenerating the file would install unpinned.
+    unpinned = sorted(runtime_closure(project_dependencies()).keys() - pins.keys() - {"torch"})
+    assert not unpinned, f"not in constraints.txt (run python -m server.tools.freeze_constraints): {unpinned}"
+
+
+def test_every_pip_install_in_the_dockerfile_uses_the_constraints():
+    installs = [part for keyword, rest in dockerfile() if keyword == "RUN"
+                for part in re.split(r"&&|;|\bthen\b", rest) if "pip install" in part]
+    assert len(installs) >= 2
+    for install in installs:
+        # The one exception takes torch alone from TORCH_INDEX_URL; its dependencies follow with the pins.
+        assert "-c constraints.txt" in install or ("--no-deps" in install and "torch==" in install), install
+    steps = dockerfile()
+    first_install = next(i for i, (keyword, rest) in enumerate(steps) if keyword == "RUN" and "pip install" in rest)
+    assert ("COPY", "constraints.txt ./") in steps[:first_install]
+    workdir = [rest for keyword, rest in steps[:first_install] if keyword == "WORKDIR"]
+    assert workdir, "the relative constraints.txt needs the WORKDIR it was copied to"
+
+
+def test_only_the_gpu_service_sees_gpus():
+    """The image must not set NVIDIA_VISIBLE_DEVICES: where the NVIDIA runtime is the host default, every
+    container of the image, the CPU demo too, would get every GPU."""
+    assert "NVIDIA_VISIBLE_DEVICES" not in dockerfile_env()
+    services = compose()["services"]
+    assert services["server"]["environment"]["NVIDIA_VISIBLE_DEVICES"] == "${NVIDIA_VISIBLE_DEVICES:-all}"
+    assert "NVIDIA_VISIBLE_DEVICES" not in services["cpu-demo"].get("environment", {})
 
 
 def test_dockerignore_keeps_checkpoints_out_but_not_what_the_image_copies():
