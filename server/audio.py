@@ -40,6 +40,11 @@ MIN_INPUT_RATE_HZ: Final = 1_000
 MAX_INPUT_RATE_HZ: Final = 384_000
 _LOG_FLOOR: Final = 1e-10
 _DYNAMIC_RANGE: Final = 8.0  # log10 units kept below the maximum (whisper's clamp)
+# Largest |sample| accepted in pcm_f32le frames: 100x full scale (+40 dBFS). Float audio a little over
+# 1.0 is normal (inter-sample overs, gain staging); nothing a microphone chain produces comes near 100,
+# while values like 1e20 overflow the float32 power spectrum (|X|^2) and would end the session with a
+# numerical error in the model. Such frames are refused as invalid audio instead.
+MAX_ABS_F32_SAMPLE: Final = 100.0
 
 SampleFormat = Literal["pcm_s16le", "pcm_f32le"]
 _SAMPLE_DTYPES: Final[dict[str, np.dtype]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
@@ -68,6 +73,10 @@ def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> n
     elif not np.isfinite(samples).all():
         # NaN/Inf would poison the STFT and the running max of the whole stream.
         raise AudioFormatError("pcm_f32le data contains NaN or Inf samples")
+    elif samples.size and float(np.abs(samples).max()) > MAX_ABS_F32_SAMPLE:
+        raise AudioFormatError(
+            f"pcm_f32le sample of magnitude {float(np.abs(samples).max()):.3g} is more than "
+            f"{MAX_ABS_F32_SAMPLE:g}x full scale (1.0); no microphone produces that")
     if num_channels > 1:
         samples = samples.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
     return np.ascontiguousarray(samples, dtype=np.float32)

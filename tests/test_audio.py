@@ -99,6 +99,21 @@ def test_decode_pcm_rejects_non_finite_floats(bad_value: float) -> None:
         decode_pcm(data, "pcm_f32le", 2)
 
 
+@pytest.mark.parametrize("absurd_value", [1e20, -3.4e38, 101.0])
+def test_decode_pcm_rejects_floats_no_microphone_produces(absurd_value: float) -> None:
+    """Finite but absurd samples would overflow the power spectrum (|x|^2 past float32) and
+    end the session with a numerical error downstream; they are refused here instead."""
+    data = np.array([0.1, absurd_value, 0.2, 0.3], dtype="<f4").tobytes()
+    with pytest.raises(AudioFormatError, match="full scale"):
+        decode_pcm(data, "pcm_f32le", 1)
+
+
+def test_decode_pcm_accepts_floats_up_to_the_bound() -> None:
+    """Hot but plausible float audio (inter-sample overs, gain staging) is not refused."""
+    loud = np.array([1.5, -4.0, 100.0, -100.0], dtype="<f4")  # the bound, 100x full scale, is allowed
+    np.testing.assert_array_equal(decode_pcm(loud.tobytes(), "pcm_f32le", 1), loud)
+
+
 def test_decode_pcm_rejects_bad_arguments() -> None:
     with pytest.raises(AudioFormatError, match="num_channels"):
         decode_pcm(bytes(4), "pcm_s16le", 0)
