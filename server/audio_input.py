@@ -7,6 +7,7 @@ Not thread-safe: one instance per session, used from one task.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -53,6 +54,15 @@ class AudioInput:
         if self._front_end is None:
             self._front_end = StreamingLogMel()
         return self._push(self._front_end.push(self._resampler.process(samples)))
+
+    def stream_s_after_flush(self, trailing_silence_s: float) -> float:
+        """Stream time once ``flush(trailing_silence_s)`` has run: the silence, then the last chunk padded.
+
+        Lets the session check a flush against its buffer limit before it queues anything.
+        """
+        silence_s = int(round(trailing_silence_s * T.SAMPLE_RATE_HZ)) / T.SAMPLE_RATE_HZ
+        # The tolerance keeps an exact chunk boundary from rounding up through float error.
+        return math.ceil((self.stream_s + silence_s) / CHUNK_S - 1e-6) * CHUNK_S
 
     def flush(self, trailing_silence_s: float) -> int:
         """End an utterance: resampler tail, trailing silence, zero-padded last chunk. Returns chunks pushed.

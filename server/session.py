@@ -277,6 +277,15 @@ class Session:
 
     def _flush(self, event: InputFlushEvent, now_s: float) -> list:
         silence_s = self.config.trailing_silence_s if event.trailing_silence_s is None else event.trailing_silence_s
+        # Synthesized silence queues for the model like audio does, so it counts against the same limit:
+        # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
+        queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_decided * CHUNK_S
+        if queued_after_s > self.config.max_buffered_audio_s + 1e-9:
+            return self._error("audio_buffer_full", (
+                f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
+                f"{self.config.max_buffered_audio_s:g} s); this flush with {silence_s:g} s of silence would "
+                f"queue {queued_after_s:.2f} s and was not applied: send it again once the model has caught up"),
+                event)
         self._open_engine()
         self._note_pushed(self.audio.flush(silence_s), now_s)
         self._flush_targets.append(self.audio.num_chunks_pushed)

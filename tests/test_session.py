@@ -105,6 +105,21 @@ def test_bad_frames_get_an_error_and_the_session_goes_on(tiny_model, name):
     assert h.send({"type": "session.configure", "decision_events": True})[0].type == "session.updated"
 
 
+def test_absurd_float_samples_get_invalid_audio_and_the_session_goes_on(tiny_model, speech):
+    """A pcm_f32le frame of 1e20 is no microphone's: refused as invalid_audio, not fed to the model
+    (where its power spectrum overflows and the session would end with numerical_error/1011)."""
+    h = Harness(tiny_model)
+    h.send({"type": "session.configure", "decision_events": True, "audio": {"sample_format": "pcm_f32le"}})
+    out = h.audio(np.full(6400, 1e20, dtype="<f4"))
+    assert [(e.type, e.code, e.is_fatal) for e in out] == [("error", "invalid_audio", False)], out
+    h.audio(speech[:12800].astype("<f4"))
+    h.send({"type": "input.flush", "trailing_silence_s": 0})
+    h.run()
+    assert h.session.close_code is None and [e.code for e in h.of("error")] == ["invalid_audio"]
+    assert h.session.audio.audio_received_s == pytest.approx(0.8)  # the refused frame is not counted as heard
+    assert [d.chunk for d in h.of("decision")] == [0, 1]
+
+
 def test_error_names_the_event_that_caused_it(tiny_model):
     h = Harness(tiny_model)
     h.audio(np.zeros(800, dtype="<i2"))
@@ -268,6 +283,29 @@ def test_changing_the_audio_format_mid_stream_continues_the_same_16k_stream(tiny
                 if e.type in ("decision", "turn_end")]
 
     assert run(switch=True) == run(switch=False)
+
+
+def test_flush_silence_counts_against_the_buffered_audio_limit(tiny_model):
+    """A flood of input.flush (tiny frames, each asking for 10 s of silence) is bounded like audio:
+    a flush whose silence would take the queue past max_buffered_audio_s gets audio_buffer_full."""
+    h = Harness(tiny_model, max_buffered_audio_s=3.0)
+    limit_chunks = int(3.0 / 0.4)
+    refused = []
+    for i in range(300):
+        out = h.send({"type": "input.flush", "event_id": f"f{i}", "trailing_silence_s": 10})
+        refused += [e for e in out if e.type == "error"]
+    assert len(refused) == 300, "10 s of silence never fits a 3 s buffer"
+    assert all((e.code, e.event_type, e.is_fatal) == ("audio_buffer_full", "input.flush", False) for e in refused)
+    assert refused[-1].event_id == "f299"
+    for _ in range(300):  # 1 s flushes fit until the queue is full
+        h.send({"type": "input.flush", "trailing_silence_s": 1.0})
+    assert 0 < h.session.num_chunks_pending <= limit_chunks  # chunks handed to the engine, not yet decided
+    assert h.session.buffered_audio_s <= 3.0 + 1e-9
+    h.run()  # once the model has heard the queue, a flush fits again
+    assert h.session.num_chunks_pending == 0
+    assert [e.type for e in h.send({"type": "input.flush", "trailing_silence_s": 1.0})] == []
+    h.run()
+    assert h.types()[-1] == "input.flushed" and h.session.close_code is None
 
 
 def test_flush_of_an_empty_stream_reports_at_once(tiny_model):
