@@ -6,6 +6,11 @@ TEXT_END or the turn cap. The token sampled last is fed at the start of the
 next row, exactly as the reference does, so the first row of a session is
 ``prefix + block`` and TEXT_END leads the first block after a reply.
 
+Turn cap, as the reference: the ``max_turn_tokens``-th reply token is fed like
+any other, the model's prediction at that step is discarded and TEXT_END taken
+instead. A capped reply therefore costs one more forward than its tokens, and
+the context holds every token the client was shown before TEXT_END.
+
 The worker asks ``plan()`` what to feed, runs the model, then calls
 ``commit(token)``; ``plan()`` never changes state, so a failed step can be
 retried. Audio that arrives while speaking waits in ``audio_queue`` in order.
@@ -54,6 +59,7 @@ class RowPlan:
     audio: tuple[Any, ...]  # chunks for those spans (opaque here); the last is the one decided on
     new_block_start: int = 0  # column where this row's own chunk block starts (listening rows)
     rolls_over: bool = False  # this row rebuilds the whole context from position 0
+    discards_prediction: bool = False  # feeds a capped reply's last token; TEXT_END follows whatever is sampled
 
     @property
     def is_decision(self) -> bool:
@@ -117,7 +123,7 @@ class Conversation:
 
     def plan(self) -> RowPlan:
         if self.phase is Phase.SPEAKING:
-            row = RowPlan(list(self._unfed), self.next_position, (), ())
+            row = RowPlan(list(self._unfed), self.next_position, (), (), discards_prediction=self._turn_is_capped)
         else:
             if not self.audio_queue:
                 raise RuntimeError("plan() called while listening with no audio queued")
@@ -198,15 +204,20 @@ class Conversation:
             self._forget_old_blocks()
         return events
 
+    @property
+    def _turn_is_capped(self) -> bool:
+        """The reply has all its tokens; the next row only feeds the last one."""
+        return self.phase is Phase.SPEAKING and len(self._turn_tokens) >= self.max_turn_tokens
+
     def _speak(self, token_id: int) -> list[EngineEvent]:
         if token_id == T.TEXT_END:
             return self._end_turn("text_end")
+        if self._turn_is_capped:
+            # The cap-th token is now in the context; the model's next token is dropped for TEXT_END.
+            return self._end_turn("max_tokens")
         self._turn_tokens.append(token_id)
         self._unfed = [token_id]
-        events: list[EngineEvent] = [TurnToken(self.num_turns, token_id)]
-        if len(self._turn_tokens) >= self.max_turn_tokens:
-            events += self._end_turn("max_tokens")
-        return events
+        return [TurnToken(self.num_turns, token_id)]
 
     def _end_turn(self, reason: EndReason) -> list[EngineEvent]:
         # TEXT_END is fed as the first token of the next listening block, sampled or not.
@@ -235,7 +246,8 @@ def rollover_point(max_positions: int, max_turn_tokens: int) -> int:
 def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
     """Raise ValueError if a session with these settings could not run (or could not roll over)."""
     first_row = prefix_tokens + BLOCK_TOKENS
-    if first_row + max_turn_tokens + BLOCK_TOKENS > max_positions:
+    # A full reply feeds TEXT_BEGIN and every reply token (the cap-th one included) before the next block.
+    if first_row + 1 + max_turn_tokens + BLOCK_TOKENS > max_positions:
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
             f"{max_positions}-position context budget"

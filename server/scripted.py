@@ -3,7 +3,8 @@
 Random weights decide almost at random and ramble or stop at once, so the
 speaking load of a capacity run would be an accident. With a script, every
 session starts a reply every ``every_chunks`` chunks (staggered by slot) and
-each reply is exactly ``reply_tokens`` tokens. The model still computes every
+each reply is exactly ``reply_tokens`` tokens (ended by the session's turn cap
+like any reply if that is lower). The model still computes every
 row's logits exactly as in serving; only the committed token is replaced.
 Runs that use it must say so (the server logs a warning at start-up).
 """

@@ -65,15 +65,51 @@ def test_reply_then_back_to_listening_with_text_end_first():
     assert row.start_position == 58 + 1 + 3
 
 
-def test_turn_cap_forces_text_end():
+def test_capped_turn_feeds_its_last_token_then_text_end():
+    """The reference feeds the cap-th token like any reply token, discards that step's prediction and
+    takes TEXT_END: the context holds every token the client was shown, then TEXT_END, then the next block."""
     conv = Conversation(PREFIX, max_turn_tokens=2, max_positions=4096)
     conv.add_audio("a")
     conv.add_audio("b")
+    fed = []
+
+    def step(token):
+        row = conv.plan()
+        fed.extend(row.tokens)
+        return row, conv.commit(row, token)
+
+    step(T.TEXT_BEGIN)
+    assert step(151618)[1] == [TurnToken(0, 151618)]
+    row, events = step(55)
+    assert events == [TurnToken(0, 55)], "the turn must not end before the cap-th token is fed"
+    assert conv.phase is Phase.SPEAKING and conv.is_ready
+    row = conv.plan()
+    assert row.tokens == [55] and row.discards_prediction and not row.is_decision
+    # Whatever the model predicts after the cap-th token is discarded.
+    row, events = step(77)
+    assert events == [TurnEnd(0, (151618, 55), "max_tokens")]
+    assert conv.phase is Phase.LISTENING
+    row = conv.plan()
+    fed.extend(row.tokens)
+    block = T.listening_block()
+    assert fed == PREFIX + block + [T.TEXT_BEGIN, 151618, 55, T.TEXT_END] + block
+    assert row.start_position == len(fed) - len(row.tokens)
+
+
+def test_text_end_predicted_after_the_cap_token_is_a_natural_end():
+    conv = Conversation(PREFIX, max_turn_tokens=1, max_positions=4096)
+    conv.add_audio("a")
     listen(conv, T.TEXT_BEGIN)
-    conv.commit(conv.plan(), 151618)
-    events = conv.commit(conv.plan(), 55)
-    assert events == [TurnToken(0, 55), TurnEnd(0, (151618, 55), "max_tokens")]
-    assert conv.phase is Phase.LISTENING and conv.plan().tokens[0] == T.TEXT_END
+    assert conv.commit(conv.plan(), 151614) == [TurnToken(0, 151614)]
+    assert conv.commit(conv.plan(), T.TEXT_END) == [TurnEnd(0, (151614,), "text_end")]
+
+
+def test_plan_stays_retry_safe_at_the_cap():
+    conv = Conversation(PREFIX, max_turn_tokens=1, max_positions=4096)
+    conv.add_audio("a")
+    listen(conv, T.TEXT_BEGIN)
+    conv.commit(conv.plan(), 151614)
+    assert conv.plan() == conv.plan() and conv.turn_length == 1
 
 
 def test_cancel_ends_the_reply_and_is_a_noop_while_listening():
@@ -144,3 +180,104 @@ def test_rollover_window_that_cannot_fit_is_rejected():
         Conversation(PREFIX, max_turn_tokens=512, max_positions=1024, rollover_window=500)
     with pytest.raises(ValueError, match="does not fit the 300-position context budget"):
         Conversation(PREFIX, max_turn_tokens=400, max_positions=300, rollover_window=None)
+
+
+# ---- a whole session on the tiny real model, replayed without the KV cache ----------------------------------
+
+
+def plain_forward(lm, tokens: list[int], audio_columns: list[int], audio_embeds):
+    """Logits at every position of one sequence, in one causal forward with no cache: the reference's
+    computation written out (fp16-rounded RoPE, audio overwriting PAD embeddings, GQA attention)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from server.lm import apply_rope, rope_table
+
+    cfg = lm.cfg
+    length, heads, groups, width = len(tokens), cfg.n_head, cfg.n_query_groups, cfg.head_size
+    with torch.inference_mode():
+        x = lm.transformer.wte(torch.tensor(tokens)).clone()
+        x[audio_columns] = audio_embeds.to(x.dtype)
+        cos, sin = rope_table(cfg, length, x.device)
+        for block in lm.transformer.h:
+            q, k, v = block.attn.qkv(block.norm_1(x)).split([heads * width, groups * width, groups * width], dim=-1)
+            q = apply_rope(q.view(length, heads, width), cos, sin, cfg.rope_n_elem).transpose(0, 1)
+            k = apply_rope(k.view(length, groups, width), cos, sin, cfg.rope_n_elem).transpose(0, 1)
+            v = v.view(length, groups, width).transpose(0, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(width),
+                                               enable_gqa=groups != heads)
+            x = x + block.attn.proj(y.transpose(0, 1).reshape(length, heads * width))
+            x = x + block.mlp(block.norm_2(x))
+        return lm.logits(lm.transformer.ln_f(x))
+
+
+def reference_sequence(prefix: list[int], events) -> tuple[list[int], list[int], list[tuple[int, str, int]]]:
+    """The reference's token layout rebuilt from what the client was told: the fed tokens, the PAD
+    columns of each chunk in order, and (column, kind, token) for every token the model chose."""
+    tokens, pad_columns, choices = list(prefix), [], []
+    last_chosen = None  # fed as the first token of the next row
+    for event in events:
+        if isinstance(event, Decision):
+            lead = [] if last_chosen is None else [last_chosen]
+            pad_columns += range(len(tokens) + len(lead) + 1, len(tokens) + len(lead) + 11)
+            tokens += lead + T.listening_block()
+            choices.append((len(tokens) - 1, "decision", event.token_id))
+            last_chosen = event.token_id
+        elif isinstance(event, TurnToken):
+            tokens.append(last_chosen)
+            choices.append((len(tokens) - 1, "reply", event.token_id))
+            last_chosen = event.token_id
+        elif isinstance(event, TurnEnd):
+            # The last token shown (or TEXT_BEGIN for an empty reply) is fed; after it comes TEXT_END,
+            # predicted by the model ("text_end") or taken in place of its prediction ("max_tokens").
+            tokens.append(last_chosen)
+            if event.end_reason == "text_end":
+                choices.append((len(tokens) - 1, "reply", T.TEXT_END))
+            last_chosen = T.TEXT_END
+    return tokens, pad_columns, choices
+
+
+def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_chunks):
+    """What the worker fed (prefix, blocks with audio, replies capped or not) is exactly the reference's
+    sequence, and every decision and greedy reply token is the argmax at its position without the cache."""
+    import torch
+
+    from server.config import EngineConfig, SessionOptions
+    from server.encoder import AudioEncoder
+    from server.sampling import DECISION_TOKENS
+    from server.worker import Worker
+
+    audio = torch.cat(stream_chunks[:4])  # 48 chunks of real speech
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=None))
+    events, fed = [], []
+    worker.open_session("s", SessionOptions(max_turn_tokens=3), events.extend)
+    worker.step()
+    conversation = worker._sessions["s"].conversation
+    commit = conversation.commit
+
+    def recording_commit(row, token_id):
+        assert row.start_position == len(fed), "rows must be fed at consecutive positions"
+        fed.extend(row.tokens)
+        return commit(row, token_id)
+
+    conversation.commit = recording_commit
+    worker.push_audio("s", audio)
+    worker.run_until_idle()
+
+    ends = [e for e in events if isinstance(e, TurnEnd)]
+    assert sum(e.end_reason == "max_tokens" for e in ends) >= 2, "no capped replies: the cap went untested"
+    assert sum(isinstance(e, Decision) for e in events) == len(audio)
+    tokens, pad_columns, choices = reference_sequence(conversation.prefix_ids, events)
+    assert fed == tokens
+
+    embeds = AudioEncoder(tiny_model.encoder_tower).encode(audio).flatten(0, 1)
+    logits = plain_forward(tiny_model.lm, tokens, pad_columns, embeds)
+    decision_ids = list(DECISION_TOKENS)
+    for column, kind, token in choices:
+        if kind == "decision":
+            speak_margin = float(logits[column, decision_ids[0]] - logits[column, decision_ids[1]])
+            assert abs(speak_margin) < 1e-4 or (speak_margin > 0) == (token == T.TEXT_BEGIN), column
+        else:
+            assert float(logits[column].max() - logits[column, token]) < 1e-4, (column, token)
