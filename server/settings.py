@@ -73,6 +73,22 @@ class ServerConfig(BaseModel):
         # Browsers send "https://a.example", never with a path; a trailing slash would never match.
         return [origin.rstrip("/") for origin in origins]
 
+    @field_validator("api_key")
+    @classmethod
+    def _usable_api_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key would be matched by a bare ``?api_key=`` while /v1/info reports auth on;
+        # a blank one is a quoting slip, not a wish to turn authentication off. Only null does that.
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if not value.strip():
+            raise ValueError("an empty or blank API key is not allowed; set a key, or leave api_key null "
+                             "(AIS_API_KEY unset or empty) to turn authentication off")
+        if value != value.strip():
+            raise ValueError("the API key must not begin or end with whitespace (clients' keys are stripped "
+                             "of it, so such a key could never match)")
+        return key
+
     @model_validator(mode="after")
     def _sessions_fit_the_engine(self) -> ServerConfig:
         if self.max_sessions is None:
@@ -147,10 +163,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _env_value(text: str) -> Any:
     """Strings stay strings (pydantic converts numbers and booleans); JSON lists/objects are parsed;
-    an empty value means null, so ``AIS_API_KEY=`` turns authentication off."""
+    an empty value means null, so ``AIS_API_KEY=`` turns authentication off. A blank value (spaces)
+    is not empty: it goes to validation, which reports it against its field."""
+    if not text:
+        return None
     stripped = text.strip()
     if not stripped:
-        return None
+        return text
     if stripped[0] in "[{":
         try:
             return json.loads(stripped)

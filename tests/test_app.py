@@ -543,3 +543,34 @@ def test_python_dash_m_server_serves_and_stops_cleanly(tiny_checkpoint, tmp_path
         if process.poll() is None:
             process.kill()
         process.stderr.close()
+
+
+@pytest.mark.parametrize(("yaml_text", "environ"), [
+    ('api_key: ""\n', {}),
+    ("api_key: '   '\n", {}),
+    ("port: 8000\n", {"AIS_API_KEY": "   "}),
+    ("port: 8000\n", {"AIS_API_KEY": " secret"}),  # a Bearer header's key is stripped: it could never match
+])
+def test_an_empty_or_blank_api_key_is_a_configuration_error(tmp_path, yaml_text, environ):
+    """Auth must never be silently off (a blank env value) nor 'on' with an empty key that ?api_key= matches."""
+    custom = tmp_path / "server.yaml"
+    custom.write_text(yaml_text)
+    with pytest.raises(ConfigError, match="api_key"):
+        load_config(custom, environ)
+
+
+def test_an_unset_api_key_means_no_authentication_and_info_says_so(tmp_path):
+    custom = tmp_path / "server.yaml"
+    custom.write_text("api_key: null\n")
+    assert load_config(custom, {}).api_key is None
+    assert load_config(custom, {"AIS_API_KEY": ""}).api_key is None  # Compose's ${AIS_API_KEY:-} when unset
+
+
+def test_python_dash_m_server_exits_2_naming_api_key_when_it_is_blank():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIS_API_KEY": "   ", "AIS_PORT": "0"}
+    result = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "api_key" in result.stderr and "AIS_API_KEY" in result.stderr
