@@ -293,3 +293,31 @@ def test_the_cpu_demo_container_command_serves_health_on_this_host(qwen_tokenize
             process.wait()
     text = log_path.read_text()
     assert f"running on http://0.0.0.0:{port}" in text and "DEMO MODE" in text and "Traceback" not in text
+
+
+def is_setting(variable: str) -> bool:
+    """Whether ``AIS_...`` names a field of ServerConfig (what load_config accepts from the environment)."""
+    from pydantic import BaseModel
+
+    from server.settings import ENV_NESTING, ENV_PREFIX, ServerConfig
+
+    model: type[BaseModel] | None = ServerConfig
+    for key in variable.removeprefix(ENV_PREFIX).lower().split(ENV_NESTING):
+        field = model.model_fields.get(key) if model is not None else None
+        if field is None:
+            return False
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return True
+
+
+def test_compose_only_variables_do_not_use_the_settings_prefix():
+    """A variable the user exports for Compose (host ports, ...) must not also reach ``python -m server``
+    as an unknown ``AIS_*`` setting, which stops it with exit status 2."""
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose_text))
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", (ROOT / "docs" / "deployment.md").read_text(), re.M))
+    assert interpolated and documented
+    assert is_setting("AIS_ENGINE__CHECKPOINT") and not is_setting("AIS_ENGINE__NOPE")
+    misnamed = sorted(name for name in interpolated | documented if name.startswith("AIS_") and not is_setting(name))
+    assert misnamed == []
