@@ -13,6 +13,7 @@ trailing silence, as a client's ``flush`` would.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import uuid
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pydantic import ValidationError
+
 from server import tokens as T
-from server.audio import load_audio_file, load_audio_sequence, offline_chunks
+from server.audio import AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks
 from server.audio_input import AudioInput
 from server.checkpoint import CheckpointError, load_model
 from server.config import EngineConfig, SessionOptions
@@ -34,13 +37,47 @@ from server.worker import Worker
 log = logging.getLogger("server.cli")
 
 
+class InputError(ValueError):
+    """A command-line input that cannot be used; the message is the one line the user sees."""
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; a folder stands for the files its ``sequence.json`` lists, in order."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
-        paths.extend(load_audio_sequence(path) if path.is_dir() else [path])
+        if path.is_dir():
+            paths.extend(_sequence_files(path))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
     return paths
+
+
+def _sequence_files(folder: Path) -> list[Path]:
+    sequence = folder / "sequence.json"
+    if not sequence.is_file():
+        raise InputError(f"{folder} is a folder without sequence.json (a JSON list of its audio files in playing "
+                         "order); pass the files themselves or add one")
+    try:
+        return load_audio_sequence(folder)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{sequence} is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{sequence} is not UTF-8 text") from None
+    except FileNotFoundError as error:  # names files that are not there: the message lists them
+        raise InputError(str(error)) from None
+
+
+def read_audio(path: Path) -> np.ndarray:
+    try:
+        return load_audio_file(path)
+    except AudioFormatError as error:
+        reason = str(error.__cause__ or error).strip()
+        raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {reason}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a folder inside sequence.json; list audio files") from None
 
 
 def trailing_silence(seconds: float) -> np.ndarray:
@@ -51,7 +88,7 @@ def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     """Per file: its chunks, then a silence clip; each clip featurised as a whole."""
     clips = []
     for path in files:
-        clips.append(offline_chunks(load_audio_file(path)))
+        clips.append(offline_chunks(read_audio(path)))
         if silence_s > 0:
             clips.append(offline_chunks(trailing_silence(silence_s)))
     return clips
@@ -62,7 +99,7 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     clips: list[torch.Tensor] = []
     audio = AudioInput(clips.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
-        audio.accept(load_audio_file(path))
+        audio.accept(read_audio(path))
     audio.flush(silence_s)
     return clips
 
@@ -78,10 +115,36 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     return ensure_demo_checkpoint()
 
 
+# Which command-line flag sets each validated field, so an error names what the user typed.
+_FLAGS = {"max_turn_tokens": "--max-turn-tokens", "max_positions": "--max-positions", "temperature": "--temperature",
+          "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
+
+
+def _one_line(error: ValidationError) -> str:
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][-1]) if problem["loc"] else ""
+        problems.append(f"{_FLAGS.get(field, field)}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(problems)
+
+
 def run(args: argparse.Namespace) -> int:
+    # Everything the user typed is checked, and every file decoded, before the model loads:
+    # a typo should cost a second, not a multi-gigabyte load.
+    try:
+        sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        options = SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling)
+        engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions)
+    except ValidationError as error:
+        raise InputError(_one_line(error)) from None
+    if args.trailing_silence < 0:
+        raise InputError(f"--trailing-silence: must be 0 or more seconds (got {args.trailing_silence})")
     files = expand_inputs(args.files)
+    make_clips = offline_clips if args.features == "offline" else streaming_clips
+    clips = make_clips(files, args.trailing_silence)
+
     model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
-    worker = Worker(model, EngineConfig(max_sessions=1, max_positions=args.max_positions))
+    worker = Worker(model, engine_config)
     session_id = uuid.uuid4().hex[:12]
     renderer = ReplyRenderer(model.tokenizer)
     ended: list[SessionEnded] = []
@@ -93,10 +156,8 @@ def run(args: argparse.Namespace) -> int:
             for wire_event in renderer.render(event):
                 print(wire_event.model_dump_json(exclude_none=True), flush=True)
 
-    sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    worker.open_session(session_id, SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling), emit)
-    make_clips = offline_clips if args.features == "offline" else streaming_clips
-    for clip in make_clips(files, args.trailing_silence):
+    worker.open_session(session_id, options, emit)
+    for clip in clips:
         worker.push_audio(session_id, clip)
     worker.run_until_idle()
     worker.close_session(session_id)

@@ -68,3 +68,53 @@ def test_unreadable_checkpoint_is_a_clean_error(capsys, tmp_path, shared_audio):
         cli.main(["run", "--checkpoint", str(tmp_path), str(shared_audio / "02_translate")])
     assert exit_info.value.code == 2
     assert "model_config.yaml is missing" in capsys.readouterr().err
+
+
+@pytest.fixture
+def model_must_not_load(monkeypatch):
+    """Bad inputs are reported before the (slow, large) model load: loading here fails the test."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(cli, "resolve_checkpoint", lambda checkpoint: load_model())
+
+
+def run_cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, f"one line expected: {err!r}"
+    assert "Errno" not in err and "Traceback" not in err
+    return err
+
+
+def test_a_missing_file_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path):
+    err = run_cli_error(capsys, str(tmp_path / "nope.wav"))
+    assert err == f"error: {tmp_path / 'nope.wav'}: no such file or folder"
+
+
+def test_a_file_that_is_not_audio_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path):
+    text = tmp_path / "README.md"
+    text.write_text("# not audio\n")
+    err = run_cli_error(capsys, str(text))
+    assert err.startswith(f"error: {text}: not an audio file this server can decode (wav, flac, mp3)")
+
+
+def test_a_folder_without_sequence_json_is_one_clear_line(capsys, model_must_not_load, tmp_path):
+    err = run_cli_error(capsys, str(tmp_path))
+    assert err == (f"error: {tmp_path} is a folder without sequence.json (a JSON list of its audio files "
+                   "in playing order); pass the files themselves or add one")
+
+
+def test_a_sequence_naming_missing_files_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path):
+    (tmp_path / "sequence.json").write_text('["a.wav", "b.wav"]')
+    err = run_cli_error(capsys, str(tmp_path))
+    assert "sequence.json" in err and "a.wav" in err and "b.wav" in err
+
+
+def test_bad_options_are_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path, shared_audio):
+    err = run_cli_error(capsys, "--max-turn-tokens", "0", str(shared_audio / "02_translate"))
+    assert "--max-turn-tokens" in err and "greater than or equal to 1" in err
