@@ -21,8 +21,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Response, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
 
 from server import tokens as T
 from server.connection import CLIENT_GONE, ConnectionRateLimiter, StreamConnection, Subscriber, send_and_close
@@ -72,13 +73,15 @@ class Runtime:
         return self.worker is not None and self.worker.is_alive and not self.is_shutting_down
 
     def not_ready_reason(self) -> str:
+        """A plain reason for clients (``/ready``, the ``not_ready`` error); the details
+        (paths, exception text) went to the log, which only the operator reads."""
         if self.is_shutting_down:
             return "shutting down"
         if self.load_error is not None:
-            return f"model failed to load: {self.load_error}"
+            return "model failed to load (the server log says why)"
         if self.worker is None:
             return "loading the model"
-        return f"the model worker died: {self.worker.failure!r}"
+        return "the model worker died (the server log says why)"
 
     async def load(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -185,7 +188,10 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
             if not loader.done():
                 loader.cancel()
 
-    app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan)
+    # The generated docs map every route for anyone who can reach the port: only when asked for.
+    docs = dict(docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json") if config.api_docs else \
+        dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan, **docs)
     app.state.runtime = runtime
     app.include_router(static_pages_router)  # the browser front-end at / (server/web/)
 
@@ -200,8 +206,8 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         return JSONResponse({"status": "not_ready", "reason": runtime.not_ready_reason()}, status_code=503)
 
     @app.get("/v1/info")
-    async def info() -> dict:
-        return _info(runtime)
+    async def info(request: Request) -> dict:
+        return _info(runtime, is_authorized=_is_authorized(runtime.config, _offered_key(request)))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -249,26 +255,32 @@ class _SessionClosingServer(uvicorn.Server):
 def _refusal(runtime: Runtime, websocket: WebSocket) -> tuple[str, str, int] | None:
     """(error code, message, close code) when this client may not connect."""
     config = runtime.config
+    # The key first: a client without it gets the same answer whatever its Origin, so the
+    # allowed list cannot be probed one origin at a time.
+    if not _is_authorized(config, _offered_key(websocket)):
+        return "unauthorized", "missing or wrong API key", CloseCode.POLICY
     origin = websocket.headers.get("origin")
     # Origin is what a browser cannot forge; other clients may omit it (the API key guards them).
     if config.allowed_origins and origin is not None and origin.rstrip("/") not in config.allowed_origins:
         return "origin_not_allowed", f"origin {origin!r} is not allowed", CloseCode.POLICY
-    if config.api_key is not None:
-        offered = _offered_key(websocket)
-        expected = config.api_key.get_secret_value()
-        if offered is None or not hmac.compare_digest(offered.encode(), expected.encode()):
-            return "unauthorized", "missing or wrong API key", CloseCode.POLICY
     if not runtime.is_ready:
         return "not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN
     return None
 
 
-def _offered_key(websocket: WebSocket) -> str | None:
-    authorization = websocket.headers.get("authorization", "")
+def _is_authorized(config: ServerConfig, offered: str | None) -> bool:
+    if config.api_key is None:
+        return True
+    expected = config.api_key.get_secret_value()
+    return bool(offered) and hmac.compare_digest(offered.encode(), expected.encode())
+
+
+def _offered_key(connection: HTTPConnection) -> str | None:
+    authorization = connection.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     # Browsers cannot set headers on a WebSocket, hence the query parameter.
-    return websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
+    return connection.headers.get("x-api-key") or connection.query_params.get("api_key")
 
 
 def _error(code: str, message: str, session_id: str | None = None) -> ErrorEvent:
@@ -361,16 +373,14 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
         runtime.metrics.subscribers_active.dec()
 
 
-def _info(runtime: Runtime) -> dict:
+def _info(runtime: Runtime, is_authorized: bool) -> dict:
+    """What a client needs to connect; the model, device and load only for a client with the key
+    (when a key is configured), as they tell an outsider what the hardware is and how busy it is."""
     config, model = runtime.config, runtime.model
-    return {
+    info: dict[str, Any] = {
         "protocol_version": PROTOCOL_VERSION,
-        "model": None if model is None else model.name,
         "is_demo": config.is_demo,
-        "device": None if model is None else str(model.device),
-        "dtype": None if model is None else str(model.dtype).removeprefix("torch."),
         "ready": runtime.is_ready,
-        "sessions": {"active": len(runtime.streams), "max": config.session_capacity},
         "audio": {"sample_formats": ["pcm_s16le", "pcm_f32le"], "model_rate_hz": T.SAMPLE_RATE_HZ,
                   "chunk_s": CHUNK_S},
         "limits": {"max_frame_bytes": config.max_frame_bytes, "max_buffered_audio_s": config.max_buffered_audio_s,
@@ -378,3 +388,11 @@ def _info(runtime: Runtime) -> dict:
         "auth": "api_key" if config.api_key is not None else "none",
         "endpoints": {"stream": "/v1/stream", "subscribe": "/v1/sessions/{session_id}/events"},
     }
+    if is_authorized:
+        info.update({
+            "model": None if model is None else model.name,
+            "device": None if model is None else str(model.device),
+            "dtype": None if model is None else str(model.dtype).removeprefix("torch."),
+            "sessions": {"active": len(runtime.streams), "max": config.session_capacity},
+        })
+    return info

@@ -58,6 +58,8 @@ class ServerConfig(BaseModel):
     session: SessionOptions = SessionOptions()
     engine: EngineConfig = EngineConfig()
     demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")
+    api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
+                           "off by default: they map the server for anyone who can reach it")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
 
     @field_validator("allowed_origins", mode="before")

@@ -37,6 +37,8 @@ from server.engine_events import EngineEvent, SessionEnded, SessionStarted
 from server.sampling import DECISION_TOKENS, decide, sample
 
 log = logging.getLogger(__name__)
+# What clients hear when the worker dies; the exception and its traceback go to the log only.
+WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
 
 EmitFn = Callable[[list[EngineEvent]], None]
 
@@ -148,7 +150,7 @@ class Worker:
         if command.kind != "open" or command.emit is None:
             return
         try:
-            command.emit([SessionEnded("worker_failed", f"the model worker failed: {self.failure}")])
+            command.emit([SessionEnded("worker_failed", WORKER_FAILED_MESSAGE)])
         except Exception:
             log.exception("emit callback of session %s failed at close", command.session_id)
 
@@ -203,7 +205,7 @@ class Worker:
                 self.failure = exc
             log.exception("model worker died; every session is ended")
             for session in list(self._sessions.values()):
-                self._end(session, "worker_failed", f"the model worker failed: {exc}")
+                self._end(session, "worker_failed", WORKER_FAILED_MESSAGE)
             self._refuse_pending_opens()
             if self.on_failure is not None:
                 try:

@@ -24,6 +24,7 @@ from server.settings import ConfigError, ServerConfig, load_config
 API_KEY = "test-key"
 GOOD_ORIGIN = "http://allowed.example"
 MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
+AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
 
 
 class LiveServer:
@@ -54,9 +55,10 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
 
-    def get(self, path: str) -> tuple[int, bytes]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
@@ -281,7 +283,7 @@ def test_refused_past_max_sessions_and_disconnect_mid_reply_frees_the_slot(live,
         stream_until_turn_begin(second, shared_audio)
         second.socket.close()  # vanish mid-reply, without a close frame
         deadline = time.monotonic() + 10
-        while json.loads(live.get("/v1/info")[1])["sessions"]["active"] != 1:
+        while json.loads(live.get("/v1/info", AUTHORIZED)[1])["sessions"]["active"] != 1:
             assert time.monotonic() < deadline, "the disconnected session was never released"
             time.sleep(0.02)
         # The engine slot is free too: a new session gets a reply, not a capacity refusal.
@@ -324,9 +326,9 @@ def test_subscriber_needs_key_and_a_live_session(live):
 def test_health_ready_info_metrics(live):
     assert live.get("/health") == (200, b'{"status":"ok"}')
     assert live.get("/ready")[0] == 200
-    info = json.loads(live.get("/v1/info")[1])
+    info = json.loads(live.get("/v1/info", AUTHORIZED)[1])
     assert info["model"] == "audio-interaction-tiny" and info["is_demo"] is False and info["auth"] == "api_key"
-    assert info["sessions"] == {"active": 0, "max": 2}
+    assert info["sessions"] == {"active": 0, "max": 2} and info["device"] == "cpu"
     status, body = live.get("/metrics")
     assert status == 200 and b"ais_model_ready 1.0" in body and b"ais_worker_step_seconds_bucket" in body
     assert b"ais_decision_latency_seconds_bucket" in body and b"ais_turn_onset_latency_seconds_bucket" in body
@@ -389,10 +391,13 @@ def test_unloadable_checkpoint_is_not_ready_and_refuses_streams(tmp_path):
         assert "CheckpointError" in server.fatal[0]
         status, body = server.get("/ready")
         assert status == 503 and "model failed to load" in json.loads(body)["reason"]
+        # The details (the checkpoint's path, the exception) are for the operator's log, not for clients.
+        assert str(tmp_path) not in body.decode() and "CheckpointError" not in body.decode()
         assert server.get("/health")[0] == 200
         with server.connect() as ws:
             events, code = recv_to_close(ws)
         assert events[0]["code"] == "not_ready" and code == 1013
+        assert str(tmp_path) not in events[0]["message"] and "CheckpointError" not in events[0]["message"]
     finally:
         server.stop()
 
@@ -414,6 +419,7 @@ def test_a_dead_worker_closes_sessions_and_takes_the_server_to_not_ready(tiny_ch
             events, code = recv_to_close(ws)
         assert code == 1011
         assert [e["code"] for e in events if e["type"] == "error"] == ["worker_failed"]
+        assert not any("simulated worker crash" in e.get("message", "") for e in events)  # the log has it
         assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
         assert "model worker died" in caplog.text and "simulated worker crash" in caplog.text
         deadline = time.monotonic() + 10
@@ -424,7 +430,8 @@ def test_a_dead_worker_closes_sessions_and_takes_the_server_to_not_ready(tiny_ch
         assert "model worker died" in server.fatal[0]
 
         status, body = server.get("/ready")
-        assert status == 503 and "simulated worker crash" in json.loads(body)["reason"]
+        assert status == 503 and "worker died" in json.loads(body)["reason"]
+        assert "simulated worker crash" not in body.decode()
         assert b"ais_model_ready 0.0" in server.get("/metrics")[1]
         with server.connect() as ws:  # a new stream is refused at once, not left waiting for the worker
             events, code = recv_to_close(ws, timeout=10)
@@ -574,3 +581,27 @@ def test_python_dash_m_server_exits_2_naming_api_key_when_it_is_blank():
     env = {**os.environ, "AIS_API_KEY": "   ", "AIS_PORT": "0"}
     result = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "api_key" in result.stderr and "AIS_API_KEY" in result.stderr
+
+
+def test_unauthenticated_clients_learn_only_what_they_need(live):
+    """Without the key: no API docs, no device or load figures, and the same refusal whatever the Origin
+    (a different code for a foreign Origin would let anyone probe the allowed list)."""
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert live.get(path)[0] == 404, path
+    public = json.loads(live.get("/v1/info")[1])
+    assert public["auth"] == "api_key" and public["protocol_version"] and public["audio"] and public["limits"]
+    assert not {"model", "device", "dtype", "sessions"} & set(public), public
+    assert json.loads(live.get("/v1/info", {"Authorization": "Bearer wrong"})[1]) == public
+    for origin in (GOOD_ORIGIN, "http://evil.example", None):
+        with live.connect(key=None, origin=origin) as ws:
+            events, close_code = recv_to_close(ws)
+        assert [(e["type"], e["code"]) for e in events] == [("error", "unauthorized")] and close_code == 1008
+
+
+def test_api_docs_are_served_when_enabled(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint, api_docs=True)).start(wait_ready=False)
+    try:
+        assert server.get("/docs")[0] == 200
+        assert "/v1/info" in json.loads(server.get("/openapi.json")[1])["paths"]
+    finally:
+        server.stop()

@@ -12,7 +12,7 @@ import torch
 from server import tokens as T
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken
-from server.worker import Worker
+from server.worker import WORKER_FAILED_MESSAGE, Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
 
@@ -220,7 +220,7 @@ def test_a_dead_worker_answers_every_open_with_worker_failed(tiny_model, stream_
     worker.open_session("late", OPTIONS, late)
     worker.push_audio("late", stream_chunks[1][:2])  # dropped: there is no session to feed
     for recorder in (queued, late):
-        assert recorder.events == [SessionEnded("worker_failed", "the model worker failed: simulated worker crash")]
+        assert recorder.events == [SessionEnded("worker_failed", WORKER_FAILED_MESSAGE)]  # details: the log
 
 
 def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
