@@ -32,12 +32,16 @@ from server.settings import ServerConfig  # noqa: E402
 
 API_KEY = "browser-key"
 MAX_TURN_TOKENS = 40
+INSECURE_HOST = "insecure.test"
 # What the issue's environment needs: no sandbox as root, no GPU, and no background connections
 # (this machine's closed network refuses them, many at a time).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--autoplay-policy=no-user-gesture-required",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 # A name other than localhost for 127.0.0.1: a page opened from "another host", which browsers
+                 # do not treat as a secure context (no microphone) unless it comes over https.
+                 f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1"]
 
 
 class LiveServer:
@@ -142,6 +146,14 @@ def page(browser: Browser):
 def seen(page: Page) -> dict:
     """The page's own record of what it received (window.audioInteraction)."""
     return page.evaluate("window.audioInteraction")
+
+
+def button_states(page: Page) -> dict:
+    """Which of the four buttons are disabled (True = disabled), read in one go with whether a reply streams."""
+    return page.evaluate("""() => ({
+        start: document.querySelector("#start").disabled, stop: document.querySelector("#stop").disabled,
+        flush: document.querySelector("#flush").disabled, cancel: document.querySelector("#cancel").disabled,
+        replyStreaming: document.querySelector('.turn[data-state="streaming"]') !== null })""")
 
 
 def test_root_serves_the_page_and_its_modules(live):
@@ -314,10 +326,10 @@ def test_microphone_streams_at_the_browser_rate_and_replies_render(live, page: P
     assert not page.locator("#demo-warning").is_visible()  # the tiny checkpoint is configured, not the demo
 
     page.click("#stop")
-    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'closed'")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
     closed = wire.of_type("session.closed")
     assert closed and closed[-1]["reason"] == "client_closed"
-    assert page.locator("#connection").text_content() == "Disconnected"
+    assert page.locator("#connection").text_content() == "Stopped"
 
 
 def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audio):
@@ -346,7 +358,17 @@ def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audi
     # 3.2 s + 1 s of flush silence, all decided, and shown.
     assert flushed[0]["num_chunks"] == len(wire.of_type("decision")) == page.locator("#chunks li").count() >= 10
     assert page.locator("#listen-state").text_content() == "All audio heard"
+    # The session stays open for the replies, and the buttons say what is possible now: Start would send
+    # the file again into this session, and the file's end was already flushed.
+    buttons = button_states(page)
+    assert buttons["start"] and buttons["flush"] and not buttons["stop"], buttons
+    assert buttons["cancel"] == (not buttons["replyStreaming"]), buttons
+    audio_bytes = wire.num_audio_bytes_sent
     page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+    buttons = button_states(page)
+    assert not buttons["start"] and buttons["stop"] and buttons["flush"] and buttons["cancel"], buttons
+    assert wire.num_audio_bytes_sent == audio_bytes and len(wire.of_type("session.created")) == 1
 
 
 def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, page: Page):
@@ -429,3 +451,79 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
         page.click("#stop")
     finally:
         second.stop()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound once to find it, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_wrong_server_url_gives_up_and_says_what_to_check(live, page: Page):
+    """A server that never answers: a few attempts, then a stop with an error that names the URL and what to
+    check, not "Reconnecting…" forever with an empty Errors panel."""
+    attempts: list[str] = []
+    page.on("websocket", lambda socket: attempts.append(socket.url))
+    page.expected_console_errors = ("ERR_CONNECTION_REFUSED",)  # Chromium logs each refused attempt
+    wrong_url = f"ws://127.0.0.1:{closed_port()}/v1/stream"
+    page.goto(live.url)
+    page.fill("#server-url", wrong_url)
+    page.fill("#api-key", API_KEY)
+    page.click("#start")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'failed'",
+                           timeout=15_000)
+    num_attempts = len(attempts)
+    assert 2 <= num_attempts <= 5 and set(attempts) == {f"{wrong_url}?api_key={API_KEY}"}, attempts
+    error = page.locator("#errors li").first
+    assert error.get_attribute("role") == "alert" and page.locator("#errors-panel").is_visible()
+    message = error.text_content()
+    assert message.startswith("connection_failed") and wrong_url in message, message
+    assert f"{num_attempts} attempts" in message and "check" in message.lower(), message
+    assert page.locator("#connection").text_content().startswith("Could not connect")
+    assert seen(page)["errors"][-1]["code"] == "connection_failed"
+    buttons = button_states(page)
+    assert not buttons["start"] and buttons["stop"] and buttons["flush"] and buttons["cancel"], buttons
+    assert not page.locator("#server-url").is_disabled()  # to correct it
+    page.wait_for_timeout(2500)  # longer than the last backoff step: no further attempt
+    assert len(attempts) == num_attempts
+
+
+def test_stop_is_neutral_and_a_one_token_reply_says_token(live, page: Page):
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.fill("#max-tokens", "1")  # every reply ends after its first token
+    page.click("#start")
+    page.wait_for_function("() => window.audioInteraction.turns.some((t) => t.endReason)", timeout=30_000)
+    footers = page.locator('.turn[data-state="done"] .turn-end').all_text_contents()
+    assert footers and all(text.endswith(" · 1 token") for text in footers), footers
+    page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+    assert page.locator("#connection").text_content() == "Stopped"
+    # The badge's dot: the error colour is for connections that failed or were refused, not for Stop.
+    dot = page.evaluate("""() => ({
+        stopped: getComputedStyle(document.querySelector("#connection"), "::before").backgroundColor,
+        bad: (() => { const probe = document.createElement("span"); probe.style.color = "var(--bad)";
+                      document.body.append(probe); const color = getComputedStyle(probe).color; probe.remove();
+                      return color; })() })""")
+    assert dot["stopped"] != dot["bad"], dot
+    assert not page.locator("#errors-panel").is_visible()
+
+
+def test_page_from_another_host_explains_the_microphone_needs_https(live, page: Page):
+    """http:// from a name other than localhost is not a secure context: no getUserMedia. The page says so
+    before anyone presses Start, offers the file source instead, and names the TLS option."""
+    page.goto(f"http://{INSECURE_HOST}:{live.port}/")
+    assert page.evaluate("window.isSecureContext") is False
+    notice = page.locator("#insecure-context")
+    assert notice.is_visible()
+    text = notice.text_content()
+    assert "https://" in text and "--ssl-certfile" in text and "localhost" in text, text
+    assert page.locator('input[name="source"][value="microphone"]').is_disabled()
+    assert page.locator('input[name="source"][value="file"]').is_checked()
+    assert not page.locator("#audio-file").is_disabled()
+    page.goto(live.url)  # 127.0.0.1 is a secure context: no notice, the microphone is the default
+    assert not page.locator("#insecure-context").is_visible()
+    assert page.locator('input[name="source"][value="microphone"]').is_checked()

@@ -23,11 +23,14 @@ const seen = {
 };
 window.audioInteraction = seen;
 
-let client = null;
-let capture = null;
+let client = null; // the session's ProtocolClient, from Start until Stop (or a close for good)
+let capture = null; // the audio being sent now, if any
+let serverUrl = ""; // the URL as typed (the client's own carries the API key)
 let activeTurn = null; // {key, card, textNode, record}
 let numReplies = 0;
 let audioSentS = 0;
+// Browsers give getUserMedia only to secure contexts: https://, or http:// from localhost/127.0.0.1.
+const canUseMicrophone = window.isSecureContext && Boolean(navigator.mediaDevices?.getUserMedia);
 
 // ---- setup ------------------------------------------------------------------------------------
 
@@ -39,8 +42,13 @@ function defaultServerUrl() {
 }
 
 el("server-url").value = defaultServerUrl();
-for (const radio of form.elements.source) radio.addEventListener("change", syncSourceFields);
-syncSourceFields();
+if (!canUseMicrophone) {
+  // Said before anyone presses Start, with the way out; a file needs no permission.
+  el("insecure-context").hidden = false;
+  form.elements.source.value = "file";
+}
+for (const radio of form.elements.source) radio.addEventListener("change", syncControls);
+syncControls();
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   start().catch((error) => showError("start_failed", error.message, { isFatal: true }));
@@ -49,44 +57,55 @@ el("stop").addEventListener("click", () => stop());
 el("flush").addEventListener("click", () => flush());
 el("cancel").addEventListener("click", () => client?.cancel());
 
-function syncSourceFields() {
+// Every control's state follows from what exists now, so no sequence of events can leave a button
+// enabled that would do the wrong thing (Start re-sending a file into a session, say).
+function syncControls() {
+  const hasSession = client !== null; // from Start until Stop, also while connecting
+  const isOpen = hasSession && client.state === ConnectionState.OPEN;
   const isFile = form.elements.source.value === "file";
-  el("audio-file").disabled = !isFile;
-  el("monitor").disabled = !isFile;
-}
-
-function setRunning(isRunning) {
-  el("start").disabled = isRunning;
-  el("stop").disabled = !isRunning && !client;
-  const isFile = form.elements.source.value === "file";
-  for (const radio of form.elements.source) radio.disabled = isRunning;
-  el("audio-file").disabled = isRunning || !isFile;
-  el("monitor").disabled = isRunning || !isFile;
+  el("start").disabled = hasSession; // one session at a time: Stop ends it, Start begins a new one
+  el("stop").disabled = !hasSession;
+  el("flush").disabled = !(isOpen && capture); // a file's end is flushed already when it finishes
+  el("cancel").disabled = !(isOpen && activeTurn); // only a reply in progress can be cancelled
+  for (const radio of form.elements.source) {
+    radio.disabled = hasSession || (radio.value === "microphone" && !canUseMicrophone);
+  }
+  el("audio-file").disabled = hasSession || !isFile;
+  el("monitor").disabled = hasSession || !isFile;
   // Server, key and reply length belong to the session: fixed while one is open.
-  for (const id of ["server-url", "api-key", "max-tokens"]) el(id).disabled = isRunning || client !== null;
+  for (const id of ["server-url", "api-key", "max-tokens"]) el(id).disabled = hasSession;
 }
 
 // ---- actions ----------------------------------------------------------------------------------
 
 async function start() {
+  if (client) return; // a session is open (the button is disabled; Enter in a field must not start another)
   const source = form.elements.source.value;
   const file = el("audio-file").files[0];
   if (source === "file" && !file) {
     showError("no_file", "Choose an audio file to stream first.");
     return;
   }
-  setRunning(true);
+  let session;
   try {
-    if (!client) {
-      client = makeClient();
-      audioSentS = 0;
-      const options = { decision_events: true };
-      const maxTokens = el("max-tokens").valueAsNumber;
-      if (Number.isFinite(maxTokens)) options.max_turn_tokens = maxTokens;
-      client.configure(options).catch(alreadyShown);
-    }
-    await client.connect();
+    session = makeClient();
+  } catch (error) {
+    showError("invalid_server_url", error.message, { isFatal: true });
+    return;
+  }
+  client = session;
+  serverUrl = el("server-url").value.trim();
+  audioSentS = 0;
+  const options = { decision_events: true };
+  const maxTokens = el("max-tokens").valueAsNumber;
+  if (Number.isFinite(maxTokens)) options.max_turn_tokens = maxTokens;
+  session.configure(options).catch(alreadyShown);
+  syncControls();
+  try {
+    await session.connect();
+    if (client !== session) return; // stopped meanwhile
     capture = new AudioCapture({ onFrame, onFormat, frameMs: FRAME_MS });
+    syncControls();
     if (source === "microphone") {
       await capture.startMicrophone();
       setListenState("listening", "Listening");
@@ -97,24 +116,26 @@ async function start() {
       if (capture !== running) return; // stopped meanwhile
       await capture.stop();
       capture = null;
-      setRunning(false);
+      syncControls();
+      // The session stays open: the replies to the file's end are still to come. Stop ends it.
       setListenState("waiting", "File sent; waiting for the model to hear it all");
       await flush();
     }
   } catch (error) {
-    if (!client) return; // stopped meanwhile (Stop, or a refusal already shown): nothing more to say
+    if (client !== session) return; // stopped meanwhile (Stop, or a close already shown): nothing more to say
     await stop();
     throw error;
   }
 }
 
 async function stop() {
+  // Both cleared at once, before any await: a close arriving meanwhile must find the session gone.
   const running = capture;
   capture = null;
-  await running?.stop();
   const closing = client;
   client = null;
-  setRunning(false);
+  syncControls();
+  await running?.stop();
   if (closing) await closing.close();
   setListenState("idle", "Idle");
   el("level").style.width = "0%";
@@ -186,8 +207,8 @@ function drawLevel() {
 
 // ---- events -------------------------------------------------------------------------------------
 
-function onConnectionState({ state, attempt, delayMs, code, reason }) {
-  seen.connectionStates.push({ state, attempt, delayMs, code });
+function onConnectionState({ state, attempt, delayMs, code, reason, hadSession, byClient, gaveUp, attempts }) {
+  seen.connectionStates.push({ state, attempt, delayMs, code, byClient, gaveUp });
   const badge = el("connection");
   badge.dataset.state = state;
   const why = code ? ` (code ${code}${reason ? `: ${reason}` : ""})` : "";
@@ -196,21 +217,51 @@ function onConnectionState({ state, attempt, delayMs, code, reason }) {
   } else if (state === ConnectionState.OPEN) {
     badge.textContent = "Connected";
   } else if (state === ConnectionState.RECONNECTING) {
+    const what = hadSession ? "Connection lost" : "Could not connect";
     badge.textContent = delayMs > 0
-      ? `Connection lost${why}. Reconnecting in ${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`
+      ? `${what}${why}. Reconnecting in ${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`
       : `Reconnecting (attempt ${attempt})…`;
     endActiveTurn("interrupted", "connection lost");
   } else if (state === ConnectionState.CLOSED) {
-    badge.textContent = code === 1000 || code === undefined ? "Disconnected" : `Connection closed${why}`;
+    if (byClient) {
+      badge.dataset.state = "stopped"; // asked for: not an error
+      badge.textContent = "Stopped";
+    } else if (gaveUp) {
+      badge.dataset.state = "failed";
+      badge.textContent = hadSession ? `Connection lost${why}` : `Could not connect${why}`;
+      showError("connection_failed", connectionFailure({ hadSession, attempts, code }), { isFatal: true });
+    } else {
+      badge.textContent = code === 1000 ? "Disconnected by the server" : `Connection closed${why}`;
+    }
     endActiveTurn("interrupted", "connection closed");
     if (client && client.state === ConnectionState.CLOSED) {
-      // Closed for good by the server (refused key, idle timeout...): release the microphone too.
+      // Closed for good by the server (refused key, idle timeout, unreachable...): release the microphone too.
       stop();
     }
   }
-  const isOpen = state === ConnectionState.OPEN;
-  el("flush").disabled = !isOpen;
-  el("cancel").disabled = !isOpen;
+  syncControls();
+}
+
+// What failed and what to check. The browser hides why a WebSocket failed (a refused port, an unknown
+// host, a rejected certificate and an HTTP refusal such as 403 or 429 all read as code 1006), so the
+// list names every usual cause.
+function connectionFailure({ hadSession, attempts, code }) {
+  const tries = `${attempts} attempts, the last closed with code ${code}` +
+    (code === 1006 ? " (no WebSocket connection was made)" : "");
+  const what = hadSession
+    ? `Lost the connection to ${serverUrl} and could not reconnect: ${tries}.`
+    : `Could not connect to ${serverUrl}: ${tries}.`;
+  const health = new URL(serverUrl);
+  health.protocol = health.protocol === "wss:" ? "https:" : "http:";
+  health.pathname = "/health";
+  health.search = "";
+  const checks = [
+    `that the server is running and this browser reaches its host and port (${health} should answer)`,
+    "the URL: ws:// for a plain server, wss:// for one started with --ssl-certfile, and the path /v1/stream",
+  ];
+  if (health.protocol === "https:") checks.push(`that this browser trusts the server's certificate (open ${health} once)`);
+  checks.push(`if the server sets AIS_ALLOWED_ORIGINS, that it lists this page's origin (${location.origin})`);
+  return `${what} Check: ${checks.join("; ")}. Then press Start again.`;
 }
 
 function onServerEvent(event) {
@@ -311,6 +362,7 @@ function beginTurn(event) {
   seen.turns.push(record);
   activeTurn = { key: `${event.session_id}:${event.turn}`, card, textNode: text, emotion, footer, record };
   setListenState("replying", "Replying");
+  syncControls();
 }
 
 function chip(label, value, className = "") {
@@ -347,8 +399,9 @@ function endActiveTurn(endReason, note, event = null) {
   const reasons = { text_end: "finished", max_tokens: "token limit reached", cancelled: "cancelled",
     session_closed: "session closed", interrupted: note ?? "interrupted" };
   footer.textContent = reasons[endReason] ?? endReason;
-  if (event) footer.textContent += ` · ${event.num_tokens} tokens`;
+  if (event) footer.textContent += ` · ${event.num_tokens} ${event.num_tokens === 1 ? "token" : "tokens"}`;
   if (capture) setListenState("listening", "Listening");
+  syncControls();
 }
 
 // A refused configure comes with an `error` event and a lost connection changes the badge; both are

@@ -9,8 +9,8 @@ export const ConnectionState = Object.freeze({
   IDLE: "idle", // not connected yet
   CONNECTING: "connecting", // WebSocket opening, session.created not received yet
   OPEN: "open", // a session is live: audio and events flow
-  RECONNECTING: "reconnecting", // dropped; waiting for the next attempt
-  CLOSED: "closed", // closed for good (by close(), or a refusal that retrying cannot fix)
+  RECONNECTING: "reconnecting", // dropped (or the first attempt failed); waiting for the next attempt
+  CLOSED: "closed", // closed for good: by close(), a refusal that retrying cannot fix, or too many failed attempts
 });
 
 // Close codes after which reconnecting cannot help: a normal close (after session.close), a refused
@@ -38,17 +38,31 @@ export class ProtocolClient {
    * @param {object} [options]
    * @param {string|null} [options.apiKey] sent as ?api_key= (browsers cannot set WebSocket headers)
    * @param {boolean} [options.reconnect=true] reconnect after a dropped connection
-   * @param {number} [options.maxAttempts=Infinity] reconnect attempts in a row before giving up
+   * @param {number} [options.maxAttempts=10] reconnect attempts in a row, after a session was open, before
+   *   giving up (about 90 s of retrying with the default backoff: a server restart fits, an outage ends)
+   * @param {number} [options.maxAttemptsBeforeFirstSession=3] retries when no session has opened yet: a
+   *   wrong URL, a server that is not running or a refused handshake does not get better by waiting, so
+   *   the caller hears about it after a few seconds instead of a "reconnecting" that never ends
    * @param {object} [options.backoff] {initialDelayMs, maxDelayMs, factor, jitter} for backoffDelayMs
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket implementation (tests, Node)
    */
-  constructor(url, { apiKey = null, reconnect = true, maxAttempts = Infinity, backoff = {},
-    WebSocket: WebSocketImpl = globalThis.WebSocket, random = Math.random } = {}) {
-    const target = new URL(url);
+  constructor(url, { apiKey = null, reconnect = true, maxAttempts = 10, maxAttemptsBeforeFirstSession = 3,
+    backoff = {}, WebSocket: WebSocketImpl = globalThis.WebSocket, random = Math.random } = {}) {
+    let target;
+    try {
+      target = new URL(url);
+    } catch {
+      throw new Error(`${JSON.stringify(url)} is not a URL; the server's is like ws://127.0.0.1:8000/v1/stream`);
+    }
+    if (target.protocol !== "ws:" && target.protocol !== "wss:") {
+      throw new Error(`the server URL must start with ws:// or wss:// (${JSON.stringify(url)}); ` +
+        "the server's is like ws://127.0.0.1:8000/v1/stream");
+    }
     if (apiKey) target.searchParams.set("api_key", apiKey);
     this.url = target.toString();
     this.reconnect = reconnect;
     this.maxAttempts = maxAttempts;
+    this.maxAttemptsBeforeFirstSession = maxAttemptsBeforeFirstSession;
     this.backoff = backoff;
     this._WebSocket = WebSocketImpl;
     this._random = random;
@@ -56,6 +70,7 @@ export class ProtocolClient {
     this._ws = null;
     this._state = ConnectionState.IDLE;
     this._attempt = 0; // failed attempts since the last live session
+    this._hadSession = false; // whether any session has opened: a failure before that is not a drop
     this._timer = null;
     this._isClosing = false;
     this._session = null; // the current session.created event
@@ -88,7 +103,9 @@ export class ProtocolClient {
   /**
    * Registers a handler; returns a function that removes it. `type` is a server event type
    * ("session.created", "decision", "turn_begin", "text_delta", "error", ...), "event" for every server
-   * event, or "state" for connection state changes: {state, attempt, delayMs, code, reason}.
+   * event, or "state" for connection state changes: {state, attempt, delayMs, code, reason, hadSession},
+   * and with state "closed" also byClient (close() was called) and gaveUp (too many failed attempts; then
+   * attempts is how many connections were tried since the last live session).
    */
   on(type, handler) {
     if (!this._handlers.has(type)) this._handlers.set(type, new Set());
@@ -197,6 +214,7 @@ export class ProtocolClient {
       case "session.created":
         this._session = event;
         this._attempt = 0;
+        this._hadSession = true;
         this._setState(ConnectionState.OPEN, { attempt: 0, delayMs: 0 });
         // The configuration goes out before the caller can send audio (model options only apply then).
         if (Object.keys(this._config).length > 0 || this._configWaiters.length > 0) {
@@ -236,10 +254,10 @@ export class ProtocolClient {
     // Configurations sent but unanswered are applied again by the next session; flushes are lost.
     for (const sent of this._sentConfigs.splice(0)) this._configWaiters.push(...sent.waiters);
     for (const waiter of this._flushes.splice(0)) waiter.reject(new Error(`connection closed (${code})`));
-    const isFinal = this._isClosing || !this.reconnect || FINAL_CLOSE_CODES.has(code)
-      || this._attempt + 1 > this.maxAttempts;
-    if (isFinal) {
-      this._finish({ code, reason });
+    const limit = this._hadSession ? this.maxAttempts : this.maxAttemptsBeforeFirstSession;
+    const isRetryable = !this._isClosing && this.reconnect && !FINAL_CLOSE_CODES.has(code);
+    if (!isRetryable || this._attempt + 1 > limit) {
+      this._finish({ code, reason, gaveUp: isRetryable });
       return;
     }
     this._attempt += 1;
@@ -248,8 +266,9 @@ export class ProtocolClient {
     this._timer = setTimeout(() => this._open(), delayMs);
   }
 
-  _finish({ code, reason }) {
-    this._setState(ConnectionState.CLOSED, { attempt: this._attempt, delayMs: 0, code, reason });
+  _finish({ code, reason, gaveUp = false }) {
+    this._setState(ConnectionState.CLOSED, { attempt: this._attempt, delayMs: 0, code, reason,
+      byClient: this._isClosing, gaveUp, attempts: this._attempt + 1 });
     const error = new Error(`connection closed (${code}${reason ? `: ${reason}` : ""})`);
     for (const waiter of this._configWaiters.splice(0)) waiter.reject(error);
     this._connected?.reject(error);
@@ -271,7 +290,7 @@ export class ProtocolClient {
 
   _setState(state, details) {
     this._state = state;
-    this._emit("state", { state, ...details });
+    this._emit("state", { state, hadSession: this._hadSession, ...details });
   }
 
   _emit(type, payload) {
