@@ -7,7 +7,9 @@ Layout (one directory)::
     model-0000k-of-0000N.safetensors     LitGPT-named LM weights
     audiointeraction_ChunkwisedEncoder.pth   (or MiniOmni3_ChunkwisedEncoder.pth)
     qwen25OmniConfig/config.json         Qwen2.5-Omni config; thinker_config.audio_config is used
-    tokenizer.json, tokenizer_config.json
+    tokenizer.json                       HF tokenizers file (prompt encoding, reply decoding)
+    tokenizer_config.json                optional, not read (the reference reads its bos/eos; the prompt
+                                         layout here adds its own control tokens)
 
 Every problem is raised as one ``CheckpointError`` naming the file and what
 was expected, because a half-loaded model is worse than none.
@@ -81,32 +83,31 @@ def resolve_files(root: Path) -> CheckpointFiles:
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
-
-    def required(name: str, what: str) -> Path:
-        path = root / name
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: expected {what} (release layout)")
-        return path
-
-    model_config = required(MODEL_CONFIG_FILE, "the LitGPT model config (YAML)")
-    index = required(INDEX_FILE, 'the safetensors index {"weight_map": {...}}')
     encoder = next((root / n for n in ENCODER_FILES if (root / n).is_file()), None)
-    if encoder is None:
-        raise CheckpointError(
-            f"{root} has no audio tower: expected {ENCODER_FILES[0]} or {ENCODER_FILES[1]} "
-            "(a Qwen2_5OmniAudioEncoder state dict)"
-        )
-    omni_dir = required(OMNI_CONFIG_DIR, "a directory with the Qwen2.5-Omni config.json")
-    required(f"{OMNI_CONFIG_DIR}/config.json", "the Qwen2.5-Omni config with thinker_config.audio_config")
-    tokenizer = required(TOKENIZER_FILE, "a HF tokenizers tokenizer.json")
+    omni_dir = root / OMNI_CONFIG_DIR
+    # Every missing file at once: fixing a download one error at a time wastes a reload per file.
+    expected = [
+        (MODEL_CONFIG_FILE, (root / MODEL_CONFIG_FILE).is_file(), "the LitGPT model config (YAML)"),
+        (INDEX_FILE, (root / INDEX_FILE).is_file(), 'the safetensors index {"weight_map": {...}}'),
+        (" or ".join(ENCODER_FILES), encoder is not None, "the audio tower, a Qwen2_5OmniAudioEncoder state dict"),
+        (OMNI_CONFIG_DIR if not omni_dir.is_dir() else f"{OMNI_CONFIG_DIR}/config.json",
+         (omni_dir / "config.json").is_file(), "the Qwen2.5-Omni config with thinker_config.audio_config"),
+        (TOKENIZER_FILE, (root / TOKENIZER_FILE).is_file(), "the HF tokenizers tokenizer.json"),
+    ]
+    missing = [f"{name} is missing ({what})" for name, is_there, what in expected if not is_there]
+    if missing:
+        raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing))
+    assert encoder is not None
+    # Optional and not read: replies are decoded, and the prompt encoded, with tokenizer.json alone
+    # (the prompt layout brings its own control tokens, so the bos/eos it declares are never used).
     tokenizer_config = root / TOKENIZER_CONFIG_FILE
     return CheckpointFiles(
         root=root,
-        model_config=model_config,
-        index=index,
+        model_config=root / MODEL_CONFIG_FILE,
+        index=root / INDEX_FILE,
         encoder_weights=encoder,
         omni_config_dir=omni_dir,
-        tokenizer=tokenizer,
+        tokenizer=root / TOKENIZER_FILE,
         tokenizer_config=tokenizer_config if tokenizer_config.is_file() else None,
     )
 

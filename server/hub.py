@@ -86,9 +86,9 @@ def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None) 
         return path
     source = parse_repo_id(text)
     if source is None:
-        what = "is a file" if path.exists() else "is not an existing directory"
+        what = "is a file, not a checkpoint directory," if path.exists() else "is not an existing directory"
         raise CheckpointError(
-            f"checkpoint {text!r} {what}, nor a Hugging Face repo id ('owner/name' or 'owner/name@revision'); "
+            f"checkpoint {text!r} {what} and not a Hugging Face repo id ('owner/name' or 'owner/name@revision'); "
             "pass a checkpoint directory in the release layout or a repo id such as zhifeixie/AudioInteraction"
         )
     return _fetch(source, cache_dir)

@@ -88,7 +88,8 @@ def test_legacy_interleaved_qkv_is_reassembled(checkpoint_copy: Path, tiny_model
     [
         (lambda d: shutil.rmtree(d / "qwen25OmniConfig"), "qwen25OmniConfig is missing"),
         (lambda d: (d / "model.safetensors.index.json").unlink(), "model.safetensors.index.json is missing"),
-        (lambda d: (d / "audiointeraction_ChunkwisedEncoder.pth").unlink(), "has no audio tower"),
+        (lambda d: (d / "audiointeraction_ChunkwisedEncoder.pth").unlink(),
+         "audiointeraction_ChunkwisedEncoder.pth or MiniOmni3_ChunkwisedEncoder.pth is missing"),
         (lambda d: (d / "model-00002-of-00002.safetensors").unlink(), "model-00002-of-00002.safetensors is missing"),
         (lambda d: (d / "model-00001-of-00002.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
         (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
@@ -124,6 +125,18 @@ def test_unsupported_architecture_is_rejected(checkpoint_copy: Path):
     edit_yaml(checkpoint_copy / "model_config.yaml", parallel_residual=True)
     with pytest.raises(ckpt.CheckpointError, match="parallel_residual"):
         ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_an_empty_folder_names_every_missing_file(tmp_path: Path):
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_model(tmp_path, "cpu", "float32")
+    message = str(error.value)
+    for name in ("model_config.yaml", "model.safetensors.index.json",
+                 "audiointeraction_ChunkwisedEncoder.pth or MiniOmni3_ChunkwisedEncoder.pth", "qwen25OmniConfig",
+                 "tokenizer.json"):
+        assert f"{name} is missing" in message, name
+    assert "tokenizer_config.json" not in message  # optional: the server does not read it
+    assert len(message.splitlines()) == 1
 
 
 def test_missing_directory():

@@ -67,7 +67,8 @@ def test_unreadable_checkpoint_is_a_clean_error(capsys, tmp_path, shared_audio):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", "--checkpoint", str(tmp_path), str(shared_audio / "02_translate")])
     assert exit_info.value.code == 2
-    assert "model_config.yaml is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model_config.yaml is missing" in err and "tokenizer.json is missing" in err
 
 
 @pytest.fixture

@@ -137,8 +137,11 @@ def test_neither_a_directory_nor_a_repo_id_is_named_in_the_error(value, tmp_path
     assert repr(value) in message and "not an existing directory" in message and "owner/name" in message
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="is a file"):
+    with pytest.raises(CheckpointError) as error:
         resolve_checkpoint_source(file)
+    message = str(error.value)
+    assert "is a file, not a checkpoint directory, and not a Hugging Face repo id" in message
+    assert "nor a Hugging Face" not in message
 
 
 def test_config_accepts_a_repo_id_and_names_a_bad_value(tmp_path):
@@ -152,7 +155,11 @@ def test_config_accepts_a_repo_id_and_names_a_bad_value(tmp_path):
 def test_cli_run_reports_a_bad_checkpoint_and_exits_2(capsys, tmp_path, monkeypatch):
     from server import cli
 
+    import numpy as np
+    import soundfile
+
     monkeypatch.chdir(tmp_path)
+    soundfile.write("a.wav", np.zeros(1600, dtype=np.int16), 16000)  # a valid input: the checkpoint is at fault
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", "--checkpoint", "checkpoints", "a.wav"])
     assert exit_info.value.code == 2
