@@ -61,9 +61,9 @@ def server_log(process: subprocess.Popen) -> str:
     return process.log_file.read()
 
 
-def audio_loop() -> np.ndarray:
-    """Every shared recording, 16 kHz mono, in folder and sequence order."""
-    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+def audio_loop(audio_dir: Path = SHARED_AUDIO) -> np.ndarray:
+    """Every recording under ``audio_dir`` (the shared ones by default), 16 kHz mono, in folder and sequence order."""
+    pieces = [load_audio_file(p) for folder in sorted(Path(audio_dir).iterdir()) if folder.is_dir()
               for p in load_audio_sequence(folder)]
     return np.concatenate(pieces)
 

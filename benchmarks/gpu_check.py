@@ -1,0 +1,485 @@
+"""GPU proof in one command: correctness on the device, then the real-size model's capacity.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu-check [--audio DIR] [--budget-s 420]
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check     # CPU, tiny model, seconds
+
+Stages, most important first; each one rewrites ``OUT/report.md`` and ``OUT/report.json``
+as soon as it finishes (the ramp after every N), a stage that raises is recorded with its
+traceback and the next one runs, and a stage that does not fit the rest of ``--budget-s``
+is skipped and says so:
+
+1. machine: GPU, driver, torch, CUDA, the commit;
+2. correctness on the tiny checkpoint, teacher-forced (``precision.teacher_forced``):
+   bf16 on the device against fp32 on the CPU, and in-place (FlexAttention, compiled)
+   against gather attention on the device;
+3. the real-size random model (``--model real``: 3B shapes built on the device), its
+   warm-up (every encoder batch bucket, every FlexAttention batch bucket compiled and
+   self-checked, timed separately), then a ramp of N real-time streams in direct mode
+   (``capacity.run_direct``) with SCRIPTED replies (25:20: about 10% of streams mid-reply
+   at any time), stopped after two consecutive failing N;
+4. the reference-style baseline (``capacity.run_baseline``) at small N on the same model,
+   and the capacity ratio;
+5. if time is left, the same ramp with replies decided by the (random) model.
+
+Per N: decision latency p50/p95/p99, first-token p50/p95, reply tokens/s, the step split
+(encoder / LM / host), rows per step, peak accelerator memory, and a verdict per target:
+p95 decision <= 100 ms, p95 first token <= 50 ms, the slowest 5% of replies >= 20 tokens/s,
+host < 20% of step time (host = step time outside the encoder and LM calls; the CPU time of
+launching kernels inside those calls is counted as encoder/LM).
+
+Nothing here needs the network or the web server: the tiny checkpoint and the tokenizer are
+built from the local vocabulary cache (``AUDIO_INTERACTION_CACHE``), audio comes from
+``--audio`` (default ``../shared/audio``).
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # the budget counts the imports too
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent
+for entry in (str(BENCHMARKS.parent), str(BENCHMARKS)):  # runs as a script or with the repo on PYTHONPATH
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import capacity  # noqa: E402
+import precision  # noqa: E402
+from gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
+from served import SHARED_AUDIO, audio_loop  # noqa: E402
+from server.accelerator import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
+from server.checkpoint import LoadedModel, load_model  # noqa: E402
+from server.encoder import AudioEncoder, batch_bucket  # noqa: E402
+from server.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
+from server.scripted import ScriptedTurns  # noqa: E402
+from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
+
+TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,
+                           host_share=0.20)
+KV_MEMORY_FRACTION = 0.9  # the engine's default share of free accelerator memory for the KV cache
+MIN_RAMP_POSITIONS = 1024  # a ramp run of ~15 s uses about 500 positions per session
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.json")
+    parser.add_argument("--audio", type=Path, default=SHARED_AUDIO, help="folder of recording folders")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny model, fp32 on the CPU, tiny ramp: proves the script in seconds")
+    parser.add_argument("--device", help="default: cuda (cpu with --dry-run)")
+    parser.add_argument("--model", help="real (random 3B shapes, the default), tiny, or a checkpoint directory")
+    parser.add_argument("--streams", type=int, nargs="+", help="ramp (default 128 256 384 512 640 768)")
+    parser.add_argument("--seconds", type=float, help="audio per stream per ramp point (default 10)")
+    parser.add_argument("--baseline-streams", type=int, nargs="+", help="default 1 2 4")
+    parser.add_argument("--baseline-seconds", type=float, help="default 10")
+    parser.add_argument("--schedule", help="scripted replies K:L, a reply every K chunks of L tokens (default 25:20; "
+                        "4:3 with --dry-run, so its few seconds still hold replies)")
+    parser.add_argument("--max-positions", type=int, default=4096,
+                        help="KV positions per slot (lowered, and reported, when the ramp's largest N does not fit)")
+    parser.add_argument("--precision-rows", type=int,
+                        help="rows per recording in the correctness checks (default: all; 12 with --dry-run)")
+    parser.add_argument("--no-model-ramp", action="store_true", help="skip stage 5 (model-decided replies)")
+    args = parser.parse_args(argv)
+    dry = args.dry_run
+    args.device = args.device or ("cpu" if dry else "cuda")
+    args.model = args.model or ("tiny" if dry else "real")
+    args.streams = sorted(args.streams or ([1, 2] if dry else [128, 256, 384, 512, 640, 768]))
+    args.seconds = args.seconds or (3.0 if dry else 10.0)
+    args.schedule = args.schedule or ("4:3" if dry else "25:20")
+    args.baseline_streams = sorted(args.baseline_streams or ([1] if dry else [1, 2, 4]))
+    args.baseline_seconds = args.baseline_seconds or (3.0 if dry else 10.0)
+    if args.precision_rows is None and dry:
+        args.precision_rows = 12
+    every, length = (int(x) for x in args.schedule.split(":"))
+    args.script = ScriptedTurns(every_chunks=every, reply_tokens=length)
+    return args
+
+
+@functools.cache
+def tiny_model(device: str, dtype: str) -> LoadedModel:
+    """The seeded tiny checkpoint, loaded once per (device, dtype) for every stage that needs it."""
+    return load_model(ensure_demo_checkpoint(), device, dtype)
+
+
+def release_memory() -> None:
+    """Free the last run's KV cache before the next worker sizes its own against free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. correctness on the tiny checkpoint
+
+
+def check_precision(args, report: Report, stage: Stage) -> None:
+    """bf16 on the device (fp32 CPU and bf16 CPU in a dry run) against fp32 on the CPU."""
+    reference = precision.Side(tiny_model("cpu", "float32"))
+    candidate = precision.Side(tiny_model(args.device, "bfloat16"))
+    deadline = time.perf_counter() + max(10.0, min(45.0, report.budget.remaining_s / 6))
+    result = precision.teacher_forced(reference, candidate, args.audio, max_rows_per_recording=args.precision_rows,
+                                      deadline=deadline)
+    record_agreement(stage, result)
+
+
+def check_flex(args, report: Report, stage: Stage) -> None:
+    """In-place attention against gather, same device, same dtype, same model object."""
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    model = tiny_model(args.device, dtype)
+    # Compiled is the serving path on CUDA; on CPU eager flex is the same math without minutes of compiling.
+    compiled = args.device != "cpu"
+    reference, candidate = precision.Side(model, "gather"), precision.Side(model, "flex", compiled)
+    deadline = time.perf_counter() + max(10.0, min(60.0, report.budget.remaining_s / 6))
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager on purpose
+        result = precision.teacher_forced(reference, candidate, args.audio,
+                                          max_rows_per_recording=args.precision_rows, deadline=deadline)
+    stage.data["seconds_including_compile"] = round(time.perf_counter() - started, 1)
+    record_agreement(stage, result)
+
+
+def record_agreement(stage: Stage, result: precision.Agreement) -> None:
+    data = result.as_dict()
+    stage.data.update(data)
+    ok = data["decisive_decisions"] > 0 and data["decisive_agreeing"] == data["decisive_decisions"]
+    stage.data["passes"] = ok
+    stage.note = (f"{'PASS' if ok else 'FAIL'}: {data['decisive_agreeing']}/{data['decisive_decisions']} decisions "
+                  "whose reference margin exceeds the largest noise agree"
+                  + ("; cut short by its time limit" if result.is_partial else ""))
+    stage.lines = [f"Reference: {result.reference}; candidate: {result.candidate}; teacher-forced on the "
+                   "reference's trajectory.", ""] + result.markdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the real-size model: build, warm up, ramp
+
+
+@dataclass
+class Served:
+    """What the capacity stages share: the model, the audio (PCM loop and its mel chunks), the ramp's KV layout."""
+
+    model: LoadedModel | None = None
+    loop: np.ndarray | None = None
+    chunks: list[torch.Tensor] | None = None
+    max_sessions: int = 0
+    max_positions: int = 0
+    attention: str = "auto"  # "gather" once flex failed to compile here, so no worker retries it per N
+
+
+def build_model(args, served: Served, stage: Stage) -> None:
+    started = time.perf_counter()
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.model == "tiny":
+        served.model = tiny_model(args.device, dtype)
+    else:
+        served.model, _ = capacity.load(args.model, args.device, dtype)
+    model = served.model
+    stage.data["build_s"] = round(time.perf_counter() - started, 1)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    stage.data.update(name=model.name, device=str(model.device), dtype=str(model.dtype),
+                      lm_parameters=count(model.lm), encoder_parameters=count(model.encoder_tower))
+    if model.device.type == "cuda":
+        stage.data["allocated_after_build_mib"] = round(torch.cuda.memory_allocated(model.device) / 2**20)
+    served.loop = audio_loop(args.audio)
+    served.chunks = capacity.mel_chunks(served.loop)
+    stage.note = (f"{model.name}: LM {stage.data['lm_parameters'] / 1e9:.2f}B, audio tower "
+                  f"{stage.data['encoder_parameters'] / 1e9:.2f}B parameters, {model.dtype} on {model.device}, "
+                  f"built in {stage.data['build_s']} s")
+
+
+def ramp_kv_layout(args, served: Served, stage: Stage) -> None:
+    """Slots for the ramp's largest N at ``--max-positions``, or fewer positions if that does not fit."""
+    lm = served.model.lm
+    served.max_sessions = max(args.streams)
+    positions = args.max_positions
+    fit = sessions_that_fit(lm, positions, KV_MEMORY_FRACTION)
+    if fit is not None and fit < served.max_sessions:
+        per_position = kv_bytes_per_slot(lm, FLEX_BLOCK) / FLEX_BLOCK
+        free, _ = torch.cuda.mem_get_info(served.model.device)
+        positions = int(free * KV_MEMORY_FRACTION / served.max_sessions / per_position) // FLEX_BLOCK * FLEX_BLOCK
+        stage.data["positions_lowered_from"] = args.max_positions
+        if positions < MIN_RAMP_POSITIONS:
+            raise RuntimeError(f"{served.max_sessions} slots do not fit even at {MIN_RAMP_POSITIONS} positions")
+    served.max_positions = positions
+    kv_gib = served.max_sessions * kv_bytes_per_slot(lm, positions) / 2**30
+    stage.data.update(max_sessions=served.max_sessions, max_positions=positions, kv_cache_gib=round(kv_gib, 2))
+
+
+def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
+    """Every encoder batch bucket and every FlexAttention batch bucket, each timed, before anything is timed."""
+    ramp_kv_layout(args, served, stage)
+    model = served.model
+    encoder = AudioEncoder(model.encoder_tower)
+    sizes = sorted({batch_bucket(n) for n in range(1, served.max_sessions + 1)})
+    started = time.perf_counter()
+    for size in sizes:
+        encoder.encode(torch.zeros(size, 128, 40))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    stage.data["encoder_buckets"] = sizes
+    stage.data["encoder_warm_up_s"] = round(time.perf_counter() - started, 2)
+    lines = [f"KV cache for the ramp: {served.max_sessions} slots x {served.max_positions} positions = "
+             f"{stage.data['kv_cache_gib']} GiB"
+             + (f" (lowered from {args.max_positions} positions to fit)" if "positions_lowered_from" in stage.data
+                else ""),
+             f"Encoder: {len(sizes)} batch buckets (1 .. {sizes[-1]}) in {stage.data['encoder_warm_up_s']} s"]
+    if model.device.type != "cuda":
+        stage.lines = lines + ["FlexAttention: not compiled (the engine serves gather on the CPU)"]
+        return
+    # The engine compiles and self-checks flex for every batch bucket at start-up; done here bucket by
+    # bucket on a cache of the ramp's shape, so each compile is timed and later workers find them compiled.
+    cache = model.lm.new_cache(served.max_sessions, served.max_positions)
+    compiles = []
+    try:
+        rows = 8
+        while True:
+            if not report.budget.allows(60):
+                stage.note = f"stopped before the {flex_batch_bucket(rows)}-row bucket: budget"
+                break
+            started = time.perf_counter()
+            try:
+                worst = self_check_flex(model.lm, cache, min(rows, served.max_sessions))
+            except Exception as exc:
+                served.attention = "gather"
+                stage.note = (f"FlexAttention FAILED at the {flex_batch_bucket(min(rows, served.max_sessions))}-row "
+                              f"bucket, the ramp serves gather attention: {exc!r}")
+                raise
+            compiles.append({"rows": flex_batch_bucket(min(rows, served.max_sessions)),
+                             "seconds": round(time.perf_counter() - started, 2), "max_abs_diff": worst})
+            progress(f"  flex bucket {compiles[-1]['rows']} rows: {compiles[-1]['seconds']} s, "
+                     f"max |flex - gather| {worst:.2e}")
+            if rows >= served.max_sessions:
+                break
+            rows *= 2
+    finally:
+        model.lm.attention_backend, model.lm.compile_attention = "gather", False
+        del cache
+        release_memory()
+    stage.data["flex_buckets"] = compiles
+    stage.data["flex_compile_s"] = round(sum(c["seconds"] for c in compiles), 1)
+    lines.append(f"FlexAttention compiled and checked against gather for {len(compiles)} batch buckets in "
+                 f"{stage.data['flex_compile_s']} s:")
+    lines += ["", "| rows (padded) | compile + check s | max abs diff vs gather |", "|---|---|---|"]
+    lines += [f"| {c['rows']} | {c['seconds']} | {c['max_abs_diff']:.2e} |" for c in compiles]
+    stage.lines = lines
+
+
+RAMP_COLUMNS = ("| N | decisions | p50 ms | p95 ms | p99 ms | first token p50 ms | p95 ms | reply tok/s p50 | "
+                "p5 | step ms | encoder ms (%) | LM ms (%) | host ms (%) | rows/step mean / max | peak MiB | "
+                "p95 <= 100 | TTFT <= 50 | reply >= 20 | host < 20% | verdict |")
+RAMP_SEPARATOR = "|" + "---|" * (RAMP_COLUMNS.count("|") - 1)
+
+
+def run_record(run: capacity.Run) -> dict:
+    """One ramp point as JSON: every figure of the table row, unrounded where it matters."""
+    def ms(values, q):
+        return round(capacity.pct(values, q) * 1e3, 2) if values else None
+
+    split = capacity.step_split(run)
+    checks = TARGETS.checks(run)
+    return {
+        "mode": run.mode, "streams": run.streams, "seconds": run.seconds, "max_sessions": run.max_sessions,
+        "decisions": len(run.decision_s), "expected_decisions": run.expected_decisions, "errors": run.errors,
+        "decision_ms": {q: ms(run.decision_s, q) for q in (50, 95, 99)},
+        "first_token_ms": {q: ms(run.first_token_s, q) for q in (50, 95)},
+        "replies": len(run.reply_rates),
+        "reply_tokens_per_s": {q: round(capacity.pct(run.reply_rates, q), 1) if run.reply_rates else None
+                               for q in (50, 5)},
+        "step": None if split is None else {k: round(v, 3) for k, v in vars(split).items()},
+        "peak_memory_mib": round(run.memory_mib), "setup_s": round(run.setup_s, 2), "attention": run.attention,
+        "checks": checks, "passes": TARGETS.passes(run),
+    }
+
+
+def ramp_row(record: dict) -> str:
+    def cell(value, fmt="{:.1f}"):
+        return "-" if value is None else fmt.format(value)
+
+    def verdict(value):
+        return {True: "yes", False: "**no**", None: "-"}[value]
+
+    step = record["step"]
+    if step:
+        share = lambda part: f"{step[part]:.1f} ({100 * step[part] / step['step_ms']:.0f}%)"  # noqa: E731
+        split = (f"{step['step_ms']:.1f} | {share('encoder_ms')} | {share('lm_ms')} | {share('host_ms')} | "
+                 f"{step['rows_mean']:.1f} / {step['rows_max']}")
+    else:
+        split = "- | - | - | - | -"
+    d, f, r, c = record["decision_ms"], record["first_token_ms"], record["reply_tokens_per_s"], record["checks"]
+    return (f"| {record['streams']} | {record['decisions']}/{record['expected_decisions']} | {cell(d[50])} | "
+            f"{cell(d[95])} | {cell(d[99])} | {cell(f[50])} | {cell(f[95])} | {cell(r[50], '{:.0f}')} | "
+            f"{cell(r[5], '{:.0f}')} | {split} | {record['peak_memory_mib']} | {verdict(c['decision_p95'])} | "
+            f"{verdict(c['first_token_p95'])} | {verdict(c.get('reply_rate_p5'))} | {verdict(c.get('host_share'))} | "
+            f"{'PASS' if record['passes'] else 'fail'}{'' if c['complete'] else ' (decisions missing)'} |")
+
+
+def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTurns | None,
+         reserve_s: float, ramp_streams: list[int]) -> None:
+    """N streams for ``--seconds`` each, in ascending N, stopping after two failing N in a row.
+
+    ``reserve_s`` is kept back for the stages after this one (the baseline must still run)."""
+    engine: dict = {"attention": served.attention, "max_positions": served.max_positions}
+    if script is not None:
+        engine["scripted_turns"] = {"every_chunks": script.every_chunks, "reply_tokens": script.reply_tokens}
+    records: list[dict] = []
+    stage.data["runs"] = records
+    estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
+    failures_in_a_row = 0
+    for streams in ramp_streams:
+        if not report.budget.allows(estimate_s + reserve_s):
+            stage.note = f"ramp stopped before N={streams}: {report.budget.remaining_s:.0f} s of the budget left"
+            break
+        started = time.perf_counter()
+        run = capacity.run_direct(served.model, served.chunks, streams, args.seconds, engine,
+                                  name="direct" if script else "direct (model-decided)",
+                                  max_sessions=served.max_sessions, drain_s=10.0)
+        release_memory()
+        record = run_record(run)
+        record["wall_s"] = round(time.perf_counter() - started, 1)
+        records.append(record)
+        estimate_s = max(estimate_s, record["wall_s"] + 2)
+        progress(f"  N={streams}: {ramp_row(record)}")
+        failures_in_a_row = 0 if record["passes"] else failures_in_a_row + 1
+        ramp_lines(stage, records)
+        report.write()
+        if failures_in_a_row == 2:
+            stage.note = f"ramp stopped after two failing N in a row (N={streams})"
+            break
+
+
+def ramp_lines(stage: Stage, records: list[dict]) -> None:
+    passing = [r["streams"] for r in records if r["passes"]]
+    stage.data["capacity"] = max(passing, default=0)
+    first = records[0]
+    stage.lines = [f"Worker: {first['max_sessions']} slots for every N; attention {first['attention']}; worker "
+                   f"start-up per N {min(r['setup_s'] for r in records)}-{max(r['setup_s'] for r in records)} s "
+                   "(not part of the figures)", "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, records), "",
+                   f"Largest N that held every target: **{stage.data['capacity']}** "
+                   f"(of {[r['streams'] for r in records]})"]
+
+
+def baseline(args, served: Served, report: Report, stage: Stage) -> None:
+    records: list[dict] = []
+    stage.data["runs"] = records
+    for streams in args.baseline_streams:
+        if not report.budget.allows(args.baseline_seconds + 10):
+            stage.note = f"stopped before N={streams}: budget"
+            break
+        overrun_s = max(2.0, min(20.0, report.budget.remaining_s - args.baseline_seconds - 10))
+        run = capacity.run_baseline(served.model, served.loop, streams, args.baseline_seconds, args.script,
+                                    overrun_s=overrun_s)
+        release_memory()
+        records.append(run_record(run))
+        progress(f"  baseline N={streams}: {ramp_row(records[-1])}")
+        passing = [r["streams"] for r in records if r["passes"]]
+        stage.data["capacity"] = max(passing, default=0)
+        stage.lines = ["The reference's way on the same model: one stream at a time at batch 1, the encoder over "
+                       "the whole audio history for every chunk, replies generated inline (SCRIPTED "
+                       f"{args.schedule}). No step split (there is no batched step).", "", RAMP_COLUMNS,
+                       RAMP_SEPARATOR, *map(ramp_row, records), "",
+                       f"Largest N that held every target: **{stage.data['capacity']}** (of {args.baseline_streams})"]
+        report.write()
+        if not records[-1]["passes"]:
+            break  # more streams served one at a time only fall further behind
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(args, report: Report) -> None:
+    scripted, base = report.stage("ramp"), report.stage("baseline")
+    ours = scripted.data.get("capacity") if scripted else None
+    theirs = base.data.get("capacity") if base else None
+    summary = report.summary
+    summary["correctness bf16 vs fp32"] = _verdict(report.stage("precision"))
+    summary["correctness flex vs gather"] = _verdict(report.stage("flex"))
+    if ours is not None:
+        summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
+    if theirs is not None:
+        summary["baseline capacity"] = f"{theirs} streams (of {args.baseline_streams})"
+    if ours and theirs:
+        summary["ratio ours / baseline"] = f"{ours / theirs:.1f}x"
+    elif ours and theirs == 0:
+        summary["ratio ours / baseline"] = f"baseline held none of {args.baseline_streams}; ratio > {ours}x"
+    elif ours == 0 and theirs is not None:
+        summary["ratio ours / baseline"] = "none: the ramp held no N"
+    model_ramp = report.stage("model-ramp")
+    if model_ramp and "capacity" in model_ramp.data:
+        summary["capacity (model-decided replies)"] = f"{model_ramp.data['capacity']} streams"
+
+
+def _verdict(stage: Stage | None) -> str:
+    if stage is None:
+        return "not run"
+    if stage.status != "done":
+        return stage.status + (f" ({stage.note})" if stage.note else "")
+    return stage.note
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s, STARTED)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run on a CPU host")
+    device = torch.device(args.device)
+    header = {"title": "DRY RUN (CPU, tiny model: proves the script, measures nothing)" if args.dry_run
+              else f"{args.model} model on {device}", **machine(device),
+              "replies": f"SCRIPTED {args.schedule} in the main ramp (a reply every {args.script.every_chunks} chunks "
+                         f"of {args.script.reply_tokens} tokens per stream); the model still computes every row",
+              "targets": "p95 decision <= 100 ms, p95 first token <= 50 ms, slowest 5% of replies >= 20 tok/s, "
+                         "host < 20% of step time, every decision arrived",
+              "audio": str(args.audio)}
+    report = Report(args.out, header, budget)
+    report.write()
+    progress(f"gpu_check: report in {args.out}; budget {args.budget_s:.0f} s")
+    report.run_stage("precision", "Correctness: bf16 on the device vs fp32 on the CPU (tiny checkpoint)", 20,
+                     lambda stage: check_precision(args, report, stage))
+    report.run_stage("flex", "Correctness: in-place FlexAttention vs gather on the device (tiny checkpoint)", 30,
+                     lambda stage: check_flex(args, report, stage))
+    served = Served()
+    built = report.run_stage("model", "Real-size model" if args.model == "real" else f"Model: {args.model}", 30,
+                             lambda stage: build_model(args, served, stage))
+    no_model = None if built.status == "done" else "no model (see the model stage)"
+    baseline_reserve_s = args.baseline_seconds + 10
+    warm = report.run_stage("warm-up", "Compile and warm-up (not part of any timed figure)", 60 + baseline_reserve_s,
+                            lambda stage: warm_up(args, served, report, stage), skip_reason=no_model)
+    no_layout = no_model or (None if served.max_positions else "no KV layout (see the warm-up stage)")
+    if warm.status == "skipped" and no_model is None:
+        no_layout = "warm-up skipped: no time for compiling"
+    report.run_stage("ramp", f"Capacity ramp, direct mode, SCRIPTED replies {args.schedule}",
+                     args.seconds + 15 + baseline_reserve_s,
+                     lambda stage: ramp(args, served, report, stage, args.script, baseline_reserve_s, args.streams),
+                     skip_reason=no_layout)
+    summarize(args, report)
+    report.run_stage("baseline", "Reference-style baseline, same model", args.baseline_seconds + 10,
+                     lambda stage: baseline(args, served, report, stage), skip_reason=no_model)
+    summarize(args, report)
+    report.run_stage("model-ramp", "Capacity ramp, direct mode, replies decided by the random model "
+                     "(decisions are noise)", args.seconds + 15,
+                     # A dry run only proves the code path: one point is enough.
+                     lambda stage: ramp(args, served, report, stage, None, 0.0,
+                                        args.streams[:1] if args.dry_run else args.streams),
+                     skip_reason=no_layout or ("--no-model-ramp" if args.no_model_ramp else None))
+    summarize(args, report)
+    report.write()
+    progress(f"gpu_check: done in {budget.elapsed_s:.0f} s; {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
