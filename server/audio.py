@@ -183,6 +183,16 @@ def _log_mel_block(padded_samples: torch.Tensor) -> torch.Tensor:
     return torch.log10(torch.clamp(mel, min=_LOG_FLOOR))
 
 
+@functools.cache
+def _silent_block_log_mel() -> torch.Tensor:
+    """``_log_mel_block`` of an all-zero block, computed once by the same function (so bit-identical).
+
+    Flushed silence is pure zeros: 10 s of it would otherwise cost 25 STFTs on the event loop
+    per ``input.flush``. Shared: callers get a clone.
+    """
+    return _log_mel_block(torch.zeros(_BLOCK_INPUT_SAMPLES))
+
+
 def normalize_log_mel(log_mel: torch.Tensor, max_value: float) -> torch.Tensor:
     """Whisper's clamp and scaling, given the maximum to clamp against (whole-file or running)."""
     return (torch.clamp(log_mel, min=max_value - _DYNAMIC_RANGE) + 4.0) / 4.0
@@ -305,10 +315,14 @@ class LogMelChunker:
         left_pad = max(0, -first)
         right_pad = 0 if stream_end is None else max(0, last - stream_end)
         offset = self._buffer_start
-        block = torch.from_numpy(self._buffer[first + left_pad - offset : last - right_pad - offset])
-        if left_pad or right_pad:
-            block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
-        chunk = _log_mel_block(block)  # (128, 40); it clones, so the buffer may be reused below
+        window = self._buffer[first + left_pad - offset : last - right_pad - offset]
+        if not window.any():  # digital silence (a flush): the padded block is zeros too, its mel is known
+            chunk = _silent_block_log_mel().clone()
+        else:
+            block = torch.from_numpy(window)
+            if left_pad or right_pad:
+                block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
+            chunk = _log_mel_block(block)  # (128, 40); it clones, so the buffer may be reused below
         self.num_chunks_emitted += 1
         self._drop_consumed()
         return chunk

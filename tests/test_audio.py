@@ -350,3 +350,27 @@ def test_reset_starts_a_fresh_stream(speech: np.ndarray) -> None:
         StreamingLogMel().push(np.zeros((2, 100), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         StreamingLogMel().push(np.array([0.0, np.nan], np.float32))
+
+
+@pytest.mark.parametrize("piece_samples", [3000, "whole"])
+def test_streaming_raw_mel_stays_bit_identical_across_digital_silence(speech: np.ndarray,
+                                                                      piece_samples: int | str) -> None:
+    """Chunks of pure zeros (flushed silence) take a precomputed value; it must equal the computed one."""
+    signal = np.concatenate([speech[:20_000], np.zeros(64_123, np.float32), speech[20_000:40_000]])
+    streamed = _stream(LogMelChunker(), signal, piece_samples)
+    assert torch.equal(streamed, log_mel_raw(_pad_to_chunk(signal)))
+
+
+def test_flushed_silence_does_not_cost_one_stft_per_chunk(speech: np.ndarray, monkeypatch) -> None:
+    """input.flush appends up to 10 s of zeros (25 chunks) on the event loop: chunks whose whole
+    window is zeros reuse one precomputed block instead of an STFT each."""
+    import server.audio
+
+    calls = []
+    computed = server.audio._log_mel_block
+    monkeypatch.setattr(server.audio, "_log_mel_block", lambda block: calls.append(1) or computed(block))
+    front_end = StreamingLogMel()
+    before = front_end.push(speech[:8000])  # 0.5 s of speech: chunk 0 is out
+    chunks = front_end.push(np.zeros(160_000, np.float32)) + front_end.flush()
+    assert len(before) == 1 and len(chunks) == 26
+    assert len(calls) <= 3, f"{len(calls)} STFT blocks for 10 s of silence"
