@@ -25,6 +25,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--ssl-certfile", type=Path,
+                        help="PEM certificate: serve https:// and wss:// (browsers on other hosts need it for the "
+                        "microphone); with --ssl-keyfile")
+    parser.add_argument("--ssl-keyfile", type=Path, help="PEM private key of --ssl-certfile")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +45,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         overrides["demo"] = False
     if args.device is not None:
         engine["device"] = args.device
+    for name in ("ssl_certfile", "ssl_keyfile"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if engine:
         overrides["engine"] = engine
     return overrides

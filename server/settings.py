@@ -37,6 +37,10 @@ class ServerConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
+    # TLS by uvicorn itself: a page opened from another host gets the microphone only over https://.
+    ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): serve https:// and wss://; "
+                                      "needs ssl_keyfile. None = plain http:// and ws://")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile (unencrypted)")
     api_key: SecretStr | None = Field(None, description="None = no authentication")
     allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed; empty = any")
     max_sessions: int | None = Field(None, ge=1, description="concurrent streams; None = engine.max_sessions")
@@ -111,6 +115,19 @@ class ServerConfig(BaseModel):
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
                     "('owner/name' or 'owner/name@revision')"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_both_readable_files(self) -> ServerConfig:
+        # Checked with the rest of the configuration (exit 2, the field named), not as a traceback from ssl.
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given, missing = ("ssl_certfile", "ssl_keyfile") if self.ssl_keyfile is None else ("ssl_keyfile",
+                                                                                                 "ssl_certfile")
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its key")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file")
         return self
 
     @property

@@ -1,0 +1,130 @@
+"""TLS served by the server itself (``--ssl-certfile/--ssl-keyfile``, uvicorn's own): what a browser on
+another host needs for the microphone. A self-signed certificate is made here for 127.0.0.1; the
+client trusts exactly that certificate, so a wrong one or plain ws:// fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import re
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from server.settings import ConfigError, load_config
+
+x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+
+def write_self_signed(directory: Path) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for 127.0.0.1 and localhost, valid for a day."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    return write_self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint, certificate, tmp_path):
+    cert_path, key_path = certificate
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+             "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path)],
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+    trusted = ssl.create_default_context(cafile=str(cert_path))  # this certificate and nothing else
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None:
+            found = re.search(r"running on https://127\.0\.0\.1:(\d+)", log_path.read_text())
+            port = int(found[1]) if found else None
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        while True:  # https: the same endpoints, over TLS
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/ready", timeout=5, context=trusted) as reply:
+                    assert reply.status == 200
+                    break
+            except urllib.error.HTTPError:  # 503 while the model loads
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=5, context=trusted) as reply:
+            assert "<html" in reply.read().decode()  # the page: over https, the microphone is allowed
+
+        with connect(f"wss://127.0.0.1:{port}/v1/stream", ssl=trusted, open_timeout=10) as websocket:
+            created = json.loads(websocket.recv(timeout=10))
+            assert created["type"] == "session.created"
+            websocket.send(json.dumps({"type": "session.close"}))
+            events = [json.loads(websocket.recv(timeout=10))]
+            while events[-1]["type"] != "session.closed":
+                events.append(json.loads(websocket.recv(timeout=10)))
+            assert events[-1]["reason"] == "client_closed"
+
+        # Plain ws:// to the TLS port gets no session.
+        with pytest.raises(Exception):
+            with connect(f"ws://127.0.0.1:{port}/v1/stream", open_timeout=5) as websocket:
+                websocket.recv(timeout=5)
+        # And a client that does not trust the certificate is refused by its own TLS check.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            with connect(f"wss://127.0.0.1:{port}/v1/stream", ssl=ssl.create_default_context(), open_timeout=5):
+                pass
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0, log_path.read_text()
+
+
+def test_tls_settings_need_both_files_and_the_files_must_exist(certificate, tmp_path):
+    cert_path, key_path = certificate
+    config = load_config(None, {"AIS_SSL_CERTFILE": str(cert_path), "AIS_SSL_KEYFILE": str(key_path)})
+    assert config.ssl_certfile == cert_path and config.ssl_keyfile == key_path
+    assert load_config(None, {}).ssl_certfile is None  # plain http/ws by default
+    with pytest.raises(ConfigError, match="ssl_keyfile"):
+        load_config(None, {}, {"ssl_certfile": cert_path})
+    with pytest.raises(ConfigError, match="ssl_certfile"):
+        load_config(None, {}, {"ssl_keyfile": key_path})
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match="nope.pem"):
+        load_config(None, {}, {"ssl_certfile": missing, "ssl_keyfile": key_path})
+
+
+def test_ssl_flags_reach_the_config():
+    import argparse
+
+    from server.__main__ import add_serve_arguments, overrides_from
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
+    assert overrides_from(args) == {"ssl_certfile": Path("c.pem"), "ssl_keyfile": Path("k.pem")}
+    assert overrides_from(parser.parse_args([])) == {}
