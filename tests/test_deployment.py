@@ -148,7 +148,7 @@ def pinned_constraints() -> dict[str, str]:
 def test_constraints_pin_every_runtime_dependency_but_torch():
     from packaging.version import Version
 
-    from server.tools.freeze_constraints import project_dependencies, runtime_closure
+    from server.tools.freeze_constraints import CUDA_BUILD_PINS, project_dependencies, runtime_closure
 
     pins = pinned_constraints()
     assert "torch" not in pins  # pinned by TORCH_VERSION; a +cpu/CUDA build is the index's choice
@@ -160,6 +160,8 @@ def test_constraints_pin_every_runtime_dependency_but_torch():
     # a dependency added to pyproject.toml without regenerating the file would install unpinned.
     unpinned = sorted(runtime_closure(project_dependencies()).keys() - pins.keys() - {"torch"})
     assert not unpinned, f"not in constraints.txt (run python -m server.tools.freeze_constraints): {unpinned}"
+    # ... and what only the CUDA build of torch installs, where torch's metadata leaves a range.
+    assert {name: pins.get(name) for name in CUDA_BUILD_PINS} == CUDA_BUILD_PINS
 
 
 def test_every_pip_install_in_the_dockerfile_uses_the_constraints():

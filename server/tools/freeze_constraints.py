@@ -8,8 +8,9 @@ pyproject.toml's ``[project] dependencies`` (their requirements, recursively, wi
 this interpreter and platform: Linux x86_64, CPython 3.11 like the image) and the versions are the
 installed ones, so the image runs what the test suite ran. torch itself is left out: its version is
 the Dockerfile's TORCH_VERSION build argument and its build (CUDA from PyPI, ``+cpu`` from another
-index) depends on TORCH_INDEX_URL; the CUDA wheels it pulls in are pinned exactly by torch's own
-metadata.
+index) depends on TORCH_INDEX_URL. The CUDA build's own wheels are not installed on a CPU host, so
+they cannot be read here: torch's metadata pins most of them exactly, and CUDA_BUILD_PINS holds the
+few it leaves open, at the versions the image got.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = ROOT / "constraints.txt"
 # Pinned by the Dockerfile's own build argument, not here (see the module docstring).
 EXCLUDED = frozenset({"torch"})
+# Requirements of PyPI's Linux (CUDA) torch==2.13.0 that its metadata leaves as ranges (cuda-bindings<14,
+# nvidia-nvjitlink<14 via cuda-toolkit's cufft/cusolver/cusparse, cuda-pathfinder via cuda-bindings), at
+# the versions `pip freeze` showed in the image built from this Dockerfile. Revisit with TORCH_VERSION.
+CUDA_BUILD_PINS = {"cuda-bindings": "13.5.0", "cuda-pathfinder": "1.9.1", "nvidia-nvjitlink": "13.5.37"}
 
 
 def canonical_name(name: str) -> str:
@@ -72,6 +77,8 @@ def constraints_text(versions: dict[str, str]) -> str:
         "# Generated from the environment the tests ran in: python -m server.tools.freeze_constraints",
     ]
     lines += [f"{name}=={version}" for name, version in sorted(versions.items()) if name not in EXCLUDED]
+    lines += ["# Only in the image's CUDA build of torch: left open by torch's metadata, pinned as last built."]
+    lines += [f"{name}=={version}" for name, version in sorted(CUDA_BUILD_PINS.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     versions = runtime_closure(project_dependencies())
     args.output.write_text(constraints_text(versions))
-    print(f"{args.output}: {len(versions) - len(EXCLUDED & versions.keys())} pinned packages")
+    num_pinned = len(versions.keys() - EXCLUDED) + len(CUDA_BUILD_PINS)
+    print(f"{args.output}: {num_pinned} pinned packages")
 
 
 if __name__ == "__main__":
