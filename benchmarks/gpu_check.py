@@ -178,6 +178,7 @@ class Served:
     max_sessions: int = 0
     max_positions: int = 0
     attention: str = "auto"  # "gather" once flex failed to compile here, so no worker retries it per N
+    max_batch_rows: int | None = None  # the largest compiled flex bucket, when compiling ran out of time
 
 
 def build_model(args, served: Served, stage: Stage) -> None:
@@ -240,15 +241,32 @@ def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
     if model.device.type != "cuda":
         stage.lines = lines + ["FlexAttention: not compiled (the engine serves gather on the CPU)"]
         return
+    stage.lines = lines
+    compile_flex_buckets(args, served, report, stage)
+
+
+def compile_flex_buckets(args, served: Served, report: Report, stage: Stage) -> None:
+    model = served.model
     # The engine compiles and self-checks flex for every batch bucket at start-up; done here bucket by
     # bucket on a cache of the ramp's shape, so each compile is timed and later workers find them compiled.
     cache = model.lm.new_cache(served.max_sessions, served.max_positions)
     compiles = []
     try:
         rows = 8
+        # Compiling must leave time for at least two ramp points and the baseline; the next bucket is
+        # assumed to cost twice the last one (or 30 s). Buckets not compiled cap the ramp's rows per step.
+        keep_s = 2 * (args.seconds + 15) + args.baseline_seconds + 10
         while True:
-            if not report.budget.allows(60):
-                stage.note = f"stopped before the {flex_batch_bucket(rows)}-row bucket: budget"
+            next_s = max(30.0, 2 * compiles[-1]["seconds"]) if compiles else 30.0
+            if not report.budget.allows(keep_s + next_s):
+                stop_at = flex_batch_bucket(min(rows, served.max_sessions))
+                if compiles:
+                    served.max_batch_rows = compiles[-1]["rows"]
+                    stage.note = (f"compiling stopped before the {stop_at}-row bucket (budget): the ramp runs N <= "
+                                  f"{served.max_batch_rows} only")
+                else:
+                    served.attention = "gather"
+                    stage.note = "no time to compile FlexAttention: the ramp serves gather attention"
                 break
             started = time.perf_counter()
             try:
@@ -271,6 +289,7 @@ def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
         release_memory()
     stage.data["flex_buckets"] = compiles
     stage.data["flex_compile_s"] = round(sum(c["seconds"] for c in compiles), 1)
+    lines = stage.lines
     lines.append(f"FlexAttention compiled and checked against gather for {len(compiles)} batch buckets in "
                  f"{stage.data['flex_compile_s']} s:")
     lines += ["", "| rows (padded) | compile + check s | max abs diff vs gather |", "|---|---|---|"]
@@ -332,7 +351,8 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     """N streams for ``--seconds`` each, in ascending N, stopping after two failing N in a row.
 
     ``reserve_s`` is kept back for the stages after this one (the baseline must still run)."""
-    engine: dict = {"attention": served.attention, "max_positions": served.max_positions}
+    engine: dict = {"attention": served.attention, "max_positions": served.max_positions,
+                    "max_batch_rows": served.max_batch_rows}
     if script is not None:
         engine["scripted_turns"] = {"every_chunks": script.every_chunks, "reply_tokens": script.reply_tokens}
     records: list[dict] = []
@@ -340,6 +360,9 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
     failures_in_a_row = 0
     for streams in ramp_streams:
+        if served.max_batch_rows is not None and streams > served.max_batch_rows:
+            stage.note = f"N={streams} and above not run: FlexAttention compiled only up to {served.max_batch_rows} rows"
+            break
         if not report.budget.allows(estimate_s + reserve_s):
             stage.note = f"ramp stopped before N={streams}: {report.budget.remaining_s:.0f} s of the budget left"
             break
