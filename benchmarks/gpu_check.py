@@ -114,6 +114,11 @@ def tiny_model(device: str, dtype: str) -> LoadedModel:
     return load_model(ensure_demo_checkpoint(), device, dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def release_memory() -> None:
     """Free the last run's KV cache before the next worker sizes its own against free memory."""
     gc.collect()
@@ -227,17 +232,25 @@ def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
     encoder = AudioEncoder(model.encoder_tower)
     sizes = sorted({batch_bucket(n) for n in range(1, served.max_sessions + 1)})
     started = time.perf_counter()
+    call_ms = {}
     for size in sizes:
-        encoder.encode(torch.zeros(size, 128, 40))
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+        mel = torch.zeros(size, 128, 40)
+        encoder.encode(mel)  # the first call of a shape pays for its kernels' set-up
+        synchronize(model.device)
+        timed = time.perf_counter()
+        encoder.encode(mel)
+        synchronize(model.device)
+        call_ms[size] = round(1e3 * (time.perf_counter() - timed), 2)
     stage.data["encoder_buckets"] = sizes
+    stage.data["encoder_call_ms"] = call_ms  # one warm call per batch size: what a step's encoder part costs
     stage.data["encoder_warm_up_s"] = round(time.perf_counter() - started, 2)
     lines = [f"KV cache for the ramp: {served.max_sessions} slots x {served.max_positions} positions = "
              f"{stage.data['kv_cache_gib']} GiB"
              + (f" (lowered from {args.max_positions} positions to fit)" if "positions_lowered_from" in stage.data
                 else ""),
-             f"Encoder: {len(sizes)} batch buckets (1 .. {sizes[-1]}) in {stage.data['encoder_warm_up_s']} s"]
+             f"Encoder: {len(sizes)} batch buckets (1 .. {sizes[-1]}) warmed up in {stage.data['encoder_warm_up_s']} s; "
+             "one warm call per size, ms (ms per chunk): "
+             + ", ".join(f"{n}: {ms} ({ms / n:.2f})" for n, ms in call_ms.items())]
     if model.device.type != "cuda":
         stage.lines = lines + ["FlexAttention: not compiled (the engine serves gather on the CPU)"]
         return

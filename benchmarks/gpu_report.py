@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ def machine(device: torch.device) -> dict[str, Any]:
         info["cuda (torch build)"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         info["driver"] = _nvidia_smi("driver_version") or "unknown (nvidia-smi not available)"
+        # Triton builds its kernel launcher with the host's C compiler; without one, compiling flex fails.
+        info["c compiler"] = shutil.which("cc") or shutil.which("gcc") or "none found"
     else:
         info["gpu"] = "none (CPU run)"
     info["commit"] = _git_commit()

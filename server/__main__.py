@@ -1,8 +1,9 @@
 """``python -m server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo]``: run the server.
 
 Settings come from configs/default.yaml (or ``--config``), then ``AIS_*`` environment
-variables (see server/settings.py), then these flags. Exits 2 on a bad configuration
-and 1 when the model cannot be loaded.
+variables (see server/settings.py), then these flags. The port is bound before the model
+loads, so a busy port fails at once; /health answers while the model loads, /ready once it
+is loaded, and a "ready: serving ws://..." log line says so.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+# Exit statuses (documented in --help and docs/deployment.md; supervisors act on them).
+EXIT_STOPPED = 0  # SIGINT or SIGTERM, also while the model was loading
+EXIT_CANNOT_SERVE = 1  # the model could not be loaded, or its worker died
+EXIT_BAD_CONFIG = 2  # as argparse's usage errors
+EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind error
+
+EXIT_STATUSES = f"""exit status:
+  {EXIT_STOPPED}  stopped by SIGINT (Ctrl-C) or SIGTERM (docker stop), also while the model was loading
+  {EXIT_CANNOT_SERVE}  the model could not be loaded, or the model worker died (an error: line says why)
+  {EXIT_BAD_CONFIG}  invalid configuration or command line (the message names the field and its source)
+  {EXIT_CANNOT_LISTEN}  cannot listen on the host and port (in use, not permitted, no such address)
+"""
+
+
 class _StopRequested(Exception):
     pass
 
@@ -68,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, os.environ, overrides_from(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from server.app import build_server, create_app
 
@@ -80,24 +95,49 @@ def serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    server = build_server(create_app(config, on_fatal=on_fatal), config)
+    app = create_app(config, on_fatal=on_fatal)
+    server = build_server(app, config)
+    # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
+    try:
+        listener = server.config.bind_socket()
+    except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
+        print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
+              file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    runtime = app.state.runtime
+    runtime.stream_url = _stream_url(server.config, listener)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler
     # that was installed before it ran; this one turns SIGTERM (docker stop, k8s) into a normal stop.
     previous_sigterm = signal.signal(signal.SIGTERM, _stop_requested)
     try:
-        server.run()
+        server.run(sockets=[listener])
     except (KeyboardInterrupt, _StopRequested):
         pass  # a graceful shutdown has already happened: this is a normal stop
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+    status = EXIT_STOPPED
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
-        return 1
-    return 0
+        status = EXIT_CANNOT_SERVE
+    if runtime.is_loading:
+        # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and
+        # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _stream_url(uv_config: Any, listener: Any) -> str:
+    host = uv_config.host or "0.0.0.0"
+    host = f"[{host}]" if ":" in host else host
+    scheme = "wss" if uv_config.is_ssl else "ws"
+    return f"{scheme}://{host}:{listener.getsockname()[1]}/v1/stream"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, epilog=EXIT_STATUSES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     sys.exit(serve(parser.parse_args(argv)))

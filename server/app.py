@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -47,6 +48,8 @@ class Runtime:
         self.worker = None
         self.load_error: str | None = None
         self.is_shutting_down = False
+        self.stream_url: str | None = None  # set by whoever bound the socket; for the "ready" log line
+        self._loader: threading.Thread | None = None
         self.streams: dict[str, StreamConnection] = {}
         self.metrics.set_state_source(self.state_totals)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
@@ -83,16 +86,55 @@ class Runtime:
             return "loading the model"
         return "the model worker died (the server log says why)"
 
+    @property
+    def is_loading(self) -> bool:
+        return self._loader is not None and self._loader.is_alive()
+
     async def load(self) -> None:
         self._loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            self.model, self.worker = await asyncio.to_thread(self._load_blocking)
+            self.model, self.worker = await self._on_loader_thread(self._load_blocking)
             self.metrics.model_ready.set(1)
         except Exception as error:  # a server without its model is useless: say why, then stop
+            if self.is_shutting_down:
+                return  # stopped while loading: whatever the load did is moot
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("cannot serve: %s", self.load_error)
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
+            return
+        model = self.model
+        log.info("ready: serving %s (%s on %s, %s; up to %d sessions; loaded in %.1f s)",
+                 self.stream_url or "/v1/stream", model.name, model.device, str(model.dtype).removeprefix("torch."),
+                 self.config.session_capacity, time.perf_counter() - started)
+
+    async def _on_loader_thread(self, load: Callable[[], Any]) -> Any:
+        """``asyncio.to_thread`` on a daemon thread of its own: ``asyncio.run`` joins the default
+        executor's threads at exit, so a stop during a load (minutes for the 3B model, or a hung
+        download) would wait for the load to finish; this thread is simply left behind."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = loop.create_future()
+
+        def settle(setter: Callable[[Any], None], value: Any) -> None:
+            if not outcome.done():  # not cancelled by a stop meanwhile
+                setter(value)
+
+        def run() -> None:
+            try:
+                result = load()
+            except Exception as error:
+                setter, value = outcome.set_exception, error
+            else:
+                setter, value = outcome.set_result, result
+            try:
+                loop.call_soon_threadsafe(settle, setter, value)
+            except RuntimeError:
+                pass  # the event loop is gone: the server stopped while the model loaded
+
+        self._loader = threading.Thread(target=run, name="model-loader", daemon=True)
+        self._loader.start()
+        return await outcome
 
     def _load_blocking(self):
         from server.checkpoint import load_model
@@ -100,6 +142,8 @@ class Runtime:
 
         engine = self.config.engine
         checkpoint = engine.checkpoint
+        log.info("loading the model (%s) on %s; /health answers meanwhile, /ready once it is loaded",
+                 "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
         if self.config.is_demo:
             from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
@@ -113,6 +157,8 @@ class Runtime:
 
             checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
         model = load_model(checkpoint, engine.device, engine.dtype)
+        if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
+            raise RuntimeError("the server stopped while the model loaded")
         worker = Worker(model, engine)
         worker.on_step = self._on_step
         worker.on_failure = self._on_worker_failure

@@ -115,9 +115,18 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
+    from transformers.utils import logging as hf_logging
+
     # The text config's vocabulary must hold the Omni token ids the config names, as the real one does.
-    omni = Qwen2_5OmniConfig(thinker_config={"audio_config": preset.audio,
-                                             "text_config": {"vocab_size": preset.lm["padded_vocab_size"]}})
+    # transformers still warns about the talker's token ids (outside the tiny vocabulary), which the
+    # audio tower never uses: seven lines of noise on a demo's first start, so they are silenced.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        omni = Qwen2_5OmniConfig(thinker_config={"audio_config": preset.audio,
+                                                 "text_config": {"vocab_size": preset.lm["padded_vocab_size"]}})
+    finally:
+        hf_logging.set_verbosity(verbosity)
     omni.save_pretrained(str(out / "qwen25OmniConfig"))
     with torch.device("meta"):
         tower = Qwen2_5OmniAudioEncoder._from_config(omni.thinker_config.audio_config)
@@ -153,6 +162,8 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
         return root
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    log.info("first start: generating the tiny demo model into %s (it needs the Qwen vocabulary: fetched once "
+             "from PyPI's dashscope wheel unless cached; later starts reuse both)", root)
     make_checkpoint(staging, "tiny", seed)
     try:
         staging.rename(root)

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import importlib.resources
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from server.detokenizer import byte_level_chars
+
+log = logging.getLogger(__name__)
 
 DASHSCOPE_VERSION = "2.0.2"
 TIKTOKEN_MEMBER = "dashscope/resources/qwen.tiktoken"
@@ -93,6 +96,8 @@ def qwen_tiktoken_path() -> Path:
         data = _read_installed_dashscope()
         if data is None or not _is_expected(data):
             # Other dashscope versions may ship other ranks; the pinned wheel is the reference.
+            log.info("fetching the Qwen vocabulary: pip download dashscope==%s (once; cached in %s)",
+                     DASHSCOPE_VERSION, cached.parent)
             data = _download_from_wheel()
             if not _is_expected(data):
                 raise VocabUnavailable(f"dashscope=={DASHSCOPE_VERSION} qwen.tiktoken fails its sha256 check")

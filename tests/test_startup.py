@@ -1,0 +1,163 @@
+"""``python -m server`` starting and stopping: a busy port, a signal while the model loads, exit statuses,
+what the start-up log says. Each test runs the real entry point as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import spawn_server
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIS_", "HF_"))}
+    return {**env, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", **extra}
+
+
+def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "--port", str(port), "--checkpoint", str(tiny_checkpoint)],
+            env=server_env(), capture_output=True, text=True, timeout=120)
+        elapsed_s = time.monotonic() - started
+    assert result.returncode == 3, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert "loaded audio-interaction-tiny" not in result.stderr  # never loaded: the bind came first
+    assert elapsed_s < 60
+
+
+def test_help_documents_the_exit_statuses():
+    result = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for status, meaning in (("0", "stopped"), ("1", "model"), ("2", "configuration"), ("3", "listen")):
+        assert re.search(rf"^\s+{status}\s.*{meaning}", result.stdout, re.M | re.I), (status, result.stdout)
+
+
+class StallingHub:
+    """An HTTP endpoint that accepts connections and never answers: a Hub download that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.contacted = threading.Event()
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections.append(connection)
+            self.contacted.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_model_loads_stops_the_server_at_once(tmp_path, signum):
+    """A checkpoint download that hangs (the 3B model's load takes minutes): Ctrl-C or `docker stop`
+    must not wait for it."""
+    hub = StallingHub()
+    env = server_env(HF_ENDPOINT=f"http://127.0.0.1:{hub.port}", HF_HOME=str(tmp_path / "hf"),
+                     HF_HUB_ETAG_TIMEOUT="120", HF_HUB_DOWNLOAD_TIMEOUT="120", HF_HUB_DISABLE_TELEMETRY="1")
+    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", "owner/model"],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub.contacted.wait(90), "the loader never reached the Hub"
+        time.sleep(0.5)  # well inside the download
+        signalled = time.monotonic()
+        process.send_signal(signum)
+        status = process.wait(timeout=60)
+        elapsed_s = time.monotonic() - signalled
+        log = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        hub.close()
+    assert status == 0 and "Traceback" not in log, log
+    assert elapsed_s < 10, f"took {elapsed_s:.1f} s to stop"
+
+
+class LogReader:
+    """A subprocess's stderr lines, read on a thread so that waiting for a line can time out."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.text = ""
+        threading.Thread(target=self._read, args=(process.stderr,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, timeout_s: float = 60) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"the server exited before logging {pattern!r}:\n{self.text}"
+            self.text += line
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+
+def test_start_up_log_announces_readiness(tiny_checkpoint):
+    process, port = spawn_server(tiny_checkpoint)
+    try:
+        # The line comes once the worker runs; /ready may answer just before it.
+        announced = LogReader(process).wait_for(r"ready.*serving (ws://\S+)", timeout_s=30)
+        assert announced.group(1) == f"ws://127.0.0.1:{port}/v1/stream"
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        process.stderr.close()
+
+
+def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_path):
+    """A fresh cache: the demo model is generated and the vocabulary fetched; the log says so, and the
+    transformers config warnings about the talker's token ids (never used here) stay out of it."""
+    from server.tools.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
+
+    try:
+        ranks = qwen_tiktoken_path()
+    except VocabUnavailable as error:
+        pytest.skip(f"Qwen vocabulary unavailable: {error}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(ranks, cache / ranks.name)  # the ranks only: the tokenizer and the demo model are built
+    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--demo"],
+                               env=server_env(AUDIO_INTERACTION_CACHE=str(cache)), stderr=subprocess.PIPE, text=True)
+    log = LogReader(process)
+    try:
+        log.wait_for(r"attention:", timeout_s=120)  # the worker started: the load is over
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        while (line := log.lines.get(timeout=10)) is not None:
+            log.text += line
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert "generating the tiny demo model" in log.text
+    assert "[transformers]" not in log.text and "Traceback" not in log.text
