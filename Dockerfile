@@ -81,9 +81,10 @@ USER 10001:10001
 EXPOSE 8000
 
 # Liveness: /health answers as soon as the process serves, also while a large checkpoint loads
-# (/ready says when sessions are accepted). It follows AIS_PORT if the port is changed that way.
+# (/ready says when sessions are accepted). It follows AIS_PORT if the port is changed that way, and
+# AIS_SSL_CERTFILE (https://, certificate not verified: it is this process on the loopback).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('AIS_PORT') or '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('AIS_SSL_CERTFILE')); urllib.request.urlopen('%s://127.0.0.1:%s/health' % ('https' if tls else 'http', os.environ.get('AIS_PORT') or '8000'), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
 ENTRYPOINT ["python", "-m", "server", "--host", "0.0.0.0"]
 CMD []

@@ -20,6 +20,7 @@ import pytest
 from websockets.sync.client import connect
 
 from server.settings import ConfigError, load_config
+from test_deployment import healthcheck_argv
 
 x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -81,6 +82,11 @@ def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint,
                 time.sleep(0.05)
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=5, context=trusted) as reply:
             assert "<html" in reply.read().decode()  # the page: over https, the microphone is allowed
+        # The image's HEALTHCHECK (and Compose's) follows the AIS_SSL_* variables, as it follows AIS_PORT.
+        health = subprocess.run([sys.executable, *healthcheck_argv()[1:]], capture_output=True, text=True, timeout=30,
+                                env={"AIS_PORT": str(port), "AIS_SSL_CERTFILE": str(cert_path),
+                                     "AIS_SSL_KEYFILE": str(key_path), "PATH": "/usr/bin:/bin"})
+        assert health.returncode == 0, health.stderr
 
         with connect(f"wss://127.0.0.1:{port}/v1/stream", ssl=trusted, open_timeout=10) as websocket:
             created = json.loads(websocket.recv(timeout=10))
