@@ -270,6 +270,45 @@ def test_protocol_client_resends_configuration_and_stops_on_final_close_codes(li
     ]
 
 
+def test_protocol_client_gives_up_on_a_server_it_never_reached_but_not_on_try_again(live, page: Page):
+    """Scripted sockets: never opened (a wrong URL) -> a few attempts, then closed with gaveUp; opened and
+    closed with 1013 (the server is loading or full) -> the server is there, the longer limit applies."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ProtocolClient } = await import("/static/protocol-client.js");
+        const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+        const run = async ({ opens, code, drops }) => {
+            const made = [];
+            class FakeSocket {
+                static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+                constructor(url) { this.readyState = 0; made.push(this); }
+                send() {}
+                close() {}
+            }
+            const client = new ProtocolClient("ws://server.example/v1/stream", { WebSocket: FakeSocket,
+                backoff: { initialDelayMs: 2, maxDelayMs: 4, factor: 2, jitter: 0 } });
+            const states = [];
+            client.on("state", (s) => states.push(s));
+            const connected = client.connect().then(() => "connected", (e) => e.message);
+            for (let i = 0; i < drops && made[i]; i++) {
+                if (opens) made[i].onopen?.();
+                made[i].onclose({ code, reason: "" });
+                await sleep(15);
+            }
+            const last = states.at(-1);
+            return { numSockets: made.length, state: client.state, gaveUp: last.gaveUp ?? null,
+                     attempts: last.attempts ?? null, hadSession: last.hadSession,
+                     connected: client.state === "closed" ? await connected : null };
+        };
+        return { unreachable: await run({ opens: false, code: 1006, drops: 6 }),
+                 busy: await run({ opens: true, code: 1013, drops: 6 }) };
+    }""")
+    assert result["unreachable"] == {"numSockets": 4, "state": "closed", "gaveUp": True, "attempts": 4,
+                                     "hadSession": False, "connected": "connection closed (1006)"}
+    busy = result["busy"]
+    assert busy["numSockets"] == 7 and busy["state"] == "reconnecting", busy  # still trying after 6 refusals
+
+
 def test_microphone_streams_at_the_browser_rate_and_replies_render(live, page: Page):
     wire = WireLog(page)
     page.goto(live.url)

@@ -40,9 +40,11 @@ export class ProtocolClient {
    * @param {boolean} [options.reconnect=true] reconnect after a dropped connection
    * @param {number} [options.maxAttempts=10] reconnect attempts in a row, after a session was open, before
    *   giving up (about 90 s of retrying with the default backoff: a server restart fits, an outage ends)
-   * @param {number} [options.maxAttemptsBeforeFirstSession=3] retries when no session has opened yet: a
-   *   wrong URL, a server that is not running or a refused handshake does not get better by waiting, so
-   *   the caller hears about it after a few seconds instead of a "reconnecting" that never ends
+   * @param {number} [options.maxAttemptsBeforeFirstSession=3] retries while no connection has reached the
+   *   server (no WebSocket handshake completed): a wrong URL, a server that is not running or a refused
+   *   handshake does not get better by waiting, so the caller hears about it after a few seconds instead
+   *   of a "reconnecting" that never ends. A server that answers "try again" (1013, still loading) is
+   *   reachable: maxAttempts applies.
    * @param {object} [options.backoff] {initialDelayMs, maxDelayMs, factor, jitter} for backoffDelayMs
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket implementation (tests, Node)
    */
@@ -71,6 +73,7 @@ export class ProtocolClient {
     this._state = ConnectionState.IDLE;
     this._attempt = 0; // failed attempts since the last live session
     this._hadSession = false; // whether any session has opened: a failure before that is not a drop
+    this._reachedServer = false; // whether any WebSocket handshake has completed
     this._timer = null;
     this._isClosing = false;
     this._session = null; // the current session.created event
@@ -201,6 +204,9 @@ export class ProtocolClient {
     const ws = new this._WebSocket(this.url);
     ws.binaryType = "arraybuffer";
     this._ws = ws;
+    ws.onopen = () => {
+      if (ws === this._ws) this._reachedServer = true;
+    };
     ws.onmessage = (message) => {
       if (ws === this._ws && typeof message.data === "string") this._onEvent(JSON.parse(message.data));
     };
@@ -254,7 +260,7 @@ export class ProtocolClient {
     // Configurations sent but unanswered are applied again by the next session; flushes are lost.
     for (const sent of this._sentConfigs.splice(0)) this._configWaiters.push(...sent.waiters);
     for (const waiter of this._flushes.splice(0)) waiter.reject(new Error(`connection closed (${code})`));
-    const limit = this._hadSession ? this.maxAttempts : this.maxAttemptsBeforeFirstSession;
+    const limit = this._reachedServer ? this.maxAttempts : this.maxAttemptsBeforeFirstSession;
     const isRetryable = !this._isClosing && this.reconnect && !FINAL_CLOSE_CODES.has(code);
     if (!isRetryable || this._attempt + 1 > limit) {
       this._finish({ code, reason, gaveUp: isRetryable });
