@@ -231,19 +231,25 @@ class Worker:
         rows = self._plan_rows(self._schedule())
         if not rows:
             return None
-        encode_s, forward_s = self._execute(rows)
+        encode_s = forward_s = 0.0
         num_decisions = num_reply = 0
-        for row in rows:
-            if row.error is None and not row.is_finite:
-                row.error = FloatingPointError("non-finite logits")
-            if row.error is not None:
-                code = "numerical_error" if isinstance(row.error, FloatingPointError) else "internal_error"
-                log.error("session %s failed in a step: %r", row.session.session_id, row.error)
-                self._end(row.session, code, f"the model step failed for this session: {row.error}")
-                continue
-            num_decisions += row.plan.is_decision
-            num_reply += not row.plan.is_decision
-        self._commit(rows)
+        # Each batch is committed and emitted before the next runs: a neighbour's long row (a first row
+        # with the whole system prompt, a rollover re-encoding its audio history) never holds back the
+        # decisions of the short batch, so one session's backlog costs the others at most its own batch.
+        for batch in self._batches(rows):
+            e, f = self._execute_isolated(batch)
+            encode_s, forward_s = encode_s + e, forward_s + f
+            for row in batch:
+                if row.error is None and not row.is_finite:
+                    row.error = FloatingPointError("non-finite logits")
+                if row.error is not None:
+                    code = "numerical_error" if isinstance(row.error, FloatingPointError) else "internal_error"
+                    log.error("session %s failed in a step: %r", row.session.session_id, row.error)
+                    self._end(row.session, code, f"the model step failed for this session: {row.error}")
+                    continue
+                num_decisions += row.plan.is_decision
+                num_reply += not row.plan.is_decision
+            self._commit(batch)
         stats = StepStats(
             num_rows=len(rows),
             num_decisions=num_decisions,
@@ -338,20 +344,15 @@ class Worker:
                 self._end(session, "context_full", str(exc))
         return rows
 
-    def _execute(self, rows: list[_Row]) -> tuple[float, float]:
-        """Run short rows (blocks, reply tokens) and long rows (first blocks, rollovers) as two batches.
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Short rows (blocks, reply tokens) and long rows (first blocks, rollovers), as two batches.
 
         Rows are padded to the longest in their batch, so one 2,000-token rollover
         would otherwise make every 1-token reply row cost 2,000 tokens.
         """
         short = [r for r in rows if len(r.plan.tokens) <= LONG_ROW_TOKENS]
         long = [r for r in rows if len(r.plan.tokens) > LONG_ROW_TOKENS]
-        encode_s = forward_s = 0.0
-        for group in (short, long):
-            if group:
-                e, f = self._execute_isolated(group)
-                encode_s, forward_s = encode_s + e, forward_s + f
-        return encode_s, forward_s
+        return [batch for batch in (short, long) if batch]
 
     def _execute_isolated(self, rows: list[_Row]) -> tuple[float, float]:
         """Run the rows in one batch; if that fails, run them one by one to isolate the culprit."""
