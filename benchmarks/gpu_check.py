@@ -43,9 +43,11 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
 for entry in (str(BENCHMARKS.parent), str(BENCHMARKS)):  # runs as a script or with the repo on PYTHONPATH
@@ -338,6 +340,9 @@ def run_record(run: capacity.Run) -> dict:
 
 
 def ramp_row(record: dict) -> str:
+    if "error" in record:
+        return f"| {record['streams']} | failed: {record['error'][:300]} |"
+
     def cell(value, fmt="{:.1f}"):
         return "-" if value is None else fmt.format(value)
 
@@ -357,6 +362,20 @@ def ramp_row(record: dict) -> str:
             f"{cell(r[5], '{:.0f}')} | {split} | {record['peak_memory_mib']} | {verdict(c['decision_p95'])} | "
             f"{verdict(c['first_token_p95'])} | {verdict(c.get('reply_rate_p5'))} | {verdict(c.get('host_share'))} | "
             f"{'PASS' if record['passes'] else 'fail'}{'' if c['complete'] else ' (decisions missing)'} |")
+
+
+def measure(streams: int, run_at: Callable[[], capacity.Run]) -> dict:
+    """One ramp point as a record; an exception (out of memory at one N, say) is a failing point, not the end."""
+    started = time.perf_counter()
+    try:
+        record = run_record(run_at())
+    except Exception as exc:
+        record = {"streams": streams, "passes": False, "error": repr(exc), "traceback": traceback.format_exc()}
+        progress(f"  N={streams} failed:\n{record['traceback']}")
+    release_memory()
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    progress(f"  {record.get('mode', '')} N={streams}: {ramp_row(record)}")
+    return record
 
 
 def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTurns | None,
@@ -379,16 +398,11 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
         if not report.budget.allows(estimate_s + reserve_s):
             stage.note = f"ramp stopped before N={streams}: {report.budget.remaining_s:.0f} s of the budget left"
             break
-        started = time.perf_counter()
-        run = capacity.run_direct(served.model, served.chunks, streams, args.seconds, engine,
-                                  name="direct" if script else "direct (model-decided)",
-                                  max_sessions=served.max_sessions, drain_s=10.0)
-        release_memory()
-        record = run_record(run)
-        record["wall_s"] = round(time.perf_counter() - started, 1)
+        record = measure(streams, lambda: capacity.run_direct(
+            served.model, served.chunks, streams, args.seconds, engine,
+            name="direct" if script else "direct (model-decided)", max_sessions=served.max_sessions, drain_s=10.0))
         records.append(record)
         estimate_s = max(estimate_s, record["wall_s"] + 2)
-        progress(f"  N={streams}: {ramp_row(record)}")
         failures_in_a_row = 0 if record["passes"] else failures_in_a_row + 1
         ramp_lines(stage, records)
         report.write()
@@ -400,10 +414,13 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
 def ramp_lines(stage: Stage, records: list[dict]) -> None:
     passing = [r["streams"] for r in records if r["passes"]]
     stage.data["capacity"] = max(passing, default=0)
-    first = records[0]
-    stage.lines = [f"Worker: {first['max_sessions']} slots for every N; attention {first['attention']}; worker "
-                   f"start-up per N {min(r['setup_s'] for r in records)}-{max(r['setup_s'] for r in records)} s "
-                   "(not part of the figures)", "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, records), "",
+    measured = [r for r in records if "error" not in r]
+    worker = "every N failed before it was measured"
+    if measured:
+        worker = (f"Worker: {measured[0]['max_sessions']} slots for every N; attention {measured[0]['attention']}; "
+                  f"worker start-up per N {min(r['setup_s'] for r in measured)}-"
+                  f"{max(r['setup_s'] for r in measured)} s (not part of the figures)")
+    stage.lines = [worker, "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, records), "",
                    f"Largest N that held every target: **{stage.data['capacity']}** "
                    f"(of {[r['streams'] for r in records]})"]
 
@@ -416,11 +433,8 @@ def baseline(args, served: Served, report: Report, stage: Stage) -> None:
             stage.note = f"stopped before N={streams}: budget"
             break
         overrun_s = max(2.0, min(20.0, report.budget.remaining_s - args.baseline_seconds - 10))
-        run = capacity.run_baseline(served.model, served.loop, streams, args.baseline_seconds, args.script,
-                                    overrun_s=overrun_s)
-        release_memory()
-        records.append(run_record(run))
-        progress(f"  baseline N={streams}: {ramp_row(records[-1])}")
+        records.append(measure(streams, lambda: capacity.run_baseline(
+            served.model, served.loop, streams, args.baseline_seconds, args.script, overrun_s=overrun_s)))
         passing = [r["streams"] for r in records if r["passes"]]
         stage.data["capacity"] = max(passing, default=0)
         stage.lines = ["The reference's way on the same model: one stream at a time at batch 1, the encoder over "
@@ -445,6 +459,16 @@ def summarize(args, report: Report) -> None:
     summary["correctness flex vs gather"] = _verdict(report.stage("flex"))
     if ours is not None:
         summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
+        runs = scripted.data.get("runs", [])
+        held = next((r for r in runs if r["streams"] == ours and "error" not in r), None)
+        if held is not None:
+            summary[f"at N={ours}"] = describe(held)
+        beyond = next((r for r in runs if r["streams"] > ours and not r["passes"]), None)
+        if beyond is not None:
+            summary[f"first failing N={beyond['streams']}"] = (
+                beyond["error"] if "error" in beyond else
+                "missed " + ", ".join(name for name, ok in beyond["checks"].items() if ok is False)
+                + f"; {describe(beyond)}")
     if theirs is not None:
         summary["baseline capacity"] = f"{theirs} streams (of {args.baseline_streams})"
     if ours and theirs:
@@ -456,6 +480,18 @@ def summarize(args, report: Report) -> None:
     model_ramp = report.stage("model-ramp")
     if model_ramp and "capacity" in model_ramp.data:
         summary["capacity (model-decided replies)"] = f"{model_ramp.data['capacity']} streams"
+
+
+def describe(record: dict) -> str:
+    """The headline figures of one ramp point, for the summary."""
+    step = record["step"] or {}
+    split = ""
+    if step:
+        split = ", step {:.1f} ms = encoder {:.0f}% / LM {:.0f}% / host {:.0f}%, {:.1f} rows/step".format(
+            step["step_ms"], *(100 * step[k] / step["step_ms"] for k in ("encoder_ms", "lm_ms", "host_ms")),
+            step["rows_mean"])
+    return (f"p95 decision {record['decision_ms'][95]} ms, p95 first token {record['first_token_ms'][95]} ms, "
+            f"slowest-5% reply {record['reply_tokens_per_s'][5]} tok/s{split}, peak {record['peak_memory_mib']} MiB")
 
 
 def _verdict(stage: Stage | None) -> str:

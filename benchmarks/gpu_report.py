@@ -94,8 +94,11 @@ class Report:
         document = {"header": self.header, "elapsed_s": round(self.budget.elapsed_s, 1),
                     "budget_s": self.budget.total_s, "summary": self.summary,
                     "stages": [asdict(s) for s in self.stages]}
-        _write_atomic(self.out_dir / "report.json", json.dumps(document, indent=2, default=str))
-        _write_atomic(self.out_dir / "report.md", self.markdown())
+        try:
+            _write_atomic(self.out_dir / "report.json", json.dumps(document, indent=2, default=str))
+            _write_atomic(self.out_dir / "report.md", self.markdown())
+        except Exception:  # a report that cannot be written must not end the run: the next write may succeed
+            progress(f"writing the report failed:\n{traceback.format_exc()}")
 
     def markdown(self) -> str:
         h = self.header

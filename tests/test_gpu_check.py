@@ -72,3 +72,57 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
                     "## Reference-style baseline", "Largest N that held every target"):
         assert heading in markdown, heading
     assert "ratio ours / baseline" in report["summary"]
+
+
+def _benchmarks_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_targets_judge_every_figure_separately():
+    from server.worker import StepStats
+
+    capacity = _benchmarks_module("capacity")
+    targets = capacity.Targets(decision_p95_ms=100, first_token_p95_ms=50, reply_tokens_per_s=20, host_share=0.2)
+    step = StepStats(num_rows=2, num_decisions=2, num_reply_tokens=0, num_tokens_fed=26, encode_s=0.002,
+                     forward_s=0.007, total_s=0.010)  # host: 1 ms of 10
+    run = capacity.Run("direct", 2, 1.0, expected_decisions=3, decision_s=[0.01, 0.02, 0.09],
+                       first_token_s=[0.04], reply_rates=[25.0, 30.0], steps=[step])
+    assert targets.checks(run) == {"complete": True, "decision_p95": True, "first_token_p95": True,
+                                   "reply_rate_p5": True, "host_share": True}
+    assert targets.passes(run)
+
+    slow_host = StepStats(2, 2, 0, 26, encode_s=0.002, forward_s=0.005, total_s=0.010)  # host: 3 ms of 10
+    late = capacity.Run("direct", 2, 1.0, expected_decisions=4, decision_s=[0.01, 0.02, 0.2],
+                        first_token_s=[0.06], reply_rates=[5.0, 30.0], steps=[slow_host])
+    assert targets.checks(late) == {"complete": False, "decision_p95": False, "first_token_p95": False,
+                                    "reply_rate_p5": False, "host_share": False}
+    # Nothing to judge is not a failure: a run without replies, a baseline without batched steps.
+    quiet = capacity.Run("baseline", 1, 1.0, expected_decisions=1, decision_s=[0.01])
+    assert targets.checks(quiet)["first_token_p95"] is None and targets.checks(quiet)["host_share"] is None
+    assert targets.passes(quiet)
+    # The capacity CLI's targets check latency and completeness only.
+    assert set(capacity.Targets(100, 50).checks(late)) == {"complete", "decision_p95", "first_token_p95"}
+
+
+def test_report_records_a_failing_stage_and_goes_on(tmp_path):
+    gpu_report = _benchmarks_module("gpu_report")
+    report = gpu_report.Report(tmp_path, {"title": "unit"}, gpu_report.Budget(100))
+
+    def broken(stage):
+        stage.data["partial"] = 1
+        raise RuntimeError("out of memory at N=768")
+
+    report.run_stage("first", "First", 1, broken)
+    report.run_stage("second", "Second", 1, lambda stage: stage.lines.append("measured"))
+    report.run_stage("third", "Third", 1000, lambda stage: stage.lines.append("never"))
+    written = json.loads((tmp_path / "report.json").read_text())
+    first, second, third = written["stages"]
+    assert first["status"] == "failed" and "out of memory at N=768" in first["error"] and first["data"]["partial"] == 1
+    assert second["status"] == "done"
+    assert third["status"] == "skipped" and "needs about 1000 s" in third["note"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "RuntimeError: out of memory at N=768" in markdown and "measured" in markdown and "never" not in markdown
