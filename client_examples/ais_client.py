@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
@@ -49,13 +50,18 @@ class ClientError(Exception):
     """A failure the scripts report as one readable line, then exit non-zero."""
 
 
+# The server's own endpoints (and their /v1 root), at the end of a URL's path: whatever comes
+# before them is a reverse-proxy prefix, so pasting any endpoint's URL works for every script.
+_API_PATH = re.compile(r"/v1(/stream|/sessions/[^/]+/events)?/*$")
+
+
 def endpoint_url(base_url: str, path: str) -> str:
-    """``ws://host:port`` (http(s) and a trailing ``/v1/stream`` accepted) -> that server's ``path``."""
+    """``ws://host:port[/prefix]`` (http(s), or any endpoint's full URL, accepted) -> that server's ``path``."""
     parts = urlsplit(base_url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.netloc:
         raise ClientError(f"not a server URL: {base_url!r} (expected ws://HOST:PORT)")
-    prefix = parts.path.rstrip("/").removesuffix("/v1/stream")  # keeps a reverse-proxy prefix
+    prefix = _API_PATH.sub("", parts.path).rstrip("/")
     return urlunsplit((scheme, parts.netloc, prefix + path, parts.query, ""))
 
 
@@ -189,7 +195,8 @@ class StreamSession:
         # sender keeps at most half of that ahead of what the model has heard; but at least two
         # chunks, or the model could never hear a chunk together with its look-ahead.
         limits = created["limits"]
-        self.max_ahead_s = max(limits["max_buffered_audio_s"] / 2, 2 * limits["chunk_s"])
+        self.chunk_s = limits["chunk_s"]
+        self.max_ahead_s = max(limits["max_buffered_audio_s"] / 2, 2 * self.chunk_s)
         self.sent_s = 0.0
         self.heard_s = 0.0
         self.saw_fatal_error = False
@@ -217,10 +224,20 @@ class StreamSession:
         self.sent_s += duration_s
 
     async def flush(self) -> dict:
-        """``input.flush``, then wait until the model heard everything and its reply ended."""
+        """``input.flush``, then wait until the model heard everything and its reply ended.
+
+        The flush's silence counts against the server's audio buffer, so it is sent once the model
+        has heard every whole chunk already sent; a refusal all the same is a ``ClientError``.
+        """
+        while self.sent_s - self.heard_s >= self.chunk_s - 1e-6:
+            self._progress.clear()
+            await self._progress.wait()
         self._flushed = asyncio.get_running_loop().create_future()
         await self.send_event({"type": "input.flush"})
-        return await self._flushed
+        answer = await self._flushed
+        if answer["type"] == "error":
+            raise ClientError(f"input.flush was refused: {answer['message']}")
+        return answer
 
     async def send_event(self, event: dict) -> None:
         await self.websocket.send(json.dumps(event))
@@ -244,7 +261,7 @@ class StreamSession:
             self._progress.set()
         elif kind == "session.updated" or (kind == "error" and event.get("event_type") == "session.configure"):
             _resolve(self._configure_answer, event)
-        elif kind == "input.flushed":
+        elif kind == "input.flushed" or (kind == "error" and event.get("event_type") == "input.flush"):
             _resolve(self._flushed, event)
         if kind == "error" and event.get("is_fatal"):
             self.saw_fatal_error = True
@@ -263,11 +280,14 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
     websocket = await open_websocket(endpoint_url(url, "/v1/stream"), api_key)
     async with websocket:
         try:
-            first = json.loads(await websocket.recv())
+            raw_first = await websocket.recv()
         except ConnectionClosed:
             raise ClientError(describe_close(websocket.close_code, websocket.close_reason or "")) from None
+        first = json.loads(raw_first)
+        console.show(raw_first, first)  # with --json, session.created is an event like any other
         if first.get("type") != "session.created":
-            console.note(describe_error(first) if first.get("type") == "error" else f"unexpected event: {first}")
+            if first.get("type") != "error":  # an error was shown as one already
+                console.note(f"unexpected event: {first}")
             await websocket.wait_closed()
             console.note(describe_close(websocket.close_code, websocket.close_reason or ""))
             return EXIT_FAILED

@@ -35,25 +35,39 @@ class AudioFile:
 
 def expand_inputs(names: list[str]) -> list[AudioFile]:
     """Files as given; a folder becomes the files its ``sequence.json`` lists, in order (repeats allowed)."""
-    paths: list[Path] = []
+    paths: list[tuple[Path, str]] = []  # each file, and where it was named (for the error message)
     for name in names:
         path = Path(name)
         if path.is_dir():
-            listing = path / "sequence.json"
-            if not listing.is_file():
-                raise ClientError(f"{path} is a folder without a sequence.json listing its files")
-            paths += [path / entry for entry in json.loads(listing.read_text())]
+            paths += [(entry, f" (listed in {path / 'sequence.json'})") for entry in _sequence(path)]
+        elif path.exists():
+            paths.append((path, ""))
         else:
-            paths.append(path)
+            raise ClientError(f"{path}: no such file or folder")
     files = []
-    for path in paths:
+    for path, named_in in paths:
+        if not path.is_file():  # libsndfile would only say "System error."
+            raise ClientError(f"{path}{named_in}: no such file")
         try:
             info = soundfile.info(str(path))
-        except RuntimeError as error:  # missing or undecodable (soundfile.LibsndfileError)
-            raise ClientError(f"cannot read {path}: {error}") from None
+        except RuntimeError as error:  # undecodable (soundfile.LibsndfileError)
+            raise ClientError(f"cannot decode {path}{named_in}: {str(error).strip()}") from None
         # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
         files.append(AudioFile(path, info.samplerate, info.channels))
     return files
+
+
+def _sequence(folder: Path) -> list[Path]:
+    listing = folder / "sequence.json"
+    if not listing.is_file():
+        raise ClientError(f"{folder} is a folder without a sequence.json listing its files")
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ClientError(f"{listing} is not a JSON list of file names: {error}") from None
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise ClientError(f"{listing} is not a JSON list of file names")
+    return [folder / entry for entry in entries]
 
 
 def read_pcm(path: Path) -> np.ndarray:

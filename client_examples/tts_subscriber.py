@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 import soundfile
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, default_api_key, describe_close,
                         describe_error, endpoint_url, open_websocket, printable, run_main)
@@ -31,6 +33,7 @@ from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, default_a
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
 TTS_TIMEOUT_S = 60.0
+PONG_TIMEOUT_S = 15.0
 _PLACEHOLDER = re.compile(r"\{(text|wav)\}")
 
 
@@ -106,11 +109,26 @@ class Speaker:
         return None
 
 
+async def confirm_subscription(websocket: ClientConnection) -> bool:
+    """Whether the server kept the subscription open.
+
+    It registers a subscriber before completing the handshake, so once open no event is missed;
+    but an unknown session (or a bad key) is accepted too, then refused with an error and a
+    close sent right after the handshake, ahead of anything the server answers later. A ping's
+    pong therefore arrives only on a subscription that stands.
+    """
+    try:
+        pong = await websocket.ping()
+        await asyncio.wait_for(pong, PONG_TIMEOUT_S)
+    except (ConnectionClosed, TimeoutError):
+        return False
+    return websocket.state is State.OPEN
+
+
 async def follow(url: str, session_id: str, api_key: str | None, speaker: Speaker) -> int:
     websocket = await open_websocket(endpoint_url(url, f"/v1/sessions/{session_id}/events"), api_key)
-    # The server registers a subscriber before completing the handshake, so from here on no
-    # event is missed (an unknown session is still accepted, then refused with an error).
-    print(f"subscribed to session {session_id}", flush=True)
+    if await confirm_subscription(websocket):
+        print(f"subscribed to session {session_id}", flush=True)
     worker = asyncio.create_task(speaker.run())
     is_fatal = False
     try:

@@ -35,11 +35,12 @@ SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio 
 class LiveServer:
     """uvicorn in a background thread, built as ``python -m server`` builds it (the tests/test_app.py pattern)."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0) -> None:
         config = ServerConfig.model_validate(dict(
             # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
-            # themselves by the model's decisions, or frames get refused (audio_buffer_full).
-            port=0, api_key=API_KEY, log_level="warning", max_buffered_audio_s=1.0,
+            # themselves by the model's decisions, or frames get refused (audio_buffer_full). Large
+            # enough for a flush's 1 s of silence padded to whole chunks once the model has caught up.
+            port=0, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
             engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
             session={"max_turn_tokens": MAX_TURN_TOKENS}))
         self.app = create_app(config, on_fatal=lambda message: None)
@@ -150,7 +151,9 @@ def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live
     events = [json.loads(line) for line in out]
     for event in events:
         SERVER_EVENT_ADAPTER.validate_python(event)
+    assert events[0]["type"] == "session.created", "--json must print every event, the first one included"
     assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "client_closed"
+    assert events[0]["session_id"] == events[-1]["session_id"]
     # Each file's own format was declared before its frames; the change mid-stream needed no flush.
     formats = [(e["audio"]["sample_rate_hz"], e["audio"]["num_channels"]) for e in events
                if e["type"] == "session.updated"]
@@ -185,10 +188,16 @@ def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, sha
     assert len(decisions) == int(summary[1])
 
 
+# A TTS command that exists wherever the tests run: the subscriber checks its TTS program before it
+# connects, so the default (espeak-ng) would make these tests depend on what the machine has installed.
+ANY_TTS = ("--tts-command", shlex.join([sys.executable, "-c", "", "{text}"]))
+
+
 @pytest.mark.parametrize("script", ["stream_file.py", "tts_subscriber.py"])
 def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, script, tmp_path):
     target = str(shared_audio / "01_count_bark") if script == "stream_file.py" else "0" * 32
-    code, out, err = run_script(script, live.url, target, "--api-key", "wrong", cwd=tmp_path)
+    extra = () if script == "stream_file.py" else ANY_TTS
+    code, out, err = run_script(script, live.url, target, "--api-key", "wrong", *extra, cwd=tmp_path)
     assert code == 1
     message = "\n".join(err)
     assert "server error unauthorized (fatal)" in message
@@ -196,10 +205,61 @@ def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, s
     assert not [line for line in out if TURN_LINE.match(line)]
 
 
+def test_a_refused_flush_ends_the_client_with_the_reason_instead_of_waiting(tiny_checkpoint, shared_audio,
+                                                                            tmp_path):
+    """With a 1 s buffer the server's default 1 s of flush silence (padded to 1.2 s) never fits."""
+    server = LiveServer(tiny_checkpoint, max_buffered_audio_s=1.0).start()
+    try:
+        script = Script("stream_file.py", server.url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
+                        "--api-key", API_KEY, "--speed", "0", cwd=tmp_path)
+        code = script.finish(timeout_s=60)
+    finally:
+        server.stop()
+    message = "\n".join(script.stderr)
+    assert code == 1 and "input.flush was refused:" in message and "audio_buffer_full" in message
+
+
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
-    code, out, err = run_script("tts_subscriber.py", live.url, "0" * 32, "--api-key", API_KEY,
-                                "--tts-command", "true {text}", cwd=tmp_path)
+    code, out, err = run_script("tts_subscriber.py", live.url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
+                                cwd=tmp_path)
     assert code == 1 and "code 4004: no open session with that id" in "\n".join(err)
+    assert not [line for line in out if "subscribed" in line], f"claimed a subscription the server refused: {out}"
+
+
+def test_stream_file_names_a_missing_file_in_plain_words(tmp_path):
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(tmp_path / "nope.wav"), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {tmp_path / 'nope.wav'}: no such file or folder"]
+    (tmp_path / "sequence.json").write_text('["a.wav"]')
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(tmp_path), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {tmp_path / 'a.wav'} (listed in {tmp_path / 'sequence.json'}): "
+                                 "no such file"]
+    (tmp_path / "notes.txt").write_text("not audio")
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(tmp_path / "notes.txt"), cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: cannot decode {tmp_path / 'notes.txt'}: ")
+    assert "System error" not in err[0]
+
+
+def load_client_module():
+    spec = importlib.util.spec_from_file_location("ais_client", CLIENTS / "ais_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("given, stream, events", [
+    ("ws://h:1", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("http://h:1/", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("ws://h:1/v1/stream", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("ws://h:1/v1/stream/", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("ws://h:1/v1", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("ws://h:1/v1/sessions/abc/events", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("https://h/ais/v1/stream", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
+    ("wss://h/ais/", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
+])
+def test_a_url_with_a_path_never_gets_an_api_path_twice(given, stream, events):
+    client = load_client_module()
+    assert client.endpoint_url(given, "/v1/stream") == stream
+    assert client.endpoint_url(given, "/v1/sessions/ID/events") == events
 
 
 def drive_session_with_subscriber(live, folder: Path, tmp_path: Path, *tts_args: str) -> tuple[list[dict], Script]:
