@@ -19,6 +19,37 @@ from server.lm import FLEX_BLOCK, AudioInteractionLM, SlotKVCache, StepBatch, fl
 log = logging.getLogger(__name__)
 
 
+# PyPI's torch 2.13.0 for Linux x86_64 is built for CUDA 13, whose kernels start at Turing (sm_75):
+# V100 (7.0), P100 (6.0) and GTX 10xx (6.1) load the weights, then fail at the first kernel.
+CUDA13_MIN_CAPABILITY = (7, 5)
+
+
+class UnsupportedGPU(RuntimeError):
+    """The GPU is older than anything this torch build has kernels for."""
+
+
+def min_supported_capability() -> tuple[int, int]:
+    """The oldest compute capability this torch build ships kernels for (``sm_XY`` in its arch list)."""
+    built_for = [arch.removeprefix("sm_") for arch in torch.cuda.get_arch_list() if arch.startswith("sm_")]
+    capabilities = [(int(a[:-1]), int(a[-1])) for a in built_for if a.isdigit() and len(a) >= 2]
+    return min(capabilities) if capabilities else CUDA13_MIN_CAPABILITY
+
+
+def check_gpu_supported(device: torch.device) -> None:
+    """Refuse, before anything loads, a GPU that this torch build cannot run kernels on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = tuple(torch.cuda.get_device_capability(index))
+    needed = min_supported_capability()
+    if capability < needed:
+        raise UnsupportedGPU(
+            f"GPU {index} ({torch.cuda.get_device_name(index)}) has compute capability "
+            f"{capability[0]}.{capability[1]}; this torch build ({torch.__version__}) needs {needed[0]}.{needed[1]} "
+            "or newer (the CUDA 13 builds: Turing/T4 and later, no V100, P100 or GTX 10xx). Run on the CPU "
+            "with device cpu (engine.device / AIS_ENGINE__DEVICE / --device), or use a GPU of compute "
+            f"capability {needed[0]}.{needed[1]} or newer"
+        )
+
+
 class KVCacheTooLarge(RuntimeError):
     """The configured sessions x positions do not fit the accelerator's free memory."""
 

@@ -310,6 +310,13 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was requested but torch sees no CUDA device")
+    if device == "cuda":
+        from server.accelerator import UnsupportedGPU, check_gpu_supported
+
+        try:
+            check_gpu_supported(torch.device(device))
+        except UnsupportedGPU as error:
+            raise CheckpointError(str(error)) from None
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return torch.device(device), getattr(torch, dtype)

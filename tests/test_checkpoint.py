@@ -142,3 +142,40 @@ def test_an_empty_folder_names_every_missing_file(tmp_path: Path):
 def test_missing_directory():
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.load_model(Path("/nonexistent/ckpt"), "cpu", "float32")
+
+
+CUDA13_ARCHES = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+def fake_gpu(monkeypatch, capability: tuple[int, int], arch_list: list[str], name: str = "Tesla V100-SXM2-16GB"):
+    """No GPU here: torch's own CUDA queries answer as a host with this GPU and this torch build would."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_a_gpu_older_than_the_torch_build_supports_is_refused_at_start_up(monkeypatch, device):
+    fake_gpu(monkeypatch, (7, 0), CUDA13_ARCHES)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.resolve_device(device, "auto")
+    message = str(error.value)
+    assert "Tesla V100-SXM2-16GB" in message and "compute capability 7.0" in message
+    assert "needs 7.5 or newer" in message and "device cpu" in message
+
+
+def test_a_supported_gpu_is_accepted(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5), CUDA13_ARCHES, name="Tesla T4")
+    import torch
+
+    assert ckpt.resolve_device("auto", "auto") == (torch.device("cuda"), torch.bfloat16)
+
+
+def test_without_an_arch_list_the_cuda_13_minimum_applies(monkeypatch):
+    fake_gpu(monkeypatch, (6, 1), [], name="NVIDIA GeForce GTX 1080")
+    with pytest.raises(ckpt.CheckpointError, match="compute capability 6.1.*needs 7.5 or newer"):
+        ckpt.resolve_device("cuda", "auto")
