@@ -166,6 +166,7 @@ class Outbox:
                     await self.websocket.close(item.code)
                 return
             await self.websocket.send_text(item.model_dump_json(exclude_none=True))
+            await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
 
 
 class Subscriber:
@@ -260,6 +261,9 @@ class StreamConnection:
                 self.deliver(self.session.receive_audio(message["bytes"], now_s))
             elif message.get("text") is not None:
                 self.deliver(self.session.receive_text(message["text"], now_s))
+            # Frames a client already delivered come back without a pause (uvicorn queues them), so a
+            # flooding client would hold the loop for its whole backlog: one frame per loop turn instead.
+            await asyncio.sleep(0)
 
     async def _poll_loop(self) -> None:
         while True:

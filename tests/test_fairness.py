@@ -3,8 +3,16 @@ event loop's per-frame work (real tiny model, real sessions, no sockets)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import numpy as np
+
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import Decision
+from server.connection import StreamConnection
+from server.session import ModelInfo, Session
+from server.settings import ServerConfig
 from server.worker import Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
@@ -38,3 +46,57 @@ def test_a_short_row_is_emitted_before_a_neighbours_long_row_runs(tiny_model, st
     stats = worker.step()
     assert stats is not None and stats.num_rows == 2 and stats.num_decisions == 2
     assert log == [("forward", ""), ("decision", "listener"), ("forward", ""), ("decision", "newcomer")], log
+
+
+class BufferedSocket:
+    """The app side of a WebSocket as uvicorn presents it: frames already read from the network wait
+    in an asyncio.Queue, so ``receive()`` returns at once, without yielding, while any are left."""
+
+    def __init__(self, name: str, frames: list[bytes], received: list[str]) -> None:
+        self.name = name
+        self.application_state = None
+        self._frames: asyncio.Queue = asyncio.Queue()
+        for frame in frames:
+            self._frames.put_nowait({"type": "websocket.receive", "bytes": frame})
+        self._received = received
+        self.sent: list[str] = []
+
+    async def receive(self) -> dict:
+        message = await self._frames.get()
+        self._received.append(self.name)
+        return message
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self, code: int) -> None:
+        pass
+
+
+def test_a_flooding_connection_yields_the_event_loop_after_every_frame(tiny_model):
+    """Frames a flooding client has already delivered are handled one per loop turn: a neighbour's
+    frame that arrives meanwhile waits for one frame of the flood, not for all of it."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))  # not started: pushes just queue up
+    config = ServerConfig(engine={"max_sessions": 2})
+    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    received: list[str] = []
+    flood_frames = [np.zeros(1600, "<i2").tobytes()] * 200
+
+    async def main() -> None:
+        def connect(name: str, frames: list[bytes]) -> StreamConnection:
+            def make_session(emit):
+                return Session(name, config, model, worker, emit, time.monotonic())
+            return StreamConnection(BufferedSocket(name, frames, received), make_session, 10_000, 1.0,
+                                    on_closed=lambda reason: None)
+
+        flooder = asyncio.create_task(connect("flooder", flood_frames).run())
+        await asyncio.sleep(0)  # the flood is under way
+        neighbour = asyncio.create_task(connect("neighbour", [np.zeros(1600, "<i2").tobytes()]).run())
+        while "neighbour" not in received or received.count("flooder") < len(flood_frames):
+            await asyncio.sleep(0.01)
+        for task in (flooder, neighbour):
+            task.cancel()
+        await asyncio.gather(flooder, neighbour, return_exceptions=True)
+
+    asyncio.run(main())
+    assert received.index("neighbour") <= 5, f"the neighbour's frame waited for {received.index('neighbour')} frames"
