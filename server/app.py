@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import uvicorn
@@ -35,6 +36,63 @@ from server.settings import ServerConfig
 from server.static_pages import router as static_pages_router
 
 log = logging.getLogger(__name__)
+
+# Set in a connection's task when the app refused it with an HTTP response before the handshake:
+# uvicorn then logs "returned without completing handshake" at ERROR, which here is no fault.
+_refused_before_handshake: ContextVar[bool] = ContextVar("refused_before_handshake", default=False)
+_UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+_UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
+
+
+class _Throttle:
+    """One log line per ``window_s`` for a cause a client can repeat thousands of times a second;
+    the lines in between are counted, and the next line that passes says how many."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._window_start_s = -math.inf
+        self._num_suppressed = 0
+        self._lock = threading.Lock()  # uvicorn's loggers may be called from any thread
+
+    def admit(self, now_s: float) -> int | None:
+        """None: leave this one out; else how many were left out since the last one that passed."""
+        with self._lock:
+            if now_s - self._window_start_s < self.window_s:
+                self._num_suppressed += 1
+                return None
+            self._window_start_s = now_s
+            suppressed, self._num_suppressed = self._num_suppressed, 0
+            return suppressed
+
+
+def _more(suppressed: int) -> str:
+    return f"; {suppressed} more since the last such line" if suppressed else ""
+
+
+class _ClientNoiseFilter(logging.Filter):
+    """uvicorn logs two things a client causes at ERROR, one with a traceback, once per connection:
+    our own HTTP refusals (429) and text frames that are not UTF-8 (closed with 1007, as the
+    WebSocket RFC says). Neither is a server fault: the first is dropped (the app logs its
+    refusals), the second becomes a warning without traceback, at most one a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._invalid_utf8 = _Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _UVICORN_NO_HANDSHAKE and _refused_before_handshake.get():
+            return False
+        if record.msg == _UVICORN_INVALID_UTF8:
+            suppressed = self._invalid_utf8.admit(time.monotonic())
+            if suppressed is None:
+                return False
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.exc_info, record.exc_text, record.args = None, None, ()
+            record.msg = f"a client sent a text frame that is not UTF-8; closed it with 1007{_more(suppressed)}"
+        return True
+
+
+_CLIENT_NOISE_FILTER = _ClientNoiseFilter()
 
 
 class Runtime:
@@ -54,6 +112,7 @@ class Runtime:
         self.metrics.set_state_source(self.state_totals)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
             ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
+        self.rate_limited_log = _Throttle()
 
     def state_totals(self) -> dict[str, float]:
         """What the open sessions hold, summed (the ``ais_session_*`` gauges; event loop only).
@@ -218,6 +277,9 @@ class Runtime:
 
 def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     runtime = Runtime(config, on_fatal)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _CLIENT_NOISE_FILTER not in uvicorn_log.filters:  # process-wide, like the logger: added once
+        uvicorn_log.addFilter(_CLIENT_NOISE_FILTER)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -344,6 +406,11 @@ async def _rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
     if retry_after_s is None:
         return False
     runtime.metrics.refused_total.labels("rate_limited").inc()
+    _refused_before_handshake.set(True)
+    suppressed = runtime.rate_limited_log.admit(time.monotonic())
+    if suppressed is not None:  # a flood must not become a flood of log lines
+        log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)%s",
+                    address, runtime.config.connect_rate_per_ip, runtime.config.connect_burst_per_ip, _more(suppressed))
     try:
         await websocket.send_denial_response(Response(
             "too many connection attempts from this address; retry later\n", status_code=429,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -605,3 +606,58 @@ def test_api_docs_are_served_when_enabled(tiny_checkpoint):
         assert "/v1/info" in json.loads(server.get("/openapi.json")[1])["paths"]
     finally:
         server.stop()
+
+
+class RecordedLog(logging.Handler):
+    """Records of one logger (uvicorn's do not reach pytest's caplog: they do not propagate to the root)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> RecordedLog:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+
+
+def test_refused_connection_attempts_log_one_warning_not_an_error_each(tiny_checkpoint, caplog):
+    from websockets.exceptions import InvalidStatus
+
+    server = LiveServer(server_config(tiny_checkpoint, connect_rate_per_ip=0.01, connect_burst_per_ip=1)).start()
+    try:
+        with RecordedLog("uvicorn.error") as uvicorn_log, caplog.at_level(logging.WARNING, logger="server"):
+            with server.connect() as ws:  # the burst of one
+                recv_event(ws)
+            for _ in range(5):
+                with pytest.raises(InvalidStatus) as refused:
+                    server.connect()
+                assert refused.value.response.status_code == 429
+            time.sleep(0.2)  # uvicorn logs after the app returns
+    finally:
+        server.stop()
+    records = uvicorn_log.records + caplog.records
+    assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "429" in warnings[0] and "127.0.0.1" in warnings[0], warnings
+
+
+def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_logs_one_line(live):
+    with RecordedLog("uvicorn.error") as uvicorn_log:
+        for _ in range(3):
+            with live.connect() as ws:
+                recv_event(ws)
+                ws.send(b"\xff\xfe{}", text=True)  # websockets sends these bytes as a text frame unchecked
+                events, code = recv_to_close(ws)
+            assert code == 1007  # "invalid frame payload data"
+        time.sleep(0.2)
+    noted = [r for r in uvicorn_log.records if r.levelno >= logging.WARNING]
+    assert len(noted) == 1 and noted[0].levelno == logging.WARNING and noted[0].exc_info is None, \
+        [(r.levelname, r.getMessage(), r.exc_info) for r in noted]
+    assert "UTF-8" in noted[0].getMessage()
