@@ -5,9 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.scripted import ScriptedTurns
+
+
+# Sampling ranges are what the sampler can run, checked where options enter (the wire, the config file),
+# so one session's options can never reach the model worker as NaN probabilities or an unseedable generator.
+# Below MIN_TEMPERATURE sampling is greedy in all but name (a logit gap of 1 becomes a factor of e^100) and,
+# near 1e-38, logits / temperature overflows float32; 0 asks for greedy explicitly.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 5.0
+# A nucleus below 0.1 % of the mass keeps only the most likely token for any model; far below it, top_p
+# rounds to 0 in float32.
+MIN_TOP_P = 1e-3
+# Above any real vocabulary (Qwen's is 151,936), so every meaningful top_k fits; bounds JSON big integers.
+MAX_TOP_K = 1_000_000
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 class SamplingOptions(BaseModel):
@@ -15,10 +29,22 @@ class SamplingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = no top-k limit")
-    seed: int | None = Field(None, description="seed of this session's sampler; random when unset")
+    temperature: float = Field(
+        0.0, ge=0.0, le=MAX_TEMPERATURE, description=f"0 = greedy, else {MIN_TEMPERATURE}..{MAX_TEMPERATURE}",
+        # The same gap in the published JSON Schema, so schema validators refuse what the server refuses.
+        json_schema_extra={"not": {"exclusiveMinimum": 0.0, "exclusiveMaximum": MIN_TEMPERATURE}},
+    )
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k limit")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of this session's sampler; random when unset")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_runnable(cls, temperature: float) -> float:
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; below that sampling is greedy "
+                             "anyway and near 1e-38 it overflows")
+        return temperature
 
     @property
     def is_greedy(self) -> bool:
@@ -64,6 +90,11 @@ class EngineConfig(BaseModel):
         None,
         description="benchmarks only: replace the model's decisions and reply tokens with a fixed schedule "
         "(a reply every N chunks, L tokens long) so random weights exercise the speaking path",
+    )
+    prompt_cache_size: int = Field(
+        256, ge=0,
+        description="encoded system prompts kept for reuse, least recently used dropped first (a long prompt "
+        "costs tens of KB); 0 = encode at every open",
     )
     rollover_window_positions: int | None = Field(
         2048,

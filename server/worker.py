@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 
-from server import tokens as T
 from server.accelerator import check_kv_fits, choose_attention
 from server.checkpoint import LoadedModel
 from server.config import EngineConfig, SessionOptions
@@ -34,6 +33,7 @@ from server.conversation import ContextFull, Conversation, RowPlan, check_room
 from server.encoder import AudioEncoder
 from server.lm import StepBatch
 from server.engine_events import EngineEvent, SessionEnded, SessionStarted
+from server.prompt import PromptEncoder
 from server.sampling import DECISION_TOKENS, decide, sample
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,17 @@ EmitFn = Callable[[list[EngineEvent]], None]
 
 # Rows longer than a listening block (a session's first row, a context rollover) run in a batch of their own.
 LONG_ROW_TOKENS = 16
+
+
+class _OptionsDoNotFit(Exception):
+    """A session's options cannot run here (checked again at open: a client may skip ``check_options``)."""
+
+
+def _failure(exc: BaseException, what: str) -> SessionEnded:
+    """The end event of a session whose own path raised: a plain reason for the client, details in the log."""
+    if isinstance(exc, FloatingPointError):
+        return SessionEnded("numerical_error", f"{what}: the model produced non-finite values")
+    return SessionEnded("internal_error", f"{what} (the server log says why)")
 
 
 @dataclass
@@ -121,7 +132,8 @@ class Worker:
         self.failure: BaseException | None = None
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None  # called on the dying worker thread
-        self._prompt_cache: dict[str | None, list[int]] = {}
+        # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
+        self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size)
 
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
@@ -156,10 +168,12 @@ class Worker:
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
-        text = T.SYSTEM_PROMPT if options.system_prompt is None else options.system_prompt
-        prefix_tokens = len(T.prompt_prefix(self.model.tokenizer.encode(text).ids))
-        check_room(prefix_tokens, options.max_turn_tokens, self.config.max_positions,
+        check_room(self.prompt_length(options), options.max_turn_tokens, self.config.max_positions,
                    self.config.rollover_window_positions)
+
+    def prompt_length(self, options: SessionOptions) -> int:
+        """Tokens of the prefix a session with these options starts with (callable from any thread)."""
+        return len(self.prompts.prefix(options.system_prompt))
 
     def state_size(self, session_id: str) -> "SessionStateSize | None":
         """What one session holds right now (a racy read from other threads: for monitoring only)."""
@@ -243,9 +257,7 @@ class Worker:
                 if row.error is None and not row.is_finite:
                     row.error = FloatingPointError("non-finite logits")
                 if row.error is not None:
-                    code = "numerical_error" if isinstance(row.error, FloatingPointError) else "internal_error"
-                    log.error("session %s failed in a step: %r", row.session.session_id, row.error)
-                    self._end(row.session, code, f"the model step failed for this session: {row.error}")
+                    self._fail(row.session, row.error, "the model step failed for this session")
                     continue
                 num_decisions += row.plan.is_decision
                 num_reply += not row.plan.is_decision
@@ -284,13 +296,16 @@ class Worker:
         session = self._sessions.get(command.session_id)
         if session is None:
             return  # the session already ended; late commands are harmless
-        if command.kind == "audio":
-            for chunk in command.payload:
-                session.conversation.add_audio(chunk)
-        elif command.kind == "cancel":
-            self._emit(session, session.conversation.cancel())
-        elif command.kind == "close":
-            self._end(session, None, "closed by the client")
+        try:
+            if command.kind == "audio":
+                for chunk in command.payload:
+                    session.conversation.add_audio(chunk)
+            elif command.kind == "cancel":
+                self._emit(session, session.conversation.cancel())
+            elif command.kind == "close":
+                self._end(session, None, "closed by the client")
+        except Exception as exc:  # one session's bad state ends that session, never the worker
+            self._fail(session, exc, f"{command.kind} failed")
 
     def _open(self, command: _Command) -> None:
         assert command.emit is not None
@@ -302,29 +317,42 @@ class Worker:
             command.emit([SessionEnded("capacity", f"all {self.config.max_sessions} session slots are in use")])
             return
         slot = self._free_slots.pop()
+        try:
+            session = self._new_session(command, options, slot)
+        except Exception as exc:  # e.g. options that skipped validation: this open fails, the worker goes on
+            self._release_slot(slot)
+            if isinstance(exc, _OptionsDoNotFit):
+                ended = SessionEnded("invalid_options", str(exc))  # our own words: which option, which limit
+            else:
+                log.error("session %s failed to open", command.session_id, exc_info=exc)
+                ended = _failure(exc, "the session could not open")
+            try:
+                command.emit([ended])
+            except Exception:
+                log.exception("emit callback of session %s failed at open", command.session_id)
+            return
+        self._sessions[command.session_id] = session
+        self._emit(session, [SessionStarted(slot, len(session.conversation.prefix_ids))])
+
+    def _new_session(self, command: _Command, options: SessionOptions, slot: int) -> _Session:
         self.cache.clear_slot(slot)
-        prefix = self._prefix(options.system_prompt)
+        try:  # the contract of both calls: ValueError = this prompt or turn cap cannot run in this budget
+            prefix = self.prompts.prefix(options.system_prompt)
+            conversation = Conversation(prefix, options.max_turn_tokens, self.config.max_positions,
+                                        self.config.rollover_window_positions)
+        except ValueError as exc:
+            raise _OptionsDoNotFit(str(exc)) from exc
         generator = None
         if not options.sampling.is_greedy:
             generator = torch.Generator()
             seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
-        try:
-            conversation = Conversation(prefix, options.max_turn_tokens, self.config.max_positions,
-                                        self.config.rollover_window_positions)
-        except ValueError as exc:
-            self._free_slots.append(slot)
-            command.emit([SessionEnded("invalid_options", str(exc))])
-            return
-        session = _Session(command.session_id, slot, options, conversation, command.emit, generator)
-        self._sessions[command.session_id] = session
-        self._emit(session, [SessionStarted(slot, len(prefix))])
+        assert command.emit is not None
+        return _Session(command.session_id, slot, options, conversation, command.emit, generator)
 
-    def _prefix(self, system_prompt: str | None) -> list[int]:
-        if system_prompt not in self._prompt_cache:
-            text = T.SYSTEM_PROMPT if system_prompt is None else system_prompt
-            self._prompt_cache[system_prompt] = T.prompt_prefix(self.model.tokenizer.encode(text).ids)
-        return self._prompt_cache[system_prompt]
+    def _release_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._free_slots.sort(reverse=True)  # pop() gives the lowest
 
     def _schedule(self) -> list[_Session]:
         ready = [s for s in self._sessions.values() if s.conversation.is_ready]
@@ -342,6 +370,8 @@ class Worker:
                 rows.append(_Row(session, session.conversation.plan()))
             except ContextFull as exc:
                 self._end(session, "context_full", str(exc))
+            except Exception as exc:
+                self._fail(session, exc, "planning its step failed")
         return rows
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
@@ -430,22 +460,36 @@ class Worker:
         live = [r for r in rows if r.error is None and r.session.session_id in self._sessions]
         # Decisions first, then reply tokens (each session has one row per step, so this is only tidiness).
         for row in sorted(live, key=lambda r: not r.plan.is_decision):
-            token = row.token
-            if row.logits is not None:
-                token = sample(row.logits, row.session.options.sampling, row.session.generator)
-            assert token is not None
-            if self.config.scripted_turns is not None:
-                token = self.config.scripted_turns.token(row.session.conversation, row.session.slot, token)
+            try:
+                token = self._chosen_token(row)
+            except Exception as exc:  # this row's sampling failed: its session ends, the others commit
+                self._fail(row.session, exc, "sampling failed")
+                continue
             self._commit_one(row, token)
+
+    def _chosen_token(self, row: _Row) -> int:
+        token = row.token
+        if row.logits is not None:
+            token = sample(row.logits, row.session.options.sampling, row.session.generator)
+        if token is None:
+            raise RuntimeError("no token was chosen for this row")
+        if self.config.scripted_turns is not None:
+            token = self.config.scripted_turns.token(row.session.conversation, row.session.slot, token)
+        return token
 
     def _commit_one(self, row: _Row, token_id: int) -> None:
         try:
             events = row.session.conversation.commit(row.plan, token_id)
         except Exception as exc:
-            log.exception("session %s: bad state", row.session.session_id)
-            self._end(row.session, "internal_error", f"session state error: {exc}")
+            self._fail(row.session, exc, "session state error")
             return
         self._emit(row.session, events)
+
+    def _fail(self, session: _Session, exc: BaseException, what: str) -> None:
+        """End one session after an exception in its own path; every other session goes on."""
+        log.error("session %s: %s", session.session_id, what, exc_info=exc)
+        ended = _failure(exc, what)
+        self._end(session, ended.error_code, ended.message)
 
     def _emit(self, session: _Session, events: list[EngineEvent]) -> None:
         if not events:
@@ -460,10 +504,14 @@ class Worker:
         if self._sessions.pop(session.session_id, None) is None:
             return
         # A reply cut by a normal close still gets its end event; after an error it does not.
-        events = session.conversation.cancel("session_closed") if error_code is None else []
+        events: list[EngineEvent] = []
+        if error_code is None:
+            try:
+                events = session.conversation.cancel("session_closed")
+            except Exception:  # the close itself must not fail: the slot is freed, the client told
+                log.exception("session %s: cancelling its reply at close failed", session.session_id)
         events.append(SessionEnded(error_code, message))
-        self._free_slots.append(session.slot)
-        self._free_slots.sort(reverse=True)
+        self._release_slot(session.slot)
         if notify:
             try:
                 session.emit(events)

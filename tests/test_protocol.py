@@ -51,6 +51,9 @@ def test_every_server_event_is_typed_stamped_and_in_the_schema():
                                             "num_channels": 2}, "system_prompt": "Be brief.",
      "sampling": {"temperature": 0.3, "top_k": 3, "seed": 7}, "max_turn_tokens": 64, "decision_events": True,
      "event_id": "c1"},
+    {"type": "session.configure", "sampling": {"temperature": 0.01, "top_p": 0.001, "top_k": 1000000,
+                                               "seed": 2**63 - 1}},
+    {"type": "session.configure", "sampling": {"temperature": 0, "seed": 0}},
     {"type": "session.configure"},
     {"type": "input.flush"},
     {"type": "input.flush", "trailing_silence_s": 0.0},
@@ -66,6 +69,13 @@ def test_client_events_parse_and_match_the_schema(event):
 @pytest.mark.parametrize("event", [
     {"type": "session.configure", "audio": {"sample_rate_hz": 999}},
     {"type": "session.configure", "sampling": {"top_p": 1.5}},
+    # Ranges the sampler can run: these used to be accepted and crash the model worker.
+    {"type": "session.configure", "sampling": {"temperature": 1e-39}},
+    {"type": "session.configure", "sampling": {"temperature": 0.005}},
+    {"type": "session.configure", "sampling": {"temperature": 1.0, "top_p": 1e-46}},
+    {"type": "session.configure", "sampling": {"temperature": 1.0, "seed": 2**64}},
+    {"type": "session.configure", "sampling": {"temperature": 1.0, "seed": -1}},
+    {"type": "session.configure", "sampling": {"temperature": 1.0, "top_k": 2**70}},
     {"type": "input.flush", "trailing_silence_s": -1},
     {"type": "response.cancel", "extra": 1},
     {"type": "session.open"},

@@ -1,0 +1,80 @@
+"""A session's system prompt -> the token prefix it starts with: encoded as plain text, cached, bounded.
+
+Control tokens cannot be injected through the prompt. Two ways in exist (docs/model-notes.md §1.6):
+the tokenizer parses special-token strings in text (``<|im_start|>`` -> TEXT_BEGIN, ``<|AUDIO|>``, ...),
+and most of the model's control ids (USER, ASSISTANT, KEEP_SILENCE, PAD, the emotions) are ordinary BPE
+tokens of single characters such as "ຂ" or "ㄍ". We encode rather than refuse: those characters are
+everyday letters of Lao, Bopomofo and Hangul prompts, and a prompt that quotes ``<|im_start|>`` is
+harmless text, so refusing would turn away legitimate prompts. Instead special-token strings are
+tokenized as the text they are, and a character whose token is a control id is fed as its UTF-8 bytes
+(byte-level BPE has a token for every byte), so the model reads the same text and never a control id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from server import tokens as T
+
+
+class PromptEncoder:
+    """Thread-safe: the event loop checks a prompt's length while the worker encodes prefixes."""
+
+    def __init__(self, tokenizer: Any, max_cached_prompts: int) -> None:  # tokenizer: tokenizers.Tokenizer
+        self._tokenizer = tokenizer
+        self._max_cached = max_cached_prompts
+        # Least recently used first; None stands for the model's trained prompt.
+        self._cache: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+    def cached_prompts(self) -> list[str | None]:
+        """The cached prompts, least recently used first (for monitoring and tests)."""
+        with self._lock:
+            return list(self._cache)
+
+    def prefix(self, system_prompt: str | None) -> list[int]:
+        """The session prefix for this prompt (None = the trained prompt); raises ValueError if unencodable."""
+        with self._lock:
+            cached = self._cache.get(system_prompt)
+            if cached is not None:
+                self._cache.move_to_end(system_prompt)
+                return list(cached)
+        text = T.SYSTEM_PROMPT if system_prompt is None else system_prompt
+        prefix = tuple(T.prompt_prefix(self.encode(text)))  # outside the lock: long prompts take a while
+        with self._lock:
+            if self._max_cached > 0:
+                self._cache[system_prompt] = prefix
+                self._cache.move_to_end(system_prompt)
+                while len(self._cache) > self._max_cached:
+                    self._cache.popitem(last=False)
+        return list(prefix)
+
+    def encode(self, text: str) -> list[int]:
+        """``text`` as ordinary tokens only: the tokenizer's own pipeline minus its special-token parsing."""
+        tokenizer = self._tokenizer
+        # normalizer -> pre-tokenizer -> model is exactly what ``Tokenizer.encode`` runs between splitting out
+        # added tokens and post-processing; skipping that split is what makes "<|im_start|>" plain text.
+        normalized = tokenizer.normalizer.normalize_str(text) if tokenizer.normalizer is not None else text
+        if tokenizer.pre_tokenizer is not None:
+            pieces = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized)]
+        else:
+            pieces = [normalized]
+        ids: list[int] = []
+        for piece in pieces:
+            for token in tokenizer.model.tokenize(piece):
+                ids.extend(self._as_text(token.id) if T.is_control_token(token.id) else (token.id,))
+        return ids
+
+    def _as_text(self, control_id: int) -> list[int]:
+        """A control id's characters as byte tokens (each char of a byte-level token string is one byte)."""
+        byte_ids = [self._tokenizer.token_to_id(char) for char in self._tokenizer.id_to_token(control_id)]
+        if any(i is None or T.is_control_token(i) for i in byte_ids):
+            raise ValueError(f"system_prompt: the text of token {control_id} cannot be encoded without control "
+                             "tokens by this tokenizer")
+        return byte_ids
