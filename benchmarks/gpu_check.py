@@ -215,10 +215,11 @@ def ramp_kv_layout(args, served: Served, stage: Stage) -> None:
     served.max_sessions = max(args.streams)
     positions = args.max_positions
     fit = sessions_that_fit(lm, positions, KV_MEMORY_FRACTION)
-    if fit is not None and fit < served.max_sessions:
+    # 5% spare: every worker re-checks the fit against what is free then (kernels, workspaces) and refuses to start.
+    if fit is not None and fit < 1.05 * served.max_sessions:
         per_position = kv_bytes_per_slot(lm, FLEX_BLOCK) / FLEX_BLOCK
         free, _ = torch.cuda.mem_get_info(served.model.device)
-        positions = int(free * KV_MEMORY_FRACTION / served.max_sessions / per_position) // FLEX_BLOCK * FLEX_BLOCK
+        positions = int(0.95 * free * KV_MEMORY_FRACTION / served.max_sessions / per_position) // FLEX_BLOCK * FLEX_BLOCK
         stage.data["positions_lowered_from"] = args.max_positions
         if positions < MIN_RAMP_POSITIONS:
             raise RuntimeError(f"{served.max_sessions} slots do not fit even at {MIN_RAMP_POSITIONS} positions")
@@ -391,24 +392,42 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     stage.data["runs"] = records
     estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
     failures_in_a_row = 0
-    for streams in ramp_streams:
+    def point(streams: int) -> dict | None:
+        """Measure N streams, or None (and say why) when the compiled buckets or the budget rule it out."""
+        nonlocal estimate_s
         if served.max_batch_rows is not None and streams > served.max_batch_rows:
             stage.note = f"N={streams} and above not run: FlexAttention compiled only up to {served.max_batch_rows} rows"
-            break
+            return None
         if not report.budget.allows(estimate_s + reserve_s):
             stage.note = f"ramp stopped before N={streams}: {report.budget.remaining_s:.0f} s of the budget left"
-            break
+            return None
         record = measure(streams, lambda: capacity.run_direct(
             served.model, served.chunks, streams, args.seconds, engine,
             name="direct" if script else "direct (model-decided)", max_sessions=served.max_sessions, drain_s=10.0))
         records.append(record)
         estimate_s = max(estimate_s, record["wall_s"] + 2)
-        failures_in_a_row = 0 if record["passes"] else failures_in_a_row + 1
         ramp_lines(stage, records)
         report.write()
+        return record
+
+    failures_in_a_row = 0
+    for streams in ramp_streams:
+        record = point(streams)
+        if record is None:
+            return
+        failures_in_a_row = 0 if record["passes"] else failures_in_a_row + 1
         if failures_in_a_row == 2:
             stage.note = f"ramp stopped after two failing N in a row (N={streams})"
             break
+    # Nothing held: halve N below the ramp (up to 3 points) so the report still says where the capacity lies.
+    streams = min(ramp_streams) // 2
+    for _ in range(3):
+        if any(r["passes"] for r in records) or streams < 1:
+            break
+        if point(streams) is None:
+            return
+        stage.note = f"no N of the ramp held the targets; halved down to N={streams}"
+        streams //= 2
 
 
 def ramp_lines(stage: Stage, records: list[dict]) -> None:
@@ -420,9 +439,10 @@ def ramp_lines(stage: Stage, records: list[dict]) -> None:
         worker = (f"Worker: {measured[0]['max_sessions']} slots for every N; attention {measured[0]['attention']}; "
                   f"worker start-up per N {min(r['setup_s'] for r in measured)}-"
                   f"{max(r['setup_s'] for r in measured)} s (not part of the figures)")
-    stage.lines = [worker, "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, records), "",
+    in_order = sorted(records, key=lambda r: r["streams"])
+    stage.lines = [worker, "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, in_order), "",
                    f"Largest N that held every target: **{stage.data['capacity']}** "
-                   f"(of {[r['streams'] for r in records]})"]
+                   f"(of {[r['streams'] for r in in_order]})"]
 
 
 def baseline(args, served: Served, report: Report, stage: Stage) -> None:
@@ -463,7 +483,8 @@ def summarize(args, report: Report) -> None:
         held = next((r for r in runs if r["streams"] == ours and "error" not in r), None)
         if held is not None:
             summary[f"at N={ours}"] = describe(held)
-        beyond = next((r for r in runs if r["streams"] > ours and not r["passes"]), None)
+        beyond = min((r for r in runs if r["streams"] > ours and not r["passes"]), key=lambda r: r["streams"],
+                     default=None)
         if beyond is not None:
             summary[f"first failing N={beyond['streams']}"] = (
                 beyond["error"] if "error" in beyond else
