@@ -6,6 +6,7 @@ run and a live stream can be compared event for event.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -189,9 +190,13 @@ class ClientEventError(ValueError):
 
 
 def parse_client_event(text: str | bytes) -> ClientEvent:
-    """Parse one text frame, once, through the discriminated union; raises ``ClientEventError``."""
+    """Parse one text frame through the discriminated union; raises ``ClientEventError``.
+
+    A key given twice in one object is refused: JSON parsers disagree on which value wins
+    (ours would silently take the last), so such an event has no one meaning to act on.
+    """
     try:
-        return CLIENT_EVENT_ADAPTER.validate_json(text)
+        event = CLIENT_EVENT_ADAPTER.validate_json(text)
     except ValidationError as error:
         first = error.errors()[0]
         context = first.get("ctx", {})
@@ -202,6 +207,25 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
                                    f"{context.get('expected_tags')}", str(context.get("tag"))) from None
         has_type = first["loc"] and first["type"] != "union_tag_not_found"
         raise ClientEventError("invalid_event", summarize(error), str(first["loc"][0]) if has_type else None) from None
+    duplicate = _first_duplicate_key(text)
+    if duplicate is not None:
+        raise ClientEventError("invalid_event", f"duplicate key {duplicate!r}: each key may appear once per object; "
+                               "event ignored", event.type)
+    return event
+
+
+def _first_duplicate_key(text: str | bytes) -> str | None:
+    """The first key that appears twice in one object of ``text`` (valid JSON), or None."""
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys) and not found:
+            found.append(next(key for index, key in enumerate(keys) if key in keys[:index]))
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=check)
+    return found[0] if found else None
 
 
 def summarize(error: ValidationError, max_errors: int = 5) -> str:
@@ -346,7 +370,6 @@ def event_schema(direction: Literal["client", "server"]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m server.protocol", description="wire protocol tools")
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of every event")

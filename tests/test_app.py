@@ -661,3 +661,19 @@ def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_logs_one_line(live):
     assert len(noted) == 1 and noted[0].levelno == logging.WARNING and noted[0].exc_info is None, \
         [(r.levelname, r.getMessage(), r.exc_info) for r in noted]
     assert "UTF-8" in noted[0].getMessage()
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "session.configure", "max_turn_tokens": 5, "max_turn_tokens": 7}',
+    '{"type": "session.configure", "sampling": {"temperature": 0.5, "temperature": 1.0}}',
+    '{"type": "input.flush", "type": "session.close"}',  # which event was meant?
+])
+def test_an_event_with_a_duplicate_key_is_refused_not_read_as_its_last_value(live, frame):
+    with live.connect() as ws:
+        created = recv_event(ws)
+        ws.send(frame)
+        error = recv_event(ws)
+        assert (error["type"], error["code"], error["is_fatal"]) == ("error", "invalid_event", False)
+        assert "duplicate key" in error["message"]
+        # Nothing of the event was applied: the session is as it was, and still open.
+        assert send_configure(ws)["options"] == created["options"]
