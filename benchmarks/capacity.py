@@ -57,6 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -227,10 +228,12 @@ class TurnClock:
 
 
 def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, seconds: float,
-               engine: dict, name: str = "direct", max_sessions: int | None = None, drain_s: float = 30.0) -> Run:
+               engine: dict, name: str = "direct", max_sessions: int | None = None, drain_s: float = 30.0,
+               on_serving: Callable[[], None] | None = None) -> Run:
     """``max_sessions`` (default ``streams``): the worker's slots. A ramp that keeps it at its largest N
     serves every N with one cache shape, as a deployed server does, so compiled kernels are reused.
-    ``drain_s``: how long decisions may still arrive after the last chunk (later ones count as missing)."""
+    ``drain_s``: how long decisions may still arrive after the last chunk (later ones count as missing).
+    ``on_serving``: called once the worker is up, before the first chunk (e.g. to start a profiler then)."""
     run = Run(name, streams, seconds, max_sessions=max_sessions or streams)
     reset_peak_memory(model.device)
     started = time.perf_counter()
@@ -268,6 +271,8 @@ def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, sec
     for i in range(streams):
         worker.open_session(f"s{i}", options, emit_for(i))
     worker.start()
+    if on_serving is not None:
+        on_serving()
     offsets = [(i * 7) % len(chunks) for i in range(streams)]
     schedule = sorted((i * CHUNK_S / streams + k * CHUNK_S, i, k) for i in range(streams)
                       for k in range(chunks_per_stream))

@@ -19,7 +19,8 @@ is skipped and says so:
    at any time), stopped after two consecutive failing N;
 4. the reference-style baseline (``capacity.run_baseline``) at small N on the same model,
    and the capacity ratio;
-5. if time is left, the same ramp with replies decided by the (random) model.
+5. the GPU's busy share of the step at the capacity N (kernel traces; ``gpu_busy``);
+6. if time is left, the same ramp with replies decided by the (random) model.
 
 Per N: decision latency p50/p95/p99, first-token p50/p95, reply tokens/s, the step split
 (encoder / LM / host), rows per step, peak accelerator memory, and a verdict per target:
@@ -70,6 +71,7 @@ from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E4
 
 TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,
                            host_share=0.20)
+CAPACITY_TARGET_STREAMS = 512  # the issue's goal for one H100/H200
 KV_MEMORY_FRACTION = 0.9  # the engine's default share of free accelerator memory for the KV cache
 MIN_RAMP_POSITIONS = 1024  # a ramp run of ~15 s uses about 500 positions per session
 
@@ -467,6 +469,56 @@ def baseline(args, served: Served, report: Report, stage: Stage) -> None:
             break  # more streams served one at a time only fall further behind
 
 
+def gpu_busy(args, served: Served, report: Report, stage: Stage) -> None:
+    """How much of the step time the GPU spends in kernels, at the capacity N (kernel traces via the profiler).
+
+    Well below 100% means the step waits on the CPU (Python, kernel launches, the encoder's per-chunk
+    loop): what "host" in the step split cannot show, since launches happen inside the encoder/LM calls.
+    Tracing slows launches a little, so this run's latencies are not reported.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ramp_stage = report.stage("ramp")
+    held = ramp_stage.data.get("capacity", 0) if ramp_stage else 0
+    streams = min(held or min(args.streams), 256)  # bounded: every kernel is one trace event
+    seconds = min(args.seconds, 5.0)
+    on_cuda = served.model.device.type == "cuda"
+    profiler = profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU])
+    engine = {"attention": served.attention, "max_positions": served.max_positions,
+              "max_batch_rows": served.max_batch_rows,
+              "scripted_turns": {"every_chunks": args.script.every_chunks, "reply_tokens": args.script.reply_tokens}}
+    try:
+        run = capacity.run_direct(served.model, served.chunks, streams, seconds, engine,
+                                  max_sessions=served.max_sessions, drain_s=5.0, on_serving=profiler.start)
+    finally:
+        profiler.stop()
+        release_memory()
+    started = time.perf_counter()
+    kernels = [e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    step_ms = 1e3 * sum(s.total_s for s in run.steps)
+    steps = sum(1 for s in run.steps if s.num_rows)
+    stage.data.update(streams=streams, seconds=seconds, steps=steps, step_ms_total=round(step_ms, 1),
+                      kernel_ms_total=round(kernel_ms, 1), kernel_launches=sum(e.count for e in kernels),
+                      trace_processing_s=round(time.perf_counter() - started, 1))
+    if not on_cuda:
+        stage.note = "no CUDA device: kernel time not measured (the dry run only proves the code path)"
+        return
+    if not kernels:
+        raise RuntimeError("the profiler recorded no GPU kernel (CUPTI unavailable?): GPU busy time not measured")
+    busy = kernel_ms / step_ms if step_ms else 0.0
+    stage.data["gpu_busy_share_of_step"] = round(busy, 3)
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    stage.note = f"GPU busy {100 * busy:.0f}% of step time at N={streams}"
+    stage.lines = [f"N={streams} for {seconds:g} s (SCRIPTED {args.schedule}): {steps} steps, {step_ms:.0f} ms of step "
+                   f"time, {kernel_ms:.0f} ms of GPU kernels ({stage.data['kernel_launches']} launches, "
+                   f"{stage.data['kernel_launches'] / max(steps, 1):.0f} per step): the GPU is busy "
+                   f"**{100 * busy:.0f}%** of the step time.", "", "| kernel | launches | GPU ms | share |", "|---|---|---|---|"]
+    stage.lines += [f"| {e.key[:80]} | {e.count} | {e.self_device_time_total / 1e3:.1f} | "
+                    f"{100 * e.self_device_time_total / 1e3 / max(kernel_ms, 1e-9):.0f}% |" for e in top]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -479,6 +531,8 @@ def summarize(args, report: Report) -> None:
     summary["correctness flex vs gather"] = _verdict(report.stage("flex"))
     if ours is not None:
         summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
+        summary[f"target >= {CAPACITY_TARGET_STREAMS} streams per GPU"] = (
+            "MET" if ours >= CAPACITY_TARGET_STREAMS else "NOT MET") + (" (dry run: meaningless)" if args.dry_run else "")
         runs = scripted.data.get("runs", [])
         held = next((r for r in runs if r["streams"] == ours and "error" not in r), None)
         if held is not None:
@@ -498,6 +552,9 @@ def summarize(args, report: Report) -> None:
         summary["ratio ours / baseline"] = f"baseline held none of {args.baseline_streams}; ratio > {ours}x"
     elif ours == 0 and theirs is not None:
         summary["ratio ours / baseline"] = "none: the ramp held no N"
+    busy = report.stage("gpu-busy")
+    if busy and "gpu_busy_share_of_step" in busy.data:
+        summary["GPU busy share of step time"] = busy.note
     model_ramp = report.stage("model-ramp")
     if model_ramp and "capacity" in model_ramp.data:
         summary["capacity (model-decided replies)"] = f"{model_ramp.data['capacity']} streams"
@@ -561,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     summarize(args, report)
     report.run_stage("baseline", "Reference-style baseline, same model", args.baseline_seconds + 10,
                      lambda stage: baseline(args, served, report, stage), skip_reason=no_model)
+    summarize(args, report)
+    report.run_stage("gpu-busy", "GPU busy share of the step (kernel traces)", 45,
+                     lambda stage: gpu_busy(args, served, report, stage), skip_reason=no_layout)
     summarize(args, report)
     report.run_stage("model-ramp", "Capacity ramp, direct mode, replies decided by the random model "
                      "(decisions are noise)", args.seconds + 15,

@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     report = json.loads((out / "report.json").read_text())
     stages = {stage["key"]: stage for stage in report["stages"]}
-    assert list(stages) == ["precision", "flex", "model", "warm-up", "ramp", "baseline", "model-ramp"]
+    assert list(stages) == ["precision", "flex", "model", "warm-up", "ramp", "baseline", "gpu-busy", "model-ramp"]
     for key, stage in stages.items():
         assert stage["status"] == "done", (key, stage["note"], stage["error"])
     assert report["header"]["torch"] and report["header"]["gpu"] == "none (CPU run)"
@@ -65,6 +65,8 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     assert any(run["replies"] and run["first_token_ms"]["95"] for run in ramp)
     assert stages["ramp"]["data"]["capacity"] in (0, 1, 2)
     assert stages["baseline"]["data"]["runs"][0]["streams"] == 1
+    busy = stages["gpu-busy"]["data"]
+    assert busy["steps"] > 0 and busy["step_ms_total"] > 0 and "no CUDA device" in stages["gpu-busy"]["note"]
 
     markdown = (out / "report.md").read_text()
     for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16", "## Correctness: in-place FlexAttention",
