@@ -182,7 +182,8 @@ def teacher_forced(reference: Side, candidate: Side, audio_dir: Path = SHARED_AU
             else:
                 ref_token, cand_token = int(ref.argmax()), int(cand.argmax())
                 noise = float((ref - cand).abs().max())
-                result.replies.append(RowComparison(ref_token == cand_token, margin(ref), noise))
+                if not plan.discards_prediction:  # a capped reply's last row: TEXT_END follows whatever it predicts
+                    result.replies.append(RowComparison(ref_token == cand_token, margin(ref), noise))
             conversation.commit(plan, ref_token)
             num_rows += 1
     return result
