@@ -95,8 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="KV positions per slot (lowered, and reported, when the ramp's largest N does not fit)")
     parser.add_argument("--precision-rows", type=int,
                         help="rows per recording in the correctness checks (default: all; 12 with --dry-run)")
-    parser.add_argument("--no-model-ramp", action="store_true", help="skip stage 5 (model-decided replies)")
+    parser.add_argument("--no-model-ramp", action="store_true", help="skip the last stage (model-decided replies)")
     args = parser.parse_args(argv)
+    if not args.audio.is_dir():
+        parser.error(f"--audio {args.audio} is not a folder (it should hold the recording folders of ../shared/audio)")
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
     args.model = args.model or ("tiny" if dry else "real")
@@ -393,7 +395,7 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     records: list[dict] = []
     stage.data["runs"] = records
     estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
-    failures_in_a_row = 0
+
     def point(streams: int) -> dict | None:
         """Measure N streams, or None (and say why) when the compiled buckets or the budget rule it out."""
         nonlocal estimate_s
