@@ -484,7 +484,7 @@ def gpu_busy(args, served: Served, report: Report, stage: Stage) -> None:
     ramp_stage = report.stage("ramp")
     held = ramp_stage.data.get("capacity", 0) if ramp_stage else 0
     streams = min(held or min(args.streams), 256)  # bounded: every kernel is one trace event
-    seconds = min(args.seconds, 5.0)
+    seconds = min(args.seconds, 3.0)  # the encoder launches kernels per chunk and layer: traces grow fast
     on_cuda = served.model.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU])
     engine = {"attention": served.attention, "max_positions": served.max_positions,
