@@ -26,6 +26,8 @@ class ReplyRenderer:
         self.session_id = session_id
         self._detokenizer: StreamingDetokenizer | None = None
         self._num_turn_tokens = 0
+        self._turn_index = 0
+        self._turn_token_ids: list[int] = []  # the open turn's ids so far, for a turn_end the engine never sends
 
     def render(self, event: EngineEvent) -> list[_Event]:
         sid = self.session_id
@@ -36,6 +38,7 @@ class ReplyRenderer:
         if isinstance(event, TurnBegin):
             self._detokenizer = StreamingDetokenizer(self.tokenizer)
             self._num_turn_tokens = 0
+            self._turn_index, self._turn_token_ids = event.turn_index, []
             return [TurnBeginEvent(session_id=sid, turn=event.turn_index, chunk=event.chunk_index,
                                    audio_time_s=round((event.chunk_index + 1) * CHUNK_SECONDS, 3))]
         if isinstance(event, TurnToken):
@@ -51,12 +54,20 @@ class ReplyRenderer:
         assert self._detokenizer is not None, "TurnToken before TurnBegin"
         is_first = self._num_turn_tokens == 0
         self._num_turn_tokens += 1
+        self._turn_token_ids.append(event.token_id)
         if is_first and event.token_id in T.EMOTION_NAMES:
             self._detokenizer.push(event.token_id)  # recorded, never rendered as text
             return [EmotionEvent(session_id=self.session_id, turn=event.turn_index,
                                  emotion=T.EMOTION_NAMES[event.token_id], token_id=event.token_id)]
         delta = self._detokenizer.push(event.token_id)
         return [TextDeltaEvent(session_id=self.session_id, turn=event.turn_index, text=delta)] if delta else []
+
+    def cut(self) -> list[_Event]:
+        """End the open turn, if any, with ``end_reason`` "session_closed": for a session that ends without
+        the engine's TurnEnd (its connection vanished), so every turn_begin still gets its turn_end."""
+        if self._detokenizer is None:
+            return []
+        return self._end(TurnEnd(self._turn_index, tuple(self._turn_token_ids), "session_closed"))
 
     def _end(self, event: TurnEnd) -> list[_Event]:
         assert self._detokenizer is not None, "TurnEnd before TurnBegin"

@@ -233,13 +233,18 @@ class Session:
         return []
 
     def abort(self, reason: str = "disconnected") -> list:
-        """The connection is gone: free the engine slot now. Returns the close event for subscribers."""
+        """The connection is gone: free the engine slot now. Returns the events for subscribers: the cut
+        reply's turn_end (the engine's own comes too late, after the session is closed), then the close."""
         if self.is_closed:
             return []
         if self._is_engine_open:
             self.engine.close_session(self.session_id)
             self._is_engine_open = False
-        return self._closed(reason, CloseCode.NORMAL)
+        cut = [live for wire in self._renderer.cut() for live in self._live(wire, time.monotonic())]
+        for turn_end in (event for event in cut if event.type == "turn_end"):
+            self._observer.turn_ended(turn_end.num_tokens, turn_end.end_reason)
+        self._is_speaking = False
+        return cut + self._closed(reason, CloseCode.NORMAL)
 
     # ---- client events ---------------------------------------------------------------
     def _configure(self, event: SessionConfigureEvent, now_s: float) -> list:

@@ -677,3 +677,24 @@ def test_an_event_with_a_duplicate_key_is_refused_not_read_as_its_last_value(liv
         assert "duplicate key" in error["message"]
         # Nothing of the event was applied: the session is as it was, and still open.
         assert send_configure(ws)["options"] == created["options"]
+
+
+def test_a_client_killed_mid_reply_still_ends_the_turn_for_its_subscribers(live, shared_audio):
+    """Subscribers (a TTS reader) must see every reply end, also when the streaming client vanishes."""
+    with live.connect() as stream:
+        session_id = recv_event(stream)["session_id"]
+        send_configure(stream, max_turn_tokens=LONG_REPLY_TOKENS)
+        with live.connect(f"/v1/sessions/{session_id}/events") as subscriber:
+            send_count_bark(stream, shared_audio)
+            seen = recv_until(subscriber, lambda e: e["type"] in ("text_delta", "emotion"))
+            stream.socket.close()  # killed mid-reply: no close frame, no session.close
+            events, code = recv_to_close(subscriber)
+    events = seen + events
+    assert code == 1000 and events[-1]["type"] == "session.closed" and events[-1]["reason"] == "disconnected"
+    begins = [e["turn"] for e in events if e["type"] == "turn_begin"]
+    ends = [e for e in events if e["type"] == "turn_end"]
+    assert begins and [e["turn"] for e in ends] == begins, [e["type"] for e in events]
+    cut = ends[-1]
+    assert cut["end_reason"] in ("session_closed", "text_end", "max_tokens")
+    streamed = "".join(e["text"] for e in events if e["type"] == "text_delta" and e["turn"] == cut["turn"])
+    assert cut["text"] == streamed and cut["num_tokens"] == len(cut["token_ids"]) >= 1
