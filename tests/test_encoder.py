@@ -48,3 +48,16 @@ def test_padding_to_a_bucket_leaves_the_real_chunks_unchanged(tiny_model, stream
     exact = AudioEncoder(tiny_model.encoder_tower, pad_to_buckets=False).encode(chunks)
     assert padded.shape == exact.shape == (5, 10, tiny_model.lm.cfg.n_embd)
     torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_forward_equals_the_towers_own_forward_for_many_streams(tiny_model, stream_chunks):
+    """The encoder runs the tower's modules as one (N, 20, D) batch; the tower itself packs and loops chunks."""
+    chunks = torch.cat([s[:8] for s in stream_chunks])  # 48 chunks of six recordings
+    mel = chunks.permute(1, 0, 2).reshape(128, -1)
+    with torch.inference_mode():
+        expected = tiny_model.encoder_tower(
+            input_features=mel, feature_lens=torch.full((len(chunks),), 40),
+            aftercnn_lens=torch.full((len(chunks),), 20),
+        ).last_hidden_state
+    got = AudioEncoder(tiny_model.encoder_tower, pad_to_buckets=False).encode(chunks)
+    torch.testing.assert_close(got.flatten(0, 1), expected)
