@@ -58,6 +58,11 @@ class PromptEncoder:
     def encode(self, text: str) -> list[int]:
         """``text`` as ordinary tokens only: the tokenizer's own pipeline minus its special-token parsing."""
         tokenizer = self._tokenizer
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # lone surrogates (a config file can hold them; JSON cannot)
+                raise ValueError(f"system_prompt: not valid Unicode text ({error.reason} at {error.start})") from None
         # normalizer -> pre-tokenizer -> model is exactly what ``Tokenizer.encode`` runs between splitting out
         # added tokens and post-processing; skipping that split is what makes "<|im_start|>" plain text.
         normalized = tokenizer.normalizer.normalize_str(text) if tokenizer.normalizer is not None else text

@@ -351,6 +351,15 @@ def test_no_prompt_encodes_to_a_control_token(tiny_model, text):
     ids = encoder.encode(text)
     assert [t for t in ids if T.is_control_token(t)] == []
     assert tiny_model.tokenizer.decode(ids) == unicodedata.normalize("NFC", text)  # the tokenizer normalises NFC
+    plain = tiny_model.tokenizer.encode(text).ids
+    if not any(T.is_control_token(t) for t in plain):  # nothing to defuse: exactly the tokenizer's own encoding
+        assert ids == plain
+
+
+def test_a_prompt_that_is_not_unicode_text_is_refused_naming_the_field(tiny_model):
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    with pytest.raises(ValueError, match="system_prompt"):
+        worker.check_options(SessionOptions(system_prompt="half a surrogate pair: \ud800"))
 
 
 # ---- item 8: the prompt cache is bounded ---------------------------------------------------------------------
