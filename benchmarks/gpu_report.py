@@ -127,7 +127,14 @@ def progress(message: str) -> None:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on: accelerator, driver, software versions, host."""
+    """What the figures were measured on: accelerator, driver, software versions, host (never raises)."""
+    try:
+        return _machine(device)
+    except Exception as exc:  # the header must not cost the run
+        return {"machine": f"not probed: {exc!r}", "torch": torch.__version__}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
