@@ -311,10 +311,12 @@ class Worker:
         assert command.emit is not None
         options: SessionOptions = command.payload
         if command.session_id in self._sessions:
-            command.emit([SessionEnded("duplicate_session", f"session {command.session_id} is already open")])
+            self._refuse_open(command, SessionEnded("duplicate_session",
+                                                    f"session {command.session_id} is already open"))
             return
         if not self._free_slots:
-            command.emit([SessionEnded("capacity", f"all {self.config.max_sessions} session slots are in use")])
+            self._refuse_open(command, SessionEnded("capacity",
+                                                    f"all {self.config.max_sessions} session slots are in use"))
             return
         slot = self._free_slots.pop()
         try:
@@ -326,13 +328,17 @@ class Worker:
             else:
                 log.error("session %s failed to open", command.session_id, exc_info=exc)
                 ended = _failure(exc, "the session could not open")
-            try:
-                command.emit([ended])
-            except Exception:
-                log.exception("emit callback of session %s failed at open", command.session_id)
+            self._refuse_open(command, ended)
             return
         self._sessions[command.session_id] = session
         self._emit(session, [SessionStarted(slot, len(session.conversation.prefix_ids))])
+
+    def _refuse_open(self, command: _Command, ended: SessionEnded) -> None:
+        assert command.emit is not None
+        try:
+            command.emit([ended])
+        except Exception:  # a callback that cannot deliver must not take the worker down with it
+            log.exception("emit callback of session %s failed at open", command.session_id)
 
     def _new_session(self, command: _Command, options: SessionOptions, slot: int) -> _Session:
         self.cache.clear_slot(slot)

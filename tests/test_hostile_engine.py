@@ -378,3 +378,19 @@ def test_prompt_cache_size_zero_caches_nothing_and_still_serves(tiny_model):
     worker = Worker(tiny_model, EngineConfig(max_sessions=1, prompt_cache_size=0))
     prefix, reported = opened_prefix(worker, None)
     assert worker.prompts.num_cached == 0 and len(prefix) == reported == 46
+
+
+def test_an_open_refused_to_a_callback_that_raises_leaves_the_worker_running(tiny_model, stream_chunks):
+    """Capacity and duplicate refusals go through the same guarded delivery as every other end event."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    witness = Recorder()
+
+    def gone(events):
+        raise RuntimeError("the connection is already gone")
+
+    worker.open_session("witness", WITNESS_OPTIONS, witness)
+    worker.open_session("witness", WITNESS_OPTIONS, gone)  # duplicate
+    worker.open_session("late", WITNESS_OPTIONS, gone)  # over capacity
+    worker.push_audio("witness", stream_chunks[0][:3])
+    worker.run_until_idle()
+    assert len(witness.of(Decision)) == 3 and worker.failure is None and worker.num_sessions == 1
