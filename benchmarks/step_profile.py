@@ -1,0 +1,156 @@
+"""Where a real-size step's time goes on a GPU: the encoder and the LM forward, piece by piece.
+
+    PYTHONPATH=. python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
+
+Builds the random real-size model on the device (``server.tools.random_model``) and
+times, each as the median of several warm calls with the device synchronised:
+
+* the audio tower: transformers' own forward (packed chunks, attention looped chunk by
+  chunk) against ``AudioEncoder`` (one batched attention call per layer), N chunks;
+* one LM forward (``last_hidden``) over B listening rows of 13 tokens and over B reply rows
+  of 1 token, with in-place FlexAttention (compiled) and with gather attention;
+* the per-step FlexAttention plan (block mask) alone;
+* a torch.profiler table of one FlexAttention listening step (top operators by device
+  time and by host time).
+
+Writes ``DIR/profile.md``. ``--preset tiny --device cpu`` runs the same code in seconds
+(tests/test_gpu_check.py does not call it; it is a diagnosis tool, not a benchmark of record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for entry in (str(Path(__file__).resolve().parents[1]),):
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+import torch  # noqa: E402
+
+from server.encoder import AudioEncoder  # noqa: E402
+from server.lm import StepBatch  # noqa: E402
+from server.tools.random_model import random_model  # noqa: E402
+
+LISTEN_ROW_TOKENS = 13
+START_POSITION = 500  # about 15 s into a session
+
+
+def timed_ms(fn, device: torch.device, repeats: int) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(samples)
+
+
+def rows_batch(num_rows: int, row_tokens: int, device: torch.device) -> StepBatch:
+    rows = [[(17 * i + j) % 150000 for j in range(row_tokens)] for i in range(num_rows)]
+    return StepBatch.build(rows, [START_POSITION] * num_rows, list(range(num_rows)), [[] for _ in rows], None,
+                           device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="real")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[8, 64, 256, 768])
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = [f"# Step profile: {args.preset} model on {args.device}", ""]
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+        (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+
+    model = random_model(args.preset, args.device, "auto")
+    device = model.device
+    if device.type == "cuda":
+        emit(f"- gpu: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; dtype {model.dtype}")
+
+    emit("## Audio tower, ms per call (median)")
+    emit("")
+    emit("| chunks | transformers forward | AudioEncoder (batched) | ratio |")
+    emit("|---|---|---|---|")
+    batched = AudioEncoder(model.encoder_tower, pad_to_buckets=False)
+    for n in args.chunks:
+        mel = torch.randn(n, 128, 40, device=device)
+
+        def tower_forward(mel=mel, n=n):
+            with torch.inference_mode():
+                return model.encoder_tower(
+                    input_features=mel.permute(1, 0, 2).reshape(128, -1),
+                    feature_lens=torch.full((n,), 40, device=device),
+                    aftercnn_lens=torch.full((n,), 20, device=device),
+                ).last_hidden_state
+
+        old = timed_ms(tower_forward, device, max(1, args.repeats // 2))
+        new = timed_ms(lambda mel=mel: batched.encode(mel), device, args.repeats)
+        emit(f"| {n} | {old:.2f} | {new:.2f} | {old / new:.1f}x |")
+
+    max_rows = max(args.rows)
+    cache = model.lm.new_cache(max_rows, 4096)
+    lm = model.lm
+    emit("")
+    emit("## LM forward (last_hidden), ms per step (median)")
+    emit("")
+    emit("| rows x tokens | flex (compiled) | gather | flex plan (block mask) alone |")
+    emit("|---|---|---|---|")
+    shapes = [(b, LISTEN_ROW_TOKENS) for b in args.rows] + [(min(args.rows), 1)]
+    for num_rows, row_tokens in shapes:
+        batch = rows_batch(num_rows, row_tokens, device)
+        results = {}
+        for backend in ("flex", "gather"):
+            lm.attention_backend, lm.compile_attention = backend, backend == "flex"
+            started = time.perf_counter()
+            lm.last_hidden(batch, cache)  # compiles flex for this bucket on first use
+            compile_s = time.perf_counter() - started
+            results[backend] = timed_ms(lambda: lm.last_hidden(batch, cache), device, args.repeats)
+            print(f"  {backend} {num_rows}x{row_tokens}: first call {compile_s:.1f} s", flush=True)
+        lm.attention_backend, lm.compile_attention = "flex", True
+        plan_ms = timed_ms(lambda: lm._attention_plan(batch, cache), device, args.repeats)
+        emit(f"| {num_rows} x {row_tokens} | {results['flex']:.2f} | {results['gather']:.2f} | {plan_ms:.2f} |")
+
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        num_rows = args.rows[min(1, len(args.rows) - 1)]
+        batch = rows_batch(num_rows, LISTEN_ROW_TOKENS, device)
+        lm.attention_backend, lm.compile_attention = "flex", True
+        lm.last_hidden(batch, cache)
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            lm.last_hidden(batch, cache)
+            torch.cuda.synchronize(device)
+        table = prof.key_averages()
+        emit("")
+        emit(f"## One flex listening step of {num_rows} rows: top operators by device time")
+        emit("")
+        emit("```")
+        emit(table.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+        emit("```")
+        emit("")
+        emit("## The same step: top operators by host time")
+        emit("")
+        emit("```")
+        emit(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        emit("```")
+
+
+if __name__ == "__main__":
+    main()
