@@ -93,8 +93,8 @@ class EngineConfig(BaseModel):
     )
     prompt_cache_size: int = Field(
         256, ge=0,
-        description="encoded system prompts kept for reuse, least recently used dropped first (a long prompt "
-        "costs tens of KB); 0 = encode at every open",
+        description="encoded system prompts kept for reuse, least recently used dropped first; 4 bytes a "
+        "token, and a prompt longer than max_positions (which cannot run) is not kept; 0 = encode at every open",
     )
     rollover_window_positions: int | None = Field(
         2048,

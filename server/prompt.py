@@ -13,6 +13,7 @@ tokenized as the text they are, and a character whose token is a control id is f
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from typing import Any
 
@@ -22,11 +23,15 @@ from server import tokens as T
 class PromptEncoder:
     """Thread-safe: the event loop checks a prompt's length while the worker encodes prefixes."""
 
-    def __init__(self, tokenizer: Any, max_cached_prompts: int) -> None:  # tokenizer: tokenizers.Tokenizer
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, max_cached_prompts: int, max_cached_tokens: int | None = None) -> None:
+        """``max_cached_tokens``: longer prefixes are encoded but not kept (the worker passes its context
+        budget: such a prompt cannot run, and keeping it would let the cache grow with what clients send)."""
+        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
         self._max_cached = max_cached_prompts
-        # Least recently used first; None stands for the model's trained prompt.
-        self._cache: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
+        self._max_cached_tokens = max_cached_tokens
+        # Least recently used first; None stands for the model's trained prompt. Ids are kept as 4-byte
+        # unsigned ints: a tuple of Python ints costs about 36 bytes a token, 9 times more.
+        self._cache: OrderedDict[str | None, array] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -44,16 +49,18 @@ class PromptEncoder:
             cached = self._cache.get(system_prompt)
             if cached is not None:
                 self._cache.move_to_end(system_prompt)
-                return list(cached)
+                return cached.tolist()
         text = T.SYSTEM_PROMPT if system_prompt is None else system_prompt
-        prefix = tuple(T.prompt_prefix(self.encode(text)))  # outside the lock: long prompts take a while
+        prefix = T.prompt_prefix(self.encode(text))  # outside the lock: long prompts take a while
+        if self._max_cached_tokens is not None and len(prefix) > self._max_cached_tokens:
+            return prefix
         with self._lock:
             if self._max_cached > 0:
-                self._cache[system_prompt] = prefix
+                self._cache[system_prompt] = array("I", prefix)
                 self._cache.move_to_end(system_prompt)
                 while len(self._cache) > self._max_cached:
                     self._cache.popitem(last=False)
-        return list(prefix)
+        return prefix
 
     def encode(self, text: str) -> list[int]:
         """``text`` as ordinary tokens only: the tokenizer's own pipeline minus its special-token parsing."""

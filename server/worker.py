@@ -133,7 +133,7 @@ class Worker:
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None  # called on the dying worker thread
         # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
-        self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size)
+        self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
 
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
