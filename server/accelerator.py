@@ -103,7 +103,10 @@ def choose_attention(requested: str, lm: AudioInteractionLM, cache: SlotKVCache,
         # Compiled on every device: eager FlexAttention materialises scores over the whole cache.
         try:
             worst = self_check_flex(lm, cache, max_rows)
-            choice = AttentionChoice("flex", True, f"self-check passed (max |diff| {worst:.2e} against gather)")
+            checked = f"self-check passed (max |diff| {worst:.2e} against gather)"
+            choice = AttentionChoice("flex", True, checked)
+            if requested == "auto":
+                choice = _faster_of_flex_and_gather(lm, cache, max_rows, checked)
         except Exception as exc:
             if requested == "flex":
                 raise
@@ -156,3 +159,55 @@ def self_check_flex(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -
             cache.clear_slot(slot)
     log.info("flex attention compiled and checked in %.1f s", time.perf_counter() - started)
     return worst
+
+
+# A listening block: the shape most steps are made of.
+TIMED_ROW_TOKENS = 13
+
+
+def step_ms(lm: AudioInteractionLM, cache: SlotKVCache, num_rows: int, backend: str, compiled: bool,
+            repeats: int = 3) -> float:
+    """Median wall time of one forward of ``num_rows`` listening rows halfway into the cache, device synchronised.
+
+    Uses the cache's first slots as scratch (their keys are whatever is there:
+    timing does not depend on the values) and clears them afterwards.
+    """
+    device = cache.k.device
+    num_rows = max(1, min(num_rows, cache.num_slots))
+    start = max(0, cache.max_positions // 2 - TIMED_ROW_TOKENS)
+    rows = [[(7 * i + j) % lm.cfg.vocab_size for j in range(TIMED_ROW_TOKENS)] for i in range(num_rows)]
+    batch = StepBatch.build(rows, [start] * num_rows, list(range(num_rows)), [[] for _ in rows], None, device)
+    saved = lm.attention_backend, lm.compile_attention
+    lm.attention_backend, lm.compile_attention = backend, compiled
+    samples = []
+    try:
+        for _ in range(repeats + 1):  # the first call is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            lm.last_hidden(batch, cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - started)
+    finally:
+        lm.attention_backend, lm.compile_attention = saved
+        for slot in range(num_rows):
+            cache.clear_slot(slot)
+    return 1e3 * sorted(samples[1:])[len(samples[1:]) // 2]
+
+
+def _faster_of_flex_and_gather(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int,
+                               checked: str) -> AttentionChoice:
+    """``auto`` keeps in-place attention only where it is measured faster than gather on this device.
+
+    On an H200 with torch 2.11, the compiled FlexAttention kernel took 2.5 ms per layer
+    for 128 listening rows and a whole step was slower than gather's (122 ms against
+    48 ms, benchmarks/step_profile.py), so a correct kernel is not enough: it has to win.
+    """
+    flex_ms = step_ms(lm, cache, max_rows, "flex", True)
+    gather_ms = step_ms(lm, cache, max_rows, "gather", False)
+    timing = f"{max_rows} listening rows at position {cache.max_positions // 2}: flex {flex_ms:.1f} ms, " \
+             f"gather {gather_ms:.1f} ms"
+    if flex_ms <= gather_ms:
+        return AttentionChoice("flex", True, f"{checked}; faster ({timing})")
+    return AttentionChoice("gather", False, f"{checked}, but slower ({timing})")

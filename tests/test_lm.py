@@ -236,3 +236,17 @@ def test_compiled_in_place_attention_equals_gather():
             outputs.append(model(batch, caches[model.attention_backend]))
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
         lengths = [n + len(r) for n, r in zip(starts, rows)]
+
+
+def test_attention_step_timing_runs_both_backends_and_leaves_the_cache_clean(tiny_model):
+    """``auto`` on a GPU keeps flex only if it is faster; the timing itself must not disturb the model or cache."""
+    from server.accelerator import step_ms
+
+    lm = tiny_model.lm
+    cache = lm.new_cache(3, 256)
+    before = lm.attention_backend, lm.compile_attention
+    gather_ms = step_ms(lm, cache, 3, "gather", False, repeats=1)
+    flex_ms = step_ms(lm, cache, 3, "flex", False, repeats=1)  # eager flex: the CPU has no compiled path here
+    assert gather_ms > 0 and flex_ms > 0
+    assert (lm.attention_backend, lm.compile_attention) == before
+    assert not cache.k.any() and not cache.v.any()
