@@ -201,7 +201,7 @@ class Runtime:
 
         engine = self.config.engine
         checkpoint = engine.checkpoint
-        log.info("loading the model (%s) on %s; /health answers meanwhile, /ready once it is loaded",
+        log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
         if self.config.is_demo:
             from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
