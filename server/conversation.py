@@ -59,6 +59,9 @@ class RowPlan:
     audio: tuple[Any, ...]  # chunks for those spans (opaque here); the last is the one decided on
     new_block_start: int = 0  # column where this row's own chunk block starts (listening rows)
     rolls_over: bool = False  # this row rebuilds the whole context from position 0
+    # Reply tokens fed just before the block's lead token: a cancelled reply's last token, shown but not
+    # yet fed when the reply was cut. They belong to the previous block's history.
+    num_carried: int = 0
     discards_prediction: bool = False  # feeds a capped reply's last token; TEXT_END follows whatever is sampled
 
     @property
@@ -135,11 +138,12 @@ class Conversation:
     def _plan_listening(self) -> RowPlan:
         block = self._unfed + T.listening_block()
         is_first = self.num_chunks_consumed == 0
+        num_carried = 0 if is_first else len(self._unfed) - 1
         needs_rollover = self.next_position + len(block) > self.rollover_at
         if self.rollover_window is None or not needs_rollover or is_first:
             new_block_start = len(self._unfed) - (0 if is_first else 1)
             return RowPlan(block, self.next_position, (_pad_span(len(self._unfed)),), (self.audio_queue[0],),
-                           new_block_start)
+                           new_block_start, num_carried=num_carried)
         tokens, spans, audio = list(self.prefix_ids), [], []
         for i, kept in enumerate(self._history):
             # The oldest kept block follows the prefix directly, as the first block of a session does.
@@ -147,10 +151,11 @@ class Conversation:
             spans.append(_pad_span(len(tokens) + body.index(T.AUDIO_BEGIN)))
             audio.append(kept.audio)
             tokens += body
-        new_block_start = len(tokens)
+        new_block_start = len(tokens) + num_carried
         spans.append(_pad_span(len(tokens) + len(self._unfed)))
         audio.append(self.audio_queue[0])
-        return RowPlan(tokens + block, 0, tuple(spans), tuple(audio), new_block_start, rolls_over=True)
+        return RowPlan(tokens + block, 0, tuple(spans), tuple(audio), new_block_start, rolls_over=True,
+                       num_carried=num_carried)
 
     def commit(self, row: RowPlan, token_id: int) -> list[EngineEvent]:
         """Apply the model's next token after ``row`` was fed."""
@@ -161,6 +166,10 @@ class Conversation:
             self.next_position = 0
         self.next_position += len(row.tokens)
         if self.phase is Phase.LISTENING:
+            if row.num_carried and self._history:
+                carried = row.tokens[row.new_block_start - row.num_carried:row.new_block_start]
+                self._history[-1].tokens.extend(carried)
+                self._history_tokens += len(carried)
             # Every block but the session's first starts with the token sampled before it.
             has_lead = self.num_chunks_consumed > 0
             self._remember(_Block(row.tokens[row.new_block_start:], has_lead, row.audio[-1]))
@@ -183,10 +192,14 @@ class Conversation:
             self._history_tokens -= len(self._history.popleft().tokens)
 
     def cancel(self, reason: EndReason = "cancelled") -> list[EngineEvent]:
-        """End the current reply as if TEXT_END had been generated (between steps only)."""
+        """End the current reply now (between steps only).
+
+        The reply's last token was shown to the client but not fed yet: it is fed, then TEXT_END,
+        at the start of the next listening row, so the context holds what the client saw.
+        """
         if self.phase is not Phase.SPEAKING:
             return []
-        return self._end_turn(reason)
+        return self._end_turn(reason, unfed_reply_tokens=self._unfed)
 
     def _decide(self, token_id: int) -> list[EngineEvent]:
         self.audio_queue.popleft()
@@ -219,11 +232,11 @@ class Conversation:
         self._unfed = [token_id]
         return [TurnToken(self.num_turns, token_id)]
 
-    def _end_turn(self, reason: EndReason) -> list[EngineEvent]:
+    def _end_turn(self, reason: EndReason, unfed_reply_tokens: list[int] | None = None) -> list[EngineEvent]:
         # TEXT_END is fed as the first token of the next listening block, sampled or not.
         event = TurnEnd(self.num_turns, tuple(self._turn_tokens), reason)
         self.phase = Phase.LISTENING
-        self._unfed = [T.TEXT_END]
+        self._unfed = list(unfed_reply_tokens or []) + [T.TEXT_END]
         self._turn_tokens = []
         self.num_turns += 1
         self._forget_old_blocks()

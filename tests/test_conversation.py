@@ -123,6 +123,47 @@ def test_cancel_ends_the_reply_and_is_a_noop_while_listening():
     assert conv.num_turns == 1
 
 
+def test_a_cancelled_reply_keeps_every_token_shown_in_the_context():
+    """The client saw the reply up to its last token: that token is fed, then TEXT_END, with the next block."""
+    conv = Conversation(PREFIX, max_turn_tokens=8, max_positions=4096)
+    conv.add_audio("a")
+    conv.add_audio("b")
+    fed = []
+    for token in (T.TEXT_BEGIN, 151614, 40):
+        row = conv.plan()
+        fed.extend(row.tokens)
+        conv.commit(row, token)
+    assert conv.cancel() == [TurnEnd(0, (151614, 40), "cancelled")]
+    row = conv.plan()
+    assert row.tokens == [40, T.TEXT_END] + T.listening_block() and row.audio == ("b",)
+    ((lo, hi),) = row.audio_spans
+    assert row.tokens[lo - 1] == T.AUDIO_BEGIN and row.tokens[lo:hi] == [T.PAD] * 10
+    fed.extend(row.tokens)
+    assert fed == PREFIX + T.listening_block() + [T.TEXT_BEGIN, 151614, 40, T.TEXT_END] + T.listening_block()
+    assert row.start_position == len(fed) - len(row.tokens)
+
+
+def test_rollovers_around_a_cancelled_reply_keep_its_last_token():
+    """The row that carries a cancelled reply's last token is itself a rollover, and the next rollover
+    rebuilds that reply from the kept history: both times the token the client saw is there."""
+    conv = Conversation(PREFIX, max_turn_tokens=4, max_positions=240, rollover_window=100)
+    for chunk in range(40):
+        conv.add_audio(f"c{chunk}")
+    while conv.next_position + 2 * 13 <= conv.rollover_at:
+        conv.commit(conv.plan(), T.KEEP_SILENCE)
+    conv.commit(conv.plan(), T.TEXT_BEGIN)
+    conv.commit(conv.plan(), 151618)
+    conv.cancel()
+    for _ in range(2):
+        while not (row := conv.plan()).rolls_over:
+            conv.commit(row, T.KEEP_SILENCE)
+        at = row.tokens.index(151618)
+        assert row.tokens[at - 1:at + 3] == [T.TEXT_BEGIN, 151618, T.TEXT_END, T.AUDIO_BEGIN]
+        for (lo, hi), chunk in zip(row.audio_spans, row.audio):
+            assert row.tokens[lo - 1] == T.AUDIO_BEGIN and row.tokens[lo:hi] == [T.PAD] * 10
+        assert isinstance(conv.commit(row, T.KEEP_SILENCE)[0], ContextRollover)
+
+
 def test_listening_without_audio_is_not_ready():
     conv = Conversation(PREFIX, 8, 4096)
     assert not conv.is_ready
@@ -239,9 +280,11 @@ def reference_sequence(prefix: list[int], events) -> tuple[list[int], list[int],
     return tokens, pad_columns, choices
 
 
-def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_chunks):
-    """What the worker fed (prefix, blocks with audio, replies capped or not) is exactly the reference's
-    sequence, and every decision and greedy reply token is the argmax at its position without the cache."""
+@pytest.mark.parametrize("cancel_turn", [None, 1])
+def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_chunks, cancel_turn):
+    """What the worker fed (prefix, blocks with audio, replies capped, or cancelled by the client after
+    their first token) is exactly the reference's sequence, and every decision and greedy reply token is
+    the argmax at its position without the cache."""
     import torch
 
     from server.config import EngineConfig, SessionOptions
@@ -264,10 +307,15 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
 
     conversation.commit = recording_commit
     worker.push_audio("s", audio)
-    worker.run_until_idle()
+    while worker.step() is not None:
+        last = events[-1]
+        if cancel_turn is not None and isinstance(last, TurnToken) and last.turn_index == cancel_turn:
+            worker.cancel("s")  # between steps, right after the reply's first token, as a client would
+            cancel_turn = None
 
     ends = [e for e in events if isinstance(e, TurnEnd)]
     assert sum(e.end_reason == "max_tokens" for e in ends) >= 2, "no capped replies: the cap went untested"
+    assert cancel_turn is None, "the reply to cancel never came"
     assert sum(isinstance(e, Decision) for e in events) == len(audio)
     tokens, pad_columns, choices = reference_sequence(conversation.prefix_ids, events)
     assert fed == tokens
