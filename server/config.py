@@ -86,6 +86,16 @@ class EngineConfig(BaseModel):
         description="pad each audio-encoder call to one of a few batch sizes (1, 2, 3, 4, 6, 8, 12, ...) so "
         "the backend's per-shape kernel caches stop growing; the padding's outputs are dropped",
     )
+    max_catch_up_speed: float | None = Field(
+        4.0, gt=1.0,
+        description="a session's audio backlog beyond catch_up_burst_s is heard at most this many times faster "
+        "than real time, so a client sending audio far faster than real time cannot keep the worker busy for "
+        "everybody else (docs/reliability.md, hostile clients); None = no pacing. Worker.run_until_idle "
+        "(the offline runner) is never paced",
+    )
+    catch_up_burst_s: float = Field(
+        10.0, ge=0.4, description="audio backlog a session may catch up on at full speed before pacing applies",
+    )
     scripted_turns: ScriptedTurns | None = Field(
         None,
         description="benchmarks only: replace the model's decisions and reply tokens with a fixed schedule "

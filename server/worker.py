@@ -33,6 +33,8 @@ from server.conversation import ContextFull, Conversation, RowPlan, check_room
 from server.encoder import AudioEncoder
 from server.lm import StepBatch
 from server.engine_events import EngineEvent, SessionEnded, SessionStarted
+from server.conversation import Phase
+from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from server.prompt import PromptEncoder
 from server.sampling import DECISION_TOKENS, decide, sample
 
@@ -65,6 +67,8 @@ class _Session:
     conversation: Conversation
     emit: EmitFn
     generator: torch.Generator | None
+    listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
+    credits_at_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ class Worker:
         self._sessions: dict[str, _Session] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
         self._round_robin = 0
+        self.clock: Callable[[], float] = time.monotonic  # catch-up pacing's clock (tests set their own)
+        self._is_paced = True  # catch-up pacing applies (off inside run_until_idle)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failure: BaseException | None = None
@@ -235,9 +241,16 @@ class Worker:
                 return
 
     def run_until_idle(self) -> None:
-        """Step until no session has work (synchronous mode, e.g. the offline CLI)."""
-        while self.step() is not None:
-            pass
+        """Step until no session has work (synchronous mode, e.g. the offline CLI).
+
+        Not paced (``max_catch_up_speed``): there is no real time to keep up with here, only the audio queued.
+        """
+        self._is_paced = False
+        try:
+            while self.step() is not None:
+                pass
+        finally:
+            self._is_paced = True
 
     def step(self) -> StepStats | None:
         started = time.perf_counter()
@@ -361,13 +374,39 @@ class Worker:
         self._free_slots.sort(reverse=True)  # pop() gives the lowest
 
     def _schedule(self) -> list[_Session]:
-        ready = [s for s in self._sessions.values() if s.conversation.is_ready]
-        if len(ready) <= self.max_batch_rows:
-            return ready
-        # More ready sessions than rows: rotate the start so nobody starves.
-        start = self._round_robin % len(ready)
-        self._round_robin += self.max_batch_rows
-        return (ready[start:] + ready[:start])[: self.max_batch_rows]
+        now_s = self.clock()
+        ready = [s for s in self._sessions.values() if s.conversation.is_ready and self._may_listen(s, now_s)]
+        if len(ready) > self.max_batch_rows:
+            # More ready sessions than rows: rotate the start so nobody starves.
+            start = self._round_robin % len(ready)
+            self._round_robin += self.max_batch_rows
+            ready = (ready[start:] + ready[:start])[: self.max_batch_rows]
+        if self.config.max_catch_up_speed is not None and self._is_paced:
+            for session in ready:
+                if session.conversation.phase is Phase.LISTENING:
+                    session.listen_credits -= 1.0
+        return ready
+
+    def _may_listen(self, session: _Session, now_s: float) -> bool:
+        """Catch-up pacing: a token bucket of listening rows per session (replies are never paced).
+
+        A session's audio backlog (queued while it spoke, or sent faster than real time) is heard at
+        full speed up to ``catch_up_burst_s``; beyond that at ``max_catch_up_speed`` x real time. A
+        client flooding audio would otherwise keep the worker, and with it the CPU, busy for every
+        other session all the time: that is what made a real-time neighbour's decisions late.
+        """
+        speed = self.config.max_catch_up_speed
+        if speed is None or not self._is_paced or session.conversation.phase is not Phase.LISTENING:
+            return True
+        chunk_s = CHUNK_SAMPLES / SAMPLE_RATE_HZ
+        burst = self.config.catch_up_burst_s / chunk_s
+        if session.listen_credits is None:
+            session.listen_credits = burst
+        else:
+            earned = (now_s - session.credits_at_s) * speed / chunk_s
+            session.listen_credits = min(burst, session.listen_credits + earned)
+        session.credits_at_s = now_s
+        return session.listen_credits >= 1.0 - 1e-9
 
     def _plan_rows(self, sessions: list[_Session]) -> list[_Row]:
         rows = []

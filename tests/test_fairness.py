@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import numpy as np
+import torch
 
 from server.config import EngineConfig, SessionOptions
 from server.engine_events import Decision
@@ -100,3 +101,41 @@ def test_a_flooding_connection_yields_the_event_loop_after_every_frame(tiny_mode
 
     asyncio.run(main())
     assert received.index("neighbour") <= 5, f"the neighbour's frame waited for {received.index('neighbour')} frames"
+
+
+def test_a_session_far_ahead_of_real_time_is_paced_after_its_burst(tiny_model, stream_chunks):
+    """A client that sends audio far faster than real time (accepted up to the buffer limit) gets its
+    catch-up burst at full speed, then rows at ``max_catch_up_speed`` x real time, so it cannot keep
+    the worker (and the CPU) busy for everybody else; a neighbour in real time is never paced."""
+    now = [100.0]
+    config = EngineConfig(max_sessions=2, max_catch_up_speed=4.0, catch_up_burst_s=2.0)
+    worker = Worker(tiny_model, config)
+    worker.clock = lambda: now[0]
+    decided = {"flooder": 0, "neighbour": 0}
+
+    def count(session_id: str):
+        def emit(events):
+            decided[session_id] += sum(isinstance(e, Decision) for e in events)
+        return emit
+
+    flood = torch.cat([chunks for chunks in stream_chunks[:3]])  # over 20 chunks (8 s), sent at once
+    assert len(flood) > 20
+    def step_until_idle() -> None:  # what the worker thread does; run_until_idle (offline) is never paced
+        while worker.step() is not None:
+            pass
+
+    worker.open_session("flooder", OPTIONS, count("flooder"))
+    worker.push_audio("flooder", flood)
+    step_until_idle()
+    assert decided["flooder"] == 5, "the burst: 2 s of audio = 5 chunks at full speed"
+    worker.open_session("neighbour", OPTIONS, count("neighbour"))
+    worker.push_audio("neighbour", stream_chunks[3][:3])
+    for _ in range(10):  # 1 s at 4x real time: one 0.4 s chunk every 0.1 s
+        now[0] += 0.1
+        step_until_idle()
+    assert decided == {"flooder": 15, "neighbour": 3}
+    now[0] += 10.0
+    step_until_idle()
+    assert decided["flooder"] == 20, "10 idle seconds refill the bucket to the burst (5 chunks), not more"
+    worker.run_until_idle()  # the offline runner hears everything queued at once
+    assert decided["flooder"] == len(flood)
