@@ -1,0 +1,215 @@
+"""A victim's decision latency alone and next to one hostile neighbour, same server, same run.
+
+    python benchmarks/hostile.py [--seconds 15] [--cases alone ping_flood fast_sender flush_flood]
+                                 [--server-root DIR] [--checkpoint DIR]
+
+`python -m server` runs in a subprocess on 127.0.0.1 (the tiny demo model unless
+`--checkpoint`). The victim streams the shared recordings in real time (16 kHz
+mono s16, 100 ms frames, `max_turn_tokens` 4, decision events on); its decision
+latency is from sending the frame that completes a chunk to receiving that
+chunk's `decision`. Each case runs the victim for `--seconds` with at most one
+attacker, started a second before it in a process of its own (so the attacker's
+client work does not slow the victim's client):
+
+alone        no attacker
+ping_flood   WebSocket pings as fast as the socket takes them, never waiting for a pong
+fast_sender  100 ms s16 frames at 100x real time (one per ms), events read and dropped
+flush_flood  a 10-sample frame and an `input.flush` of 10 s of silence, repeated every ms
+
+`--server-root` starts the server from another checkout (e.g. a `git worktree`
+of an older commit), to compare before and after a change with the same client.
+A decision that waits behind one of the victim's own replies counts too (its
+audio queues while it speaks), as in server_latency.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from served import (  # noqa: E402
+    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
+    start_server, stream_audio,
+)
+
+from server.tokens import SAMPLE_RATE_HZ  # noqa: E402
+
+ATTACKS = ("ping_flood", "fast_sender", "flush_flood")
+MAX_TURN_TOKENS = 4
+ATTACK_LEAD_S = 1.0  # the attacker is at full speed before the victim's first frame
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ---- the attacker (a process of its own) --------------------------------------------------
+async def attack(url: str, kind: str, seconds: float) -> dict:
+    import websockets
+
+    stats: Counter = Counter()
+    close_code = None
+    async with websockets.connect(url, compression=None, max_size=None, ping_interval=None,
+                                  max_queue=None) as ws:
+        await configure_s16_stream(ws, MAX_TURN_TOKENS)
+
+        async def drain() -> None:  # read every event, so the server never closes us as a slow reader
+            async for message in ws:
+                event = json.loads(message)
+                stats[f"event:{event['type']}" if event["type"] != "error" else f"error:{event['code']}"] += 1
+
+        reader = asyncio.create_task(drain())
+        frame = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 3000).astype("<i2").tobytes()
+        tiny_frame = frame[:20]
+        flush = json.dumps({"type": "input.flush", "trailing_silence_s": 10.0})
+        end = time.perf_counter() + seconds
+        try:
+            while time.perf_counter() < end and not reader.done():
+                if kind == "ping_flood":
+                    for _ in range(100):  # pings are tiny: send a burst, then let the reader run
+                        await ws.ping(stats["sent"].to_bytes(8, "big"))
+                        stats["sent"] += 1
+                    await asyncio.sleep(0)
+                elif kind == "fast_sender":
+                    await ws.send(frame)
+                    stats["sent"] += 1
+                    await asyncio.sleep(0.001)
+                elif kind == "flush_flood":
+                    await ws.send(tiny_frame)
+                    await ws.send(flush)
+                    stats["sent"] += 1
+                    await asyncio.sleep(0.001)
+                else:
+                    raise ValueError(f"unknown attack {kind!r}")
+        except websockets.ConnectionClosed as closed:
+            close_code = closed.rcvd.code if closed.rcvd else None
+        reader.cancel()
+    return {"kind": kind, "close_code": close_code, **stats}
+
+
+# ---- the victim and the cases ---------------------------------------------------------------
+async def victim(url: str, audio: np.ndarray, latencies: list[float]) -> None:
+    import websockets
+
+    sent_at: dict[int, float] = {}
+    async with websockets.connect(url, compression=None, max_size=None) as ws:
+        await configure_s16_stream(ws, MAX_TURN_TOKENS)
+        num_frames = len(audio) // FRAME_SAMPLES
+        expected = chunks_decided(num_frames)
+
+        async def receive() -> None:
+            received = 0
+            while received < expected:
+                event = json.loads(await ws.recv())
+                if event["type"] == "decision":
+                    latencies.append(time.perf_counter() - sent_at[completing_frame(event["chunk"])])
+                    received += 1
+
+        receiver = asyncio.create_task(receive())
+        await send_in_real_time(ws, audio, num_frames, time.perf_counter() + 0.2, sent_at)
+        await asyncio.wait_for(receiver, timeout=120)
+        await ws.send(json.dumps({"type": "session.close"}))
+
+
+def worker_busy(port: int) -> tuple[float, float]:
+    """(seconds in model steps, steps) so far, from the server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("ais_worker_step_seconds_sum", "ais_worker_step_seconds_count"))}
+    return values.get("ais_worker_step_seconds_sum", 0.0), values.get("ais_worker_step_seconds_count", 0.0)
+
+
+def run_case(url: str, kind: str, audio: np.ndarray, seconds: float) -> tuple[list[float], dict]:
+    attacker = None
+    if kind != "alone":
+        attacker = subprocess.Popen(
+            [sys.executable, __file__, "--attacker", kind, "--url", url, "--seconds", str(seconds + ATTACK_LEAD_S + 1)],
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(ATTACK_LEAD_S)
+    latencies: list[float] = []
+    report: dict = {}
+    try:
+        asyncio.run(victim(url, audio, latencies))
+    except Exception as error:  # e.g. the server stopped answering the victim's keepalive pings
+        report["victim_failed"] = f"{type(error).__name__}: {error}"
+    finally:
+        if attacker is not None:
+            out, _ = attacker.communicate(timeout=120)
+            report.update(json.loads(out.strip().splitlines()[-1]) if out.strip() else {"attacker_failed": True})
+    time.sleep(2.0)  # the attacker's session is gone and its queue dropped before the next case
+    return latencies, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="victim audio per case (real time)")
+    parser.add_argument("--cases", nargs="+", default=["alone", *ATTACKS], choices=["alone", *ATTACKS])
+    parser.add_argument("--server-root", type=Path, help="start `python -m server` from this checkout")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--attacker", choices=ATTACKS, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.attacker:
+        print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds))), flush=True)
+        return
+
+    env = {"AIS_ENGINE__DEVICE": "cpu"}
+    if args.checkpoint is not None:
+        env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
+    root = (args.server_root or Path(__file__).resolve().parents[1]).resolve()
+    # `python -m server` imports the package from its working directory first.
+    previous_cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        process, port = start_server(env)
+    finally:
+        os.chdir(previous_cwd)
+    revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    audio = stream_audio(audio_loop(), 0, int(args.seconds * SAMPLE_RATE_HZ))
+    print(f"# server from {root} (HEAD {revision or '?'}), {os.cpu_count()} CPUs, victim {args.seconds:g} s "
+          "real time, 100 ms frames\n")
+    print("| attack | victim p50 ms | victim p95 ms | victim max ms | decisions | p95 / alone p95 "
+          "| worker busy | mean step ms | attacker |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    alone_p95 = None
+    try:
+        for kind in args.cases:
+            busy_s, steps = worker_busy(port)
+            started = time.perf_counter()
+            latencies, report = run_case(url, kind, audio, args.seconds)
+            busy_s, steps = (a - b for a, b in zip(worker_busy(port), (busy_s, steps)))
+            busy = f"{busy_s / (time.perf_counter() - started):.0%} | {busy_s / max(steps, 1) * 1e3:.1f}"
+            attacker = ", ".join(f"{key} {value}" for key, value in report.items() if key != "kind")
+            if not latencies:
+                print(f"| {kind} | - | - | - | 0 | - | {busy} | {attacker} |", flush=True)
+                continue
+            p50, p95 = statistics.median(latencies) * 1e3, percentile(latencies, 0.95) * 1e3
+            if kind == "alone" and alone_p95 is None:
+                alone_p95 = p95
+            ratio = f"{p95 / alone_p95:.1f}x" if alone_p95 else "-"
+            print(f"| {kind} | {p50:.0f} | {p95:.0f} | {max(latencies) * 1e3:.0f} | {len(latencies)} | {ratio} | "
+                  f"{busy} | {attacker} |", flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
