@@ -34,6 +34,7 @@ from server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
 from server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
 from server.settings import ServerConfig
 from server.static_pages import router as static_pages_router
+from server.transport import TransportGuard
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,9 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 
 
 def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+    runtime = app.state.runtime
+    # Connection limits below the app (pings, headers, stuck readers, proxies): server/transport.py.
+    transport_guard = TransportGuard(config.transport, runtime.metrics.registry)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
         ws_per_message_deflate=False,
@@ -342,20 +346,28 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
         ws_max_size=max(4 * config.max_frame_bytes, 1 << 20),
         timeout_graceful_shutdown=CLOSE_GRACE_S + 5,
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,  # https/wss when both are set
+        **transport_guard.uvicorn_options(),
     )
-    return _SessionClosingServer(uv_config, app.state.runtime)
+    return _SessionClosingServer(uv_config, runtime, transport_guard)
 
 
 class _SessionClosingServer(uvicorn.Server):
     """uvicorn drops WebSockets (code 1012) before the lifespan shutdown; close sessions first."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, transport_guard: TransportGuard) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.transport_guard = transport_guard
+
+    async def startup(self, sockets: Any = None) -> None:
+        self.transport_guard.start()
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: Any = None) -> None:
+        self.transport_guard.begin_shutdown()  # before the drain: a client that does not read cannot hold it
         await self.runtime.shutdown()
         await super().shutdown(sockets)
+        self.transport_guard.stop()
 
 
 # ---- WebSocket handlers ---------------------------------------------------------------------

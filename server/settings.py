@@ -14,6 +14,7 @@ An unknown ``AIS_*`` name is an error, so a typo cannot be silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +31,59 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default
 
 class ConfigError(ValueError):
     """A configuration that cannot start the server; the message names every bad field and its source."""
+
+
+class TransportSettings(BaseModel):
+    """Limits enforced below the app, on each TCP connection (server/transport.py, docs/deployment.md).
+
+    They hold before a request reaches a route and for traffic the app never sees (WebSocket
+    pings, a peer that stops reading), so a hostile client costs the server a bounded amount.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed; empty = none, the peer address is the client's")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's line and headers")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="request line and headers; larger gets HTTP 431")
+    max_pending_handshakes: int = Field(
+        512, ge=1, description="connections still sending their request headers after a second, all clients "
+        "together; beyond, new connections get HTTP 503 at once")
+    max_pending_handshakes_per_ip: int = Field(
+        16, ge=1, description="the same per client address (trusted proxies exempt); beyond, HTTP 429 at once")
+    control_frames_per_s: float = Field(
+        5.0, gt=0, description="WebSocket pings and pongs a client may send per second, sustained; beyond "
+        "control_frame_burst the connection is closed with 1008")
+    control_frame_burst: int = Field(50, ge=1, description="pings and pongs a client may send at once")
+    max_write_buffer_bytes: int = Field(
+        1024 * 1024, ge=64 * 1024, description="bytes waiting for a client that does not read; beyond, the connection "
+        "is aborted")
+    write_stall_timeout_s: float = Field(
+        15.0, gt=0, description="how long a client may leave the server unable to write to it before the connection "
+        "is aborted and its session freed")
+    close_timeout_s: float = Field(
+        2.0, gt=0, description="after the server closes a connection, how long the client has to acknowledge and "
+        "take the last bytes before the socket is dropped")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's comma-separated form
+            return [proxy.strip() for proxy in value.split(",") if proxy.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_only(cls, proxies: list[str]) -> list[str]:
+        # No "*": trusting every peer would let any client choose the address the per-IP limits see.
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return proxies
 
 
 class ServerConfig(BaseModel):
@@ -59,6 +113,7 @@ class ServerConfig(BaseModel):
         "the OS (docs/reliability.md); None = never. No effect off glibc")
     trailing_silence_s: float = Field(1.0, ge=0, le=10, description="input.flush default, as the offline CLI's")
     decision_events: bool = Field(False, description="default of session.configure's decision_events")
+    transport: TransportSettings = TransportSettings()
     session: SessionOptions = SessionOptions()
     engine: EngineConfig = EngineConfig()
     demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")

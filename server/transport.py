@@ -1,0 +1,410 @@
+"""Per-connection limits below the app: uvicorn's HTTP and WebSocket protocols, with bounds.
+
+Why here and not in the app: what a hostile client uses never reaches a route. uvicorn's
+WebSocket protocol answers pings itself (one pong per ping, written as it parses, however fast
+they come), a half-sent request header is held in uvicorn's HTTP parser before any app code
+runs, and a peer that stops reading blocks uvicorn's writes and ``transport.close()`` (asyncio
+waits for the write buffer to drain first) where the app's timeouts cannot reach. So the limits
+live in small subclasses of the two protocol classes ``python -m server`` runs (h11 and the
+websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` and ``ws=``:
+
+* request line and headers within ``header_timeout_s`` and ``max_header_bytes`` (else 408/431),
+  and at most ``max_pending_handshakes`` connections (per address: ``..._per_ip``) that have
+  been sending them for over ``SLOW_HEADERS_AFTER_S``; beyond, a new connection gets 503/429 at
+  once and is closed (a burst of fast clients never counts: their headers arrive in milliseconds);
+* WebSocket pings and pongs from a client within a token bucket (``control_frames_per_s``,
+  ``control_frame_burst``); beyond, close 1008 without answering the flood; input is parsed in
+  slices so a flood is cut off after a few kilobytes, not after a 256 KiB read;
+* no pongs once the server has sent its close frame, and ``close_timeout_s`` (not uvicorn's 10 s)
+  for the client to answer it; a closing transport still not gone after that is aborted;
+* unsent bytes bounded (``max_write_buffer_bytes``) and a write stall (the transport paused
+  because the peer does not read) limited to ``write_stall_timeout_s``: the connection is
+  aborted, so its session ends and its slot is freed; on shutdown a stalled connection gets only
+  ``close_timeout_s``, so one stuck reader cannot hold the drain;
+* ``X-Forwarded-For`` believed only from ``trusted_proxies`` (uvicorn trusts 127.0.0.1 by default,
+  which lets any local client, or a proxy that forwards the header unchecked, pick its address).
+
+Every limit closes one connection and counts it in ``ais_transport_closes_total{reason}``; the
+warnings go through ``BurstLimiter`` (server/log_bursts.py). Event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from collections import Counter as Tally
+from typing import Any, ClassVar
+
+import h11
+from prometheus_client import CollectorRegistry, Counter
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from server.log_bursts import SharedBurstLimiter
+from server.settings import TransportSettings
+
+log = logging.getLogger(__name__)
+
+# Input is handed to the WebSocket parser this many bytes at a time, and the ping budget checked
+# in between: a 256 KiB read of 6-byte pings is 43k frames and 0.35 s of CPU to parse; a slice
+# is 700 frames at most.
+PARSE_SLICE_BYTES = 4096
+# A connection still without its request headers after this long counts against the handshake
+# caps. Not from its first moment: 32 clients connecting at once from one host are all "pending"
+# until the event loop reads them, and must not be refused for that.
+SLOW_HEADERS_AFTER_S = 1.0
+END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
+# The loggers a flood of connections can make write: one line per burst, with a count.
+LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__), window_s=10.0)
+
+
+class TransportGuard:
+    """The limits and the state every connection of one server shares."""
+
+    def __init__(self, settings: TransportSettings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self._trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies]
+        self.num_slow = 0  # connections slow to send their headers (SLOW_HEADERS_AFTER_S)
+        self._slow_by_address: Tally[str] = Tally()
+        self.websockets: set[GuardedWebSocketProtocol] = set()
+        self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
+                                    "(server/transport.py)", ["reason"], registry=registry)
+        self._flusher: asyncio.TimerHandle | None = None
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``uvicorn.Config``."""
+        guard = self
+
+        class HttpProtocol(GuardedHttpProtocol):
+            transport_guard = guard
+
+        class WebSocketProtocol(GuardedWebSocketProtocol):
+            transport_guard = guard
+
+        return dict(http=HttpProtocol, ws=WebSocketProtocol, proxy_headers=bool(self._trusted),
+                    forwarded_allow_ips=list(self.settings.trusted_proxies),
+                    h11_max_incomplete_event_size=self.settings.max_header_bytes)
+
+    # ---- server life cycle
+
+    def start(self) -> None:
+        """At server start-up, on the event loop: limit the loggers hostile traffic can reach."""
+        LOG_LIMITER.acquire()
+        self._flush_log_counts()
+
+    def _flush_log_counts(self) -> None:
+        LOG_LIMITER.limiter.flush()
+        self._flusher = asyncio.get_running_loop().call_later(LOG_LIMITER.limiter.window_s, self._flush_log_counts)
+
+    def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        LOG_LIMITER.release()
+
+    def begin_shutdown(self) -> None:
+        """A connection the server cannot write to gets only ``close_timeout_s`` more."""
+        for protocol in list(self.websockets):
+            protocol.write_watch.shorten(self.settings.close_timeout_s)
+
+    # ---- what connections ask
+
+    def is_trusted_proxy(self, host: str | None) -> bool:
+        if host is None or not self._trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    def handshake_refusal(self, host: str) -> tuple[int, str] | None:
+        """(HTTP status, reason) when a new connection from ``host`` must be refused, else None."""
+        if self.num_slow >= self.settings.max_pending_handshakes:
+            return 503, "too_many_handshakes"
+        if self._slow_by_address[host] >= self.settings.max_pending_handshakes_per_ip and \
+                not self.is_trusted_proxy(host):
+            return 429, "too_many_handshakes_from_ip"
+        return None
+
+    def count_slow(self, host: str, delta: int) -> None:
+        self.num_slow += delta
+        self._slow_by_address[host] += delta
+        if self._slow_by_address[host] <= 0:
+            del self._slow_by_address[host]
+
+    def closed(self, reason: str, peer: tuple[str, int] | None, detail: str) -> None:
+        self.closes_total.labels(reason).inc()
+        log.warning("closed a connection (%s) from %s: %s", reason, peer[0] if peer else "?", detail)
+
+
+class WriteWatch:
+    """Aborts a transport that stays unable to write (its peer not reading) for too long.
+
+    asyncio pauses a transport's protocol when its write buffer passes the high-water mark and
+    resumes it when the buffer drains; a deadline between the two is the write-stall timeout.
+    """
+
+    def __init__(self, guard: TransportGuard, on_stall: Any) -> None:
+        self.timeout_s = guard.settings.write_stall_timeout_s
+        self.on_stall = on_stall
+        self.is_paused = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def paused(self) -> None:
+        self.is_paused = True
+        self._arm(self.timeout_s)
+
+    def resumed(self) -> None:
+        self.is_paused = False
+        self.cancel()
+
+    def shorten(self, timeout_s: float) -> None:
+        if self.is_paused and self._deadline is not None and self._deadline.when() - _loop_time() > timeout_s:
+            self._arm(timeout_s)
+
+    def cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _arm(self, timeout_s: float) -> None:
+        self.cancel()
+        self._deadline = asyncio.get_running_loop().call_later(timeout_s, self.on_stall)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class GuardedHttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline, a header size cap and a handshake count."""
+
+    transport_guard: ClassVar[TransportGuard]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.transport_guard
+        self.write_watch = WriteWatch(guard, self._write_stalled)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._slow_timer: asyncio.TimerHandle | None = None
+        self._is_counted_slow = False
+        self._host = self.client[0] if self.client else "unknown"
+        refusal = guard.handshake_refusal(self._host)
+        if refusal is not None:
+            status, reason = refusal
+            self._answer_and_close(status, reason, f"{guard.num_slow} connections slow to send their headers")
+            return
+        self._slow_timer = self.loop.call_later(min(SLOW_HEADERS_AFTER_S, guard.settings.header_timeout_s),
+                                                self._became_slow)
+        self._await_head()
+
+    def _became_slow(self) -> None:
+        self._slow_timer = None
+        self._is_counted_slow = True
+        self.transport_guard.count_slow(self._host, +1)
+
+    def _await_head(self) -> None:
+        self._head_bytes = 0
+        self._head_tail = b""  # the last bytes seen, for an end of head split across reads
+        self._head_timer = self.loop.call_later(self.transport_guard.settings.header_timeout_s, self._head_timed_out)
+
+    def _head_received(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        if self._is_counted_slow:
+            self._is_counted_slow = False
+            self.transport_guard.count_slow(self._host, -1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            window = self._head_tail + data
+            end = END_OF_HEAD.search(window)
+            head_bytes = self._head_bytes + (len(data) if end is None else end.end() - len(self._head_tail))
+            if head_bytes > self.transport_guard.settings.max_header_bytes:
+                self._head_received()
+                self._answer_and_close(431, "header_too_large", f"more than {head_bytes - 1} bytes of headers")
+                return
+            if end is None:
+                self._head_bytes, self._head_tail = head_bytes, window[-3:]
+            else:
+                self._head_received()
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
+        # timer stops at its first byte); not when it is already in (pipelined).
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self._head_timer is None:
+            self._await_head()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        self._head_received()
+        self._answer_and_close(408, "header_timeout",
+                               f"no complete request headers in {self.transport_guard.settings.header_timeout_s} s")
+
+    def _answer_and_close(self, status: int, reason: str, detail: str) -> None:
+        self.transport_guard.closed(reason, self.client, detail)
+        phrase = {408: "Request Timeout", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                  503: "Service Unavailable"}[status]
+        body = f"{phrase}: {detail}\n".encode()
+        retry = b"Retry-After: 1\r\n" if status in (429, 503) else b""
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n%s\r\n%s" % (status, phrase.encode(), len(body), retry, body))
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_received()
+        self.write_watch.cancel()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._head_received()
+        self.write_watch.cancel()  # the WebSocket protocol watches from here on
+        super().handle_websocket_upgrade(event)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_watch.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_watch.resumed()
+
+    def _write_stalled(self) -> None:
+        self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
+        self.transport.abort()
+
+
+class _DeadlineOnClose:
+    """The connection's transport, with a deadline on ``close()``.
+
+    asyncio's ``close()`` waits for the write buffer to drain, forever if the peer never reads;
+    this one aborts after ``close_timeout_s``, so a closed connection always releases its socket.
+    """
+
+    def __init__(self, transport: asyncio.Transport, timeout_s: float, on_timeout: Any) -> None:
+        self._transport = transport
+        self._timeout_s = timeout_s
+        self._on_timeout = on_timeout
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self.deadline is None and not self._transport.is_closing():
+            self.deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._on_timeout)
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (websockets sans-I/O) with bounded pings, writes and closes."""
+
+    transport_guard: ClassVar[TransportGuard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = self.transport_guard.settings
+        self.close_timeout = settings.close_timeout_s  # uvicorn waits 10 s for the client's close reply
+        self.write_watch = WriteWatch(self.transport_guard, self._write_stalled)
+        self._control_tokens = float(settings.control_frame_burst)
+        self._control_tokens_at_s = time.monotonic()
+        self._num_control_frames = 0  # received in the slice being parsed
+        self._owes_pongs = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = _DeadlineOnClose(self.transport, self.close_timeout, self._close_timed_out)  # type: ignore
+        self.transport_guard.websockets.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport_guard.websockets.discard(self)
+        self.write_watch.cancel()
+        if self.transport.deadline is not None:
+            self.transport.deadline.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        for start in range(0, len(data), PARSE_SLICE_BYTES):
+            super().data_received(data[start:start + PARSE_SLICE_BYTES])
+            if not self._settle_control_frames() or self.transport.is_closing():
+                return
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # The handshake parser refused the request (a header line over 8 KiB, more than 128
+            # headers): send its answer (431, 414) instead of leaving the client waiting.
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport_guard.closed("bad_handshake", self.client, str(self.conn.handshake_exc))
+            self.transport.close()
+
+    def handle_ping(self) -> None:
+        # websockets has queued the pong; it is written once per slice, after the budget check.
+        self._num_control_frames += 1
+        self._owes_pongs = True
+
+    def handle_pong(self, event: Any) -> None:
+        self._num_control_frames += 1
+        super().handle_pong(event)
+
+    def _settle_control_frames(self) -> bool:
+        """Spend the slice's control frames from the budget; False when the connection was closed."""
+        if self._num_control_frames:
+            settings = self.transport_guard.settings
+            now_s = time.monotonic()
+            self._control_tokens = min(float(settings.control_frame_burst), self._control_tokens
+                                       + (now_s - self._control_tokens_at_s) * settings.control_frames_per_s)
+            self._control_tokens_at_s = now_s
+            self._control_tokens -= self._num_control_frames
+            self._num_control_frames = 0
+            if self._control_tokens < 0:
+                self._fail_policy("control_frame_flood", "too many ping/pong frames")
+                return False
+        if self._owes_pongs:
+            self._owes_pongs = False
+            pongs = self.conn.data_to_send()
+            if not self.close_sent:  # after our close frame, pings go unanswered
+                self.transport.write(b"".join(pongs))
+                if self.transport.get_write_buffer_size() > self.transport_guard.settings.max_write_buffer_bytes:
+                    self.transport_guard.closed("write_buffer_full", self.client, "the client does not read")
+                    self.transport.abort()
+                    return False
+        return True
+
+    def _fail_policy(self, reason: str, message: str) -> None:
+        self.transport_guard.closed(reason, self.client, message)
+        self.conn.data_to_send()  # the pongs the flood asked for are not sent
+        self.conn.fail(1008, message)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if not self.close_sent:
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": message})
+        self.transport.close()
+
+    def shutdown(self) -> None:
+        self.write_watch.shorten(self.close_timeout)
+        super().shutdown()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_watch.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_watch.resumed()
+
+    def _write_stalled(self) -> None:
+        self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
+        self.transport.abort()
+
+    def _close_timed_out(self) -> None:
+        self.transport_guard.closed("close_timeout", self.client, "the client did not take the close")
+        self.transport.abort()

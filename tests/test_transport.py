@@ -1,0 +1,365 @@
+"""Hostile clients below the app (server/transport.py): a real server, raw sockets speaking the wire protocol.
+
+Each test drives what a hostile client does (half-sent headers, oversized headers, ping floods,
+never reading) against the live server of test_app.py, with short transport limits so the
+suite stays fast, and checks the server bounds it without affecting anyone else.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import struct
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from test_app import API_KEY, LiveServer, metric_samples, recv_event, server_config
+
+FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)
+TRUSTED_PROXY = "127.0.0.2"  # a second loopback address: Linux routes all of 127/8 to lo
+
+
+def start(checkpoint, transport: dict | None = None, **overrides) -> LiveServer:
+    return LiveServer(server_config(checkpoint, transport={**FAST_LIMITS, **(transport or {})}, **overrides)).start()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_checkpoint):
+    server = start(tiny_checkpoint)
+    yield server
+    server.stop()
+
+
+# ---- raw client side: sockets and frames written out by hand, so nothing is hidden by a client library
+
+
+def open_socket(port: int, source: str = "127.0.0.1", receive_buffer_bytes: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer_bytes is not None:  # before connect, so the TCP window starts small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def upgrade_request(path: str = "/v1/stream", key: str | None = API_KEY, extra: str = "") -> bytes:
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n{auth}{extra}\r\n").encode()
+
+
+def read_response_head(sock: socket.socket, timeout_s: float = 5.0) -> tuple[bytes, bytes]:
+    """(status line and headers, bytes after them)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response head: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def open_websocket(port: int, key: str | None = API_KEY, **socket_options) -> tuple[socket.socket, bytes]:
+    sock = open_socket(port, **socket_options)
+    sock.sendall(upgrade_request(key=key))
+    head, rest = read_response_head(sock)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, rest
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A masked frame, as a client must send (RFC 6455 5.3); payloads up to 125 bytes."""
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+PING, PONG, CLOSE, TEXT = 0x9, 0xA, 0x8, 0x1
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the complete unmasked frames in ``data``."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = struct.unpack("!H", data[at:at + 2])[0], at + 2
+        elif length == 127:
+            length, at = struct.unpack("!Q", data[at:at + 8])[0], at + 8
+        if at + length > len(data):
+            break
+        frames.append((opcode, data[at:at + length]))
+        at += length
+    return frames
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes the connection: (data, whether it closed in time)."""
+    sock.settimeout(0.1)
+    data, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+def close_code(frames: list[tuple[int, bytes]]) -> int | None:
+    closes = [payload for opcode, payload in frames if opcode == CLOSE]
+    return struct.unpack("!H", closes[0][:2])[0] if closes else None
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# ---- headers
+
+
+def test_half_sent_headers_are_answered_408_and_dropped_after_the_header_timeout(guarded):
+    silent = open_socket(guarded.port)
+    partial = open_socket(guarded.port)
+    partial.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+    for sock in (silent, partial):
+        data, closed = read_until_closed(sock, timeout_s=3.0)  # header_timeout_s is 0.5
+        sock.close()
+        assert closed and data.startswith(b"HTTP/1.1 408"), data
+    assert guarded.get("/health")[0] == 200
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="header_timeout"}'] >= 2
+
+
+@pytest.mark.parametrize("extra", [
+    "X-Big: " + "a" * 9000 + "\r\n",                            # one line over websockets' 8 KiB per header
+    "".join(f"X-Header-{i}: 1\r\n" for i in range(200)),         # over its 128 headers
+    "X-Big: " + "a" * 20000 + "\r\n",                           # the whole head over max_header_bytes (16 KiB)
+], ids=["long_line", "many_headers", "large_head"])
+def test_oversized_upgrade_headers_get_431(guarded, extra):
+    sock = open_socket(guarded.port)
+    sock.sendall(upgrade_request(extra=extra))
+    data, closed = read_until_closed(sock, timeout_s=3.0)
+    sock.close()
+    assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
+
+
+def test_oversized_headers_of_a_plain_request_get_431(guarded):
+    sock = open_socket(guarded.port)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+    data, closed = read_until_closed(sock, timeout_s=3.0)
+    sock.close()
+    assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
+
+
+# ---- WebSocket control frames
+
+
+def test_pings_are_answered_but_a_ping_flood_is_closed_with_1008(guarded):
+    sock, _ = open_websocket(guarded.port)
+    with sock:
+        sock.sendall(client_frame(PING, b"one") + client_frame(PING, b"two"))  # a normal client's pings
+        data = b""
+        while len([f for f in server_frames(data) if f[0] == PONG]) < 2:
+            data += sock.recv(65536)
+        assert [payload for opcode, payload in server_frames(data) if opcode == PONG] == [b"one", b"two"]
+        sock.sendall(client_frame(PING) * 5000)
+        rest, closed = read_until_closed(sock, timeout_s=5.0)
+    frames = server_frames(data + rest)
+    assert closed and close_code(frames) == 1008
+    assert sum(opcode == PONG for opcode, _ in frames) <= 2 + 50  # the flood is not answered
+    assert wait_until(lambda: not guarded.runtime.streams)  # its session ended with it
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="control_frame_flood"}'] == 1
+
+
+def test_a_refused_client_is_closed_promptly_and_its_pings_go_unanswered(guarded):
+    sock, rest = open_websocket(guarded.port, key="wrong")
+    with sock:
+        data, started = rest, time.monotonic()
+        while close_code(server_frames(data)) is None:  # the error event, then close 1008
+            data += sock.recv(65536)
+        assert close_code(server_frames(data)) == 1008
+        pings_until = started + 3.0
+        sock.settimeout(0.05)
+        closed = False
+        after_close = b""
+        while not closed and time.monotonic() < pings_until:  # never answer the close; keep pinging
+            try:
+                sock.sendall(client_frame(PING))
+                chunk = sock.recv(65536)
+                closed = not chunk
+                after_close += chunk
+            except socket.timeout:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+        elapsed_s = time.monotonic() - started
+    assert closed and elapsed_s < 2.0, elapsed_s  # close_timeout_s is 0.5 (uvicorn's own: 10 s)
+    assert not any(opcode == PONG for opcode, _ in server_frames(after_close))
+
+
+# ---- clients that do not read
+
+
+def flood_without_reading(sock: socket.socket, max_bytes: int, timeout_s: float) -> bool:
+    """Send pings (full 125-byte payloads, so the pongs are large) without reading; True once the server drops us."""
+    frames = client_frame(PING, b"p" * 125) * 500
+    sock.settimeout(0.5)
+    sent, deadline = 0, time.monotonic() + timeout_s
+    while sent < max_bytes and time.monotonic() < deadline:
+        try:
+            sock.sendall(frames)
+            sent += len(frames)
+        except socket.timeout:
+            continue  # the server stopped reading us (and still holds the connection)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+    return False
+
+
+def test_a_client_that_never_reads_is_dropped_and_its_session_slot_freed(tiny_checkpoint):
+    unlimited_pings = dict(control_frames_per_s=1e9, control_frame_burst=10**9, max_write_buffer_bytes=256 * 1024)
+    server = start(tiny_checkpoint, unlimited_pings, max_sessions=1)
+    try:
+        sock, _ = open_websocket(server.port, receive_buffer_bytes=4096)
+        with sock:
+            assert flood_without_reading(sock, max_bytes=64 << 20, timeout_s=15.0), "the server kept the reader"
+        assert wait_until(lambda: not server.runtime.streams, 3.0), "its session still holds the only slot"
+        with server.connect() as ws:
+            assert recv_event(ws)["type"] == "session.created"
+        closes = metric_samples(server)
+        assert closes.get('ais_transport_closes_total{reason="write_buffer_full"}', 0) \
+            + closes.get('ais_transport_closes_total{reason="write_stall"}', 0) == 1
+    finally:
+        server.stop()
+
+
+def test_shutdown_is_not_held_by_a_client_that_stops_reading(tiny_checkpoint):
+    # Nothing aborts the reader before shutdown: the buffer cap and the stall timeout are far away.
+    patient = dict(control_frames_per_s=1e9, control_frame_burst=10**9, max_write_buffer_bytes=64 << 20,
+                   write_stall_timeout_s=120.0)
+    server = start(tiny_checkpoint, patient)
+    sock, _ = open_websocket(server.port, receive_buffer_bytes=4096)
+    try:
+        assert not flood_without_reading(sock, max_bytes=12 << 20, timeout_s=10.0)  # kernel buffers full, then more
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.stop()
+        assert not server.thread.is_alive()
+        assert time.monotonic() - started < 4.0  # close_timeout_s is 0.5; uvicorn alone took about 16 s
+    finally:
+        sock.close()
+        server.stop()
+
+
+# ---- who the client is, and how many may be half-connected
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy(tiny_checkpoint):
+    server = start(tiny_checkpoint, {"trusted_proxies": [TRUSTED_PROXY]}, connect_rate_per_ip=0.01,
+                   connect_burst_per_ip=2)
+
+    def attempt(source: str, forwarded_for: str) -> int:
+        sock = open_socket(server.port, source=source)
+        try:
+            with connect(f"ws://127.0.0.1:{server.port}/v1/stream", sock=sock, open_timeout=10, compression=None,
+                         additional_headers={"Authorization": f"Bearer {API_KEY}",
+                                             "X-Forwarded-For": forwarded_for}) as ws:
+                assert recv_event(ws)["type"] == "session.created"
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    try:
+        # A direct client naming a new address each time is still one address: its third attempt is refused.
+        assert [attempt("127.0.0.1", f"10.0.0.{i}") for i in range(3)] == [101, 101, 429]
+        # Through the trusted proxy, each forwarded client has its own budget.
+        assert [attempt(TRUSTED_PROXY, f"10.0.1.{i}") for i in range(3)] == [101, 101, 101]
+        assert [attempt(TRUSTED_PROXY, "10.0.1.0") for _ in range(2)] == [101, 429]
+    finally:
+        server.stop()
+
+
+def test_connections_slow_to_send_headers_are_capped_per_address_and_in_total(tiny_checkpoint):
+    server = start(tiny_checkpoint, {"trusted_proxies": [TRUSTED_PROXY], "header_timeout_s": 30.0,
+                                     "max_pending_handshakes_per_ip": 3, "max_pending_handshakes": 5})
+    held = []
+    try:
+        # Many clients connecting at once from one address are not "slow": all are served.
+        burst = [open_socket(server.port) for _ in range(12)]
+        for sock in burst:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        for sock in burst:
+            head, _ = read_response_head(sock)
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 200"), head
+        held += [open_socket(server.port) for _ in range(3)]
+        for sock in held:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
+        time.sleep(1.5)  # they count once they have been slow for a second
+        over_address = open_socket(server.port)
+        head, _ = read_response_head(over_address, timeout_s=3.0)
+        assert head.startswith(b"HTTP/1.1 429"), head
+        # The trusted proxy carries many clients: not limited per address, only by the total.
+        held += [open_socket(server.port, source=TRUSTED_PROXY) for _ in range(2)]
+        time.sleep(1.5)
+        over_total = open_socket(server.port, source=TRUSTED_PROXY)
+        head, _ = read_response_head(over_total, timeout_s=3.0)
+        assert head.startswith(b"HTTP/1.1 503"), head
+        for sock in held:
+            sock.close()
+        held = []
+        assert wait_until(lambda: server.get("/health")[0] == 200, 3.0)
+        closes = metric_samples(server)
+        assert closes['ais_transport_closes_total{reason="too_many_handshakes_from_ip"}'] == 1
+        assert closes['ais_transport_closes_total{reason="too_many_handshakes"}'] == 1
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+# ---- logs
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_burst_of_the_same_warning_is_logged_once_then_counted(tiny_checkpoint):
+    server = start(tiny_checkpoint)
+    records = _Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    try:
+        for _ in range(40):  # each is a warning in uvicorn's log, with or without a guard
+            sock = open_socket(server.port)
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            read_until_closed(sock, timeout_s=2.0)
+            sock.close()
+        server.stop()  # the count of a burst is written when its window closes, or at the latest on stop
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(records)
+        server.stop()
+    lines = [record.getMessage() for record in records.records if "Invalid HTTP request" in record.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("39 more like this")
