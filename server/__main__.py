@@ -68,6 +68,9 @@ EXIT_STATUSES = f"""exit status:
 """
 
 
+log = logging.getLogger("server")
+
+
 class _StopRequested(Exception):
     pass
 
@@ -77,6 +80,19 @@ def _stop_requested(signum: int, frame: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # SIGTERM (docker stop, k8s) is a normal stop at any point, like SIGINT (Ctrl-C): also during the
+    # seconds of imports before uvicorn runs, and after uvicorn's graceful shutdown, which re-raises
+    # the signal with the handler installed before it ran.
+    previous_sigterm = signal.signal(signal.SIGTERM, _stop_requested)
+    try:
+        return _serve(args)
+    except (KeyboardInterrupt, _StopRequested):
+        return EXIT_STOPPED
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from server.settings import ConfigError, load_config
 
     try:
@@ -85,6 +101,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
     from server.app import build_server, create_app
 
     fatal: list[str] = []
@@ -106,15 +123,10 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_LISTEN
     runtime = app.state.runtime
     runtime.stream_url = _stream_url(server.config, listener)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler
-    # that was installed before it ran; this one turns SIGTERM (docker stop, k8s) into a normal stop.
-    previous_sigterm = signal.signal(signal.SIGTERM, _stop_requested)
     try:
         server.run(sockets=[listener])
     except (KeyboardInterrupt, _StopRequested):
-        pass  # a graceful shutdown has already happened: this is a normal stop
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
     status = EXIT_STOPPED
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)

@@ -98,6 +98,26 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(tmp_path, signu
     assert elapsed_s < 10, f"took {elapsed_s:.1f} s to stop"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_imports_is_a_clean_stop(tiny_checkpoint, signum):
+    """Before uvicorn runs (importing torch and the engine takes seconds): still status 0, no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(tiny_checkpoint)],
+                               env=server_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        log = LogReader(process)
+        log.wait_for(r"starting the server", timeout_s=60)  # logged before the engine's imports
+        process.send_signal(signum)
+        status = process.wait(timeout=60)
+        while (line := log.lines.get(timeout=10)) is not None:
+            log.text += line
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert status == 0 and "Traceback" not in log.text, log.text
+
+
 class LogReader:
     """A subprocess's stderr lines, read on a thread so that waiting for a line can time out."""
 
