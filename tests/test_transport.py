@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from server.log_bursts import BurstLimiter
 from test_app import API_KEY, LiveServer, metric_samples, recv_event, server_config
 
 FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)
@@ -351,7 +352,7 @@ def test_a_burst_of_the_same_warning_is_logged_once_then_counted(tiny_checkpoint
     records = _Records()
     logging.getLogger("uvicorn.error").addHandler(records)
     try:
-        for _ in range(40):  # each is a warning in uvicorn's log, with or without a guard
+        for _ in range(20):  # each is a warning in uvicorn's log, with or without a guard
             sock = open_socket(server.port)
             sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
             read_until_closed(sock, timeout_s=2.0)
@@ -362,4 +363,31 @@ def test_a_burst_of_the_same_warning_is_logged_once_then_counted(tiny_checkpoint
         server.stop()
     lines = [record.getMessage() for record in records.records if "Invalid HTTP request" in record.getMessage()]
     assert len(lines) == 2, lines
-    assert lines[1].startswith("39 more like this")
+    assert lines[1].startswith("19 more like this")
+
+
+def test_the_count_of_a_burst_is_written_when_its_window_ends():
+    limiter = BurstLimiter(window_s=10.0)
+    logger = logging.getLogger("test_transport.burst")
+    logger.setLevel(logging.INFO)
+    records = _Records()
+    logger.addHandler(records)
+    logger.addFilter(limiter)
+    try:
+        for i in range(5):
+            logger.warning("client %d misbehaved", i)  # one kind: the template, not the arguments
+        logger.warning("another kind")
+        logger.info("below WARNING: never held back")
+        logger.info("below WARNING: never held back")
+        assert [r.getMessage() for r in records.records] == [
+            "client 0 misbehaved", "another kind", "below WARNING: never held back", "below WARNING: never held back"]
+        limiter.flush(now_s=time.monotonic() + 1.0)  # the window is still open: nothing yet
+        assert len(records.records) == 4
+        limiter.flush(now_s=time.monotonic() + 10.0)
+        assert [r.getMessage() for r in records.records[4:]] == [
+            "4 more like this in 10 s (not logged one by one): client 0 misbehaved"]
+        logger.warning("client %d misbehaved", 9)  # a new window: logged again
+        assert records.records[-1].getMessage() == "client 9 misbehaved"
+    finally:
+        logger.removeFilter(limiter)
+        logger.removeHandler(records)
