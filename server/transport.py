@@ -69,7 +69,7 @@ class TransportGuard:
         self._trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies]
         self.num_slow = 0  # connections slow to send their headers (SLOW_HEADERS_AFTER_S)
         self._slow_by_address: Tally[str] = Tally()
-        self.websockets: set[GuardedWebSocketProtocol] = set()
+        self.open_connections: set[GuardedHttpProtocol | GuardedWebSocketProtocol] = set()
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
                                     "(server/transport.py)", ["reason"], registry=registry)
         self._flusher: asyncio.TimerHandle | None = None
@@ -106,7 +106,7 @@ class TransportGuard:
 
     def begin_shutdown(self) -> None:
         """A connection the server cannot write to gets only ``close_timeout_s`` more."""
-        for protocol in list(self.websockets):
+        for protocol in list(self.open_connections):
             protocol.write_watch.shorten(self.settings.close_timeout_s)
 
     # ---- what connections ask
@@ -137,7 +137,8 @@ class TransportGuard:
 
     def closed(self, reason: str, peer: tuple[str, int] | None, detail: str) -> None:
         self.closes_total.labels(reason).inc()
-        log.warning("closed a connection (%s) from %s: %s", reason, peer[0] if peer else "?", detail)
+        # The reason is part of the template: one burst (and one count) per reason.
+        log.warning(f"closed a connection ({reason}) from %s: %s", peer[0] if peer else "?", detail)
 
 
 class WriteWatch:
@@ -188,6 +189,7 @@ class GuardedHttpProtocol(H11Protocol):
         super().connection_made(transport)
         guard = self.transport_guard
         self.write_watch = WriteWatch(guard, self._write_stalled)
+        guard.open_connections.add(self)
         self._head_timer: asyncio.TimerHandle | None = None
         self._slow_timer: asyncio.TimerHandle | None = None
         self._is_counted_slow = False
@@ -265,12 +267,18 @@ class GuardedHttpProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_received()
         self.write_watch.cancel()
+        self.transport_guard.open_connections.discard(self)
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         self._head_received()
         self.write_watch.cancel()  # the WebSocket protocol watches from here on
+        self.transport_guard.open_connections.discard(self)
         super().handle_websocket_upgrade(event)
+
+    def shutdown(self) -> None:
+        self.write_watch.shorten(self.transport_guard.settings.close_timeout_s)
+        super().shutdown()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -325,10 +333,10 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.transport = _DeadlineOnClose(self.transport, self.close_timeout, self._close_timed_out)  # type: ignore
-        self.transport_guard.websockets.add(self)
+        self.transport_guard.open_connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport_guard.websockets.discard(self)
+        self.transport_guard.open_connections.discard(self)
         self.write_watch.cancel()
         if self.transport.deadline is not None:
             self.transport.deadline.cancel()
