@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["alone", *ATTACKS], choices=["alone", *ATTACKS])
     parser.add_argument("--server-root", type=Path, help="start `python -m server` from this checkout")
     parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="AIS_X=VALUE",
+                        help="extra server settings, e.g. AIS_ENGINE__CPU_THREADS=1")
     parser.add_argument("--attacker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +173,7 @@ def main() -> None:
     env = {"AIS_ENGINE__DEVICE": "cpu"}
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
+    env.update(item.split("=", 1) for item in args.server_env)
     root = (args.server_root or Path(__file__).resolve().parents[1]).resolve()
     # `python -m server` imports the package from its working directory first.
     previous_cwd = os.getcwd()
@@ -183,8 +186,8 @@ def main() -> None:
                               text=True).stdout.strip()
     url = f"ws://127.0.0.1:{port}/v1/stream"
     audio = stream_audio(audio_loop(), 0, int(args.seconds * SAMPLE_RATE_HZ))
-    print(f"# server from {root} (HEAD {revision or '?'}), {os.cpu_count()} CPUs, victim {args.seconds:g} s "
-          "real time, 100 ms frames\n")
+    print(f"# server from {root} (HEAD {revision or '?'}) {' '.join(args.server_env)}, {os.cpu_count()} CPUs, "
+          f"victim {args.seconds:g} s real time, 100 ms frames\n")
     print("| attack | victim p50 ms | victim p95 ms | victim max ms | decisions | p95 / alone p95 "
           "| worker busy | mean step ms | attacker |")
     print("|---|---|---|---|---|---|---|---|---|")
