@@ -11,7 +11,8 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
 * request line and headers within ``header_timeout_s`` and ``max_header_bytes`` (else 408/431),
   and at most ``max_pending_handshakes`` connections (per address: ``..._per_ip``) that have
   been sending them for over ``SLOW_HEADERS_AFTER_S``; beyond, a new connection gets 503/429 at
-  once and is closed (a burst of fast clients never counts: their headers arrive in milliseconds);
+  once, and one that turns slow is answered so and closed (a burst of fast clients never counts:
+  their headers arrive in milliseconds);
 * WebSocket pings and pongs from a client within a token bucket (``control_frames_per_s``,
   ``control_frame_burst``); beyond, close 1008 without answering the flood; input is parsed in
   slices so a flood is cut off after a few kilobytes, not after a 256 KiB read;
@@ -205,6 +206,14 @@ class GuardedHttpProtocol(H11Protocol):
 
     def _became_slow(self) -> None:
         self._slow_timer = None
+        # Checked again now: a burst of connections opened within the last second was admitted
+        # (none was slow yet); those beyond the cap go now rather than at the header timeout.
+        refusal = self.transport_guard.handshake_refusal(self._host)
+        if refusal is not None:
+            self._head_received()
+            status, reason = refusal
+            self._answer_and_close(status, reason, "too many connections slow to send their headers")
+            return
         self._is_counted_slow = True
         self.transport_guard.count_slow(self._host, +1)
 

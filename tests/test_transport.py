@@ -309,10 +309,21 @@ def test_connections_slow_to_send_headers_are_capped_per_address_and_in_total(ti
             head, _ = read_response_head(sock)
             sock.close()
             assert head.startswith(b"HTTP/1.1 200"), head
-        held += [open_socket(server.port) for _ in range(3)]
-        for sock in held:
+        # Five slow ones at once from one address: once they have been slow for a second, the
+        # two beyond the cap of 3 are answered 429 and closed; then a new one is refused at once.
+        slow = [open_socket(server.port) for _ in range(5)]
+        for sock in slow:
             sock.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
-        time.sleep(1.5)  # they count once they have been slow for a second
+        time.sleep(1.5)
+        cut = []
+        for sock in slow:
+            data, closed = read_until_closed(sock, timeout_s=0.2)
+            if closed:
+                cut.append(data)
+                sock.close()
+            else:
+                held.append(sock)
+        assert len(held) == 3 and [data[:12] for data in cut] == [b"HTTP/1.1 429"] * 2, cut
         over_address = open_socket(server.port)
         head, _ = read_response_head(over_address, timeout_s=3.0)
         assert head.startswith(b"HTTP/1.1 429"), head
@@ -327,7 +338,7 @@ def test_connections_slow_to_send_headers_are_capped_per_address_and_in_total(ti
         held = []
         assert wait_until(lambda: server.get("/health")[0] == 200, 3.0)
         closes = metric_samples(server)
-        assert closes['ais_transport_closes_total{reason="too_many_handshakes_from_ip"}'] == 1
+        assert closes['ais_transport_closes_total{reason="too_many_handshakes_from_ip"}'] == 3
         assert closes['ais_transport_closes_total{reason="too_many_handshakes"}'] == 1
     finally:
         for sock in held:
