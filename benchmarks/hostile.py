@@ -96,6 +96,7 @@ async def attack(url: str, kind: str, seconds: float) -> dict:
         except websockets.ConnectionClosed as closed:
             close_code = closed.rcvd.code if closed.rcvd else None
         reader.cancel()
+        close_code = close_code or ws.close_code  # the server closed it while we were only sending
     return {"kind": kind, "close_code": close_code, **stats}
 
 
