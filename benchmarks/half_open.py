@@ -1,0 +1,125 @@
+"""Half-open connections: many clients that send part of a request and never the rest.
+
+    python benchmarks/half_open.py [--connections 1500] [--fd-limit 1024] [--server-root DIR]
+
+`python -m server` (the tiny demo model unless `--checkpoint`) runs in a subprocess whose soft
+open-file limit is `--fd-limit`, as on a host with the common default of 1024. Once it is ready,
+`--connections` sockets from 127.0.0.1 each send `GET /health HTTP/1.1` and nothing more; `/health`
+is then asked from another address (127.0.0.2) 2, 5 and 12 s after the flood began, and the
+script reports how many of the half-open connections the server had answered or closed by then
+and what the flood wrote to the server's log. `--server-root` starts the server from another
+checkout (e.g. a `git worktree` of an older commit) to compare before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PROBE_AT_S = (2.0, 5.0, 12.0)
+
+
+def start_server(root: Path, fd_limit: int, checkpoint: Path | None) -> tuple[subprocess.Popen, int, object]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def lower_fd_limit() -> None:  # in the child only: the client side here needs more descriptors
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    env = dict(os.environ, AIS_PORT=str(port), AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu",
+               PYTHONPATH=str(root))
+    if checkpoint is not None:
+        env["AIS_ENGINE__CHECKPOINT"] = str(checkpoint)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a flood of log lines must not stall the server
+    process = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1"], cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=lower_fd_limit)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, port, log
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become ready")
+
+
+def health_from_elsewhere(port: int) -> str:
+    started = time.monotonic()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=("127.0.0.2", 0))
+        connection.request("GET", "/health")
+        outcome = str(connection.getresponse().status)
+        connection.close()
+    except OSError as error:
+        outcome = type(error).__name__
+    return f"{outcome} in {time.monotonic() - started:.2f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=1500)
+    parser.add_argument("--fd-limit", type=int, default=1024)
+    parser.add_argument("--server-root", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--checkpoint", type=Path)
+    args = parser.parse_args()
+    root = args.server_root.resolve()
+    process, port, log = start_server(root, args.fd_limit, args.checkpoint)
+    log_start = log.seek(0, os.SEEK_END)
+    revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    print(f"# server from {root} (HEAD {revision or '?'}), soft fd limit {args.fd_limit}, "
+          f"{args.connections} half-open connections\n")
+    sockets = []
+    try:
+        started = time.monotonic()
+        for _ in range(args.connections):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            sockets.append(sock)
+        time.sleep(0.5)
+        for sock in sockets:
+            try:
+                sock.send(b"GET /health HTTP/1.1\r\n")  # and never the rest
+            except OSError:
+                pass  # not accepted (yet)
+        for at_s in PROBE_AT_S:
+            time.sleep(max(0.0, at_s - (time.monotonic() - started)))
+            asked_at_s = time.monotonic() - started  # later than at_s when an earlier probe waited
+            print(f"/health from 127.0.0.2 at {asked_at_s:.0f} s: {health_from_elsewhere(port)}", flush=True)
+        num_ended = 0
+        for sock in sockets:
+            try:
+                sock.recv(64)  # an answer (408/429/503), or b"" for the close: either way it ended
+                num_ended += 1
+            except BlockingIOError:
+                pass  # still held open by the server, silent
+            except OSError:
+                num_ended += 1  # reset
+        print(f"half-open connections answered or closed by the server by {time.monotonic() - started:.0f} s: "
+              f"{num_ended} of {len(sockets)}")
+    finally:
+        for sock in sockets:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=30)
+    log.seek(log_start)
+    flood_log = log.read()
+    print(f"server log during the run: {flood_log.count(chr(10))} lines, {len(flood_log.encode()):,} bytes, "
+          f"{flood_log.count('Traceback')} tracebacks")
+
+
+if __name__ == "__main__":
+    main()
