@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from server.config import EngineConfig, SessionOptions
-from server.engine_events import Decision
+from server.engine_events import Decision, SessionStarted
 from server.connection import StreamConnection
 from server.session import ModelInfo, Session
 from server.settings import ServerConfig
@@ -112,10 +112,13 @@ def test_a_session_far_ahead_of_real_time_is_paced_after_its_burst(tiny_model, s
     worker = Worker(tiny_model, config)
     worker.clock = lambda: now[0]
     decided = {"flooder": 0, "neighbour": 0}
+    heard: list = []  # the flooder's events, to compare with an unpaced run
 
     def count(session_id: str):
         def emit(events):
             decided[session_id] += sum(isinstance(e, Decision) for e in events)
+            if session_id == "flooder":
+                heard.extend(e for e in events if not isinstance(e, SessionStarted))
         return emit
 
     flood = torch.cat([chunks for chunks in stream_chunks[:3]])  # over 20 chunks (8 s), sent at once
@@ -139,3 +142,11 @@ def test_a_session_far_ahead_of_real_time_is_paced_after_its_burst(tiny_model, s
     assert decided["flooder"] == 20, "10 idle seconds refill the bucket to the burst (5 chunks), not more"
     worker.run_until_idle()  # the offline runner hears everything queued at once
     assert decided["flooder"] == len(flood)
+    unpaced: list = []  # pacing changes when the backlog is heard, never what the model makes of it
+    alone = Worker(tiny_model, EngineConfig(max_sessions=2, max_catch_up_speed=None))
+    alone.open_session("flooder", OPTIONS, lambda events: unpaced.extend(
+        e for e in events if not isinstance(e, SessionStarted)))
+    alone.push_audio("flooder", flood)
+    while alone.step() is not None:
+        pass
+    assert heard == unpaced
