@@ -238,9 +238,10 @@ class GuardedHttpProtocol(H11Protocol):
             window = self._head_tail + data
             end = END_OF_HEAD.search(window)
             head_bytes = self._head_bytes + (len(data) if end is None else end.end() - len(self._head_tail))
-            if head_bytes > self.transport_guard.settings.max_header_bytes:
+            max_bytes = self.transport_guard.settings.max_header_bytes
+            if head_bytes > max_bytes:
                 self._head_received()
-                self._answer_and_close(431, "header_too_large", f"more than {head_bytes - 1} bytes of headers")
+                self._answer_and_close(431, "header_too_large", f"request line and headers over {max_bytes} bytes")
                 return
             if end is None:
                 self._head_bytes, self._head_tail = head_bytes, window[-3:]
