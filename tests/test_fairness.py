@@ -150,3 +150,37 @@ def test_a_session_far_ahead_of_real_time_is_paced_after_its_burst(tiny_model, s
     while alone.step() is not None:
         pass
     assert heard == unpaced
+
+
+def test_a_connection_with_many_queued_events_yields_the_event_loop_after_every_send(tiny_model):
+    """Sends that do not block do not yield: a connection with a long outbox (a flood of error events
+    it provoked) sends one event per loop turn, so a neighbour's frame is not held behind all of them."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    config = ServerConfig(engine={"max_sessions": 2})
+    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    order: list[str] = []
+
+    class RecordingSocket(BufferedSocket):
+        async def send_text(self, text: str) -> None:
+            order.append(f"sent:{self.name}")
+
+    async def main() -> None:
+        def connect(name: str, frames: list[bytes]) -> StreamConnection:
+            def make_session(emit):
+                return Session(name, config, model, worker, emit, time.monotonic())
+            return StreamConnection(RecordingSocket(name, frames, order), make_session, 10_000, 1.0,
+                                    on_closed=lambda reason: None)
+
+        flooder = connect("flooder", [])
+        flooder.deliver(flooder.session.receive_text("{", time.monotonic()) * 500)  # 500 queued error events
+        flooding = asyncio.create_task(flooder.run())
+        await asyncio.sleep(0)
+        neighbour = asyncio.create_task(connect("neighbour", [np.zeros(1600, "<i2").tobytes()]).run())
+        while "neighbour" not in order or order.count("sent:flooder") < 501:
+            await asyncio.sleep(0.01)
+        for task in (flooding, neighbour):
+            task.cancel()
+        await asyncio.gather(flooding, neighbour, return_exceptions=True)
+
+    asyncio.run(main())
+    assert order.index("neighbour") <= 10, f"the neighbour's frame waited for {order.index('neighbour')} sends"
