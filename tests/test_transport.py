@@ -250,6 +250,31 @@ def test_a_client_that_never_reads_is_dropped_and_its_session_slot_freed(tiny_ch
         server.stop()
 
 
+def test_a_closed_connection_whose_client_does_not_read_is_dropped_after_the_close_timeout(tiny_checkpoint):
+    # A ping budget the flood exhausts only once the server's write buffer is full of pongs: the
+    # 1008 close then waits behind them, and asyncio's close() would wait for ever.
+    budget = dict(control_frames_per_s=1.0, control_frame_burst=60_000, max_write_buffer_bytes=64 << 20,
+                  write_stall_timeout_s=120.0)
+    server = start(tiny_checkpoint, budget)
+    try:
+        sock, _ = open_websocket(server.port, receive_buffer_bytes=4096)
+        with sock:
+            flood_without_reading(sock, max_bytes=80_000 * 131, timeout_s=10.0)
+
+            def dropped_after_its_close() -> bool:
+                closes = metric_samples(server)
+                return closes.get('ais_transport_closes_total{reason="close_timeout"}') == 1
+
+            assert wait_until(dropped_after_its_close, 3.0), "the closed connection was kept"  # close_timeout_s 0.5
+            sock.settimeout(3.0)
+            with pytest.raises(ConnectionResetError):  # aborted: the unread pongs were dropped, not sent
+                while sock.recv(1 << 20):
+                    pass
+        assert metric_samples(server)['ais_transport_closes_total{reason="control_frame_flood"}'] == 1
+    finally:
+        server.stop()
+
+
 def test_shutdown_is_not_held_by_a_client_that_stops_reading(tiny_checkpoint):
     # Nothing aborts the reader before shutdown: the buffer cap and the stall timeout are far away.
     patient = dict(control_frames_per_s=1e9, control_frame_burst=10**9, max_write_buffer_bytes=64 << 20,
