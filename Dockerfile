@@ -15,7 +15,7 @@
 # docker-compose.yml sets it on the GPU service only.
 #
 # Versions: constraints.txt pins every runtime dependency but torch (whose pin is TORCH_VERSION), so
-# a rebuild installs the same packages. Regenerate it with python -m server.tools.freeze_constraints.
+# a rebuild installs the same packages. Regenerate it with python -m audio_interaction_server.tools.freeze_constraints.
 #
 # Build args:
 #   TORCH_INDEX_URL  empty = PyPI (the CUDA build above). https://download.pytorch.org/whl/cpu
@@ -59,16 +59,15 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt -c constraints.txt -c /tmp/torch-constraint.txt \
     && rm /tmp/requirements.txt /tmp/torch-constraint.txt
 
-# Layer 3, the code: a code change rebuilds only from here. It runs from /app (not pip-installed)
-# so configs/default.yaml stays where server/settings.py looks for it.
-COPY configs ./configs
+# Layer 3, the code: a code change rebuilds only from here. The package runs from /app/server (not
+# pip-installed: the dependencies are already in place); its default.yaml is inside it.
 COPY server ./server
-ENV PYTHONPATH=/app
+ENV PYTHONPATH=/app/server
 
 # The --demo model, generated at build time (it needs the Qwen vocabulary, fetched from PyPI's
 # dashscope wheel) so the demo starts offline and instantly; about 100 MB, read-only at run time.
 ENV AUDIO_INTERACTION_CACHE=/opt/audio-interaction
-RUN python -c "from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())" \
+RUN python -c "from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())" \
     && chmod -R a+rX /opt/audio-interaction
 
 # Checkpoints: a release-layout directory mounted at /models (read-only is fine), or a Hub repo id in
@@ -86,5 +85,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('AIS_SSL_CERTFILE')); urllib.request.urlopen('%s://127.0.0.1:%s/health' % ('https' if tls else 'http', os.environ.get('AIS_PORT') or '8000'), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
-ENTRYPOINT ["python", "-m", "server", "--host", "0.0.0.0"]
+ENTRYPOINT ["python", "-m", "audio_interaction_server", "--host", "0.0.0.0"]
 CMD []

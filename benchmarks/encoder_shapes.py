@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from server.checkpoint import load_model
-from server.encoder import AudioEncoder
-from server.metrics import heap_stats, resident_bytes
+from audio_interaction_server.checkpoint import load_model
+from audio_interaction_server.encoder import AudioEncoder
+from audio_interaction_server.metrics import heap_stats, resident_bytes
 
 MIB = 1 << 20
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--no-mkldnn", action="store_true")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     if args.no_mkldnn:

@@ -51,7 +51,8 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
-for entry in (str(BENCHMARKS.parent), str(BENCHMARKS)):  # runs as a script or with the repo on PYTHONPATH
+# The package (server/audio_interaction_server/) and the sibling benchmarks, also where nothing is pip-installed.
+for entry in (str(BENCHMARKS.parent / "server"), str(BENCHMARKS)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
@@ -62,12 +63,12 @@ import capacity  # noqa: E402
 import precision  # noqa: E402
 from gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
 from served import SHARED_AUDIO, audio_loop  # noqa: E402
-from server.accelerator import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
-from server.checkpoint import LoadedModel, load_model  # noqa: E402
-from server.encoder import AudioEncoder, batch_bucket  # noqa: E402
-from server.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
-from server.scripted import ScriptedTurns  # noqa: E402
-from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
+from audio_interaction_server.accelerator import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
+from audio_interaction_server.checkpoint import LoadedModel, load_model  # noqa: E402
+from audio_interaction_server.encoder import AudioEncoder, batch_bucket  # noqa: E402
+from audio_interaction_server.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
+from audio_interaction_server.scripted import ScriptedTurns  # noqa: E402
+from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
 
 TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,
                            host_share=0.20)

@@ -37,12 +37,12 @@ def start_server(root: Path, fd_limit: int, checkpoint: Path | None) -> tuple[su
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
     env = dict(os.environ, AIS_PORT=str(port), AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu",
-               PYTHONPATH=str(root))
+               PYTHONPATH=str(root / "server"))
     if checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(checkpoint)
     log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a flood of log lines must not stall the server
-    process = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1"], cwd=root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=lower_fd_limit)
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"], cwd=root,
+                               env=env, stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=lower_fd_limit)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

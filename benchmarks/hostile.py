@@ -43,7 +43,7 @@ from served import (  # noqa: E402
     start_server, stream_audio,
 )
 
-from server.tokens import SAMPLE_RATE_HZ  # noqa: E402
+from audio_interaction_server.tokens import SAMPLE_RATE_HZ  # noqa: E402
 
 ATTACKS = ("ping_flood", "fast_sender", "flush_flood")
 MAX_TURN_TOKENS = 4
@@ -176,13 +176,9 @@ def main() -> None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     env.update(item.split("=", 1) for item in args.server_env)
     root = (args.server_root or Path(__file__).resolve().parents[1]).resolve()
-    # `python -m server` imports the package from its working directory first.
-    previous_cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        process, port = start_server(env)
-    finally:
-        os.chdir(previous_cwd)
+    # The package of that checkout (server/audio_interaction_server/) comes before any installed one.
+    env["PYTHONPATH"] = str(root / "server")
+    process, port = start_server(env)
     revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     url = f"ws://127.0.0.1:{port}/v1/stream"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from server.protocol import SERVER_EVENT_ADAPTER
+from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import audio_loop, server_log, slope_per_hour, start_server  # noqa: E402

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.audio import load_audio_file, load_audio_sequence
-from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.audio import load_audio_file, load_audio_sequence
+from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600  # 100 ms frames
@@ -41,7 +41,7 @@ def start_server(env_overrides: dict[str, str], timeout_s: float = 120.0) -> tup
     port = free_port()
     env = dict(os.environ, AIS_PORT=str(port), AIS_LOG_LEVEL="warning", **env_overrides)
     log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"], env=env,
                                stdout=subprocess.DEVNULL, stderr=log, text=True)
     process.log_file = log
     deadline = time.time() + timeout_s

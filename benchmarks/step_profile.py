@@ -25,15 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-for entry in (str(Path(__file__).resolve().parents[1]),):
+for entry in (str(Path(__file__).resolve().parents[1] / "server"),):  # the package, also uninstalled
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
 import torch  # noqa: E402
 
-from server.encoder import AudioEncoder  # noqa: E402
-from server.lm import StepBatch  # noqa: E402
-from server.tools.random_model import random_model  # noqa: E402
+from audio_interaction_server.encoder import AudioEncoder  # noqa: E402
+from audio_interaction_server.lm import StepBatch  # noqa: E402
+from audio_interaction_server.tools.random_model import random_model  # noqa: E402
 
 LISTEN_ROW_TOKENS = 13
 START_POSITION = 500  # about 15 s into a session

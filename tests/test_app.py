@@ -16,11 +16,11 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from server.app import build_server, create_app
-from server.audio import load_audio_file, load_audio_sequence
-from server.metrics import SESSION_STATE, heap_stats
-from server.protocol import SERVER_EVENT_ADAPTER
-from server.settings import ConfigError, ServerConfig, load_config
+from audio_interaction_server.app import build_server, create_app
+from audio_interaction_server.audio import load_audio_file, load_audio_sequence
+from audio_interaction_server.metrics import SESSION_STATE, heap_stats
+from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
+from audio_interaction_server.settings import ConfigError, ServerConfig, load_config
 
 API_KEY = "test-key"
 GOOD_ORIGIN = "http://allowed.example"
@@ -462,7 +462,7 @@ def test_shutdown_closes_open_sessions_with_a_final_event(tiny_checkpoint, share
 
 
 def test_offline_cli_and_websocket_give_the_same_tokens(live, tiny_checkpoint, shared_audio, capsys):
-    from server.cli import build_parser, expand_inputs
+    from audio_interaction_server.cli import build_parser, expand_inputs
 
     folder = shared_audio / "01_count_bark"
     args = build_parser().parse_args(["run", "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
@@ -507,8 +507,8 @@ def test_config_yaml_env_and_errors(tmp_path):
 
 
 def test_serve_command_line_builds_overrides():
-    from server.__main__ import overrides_from
-    from server.cli import build_parser
+    from audio_interaction_server.__main__ import overrides_from
+    from audio_interaction_server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--port", "0", "--demo"])
     assert overrides_from(args) == {"port": 0, "demo": True}
@@ -523,7 +523,8 @@ def test_python_dash_m_server_exits_1_when_it_cannot_serve(tmp_path):
     import sys
 
     env = {**os.environ, "AIS_ENGINE__CHECKPOINT": str(tmp_path), "AIS_PORT": "0"}  # an empty directory
-    result = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server"], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 1 and "error: CheckpointError" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -538,7 +539,8 @@ def test_python_dash_m_server_serves_and_stops_cleanly(tiny_checkpoint, tmp_path
     from conftest import spawn_server
 
     env = {**os.environ, "AIS_PORTT": "1"}
-    bad = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "audio_interaction_server"], env=env, capture_output=True, text=True,
+                         timeout=60)
     assert bad.returncode == 2 and "portt" in bad.stderr and "AIS_PORTT" in bad.stderr
 
     process, port = spawn_server(tiny_checkpoint)
@@ -580,7 +582,8 @@ def test_python_dash_m_server_exits_2_naming_api_key_when_it_is_blank():
     import sys
 
     env = {**os.environ, "AIS_API_KEY": "   ", "AIS_PORT": "0"}
-    result = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server"], env=env, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 2 and "api_key" in result.stderr and "AIS_API_KEY" in result.stderr
 
 
@@ -632,7 +635,8 @@ def test_refused_connection_attempts_log_one_warning_not_an_error_each(tiny_chec
 
     server = LiveServer(server_config(tiny_checkpoint, connect_rate_per_ip=0.01, connect_burst_per_ip=1)).start()
     try:
-        with RecordedLog("uvicorn.error") as uvicorn_log, caplog.at_level(logging.WARNING, logger="server"):
+        with RecordedLog("uvicorn.error") as uvicorn_log, \
+                caplog.at_level(logging.WARNING, logger="audio_interaction_server"):
             with server.connect() as ws:  # the burst of one
                 recv_event(ws)
             for _ in range(5):

@@ -27,8 +27,8 @@ except ImportError:
     pytest.skip("browser tests need the playwright package (pip install playwright; no browser download)",
                 allow_module_level=True)
 
-from server.app import build_server, create_app  # noqa: E402
-from server.settings import ServerConfig  # noqa: E402
+from audio_interaction_server.app import build_server, create_app  # noqa: E402
+from audio_interaction_server.settings import ServerConfig  # noqa: E402
 
 API_KEY = "browser-key"
 MAX_TURN_TOKENS = 40
@@ -415,7 +415,7 @@ def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, p
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from server.static_pages import WEB_DIR
+    from audio_interaction_server.static_pages import WEB_DIR
 
     class QuietHandler(SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:

@@ -8,9 +8,9 @@ import math
 import pytest
 from pydantic import TypeAdapter
 
-from server import cli
-from server.audio import load_audio_file, load_audio_sequence
-from server.protocol import TurnEvent
+from audio_interaction_server import cli
+from audio_interaction_server.audio import load_audio_file, load_audio_sequence
+from audio_interaction_server.protocol import TurnEvent
 
 EVENTS = TypeAdapter(TurnEvent)
 

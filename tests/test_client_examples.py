@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from server.app import build_server, create_app
-from server.protocol import SERVER_EVENT_ADAPTER
-from server.settings import ServerConfig
+from audio_interaction_server.app import build_server, create_app
+from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
+from audio_interaction_server.settings import ServerConfig
 
 CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"
 API_KEY = "client-test-key"
@@ -387,4 +387,4 @@ def test_client_examples_do_not_import_the_server_package():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [name for name in names if name.split(".")[0] == "server"], path.name
+            assert not [name for name in names if name.split(".")[0] == "audio_interaction_server"], path.name

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.__main__ import add_serve_arguments, overrides_from
-from server.settings import load_config
+from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
+from audio_interaction_server.settings import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def readme_torch_pin() -> str:
 
 def test_dockerfile_serves_as_a_non_root_user_with_health_check_and_a_models_mount():
     entrypoint = json.loads(instruction("ENTRYPOINT"))
-    assert entrypoint == ["python", "-m", "server", "--host", "0.0.0.0"]
+    assert entrypoint == ["python", "-m", "audio_interaction_server", "--host", "0.0.0.0"]
     assert json.loads(instruction("CMD")) == []  # compose's `command` appends flags such as --demo
     user = instruction("USER").split(":")[0]
     assert user not in ("root", "0") and user.isdigit()  # numeric: Kubernetes' runAsNonRoot can check it
@@ -133,7 +133,7 @@ def test_dockerfile_has_no_syntax_directive():
 
 def pinned_constraints() -> dict[str, str]:
     """constraints.txt as {canonical name: version}; every line must be an exact ``name==version`` pin."""
-    from server.tools.freeze_constraints import canonical_name
+    from audio_interaction_server.tools.freeze_constraints import canonical_name
 
     pins: dict[str, str] = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
@@ -148,7 +148,7 @@ def pinned_constraints() -> dict[str, str]:
 def test_constraints_pin_every_runtime_dependency_but_torch():
     from packaging.version import Version
 
-    from server.tools.freeze_constraints import CUDA_BUILD_PINS, project_dependencies, runtime_closure
+    from audio_interaction_server.tools.freeze_constraints import CUDA_BUILD_PINS, project_dependencies, runtime_closure
 
     pins = pinned_constraints()
     assert "torch" not in pins  # pinned by TORCH_VERSION; a +cpu/CUDA build is the index's choice
@@ -268,6 +268,10 @@ def test_the_cpu_demo_container_command_serves_health_on_this_host(qwen_tokenize
     env.update({k: v for k, v in dockerfile_env().items() if k.startswith("AIS_")})
     env.update(service_env("cpu-demo", {}))
     env.update({"AIS_PORT": str(port), "AIS_LOG_LEVEL": "info"})
+    # The image imports the package through its PYTHONPATH under WORKDIR /app: the same path in this checkout.
+    image_path = dockerfile_env()["PYTHONPATH"]
+    assert instruction("WORKDIR") == "/app" and image_path.startswith("/app/"), image_path
+    env["PYTHONPATH"] = str(ROOT / image_path.removeprefix("/app/"))
     health = on_host(healthcheck_argv())
     assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode != 0  # nothing listens yet
 
@@ -301,7 +305,7 @@ def is_setting(variable: str) -> bool:
     """Whether ``AIS_...`` names a field of ServerConfig (what load_config accepts from the environment)."""
     from pydantic import BaseModel
 
-    from server.settings import ENV_NESTING, ENV_PREFIX, ServerConfig
+    from audio_interaction_server.settings import ENV_NESTING, ENV_PREFIX, ServerConfig
 
     model: type[BaseModel] | None = ServerConfig
     for key in variable.removeprefix(ENV_PREFIX).lower().split(ENV_NESTING):

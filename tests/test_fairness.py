@@ -9,12 +9,12 @@ import time
 import numpy as np
 import torch
 
-from server.config import EngineConfig, SessionOptions
-from server.engine_events import Decision, SessionStarted
-from server.connection import StreamConnection
-from server.session import ModelInfo, Session
-from server.settings import ServerConfig
-from server.worker import Worker
+from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.engine_events import Decision, SessionStarted
+from audio_interaction_server.connection import StreamConnection
+from audio_interaction_server.session import ModelInfo, Session
+from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.worker import Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
 

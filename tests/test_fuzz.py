@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.protocol import CLIENT_EVENT_ADAPTER, SERVER_EVENT_ADAPTER
+from audio_interaction_server.protocol import CLIENT_EVENT_ADAPTER, SERVER_EVENT_ADAPTER
 from test_session import Harness
 
 FUZZ_CASES = 150

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from server.checkpoint import CheckpointError, load_model
-from server.hub import parse_repo_id, resolve_checkpoint_source
-from server.settings import ConfigError, load_config
+from audio_interaction_server.checkpoint import CheckpointError, load_model
+from audio_interaction_server.hub import parse_repo_id, resolve_checkpoint_source
+from audio_interaction_server.settings import ConfigError, load_config
 
 REPO_ID = "zhifeixie/AudioInteraction"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -61,8 +61,8 @@ def run_python(code: str, env: dict[str, str], *args: str) -> subprocess.Complet
 
 RESOLVE = """
 import sys
-from server.checkpoint import CheckpointError
-from server.hub import resolve_checkpoint_source
+from audio_interaction_server.checkpoint import CheckpointError
+from audio_interaction_server.hub import resolve_checkpoint_source
 for value in sys.argv[1:]:
     try:
         print("OK", resolve_checkpoint_source(value))
@@ -153,7 +153,7 @@ def test_config_accepts_a_repo_id_and_names_a_bad_value(tmp_path):
 
 
 def test_cli_run_reports_a_bad_checkpoint_and_exits_2(capsys, tmp_path, monkeypatch):
-    from server import cli
+    from audio_interaction_server import cli
 
     import numpy as np
     import soundfile
@@ -230,7 +230,7 @@ def test_server_loader_resolves_the_repo_id_and_reports_the_offline_error(tmp_pa
 
     from huggingface_hub import constants
 
-    from server.app import create_app
+    from audio_interaction_server.app import create_app
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from server.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
+from audio_interaction_server.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
 
 MIB = 1 << 20
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or heap_stats() is None,

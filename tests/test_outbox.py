@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.connection import Outbox
-from server.protocol import LiveTextDeltaEvent, LiveTurnEndEvent
+from audio_interaction_server.connection import Outbox
+from audio_interaction_server.protocol import LiveTextDeltaEvent, LiveTurnEndEvent
 
 
 def delta(turn: int, text: str) -> LiveTextDeltaEvent:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from server import tokens as T
-from server.engine_events import ContextRollover, Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken
-from server.replies import ReplyRenderer
+from audio_interaction_server import tokens as T
+from audio_interaction_server.engine_events import (
+    ContextRollover, Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken,
+)
+from audio_interaction_server.replies import ReplyRenderer
 
 
 @pytest.fixture(scope="module")

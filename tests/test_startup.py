@@ -29,7 +29,8 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
         port = taken.getsockname()[1]
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "server", "--port", str(port), "--checkpoint", str(tiny_checkpoint)],
+            [sys.executable, "-m", "audio_interaction_server", "--port", str(port),
+             "--checkpoint", str(tiny_checkpoint)],
             env=server_env(), capture_output=True, text=True, timeout=120)
         elapsed_s = time.monotonic() - started
     assert result.returncode == 3, result.stderr
@@ -39,7 +40,8 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
 
 
 def test_help_documents_the_exit_statuses():
-    result = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0
     for status, meaning in (("0", "stopped"), ("1", "model"), ("2", "configuration"), ("3", "listen")):
         assert re.search(rf"^\s+{status}\s.*{meaning}", result.stdout, re.M | re.I), (status, result.stdout)
@@ -77,7 +79,8 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(tmp_path, signu
     hub = StallingHub()
     env = server_env(HF_ENDPOINT=f"http://127.0.0.1:{hub.port}", HF_HOME=str(tmp_path / "hf"),
                      HF_HUB_ETAG_TIMEOUT="120", HF_HUB_DOWNLOAD_TIMEOUT="120", HF_HUB_DISABLE_TELEMETRY="1")
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", "owner/model"],
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0",
+                                "--checkpoint", "owner/model"],
                                env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert hub.contacted.wait(90), "the loader never reached the Hub"
@@ -100,7 +103,8 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(tmp_path, signu
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_start_up_imports_is_a_clean_stop(tiny_checkpoint, signum):
     """Before uvicorn runs (importing torch and the engine takes seconds): still status 0, no traceback."""
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(tiny_checkpoint)],
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0",
+                                "--checkpoint", str(tiny_checkpoint)],
                                env=server_env(), stderr=subprocess.PIPE, text=True)
     try:
         log = LogReader(process)
@@ -156,7 +160,7 @@ def test_start_up_log_announces_readiness(tiny_checkpoint):
 def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_path):
     """A fresh cache: the demo model is generated and the vocabulary fetched; the log says so, and the
     transformers config warnings about the talker's token ids (never used here) stay out of it."""
-    from server.tools.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
+    from audio_interaction_server.tools.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
 
     try:
         ranks = qwen_tiktoken_path()
@@ -165,7 +169,7 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
     cache = tmp_path / "cache"
     cache.mkdir()
     shutil.copy(ranks, cache / ranks.name)  # the ranks only: the tokenizer and the demo model are built
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--demo"],
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0", "--demo"],
                                env=server_env(AUDIO_INTERACTION_CACHE=str(cache)), stderr=subprocess.PIPE, text=True)
     log = LogReader(process)
     try:

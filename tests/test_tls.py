@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from server.settings import ConfigError, load_config
+from audio_interaction_server.settings import ConfigError, load_config
 from test_deployment import healthcheck_argv
 
 x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")
@@ -59,8 +59,8 @@ def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint,
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", "0", "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
-             "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path)],
+            [sys.executable, "-m", "audio_interaction_server", "--port", "0", "--checkpoint", str(tiny_checkpoint),
+             "--device", "cpu", "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path)],
             stdout=log, stderr=subprocess.STDOUT, text=True)
     trusted = ssl.create_default_context(cafile=str(cert_path))  # this certificate and nothing else
     try:
@@ -127,7 +127,7 @@ def test_tls_settings_need_both_files_and_the_files_must_exist(certificate, tmp_
 def test_ssl_flags_reach_the_config():
     import argparse
 
-    from server.__main__ import add_serve_arguments, overrides_from
+    from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from server.log_bursts import BurstLimiter
+from audio_interaction_server.log_bursts import BurstLimiter
 from test_app import API_KEY, LiveServer, metric_samples, recv_event, server_config
 
 FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)

@@ -9,10 +9,12 @@ import time
 import pytest
 import torch
 
-from server import tokens as T
-from server.config import EngineConfig, SessionOptions
-from server.engine_events import ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken
-from server.worker import WORKER_FAILED_MESSAGE, Worker
+from audio_interaction_server import tokens as T
+from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.engine_events import (
+    ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
+)
+from audio_interaction_server.worker import WORKER_FAILED_MESSAGE, Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
 
@@ -241,7 +243,7 @@ def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sampling_with_a_seed_is_reproducible(tiny_model, stream_chunks, seed):
-    from server.config import SamplingOptions
+    from audio_interaction_server.config import SamplingOptions
 
     options = SessionOptions(max_turn_tokens=5, sampling=SamplingOptions(temperature=1.0, top_k=50, seed=seed))
     runs = []

@@ -54,7 +54,7 @@ def boost_emotions(checkpoint: Path, factor: float) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from server import tokens as T
+    from audio_interaction_server import tokens as T
 
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
     shard = checkpoint / index["weight_map"]["lm_head.weight"]
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile
     from playwright.sync_api import sync_playwright
 
-    sys.path.insert(0, str(ROOT))
-    from server.app import build_server, create_app
-    from server.settings import ServerConfig
-    from server.tools.make_tiny_checkpoint import make_checkpoint
+    sys.path.insert(0, str(ROOT / "server"))  # the package, also where it is not pip-installed
+    from audio_interaction_server.app import build_server, create_app
+    from audio_interaction_server.settings import ServerConfig
+    from audio_interaction_server.tools.make_tiny_checkpoint import make_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from server import tokens as T
-from server.engine_events import (
+from audio_interaction_server import tokens as T
+from audio_interaction_server.engine_events import (
     ContextRollover,
     Decision,
     EndReason,

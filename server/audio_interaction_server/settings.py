@@ -22,11 +22,12 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig, SessionOptions
 
 ENV_PREFIX = "AIS_"
 ENV_NESTING = "__"
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# Shipped as package data, so an installed package finds its defaults without a checkout.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -161,7 +162,7 @@ class ServerConfig(BaseModel):
             )
         checkpoint = self.engine.checkpoint
         if checkpoint is not None and not self.demo and not checkpoint.is_dir():
-            from server.hub import parse_repo_id
+            from audio_interaction_server.hub import parse_repo_id
 
             # Fail at start-up, not minutes later in the background loader; a repo id is
             # fetched (or found in the HF cache) by the loader, see server/hub.py.

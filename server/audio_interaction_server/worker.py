@@ -26,17 +26,17 @@ from typing import Any, Callable
 
 import torch
 
-from server.accelerator import check_kv_fits, choose_attention
-from server.checkpoint import LoadedModel
-from server.config import EngineConfig, SessionOptions
-from server.conversation import ContextFull, Conversation, RowPlan, check_room
-from server.encoder import AudioEncoder
-from server.lm import StepBatch
-from server.engine_events import EngineEvent, SessionEnded, SessionStarted
-from server.conversation import Phase
-from server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from server.prompt import PromptEncoder
-from server.sampling import DECISION_TOKENS, decide, sample
+from audio_interaction_server.accelerator import check_kv_fits, choose_attention
+from audio_interaction_server.checkpoint import LoadedModel
+from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.conversation import ContextFull, Conversation, RowPlan, check_room
+from audio_interaction_server.encoder import AudioEncoder
+from audio_interaction_server.lm import StepBatch
+from audio_interaction_server.engine_events import EngineEvent, SessionEnded, SessionStarted
+from audio_interaction_server.conversation import Phase
+from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.prompt import PromptEncoder
+from audio_interaction_server.sampling import DECISION_TOKENS, decide, sample
 
 log = logging.getLogger(__name__)
 # What clients hear when the worker dies; the exception and its traceback go to the log only.

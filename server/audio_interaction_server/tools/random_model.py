@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from server.checkpoint import LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files
-from server.lm import AudioInteractionLM
-from server.tools.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
+from audio_interaction_server.checkpoint import (
+    LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
+)
+from audio_interaction_server.lm import AudioInteractionLM
+from audio_interaction_server.tools.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_OUTPUT = ROOT / "constraints.txt"
 # Pinned by the Dockerfile's own build argument, not here (see the module docstring).
 EXCLUDED = frozenset({"torch"})
@@ -83,7 +83,8 @@ def constraints_text(versions: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.tools.freeze_constraints", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m audio_interaction_server.tools.freeze_constraints",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.tokens import AUDIO_FRAMES_PER_CHUNK, MEL_FRAMES_PER_CHUNK
+from audio_interaction_server.tokens import AUDIO_FRAMES_PER_CHUNK, MEL_FRAMES_PER_CHUNK
 
 NUM_MEL_BINS = 128
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from server.tokens import TEXT_END
+from audio_interaction_server.tokens import TEXT_END
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std
 def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
     from safetensors.torch import save_file
 
-    from server.checkpoint import parse_lm_config
-    from server.lm import AudioInteractionLM
+    from audio_interaction_server.checkpoint import parse_lm_config
+    from audio_interaction_server.lm import AudioInteractionLM
 
     (out / "model_config.yaml").write_text(yaml.safe_dump(preset.lm, sort_keys=False))
     cfg = parse_lm_config(out / "model_config.yaml")
@@ -135,7 +135,7 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
 
 
 def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    from server.tools.qwen_vocab import write_tokenizer_files
+    from audio_interaction_server.tools.qwen_vocab import write_tokenizer_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ GENERATOR_VERSION = 3
 
 def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
     """The tiny demo checkpoint, generated once into the cache (atomically: a rename publishes it)."""
-    from server.tools.qwen_vocab import cache_dir as default_cache_dir
+    from audio_interaction_server.tools.qwen_vocab import cache_dir as default_cache_dir
 
     root = (cache_dir or default_cache_dir()) / f"demo-tiny-v{GENERATOR_VERSION}-seed{seed}"
     if root.is_dir():

@@ -68,7 +68,7 @@ EXIT_STATUSES = f"""exit status:
 """
 
 
-log = logging.getLogger("server")
+log = logging.getLogger("audio_interaction_server")
 
 
 class _StopRequested(Exception):
@@ -93,7 +93,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.settings import ConfigError, load_config
+    from audio_interaction_server.settings import ConfigError, load_config
 
     try:
         config = load_config(args.config, os.environ, overrides_from(args))
@@ -102,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
-    from server.app import build_server, create_app
+    from audio_interaction_server.app import build_server, create_app
 
     fatal: list[str] = []
     server = None
@@ -149,7 +149,8 @@ def _stream_url(uv_config: Any, listener: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, epilog=EXIT_STATUSES,
+    parser = argparse.ArgumentParser(prog="python -m audio_interaction_server", description=__doc__,
+                                     epilog=EXIT_STATUSES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     sys.exit(serve(parser.parse_args(argv)))

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server import tokens as T
-from server.audio import StreamingLogMel, StreamingResampler, decode_pcm
-from server.protocol import AudioFormat
+from audio_interaction_server import tokens as T
+from audio_interaction_server.audio import StreamingLogMel, StreamingResampler, decode_pcm
+from audio_interaction_server.protocol import AudioFormat
 
 CHUNK_S = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server import tokens as T
-from server.detokenizer import StreamingDetokenizer
-from server.engine_events import ContextRollover, Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
-from server.protocol import (
+from audio_interaction_server import tokens as T
+from audio_interaction_server.detokenizer import StreamingDetokenizer
+from audio_interaction_server.engine_events import ContextRollover, Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
+from audio_interaction_server.protocol import (
     ContextRolloverEvent,
     DecisionEvent,
     EmotionEvent,

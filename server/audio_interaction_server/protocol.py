@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from server.config import SamplingOptions  # torch-free, so clients can import the protocol
+from audio_interaction_server.config import SamplingOptions  # torch-free, so clients can import the protocol
 
 EMOTIONS = Literal["happy", "sad", "angry", "surprise", "normal", "urgent"]
 
@@ -371,7 +371,8 @@ def event_schema(direction: Literal["client", "server"]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m server.protocol", description="wire protocol tools")
+    parser = argparse.ArgumentParser(prog="python -m audio_interaction_server.protocol",
+                                     description="wire protocol tools")
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of every event")
     args = parser.parse_args(argv)
     if not args.schema:

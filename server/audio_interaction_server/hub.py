@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.checkpoint import (
+from audio_interaction_server.checkpoint import (
     ENCODER_FILES,
     INDEX_FILE,
     MODEL_CONFIG_FILE,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from server.detokenizer import byte_level_chars
+from audio_interaction_server.detokenizer import byte_level_chars
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,17 @@ import torch
 
 from pydantic import ValidationError
 
-from server import tokens as T
-from server.audio import AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks
-from server.audio_input import AudioInput
-from server.checkpoint import CheckpointError, load_model
-from server.config import EngineConfig, SessionOptions
-from server.engine_events import EngineEvent, SessionEnded
-from server.replies import ReplyRenderer
-from server.config import SamplingOptions
-from server.worker import Worker
+from audio_interaction_server import tokens as T
+from audio_interaction_server.audio import AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks
+from audio_interaction_server.audio_input import AudioInput
+from audio_interaction_server.checkpoint import CheckpointError, load_model
+from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.engine_events import EngineEvent, SessionEnded
+from audio_interaction_server.replies import ReplyRenderer
+from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.worker import Worker
 
-log = logging.getLogger("server.cli")
+log = logging.getLogger("audio_interaction_server.cli")
 
 
 class InputError(ValueError):
@@ -106,10 +106,10 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
-        from server.hub import resolve_checkpoint_source
+        from audio_interaction_server.hub import resolve_checkpoint_source
 
         return resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
-    from server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+    from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
 
     log.warning("no --checkpoint given: using the tiny RANDOM demo model (its replies are noise)")
     return ensure_demo_checkpoint()
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--seed", type=int, default=None)
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
-    from server.__main__ import add_serve_arguments, serve
+    from audio_interaction_server.__main__ import add_serve_arguments, serve
 
     serve_cmd = commands.add_parser("serve", help="run the WebSocket server (same as python -m server)")
     add_serve_arguments(serve_cmd)

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders
 
-from server.tokens import is_control_token
+from audio_interaction_server.tokens import is_control_token
 
 _MAX_INCOMPLETE_BYTES = 3  # a 4-byte sequence minus its final byte
 

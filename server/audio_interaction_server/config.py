@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.scripted import ScriptedTurns
+from audio_interaction_server.scripted import ScriptedTurns
 
 
 # Sampling ranges are what the sampler can run, checked where options enter (the wire, the config file),

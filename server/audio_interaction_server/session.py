@@ -24,19 +24,19 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from server.audio import AudioFormatError
-from server.audio_input import CHUNK_S, AudioInput
-from server.config import SessionOptions
-from server.engine_events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
-from server.protocol import (
+from audio_interaction_server.audio import AudioFormatError
+from audio_interaction_server.audio_input import CHUNK_S, AudioInput
+from audio_interaction_server.config import SessionOptions
+from audio_interaction_server.engine_events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
+from audio_interaction_server.protocol import (
     LIVE_FORMS, AudioFormat, ClientEvent, ClientEventError, CloseCode, ErrorEvent, InputFlushedEvent,
     InputFlushEvent, ResponseCancelEvent, SegmentEvent, SessionClosedEvent, SessionCloseEvent,
     SessionConfigureEvent, SessionCreatedEvent, SessionLimits, SessionSettings, SessionUpdatedEvent,
     TextDeltaEvent, TurnBeginEvent, TurnEndEvent, parse_client_event, summarize,
 )
-from server.replies import ReplyRenderer
-from server.segmenter import Segmenter
-from server.settings import ServerConfig
+from audio_interaction_server.replies import ReplyRenderer
+from audio_interaction_server.segmenter import Segmenter
+from audio_interaction_server.settings import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
 
