@@ -119,3 +119,37 @@ def test_a_sequence_naming_missing_files_is_reported_before_the_model_loads(caps
 def test_bad_options_are_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path, shared_audio):
     err = run_cli_error(capsys, "--max-turn-tokens", "0", str(shared_audio / "02_translate"))
     assert "--max-turn-tokens" in err and "greater than or equal to 1" in err
+
+
+def test_the_console_script_offers_serve_run_schema_and_make_checkpoint():
+    """pyproject's `audio-interaction` entry point is this module's main, with the four documented commands."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"] == {"audio-interaction": "audio_interaction_server.cli:main"}
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    assert set(commands.choices) == {"serve", "run", "schema", "make-checkpoint"}
+
+
+def test_schema_command_prints_the_published_json_schema(capsys):
+    from audio_interaction_server.protocol import json_schema
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["schema"])
+    assert exit_info.value.code == 0
+    assert json.loads(capsys.readouterr().out) == json_schema()
+
+
+def test_make_checkpoint_command_writes_the_seeded_release_layout(tmp_path, tiny_checkpoint):
+    """Same seed, same bytes as the fixture's checkpoint (made by the tool's own function)."""
+    out = tmp_path / "made"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-checkpoint", str(out), "--preset", "tiny", "--seed", "0"])
+    assert exit_info.value.code == 0
+    written = sorted(path.relative_to(out) for path in out.rglob("*") if path.is_file())
+    assert written == sorted(path.relative_to(tiny_checkpoint) for path in tiny_checkpoint.rglob("*") if path.is_file())
+    for name in written:
+        if name.suffix in (".safetensors", ".json", ".yaml"):
+            assert (out / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name

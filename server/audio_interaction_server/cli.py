@@ -1,8 +1,11 @@
-"""Command line: offline runs over audio files (one JSON event per line).
+"""Command line ``audio-interaction``: serve, offline runs over audio files, the wire schema, test checkpoints.
 
-    python -m server.cli run [--checkpoint DIR | --demo] [--features offline|streaming] FILE_OR_FOLDER...
+    audio-interaction serve [--config PATH] [--host H] [--port P] [--checkpoint DIR | --demo] ...
+    audio-interaction run [--checkpoint DIR | --demo] [--features offline|streaming] FILE_OR_FOLDER...
+    audio-interaction schema
+    audio-interaction make-checkpoint OUT [--preset tiny|real] [--seed N]
 
-All files form one continuous session. ``--features offline`` lays the stream
+``run`` prints one JSON event per line; all its files form one continuous session. ``--features offline`` lays the stream
 out like the reference's offline runner: every file zero-padded to whole
 0.4 s chunks and featurised as one clip, then ``--trailing-silence`` seconds
 of zeros as a clip of its own. ``--features streaming`` feeds the files back
@@ -190,10 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.set_defaults(handler=run)
     from audio_interaction_server.__main__ import add_serve_arguments, serve
 
-    serve_cmd = commands.add_parser("serve", help="run the WebSocket server (same as python -m server)")
+    serve_cmd = commands.add_parser("serve",
+                                    help="run the WebSocket server (same as python -m audio_interaction_server)")
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(handler=serve)
+    schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event")
+    schema_cmd.set_defaults(handler=print_schema)
+    from audio_interaction_server.tools import make_tiny_checkpoint
+
+    checkpoint_cmd = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint in the release "
+                                         "layout (tests, demo, throughput runs; its replies are noise)")
+    make_tiny_checkpoint.add_arguments(checkpoint_cmd)
+    checkpoint_cmd.set_defaults(handler=make_checkpoint)
     return parser
+
+
+def print_schema(args: argparse.Namespace) -> int:
+    from audio_interaction_server.protocol import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def make_checkpoint(args: argparse.Namespace) -> int:
+    from audio_interaction_server.tools.make_tiny_checkpoint import make_checkpoint as write_checkpoint
+
+    write_checkpoint(args.out, args.preset, args.seed)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,11 +172,17 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
     return root
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of this tool, shared with ``audio-interaction make-checkpoint``."""
+    parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: a few-MB test/demo model; real: the release's 3B shapes, random weights")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     make_checkpoint(args.out, args.preset, args.seed)

@@ -1,0 +1,50 @@
+"""The distribution: what a wheel of this repository installs, and under which import name."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from audio_interaction_server import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "server" / "audio_interaction_server"
+
+
+def test_the_default_settings_are_the_packages_own_file():
+    """An installed package finds its defaults without a checkout: the YAML sits inside it."""
+    assert settings.DEFAULT_CONFIG_PATH == PACKAGE / "default.yaml"
+    assert settings.DEFAULT_CONFIG_PATH.is_file()
+    assert settings._read_yaml(settings.DEFAULT_CONFIG_PATH), "the default YAML sets nothing"
+
+
+def test_a_wheel_holds_one_package_with_its_web_page_and_default_settings(tmp_path):
+    """Built from a copy of the sources the wheel needs, so the checkout gets no build/ or egg-info."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(PACKAGE, source / "server" / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"audio_interaction_server"}, top_level  # no top-level `server` package
+    assert "audio_interaction_server/default.yaml" in names
+    web_files = {path.name for path in (PACKAGE / "web").iterdir() if path.is_file()}
+    assert {name.rsplit("/", 1)[1] for name in names if name.startswith("audio_interaction_server/web/")} == web_files
+    entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    assert "audio-interaction = audio_interaction_server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_no_top_level_server_package_is_importable(tmp_path):
+    """Outside the checkout, `import server` finds nothing of ours (it would shadow a user's server.py)."""
+    result = subprocess.run([sys.executable, "-c", "import server"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "No module named 'server'" in result.stderr
