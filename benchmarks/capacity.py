@@ -25,7 +25,7 @@ direct     the engine's worker thread, fed in this process (audio already turned
 direct-exact  ``direct`` with every encoder call at its own batch size instead of
            padded to a bucket (``engine.encoder_batch_buckets: false``): what the
            padding costs.
-websocket  ``python -m server`` in a subprocess, one WebSocket client per stream sending
+websocket  ``python -m audio_interaction_server`` in a subprocess, one WebSocket client per stream sending
            100 ms PCM frames. Clock: frame completing the chunk sent -> ``decision`` received.
            Needs a checkpoint directory (the tiny demo by default), not ``--model real``.
 baseline   the reference's way of serving, as a mode of our engine (same model code):

@@ -7,7 +7,7 @@ Encodes random mel chunks in batches of a random size between `--low` and `--hig
 chunks) and prints glibc's heap (live bytes, free bytes held) and RSS every 100
 calls. oneDNN builds and caches a convolution primitive per new input shape;
 by default each call is padded to the server's batch buckets (a handful of
-shapes, server/encoder.py); `--exact` encodes every batch at its own size,
+shapes, server/audio_interaction_server/encoder.py); `--exact` encodes every batch at its own size,
 `--no-mkldnn` turns oneDNN off (slow: for the comparison only).
 """
 

@@ -2,7 +2,7 @@
 
     python benchmarks/half_open.py [--connections 1500] [--fd-limit 1024] [--server-root DIR]
 
-`python -m server` (the tiny demo model unless `--checkpoint`) runs in a subprocess whose soft
+`python -m audio_interaction_server` (the tiny demo model unless `--checkpoint`) runs in a subprocess whose soft
 open-file limit is `--fd-limit`, as on a host with the common default of 1024. Once it is ready,
 `--connections` sockets from 127.0.0.1 each send `GET /health HTTP/1.1` and nothing more; `/health`
 is then asked from another address (127.0.0.2) 2, 5 and 12 s after the flood began, and the

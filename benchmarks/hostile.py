@@ -3,7 +3,7 @@
     python benchmarks/hostile.py [--seconds 15] [--cases alone ping_flood fast_sender flush_flood]
                                  [--server-root DIR] [--checkpoint DIR]
 
-`python -m server` runs in a subprocess on 127.0.0.1 (the tiny demo model unless
+`python -m audio_interaction_server` runs in a subprocess on 127.0.0.1 (the tiny demo model unless
 `--checkpoint`). The victim streams the shared recordings in real time (16 kHz
 mono s16, 100 ms frames, `max_turn_tokens` 4, decision events on); its decision
 latency is from sending the frame that completes a chunk to receiving that
@@ -160,7 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="victim audio per case (real time)")
     parser.add_argument("--cases", nargs="+", default=["alone", *ATTACKS], choices=["alone", *ATTACKS])
-    parser.add_argument("--server-root", type=Path, help="start `python -m server` from this checkout")
+    parser.add_argument("--server-root", type=Path,
+                        help="start `python -m audio_interaction_server` from this checkout")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--server-env", nargs="*", default=[], metavar="AIS_X=VALUE",
                         help="extra server settings, e.g. AIS_ENGINE__CPU_THREADS=1")

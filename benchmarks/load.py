@@ -1,4 +1,4 @@
-"""Load test: N concurrent real-time sessions with random disconnects against `python -m server`.
+"""Load test: N concurrent real-time sessions with random disconnects against `python -m audio_interaction_server`.
 
     python benchmarks/load.py [--streams 64] [--minutes 5] [--checkpoint DIR]
 

@@ -1,4 +1,4 @@
-"""What the benchmarks that go over sockets share: `python -m server` as a subprocess on a
+"""What the benchmarks that go over sockets share: `python -m audio_interaction_server` as a subprocess on a
 free loopback port, the shared recordings as one loop, the client side of a real-time
 16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame), and
 the memory-trend figure the long runs report."""

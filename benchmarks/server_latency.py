@@ -10,7 +10,7 @@ engine  the worker thread alone, fed by a real-time pacer in this process; the
         clock starts when the front-end emits a chunk (the frame carrying its
         40 look-ahead samples arrived) and stops when the worker emits its
         decision.
-server  `python -m server` in a subprocess on 127.0.0.1 and one `websockets`
+server  `python -m audio_interaction_server` in a subprocess on 127.0.0.1 and one `websockets`
         client per stream in this process; the clock starts when the client
         sends the frame that completes the chunk and stops when the `decision`
         event is received.

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
 
-Builds the random real-size model on the device (``server.tools.random_model``) and
+Builds the random real-size model on the device (``audio_interaction_server.tools.random_model``) and
 times, each as the median of several warm calls with the device synchronised:
 
 * the audio tower: transformers' own forward (packed chunks, attention looped chunk by

@@ -67,7 +67,8 @@ def stream_chunks(shared_audio: Path) -> list:
 
 
 def spawn_server(checkpoint: Path, extra_env: dict[str, str] | None = None):
-    """``python -m server`` as a real subprocess on a free port; returns (process, port) once /ready is 200."""
+    """``python -m audio_interaction_server`` as a real subprocess on a free port; returns (process, port) once
+    /ready is 200."""
     import os
     import re
     import subprocess

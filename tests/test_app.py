@@ -29,7 +29,7 @@ AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
 
 
 class LiveServer:
-    """uvicorn in a background thread, built exactly as ``python -m server`` builds it."""
+    """uvicorn in a background thread, built exactly as ``python -m audio_interaction_server`` builds it."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.fatal: list[str] = []
@@ -424,7 +424,8 @@ def test_a_dead_worker_closes_sessions_and_takes_the_server_to_not_ready(tiny_ch
         assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
         assert "model worker died" in caplog.text and "simulated worker crash" in caplog.text
         deadline = time.monotonic() + 10
-        # on_fatal: `python -m server` then exits 1 (test_python_dash_m_server_exits_1_when_it_cannot_serve).
+        # on_fatal: `python -m audio_interaction_server` then exits 1
+        # (test_python_dash_m_server_exits_1_when_it_cannot_serve).
         while not server.fatal:
             assert time.monotonic() < deadline, "the worker's death did not reach on_fatal"
             time.sleep(0.02)
@@ -488,7 +489,7 @@ def test_offline_cli_and_websocket_give_the_same_tokens(live, tiny_checkpoint, s
 
 
 def test_config_yaml_env_and_errors(tmp_path):
-    assert load_config() == ServerConfig(), "configs/default.yaml drifted from the documented defaults"
+    assert load_config() == ServerConfig(), "the package's default.yaml drifted from the documented defaults"
     custom = tmp_path / "server.yaml"
     custom.write_text("port: 9001\nengine:\n  max_sessions: 4\n")
     config = load_config(custom, {"AIS_API_KEY": "k", "AIS_ALLOWED_ORIGINS": "https://a.example/,https://b.example",

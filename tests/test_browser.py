@@ -1,4 +1,4 @@
-"""The browser front-end (server/web/) in a real headless Chromium against the real server.
+"""The browser front-end (server/audio_interaction_server/web/) in a real headless Chromium against the real server.
 
 Chromium's fake capture device plays a WAV made from ../shared/audio as the microphone; Playwright
 clicks through the page served at ``/`` by uvicorn on 127.0.0.1 with the tiny model. What the page
@@ -45,7 +45,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 class LiveServer:
-    """uvicorn on 127.0.0.1 in a thread, built as ``python -m server`` builds it."""
+    """uvicorn on 127.0.0.1 in a thread, built as ``python -m audio_interaction_server`` builds it."""
 
     def __init__(self, checkpoint: Path, port: int = 0) -> None:
         config = ServerConfig.model_validate(dict(
@@ -411,7 +411,8 @@ def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audi
 
 
 def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, page: Page):
-    """server/web/ from a plain static server (as ``python -m http.server`` serves it), ``?server=`` in the URL."""
+    """server/audio_interaction_server/web/ from a plain static server (as ``python -m http.server`` serves it),
+    ``?server=`` in the URL."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 

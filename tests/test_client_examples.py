@@ -33,7 +33,8 @@ SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio 
 
 
 class LiveServer:
-    """uvicorn in a background thread, built as ``python -m server`` builds it (the tests/test_app.py pattern)."""
+    """uvicorn in a background thread, built as ``python -m audio_interaction_server`` builds it (the
+    tests/test_app.py pattern)."""
 
     def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0) -> None:
         config = ServerConfig.model_validate(dict(

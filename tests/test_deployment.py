@@ -159,7 +159,8 @@ def test_constraints_pin_every_runtime_dependency_but_torch():
     # Everything the server imports at run time, down to the last transitive requirement, as installed here:
     # a dependency added to pyproject.toml without regenerating the file would install unpinned.
     unpinned = sorted(runtime_closure(project_dependencies()).keys() - pins.keys() - {"torch"})
-    assert not unpinned, f"not in constraints.txt (run python -m server.tools.freeze_constraints): {unpinned}"
+    assert not unpinned, ("not in constraints.txt (run python -m audio_interaction_server.tools.freeze_constraints): "
+                          f"{unpinned}")
     # ... and what only the CUDA build of torch installs, where torch's metadata leaves a range.
     assert {name: pins.get(name) for name in CUDA_BUILD_PINS} == CUDA_BUILD_PINS
 
@@ -318,8 +319,8 @@ def is_setting(variable: str) -> bool:
 
 
 def test_compose_only_variables_do_not_use_the_settings_prefix():
-    """A variable the user exports for Compose (host ports, ...) must not also reach ``python -m server``
-    as an unknown ``AIS_*`` setting, which stops it with exit status 2."""
+    """A variable the user exports for Compose (host ports, ...) must not also reach
+    ``python -m audio_interaction_server`` as an unknown ``AIS_*`` setting, which stops it with exit status 2."""
     compose_text = (ROOT / "docker-compose.yml").read_text()
     interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose_text))
     documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", (ROOT / "docs" / "deployment.md").read_text(), re.M))

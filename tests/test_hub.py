@@ -224,7 +224,7 @@ def test_partial_cached_snapshot_is_reported_as_not_in_the_release_layout(offlin
 
 
 def test_server_loader_resolves_the_repo_id_and_reports_the_offline_error(tmp_path, monkeypatch):
-    """What ``python -m server --checkpoint owner/name`` does after start-up, without a subprocess:
+    """What ``python -m audio_interaction_server --checkpoint owner/name`` does after start-up, without a subprocess:
     the loader thread's error becomes the fatal reason (printed, exit status 1) and /ready's reason."""
     import asyncio
 

@@ -1,4 +1,4 @@
-"""server.metrics: process memory figures and the session-state gauges, without a server."""
+"""audio_interaction_server.metrics: process memory figures and the session-state gauges, without a server."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``python -m server`` starting and stopping: a busy port, a signal while the model loads, exit statuses,
-what the start-up log says. Each test runs the real entry point as a subprocess."""
+"""``python -m audio_interaction_server`` starting and stopping: a busy port, a signal while the model loads, exit
+statuses, what the start-up log says. Each test runs the real entry point as a subprocess."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Hostile clients below the app (server/transport.py): a real server, raw sockets speaking the wire protocol.
+"""Hostile clients below the app (server/audio_interaction_server/transport.py): a real server, raw sockets
+speaking the wire protocol.
 
 Each test drives what a hostile client does (half-sent headers, oversized headers, ping floods,
 never reading) against the live server of test_app.py, with short transport limits so the

@@ -1,7 +1,9 @@
-"""``python -m server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo]``: run the server.
+"""Run the server (also ``audio-interaction serve``)::
 
-Settings come from configs/default.yaml (or ``--config``), then ``AIS_*`` environment
-variables (see server/settings.py), then these flags. The port is bound before the model
+    python -m audio_interaction_server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo]
+
+Settings come from the package's default.yaml (or ``--config``), then ``AIS_*`` environment
+variables (see settings.py), then these flags. The port is bound before the model
 loads, so a busy port fails at once; /health answers while the model loads, /ready once it
 is loaded, and a "ready: serving ws://..." log line says so.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML settings file (default: configs/default.yaml)")
+    parser.add_argument("--config", type=Path, help="YAML settings file (default: the package's default.yaml)")
     parser.add_argument("--host", help="interface to listen on (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default from the config: 8000)")
     source = parser.add_mutually_exclusive_group()

@@ -304,7 +304,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan, **docs)
     app.state.runtime = runtime
-    app.include_router(static_pages_router)  # the browser front-end at / (server/web/)
+    app.include_router(static_pages_router)  # the browser front-end at / (web/)
 
     @app.get("/health")
     async def health() -> dict:
@@ -338,7 +338,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 
 def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     runtime = app.state.runtime
-    # Connection limits below the app (pings, headers, stuck readers, proxies): server/transport.py.
+    # Connection limits below the app (pings, headers, stuck readers, proxies): transport.py.
     transport_guard = TransportGuard(config.transport, runtime.metrics.registry)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",

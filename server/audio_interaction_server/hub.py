@@ -1,7 +1,7 @@
 """Where a checkpoint comes from: a local directory, or a Hugging Face Hub repo id.
 
 ``resolve_checkpoint_source(value)`` turns ``engine.checkpoint`` / ``--checkpoint`` into a
-directory in the release layout (server/checkpoint.py reads it):
+directory in the release layout (checkpoint.py reads it):
 
 * an existing directory is used as it is;
 * ``owner/name`` or ``owner/name@revision`` (a branch, tag or commit) is fetched with

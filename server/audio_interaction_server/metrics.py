@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server instance (imports nothing from server/).
+"""Prometheus metrics of one server instance (imports nothing else of the package).
 
 A private registry per instance, so several apps in one process (tests) do not
 collide in prometheus_client's global one. Everything here is thread-safe: the
@@ -64,7 +64,7 @@ class Metrics:
         """``source()`` -> {name: value} for the ``SESSION_STATE`` gauges, called at each scrape."""
         self._state.source = source
 
-    # ---- server.session.SessionObserver ------------------------------------------------
+    # ---- audio_interaction_server.session.SessionObserver ----------------------------
     def audio_received(self, seconds: float) -> None:
         self.audio_seconds_total.inc(seconds)
 
@@ -84,7 +84,7 @@ class Metrics:
     def error_sent(self, code: str) -> None:
         self.errors_total.labels(code).inc()
 
-    # ---- the worker's on_step (a server.worker.StepStats) ------------------------------
+    # ---- the worker's on_step (a worker.StepStats) ------------------------------
     def observe_step(self, stats) -> None:
         self.step_seconds.observe(stats.total_s)
         self.step_rows.observe(stats.num_rows)

@@ -47,7 +47,7 @@ _ENGINE_CLOSE_CODES = {"capacity": CloseCode.TRY_AGAIN, "context_full": CloseCod
 
 
 class Engine(Protocol):
-    """The part of ``server.worker.Worker`` a session uses (thread-safe, non-blocking)."""
+    """The part of ``audio_interaction_server.worker.Worker`` a session uses (thread-safe, non-blocking)."""
 
     def open_session(self, session_id: str, options: SessionOptions, emit: Callable) -> None: ...
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
@@ -57,7 +57,7 @@ class Engine(Protocol):
 
 
 class SessionObserver(Protocol):
-    """Where a session reports what it measures (``server.metrics.Metrics`` in the app)."""
+    """Where a session reports what it measures (``audio_interaction_server.metrics.Metrics`` in the app)."""
 
     def audio_received(self, seconds: float) -> None: ...
     def chunk_decided(self, latency_s: float | None = None) -> None: ...

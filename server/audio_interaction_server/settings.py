@@ -2,7 +2,7 @@
 
 Built once at start-up by ``load_config`` and passed down; nothing reads the
 environment after that. Precedence, lowest first: the model defaults below,
-``configs/default.yaml`` (or ``--config PATH``), environment variables, command-line flags.
+the package's ``default.yaml`` (or ``--config PATH``), environment variables, command-line flags.
 
 Environment variables: ``AIS_`` + the field path in capitals, ``__`` between levels::
 
@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 
 class TransportSettings(BaseModel):
-    """Limits enforced below the app, on each TCP connection (server/transport.py, docs/deployment.md).
+    """Limits enforced below the app, on each TCP connection (transport.py, docs/deployment.md).
 
     They hold before a request reaches a route and for traffic the app never sees (WebSocket
     pings, a peer that stops reading), so a hostile client costs the server a bounded amount.
@@ -165,7 +165,7 @@ class ServerConfig(BaseModel):
             from audio_interaction_server.hub import parse_repo_id
 
             # Fail at start-up, not minutes later in the background loader; a repo id is
-            # fetched (or found in the HF cache) by the loader, see server/hub.py.
+            # fetched (or found in the HF cache) by the loader, see hub.py.
             if parse_repo_id(str(checkpoint)) is None:
                 raise ValueError(
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
@@ -201,7 +201,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ServerConfig:
-    """Defaults < YAML (``path``, else configs/default.yaml if present) < ``AIS_*`` in ``environ`` < overrides.
+    """Defaults < YAML (``path``, else the package's default.yaml) < ``AIS_*`` in ``environ`` < overrides.
 
     ``overrides`` uses nested dicts (``{"engine": {"checkpoint": ...}}``); the caller passes
     ``os.environ`` explicitly so tests and embedders control what is read.

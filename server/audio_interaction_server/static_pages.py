@@ -1,8 +1,8 @@
-"""The browser front-end (``server/web/``): the page at ``/``, its files at ``/static/<name>``.
+"""The browser front-end (``web/``): the page at ``/``, its files at ``/static/<name>``.
 
 The page's own links are relative (``style.css``, ``app.js``) so that the folder also works
 served by any static server (``python -m http.server``); at ``/`` a ``<base href="/static/">``
-makes the same links resolve here. Only the files present in ``server/web/`` at start-up are
+makes the same links resolve here. Only the files present in ``web/`` at start-up are
 served, by exact name, so no request path reaches the file system.
 """
 
@@ -36,7 +36,8 @@ def build_router(web_dir: Path = WEB_DIR) -> APIRouter:
     @router.api_route("/", methods=["GET", "HEAD"])
     async def page() -> Response:
         if index_html is None:
-            raise HTTPException(404, "the browser front-end is not installed (server/web/index.html missing)")
+            raise HTTPException(404, "the browser front-end is not installed "
+                                "(index.html missing from the package's web/ folder)")
         return HTMLResponse(index_html, headers=_HEADERS)
 
     @router.api_route(STATIC_PREFIX + "{name}", methods=["GET", "HEAD"])

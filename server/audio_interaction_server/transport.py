@@ -5,7 +5,7 @@ WebSocket protocol answers pings itself (one pong per ping, written as it parses
 they come), a half-sent request header is held in uvicorn's HTTP parser before any app code
 runs, and a peer that stops reading blocks uvicorn's writes and ``transport.close()`` (asyncio
 waits for the write buffer to drain first) where the app's timeouts cannot reach. So the limits
-live in small subclasses of the two protocol classes ``python -m server`` runs (h11 and the
+live in small subclasses of the two protocol classes ``python -m audio_interaction_server`` runs (h11 and the
 websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` and ``ws=``:
 
 * request line and headers within ``header_timeout_s`` and ``max_header_bytes`` (else 408/431),
@@ -26,7 +26,7 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
   which lets any local client, or a proxy that forwards the header unchecked, pick its address).
 
 Every limit closes one connection and counts it in ``ais_transport_closes_total{reason}``; the
-warnings go through ``BurstLimiter`` (server/log_bursts.py). Event loop only.
+warnings go through ``BurstLimiter`` (log_bursts.py). Event loop only.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TransportGuard:
         self._slow_by_address: Tally[str] = Tally()
         self.open_connections: set[GuardedHttpProtocol | GuardedWebSocketProtocol] = set()
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
-                                    "(server/transport.py)", ["reason"], registry=registry)
+                                    "(transport.py)", ["reason"], registry=registry)
         self._flusher: asyncio.TimerHandle | None = None
 
     def uvicorn_options(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Write constraints.txt: the exact versions of the server's runtime dependencies, as installed here.
 
-    python -m server.tools.freeze_constraints [OUT]        (default: constraints.txt at the repo root)
+    python -m audio_interaction_server.tools.freeze_constraints [OUT]        (default: constraints.txt at the repo root)
 
 The Dockerfile installs every package with ``-c constraints.txt``, so rebuilding the image gives the
 same image instead of whatever PyPI's newest releases are that day. The set is the closure of
@@ -74,7 +74,8 @@ def constraints_text(versions: dict[str, str]) -> str:
     lines = [
         "# Exact versions of the server's runtime dependencies (torch excluded: see the Dockerfile's",
         "# TORCH_VERSION), installed by the Dockerfile with `pip install -c constraints.txt`.",
-        "# Generated from the environment the tests ran in: python -m server.tools.freeze_constraints",
+        "# Generated from the environment the tests ran in: "
+        "python -m audio_interaction_server.tools.freeze_constraints",
     ]
     lines += [f"{name}=={version}" for name, version in sorted(versions.items()) if name not in EXCLUDED]
     lines += ["# Only in the image's CUDA build of torch: left open by torch's metadata, pinned as last built."]

@@ -1,6 +1,6 @@
 """Write a seeded random Audio-Interaction checkpoint in the exact release layout.
 
-    python -m server.tools.make_tiny_checkpoint OUT_DIR [--preset tiny|real] [--seed 0]
+    python -m audio_interaction_server.tools.make_tiny_checkpoint OUT_DIR [--preset tiny|real] [--seed 0]
 
 ``tiny`` is a few-MB decoder (plus the real 151,936-row padded vocabulary, so
 every real control id exists) for tests and the no-weights demo; ``real`` has

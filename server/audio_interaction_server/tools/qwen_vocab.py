@@ -10,7 +10,7 @@ dependencies are never installed). Nothing here is committed: results are
 cached under ``$AUDIO_INTERACTION_CACHE`` or ``~/.cache/audio-interaction/``
 (``qwen.tiktoken``, ``qwen_tokenizer.json``; delete them to force a rebuild).
 
-Usage: ``python -m server.tools.qwen_vocab OUT_DIR``.
+Usage: ``python -m audio_interaction_server.tools.qwen_vocab OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PRETOKENIZE_PATTERN = (
 
 # Qwen2.5-Omni's 22 added tokens from id 151643 (151665 ids in all), in id
 # order, with their "special" flag. 151643-151648 are fixed by the protocol
-# (server/tokens.py); 151652/151653 (vision bos/eos), 151655 (IMAGE) and 151656
+# (tokens.py); 151652/151653 (vision bos/eos), 151655 (IMAGE) and 151656
 # (VIDEO) match transformers' Qwen2.5-Omni config defaults; the rest keep
 # Qwen2.5's slots (Omni reuses 151646-151648 and renames the vision tokens).
 # The tool-call tags are added but not special, as in Qwen2.5.

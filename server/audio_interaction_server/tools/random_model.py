@@ -5,7 +5,7 @@ loader on the real layout; a throughput run only needs the real *shapes* on
 the GPU, so this builds the same modules there in the serving dtype and fills
 them with seeded noise, reusing the demo checkpoint's tokenizer.
 
-    python -m server.tools.random_model --preset real --device cuda   # prints the parameter counts
+    python -m audio_interaction_server.tools.random_model --preset real --device cuda   # prints the parameter counts
 """
 
 from __future__ import annotations
