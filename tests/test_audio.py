@@ -11,7 +11,7 @@ import soundfile
 import soxr
 import torch
 
-from audio_interaction_audio_interaction_server.audio import (
+from audio_interaction_server.audio import (
     AudioFormatError,
     LogMelChunker,
     StreamingLogMel,
@@ -364,7 +364,7 @@ def test_streaming_raw_mel_stays_bit_identical_across_digital_silence(speech: np
 def test_flushed_silence_does_not_cost_one_stft_per_chunk(speech: np.ndarray, monkeypatch) -> None:
     """input.flush appends up to 10 s of zeros (25 chunks) on the event loop: chunks whose whole
     window is zeros reuse one precomputed block instead of an STFT each."""
-    import audio_interaction_audio_interaction_server.audio
+    import audio_interaction_server.audio
 
     calls = []
     computed = audio_interaction_server.audio._log_mel_block
