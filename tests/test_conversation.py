@@ -293,7 +293,9 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
     from audio_interaction_server.worker import Worker
 
     audio = torch.cat(stream_chunks[:4])  # 48 chunks of real speech
-    worker = Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=None))
+    # Unpaced: the whole file is pushed at once and stepped until idle, as the offline runner does.
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=None,
+                                             max_catch_up_speed=None))
     events, fed = [], []
     worker.open_session("s", SessionOptions(max_turn_tokens=3), events.extend)
     worker.step()
