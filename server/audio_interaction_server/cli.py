@@ -5,12 +5,12 @@
     audio-interaction schema
     audio-interaction make-checkpoint OUT [--preset tiny|real] [--seed N]
 
-``run`` prints one JSON event per line; all its files form one continuous session. ``--features offline`` lays the stream
-out like the reference's offline runner: every file zero-padded to whole
-0.4 s chunks and featurised as one clip, then ``--trailing-silence`` seconds
-of zeros as a clip of its own. ``--features streaming`` feeds the files back
-to back through the live server's streaming front-end and ends with the same
-trailing silence, as a client's ``flush`` would.
+``run`` prints one JSON event per line; all its files form one continuous session.
+``--features offline`` lays the stream out like the reference's offline runner: every
+file zero-padded to whole 0.4 s chunks and featurised as one clip, then
+``--trailing-silence`` seconds of zeros as a clip of its own. ``--features streaming``
+feeds the files back to back through the live server's streaming front-end and ends
+with the same trailing silence, as a client's ``flush`` would.
 """
 
 from __future__ import annotations
