@@ -65,13 +65,13 @@ import torch
 from audio_interaction_server import tokens as T
 from audio_interaction_server.audio import StreamingLogMel, log_mel_whole
 from audio_interaction_server.checkpoint import LoadedModel, load_model
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig, ScriptedTurns, SessionOptions
 from audio_interaction_server.conversation import Conversation
 from audio_interaction_server.encoder import AudioEncoder
 from audio_interaction_server.engine_events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
 from audio_interaction_server.lm import StepBatch
 from audio_interaction_server.sampling import DECISION_TOKENS, decide
-from audio_interaction_server.scripted import ScriptedTurns
+from audio_interaction_server.scripted import scripted_token
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.worker import StepStats, Worker
 
@@ -403,7 +403,7 @@ class ReferenceStyleStream:
         else:
             token = int(lm.logits(hidden).argmax(dim=-1)[0])
         if self.script is not None:
-            token = self.script.token(self.conversation, self.slot, token)
+            token = scripted_token(self.script, self.conversation, self.slot, token)
         events = self.conversation.commit(plan, token)
         return token, events
 

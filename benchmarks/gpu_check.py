@@ -67,7 +67,7 @@ from audio_interaction_server.accelerator import kv_bytes_per_slot, self_check_f
 from audio_interaction_server.checkpoint import LoadedModel, load_model  # noqa: E402
 from audio_interaction_server.encoder import AudioEncoder, batch_bucket  # noqa: E402
 from audio_interaction_server.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
-from audio_interaction_server.scripted import ScriptedTurns  # noqa: E402
+from audio_interaction_server.config import ScriptedTurns  # noqa: E402
 from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
 
 TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,

@@ -7,8 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from audio_interaction_server.scripted import ScriptedTurns
-
 
 # Sampling ranges are what the sampler can run, checked where options enter (the wire, the config file),
 # so one session's options can never reach the model worker as NaN probabilities or an unseedable generator.
@@ -49,6 +47,19 @@ class SamplingOptions(BaseModel):
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+class ScriptedTurns(BaseModel):
+    """Benchmarks only: the schedule scripted.scripted_token imposes on a random-weight model.
+
+    Defined here, apart from the behaviour, so that the settings (and the wire schema, which uses
+    them) load without the engine's state machine.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every_chunks: int = Field(ge=2, description="a reply starts every this many chunks per session")
+    reply_tokens: int = Field(ge=1, description="tokens per reply, TEXT_END excluded")
 
 
 class EngineConfig(BaseModel):

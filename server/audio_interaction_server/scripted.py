@@ -11,26 +11,19 @@ Runs that use it must say so (the server logs a warning at start-up).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from audio_interaction_server import tokens as T
+from audio_interaction_server.config import ScriptedTurns
 from audio_interaction_server.conversation import Conversation, Phase
 
 # A plain text token stands in for a control token the random model picks mid-reply.
 _FILLER_TOKEN = 1350  # an ordinary BPE token of the Qwen vocabulary
 
 
-class ScriptedTurns(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    every_chunks: int = Field(ge=2, description="a reply starts every this many chunks per session")
-    reply_tokens: int = Field(ge=1, description="tokens per reply, TEXT_END excluded")
-
-    def token(self, conversation: Conversation, slot: int, model_token: int) -> int:
-        """The token to commit instead of ``model_token`` for the row just planned on ``conversation``."""
-        if conversation.phase is Phase.LISTENING:
-            speak = (conversation.num_chunks_consumed + slot) % self.every_chunks == self.every_chunks - 1
-            return T.TEXT_BEGIN if speak else T.KEEP_SILENCE
-        if conversation.turn_length + 1 > self.reply_tokens:
-            return T.TEXT_END
-        return _FILLER_TOKEN if T.is_control_token(model_token) else model_token
+def scripted_token(script: ScriptedTurns, conversation: Conversation, slot: int, model_token: int) -> int:
+    """The token to commit instead of ``model_token`` for the row just planned on ``conversation``."""
+    if conversation.phase is Phase.LISTENING:
+        speak = (conversation.num_chunks_consumed + slot) % script.every_chunks == script.every_chunks - 1
+        return T.TEXT_BEGIN if speak else T.KEEP_SILENCE
+    if conversation.turn_length + 1 > script.reply_tokens:
+        return T.TEXT_END
+    return _FILLER_TOKEN if T.is_control_token(model_token) else model_token

@@ -37,6 +37,7 @@ from audio_interaction_server.conversation import Phase
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.prompt import PromptEncoder
 from audio_interaction_server.sampling import DECISION_TOKENS, decide, sample
+from audio_interaction_server.scripted import scripted_token
 
 log = logging.getLogger(__name__)
 # What clients hear when the worker dies; the exception and its traceback go to the log only.
@@ -519,7 +520,7 @@ class Worker:
         if token is None:
             raise RuntimeError("no token was chosen for this row")
         if self.config.scripted_turns is not None:
-            token = self.config.scripted_turns.token(row.session.conversation, row.session.slot, token)
+            token = scripted_token(self.config.scripted_turns, row.session.conversation, row.session.slot, token)
         return token
 
     def _commit_one(self, row: _Row, token_id: int) -> None:
