@@ -6,9 +6,12 @@ pay for torch (seconds, gigabytes of CUDA libraries) nor load the engine's state
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,134 @@ def test_the_wire_schema_and_settings_load_neither_torch_nor_the_engine(module):
     assert "torch" not in loaded
     engine = sorted(name for name in ENGINE_MODULES if f"audio_interaction_server.{name}" in loaded)
     assert not engine, f"importing {module} loads the engine's {engine}"
+
+
+# ---- import directions, read from the source: the ones that hold today, so that none is lost -------------
+
+PACKAGE = "audio_interaction_server"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
+
+# Groups of today's flat modules, named after the target layout's folders.
+LEAVES = {"tokens", "engine_events", "config"}
+MODEL = {"lm", "encoder", "checkpoint", "accelerator", "hub"}
+ENGINE = {"conversation", "sampling", "scripted", "prompt", "worker"}
+RENDER = {"detokenizer", "replies", "segmenter"}
+AUDIO = {"audio", "audio_input"}
+API = {"app", "session", "connection", "transport", "metrics", "static_pages", "log_bursts", "settings"}
+LIGHT = {"protocol", "config", "settings", "tokens", "engine_events"}  # what clients and config tools import
+
+
+@dataclass(frozen=True)
+class Edge:
+    importer: str
+    imported: str  # a module of the package, dotted below it: "tools.qwen_vocab"
+    at_import_time: bool  # False inside a function body (imported when called)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
+def package_module(dotted: str) -> str | None:
+    """``audio_interaction_server.x.y`` -> the longest prefix below the package that is a module."""
+    if dotted != PACKAGE and not dotted.startswith(PACKAGE + "."):
+        return None
+    parts = dotted.split(".")[1:]
+    while parts:
+        candidate = PACKAGE_DIR.joinpath(*parts)
+        if candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file():
+            return ".".join(parts)
+        parts.pop()
+    return None
+
+
+class _ImportCollector(ast.NodeVisitor):
+    def __init__(self, importer: str) -> None:
+        self.importer = importer
+        self.function_depth = 0
+        self.edges: list[Edge] = []
+        self.torch_at_import_time = False
+
+    def _function(self, node: ast.AST) -> None:
+        self.function_depth += 1
+        self.generic_visit(node)
+        self.function_depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def _add(self, dotted: str) -> None:
+        if dotted.split(".")[0] == "torch" and self.function_depth == 0:
+            self.torch_at_import_time = True
+        imported = package_module(dotted)
+        if imported is not None:
+            self.edges.append(Edge(self.importer, imported, self.function_depth == 0))
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        assert node.level == 0, f"{self.importer}: relative import (the package uses absolute ones)"
+        module = node.module or ""
+        for alias in node.names:
+            # `from audio_interaction_server import tokens` imports the module tokens;
+            # `from audio_interaction_server.tokens import X` imports tokens too.
+            submodule = f"{module}.{alias.name}"
+            names_a_module = package_module(submodule) not in (None, package_module(module))
+            self._add(submodule if names_a_module else module)
+
+
+def read_package() -> tuple[list[Edge], set[str], set[str]]:
+    """(every import between modules, all modules, modules importing torch at import time)."""
+    edges: list[Edge] = []
+    modules: set[str] = set()
+    torch_modules: set[str] = set()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        collector = _ImportCollector(module_name(path))
+        collector.visit(ast.parse(path.read_text(encoding="utf-8")))
+        modules.add(collector.importer)
+        edges += collector.edges
+        if collector.torch_at_import_time:
+            torch_modules.add(collector.importer)
+    return edges, modules, torch_modules
+
+
+def test_the_module_groups_name_existing_modules():
+    _, modules, _ = read_package()
+    named = LEAVES | MODEL | ENGINE | RENDER | AUDIO | API | LIGHT | {"protocol", "cli", "__main__"}
+    assert named <= modules, named - modules
+
+
+def test_import_directions_hold():
+    edges, _, torch_modules = read_package()
+    problems = []
+    for edge in edges:
+        source, target = edge.importer, edge.imported
+        if target == "cli" and source != "__main__":
+            problems.append(f"{source} imports cli (only __main__ may)")
+        if source in LEAVES and target != source:
+            problems.append(f"{source} is a leaf but imports {target}")
+        if source == "protocol" and target not in {"config"}:
+            problems.append(f"protocol imports {target} (the wire schema depends on the options only)")
+        if source in MODEL and target not in MODEL | {"tokens"}:
+            problems.append(f"model module {source} imports {target} (models take plain arguments)")
+        if source in ENGINE and target in RENDER | AUDIO | API | {"protocol", "cli"}:
+            problems.append(f"engine module {source} imports {target} (the engine speaks token ids only)")
+        if source in RENDER and target in ENGINE | MODEL | AUDIO | API | {"cli"}:
+            problems.append(f"render module {source} imports {target}")
+    # What the light modules load when imported: no module that imports torch, however indirectly.
+    loaded_at_import = {edge.importer: set() for edge in edges}
+    for edge in edges:
+        if edge.at_import_time:
+            loaded_at_import[edge.importer].add(edge.imported)
+    for light in sorted(LIGHT):
+        seen, pending = set(), [light]
+        while pending:
+            module = pending.pop()
+            if module not in seen:
+                seen.add(module)
+                pending.extend(loaded_at_import.get(module, ()))
+        if seen & torch_modules:
+            problems.append(f"importing {light} loads {sorted(seen & torch_modules)}, which import torch")
+    assert not problems, "\n".join(problems)
