@@ -48,3 +48,20 @@ def test_no_top_level_server_package_is_importable(tmp_path):
     result = subprocess.run([sys.executable, "-c", "import server"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 1 and "No module named 'server'" in result.stderr
+
+
+def test_the_source_parses_under_the_oldest_python_it_declares():
+    """pyproject's requires-python is a promise to pip: an interpreter it admits must be able to import us."""
+    import ast
+    import re
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    major, minor = map(int, re.fullmatch(r">=\s*(\d+)\.(\d+)", requires).groups())
+    too_new = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        try:
+            ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(major, minor))
+        except SyntaxError as error:
+            too_new.append(f"{path.relative_to(ROOT)}:{error.lineno}: {error.msg}")
+    assert not too_new, f"not Python {major}.{minor} syntax:\n" + "\n".join(too_new)
