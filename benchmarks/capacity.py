@@ -77,8 +77,8 @@ from audio_interaction_server.worker import StepStats, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import (  # noqa: E402
-    FRAME_SAMPLES, SHARED_AUDIO, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time, server_log,
-    start_server, stream_audio,
+    FRAME_SAMPLES, SHARED_AUDIO, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
+    server_log, start_server, stream_audio,
 )
 
 CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
@@ -472,8 +472,8 @@ def step_breakdown(run: Run) -> str:
     split = step_split(run)
     if split is None:
         return "- | - | - | - | -"
-    return (f"{split.step_ms:.1f} | {100 * split.share(split.encoder_ms):.0f}% | {100 * split.share(split.lm_ms):.0f}% | "
-            f"{100 * split.share(split.host_ms):.0f}% | {split.rows_mean:.1f}")
+    return (f"{split.step_ms:.1f} | {100 * split.share(split.encoder_ms):.0f}% | "
+            f"{100 * split.share(split.lm_ms):.0f}% | {100 * split.share(split.host_ms):.0f}% | {split.rows_mean:.1f}")
 
 
 def print_row(run: Run, targets: Targets) -> None:

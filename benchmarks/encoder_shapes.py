@@ -44,7 +44,8 @@ def main() -> None:
     encoder = AudioEncoder(load_model(args.checkpoint, "cpu").encoder_tower, pad_to_buckets=not args.exact)
     rng = random.Random(0)
     sizes_seen: set[int] = set()
-    print(f"# batch sizes {args.low}..{args.high}, {'exact sizes' if args.exact else 'padded to buckets'}, oneDNN {'off' if args.no_mkldnn else 'on'}")
+    print(f"# batch sizes {args.low}..{args.high}, {'exact sizes' if args.exact else 'padded to buckets'}, "
+          f"oneDNN {'off' if args.no_mkldnn else 'on'}")
     print("| calls | distinct sizes | heap live MiB | heap free MiB | RSS MiB |")
     print("|---|---|---|---|---|")
     for call in range(1, args.calls + 1):

@@ -224,7 +224,8 @@ def ramp_kv_layout(args, served: Served, stage: Stage) -> None:
     if fit is not None and fit < 1.05 * served.max_sessions:
         per_position = kv_bytes_per_slot(lm, FLEX_BLOCK) / FLEX_BLOCK
         free, _ = torch.cuda.mem_get_info(served.model.device)
-        positions = int(0.95 * free * KV_MEMORY_FRACTION / served.max_sessions / per_position) // FLEX_BLOCK * FLEX_BLOCK
+        positions = (int(0.95 * free * KV_MEMORY_FRACTION / served.max_sessions / per_position)
+                     // FLEX_BLOCK * FLEX_BLOCK)
         stage.data["positions_lowered_from"] = args.max_positions
         if positions < MIN_RAMP_POSITIONS:
             raise RuntimeError(f"{served.max_sessions} slots do not fit even at {MIN_RAMP_POSITIONS} positions")
@@ -256,7 +257,8 @@ def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
              f"{stage.data['kv_cache_gib']} GiB"
              + (f" (lowered from {args.max_positions} positions to fit)" if "positions_lowered_from" in stage.data
                 else ""),
-             f"Encoder: {len(sizes)} batch buckets (1 .. {sizes[-1]}) warmed up in {stage.data['encoder_warm_up_s']} s; "
+             f"Encoder: {len(sizes)} batch buckets (1 .. {sizes[-1]}) warmed up in "
+             f"{stage.data['encoder_warm_up_s']} s; "
              "one warm call per size, ms (ms per chunk): "
              + ", ".join(f"{n}: {ms} ({ms / n:.2f})" for n, ms in call_ms.items())]
     if model.device.type != "cuda":
@@ -401,7 +403,8 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
         """Measure N streams, or None (and say why) when the compiled buckets or the budget rule it out."""
         nonlocal estimate_s
         if served.max_batch_rows is not None and streams > served.max_batch_rows:
-            stage.note = f"N={streams} and above not run: FlexAttention compiled only up to {served.max_batch_rows} rows"
+            stage.note = (f"N={streams} and above not run: FlexAttention compiled only up to "
+                          f"{served.max_batch_rows} rows")
             return None
         if not report.budget.allows(estimate_s + reserve_s):
             stage.note = f"ramp stopped before N={streams}: {report.budget.remaining_s:.0f} s of the budget left"
@@ -517,7 +520,8 @@ def gpu_busy(args, served: Served, report: Report, stage: Stage) -> None:
     stage.lines = [f"N={streams} for {seconds:g} s (SCRIPTED {args.schedule}): {steps} steps, {step_ms:.0f} ms of step "
                    f"time, {kernel_ms:.0f} ms of GPU kernels ({stage.data['kernel_launches']} launches, "
                    f"{stage.data['kernel_launches'] / max(steps, 1):.0f} per step): the GPU is busy "
-                   f"**{100 * busy:.0f}%** of the step time.", "", "| kernel | launches | GPU ms | share |", "|---|---|---|---|"]
+                   f"**{100 * busy:.0f}%** of the step time.", "", "| kernel | launches | GPU ms | share |",
+                   "|---|---|---|---|"]
     stage.lines += [f"| {e.key[:80]} | {e.count} | {e.self_device_time_total / 1e3:.1f} | "
                     f"{100 * e.self_device_time_total / 1e3 / max(kernel_ms, 1e-9):.0f}% |" for e in top]
 
@@ -535,7 +539,8 @@ def summarize(args, report: Report) -> None:
     if ours is not None:
         summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
         summary[f"target >= {CAPACITY_TARGET_STREAMS} streams per GPU"] = (
-            "MET" if ours >= CAPACITY_TARGET_STREAMS else "NOT MET") + (" (dry run: meaningless)" if args.dry_run else "")
+            "MET" if ours >= CAPACITY_TARGET_STREAMS else "NOT MET"
+        ) + (" (dry run: meaningless)" if args.dry_run else "")
         runs = scripted.data.get("runs", [])
         held = next((r for r in runs if r["streams"] == ours and "error" not in r), None)
         if held is not None:

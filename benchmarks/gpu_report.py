@@ -147,7 +147,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
             info[module] = "not installed"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor}"
+        info["gpu"] = (f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                       f"compute capability {props.major}.{props.minor}")
         info["cuda (torch build)"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         info["driver"] = _nvidia_smi("driver_version") or "unknown (nvidia-smi not available)"

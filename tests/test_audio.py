@@ -239,7 +239,8 @@ def test_log_mel_whole_matches_whisper_feature_extractor(speech: np.ndarray, whi
 def test_log_mel_raw_matches_one_shot_center_stft(speech: np.ndarray) -> None:
     """Blockwise framing equals whisper's literal one-call torch.stft(center=True) formulation."""
     x = torch.from_numpy(speech)
-    spectrum = torch.stft(x, 400, 160, window=torch.hann_window(400), center=True, pad_mode="reflect", return_complex=True)
+    spectrum = torch.stft(x, 400, 160, window=torch.hann_window(400), center=True, pad_mode="reflect",
+                          return_complex=True)
     literal = torch.log10(torch.clamp(mel_filters() @ spectrum[..., :-1].abs() ** 2, min=1e-10))
     # Observed bit-equal with MKL on x86; a different FFT/BLAS may round differently for other batch sizes.
     torch.testing.assert_close(log_mel_raw(speech), literal, rtol=0, atol=1e-6)

@@ -209,7 +209,9 @@ def test_protocol_client_resends_configuration_and_stops_on_final_close_codes(li
             send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
             close(code = 1000) { this.drop(code); }
             deliver(event) { this.onmessage({ data: JSON.stringify(event) }); }
-            drop(code, reason = "") { if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); } }
+            drop(code, reason = "") {
+              if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); }
+            }
         }
         const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
         const created = (id) => ({ type: "session.created", session_id: id });

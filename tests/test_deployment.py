@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
@@ -244,7 +243,8 @@ def test_compose_environment_defaults_and_overrides_make_valid_configs(tmp_path)
     assert config.api_key.get_secret_value() == "s3cret" and config.allowed_origins == ["https://a.example"]
     assert str(config.engine.checkpoint) == "zhifeixie/AudioInteraction"
 
-    demo_args = parse_serve_args(json.loads(instruction("ENTRYPOINT"))[3:] + compose()["services"]["cpu-demo"]["command"])
+    demo_command = compose()["services"]["cpu-demo"]["command"]
+    demo_args = parse_serve_args(json.loads(instruction("ENTRYPOINT"))[3:] + demo_command)
     config = load_config(None, {**image_env, **service_env("cpu-demo", {})}, overrides_from(demo_args))
     assert config.is_demo and config.engine.device == "cpu" and config.host == "0.0.0.0"
 

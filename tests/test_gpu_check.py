@@ -69,7 +69,8 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     assert busy["steps"] > 0 and busy["step_ms_total"] > 0 and "no CUDA device" in stages["gpu-busy"]["note"]
 
     markdown = (out / "report.md").read_text()
-    for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16", "## Correctness: in-place FlexAttention",
+    for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16",
+                    "## Correctness: in-place FlexAttention",
                     "## Compile and warm-up", "## Capacity ramp, direct mode, SCRIPTED replies 4:3",
                     "## Reference-style baseline", "Largest N that held every target"):
         assert heading in markdown, heading

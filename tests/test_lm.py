@@ -48,8 +48,8 @@ def hf_qwen2_from(model: AudioInteractionLM):
     hf = Qwen2ForCausalLM(hf_cfg).eval()
     sd = model.state_dict()
     q_size, kv_size = cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"], "lm_head.weight": sd["lm_head.weight"]}
     for i in range(cfg.n_layer):
         p, h = f"transformer.h.{i}.", f"model.layers.{i}."
         for suffix in ("weight", "bias"):
