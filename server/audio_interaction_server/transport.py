@@ -181,7 +181,36 @@ def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
-class GuardedHttpProtocol(H11Protocol):
+class _WatchedWrites:
+    """Write-stall handling shared by both protocols: asyncio's flow control drives a ``WriteWatch``.
+
+    Mixed in before uvicorn's protocol class, so ``super()`` reaches uvicorn's own flow control.
+    A subclass sets ``write_watch`` when its connection starts.
+    """
+
+    transport_guard: ClassVar[TransportGuard]
+    write_watch: WriteWatch
+    transport: Any
+    client: tuple[str, int] | None
+
+    def shutdown(self) -> None:
+        self.write_watch.shorten(self.transport_guard.settings.close_timeout_s)
+        super().shutdown()  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.write_watch.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.write_watch.resumed()
+
+    def _write_stalled(self) -> None:
+        self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
+        self.transport.abort()
+
+
+class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
     """uvicorn's h11 protocol with a header deadline, a header size cap and a handshake count."""
 
     transport_guard: ClassVar[TransportGuard]
@@ -286,23 +315,6 @@ class GuardedHttpProtocol(H11Protocol):
         self.transport_guard.open_connections.discard(self)
         super().handle_websocket_upgrade(event)
 
-    def shutdown(self) -> None:
-        self.write_watch.shorten(self.transport_guard.settings.close_timeout_s)
-        super().shutdown()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.write_watch.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.write_watch.resumed()
-
-    def _write_stalled(self) -> None:
-        self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
-        self.transport.abort()
-
-
 class _DeadlineOnClose:
     """The connection's transport, with a deadline on ``close()``.
 
@@ -325,7 +337,7 @@ class _DeadlineOnClose:
         return getattr(self._transport, name)
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets sans-I/O) with bounded pings, writes and closes."""
 
     transport_guard: ClassVar[TransportGuard]
@@ -406,22 +418,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_sent = True
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": message})
         self.transport.close()
-
-    def shutdown(self) -> None:
-        self.write_watch.shorten(self.close_timeout)
-        super().shutdown()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.write_watch.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self.write_watch.resumed()
-
-    def _write_stalled(self) -> None:
-        self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
-        self.transport.abort()
 
     def _close_timed_out(self) -> None:
         self.transport_guard.closed("close_timeout", self.client, "the client did not take the close")
