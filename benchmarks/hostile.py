@@ -39,8 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import (  # noqa: E402
-    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
-    start_server, stream_audio,
+    FRAME_SAMPLES, audio_loop, configure_s16_stream, start_server, stream_audio, stream_timing_decisions,
 )
 
 from audio_interaction_server.tokens import SAMPLE_RATE_HZ  # noqa: E402
@@ -102,26 +101,7 @@ async def attack(url: str, kind: str, seconds: float) -> dict:
 
 # ---- the victim and the cases ---------------------------------------------------------------
 async def victim(url: str, audio: np.ndarray, latencies: list[float]) -> None:
-    import websockets
-
-    sent_at: dict[int, float] = {}
-    async with websockets.connect(url, compression=None, max_size=None) as ws:
-        await configure_s16_stream(ws, MAX_TURN_TOKENS)
-        num_frames = len(audio) // FRAME_SAMPLES
-        expected = chunks_decided(num_frames)
-
-        async def receive() -> None:
-            received = 0
-            while received < expected:
-                event = json.loads(await ws.recv())
-                if event["type"] == "decision":
-                    latencies.append(time.perf_counter() - sent_at[completing_frame(event["chunk"])])
-                    received += 1
-
-        receiver = asyncio.create_task(receive())
-        await send_in_real_time(ws, audio, num_frames, time.perf_counter() + 0.2, sent_at)
-        await asyncio.wait_for(receiver, timeout=120)
-        await ws.send(json.dumps({"type": "session.close"}))
+    await stream_timing_decisions(url, audio, time.perf_counter() + 0.2, latencies, MAX_TURN_TOKENS, timeout_s=120)
 
 
 def worker_busy(port: int) -> tuple[float, float]:

@@ -107,6 +107,32 @@ async def send_in_real_time(ws, audio: np.ndarray, num_frames: int, first_frame_
         await ws.send(pcm[frame * FRAME_SAMPLES:(frame + 1) * FRAME_SAMPLES].tobytes())
 
 
+async def stream_timing_decisions(url: str, audio: np.ndarray, first_frame_at: float, latencies: list[float],
+                                  max_turn_tokens: int, timeout_s: float) -> None:
+    """One real-time client: stream ``audio`` from ``first_frame_at``, append each chunk's decision latency
+    (the frame completing the chunk sent -> its ``decision`` received) to ``latencies``, then close."""
+    import websockets
+
+    sent_at: dict[int, float] = {}
+    async with websockets.connect(url, compression=None, max_size=None) as ws:
+        await configure_s16_stream(ws, max_turn_tokens)
+        num_frames = len(audio) // FRAME_SAMPLES
+        expected = chunks_decided(num_frames)
+
+        async def receive() -> None:
+            received = 0
+            while received < expected:
+                event = json.loads(await ws.recv())
+                if event["type"] == "decision":
+                    latencies.append(time.perf_counter() - sent_at[completing_frame(event["chunk"])])
+                    received += 1
+
+        receiver = asyncio.create_task(receive())
+        await send_in_real_time(ws, audio, num_frames, first_frame_at, sent_at)
+        await asyncio.wait_for(receiver, timeout=timeout_s)
+        await ws.send(json.dumps({"type": "session.close"}))
+
+
 def slope_per_hour(minutes: list[float], values: list[float]) -> float:
     """Least-squares slope of ``values`` against time, per hour (nan with fewer than 2 points)."""
     if len(minutes) < 2:

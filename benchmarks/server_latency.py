@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -43,8 +42,7 @@ from audio_interaction_server.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import (  # noqa: E402
-    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
-    start_server, stream_audio,
+    FRAME_SAMPLES, audio_loop, start_server, stream_audio, stream_timing_decisions,
 )
 
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE_HZ
@@ -110,26 +108,7 @@ def run_engine(model, num_streams: int, seconds: float) -> list[float]:
 
 async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, start: float,
                      latencies: list[float]) -> None:
-    import websockets
-
-    sent_at: dict[int, float] = {}
-    async with websockets.connect(url, compression=None, max_size=None) as ws:
-        await configure_s16_stream(ws, MAX_TURN_TOKENS)
-        num_frames = len(audio) // FRAME_SAMPLES
-        expected_chunks = chunks_decided(num_frames)
-
-        async def receive() -> None:
-            received = 0
-            while received < expected_chunks:
-                event = json.loads(await ws.recv())
-                if event["type"] == "decision":
-                    latencies.append(time.perf_counter() - sent_at[completing_frame(event["chunk"])])
-                    received += 1
-
-        receiver = asyncio.create_task(receive())
-        await send_in_real_time(ws, audio, num_frames, start + offset_s, sent_at)
-        await asyncio.wait_for(receiver, timeout=60)
-        await ws.send(json.dumps({"type": "session.close"}))
+    await stream_timing_decisions(url, audio, start + offset_s, latencies, MAX_TURN_TOKENS, timeout_s=60)
 
 
 def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float]:
