@@ -111,8 +111,7 @@ def test_a_signal_during_start_up_imports_is_a_clean_stop(tiny_checkpoint, signu
         log.wait_for(r"starting the server", timeout_s=60)  # logged before the engine's imports
         process.send_signal(signum)
         status = process.wait(timeout=60)
-        while (line := log.lines.get(timeout=10)) is not None:
-            log.text += line
+        log.read_to_end()
     finally:
         if process.poll() is None:
             process.kill()
@@ -143,6 +142,11 @@ class LogReader:
             found = re.search(pattern, line)
             if found:
                 return found
+
+    def read_to_end(self) -> None:
+        """The rest of the log, once the process has exited (its stream then ends)."""
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.text += line
 
 
 def test_start_up_log_announces_readiness(tiny_checkpoint):
@@ -176,8 +180,7 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
         log.wait_for(r"attention:", timeout_s=120)  # the worker started: the load is over
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
-        while (line := log.lines.get(timeout=10)) is not None:
-            log.text += line
+        log.read_to_end()
     finally:
         if process.poll() is None:
             process.kill()

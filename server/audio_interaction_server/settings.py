@@ -30,6 +30,13 @@ ENV_NESTING = "__"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 
+def split_list(value: Any) -> Any:
+    """A list setting in the environment's comma-separated form ("a, b" -> ["a", "b"]); lists pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration that cannot start the server; the message names every bad field and its source."""
 
@@ -68,12 +75,7 @@ class TransportSettings(BaseModel):
         2.0, gt=0, description="after the server closes a connection, how long the client has to acknowledge and "
         "take the last bytes before the socket is dropped")
 
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split_proxies(cls, value: Any) -> Any:
-        if isinstance(value, str):  # the environment's comma-separated form
-            return [proxy.strip() for proxy in value.split(",") if proxy.strip()]
-        return value
+    _split_proxies = field_validator("trusted_proxies", mode="before")(split_list)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -122,12 +124,7 @@ class ServerConfig(BaseModel):
                            "off by default: they map the server for anyone who can reach it")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
 
-    @field_validator("allowed_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: Any) -> Any:
-        if isinstance(value, str):  # the environment's comma-separated form
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
+    _split_origins = field_validator("allowed_origins", mode="before")(split_list)
 
     @field_validator("allowed_origins")
     @classmethod
