@@ -67,7 +67,7 @@ ENV PYTHONPATH=/app/server
 # The --demo model, generated at build time (it needs the Qwen vocabulary, fetched from PyPI's
 # dashscope wheel) so the demo starts offline and instantly; about 100 MB, read-only at run time.
 ENV AUDIO_INTERACTION_CACHE=/opt/audio-interaction
-RUN python -c "from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())" \
+RUN python -c "from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())" \
     && chmod -R a+rX /opt/audio-interaction
 
 # Checkpoints: a release-layout directory mounted at /models (read-only is fine), or a Hub repo id in

@@ -63,17 +63,17 @@ import numpy as np
 import torch
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.audio import StreamingLogMel, log_mel_whole
-from audio_interaction_server.checkpoint import LoadedModel, load_model
+from audio_interaction_server.audio.frontend import StreamingLogMel, log_mel_whole
+from audio_interaction_server.model.checkpoint import LoadedModel, load_model
 from audio_interaction_server.config import EngineConfig, ScriptedTurns, SessionOptions
-from audio_interaction_server.conversation import Conversation
-from audio_interaction_server.encoder import AudioEncoder
-from audio_interaction_server.engine_events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
-from audio_interaction_server.lm import StepBatch
-from audio_interaction_server.sampling import DECISION_TOKENS, decide
-from audio_interaction_server.scripted import scripted_token
+from audio_interaction_server.engine.conversation import Conversation
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.engine.events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
+from audio_interaction_server.model.lm import StepBatch
+from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide
+from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from audio_interaction_server.worker import StepStats, Worker
+from audio_interaction_server.engine.worker import StepStats, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import (  # noqa: E402
@@ -489,11 +489,11 @@ def print_row(run: Run, targets: Targets) -> None:
 def load(model_arg: str, device: str, dtype: str) -> tuple[LoadedModel, Path | None]:
     if model_arg in ("tiny", "real") and not Path(model_arg).is_dir():
         if model_arg == "tiny":
-            from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+            from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
             checkpoint = ensure_demo_checkpoint()
             return load_model(checkpoint, device, dtype), checkpoint
-        from audio_interaction_server.tools.random_model import random_model
+        from audio_interaction_server.demo.random_model import random_model
 
         return random_model("real", device, dtype), None
     return load_model(Path(model_arg), device, dtype), Path(model_arg)

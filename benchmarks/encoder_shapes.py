@@ -7,7 +7,7 @@ Encodes random mel chunks in batches of a random size between `--low` and `--hig
 chunks) and prints glibc's heap (live bytes, free bytes held) and RSS every 100
 calls. oneDNN builds and caches a convolution primitive per new input shape;
 by default each call is padded to the server's batch buckets (a handful of
-shapes, server/audio_interaction_server/encoder.py); `--exact` encodes every batch at its own size,
+shapes, server/audio_interaction_server/model/encoder.py); `--exact` encodes every batch at its own size,
 `--no-mkldnn` turns oneDNN off (slow: for the comparison only).
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from audio_interaction_server.checkpoint import load_model
-from audio_interaction_server.encoder import AudioEncoder
-from audio_interaction_server.metrics import heap_stats, resident_bytes
+from audio_interaction_server.model.checkpoint import load_model
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.api.metrics import heap_stats, resident_bytes
 
 MIB = 1 << 20
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--no-mkldnn", action="store_true")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     if args.no_mkldnn:

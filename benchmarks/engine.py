@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_interaction_server.audio import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
-from audio_interaction_server.checkpoint import load_model
+from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
+from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.encoder import AudioEncoder
+from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.tokens import CHUNK_SAMPLES
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.worker import Worker
 
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 
@@ -132,7 +132,7 @@ def bench_batching(model, num_sessions: int, num_chunks: int) -> None:
 
 def bench_attention(model, num_slots: int, history: int, repeats: int) -> None:
     """One LM step of ``num_slots`` listening rows (13 tokens) at position ``history``: gather vs in place."""
-    from audio_interaction_server.lm import StepBatch
+    from audio_interaction_server.model.lm import StepBatch
 
     print(f"\n## Attention over the cache: {num_slots} rows of 13 tokens at position {history} "
           f"(median ms per LM step)\n")
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=25, help="chunks per session in the batching run")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     torch.manual_seed(0)

@@ -63,12 +63,12 @@ import capacity  # noqa: E402
 import precision  # noqa: E402
 from gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
 from served import SHARED_AUDIO, audio_loop  # noqa: E402
-from audio_interaction_server.accelerator import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
-from audio_interaction_server.checkpoint import LoadedModel, load_model  # noqa: E402
-from audio_interaction_server.encoder import AudioEncoder, batch_bucket  # noqa: E402
-from audio_interaction_server.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
+from audio_interaction_server.model.fit import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
+from audio_interaction_server.model.checkpoint import LoadedModel, load_model  # noqa: E402
+from audio_interaction_server.model.encoder import AudioEncoder, batch_bucket  # noqa: E402
+from audio_interaction_server.model.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
 from audio_interaction_server.config import ScriptedTurns  # noqa: E402
-from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
+from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
 
 TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,
                            host_share=0.20)

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.audio import load_audio_file, load_audio_sequence, offline_chunks
-from audio_interaction_server.checkpoint import LoadedModel, load_model
-from audio_interaction_server.conversation import Conversation
-from audio_interaction_server.encoder import AudioEncoder
-from audio_interaction_server.lm import StepBatch
-from audio_interaction_server.sampling import DECISION_TOKENS
+from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence, offline_chunks
+from audio_interaction_server.model.checkpoint import LoadedModel, load_model
+from audio_interaction_server.engine.conversation import Conversation
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.lm import StepBatch
+from audio_interaction_server.engine.sampling import DECISION_TOKENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import SHARED_AUDIO  # noqa: E402
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, default=SHARED_AUDIO, help="folder of recording folders")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     reference = Side(load_model(args.checkpoint, "cpu", "float32"))

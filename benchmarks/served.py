@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_interaction_server.audio import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"

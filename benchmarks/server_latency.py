@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_interaction_server.audio import StreamingLogMel
-from audio_interaction_server.checkpoint import load_model
+from audio_interaction_server.audio.frontend import StreamingLogMel
+from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.engine_events import Decision
+from audio_interaction_server.engine.events import Decision
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import (  # noqa: E402
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream (streamed in real time)")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     model = load_model(args.checkpoint, "cpu")

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_interaction_server.audio import StreamingLogMel, load_audio_file, load_audio_sequence
-from audio_interaction_server.checkpoint import load_model
+from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file, load_audio_sequence
+from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.engine_events import SessionEnded
-from audio_interaction_server.metrics import heap_stats, resident_bytes
+from audio_interaction_server.engine.events import SessionEnded
+from audio_interaction_server.api.metrics import heap_stats, resident_bytes
 from audio_interaction_server.tokens import CHUNK_SAMPLES
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from served import SHARED_AUDIO, slope_per_hour  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--skip-no-rollover", action="store_true", help="only the run with rollover")
     args = parser.parse_args()
     if args.checkpoint is None:
-        from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
         args.checkpoint = ensure_demo_checkpoint()
     model = load_model(args.checkpoint, "cpu")

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
 
-Builds the random real-size model on the device (``audio_interaction_server.tools.random_model``) and
+Builds the random real-size model on the device (``audio_interaction_server.demo.random_model``) and
 times, each as the median of several warm calls with the device synchronised:
 
 * the audio tower: transformers' own forward (packed chunks, attention looped chunk by
@@ -31,9 +31,9 @@ for entry in (str(Path(__file__).resolve().parents[1] / "server"),):  # the pack
 
 import torch  # noqa: E402
 
-from audio_interaction_server.encoder import AudioEncoder  # noqa: E402
-from audio_interaction_server.lm import StepBatch  # noqa: E402
-from audio_interaction_server.tools.random_model import random_model  # noqa: E402
+from audio_interaction_server.model.encoder import AudioEncoder  # noqa: E402
+from audio_interaction_server.model.lm import StepBatch  # noqa: E402
+from audio_interaction_server.demo.random_model import random_model  # noqa: E402
 
 LISTEN_ROW_TOKENS = 13
 START_POSITION = 500  # about 15 s into a session

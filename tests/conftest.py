@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from audio_interaction_server.tools.qwen_vocab import VocabUnavailable, write_tokenizer_files
+from audio_interaction_server.demo.qwen_vocab import VocabUnavailable, write_tokenizer_files
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +37,14 @@ def shared_audio() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Path:
     """A seeded tiny random checkpoint in the exact release layout (written once per test run)."""
-    from audio_interaction_server.tools.make_tiny_checkpoint import make_checkpoint
+    from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint: Path):
-    from audio_interaction_server.checkpoint import load_model
+    from audio_interaction_server.model.checkpoint import load_model
 
     return load_model(tiny_checkpoint, "cpu", "float32")
 
@@ -54,7 +54,7 @@ def stream_chunks(shared_audio: Path) -> list:
     """Streaming mel chunks (N, 128, 40) of six real recordings, one tensor per recording."""
     import torch
 
-    from audio_interaction_server.audio import StreamingLogMel, load_audio_file
+    from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file
 
     names = ["01_count_bark/sample01_01.mp3", "02_translate/sample02_02.wav", "03_cough_music/sample03_01.wav",
              "02_translate/sample02_01.mp3", "03_cough_music/sample03_03.wav", "01_count_bark/sample01_02.wav"]

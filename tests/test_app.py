@@ -16,9 +16,9 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from audio_interaction_server.app import build_server, create_app
-from audio_interaction_server.audio import load_audio_file, load_audio_sequence
-from audio_interaction_server.metrics import SESSION_STATE, heap_stats
+from audio_interaction_server.api.app import build_server, create_app
+from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
+from audio_interaction_server.api.metrics import SESSION_STATE, heap_stats
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.settings import ConfigError, ServerConfig, load_config
 

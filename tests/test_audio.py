@@ -11,7 +11,7 @@ import soundfile
 import soxr
 import torch
 
-from audio_interaction_server.audio import (
+from audio_interaction_server.audio.frontend import (
     AudioFormatError,
     LogMelChunker,
     StreamingLogMel,
@@ -365,11 +365,11 @@ def test_streaming_raw_mel_stays_bit_identical_across_digital_silence(speech: np
 def test_flushed_silence_does_not_cost_one_stft_per_chunk(speech: np.ndarray, monkeypatch) -> None:
     """input.flush appends up to 10 s of zeros (25 chunks) on the event loop: chunks whose whole
     window is zeros reuse one precomputed block instead of an STFT each."""
-    import audio_interaction_server.audio
+    import audio_interaction_server.audio.frontend
 
     calls = []
-    computed = audio_interaction_server.audio._log_mel_block
-    monkeypatch.setattr(audio_interaction_server.audio, "_log_mel_block",
+    computed = audio_interaction_server.audio.frontend._log_mel_block
+    monkeypatch.setattr(audio_interaction_server.audio.frontend, "_log_mel_block",
                         lambda block: calls.append(1) or computed(block))
     front_end = StreamingLogMel()
     before = front_end.push(speech[:8000])  # 0.5 s of speech: chunk 0 is out

@@ -1,4 +1,4 @@
-"""The browser front-end (server/audio_interaction_server/web/) in a real headless Chromium against the real server.
+"""The browser front-end (server/audio_interaction_server/api/web/) in a real headless Chromium against the real server.
 
 Chromium's fake capture device plays a WAV made from ../shared/audio as the microphone; Playwright
 clicks through the page served at ``/`` by uvicorn on 127.0.0.1 with the tiny model. What the page
@@ -27,7 +27,7 @@ except ImportError:
     pytest.skip("browser tests need the playwright package (pip install playwright; no browser download)",
                 allow_module_level=True)
 
-from audio_interaction_server.app import build_server, create_app  # noqa: E402
+from audio_interaction_server.api.app import build_server, create_app  # noqa: E402
 from audio_interaction_server.settings import ServerConfig  # noqa: E402
 
 API_KEY = "browser-key"
@@ -413,12 +413,12 @@ def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audi
 
 
 def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, page: Page):
-    """server/audio_interaction_server/web/ from a plain static server (as ``python -m http.server`` serves it),
+    """server/audio_interaction_server/api/web/ from a plain static server (as ``python -m http.server`` serves it),
     ``?server=`` in the URL."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from audio_interaction_server.static_pages import WEB_DIR
+    from audio_interaction_server.api.static_pages import WEB_DIR
 
     class QuietHandler(SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from audio_interaction_server import checkpoint as ckpt
-from audio_interaction_server.encoder import AudioEncoder
-from audio_interaction_server.lm import StepBatch
+from audio_interaction_server.model import checkpoint as ckpt
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.lm import StepBatch
 
 
 @pytest.fixture()
@@ -36,7 +36,7 @@ def test_tiny_checkpoint_has_the_release_layout(tiny_checkpoint: Path):
 def test_generator_is_seeded(tmp_path: Path, tiny_checkpoint: Path):
     from safetensors.torch import load_file
 
-    from audio_interaction_server.tools.make_tiny_checkpoint import PRESETS, write_lm
+    from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, write_lm
 
     write_lm(tmp_path, PRESETS["tiny"], torch.Generator().manual_seed(0))
     shard = "model-00001-of-00002.safetensors"

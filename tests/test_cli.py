@@ -9,7 +9,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from audio_interaction_server import cli
-from audio_interaction_server.audio import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.protocol import TurnEvent
 
 EVENTS = TypeAdapter(TurnEvent)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from audio_interaction_server.app import build_server, create_app
+from audio_interaction_server.api.app import build_server, create_app
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.settings import ServerConfig
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.conversation import ContextFull, Conversation, Phase
-from audio_interaction_server.engine_events import ContextRollover, Decision, TurnBegin, TurnEnd, TurnToken
+from audio_interaction_server.engine.conversation import ContextFull, Conversation, Phase
+from audio_interaction_server.engine.events import ContextRollover, Decision, TurnBegin, TurnEnd, TurnToken
 
 PREFIX = T.prompt_prefix([1000 + i for i in range(41)])  # 46 tokens, as with the real prompt
 
@@ -234,7 +234,7 @@ def plain_forward(lm, tokens: list[int], audio_columns: list[int], audio_embeds)
     import torch
     import torch.nn.functional as F
 
-    from audio_interaction_server.lm import apply_rope, rope_table
+    from audio_interaction_server.model.lm import apply_rope, rope_table
 
     cfg = lm.cfg
     length, heads, groups, width = len(tokens), cfg.n_head, cfg.n_query_groups, cfg.head_size
@@ -288,9 +288,9 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
     import torch
 
     from audio_interaction_server.config import EngineConfig, SessionOptions
-    from audio_interaction_server.encoder import AudioEncoder
-    from audio_interaction_server.sampling import DECISION_TOKENS
-    from audio_interaction_server.worker import Worker
+    from audio_interaction_server.model.encoder import AudioEncoder
+    from audio_interaction_server.engine.sampling import DECISION_TOKENS
+    from audio_interaction_server.engine.worker import Worker
 
     audio = torch.cat(stream_chunks[:4])  # 48 chunks of real speech
     # Unpaced: the whole file is pushed at once and stepped until idle, as the offline runner does.

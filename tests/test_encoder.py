@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from audio_interaction_server.encoder import AudioEncoder
+from audio_interaction_server.model.encoder import AudioEncoder
 
 
 def test_batched_chunks_equal_single_chunks(tiny_model, stream_chunks):
@@ -35,7 +35,7 @@ def test_rejects_wrong_shapes(tiny_model):
 
 
 def test_batch_buckets_are_few_and_waste_at_most_a_third():
-    from audio_interaction_server.encoder import batch_bucket
+    from audio_interaction_server.model.encoder import batch_bucket
 
     buckets = [batch_bucket(n) for n in range(1, 513)]
     assert sorted(set(buckets)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]

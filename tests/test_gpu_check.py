@@ -86,7 +86,7 @@ def _benchmarks_module(name: str):
 
 
 def test_targets_judge_every_figure_separately():
-    from audio_interaction_server.worker import StepStats
+    from audio_interaction_server.engine.worker import StepStats
 
     capacity = _benchmarks_module("capacity")
     targets = capacity.Targets(decision_p95_ms=100, first_token_p95_ms=50, reply_tokens_per_s=20, host_share=0.2)

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import audio_interaction_server.worker as worker_module
+import audio_interaction_server.engine.worker as worker_module
 from audio_interaction_server import tokens as T
 from audio_interaction_server.config import EngineConfig, SamplingOptions, SessionOptions
-from audio_interaction_server.conversation import Conversation
-from audio_interaction_server.engine_events import Decision, SessionEnded, TurnToken
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.conversation import Conversation
+from audio_interaction_server.engine.events import Decision, SessionEnded, TurnToken
+from audio_interaction_server.engine.worker import Worker
 from test_session import Harness
 from test_worker import Recorder
 
@@ -105,7 +105,7 @@ def test_unvalidated_hostile_options_never_stop_the_worker(tiny_model, stream_ch
 
 def test_near_zero_temperature_and_top_p_sample_the_most_likely_token():
     """Sampling that underflows to greedy is greedy, not NaN: the row's best token always survives."""
-    from audio_interaction_server.sampling import sample
+    from audio_interaction_server.engine.sampling import sample
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10
     for options in (unvalidated(temperature=1e-39).sampling, unvalidated(temperature=1.0, top_p=1e-46).sampling):
@@ -345,7 +345,7 @@ def test_the_trained_prompt_and_plain_text_encode_exactly_as_the_tokenizer_does(
 def test_no_prompt_encodes_to_a_control_token(tiny_model, text):
     import unicodedata
 
-    from audio_interaction_server.prompt import PromptEncoder
+    from audio_interaction_server.engine.prompt import PromptEncoder
 
     encoder = PromptEncoder(tiny_model.tokenizer, max_cached_prompts=4)
     ids = encoder.encode(text)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from audio_interaction_server.checkpoint import CheckpointError, load_model
-from audio_interaction_server.hub import parse_repo_id, resolve_checkpoint_source
+from audio_interaction_server.model.checkpoint import CheckpointError, load_model
+from audio_interaction_server.model.hub import parse_repo_id, resolve_checkpoint_source
 from audio_interaction_server.settings import ConfigError, load_config
 
 REPO_ID = "zhifeixie/AudioInteraction"
@@ -61,8 +61,8 @@ def run_python(code: str, env: dict[str, str], *args: str) -> subprocess.Complet
 
 RESOLVE = """
 import sys
-from audio_interaction_server.checkpoint import CheckpointError
-from audio_interaction_server.hub import resolve_checkpoint_source
+from audio_interaction_server.model.checkpoint import CheckpointError
+from audio_interaction_server.model.hub import resolve_checkpoint_source
 for value in sys.argv[1:]:
     try:
         print("OK", resolve_checkpoint_source(value))
@@ -230,7 +230,7 @@ def test_server_loader_resolves_the_repo_id_and_reports_the_offline_error(tmp_pa
 
     from huggingface_hub import constants
 
-    from audio_interaction_server.app import create_app
+    from audio_interaction_server.api.app import create_app
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

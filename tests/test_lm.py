@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from audio_interaction_server.lm import AudioInteractionLM, LMConfig, StepBatch, rope_table
+from audio_interaction_server.model.lm import AudioInteractionLM, LMConfig, StepBatch, rope_table
 
 CPU = torch.device("cpu")
 
@@ -240,7 +240,7 @@ def test_compiled_in_place_attention_equals_gather():
 
 def test_attention_step_timing_runs_both_backends_and_leaves_the_cache_clean(tiny_model):
     """``auto`` on a GPU keeps flex only if it is faster; the timing itself must not disturb the model or cache."""
-    from audio_interaction_server.accelerator import step_ms
+    from audio_interaction_server.model.fit import step_ms
 
     lm = tiny_model.lm
     cache = lm.new_cache(3, 256)

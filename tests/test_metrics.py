@@ -1,4 +1,4 @@
-"""audio_interaction_server.metrics: process memory figures and the session-state gauges, without a server."""
+"""audio_interaction_server.api.metrics: process memory figures and the session-state gauges, without a server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from audio_interaction_server.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
+from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
 
 MIB = 1 << 20
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or heap_stats() is None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audio_interaction_server.connection import Outbox
+from audio_interaction_server.api.connection import Outbox
 from audio_interaction_server.protocol import LiveTextDeltaEvent, LiveTurnEndEvent
 
 

@@ -37,8 +37,9 @@ def test_a_wheel_holds_one_package_with_its_web_page_and_default_settings(tmp_pa
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"audio_interaction_server"}, top_level  # no top-level `server` package
     assert "audio_interaction_server/default.yaml" in names
-    web_files = {path.name for path in (PACKAGE / "web").iterdir() if path.is_file()}
-    assert {name.rsplit("/", 1)[1] for name in names if name.startswith("audio_interaction_server/web/")} == web_files
+    web_files = {path.name for path in (PACKAGE / "api" / "web").iterdir() if path.is_file()}
+    packaged_web = {name.rsplit("/", 1)[1] for name in names if name.startswith("audio_interaction_server/api/web/")}
+    assert packaged_web == web_files
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     assert "audio-interaction = audio_interaction_server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

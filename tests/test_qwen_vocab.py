@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from audio_interaction_server.detokenizer import byte_level_chars
+from audio_interaction_server.render.detokenizer import byte_level_chars
 from audio_interaction_server.tokens import KEEP_SILENCE, SYSTEM_PROMPT, USER
-from audio_interaction_server.tools import qwen_vocab
+from audio_interaction_server.demo import qwen_vocab
 
 ROUND_TRIP_TEXTS = [
     "Hello, world! It's a test: 3.14159, don't PANIC.\n\n  Indented   line\twith tab.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from audio_interaction_server.connection import ConnectionRateLimiter
+from audio_interaction_server.api.connection import ConnectionRateLimiter
 from test_app import LiveServer, metric_samples, recv_event, server_config
 
 

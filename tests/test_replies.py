@@ -6,10 +6,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.engine_events import (
+from audio_interaction_server.engine.events import (
     ContextRollover, Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken,
 )
-from audio_interaction_server.replies import ReplyRenderer
+from audio_interaction_server.render.replies import ReplyRenderer
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from audio_interaction_server.audio import load_audio_file
+from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine_events import SessionEnded
-from audio_interaction_server.segmenter import Segmenter
+from audio_interaction_server.engine.events import SessionEnded
+from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
-from audio_interaction_server.session import ModelInfo, Session
+from audio_interaction_server.api.session import ModelInfo, Session
 from audio_interaction_server.settings import ServerConfig
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.worker import Worker
 
 WALL_EPOCH_S = 1_800_000_000.0
 

@@ -164,7 +164,7 @@ def test_start_up_log_announces_readiness(tiny_checkpoint):
 def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_path):
     """A fresh cache: the demo model is generated and the vocabulary fetched; the log says so, and the
     transformers config warnings about the talker's token ids (never used here) stay out of it."""
-    from audio_interaction_server.tools.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
+    from audio_interaction_server.demo.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
 
     try:
         ranks = qwen_tiktoken_path()

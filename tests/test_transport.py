@@ -1,4 +1,4 @@
-"""Hostile clients below the app (server/audio_interaction_server/transport.py): a real server, raw sockets
+"""Hostile clients below the app (server/audio_interaction_server/api/transport.py): a real server, raw sockets
 speaking the wire protocol.
 
 Each test drives what a hostile client does (half-sent headers, oversized headers, ping floods,
@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from audio_interaction_server.log_bursts import BurstLimiter
+from audio_interaction_server.api.log_bursts import BurstLimiter
 from test_app import API_KEY, LiveServer, metric_samples, recv_event, server_config
 
 FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)

@@ -11,10 +11,10 @@ import torch
 
 from audio_interaction_server import tokens as T
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.engine_events import (
+from audio_interaction_server.engine.events import (
     ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
 )
-from audio_interaction_server.worker import WORKER_FAILED_MESSAGE, Worker
+from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
 

@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     sys.path.insert(0, str(ROOT / "server"))  # the package, also where it is not pip-installed
-    from audio_interaction_server.app import build_server, create_app
+    from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.settings import ServerConfig
-    from audio_interaction_server.tools.make_tiny_checkpoint import make_checkpoint
+    from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)

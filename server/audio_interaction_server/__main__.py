@@ -104,7 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
-    from audio_interaction_server.app import build_server, create_app
+    from audio_interaction_server.api.app import build_server, create_app
 
     fatal: list[str] = []
     server = None

@@ -28,14 +28,16 @@ import torch
 from pydantic import ValidationError
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.audio import AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks
-from audio_interaction_server.audio_input import AudioInput
-from audio_interaction_server.checkpoint import CheckpointError, load_model
+from audio_interaction_server.audio.frontend import (
+    AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks,
+)
+from audio_interaction_server.audio.stream import AudioInput
+from audio_interaction_server.model.checkpoint import CheckpointError, load_model
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.engine_events import EngineEvent, SessionEnded
-from audio_interaction_server.replies import ReplyRenderer
+from audio_interaction_server.engine.events import EngineEvent, SessionEnded
+from audio_interaction_server.render.replies import ReplyRenderer
 from audio_interaction_server.config import SamplingOptions
-from audio_interaction_server.worker import Worker
+from audio_interaction_server.engine.worker import Worker
 
 log = logging.getLogger("audio_interaction_server.cli")
 
@@ -109,10 +111,10 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
-        from audio_interaction_server.hub import resolve_checkpoint_source
+        from audio_interaction_server.model.hub import resolve_checkpoint_source
 
         return resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
-    from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+    from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
     log.warning("no --checkpoint given: using the tiny RANDOM demo model (its replies are noise)")
     return ensure_demo_checkpoint()
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.set_defaults(handler=serve)
     schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event")
     schema_cmd.set_defaults(handler=print_schema)
-    from audio_interaction_server.tools import make_tiny_checkpoint
+    from audio_interaction_server.demo import make_tiny_checkpoint
 
     checkpoint_cmd = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint in the release "
                                          "layout (tests, demo, throughput runs; its replies are noise)")
@@ -216,7 +218,7 @@ def print_schema(args: argparse.Namespace) -> int:
 
 
 def make_checkpoint(args: argparse.Namespace) -> int:
-    from audio_interaction_server.tools.make_tiny_checkpoint import make_checkpoint as write_checkpoint
+    from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint as write_checkpoint
 
     write_checkpoint(args.out, args.preset, args.seed)
     return 0

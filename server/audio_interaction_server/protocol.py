@@ -331,7 +331,7 @@ ServerEvent = Annotated[
 ]
 SERVER_EVENT_ADAPTER: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
 
-# Renderer events (audio_interaction_server.replies) -> their stamped wire form.
+# Renderer events (audio_interaction_server.render.replies) -> their stamped wire form.
 LIVE_FORMS: dict[type, type] = {
     DecisionEvent: LiveDecisionEvent,
     TurnBeginEvent: LiveTurnBeginEvent,

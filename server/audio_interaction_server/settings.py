@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 
 class TransportSettings(BaseModel):
-    """Limits enforced below the app, on each TCP connection (transport.py, docs/deployment.md).
+    """Limits enforced below the app, on each TCP connection (api/transport.py, docs/deployment.md).
 
     They hold before a request reaches a route and for traffic the app never sees (WebSocket
     pings, a peer that stops reading), so a hostile client costs the server a bounded amount.
@@ -159,10 +159,10 @@ class ServerConfig(BaseModel):
             )
         checkpoint = self.engine.checkpoint
         if checkpoint is not None and not self.demo and not checkpoint.is_dir():
-            from audio_interaction_server.hub import parse_repo_id
+            from audio_interaction_server.model.hub import parse_repo_id
 
             # Fail at start-up, not minutes later in the background loader; a repo id is
-            # fetched (or found in the HF cache) by the loader, see hub.py.
+            # fetched (or found in the HF cache) by the loader, see model/hub.py.
             if parse_repo_id(str(checkpoint)) is None:
                 raise ValueError(
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from audio_interaction_server import tokens as T
 from audio_interaction_server.config import ScriptedTurns
-from audio_interaction_server.conversation import Conversation, Phase
+from audio_interaction_server.engine.conversation import Conversation, Phase
 
 # A plain text token stands in for a control token the random model picks mid-reply.
 _FILLER_TOKEN = 1350  # an ordinary BPE token of the Qwen vocabulary

@@ -64,7 +64,7 @@ class Metrics:
         """``source()`` -> {name: value} for the ``SESSION_STATE`` gauges, called at each scrape."""
         self._state.source = source
 
-    # ---- audio_interaction_server.session.SessionObserver ----------------------------
+    # ---- audio_interaction_server.api.session.SessionObserver ----------------------------
     def audio_received(self, seconds: float) -> None:
         self.audio_seconds_total.inc(seconds)
 

@@ -21,10 +21,10 @@ from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from audio_interaction_server.engine_events import EngineEvent
+from audio_interaction_server.engine.events import EngineEvent
 from audio_interaction_server.protocol import ErrorEvent
 from audio_interaction_server.protocol import CloseCode
-from audio_interaction_server.session import Session
+from audio_interaction_server.api.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_interaction_server.checkpoint import (
+from audio_interaction_server.model.checkpoint import (
     ENCODER_FILES,
     INDEX_FILE,
     MODEL_CONFIG_FILE,

@@ -10,7 +10,7 @@ dependencies are never installed). Nothing here is committed: results are
 cached under ``$AUDIO_INTERACTION_CACHE`` or ``~/.cache/audio-interaction/``
 (``qwen.tiktoken``, ``qwen_tokenizer.json``; delete them to force a rebuild).
 
-Usage: ``python -m audio_interaction_server.tools.qwen_vocab OUT_DIR``.
+Usage: ``python -m audio_interaction_server.demo.qwen_vocab OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from audio_interaction_server.detokenizer import byte_level_chars
+from audio_interaction_server.render.detokenizer import byte_level_chars
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ loader on the real layout; a throughput run only needs the real *shapes* on
 the GPU, so this builds the same modules there in the serving dtype and fills
 them with seeded noise, reusing the demo checkpoint's tokenizer.
 
-    python -m audio_interaction_server.tools.random_model --preset real --device cuda   # prints the parameter counts
+    python -m audio_interaction_server.demo.random_model --preset real --device cuda   # prints the parameter counts
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from audio_interaction_server.checkpoint import (
+from audio_interaction_server.model.checkpoint import (
     LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
 )
-from audio_interaction_server.lm import AudioInteractionLM
-from audio_interaction_server.tools.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
+from audio_interaction_server.model.lm import AudioInteractionLM
+from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
 
 log = logging.getLogger(__name__)
 

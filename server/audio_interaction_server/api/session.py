@@ -24,18 +24,18 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from audio_interaction_server.audio import AudioFormatError
-from audio_interaction_server.audio_input import CHUNK_S, AudioInput
+from audio_interaction_server.audio.frontend import AudioFormatError
+from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.config import SessionOptions
-from audio_interaction_server.engine_events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
+from audio_interaction_server.engine.events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
 from audio_interaction_server.protocol import (
     LIVE_FORMS, AudioFormat, ClientEvent, ClientEventError, CloseCode, ErrorEvent, InputFlushedEvent,
     InputFlushEvent, ResponseCancelEvent, SegmentEvent, SessionClosedEvent, SessionCloseEvent,
     SessionConfigureEvent, SessionCreatedEvent, SessionLimits, SessionSettings, SessionUpdatedEvent,
     TextDeltaEvent, TurnBeginEvent, TurnEndEvent, parse_client_event, summarize,
 )
-from audio_interaction_server.replies import ReplyRenderer
-from audio_interaction_server.segmenter import Segmenter
+from audio_interaction_server.render.replies import ReplyRenderer
+from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.settings import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
@@ -47,7 +47,7 @@ _ENGINE_CLOSE_CODES = {"capacity": CloseCode.TRY_AGAIN, "context_full": CloseCod
 
 
 class Engine(Protocol):
-    """The part of ``audio_interaction_server.worker.Worker`` a session uses (thread-safe, non-blocking)."""
+    """The part of ``audio_interaction_server.engine.worker.Worker`` a session uses (thread-safe, non-blocking)."""
 
     def open_session(self, session_id: str, options: SessionOptions, emit: Callable) -> None: ...
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
@@ -57,7 +57,7 @@ class Engine(Protocol):
 
 
 class SessionObserver(Protocol):
-    """Where a session reports what it measures (``audio_interaction_server.metrics.Metrics`` in the app)."""
+    """Where a session reports what it measures (``audio_interaction_server.api.metrics.Metrics`` in the app)."""
 
     def audio_received(self, seconds: float) -> None: ...
     def chunk_decided(self, latency_s: float | None = None) -> None: ...

@@ -1,6 +1,6 @@
 """Token-level events the worker reports per session (the GPU side speaks token ids).
 
-``audio_interaction_server.replies`` turns them into the wire events users see.
+``audio_interaction_server.render.replies`` turns them into the wire events users see.
 """
 
 from __future__ import annotations

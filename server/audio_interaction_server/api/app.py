@@ -28,15 +28,15 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.connection import (
+from audio_interaction_server.api.connection import (
     CLIENT_GONE, ConnectionRateLimiter, StreamConnection, Subscriber, send_and_close,
 )
-from audio_interaction_server.metrics import SESSION_STATE, Metrics, malloc_trim
+from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.protocol import PROTOCOL_VERSION, CloseCode, ErrorEvent
-from audio_interaction_server.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
+from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.settings import ServerConfig
-from audio_interaction_server.static_pages import router as static_pages_router
-from audio_interaction_server.transport import TransportGuard
+from audio_interaction_server.api.static_pages import router as static_pages_router
+from audio_interaction_server.api.transport import TransportGuard
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,15 @@ class Runtime:
         return await outcome
 
     def _load_blocking(self):
-        from audio_interaction_server.checkpoint import load_model
-        from audio_interaction_server.worker import Worker
+        from audio_interaction_server.model.checkpoint import load_model
+        from audio_interaction_server.engine.worker import Worker
 
         engine = self.config.engine
         checkpoint = engine.checkpoint
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
         if self.config.is_demo:
-            from audio_interaction_server.tools.make_tiny_checkpoint import ensure_demo_checkpoint
+            from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 
             log.warning("=" * 72)
             log.warning("DEMO MODE: serving the tiny RANDOM model; its replies are noise.")
@@ -215,7 +215,7 @@ class Runtime:
             log.warning("=" * 72)
             checkpoint = ensure_demo_checkpoint()
         else:
-            from audio_interaction_server.hub import resolve_checkpoint_source
+            from audio_interaction_server.model.hub import resolve_checkpoint_source
 
             checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
         model = load_model(checkpoint, engine.device, engine.dtype)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from audio_interaction_server.lm import FLEX_BLOCK, AudioInteractionLM, SlotKVCache, StepBatch, flex_batch_bucket
+from audio_interaction_server.model.lm import FLEX_BLOCK, AudioInteractionLM, SlotKVCache, StepBatch, flex_batch_bucket
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Any
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.engine_events import (
+from audio_interaction_server.engine.events import (
     ContextRollover,
     Decision,
     EndReason,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from audio_interaction_server.lm import AudioInteractionLM, LMConfig
+from audio_interaction_server.model.lm import AudioInteractionLM, LMConfig
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was requested but torch sees no CUDA device")
     if device == "cuda":
-        from audio_interaction_server.accelerator import UnsupportedGPU, check_gpu_supported
+        from audio_interaction_server.model.fit import UnsupportedGPU, check_gpu_supported
 
         try:
             check_gpu_supported(torch.device(device))

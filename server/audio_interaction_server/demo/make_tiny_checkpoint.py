@@ -1,6 +1,6 @@
 """Write a seeded random Audio-Interaction checkpoint in the exact release layout.
 
-    python -m audio_interaction_server.tools.make_tiny_checkpoint OUT_DIR [--preset tiny|real] [--seed 0]
+    python -m audio_interaction_server.demo.make_tiny_checkpoint OUT_DIR [--preset tiny|real] [--seed 0]
 
 ``tiny`` is a few-MB decoder (plus the real 151,936-row padded vocabulary, so
 every real control id exists) for tests and the no-weights demo; ``real`` has
@@ -85,8 +85,8 @@ def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std
 def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
     from safetensors.torch import save_file
 
-    from audio_interaction_server.checkpoint import parse_lm_config
-    from audio_interaction_server.lm import AudioInteractionLM
+    from audio_interaction_server.model.checkpoint import parse_lm_config
+    from audio_interaction_server.model.lm import AudioInteractionLM
 
     (out / "model_config.yaml").write_text(yaml.safe_dump(preset.lm, sort_keys=False))
     cfg = parse_lm_config(out / "model_config.yaml")
@@ -135,7 +135,7 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
 
 
 def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    from audio_interaction_server.tools.qwen_vocab import write_tokenizer_files
+    from audio_interaction_server.demo.qwen_vocab import write_tokenizer_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ GENERATOR_VERSION = 3
 
 def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path:
     """The tiny demo checkpoint, generated once into the cache (atomically: a rename publishes it)."""
-    from audio_interaction_server.tools.qwen_vocab import cache_dir as default_cache_dir
+    from audio_interaction_server.demo.qwen_vocab import cache_dir as default_cache_dir
 
     root = (cache_dir or default_cache_dir()) / f"demo-tiny-v{GENERATOR_VERSION}-seed{seed}"
     if root.is_dir():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from audio_interaction_server import tokens as T
-from audio_interaction_server.audio import StreamingLogMel, StreamingResampler, decode_pcm
+from audio_interaction_server.audio.frontend import StreamingLogMel, StreamingResampler, decode_pcm
 from audio_interaction_server.protocol import AudioFormat
 
 CHUNK_S = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ

@@ -26,18 +26,18 @@ from typing import Any, Callable
 
 import torch
 
-from audio_interaction_server.accelerator import check_kv_fits, choose_attention
-from audio_interaction_server.checkpoint import LoadedModel
+from audio_interaction_server.model.fit import check_kv_fits, choose_attention
+from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.conversation import ContextFull, Conversation, RowPlan, check_room
-from audio_interaction_server.encoder import AudioEncoder
-from audio_interaction_server.lm import StepBatch
-from audio_interaction_server.engine_events import EngineEvent, SessionEnded, SessionStarted
-from audio_interaction_server.conversation import Phase
+from audio_interaction_server.engine.conversation import ContextFull, Conversation, RowPlan, check_room
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.lm import StepBatch
+from audio_interaction_server.engine.events import EngineEvent, SessionEnded, SessionStarted
+from audio_interaction_server.engine.conversation import Phase
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from audio_interaction_server.prompt import PromptEncoder
-from audio_interaction_server.sampling import DECISION_TOKENS, decide, sample
-from audio_interaction_server.scripted import scripted_token
+from audio_interaction_server.engine.prompt import PromptEncoder
+from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
+from audio_interaction_server.engine.scripted import scripted_token
 
 log = logging.getLogger(__name__)
 # What clients hear when the worker dies; the exception and its traceback go to the log only.

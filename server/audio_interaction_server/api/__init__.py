@@ -1,0 +1,1 @@
+"""The event-loop side, all that knows a socket or HTTP: app, session, connection, transport, metrics, the page."""

@@ -1,0 +1,1 @@
+"""The sans-I/O audio front-end: decode, resample, streaming log-mel, and the per-stream chain."""

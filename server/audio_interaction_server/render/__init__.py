@@ -1,0 +1,1 @@
+"""Token events -> user-facing text: the detokenizer, replies, the sentence segmenter."""
