@@ -1,6 +1,6 @@
 """GPU proof in one command: correctness on the device, then the real-size model's capacity.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu-check [--audio DIR] [--budget-s 420]
+    python benchmarks/gpu_check.py --out gpu-check [--audio DIR] [--budget-s 420]
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check     # CPU, tiny model, seconds
 
 Stages, most important first; each one rewrites ``OUT/report.md`` and ``OUT/report.json``

@@ -1,6 +1,6 @@
 """Where a real-size step's time goes on a GPU: the encoder and the LM forward, piece by piece.
 
-    PYTHONPATH=. python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
+    python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
 
 Builds the random real-size model on the device (``audio_interaction_server.demo.random_model``) and
 times, each as the median of several warm calls with the device synchronised:
