@@ -171,9 +171,22 @@ def _nvidia_smi(field_name: str) -> str | None:
 
 
 def _git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parents[1])
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown (no git checkout)"
+    """HEAD of the checkout this script belongs to, marked ``-dirty`` when its files differ from HEAD.
+
+    A copy of the code inside some other checkout (or a copied tree with stale git metadata, as a
+    device host may get) must not report that checkout's HEAD as the code that ran.
+    """
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return "unknown (not a git checkout of its own)"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
