@@ -72,7 +72,7 @@ from audio_interaction_server.engine.events import Decision, SessionEnded, TurnB
 from audio_interaction_server.model.lm import StepBatch
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide
 from audio_interaction_server.engine.scripted import scripted_token
-from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.tokens import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +81,6 @@ from served import (  # noqa: E402
     server_log, start_server, stream_audio,
 )
 
-CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
 WARMUP_CHUNKS = 3
 MAX_TURN_TOKENS = 64  # the cap for model-decided replies; scripted replies are shorter
 

@@ -37,7 +37,7 @@ from audio_interaction_server.audio.frontend import StreamingLogMel
 from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig, SessionOptions
 from audio_interaction_server.engine.events import Decision
-from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.tokens import CHUNK_S, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +46,6 @@ from served import (  # noqa: E402
 )
 
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE_HZ
-CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
 MAX_TURN_TOKENS = 4
 
 

@@ -42,6 +42,7 @@ AUDIO_FRAMES_PER_CHUNK: Final = 10  # encoder outputs per 0.4 s chunk
 MEL_FRAMES_PER_CHUNK: Final = 40
 SAMPLE_RATE_HZ: Final = 16_000
 CHUNK_SAMPLES: Final = 6_400  # 0.4 s at 16 kHz
+CHUNK_S: Final = CHUNK_SAMPLES / SAMPLE_RATE_HZ  # one chunk of audio, in seconds
 
 SYSTEM_PROMPT: Final = (
     "You are a helpful assistant. When there is no user text, if the audio contains a question, "

@@ -17,7 +17,7 @@ from audio_interaction_server import tokens as T
 from audio_interaction_server.audio.frontend import StreamingLogMel, StreamingResampler, decode_pcm
 from audio_interaction_server.protocol import AudioFormat
 
-CHUNK_S = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
+CHUNK_S = T.CHUNK_S  # re-exported: the session and the app take it from here
 
 
 class AudioInput:

@@ -29,12 +29,11 @@ import torch
 from audio_interaction_server.model.fit import check_kv_fits, choose_attention
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.config import EngineConfig, SessionOptions
-from audio_interaction_server.engine.conversation import ContextFull, Conversation, RowPlan, check_room
+from audio_interaction_server.engine.conversation import ContextFull, Conversation, Phase, RowPlan, check_room
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.lm import StepBatch
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded, SessionStarted
-from audio_interaction_server.engine.conversation import Phase
-from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.tokens import CHUNK_S
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
 from audio_interaction_server.engine.scripted import scripted_token
@@ -166,12 +165,8 @@ class Worker:
     def _refuse(self, command: _Command) -> None:
         """After the worker died: an open is answered with ``worker_failed`` at once, so no client
         waits for a session that never starts; other commands have no session left to act on."""
-        if command.kind != "open" or command.emit is None:
-            return
-        try:
-            command.emit([SessionEnded("worker_failed", WORKER_FAILED_MESSAGE)])
-        except Exception:
-            log.exception("emit callback of session %s failed at close", command.session_id)
+        if command.kind == "open" and command.emit is not None:
+            self._refuse_open(command, SessionEnded("worker_failed", WORKER_FAILED_MESSAGE))
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
@@ -399,12 +394,11 @@ class Worker:
         speed = self.config.max_catch_up_speed
         if speed is None or not self._is_paced or session.conversation.phase is not Phase.LISTENING:
             return True
-        chunk_s = CHUNK_SAMPLES / SAMPLE_RATE_HZ
-        burst = self.config.catch_up_burst_s / chunk_s
+        burst = self.config.catch_up_burst_s / CHUNK_S
         if session.listen_credits is None:
             session.listen_credits = burst
         else:
-            earned = (now_s - session.credits_at_s) * speed / chunk_s
+            earned = (now_s - session.credits_at_s) * speed / CHUNK_S
             session.listen_credits = min(burst, session.listen_credits + earned)
         session.credits_at_s = now_s
         return session.listen_credits >= 1.0 - 1e-9

@@ -15,8 +15,6 @@ from audio_interaction_server.protocol import (
     _Event,
 )
 
-CHUNK_SECONDS = T.CHUNK_SAMPLES / T.SAMPLE_RATE_HZ
-
 
 class ReplyRenderer:
     """One per session; not thread-safe. Engine events without a wire form render to nothing."""
@@ -34,13 +32,13 @@ class ReplyRenderer:
         if isinstance(event, Decision):
             decision = "text_begin" if event.token_id == T.TEXT_BEGIN else "keep_silence"
             return [DecisionEvent(session_id=sid, chunk=event.chunk_index, token_id=event.token_id,
-                                  decision=decision, audio_time_s=round((event.chunk_index + 1) * CHUNK_SECONDS, 3))]
+                                  decision=decision, audio_time_s=round((event.chunk_index + 1) * T.CHUNK_S, 3))]
         if isinstance(event, TurnBegin):
             self._detokenizer = StreamingDetokenizer(self.tokenizer)
             self._num_turn_tokens = 0
             self._turn_index, self._turn_token_ids = event.turn_index, []
             return [TurnBeginEvent(session_id=sid, turn=event.turn_index, chunk=event.chunk_index,
-                                   audio_time_s=round((event.chunk_index + 1) * CHUNK_SECONDS, 3))]
+                                   audio_time_s=round((event.chunk_index + 1) * T.CHUNK_S, 3))]
         if isinstance(event, TurnToken):
             return self._token(event)
         if isinstance(event, TurnEnd):
