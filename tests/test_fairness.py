@@ -74,30 +74,44 @@ class BufferedSocket:
         pass
 
 
+def stream_connector(tiny_model):
+    """``connect(socket)``: a real ``StreamConnection`` + ``Session`` over a not-started worker (pushes just queue)."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    config = ServerConfig(engine={"max_sessions": 2})
+    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+
+    def connect(socket: BufferedSocket) -> StreamConnection:
+        def make_session(emit):
+            return Session(socket.name, config, model, worker, emit, time.monotonic())
+        return StreamConnection(socket, make_session, 10_000, 1.0, on_closed=lambda reason: None)
+
+    return connect
+
+
+async def run_beside(flooder: StreamConnection, neighbour: StreamConnection, is_done) -> None:
+    """Run the flooder, then (one loop turn later) its neighbour, until ``is_done()``; then stop both."""
+    flooding = asyncio.create_task(flooder.run())
+    await asyncio.sleep(0)  # the flood is under way
+    neighbouring = asyncio.create_task(neighbour.run())
+    while not is_done():
+        await asyncio.sleep(0.01)
+    for task in (flooding, neighbouring):
+        task.cancel()
+    await asyncio.gather(flooding, neighbouring, return_exceptions=True)
+
+
 def test_a_flooding_connection_yields_the_event_loop_after_every_frame(tiny_model):
     """Frames a flooding client has already delivered are handled one per loop turn: a neighbour's
     frame that arrives meanwhile waits for one frame of the flood, not for all of it."""
-    worker = Worker(tiny_model, EngineConfig(max_sessions=2))  # not started: pushes just queue up
-    config = ServerConfig(engine={"max_sessions": 2})
-    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    connect = stream_connector(tiny_model)
     received: list[str] = []
     flood_frames = [np.zeros(1600, "<i2").tobytes()] * 200
 
     async def main() -> None:
-        def connect(name: str, frames: list[bytes]) -> StreamConnection:
-            def make_session(emit):
-                return Session(name, config, model, worker, emit, time.monotonic())
-            return StreamConnection(BufferedSocket(name, frames, received), make_session, 10_000, 1.0,
-                                    on_closed=lambda reason: None)
-
-        flooder = asyncio.create_task(connect("flooder", flood_frames).run())
-        await asyncio.sleep(0)  # the flood is under way
-        neighbour = asyncio.create_task(connect("neighbour", [np.zeros(1600, "<i2").tobytes()]).run())
-        while "neighbour" not in received or received.count("flooder") < len(flood_frames):
-            await asyncio.sleep(0.01)
-        for task in (flooder, neighbour):
-            task.cancel()
-        await asyncio.gather(flooder, neighbour, return_exceptions=True)
+        flooder = connect(BufferedSocket("flooder", flood_frames, received))
+        neighbour = connect(BufferedSocket("neighbour", [np.zeros(1600, "<i2").tobytes()], received))
+        await run_beside(flooder, neighbour,
+                         lambda: "neighbour" in received and received.count("flooder") >= len(flood_frames))
 
     asyncio.run(main())
     assert received.index("neighbour") <= 5, f"the neighbour's frame waited for {received.index('neighbour')} frames"
@@ -155,9 +169,7 @@ def test_a_session_far_ahead_of_real_time_is_paced_after_its_burst(tiny_model, s
 def test_a_connection_with_many_queued_events_yields_the_event_loop_after_every_send(tiny_model):
     """Sends that do not block do not yield: a connection with a long outbox (a flood of error events
     it provoked) sends one event per loop turn, so a neighbour's frame is not held behind all of them."""
-    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
-    config = ServerConfig(engine={"max_sessions": 2})
-    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    connect = stream_connector(tiny_model)
     order: list[str] = []
 
     class RecordingSocket(BufferedSocket):
@@ -165,22 +177,10 @@ def test_a_connection_with_many_queued_events_yields_the_event_loop_after_every_
             order.append(f"sent:{self.name}")
 
     async def main() -> None:
-        def connect(name: str, frames: list[bytes]) -> StreamConnection:
-            def make_session(emit):
-                return Session(name, config, model, worker, emit, time.monotonic())
-            return StreamConnection(RecordingSocket(name, frames, order), make_session, 10_000, 1.0,
-                                    on_closed=lambda reason: None)
-
-        flooder = connect("flooder", [])
+        flooder = connect(RecordingSocket("flooder", [], order))
         flooder.deliver(flooder.session.receive_text("{", time.monotonic()) * 500)  # 500 queued error events
-        flooding = asyncio.create_task(flooder.run())
-        await asyncio.sleep(0)
-        neighbour = asyncio.create_task(connect("neighbour", [np.zeros(1600, "<i2").tobytes()]).run())
-        while "neighbour" not in order or order.count("sent:flooder") < 501:
-            await asyncio.sleep(0.01)
-        for task in (flooding, neighbour):
-            task.cancel()
-        await asyncio.gather(flooding, neighbour, return_exceptions=True)
+        neighbour = connect(RecordingSocket("neighbour", [np.zeros(1600, "<i2").tobytes()], order))
+        await run_beside(flooder, neighbour, lambda: "neighbour" in order and order.count("sent:flooder") >= 501)
 
     asyncio.run(main())
     assert order.index("neighbour") <= 10, f"the neighbour's frame waited for {order.index('neighbour')} sends"
