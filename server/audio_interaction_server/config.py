@@ -133,3 +133,9 @@ class SessionOptions(BaseModel):
     system_prompt: str | None = Field(None, description="None = the model's trained system prompt")
     max_turn_tokens: int = Field(512, ge=1, le=4096, description="reply cap, emotion tag included")
     sampling: SamplingOptions = SamplingOptions()
+    reply_mode: Literal["model", "on_request"] = Field(
+        "model",
+        description="model = the model decides at every chunk whether to reply (a reply can also be requested); "
+        "on_request = the model only listens until a reply is requested (manual turns, as OpenAI Realtime's "
+        "turn_detection null)",
+    )

@@ -1,0 +1,120 @@
+"""What a client asks of its session, whatever protocol it speaks.
+
+A codec (``api/native.py`` for ``/v1/stream``, ``api/realtime/`` for ``/v1/realtime``) turns
+frames into these commands and hands them to ``Session.handle``; the session answers with
+the wire events of ``audio_interaction_server.protocol``, which the codec encodes (or, for a
+second protocol, translates). So one session class and one engine path serve every protocol.
+
+Every command carries the client's ``event_id`` (None when the protocol has none) so an
+error can name the event that caused it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.protocol import AudioFormat
+
+
+class _Unset:
+    """A field the command leaves as it is (None is a value: it resets the field to the server default)."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET = _Unset()
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Change session options; fields left UNSET keep their value, None resets to the server default.
+
+    Model options (system prompt, sampling, reply cap, reply mode) can only change before the
+    first audio: the engine session opens with them.
+    """
+
+    system_prompt: str | None | _Unset = UNSET
+    sampling: SamplingOptions | None | _Unset = UNSET
+    max_turn_tokens: int | None | _Unset = UNSET
+    reply_mode: str | None | _Unset = UNSET
+    audio: AudioFormat | None | _Unset = UNSET
+    decision_events: bool | None | _Unset = UNSET
+    event_id: str | None = None
+    event_type: str = "session.configure"  # the wire event that asked, for error events
+
+    def given(self) -> set[str]:
+        return {name for name in ("system_prompt", "sampling", "max_turn_tokens", "reply_mode", "audio",
+                                  "decision_events") if getattr(self, name) is not UNSET}
+
+
+@dataclass(frozen=True)
+class AppendAudio:
+    """PCM in the session's current audio format (``Configure.audio``)."""
+
+    data: bytes
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Flush:
+    """End of the client's input for now: pad the partial chunk, then ``trailing_silence_s`` of silence
+    (None = the server default); ``input.flushed`` follows once the model has heard it all."""
+
+    trailing_silence_s: float | None = None
+    event_id: str | None = None
+    event_type: str = "input.flush"
+
+
+@dataclass(frozen=True)
+class ClearAudio:
+    """Drop the audio the model has not heard yet (queued chunks and the partial chunk)."""
+
+    event_id: str | None = None
+    event_type: str = "input.clear"
+
+
+@dataclass(frozen=True)
+class RequestReply:
+    """Reply at the next chunk, whatever the model would decide (a chunk of silence is added when no
+    audio waits); ignored while a reply is running."""
+
+    event_id: str | None = None
+    event_type: str = "response.create"
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    event_id: str | None = None
+    event_type: str = "response.cancel"
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    event_id: str | None = None
+    event_type: str = "session.close"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A frame the codec could not turn into a command: the session answers with an ``error`` event."""
+
+    code: str
+    message: str
+    event_type: str | None = None
+    event_id: str | None = None
+
+
+Command = Union[Configure, AppendAudio, Flush, ClearAudio, RequestReply, CancelReply, CloseSession, Malformed]
