@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal, Union
 
 EndReason = Literal["text_end", "max_tokens", "cancelled", "session_closed"]
@@ -51,11 +52,35 @@ class SessionStarted:
     prefix_tokens: int
 
 
+class EndCode(StrEnum):
+    """Why a session ended other than by its own client's close (``SessionEnded.error_code``).
+
+    The values are the strings clients see as error codes; ``api/session.py`` maps each to a close code.
+    """
+
+    CAPACITY = "capacity"
+    """Every session slot was in use when the session tried to open: try again later."""
+    DUPLICATE_SESSION = "duplicate_session"
+    """A session with this id is already open in the worker (the caller reused an id)."""
+    INVALID_OPTIONS = "invalid_options"
+    """The session's options cannot run here (a prompt or turn cap that does not fit the context budget)."""
+    CONTEXT_FULL = "context_full"
+    """The session used its whole context budget (no rollover configured, or none could make room)."""
+    SERVER_SHUTDOWN = "server_shutdown"
+    """The worker was stopped while the session was open."""
+    NUMERICAL_ERROR = "numerical_error"
+    """The model produced non-finite values for this session (its own audio or state); others go on."""
+    INTERNAL_ERROR = "internal_error"
+    """Something in this session's own path raised (the server log says what); others go on."""
+    WORKER_FAILED = "worker_failed"
+    """The model worker itself died: every session ends with this, and later opens are refused with it."""
+
+
 @dataclass(frozen=True)
 class SessionEnded:
-    """Final event of a session: ``error`` is None for a normal close."""
+    """Final event of a session: ``error_code`` is None for a normal close (the client asked for it)."""
 
-    error_code: str | None = None
+    error_code: EndCode | None = None
     message: str = ""
 
 

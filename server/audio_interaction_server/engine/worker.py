@@ -32,7 +32,7 @@ from audio_interaction_server.config import EngineConfig, SessionOptions
 from audio_interaction_server.engine.conversation import ContextFull, Conversation, Phase, RowPlan, check_room
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.lm import StepBatch
-from audio_interaction_server.engine.events import EngineEvent, SessionEnded, SessionStarted
+from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
 from audio_interaction_server.tokens import CHUNK_S
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
@@ -55,8 +55,8 @@ class _OptionsDoNotFit(Exception):
 def _failure(exc: BaseException, what: str) -> SessionEnded:
     """The end event of a session whose own path raised: a plain reason for the client, details in the log."""
     if isinstance(exc, FloatingPointError):
-        return SessionEnded("numerical_error", f"{what}: the model produced non-finite values")
-    return SessionEnded("internal_error", f"{what} (the server log says why)")
+        return SessionEnded(EndCode.NUMERICAL_ERROR, f"{what}: the model produced non-finite values")
+    return SessionEnded(EndCode.INTERNAL_ERROR, f"{what} (the server log says why)")
 
 
 @dataclass
@@ -166,7 +166,7 @@ class Worker:
         """After the worker died: an open is answered with ``worker_failed`` at once, so no client
         waits for a session that never starts; other commands have no session left to act on."""
         if command.kind == "open" and command.emit is not None:
-            self._refuse_open(command, SessionEnded("worker_failed", WORKER_FAILED_MESSAGE))
+            self._refuse_open(command, SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE))
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
@@ -208,7 +208,7 @@ class Worker:
                 log.error("model worker did not stop within %.1f s", timeout_s)
                 return  # it still owns the sessions; touching them here would race
         for session in list(self._sessions.values()):
-            self._end(session, "server_shutdown", "the server is shutting down")
+            self._end(session, EndCode.SERVER_SHUTDOWN, "the server is shutting down")
 
     # ---- worker thread ---------------------------------------------------
     def _run(self) -> None:
@@ -221,7 +221,7 @@ class Worker:
                 self.failure = exc
             log.exception("model worker died; every session is ended")
             for session in list(self._sessions.values()):
-                self._end(session, "worker_failed", WORKER_FAILED_MESSAGE)
+                self._end(session, EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)
             self._refuse_pending_opens()
             if self.on_failure is not None:
                 try:
@@ -320,11 +320,11 @@ class Worker:
         assert command.emit is not None
         options: SessionOptions = command.payload
         if command.session_id in self._sessions:
-            self._refuse_open(command, SessionEnded("duplicate_session",
+            self._refuse_open(command, SessionEnded(EndCode.DUPLICATE_SESSION,
                                                     f"session {command.session_id} is already open"))
             return
         if not self._free_slots:
-            self._refuse_open(command, SessionEnded("capacity",
+            self._refuse_open(command, SessionEnded(EndCode.CAPACITY,
                                                     f"all {self.config.max_sessions} session slots are in use"))
             return
         slot = self._free_slots.pop()
@@ -333,7 +333,7 @@ class Worker:
         except Exception as exc:  # e.g. options that skipped validation: this open fails, the worker goes on
             self._release_slot(slot)
             if isinstance(exc, _OptionsDoNotFit):
-                ended = SessionEnded("invalid_options", str(exc))  # our own words: which option, which limit
+                ended = SessionEnded(EndCode.INVALID_OPTIONS, str(exc))  # our own words: which option, which limit
             else:
                 log.error("session %s failed to open", command.session_id, exc_info=exc)
                 ended = _failure(exc, "the session could not open")
@@ -409,7 +409,7 @@ class Worker:
             try:
                 rows.append(_Row(session, session.conversation.plan()))
             except ContextFull as exc:
-                self._end(session, "context_full", str(exc))
+                self._end(session, EndCode.CONTEXT_FULL, str(exc))
             except Exception as exc:
                 self._fail(session, exc, "planning its step failed")
         return rows
@@ -538,9 +538,9 @@ class Worker:
             session.emit(events)
         except Exception:
             log.exception("emit callback of session %s failed; ending it", session.session_id)
-            self._end(session, "internal_error", "event delivery failed", notify=False)
+            self._end(session, EndCode.INTERNAL_ERROR, "event delivery failed", notify=False)
 
-    def _end(self, session: _Session, error_code: str | None, message: str, notify: bool = True) -> None:
+    def _end(self, session: _Session, error_code: EndCode | None, message: str, notify: bool = True) -> None:
         if self._sessions.pop(session.session_id, None) is None:
             return
         # A reply cut by a normal close still gets its end event; after an error it does not.
