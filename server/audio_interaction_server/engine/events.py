@@ -47,6 +47,13 @@ class ContextRollover:
 
 
 @dataclass(frozen=True)
+class AudioCleared:
+    """The answer to ``Worker.clear_audio``: queued chunks dropped before the model heard them."""
+
+    num_chunks: int
+
+
+@dataclass(frozen=True)
 class SessionStarted:
     slot: int
     prefix_tokens: int
@@ -84,4 +91,5 @@ class SessionEnded:
     message: str = ""
 
 
-EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, SessionStarted, SessionEnded]
+EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, AudioCleared, SessionStarted,
+                    SessionEnded]
