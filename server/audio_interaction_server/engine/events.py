@@ -54,6 +54,17 @@ class AudioCleared:
 
 
 @dataclass(frozen=True)
+class AudioCleared:
+    """The session's queued, not yet decided chunks were dropped at the client's request (``clear_audio``).
+
+    The dropped chunks never get a Decision: the session counts them here so its chunk accounting
+    (received = decided + cleared + still queued) stays whole.
+    """
+
+    num_chunks: int
+
+
+@dataclass(frozen=True)
 class SessionStarted:
     slot: int
     prefix_tokens: int
