@@ -36,7 +36,7 @@ def test_schema_is_valid_and_printed_by_the_module(capsys):
 
 def test_every_server_event_is_typed_stamped_and_in_the_schema():
     members = union_members(P.ServerEvent)
-    assert len({m.model_fields["type"].default for m in members}) == len(members) == 12
+    assert len({m.model_fields["type"].default for m in members}) == len(members) == 14
     defs = P.json_schema()["$defs"]
     for member in members:
         assert "server_time_ms" in defs[member.__name__]["required"], member
@@ -58,6 +58,9 @@ def test_every_server_event_is_typed_stamped_and_in_the_schema():
     {"type": "input.flush"},
     {"type": "input.flush", "trailing_silence_s": 0.0},
     {"type": "response.cancel"},
+    {"type": "input.clear", "event_id": "c2"},
+    {"type": "response.create"},
+    {"type": "session.configure", "reply_mode": "on_request"},
     {"type": "session.close", "event_id": "bye"},
 ])
 def test_client_events_parse_and_match_the_schema(event):

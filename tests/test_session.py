@@ -10,10 +10,12 @@ import pytest
 
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.events import SessionEnded
+from audio_interaction_server.engine.events import EndCode, SessionEnded
+from audio_interaction_server.tokens import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
-from audio_interaction_server.api.session import ModelInfo, Session
+from audio_interaction_server.api.native import NativeCodec
+from audio_interaction_server.api.session import CLOSE_CODE_OF_END, ModelInfo, Session
 from audio_interaction_server.settings import ServerConfig
 from audio_interaction_server.engine.worker import Worker
 
@@ -33,17 +35,20 @@ class Harness:
         self.session = Session(session_id, self.config, model, self.worker, self._emit, self.now_s,
                                wall_clock=lambda: WALL_EPOCH_S + self.now_s)
         self.events += self.session.start()
+        self.codec = NativeCodec(self.config.max_frame_bytes)
 
     def _emit(self, engine_events) -> None:  # the worker calls this; here on this very thread
         self.events += self.session.on_engine_events(engine_events, self.now_s)
 
     def send(self, event: dict | str) -> list:
-        new = self.session.receive_text(event if isinstance(event, str) else json.dumps(event), self.now_s)
-        self.events += new
-        return new
+        """A text frame, through the /v1/stream codec as the app decodes it."""
+        return self._receive(event if isinstance(event, str) else json.dumps(event))
 
     def audio(self, data: bytes | np.ndarray) -> list:
-        new = self.session.receive_audio(data if isinstance(data, bytes) else data.tobytes(), self.now_s)
+        return self._receive(data if isinstance(data, bytes) else data.tobytes())
+
+    def _receive(self, message: str | bytes) -> list:
+        new = [event for command in self.codec.decode(message) for event in self.session.handle(command, self.now_s)]
         self.events += new
         return new
 
@@ -312,6 +317,100 @@ def test_flush_of_an_empty_stream_reports_at_once(tiny_model):
     h = Harness(tiny_model)
     (flushed,) = h.send({"type": "input.flush", "trailing_silence_s": 0})
     assert flushed.type == "input.flushed" and flushed.num_chunks == 0
+
+
+def test_every_engine_end_code_has_one_close_code():
+    assert set(CLOSE_CODE_OF_END) == set(EndCode)
+    assert all(isinstance(code, CloseCode) for code in CLOSE_CODE_OF_END.values())
+
+
+def test_on_request_mode_listens_until_a_reply_is_requested(tiny_model, speech):
+    """reply_mode on_request: speech on which the model replies by itself gets no reply; response.create
+    then gets exactly one, at the next chunk (one of silence: none was waiting)."""
+    asked = Harness(tiny_model)
+    (updated,) = asked.send({"type": "session.configure", "reply_mode": "on_request", "decision_events": True})
+    assert updated.options.reply_mode == "on_request"
+    asked.audio(s16(speech))
+    asked.send({"type": "input.flush", "trailing_silence_s": 0})
+    asked.run()
+    by_itself = Harness(tiny_model)
+    by_itself.audio(s16(speech))
+    by_itself.send({"type": "input.flush", "trailing_silence_s": 0})
+    by_itself.run()
+    assert by_itself.of("turn_begin"), "the tiny model replies to this audio by itself"
+    assert asked.of("turn_begin") == [] and all(d.token_id == KEEP_SILENCE for d in asked.of("decision"))
+    heard = len(asked.of("decision"))
+    assert asked.send({"type": "response.create", "event_id": "r1"}) == []
+    asked.run()
+    (begin,) = asked.of("turn_begin")
+    assert begin.chunk == heard, "the reply starts at the chunk after the request"
+    assert asked.of("decision")[-1].token_id == TEXT_BEGIN and asked.of("turn_end")
+    assert asked.of("error") == [] and asked.session.close_code is None
+
+
+def test_response_create_forces_a_reply_where_the_model_would_listen(tiny_model):
+    h = Harness(tiny_model, decision_events=True)
+    h.audio(np.zeros(16000, dtype="<i2"))
+    h.run()
+    assert h.of("turn_begin") == [], "the tiny model listens through silence by itself"
+    h.send({"type": "response.create"})
+    h.send({"type": "response.create"})  # a second request before the reply: still one reply
+    h.run()
+    assert len(h.of("turn_begin")) == 1 and h.of("turn_end")[0].end_reason in ("text_end", "max_tokens")
+
+
+def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech):
+    h = Harness(tiny_model, decision_events=True)
+    (cleared,) = h.send({"type": "input.clear"})  # nothing reached the model yet: answered at once
+    assert (cleared.type, cleared.num_chunks_dropped, cleared.audio_dropped_s) == ("input.cleared", 0, 0.0)
+    h.audio(s16(speech[:int(2.1 * 16000)]))  # 5 whole chunks queued, 0.1 s in the partial one
+    assert h.session.num_chunks_pending == 5
+    assert h.send({"type": "input.clear"}) == []  # the engine says what it dropped
+    h.run()
+    cleared = h.of("input.cleared")[-1]
+    assert cleared.num_chunks_dropped == 5 and cleared.audio_dropped_s == pytest.approx(2.1, abs=0.02)
+    assert h.of("decision") == [] and h.session.num_chunks_pending == 0 and h.session.buffered_audio_s == 0
+    h.audio(s16(speech[:8000]))  # the stream goes on: later audio is heard, a flush is answered
+    h.send({"type": "input.flush", "trailing_silence_s": 0})
+    h.run()
+    assert len(h.of("decision")) == 2 and h.types()[-1] == "input.flushed" and h.of("error") == []
+
+
+def test_drain_closes_a_listening_session_with_1012_after_going_away(tiny_model):
+    h = Harness(tiny_model)
+    h.audio(np.zeros(8000, dtype="<i2"))
+    out = h.session.begin_drain(30.0, h.now_s)
+    assert [e.type for e in out] == ["session.going_away"] and out[0].deadline_s == 30.0
+    h.events += out
+    h.run()
+    assert h.types()[-1] == "session.closed" and h.events[-1].reason == "server_draining"
+    assert h.session.close_code == CloseCode.SERVICE_RESTART == 1012
+
+
+def test_drain_lets_the_reply_in_progress_finish_then_closes(tiny_model, speech):
+    h = Harness(tiny_model, session={"max_turn_tokens": 512})
+    h.audio(s16(speech))
+    while not h.of("turn_begin"):
+        assert h.worker.step() is not None, "the tiny model never replied"
+    h.events += h.session.begin_drain(30.0, h.now_s)
+    assert h.session.close_code is None
+    h.run()
+    ends = h.of("turn_end")
+    assert ends[0].end_reason in ("text_end", "max_tokens"), "the reply in progress is not cut"
+    assert h.types()[-1] == "session.closed" and h.session.close_code == CloseCode.SERVICE_RESTART
+    assert len(h.of("turn_begin")) == 1, "no new reply starts after the drain began"
+
+
+def test_drain_deadline_closes_a_reply_that_runs_too_long(tiny_model, speech):
+    h = Harness(tiny_model, session={"max_turn_tokens": 512})
+    h.audio(s16(speech))
+    while not h.of("turn_begin"):
+        assert h.worker.step() is not None, "the tiny model never replied"
+    h.events += h.session.begin_drain(2.0, h.now_s)
+    h.now_s += 2.5
+    h.events += h.session.poll(h.now_s)
+    h.run()
+    assert h.types()[-2:] == ["turn_end", "session.closed"] and h.session.close_code == CloseCode.SERVICE_RESTART
 
 
 @pytest.mark.parametrize(("deltas", "segments"), [

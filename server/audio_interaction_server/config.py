@@ -21,6 +21,8 @@ MIN_TOP_P = 1e-3
 MAX_TOP_K = 1_000_000
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
+ReplyMode = Literal["model", "on_request"]
+
 
 class SamplingOptions(BaseModel):
     """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
@@ -133,7 +135,7 @@ class SessionOptions(BaseModel):
     system_prompt: str | None = Field(None, description="None = the model's trained system prompt")
     max_turn_tokens: int = Field(512, ge=1, le=4096, description="reply cap, emotion tag included")
     sampling: SamplingOptions = SamplingOptions()
-    reply_mode: Literal["model", "on_request"] = Field(
+    reply_mode: ReplyMode = Field(
         "model",
         description="model = the model decides at every chunk whether to reply (a reply can also be requested); "
         "on_request = the model only listens until a reply is requested (manual turns, as OpenAI Realtime's "

@@ -7,11 +7,12 @@ run and a live stream can be compared event for event.
 from __future__ import annotations
 
 import json
+from enum import IntEnum
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from audio_interaction_server.config import SamplingOptions  # torch-free, so clients can import the protocol
+from audio_interaction_server.config import ReplyMode, SamplingOptions  # torch-free, so clients can import the protocol
 
 EMOTIONS = Literal["happy", "sad", "angry", "surprise", "normal", "urgent"]
 
@@ -105,6 +106,8 @@ class SessionSettings(BaseModel):
     max_turn_tokens: int
     sampling: SamplingOptions
     decision_events: bool = Field(description="whether a `decision` event is sent for every 0.4 s chunk")
+    reply_mode: ReplyMode = Field("model", description="model = the model decides when to reply; on_request = "
+                                  "it replies only after `response.create`")
 
 
 class SessionLimits(BaseModel):
@@ -117,13 +120,14 @@ class SessionLimits(BaseModel):
     chunk_s: float = Field(description="the model hears audio in chunks of this length")
 
 
-class CloseCode:
+class CloseCode(IntEnum):
     """WebSocket close codes of ``/v1/stream`` and the subscriber endpoint (docs/protocol.md)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutdown
     POLICY = 1008  # authentication or origin refused, options the engine cannot run
     INTERNAL = 1011  # the model failed
+    SERVICE_RESTART = 1012  # the replica drains (an update, a scale-down): reconnect, another replica answers
     TRY_AGAIN = 1013  # at capacity or not loaded yet
     IDLE = 4000
     SESSION_LIMIT = 4001  # max_session_s or the model's context budget
@@ -152,6 +156,7 @@ class SessionConfigureEvent(_ClientEvent):
     system_prompt: str | None = Field(None, max_length=8_000)
     sampling: SamplingOptions | None = None
     max_turn_tokens: int | None = Field(None, ge=1, le=4096)
+    reply_mode: ReplyMode | None = None
     decision_events: bool | None = None
 
 
@@ -168,6 +173,19 @@ class ResponseCancelEvent(_ClientEvent):
     type: Literal["response.cancel"]
 
 
+class InputClearEvent(_ClientEvent):
+    """Drop the audio the model has not heard yet; `input.cleared` says how much."""
+
+    type: Literal["input.clear"]
+
+
+class ResponseCreateEvent(_ClientEvent):
+    """Reply at the next chunk, whatever the model would decide (a chunk of silence is added when no audio
+    waits); ignored while a reply is running. With `reply_mode: "on_request"` it is the only way to a reply."""
+
+    type: Literal["response.create"]
+
+
 class SessionCloseEvent(_ClientEvent):
     """End the session now; audio not yet heard is reported in `session.closed`."""
 
@@ -175,7 +193,8 @@ class SessionCloseEvent(_ClientEvent):
 
 
 ClientEvent = Annotated[
-    Union[SessionConfigureEvent, InputFlushEvent, ResponseCancelEvent, SessionCloseEvent],
+    Union[SessionConfigureEvent, InputFlushEvent, InputClearEvent, ResponseCreateEvent, ResponseCancelEvent,
+          SessionCloseEvent],
     Field(discriminator="type"),
 ]
 CLIENT_EVENT_ADAPTER: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
@@ -295,6 +314,23 @@ class InputFlushedEvent(_Event, _Stamped):
     audio_time_s: float = Field(description="stream time the model has heard up to")
 
 
+class InputClearedEvent(_Event, _Stamped):
+    """The answer to `input.clear`: audio accepted but not yet heard was dropped."""
+
+    type: Literal["input.cleared"] = "input.cleared"
+    num_chunks_dropped: int = Field(description="whole 0.4 s chunks dropped before the model heard them")
+    audio_dropped_s: float = Field(description="stream time dropped, the partial chunk included")
+
+
+class SessionGoingAwayEvent(_Event, _Stamped):
+    """The server is draining: the reply in progress finishes, then the session closes with 1012 at its next
+    listening point, at the latest after ``deadline_s``. Reconnect then; another replica will answer."""
+
+    type: Literal["session.going_away"] = "session.going_away"
+    deadline_s: float = Field(description="seconds from this event until the session is closed at the latest")
+    reason: str = "server_draining"
+
+
 class LiveDecisionEvent(DecisionEvent, _Stamped):
     pass
 
@@ -324,6 +360,7 @@ class LiveContextRolloverEvent(ContextRolloverEvent, _Stamped):
 ServerEvent = Annotated[
     Union[
         SessionCreatedEvent, SessionUpdatedEvent, ErrorEvent, SessionClosedEvent, SegmentEvent, InputFlushedEvent,
+        InputClearedEvent, SessionGoingAwayEvent,
         LiveDecisionEvent, LiveTurnBeginEvent, LiveEmotionEvent, LiveTextDeltaEvent, LiveTurnEndEvent,
         LiveContextRolloverEvent,
     ],

@@ -16,15 +16,17 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
+from typing import Protocol
 
 from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from audio_interaction_server.engine.events import EngineEvent
-from audio_interaction_server.protocol import ErrorEvent
-from audio_interaction_server.protocol import CloseCode
+from audio_interaction_server.api.commands import Command
+from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
+from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.protocol import CloseCode, ErrorEvent
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,17 @@ CLIENT_GONE: tuple[type[BaseException], ...] = (WebSocketDisconnect, OSError) + 
 
 # What a subscriber of /v1/sessions/{id}/events receives.
 SUBSCRIBED_TYPES = frozenset({"turn_begin", "emotion", "text_delta", "segment", "turn_end", "session.closed"})
+
+
+class Codec(Protocol):
+    """One wire protocol: client messages -> session commands, session events -> text frames.
+
+    ``encode`` runs at send time, in event order, so a stateful codec (``/v1/realtime`` builds
+    its reply items from the events) sees exactly what the client gets.
+    """
+
+    def decode(self, message: str | bytes) -> list[Command]: ...
+    def encode(self, event) -> list[str]: ...
 
 
 class ConnectionRateLimiter:
@@ -86,11 +99,13 @@ async def run_first_exit(*loops: Coroutine) -> None:
             task.add_done_callback(cancel_others)
 
 
-async def send_and_close(websocket: WebSocket, events: list, code: int) -> None:
+async def send_and_close(websocket: WebSocket, events: list, code: int,
+                         encode: Callable[[object], list[str]] = NativeCodec.encode) -> None:
     """For refusals: a few events, then the close code."""
     try:
         for event in events:
-            await websocket.send_text(event.model_dump_json(exclude_none=True))
+            for frame in encode(event):
+                await websocket.send_text(frame)
         await websocket.close(code)
     except CLIENT_GONE:
         pass  # the client left first
@@ -104,9 +119,11 @@ class Outbox:
     token; only a client that stays behind until ``max_events`` is disconnected.
     """
 
-    def __init__(self, websocket: WebSocket, max_events: int) -> None:
+    def __init__(self, websocket: WebSocket, max_events: int,
+                 encode: Callable[[object], list[str]] = NativeCodec.encode) -> None:
         self.websocket = websocket
         self.max_events = max_events
+        self._encode = encode
         self._items: deque = deque()
         self._has_items = asyncio.Event()
         self.is_closing = False
@@ -165,7 +182,8 @@ class Outbox:
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)
                 return
-            await self.websocket.send_text(item.model_dump_json(exclude_none=True))
+            for frame in self._encode(item):
+                await self.websocket.send_text(frame)
             await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
 
 
@@ -192,14 +210,16 @@ class Subscriber:
 
 
 class StreamConnection:
-    """One ``/v1/stream`` client: feeds its ``Session`` and sends what it returns."""
+    """One streaming client (``/v1/stream``, or ``/v1/realtime`` with its codec): feeds its ``Session`` the
+    commands its codec decodes and sends what the session returns, encoded by the same codec."""
 
     def __init__(self, websocket: WebSocket, make_session: Callable[[Callable], Session], max_events: int,
-                 poll_interval_s: float, on_closed: Callable[[str], None]) -> None:
+                 poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
         self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
-        self.outbox = Outbox(websocket, max_events)
+        self.codec = codec if codec is not None else NativeCodec(self.session.config.max_frame_bytes)
+        self.outbox = Outbox(websocket, max_events, self.codec.encode)
         self.subscribers: set[Subscriber] = set()
         self.poll_interval_s = poll_interval_s
         self._on_closed = on_closed
@@ -237,6 +257,11 @@ class StreamConnection:
         """Server shutdown: close like a client's session.close would, with code 1001."""
         self.deliver(self.session.begin_close("server_shutdown", CloseCode.GOING_AWAY, time.monotonic()))
 
+    def drain(self, deadline_s: float) -> None:
+        """The replica drains: ``session.going_away``, the reply in progress finishes, then close 1012 at the
+        next listening point, within ``deadline_s`` (the poll loop enforces it)."""
+        self.deliver(self.session.begin_drain(deadline_s, time.monotonic()))
+
     async def run(self) -> None:
         try:
             self.deliver(self.session.start())
@@ -256,11 +281,11 @@ class StreamConnection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            now_s = time.monotonic()
-            if message.get("bytes") is not None:
-                self.deliver(self.session.receive_audio(message["bytes"], now_s))
-            elif message.get("text") is not None:
-                self.deliver(self.session.receive_text(message["text"], now_s))
+            payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
+            if payload is not None:
+                now_s = time.monotonic()
+                for command in self.codec.decode(payload):
+                    self.deliver(self.session.handle(command, now_s))
             # Frames a client already delivered come back without a pause (uvicorn queues them), so a
             # flooding client would hold the loop for its whole backlog: one frame per loop turn instead.
             await asyncio.sleep(0)

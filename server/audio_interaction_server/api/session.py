@@ -1,9 +1,11 @@
-"""One streaming connection's state, sans-I/O: frames and engine events in, wire events out.
+"""One streaming connection's state, sans-I/O: commands and engine events in, wire events out.
 
-The app feeds it what arrives (``receive_text``, ``receive_audio``, ``on_engine_events``,
-``poll`` for the clock) and sends back the events each call returns; ``close_code``
-turns non-None when the connection must close after sending them. Time is an
-argument (``now_s``, monotonic), so tests drive timeouts without sleeping.
+The connection feeds it what arrives (``handle`` for the typed commands of api/commands.py,
+which a protocol codec made from the client's frames; ``on_engine_events``; ``poll`` for the
+clock) and sends back the events each call returns; ``close_code`` turns non-None when the
+connection must close after sending them. The events are ``audio_interaction_server.protocol``'s;
+a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is an argument
+(``now_s``, monotonic), so tests drive timeouts without sleeping.
 
 Audio path: PCM bytes -> ``decode_pcm`` -> ``StreamingResampler`` -> ``StreamingLogMel``
 -> ``engine.push_audio``. A frame is either accepted whole (it reaches the model, or
@@ -24,15 +26,19 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
+from audio_interaction_server.api.commands import (
+    UNSET, AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, Malformed, RequestReply,
+)
 from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.config import SessionOptions
-from audio_interaction_server.engine.events import Decision, EngineEvent, SessionEnded, TurnBegin, TurnEnd
+from audio_interaction_server.engine.events import (
+    AudioCleared, Decision, EndCode, EngineEvent, SessionEnded, TurnBegin, TurnEnd,
+)
 from audio_interaction_server.protocol import (
-    LIVE_FORMS, AudioFormat, ClientEvent, ClientEventError, CloseCode, ErrorEvent, InputFlushedEvent,
-    InputFlushEvent, ResponseCancelEvent, SegmentEvent, SessionClosedEvent, SessionCloseEvent,
-    SessionConfigureEvent, SessionCreatedEvent, SessionLimits, SessionSettings, SessionUpdatedEvent,
-    TextDeltaEvent, TurnBeginEvent, TurnEndEvent, parse_client_event, summarize,
+    LIVE_FORMS, AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SegmentEvent,
+    SessionClosedEvent, SessionCreatedEvent, SessionGoingAwayEvent, SessionLimits, SessionSettings,
+    SessionUpdatedEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent, summarize,
 )
 from audio_interaction_server.render.replies import ReplyRenderer
 from audio_interaction_server.render.segmenter import Segmenter
@@ -41,9 +47,17 @@ from audio_interaction_server.settings import ServerConfig
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
 
 
-# Engine end codes that are not the server's fault; any other engine error closes with 1011.
-_ENGINE_CLOSE_CODES = {"capacity": CloseCode.TRY_AGAIN, "context_full": CloseCode.SESSION_LIMIT,
-                       "invalid_options": CloseCode.POLICY, "server_shutdown": CloseCode.GOING_AWAY}
+# How each way the engine can end a session closes the WebSocket: one entry per EndCode (a test checks it).
+CLOSE_CODE_OF_END: dict[EndCode, CloseCode] = {
+    EndCode.CAPACITY: CloseCode.TRY_AGAIN,
+    EndCode.DUPLICATE_SESSION: CloseCode.INTERNAL,  # ids are the server's own: a repeat is a server bug
+    EndCode.INVALID_OPTIONS: CloseCode.POLICY,
+    EndCode.CONTEXT_FULL: CloseCode.SESSION_LIMIT,
+    EndCode.SERVER_SHUTDOWN: CloseCode.GOING_AWAY,
+    EndCode.NUMERICAL_ERROR: CloseCode.INTERNAL,
+    EndCode.INTERNAL_ERROR: CloseCode.INTERNAL,
+    EndCode.WORKER_FAILED: CloseCode.INTERNAL,
+}
 
 
 class Engine(Protocol):
@@ -52,6 +66,8 @@ class Engine(Protocol):
     def open_session(self, session_id: str, options: SessionOptions, emit: Callable) -> None: ...
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
     def cancel(self, session_id: str) -> None: ...
+    def request_reply(self, session_id: str) -> None: ...
+    def clear_audio(self, session_id: str) -> None: ...
     def close_session(self, session_id: str) -> None: ...
     def check_options(self, options: SessionOptions) -> None: ...
 
@@ -106,6 +122,9 @@ class Session:
         self._chunk_push_s: deque[float] = deque()  # push time of each undecided chunk, for onset latency
         self._last_decided_push_s: float | None = None
         self._flush_targets: deque[int] = deque()  # chunk counts that end each input.flush
+        self._num_chunks_dropped = 0  # queued chunks input.clear dropped before the model heard them
+        self._clears_waiting: deque[float] = deque()  # partial-chunk seconds of each clear the engine has not done
+        self._drain_deadline_s: float | None = None
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -115,7 +134,12 @@ class Session:
     @property
     def num_chunks_pending(self) -> int:
         """Chunks given to the model that it has not decided on yet."""
-        return self.audio.num_chunks_pushed - self._num_chunks_decided
+        return self.audio.num_chunks_pushed - self._num_chunks_resolved
+
+    @property
+    def _num_chunks_resolved(self) -> int:
+        """Chunks the model decided on or ``input.clear`` dropped: every chunk before these is done with."""
+        return self._num_chunks_decided + self._num_chunks_dropped
 
     @property
     def num_chunks_decided(self) -> int:
@@ -124,7 +148,7 @@ class Session:
     @property
     def buffered_audio_s(self) -> float:
         """Audio accepted but not heard yet: queued chunks plus the partial chunk in the front-end."""
-        return max(0.0, self.audio.stream_s - self._num_chunks_decided * CHUNK_S)
+        return max(0.0, self.audio.stream_s - self._num_chunks_resolved * CHUNK_S)
 
     # ---- inputs ----------------------------------------------------------------------
     def start(self) -> list:
@@ -133,52 +157,34 @@ class Session:
             is_demo=self.model.is_demo, audio=self.audio.format, options=self._settings(), limits=self._limits(),
         )]
 
-    def receive_text(self, text: str, now_s: float) -> list:
+    def handle(self, command: Command, now_s: float) -> list:
+        """One client command (from any protocol's codec) -> the events that answer it."""
         if self.is_closed:
             return []
         self._last_frame_s = now_s
-        if len(text.encode()) > self.config.max_frame_bytes:
-            return self._error("frame_too_large", f"text frame over {self.config.max_frame_bytes} bytes; ignored")
-        try:
-            event = parse_client_event(text)
-        except ClientEventError as error:
-            return self._error(error.code, error.message, event_type=error.event_type)
+        if isinstance(command, Malformed):
+            return self._error(command.code, command.message, command)
         if self._closing_since_s is not None:
-            return self._error("invalid_state", "the session is closing", event)
-        if isinstance(event, SessionConfigureEvent):
-            return self._configure(event, now_s)
-        if isinstance(event, InputFlushEvent):
-            return self._flush(event, now_s)
-        if isinstance(event, ResponseCancelEvent):
-            if self._is_engine_open:
-                self.engine.cancel(self.session_id)  # its turn_end (end_reason "cancelled") follows
-            return []
-        assert isinstance(event, SessionCloseEvent)
-        return self.begin_close("client_closed", CloseCode.NORMAL, now_s)
-
-    def receive_audio(self, data: bytes, now_s: float) -> list:
-        if self.is_closed:
-            return []
-        self._last_frame_s = now_s
-        if self._closing_since_s is not None:
-            return self._error("invalid_state", "the session is closing; audio frame ignored")
-        if len(data) > self.config.max_frame_bytes:
-            return self._error("frame_too_large",
-                               f"audio frame of {len(data)} bytes is over {self.config.max_frame_bytes}; ignored")
-        try:
-            samples = self.audio.decode(data)
-        except AudioFormatError as error:
-            return self._error("invalid_audio", f"{error}; frame ignored")
-        frame_s = self.audio.duration_s(samples)
-        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
-            return self._error("audio_buffer_full", (
-                f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
-                f"{self.config.max_buffered_audio_s:g} s); this frame of {frame_s:.3f} s was not accepted: "
-                "send audio no faster than real time"))
-        self._observer.audio_received(frame_s)
-        self._open_engine()
-        self._note_pushed(self.audio.accept(samples), now_s)
-        return []
+            what = "audio frame ignored" if isinstance(command, AppendAudio) else "event ignored"
+            return self._error("invalid_state", f"the session is closing; {what}", command)
+        match command:
+            case AppendAudio():
+                return self._append_audio(command, now_s)
+            case Configure():
+                return self._configure(command, now_s)
+            case Flush():
+                return self._flush(command, now_s)
+            case ClearAudio():
+                return self._clear(command)
+            case RequestReply():
+                return self._request_reply(now_s)
+            case CancelReply():
+                if self._is_engine_open:
+                    self.engine.cancel(self.session_id)  # its turn_end (end_reason "cancelled") follows
+                return []
+            case CloseSession():
+                return self.begin_close("client_closed", CloseCode.NORMAL, now_s)
+        raise TypeError(f"not a session command: {command!r}")
 
     def on_engine_events(self, events: list[EngineEvent], now_s: float) -> list:
         if self.is_closed:
@@ -187,6 +193,9 @@ class Session:
         for event in events:
             if isinstance(event, SessionEnded):  # always the engine's last event: session.closed goes last
                 return out + self._flushed_events() + self._engine_ended(event)
+            if isinstance(event, AudioCleared):
+                out += self._cleared(event)
+                continue
             if isinstance(event, Decision):
                 self._num_chunks_decided += 1
                 self._last_decided_push_s = self._chunk_push_s.popleft() if self._chunk_push_s else None
@@ -201,7 +210,10 @@ class Session:
             for wire in self._renderer.render(event):
                 out += self._live(wire, now_s)
         # After the whole batch: a decision and the turn it starts arrive together.
-        return out + self._flushed_events()
+        out += self._flushed_events()
+        if self._drain_deadline_s is not None and not self._is_speaking:
+            out += self._close_for_drain(now_s)  # the reply it was finishing has ended: a listening point
+        return out
 
     def poll(self, now_s: float) -> list:
         """Clock-driven limits; call about once a second."""
@@ -211,6 +223,8 @@ class Session:
             if now_s - self._closing_since_s > CLOSE_GRACE_S:  # the engine never confirmed; close anyway
                 return self._closed(self._close_reason, self._close_code_pending)
             return []
+        if self._drain_deadline_s is not None and now_s >= self._drain_deadline_s:
+            return self._close_for_drain(now_s)
         if now_s - self._last_frame_s > self.config.idle_timeout_s:
             return (self._error("idle_timeout", f"no frame from the client for {self.config.idle_timeout_s:g} s",
                                 is_fatal=True)
@@ -232,6 +246,19 @@ class Session:
         self.engine.close_session(self.session_id)
         return []
 
+    def begin_drain(self, deadline_s: float, now_s: float) -> list:
+        """The server drains: say so, let the reply in progress finish, close with 1012 at the next listening
+        point (now, if the model listens), and at ``deadline_s`` from now at the latest."""
+        if self.is_closed or self._closing_since_s is not None or self._drain_deadline_s is not None:
+            return []
+        self._drain_deadline_s = now_s + deadline_s
+        going_away = [SessionGoingAwayEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
+                                            deadline_s=round(deadline_s, 3))]
+        return going_away + ([] if self._is_speaking else self._close_for_drain(now_s))
+
+    def _close_for_drain(self, now_s: float) -> list:
+        return self.begin_close("server_draining", CloseCode.SERVICE_RESTART, now_s)
+
     def abort(self, reason: str = "disconnected") -> list:
         """The connection is gone: free the engine slot now. Returns the events for subscribers: the cut
         reply's turn_end (the engine's own comes too late, after the session is closed), then the close."""
@@ -246,55 +273,99 @@ class Session:
         self._is_speaking = False
         return cut + self._closed(reason, CloseCode.NORMAL)
 
-    # ---- client events ---------------------------------------------------------------
-    def _configure(self, event: SessionConfigureEvent, now_s: float) -> list:
-        given = event.model_fields_set - {"type", "event_id"}
-        model_fields = given & {"system_prompt", "sampling", "max_turn_tokens"}
+    # ---- client commands -------------------------------------------------------------
+    def _append_audio(self, command: AppendAudio, now_s: float) -> list:
+        try:
+            samples = self.audio.decode(command.data)
+        except AudioFormatError as error:
+            return self._error("invalid_audio", f"{error}; frame ignored", command)
+        frame_s = self.audio.duration_s(samples)
+        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
+            return self._error("audio_buffer_full", (
+                f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
+                f"{self.config.max_buffered_audio_s:g} s); this frame of {frame_s:.3f} s was not accepted: "
+                "send audio no faster than real time"), command)
+        self._observer.audio_received(frame_s)
+        self._open_engine()
+        self._note_pushed(self.audio.accept(samples), now_s)
+        return []
+
+    def _configure(self, command: Configure, now_s: float) -> list:
+        given = command.given()
+        model_fields = given & {"system_prompt", "sampling", "max_turn_tokens", "reply_mode"}
         if model_fields and self._is_engine_open:
             return self._error("invalid_state", f"{sorted(model_fields)} can only change before the first audio "
-                               "frame; open a new session for other model options", event)
-        # An explicit null resets a field to the server's default.
+                               "frame; open a new session for other model options", command)
+        # An explicit None resets a field to the server's default.
         defaults = self.config.session
-        update = {}
-        if "system_prompt" in given:
-            update["system_prompt"] = event.system_prompt
-        if "max_turn_tokens" in given:
-            update["max_turn_tokens"] = event.max_turn_tokens or defaults.max_turn_tokens
+        update = {name: getattr(command, name) for name in model_fields}
+        for name, value in update.items():
+            if value is None and name != "system_prompt":  # a None system prompt is the model's trained one
+                update[name] = getattr(defaults, name)
         try:
-            if "sampling" in given:
-                update["sampling"] = (event.sampling if event.sampling is not None
-                                      else defaults.sampling)
             options = SessionOptions(**{**self.options.model_dump(), **update})
         except ValidationError as error:
-            return self._error("invalid_event", summarize(error), event)
+            return self._error("invalid_event", summarize(error), command)
         try:
             self.engine.check_options(options)
         except ValueError as error:  # fits the schema but not this server's context budget
-            return self._error("invalid_event", str(error), event)
-        if "audio" in given:
-            self._note_pushed(self.audio.set_format(event.audio or AudioFormat()), now_s)
-        if "decision_events" in given:
-            self.decision_events = self.config.decision_events if event.decision_events is None \
-                else event.decision_events
+            return self._error("invalid_event", str(error), command)
+        if command.audio is not UNSET:
+            self._note_pushed(self.audio.set_format(command.audio or AudioFormat()), now_s)
+        if command.decision_events is not UNSET:
+            self.decision_events = (self.config.decision_events if command.decision_events is None
+                                    else command.decision_events)
         self.options = options
         return [SessionUpdatedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
                                     audio=self.audio.format, options=self._settings())]
 
-    def _flush(self, event: InputFlushEvent, now_s: float) -> list:
-        silence_s = self.config.trailing_silence_s if event.trailing_silence_s is None else event.trailing_silence_s
+    def _flush(self, command: Flush, now_s: float) -> list:
+        silence_s = self.config.trailing_silence_s if command.trailing_silence_s is None \
+            else command.trailing_silence_s
         # Synthesized silence queues for the model like audio does, so it counts against the same limit:
         # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
-        queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_decided * CHUNK_S
+        queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_resolved * CHUNK_S
         if queued_after_s > self.config.max_buffered_audio_s + 1e-9:
             return self._error("audio_buffer_full", (
                 f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
                 f"{self.config.max_buffered_audio_s:g} s); this flush with {silence_s:g} s of silence would "
                 f"queue {queued_after_s:.2f} s and was not applied: send it again once the model has caught up"),
-                event)
+                command)
         self._open_engine()
         self._note_pushed(self.audio.flush(silence_s), now_s)
         self._flush_targets.append(self.audio.num_chunks_pushed)
         return self._flushed_events()
+
+    def _clear(self, command: ClearAudio) -> list:
+        partial_s = self.audio.clear()
+        if not self._is_engine_open:  # nothing reached the engine: only the partial chunk goes
+            return [self._cleared_event(0, partial_s)]
+        self._clears_waiting.append(partial_s)
+        self.engine.clear_audio(self.session_id)  # its AudioCleared, with the chunks dropped, answers
+        return []
+
+    def _cleared(self, event: AudioCleared) -> list:
+        self._num_chunks_dropped += event.num_chunks
+        for _ in range(min(event.num_chunks, len(self._chunk_push_s))):
+            self._chunk_push_s.popleft()  # the engine drops the oldest undecided chunks: all it had queued
+        partial_s = self._clears_waiting.popleft() if self._clears_waiting else 0.0
+        return [self._cleared_event(event.num_chunks, partial_s)]
+
+    def _cleared_event(self, num_chunks: int, partial_s: float) -> InputClearedEvent:
+        dropped_s = round(num_chunks * CHUNK_S + partial_s, 3)
+        return InputClearedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
+                                 num_chunks_dropped=num_chunks, audio_dropped_s=dropped_s)
+
+    def _request_reply(self, now_s: float) -> list:
+        if self._is_speaking:
+            return []  # one reply at a time; the engine would ignore it too
+        self._open_engine()
+        if self.num_chunks_pending == 0:
+            # The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence.
+            pushed = self.audio.flush(0.0) or self.audio.flush(CHUNK_S)
+            self._note_pushed(pushed, now_s)
+        self.engine.request_reply(self.session_id)
+        return []
 
     # ---- helpers ---------------------------------------------------------------------
     def _open_engine(self) -> None:
@@ -339,7 +410,7 @@ class Session:
 
     def _flushed_events(self) -> list:
         out = []
-        while self._flush_targets and self._num_chunks_decided >= self._flush_targets[0] and not self._is_speaking:
+        while self._flush_targets and self._num_chunks_resolved >= self._flush_targets[0] and not self._is_speaking:
             self._flush_targets.popleft()
             out.append(InputFlushedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
                                          num_chunks=self._num_chunks_decided,
@@ -350,7 +421,7 @@ class Session:
         self._is_engine_open = False
         if event.error_code is None:  # the close we asked for
             return self._closed(self._close_reason or "closed", self._close_code_pending)
-        code = _ENGINE_CLOSE_CODES.get(event.error_code, CloseCode.INTERNAL)
+        code = CLOSE_CODE_OF_END[EndCode(event.error_code)]
         return self._error(event.error_code, event.message, is_fatal=True) + self._closed(event.error_code, code)
 
     def _closed(self, reason: str, code: int) -> list:
@@ -362,16 +433,16 @@ class Session:
             audio_received_s=round(self.audio.audio_received_s, 3),
         )]
 
-    def _error(self, code: str, message: str, event: ClientEvent | None = None, *, is_fatal: bool = False,
-               event_type: str | None = None) -> list:
+    def _error(self, code: str, message: str, command: Command | None = None, *, is_fatal: bool = False) -> list:
+        """An ``error`` event naming the client event that caused it, when there was one."""
         self._observer.error_sent(code)
         return [ErrorEvent(session_id=self.session_id, server_time_ms=self._now_ms(), code=code, message=message,
-                           is_fatal=is_fatal, event_type=event.type if event is not None else event_type,
-                           event_id=event.event_id if event is not None else None)]
+                           is_fatal=is_fatal, event_type=getattr(command, "event_type", None),
+                           event_id=getattr(command, "event_id", None))]
 
     def _settings(self) -> SessionSettings:
         return SessionSettings(system_prompt=self.options.system_prompt, max_turn_tokens=self.options.max_turn_tokens,
-                               sampling=self.options.sampling,
+                               sampling=self.options.sampling, reply_mode=self.options.reply_mode,
                                decision_events=self.decision_events)
 
     def _limits(self) -> SessionLimits:

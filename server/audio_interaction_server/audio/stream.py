@@ -78,6 +78,15 @@ class AudioInput:
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return num_pushed
 
+    def clear(self) -> float:
+        """Drop the partial chunk (and the resampler's held-back samples): the client asked to forget audio
+        the model has not heard. Returns the stream seconds dropped; the next audio starts a fresh front-end."""
+        dropped_s = max(0.0, self.stream_s - self.num_chunks_pushed * CHUNK_S)
+        self._resampler = None
+        self._front_end = None
+        self.stream_s = self.num_chunks_pushed * CHUNK_S
+        return dropped_s
+
     def _end_resampler(self) -> int:
         """Drain the resampler's filter delay into the feature stream (soxr holds some samples back)."""
         num_pushed = 0
