@@ -48,13 +48,6 @@ class ContextRollover:
 
 @dataclass(frozen=True)
 class AudioCleared:
-    """The answer to ``Worker.clear_audio``: queued chunks dropped before the model heard them."""
-
-    num_chunks: int
-
-
-@dataclass(frozen=True)
-class AudioCleared:
     """The session's queued, not yet decided chunks were dropped at the client's request (``clear_audio``).
 
     The dropped chunks never get a Decision: the session counts them here so its chunk accounting
