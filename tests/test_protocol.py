@@ -36,7 +36,7 @@ def test_schema_is_valid_and_printed_by_the_module(capsys):
 
 def test_every_server_event_is_typed_stamped_and_in_the_schema():
     members = union_members(P.ServerEvent)
-    assert len({m.model_fields["type"].default for m in members}) == len(members) == 14
+    assert len({m.model_fields["type"].default for m in members}) == len(members) == 15
     defs = P.json_schema()["$defs"]
     for member in members:
         assert "server_time_ms" in defs[member.__name__]["required"], member

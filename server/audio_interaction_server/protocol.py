@@ -21,6 +21,8 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     session_id: str | None = Field(None, description="the session the event belongs to")
+    seq: int | None = Field(None, description="1, 2, 3, ... per session, on every event a live session sends: a "
+                            "resuming client names the last one it saw (docs/protocol.md, resume)")
 
 
 class DecisionEvent(_Event):
@@ -129,6 +131,8 @@ class CloseCode(IntEnum):
     INTERNAL = 1011  # the model failed
     SERVICE_RESTART = 1012  # the replica drains (an update, a scale-down): reconnect, another replica answers
     TRY_AGAIN = 1013  # at capacity or not loaded yet
+    RESUME_FAILED = 4009  # the session to resume is gone (expired, unknown, restarted server) or the token is wrong
+    RESUMED_ELSEWHERE = 4010  # another connection resumed this session
     IDLE = 4000
     SESSION_LIMIT = 4001  # max_session_s or the model's context budget
     NOT_FOUND = 4004  # subscriber: no such session
@@ -268,6 +272,9 @@ class SessionCreatedEvent(_Event, _Stamped):
     audio: AudioFormat
     options: SessionSettings
     limits: SessionLimits
+    resume_token: str | None = Field(None, description="secret that resumes this session after a dropped "
+                                     "connection (absent when the server keeps no detached sessions)")
+    resume_grace_s: float | None = Field(None, description="how long a dropped session waits to be resumed")
 
 
 class SessionUpdatedEvent(_Event, _Stamped):
@@ -331,6 +338,17 @@ class SessionGoingAwayEvent(_Event, _Stamped):
     reason: str = "server_draining"
 
 
+class SessionResumedEvent(_Event, _Stamped):
+    """The first event on a resumed connection; the events the client missed follow, then the live stream."""
+
+    type: Literal["session.resumed"] = "session.resumed"
+    last_seq: int = Field(description="the last event the client saw, as it said; replay starts after it")
+    num_replayed: int = Field(description="events that follow this one from before the resume")
+    audio_received_s: float = Field(description="seconds of audio accepted (at the client's rate): send the "
+                                    "audio from this point on")
+    num_chunks_decided: int = Field(description="chunks the model has heard so far")
+
+
 class LiveDecisionEvent(DecisionEvent, _Stamped):
     pass
 
@@ -360,7 +378,7 @@ class LiveContextRolloverEvent(ContextRolloverEvent, _Stamped):
 ServerEvent = Annotated[
     Union[
         SessionCreatedEvent, SessionUpdatedEvent, ErrorEvent, SessionClosedEvent, SegmentEvent, InputFlushedEvent,
-        InputClearedEvent, SessionGoingAwayEvent,
+        InputClearedEvent, SessionGoingAwayEvent, SessionResumedEvent,
         LiveDecisionEvent, LiveTurnBeginEvent, LiveEmotionEvent, LiveTextDeltaEvent, LiveTurnEndEvent,
         LiveContextRolloverEvent,
     ],

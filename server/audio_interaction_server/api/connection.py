@@ -12,10 +12,13 @@ the worker calls on its thread and which only schedules work onto the loop.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Protocol
 
 from fastapi import WebSocket
@@ -146,7 +149,8 @@ class Outbox:
         if (event.type != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
                 or last.turn != event.turn):
             return False
-        self._items[-1] = last.model_copy(update={"text": last.text + event.text})
+        # The merged event carries the later seq: a client that resumes after it has seen both parts.
+        self._items[-1] = last.model_copy(update={"text": last.text + event.text, "seq": event.seq})
         self.num_coalesced += 1
         return True
 
@@ -209,27 +213,88 @@ class Subscriber:
                 return
 
 
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How a ``/v1/stream`` session outlives a dropped connection (docs/protocol.md, resume)."""
+
+    grace_s: float  # how long a detached session waits for its client
+    max_events: int  # events kept for a replay; while detached, one more ends the session
+
+
+class ReplayLog:
+    """A session's most recent events, numbered, so a resuming client gets exactly what it missed."""
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self._events: deque = deque()
+        self.last_seq = 0
+
+    def stamp(self, events: list, keep: bool) -> list:
+        """Number ``events`` (1, 2, 3, ... per session); with ``keep``, hold them for a replay."""
+        stamped = []
+        for event in events:
+            self.last_seq += 1
+            stamped.append(event.model_copy(update={"seq": self.last_seq}))
+        if keep:
+            self._events.extend(stamped)
+        return stamped
+
+    def trim(self) -> None:
+        """While the client is connected the log is a window of the newest events."""
+        while len(self._events) > self.max_events:
+            self._events.popleft()
+
+    @property
+    def is_over_limit(self) -> bool:
+        return len(self._events) > self.max_events
+
+    def since(self, last_seq: int) -> list | None:
+        """The events after ``last_seq``, or None when some of them are no longer held."""
+        first_held = self._events[0].seq if self._events else self.last_seq + 1
+        if not first_held - 1 <= last_seq <= self.last_seq:
+            return None
+        return [event for event in self._events if event.seq > last_seq]
+
+
 class StreamConnection:
     """One streaming client (``/v1/stream``, or ``/v1/realtime`` with its codec): feeds its ``Session`` the
-    commands its codec decodes and sends what the session returns, encoded by the same codec."""
+    commands its codec decodes and sends what the session returns, encoded by the same codec.
+
+    With a ``ResumePolicy`` the session outlives its socket: a connection that drops without a
+    normal close detaches (the engine goes on with the audio it has; its events are numbered and
+    kept) and ``resume`` attaches a new socket, replaying what the client missed. Each socket is
+    one "generation": a socket's loops ending matter only while it is the current one.
+    """
 
     def __init__(self, websocket: WebSocket, make_session: Callable[[Callable], Session], max_events: int,
-                 poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None) -> None:
+                 poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None,
+                 resume: ResumePolicy | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
         self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
         self.codec = codec if codec is not None else NativeCodec(self.session.config.max_frame_bytes)
-        self.outbox = Outbox(websocket, max_events, self.codec.encode)
+        self.max_events = max_events
+        self.outbox: Outbox | None = Outbox(websocket, max_events, self.codec.encode)  # None while detached
         self.subscribers: set[Subscriber] = set()
         self.poll_interval_s = poll_interval_s
         self._on_closed = on_closed
         self.finished = asyncio.Event()
         self._end_reason = "disconnected"
+        self.resume_policy = resume if resume is not None and resume.grace_s > 0 else None
+        self.resume_token = secrets.token_urlsafe(24) if self.resume_policy else None
+        self._log = ReplayLog(self.resume_policy.max_events if self.resume_policy else 0)
+        self._generation = 0
+        self._client_said_goodbye = False  # the socket ended with a normal close frame from the client
+        self._expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def is_detached(self) -> bool:
+        return self.outbox is None and not self.finished.is_set()
 
     @property
     def queued_events(self) -> int:
         """Events waiting to be sent to this client and its subscribers."""
-        return len(self.outbox) + sum(len(subscriber.outbox) for subscriber in self.subscribers)
+        return (len(self.outbox) if self.outbox else 0) + sum(len(sub.outbox) for sub in self.subscribers)
 
     # Called by the worker thread: hop to the loop (the session is not thread-safe).
     def engine_emit(self, events: list[EngineEvent]) -> None:
@@ -239,11 +304,22 @@ class StreamConnection:
         self.deliver(self.session.on_engine_events(events, time.monotonic()))
 
     def deliver(self, events: list) -> None:
+        if not events or self.finished.is_set():
+            return
+        events = self._log.stamp(events, keep=self.resume_policy is not None)
         for subscriber in list(self.subscribers):
             subscriber.deliver(events)
+        if self.outbox is None:  # detached: the log holds them for the client's return, up to its bound
+            if self._log.is_over_limit:
+                log.warning("session %s: detached past its event buffer; ending it", self.session.session_id)
+                self._end_detached("resume_buffer_full")
+            elif self.session.is_closed:
+                self._finish(next((e.reason for e in events if e.type == "session.closed"), self._end_reason))
+            return
+        self._log.trim()
         if not self.outbox.put(events):
             log.warning("session %s: client does not read its events; closing", self.session.session_id)
-            closed = self.session.abort("client_too_slow")
+            closed = self._log.stamp(self.session.abort("client_too_slow"), keep=False)
             for subscriber in list(self.subscribers):
                 subscriber.deliver(closed)
             error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
@@ -260,26 +336,88 @@ class StreamConnection:
     def drain(self, deadline_s: float) -> None:
         """The replica drains: ``session.going_away``, the reply in progress finishes, then close 1012 at the
         next listening point, within ``deadline_s`` (the poll loop enforces it)."""
+        if self.is_detached:  # nobody would hear the going-away, and a resume would come back to a closing replica
+            self._end_detached("server_draining")
+            return
         self.deliver(self.session.begin_drain(deadline_s, time.monotonic()))
 
     async def run(self) -> None:
+        self.deliver(self.session.start(self.resume_token, self.resume_policy.grace_s if self.resume_policy else None))
+        await self._serve(self.websocket, self._generation)
+
+    async def resume(self, websocket: WebSocket, token: str, last_seq: int) -> None:
+        """A client back with its token and the last ``seq`` it saw: replay what it missed, go on live.
+
+        The newest connection wins: a client that changed networks may still look connected on its
+        old socket, which is closed with 4010.
+        """
+        missed = self._log.since(last_seq) if self.resume_policy and not self.session.is_closed else None
+        if missed is None or not hmac.compare_digest(token.encode(), (self.resume_token or "").encode()):
+            await refuse_resume(websocket, "resume_expired" if missed is None else "resume_refused",
+                                "this session can no longer be resumed: start a new one" if missed is None
+                                else "wrong resume token", self.session.session_id)
+            return
+        if self.outbox is not None:  # still attached on an older socket
+            error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
+                               code="session_resumed_elsewhere", message="another connection resumed this session",
+                               is_fatal=True)
+            self.outbox.abandon(CloseCode.RESUMED_ELSEWHERE, [error])
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._generation += 1
+        self._client_said_goodbye = False
+        self.websocket = websocket
+        self.outbox = Outbox(websocket, self.max_events, self.codec.encode)
+        self.outbox.put([self.session.resumed(last_seq, len(missed), time.monotonic()), *missed])
+        log.info("session %s resumed after seq %d; %d events replayed", self.session.session_id, last_seq,
+                 len(missed))
+        await self._serve(websocket, self._generation)
+
+    async def _serve(self, websocket: WebSocket, generation: int) -> None:
+        outbox = self.outbox
         try:
-            self.deliver(self.session.start())
-            await run_first_exit(self._receive_loop(), self.outbox.send_loop(), self._poll_loop())
+            await run_first_exit(self._receive_loop(websocket), outbox.send_loop(), self._poll_loop())
         except* CLIENT_GONE:
             pass  # the client left while we were sending; the finally frees its slot
         finally:
-            if not self.session.is_closed:  # the client vanished: free the engine slot now
-                closed = self.session.abort("disconnected")
-                for subscriber in list(self.subscribers):
-                    subscriber.deliver(closed)
-            self._on_closed(self._end_reason)
-            self.finished.set()
+            if generation == self._generation:  # not displaced by a resume meanwhile
+                self._socket_ended()
 
-    async def _receive_loop(self) -> None:
+    def _socket_ended(self) -> None:
+        if self.session.is_closed:
+            self._finish(self._end_reason)
+        elif self.resume_policy is not None and not self._client_said_goodbye:
+            self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
+            self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_detached, "resume_expired")
+            log.info("session %s detached; resumable for %g s", self.session.session_id, self.resume_policy.grace_s)
+        else:  # the client vanished: free the engine slot now
+            closed = self._log.stamp(self.session.abort("disconnected"), keep=False)
+            for subscriber in list(self.subscribers):
+                subscriber.deliver(closed)
+            self._finish(self._end_reason)
+
+    def _end_detached(self, reason: str) -> None:
+        if self.finished.is_set():
+            return
+        closed = self._log.stamp(self.session.abort(reason), keep=False)
+        for subscriber in list(self.subscribers):
+            subscriber.deliver(closed)
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self.finished.is_set():
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._on_closed(reason)
+        self.finished.set()
+
+    async def _receive_loop(self, websocket: WebSocket) -> None:
         while True:
-            message = await self.websocket.receive()
+            message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                self._client_said_goodbye = message.get("code") == CloseCode.NORMAL
                 return
             payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
             if payload is not None:
@@ -294,3 +432,12 @@ class StreamConnection:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             self.deliver(self.session.poll(time.monotonic()))
+
+
+async def refuse_resume(websocket: WebSocket, code: str, message: str, session_id: str | None) -> None:
+    """A resume that cannot be served: one fatal error, close 4009 (the client starts a new session)."""
+    if websocket.application_state is WebSocketState.CONNECTING:
+        await websocket.accept()
+    error = ErrorEvent(session_id=session_id, server_time_ms=int(time.time() * 1000), code=code, message=message,
+                       is_fatal=True)
+    await send_and_close(websocket, [error], CloseCode.RESUME_FAILED)

@@ -37,7 +37,7 @@ from audio_interaction_server.engine.events import (
 )
 from audio_interaction_server.protocol import (
     LIVE_FORMS, AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SegmentEvent,
-    SessionClosedEvent, SessionCreatedEvent, SessionGoingAwayEvent, SessionLimits, SessionSettings,
+    SessionClosedEvent, SessionCreatedEvent, SessionGoingAwayEvent, SessionLimits, SessionResumedEvent, SessionSettings,
     SessionUpdatedEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent, summarize,
 )
 from audio_interaction_server.render.replies import ReplyRenderer
@@ -151,11 +151,19 @@ class Session:
         return max(0.0, self.audio.stream_s - self._num_chunks_resolved * CHUNK_S)
 
     # ---- inputs ----------------------------------------------------------------------
-    def start(self) -> list:
+    def start(self, resume_token: str | None = None, resume_grace_s: float | None = None) -> list:
         return [SessionCreatedEvent(
             session_id=self.session_id, server_time_ms=self._now_ms(), model=self.model.name,
             is_demo=self.model.is_demo, audio=self.audio.format, options=self._settings(), limits=self._limits(),
+            resume_token=resume_token, resume_grace_s=resume_grace_s,
         )]
+
+    def resumed(self, last_seq: int, num_replayed: int, now_s: float) -> SessionResumedEvent:
+        """What a resuming client needs to go on: where its audio stands (it re-sends from there)."""
+        self._last_frame_s = now_s  # the idle clock restarts with the client's return
+        return SessionResumedEvent(session_id=self.session_id, server_time_ms=self._now_ms(), last_seq=last_seq,
+                                   num_replayed=num_replayed, audio_received_s=self.audio.audio_received_s,
+                                   num_chunks_decided=self._num_chunks_decided)
 
     def handle(self, command: Command, now_s: float) -> list:
         """One client command (from any protocol's codec) -> the events that answer it."""
