@@ -299,7 +299,7 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
     events, fed = [], []
     worker.open_session("s", SessionOptions(max_turn_tokens=3), events.extend)
     worker.step()
-    conversation = worker._sessions["s"].conversation
+    conversation = worker.scheduler.sessions["s"].conversation
     commit = conversation.commit
 
     def recording_commit(row, token_id):

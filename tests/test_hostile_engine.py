@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import audio_interaction_server.engine.worker as worker_module
+import audio_interaction_server.engine.runner as runner_module
+import audio_interaction_server.engine.scheduler as scheduler_module
 from audio_interaction_server import tokens as T
 from audio_interaction_server.config import EngineConfig, SamplingOptions, SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
@@ -181,7 +182,7 @@ class FaultInjector:
         self._restore: list[tuple[object, str, object]] = []
 
     def _is_victim(self, conversation) -> bool:
-        session = self.worker._sessions.get(self.victim_id)
+        session = self.worker.scheduler.sessions.get(self.victim_id)
         return session is not None and session.conversation is conversation
 
     def _raise(self) -> None:
@@ -203,7 +204,7 @@ class FaultInjector:
                     injector._raise()
                 return Conversation(*args, **kwargs)
 
-            self._patch(worker_module, "Conversation", conversation_factory)
+            self._patch(scheduler_module, "Conversation", conversation_factory)
         elif self.kind in ("audio", "plan", "commit"):
             method = {"audio": "add_audio", "plan": "plan", "commit": "commit"}[self.kind]
             original = getattr(Conversation, method)
@@ -215,15 +216,15 @@ class FaultInjector:
 
             self._patch(Conversation, method, faulty)
         elif self.kind == "sample":
-            original_sample = worker_module.sample
+            original_sample = runner_module.sample
 
             def faulty_sample(logits, options, generator):
-                session = injector.worker._sessions.get(injector.victim_id)
+                session = injector.worker.scheduler.sessions.get(injector.victim_id)
                 if session is not None and options is session.options.sampling:
                     injector._raise()
                 return original_sample(logits, options, generator)
 
-            self._patch(worker_module, "sample", faulty_sample)
+            self._patch(runner_module, "sample", faulty_sample)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -310,7 +311,7 @@ def opened_prefix(worker: Worker, system_prompt: str | None) -> tuple[list[int],
     rec = Recorder()
     worker.open_session("p", SessionOptions(system_prompt=system_prompt, max_turn_tokens=6), rec)
     worker.step()
-    prefix = list(worker._sessions["p"].conversation.prefix_ids)
+    prefix = list(worker.scheduler.sessions["p"].conversation.prefix_ids)
     worker.close_session("p")
     worker.step()
     (started,) = [e for e in rec.events if type(e).__name__ == "SessionStarted"]

@@ -1,0 +1,81 @@
+"""What other threads ask of the worker: one frozen dataclass per request, applied between steps.
+
+The public ``Worker`` methods (``open_session``, ``push_audio``, ...) build these and post them to
+the worker's inbox; the worker thread dispatches them with ``match``. Frozen, because a command
+crosses threads: nobody may change it after posting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Union
+
+from audio_interaction_server.config import SessionOptions
+from audio_interaction_server.engine.events import EngineEvent
+
+EmitFn = Callable[[list[EngineEvent]], None]
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """Open a session: it gets a slot and ``SessionStarted``, or a ``SessionEnded`` saying why not."""
+
+    session_id: str
+    options: SessionOptions
+    emit: EmitFn  # called on the worker thread with each batch of the session's events
+    action: ClassVar[str] = "open"
+
+
+@dataclass(frozen=True)
+class PushAudio:
+    """Queue mel chunks (N, 128, 40) for the session, consumed in order, one decision each."""
+
+    session_id: str
+    mel_chunks: Any  # a torch.Tensor (N, 128, 40), or a sequence of (128, 40) chunks
+    action: ClassVar[str] = "audio"
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    """End the session's running reply now (``TurnEnd`` with ``cancelled``); nothing when it is listening."""
+
+    session_id: str
+    action: ClassVar[str] = "cancel"
+
+
+@dataclass(frozen=True)
+class RequestReply:
+    """The next chunk decided for the session starts a reply, whatever the model's logits say.
+
+    Ignored while a reply runs; one request is consumed by one reply.
+    """
+
+    session_id: str
+    action: ClassVar[str] = "reply request"
+
+
+@dataclass(frozen=True)
+class ClearAudio:
+    """Drop the session's queued, not yet decided chunks; answered with ``AudioCleared(num_chunks)``."""
+
+    session_id: str
+    action: ClassVar[str] = "clear"
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    """Close the session at the client's request: a running reply ends with ``session_closed``."""
+
+    session_id: str
+    action: ClassVar[str] = "close"
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wakes a worker blocked on its empty inbox (``stop``); carries no request."""
+
+    action: ClassVar[str] = "wake"
+
+
+SessionCommand = Union[PushAudio, CancelReply, RequestReply, ClearAudio, CloseSession]
+Command = Union[OpenSession, SessionCommand, Wake]
