@@ -1,7 +1,8 @@
 """The Realtime routes: ``POST /v1/realtime/client_secrets`` (ephemeral keys) and ``WS /v1/realtime``.
 
-``add_realtime_routes(app, runtime)`` is called by ``api/app.py``; admission (API key or a
-valid client secret, origin, rate, capacity) is the app's, shared with ``/v1/stream``.
+``add_realtime_routes(app, runtime)`` is called by ``api/app.py``. Admission (API key or a valid
+client secret, origin, rate, drain, capacity) is ``api/admission.py``'s, the same as ``/v1/stream``'s;
+the session, its connection and the engine are the same too: only the codec differs.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import hmac
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import HTTPConnection
 
+from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
+from audio_interaction_server.protocol import CloseCode
+
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 class ExpiresAfter(BaseModel):
@@ -60,6 +66,13 @@ def _http_error(status: int, code: str, message: str, param: str | None = None) 
 
 
 def add_realtime_routes(app: FastAPI, runtime) -> None:
+    # Installed now, not at the first mint: admission accepts a secret wherever it accepts the API key.
+    client_secrets_of(runtime)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        await serve_realtime(runtime, websocket)
+
     @app.post("/v1/realtime/client_secrets")
     async def create_client_secret(request: Request) -> JSONResponse:
         if not _has_api_key(runtime, request):
@@ -75,6 +88,63 @@ def add_realtime_routes(app: FastAPI, runtime) -> None:
         minted = client_secrets_of(runtime).mint(parsed.expires_after.seconds)
         return JSONResponse({"value": minted.value, "expires_at": minted.expires_at_s,
                              "session": _default_session_object(runtime)})
+
+
+async def serve_realtime(runtime, websocket: WebSocket) -> None:
+    from audio_interaction_server.api import admission
+    from audio_interaction_server.api.connection import StreamConnection
+
+    config = runtime.config
+    codec = RealtimeCodec(config.max_frame_bytes)
+    if await admission.rate_limited(runtime, websocket):
+        return
+    refusal = admission.admit_session(runtime, _with_subprotocol_key(websocket))
+    if refusal is None and websocket.query_params.get("intent") == "transcription":
+        refusal = admission.Refusal("invalid_value", "transcription sessions are not supported: the model does "
+                                    "not transcribe", CloseCode.POLICY)
+    if refusal is not None:
+        await admission.refuse(runtime, websocket, refusal, encode=codec.encode)
+        return
+    session_id = runtime.new_session_id()
+
+    def make_session(engine_emit):
+        return runtime.make_session(session_id, engine_emit)
+
+    def on_closed(reason: str) -> None:
+        runtime.release(session_id, reason)
+
+    # No resume: a Realtime client that loses its socket opens a new session (the SDKs reconnect that way).
+    connection = StreamConnection(websocket, make_session, config.max_queued_events,
+                                  min(1.0, config.idle_timeout_s / 4), on_closed, codec=codec)
+    runtime.register(session_id, connection)  # before the first await: the capacity check cannot be raced
+    try:
+        await websocket.accept(subprotocol=_chosen_subprotocol(websocket))
+    except Exception:
+        on_closed("handshake_failed")
+        raise
+    await connection.run()
+
+
+def _offered_subprotocols(websocket: WebSocket) -> list[str]:
+    return [name.strip() for name in websocket.headers.get("sec-websocket-protocol", "").split(",") if name.strip()]
+
+
+def _chosen_subprotocol(websocket: WebSocket) -> str | None:
+    # Never the key's: echoing it would put the key in a response header for nothing.
+    return "realtime" if "realtime" in _offered_subprotocols(websocket) else None
+
+
+def _with_subprotocol_key(websocket: WebSocket) -> HTTPConnection:
+    """A browser cannot set headers on a WebSocket: the Realtime API lets it offer the key (or an ephemeral
+    secret) as the subprotocol ``openai-insecure-api-key.<key>``. Admission then sees it as a bearer header."""
+    if websocket.headers.get("authorization"):
+        return websocket
+    for name in _offered_subprotocols(websocket):
+        if name.startswith(KEY_SUBPROTOCOL_PREFIX) and len(name) > len(KEY_SUBPROTOCOL_PREFIX):
+            key = name[len(KEY_SUBPROTOCOL_PREFIX):]
+            headers = [*websocket.scope["headers"], (b"authorization", f"Bearer {key}".encode("latin-1"))]
+            return HTTPConnection({**websocket.scope, "headers": headers})
+    return websocket
 
 
 def _default_session_object(runtime) -> dict:

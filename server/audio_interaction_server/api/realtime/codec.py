@@ -1,0 +1,397 @@
+"""The ``/v1/realtime`` codec: OpenAI Realtime frames <-> the session's commands and events.
+
+``decode`` turns one client frame into session commands (api/commands.py); ``encode`` turns one
+session event (protocol.py) into zero or more Realtime events, at send time and in order. The
+session and the engine are the ones ``/v1/stream`` uses; this file only translates, keeping the
+little state the Realtime API needs and the session does not: the response in progress, item
+ids, the audio format on the wire (G.711 is decoded here), the turn-detection name the client chose.
+
+Answers that are the codec's own (a ``response.cancel`` with nothing to cancel, an unsupported
+``output_modalities``) still go through the session as ``Malformed`` commands, so they are
+counted and ordered like every other error. Acknowledgements with no session meaning
+(``conversation.item.create``/``delete``) ride on an empty ``Configure``: the session answers
+it with ``session.updated`` in its place in the event order, which the codec turns into the
+acknowledgement. The ``_answers`` queue says what each ``Configure`` the codec sent stands for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from audio_interaction_server.api.commands import (
+    AppendAudio, CancelReply, ClearAudio, Command, Configure, Flush, Malformed, RequestReply,
+)
+from audio_interaction_server.api.realtime.events import (
+    CLIENT_EVENT_ADAPTER, AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
+    ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, Error,
+    ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
+    InputAudioBufferCleared, InputAudioBufferCommit, MessageItem, ResponseCancel, ResponseCreate, SessionCreated,
+    SessionObject, SessionUpdate, SessionUpdated, TextContent, TurnDetectionObject,
+)
+from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
+from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
+from audio_interaction_server.protocol import AudioFormat
+
+REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
+G711_RATE_HZ = 8_000
+MAX_TURN_TOKENS = 4096  # SessionOptions.max_turn_tokens' bound, checked here to name the Realtime field
+
+# Session error codes -> the Realtime API's, where it has its own name for the same thing.
+_CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
+# Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
+_CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed"}
+_CONFIGURE_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure
+_NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What the session's answer to one codec-issued ``Configure`` stands for."""
+
+    kind: str  # "internal" (send nothing), "session.update", "item.create", "item.delete"
+    event_type: str
+    event_id: str | None
+    audio_format: AudioPcm | AudioPcmu | AudioPcma | None = None
+    turn_detection: TurnDetectionObject | None | str = "unchanged"
+    item: MessageItem | FunctionCallOutputItem | None = None
+    previous_item_id: str | None = None
+    deleted_item_id: str | None = None
+
+
+@dataclass
+class _Request:
+    """A ``response.create`` whose reply has not begun yet."""
+
+    event_id: str | None
+    metadata: dict[str, str] | None
+
+
+class RealtimeCodec:
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.ids = Ids()
+        self.conversation = Conversation()
+        self.replies = ReplyBuilder(self.ids, self.conversation)
+        self._format: AudioPcm | AudioPcmu | AudioPcma = AudioPcm()
+        self._turn_detection: TurnDetectionObject | None = TurnDetectionObject()
+        self._answers: deque[_Answer] = deque()
+        self._params: dict[tuple[str | None, str], str] = {}  # (event_id, code) -> the field a codec error names
+        self._is_started = False
+        self._session_id = "sess_unbound"
+        self._model = "audio-interaction"
+        self._settings = None  # the session's SessionSettings, from its last session.created/updated
+        self._default_max_turn_tokens = 512
+        self._request: _Request | None = None
+        self._has_uncommitted_audio = False
+        self._num_commits_waiting = 0
+
+    # ---- client frames -> commands ----------------------------------------------------------
+    def decode(self, message: str | bytes) -> list[Command]:
+        first: list[Command] = []
+        if not self._is_started:
+            # The session starts at /v1/stream's 16 kHz; the Realtime API's default is 24 kHz PCM.
+            self._is_started = True
+            first.append(Configure(audio=self._session_format(self._format), event_type="session.update"))
+            self._answers.append(_Answer("internal", "session.update", None))
+        return first + self._decode(message)
+
+    def _decode(self, message: str | bytes) -> list[Command]:
+        if isinstance(message, bytes):
+            return [Malformed("invalid_frame", "binary frames are not part of the Realtime API: send audio as "
+                              "base64 in input_audio_buffer.append; frame ignored")]
+        if len(message.encode()) > self.max_frame_bytes:
+            return [Malformed("frame_too_large", f"text frame over {self.max_frame_bytes} bytes; ignored (send "
+                              "audio in smaller appends)")]
+        try:
+            event = CLIENT_EVENT_ADAPTER.validate_json(message)
+        except ValidationError as error:
+            return [self._invalid(error)]
+        match event:
+            case InputAudioBufferAppend():
+                return self._append(event)
+            case SessionUpdate():
+                return self._session_update(event)
+            case InputAudioBufferCommit():
+                return self._commit(event)
+            case InputAudioBufferClear():
+                return [ClearAudio(event_id=event.event_id, event_type=event.type)]
+            case ResponseCreate():
+                return self._response_create(event)
+            case ResponseCancel():
+                return self._response_cancel(event)
+            case ConversationItemCreate():
+                return self._item_create(event)
+            case ConversationItemDelete():
+                return self._item_delete(event)
+        raise TypeError(f"no command for {event!r}")
+
+    def _invalid(self, error: ValidationError) -> Malformed:
+        first = error.errors()[0]
+        context = first.get("ctx", {})
+        if first["type"] == "json_invalid":
+            return Malformed("invalid_json", f"text frames must hold one JSON object: {first['msg']}")
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = context.get("tag")
+            return Malformed("unknown_event", f"event type {tag!r} is not supported by this server (see "
+                             "docs/realtime.md for the supported events)", event_type=None if tag is None else str(tag))
+        event_type = str(first["loc"][0]) if first["loc"] else None
+        where = ".".join(str(part) for part in first["loc"][1:])
+        return self._refuse("invalid_value", f"{where or 'event'}: {first['msg']}", event_type, None, where or None)
+
+    def _refuse(self, code: str, message: str, event_type: str | None, event_id: str | None,
+                param: str | None = None) -> Malformed:
+        if param is not None:
+            if len(self._params) > 64:  # an answer the session never gave (it closed): forget the oldest
+                del self._params[next(iter(self._params))]
+            self._params[(event_id, code)] = param
+        return Malformed(code, message, event_type=event_type, event_id=event_id)
+
+    def _append(self, event: InputAudioBufferAppend) -> list[Command]:
+        try:
+            data = base64.b64decode(event.audio, validate=True)
+        except (binascii.Error, ValueError):
+            return [self._refuse("invalid_value", "audio is not valid base64; ignored", event.type, event.event_id,
+                                 "audio")]
+        if isinstance(self._format, AudioPcmu):
+            data = mulaw_to_s16le(data)
+        elif isinstance(self._format, AudioPcma):
+            data = alaw_to_s16le(data)
+        if data:
+            self._has_uncommitted_audio = True
+        return [AppendAudio(data, event_id=event.event_id)]
+
+    def _commit(self, event: InputAudioBufferCommit) -> list[Command]:
+        if not self._has_uncommitted_audio:
+            return [self._refuse("input_audio_buffer_commit_empty", "Error committing input audio buffer: no audio "
+                                 "was appended since the last commit", event.type, event.event_id)]
+        self._num_commits_waiting += 1
+        # Pads the partial chunk and adds trailing silence, so the model hears all of it; committed follows.
+        return [Flush(event_id=event.event_id, event_type=event.type)]
+
+    def _response_create(self, event: ResponseCreate) -> list[Command]:
+        response = event.response
+        modalities = response.output_modalities if response is not None else None
+        if modalities is not None and set(modalities) != {"text"}:
+            return [self._refuse("invalid_value", f"output_modalities {modalities} is not supported: the model "
+                                 "produces text (pair it with a text-to-speech)", event.type, event.event_id,
+                                 "response.output_modalities")]
+        if self.replies.reply is not None or self._request is not None:
+            active = self.replies.response_id or "(requested)"
+            return [self._refuse("conversation_already_has_active_response", f"Conversation already has an active "
+                                 f"response in progress: {active}. Wait until the response is finished before "
+                                 "creating a new one.", event.type, event.event_id)]
+        self._request = _Request(event.event_id, None if response is None else response.metadata)
+        return [RequestReply(event_id=event.event_id, event_type=event.type)]
+
+    def _response_cancel(self, event: ResponseCancel) -> list[Command]:
+        active = self.replies.response_id
+        if active is None or (event.response_id is not None and event.response_id != active):
+            # "Cancellation failed" is the Realtime API's own wording, which LiveKit recognises and skips.
+            reason = "the requested response has not started yet" if self._request is not None and active is None \
+                else "no active response found"
+            return [self._refuse("response_cancel_not_active", f"Cancellation failed: {reason}", event.type,
+                                 event.event_id)]
+        return [CancelReply(event_id=event.event_id, event_type=event.type)]
+
+    def _item_create(self, event: ConversationItemCreate) -> list[Command]:
+        given = event.item
+        item_id = given.id or self.ids.new("item")
+        if item_id in self.conversation.item_ids:
+            return [self._refuse("item_create_duplicate_item_id", f"an item with id {item_id!r} already exists",
+                                 event.type, event.event_id, "item.id")]
+        if given.type == "message" and given.role in ("user", "assistant", "system"):
+            content = []
+            for part in given.content or []:
+                if part.type in ("input_text", "output_text", "text"):
+                    kind = "output_text" if given.role == "assistant" else "input_text"
+                    content.append(TextContent(type=kind, text=part.text or part.transcript or ""))
+                elif part.type == "input_image":
+                    content.append(ImageContent())
+            item = MessageItem(id=item_id, role=given.role, content=content)
+        elif given.type == "function_call_output" and given.call_id is not None:
+            item = FunctionCallOutputItem(id=item_id, call_id=given.call_id, output=given.output or "")
+        else:
+            return [self._refuse("invalid_value", f"items of type {given.type!r} (role {given.role!r}) are not "
+                                 "supported: the model neither calls tools nor takes them", event.type,
+                                 event.event_id, "item.type")]
+        previous = event.previous_item_id
+        if previous == "root":
+            previous = None
+        elif previous is None or previous not in self.conversation.item_ids:
+            previous = self.conversation.last_item_id
+        return self._acknowledge(_Answer("item.create", event.type, event.event_id, item=item,
+                                         previous_item_id=previous))
+
+    def _item_delete(self, event: ConversationItemDelete) -> list[Command]:
+        if event.item_id not in self.conversation.item_ids:
+            return [self._refuse("item_delete_invalid_item_id", f"no item with id {event.item_id!r}", event.type,
+                                 event.event_id, "item_id")]
+        return self._acknowledge(_Answer("item.delete", event.type, event.event_id, deleted_item_id=event.item_id))
+
+    def _acknowledge(self, answer: _Answer) -> list[Command]:
+        self._answers.append(answer)
+        return [Configure(event_id=answer.event_id, event_type=answer.event_type)]
+
+    def _session_update(self, event: SessionUpdate) -> list[Command]:
+        session, refuse = event.session, (lambda message, param: [self._refuse(
+            "invalid_value", message, event.type, event.event_id, param)])
+        given = session.model_fields_set
+        if "type" in given and session.type != "realtime":
+            return refuse(f"session type {session.type!r} is not supported: the model does not transcribe; use "
+                          "type 'realtime'", "session.type")
+        if session.output_modalities is not None and set(session.output_modalities) != {"text"}:
+            return refuse(f"output_modalities {session.output_modalities} is not supported: the model produces "
+                          "text (pair it with a text-to-speech)", "session.output_modalities")
+        if session.tools:
+            return refuse("tools are not supported: the model does not call functions", "session.tools")
+        fields: dict = {}
+        settings = self._settings
+        if "instructions" in given:
+            prompt = session.instructions or None  # empty = the model's trained system prompt
+            if settings is None or prompt != settings.system_prompt:
+                fields["system_prompt"] = prompt
+        if "max_output_tokens" in given:
+            cap = session.max_output_tokens
+            if isinstance(cap, int) and not 1 <= cap <= MAX_TURN_TOKENS:
+                return refuse(f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not {cap}",
+                              "session.max_output_tokens")
+            cap = self._default_max_turn_tokens if cap in (None, "inf") else cap
+            if settings is None or cap != settings.max_turn_tokens:
+                fields["max_turn_tokens"] = cap
+        audio_input = session.audio.input if session.audio is not None else None
+        new_format, turn_detection = None, "unchanged"
+        if audio_input is not None and audio_input.format is not None:
+            new_format = _format_object(audio_input.format.type, audio_input.format.rate)
+            if new_format is None:
+                return refuse(f"audio format {audio_input.format.type!r} (rate {audio_input.format.rate}) is not "
+                              "supported: use audio/pcm (24000 Hz, or another rate from 8000 to 48000), audio/pcmu "
+                              "or audio/pcma", "session.audio.input.format")
+            if new_format != self._format:
+                fields["audio"] = self._session_format(new_format)
+        if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
+            requested = audio_input.turn_detection
+            if requested is not None and requested.type not in ("server_vad", "semantic_vad"):
+                return refuse(f"turn_detection type {requested.type!r} is not supported: server_vad or "
+                              "semantic_vad (the model decides when to reply) or null (manual turns)",
+                              "session.audio.input.turn_detection.type")
+            turn_detection = None if requested is None else TurnDetectionObject(type=requested.type)
+            reply_mode = "on_request" if requested is None else "model"
+            if settings is None or reply_mode != settings.reply_mode:
+                fields["reply_mode"] = reply_mode
+        self._answers.append(_Answer("session.update", event.type, event.event_id, audio_format=new_format,
+                                     turn_detection=turn_detection))
+        return [Configure(**fields, event_id=event.event_id, event_type=event.type)]
+
+    @staticmethod
+    def _session_format(format_object) -> AudioFormat:
+        rate = format_object.rate if isinstance(format_object, AudioPcm) else G711_RATE_HZ
+        return AudioFormat(sample_format="pcm_s16le", sample_rate_hz=rate, num_channels=1)
+
+    # ---- session events -> Realtime frames ----------------------------------------------------
+    def encode(self, event) -> list[str]:
+        return [out.model_dump_json() for out in self.translate(event)]
+
+    def translate(self, event) -> list:
+        """One session event -> the Realtime events it becomes (models, for tests; ``encode`` dumps them)."""
+        kind = event.type
+        if kind in _NOT_SENT:
+            return []  # no Realtime counterpart; nothing is sent while the model listens
+        if kind == "session.created":
+            self._session_id, self._model = f"sess_{event.session_id}", event.model
+            self._settings, self._default_max_turn_tokens = event.options, event.options.max_turn_tokens
+            return [SessionCreated(event_id=self.ids.new("event"), session=self.session_object())]
+        if kind == "session.updated":
+            return self._answered(event)
+        if kind == "error":
+            return self._error(event)
+        if kind == "input.flushed":
+            if self._num_commits_waiting == 0:
+                return []
+            self._num_commits_waiting -= 1
+            return self._commit_audio()
+        if kind == "input.cleared":
+            self._has_uncommitted_audio = False
+            return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
+        if kind == "turn_begin":
+            request, self._request = self._request, None
+            self.replies.begin(event.turn, self._settings.max_turn_tokens if self._settings else 0,
+                               None if request is None else request.metadata)
+            return []  # the response opens at its first token (replies.py says why)
+        if self.replies.reply is None or getattr(event, "turn", None) != self.replies.reply.turn:
+            return []  # a reply's tail after the codec closed it (cannot happen in order; never sent twice)
+        if kind == "emotion":
+            return self._commit_audio() + self.replies.emotion(event.emotion)
+        if kind == "text_delta":
+            return self._commit_audio() + self.replies.delta(event.text)
+        if kind == "turn_end":
+            return self._commit_audio() + self.replies.end(event.end_reason, event.text, event.num_tokens)
+        return []
+
+    def session_object(self) -> SessionObject:
+        settings = self._settings
+        return SessionObject(
+            id=self._session_id, model=self._model,
+            instructions=None if settings is None else settings.system_prompt,
+            max_output_tokens=self._default_max_turn_tokens if settings is None else settings.max_turn_tokens,
+            audio=AudioObject(input=AudioInputObject(format=self._format, turn_detection=self._turn_detection)),
+        )
+
+    def _commit_audio(self) -> list:
+        """Before a reply opens (and at a commit): the audio not yet committed becomes a user item."""
+        if not self._has_uncommitted_audio or (self.replies.reply is not None and self.replies.reply.is_open):
+            return []
+        self._has_uncommitted_audio = False
+        return self.replies.commit_user_audio()
+
+    def _answered(self, event) -> list:
+        self._settings = event.options
+        answer = self._answers.popleft() if self._answers else _Answer("session.update", "session.update", None)
+        if answer.kind == "item.create":
+            self.conversation.add(answer.item.id)
+            return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
+                                          item=answer.item),
+                    ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
+                                         item=answer.item)]
+        if answer.kind == "item.delete":
+            self.conversation.remove(answer.deleted_item_id)
+            return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=answer.deleted_item_id)]
+        if answer.audio_format is not None:
+            self._format = answer.audio_format
+        if answer.turn_detection != "unchanged":
+            self._turn_detection = answer.turn_detection
+        if answer.kind == "internal":
+            return []
+        return [SessionUpdated(event_id=self.ids.new("event"), session=self.session_object())]
+
+    def _error(self, event) -> list:
+        head = self._answers[0] if self._answers else None
+        # The session's own refusals of a Configure (the codec's Malformed errors have codes of their own).
+        if head is not None and event.code in _CONFIGURE_REFUSALS and \
+                (head.event_type, head.event_id) == (event.event_type, event.event_id):
+            self._answers.popleft()  # the Configure it answers was refused: nothing of it applies
+        if event.event_type == "response.create":
+            self._request = None
+        elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
+            self._num_commits_waiting = max(0, self._num_commits_waiting - 1)
+        param = self._params.pop((event.event_id, event.code), None)
+        is_server_fault = event.is_fatal and event.code not in _CLIENT_FATAL
+        detail = ErrorDetail(type="server_error" if is_server_fault else "invalid_request_error",
+                             code=_CODES.get(event.code, event.code), message=event.message, param=param,
+                             event_id=event.event_id)
+        return [Error(event_id=self.ids.new("event"), error=detail)]
+
+
+def _format_object(type_name: str, rate: int | None) -> AudioPcm | AudioPcmu | AudioPcma | None:
+    if type_name == "audio/pcm":
+        rate = REALTIME_RATE_HZ if rate is None else rate
+        return AudioPcm(rate=rate) if 8_000 <= rate <= 48_000 else None
+    if type_name == "audio/pcmu":
+        return AudioPcmu()
+    if type_name == "audio/pcma":
+        return AudioPcma()
+    return None

@@ -1,0 +1,178 @@
+"""One reply of the model as the Realtime API's response: the event sequence around its text.
+
+A ``ReplyBuilder`` follows the session's reply events (``turn_begin``, ``emotion``,
+``text_delta``, ``turn_end``) and produces, in the order clients expect:
+
+    input_audio_buffer.committed + conversation.item.added/done   (the user's audio, when uncommitted)
+    response.created -> response.output_item.added -> conversation.item.added -> response.content_part.added
+    response.output_text.delta ...
+    response.output_text.done -> response.content_part.done -> response.output_item.done
+    -> conversation.item.done -> response.done
+
+The response opens at the reply's first token (its emotion tag), not at ``turn_begin``: the
+emotion then rides in ``response.created``'s metadata as well as ``response.done``'s, and the
+first text delta is not delayed by it (it comes after the emotion token anyway).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from itertools import count
+
+from audio_interaction_server.api.realtime.events import (
+    ConversationItemAdded, ConversationItemDone, InputAudioBufferCommitted, InputAudioContent, MessageItem,
+    OutputTokenDetails, ResponseContentPartAdded, ResponseContentPartDone, ResponseCreated, ResponseDone,
+    ResponseObject, ResponseOutputItemAdded, ResponseOutputItemDone, ResponseOutputTextDelta, ResponseOutputTextDone,
+    StatusDetails, TextContent, TextPart, Usage,
+)
+
+
+class Ids:
+    """Unique ids for one connection: a random prefix (unique across connections) and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(5)
+        self._counter = count(1)
+
+    def new(self, kind: str) -> str:
+        return f"{kind}_{self._prefix}{next(self._counter):x}"
+
+
+# How a reply ended (the session's turn_end end_reason) -> response status, status_details.
+_ENDINGS: dict[str, tuple[str, StatusDetails | None]] = {
+    "text_end": ("completed", None),
+    "max_tokens": ("incomplete", StatusDetails(type="incomplete", reason="max_output_tokens")),
+    "cancelled": ("cancelled", StatusDetails(type="cancelled", reason="client_cancelled")),
+    "session_closed": ("cancelled", StatusDetails(type="cancelled")),
+}
+
+
+@dataclass
+class Conversation:
+    """The items this connection announced, in order: what ``previous_item_id`` refers to."""
+
+    last_item_id: str | None = None
+    item_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    max_items: int = 4096  # a long session must not grow without bound: old ids are forgotten first
+
+    def add(self, item_id: str) -> str | None:
+        """Record ``item_id`` as the newest item; returns the item it follows."""
+        previous = self.last_item_id
+        self.item_ids[item_id] = None
+        while len(self.item_ids) > self.max_items:
+            del self.item_ids[next(iter(self.item_ids))]
+        self.last_item_id = item_id
+        return previous
+
+    def remove(self, item_id: str) -> None:
+        self.item_ids.pop(item_id, None)
+        if self.last_item_id == item_id:
+            self.last_item_id = next(reversed(self.item_ids), None)
+
+
+@dataclass
+class Reply:
+    """One response in progress."""
+
+    turn: int
+    response_id: str
+    item_id: str
+    max_output_tokens: int
+    client_metadata: dict[str, str] | None = None
+    emotion: str | None = None
+    text: str = ""
+    is_open: bool = False  # response.created sent
+
+
+class ReplyBuilder:
+    def __init__(self, ids: Ids, conversation: Conversation) -> None:
+        self.ids = ids
+        self.conversation = conversation
+        self.reply: Reply | None = None
+        self._previous: str | None = None  # the item the open reply's item follows
+
+    @property
+    def response_id(self) -> str | None:
+        return None if self.reply is None else self.reply.response_id
+
+    def begin(self, turn: int, max_output_tokens: int, client_metadata: dict[str, str] | None) -> None:
+        self.reply = Reply(turn=turn, response_id=self.ids.new("resp"), item_id=self.ids.new("item"),
+                           max_output_tokens=max_output_tokens, client_metadata=client_metadata)
+
+    def commit_user_audio(self) -> list:
+        """The audio heard so far becomes a user item (no transcript: the model does not transcribe)."""
+        item = MessageItem(id=self.ids.new("item"), role="user", content=[InputAudioContent()])
+        previous = self.conversation.add(item.id)
+        return [
+            InputAudioBufferCommitted(event_id=self.ids.new("event"), previous_item_id=previous, item_id=item.id),
+            ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=previous, item=item),
+            ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=previous, item=item),
+        ]
+
+    def emotion(self, emotion: str) -> list:
+        self.reply.emotion = emotion
+        return self._open()
+
+    def delta(self, text: str) -> list:
+        out = self._open()
+        self.reply.text += text
+        return out + [ResponseOutputTextDelta(event_id=self.ids.new("event"), delta=text, **self._part_ids())]
+
+    def end(self, end_reason: str, text: str, num_tokens: int) -> list:
+        """The reply's last events; ``text`` is the session's whole reply text (the deltas joined)."""
+        out = self._open()
+        reply = self.reply
+        status, details = _ENDINGS.get(end_reason, ("cancelled", StatusDetails(type="cancelled")))
+        item = self._item("completed" if status == "completed" else "incomplete", text)
+        part = TextPart(text=text)
+        response = self._response(status, output=[item])
+        response.status_details = details
+        response.usage = Usage(output_tokens=num_tokens,
+                               output_token_details=OutputTokenDetails(text_tokens=num_tokens))
+        out += [
+            ResponseOutputTextDone(event_id=self.ids.new("event"), text=text, **self._part_ids()),
+            ResponseContentPartDone(event_id=self.ids.new("event"), part=part, **self._part_ids()),
+            ResponseOutputItemDone(event_id=self.ids.new("event"), response_id=reply.response_id, output_index=0,
+                                   item=item),
+            ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=self._previous_of(reply.item_id),
+                                 item=item),
+            ResponseDone(event_id=self.ids.new("event"), response=response),
+        ]
+        self.reply = None
+        return out
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _open(self) -> list:
+        reply = self.reply
+        if reply.is_open:
+            return []
+        reply.is_open = True
+        item = self._item("in_progress", None)
+        previous = self.conversation.add(reply.item_id)
+        self._previous = previous
+        return [
+            ResponseCreated(event_id=self.ids.new("event"), response=self._response("in_progress", output=[])),
+            ResponseOutputItemAdded(event_id=self.ids.new("event"), response_id=reply.response_id, output_index=0,
+                                    item=item),
+            ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=previous, item=item),
+            ResponseContentPartAdded(event_id=self.ids.new("event"), part=TextPart(text=""), **self._part_ids()),
+        ]
+
+    def _previous_of(self, item_id: str) -> str | None:
+        return self._previous if item_id == self.reply.item_id else None
+
+    def _item(self, status: str, text: str | None) -> MessageItem:
+        content = [] if text is None else [TextContent(type="output_text", text=text)]
+        return MessageItem(id=self.reply.item_id, role="assistant", status=status, content=content)
+
+    def _response(self, status: str, output: list) -> ResponseObject:
+        reply = self.reply
+        metadata = dict(reply.client_metadata or {})
+        if reply.emotion is not None:
+            metadata["emotion"] = reply.emotion  # the model's emotion tag: metadata, never text
+        return ResponseObject(id=reply.response_id, status=status, output=output,
+                              max_output_tokens=reply.max_output_tokens, metadata=metadata or None)
+
+    def _part_ids(self) -> dict:
+        return dict(response_id=self.reply.response_id, item_id=self.reply.item_id, output_index=0, content_index=0)
