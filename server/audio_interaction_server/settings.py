@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -28,6 +28,8 @@ ENV_PREFIX = "AIS_"
 ENV_NESTING = "__"
 # Shipped as package data, so an installed package finds its defaults without a checkout.
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
+# A replica id is a host name's characters: no "_", which separates it from the rest of a session id.
+REPLICA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$"
 
 
 def split_list(value: Any) -> Any:
@@ -123,6 +125,23 @@ class ServerConfig(BaseModel):
     api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
                            "off by default: they map the server for anyone who can reach it")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    # ---- running as one of several replicas behind a load balancer (docs/scaling.md) ----
+    replica_id: str | None = Field(
+        None, pattern=REPLICA_ID_PATTERN, description="begins every session id (<replica_id>_<32 hex>) so a load "
+        "balancer can send a subscriber to the replica holding the session; None = this host's name")
+    busy_refusal: Literal["error_event", "http_503"] = Field(
+        "error_event", description="how a new session is refused when all sessions are in use, the server drains "
+        "or the model is not ready: error_event = accept, send an error event, close 1013 (for clients that "
+        "connect directly); http_503 = refuse the handshake with HTTP 503 + Retry-After (behind a load balancer, "
+        "which then retries another replica)")
+    busy_retry_after_s: int = Field(1, ge=0, le=3600, description="the Retry-After of an HTTP 503 refusal")
+    drain_timeout_s: float | None = Field(
+        None, gt=0, description="SIGTERM (or POST /v1/admin/drain) drains: no new sessions, each open one is told "
+        "session.going_away, finishes its reply and is closed with 1012, all within this many seconds; then the "
+        "process exits 0. None = SIGTERM stops at once (sessions closed with 1001), no drain call")
+    agent_port: int | None = Field(
+        None, ge=0, le=65535, description="TCP port of the capacity agent for HAProxy's agent-check (on host); "
+        "0 = any free port; None = no agent")
 
     _split_origins = field_validator("allowed_origins", mode="before")(split_list)
 

@@ -35,6 +35,12 @@ class Metrics:
         r = self.registry
         self.model_ready = Gauge("ais_model_ready", "1 when the model is loaded and the worker alive", registry=r)
         self.sessions_active = Gauge("ais_sessions_active", "open streaming sessions", registry=r)
+        # active / max is the load an autoscaler scales on (deploy/kubernetes/keda-scaledobject.yaml).
+        self.sessions_max = Gauge("ais_sessions_max", "sessions this replica admits at once (max_sessions)",
+                                  registry=r)
+        self.draining = Gauge("ais_draining", "1 while the replica drains (SIGTERM or the drain call)", registry=r)
+        self.drain_sessions_left = Gauge("ais_drain_sessions_left", "sessions still open since the drain began",
+                                         registry=r)
         self.subscribers_active = Gauge("ais_subscribers_active", "open event subscriptions", registry=r)
         self.sessions_total = Counter("ais_sessions", "streaming sessions by how they ended", ["reason"], registry=r)
         self.refused_total = Counter("ais_connections_refused", "connections refused", ["reason"], registry=r)

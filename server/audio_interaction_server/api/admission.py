@@ -1,0 +1,240 @@
+"""Who may open a WebSocket: rate, key, origin, readiness, drain, capacity; and how a refusal is said.
+
+Every WebSocket endpoint (``/v1/stream``, the subscriber endpoint, ``/v1/realtime``) runs the same checks
+through ``admit_session`` / ``admit_subscriber`` and refuses through ``refuse``:
+
+- over the per-IP connection rate: HTTP 429 + ``Retry-After`` before the handshake (``rate_limited``);
+- no key (nor valid client secret), a foreign Origin: the handshake completes, then an ``error`` event and
+  close 1008, so a browser's script can read why (a browser hides a refused handshake's status);
+- *busy* (all sessions in use, draining, model not ready): by ``busy_refusal``. ``error_event`` (the default)
+  completes the handshake and sends an ``error`` event + close 1013, which a client that connects directly
+  can read; ``http_503`` refuses the upgrade itself with HTTP 503 + ``Retry-After``, before the WebSocket
+  exists, which is what a load balancer can act on (HAProxy's ``retry-on 503`` retries another replica;
+  it cannot retry a WebSocket that was accepted). Replicas behind a balancer use ``http_503``
+  (deploy/, docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Response, WebSocket
+from starlette.requests import HTTPConnection
+
+from audio_interaction_server.api.connection import send_and_close
+from audio_interaction_server.protocol import CloseCode, ErrorEvent
+
+if TYPE_CHECKING:  # the runtime holds this module's Throttle; admission only reads the runtime
+    from audio_interaction_server.api.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Set in a connection's task when the app refused it with an HTTP response before the handshake:
+# uvicorn then logs "returned without completing handshake" at ERROR, which here is no fault.
+refused_before_handshake: ContextVar[bool] = ContextVar("refused_before_handshake", default=False)
+
+# The refusals a balancer may retry on another replica: this one cannot serve now, another may.
+BUSY_CODES = frozenset({"capacity", "draining", "not_ready"})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a WebSocket may not open: ``code`` is the ``error`` event's code (docs/protocol.md)."""
+
+    code: str
+    message: str
+    close_code: int
+    session_id: str | None = None  # a subscriber's session, echoed in its error
+
+    @property
+    def is_busy(self) -> bool:
+        return self.code in BUSY_CODES
+
+
+class Throttle:
+    """One log line per ``window_s`` for a cause a client can repeat thousands of times a second;
+    the lines in between are counted, and the next line that passes says how many."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._window_start_s = -math.inf
+        self._num_suppressed = 0
+        self._lock = threading.Lock()  # uvicorn's loggers may be called from any thread
+
+    def admit(self, now_s: float) -> int | None:
+        """None: leave this one out; else how many were left out since the last one that passed."""
+        with self._lock:
+            if now_s - self._window_start_s < self.window_s:
+                self._num_suppressed += 1
+                return None
+            self._window_start_s = now_s
+            suppressed, self._num_suppressed = self._num_suppressed, 0
+            return suppressed
+
+
+def more_since(suppressed: int) -> str:
+    return f"; {suppressed} more since the last such line" if suppressed else ""
+
+
+# ---- the checks ----------------------------------------------------------------------------------------------
+
+
+def offered_key(connection: HTTPConnection) -> str | None:
+    authorization = connection.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    # Browsers cannot set headers on a WebSocket, hence the query parameter.
+    return connection.headers.get("x-api-key") or connection.query_params.get("api_key")
+
+
+def is_authorized(runtime: Runtime, offered: str | None) -> bool:
+    """The API key, or (where the realtime routes installed them) a valid ephemeral client secret."""
+    config = runtime.config
+    if config.api_key is None:
+        return True
+    if not offered:
+        return False
+    if hmac.compare_digest(offered.encode(), config.api_key.get_secret_value().encode()):
+        return True
+    return runtime.client_secrets is not None and runtime.client_secrets.is_valid(offered, time.time())
+
+
+def origin_refusal(runtime: Runtime, connection: HTTPConnection) -> Refusal | None:
+    origin = connection.headers.get("origin")
+    allowed = runtime.config.allowed_origins
+    # Origin is what a browser cannot forge; other clients may omit it (the API key guards them).
+    if allowed and origin is not None and origin.rstrip("/") not in allowed:
+        return Refusal("origin_not_allowed", f"origin {origin!r} is not allowed", CloseCode.POLICY)
+    return None
+
+
+def _client_refusal(runtime: Runtime, connection: HTTPConnection) -> Refusal | None:
+    # The key first: a client without it gets the same answer whatever its Origin, so the
+    # allowed list cannot be probed one origin at a time.
+    if not is_authorized(runtime, offered_key(connection)):
+        return Refusal("unauthorized", "missing or wrong API key", CloseCode.POLICY)
+    return origin_refusal(runtime, connection)
+
+
+def admit_session(runtime: Runtime, connection: HTTPConnection) -> Refusal | None:
+    """None when a new session may open now (then ``runtime.register`` it before any await); else why not."""
+    refusal = _client_refusal(runtime, connection)
+    if refusal is not None:
+        return refusal
+    if not runtime.is_ready:
+        return Refusal("not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN)
+    if runtime.is_draining:
+        return Refusal("draining", "this server is draining (restarting or scaling down); connect again",
+                       CloseCode.TRY_AGAIN)
+    if runtime.is_full:
+        capacity = runtime.config.session_capacity
+        return Refusal("capacity", f"all {capacity} sessions are in use; retry later", CloseCode.TRY_AGAIN)
+    return None
+
+
+def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | None:
+    """None when a subscriber may join ``session_id`` (a draining replica still serves its sessions' subscribers)."""
+    refusal = _client_refusal(runtime, connection)
+    if refusal is None and not runtime.is_ready:
+        refusal = Refusal("not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN)
+    if refusal is not None:
+        return Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
+    stream = runtime.streams.get(session_id)
+    if stream is None:
+        return Refusal("unknown_session", f"no open session {session_id!r}", CloseCode.NOT_FOUND, session_id)
+    if len(stream.subscribers) >= runtime.config.max_subscribers_per_session:
+        return Refusal("too_many_subscribers", "this session has its maximum of subscribers", CloseCode.TRY_AGAIN,
+                       session_id)
+    return None
+
+
+def is_local_client(connection: HTTPConnection) -> bool:
+    """The peer is this machine (the transport already replaced a trusted proxy's address by its client's)."""
+    host = connection.client.host if connection.client is not None else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---- saying no -----------------------------------------------------------------------------------------------
+
+
+def native_error_events(refusal: Refusal) -> list:
+    """``/v1/stream``'s in-band refusal: one fatal ``error`` event."""
+    return [ErrorEvent(session_id=refusal.session_id, server_time_ms=int(time.time() * 1000), code=refusal.code,
+                       message=refusal.message, is_fatal=True)]
+
+
+async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
+                 in_band: Callable[[Refusal], list] = native_error_events,
+                 encode: Callable[[object], list[str]] | None = None) -> None:
+    """Say ``refusal`` to a client whose handshake is pending: HTTP 503 before the handshake when it is busy
+    and ``busy_refusal`` is ``http_503``; else accept, send ``in_band(refusal)`` and close with its code.
+    ``in_band``/``encode`` let another protocol (``/v1/realtime``) word the error its own way."""
+    runtime.metrics.refused_total.labels(refusal.code).inc()
+    if refusal.is_busy and runtime.config.busy_refusal == "http_503":
+        body = json.dumps({"type": "error", "code": refusal.code, "message": refusal.message}) + "\n"
+        if await _deny(websocket, Response(body, status_code=503, media_type="application/json",
+                                           headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
+            return
+    await websocket.accept()
+    if encode is None:
+        await send_and_close(websocket, in_band(refusal), refusal.close_code)
+    else:
+        await send_and_close(websocket, in_band(refusal), refusal.close_code, encode)
+
+
+async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
+    """Refuse a client IP over its connection-attempt rate with HTTP 429, before the handshake."""
+    if runtime.rate_limiter is None:
+        return False
+    address = websocket.client.host if websocket.client is not None else "unknown"
+    retry_after_s = runtime.rate_limiter.retry_after_s(address, time.monotonic())
+    if retry_after_s is None:
+        return False
+    runtime.metrics.refused_total.labels("rate_limited").inc()
+    suppressed = runtime.rate_limited_log.admit(time.monotonic())
+    if suppressed is not None:  # a flood must not become a flood of log lines
+        config = runtime.config
+        log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)%s",
+                    address, config.connect_rate_per_ip, config.connect_burst_per_ip, more_since(suppressed))
+    if not await _deny(websocket, Response(
+            "too many connection attempts from this address; retry later\n", status_code=429,
+            headers={"Retry-After": str(math.ceil(retry_after_s))}, media_type="text/plain")):
+        await websocket.close(CloseCode.TRY_AGAIN)  # no denial-response extension: a plain refusal (HTTP 403)
+    return True
+
+
+async def _deny(websocket: WebSocket, response: Response) -> bool:
+    """An HTTP response instead of the upgrade; False where the ASGI server cannot send one."""
+    refused_before_handshake.set(True)
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # an ASGI server without the denial-response extension
+        refused_before_handshake.set(False)
+        return False
+    return True
+
+
+async def refused(runtime: Runtime, websocket: WebSocket, in_band: Callable[[Refusal], list] = native_error_events,
+                  encode: Callable[[object], list[str]] | None = None) -> bool:
+    """The whole gate for a new session, for any protocol's endpoint: rate limit, then ``admit_session``; True
+    when the client was refused (and told). After False, register the session before the next await."""
+    if await rate_limited(runtime, websocket):
+        return True
+    refusal = admit_session(runtime, websocket)
+    if refusal is None:
+        return False
+    await refuse(runtime, websocket, refusal, in_band, encode)
+    return True

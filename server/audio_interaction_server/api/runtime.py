@@ -1,0 +1,370 @@
+"""The process runtime: model load, worker lifecycle, the session registry, readiness, load and drain.
+
+One ``Runtime`` per app, built by ``create_app`` and shared by every endpoint (``/v1/stream``, the
+subscriber endpoint, ``/v1/realtime``): they mint session ids with ``new_session_id``, build sessions with
+``make_session``, and ``register``/``release`` their connections here, so capacity, metrics, drain and
+shutdown see every session whatever its protocol.
+
+Threading contract: everything here runs on the event loop, except the model load (a daemon thread of
+its own) and the worker's callbacks (``_on_step``, ``_on_worker_failure``), which only touch
+thread-safe metrics or hop to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from audio_interaction_server.api.admission import Throttle
+from audio_interaction_server.api.connection import ConnectionRateLimiter
+from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
+from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
+from audio_interaction_server.settings import ServerConfig
+
+log = logging.getLogger(__name__)
+
+# Session ids are "<replica id>_<32 hex>": a replica id never holds "_" (settings.REPLICA_ID_PATTERN), so a
+# load balancer finds the replica as the text before the first "_" (deploy/haproxy/haproxy.cfg).
+SESSION_ID_SEPARATOR = "_"
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+# Of the drain's time, what is kept back for closing the sessions that did not reach a listening point
+# by themselves (a close frame each, then their sockets), so that the whole drain ends by its deadline.
+DRAIN_FINAL_CLOSE_S = 2.0
+
+
+class RegisteredConnection(Protocol):
+    """What the registry needs of a connection, whatever its protocol (``StreamConnection``, realtime's)."""
+
+    subscribers: set
+    finished: asyncio.Event
+
+    @property
+    def queued_events(self) -> int: ...
+
+    def shut_down(self) -> None: ...
+
+    def drain(self, deadline_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """``GET /v1/load`` and the capacity agent: how full this replica is."""
+
+    replica_id: str
+    active: int  # open sessions, all protocols
+    max: int  # session_capacity
+    subscribers: int
+    ready: bool  # model loaded, worker alive, not stopping
+    draining: bool
+
+    @property
+    def free(self) -> int:
+        return max(0, self.max - self.active)
+
+
+def split_session_id(session_id: str) -> tuple[str, str] | None:
+    """``(replica id, random part)`` of an id this server minted; None for anything else."""
+    replica_id, separator, random_part = session_id.rpartition(SESSION_ID_SEPARATOR)
+    if not separator or not replica_id or not _HEX_ID.fullmatch(random_part):
+        return None
+    return replica_id, random_part
+
+
+def default_replica_id() -> str:
+    """The host name (a container's id, a pod's name), in the characters a replica id may hold."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname()).lstrip(".-")[:64]
+    return name or "replica"
+
+
+class Runtime:
+    """Everything the app holds for its lifetime; only touched from the event loop."""
+
+    def __init__(self, config: ServerConfig, on_fatal: Callable[[str], None] | None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.on_fatal = on_fatal
+        self.model = None
+        self.worker = None
+        self.load_error: str | None = None
+        self.is_shutting_down = False
+        self.stream_url: str | None = None  # set by whoever bound the socket; for the "ready" log line
+        self.replica_id = config.replica_id or default_replica_id()
+        self._loader: threading.Thread | None = None
+        self.streams: dict[str, RegisteredConnection] = {}
+        self.metrics.set_state_source(self.state_totals)
+        self.metrics.sessions_max.set(config.session_capacity)
+        self.rate_limiter = None if config.connect_rate_per_ip is None else \
+            ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
+        self.rate_limited_log = Throttle()  # one warning a minute however many attempts are refused
+        # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
+        # accepts a valid one wherever it accepts the API key. None = API key only.
+        self.client_secrets: Any | None = None
+        # Drain: set by the first drain request; the server stops itself once it is done (request_stop).
+        self.drain_task: asyncio.Task | None = None
+        self.drain_deadline_s: float | None = None  # time.monotonic() by which every session is closed
+        self.request_stop: Callable[[], None] | None = None  # set by build_server: ends uvicorn (exit 0)
+
+    # ---- sessions: ids, factory, registry --------------------------------------------------------------
+
+    def new_session_id(self) -> str:
+        """``<replica id>_<32 random hex>``: unguessable (it is also the subscription capability) and routable
+        (a load balancer sends a subscriber or a resuming client to the replica that holds the session)."""
+        return f"{self.replica_id}{SESSION_ID_SEPARATOR}{uuid.uuid4().hex}"
+
+    def make_session(self, session_id: str, engine_emit: Callable, observer: Any | None = None) -> Session:
+        """A session on this runtime's worker; call only while ``is_ready`` (admission checked it)."""
+        model = self.model
+        info = ModelInfo(model.name, self.config.is_demo, model.tokenizer)
+        return Session(session_id, self.config, info, self.worker, engine_emit, time.monotonic(),
+                       observer=self.metrics if observer is None else observer)
+
+    def register(self, session_id: str, connection: RegisteredConnection) -> None:
+        """Count a session against capacity. Call before the first await after admission, so that two
+        handshakes cannot both take the last slot."""
+        self.streams[session_id] = connection
+        self.metrics.sessions_active.set(len(self.streams))
+
+    def release(self, session_id: str, reason: str) -> None:
+        """The session ended (``reason`` labels ``ais_sessions_total``); its slot is free again."""
+        if self.streams.pop(session_id, None) is None:
+            return
+        self.metrics.sessions_active.set(len(self.streams))
+        self.metrics.sessions_total.labels(reason).inc()
+        if self.is_draining:
+            self.metrics.drain_sessions_left.set(len(self.streams))
+
+    @property
+    def num_subscribers(self) -> int:
+        return sum(len(stream.subscribers) for stream in list(self.streams.values()))
+
+    def state_totals(self) -> dict[str, float]:
+        """What the open sessions hold, summed (the ``ais_session_*`` gauges; event loop only).
+
+        The engine side is a racy read of the worker's counters, good enough for monitoring.
+        """
+        totals = dict.fromkeys(SESSION_STATE, 0)
+        for session_id, stream in list(self.streams.items()):
+            totals["ais_session_queued_events"] += stream.queued_events
+            size = self.worker.state_size(session_id) if self.worker is not None else None
+            if size is not None:
+                totals["ais_session_kv_positions"] += size.positions
+                totals["ais_session_history_tokens"] += size.history_tokens
+                totals["ais_session_history_chunks"] += size.history_chunks
+                totals["ais_session_queued_chunks"] += size.queued_chunks
+        return totals
+
+    # ---- readiness and load -------------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        """The model serves: loaded, its worker alive, the process not stopping (draining or full still count)."""
+        return self.worker is not None and self.worker.is_alive and not self.is_shutting_down
+
+    @property
+    def is_draining(self) -> bool:
+        return self.drain_task is not None
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.streams) >= self.config.session_capacity
+
+    def not_ready_reason(self) -> str:
+        """A plain reason for clients (``/ready``, the ``not_ready`` error); the details
+        (paths, exception text) went to the log, which only the operator reads."""
+        if self.is_shutting_down:
+            return "shutting down"
+        if self.load_error is not None:
+            return "model failed to load (the server log says why)"
+        if self.worker is None:
+            return "loading the model"
+        return "the model worker died (the server log says why)"
+
+    def load_report(self) -> LoadReport:
+        return LoadReport(replica_id=self.replica_id, active=len(self.streams), max=self.config.session_capacity,
+                          subscribers=self.num_subscribers, ready=self.is_ready, draining=self.is_draining)
+
+    # ---- drain ---------------------------------------------------------------------------------------------
+
+    def begin_drain(self) -> asyncio.Task:
+        """Admit nothing more, tell every session to go, stop the process once they are gone (or at
+        ``drain_timeout_s``). Idempotent: a second request joins the drain under way."""
+        if self.drain_task is None:
+            timeout_s = self.config.drain_timeout_s or 0.0
+            self.drain_deadline_s = time.monotonic() + timeout_s
+            self.metrics.draining.set(1)
+            self.metrics.drain_sessions_left.set(len(self.streams))
+            self.drain_task = asyncio.get_running_loop().create_task(self._drain(timeout_s), name="drain")
+        return self.drain_task
+
+    def drain_seconds_left(self) -> float:
+        return 0.0 if self.drain_deadline_s is None else max(0.0, self.drain_deadline_s - time.monotonic())
+
+    async def _drain(self, timeout_s: float) -> None:
+        streams = list(self.streams.values())
+        # Sessions get the drain's time less what closing the stragglers takes, so the last of them is
+        # gone by the deadline that preStop / terminationGracePeriodSeconds were sized for.
+        final_close_s = min(DRAIN_FINAL_CLOSE_S, timeout_s / 4)
+        session_deadline_s = timeout_s - final_close_s
+        log.warning("draining: admitting no new sessions; %d open session(s) told to go within %.1f s",
+                    len(streams), session_deadline_s)
+        for stream in streams:
+            stream.drain(session_deadline_s)
+        left = await _wait_finished(streams, session_deadline_s)
+        if left:  # past their deadline without a close of their own (a stuck client): close them now
+            log.warning("draining: %d session(s) still open at the deadline; closing them", len(left))
+            for stream in left:
+                stream.shut_down()
+            left = await _wait_finished(left, final_close_s)
+        self.metrics.drain_sessions_left.set(len(self.streams))
+        log.warning("drained (%d session(s) left open); stopping", len(left))
+        if self.request_stop is not None:
+            self.request_stop()
+
+    # ---- model load and worker lifecycle -------------------------------------------------------------------
+
+    @property
+    def is_loading(self) -> bool:
+        return self._loader is not None and self._loader.is_alive()
+
+    async def load(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            self.model, self.worker = await self._on_loader_thread(self._load_blocking)
+            self.metrics.model_ready.set(1)
+        except Exception as error:  # a server without its model is useless: say why, then stop
+            if self.is_shutting_down:
+                return  # stopped while loading: whatever the load did is moot
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.error("cannot serve: %s", self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.load_error)
+            return
+        model = self.model
+        log.info("ready: serving %s (%s on %s, %s; up to %d sessions; replica %s; loaded in %.1f s)",
+                 self.stream_url or "/v1/stream", model.name, model.device, str(model.dtype).removeprefix("torch."),
+                 self.config.session_capacity, self.replica_id, time.perf_counter() - started)
+
+    async def _on_loader_thread(self, load: Callable[[], Any]) -> Any:
+        """``asyncio.to_thread`` on a daemon thread of its own: ``asyncio.run`` joins the default
+        executor's threads at exit, so a stop during a load (minutes for the 3B model, or a hung
+        download) would wait for the load to finish; this thread is simply left behind."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = loop.create_future()
+
+        def settle(setter: Callable[[Any], None], value: Any) -> None:
+            if not outcome.done():  # not cancelled by a stop meanwhile
+                setter(value)
+
+        def run() -> None:
+            try:
+                result = load()
+            except Exception as error:
+                setter, value = outcome.set_exception, error
+            else:
+                setter, value = outcome.set_result, result
+            try:
+                loop.call_soon_threadsafe(settle, setter, value)
+            except RuntimeError:
+                pass  # the event loop is gone: the server stopped while the model loaded
+
+        self._loader = threading.Thread(target=run, name="model-loader", daemon=True)
+        self._loader.start()
+        return await outcome
+
+    def _load_blocking(self):
+        from audio_interaction_server.model.checkpoint import load_model
+        from audio_interaction_server.engine.worker import Worker
+
+        engine = self.config.engine
+        checkpoint = engine.checkpoint
+        log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
+                 "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
+        if self.config.is_demo:
+            from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
+
+            log.warning("=" * 72)
+            log.warning("DEMO MODE: serving the tiny RANDOM model; its replies are noise.")
+            log.warning("Set engine.checkpoint (AIS_ENGINE__CHECKPOINT) to serve the real model.")
+            log.warning("=" * 72)
+            checkpoint = ensure_demo_checkpoint()
+        else:
+            from audio_interaction_server.model.hub import resolve_checkpoint_source
+
+            checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
+        model = load_model(checkpoint, engine.device, engine.dtype)
+        if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
+            raise RuntimeError("the server stopped while the model loaded")
+        worker = Worker(model, engine)
+        worker.on_step = self._on_step
+        worker.on_failure = self._on_worker_failure
+        worker.start()
+        return model, worker
+
+    def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
+        self.metrics.observe_step(stats)
+
+    def _on_worker_failure(self, error: BaseException) -> None:  # the dying worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._worker_failed, f"the model worker died: {error!r}")
+        except RuntimeError:
+            pass  # the event loop is already closed: the server is stopping anyway
+
+    def _worker_failed(self, reason: str) -> None:
+        # The worker has ended every session; a server without it is useless, and only a new
+        # process gets a new one, so stop (exit status 1) and let the supervisor restart us.
+        self.metrics.model_ready.set(0)
+        log.error("cannot serve: %s; stopping so that a supervisor can restart the server", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    async def trim_memory_periodically(self, interval_s: float) -> None:
+        """Return the heap's free pages to the OS every ``interval_s``.
+
+        glibc keeps freed memory in its arenas and returns only the top of each heap, so with
+        sessions coming and going (their mel chunks, queued audio and events allocated on
+        one thread, freed on another) free but resident pages pile up: in the 64-session load
+        run of docs/reliability.md, RSS rose 1013 -> 1370 MiB over 14 minutes while the live
+        heap stayed within 283-382 MiB and the free heap grew 214 -> 512 MiB; with this trim
+        every 60 s RSS stayed at 1,000-1,050 MiB from minute 4 on. It runs on a thread:
+        walking the arenas takes milliseconds and must not stall the event loop.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            started = time.perf_counter()
+            if not await asyncio.to_thread(malloc_trim):
+                return  # not glibc: nothing to trim
+            self.metrics.malloc_trim_seconds.observe(time.perf_counter() - started)
+
+    async def shutdown(self) -> None:
+        """Close every session with a final event, then stop the worker."""
+        self.is_shutting_down = True
+        self.metrics.model_ready.set(0)
+        if self.drain_task is not None and not self.drain_task.done():
+            self.drain_task.cancel()  # a stop during a drain (a second SIGTERM, SIGINT): close at once
+        streams = list(self.streams.values())
+        for stream in streams:
+            stream.shut_down()
+        await _wait_finished(streams, CLOSE_GRACE_S + 1.0)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+
+async def _wait_finished(streams: list[RegisteredConnection], timeout_s: float) -> list[RegisteredConnection]:
+    """Wait until every connection has finished, at most ``timeout_s``; the ones still open."""
+    if not streams:
+        return []
+    waits = {asyncio.ensure_future(stream.finished.wait()): stream for stream in streams}
+    _, pending = await asyncio.wait(waits, timeout=max(0.0, timeout_s))
+    for task in pending:
+        task.cancel()
+    return [waits[task] for task in pending]
