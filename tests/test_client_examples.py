@@ -26,7 +26,7 @@ from audio_interaction_server.settings import ServerConfig
 CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"
 API_KEY = "client-test-key"
 MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
-SESSION_LINE = re.compile(r"^session: ([0-9a-f]{32})$")
+SESSION_LINE = re.compile(r"^session: ([A-Za-z0-9.-]+_[0-9a-f]{32})$")  # <replica id>_<32 hex>
 TURN_LINE = re.compile(r"^\[turn (\d+) \| (happy|sad|angry|surprise|normal|urgent|-) \| onset \d+ ms\] ")
 SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent\), (\d+) turns, "
                           r"mean onset latency (\d+ ms|n/a)$")
