@@ -12,11 +12,19 @@ import torch
 from audio_interaction_server import tokens as T
 from audio_interaction_server.config import EngineConfig, SessionOptions
 from audio_interaction_server.engine.events import (
-    ContextRollover, Decision, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
+    AudioCleared, ContextRollover, Decision, EndCode, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
+STRING_END_CODES: list[SessionEnded] = []
+
+
+@pytest.fixture(autouse=True)
+def check_end_codes():
+    STRING_END_CODES.clear()
+    yield
+    assert STRING_END_CODES == [], "the worker ended a session with a plain string, not an EndCode"
 
 
 class Recorder:
@@ -25,6 +33,10 @@ class Recorder:
 
     def __call__(self, events) -> None:
         self.events.extend(events)
+        # Every end the worker emits names an EndCode member (None: the client's close). Checked after the
+        # test (check_end_codes): an assertion raised here, inside the worker's emit, would be caught by it.
+        STRING_END_CODES.extend(e for e in events if isinstance(e, SessionEnded)
+                                and e.error_code is not None and type(e.error_code) is not EndCode)
 
     def of(self, kind):
         return [e for e in self.events if isinstance(e, kind)]
@@ -290,3 +302,223 @@ def test_scripted_turns_follow_their_schedule(tiny_model, stream_chunks):
         ends = recorder.of(TurnEnd)
         assert len(ends) == len(begins) and all(len(e.token_ids) == 3 and e.end_reason == "text_end" for e in ends)
         assert all(not T.is_control_token(t) for e in ends for t in e.token_ids)
+
+
+# ---- replies on request and clearing queued audio ----------------------------------------------------------
+
+def decisions_alone(tiny_model, chunks, options=OPTIONS):
+    """The session's protocol when the model decides every chunk by itself (greedy, no requests)."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", options, rec)
+    worker.push_audio("s", chunks)
+    worker.run_until_idle()
+    return rec
+
+
+def first_silent_chunk(rec) -> int:
+    """The first chunk the model, listening, decided to stay silent on."""
+    speaking_until = -1
+    for event in rec.events:
+        if isinstance(event, Decision) and event.chunk_index > speaking_until and event.token_id == T.KEEP_SILENCE:
+            return event.chunk_index
+        if isinstance(event, TurnBegin):
+            speaking_until = event.chunk_index  # a reply's own decision; audio queued meanwhile comes after
+    raise AssertionError("the tiny model never stayed silent: nothing to force")
+
+
+@pytest.mark.parametrize("reply_mode", ["model", "on_request"])
+def test_a_requested_reply_starts_at_the_next_decided_chunk(tiny_model, stream_chunks, reply_mode):
+    chunks = stream_chunks[2]
+    silent_at = first_silent_chunk(decisions_alone(tiny_model, chunks))
+    options = SessionOptions(max_turn_tokens=6, reply_mode=reply_mode)
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", options, rec)
+    worker.push_audio("s", chunks[:silent_at])
+    worker.run_until_idle()
+    begins_before = len(rec.of(TurnBegin))
+    worker.request_reply("s")
+    worker.request_reply("s")  # a second request before the reply starts: still one reply
+    worker.push_audio("s", chunks[silent_at:silent_at + 1])
+    worker.run_until_idle()
+    decision = rec.of(Decision)[-1]
+    assert decision == Decision(silent_at, T.TEXT_BEGIN), "the model said KEEP_SILENCE here: the request forced it"
+    begins = rec.of(TurnBegin)
+    assert len(begins) == begins_before + 1 and begins[-1].chunk_index == silent_at
+    end = rec.of(TurnEnd)[-1]
+    assert end.turn_index == begins[-1].turn_index and end.end_reason in ("text_end", "max_tokens")
+    assert len(rec.of(TurnToken)) >= 1 or end.end_reason == "text_end"  # a normal reply, fed and generated
+    # Consumed by that reply: what follows is the model's own choice again (or silence in on_request mode).
+    worker.push_audio("s", chunks[silent_at + 1:])
+    worker.run_until_idle()
+    assert len(rec.of(Decision)) == len(chunks) and not rec.of(SessionEnded)
+    if reply_mode == "on_request":
+        assert len(rec.of(TurnBegin)) == 1
+
+
+def test_on_request_mode_never_replies_unasked(tiny_model, stream_chunks):
+    audio = torch.cat(stream_chunks[:3])
+    by_itself = decisions_alone(tiny_model, audio)
+    assert by_itself.of(TurnBegin), "the model replies to this audio by itself: nothing to hold back"
+    asked = decisions_alone(tiny_model, audio, SessionOptions(max_turn_tokens=6, reply_mode="on_request"))
+    assert len(asked.of(Decision)) == len(audio)
+    assert all(d.token_id == T.KEEP_SILENCE for d in asked.of(Decision)) and not asked.of(TurnBegin)
+
+
+def test_a_request_while_a_reply_runs_is_ignored(tiny_model, stream_chunks):
+    chunks = torch.cat(stream_chunks)
+    options = SessionOptions(max_turn_tokens=50)
+    plain = Worker(tiny_model, EngineConfig(max_sessions=1))
+    expected = Recorder()
+    plain.open_session("s", options, expected)
+    assert speak_until_reply(plain, expected, "s", chunks)
+    replied_at = len(expected.of(Decision))
+    plain.push_audio("s", chunks[replied_at:replied_at + 8])
+    plain.run_until_idle()
+
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", options, rec)
+    assert speak_until_reply(worker, rec, "s", chunks)
+    worker.request_reply("s")  # mid-reply: must not start another reply once this one ends
+    worker.push_audio("s", chunks[replied_at:replied_at + 8])
+    worker.run_until_idle()
+    assert rec.protocol == expected.protocol
+
+
+def test_clear_drops_exactly_the_queued_chunks_and_later_audio_is_decided(tiny_model, stream_chunks):
+    chunks = stream_chunks[1]
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1, max_catch_up_speed=None))
+    rec = Recorder()
+    worker.open_session("s", OPTIONS, rec)
+    worker.push_audio("s", chunks[:2])
+    worker.run_until_idle()
+    worker.push_audio("s", chunks[2:7])
+    worker.clear_audio("s")  # applied after the push, before any step: all 5 are queued, none decided
+    worker.run_until_idle()
+    assert rec.of(AudioCleared) == [AudioCleared(5)]
+    assert [d.chunk_index for d in rec.of(Decision)] == [0, 1]
+    assert worker.state_size("s").queued_chunks == 0
+    worker.push_audio("s", chunks[7:10])
+    worker.run_until_idle()
+    assert [d.chunk_index for d in rec.of(Decision)] == [0, 1, 2, 3, 4]  # the model's own count: chunks heard
+    worker.clear_audio("s")
+    worker.run_until_idle()
+    assert rec.of(AudioCleared) == [AudioCleared(5), AudioCleared(0)]  # nothing queued: still answered
+    assert not rec.of(SessionEnded)
+
+
+def test_a_chunk_in_the_running_step_is_not_cleared(tiny_model, stream_chunks):
+    """Commands apply between steps: a clear posted while a step runs leaves that step's chunk decided."""
+    chunks = stream_chunks[1]
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1, max_catch_up_speed=None))
+    rec = Recorder()
+
+    def emit(events):
+        rec(events)
+        if len(rec.of(Decision)) == 1 and not rec.of(AudioCleared):
+            worker.clear_audio("s")  # posted from inside the step that decided chunk 0
+
+    worker.open_session("s", OPTIONS, emit)
+    worker.push_audio("s", chunks[:4])
+    worker.run_until_idle()
+    assert [d.chunk_index for d in rec.of(Decision)] == [0]
+    assert rec.of(AudioCleared) == [AudioCleared(3)]
+
+
+def test_clear_while_speaking_drops_the_audio_queued_behind_the_reply(tiny_model, stream_chunks):
+    chunks = torch.cat(stream_chunks)
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1, max_catch_up_speed=None))
+    rec = Recorder()
+    worker.open_session("s", SessionOptions(max_turn_tokens=50), rec)
+    assert speak_until_reply(worker, rec, "s", chunks)
+    decided = len(rec.of(Decision))
+    worker.push_audio("s", chunks[decided:decided + 4])  # waits behind the reply
+    worker.clear_audio("s")
+    worker.push_audio("s", chunks[decided + 4:decided + 6])
+    worker.run_until_idle()
+    assert rec.of(AudioCleared) == [AudioCleared(4)]
+    assert len(rec.of(Decision)) == decided + 2 and rec.of(TurnEnd)
+
+
+# ---- commands and end codes ----------------------------------------------------------------------------------
+
+def test_commands_are_frozen_and_the_public_methods_post_them(tiny_model):
+    import dataclasses
+    import inspect
+
+    from audio_interaction_server.engine import commands
+
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    posted = []
+    worker._post = posted.append
+    worker.open_session("s", OPTIONS, print)
+    worker.push_audio("s", torch.zeros(1, 128, 40))
+    worker.cancel("s")
+    worker.request_reply("s")
+    worker.clear_audio("s")
+    worker.close_session("s")
+    assert [type(c) for c in posted] == [commands.OpenSession, commands.PushAudio, commands.CancelReply,
+                                         commands.RequestReply, commands.ClearAudio, commands.CloseSession]
+    for command in posted:
+        assert dataclasses.is_dataclass(command) and command.session_id == "s"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            command.session_id = "other"
+    # The api calls these: their signatures stay as they were.
+    assert str(inspect.signature(Worker.open_session)) == "(self, session_id: 'str', options: 'SessionOptions', " \
+        "emit: 'EmitFn') -> 'None'"
+    for name in ("cancel", "close_session", "request_reply", "clear_audio"):
+        assert list(inspect.signature(getattr(Worker, name)).parameters) == ["self", "session_id"]
+
+
+def engine_sources():
+    from pathlib import Path
+
+    import audio_interaction_server.engine as engine_package
+
+    return sorted(Path(engine_package.__file__).parent.glob("*.py"))
+
+
+def test_every_session_end_the_engine_can_emit_uses_an_end_code():
+    """No string code anywhere in engine/: each SessionEnded / end() gets an EndCode member (or None), every
+    member named exists (a typo fails here, not as a 1011 in production), and every member is used."""
+    import ast
+
+    from audio_interaction_server.engine.events import EndCode
+
+    used = set()
+    for path in engine_sources():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "EndCode":
+                assert node.attr in EndCode.__members__, f"{path.name}:{node.lineno}: EndCode.{node.attr}"
+                used.add(node.attr)
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            code_at = {"SessionEnded": 0, "OpenRefused": 0, "_end": 1, "end": 1}.get(name)  # the code's position
+            if code_at is None:
+                continue
+            codes = node.args[code_at:code_at + 1] + [k.value for k in node.keywords if k.arg in ("error_code", "code")]
+            assert not [c for c in codes if isinstance(c, ast.Constant) and isinstance(c.value, str)], \
+                f"{path.name}:{node.lineno}: a string where an EndCode belongs"
+    assert used == set(EndCode.__members__), f"members no path ends a session with: {set(EndCode.__members__) - used}"
+
+
+def test_every_end_code_has_a_docstring_and_its_wire_string():
+    import ast
+    import inspect
+
+    from audio_interaction_server.engine.events import EndCode
+
+    source = ast.parse(inspect.getsource(EndCode))
+    body = source.body[0].body
+    documented = {stmt.targets[0].id for stmt, after in zip(body, body[1:])
+                  if isinstance(stmt, ast.Assign) and isinstance(after, ast.Expr)
+                  and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+    assert documented == set(EndCode.__members__)
+    assert {code.value for code in EndCode} == {"capacity", "duplicate_session", "invalid_options", "context_full",
+                                                "server_shutdown", "numerical_error", "internal_error",
+                                                "worker_failed"}
+    assert EndCode.CAPACITY == "capacity" and f"{EndCode.CONTEXT_FULL}" == "context_full"  # a str on the wire
