@@ -1,0 +1,172 @@
+"""The scheduler alone: registry and slots, round robin, batches, pacing, and the turn policy of update().
+
+Real conversations and the real prompt encoder of the tiny model; the runner's results are built by hand
+where the point is what the scheduler does with a given model token (its turn policy), and come from the
+real runner where the point is the whole step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from audio_interaction_server import tokens as T
+from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.engine.conversation import BLOCK_TOKENS, Phase
+from audio_interaction_server.engine.events import AudioCleared, Decision, EndCode, SessionEnded, TurnBegin, TurnEnd
+from audio_interaction_server.engine.prompt import PromptEncoder
+from audio_interaction_server.engine.runner import BatchResult, RowResult
+from audio_interaction_server.engine.scheduler import LONG_ROW_TOKENS, OpenRefused, Scheduler
+from audio_interaction_server.model.lm import FLEX_QUERY_ROWS
+
+OPTIONS = SessionOptions(max_turn_tokens=6)
+CHUNK = torch.zeros(128, 40)
+
+
+def make_scheduler(tiny_model, *, max_batch_rows=None, **config):
+    config = EngineConfig(**{"max_sessions": 3, "max_catch_up_speed": None, **config})
+    cleared: list[int] = []
+    scheduler = Scheduler(config, max_batch_rows or config.max_sessions, PromptEncoder(tiny_model.tokenizer, 4),
+                          cleared.append, clock=lambda: 0.0)
+    return scheduler, cleared
+
+
+def answered(batch, *tokens) -> BatchResult:
+    return BatchResult(tuple(RowResult(token) for token in tokens), 0.0, 0.0)
+
+
+def test_slots_lowest_first_refusals_name_their_code_and_an_end_frees_its_slot(tiny_model):
+    scheduler, cleared = make_scheduler(tiny_model, max_sessions=2)
+    a = scheduler.open("a", OPTIONS, print)
+    b = scheduler.open("b", OPTIONS, print)
+    assert (a.slot, b.slot) == (0, 1) and cleared == [0, 1]  # each slot is reset for its new session
+    with pytest.raises(OpenRefused) as duplicate:
+        scheduler.open("a", OPTIONS, print)
+    with pytest.raises(OpenRefused) as full:
+        scheduler.open("c", OPTIONS, print)
+    assert duplicate.value.code is EndCode.DUPLICATE_SESSION and full.value.code is EndCode.CAPACITY
+    assert scheduler.end(a, EndCode.INTERNAL_ERROR, "x") == [SessionEnded(EndCode.INTERNAL_ERROR, "x")]
+    assert scheduler.end(a, None, "again") is None  # already ended: nothing twice
+    assert scheduler.open("c", OPTIONS, print).slot == 0
+
+
+def test_options_that_do_not_fit_are_refused_and_keep_no_slot(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model, max_sessions=1, max_positions=128, rollover_window_positions=None)
+    with pytest.raises(OpenRefused) as refused:
+        scheduler.open("a", SessionOptions(max_turn_tokens=100), print)
+    assert refused.value.code is EndCode.INVALID_OPTIONS and "max_turn_tokens" in str(refused.value)
+    assert scheduler.open("b", OPTIONS, print).slot == 0
+
+
+def test_long_rows_run_in_a_batch_of_their_own_after_the_short_ones(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    old = scheduler.open("old", OPTIONS, print)
+    scheduler.add_audio(old, [CHUNK])
+    (first,) = scheduler.schedule().batches  # a session's first row holds its whole prompt: long
+    assert first[0].num_tokens > LONG_ROW_TOKENS
+    scheduler.update(first, answered(first, T.KEEP_SILENCE))
+    new = scheduler.open("new", OPTIONS, print)
+    scheduler.add_audio(old, [CHUNK])
+    scheduler.add_audio(new, [CHUNK])
+    short, long = scheduler.schedule().batches
+    assert [r.session_id for r in short] == ["old"] and [r.session_id for r in long] == ["new"]
+    assert short[0].num_tokens == BLOCK_TOKENS
+
+
+def test_every_ordinary_row_fits_the_in_place_attention_path():
+    """The short batch is what FlexAttention serves: its bound is the kernel's query rows, not a copy of it."""
+    assert LONG_ROW_TOKENS == FLEX_QUERY_ROWS
+    # The longest ordinary row: a cancelled reply's last token, TEXT_END, then a listening block.
+    assert 1 + BLOCK_TOKENS <= LONG_ROW_TOKENS
+
+
+def test_more_ready_sessions_than_rows_take_turns(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model, max_sessions=3, max_batch_rows=2)
+    sessions = [scheduler.open(f"s{i}", OPTIONS, print) for i in range(3)]
+    for session in sessions:
+        scheduler.add_audio(session, [CHUNK] * 3)
+    seen = []
+    for _ in range(3):
+        plan = scheduler.schedule()
+        ids = [row.session_id for row in plan.rows]
+        assert len(ids) == 2
+        seen += ids
+        for batch in plan.batches:
+            scheduler.update(batch, answered(batch, *[T.KEEP_SILENCE] * len(batch)))
+    assert sorted(seen) == ["s0", "s0", "s1", "s1", "s2", "s2"]  # nobody starves, nobody runs ahead
+
+
+def test_pacing_lets_a_backlog_through_at_its_burst_then_at_the_catch_up_speed(tiny_model):
+    now = [0.0]
+    scheduler, _ = make_scheduler(tiny_model, max_sessions=1, max_catch_up_speed=2.0, catch_up_burst_s=0.8)
+    scheduler.clock = lambda: now[0]
+    session = scheduler.open("s", OPTIONS, print)
+    scheduler.add_audio(session, [CHUNK] * 10)
+
+    def run_step() -> int:
+        plan = scheduler.schedule()
+        for batch in plan.batches:
+            scheduler.update(batch, answered(batch, *[T.KEEP_SILENCE] * len(batch)))
+        return len(plan.rows)
+
+    assert [run_step() for _ in range(3)] == [1, 1, 0]  # a burst of 0.8 s = 2 chunks
+    now[0] = 0.2  # at 2x real time, 0.2 s earns one chunk
+    assert [run_step() for _ in range(2)] == [1, 0]
+    scheduler.is_paced = False  # run_until_idle: everything queued, at once
+    assert run_step() == 1
+
+
+def first_decision(scheduler, session, model_token):
+    scheduler.add_audio(session, [CHUNK])
+    (batch,) = scheduler.schedule().batches
+    update = scheduler.update(batch, answered(batch, model_token))
+    assert not update.failures
+    ((_, events),) = update.events
+    return events
+
+
+def test_turn_policy_forces_a_requested_reply_once_and_on_request_stays_silent(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    model = scheduler.open("model", OPTIONS, print)
+    manual = scheduler.open("manual", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
+    assert first_decision(scheduler, manual, T.TEXT_BEGIN) == [Decision(0, T.KEEP_SILENCE)]  # the model wanted to
+    assert first_decision(scheduler, model, T.KEEP_SILENCE) == [Decision(0, T.KEEP_SILENCE)]
+    scheduler.request_reply(model)
+    events = first_decision(scheduler, model, T.KEEP_SILENCE)
+    assert events == [Decision(1, T.TEXT_BEGIN), TurnBegin(0, 1)] and not model.reply_requested
+    assert model.conversation.phase is Phase.SPEAKING
+    scheduler.request_reply(model)  # mid-reply: ignored
+    assert not model.reply_requested
+    scheduler.end(model, None, "done")  # its reply row would share the next step
+    scheduler.request_reply(manual)
+    assert first_decision(scheduler, manual, T.KEEP_SILENCE)[0] == Decision(1, T.TEXT_BEGIN)
+
+
+def test_clear_audio_counts_what_it_drops(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", OPTIONS, print)
+    scheduler.add_audio(session, [CHUNK] * 4)
+    assert scheduler.clear_audio(session) == [AudioCleared(4)]
+    assert scheduler.schedule().batches == ()
+
+
+def test_a_normal_close_ends_the_running_reply_first(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", OPTIONS, print)
+    first_decision(scheduler, session, T.TEXT_BEGIN)
+    events = scheduler.end(session, None, "closed by the client")
+    assert events == [TurnEnd(0, (), "session_closed"), SessionEnded(None, "closed by the client")]
+
+
+def test_a_failed_row_and_a_failed_commit_are_reported_for_their_session_only(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    a, b, c = (scheduler.open(name, OPTIONS, print) for name in "abc")
+    for session in (a, b, c):
+        scheduler.add_audio(session, [CHUNK])
+    (batch,) = scheduler.schedule().batches
+    result = BatchResult((RowResult(T.KEEP_SILENCE), RowResult.failed(FloatingPointError("nan")),
+                          RowResult(12345)), 0.0, 0.0)  # c: a decision token that is neither choice
+    update = scheduler.update(batch, result)
+    assert [(f.session.session_id, type(f.error)) for f in update.failures] == [("b", FloatingPointError),
+                                                                               ("c", ValueError)]
+    assert [(s.session_id, events) for s, events in update.events] == [("a", [Decision(0, T.KEEP_SILENCE)])]
