@@ -295,6 +295,8 @@ class FlexAttention(AttentionPlan):
 
 # Rows up to this many tokens (a listening block is 13, a reply step 1) use in-place attention;
 # longer ones (a session's first row, a context rollover) are rare and gather their one slot.
+# The engine's scheduler batches long rows apart by this same bound (engine/scheduler.LONG_ROW_TOKENS
+# imports it), so a short batch is always one the in-place path serves.
 FLEX_QUERY_ROWS = 16
 
 
