@@ -113,6 +113,12 @@ class ServerConfig(BaseModel):
     max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
     idle_timeout_s: float = Field(120.0, gt=0, description="close a stream after this long without a client frame")
     max_session_s: float = Field(4 * 3600.0, gt=0)
+    resume_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="a /v1/stream session whose connection drops without a normal close "
+        "waits this long, holding its slot and context, for the client to resume it (docs/protocol.md); 0 = off")
+    resume_max_events: int = Field(
+        2_000, ge=10, description="events a session keeps for a resume: its newest while connected; while "
+        "detached, one more ends it (resume_expired)")
     memory_trim_interval_s: float | None = Field(
         60.0, gt=0, description="seconds between malloc_trim calls that return the glibc heap's free pages to "
         "the OS (docs/reliability.md); None = never. No effect off glibc")
