@@ -69,8 +69,7 @@ from audio_interaction_server.config import EngineConfig, ScriptedTurns, Session
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.engine.events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
-from audio_interaction_server.model.lm import StepBatch
-from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide
+from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.tokens import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
@@ -379,9 +378,9 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
 class ReferenceStyleStream:
     """One stream served the reference's way: whole-history features, batch 1, reset after each reply."""
 
-    def __init__(self, model: LoadedModel, encoder: AudioEncoder, cache, slot: int, prefix: list[int],
+    def __init__(self, model: LoadedModel, runner: Runner, slot: int, prefix: list[int],
                  script: ScriptedTurns | None, run: Run) -> None:
-        self.model, self.encoder, self.cache, self.slot = model, encoder, cache, slot
+        self.model, self.runner, self.encoder, self.slot = model, runner, runner.encoder, slot
         self.prefix, self.script, self.run = prefix, script, run
         self.clock = TurnClock(run)
         self.reset()
@@ -389,18 +388,16 @@ class ReferenceStyleStream:
     def reset(self) -> None:
         self.history = np.zeros(0, dtype=np.float32)
         self.conversation = Conversation(self.prefix, MAX_TURN_TOKENS, 4096, None)
-        self.cache.clear_slot(self.slot)
+        self.runner.clear_slot(self.slot)
 
     def step(self, row_tokens_audio) -> int:
+        """One row through the engine's runner (batch of 1, greedy), its audio already encoded the reference's way."""
         plan = self.conversation.plan()
-        batch = StepBatch.build([plan.tokens], [plan.start_position], [self.slot], [plan.audio_spans],
-                                row_tokens_audio, self.model.device)
-        lm = self.model.lm
-        hidden = lm.last_hidden(batch, self.cache)
-        if plan.is_decision:
-            token = int(decide(lm.logits(hidden, torch.tensor(DECISION_TOKENS, device=self.model.device)))[0])
-        else:
-            token = int(lm.logits(hidden).argmax(dim=-1)[0])
+        (result,) = self.runner.run([PlannedRow(f"baseline-{self.slot}", self.slot, plan)],
+                                    audio_embeds=row_tokens_audio).rows
+        if result.error is not None:
+            raise result.error
+        token = result.token
         if self.script is not None:
             token = scripted_token(self.script, self.conversation, self.slot, token)
         events = self.conversation.commit(plan, token)
@@ -441,11 +438,10 @@ def run_baseline(model: LoadedModel, loop: np.ndarray, streams: int, seconds: fl
     behind without bound); chunks it did not reach by then count as missing decisions."""
     run = Run("baseline", streams, seconds)
     reset_peak_memory(model.device)
-    encoder = AudioEncoder(model.encoder_tower)
-    cache = model.lm.new_cache(streams, 4096)
+    runner = Runner(model, model.lm.new_cache(streams, 4096), AudioEncoder(model.encoder_tower))
     model.lm.attention_backend = "gather"  # batch 1 reads one slot: nothing to save
     prefix = T.prompt_prefix(model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
-    served = [ReferenceStyleStream(model, encoder, cache, i, prefix, script, run) for i in range(streams)]
+    served = [ReferenceStyleStream(model, runner, i, prefix, script, run) for i in range(streams)]
     audios = [stream_seconds(loop, i, seconds) for i in range(streams)]
     chunks_per_stream = int(seconds / CHUNK_S)
     run.expected_decisions = streams * (chunks_per_stream - WARMUP_CHUNKS)

@@ -131,24 +131,26 @@ def bench_batching(model, num_sessions: int, num_chunks: int) -> None:
 
 
 def bench_attention(model, num_slots: int, history: int, repeats: int) -> None:
-    """One LM step of ``num_slots`` listening rows (13 tokens) at position ``history``: gather vs in place."""
-    from audio_interaction_server.model.lm import StepBatch
+    """One LM step of ``num_slots`` listening rows (13 tokens) at position ``history``: gather vs in place.
+
+    The step is the engine runner's forward (batch built on the host, then the LM), as serving runs it.
+    """
+    from audio_interaction_server.engine.conversation import RowPlan
+    from audio_interaction_server.engine.runner import PlannedRow, Runner
 
     print(f"\n## Attention over the cache: {num_slots} rows of 13 tokens at position {history} "
           f"(median ms per LM step)\n")
     lm = model.lm
-    cache = lm.new_cache(num_slots, 4096)
-    rows = [[7] * 13 for _ in range(num_slots)]
-    batch = StepBatch.build(rows, [history] * num_slots, list(range(num_slots)), [[] for _ in rows], None,
-                            model.device)
+    runner = Runner(model, lm.new_cache(num_slots, 4096), AudioEncoder(model.encoder_tower))
+    rows = [PlannedRow(f"s{i}", i, RowPlan([7] * 13, history, (), ())) for i in range(num_slots)]
     print("| attention | ms per step |")
     print("|---|---|")
     timings = {}
     for backend, compiled in (("gather", False), ("flex", True)):
         lm.attention_backend, lm.compile_attention = backend, compiled
         for _ in range(3):  # warm-up (and compile)
-            lm.last_hidden(batch, cache)
-        timings[backend] = time_ms(lambda: lm.last_hidden(batch, cache), repeats)
+            runner.last_hidden(rows, None)
+        timings[backend] = time_ms(lambda: runner.last_hidden(rows, None), repeats)
         print(f"| {backend}{' (compiled FlexAttention)' if compiled else ' (copy each slot, SDPA)'} | "
               f"{timings[backend]:.2f} |")
     lm.attention_backend, lm.compile_attention = "gather", False

@@ -32,7 +32,7 @@ from audio_interaction_server.audio.frontend import load_audio_file, load_audio_
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.model.encoder import AudioEncoder
-from audio_interaction_server.model.lm import StepBatch
+from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,8 +49,9 @@ class Side:
     def __init__(self, model: LoadedModel, attention: str = "gather", compiled: bool = False) -> None:
         self.model = model
         self.attention, self.compiled = attention, compiled
-        self.encoder = AudioEncoder(model.encoder_tower)
-        self.cache = model.lm.new_cache(1, 4096)
+        # The engine's runner feeds the rows (encoder call, batch, forward), exactly as serving does;
+        # this side only reads the logits the runner would choose from.
+        self.runner = Runner(model, model.lm.new_cache(1, 4096), AudioEncoder(model.encoder_tower))
         self.decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
 
     @property
@@ -60,15 +61,10 @@ class Side:
         return f"{str(self.model.dtype).removeprefix('torch.')} on {self.model.device}{how}"
 
     def row_logits(self, plan) -> torch.Tensor:
-        device = self.model.device
         lm = self.model.lm
         lm.attention_backend, lm.compile_attention = self.attention, self.compiled
-        embeds = None
-        if plan.audio:
-            mel = torch.stack(plan.audio).to(device)
-            embeds = self.encoder.encode(mel).flatten(0, 1)
-        batch = StepBatch.build([plan.tokens], [plan.start_position], [0], [plan.audio_spans], embeds, device)
-        hidden = lm.last_hidden(batch, self.cache)
+        rows = [PlannedRow("teacher-forced", 0, plan)]
+        hidden = self.runner.last_hidden(rows, self.runner.encode(rows))
         ids = self.decision_ids if plan.is_decision else None
         return lm.logits(hidden, ids)[0].float().cpu()
 
@@ -162,7 +158,7 @@ def teacher_forced(reference: Side, candidate: Side, audio_dir: Path = SHARED_AU
     prefix = T.prompt_prefix(reference.model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
     for folder in sorted(p for p in Path(audio_dir).iterdir() if p.is_dir()):
         for side in (reference, candidate):
-            side.cache.clear_slot(0)
+            side.runner.clear_slot(0)
         conversation = Conversation(prefix, max_turn_tokens, 4096, None)
         for path in load_audio_sequence(folder):
             for chunk in offline_chunks(load_audio_file(path)):

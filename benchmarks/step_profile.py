@@ -10,6 +10,8 @@ times, each as the median of several warm calls with the device synchronised:
 * one LM forward (``last_hidden``) over B listening rows of 13 tokens and over B reply rows
   of 1 token, with in-place FlexAttention (compiled) and with gather attention;
 * the per-step FlexAttention plan (block mask) alone;
+* a whole serving step through the engine's runner (``engine/runner.py``: encoder call, batch,
+  forward, token choice with its one device read) over B listening rows with audio, flex and gather;
 * a torch.profiler table of one FlexAttention listening step (top operators by device
   time and by host time).
 
@@ -31,6 +33,9 @@ for entry in (str(Path(__file__).resolve().parents[1] / "server"),):  # the pack
 
 import torch  # noqa: E402
 
+from audio_interaction_server import tokens as T  # noqa: E402
+from audio_interaction_server.engine.conversation import RowPlan  # noqa: E402
+from audio_interaction_server.engine.runner import PlannedRow, Runner  # noqa: E402
 from audio_interaction_server.model.encoder import AudioEncoder  # noqa: E402
 from audio_interaction_server.model.lm import StepBatch  # noqa: E402
 from audio_interaction_server.demo.random_model import random_model  # noqa: E402
@@ -59,6 +64,14 @@ def rows_batch(num_rows: int, row_tokens: int, device: torch.device) -> StepBatc
     rows = [[(17 * i + j) % 150000 for j in range(row_tokens)] for i in range(num_rows)]
     return StepBatch.build(rows, [START_POSITION] * num_rows, list(range(num_rows)), [[] for _ in rows], None,
                            device)
+
+
+def listening_rows(num_rows: int) -> list[PlannedRow]:
+    """B sessions' listening rows as the scheduler plans them mid-session: lead token, block, one chunk of audio."""
+    mel = torch.randn(num_rows, 128, 40, generator=torch.Generator().manual_seed(0))
+    tokens = [T.KEEP_SILENCE] + T.listening_block()
+    pads = (2, 2 + T.AUDIO_FRAMES_PER_CHUNK)  # AUDIO_BEGIN sits in column 1, after the lead token
+    return [PlannedRow(f"s{i}", i, RowPlan(tokens, START_POSITION, (pads,), (mel[i],))) for i in range(num_rows)]
 
 
 def main() -> None:
@@ -125,6 +138,20 @@ def main() -> None:
         lm.attention_backend, lm.compile_attention = "flex", True
         plan_ms = timed_ms(lambda: lm._attention_plan(batch, cache), device, args.repeats)
         emit(f"| {num_rows} x {row_tokens} | {results['flex']:.2f} | {results['gather']:.2f} | {plan_ms:.2f} |")
+
+    emit("")
+    emit("## A whole step through the engine's runner (encode + forward + choose), ms per step (median)")
+    emit("")
+    emit("| listening rows with audio | flex (compiled) | gather |")
+    emit("|---|---|---|")
+    runner = Runner(model, cache, AudioEncoder(model.encoder_tower))
+    for num_rows in args.rows:
+        rows = listening_rows(num_rows)
+        results = {}
+        for backend in ("flex", "gather"):
+            lm.attention_backend, lm.compile_attention = backend, backend == "flex"
+            results[backend] = timed_ms(lambda: runner.run(rows), device, args.repeats)
+        emit(f"| {num_rows} | {results['flex']:.2f} | {results['gather']:.2f} |")
 
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
