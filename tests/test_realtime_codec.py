@@ -1,0 +1,402 @@
+"""The /v1/realtime codec (api/realtime/codec.py), sans I/O: client frames -> session commands, the session's
+events -> Realtime frames, each frame held to the openai SDK's own types (strictly) and pipecat's parser.
+
+``check_frame`` is also what the live-client tests (test_realtime_clients.py) hold every received frame to.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from pydantic import BaseModel, TypeAdapter
+
+from audio_interaction_server.api.commands import (
+    AppendAudio, CancelReply, ClearAudio, Configure, Flush, Malformed, RequestReply,
+)
+from audio_interaction_server.api.realtime.codec import RealtimeCodec
+from audio_interaction_server.audio.g711 import MULAW_TO_S16
+from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.protocol import (
+    AudioFormat, ErrorEvent, InputClearedEvent, InputFlushedEvent, LiveDecisionEvent, LiveEmotionEvent,
+    LiveTextDeltaEvent, LiveTurnBeginEvent, LiveTurnEndEvent, SegmentEvent, SessionClosedEvent, SessionCreatedEvent,
+    SessionLimits, SessionSettings, SessionUpdatedEvent,
+)
+
+pytest.importorskip("openai", reason="the openai SDK's types are the reference for every server event")
+
+
+
+# Fields the SDK's session.created/updated type (a create *request*) does not declare; the session object
+# is checked as a whole against the SDK's session *response* type instead, which declares them.
+SESSION_EXTRAS = {"id", "object"}
+
+
+def sdk_adapter() -> TypeAdapter:
+    from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+
+    return TypeAdapter(RealtimeServerEvent)
+
+
+def undeclared_fields(value, path: str = "") -> list[str]:
+    """Every field of a parsed SDK model that its type does not declare (the SDK allows extras silently)."""
+    found: list[str] = []
+    if isinstance(value, BaseModel):
+        found += [f"{path}.{key}" for key in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += undeclared_fields(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += undeclared_fields(item, f"{path}[{index}]")
+    return found
+
+
+def check_frame(frame: str, adapter: TypeAdapter | None = None) -> dict:
+    """Assert ``frame`` is one standard Realtime server event, valid for the SDK (strict) and pipecat; returns
+    the parsed JSON."""
+    adapter = adapter or sdk_adapter()
+    data = json.loads(frame)
+    assert isinstance(data.get("event_id"), str) and data["event_id"], f"no event_id: {frame[:200]}"
+    event = adapter.validate_json(frame, strict=True)
+    assert event.type == data["type"], f"parsed as {event.type!r}: {frame[:200]}"
+    extras = undeclared_fields(event, data["type"])
+    if data["type"] in ("session.created", "session.updated"):
+        from openai.types.realtime.realtime_session_create_response import RealtimeSessionCreateResponse
+
+        session = RealtimeSessionCreateResponse.model_validate_json(json.dumps(data["session"]), strict=True)
+        assert not undeclared_fields(session), undeclared_fields(session)
+        extras = [name for name in extras if name.rsplit(".", 1)[-1] not in SESSION_EXTRAS
+                  or not name.startswith(f"{data['type']}.session.")]
+    assert not extras, f"fields the SDK does not declare: {extras}"
+    try:
+        from pipecat.services.openai.realtime import events as pipecat_events
+    except ImportError:
+        return data
+    # pipecat drops types it has no model for (None) and ends its receive loop when one fails to parse.
+    assert pipecat_events.parse_server_event(frame) is not None, f"pipecat does not know {data['type']!r}"
+    return data
+
+
+# ---- a codec with the session's side scripted -------------------------------------------------------------
+
+SESSION_ID = "vm_0123"
+STAMP = dict(session_id=SESSION_ID, server_time_ms=1)
+
+
+def settings(**changes) -> SessionSettings:
+    fields = dict(system_prompt=None, max_turn_tokens=64, sampling=SamplingOptions(), decision_events=False)
+    return SessionSettings(**{**fields, **changes})
+
+
+class Harness:
+    """The codec, fed the events a session would send; every frame it makes is checked with ``check_frame``."""
+
+    def __init__(self) -> None:
+        self.codec = RealtimeCodec(max_frame_bytes=64 * 1024)
+        self.adapter = sdk_adapter()
+        self.frames: list[dict] = []
+        self.options = settings()
+        created = self.session(SessionCreatedEvent(
+            **STAMP, model="tiny", is_demo=True, audio=AudioFormat(), options=self.options,
+            limits=SessionLimits(max_frame_bytes=1, max_buffered_audio_s=1, idle_timeout_s=1, max_session_s=1,
+                                 chunk_s=0.4)))
+        assert [frame["type"] for frame in created] == ["session.created"]
+        first = self.client({"type": "input_audio_buffer.clear"})  # any first frame switches the format
+        assert first[0] == Configure(audio=AudioFormat(sample_rate_hz=24_000), event_type="session.update")
+        assert self.session(self.updated()) == []  # the codec's own Configure: its answer is not sent
+
+    def client(self, event: dict | str | bytes) -> list:
+        return self.codec.decode(json.dumps(event) if isinstance(event, dict) else event)
+
+    def session(self, *events) -> list[dict]:
+        out = [check_frame(frame, self.adapter) for event in events for frame in self.codec.encode(event)]
+        self.frames += out
+        return out
+
+    def updated(self, **changes) -> SessionUpdatedEvent:
+        self.options = self.options.model_copy(update=changes)
+        return SessionUpdatedEvent(**STAMP, audio=AudioFormat(), options=self.options)
+
+    def error(self, command, **fields) -> ErrorEvent:
+        """The session's answer to a ``Malformed`` (or a refused command)."""
+        code = fields.pop("code", getattr(command, "code", "invalid_state"))
+        message = fields.pop("message", getattr(command, "message", "refused"))
+        return ErrorEvent(**STAMP, code=code, message=message, event_type=command.event_type,
+                          event_id=command.event_id, **fields)
+
+
+def reply(turn: int, texts: list[str], end_reason: str = "text_end", emotion: str | None = "happy") -> list:
+    events = [LiveTurnBeginEvent(**STAMP, turn=turn, chunk=3, audio_time_s=1.6)]
+    if emotion is not None:
+        events.append(LiveEmotionEvent(**STAMP, turn=turn, emotion=emotion, token_id=7))
+    events += [LiveTextDeltaEvent(**STAMP, turn=turn, text=text) for text in texts]
+    events.append(SegmentEvent(**STAMP, turn=turn, index=0, text="".join(texts)))
+    events.append(LiveTurnEndEvent(**STAMP, turn=turn, text="".join(texts), token_ids=[7] * (len(texts) + 1),
+                                   num_tokens=len(texts) + 1, end_reason=end_reason))
+    return events
+
+
+def append(samples: np.ndarray | bytes) -> dict:
+    data = samples if isinstance(samples, bytes) else samples.astype("<i2").tobytes()
+    return {"type": "input_audio_buffer.append", "audio": base64.b64encode(data).decode()}
+
+
+REPLY_TYPES = [
+    "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
+    "response.output_text.delta", "response.output_text.delta",
+    "response.output_text.done", "response.content_part.done", "response.output_item.done",
+    "conversation.item.done", "response.done",
+]
+COMMIT_TYPES = ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+
+
+# ---- session ------------------------------------------------------------------------------------------------
+
+
+def test_session_update_becomes_one_configure_and_session_updated_reports_the_effect():
+    h = Harness()
+    commands = h.client({"type": "session.update", "event_id": "u1", "session": {
+        "type": "realtime", "instructions": "Be brief.", "max_output_tokens": 100, "output_modalities": ["text"],
+        "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None,
+                            "transcription": {"model": "whisper-1"}},
+                  "output": {"voice": "marin", "format": {"type": "audio/pcm", "rate": 24000}}},
+        "tool_choice": "auto", "tracing": None}})
+    assert commands == [Configure(system_prompt="Be brief.", max_turn_tokens=100, reply_mode="on_request",
+                                  audio=AudioFormat(sample_rate_hz=8_000), event_id="u1",
+                                  event_type="session.update")]
+    [frame] = h.session(h.updated(system_prompt="Be brief.", max_turn_tokens=100, reply_mode="on_request"))
+    session = frame["session"]
+    assert frame["type"] == "session.updated"
+    assert session["instructions"] == "Be brief." and session["max_output_tokens"] == 100
+    assert session["output_modalities"] == ["text"]
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["input"]["turn_detection"] is None  # manual turns, reported as such
+    assert session["audio"]["input"]["transcription"] is None  # asked for, not done: the model does not transcribe
+
+
+def test_a_session_update_that_changes_nothing_sends_no_option_to_the_session():
+    """pipecat sends its whole session again before each response.create, after the audio started: model
+    options may only change before the first audio, so only real changes may reach the session."""
+    h = Harness()
+    h.client({"type": "session.update", "session": {"instructions": "Be brief.", "max_output_tokens": "inf"}})
+    h.session(h.updated(system_prompt="Be brief."))
+    [again] = h.client({"type": "session.update", "event_id": "u2", "session": {
+        "instructions": "Be brief.", "max_output_tokens": "inf", "tools": [],
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.5}}}}})
+    assert again == Configure(event_id="u2", event_type="session.update")
+    [frame] = h.session(h.updated())
+    assert frame["session"]["audio"]["input"]["turn_detection"] == {"type": "server_vad", "create_response": True}
+
+
+@pytest.mark.parametrize("session, param", [
+    ({"output_modalities": ["audio"]}, "session.output_modalities"),
+    ({"output_modalities": ["text", "audio"]}, "session.output_modalities"),
+    ({"type": "transcription"}, "session.type"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "session.tools"),
+    ({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 4000}}}}, "session.audio.input.format"),
+    ({"audio": {"input": {"turn_detection": {"type": "push_to_talk"}}}}, "session.audio.input.turn_detection.type"),
+    ({"max_output_tokens": 100_000}, "session.max_output_tokens"),
+])
+def test_what_the_model_cannot_do_is_refused_with_invalid_value_naming_the_field(session, param):
+    h = Harness()
+    [command] = h.client({"type": "session.update", "event_id": "bad", "session": session})
+    assert isinstance(command, Malformed) and command.code == "invalid_value"
+    [frame] = h.session(h.error(command))
+    assert frame["error"] == {"type": "invalid_request_error", "code": "invalid_value", "message": command.message,
+                              "param": param, "event_id": "bad"}
+
+
+def test_a_refused_configure_leaves_the_reported_session_unchanged():
+    h = Harness()
+    [command] = h.client({"type": "session.update", "event_id": "late", "session": {
+        "instructions": "Now different", "audio": {"input": {"format": {"type": "audio/pcma"}}}}})
+    h.session(h.error(command, code="invalid_state", message="can only change before the first audio"))
+    h.client({"type": "session.update", "event_id": "u", "session": {}})
+    [frame] = h.session(h.updated())
+    assert frame["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+
+
+def test_pcm_at_another_rate_is_an_extension_the_session_resamples():
+    h = Harness()
+    [command] = h.client({"type": "session.update", "session": {
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}})
+    assert command.audio == AudioFormat(sample_rate_hz=16_000)
+    [updated] = h.codec.translate(h.updated())
+    assert updated.session.audio.input.format.rate == 16_000  # outside the SDK's Literal[24000]: documented
+
+
+# ---- audio and turns ----------------------------------------------------------------------------------------
+
+
+def test_g711_audio_is_decoded_before_the_session_sees_it():
+    h = Harness()
+    h.client({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}})
+    h.session(h.updated())
+    codes = bytes([0x00, 0x7F, 0x80, 0xFF, 0x12])
+    [command] = h.client(append(codes))
+    assert command == AppendAudio(MULAW_TO_S16[list(codes)].astype("<i2").tobytes())
+
+
+def test_commit_flushes_and_is_acknowledged_once_the_audio_is_heard():
+    h = Harness()
+    [empty] = h.client({"type": "input_audio_buffer.commit", "event_id": "c0"})
+    assert isinstance(empty, Malformed) and empty.code == "input_audio_buffer_commit_empty"
+    h.client(append(np.zeros(2400)))
+    [flush] = h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert flush == Flush(event_id="c1", event_type="input_audio_buffer.commit")
+    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=3, audio_time_s=1.2))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+    item = frames[1]["item"]
+    assert frames[0]["item_id"] == item["id"] and item["role"] == "user"
+    assert item["content"] == [{"type": "input_audio", "transcript": None}]
+    assert h.session(InputFlushedEvent(**STAMP, num_chunks=3, audio_time_s=1.2)) == []  # nobody asked
+
+
+def test_clear_drops_unheard_audio_and_says_so():
+    h = Harness()
+    h.client(append(np.zeros(2400)))
+    [clear] = h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
+    assert clear == ClearAudio(event_id="x", event_type="input_audio_buffer.clear")
+    [frame] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=1, audio_dropped_s=0.5))
+    assert frame["type"] == "input_audio_buffer.cleared"
+    assert isinstance(h.client({"type": "input_audio_buffer.commit"})[0], Malformed)  # nothing left to commit
+
+
+def test_nothing_is_sent_while_the_model_listens():
+    h = Harness()
+    h.client(append(np.zeros(4800)))
+    quiet = [LiveDecisionEvent(**STAMP, chunk=0, token_id=1, decision="keep_silence", audio_time_s=0.4),
+             LiveTurnBeginEvent(**STAMP, turn=0, chunk=1, audio_time_s=0.8)]
+    assert h.session(*quiet) == []  # a reply is announced at its first token, not at the decision
+
+
+# ---- replies ------------------------------------------------------------------------------------------------
+
+
+def test_a_reply_is_the_full_realtime_sequence_in_order():
+    h = Harness()
+    h.client(append(np.zeros(4800)))
+    frames = h.session(*reply(0, ["Hel", "lo"]))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES + REPLY_TYPES
+    user_item, created, done = frames[1]["item"], frames[3], frames[-1]
+    response_id, item_id = created["response"]["id"], frames[4]["item"]["id"]
+    assert frames[5]["previous_item_id"] == user_item["id"]
+    assert all(frame.get("response_id", response_id) == response_id for frame in frames[3:])
+    assert [frame["delta"] for frame in frames if frame["type"] == "response.output_text.delta"] == ["Hel", "lo"]
+    assert frames[-5]["text"] == "Hello" and frames[-4]["part"] == {"type": "text", "text": "Hello"}
+    assert created["response"]["status"] == "in_progress" and created["response"]["metadata"] == {"emotion": "happy"}
+    assert done["response"]["status"] == "completed" and done["response"]["metadata"] == {"emotion": "happy"}
+    assert done["response"]["output"][0]["id"] == item_id
+    assert done["response"]["output"][0]["content"] == [{"type": "output_text", "text": "Hello"}]
+    assert done["response"]["usage"]["output_tokens"] == 3  # the emotion tag is a token too
+    assert len({frame["event_id"] for frame in h.frames}) == len(h.frames)
+
+
+def test_a_capped_reply_is_incomplete_with_reason_max_output_tokens():
+    h = Harness()
+    done = h.session(*reply(0, ["a", "b"], end_reason="max_tokens"))[-1]
+    assert done["response"]["status"] == "incomplete"
+    assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+
+
+def test_response_create_forces_a_reply_carrying_the_clients_metadata_merged_with_the_emotion():
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r1",
+                          "response": {"metadata": {"client_event_id": "r1"}, "output_modalities": ["text"]}})
+    assert command == RequestReply(event_id="r1", event_type="response.create")
+    [busy] = h.client({"type": "response.create", "event_id": "r2"})
+    assert busy.code == "conversation_already_has_active_response" and busy.event_id == "r2"
+    frames = h.session(*reply(0, ["x"], emotion="sad"))
+    created = next(frame for frame in frames if frame["type"] == "response.created")
+    assert created["response"]["metadata"] == {"client_event_id": "r1", "emotion": "sad"}
+    later = h.session(*reply(1, ["y"], emotion=None))  # a reply the model chose: no client metadata
+    assert later[0]["response"]["metadata"] is None
+
+
+def test_response_create_for_audio_is_refused():
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r",
+                          "response": {"output_modalities": ["audio"]}})
+    [frame] = h.session(h.error(command))
+    assert frame["error"]["code"] == "invalid_value" and frame["error"]["param"] == "response.output_modalities"
+    assert isinstance(h.client({"type": "response.create"})[0], RequestReply)  # the refused one left no request
+
+
+def test_cancel_stops_the_active_reply_and_is_refused_without_one():
+    h = Harness()
+    [idle] = h.client({"type": "response.cancel", "event_id": "c0"})
+    assert idle.code == "response_cancel_not_active" and idle.message.startswith("Cancellation failed")
+    events = reply(0, ["a", "b"], end_reason="cancelled")
+    h.session(*events[:3])  # turn_begin, emotion, one delta
+    [cancel] = h.client({"type": "response.cancel", "event_id": "c1"})
+    assert cancel == CancelReply(event_id="c1", event_type="response.cancel")
+    [wrong] = h.client({"type": "response.cancel", "response_id": "resp_other"})
+    assert wrong.code == "response_cancel_not_active"
+    done = h.session(*events[3:])[-1]
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+
+
+def test_a_reply_cut_by_the_session_closing_still_ends_with_response_done():
+    h = Harness()
+    events = reply(0, ["a"], end_reason="session_closed", emotion=None)
+    frames = h.session(*events, SessionClosedEvent(**STAMP, reason="server_shutdown", num_chunks_received=2,
+                                                   num_chunks_decided=2, audio_received_s=0.8))
+    assert frames[-1]["type"] == "response.done" and frames[-1]["response"]["status"] == "cancelled"
+
+
+# ---- conversation items -------------------------------------------------------------------------------------
+
+
+def test_conversation_items_are_acknowledged_in_event_order_with_the_clients_id():
+    h = Harness()
+    [ack] = h.client({"type": "conversation.item.create", "event_id": "e1", "previous_item_id": "root", "item": {
+        "id": "lk_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    assert ack == Configure(event_id="e1", event_type="conversation.item.create")  # nothing to change
+    added, done = h.session(h.updated())
+    assert added["type"] == "conversation.item.added" and added["item"]["id"] == "lk_1"
+    assert added["previous_item_id"] is None and done["type"] == "conversation.item.done"
+    h.client({"type": "conversation.item.create", "item": {"id": "lk_2", "type": "message", "role": "assistant",
+                                                            "content": [{"type": "output_text", "text": "ok"}]}})
+    assert h.session(h.updated())[0]["previous_item_id"] == "lk_1"
+    [duplicate] = h.client({"type": "conversation.item.create", "item": {"id": "lk_1", "type": "message",
+                                                                        "role": "user", "content": []}})
+    assert duplicate.code == "item_create_duplicate_item_id"
+    h.client({"type": "conversation.item.delete", "item_id": "lk_2"})
+    assert h.session(h.updated()) == [h.frames[-1]] and h.frames[-1]["type"] == "conversation.item.deleted"
+    [unknown] = h.client({"type": "conversation.item.delete", "item_id": "lk_2"})
+    assert unknown.code == "item_delete_invalid_item_id"
+    [call] = h.client({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}})
+    assert call.code == "invalid_value"
+
+
+# ---- bad frames and errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame, code", [
+    ("not json", "invalid_json"),
+    (json.dumps({"type": "output_audio_buffer.clear"}), "unknown_event"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_value"),
+    (json.dumps({"type": "input_audio_buffer.append"}), "invalid_value"),
+    (b"\x00\x01", "invalid_frame"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 70_000}), "frame_too_large"),
+])
+def test_a_bad_frame_becomes_one_error_and_nothing_else(frame, code):
+    h = Harness()
+    [command] = h.client(frame)
+    assert isinstance(command, Malformed) and command.code == code
+    [error] = h.session(h.error(command))
+    assert error["type"] == "error" and error["error"]["code"] == code
+
+
+def test_session_errors_keep_the_clients_event_id_and_take_the_realtime_names():
+    h = Harness()
+    [refused] = h.session(ErrorEvent(**STAMP, code="unauthorized", message="wrong key", is_fatal=True))
+    assert refused["error"]["code"] == "invalid_api_key" and refused["error"]["type"] == "invalid_request_error"
+    [failed] = h.session(ErrorEvent(**STAMP, code="model_failed", message="boom", is_fatal=True))
+    assert failed["error"]["type"] == "server_error"
+    [full] = h.session(ErrorEvent(**STAMP, code="audio_buffer_full", message="slow down",
+                                  event_type="input_audio_buffer.append", event_id="a9"))
+    assert full["error"]["event_id"] == "a9"
