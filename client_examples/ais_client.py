@@ -15,9 +15,11 @@ import json
 import os
 import re
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -71,11 +73,12 @@ def default_api_key() -> str | None:
     return os.environ.get("AIS_API_KEY")
 
 
-async def open_websocket(url: str, api_key: str | None) -> ClientConnection:
+async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 15.0) -> ClientConnection:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         # Per-message deflate costs more than it saves on small, frequent frames.
-        return await connect(url, additional_headers=headers, compression=None, max_size=None, open_timeout=15)
+        return await connect(url, additional_headers=headers, compression=None, max_size=None,
+                             open_timeout=open_timeout_s)
     except InvalidURI as error:
         raise ClientError(f"bad URL {url!r}: {error}") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
@@ -135,6 +138,11 @@ class ReplyConsole:
         if kind == "turn_end":
             self._turn = None
 
+    def start_session(self) -> None:
+        """A new session after the last was lost: its turns count from 0 again."""
+        self._end_line()
+        self._turn = None
+
     def print_summary(self) -> None:
         if self.as_json:
             self.note(self.summary())
@@ -185,34 +193,187 @@ class ReplyConsole:
         self.out.flush()
 
 
-class StreamSession:
-    """One ``/v1/stream`` session seen from the client."""
+# ---- resuming a dropped connection (docs/protocol.md, "Resuming a dropped connection: the client's side") ----
 
-    def __init__(self, websocket: ClientConnection, console: ReplyConsole, created: dict) -> None:
-        self.websocket, self.console, self.created = websocket, console, created
+RESUME_FIRST_DELAY_S = 0.25  # then doubling, up to RESUME_MAX_DELAY_S, for as long as the server keeps the session
+RESUME_MAX_DELAY_S = 4.0
+NEW_SESSION_ATTEMPTS = 3  # after a drain (1012), a refused resume (4009) or "try again" (1013)
+NEW_SESSION_DELAY_S = 1.0  # before each new-session attempt after "try again" (1013), doubling
+# An input.flush sent just before the drop is the one command whose arrival the replay cannot show: the
+# server answers it only once the model has heard its silence. A server that had it is busy with it (its
+# silence chunks produce decision events, and the client always asks for those), so one quiet this long,
+# with no reply in progress, means the flush was lost and is sent again.
+FLUSH_QUIET_S = 1.5
+_SAME_AUDIO_S = 1e-6  # the client sums frame durations exactly as the server does; this only absorbs rounding
+
+
+def _resume_url(url: str, session_id: str, token: str, last_seq: int) -> str:
+    parts = urlsplit(url)
+    query = "&".join(filter(None, [parts.query, urlencode({"resume": session_id, "token": token,
+                                                            "last_seq": last_seq})]))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+@dataclass(eq=False)
+class SentFrame:
+    """One frame the client sent (or will send) in the current session, kept until the server is known to have it."""
+
+    payload: bytes | str
+    audio_start_s: float  # audio of this session before the frame (the scale of the server's audio_received_s)
+    audio_end_s: float
+    event_type: str | None = None  # a text frame's type; None for audio
+    sample_rate_hz: int = 0  # audio: to cut a frame the server took only a part of
+    bytes_per_sample: int = 0  # audio: one sample of every channel
+    waiters: list[asyncio.Future] = field(default_factory=list)  # a command's callers, resolved by its answer
+    is_answered: bool = False  # a command the server answered: it has this frame and every frame before it
+    is_transmitted: bool = False  # written to a socket at least once
+
+
+@dataclass(frozen=True)
+class ResendPlan:
+    """What to re-send after a resume: ``Outbound.frames`` from its start, once it holds only what the server lacks."""
+
+    lost_s: float  # audio it may not have that is no longer kept
+    holds_flush: bool  # frames[first] is an input.flush the server may or may not have (see FLUSH_QUIET_S)
+
+
+class Outbound:
+    """What the client sent in its current session, in order, and what of it the server is known to have.
+
+    The server takes frames in order and accepts audio frames whole: after a drop, what it has is a prefix,
+    measured by ``audio_received_s`` (in ``session.resumed``) and by the commands it answered.
+    """
+
+    def __init__(self, retain_s: float) -> None:
+        self.frames: deque[SentFrame] = deque()
+        self.audio_s = 0.0  # audio of this session, summed frame by frame as the server sums it
+        self.retain_s = retain_s
+        self.unanswered: dict[str, deque[SentFrame]] = {"session.configure": deque(), "input.flush": deque()}
+
+    def add_audio(self, pcm: bytes, duration_s: float, sample_rate_hz: int, bytes_per_sample: int) -> SentFrame:
+        start_s = self.audio_s
+        self.audio_s += duration_s
+        frame = SentFrame(pcm, start_s, self.audio_s, None, sample_rate_hz, bytes_per_sample)
+        self.frames.append(frame)
+        return frame
+
+    def add_event(self, event: dict, waiters: list[asyncio.Future] = ()) -> SentFrame:
+        frame = SentFrame(json.dumps(event), self.audio_s, self.audio_s, event["type"], waiters=list(waiters))
+        self.frames.append(frame)
+        if frame.event_type in self.unanswered:
+            self.unanswered[frame.event_type].append(frame)
+        return frame
+
+    def answer(self, event_type: str, answer: dict) -> None:
+        """The server answered the oldest unanswered ``event_type`` command (it answers them in order)."""
+        pending = self.unanswered[event_type]
+        if pending:
+            frame = pending.popleft()
+            frame.is_answered = True
+            for waiter in frame.waiters:
+                _resolve(waiter, answer)
+
+    def trim(self) -> None:
+        """Forget frames the server certainly has, and audio older than a resume could ask for.
+
+        A session waits ``resume_grace_s`` for its client and takes at most ``max_buffered_audio_s`` ahead of
+        the model, so audio it has not accepted is never older than both together (``retain_s``).
+        """
+        last_answered = max((i for i, frame in enumerate(self.frames) if frame.is_answered), default=-1)
+        for _ in range(last_answered + 1):
+            self.frames.popleft()
+        while (self.frames and self.frames[0].event_type is None
+               and self.frames[0].audio_end_s < self.audio_s - self.retain_s):
+            self.frames.popleft()
+
+    def plan_resend(self, audio_received_s: float) -> ResendPlan:
+        """After ``session.resumed`` and its replay: drop what the server has; where re-sending starts."""
+        has = -1
+        for index, frame in enumerate(self.frames):
+            if frame.is_answered or (frame.event_type is None and frame.audio_end_s <= audio_received_s
+                                     + _SAME_AUDIO_S):
+                has = index
+        for _ in range(has + 1):
+            self.frames.popleft()
+        kept_from_s = self.frames[0].audio_start_s if self.frames else self.audio_s
+        lost_s = max(0.0, kept_from_s - audio_received_s)
+        first = self.frames[0] if self.frames else None
+        if first is not None and first.event_type is None and first.audio_start_s + _SAME_AUDIO_S < audio_received_s:
+            # The server took part of this frame (it accepts whole frames, so only a server that counts otherwise
+            # gets here): re-send from the sample it stopped at.
+            skip = round((audio_received_s - first.audio_start_s) * first.sample_rate_hz) * first.bytes_per_sample
+            first.payload = first.payload[skip:]
+            first.audio_start_s = audio_received_s
+        # An unanswered configure was not processed (the server answers one at once), so neither was anything after
+        # it; nor was anything after audio it did not accept. Only a flush leaves no trace until the model heard it.
+        holds_flush = first is not None and first.event_type == "input.flush" and first.is_transmitted
+        return ResendPlan(lost_s, holds_flush)
+
+
+class StreamSession:
+    """One conversation on ``/v1/stream`` seen from the client, across dropped connections.
+
+    Every frame goes through an ``Outbound`` log. When the connection drops without a close frame (1006),
+    ``receive_loop`` resumes the session on a new connection, reads the events the client missed, and
+    re-sends what the server did not have; when the session is gone (4009, a drain's 1012, 1013) it starts
+    a new one with the same settings. Meanwhile the sender's frames wait in the log.
+    """
+
+    def __init__(self, url: str, api_key: str | None, websocket: ClientConnection, console: ReplyConsole,
+                 created: dict) -> None:
+        self.url, self.api_key, self.console = url, api_key, console
+        self.websocket = websocket
+        self.config: dict = {}  # every configure's fields, merged: what a new session is told before anything else
+        self.audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
+        self.sent_s = 0.0  # audio handed to send_pcm, all sessions together
+        self.heard_s = 0.0  # how far the model has heard, on the same scale
+        self.is_closing = False  # session.close was sent
+        self.num_resumes = 0
+        self.num_new_sessions = 0
+        self._connected = True  # False while reconnecting: frames wait in the outbound log
+        self._progress = asyncio.Event()
+        self._num_configures = 0
+        self._last_event_s = 0.0
+        self._settling: asyncio.Task | None = None
+        self._begin(created)
+
+    def _begin(self, created: dict) -> None:
+        """A session starts (the first, or a new one after the last was lost)."""
+        self.created = created
         self.session_id: str = created["session_id"]
+        self.resume_token: str | None = created.get("resume_token")
+        self.resume_grace_s: float = created.get("resume_grace_s") or 0.0
         # Sending more than the server buffers gets frames refused (audio_buffer_full), so the
         # sender keeps at most half of that ahead of what the model has heard; but at least two
         # chunks, or the model could never hear a chunk together with its look-ahead.
         limits = created["limits"]
         self.chunk_s = limits["chunk_s"]
         self.max_ahead_s = max(limits["max_buffered_audio_s"] / 2, 2 * self.chunk_s)
-        self.sent_s = 0.0
-        self.heard_s = 0.0
+        self.outbound = Outbound(self.resume_grace_s + limits["max_buffered_audio_s"])
+        self.last_seq = 0
+        self.closed: dict | None = None  # this session's session.closed
         self.saw_fatal_error = False
-        self._progress = asyncio.Event()
-        self._configure_answer: asyncio.Future | None = None
-        self._flushed: asyncio.Future | None = None
-        self._num_configures = 0
+        self._stream_base_s = self.sent_s  # the new session's stream time 0, on the sent_s scale
+        self.heard_s = self.sent_s
+        self._is_reply_open = False
+        self._progress.set()
+
+    # ---- what the sender calls ---------------------------------------------------------------
 
     async def configure(self, **fields: Any) -> dict:
         """Send ``session.configure`` and wait for its answer; ``ClientError`` if it is refused."""
         self._num_configures += 1
-        event_id = f"configure-{self._num_configures}"
-        self._configure_answer = asyncio.get_running_loop().create_future()
-        await self.send_event({"type": "session.configure", "event_id": event_id, **fields})
-        answer = await self._configure_answer
+        answer_future = asyncio.get_running_loop().create_future()
+        previous = dict(self.config)
+        self.config.update(fields)
+        await self._send(self.outbound.add_event({"type": "session.configure",
+                                                  "event_id": f"configure-{self._num_configures}", **fields},
+                                                 [answer_future]))
+        if "audio" in fields:  # the frames after this one are in that format, whatever the answer
+            self.audio_format = fields["audio"]
+        answer = await answer_future
         if answer["type"] == "error":
+            self.config = previous  # a refused change must not be told to a new session
             raise ClientError(f"session.configure {fields} was refused: {answer['message']}")
         return answer
 
@@ -220,8 +381,10 @@ class StreamSession:
         while self.sent_s - self.heard_s > self.max_ahead_s:
             self._progress.clear()
             await self._progress.wait()
-        await self.websocket.send(pcm)
+        rate_hz, num_channels = self.audio_format["sample_rate_hz"], self.audio_format["num_channels"]
+        sample_bytes = 4 if self.audio_format["sample_format"] == "pcm_f32le" else 2
         self.sent_s += duration_s
+        await self._send(self.outbound.add_audio(pcm, duration_s, rate_hz, sample_bytes * num_channels))
 
     async def flush(self) -> dict:
         """``input.flush``, then wait until the model heard everything and its reply ended.
@@ -232,39 +395,245 @@ class StreamSession:
         while self.sent_s - self.heard_s >= self.chunk_s - 1e-6:
             self._progress.clear()
             await self._progress.wait()
-        self._flushed = asyncio.get_running_loop().create_future()
-        await self.send_event({"type": "input.flush"})
-        answer = await self._flushed
+        answer_future = asyncio.get_running_loop().create_future()
+        await self._send(self.outbound.add_event({"type": "input.flush"}, [answer_future]))
+        answer = await answer_future
         if answer["type"] == "error":
             raise ClientError(f"input.flush was refused: {answer['message']}")
         return answer
 
     async def send_event(self, event: dict) -> None:
-        await self.websocket.send(json.dumps(event))
+        if event.get("type") == "session.close":
+            self.is_closing = True
+        await self._send(self.outbound.add_event(event))
+
+    async def _send(self, frame: SentFrame) -> None:
+        if not self._connected:
+            return  # kept in the log: the resume (or the new session) sends it
+        frame.is_transmitted = True
+        websocket = self.websocket
+        try:
+            await websocket.send(frame.payload)
+        except ConnectionClosed:
+            if websocket is self.websocket:  # not an old socket's send failing after a resume
+                self._connected = False  # the receive loop sees the close too, and recovers
+            return
+        if websocket is self.websocket and self._connected:  # never while a resume re-sends the log by index
+            self.outbound.trim()
+
+    # ---- receiving, and recovering from a dropped connection -------------------------------------
 
     async def receive_loop(self) -> None:
-        """Until the server closes the connection; resolves what the sender waits on."""
-        try:
-            while True:
-                raw = await self.websocket.recv()
-                if isinstance(raw, str):
-                    self._on_event(raw)
-        except ConnectionClosed:
-            return
+        """Until the conversation ends; resolves what the sender waits on, resumes after a drop."""
+        while True:
+            try:
+                async for raw in self.websocket:
+                    if isinstance(raw, str):
+                        self._on_event(raw)
+            except ConnectionClosed:
+                pass
+            self._connected = False
+            if self._settling is not None:
+                self._settling.cancel()
+                self._settling = None
+            if not await self._recover():
+                return
 
     def _on_event(self, raw: str) -> None:
         event = json.loads(raw)
+        seq = event.get("seq")
+        if seq is not None:
+            if seq <= self.last_seq:
+                return  # seen already (a server replays only what follows last_seq; this is a safeguard)
+            self.last_seq = seq
+        self._last_event_s = asyncio.get_running_loop().time()
         self.console.show(raw, event)
         kind = event.get("type")
         if kind == "decision":
-            self.heard_s = event["audio_time_s"]
+            self.heard_s = self._stream_base_s + event["audio_time_s"]
             self._progress.set()
         elif kind == "session.updated" or (kind == "error" and event.get("event_type") == "session.configure"):
-            _resolve(self._configure_answer, event)
+            self.outbound.answer("session.configure", event)
         elif kind == "input.flushed" or (kind == "error" and event.get("event_type") == "input.flush"):
-            _resolve(self._flushed, event)
+            self.outbound.answer("input.flush", event)
+        elif kind in ("turn_begin", "turn_end"):
+            self._is_reply_open = kind == "turn_begin"
+        elif kind == "session.closed":
+            self.closed = event
         if kind == "error" and event.get("is_fatal"):
             self.saw_fatal_error = True
+
+    async def _recover(self) -> bool:
+        """After a connection ended: whether the conversation goes on (resumed, or in a new session)."""
+        code, reason = self.websocket.close_code, self.websocket.close_reason or ""
+        if self.closed is not None:  # the session ended on the server; the close code says whether to go on
+            if code == 1012 and not self.is_closing:  # a drain: another replica takes a new session
+                return await self._new_session(f"the server drains ({describe_close(code, reason)})")
+            return False
+        if code == 1006 and self.resume_token:  # no close frame: the network dropped, the session waits for us
+            return await self._resume(code, reason)
+        if code == 1013 and not self.is_closing:
+            return await self._new_session(describe_close(code, reason), delay_s=NEW_SESSION_DELAY_S)
+        return False  # 1000, a refusal (1008), resumed elsewhere (4010), a limit...: nothing to retry
+
+    async def _resume(self, code: int, reason: str) -> bool:
+        loop = asyncio.get_running_loop()
+        # The server started its grace period when it saw the drop, about when we did.
+        deadline_s = loop.time() + self.resume_grace_s
+        url = _resume_url(endpoint_url(self.url, "/v1/stream"), self.session_id, self.resume_token or "",
+                          self.last_seq)
+        attempt, why = 0, describe_close(code, reason)
+        while True:
+            attempt += 1
+            delay_s = min(RESUME_MAX_DELAY_S, RESUME_FIRST_DELAY_S * 2 ** (attempt - 1))
+            if loop.time() + delay_s >= deadline_s:
+                self.console.note(f"could not resume session {self.session_id} within its {self.resume_grace_s:g} s "
+                                  "grace period")
+                break
+            self.console.note(f"connection lost ({why}); resuming session {self.session_id} in {delay_s:.2f} s "
+                              f"(attempt {attempt})")
+            await asyncio.sleep(delay_s)
+            try:
+                websocket = await open_websocket(url, self.api_key,
+                                                 open_timeout_s=max(1.0, min(10.0, deadline_s - loop.time())))
+            except ClientError as error:
+                why = str(error)
+                continue
+            try:
+                raw = await websocket.recv()
+            except ConnectionClosed:
+                why = describe_close(websocket.close_code, websocket.close_reason or "")
+                continue
+            first = json.loads(raw)
+            if first.get("type") == "session.resumed":
+                await self._resumed(websocket, raw, first)
+                return True
+            self.console.show(raw, first)  # the refusal (an error event), shown as such
+            await websocket.wait_closed()
+            code = websocket.close_code
+            why = describe_close(code, websocket.close_reason or "")
+            if code == 4010 or first.get("code") == "session_resumed_elsewhere":
+                self.console.note("another connection resumed this session: this client stops")
+                return False
+            if code == 4009:  # expired, refused, or a restarted server: the session is gone
+                break
+            if code == 1008:  # the key or origin is refused: retrying cannot help
+                self.console.note(why)
+                return False
+        if self.is_closing:
+            self.console.note("the connection dropped while the session was closing; it is over")
+            return False
+        return await self._new_session(f"session {self.session_id} could not be resumed")
+
+    async def _resumed(self, websocket: ClientConnection, raw: str, resumed: dict) -> None:
+        """Replay what we missed, then re-send what the server does not have."""
+        self.console.show(raw, resumed)
+        self.websocket = websocket
+        self.num_resumes += 1
+        try:
+            for _ in range(resumed["num_replayed"]):
+                message = await websocket.recv()
+                if isinstance(message, str):
+                    self._on_event(message)
+        except ConnectionClosed:
+            return  # dropped again: the receive loop sees it and resumes once more
+        plan = self.outbound.plan_resend(resumed["audio_received_s"])
+        if plan.lost_s > _SAME_AUDIO_S:
+            self.console.note(f"{plan.lost_s:.2f} s of audio the server did not get was no longer kept and is lost")
+        done = f"resumed session {self.session_id}: {resumed['num_replayed']} events replayed"
+        if plan.holds_flush:
+            self.console.note(f"{done}; waiting to see whether the server got the input.flush sent before the drop")
+            self._settling = asyncio.create_task(self._settle_flush(websocket, self.outbound.frames[0]))
+            return
+        resent_s = await self._resend(websocket)
+        self.console.note(f"{done}, re-sent {resent_s:.2f} s of audio")
+
+    async def _settle_flush(self, websocket: ClientConnection, flush: SentFrame) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_event_s = loop.time()
+        while not flush.is_answered:
+            quiet_s = loop.time() - self._last_event_s
+            if quiet_s >= FLUSH_QUIET_S and not self._is_reply_open:
+                break
+            await asyncio.sleep(max(0.05, FLUSH_QUIET_S - quiet_s))
+        if flush.is_answered:
+            self.outbound.frames.popleft()  # answered: the server had it, and every frame before it
+            what = "the server had the input.flush"
+        else:
+            what = "the server did not get the input.flush: sent again"
+        self._settling = None
+        resent_s = await self._resend(websocket)
+        self.console.note(f"{what}; re-sent {resent_s:.2f} s of audio")
+
+    async def _resend(self, websocket: ClientConnection) -> float:
+        """Send every frame in the log, in order, then let the sender's frames go out directly again."""
+        resent_s, index = 0.0, 0
+        try:
+            # By index, to the end as it is then: the sender may add frames while we send (they wait in the log).
+            while index < len(self.outbound.frames):
+                frame = self.outbound.frames[index]
+                frame.is_transmitted = True
+                await websocket.send(frame.payload)
+                resent_s += frame.audio_end_s - frame.audio_start_s
+                index += 1
+        except ConnectionClosed:
+            return resent_s  # dropped again: the receive loop recovers once more
+        if websocket is self.websocket:
+            self._connected = True  # no await since the loop saw the log's end: no frame can slip in between
+            self.outbound.trim()
+        return resent_s
+
+    async def _new_session(self, why: str, delay_s: float = 0.0) -> bool:
+        """The session is gone: a new one, told the same settings, then the frames the old one never got."""
+        endpoint = endpoint_url(self.url, "/v1/stream")
+        for attempt in range(1, NEW_SESSION_ATTEMPTS + 1):
+            self.console.note(f"{why}: starting a new session" + (f" in {delay_s:.1f} s" if delay_s else "")
+                              + f" (attempt {attempt})")
+            await asyncio.sleep(delay_s)
+            delay_s = max(2 * delay_s, NEW_SESSION_DELAY_S)
+            try:
+                websocket = await open_websocket(endpoint, self.api_key)
+                raw = await websocket.recv()
+            except (ClientError, ConnectionClosed) as error:
+                why = str(error) if isinstance(error, ClientError) else "the connection closed"
+                continue
+            created = json.loads(raw)
+            self.console.show(raw, created)
+            if created.get("type") == "session.created":
+                break
+            await websocket.wait_closed()
+            why = describe_close(websocket.close_code, websocket.close_reason or "")
+            if websocket.close_code == 1008:
+                self.console.note(why)
+                return False
+        else:
+            self.console.note(f"gave up after {NEW_SESSION_ATTEMPTS} attempts to start a new session")
+            return False
+        old = self.outbound
+        self.num_new_sessions += 1
+        self._begin(created)
+        self.websocket = websocket
+        self.console.start_session()
+        self.console.note(f"session: {self.session_id} (new; the old session's unheard audio is not sent again)")
+        # The settings first, answering whatever configure the old session left unanswered; then the flushes it
+        # left unanswered (their callers still wait); then what was never sent at all, in order.
+        configures = [f for f in old.unanswered["session.configure"] if f.is_transmitted]
+        self._num_configures += 1
+        self.outbound.add_event({"type": "session.configure", "event_id": f"configure-{self._num_configures}",
+                                 **self.config}, [w for f in configures for w in f.waiters])
+        for frame in old.unanswered["input.flush"]:
+            if frame.is_transmitted:
+                self.outbound.add_event(json.loads(frame.payload), frame.waiters)
+        for frame in old.frames:
+            if frame.is_transmitted:
+                continue
+            if frame.event_type is None:
+                self.outbound.add_audio(frame.payload, frame.audio_end_s - frame.audio_start_s, frame.sample_rate_hz,
+                                        frame.bytes_per_sample)
+            else:
+                self.outbound.add_event(json.loads(frame.payload), frame.waiters)
+        await self._resend(websocket)
+        return True
 
 
 def _resolve(future: asyncio.Future | None, value: Any) -> None:
@@ -278,39 +647,46 @@ SendAudio = Callable[[StreamSession], Awaitable[None]]
 async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_audio: SendAudio) -> int:
     """Open a session, run ``send_audio`` while receiving, flush, close; the exit status."""
     websocket = await open_websocket(endpoint_url(url, "/v1/stream"), api_key)
-    async with websocket:
-        try:
-            raw_first = await websocket.recv()
-        except ConnectionClosed:
-            raise ClientError(describe_close(websocket.close_code, websocket.close_reason or "")) from None
-        first = json.loads(raw_first)
-        console.show(raw_first, first)  # with --json, session.created is an event like any other
-        if first.get("type") != "session.created":
-            if first.get("type") != "error":  # an error was shown as one already
-                console.note(f"unexpected event: {first}")
-            await websocket.wait_closed()
-            console.note(describe_close(websocket.close_code, websocket.close_reason or ""))
-            return EXIT_FAILED
-        console.note(f"session: {first['session_id']}")
-        demo = " (demo model: its replies are random noise)" if first.get("is_demo") else ""
-        console.note(f"model: {first['model']}{demo}")
-        session = StreamSession(websocket, console, first)
-        receiver = asyncio.create_task(session.receive_loop())
-        sender = asyncio.create_task(_send_then_close(session, send_audio))
-        failure: str | None = None
-        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if not sender.done():  # the server ended the session first: stop sending
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-        elif sender.exception() is not None:
-            error = sender.exception()
-            if not isinstance(error, (ClientError, ConnectionClosed)):
-                raise error
-            failure = str(error) if isinstance(error, ClientError) else None
-            if failure is not None:  # end the session cleanly all the same
-                await asyncio.gather(session.send_event({"type": "session.close"}), return_exceptions=True)
-        await receiver
-    code, reason = websocket.close_code, websocket.close_reason or ""
+    try:
+        raw_first = await websocket.recv()
+    except ConnectionClosed:
+        raise ClientError(describe_close(websocket.close_code, websocket.close_reason or "")) from None
+    first = json.loads(raw_first)
+    console.show(raw_first, first)  # with --json, session.created is an event like any other
+    if first.get("type") != "session.created":
+        if first.get("type") != "error":  # an error was shown as one already
+            console.note(f"unexpected event: {first}")
+        await websocket.wait_closed()
+        console.note(describe_close(websocket.close_code, websocket.close_reason or ""))
+        return EXIT_FAILED
+    console.note(f"session: {first['session_id']}")
+    demo = " (demo model: its replies are random noise)" if first.get("is_demo") else ""
+    console.note(f"model: {first['model']}{demo}")
+    session = StreamSession(url, api_key, websocket, console, first)
+    try:
+        return await _converse(session, send_audio)
+    finally:
+        await session.websocket.close()  # a no-op after the server's close
+
+
+async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
+    console = session.console
+    receiver = asyncio.create_task(session.receive_loop())
+    sender = asyncio.create_task(_send_then_close(session, send_audio))
+    failure: str | None = None
+    await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+    if not sender.done():  # the server ended the session first: stop sending
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    elif sender.exception() is not None:
+        error = sender.exception()
+        if not isinstance(error, ClientError):
+            receiver.cancel()
+            raise error
+        failure = str(error)
+        await session.send_event({"type": "session.close"})  # end the session cleanly all the same
+    await receiver
+    code, reason = session.websocket.close_code, session.websocket.close_reason or ""
     if failure:
         console.note(failure)
     if code != 1000:
@@ -321,7 +697,8 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
 
 
 async def _send_then_close(session: StreamSession, send_audio: SendAudio) -> None:
-    # Decision events tell the sender how far the model has heard (see StreamSession.send_pcm).
+    # Decision events tell the sender how far the model has heard (see StreamSession.send_pcm); after a drop,
+    # they also show whether the server had a flush (FLUSH_QUIET_S).
     await session.configure(decision_events=True)
     await send_audio(session)
     await session.flush()

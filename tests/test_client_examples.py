@@ -243,6 +243,7 @@ def test_stream_file_names_a_missing_file_in_plain_words(tmp_path):
 def load_client_module():
     spec = importlib.util.spec_from_file_location("ais_client", CLIENTS / "ais_client.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
