@@ -1,0 +1,438 @@
+"""/v1/realtime driven by the three real clients from PyPI, unmodified, against a live server on loopback.
+
+- the openai SDK (``AsyncOpenAI(base_url=...).realtime.connect()``): replies the model decides on while real
+  speech streams at 24 kHz, a manual turn, a cancel, a refused ``output_modalities: ["audio"]``, an ephemeral
+  client secret (also as the browser subprotocol), and the server full (close 1013);
+- LiveKit Agents (``livekit-plugins-openai``'s ``RealtimeModel(base_url=..., modalities=["text"])``, its
+  session object without a room): three manual turns through ``generate_reply`` and an ``interrupt``;
+- pipecat (``OpenAIRealtimeLLMService``) in a pipeline: the first reply it asks for, then replies the model
+  decides on while speech streams.
+
+Every frame each client receives is held to ``check_frame`` (the SDK's own types, strictly, and pipecat's
+parser); no client may log a warning or error we did not provoke, and no receive loop may end.
+
+The tiny random model rarely replies by itself, so the server runs with ``engine.scripted_turns``: a reply
+every few chunks, each exactly ``REPLY_TOKENS`` long (a request by ``response.create`` still forces one at
+the next chunk, and manual turns still wait for it). test_realtime_equality.py runs the model unscripted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+
+from test_realtime_codec import check_frame, sdk_adapter
+
+KEY = "realtime-test-key"
+EVERY_CHUNKS = 6  # a reply the model "decides on" every 2.4 s of audio
+REPLY_TOKENS = 40  # long enough that a cancel sent at response.created lands mid-reply
+FILES = ["02_translate/sample02_04.wav", "03_cough_music/sample03_01.wav", "02_translate/sample02_01.mp3"]
+RATE_HZ = 24_000
+
+
+def speech_24k(shared_audio: Path, name: str) -> bytes:
+    """A recording as the clients send it: 24 kHz mono s16le, resampled from the file's own rate."""
+    samples, rate_hz = soundfile.read(shared_audio / name, dtype="float32", always_2d=True)
+    mono = soxr.resample(samples.mean(axis=1), rate_hz, RATE_HZ, quality="HQ")
+    return (np.clip(mono, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+class ServerLog:
+    """Drains the server's stderr (a full pipe would block it) and keeps the lines."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self._thread.start()
+
+    def problems(self) -> list[str]:
+        return [line for line in self.lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    from conftest import spawn_server
+
+    process, port = spawn_server(tiny_checkpoint, {
+        "AIS_API_KEY": KEY, "AIS_MAX_SESSIONS": "2",
+        "AIS_ENGINE__SCRIPTED_TURNS__EVERY_CHUNKS": str(EVERY_CHUNKS),
+        "AIS_ENGINE__SCRIPTED_TURNS__REPLY_TOKENS": str(REPLY_TOKENS),
+    })
+    log = ServerLog(process.stderr)
+    try:
+        yield port, log
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert not log.problems(), log.problems()
+
+
+class Watch(logging.Handler):
+    """Warnings and errors the clients log (the openai SDK and LiveKit use logging; pipecat uses loguru)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(f"{record.name}: {record.getMessage()}")
+
+
+@pytest.fixture
+def client_logs():
+    watch = Watch()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    try:
+        yield watch.records
+    finally:
+        root.removeHandler(watch)
+
+
+# ---- the openai SDK -----------------------------------------------------------------------------------------
+
+
+class SdkRun:
+    """One SDK connection: sends, and receives raw frames (each checked, then parsed by the SDK itself)."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.adapter = sdk_adapter()
+        self.frames: list[dict] = []
+
+    async def next(self, timeout_s: float = 30.0) -> dict:
+        raw = await asyncio.wait_for(self.connection.recv_bytes(), timeout_s)
+        frame = check_frame(raw.decode(), self.adapter)
+        event = self.connection.parse_event(raw)  # what an application gets: a typed event, never a dict
+        assert type(event).__name__ != "dict" and event.type == frame["type"]
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, kind: str, timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            frame = await self.next(max(0.1, deadline - time.monotonic()))
+            if frame["type"] == kind:
+                return frame
+
+    async def stream(self, audio: bytes, speed: float = 4.0) -> None:
+        """100 ms appends at ``speed`` x real time."""
+        step = RATE_HZ // 10 * 2
+        for start in range(0, len(audio), step):
+            await self.connection.input_audio_buffer.append(audio=base64.b64encode(audio[start:start + step]).decode())
+            await asyncio.sleep(0.1 / speed)
+
+    def of(self, kind: str) -> list[dict]:
+        return [frame for frame in self.frames if frame["type"] == kind]
+
+
+def responses_in_order(frames: list[dict]) -> list[dict]:
+    """Each response's events must nest: created, its deltas and dones, then done, before the next begins."""
+    done, open_id = [], None
+    for frame in frames:
+        response_id = frame.get("response_id") or (frame.get("response") or {}).get("id")
+        if frame["type"] == "response.created":
+            assert open_id is None, "a response began inside another"
+            open_id = response_id
+        elif frame["type"] == "response.done":
+            assert response_id == open_id
+            done.append(frame["response"])
+            open_id = None
+        elif response_id is not None:
+            assert response_id == open_id, f"{frame['type']} outside its response"
+    return done
+
+
+def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio, client_logs):
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port, _ = server
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            created = await sdk.next()
+            assert created["type"] == "session.created"
+            assert created["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": RATE_HZ}
+
+            await connection.session.update(session={"type": "realtime", "output_modalities": ["audio"]},
+                                             event_id="want_audio")
+            refused = await sdk.until("error")
+            assert refused["error"]["code"] == "invalid_value" and refused["error"]["event_id"] == "want_audio"
+            assert refused["error"]["param"] == "session.output_modalities"
+
+            # The model decides: real speech streams in, replies come on their own.
+            await connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                                     "audio": {"input": {"turn_detection": {"type": "server_vad"}}}})
+            await sdk.until("session.updated")
+            for name in FILES:
+                await sdk.stream(speech_24k(shared_audio, name))
+            while len(sdk.of("response.done")) < 3:
+                await sdk.until("response.done")
+
+            # A forced reply, cancelled as soon as it exists.
+            await connection.response.create(response={"metadata": {"asked": "yes"}}, event_id="ask")
+            created = await sdk.until("response.created")
+            await connection.response.cancel(event_id="stop")
+            cancelled = (await sdk.until("response.done"))["response"]
+            assert cancelled["id"] == created["response"]["id"] and cancelled["status"] == "cancelled"
+            assert cancelled["status_details"]["reason"] == "client_cancelled"
+            assert cancelled["metadata"]["asked"] == "yes"
+            await connection.response.cancel(event_id="again")
+            assert (await sdk.until("error"))["error"]["code"] == "response_cancel_not_active"
+            return sdk
+
+    sdk = asyncio.run(asyncio.wait_for(run(), 180))
+    responses = responses_in_order(sdk.frames)
+    completed = [response for response in responses if response["status"] == "completed"]
+    assert len(completed) >= 3
+    for response in completed:
+        text = response["output"][0]["content"][0]["text"]
+        assert text and response["usage"]["output_tokens"] == REPLY_TOKENS
+        deltas = [f["delta"] for f in sdk.frames if f["type"] == "response.output_text.delta"
+                  and f["response_id"] == response["id"]]
+        assert "".join(deltas) == text
+    assert not [record for record in client_logs if record.startswith("openai")], client_logs
+
+
+def test_openai_sdk_manual_turns(server, shared_audio):
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port, _ = server
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await connection.session.update(session={"type": "realtime", "instructions": "Answer briefly.",
+                                                     "audio": {"input": {"turn_detection": None}}})
+            updated = await sdk.until("session.updated")
+            assert updated["session"]["audio"]["input"]["turn_detection"] is None
+            assert updated["session"]["instructions"] == "Answer briefly."
+            for name in FILES[:2]:
+                await sdk.stream(speech_24k(shared_audio, name), speed=8.0)
+                await connection.input_audio_buffer.commit()
+                committed = await sdk.until("input_audio_buffer.committed")
+                assert not sdk.of("response.created")[len(sdk.of("response.done")):], "replied unasked"
+                await connection.response.create()
+                done = await sdk.until("response.done")
+                assert done["response"]["status"] == "completed"
+                user = [f for f in sdk.of("conversation.item.added") if f["item"]["id"] == committed["item_id"]]
+                assert user and user[0]["item"]["role"] == "user"
+            return sdk
+
+    sdk = asyncio.run(asyncio.wait_for(run(), 120))
+    assert len(responses_in_order(sdk.frames)) == 2
+
+
+def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotocol(server):
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    import websockets
+    from openai import AsyncOpenAI, AuthenticationError
+
+    port, _ = server
+    url = f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
+
+    async def run() -> None:
+        backend = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        secret = await backend.realtime.client_secrets.create(expires_after={"anchor": "created_at", "seconds": 60})
+        assert secret.value.startswith("ek_") and secret.expires_at > time.time() + 50
+        assert secret.session.type == "realtime"
+        browser = AsyncOpenAI(api_key=secret.value, base_url=f"http://127.0.0.1:{port}/v1")
+        with pytest.raises(AuthenticationError):  # a secret cannot mint more secrets
+            await browser.realtime.client_secrets.create()
+        async with browser.realtime.connect(model="gpt-realtime") as connection:  # as a bearer key
+            assert (await SdkRun(connection).next())["type"] == "session.created"
+        # As a browser offers it: no headers, the key in a subprotocol; the server echoes only "realtime".
+        async with websockets.connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{secret.value}"]) \
+                as socket:
+            assert socket.subprotocol == "realtime"
+            assert json.loads(await socket.recv())["type"] == "session.created"
+        async with websockets.connect(url, subprotocols=["realtime", "openai-insecure-api-key.ek_1_x_0"]) as socket:
+            refused = check_frame(await socket.recv())
+            assert refused["error"]["code"] == "invalid_api_key"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await socket.recv()
+            assert closed.value.rcvd.code == 1008
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_full_server_refuses_with_an_error_and_close_1013(server):
+    import websockets
+
+    port, _ = server
+    url = f"ws://127.0.0.1:{port}/v1/realtime"
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def run() -> None:
+        async with websockets.connect(url, additional_headers=headers) as first, \
+                websockets.connect(url, additional_headers=headers) as second:
+            for socket in (first, second):
+                assert json.loads(await socket.recv())["type"] == "session.created"
+            async with websockets.connect(url, additional_headers=headers) as third:
+                refused = check_frame(await third.recv())
+                assert refused["error"]["code"] == "capacity"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await third.recv()
+                assert closed.value.rcvd.code == 1013  # the SDK reconnects on it when asked to
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+# ---- LiveKit Agents -----------------------------------------------------------------------------------------
+
+
+def test_livekit_realtime_model_manual_turns_and_interrupt(server, shared_audio, client_logs):
+    pytest.importorskip("livekit.plugins.openai", reason="livekit-plugins-openai is not installed")
+    from livekit import rtc
+    from livekit.plugins.openai.realtime import RealtimeModel
+
+    port, _ = server
+    adapter = sdk_adapter()
+
+    async def run() -> tuple[list[str], list[dict], object]:
+        model = RealtimeModel(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, modalities=["text"],
+                              turn_detection=None)
+        session = model.session()
+        received: list[dict] = []
+        session.on("openai_server_event_received", lambda event: received.append(
+            check_frame(json.dumps(event), adapter)))
+        errors: list = []
+        session.on("error", errors.append)
+        texts: list[str] = []
+        try:
+            for name in FILES:
+                audio = np.frombuffer(speech_24k(shared_audio, name), dtype="<i2")
+                for start in range(0, len(audio), RATE_HZ // 10):
+                    frame = audio[start:start + RATE_HZ // 10]
+                    session.push_audio(rtc.AudioFrame(frame.tobytes(), RATE_HZ, 1, len(frame)))
+                    await asyncio.sleep(0.02)
+                session.commit_audio()
+                generation = await session.generate_reply()  # waits for response.created with its event id
+                assert generation.user_initiated
+                text = ""
+                async for message in generation.message_stream:
+                    async for piece in message.text_stream:
+                        text += piece
+                texts.append(text)
+            generation = await session.generate_reply()
+            session.interrupt()  # response.cancel while the reply runs
+            async for message in generation.message_stream:
+                async for _ in message.text_stream:
+                    pass
+            deadline = time.monotonic() + 30
+            while not any(e["type"] == "response.done" and e["response"]["status"] == "cancelled" for e in received):
+                assert time.monotonic() < deadline, "no cancelled response.done"
+                await asyncio.sleep(0.05)
+            main_task = session._main_atask
+            assert not main_task.done(), "LiveKit's session loop ended"
+        finally:
+            await session.aclose()
+            await model.aclose()
+        return texts, received, errors
+
+    texts, received, errors = asyncio.run(asyncio.wait_for(run(), 180))
+    assert len(texts) == 3 and all(texts), texts
+    responses = responses_in_order(received)
+    assert [r["status"] for r in responses] == ["completed"] * 3 + ["cancelled"]
+    assert [r["output"][0]["content"][0]["text"] for r in responses[:3]] == texts
+    assert not errors, errors
+    unexpected = [r for r in client_logs if r.startswith("livekit") and "discarded due to session closed" not in r]
+    assert not unexpected, unexpected
+
+
+# ---- pipecat ------------------------------------------------------------------------------------------------
+
+
+def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
+    pytest.importorskip("pipecat.services.openai.realtime.llm", reason="pipecat-ai is not installed")
+    from loguru import logger
+    from pipecat.frames.frames import (
+        EndFrame, ErrorFrame, InputAudioRawFrame, LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame,
+    )
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineWorker
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.services.openai.realtime import events
+    from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+    from pipecat.workers.runner import WorkerRunner
+
+    port, _ = server
+    problems: list[str] = []
+    sink_id = logger.add(lambda message: problems.append(str(message)), level="WARNING",
+                         filter=lambda record: "is not emitting turn frames" not in record["message"])
+
+    class Collect(FrameProcessor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.texts: list[str] = []
+            self.current = ""
+            self.errors: list = []
+
+        async def process_frame(self, frame, direction) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, LLMTextFrame):
+                self.current += frame.text
+            elif isinstance(frame, LLMFullResponseEndFrame):
+                self.texts.append(self.current)
+                self.current = ""
+            elif isinstance(frame, ErrorFrame):
+                self.errors.append(frame)
+            await self.push_frame(frame, direction)
+
+    async def run() -> tuple[Collect, bool]:
+        llm = OpenAIRealtimeLLMService(
+            api_key=KEY, base_url=f"ws://127.0.0.1:{port}/v1/realtime",
+            settings=OpenAIRealtimeLLMService.Settings(session_properties=events.SessionProperties(
+                output_modalities=["text"], instructions="Answer briefly.")))
+        collect = Collect()
+        task = PipelineWorker(Pipeline([llm, collect]))
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(task)
+        running = asyncio.create_task(runner.run())
+        while not llm._api_session_ready:
+            await asyncio.sleep(0.05)
+        # The context's first response: pipecat asks for it with response.create.
+        await task.queue_frame(LLMContextFrame(context=LLMContext(messages=[{"role": "user", "content": "Hi"}])))
+        for name in FILES:
+            audio = speech_24k(shared_audio, name)
+            for start in range(0, len(audio), RATE_HZ // 10 * 2):
+                await task.queue_frame(InputAudioRawFrame(audio=audio[start:start + RATE_HZ // 10 * 2],
+                                                          sample_rate=RATE_HZ, num_channels=1))
+                await asyncio.sleep(0.025)
+        deadline = time.monotonic() + 60
+        while len(collect.texts) < 4:
+            assert time.monotonic() < deadline, f"{len(collect.texts)} replies"
+            await asyncio.sleep(0.1)
+        alive = llm._receive_task is not None and not llm._receive_task.done()
+        await task.queue_frame(EndFrame())
+        await asyncio.wait_for(running, 30)
+        return collect, alive
+
+    try:
+        collect, alive = asyncio.run(asyncio.wait_for(run(), 180))
+    finally:
+        logger.remove(sink_id)
+    assert alive, "pipecat's receive loop ended"
+    assert len(collect.texts) >= 4 and all(collect.texts), collect.texts
+    assert not collect.errors and not problems, (collect.errors, problems)
