@@ -32,6 +32,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PEM certificate: serve https:// and wss:// (browsers on other hosts need it for the "
                         "microphone); with --ssl-keyfile")
     parser.add_argument("--ssl-keyfile", type=Path, help="PEM private key of --ssl-certfile")
+    replicas = parser.add_argument_group("one of several replicas behind a load balancer (docs/scaling.md)")
+    replicas.add_argument("--replica-id", help="begins every session id, so a balancer can route subscribers to "
+                          "this replica (default: the host name)")
+    replicas.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                          help="SIGTERM drains: no new sessions, open ones told to go and closed with 1012 within "
+                          "SECONDS, then exit 0 (default: SIGTERM stops at once)")
+    replicas.add_argument("--agent-port", type=int, help="TCP port answering HAProxy's agent-check (up/drain/down)")
+    replicas.add_argument("--busy-refusal", choices=["error_event", "http_503"],
+                          help="when full, draining or not ready: an error event + close 1013 (default), or HTTP 503 "
+                          "at the handshake so a balancer retries another replica")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,9 +58,11 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         overrides["demo"] = False
     if args.device is not None:
         engine["device"] = args.device
-    for name in ("ssl_certfile", "ssl_keyfile"):
+    for name in ("ssl_certfile", "ssl_keyfile", "replica_id", "agent_port", "busy_refusal"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.drain_timeout is not None:
+        overrides["drain_timeout_s"] = args.drain_timeout
     if engine:
         overrides["engine"] = engine
     return overrides
@@ -63,7 +75,8 @@ EXIT_BAD_CONFIG = 2  # as argparse's usage errors
 EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind error
 
 EXIT_STATUSES = f"""exit status:
-  {EXIT_STOPPED}  stopped by SIGINT (Ctrl-C) or SIGTERM (docker stop), also while the model was loading
+  {EXIT_STOPPED}  stopped by SIGINT (Ctrl-C) or SIGTERM (docker stop), also while the model was loading;
+     a drain (SIGTERM with --drain-timeout, or POST /v1/admin/drain) that finished
   {EXIT_CANNOT_SERVE}  the model could not be loaded, or the model worker died (an error: line says why)
   {EXIT_BAD_CONFIG}  invalid configuration or command line (the message names the field and its source)
   {EXIT_CANNOT_LISTEN}  cannot listen on the host and port (in use, not permitted, no such address)

@@ -210,6 +210,7 @@ class _SessionClosingServer(uvicorn.Server):
         self.runtime = runtime
         self.transport_guard = transport_guard
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_signalled = False
         runtime.request_stop = self._stop_after_drain
 
     def _stop_after_drain(self) -> None:
@@ -224,8 +225,11 @@ class _SessionClosingServer(uvicorn.Server):
         # Runs as a signal handler on the loop's thread, possibly in the middle of a loop callback: only
         # schedule the drain. The signal is recorded as uvicorn would, so that it is re-raised after the
         # shutdown and the process ends as a SIGTERM always ended it (status 0, __main__.py).
-        wants_drain = sig == signal.SIGTERM and self.runtime.config.drain_timeout_s is not None
-        if wants_drain and not self.runtime.is_draining and not self.should_exit and self._loop is not None:
+        # The first SIGTERM drains, or joins a drain the drain call began (a Kubernetes preStop hook makes that
+        # call, then the kubelet sends SIGTERM); only a second SIGTERM stops at once.
+        if sig == signal.SIGTERM and self.runtime.config.drain_timeout_s is not None and not self.should_exit \
+                and self._loop is not None and not self._drain_signalled:
+            self._drain_signalled = True
             self._captured_signals.append(sig)
             self._loop.call_soon_threadsafe(self.runtime.begin_drain)
             return

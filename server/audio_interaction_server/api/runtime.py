@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 SESSION_ID_SEPARATOR = "_"
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 
-# Of the drain's time, what is kept back for closing the sessions that did not reach a listening point
-# by themselves (a close frame each, then their sockets), so that the whole drain ends by its deadline.
+# Of the drain's time, what is kept back after the sessions' own deadline (Runtime._drain); at most half.
 DRAIN_FINAL_CLOSE_S = 2.0
+DRAIN_FORCED_CLOSE_S = 0.5  # of that, the last part: a session still open then is closed with 1001
 
 
 class RegisteredConnection(Protocol):
@@ -210,20 +210,24 @@ class Runtime:
 
     async def _drain(self, timeout_s: float) -> None:
         streams = list(self.streams.values())
-        # Sessions get the drain's time less what closing the stragglers takes, so the last of them is
-        # gone by the deadline that preStop / terminationGracePeriodSeconds were sized for.
-        final_close_s = min(DRAIN_FINAL_CLOSE_S, timeout_s / 4)
+        # Three phases, so that the last session is gone by drain_timeout_s, the time preStop and
+        # terminationGracePeriodSeconds were sized for: the sessions' own deadline (each closes with 1012 at a
+        # listening point, or at this deadline); then time for that deadline close to happen (a session
+        # enforces it at its next poll, up to a second late, and waits for the engine to cut its reply); then
+        # a last forced close (1001) of whatever is still open, a client that never took its close.
+        final_close_s = min(DRAIN_FINAL_CLOSE_S, timeout_s / 2)
+        forced_close_s = min(DRAIN_FORCED_CLOSE_S, final_close_s / 2)
         session_deadline_s = timeout_s - final_close_s
         log.warning("draining: admitting no new sessions; %d open session(s) told to go within %.1f s",
                     len(streams), session_deadline_s)
         for stream in streams:
             stream.drain(session_deadline_s)
-        left = await _wait_finished(streams, session_deadline_s)
-        if left:  # past their deadline without a close of their own (a stuck client): close them now
-            log.warning("draining: %d session(s) still open at the deadline; closing them", len(left))
+        left = await _wait_finished(streams, timeout_s - forced_close_s)
+        if left:
+            log.warning("draining: %d session(s) still open past their deadline; closing them", len(left))
             for stream in left:
                 stream.shut_down()
-            left = await _wait_finished(left, final_close_s)
+            left = await _wait_finished(left, forced_close_s)
         self.metrics.drain_sessions_left.set(len(self.streams))
         log.warning("drained (%d session(s) left open); stopping", len(left))
         if self.request_stop is not None:

@@ -1,0 +1,346 @@
+"""Three replicas behind Debian's HAProxy on loopback, run from the project's own deploy/haproxy/haproxy.cfg.
+
+The replicas are ``python -m audio_interaction_server`` processes on the tiny real model, configured as
+docs/scaling.md says (busy_refusal http_503, the capacity agent, a drain time, replica ids ais1..ais3);
+HAProxy gets loopback addresses through the environment variables the file reads. The tests run in file
+order on one cluster: the drain ends ais1 and the kill ends ais2, so they come last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from conftest import spawn_server
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+REPLICAS = ("ais1", "ais2", "ais3")
+MAX_SESSIONS = 2  # per replica: small, so "every replica full" takes six sessions
+DRAIN_TIMEOUT_S = 4.0
+AGENT_INTER = "100ms"  # the file's default is 1s; a test should not wait seconds for each agent probe
+
+pytestmark = [
+    pytest.mark.skipif(not os.access(HAPROXY, os.X_OK),
+                       reason="Debian's haproxy is not installed (apt-get install haproxy; .ci/run does)"),
+    # Sessions here outlive a `with` block (several are open at once); each is closed explicitly.
+    pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Replica:
+    def __init__(self, replica_id: str, checkpoint: Path) -> None:
+        self.replica_id = replica_id
+        self.agent_port = free_port()
+        env = {"AIS_REPLICA_ID": replica_id, "AIS_BUSY_REFUSAL": "http_503", "AIS_AGENT_PORT": str(self.agent_port),
+               "AIS_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "AIS_MAX_SESSIONS": str(MAX_SESSIONS),
+               "AIS_ENGINE__MAX_SESSIONS": str(MAX_SESSIONS), "AIS_TRANSPORT__TRUSTED_PROXIES": "127.0.0.1"}
+        self.process, self.port = spawn_server(checkpoint, env)
+        self.log: list[str] = []
+        # The rest of its log, read on a thread: a full pipe would stall the replica.
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+class Balancer:
+    """Debian's haproxy with the project's configuration file; ``reload`` is ``haproxy -sf <old pid>``."""
+
+    def __init__(self, replicas: list[Replica], workdir: Path) -> None:
+        self.port = free_port()
+        self.admin_socket = workdir / "haproxy-admin.sock"
+        self.env = {**os.environ, "AIS_LB_BIND": f"127.0.0.1:{self.port}",
+                    "AIS_LB_STATS_BIND": f"127.0.0.1:{free_port()}", "AIS_LB_ADMIN_SOCKET": str(self.admin_socket),
+                    "AIS_LB_AGENT_INTER": AGENT_INTER}
+        for number, replica in enumerate(replicas, start=1):
+            self.env[f"AIS{number}_ADDR"] = f"127.0.0.1:{replica.port}"
+            self.env[f"AIS{number}_AGENT_PORT"] = str(replica.agent_port)
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen] = []
+        self._start()
+
+    def _start(self, *extra: str) -> subprocess.Popen:
+        check = subprocess.run([HAPROXY, "-c", "-f", str(HAPROXY_CFG)], env=self.env, capture_output=True, text=True,
+                               timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        log = open(self.workdir / f"haproxy-{len(self.processes)}.log", "w")
+        process = subprocess.Popen([HAPROXY, "-db", "-f", str(HAPROXY_CFG), *extra], env=self.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.processes[-1]
+
+    def reload(self) -> subprocess.Popen:
+        """A new haproxy takes the port over; the old one finishes the connections it holds, then exits."""
+        old = self.process
+        self._start("-sf", str(old.pid))
+        return old
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        """``show stat`` of the replicas backend, by server name (status: UP, DRAIN, DOWN, ...)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as admin:
+                    admin.connect(str(self.admin_socket))
+                    admin.sendall(b"show stat\n")
+                    data = b""
+                    while chunk := admin.recv(65536):
+                        data += chunk
+                break
+            except OSError:  # the socket is being replaced by a reload
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+        return {row["svname"]: row for row in rows if row["pxname"] == "replicas" and row["svname"] in REPLICAS}
+
+    def wait_for(self, condition, what: str, timeout_s: float = 20) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not condition(servers := self.servers()):
+            assert time.monotonic() < deadline, f"{what}: {[(n, s['status'], s['slim']) for n, s in servers.items()]}"
+            time.sleep(0.05)
+        return servers
+
+    def connect(self, path: str = "/v1/stream") -> ClientConnection:
+        return connect(f"ws://127.0.0.1:{self.port}{path}", compression=None, open_timeout=10, max_size=None)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint, tmp_path_factory):
+    with ThreadPoolExecutor(len(REPLICAS)) as pool:  # the replicas load their models side by side
+        replicas = list(pool.map(lambda replica_id: Replica(replica_id, tiny_checkpoint), REPLICAS))
+    balancer = Balancer(replicas, tmp_path_factory.mktemp("haproxy"))
+    try:
+        # Up by the health check, and the agent's "maxconn" applied: max_sessions + 4 subscribers' room.
+        balancer.wait_for(lambda servers: len(servers) == 3 and all(
+            s["status"] == "UP" and s["slim"] == str(MAX_SESSIONS + 4) for s in servers.values()), "replicas not up")
+        yield balancer, {replica.replica_id: replica for replica in replicas}
+    finally:
+        balancer.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def open_session(balancer: Balancer) -> tuple[ClientConnection, dict]:
+    ws = balancer.connect()
+    created = json.loads(ws.recv(timeout=10))
+    assert created["type"] == "session.created", created
+    return ws, created
+
+
+def replica_of(created: dict) -> str:
+    return created["session_id"].split("_")[0]
+
+
+def recv_until(ws: ClientConnection, kind: str, timeout_s: float = 30) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout_s
+    while not events or events[-1]["type"] != kind:
+        events.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    return events
+
+
+def recv_to_close(ws: ClientConnection, timeout_s: float = 30) -> tuple[list[dict], int | None]:
+    events = []
+    try:
+        while True:
+            events.append(json.loads(ws.recv(timeout=timeout_s)))
+    except ConnectionClosed as closed:
+        return events, None if closed.rcvd is None else closed.rcvd.code
+
+
+def close_session(ws: ClientConnection) -> None:
+    ws.send(json.dumps({"type": "session.close"}))
+    assert recv_to_close(ws)[1] == 1000
+
+
+def stream_decisions(ws: ClientConnection, num_chunks: int, first: bool = False) -> list[int]:
+    """Send ``num_chunks`` chunks of silence (the first with its 40-sample look-ahead); their decisions' numbers."""
+    ws.send(np.zeros(6400 * num_chunks + (1600 if first else 0), dtype=np.int16).tobytes())
+    decided = []
+    while len(decided) < num_chunks:
+        decided += [e["chunk"] for e in recv_until(ws, "decision")[-1:]]
+    return decided
+
+
+def test_sessions_spread_by_least_connections_and_a_full_cluster_refuses_at_once(cluster):
+    balancer, replicas = cluster
+    sessions = [open_session(balancer) for _ in range(3)]
+    # Least connections: with every replica empty, three sessions take three replicas.
+    assert sorted(replica_of(created) for _, created in sessions) == list(REPLICAS)
+    sessions += [open_session(balancer) for _ in range(3)]
+    assert sorted(replica_of(created) for _, created in sessions) == sorted(REPLICAS * 2)
+    for replica in replicas.values():
+        assert replica.get("/v1/load")[1] | {"subscribers": 0} == {
+            "replica_id": replica.replica_id, "active": 2, "max": 2, "free": 0, "subscribers": 0, "ready": True,
+            "draining": False}
+        assert replica.get("/ready")[0] == 503 and replica.get("/ready?capacity=ignore")[0] == 200
+
+    # Every replica full: each refuses the upgrade with 503, HAProxy retries the others, then answers 503.
+    refusals_ms = []
+    for _ in range(5):
+        started = time.perf_counter()
+        with pytest.raises(InvalidStatus) as refused:
+            balancer.connect()
+        refusals_ms.append((time.perf_counter() - started) * 1000)
+        response = refused.value.response
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert json.loads(response.body)["code"] == "capacity"
+    print(f"\nall replicas full: refused in {', '.join(f'{ms:.1f}' for ms in refusals_ms)} ms "
+          f"(median {statistics.median(refusals_ms):.1f} ms)")
+    assert statistics.median(refusals_ms) < 100, refusals_ms
+
+    # A subscriber reaches the replica that holds its session, whichever replica the balancer would pick.
+    for ws, created in sessions[:3]:
+        with balancer.connect(f"/v1/sessions/{created['session_id']}/events") as subscriber:
+            close_session(ws)
+            events, code = recv_to_close(subscriber)
+        assert code == 1000 and events[-1]["type"] == "session.closed", events
+        assert events[-1]["session_id"] == created["session_id"]
+    for ws, _ in sessions[3:]:
+        close_session(ws)
+
+
+def test_an_haproxy_reload_keeps_live_sessions_streaming(cluster):
+    balancer, _ = cluster
+    sessions = [open_session(balancer) for _ in range(3)]
+    for ws, _ in sessions:
+        ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+        recv_until(ws, "session.updated")
+        assert stream_decisions(ws, 1, first=True) == [0]
+    old = balancer.reload()
+    # The new process answers new connections (it holds the port once the old one let go of it) ...
+    balancer.wait_for(lambda servers: all(s["status"] == "UP" for s in servers.values()), "new haproxy not up")
+    with balancer.connect() as newcomer:
+        assert json.loads(newcomer.recv(timeout=10))["type"] == "session.created"
+    # ... while the old one still carries the sessions opened through it: they stream on, nothing lost.
+    for ws, _ in sessions:
+        assert stream_decisions(ws, 2) == [1, 2]
+    assert old.poll() is None, "the old haproxy left before its sessions ended"
+    for ws, _ in sessions:
+        close_session(ws)
+    assert old.wait(timeout=10) == 0  # its last connection gone, the old process ends
+
+
+def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(cluster):
+    balancer, replicas = cluster
+    sessions = [open_session(balancer) for _ in range(3)]
+    draining = next(ws for ws, created in sessions if replica_of(created) == "ais1")
+    # Keep ais1 busy with a reply: the drain lets a reply finish (up to the deadline) before closing.
+    # At temperature 1 the tiny random model almost never picks its end token, so the reply runs long.
+    draining.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
+                              "sampling": {"temperature": 1.0}}))
+    recv_until(draining, "session.updated")
+    draining.send(json.dumps({"type": "response.create"}))  # the reply starts at the next chunk decided
+    draining.send(np.zeros(8000, dtype=np.int16).tobytes())
+    recv_until(draining, "turn_begin")
+
+    ais1 = replicas["ais1"]
+    signalled = time.monotonic()
+    ais1.process.send_signal(signal.SIGTERM)
+    going_away = recv_until(draining, "session.going_away", timeout_s=5)[-1]
+    assert 0 < going_away["deadline_s"] <= DRAIN_TIMEOUT_S
+    # Draining, with its session still open: the agent says so, and HAProxy stops balancing onto it.
+    assert ais1.get("/v1/load")[1] | {"subscribers": 0} == {
+        "replica_id": "ais1", "active": 1, "max": 2, "free": 1, "subscribers": 0, "ready": True, "draining": True}
+    assert ais1.get("/ready")[0] == 503
+    metrics = ais1.metrics()
+    assert "ais_draining 1.0" in metrics and "ais_drain_sessions_left 1.0" in metrics
+    balancer.wait_for(lambda servers: servers["ais1"]["status"] == "DRAIN (agent)", "HAProxy never saw the drain",
+                      timeout_s=DRAIN_TIMEOUT_S / 2)
+    assert ais1.process.poll() is None
+    # ais1 has a free slot, yet new sessions go to the others (ais2 and ais3 each have one free).
+    newcomers = [open_session(balancer) for _ in range(2)]
+    assert sorted(replica_of(created) for _, created in newcomers) == ["ais2", "ais3"]
+
+    events, code = recv_to_close(draining)
+    assert code == 1012, (code, events[-3:])
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
+    assert [e["type"] for e in events if e["type"] in ("turn_end",)] == ["turn_end"]  # the reply ended first
+    status = ais1.process.wait(timeout=DRAIN_TIMEOUT_S + 10)
+    exited_s = time.monotonic() - signalled
+    drained = [line for line in ais1.log if "drained" in line]
+    print(f"\ndrain: session closed with 1012, process exited {status} {exited_s:.2f} s after SIGTERM "
+          f"(drain_timeout_s {DRAIN_TIMEOUT_S})")
+    assert status == 0 and drained, ais1.log[-20:]
+    assert exited_s < DRAIN_TIMEOUT_S + 3  # the drain's deadline, plus the interpreter's own exit
+    for ws, _ in sessions + newcomers:
+        if ws is not draining:
+            close_session(ws)
+
+
+def test_a_killed_replica_ends_its_streams_and_new_sessions_land_on_the_others(cluster):
+    balancer, replicas = cluster
+    if replicas["ais1"].process.poll() is None:
+        pytest.skip("runs after the drain test, which ends ais1")
+    victim_ws, victim = open_session(balancer)
+    other_ws, other = open_session(balancer)
+    assert {replica_of(victim), replica_of(other)} == {"ais2", "ais3"}
+    killed = replicas[replica_of(victim)]
+    survivor = "ais3" if killed.replica_id == "ais2" else "ais2"
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(timeout=10)
+    # Its client's stream ends without a close frame from the server (the process is gone).
+    _, code = recv_to_close(victim_ws, timeout_s=10)
+    assert code is None
+    # The client reconnects at once: HAProxy's connection to the dead replica fails and is retried elsewhere,
+    # before any health check has noticed.
+    reconnected_ws, reconnected = open_session(balancer)
+    assert replica_of(reconnected) == survivor
+    close_session(reconnected_ws)
+    # The other replica's session never noticed.
+    other_ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+    recv_until(other_ws, "session.updated")
+    assert stream_decisions(other_ws, 1, first=True) == [0]
+    close_session(other_ws)
