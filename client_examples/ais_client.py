@@ -296,7 +296,7 @@ class Outbound:
         for _ in range(has + 1):
             self.frames.popleft()
         kept_from_s = self.frames[0].audio_start_s if self.frames else self.audio_s
-        lost_s = max(0.0, kept_from_s - audio_received_s)
+        lost_s = kept_from_s - audio_received_s if kept_from_s - audio_received_s > _SAME_AUDIO_S else 0.0
         first = self.frames[0] if self.frames else None
         if first is not None and first.event_type is None and first.audio_start_s + _SAME_AUDIO_S < audio_received_s:
             # The server took part of this frame (it accepts whole frames, so only a server that counts otherwise
@@ -538,7 +538,7 @@ class StreamSession:
         except ConnectionClosed:
             return  # dropped again: the receive loop sees it and resumes once more
         plan = self.outbound.plan_resend(resumed["audio_received_s"])
-        if plan.lost_s > _SAME_AUDIO_S:
+        if plan.lost_s:
             self.console.note(f"{plan.lost_s:.2f} s of audio the server did not get was no longer kept and is lost")
         done = f"resumed session {self.session_id}: {resumed['num_replayed']} events replayed"
         if plan.holds_flush:

@@ -36,12 +36,14 @@ class LiveServer:
     """uvicorn in a background thread, built as ``python -m audio_interaction_server`` builds it (the
     tests/test_app.py pattern)."""
 
-    def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0) -> None:
+    def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
+                 resume_grace_s: float = 20.0) -> None:
         config = ServerConfig.model_validate(dict(
             # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
             # themselves by the model's decisions, or frames get refused (audio_buffer_full). Large
             # enough for a flush's 1 s of silence padded to whole chunks once the model has caught up.
-            port=0, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
+            port=port, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
+            resume_grace_s=resume_grace_s,
             engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
             session={"max_turn_tokens": MAX_TURN_TOKENS}))
         self.app = create_app(config, on_fatal=lambda message: None)
@@ -54,7 +56,8 @@ class LiveServer:
         while not (self.server.started and self.app.state.runtime.is_ready):
             assert time.monotonic() < deadline and self.thread.is_alive(), "server did not become ready"
             time.sleep(0.02)
-        self.url = f"ws://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
         return self
 
     def stop(self) -> None:
@@ -91,6 +94,16 @@ class Script:
             lines.append(line.rstrip("\n"))
             self._arrivals.put(lines[-1])
         self._arrivals.put(None)
+
+    def wait_for_event(self, wanted, timeout_s: float = 30) -> dict:
+        """The first ``--json`` event line from now on for which ``wanted(event)`` holds."""
+        deadline, num_closed = time.monotonic() + timeout_s, 0
+        while num_closed < 2:
+            line = self._arrivals.get(timeout=max(0.01, deadline - time.monotonic()))
+            num_closed += line is None
+            if line is not None and line.startswith("{") and wanted(event := json.loads(line)):
+                return event
+        raise AssertionError(f"no such event: {self.stdout} {self.stderr}")
 
     def wait_for_line(self, pattern: re.Pattern, timeout_s: float = 30) -> re.Match:
         deadline, num_closed = time.monotonic() + timeout_s, 0
@@ -390,3 +403,154 @@ def test_client_examples_do_not_import_the_server_package():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [name for name in names if name.split(".")[0] == "audio_interaction_server"], path.name
+
+
+# ---- resuming a dropped connection ----------------------------------------------------------------
+
+def outcome(events: list[dict]) -> tuple[list, list]:
+    """What the model heard and said: every decision's token, every reply's tokens (greedy: reproducible)."""
+    decisions = [(e["chunk"], e["token_id"]) for e in events if e["type"] == "decision"]
+    replies = [(e["turn"], e["token_ids"], e["end_reason"]) for e in events if e["type"] == "turn_end"]
+    return decisions, replies
+
+
+def stream_through_proxy(proxy, folder: Path, tmp_path: Path, cuts=()) -> tuple[int, list[dict], list[str]]:
+    """stream_file.py --json through ``proxy``; each cut waits for its event (a predicate), then cuts the TCP."""
+    script = Script("stream_file.py", f"ws://127.0.0.1:{proxy.port}", str(folder), "--api-key", API_KEY,
+                    "--speed", "3", "--json", "--decisions", cwd=tmp_path)
+    try:
+        for wanted in cuts:
+            script.wait_for_event(wanted)
+            assert proxy.cut() == 1
+        code = script.finish()
+    finally:
+        if script.process.poll() is None:
+            script.process.kill()
+    return code, [json.loads(line) for line in script.stdout], script.stderr
+
+
+@pytest.fixture
+def proxy(live):
+    from cut_proxy import CutProxy
+
+    relay = CutProxy(live.port)
+    yield relay
+    relay.close()
+
+
+def test_stream_file_resumes_after_the_connection_is_cut_and_the_model_hears_the_same(live, proxy, shared_audio,
+                                                                                       tmp_path):
+    """The TCP connection is cut twice (mid-listening, then at a reply's start): the client resumes by itself,
+    says so, re-sends what the server did not take, and the model hears and says exactly what it does
+    in an uninterrupted run of the same file."""
+    folder = shared_audio / "01_count_bark"
+    code, reference, err = stream_through_proxy(proxy, folder, tmp_path)
+    assert code == 0 and proxy.num_connections == 1, err
+    assert not [line for line in err if "resum" in line], err  # a normal close (1000) is never resumed
+    session_id = reference[0]["session_id"]
+    num_decisions = len(outcome(reference)[0])
+    cuts = [lambda e: e["type"] == "decision" and e["chunk"] == 3,
+            lambda e: e["type"] == "turn_begin" and e["chunk"] > 3]
+    code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
+    assert code == 0, err
+    assert proxy.num_cut == 2 and proxy.num_connections == 1 + 3
+    created = [e for e in events if e["type"] == "session.created"]
+    assert len(created) == 1 and created[0]["session_id"] != session_id and created[0]["resume_token"]
+    resumed = [e for e in events if e["type"] == "session.resumed"]
+    assert len(resumed) == 2 and all("seq" not in e for e in resumed)
+    seqs = [e["seq"] for e in events if e["type"] != "session.resumed"]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 1, "an event lost, repeated or out of order across the resumes"
+    message = "\n".join(err)
+    new_id = created[0]["session_id"]
+    assert re.search(rf"connection lost \(connection closed with code 1006[^)]*\); resuming session {new_id} "
+                     r"in \d+\.\d\d s \(attempt 1\)", message), message
+    assert len(re.findall(rf"resumed session {new_id}: \d+ events replayed, re-sent \d+\.\d\d s of audio",
+                          message)) == 2, message
+    assert outcome(events) == outcome(reference), "the cut run heard or said something else"
+    assert len(outcome(events)[0]) == num_decisions
+    closed = events[-1]
+    assert closed["type"] == "session.closed" and closed["reason"] == "client_closed"
+    assert closed["audio_received_s"] == pytest.approx(audio_seconds(folder), abs=1e-3)
+    assert closed["num_chunks_decided"] == closed["num_chunks_received"]
+
+
+def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, shared_audio, tmp_path):
+    """Cut, and the server restarts meanwhile: the resume is refused (resume_expired, close 4009), and the
+    client says so and goes on in a new session, which gets the rest of the audio."""
+    from cut_proxy import CutProxy
+
+    first = LiveServer(tiny_checkpoint).start()
+    relay = CutProxy(first.port)
+    second = None
+    folder = shared_audio / "01_count_bark"
+    script = Script("stream_file.py", f"ws://127.0.0.1:{relay.port}", str(folder), "--api-key", API_KEY,
+                    "--speed", "1", "--json", "--decisions", cwd=tmp_path)
+    try:
+        script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
+        relay.refusing = True  # the network stays down while the server restarts
+        relay.cut()
+        first.stop()
+        second = LiveServer(tiny_checkpoint, port=first.port).start()
+        relay.refusing = False
+        code = script.finish()
+    finally:
+        if script.process.poll() is None:
+            script.process.kill()
+        relay.close()
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+    events = [json.loads(line) for line in script.stdout]
+    message = "\n".join(script.stderr)
+    assert code == 0, message
+    created = [e for e in events if e["type"] == "session.created"]
+    assert len(created) == 2 and created[0]["session_id"] != created[1]["session_id"]
+    old_id = created[0]["session_id"]
+    assert f"resuming session {old_id}" in message
+    assert "server error resume_expired (fatal)" in message
+    assert f"session {old_id} could not be resumed: starting a new session (attempt 1)" in message
+    assert f"session: {created[1]['session_id']} (new;" in message
+    closed = events[-1]
+    assert closed["type"] == "session.closed" and closed["session_id"] == created[1]["session_id"]
+    assert closed["reason"] == "client_closed" and 0 < closed["audio_received_s"] < audio_seconds(folder)
+    # The new session was told the settings before any audio: it answered with decisions in the file's format.
+    updated = [e for e in events if e["type"] == "session.updated" and e["session_id"] == created[1]["session_id"]]
+    assert updated and updated[0]["options"]["decision_events"] is True
+    assert updated[0]["audio"] != {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
+
+
+def test_outbound_log_resends_exactly_what_the_server_lacks():
+    """Outbound.plan_resend, frame by frame: audio_received_s and the answered commands mark the prefix the
+    server has; an unanswered flush right after it is the one ambiguous frame."""
+    client = load_client_module()
+
+    def log_with_flush() -> object:
+        log = client.Outbound(retain_s=10.0)
+        log.add_event({"type": "session.configure", "decision_events": True})
+        log.answer("session.configure", {"type": "session.updated"})
+        for index in range(5):  # 0.1 s frames: 4 samples at 40 Hz, 2 bytes each
+            log.add_audio(bytes([index]) * 8, 0.1, 40, 2)
+        flush = log.add_event({"type": "input.flush"})
+        flush.is_transmitted = True
+        return log
+
+    log = log_with_flush()
+    plan = log.plan_resend(0.3)  # three frames taken
+    assert [f.payload for f in log.frames] == [bytes([3]) * 8, bytes([4]) * 8, '{"type": "input.flush"}']
+    assert plan.lost_s == 0 and not plan.holds_flush
+    log = log_with_flush()
+    plan = log.plan_resend(0.5)  # all audio taken: the flush may have arrived too
+    assert len(log.frames) == 1 and log.frames[0].event_type == "input.flush" and plan.holds_flush
+    log = log_with_flush()
+    log.answer("input.flush", {"type": "input.flushed"})  # in the replay: the server had everything
+    assert log.plan_resend(0.5).holds_flush is False and not log.frames
+    log = log_with_flush()
+    log.plan_resend(0.25)  # a server that took half a frame: re-sent from the sample it stopped at
+    assert log.frames[0].payload == bytes([2]) * 4 and log.frames[0].audio_start_s == 0.25
+    log = client.Outbound(retain_s=0.2)
+    for index in range(5):
+        log.add_audio(bytes([index]) * 8, 0.1, 40, 2)
+        log.trim()
+    kept_s = log.audio_s - log.frames[0].audio_start_s
+    assert 0.2 - 1e-9 <= kept_s < 0.4  # the newest retain_s at least, bounded
+    assert log.plan_resend(0.0).lost_s == pytest.approx(log.audio_s - kept_s)  # audio before that is gone
