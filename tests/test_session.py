@@ -348,15 +348,16 @@ def test_on_request_mode_listens_until_a_reply_is_requested(tiny_model, speech):
     assert asked.of("error") == [] and asked.session.close_code is None
 
 
-def test_response_create_forces_a_reply_where_the_model_would_listen(tiny_model):
+def test_response_create_forces_a_reply_where_the_model_would_listen(tiny_model, speech):
     h = Harness(tiny_model, decision_events=True)
-    h.audio(np.zeros(16000, dtype="<i2"))
+    h.audio(s16(speech[:8000]))  # one whole chunk, on which the tiny model listens, and a partial one
     h.run()
-    assert h.of("turn_begin") == [], "the tiny model listens through silence by itself"
+    assert [d.token_id for d in h.of("decision")] == [KEEP_SILENCE] and h.of("turn_begin") == []
     h.send({"type": "response.create"})
     h.send({"type": "response.create"})  # a second request before the reply: still one reply
     h.run()
-    assert len(h.of("turn_begin")) == 1 and h.of("turn_end")[0].end_reason in ("text_end", "max_tokens")
+    assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
+    assert h.of("turn_end")[0].end_reason in ("text_end", "max_tokens") and h.of("error") == []
 
 
 def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech):

@@ -158,6 +158,14 @@ def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: s
     return None
 
 
+def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | None:
+    """None when a client may try to resume ``session_id``: the key and Origin as for any connection, and no
+    capacity or drain check (the session holds its slot; a draining replica has already ended its detached
+    sessions, so the resume then finds nothing). Whether the session and token are good is the connection's."""
+    refusal = _client_refusal(runtime, connection)
+    return None if refusal is None else Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
+
+
 def is_local_client(connection: HTTPConnection) -> bool:
     """The peer is this machine (the transport already replaced a trusted proxy's address by its client's)."""
     host = connection.client.host if connection.client is not None else ""

@@ -31,7 +31,9 @@ from fastapi.responses import JSONResponse
 from audio_interaction_server import tokens as T
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.agent import CapacityAgent
-from audio_interaction_server.api.connection import CLIENT_GONE, StreamConnection, Subscriber
+from audio_interaction_server.api.connection import (
+    CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber, refuse_resume,
+)
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
@@ -246,6 +248,10 @@ class _SessionClosingServer(uvicorn.Server):
 
 
 async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
+    resume_of = websocket.query_params.get("resume")
+    if resume_of is not None:
+        await _resume_stream(runtime, websocket, resume_of)
+        return
     if await admission.refused(runtime, websocket):
         return
     config = runtime.config
@@ -258,7 +264,8 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
         runtime.release(session_id, reason)
 
     connection = StreamConnection(websocket, make_session, config.max_queued_events,
-                                  min(1.0, config.idle_timeout_s / 4), on_closed)
+                                  min(1.0, config.idle_timeout_s / 4), on_closed,
+                                  resume=ResumePolicy(config.resume_grace_s, config.resume_max_events))
     # Registered before the first await, so the capacity check above cannot be raced.
     runtime.register(session_id, connection)
     try:
@@ -267,6 +274,28 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
         on_closed("handshake_failed")
         raise
     await connection.run()
+
+
+async def _resume_stream(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:
+    """``/v1/stream?resume=<session id>&token=<resume_token>&last_seq=<n>``: a client back after a dropped
+    connection takes its detached session over again (docs/protocol.md, resume)."""
+    if await admission.rate_limited(runtime, websocket):
+        return
+    refusal = admission.admit_resume(runtime, websocket, session_id)
+    if refusal is not None:
+        await admission.refuse(runtime, websocket, refusal)
+        return
+    stream = runtime.streams.get(session_id)
+    last_seq = websocket.query_params.get("last_seq", "0")
+    if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
+        await refuse_resume(websocket, "resume_expired", "no session to resume: it ended, expired, or this server "
+                            "restarted; start a new session", session_id)
+        return
+    if not last_seq.isdigit():
+        await refuse_resume(websocket, "invalid_event", "last_seq must be the seq of the last event seen", session_id)
+        return
+    await websocket.accept()
+    await stream.resume(websocket, websocket.query_params.get("token", ""), int(last_seq))
 
 
 async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:

@@ -88,6 +88,13 @@ class _Close:
         self.code = code
 
 
+class Unnumbered:
+    """An event about the connection rather than the session (``session.resumed``): sent without a seq."""
+
+    def __init__(self, event) -> None:
+        self.event = event
+
+
 async def run_first_exit(*loops: Coroutine) -> None:
     """Run the loops in one task group until the first of them returns (or raises)."""
     async with asyncio.TaskGroup() as group:
@@ -120,13 +127,18 @@ class Outbox:
     While a client is behind, consecutive unsent text deltas of one reply merge into one
     event (same text, fewer events), so a slow reader costs memory per reply, not per
     token; only a client that stays behind until ``max_events`` is disconnected.
+
+    ``stamp`` numbers each event as it goes out (after any merge, so the numbers the client
+    sees never skip); an event that already has its number (a replay) is sent as it is.
     """
 
     def __init__(self, websocket: WebSocket, max_events: int,
-                 encode: Callable[[object], list[str]] = NativeCodec.encode) -> None:
+                 encode: Callable[[object], list[str]] = NativeCodec.encode,
+                 stamp: Callable[[object], object] | None = None) -> None:
         self.websocket = websocket
         self.max_events = max_events
         self._encode = encode
+        self.stamp = stamp
         self._items: deque = deque()
         self._has_items = asyncio.Event()
         self.is_closing = False
@@ -146,11 +158,10 @@ class Outbox:
 
     def _merge_into_last(self, event) -> bool:
         last = self._items[-1] if self._items else None
-        if (event.type != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
-                or last.turn != event.turn):
+        if (getattr(event, "type", None) != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
+                or last.turn != event.turn or last.seq is not None):  # a numbered event is sent as numbered
             return False
-        # The merged event carries the later seq: a client that resumes after it has seen both parts.
-        self._items[-1] = last.model_copy(update={"text": last.text + event.text, "seq": event.seq})
+        self._items[-1] = last.model_copy(update={"text": last.text + event.text})
         self.num_coalesced += 1
         return True
 
@@ -162,6 +173,12 @@ class Outbox:
         self.is_closing = True
         self._items.append(_Close(code))
         self._wake()
+
+    def take_unsent(self) -> list:
+        """The events not sent yet (the close, if queued, stays): for a session that outlives this socket."""
+        events = [item for item in self._items if not isinstance(item, (_Close, Unnumbered))]
+        self._items = deque(item for item in self._items if isinstance(item, _Close))
+        return events
 
     def abandon(self, code: int, last_events: list) -> None:
         """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
@@ -186,6 +203,10 @@ class Outbox:
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)
                 return
+            if isinstance(item, Unnumbered):
+                item = item.event
+            elif self.stamp is not None and item.seq is None:
+                item = self.stamp(item)  # numbered (and kept for a resume) before the send that may fail
             for frame in self._encode(item):
                 await self.websocket.send_text(frame)
             await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
@@ -229,20 +250,16 @@ class ReplayLog:
         self._events: deque = deque()
         self.last_seq = 0
 
-    def stamp(self, events: list, keep: bool) -> list:
-        """Number ``events`` (1, 2, 3, ... per session); with ``keep``, hold them for a replay."""
-        stamped = []
-        for event in events:
-            self.last_seq += 1
-            stamped.append(event.model_copy(update={"seq": self.last_seq}))
+    def stamp(self, event, keep: bool, trim: bool = True):
+        """``event`` numbered (1, 2, 3, ... per session); with ``keep`` held for a replay. With ``trim`` (the
+        client is connected) the log stays a window of the newest events; without it, it grows."""
+        self.last_seq += 1
+        stamped = event.model_copy(update={"seq": self.last_seq})
         if keep:
-            self._events.extend(stamped)
+            self._events.append(stamped)
+            while trim and len(self._events) > self.max_events:
+                self._events.popleft()
         return stamped
-
-    def trim(self) -> None:
-        """While the client is connected the log is a window of the newest events."""
-        while len(self._events) > self.max_events:
-            self._events.popleft()
 
     @property
     def is_over_limit(self) -> bool:
@@ -274,7 +291,7 @@ class StreamConnection:
         self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
         self.codec = codec if codec is not None else NativeCodec(self.session.config.max_frame_bytes)
         self.max_events = max_events
-        self.outbox: Outbox | None = Outbox(websocket, max_events, self.codec.encode)  # None while detached
+        self.outbox: Outbox | None = None  # None while detached
         self.subscribers: set[Subscriber] = set()
         self.poll_interval_s = poll_interval_s
         self._on_closed = on_closed
@@ -286,6 +303,12 @@ class StreamConnection:
         self._generation = 0
         self._client_said_goodbye = False  # the socket ended with a normal close frame from the client
         self._expiry: asyncio.TimerHandle | None = None
+        self._attach(websocket)
+
+    def _attach(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.outbox = Outbox(websocket, self.max_events, self.codec.encode,
+                             stamp=lambda event: self._log.stamp(event, keep=self.resume_policy is not None))
 
     @property
     def is_detached(self) -> bool:
@@ -306,20 +329,20 @@ class StreamConnection:
     def deliver(self, events: list) -> None:
         if not events or self.finished.is_set():
             return
-        events = self._log.stamp(events, keep=self.resume_policy is not None)
         for subscriber in list(self.subscribers):
             subscriber.deliver(events)
         if self.outbox is None:  # detached: the log holds them for the client's return, up to its bound
+            for event in events:
+                self._log.stamp(event, keep=True, trim=False)
             if self._log.is_over_limit:
                 log.warning("session %s: detached past its event buffer; ending it", self.session.session_id)
                 self._end_detached("resume_buffer_full")
             elif self.session.is_closed:
                 self._finish(next((e.reason for e in events if e.type == "session.closed"), self._end_reason))
             return
-        self._log.trim()
         if not self.outbox.put(events):
             log.warning("session %s: client does not read its events; closing", self.session.session_id)
-            closed = self._log.stamp(self.session.abort("client_too_slow"), keep=False)
+            closed = self.session.abort("client_too_slow")
             for subscriber in list(self.subscribers):
                 subscriber.deliver(closed)
             error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
@@ -357,19 +380,20 @@ class StreamConnection:
                                 "this session can no longer be resumed: start a new one" if missed is None
                                 else "wrong resume token", self.session.session_id)
             return
-        if self.outbox is not None:  # still attached on an older socket
+        if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
+            missed += self._keep_unsent()
             error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
                                code="session_resumed_elsewhere", message="another connection resumed this session",
                                is_fatal=True)
+            self.outbox.stamp = None  # the old socket's last words are not the session's
             self.outbox.abandon(CloseCode.RESUMED_ELSEWHERE, [error])
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         self._generation += 1
         self._client_said_goodbye = False
-        self.websocket = websocket
-        self.outbox = Outbox(websocket, self.max_events, self.codec.encode)
-        self.outbox.put([self.session.resumed(last_seq, len(missed), time.monotonic()), *missed])
+        self._attach(websocket)
+        self.outbox.put([Unnumbered(self.session.resumed(last_seq, len(missed), time.monotonic())), *missed])
         log.info("session %s resumed after seq %d; %d events replayed", self.session.session_id, last_seq,
                  len(missed))
         await self._serve(websocket, self._generation)
@@ -388,19 +412,24 @@ class StreamConnection:
         if self.session.is_closed:
             self._finish(self._end_reason)
         elif self.resume_policy is not None and not self._client_said_goodbye:
+            self._keep_unsent()
             self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
             self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_detached, "resume_expired")
             log.info("session %s detached; resumable for %g s", self.session.session_id, self.resume_policy.grace_s)
         else:  # the client vanished: free the engine slot now
-            closed = self._log.stamp(self.session.abort("disconnected"), keep=False)
+            closed = self.session.abort("disconnected")
             for subscriber in list(self.subscribers):
                 subscriber.deliver(closed)
             self._finish(self._end_reason)
 
+    def _keep_unsent(self) -> list:
+        """Number and keep the events the socket did not send, so a replay includes them."""
+        return [self._log.stamp(event, keep=True, trim=False) for event in self.outbox.take_unsent()]
+
     def _end_detached(self, reason: str) -> None:
         if self.finished.is_set():
             return
-        closed = self._log.stamp(self.session.abort(reason), keep=False)
+        closed = self.session.abort(reason)
         for subscriber in list(self.subscribers):
             subscriber.deliver(closed)
         self._finish(reason)
