@@ -1,0 +1,247 @@
+"""deploy/ checked offline: Kubernetes manifests against the API schemas, KEDA's ScaledObject against models
+generated from its CRD, both HAProxy configurations by haproxy itself, every replica's environment by the
+server's own settings, and the Kubernetes balancer's routing by pod IP on loopback."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from audio_interaction_server.settings import load_config
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+COMPOSE_OVERLAY = DEPLOY / "docker-compose.replicas.yml"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+needs_haproxy = pytest.mark.skipif(not os.access(HAPROXY, os.X_OK),
+                                   reason="Debian's haproxy is not installed (apt-get install haproxy; .ci/run does)")
+KUBERNETES_VERSION = "1.29"  # the oldest minor still widely run; every field used here exists since then
+
+
+def documents() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        found += [(path.name, document) for document in yaml.safe_load_all(path.read_text()) if document]
+    return found
+
+
+def of_kind(kind: str, name: str | None = None) -> dict:
+    return next(doc for _, doc in documents() if doc["kind"] == kind and name in (None, doc["metadata"]["name"]))
+
+
+# ---- Kubernetes ---------------------------------------------------------------------------------------------
+
+
+def test_every_core_manifest_is_valid_against_the_kubernetes_schema():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate "
+                                              "(the [test] extra)")
+    kinds = []
+    for name, document in documents():
+        if document["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: checked by the next test
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)  # raises, naming the field
+        kinds.append(document["kind"])
+    assert sorted(kinds) == sorted(["Namespace", "Deployment", "Service", "PodDisruptionBudget", "ConfigMap",
+                                    "Deployment", "Service", "PersistentVolumeClaim"])
+    # The check can fail: a misspelled field of the replicas' Deployment is refused (strict: unknown fields too).
+    broken = copy.deepcopy(of_kind("Deployment", "ais-replica"))
+    broken["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 90
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_keda_scaledobject_is_valid_against_models_of_its_crd():
+    """kubernetes-validate knows only Kubernetes' own kinds. cloudcoil-models-keda holds pydantic models generated
+    from KEDA's CRD (the OpenAPI schema KEDA installs); they ignore unknown fields, so the manifest must also come
+    back field for field from the model: a misspelled field would be dropped, and the round trip would differ."""
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1", reason="pip install cloudcoil-models-keda "
+                               "(the [test] extra)")
+    manifest = of_kind("ScaledObject")
+
+    def round_trip(document: dict) -> dict:
+        model = keda.ScaledObject.model_validate(document)
+        return json.loads(model.model_dump_json(by_alias=True, exclude_unset=True))
+
+    assert round_trip(manifest) == manifest
+    broken = copy.deepcopy(manifest)
+    broken["spec"]["triggers"][0]["metricTyp"] = "Value"
+    assert round_trip(broken) != broken
+    wrong_type = copy.deepcopy(manifest)
+    wrong_type["spec"]["maxReplicaCount"] = "sixteen"
+    with pytest.raises(ValueError):
+        keda.ScaledObject.model_validate(wrong_type)
+    # Scaling on the share of slots in use, from the gauges the server exports.
+    query = manifest["spec"]["triggers"][0]["metadata"]["query"]
+    assert "ais_sessions_active" in query and "ais_sessions_max" in query
+    assert manifest["spec"]["scaleTargetRef"]["name"] == of_kind("Deployment", "ais-replica")["metadata"]["name"]
+
+
+def container_env(deployment: dict) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
+
+
+def test_the_replicas_drain_within_the_grace_period_and_probe_the_right_endpoints():
+    deployment = of_kind("Deployment", "ais-replica")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = container_env(deployment)
+    assert pod["terminationGracePeriodSeconds"] > float(env["AIS_DRAIN_TIMEOUT_S"]) + 10
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready?capacity=ignore"
+    assert "/v1/admin/drain" in container["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert env["AIS_BUSY_REFUSAL"] == "http_503" and env["AIS_REPLICA_ID"] == "$(POD_IP)"
+    service = of_kind("Service", "ais-replicas")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    budget = of_kind("PodDisruptionBudget")
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+# ---- each replica's environment is a configuration the server accepts ---------------------------------------
+
+
+def compose_defaults(value: str) -> str:
+    """Compose's ``${NAME:-default}`` as it reads with nothing set."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", str(value))
+
+
+def replica_environments() -> dict[str, dict[str, str]]:
+    compose = yaml.safe_load(COMPOSE_OVERLAY.read_text())
+    environments = {}
+    for name, service in compose["services"].items():
+        if "environment" in service and "AIS_REPLICA_ID" in service["environment"]:
+            environments[f"compose {name}"] = {key: compose_defaults(value) for key, value in
+                                               service["environment"].items()}
+    pod_env = container_env(of_kind("Deployment", "ais-replica"))
+    environments["kubernetes ais-replica"] = {key: value.replace("$(POD_IP)", "10.1.2.3") for key, value in
+                                              pod_env.items()}
+    return environments
+
+
+@pytest.mark.parametrize("where", sorted(replica_environments()))
+def test_every_replica_environment_is_a_valid_server_configuration(where, tmp_path):
+    environ = {key: value for key, value in replica_environments()[where].items() if key.startswith("AIS_")}
+    if environ.get("AIS_ENGINE__CHECKPOINT") == "/models":
+        environ["AIS_ENGINE__CHECKPOINT"] = str(tmp_path)  # the volume's path inside the container
+    config = load_config(None, environ)  # an unknown AIS_* name or a bad value raises, naming it
+    assert config.busy_refusal == "http_503" and config.agent_port == 8001 and config.drain_timeout_s
+    assert config.replica_id is not None
+
+
+def test_compose_stops_replicas_after_their_drain():
+    compose = yaml.safe_load(COMPOSE_OVERLAY.read_text())
+    for name in ("ais1", "ais2", "ais3", "demo1", "demo2", "demo3"):
+        service = compose["services"][name]
+        grace_s = int(service["stop_grace_period"].removesuffix("s"))
+        assert grace_s > float(compose_defaults(service["environment"]["AIS_DRAIN_TIMEOUT_S"])), name
+    assert compose["services"]["server"]["profiles"] == ["single"]
+
+
+# ---- HAProxy ------------------------------------------------------------------------------------------------
+
+
+def kubernetes_haproxy_cfg() -> str:
+    return of_kind("ConfigMap", "ais-haproxy")["data"]["haproxy.cfg"]
+
+
+@needs_haproxy
+def test_both_haproxy_configurations_pass_haproxy_check(tmp_path):
+    env = {**os.environ, "AIS_LB_ADMIN_SOCKET": str(tmp_path / "admin.sock")}  # the compose file's defaults
+    compose = subprocess.run([HAPROXY, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert compose.returncode == 0, compose.stdout + compose.stderr
+    cfg = tmp_path / "kubernetes-haproxy.cfg"
+    cfg.write_text(kubernetes_haproxy_cfg())
+    kubernetes = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "POD_CIDR": "10.0.0.0/8", "POD_NAMESPACE": "audio-interaction"})
+    assert kubernetes.returncode == 0, kubernetes.stdout + kubernetes.stderr
+
+
+@needs_haproxy
+def test_kubernetes_balancer_routes_a_subscriber_to_the_pod_its_session_id_names(tiny_checkpoint, tmp_path):
+    """The Kubernetes configuration on loopback: a replica on 127.0.0.2 (its "pod IP", also its replica id), the
+    pod network 127.0.0.0/8; only the listening addresses and ports are changed for this machine."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from test_scale_out import free_port
+
+    replica_port, balancer_port = free_port(), free_port()
+    cfg = kubernetes_haproxy_cfg()
+    for old, new in (("bind :8000", f"bind 127.0.0.1:{balancer_port}"),
+                     ("bind 127.0.0.1:8404", f"bind 127.0.0.1:{free_port()}"),
+                     ("/tmp/haproxy-admin.sock", str(tmp_path / "admin.sock")),
+                     ("set-dst-port int(8000)", f"set-dst-port int({replica_port})")):
+        assert old in cfg
+        cfg = cfg.replace(old, new)
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    replica = balancer = None
+    try:
+        replica = spawn_replica_on(tiny_checkpoint, "127.0.0.2", replica_port)
+        balancer = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "POD_CIDR": "127.0.0.0/8", "POD_NAMESPACE": "test"})
+        url = f"ws://127.0.0.1:{balancer_port}"
+        wait_for_port(balancer_port)
+        with connect(f"ws://127.0.0.2:{replica_port}/v1/stream") as stream:
+            session_id = json.loads(stream.recv(timeout=10))["session_id"]
+            assert session_id.startswith("127.0.0.2_")
+            with connect(f"{url}/v1/sessions/{session_id}/events") as subscriber:
+                stream.send(json.dumps({"type": "session.close"}))
+                closed = json.loads(subscriber.recv(timeout=10))
+            assert closed["type"] == "session.closed" and closed["session_id"] == session_id
+        # An id naming an address outside the pod network (or no address) goes nowhere.
+        for foreign in ("192.168.1.1", "evil.example"):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(f"{url}/v1/sessions/{foreign}_{'0' * 32}/events", open_timeout=5)
+            assert refused.value.response.status_code == 404
+    finally:
+        for process in (balancer, replica):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def spawn_replica_on(checkpoint: Path, host: str, port: int) -> subprocess.Popen:
+    """The real entry point on the pod's address (conftest's spawn_server binds 127.0.0.1 on a free port)."""
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    env = {**os.environ, "AIS_ENGINE__DEVICE": "cpu", "AIS_REPLICA_ID": host, "AIS_LOG_LEVEL": "warning"}
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", host, "--port", str(port),
+                                "--checkpoint", str(checkpoint)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "the replica exited"
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=5):
+                return process
+        except (urllib.error.URLError, OSError):
+            assert time.monotonic() < deadline, "the replica never became ready"
+            time.sleep(0.1)
+
+
+def wait_for_port(port: int, timeout_s: float = 10) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
