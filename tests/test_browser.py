@@ -47,9 +47,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 class LiveServer:
     """uvicorn on 127.0.0.1 in a thread, built as ``python -m audio_interaction_server`` builds it."""
 
-    def __init__(self, checkpoint: Path, port: int = 0) -> None:
+    def __init__(self, checkpoint: Path, port: int = 0, resume_grace_s: float = 20.0) -> None:
         config = ServerConfig.model_validate(dict(
-            port=port, api_key=API_KEY, log_level="warning",
+            port=port, api_key=API_KEY, log_level="warning", resume_grace_s=resume_grace_s,
             engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
             session={"max_turn_tokens": MAX_TURN_TOKENS}))
         self.app = create_app(config)
@@ -309,6 +309,161 @@ def test_protocol_client_gives_up_on_a_server_it_never_reached_but_not_on_try_ag
                                      "hadSession": False, "connected": "connection closed (1006)"}
     busy = result["busy"]
     assert busy["numSockets"] == 7 and busy["state"] == "reconnecting", busy  # still trying after 6 refusals
+
+
+def test_protocol_client_resumes_a_dropped_session_and_resends_what_the_server_lacks(live, page: Page):
+    """Scripted sockets: a drop without a close frame (1006) -> the same session again with its token and the last
+    seq; the replay is taken as events; the frames after audio_received_s (and the flush after them, and a frame
+    offered while resuming) go out again in order. A refused resume (4009) starts a new session with the settings;
+    4010, 1000 and 1008 are never resumed."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ProtocolClient } = await import("/static/protocol-client.js");
+        const made = [];
+        class FakeSocket {
+            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
+            send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
+            close(code = 1000) { this.drop(code); }
+            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
+            drop(code, reason = "") {
+              if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); }
+            }
+        }
+        const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+        const created = (id, seq) => ({ type: "session.created", session_id: id, seq, resume_token: `token-${id}`,
+            resume_grace_s: 5, audio: { sample_format: "pcm_s16le", sample_rate_hz: 16000, num_channels: 1 },
+            limits: { max_buffered_audio_s: 10 } });
+        const client = new ProtocolClient("ws://server.example/v1/stream", { apiKey: "k", WebSocket: FakeSocket,
+            backoff: { initialDelayMs: 5, maxDelayMs: 20, factor: 2, jitter: 0 } });
+        const states = [];
+        client.on("state", (s) => states.push(s));
+        const seen = [];
+        client.on("event", (e) => seen.push(e.type));
+        const audio = { sample_format: "pcm_s16le", sample_rate_hz: 10, num_channels: 1 };
+        client.configure({ decision_events: true, audio });
+        const connected = client.connect();
+        const first = made[0];
+        first.deliver(created("s1", 1));
+        await connected;
+        first.deliver({ type: "session.updated", seq: 2 });
+        for (let i = 0; i < 5; i++) client.sendAudio(new Int16Array([i, i]));  // 0.2 s each at 10 Hz
+        const flushed = client.flush().then((e) => e.type, (e) => e.message);
+        first.deliver({ type: "decision", seq: 3 });
+        first.drop(1006);
+        const resumingState = states.at(-1);
+        const keptWhileResuming = client.sendAudio(new Int16Array([9, 9]));
+        await sleep(350);  // the first resume attempt waits 250 ms
+        const second = made[1];
+        second.deliver({ type: "session.resumed", session_id: "s1", last_seq: 3, num_replayed: 1,
+                         audio_received_s: 0.6000000000000001, num_chunks_decided: 1 });
+        second.deliver({ type: "decision", seq: 4 });  // the one replayed event
+        const resentSent = second.sent.slice();
+        const resumedState = states.at(-1);
+        second.deliver({ type: "decision", seq: 4 });  // a repeat is ignored
+        second.deliver({ type: "input.flushed", seq: 5 });
+        const flushOutcome = await flushed;
+        second.drop(1006);
+        await sleep(350);
+        const third = made[2];
+        third.deliver({ type: "error", code: "resume_expired", is_fatal: true });
+        third.drop(4009);
+        const failedState = states.at(-1);
+        await sleep(50);
+        const fourth = made[3];
+        fourth.deliver(created("s2", 1));
+        const newSessionSent = fourth.sent.slice();
+        fourth.drop(1006);
+        await sleep(350);
+        made[4].drop(4010);  // another connection resumed s2
+        await sleep(50);
+        const after4010 = { numSockets: made.length, state: client.state };
+        const runFinal = async (code) => {
+            const before = made.length;
+            const other = new ProtocolClient("ws://server.example/v1/stream", { WebSocket: FakeSocket,
+                backoff: { initialDelayMs: 5, maxDelayMs: 20, factor: 2, jitter: 0 } });
+            const opened = other.connect();
+            made.at(-1).deliver(created("s3", 1));
+            await opened;
+            made.at(-1).drop(code);
+            await sleep(350);
+            return { newSockets: made.length - before, state: other.state };
+        };
+        return { secondUrl: second.url, fourthUrl: made[4].url, resentSent, keptWhileResuming, flushOutcome,
+                 resumingState: [resumingState.state, resumingState.attempt, resumingState.delayMs,
+                                 resumingState.sessionId],
+                 resumed: [resumedState.state, resumedState.resumed], seen,
+                 failed: [failedState.state, failedState.code, failedState.resumeFailed], newSessionSent,
+                 after4010, on1000: await runFinal(1000), on1008: await runFinal(1008),
+                 numResumes: client.numResumes, dropped: client.numFramesDropped };
+    }""")
+    assert result["secondUrl"] == "ws://server.example/v1/stream?api_key=k&resume=s1&token=token-s1&last_seq=3"
+    assert result["resumingState"] == ["resuming", 1, 250, "s1"]
+    assert result["keptWhileResuming"] is True
+    # Frames 0..2 (0.6 s) were taken; 3 and 4, the flush and the frame offered meanwhile go again, in order.
+    assert result["resentSent"] == [[3, 3], [4, 4], {"type": "input.flush"}, [9, 9]]
+    state, resumed = result["resumed"]
+    assert state == "open" and resumed["sessionId"] == "s1" and resumed["numReplayed"] == 1
+    assert resumed["resentS"] == pytest.approx(0.6) and resumed["lostS"] == 0
+    assert result["seen"].count("decision") == 2, "a replayed event was taken twice"
+    assert result["flushOutcome"] == "input.flushed"
+    assert result["failed"] == ["reconnecting", 4009, True]
+    assert len(result["newSessionSent"]) == 1 and result["newSessionSent"][0]["type"] == "session.configure"
+    assert {k: v for k, v in result["newSessionSent"][0].items() if k not in ("type", "event_id")} == {
+        "decision_events": True, "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": 10, "num_channels": 1}}
+    assert "resume=s2&token=token-s2&last_seq=1" in result["fourthUrl"]
+    assert result["after4010"] == {"numSockets": 5, "state": "closed"}
+    assert result["on1000"] == {"newSockets": 1, "state": "closed"}
+    assert result["on1008"] == {"newSockets": 1, "state": "closed"}
+    assert result["numResumes"] == 1
+
+
+def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
+    """The page talks to the server through a TCP relay that the test cuts (no close frame either way): it resumes
+    the same session by itself, says so, and in the end the server has every sample the page captured."""
+    from cut_proxy import CutProxy
+
+    relay = CutProxy(live.port)
+    wire = WireLog(page)
+    try:
+        page.goto(live.url)
+        page.evaluate("""() => {  // every text the connection badge shows, however briefly
+            window.badgeTexts = [];
+            const badge = document.querySelector("#connection");
+            new MutationObserver(() => window.badgeTexts.push(badge.textContent))
+                .observe(badge, {childList: true, characterData: true, subtree: true});
+        }""")
+        page.fill("#server-url", f"ws://127.0.0.1:{relay.port}/v1/stream")
+        page.fill("#api-key", API_KEY)
+        page.click("#start")
+        page.wait_for_function("() => window.audioInteraction.numDecisions >= 3", timeout=15_000)
+        assert relay.cut() == 1
+        page.wait_for_function("() => window.audioInteraction.resumes.length === 1"
+                               " && window.audioInteraction.connectionStates.at(-1).state === 'open'", timeout=15_000)
+        session_id = seen(page)["sessionCreated"]["session_id"]
+        badge_texts = page.evaluate("window.badgeTexts")
+        assert any(text.startswith(f"Connection lost (code 1006); resuming session {session_id[:8]} in 0.3 s "
+                                   "(attempt 1)") for text in badge_texts), badge_texts
+        assert page.locator("#connection").text_content().startswith(
+            f"Connected · session {session_id[:8]} · resumed: "), page.locator("#connection").text_content()
+        decided = seen(page)["numDecisions"]
+        page.wait_for_function(f"() => window.audioInteraction.numDecisions >= {decided + 3}", timeout=15_000)
+        page.click("#stop")
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+    finally:
+        relay.close()
+    state = seen(page)
+    assert len(wire.of_type("session.created")) == 1 and len(wire.of_type("session.resumed")) == 1
+    assert relay.num_connections == 2
+    seqs = [event["seq"] for event in wire.received if "seq" in event]
+    assert seqs == sorted(set(seqs)), "an event repeated or out of order across the resume"
+    chunks = [event["chunk"] for event in wire.of_type("decision")]
+    assert chunks == list(range(len(chunks))), "every chunk decided once, in order"
+    assert not [turn for turn in state["turns"] if turn["endReason"] == "interrupted"], state["turns"]
+    closed = wire.of_type("session.closed")[-1]
+    assert closed["session_id"] == session_id and closed["reason"] == "client_closed"
+    # Nothing the page captured was lost: what it sent before the cut, during it and after, the server has.
+    assert closed["audio_received_s"] == pytest.approx(state["audioSentS"], abs=1e-3)
 
 
 def test_microphone_streams_at_the_browser_rate_and_replies_render(live, page: Page):

@@ -16,6 +16,8 @@ const seen = {
   sessionUpdated: null,
   captureFormat: null,
   connectionStates: [],
+  resumes: [], // {sessionId, numReplayed, resentS, lostS} per resumed connection
+  audioSentS: 0, // audio handed to the client (sent, or kept for a resume) since Start
   numDecisions: 0,
   numReplyDecisions: 0,
   turns: [],
@@ -179,6 +181,7 @@ function onFrame(pcm, peak) {
   if (!client) return;
   const format = capture?.format;
   if (client.sendAudio(pcm) && format) audioSentS += pcm.length / format.numChannels / format.sampleRateHz;
+  seen.audioSentS = audioSentS;
   pendingLevel = Math.max(pendingLevel, peak);
   if (!isLevelScheduled) {
     isLevelScheduled = true;
@@ -207,17 +210,31 @@ function drawLevel() {
 
 // ---- events -------------------------------------------------------------------------------------
 
-function onConnectionState({ state, attempt, delayMs, code, reason, hadSession, byClient, gaveUp, attempts }) {
-  seen.connectionStates.push({ state, attempt, delayMs, code, byClient, gaveUp });
+function onConnectionState({ state, attempt, delayMs, code, reason, hadSession, byClient, gaveUp, attempts, sessionId,
+  resumed, resumeFailed }) {
+  seen.connectionStates.push({ state, attempt, delayMs, code, byClient, gaveUp, resumeFailed });
   const badge = el("connection");
   badge.dataset.state = state;
   const why = code ? ` (code ${code}${reason ? `: ${reason}` : ""})` : "";
   if (state === ConnectionState.CONNECTING) {
     badge.textContent = "Connecting…";
   } else if (state === ConnectionState.OPEN) {
-    badge.textContent = "Connected";
+    if (resumed) {
+      // The same session, back: the reply in progress goes on, and nothing sent or said was lost (unless lostS).
+      seen.resumes.push(resumed);
+      const lost = resumed.lostS > 0 ? `; ${resumed.lostS.toFixed(1)} s of audio could not be re-sent` : "";
+      badge.textContent = `Connected · session ${resumed.sessionId.slice(0, 8)} · resumed: ` +
+        `${resumed.numReplayed} events replayed, re-sent ${resumed.resentS.toFixed(1)} s of audio${lost}`;
+    } else {
+      badge.textContent = "Connected";
+    }
+  } else if (state === ConnectionState.RESUMING) {
+    // Audio and the reply in progress wait: the server keeps the session, and replays what the page missed.
+    badge.textContent = `Connection lost${why}; resuming session ${sessionId.slice(0, 8)} in ` +
+      `${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`;
   } else if (state === ConnectionState.RECONNECTING) {
-    const what = hadSession ? "Connection lost" : "Could not connect";
+    const what = resumeFailed ? "Could not resume the session; starting a new one"
+      : hadSession ? "Connection lost" : "Could not connect";
     badge.textContent = delayMs > 0
       ? `${what}${why}. Reconnecting in ${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`
       : `Reconnecting (attempt ${attempt})…`;

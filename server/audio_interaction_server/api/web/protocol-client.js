@@ -1,23 +1,38 @@
 // A browser client for the Audio-Interaction streaming protocol (docs/protocol.md, docs/browser.md).
 //
 // One ProtocolClient holds one logical conversation with a server: it connects, re-sends its
-// configuration on every new session, streams int16 PCM frames, and reconnects with exponential
-// backoff when the connection drops. No DOM access, so any front-end (or a worker) can use it.
+// configuration on every new session, streams int16 PCM frames, and when the connection drops it
+// resumes the same session (the server keeps it for resume_grace_s: the missed events are replayed and
+// the audio the server did not get is sent again), or, when the session is gone, reconnects to a new
+// one with exponential backoff. No DOM access, so any front-end (or a worker) can use it.
 
 /** Connection states reported through the "state" callback. */
 export const ConnectionState = Object.freeze({
   IDLE: "idle", // not connected yet
   CONNECTING: "connecting", // WebSocket opening, session.created not received yet
   OPEN: "open", // a session is live: audio and events flow
+  RESUMING: "resuming", // dropped; getting the same session back: events and audio wait, nothing is lost
   RECONNECTING: "reconnecting", // dropped (or the first attempt failed); waiting for the next attempt
   CLOSED: "closed", // closed for good: by close(), a refusal that retrying cannot fix, or too many failed attempts
 });
 
 // Close codes after which reconnecting cannot help: a normal close (after session.close), a refused
 // key or origin (1008), an oversized frame (1009), the idle timeout (nobody is sending), a subscriber's
-// unknown session. Everything else (1001 shutdown, 1006 dropped, 1011, 1013 retry later, 4001, 4008)
-// is retried.
-export const FINAL_CLOSE_CODES = new Set([1000, 1008, 1009, 4000, 4004]);
+// unknown session, another connection that resumed this session (4010). Everything else (1001 shutdown,
+// 1006 dropped, 1011, 1012 drain, 1013 retry later, 4001, 4008, 4009 not resumable) gets a new session.
+export const FINAL_CLOSE_CODES = new Set([1000, 1008, 1009, 4000, 4004, 4010]);
+
+// Only a connection that ended without a close frame (1006: the network dropped) leaves a session the server
+// may still hold; every close frame the server sends ends the session first (1012 after a drain, say).
+const RESUMABLE_CLOSE_CODE = 1006;
+const RESUME_FIRST_DELAY_MS = 250; // then doubling up to RESUME_MAX_DELAY_MS, within the session's grace period
+const RESUME_MAX_DELAY_MS = 4000;
+// An input.flush sent just before the drop is the one command whose arrival the replay cannot show: the server
+// answers it only once the model has heard its silence. A server that has it is busy with it (decision events for
+// its silence chunks), so a quiet this long with no reply in progress means it was lost: it is sent again.
+const FLUSH_QUIET_MS = 1500;
+const SAME_AUDIO_S = 1e-6; // frame durations are summed exactly as the server sums them; this only absorbs rounding
+const DEFAULT_AUDIO = Object.freeze({ sample_format: "pcm_s16le", sample_rate_hz: 16000, num_channels: 1 });
 
 const IS_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
@@ -37,7 +52,7 @@ export class ProtocolClient {
    * @param {string} url ws:// or wss:// URL of /v1/stream
    * @param {object} [options]
    * @param {string|null} [options.apiKey] sent as ?api_key= (browsers cannot set WebSocket headers)
-   * @param {boolean} [options.reconnect=true] reconnect after a dropped connection
+   * @param {boolean} [options.reconnect=true] resume or reconnect after a dropped connection
    * @param {number} [options.maxAttempts=10] reconnect attempts in a row, after a session was open, before
    *   giving up (about 90 s of retrying with the default backoff: a server restart fits, an outage ends)
    * @param {number} [options.maxAttemptsBeforeFirstSession=3] retries while no connection has reached the
@@ -79,13 +94,21 @@ export class ProtocolClient {
     this._session = null; // the current session.created event
     this._config = {}; // merged session.configure fields, re-sent on every new session
     this._configWaiters = []; // configure() promises waiting for a session to apply them
-    this._sentConfigs = []; // [{eventId, waiters}] configure events sent, answer not yet received
-    this._flushes = []; // [{resolve, reject}] input.flush sent, input.flushed not yet received
     this._connected = null; // {promise, resolve, reject} of connect()
     this._closed = null; // {promise, resolve} of close()
     this._nextEventId = 1;
+    // The current session, for a resume: what was sent (in order, until the server is known to have it), the
+    // last event number seen, and whether the session ended on the server.
+    this._outbound = new Outbound(0);
+    this._format = DEFAULT_AUDIO; // the format the server reads the next frame in
+    this._lastSeq = 0;
+    this._sessionClosed = false;
+    this._resume = null; // while resuming: {deadlineMs, attempt, replayLeft, resumed, settleTimer}
+    this._lastEventMs = 0;
+    this._isReplyOpen = false;
     this.numFramesSent = 0;
-    this.numFramesDropped = 0; // frames offered while no session was open
+    this.numFramesDropped = 0; // frames offered while no session was open (or kept for one that could not resume)
+    this.numResumes = 0;
   }
 
   /** Current ConnectionState. */
@@ -105,10 +128,12 @@ export class ProtocolClient {
 
   /**
    * Registers a handler; returns a function that removes it. `type` is a server event type
-   * ("session.created", "decision", "turn_begin", "text_delta", "error", ...), "event" for every server
-   * event, or "state" for connection state changes: {state, attempt, delayMs, code, reason, hadSession},
-   * and with state "closed" also byClient (close() was called) and gaveUp (too many failed attempts; then
-   * attempts is how many connections were tried since the last live session).
+   * ("session.created", "session.resumed", "decision", "turn_begin", "text_delta", "error", ...), "event" for
+   * every server event, or "state" for connection state changes: {state, attempt, delayMs, code, reason,
+   * hadSession}; with state "resuming" also sessionId, with state "open" after a resume also resumed
+   * {sessionId, numReplayed, resentS, lostS}; with state "reconnecting" after a failed resume also
+   * resumeFailed; with state "closed" also byClient (close() was called) and gaveUp (too many failed
+   * attempts; then attempts is how many connections were tried since the last live session).
    */
   on(type, handler) {
     if (!this._handlers.has(type)) this._handlers.set(type, new Set());
@@ -127,9 +152,10 @@ export class ProtocolClient {
   }
 
   /**
-   * Sends session.configure (or keeps it for the next session while none is open). Fields are merged
-   * into the client's configuration, which every new session receives before any audio, so the audio
-   * format and options survive reconnects. Resolves with session.updated; rejects with the error event.
+   * Sends session.configure (or keeps it for the next session while none is open, or for the resumed one while
+   * resuming). Fields are merged into the client's configuration, which every new session receives before any
+   * audio, so the audio format and options survive reconnects. Resolves with session.updated; rejects with the
+   * error event.
    */
   configure(fields) {
     const previous = { ...this._config };
@@ -142,21 +168,31 @@ export class ProtocolClient {
         else delete this._config[key];
       }
     };
-    if (this._state === ConnectionState.OPEN) this._sendConfigure(fields, [waiter]);
-    else this._configWaiters.push(waiter);
+    if (this._state === ConnectionState.OPEN || this._state === ConnectionState.RESUMING) {
+      this._sendConfigure(fields, [waiter]);
+    } else {
+      this._configWaiters.push(waiter);
+    }
     return waiter.promise;
   }
 
   /**
-   * Sends one frame of interleaved int16 PCM in the configured format. Returns false (and counts the
-   * frame in numFramesDropped) when no session is open: audio cannot wait for a reconnect.
+   * Sends one frame of interleaved int16 PCM in the configured format. While resuming, the frame waits and goes
+   * out once the session is back. Returns false (and counts the frame in numFramesDropped) when no session is
+   * open: audio cannot wait for a new session.
    */
   sendAudio(pcm) {
-    if (this._state !== ConnectionState.OPEN) {
+    if (this._state !== ConnectionState.OPEN && this._state !== ConnectionState.RESUMING) {
       this.numFramesDropped += 1;
       return false;
     }
-    this._ws.send(IS_LITTLE_ENDIAN ? pcm : toLittleEndian(pcm));
+    // A copy: the frame is kept until the server is known to have it, and the caller may reuse its array.
+    const bytes = IS_LITTLE_ENDIAN ? pcm.slice() : toLittleEndian(pcm);
+    const numChannels = this._format.num_channels;
+    const bytesPerSample = (this._format.sample_format === "pcm_f32le" ? 4 : 2) * numChannels;
+    const frame = this._outbound.addAudio(bytes, pcm.length / numChannels / this._format.sample_rate_hz,
+      this._format.sample_rate_hz, bytesPerSample);
+    this._transmit(frame);
     this.numFramesSent += 1;
     return true;
   }
@@ -165,14 +201,17 @@ export class ProtocolClient {
   flush(trailingSilenceS = undefined) {
     const event = { type: "input.flush" };
     if (trailingSilenceS !== undefined) event.trailing_silence_s = trailingSilenceS;
-    if (!this._send(event)) return Promise.reject(new Error("no open session"));
+    if (this._state !== ConnectionState.OPEN && this._state !== ConnectionState.RESUMING) {
+      return Promise.reject(new Error("no open session"));
+    }
     const waiter = deferred();
-    this._flushes.push(waiter);
+    this._transmit(this._outbound.addEvent(event, [waiter]));
     return waiter.promise;
   }
 
   /** Stops the reply in progress (response.cancel); returns false when no session is open. */
   cancel() {
+    // Not kept for a resume: a cancel sent late would stop a reply the user never saw.
     return this._send({ type: "response.cancel" });
   }
 
@@ -186,6 +225,7 @@ export class ProtocolClient {
     this._closed = deferred();
     this._isClosing = true;
     clearTimeout(this._timer);
+    clearTimeout(this._resume?.settleTimer);
     if (this._state === ConnectionState.OPEN && this._send({ type: "session.close" })) {
       const ws = this._ws;
       setTimeout(() => ws.close(1000), timeoutMs); // the server closes first when it answers
@@ -198,10 +238,12 @@ export class ProtocolClient {
 
   // ---- internals ------------------------------------------------------------------------------
 
-  _open() {
-    this._setState(this._attempt === 0 ? ConnectionState.CONNECTING : ConnectionState.RECONNECTING,
-      { attempt: this._attempt, delayMs: 0 });
-    const ws = new this._WebSocket(this.url);
+  _open(url = this.url) {
+    if (!this._resume) {
+      this._setState(this._attempt === 0 ? ConnectionState.CONNECTING : ConnectionState.RECONNECTING,
+        { attempt: this._attempt, delayMs: 0 });
+    }
+    const ws = new this._WebSocket(url);
     ws.binaryType = "arraybuffer";
     this._ws = ws;
     ws.onopen = () => {
@@ -216,36 +258,36 @@ export class ProtocolClient {
   }
 
   _onEvent(event) {
+    if (event.type === "session.created") this._lastSeq = 0; // a new session numbers its events from 1
+    if (event.seq != null) {
+      if (event.seq <= this._lastSeq) return; // seen already (a server replays only what follows last_seq)
+      this._lastSeq = event.seq;
+    }
+    this._lastEventMs = Date.now();
     switch (event.type) {
       case "session.created":
-        this._session = event;
-        this._attempt = 0;
-        this._hadSession = true;
-        this._setState(ConnectionState.OPEN, { attempt: 0, delayMs: 0 });
-        // The configuration goes out before the caller can send audio (model options only apply then).
-        if (Object.keys(this._config).length > 0 || this._configWaiters.length > 0) {
-          this._sendConfigure(this._config, this._configWaiters.splice(0));
-        }
-        this._connected?.resolve(event);
+        this._startSession(event);
+        break;
+      case "session.resumed":
+        if (this._resume) Object.assign(this._resume, { resumed: event, replayLeft: event.num_replayed });
         break;
       case "session.updated":
-        for (const waiter of this._sentConfigs.shift()?.waiters ?? []) waiter.resolve(event);
+        this._outbound.answer("session.configure", event);
         break;
       case "error":
-        if (event.event_id) {
-          const index = this._sentConfigs.findIndex((sent) => sent.eventId === event.event_id);
-          if (index >= 0) {
-            for (const waiter of this._sentConfigs.splice(index, 1)[0].waiters) {
-              waiter.rollback();
-              waiter.reject(Object.assign(new Error(event.message), { event }));
-            }
-          }
+        if (!this._outbound.answerById(event) && event.event_type in this._outbound.unanswered) {
+          this._outbound.answer(event.event_type, event);
         }
         break;
       case "input.flushed":
-        this._flushes.shift()?.resolve(event);
+        this._outbound.answer("input.flush", event);
+        break;
+      case "turn_begin":
+      case "turn_end":
+        this._isReplyOpen = event.type === "turn_begin";
         break;
       case "session.closed":
+        this._sessionClosed = true;
         if (this._isClosing) this._closed?.resolve(event);
         break;
       default:
@@ -253,13 +295,89 @@ export class ProtocolClient {
     }
     this._emit(event.type, event);
     this._emit("event", event);
+    // The replay ends after num_replayed events: then what the server lacks goes out again.
+    if (this._resume?.resumed && event.type !== "session.resumed" && event.seq != null) this._resume.replayLeft -= 1;
+    if (this._resume?.resumed && this._resume.replayLeft === 0 && !this._resume.planned) this._afterReplay();
+  }
+
+  _startSession(event) {
+    this._session = event;
+    this._attempt = 0;
+    this._hadSession = true;
+    this._sessionClosed = false;
+    this._isReplyOpen = false;
+    this._lastSeq = event.seq ?? 0;
+    const limits = event.limits ?? {};
+    // A session waits resume_grace_s for its client, and takes at most max_buffered_audio_s ahead of the model:
+    // audio it has not accepted is never older than both together.
+    this._outbound = new Outbound((event.resume_grace_s ?? 0) + (limits.max_buffered_audio_s ?? 0));
+    this._format = event.audio ?? DEFAULT_AUDIO;
+    this._setState(ConnectionState.OPEN, { attempt: 0, delayMs: 0 });
+    // The configuration goes out before the caller can send audio (model options only apply then).
+    if (Object.keys(this._config).length > 0 || this._configWaiters.length > 0) {
+      this._sendConfigure(this._config, this._configWaiters.splice(0));
+    }
+    this._connected?.resolve(event);
+  }
+
+  _afterReplay() {
+    const resume = this._resume;
+    resume.planned = true;
+    const plan = this._outbound.planResend(resume.resumed.audio_received_s);
+    if (!plan.holdsFlush) {
+      this._finishResume(plan);
+      return;
+    }
+    const flush = this._outbound.frames[0];
+    this._lastEventMs = Date.now();
+    const check = () => {
+      if (this._resume !== resume) return; // dropped again, or closed
+      const quietMs = Date.now() - this._lastEventMs;
+      if (flush.isAnswered) {
+        this._outbound.frames.shift(); // the server had it, and everything before it
+      } else if (quietMs < FLUSH_QUIET_MS || this._isReplyOpen) {
+        resume.settleTimer = setTimeout(check, Math.max(50, FLUSH_QUIET_MS - quietMs));
+        return;
+      }
+      this._finishResume(plan);
+    };
+    check();
+  }
+
+  _finishResume(plan) {
+    if (!this._ws) return; // dropped meanwhile: the next attempt plans again
+    const { resumed } = this._resume;
+    let resentS = 0;
+    for (const frame of this._outbound.frames) {
+      this._ws.send(frame.payload);
+      frame.isTransmitted = true;
+      resentS += frame.audioEndS - frame.audioStartS;
+    }
+    this._resume = null;
+    this.numResumes += 1;
+    this._attempt = 0;
+    this._setState(ConnectionState.OPEN, { attempt: 0, delayMs: 0, resumed: { sessionId: resumed.session_id,
+      numReplayed: resumed.num_replayed, resentS, lostS: plan.lostS } });
+    this._outbound.trim();
   }
 
   _onClose({ code, reason }) {
     this._ws = null;
-    // Configurations sent but unanswered are applied again by the next session; flushes are lost.
-    for (const sent of this._sentConfigs.splice(0)) this._configWaiters.push(...sent.waiters);
-    for (const waiter of this._flushes.splice(0)) waiter.reject(new Error(`connection closed (${code})`));
+    clearTimeout(this._resume?.settleTimer);
+    if (!this._isClosing && this.reconnect && this._canResume(code)) {
+      this._scheduleResume(code, reason);
+      return;
+    }
+    const failedResume = this._resume !== null;
+    this._resume = null;
+    // A new session (if any) gets the configuration again: the configure() calls still waiting for an answer
+    // are answered by it. Flushes are lost with the session; audio kept for a resume was never heard.
+    for (const frame of this._outbound.unanswered["session.configure"]) this._configWaiters.push(...frame.waiters);
+    for (const frame of this._outbound.unanswered["input.flush"]) {
+      for (const waiter of frame.waiters) waiter.reject(new Error(`connection closed (${code})`));
+    }
+    this.numFramesDropped += this._outbound.frames.filter((frame) => !frame.isTransmitted && !frame.eventType).length;
+    this._outbound = new Outbound(0);
     const limit = this._reachedServer ? this.maxAttempts : this.maxAttemptsBeforeFirstSession;
     const isRetryable = !this._isClosing && this.reconnect && !FINAL_CLOSE_CODES.has(code);
     if (!isRetryable || this._attempt + 1 > limit) {
@@ -268,8 +386,44 @@ export class ProtocolClient {
     }
     this._attempt += 1;
     const delayMs = backoffDelayMs(this._attempt, this.backoff, this._random);
-    this._setState(ConnectionState.RECONNECTING, { attempt: this._attempt, delayMs, code, reason });
+    this._setState(ConnectionState.RECONNECTING, { attempt: this._attempt, delayMs, code, reason,
+      resumeFailed: failedResume });
     this._timer = setTimeout(() => this._open(), delayMs);
+  }
+
+  // Whether the session may still wait on the server for this client: it had one, with a resume token, that did
+  // not end, the connection ended without a close frame, and the grace period (if resuming already) is not over.
+  _canResume(code) {
+    if (code !== RESUMABLE_CLOSE_CODE || this._sessionClosed || !this._session?.resume_token) return false;
+    if (!this._resume) return this._session.resume_grace_s > 0;
+    return Date.now() + this._resumeDelayMs(this._resume.attempt + 1) < this._resume.deadlineMs;
+  }
+
+  _resumeDelayMs(attempt) {
+    return Math.min(RESUME_MAX_DELAY_MS, RESUME_FIRST_DELAY_MS * 2 ** (attempt - 1));
+  }
+
+  _scheduleResume(code, reason) {
+    // The server started the grace period when it saw the drop, about when we did.
+    this._resume ??= { deadlineMs: Date.now() + this._session.resume_grace_s * 1000, attempt: 0 };
+    const resume = this._resume;
+    resume.attempt += 1;
+    resume.resumed = null;
+    resume.planned = false;
+    const delayMs = this._resumeDelayMs(resume.attempt);
+    if (Date.now() + delayMs >= resume.deadlineMs) {
+      this._onClose({ code, reason }); // no time left: a new session
+      return;
+    }
+    this._setState(ConnectionState.RESUMING, { attempt: resume.attempt, delayMs, code, reason,
+      sessionId: this._session.session_id });
+    const target = new URL(this.url);
+    this._timer = setTimeout(() => {
+      target.searchParams.set("resume", this._session.session_id);
+      target.searchParams.set("token", this._session.resume_token);
+      target.searchParams.set("last_seq", String(this._lastSeq));
+      this._open(target.toString());
+    }, delayMs);
   }
 
   _finish({ code, reason, gaveUp = false }) {
@@ -284,8 +438,16 @@ export class ProtocolClient {
 
   _sendConfigure(fields, waiters) {
     const eventId = `cfg-${this._nextEventId++}`;
-    this._sentConfigs.push({ eventId, waiters });
-    this._send({ type: "session.configure", event_id: eventId, ...fields });
+    if (fields.audio) this._format = fields.audio; // the frames after this one are in that format
+    this._transmit(this._outbound.addEvent({ type: "session.configure", event_id: eventId, ...fields }, waiters));
+  }
+
+  // A frame of the session: sent now when the session is open, else kept for the resume to send.
+  _transmit(frame) {
+    if (this._state !== ConnectionState.OPEN || !this._ws) return;
+    this._ws.send(frame.payload);
+    frame.isTransmitted = true;
+    this._outbound.trim();
   }
 
   _send(event) {
@@ -307,6 +469,96 @@ export class ProtocolClient {
         console.error(`ProtocolClient: a "${type}" handler failed`, error); // one bad handler must not stop the rest
       }
     }
+  }
+}
+
+/**
+ * What the client sent in its current session, in order, and what of it the server is known to have. The server
+ * takes frames in order and accepts audio frames whole: after a drop, what it has is a prefix, measured by
+ * session.resumed's audio_received_s and by the commands it answered (configure: at once).
+ */
+export class Outbound {
+  constructor(retainS) {
+    this.retainS = retainS;
+    this.frames = []; // {payload, audioStartS, audioEndS, eventType, sampleRateHz, bytesPerSample, waiters, ...}
+    this.audioS = 0; // audio of this session, summed frame by frame as the server sums it
+    this.unanswered = { "session.configure": [], "input.flush": [] };
+  }
+
+  addAudio(payload, durationS, sampleRateHz, bytesPerSample) {
+    const frame = { payload, audioStartS: this.audioS, audioEndS: this.audioS + durationS, eventType: null,
+      sampleRateHz, bytesPerSample, waiters: [], isAnswered: false, isTransmitted: false };
+    this.audioS = frame.audioEndS;
+    this.frames.push(frame);
+    return frame;
+  }
+
+  addEvent(event, waiters = []) {
+    const frame = { payload: JSON.stringify(event), audioStartS: this.audioS, audioEndS: this.audioS,
+      eventType: event.type, eventId: event.event_id ?? null, waiters, isAnswered: false, isTransmitted: false };
+    this.frames.push(frame);
+    this.unanswered[event.type]?.push(frame);
+    return frame;
+  }
+
+  /** The server answered the oldest unanswered command of this type (it answers them in order). */
+  answer(eventType, answer) {
+    this._settle(this.unanswered[eventType].shift(), answer);
+  }
+
+  /** An error that names the command's event_id answers that command; whether one did. */
+  answerById(error) {
+    for (const pending of Object.values(this.unanswered)) {
+      const index = error.event_id ? pending.findIndex((frame) => frame.eventId === error.event_id) : -1;
+      if (index >= 0) {
+        this._settle(pending.splice(index, 1)[0], error);
+        return true;
+      }
+    }
+    return false;
+  }
+
+  _settle(frame, answer) {
+    if (!frame) return;
+    frame.isAnswered = true;
+    for (const waiter of frame.waiters) {
+      if (answer.type === "error") {
+        waiter.rollback?.();
+        waiter.reject(Object.assign(new Error(answer.message), { event: answer }));
+      } else {
+        waiter.resolve(answer);
+      }
+    }
+  }
+
+  /** Forgets frames the server certainly has, and audio older than a resume could ask for. */
+  trim() {
+    const lastAnswered = this.frames.findLastIndex((frame) => frame.isAnswered);
+    if (lastAnswered >= 0) this.frames.splice(0, lastAnswered + 1);
+    let old = 0;
+    while (old < this.frames.length && this.frames[old].eventType === null &&
+      this.frames[old].audioEndS < this.audioS - this.retainS) old += 1;
+    this.frames.splice(0, old);
+  }
+
+  /** After session.resumed and its replay: drops what the server has; the frames left are to be sent again. */
+  planResend(audioReceivedS) {
+    const has = this.frames.findLastIndex((frame) => frame.isAnswered ||
+      (frame.eventType === null && frame.audioEndS <= audioReceivedS + SAME_AUDIO_S));
+    this.frames.splice(0, has + 1);
+    const keptFromS = this.frames.length ? this.frames[0].audioStartS : this.audioS;
+    const lostS = keptFromS - audioReceivedS > SAME_AUDIO_S ? keptFromS - audioReceivedS : 0;
+    const first = this.frames[0];
+    if (first && first.eventType === null && first.audioStartS + SAME_AUDIO_S < audioReceivedS) {
+      // The server took part of this frame: re-send from the sample it stopped at.
+      const skip = Math.round((audioReceivedS - first.audioStartS) * first.sampleRateHz) * first.bytesPerSample;
+      first.payload = ArrayBuffer.isView(first.payload) ? first.payload.subarray(skip / first.payload.BYTES_PER_ELEMENT)
+        : first.payload.slice(skip);
+      first.audioStartS = audioReceivedS;
+    }
+    // An unanswered configure was not processed (the server answers one at once), so neither was anything after it;
+    // nor was anything after audio the server did not accept. Only a flush leaves no trace until the model heard it.
+    return { lostS, holdsFlush: Boolean(first && first.eventType === "input.flush" && first.isTransmitted) };
   }
 }
 
