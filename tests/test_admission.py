@@ -1,0 +1,189 @@
+"""Admission on a live server: how a busy replica refuses (error event + 1013, or HTTP 503 before the handshake),
+what stays in-band whatever the setting, readiness and load, the drain call, client secrets, replica ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from starlette.requests import HTTPConnection
+from websockets.exceptions import InvalidStatus
+
+from audio_interaction_server.api import admission
+from audio_interaction_server.api.runtime import split_session_id
+from audio_interaction_server.settings import ConfigError, load_config
+from test_app import (
+    API_KEY, AUTHORIZED, GOOD_ORIGIN, LiveServer, RecordedLog, metric_samples, recv_event, recv_to_close, recv_until,
+    server_config,
+)
+
+
+def post(server: LiveServer, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def busy_503(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint, max_sessions=1, busy_refusal="http_503", busy_retry_after_s=7,
+                                      replica_id="gpu-node-3.example")).start()
+    yield server
+    server.stop()
+
+
+def test_a_full_replica_refuses_the_upgrade_with_503_before_the_handshake(busy_503):
+    with busy_503.connect() as first:
+        created = recv_event(first)
+        with RecordedLog("uvicorn.error") as uvicorn_log:
+            with pytest.raises(InvalidStatus) as refused:
+                busy_503.connect()
+            time.sleep(0.2)  # uvicorn logs after the app returns
+        response = refused.value.response
+        assert response.status_code == 503 and response.headers["Retry-After"] == "7"
+        assert json.loads(response.body) == {"type": "error", "code": "capacity",
+                                             "message": "all 1 sessions are in use; retry later"}
+        # No "returned without completing handshake" error: a refusal is no server fault.
+        assert not [r.getMessage() for r in uvicorn_log.records if r.levelno >= logging.ERROR]
+        assert busy_503.get("/ready")[0] == 503 and json.loads(busy_503.get("/ready")[1])["status"] == "full"
+        assert busy_503.get("/ready?capacity=ignore")[0] == 200
+        status, body = busy_503.get("/v1/load", AUTHORIZED)
+        assert status == 200 and json.loads(body) == {
+            "replica_id": "gpu-node-3.example", "active": 1, "max": 1, "free": 0, "subscribers": 0, "ready": True,
+            "draining": False}
+    assert split_session_id(created["session_id"])[0] == "gpu-node-3.example"
+    assert metric_samples(busy_503)['ais_connections_refused_total{reason="capacity"}'] == 1
+
+
+def test_a_refusal_the_client_must_act_on_stays_in_band_whatever_busy_refusal_says(busy_503):
+    """A balancer must not retry a bad key or a foreign Origin elsewhere, and a browser's script can only read
+    why from an error event: those are accepted, told and closed with 1008."""
+    for key, origin, code in ((None, None, "unauthorized"), (API_KEY, "http://evil.example", "origin_not_allowed")):
+        with busy_503.connect(key=key, origin=origin) as ws:
+            events, close_code = recv_to_close(ws)
+        assert [(e["type"], e["code"]) for e in events] == [("error", code)] and close_code == 1008
+    with busy_503.connect(key=API_KEY, origin=GOOD_ORIGIN) as ws:
+        assert recv_event(ws)["type"] == "session.created"
+
+
+def test_the_load_needs_the_key(busy_503):
+    assert busy_503.get("/v1/load")[0] == 401
+    assert busy_503.get("/v1/load", {"Authorization": "Bearer wrong"})[0] == 401
+
+
+def test_a_replica_without_its_model_refuses_with_503_too(tmp_path):
+    server = LiveServer(server_config(tmp_path, busy_refusal="http_503")).start(wait_ready=False)  # no checkpoint
+    try:
+        deadline = time.monotonic() + 10
+        while not server.fatal:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(InvalidStatus) as refused:
+            server.connect()
+        assert refused.value.response.status_code == 503
+        assert json.loads(refused.value.response.body)["code"] == "not_ready"
+    finally:
+        server.stop()
+
+
+def test_the_drain_call_drains_then_stops_the_server(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint, drain_timeout_s=6.0)).start()
+    try:
+        assert post(server, "/v1/admin/drain")[0] == 401  # with an API key set, the call takes it
+        assert post(server, "/v1/admin/drain", {"Authorization": "Bearer wrong"})[0] == 401
+        with server.connect() as speaking:
+            session_id = recv_event(speaking)["session_id"]
+            start_a_long_reply(speaking)
+            status, body = post(server, "/v1/admin/drain", AUTHORIZED)
+            assert status == 202 and body["draining"] is True and body["sessions_left"] == 1
+            assert 0 < body["deadline_s"] <= 6.0
+            assert post(server, "/v1/admin/drain", AUTHORIZED)[0] == 202  # a second call joins the drain
+            # No new session, in-band by default (busy_refusal error_event) ...
+            with server.connect() as late:
+                events, code = recv_to_close(late)
+            assert [(e["type"], e["code"]) for e in events] == [("error", "draining")] and code == 1013
+            assert json.loads(server.get("/ready")[1])["status"] == "draining"
+            # ... while the sessions it holds still take subscribers.
+            with server.connect(f"/v1/sessions/{session_id}/events") as subscriber:
+                events, code = recv_to_close(speaking)
+                subscribed, subscriber_code = recv_to_close(subscriber)
+        types = [e["type"] for e in events]
+        assert types[0] == "session.going_away" and "turn_end" in types and code == 1012
+        assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
+        assert subscribed[-1]["type"] == "session.closed" and subscriber_code == 1000
+        server.thread.join(15)  # the drain stops the server by itself
+        assert not server.thread.is_alive()
+    finally:
+        server.stop()
+
+
+def start_a_long_reply(ws) -> None:
+    """At temperature 1 the tiny random model almost never samples its end token: the reply runs for seconds."""
+    ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
+                        "sampling": {"temperature": 1.0}}))
+    recv_until(ws, lambda e: e["type"] == "session.updated")
+    ws.send(json.dumps({"type": "response.create"}))  # the reply starts at the next chunk decided
+    ws.send(np.zeros(8000, dtype=np.int16).tobytes())
+    recv_until(ws, lambda e: e["type"] == "turn_begin")
+
+
+def test_without_a_drain_time_there_is_no_drain_call(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint, api_key=None)).start()
+    try:
+        status, body = post(server, "/v1/admin/drain")  # no key set: a local client may call it ...
+        assert status == 409 and "drain_timeout_s" in body["error"]  # ... but there is no drain to start
+    finally:
+        server.stop()
+
+
+def test_only_a_local_client_may_drain_a_server_without_a_key():
+    def peer(host: str) -> HTTPConnection:
+        return HTTPConnection({"type": "http", "client": (host, 40000), "headers": []})
+
+    assert admission.is_local_client(peer("127.0.0.1")) and admission.is_local_client(peer("::1"))
+    assert not admission.is_local_client(peer("10.0.0.7")) and not admission.is_local_client(peer("unknown"))
+
+
+def test_a_client_secret_opens_a_session_and_reads_the_load(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        if server.runtime.client_secrets is None:
+            pytest.skip("the realtime routes (api/realtime/) that install client secrets are not present")
+        secret = server.runtime.client_secrets.mint(60).value
+        with server.connect(key=secret) as ws:
+            assert recv_event(ws)["type"] == "session.created"
+        assert server.get("/v1/load", {"Authorization": f"Bearer {secret}"})[0] == 200
+        expired = server.runtime.client_secrets.mint(10, now_s=time.time() - 3600).value
+        with server.connect(key=expired) as ws:
+            events, code = recv_to_close(ws)
+        assert events[0]["code"] == "unauthorized" and code == 1008
+    finally:
+        server.stop()
+
+
+def test_replica_ids_hold_no_separator_and_default_to_the_host_name(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="replica_id"):
+        load_config(None, {"AIS_REPLICA_ID": "ais_1"})  # "_" ends the replica id inside a session id
+    with pytest.raises(ConfigError, match="replica_id"):
+        load_config(None, {"AIS_REPLICA_ID": "-leading-dash"})
+    assert load_config(None, {"AIS_REPLICA_ID": "10.1.2.3"}).replica_id == "10.1.2.3"  # a pod IP
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        with server.connect() as ws:
+            session_id = recv_event(ws)["session_id"]
+        replica_id, random_part = split_session_id(session_id)
+        import socket
+
+        assert replica_id and replica_id == server.runtime.replica_id and replica_id in socket.gethostname()
+        assert len(random_part) == 32 and json.loads(server.get("/v1/info", AUTHORIZED)[1])["replica_id"] == replica_id
+    finally:
+        server.stop()
+    assert split_session_id("nohex") is None and split_session_id("a_" + "0" * 31) is None
