@@ -253,3 +253,32 @@ def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
         process.stderr.close()
+
+
+def metric(port: int, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
+    async def main():
+        ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
+        created = json.loads(await ws.recv())
+        subscriber = await websockets.connect(f"ws://127.0.0.1:{server}/v1/sessions/{created['session_id']}/events")
+        await ws.send(np.zeros(8000, "<i2").tobytes())
+        await asyncio.sleep(0.2)
+        ws.transport.abort()
+        await asyncio.sleep(0.3)
+        assert metric(server, "ais_sessions_detached") == 1 and metric(server, "ais_sessions_active") >= 1
+        assert metric(server, "ais_session_replay_events") >= 1
+        resumed, first = await resume(server, created)
+        assert first["type"] == "session.resumed" and metric(server, "ais_sessions_detached") == 0
+        await resumed.send(json.dumps({"type": "session.close"}))
+        await read_until_closed(resumed)
+        seen = await read_until_closed(subscriber)
+        assert seen[-1]["type"] == "session.closed" and seen[-1]["reason"] == "client_closed", seen
+        assert subscriber.close_code == 1000, "the subscriber stayed through the gap and saw the session end"
+
+    asyncio.run(main())

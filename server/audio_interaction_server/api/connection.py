@@ -261,6 +261,9 @@ class ReplayLog:
                 self._events.popleft()
         return stamped
 
+    def __len__(self) -> int:
+        return len(self._events)
+
     @property
     def is_over_limit(self) -> bool:
         return len(self._events) > self.max_events
@@ -313,6 +316,10 @@ class StreamConnection:
     @property
     def is_detached(self) -> bool:
         return self.outbox is None and not self.finished.is_set()
+
+    @property
+    def num_replay_events(self) -> int:
+        return len(self._log)
 
     @property
     def queued_events(self) -> int:

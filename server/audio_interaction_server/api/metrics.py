@@ -107,6 +107,9 @@ SESSION_STATE = {
     "ais_session_history_chunks": "audio chunks (20 KB of mel each) kept for context rollover, summed over sessions",
     "ais_session_queued_chunks": "audio chunks received but not yet consumed by the model, summed over sessions",
     "ais_session_queued_events": "events waiting to be sent to clients, summed over connections",
+    "ais_sessions_detached": "sessions whose connection dropped, waiting resume_grace_s to be resumed (they hold "
+                             "their slots)",
+    "ais_session_replay_events": "events kept for a resume (resume_max_events per session at most), summed",
 }
 
 

@@ -154,6 +154,8 @@ class Runtime:
         totals = dict.fromkeys(SESSION_STATE, 0)
         for session_id, stream in list(self.streams.items()):
             totals["ais_session_queued_events"] += stream.queued_events
+            totals["ais_sessions_detached"] += stream.is_detached
+            totals["ais_session_replay_events"] += stream.num_replay_events
             size = self.worker.state_size(session_id) if self.worker is not None else None
             if size is not None:
                 totals["ais_session_kv_positions"] += size.positions
