@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import spawn_server
+from benchmarks.harness import spawn_server
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -187,3 +187,109 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
         process.wait()
     assert "generating the tiny demo model" in log.text
     assert "[transformers]" not in log.text and "Traceback" not in log.text
+
+
+# ---- drain (docs/scaling.md): SIGTERM with a drain time -----------------------------------------------------
+
+
+def connect_stream(port: int):
+    from websockets.sync.client import connect
+
+    return connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10)
+
+
+def start_long_reply(ws) -> None:
+    """A reply that lasts seconds: the tiny random model at temperature 1 almost never samples its end token."""
+    import json
+
+    import numpy as np
+
+    ws.recv(timeout=10)  # session.created
+    ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
+                        "sampling": {"temperature": 1.0}}))
+    ws.send(json.dumps({"type": "response.create"}))
+    ws.send(np.zeros(8000, dtype=np.int16).tobytes())
+    while json.loads(ws.recv(timeout=30))["type"] != "turn_begin":
+        pass
+
+
+def events_to_close(ws) -> tuple[list[dict], int | None]:
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    events = []
+    try:
+        while True:
+            events.append(json.loads(ws.recv(timeout=30)))
+    except ConnectionClosed as closed:
+        return events, None if closed.rcvd is None else closed.rcvd.code
+
+
+def test_sigterm_with_a_drain_time_lets_the_reply_finish_closes_1012_and_exits_0(tiny_checkpoint):
+    drain_s = 6.0
+    process, port = spawn_server(tiny_checkpoint, {"AIS_DRAIN_TIMEOUT_S": str(drain_s)})
+    log = LogReader(process)
+    try:
+        with connect_stream(port) as ws:
+            start_long_reply(ws)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            events, code = events_to_close(ws)
+            closed_s = time.monotonic() - signalled
+        status = process.wait(timeout=drain_s + 30)
+        exited_s = time.monotonic() - signalled
+        log.read_to_end()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    kinds = [e["type"] for e in events]
+    going_away = events[kinds.index("session.going_away")]
+    assert 0 < going_away["deadline_s"] < drain_s
+    # The reply in progress ends (it finished, or the deadline cut it) before the session closes.
+    assert "turn_end" in kinds[kinds.index("session.going_away"):]
+    assert kinds[-1] == "session.closed" and events[-1]["reason"] == "server_draining"
+    assert code == 1012 and closed_s < drain_s
+    assert status == 0 and "drained" in log.text and "Traceback" not in log.text
+    assert exited_s < drain_s + 10, f"exited {exited_s:.1f} s after SIGTERM"
+
+
+def test_a_second_sigterm_during_a_drain_stops_at_once(tiny_checkpoint):
+    process, port = spawn_server(tiny_checkpoint, {"AIS_DRAIN_TIMEOUT_S": "60"})
+    log = LogReader(process)
+    try:
+        with connect_stream(port) as ws:
+            start_long_reply(ws)
+            process.send_signal(signal.SIGTERM)
+            log.wait_for("draining: admitting no new sessions", timeout_s=10)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            events, code = events_to_close(ws)
+        status = process.wait(timeout=30)
+        stopped_s = time.monotonic() - signalled
+        log.read_to_end()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert "session.going_away" in [e["type"] for e in events]
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_shutdown" and code == 1001
+    assert status == 0 and stopped_s < 20 and "Traceback" not in log.text  # not the drain's 60 s
+
+
+def test_serve_flags_for_replicas():
+    from audio_interaction_server.__main__ import overrides_from
+    from audio_interaction_server.cli import build_parser
+    from audio_interaction_server.settings import load_config
+
+    args = build_parser().parse_args(["serve", "--replica-id", "ais2", "--drain-timeout", "45", "--agent-port",
+                                      "8001", "--busy-refusal", "http_503"])
+    overrides = overrides_from(args)
+    assert overrides == {"replica_id": "ais2", "drain_timeout_s": 45.0, "agent_port": 8001,
+                         "busy_refusal": "http_503"}
+    config = load_config(None, {}, overrides)
+    assert (config.replica_id, config.drain_timeout_s, config.agent_port, config.busy_refusal) == \
+        ("ais2", 45.0, 8001, "http_503")
