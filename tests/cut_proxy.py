@@ -3,8 +3,10 @@
 Clients connect to the proxy instead of the server; ``cut()`` aborts every relayed connection on both
 sides at once, so the client and the server each see their TCP connection end without a WebSocket
 close frame (code 1006), exactly what a lost Wi-Fi or a mobile hand-over produces. While ``refusing``
-is set, new connections are dropped at once (the network is still down). Used by the resume tests of
-the client examples and of the browser page.
+is set, new connections are dropped at once (the network is still down). ``cut_at_next_text_frame``
+cuts at the client's next WebSocket text frame (a command), just before or just after it reaches the
+server: the two sides of the one case a resume cannot see directly. Used by the resume tests of the
+client examples and of the browser page.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class CutProxy:
         self.refusing = False
         self.num_connections = 0  # relayed (not refused) connections so far
         self.num_cut = 0
+        self._text_cut: bool | None = None  # armed: cut at the client's next text frame, after delivering it or not
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cut-proxy", daemon=True)
@@ -42,24 +45,60 @@ class CutProxy:
         pair = {writer, upstream_writer}
         self._writers |= pair
         try:
-            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+            await asyncio.gather(self._pipe_client(reader, upstream_writer), _pipe(upstream_reader, writer))
         finally:
             self._writers -= pair
             for each in pair:
                 each.close()  # after what is buffered; a no-op on an aborted one
 
+    async def _pipe_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Client to server, frame by frame once the HTTP upgrade is through, so a cut can fall at a text frame."""
+        try:
+            writer.write(await reader.readuntil(b"\r\n\r\n"))  # the upgrade request
+            while True:
+                head = await reader.readexactly(2)
+                size = head[1] & 0x7F
+                extended = b""
+                if size >= 126:
+                    extended = await reader.readexactly(2 if size == 126 else 8)
+                    size = int.from_bytes(extended, "big")
+                mask = await reader.readexactly(4 if head[1] & 0x80 else 0)
+                frame = head + extended + mask + await reader.readexactly(size)
+                is_text, deliver = head[0] & 0x0F == 0x1, self._text_cut
+                if is_text and deliver is not None:
+                    self._text_cut = None
+                    if deliver:  # and give the server a moment to read it: an abort drops what is still unread
+                        writer.write(frame)
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                    self._cut_all()
+                    return
+                writer.write(frame)
+                await writer.drain()
+        except asyncio.IncompleteReadError:  # the client's end of stream: passed on
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+    def cut_at_next_text_frame(self, deliver: bool) -> None:
+        """Cut every connection at the client's next text frame, after passing it to the server or instead."""
+        self._text_cut = deliver
+
+    def _cut_all(self) -> int:
+        writers = list(self._writers)
+        for writer in writers:
+            writer.transport.abort()
+        self.num_cut += len(writers) // 2
+        return len(writers) // 2
+
     def cut(self) -> int:
         """Abort every relayed connection (both sides, no close frame); how many connections that was."""
 
         async def cut_all() -> int:
-            writers = list(self._writers)
-            for writer in writers:
-                writer.transport.abort()
-            return len(writers) // 2
+            return self._cut_all()
 
-        num = self._call(cut_all())
-        self.num_cut += num
-        return num
+        return self._call(cut_all())
 
     def close(self) -> None:
         self.refusing = True

@@ -418,6 +418,51 @@ def test_protocol_client_resumes_a_dropped_session_and_resends_what_the_server_l
     assert result["numResumes"] == 1
 
 
+def test_protocol_client_holds_a_flush_in_doubt_until_its_answer_or_a_quiet_server(live, page: Page):
+    """Scripted sockets: all audio taken, the flush unanswered after the replay. Its answer arriving later: only the
+    frame offered meanwhile goes out. No answer and a quiet server (1.5 s): the flush goes again, then that frame."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ProtocolClient } = await import("/static/protocol-client.js");
+        const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+        const run = async (answered) => {
+            const made = [];
+            class FakeSocket {
+                static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+                constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
+                send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
+                close(code = 1000) { this.drop(code); }
+                deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
+                drop(code) { if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason: "" }); } }
+            }
+            const client = new ProtocolClient("ws://server.example/v1/stream", { WebSocket: FakeSocket });
+            client.configure({ audio: { sample_format: "pcm_s16le", sample_rate_hz: 10, num_channels: 1 } });
+            const connected = client.connect();
+            made[0].deliver({ type: "session.created", session_id: "s", seq: 1, resume_token: "t", resume_grace_s: 5,
+                              limits: { max_buffered_audio_s: 10 } });
+            await connected;
+            made[0].deliver({ type: "session.updated", seq: 2 });
+            client.sendAudio(new Int16Array([1, 1]));
+            client.sendAudio(new Int16Array([2, 2]));
+            const flushed = client.flush().then((e) => e.type);
+            made[0].drop(1006);
+            await sleep(350);
+            made[1].deliver({ type: "session.resumed", session_id: "s", last_seq: 2, num_replayed: 0,
+                              audio_received_s: 0.4, num_chunks_decided: 0 });
+            client.sendAudio(new Int16Array([9, 9]));
+            const duringDoubt = made[1].sent.slice();
+            if (answered) made[1].deliver({ type: "input.flushed", seq: 3 });
+            else await sleep(1700);
+            return { duringDoubt, after: made[1].sent.slice(), state: client.state,
+                     flushed: answered ? await flushed : null };
+        };
+        return { answered: await run(true), unanswered: await run(false) };
+    }""")
+    assert result["answered"] == {"duringDoubt": [], "after": [[9, 9]], "state": "open", "flushed": "input.flushed"}
+    assert result["unanswered"] == {"duringDoubt": [], "after": [{"type": "input.flush"}, [9, 9]], "state": "open",
+                                    "flushed": None}
+
+
 def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     """The page talks to the server through a TCP relay that the test cuts (no close frame either way): it resumes
     the same session by itself, says so, and in the end the server has every sample the page captured."""

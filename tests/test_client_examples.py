@@ -415,18 +415,22 @@ def outcome(events: list[dict]) -> tuple[list, list]:
 
 
 def stream_through_proxy(proxy, folder: Path, tmp_path: Path, cuts=()) -> tuple[int, list[dict], list[str]]:
-    """stream_file.py --json through ``proxy``; each cut waits for its event (a predicate), then cuts the TCP."""
+    """stream_file.py --json through ``proxy``; each cut: wait for its event (a predicate), then ``cut(proxy)``."""
     script = Script("stream_file.py", f"ws://127.0.0.1:{proxy.port}", str(folder), "--api-key", API_KEY,
                     "--speed", "3", "--json", "--decisions", cwd=tmp_path)
     try:
-        for wanted in cuts:
+        for wanted, cut in cuts:
             script.wait_for_event(wanted)
-            assert proxy.cut() == 1
+            cut(proxy)
         code = script.finish()
     finally:
         if script.process.poll() is None:
             script.process.kill()
     return code, [json.loads(line) for line in script.stdout], script.stderr
+
+
+def cut_now(proxy) -> None:
+    assert proxy.cut() == 1
 
 
 @pytest.fixture
@@ -438,40 +442,72 @@ def proxy(live):
     relay.close()
 
 
-def test_stream_file_resumes_after_the_connection_is_cut_and_the_model_hears_the_same(live, proxy, shared_audio,
-                                                                                       tmp_path):
-    """The TCP connection is cut twice (mid-listening, then at a reply's start): the client resumes by itself,
-    says so, re-sends what the server did not take, and the model hears and says exactly what it does
-    in an uninterrupted run of the same file."""
-    folder = shared_audio / "01_count_bark"
-    code, reference, err = stream_through_proxy(proxy, folder, tmp_path)
-    assert code == 0 and proxy.num_connections == 1, err
-    assert not [line for line in err if "resum" in line], err  # a normal close (1000) is never resumed
-    session_id = reference[0]["session_id"]
-    num_decisions = len(outcome(reference)[0])
-    cuts = [lambda e: e["type"] == "decision" and e["chunk"] == 3,
-            lambda e: e["type"] == "turn_begin" and e["chunk"] > 3]
-    code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
-    assert code == 0, err
-    assert proxy.num_cut == 2 and proxy.num_connections == 1 + 3
-    created = [e for e in events if e["type"] == "session.created"]
-    assert len(created) == 1 and created[0]["session_id"] != session_id and created[0]["resume_token"]
-    resumed = [e for e in events if e["type"] == "session.resumed"]
-    assert len(resumed) == 2 and all("seq" not in e for e in resumed)
+@pytest.fixture(scope="module")
+def uninterrupted(live, shared_audio, tmp_path_factory) -> list[dict]:
+    """The events of stream_file.py on 01_count_bark without a break, as the resume tests stream it."""
+    script = Script("stream_file.py", live.url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
+                    "--speed", "3", "--json", "--decisions", cwd=tmp_path_factory.mktemp("uninterrupted"))
+    assert script.finish() == 0, script.stderr
+    assert not [line for line in script.stderr if "resum" in line], script.stderr  # a normal close is not resumed
+    return [json.loads(line) for line in script.stdout]
+
+
+def assert_same_as_uninterrupted(events: list[dict], uninterrupted: list[dict], folder: Path) -> None:
+    assert outcome(events) == outcome(uninterrupted), "the cut run heard or said something else"
     seqs = [e["seq"] for e in events if e["type"] != "session.resumed"]
     assert seqs == sorted(set(seqs)) and seqs[0] == 1, "an event lost, repeated or out of order across the resumes"
-    message = "\n".join(err)
-    new_id = created[0]["session_id"]
-    assert re.search(rf"connection lost \(connection closed with code 1006[^)]*\); resuming session {new_id} "
-                     r"in \d+\.\d\d s \(attempt 1\)", message), message
-    assert len(re.findall(rf"resumed session {new_id}: \d+ events replayed, re-sent \d+\.\d\d s of audio",
-                          message)) == 2, message
-    assert outcome(events) == outcome(reference), "the cut run heard or said something else"
-    assert len(outcome(events)[0]) == num_decisions
     closed = events[-1]
     assert closed["type"] == "session.closed" and closed["reason"] == "client_closed"
     assert closed["audio_received_s"] == pytest.approx(audio_seconds(folder), abs=1e-3)
     assert closed["num_chunks_decided"] == closed["num_chunks_received"]
+    assert [e["type"] for e in events].count("input.flushed") == 1
+
+
+def test_stream_file_resumes_after_the_connection_is_cut_and_the_model_hears_the_same(proxy, uninterrupted,
+                                                                                       shared_audio, tmp_path):
+    """The TCP connection is cut twice (mid-listening, then at a reply's start): the client resumes by itself,
+    says so, re-sends what the server did not take, and the model hears and says exactly what it does
+    in an uninterrupted run of the same file."""
+    folder = shared_audio / "01_count_bark"
+    cuts = [(lambda e: e["type"] == "decision" and e["chunk"] == 3, cut_now),
+            (lambda e: e["type"] == "turn_begin" and e["chunk"] > 3, cut_now)]
+    code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
+    assert code == 0, err
+    assert proxy.num_cut == 2 and proxy.num_connections == 3
+    created = [e for e in events if e["type"] == "session.created"]
+    assert len(created) == 1 and created[0]["resume_token"]
+    resumed = [e for e in events if e["type"] == "session.resumed"]
+    assert len(resumed) == 2 and all("seq" not in e for e in resumed)
+    message = "\n".join(err)
+    session_id = created[0]["session_id"]
+    assert re.search(rf"connection lost \(connection closed with code 1006[^)]*\); resuming session {session_id} "
+                     r"in \d+\.\d\d s \(attempt 1\)", message), message
+    assert len(re.findall(rf"resumed session {session_id}: \d+ events replayed, re-sent \d+\.\d\d s of audio",
+                          message)) == 2, message
+    assert_same_as_uninterrupted(events, uninterrupted, folder)
+
+
+@pytest.mark.parametrize("delivered", [False, True], ids=["flush_lost", "flush_delivered"])
+def test_a_flush_cut_off_is_sent_again_exactly_when_the_server_lacks_it(proxy, uninterrupted, shared_audio,
+                                                                       tmp_path, delivered):
+    """The cut falls at the input.flush, all audio already taken. Lost: the replay cannot show it, and the client
+    sends it again once the server is quiet. Delivered: the server answers it (before the cut or in the replay;
+    the tiny model is quick) and the client does not send it twice (a second flush would add a second of
+    silence the model would hear). test_a_flush_in_doubt_... covers an answer that comes after the replay."""
+    folder = shared_audio / "01_count_bark"
+    formats_declared = iter(range(1, 4))  # decision events, then the mp3's format, then the wavs': then the flush
+
+    def last_configure_answered(event: dict) -> bool:
+        return event["type"] == "session.updated" and next(formats_declared) == 3
+
+    cuts = [(last_configure_answered, lambda relay: relay.cut_at_next_text_frame(deliver=delivered))]
+    code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
+    message = "\n".join(err)
+    assert code == 0, message
+    assert proxy.num_cut == 1 and proxy.num_connections == 2
+    assert ("the server did not get the input.flush: sent again" in message) == (not delivered), message
+    assert "resumed session" in message
+    assert_same_as_uninterrupted(events, uninterrupted, folder)
 
 
 def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, shared_audio, tmp_path):
@@ -554,3 +590,101 @@ def test_outbound_log_resends_exactly_what_the_server_lacks():
     kept_s = log.audio_s - log.frames[0].audio_start_s
     assert 0.2 - 1e-9 <= kept_s < 0.4  # the newest retain_s at least, bounded
     assert log.plan_resend(0.0).lost_s == pytest.approx(log.audio_s - kept_s)  # audio before that is gone
+
+
+class ScriptedSocket:
+    """Stands in for a websockets connection in the StreamSession tests: what the client sent, and events to give."""
+
+    def __init__(self, *events: dict) -> None:
+        import asyncio
+
+        self.sent: list = []
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        for event in events:
+            self.give(event)
+        self.close_code, self.close_reason = None, ""
+
+    def give(self, event: dict | None) -> None:
+        """An event from the server; None: the connection drops without a close frame."""
+        self.incoming.put_nowait(None if event is None else json.dumps(event))
+
+    async def send(self, payload) -> None:
+        from websockets.exceptions import ConnectionClosedError
+
+        if self.close_code is not None:
+            raise ConnectionClosedError(None, None)
+        self.sent.append(payload if isinstance(payload, bytes) else json.loads(payload))
+
+    async def recv(self):
+        from websockets.exceptions import ConnectionClosedError
+
+        message = await self.incoming.get()
+        if message is None:
+            self.close_code = 1006
+            raise ConnectionClosedError(None, None)
+        return message
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.recv()
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["answered_after_the_replay", "never_answered"])
+def test_a_flush_in_doubt_waits_for_its_answer_or_a_quiet_server(monkeypatch, answered):
+    """StreamSession against scripted sockets: all audio taken, the flush unanswered after the replay. Its answer
+    arriving later means the server had it: only the frame offered meanwhile goes out. No answer and a quiet
+    server: the flush goes again, then that frame."""
+    import asyncio
+    import io
+
+    client = load_client_module()
+    monkeypatch.setattr(client, "FLUSH_QUIET_S", 0.3)
+    monkeypatch.setattr(client, "RESUME_FIRST_DELAY_S", 0.01)
+    resumed = ScriptedSocket({"type": "session.resumed", "session_id": "s", "last_seq": 2, "num_replayed": 0,
+                              "audio_received_s": 0.2, "num_chunks_decided": 0})
+
+    async def open_resumed(url, api_key, open_timeout_s=15.0):
+        assert "resume=s&token=secret&last_seq=2" in url
+        return resumed
+
+    monkeypatch.setattr(client, "open_websocket", open_resumed)
+
+    async def main():
+        first = ScriptedSocket()
+        err = io.StringIO()
+        created = {"type": "session.created", "session_id": "s", "seq": 1, "resume_token": "secret",
+                   "resume_grace_s": 5.0, "limits": {"chunk_s": 0.4, "max_buffered_audio_s": 10.0}}
+        session = client.StreamSession("ws://h:1", None, first, client.ReplyConsole(err=err, out=io.StringIO()),
+                                       created)
+        receiver = asyncio.create_task(session.receive_loop())
+        for index in range(2):
+            await session.send_pcm(bytes([index]) * 3200, 0.1)
+        flush = asyncio.create_task(session.flush())
+        await asyncio.sleep(0.01)
+        first.give({"type": "decision", "seq": 2, "chunk": 0, "audio_time_s": 0.4, "decision": "keep_silence"})
+        first.give(None)
+        await asyncio.sleep(0.1)  # resumed; the flush is in doubt
+        await session.send_pcm(bytes([9]) * 3200, 0.1)
+        assert resumed.sent == [] and not flush.done()
+        if answered:
+            resumed.give({"type": "input.flushed", "seq": 3, "num_chunks": 1, "audio_time_s": 0.4})
+            assert (await asyncio.wait_for(flush, 2))["type"] == "input.flushed"
+            await asyncio.sleep(0.05)
+            assert resumed.sent == [bytes([9]) * 3200]
+        else:
+            await asyncio.sleep(0.5)
+            assert resumed.sent == [{"type": "input.flush"}, bytes([9]) * 3200]
+        receiver.cancel()
+        flush.cancel()
+        return first.sent, err.getvalue()
+
+    first_sent, notes = asyncio.run(main())
+    assert first_sent == [bytes([0]) * 3200, bytes([1]) * 3200, {"type": "input.flush"}]
+    assert "waiting to see whether the server got the input.flush sent before the drop" in notes
+    assert ("the server had the input.flush; re-sent 0.10 s of audio" in notes) == answered, notes
+    assert ("the server did not get the input.flush: sent again; re-sent 0.10 s of audio" in notes) != answered

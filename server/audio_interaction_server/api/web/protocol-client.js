@@ -331,7 +331,8 @@ export class ProtocolClient {
     const flush = this._outbound.frames[0];
     this._lastEventMs = Date.now();
     const check = () => {
-      if (this._resume !== resume) return; // dropped again, or closed
+      clearTimeout(resume.settleTimer);
+      if (this._resume !== resume || resume.settled) return; // dropped again, closed, or done
       const quietMs = Date.now() - this._lastEventMs;
       if (flush.isAnswered) {
         this._outbound.frames.shift(); // the server had it, and everything before it
@@ -339,8 +340,10 @@ export class ProtocolClient {
         resume.settleTimer = setTimeout(check, Math.max(50, FLUSH_QUIET_MS - quietMs));
         return;
       }
+      resume.settled = true;
       this._finishResume(plan);
     };
+    flush.onAnswered = check; // the answer settles it at once, not at the next look
     check();
   }
 
@@ -410,6 +413,7 @@ export class ProtocolClient {
     resume.attempt += 1;
     resume.resumed = null;
     resume.planned = false;
+    resume.settled = false;
     const delayMs = this._resumeDelayMs(resume.attempt);
     if (Date.now() + delayMs >= resume.deadlineMs) {
       this._onClose({ code, reason }); // no time left: a new session
@@ -521,6 +525,7 @@ export class Outbound {
   _settle(frame, answer) {
     if (!frame) return;
     frame.isAnswered = true;
+    frame.onAnswered?.();
     for (const waiter of frame.waiters) {
       if (answer.type === "error") {
         waiter.rollback?.();
