@@ -36,12 +36,10 @@ from audio_interaction_server.engine.events import (
     AudioCleared, Decision, EndCode, EngineEvent, SessionEnded, TurnBegin, TurnEnd,
 )
 from audio_interaction_server.protocol import (
-    LIVE_FORMS, AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SegmentEvent,
-    SessionClosedEvent, SessionCreatedEvent, SessionGoingAwayEvent, SessionLimits, SessionResumedEvent, SessionSettings,
-    SessionUpdatedEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent, summarize,
+    AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SessionClosedEvent, SessionCreatedEvent,
+    SessionGoingAwayEvent, SessionLimits, SessionResumedEvent, SessionSettings, SessionUpdatedEvent, summarize,
 )
-from audio_interaction_server.render.replies import ReplyRenderer
-from audio_interaction_server.render.segmenter import Segmenter
+from audio_interaction_server.render.presenter import ReplyPresenter
 from audio_interaction_server.settings import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
@@ -115,9 +113,7 @@ class Session:
         self._close_code_pending = CloseCode.NORMAL
         self._is_engine_open = False
         self._is_speaking = False
-        self._renderer = ReplyRenderer(model.tokenizer, session_id)
-        self._segmenter: Segmenter | None = None
-        self._num_segments = 0
+        self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
         self._num_chunks_decided = 0
         self._chunk_push_s: deque[float] = deque()  # push time of each undecided chunk, for onset latency
         self._last_decided_push_s: float | None = None
@@ -209,14 +205,16 @@ class Session:
                 self._last_decided_push_s = self._chunk_push_s.popleft() if self._chunk_push_s else None
                 pushed_s = self._last_decided_push_s
                 self._observer.chunk_decided(None if pushed_s is None else max(0.0, now_s - pushed_s))
-            elif isinstance(event, TurnBegin):
+            onset_s = None
+            if isinstance(event, TurnBegin):
                 self._is_speaking = True
-                self._segmenter, self._num_segments = Segmenter(), 0
+                pushed_s = self._last_decided_push_s  # the chunk whose decision began the reply
+                onset_s = None if pushed_s is None else max(0.0, now_s - pushed_s)
+                self._observer.turn_began(onset_s)
             elif isinstance(event, TurnEnd):
                 self._is_speaking = False
                 self._observer.turn_ended(len(event.token_ids), event.end_reason)
-            for wire in self._renderer.render(event):
-                out += self._live(wire, now_s)
+            out += self._presenter.present(event, self._now_ms(), onset_s)
         # After the whole batch: a decision and the turn it starts arrive together.
         out += self._flushed_events()
         if self._drain_deadline_s is not None and not self._is_speaking:
@@ -275,7 +273,7 @@ class Session:
         if self._is_engine_open:
             self.engine.close_session(self.session_id)
             self._is_engine_open = False
-        cut = [live for wire in self._renderer.cut() for live in self._live(wire, time.monotonic())]
+        cut = self._presenter.cut(self._now_ms())
         for turn_end in (event for event in cut if event.type == "turn_end"):
             self._observer.turn_ended(turn_end.num_tokens, turn_end.end_reason)
         self._is_speaking = False
@@ -323,6 +321,7 @@ class Session:
         if command.decision_events is not UNSET:
             self.decision_events = (self.config.decision_events if command.decision_events is None
                                     else command.decision_events)
+            self._presenter.decision_events = self.decision_events
         self.options = options
         return [SessionUpdatedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
                                     audio=self.audio.format, options=self._settings())]
@@ -384,37 +383,6 @@ class Session:
 
     def _note_pushed(self, num_chunks: int, now_s: float) -> None:
         self._chunk_push_s.extend([now_s] * num_chunks)  # for the onset latency of a reply they trigger
-
-    def _live(self, wire, now_s: float) -> list:
-        """A renderer event in its stamped wire form, plus the segments its text completes."""
-        before: list = []  # a reply's last segment goes before its turn_end
-        after: list = []
-        stamp_ms = self._now_ms()  # one stamp for the event and its segments, so stamps never go back
-        if isinstance(wire, TextDeltaEvent) and self._segmenter is not None:
-            after = self._segments(wire.turn, self._segmenter.push(wire.text), stamp_ms)
-        if isinstance(wire, TurnEndEvent) and self._segmenter is not None:
-            # A cancelled reply's tail is not spoken: the client asked for silence.
-            if wire.end_reason in ("text_end", "max_tokens"):
-                before = self._segments(wire.turn, self._segmenter.finish(), stamp_ms)
-            self._segmenter = None
-        fields = dict(wire.__dict__, server_time_ms=stamp_ms)
-        if isinstance(wire, TurnBeginEvent):
-            onset_s = None if self._last_decided_push_s is None else max(0.0, now_s - self._last_decided_push_s)
-            fields["onset_latency_ms"] = None if onset_s is None else round(onset_s * 1000, 3)
-            self._observer.turn_began(onset_s)
-        live = LIVE_FORMS[type(wire)](**fields)
-        if isinstance(wire, TextDeltaEvent) and after:
-            after[0:0] = [live]
-            return before + after
-        return before + ([live] if live.type != "decision" or self.decision_events else []) + after
-
-    def _segments(self, turn: int, texts: list[str], stamp_ms: int) -> list:
-        out = []
-        for text in texts:
-            out.append(SegmentEvent(session_id=self.session_id, server_time_ms=stamp_ms, turn=turn,
-                                    index=self._num_segments, text=text))
-            self._num_segments += 1
-        return out
 
     def _flushed_events(self) -> list:
         out = []

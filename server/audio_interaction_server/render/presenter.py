@@ -1,0 +1,66 @@
+"""A session's replies as the client sees them: rendered, stamped, cut into sentences for TTS.
+
+``ReplyRenderer`` turns token-level engine events into wire events; the presenter stamps them
+with the server clock (one stamp for an event and the segments its text completes, so stamps
+never go back), adds the ``segment`` events of each reply, and the onset latency of each
+``turn_begin``. The session decides which events exist; this decides how they read.
+"""
+
+from __future__ import annotations
+
+from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.protocol import (
+    LIVE_FORMS, SegmentEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent,
+)
+from audio_interaction_server.render.replies import ReplyRenderer
+from audio_interaction_server.render.segmenter import Segmenter
+
+# A reply's unfinished sentence is spoken only when the reply ended by itself: after a cancel the
+# client asked for silence, and a reply cut by a closing session has no one to speak to.
+_SPOKEN_ENDS = ("text_end", "max_tokens")
+
+
+class ReplyPresenter:
+    """One per session; not thread-safe."""
+
+    def __init__(self, tokenizer, session_id: str, decision_events: bool = False) -> None:
+        self.session_id = session_id
+        self.decision_events = decision_events
+        self._renderer = ReplyRenderer(tokenizer, session_id)
+        self._segmenter: Segmenter | None = None
+        self._num_segments = 0
+
+    def present(self, event: EngineEvent, stamp_ms: int, onset_s: float | None = None) -> list:
+        """The wire events of one engine event; ``onset_s`` is the onset latency a TurnBegin reports."""
+        return [live for wire in self._renderer.render(event) for live in self._live(wire, stamp_ms, onset_s)]
+
+    def cut(self, stamp_ms: int) -> list:
+        """The open reply's ``turn_end`` (``session_closed``) for a session that ends without the engine's."""
+        return [live for wire in self._renderer.cut() for live in self._live(wire, stamp_ms, None)]
+
+    def _live(self, wire, stamp_ms: int, onset_s: float | None) -> list:
+        before: list = []  # a reply's last segment goes before its turn_end
+        after: list = []  # a delta's completed sentences go right after it
+        if isinstance(wire, TurnBeginEvent):
+            self._segmenter, self._num_segments = Segmenter(), 0
+        if isinstance(wire, TextDeltaEvent) and self._segmenter is not None:
+            after = self._segments(wire.turn, self._segmenter.push(wire.text), stamp_ms)
+        if isinstance(wire, TurnEndEvent) and self._segmenter is not None:
+            if wire.end_reason in _SPOKEN_ENDS:
+                before = self._segments(wire.turn, self._segmenter.finish(), stamp_ms)
+            self._segmenter = None
+        fields = dict(wire.__dict__, server_time_ms=stamp_ms)
+        if isinstance(wire, TurnBeginEvent):
+            fields["onset_latency_ms"] = None if onset_s is None else round(onset_s * 1000, 3)
+        live = LIVE_FORMS[type(wire)](**fields)
+        if live.type == "decision" and not self.decision_events:
+            return before + after
+        return before + [live] + after
+
+    def _segments(self, turn: int, texts: list[str], stamp_ms: int) -> list:
+        out = []
+        for text in texts:
+            out.append(SegmentEvent(session_id=self.session_id, server_time_ms=stamp_ms, turn=turn,
+                                    index=self._num_segments, text=text))
+            self._num_segments += 1
+        return out
