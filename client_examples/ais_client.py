@@ -31,11 +31,14 @@ CLOSE_MEANINGS = {
     1001: "the server is shutting down",
     1008: "refused: check --api-key (or the allowed origins), or the session options",
     1011: "the model failed on the server",
+    1012: "the server is draining (an update or a scale-down)",
     1013: "the server is at capacity or not ready yet: retry later",
     4000: "idle timeout: no audio or event from the client for too long",
     4001: "session limit reached (max_session_s or the model's context)",
     4004: "no open session with that id",
     4008: "this client did not read its events fast enough",
+    4009: "the session could not be resumed (expired, or the server restarted)",
+    4010: "another connection resumed this session",
 }
 
 

@@ -37,13 +37,13 @@ class LiveServer:
     tests/test_app.py pattern)."""
 
     def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
-                 resume_grace_s: float = 20.0) -> None:
+                 resume_grace_s: float = 20.0, **settings) -> None:
         config = ServerConfig.model_validate(dict(
             # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
             # themselves by the model's decisions, or frames get refused (audio_buffer_full). Large
             # enough for a flush's 1 s of silence padded to whole chunks once the model has caught up.
             port=port, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
-            resume_grace_s=resume_grace_s,
+            resume_grace_s=resume_grace_s, **settings,
             engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
             session={"max_turn_tokens": MAX_TURN_TOKENS}))
         self.app = create_app(config, on_fatal=lambda message: None)
@@ -216,6 +216,7 @@ def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, s
     message = "\n".join(err)
     assert "server error unauthorized (fatal)" in message
     assert "connection closed with code 1008: refused: check --api-key" in message
+    assert "resuming" not in message and "new session" not in message  # a refusal is never retried
     assert not [line for line in out if TURN_LINE.match(line)]
 
 
@@ -553,6 +554,45 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
     updated = [e for e in events if e["type"] == "session.updated" and e["session_id"] == created[1]["session_id"]]
     assert updated and updated[0]["options"]["decision_events"] is True
     assert updated[0]["audio"] != {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
+
+
+def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_checkpoint, shared_audio, tmp_path):
+    """A drain (session.going_away, session.closed, close 1012) ends the session on purpose: nothing to resume.
+    The client says so and starts a new session, which the relay (a balancer) sends to the other replica."""
+    import urllib.request
+
+    from cut_proxy import CutProxy
+
+    draining = LiveServer(tiny_checkpoint, drain_timeout_s=10.0).start()
+    other = LiveServer(tiny_checkpoint).start()
+    relay = CutProxy(draining.port)
+    script = Script("stream_file.py", f"ws://127.0.0.1:{relay.port}", str(shared_audio / "01_count_bark"),
+                    "--api-key", API_KEY, "--speed", "1", "--json", "--decisions", cwd=tmp_path)
+    try:
+        script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
+        relay.target_port = other.port  # new connections go to the replica that stays
+        request = urllib.request.Request(f"http://127.0.0.1:{draining.port}/v1/admin/drain", method="POST",
+                                         headers={"Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+        code = script.finish()
+    finally:
+        if script.process.poll() is None:
+            script.process.kill()
+        relay.close()
+        draining.stop()
+        other.stop()
+    events = [json.loads(line) for line in script.stdout]
+    message = "\n".join(script.stderr)
+    assert code == 0, message
+    created = [e for e in events if e["type"] == "session.created"]
+    assert len(created) == 2
+    closed = [e for e in events if e["type"] == "session.closed"]
+    assert [(e["session_id"], e["reason"]) for e in closed] == [(created[0]["session_id"], "server_draining"),
+                                                               (created[1]["session_id"], "client_closed")]
+    assert "resuming" not in message
+    assert "the server drains (connection closed with code 1012" in message
+    assert f"session: {created[1]['session_id']} (new;" in message
 
 
 def test_outbound_log_resends_exactly_what_the_server_lacks():
