@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from audio_interaction_server.demo.qwen_vocab import VocabUnavailable, write_tokenizer_files
+# spawn_server is re-exported: live tests import it from here or from benchmarks.harness, one definition.
+from benchmarks.harness import shared_audio_dir, spawn_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +26,12 @@ def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out_dir
 
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
-
-
 @pytest.fixture(scope="session")
 def shared_audio() -> Path:
-    if not SHARED_AUDIO.is_dir():
-        pytest.skip(f"real test audio not found at {SHARED_AUDIO}")
-    return SHARED_AUDIO
+    audio_dir = shared_audio_dir()
+    if not audio_dir.is_dir():
+        pytest.skip(f"real test audio not found at {audio_dir}")
+    return audio_dir
 
 
 @pytest.fixture(scope="session")
@@ -64,35 +64,3 @@ def stream_chunks(shared_audio: Path) -> list:
         chunks = front_end.push(load_audio_file(shared_audio / name)) + front_end.flush()
         streams.append(torch.stack(chunks[:12]))  # bounded so the suite stays fast
     return streams
-
-
-def spawn_server(checkpoint: Path, extra_env: dict[str, str] | None = None):
-    """``python -m audio_interaction_server`` as a real subprocess on a free port; returns (process, port) once
-    /ready is 200."""
-    import os
-    import re
-    import subprocess
-    import sys
-    import time
-    import urllib.error
-    import urllib.request
-
-    env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", **(extra_env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0",
-                                "--checkpoint", str(checkpoint)],
-                               env=env, stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in process.stderr:  # uvicorn logs the port it bound, the model load follows
-        found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-        port = int(found.group(1)) if found else port
-        if port and "loaded audio-interaction-tiny" in line:
-            break
-    assert port, "the server never reported its port"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
-                return process, port
-        except urllib.error.HTTPError:  # 503 for the moment between load and worker start
-            assert time.monotonic() < deadline
-            time.sleep(0.05)

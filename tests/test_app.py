@@ -4,77 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
-from audio_interaction_server.api.app import build_server, create_app
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.api.metrics import SESSION_STATE, heap_stats
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.settings import ConfigError, ServerConfig, load_config
+from benchmarks.harness import LiveServer, spawn_server
 
 API_KEY = "test-key"
 GOOD_ORIGIN = "http://allowed.example"
 MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
 AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class LiveServer:
-    """uvicorn in a background thread, built exactly as ``python -m audio_interaction_server`` builds it."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.fatal: list[str] = []
-        self.app = create_app(config, on_fatal=self.fatal.append)
-        self.server = build_server(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
-
-    @property
-    def runtime(self):
-        return self.app.state.runtime
-
-    def start(self, wait_ready: bool = True) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started or (wait_ready and not self.runtime.is_ready):
-            assert time.monotonic() < deadline, "server did not become ready"
-            assert self.thread.is_alive(), "server thread died"
-            assert not (wait_ready and self.fatal), f"model failed to load: {self.fatal}"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    def connect(self, path: str = "/v1/stream", key: str | None = API_KEY, how: str = "bearer",
-                origin: str | None = None) -> ClientConnection:
-        headers = {}
-        if key is not None and how == "bearer":
-            headers["Authorization"] = f"Bearer {key}"
-        elif key is not None and how == "header":
-            headers["X-API-Key"] = key
-        elif key is not None and how == "query":
-            path += f"?api_key={key}"
-        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, origin=origin,
-                       compression=None, open_timeout=10, max_size=None)
 
 
 def server_config(checkpoint: Path, **overrides) -> ServerConfig:
@@ -537,8 +485,6 @@ def test_python_dash_m_server_serves_and_stops_cleanly(tiny_checkpoint, tmp_path
     import signal
     import subprocess
     import sys
-
-    from conftest import spawn_server
 
     env = {**os.environ, "AIS_PORTT": "1"}
     bad = subprocess.run([sys.executable, "-m", "audio_interaction_server"], env=env, capture_output=True, text=True,

@@ -173,7 +173,7 @@ def test_kubernetes_balancer_routes_a_subscriber_to_the_pod_its_session_id_names
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    from test_scale_out import free_port
+    from benchmarks.harness import free_port
 
     replica_port, balancer_port = free_port(), free_port()
     cfg = kubernetes_haproxy_cfg()

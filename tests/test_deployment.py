@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 
 from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
 from audio_interaction_server.settings import load_config
+from benchmarks.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,12 +247,6 @@ def test_compose_environment_defaults_and_overrides_make_valid_configs(tmp_path)
     demo_args = parse_serve_args(json.loads(instruction("ENTRYPOINT"))[3:] + demo_command)
     config = load_config(None, {**image_env, **service_env("cpu-demo", {})}, overrides_from(demo_args))
     assert config.is_demo and config.engine.device == "cpu" and config.host == "0.0.0.0"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def on_host(argv: list[str]) -> list[str]:

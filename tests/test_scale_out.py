@@ -26,7 +26,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import spawn_server
+from benchmarks.harness import free_port, spawn_server
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -41,12 +41,6 @@ pytestmark = [
     # Sessions here outlive a `with` block (several are open at once); each is closed explicitly.
     pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Replica:

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import websockets
-from conftest import spawn_server
+
+from benchmarks.harness import spawn_server
 
 NUM_STREAMS = 32
 DRAIN_LIMIT_S = 15.0  # the server's graceful-shutdown budget is CLOSE_GRACE_S + 5 = 10 s

@@ -1,0 +1,215 @@
+"""The one live-server harness of the tests and the benchmarks.
+
+* ``LiveServer``: the server in this process (uvicorn in a thread), built exactly as
+  ``python -m audio_interaction_server`` builds it, so a test can also look at its runtime;
+* ``spawn_server``: ``python -m audio_interaction_server`` as a real subprocess;
+* ``free_port``, ``shared_audio_dir()`` (the shared recordings in ``../shared/audio``) and
+  ``CHROMIUM_FLAGS`` (how a headless Chromium is launched here).
+
+Importing this module imports nothing beyond the standard library: the GPU check imports the
+benchmarks that use it on a machine without the web stack (fastapi, uvicorn, websockets), so those
+are imported where a live server is really built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from websockets.sync.client import ClientConnection
+
+    from audio_interaction_server.settings import ServerConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What a headless Chromium needs here: no sandbox (it runs as root), no GPU, no background connections
+# (the closed network refuses them, many at a time, and the errors drown the page's own), media
+# playback without a click, and the fake capture device granted without a permission prompt (a test
+# chooses what it plays with --use-file-for-fake-audio-capture).
+CHROMIUM_FLAGS: tuple[str, ...] = (
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+)
+
+
+def shared_audio_dir() -> Path:
+    """The shared real recordings: ``../shared/audio`` next to the repository (it may be absent; callers
+    that need it check, the tests by skipping)."""
+    return REPO_ROOT.parent / "shared" / "audio"
+
+
+def free_port() -> int:
+    """A loopback port free right now (another process may take it before it is bound: use port 0
+    where the server can report what it bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _ConfiguredKey:
+    """The default of ``LiveServer.connect``: whatever API key the server was configured with."""
+
+
+CONFIGURED_KEY = _ConfiguredKey()
+
+
+class LiveServer:
+    """uvicorn in a background thread, built exactly as ``python -m audio_interaction_server`` builds it.
+
+    ``fatal`` collects what the server would exit 1 for (a model that cannot load, a dead worker).
+    """
+
+    def __init__(self, config: ServerConfig, thread_name: str = "live-server-uvicorn") -> None:
+        from audio_interaction_server.api.app import build_server, create_app
+
+        self.config = config
+        self.fatal: list[str] = []
+        self.app = create_app(config, on_fatal=self.fatal.append)
+        self.server = build_server(self.app, config)
+        self.thread = threading.Thread(target=self.server.run, name=thread_name, daemon=True)
+        self.port = 0
+
+    @property
+    def runtime(self):
+        return self.app.state.runtime
+
+    @property
+    def url(self) -> str:
+        """The page's address (``http://127.0.0.1:PORT/``)."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket base a client is given (``ws://127.0.0.1:PORT``; the client adds the path)."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> LiveServer:
+        """Serve; return once listening and, with ``wait_ready``, once the model is loaded and the worker runs."""
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started or (wait_ready and not self.runtime.is_ready):
+            assert time.monotonic() < deadline, "server did not become ready"
+            assert self.thread.is_alive(), "server thread died"
+            assert not (wait_ready and self.fatal), f"model failed to load: {self.fatal}"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """(status, body) of a GET; an HTTP error status is returned, not raised."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def connect(self, path: str = "/v1/stream", key: str | None | _ConfiguredKey = CONFIGURED_KEY,
+                how: str = "bearer", origin: str | None = None) -> ClientConnection:
+        """A ``websockets`` client on ``path``, the key sent as a bearer token, an ``X-API-Key`` header or
+        ``?api_key=`` (``how``); ``key=None`` sends none."""
+        from websockets.sync.client import connect
+
+        if isinstance(key, _ConfiguredKey):
+            secret = self.config.api_key
+            key = secret.get_secret_value() if secret is not None else None
+        headers = {}
+        if key is not None and how == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        elif key is not None and how == "header":
+            headers["X-API-Key"] = key
+        elif key is not None and how == "query":
+            path += f"?api_key={key}"
+        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, origin=origin,
+                       compression=None, open_timeout=10, max_size=None)
+
+    def session_audio(self, session_id: str):
+        """The server side of a session's audio: its AudioInput (format, audio_received_s)."""
+        return self.runtime.streams[session_id].session.audio
+
+
+def spawn_server(checkpoint: Path | None, extra_env: dict[str, str] | None = None, *, log_to_file: bool = False,
+                 timeout_s: float | None = None, cwd: Path | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen, int]:
+    """``python -m audio_interaction_server`` as a real subprocess on 127.0.0.1; returns (process, port) once
+    ``/ready`` is 200. With ``checkpoint`` None the server picks its model as it would for a user
+    (``AIS_ENGINE__CHECKPOINT`` in ``extra_env``, else the tiny demo model).
+
+    Two ways to keep its log, for two kinds of callers:
+
+    * a pipe (the default, for tests): log level info, port 0; the port and the model load are read
+      from the log as they happen, and ``process.stderr`` stays open for the test to read the rest
+      (the test drains it or ends the process: a pipe nobody reads can fill and stall the server);
+    * ``log_to_file`` (for benchmarks, which run long and read the log at the end): log level
+      warning unless ``extra_env`` says otherwise, a free port chosen here, the log in a temporary
+      file that ``server_log(process)`` reads back. ``timeout_s`` (default 120 s) bounds the start:
+      the process is killed and RuntimeError raised past it.
+    """
+    if log_to_file:
+        return _spawn_logging_to_file(checkpoint, extra_env or {}, timeout_s or 120.0, cwd, preexec_fn)
+    env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", **(extra_env or {})}
+    command = [sys.executable, "-m", "audio_interaction_server", "--port", "0"]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=cwd, preexec_fn=preexec_fn)
+    port = None
+    for line in process.stderr:  # uvicorn logs the port it bound, the model load follows
+        found = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
+        port = int(found.group(1)) if found else port
+        if port and "loaded audio-interaction-" in line:
+            break
+    assert port, "the server never reported its port"
+    deadline = time.monotonic() + (timeout_s or 30.0)
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
+                return process, port
+        except urllib.error.HTTPError:  # 503 for the moment between load and worker start
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], timeout_s: float, cwd: Path | None,
+                           preexec_fn: Callable[[], None] | None) -> tuple[subprocess.Popen, int]:
+    port = free_port()  # the warning-level log does not say which port was bound
+    env = {**os.environ, "AIS_LOG_LEVEL": "warning", **extra_env, "AIS_PORT": str(port)}
+    command = [sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody drains it during the run, it must not stall
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                               preexec_fn=preexec_fn)
+    process.log_file = log
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, port
+        except OSError:  # not listening yet, or 503 while the model loads
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
+
+
+def server_log(process: subprocess.Popen) -> str:
+    """Everything a ``spawn_server(..., log_to_file=True)`` server has logged so far."""
+    process.log_file.seek(0)
+    return process.log_file.read()
