@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from audio_interaction_server.api.app import build_server, create_app
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.settings import ServerConfig
+from benchmarks.harness import LiveServer
 
 CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"
 API_KEY = "client-test-key"
@@ -32,42 +32,21 @@ SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio 
                           r"mean onset latency (\d+ ms|n/a)$")
 
 
-class LiveServer:
-    """uvicorn in a background thread, built as ``python -m audio_interaction_server`` builds it (the
-    tests/test_app.py pattern)."""
-
-    def __init__(self, checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
-                 resume_grace_s: float = 20.0, **settings) -> None:
-        config = ServerConfig.model_validate(dict(
-            # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
-            # themselves by the model's decisions, or frames get refused (audio_buffer_full). Large
-            # enough for a flush's 1 s of silence padded to whole chunks once the model has caught up.
-            port=port, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
-            resume_grace_s=resume_grace_s, **settings,
-            engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
-            session={"max_turn_tokens": MAX_TURN_TOKENS}))
-        self.app = create_app(config, on_fatal=lambda message: None)
-        self.server = build_server(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, name="client-examples-uvicorn", daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not (self.server.started and self.app.state.runtime.is_ready):
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not become ready"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"ws://127.0.0.1:{self.port}"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+def client_config(checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
+                  resume_grace_s: float = 20.0, **settings) -> ServerConfig:
+    return ServerConfig.model_validate(dict(
+        # A buffer far smaller than the 6 s the tests send at --speed 0: the clients must pace
+        # themselves by the model's decisions, or frames get refused (audio_buffer_full). Large
+        # enough for a flush's 1 s of silence padded to whole chunks once the model has caught up.
+        port=port, api_key=API_KEY, log_level="warning", max_buffered_audio_s=max_buffered_audio_s,
+        resume_grace_s=resume_grace_s, **settings,
+        engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
+        session={"max_turn_tokens": MAX_TURN_TOKENS}))
 
 
 @pytest.fixture(scope="module")
 def live(tiny_checkpoint):
-    server = LiveServer(tiny_checkpoint).start()
+    server = LiveServer(client_config(tiny_checkpoint)).start()
     yield server
     server.stop()
 
@@ -159,7 +138,7 @@ def assert_replies_well_formed(events: list[dict]) -> None:
 
 def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live, shared_audio, tmp_path):
     folder = shared_audio / "01_count_bark"  # an mp3 at 44.1 kHz mono, then wavs at 48 kHz stereo
-    code, out, err = run_script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "0",
+    code, out, err = run_script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--speed", "0",
                                 "--json", cwd=tmp_path)
     assert code == 0, err
     events = [json.loads(line) for line in out]
@@ -188,7 +167,7 @@ def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
     folder = shared_audio / "01_count_bark"
     started = time.monotonic()
-    code, out, err = run_script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "5",
+    code, out, err = run_script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--speed", "5",
                                 "--decisions", cwd=tmp_path)
     elapsed_s = time.monotonic() - started
     assert code == 0, err
@@ -211,7 +190,7 @@ ANY_TTS = ("--tts-command", shlex.join([sys.executable, "-c", "", "{text}"]))
 def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, script, tmp_path):
     target = str(shared_audio / "01_count_bark") if script == "stream_file.py" else "0" * 32
     extra = () if script == "stream_file.py" else ANY_TTS
-    code, out, err = run_script(script, live.url, target, "--api-key", "wrong", *extra, cwd=tmp_path)
+    code, out, err = run_script(script, live.ws_url, target, "--api-key", "wrong", *extra, cwd=tmp_path)
     assert code == 1
     message = "\n".join(err)
     assert "server error unauthorized (fatal)" in message
@@ -223,9 +202,9 @@ def test_wrong_api_key_exits_non_zero_with_a_clear_message(live, shared_audio, s
 def test_a_refused_flush_ends_the_client_with_the_reason_instead_of_waiting(tiny_checkpoint, shared_audio,
                                                                             tmp_path):
     """With a 1 s buffer the server's default 1 s of flush silence (padded to 1.2 s) never fits."""
-    server = LiveServer(tiny_checkpoint, max_buffered_audio_s=1.0).start()
+    server = LiveServer(client_config(tiny_checkpoint, max_buffered_audio_s=1.0)).start()
     try:
-        script = Script("stream_file.py", server.url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
+        script = Script("stream_file.py", server.ws_url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
                         "--api-key", API_KEY, "--speed", "0", cwd=tmp_path)
         code = script.finish(timeout_s=60)
     finally:
@@ -235,7 +214,7 @@ def test_a_refused_flush_ends_the_client_with_the_reason_instead_of_waiting(tiny
 
 
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
-    code, out, err = run_script("tts_subscriber.py", live.url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
+    code, out, err = run_script("tts_subscriber.py", live.ws_url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
                                 cwd=tmp_path)
     assert code == 1 and "code 4004: no open session with that id" in "\n".join(err)
     assert not [line for line in out if "subscribed" in line], f"claimed a subscription the server refused: {out}"
@@ -280,12 +259,12 @@ def test_a_url_with_a_path_never_gets_an_api_path_twice(given, stream, events):
 
 def drive_session_with_subscriber(live, folder: Path, tmp_path: Path, *tts_args: str) -> tuple[list[dict], Script]:
     """stream_file.py waits (--wait) until tts_subscriber.py has subscribed, so no segment is missed."""
-    stream = Script("stream_file.py", live.url, str(folder), "--api-key", API_KEY, "--speed", "0", "--json",
+    stream = Script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--speed", "0", "--json",
                     "--wait", cwd=tmp_path, stdin=True)
     subscriber = None
     try:
         session_id = stream.wait_for_line(SESSION_LINE)[1]
-        subscriber = Script("tts_subscriber.py", live.url, session_id, "--api-key", API_KEY, *tts_args,
+        subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY, *tts_args,
                             cwd=tmp_path)
         subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
         stream.process.stdin.write("\n")
@@ -383,7 +362,7 @@ class RawInputStream:
 def test_microphone_streams_until_ctrl_c_then_flushes_and_closes(live, shared_audio, tmp_path):
     (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
     recording = shared_audio / "01_count_bark" / "sample01_01.mp3"  # 44.1 kHz mono
-    microphone = Script("microphone.py", live.url, "--api-key", API_KEY, cwd=tmp_path,
+    microphone = Script("microphone.py", live.ws_url, "--api-key", API_KEY, cwd=tmp_path,
                         env={"PYTHONPATH": str(tmp_path), "FAKE_MICROPHONE_FILE": str(recording)})
     assert microphone.finish() == 0, microphone.stderr
     summary = SUMMARY_LINE.match(microphone.stdout[-1])
@@ -446,7 +425,7 @@ def proxy(live):
 @pytest.fixture(scope="module")
 def uninterrupted(live, shared_audio, tmp_path_factory) -> list[dict]:
     """The events of stream_file.py on 01_count_bark without a break, as the resume tests stream it."""
-    script = Script("stream_file.py", live.url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
+    script = Script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
                     "--speed", "3", "--json", "--decisions", cwd=tmp_path_factory.mktemp("uninterrupted"))
     assert script.finish() == 0, script.stderr
     assert not [line for line in script.stderr if "resum" in line], script.stderr  # a normal close is not resumed
@@ -456,7 +435,7 @@ def uninterrupted(live, shared_audio, tmp_path_factory) -> list[dict]:
 def assert_same_as_uninterrupted(events: list[dict], uninterrupted: list[dict], folder: Path) -> None:
     assert outcome(events) == outcome(uninterrupted), "the cut run heard or said something else"
     seqs = [e["seq"] for e in events if e["type"] != "session.resumed"]
-    assert seqs == sorted(set(seqs)) and seqs[0] == 1, "an event lost, repeated or out of order across the resumes"
+    assert seqs == list(range(1, len(seqs) + 1)), "an event lost, repeated or out of order across the resumes"
     closed = events[-1]
     assert closed["type"] == "session.closed" and closed["reason"] == "client_closed"
     assert closed["audio_received_s"] == pytest.approx(audio_seconds(folder), abs=1e-3)
@@ -516,7 +495,7 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
     client says so and goes on in a new session, which gets the rest of the audio."""
     from cut_proxy import CutProxy
 
-    first = LiveServer(tiny_checkpoint).start()
+    first = LiveServer(client_config(tiny_checkpoint)).start()
     relay = CutProxy(first.port)
     second = None
     folder = shared_audio / "01_count_bark"
@@ -527,7 +506,7 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
         relay.refusing = True  # the network stays down while the server restarts
         relay.cut()
         first.stop()
-        second = LiveServer(tiny_checkpoint, port=first.port).start()
+        second = LiveServer(client_config(tiny_checkpoint, port=first.port)).start()
         relay.refusing = False
         code = script.finish()
     finally:
@@ -563,8 +542,8 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
 
     from cut_proxy import CutProxy
 
-    draining = LiveServer(tiny_checkpoint, drain_timeout_s=10.0).start()
-    other = LiveServer(tiny_checkpoint).start()
+    draining = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
+    other = LiveServer(client_config(tiny_checkpoint)).start()
     relay = CutProxy(draining.port)
     script = Script("stream_file.py", f"ws://127.0.0.1:{relay.port}", str(shared_audio / "01_count_bark"),
                     "--api-key", API_KEY, "--speed", "1", "--json", "--decisions", cwd=tmp_path)
@@ -728,3 +707,23 @@ def test_a_flush_in_doubt_waits_for_its_answer_or_a_quiet_server(monkeypatch, an
     assert "waiting to see whether the server got the input.flush sent before the drop" in notes
     assert ("the server had the input.flush; re-sent 0.10 s of audio" in notes) == answered, notes
     assert ("the server did not get the input.flush: sent again; re-sent 0.10 s of audio" in notes) != answered
+
+
+def test_microphone_resumes_after_a_cut_and_nothing_it_captured_is_lost(live, proxy, shared_audio, tmp_path):
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    recording = shared_audio / "01_count_bark" / "sample01_01.mp3"  # 44.1 kHz mono
+    microphone = Script("microphone.py", f"ws://127.0.0.1:{proxy.port}", "--api-key", API_KEY, "--json",
+                        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "FAKE_MICROPHONE_FILE": str(recording)})
+    try:
+        microphone.wait_for_event(lambda e: e["type"] == "turn_begin")
+        cut_now(proxy)
+        assert microphone.finish() == 0, microphone.stderr
+    finally:
+        if microphone.process.poll() is None:
+            microphone.process.kill()
+    events = [json.loads(line) for line in microphone.stdout]
+    assert [e["type"] for e in events].count("session.resumed") == 1
+    assert any(line.startswith("resumed session ") for line in microphone.stderr), microphone.stderr
+    closed = events[-1]
+    assert closed["type"] == "session.closed" and closed["reason"] == "client_closed"
+    assert closed["audio_received_s"] == pytest.approx(audio_seconds(recording), abs=1e-3)
