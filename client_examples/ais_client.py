@@ -556,12 +556,14 @@ class StreamSession:
         self._last_event_s = loop.time()
         answered = loop.create_future()  # wakes us at the answer, not at the next look
         flush.waiters.append(answered)
-        while not flush.is_answered:
-            quiet_s = loop.time() - self._last_event_s
-            if quiet_s >= FLUSH_QUIET_S and not self._is_reply_open:
-                break
-            await asyncio.wait([answered], timeout=max(0.05, FLUSH_QUIET_S - quiet_s))
-        flush.waiters.remove(answered)
+        try:
+            while not flush.is_answered:
+                quiet_s = loop.time() - self._last_event_s
+                if quiet_s >= FLUSH_QUIET_S and not self._is_reply_open:
+                    break
+                await asyncio.wait([answered], timeout=max(0.05, FLUSH_QUIET_S - quiet_s))
+        finally:  # also when a new drop cancels us: the next resume plans afresh
+            flush.waiters.remove(answered)
         if flush.is_answered:
             self.outbound.frames.popleft()  # answered: the server had it, and every frame before it
             what = "the server had the input.flush"

@@ -329,10 +329,12 @@ export class ProtocolClient {
       return;
     }
     const flush = this._outbound.frames[0];
+    const { attempt } = resume;
     this._lastEventMs = Date.now();
     const check = () => {
+      // Dropped again (a later attempt plans afresh), closed, or done: this check has nothing more to do.
+      if (this._resume !== resume || resume.attempt !== attempt || resume.settled) return;
       clearTimeout(resume.settleTimer);
-      if (this._resume !== resume || resume.settled) return; // dropped again, closed, or done
       const quietMs = Date.now() - this._lastEventMs;
       if (flush.isAnswered) {
         this._outbound.frames.shift(); // the server had it, and everything before it
