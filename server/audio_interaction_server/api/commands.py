@@ -18,12 +18,12 @@ from audio_interaction_server.config import SamplingOptions
 from audio_interaction_server.protocol import AudioFormat
 
 
-class _Unset:
+class Unset:
     """A field the command leaves as it is (None is a value: it resets the field to the server default)."""
 
-    _instance: _Unset | None = None
+    _instance: Unset | None = None
 
-    def __new__(cls) -> _Unset:
+    def __new__(cls) -> Unset:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -35,7 +35,7 @@ class _Unset:
         return False
 
 
-UNSET = _Unset()
+UNSET = Unset()
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,12 @@ class Configure:
     first audio: the engine session opens with them.
     """
 
-    system_prompt: str | None | _Unset = UNSET
-    sampling: SamplingOptions | None | _Unset = UNSET
-    max_turn_tokens: int | None | _Unset = UNSET
-    reply_mode: str | None | _Unset = UNSET
-    audio: AudioFormat | None | _Unset = UNSET
-    decision_events: bool | None | _Unset = UNSET
+    system_prompt: str | None | Unset = UNSET
+    sampling: SamplingOptions | None | Unset = UNSET
+    max_turn_tokens: int | None | Unset = UNSET
+    reply_mode: str | None | Unset = UNSET
+    audio: AudioFormat | None | Unset = UNSET
+    decision_events: bool | None | Unset = UNSET
     event_id: str | None = None
     event_type: str = "session.configure"  # the wire event that asked, for error events
 

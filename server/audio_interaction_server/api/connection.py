@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -165,7 +165,7 @@ class Outbox:
         self.num_coalesced += 1
         return True
 
-    def close(self, code: int, last_events: list = ()) -> None:
+    def close(self, code: int, last_events: Sequence = ()) -> None:
         """Queue the close after everything already queued (``last_events`` go in regardless of the bound)."""
         if self.is_closing:
             return
@@ -308,10 +308,11 @@ class StreamConnection:
         self._expiry: asyncio.TimerHandle | None = None
         self._attach(websocket)
 
-    def _attach(self, websocket: WebSocket) -> None:
+    def _attach(self, websocket: WebSocket) -> Outbox:
         self.websocket = websocket
         self.outbox = Outbox(websocket, self.max_events, self.codec.encode,
                              stamp=lambda event: self._log.stamp(event, keep=self.resume_policy is not None))
+        return self.outbox
 
     @property
     def is_detached(self) -> bool:
@@ -373,7 +374,8 @@ class StreamConnection:
 
     async def run(self) -> None:
         self.deliver(self.session.start(self.resume_token, self.resume_policy.grace_s if self.resume_policy else None))
-        await self._serve(self.websocket, self._generation)
+        assert self.outbox is not None, "run() is the first attachment"
+        await self._serve(self.outbox, self._generation)
 
     async def resume(self, websocket: WebSocket, token: str, last_seq: int) -> None:
         """A client back with its token and the last ``seq`` it saw: replay what it missed, go on live.
@@ -388,7 +390,7 @@ class StreamConnection:
                                 else "wrong resume token", self.session.session_id)
             return
         if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
-            missed += self._keep_unsent()
+            missed += self._keep_unsent(self.outbox)
             error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
                                code="session_resumed_elsewhere", message="another connection resumed this session",
                                is_fatal=True)
@@ -399,16 +401,15 @@ class StreamConnection:
             self._expiry = None
         self._generation += 1
         self._client_said_goodbye = False
-        self._attach(websocket)
-        self.outbox.put([Unnumbered(self.session.resumed(last_seq, len(missed), time.monotonic())), *missed])
+        outbox = self._attach(websocket)
+        outbox.put([Unnumbered(self.session.resumed(last_seq, len(missed), time.monotonic())), *missed])
         log.info("session %s resumed after seq %d; %d events replayed", self.session.session_id, last_seq,
                  len(missed))
-        await self._serve(websocket, self._generation)
+        await self._serve(outbox, self._generation)
 
-    async def _serve(self, websocket: WebSocket, generation: int) -> None:
-        outbox = self.outbox
+    async def _serve(self, outbox: Outbox, generation: int) -> None:
         try:
-            await run_first_exit(self._receive_loop(websocket), outbox.send_loop(), self._poll_loop())
+            await run_first_exit(self._receive_loop(outbox.websocket), outbox.send_loop(), self._poll_loop())
         except* CLIENT_GONE:
             pass  # the client left while we were sending; the finally frees its slot
         finally:
@@ -419,7 +420,8 @@ class StreamConnection:
         if self.session.is_closed:
             self._finish(self._end_reason)
         elif self.resume_policy is not None and not self._client_said_goodbye:
-            self._keep_unsent()
+            assert self.outbox is not None, "a socket ended: it was attached"
+            self._keep_unsent(self.outbox)
             self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
             self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_detached, "resume_expired")
             log.info("session %s detached; resumable for %g s", self.session.session_id, self.resume_policy.grace_s)
@@ -429,9 +431,9 @@ class StreamConnection:
                 subscriber.deliver(closed)
             self._finish(self._end_reason)
 
-    def _keep_unsent(self) -> list:
+    def _keep_unsent(self, outbox: Outbox) -> list:
         """Number and keep the events the socket did not send, so a replay includes them."""
-        return [self._log.stamp(event, keep=True, trim=False) for event in self.outbox.take_unsent()]
+        return [self._log.stamp(event, keep=True, trim=False) for event in outbox.take_unsent()]
 
     def _end_detached(self, reason: str) -> None:
         if self.finished.is_set():

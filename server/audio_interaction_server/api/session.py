@@ -27,7 +27,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from audio_interaction_server.api.commands import (
-    UNSET, AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, Malformed, RequestReply,
+    AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, Malformed, RequestReply, Unset,
 )
 from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
@@ -110,7 +110,7 @@ class Session:
         self._started_s = self._last_frame_s = now_s
         self._closing_since_s: float | None = None
         self._close_reason = ""
-        self._close_code_pending = CloseCode.NORMAL
+        self._close_code_pending: int = CloseCode.NORMAL
         self._is_engine_open = False
         self._is_speaking = False
         self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
@@ -316,9 +316,9 @@ class Session:
             self.engine.check_options(options)
         except ValueError as error:  # fits the schema but not this server's context budget
             return self._error("invalid_event", str(error), command)
-        if command.audio is not UNSET:
+        if not isinstance(command.audio, Unset):
             self._note_pushed(self.audio.set_format(command.audio or AudioFormat()), now_s)
-        if command.decision_events is not UNSET:
+        if not isinstance(command.decision_events, Unset):
             self.decision_events = (self.config.decision_events if command.decision_events is None
                                     else command.decision_events)
             self._presenter.decision_events = self.decision_events
