@@ -299,16 +299,19 @@ def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(clus
     assert sorted(replica_of(created) for _, created in newcomers) == ["ais2", "ais3"]
 
     events, code = recv_to_close(draining)
+    closed_s = time.monotonic() - signalled
     assert code == 1012, (code, events[-3:])
+    assert closed_s < DRAIN_TIMEOUT_S
     assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
     assert [e["type"] for e in events if e["type"] in ("turn_end",)] == ["turn_end"]  # the reply ended first
     status = ais1.process.wait(timeout=DRAIN_TIMEOUT_S + 10)
     exited_s = time.monotonic() - signalled
     drained = [line for line in ais1.log if "drained" in line]
-    print(f"\ndrain: session closed with 1012, process exited {status} {exited_s:.2f} s after SIGTERM "
-          f"(drain_timeout_s {DRAIN_TIMEOUT_S})")
+    print(f"\ndrain: session closed with 1012 {closed_s:.2f} s and the process exited {status} {exited_s:.2f} s "
+          f"after SIGTERM (drain_timeout_s {DRAIN_TIMEOUT_S})")
     assert status == 0 and drained, ais1.log[-20:]
-    assert exited_s < DRAIN_TIMEOUT_S + 3  # the drain's deadline, plus the interpreter's own exit
+    # The drain ends by its deadline; then the process stops (uvicorn, the worker, the interpreter with torch).
+    assert exited_s < DRAIN_TIMEOUT_S + 5
     for ws, _ in sessions + newcomers:
         if ws is not draining:
             close_session(ws)
