@@ -511,6 +511,22 @@ def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     assert closed["audio_received_s"] == pytest.approx(state["audioSentS"], abs=1e-3)
 
 
+def test_leaving_the_page_ends_its_session_instead_of_leaving_it_to_wait_for_a_resume(live, page: Page):
+    """A page that goes away cannot resume: it ends its session (session.close), so the server frees the slot now
+    rather than keeping the session detached for resume_grace_s."""
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.click("#start")
+    page.wait_for_function("() => window.audioInteraction.numDecisions >= 1", timeout=15_000)
+    session_id = seen(page)["sessionCreated"]["session_id"]
+    assert session_id in live.runtime.streams
+    page.goto("about:blank")
+    deadline = time.monotonic() + 5
+    while session_id in live.runtime.streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_id not in live.runtime.streams, "the session waits for a resume that cannot come"
+
+
 def test_microphone_streams_at_the_browser_rate_and_replies_render(live, page: Page):
     wire = WireLog(page)
     page.goto(live.url)

@@ -56,6 +56,9 @@ form.addEventListener("submit", (event) => {
   start().catch((error) => showError("start_failed", error.message, { isFatal: true }));
 });
 el("stop").addEventListener("click", () => stop());
+// Leaving the page ends the session for good (session.close): otherwise the server would keep it, waiting
+// resume_grace_s for a page that cannot come back.
+window.addEventListener("pagehide", () => client?.close({ timeoutMs: 0 }));
 el("flush").addEventListener("click", () => flush());
 el("cancel").addEventListener("click", () => client?.cancel());
 
