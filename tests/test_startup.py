@@ -293,3 +293,29 @@ def test_serve_flags_for_replicas():
     config = load_config(None, {}, overrides)
     assert (config.replica_id, config.drain_timeout_s, config.agent_port, config.busy_refusal) == \
         ("ais2", 45.0, 8001, "http_503")
+
+
+def test_sigterm_after_the_drain_call_joins_the_drain(tiny_checkpoint):
+    """Kubernetes' preStop hook calls the drain, then the kubelet sends SIGTERM: that SIGTERM must not cut the
+    drain short (the session still ends with 1012 after its reply, not with the immediate stop's 1001)."""
+    import urllib.request
+
+    process, port = spawn_server(tiny_checkpoint, {"AIS_DRAIN_TIMEOUT_S": "8", "AIS_API_KEY": ""})
+    log = LogReader(process)
+    try:
+        with connect_stream(port) as ws:
+            start_long_reply(ws)
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/admin/drain", method="POST")
+            with urllib.request.urlopen(request, timeout=10) as answer:  # no key set: a local client may
+                assert answer.status == 202
+            process.send_signal(signal.SIGTERM)
+            events, code = events_to_close(ws)
+        status = process.wait(timeout=40)
+        log.read_to_end()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert events[-1]["reason"] == "server_draining" and code == 1012
+    assert status == 0 and log.text.count("draining: admitting no new sessions") == 1
