@@ -237,7 +237,7 @@ class ResendPlan:
     """What to re-send after a resume: ``Outbound.frames`` from its start, once it holds only what the server lacks."""
 
     lost_s: float  # audio it may not have that is no longer kept
-    holds_flush: bool  # frames[first] is an input.flush the server may or may not have (see FLUSH_QUIET_S)
+    holds_flush: bool  # frames[0] is an input.flush the server may or may not have (see FLUSH_QUIET_S)
 
 
 class Outbound:
@@ -252,6 +252,7 @@ class Outbound:
         self.audio_s = 0.0  # audio of this session, summed frame by frame as the server sums it
         self.retain_s = retain_s
         self.unanswered: dict[str, deque[SentFrame]] = {"session.configure": deque(), "input.flush": deque()}
+        self._newest_answered: SentFrame | None = None  # for trim: it and every frame before it can go
 
     def add_audio(self, pcm: bytes, duration_s: float, sample_rate_hz: int, bytes_per_sample: int) -> SentFrame:
         start_s = self.audio_s
@@ -273,6 +274,7 @@ class Outbound:
         if pending:
             frame = pending.popleft()
             frame.is_answered = True
+            self._newest_answered = frame
             for waiter in frame.waiters:
                 _resolve(waiter, answer)
 
@@ -282,9 +284,11 @@ class Outbound:
         A session waits ``resume_grace_s`` for its client and takes at most ``max_buffered_audio_s`` ahead of
         the model, so audio it has not accepted is never older than both together (``retain_s``).
         """
-        last_answered = max((i for i, frame in enumerate(self.frames) if frame.is_answered), default=-1)
-        for _ in range(last_answered + 1):
-            self.frames.popleft()
+        # Looked for once per answer, not on every frame sent: a resume keeps thousands of frames.
+        if self._newest_answered is not None and any(frame is self._newest_answered for frame in self.frames):
+            while self.frames.popleft() is not self._newest_answered:
+                pass
+        self._newest_answered = None
         while (self.frames and self.frames[0].event_type is None
                and self.frames[0].audio_end_s < self.audio_s - self.retain_s):
             self.frames.popleft()

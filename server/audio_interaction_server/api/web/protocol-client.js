@@ -489,6 +489,7 @@ export class Outbound {
     this.frames = []; // {payload, audioStartS, audioEndS, eventType, sampleRateHz, bytesPerSample, waiters, ...}
     this.audioS = 0; // audio of this session, summed frame by frame as the server sums it
     this.unanswered = { "session.configure": [], "input.flush": [] };
+    this._newestAnswered = null; // for trim: it and every frame before it can go
   }
 
   addAudio(payload, durationS, sampleRateHz, bytesPerSample) {
@@ -527,6 +528,7 @@ export class Outbound {
   _settle(frame, answer) {
     if (!frame) return;
     frame.isAnswered = true;
+    this._newestAnswered = frame;
     frame.onAnswered?.();
     for (const waiter of frame.waiters) {
       if (answer.type === "error") {
@@ -540,8 +542,10 @@ export class Outbound {
 
   /** Forgets frames the server certainly has, and audio older than a resume could ask for. */
   trim() {
-    const lastAnswered = this.frames.findLastIndex((frame) => frame.isAnswered);
-    if (lastAnswered >= 0) this.frames.splice(0, lastAnswered + 1);
+    // Looked for once per answer, not on every frame sent: a resume keeps thousands of frames.
+    const answered = this._newestAnswered ? this.frames.indexOf(this._newestAnswered) : -1;
+    if (answered >= 0) this.frames.splice(0, answered + 1);
+    this._newestAnswered = null;
     let old = 0;
     while (old < this.frames.length && this.frames[old].eventType === null &&
       this.frames[old].audioEndS < this.audioS - this.retainS) old += 1;
