@@ -367,11 +367,13 @@ class Session:
         if self._is_speaking:
             return []  # one reply at a time; the engine would ignore it too
         self._open_engine()
+        # The request goes first: the worker may decide a pushed chunk before it reads a later command, and a
+        # request that arrives after its chunk was decided waits for one that may never come.
+        self.engine.request_reply(self.session_id)
         if self.num_chunks_pending == 0:
             # The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence.
             pushed = self.audio.flush(0.0) or self.audio.flush(CHUNK_S)
             self._note_pushed(pushed, now_s)
-        self.engine.request_reply(self.session_id)
         return []
 
     # ---- helpers ---------------------------------------------------------------------
