@@ -17,11 +17,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
 from audio_interaction_server.tokens import TEXT_END
+
+if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds
+    from transformers import Qwen2_5OmniConfig
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,25 @@ def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
     )
 
 
+def audio_config_of(omni: Qwen2_5OmniConfig) -> Qwen2_5OmniAudioEncoderConfig:
+    """``omni.thinker_config.audio_config`` with its real type.
+
+    transformers declares sub-configs as ``dict | PreTrainedConfig | None``; a built Omni config holds the
+    typed ones, and this checks that rather than assuming it.
+    """
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (
+        Qwen2_5OmniAudioEncoderConfig, Qwen2_5OmniThinkerConfig,
+    )
+
+    thinker = omni.thinker_config
+    if not isinstance(thinker, Qwen2_5OmniThinkerConfig):
+        raise TypeError(f"thinker_config is a {type(thinker).__name__}, expected Qwen2_5OmniThinkerConfig")
+    if not isinstance(thinker.audio_config, Qwen2_5OmniAudioEncoderConfig):
+        raise TypeError(f"thinker_config.audio_config is a {type(thinker.audio_config).__name__}, "
+                        "expected Qwen2_5OmniAudioEncoderConfig")
+    return thinker.audio_config
+
+
 def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> None:
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
@@ -129,7 +153,7 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
         hf_logging.set_verbosity(verbosity)
     omni.save_pretrained(str(out / "qwen25OmniConfig"))
     with torch.device("meta"):
-        tower = Qwen2_5OmniAudioEncoder._from_config(omni.thinker_config.audio_config)
+        tower = Qwen2_5OmniAudioEncoder._from_config(audio_config_of(omni))
     shapes = {k: v for k, v in tower.state_dict().items()}
     torch.save(_random_like(shapes, generator, std=0.05), out / "audiointeraction_ChunkwisedEncoder.pth")
 

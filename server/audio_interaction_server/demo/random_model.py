@@ -22,7 +22,7 @@ from audio_interaction_server.model.checkpoint import (
     LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
 )
 from audio_interaction_server.model.lm import AudioInteractionLM
-from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
+from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, audio_config_of, ensure_demo_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _random_audio_tower(audio: dict, vocab_size: int, device: torch.device, dtyp
         omni = Qwen2_5OmniConfig(thinker_config={"audio_config": audio, "text_config": {"vocab_size": vocab_size}})
     finally:
         hf_logging.set_verbosity(verbosity)
-    audio_config = omni.thinker_config.audio_config
+    audio_config = audio_config_of(omni)
     audio_config._attn_implementation = "sdpa"
     # Built on the device (not meta): its sinusoidal position table is a buffer computed at construction.
     with torch.device(device):

@@ -216,6 +216,8 @@ class Scheduler:
         if self._pacing:
             for session in ready:
                 if session.conversation.phase is Phase.LISTENING:
+                    # _may_listen let it in, and a paced listening session leaves it with its credits counted.
+                    assert session.listen_credits is not None
                     session.listen_credits -= 1.0
         return ready
 
@@ -231,13 +233,14 @@ class Scheduler:
         client flooding audio would otherwise keep the worker, and with it the CPU, busy for every
         other session all the time: that is what made a real-time neighbour's decisions late.
         """
-        if not self._pacing or session.conversation.phase is not Phase.LISTENING:
-            return True
+        speed = self.config.max_catch_up_speed
+        if speed is None or not self.is_paced or session.conversation.phase is not Phase.LISTENING:
+            return True  # not self._pacing, with the speed known to be set below
         burst = self.config.catch_up_burst_s / CHUNK_S
         if session.listen_credits is None:
             session.listen_credits = burst
         else:
-            earned = (now_s - session.credits_at_s) * self.config.max_catch_up_speed / CHUNK_S
+            earned = (now_s - session.credits_at_s) * speed / CHUNK_S
             session.listen_credits = min(burst, session.listen_credits + earned)
         session.credits_at_s = now_s
         return session.listen_credits >= 1.0 - 1e-9

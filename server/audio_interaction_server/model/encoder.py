@@ -17,12 +17,90 @@ Threading: not thread-safe; only the worker thread calls it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from audio_interaction_server.tokens import AUDIO_FRAMES_PER_CHUNK, MEL_FRAMES_PER_CHUNK
 
 NUM_MEL_BINS = 128
+
+_Part = TypeVar("_Part")
+
+
+def _part(owner: nn.Module, name: str, kind: type[_Part]) -> _Part:
+    """``owner.<name>``, checked to be a ``kind``.
+
+    nn.Module types its children as ``Tensor | Module``; reading each part once
+    here gives the forward its real types, and a tower of another layout fails
+    at load time naming the part, instead of somewhere inside the first forward.
+    """
+    value = getattr(owner, name, None)
+    if not isinstance(value, kind):
+        raise TypeError(f"audio tower: {type(owner).__name__}.{name} is a {type(value).__name__}, "
+                        f"expected a {kind.__name__} (not a Qwen2.5-Omni audio tower?)")
+    return value
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One layer's self-attention projections (the modules themselves: their weights follow ``.to()``)."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    num_heads: int
+    scaling: float
+
+    @staticmethod
+    def of(attn: nn.Module) -> _Attention:
+        return _Attention(_part(attn, "q_proj", nn.Linear), _part(attn, "k_proj", nn.Linear),
+                          _part(attn, "v_proj", nn.Linear), _part(attn, "out_proj", nn.Linear),
+                          _part(attn, "num_heads", int), _part(attn, "scaling", float))
+
+
+@dataclass(frozen=True)
+class _Layer:
+    self_attn_layer_norm: nn.LayerNorm
+    self_attn: _Attention
+    final_layer_norm: nn.LayerNorm
+    fc1: nn.Linear
+    activation_fn: nn.Module  # transformers' ACT2FN entry (GELUActivation for this tower)
+    fc2: nn.Linear
+
+    @staticmethod
+    def of(layer: nn.Module) -> _Layer:
+        return _Layer(_part(layer, "self_attn_layer_norm", nn.LayerNorm),
+                      _Attention.of(_part(layer, "self_attn", nn.Module)),
+                      _part(layer, "final_layer_norm", nn.LayerNorm), _part(layer, "fc1", nn.Linear),
+                      _part(layer, "activation_fn", nn.Module), _part(layer, "fc2", nn.Linear))
+
+
+@dataclass(frozen=True)
+class _Tower:
+    """The parts of transformers' Qwen2_5OmniAudioEncoder that the batched forward runs."""
+
+    conv1: nn.Conv1d
+    conv2: nn.Conv1d
+    # The module, not its table: the table is a buffer, and ``.to()`` replaces buffers with new tensors.
+    positions: nn.Module
+    layers: tuple[_Layer, ...]
+    ln_post: nn.LayerNorm
+    proj: nn.Linear
+
+    @staticmethod
+    def of(tower: nn.Module) -> _Tower:
+        layers = _part(tower, "layers", nn.ModuleList)
+        return _Tower(_part(tower, "conv1", nn.Conv1d), _part(tower, "conv2", nn.Conv1d),
+                      _part(tower, "positional_embedding", nn.Module), tuple(_Layer.of(layer) for layer in layers),
+                      _part(tower, "ln_post", nn.LayerNorm), _part(tower, "proj", nn.Linear))
+
+    def position_table(self) -> torch.Tensor:
+        return self.positions.get_buffer("positional_embedding")
 
 
 def batch_bucket(num_chunks: int) -> int:
@@ -41,12 +119,13 @@ def batch_bucket(num_chunks: int) -> int:
 class AudioEncoder:
     def __init__(self, tower: torch.nn.Module, pad_to_buckets: bool = True) -> None:
         self.tower = tower
+        self.parts = _Tower.of(tower)
         self.param = next(tower.parameters())
         self.pad_to_buckets = pad_to_buckets
 
     @property
     def output_dim(self) -> int:
-        return self.tower.proj.out_features
+        return self.parts.proj.out_features
 
     @torch.inference_mode()
     def encode(self, mel_chunks: torch.Tensor) -> torch.Tensor:
@@ -75,13 +154,13 @@ class AudioEncoder:
         call per layer. ``test_encoder.py`` checks this against the tower's own
         forward.
         """
-        tower = self.tower
+        tower = self.parts
         num_chunks = mel_chunks.shape[0]
         x = mel_chunks.to(tower.conv1.weight.dtype)  # (N, 128, 40)
         x = F.gelu(tower.conv1(x))  # (N, D, 40): every frame is real, so the tower's padding mask is all ones
         x = F.gelu(tower.conv2(x)).transpose(1, 2)  # (N, 20, D): stride 2
         frames = x.shape[1]
-        x = x + tower.positional_embedding.positional_embedding[:frames].unsqueeze(0).to(x.dtype)
+        x = x + tower.position_table()[:frames].unsqueeze(0).to(x.dtype)
         for layer in tower.layers:
             x = x + self._attention(layer.self_attn, layer.self_attn_layer_norm(x))
             x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
@@ -93,7 +172,7 @@ class AudioEncoder:
         return x.view(num_chunks, AUDIO_FRAMES_PER_CHUNK, -1)
 
     @staticmethod
-    def _attention(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _attention(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
         """Bidirectional self-attention inside each chunk: (N, T, D) -> (N, T, D)."""
         N, T, D = x.shape
         heads = attn.num_heads

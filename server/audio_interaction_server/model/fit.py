@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from audio_interaction_server.model.lm import FLEX_BLOCK, AudioInteractionLM, SlotKVCache, StepBatch, flex_batch_bucket
+from audio_interaction_server.model.lm import (
+    FLEX_BLOCK, AttentionBackend, AudioInteractionLM, SlotKVCache, StepBatch, flex_batch_bucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def check_kv_fits(lm: AudioInteractionLM, num_slots: int, max_positions: int, me
 
 @dataclass(frozen=True)
 class AttentionChoice:
-    backend: str  # "gather" or "flex"
+    backend: AttentionBackend
     compiled: bool
     reason: str
 
@@ -165,7 +167,7 @@ def self_check_flex(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -
 TIMED_ROW_TOKENS = 13
 
 
-def step_ms(lm: AudioInteractionLM, cache: SlotKVCache, num_rows: int, backend: str, compiled: bool,
+def step_ms(lm: AudioInteractionLM, cache: SlotKVCache, num_rows: int, backend: AttentionBackend, compiled: bool,
             repeats: int = 3) -> float:
     """Median wall time of one forward of ``num_rows`` listening rows halfway into the cache, device synchronised.
 

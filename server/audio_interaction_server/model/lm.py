@@ -20,10 +20,10 @@ Threading: not thread-safe; the worker thread owns the model and its cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,30 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm_unit_offset)
         self.mlp = LLaMAMLP(cfg)
+
+
+class Blocks(nn.ModuleList):
+    """The decoder's layers: an nn.ModuleList (state dict keys ``h.{i}.``) that iterates as ``Block``s.
+
+    nn.ModuleList yields plain Modules, so every ``block.attn`` would type as ``Tensor | Module``.
+    """
+
+    def __init__(self, blocks: Iterable[Block]) -> None:
+        super().__init__(blocks)
+
+    def __iter__(self) -> Iterator[Block]:
+        # Only Blocks are put in (the constructor takes nothing else), so the cast states what the list holds.
+        return cast(Iterator[Block], super().__iter__())
+
+
+class Transformer(nn.Module):
+    """The checkpoint's ``transformer`` submodule, with its children named as in the state dict (wte, h, ln_f)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.h = Blocks(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm_unit_offset)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
@@ -352,8 +376,12 @@ class StepBatch:
         B, T = len(rows), max(len(r) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)
-        write_row, write_col, write_slot, write_position = [], [], [], []
-        audio_index, last_index = [], []
+        write_row: list[int] = []
+        write_col: list[int] = []
+        write_slot: list[int] = []
+        write_position: list[int] = []
+        audio_index: list[int] = []
+        last_index: list[int] = []
         for i, (row, start) in enumerate(zip(rows, start_positions)):
             n = len(row)
             tokens[i, :n] = torch.tensor(row, dtype=torch.long)
@@ -422,13 +450,7 @@ class AudioInteractionLM(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm_unit_offset),
-            )
-        )
+        self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=cfg.lm_head_bias)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         # How attention reads the cache (see AttentionPlan); the worker picks these per device.
