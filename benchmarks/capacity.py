@@ -1,6 +1,6 @@
 """Capacity: how many real-time streams one device serves, against the reference's way of serving.
 
-    python benchmarks/capacity.py [--mode direct websocket baseline] [--streams 1 8 32 64]
+    python -m benchmarks.capacity [--mode direct websocket baseline] [--streams 1 8 32 64]
                                   [--seconds 20] [--model tiny|real|CHECKPOINT_DIR] [--device auto]
                                   [--dtype auto] [--schedule 25:20 | --schedule model] [--audio DIR]
 
@@ -15,7 +15,7 @@ pace, staggered over one 0.4 s chunk, and the run reports:
 * peak accelerator memory of the run (or the process's peak RSS so far on CPU);
 * PASS when p95 decision latency <= --target-ms, p95 time to first token <=
   --ttft-target-ms and every decision arrived; the largest passing N is the capacity.
-  (``Targets`` can also hold reply speed and host share; ``benchmarks/gpu_check.py`` checks all four.)
+  (``Targets`` can also hold reply speed and host share; ``benchmarks.gpu_check`` checks all four.)
 
 Modes:
 
@@ -74,10 +74,9 @@ from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.tokens import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import (  # noqa: E402
-    FRAME_SAMPLES, SHARED_AUDIO, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time,
-    server_log, start_server, stream_audio,
+from benchmarks.harness import server_log, shared_audio_dir, spawn_server
+from benchmarks.served import (
+    FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time, stream_audio,
 )
 
 WARMUP_CHUNKS = 3
@@ -352,7 +351,7 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
             env.update({f"AIS_ENGINE__{key.upper()}__{k.upper()}": str(v) for k, v in value.items()})
         else:
             env[f"AIS_ENGINE__{key.upper()}"] = str(value)
-    process, port = start_server(env, timeout_s=600)
+    process, port = spawn_server(None, env, log_to_file=True, timeout_s=600)
     url = f"ws://127.0.0.1:{port}/v1/stream"
     num_frames = int(seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
     run.expected_decisions = streams * (chunks_decided(num_frames) - WARMUP_CHUNKS)
@@ -509,7 +508,7 @@ def main() -> None:
     parser.add_argument("--target-ms", type=float, default=100.0)
     parser.add_argument("--ttft-target-ms", type=float, default=50.0)
     parser.add_argument("--stop-after-fail", action="store_true", help="stop a mode's ramp at its first failure")
-    parser.add_argument("--audio", type=Path, default=SHARED_AUDIO, help="folder of recording folders to loop")
+    parser.add_argument("--audio", type=Path, default=shared_audio_dir(), help="folder of recording folders to loop")
     args = parser.parse_args()
     targets = Targets(args.target_ms, args.ttft_target_ms)
 

@@ -1,6 +1,6 @@
 """Heap growth from the encoder seeing many batch sizes (docs/reliability.md, "What grows").
 
-    python benchmarks/encoder_shapes.py [--low 90] [--high 160] [--calls 1200] [--exact] [--no-mkldnn]
+    python -m benchmarks.encoder_shapes [--low 90] [--high 160] [--calls 1200] [--exact] [--no-mkldnn]
 
 Encodes random mel chunks in batches of a random size between `--low` and `--high`
 (what context rollovers do: each re-encodes the session's kept history, 90-160

@@ -1,6 +1,6 @@
 """Engine benchmarks, each printed as ratios measured side by side in one run.
 
-    python benchmarks/engine.py [--checkpoint DIR] [--device cpu] [frontend|batching|all]
+    python -m benchmarks.engine [--checkpoint DIR] [--device cpu] [frontend|batching|all]
 
 frontend  Per-chunk cost of front-end (mel) + audio encoder at 10 s vs 10 min
           into a stream: our streaming path (constant work per chunk) against
@@ -32,13 +32,13 @@ from audio_interaction_server.config import EngineConfig, SessionOptions
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.tokens import CHUNK_SAMPLES
 from audio_interaction_server.engine.worker import Worker
+from benchmarks.harness import shared_audio_dir
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 
 
 def real_audio(seconds: float) -> np.ndarray:
     """The shared recordings back to back, repeated to the requested length (16 kHz mono)."""
-    pieces = [load_audio_file(p) for folder in sorted(SHARED_AUDIO.iterdir()) if folder.is_dir()
+    pieces = [load_audio_file(p) for folder in sorted(shared_audio_dir().iterdir()) if folder.is_dir()
               for p in load_audio_sequence(folder)]
     one_pass = np.concatenate(pieces)
     repeats = int(np.ceil(seconds * 16000 / len(one_pass)))

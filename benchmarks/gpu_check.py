@@ -1,7 +1,10 @@
 """GPU proof in one command: correctness on the device, then the real-size model's capacity.
 
-    python benchmarks/gpu_check.py --out gpu-check [--audio DIR] [--budget-s 420]
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check     # CPU, tiny model, seconds
+    python -m benchmarks.gpu_check --out gpu-check [--audio DIR] [--budget-s 420]
+    python -m benchmarks.gpu_check --dry-run --out /tmp/gpu-check     # CPU, tiny model, seconds
+
+Run from the repository root. Where the package is not installed (a tree copied to a GPU host), put
+its folder on the path: ``PYTHONPATH=server python -m benchmarks.gpu_check ...``.
 
 Stages, most important first; each one rewrites ``OUT/report.md`` and ``OUT/report.json``
 as soon as it finishes (the ramp after every N), a stage that raises is recorded with its
@@ -50,19 +53,13 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parent
-# The package (server/audio_interaction_server/) and the sibling benchmarks, also where nothing is pip-installed.
-for entry in (str(BENCHMARKS.parent / "server"), str(BENCHMARKS)):
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import capacity  # noqa: E402
-import precision  # noqa: E402
-from gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
-from served import SHARED_AUDIO, audio_loop  # noqa: E402
+from benchmarks import capacity, precision  # noqa: E402
+from benchmarks.gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
+from benchmarks.harness import shared_audio_dir  # noqa: E402
+from benchmarks.served import audio_loop  # noqa: E402
 from audio_interaction_server.model.fit import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model  # noqa: E402
 from audio_interaction_server.model.encoder import AudioEncoder, batch_bucket  # noqa: E402
@@ -80,7 +77,7 @@ MIN_RAMP_POSITIONS = 1024  # a ramp run of ~15 s uses about 500 positions per se
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.json")
-    parser.add_argument("--audio", type=Path, default=SHARED_AUDIO, help="folder of recording folders")
+    parser.add_argument("--audio", type=Path, default=shared_audio_dir(), help="folder of recording folders")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole run")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny model, fp32 on the CPU, tiny ramp: proves the script in seconds")

@@ -1,4 +1,4 @@
-"""The report of ``benchmarks/gpu_check.py``: a time budget, stages that cannot take the run down,
+"""The report of ``benchmarks.gpu_check``: a time budget, stages that cannot take the run down,
 and report.md / report.json rewritten after every stage (and every ramp point), so a run that is
 killed at its time limit still leaves everything it measured."""
 

@@ -1,6 +1,6 @@
 """Half-open connections: many clients that send part of a request and never the rest.
 
-    python benchmarks/half_open.py [--connections 1500] [--fd-limit 1024] [--server-root DIR]
+    python -m benchmarks.half_open [--connections 1500] [--fd-limit 1024] [--server-root DIR]
 
 `python -m audio_interaction_server` (the tiny demo model unless `--checkpoint`) runs in a subprocess whose soft
 open-file limit is `--fd-limit`, as on a host with the common default of 1024. Once it is ready,
@@ -19,40 +19,25 @@ import os
 import resource
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from benchmarks.harness import REPO_ROOT, spawn_server
 
 PROBE_AT_S = (2.0, 5.0, 12.0)
 
 
-def start_server(root: Path, fd_limit: int, checkpoint: Path | None) -> tuple[subprocess.Popen, int, object]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def start_server(root: Path, fd_limit: int, checkpoint: Path | None) -> tuple[subprocess.Popen, int]:
+    """The server of checkout ``root`` (its server/ package first on the path), logging at info level (the
+    flood's log volume is one of the figures) to ``server_log(process)``, with a low soft fd limit."""
 
     def lower_fd_limit() -> None:  # in the child only: the client side here needs more descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    env = dict(os.environ, AIS_PORT=str(port), AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu",
-               PYTHONPATH=str(root / "server"))
-    if checkpoint is not None:
+    env = {"AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", "PYTHONPATH": str(root / "server")}
+    if checkpoint is not None:  # by environment, which an older checkout understands too
         env["AIS_ENGINE__CHECKPOINT"] = str(checkpoint)
-    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a flood of log lines must not stall the server
-    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"], cwd=root,
-                               env=env, stdout=subprocess.DEVNULL, stderr=log, text=True, preexec_fn=lower_fd_limit)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
-                if response.status == 200:
-                    return process, port, log
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready")
+    return spawn_server(None, env, log_to_file=True, cwd=root, preexec_fn=lower_fd_limit)
 
 
 def health_from_elsewhere(port: int) -> str:
@@ -71,11 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=1500)
     parser.add_argument("--fd-limit", type=int, default=1024)
-    parser.add_argument("--server-root", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--server-root", type=Path, default=REPO_ROOT)
     parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
     root = args.server_root.resolve()
-    process, port, log = start_server(root, args.fd_limit, args.checkpoint)
+    process, port = start_server(root, args.fd_limit, args.checkpoint)
+    log = process.log_file
     log_start = log.seek(0, os.SEEK_END)
     revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()

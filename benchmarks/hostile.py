@@ -1,6 +1,6 @@
 """A victim's decision latency alone and next to one hostile neighbour, same server, same run.
 
-    python benchmarks/hostile.py [--seconds 15] [--cases alone ping_flood fast_sender flush_flood]
+    python -m benchmarks.hostile [--seconds 15] [--cases alone ping_flood fast_sender flush_flood]
                                  [--server-root DIR] [--checkpoint DIR]
 
 `python -m audio_interaction_server` runs in a subprocess on 127.0.0.1 (the tiny demo model unless
@@ -37,12 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import (  # noqa: E402
-    FRAME_SAMPLES, audio_loop, configure_s16_stream, start_server, stream_audio, stream_timing_decisions,
+from audio_interaction_server.tokens import SAMPLE_RATE_HZ
+from benchmarks.harness import REPO_ROOT, spawn_server
+from benchmarks.served import (
+    FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,
 )
-
-from audio_interaction_server.tokens import SAMPLE_RATE_HZ  # noqa: E402
 
 ATTACKS = ("ping_flood", "fast_sender", "flush_flood")
 MAX_TURN_TOKENS = 4
@@ -119,8 +118,9 @@ def run_case(url: str, kind: str, audio: np.ndarray, seconds: float) -> tuple[li
     attacker = None
     if kind != "alone":
         attacker = subprocess.Popen(
-            [sys.executable, __file__, "--attacker", kind, "--url", url, "--seconds", str(seconds + ATTACK_LEAD_S + 1)],
-            stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "benchmarks.hostile", "--attacker", kind, "--url", url,
+             "--seconds", str(seconds + ATTACK_LEAD_S + 1)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # from the root: where the benchmarks package is
         time.sleep(ATTACK_LEAD_S)
     latencies: list[float] = []
     report: dict = {}
@@ -156,10 +156,10 @@ def main() -> None:
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     env.update(item.split("=", 1) for item in args.server_env)
-    root = (args.server_root or Path(__file__).resolve().parents[1]).resolve()
+    root = (args.server_root or REPO_ROOT).resolve()
     # The package of that checkout (server/audio_interaction_server/) comes before any installed one.
     env["PYTHONPATH"] = str(root / "server")
-    process, port = start_server(env)
+    process, port = spawn_server(None, env, log_to_file=True)
     revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     url = f"ws://127.0.0.1:{port}/v1/stream"

@@ -1,6 +1,6 @@
 """Load test: N concurrent real-time sessions with random disconnects against `python -m audio_interaction_server`.
 
-    python benchmarks/load.py [--streams 64] [--minutes 5] [--checkpoint DIR]
+    python -m benchmarks.load [--streams 64] [--minutes 5] [--checkpoint DIR]
 
 Each client streams real audio (16 kHz s16, 100 ms frames, real time) and,
 at random (mean session length 40 s), either closes politely or drops the TCP
@@ -13,7 +13,7 @@ clients stop; the server must report 0 active sessions (no leaked slots) and
 zero session state, and the RSS and live-heap slopes after `--warmup` minutes
 are printed in MiB per hour (least squares over the rows).
 
-    python benchmarks/load.py --streams 64 --minutes 15 --server-env MALLOC_ARENA_MAX=2
+    python -m benchmarks.load --streams 64 --minutes 15 --server-env MALLOC_ARENA_MAX=2
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -33,8 +32,8 @@ import websockets
 
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import audio_loop, server_log, slope_per_hour, start_server  # noqa: E402
+from benchmarks.harness import server_log, spawn_server
+from benchmarks.served import audio_loop, slope_per_hour
 
 FRAME_SAMPLES = 1600
 
@@ -197,7 +196,7 @@ def main() -> None:
     env.update(item.split("=", 1) for item in args.server_env)
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
-    server, port = start_server(env)
+    server, port = spawn_server(None, env, log_to_file=True)
     base = f"http://127.0.0.1:{port}"
     try:
         print(f"# {args.streams} streams, {args.minutes:g} min, {os.cpu_count()} CPUs, server pid {server.pid}, "

@@ -1,6 +1,6 @@
 """Do reduced-precision (or GPU) decisions agree with fp32 CPU decisions? Teacher-forced, row by row.
 
-    python benchmarks/precision.py [--checkpoint DIR] [--device cuda] [--dtype bfloat16] [--audio DIR]
+    python -m benchmarks.precision [--checkpoint DIR] [--device cuda] [--dtype bfloat16] [--audio DIR]
 
 Each shared recording (``../shared/audio``, offline features as the reference
 computes them) is streamed through one session twice in lockstep: the fp32 CPU
@@ -12,7 +12,7 @@ fp32 margin is larger than the candidate's numerical noise, so the report gives
 the noise (|margin_fp32 - margin_candidate|) next to the margins of the rows
 that flipped.
 
-``teacher_forced`` is the importable core: ``benchmarks/gpu_check.py`` also uses
+``teacher_forced`` is the importable core: ``benchmarks.gpu_check`` also uses
 it to compare in-place (FlexAttention) against gather attention on one device.
 """
 
@@ -35,8 +35,7 @@ from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import SHARED_AUDIO  # noqa: E402
+from benchmarks.harness import shared_audio_dir
 
 
 class Side:
@@ -147,16 +146,17 @@ class Agreement:
         return lines
 
 
-def teacher_forced(reference: Side, candidate: Side, audio_dir: Path = SHARED_AUDIO, max_turn_tokens: int = 16,
+def teacher_forced(reference: Side, candidate: Side, audio_dir: Path | None = None, max_turn_tokens: int = 16,
                    max_rows_per_recording: int | None = None, deadline: float | None = None) -> Agreement:
-    """Stream every recording folder of ``audio_dir`` through both sides on the reference's trajectory.
+    """Stream every recording folder of ``audio_dir`` (the shared ones by default) through both sides on the
+    reference's trajectory.
 
     ``max_rows_per_recording`` and ``deadline`` (a ``time.perf_counter`` value) bound the run;
     ``Agreement.is_partial`` says when the deadline cut it short.
     """
     result = Agreement(reference.label, candidate.label)
     prefix = T.prompt_prefix(reference.model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
-    for folder in sorted(p for p in Path(audio_dir).iterdir() if p.is_dir()):
+    for folder in sorted(p for p in Path(audio_dir or shared_audio_dir()).iterdir() if p.is_dir()):
         for side in (reference, candidate):
             side.runner.clear_slot(0)
         conversation = Conversation(prefix, max_turn_tokens, 4096, None)
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-turn-tokens", type=int, default=16)
-    parser.add_argument("--audio", type=Path, default=SHARED_AUDIO, help="folder of recording folders")
+    parser.add_argument("--audio", type=Path, default=shared_audio_dir(), help="folder of recording folders")
     args = parser.parse_args()
     if args.checkpoint is None:
         from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint

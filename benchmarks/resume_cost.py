@@ -15,7 +15,6 @@ import argparse
 import gc
 import json
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +27,8 @@ from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_check
 from audio_interaction_server.engine.worker import Worker
 from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.settings import ServerConfig
+from benchmarks.harness import shared_audio_dir
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 
 
 def session_events(seconds: float, reply_every: int, reply_tokens: int) -> list:
@@ -43,7 +42,8 @@ def session_events(seconds: float, reply_every: int, reply_tokens: int) -> list:
                       lambda engine_events: events.extend(session.on_engine_events(engine_events, 0.0)), 0.0)
     codec = NativeCodec(config.max_frame_bytes)
     events += session.start("t" * 32, 30.0)
-    clips = [load_audio_file(path) for path in sorted(SHARED_AUDIO.glob("*/*.*")) if path.suffix in (".wav", ".mp3")]
+    clips = [load_audio_file(path) for path in sorted(shared_audio_dir().glob("*/*.*"))
+             if path.suffix in (".wav", ".mp3")]
     audio = np.concatenate(clips)
     audio = np.tile(audio, int(np.ceil(seconds * 16000 / len(audio))))[:int(seconds * 16000)]
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")

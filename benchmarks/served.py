@@ -1,69 +1,29 @@
-"""What the benchmarks that go over sockets share: `python -m audio_interaction_server` as a subprocess on a
-free loopback port, the shared recordings as one loop, the client side of a real-time
-16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame), and
+"""What the benchmarks that go over sockets share, besides the live-server harness (``benchmarks.harness``:
+``spawn_server``, ``server_log``, ``shared_audio_dir``): the shared recordings as one loop, the client side
+of a real-time 16 kHz s16 stream (configure, pace 100 ms frames, map a decision back to its frame), and
 the memory-trend figure the long runs report."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from benchmarks.harness import shared_audio_dir
 
-SHARED_AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 FRAME_SAMPLES = 1600  # 100 ms frames
 LOOKAHEAD_SAMPLES = 40  # a chunk is complete once 40 samples past its end have arrived
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(env_overrides: dict[str, str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, int]:
-    """Start the server with ``AIS_*`` overrides; return (process, port) once ``/ready`` answers 200.
-
-    The server's log goes to a temporary file (``server_log(process)`` reads it), not to
-    a pipe nobody drains during the run, which could fill and stall the server.
-    """
-    port = free_port()
-    env = dict(os.environ, AIS_PORT=str(port), AIS_LOG_LEVEL="warning", **env_overrides)
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=log, text=True)
-    process.log_file = log
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
-                if response.status == 200:
-                    return process, port
-        except OSError:  # not listening yet, or 503 while the model loads
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
-
-
-def server_log(process: subprocess.Popen) -> str:
-    process.log_file.seek(0)
-    return process.log_file.read()
-
-
-def audio_loop(audio_dir: Path = SHARED_AUDIO) -> np.ndarray:
+def audio_loop(audio_dir: Path | None = None) -> np.ndarray:
     """Every recording under ``audio_dir`` (the shared ones by default), 16 kHz mono, in folder and sequence order."""
-    pieces = [load_audio_file(p) for folder in sorted(Path(audio_dir).iterdir()) if folder.is_dir()
+    audio_dir = shared_audio_dir() if audio_dir is None else Path(audio_dir)
+    pieces = [load_audio_file(p) for folder in sorted(audio_dir.iterdir()) if folder.is_dir()
               for p in load_audio_sequence(folder)]
     return np.concatenate(pieces)
 

@@ -1,6 +1,6 @@
 """Added latency of the server over the engine alone: chunk complete -> decision, p50/p95.
 
-    python benchmarks/server_latency.py [--streams 1 32] [--seconds 20] [--checkpoint DIR]
+    python -m benchmarks.server_latency [--streams 1 32] [--seconds 20] [--checkpoint DIR]
 
 Both modes stream the same real audio (16 kHz mono, 100 ms frames, real-time
 pace, streams staggered over one chunk) with the same options
@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,9 +39,9 @@ from audio_interaction_server.engine.events import Decision
 from audio_interaction_server.tokens import CHUNK_S, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import Worker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import (  # noqa: E402
-    FRAME_SAMPLES, audio_loop, start_server, stream_audio, stream_timing_decisions,
+from benchmarks.harness import spawn_server
+from benchmarks.served import (
+    FRAME_SAMPLES, audio_loop, stream_audio, stream_timing_decisions,
 )
 
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE_HZ
@@ -111,8 +110,7 @@ async def one_client(url: str, stream: int, audio: np.ndarray, offset_s: float, 
 
 
 def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float]:
-    process, port = start_server({"AIS_ENGINE__MAX_SESSIONS": str(num_streams),
-                                  "AIS_ENGINE__CHECKPOINT": str(checkpoint)})
+    process, port = spawn_server(checkpoint, {"AIS_ENGINE__MAX_SESSIONS": str(num_streams)}, log_to_file=True)
     url = f"ws://127.0.0.1:{port}/v1/stream"
     latencies: list[float] = []
     audios = streams_audio(num_streams, seconds)

@@ -1,6 +1,6 @@
 """Long-session soak: a simulated hour of real audio through one session, faster than real time.
 
-    python benchmarks/soak.py [--minutes 60] [--report-every 5] [--max-positions 4096] [--window 2048]
+    python -m benchmarks.soak [--minutes 60] [--report-every 5] [--max-positions 4096] [--window 2048]
 
 Streams the shared recordings (looped, with 2 s of silence between files) into
 the worker as fast as it steps, once with context rollover and once without,
@@ -37,8 +37,8 @@ from audio_interaction_server.api.metrics import heap_stats, resident_bytes
 from audio_interaction_server.tokens import CHUNK_SAMPLES
 from audio_interaction_server.engine.worker import Worker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served import SHARED_AUDIO, slope_per_hour  # noqa: E402
+from benchmarks.harness import shared_audio_dir
+from benchmarks.served import slope_per_hour
 
 CHUNKS_PER_MINUTE = 150
 MIB = 1 << 20
@@ -60,7 +60,7 @@ def heap_mib() -> tuple[float, float]:
 def audio_loop() -> np.ndarray:
     silence = np.zeros(32000, dtype=np.float32)
     pieces = []
-    for folder in sorted(p for p in SHARED_AUDIO.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in shared_audio_dir().iterdir() if p.is_dir()):
         for path in load_audio_sequence(folder):
             pieces += [load_audio_file(path), silence]
     return np.concatenate(pieces)

@@ -1,6 +1,8 @@
 """Where a real-size step's time goes on a GPU: the encoder and the LM forward, piece by piece.
 
-    python benchmarks/step_profile.py --out DIR [--device cuda] [--preset real]
+    python -m benchmarks.step_profile --out DIR [--device cuda] [--preset real]
+
+(from the repository root; ``PYTHONPATH=server`` in front where the package is not installed)
 
 Builds the random real-size model on the device (``audio_interaction_server.demo.random_model``) and
 times, each as the median of several warm calls with the device synchronised:
@@ -23,22 +25,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-for entry in (str(Path(__file__).resolve().parents[1] / "server"),):  # the package, also uninstalled
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+import torch
 
-import torch  # noqa: E402
-
-from audio_interaction_server import tokens as T  # noqa: E402
-from audio_interaction_server.engine.conversation import RowPlan  # noqa: E402
-from audio_interaction_server.engine.runner import PlannedRow, Runner  # noqa: E402
-from audio_interaction_server.model.encoder import AudioEncoder  # noqa: E402
-from audio_interaction_server.model.lm import StepBatch  # noqa: E402
-from audio_interaction_server.demo.random_model import random_model  # noqa: E402
+from audio_interaction_server import tokens as T
+from audio_interaction_server.engine.conversation import RowPlan
+from audio_interaction_server.engine.runner import PlannedRow, Runner
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.lm import StepBatch
+from audio_interaction_server.demo.random_model import random_model
 
 LISTEN_ROW_TOKENS = 13
 START_POSITION = 500  # about 15 s into a session

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_capacity_benchmark_runs_direct_and_baseline_modes(shared_audio, tiny_checkpoint):
     result = subprocess.run(
-        [sys.executable, "benchmarks/capacity.py", "--streams", "2", "--seconds", "4", "--schedule", "4:3",
+        [sys.executable, "-m", "benchmarks.capacity", "--streams", "2", "--seconds", "4", "--schedule", "4:3",
          "--mode", "direct", "baseline", "--model", str(tiny_checkpoint), "--target-ms", "10000",
          "--ttft-target-ms", "10000"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),

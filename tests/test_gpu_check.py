@@ -18,7 +18,7 @@ RUN_AND_CHECK_IMPORTS = """
 import runpy, sys
 sys.argv = ["benchmarks/gpu_check.py", *sys.argv[1:]]
 try:
-    runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+    runpy.run_module("benchmarks.gpu_check", run_name="__main__", alter_sys=True)
 except SystemExit as exit:
     assert not exit.code, exit.code
 web = sorted({"fastapi", "uvicorn", "websockets", "starlette"} & set(sys.modules))
@@ -77,18 +77,10 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     assert "ratio ours / baseline" in report["summary"]
 
 
-def _benchmarks_module(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_targets_judge_every_figure_separately():
     from audio_interaction_server.engine.worker import StepStats
 
-    capacity = _benchmarks_module("capacity")
+    from benchmarks import capacity
     targets = capacity.Targets(decision_p95_ms=100, first_token_p95_ms=50, reply_tokens_per_s=20, host_share=0.2)
     step = StepStats(num_rows=2, num_decisions=2, num_reply_tokens=0, num_tokens_fed=26, encode_s=0.002,
                      forward_s=0.007, total_s=0.010)  # host: 1 ms of 10
@@ -112,7 +104,7 @@ def test_targets_judge_every_figure_separately():
 
 
 def test_report_records_a_failing_stage_and_goes_on(tmp_path):
-    gpu_report = _benchmarks_module("gpu_report")
+    from benchmarks import gpu_report
     report = gpu_report.Report(tmp_path, {"title": "unit"}, gpu_report.Budget(100))
 
     def broken(stage):

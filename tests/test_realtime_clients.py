@@ -62,7 +62,7 @@ class ServerLog:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from conftest import spawn_server
+    from benchmarks.harness import spawn_server
 
     process, port = spawn_server(tiny_checkpoint, {
         "AIS_API_KEY": KEY, "AIS_MAX_SESSIONS": "2",
