@@ -38,10 +38,12 @@ def _part(owner: nn.Module, name: str, kind: type[_Part]) -> _Part:
     here gives the forward its real types, and a tower of another layout fails
     at load time naming the part, instead of somewhere inside the first forward.
     """
-    value = getattr(owner, name, None)
+    where = f"audio tower: {type(owner).__name__}.{name}"
+    if not hasattr(owner, name):
+        raise TypeError(f"{where} is missing (not a Qwen2.5-Omni audio tower?)")
+    value = getattr(owner, name)
     if not isinstance(value, kind):
-        raise TypeError(f"audio tower: {type(owner).__name__}.{name} is a {type(value).__name__}, "
-                        f"expected a {kind.__name__} (not a Qwen2.5-Omni audio tower?)")
+        raise TypeError(f"{where} is a {type(value).__name__}, expected a {kind.__name__}")
     return value
 
 
