@@ -61,3 +61,19 @@ def test_batched_forward_equals_the_towers_own_forward_for_many_streams(tiny_mod
         ).last_hidden_state
     got = AudioEncoder(tiny_model.encoder_tower, pad_to_buckets=False).encode(chunks)
     torch.testing.assert_close(got.flatten(0, 1), expected)
+
+
+def test_a_tower_of_another_layout_is_refused_at_construction_naming_the_part(tiny_model):
+    """The encoder reads the tower's parts once, typed; a wrong module fails there, not inside the first forward."""
+    import pytest
+
+    with pytest.raises(TypeError, match=r"Linear\.layers is missing"):
+        AudioEncoder(torch.nn.Linear(4, 4))
+    tower = tiny_model.encoder_tower
+    original = tower.layers[0].fc1
+    tower.layers[0].fc1 = torch.nn.Identity()
+    try:
+        with pytest.raises(TypeError, match=r"Qwen2_5OmniAudioEncoderLayer\.fc1 is a Identity, expected a Linear"):
+            AudioEncoder(tower)
+    finally:
+        tower.layers[0].fc1 = original
