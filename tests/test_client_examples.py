@@ -395,12 +395,12 @@ def outcome(events: list[dict]) -> tuple[list, list]:
 
 
 def stream_through_proxy(proxy, folder: Path, tmp_path: Path, cuts=()) -> tuple[int, list[dict], list[str]]:
-    """stream_file.py --json through ``proxy``; each cut: wait for its event (a predicate), then ``cut(proxy)``."""
+    """stream_file.py --json through ``proxy``; each cut: ``wait(script)`` for its lines, then ``cut(proxy)``."""
     script = Script("stream_file.py", f"ws://127.0.0.1:{proxy.port}", str(folder), "--api-key", API_KEY,
                     "--speed", "3", "--json", "--decisions", cwd=tmp_path)
     try:
-        for wanted, cut in cuts:
-            script.wait_for_event(wanted)
+        for wait, cut in cuts:
+            wait(script)
             cut(proxy)
         code = script.finish()
     finally:
@@ -449,8 +449,13 @@ def test_stream_file_resumes_after_the_connection_is_cut_and_the_model_hears_the
     says so, re-sends what the server did not take, and the model hears and says exactly what it does
     in an uninterrupted run of the same file."""
     folder = shared_audio / "01_count_bark"
-    cuts = [(lambda e: e["type"] == "decision" and e["chunk"] == 3, cut_now),
-            (lambda e: e["type"] == "turn_begin" and e["chunk"] > 3, cut_now)]
+    def after_the_first_resume_at_a_reply(script: Script) -> None:
+        # Not before the client said it resumed: a cut during the resume itself is another test's matter.
+        script.wait_for_line(re.compile(r"^resumed session "))
+        script.wait_for_event(lambda e: e["type"] == "turn_begin")
+
+    cuts = [(lambda script: script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 3), cut_now),
+            (after_the_first_resume_at_a_reply, cut_now)]
     code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
     assert code == 0, err
     assert proxy.num_cut == 2 and proxy.num_connections == 3
@@ -462,8 +467,34 @@ def test_stream_file_resumes_after_the_connection_is_cut_and_the_model_hears_the
     session_id = created[0]["session_id"]
     assert re.search(rf"connection lost \(connection closed with code 1006[^)]*\); resuming session {session_id} "
                      r"in \d+\.\d\d s \(attempt 1\)", message), message
-    assert len(re.findall(rf"resumed session {session_id}: \d+ events replayed, re-sent \d+\.\d\d s of audio",
-                          message)) == 2, message
+    # Each resume says so; the second cut may land after the flush went out (then it waits to see whether the
+    # server got it, test_a_flush_cut_off_...), so the re-sent audio is said on the same line or a later one.
+    assert len(re.findall(rf"resumed session {session_id}: \d+ events replayed[,;] ", message)) == 2, message
+    assert len(re.findall(r"re-sent \d+\.\d\d s of audio", message)) == 2, message
+    assert_same_as_uninterrupted(events, uninterrupted, folder)
+
+
+def test_resume_attempts_back_off_while_the_network_stays_down(proxy, uninterrupted, shared_audio, tmp_path):
+    """The network is down for a while after the cut: the first attempts fail, later ones (0.25 s, 0.5 s, 1 s
+    apart...) get through within the grace period, and nothing is lost."""
+    folder = shared_audio / "01_count_bark"
+
+    def down_for_a_second(relay) -> None:
+        relay.refusing = True
+        cut_now(relay)
+        time.sleep(1.0)
+        relay.refusing = False
+
+    cuts = [(lambda script: script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 3),
+             down_for_a_second)]
+    code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
+    message = "\n".join(err)
+    assert code == 0, message
+    attempts = [int(n) for n in re.findall(r"resuming session \S+ in \d+\.\d\d s \(attempt (\d+)\)", message)]
+    assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= 3, message  # 0.25 + 0.5 < 1 s
+    delays = [float(d) for d in re.findall(r"resuming session \S+ in (\d+\.\d\d) s", message)]
+    assert delays[:3] == [0.25, 0.5, 1.0], message
+    assert len([e for e in events if e["type"] == "session.resumed"]) == 1
     assert_same_as_uninterrupted(events, uninterrupted, folder)
 
 
@@ -480,7 +511,8 @@ def test_a_flush_cut_off_is_sent_again_exactly_when_the_server_lacks_it(proxy, u
     def last_configure_answered(event: dict) -> bool:
         return event["type"] == "session.updated" and next(formats_declared) == 3
 
-    cuts = [(last_configure_answered, lambda relay: relay.cut_at_next_text_frame(deliver=delivered))]
+    cuts = [(lambda script: script.wait_for_event(last_configure_answered),
+             lambda relay: relay.cut_at_next_text_frame(deliver=delivered))]
     code, events, err = stream_through_proxy(proxy, folder, tmp_path, cuts)
     message = "\n".join(err)
     assert code == 0, message
