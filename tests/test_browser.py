@@ -27,56 +27,23 @@ except ImportError:
     pytest.skip("browser tests need the playwright package (pip install playwright; no browser download)",
                 allow_module_level=True)
 
-from audio_interaction_server.api.app import build_server, create_app  # noqa: E402
 from audio_interaction_server.settings import ServerConfig  # noqa: E402
+from benchmarks.harness import CHROMIUM_FLAGS, LiveServer  # noqa: E402
 
 API_KEY = "browser-key"
 MAX_TURN_TOKENS = 40
 INSECURE_HOST = "insecure.test"
-# What the issue's environment needs: no sandbox as root, no GPU, and no background connections
-# (this machine's closed network refuses them, many at a time).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+CHROMIUM_ARGS = [*CHROMIUM_FLAGS,
                  # A name other than localhost for 127.0.0.1: a page opened from "another host", which browsers
                  # do not treat as a secure context (no microphone) unless it comes over https.
                  f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1"]
 
 
-class LiveServer:
-    """uvicorn on 127.0.0.1 in a thread, built as ``python -m audio_interaction_server`` builds it."""
-
-    def __init__(self, checkpoint: Path, port: int = 0, resume_grace_s: float = 20.0) -> None:
-        config = ServerConfig.model_validate(dict(
-            port=port, api_key=API_KEY, log_level="warning", resume_grace_s=resume_grace_s,
-            engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
-            session={"max_turn_tokens": MAX_TURN_TOKENS}))
-        self.app = create_app(config)
-        self.server = build_server(self.app, config)
-        self.thread = threading.Thread(target=self.server.run, name="browser-test-uvicorn", daemon=True)
-
-    @property
-    def runtime(self):
-        return self.app.state.runtime
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not (self.server.started and self.runtime.is_ready):
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def session_audio(self, session_id: str):
-        """The server side of a session's audio: its AudioInput (format, audio_received_s)."""
-        return self.runtime.streams[session_id].session.audio
+def browser_config(checkpoint: Path, port: int = 0, resume_grace_s: float = 20.0) -> ServerConfig:
+    return ServerConfig.model_validate(dict(
+        port=port, api_key=API_KEY, log_level="warning", resume_grace_s=resume_grace_s,
+        engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
+        session={"max_turn_tokens": MAX_TURN_TOKENS}))
 
 
 class WireLog:
@@ -104,7 +71,7 @@ class WireLog:
 
 @pytest.fixture(scope="module")
 def live(tiny_checkpoint):
-    server = LiveServer(tiny_checkpoint).start()
+    server = LiveServer(browser_config(tiny_checkpoint)).start()
     yield server
     server.stop()
 
@@ -673,7 +640,7 @@ def test_wrong_api_key_is_shown_and_not_retried(live, page: Page):
 
 
 def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint, page: Page):
-    first = LiveServer(tiny_checkpoint).start()
+    first = LiveServer(browser_config(tiny_checkpoint)).start()
     port = first.port
     wire = WireLog(page)
     page.expected_console_errors = ("ERR_CONNECTION_REFUSED",)  # Chromium logs each refused attempt
@@ -693,7 +660,7 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
     page.wait_for_function("() => window.badgeTexts.some((t) => t.startsWith('Connection lost (code 1001)."
                            " Reconnecting in'))", timeout=10_000)
     # The page was served by the server that went away; it keeps its own copy and comes back on its own.
-    second = LiveServer(tiny_checkpoint, port=port).start()
+    second = LiveServer(browser_config(tiny_checkpoint, port=port)).start()
     try:
         page.wait_for_function("() => window.audioInteraction.sessionCreated && window.audioInteraction"
                                ".connectionStates.at(-1).state === 'open' && window.audioInteraction"
