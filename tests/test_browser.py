@@ -28,7 +28,7 @@ except ImportError:
                 allow_module_level=True)
 
 from audio_interaction_server.settings import ServerConfig  # noqa: E402
-from benchmarks.harness import CHROMIUM_FLAGS, LiveServer  # noqa: E402
+from benchmarks.harness import CHROMIUM_FLAGS, LiveServer, free_port  # noqa: E402
 
 API_KEY = "browser-key"
 MAX_TURN_TOKENS = 40
@@ -684,11 +684,7 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
 
 def closed_port() -> int:
     """A port on 127.0.0.1 where nothing listens (bound once to find it, then released)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()
 
 
 def test_wrong_server_url_gives_up_and_says_what_to_check(live, page: Page):
