@@ -1,8 +1,8 @@
 """The package passes the type checker configured in pyproject.toml ([tool.mypy]; mypy comes with the [test] extra).
 
-The check is at a basic level: annotated functions are checked, unannotated ones are not. mypy keeps its cache in
-``.mypy_cache`` at the repository root (it writes a ``.gitignore`` of its own there), so a run after the first only
-re-checks what changed.
+The check is at a basic level (no strict flags; unannotated functions' bodies are checked, their arguments as Any).
+mypy keeps its cache in ``.mypy_cache`` at the repository root (it writes a ``.gitignore`` of its own there), so a
+run after the first only re-checks what changed.
 """
 
 from __future__ import annotations
