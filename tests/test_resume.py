@@ -34,7 +34,7 @@ def speech(shared_audio) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from conftest import spawn_server
+    from benchmarks.harness import spawn_server
 
     process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20"})
     try:
@@ -226,7 +226,7 @@ def test_an_unknown_session_is_resume_expired(server):
 
 
 def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
-    from conftest import spawn_server
+    from benchmarks.harness import spawn_server
 
     process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "0.5"})
     try:
