@@ -193,7 +193,7 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
         # Above max_frame_bytes so an oversized frame still reaches the session and gets an
         # error event; past this the transport itself closes with 1009.
         ws_max_size=max(4 * config.max_frame_bytes, 1 << 20),
-        timeout_graceful_shutdown=CLOSE_GRACE_S + 5,
+        timeout_graceful_shutdown=int(CLOSE_GRACE_S + 5),
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,  # https/wss when both are set
         **transport_guard.uvicorn_options(),
     )

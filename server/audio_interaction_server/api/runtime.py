@@ -21,13 +21,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server.api.admission import Throttle
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.settings import ServerConfig
+
+if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
+    from audio_interaction_server.engine.worker import Worker
+    from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,12 @@ class RegisteredConnection(Protocol):
 
     @property
     def queued_events(self) -> int: ...
+
+    @property
+    def is_detached(self) -> bool: ...
+
+    @property
+    def num_replay_events(self) -> int: ...
 
     def shut_down(self) -> None: ...
 
@@ -92,8 +102,8 @@ class Runtime:
         self.config = config
         self.metrics = Metrics()
         self.on_fatal = on_fatal
-        self.model = None
-        self.worker = None
+        self.model: LoadedModel | None = None
+        self.worker: Worker | None = None
         self.load_error: str | None = None
         self.is_shutting_down = False
         self.stream_url: str | None = None  # set by whoever bound the socket; for the "ready" log line
@@ -123,6 +133,7 @@ class Runtime:
     def make_session(self, session_id: str, engine_emit: Callable, observer: Any | None = None) -> Session:
         """A session on this runtime's worker; call only while ``is_ready`` (admission checked it)."""
         model = self.model
+        assert model is not None and self.worker is not None, "a session before the model was loaded"
         info = ModelInfo(model.name, self.config.is_demo, model.tokenizer)
         return Session(session_id, self.config, info, self.worker, engine_emit, time.monotonic(),
                        observer=self.metrics if observer is None else observer)
@@ -151,7 +162,7 @@ class Runtime:
 
         The engine side is a racy read of the worker's counters, good enough for monitoring.
         """
-        totals = dict.fromkeys(SESSION_STATE, 0)
+        totals: dict[str, float] = dict.fromkeys(SESSION_STATE, 0)
         for session_id, stream in list(self.streams.items()):
             totals["ais_session_queued_events"] += stream.queued_events
             totals["ais_sessions_detached"] += stream.is_detached
@@ -245,7 +256,8 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            self.model, self.worker = await self._on_loader_thread(self._load_blocking)
+            model, self.worker = await self._on_loader_thread(self._load_blocking)
+            self.model = model
             self.metrics.model_ready.set(1)
         except Exception as error:  # a server without its model is useless: say why, then stop
             if self.is_shutting_down:
@@ -255,7 +267,6 @@ class Runtime:
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
             return
-        model = self.model
         log.info("ready: serving %s (%s on %s, %s; up to %d sessions; replica %s; loaded in %.1f s)",
                  self.stream_url or "/v1/stream", model.name, model.device, str(model.dtype).removeprefix("torch."),
                  self.config.session_capacity, self.replica_id, time.perf_counter() - started)
@@ -287,7 +298,7 @@ class Runtime:
         self._loader.start()
         return await outcome
 
-    def _load_blocking(self):
+    def _load_blocking(self) -> tuple[LoadedModel, Worker]:
         from audio_interaction_server.model.checkpoint import load_model
         from audio_interaction_server.engine.worker import Worker
 
@@ -306,6 +317,7 @@ class Runtime:
         else:
             from audio_interaction_server.model.hub import resolve_checkpoint_source
 
+            assert checkpoint is not None  # is_demo is true without one
             checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
         model = load_model(checkpoint, engine.device, engine.dtype)
         if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
