@@ -20,6 +20,7 @@ import base64
 import binascii
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -30,8 +31,8 @@ from audio_interaction_server.api.realtime.events import (
     CLIENT_EVENT_ADAPTER, AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
     ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, Error,
     ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
-    InputAudioBufferCleared, InputAudioBufferCommit, MessageItem, ResponseCancel, ResponseCreate, SessionCreated,
-    SessionObject, SessionUpdate, SessionUpdated, TextContent, TurnDetectionObject,
+    InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
+    ResponseCreate, SessionCreated, SessionObject, SessionUpdate, SessionUpdated, TextContent, TurnDetectionObject,
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
@@ -49,6 +50,9 @@ _CONFIGURE_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refu
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 
 
+_Unchanged = Literal["unchanged"]
+
+
 @dataclass(frozen=True)
 class _Answer:
     """What the session's answer to one codec-issued ``Configure`` stands for."""
@@ -57,8 +61,8 @@ class _Answer:
     event_type: str
     event_id: str | None
     audio_format: AudioPcm | AudioPcmu | AudioPcma | None = None
-    turn_detection: TurnDetectionObject | None | str = "unchanged"
-    item: MessageItem | FunctionCallOutputItem | None = None
+    turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
+    item: Item | None = None
     previous_item_id: str | None = None
     deleted_item_id: str | None = None
 
@@ -204,8 +208,9 @@ class RealtimeCodec:
         if item_id in self.conversation.item_ids:
             return [self._refuse("item_create_duplicate_item_id", f"an item with id {item_id!r} already exists",
                                  event.type, event.event_id, "item.id")]
+        item: Item
         if given.type == "message" and given.role in ("user", "assistant", "system"):
-            content = []
+            content: list[InputAudioContent | TextContent | ImageContent] = []
             for part in given.content or []:
                 if part.type in ("input_text", "output_text", "text"):
                     kind = "output_text" if given.role == "assistant" else "input_text"
@@ -238,8 +243,11 @@ class RealtimeCodec:
         return [Configure(event_id=answer.event_id, event_type=answer.event_type)]
 
     def _session_update(self, event: SessionUpdate) -> list[Command]:
-        session, refuse = event.session, (lambda message, param: [self._refuse(
-            "invalid_value", message, event.type, event.event_id, param)])
+        session = event.session
+
+        def refuse(message: str, param: str) -> list[Command]:
+            return [self._refuse("invalid_value", message, event.type, event.event_id, param)]
+
         given = session.model_fields_set
         if "type" in given and session.type != "realtime":
             return refuse(f"session type {session.type!r} is not supported: the model does not transcribe; use "
@@ -264,7 +272,8 @@ class RealtimeCodec:
             if settings is None or cap != settings.max_turn_tokens:
                 fields["max_turn_tokens"] = cap
         audio_input = session.audio.input if session.audio is not None else None
-        new_format, turn_detection = None, "unchanged"
+        new_format = None
+        turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
         if audio_input is not None and audio_input.format is not None:
             new_format = _format_object(audio_input.format.type, audio_input.format.rate)
             if new_format is None:
@@ -351,18 +360,18 @@ class RealtimeCodec:
     def _answered(self, event) -> list:
         self._settings = event.options
         answer = self._answers.popleft() if self._answers else _Answer("session.update", "session.update", None)
-        if answer.kind == "item.create":
+        if answer.kind == "item.create" and answer.item is not None:
             self.conversation.add(answer.item.id)
             return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
                                           item=answer.item),
                     ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
                                          item=answer.item)]
-        if answer.kind == "item.delete":
+        if answer.kind == "item.delete" and answer.deleted_item_id is not None:
             self.conversation.remove(answer.deleted_item_id)
             return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=answer.deleted_item_id)]
         if answer.audio_format is not None:
             self._format = answer.audio_format
-        if answer.turn_detection != "unchanged":
+        if not isinstance(answer.turn_detection, str):  # "unchanged" is the one string
             self._turn_detection = answer.turn_detection
         if answer.kind == "internal":
             return []

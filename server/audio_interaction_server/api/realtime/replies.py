@@ -96,6 +96,13 @@ class ReplyBuilder:
     def response_id(self) -> str | None:
         return None if self.reply is None else self.reply.response_id
 
+    @property
+    def _open_reply(self) -> Reply:
+        """The reply these events belong to (the codec calls the event methods only between begin and end)."""
+        if self.reply is None:
+            raise RuntimeError("a reply event without a reply in progress")
+        return self.reply
+
     def begin(self, turn: int, max_output_tokens: int, client_metadata: dict[str, str] | None) -> None:
         self.reply = Reply(turn=turn, response_id=self.ids.new("resp"), item_id=self.ids.new("item"),
                            max_output_tokens=max_output_tokens, client_metadata=client_metadata)
@@ -111,18 +118,18 @@ class ReplyBuilder:
         ]
 
     def emotion(self, emotion: str) -> list:
-        self.reply.emotion = emotion
+        self._open_reply.emotion = emotion
         return self._open()
 
     def delta(self, text: str) -> list:
         out = self._open()
-        self.reply.text += text
+        self._open_reply.text += text
         return out + [ResponseOutputTextDelta(event_id=self.ids.new("event"), delta=text, **self._part_ids())]
 
     def end(self, end_reason: str, text: str, num_tokens: int) -> list:
         """The reply's last events; ``text`` is the session's whole reply text (the deltas joined)."""
         out = self._open()
-        reply = self.reply
+        reply = self._open_reply
         status, details = _ENDINGS.get(end_reason, ("cancelled", StatusDetails(type="cancelled")))
         item = self._item("completed" if status == "completed" else "incomplete", text)
         part = TextPart(text=text)
@@ -144,7 +151,7 @@ class ReplyBuilder:
 
     # ---- helpers ---------------------------------------------------------------------
     def _open(self) -> list:
-        reply = self.reply
+        reply = self._open_reply
         if reply.is_open:
             return []
         reply.is_open = True
@@ -160,14 +167,14 @@ class ReplyBuilder:
         ]
 
     def _previous_of(self, item_id: str) -> str | None:
-        return self._previous if item_id == self.reply.item_id else None
+        return self._previous if item_id == self._open_reply.item_id else None
 
     def _item(self, status: str, text: str | None) -> MessageItem:
         content = [] if text is None else [TextContent(type="output_text", text=text)]
-        return MessageItem(id=self.reply.item_id, role="assistant", status=status, content=content)
+        return MessageItem(id=self._open_reply.item_id, role="assistant", status=status, content=content)
 
     def _response(self, status: str, output: list) -> ResponseObject:
-        reply = self.reply
+        reply = self._open_reply
         metadata = dict(reply.client_metadata or {})
         if reply.emotion is not None:
             metadata["emotion"] = reply.emotion  # the model's emotion tag: metadata, never text
@@ -175,4 +182,5 @@ class ReplyBuilder:
                               max_output_tokens=reply.max_output_tokens, metadata=metadata or None)
 
     def _part_ids(self) -> dict:
-        return dict(response_id=self.reply.response_id, item_id=self.reply.item_id, output_index=0, content_index=0)
+        reply = self._open_reply
+        return dict(response_id=reply.response_id, item_id=reply.item_id, output_index=0, content_index=0)
