@@ -282,3 +282,22 @@ def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
         assert subscriber.close_code == 1000, "the subscriber stayed through the gap and saw the session end"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("code", [1000, 1001])
+def test_a_client_that_closes_saying_it_is_done_is_not_kept_for_a_resume(server, code):
+    """1000 (done) and 1001 (going away: a browser leaving the page) end the session at once; only a
+    connection that drops without a close frame is kept."""
+    async def main():
+        ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
+        created = json.loads(await ws.recv())
+        await ws.send(np.zeros(8000, "<i2").tobytes())
+        await ws.close(code=code)
+        await asyncio.sleep(0.3)
+        assert metric(server, "ais_sessions_detached") == 0
+        again, first = await resume(server, created)
+        assert (first["code"], first["is_fatal"]) == ("resume_expired", True)
+        await read_until_closed(again)
+        assert again.close_code == 4009
+
+    asyncio.run(main())

@@ -304,7 +304,7 @@ class StreamConnection:
         self.resume_token = secrets.token_urlsafe(24) if self.resume_policy else None
         self._log = ReplayLog(self.resume_policy.max_events if self.resume_policy else 0)
         self._generation = 0
-        self._client_said_goodbye = False  # the socket ended with a normal close frame from the client
+        self._client_said_goodbye = False  # the socket ended with a close frame saying the client is done
         self._expiry: asyncio.TimerHandle | None = None
         self._attach(websocket)
 
@@ -455,7 +455,9 @@ class StreamConnection:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                self._client_said_goodbye = message.get("code") == CloseCode.NORMAL
+                # A close frame saying the client is done (1000) or leaving (1001: a page navigated away) ends
+                # the session; a dropped network sends none (1006), and any other code may be a client's error.
+                self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
                 return
             payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
             if payload is not None:
