@@ -126,9 +126,9 @@ def test_the_drain_call_drains_then_stops_the_server(tiny_checkpoint):
 
 
 def start_a_long_reply(ws) -> None:
-    """At temperature 1 the tiny random model almost never samples its end token: the reply runs for seconds."""
+    """A reply of seconds: at temperature 2 with seed 0 the tiny random model runs to max_turn_tokens (512)."""
     ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
-                        "sampling": {"temperature": 1.0}}))
+                        "sampling": {"temperature": 2.0, "seed": 0}}))
     recv_until(ws, lambda e: e["type"] == "session.updated")
     ws.send(json.dumps({"type": "response.create"}))  # the reply starts at the next chunk decided
     ws.send(np.zeros(8000, dtype=np.int16).tobytes())

@@ -272,9 +272,10 @@ def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(clus
     sessions = [open_session(balancer) for _ in range(3)]
     draining = next(ws for ws, created in sessions if replica_of(created) == "ais1")
     # Keep ais1 busy with a reply: the drain lets a reply finish (up to the deadline) before closing.
-    # At temperature 1 the tiny random model almost never picks its end token, so the reply runs long.
+    # At temperature 2 the tiny random model ran to 512 tokens with each of seeds 0-11 (about 3.5 s here); at
+    # temperature 1, 7 replies in 12 ended early, after 68-397 tokens: too soon for the checks below, at times.
     draining.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
-                              "sampling": {"temperature": 1.0}}))
+                              "sampling": {"temperature": 2.0, "seed": 0}}))
     recv_until(draining, "session.updated")
     draining.send(json.dumps({"type": "response.create"}))  # the reply starts at the next chunk decided
     draining.send(np.zeros(8000, dtype=np.int16).tobytes())

@@ -199,14 +199,14 @@ def connect_stream(port: int):
 
 
 def start_long_reply(ws) -> None:
-    """A reply that lasts seconds: the tiny random model at temperature 1 almost never samples its end token."""
+    """A reply of seconds: at temperature 2 with seed 0 the tiny random model runs to max_turn_tokens (512)."""
     import json
 
     import numpy as np
 
     ws.recv(timeout=10)  # session.created
     ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
-                        "sampling": {"temperature": 1.0}}))
+                        "sampling": {"temperature": 2.0, "seed": 0}}))
     ws.send(json.dumps({"type": "response.create"}))
     ws.send(np.zeros(8000, dtype=np.int16).tobytes())
     while json.loads(ws.recv(timeout=30))["type"] != "turn_begin":
