@@ -25,6 +25,7 @@ import logging
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,20 @@ def server(tiny_checkpoint):
             if process.poll() is None:
                 process.kill()
     assert not log.problems(), log.problems()
+
+
+def idle(server) -> int:
+    """The server's port once no session is open: the previous test's sessions close a moment after their
+    sockets, and this server holds two at most."""
+    port, _ = server
+    deadline = time.monotonic() + 20
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/load", headers={"Authorization": f"Bearer {KEY}"})
+    while True:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            if json.loads(response.read())["active"] == 0:
+                return port
+        assert time.monotonic() < deadline, "sessions of an earlier test are still open"
+        time.sleep(0.05)
 
 
 class Watch(logging.Handler):
@@ -141,11 +156,19 @@ class SdkRun:
         return [frame for frame in self.frames if frame["type"] == kind]
 
 
+# What may arrive while no response is open: the model listening sends nothing of its own; the user's audio
+# becomes an item when a reply starts or a commit is heard.
+BETWEEN_RESPONSES = {"session.created", "session.updated", "error", "input_audio_buffer.committed",
+                     "input_audio_buffer.cleared", "conversation.item.added", "conversation.item.done"}
+
+
 def responses_in_order(frames: list[dict]) -> list[dict]:
     """Each response's events must nest: created, its deltas and dones, then done, before the next begins."""
     done, open_id = [], None
     for frame in frames:
         response_id = frame.get("response_id") or (frame.get("response") or {}).get("id")
+        if open_id is None and frame["type"] != "response.created":
+            assert frame["type"] in BETWEEN_RESPONSES, f"{frame['type']} while the model listens"
         if frame["type"] == "response.created":
             assert open_id is None, "a response began inside another"
             open_id = response_id
@@ -162,7 +185,7 @@ def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio,
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
     from openai import AsyncOpenAI
 
-    port, _ = server
+    port = idle(server)
 
     async def run() -> SdkRun:
         client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
@@ -216,7 +239,7 @@ def test_openai_sdk_manual_turns(server, shared_audio):
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
     from openai import AsyncOpenAI
 
-    port, _ = server
+    port = idle(server)
 
     async def run() -> SdkRun:
         client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
@@ -248,7 +271,7 @@ def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotoco
     import websockets
     from openai import AsyncOpenAI, AuthenticationError
 
-    port, _ = server
+    port = idle(server)
     url = f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
 
     async def run() -> None:
@@ -279,7 +302,7 @@ def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotoco
 def test_a_full_server_refuses_with_an_error_and_close_1013(server):
     import websockets
 
-    port, _ = server
+    port = idle(server)
     url = f"ws://127.0.0.1:{port}/v1/realtime"
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -306,7 +329,7 @@ def test_livekit_realtime_model_manual_turns_and_interrupt(server, shared_audio,
     from livekit import rtc
     from livekit.plugins.openai.realtime import RealtimeModel
 
-    port, _ = server
+    port = idle(server)
     adapter = sdk_adapter()
 
     async def run() -> tuple[list[str], list[dict], object]:
@@ -377,7 +400,7 @@ def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
     from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
     from pipecat.workers.runner import WorkerRunner
 
-    port, _ = server
+    port = idle(server)
     problems: list[str] = []
     sink_id = logger.add(lambda message: problems.append(str(message)), level="WARNING",
                          filter=lambda record: "is not emitting turn frames" not in record["message"])
