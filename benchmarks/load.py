@@ -205,7 +205,14 @@ def main() -> None:
         tally = asyncio.run(run(f"ws://127.0.0.1:{port}/v1/stream", base, args.streams, args.minutes,
                                 args.report_every, memory))
         time.sleep(2.0)  # let the server notice the last dropped connections
+        # Dropped sessions wait resume_grace_s (30 s by default) for a resume that never comes here: a slot is
+        # leaked only if it is still held once that has passed.
+        detached = scrape(base).get("ais_sessions_detached", 0)
+        deadline = time.monotonic() + 40.0
+        while info(base)["sessions"]["active"] and time.monotonic() < deadline:
+            time.sleep(1.0)
         active = info(base)["sessions"]["active"]
+        print(f"\ndetached (dropped, waiting for a resume) right after the clients left: {detached:.0f}")
         print(f"\nslopes {memory.slopes(args.warmup)}")  # before the idle row below joins the log
         for label, row in (("after all clients left", memory.record(args.minutes, base)),
                            ("after the next periodic trim", after_next_trim(base, memory, args.minutes))):
