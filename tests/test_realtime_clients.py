@@ -1,8 +1,9 @@
 """/v1/realtime driven by the three real clients from PyPI, unmodified, against a live server on loopback.
 
 - the openai SDK (``AsyncOpenAI(base_url=...).realtime.connect()``): replies the model decides on while real
-  speech streams at 24 kHz, a manual turn, a cancel, a refused ``output_modalities: ["audio"]``, an ephemeral
-  client secret (also as the browser subprotocol), and the server full (close 1013);
+  speech streams at 24 kHz, manual turns, a cancel, a refused ``output_modalities: ["audio"]``, telephony
+  audio (G.711 mu-law and A-law), an ephemeral client secret (also as the browser subprotocol), and the
+  server full (close 1013);
 - LiveKit Agents (``livekit-plugins-openai``'s ``RealtimeModel(base_url=..., modalities=["text"])``, its
   session object without a room): three manual turns through ``generate_reply`` and an ``interrupt``;
 - pipecat (``OpenAIRealtimeLLMService``) in a pipeline: the first reply it asks for, then replies the model
@@ -26,6 +27,7 @@ import signal
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +266,39 @@ def test_openai_sdk_manual_turns(server, shared_audio):
 
     sdk = asyncio.run(asyncio.wait_for(run(), 120))
     assert len(responses_in_order(sdk.frames)) == 2
+
+
+def test_openai_sdk_telephony_audio_g711(server, shared_audio):
+    """audio/pcmu and audio/pcma: 8 kHz G.711 bytes, decoded by the server, heard and answered."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        audioop = pytest.importorskip("audioop", reason="the G.711 encoder used here (audioop) left Python 3.13")
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+    samples, rate_hz = soundfile.read(shared_audio / FILES[0], dtype="float32", always_2d=True)
+    pcm_8k = (np.clip(soxr.resample(samples.mean(axis=1), rate_hz, 8_000), -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def run(format_type: str, encode) -> dict:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await connection.session.update(session={"type": "realtime", "audio": {"input": {
+                "format": {"type": format_type}, "turn_detection": None}}})
+            updated = await sdk.until("session.updated")
+            assert updated["session"]["audio"]["input"]["format"] == {"type": format_type}
+            coded = encode(pcm_8k, 2)
+            for start in range(0, len(coded), 800):  # 100 ms of 8 kHz G.711
+                await connection.input_audio_buffer.append(audio=base64.b64encode(coded[start:start + 800]).decode())
+            await connection.input_audio_buffer.commit()
+            await sdk.until("input_audio_buffer.committed")
+            await connection.response.create()
+            return (await sdk.until("response.done"))["response"]
+
+    for format_type, encode in (("audio/pcmu", audioop.lin2ulaw), ("audio/pcma", audioop.lin2alaw)):
+        response = asyncio.run(asyncio.wait_for(run(format_type, encode), 60))
+        assert response["status"] == "completed" and response["usage"]["output_tokens"] == REPLY_TOKENS
 
 
 def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotocol(server):
