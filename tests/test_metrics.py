@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, heap_stats, malloc_trim, resident_bytes
@@ -23,16 +22,29 @@ def samples(metrics: Metrics) -> dict[str, float]:
     return out
 
 
+FOLLOW_AN_ALLOCATION = """
+import numpy as np
+from audio_interaction_server.api.metrics import heap_stats, resident_bytes
+MIB = 1 << 20
+rss_before, heap_before = resident_bytes(), heap_stats()
+block = np.ones(16 * MIB, dtype=np.float32)  # 64 MiB, every page touched; malloc maps it directly
+rss_during, heap_during = resident_bytes(), heap_stats()
+assert rss_during - rss_before >= 60 * MIB, (rss_before, rss_during)
+assert heap_during.mmapped - heap_before.mmapped >= 60 * MIB, (heap_before, heap_during)
+del block
+assert heap_stats().mmapped - heap_before.mmapped < 4 * MIB  # a mapped block is unmapped, not kept
+assert resident_bytes() - rss_before < 16 * MIB
+"""
+
+
 @linux_glibc
 def test_rss_and_heap_follow_a_64_mib_allocation():
-    rss_before, heap_before = resident_bytes(), heap_stats()
-    block = np.ones(16 * MIB, dtype=np.float32)  # 64 MiB, every page touched; malloc maps it directly
-    rss_during, heap_during = resident_bytes(), heap_stats()
-    assert rss_during - rss_before >= 60 * MIB
-    assert heap_during.mmapped - heap_before.mmapped >= 60 * MIB
-    del block
-    assert heap_stats().mmapped - heap_before.mmapped < 4 * MIB  # a mapped block is unmapped, not kept
-    assert resident_bytes() - rss_before < 16 * MIB
+    """In a fresh interpreter: in this one, earlier tests (a server's threads, torch) can leave 64 MiB free
+    in a malloc arena, and the block is then carved from pages already resident instead of mapped."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", FOLLOW_AN_ALLOCATION], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @linux_glibc
