@@ -225,6 +225,7 @@ def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio,
             return sdk
 
     sdk = asyncio.run(asyncio.wait_for(run(), 180))
+    assert len({frame["event_id"] for frame in sdk.frames}) == len(sdk.frames), "an event_id came twice"
     responses = responses_in_order(sdk.frames)
     completed = [response for response in responses if response["status"] == "completed"]
     assert len(completed) >= 3

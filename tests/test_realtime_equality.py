@@ -98,6 +98,7 @@ async def realtime_replies(port: int, speech: list[bytes], num_replies: int) -> 
             await socket.send(json.dumps({"type": "input_audio_buffer.commit"}))
         while len(replies) < num_replies:
             raw = await socket.recv()
+            assert isinstance(raw, str), "a binary frame: the Realtime API is JSON text frames only"
             event = json.loads(raw)
             assert event["type"] != "error", event
             if event["type"] != "session.updated":  # rate 16000 is outside the SDK's Literal[24000]
