@@ -371,6 +371,8 @@ class StreamConnection:
             self._end_detached("server_draining")
             return
         self.deliver(self.session.begin_drain(deadline_s, time.monotonic()))
+        # On time, not at the next poll (up to poll_interval_s late): the runtime's drain has a deadline too.
+        self._loop.call_later(deadline_s, lambda: self.deliver(self.session.poll(time.monotonic())))
 
     async def run(self) -> None:
         self.deliver(self.session.start(self.resume_token, self.resume_policy.grace_s if self.resume_policy else None))
