@@ -267,6 +267,36 @@ def test_an_haproxy_reload_keeps_live_sessions_streaming(cluster):
     assert old.wait(timeout=10) == 0  # its last connection gone, the old process ends
 
 
+def test_a_resume_through_the_balancer_reaches_the_replica_that_holds_the_session(cluster):
+    """A dropped connection resumed through HAProxy: the session id in ?resume= routes it to its replica (any
+    other replica would answer resume_expired), and the stream goes on where it was."""
+    balancer, _ = cluster
+    sessions = [open_session(balancer) for _ in range(3)]
+    assert sorted(replica_of(created) for _, created in sessions) == list(REPLICAS)
+    last_seq = {}
+    for ws, created in sessions:
+        ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+        events = recv_until(ws, "session.updated")
+        ws.send(np.zeros(6400 + 1600, dtype=np.int16).tobytes())
+        events += recv_until(ws, "decision")
+        last_seq[created["session_id"]] = events[-1]["seq"]
+        ws.socket.close()  # vanish without a close frame: the network dropped
+    time.sleep(0.5)
+    # In the reverse order, each held open: least connections alone would send them elsewhere.
+    resumed_sessions = []
+    for _, created in reversed(sessions):
+        session_id = created["session_id"]
+        ws = balancer.connect(f"/v1/stream?resume={session_id}&token={created['resume_token']}"
+                              f"&last_seq={last_seq[session_id]}")
+        resumed = json.loads(ws.recv(timeout=10))
+        assert resumed["type"] == "session.resumed" and resumed["session_id"] == session_id, resumed
+        assert resumed["audio_received_s"] == 0.5 and resumed["num_chunks_decided"] == 1
+        resumed_sessions.append(ws)
+    for ws in resumed_sessions:
+        assert stream_decisions(ws, 2) == [1, 2]
+        close_session(ws)
+
+
 def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(cluster):
     balancer, replicas = cluster
     sessions = [open_session(balancer) for _ in range(3)]
