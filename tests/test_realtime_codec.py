@@ -267,9 +267,12 @@ def test_clear_drops_unheard_audio_and_says_so():
 def test_nothing_is_sent_while_the_model_listens():
     h = Harness()
     h.client(append(np.zeros(4800)))
-    quiet = [LiveDecisionEvent(**STAMP, chunk=0, token_id=1, decision="keep_silence", audio_time_s=0.4),
-             LiveTurnBeginEvent(**STAMP, turn=0, chunk=1, audio_time_s=0.8)]
-    assert h.session(*quiet) == []  # a reply is announced at its first token, not at the decision
+    decision = LiveDecisionEvent(**STAMP, chunk=0, token_id=1, decision="keep_silence", audio_time_s=0.4)
+    assert h.session(decision) == []
+    # At the decision to reply: the audio it was made on becomes the user's item; the response itself
+    # is announced at its first token.
+    frames = h.session(LiveTurnBeginEvent(**STAMP, turn=0, chunk=1, audio_time_s=0.8))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
 
 
 # ---- replies ------------------------------------------------------------------------------------------------

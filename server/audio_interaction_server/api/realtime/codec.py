@@ -330,7 +330,9 @@ class RealtimeCodec:
             request, self._request = self._request, None
             self.replies.begin(event.turn, self._settings.max_turn_tokens if self._settings else 0,
                                None if request is None else request.metadata)
-            return []  # the response opens at its first token (replies.py says why)
+            # The audio the decision was made on is committed now; the response itself opens at its first
+            # token (replies.py says why), so these frames are out before the engine has produced it.
+            return self._commit_audio()
         if self.replies.reply is None or getattr(event, "turn", None) != self.replies.reply.turn:
             return []  # a reply's tail after the codec closed it (cannot happen in order; never sent twice)
         if kind == "emotion":
