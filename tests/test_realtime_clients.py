@@ -305,7 +305,7 @@ def test_openai_sdk_telephony_audio_g711(server, shared_audio):
 def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotocol(server):
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
     import websockets
-    from openai import AsyncOpenAI, AuthenticationError
+    from openai import AsyncOpenAI, AuthenticationError, BadRequestError
 
     port = idle(server)
     url = f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
@@ -315,6 +315,9 @@ def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotoco
         secret = await backend.realtime.client_secrets.create(expires_after={"anchor": "created_at", "seconds": 60})
         assert secret.value.startswith("ek_") and secret.expires_at > time.time() + 50
         assert secret.session.type == "realtime"
+        with pytest.raises(BadRequestError) as refused:  # OpenAI's bounds: 10 to 7200 s
+            await backend.realtime.client_secrets.create(expires_after={"anchor": "created_at", "seconds": 5})
+        assert refused.value.code == "invalid_value" and refused.value.param == "expires_after.seconds"
         browser = AsyncOpenAI(api_key=secret.value, base_url=f"http://127.0.0.1:{port}/v1")
         with pytest.raises(AuthenticationError):  # a secret cannot mint more secrets
             await browser.realtime.client_secrets.create()
