@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_interaction_server.tokens import CHUNK_S, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_S, SAMPLE_RATE_HZ
 from benchmarks.harness import REPO_ROOT, free_port, spawn_server
 from benchmarks.served import audio_loop, stream_audio, stream_timing_decisions
 

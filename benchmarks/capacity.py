@@ -62,16 +62,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import StreamingLogMel, log_mel_whole
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model
-from audio_interaction_server.config import EngineConfig, ScriptedTurns, SessionOptions
+from audio_interaction_server.config import EngineConfig, ScriptedTurns
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.engine.events import Decision, SessionEnded, TurnBegin, TurnEnd, TurnToken
 from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.engine.scripted import scripted_token
-from audio_interaction_server.tokens import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
 
 from benchmarks.harness import server_log, shared_audio_dir, spawn_server

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
 
-    from audio_interaction_server.settings import ServerConfig
+    from audio_interaction_server.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

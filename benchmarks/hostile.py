@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_interaction_server.tokens import SAMPLE_RATE_HZ
+from audio_interaction_server.spec import SAMPLE_RATE_HZ
 from benchmarks.harness import REPO_ROOT, spawn_server
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,

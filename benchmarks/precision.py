@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence, offline_chunks
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model
 from audio_interaction_server.engine.conversation import Conversation

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from audio_interaction_server.tokens import SAMPLE_RATE_HZ
+from audio_interaction_server.spec import SAMPLE_RATE_HZ
 from benchmarks.harness import server_log, spawn_server
 from benchmarks.served import FRAME_SAMPLES, audio_loop, stream_audio
 

@@ -26,7 +26,7 @@ from audio_interaction_server.config import EngineConfig, ScriptedTurns
 from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 from audio_interaction_server.engine.worker import Worker
 from audio_interaction_server.model.checkpoint import load_model
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 from benchmarks.harness import shared_audio_dir
 
 

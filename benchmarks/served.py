@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
-from audio_interaction_server.tokens import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from benchmarks.harness import shared_audio_dir
 
 FRAME_SAMPLES = 1600  # 100 ms frames

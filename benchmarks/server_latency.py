@@ -34,9 +34,10 @@ import torch
 
 from audio_interaction_server.audio.frontend import StreamingLogMel
 from audio_interaction_server.model.checkpoint import load_model
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import Decision
-from audio_interaction_server.tokens import CHUNK_S, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_S, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import Worker
 
 from benchmarks.harness import spawn_server

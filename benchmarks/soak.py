@@ -31,10 +31,11 @@ import torch
 
 from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file, load_audio_sequence
 from audio_interaction_server.model.checkpoint import load_model
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import SessionEnded
 from audio_interaction_server.api.metrics import heap_stats, resident_bytes
-from audio_interaction_server.tokens import CHUNK_SAMPLES
+from audio_interaction_server.spec import CHUNK_SAMPLES
 from audio_interaction_server.engine.worker import Worker
 
 from benchmarks.harness import shared_audio_dir

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.model.encoder import AudioEncoder

@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.api.metrics import SESSION_STATE, heap_stats
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
-from audio_interaction_server.settings import ConfigError, ServerConfig, load_config
+from audio_interaction_server.config import ConfigError, ServerConfig, load_config
 from benchmarks.harness import LiveServer, spawn_server
 
 API_KEY = "test-key"

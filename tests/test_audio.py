@@ -25,7 +25,7 @@ from audio_interaction_server.audio.frontend import (
     normalize_log_mel,
     offline_chunks,
 )
-from audio_interaction_server.tokens import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
 
 
 @pytest.fixture(scope="module")

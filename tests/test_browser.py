@@ -27,7 +27,7 @@ except ImportError:
     pytest.skip("browser tests need the playwright package (pip install playwright; no browser download)",
                 allow_module_level=True)
 
-from audio_interaction_server.settings import ServerConfig  # noqa: E402
+from audio_interaction_server.config import ServerConfig  # noqa: E402
 from benchmarks.harness import CHROMIUM_FLAGS, LiveServer, free_port  # noqa: E402
 
 API_KEY = "browser-key"

@@ -20,7 +20,7 @@ import pytest
 import soundfile
 
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 from benchmarks.harness import LiveServer
 
 CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.engine.conversation import ContextFull, Conversation, Phase
 from audio_interaction_server.engine.events import ContextRollover, Decision, TurnBegin, TurnEnd, TurnToken
 
@@ -287,7 +287,8 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
     the argmax at its position without the cache."""
     import torch
 
-    from audio_interaction_server.config import EngineConfig, SessionOptions
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.options import SessionOptions
     from audio_interaction_server.model.encoder import AudioEncoder
     from audio_interaction_server.engine.sampling import DECISION_TOKENS
     from audio_interaction_server.engine.worker import Worker

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from audio_interaction_server.settings import load_config
+from audio_interaction_server.config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
-from audio_interaction_server.settings import load_config
+from audio_interaction_server.config import load_config
 from benchmarks.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +300,7 @@ def is_setting(variable: str) -> bool:
     """Whether ``AIS_...`` names a field of ServerConfig (what load_config accepts from the environment)."""
     from pydantic import BaseModel
 
-    from audio_interaction_server.settings import ENV_NESTING, ENV_PREFIX, ServerConfig
+    from audio_interaction_server.config import ENV_NESTING, ENV_PREFIX, ServerConfig
 
     model: type[BaseModel] | None = ServerConfig
     for key in variable.removeprefix(ENV_PREFIX).lower().split(ENV_NESTING):

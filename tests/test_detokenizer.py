@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models
 
 from audio_interaction_server.render.detokenizer import StreamingDetokenizer, byte_level_chars, incomplete_tail_start
-from audio_interaction_server.tokens import TEXT_BEGIN, TEXT_END, is_control_token
+from audio_interaction_server.spec import TEXT_BEGIN, TEXT_END, is_control_token
 
 CHINESE = "你好，世界！今天天气怎么样？我们去公园散步吧，顺便买一杯咖啡。"
 EMOJI = "👋🏽 hi 🎉 🇺🇸👨‍👩‍👧 ok 😀😀"

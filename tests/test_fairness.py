@@ -9,11 +9,12 @@ import time
 import numpy as np
 import torch
 
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import Decision, SessionStarted
 from audio_interaction_server.api.connection import StreamConnection
 from audio_interaction_server.api.session import ModelInfo, Session
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.engine.worker import Worker
 
 OPTIONS = SessionOptions(max_turn_tokens=6)

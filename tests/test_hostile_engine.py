@@ -19,8 +19,9 @@ from pydantic import ValidationError
 
 import audio_interaction_server.engine.runner as runner_module
 import audio_interaction_server.engine.scheduler as scheduler_module
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import EngineConfig, SamplingOptions, SessionOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SamplingOptions, SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.engine.events import Decision, SessionEnded, TurnToken
 from audio_interaction_server.engine.worker import Worker

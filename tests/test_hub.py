@@ -24,7 +24,7 @@ import pytest
 
 from audio_interaction_server.model.checkpoint import CheckpointError, load_model
 from audio_interaction_server.model.hub import parse_repo_id, resolve_checkpoint_source
-from audio_interaction_server.settings import ConfigError, load_config
+from audio_interaction_server.config import ConfigError, load_config
 
 REPO_ID = "zhifeixie/AudioInteraction"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,6 +1,6 @@
 """What importing a module of the package drags in: the wire schema and the settings stay light.
 
-Clients, schema validators and config tools import ``protocol``/``config``/``settings``; they must not
+Clients, schema validators and config tools import ``protocol``/``options``/``config``; they must not
 pay for torch (seconds, gigabytes of CUDA libraries) nor load the engine's state machine.
 """
 
@@ -24,7 +24,7 @@ def modules_loaded_by(module: str) -> set[str]:
     return set(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize("module", ["protocol", "config", "settings"])
+@pytest.mark.parametrize("module", ["protocol", "options", "config", "spec"])
 def test_the_wire_schema_and_settings_load_neither_torch_nor_the_engine(module):
     loaded = modules_loaded_by(f"audio_interaction_server.{module}")
     assert "torch" not in loaded
@@ -41,9 +41,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
 
 # The folders are the threads (docs/architecture.md); a module's group is its folder, or its own name at the top.
 FOLDERS = {"model", "engine", "audio", "render", "api", "demo", "tools"}
-TOP_LEVEL = {"__init__", "__main__", "cli", "config", "settings", "protocol", "tokens"}
-LEAVES = {"tokens", "config", "engine.events"}  # import nothing of the package
-LIGHT = {"protocol", "config", "settings", "tokens", "engine.events"}  # what clients and config tools import
+TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol"}
+LEAVES = {"options", "spec", "engine.events"}  # import nothing of the package
+LIGHT = {"protocol", "options", "config", "spec", "engine.events"}  # what clients and config tools import
 
 
 def group(module: str) -> str:
@@ -105,8 +105,8 @@ class _ImportCollector(ast.NodeVisitor):
         assert node.level == 0, f"{self.importer}: relative import (the package uses absolute ones)"
         module = node.module or ""
         for alias in node.names:
-            # `from audio_interaction_server import tokens` imports the module tokens;
-            # `from audio_interaction_server.tokens import X` imports tokens too.
+            # `from audio_interaction_server import spec` imports the module spec;
+            # `from audio_interaction_server.spec import X` imports spec too.
             submodule = f"{module}.{alias.name}"
             names_a_module = package_module(submodule) not in (None, package_module(module))
             self._add(submodule if names_a_module else module)
@@ -143,11 +143,12 @@ def direction_problems(source: str, target: str) -> list[str]:
         problems.append(f"{source} imports cli (only __main__ may)")
     if source in LEAVES and target != source:
         problems.append(f"{source} is a leaf but imports {target}")
-    if source == "protocol" and target != "config":
-        problems.append(f"protocol imports {target} (the wire schema depends on the options only)")
-    if source_group == "model" and target_group not in {"model", "tokens"}:
+    # config checks at start-up that a checkpoint that is no directory names a Hub repo: the Hub's own parser.
+    if source in ("protocol", "config") and target != "options" and (source, target) != ("config", "model.hub"):
+        problems.append(f"{source} imports {target} (the wire schema and the config depend on the options only)")
+    if source_group == "model" and target_group not in {"model", "spec"}:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")
-    if source_group == "engine" and target_group in {"protocol", "render", "api", "audio", "demo", "cli"}:
+    if source_group == "engine" and target_group not in {"engine", "model", "spec", "options", "config"}:
         problems.append(f"engine module {source} imports {target} (the engine speaks token ids only)")
     if source_group == "render" and (target_group in {"model", "api", "audio", "demo", "cli"}
                                      or (target_group == "engine" and target != "engine.events")):
@@ -155,10 +156,10 @@ def direction_problems(source: str, target: str) -> list[str]:
     if source_group == "api" and target_group == "engine" and target not in {"engine.worker", "engine.events"}:
         problems.append(f"api module {source} imports {target} (of the engine, only the Worker and its events)")
     # The per-stream chain still takes the wire's AudioFormat (protocol); the front-end itself needs spec only.
-    if source_group == "audio" and target_group not in {"audio", "tokens", "protocol"}:
+    if source_group == "audio" and target_group not in {"audio", "spec", "protocol"}:
         problems.append(f"audio module {source} imports {target} (the front-end is sans-I/O)")
     # qwen_vocab writes the vocabulary with the detokenizer's byte alphabet, so both agree by construction.
-    if source_group == "demo" and target_group not in {"demo", "model", "tokens"} and target != "render.detokenizer":
+    if source_group == "demo" and target_group not in {"demo", "model", "spec"} and target != "render.detokenizer":
         problems.append(f"demo module {source} imports {target} (the demo is a model, built from the model's parts)")
     return problems
 

@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from audio_interaction_server import settings
+from audio_interaction_server import config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "server" / "audio_interaction_server"
@@ -16,9 +16,9 @@ PACKAGE = ROOT / "server" / "audio_interaction_server"
 
 def test_the_default_settings_are_the_packages_own_file():
     """An installed package finds its defaults without a checkout: the YAML sits inside it."""
-    assert settings.DEFAULT_CONFIG_PATH == PACKAGE / "default.yaml"
-    assert settings.DEFAULT_CONFIG_PATH.is_file()
-    assert settings._read_yaml(settings.DEFAULT_CONFIG_PATH), "the default YAML sets nothing"
+    assert config.DEFAULT_CONFIG_PATH == PACKAGE / "default.yaml"
+    assert config.DEFAULT_CONFIG_PATH.is_file()
+    assert config._read_yaml(config.DEFAULT_CONFIG_PATH), "the default YAML sets nothing"
 
 
 def test_a_wheel_holds_one_package_with_its_web_page_and_default_settings(tmp_path):

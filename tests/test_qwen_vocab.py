@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from audio_interaction_server.render.detokenizer import byte_level_chars
-from audio_interaction_server.tokens import KEEP_SILENCE, SYSTEM_PROMPT, USER
+from audio_interaction_server.spec import KEEP_SILENCE, SYSTEM_PROMPT, USER
 from audio_interaction_server.demo import qwen_vocab
 
 ROUND_TRIP_TEXTS = [

@@ -18,7 +18,7 @@ from audio_interaction_server.api.commands import (
 )
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.audio.g711 import MULAW_TO_S16
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.protocol import (
     AudioFormat, ErrorEvent, InputClearedEvent, InputFlushedEvent, LiveDecisionEvent, LiveEmotionEvent,
     LiveTextDeltaEvent, LiveTurnBeginEvent, LiveTurnEndEvent, SegmentEvent, SessionClosedEvent, SessionCreatedEvent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.engine.events import (
     ContextRollover, Decision, SessionStarted, TurnBegin, TurnEnd, TurnToken,
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.engine.runner import SAMPLING_FAILED, STEP_FAILED, PlannedRow, Runner
 from audio_interaction_server.engine.sampling import DECISION_TOKENS

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.conversation import BLOCK_TOKENS, Phase
 from audio_interaction_server.engine.events import AudioCleared, Decision, EndCode, SessionEnded, TurnBegin, TurnEnd
 from audio_interaction_server.engine.prompt import PromptEncoder

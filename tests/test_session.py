@@ -11,12 +11,12 @@ import pytest
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.events import EndCode, SessionEnded
-from audio_interaction_server.tokens import KEEP_SILENCE, TEXT_BEGIN
+from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import CLOSE_CODE_OF_END, ModelInfo, Session
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.engine.worker import Worker
 
 WALL_EPOCH_S = 1_800_000_000.0

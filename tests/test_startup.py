@@ -283,7 +283,7 @@ def test_a_second_sigterm_during_a_drain_stops_at_once(tiny_checkpoint):
 def test_serve_flags_for_replicas():
     from audio_interaction_server.__main__ import overrides_from
     from audio_interaction_server.cli import build_parser
-    from audio_interaction_server.settings import load_config
+    from audio_interaction_server.config import load_config
 
     args = build_parser().parse_args(["serve", "--replica-id", "ais2", "--drain-timeout", "45", "--agent-port",
                                       "8001", "--busy-refusal", "http_503"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from audio_interaction_server.settings import ConfigError, load_config
+from audio_interaction_server.config import ConfigError, load_config
 from test_deployment import healthcheck_argv
 
 x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")

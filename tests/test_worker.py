@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
     AudioCleared, ContextRollover, Decision, EndCode, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
 )
@@ -255,7 +256,7 @@ def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sampling_with_a_seed_is_reproducible(tiny_model, stream_chunks, seed):
-    from audio_interaction_server.config import SamplingOptions
+    from audio_interaction_server.options import SamplingOptions
 
     options = SessionOptions(max_turn_tokens=5, sampling=SamplingOptions(temperature=1.0, top_k=50, seed=seed))
     runs = []
@@ -364,6 +365,20 @@ def test_on_request_mode_never_replies_unasked(tiny_model, stream_chunks):
     asked = decisions_alone(tiny_model, audio, SessionOptions(max_turn_tokens=6, reply_mode="on_request"))
     assert len(asked.of(Decision)) == len(audio)
     assert all(d.token_id == T.KEEP_SILENCE for d in asked.of(Decision)) and not asked.of(TurnBegin)
+
+
+def test_a_cancel_withdraws_a_requested_reply_that_has_not_begun(tiny_model, stream_chunks):
+    """A client that asks for a reply and cancels it before it starts gets none (OpenAI Realtime's
+    response.create then response.cancel): in on_request mode the session only listens."""
+    audio = torch.cat(stream_chunks[:2])
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    rec = Recorder()
+    worker.open_session("s", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), rec)
+    worker.request_reply("s")
+    worker.cancel("s")
+    worker.push_audio("s", audio)
+    worker.run_until_idle()
+    assert len(rec.of(Decision)) == len(audio) and not rec.of(TurnBegin)
 
 
 def test_a_request_while_a_reply_runs_is_ignored(tiny_model, stream_chunks):

@@ -54,7 +54,7 @@ def boost_emotions(checkpoint: Path, factor: float) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from audio_interaction_server import tokens as T
+    from audio_interaction_server import spec as T
 
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
     shard = checkpoint / index["weight_map"]["lm_head.weight"]
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT / "server"))  # the package, also where it is not pip-installed
     from audio_interaction_server.api.app import build_server, create_app
-    from audio_interaction_server.settings import ServerConfig
+    from audio_interaction_server.config import ServerConfig
     from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -108,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from audio_interaction_server.settings import ConfigError, load_config
+    from audio_interaction_server.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, os.environ, overrides_from(args))

@@ -27,16 +27,18 @@ import torch
 
 from pydantic import ValidationError
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import (
     AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks,
 )
 from audio_interaction_server.audio.stream import AudioInput
+from audio_interaction_server.demo.source import resolve_model_source
 from audio_interaction_server.model.checkpoint import CheckpointError, load_model
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.render.replies import ReplyRenderer
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.worker import Worker
 
 log = logging.getLogger("audio_interaction_server.cli")
@@ -110,14 +112,7 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    if checkpoint is not None:
-        from audio_interaction_server.model.hub import resolve_checkpoint_source
-
-        return resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
-    from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
-
-    log.warning("no --checkpoint given: using the tiny RANDOM demo model (its replies are noise)")
-    return ensure_demo_checkpoint()
+    return resolve_model_source(checkpoint)
 
 
 # Which command-line flag sets each validated field, so an error names what the user typed.

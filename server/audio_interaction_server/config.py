@@ -1,54 +1,35 @@
-"""Validated settings, built once at start-up and passed down (nothing reads the environment later)."""
+"""The server's one validated configuration: YAML file, then ``AIS_*`` environment, then flags.
+
+Built once at start-up by ``load_config`` and passed down; nothing reads the
+environment after that. Precedence, lowest first: the model defaults below,
+the package's ``default.yaml`` (or ``--config PATH``), environment variables, command-line flags.
+
+Environment variables: ``AIS_`` + the field path in capitals, ``__`` between levels::
+
+    AIS_PORT=9000  AIS_API_KEY=secret  AIS_ENGINE__CHECKPOINT=/models/ai  AIS_SESSION__MAX_TURN_TOKENS=256
+    AIS_ALLOWED_ORIGINS=https://a.example,https://b.example      (or a JSON list)
+
+An unknown ``AIS_*`` name is an error, so a typo cannot be silently ignored.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from audio_interaction_server.options import SessionOptions
 
-# Sampling ranges are what the sampler can run, checked where options enter (the wire, the config file),
-# so one session's options can never reach the model worker as NaN probabilities or an unseedable generator.
-# Below MIN_TEMPERATURE sampling is greedy in all but name (a logit gap of 1 becomes a factor of e^100) and,
-# near 1e-38, logits / temperature overflows float32; 0 asks for greedy explicitly.
-MIN_TEMPERATURE = 0.01
-MAX_TEMPERATURE = 5.0
-# A nucleus below 0.1 % of the mass keeps only the most likely token for any model; far below it, top_p
-# rounds to 0 in float32.
-MIN_TOP_P = 1e-3
-# Above any real vocabulary (Qwen's is 151,936), so every meaningful top_k fits; bounds JSON big integers.
-MAX_TOP_K = 1_000_000
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
-
-ReplyMode = Literal["model", "on_request"]
-
-
-class SamplingOptions(BaseModel):
-    """Per-session reply sampling; the defaults are greedy, as the reference decodes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = Field(
-        0.0, ge=0.0, le=MAX_TEMPERATURE, description=f"0 = greedy, else {MIN_TEMPERATURE}..{MAX_TEMPERATURE}",
-        # The same gap in the published JSON Schema, so schema validators refuse what the server refuses.
-        json_schema_extra={"not": {"exclusiveMinimum": 0.0, "exclusiveMaximum": MIN_TEMPERATURE}},
-    )
-    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = no top-k limit")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of this session's sampler; random when unset")
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_runnable(cls, temperature: float) -> float:
-        if 0.0 < temperature < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; below that sampling is greedy "
-                             "anyway and near 1e-38 it overflows")
-        return temperature
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+ENV_PREFIX = "AIS_"
+ENV_NESTING = "__"
+# Shipped as package data, so an installed package finds its defaults without a checkout.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
+# A replica id is a host name's characters: no "_", which separates it from the rest of a session id.
+REPLICA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$"
 
 
 class ScriptedTurns(BaseModel):
@@ -127,17 +108,270 @@ class EngineConfig(BaseModel):
     )
 
 
-class SessionOptions(BaseModel):
-    """Per-session model options (the wire protocol's session configuration carries these)."""
+def split_list(value: Any) -> Any:
+    """A list setting in the environment's comma-separated form ("a, b" -> ["a", "b"]); lists pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    system_prompt: str | None = Field(None, description="None = the model's trained system prompt")
-    max_turn_tokens: int = Field(512, ge=1, le=4096, description="reply cap, emotion tag included")
-    sampling: SamplingOptions = SamplingOptions()
-    reply_mode: ReplyMode = Field(
-        "model",
-        description="model = the model decides at every chunk whether to reply (a reply can also be requested); "
-        "on_request = the model only listens until a reply is requested (manual turns, as OpenAI Realtime's "
-        "turn_detection null)",
-    )
+class ConfigError(ValueError):
+    """A configuration that cannot start the server; the message names every bad field and its source."""
+
+
+class TransportSettings(BaseModel):
+    """Limits enforced below the app, on each TCP connection (api/transport.py, docs/deployment.md).
+
+    They hold before a request reaches a route and for traffic the app never sees (WebSocket
+    pings, a peer that stops reading), so a hostile client costs the server a bounded amount.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed; empty = none, the peer address is the client's")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's line and headers")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="request line and headers; larger gets HTTP 431")
+    max_pending_handshakes: int = Field(
+        512, ge=1, description="connections still sending their request headers after a second, all clients "
+        "together; beyond, new connections get HTTP 503 at once")
+    max_pending_handshakes_per_ip: int = Field(
+        16, ge=1, description="the same per client address (trusted proxies exempt); beyond, HTTP 429 at once")
+    control_frames_per_s: float = Field(
+        5.0, gt=0, description="WebSocket pings and pongs a client may send per second, sustained; beyond "
+        "control_frame_burst the connection is closed with 1008")
+    control_frame_burst: int = Field(50, ge=1, description="pings and pongs a client may send at once")
+    max_write_buffer_bytes: int = Field(
+        1024 * 1024, ge=64 * 1024, description="bytes waiting for a client that does not read; beyond, the connection "
+        "is aborted")
+    write_stall_timeout_s: float = Field(
+        15.0, gt=0, description="how long a client may leave the server unable to write to it before the connection "
+        "is aborted and its session freed")
+    close_timeout_s: float = Field(
+        2.0, gt=0, description="after the server closes a connection, how long the client has to acknowledge and "
+        "take the last bytes before the socket is dropped")
+
+    _split_proxies = field_validator("trusted_proxies", mode="before")(split_list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_only(cls, proxies: list[str]) -> list[str]:
+        # No "*": trusting every peer would let any client choose the address the per-IP limits see.
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return proxies
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
+    # TLS by uvicorn itself: a page opened from another host gets the microphone only over https://.
+    ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): serve https:// and wss://; "
+                                      "needs ssl_keyfile. None = plain http:// and ws://")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile (unencrypted)")
+    api_key: SecretStr | None = Field(None, description="None = no authentication")
+    allowed_origins: list[str] = Field(default_factory=list, description="browser Origins allowed; empty = any")
+    max_sessions: int | None = Field(None, ge=1, description="concurrent streams; None = engine.max_sessions")
+    max_subscribers_per_session: int = Field(4, ge=0)
+    connect_rate_per_ip: float | None = Field(
+        10.0, gt=0, description="WebSocket connection attempts per second per client IP, sustained (beyond "
+        "connect_burst_per_ip at once); more get HTTP 429 before the handshake. None = no limit")
+    connect_burst_per_ip: int = Field(100, ge=1, description="connection attempts one client IP may make at once")
+    max_frame_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_buffered_audio_s: float = Field(60.0, gt=0, description="audio accepted but not yet heard by the model")
+    max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
+    idle_timeout_s: float = Field(120.0, gt=0, description="close a stream after this long without a client frame")
+    max_session_s: float = Field(4 * 3600.0, gt=0)
+    resume_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="a /v1/stream session whose connection drops without a normal close "
+        "waits this long, holding its slot and context, for the client to resume it (docs/protocol.md); 0 = off")
+    resume_max_events: int = Field(
+        2_000, ge=10, description="events a session keeps for a resume: its newest while connected; while "
+        "detached, one more ends it (resume_expired)")
+    memory_trim_interval_s: float | None = Field(
+        60.0, gt=0, description="seconds between malloc_trim calls that return the glibc heap's free pages to "
+        "the OS (docs/reliability.md); None = never. No effect off glibc")
+    trailing_silence_s: float = Field(1.0, ge=0, le=10, description="input.flush default, as the offline CLI's")
+    decision_events: bool = Field(False, description="default of session.configure's decision_events")
+    transport: TransportSettings = TransportSettings()
+    session: SessionOptions = SessionOptions()
+    engine: EngineConfig = EngineConfig()
+    demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")
+    api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
+                           "off by default: they map the server for anyone who can reach it")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    # ---- running as one of several replicas behind a load balancer (docs/scaling.md) ----
+    replica_id: str | None = Field(
+        None, pattern=REPLICA_ID_PATTERN, description="begins every session id (<replica_id>_<32 hex>) so a load "
+        "balancer can send a subscriber to the replica holding the session; None = this host's name")
+    busy_refusal: Literal["error_event", "http_503"] = Field(
+        "error_event", description="how a new session is refused when all sessions are in use, the server drains "
+        "or the model is not ready: error_event = accept, send an error event, close 1013 (for clients that "
+        "connect directly); http_503 = refuse the handshake with HTTP 503 + Retry-After (behind a load balancer, "
+        "which then retries another replica)")
+    busy_retry_after_s: int = Field(1, ge=0, le=3600, description="the Retry-After of an HTTP 503 refusal")
+    drain_timeout_s: float | None = Field(
+        None, gt=0, description="SIGTERM (or POST /v1/admin/drain) drains: no new sessions, each open one is told "
+        "session.going_away, finishes its reply and is closed with 1012, all within this many seconds; then the "
+        "process exits 0. None = SIGTERM stops at once (sessions closed with 1001), no drain call")
+    agent_port: int | None = Field(
+        None, ge=0, le=65535, description="TCP port of the capacity agent for HAProxy's agent-check (on host); "
+        "0 = any free port; None = no agent")
+
+    _split_origins = field_validator("allowed_origins", mode="before")(split_list)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _no_trailing_slash(cls, origins: list[str]) -> list[str]:
+        # Browsers send "https://a.example", never with a path; a trailing slash would never match.
+        return [origin.rstrip("/") for origin in origins]
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_api_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key would be matched by a bare ``?api_key=`` while /v1/info reports auth on;
+        # a blank one is a quoting slip, not a wish to turn authentication off. Only null does that.
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if not value.strip():
+            raise ValueError("an empty or blank API key is not allowed; set a key, or leave api_key null "
+                             "(AIS_API_KEY unset or empty) to turn authentication off")
+        if value != value.strip():
+            raise ValueError("the API key must not begin or end with whitespace (clients' keys are stripped "
+                             "of it, so such a key could never match)")
+        return key
+
+    @model_validator(mode="after")
+    def _sessions_fit_the_engine(self) -> ServerConfig:
+        if self.max_sessions is None:
+            self.max_sessions = self.engine.max_sessions
+        elif self.max_sessions > self.engine.max_sessions:
+            raise ValueError(
+                f"max_sessions ({self.max_sessions}) exceeds engine.max_sessions ({self.engine.max_sessions}), "
+                "the number of KV-cache slots; raise engine.max_sessions too"
+            )
+        checkpoint = self.engine.checkpoint
+        if checkpoint is not None and not self.demo and not checkpoint.is_dir():
+            from audio_interaction_server.model.hub import parse_repo_id
+
+            # Fail at start-up, not minutes later in the background loader; a repo id is
+            # fetched (or found in the HF cache) by the loader, see model/hub.py.
+            if parse_repo_id(str(checkpoint)) is None:
+                raise ValueError(
+                    f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
+                    "('owner/name' or 'owner/name@revision')"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_both_readable_files(self) -> ServerConfig:
+        # Checked with the rest of the configuration (exit 2, the field named), not as a traceback from ssl.
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given, missing = ("ssl_certfile", "ssl_keyfile") if self.ssl_keyfile is None else ("ssl_keyfile",
+                                                                                                 "ssl_certfile")
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its key")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo or self.engine.checkpoint is None
+
+    @property
+    def session_capacity(self) -> int:
+        assert self.max_sessions is not None  # filled in by the validator
+        return self.max_sessions
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Defaults < YAML (``path``, else the package's default.yaml) < ``AIS_*`` in ``environ`` < overrides.
+
+    ``overrides`` uses nested dicts (``{"engine": {"checkpoint": ...}}``); the caller passes
+    ``os.environ`` explicitly so tests and embedders control what is read.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    yaml_path = path if path is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+    if yaml_path is not None:
+        _merge(merged, _read_yaml(yaml_path), sources, str(yaml_path))
+    for name, value in sorted((environ or {}).items()):
+        if name.startswith(ENV_PREFIX):
+            keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
+            _merge(merged, _nest(keys, _env_value(value)), sources, f"environment {name}")
+    _merge(merged, dict(overrides or {}), sources, "command line")
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _env_value(text: str) -> Any:
+    """Strings stay strings (pydantic converts numbers and booleans); JSON lists/objects are parsed;
+    an empty value means null, so ``AIS_API_KEY=`` turns authentication off. A blank value (spaces)
+    is not empty: it goes to validation, which reports it against its field."""
+    if not text:
+        return None
+    stripped = text.strip()
+    if not stripped:
+        return text
+    if stripped[0] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return text  # let validation report it against the field
+    return text
+
+
+def _nest(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(keys[1:]):
+        value = {key: value}
+    return {keys[0]: value}
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], sources: dict, source: str, at: tuple = ()) -> None:
+    for key, value in update.items():
+        path = (*at, key)
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, sources, source, path)
+        else:
+            into[key] = value
+            sources[path] = source
+
+
+def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    lines = ["invalid server configuration:"]
+    for item in error.errors():
+        path = tuple(str(part) for part in item["loc"])
+        source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+        where = ".".join(path) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}" + (f" (from {source})" if source else ""))
+    return "\n".join(lines)

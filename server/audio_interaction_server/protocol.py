@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from audio_interaction_server.config import ReplyMode, SamplingOptions  # torch-free, so clients can import the protocol
+from audio_interaction_server.options import ReplyMode, SamplingOptions  # a leaf: clients import the protocol
 
 EMOTIONS = Literal["happy", "sad", "angry", "surprise", "normal", "urgent"]
 

@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
@@ -39,7 +39,7 @@ from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
 from audio_interaction_server.api.transport import TransportGuard
 from audio_interaction_server.protocol import PROTOCOL_VERSION
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,9 @@ def _info(runtime: Runtime, is_authorized: bool) -> dict:
         "limits": {"max_frame_bytes": config.max_frame_bytes, "max_buffered_audio_s": config.max_buffered_audio_s,
                    "idle_timeout_s": config.idle_timeout_s, "max_session_s": config.max_session_s},
         "auth": "api_key" if config.api_key is not None else "none",
-        "endpoints": {"stream": "/v1/stream", "subscribe": "/v1/sessions/{session_id}/events"},
+        "endpoints": {"stream": "/v1/stream", "subscribe": "/v1/sessions/{session_id}/events",
+                      "realtime": "/v1/realtime", "client_secrets": "/v1/realtime/client_secrets", "load": "/v1/load"},
+        "resume_grace_s": config.resume_grace_s,
     }
     if is_authorized:
         info.update({

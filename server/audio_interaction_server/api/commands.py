@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.protocol import AudioFormat
 
 

@@ -27,7 +27,7 @@ from audio_interaction_server.api.admission import Throttle
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.worker import Worker
@@ -299,26 +299,15 @@ class Runtime:
         return await outcome
 
     def _load_blocking(self) -> tuple[LoadedModel, Worker]:
-        from audio_interaction_server.model.checkpoint import load_model
+        from audio_interaction_server.demo.source import resolve_model_source
         from audio_interaction_server.engine.worker import Worker
+        from audio_interaction_server.model.checkpoint import load_model
 
         engine = self.config.engine
         checkpoint = engine.checkpoint
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
-        if self.config.is_demo:
-            from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
-
-            log.warning("=" * 72)
-            log.warning("DEMO MODE: serving the tiny RANDOM model; its replies are noise.")
-            log.warning("Set engine.checkpoint (AIS_ENGINE__CHECKPOINT) to serve the real model.")
-            log.warning("=" * 72)
-            checkpoint = ensure_demo_checkpoint()
-        else:
-            from audio_interaction_server.model.hub import resolve_checkpoint_source
-
-            assert checkpoint is not None  # is_demo is true without one
-            checkpoint = resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
+        checkpoint = resolve_model_source(checkpoint, self.config.is_demo)
         model = load_model(checkpoint, engine.device, engine.dtype)
         if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
             raise RuntimeError("the server stopped while the model loaded")

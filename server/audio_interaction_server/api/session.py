@@ -31,7 +31,7 @@ from audio_interaction_server.api.commands import (
 )
 from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
-from audio_interaction_server.config import SessionOptions
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
     AudioCleared, Decision, EndCode, EngineEvent, SessionEnded, TurnBegin, TurnEnd,
 )
@@ -40,7 +40,7 @@ from audio_interaction_server.protocol import (
     SessionGoingAwayEvent, SessionLimits, SessionResumedEvent, SessionSettings, SessionUpdatedEvent, summarize,
 )
 from audio_interaction_server.render.presenter import ReplyPresenter
-from audio_interaction_server.settings import ServerConfig
+from audio_interaction_server.config import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
 

@@ -45,7 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
-from audio_interaction_server.settings import TransportSettings
+from audio_interaction_server.config import TransportSettings
 
 log = logging.getLogger(__name__)
 

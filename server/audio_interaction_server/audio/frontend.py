@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.audio_utils import mel_filter_bank
 
-from audio_interaction_server.tokens import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
 
 N_FFT: Final = 400
 HOP_SAMPLES: Final = 160

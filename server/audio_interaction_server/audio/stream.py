@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import StreamingLogMel, StreamingResampler, decode_pcm
 from audio_interaction_server.protocol import AudioFormat
 

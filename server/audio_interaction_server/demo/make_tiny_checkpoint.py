@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
-from audio_interaction_server.tokens import TEXT_END
+from audio_interaction_server.spec import TEXT_END
 
 if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds
     from transformers import Qwen2_5OmniConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Union
 
-from audio_interaction_server.config import SessionOptions
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import EngineEvent
 
 EmitFn = Callable[[list[EngineEvent]], None]

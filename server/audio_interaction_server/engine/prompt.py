@@ -17,7 +17,7 @@ from array import array
 from collections import OrderedDict
 from typing import Any
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 
 
 class PromptEncoder:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
 from audio_interaction_server.model.checkpoint import LoadedModel

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import SamplingOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.options import SamplingOptions
 
 
 # The only two tokens a listening block may continue with, in the column order ``decide`` expects.

@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from audio_interaction_server import tokens as T
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server import spec as T
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import EmitFn
 from audio_interaction_server.engine.conversation import Conversation, Phase, RowPlan
 from audio_interaction_server.engine.events import AudioCleared, EndCode, EngineEvent, SessionEnded
@@ -29,7 +30,7 @@ from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
 from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.model.lm import FLEX_QUERY_ROWS
-from audio_interaction_server.tokens import CHUNK_S
+from audio_interaction_server.spec import CHUNK_S
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,9 @@ class Scheduler:
 
     @staticmethod
     def cancel(session: SessionState) -> list[EngineEvent]:
+        """Cut the reply in progress, and withdraw a requested one that has not started: a client that asks
+        for a reply and cancels before it begins wants none."""
+        session.reply_requested = False
         return session.conversation.cancel()
 
     @staticmethod

@@ -11,7 +11,7 @@ Runs that use it must say so (the server logs a warning at start-up).
 
 from __future__ import annotations
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.config import ScriptedTurns
 from audio_interaction_server.engine.conversation import Conversation, Phase
 

@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from audio_interaction_server.config import EngineConfig, SessionOptions
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audio_interaction_server.tokens import AUDIO_FRAMES_PER_CHUNK, MEL_FRAMES_PER_CHUNK
+from audio_interaction_server.spec import AUDIO_FRAMES_PER_CHUNK, MEL_FRAMES_PER_CHUNK
 
 NUM_MEL_BINS = 128
 

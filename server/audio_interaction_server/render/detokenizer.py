@@ -13,7 +13,7 @@ a sequence that could still be completed. Hence the concatenated deltas plus
 work and O(1) held-back state per token, also for invalid byte sequences that
 a "hold back while the text ends in U+FFFD" rule would hold forever.
 
-Control ids (``audio_interaction_server.tokens.is_control_token``) are recorded but never
+Control ids (``audio_interaction_server.spec.is_control_token``) are recorded but never
 rendered: 151601-151619 are ordinary BPE tokens the tokenizer would happily
 print as CJK characters.
 """
@@ -25,7 +25,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders
 
-from audio_interaction_server.tokens import is_control_token
+from audio_interaction_server.spec import is_control_token
 
 _MAX_INCOMPLETE_BYTES = 3  # a 4-byte sequence minus its final byte
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audio_interaction_server import tokens as T
+from audio_interaction_server import spec as T
 from audio_interaction_server.render.detokenizer import StreamingDetokenizer
 from audio_interaction_server.engine.events import ContextRollover, Decision, EngineEvent, TurnBegin, TurnEnd, TurnToken
 from audio_interaction_server.protocol import (
