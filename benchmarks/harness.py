@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,3 +214,17 @@ def server_log(process: subprocess.Popen) -> str:
     """Everything a ``spawn_server(..., log_to_file=True)`` server has logged so far."""
     process.log_file.seek(0)
     return process.log_file.read()
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> int | None:
+    """SIGINT (the server's clean stop), then kill if it has not exited within ``timeout_s``; its exit code."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_s)
+        return None
+    finally:
+        if process.stderr is not None:
+            process.stderr.close()

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import json
 import logging
-import signal
 import threading
 import time
 import urllib.request
@@ -65,7 +64,7 @@ class ServerLog:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server
+    from benchmarks.harness import spawn_server, stop_server
 
     process, port = spawn_server(tiny_checkpoint, {
         "AIS_API_KEY": KEY, "AIS_MAX_SESSIONS": "2",
@@ -76,12 +75,7 @@ def server(tiny_checkpoint):
     try:
         yield port, log
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        stop_server(process)
     assert not log.problems(), log.problems()
 
 

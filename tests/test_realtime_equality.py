@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -29,19 +28,14 @@ REPLY_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server
+    from benchmarks.harness import spawn_server, stop_server
 
     process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__SCRIPTED_TURNS__EVERY_CHUNKS": str(EVERY_CHUNKS),
                                                     "AIS_ENGINE__SCRIPTED_TURNS__REPLY_TOKENS": str(REPLY_TOKENS)})
     try:
         yield port
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,19 +33,13 @@ def speech(shared_audio) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server
+    from benchmarks.harness import spawn_server, stop_server
 
     process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20"})
     try:
         yield port
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.stderr.close()
+        stop_server(process)
 
 
 @dataclass
@@ -226,7 +219,7 @@ def test_an_unknown_session_is_resume_expired(server):
 
 
 def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
-    from benchmarks.harness import spawn_server
+    from benchmarks.harness import spawn_server, stop_server
 
     process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "0.5"})
     try:
@@ -242,17 +235,13 @@ def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
         asyncio.run(expired())
         created = asyncio.run(connect_and_drop(port))
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-        process.stderr.close()
+        stop_server(process)
     process, port_after = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "30"})  # a restarted server
     try:
         ws, first = asyncio.run(resume(port_after, created))
         assert first["code"] == "resume_expired"
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-        process.stderr.close()
+        stop_server(process)
 
 
 def metric(port: int, name: str) -> float:
