@@ -415,7 +415,7 @@ def cut_now(proxy) -> None:
 
 @pytest.fixture
 def proxy(live):
-    from cut_proxy import CutProxy
+    from tests.cut_proxy import CutProxy
 
     relay = CutProxy(live.port)
     yield relay
@@ -525,7 +525,7 @@ def test_a_flush_cut_off_is_sent_again_exactly_when_the_server_lacks_it(proxy, u
 def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, shared_audio, tmp_path):
     """Cut, and the server restarts meanwhile: the resume is refused (resume_expired, close 4009), and the
     client says so and goes on in a new session, which gets the rest of the audio."""
-    from cut_proxy import CutProxy
+    from tests.cut_proxy import CutProxy
 
     first = LiveServer(client_config(tiny_checkpoint)).start()
     relay = CutProxy(first.port)
@@ -572,7 +572,7 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
     The client says so and starts a new session, which the relay (a balancer) sends to the other replica."""
     import urllib.request
 
-    from cut_proxy import CutProxy
+    from tests.cut_proxy import CutProxy
 
     draining = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
     other = LiveServer(client_config(tiny_checkpoint)).start()

@@ -250,7 +250,7 @@ def wait_for_port(port: int, timeout_s: float = 10) -> None:
 def test_compose_only_variables_of_the_overlay_do_not_use_the_settings_prefix():
     """As for docker-compose.yml: a variable the user exports for Compose must not reach a server started by hand
     as an unknown AIS_* setting (it would stop with exit status 2)."""
-    from test_deployment import is_setting
+    from tests.test_deployment import is_setting
 
     interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_OVERLAY.read_text()))
     assert "TRUSTED_PROXIES" in interpolated and "AIS_DRAIN_TIMEOUT_S" in interpolated

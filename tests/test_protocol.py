@@ -92,7 +92,7 @@ def test_invalid_client_events_fail_both_pydantic_and_the_schema(event):
 def test_everything_a_session_emits_validates_against_the_schema(tiny_model, shared_audio):
     """A session run through every event kind: created, updated, errors, decisions, turns, segments,
     flushed, closed; each serialised exactly as the app sends it."""
-    from test_session import Harness, s16
+    from tests.api.test_session import Harness, s16
 
     from audio_interaction_server.audio.frontend import load_audio_file
 

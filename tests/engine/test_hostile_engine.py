@@ -25,8 +25,8 @@ from audio_interaction_server.options import SamplingOptions, SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.engine.events import Decision, SessionEnded, TurnToken
 from audio_interaction_server.engine.worker import Worker
-from test_session import Harness
-from test_worker import Recorder, check_end_codes  # noqa: F401  (autouse: every end uses an EndCode)
+from tests.api.test_session import Harness
+from tests.engine.test_worker import Recorder, check_end_codes  # noqa: F401  (autouse: every end uses an EndCode)
 
 WITNESS_OPTIONS = SessionOptions(max_turn_tokens=6)
 # Replies every other chunk, 2 tokens long: every drawn session reaches its reply path (sampling included)

@@ -34,7 +34,7 @@ import pytest
 import soundfile
 import soxr
 
-from test_realtime_codec import check_frame, sdk_adapter
+from tests.api.realtime.test_realtime_codec import check_frame, sdk_adapter
 
 KEY = "realtime-test-key"
 EVERY_CHUNKS = 6  # a reply the model "decides on" every 2.4 s of audio

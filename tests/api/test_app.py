@@ -29,7 +29,7 @@ def server_config(checkpoint: Path, **overrides) -> ServerConfig:
     settings = dict(port=0, api_key=API_KEY, allowed_origins=[GOOD_ORIGIN], log_level="warning",
                     max_frame_bytes=64 * 1024, engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu"},
                     session={"max_turn_tokens": MAX_TURN_TOKENS},
-                    resume_grace_s=0)  # a vanished client ends its session here; tests/test_resume.py covers resume
+                    resume_grace_s=0)  # a vanished client ends its session here; tests/api/test_resume.py covers resume
     settings.update(overrides)
     return ServerConfig.model_validate(settings)
 

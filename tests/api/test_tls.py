@@ -20,7 +20,7 @@ import pytest
 from websockets.sync.client import connect
 
 from audio_interaction_server.config import ConfigError, load_config
-from test_deployment import healthcheck_argv
+from tests.test_deployment import healthcheck_argv
 
 x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

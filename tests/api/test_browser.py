@@ -433,7 +433,7 @@ def test_protocol_client_holds_a_flush_in_doubt_until_its_answer_or_a_quiet_serv
 def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     """The page talks to the server through a TCP relay that the test cuts (no close frame either way): it resumes
     the same session by itself, says so, and in the end the server has every sample the page captured."""
-    from cut_proxy import CutProxy
+    from tests.cut_proxy import CutProxy
 
     relay = CutProxy(live.port)
     wire = WireLog(page)

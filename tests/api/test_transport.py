@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 
 from audio_interaction_server.api.log_bursts import BurstLimiter
 from benchmarks.harness import LiveServer
-from test_app import API_KEY, metric_samples, recv_event, server_config
+from tests.api.test_app import API_KEY, metric_samples, recv_event, server_config
 
 FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)
 TRUSTED_PROXY = "127.0.0.2"  # a second loopback address: Linux routes all of 127/8 to lo

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from test_admission import post, start_a_long_reply
-from test_app import AUTHORIZED, LiveServer, recv_event, server_config
+from tests.api.test_admission import post, start_a_long_reply
+from tests.api.test_app import AUTHORIZED, LiveServer, recv_event, server_config
 
 
 def probe(port: int, send: bytes = b"") -> str:

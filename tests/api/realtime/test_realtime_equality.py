@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 
-from test_realtime_codec import check_frame
+from tests.api.realtime.test_realtime_codec import check_frame
 
 FILES = ["02_translate/sample02_04.wav", "03_cough_music/sample03_01.wav", "01_count_bark/sample01_02.wav"]
 FRAME_BYTES = 3200  # 0.1 s at 16 kHz s16

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.runtime import split_session_id
 from audio_interaction_server.config import ConfigError, load_config
-from test_app import (
+from tests.api.test_app import (
     API_KEY, AUTHORIZED, GOOD_ORIGIN, LiveServer, RecordedLog, metric_samples, recv_event, recv_to_close, recv_until,
     server_config,
 )

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audio_interaction_server.protocol import CLIENT_EVENT_ADAPTER, SERVER_EVENT_ADAPTER
-from test_session import Harness
+from tests.api.test_session import Harness
 
 FUZZ_CASES = 150
 FUZZ = settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

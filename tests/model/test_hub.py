@@ -56,7 +56,7 @@ def offline_env(hf_home: Path) -> dict[str, str]:
 
 def run_python(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", NO_NETWORK + code, *args], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
 
 
 RESOLVE = """

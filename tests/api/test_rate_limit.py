@@ -7,7 +7,7 @@ from websockets.exceptions import InvalidStatus
 
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from benchmarks.harness import LiveServer
-from test_app import metric_samples, recv_event, server_config
+from tests.api.test_app import metric_samples, recv_event, server_config
 
 
 def test_burst_then_the_sustained_rate():
