@@ -31,6 +31,7 @@ class Harness:
         self.worker = worker or Worker(tiny_model, EngineConfig(max_sessions=2))
         self.now_s = 0.0
         self.events: list = []
+        self.holding: list | None = None
         model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
         self.session = Session(session_id, self.config, model, self.worker, self._emit, self.now_s,
                                wall_clock=lambda: WALL_EPOCH_S + self.now_s)
@@ -38,6 +39,9 @@ class Harness:
         self.codec = NativeCodec(self.config.max_frame_bytes)
 
     def _emit(self, engine_events) -> None:  # the worker calls this; here on this very thread
+        if self.holding is not None:  # events on their way from the worker thread, not delivered yet
+            self.holding.append(engine_events)
+            return
         self.events += self.session.on_engine_events(engine_events, self.now_s)
 
     def send(self, event: dict | str) -> list:
@@ -355,6 +359,25 @@ def test_response_create_forces_a_reply_where_the_model_would_listen(tiny_model,
     assert [d.token_id for d in h.of("decision")] == [KEEP_SILENCE] and h.of("turn_begin") == []
     h.send({"type": "response.create"})
     h.send({"type": "response.create"})  # a second request before the reply: still one reply
+    h.run()
+    assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
+    assert h.of("turn_end")[0].end_reason in ("text_end", "max_tokens") and h.of("error") == []
+
+
+def test_a_requested_reply_begins_when_the_chunks_it_counted_on_were_decided_on_the_way(tiny_model, speech):
+    """The session counts a chunk as waiting whose decision is still on its way from the worker thread; a
+    request then pushes no chunk of its own while the engine's queue is empty. The engine says so
+    (ReplyWaitsForAudio) and the session answers with a chunk: the reply begins (manual turns hung)."""
+    h = Harness(tiny_model, decision_events=True)
+    h.audio(s16(speech[:8000]))  # one whole chunk, on which the tiny model listens, and a partial one
+    h.holding = []
+    h.run()  # decided; the decision is held on its way to the session
+    assert h.session.num_chunks_pending == 1
+    assert h.send({"type": "response.create"}) == []
+    h.run()
+    held, h.holding = h.holding, None
+    for engine_events in held:
+        h._emit(engine_events)
     h.run()
     assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
     assert h.of("turn_end")[0].end_reason in ("text_end", "max_tokens") and h.of("error") == []

@@ -33,7 +33,7 @@ from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
-    AudioCleared, Decision, EndCode, EngineEvent, SessionEnded, TurnBegin, TurnEnd,
+    AudioCleared, Decision, EndCode, EngineEvent, ReplyWaitsForAudio, SessionEnded, TurnBegin, TurnEnd,
 )
 from audio_interaction_server.protocol import (
     AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SessionClosedEvent, SessionCreatedEvent,
@@ -199,6 +199,9 @@ class Session:
                 return out + self._flushed_events() + self._engine_ended(event)
             if isinstance(event, AudioCleared):
                 out += self._cleared(event)
+                continue
+            if isinstance(event, ReplyWaitsForAudio):
+                self._push_a_chunk_to_reply_at(now_s)
                 continue
             if isinstance(event, Decision):
                 self._num_chunks_decided += 1
@@ -371,10 +374,16 @@ class Session:
         # request that arrives after its chunk was decided waits for one that may never come.
         self.engine.request_reply(self.session_id)
         if self.num_chunks_pending == 0:
-            # The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence.
-            pushed = self.audio.flush(0.0) or self.audio.flush(CHUNK_S)
-            self._note_pushed(pushed, now_s)
+            self._push_a_chunk_to_reply_at(now_s)
+        # Else chunks wait for the model, as far as this session knows: their decisions may already be on their
+        # way here, with nothing left in the engine's queue; the engine then says ReplyWaitsForAudio.
         return []
+
+    def _push_a_chunk_to_reply_at(self, now_s: float) -> None:
+        """The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence."""
+        if self.is_closed or self._closing_since_s is not None or self._is_speaking:
+            return
+        self._note_pushed(self.audio.flush(0.0) or self.audio.flush(CHUNK_S), now_s)
 
     # ---- helpers ---------------------------------------------------------------------
     def _open_engine(self) -> None:

@@ -47,6 +47,12 @@ class ContextRollover:
 
 
 @dataclass(frozen=True)
+class ReplyWaitsForAudio:
+    """A requested reply has no chunk to begin at: the session's queue is empty. The session, which may
+    still count chunks whose decisions are on their way to it, answers with a chunk of silence."""
+
+
+@dataclass(frozen=True)
 class AudioCleared:
     """The session's queued, not yet decided chunks were dropped at the client's request (``clear_audio``).
 
@@ -95,5 +101,5 @@ class SessionEnded:
     message: str = ""
 
 
-EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, AudioCleared, SessionStarted,
-                    SessionEnded]
+EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, AudioCleared, ReplyWaitsForAudio,
+                    SessionStarted, SessionEnded]

@@ -25,7 +25,7 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import EmitFn
 from audio_interaction_server.engine.conversation import Conversation, Phase, RowPlan
-from audio_interaction_server.engine.events import AudioCleared, EndCode, EngineEvent, SessionEnded
+from audio_interaction_server.engine.events import AudioCleared, EndCode, EngineEvent, ReplyWaitsForAudio, SessionEnded
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
 from audio_interaction_server.engine.scripted import scripted_token
@@ -54,6 +54,7 @@ class SessionState:
     emit: EmitFn
     generator: torch.Generator | None
     reply_requested: bool = False  # the next decision is TEXT_BEGIN (request_reply), consumed by that reply
+    told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
     credits_at_s: float = 0.0
 
@@ -186,6 +187,22 @@ class Scheduler:
         """The next decision of this session is TEXT_BEGIN; ignored while a reply runs (it would start another)."""
         if session.conversation.phase is Phase.LISTENING:
             session.reply_requested = True
+            session.told_reply_waits = False
+
+    def replies_waiting_for_audio(self) -> list[tuple[SessionState, list[EngineEvent]]]:
+        """Sessions whose requested reply has no queued chunk to begin at, each told once per request.
+
+        Read after the inbox is applied: a chunk the session pushed with its request is queued by then, so
+        only a session that counted chunks the engine had already decided (their decisions still on the way
+        to it) is told.
+        """
+        waiting: list[tuple[SessionState, list[EngineEvent]]] = []
+        for session in self.sessions.values():
+            if session.reply_requested and not session.told_reply_waits and not session.conversation.audio_queue \
+                    and session.conversation.phase is Phase.LISTENING:
+                session.told_reply_waits = True
+                waiting.append((session, [ReplyWaitsForAudio()]))
+        return waiting
 
     @staticmethod
     def clear_audio(session: SessionState) -> list[EngineEvent]:

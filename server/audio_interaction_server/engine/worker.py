@@ -242,6 +242,8 @@ class Worker:
     def step(self) -> StepStats | None:
         started = time.perf_counter()
         self._apply_commands()
+        for session, events in self.scheduler.replies_waiting_for_audio():
+            self._emit(session, events)
         plan = self.scheduler.schedule()
         self._end_failed(plan.failures)
         if not plan.batches:

@@ -137,7 +137,11 @@ class SdkRun:
     async def until(self, kind: str, timeout_s: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
-            frame = await self.next(max(0.1, deadline - time.monotonic()))
+            try:
+                frame = await self.next(max(0.1, deadline - time.monotonic()))
+            except (TimeoutError, asyncio.TimeoutError):
+                seen = [(f["type"], f.get("response", {}).get("status")) for f in self.frames[-40:]]
+                raise AssertionError(f"no {kind} within {timeout_s:g} s; the last frames: {seen}") from None
             if frame["type"] == kind:
                 return frame
 
