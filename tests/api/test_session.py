@@ -10,7 +10,7 @@ import pytest
 
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.events import EndCode, SessionEnded
+from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, SessionEnded
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
@@ -381,6 +381,21 @@ def test_a_requested_reply_begins_when_the_chunks_it_counted_on_were_decided_on_
     h.run()
     assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
     assert h.of("turn_end")[0].end_reason in ("text_end", "max_tokens") and h.of("error") == []
+
+
+def test_a_request_whose_chunk_is_on_its_way_gets_no_second_chunk(tiny_model, speech):
+    """The session pushed a chunk with its request; the engine read the request first and said
+    ReplyWaitsForAudio. A second chunk would put silence into the model's stream that a run without the
+    race does not have (the same audio must give the same replies)."""
+    h = Harness(tiny_model, decision_events=True)
+    h.audio(s16(speech[:8000]))
+    h.run()
+    h.send({"type": "response.create"})  # nothing pending: the partial chunk is padded and pushed
+    assert h.session.num_chunks_pending == 1
+    h.events += h.session.on_engine_events([ReplyWaitsForAudio()], h.now_s)
+    assert h.session.num_chunks_pending == 1 and h.session.audio.num_chunks_pushed == 2
+    h.run()
+    assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
 
 
 def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech):

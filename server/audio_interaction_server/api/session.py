@@ -201,7 +201,11 @@ class Session:
                 out += self._cleared(event)
                 continue
             if isinstance(event, ReplyWaitsForAudio):
-                self._push_a_chunk_to_reply_at(now_s)
+                # Every decision the engine made before saying this has arrived (events come in order): with
+                # nothing pending now, no chunk is on its way to the engine either. One that is (pushed with the
+                # request, read by the engine just after this) needs no second chunk.
+                if self.num_chunks_pending == 0:
+                    self._push_a_chunk_to_reply_at(now_s)
                 continue
             if isinstance(event, Decision):
                 self._num_chunks_decided += 1
