@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 from fastapi import Response, WebSocket
 from starlette.requests import HTTPConnection
 
-from audio_interaction_server.api.connection import send_and_close
-from audio_interaction_server.protocol import CloseCode, ErrorEvent
+from audio_interaction_server.api.connection import fatal_error, send_and_close
+from audio_interaction_server.protocol import CloseCode
 
 if TYPE_CHECKING:  # the runtime holds this module's Throttle; admission only reads the runtime
     from audio_interaction_server.api.runtime import Runtime
@@ -180,8 +180,7 @@ def is_local_client(connection: HTTPConnection) -> bool:
 
 def native_error_events(refusal: Refusal) -> list:
     """``/v1/stream``'s in-band refusal: one fatal ``error`` event."""
-    return [ErrorEvent(session_id=refusal.session_id, server_time_ms=int(time.time() * 1000), code=refusal.code,
-                       message=refusal.message, is_fatal=True)]
+    return [fatal_error(refusal.session_id, refusal.code, refusal.message)]
 
 
 async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,

@@ -109,6 +109,12 @@ async def run_first_exit(*loops: Coroutine) -> None:
             task.add_done_callback(cancel_others)
 
 
+def fatal_error(session_id: str | None, code: str, message: str) -> ErrorEvent:
+    """The ``error`` event that ends a connection, stamped now (a connection-level answer, not the session's)."""
+    return ErrorEvent(session_id=session_id, server_time_ms=int(time.time() * 1000), code=code, message=message,
+                      is_fatal=True)
+
+
 async def send_and_close(websocket: WebSocket, events: list, code: int,
                          encode: Callable[[object], list[str]] = NativeCodec.encode) -> None:
     """For refusals: a few events, then the close code."""
@@ -344,17 +350,14 @@ class StreamConnection:
                 self._log.stamp(event, keep=True, trim=False)
             if self._log.is_over_limit:
                 log.warning("session %s: detached past its event buffer; ending it", self.session.session_id)
-                self._end_detached("resume_buffer_full")
+                self._end_now("resume_buffer_full")
             elif self.session.is_closed:
                 self._finish(next((e.reason for e in events if e.type == "session.closed"), self._end_reason))
             return
         if not self.outbox.put(events):
             log.warning("session %s: client does not read its events; closing", self.session.session_id)
-            closed = self.session.abort("client_too_slow")
-            for subscriber in list(self.subscribers):
-                subscriber.deliver(closed)
-            error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
-                               code="client_too_slow", message="too many unsent events", is_fatal=True)
+            closed = self._abort("client_too_slow")
+            error = fatal_error(self.session.session_id, "client_too_slow", "too many unsent events")
             self.outbox.abandon(CloseCode.TOO_SLOW, [error, *closed])
         elif self.session.close_code is not None:
             self.outbox.close(self.session.close_code)
@@ -368,7 +371,7 @@ class StreamConnection:
         """The replica drains: ``session.going_away``, the reply in progress finishes, then close 1012 at the
         next listening point, within ``deadline_s`` (the poll loop enforces it)."""
         if self.is_detached:  # nobody would hear the going-away, and a resume would come back to a closing replica
-            self._end_detached("server_draining")
+            self._end_now("server_draining")
             return
         self.deliver(self.session.begin_drain(deadline_s, time.monotonic()))
         # On time, not at the next poll (up to poll_interval_s late): the runtime's drain has a deadline too.
@@ -393,9 +396,8 @@ class StreamConnection:
             return
         if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
             missed += self._keep_unsent(self.outbox)
-            error = ErrorEvent(session_id=self.session.session_id, server_time_ms=int(time.time() * 1000),
-                               code="session_resumed_elsewhere", message="another connection resumed this session",
-                               is_fatal=True)
+            error = fatal_error(self.session.session_id, "session_resumed_elsewhere",
+                                "another connection resumed this session")
             self.outbox.stamp = None  # the old socket's last words are not the session's
             self.outbox.abandon(CloseCode.RESUMED_ELSEWHERE, [error])
         if self._expiry is not None:
@@ -425,24 +427,28 @@ class StreamConnection:
             assert self.outbox is not None, "a socket ended: it was attached"
             self._keep_unsent(self.outbox)
             self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
-            self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_detached, "resume_expired")
+            self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_now, "resume_expired")
             log.info("session %s detached; resumable for %g s", self.session.session_id, self.resume_policy.grace_s)
         else:  # the client vanished: free the engine slot now
-            closed = self.session.abort("disconnected")
-            for subscriber in list(self.subscribers):
-                subscriber.deliver(closed)
-            self._finish(self._end_reason)
+            self._end_now(self._end_reason)
 
     def _keep_unsent(self, outbox: Outbox) -> list:
         """Number and keep the events the socket did not send, so a replay includes them."""
         return [self._log.stamp(event, keep=True, trim=False) for event in outbox.take_unsent()]
 
-    def _end_detached(self, reason: str) -> None:
-        if self.finished.is_set():
-            return
+    def _abort(self, reason: str) -> list:
+        """End the session now (the engine slot is freed); its last events, the cut reply's turn_end and
+        session.closed, go to the subscribers here and are returned for the client."""
         closed = self.session.abort(reason)
         for subscriber in list(self.subscribers):
             subscriber.deliver(closed)
+        return closed
+
+    def _end_now(self, reason: str) -> None:
+        """For a session with no socket to tell: end it and release its registration."""
+        if self.finished.is_set():
+            return
+        self._abort(reason)
         self._finish(reason)
 
     def _finish(self, reason: str) -> None:
@@ -480,6 +486,4 @@ async def refuse_resume(websocket: WebSocket, code: str, message: str, session_i
     """A resume that cannot be served: one fatal error, close 4009 (the client starts a new session)."""
     if websocket.application_state is WebSocketState.CONNECTING:
         await websocket.accept()
-    error = ErrorEvent(session_id=session_id, server_time_ms=int(time.time() * 1000), code=code, message=message,
-                       is_fatal=True)
-    await send_and_close(websocket, [error], CloseCode.RESUME_FAILED)
+    await send_and_close(websocket, [fatal_error(session_id, code, message)], CloseCode.RESUME_FAILED)

@@ -293,11 +293,10 @@ class Session:
         except AudioFormatError as error:
             return self._error("invalid_audio", f"{error}; frame ignored", command)
         frame_s = self.audio.duration_s(samples)
-        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
-            return self._error("audio_buffer_full", (
-                f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
-                f"{self.config.max_buffered_audio_s:g} s); this frame of {frame_s:.3f} s was not accepted: "
-                "send audio no faster than real time"), command)
+        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, f"this frame of {frame_s:.3f} s was "
+                                    "not accepted: send audio no faster than real time")
+        if refused:
+            return refused
         self._observer.audio_received(frame_s)
         self._open_engine()
         self._note_pushed(self.audio.accept(samples), now_s)
@@ -339,16 +338,24 @@ class Session:
         # Synthesized silence queues for the model like audio does, so it counts against the same limit:
         # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
         queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_resolved * CHUNK_S
-        if queued_after_s > self.config.max_buffered_audio_s + 1e-9:
-            return self._error("audio_buffer_full", (
-                f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
-                f"{self.config.max_buffered_audio_s:g} s); this flush with {silence_s:g} s of silence would "
-                f"queue {queued_after_s:.2f} s and was not applied: send it again once the model has caught up"),
-                command)
+        refused = self._buffer_full(queued_after_s, command, f"this flush with {silence_s:g} s of silence would "
+                                    f"queue {queued_after_s:.2f} s and was not applied: send it again once the model "
+                                    "has caught up")
+        if refused:
+            return refused
         self._open_engine()
         self._note_pushed(self.audio.flush(silence_s), now_s)
         self._flush_targets.append(self.audio.num_chunks_pushed)
         return self._flushed_events()
+
+    def _buffer_full(self, queued_after_s: float, command: Command, what_happened: str) -> list:
+        """``audio_buffer_full`` when accepting would leave ``queued_after_s`` of audio waiting for the model,
+        past ``max_buffered_audio_s`` (frames and flush silence count alike); else nothing."""
+        limit_s = self.config.max_buffered_audio_s
+        if queued_after_s <= limit_s + 1e-9:
+            return []
+        return self._error("audio_buffer_full", f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
+                           f"{limit_s:g} s); {what_happened}", command)
 
     def _clear(self, command: ClearAudio) -> list:
         partial_s = self.audio.clear()
