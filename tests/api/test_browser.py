@@ -123,6 +123,16 @@ def button_states(page: Page) -> dict:
         replyStreaming: document.querySelector('.turn[data-state="streaming"]') !== null })""")
 
 
+def record_badge_texts(page) -> None:
+    """From now on ``window.badgeTexts`` lists every text the connection badge shows, however briefly."""
+    page.evaluate("""() => {
+        window.badgeTexts = [];
+        const badge = document.querySelector("#connection");
+        new MutationObserver(() => window.badgeTexts.push(badge.textContent))
+            .observe(badge, {childList: true, characterData: true, subtree: true});
+    }""")
+
+
 def test_root_serves_the_page_and_its_modules(live):
     import urllib.request
 
@@ -439,12 +449,7 @@ def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     wire = WireLog(page)
     try:
         page.goto(live.url)
-        page.evaluate("""() => {  // every text the connection badge shows, however briefly
-            window.badgeTexts = [];
-            const badge = document.querySelector("#connection");
-            new MutationObserver(() => window.badgeTexts.push(badge.textContent))
-                .observe(badge, {childList: true, characterData: true, subtree: true});
-        }""")
+        record_badge_texts(page)
         page.fill("#server-url", f"ws://127.0.0.1:{relay.port}/v1/stream")
         page.fill("#api-key", API_KEY)
         page.click("#start")
@@ -646,12 +651,7 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
     page.expected_console_errors = ("ERR_CONNECTION_REFUSED",)  # Chromium logs each refused attempt
     try:
         page.goto(first.url)
-        page.evaluate("""() => {  // every text the connection badge shows, however briefly
-            window.badgeTexts = [];
-            const badge = document.querySelector("#connection");
-            new MutationObserver(() => window.badgeTexts.push(badge.textContent))
-                .observe(badge, {childList: true, characterData: true, subtree: true});
-        }""")
+        record_badge_texts(page)
         page.fill("#api-key", API_KEY)
         page.click("#start")
         page.wait_for_function("() => window.audioInteraction.numDecisions >= 2", timeout=15_000)
