@@ -144,10 +144,27 @@ def pinned_constraints() -> dict[str, str]:
     return pins
 
 
-def test_constraints_pin_every_runtime_dependency_but_torch():
+def readme_install_command() -> str:
+    """The README's first command, up to the server's start."""
+    return re.search(r"^pip install .*?(?= &&)", (ROOT / "README.md").read_text(), flags=re.MULTILINE)[0]
+
+
+def test_readme_and_ci_install_from_the_lock():
+    """A fresh install resolves from constraints.txt: an upstream release cannot turn a green clone red (on
+    2026-12-04 transformers 5.25 began to require kernels and tomlkit, and an unlocked install then differed)."""
+    readme = readme_install_command().split()
+    assert readme[readme.index("-c") + 1] == "constraints.txt", readme
+    ci = [line.split() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.startswith("python -m pip install")]
+    assert len(ci) == 1 and [word for word in ci[0][2:] if word != "--quiet"] == readme, ci
+
+
+def test_constraints_pin_every_dependency_of_the_server_and_its_tests_but_torch():
     from packaging.version import Version
 
-    from audio_interaction_server.tools.freeze_constraints import CUDA_BUILD_PINS, project_dependencies, runtime_closure
+    from audio_interaction_server.tools.freeze_constraints import (
+        CUDA_BUILD_PINS, locked_requirements, project_dependencies, runtime_closure,
+    )
 
     pins = pinned_constraints()
     assert "torch" not in pins  # pinned by TORCH_VERSION; a +cpu/CUDA build is the index's choice
@@ -157,9 +174,14 @@ def test_constraints_pin_every_runtime_dependency_but_torch():
             assert requirement.specifier.contains(Version(pins[name])), (requirement, pins[name])
     # Everything the server imports at run time, down to the last transitive requirement, as installed here:
     # a dependency added to pyproject.toml without regenerating the file would install unpinned.
-    unpinned = sorted(runtime_closure(project_dependencies()).keys() - pins.keys() - {"torch"})
+    installed = runtime_closure(locked_requirements())
+    unpinned = sorted(installed.keys() - pins.keys() - {"torch"})
     assert not unpinned, ("not in constraints.txt (run python -m audio_interaction_server.tools.freeze_constraints): "
                           f"{unpinned}")
+    # ... and the suite runs on what the lock says (an install without `-c constraints.txt` would not).
+    drifted = {name: (version, pins[name]) for name, version in installed.items() if name in pins
+               and Version(version) != Version(pins[name])}
+    assert not drifted, f"installed versions differ from constraints.txt (installed, locked): {drifted}"
     # ... and what only the CUDA build of torch installs, where torch's metadata leaves a range.
     assert {name: pins.get(name) for name in CUDA_BUILD_PINS} == CUDA_BUILD_PINS
 

@@ -1,16 +1,20 @@
-"""Write constraints.txt: the exact versions of the server's runtime dependencies, as installed here.
+"""Write constraints.txt, the lock: the exact versions of every package the server and its tests install.
 
     python -m audio_interaction_server.tools.freeze_constraints [OUT]        (default: constraints.txt at the repo root)
 
-The Dockerfile installs every package with ``-c constraints.txt``, so rebuilding the image gives the
-same image instead of whatever PyPI's newest releases are that day. The set is the closure of
-pyproject.toml's ``[project] dependencies`` (their requirements, recursively, with the markers of
-this interpreter and platform: Linux x86_64, CPython 3.11 like the image) and the versions are the
-installed ones, so the image runs what the test suite ran. torch itself is left out: its version is
-the Dockerfile's TORCH_VERSION build argument and its build (CUDA from PyPI, ``+cpu`` from another
-index) depends on TORCH_INDEX_URL. The CUDA build's own wheels are not installed on a CPU host, so
-they cannot be read here: torch's metadata pins most of them exactly, and CUDA_BUILD_PINS holds the
-few it leaves open, at the versions the image got.
+Every install the project documents goes through it: the README's and ``.ci/run``'s
+``pip install "torch==2.13.0" -c constraints.txt -e ".[test]"`` and the Dockerfile's ``-c constraints.txt``.
+So a fresh clone installs what the suite last passed with, not whatever PyPI's newest releases are that day:
+a new upstream release cannot turn a green clone red until someone regenerates the lock and the suite passes.
+
+The set is the closure of pyproject.toml's ``[project] dependencies`` and of its ``[test]`` extra (their
+requirements, recursively, with the markers of this interpreter and platform: Linux x86_64, CPython 3.11 like
+the image and CI), and the versions are the installed ones. Regenerate it in a fresh virtual environment:
+``pip install "torch==2.13.0" -e ".[test]"`` (no ``-c``: that resolves today's releases), run the suite,
+then this module. torch itself is left out: its version is the install command's (the Dockerfile's
+TORCH_VERSION) and its build (CUDA from PyPI, ``+cpu`` from another index) depends on the index. The CUDA
+build's own wheels are not installed on a CPU host, so they cannot be read here: torch's metadata pins most
+of them exactly, and CUDA_BUILD_PINS holds the few it leaves open, at the versions the image got.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import importlib.metadata
 import re
 import tomllib
+from datetime import date
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -38,9 +43,21 @@ def canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+# The extras a documented install asks for: the README's and .ci/run's `-e ".[test]"`.
+LOCKED_EXTRAS = ("test",)
+
+
 def project_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
+    """The server's run-time requirements (what the Docker image installs)."""
     with open(pyproject, "rb") as file:
         return [Requirement(text) for text in tomllib.load(file)["project"]["dependencies"]]
+
+
+def locked_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
+    """The run-time requirements and those of LOCKED_EXTRAS: everything a documented install resolves."""
+    with open(pyproject, "rb") as file:
+        extras = tomllib.load(file)["project"].get("optional-dependencies", {})
+    return project_dependencies(pyproject) + [Requirement(text) for extra in LOCKED_EXTRAS for text in extras[extra]]
 
 
 def runtime_closure(roots: list[Requirement]) -> dict[str, str]:
@@ -72,9 +89,10 @@ def runtime_closure(roots: list[Requirement]) -> dict[str, str]:
 
 def constraints_text(versions: dict[str, str]) -> str:
     lines = [
-        "# Exact versions of the server's runtime dependencies (torch excluded: see the Dockerfile's",
-        "# TORCH_VERSION), installed by the Dockerfile with `pip install -c constraints.txt`.",
-        "# Generated from the environment the tests ran in: "
+        "# The lock: exact versions of the server's dependencies and its [test] extra, for Linux x86_64,",
+        "# CPython 3.11 (torch excluded: its pin is the install command's, the Dockerfile's TORCH_VERSION).",
+        '# Every documented install uses it: pip install "torch==2.13.0" -c constraints.txt -e ".[test]"',
+        f"# Generated on {date.today().isoformat()} from a fresh environment the suite passed in: "
         "python -m audio_interaction_server.tools.freeze_constraints",
     ]
     lines += [f"{name}=={version}" for name, version in sorted(versions.items()) if name not in EXCLUDED]
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    versions = runtime_closure(project_dependencies())
+    versions = runtime_closure(locked_requirements())
     args.output.write_text(constraints_text(versions))
     num_pinned = len(versions.keys() - EXCLUDED) + len(CUDA_BUILD_PINS)
     print(f"{args.output}: {num_pinned} pinned packages")
