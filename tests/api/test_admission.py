@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 from starlette.requests import HTTPConnection
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.runtime import split_session_id
@@ -145,22 +145,73 @@ def test_without_a_drain_time_there_is_no_drain_call(tiny_checkpoint):
 
 
 def test_only_a_local_client_may_drain_a_server_without_a_key():
-    def peer(host: str) -> HTTPConnection:
-        return HTTPConnection({"type": "http", "client": (host, 40000), "headers": []})
+    def peer(host: str, *headers: tuple[bytes, bytes]) -> HTTPConnection:
+        return HTTPConnection({"type": "http", "client": (host, 40000), "headers": list(headers)})
 
     assert admission.is_local_client(peer("127.0.0.1")) and admission.is_local_client(peer("::1"))
     assert not admission.is_local_client(peer("10.0.0.7")) and not admission.is_local_client(peer("unknown"))
+    # A request a proxy forwarded is not local, whoever it came from (a balancer on this host is loopback too).
+    for header in ((b"x-forwarded-for", b"203.0.113.9"), (b"forwarded", b"for=203.0.113.9"),
+                   (b"x-real-ip", b"203.0.113.9"), (b"x-forwarded-for", b"127.0.0.1")):
+        assert not admission.is_local_client(peer("127.0.0.1", header)), header
+    # Nor is one from a trusted proxy's address: it forwards other machines' requests.
+    assert not admission.is_local_client(peer("127.0.0.1"), trusted_proxies=["127.0.0.0/8"])
+    assert admission.is_local_client(peer("127.0.0.1"), trusted_proxies=["10.0.0.2"])
 
 
-def test_a_client_secret_opens_a_session_and_reads_the_load(tiny_checkpoint):
-    server = LiveServer(server_config(tiny_checkpoint)).start()
+@pytest.mark.parametrize("headers", [
+    {"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9;proto=http"}, {"X-Real-IP": "203.0.113.9"},
+    # A web page open on the server's machine: a no-cors POST from loopback says where it comes from.
+    {"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+    {"Origin": "null"},
+])
+def test_without_a_key_a_proxied_or_browser_drain_call_is_refused(tiny_checkpoint, headers):
+    server = LiveServer(server_config(tiny_checkpoint, api_key=None, drain_timeout_s=6.0)).start()
+    try:
+        status, body = post(server, "/v1/admin/drain", headers)
+        assert status == 403 and "error" in body and not server.runtime.is_draining, (status, body)
+        for path in ("/v1/admin%2Fdrain", "/v1/%61dmin/drain", "/v1/admin/%64rain"):  # the same route, decoded
+            assert post(server, path, headers)[0] == 403 and not server.runtime.is_draining, path
+    finally:
+        server.stop()
+
+
+def test_a_browser_drain_call_is_refused_even_with_the_key(busy_503):
+    status, body = post(busy_503, "/v1/admin/drain", {**AUTHORIZED, "Origin": GOOD_ORIGIN})
+    assert status == 403 and "browser" in body["error"] and not busy_503.runtime.is_draining
+
+
+@pytest.mark.parametrize("path", ["/v1/stream", "/v1/realtime"])
+def test_a_wrong_key_closes_with_1008_and_says_why_in_the_close_frame(busy_503, path):
+    for key in (None, "wrong"):
+        with busy_503.connect(path, key=key) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason == "unauthorized: missing or wrong API key"
+
+
+def test_a_client_secret_opens_the_two_session_endpoints_and_nothing_else(tiny_checkpoint):
+    """docs/realtime.md: a secret opens /v1/realtime and /v1/stream. The drain call, the load, the full /v1/info
+    and the subscriber endpoint take the API key itself: a page holding a secret must not stop a replica."""
+    server = LiveServer(server_config(tiny_checkpoint, drain_timeout_s=6.0)).start()
     try:
         if server.runtime.client_secrets is None:
             pytest.skip("the realtime routes (api/realtime/) that install client secrets are not present")
         secret = server.runtime.client_secrets.mint(60).value
+        as_secret = {"Authorization": f"Bearer {secret}"}
         with server.connect(key=secret) as ws:
-            assert recv_event(ws)["type"] == "session.created"
-        assert server.get("/v1/load", {"Authorization": f"Bearer {secret}"})[0] == 200
+            session_id = recv_event(ws)["session_id"]
+            with server.connect(f"/v1/sessions/{session_id}/events", key=secret) as subscriber:
+                events, code = recv_to_close(subscriber)
+            assert [e["code"] for e in events] == ["unauthorized"] and code == 1008
+        with server.connect("/v1/realtime", key=secret) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        assert server.get("/v1/load", as_secret)[0] == 401
+        assert "sessions" not in json.loads(server.get("/v1/info", as_secret)[1])
+        assert "sessions" in json.loads(server.get("/v1/info", AUTHORIZED)[1])
+        assert post(server, "/v1/admin/drain", as_secret)[0] == 401 and not server.runtime.is_draining
         expired = server.runtime.client_secrets.mint(10, now_s=time.time() - 3600).value
         with server.connect(key=expired) as ws:
             events, code = recv_to_close(ws)

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -97,14 +97,20 @@ def offered_key(connection: HTTPConnection) -> str | None:
     return connection.headers.get("x-api-key") or connection.query_params.get("api_key")
 
 
-def is_authorized(runtime: Runtime, offered: str | None) -> bool:
-    """The API key, or (where the realtime routes installed them) a valid ephemeral client secret."""
+def is_api_key(runtime: Runtime, offered: str | None) -> bool:
+    """The API key itself (or no key configured): what the operator's endpoints take (the drain call, the load,
+    the full ``/v1/info``, subscribers). A client secret is never enough for them: a page that holds one must
+    not be able to stop a replica or read how busy it is."""
     config = runtime.config
     if config.api_key is None:
         return True
-    if not offered:
-        return False
-    if hmac.compare_digest(offered.encode(), config.api_key.get_secret_value().encode()):
+    return bool(offered) and hmac.compare_digest(offered.encode(), config.api_key.get_secret_value().encode())
+
+
+def opens_sessions(runtime: Runtime, offered: str | None) -> bool:
+    """The API key, or (where the realtime routes installed them) a valid ephemeral client secret: what the two
+    session endpoints, ``/v1/stream`` (with its resume) and ``/v1/realtime``, take (docs/realtime.md)."""
+    if is_api_key(runtime, offered):
         return True
     return runtime.client_secrets is not None and runtime.client_secrets.is_valid(offered, time.time())
 
@@ -118,10 +124,11 @@ def origin_refusal(runtime: Runtime, connection: HTTPConnection) -> Refusal | No
     return None
 
 
-def _client_refusal(runtime: Runtime, connection: HTTPConnection) -> Refusal | None:
+def _client_refusal(runtime: Runtime, connection: HTTPConnection,
+                    is_accepted: Callable[[Runtime, str | None], bool] = opens_sessions) -> Refusal | None:
     # The key first: a client without it gets the same answer whatever its Origin, so the
     # allowed list cannot be probed one origin at a time.
-    if not is_authorized(runtime, offered_key(connection)):
+    if not is_accepted(runtime, offered_key(connection)):
         return Refusal("unauthorized", "missing or wrong API key", CloseCode.POLICY)
     return origin_refusal(runtime, connection)
 
@@ -143,8 +150,9 @@ def admit_session(runtime: Runtime, connection: HTTPConnection) -> Refusal | Non
 
 
 def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | None:
-    """None when a subscriber may join ``session_id`` (a draining replica still serves its sessions' subscribers)."""
-    refusal = _client_refusal(runtime, connection)
+    """None when a subscriber may join ``session_id`` (a draining replica still serves its sessions' subscribers).
+    Only with the API key: a client secret opens the session endpoints alone (docs/realtime.md)."""
+    refusal = _client_refusal(runtime, connection, is_api_key)
     if refusal is None and not runtime.is_ready:
         refusal = Refusal("not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN)
     if refusal is not None:
@@ -166,13 +174,50 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
     return None if refusal is None else Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
 
 
-def is_local_client(connection: HTTPConnection) -> bool:
-    """The peer is this machine (the transport already replaced a trusted proxy's address by its client's)."""
+# Headers a proxy adds to say whom it forwards for. The replica reads them only from trusted proxies, but their
+# mere presence says the peer is a proxy: its loopback address is not a person on this machine.
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] = ()) -> bool:
+    """The peer is this machine, and not a proxy forwarding someone else's request: a balancer on the same host
+    connects from loopback too, and a path it did not recognise as ``/v1/admin/`` (``/v1/admin%2Fdrain``) would
+    otherwise reach the drain call as a local one. (The transport has already replaced a trusted proxy's
+    address by its client's; a trusted proxy's own address is never local, since it forwards for others.)"""
+    if any(header in connection.headers for header in FORWARDING_HEADERS):
+        return False
     host = connection.client.host if connection.client is not None else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if any(address in ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies):
+        return False
+    return address.is_loopback
+
+
+# Headers only a browser sends with a request a page makes (fetch, a form, an image): the drain call is for an
+# operator's tool (curl, a preStop hook), and a page open on the server's machine must not reach it.
+BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
+
+
+def is_from_a_browser(connection: HTTPConnection) -> bool:
+    return any(header in connection.headers for header in BROWSER_HEADERS)
+
+
+def admin_refusal(runtime: Runtime, connection: HTTPConnection) -> tuple[int, str] | None:
+    """(HTTP status, why) when ``connection`` may not call an admin endpoint (``/v1/admin/drain``), else None.
+    Never from a browser's page; with an API key set, only with that key (a client secret is not enough);
+    without one, only from this machine and not through a proxy."""
+    if is_from_a_browser(connection):
+        return 403, "the drain call is not for browsers: a request with Origin or Sec-Fetch-* headers is refused"
+    if runtime.config.api_key is not None:
+        if not is_api_key(runtime, offered_key(connection)):
+            return 401, "the drain call needs the API key (a client secret is not enough)"
+        return None
+    if not is_local_client(connection, runtime.config.transport.trusted_proxies):
+        return 403, "without an API key the drain call is only for a client on this machine, not through a proxy"
+    return None
 
 
 # ---- saying no -----------------------------------------------------------------------------------------------
@@ -197,9 +242,22 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
             return
     await websocket.accept()
     if encode is None:
-        await send_and_close(websocket, in_band(refusal), refusal.close_code)
+        await send_and_close(websocket, in_band(refusal), refusal.close_code, reason=close_reason(refusal))
     else:
-        await send_and_close(websocket, in_band(refusal), refusal.close_code, encode)
+        await send_and_close(websocket, in_band(refusal), refusal.close_code, encode, reason=close_reason(refusal))
+
+
+# A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455, 5.5: a control frame's payload is 125 bytes).
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(refusal: Refusal) -> str:
+    """The close frame's reason: the code and message, short. A client that shows only the close (the OpenAI SDK's
+    error, a browser's ``CloseEvent``) still learns why, without reading the ``error`` event first."""
+    reason = f"{refusal.code}: {refusal.message}".encode()
+    if len(reason) > MAX_CLOSE_REASON_BYTES:
+        reason = reason[:MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore").encode() + b"..."
+    return reason.decode()
 
 
 async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:

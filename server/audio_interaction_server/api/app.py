@@ -126,12 +126,13 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 
     @app.get("/v1/info")
     async def info(request: Request) -> dict:
-        return _info(runtime, is_authorized=admission.is_authorized(runtime, admission.offered_key(request)))
+        # The model, device and load only for the API key: a client secret opens sessions, nothing more.
+        return _info(runtime, is_authorized=admission.is_api_key(runtime, admission.offered_key(request)))
 
     @app.get("/v1/load")
     async def load(request: Request) -> Response:
-        """How full this replica is; needs the key (when one is set), like /v1/info's load figures."""
-        if not admission.is_authorized(runtime, admission.offered_key(request)):
+        """How full this replica is; needs the API key (when one is set: a client secret is not enough)."""
+        if not admission.is_api_key(runtime, admission.offered_key(request)):
             return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
         report = runtime.load_report()
         return JSONResponse({"replica_id": report.replica_id, "active": report.active, "max": report.max,
@@ -140,13 +141,13 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 
     @app.post("/v1/admin/drain")
     async def drain(request: Request) -> Response:
-        """Drain, then stop (exit 0). With an API key set, it takes the key; without one, only a client on this
-        machine may (the balancer must not forward /v1/admin/: deploy/haproxy/haproxy.cfg refuses it)."""
-        allowed = admission.is_local_client(request) if config.api_key is None else \
-            admission.is_authorized(runtime, admission.offered_key(request))
-        if not allowed:
-            return JSONResponse({"error": "the drain call needs the API key (or, without one, a local client)"},
-                                status_code=401 if config.api_key is not None else 403)
+        """Drain, then stop (exit 0). Never from a browser; with an API key set, it takes the key itself; without
+        one, only a client on this machine, not through a proxy, may (``admission.admin_refusal``; the balancer
+        refuses /v1/admin/ too: deploy/haproxy/haproxy.cfg)."""
+        refusal = admission.admin_refusal(runtime, request)
+        if refusal is not None:
+            status, message = refusal
+            return JSONResponse({"error": message}, status_code=status)
         if config.drain_timeout_s is None:
             return JSONResponse({"error": "drain is off: set drain_timeout_s (AIS_DRAIN_TIMEOUT_S)"}, status_code=409)
         runtime.begin_drain()

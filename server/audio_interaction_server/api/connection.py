@@ -116,36 +116,59 @@ def fatal_error(session_id: str | None, code: str, message: str) -> ErrorEvent:
 
 
 async def send_and_close(websocket: WebSocket, events: list, code: int,
-                         encode: Callable[[object], list[str]] = NativeCodec.encode) -> None:
-    """For refusals: a few events, then the close code."""
+                         encode: Callable[[object], list[str]] = NativeCodec.encode, reason: str | None = None) -> None:
+    """For refusals: a few events, then the close code (and ``reason``, at most 123 bytes, in the close frame)."""
     try:
         for event in events:
             for frame in encode(event):
                 await websocket.send_text(frame)
-        await websocket.close(code)
+        await websocket.close(code, reason)
     except CLIENT_GONE:
         pass  # the client left first
 
 
+# A text delta's JSON beside its text (type, session id, times, turn): its size without serialising it,
+# which would double the cost of the most frequent event.
+DELTA_ENVELOPE_BYTES = 160
+
+
+def queued_bytes(item) -> int:
+    """What one queued event costs, estimated as its JSON length."""
+    if isinstance(item, Unnumbered):
+        item = item.event
+    if isinstance(item, _Close):
+        return 0
+    if item.type == "text_delta":
+        return DELTA_ENVELOPE_BYTES + len(item.text)
+    return len(item.model_dump_json(exclude_none=True))
+
+
 class Outbox:
-    """Events waiting for one client, bounded so a client that stops reading cannot eat the memory.
+    """Events waiting for one client, bounded in events and in bytes so a client that stops reading cannot eat
+    the memory.
 
     While a client is behind, consecutive unsent text deltas of one reply merge into one
     event (same text, fewer events), so a slow reader costs memory per reply, not per
-    token; only a client that stays behind until ``max_events`` is disconnected.
+    token; only a client that stays behind until ``max_events`` events or ``max_bytes`` bytes
+    wait for it is disconnected. ``held_bytes`` (a codec's) adds what the connection keeps
+    elsewhere until these events are sent: the realtime codec's items awaiting their echo.
 
     ``stamp`` numbers each event as it goes out (after any merge, so the numbers the client
     sees never skip); an event that already has its number (a replay) is sent as it is.
     """
 
-    def __init__(self, websocket: WebSocket, max_events: int,
+    def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int,
                  encode: Callable[[object], list[str]] = NativeCodec.encode,
-                 stamp: Callable[[object], object] | None = None) -> None:
+                 stamp: Callable[[object], object] | None = None,
+                 held_bytes: Callable[[], int] | None = None) -> None:
         self.websocket = websocket
         self.max_events = max_events
+        self.max_bytes = max_bytes
         self._encode = encode
         self.stamp = stamp
-        self._items: deque = deque()
+        self._held_bytes = held_bytes
+        self._items: deque[tuple[object, int]] = deque()  # (event, its queued_bytes)
+        self.num_bytes = 0
         self._has_items = asyncio.Event()
         self.is_closing = False
         self.num_coalesced = 0
@@ -158,16 +181,29 @@ class Outbox:
             if not self._merge_into_last(event):
                 if len(self._items) >= self.max_events:
                     return False
-                self._items.append(event)
+                self._append(event)
         self._wake()
-        return True
+        held_bytes = self._held_bytes() if self._held_bytes is not None else 0
+        return self.num_bytes + held_bytes <= self.max_bytes
+
+    def _append(self, event) -> None:
+        size = queued_bytes(event)
+        self._items.append((event, size))
+        self.num_bytes += size
+
+    def _popleft(self):
+        event, size = self._items.popleft()
+        self.num_bytes -= size
+        return event
 
     def _merge_into_last(self, event) -> bool:
-        last = self._items[-1] if self._items else None
+        last = self._items[-1][0] if self._items else None
         if (getattr(event, "type", None) != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
                 or last.turn != event.turn or last.seq is not None):  # a numbered event is sent as numbered
             return False
-        self._items[-1] = last.model_copy(update={"text": last.text + event.text})
+        merged = last.model_copy(update={"text": last.text + event.text})
+        self._items[-1] = (merged, self._items[-1][1] + len(event.text))
+        self.num_bytes += len(event.text)
         self.num_coalesced += 1
         return True
 
@@ -175,22 +211,32 @@ class Outbox:
         """Queue the close after everything already queued (``last_events`` go in regardless of the bound)."""
         if self.is_closing:
             return
-        self._items.extend(last_events)
+        for event in last_events:
+            self._append(event)
         self.is_closing = True
-        self._items.append(_Close(code))
+        self._append(_Close(code))
         self._wake()
 
     def take_unsent(self) -> list:
         """The events not sent yet (the close, if queued, stays): for a session that outlives this socket."""
-        events = [item for item in self._items if not isinstance(item, (_Close, Unnumbered))]
-        self._items = deque(item for item in self._items if isinstance(item, _Close))
+        events = [item for item, _ in self._items if not isinstance(item, (_Close, Unnumbered))]
+        self._clear()
         return events
 
     def abandon(self, code: int, last_events: list) -> None:
         """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
-        self._items.clear()
+        self._clear()
         self.is_closing = False
         self.close(code, last_events)
+
+    def _clear(self) -> None:
+        """Drop every event; a queued close stays."""
+        closes = [(item, size) for item, size in self._items if isinstance(item, _Close)]
+        self._items = deque(closes)
+        self.num_bytes = 0
+
+    def queued_events(self) -> list:
+        return [item for item, _ in self._items]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -204,7 +250,7 @@ class Outbox:
             while not self._items:
                 self._has_items.clear()
                 await self._has_items.wait()
-            item = self._items.popleft()
+            item = self._popleft()
             if isinstance(item, _Close):
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)
