@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import os
 import shutil
 import socket
@@ -305,3 +306,193 @@ def test_hub_errors_name_the_repo_and_the_cause(answer, expected, tmp_path, monk
     assert expected in message and f"{REPO_ID}" in message
     if answer is None:
         assert str(tmp_path / "cache") in message and "--revision v9" in message
+
+
+# ---- a download from a local hub: progress in the log and in /ready ---------------------------------------
+
+class _LocalHub(http.server.BaseHTTPRequestHandler):
+    """The few routes of the Hub that ``snapshot_download`` calls, serving ``files`` (a checkpoint directory)
+    as the repo ``REPO_ID`` at commit ``COMMIT``. ``hold`` (a threading.Event, or None) stops the download of
+    each ``*.safetensors`` file half way until it is set, so a test can look at a download under way."""
+
+    files: Path
+    hold: threading.Event | None = None
+    protocol_version = "HTTP/1.1"
+
+    def _release_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.files)) for p in self.files.rglob("*") if p.is_file())
+
+    def _json(self, value: object) -> None:
+        body = json.dumps(value).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _file_headers(self, path: Path) -> None:
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+
+    def _resolve(self) -> Path | None:
+        prefix = f"/{REPO_ID}/resolve/"
+        if not self.path.startswith(prefix):
+            return None
+        _, _, relative = self.path[len(prefix):].partition("/")
+        path = self.files / relative
+        return path if path.is_file() else None
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self._resolve()
+        if path is None:
+            self.send_error(404)
+            return
+        self._file_headers(path)
+
+    def do_GET(self) -> None:  # noqa: N802
+        route = self.path.split("?")[0]
+        if route.startswith(f"/api/models/{REPO_ID}/revision/"):
+            self._json({"id": REPO_ID, "sha": COMMIT, "siblings": [{"rfilename": f} for f in self._release_files()]})
+        elif route.startswith(f"/api/models/{REPO_ID}/tree/"):
+            self._json([{"type": "file", "path": f, "size": (self.files / f).stat().st_size,
+                         "oid": hashlib.sha1((self.files / f).read_bytes()).hexdigest()}
+                        for f in self._release_files()])
+        elif (path := self._resolve()) is not None:
+            self._file_headers(path)
+            body = path.read_bytes()
+            half = len(body) // 2 if self.hold is not None and path.suffix == ".safetensors" else len(body)
+            self.wfile.write(body[:half])
+            self.wfile.flush()
+            if half < len(body):
+                assert self.hold is not None
+                self.hold.wait(60)
+                self.wfile.write(body[half:])
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def local_hub(tiny_checkpoint, monkeypatch, loopback_only):
+    """huggingface_hub pointed at a ``_LocalHub`` serving the tiny checkpoint; yields the handler class
+    (set ``hold`` on it to pause downloads half way)."""
+    from huggingface_hub import constants
+
+    handler = type("Hub", (_LocalHub,), {"files": tiny_checkpoint, "hold": None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    yield handler
+    if handler.hold is not None:
+        handler.hold.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_download_reports_its_bytes_rate_and_time_left(local_hub, tiny_checkpoint, tmp_path, caplog):
+    from audio_interaction_server.model.progress import LoadProgress
+
+    progress = LoadProgress(log_interval_s=0)  # a line for every update: the throttle is tested on its own
+    with caplog.at_level(logging.INFO, logger="audio_interaction_server.model.progress"):
+        root = resolve_checkpoint_source(REPO_ID, cache_dir=tmp_path / "cache", progress=progress)
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in tiny_checkpoint.iterdir())
+    release_bytes = sum(p.stat().st_size for p in tiny_checkpoint.rglob("*") if p.is_file())
+    report = progress.report()
+    assert report.is_finished and report.phase == "downloading" and report.unit == "bytes"
+    assert report.done == report.total == release_bytes
+    lines = [record.getMessage() for record in caplog.records if record.name.endswith(".progress")]
+    assert lines[0] == f"downloading {REPO_ID} started" and lines[-1].startswith("downloading: done, ")
+    during = [line for line in lines[1:-1] if "/s" in line and "left" in line]
+    assert during, lines
+    assert all(" of " in line and "%" in line for line in during)
+
+
+def test_ready_shows_the_download_under_way_then_the_server_serves_it(local_hub, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """``/ready`` while the first ``--checkpoint owner/name`` downloads: 503, the reason, and how far it is."""
+    from huggingface_hub import constants
+
+    from audio_interaction_server.config import ServerConfig
+    from benchmarks.harness import LiveServer
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    local_hub.hold = threading.Event()  # each shard stops half way until the test has looked
+    config = ServerConfig.model_validate(dict(port=0, log_level="warning",
+                                              engine={"checkpoint": REPO_ID, "device": "cpu", "max_sessions": 1}))
+    release_bytes = sum(p.stat().st_size for p in tiny_checkpoint.rglob("*") if p.is_file())
+    server = LiveServer(config).start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until every file's download has begun (the total is known) and the shards are held
+            status, body = server.get("/ready")
+            answer = json.loads(body)
+            if answer.get("progress", {}).get("bytes_total") == release_bytes:
+                break
+            assert status == 503 and time.monotonic() < deadline, answer
+            time.sleep(0.02)
+        assert status == 503 and answer["status"] == "not_ready" and answer["reason"] == "downloading the model"
+        progress = answer["progress"]
+        assert progress["phase"] == "downloading" and 0 < progress["bytes_done"] < progress["bytes_total"]
+        assert progress["rate_bytes_per_s"] > 0 and progress["eta_s"] >= 0
+        local_hub.hold.set()
+        while (status := server.get("/ready")[0]) != 200:
+            assert time.monotonic() < deadline and not server.fatal, server.fatal
+            time.sleep(0.05)
+        assert "progress" not in json.loads(server.get("/ready")[1])
+        assert server.runtime.model.files.root.parent.parent.name == "models--zhifeixie--AudioInteraction"
+    finally:
+        server.stop()
+
+
+def test_the_load_counts_its_weight_files(tiny_checkpoint, caplog):
+    from audio_interaction_server.model.progress import LoadProgress
+
+    progress = LoadProgress(log_interval_s=0)
+    with caplog.at_level(logging.INFO, logger="audio_interaction_server.model.progress"):
+        load_model(tiny_checkpoint, "cpu", "float32", progress)
+    shards = len(set(json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    report = progress.report()
+    assert report.phase == "loading" and report.is_finished and report.done == report.total == shards + 1
+    assert report.as_json() == {"phase": "loading", "shards_done": shards + 1, "shards_total": shards + 1,
+                                "rate_shards_per_s": round(report.rate_per_s, 1), "eta_s": None}
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith(".progress")]
+    assert lines[0].startswith("loading the weights from") and f"loading: 1 shards of {shards + 1} shards" in lines[1]
+    assert lines[-1].startswith(f"loading: done, {shards + 1} shards of {shards + 1} shards (100%) in ")
+
+
+def test_progress_logs_at_most_a_line_per_interval():
+    from audio_interaction_server.model.progress import LoadProgress
+
+    now = [0.0]
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("test_progress_throttle")
+    logger.addHandler(Collect())
+    logger.setLevel(logging.INFO)
+    progress = LoadProgress(log_interval_s=5.0, clock=lambda: now[0], logger=logger)
+    progress.begin("downloading", "bytes", total=15e9, what="owner/name")
+    for _ in range(375):  # 40 MB every 0.125 s (exact in binary: the clock does not drift) for 46.875 s
+        now[0] += 0.125
+        progress.advance(40e6)
+    progress.finish()
+    assert records[0] == "downloading owner/name started (15.00 GB)"
+    assert len(records) == 1 + 9 + 1  # begin, one line per 5 s, end
+    assert records[1] == "downloading: 1.60 GB of 15.00 GB (11%), 320.00 MB/s, about 42 s left"
+    assert records[9] == "downloading: 14.40 GB of 15.00 GB (96%), 320.00 MB/s, about 2 s left"
+    assert records[-1] == "downloading: done, 15.00 GB of 15.00 GB (100%) in 47 s"
+    report = progress.report()
+    assert report.as_json()["bytes_done"] == 15_000_000_000

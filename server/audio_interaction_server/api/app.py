@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
     CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber, refuse_resume,
 )
+from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_query_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
@@ -44,6 +46,9 @@ from audio_interaction_server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 _UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
+# A seq as a client may write it: ASCII digits only (str.isdigit also takes "²", which int() refuses) and
+# few enough of them for int() (which refuses over 4,300) and for any session's count of events.
+_SEQ = re.compile(r"[0-9]{1,18}")
 _UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
 
 
@@ -80,6 +85,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     uvicorn_log = logging.getLogger("uvicorn.error")
     if _CLIENT_NOISE_FILTER not in uvicorn_log.filters:  # process-wide, like the logger: added once
         uvicorn_log.addFilter(_CLIENT_NOISE_FILTER)
+    keep_query_secrets_out_of(UVICORN_REQUEST_LOGGERS)  # ?token= (a resume) and ?api_key= in request lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,7 +123,10 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         """200 when a new session would be admitted. ``?capacity=ignore``: full still counts as ready (for a
         Kubernetes readinessProbe, where 'not ready' would stall rollouts and evictions: docs/scaling.md)."""
         if not runtime.is_ready:
-            return JSONResponse({"status": "not_ready", "reason": runtime.not_ready_reason()}, status_code=503)
+            answer = {"status": "not_ready", "reason": runtime.not_ready_reason()}
+            if (progress := runtime.load_progress_json()) is not None:  # downloading or loading: how far
+                answer["progress"] = progress
+            return JSONResponse(answer, status_code=503)
         if runtime.is_draining:
             return JSONResponse({"status": "draining", "reason": "draining: no new sessions"}, status_code=503)
         if runtime.is_full and capacity != "ignore":
@@ -266,7 +275,8 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
 
     connection = StreamConnection(websocket, make_session, config.max_queued_events,
                                   min(1.0, config.idle_timeout_s / 4), on_closed,
-                                  resume=ResumePolicy(config.resume_grace_s, config.resume_max_events))
+                                  resume=ResumePolicy(config.resume_grace_s, config.resume_max_events),
+                                  on_detached=runtime.session_detached)
     # Registered before the first await, so the capacity check above cannot be raced.
     runtime.register(session_id, connection)
     try:
@@ -287,16 +297,16 @@ async def _resume_stream(runtime: Runtime, websocket: WebSocket, session_id: str
         await admission.refuse(runtime, websocket, refusal)
         return
     stream = runtime.streams.get(session_id)
-    last_seq = websocket.query_params.get("last_seq", "0")
     if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
-        await refuse_resume(websocket, "resume_expired", "no session to resume: it ended, expired, or this server "
-                            "restarted; start a new session", session_id)
+        await refuse_resume(websocket, "resume_expired", "no session to resume: it ended, expired, gave its slot to "
+                            "a new session, or this server restarted; start a new session", session_id)
         return
-    if not last_seq.isdigit():
-        await refuse_resume(websocket, "invalid_event", "last_seq must be the seq of the last event seen", session_id)
-        return
+    last_seq = websocket.query_params.get("last_seq", "0")
     await websocket.accept()
-    await stream.resume(websocket, websocket.query_params.get("token", ""), int(last_seq))
+    # The token is checked before last_seq is looked at (StreamConnection.resume): a malformed last_seq with a
+    # wrong token is answered as a wrong token.
+    await stream.resume(websocket, websocket.query_params.get("token", ""),
+                        int(last_seq) if _SEQ.fullmatch(last_seq) else None)
 
 
 async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:
@@ -307,7 +317,7 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
         await admission.refuse(runtime, websocket, refusal)
         return
     stream = runtime.streams[session_id]
-    subscriber = Subscriber(websocket, runtime.config.max_queued_events)
+    subscriber = Subscriber(websocket, runtime.config.max_queued_events, runtime.config.max_queued_bytes)
     # Subscribed before the handshake completes: once the client sees it open, no event is missed.
     stream.subscribers.add(subscriber)
     runtime.metrics.subscribers_active.inc()

@@ -28,6 +28,7 @@ from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
+from audio_interaction_server.model.progress import LoadProgress
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.worker import Worker
@@ -59,6 +60,13 @@ class RegisteredConnection(Protocol):
 
     @property
     def num_replay_events(self) -> int: ...
+
+    @property
+    def client_address(self) -> str: ...
+
+    detached_since_s: float | None
+
+    def end_detached(self, reason: str, why: str) -> None: ...
 
     def shut_down(self) -> None: ...
 
@@ -109,6 +117,7 @@ class Runtime:
         self.stream_url: str | None = None  # set by whoever bound the socket; for the "ready" log line
         self.replica_id = config.replica_id or default_replica_id()
         self._loader: threading.Thread | None = None
+        self.load_progress = LoadProgress()  # the download and the weight load, for /ready and the log
         self.streams: dict[str, RegisteredConnection] = {}
         self.metrics.set_state_source(self.state_totals)
         self.metrics.sessions_max.set(config.session_capacity)
@@ -140,7 +149,12 @@ class Runtime:
 
     def register(self, session_id: str, connection: RegisteredConnection) -> None:
         """Count a session against capacity. Call before the first await after admission, so that two
-        handshakes cannot both take the last slot."""
+        handshakes cannot both take the last slot. With every slot taken (admission let it in because one
+        is held by a detached session), the oldest detached session gives its slot up."""
+        if len(self.streams) >= self.config.session_capacity:
+            oldest = next(iter(self.detached_sessions()), None)
+            if oldest is not None:
+                oldest.end_detached("detached_evicted", "a new session took its slot (the server was full)")
         self.streams[session_id] = connection
         self.metrics.sessions_active.set(len(self.streams))
 
@@ -152,6 +166,22 @@ class Runtime:
         self.metrics.sessions_total.labels(reason).inc()
         if self.is_draining:
             self.metrics.drain_sessions_left.set(len(self.streams))
+
+    def detached_sessions(self) -> list[RegisteredConnection]:
+        """Sessions waiting for their client to resume them, the longest waiting first."""
+        detached = [stream for stream in self.streams.values() if stream.is_detached]
+        return sorted(detached, key=lambda stream: stream.detached_since_s or 0.0)
+
+    def session_detached(self, connection: RegisteredConnection) -> None:
+        """``connection`` has just detached: one client address holds at most ``max_detached_per_ip`` detached
+        sessions (its oldest end beyond that), so clients that connect and drop in a loop cannot hold every
+        slot's memory and context for ``resume_grace_s`` (a new session would evict them, one at a time)."""
+        limit = self.config.max_detached_per_ip
+        same_address = [stream for stream in self.detached_sessions()
+                        if stream.client_address == connection.client_address]
+        for stream in same_address[:max(0, len(same_address) - limit)]:
+            stream.end_detached("detached_per_ip_limit", f"its client address holds more than "
+                                f"max_detached_per_ip ({limit}) detached sessions")
 
     @property
     def num_subscribers(self) -> int:
@@ -188,7 +218,10 @@ class Runtime:
 
     @property
     def is_full(self) -> bool:
-        return len(self.streams) >= self.config.session_capacity
+        """No room for a new session: every slot is held by a connected client (a detached session's slot
+        goes to a new session: ``register``)."""
+        num_detached = sum(stream.is_detached for stream in self.streams.values())
+        return len(self.streams) - num_detached >= self.config.session_capacity
 
     def not_ready_reason(self) -> str:
         """A plain reason for clients (``/ready``, the ``not_ready`` error); the details
@@ -198,8 +231,16 @@ class Runtime:
         if self.load_error is not None:
             return "model failed to load (the server log says why)"
         if self.worker is None:
+            report = self.load_progress.report()
+            if report is not None and report.phase == "downloading" and not report.is_finished:
+                return "downloading the model"
             return "loading the model"
         return "the model worker died (the server log says why)"
+
+    def load_progress_json(self) -> dict | None:
+        """What ``/ready`` adds while the model downloads or loads (model/progress.py); None otherwise."""
+        report = self.load_progress.report()
+        return report.as_json() if report is not None and self.is_loading and not self.is_shutting_down else None
 
     def load_report(self) -> LoadReport:
         return LoadReport(replica_id=self.replica_id, active=len(self.streams), max=self.config.session_capacity,
@@ -307,8 +348,8 @@ class Runtime:
         checkpoint = engine.checkpoint
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
-        checkpoint = resolve_model_source(checkpoint, self.config.is_demo)
-        model = load_model(checkpoint, engine.device, engine.dtype)
+        checkpoint = resolve_model_source(checkpoint, self.config.is_demo, self.load_progress)
+        model = load_model(checkpoint, engine.device, engine.dtype, self.load_progress)
         if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
             raise RuntimeError("the server stopped while the model loaded")
         worker = Worker(model, engine)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from audio_interaction_server.model.progress import LoadProgress
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_source(checkpoint: str | Path | None, demo: bool = False) -> Path:
+def resolve_model_source(checkpoint: str | Path | None, demo: bool = False,
+                         progress: LoadProgress | None = None) -> Path:
     """A local checkpoint directory to load: the demo's (written on first use, then cached) when ``demo`` is
     set or no checkpoint is given; else ``checkpoint`` itself, or the Hub repo it names, fetched."""
     if demo or checkpoint is None:
@@ -25,4 +30,4 @@ def resolve_model_source(checkpoint: str | Path | None, demo: bool = False) -> P
         return ensure_demo_checkpoint()
     from audio_interaction_server.model.hub import resolve_checkpoint_source
 
-    return resolve_checkpoint_source(checkpoint)  # a directory, or a Hub repo id to fetch
+    return resolve_checkpoint_source(checkpoint, progress=progress)  # a directory, or a Hub repo id to fetch

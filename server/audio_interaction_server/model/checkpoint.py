@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from audio_interaction_server.model.lm import AudioInteractionLM, LMConfig
+from audio_interaction_server.model.progress import LoadProgress
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def _deinterleave_legacy_qkv(tensor: torch.Tensor, cfg: LMConfig) -> torch.Tenso
     return torch.cat((q, k, v))
 
 
-def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig) -> dict[str, torch.Tensor]:
+def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig,
+                       progress: LoadProgress | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -193,6 +195,8 @@ def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig) -> dict[str, torch
         shard_names = sorted(set(index["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
         raise CheckpointError(f'{files.index} must be JSON with a "weight_map" object: {exc}') from exc
+    if progress is not None:
+        progress.set_total(len(shard_names) + 1)  # the LM's shards and the audio tower's file
     state: dict[str, torch.Tensor] = {}
     for name in shard_names:
         shard = files.root / name
@@ -202,6 +206,8 @@ def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig) -> dict[str, torch
             state.update(load_file(str(shard)))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{shard} is not a readable safetensors file: {exc}") from exc
+        if progress is not None:
+            progress.advance()
     for key in [k for k in state if ".attn.attn." in k]:
         state[key.replace(".attn.attn.", ".attn.qkv.")] = _deinterleave_legacy_qkv(state.pop(key), cfg)
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
@@ -231,12 +237,13 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
-def load_lm(files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> AudioInteractionLM:
+def load_lm(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
+            progress: LoadProgress | None = None) -> AudioInteractionLM:
     cfg = parse_lm_config(files.model_config)
     with torch.device("meta"):
         model = AudioInteractionLM(cfg)
     model = model.to_empty(device="cpu")
-    load_strict(model, read_lm_state_dict(files, cfg), files.index)
+    load_strict(model, read_lm_state_dict(files, cfg, progress), files.index)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -322,12 +329,18 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return torch.device(device), getattr(torch, dtype)
 
 
-def load_model(root: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(root: Path, device: str = "auto", dtype: str = "auto",
+               progress: LoadProgress | None = None) -> LoadedModel:
+    """``progress`` (model/progress.py) counts the weight files read: the log and ``/ready`` show it."""
     files = resolve_files(Path(root))
     torch_device, torch_dtype = resolve_device(device, dtype)
-    lm = load_lm(files, torch_device, torch_dtype)
+    progress = progress or LoadProgress()
+    progress.begin("loading", "shards", what=f"the weights from {root}")
+    lm = load_lm(files, torch_device, torch_dtype, progress)
     # fp32 keeps the encoder exact on CPU; on GPU it follows the LM's dtype.
     encoder = load_audio_encoder(files, torch_device, torch_dtype)
+    progress.advance()
+    progress.finish()
     tokenizer = load_tokenizer(files)
     log.info("loaded %s from %s on %s (%s)", lm.cfg.name, root, torch_device, torch_dtype)
     return LoadedModel(files, lm, encoder, tokenizer, torch_device, torch_dtype)

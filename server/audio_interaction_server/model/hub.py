@@ -13,6 +13,9 @@ huggingface_hub reads ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TO
 at start-up decides; nothing here reads the environment itself. Every failure is one
 ``CheckpointError`` that says what was tried, what went wrong and how to fix it.
 
+A download reports its bytes to ``progress`` (model/progress.py): log lines with the rate and the
+time left, and ``/ready``'s answer while the server starts.
+
 Only ``owner/name`` counts as a repo id (not a bare ``name``), so a mistyped relative
 directory such as ``checkpoints`` is reported as missing instead of being looked up online.
 """
@@ -34,6 +37,7 @@ from audio_interaction_server.model.checkpoint import (
     CheckpointError,
     resolve_files,
 )
+from audio_interaction_server.model.progress import LoadProgress
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,10 @@ def parse_repo_id(value: str) -> HubSource | None:
     return HubSource(match["repo_id"], match["revision"])
 
 
-def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None) -> Path:
-    """A directory in the release layout for ``value``; ``cache_dir`` overrides the HF cache."""
+def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None,
+                              progress: LoadProgress | None = None) -> Path:
+    """A directory in the release layout for ``value``; ``cache_dir`` overrides the HF cache; a download
+    reports to ``progress``."""
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -91,10 +97,10 @@ def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None) 
             f"checkpoint {text!r} {what} and not a Hugging Face repo id ('owner/name' or 'owner/name@revision'); "
             "pass a checkpoint directory in the release layout or a repo id such as zhifeixie/AudioInteraction"
         )
-    return _fetch(source, cache_dir)
+    return _fetch(source, cache_dir, progress or LoadProgress())
 
 
-def _fetch(source: HubSource, cache_dir: Path | None) -> Path:
+def _fetch(source: HubSource, cache_dir: Path | None, progress: LoadProgress) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -114,6 +120,8 @@ def _fetch(source: HubSource, cache_dir: Path | None) -> Path:
         log.info("fetching %s from %s into %s (release files only; the first download is large)",
                  source, constants.ENDPOINT, cache)
     try:
+        if not is_offline:
+            progress.begin("downloading", "bytes", what=str(source))
         snapshot = snapshot_download(
             source.repo_id,
             revision=source.revision,
@@ -121,7 +129,9 @@ def _fetch(source: HubSource, cache_dir: Path | None) -> Path:
             allow_patterns=list(RELEASE_FILE_PATTERNS),
             local_files_only=is_offline,
             library_name="audio-interaction-server",
+            tqdm_class=_progress_bars(progress),
         )
+        progress.finish()
     except GatedRepoError as error:
         raise CheckpointError(
             f"{source} is a gated repo on the Hugging Face Hub: accept its terms on the model page and set "
@@ -168,6 +178,37 @@ def _fetch(source: HubSource, cache_dir: Path | None) -> Path:
                               f"{error}") from None
     log.info("checkpoint %s is %s", source, root)
     return root
+
+
+def _progress_bars(progress: LoadProgress) -> type:
+    """A tqdm class for ``snapshot_download``: its bars are never drawn (a bar redrawn on stderr would
+    garble a log file and break ``--log-format json``); the bar of bytes written to the cache reports
+    to ``progress`` instead. huggingface_hub also keeps a bar of bytes received from the network
+    ("Downloading bytes"), which deduplication and compression make no fraction of the files' size,
+    and one of files done: neither is counted."""
+    from tqdm import tqdm  # huggingface_hub's own dependency
+
+    class CacheBytesToProgress(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            self._counts_bytes = False  # set first: tqdm's __init__ assigns total, seen by __setattr__
+            counts_bytes = kwargs.get("unit") == "B" and not str(kwargs.get("desc", "")).startswith("Downloading")
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self._counts_bytes = counts_bytes
+            if counts_bytes and self.total:
+                progress.set_total(self.total)
+
+        def __setattr__(self, name: str, value) -> None:
+            # snapshot_download grows the total as each file's download starts (bar.total = bar.total + size).
+            if name == "total" and getattr(self, "_counts_bytes", False) and value:
+                progress.set_total(value)
+            super().__setattr__(name, value)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self._counts_bytes and n:
+                progress.advance(n)
+            return super().update(n)
+
+    return CacheBytesToProgress
 
 
 def _how_to_fix(source: HubSource, cache: Path) -> str:
