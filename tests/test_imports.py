@@ -41,8 +41,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
 
 # The folders are the threads (docs/architecture.md); a module's group is its folder, or its own name at the top.
 FOLDERS = {"model", "engine", "audio", "render", "api", "demo", "tools"}
-TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol"}
-LEAVES = {"options", "spec", "engine.events"}  # import nothing of the package
+TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol", "logs"}
+LEAVES = {"options", "spec", "engine.events", "logs"}  # import nothing of the package
 LIGHT = {"protocol", "options", "config", "spec", "engine.events"}  # what clients and config tools import
 
 

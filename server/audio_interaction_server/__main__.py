@@ -28,6 +28,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="json: one JSON object a line, session_id and replica_id as fields (default: text)")
     parser.add_argument("--ssl-certfile", type=Path,
                         help="PEM certificate: serve https:// and wss:// (browsers on other hosts need it for the "
                         "microphone); with --ssl-keyfile")
@@ -58,7 +60,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         overrides["demo"] = False
     if args.device is not None:
         engine["device"] = args.device
-    for name in ("ssl_certfile", "ssl_keyfile", "replica_id", "agent_port", "busy_refusal"):
+    for name in ("ssl_certfile", "ssl_keyfile", "replica_id", "agent_port", "busy_refusal", "log_format"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.drain_timeout is not None:
@@ -115,7 +117,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from audio_interaction_server.logs import configure_logging, route_uvicorn_logs
+
+    configure_logging(config.log_level, config.log_format)
     log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
     from audio_interaction_server.api.app import build_server, create_app
 
@@ -129,6 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_app(config, on_fatal=on_fatal)
     server = build_server(app, config)
+    if config.log_format == "json":
+        route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
     # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
     try:
         listener = server.config.bind_socket()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -40,6 +41,7 @@ from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.render.replies import ReplyRenderer
 from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.worker import Worker
+from audio_interaction_server.logs import configure_logging
 
 log = logging.getLogger("audio_interaction_server.cli")
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--top-p", type=float, default=1.0)
     run_cmd.add_argument("--top-k", type=int, default=0)
     run_cmd.add_argument("--seed", type=int, default=None)
+    run_cmd.add_argument("--log-format", choices=["text", "json"], default=None,
+                         help="json: one JSON object a line on stderr (default: AIS_LOG_FORMAT, else text)")
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
     from audio_interaction_server.__main__ import add_serve_arguments, serve
@@ -220,8 +224,9 @@ def make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    # serve sets its own up from its configuration (log_level, log_format) once that is read.
+    configure_logging("info", getattr(args, "log_format", None) or os.environ.get("AIS_LOG_FORMAT") or "text")
     try:
         sys.exit(args.handler(args))
     except (CheckpointError, FileNotFoundError, ValueError) as exc:

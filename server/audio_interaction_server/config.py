@@ -207,6 +207,9 @@ class ServerConfig(BaseModel):
     api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
                            "off by default: they map the server for anyone who can reach it")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text = one readable line per record; json = one JSON object a line (time, level, "
+        "logger, message, and session_id and replica_id when it is about a session) for log pipelines (logs.py)")
     # ---- running as one of several replicas behind a load balancer (docs/scaling.md) ----
     replica_id: str | None = Field(
         None, pattern=REPLICA_ID_PATTERN, description="begins every session id (<replica_id>_<32 hex>) so a load "

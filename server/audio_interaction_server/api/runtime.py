@@ -28,6 +28,7 @@ from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
+from audio_interaction_server.logs import bind_session
 from audio_interaction_server.model.progress import LoadProgress
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
@@ -137,7 +138,9 @@ class Runtime:
     def new_session_id(self) -> str:
         """``<replica id>_<32 random hex>``: unguessable (it is also the subscription capability) and routable
         (a load balancer sends a subscriber or a resuming client to the replica that holds the session)."""
-        return f"{self.replica_id}{SESSION_ID_SEPARATOR}{uuid.uuid4().hex}"
+        session_id = f"{self.replica_id}{SESSION_ID_SEPARATOR}{uuid.uuid4().hex}"
+        bind_session(session_id)  # what the connection's task logs from now on is about this session (logs.py)
+        return session_id
 
     def make_session(self, session_id: str, engine_emit: Callable, observer: Any | None = None) -> Session:
         """A session on this runtime's worker; call only while ``is_ready`` (admission checked it)."""

@@ -51,9 +51,13 @@ class ProgressReport:
 
     def describe(self) -> str:
         """One log line: ``downloading: 1.20 GB of 15.20 GB (8%), 110.0 MB/s, about 2 min 7 s left``."""
-        amount = _amount(self.done, self.unit)
-        if self.total:
-            amount += f" of {_amount(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)"
+        if self.total and self.unit != "bytes":
+            amount = f"{self.done:.0f} of {_amount(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)"
+        elif self.total:
+            amount = f"{_amount(self.done, self.unit)} of {_amount(self.total, self.unit)} " \
+                     f"({100 * self.done / self.total:.0f}%)"
+        else:
+            amount = _amount(self.done, self.unit)
         if self.is_finished and not self.done:
             return f"{self.phase}: nothing to do"
         if self.is_finished:
@@ -140,7 +144,7 @@ class LoadProgress:
 
 def _amount(value: float, unit: str) -> str:
     if unit != "bytes":
-        return f"{value:g} {unit}"
+        return f"{value:.0f} {unit}" if float(value).is_integer() else f"{value:.2f} {unit}"
     for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if value >= scale:
             return f"{value / scale:.2f} {name}"

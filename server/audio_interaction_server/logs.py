@@ -1,0 +1,108 @@
+"""How the process's log lines look: plain text for a terminal, or one JSON object a line for a log pipeline.
+
+``configure_logging(level, log_format)`` sets up the root logger on stderr (``serve`` and ``run``);
+``route_uvicorn_logs()`` then sends uvicorn's own loggers through it, so in ``json`` every line of the
+process is JSON. A JSON line holds ``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, plus
+``session_id`` and ``replica_id`` when the record is about a session, and ``exception`` (the traceback)
+when it has one.
+
+Which session a record is about, without changing the calls that log it:
+
+* ``bind_session(session_id)``, called where a connection's session id is minted, marks the current
+  task and every task it starts (a context variable), so whatever the connection logs carries the id;
+* a record logged elsewhere (the model worker's thread) that names a session id among its arguments
+  (``log.error("session %s failed", session_id)``) carries that id.
+
+The replica id is the text before the id's last ``_`` (api/runtime.py mints ``<replica id>_<32 hex>``).
+A leaf: imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+# "<replica id>_<32 hex>": the replica id's characters as config.REPLICA_ID_PATTERN allows them.
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}_[0-9a-f]{32}")
+_current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("log_session_id", default=None)
+
+
+def bind_session(session_id: str) -> None:
+    """The current task and the tasks it starts from now on log about ``session_id``."""
+    _current_session.set(session_id)
+
+
+def session_of(record: logging.LogRecord) -> str | None:
+    """The session ``record`` is about: the task's bound session, else a session id among its arguments."""
+    bound = _current_session.get()
+    if bound is not None:
+        return bound
+    args = record.args if isinstance(record.args, tuple) else ()
+    return next((arg for arg in args if isinstance(arg, str) and _SESSION_ID.fullmatch(arg)), None)
+
+
+class SessionFields(logging.Filter):
+    """Puts ``session_id`` and ``replica_id`` on every record (None when it is about no session)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        session_id = session_of(record)
+        record.session_id = session_id
+        record.replica_id = session_id.rpartition("_")[0] if session_id is not None else None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; the fields that do not apply are left out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in ("session_id", "replica_id"):
+            value = getattr(record, field, None)
+            if value is not None:
+                line[field] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The root logger writes ``level`` and above to stderr in ``log_format`` (``text`` or ``json``),
+    replacing any earlier set-up; Python warnings become log records, so they are JSON lines too."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: choose one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SessionFields())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(log_format == "json")
+
+
+def route_uvicorn_logs() -> None:
+    """uvicorn gives its loggers handlers and formats of its own when its config is built; send them through
+    the root's handler instead (call after that, for ``json``: uvicorn's lines would not be JSON)."""
+    for name in UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

@@ -1,0 +1,112 @@
+"""``log_format: json``: every line the process writes to stderr is one JSON object, and a line about a
+session carries its ``session_id`` and ``replica_id`` (logs.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from audio_interaction_server.logs import JsonFormatter, SessionFields
+from benchmarks.harness import REPO_ROOT, server_log, spawn_server, stop_server
+
+REPLICA_ID = "replica-7"
+
+
+def json_lines(text: str) -> list[dict]:
+    """Every line of ``text`` as JSON; a line that is not JSON fails the test, naming it."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        assert {"time", "level", "logger", "message"} <= set(lines[-1]), line
+    return lines
+
+
+def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
+    process, port = spawn_server(tiny_checkpoint, {"AIS_LOG_FORMAT": "json", "AIS_LOG_LEVEL": "info",
+                                                   "AIS_REPLICA_ID": REPLICA_ID, "AIS_ENGINE__DEVICE": "cpu"},
+                                 log_to_file=True)
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10) as ws:
+            session_id = json.loads(ws.recv(timeout=10))["session_id"]
+            ws.send(b"\x00\x00" * 1600)  # 0.1 s of silence
+            ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the session is detached, and says so
+        deadline = time.monotonic() + 30
+        while f"session {session_id} detached" not in server_log(process):
+            assert time.monotonic() < deadline and process.poll() is None, server_log(process)
+            time.sleep(0.05)
+    finally:
+        assert stop_server(process) == 0
+    lines = json_lines(server_log(process))
+    detached = [line for line in lines if line["message"].startswith(f"session {session_id} detached")]
+    assert len(detached) == 1 and detached[0]["session_id"] == session_id
+    assert detached[0]["replica_id"] == REPLICA_ID
+    assert detached[0]["logger"] == "audio_interaction_server.api.connection"
+    loggers = {line["logger"] for line in lines}
+    assert {"uvicorn.error", "audio_interaction_server.api.runtime"} <= loggers, loggers  # uvicorn's own too
+    assert any(line["message"].startswith("Uvicorn running on") for line in lines)
+    assert all("session_id" not in line for line in lines if line["message"].startswith("ready: serving"))
+
+
+def test_run_log_format_json_keeps_stdout_for_events(tiny_checkpoint, tmp_path):
+    import numpy as np
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", np.zeros(8000, dtype=np.int16), 16000)
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", "run", "--log-format", "json",
+                             "--checkpoint", str(tiny_checkpoint), "--device", "cpu", str(tmp_path / "a.wav")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = json_lines(result.stderr)
+    assert any(line["message"].startswith("loaded audio-interaction-tiny") for line in lines)
+    assert all("type" in json.loads(event) for event in result.stdout.splitlines())  # the events, as before
+
+
+def record(message: str, *args: object, exc_info=None) -> logging.LogRecord:
+    return logging.LogRecord("audio_interaction_server.engine.worker", logging.ERROR, __file__, 1, message, args,
+                             exc_info)
+
+
+def test_a_record_naming_a_session_carries_it_and_a_traceback_stays_on_its_line():
+    session_id = f"{REPLICA_ID}_{'0123456789abcdef' * 2}"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = record("session %s: %s", session_id, "step failed", exc_info=sys.exc_info())
+    plain = record("model worker did not stop within %.1f s", 2.0)
+    not_an_id = record("session %s", "no_such-id")
+    for each in (failed, plain, not_an_id):
+        SessionFields().filter(each)
+    line = json.loads(JsonFormatter().format(failed))
+    assert line["session_id"] == session_id and line["replica_id"] == REPLICA_ID and line["level"] == "error"
+    assert line["message"] == f"session {session_id}: step failed" and "ValueError: boom" in line["exception"]
+    assert "\n" not in JsonFormatter().format(failed)
+    for other in (plain, not_an_id):
+        assert not {"session_id", "replica_id"} & set(json.loads(JsonFormatter().format(other)))
+
+
+def test_the_flag_and_the_setting_reach_the_config():
+    from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
+    from audio_interaction_server.config import ConfigError, load_config
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert load_config(None, {}, overrides_from(parser.parse_args(["--log-format", "json"]))).log_format == "json"
+    assert load_config(None, {"AIS_LOG_FORMAT": "json"}).log_format == "json"
+    assert load_config(None, {}).log_format == "text"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"AIS_LOG_FORMAT": "xml"})
+    assert "log_format" in str(error.value)
+    assert Path(REPO_ROOT, "server/audio_interaction_server/default.yaml").read_text().count("log_format:") == 1
