@@ -288,6 +288,48 @@ def test_protocol_client_gives_up_on_a_server_it_never_reached_but_not_on_try_ag
     assert busy["numSockets"] == 7 and busy["state"] == "reconnecting", busy  # still trying after 6 refusals
 
 
+def test_protocol_client_sends_each_waiting_configure_on_its_own(live, page: Page):
+    """Scripted sockets: two configure() calls made before the session opens go out as two events, so the server
+    refusing one (a max_turn_tokens beyond its context budget) leaves the other applied; the next session gets
+    what was accepted, not what was refused."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ProtocolClient } = await import("/static/protocol-client.js");
+        const made = [];
+        class FakeSocket {
+            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
+            send(data) { this.sent.push(JSON.parse(data)); }
+            close(code = 1000) { this.drop(code); }
+            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
+            drop(code) { if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason: "" }); } }
+        }
+        const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+        const client = new ProtocolClient("ws://server.example/v1/stream", { WebSocket: FakeSocket,
+            backoff: { initialDelayMs: 5, maxDelayMs: 20, factor: 2, jitter: 0 } });
+        const outcome = (promise) => promise.then(() => "accepted", (e) => e.event.code);
+        const events = outcome(client.configure({ decision_events: true }));
+        const tokens = outcome(client.configure({ max_turn_tokens: 4096 }));
+        const connected = client.connect();
+        made[0].deliver({ type: "session.created", session_id: "s1" });
+        await connected;
+        const sent = made[0].sent.slice();
+        made[0].deliver({ type: "session.updated", session_id: "s1" });
+        made[0].deliver({ type: "error", code: "invalid_event", event_id: sent.at(-1).event_id });
+        const outcomes = [await events, await tokens];
+        made[0].drop(1013);
+        await sleep(40);
+        made[1].deliver({ type: "session.created", session_id: "s2" });
+        return { sent, outcomes, resent: made[1].sent };
+    }""")
+    without_ids = [{k: v for k, v in event.items() if k != "event_id"} for event in result["sent"]]
+    assert without_ids == [{"type": "session.configure", "decision_events": True},
+                           {"type": "session.configure", "max_turn_tokens": 4096}], result["sent"]
+    assert result["outcomes"] == ["accepted", "invalid_event"]
+    assert [{k: v for k, v in event.items() if k != "event_id"} for event in result["resent"]] == [
+        {"type": "session.configure", "decision_events": True}]
+
+
 def test_protocol_client_resumes_a_dropped_session_and_resends_what_the_server_lacks(live, page: Page):
     """Scripted sockets: a drop without a close frame (1006) -> the same session again with its token and the last
     seq; the replay is taken as events; the frames after audio_received_s (and the flush after them, and a frame
@@ -637,7 +679,9 @@ def test_wrong_api_key_is_shown_and_not_retried(live, page: Page):
     page.fill("#api-key", "not-the-key")
     page.click("#start")
     page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'closed'")
-    assert page.locator("#connection").text_content() == "Connection closed (code 1008)"
+    # The close reason repeats the error event, which the badge's error line shows: said once.
+    assert page.locator("#connection-state").text_content() == "Connection closed (code 1008)"
+    assert page.locator("#connection-error").text_content() == "unauthorized: missing or wrong API key"
     assert page.locator("#errors li").first.text_content().startswith("unauthorized")
     assert page.locator("#errors li").first.get_attribute("role") == "alert"
     page.wait_for_timeout(800)  # longer than the first backoff step: no second attempt
@@ -752,3 +796,68 @@ def test_page_from_another_host_explains_the_microphone_needs_https(live, page: 
     page.goto(live.url)  # 127.0.0.1 is a secure context: no notice, the microphone is the default
     assert not page.locator("#insecure-context").is_visible()
     assert page.locator('input[name="source"][value="microphone"]').is_checked()
+
+
+def in_viewport(page: Page, selector: str) -> bool:
+    """Whether the element is wholly inside the window as it is scrolled now (not below the fold)."""
+    return page.evaluate("""(selector) => {
+        const box = document.querySelector(selector).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.bottom <= window.innerHeight;
+    }""", selector)
+
+
+def test_a_new_session_starts_with_a_clean_view_and_the_badge_shows_the_latest_error(live, page: Page):
+    """Start after Stop shows only the new session: no chunks, replies or errors of the last one. The badge at the
+    top names the latest error while the Errors panel is below the fold, and stays in view when scrolled."""
+    page.set_viewport_size({"width": 1000, "height": 700})
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.fill("#max-tokens", "4096")  # more than this server's context budget holds: refused, the session goes on
+    page.click("#start")
+    page.wait_for_function("() => window.audioInteraction.errors.some((e) => e.code === 'invalid_event')"
+                           " && window.audioInteraction.turns.some((t) => t.endReason)"
+                           " && window.audioInteraction.numDecisions >= 3", timeout=30_000)
+    first_session = seen(page)["sessionCreated"]["session_id"]
+    assert not in_viewport(page, "#errors-panel"), "the scenario needs the error below the fold"
+    badge = page.locator("#connection").text_content()
+    assert badge.startswith(f"Connected · session {first_session[:8]}") and "invalid_event" in badge, badge
+    assert page.locator("#connection").get_attribute("data-has-error") == "true"
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    assert in_viewport(page, "#errors-panel") and in_viewport(page, "#connection"), "the badge scrolled away"
+    page.evaluate("window.scrollTo(0, 0)")
+    # The replies are grouped under their session.
+    assert page.locator(f'.session-replies[data-session="{first_session}"] .session-head').text_content() \
+        .startswith(f"Session {first_session[:8]}")
+    page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+
+    page.fill("#max-tokens", "")
+    page.fill("#api-key", "not-the-key")
+    page.click("#start")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'closed'")
+    # Nothing of the first session is left: its chunks, replies, counts and errors went with it.
+    assert page.locator("#chunks li").count() == 0 and page.locator(".turn").count() == 0
+    assert page.locator("#chunk-summary").text_content() == "no chunks heard yet"
+    assert page.locator("#no-replies").is_visible()
+    assert page.locator("#session-id").text_content() == "—"
+    errors = page.locator("#errors li").all_text_contents()
+    assert len(errors) == 1 and errors[0].startswith("unauthorized"), errors
+    state = seen(page)
+    assert state["numDecisions"] == 0 and state["turns"] == [] and [e["code"] for e in state["errors"]] == [
+        "unauthorized"], state
+    badge = page.locator("#connection").text_content()
+    assert badge.startswith("Connection closed (code 1008)") and "unauthorized" in badge, badge
+    assert in_viewport(page, "#connection")
+
+    page.fill("#api-key", API_KEY)
+    page.click("#start")
+    page.wait_for_function("() => window.audioInteraction.numDecisions >= 2", timeout=15_000)
+    # A clean start: the refused key of the attempt before is history, the badge says only how things stand.
+    assert not page.locator("#errors-panel").is_visible() and seen(page)["errors"] == []
+    assert page.locator("#connection").get_attribute("data-has-error") != "true"
+    assert "unauthorized" not in page.locator("#connection").text_content()
+    counts = page.evaluate("() => [document.querySelectorAll('#chunks li').length,"
+                           " window.audioInteraction.numDecisions]")
+    assert counts[0] == min(counts[1], 75), counts
+    page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")

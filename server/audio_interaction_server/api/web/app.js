@@ -2,35 +2,43 @@
 
 import { AudioCapture } from "./audio-capture.js";
 import { ConnectionState, ProtocolClient } from "./protocol-client.js";
+import { ReplySpeaker } from "./speech.js";
 
 const MAX_CHUNKS_SHOWN = 75; // 30 s of 0.4 s chunks
 const FRAME_MS = 20;
 const EMOTION_ICONS = { happy: "😊", sad: "😢", angry: "😠", surprise: "😮", normal: "🙂", urgent: "⚠️" };
+const BADGE_ERROR_MAX_CHARS = 160; // the whole message is in the Errors panel and the badge's tooltip
+const SPEAK_REPLIES_KEY = "audioInteraction.speakReplies"; // the toggle, remembered by this browser
 
 const el = (id) => document.getElementById(id);
 const form = el("setup");
 
-// What the page has seen, as plain data: for debugging from the console, and for tests.
-const seen = {
-  sessionCreated: null,
-  sessionUpdated: null,
-  captureFormat: null,
-  connectionStates: [],
-  resumes: [], // {sessionId, numReplayed, resentS, lostS} per resumed connection
-  audioSentS: 0, // audio handed to the client (sent, or kept for a resume) since Start
-  numDecisions: 0,
-  numReplyDecisions: 0,
-  turns: [],
-  errors: [],
-};
+// What the page has seen since Start, as plain data: for debugging from the console, and for tests.
+function nothingSeen() {
+  return {
+    sessionCreated: null,
+    sessionUpdated: null,
+    captureFormat: null,
+    connectionStates: [],
+    resumes: [], // {sessionId, numReplayed, resentS, lostS} per resumed connection
+    audioSentS: 0, // audio handed to the client (sent, or kept for a resume) since Start
+    numDecisions: 0, // in the current session, as the chunk strip shows them
+    numReplyDecisions: 0,
+    turns: [], // every reply since Start, of every session
+    errors: [],
+  };
+}
+const seen = nothingSeen();
+seen.speech = { isEnabled: false, speaking: null, numQueued: 0, numSpoken: 0, lastError: null }; // kept across Start
 window.audioInteraction = seen;
 
 let client = null; // the session's ProtocolClient, from Start until Stop (or a close for good)
 let capture = null; // the audio being sent now, if any
 let serverUrl = ""; // the URL as typed (the client's own carries the API key)
 let activeTurn = null; // {key, card, textNode, record}
-let numReplies = 0;
+let sessionReplies = null; // {sessionId, list, numReplies}: where the current session's replies go
 let audioSentS = 0;
+const speaker = new ReplySpeaker({ lang: navigator.language, onChange: showSpeech });
 // Browsers give getUserMedia only to secure contexts: https://, or http:// from localhost/127.0.0.1.
 const canUseMicrophone = window.isSecureContext && Boolean(navigator.mediaDevices?.getUserMedia);
 
@@ -60,7 +68,8 @@ el("stop").addEventListener("click", () => stop());
 // resume_grace_s for a page that cannot come back.
 window.addEventListener("pagehide", () => client?.close({ timeoutMs: 0 }));
 el("flush").addEventListener("click", () => flush());
-el("cancel").addEventListener("click", () => client?.cancel());
+el("cancel").addEventListener("click", () => cancelReply());
+setUpSpeech();
 
 // Every control's state follows from what exists now, so no sequence of events can leave a button
 // enabled that would do the wrong thing (Start re-sending a file into a session, say).
@@ -71,7 +80,8 @@ function syncControls() {
   el("start").disabled = hasSession; // one session at a time: Stop ends it, Start begins a new one
   el("stop").disabled = !hasSession;
   el("flush").disabled = !(isOpen && capture); // a file's end is flushed already when it finishes
-  el("cancel").disabled = !(isOpen && activeTurn); // only a reply in progress can be cancelled
+  // A reply in progress can be cancelled, and so can the speaking of replies that have ended.
+  el("cancel").disabled = !((isOpen && activeTurn) || speaker.isBusy);
   for (const radio of form.elements.source) {
     radio.disabled = hasSession || (radio.value === "microphone" && !canUseMicrophone);
   }
@@ -85,6 +95,7 @@ function syncControls() {
 
 async function start() {
   if (client) return; // a session is open (the button is disabled; Enter in a field must not start another)
+  clearView();
   const source = form.elements.source.value;
   const file = el("audio-file").files[0];
   if (source === "file" && !file) {
@@ -101,10 +112,11 @@ async function start() {
   client = session;
   serverUrl = el("server-url").value.trim();
   audioSentS = 0;
-  const options = { decision_events: true };
+  session.configure({ decision_events: true }).catch(alreadyShown);
+  // Its own configure: a length the server refuses (more than its context budget) must not take the
+  // decision events down with it. The refusal is an error event, shown like any other.
   const maxTokens = el("max-tokens").valueAsNumber;
-  if (Number.isFinite(maxTokens)) options.max_turn_tokens = maxTokens;
-  session.configure(options).catch(alreadyShown);
+  if (Number.isFinite(maxTokens)) session.configure({ max_turn_tokens: maxTokens }).catch(alreadyShown);
   syncControls();
   try {
     await session.connect();
@@ -139,6 +151,7 @@ async function stop() {
   capture = null;
   const closing = client;
   client = null;
+  if (closing) speaker.stop(); // the conversation is over: nothing more of it is said
   syncControls();
   await running?.stop();
   if (closing) await closing.close();
@@ -217,41 +230,45 @@ function onConnectionState({ state, attempt, delayMs, code, reason, hadSession, 
   resumed, resumeFailed }) {
   seen.connectionStates.push({ state, attempt, delayMs, code, byClient, gaveUp, resumeFailed });
   const badge = el("connection");
+  const badgeText = el("connection-state"); // the badge's error line stays: it is the latest error, not a state
   badge.dataset.state = state;
-  const why = code ? ` (code ${code}${reason ? `: ${reason}` : ""})` : "";
+  // A refusal's close reason repeats the error event just before it, which the badge shows already.
+  const latestError = seen.errors.at(-1);
+  const isSaid = latestError && reason === `${latestError.code}: ${latestError.message}`;
+  const why = code ? ` (code ${code}${reason && !isSaid ? `: ${reason}` : ""})` : "";
   if (state === ConnectionState.CONNECTING) {
-    badge.textContent = "Connecting…";
+    badgeText.textContent = "Connecting…";
   } else if (state === ConnectionState.OPEN) {
     if (resumed) {
       // The same session, back: the reply in progress goes on, and nothing sent or said was lost (unless lostS).
       seen.resumes.push(resumed);
       const lost = resumed.lostS > 0 ? `; ${resumed.lostS.toFixed(1)} s of audio could not be re-sent` : "";
-      badge.textContent = `Connected · session ${resumed.sessionId.slice(0, 8)} · resumed: ` +
+      badgeText.textContent = `Connected · session ${resumed.sessionId.slice(0, 8)} · resumed: ` +
         `${resumed.numReplayed} events replayed, re-sent ${resumed.resentS.toFixed(1)} s of audio${lost}`;
     } else {
-      badge.textContent = "Connected";
+      badgeText.textContent = "Connected";
     }
   } else if (state === ConnectionState.RESUMING) {
     // Audio and the reply in progress wait: the server keeps the session, and replays what the page missed.
-    badge.textContent = `Connection lost${why}; resuming session ${sessionId.slice(0, 8)} in ` +
+    badgeText.textContent = `Connection lost${why}; resuming session ${sessionId.slice(0, 8)} in ` +
       `${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`;
   } else if (state === ConnectionState.RECONNECTING) {
     const what = resumeFailed ? "Could not resume the session; starting a new one"
       : hadSession ? "Connection lost" : "Could not connect";
-    badge.textContent = delayMs > 0
+    badgeText.textContent = delayMs > 0
       ? `${what}${why}. Reconnecting in ${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`
       : `Reconnecting (attempt ${attempt})…`;
     endActiveTurn("interrupted", "connection lost");
   } else if (state === ConnectionState.CLOSED) {
     if (byClient) {
       badge.dataset.state = "stopped"; // asked for: not an error
-      badge.textContent = "Stopped";
+      badgeText.textContent = "Stopped";
     } else if (gaveUp) {
       badge.dataset.state = "failed";
-      badge.textContent = hadSession ? `Connection lost${why}` : `Could not connect${why}`;
+      badgeText.textContent = hadSession ? `Connection lost${why}` : `Could not connect${why}`;
       showError("connection_failed", connectionFailure({ hadSession, attempts, code }), { isFatal: true });
     } else {
-      badge.textContent = code === 1000 ? "Disconnected by the server" : `Connection closed${why}`;
+      badgeText.textContent = code === 1000 ? "Disconnected by the server" : `Connection closed${why}`;
     }
     endActiveTurn("interrupted", "connection closed");
     if (client && client.state === ConnectionState.CLOSED) {
@@ -292,7 +309,8 @@ function onServerEvent(event) {
       el("session-id").title = event.session_id;
       el("model-name").textContent = event.model;
       el("demo-warning").hidden = !event.is_demo;
-      el("connection").textContent = `Connected · session ${event.session_id.slice(0, 8)}`;
+      el("connection-state").textContent = `Connected · session ${event.session_id.slice(0, 8)}`;
+      beginSessionView(event); // a resumed session gets session.resumed instead: its view goes on
       break;
     case "session.updated": {
       seen.sessionUpdated = event;
@@ -316,7 +334,11 @@ function onServerEvent(event) {
         activeTurn.record.text += event.text;
       }
       break;
+    case "segment":
+      speaker.handleEvent(event);
+      break;
     case "turn_end":
+      speaker.handleEvent(event);
       endActiveTurn(event.end_reason, null, event);
       break;
     case "context_rollover":
@@ -349,7 +371,7 @@ function addDecision(event) {
 
 function beginTurn(event) {
   endActiveTurn("interrupted", "a new reply began");
-  numReplies += 1;
+  sessionReplies.numReplies += 1;
   el("no-replies").hidden = true;
   const card = document.createElement("article");
   card.className = "turn";
@@ -359,24 +381,27 @@ function beginTurn(event) {
   card.setAttribute("aria-busy", "true");
   const head = document.createElement("header");
   const title = document.createElement("h3");
-  title.textContent = `Reply ${numReplies}`;
+  title.textContent = `Reply ${sessionReplies.numReplies}`;
   const emotion = document.createElement("span");
   emotion.className = "emotion";
   emotion.dataset.emotion = "pending";
   emotion.textContent = "…";
+  const speaking = document.createElement("span");
+  speaking.className = "speaking";
+  speaking.hidden = true;
   const meta = document.createElement("span");
   meta.className = "meta";
   const onset = event.onset_latency_ms;
   meta.append(chip("onset", onset == null ? "n/a" : `${Math.round(onset)} ms`, "onset-latency"),
     chip("at", `${event.audio_time_s.toFixed(1)} s`));
-  head.append(title, emotion, meta);
+  head.append(title, emotion, speaking, meta);
   const text = document.createElement("p");
   text.className = "turn-text";
   const footer = document.createElement("p");
   footer.className = "turn-end muted";
   footer.textContent = "streaming…";
   card.append(head, text, footer);
-  el("replies").prepend(card);
+  sessionReplies.list.prepend(card);
   const record = { sessionId: event.session_id, turn: event.turn, onsetLatencyMs: onset, emotion: null, text: "",
     endReason: null };
   seen.turns.push(record);
@@ -444,4 +469,138 @@ function showError(code, message, { isFatal = false } = {}) {
   label.textContent = code;
   item.append(label, ` ${message}`);
   el("errors").prepend(item);
+  // The Errors panel is at the bottom of the page, often below the fold: the badge, always in view, names
+  // the latest error too, so it never says "Connected" alone while something went wrong.
+  const badgeError = el("connection-error");
+  const count = seen.errors.length === 1 ? "" : ` (${seen.errors.length} errors)`;
+  const short = message.length > BADGE_ERROR_MAX_CHARS ? `${message.slice(0, BADGE_ERROR_MAX_CHARS - 1)}…` : message;
+  badgeError.textContent = `${code}: ${short}${count}`;
+  badgeError.title = `${code}: ${message}`;
+  badgeError.dataset.fatal = String(isFatal);
+  badgeError.hidden = false;
+  el("connection").dataset.hasError = "true";
+}
+
+// ---- one view per Start, one group of replies per session ---------------------------------------
+
+// Start begins a new conversation: nothing of the last one stays on screen (its replies, chunks and errors
+// would read as this one's), and what the page has seen starts over.
+function clearView() {
+  speaker.stop();
+  Object.assign(seen, nothingSeen());
+  activeTurn = null;
+  sessionReplies = null;
+  el("replies").replaceChildren();
+  el("no-replies").hidden = false;
+  clearChunks();
+  el("errors").replaceChildren();
+  el("errors-panel").hidden = true;
+  const badgeError = el("connection-error");
+  badgeError.replaceChildren();
+  badgeError.hidden = true;
+  badgeError.removeAttribute("title");
+  delete el("connection").dataset.hasError;
+  for (const id of ["session-id", "model-name", "audio-format"]) el(id).textContent = "—";
+  el("session-id").removeAttribute("title");
+  el("demo-warning").hidden = true;
+}
+
+function clearChunks() {
+  el("chunks").replaceChildren();
+  el("chunk-summary").textContent = "no chunks heard yet";
+  seen.numDecisions = 0;
+  seen.numReplyDecisions = 0;
+}
+
+// A new session (the first of a Start, or a new one after the last was lost): its chunks start again at 0, so
+// the strip starts empty; its replies go under a heading of their own, above the last session's.
+function beginSessionView(event) {
+  endActiveTurn("interrupted", "the session ended");
+  const isFirst = sessionReplies === null;
+  clearChunks();
+  const group = document.createElement("section");
+  group.className = "session-replies";
+  group.dataset.session = event.session_id;
+  const head = document.createElement("h3");
+  head.className = "session-head";
+  const startedAt = new Date(event.server_time_ms ?? Date.now()).toLocaleTimeString();
+  head.textContent = `Session ${event.session_id.slice(0, 8)} · started ${startedAt}` +
+    (isFirst ? "" : " · a new session: the one below ended");
+  head.title = event.session_id;
+  const list = document.createElement("div");
+  list.className = "session-turns";
+  group.append(head, list);
+  el("replies").prepend(group);
+  sessionReplies = { sessionId: event.session_id, list, numReplies: 0 };
+}
+
+// ---- speaking the replies ---------------------------------------------------------------------------
+
+function setUpSpeech() {
+  const toggle = el("speak-replies");
+  if (!speaker.isSupported) {
+    toggle.disabled = true;
+    el("speech-state").textContent = "this browser has no speech synthesis";
+    return;
+  }
+  toggle.checked = readPreference() === "on";
+  speaker.setEnabled(toggle.checked);
+  toggle.addEventListener("change", () => {
+    speaker.setEnabled(toggle.checked);
+    writePreference(toggle.checked ? "on" : "off");
+  });
+}
+
+function readPreference() {
+  try {
+    return localStorage.getItem(SPEAK_REPLIES_KEY);
+  } catch {
+    return null; // storage switched off: the toggle starts off
+  }
+}
+
+function writePreference(value) {
+  try {
+    localStorage.setItem(SPEAK_REPLIES_KEY, value);
+  } catch {
+    // not remembered; it still works for this page
+  }
+}
+
+// Cancel reply: the reply in progress stops on the server, and the page goes silent now (what is still queued
+// of earlier replies too). The next reply is spoken.
+function cancelReply() {
+  if (activeTurn) {
+    client?.cancel();
+    speaker.cancelReply(activeTurn.record.sessionId, activeTurn.record.turn);
+  }
+  speaker.stop();
+  syncControls();
+}
+
+function showSpeech() {
+  const speaking = speaker.speaking;
+  const numQueued = speaker.queued.length;
+  Object.assign(seen.speech, { isEnabled: speaker.isEnabled, speaking, numQueued, numSpoken: speaker.numSpoken,
+    lastError: speaker.lastError });
+  let text = "";
+  if (speaker.isEnabled && speaker.lastError) {
+    text = `the browser could not speak (${speaker.lastError}): is a voice installed?`;
+  } else if (speaking) {
+    text = `speaking${numQueued ? ` · ${numQueued} more queued` : ""}`;
+  }
+  el("speech-state").textContent = text;
+  for (const card of document.querySelectorAll(".turn[data-speaking]")) {
+    delete card.dataset.speaking;
+    card.querySelector(".speaking").hidden = true;
+  }
+  const card = speaking &&
+    document.querySelector(`.turn[data-session="${CSS.escape(speaking.sessionId)}"][data-turn="${speaking.turn}"]`);
+  if (card) {
+    card.dataset.speaking = "true";
+    const mark = card.querySelector(".speaking");
+    mark.textContent = `🔊 sentence ${speaking.index + 1}`;
+    mark.hidden = false;
+  }
+  syncControls();
 }

@@ -92,7 +92,7 @@ export class ProtocolClient {
     this._timer = null;
     this._isClosing = false;
     this._session = null; // the current session.created event
-    this._config = {}; // merged session.configure fields, re-sent on every new session
+    this._config = {}; // the session.configure fields the server accepted, merged: re-sent on every new session
     this._configWaiters = []; // configure() promises waiting for a session to apply them
     this._connected = null; // {promise, resolve, reject} of connect()
     this._closed = null; // {promise, resolve} of close()
@@ -153,21 +153,15 @@ export class ProtocolClient {
 
   /**
    * Sends session.configure (or keeps it for the next session while none is open, or for the resumed one while
-   * resuming). Fields are merged into the client's configuration, which every new session receives before any
-   * audio, so the audio format and options survive reconnects. Resolves with session.updated; rejects with the
-   * error event.
+   * resuming). Fields the server accepts are merged into the client's configuration, which every new session
+   * receives before any audio, so the audio format and options survive reconnects; refused ones are not re-sent.
+   * Each call is its own event, so a refused field takes only its own call down. Resolves with session.updated;
+   * rejects with the error event.
    */
   configure(fields) {
-    const previous = { ...this._config };
-    Object.assign(this._config, fields);
     const waiter = deferred();
-    waiter.rollback = () => {
-      // A refused change must not be re-sent to every later session.
-      for (const key of Object.keys(fields)) {
-        if (key in previous) this._config[key] = previous[key];
-        else delete this._config[key];
-      }
-    };
+    waiter.fields = { ...fields };
+    waiter.accept = () => Object.assign(this._config, waiter.fields);
     if (this._state === ConnectionState.OPEN || this._state === ConnectionState.RESUMING) {
       this._sendConfigure(fields, [waiter]);
     } else {
@@ -313,10 +307,10 @@ export class ProtocolClient {
     this._outbound = new Outbound((event.resume_grace_s ?? 0) + (limits.max_buffered_audio_s ?? 0));
     this._format = event.audio ?? DEFAULT_AUDIO;
     this._setState(ConnectionState.OPEN, { attempt: 0, delayMs: 0 });
-    // The configuration goes out before the caller can send audio (model options only apply then).
-    if (Object.keys(this._config).length > 0 || this._configWaiters.length > 0) {
-      this._sendConfigure(this._config, this._configWaiters.splice(0));
-    }
+    // The configuration goes out before the caller can send audio (model options only apply then): what was
+    // accepted before, then each configure() call still waiting, in order.
+    if (Object.keys(this._config).length > 0) this._sendConfigure({ ...this._config }, []);
+    for (const waiter of this._configWaiters.splice(0)) this._sendConfigure(waiter.fields, [waiter]);
     this._connected?.resolve(event);
   }
 
@@ -532,9 +526,9 @@ export class Outbound {
     frame.onAnswered?.();
     for (const waiter of frame.waiters) {
       if (answer.type === "error") {
-        waiter.rollback?.();
         waiter.reject(Object.assign(new Error(answer.message), { event: answer }));
       } else {
+        waiter.accept?.();
         waiter.resolve(answer);
       }
     }
