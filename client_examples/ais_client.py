@@ -207,6 +207,14 @@ NEW_SESSION_DELAY_S = 1.0  # before each new-session attempt after "try again" (
 # silence chunks produce decision events, and the client always asks for those), so one quiet this long,
 # with no reply in progress, means the flush was lost and is sent again.
 FLUSH_QUIET_S = 1.5
+# How much audio past a chunk's end the server needs before it can decide that chunk: the log-mel's 40 samples
+# (2.5 ms) of look-ahead, and a resampler's filter delay when the input is not at 16 kHz (soxr works in blocks:
+# up to 0.12 s at 8 kHz, under 0.05 s at 22.05 to 48 kHz). The last chunk of a recording is decided only with
+# the flush's silence, so the client never waits for that decision before it flushes.
+DECIDE_LOOKAHEAD_S = 0.15
+# While the client waits, a live server sends something all the time: a decision for every chunk it hears,
+# text while it replies. This long without any event while connected means the answer is not coming.
+SERVER_QUIET_LIMIT_S = 30.0
 _SAME_AUDIO_S = 1e-6  # the client sums frame durations exactly as the server does; this only absorbs rounding
 
 
@@ -338,7 +346,7 @@ class StreamSession:
         self.num_resumes = 0
         self.num_new_sessions = 0
         self._connected = True  # False while reconnecting: frames wait in the outbound log
-        self._progress = asyncio.Event()
+        self._progress = asyncio.Event()  # set by every event: whoever waits looks again
         self._num_configures = 0
         self._last_event_s = 0.0
         self._settling: asyncio.Task | None = None
@@ -363,6 +371,7 @@ class StreamSession:
         self._stream_base_s = self.sent_s  # the new session's stream time 0, on the sent_s scale
         self.heard_s = self.sent_s
         self._is_reply_open = False
+        self._last_event_s = asyncio.get_running_loop().time()  # its session.created, just read
         self._progress.set()
 
     # ---- what the sender calls ---------------------------------------------------------------
@@ -378,7 +387,7 @@ class StreamSession:
                                                  [answer_future]))
         if "audio" in fields:  # the frames after this one are in that format, whatever the answer
             self.audio_format = fields["audio"]
-        answer = await answer_future
+        answer = await self._answer(answer_future, "the answer to session.configure")
         if answer["type"] == "error":
             self.config = previous  # a refused change must not be told to a new session
             raise ClientError(f"session.configure {fields} was refused: {answer['message']}")
@@ -386,8 +395,8 @@ class StreamSession:
 
     async def send_pcm(self, pcm: bytes, duration_s: float) -> None:
         while self.sent_s - self.heard_s > self.max_ahead_s:
-            self._progress.clear()
-            await self._progress.wait()
+            await self._next_event(f"the model to hear more of the audio ({self.heard_s:.2f} s of {self.sent_s:.2f} "
+                                   "s heard) before sending more")
         rate_hz, num_channels = self.audio_format["sample_rate_hz"], self.audio_format["num_channels"]
         sample_bytes = 4 if self.audio_format["sample_format"] == "pcm_f32le" else 2
         self.sent_s += duration_s
@@ -396,18 +405,54 @@ class StreamSession:
     async def flush(self) -> dict:
         """``input.flush``, then wait until the model heard everything and its reply ended.
 
-        The flush's silence counts against the server's audio buffer, so it is sent once the model
-        has heard every whole chunk already sent; a refusal all the same is a ``ClientError``.
+        The flush's silence counts against the server's audio buffer, so it is sent once the model has
+        heard every chunk it can decide without it: all but the last (its decision needs the look-ahead
+        that only the silence brings), or whatever it has heard when the server goes quiet (an input rate
+        whose resampler holds back more than ``DECIDE_LOOKAHEAD_S``). A refusal all the same is a
+        ``ClientError``; so is a server that sends nothing for ``SERVER_QUIET_LIMIT_S``.
         """
-        while self.sent_s - self.heard_s >= self.chunk_s - 1e-6:
-            self._progress.clear()
-            await self._progress.wait()
+        while self.sent_s - self.heard_s >= self.chunk_s + DECIDE_LOOKAHEAD_S and not self._is_quiet(FLUSH_QUIET_S):
+            await self._next_event(f"the model to hear the audio before input.flush ({self.heard_s:.2f} s of "
+                                   f"{self.sent_s:.2f} s heard)", FLUSH_QUIET_S)
         answer_future = asyncio.get_running_loop().create_future()
         await self._send(self.outbound.add_event({"type": "input.flush"}, [answer_future]))
-        answer = await answer_future
+        answer = await self._answer(answer_future, "input.flushed (the model hearing the end of the audio and "
+                                    "finishing its reply)")
         if answer["type"] == "error":
             raise ClientError(f"input.flush was refused: {answer['message']}")
         return answer
+
+    def _is_quiet(self, quiet_s: float) -> bool:
+        """Connected, no reply in progress, and no event for ``quiet_s``: the model has nothing more to say."""
+        since_s = asyncio.get_running_loop().time() - self._last_event_s
+        return self._connected and not self._is_reply_open and since_s >= quiet_s
+
+    def check_server_alive(self, what: str) -> float:
+        """Seconds the server may still stay quiet; ``ClientError`` naming ``what`` once it has been quiet too long.
+
+        While reconnecting, the resume or the new session keeps its own deadlines: there is no limit here.
+        """
+        quiet_s = asyncio.get_running_loop().time() - self._last_event_s
+        if not self._connected:
+            return 1.0  # look again after a second
+        if quiet_s >= SERVER_QUIET_LIMIT_S:
+            raise ClientError(f"the server sent nothing for {quiet_s:.0f} s while this client waited for {what}")
+        return SERVER_QUIET_LIMIT_S - quiet_s
+
+    async def _next_event(self, what: str, timeout_s: float = SERVER_QUIET_LIMIT_S) -> None:
+        """Until the server's next event or a new connection, at most ``timeout_s``; the caller looks again."""
+        time_left_s = self.check_server_alive(what)
+        self._progress.clear()
+        try:
+            await asyncio.wait_for(self._progress.wait(), min(timeout_s, time_left_s))
+        except TimeoutError:
+            self.check_server_alive(what)
+
+    async def _answer(self, answer: asyncio.Future, what: str) -> dict:
+        """A command's answer, which the receive loop resolves; ``ClientError`` when the server stays quiet."""
+        while not answer.done():
+            await asyncio.wait([answer], timeout=self.check_server_alive(what))
+        return answer.result()
 
     async def send_event(self, event: dict) -> None:
         if event.get("type") == "session.close":
@@ -454,11 +499,11 @@ class StreamSession:
                 return  # seen already (a server replays only what follows last_seq; this is a safeguard)
             self.last_seq = seq
         self._last_event_s = asyncio.get_running_loop().time()
+        self._progress.set()
         self.console.show(raw, event)
         kind = event.get("type")
         if kind == "decision":
             self.heard_s = self._stream_base_s + event["audio_time_s"]
-            self._progress.set()
         elif kind == "session.updated" or (kind == "error" and event.get("event_type") == "session.configure"):
             self.outbound.answer("session.configure", event)
         elif kind == "input.flushed" or (kind == "error" and event.get("event_type") == "input.flush"):
@@ -537,6 +582,7 @@ class StreamSession:
         self.console.show(raw, resumed)
         self.websocket = websocket
         self.num_resumes += 1
+        self._last_event_s = asyncio.get_running_loop().time()
         try:
             for _ in range(resumed["num_replayed"]):
                 message = await websocket.recv()
@@ -644,6 +690,8 @@ class StreamSession:
                                         frame.bytes_per_sample)
             else:
                 self.outbound.add_event(json.loads(frame.payload), frame.waiters)
+        # That audio was counted in sent_s when the sender offered it: the new session's stream begins before it.
+        self._stream_base_s = self.heard_s = self.sent_s - self.outbound.audio_s
         await self._resend(websocket)
         return True
 
@@ -697,6 +745,13 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
             raise error
         failure = str(error)
         await session.send_event({"type": "session.close"})  # end the session cleanly all the same
+    while not receiver.done():  # the server answers session.close with session.closed, then closes
+        try:
+            time_left_s = session.check_server_alive("the server to close the session after session.close")
+        except ClientError:
+            receiver.cancel()
+            raise
+        await asyncio.wait([receiver], timeout=time_left_s)
     await receiver
     code, reason = session.websocket.close_code, session.websocket.close_reason or ""
     if failure:

@@ -181,6 +181,39 @@ def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, sha
     assert len(decisions) == int(summary[1])
 
 
+def cut_recording(source: Path, out: Path, seconds: float, rate_hz: int) -> Path:
+    """The first ``seconds`` of ``source`` (cycled if shorter), resampled to ``rate_hz``: an exact length."""
+    import numpy as np
+    import soxr
+
+    samples, source_rate_hz = soundfile.read(str(source), dtype="float32", always_2d=True)
+    mono = soxr.resample(samples.mean(axis=1), source_rate_hz, rate_hz)
+    num_samples = round(seconds * rate_hz)
+    soundfile.write(str(out), np.resize(mono, num_samples), rate_hz, subtype="PCM_16")
+    assert soundfile.info(str(out)).frames == num_samples
+    return out
+
+
+# Whole 0.4 s chunks: the server decides the last one only with the look-ahead the flush's silence gives
+# (40 samples past its end, and a resampler's delay at other rates), so a client that waits for that
+# decision before it flushes waits forever. 2.02 s at 48 kHz ends within that delay past a chunk.
+@pytest.mark.parametrize("seconds, rate_hz", [(0.4, 16_000), (2.0, 16_000), (4.0, 16_000), (2.02, 48_000),
+                                              (2.0, 8_000)])
+def test_stream_file_ends_with_input_flushed_at_every_length(live, shared_audio, tmp_path, seconds, rate_hz):
+    recording = cut_recording(shared_audio / "01_count_bark" / "sample01_02.wav", tmp_path / "cut.wav", seconds,
+                              rate_hz)
+    script = Script("stream_file.py", live.ws_url, str(recording), "--api-key", API_KEY, "--speed", "0", "--json",
+                    cwd=tmp_path)
+    try:
+        code = script.finish(timeout_s=45)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"stream_file.py still running after 45 s on a {seconds} s file: {script.stderr}")
+    assert code == 0, script.stderr
+    events = [json.loads(line) for line in script.stdout]
+    assert [e["type"] for e in events[-2:]] == ["input.flushed", "session.closed"]
+    assert events[-1]["audio_received_s"] == pytest.approx(seconds, abs=1e-3)
+
+
 # A TTS command that exists wherever the tests run: the subscriber checks its TTS program before it
 # connects, so the default (espeak-ng) would make these tests depend on what the machine has installed.
 ANY_TTS = ("--tts-command", shlex.join([sys.executable, "-c", "", "{text}"]))
@@ -739,6 +772,50 @@ def test_a_flush_in_doubt_waits_for_its_answer_or_a_quiet_server(monkeypatch, an
     assert "waiting to see whether the server got the input.flush sent before the drop" in notes
     assert ("the server had the input.flush; re-sent 0.10 s of audio" in notes) == answered, notes
     assert ("the server did not get the input.flush: sent again; re-sent 0.10 s of audio" in notes) != answered
+
+
+REPLY_BEGINS = {"type": "turn_begin", "seq": 2, "turn": 0}
+LAST_WHOLE_CHUNK_HEARD = {"type": "decision", "seq": 2, "chunk": 1, "audio_time_s": 0.8, "decision": "keep_silence"}
+
+
+@pytest.mark.parametrize("last_event, is_flush_sent, waited_for", [
+    (REPLY_BEGINS, False, "the model to hear the audio before input.flush (0.00 s of 1.00 s heard)"),
+    (LAST_WHOLE_CHUNK_HEARD, True, "input.flushed (the model hearing the end of the audio and finishing its reply)"),
+], ids=["quiet_mid_reply_before_the_flush", "flush_never_answered"])
+def test_a_server_that_goes_quiet_ends_the_wait_with_what_it_waited_for(monkeypatch, last_event, is_flush_sent,
+                                                                         waited_for):
+    """StreamSession against a scripted socket that falls silent: mid-reply before the model heard the audio
+    (the flush waits for it), or after the flush went out (its answer never comes). The wait ends at the
+    deadline with a ClientError that says what it waited for; it never hangs."""
+    import asyncio
+    import io
+
+    client = load_client_module()
+    monkeypatch.setattr(client, "SERVER_QUIET_LIMIT_S", 0.5)
+
+    async def main() -> tuple[str, list, float]:
+        socket = ScriptedSocket()
+        created = {"type": "session.created", "session_id": "s", "seq": 1,
+                   "limits": {"chunk_s": 0.4, "max_buffered_audio_s": 10.0}}
+        console = client.ReplyConsole(err=io.StringIO(), out=io.StringIO())
+        session = client.StreamSession("ws://h:1", None, socket, console, created)
+        receiver = asyncio.create_task(session.receive_loop())
+        try:
+            for _ in range(10):  # 1 s: two whole chunks and a part
+                await session.send_pcm(bytes(3200), 0.1)
+            socket.give(last_event)
+            started_s = asyncio.get_running_loop().time()
+            with pytest.raises(client.ClientError) as raised:
+                await asyncio.wait_for(session.flush(), 5)
+            return str(raised.value), socket.sent, asyncio.get_running_loop().time() - started_s
+        finally:
+            receiver.cancel()
+
+    message, sent, waited_s = asyncio.run(main())
+    assert re.fullmatch(rf"the server sent nothing for \d s while this client waited for {re.escape(waited_for)}",
+                        message), message
+    assert ({"type": "input.flush"} in sent) == is_flush_sent
+    assert waited_s < 2
 
 
 def test_microphone_resumes_after_a_cut_and_nothing_it_captured_is_lost(live, proxy, shared_audio, tmp_path):
