@@ -120,6 +120,49 @@ def test_a_signal_during_start_up_imports_is_a_clean_stop(tiny_checkpoint, signu
     assert status == 0 and "Traceback" not in log.text, log.text
 
 
+def ignore_sigint() -> None:
+    """What a shell does to a background job (`cmd &` without job control): SIGINT inherited as ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("phase", ["imports", "model_load"])
+def test_sigint_stops_the_server_even_when_inherited_as_ignored(tiny_checkpoint, tmp_path, phase):
+    """The server sets its own SIGINT handler from its first moment: a Ctrl-C (or `kill -INT`) during the
+    start-up imports or a model load that hangs is a prompt, clean stop, whatever handler it inherited."""
+    hub = StallingHub()
+    env = server_env()
+    source = ["--checkpoint", str(tiny_checkpoint)]
+    if phase == "model_load":
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{hub.port}", HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_ETAG_TIMEOUT="120", HF_HUB_DOWNLOAD_TIMEOUT="120", HF_HUB_DISABLE_TELEMETRY="1")
+        source = ["--checkpoint", "owner/model"]
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0", *source],
+                               env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
+    try:
+        log = LogReader(process)
+        if phase == "imports":
+            log.wait_for(r"starting the server", timeout_s=60)  # logged before the engine's imports
+        else:
+            assert hub.contacted.wait(90), "the loader never reached the Hub"
+            time.sleep(0.5)  # well inside the download
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        try:
+            status = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGINT ignored: still running 30 s later ({phase})") from None
+        elapsed_s = time.monotonic() - signalled
+        log.read_to_end()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        hub.close()
+    assert status == 0 and "Traceback" not in log.text, log.text
+    assert elapsed_s < 10, f"took {elapsed_s:.1f} s to stop"
+
+
 class LogReader:
     """A subprocess's stderr lines, read on a thread so that waiting for a line can time out."""
 

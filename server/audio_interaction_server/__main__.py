@@ -97,16 +97,18 @@ def _stop_requested(signum: int, frame: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    # SIGTERM (docker stop, k8s) is a normal stop at any point, like SIGINT (Ctrl-C): also during the
+    # SIGTERM (docker stop, k8s) and SIGINT (Ctrl-C) are a normal stop at any point: also during the
     # seconds of imports before uvicorn runs, and after uvicorn's graceful shutdown, which re-raises
-    # the signal with the handler installed before it ran.
-    previous_sigterm = signal.signal(signal.SIGTERM, _stop_requested)
+    # the signal with the handler installed before it ran. SIGINT gets our handler too, not Python's:
+    # a background job (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves it ignored.
+    previous_handlers = {signum: signal.signal(signum, _stop_requested) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _serve(args)
     except (KeyboardInterrupt, _StopRequested):
         return EXIT_STOPPED
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def _serve(args: argparse.Namespace) -> int:
