@@ -167,6 +167,33 @@ class TransportSettings(BaseModel):
         return proxies
 
 
+class FloodLimits(BaseModel):
+    """What one connection may make the event loop do (api/session.py, docs/reliability.md "Floods").
+
+    The event loop is shared by every session and, through the GIL, by the worker thread: a client
+    that keeps it busy makes everybody's decisions late. Each limit is a token bucket per session.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    events_per_s: float = Field(
+        50.0, gt=0, description="text events (everything but audio, refused ones too) a client may send per "
+        "second, sustained; beyond event_burst the session ends with an event_flood error and close 1008")
+    event_burst: int = Field(1000, ge=1, description="text events a client may send at once (a Realtime client "
+                             "replaying a long chat history as conversation.item.create events)")
+    refused_audio_speed: float = Field(
+        2.0, gt=0, description="audio refused as audio_buffer_full a client may send, in seconds per second, "
+        "sustained (a real-time client is refused at most 1x); beyond refused_audio_burst_s the session ends "
+        "with an audio_flood error and close 1008. A refused frame counts at least 10 ms")
+    refused_audio_burst_s: float = Field(30.0, gt=0, description="refused audio a client may send at once")
+    prompt_chars_per_s: float = Field(
+        1000.0, gt=0, description="system prompt characters a client may have checked against the context "
+        "budget per second, sustained (checking tokenises the prompt on the event loop); beyond "
+        "prompt_char_burst a session.configure or session.update with a prompt is refused with rate_limited")
+    prompt_char_burst: int = Field(16_000, ge=8_000, description="system prompt characters checked at once "
+                                   "(at least one prompt of the longest allowed, 8,000)")
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -201,6 +228,7 @@ class ServerConfig(BaseModel):
     trailing_silence_s: float = Field(1.0, ge=0, le=10, description="input.flush default, as the offline CLI's")
     decision_events: bool = Field(False, description="default of session.configure's decision_events")
     transport: TransportSettings = TransportSettings()
+    flood: FloodLimits = FloodLimits()
     session: SessionOptions = SessionOptions()
     engine: EngineConfig = EngineConfig()
     demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")

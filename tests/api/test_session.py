@@ -3,6 +3,7 @@ time passed in as numbers."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -14,7 +15,9 @@ from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, 
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
+from audio_interaction_server.api.commands import Configure
 from audio_interaction_server.api.native import NativeCodec
+from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.api.session import CLOSE_CODE_OF_END, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.engine.worker import Worker
@@ -470,3 +473,134 @@ def test_segmenter_cuts_run_on_text_at_a_space():
     out = segmenter.push("word " * 10)
     assert out and all(len(s) <= 20 for s in out) and all(not s.endswith(" ") for s in out)
     assert " ".join(out + segmenter.finish()).split() == ["word"] * 10
+
+
+# ---- floods: what one connection may make the event loop do (issue 21) -----------------------------------------
+
+
+class CountingWorker(Worker):
+    """The real worker, counting the option checks the event loop asks of it (each tokenises the system prompt)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_option_checks = 0
+
+    def check_options(self, options) -> None:
+        self.num_option_checks += 1
+        super().check_options(options)
+
+
+def counting_harness(tiny_model, **settings) -> tuple[Harness, CountingWorker]:
+    worker = CountingWorker(tiny_model, EngineConfig(max_sessions=2))
+    return Harness(tiny_model, worker=worker, **settings), worker
+
+
+class RealtimeHarness(Harness):
+    """The same session fed through the /v1/realtime codec (24 kHz PCM, base64 in JSON appends)."""
+
+    def __init__(self, tiny_model, **settings) -> None:
+        super().__init__(tiny_model, **settings)
+        self.codec = RealtimeCodec(self.config.max_frame_bytes)  # type: ignore[assignment]
+
+    def audio(self, data: bytes | np.ndarray) -> list:
+        data = data if isinstance(data, bytes) else data.tobytes()
+        return self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(data).decode()})
+
+
+FLOOD_RATE_HZ = {"stream": 16_000, "realtime": 24_000}
+
+
+def flood_harness(tiny_model, protocol: str, **settings) -> Harness:
+    return (RealtimeHarness if protocol == "realtime" else Harness)(tiny_model, **settings)
+
+
+@pytest.mark.parametrize("protocol", ["stream", "realtime"])
+def test_a_client_that_keeps_sending_into_a_full_buffer_is_cut_with_1008(tiny_model, protocol):
+    """Frames refused as audio_buffer_full faster than real time spend the session's refused-audio budget
+    (flood.refused_audio_burst_s at once, flood.refused_audio_speed x real time after that); the frame that
+    overdraws it ends the session: a fatal audio_flood error, session.closed, close 1008. Nothing after
+    that is handled."""
+    h = flood_harness(tiny_model, protocol, max_buffered_audio_s=1.0,
+                      flood={"refused_audio_burst_s": 2.0, "refused_audio_speed": 2.0})
+    frame = np.zeros(FLOOD_RATE_HZ[protocol] // 8, "<i2")  # 0.125 s: sums are exact in binary
+    accepted = [e for _ in range(8) for e in h.audio(frame)]  # 1 s fills the buffer
+    assert [e.type for e in accepted if e.type != "session.updated"] == []  # (the realtime codec's 24 kHz format)
+    refused = [h.audio(frame) for _ in range(16)]  # 2 s refused at once: the whole burst
+    assert all([e.code for e in out] == ["audio_buffer_full"] for out in refused)
+    assert h.session.close_code is None
+    cut = h.audio(frame)
+    assert [(e.type, getattr(e, "code", None)) for e in cut] == [("error", "audio_flood"), ("session.closed", None)]
+    assert cut[0].is_fatal and "faster than real time" in cut[0].message
+    assert h.session.close_code == CloseCode.POLICY and cut[1].reason == "audio_flood"
+    assert h.audio(frame) == [] and h.send({"type": "input.clear"}) == []
+
+
+def test_a_client_refused_at_real_time_is_never_cut(tiny_model):
+    """A real-time client whose server fell behind gets audio_buffer_full for frame after frame, never more
+    than real time: that is not a flood, and it is never cut."""
+    h = Harness(tiny_model, max_buffered_audio_s=1.0, flood={"refused_audio_burst_s": 2.0, "refused_audio_speed": 2.0})
+    frame = np.zeros(2000, "<i2")  # 0.125 s
+    for _ in range(400):  # 50 s, the model never catching up
+        h.audio(frame)
+        h.now_s += 0.125
+    assert h.session.close_code is None and len(h.of("error")) == 400 - 8
+    assert {e.code for e in h.of("error")} == {"audio_buffer_full"}
+
+
+def test_a_refused_frame_is_not_decoded(tiny_model):
+    """The buffer check comes first: a frame that will be refused costs no decoding (nor a copy of its samples);
+    so an odd-sized frame into a full buffer is refused as audio_buffer_full."""
+    h = Harness(tiny_model, max_buffered_audio_s=0.5)
+    h.audio(np.zeros(8000, "<i2"))  # 0.5 s: full
+    (error,) = h.audio(b"\x01" * 3201)  # not whole s16 samples, but the buffer is full whatever it holds
+    assert error.code == "audio_buffer_full"
+
+
+@pytest.mark.parametrize("protocol", ["stream", "realtime"])
+def test_a_client_flooding_events_is_cut_with_1008(tiny_model, protocol):
+    """Text events (everything but audio; bad ones too) spend the session's event budget: flood.event_burst at
+    once, flood.events_per_s after that. The event that overdraws it ends the session with event_flood, 1008."""
+    h = flood_harness(tiny_model, protocol, flood={"event_burst": 50, "events_per_s": 10.0})
+    clear = {"type": "input_audio_buffer.clear" if protocol == "realtime" else "input.clear"}
+    num_codec_events = 1 if protocol == "realtime" else 0  # its first frame adds one: the audio format
+    for _ in range(49 - num_codec_events):
+        h.send(clear)
+    h.send("{not json")
+    assert h.session.close_code is None
+    h.now_s += 0.1  # one more event's worth
+    h.send(clear)
+    cut = h.send(clear)
+    assert [(e.type, getattr(e, "code", None)) for e in cut] == [("error", "event_flood"), ("session.closed", None)]
+    assert cut[0].is_fatal and h.session.close_code == CloseCode.POLICY
+
+
+def test_an_empty_configure_is_acknowledged_without_checking_the_options_again(tiny_model):
+    """/v1/realtime acknowledges every conversation.item.create with an empty Configure: the options did not
+    change, so nothing is rebuilt or tokenised for it."""
+    h, worker = counting_harness(tiny_model)
+    h.send({"type": "session.configure", "system_prompt": "Be brief."})
+    assert worker.num_option_checks == 1
+    for _ in range(20):
+        (updated,) = h.session.handle(Configure(event_id="i1", event_type="conversation.item.create"), h.now_s)
+        assert updated.type == "session.updated" and updated.options.system_prompt == "Be brief."
+    assert worker.num_option_checks == 1
+
+
+def test_system_prompt_checks_are_bounded_per_connection(tiny_model):
+    """Checking a system prompt against the context budget tokenises it on the event loop (tens of ms for
+    8,000 digits or CJK characters). A connection gets flood.prompt_char_burst characters checked at once and
+    flood.prompt_chars_per_s after that; beyond, session.configure is refused with rate_limited before any
+    tokenising, its options not applied."""
+    h, worker = counting_harness(tiny_model, flood={"prompt_char_burst": 16_000, "prompt_chars_per_s": 1_000.0})
+    prompts = [f"{i}:" + "7" * 7_998 for i in range(4)]  # unique, 8,000 characters, too long for the context
+    codes = [h.send({"type": "session.configure", "system_prompt": p})[0].code for p in prompts[:3]]
+    assert codes == ["invalid_event", "invalid_event", "rate_limited"] and worker.num_option_checks == 2
+    assert "again in 8.0 s" in h.of("error")[-1].message
+    h.now_s += 8.0  # 8,000 characters' worth
+    assert h.send({"type": "session.configure", "system_prompt": prompts[3]})[0].code == "invalid_event"
+    assert h.send({"type": "session.configure", "system_prompt": "Be brief."})[0].code == "rate_limited"
+    h.now_s += 0.009
+    (updated,) = h.send({"type": "session.configure", "system_prompt": "Be brief."})
+    assert updated.options.system_prompt == "Be brief." and worker.num_option_checks == 4
+    (updated,) = h.send({"type": "session.configure", "decision_events": True})  # no prompt: nothing to charge
+    assert updated.type == "session.updated"

@@ -10,7 +10,8 @@ a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is 
 Audio path: PCM bytes -> ``decode_pcm`` -> ``StreamingResampler`` -> ``StreamingLogMel``
 -> ``engine.push_audio``. A frame is either accepted whole (it reaches the model, or
 ``session.closed`` counts it as cut) or refused with an ``error`` event; nothing is
-dropped silently.
+dropped silently. What a client may make the event loop do is bounded (api/flood.py): a
+client that floods is cut with a fatal ``event_flood``/``audio_flood`` error and close 1008.
 
 Threading contract: not thread-safe. The app calls every method from its event loop;
 the engine's ``emit`` (worker thread) must hop there before calling ``on_engine_events``.
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from audio_interaction_server.api.commands import (
     AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, Malformed, RequestReply, Unset,
 )
+from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
@@ -43,6 +45,7 @@ from audio_interaction_server.render.presenter import ReplyPresenter
 from audio_interaction_server.config import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
+_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
 # How each way the engine can end a session closes the WebSocket: one entry per EndCode (a test checks it).
@@ -121,6 +124,7 @@ class Session:
         self._num_chunks_dropped = 0  # queued chunks input.clear dropped before the model heard them
         self._clears_waiting: deque[float] = deque()  # partial-chunk seconds of each clear the engine has not done
         self._drain_deadline_s: float | None = None
+        self._flood = FloodGuard(config.flood, now_s)
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -166,6 +170,8 @@ class Session:
         if self.is_closed:
             return []
         self._last_frame_s = now_s
+        if not isinstance(command, AppendAudio) and not self._flood.allows_event(now_s):
+            return self._cut_off("event_flood", self._flood.event_flood_message(), command)
         if isinstance(command, Malformed):
             return self._error(command.code, command.message, command)
         if self._closing_since_s is not None:
@@ -275,6 +281,14 @@ class Session:
     def abort(self, reason: str = "disconnected") -> list:
         """The connection is gone: free the engine slot now. Returns the events for subscribers: the cut
         reply's turn_end (the engine's own comes too late, after the session is closed), then the close."""
+        return self._end_now(reason, CloseCode.NORMAL)
+
+    def _cut_off(self, code: str, message: str, command: Command) -> list:
+        """A flooding client: a fatal error, the session ended now (its reply cut), close 1008. Nothing it
+        sends after this is handled (and the connection stops reading it once the close is sent)."""
+        return self._error(code, message, command, is_fatal=True) + self._end_now(code, CloseCode.POLICY)
+
+    def _end_now(self, reason: str, code: int) -> list:
         if self.is_closed:
             return []
         if self._is_engine_open:
@@ -284,19 +298,25 @@ class Session:
         for turn_end in (event for event in cut if event.type == "turn_end"):
             self._observer.turn_ended(turn_end.num_tokens, turn_end.end_reason)
         self._is_speaking = False
-        return cut + self._closed(reason, CloseCode.NORMAL)
+        return cut + self._closed(reason, code)
 
     # ---- client commands -------------------------------------------------------------
     def _append_audio(self, command: AppendAudio, now_s: float) -> list:
+        # The buffer is checked before anything is decoded: a client sending into a full buffer makes each of
+        # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
+        audio_format = self.audio.format
+        frame_bytes = _BYTES_PER_SAMPLE[audio_format.sample_format] * audio_format.num_channels
+        frame_s = len(command.data) // frame_bytes / audio_format.sample_rate_hz
+        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, f"this frame of {frame_s:.3f} s was "
+                                    "not accepted: send audio no faster than real time")
+        if refused:
+            if not self._flood.allows_refused_audio(frame_s, now_s):
+                return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
+            return refused
         try:
             samples = self.audio.decode(command.data)
         except AudioFormatError as error:
             return self._error("invalid_audio", f"{error}; frame ignored", command)
-        frame_s = self.audio.duration_s(samples)
-        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, f"this frame of {frame_s:.3f} s was "
-                                    "not accepted: send audio no faster than real time")
-        if refused:
-            return refused
         self._observer.audio_received(frame_s)
         self._open_engine()
         self._note_pushed(self.audio.accept(samples), now_s)
@@ -308,6 +328,22 @@ class Session:
         if model_fields and self._is_engine_open:
             return self._error("invalid_state", f"{sorted(model_fields)} can only change before the first audio "
                                "frame; open a new session for other model options", command)
+        if model_fields:
+            refused = self._apply_model_options(command, model_fields, now_s)
+            if refused:
+                return refused
+        # Without model fields the options stand as checked (a Realtime item create is such an empty Configure).
+        if not isinstance(command.audio, Unset):
+            self._note_pushed(self.audio.set_format(command.audio or AudioFormat()), now_s)
+        if not isinstance(command.decision_events, Unset):
+            self.decision_events = (self.config.decision_events if command.decision_events is None
+                                    else command.decision_events)
+            self._presenter.decision_events = self.decision_events
+        return [SessionUpdatedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
+                                    audio=self.audio.format, options=self._settings())]
+
+    def _apply_model_options(self, command: Configure, model_fields: set[str], now_s: float) -> list:
+        """Check the new model options against the engine and keep them; an error event if they are refused."""
         # An explicit None resets a field to the server's default.
         defaults = self.config.session
         update = {name: getattr(command, name) for name in model_fields}
@@ -318,19 +354,21 @@ class Session:
             options = SessionOptions(**{**self.options.model_dump(), **update})
         except ValidationError as error:
             return self._error("invalid_event", summarize(error), command)
+        prompt = update.get("system_prompt")
+        if prompt:
+            # The check below tokenises the prompt on the event loop: its characters are budgeted per session.
+            wait_s = self._flood.prompt_wait_s(len(prompt), now_s)
+            if wait_s:
+                return self._error("rate_limited", f"system prompts of {self._flood.limits.prompt_char_burst} "
+                                   f"characters at once, then {self._flood.limits.prompt_chars_per_s:g} a second, "
+                                   f"are checked per session; this one was not applied: send it again in "
+                                   f"{wait_s:.1f} s", command)
         try:
             self.engine.check_options(options)
         except ValueError as error:  # fits the schema but not this server's context budget
             return self._error("invalid_event", str(error), command)
-        if not isinstance(command.audio, Unset):
-            self._note_pushed(self.audio.set_format(command.audio or AudioFormat()), now_s)
-        if not isinstance(command.decision_events, Unset):
-            self.decision_events = (self.config.decision_events if command.decision_events is None
-                                    else command.decision_events)
-            self._presenter.decision_events = self.decision_events
         self.options = options
-        return [SessionUpdatedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
-                                    audio=self.audio.format, options=self._settings())]
+        return []
 
     def _flush(self, command: Flush, now_s: float) -> list:
         silence_s = self.config.trailing_silence_s if command.trailing_silence_s is None \

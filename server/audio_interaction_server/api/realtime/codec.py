@@ -45,7 +45,8 @@ MAX_TURN_TOKENS = 4096  # SessionOptions.max_turn_tokens' bound, checked here to
 # Session error codes -> the Realtime API's, where it has its own name for the same thing.
 _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
-_CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed"}
+_CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
+                 "audio_flood", "event_flood"}
 _CONFIGURE_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 
@@ -65,6 +66,7 @@ class _Answer:
     item: Item | None = None
     previous_item_id: str | None = None
     deleted_item_id: str | None = None
+    num_bytes: int = 0  # the item's JSON: held until its echo is sent, counted by the connection's outbox
 
 
 @dataclass
@@ -84,6 +86,7 @@ class RealtimeCodec:
         self._format: AudioPcm | AudioPcmu | AudioPcma = AudioPcm()
         self._turn_detection: TurnDetectionObject | None = TurnDetectionObject()
         self._answers: deque[_Answer] = deque()
+        self.held_bytes = 0  # the items in _answers (connection.py bounds them with the events still unsent)
         self._params: dict[tuple[str | None, str], str] = {}  # (event_id, code) -> the field a codec error names
         self._is_started = False
         self._session_id = "sess_unbound"
@@ -230,7 +233,7 @@ class RealtimeCodec:
         elif previous is None or previous not in self.conversation.item_ids:
             previous = self.conversation.last_item_id
         return self._acknowledge(_Answer("item.create", event.type, event.event_id, item=item,
-                                         previous_item_id=previous))
+                                         previous_item_id=previous, num_bytes=len(item.model_dump_json())))
 
     def _item_delete(self, event: ConversationItemDelete) -> list[Command]:
         if event.item_id not in self.conversation.item_ids:
@@ -240,6 +243,7 @@ class RealtimeCodec:
 
     def _acknowledge(self, answer: _Answer) -> list[Command]:
         self._answers.append(answer)
+        self.held_bytes += answer.num_bytes
         return [Configure(event_id=answer.event_id, event_type=answer.event_type)]
 
     def _session_update(self, event: SessionUpdate) -> list[Command]:
@@ -362,6 +366,7 @@ class RealtimeCodec:
     def _answered(self, event) -> list:
         self._settings = event.options
         answer = self._answers.popleft() if self._answers else _Answer("session.update", "session.update", None)
+        self.held_bytes -= answer.num_bytes
         if answer.kind == "item.create" and answer.item is not None:
             self.conversation.add(answer.item.id)
             return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
@@ -384,7 +389,7 @@ class RealtimeCodec:
         # The session's own refusals of a Configure (the codec's Malformed errors have codes of their own).
         if head is not None and event.code in _CONFIGURE_REFUSALS and \
                 (head.event_type, head.event_id) == (event.event_type, event.event_id):
-            self._answers.popleft()  # the Configure it answers was refused: nothing of it applies
+            self.held_bytes -= self._answers.popleft().num_bytes  # its Configure was refused: nothing of it applies
         if event.event_type == "response.create":
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":

@@ -1,0 +1,84 @@
+"""What one connection may make the event loop do: token buckets a session spends as its client sends.
+
+The event loop is shared by every session, and through the GIL by the worker thread too: a client
+that keeps it busy (frames refused as fast as its socket takes them, thousands of text events, a
+new long system prompt to tokenise every few milliseconds) makes every neighbour's decisions late.
+A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
+
+- text events (everything but audio, refused ones included): a client past it is cut (1008);
+- audio refused as ``audio_buffer_full``, in seconds: a real-time client whose server fell behind
+  is refused at most 1x real time and never runs out; a client sending into a full buffer faster
+  than that is cut (1008);
+- system prompt characters checked (tokenised) on the event loop: past it, the event is refused
+  with ``rate_limited`` and may be sent again later.
+
+Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the event loop's).
+"""
+
+from __future__ import annotations
+
+from audio_interaction_server.config import FloodLimits
+
+# A refused frame costs at least this much audio: a flood of one-sample frames is a flood too.
+MIN_REFUSED_FRAME_S = 0.01
+
+_SLACK = 1e-9  # float sums of exact budgets (0.1 s frames) must not refuse the last one
+
+
+class TokenBucket:
+    """``burst`` at once, refilled at ``rate_per_s``; starts full."""
+
+    def __init__(self, rate_per_s: float, burst: float, now_s: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self._tokens = self.burst
+        self._at_s = now_s
+
+    def take(self, amount: float, now_s: float) -> bool:
+        """Spend ``amount`` if the bucket holds it (True); otherwise spend nothing (False)."""
+        self._refill(now_s)
+        if amount > self._tokens + _SLACK:
+            return False
+        self._tokens = max(0.0, self._tokens - amount)
+        return True
+
+    def wait_s(self, amount: float, now_s: float) -> float:
+        """Seconds until ``amount`` could be taken (0 = now)."""
+        self._refill(now_s)
+        return max(0.0, (amount - self._tokens) / self.rate_per_s)
+
+    def _refill(self, now_s: float) -> None:
+        if now_s > self._at_s:
+            self._tokens = min(self.burst, self._tokens + (now_s - self._at_s) * self.rate_per_s)
+            self._at_s = now_s
+
+
+class FloodGuard:
+    def __init__(self, limits: FloodLimits, now_s: float) -> None:
+        self.limits = limits
+        self._events = TokenBucket(limits.events_per_s, limits.event_burst, now_s)
+        self._refused_audio_s = TokenBucket(limits.refused_audio_speed, limits.refused_audio_burst_s, now_s)
+        self._prompt_chars = TokenBucket(limits.prompt_chars_per_s, limits.prompt_char_burst, now_s)
+
+    def allows_event(self, now_s: float) -> bool:
+        """One text event; False: the client floods (cut it)."""
+        return self._events.take(1.0, now_s)
+
+    def allows_refused_audio(self, frame_s: float, now_s: float) -> bool:
+        """One frame refused as audio_buffer_full; False: the client floods (cut it)."""
+        return self._refused_audio_s.take(max(frame_s, MIN_REFUSED_FRAME_S), now_s)
+
+    def prompt_wait_s(self, num_chars: int, now_s: float) -> float:
+        """0 and ``num_chars`` spent when a prompt that long may be checked now; else seconds to wait."""
+        if self._prompt_chars.take(num_chars, now_s):
+            return 0.0
+        return self._prompt_chars.wait_s(num_chars, now_s)
+
+    def event_flood_message(self) -> str:
+        return (f"more than {self.limits.event_burst} events at once or {self.limits.events_per_s:g} a second "
+                "after that; closing")
+
+    def audio_flood_message(self) -> str:
+        return (f"audio keeps arriving into a full buffer faster than real time (more than "
+                f"{self.limits.refused_audio_burst_s:g} s refused at once, or {self.limits.refused_audio_speed:g} s a "
+                "second after that); closing: send audio no faster than real time")
