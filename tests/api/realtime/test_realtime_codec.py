@@ -385,6 +385,7 @@ def test_conversation_items_are_acknowledged_in_event_order_with_the_clients_id(
     (json.dumps({"type": "input_audio_buffer.append"}), "invalid_value"),
     (b"\x00\x01", "invalid_frame"),
     (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 70_000}), "frame_too_large"),
+    ("[" * 30_000 + "]" * 30_000, "invalid_json"),  # nested deeper than any parser's recursion
 ])
 def test_a_bad_frame_becomes_one_error_and_nothing_else(frame, code):
     h = Harness()
@@ -403,3 +404,74 @@ def test_session_errors_keep_the_clients_event_id_and_take_the_realtime_names():
     [full] = h.session(ErrorEvent(**STAMP, code="audio_buffer_full", message="slow down",
                                   event_type="input_audio_buffer.append", event_id="a9"))
     assert full["error"]["event_id"] == "a9"
+
+
+# ---- parsing as strictly as /v1/stream (issue 21) ----------------------------------------------------------
+
+
+STRICTLY_REFUSED = {
+    "duplicate key": ('{"type": "response.create", "event_id": "a", "event_id": "b"}', None),
+    "duplicate nested key": ('{"type": "session.update", "session": {"instructions": "x", "instructions": "y"}}',
+                             None),
+    "int as a string": (json.dumps({"type": "session.update", "session": {"max_output_tokens": "100"}}),
+                        "session.max_output_tokens"),
+    "bool as an int": (json.dumps({"type": "session.update", "session": {"max_output_tokens": True}}),
+                       "session.max_output_tokens"),
+    "rate as a string": (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {
+        "type": "audio/pcm", "rate": "24000"}}}}}), "session.audio.input.format.rate"),
+    "list as a string": (json.dumps({"type": "session.update", "session": {"output_modalities": "text"}}),
+                         "session.output_modalities"),
+    "17 metadata keys": (json.dumps({"type": "response.create", "response": {"metadata": {
+        f"k{i}": "v" for i in range(17)}}}), "response.metadata"),
+    "long metadata value": (json.dumps({"type": "response.create", "response": {"metadata": {"k": "v" * 513}}}),
+                            "response.metadata.k"),
+    "long metadata key": (json.dumps({"type": "response.create", "response": {"metadata": {"k" * 65: "v"}}}),
+                          "response.metadata"),
+    "long item id": (json.dumps({"type": "conversation.item.delete", "item_id": "i" * 60_000}), "item_id"),
+    "long previous item id": (json.dumps({"type": "conversation.item.create", "previous_item_id": "p" * 1000,
+                                          "item": {"type": "message", "role": "user", "content": []}}),
+                              "previous_item_id"),
+    "long response id": (json.dumps({"type": "response.cancel", "response_id": "r" * 1000}), "response_id"),
+    "long call id": (json.dumps({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": "c" * 1000, "output": ""}}), "item.call_id"),
+}
+
+
+@pytest.mark.parametrize("name", STRICTLY_REFUSED)
+def test_realtime_events_are_parsed_strictly(name):
+    """Duplicate keys (parsers disagree on which wins), a string or a bool where a number is meant, metadata
+    past the Realtime API's 16 keys of 64/512 characters, ids past 64 characters: refused with one error event
+    naming the field, as /v1/stream refuses them, never coerced or echoed."""
+    frame, param = STRICTLY_REFUSED[name]
+    h = Harness()
+    [command] = h.client(frame)
+    assert isinstance(command, Malformed) and command.code == "invalid_value", command
+    [error] = h.session(h.error(command))
+    assert error["error"]["param"] == param and len(error["error"]["message"]) < 300, error
+
+
+def test_ids_and_types_in_error_messages_are_cut_short():
+    """What a client sent is quoted in an error at most 64 characters long (an unknown event type, an item id
+    the conversation does not hold), so an error never echoes a frame back."""
+    h = Harness()
+    [unknown] = h.client(json.dumps({"type": "x" * 60_000}))
+    assert unknown.code == "unknown_event" and len(unknown.message) < 300 and len(unknown.event_type or "") <= 64
+    [missing] = h.client(json.dumps({"type": "conversation.item.delete", "item_id": "i" * 64}))
+    assert missing.code == "item_delete_invalid_item_id" and len(missing.message) < 200
+
+
+def test_response_metadata_within_the_bounds_is_echoed_in_the_response():
+    h = Harness()
+    metadata = {f"k{i}": "v" * 512 for i in range(16)}
+    [request] = h.client({"type": "response.create", "response": {"metadata": metadata}})
+    assert isinstance(request, RequestReply)
+    frames = h.session(*reply(1, ["Hi"]))
+    done = next(frame for frame in frames if frame["type"] == "response.done")
+    assert {key: done["response"]["metadata"][key] for key in metadata} == metadata
+
+
+def test_a_flooding_client_is_told_it_is_at_fault():
+    h = Harness()
+    for code in ("audio_flood", "event_flood"):
+        [error] = h.session(ErrorEvent(**STAMP, code=code, message="closing", is_fatal=True))
+        assert error["error"]["type"] == "invalid_request_error" and error["error"]["code"] == code

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -28,11 +29,12 @@ from audio_interaction_server.api.commands import (
     AppendAudio, CancelReply, ClearAudio, Command, Configure, Flush, Malformed, RequestReply,
 )
 from audio_interaction_server.api.realtime.events import (
-    CLIENT_EVENT_ADAPTER, AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
-    ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, Error,
-    ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
+    AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
+    ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, DuplicateKey,
+    Error, ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
     InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
     ResponseCreate, SessionCreated, SessionObject, SessionUpdate, SessionUpdated, TextContent, TurnDetectionObject,
+    parse_client_event,
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
@@ -49,6 +51,14 @@ _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unautho
                  "audio_flood", "event_flood"}
 _CONFIGURE_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
+_TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
+MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
+
+
+def _shown(value: object) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``MAX_SHOWN_CHARS``."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS - 3]}..."
 
 
 _Unchanged = Literal["unchanged"]
@@ -115,7 +125,13 @@ class RealtimeCodec:
             return [Malformed("frame_too_large", f"text frame over {self.max_frame_bytes} bytes; ignored (send "
                               "audio in smaller appends)")]
         try:
-            event = CLIENT_EVENT_ADAPTER.validate_json(message)
+            event = parse_client_event(message)
+        except (json.JSONDecodeError, RecursionError) as error:
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+            return [Malformed("invalid_json", f"text frames must hold one JSON object: {reason}")]
+        except DuplicateKey as error:
+            return [self._refuse("invalid_value", f"duplicate key {_shown(error.key)}: each key may appear once per "
+                                 "object; event ignored", None, None)]
         except ValidationError as error:
             return [self._invalid(error)]
         match event:
@@ -140,14 +156,20 @@ class RealtimeCodec:
     def _invalid(self, error: ValidationError) -> Malformed:
         first = error.errors()[0]
         context = first.get("ctx", {})
-        if first["type"] == "json_invalid":
-            return Malformed("invalid_json", f"text frames must hold one JSON object: {first['msg']}")
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = context.get("tag")
-            return Malformed("unknown_event", f"event type {tag!r} is not supported by this server (see "
-                             "docs/realtime.md for the supported events)", event_type=None if tag is None else str(tag))
+            return Malformed("unknown_event", f"event type {_shown(tag)} is not supported by this server (see "
+                             "docs/realtime.md for the supported events)",
+                             event_type=None if tag is None else str(tag)[:MAX_SHOWN_CHARS])
+        if first["type"] == "model_type" and not first["loc"]:
+            return Malformed("invalid_json", "text frames must hold one JSON object")
         event_type = str(first["loc"][0]) if first["loc"] else None
-        where = ".".join(str(part) for part in first["loc"][1:])
+        loc = first["loc"][1:]
+        if loc and loc[-1] == "[key]":  # a dict's key refused: the dict is the field (the key may be long)
+            loc = loc[:-2]
+        # pydantic names the union member it tried ("int", "literal['inf']"): not a field the client knows.
+        where = ".".join(str(part)[:MAX_SHOWN_CHARS] for part in loc
+                         if not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)))
         return self._refuse("invalid_value", f"{where or 'event'}: {first['msg']}", event_type, None, where or None)
 
     def _refuse(self, code: str, message: str, event_type: str | None, event_id: str | None,
@@ -184,7 +206,7 @@ class RealtimeCodec:
         response = event.response
         modalities = response.output_modalities if response is not None else None
         if modalities is not None and set(modalities) != {"text"}:
-            return [self._refuse("invalid_value", f"output_modalities {modalities} is not supported: the model "
+            return [self._refuse("invalid_value", f"output_modalities {_shown(modalities)} is not supported: the model "
                                  "produces text (pair it with a text-to-speech)", event.type, event.event_id,
                                  "response.output_modalities")]
         if self.replies.reply is not None or self._request is not None:
@@ -209,7 +231,7 @@ class RealtimeCodec:
         given = event.item
         item_id = given.id or self.ids.new("item")
         if item_id in self.conversation.item_ids:
-            return [self._refuse("item_create_duplicate_item_id", f"an item with id {item_id!r} already exists",
+            return [self._refuse("item_create_duplicate_item_id", f"an item with id {_shown(item_id)} already exists",
                                  event.type, event.event_id, "item.id")]
         item: Item
         if given.type == "message" and given.role in ("user", "assistant", "system"):
@@ -224,8 +246,8 @@ class RealtimeCodec:
         elif given.type == "function_call_output" and given.call_id is not None:
             item = FunctionCallOutputItem(id=item_id, call_id=given.call_id, output=given.output or "")
         else:
-            return [self._refuse("invalid_value", f"items of type {given.type!r} (role {given.role!r}) are not "
-                                 "supported: the model neither calls tools nor takes them", event.type,
+            return [self._refuse("invalid_value", f"items of type {_shown(given.type)} (role {_shown(given.role)}) "
+                                 "are not supported: the model neither calls tools nor takes them", event.type,
                                  event.event_id, "item.type")]
         previous = event.previous_item_id
         if previous == "root":
@@ -237,7 +259,7 @@ class RealtimeCodec:
 
     def _item_delete(self, event: ConversationItemDelete) -> list[Command]:
         if event.item_id not in self.conversation.item_ids:
-            return [self._refuse("item_delete_invalid_item_id", f"no item with id {event.item_id!r}", event.type,
+            return [self._refuse("item_delete_invalid_item_id", f"no item with id {_shown(event.item_id)}", event.type,
                                  event.event_id, "item_id")]
         return self._acknowledge(_Answer("item.delete", event.type, event.event_id, deleted_item_id=event.item_id))
 
@@ -254,10 +276,10 @@ class RealtimeCodec:
 
         given = session.model_fields_set
         if "type" in given and session.type != "realtime":
-            return refuse(f"session type {session.type!r} is not supported: the model does not transcribe; use "
+            return refuse(f"session type {_shown(session.type)} is not supported: the model does not transcribe; use "
                           "type 'realtime'", "session.type")
         if session.output_modalities is not None and set(session.output_modalities) != {"text"}:
-            return refuse(f"output_modalities {session.output_modalities} is not supported: the model produces "
+            return refuse(f"output_modalities {_shown(session.output_modalities)} is not supported: the model produces "
                           "text (pair it with a text-to-speech)", "session.output_modalities")
         if session.tools:
             return refuse("tools are not supported: the model does not call functions", "session.tools")
@@ -281,7 +303,7 @@ class RealtimeCodec:
         if audio_input is not None and audio_input.format is not None:
             new_format = _format_object(audio_input.format.type, audio_input.format.rate)
             if new_format is None:
-                return refuse(f"audio format {audio_input.format.type!r} (rate {audio_input.format.rate}) is not "
+                return refuse(f"audio format {_shown(audio_input.format.type)} (rate {audio_input.format.rate}) is not "
                               "supported: use audio/pcm (24000 Hz, or another rate from 8000 to 48000), audio/pcmu "
                               "or audio/pcma", "session.audio.input.format")
             if new_format != self._format:
@@ -289,7 +311,7 @@ class RealtimeCodec:
         if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
             requested = audio_input.turn_detection
             if requested is not None and requested.type not in ("server_vad", "semantic_vad"):
-                return refuse(f"turn_detection type {requested.type!r} is not supported: server_vad or "
+                return refuse(f"turn_detection type {_shown(requested.type)} is not supported: server_vad or "
                               "semantic_vad (the model decides when to reply) or null (manual turns)",
                               "session.audio.input.turn_detection.type")
             turn_detection = None if requested is None else TurnDetectionObject(type=requested.type)

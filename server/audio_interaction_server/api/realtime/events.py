@@ -8,14 +8,17 @@ Client events are parsed leniently where the Realtime API is broad: fields this 
 act on (voice, tools choice, tracing, noise reduction, ...) are accepted and ignored, since
 clients send them by default and refusing them would refuse every client. What the server
 cannot honour when asked (audio output, transcription sessions, tools) is refused in the codec
-with an ``invalid_value`` error that names the field.
+with an ``invalid_value`` error that names the field. What it does read is read strictly, as
+``/v1/stream`` reads its events (``parse_client_event``): a key given twice is refused, types are
+not coerced ("100" and true are no numbers), ids and metadata have the Realtime API's bounds.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 # ---- shared pieces ------------------------------------------------------------------------
 
@@ -275,7 +278,16 @@ SERVER_EVENT_ADAPTER: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
 
 class _Lenient(BaseModel):
     # Clients send more than this server acts on (see the module docstring): extra fields are ignored.
-    model_config = ConfigDict(extra="ignore")
+    # What is read is not coerced: "100" is not a number, nor is true.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+MAX_ID_CHARS = 64  # item, call and response ids: a client's own are echoed back, so they are bounded
+ClientId = Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
+# The Realtime API's metadata: at most 16 pairs, keys up to 64 characters, values up to 512.
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
 class _ClientEvent(_Lenient):
@@ -340,7 +352,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 class ResponseIn(_Lenient):
     output_modalities: list[str] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     conversation: str | None = None  # "none" = out of band: this server has one conversation, the audio's
 
 
@@ -351,7 +363,7 @@ class ResponseCreate(_ClientEvent):
 
 class ResponseCancel(_ClientEvent):
     type: Literal["response.cancel"]
-    response_id: str | None = None
+    response_id: ClientId | None = None
 
 
 class ContentIn(_Lenient):
@@ -361,23 +373,23 @@ class ContentIn(_Lenient):
 
 
 class ItemIn(_Lenient):
-    id: str | None = Field(None, max_length=64)
+    id: ClientId | None = None
     type: str
     role: str | None = None
     content: list[ContentIn] | None = None
-    call_id: str | None = None
+    call_id: ClientId | None = None
     output: str | None = None
 
 
 class ConversationItemCreate(_ClientEvent):
     type: Literal["conversation.item.create"]
-    previous_item_id: str | None = None
+    previous_item_id: ClientId | None = None
     item: ItemIn
 
 
 class ConversationItemDelete(_ClientEvent):
     type: Literal["conversation.item.delete"]
-    item_id: str
+    item_id: ClientId
 
 
 ClientEvent = Annotated[
@@ -386,3 +398,25 @@ ClientEvent = Annotated[
     Field(discriminator="type"),
 ]
 CLIENT_EVENT_ADAPTER: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON parsers disagree on which of two values for one key wins: such an event has no one meaning.
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise DuplicateKey(key)
+        found[key] = value
+    return found
+
+
+def parse_client_event(text: str) -> ClientEvent:
+    """One text frame -> its event. Raises ``json.JSONDecodeError`` or ``RecursionError`` (nested deeper than
+    Python's stack) when it is no JSON, ``DuplicateKey``, and pydantic's ``ValidationError``."""
+    return CLIENT_EVENT_ADAPTER.validate_python(json.loads(text, object_pairs_hook=_unique_keys), strict=True)
