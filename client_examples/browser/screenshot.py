@@ -9,7 +9,9 @@ reply is streaming in. A random model almost never starts a reply with an emotio
 checkpoint's six emotion rows of ``lm_head`` are scaled up (``--emotion-boost``) to show how a tag
 is rendered; its text is noise either way. To hold the picture still, a wrapper around the page's
 WebSocket stops delivering server events once a reply is far enough along: the page shows exactly
-the events it had received by then.
+the events it had received by then. *Speak replies* is on; headless Chromium has no voice, so a stand-in
+answers ``speechSynthesis.speak`` (0.8 s a sentence) and the page shows a sentence of the reply before
+being spoken.
 """
 
 from __future__ import annotations
@@ -39,12 +41,33 @@ HOLD_EVENTS_SCRIPT = """
   };
 })();
 """
+# A stand-in voice: each utterance "speaks" for 0.8 s, with the real start and end events.
+STAND_IN_VOICE_SCRIPT = """
+(() => {
+  let current = null;
+  const waiting = [];
+  const next = () => {
+    if (current || waiting.length === 0) return;
+    const utterance = current = waiting.shift();
+    utterance.dispatchEvent(new SpeechSynthesisEvent("start", { utterance }));
+    setTimeout(() => {
+      if (current !== utterance) return;
+      current = null;
+      utterance.dispatchEvent(new SpeechSynthesisEvent("end", { utterance }));
+      next();
+    }, 800);
+  };
+  speechSynthesis.speak = (utterance) => { waiting.push(utterance); setTimeout(next, 0); };
+  speechSynthesis.cancel = () => { current = null; waiting.length = 0; };
+})();
+"""
 # Hold once a later reply streams with an emotion tag and a line or two of text.
 MID_REPLY_CONDITION = """() => {
   const turns = window.audioInteraction.turns;
   const last = turns.at(-1);
   const ready = turns.length >= 2 && window.audioInteraction.numDecisions >= %d
-    && last && !last.endReason && last.emotion && last.text.length >= %d;
+    && last && !last.endReason && last.emotion && last.text.length >= %d
+    && window.audioInteraction.speech.speaking?.turn >= last.turn - 1;
   if (ready) window.holdEvents = true;
   return ready;
 }"""
@@ -111,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={microphone}"])
                 page = browser.new_page(viewport={"width": 1000, "height": 1080})
                 page.add_init_script(HOLD_EVENTS_SCRIPT)
+                page.add_init_script(STAND_IN_VOICE_SCRIPT)
                 page.goto(f"http://127.0.0.1:{port}/")
+                page.check("#speak-replies")
                 page.click("#start")
                 condition = MID_REPLY_CONDITION % (args.min_chunks, args.min_chars)
                 page.wait_for_function(condition, timeout=120_000, polling=10)

@@ -861,3 +861,185 @@ def test_a_new_session_starts_with_a_clean_view_and_the_badge_shows_the_latest_e
     assert counts[0] == min(counts[1], 75), counts
     page.click("#stop")
     page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+
+
+def test_reply_speaker_speaks_sentences_in_order_and_a_cancel_drops_only_its_reply(live, page: Page):
+    """ReplySpeaker (speech.js) with a scripted synthesizer whose utterances end when the test says: one sentence at
+    a time, in order; a cancelled reply's waiting and late sentences are dropped while the next reply's keep their
+    place; a failed utterance does not stop the queue; a reply the server ends cancelled is not spoken further."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ReplySpeaker } = await import("/static/speech.js");
+        class FakeUtterance { constructor(text) { this.text = text; } }
+        const synth = {
+            log: [], current: null,
+            speak(utterance) { this.log.push(utterance.text); this.current = utterance; utterance.onstart?.(); },
+            cancel() { this.log.push("<cancel>"); const cut = this.current; this.current = null;
+                       cut?.onerror?.({ error: "interrupted" }); },
+            end() { const done = this.current; this.current = null; done.onend?.(); },
+            fail(error) { const failed = this.current; this.current = null; failed.onerror?.({ error }); },
+        };
+        const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+        const speaker = new ReplySpeaker({ synthesis: synth, Utterance: FakeUtterance });
+        const segment = (turn, index, text) => ({ type: "segment", session_id: "s", turn, index, text });
+        const turnEnd = (turn, end_reason) => ({ type: "turn_end", session_id: "s", turn, end_reason });
+        speaker.handleEvent(segment(0, 0, "Not spoken: the toggle is off."));
+        speaker.setEnabled(true);
+        speaker.handleEvent(segment(0, 0, "A0."));
+        speaker.handleEvent(segment(0, 1, "A1."));
+        speaker.handleEvent(segment(0, 2, "A2."));
+        const waitingBehindA0 = speaker.queued.map((s) => s.text);
+        synth.end();  // A0 done: A1 starts
+        speaker.handleEvent(segment(1, 0, "B0."));  // the next reply, behind A2
+        speaker.cancelReply("s", 0);  // A1 cut, A2 dropped; B0 keeps its place
+        const afterCancel = { speaking: speaker.speaking, queued: speaker.queued.map((s) => s.text) };
+        await tick();  // the next utterance goes to the synthesizer a task after the cut
+        speaker.handleEvent(segment(0, 3, "A3, late."));  // reply 0 was cancelled: not spoken
+        speaker.handleEvent(turnEnd(0, "cancelled"));
+        synth.fail("synthesis-failed");  // B0 failed: the sentences after it still go
+        const errorAfterFailure = speaker.lastError;
+        speaker.handleEvent(segment(1, 1, "B1."));
+        const errorWhileB1Speaks = speaker.lastError;  // a sentence spoken again: the failure is history
+        synth.end();  // B1 done
+        speaker.handleEvent(turnEnd(1, "text_end"));
+        speaker.handleEvent(segment(2, 0, "C0."));
+        speaker.handleEvent(segment(3, 0, "D0."));
+        speaker.handleEvent(segment(3, 1, "D1."));
+        speaker.handleEvent(turnEnd(2, "text_end"));
+        speaker.handleEvent(turnEnd(3, "cancelled"));  // cancelled by the server: D0 and D1 are dropped
+        synth.end();  // C0 done
+        speaker.handleEvent(segment(4, 0, "E0."));
+        speaker.setEnabled(false);  // off: E0 cut, nothing more
+        speaker.handleEvent(segment(4, 1, "E1."));
+        await tick();
+        return { log: synth.log, waitingBehindA0, afterCancel, errorAfterFailure, errorWhileB1Speaks,
+                 numSpoken: speaker.numSpoken,
+                 isBusy: speaker.isBusy };
+    }""")
+    assert result["waitingBehindA0"] == ["A1.", "A2."]
+    assert result["afterCancel"] == {"speaking": None, "queued": ["B0."]}
+    assert result["log"] == ["A0.", "A1.", "<cancel>", "B0.", "B1.", "C0.", "E0.", "<cancel>"]
+    assert result["errorAfterFailure"] == "synthesis-failed" and result["errorWhileB1Speaks"] is None
+    assert result["numSpoken"] == 3 and result["isBusy"] is False  # A0, B1, C0
+
+
+# Stands in for the browser's voice (headless Chromium has none): speechSynthesis.speak and cancel are replaced by a
+# synthesizer that takes SPEAK_MS per utterance and fires the real event types, and every call is logged in order.
+FAKE_SPEECH_SCRIPT = """
+(() => {
+  const SPEAK_MS = %d;
+  window.speechLog = [];
+  let current = null;
+  const waiting = [];
+  const startNext = () => {
+    if (current || waiting.length === 0) return;
+    const utterance = current = waiting.shift();
+    utterance.dispatchEvent(new SpeechSynthesisEvent("start", { utterance }));
+    utterance.fakeTimer = setTimeout(() => {
+      if (current !== utterance) return;
+      current = null;
+      utterance.dispatchEvent(new SpeechSynthesisEvent("end", { utterance }));
+      startNext();
+    }, SPEAK_MS);
+  };
+  speechSynthesis.speak = (utterance) => {
+    window.speechLog.push({ kind: "speak", text: utterance.text });
+    waiting.push(utterance);
+    setTimeout(startNext, 0);
+  };
+  speechSynthesis.cancel = () => {
+    window.speechLog.push({ kind: "cancel" });
+    const cut = current;
+    current = null;
+    if (cut) {
+      clearTimeout(cut.fakeTimer);
+      cut.dispatchEvent(new SpeechSynthesisErrorEvent("error", { utterance: cut, error: "interrupted" }));
+    }
+    for (const dropped of waiting.splice(0)) {
+      dropped.dispatchEvent(new SpeechSynthesisErrorEvent("error", { utterance: dropped, error: "canceled" }));
+    }
+  };
+})();
+"""
+# Holds server events back from the page while window.holdEvents is set (they wait, in order, and arrive on
+# window.releaseEvents()); window.deliveredEvents lists, in order, what the page was given.
+HOLD_EVENTS_SCRIPT = """
+(() => {
+  const NativeWebSocket = window.WebSocket;
+  const held = [];
+  window.holdEvents = false;
+  window.deliveredEvents = [];
+  window.releaseEvents = () => {
+    window.holdEvents = false;
+    while (held.length > 0 && !window.holdEvents) held.shift()();
+  };
+  window.WebSocket = class extends NativeWebSocket {
+    set onmessage(handler) {
+      super.onmessage = (message) => {
+        const deliver = () => {
+          if (typeof message.data === "string") window.deliveredEvents.push(JSON.parse(message.data));
+          handler(message);
+        };
+        if (window.holdEvents || held.length > 0) held.push(deliver);
+        else deliver();
+      };
+    }
+  };
+})();
+"""
+
+
+def test_page_speaks_each_finished_sentence_in_order_and_none_is_lost_across_a_cancel(live, page: Page):
+    """Speak replies on, the microphone streaming to the real server: every `segment` the page gets is handed to
+    speechSynthesis.speak in order. Cancel reply, clicked while a reply streams and sentences wait, silences what
+    is queued and the cancelled reply's later sentences; every sentence of the replies after it is spoken."""
+    wire = WireLog(page)
+    page.add_init_script(FAKE_SPEECH_SCRIPT % 1500)  # slower than the tiny model talks: sentences queue up
+    page.add_init_script(HOLD_EVENTS_SCRIPT)
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.fill("#max-tokens", "120")
+    page.check("#speak-replies")
+    page.click("#start")
+    # Held once a reply streams while sentences wait to be spoken: the click below lands mid-reply, whatever the
+    # server does meanwhile (its events wait until released).
+    page.wait_for_function("""() => {
+        const seen = window.audioInteraction;
+        const ready = seen.turns.length > 0 && !seen.turns.at(-1).endReason && seen.speech.numQueued >= 1;
+        if (ready) window.holdEvents = true;
+        return ready;
+    }""", timeout=60_000, polling=10)
+    cancelled = seen(page)["turns"][-1]
+    num_delivered_at_click = page.evaluate("window.deliveredEvents.length")
+    assert page.locator(f'.turn[data-turn="{cancelled["turn"]}"]').get_attribute("data-state") == "streaming"
+    page.click("#cancel")
+    page.evaluate("window.releaseEvents()")
+    # Held again once a later reply has ended with a sentence, so that the queue can run dry.
+    page.wait_for_function("""(cancelledTurn) => {
+        const ready = window.deliveredEvents.some((e) => e.type === "turn_end" && e.turn > cancelledTurn)
+            && window.deliveredEvents.some((e) => e.type === "segment" && e.turn > cancelledTurn);
+        if (ready) window.holdEvents = true;
+        return ready;
+    }""", arg=cancelled["turn"], timeout=60_000, polling=10)
+    page.wait_for_function("() => !window.audioInteraction.speech.speaking"
+                           " && window.audioInteraction.speech.numQueued === 0", timeout=60_000)
+    log = page.evaluate("window.speechLog")
+    delivered = page.evaluate("window.deliveredEvents")
+    page.click("#stop")
+
+    session_id = cancelled["sessionId"]
+    segments = [e for e in delivered if e["type"] == "segment"]
+    assert [e["text"] for e in segments] == [e["text"] for e in wire.of_type("segment")][:len(segments)]
+    assert all(e["session_id"] == session_id for e in segments)
+    before_click = [e["text"] for e in delivered[:num_delivered_at_click] if e["type"] == "segment"]
+    after_click = [e["text"] for e in delivered[num_delivered_at_click:]
+                   if e["type"] == "segment" and e["turn"] > cancelled["turn"]]
+    cut_at = log.index({"kind": "cancel"})  # the click cut the sentence being spoken
+    spoken_before = [entry["text"] for entry in log[:cut_at]]
+    spoken_after = [entry["text"] for entry in log[cut_at + 1:]]
+    # Up to the click: the sentences in the order they came, none twice; the ones still waiting were dropped.
+    assert spoken_before == before_click[:len(spoken_before)] and len(spoken_before) < len(before_click), (
+        spoken_before, before_click)
+    # After it: every sentence of the later replies, in order, and nothing of the cancelled reply or before.
+    assert spoken_after == after_click and after_click, (spoken_after, after_click)
+    assert {"kind": "cancel"} not in log[cut_at + 1:]

@@ -599,7 +599,7 @@ function showSpeech() {
   if (card) {
     card.dataset.speaking = "true";
     const mark = card.querySelector(".speaking");
-    mark.textContent = `🔊 sentence ${speaking.index + 1}`;
+    mark.textContent = `speaking sentence ${speaking.index + 1}`;
     mark.hidden = false;
   }
   syncControls();
