@@ -246,6 +246,79 @@ def test_sessions_spread_by_least_connections_and_a_full_cluster_refuses_at_once
         close_session(ws)
 
 
+# Every spelling of the drain call's path that the replica decodes to /v1/admin/drain (uvicorn unquotes the path,
+# %2F included), and the case and dot forms a client may send.
+ADMIN_PATH_SPELLINGS = ("/v1/admin/drain", "/v1/admin%2Fdrain", "/v1/admin%2fdrain", "/v1/%61dmin/drain",
+                        "/v1/%61%64%6D%69%6E/drain", "/v1%2Fadmin%2Fdrain", "/v1//admin/drain", "/v1/./admin/drain",
+                        "/v1/x/../admin/drain", "/V1/ADMIN/drain")
+
+
+def test_the_balancer_refuses_the_drain_call_however_its_path_is_spelled(cluster):
+    """HAProxy answers 403 itself (its own page, not a replica's JSON) for every spelling; no replica drains."""
+    balancer, replicas = cluster
+    for path in ADMIN_PATH_SPELLINGS:
+        with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as raw:  # sent as written
+            raw.sendall(f"POST {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .encode())
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        head, _, body = answer.decode(errors="replace").partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 403") and "Request forbidden by administrative rule" in body, (path, answer)
+    assert not any(replica.get("/v1/load")[1]["draining"] for replica in replicas.values())
+
+
+def open_direct_session(replica: Replica) -> ClientConnection:
+    """A session the balancer does not carry (as one opened through another balancer, or detached and awaiting
+    its client's resume): it holds a slot HAProxy cannot count."""
+    ws = connect(f"ws://127.0.0.1:{replica.port}/v1/stream", compression=None, open_timeout=10)
+    assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+    return ws
+
+
+@pytest.mark.parametrize("skew", ["subscribers", "sessions_it_does_not_carry"])
+def test_a_new_session_finds_the_one_free_slot_whatever_the_connection_counts_say(cluster, skew):
+    """One replica has a free slot, the two others are full; HAProxy's connection counts say otherwise. With
+    ``subscribers``: the free one holds one session and two subscribers (three connections), each full one two
+    sessions (two). With ``sessions_it_does_not_carry``: the full ones' sessions were opened around the balancer
+    (zero connections each, against the free one's one). A new session must get the free slot every time, not a
+    503 after retries that go back and forth between the two full replicas."""
+    balancer, replicas = cluster
+    first = [open_session(balancer) for _ in range(3)]
+    assert sorted(replica_of(created) for _, created in first) == list(REPLICAS)
+    free_ws, free_created = first[0]
+    free_replica = replica_of(free_created)
+    held: list[ClientConnection] = [ws for ws, _ in first]
+    subscribers: list[ClientConnection] = []
+    try:
+        if skew == "subscribers":
+            subscribers = [balancer.connect(f"/v1/sessions/{free_created['session_id']}/events") for _ in range(2)]
+            # Through the balancer until the two others are full; one that lands on the free replica is closed.
+            while any(replica.get("/v1/load")[1]["free"] for name, replica in replicas.items() if name != free_replica):
+                ws, created = open_session(balancer)
+                if replica_of(created) == free_replica:
+                    close_session(ws)
+                else:
+                    held.append(ws)
+        else:
+            for ws, created in first[1:]:
+                close_session(ws)
+                held.remove(ws)
+            held += [open_direct_session(replica) for name, replica in replicas.items() if name != free_replica
+                     for _ in range(MAX_SESSIONS)]
+        loads = {name: replica.get("/v1/load")[1]["free"] for name, replica in replicas.items()}
+        assert loads == {name: 1 if name == free_replica else 0 for name in REPLICAS}, loads
+        for _ in range(5):  # every time, not by luck of the order HAProxy tries the replicas in
+            ws, created = open_session(balancer)
+            assert replica_of(created) == free_replica, created
+            close_session(ws)
+    finally:
+        for ws in held:
+            close_session(ws)
+        for subscriber in subscribers:
+            recv_to_close(subscriber)
+
+
 def test_an_haproxy_reload_keeps_live_sessions_streaming(cluster):
     balancer, _ = cluster
     sessions = [open_session(balancer) for _ in range(3)]
