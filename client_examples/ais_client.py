@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,6 +56,15 @@ class ClientError(Exception):
     """A failure the scripts report as one readable line, then exit non-zero."""
 
 
+class ServerBusy(ClientError):
+    """The server refused for now (loading, full or draining: close 1013, HTTP 503, or 429 for too many attempts);
+    it may take the client a little later."""
+
+    def __init__(self, reason: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(f"server busy ({reason})")
+        self.retry_after_s = retry_after_s
+
+
 # The server's own endpoints (and their /v1 root), at the end of a URL's path: whatever comes
 # before them is a reverse-proxy prefix, so pasting any endpoint's URL works for every script.
 _API_PATH = re.compile(r"/v1(/stream|/sessions/[^/]+/events)?/*$")
@@ -82,10 +92,58 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
         # Per-message deflate costs more than it saves on small, frequent frames.
         return await connect(url, additional_headers=headers, compression=None, max_size=None,
                              open_timeout=open_timeout_s)
+    except InvalidStatus as error:
+        response = error.response
+        if response.status_code not in (429, 503):  # 503: busy, refused before the handshake (behind a balancer)
+            raise ClientError(f"cannot connect to {url}: {error}") from None
+        try:
+            refusal = json.loads(response.body or b"")  # the server's error event, as the in-band refusal says it
+            reason = f"{refusal['code']}: {refusal['message']}"
+        except (ValueError, TypeError, KeyError):
+            reason = f"HTTP {response.status_code}: " + (response.body or b"").decode(errors="replace").strip()
+        retry_after = response.headers.get("Retry-After", "")
+        raise ServerBusy(reason, float(retry_after) if retry_after.isdigit() else 0.0) from None
     except InvalidURI as error:
         raise ClientError(f"bad URL {url!r}: {error}") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
         raise ClientError(f"cannot connect to {url}: {error or type(error).__name__}") from None
+
+
+# ---- a busy server: loading, full or draining ----------------------------------------------------------------
+
+BUSY_FIRST_DELAY_S = 1.0  # then doubling, up to BUSY_MAX_DELAY_S, as the page does
+BUSY_MAX_DELAY_S = 15.0
+BUSY_JITTER = 0.2  # each delay spread by +-20 %: clients refused together (a drain, a restart) come back apart
+DEFAULT_BUSY_RETRY_S = 90.0  # a restart with a model load fits; an outage ends in a message
+
+T = TypeVar("T")
+
+
+def add_busy_retry_argument(parser: Any) -> None:
+    parser.add_argument("--busy-retry-s", type=float, default=DEFAULT_BUSY_RETRY_S, metavar="SECONDS",
+                        help="a busy server (loading the model, full, or draining: close 1013 or HTTP 503) is tried "
+                        f"again {BUSY_FIRST_DELAY_S:g} s later, then twice as long each time (at most "
+                        f"{BUSY_MAX_DELAY_S:g} s apart), for up to SECONDS (default {DEFAULT_BUSY_RETRY_S:g}); "
+                        "0 = exit at once")
+
+
+async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None]) -> T:
+    """``attempt()``, again after each ``ServerBusy`` with a growing delay, for up to ``retry_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + retry_s
+    num_retries = 0
+    while True:
+        try:
+            return await attempt()
+        except ServerBusy as busy:
+            delay_s = min(BUSY_MAX_DELAY_S, BUSY_FIRST_DELAY_S * 2 ** num_retries)
+            delay_s = max(busy.retry_after_s, delay_s * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER))
+            if loop.time() + delay_s > deadline_s:
+                raise ClientError(f"{busy}: gave up after {num_retries} retries in {retry_s:g} s "
+                                  "(--busy-retry-s)") from None
+            num_retries += 1
+            note(f"{busy}, retrying in {delay_s:.1f} s")
+            await asyncio.sleep(delay_s)
 
 
 def describe_close(code: int | None, reason: str = "") -> str:
@@ -704,19 +762,18 @@ def _resolve(future: asyncio.Future | None, value: Any) -> None:
 SendAudio = Callable[[StreamSession], Awaitable[None]]
 
 
-async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_audio: SendAudio) -> int:
-    """Open a session, run ``send_audio`` while receiving, flush, close; the exit status."""
-    websocket = await open_websocket(endpoint_url(url, "/v1/stream"), api_key)
-    try:
-        raw_first = await websocket.recv()
-    except ConnectionClosed:
-        raise ClientError(describe_close(websocket.close_code, websocket.close_reason or "")) from None
+async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_audio: SendAudio,
+                     busy_retry_s: float = DEFAULT_BUSY_RETRY_S) -> int:
+    """Open a session (a busy server is tried again for up to ``busy_retry_s``), run ``send_audio`` while
+    receiving, flush, close; the exit status."""
+    endpoint = endpoint_url(url, "/v1/stream")
+    websocket, raw_first = await retry_while_busy(lambda: _open_session(endpoint, api_key), busy_retry_s,
+                                                  console.note)
     first = json.loads(raw_first)
     console.show(raw_first, first)  # with --json, session.created is an event like any other
     if first.get("type") != "session.created":
         if first.get("type") != "error":  # an error was shown as one already
             console.note(f"unexpected event: {first}")
-        await websocket.wait_closed()
         console.note(describe_close(websocket.close_code, websocket.close_reason or ""))
         return EXIT_FAILED
     console.note(f"session: {first['session_id']}")
@@ -727,6 +784,28 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
         return await _converse(session, send_audio)
     finally:
         await session.websocket.close()  # a no-op after the server's close
+
+
+async def _open_session(endpoint: str, api_key: str | None) -> tuple[ClientConnection, str]:
+    """The connection and its first event (``session.created``, or a refusal once the server has closed);
+    ``ServerBusy`` for a refusal that says "try again" (close 1013)."""
+    websocket = await open_websocket(endpoint, api_key)
+    try:
+        raw_first = await websocket.recv()
+    except ConnectionClosed:
+        if websocket.close_code == 1013:
+            raise ServerBusy(websocket.close_reason or "close 1013") from None
+        raise ClientError(describe_close(websocket.close_code, websocket.close_reason or "")) from None
+    first = json.loads(raw_first)
+    if first.get("type") != "session.created":  # a refusal: the close follows at once
+        try:
+            await asyncio.wait_for(websocket.wait_closed(), SERVER_QUIET_LIMIT_S)
+        except TimeoutError:
+            await websocket.close()
+        if websocket.close_code == 1013:
+            raise ServerBusy(f"{first['code']}: {first['message']}" if first.get("type") == "error"
+                             else websocket.close_reason or "close 1013")
+    return websocket, raw_first
 
 
 async def _converse(session: StreamSession, send_audio: SendAudio) -> int:

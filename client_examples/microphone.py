@@ -6,6 +6,8 @@
 Captures mono s16le PCM at the input device's native rate (the server resamples), sends
 it in 20 ms frames and prints replies like stream_file.py. The first Ctrl-C flushes (so
 the model can answer the last words) and closes the session; a second one quits at once.
+A busy server (loading, full or draining) is tried again with a growing delay for up to
+``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import asyncio
 import signal
 import sys
 
-from ais_client import EXIT_USAGE, ClientError, ReplyConsole, StreamSession, default_api_key, run_main, run_stream
+from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
+                        default_api_key, run_main, run_stream)
 
 FRAME_MS = 20
 
@@ -72,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
     parser.add_argument("--device", type=int, help="input device number (python -m sounddevice lists them)")
     parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
+    add_busy_retry_argument(parser)
     args = parser.parse_args(argv)
+    if args.busy_retry_s < 0:
+        print("error: --busy-retry-s must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
     try:
         import sounddevice  # optional: only this example needs an audio device
     except ImportError:
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
               "libportaudio2", file=sys.stderr)
         return EXIT_USAGE
     console = ReplyConsole(as_json=args.json)
-    return run_main(run_stream(args.url, args.api_key, console, MicrophoneSender(sounddevice, args.device)))
+    sender = MicrophoneSender(sounddevice, args.device)
+    return run_main(run_stream(args.url, args.api_key, console, sender, args.busy_retry_s))
 
 
 if __name__ == "__main__":

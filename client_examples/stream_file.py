@@ -5,8 +5,10 @@
 Each file is sent as s16le PCM at its own sample rate and channel count (the server
 resamples and down-mixes), in real time by default, then ``input.flush`` so the model can
 answer the end, then ``session.close``. A folder stands for the files its
-``sequence.json`` lists. Exit status: 0 on a normal session, 1 on a fatal error or an
-abnormal close, 2 on bad arguments or unreadable files.
+``sequence.json`` lists. A busy server (loading, full or draining) is tried again with a
+growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
+Exit status: 0 on a normal session, 1 on a fatal error, an abnormal close or a server that
+stayed busy, 2 on bad arguments or unreadable files.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, default_api_key, run_main,
-                        run_stream)
+from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
+                        default_api_key, run_main, run_stream)
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
     parser.add_argument("--wait", action="store_true",
                         help="wait for Enter before streaming (time to attach tts_subscriber.py to the session)")
+    add_busy_retry_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.speed < 0 or not 1 <= args.frame_ms <= 1000:
-        print("error: --speed must be >= 0 and --frame-ms between 1 and 1000", file=sys.stderr)
+    if args.speed < 0 or not 1 <= args.frame_ms <= 1000 or args.busy_retry_s < 0:
+        print("error: --speed and --busy-retry-s must be >= 0, --frame-ms between 1 and 1000", file=sys.stderr)
         return EXIT_USAGE
     try:
         files = expand_inputs(args.inputs)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     console = ReplyConsole(as_json=args.json, show_decisions=args.decisions)
     sender = FileSender(files, args.speed, args.frame_ms, args.wait)
-    return run_main(run_stream(args.url, args.api_key, console, sender))
+    return run_main(run_stream(args.url, args.api_key, console, sender, args.busy_retry_s))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ someone else's stream) and runs the TTS command once per ``segment`` event, in o
 command is a template: ``{text}`` becomes the sentence and ``{wav}`` the output file, each
 inside its own argument; it runs without a shell, so nothing in a reply is ever interpreted.
 With ``--out-dir`` every segment is written to ``turn{N}_seg{M}.wav`` instead of spoken.
+A busy server (loading, or the session has its maximum of subscribers) is tried again with a
+growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 Exits when the session closes: 0 if it closed normally and every command succeeded.
 """
 
@@ -27,8 +29,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, default_api_key, describe_close,
-                        describe_error, endpoint_url, open_websocket, printable, run_main)
+from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, ServerBusy, add_busy_retry_argument,
+                        default_api_key, describe_close, describe_error, endpoint_url, open_websocket, printable,
+                        retry_while_busy, run_main)
 
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
@@ -125,9 +128,25 @@ async def confirm_subscription(websocket: ClientConnection) -> bool:
     return websocket.state is State.OPEN
 
 
-async def follow(url: str, session_id: str, api_key: str | None, speaker: Speaker) -> int:
-    websocket = await open_websocket(endpoint_url(url, f"/v1/sessions/{session_id}/events"), api_key)
+async def subscribe(endpoint: str, api_key: str | None) -> tuple[ClientConnection, bool]:
+    """The connection, and whether the subscription stands; ``ServerBusy`` for a refusal that says "try again"
+    (close 1013). Any other refusal is left on the connection for ``follow`` to read and report."""
+    websocket = await open_websocket(endpoint, api_key)
     if await confirm_subscription(websocket):
+        return websocket, True
+    if websocket.close_code == 1013:
+        raise ServerBusy(websocket.close_reason or "close 1013")
+    return websocket, False
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def follow(url: str, session_id: str, api_key: str | None, speaker: Speaker, busy_retry_s: float) -> int:
+    endpoint = endpoint_url(url, f"/v1/sessions/{session_id}/events")
+    websocket, is_subscribed = await retry_while_busy(lambda: subscribe(endpoint, api_key), busy_retry_s, note)
+    if is_subscribed:
         print(f"subscribed to session {session_id}", flush=True)
     worker = asyncio.create_task(speaker.run())
     is_fatal = False
@@ -164,11 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tts-command", help=f"template with {{text}} (and {{wav}} with --out-dir); default "
                                               f"{SPEAK_COMMAND!r}, or {WAV_COMMAND!r} with --out-dir")
     parser.add_argument("--out-dir", type=Path, help="write turn{N}_seg{M}.wav files here instead of speaking")
+    add_busy_retry_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.busy_retry_s < 0:
+        print("error: --busy-retry-s must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
     template = args.tts_command or (SPEAK_COMMAND if args.out_dir is None else WAV_COMMAND)
     try:
         command = TtsCommand(template, writes_wav=args.out_dir is not None)
@@ -178,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"TTS command: {shlex.join(command.argv)}", flush=True)
-    return run_main(follow(args.url, args.session_id, args.api_key, Speaker(command, args.out_dir)))
+    speaker = Speaker(command, args.out_dir)
+    return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s))
 
 
 if __name__ == "__main__":

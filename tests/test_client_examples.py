@@ -246,6 +246,70 @@ def test_a_refused_flush_ends_the_client_with_the_reason_instead_of_waiting(tiny
     assert code == 1 and "input.flush was refused:" in message and "audio_buffer_full" in message
 
 
+BUSY_LINE = re.compile(r"^server busy \((capacity|too_many_subscribers): [^)]*\), retrying in (\d+\.\d) s$")
+
+
+@pytest.mark.parametrize("busy_refusal", ["error_event", "http_503"])
+def test_stream_file_retries_a_full_server_with_backoff_until_a_session_frees(tiny_checkpoint, shared_audio, tmp_path,
+                                                                              busy_refusal):
+    """A server at capacity refuses with close 1013 (or HTTP 503 behind a balancer): the client says so, waits
+    longer each time, and streams once the session that filled the server has gone."""
+    server = LiveServer(client_config(tiny_checkpoint, max_sessions=1, busy_refusal=busy_refusal)).start()
+    try:
+        with server.connect() as occupant:
+            occupant.recv(timeout=10)  # session.created: the one session is taken
+            script = Script("stream_file.py", server.ws_url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
+                            "--api-key", API_KEY, "--speed", "0", cwd=tmp_path)
+            for _ in range(2):
+                script.wait_for_line(BUSY_LINE)
+        code = script.finish(timeout_s=60)
+    finally:
+        server.stop()
+    assert code == 0, script.stderr
+    delays = [float(BUSY_LINE.match(line)[2]) for line in script.stderr if BUSY_LINE.match(line)]
+    assert 0.8 <= delays[0] <= 1.2 and delays[1] >= 1.6, delays  # 1 s, then doubling (each +-20 %)
+    assert SESSION_LINE.match(script.stderr[len(delays)]), script.stderr  # the session came after the retries
+    assert SUMMARY_LINE.match(script.stdout[-1])
+
+
+@pytest.mark.parametrize("retry_s", ["0", "1.5"])
+def test_stream_file_gives_up_on_a_server_that_stays_full(tiny_checkpoint, shared_audio, tmp_path, retry_s):
+    server = LiveServer(client_config(tiny_checkpoint, max_sessions=1)).start()
+    try:
+        with server.connect() as occupant:
+            occupant.recv(timeout=10)
+            started = time.monotonic()
+            code, out, err = run_script("stream_file.py", server.ws_url,
+                                        str(shared_audio / "01_count_bark" / "sample01_02.wav"), "--api-key",
+                                        API_KEY, "--busy-retry-s", retry_s, cwd=tmp_path)
+            elapsed_s = time.monotonic() - started
+    finally:
+        server.stop()
+    num_retries = len([line for line in err if BUSY_LINE.match(line)])
+    assert code == 1 and (num_retries > 0) == (retry_s != "0"), err
+    assert re.fullmatch(rf"error: server busy \(capacity: [^)]*\): gave up after {num_retries} retries in "
+                        rf"{retry_s} s \(--busy-retry-s\)", err[-1]), err
+    assert elapsed_s < 20
+
+
+def test_tts_subscriber_retries_while_the_session_has_its_maximum_of_subscribers(tiny_checkpoint, tmp_path):
+    server = LiveServer(client_config(tiny_checkpoint, max_subscribers_per_session=1)).start()
+    try:
+        with server.connect() as stream:
+            session_id = json.loads(stream.recv(timeout=10))["session_id"]
+            with server.connect(f"/v1/sessions/{session_id}/events"):
+                subscriber = Script("tts_subscriber.py", server.ws_url, session_id, "--api-key", API_KEY, *ANY_TTS,
+                                    cwd=tmp_path)
+                subscriber.wait_for_line(BUSY_LINE)
+            subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
+            stream.send(json.dumps({"type": "session.close"}))
+            code = subscriber.finish(timeout_s=30)
+    finally:
+        server.stop()
+    assert code == 0, subscriber.stderr
+    assert "session closed (client_closed)" in subscriber.stdout
+
+
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
     code, out, err = run_script("tts_subscriber.py", live.ws_url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
                                 cwd=tmp_path)
