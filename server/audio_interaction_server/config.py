@@ -70,6 +70,25 @@ class EngineConfig(BaseModel):
         "gather = copy each row's slot (fast for small models on CPU); auto = flex on CUDA if its start-up "
         "self-check passes, else gather",
     )
+    step: Literal["auto", "eager", "static"] = Field(
+        "auto",
+        description="how short rows (listening blocks, reply tokens) are stepped: static = at fixed shapes per "
+        "(listening rows, reply rows) bucket from preallocated buffers, padding into a reserved scratch KV slot "
+        "(what CUDA graphs replay); eager = shaped by each batch; auto = static on CUDA, eager on the CPU. "
+        "Rows longer than 16 tokens (first rows, rollovers) are always eager",
+    )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="with the static step on CUDA: auto = capture one CUDA graph per bucket at start-up and "
+        "serve them if their self-check agrees with the static step run eagerly; off = run it eagerly. "
+        "Nothing is captured on the CPU",
+    )
+    static_attention: Literal["auto", "triton", "gather"] = Field(
+        "auto",
+        description="attention inside the static step: triton = our kernel reading each row's KV slot in place "
+        "(CUDA, needs the gpu extra), gather = copy each row's whole slot (the CPU path); auto = triton on "
+        "CUDA when it imports, else gather",
+    )
     kv_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0,
         description="share of the accelerator memory free after loading that the KV cache may take; "
@@ -214,6 +233,11 @@ class ServerConfig(BaseModel):
     max_frame_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_buffered_audio_s: float = Field(60.0, gt=0, description="audio accepted but not yet heard by the model")
     max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
+    max_queued_bytes: int = Field(
+        8 * 1024 * 1024, ge=64 * 1024, description="bytes of unsent events per connection (as JSON, estimated), "
+        "counting what the connection holds until its answer is sent (a /v1/realtime item until its echo), before "
+        "the connection is closed with 4008 client_too_slow; at least twice max_frame_bytes, so one frame's answer "
+        "always fits")
     idle_timeout_s: float = Field(120.0, gt=0, description="close a stream after this long without a client frame")
     max_session_s: float = Field(4 * 3600.0, gt=0)
     resume_grace_s: float = Field(
@@ -222,6 +246,10 @@ class ServerConfig(BaseModel):
     resume_max_events: int = Field(
         2_000, ge=10, description="events a session keeps for a resume: its newest while connected; while "
         "detached, one more ends it (resume_expired)")
+    max_detached_per_ip: int = Field(
+        4, ge=1, description="detached sessions (waiting for a resume) one client address may hold; when one more "
+        "detaches, the oldest of that address ends. Whatever this says, a new session takes the slot of the "
+        "oldest detached one when every slot is taken (docs/protocol.md, resume)")
     memory_trim_interval_s: float | None = Field(
         60.0, gt=0, description="seconds between malloc_trim calls that return the glibc heap's free pages to "
         "the OS (docs/reliability.md); None = never. No effect off glibc")
@@ -279,6 +307,13 @@ class ServerConfig(BaseModel):
             raise ValueError("the API key must not begin or end with whitespace (clients' keys are stripped "
                              "of it, so such a key could never match)")
         return key
+
+    @model_validator(mode="after")
+    def _one_frames_answer_fits_the_outbox(self) -> ServerConfig:
+        if self.max_queued_bytes < 2 * self.max_frame_bytes:
+            raise ValueError(f"max_queued_bytes ({self.max_queued_bytes}) must be at least twice max_frame_bytes "
+                             f"({self.max_frame_bytes}): a client's largest frame and its echo must fit")
+        return self
 
     @model_validator(mode="after")
     def _sessions_fit_the_engine(self) -> ServerConfig:

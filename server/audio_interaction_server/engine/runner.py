@@ -1,7 +1,9 @@
 """The one place where a step's tensor work happens: rows in, one token per row out.
 
 ``Runner.run(rows)``: encode the rows' audio chunks in one encoder call -> build one
-``StepBatch`` -> one LM forward over every row -> choose each row's token. Decisions and
+``StepBatch`` -> one LM forward over every row -> choose each row's token. With a static path
+(``static_path.py``; the default on CUDA), a batch of short rows instead runs as static steps at fixed
+bucket shapes, replayed from CUDA graphs where they were captured, with the same results. Decisions and
 greedy reply tokens are chosen on the device and read back, with each row's finiteness, in
 the step's one device->host transfer; only rows that sample with a temperature bring their
 logits to the host. The runner knows rows, slots and the model; it knows nothing of sessions,
@@ -22,6 +24,7 @@ import torch
 from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
+from audio_interaction_server.engine.static_path import StaticPath
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.lm import SlotKVCache, StepBatch
@@ -73,10 +76,13 @@ class BatchResult:
 
 
 class Runner:
-    def __init__(self, model: LoadedModel, cache: SlotKVCache, encoder: AudioEncoder) -> None:
+    def __init__(self, model: LoadedModel, cache: SlotKVCache, encoder: AudioEncoder,
+                 static: StaticPath | None = None) -> None:
+        """``static``: the static path short batches take (``StaticPath.build``); None = every batch eager."""
         self.model = model
         self.cache = cache
         self.encoder = encoder
+        self.static = static
         self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
 
     def clear_slot(self, slot: int) -> None:
@@ -91,6 +97,12 @@ class Runner:
         rows' mel chunks are encoded here (the reference-style baseline encodes whole histories itself).
         """
         started = time.perf_counter()
+        if audio_embeds is None and self.static is not None and self.static.accepts(rows):
+            # Encoder, LM and heads in one static step per bucket (a graph replay on CUDA): no separate encode time.
+            static_chosen = self.static.run(rows, [not row.sampling.is_greedy for row in rows])
+            forwarded = time.perf_counter()
+            results = tuple(self._host_choice(row, *choice) for row, choice in zip(rows, static_chosen))
+            return BatchResult(results, 0.0, forwarded - started)
         if audio_embeds is None:
             audio_embeds = self.encode(rows)
         encoded = time.perf_counter()

@@ -37,6 +37,7 @@ from audio_interaction_server.engine.conversation import ContextFull, check_room
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
+from audio_interaction_server.engine.static_path import StaticPath, choose_step
 from audio_interaction_server.engine.scheduler import Failure, OpenRefused, Scheduler, SessionState, StepUpdate
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
@@ -83,14 +84,16 @@ class Worker:
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         check_kv_fits(model.lm, config.max_sessions, config.max_positions, config.kv_memory_fraction)
-        cache = model.lm.new_cache(config.max_sessions, config.max_positions)
+        self.step_choice = choose_step(config, model.device)
+        cache = model.lm.new_cache(config.max_sessions, config.max_positions, scratch_slot=self.step_choice.static)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
         self.attention = choose_attention(config.attention, model.lm, cache, self.max_batch_rows)
         if config.scripted_turns is not None:
             log.warning("scripted turns (%s): decisions and replies follow a benchmark schedule, not the model",
                         config.scripted_turns)
         encoder = AudioEncoder(model.encoder_tower, pad_to_buckets=config.encoder_batch_buckets)
-        self.runner = Runner(model, cache, encoder)
+        self.runner = Runner(model, cache, encoder,
+                             StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows))
         # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
         self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
         self.scheduler = Scheduler(config, self.max_batch_rows, self.prompts, self.runner.clear_slot, time.monotonic)

@@ -416,15 +416,20 @@ class SlotKVCache:
 
     A cache index is the token's exact position in its slot; joining or leaving
     a slot touches only that slot's rows, so other sessions stay bit-identical.
+    With ``scratch_slot``, one more slot (index ``num_slots``) is allocated and never
+    given to a session: the padding rows of a static step write their keys there.
     """
 
     def __init__(
-        self, cfg: LMConfig, num_slots: int, max_positions: int, device: torch.device, dtype: torch.dtype
+        self, cfg: LMConfig, num_slots: int, max_positions: int, device: torch.device, dtype: torch.dtype,
+        scratch_slot: bool = False,
     ) -> None:
-        shape = self.shape(cfg, num_slots, max_positions)
+        self.total_slots = num_slots + int(scratch_slot)
+        shape = self.shape(cfg, self.total_slots, max_positions)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.num_slots = num_slots
+        self.num_slots = num_slots  # the slots sessions may own
+        self.scratch_slot: int | None = num_slots if scratch_slot else None
         self.max_positions = max_positions
 
     @staticmethod
@@ -457,12 +462,18 @@ class AudioInteractionLM(nn.Module):
         self.attention_backend: AttentionBackend = "gather"
         self.compile_attention = False
 
-    def new_cache(self, num_slots: int, max_positions: int) -> SlotKVCache:
+    def new_cache(self, num_slots: int, max_positions: int, scratch_slot: bool = False) -> SlotKVCache:
         param = self.lm_head.weight
         if max_positions > 65504:
             raise ValueError("max_positions above 65504 overflows the model's float16 RoPE positions")
         self._rope = rope_table(self.cfg, max_positions, param.device)
-        return SlotKVCache(self.cfg, num_slots, max_positions, param.device, param.dtype)
+        return SlotKVCache(self.cfg, num_slots, max_positions, param.device, param.dtype, scratch_slot)
+
+    def rope(self, cache: SlotKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (max_positions, rope_n_elem) for ``cache``, built once and then kept (graphs bake it in)."""
+        if self._rope is None or self._rope[0].shape[0] != cache.max_positions:
+            self._rope = rope_table(self.cfg, cache.max_positions, cache.k.device)
+        return self._rope
 
     def forward(self, batch: StepBatch, cache: SlotKVCache) -> torch.Tensor:
         """Feed every row's tokens into its slot; return fp32 logits at each row's last token, (B, V)."""
@@ -482,8 +493,7 @@ class AudioInteractionLM(nn.Module):
     @torch.inference_mode()
     def last_hidden(self, batch: StepBatch, cache: SlotKVCache) -> torch.Tensor:
         """Feed every row's tokens into its slot; return the final-norm hidden state at each row's last token."""
-        if self._rope is None or self._rope[0].shape[0] != cache.max_positions:
-            self._rope = rope_table(self.cfg, cache.max_positions, cache.k.device)
+        rope = self.rope(cache)
         if batch.num_keys > cache.max_positions:
             raise ValueError(f"position {batch.num_keys - 1} is beyond the cache ({cache.max_positions} positions)")
         # Linear layers and norms see only real tokens (a 1-token reply row is not padded to 13).
@@ -491,7 +501,7 @@ class AudioInteractionLM(nn.Module):
         x = self.transformer.wte(batch.tokens[write.row, write.col])  # (N, E)
         if batch.audio_embeds is not None and batch.audio_embeds.shape[0] > 0:
             x[batch.audio_index] = batch.audio_embeds.to(x.dtype)
-        cos, sin = self._rope[0][write.position], self._rope[1][write.position]  # (N, n_elem)
+        cos, sin = rope[0][write.position], rope[1][write.position]  # (N, n_elem)
         plan = self._attention_plan(batch, cache)
         for layer, block in enumerate(self.transformer.h):
             x = x + block.attn(block.norm_1(x), cos, sin, cache.k[layer], cache.v[layer], plan)
@@ -505,6 +515,6 @@ class AudioInteractionLM(nn.Module):
             enable_gqa=self.cfg.n_query_groups != self.cfg.n_head,
         )
         if self.attention_backend == "flex" and batch.tokens.shape[1] <= FLEX_QUERY_ROWS:
-            return FlexAttention(**common, max_positions=cache.max_positions, num_slots=cache.num_slots,
+            return FlexAttention(**common, max_positions=cache.max_positions, num_slots=cache.total_slots,
                                  compiled=self.compile_attention)
         return GatherAttention(**common)

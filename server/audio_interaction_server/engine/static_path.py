@@ -1,0 +1,174 @@
+"""The runner's static path: rows -> buckets -> packed inputs -> one static step (a graph replay on CUDA) each.
+
+``choose_step`` turns the configuration into a ``StepChoice`` (static or eager, graphs or not,
+which attention); ``StaticPath.build`` makes the path for a choice. ``StaticPath.run(rows)``
+takes a batch whose rows all fit a static step (``fits_static_step``: listening blocks of at most
+``ROW_TOKENS`` tokens with their chunk, one-token reply rows), cuts it into buckets
+(``BucketSet.split``), and for each: packs the staging buffer, copies it to the device in one
+transfer, runs the step (its graph if one was captured, else the same step eagerly) and reads
+the outputs back in one transfer. Rows that sample with a temperature read their logits after
+that, like the eager path. Everything else (first rows, rollovers) stays on the eager path.
+
+Threading: the worker thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.engine.buckets import BucketSet
+from audio_interaction_server.engine.conversation import RowPlan
+from audio_interaction_server.engine.packing import SlotRow, StepStaging, fits_static_step
+from audio_interaction_server.engine.sampling import DECISION_TOKENS
+from audio_interaction_server.engine.step_graphs import CaptureStats, StepGraphs
+from audio_interaction_server.model.checkpoint import LoadedModel
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.lm import SlotKVCache
+from audio_interaction_server.model.slot_attention import triton_available
+from audio_interaction_server.model.static_step import StaticAttention, StaticStep
+
+log = logging.getLogger(__name__)
+
+# Reply rows per step that the buckets cover at least (gpu-step.md: about one stream in ten is mid-reply);
+# more in one batch run as a second step.
+MIN_REPLY_BUCKET_ROWS = 96
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    """How the runner steps short rows, decided once at start-up from the config and the device."""
+
+    static: bool
+    graphs: bool
+    attention: StaticAttention
+    reason: str
+
+
+def choose_step(config: EngineConfig, device: torch.device) -> StepChoice:
+    """``engine.step`` / ``cuda_graphs`` / ``static_attention`` applied to ``device``."""
+    on_cuda = device.type == "cuda"
+    static = config.step == "static" or (config.step == "auto" and on_cuda)
+    if not static:
+        return StepChoice(False, False, "gather", "configured" if config.step == "eager" else "CPU device")
+    graphs = on_cuda and config.cuda_graphs == "auto"
+    attention: StaticAttention
+    if config.static_attention == "auto":
+        attention = "triton" if on_cuda and triton_available() else "gather"
+    else:
+        attention = config.static_attention
+    if attention == "triton" and not on_cuda:
+        raise ValueError("engine.static_attention triton needs a CUDA device (gather is the CPU path)")
+    if attention == "triton" and not triton_available():
+        raise ValueError("engine.static_attention triton: triton does not import here (install the gpu extra)")
+    where = "CUDA" if on_cuda else "configured"
+    return StepChoice(True, graphs, attention, f"static step ({where}), attention {attention}, "
+                      f"CUDA graphs {'on' if graphs else 'off'}")
+
+
+class HasSlotAndPlan(Protocol):
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def plan(self) -> RowPlan: ...
+
+
+@dataclass
+class StepCounts:
+    """How short batches ran: steps replayed from a graph, static steps run eagerly, batches left to eager."""
+
+    graph_steps: int = 0
+    static_eager_steps: int = 0
+    eager_batches: int = 0
+
+
+class StaticPath:
+    def __init__(self, step: StaticStep, buckets: BucketSet, graphs: bool) -> None:
+        self.step = step
+        self.buckets = buckets
+        cache = step.cache
+        on_cuda = step.device.type == "cuda"
+        assert cache.scratch_slot is not None  # StaticStep checked it
+        self.staging = StepStaging(step.layout, cache.scratch_slot, cache.max_positions, pin_memory=on_cuda)
+        self._host_outputs = torch.zeros(step.outputs.shape, dtype=torch.int64, pin_memory=on_cuda)
+        self._read_done = torch.cuda.Event() if on_cuda else None
+        self.counts = StepCounts()
+        self.graphs: StepGraphs | None = None
+        self.capture = CaptureStats()
+        if graphs:
+            self._capture_and_check()
+
+    @staticmethod
+    def build(choice: StepChoice, model: LoadedModel, cache: SlotKVCache, encoder: AudioEncoder,
+              max_rows: int) -> StaticPath | None:
+        if not choice.static:
+            return None
+        max_reply = max(1, min(max_rows, max(MIN_REPLY_BUCKET_ROWS, max_rows // 4)))
+        buckets = BucketSet.for_rows(max_rows, max_reply)
+        step = StaticStep(model.lm, encoder, cache, buckets.largest, DECISION_TOKENS, choice.attention)
+        log.info("%s; buckets: listening %s x reply %s", choice.reason, buckets.listening, buckets.reply)
+        return StaticPath(step, buckets, choice.graphs)
+
+    def _capture_and_check(self) -> None:
+        step = self.step
+        graphs = StepGraphs(step, self.staging, self.buckets.all())
+        try:
+            self.capture = graphs.capture()
+            cfg = step.lm.cfg
+            problems = graphs.self_check(step.cache.num_slots, step.cache.max_positions, cfg.vocab_size)
+        finally:
+            for slot in range(step.cache.num_slots):
+                step.cache.clear_slot(slot)
+        if problems:
+            log.error("CUDA graphs REFUSED: replays disagree with the eager static step (%s); serving the static "
+                      "step without graphs", "; ".join(problems))
+            return
+        self.graphs = graphs
+
+    def accepts(self, rows: Sequence[HasSlotAndPlan]) -> bool:
+        ok = bool(rows) and all(fits_static_step(row.plan) for row in rows)
+        if not ok:
+            self.counts.eager_batches += 1
+        return ok
+
+    def run(self, rows: Sequence[HasSlotAndPlan], logits_for: Sequence[bool]) -> list[tuple[int, bool,
+                                                                                         torch.Tensor | None]]:
+        """Per row: its token, whether its logits were finite, and (where ``logits_for``) its reply logits."""
+        listening = [i for i, row in enumerate(rows) if row.plan.is_decision]
+        reply = [i for i, row in enumerate(rows) if not row.plan.is_decision]
+        chosen: list[tuple[int, bool, torch.Tensor | None]] = [(0, False, None)] * len(rows)
+        taken_listening = taken_reply = 0
+        for bucket, num_listening, num_reply in self.buckets.split(len(listening), len(reply)):
+            step_listening = listening[taken_listening: taken_listening + num_listening]
+            step_reply = reply[taken_reply: taken_reply + num_reply]
+            taken_listening, taken_reply = taken_listening + num_listening, taken_reply + num_reply
+            self.staging.pack(bucket, [SlotRow(rows[i].slot, rows[i].plan) for i in step_listening],
+                              [SlotRow(rows[i].slot, rows[i].plan) for i in step_reply])
+            self.step.load(self.staging.bytes, bucket)
+            if self.graphs is not None and self.graphs.replay(bucket):
+                self.counts.graph_steps += 1
+            else:
+                self.step.run(bucket)
+                self.counts.static_eager_steps += 1
+            values = self._read(bucket.num_rows)
+            for k, i in enumerate(step_listening):
+                chosen[i] = (values[k][0], bool(values[k][1]), None)
+            for k, i in enumerate(step_reply):
+                row_values = values[bucket.listening + k]
+                logits = self.step.reply_logits[k].clone() if logits_for[i] else None
+                chosen[i] = (row_values[0], bool(row_values[1]), logits)
+        return chosen
+
+    def _read(self, num_rows: int) -> list[list[int]]:
+        """The step's one device->host transfer: tokens and finiteness of every row of the bucket."""
+        host = self._host_outputs[:num_rows]
+        host.copy_(self.step.outputs[:num_rows], non_blocking=self._read_done is not None)
+        if self._read_done is not None:
+            self._read_done.record()
+            self._read_done.synchronize()
+        return host.tolist()
