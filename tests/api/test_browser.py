@@ -719,6 +719,13 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
         server_audio = second.session_audio(sessions[1]["session_id"])
         assert server_audio.format.sample_rate_hz == state["captureFormat"]["sampleRateHz"]
         assert page.locator("#connection").text_content().startswith("Connected")
+        # The new session's view: its own heading above the lost one's, and a chunk strip of its own chunks.
+        groups = page.locator(".session-replies")
+        assert groups.count() == 2 and groups.first.get_attribute("data-session") == sessions[1]["session_id"]
+        counts = page.evaluate("() => [document.querySelectorAll('#chunks li').length,"
+                               " window.audioInteraction.numDecisions]")
+        new_decisions = [e for e in wire.of_type("decision") if e["session_id"] == sessions[1]["session_id"]]
+        assert counts[0] == counts[1] <= len(new_decisions), (counts, len(new_decisions))
         badge_texts = page.evaluate("window.badgeTexts")
         assert any(text.startswith("Reconnecting (attempt ") for text in badge_texts), badge_texts
         page.click("#stop")
