@@ -146,6 +146,27 @@ def test_compose_stops_replicas_after_their_drain():
     assert compose["services"]["server"]["profiles"] == ["single"]
 
 
+def test_compose_replicas_trust_their_balancer_alone_as_a_proxy():
+    """A replica believes X-Forwarded-For from its balancer's one address, not from the whole private range: any
+    other container (or host) there could otherwise choose the address the per-IP limits and the log see."""
+    import ipaddress
+
+    compose = yaml.safe_load(COMPOSE_OVERLAY.read_text())
+    services = compose["services"]
+    for balancer, replicas in (("lb", ("ais1", "ais2", "ais3")), ("demo-lb", ("demo1", "demo2", "demo3"))):
+        (network, attachment), = services[balancer]["networks"].items()
+        balancer_address = ipaddress.ip_address(compose_defaults(attachment["ipv4_address"]))
+        subnet = ipaddress.ip_network(compose_defaults(compose["networks"][network]["ipam"]["config"][0]["subnet"]))
+        assert balancer_address in subnet
+        for name in replicas:
+            environ = {key: compose_defaults(value) for key, value in services[name]["environment"].items()}
+            config = load_config(None, {key: value for key, value in environ.items()
+                                        if key.startswith("AIS_TRANSPORT__")})
+            trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in config.transport.trusted_proxies]
+            assert trusted == [ipaddress.ip_network(balancer_address)], (name, trusted)
+            assert list(services[name]["networks"]) == [network], name  # where the balancer reaches it
+
+
 # ---- HAProxy ------------------------------------------------------------------------------------------------
 
 
@@ -253,5 +274,5 @@ def test_compose_only_variables_of_the_overlay_do_not_use_the_settings_prefix():
     from tests.test_deployment import is_setting
 
     interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_OVERLAY.read_text()))
-    assert "TRUSTED_PROXIES" in interpolated and "AIS_DRAIN_TIMEOUT_S" in interpolated
+    assert {"LB_ADDRESS", "REPLICA_SUBNET", "AIS_DRAIN_TIMEOUT_S"} <= interpolated
     assert sorted(name for name in interpolated if name.startswith("AIS_") and not is_setting(name)) == []
