@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
+import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,8 +157,11 @@ def test_cut_mid_listening_and_mid_reply_resumes_with_nothing_lost(server, speec
     assert cut.of("session.closed")[0]["num_chunks_decided"] == cut.of("session.closed")[0]["num_chunks_received"]
 
 
-async def connect_and_drop(port: int) -> dict:
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream")
+async def connect_and_drop(port: int, address: str | None = None) -> dict:
+    """A session whose connection drops without a close frame: it is detached. ``address``: the client
+    address a trusted proxy (the server must trust 127.0.0.1) says it forwards for."""
+    headers = {} if address is None else {"X-Forwarded-For": address}
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", additional_headers=headers)
     created = json.loads(await ws.recv())
     await ws.send(np.zeros(8000, "<i2").tobytes())
     await asyncio.sleep(0.2)
@@ -163,10 +170,19 @@ async def connect_and_drop(port: int) -> dict:
     return created
 
 
-async def resume(port: int, created: dict, token: str | None = None, last_seq: int = 1):
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?resume={created['session_id']}"
-                                  f"&token={token or created['resume_token']}&last_seq={last_seq}")
+async def resume(port: int, created: dict, token: str | None = None, last_seq: int | str = 1):
+    query = urllib.parse.urlencode({"resume": created["session_id"], "token": token or created["resume_token"],
+                                    "last_seq": last_seq})
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?{query}", max_size=None)
     return ws, json.loads(await ws.recv())
+
+
+async def resume_and_close(port: int, created: dict) -> None:
+    """Take a detached session back and end it, so that it holds no slot after the test."""
+    ws, first = await resume(port, created)
+    assert first["type"] == "session.resumed", first
+    await ws.send(json.dumps({"type": "session.close"}))
+    await read_until_closed(ws)
 
 
 async def read_until_closed(ws) -> list[dict]:
@@ -290,3 +306,227 @@ def test_a_client_that_closes_saying_it_is_done_is_not_kept_for_a_resume(server,
         assert again.close_code == 4009
 
     asyncio.run(main())
+
+
+def sessions_ended(port: int, reason: str) -> float:
+    """``ais_sessions_total{reason=...}``: 0 until a session has ended that way."""
+    try:
+        return metric(port, f'ais_sessions_total{{reason="{reason}"}}')
+    except StopIteration:
+        return 0.0
+
+
+async def refusal(ws, first: dict) -> tuple[str, int]:
+    """(error code, close code) of a connection whose first event was ``first``, once the server closed it: a
+    refusal is one fatal error, then the close."""
+    assert first["type"] == "error" and first["is_fatal"], first
+    assert await read_until_closed(ws) == [], "more than the error before the close"
+    return first["code"], ws.close_code
+
+
+# ---- what a resume is told: the token first, then a well-formed last_seq, then the session's state -----------
+
+
+@pytest.mark.parametrize("last_seq", ["²", "9" * 5000, "0" * 20, "-1", "1.0", ""],
+                         ids=["unicode_digit", "5000_digits", "20_digits", "negative", "decimal", "empty"])
+def test_a_last_seq_that_is_not_a_short_ascii_number_is_invalid(server, last_seq):
+    async def main():
+        created = await connect_and_drop(server)
+        ws, first = await resume(server, created, last_seq=last_seq)
+        assert await refusal(ws, first) == ("invalid_event", 4009)
+        await resume_and_close(server, created)  # the session was not harmed
+
+    asyncio.run(main())
+
+
+def test_a_wrong_token_gets_the_same_answer_whatever_the_sessions_state(server):
+    """A stranger with a session id learns nothing from a resume: resume_refused whether last_seq is in the
+    replay window, past it, or malformed, and whether the session is detached or connected."""
+    async def main():
+        created = await connect_and_drop(server)
+        answers = []
+        for last_seq in (1, 10**9, "²"):
+            answers.append(await refusal(*await resume(server, created, token="not-the-token", last_seq=last_seq)))
+        owner, first = await resume(server, created)  # connected again: a wrong token must not displace it
+        assert first["type"] == "session.resumed"
+        for last_seq in (1, 10**9):
+            answers.append(await refusal(*await resume(server, created, token="not-the-token", last_seq=last_seq)))
+        assert answers == [("resume_refused", 4009)] * 5, answers
+        await owner.send(json.dumps({"type": "session.close"}))
+        closing = await read_until_closed(owner)
+        assert closing[-1]["type"] == "session.closed" and owner.close_code == 1000
+
+    asyncio.run(main())
+
+
+# ---- detached sessions never lock a live client out -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_checkpoint):
+    """4 slots, at most 2 detached sessions per client address; 127.0.0.1 is a trusted proxy, so a test picks
+    each client's address with X-Forwarded-For."""
+    from benchmarks.harness import spawn_server, stop_server
+
+    process, port = spawn_server(tiny_checkpoint, {
+        "AIS_RESUME_GRACE_S": "30", "AIS_MAX_SESSIONS": "4", "AIS_MAX_DETACHED_PER_IP": "2",
+        "AIS_TRANSPORT__TRUSTED_PROXIES": "127.0.0.1"})
+    try:
+        yield port
+    finally:
+        stop_server(process)
+
+
+async def open_session(port: int, address: str = "10.9.9.9"):
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", additional_headers={"X-Forwarded-For": address})
+    return ws, json.loads(await ws.recv())
+
+
+async def close_session(ws) -> None:
+    await ws.send(json.dumps({"type": "session.close"}))
+    await read_until_closed(ws)
+
+
+def test_a_new_client_takes_the_slot_of_the_oldest_detached_session(small_server):
+    port = small_server
+
+    async def main():
+        oldest = await connect_and_drop(port, address="10.0.0.1")
+        younger = await connect_and_drop(port, address="10.0.0.2")
+        live = [await open_session(port) for _ in range(2)]
+        assert [first["type"] for _, first in live] == ["session.created"] * 2
+        assert metric(port, "ais_sessions_active") == 4 and metric(port, "ais_sessions_detached") == 2
+        evicted_before = sessions_ended(port, "detached_evicted")
+
+        newcomer, first = await open_session(port)
+        assert first["type"] == "session.created", "a detached session locked a live client out"
+        assert sessions_ended(port, "detached_evicted") == evicted_before + 1
+        assert metric(port, "ais_sessions_active") == 4 and metric(port, "ais_sessions_detached") == 1
+        assert await refusal(*await resume(port, oldest)) == ("resume_expired", 4009)
+        younger_again, first = await resume(port, younger)
+        assert first["type"] == "session.resumed", "the younger detached session kept its slot"
+
+        # Every slot is held by a connected client now: one more is refused, nobody connected is evicted.
+        assert await refusal(*await open_session(port)) == ("capacity", 1013)
+        for ws in [newcomer, younger_again, *(ws for ws, _ in live)]:
+            await close_session(ws)
+
+    asyncio.run(main())
+
+
+def test_one_address_holds_at_most_max_detached_per_ip_detached_sessions(small_server):
+    port = small_server
+
+    async def main():
+        ended_before = sessions_ended(port, "detached_per_ip_limit")
+        dropped = [await connect_and_drop(port, address="10.0.0.3") for _ in range(3)]
+        assert metric(port, "ais_sessions_detached") == 2
+        assert sessions_ended(port, "detached_per_ip_limit") == ended_before + 1
+        assert await refusal(*await resume(port, dropped[0])) == ("resume_expired", 4009), "the oldest ended"
+        other = await connect_and_drop(port, address="10.0.0.4")  # another address is not counted with it
+        assert metric(port, "ais_sessions_detached") == 3
+        for created in [*dropped[1:], other]:
+            await resume_and_close(port, created)
+        assert metric(port, "ais_sessions_active") == 0
+
+    asyncio.run(main())
+
+
+# ---- the log: what a detached session's end says, and no secret in it --------------------------------------
+
+
+class LogCapture(logging.Handler):
+    """Every line the server's loggers write, as written (after the loggers' own filters)."""
+
+    LOGGERS = ("uvicorn.access", "uvicorn.error", "audio_interaction_server")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+    def __enter__(self) -> LogCapture:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.INFO)
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for name, level in self._levels.items():
+            logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).setLevel(level)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+API_KEY = "the-api-key-0123"
+
+
+@pytest.fixture(scope="module")
+def logged_server(tiny_checkpoint):
+    """A live server (in this process, its log captured) with an API key and a 1 s resume grace."""
+    from audio_interaction_server.config import ServerConfig
+    from benchmarks.harness import LiveServer
+
+    config = ServerConfig.model_validate(dict(port=0, api_key=API_KEY, log_level="info", resume_grace_s=1,
+                                              engine={"checkpoint": tiny_checkpoint, "max_sessions": 2,
+                                                      "device": "cpu"}))
+    server = LiveServer(config).start()
+    try:
+        with LogCapture() as capture:
+            yield server.port, capture
+    finally:
+        server.stop()
+
+
+async def connect_with_key_and_drop(port: int, key: str) -> dict:
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?api_key={key}")
+    created = json.loads(await ws.recv())
+    assert created["type"] == "session.created", created
+    ws.transport.abort()
+    await asyncio.sleep(0.3)
+    return created
+
+
+def test_neither_the_resume_token_nor_the_api_key_reaches_the_log(logged_server):
+    import urllib.request
+
+    port, capture = logged_server
+    key = API_KEY
+
+    async def main() -> dict:
+        created = await connect_with_key_and_drop(port, key)
+        query = urllib.parse.urlencode({"resume": created["session_id"], "token": created["resume_token"],
+                                        "last_seq": 1, "api_key": key})
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?{query}")
+        assert json.loads(await ws.recv())["type"] == "session.resumed"
+        await close_session(ws)
+        return created
+
+    created = asyncio.run(main())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info?api_key={key}", timeout=10) as response:
+        assert response.status == 200
+    time.sleep(0.2)
+    text = capture.text
+    logged_requests = [line for line in text.splitlines() if "/v1/" in line and "api_key=" in line]
+    assert any("GET /v1/info" in line for line in logged_requests) and \
+        any("resume=" in line for line in logged_requests), f"the requests were not logged:\n{text}"
+    assert created["resume_token"] not in text and key not in text, f"a secret in the log:\n{text}"
+
+
+def test_a_detached_session_whose_grace_runs_out_is_logged_once(logged_server):
+    port, capture = logged_server
+    created = asyncio.run(connect_with_key_and_drop(port, API_KEY))
+    session_id = created["session_id"]
+    time.sleep(1.5)  # past the 1 s grace
+    lines = [line for line in capture.lines if session_id in line and "expired" in line]
+    assert len(lines) == 1, lines
+    detached_s = float(re.search(r"after ([0-9.]+) s", lines[0]).group(1))
+    assert 0.9 <= detached_s <= 1.5 and created["resume_token"] not in lines[0], lines[0]

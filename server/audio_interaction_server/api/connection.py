@@ -340,7 +340,8 @@ class StreamConnection:
 
     def __init__(self, websocket: WebSocket, make_session: Callable[[Callable], Session], max_events: int,
                  poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None,
-                 resume: ResumePolicy | None = None) -> None:
+                 resume: ResumePolicy | None = None,
+                 on_detached: Callable[[StreamConnection], None] | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
         self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
@@ -358,6 +359,8 @@ class StreamConnection:
         self._generation = 0
         self._client_said_goodbye = False  # the socket ended with a close frame saying the client is done
         self._expiry: asyncio.TimerHandle | None = None
+        self.detached_since_s: float | None = None  # time.monotonic() of the drop, while detached
+        self._on_detached = on_detached  # the registry's bound on detached sessions (Runtime.session_detached)
         self._attach(websocket)
 
     def _attach(self, websocket: WebSocket) -> Outbox:
@@ -369,6 +372,11 @@ class StreamConnection:
     @property
     def is_detached(self) -> bool:
         return self.outbox is None and not self.finished.is_set()
+
+    @property
+    def client_address(self) -> str:
+        """The address of the client on the latest socket (a trusted proxy's client, as the transport says)."""
+        return self.websocket.client.host if self.websocket.client is not None else "unknown"
 
     @property
     def num_replay_events(self) -> int:
@@ -428,17 +436,27 @@ class StreamConnection:
         assert self.outbox is not None, "run() is the first attachment"
         await self._serve(self.outbox, self._generation)
 
-    async def resume(self, websocket: WebSocket, token: str, last_seq: int) -> None:
-        """A client back with its token and the last ``seq`` it saw: replay what it missed, go on live.
+    async def resume(self, websocket: WebSocket, token: str, last_seq: int | None) -> None:
+        """A client back with its token and the last ``seq`` it saw (None: it sent something that is not a
+        seq): replay what it missed, go on live.
 
+        The token is checked first, in constant time, and a wrong one gets the same answer whatever the
+        session's state: a stranger who knows the session id learns nothing of it.
         The newest connection wins: a client that changed networks may still look connected on its
         old socket, which is closed with 4010.
         """
-        missed = self._log.since(last_seq) if self.resume_policy and not self.session.is_closed else None
-        if missed is None or not hmac.compare_digest(token.encode(), (self.resume_token or "").encode()):
-            await refuse_resume(websocket, "resume_expired" if missed is None else "resume_refused",
-                                "this session can no longer be resumed: start a new one" if missed is None
-                                else "wrong resume token", self.session.session_id)
+        session_id = self.session.session_id
+        if self.resume_token is None or not hmac.compare_digest(token.encode(), self.resume_token.encode()):
+            await refuse_resume(websocket, "resume_refused", "wrong resume token", session_id)
+            return
+        if last_seq is None:
+            await refuse_resume(websocket, "invalid_event", "last_seq must be the seq of the last event seen",
+                                session_id)
+            return
+        missed = self._log.since(last_seq) if not self.session.is_closed else None
+        if missed is None:
+            await refuse_resume(websocket, "resume_expired", "this session can no longer be resumed: start a new one",
+                                session_id)
             return
         if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
             missed += self._keep_unsent(self.outbox)
@@ -449,6 +467,7 @@ class StreamConnection:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        self.detached_since_s = None
         self._generation += 1
         self._client_said_goodbye = False
         outbox = self._attach(websocket)
@@ -473,10 +492,23 @@ class StreamConnection:
             assert self.outbox is not None, "a socket ended: it was attached"
             self._keep_unsent(self.outbox)
             self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
-            self._expiry = self._loop.call_later(self.resume_policy.grace_s, self._end_now, "resume_expired")
+            self.detached_since_s = time.monotonic()
+            self._expiry = self._loop.call_later(self.resume_policy.grace_s, self.end_detached, "resume_expired",
+                                                 "its resume grace expired")
             log.info("session %s detached; resumable for %g s", self.session.session_id, self.resume_policy.grace_s)
+            if self._on_detached is not None:
+                self._on_detached(self)
         else:  # the client vanished: free the engine slot now
             self._end_now(self._end_reason)
+
+    def end_detached(self, reason: str, why: str) -> None:
+        """End a detached session (its client, if it comes back, gets ``resume_expired``); one log line says
+        ``why`` and how long it waited. Never the token: the log is not for secrets."""
+        if not self.is_detached or self.detached_since_s is None:
+            return
+        log.info("session %s ended after %.1f s detached: %s", self.session.session_id,
+                 time.monotonic() - self.detached_since_s, why)
+        self._end_now(reason)
 
     def _keep_unsent(self, outbox: Outbox) -> list:
         """Number and keep the events the socket did not send, so a replay includes them."""

@@ -1,0 +1,59 @@
+"""Secrets out of the log: uvicorn writes each request's path with its query string, and ours carry two.
+
+A resume is ``/v1/stream?resume=<id>&token=<resume_token>&last_seq=<n>`` and a browser, which cannot set
+headers on a WebSocket, sends its key as ``?api_key=``. uvicorn logs the first as a WebSocket line
+(``uvicorn.error``: ``"WebSocket /v1/stream?..." [accepted]``) and plain HTTP requests as access lines
+(``uvicorn.access``); whoever reads the log could resume another's session or use the key. ``QuerySecretFilter``
+replaces the values of those parameters with ``[redacted]`` in every line of the loggers it is added to, before
+any handler writes it. Thread-safe (it keeps no state).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import unquote_plus
+
+# Query parameters whose value is a secret; a name is compared as the app reads it (percent-decoded).
+SECRET_QUERY_PARAMETERS = frozenset({"token", "api_key"})
+REDACTED = "[redacted]"
+
+# The loggers that write request paths with their query.
+UVICORN_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+# One "name=value" of a query: after "?" or "&", up to the next "&", whitespace, quote or fragment.
+_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&\s\"#]+)=([^&\s\"#]*)")
+
+
+def redact_query_secrets(text: str) -> str:
+    """``text`` with the value of every secret query parameter in it replaced."""
+    if "=" not in text:
+        return text
+
+    def redact(parameter: re.Match) -> str:
+        name = parameter.group(1)
+        return f"{name}={REDACTED}" if unquote_plus(name) in SECRET_QUERY_PARAMETERS else parameter.group(0)
+
+    return _QUERY_PARAMETER.sub(redact, text)
+
+
+class QuerySecretFilter(logging.Filter):
+    """Rewrites a record's message and string arguments (uvicorn passes the path as an argument)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_query_secrets(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query_secrets(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+_QUERY_SECRET_FILTER = QuerySecretFilter()
+
+
+def keep_query_secrets_out_of(logger_names: tuple[str, ...] = UVICORN_REQUEST_LOGGERS) -> None:
+    """Add the filter to each logger, once (loggers are process-wide, and so is the filter)."""
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if _QUERY_SECRET_FILTER not in logger.filters:
+            logger.addFilter(_QUERY_SECRET_FILTER)
