@@ -104,7 +104,9 @@ def is_api_key(runtime: Runtime, offered: str | None) -> bool:
     config = runtime.config
     if config.api_key is None:
         return True
-    return bool(offered) and hmac.compare_digest(offered.encode(), config.api_key.get_secret_value().encode())
+    if not offered:
+        return False
+    return hmac.compare_digest(offered.encode(), config.api_key.get_secret_value().encode())
 
 
 def opens_sessions(runtime: Runtime, offered: str | None) -> bool:
