@@ -111,7 +111,7 @@ def triton_attention(
         out.stride(0), out.stride(1),
         scale,
         HEADS_PER_GROUP=heads_per_group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=config.block_n,
-        EXACT_FP32=q.dtype == torch.float32,
+        EXACT_FP32=q.dtype == torch.float32, WHILE_LOOPS=q.device.type != "cuda",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -126,10 +126,41 @@ def _kernel() -> Any:
     """The jitted kernel, defined on first use: importing this module must not need triton.
 
     ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a process that wants the
-    interpreter sets it before the first call.
+    interpreter sets it before the first call. ``tl`` and the tile function are bound as module
+    globals because the interpreter swaps in its own versions of what it finds in a kernel's globals.
     """
+    global tl, _attend_tile
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _attend_tile(q, k_base, v_base, start, key_len, position, m_i, l_i, acc, stride_kp, stride_vp, scale,
+                     d, d_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT_FP32: tl.constexpr):
+        """One tile of BLOCK_N keys into the online softmax; MASKED: causal by position and bounded by key_len."""
+        n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_ok = (n < key_len)[:, None] & d_ok[None, :]
+        else:
+            kv_ok = (n >= 0)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kp + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vp + d[None, :], mask=kv_ok, other=0.0)
+        if EXACT_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if MASKED:
+            visible = (n[None, :] <= position[:, None]) & (n < key_len)[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        # Key 0 is in the first tile and visible to every real query, so m_new is finite for them.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if EXACT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
 
     @triton.jit
     def slot_attention_kernel(
@@ -141,7 +172,7 @@ def _kernel() -> Any:
         stride_ot, stride_oh,
         scale,
         HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, EXACT_FP32: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, EXACT_FP32: tl.constexpr, WHILE_LOOPS: tl.constexpr,
     ):
         row = tl.program_id(0)
         group = tl.program_id(1)
@@ -169,49 +200,28 @@ def _kernel() -> Any:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-        # Keys before the row's first new token are visible to all its queries: no mask, whole tiles.
+        # Keys before the row's first new token are visible to all its queries: whole tiles, no mask.
+        # Then the tiles holding the row's new tokens: causal by position, bounded by the key length.
         full_end = (first_position // BLOCK_N) * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + n[:, None] * stride_kp + d[None, :], mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vp + d[None, :], mask=d_ok[None, :], other=0.0)
-            if EXACT_FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if EXACT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        # The tiles holding the row's new tokens: causal by position, bounded by the key length.
-        for start in range(full_end, key_len, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            kv_ok = (n < key_len)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n[:, None] * stride_kp + d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vp + d[None, :], mask=kv_ok, other=0.0)
-            if EXACT_FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            visible = (n[None, :] <= position[:, None]) & (n < key_len)[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Key 0 is in the first tile and visible to every real query, so m_new is finite for them.
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if EXACT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        # Padding queries (token >= q_len) are not stored, so their 0/0 never reaches memory.
-        y = acc / l_i[:, None]
+        if WHILE_LOOPS:  # Triton's interpreter cannot take a loaded value as a for-range bound (numpy 2)
+            start = full_end * 0
+            while start < full_end:
+                m_i, l_i, acc = _attend_tile(q, k_base, v_base, start, key_len, position, m_i, l_i, acc,
+                                             stride_kp, stride_vp, scale, d, d_ok, BLOCK_N, False, EXACT_FP32)
+                start += BLOCK_N
+            while start < key_len:
+                m_i, l_i, acc = _attend_tile(q, k_base, v_base, start, key_len, position, m_i, l_i, acc,
+                                             stride_kp, stride_vp, scale, d, d_ok, BLOCK_N, True, EXACT_FP32)
+                start += BLOCK_N
+        else:  # for-range loops: what the compiler pipelines on a GPU
+            for start in range(0, full_end, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(q, k_base, v_base, start, key_len, position, m_i, l_i, acc,
+                                             stride_kp, stride_vp, scale, d, d_ok, BLOCK_N, False, EXACT_FP32)
+            for start in range(full_end, key_len, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(q, k_base, v_base, start, key_len, position, m_i, l_i, acc,
+                                             stride_kp, stride_vp, scale, d, d_ok, BLOCK_N, True, EXACT_FP32)
+        # Padding queries (token >= q_len) are not stored; dividing them by 1 keeps their 0/0 out of the math.
+        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  y.to(Out.dtype.element_ty), mask=q_ok)
 
