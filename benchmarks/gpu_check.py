@@ -20,6 +20,12 @@ is skipped and says so:
    self-checked, timed separately), then a ramp of N real-time streams in direct mode
    (``capacity.run_direct``) with SCRIPTED replies (25:20: about 10% of streams mid-reply
    at any time), stopped after two consecutive failing N;
+   (with the static step and its CUDA graphs on CUDA, the engine's default there);
+3a. the static step (issue 23): one layer's attention candidates (gather to the longest row,
+   gather at the slot length, our Triton kernel at a few launch configurations) in us per layer
+   and GB/s at (rows, position) = (16, 500), (64, 2000), (128, 2000), (256, 3500) and 64 reply
+   rows; then a few (listening, reply) buckets captured as CUDA graphs (capture seconds, pool
+   memory) and each replayed against the same static step run eagerly (ms, tokens equal);
 4. the reference-style baseline (``capacity.run_baseline``) at small N on the same model,
    and the capacity ratio;
 5. the GPU's busy share of the step at the capacity N (kernel traces; ``gpu_busy``);
@@ -58,6 +64,7 @@ import torch  # noqa: E402
 
 from benchmarks import capacity, precision  # noqa: E402
 from benchmarks.gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
+from benchmarks.gpu_step_stages import attention_candidates, graph_buckets  # noqa: E402
 from benchmarks.harness import shared_audio_dir  # noqa: E402
 from benchmarks.served import audio_loop  # noqa: E402
 from audio_interaction_server.model.fit import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
@@ -83,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny model, fp32 on the CPU, tiny ramp: proves the script in seconds")
     parser.add_argument("--device", help="default: cuda (cpu with --dry-run)")
     parser.add_argument("--model", help="real (random 3B shapes, the default), tiny, or a checkpoint directory")
-    parser.add_argument("--streams", type=int, nargs="+", help="ramp (default 128 256 384 512 640 768)")
+    parser.add_argument("--streams", type=int, nargs="+", help="ramp (default 256 512 600 768 1024)")
     parser.add_argument("--seconds", type=float, help="audio per stream per ramp point (default 10)")
     parser.add_argument("--baseline-streams", type=int, nargs="+", help="default 1 2 4")
     parser.add_argument("--baseline-seconds", type=float, help="default 10")
@@ -100,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
     args.model = args.model or ("tiny" if dry else "real")
-    args.streams = sorted(args.streams or ([1, 2] if dry else [128, 256, 384, 512, 640, 768]))
+    args.streams = sorted(args.streams or ([1, 2] if dry else [256, 512, 600, 768, 1024]))
     args.seconds = args.seconds or (3.0 if dry else 10.0)
     args.schedule = args.schedule or ("4:3" if dry else "25:20")
     args.baseline_streams = sorted(args.baseline_streams or ([1] if dry else [1, 2, 4]))
@@ -533,6 +540,7 @@ def summarize(args, report: Report) -> None:
     summary = report.summary
     summary["correctness bf16 vs fp32"] = _verdict(report.stage("precision"))
     summary["correctness flex vs gather"] = _verdict(report.stage("flex"))
+    summary["static step graphs"] = _verdict(report.stage("graphs"))
     if ours is not None:
         summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
         summary[f"target >= {CAPACITY_TARGET_STREAMS} streams per GPU"] = (
@@ -610,6 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     built = report.run_stage("model", "Real-size model" if args.model == "real" else f"Model: {args.model}", 30,
                              lambda stage: build_model(args, served, stage))
     no_model = None if built.status == "done" else "no model (see the model stage)"
+    report.run_stage("attention", "Static step: attention candidates, one layer", 40,
+                     lambda stage: attention_candidates(served.model, args.dry_run, stage), skip_reason=no_model)
+    release_memory()
+    report.run_stage("graphs", "Static step: CUDA graphs per bucket, replay vs eager", 60,
+                     lambda stage: graph_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
+    release_memory()
     baseline_reserve_s = args.baseline_seconds + 10
     warm = report.run_stage("warm-up", "Compile and warm-up (not part of any timed figure)", 60 + baseline_reserve_s,
                             lambda stage: warm_up(args, served, report, stage), skip_reason=no_model)

@@ -37,7 +37,8 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     report = json.loads((out / "report.json").read_text())
     stages = {stage["key"]: stage for stage in report["stages"]}
-    assert list(stages) == ["precision", "flex", "model", "warm-up", "ramp", "baseline", "gpu-busy", "model-ramp"]
+    assert list(stages) == ["precision", "flex", "model", "attention", "graphs", "warm-up", "ramp", "baseline",
+                            "gpu-busy", "model-ramp"]
     for key, stage in stages.items():
         assert stage["status"] == "done", (key, stage["note"], stage["error"])
     assert report["header"]["torch"] and report["header"]["gpu"] == "none (CPU run)"
@@ -48,6 +49,16 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
         assert data["passes"], data  # decisions with a margin above the noise agree
     # Eager flex computes exactly what gather computes on the same fp32 model.
     assert stages["flex"]["data"]["decisions"]["noise_max"] < 1e-3
+
+    # The static step's stages: every candidate that runs on the CPU agrees with gather; the buckets ran eagerly.
+    cases = stages["attention"]["data"]["cases"]
+    assert {c["candidate"] for c in cases} == {"gather to the longest row (eager)",
+                                               "gather at the slot length (static)"}
+    assert all(c["us_per_layer"] > 0 and c["max_abs_diff_vs_gather"] < 1e-4 for c in cases)
+    assert "no CUDA device" in stages["attention"]["note"]
+    graphs = stages["graphs"]["data"]
+    assert [b["bucket"] for b in graphs["buckets"]] == ["8x16+0", "8x16+8"] and graphs["attention"] == "gather"
+    assert all(b["eager_static_ms"] > 0 and b["real_rows"] > 0 for b in graphs["buckets"])
 
     ramp = stages["ramp"]["data"]["runs"]
     assert [run["streams"] for run in ramp] == [1, 2]
@@ -70,7 +81,8 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
 
     markdown = (out / "report.md").read_text()
     for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16",
-                    "## Correctness: in-place FlexAttention",
+                    "## Correctness: in-place FlexAttention", "## Static step: attention candidates",
+                    "## Static step: CUDA graphs per bucket",
                     "## Compile and warm-up", "## Capacity ramp, direct mode, SCRIPTED replies 4:3",
                     "## Reference-style baseline", "Largest N that held every target"):
         assert heading in markdown, heading
