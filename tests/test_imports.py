@@ -184,3 +184,49 @@ def test_import_directions_hold():
         if seen & torch_modules:
             problems.append(f"importing {light} loads {sorted(seen & torch_modules)}, which import torch")
     assert not problems, "\n".join(problems)
+
+
+def import_cycles(edges: list[Edge]) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan's algorithm), each sorted."""
+    graph: dict[str, set[str]] = {}
+    for edge in edges:
+        if edge.importer != edge.imported:
+            graph.setdefault(edge.importer, set()).add(edge.imported)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in graph.get(module, ()):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group_ = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group_.append(member)
+                if member == module:
+                    break
+            if len(group_) > 1:
+                groups.append(sorted(group_))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return groups
+
+
+def test_no_two_modules_import_each_other_even_for_type_checking():
+    """Data flows one way; a circle (api/admission and api/runtime had one: the runtime held admission's log
+    throttle while admission read the runtime) means two modules are one job split in two."""
+    edges, _, _ = read_package()
+    assert not import_cycles(edges), import_cycles(edges)

@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -34,7 +33,7 @@ from starlette.requests import HTTPConnection
 from audio_interaction_server.api.connection import fatal_error, send_and_close
 from audio_interaction_server.protocol import CloseCode
 
-if TYPE_CHECKING:  # the runtime holds this module's Throttle; admission only reads the runtime
+if TYPE_CHECKING:  # admission reads the runtime it is given; the runtime never imports admission
     from audio_interaction_server.api.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -59,31 +58,6 @@ class Refusal:
     @property
     def is_busy(self) -> bool:
         return self.code in BUSY_CODES
-
-
-class Throttle:
-    """One log line per ``window_s`` for a cause a client can repeat thousands of times a second;
-    the lines in between are counted, and the next line that passes says how many."""
-
-    def __init__(self, window_s: float = 60.0) -> None:
-        self.window_s = window_s
-        self._window_start_s = -math.inf
-        self._num_suppressed = 0
-        self._lock = threading.Lock()  # uvicorn's loggers may be called from any thread
-
-    def admit(self, now_s: float) -> int | None:
-        """None: leave this one out; else how many were left out since the last one that passed."""
-        with self._lock:
-            if now_s - self._window_start_s < self.window_s:
-                self._num_suppressed += 1
-                return None
-            self._window_start_s = now_s
-            suppressed, self._num_suppressed = self._num_suppressed, 0
-            return suppressed
-
-
-def more_since(suppressed: int) -> str:
-    return f"; {suppressed} more since the last such line" if suppressed else ""
 
 
 # ---- the checks ----------------------------------------------------------------------------------------------
@@ -271,11 +245,10 @@ async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
     if retry_after_s is None:
         return False
     runtime.metrics.refused_total.labels("rate_limited").inc()
-    suppressed = runtime.rate_limited_log.admit(time.monotonic())
-    if suppressed is not None:  # a flood must not become a flood of log lines
-        config = runtime.config
-        log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)%s",
-                    address, config.connect_rate_per_ip, config.connect_burst_per_ip, more_since(suppressed))
+    # One line per burst however many attempts are refused: this logger is under log_bursts' limiter (transport.py).
+    config = runtime.config
+    log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)",
+                address, config.connect_rate_per_ip, config.connect_burst_per_ip)
     if not await _deny(websocket, Response(
             "too many connection attempts from this address; retry later\n", status_code=429,
             headers={"Retry-After": str(math.ceil(retry_after_s))}, media_type="text/plain")):

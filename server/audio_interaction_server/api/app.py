@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import re
 import signal
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -29,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 
+from audio_interaction_server import __version__
 from audio_interaction_server import spec as T
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.agent import CapacityAgent
@@ -56,23 +56,16 @@ class _ClientNoiseFilter(logging.Filter):
     """uvicorn logs two things a client causes at ERROR, one with a traceback, once per connection:
     our own HTTP refusals (429, 503) and text frames that are not UTF-8 (closed with 1007, as the
     WebSocket RFC says). Neither is a server fault: the first is dropped (the app logs or counts its
-    refusals), the second becomes a warning without traceback, at most one a minute."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._invalid_utf8 = admission.Throttle()
+    refusals), the second becomes a warning without traceback, which log_bursts' limiter on uvicorn's
+    logger (transport.py) then writes once per burst with a count."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _UVICORN_NO_HANDSHAKE and admission.refused_before_handshake.get():
             return False
         if record.msg == _UVICORN_INVALID_UTF8:
-            suppressed = self._invalid_utf8.admit(time.monotonic())
-            if suppressed is None:
-                return False
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
             record.exc_info, record.exc_text, record.args = None, None, ()
-            record.msg = f"a client sent a text frame that is not UTF-8; closed it with 1007" \
-                         f"{admission.more_since(suppressed)}"
+            record.msg = "a client sent a text frame that is not UTF-8; closed it with 1007"
         return True
 
 
@@ -337,6 +330,7 @@ def _info(runtime: Runtime, is_authorized: bool) -> dict:
     config, model = runtime.config, runtime.model
     info: dict[str, Any] = {
         "protocol_version": PROTOCOL_VERSION,
+        "server_version": __version__,
         "is_demo": config.is_demo,
         "ready": runtime.is_ready,
         "audio": {"sample_formats": ["pcm_s16le", "pcm_f32le"], "model_rate_hz": T.SAMPLE_RATE_HZ,

@@ -52,11 +52,13 @@ class BurstLimiter(logging.Filter):
             _write_summary(burst, now_s)
         return True
 
-    def flush(self, now_s: float | None = None) -> None:
-        """Write the count of every burst whose window has closed (call periodically)."""
+    def flush(self, now_s: float | None = None, everything: bool = False) -> None:
+        """Write the count of every burst whose window has closed (call periodically); ``everything``: of every
+        burst, closed or not (at shutdown)."""
         now_s = time.monotonic() if now_s is None else now_s
         with self._lock:
-            ended = [(key, burst) for key, burst in self._bursts.items() if now_s - burst.started_s >= self.window_s]
+            ended = [(key, burst) for key, burst in self._bursts.items()
+                     if everything or now_s - burst.started_s >= self.window_s]
             for key, _ in ended:
                 del self._bursts[key]
         for _, burst in ended:
@@ -85,7 +87,7 @@ class SharedBurstLimiter:
 
     def release(self) -> None:
         """Write every pending count; the last user also takes the filter off."""
-        self.limiter.flush(now_s=float("inf"))
+        self.limiter.flush(everything=True)
         with self._lock:
             self._num_users -= 1
             if self._num_users == 0:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from audio_interaction_server.api.admission import Throttle
+from audio_interaction_server import __version__
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
@@ -124,7 +124,6 @@ class Runtime:
         self.metrics.sessions_max.set(config.session_capacity)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
             ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
-        self.rate_limited_log = Throttle()  # one warning a minute however many attempts are refused
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
         # accepts a valid one wherever it accepts the API key. None = API key only.
         self.client_secrets: Any | None = None
@@ -311,9 +310,10 @@ class Runtime:
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
             return
-        log.info("ready: serving %s (%s on %s, %s; up to %d sessions; replica %s; loaded in %.1f s)",
-                 self.stream_url or "/v1/stream", model.name, model.device, str(model.dtype).removeprefix("torch."),
-                 self.config.session_capacity, self.replica_id, time.perf_counter() - started)
+        log.info("ready: serving %s (audio-interaction %s; %s on %s, %s; up to %d sessions; replica %s; loaded in "
+                 "%.1f s)", self.stream_url or "/v1/stream", __version__, model.name, model.device,
+                 str(model.dtype).removeprefix("torch."), self.config.session_capacity, self.replica_id,
+                 time.perf_counter() - started)
 
     async def _on_loader_thread(self, load: Callable[[], Any]) -> Any:
         """``asyncio.to_thread`` on a daemon thread of its own: ``asyncio.run`` joins the default

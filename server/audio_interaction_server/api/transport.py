@@ -59,7 +59,8 @@ PARSE_SLICE_BYTES = 4096
 SLOW_HEADERS_AFTER_S = 1.0
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 # The loggers a flood of connections can make write: one line per burst, with a count.
-LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__), window_s=10.0)
+LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_interaction_server.api.admission"),
+                                 window_s=10.0)
 
 
 class TransportGuard:
