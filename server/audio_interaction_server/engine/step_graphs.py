@@ -64,9 +64,9 @@ def compare_steps(expected: StepSnapshot, got: StepSnapshot, tolerance: float = 
     for row, (want, have) in enumerate(zip(expected.finite, got.finite)):
         if want != have:
             return f"row {row}: finite {want} expected, {have} replayed"
-    for row, (want, have) in enumerate(zip(expected.tokens, got.tokens)):
-        if want != have:
-            return f"row {row}: token {want} expected, {have} replayed"
+    for row, (want_token, got_token) in enumerate(zip(expected.tokens, got.tokens)):
+        if want_token != got_token:
+            return f"row {row}: token {want_token} expected, {got_token} replayed"
     finite_rows = torch.isfinite(expected.hidden).all(dim=-1)
     if not bool(torch.isfinite(got.hidden[finite_rows]).all()):
         return "non-finite hidden states where the eager step's are finite"

@@ -121,6 +121,11 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Bound by _kernel() on first use (module globals, where Triton's interpreter looks for them).
+tl: Any = None
+_attend_tile: Any = None
+
+
 @functools.cache
 def _kernel() -> Any:
     """The jitted kernel, defined on first use: importing this module must not need triton.
