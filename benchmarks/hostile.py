@@ -1,6 +1,6 @@
 """A victim's decision latency alone and next to one hostile neighbour, same server, same run.
 
-    python -m benchmarks.hostile [--seconds 15] [--cases alone ping_flood fast_sender flush_flood]
+    python -m benchmarks.hostile [--seconds 15] [--cases alone ping_flood fast_sender flush_flood ...]
                                  [--server-root DIR] [--checkpoint DIR]
 
 `python -m audio_interaction_server` runs in a subprocess on 127.0.0.1 (the tiny demo model unless
@@ -11,10 +11,19 @@ chunk's `decision`. Each case runs the victim for `--seconds` with at most one
 attacker, started a second before it in a process of its own (so the attacker's
 client work does not slow the victim's client):
 
-alone        no attacker
-ping_flood   WebSocket pings as fast as the socket takes them, never waiting for a pong
-fast_sender  100 ms s16 frames at 100x real time (one per ms), events read and dropped
-flush_flood  a 10-sample frame and an `input.flush` of 10 s of silence, repeated every ms
+alone           no attacker
+ping_flood      WebSocket pings as fast as the socket takes them, never waiting for a pong
+fast_sender     100 ms s16 frames at 100x real time (one per ms), events read and dropped
+flush_flood     a 10-sample frame and an `input.flush` of 10 s of silence, repeated every ms
+audio_flood     100 ms s16 frames on /v1/stream as fast as the socket takes them (once the buffer is
+                full, refused as audio_buffer_full)
+realtime_flood  the same on /v1/realtime: 100 ms of 24 kHz PCM per input_audio_buffer.append
+prompt_flood    session.configure with a new 8,000-digit system prompt (too long for the context; the
+                slowest kind to tokenise), 300 a second
+item_flood      20,000 conversation.item.create on /v1/realtime in under a second, then more
+
+Each attacker is one connection; with `--reconnect` it opens a new one whenever the server
+closes it (the per-address connection rate limit applies) and goes on until the case ends.
 
 `--server-root` starts the server from another checkout (e.g. a `git worktree`
 of an older commit), to compare before and after a change with the same client.
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import statistics
@@ -43,9 +53,13 @@ from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,
 )
 
-ATTACKS = ("ping_flood", "fast_sender", "flush_flood")
+REALTIME_FRAME_SAMPLES = 2_400  # 100 ms at the Realtime API's 24 kHz
+
 MAX_TURN_TOKENS = 4
 ATTACK_LEAD_S = 1.0  # the attacker is at full speed before the victim's first frame
+PROMPT_CHARS = 8_000  # the longest system prompt either protocol accepts
+PROMPTS_PER_S = 300
+ITEMS_AT_ONCE = 20_000
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,49 +67,123 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-# ---- the attacker (a process of its own) --------------------------------------------------
-async def attack(url: str, kind: str, seconds: float) -> dict:
+# ---- the attackers (each in a process of its own) -------------------------------------------
+async def _read_all(ws, stats: Counter) -> None:
+    """Read every event, so the server never closes the attacker as a slow reader."""
+    async for message in ws:
+        event = json.loads(message)
+        if event["type"] == "error":
+            code = event["code"] if "code" in event else event["error"]["code"]
+            stats[f"error:{code}"] += 1
+        else:
+            stats[f"event:{event['type']}"] += 1
+
+
+async def _stream_attack(ws, kind: str, stats: Counter, end_s: float) -> None:
+    """One /v1/stream connection's attack (configured already), until ``end_s`` or the server closes it."""
+    frame = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 3000).astype("<i2").tobytes()
+    flush = json.dumps({"type": "input.flush", "trailing_silence_s": 10.0})
+    while time.perf_counter() < end_s:
+        if kind == "ping_flood":
+            for _ in range(100):  # pings are tiny: send a burst, then let the reader run
+                await ws.ping(stats["sent"].to_bytes(8, "big"))
+                stats["sent"] += 1
+            await asyncio.sleep(0)
+        elif kind == "fast_sender":
+            await ws.send(frame)
+            stats["sent"] += 1
+            await asyncio.sleep(0.001)
+        elif kind == "flush_flood":
+            await ws.send(frame[:20])
+            await ws.send(flush)
+            stats["sent"] += 1
+            await asyncio.sleep(0.001)
+        elif kind == "audio_flood":
+            for _ in range(20):  # as fast as the socket takes them (send waits while its buffer is full)
+                await ws.send(frame)
+                stats["sent"] += 1
+            await asyncio.sleep(0)
+        elif kind == "prompt_flood":
+            started = time.perf_counter()
+            for _ in range(PROMPTS_PER_S):
+                digits = (np.random.default_rng(stats["sent"]).integers(0, 10, PROMPT_CHARS, dtype=np.uint8)
+                          + ord("0")).tobytes().decode()
+                await ws.send(json.dumps({"type": "session.configure", "system_prompt": digits}))
+                stats["sent"] += 1
+            await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - started)))
+        else:
+            raise ValueError(f"unknown /v1/stream attack {kind!r}")
+
+
+async def _realtime_attack(ws, kind: str, stats: Counter, end_s: float) -> None:
+    """One /v1/realtime connection's attack, until ``end_s`` or the server closes it."""
+    frame = (np.random.default_rng(0).standard_normal(REALTIME_FRAME_SAMPLES) * 3000).astype("<i2").tobytes()
+    append = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(frame).decode()})
+    while time.perf_counter() < end_s:
+        if kind == "realtime_flood":
+            for _ in range(20):
+                await ws.send(append)
+                stats["sent"] += 1
+            await asyncio.sleep(0)
+        elif kind == "item_flood":
+            for _ in range(ITEMS_AT_ONCE):
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+                stats["sent"] += 1
+            await asyncio.sleep(0)
+        else:
+            raise ValueError(f"unknown /v1/realtime attack {kind!r}")
+
+
+# attack -> (path, one connection's attack). Another attack is one entry here and one line in the docstring.
+ATTACKERS = {
+    "ping_flood": ("/v1/stream", _stream_attack), "fast_sender": ("/v1/stream", _stream_attack),
+    "flush_flood": ("/v1/stream", _stream_attack), "audio_flood": ("/v1/stream", _stream_attack),
+    "realtime_flood": ("/v1/realtime", _realtime_attack), "prompt_flood": ("/v1/stream", _stream_attack),
+    "item_flood": ("/v1/realtime", _realtime_attack),
+}
+ATTACKS = tuple(ATTACKERS)
+
+
+async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> dict:
+    """Attack until ``seconds`` have passed or the server closes the connection (then, with ``reconnect``,
+    open another)."""
     import websockets
 
+    path, one_connection = ATTACKERS[kind]
     stats: Counter = Counter()
-    close_code = None
-    async with websockets.connect(url, compression=None, max_size=None, ping_interval=None,
-                                  max_queue=None) as ws:
-        await configure_s16_stream(ws, MAX_TURN_TOKENS)
-
-        async def drain() -> None:  # read every event, so the server never closes us as a slow reader
-            async for message in ws:
-                event = json.loads(message)
-                stats[f"event:{event['type']}" if event["type"] != "error" else f"error:{event['code']}"] += 1
-
-        reader = asyncio.create_task(drain())
-        frame = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 3000).astype("<i2").tobytes()
-        tiny_frame = frame[:20]
-        flush = json.dumps({"type": "input.flush", "trailing_silence_s": 10.0})
-        end = time.perf_counter() + seconds
+    close_codes: Counter = Counter()
+    started_s = time.perf_counter()
+    end_s = started_s + seconds
+    first_close_s = None
+    while time.perf_counter() < end_s:
         try:
-            while time.perf_counter() < end and not reader.done():
-                if kind == "ping_flood":
-                    for _ in range(100):  # pings are tiny: send a burst, then let the reader run
-                        await ws.ping(stats["sent"].to_bytes(8, "big"))
-                        stats["sent"] += 1
-                    await asyncio.sleep(0)
-                elif kind == "fast_sender":
-                    await ws.send(frame)
-                    stats["sent"] += 1
-                    await asyncio.sleep(0.001)
-                elif kind == "flush_flood":
-                    await ws.send(tiny_frame)
-                    await ws.send(flush)
-                    stats["sent"] += 1
-                    await asyncio.sleep(0.001)
-                else:
-                    raise ValueError(f"unknown attack {kind!r}")
+            async with websockets.connect(base_url + path, compression=None, max_size=None, ping_interval=None,
+                                          max_queue=None) as ws:
+                stats["connections"] += 1
+                if path == "/v1/stream":
+                    await configure_s16_stream(ws, MAX_TURN_TOKENS)
+                reader = asyncio.create_task(_read_all(ws, stats))
+                try:
+                    await one_connection(ws, kind, stats, end_s)
+                except websockets.ConnectionClosed:
+                    pass
+                finally:
+                    reader.cancel()
+                if ws.close_code is not None:
+                    close_codes[ws.close_code] += 1
+                    first_close_s = first_close_s or time.perf_counter() - started_s
         except websockets.ConnectionClosed as closed:
-            close_code = closed.rcvd.code if closed.rcvd else None
-        reader.cancel()
-        close_code = close_code or ws.close_code  # the server closed it while we were only sending
-    return {"kind": kind, "close_code": close_code, **stats}
+            close_codes[closed.rcvd.code if closed.rcvd else 1006] += 1
+        except (websockets.InvalidStatus, OSError) as refused:  # e.g. 429: the connection rate limit
+            stats[f"refused:{getattr(getattr(refused, 'response', None), 'status_code', type(refused).__name__)}"] += 1
+            await asyncio.sleep(0.05)
+        if not reconnect:
+            break
+    closes = " ".join(f"{code}x{count}" for code, count in sorted(close_codes.items()))
+    # When the server closed it, counted from its first connection (the victim starts ATTACK_LEAD_S later).
+    closed_after = "never" if first_close_s is None else f"{first_close_s:.1f} s"
+    return {"kind": kind, "closes": closes or "none", "first closed after": closed_after, **stats}
 
 
 # ---- the victim and the cases ---------------------------------------------------------------
@@ -114,12 +202,12 @@ def worker_busy(port: int) -> tuple[float, float]:
     return values.get("ais_worker_step_seconds_sum", 0.0), values.get("ais_worker_step_seconds_count", 0.0)
 
 
-def run_case(url: str, kind: str, audio: np.ndarray, seconds: float) -> tuple[list[float], dict]:
+def run_case(url: str, kind: str, audio: np.ndarray, seconds: float, reconnect: bool) -> tuple[list[float], dict]:
     attacker = None
     if kind != "alone":
         attacker = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.hostile", "--attacker", kind, "--url", url,
-             "--seconds", str(seconds + ATTACK_LEAD_S + 1)],
+            [sys.executable, "-m", "benchmarks.hostile", "--attacker", kind, "--url", url.rsplit("/v1/", 1)[0],
+             "--seconds", str(seconds + ATTACK_LEAD_S + 1), *(["--reconnect"] if reconnect else [])],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # from the root: where the benchmarks package is
         time.sleep(ATTACK_LEAD_S)
     latencies: list[float] = []
@@ -145,11 +233,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--server-env", nargs="*", default=[], metavar="AIS_X=VALUE",
                         help="extra server settings, e.g. AIS_ENGINE__CPU_THREADS=1")
+    parser.add_argument("--reconnect", action="store_true",
+                        help="an attacker the server closes connects again and goes on")
     parser.add_argument("--attacker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attacker:
-        print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds))), flush=True)
+        print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds, args.reconnect))), flush=True)
         return
 
     env = {"AIS_ENGINE__DEVICE": "cpu"}
@@ -164,8 +254,9 @@ def main() -> None:
                               text=True).stdout.strip()
     url = f"ws://127.0.0.1:{port}/v1/stream"
     audio = stream_audio(audio_loop(), 0, int(args.seconds * SAMPLE_RATE_HZ))
+    attackers = "reconnecting" if args.reconnect else "on one connection each"
     print(f"# server from {root} (HEAD {revision or '?'}) {' '.join(args.server_env)}, {os.cpu_count()} CPUs, "
-          f"victim {args.seconds:g} s real time, 100 ms frames\n")
+          f"victim {args.seconds:g} s real time, 100 ms frames, attackers {attackers}\n")
     print("| attack | victim p50 ms | victim p95 ms | victim max ms | decisions | p95 / alone p95 "
           "| worker busy | mean step ms | attacker |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -174,10 +265,11 @@ def main() -> None:
         for kind in args.cases:
             busy_s, steps = worker_busy(port)
             started = time.perf_counter()
-            latencies, report = run_case(url, kind, audio, args.seconds)
+            latencies, report = run_case(url, kind, audio, args.seconds, args.reconnect)
             busy_s, steps = (a - b for a, b in zip(worker_busy(port), (busy_s, steps)))
             busy = f"{busy_s / (time.perf_counter() - started):.0%} | {busy_s / max(steps, 1) * 1e3:.1f}"
-            attacker = ", ".join(f"{key} {value}" for key, value in report.items() if key != "kind")
+            attacker = ", ".join(f"{key} {value}" for key, value in report.items()
+                                 if key != "kind" and not key.startswith("event:"))
             if not latencies:
                 print(f"| {kind} | - | - | - | 0 | - | {busy} | {attacker} |", flush=True)
                 continue

@@ -196,15 +196,16 @@ class FloodLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     events_per_s: float = Field(
-        50.0, gt=0, description="text events (everything but audio, refused ones too) a client may send per "
+        20.0, gt=0, description="text events (everything but audio, refused ones too) a client may send per "
         "second, sustained; beyond event_burst the session ends with an event_flood error and close 1008")
-    event_burst: int = Field(1000, ge=1, description="text events a client may send at once (a Realtime client "
-                             "replaying a long chat history as conversation.item.create events)")
+    event_burst: int = Field(200, ge=1, description="text events a client may send at once (a Realtime client "
+                             "replaying a chat history as conversation.item.create events)")
     refused_audio_speed: float = Field(
         2.0, gt=0, description="audio refused as audio_buffer_full a client may send, in seconds per second, "
         "sustained (a real-time client is refused at most 1x); beyond refused_audio_burst_s the session ends "
         "with an audio_flood error and close 1008. A refused frame counts at least 10 ms")
-    refused_audio_burst_s: float = Field(30.0, gt=0, description="refused audio a client may send at once")
+    refused_audio_burst_s: float = Field(10.0, gt=0, description="refused audio a client may send at once (a "
+                                         "real-time client catching up after a network stall)")
     prompt_chars_per_s: float = Field(
         1000.0, gt=0, description="system prompt characters a client may have checked against the context "
         "budget per second, sustained (checking tokenises the prompt on the event loop); beyond "
