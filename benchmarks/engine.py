@@ -31,6 +31,7 @@ from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.fit import median_wall_ms
 from audio_interaction_server.spec import CHUNK_SAMPLES
 from audio_interaction_server.engine.worker import Worker
 from benchmarks.harness import shared_audio_dir
@@ -47,12 +48,7 @@ def real_audio(seconds: float) -> np.ndarray:
 
 
 def time_ms(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+    return median_wall_ms(fn, repeats=repeats, warmups=0)
 
 
 def bench_frontend(encoder: AudioEncoder, repeats: int) -> None:

@@ -24,7 +24,6 @@ Writes ``DIR/profile.md``. ``--preset tiny --device cpu`` runs the same code in 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from audio_interaction_server import spec as T
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.fit import median_wall_ms
 from audio_interaction_server.model.lm import StepBatch
 from audio_interaction_server.demo.random_model import random_model
 
@@ -42,19 +42,7 @@ START_POSITION = 500  # about 15 s into a session
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(samples)
+    return median_wall_ms(fn, device, repeats)
 
 
 def rows_batch(num_rows: int, row_tokens: int, device: torch.device) -> StepBatch:

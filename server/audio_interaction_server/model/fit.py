@@ -9,7 +9,9 @@ been compiled and checked against the gather path on this device.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +169,28 @@ def self_check_flex(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -
 TIMED_ROW_TOKENS = 13
 
 
+def median_wall_ms(fn: Callable[[], object], device: torch.device | None = None, repeats: int = 3,
+                   warmups: int = 1) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmups`` untimed ones; on CUDA the device
+    is synchronised before and after each call, so the time is the work's, not its launch's. The one step timer
+    of the package, the start-up attention choice and the benchmarks alike."""
+
+    def synchronise() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmups):
+        fn()
+    samples = []
+    for _ in range(max(1, repeats)):
+        synchronise()
+        started = time.perf_counter()
+        fn()
+        synchronise()
+        samples.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(samples)
+
+
 def step_ms(lm: AudioInteractionLM, cache: SlotKVCache, num_rows: int, backend: AttentionBackend, compiled: bool,
             repeats: int = 3) -> float:
     """Median wall time of one forward of ``num_rows`` listening rows halfway into the cache, device synchronised.
@@ -181,21 +205,12 @@ def step_ms(lm: AudioInteractionLM, cache: SlotKVCache, num_rows: int, backend: 
     batch = StepBatch.build(rows, [start] * num_rows, list(range(num_rows)), [[] for _ in rows], None, device)
     saved = lm.attention_backend, lm.compile_attention
     lm.attention_backend, lm.compile_attention = backend, compiled
-    samples = []
     try:
-        for _ in range(repeats + 1):  # the first call is a warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            lm.last_hidden(batch, cache)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - started)
+        return median_wall_ms(lambda: lm.last_hidden(batch, cache), device, repeats)
     finally:
         lm.attention_backend, lm.compile_attention = saved
         for slot in range(num_rows):
             cache.clear_slot(slot)
-    return 1e3 * sorted(samples[1:])[len(samples[1:]) // 2]
 
 
 def _faster_of_flex_and_gather(lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int,
