@@ -1,0 +1,28 @@
+"""Secret query parameters are redacted from log lines, however the query spells them (as the app reads them)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from audio_interaction_server.api.log_redaction import QuerySecretFilter, redact_query_secrets
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('"WebSocket /v1/stream?resume=vm_1&token=s3cret&last_seq=4" [accepted]',
+     '"WebSocket /v1/stream?resume=vm_1&token=[redacted]&last_seq=4" [accepted]'),
+    ('"GET /v1/info?api_key=k3y HTTP/1.1" 200', '"GET /v1/info?api_key=[redacted] HTTP/1.1" 200'),
+    ("/v1/stream?t%6Fken=s3cret&api%5Fkey=k3y#x", "/v1/stream?t%6Fken=[redacted]&api%5Fkey=[redacted]#x"),
+    ("/v1/stream?last_seq=4&tokens=kept&my_token=kept", "/v1/stream?last_seq=4&tokens=kept&my_token=kept"),
+    ("no query at all: token=plain text", "no query at all: token=plain text"),
+])
+def test_secret_query_values_are_redacted_and_nothing_else(line, expected):
+    assert redact_query_secrets(line) == expected
+
+
+def test_the_filter_rewrites_the_arguments_uvicorn_logs_with():
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/v1/load?api_key=k3y", "1.1", 200), None)
+    assert QuerySecretFilter().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /v1/load?api_key=[redacted] HTTP/1.1" 200'
