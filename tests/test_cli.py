@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+import torch
 from pydantic import TypeAdapter
 
-from audio_interaction_server import cli
+from audio_interaction_server import __version__, cli
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.protocol import TurnEvent
 
 EVENTS = TypeAdapter(TurnEvent)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *args: str) -> list:
@@ -78,7 +86,7 @@ def model_must_not_load(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr("audio_interaction_server.model.checkpoint.load_model", load_model)
     monkeypatch.setattr(cli, "resolve_checkpoint", lambda checkpoint: load_model())
 
 
@@ -153,3 +161,75 @@ def test_make_checkpoint_command_writes_the_seeded_release_layout(tmp_path, tiny
     for name in written:
         if name.suffix in (".safetensors", ".json", ".yaml"):
             assert (out / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
+
+
+# ---- the command line itself: --version, --help, and one clear line for what cannot work ----------------------
+
+def command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``audio-interaction ARGS`` as a user runs it (the console script is this module's main)."""
+    return subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", *args], capture_output=True,
+                          text=True, timeout=timeout_s, env={**os.environ, "AIS_ENGINE__DEVICE": "cpu"})
+
+
+def test_version_flag_prints_the_packaged_version():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    result = command("--version")
+    assert result.returncode == 0 and result.stdout == f"audio-interaction {pyproject['project']['version']}\n"
+    assert __version__ == pyproject["project"]["version"]
+    served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert served.returncode == 0 and served.stdout == result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["serve", "--help"], ["run", "--help"],
+                                  ["make-checkpoint", "--help"], ["schema", "--help"]])
+def test_help_and_version_answer_without_importing_torch(args):
+    """Importing torch takes seconds: a user asking for help waits for none of it."""
+    probe = ("import sys\nfrom audio_interaction_server import cli\ntry:\n    cli.main(sys.argv[1:])\n"
+             "except SystemExit as end:\n    assert end.code == 0, end.code\n"
+             "print('imported torch' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.splitlines()[-1] == "no torch", result.stderr
+    assert result.stdout.startswith(("usage: ", "audio-interaction "))
+
+
+def test_serve_help_lists_the_exit_statuses():
+    result = command("serve", "--help")
+    assert result.returncode == 0
+    for status, meaning in (("0", "stopped"), ("1", "model"), ("2", "configuration"), ("3", "listen")):
+        assert re.search(rf"^\s+{status}\s.*{meaning}", result.stdout, re.M | re.I), (status, result.stdout)
+
+
+def test_serve_and_run_report_a_checkpoint_that_is_not_there_in_the_same_one_line(shared_audio):
+    served = command("serve", "--port", "0", "--checkpoint", "/nope")
+    ran = command("run", "--checkpoint", "/nope", str(shared_audio / "02_translate"))
+    assert ran.returncode == served.returncode == 2
+    assert ran.stderr.splitlines() == [served.stderr.splitlines()[-1]], (ran.stderr, served.stderr)
+    assert served.stderr.splitlines()[-1] == (
+        "error: checkpoint '/nope' is not an existing directory and not a Hugging Face repo id ('owner/name' or "
+        "'owner/name@revision'); pass a checkpoint directory in the release layout or a repo id such as "
+        "zhifeixie/AudioInteraction")
+    assert "Value error" not in served.stderr and "Uvicorn running" not in served.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_device_cuda_without_a_gpu_is_one_clear_line_before_anything_loads(shared_audio):
+    served = command("serve", "--port", "0", "--demo", "--device", "cuda")
+    ran = command("run", "--demo", "--device", "cuda", str(shared_audio / "02_translate"))
+    for result in (served, ran):
+        assert result.returncode == 2, result.stderr
+        assert re.fullmatch(r"error: --device cuda: torch \S+ sees no CUDA device \(.+\); use --device cpu or auto",
+                            result.stderr.splitlines()[-1]), result.stderr
+    assert "Uvicorn running" not in served.stderr, "it listened (or loaded) before saying the device is missing"
+    assert "DEMO MODE" not in ran.stderr, "it prepared the model before saying the device is missing"
+
+
+def test_help_and_default_yaml_name_config_py_where_settings_are_documented():
+    """The settings are documented in config.py (settings.py was its old name): user-facing text says so."""
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    default_yaml = REPO / "server" / "audio_interaction_server" / "default.yaml"
+    assert "config.py" in result.stdout and "config.py" in default_yaml.read_text().splitlines()[0]
+    user_facing = [REPO / "README.md", default_yaml, *REPO.glob("docs/*.md"), *REPO.glob("client_examples/*.md")]
+    stale = [path.relative_to(REPO) for path in user_facing if "settings.py" in path.read_text()]
+    assert "settings.py" not in result.stdout and not stale, stale

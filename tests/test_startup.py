@@ -192,12 +192,20 @@ class LogReader:
             self.text += line
 
 
-def test_start_up_log_announces_readiness(tiny_checkpoint):
+def test_start_up_log_announces_readiness_and_the_version(tiny_checkpoint):
+    import json
+    import urllib.request
+
+    from audio_interaction_server import __version__
+
     process, port = spawn_server(tiny_checkpoint)
     try:
         # The line comes once the worker runs; /ready may answer just before it.
-        announced = LogReader(process).wait_for(r"ready.*serving (ws://\S+)", timeout_s=30)
+        announced = LogReader(process).wait_for(r"ready.*serving (ws://\S+) \(audio-interaction (\S+);", timeout_s=30)
         assert announced.group(1) == f"ws://127.0.0.1:{port}/v1/stream"
+        assert announced.group(2) == __version__
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as response:
+            assert json.load(response)["server_version"] == __version__
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)

@@ -3,7 +3,7 @@
     python -m audio_interaction_server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo]
 
 Settings come from the package's default.yaml (or ``--config``), then ``AIS_*`` environment
-variables (see settings.py), then these flags. The port is bound before the model
+variables (every setting is documented in the package's config.py), then these flags. The port is bound before the model
 loads, so a busy port fails at once; /health answers while the model loads, /ready once it
 is loaded, and a "ready: serving ws://..." log line says so.
 """
@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from audio_interaction_server import __version__
+
+VERSION_TEXT = f"audio-interaction {__version__}"
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings file (default: the package's default.yaml)")
@@ -28,6 +32,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a process of its own (engine.transport: process; the default on CUDA)")
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="json: one JSON object a line, session_id and replica_id as fields (default: text)")
     parser.add_argument("--ssl-certfile", type=Path,
@@ -60,6 +66,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         overrides["demo"] = False
     if args.device is not None:
         engine["device"] = args.device
+    if args.engine_process:
+        engine["transport"] = "process"
     for name in ("ssl_certfile", "ssl_keyfile", "replica_id", "agent_port", "busy_refusal", "log_format"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -88,6 +96,38 @@ EXIT_STATUSES = f"""exit status:
 log = logging.getLogger("audio_interaction_server")
 
 
+def no_cuda_reason(device: str | None, named_as: str = "--device cuda") -> str | None:
+    """For ``device`` "cuda" on a machine where torch sees no CUDA device: the one line that says so, before
+    anything listens or loads (the loader would only fail later, in the background). Imports torch."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    why = "a CPU-only build" if torch.version.cuda is None else \
+        f"built for CUDA {torch.version.cuda}; no GPU is visible, or its driver did not load"
+    return f"{named_as}: torch {torch.__version__} sees no CUDA device ({why}); use --device cpu or auto"
+
+
+def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
+    """For a ``--checkpoint`` that is neither a directory nor a Hub repo id: the one line ``run`` prints for it,
+    said before the configuration is read (whose check of the same value words it as a validation error)."""
+    if checkpoint is None or checkpoint.is_dir():
+        return None
+    # Only for a value that is not a directory: these import torch.
+    from audio_interaction_server.model.checkpoint import CheckpointError
+    from audio_interaction_server.model.hub import parse_repo_id, resolve_checkpoint_source
+
+    if parse_repo_id(str(checkpoint)) is not None:
+        return None  # the loader fetches it
+    try:
+        resolve_checkpoint_source(checkpoint)  # raises, for such a value, without touching the network
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
 class _StopRequested(Exception):
     pass
 
@@ -114,6 +154,10 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from audio_interaction_server.config import ConfigError, load_config
 
+    checkpoint_error = checkpoint_flag_error(args.checkpoint)
+    if checkpoint_error is not None:
+        print(f"error: {checkpoint_error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     try:
         config = load_config(args.config, os.environ, overrides_from(args))
     except ConfigError as error:
@@ -124,6 +168,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
     from audio_interaction_server.api.app import build_server, create_app
+
+    no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
+                             "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
+    if no_cuda is not None:
+        print(f"error: {no_cuda}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
 
     fatal: list[str] = []
     server = None
@@ -175,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m audio_interaction_server", description=__doc__,
                                      epilog=EXIT_STATUSES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=VERSION_TEXT)
     add_serve_arguments(parser)
     sys.exit(serve(parser.parse_args(argv)))
 

@@ -22,26 +22,17 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from pydantic import ValidationError
-
-from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import (
-    AudioFormatError, load_audio_file, load_audio_sequence, offline_chunks,
-)
-from audio_interaction_server.audio.stream import AudioInput
-from audio_interaction_server.demo.source import resolve_model_source
-from audio_interaction_server.model.checkpoint import CheckpointError, load_model
-from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.engine.events import EngineEvent, SessionEnded
-from audio_interaction_server.render.replies import ReplyRenderer
-from audio_interaction_server.options import SamplingOptions
-from audio_interaction_server.engine.worker import Worker
+from audio_interaction_server.__main__ import EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, serve
 from audio_interaction_server.logs import configure_logging
+
+# Everything heavier (numpy, torch, the engine, pydantic models) is imported by the command that uses it:
+# torch alone takes seconds, and --help, --version and a mistyped flag should answer at once.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from pydantic import ValidationError
 
 log = logging.getLogger("audio_interaction_server.cli")
 
@@ -65,6 +56,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _sequence_files(folder: Path) -> list[Path]:
+    from audio_interaction_server.audio.frontend import load_audio_sequence
+
     sequence = folder / "sequence.json"
     if not sequence.is_file():
         raise InputError(f"{folder} is a folder without sequence.json (a JSON list of its audio files in playing "
@@ -80,6 +73,8 @@ def _sequence_files(folder: Path) -> list[Path]:
 
 
 def read_audio(path: Path) -> np.ndarray:
+    from audio_interaction_server.audio.frontend import AudioFormatError, load_audio_file
+
     try:
         return load_audio_file(path)
     except AudioFormatError as error:
@@ -90,11 +85,17 @@ def read_audio(path: Path) -> np.ndarray:
 
 
 def trailing_silence(seconds: float) -> np.ndarray:
+    import numpy as np
+
+    from audio_interaction_server import spec as T
+
     return np.zeros(int(round(seconds * T.SAMPLE_RATE_HZ)), dtype=np.float32)
 
 
 def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     """Per file: its chunks, then a silence clip; each clip featurised as a whole."""
+    from audio_interaction_server.audio.frontend import offline_chunks
+
     clips = []
     for path in files:
         clips.append(offline_chunks(read_audio(path)))
@@ -105,6 +106,8 @@ def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     """The live server's audio path: files back to back, then a client's ``input.flush``."""
+    from audio_interaction_server.audio.stream import AudioInput
+
     clips: list[torch.Tensor] = []
     audio = AudioInput(clips.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
@@ -114,6 +117,8 @@ def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    from audio_interaction_server.demo.source import resolve_model_source
+
     return resolve_model_source(checkpoint)
 
 
@@ -131,6 +136,15 @@ def _one_line(error: ValidationError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.engine.events import EngineEvent, SessionEnded
+    from audio_interaction_server.engine.worker import Worker
+    from audio_interaction_server.model.checkpoint import CheckpointError, load_model
+    from audio_interaction_server.options import SamplingOptions, SessionOptions
+    from audio_interaction_server.render.replies import ReplyRenderer
+
     # Everything the user typed is checked, and every file decoded, before the model loads:
     # a typo should cost a second, not a multi-gigabyte load.
     try:
@@ -144,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
     files = expand_inputs(args.files)
     make_clips = offline_clips if args.features == "offline" else streaming_clips
     clips = make_clips(files, args.trailing_silence)
+    no_cuda = no_cuda_reason(args.device)
+    if no_cuda is not None:
+        raise InputError(no_cuda)
 
-    model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
+    try:
+        model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
+    except CheckpointError as error:  # unreadable, incomplete, or not there: one line, like serve's
+        raise InputError(str(error)) from None
     worker = Worker(model, engine_config)
     session_id = uuid.uuid4().hex[:12]
     renderer = ReplyRenderer(model.tokenizer)
@@ -173,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audio-interaction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=VERSION_TEXT)
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events")
     source = run_cmd.add_mutually_exclusive_group()
@@ -192,9 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="json: one JSON object a line on stderr (default: AIS_LOG_FORMAT, else text)")
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
-    from audio_interaction_server.__main__ import add_serve_arguments, serve
-
-    serve_cmd = commands.add_parser("serve",
+    serve_cmd = commands.add_parser("serve", epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                     help="run the WebSocket server (same as python -m audio_interaction_server)")
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(handler=serve)
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("info", getattr(args, "log_format", None) or os.environ.get("AIS_LOG_FORMAT") or "text")
     try:
         sys.exit(args.handler(args))
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from audio_interaction_server.spec import TEXT_END
 
-if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds
+if TYPE_CHECKING:  # torch and transformers are imported where they are used: they take seconds
+    import torch
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
 
@@ -76,6 +76,8 @@ PRESETS = {
 
 
 def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+    import torch
+
     out = {}
     for name in sorted(state):  # sorted: the seed alone decides every value
         shape = state[name].shape
@@ -88,6 +90,7 @@ def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std
 
 
 def write_lm(out: Path, preset: Preset, generator: torch.Generator) -> None:
+    import torch
     from safetensors.torch import save_file
 
     from audio_interaction_server.model.checkpoint import parse_lm_config
@@ -136,6 +139,7 @@ def audio_config_of(omni: Qwen2_5OmniConfig) -> Qwen2_5OmniAudioEncoderConfig:
 
 
 def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> None:
+    import torch
     from transformers import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
@@ -159,6 +163,8 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator) -> 
 
 
 def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    import torch
+
     from audio_interaction_server.demo.qwen_vocab import write_tokenizer_files
 
     out = Path(out)
