@@ -310,6 +310,38 @@ def test_tts_subscriber_retries_while_the_session_has_its_maximum_of_subscribers
     assert "session closed (client_closed)" in subscriber.stdout
 
 
+def documented_python(doc: Path, heading: str) -> str:
+    """The first ```python block after ``heading`` in ``doc``, as a reader copies it."""
+    text = doc.read_text(encoding="utf-8")
+    after = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", after, re.S)[1]
+
+
+def test_the_openai_sdk_snippet_in_realtime_md_runs_as_written(tiny_checkpoint, shared_audio, tmp_path):
+    """docs/realtime.md's Python snippet, copied into a file and run against a demo-sized server with the key the
+    doc's quick start sets: it streams its recording, prints a reply and ends by itself. Only the port (and the
+    folder of the recordings, which the doc gives relative to the project root) differ from the doc's text."""
+    snippet = documented_python(CLIENTS.parent / "docs" / "realtime.md", "### openai (Python SDK)")
+    config = ServerConfig.model_validate(dict(
+        port=0, api_key="change-me", log_level="warning", engine={"checkpoint": tiny_checkpoint, "device": "cpu"},
+        session={"max_turn_tokens": MAX_TURN_TOKENS}))
+    server = LiveServer(config).start()
+    try:
+        assert "http://127.0.0.1:8000/v1" in snippet and "../shared/audio/" in snippet
+        script = tmp_path / "snippet.py"
+        script.write_text(snippet.replace("http://127.0.0.1:8000/v1", f"http://127.0.0.1:{server.port}/v1")
+                          .replace("../shared/audio/", f"{shared_audio}/"))
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        elapsed_s = time.monotonic() - started
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\[emotion: \S+ \]$", result.stdout.strip()), result.stdout  # a whole reply, then the end
+    assert elapsed_s < 60
+
+
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
     code, out, err = run_script("tts_subscriber.py", live.ws_url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
                                 cwd=tmp_path)
