@@ -28,3 +28,26 @@ def test_capacity_benchmark_runs_direct_and_baseline_modes(shared_audio, tiny_ch
         assert decided == expected == "14"  # 2 streams x (10 chunks - 3 warm-up)
         assert cells[5] != "-", f"no scripted reply was timed: {line}"
     assert "SCRIPTED every 4 chunks x 3 tokens" in result.stdout
+
+
+def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_audio):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_cost", "--streams", "2", "3", "--seconds", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for streams in (2, 3):
+        for server in ("ours", "bare"):  # every frame went out in real time, and events came back
+            line = next(line for line in result.stdout.splitlines()
+                        if line.startswith(f"# {streams} streams, {server}:"))
+            assert f"frames sent {streams * 20}/{streams * 20}" in line, line
+            assert "events received 0 " not in line, line
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): [cell.strip() for cell in line.split("|")[3:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| 2 ") or line.startswith("| 3 ")}
+    for streams in ("2", "3"):
+        # Ours against the bare server's, for the event loop and the whole process; the model worker by its OS name.
+        for label in ("event loop (main thread)", "process (all threads)"):
+            ours, bare, ratio = rows[(streams, label)]
+            assert float(ours) >= 0 and float(bare) >= 0 and ratio != "", rows
+        ours, bare, ratio = rows[(streams, "model-worker")]
+        assert float(ours) > 0 and bare == ratio == "-", rows

@@ -1,0 +1,332 @@
+"""Host CPU per real-time stream, per process and per thread, beside a bare ``websockets`` server in the same run.
+
+    python -m benchmarks.host_cost [--streams 24 48] [--seconds 15] [--checkpoint DIR] [--server-env NAME=VALUE]
+
+For each stream count N, one client process (``--client``: neither server's process) opens N WebSockets and
+sends each 100 ms 16 kHz s16 frames of the shared recordings at real time for ``--seconds``, the streams' frames
+spread over the 100 ms; first to ``python -m audio_interaction_server`` (the tiny demo model unless
+``--checkpoint``; a decision event per 0.4 s chunk, replies only on request and none requested), then to a bare
+server written here (``--bare-server``: plain ``websockets`` on the stock asyncio loop, it receives every frame
+and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways. Both
+servers run for the whole benchmark, the idle one waits.
+
+CPU is read from ``/proc/<pid>/task/*/stat`` (user + system, per thread) just before the first frame and just
+after the last: the connection handshakes and the closes are not counted. A thread is labelled by its OS name
+(``/proc/<pid>/task/<tid>/comm``: the model worker names itself ``model-worker``); the main thread runs the event
+loop; unnamed threads (torch's, executors') are summed. The process row is ``/proc/<pid>/stat``, which also keeps
+what threads that ended meanwhile used. Processes the server started (by the parent id in ``/proc/*/stat``: an
+engine process, fronts) get rows of their own and a sum over all.
+
+Cost per stream = CPU seconds / (seconds measured x N), in % of one core; flat from the small count to the large
+one means it grows with streams only. The ratios divide ours by the bare server's at the same count, measured a
+minute apart under the same clients: on a shared machine, compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.harness import free_port, server_log, spawn_server, stop_server
+
+FRAME_SECONDS = 0.1
+BARE_EVENT_EVERY_BYTES = 6400 * 2  # one 0.4 s chunk of 16 kHz s16 audio
+AFTER_LAST_FRAME_S = 1.0  # the events of the last frames, before the clients close
+EVENT_LOOP = "event loop (main thread)"
+UNNAMED = "other threads (unnamed)"
+PROCESS = "process (all threads)"
+ALL_PROCESSES = "all server processes"
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# ---- CPU time from /proc ---------------------------------------------------------------------------------------
+
+def _ticks(stat_line: str) -> int:
+    """utime + stime of one ``/proc/.../stat`` line (fields 14 and 15; the name in parentheses may hold spaces)."""
+    fields = stat_line.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started and that still run, and theirs (an engine process of its own, fronts), by
+    the parent id in every ``/proc/<pid>/stat`` (``/proc/<pid>/task/*/children`` is not in every kernel)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):  # ended while we looked
+            continue
+    return [child for direct in sorted(found) for child in [direct, *_children(direct)]]
+
+
+def _process_cpu(pid: int, prefix: str, seconds: Counter[str]) -> None:
+    process_name = Path(f"/proc/{pid}/comm").read_text().strip()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            ticks = _ticks((task / "stat").read_text())
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended between listing and reading
+            continue
+        main_thread = "main thread" if prefix else EVENT_LOOP  # a child's may run no event loop (an engine)
+        label = main_thread if int(task.name) == pid else UNNAMED if name == process_name else name
+        seconds[prefix + label] += ticks / CLOCK_TICKS_PER_S
+    seconds[prefix + PROCESS] = _ticks(Path(f"/proc/{pid}/stat").read_text()) / CLOCK_TICKS_PER_S
+
+
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds so far of ``pid`` and of the processes it started: per thread label (see the module docstring)
+    and per process; a child's labels start ``child N:`` (N in the order of their process ids)."""
+    seconds: Counter[str] = Counter()
+    _process_cpu(pid, "", seconds)
+    children = _children(pid)
+    for number, child in enumerate(children, start=1):
+        try:
+            _process_cpu(child, f"child {number}: ", seconds)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    if children:
+        seconds[ALL_PROCESSES] = sum(value for label, value in seconds.items() if label.endswith(PROCESS))
+    return dict(seconds)
+
+
+@dataclass
+class Measured:
+    server: str  # "ours" or "bare"
+    num_streams: int
+    wall_s: float
+    cpu_s: dict[str, float]  # per thread label, and PROCESS
+    client: dict  # the client process's summary: events received, frames sent
+
+    def percent_per_stream(self, label: str) -> float:
+        return 100 * self.cpu_s.get(label, 0.0) / (self.wall_s * self.num_streams)
+
+
+# ---- the client process ----------------------------------------------------------------------------------------
+
+@dataclass
+class Start:
+    """When the first frames go out: set once every stream is connected (``perf_counter`` seconds)."""
+
+    event: asyncio.Event
+    at: float = 0.0
+
+
+async def _configure_decisions_only(ws) -> None:
+    """16 kHz s16, a decision event per chunk and replies only on request (none is asked): the bare server's traffic."""
+    assert json.loads(await ws.recv())["type"] == "session.created"
+    await ws.send(json.dumps({"type": "session.configure", "decision_events": True, "reply_mode": "on_request",
+                              "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": 16000, "num_channels": 1}}))
+    assert json.loads(await ws.recv())["type"] == "session.updated"
+
+
+async def _stream(url: str, pcm: bytes, is_ours: bool, offset_s: float, num_frames: int, start: Start,
+                  tally: Counter) -> None:
+    import websockets
+
+    async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+        if is_ours:
+            await _configure_decisions_only(ws)
+        tally["connected"] += 1
+        await start.event.wait()
+
+        async def receive() -> None:
+            async for message in ws:
+                tally["events"] += 1
+
+        receiver = asyncio.create_task(receive())
+        frame_bytes = len(pcm) // num_frames
+        first_frame_at = start.at + offset_s
+        for frame in range(num_frames):
+            delay = first_frame_at + frame * FRAME_SECONDS - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(pcm[frame * frame_bytes:(frame + 1) * frame_bytes])
+            tally["frames"] += 1
+        # Every stream's last frame is out at the same moment (the latest offset): its events still arrive.
+        await asyncio.sleep(max(0.0, start.at + num_frames * FRAME_SECONDS + AFTER_LAST_FRAME_S - time.perf_counter()))
+        receiver.cancel()
+        if is_ours:
+            await ws.send(json.dumps({"type": "session.close"}))
+
+
+async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool) -> None:
+    """N real-time streams; prints ``streaming`` before the first frame, ``sent`` once every stream's last frame
+    is out, then a JSON summary (frames sent, events received)."""
+    import numpy as np
+
+    from benchmarks.served import FRAME_SAMPLES, audio_loop, stream_audio
+
+    loop_audio = audio_loop()
+    num_frames = round(seconds / FRAME_SECONDS)
+    pcms = [(np.clip(stream_audio(loop_audio, i, num_frames * FRAME_SAMPLES), -1, 1) * 32767).astype("<i2").tobytes()
+            for i in range(num_streams)]
+    tally: Counter = Counter()
+    start = Start(asyncio.Event())
+    streams = [asyncio.create_task(_stream(url, pcms[i], is_ours, FRAME_SECONDS * i / num_streams, num_frames,
+                                           start, tally)) for i in range(num_streams)]
+    while tally["connected"] < num_streams:
+        failed = [task for task in streams if task.done()]
+        if failed:
+            await failed[0]  # raises why the stream could not connect
+        await asyncio.sleep(0.05)
+    start.at = time.perf_counter() + 0.5  # the parent reads the servers' CPU meanwhile
+    print("streaming", flush=True)
+    start.event.set()
+    await asyncio.sleep(start.at + num_frames * FRAME_SECONDS - time.perf_counter())
+    print("sent", flush=True)
+    await asyncio.gather(*streams)
+    print(json.dumps({"frames": tally["frames"], "events": tally["events"]}), flush=True)
+
+
+def measure(server: str, pid: int, url: str, num_streams: int, seconds: float) -> Measured:
+    """One point: the client process against one server, the server's CPU read around the streaming."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.host_cost", "--client", url, "--streams", str(num_streams),
+         "--seconds", str(seconds)] + (["--ours"] if server == "ours" else []),
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert client.stdout is not None
+        if client.stdout.readline().strip() != "streaming":
+            raise RuntimeError(f"the client process did not connect its {num_streams} streams (exit {client.wait()})")
+        time.sleep(0.4)  # the first frames are due 0.5 s after "streaming"
+        before, started = cpu_by_thread(pid), time.perf_counter()
+        if client.stdout.readline().strip() != "sent":
+            raise RuntimeError(f"the client process stopped streaming (exit {client.wait()})")
+        after, wall_s = cpu_by_thread(pid), time.perf_counter() - started
+        summary = json.loads(client.stdout.readline())
+        if client.wait(timeout=60) != 0:
+            raise RuntimeError(f"the client process failed (exit {client.returncode})")
+    finally:
+        if client.poll() is None:
+            client.kill()
+    cpu_s = {label: after[label] - before.get(label, 0.0) for label in after}
+    return Measured(server, num_streams, wall_s, cpu_s, summary)
+
+
+# ---- the bare server -------------------------------------------------------------------------------------------
+
+async def serve_bare(port: int) -> None:
+    """Plain ``websockets``: every frame received, one decision-sized JSON event per 0.4 s of audio."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        received_bytes, chunk = 0, 0
+        async for frame in ws:
+            received_bytes += len(frame)
+            while received_bytes >= (chunk + 1) * BARE_EVENT_EVERY_BYTES:
+                await ws.send(json.dumps({
+                    "type": "decision", "session_id": "bare", "server_time_ms": int(time.time() * 1000),
+                    "chunk": chunk, "token_id": 151667, "decision": "keep_silence", "audio_time_s": 0.4 * (chunk + 1),
+                }, separators=(",", ":")))
+                chunk += 1
+
+    async with serve(handler, "127.0.0.1", port, compression=None, max_size=None):
+        print("listening", flush=True)
+        await asyncio.Future()
+
+
+def spawn_bare_server() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.host_cost", "--bare-server", "--port", str(port)],
+                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "listening":
+        raise RuntimeError(f"the bare server did not start (exit {process.wait()})")
+    return process, port
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+def event_loop_of(server_env: dict[str, str]) -> str:
+    """What uvicorn's ``loop="auto"`` picks in the server's environment: uvloop when importable there."""
+    probe = subprocess.run([sys.executable, "-c", "import uvloop; print(uvloop.__version__)"],
+                           env={**os.environ, **server_env}, capture_output=True, text=True)
+    return f"uvloop {probe.stdout.strip()}" if probe.returncode == 0 else "asyncio"
+
+
+def table(points: list[tuple[Measured, Measured]]) -> str:
+    """Markdown: per stream count, each of our threads and process beside the bare server's, with the ratios."""
+    lines = ["| streams | process / thread | ours: % of a core per stream | bare websockets | ours / bare |",
+             "|---|---|---|---|---|"]
+    for ours, bare in points:
+        named = sorted(set(ours.cpu_s) - {EVENT_LOOP, PROCESS, UNNAMED, ALL_PROCESSES})
+        labels = [EVENT_LOOP, *named, UNNAMED, PROCESS] + ([ALL_PROCESSES] if ALL_PROCESSES in ours.cpu_s else [])
+        for label in labels:
+            mine = ours.percent_per_stream(label)
+            # The bare server is one process and one thread: the floor of a loop, of a process, of them all.
+            floor = bare.percent_per_stream(PROCESS if label == ALL_PROCESSES else label) \
+                if label in (EVENT_LOOP, PROCESS, ALL_PROCESSES) else None
+            ratio = f"{mine / floor:.2f}" if floor else "-"
+            lines.append(f"| {ours.num_streams} | {label} | {mine:.3f} | "
+                         f"{'-' if floor is None else f'{floor:.3f}'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[24, 48])
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured streaming time per point")
+    parser.add_argument("--checkpoint", type=Path, help="our server's model (default: the tiny demo model)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for our server only; repeatable")
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
+    parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the bare server process
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        asyncio.run(run_clients(args.client, args.streams[0], args.seconds, args.ours))
+        return
+    if args.bare_server:
+        asyncio.run(serve_bare(args.port))
+        return
+
+    server_env = {"AIS_ENGINE__MAX_SESSIONS": str(max(args.streams)), "AIS_ENGINE__DEVICE": "cpu"}
+    server_env.update(item.split("=", 1) for item in args.server_env)
+    if args.checkpoint is not None:
+        server_env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
+    print(f"# python -m benchmarks.host_cost {' '.join(sys.argv[1:])}")
+    print(f"# {os.cpu_count()} CPUs; our server's event loop: {event_loop_of(server_env)}, server env "
+          f"{args.server_env or 'default'}; bare server: websockets on asyncio; {args.seconds:g} s per point\n")
+    ours_process, ours_port = spawn_server(None, server_env, log_to_file=True)
+    bare_process, bare_port = spawn_bare_server()
+    points = []
+    try:
+        for num_streams in args.streams:
+            ours = measure("ours", ours_process.pid, f"ws://127.0.0.1:{ours_port}/v1/stream", num_streams,
+                           args.seconds)
+            bare = measure("bare", bare_process.pid, f"ws://127.0.0.1:{bare_port}/", num_streams, args.seconds)
+            points.append((ours, bare))
+            for measured in (ours, bare):
+                expected = num_streams * round(args.seconds / FRAME_SECONDS)
+                print(f"# {num_streams} streams, {measured.server}: {measured.wall_s:.1f} s measured, frames sent "
+                      f"{measured.client['frames']}/{expected}, events received {measured.client['events']} "
+                      f"({measured.client['events'] / num_streams / args.seconds:.2f} per stream per s)", flush=True)
+            _wait_until_idle(ours_port)
+    finally:
+        bare_process.terminate()
+        bare_process.wait(timeout=30)
+        code = stop_server(ours_process)
+        if code != 0 or "Traceback" in server_log(ours_process):
+            print(f"# our server exited {code}; its log:\n{server_log(ours_process)[-3000:]}")
+    print()
+    print(table(points))
+
+
+def _wait_until_idle(port: int) -> None:
+    from benchmarks.realtime_latency import wait_until_idle
+
+    wait_until_idle(port)
+
+
+if __name__ == "__main__":
+    main()
