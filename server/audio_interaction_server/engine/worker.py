@@ -38,6 +38,7 @@ from audio_interaction_server.engine.events import EndCode, EngineEvent, Session
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
 from audio_interaction_server.engine.static_path import StaticPath, choose_step
+from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.scheduler import Failure, OpenRefused, Scheduler, SessionState, StepUpdate
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
@@ -206,6 +207,7 @@ class Worker:
 
     # ---- worker thread ---------------------------------------------------
     def _run(self) -> None:
+        name_native_thread("model-worker")  # its own row in top -H, py-spy and benchmarks.host_cost
         try:
             while not self._stop.is_set():
                 if self.step() is None:
