@@ -153,8 +153,9 @@ def direction_problems(source: str, target: str) -> list[str]:
     if source_group == "render" and (target_group in {"model", "api", "audio", "demo", "cli"}
                                      or (target_group == "engine" and target != "engine.events")):
         problems.append(f"render module {source} imports {target} (of the engine, only its events)")
-    if source_group == "api" and target_group == "engine" and target not in {"engine.worker", "engine.events"}:
-        problems.append(f"api module {source} imports {target} (of the engine, only the Worker and its events)")
+    if source_group == "api" and target_group == "engine" and target not in {"engine.worker", "engine.events",
+                                                                              "engine.client", "engine.process"}:
+        problems.append(f"api module {source} imports {target} (of the engine, only its clients and events)")
     # The per-stream chain still takes the wire's AudioFormat (protocol); the front-end itself needs spec only.
     if source_group == "audio" and target_group not in {"audio", "spec", "protocol"}:
         problems.append(f"audio module {source} imports {target} (the front-end is sans-I/O)")

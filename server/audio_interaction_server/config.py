@@ -125,6 +125,12 @@ class EngineConfig(BaseModel):
         description="history re-fed when a session nears max_positions (context rollover); "
         "None = no rollover: the session ends with context_full at the budget",
     )
+    transport: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="where the engine runs: thread = a thread of the server process; process = a process of its "
+        "own reached over ZeroMQ, so the engine's host work and the sockets do not share one GIL "
+        "(docs/engine.md); auto = process on CUDA, thread on the CPU",
+    )
 
 
 def split_list(value: Any) -> Any:

@@ -13,6 +13,7 @@ thread-safe metrics or hop to the loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
@@ -28,11 +29,11 @@ from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
-from audio_interaction_server.logs import bind_session
+from audio_interaction_server.logs import bind_session, configure_logging
 from audio_interaction_server.model.progress import LoadProgress
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
-    from audio_interaction_server.engine.worker import Worker
+    from audio_interaction_server.engine.client import EngineClient, ModelSummary
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,8 @@ class Runtime:
         self.config = config
         self.metrics = Metrics()
         self.on_fatal = on_fatal
-        self.model: LoadedModel | None = None
-        self.worker: Worker | None = None
+        self.model: LoadedModel | ModelSummary | None = None
+        self.worker: EngineClient | None = None  # a Worker thread, or the client of an engine process
         self.load_error: str | None = None
         self.is_shutting_down = False
         self.stream_url: str | None = None  # set by whoever bound the socket; for the "ready" log line
@@ -342,8 +343,9 @@ class Runtime:
         self._loader.start()
         return await outcome
 
-    def _load_blocking(self) -> tuple[LoadedModel, Worker]:
+    def _load_blocking(self) -> tuple[LoadedModel | ModelSummary, EngineClient]:
         from audio_interaction_server.demo.source import resolve_model_source
+        from audio_interaction_server.engine.client import choose_transport
         from audio_interaction_server.engine.worker import Worker
         from audio_interaction_server.model.checkpoint import load_model
 
@@ -352,14 +354,21 @@ class Runtime:
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
         checkpoint = resolve_model_source(checkpoint, self.config.is_demo, self.load_progress)
-        model = load_model(checkpoint, engine.device, engine.dtype, self.load_progress)
+        worker: EngineClient
+        if choose_transport(engine) == "process":  # the weights load there (docs/engine.md, the engine process)
+            from audio_interaction_server.engine.process import EngineProcessClient
+
+            worker = EngineProcessClient.spawn(checkpoint, engine, functools.partial(
+                configure_logging, self.config.log_level, self.config.log_format))
+        else:
+            worker = Worker(load_model(checkpoint, engine.device, engine.dtype, self.load_progress), engine)
         if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
             raise RuntimeError("the server stopped while the model loaded")
-        worker = Worker(model, engine)
         worker.on_step = self._on_step
         worker.on_failure = self._on_worker_failure
         worker.start()
-        return model, worker
+        assert worker.model is not None
+        return worker.model, worker
 
     def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
         self.metrics.observe_step(stats)

@@ -1,0 +1,74 @@
+"""What the server's front asks of the engine, whatever carries it: one interface, two transports.
+
+* ``engine.worker.Worker``: the engine on a thread of this process (tests, the CPU demo);
+* ``engine.process.EngineProcessClient``: the engine in a process of its own, reached over ZeroMQ, so its
+  host work (scheduling, packing rows, fanning events out) never waits for the sockets' GIL, nor they for it.
+
+Both take the same calls and deliver the same events the same way: each session's ``emit`` is called with a
+list of engine events on a thread of the transport (the worker thread, or the client's reader thread), and
+must hop to its own loop. ``engine.transport`` in the config picks one (``choose_transport``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.engine.commands import EmitFn
+from audio_interaction_server.options import SessionOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from audio_interaction_server.engine.worker import SessionStateSize, StepStats
+    from audio_interaction_server.model.checkpoint import LoadedModel
+
+Transport = Literal["thread", "process"]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the front needs to know of a model that lives in another process (a ``LoadedModel`` has the same)."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any  # a tokenizers.Tokenizer, loaded by the front from the same checkpoint
+
+
+class EngineClient(Protocol):
+    """The engine as its callers see it. The session calls are thread-safe and never block on a step."""
+
+    on_step: Callable[[StepStats], None] | None  # each step's figures (metrics); on a thread of the transport
+    on_failure: Callable[[BaseException], None] | None  # once, when the engine died (every session was ended)
+
+    @property
+    def model(self) -> LoadedModel | ModelSummary | None: ...  # None until ``start`` has returned
+
+    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None: ...
+    def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None: ...
+    def cancel(self, session_id: str) -> None: ...
+    def request_reply(self, session_id: str) -> None: ...
+    def clear_audio(self, session_id: str) -> None: ...
+    def close_session(self, session_id: str) -> None: ...
+    def check_options(self, options: SessionOptions) -> None: ...
+    def state_size(self, session_id: str) -> SessionStateSize | None: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+
+
+def choose_transport(config: EngineConfig) -> Transport:
+    """``engine.transport``; ``auto`` is a process where the engine runs on CUDA (the host path is the ceiling
+    there) and a thread on the CPU (one process is simpler, and the CPU model is the bottleneck anyway)."""
+    if config.transport != "auto":
+        return config.transport
+    if config.device == "auto":
+        import torch
+
+        return "process" if torch.cuda.is_available() else "thread"
+    return "process" if config.device == "cuda" else "thread"

@@ -1,0 +1,218 @@
+"""The engine in a process of its own (engine/process.py) behind the live server, and its faults.
+
+Representative cases of the live session suite (tests/api/test_app.py) and the resume suite
+(tests/api/test_resume.py) run here unchanged over the process transport: they are imported, so pytest runs
+them again with this module's ``live`` and ``server`` fixtures, which serve through an engine process. One
+engine process per server, shared by the module; the fault tests come last because they kill them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
+from audio_interaction_server.engine.process import EngineProcessClient
+from audio_interaction_server.options import SessionOptions
+from benchmarks.harness import LiveServer, spawn_server, stop_server
+from tests.api.test_app import (  # noqa: F401  (imported tests run here over the process transport)
+    recv_event, recv_to_close, recv_until, send_configure, send_count_bark, send_pcm, server_config,
+    test_bad_input_gets_error_events_and_session_survives,
+    test_cancel_mid_reply,
+    test_refused_past_max_sessions_and_disconnect_mid_reply_frees_the_slot,
+    test_stream_at_original_rates_gives_well_formed_events_and_subscriber_gets_same_text,
+)
+from tests.api.test_resume import (  # noqa: F401
+    speech,
+    test_a_wrong_token_is_refused_and_the_session_stays_resumable,
+    test_cut_mid_listening_and_mid_reply_resumes_with_nothing_lost,
+)
+
+
+def process_config(checkpoint: Path, **overrides):
+    return server_config(checkpoint, engine={"checkpoint": checkpoint, "max_sessions": 2, "device": "cpu",
+                                             "transport": "process"}, **overrides)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    """test_app's live server, its engine in a process of its own."""
+    server = LiveServer(process_config(tiny_checkpoint)).start()
+    assert isinstance(server.runtime.worker, EngineProcessClient)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def resume_server(tiny_checkpoint):
+    """test_resume's server, as a real ``python -m audio_interaction_server --engine-process``."""
+    process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20", "AIS_ENGINE__TRANSPORT": "process"})
+    yield process, port
+    if process.poll() is None:
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(resume_server):
+    return resume_server[1]
+
+
+def stream_tokens(server: LiveServer, samples: np.ndarray) -> tuple[list, list]:
+    """(decisions, replies' token ids) of ``samples`` streamed in one session, then flushed."""
+    with server.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, audio={"sample_format": "pcm_f32le", "sample_rate_hz": 16_000}, decision_events=True)
+        send_pcm(ws, samples, 16_000, frame_s=0.25)
+        ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 1.0}))
+        events = recv_until(ws, lambda e: e["type"] == "input.flushed")
+        ws.send(json.dumps({"type": "session.close"}))
+        events += recv_to_close(ws)[0]
+    return ([(e["chunk"], e["token_id"]) for e in events if e["type"] == "decision"],
+            [e["token_ids"] for e in events if e["type"] == "turn_end"])
+
+
+def test_tokens_are_identical_over_the_thread_and_the_process_transport(live, tiny_checkpoint, shared_audio):
+    samples = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")  # 3.3 s
+    threaded = LiveServer(server_config(tiny_checkpoint, engine={"checkpoint": tiny_checkpoint, "max_sessions": 2,
+                                                                  "device": "cpu", "transport": "thread"})).start()
+    try:
+        assert not isinstance(threaded.runtime.worker, EngineProcessClient)
+        over_thread = stream_tokens(threaded, samples)
+    finally:
+        threaded.stop()
+    over_process = stream_tokens(live, samples)
+    assert over_process == over_thread
+    assert over_thread[0] and over_thread[1], "the tiny model neither decided nor replied: nothing was compared"
+
+
+FRONT_SCRIPT = """
+import sys, threading
+from audio_interaction_server.engine.events import SessionStarted
+from audio_interaction_server.engine.process import EngineEndpoints, EngineProcessClient
+from audio_interaction_server.options import SessionOptions
+
+client = EngineProcessClient(EngineEndpoints(sys.argv[1], sys.argv[2]))
+client.start()
+started = threading.Semaphore(0)
+for index in range(int(sys.argv[3])):
+    client.open_session(f"other-front-{index}", SessionOptions(),
+                        lambda events: [started.release() for e in events if isinstance(e, SessionStarted)])
+for index in range(int(sys.argv[3])):
+    assert started.acquire(timeout=30)
+print("opened", flush=True)
+threading.Event().wait()
+"""
+
+
+def open_probe(client: EngineProcessClient, session_id: str) -> object:
+    """Open a session on ``client`` and return its first event (SessionStarted, or SessionEnded if refused)."""
+    first: list = []
+    arrived = threading.Event()
+
+    def emit(events) -> None:
+        first.extend(events)
+        arrived.set()
+
+    client.open_session(session_id, SessionOptions(), emit)
+    assert arrived.wait(10), "the engine never answered an open"
+    return first[0]
+
+
+def test_a_front_that_dies_has_its_slots_freed_within_a_second(live):
+    """A second front attached to the live server's engine takes both slots, then is killed (-9): the engine
+    hears no heartbeat and closes its sessions, so this front opens one within a second."""
+    client = live.runtime.worker
+    endpoints = client.endpoints
+    other = subprocess.Popen([sys.executable, "-c", FRONT_SCRIPT, endpoints.commands, endpoints.events, "2"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "opened"
+        refused = open_probe(client, "probe-full")
+        assert isinstance(refused, SessionEnded) and refused.error_code == EndCode.CAPACITY, refused
+        other.send_signal(signal.SIGKILL)
+        other.wait(10)
+        killed_s = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            first = open_probe(client, f"probe-{attempt}")
+            if isinstance(first, SessionStarted):
+                break
+            assert first.error_code == EndCode.CAPACITY, first
+            assert time.monotonic() - killed_s < 5, "the dead front's slots were never freed"
+            time.sleep(0.02)
+        freed_after_s = time.monotonic() - killed_s
+        client.close_session(f"probe-{attempt}")
+        assert freed_after_s < 1.0, f"the dead front's slots were freed only after {freed_after_s:.2f} s"
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.stdout.close()
+
+
+def engine_pid_of(server_pid: int) -> int:
+    """The engine process the server spawned (its child running multiprocessing's spawn_main)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server_pid and b"spawn_main" in command:
+            return int(entry.name)
+    raise AssertionError(f"server {server_pid} has no engine process")
+
+
+def stream_until_decisions(ws, shared_audio: Path) -> None:
+    recv_event(ws)
+    send_configure(ws, decision_events=True)
+    send_count_bark(ws, shared_audio)
+    recv_until(ws, lambda e: e["type"] == "decision")
+
+
+def assert_closed_by_engine_failure(events: list[dict], code: int) -> None:
+    assert code == 1011
+    assert [e["code"] for e in events if e["type"] == "error"] == ["worker_failed"]
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
+
+
+def test_an_engine_killed_mid_session_closes_sessions_and_takes_the_server_to_not_ready(live, shared_audio):
+    engine = live.runtime.worker.process.process
+    with live.connect() as ws:
+        stream_until_decisions(ws, shared_audio)
+        os.kill(engine.pid, signal.SIGKILL)
+        assert_closed_by_engine_failure(*recv_to_close(ws))
+    deadline = time.monotonic() + 10
+    while not live.fatal:  # what makes `python -m audio_interaction_server` exit 1 (next test)
+        assert time.monotonic() < deadline, "the engine's death did not reach on_fatal"
+        time.sleep(0.02)
+    assert "engine process exited" in live.fatal[0]
+    status, body = live.get("/ready")
+    assert status == 503 and "worker died" in json.loads(body)["reason"]
+    with live.connect() as ws:  # a new stream is refused at once, not left waiting for an engine
+        events, code = recv_to_close(ws, timeout=10)
+    assert events[0]["code"] == "not_ready" and code == 1013
+
+
+def test_an_engine_killed_mid_session_makes_the_server_exit_1(resume_server, shared_audio):
+    from websockets.sync.client import connect
+
+    process, port = resume_server
+    with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+        stream_until_decisions(ws, shared_audio)
+        os.kill(engine_pid_of(process.pid), signal.SIGKILL)
+        assert_closed_by_engine_failure(*recv_to_close(ws))
+    assert process.wait(30) == 1
+    assert "engine process exited with status -9" in process.stderr.read()
