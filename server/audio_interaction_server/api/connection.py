@@ -5,17 +5,19 @@ the others. Only the receive loop ends on a client disconnect, and only the send
 ends on a server-side close, after it has sent every event queued before the close,
 so a closing session's last events are never cut off by the cancellation.
 
-Threading contract: everything runs on the event loop except ``engine_emit``, which
-the worker calls on its thread and which only schedules work onto the loop.
+Threading contract: everything runs on the event loop except the ``emit`` of ``engine_emitter``,
+which the worker calls on its thread and which only schedules work onto the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import secrets
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -107,6 +109,25 @@ async def run_first_exit(*loops: Coroutine) -> None:
 
         for task in tasks:
             task.add_done_callback(cancel_others)
+
+
+def engine_emitter(loop: asyncio.AbstractEventLoop, on_events: Callable[[list[EngineEvent]], None]
+                   ) -> Callable[[list[EngineEvent]], None]:
+    """The ``emit`` a session hands the worker: called on the worker thread, it hops to the loop (the session is
+    not thread-safe) and calls ``on_events``, a bound method held weakly (events for a freed connection are
+    dropped)."""
+    target = weakref.WeakMethod(on_events)
+
+    def emit(events: list[EngineEvent]) -> None:
+        loop.call_soon_threadsafe(_call_if_alive, target, events)
+
+    return emit
+
+
+def _call_if_alive(target: weakref.WeakMethod, events: list[EngineEvent]) -> None:
+    method = target()
+    if method is not None:
+        method(events)
 
 
 def fatal_error(session_id: str | None, code: str, message: str) -> ErrorEvent:
@@ -220,19 +241,17 @@ class Outbox:
     def take_unsent(self) -> list:
         """The events not sent yet (the close, if queued, stays): for a session that outlives this socket."""
         events = [item for item, _ in self._items if not isinstance(item, (_Close, Unnumbered))]
-        self._clear()
+        self._clear(keep_close=True)
         return events
 
     def abandon(self, code: int, last_events: list) -> None:
         """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
-        self._clear()
+        self._clear(keep_close=False)
         self.is_closing = False
         self.close(code, last_events)
 
-    def _clear(self) -> None:
-        """Drop every event; a queued close stays."""
-        closes = [(item, size) for item, size in self._items if isinstance(item, _Close)]
-        self._items = deque(closes)
+    def _clear(self, keep_close: bool) -> None:
+        self._items = deque(entry for entry in self._items if keep_close and isinstance(entry[0], _Close))
         self.num_bytes = 0
 
     def queued_events(self) -> list:
@@ -265,8 +284,8 @@ class Outbox:
 
 
 class Subscriber:
-    def __init__(self, websocket: WebSocket, max_events: int) -> None:
-        self.outbox = Outbox(websocket, max_events)
+    def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int) -> None:
+        self.outbox = Outbox(websocket, max_events, max_bytes)
 
     def deliver(self, events: list) -> None:
         wanted = [event for event in events if event.type in SUBSCRIBED_TYPES]
@@ -344,9 +363,13 @@ class StreamConnection:
                  on_detached: Callable[[StreamConnection], None] | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
-        self.session = make_session(self.engine_emit)  # the session hands engine_emit to the worker
+        # The session hands this to the worker. It holds the connection weakly: a strong reference would make
+        # connection -> session -> emit -> connection a cycle, and a closed connection (its outbox, its codec's
+        # items: megabytes for a client that did not read) would wait for the cyclic GC to be freed.
+        self.session = make_session(engine_emitter(self._loop, self._on_engine_events))
         self.codec = codec if codec is not None else NativeCodec(self.session.config.max_frame_bytes)
         self.max_events = max_events
+        self.max_bytes = self.session.config.max_queued_bytes
         self.outbox: Outbox | None = None  # None while detached
         self.subscribers: set[Subscriber] = set()
         self.poll_interval_s = poll_interval_s
@@ -365,8 +388,10 @@ class StreamConnection:
 
     def _attach(self, websocket: WebSocket) -> Outbox:
         self.websocket = websocket
-        self.outbox = Outbox(websocket, self.max_events, self.codec.encode,
-                             stamp=lambda event: self._log.stamp(event, keep=self.resume_policy is not None))
+        codec = self.codec  # referenced by the outbox, not through self: no cycle back to the connection
+        self.outbox = Outbox(websocket, self.max_events, self.max_bytes, codec.encode,
+                             stamp=functools.partial(self._log.stamp, keep=self.resume_policy is not None),
+                             held_bytes=lambda: codec.held_bytes)
         return self.outbox
 
     @property
@@ -386,10 +411,6 @@ class StreamConnection:
     def queued_events(self) -> int:
         """Events waiting to be sent to this client and its subscribers."""
         return (len(self.outbox) if self.outbox else 0) + sum(len(sub.outbox) for sub in self.subscribers)
-
-    # Called by the worker thread: hop to the loop (the session is not thread-safe).
-    def engine_emit(self, events: list[EngineEvent]) -> None:
-        self._loop.call_soon_threadsafe(self._on_engine_events, events)
 
     def _on_engine_events(self, events: list[EngineEvent]) -> None:
         self.deliver(self.session.on_engine_events(events, time.monotonic()))
@@ -411,7 +432,8 @@ class StreamConnection:
         if not self.outbox.put(events):
             log.warning("session %s: client does not read its events; closing", self.session.session_id)
             closed = self._abort("client_too_slow")
-            error = fatal_error(self.session.session_id, "client_too_slow", "too many unsent events")
+            error = fatal_error(self.session.session_id, "client_too_slow",
+                                "the client does not read: too many unsent events or bytes")
             self.outbox.abandon(CloseCode.TOO_SLOW, [error, *closed])
         elif self.session.close_code is not None:
             self.outbox.close(self.session.close_code)
@@ -478,7 +500,7 @@ class StreamConnection:
 
     async def _serve(self, outbox: Outbox, generation: int) -> None:
         try:
-            await run_first_exit(self._receive_loop(outbox.websocket), outbox.send_loop(), self._poll_loop())
+            await run_first_exit(self._receive_loop(outbox), outbox.send_loop(), self._poll_loop())
         except* CLIENT_GONE:
             pass  # the client left while we were sending; the finally frees its slot
         finally:
@@ -537,7 +559,8 @@ class StreamConnection:
         self._on_closed(reason)
         self.finished.set()
 
-    async def _receive_loop(self, websocket: WebSocket) -> None:
+    async def _receive_loop(self, outbox: Outbox) -> None:
+        websocket = outbox.websocket
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

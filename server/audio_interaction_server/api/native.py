@@ -19,6 +19,8 @@ _CONFIGURABLE = ("system_prompt", "sampling", "max_turn_tokens", "reply_mode", "
 
 
 class NativeCodec:
+    held_bytes = 0  # nothing is kept between a frame and the events that answer it
+
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
 
