@@ -159,6 +159,12 @@ class TransportSettings(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's line and headers")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
                                   description="request line and headers; larger gets HTTP 431")
+    max_request_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="an HTTP request's body (every route takes a few hundred bytes of JSON at "
+        "most); larger gets HTTP 413 and the connection closed: from its Content-Length before any of it is read, "
+        "or once a chunked body passes it")
+    body_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's whole body once "
+                                  "its headers are in; else HTTP 408 and the connection closed")
     max_pending_handshakes: int = Field(
         512, ge=1, description="connections still sending their request headers after a second, all clients "
         "together; beyond, new connections get HTTP 503 at once")

@@ -23,7 +23,7 @@ from audio_interaction_server.api.log_bursts import BurstLimiter
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, metric_samples, recv_event, server_config
 
-FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0)
+FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0, body_timeout_s=1.0)
 TRUSTED_PROXY = "127.0.0.2"  # a second loopback address: Linux routes all of 127/8 to lo
 
 
@@ -168,6 +168,61 @@ def test_oversized_headers_of_a_plain_request_get_431(guarded):
     data, closed = read_until_closed(sock, timeout_s=3.0)
     sock.close()
     assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
+
+
+
+# ---- request bodies
+
+
+def post_head(length_header: str, path: str = "/v1/realtime/client_secrets") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\n{length_header}\r\n").encode()
+
+
+def test_a_body_over_the_limit_is_refused_413_from_its_content_length_without_being_read(guarded):
+    sock = open_socket(guarded.port)
+    sock.sendall(post_head("Content-Length: 300000000\r\n") + b'{"expires_after"')  # and never the other 300 MB
+    data, closed = read_until_closed(sock, timeout_s=3.0)
+    sock.close()
+    assert closed and data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert guarded.get("/health")[0] == 200
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="body_too_large"}'] >= 1
+
+
+def test_a_chunked_body_is_counted_as_it_arrives_and_cut_at_the_limit(guarded):
+    sock = open_socket(guarded.port)
+    sock.sendall(post_head("Transfer-Encoding: chunked\r\n"))
+    chunk = b"%x\r\n%s\r\n" % (8192, b" " * 8192)
+    sock.settimeout(3.0)
+    try:
+        for _ in range(64):  # 512 KiB in all, eight times the 64 KiB limit
+            sock.sendall(chunk)
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # cut while sending: the answer may already be lost with the reset, the metric says why
+    data, closed = read_until_closed(sock, timeout_s=3.0)
+    sock.close()
+    assert closed and (data == b"" or data.startswith(b"HTTP/1.1 413")), data[:100]
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="body_too_large"}'] >= 1
+
+
+def test_a_trickled_body_is_cut_at_the_body_timeout_while_others_are_served(guarded):
+    sock = open_socket(guarded.port)
+    sock.sendall(post_head("Content-Length: 1000\r\n"))
+    sock.settimeout(0.1)
+    data, started_s = b"", time.monotonic()
+    while time.monotonic() - started_s < 4.0 and not data:  # one byte every 0.1 s: 100 s for the whole body
+        try:
+            sock.sendall(b" ")
+            data = sock.recv(65536)
+        except socket.timeout:
+            assert guarded.get("/health")[0] == 200  # the server answers others meanwhile
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    rest, closed = read_until_closed(sock, timeout_s=2.0)
+    sock.close()
+    assert closed and (data + rest).startswith(b"HTTP/1.1 408"), (data + rest)[:100]
+    assert time.monotonic() - started_s < 3.0  # body_timeout_s is 1.0
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="body_timeout"}'] >= 1
 
 
 # ---- WebSocket control frames

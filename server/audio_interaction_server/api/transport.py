@@ -9,6 +9,9 @@ live in small subclasses of the two protocol classes ``python -m audio_interacti
 websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` and ``ws=``:
 
 * request line and headers within ``header_timeout_s`` and ``max_header_bytes`` (else 408/431),
+  the body within ``body_timeout_s`` once the headers are in and ``max_request_body_bytes`` (else
+  408/413: from the Content-Length before any body is read, or as a chunked body arrives; the
+  route never runs for a body refused by its length),
   and at most ``max_pending_handshakes`` connections (per address: ``..._per_ip``) that have
   been sending them for over ``SLOW_HEADERS_AFTER_S``; beyond, a new connection gets 503/429 at
   once, and one that turns slow is answered so and closed (a burst of fast clients never counts:
@@ -58,6 +61,7 @@ PARSE_SLICE_BYTES = 4096
 # until the event loop reads them, and must not be refused for that.
 SLOW_HEADERS_AFTER_S = 1.0
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
+CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 # The loggers a flood of connections can make write: one line per burst, with a count.
 LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_interaction_server.api.admission"),
                                  window_s=10.0)
@@ -224,6 +228,8 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._slow_timer: asyncio.TimerHandle | None = None
         self._is_counted_slow = False
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0
         self._host = self.client[0] if self.client else "unknown"
         refusal = guard.handshake_refusal(self._host)
         if refusal is not None:
@@ -249,6 +255,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def _await_head(self) -> None:
         self._head_bytes = 0
+        self._head_parts: list[bytes] = []  # the head so far (at most max_header_bytes), for its Content-Length
         self._head_tail = b""  # the last bytes seen, for an end of head split across reads
         self._head_timer = self.loop.call_later(self.transport_guard.settings.header_timeout_s, self._head_timed_out)
 
@@ -275,9 +282,56 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 return
             if end is None:
                 self._head_bytes, self._head_tail = head_bytes, window[-3:]
+                self._head_parts.append(data)
             else:
                 self._head_received()
+                head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
+                self._body_bytes = len(window) - end.end()  # what came with the head (pipelined requests too)
+                if self._body_over_limit(head):
+                    return
+        elif self._body_timer is not None:
+            self._body_bytes += len(data)  # chunk framing included: the limit is on what the client sends
+            if self._body_over_limit(b""):
+                return
         super().data_received(data)
+        self._watch_body()
+
+    def _body_over_limit(self, head: bytes) -> bool:
+        """Answers 413 and closes when the body (as declared in ``head``, or as received) is over the limit."""
+        max_bytes = self.transport_guard.settings.max_request_body_bytes
+        declared = CONTENT_LENGTH.search(head)
+        if self._body_bytes <= max_bytes and (declared is None or int(declared.group(1)) <= max_bytes):
+            return False
+        self._stop_body_timer()
+        self._answer_or_close(413, "body_too_large", f"request body over {max_bytes} bytes")
+        return True
+
+    def _watch_body(self) -> None:
+        """A deadline for the body while h11 waits for one; none once it is in."""
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.transport_guard.settings.body_timeout_s,
+                                                        self._body_timed_out)
+        else:
+            self._stop_body_timer()
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        self._answer_or_close(408, "body_timeout",
+                              f"no complete request body in {self.transport_guard.settings.body_timeout_s} s")
+
+    def _answer_or_close(self, status: int, reason: str, detail: str) -> None:
+        """The error answer, unless the route has begun its own (then the connection is only closed)."""
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._answer_and_close(status, reason, detail)
+        else:
+            self.transport_guard.closed(reason, self.client, detail)
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -296,8 +350,8 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def _answer_and_close(self, status: int, reason: str, detail: str) -> None:
         self.transport_guard.closed(reason, self.client, detail)
-        phrase = {408: "Request Timeout", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-                  503: "Service Unavailable"}[status]
+        phrase = {408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
+                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
         body = f"{phrase}: {detail}\n".encode()
         retry = b"Retry-After: 1\r\n" if status in (429, 503) else b""
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
@@ -306,6 +360,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_received()
+        self._stop_body_timer()
         self.write_watch.cancel()
         self.transport_guard.open_connections.discard(self)
         super().connection_lost(exc)
