@@ -156,9 +156,9 @@ def cluster(tiny_checkpoint, tmp_path_factory):
         replicas = list(pool.map(lambda replica_id: Replica(replica_id, tiny_checkpoint), REPLICAS))
     balancer = Balancer(replicas, tmp_path_factory.mktemp("haproxy"))
     try:
-        # Up by the health check, and the agent's "maxconn" applied: max_sessions + 4 subscribers' room.
+        # Up by the health check, and the agent's "maxconn" applied: every session with its 4 subscribers.
         balancer.wait_for(lambda servers: len(servers) == 3 and all(
-            s["status"] == "UP" and s["slim"] == str(MAX_SESSIONS + 4) for s in servers.values()), "replicas not up")
+            s["status"] == "UP" and s["slim"] == str(MAX_SESSIONS * 5) for s in servers.values()), "replicas not up")
         yield balancer, {replica.replica_id: replica for replica in replicas}
     finally:
         balancer.stop()

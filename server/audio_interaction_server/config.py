@@ -296,6 +296,13 @@ class ServerConfig(BaseModel):
     agent_port: int | None = Field(
         None, ge=0, le=65535, description="TCP port of the capacity agent for HAProxy's agent-check (on host); "
         "0 = any free port; None = no agent")
+    agent_probes_per_s: float = Field(
+        50.0, gt=0, description="connections the capacity agent takes per second, all clients together (one at a "
+        "time: each gets its line and is closed at once); more wait in the kernel's accept queue, so a flood of "
+        "probes costs the server at most this many")
+    agent_probes_per_s_per_ip: float = Field(
+        20.0, gt=0, description="lines the agent answers one client address per second (as many at once); beyond, "
+        "its connection is closed unanswered. HAProxy probes once per agent-inter per server line")
 
     _split_origins = field_validator("allowed_origins", mode="before")(split_list)
 

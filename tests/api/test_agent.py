@@ -38,16 +38,18 @@ def test_the_agent_says_up_with_room_for_subscribers_then_drain(tiny_checkpoint)
                                       drain_timeout_s=5.0)).start()
     try:
         port = agent_port(server)
-        # max_sessions + open subscribers + one session's worth of subscribers (a full replica still takes them).
-        assert probe(port) == "up ready maxconn:5"
-        assert probe(port, b"ais-backend\n") == "up ready maxconn:5"  # an agent-send string changes nothing
+        # The most WebSockets the replica ever holds (every session with all its subscribers): a bound that
+        # tells a stranger nothing about the load.
+        assert probe(port) == "up ready maxconn:8"
+        assert probe(port, b"ais-backend\n") == "up ready maxconn:8"  # an agent-send string changes nothing
         with server.connect() as speaking:
             session_id = recv_event(speaking)["session_id"]
             with server.connect(f"/v1/sessions/{session_id}/events"):
                 deadline = time.monotonic() + 5
-                while probe(port) != "up ready maxconn:6":  # the subscriber registers as its handshake completes
-                    assert time.monotonic() < deadline, probe(port)
+                while server.runtime.load_report().subscribers != 1:  # registered as its handshake completes
+                    assert time.monotonic() < deadline
                     time.sleep(0.02)
+                assert probe(port) == "up ready maxconn:8"  # nothing about the subscriber
             start_a_long_reply(speaking)
             assert post(server, "/v1/admin/drain", AUTHORIZED)[0] == 202
             # Draining but up: the balancer sends no new session, use-server still reaches its sessions.
@@ -78,5 +80,41 @@ def test_no_agent_unless_asked(tiny_checkpoint):
     server = LiveServer(server_config(tiny_checkpoint)).start(wait_ready=False)
     try:
         assert server.app.state.agent is None
+    finally:
+        server.stop()
+
+
+def flood(port: int, source: str, duration_s: float) -> tuple[int, int]:
+    """Connections opened one after another from ``source`` for ``duration_s``: (answered, cut without a line)."""
+    answered = cut = 0
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        with socket.socket() as connection:
+            connection.settimeout(2)
+            connection.bind((source, 0))
+            connection.connect(("127.0.0.1", port))
+            try:
+                data = connection.recv(256)
+            except (ConnectionResetError, TimeoutError):
+                data = b""
+        if data.endswith(b"\n"):
+            answered += 1
+        else:
+            cut += 1
+    return answered, cut
+
+
+def test_a_flood_of_probes_is_answered_at_the_agents_rate_and_the_balancer_still_gets_its_line(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint, agent_port=0, agent_probes_per_s=20.0,
+                                      agent_probes_per_s_per_ip=5.0)).start()
+    try:
+        port = agent_port(server)
+        started_s = time.monotonic()
+        answered, cut = flood(port, "127.0.0.2", duration_s=1.5)  # a second loopback address: another client
+        elapsed_s = time.monotonic() - started_s
+        # At most 5 lines at once and 5 a second to one address; at most 20 connections taken a second in all.
+        assert answered <= 5 + 5 * elapsed_s + 1, (answered, cut)
+        assert answered + cut <= 20 + 20 * elapsed_s + 1, (answered, cut)
+        assert probe(port) == "up ready maxconn:10"  # the balancer's own address still gets its line
     finally:
         server.stop()

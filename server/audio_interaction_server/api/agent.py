@@ -4,31 +4,43 @@ HAProxy connects every ``agent-inter``, reads one line and closes; the words on 
 (HAProxy's configuration manual, "agent-check"). This agent answers:
 
 - ``up ready maxconn:<N>`` while it serves. ``ready`` undoes a ``drain`` that an earlier process at the
-  same address reported (HAProxy keeps an agent's ``drain`` until the agent says otherwise). ``N`` bounds
-  the WebSockets HAProxy forwards here at once: the session capacity, plus the subscribers open now, plus
-  room for ``max_subscribers_per_session`` more, because HAProxy counts subscribers as connections too
-  and a subscriber must still reach a full replica. A session HAProxy sends into that room is refused
-  with HTTP 503 (``busy_refusal: http_503``) and retried on another replica (``retry-on 503``).
+  same address reported (HAProxy keeps an agent's ``drain`` until the agent says otherwise). ``N`` is the
+  most WebSockets the replica ever holds, every session with all its subscribers
+  (``max_sessions * (1 + max_subscribers_per_session)``): HAProxy counts subscribers as connections too,
+  and a subscriber must still reach a full replica. It is a constant, so the line tells whoever can reach
+  the port nothing about the load; a new session sent to a full replica is refused with HTTP 503
+  (``busy_refusal: http_503``) and retried on another one (``retry-on 503``).
 - ``up drain`` while draining: no new sessions from the balancing algorithm, while ``use-server`` still
   routes subscribers of the sessions finishing here.
 - ``down#<reason>`` while the model loads, after it failed, or while the process stops.
 
-The answer is computed when HAProxy connects, so it is as fresh as the probe. Event loop only.
+What a probe may cost is bounded, since anyone who reaches the port can probe it: connections are taken
+one at a time, at most ``agent_probes_per_s`` a second (the rest wait in the kernel's accept queue), each
+answered and closed at once, and one client address gets at most ``agent_probes_per_s_per_ip`` lines a
+second (beyond, its connection is closed unanswered). HAProxy needs one line per ``agent-inter``; a probe
+it misses during a flood leaves the server's state as it was. Event loop only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from typing import TYPE_CHECKING
+
+from audio_interaction_server.api.connection import ConnectionRateLimiter
 
 if TYPE_CHECKING:
     from audio_interaction_server.api.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-# A peer that connects and never reads must not hold a task forever.
-_WRITE_TIMEOUT_S = 2.0
+# Connections waiting to be taken; beyond, the kernel refuses new ones (a prober retries at its next interval).
+ACCEPT_BACKLOG = 64
+# What the agent reads of a probe before it closes (HAProxy's optional agent-send string): reading it lets the
+# close be a FIN, not a reset that could overtake the line.
+MAX_PROBE_BYTES = 1024
 
 
 def agent_line(runtime: Runtime) -> str:
@@ -38,8 +50,8 @@ def agent_line(runtime: Runtime) -> str:
         return f"down#{runtime.not_ready_reason()}"
     if report.draining:
         return "up drain"
-    maxconn = report.max + report.subscribers + runtime.config.max_subscribers_per_session
-    return f"up ready maxconn:{maxconn}"
+    config = runtime.config
+    return f"up ready maxconn:{config.session_capacity * (1 + config.max_subscribers_per_session)}"
 
 
 class CapacityAgent:
@@ -49,30 +61,52 @@ class CapacityAgent:
         self.runtime = runtime
         self.host = host
         self.requested_port = port
-        self._server: asyncio.Server | None = None
+        config = runtime.config
+        self._accepts = ConnectionRateLimiter(config.agent_probes_per_s, max(1, round(config.agent_probes_per_s)))
+        self._lines = ConnectionRateLimiter(config.agent_probes_per_s_per_ip,
+                                            max(1, round(config.agent_probes_per_s_per_ip)))
+        self._socket: socket.socket | None = None
+        self._task: asyncio.Task | None = None
 
     @property
     def port(self) -> int | None:
-        if self._server is None or not self._server.sockets:
-            return None
-        return self._server.sockets[0].getsockname()[1]
+        return None if self._socket is None else self._socket.getsockname()[1]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._answer, self.host, self.requested_port)
+        self._socket = socket.create_server((self.host, self.requested_port), backlog=ACCEPT_BACKLOG)
+        self._socket.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._serve(self._socket))
         log.info("capacity agent (HAProxy agent-check) on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # HAProxy may send an agent-send string first; the answer does not depend on it, so it is not read.
+    async def _serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait_s = self._accepts.retry_after_s("all", time.monotonic())
+            if wait_s is not None:
+                await asyncio.sleep(wait_s)
+                continue
+            connection, address = await loop.sock_accept(listener)
+            with connection:
+                self._answer(connection, str(address[0]))
+
+    def _answer(self, connection: socket.socket, host: str) -> None:
+        """One line, written at once (a fresh socket's buffer takes it), and the close; nothing waits."""
+        connection.setblocking(False)
         try:
-            writer.write(f"{agent_line(self.runtime)}\n".encode())
-            await asyncio.wait_for(writer.drain(), _WRITE_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError):
-            pass  # the prober left; it will probe again
-        finally:
-            writer.close()
+            if self._lines.retry_after_s(host, time.monotonic()) is None:
+                connection.send(f"{agent_line(self.runtime)}\n".encode())
+            connection.recv(MAX_PROBE_BYTES)
+        except OSError:
+            pass  # nothing sent yet (BlockingIOError), or the prober already left: it probes again
