@@ -25,6 +25,8 @@ item_flood      20,000 conversation.item.create on /v1/realtime in under a secon
 Each attacker is one connection; with `--reconnect` it opens a new one whenever the server
 closes it (the per-address connection rate limit applies) and goes on until the case ends.
 
+`--refused-frame-cost` only times what one refused frame costs a session (no server, no sockets).
+
 `--server-root` starts the server from another checkout (e.g. a `git worktree`
 of an older commit), to compare before and after a change with the same client.
 A decision that waits behind one of the victim's own replies counts too (its
@@ -186,6 +188,39 @@ async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> d
     return {"kind": kind, "closes": closes or "none", "first closed after": closed_after, **stats}
 
 
+def refused_frame_cost(num_frames: int = 20_000) -> None:
+    """Microseconds a session spends on one 100 ms frame refused as audio_buffer_full, and on its parts."""
+    from audio_interaction_server.api.commands import AppendAudio
+    from audio_interaction_server.api.native import NativeCodec
+    from audio_interaction_server.api.session import ModelInfo, Session
+    from audio_interaction_server.audio.frontend import decode_pcm
+    from audio_interaction_server.config import EngineConfig, ServerConfig
+    from audio_interaction_server.demo.source import resolve_model_source
+    from audio_interaction_server.engine.worker import Worker
+    from audio_interaction_server.model.checkpoint import load_model
+
+    model = load_model(resolve_model_source(None, demo=True), "cpu", "float32")
+    config = ServerConfig(engine={"max_sessions": 1}, max_buffered_audio_s=1.0,
+                          flood={"refused_audio_burst_s": 1e9})  # refused, never cut: the cost of a refusal
+    session = Session("s", config, ModelInfo(model.name, True, model.tokenizer),
+                      Worker(model, EngineConfig(max_sessions=1)), lambda events: None, 0.0)
+    frame = np.zeros(FRAME_SAMPLES, "<i2").tobytes()
+    while not session.handle(AppendAudio(frame), 0.0):
+        pass  # until the buffer is full
+    refusal = session.handle(AppendAudio(frame), 0.0)[0]
+
+    def per_call_us(call) -> float:
+        started = time.perf_counter()
+        for _ in range(num_frames):
+            call()
+        return (time.perf_counter() - started) / num_frames * 1e6
+
+    print(f"refused frame, Session.handle: {per_call_us(lambda: session.handle(AppendAudio(frame), 0.0)):.1f} us")
+    print(f"decoding the frame (not done for a refused one): "
+          f"{per_call_us(lambda: decode_pcm(frame, 'pcm_s16le', 1)):.1f} us")
+    print(f"its error event as JSON: {per_call_us(lambda: NativeCodec.encode(refusal)):.1f} us")
+
+
 # ---- the victim and the cases ---------------------------------------------------------------
 async def victim(url: str, audio: np.ndarray, latencies: list[float]) -> None:
     await stream_timing_decisions(url, audio, time.perf_counter() + 0.2, latencies, MAX_TURN_TOKENS, timeout_s=120)
@@ -235,9 +270,13 @@ def main() -> None:
                         help="extra server settings, e.g. AIS_ENGINE__CPU_THREADS=1")
     parser.add_argument("--reconnect", action="store_true",
                         help="an attacker the server closes connects again and goes on")
+    parser.add_argument("--refused-frame-cost", action="store_true", help="only time one refused frame")
     parser.add_argument("--attacker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.refused_frame_cost:
+        refused_frame_cost()
+        return
     if args.attacker:
         print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds, args.reconnect))), flush=True)
         return

@@ -131,3 +131,26 @@ def test_absurd_sample_rates_are_refused_with_an_error(harness_factory, rate):
                        "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": rate, "num_channels": 1}})
     assert event.type == "error" and not event.is_fatal
     assert h.session.audio.format.sample_rate_hz == 16000  # unchanged
+
+
+@FUZZ
+@given(steps=st.lists(st.tuples(control_messages | pcm_frames(), st.sampled_from([0.0, 0.0, 0.001, 0.05, 1.0])),
+                      min_size=1, max_size=60))
+def test_floods_end_in_a_defined_cut(tiny_model, steps):
+    """Any mix of events, frames and pauses against small flood budgets: the session either goes on or is cut
+    once, with a fatal audio_flood/event_flood error, session.closed and close 1008; after that nothing is
+    answered (what the client still sends is not handled)."""
+    h = Harness(tiny_model, max_frame_bytes=4096, max_buffered_audio_s=0.5,
+                flood={"event_burst": 8, "events_per_s": 4.0, "refused_audio_burst_s": 0.2, "refused_audio_speed": 1.0})
+    for message, pause_s in steps:
+        h.now_s += pause_s
+        was_closed = h.session.is_closed
+        out = h.send(message) if isinstance(message, str) else h.audio(message)
+        check_events(out)
+        if was_closed:
+            assert out == []
+    cuts = [e for e in h.events if e.type == "error" and e.code in ("audio_flood", "event_flood")]
+    assert len(cuts) <= 1
+    if cuts:
+        assert cuts[0].is_fatal and h.session.close_code == 1008
+        assert h.events[-1].type == "session.closed" and h.events[-1].reason == cuts[0].code
