@@ -568,6 +568,10 @@ class StreamConnection:
                 # the session; a dropped network sends none (1006), and any other code may be a client's error.
                 self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
                 return
+            if outbox.is_closing:
+                # Once this socket closes, nothing more is read: uvicorn stops reading it, so a client cut for a
+                # flood (or closed as too slow) that goes on sending costs no parsing; the send loop ends it.
+                await asyncio.Event().wait()
             payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
             if payload is not None:
                 now_s = time.monotonic()
