@@ -289,6 +289,36 @@ def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
     asyncio.run(main())
 
 
+def refused_count(port: int, reason: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    prefix = f'ais_connections_refused_total{{reason="{reason}"}} '
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def test_every_refused_resume_is_counted_as_a_refused_connection_by_its_reason(server):
+    """A resume refused (wrong token, a last_seq that is no seq, no such session) is a refused connection like
+    any other: ais_connections_refused{reason} counts it, as it counts capacity and rate refusals."""
+    async def main():
+        created = await connect_and_drop(server)
+        before = {reason: refused_count(server, reason) for reason in ("resume_refused", "invalid_event",
+                                                                       "resume_expired")}
+        for kwargs, code in (({"token": "not-the-token"}, "resume_refused"), ({"last_seq": "x"}, "invalid_event")):
+            ws, first = await resume(server, created, **kwargs)
+            await read_until_closed(ws)
+            assert (first["code"], ws.close_code) == (code, 4009)
+        ws, first = await resume(server, {"session_id": "no-such-session", "resume_token": "x"})
+        await read_until_closed(ws)
+        assert (first["code"], ws.close_code) == ("resume_expired", 4009)
+        after = {reason: refused_count(server, reason) for reason in before}
+        assert {reason: after[reason] - before[reason] for reason in before} == \
+            {"resume_refused": 1, "invalid_event": 1, "resume_expired": 1}
+        await resume_and_close(server, created)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("code", [1000, 1001])
 def test_a_client_that_closes_saying_it_is_done_is_not_kept_for_a_resume(server, code):
     """1000 (done) and 1001 (going away: a browser leaving the page) end the session at once; only a

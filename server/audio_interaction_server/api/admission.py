@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -29,8 +30,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Response, WebSocket
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocketState
 
-from audio_interaction_server.api.connection import fatal_error, send_and_close
+from audio_interaction_server.api.connection import StreamConnection, fatal_error, send_and_close
 from audio_interaction_server.protocol import CloseCode
 
 if TYPE_CHECKING:  # admission reads the runtime it is given; the runtime never imports admission
@@ -142,12 +144,46 @@ def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: s
     return None
 
 
-def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | None:
-    """None when a client may try to resume ``session_id``: the key and Origin as for any connection, and no
-    capacity or drain check (the session holds its slot; a draining replica has already ended its detached
-    sessions, so the resume then finds nothing). Whether the session and token are good is the connection's."""
+# A seq as a client may write it: ASCII digits only (str.isdigit also takes "²", which int() refuses) and few enough
+# of them for int() (which refuses over 4,300) and for any session's count of events.
+SEQ_PATTERN = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class ResumeGranted:
+    """A resume admitted: the detached (or still attached) session's connection, and the last seq its client saw."""
+
+    stream: StreamConnection
+    last_seq: int
+
+
+def resume_expired(session_id: str, message: str) -> Refusal:
+    return Refusal("resume_expired", message, CloseCode.RESUME_FAILED, session_id)
+
+
+def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | ResumeGranted:
+    """``/v1/stream?resume=<session id>&token=<resume_token>&last_seq=<n>``: the key and Origin as for any
+    connection, but no capacity or drain check (the session holds its slot; a draining replica has already ended
+    its detached sessions, so the resume then finds nothing); then the session, its token, the seq. A refusal
+    closes with 4009, and the client starts a new session."""
     refusal = _client_refusal(runtime, connection)
-    return None if refusal is None else Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
+    if refusal is not None:
+        return Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
+    stream = runtime.streams.get(session_id)
+    if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
+        return resume_expired(session_id, "no session to resume: it ended, expired, gave its slot to a new session, "
+                                          "or this server restarted; start a new session")
+    # The token before anything else of the session: a wrong one gets the same answer whatever its state, so a
+    # stranger who knows the session id learns nothing of it.
+    if not stream.holds_token(connection.query_params.get("token", "")):
+        return Refusal("resume_refused", "wrong resume token", CloseCode.RESUME_FAILED, session_id)
+    last_seq = connection.query_params.get("last_seq", "0")
+    if not SEQ_PATTERN.fullmatch(last_seq):
+        return Refusal("invalid_event", "last_seq must be the seq of the last event seen", CloseCode.RESUME_FAILED,
+                       session_id)
+    if not stream.can_replay_since(int(last_seq)):
+        return resume_expired(session_id, "this session can no longer be resumed: start a new one")
+    return ResumeGranted(stream, int(last_seq))
 
 
 # Headers a proxy adds to say whom it forwards for. The replica reads them only from trusted proxies, but their
@@ -216,7 +252,8 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
         if await _deny(websocket, Response(body, status_code=503, media_type="application/json",
                                            headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
             return
-    await websocket.accept()
+    if websocket.application_state is WebSocketState.CONNECTING:  # a resume is refused after its handshake too
+        await websocket.accept()
     if encode is None:
         await send_and_close(websocket, in_band(refusal), refusal.close_code, reason=close_reason(refusal))
     else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import re
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -33,7 +32,7 @@ from audio_interaction_server import spec as T
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
-    CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber, refuse_resume,
+    CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber,
 )
 from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_query_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
@@ -46,9 +45,6 @@ from audio_interaction_server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 _UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake."
-# A seq as a client may write it: ASCII digits only (str.isdigit also takes "²", which int() refuses) and
-# few enough of them for int() (which refuses over 4,300) and for any session's count of events.
-_SEQ = re.compile(r"[0-9]{1,18}")
 _UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client."
 
 
@@ -192,6 +188,9 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     transport_guard = TransportGuard(config.transport, runtime.metrics.registry)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
+        # uvloop where installed (a dependency off Windows), else asyncio's loop: the same code on both. The HTTP
+        # parser stays transport.py's guarded h11 (httptools would bypass its limits), and it only reads handshakes.
+        loop="auto",
         ws_per_message_deflate=False,
         # Above max_frame_bytes so an oversized frame still reaches the session and gets an
         # error event; past this the transport itself closes with 1009.
@@ -285,21 +284,14 @@ async def _resume_stream(runtime: Runtime, websocket: WebSocket, session_id: str
     connection takes its detached session over again (docs/protocol.md, resume)."""
     if await admission.rate_limited(runtime, websocket):
         return
-    refusal = admission.admit_resume(runtime, websocket, session_id)
-    if refusal is not None:
-        await admission.refuse(runtime, websocket, refusal)
+    decision = admission.admit_resume(runtime, websocket, session_id)
+    if isinstance(decision, admission.Refusal):
+        await admission.refuse(runtime, websocket, decision)
         return
-    stream = runtime.streams.get(session_id)
-    if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
-        await refuse_resume(websocket, "resume_expired", "no session to resume: it ended, expired, gave its slot to "
-                            "a new session, or this server restarted; start a new session", session_id)
-        return
-    last_seq = websocket.query_params.get("last_seq", "0")
     await websocket.accept()
-    # The token is checked before last_seq is looked at (StreamConnection.resume): a malformed last_seq with a
-    # wrong token is answered as a wrong token.
-    await stream.resume(websocket, websocket.query_params.get("token", ""),
-                        int(last_seq) if _SEQ.fullmatch(last_seq) else None)
+    if not await decision.stream.resume(websocket, decision.last_seq):  # the session ended during the handshake
+        await admission.refuse(runtime, websocket, admission.resume_expired(
+            session_id, "this session can no longer be resumed: start a new one"))
 
 
 async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:

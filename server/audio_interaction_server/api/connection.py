@@ -458,28 +458,25 @@ class StreamConnection:
         assert self.outbox is not None, "run() is the first attachment"
         await self._serve(self.outbox, self._generation)
 
-    async def resume(self, websocket: WebSocket, token: str, last_seq: int | None) -> None:
-        """A client back with its token and the last ``seq`` it saw (None: it sent something that is not a
-        seq): replay what it missed, go on live.
+    def holds_token(self, token: str) -> bool:
+        """Whether ``token`` is this session's resume token (constant time: a guess learns nothing of it)."""
+        return self.resume_token is not None and hmac.compare_digest(token.encode(), self.resume_token.encode())
 
-        The token is checked first, in constant time, and a wrong one gets the same answer whatever the
-        session's state: a stranger who knows the session id learns nothing of it.
+    def can_replay_since(self, last_seq: int) -> bool:
+        """Whether a client that saw events up to ``last_seq`` can be given everything after it."""
+        return not self.session.is_closed and self._log.since(last_seq) is not None
+
+    async def resume(self, websocket: WebSocket, last_seq: int) -> bool:
+        """A client back with the last ``seq`` it saw (its token checked by admission.admit_resume): replay what
+        it missed, go on live. False, with nothing done, when the session can no longer be replayed from there
+        (it changed since the check, while the handshake completed); the caller refuses the client.
+
         The newest connection wins: a client that changed networks may still look connected on its
         old socket, which is closed with 4010.
         """
-        session_id = self.session.session_id
-        if self.resume_token is None or not hmac.compare_digest(token.encode(), self.resume_token.encode()):
-            await refuse_resume(websocket, "resume_refused", "wrong resume token", session_id)
-            return
-        if last_seq is None:
-            await refuse_resume(websocket, "invalid_event", "last_seq must be the seq of the last event seen",
-                                session_id)
-            return
         missed = self._log.since(last_seq) if not self.session.is_closed else None
         if missed is None:
-            await refuse_resume(websocket, "resume_expired", "this session can no longer be resumed: start a new one",
-                                session_id)
-            return
+            return False
         if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
             missed += self._keep_unsent(self.outbox)
             error = fatal_error(self.session.session_id, "session_resumed_elsewhere",
@@ -497,6 +494,7 @@ class StreamConnection:
         log.info("session %s resumed after seq %d; %d events replayed", self.session.session_id, last_seq,
                  len(missed))
         await self._serve(outbox, self._generation)
+        return True
 
     async def _serve(self, outbox: Outbox, generation: int) -> None:
         try:
@@ -585,10 +583,3 @@ class StreamConnection:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             self.deliver(self.session.poll(time.monotonic()))
-
-
-async def refuse_resume(websocket: WebSocket, code: str, message: str, session_id: str | None) -> None:
-    """A resume that cannot be served: one fatal error, close 4009 (the client starts a new session)."""
-    if websocket.application_state is WebSocketState.CONNECTING:
-        await websocket.accept()
-    await send_and_close(websocket, [fatal_error(session_id, code, message)], CloseCode.RESUME_FAILED)
