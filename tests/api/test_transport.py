@@ -225,6 +225,16 @@ def test_a_trickled_body_is_cut_at_the_body_timeout_while_others_are_served(guar
     assert metric_samples(guarded)['ais_transport_closes_total{reason="body_timeout"}'] >= 1
 
 
+def test_a_websocket_session_outlives_the_body_timeout(guarded):
+    # An upgrade request has no body, but h11 still waits for its end of message: no 408 may be written into
+    # the WebSocket stream body_timeout_s (1.0 here) after the handshake.
+    with guarded.connect() as ws:
+        assert recv_event(ws)["type"] == "session.created"
+        time.sleep(1.5)
+        ws.send('{"type": "session.configure", "decision_events": true}')
+        assert recv_event(ws)["type"] == "session.updated"
+
+
 # ---- WebSocket control frames
 
 

@@ -307,8 +307,10 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         return True
 
     def _watch_body(self) -> None:
-        """A deadline for the body while h11 waits for one; none once it is in."""
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+        """A deadline for the body while h11 waits for one; none once it is in, nor after a WebSocket upgrade (h11
+        never reads that request's end, and a 408 written then would land inside the WebSocket stream)."""
+        is_upgraded = self.transport.get_protocol() is not self
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and not is_upgraded:
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(self.transport_guard.settings.body_timeout_s,
                                                         self._body_timed_out)
