@@ -266,7 +266,7 @@ class EngineHost:
             if os.getppid() != self.spec.parent_pid:
                 log.error("the server process that started the engine is gone; the engine stops")
                 return 1
-            if poller.poll(POLL_S * 1000):
+            if poller.poll(int(POLL_S * 1000)):
                 while True:
                     try:
                         frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -445,7 +445,7 @@ class EngineProcessClient:
             poller.register(self.process.sentinel, zmq.POLLIN)
         while True:
             self._send(Hello())
-            ready = dict(poller.poll(HEARTBEAT_S * 1000 * 5))
+            ready = dict(poller.poll(int(HEARTBEAT_S * 1000 * 5)))
             if self.process is not None and self.process.sentinel in ready:
                 raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
                                    "served (the server log says why)")
@@ -532,7 +532,7 @@ class EngineProcessClient:
             if now_s >= next_beat_s:
                 self._send(Heartbeat())
                 next_beat_s = now_s + HEARTBEAT_S
-            ready = dict(poller.poll(HEARTBEAT_S * 1000))
+            ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
             if self._events in ready:
                 self._receive_waiting()
             if self.process is not None and self.process.sentinel in ready:
