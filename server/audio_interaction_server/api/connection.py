@@ -21,7 +21,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
@@ -50,6 +50,8 @@ class Codec(Protocol):
     ``encode`` runs at send time, in event order, so a stateful codec (``/v1/realtime`` builds
     its reply items from the events) sees exactly what the client gets.
     """
+
+    held_bytes: int  # client input kept until the events that answer it are sent (the outbox counts it)
 
     def decode(self, message: str | bytes) -> list[Command]: ...
     def encode(self, event) -> list[str]: ...
@@ -188,7 +190,7 @@ class Outbox:
         self._encode = encode
         self.stamp = stamp
         self._held_bytes = held_bytes
-        self._items: deque[tuple[object, int]] = deque()  # (event, its queued_bytes)
+        self._items: deque[tuple[Any, int]] = deque()  # (event, its queued_bytes)
         self.num_bytes = 0
         self._has_items = asyncio.Event()
         self.is_closing = False
