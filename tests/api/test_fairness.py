@@ -186,3 +186,29 @@ def test_a_connection_with_many_queued_events_yields_the_event_loop_after_every_
 
     asyncio.run(main())
     assert order.index("neighbour") <= 10, f"the neighbour's frame waited for {order.index('neighbour')} sends"
+
+
+def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
+    """After the session is cut (here for an event flood), the connection stops taking frames from the socket
+    (uvicorn then stops reading it): what the client goes on sending is not parsed, let alone decoded."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    config = ServerConfig(engine={"max_sessions": 2}, flood={"event_burst": 5, "events_per_s": 1.0})
+    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    received: list[str] = []
+    socket = BufferedSocket("flooder", [], received)
+    for _ in range(100):
+        socket._frames.put_nowait({"type": "websocket.receive", "text": '{"type": "input.clear"}'})
+
+    async def main() -> None:
+        connection = StreamConnection(
+            socket, lambda emit: Session("flooder", config, model, worker, emit, time.monotonic()), 10_000, 1.0,
+            on_closed=lambda reason: None)
+        task = asyncio.create_task(connection.run())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert any('"event_flood"' in text for text in socket.sent)
+    assert len(received) <= 8, f"{len(received)} frames taken after the cut at the 6th"
