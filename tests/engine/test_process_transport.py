@@ -29,6 +29,7 @@ from tests.api.test_app import (  # noqa: F401  (imported tests run here over th
     recv_event, recv_to_close, recv_until, send_configure, send_count_bark, send_pcm, server_config,
     test_bad_input_gets_error_events_and_session_survives,
     test_cancel_mid_reply,
+    test_metrics_show_what_a_session_holds_and_nothing_after_it_closes,
     test_refused_past_max_sessions_and_disconnect_mid_reply_frees_the_slot,
     test_stream_at_original_rates_gives_well_formed_events_and_subscriber_gets_same_text,
 )

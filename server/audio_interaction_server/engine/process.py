@@ -129,6 +129,7 @@ class EngineReady:
 class SessionEvents:
     session_id: str
     events: list[EngineEvent]
+    state: SessionStateSize | None  # what the session holds as these events leave (the front's gauges)
 
 
 def encode(message: Any) -> list[Any]:
@@ -246,8 +247,10 @@ class EngineHost:
         self._outbox: queue.SimpleQueue[tuple[bytes | None, Any] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
         self._worker_failed = threading.Event()
+        self._worker: Worker | None = None
 
     def serve(self, worker: Worker, ready: EngineReady) -> int:
+        self._worker = worker
         worker.on_step = lambda stats: self._outbox.put((None, stats))
         worker.on_failure = lambda error: self._worker_failed.set()
         self._sender.start()
@@ -330,12 +333,14 @@ class EngineHost:
 
     def _emit(self, front_id: bytes, session_id: str, events: list[EngineEvent]) -> None:
         """The worker thread's ``emit`` of one session: queued for the sender, never blocking the step."""
+        # Read here, on the worker thread between steps, the session's figures are exact, not a racy read.
+        state = self._worker.state_size(session_id) if self._worker is not None else None
         if isinstance(events[-1], SessionEnded):
             with self._fronts_lock:
                 front = self.fronts.get(front_id)
                 if front is not None:
                     front.sessions.discard(session_id)
-        self._outbox.put((front_id, SessionEvents(session_id, events)))
+        self._outbox.put((front_id, SessionEvents(session_id, events, state)))
 
     def _send_loop(self) -> None:
         """Send what the worker queued, one message per front for all that waits (a step's events together)."""
@@ -400,6 +405,7 @@ class EngineProcessClient:
         self._events = self._socket(endpoints.events)
         self._send_lock = threading.Lock()  # the command socket: session calls (any thread), heartbeats (reader)
         self._emits: dict[str, EmitFn] = {}  # open sessions of this front: where their events go
+        self._states: dict[str, SessionStateSize] = {}  # what each holds, as of its latest events
         self._emits_lock = threading.Lock()  # held while registering an open and while failing every session
         self._prompts: PromptEncoder | None = None
         self._reader: threading.Thread | None = None
@@ -513,7 +519,8 @@ class EngineProcessClient:
                    self.config.max_positions, self.config.rollover_window_positions)
 
     def state_size(self, session_id: str) -> SessionStateSize | None:
-        return None  # what a session holds lives in the engine process; not reported across it (yet)
+        """What the session held when its latest events left the engine (for monitoring)."""
+        return self._states.get(session_id)
 
     def _send(self, message: Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand) -> None:
         with self._send_lock:
@@ -552,7 +559,11 @@ class EngineProcessClient:
                 return
             for message in decode(frames):
                 match message:
-                    case SessionEvents(session_id=session_id, events=events):
+                    case SessionEvents(session_id=session_id, events=events, state=state):
+                        if state is None:
+                            self._states.pop(session_id, None)
+                        else:
+                            self._states[session_id] = state
                         self._dispatch(session_id, events)
                     case StepStats():
                         if self.on_step is not None:
@@ -561,6 +572,8 @@ class EngineProcessClient:
                         pass  # an answer to one of the hellos sent while the engine loaded
 
     def _dispatch(self, session_id: str, events: list[EngineEvent]) -> None:
+        if isinstance(events[-1], SessionEnded):
+            self._states.pop(session_id, None)
         with self._emits_lock:
             emit = self._emits.get(session_id)
             if emit is not None and isinstance(events[-1], SessionEnded):
