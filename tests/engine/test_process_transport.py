@@ -217,3 +217,24 @@ def test_an_engine_killed_mid_session_makes_the_server_exit_1(resume_server, sha
         assert_closed_by_engine_failure(*recv_to_close(ws))
     assert process.wait(30) == 1
     assert "engine process exited with status -9" in process.stderr.read()
+
+
+def test_a_sigterm_to_the_whole_process_group_drains_before_the_engine_stops(tiny_checkpoint, shared_audio):
+    """systemd (KillMode=control-group) and ``kill -TERM -PGID`` signal the engine too: the engine waits for its
+    server, whose drain closes the session with 1012, then exits 0; the engine did not die mid-drain."""
+    from websockets.sync.client import connect
+
+    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__TRANSPORT": "process", "AIS_DRAIN_TIMEOUT_S": "6"},
+                                 preexec_fn=os.setpgrp)
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+            stream_until_decisions(ws, shared_audio)
+            os.killpg(process.pid, signal.SIGTERM)
+            events, code = recv_to_close(ws)
+        assert code == 1012 and events[-1]["type"] == "session.closed", events[-3:]
+        assert not [e for e in events if e["type"] == "error"], events
+        assert process.wait(30) == 0
+        assert "engine process exited" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -28,6 +28,7 @@ thread's ``emit`` only queues; one sender thread owns the event socket.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -172,7 +173,15 @@ class EngineProcess:
 
     def start(self) -> None:
         self.process.start()
+        # Before multiprocessing's own exit handler, which would wait for ever on an engine that ignores SIGTERM:
+        # a server leaving without stopping its engine (an error on the way out) kills it.
+        atexit.register(self._kill_at_exit)
         log.info("engine process %d started (%s)", self.process.pid, self.endpoints.commands)
+
+    def _kill_at_exit(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
 
     @property
     def sentinel(self) -> int:
@@ -194,6 +203,7 @@ class EngineProcess:
             log.error("engine process %d did not stop within %.1f s; killing it", self.process.pid, timeout_s)
             self.process.kill()
             self.process.join(5.0)
+        atexit.unregister(self._kill_at_exit)
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -202,9 +212,11 @@ def run_engine(spec: EngineSpec) -> None:
     """The engine process's main: load, serve until told to stop or orphaned, exit 0 (stopped) or 1 (failed)."""
     if spec.setup_logging is not None:
         spec.setup_logging()
-    # Ctrl-C in a terminal reaches every process of the group: the front stops the engine itself, after closing
-    # its sessions in order. (SIGTERM stays: it is how multiprocessing ends a daemonic child the front left.)
+    # Ctrl-C in a terminal, ``kill -TERM -PGID`` and systemd's stop (KillMode=control-group) signal every process
+    # of the server: the engine must outlive the server's drain, and is stopped by it (``Shutdown``), by its
+    # parent's end, or by the parent's exit handler (``EngineProcess.start``).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from audio_interaction_server.model.checkpoint import load_model
 
     context = zmq.Context()
