@@ -300,7 +300,7 @@ def test_changing_the_audio_format_mid_stream_continues_the_same_16k_stream(tiny
 def test_flush_silence_counts_against_the_buffered_audio_limit(tiny_model):
     """A flood of input.flush (tiny frames, each asking for 10 s of silence) is bounded like audio:
     a flush whose silence would take the queue past max_buffered_audio_s gets audio_buffer_full."""
-    h = Harness(tiny_model, max_buffered_audio_s=3.0)
+    h = Harness(tiny_model, max_buffered_audio_s=3.0, flood={"event_burst": 1000})  # 601 events, none a flood
     limit_chunks = int(3.0 / 0.4)
     refused = []
     for i in range(300):
