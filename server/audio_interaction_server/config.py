@@ -224,6 +224,11 @@ class FloodLimits(BaseModel):
         "prompt_char_burst a session.configure or session.update with a prompt is refused with rate_limited")
     prompt_char_burst: int = Field(16_000, ge=8_000, description="system prompt characters checked at once "
                                    "(at least one prompt of the longest allowed, 8,000)")
+    cut_cooldown_s: float = Field(
+        10.0, ge=0, description="after a session is cut for a flood, its client address is refused new "
+        "connections (HTTP 429, reason flood_cooldown) for this long, doubling (up to max_cut_cooldown_s) while "
+        "it is cut again soon after: a flooder that reconnects must not get a fresh budget each time. 0 = off")
+    max_cut_cooldown_s: float = Field(300.0, gt=0, description="the longest cut_cooldown_s grows to")
 
 
 class ServerConfig(BaseModel):

@@ -274,10 +274,17 @@ def close_reason(refusal: Refusal) -> str:
 
 
 async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
-    """Refuse a client IP over its connection-attempt rate with HTTP 429, before the handshake."""
+    """Refuse with HTTP 429, before the handshake, a client IP on cooldown after a flood cut or over its
+    connection-attempt rate."""
+    address = websocket.client.host if websocket.client is not None else "unknown"
+    if runtime.flood_cooldown is not None:
+        cooldown_left_s = runtime.flood_cooldown.retry_after_s(address, time.monotonic())
+        if cooldown_left_s is not None:
+            runtime.metrics.refused_total.labels("flood_cooldown").inc()
+            await _refuse_with_429(websocket, "this address was cut for a flood; retry later\n", cooldown_left_s)
+            return True
     if runtime.rate_limiter is None:
         return False
-    address = websocket.client.host if websocket.client is not None else "unknown"
     retry_after_s = runtime.rate_limiter.retry_after_s(address, time.monotonic())
     if retry_after_s is None:
         return False
@@ -286,11 +293,14 @@ async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
     config = runtime.config
     log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)",
                 address, config.connect_rate_per_ip, config.connect_burst_per_ip)
-    if not await _deny(websocket, Response(
-            "too many connection attempts from this address; retry later\n", status_code=429,
-            headers={"Retry-After": str(math.ceil(retry_after_s))}, media_type="text/plain")):
-        await websocket.close(CloseCode.TRY_AGAIN)  # no denial-response extension: a plain refusal (HTTP 403)
+    await _refuse_with_429(websocket, "too many connection attempts from this address; retry later\n", retry_after_s)
     return True
+
+
+async def _refuse_with_429(websocket: WebSocket, text: str, retry_after_s: float) -> None:
+    if not await _deny(websocket, Response(text, status_code=429, media_type="text/plain",
+                                           headers={"Retry-After": str(math.ceil(retry_after_s))})):
+        await websocket.close(CloseCode.TRY_AGAIN)  # no denial-response extension: a plain refusal (HTTP 403)
 
 
 async def _deny(websocket: WebSocket, response: Response) -> bool:

@@ -12,10 +12,15 @@ A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
 - system prompt characters checked (tokenised) on the event loop: past it, the event is refused
   with ``rate_limited`` and may be sent again later.
 
+A budget is a session's, so a client cut for a flood that reconnects at once would start with a full one:
+``CutCooldown`` refuses its address new connections for a while (admission answers HTTP 429).
+
 Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the event loop's).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from audio_interaction_server.config import FloodLimits
 
@@ -82,3 +87,43 @@ class FloodGuard:
         return (f"audio keeps arriving into a full buffer faster than real time (more than "
                 f"{self.limits.refused_audio_burst_s:g} s refused at once, or {self.limits.refused_audio_speed:g} s a "
                 "second after that); closing: send audio no faster than real time")
+
+
+# The session end reasons that are a flood cut (api/session.py _cut_off).
+FLOOD_CUTS = frozenset({"audio_flood", "event_flood"})
+
+
+class CutCooldown:
+    """Client addresses whose session was cut for a flood, and until when they may not connect again.
+
+    The first cut costs ``cooldown_s``; a cut within one cooldown after the last one ended doubles it (up to
+    ``max_cooldown_s``), so a client that floods, reconnects and floods again waits longer each time, while one
+    that misbehaved once is back after ``cooldown_s``. At most ``max_tracked`` addresses are remembered, the
+    least recently cut forgotten first (forgetting one only lets it in sooner).
+    """
+
+    def __init__(self, cooldown_s: float, max_cooldown_s: float, max_tracked: int = 65_536) -> None:
+        self.cooldown_s = cooldown_s
+        self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
+        self.max_tracked = max_tracked
+        self._cuts: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (refused until, cooldown)
+
+    def cut(self, address: str, now_s: float) -> float:
+        """``address``'s session was cut now; returns how long it is refused."""
+        until_s, last_cooldown_s = self._cuts.pop(address, (-1.0, 0.0))
+        again_soon = now_s < until_s + last_cooldown_s
+        cooldown_s = min(self.max_cooldown_s, 2 * last_cooldown_s) if again_soon else self.cooldown_s
+        self._cuts[address] = (now_s + cooldown_s, cooldown_s)
+        while len(self._cuts) > self.max_tracked:
+            self._cuts.popitem(last=False)
+        return cooldown_s
+
+    def retry_after_s(self, address: str, now_s: float) -> float | None:
+        """None when ``address`` may connect now; else seconds until it may."""
+        entry = self._cuts.get(address)
+        if entry is None or now_s >= entry[0]:
+            return None
+        return entry[0] - now_s
+
+    def __len__(self) -> int:
+        return len(self._cuts)

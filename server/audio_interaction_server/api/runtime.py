@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
 from audio_interaction_server.api.connection import ConnectionRateLimiter
+from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
@@ -125,6 +126,8 @@ class Runtime:
         self.metrics.sessions_max.set(config.session_capacity)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
             ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
+        self.flood_cooldown = None if config.flood.cut_cooldown_s == 0 else \
+            CutCooldown(config.flood.cut_cooldown_s, config.flood.max_cut_cooldown_s)
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
         # accepts a valid one wherever it accepts the API key. None = API key only.
         self.client_secrets: Any | None = None
@@ -162,9 +165,16 @@ class Runtime:
         self.metrics.sessions_active.set(len(self.streams))
 
     def release(self, session_id: str, reason: str) -> None:
-        """The session ended (``reason`` labels ``ais_sessions_total``); its slot is free again."""
-        if self.streams.pop(session_id, None) is None:
+        """The session ended (``reason`` labels ``ais_sessions_total``); its slot is free again. A session cut for
+        a flood puts its client address on cooldown (admission refuses it for a while)."""
+        stream = self.streams.pop(session_id, None)
+        if stream is None:
             return
+        if reason in FLOOD_CUTS and self.flood_cooldown is not None:
+            address = stream.client_address
+            cooldown_s = self.flood_cooldown.cut(address, time.monotonic())
+            log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
+                        address, cooldown_s)
         self.metrics.sessions_active.set(len(self.streams))
         self.metrics.sessions_total.labels(reason).inc()
         if self.is_draining:
