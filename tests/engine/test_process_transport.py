@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,21 @@ def test_a_front_that_dies_has_its_slots_freed_within_a_second(live):
         if other.poll() is None:
             other.kill()
         other.stdout.close()
+
+
+def test_an_engine_that_cannot_load_raises_the_loaders_own_error(tiny_checkpoint, tmp_path):
+    """The server says why (its ``error:`` line) as it does with the engine on a thread, not only 'exited 1'."""
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.model.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    shard = next(broken.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    client = EngineProcessClient.spawn(broken, EngineConfig(device="cpu", max_sessions=1))
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        client.start()
+    assert client.process.exitcode == 1
 
 
 def engine_pid_of(server_pid: int) -> int:

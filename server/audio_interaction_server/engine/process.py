@@ -127,6 +127,14 @@ class EngineReady:
 
 
 @dataclass(frozen=True)
+class EngineFailedToLoad:
+    """The engine's answer to ``Hello`` when the model did not load: the loader's own exception, so the server
+    says why exactly as it does with the engine on a thread."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
 class SessionEvents:
     session_id: str
     events: list[EngineEvent]
@@ -224,8 +232,9 @@ def run_engine(spec: EngineSpec) -> None:
     try:
         model = load_model(spec.checkpoint, spec.config.device, spec.config.dtype)
         worker = Worker(model, spec.config)
-    except Exception:
+    except Exception as error:
         log.exception("the engine process could not load the model")
+        host.answer_hellos(EngineFailedToLoad(error))
         host.close()
         sys.exit(1)
     ready = EngineReady(model.files.root, model.name, str(model.device), str(model.dtype).removeprefix("torch."),
@@ -260,6 +269,21 @@ class EngineHost:
         self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
         self._worker_failed = threading.Event()
         self._worker: Worker | None = None
+
+    def answer_hellos(self, answer: EngineFailedToLoad) -> None:
+        """Answer every front that has said hello by now (the one that started the engine said it first)."""
+        self._sender.start()
+        try:
+            pickle.dumps(answer)
+        except Exception:  # an exception that does not pickle still tells its type and text
+            answer = EngineFailedToLoad(RuntimeError(f"{type(answer.error).__name__}: {answer.error}"))
+        while True:
+            try:
+                frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if isinstance(decode(frames[1:]), Hello):
+                self._outbox.put((frames[0].bytes, answer))
 
     def serve(self, worker: Worker, ready: EngineReady) -> int:
         self._worker = worker
@@ -445,7 +469,13 @@ class EngineProcessClient:
         """Start the engine process (if this front owns one) and wait until it serves (the model load)."""
         if self.process is not None:
             self.process.start()
-        ready = self._wait_ready()
+        try:
+            ready = self._wait_ready()
+        except BaseException:
+            if self.process is not None:  # it exits by itself once its answer is out
+                self.process.join(STOP_FLUSH_S + 5.0)
+            self._close_sockets()
+            raise
         from audio_interaction_server.model.checkpoint import load_tokenizer, resolve_files
 
         tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
@@ -471,6 +501,8 @@ class EngineProcessClient:
                 for message in decode(self._events.recv_multipart(copy=False)):
                     if isinstance(message, EngineReady):
                         return message
+                    if isinstance(message, EngineFailedToLoad):
+                        raise message.error
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Leave the engine (stop it, if this front started it); sessions still open end with server_shutdown."""
@@ -488,6 +520,9 @@ class EngineProcessClient:
             self._emits.clear()
         for session_id, emit in left:
             self._deliver(session_id, emit, [SessionEnded(EndCode.SERVER_SHUTDOWN, "the server is shutting down")])
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         with self._send_lock:
             self._commands.close()
         self._events.close()
