@@ -147,6 +147,11 @@ ATTACKERS = {
 ATTACKS = tuple(ATTACKERS)
 
 
+# The attacker's own client address (loopback too): the server's per-address limits (connection rate, the cooldown
+# after a flood cut) then fall on it, not on the victim, as they would for two clients on two machines.
+ATTACKER_ADDRESS = "127.0.0.2"
+
+
 async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> dict:
     """Attack until ``seconds`` have passed or the server closes the connection (then, with ``reconnect``,
     open another)."""
@@ -161,7 +166,7 @@ async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> d
     while time.perf_counter() < end_s:
         try:
             async with websockets.connect(base_url + path, compression=None, max_size=None, ping_interval=None,
-                                          max_queue=None) as ws:
+                                          max_queue=None, local_addr=(ATTACKER_ADDRESS, 0)) as ws:
                 stats["connections"] += 1
                 if path == "/v1/stream":
                     await configure_s16_stream(ws, MAX_TURN_TOKENS)
