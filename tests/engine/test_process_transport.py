@@ -131,35 +131,45 @@ def open_probe(client: EngineProcessClient, session_id: str) -> object:
 
 
 def test_a_front_that_dies_has_its_slots_freed_within_a_second(live):
-    """A second front attached to the live server's engine takes both slots, then is killed (-9): the engine
-    hears no heartbeat and closes its sessions, so this front opens one within a second."""
+    """A second front attached to the live server's engine takes the slot this front's session leaves, then is
+    killed (-9): the engine hears no heartbeat and closes its session, so this front opens one within a second,
+    and this front's session streams on untouched."""
     client = live.runtime.worker
-    endpoints = client.endpoints
-    other = subprocess.Popen([sys.executable, "-c", FRONT_SCRIPT, endpoints.commands, endpoints.events, "2"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "opened"
-        refused = open_probe(client, "probe-full")
-        assert isinstance(refused, SessionEnded) and refused.error_code == EndCode.CAPACITY, refused
-        other.send_signal(signal.SIGKILL)
-        other.wait(10)
-        killed_s = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            first = open_probe(client, f"probe-{attempt}")
-            if isinstance(first, SessionStarted):
-                break
-            assert first.error_code == EndCode.CAPACITY, first
-            assert time.monotonic() - killed_s < 5, "the dead front's slots were never freed"
-            time.sleep(0.02)
-        freed_after_s = time.monotonic() - killed_s
-        client.close_session(f"probe-{attempt}")
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, decision_events=True)
+        ws.send(np.zeros(8000, dtype=np.int16).tobytes())  # 0.5 s: one whole chunk, so it holds an engine slot
+        recv_until(ws, lambda e: e["type"] == "decision")
+        other = subprocess.Popen([sys.executable, "-c", FRONT_SCRIPT, client.endpoints.commands,
+                                  client.endpoints.events, "1"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline().strip() == "opened"
+            refused = open_probe(client, "probe-full")
+            assert isinstance(refused, SessionEnded) and refused.error_code == EndCode.CAPACITY, refused
+            other.send_signal(signal.SIGKILL)
+            other.wait(10)
+            killed_s = time.monotonic()
+            attempt = 0
+            while True:
+                attempt += 1
+                first = open_probe(client, f"probe-{attempt}")
+                if isinstance(first, SessionStarted):
+                    break
+                assert first.error_code == EndCode.CAPACITY, first
+                assert time.monotonic() - killed_s < 5, "the dead front's slots were never freed"
+                time.sleep(0.02)
+            freed_after_s = time.monotonic() - killed_s
+            client.close_session(f"probe-{attempt}")
+        finally:
+            if other.poll() is None:
+                other.kill()
+            other.stdout.close()
         assert freed_after_s < 1.0, f"the dead front's slots were freed only after {freed_after_s:.2f} s"
-    finally:
-        if other.poll() is None:
-            other.kill()
-        other.stdout.close()
+        ws.send(np.zeros(16000, dtype=np.int16).tobytes())
+        ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.2}))
+        after = recv_until(ws, lambda e: e["type"] == "input.flushed")
+        assert [e["chunk"] for e in after if e["type"] == "decision"] == [1, 2, 3, 4]  # 1.7 s in all, padded
+        assert not [e for e in after if e["type"] == "error"]
 
 
 def test_an_engine_that_cannot_load_raises_the_loaders_own_error(tiny_checkpoint, tmp_path):
