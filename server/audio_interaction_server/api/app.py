@@ -112,7 +112,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         """200 when a new session would be admitted. ``?capacity=ignore``: full still counts as ready (for a
         Kubernetes readinessProbe, where 'not ready' would stall rollouts and evictions: docs/scaling.md)."""
         if not runtime.is_ready:
-            answer = {"status": "not_ready", "reason": runtime.not_ready_reason()}
+            answer: dict[str, Any] = {"status": "not_ready", "reason": runtime.not_ready_reason()}
             if (progress := runtime.load_progress_json()) is not None:  # downloading or loading: how far
                 answer["progress"] = progress
             return JSONResponse(answer, status_code=503)
