@@ -154,7 +154,7 @@ def direction_problems(source: str, target: str) -> list[str]:
                                      or (target_group == "engine" and target != "engine.events")):
         problems.append(f"render module {source} imports {target} (of the engine, only its events)")
     if source_group == "api" and target_group == "engine" and target not in {"engine.worker", "engine.events",
-                                                                              "engine.client", "engine.process"}:
+                                                                              "engine.client", "engine.process_client"}:
         problems.append(f"api module {source} imports {target} (of the engine, only its clients and events)")
     # The per-stream chain still takes the wire's AudioFormat (protocol); the front-end itself needs spec only.
     if source_group == "audio" and target_group not in {"audio", "spec", "protocol"}:

@@ -1,4 +1,4 @@
-"""The engine in a process of its own (engine/process.py) behind the live server, and its faults.
+"""The engine in a process of its own (engine/process.py, process_client.py) behind the live server, and its faults.
 
 Representative cases of the live session suite (tests/api/test_app.py) and the resume suite
 (tests/api/test_resume.py) run here unchanged over the process transport: they are imported, so pytest runs
@@ -23,7 +23,7 @@ import pytest
 
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
-from audio_interaction_server.engine.process import EngineProcessClient
+from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.options import SessionOptions
 from benchmarks.harness import LiveServer, spawn_server, stop_server
 from tests.api.test_app import (  # noqa: F401  (imported tests run here over the process transport)
@@ -100,7 +100,8 @@ def test_tokens_are_identical_over_the_thread_and_the_process_transport(live, ti
 FRONT_SCRIPT = """
 import sys, threading
 from audio_interaction_server.engine.events import SessionStarted
-from audio_interaction_server.engine.process import EngineEndpoints, EngineProcessClient
+from audio_interaction_server.engine.process_client import EngineProcessClient
+from audio_interaction_server.engine.wire import EngineEndpoints
 from audio_interaction_server.options import SessionOptions
 
 client = EngineProcessClient(EngineEndpoints(sys.argv[1], sys.argv[2]))

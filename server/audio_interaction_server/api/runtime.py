@@ -366,7 +366,7 @@ class Runtime:
         checkpoint = resolve_model_source(checkpoint, self.config.is_demo, self.load_progress)
         worker: EngineClient
         if choose_transport(engine) == "process":  # the weights load there (docs/engine.md, the engine process)
-            from audio_interaction_server.engine.process import EngineProcessClient
+            from audio_interaction_server.engine.process_client import EngineProcessClient
 
             worker = EngineProcessClient.spawn(checkpoint, engine, functools.partial(
                 configure_logging, self.config.log_level, self.config.log_format))

@@ -1,29 +1,16 @@
-"""The engine in a process of its own, and a front's client of it, over ZeroMQ.
+"""The engine in a process of its own: it loads the model as the server would and serves the same ``Worker``.
 
-The engine process loads the model as the server would (``load_model``), runs the same ``Worker`` on its own
-thread, and serves it over two ``ipc://`` sockets in a temporary directory:
+The front that starts it holds an ``EngineProcess`` and reaches it through ``process_client.EngineProcessClient``
+(what crosses: ``engine/wire.py``). Liveness:
 
-* commands: each front's DEALER -> the engine's ROUTER. The typed commands (``engine/commands.py``, an open
-  without its callback), pickled with protocol 5; a push's mel chunks travel out of band as a raw frame;
-* events: the engine's ROUTER -> each front's DEALER, in batches: ``(session_id, events)`` pairs, exactly the
-  lists the worker hands a session's ``emit``, and each step's ``StepStats``.
-
-Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
-not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
-the bulk (mel chunks) goes as raw bytes either way.
-
-Liveness, in both directions:
-
-* the front watches the engine process's sentinel: when it ends unasked, every session of the front ends with
+* the front watches this process's sentinel: when it ends unasked, every session of the front ends with
   ``worker_failed`` (as when the worker thread dies) and ``on_failure`` fires;
 * the engine expects each front's heartbeat every ``HEARTBEAT_S``; a front silent for ``FRONT_TIMEOUT_S``
   (its process died, its client was dropped) has its sessions closed, so their slots are free within a second;
 * the engine leaves when the process that started it is gone, so an engine never outlives its server.
 
-Threading contract (front side): the session calls and ``check_options`` may come from any thread (a lock
-guards the command socket); events are delivered on the client's reader thread, which owns the event socket
-and sends the heartbeats. Engine side: the main thread reads commands and posts them to the worker; the worker
-thread's ``emit`` only queues; one sender thread owns the event socket.
+Threading contract: the main thread reads commands and posts them to the worker (whose API is thread-safe);
+the worker thread's ``emit`` only queues; one sender thread owns the event socket.
 """
 
 from __future__ import annotations
@@ -41,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,109 +37,19 @@ import torch
 import zmq
 
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.client import ModelSummary
-from audio_interaction_server.engine.commands import (
-    CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
+from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
+from audio_interaction_server.engine.events import EngineEvent, SessionEnded
+from audio_interaction_server.engine.wire import (
+    FRONT_TIMEOUT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, Goodbye, Heartbeat, Hello, OpenRemote,
+    SessionEvents, Shutdown, decode, encode,
 )
-from audio_interaction_server.engine.conversation import check_room
-from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
-from audio_interaction_server.engine.prompt import PromptEncoder
-from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats, Worker
-from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.1  # how often a front says it is alive
-# A front silent this long is gone: its sessions are closed. Five missed beats, so a front briefly starved of
-# CPU is not cut, and its slots are still free within a second of its end (the engine polls every POLL_S).
-FRONT_TIMEOUT_S = 0.5
-POLL_S = 0.1
+POLL_S = 0.1  # how often the engine looks at its parent and its fronts' heartbeats when no command comes
 STOP_FLUSH_S = 2.0  # how long a stopping engine waits for its last events to reach the fronts
 
-
-# ---- what crosses the boundary ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EngineEndpoints:
-    """Where an engine process listens; a front connects to both."""
-
-    commands: str
-    events: str
-
-    @classmethod
-    def in_directory(cls, directory: Path) -> EngineEndpoints:
-        return cls(f"ipc://{directory}/commands", f"ipc://{directory}/events")
-
-
-@dataclass(frozen=True)
-class Hello:
-    """A front asks to be served; answered with ``EngineReady`` (sent until one arrives: the event socket may
-    still be connecting)."""
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """The front is alive (every ``HEARTBEAT_S``)."""
-
-
-@dataclass(frozen=True)
-class Goodbye:
-    """The front leaves: its sessions are closed at once."""
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """The front that started the engine stops it: open sessions end with ``server_shutdown``, then it exits."""
-
-
-@dataclass(frozen=True)
-class OpenRemote:
-    """``OpenSession`` without its callback (a function cannot cross processes): the engine's ``emit`` for the
-    session sends its events to the front the open came from."""
-
-    session_id: str
-    options: SessionOptions
-
-
-@dataclass(frozen=True)
-class EngineReady:
-    """The engine's answer to ``Hello``: what the front needs to describe the model and check options."""
-
-    checkpoint: Path  # the loaded directory: the front loads the same tokenizer from it
-    name: str
-    device: str
-    dtype: str
-    config: EngineConfig
-
-
-@dataclass(frozen=True)
-class EngineFailedToLoad:
-    """The engine's answer to ``Hello`` when the model did not load: the loader's own exception, so the server
-    says why exactly as it does with the engine on a thread."""
-
-    error: BaseException
-
-
-@dataclass(frozen=True)
-class SessionEvents:
-    session_id: str
-    events: list[EngineEvent]
-    state: SessionStateSize | None  # what the session holds as these events leave (the front's gauges)
-
-
-def encode(message: Any) -> list[Any]:
-    """``message`` as frames: a pickle, then its out-of-band buffers (numpy arrays' memory, not copied)."""
-    buffers: list[pickle.PickleBuffer] = []
-    header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    return [header, *buffers]
-
-
-def decode(frames: list[zmq.Frame]) -> Any:
-    """What ``encode`` made, from frames received with ``copy=False``; arrays read the frames' memory."""
-    return pickle.loads(frames[0].buffer, buffers=[frame.buffer for frame in frames[1:]])
-
-
-# ---- the engine process ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -416,242 +312,3 @@ class EngineHost:
         self.commands.close(linger=0)
         self.events.close()  # lingers up to STOP_FLUSH_S for the last events
         self.events.context.term()
-
-
-# ---- a front's client ---------------------------------------------------------------------------------------
-
-class EngineProcessClient:
-    """The engine in another process, behind the same calls as ``Worker`` (``engine.client.EngineClient``).
-
-    With ``process`` (the engine this front started), ``start`` starts it and ``stop`` stops it, and its end
-    is watched; without, the client attaches to a running engine at ``endpoints``.
-    """
-
-    def __init__(self, endpoints: EngineEndpoints, process: EngineProcess | None = None) -> None:
-        self.endpoints = endpoints
-        self.process = process
-        self.front_id = uuid.uuid4().bytes
-        self.model: ModelSummary | None = None
-        self.config: EngineConfig | None = None
-        self.failure: BaseException | None = None
-        self.on_step: Callable[[StepStats], None] | None = None
-        self.on_failure: Callable[[BaseException], None] | None = None
-        self._context = zmq.Context()
-        self._commands = self._socket(endpoints.commands)
-        self._events = self._socket(endpoints.events)
-        self._send_lock = threading.Lock()  # the command socket: session calls (any thread), heartbeats (reader)
-        self._emits: dict[str, EmitFn] = {}  # open sessions of this front: where their events go
-        self._states: dict[str, SessionStateSize] = {}  # what each holds, as of its latest events
-        self._emits_lock = threading.Lock()  # held while registering an open and while failing every session
-        self._prompts: PromptEncoder | None = None
-        self._reader: threading.Thread | None = None
-        self._leaving = threading.Event()  # stop() began: the engine's end from now on is no failure
-        self._stopping = threading.Event()  # the reader thread ends
-
-    @classmethod
-    def spawn(cls, checkpoint: Path, config: EngineConfig,
-              setup_logging: Callable[[], None] | None = None) -> EngineProcessClient:
-        """A client of a new engine process (started by ``start``) that loads ``checkpoint`` with ``config``."""
-        process = EngineProcess(checkpoint, config, setup_logging)
-        return cls(process.endpoints, process)
-
-    def _socket(self, endpoint: str) -> zmq.Socket:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.front_id)
-        sock.setsockopt(zmq.SNDHWM, 0)  # a command is never dropped nor blocks the event loop
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        return sock
-
-    # ---- lifecycle ----------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the engine process (if this front owns one) and wait until it serves (the model load)."""
-        if self.process is not None:
-            self.process.start()
-        try:
-            ready = self._wait_ready()
-        except BaseException:
-            if self.process is not None:  # it exits by itself once its answer is out
-                self.process.join(STOP_FLUSH_S + 5.0)
-            self._close_sockets()
-            raise
-        from audio_interaction_server.model.checkpoint import load_tokenizer, resolve_files
-
-        tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
-        self.model = ModelSummary(ready.name, torch.device(ready.device), getattr(torch, ready.dtype), tokenizer)
-        self.config = ready.config
-        self._prompts = PromptEncoder(tokenizer, ready.config.prompt_cache_size,
-                                      max_cached_tokens=ready.config.max_positions)
-        self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)
-        self._reader.start()
-
-    def _wait_ready(self) -> EngineReady:
-        poller = zmq.Poller()
-        poller.register(self._events, zmq.POLLIN)
-        if self.process is not None:
-            poller.register(self.process.sentinel, zmq.POLLIN)
-        while True:
-            self._send(Hello())
-            ready = dict(poller.poll(int(HEARTBEAT_S * 1000 * 5)))
-            if self.process is not None and self.process.sentinel in ready:
-                raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
-                                   "served (the server log says why)")
-            if self._events in ready:
-                for message in decode(self._events.recv_multipart(copy=False)):
-                    if isinstance(message, EngineReady):
-                        return message
-                    if isinstance(message, EngineFailedToLoad):
-                        raise message.error
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Leave the engine (stop it, if this front started it); sessions still open end with server_shutdown."""
-        if self._leaving.is_set():
-            return
-        self._leaving.set()
-        self._send(Shutdown() if self.process is not None else Goodbye())
-        if self.process is not None:
-            self.process.join(timeout_s)  # its last events (each open session's end) are sent before it exits
-        self._stopping.set()
-        if self._reader is not None:
-            self._reader.join(timeout_s)
-        with self._emits_lock:
-            left = list(self._emits.items())
-            self._emits.clear()
-        for session_id, emit in left:
-            self._deliver(session_id, emit, [SessionEnded(EndCode.SERVER_SHUTDOWN, "the server is shutting down")])
-        self._close_sockets()
-
-    def _close_sockets(self) -> None:
-        with self._send_lock:
-            self._commands.close()
-        self._events.close()
-        self._context.term()
-
-    @property
-    def is_alive(self) -> bool:
-        return (self.failure is None and self.model is not None and not self._leaving.is_set()
-                and (self.process is None or self.process.exitcode is None))
-
-    # ---- the session calls --------------------------------------------------------------------------------
-    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
-        with self._emits_lock:
-            if self.failure is None:
-                self._emits[session_id] = emit
-                self._send(OpenRemote(session_id, options))
-                return
-        # As the Worker does after its death: the open is answered at once, so no client waits for nothing.
-        self._deliver(session_id, emit, [SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
-
-    def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None:
-        """Queue (N, 128, 40) mel chunks; they cross as one raw frame (a numpy array's buffer, out of band)."""
-        self._send(PushAudio(session_id, mel_chunks.numpy()))
-
-    def cancel(self, session_id: str) -> None:
-        self._send(CancelReply(session_id))
-
-    def request_reply(self, session_id: str) -> None:
-        self._send(RequestReply(session_id))
-
-    def clear_audio(self, session_id: str) -> None:
-        self._send(ClearAudio(session_id))
-
-    def close_session(self, session_id: str) -> None:
-        self._send(CloseSession(session_id))
-
-    def check_options(self, options: SessionOptions) -> None:
-        """Raise ValueError if a session with these options could not run there (the engine's own check)."""
-        assert self._prompts is not None and self.config is not None, "options checked before the engine served"
-        check_room(len(self._prompts.prefix(options.system_prompt)), options.max_turn_tokens,
-                   self.config.max_positions, self.config.rollover_window_positions)
-
-    def state_size(self, session_id: str) -> SessionStateSize | None:
-        """What the session held when its latest events left the engine (for monitoring)."""
-        return self._states.get(session_id)
-
-    def _send(self, message: Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand) -> None:
-        with self._send_lock:
-            if not self._commands.closed:
-                self._commands.send_multipart(encode(message), copy=False)
-
-    # ---- the reader thread --------------------------------------------------------------------------------
-    def _read_events(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._events, zmq.POLLIN)
-        if self.process is not None:
-            poller.register(self.process.sentinel, zmq.POLLIN)
-        next_beat_s = 0.0
-        while True:
-            now_s = time.monotonic()
-            if now_s >= next_beat_s:
-                self._send(Heartbeat())
-                next_beat_s = now_s + HEARTBEAT_S
-            ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
-            if self._events in ready:
-                self._receive_waiting()
-            if self.process is not None and self.process.sentinel in ready:
-                self._receive_waiting()  # what it sent before it ended comes first
-                if not self._leaving.is_set():
-                    self._engine_died()
-                return
-            if self._stopping.is_set():
-                self._receive_waiting()
-                return
-
-    def _receive_waiting(self) -> None:
-        while True:
-            try:
-                frames = self._events.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            for message in decode(frames):
-                match message:
-                    case SessionEvents(session_id=session_id, events=events, state=state):
-                        if state is None:
-                            self._states.pop(session_id, None)
-                        else:
-                            self._states[session_id] = state
-                        self._dispatch(session_id, events)
-                    case StepStats():
-                        if self.on_step is not None:
-                            self.on_step(message)
-                    case EngineReady():
-                        pass  # an answer to one of the hellos sent while the engine loaded
-
-    def _dispatch(self, session_id: str, events: list[EngineEvent]) -> None:
-        if isinstance(events[-1], SessionEnded):
-            self._states.pop(session_id, None)
-        with self._emits_lock:
-            emit = self._emits.get(session_id)
-            if emit is not None and isinstance(events[-1], SessionEnded):
-                del self._emits[session_id]
-        if emit is not None:
-            if not self._deliver(session_id, emit, events) and not isinstance(events[-1], SessionEnded):
-                with self._emits_lock:  # as the Worker does: a session whose events cannot be delivered ends
-                    self._emits.pop(session_id, None)
-                self.close_session(session_id)
-
-    def _deliver(self, session_id: str, emit: EmitFn, events: list[EngineEvent]) -> bool:
-        try:
-            emit(events)
-            return True
-        except Exception:
-            log.exception("emit callback of session %s failed", session_id)
-            return False
-
-    def _engine_died(self) -> None:
-        """The engine process ended unasked: end every session of this front as the dying worker thread does."""
-        assert self.process is not None
-        error = RuntimeError(f"the engine process exited with status {self.process.ended_status()}")
-        with self._emits_lock:
-            self.failure = error
-            left = list(self._emits.items())
-            self._emits.clear()
-        log.error("%s; every session is ended", error)
-        for session_id, emit in left:
-            self._deliver(session_id, emit, [SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
-        if self.on_failure is not None:
-            try:
-                self.on_failure(error)
-            except Exception:
-                log.exception("the engine client's failure callback failed")

@@ -1,0 +1,113 @@
+"""What crosses between the engine process and a server's front (``engine/process.py``), over ZeroMQ.
+
+Two ``ipc://`` sockets in a temporary directory:
+
+* commands: each front's DEALER -> the engine's ROUTER. The typed commands (``engine/commands.py``, an open
+  without its callback: ``OpenRemote``), pickled with protocol 5; a push's mel chunks travel out of band as a
+  raw frame (a numpy array's buffer), never copied into the pickle;
+* events: the engine's ROUTER -> each front's DEALER, in batches: ``SessionEvents`` (exactly the lists the
+  worker hands a session's ``emit``) and each step's ``StepStats``.
+
+Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
+not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
+the bulk (mel chunks) goes as raw bytes either way.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.engine.worker import SessionStateSize
+from audio_interaction_server.options import SessionOptions
+
+HEARTBEAT_S = 0.1  # how often a front says it is alive
+# A front silent this long is gone: its sessions are closed. Five missed beats, so a front briefly starved of
+# CPU is not cut, and its slots are still free within a second of its end (the engine polls every 0.1 s).
+FRONT_TIMEOUT_S = 0.5
+
+
+@dataclass(frozen=True)
+class EngineEndpoints:
+    """Where an engine process listens; a front connects to both."""
+
+    commands: str
+    events: str
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> EngineEndpoints:
+        return cls(f"ipc://{directory}/commands", f"ipc://{directory}/events")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A front asks to be served; answered with ``EngineReady`` (sent until one arrives: the event socket may
+    still be connecting)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The front is alive (every ``HEARTBEAT_S``)."""
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """The front leaves: its sessions are closed at once."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The front that started the engine stops it: open sessions end with ``server_shutdown``, then it exits."""
+
+
+@dataclass(frozen=True)
+class OpenRemote:
+    """``OpenSession`` without its callback (a function cannot cross processes): the engine's ``emit`` for the
+    session sends its events to the front the open came from."""
+
+    session_id: str
+    options: SessionOptions
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    """The engine's answer to ``Hello``: what the front needs to describe the model and check options."""
+
+    checkpoint: Path  # the loaded directory: the front loads the same tokenizer from it
+    name: str
+    device: str
+    dtype: str
+    config: EngineConfig
+
+
+@dataclass(frozen=True)
+class EngineFailedToLoad:
+    """The engine's answer to ``Hello`` when the model did not load: the loader's own exception, so the server
+    says why exactly as it does with the engine on a thread."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class SessionEvents:
+    session_id: str
+    events: list[EngineEvent]
+    state: SessionStateSize | None  # what the session holds as these events leave (the front's gauges)
+
+
+def encode(message: Any) -> list[Any]:
+    """``message`` as frames: a pickle, then its out-of-band buffers (numpy arrays' memory, not copied)."""
+    buffers: list[pickle.PickleBuffer] = []
+    header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    return [header, *buffers]
+
+
+def decode(frames: list[zmq.Frame]) -> Any:
+    """What ``encode`` made, from frames received with ``copy=False``; arrays read the frames' memory."""
+    return pickle.loads(frames[0].buffer, buffers=[frame.buffer for frame in frames[1:]])
