@@ -110,15 +110,15 @@ class EngineProcessClient:
         while True:
             self._send(Hello())
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000 * 5)))
-            if self.process is not None and self.process.sentinel in ready:
-                raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
-                                   "served (the server log says why)")
-            if self._events in ready:
+            if self._events in ready:  # first: an engine that failed to load says why, then ends
                 for message in decode(self._events.recv_multipart(copy=False)):
                     if isinstance(message, EngineReady):
                         return message
                     if isinstance(message, EngineFailedToLoad):
                         raise message.error
+            if self.process is not None and self.process.sentinel in ready:
+                raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
+                                   "served (the server log says why)")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Leave the engine (stop it, if this front started it); sessions still open end with server_shutdown."""
