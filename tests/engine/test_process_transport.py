@@ -57,7 +57,7 @@ def live(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def resume_server(tiny_checkpoint):
-    """test_resume's server, as a real ``python -m audio_interaction_server --engine-process``."""
+    """test_resume's server, as a real ``python -m audio_interaction_server`` with its engine in a process."""
     process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20", "AIS_ENGINE__TRANSPORT": "process"})
     yield process, port
     if process.poll() is None:
@@ -67,6 +67,24 @@ def resume_server(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def server(resume_server):
     return resume_server[1]
+
+
+def test_the_transport_is_chosen_by_config_flag_and_device():
+    import argparse
+
+    from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
+    from audio_interaction_server.config import EngineConfig, load_config
+    from audio_interaction_server.engine.client import choose_transport
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert load_config(None, {}, overrides_from(parser.parse_args(["--engine-process"]))).engine.transport == "process"
+    assert load_config(None, {"AIS_ENGINE__TRANSPORT": "thread"}, {}).engine.transport == "thread"
+    assert load_config(None, {}, {}).engine.transport == "auto"
+    assert choose_transport(EngineConfig(device="cuda")) == "process"  # the host path is the ceiling on a GPU
+    assert choose_transport(EngineConfig(device="cpu")) == "thread"
+    assert choose_transport(EngineConfig(device="cpu", transport="process")) == "process"
+    assert choose_transport(EngineConfig(device="cuda", transport="thread")) == "thread"
 
 
 def stream_tokens(server: LiveServer, samples: np.ndarray) -> tuple[list, list]:
