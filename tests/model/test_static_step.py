@@ -199,3 +199,23 @@ def test_the_scratch_slot_is_outside_the_session_slots(tiny_model):
     # The eager path is unchanged by the extra slot: same hidden state with and without it.
     batch = StepBatch.build([[1, 2, 3]], [0], [1], [[]], None, torch.device("cpu"))
     assert torch.equal(tiny_model.lm.last_hidden(batch, cache), tiny_model.lm.last_hidden(batch, plain))
+
+
+def test_every_bucket_runs_on_its_own_padding_inputs_and_touches_no_session_slot(tiny_model):
+    """What CUDA-graph capture runs (engine/step_graphs.py): each bucket, every row padding, from inputs packed
+    for that bucket. Inputs packed for the largest bucket put a smaller bucket's reply rows' last tokens beyond
+    its tokens (an index out of bounds: on an H200 capture failed with a device-side assert)."""
+    from audio_interaction_server.engine.buckets import BucketSet
+    from audio_interaction_server.engine.packing import StepStaging
+    from audio_interaction_server.engine.step_graphs import load_padding_step
+
+    cache = tiny_model.lm.new_cache(NUM_SLOTS, MAX_POSITIONS, scratch_slot=True)
+    sessions_k = cache.k[:, :, :NUM_SLOTS].clone()
+    buckets = BucketSet.for_rows(4, 4)
+    step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
+    staging = StepStaging(step.layout, cache.scratch_slot, cache.max_positions, pin_memory=False)
+    assert len(buckets.all()) > 2
+    for bucket in sorted(buckets.all(), reverse=True):
+        load_padding_step(step, staging, bucket)
+        step.run(bucket)
+    assert torch.equal(cache.k[:, :, :NUM_SLOTS], sessions_k)

@@ -109,6 +109,14 @@ def synthetic_rows(bucket: Bucket, num_slots: int, max_positions: int, vocab_siz
     return listening, reply
 
 
+def load_padding_step(step: StaticStep, staging: StepStaging, bucket: Bucket) -> None:
+    """Load inputs for a step at ``bucket`` whose every row is padding: what capture warms up and records on.
+    Packed for this bucket, never reused from another: a row's fields index this bucket's tokens (inputs packed
+    for a larger bucket point a smaller one's reply rows past its last token)."""
+    staging.pack(bucket, [], [])
+    step.load(staging.bytes, bucket)
+
+
 @dataclass
 class CaptureStats:
     num_graphs: int = 0
@@ -133,12 +141,11 @@ class StepGraphs:
         started = time.perf_counter()
         torch.cuda.synchronize(step.device)
         reserved_before = torch.cuda.memory_reserved(step.device)
-        # Every row padding: warm-ups and capture write only to the scratch slot.
-        self.staging.pack(step.largest, [], [])
-        step.load(self.staging.bytes, step.largest)
         pool = None
         side = torch.cuda.Stream(step.device)
         for bucket in self.buckets:
+            # Every row padding: warm-ups and capture write only to the scratch slot.
+            load_padding_step(step, self.staging, bucket)
             side.wait_stream(torch.cuda.current_stream(step.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
