@@ -264,6 +264,10 @@ class ServerConfig(BaseModel):
     resume_max_events: int = Field(
         2_000, ge=10, description="events a session keeps for a resume: its newest while connected; while "
         "detached, one more ends it (resume_expired)")
+    resume_max_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, description="the same bound in bytes (each event as JSON, estimated as the "
+        "outbox counts it): while connected the oldest events are dropped past it; while detached, past it the "
+        "session ends (resume_expired)")
     max_detached_per_ip: int = Field(
         4, ge=1, description="detached sessions (waiting for a resume) one client address may hold; when one more "
         "detaches, the oldest of that address ends. Whatever this says, a new session takes the slot of the "

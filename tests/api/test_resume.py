@@ -560,3 +560,34 @@ def test_a_detached_session_whose_grace_runs_out_is_logged_once(logged_server):
     assert len(lines) == 1, lines
     detached_s = float(re.search(r"after ([0-9.]+) s", lines[0]).group(1))
     assert 0.9 <= detached_s <= 1.5 and created["resume_token"] not in lines[0], lines[0]
+
+
+# ---- the replay log's bounds (no server: ReplayLog alone)
+
+
+def test_the_replay_log_is_bounded_in_bytes_as_well_as_in_events():
+    from audio_interaction_server.api.connection import ReplayLog, queued_bytes
+    from audio_interaction_server.protocol import LiveTurnEndEvent
+
+    def reply(turn: int, text: str) -> LiveTurnEndEvent:
+        return LiveTurnEndEvent(session_id="s", server_time_ms=0, turn=turn, text=text, token_ids=[],
+                                num_tokens=0, end_reason="text_end")
+
+    max_bytes = 1024 * 1024
+    replay = ReplayLog(max_events=2_000, max_bytes=max_bytes)
+    text = "x" * (200 * 1024)  # e.g. long prompts echoed: few events, many bytes
+    for turn in range(10):
+        replay.stamp(reply(turn, text), keep=True)
+    kept = replay.since(replay.last_seq - len(replay))
+    assert kept is not None and 1 <= len(kept) <= 5, "1 MiB holds at most five 200 KiB events of the ten"
+    assert [event.seq for event in kept] == list(range(11 - len(kept), 11)), "the newest are kept, in order"
+    assert sum(queued_bytes(event) for event in kept) == replay.num_bytes <= max_bytes
+    assert replay.since(0) is None, "a resume from before the kept range cannot be served (resume_expired)"
+
+    # Detached (no trim): the log grows until it is over a bound, in bytes as in events; the caller ends it.
+    detached = ReplayLog(max_events=2_000, max_bytes=max_bytes)
+    for turn in range(5):
+        detached.stamp(reply(turn, text), keep=True, trim=False)
+    assert not detached.is_over_limit
+    detached.stamp(reply(5, text), keep=True, trim=False)
+    assert detached.is_over_limit

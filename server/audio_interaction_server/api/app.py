@@ -267,7 +267,8 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
 
     connection = StreamConnection(websocket, make_session, config.max_queued_events,
                                   min(1.0, config.idle_timeout_s / 4), on_closed,
-                                  resume=ResumePolicy(config.resume_grace_s, config.resume_max_events),
+                                  resume=ResumePolicy(config.resume_grace_s, config.resume_max_events,
+                                                      config.resume_max_bytes),
                                   on_detached=runtime.session_detached)
     # Registered before the first await, so the capacity check above cannot be raced.
     runtime.register(session_id, connection)

@@ -313,14 +313,20 @@ class ResumePolicy:
 
     grace_s: float  # how long a detached session waits for its client
     max_events: int  # events kept for a replay; while detached, one more ends the session
+    max_bytes: int  # the same bound in bytes (as the outbox counts them): a few long echoes weigh as much
 
 
 class ReplayLog:
-    """A session's most recent events, numbered, so a resuming client gets exactly what it missed."""
+    """A session's most recent events, numbered, so a resuming client gets exactly what it missed.
 
-    def __init__(self, max_events: int) -> None:
+    Bounded in events and in bytes (each event counted as the outbox counts it, ``queued_bytes``): 2,000
+    events that each echo an 8,000-character system prompt would otherwise hold 16 MB of text alone."""
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
         self.max_events = max_events
-        self._events: deque = deque()
+        self.max_bytes = max_bytes
+        self._events: deque[tuple[Any, int]] = deque()  # (event, its queued_bytes)
+        self.num_bytes = 0
         self.last_seq = 0
 
     def stamp(self, event, keep: bool, trim: bool = True):
@@ -329,9 +335,11 @@ class ReplayLog:
         self.last_seq += 1
         stamped = event.model_copy(update={"seq": self.last_seq})
         if keep:
-            self._events.append(stamped)
-            while trim and len(self._events) > self.max_events:
-                self._events.popleft()
+            size = queued_bytes(stamped)
+            self._events.append((stamped, size))
+            self.num_bytes += size
+            while trim and self.is_over_limit:
+                self.num_bytes -= self._events.popleft()[1]
         return stamped
 
     def __len__(self) -> int:
@@ -339,14 +347,14 @@ class ReplayLog:
 
     @property
     def is_over_limit(self) -> bool:
-        return len(self._events) > self.max_events
+        return len(self._events) > self.max_events or self.num_bytes > self.max_bytes
 
     def since(self, last_seq: int) -> list | None:
         """The events after ``last_seq``, or None when some of them are no longer held."""
-        first_held = self._events[0].seq if self._events else self.last_seq + 1
+        first_held = self._events[0][0].seq if self._events else self.last_seq + 1
         if not first_held - 1 <= last_seq <= self.last_seq:
             return None
-        return [event for event in self._events if event.seq > last_seq]
+        return [event for event, _ in self._events if event.seq > last_seq]
 
 
 class StreamConnection:
@@ -380,7 +388,8 @@ class StreamConnection:
         self._end_reason = "disconnected"
         self.resume_policy = resume if resume is not None and resume.grace_s > 0 else None
         self.resume_token = secrets.token_urlsafe(24) if self.resume_policy else None
-        self._log = ReplayLog(self.resume_policy.max_events if self.resume_policy else 0)
+        policy = self.resume_policy
+        self._log = ReplayLog(policy.max_events if policy else 0, policy.max_bytes if policy else 0)
         self._generation = 0
         self._client_said_goodbye = False  # the socket ended with a close frame saying the client is done
         self._expiry: asyncio.TimerHandle | None = None
