@@ -21,6 +21,9 @@ realtime_flood  the same on /v1/realtime: 100 ms of 24 kHz PCM per input_audio_b
 prompt_flood    session.configure with a new 8,000-digit system prompt (too long for the context; the
                 slowest kind to tokenise), 300 a second
 item_flood      20,000 conversation.item.create on /v1/realtime in under a second, then more
+agent_flood     TCP connections to the capacity agent's port (the server's HAProxy agent-check, `agent_port`,
+                set to a free port for this case), back to back, 8 at a time, each
+                reading its line (or the close) and opening the next
 
 Each attacker is one connection; with `--reconnect` it opens a new one whenever the server
 closes it (the per-address connection rate limit applies) and goes on until the case ends.
@@ -50,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_interaction_server.spec import SAMPLE_RATE_HZ
-from benchmarks.harness import REPO_ROOT, spawn_server
+from benchmarks.harness import REPO_ROOT, free_port, spawn_server
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,
 )
@@ -62,6 +65,7 @@ ATTACK_LEAD_S = 1.0  # the attacker is at full speed before the victim's first f
 PROMPT_CHARS = 8_000  # the longest system prompt either protocol accepts
 PROMPTS_PER_S = 300
 ITEMS_AT_ONCE = 20_000
+AGENT_PROBES_IN_FLIGHT = 8  # enough to keep the agent's accept queue busy, too few to fill it (64)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,12 +141,38 @@ async def _realtime_attack(ws, kind: str, stats: Counter, end_s: float) -> None:
             raise ValueError(f"unknown /v1/realtime attack {kind!r}")
 
 
+async def _agent_attack(host: str, port: int, stats: Counter, end_s: float) -> None:
+    """Probes of the capacity agent's port, back to back, AGENT_PROBES_IN_FLIGHT at a time, until ``end_s``."""
+
+    async def one_probe_after_another() -> None:
+        while (left_s := end_s - time.perf_counter()) > 0:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, local_addr=(ATTACKER_ADDRESS, 0)), left_s)
+            except (OSError, asyncio.TimeoutError) as refused:
+                stats[f"refused:{type(refused).__name__}"] += 1
+                await asyncio.sleep(0.001)
+                continue
+            stats["connections"] += 1
+            try:  # the agent answers at most a line and closes; a probe beyond its limits gets the close alone
+                line = await asyncio.wait_for(reader.read(256), max(0.0, end_s - time.perf_counter()))
+                stats["lines" if line.endswith(b"\n") else "closed unanswered"] += 1
+            except (OSError, asyncio.TimeoutError):
+                stats["waiting at the end" if time.perf_counter() >= end_s else "reset"] += 1
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(one_probe_after_another() for _ in range(AGENT_PROBES_IN_FLIGHT)))
+
+
+# The capacity agent's port: a plain TCP line, not a WebSocket path (the attacker is given the port).
+AGENT_PORT = "agent port"
 # attack -> (path, one connection's attack). Another attack is one entry here and one line in the docstring.
 ATTACKERS = {
     "ping_flood": ("/v1/stream", _stream_attack), "fast_sender": ("/v1/stream", _stream_attack),
     "flush_flood": ("/v1/stream", _stream_attack), "audio_flood": ("/v1/stream", _stream_attack),
     "realtime_flood": ("/v1/realtime", _realtime_attack), "prompt_flood": ("/v1/stream", _stream_attack),
-    "item_flood": ("/v1/realtime", _realtime_attack),
+    "item_flood": ("/v1/realtime", _realtime_attack), "agent_flood": (AGENT_PORT, _agent_attack),
 }
 ATTACKS = tuple(ATTACKERS)
 
@@ -152,7 +182,7 @@ ATTACKS = tuple(ATTACKERS)
 ATTACKER_ADDRESS = "127.0.0.2"
 
 
-async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> dict:
+async def attack(base_url: str, kind: str, seconds: float, reconnect: bool, agent_port: int | None = None) -> dict:
     """Attack until ``seconds`` have passed or the server closes the connection (then, with ``reconnect``,
     open another)."""
     import websockets
@@ -162,6 +192,10 @@ async def attack(base_url: str, kind: str, seconds: float, reconnect: bool) -> d
     close_codes: Counter = Counter()
     started_s = time.perf_counter()
     end_s = started_s + seconds
+    if path == AGENT_PORT:
+        assert agent_port is not None, "the agent_flood attacker needs the server's agent port"
+        await _agent_attack(base_url.split("//", 1)[1].rsplit(":", 1)[0], agent_port, stats, end_s)
+        return {"kind": kind, "lines a second": round(stats["lines"] / seconds), **stats}
     first_close_s = None
     while time.perf_counter() < end_s:
         try:
@@ -242,12 +276,14 @@ def worker_busy(port: int) -> tuple[float, float]:
     return values.get("ais_worker_step_seconds_sum", 0.0), values.get("ais_worker_step_seconds_count", 0.0)
 
 
-def run_case(url: str, kind: str, audio: np.ndarray, seconds: float, reconnect: bool) -> tuple[list[float], dict]:
+def run_case(url: str, kind: str, audio: np.ndarray, seconds: float, reconnect: bool,
+             agent_port: int | None = None) -> tuple[list[float], dict]:
     attacker = None
     if kind != "alone":
         attacker = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.hostile", "--attacker", kind, "--url", url.rsplit("/v1/", 1)[0],
-             "--seconds", str(seconds + ATTACK_LEAD_S + 1), *(["--reconnect"] if reconnect else [])],
+             "--seconds", str(seconds + ATTACK_LEAD_S + 1), *(["--reconnect"] if reconnect else []),
+             *(["--agent-port", str(agent_port)] if agent_port is not None else [])],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # from the root: where the benchmarks package is
         time.sleep(ATTACK_LEAD_S)
     latencies: list[float] = []
@@ -278,18 +314,24 @@ def main() -> None:
     parser.add_argument("--refused-frame-cost", action="store_true", help="only time one refused frame")
     parser.add_argument("--attacker", choices=ATTACKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.refused_frame_cost:
         refused_frame_cost()
         return
     if args.attacker:
-        print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds, args.reconnect))), flush=True)
+        print(json.dumps(asyncio.run(attack(args.url, args.attacker, args.seconds, args.reconnect, args.agent_port))),
+              flush=True)
         return
 
     env = {"AIS_ENGINE__DEVICE": "cpu"}
     if args.checkpoint is not None:
         env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     env.update(item.split("=", 1) for item in args.server_env)
+    agent_port = None
+    if "agent_flood" in args.cases:  # the agent listens only where a port is configured
+        env.setdefault("AIS_AGENT_PORT", str(free_port()))
+        agent_port = int(env["AIS_AGENT_PORT"])
     root = (args.server_root or REPO_ROOT).resolve()
     # The package of that checkout (server/audio_interaction_server/) comes before any installed one.
     env["PYTHONPATH"] = str(root / "server")
@@ -309,7 +351,7 @@ def main() -> None:
         for kind in args.cases:
             busy_s, steps = worker_busy(port)
             started = time.perf_counter()
-            latencies, report = run_case(url, kind, audio, args.seconds, args.reconnect)
+            latencies, report = run_case(url, kind, audio, args.seconds, args.reconnect, agent_port)
             busy_s, steps = (a - b for a, b in zip(worker_busy(port), (busy_s, steps)))
             busy = f"{busy_s / (time.perf_counter() - started):.0%} | {busy_s / max(steps, 1) * 1e3:.1f}"
             attacker = ", ".join(f"{key} {value}" for key, value in report.items()
