@@ -15,7 +15,7 @@ from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, 
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
-from audio_interaction_server.api.commands import Configure
+from audio_interaction_server.api.commands import AcknowledgeItem, Configure
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.api.session import CLOSE_CODE_OF_END, ModelInfo, Session
@@ -604,3 +604,23 @@ def test_system_prompt_checks_are_bounded_per_connection(tiny_model):
     assert updated.options.system_prompt == "Be brief." and worker.num_option_checks == 4
     (updated,) = h.send({"type": "session.configure", "decision_events": True})  # no prompt: nothing to charge
     assert updated.type == "session.updated"
+
+
+def test_a_realtime_item_create_reaches_the_session_as_an_acknowledgement_not_a_configure(tiny_model):
+    """conversation.item.create changes nothing the session holds: it reaches the session as AcknowledgeItem
+    (counted as a text event, answered in its place in the event order), never as a Configure, and the
+    session's answer becomes conversation.item.added/done on the wire with the client's item."""
+    h, worker = counting_harness(tiny_model)
+    h.codec = RealtimeCodec(h.config.max_frame_bytes)  # type: ignore[assignment]
+    h.send({"type": "input_audio_buffer.clear"})  # the codec's first frame also sets the 24 kHz format
+    frames = [json.loads(frame) for event in h.events for frame in h.codec.encode(event)]
+    assert [frame["type"] for frame in frames] == ["session.created", "input_audio_buffer.cleared"]
+    commands = h.codec.decode(json.dumps({"type": "conversation.item.create", "event_id": "e1", "item": {
+        "id": "lk_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+    assert commands == [AcknowledgeItem(event_type="conversation.item.create", event_id="e1")]
+    (answer,) = h.session.handle(commands[0], h.now_s)
+    assert answer.type != "session.updated" and worker.num_option_checks == 0
+    frames = [json.loads(frame) for frame in h.codec.encode(answer)]
+    assert [(frame["type"], frame["item"]["id"]) for frame in frames] == [("conversation.item.added", "lk_1"),
+                                                                          ("conversation.item.done", "lk_1")]
+    assert h.codec.held_bytes == 0

@@ -7,12 +7,17 @@ second protocol, translates). So one session class and one engine path serve eve
 
 Every command carries the client's ``event_id`` (None when the protocol has none) so an
 error can name the event that caused it.
+
+One answer is not a ``/v1/stream`` wire event: ``ItemAcknowledged``, the session's answer to
+``AcknowledgeItem``, which only the Realtime codec sends and words in its own terms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict
 
 from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.protocol import AudioFormat
@@ -58,6 +63,30 @@ class Configure:
     def given(self) -> set[str]:
         return {name for name in ("system_prompt", "sampling", "max_turn_tokens", "reply_mode", "audio",
                                   "decision_events") if getattr(self, name) is not UNSET}
+
+
+@dataclass(frozen=True)
+class AcknowledgeItem:
+    """Acknowledge a change to the client's conversation that the session does not hold (a Realtime
+    ``conversation.item.create`` or ``delete``: the model takes no text input). Nothing in the session
+    changes; it answers with ``ItemAcknowledged`` in the command's place in the event order, and the
+    command counts against the client's event budget like any text event."""
+
+    event_type: str  # the wire event acknowledged: its answer, or an error, names it
+    event_id: str | None = None
+
+
+class ItemAcknowledged(BaseModel):
+    """The session's answer to ``AcknowledgeItem``. It goes out through the connection's outbox like the
+    session's other events (numbered, counted in its bounds), so it has their ``session_id`` and ``seq``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["item.acknowledged"] = "item.acknowledged"
+    session_id: str | None = None
+    seq: int | None = None
+    event_type: str
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,4 +146,5 @@ class Malformed:
     event_id: str | None = None
 
 
-Command = Union[Configure, AppendAudio, Flush, ClearAudio, RequestReply, CancelReply, CloseSession, Malformed]
+Command = Union[Configure, AcknowledgeItem, AppendAudio, Flush, ClearAudio, RequestReply, CancelReply, CloseSession,
+                Malformed]

@@ -28,7 +28,8 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from audio_interaction_server.api.commands import (
-    AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, Malformed, RequestReply, Unset,
+    AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, ItemAcknowledged,
+    Malformed, RequestReply, Unset,
 )
 from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.audio.frontend import AudioFormatError
@@ -182,6 +183,9 @@ class Session:
                 return self._append_audio(command, now_s)
             case Configure():
                 return self._configure(command, now_s)
+            case AcknowledgeItem():  # nothing of the session changes: the answer keeps its place in the order
+                return [ItemAcknowledged(session_id=self.session_id, event_type=command.event_type,
+                                         event_id=command.event_id)]
             case Flush():
                 return self._flush(command, now_s)
             case ClearAudio():
@@ -332,7 +336,7 @@ class Session:
             refused = self._apply_model_options(command, model_fields, now_s)
             if refused:
                 return refused
-        # Without model fields the options stand as checked (a Realtime item create is such an empty Configure).
+        # Without model fields the options stand as checked: an empty Configure only reports them.
         if not isinstance(command.audio, Unset):
             self._note_pushed(self.audio.set_format(command.audio or AudioFormat()), now_s)
         if not isinstance(command.decision_events, Unset):

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter
 
 from audio_interaction_server.api.commands import (
-    AppendAudio, CancelReply, ClearAudio, Configure, Flush, Malformed, RequestReply,
+    AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, Configure, Flush, ItemAcknowledged, Malformed, RequestReply,
 )
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.audio.g711 import MULAW_TO_S16
@@ -118,6 +118,11 @@ class Harness:
     def updated(self, **changes) -> SessionUpdatedEvent:
         self.options = self.options.model_copy(update=changes)
         return SessionUpdatedEvent(**STAMP, audio=AudioFormat(), options=self.options)
+
+    @staticmethod
+    def acknowledged(command: AcknowledgeItem) -> ItemAcknowledged:
+        """The session's answer to an ``AcknowledgeItem``."""
+        return ItemAcknowledged(session_id=SESSION_ID, event_type=command.event_type, event_id=command.event_id)
 
     def error(self, command, **fields) -> ErrorEvent:
         """The session's answer to a ``Malformed`` (or a refused command)."""
@@ -357,22 +362,39 @@ def test_conversation_items_are_acknowledged_in_event_order_with_the_clients_id(
     h = Harness()
     [ack] = h.client({"type": "conversation.item.create", "event_id": "e1", "previous_item_id": "root", "item": {
         "id": "lk_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
-    assert ack == Configure(event_id="e1", event_type="conversation.item.create")  # nothing to change
-    added, done = h.session(h.updated())
+    assert ack == AcknowledgeItem(event_id="e1", event_type="conversation.item.create")  # not a Configure
+    added, done = h.session(h.acknowledged(ack))
     assert added["type"] == "conversation.item.added" and added["item"]["id"] == "lk_1"
     assert added["previous_item_id"] is None and done["type"] == "conversation.item.done"
-    h.client({"type": "conversation.item.create", "item": {"id": "lk_2", "type": "message", "role": "assistant",
-                                                            "content": [{"type": "output_text", "text": "ok"}]}})
-    assert h.session(h.updated())[0]["previous_item_id"] == "lk_1"
+    [ack] = h.client({"type": "conversation.item.create", "item": {
+        "id": "lk_2", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}})
+    assert h.session(h.acknowledged(ack))[0]["previous_item_id"] == "lk_1"
     [duplicate] = h.client({"type": "conversation.item.create", "item": {"id": "lk_1", "type": "message",
                                                                         "role": "user", "content": []}})
     assert duplicate.code == "item_create_duplicate_item_id"
-    h.client({"type": "conversation.item.delete", "item_id": "lk_2"})
-    assert h.session(h.updated()) == [h.frames[-1]] and h.frames[-1]["type"] == "conversation.item.deleted"
+    [ack] = h.client({"type": "conversation.item.delete", "item_id": "lk_2"})
+    assert ack == AcknowledgeItem(event_id=None, event_type="conversation.item.delete")
+    assert h.session(h.acknowledged(ack)) == [h.frames[-1]] and h.frames[-1]["type"] == "conversation.item.deleted"
     [unknown] = h.client({"type": "conversation.item.delete", "item_id": "lk_2"})
     assert unknown.code == "item_delete_invalid_item_id"
     [call] = h.client({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}})
     assert call.code == "invalid_value"
+
+
+def test_an_item_the_session_refuses_is_neither_held_nor_added():
+    """A closing session refuses an AcknowledgeItem with invalid_state: the item's bytes are let go and the
+    item never joins the conversation, so the same id can be created again."""
+    h = Harness()
+    item = {"type": "conversation.item.create", "event_id": "e1", "item": {
+        "id": "lk_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}
+    [ack] = h.client(item)
+    assert h.codec.held_bytes > 0
+    [error] = h.session(h.error(ack, message="the session is closing; event ignored"))
+    assert error["error"]["event_id"] == "e1" and h.codec.held_bytes == 0
+    [again] = h.client(item)
+    assert again == ack
+    assert [frame["type"] for frame in h.session(h.acknowledged(again))] == ["conversation.item.added",
+                                                                             "conversation.item.done"]
 
 
 # ---- bad frames and errors ----------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ ids, the audio format on the wire (G.711 is decoded here), the turn-detection na
 
 Answers that are the codec's own (a ``response.cancel`` with nothing to cancel, an unsupported
 ``output_modalities``) still go through the session as ``Malformed`` commands, so they are
-counted and ordered like every other error. Acknowledgements with no session meaning
-(``conversation.item.create``/``delete``) ride on an empty ``Configure``: the session answers
-it with ``session.updated`` in its place in the event order, which the codec turns into the
-acknowledgement. The ``_answers`` queue says what each ``Configure`` the codec sent stands for.
+counted and ordered like every other error. Conversation items (``conversation.item.create``/
+``delete``) change nothing the session holds: they go to it as ``AcknowledgeItem``, which it
+answers with ``ItemAcknowledged`` in its place in the event order (and counts as a text event),
+and the codec words that answer as the Realtime acknowledgement. The ``_answers`` queue says what
+each ``Configure`` the codec sent stands for, the ``_acks`` queue what each ``AcknowledgeItem`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from audio_interaction_server.api.commands import (
-    AppendAudio, CancelReply, ClearAudio, Command, Configure, Flush, Malformed, RequestReply,
+    AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, Command, Configure, Flush, Malformed, RequestReply,
 )
 from audio_interaction_server.api.realtime.events import (
     AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
@@ -49,7 +50,7 @@ _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
                  "audio_flood", "event_flood"}
-_CONFIGURE_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure
+_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure or an AcknowledgeItem
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
 MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
@@ -68,11 +69,19 @@ _Unchanged = Literal["unchanged"]
 class _Answer:
     """What the session's answer to one codec-issued ``Configure`` stands for."""
 
-    kind: str  # "internal" (send nothing), "session.update", "item.create", "item.delete"
+    kind: Literal["internal", "session.update"]  # internal: the codec's own, nothing is sent
     event_type: str
     event_id: str | None
     audio_format: AudioPcm | AudioPcmu | AudioPcma | None = None
     turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
+
+
+@dataclass(frozen=True)
+class _Ack:
+    """The conversation change one ``AcknowledgeItem`` stands for: an item added, or one deleted."""
+
+    event_type: str
+    event_id: str | None
     item: Item | None = None
     previous_item_id: str | None = None
     deleted_item_id: str | None = None
@@ -96,7 +105,8 @@ class RealtimeCodec:
         self._format: AudioPcm | AudioPcmu | AudioPcma = AudioPcm()
         self._turn_detection: TurnDetectionObject | None = TurnDetectionObject()
         self._answers: deque[_Answer] = deque()
-        self.held_bytes = 0  # the items in _answers (connection.py bounds them with the events still unsent)
+        self._acks: deque[_Ack] = deque()
+        self.held_bytes = 0  # the items in _acks (connection.py bounds them with the events still unsent)
         self._params: dict[tuple[str | None, str], str] = {}  # (event_id, code) -> the field a codec error names
         self._is_started = False
         self._session_id = "sess_unbound"
@@ -254,19 +264,19 @@ class RealtimeCodec:
             previous = None
         elif previous is None or previous not in self.conversation.item_ids:
             previous = self.conversation.last_item_id
-        return self._acknowledge(_Answer("item.create", event.type, event.event_id, item=item,
-                                         previous_item_id=previous, num_bytes=len(item.model_dump_json())))
+        return self._acknowledge(_Ack(event.type, event.event_id, item=item, previous_item_id=previous,
+                                      num_bytes=len(item.model_dump_json())))
 
     def _item_delete(self, event: ConversationItemDelete) -> list[Command]:
         if event.item_id not in self.conversation.item_ids:
             return [self._refuse("item_delete_invalid_item_id", f"no item with id {_shown(event.item_id)}", event.type,
                                  event.event_id, "item_id")]
-        return self._acknowledge(_Answer("item.delete", event.type, event.event_id, deleted_item_id=event.item_id))
+        return self._acknowledge(_Ack(event.type, event.event_id, deleted_item_id=event.item_id))
 
-    def _acknowledge(self, answer: _Answer) -> list[Command]:
-        self._answers.append(answer)
-        self.held_bytes += answer.num_bytes
-        return [Configure(event_id=answer.event_id, event_type=answer.event_type)]
+    def _acknowledge(self, ack: _Ack) -> list[Command]:
+        self._acks.append(ack)
+        self.held_bytes += ack.num_bytes
+        return [AcknowledgeItem(event_type=ack.event_type, event_id=ack.event_id)]
 
     def _session_update(self, event: SessionUpdate) -> list[Command]:
         session = event.session
@@ -342,6 +352,8 @@ class RealtimeCodec:
             return [SessionCreated(event_id=self.ids.new("event"), session=self.session_object())]
         if kind == "session.updated":
             return self._answered(event)
+        if kind == "item.acknowledged":
+            return self._acknowledged()
         if kind == "error":
             return self._error(event)
         if kind == "input.flushed":
@@ -385,19 +397,25 @@ class RealtimeCodec:
         self._has_uncommitted_audio = False
         return self.replies.commit_user_audio()
 
+    def _acknowledged(self) -> list:
+        if not self._acks:
+            return []  # the session answers each AcknowledgeItem once, so only a scripted test can get here
+        ack = self._acks.popleft()
+        self.held_bytes -= ack.num_bytes
+        if ack.item is not None:
+            self.conversation.add(ack.item.id)
+            return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=ack.previous_item_id,
+                                          item=ack.item),
+                    ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=ack.previous_item_id,
+                                         item=ack.item)]
+        if ack.deleted_item_id is not None:
+            self.conversation.remove(ack.deleted_item_id)
+            return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=ack.deleted_item_id)]
+        return []
+
     def _answered(self, event) -> list:
         self._settings = event.options
         answer = self._answers.popleft() if self._answers else _Answer("session.update", "session.update", None)
-        self.held_bytes -= answer.num_bytes
-        if answer.kind == "item.create" and answer.item is not None:
-            self.conversation.add(answer.item.id)
-            return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
-                                          item=answer.item),
-                    ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=answer.previous_item_id,
-                                         item=answer.item)]
-        if answer.kind == "item.delete" and answer.deleted_item_id is not None:
-            self.conversation.remove(answer.deleted_item_id)
-            return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=answer.deleted_item_id)]
         if answer.audio_format is not None:
             self._format = answer.audio_format
         if not isinstance(answer.turn_detection, str):  # "unchanged" is the one string
@@ -407,11 +425,14 @@ class RealtimeCodec:
         return [SessionUpdated(event_id=self.ids.new("event"), session=self.session_object())]
 
     def _error(self, event) -> list:
-        head = self._answers[0] if self._answers else None
-        # The session's own refusals of a Configure (the codec's Malformed errors have codes of their own).
-        if head is not None and event.code in _CONFIGURE_REFUSALS and \
-                (head.event_type, head.event_id) == (event.event_type, event.event_id):
-            self.held_bytes -= self._answers.popleft().num_bytes  # its Configure was refused: nothing of it applies
+        # The session's own refusals of a Configure or an AcknowledgeItem (the codec's Malformed errors have codes
+        # of their own): nothing of the refused command applies.
+        if event.code in _REFUSALS:
+            if self._acks and (self._acks[0].event_type, self._acks[0].event_id) == (event.event_type, event.event_id):
+                self.held_bytes -= self._acks.popleft().num_bytes
+            elif self._answers and \
+                    (self._answers[0].event_type, self._answers[0].event_id) == (event.event_type, event.event_id):
+                self._answers.popleft()
         if event.event_type == "response.create":
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
