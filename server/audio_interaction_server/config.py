@@ -263,11 +263,12 @@ class ServerConfig(BaseModel):
         "waits this long, holding its slot and context, for the client to resume it (docs/protocol.md); 0 = off")
     resume_max_events: int = Field(
         2_000, ge=10, description="events a session keeps for a resume: its newest while connected; while "
-        "detached, one more ends it (resume_expired)")
+        "detached, those sent before the drop give way to new ones, and past the bound in events that arrived "
+        "since the drop the session ends (resume_expired)")
     resume_max_bytes: int = Field(
         4 * 1024 * 1024, ge=64 * 1024, description="the same bound in bytes (each event as JSON, estimated as the "
-        "outbox counts it): while connected the oldest events are dropped past it; while detached, past it the "
-        "session ends (resume_expired)")
+        "outbox counts it): while connected the oldest events are dropped past it; while detached, as for "
+        "resume_max_events")
     max_detached_per_ip: int = Field(
         4, ge=1, description="detached sessions (waiting for a resume) one client address may hold; when one more "
         "detaches, the oldest of that address ends. Whatever this says, a new session takes the slot of the "

@@ -562,6 +562,39 @@ def test_a_detached_session_whose_grace_runs_out_is_logged_once(logged_server):
     assert 0.9 <= detached_s <= 1.5 and created["resume_token"] not in lines[0], lines[0]
 
 
+def test_a_session_longer_than_its_replay_window_still_resumes(tiny_checkpoint):
+    """The replay log is a window of the newest events while connected; once full (a session of a few minutes at
+    the default 2,000 events), the first event after a drop must push out the oldest events the client was sent
+    before it, not end the session as resume_buffer_full."""
+    from benchmarks.harness import spawn_server, stop_server
+
+    process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20", "AIS_RESUME_MAX_EVENTS": "10"})
+    try:
+        async def main():
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream")
+            created = json.loads(await ws.recv())
+            # Decisions only (replies on request, none asked): 15 chunks, 15 decisions; the window is 10 events.
+            await ws.send(json.dumps({"type": "session.configure", "decision_events": True,
+                                      "reply_mode": "on_request"}))
+            seen = []
+            await ws.send(np.zeros(16000 * 6, "<i2").tobytes())
+            while len([e for e in seen if e["type"] == "decision"]) < 12:
+                seen.append(json.loads(await ws.recv()))
+            assert len(seen) > 10, "the window was full before the drop"
+            last_seq = max(e["seq"] for e in seen if "seq" in e)
+            ws.transport.abort()  # dropped with the window full; the last decisions arrive while detached
+            await asyncio.sleep(1.0)
+            resumed, first = await resume(port, created, last_seq=last_seq)
+            assert first["type"] == "session.resumed", first
+            await resumed.send(json.dumps({"type": "session.close"}))
+            replayed = await read_until_closed(resumed)
+            assert [e["seq"] for e in replayed if "seq" in e][:1] == [last_seq + 1], "nothing missed"
+
+        asyncio.run(main())
+    finally:
+        stop_server(process)
+
+
 # ---- the replay log's bounds (no server: ReplayLog alone)
 
 

@@ -349,6 +349,14 @@ class ReplayLog:
     def is_over_limit(self) -> bool:
         return len(self._events) > self.max_events or self.num_bytes > self.max_bytes
 
+    def make_room(self, keep_after_seq: int) -> bool:
+        """While over a bound, drop the oldest events numbered up to ``keep_after_seq`` (those a detached session
+        sent before its socket ended: a window, as while connected); whether the log is now within its bounds.
+        False: the events since then alone are over a bound."""
+        while self.is_over_limit and self._events and self._events[0][0].seq <= keep_after_seq:
+            self.num_bytes -= self._events.popleft()[1]
+        return not self.is_over_limit
+
     def since(self, last_seq: int) -> list | None:
         """The events after ``last_seq``, or None when some of them are no longer held."""
         first_held = self._events[0][0].seq if self._events else self.last_seq + 1
@@ -434,7 +442,7 @@ class StreamConnection:
         if self.outbox is None:  # detached: the log holds them for the client's return, up to its bound
             for event in events:
                 self._log.stamp(event, keep=True, trim=False)
-            if self._log.is_over_limit:
+            if not self._log.make_room(keep_after_seq=self._sent_before_detach_seq):
                 log.warning("session %s: detached past its event buffer; ending it", self.session.session_id)
                 self._end_now("resume_buffer_full")
             elif self.session.is_closed:
@@ -521,6 +529,9 @@ class StreamConnection:
             self._finish(self._end_reason)
         elif self.resume_policy is not None and not self._client_said_goodbye:
             assert self.outbox is not None, "a socket ended: it was attached"
+            # What the socket sent is the window a connected log keeps; what it had not sent, and what comes
+            # while detached, must all be kept for the client's return.
+            self._sent_before_detach_seq = self._log.last_seq
             self._keep_unsent(self.outbox)
             self.outbox = None  # detached: events go to the log until the client resumes or the grace ends
             self.detached_since_s = time.monotonic()
