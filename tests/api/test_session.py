@@ -575,8 +575,8 @@ def test_a_client_flooding_events_is_cut_with_1008(tiny_model, protocol):
 
 
 def test_an_empty_configure_is_acknowledged_without_checking_the_options_again(tiny_model):
-    """/v1/realtime acknowledges every conversation.item.create with an empty Configure: the options did not
-    change, so nothing is rebuilt or tokenised for it."""
+    """A session.configure that changes nothing (a client may send one to ask for session.updated): the options
+    did not change, so nothing is rebuilt or tokenised for it."""
     h, worker = counting_harness(tiny_model)
     h.send({"type": "session.configure", "system_prompt": "Be brief."})
     assert worker.num_option_checks == 1
