@@ -24,6 +24,16 @@ def server_env(**extra: str) -> dict[str, str]:
     return {**env, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", **extra}
 
 
+
+def end_process(process: subprocess.Popen) -> None:
+    """A test's cleanup of the server it spawned: killed if it is still running (a test that failed before its
+    own stop), waited for, its log pipe closed."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+
 def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -91,10 +101,7 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(tmp_path, signu
         elapsed_s = time.monotonic() - signalled
         log = process.stderr.read()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
         hub.close()
     assert status == 0 and "Traceback" not in log, log
     assert elapsed_s < 10, f"took {elapsed_s:.1f} s to stop"
@@ -113,10 +120,7 @@ def test_a_signal_during_start_up_imports_is_a_clean_stop(tiny_checkpoint, signu
         status = process.wait(timeout=60)
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
     assert status == 0 and "Traceback" not in log.text, log.text
 
 
@@ -154,10 +158,7 @@ def test_sigint_stops_the_server_even_when_inherited_as_ignored(tiny_checkpoint,
         elapsed_s = time.monotonic() - signalled
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
         hub.close()
     assert status == 0 and "Traceback" not in log.text, log.text
     assert elapsed_s < 10, f"took {elapsed_s:.1f} s to stop"
@@ -233,9 +234,7 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
         assert process.wait(timeout=30) == 0
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        end_process(process)
     assert "generating the tiny demo model" in log.text
     assert "[transformers]" not in log.text and "Traceback" not in log.text
 
@@ -292,10 +291,7 @@ def test_sigterm_with_a_drain_time_lets_the_reply_finish_closes_1012_and_exits_0
         exited_s = time.monotonic() - signalled
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
     kinds = [e["type"] for e in events]
     going_away = events[kinds.index("session.going_away")]
     assert 0 < going_away["deadline_s"] < drain_s
@@ -322,10 +318,7 @@ def test_a_second_sigterm_during_a_drain_stops_at_once(tiny_checkpoint):
         stopped_s = time.monotonic() - signalled
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
     assert "session.going_away" in [e["type"] for e in events]
     assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_shutdown" and code == 1001
     assert status == 0 and stopped_s < 20 and "Traceback" not in log.text  # not the drain's 60 s
@@ -364,9 +357,6 @@ def test_sigterm_after_the_drain_call_joins_the_drain(tiny_checkpoint):
         status = process.wait(timeout=40)
         log.read_to_end()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        end_process(process)
     assert events[-1]["reason"] == "server_draining" and code == 1012
     assert status == 0 and log.text.count("draining: admitting no new sessions") == 1
