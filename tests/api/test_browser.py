@@ -288,6 +288,24 @@ def test_protocol_client_gives_up_on_a_server_it_never_reached_but_not_on_try_ag
     assert busy["numSockets"] == 7 and busy["state"] == "reconnecting", busy  # still trying after 6 refusals
 
 
+
+# A scripted WebSocket for ProtocolClient (its ``WebSocket`` option): every socket made lands in ``made``; ``sent``
+# holds what the client sent (JSON events parsed, binary frames as arrays), ``deliver`` plays a server event,
+# ``drop`` ends the socket with a close code.
+FAKE_SOCKET_JS = """
+        const made = [];
+        class FakeSocket {
+            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
+            send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
+            close(code = 1000) { this.drop(code); }
+            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
+            drop(code, reason = "") {
+              if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); }
+            }
+        }
+"""
+
 def test_protocol_client_sends_each_waiting_configure_on_its_own(live, page: Page):
     """Scripted sockets: two configure() calls made before the session opens go out as two events, so the server
     refusing one (a max_turn_tokens beyond its context budget) leaves the other applied; the next session gets
@@ -295,15 +313,7 @@ def test_protocol_client_sends_each_waiting_configure_on_its_own(live, page: Pag
     page.goto(live.url)
     result = page.evaluate("""async () => {
         const { ProtocolClient } = await import("/static/protocol-client.js");
-        const made = [];
-        class FakeSocket {
-            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
-            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
-            send(data) { this.sent.push(JSON.parse(data)); }
-            close(code = 1000) { this.drop(code); }
-            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
-            drop(code) { if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason: "" }); } }
-        }
+        """ + FAKE_SOCKET_JS + """
         const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
         const client = new ProtocolClient("ws://server.example/v1/stream", { WebSocket: FakeSocket,
             backoff: { initialDelayMs: 5, maxDelayMs: 20, factor: 2, jitter: 0 } });
@@ -338,17 +348,7 @@ def test_protocol_client_resumes_a_dropped_session_and_resends_what_the_server_l
     page.goto(live.url)
     result = page.evaluate("""async () => {
         const { ProtocolClient } = await import("/static/protocol-client.js");
-        const made = [];
-        class FakeSocket {
-            static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
-            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
-            send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
-            close(code = 1000) { this.drop(code); }
-            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
-            drop(code, reason = "") {
-              if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); }
-            }
-        }
+        """ + FAKE_SOCKET_JS + """
         const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
         const created = (id, seq) => ({ type: "session.created", session_id: id, seq, resume_token: `token-${id}`,
             resume_grace_s: 5, audio: { sample_format: "pcm_s16le", sample_rate_hz: 16000, num_channels: 1 },
