@@ -89,6 +89,12 @@ class EngineConfig(BaseModel):
         "(CUDA, needs the gpu extra), gather = copy each row's whole slot (the CPU path); auto = triton on "
         "CUDA when it imports, else gather",
     )
+    fused_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="inside the static step on CUDA: auto = RMSNorm + residual add, RoPE + KV-cache write and "
+        "SiLU x up as fused Triton kernels when triton imports (fewer kernels per layer, the same math); "
+        "off = the torch code. The CPU always runs the torch code",
+    )
     kv_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0,
         description="share of the accelerator memory free after loading that the KV cache may take; "

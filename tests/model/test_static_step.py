@@ -219,3 +219,22 @@ def test_every_bucket_runs_on_its_own_padding_inputs_and_touches_no_session_slot
         load_padding_step(step, staging, bucket)
         step.run(bucket)
     assert torch.equal(cache.k[:, :, :NUM_SLOTS], sessions_k)
+
+
+def test_the_fused_kernels_are_chosen_on_cuda_only(tiny_model):
+    """engine.fused_kernels: auto fuses on CUDA where triton imports, off keeps the torch code, the CPU never fuses
+    (and a static step asked to fuse on the CPU outside Triton's interpreter refuses to start)."""
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.engine.static_path import choose_step
+    from audio_interaction_server.model import fused_kernels
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not choose_step(EngineConfig(step="static"), cpu).fused
+    assert choose_step(EngineConfig(), cuda).fused == fused_kernels.triton_available()
+    assert "fused kernels" in choose_step(EngineConfig(), cuda).reason
+    assert not choose_step(EngineConfig(fused_kernels="off"), cuda).fused
+    if not fused_kernels.fused_kernels_runnable(cpu):
+        cache = tiny_model.lm.new_cache(2, 128, scratch_slot=True)
+        with pytest.raises(ValueError, match="fused kernels need triton"):
+            StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, Bucket(1, 1), DECISION_TOKENS,
+                       fused=True)

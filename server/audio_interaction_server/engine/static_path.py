@@ -47,6 +47,7 @@ class StepChoice:
     graphs: bool
     attention: StaticAttention
     reason: str
+    fused: bool = False  # the fused Triton kernels of model/fused_kernels.py (engine.fused_kernels)
 
 
 def choose_step(config: EngineConfig, device: torch.device) -> StepChoice:
@@ -66,8 +67,9 @@ def choose_step(config: EngineConfig, device: torch.device) -> StepChoice:
     if attention == "triton" and not triton_available():
         raise ValueError("engine.static_attention triton: triton does not import here (install the gpu extra)")
     where = "CUDA" if on_cuda else "configured"
+    fused = on_cuda and config.fused_kernels == "auto" and triton_available()
     return StepChoice(True, graphs, attention, f"static step ({where}), attention {attention}, "
-                      f"CUDA graphs {'on' if graphs else 'off'}")
+                      f"CUDA graphs {'on' if graphs else 'off'}, fused kernels {'on' if fused else 'off'}", fused)
 
 
 class HasSlotAndPlan(Protocol):
@@ -110,7 +112,8 @@ class StaticPath:
             return None
         max_reply = max(1, min(max_rows, max(MIN_REPLY_BUCKET_ROWS, max_rows // 4)))
         buckets = BucketSet.for_rows(max_rows, max_reply)
-        step = StaticStep(model.lm, encoder, cache, buckets.largest, DECISION_TOKENS, choice.attention)
+        step = StaticStep(model.lm, encoder, cache, buckets.largest, DECISION_TOKENS, choice.attention,
+                          fused=choice.fused)
         log.info("%s; buckets: listening %s x reply %s", choice.reason, buckets.listening, buckets.reply)
         return StaticPath(step, buckets, choice.graphs)
 

@@ -15,7 +15,9 @@ beyond its real tokens, and nothing a padding row computes reaches a real row.
 
 The numerics are the eager path's (``lm.py``): RoPE from the same float16-rounded table, fp32
 RMSNorm, audio that overwrites the PAD embeddings; on CPU in fp32 the two agree to float
-rounding (tests/model/test_static_step.py).
+rounding (tests/model/test_static_step.py). With ``fused=True`` (CUDA, ``engine.fused_kernels``)
+the layers' RMSNorm + residual add, RoPE + cache write and SiLU x up run as the Triton kernels of
+``fused_kernels.py`` (the same math; tests/model/test_fused_kernels.py); the default is the torch code.
 
 Threading: not thread-safe; the worker thread owns it (with the model and the cache).
 """
@@ -29,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from audio_interaction_server.model import fused_kernels
 from audio_interaction_server.model.encoder import NUM_MEL_BINS, AudioEncoder
 from audio_interaction_server.model.lm import FLEX_QUERY_ROWS, AudioInteractionLM, Block, SlotKVCache, apply_rope
 from audio_interaction_server.model.slot_attention import KernelConfig, RowSpans, gather_attention, triton_attention
@@ -128,17 +131,21 @@ class StaticStep:
 
     def __init__(self, lm: AudioInteractionLM, encoder: AudioEncoder, cache: SlotKVCache, largest: Bucket,
                  decision_tokens: tuple[int, int], attention: StaticAttention = "gather",
-                 kernel: KernelConfig = KernelConfig()) -> None:
+                 kernel: KernelConfig = KernelConfig(), fused: bool = False) -> None:
         if cache.scratch_slot is None:
             raise ValueError("a static step needs a cache with a scratch slot (new_cache(..., scratch_slot=True))")
         if largest.listening < 0 or largest.reply < 0 or largest.num_rows == 0:
             raise ValueError(f"the largest bucket must hold at least one row, got {largest}")
+        if fused and not fused_kernels.fused_kernels_runnable(cache.k.device):
+            raise ValueError("the fused kernels need triton and a CUDA device (or Triton's interpreter)")
         self.lm = lm
         self.encoder = encoder
         self.cache = cache
         self.layout = StepLayout(largest)
         self.attention = attention
         self.kernel = kernel
+        # Read by run(): a CUDA graph records whichever way it ran when captured.
+        self.fused = fused
         cfg = lm.cfg
         device = cache.k.device
         self.device = device
@@ -178,12 +185,15 @@ class StaticStep:
             source = inputs.audio_source[:num_tokens]
             # Overwrite, never add: the PAD embeddings are replaced by the row's audio (a gather, no mask indexing).
             x = torch.where((source >= 0).unsqueeze(-1), audio[source.clamp(min=0)].to(x.dtype), x)
-        cos, sin = self._rope[0][positions], self._rope[1][positions]  # (C, n_elem) fp32
         write_slot = inputs.write_slot[:num_tokens]
-        for layer, block in enumerate(lm.transformer.h):
-            x = x + self._attention(block, block.norm_1(x), cos, sin, layer, bucket, positions, write_slot)
-            x = x + block.mlp(block.norm_2(x))
-        hidden = lm.transformer.ln_f(x[inputs.row_last[:num_rows]])  # (B, E)
+        if self.fused:
+            hidden = self._fused_layers(x, bucket, positions, write_slot, inputs.row_last[:num_rows])
+        else:
+            cos, sin = self._rope[0][positions], self._rope[1][positions]  # (C, n_elem) fp32
+            for layer, block in enumerate(lm.transformer.h):
+                x = x + self._attention(block, block.norm_1(x), cos, sin, layer, bucket, positions, write_slot)
+                x = x + block.mlp(block.norm_2(x))
+            hidden = lm.transformer.ln_f(x[inputs.row_last[:num_rows]])  # (B, E)
         self.hidden[:num_rows].copy_(hidden)
         if L:
             decision_logits = F.linear(hidden[:L], self._decision_weight, self._decision_bias).float()  # (L, 2)
@@ -196,6 +206,45 @@ class StaticStep:
             self.outputs[L:num_rows, 0].copy_(logits.argmax(dim=-1))
             self.outputs[L:num_rows, 1].copy_(torch.isfinite(logits).all(dim=-1))
 
+    def _fused_layers(self, x: torch.Tensor, bucket: Bucket, positions: torch.Tensor, write_slot: torch.Tensor,
+                      row_last: torch.Tensor) -> torch.Tensor:
+        """The layers with the fused kernels: (C, E) embeddings in, the rows' final-norm hidden states (B, E) out.
+
+        Each residual add rides on the next RMSNorm's kernel (``x`` is updated in place), so a layer is
+        norm+add, qkv, RoPE+cache write, attention, proj, norm+add, fc_1, fc_2, SiLU x up, proj.
+        """
+        cfg = self.lm.cfg
+        H, D = cfg.n_head, cfg.head_size
+        shape = fused_kernels.RopeShape(H, cfg.n_query_groups, D, cfg.rope_n_elem)
+        cos_table, sin_table = self._rope
+        blocks = list(self.lm.transformer.h)
+        x = x.contiguous()  # a fresh tensor of this step: the residual adds write into it
+        h = fused_kernels.add_rms_norm(x, blocks[0].norm_1.weight, blocks[0].norm_1.eps, blocks[0].norm_1.unit_offset)
+        for layer, block in enumerate(blocks):
+            cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # (G, S, P, D)
+            q = fused_kernels.rope_and_write_cache(block.attn.qkv(h), cos_table, sin_table, positions, write_slot,
+                                                   cache_k, cache_v, shape)  # (C, H, D)
+            y = self._attend(q, cache_k, cache_v, bucket, positions)
+            attended = block.attn.proj(y.reshape(-1, H * D))
+            h = fused_kernels.add_rms_norm(x, block.norm_2.weight, block.norm_2.eps, block.norm_2.unit_offset,
+                                           residual=attended)  # x += attended
+            mlp = block.mlp
+            out = mlp.proj(fused_kernels.silu_mul(mlp.fc_1(h), mlp.fc_2(h)))
+            if layer + 1 < len(blocks):
+                norm = blocks[layer + 1].norm_1
+                h = fused_kernels.add_rms_norm(x, norm.weight, norm.eps, norm.unit_offset, residual=out)
+            else:
+                x.add_(out)
+        ln_f = self.lm.transformer.ln_f
+        return fused_kernels.add_rms_norm(x[row_last], ln_f.weight, ln_f.eps, ln_f.unit_offset)  # (B, E)
+
+    def _attend(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bucket: Bucket,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Attention of the step's queries (C, H, D), their keys already in the cache: (C, H, D)."""
+        if self.attention == "triton":
+            return self._triton(q, cache_k, cache_v, bucket)
+        return self._gather(q, cache_k, cache_v, bucket, positions)
+
     def _attention(self, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                    bucket: Bucket, positions: torch.Tensor, write_slot: torch.Tensor) -> torch.Tensor:
         cfg = self.lm.cfg
@@ -207,10 +256,7 @@ class StaticStep:
         cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # (G, S, P, D)
         cache_k[:, write_slot, positions] = k.transpose(0, 1).to(cache_k.dtype)
         cache_v[:, write_slot, positions] = v.transpose(0, 1).to(cache_v.dtype)
-        if self.attention == "triton":
-            y = self._triton(q, cache_k, cache_v, bucket)
-        else:
-            y = self._gather(q, cache_k, cache_v, bucket, positions)
+        y = self._attend(q, cache_k, cache_v, bucket, positions)
         return block.attn.proj(y.reshape(C, H * D))
 
     def _gather(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bucket: Bucket,

@@ -1,0 +1,40 @@
+"""One child pytest under Triton's CPU interpreter for every Triton test file, so the suite starts it once.
+
+Triton decides at its own import whether its language functions are interpreted, and torch may have
+imported it earlier in this process, so the kernels' cases cannot run in the parent: they are marked
+``interpreted_only`` (skipped in the parent) and ``run_interpreted_files`` runs them all in one child
+started with ``TRITON_INTERPRET=1`` (tests/model/test_slot_attention.py::test_the_interpreted_cases).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every file whose interpreted cases the child runs; the parent's copies skip.
+INTERPRETED_FILES = ("tests/model/test_slot_attention.py", "tests/model/test_fused_kernels.py")
+
+# Marks are read before any fixture is set up: the parent process does not build the tiny model for nothing.
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the child process of test_the_interpreted_cases (TRITON_INTERPRET=1)")
+
+
+def run_interpreted_files(tmp_path: Path) -> str:
+    """Run every interpreted case in one child; returns its output. Fails on any failure or skip in it."""
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", *INTERPRETED_FILES, "-x", "-p", "no:cacheprovider",
+         "-k", "not interpreted_cases", "--basetemp", str(tmp_path / "child"), "--durations=5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1"),
+    )
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert re.search(r"\b\d+ passed", child.stdout) and "skipped" not in child.stdout, child.stdout[-2000:]
+    return child.stdout
