@@ -19,13 +19,16 @@ is skipped and says so:
    warm-up (every encoder batch bucket, every FlexAttention batch bucket compiled and
    self-checked, timed separately), then a ramp of N real-time streams in direct mode
    (``capacity.run_direct``) with SCRIPTED replies (25:20: about 10% of streams mid-reply
-   at any time), stopped after two consecutive failing N;
+   at any time), N = 256, 512, 600, 768, 800, 1024 by default, every N the budget allows
+   (``--stop-after-failures K`` stops after K failing N in a row instead);
    (with the static step and its CUDA graphs on CUDA, the engine's default there);
 3a. the static step (issue 23): one layer's attention candidates (gather to the longest row,
    gather at the slot length, our Triton kernel at a few launch configurations) in us per layer
    and GB/s at (rows, position) = (16, 500), (64, 2000), (128, 2000), (256, 3500) and 64 reply
    rows; then a few (listening, reply) buckets captured as CUDA graphs (capture seconds, pool
-   memory) and each replayed against the same static step run eagerly (ms, tokens equal);
+   memory) and each replayed against the same static step run eagerly (ms, tokens equal); then the
+   same buckets with the torch layers against the fused Triton kernels (RMSNorm + residual add, RoPE
+   + KV-cache write, SiLU x up): launches per step (torch.profiler), ms per replay, tokens equal;
 4. the reference-style baseline (``capacity.run_baseline``) at small N on the same model,
    and the capacity ratio;
 5. the GPU's busy share of the step at the capacity N (kernel traces; ``gpu_busy``);
@@ -64,7 +67,7 @@ import torch  # noqa: E402
 
 from benchmarks import capacity, precision  # noqa: E402
 from benchmarks.gpu_report import Budget, Report, Stage, machine, progress  # noqa: E402
-from benchmarks.gpu_step_stages import attention_candidates, graph_buckets  # noqa: E402
+from benchmarks.gpu_step_stages import attention_candidates, fused_buckets, graph_buckets  # noqa: E402
 from benchmarks.harness import shared_audio_dir  # noqa: E402
 from benchmarks.served import audio_loop  # noqa: E402
 from audio_interaction_server.model.fit import kv_bytes_per_slot, self_check_flex, sessions_that_fit  # noqa: E402
@@ -90,7 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny model, fp32 on the CPU, tiny ramp: proves the script in seconds")
     parser.add_argument("--device", help="default: cuda (cpu with --dry-run)")
     parser.add_argument("--model", help="real (random 3B shapes, the default), tiny, or a checkpoint directory")
-    parser.add_argument("--streams", type=int, nargs="+", help="ramp (default 256 512 600 768 1024)")
+    parser.add_argument("--streams", type=int, nargs="+", help="ramp (default 256 512 600 768 800 1024)")
+    parser.add_argument("--stop-after-failures", type=int, default=0,
+                        help="stop the ramp after this many failing N in a row (default 0: never; the budget "
+                        "still stops it)")
     parser.add_argument("--seconds", type=float, help="audio per stream per ramp point (default 10)")
     parser.add_argument("--baseline-streams", type=int, nargs="+", help="default 1 2 4")
     parser.add_argument("--baseline-seconds", type=float, help="default 10")
@@ -107,11 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
     args.model = args.model or ("tiny" if dry else "real")
-    args.streams = sorted(args.streams or ([1, 2] if dry else [256, 512, 600, 768, 1024]))
-    args.seconds = args.seconds or (3.0 if dry else 10.0)
+    args.streams = sorted(args.streams or ([1, 2] if dry else [256, 512, 600, 768, 800, 1024]))
+    # A dry run's 2 s are 5 chunks: 3 of warm-up, 2 timed, a scripted reply at the 4th.
+    args.seconds = args.seconds or (2.0 if dry else 10.0)
     args.schedule = args.schedule or ("4:3" if dry else "25:20")
     args.baseline_streams = sorted(args.baseline_streams or ([1] if dry else [1, 2, 4]))
-    args.baseline_seconds = args.baseline_seconds or (3.0 if dry else 10.0)
+    args.baseline_seconds = args.baseline_seconds or (2.0 if dry else 10.0)
     if args.precision_rows is None and dry:
         args.precision_rows = 12
     every, length = (int(x) for x in args.schedule.split(":"))
@@ -392,7 +399,8 @@ def measure(streams: int, run_at: Callable[[], capacity.Run]) -> dict:
 
 def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTurns | None,
          reserve_s: float, ramp_streams: list[int]) -> None:
-    """N streams for ``--seconds`` each, in ascending N, stopping after two failing N in a row.
+    """N streams for ``--seconds`` each, in ascending N, while the budget allows (and, with
+    ``--stop-after-failures K``, until K failing N in a row).
 
     ``reserve_s`` is kept back for the stages after this one (the baseline must still run)."""
     engine: dict = {"attention": served.attention, "max_positions": served.max_positions,
@@ -428,8 +436,8 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
         if record is None:
             return
         failures_in_a_row = 0 if record["passes"] else failures_in_a_row + 1
-        if failures_in_a_row == 2:
-            stage.note = f"ramp stopped after two failing N in a row (N={streams})"
+        if args.stop_after_failures and failures_in_a_row >= args.stop_after_failures:
+            stage.note = f"ramp stopped after {failures_in_a_row} failing N in a row (N={streams})"
             break
     # Nothing held: halve N below the ramp (up to 3 points) so the report still says where the capacity lies.
     streams = min(ramp_streams) // 2
@@ -541,6 +549,7 @@ def summarize(args, report: Report) -> None:
     summary["correctness bf16 vs fp32"] = _verdict(report.stage("precision"))
     summary["correctness flex vs gather"] = _verdict(report.stage("flex"))
     summary["static step graphs"] = _verdict(report.stage("graphs"))
+    summary["static step fused kernels"] = _verdict(report.stage("fused"))
     if ours is not None:
         summary["capacity (scripted replies, direct mode)"] = f"{ours} streams (ramp {args.streams})"
         summary[f"target >= {CAPACITY_TARGET_STREAMS} streams per GPU"] = (
@@ -623,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     release_memory()
     report.run_stage("graphs", "Static step: CUDA graphs per bucket, replay vs eager", 60,
                      lambda stage: graph_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
+    release_memory()
+    report.run_stage("fused", "Static step: fused kernels vs the torch layers, per bucket", 45,
+                     lambda stage: fused_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
     release_memory()
     baseline_reserve_s = args.baseline_seconds + 10
     warm = report.run_stage("warm-up", "Compile and warm-up (not part of any timed figure)", 60 + baseline_reserve_s,

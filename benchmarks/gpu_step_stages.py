@@ -10,12 +10,19 @@ its largest difference from gather.
 CUDA graphs into one pool: capture seconds, pool memory, and per bucket the eager static step against
 its replay (ms, ratio measured side by side, tokens equal).
 
-Both run on the CPU in a dry run (tiny shapes, no Triton, no graphs) so the code path is proven.
+``fused_buckets``: the same buckets with the torch layers and with the fused Triton kernels
+(``model/fused_kernels.py``): per bucket the launches of one step (CUDA kernels, memsets and copies
+counted by torch.profiler on the step run eagerly, which is what its graph holds), ms per replay of
+each variant's graph, and whether the two give the same tokens.
+
+All run on the CPU in a dry run (tiny shapes, no Triton, no graphs) so the code path is proven; there
+the fused variant is not run and the launch column counts the step's top-level torch operations.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,10 +35,11 @@ from audio_interaction_server.engine.static_path import StaticPath
 from audio_interaction_server.engine.step_graphs import StepGraphs, StepSnapshot, compare_steps, synthetic_rows
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.fused_kernels import fused_kernels_runnable
 from audio_interaction_server.model.slot_attention import (
     KernelConfig, RowSpans, gather_attention, triton_attention, triton_available,
 )
-from audio_interaction_server.model.static_step import ROW_TOKENS, Bucket, StaticStep
+from audio_interaction_server.model.static_step import ROW_TOKENS, Bucket, StaticAttention, StaticStep
 
 LISTENING_TOKENS = 13  # a listening block's real tokens in its 16-token row
 TRITON_CONFIGS = (KernelConfig(64, 4), KernelConfig(64, 8), KernelConfig(128, 8), KernelConfig(32, 4))
@@ -123,20 +131,53 @@ def attention_candidates(model: LoadedModel, dry_run: bool, stage: Stage) -> Non
         stage.note = "Triton kernel not timed: " + ("no CUDA device" if device.type != "cuda" else "triton missing")
 
 
-def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
+@dataclass
+class StaticSetup:
+    """A static step on the served model with its staging, for the stages that replay buckets of it."""
+
+    buckets: list[Bucket]
+    step: StaticStep
+    staging: StepStaging
+    num_slots: int
+    max_positions: int
+    attention: StaticAttention
+
+    def clear(self) -> None:
+        """Zero the session slots the synthetic rows wrote (the cache is freed with the step anyway)."""
+        for slot in range(self.num_slots):
+            self.step.cache.clear_slot(slot)
+
+
+def static_setup(model: LoadedModel, dry_run: bool, buckets: list[Bucket] | None = None) -> StaticSetup:
+    """The issue's buckets (two small ones in a dry run), a cache with one slot per row of the largest."""
     on_cuda = model.device.type == "cuda"
-    buckets = [Bucket(8, 0), Bucket(8, 8)] if dry_run else [Bucket(16, 0), Bucket(64, 8), Bucket(128, 16),
-                                                            Bucket(256, 32)]
+    if buckets is None:
+        buckets = [Bucket(8, 0), Bucket(8, 8)] if dry_run else [Bucket(16, 0), Bucket(64, 8), Bucket(128, 16),
+                                                                Bucket(256, 32)]
     largest = Bucket(max(b.listening for b in buckets), max(b.reply for b in buckets))
     num_slots = largest.num_rows
     max_positions = 256 if dry_run else 4096
-    attention = "triton" if on_cuda and triton_available() else "gather"
+    attention: StaticAttention = "triton" if on_cuda and triton_available() else "gather"
     cache = model.lm.new_cache(num_slots, max_positions, scratch_slot=True)
     step = StaticStep(model.lm, AudioEncoder(model.encoder_tower), cache, largest, DECISION_TOKENS, attention)
     path = StaticPath(step, BucketSet(tuple(sorted({0, *(b.listening for b in buckets)})),
                                       tuple(sorted({0, *(b.reply for b in buckets)}))), graphs=False)
-    staging: StepStaging = path.staging
-    graphs = StepGraphs(step, staging, buckets) if on_cuda else None
+    return StaticSetup(buckets, step, path.staging, num_slots, max_positions, attention)
+
+
+def load_synthetic_rows(setup: StaticSetup, bucket: Bucket, vocab_size: int, generator: torch.Generator) -> list[int]:
+    """Pack and load synthetic rows for ``bucket``; returns the indices of its real rows in the outputs."""
+    listening, reply = synthetic_rows(bucket, setup.num_slots, setup.max_positions, vocab_size, generator)
+    setup.staging.pack(bucket, listening, reply)
+    setup.step.load(setup.staging.bytes, bucket)
+    return list(range(len(listening))) + [bucket.listening + k for k in range(len(reply))]
+
+
+def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
+    on_cuda = model.device.type == "cuda"
+    setup = static_setup(model, dry_run)
+    buckets, step, attention = setup.buckets, setup.step, setup.attention
+    graphs = StepGraphs(step, setup.staging, buckets) if on_cuda else None
     if graphs is not None:
         stats = graphs.capture()
         stage.data.update(capture_s=round(stats.capture_s, 2), pool_mib=round(stats.pool_bytes / 2**20, 1),
@@ -145,10 +186,7 @@ def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
     records = []
     stage.data.update(attention=attention, buckets=records)
     for bucket in buckets:
-        listening, reply = synthetic_rows(bucket, num_slots, max_positions, model.lm.cfg.vocab_size, generator)
-        real_rows = list(range(len(listening))) + [bucket.listening + k for k in range(len(reply))]
-        staging.pack(bucket, listening, reply)
-        step.load(staging.bytes, bucket)
+        real_rows = load_synthetic_rows(setup, bucket, model.lm.cfg.vocab_size, generator)
         eager_ms = _median_us(lambda: step.run(bucket), model.device, 3 if dry_run else 10) / 1e3
         eager = StepSnapshot.of(step, real_rows)
         record = {"bucket": str(bucket), "real_rows": len(real_rows), "eager_static_ms": round(eager_ms, 2)}
@@ -158,8 +196,7 @@ def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
             record.update(replay_ms=round(replay_ms, 2), eager_over_replay=round(eager_ms / replay_ms, 2),
                           tokens_equal=disagreement is None, disagreement=disagreement)
         records.append(record)
-    for slot in range(num_slots):
-        cache.clear_slot(slot)
+    setup.clear()
     head = (f"Static step, attention {attention}: "
             + (f"{stage.data['graphs']} graphs captured in {stage.data['capture_s']} s into one pool of "
                f"{stage.data['pool_mib']} MiB." if graphs is not None else "no CUDA device: graphs not captured."))
@@ -173,3 +210,99 @@ def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
         stage.note = "every replay gave the eager static step's tokens"
     else:
         stage.note = "REPLAYS DISAGREE: " + "; ".join(r["disagreement"] for r in records if r["disagreement"])
+
+
+def launches_per_step(run: Callable[[], object], device: torch.device) -> int:
+    """What one call of ``run`` launches: GPU operations (kernels, memsets, copies) on CUDA, traced by the
+    profiler; on the CPU (no kernels) its top-level torch operations, so the dry run proves the counting."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        run()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    events = profiler.events()
+    if on_cuda:
+        count = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+        if count == 0:
+            raise RuntimeError("the profiler recorded no GPU operation (CUPTI unavailable?)")
+        return count
+    return sum(1 for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None)
+
+
+FUSED_COLUMNS = ("| bucket | real rows | launches per step, torch / fused | ms per replay, torch / fused | "
+                 "torch / fused | tokens equal | max hidden diff (share of largest) |")
+
+
+def fused_buckets(model: LoadedModel, dry_run: bool, stage: Stage, buckets: list[Bucket] | None = None) -> None:
+    """Per bucket: the static step with the torch layers against the fused kernels (launches, ms, tokens).
+
+    ``buckets``: other than the stage's own (a test under Triton's interpreter runs the fused side on one tiny one).
+    """
+    device = model.device
+    on_cuda = device.type == "cuda"
+    fused_ok = fused_kernels_runnable(device)
+    setup = static_setup(model, dry_run, buckets)
+    repeats = 10 if on_cuda else 1 if fused_ok else 3  # interpreted kernels are slow: one timed call proves the path
+    step = setup.step
+    variants = {"torch": False, **({"fused": True} if fused_ok else {})}
+    graphs: dict[str, StepGraphs] = {}
+    if on_cuda:
+        capture_s = {}
+        for name, fused in variants.items():
+            step.fused = fused  # a graph records the way the step ran when it was captured
+            graphs[name] = StepGraphs(step, setup.staging, setup.buckets)
+            capture_s[name] = round(graphs[name].capture().capture_s, 2)
+        stage.data["capture_s"] = capture_s
+    generator = torch.Generator().manual_seed(2)
+    records = []
+    stage.data.update(attention=setup.attention, fused_run=fused_ok, buckets=records,
+                      launch_unit="GPU operations (kernels, memsets, copies)" if on_cuda
+                      else "top-level torch operations (CPU: no kernels)")
+    for bucket in setup.buckets:
+        real_rows = load_synthetic_rows(setup, bucket, model.lm.cfg.vocab_size, generator)
+        record: dict = {"bucket": str(bucket), "real_rows": len(real_rows), "launches": {}, "ms": {}}
+        snapshots = {}
+        for name, fused in variants.items():
+            step.fused = fused
+            record["launches"][name] = launches_per_step(lambda: step.run(bucket), device)
+            if name in graphs:
+                record["ms"][name] = round(_median_us(lambda: graphs[name].replay(bucket), device, repeats) / 1e3, 3)
+            else:
+                record["ms"][name] = round(_median_us(lambda: step.run(bucket), device, repeats) / 1e3, 3)
+            snapshots[name] = StepSnapshot.of(step, real_rows)
+        record["timed"] = "graph replay" if graphs else "eager static step"
+        if "fused" in snapshots:
+            torch_step, fused_step = snapshots["torch"], snapshots["fused"]
+            differing = sum(a != b for a, b in zip(torch_step.tokens, fused_step.tokens))
+            scale = float(torch_step.hidden.abs().max()) + 1e-6
+            record.update(tokens_equal=differing == 0 and torch_step.finite == fused_step.finite,
+                          rows_with_other_tokens=differing,
+                          max_hidden_diff_share=float((fused_step.hidden - torch_step.hidden).abs().max()) / scale,
+                          torch_over_fused=round(record["ms"]["torch"] / record["ms"]["fused"], 2))
+        records.append(record)
+    step.fused = False
+    setup.clear()
+
+    def pair(values: dict) -> str:
+        return " / ".join(str(values.get(name, "-")) for name in ("torch", "fused"))
+
+    head = (f"Static step, attention {setup.attention}, timed as "
+            + ("each variant's CUDA graph replayed" if graphs else "the step run eagerly (no CUDA device)")
+            + f"; launches: {stage.data['launch_unit']} of one step, traced by torch.profiler.")
+    stage.lines = [head, "", FUSED_COLUMNS, "|" + "---|" * (FUSED_COLUMNS.count("|") - 1)]
+    for r in records:
+        diff = f"{r['max_hidden_diff_share']:.1e}" if "max_hidden_diff_share" in r else "-"
+        stage.lines.append(f"| {r['bucket']} | {r['real_rows']} | {pair(r['launches'])} | {pair(r['ms'])} | "
+                           f"{r.get('torch_over_fused', '-')} | {r.get('tokens_equal', '-')} | {diff} |")
+    if not fused_ok:
+        stage.note = ("fused kernels not run: " + ("triton does not import" if on_cuda else "no CUDA device")
+                      + "; the torch step was timed and its launches counted (the dry run proves the code path)")
+    else:
+        equal = all(r["tokens_equal"] for r in records)
+        launches = " / ".join(f"{r['launches']['torch']} -> {r['launches']['fused']}" for r in records)
+        stage.note = (f"fused kernels: launches per step (torch -> fused, per bucket) {launches}; "
+                      + ("tokens equal in every bucket" if equal else
+                         "TOKENS DIFFER in " + ", ".join(r["bucket"] for r in records if not r["tokens_equal"])))

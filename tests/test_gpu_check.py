@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the script in-process, then proves that nothing on its path imported the web stack: the
@@ -26,8 +28,14 @@ assert not web, f"the GPU check imported {web}"
 """
 
 
-def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, tmp_path):
-    out = tmp_path / "report"
+STAGES = ["precision", "flex", "model", "attention", "graphs", "fused", "warm-up", "ramp", "baseline", "gpu-busy",
+          "model-ramp"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(shared_audio, qwen_tokenizer_dir, tmp_path_factory):
+    """One dry run for every test of this module: (report.json as a dict, report.md)."""
+    out = tmp_path_factory.mktemp("gpu_check") / "report"
     result = subprocess.run(
         [sys.executable, "-c", RUN_AND_CHECK_IMPORTS, "--dry-run", "--out", str(out), "--audio", str(shared_audio),
          "--budget-s", "300"],
@@ -35,14 +43,30 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    report = json.loads((out / "report.json").read_text())
-    stages = {stage["key"]: stage for stage in report["stages"]}
-    assert list(stages) == ["precision", "flex", "model", "attention", "graphs", "warm-up", "ramp", "baseline",
-                            "gpu-busy", "model-ramp"]
+    return json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def stages(dry_run):
+    return {stage["key"]: stage for stage in dry_run[0]["stages"]}
+
+
+def test_the_dry_run_runs_every_stage_without_the_web_stack(dry_run, stages):
+    report, markdown = dry_run
+    assert list(stages) == STAGES
     for key, stage in stages.items():
         assert stage["status"] == "done", (key, stage["note"], stage["error"])
     assert report["header"]["torch"] and report["header"]["gpu"] == "none (CPU run)"
+    for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16",
+                    "## Correctness: in-place FlexAttention", "## Static step: attention candidates",
+                    "## Static step: CUDA graphs per bucket", "## Static step: fused kernels vs the torch layers",
+                    "## Compile and warm-up", "## Capacity ramp, direct mode, SCRIPTED replies 4:3",
+                    "## Reference-style baseline", "Largest N that held every target"):
+        assert heading in markdown, heading
+    assert "ratio ours / baseline" in report["summary"] and "static step fused kernels" in report["summary"]
 
+
+def test_the_correctness_stages_agree(stages):
     for key in ("precision", "flex"):
         data = stages[key]["data"]
         assert data["decisions"]["count"] > 0 and data["reply_tokens"]["count"] > 0
@@ -50,7 +74,10 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     # Eager flex computes exactly what gather computes on the same fp32 model.
     assert stages["flex"]["data"]["decisions"]["noise_max"] < 1e-3
 
-    # The static step's stages: every candidate that runs on the CPU agrees with gather; the buckets ran eagerly.
+
+def test_the_static_step_stages_ran_their_cpu_side(stages):
+    """Every attention candidate that runs on the CPU agrees with gather; the buckets ran eagerly; the fused
+    stage counted and timed the torch side (its fused side runs in tests/model/test_fused_kernels.py)."""
     cases = stages["attention"]["data"]["cases"]
     assert {c["candidate"] for c in cases} == {"gather to the longest row (eager)",
                                                "gather at the slot length (static)"}
@@ -59,11 +86,19 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
     graphs = stages["graphs"]["data"]
     assert [b["bucket"] for b in graphs["buckets"]] == ["8x16+0", "8x16+8"] and graphs["attention"] == "gather"
     assert all(b["eager_static_ms"] > 0 and b["real_rows"] > 0 for b in graphs["buckets"])
+    fused = stages["fused"]
+    assert [b["bucket"] for b in fused["data"]["buckets"]] == ["8x16+0", "8x16+8"] and not fused["data"]["fused_run"]
+    # More rows, more operations: the count follows the step.
+    torch_launches = [b["launches"]["torch"] for b in fused["data"]["buckets"]]
+    assert 0 < torch_launches[0] < torch_launches[1]
+    assert all(b["ms"]["torch"] > 0 for b in fused["data"]["buckets"]) and "no CUDA device" in fused["note"]
 
+
+def test_the_ramps_and_the_baseline_measured_every_point(stages):
     ramp = stages["ramp"]["data"]["runs"]
     assert [run["streams"] for run in ramp] == [1, 2]
     for run in ramp:
-        assert run["decisions"] == run["expected_decisions"] == run["streams"] * 4  # 7 chunks - 3 warm-up
+        assert run["decisions"] == run["expected_decisions"] == run["streams"] * 2  # 5 chunks - 3 warm-up
         decision = run["decision_ms"]
         assert 0 < decision["50"] <= decision["95"] <= decision["99"] < 10_000
         step = run["step"]
@@ -72,21 +107,20 @@ def test_gpu_check_dry_run_writes_every_stage(shared_audio, qwen_tokenizer_dir, 
         assert abs(parts - step["step_ms"]) < 0.01 * step["step_ms"] + 0.01
         assert run["peak_memory_mib"] > 0 and set(run["checks"]) == {
             "complete", "decision_p95", "first_token_p95", "reply_rate_p5", "host_share"}
-    # The 4:3 dry-run script makes replies inside 3 s: the speaking path is timed, not skipped.
+    # The 4:3 dry-run script makes replies inside 2 s: the speaking path is timed, not skipped.
     assert any(run["replies"] and run["first_token_ms"]["95"] for run in ramp)
     assert stages["ramp"]["data"]["capacity"] in (0, 1, 2)
     assert stages["baseline"]["data"]["runs"][0]["streams"] == 1
     busy = stages["gpu-busy"]["data"]
     assert busy["steps"] > 0 and busy["step_ms_total"] > 0 and "no CUDA device" in stages["gpu-busy"]["note"]
+    assert [run["streams"] for run in stages["model-ramp"]["data"]["runs"]] == [1]
 
-    markdown = (out / "report.md").read_text()
-    for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16",
-                    "## Correctness: in-place FlexAttention", "## Static step: attention candidates",
-                    "## Static step: CUDA graphs per bucket",
-                    "## Compile and warm-up", "## Capacity ramp, direct mode, SCRIPTED replies 4:3",
-                    "## Reference-style baseline", "Largest N that held every target"):
-        assert heading in markdown, heading
-    assert "ratio ours / baseline" in report["summary"]
+
+def test_the_device_ramp_covers_the_issues_points():
+    from benchmarks import gpu_check
+
+    args = gpu_check.parse_args(["--out", "unused", "--audio", str(ROOT)])
+    assert args.streams == [256, 512, 600, 768, 800, 1024] and args.stop_after_failures == 0
 
 
 def test_targets_judge_every_figure_separately():

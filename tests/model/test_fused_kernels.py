@@ -103,9 +103,9 @@ def test_rope_and_cache_write_are_the_models_bit_for_bit(rope_n_elem):
 
 
 def test_the_static_step_with_the_fused_kernels_gives_the_torch_steps_tokens(tiny_model):
-    """The whole static step: torch code vs fused kernels, with gather and with the Triton attention kernel,
-    on the same history, at positions across the float16 boundary at 2048 and up to the cache's end, in a
-    bucket with a padding row of each kind."""
+    """The whole static step: the torch code vs the fused kernels with the Triton attention kernel, on the same
+    history, at positions across the float16 boundary at 2048 and up to the cache's end, in a bucket with a
+    padding row of each kind."""
     from audio_interaction_server import spec as T
     from audio_interaction_server.engine.buckets import BucketSet
     from audio_interaction_server.engine.conversation import RowPlan
@@ -141,9 +141,9 @@ def test_the_static_step_with_the_fused_kernels_gives_the_torch_steps_tokens(tin
         step.run(bucket)
         return StepSnapshot.of(step, real_rows), cache
 
-    # The torch step with gather is the reference; the Triton attention kernel runs here with the fused kernels.
-    (torch_step, torch_cache), *others = [run(a, f) for a, f in (("gather", False), ("gather", True),
-                                                                  ("triton", True))]
+    # The torch step with gather is the reference; the candidate is the fused kernels with the Triton attention
+    # kernel, as on CUDA (the fused kernels with gather: test_the_gpu_checks_fused_stage_compares_both_sides).
+    (torch_step, torch_cache), *others = [run(a, f) for a, f in (("gather", False), ("triton", True))]
     written = torch.zeros(num_slots, max_positions, dtype=torch.bool)
     for row in listening + reply:
         written[row.slot, row.plan.start_position: row.plan.start_position + len(row.plan.tokens)] = True
@@ -153,3 +153,18 @@ def test_the_static_step_with_the_fused_kernels_gives_the_torch_steps_tokens(tin
             sessions, want_sessions = got[:, :, :num_slots], want[:, :, :num_slots]
             torch.testing.assert_close(sessions[:, :, written], want_sessions[:, :, written], atol=1e-5, rtol=0)
             assert torch.equal(sessions[:, :, ~written], want_sessions[:, :, ~written])  # untouched: bit-identical
+
+
+def test_the_gpu_checks_fused_stage_compares_both_sides(tiny_model):
+    """benchmarks.gpu_check's fused stage with the fused side really run (here interpreted, on one tiny bucket):
+    its comparison of tokens, hidden states and launches cannot first meet Python on the device."""
+    from audio_interaction_server.model.static_step import Bucket
+    from benchmarks.gpu_report import Stage
+    from benchmarks.gpu_step_stages import fused_buckets
+
+    stage = Stage("fused", "fused kernels")
+    fused_buckets(tiny_model, True, stage, buckets=[Bucket(1, 1)])
+    (record,) = stage.data["buckets"]
+    assert stage.data["fused_run"] and set(record["launches"]) == set(record["ms"]) == {"torch", "fused"}
+    assert record["tokens_equal"] and record["max_hidden_diff_share"] < 1e-5, record
+    assert "tokens equal in every bucket" in stage.note and "| 1x16+1 | 2 |" in stage.lines[-1]
