@@ -202,6 +202,7 @@ class Served:
     max_positions: int = 0
     attention: str = "auto"  # "gather" once flex failed to compile here, so no worker retries it per N
     max_batch_rows: int | None = None  # the largest compiled flex bucket, when compiling ran out of time
+    fused_kernels: str = "auto"  # "off" once the fused stage failed, so the ramp still measures the torch layers
 
 
 def build_model(args, served: Served, stage: Stage) -> None:
@@ -404,11 +405,13 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
 
     ``reserve_s`` is kept back for the stages after this one (the baseline must still run)."""
     engine: dict = {"attention": served.attention, "max_positions": served.max_positions,
-                    "max_batch_rows": served.max_batch_rows}
+                    "max_batch_rows": served.max_batch_rows, "fused_kernels": served.fused_kernels}
     if script is not None:
         engine["scripted_turns"] = {"every_chunks": script.every_chunks, "reply_tokens": script.reply_tokens}
     records: list[dict] = []
     stage.data["runs"] = records
+    # engine.fused_kernels as configured: auto fuses where the static step runs on CUDA with triton.
+    stage.data["fused_kernels"] = served.fused_kernels
     estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
 
     def point(streams: int) -> dict | None:
@@ -458,7 +461,8 @@ def ramp_lines(stage: Stage, records: list[dict]) -> None:
     if measured:
         worker = (f"Worker: {measured[0]['max_sessions']} slots for every N; attention {measured[0]['attention']}; "
                   f"worker start-up per N {min(r['setup_s'] for r in measured)}-"
-                  f"{max(r['setup_s'] for r in measured)} s (not part of the figures)")
+                  f"{max(r['setup_s'] for r in measured)} s (not part of the figures); engine.fused_kernels "
+                  f"{stage.data.get('fused_kernels', 'auto')}")
     in_order = sorted(records, key=lambda r: r["streams"])
     stage.lines = [worker, "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, in_order), "",
                    f"Largest N that held every target: **{stage.data['capacity']}** "
@@ -504,7 +508,7 @@ def gpu_busy(args, served: Served, report: Report, stage: Stage) -> None:
     on_cuda = served.model.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU])
     engine = {"attention": served.attention, "max_positions": served.max_positions,
-              "max_batch_rows": served.max_batch_rows,
+              "max_batch_rows": served.max_batch_rows, "fused_kernels": served.fused_kernels,
               "scripted_turns": {"every_chunks": args.script.every_chunks, "reply_tokens": args.script.reply_tokens}}
     try:
         run = capacity.run_direct(served.model, served.chunks, streams, seconds, engine,
@@ -633,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     report.run_stage("graphs", "Static step: CUDA graphs per bucket, replay vs eager", 60,
                      lambda stage: graph_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
     release_memory()
-    report.run_stage("fused", "Static step: fused kernels vs the torch layers, per bucket", 45,
-                     lambda stage: fused_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
+    fused = report.run_stage("fused", "Static step: fused kernels vs the torch layers, per bucket", 45,
+                             lambda stage: fused_buckets(served.model, args.dry_run, stage), skip_reason=no_model)
+    if fused.status == "failed":
+        served.fused_kernels = "off"  # the engine would fail at start-up the same way at every N
     release_memory()
     baseline_reserve_s = args.baseline_seconds + 10
     warm = report.run_stage("warm-up", "Compile and warm-up (not part of any timed figure)", 60 + baseline_reserve_s,

@@ -8,7 +8,10 @@ of ../shared/docs/model-notes.md (2048: odd positions round to even; 4095 -> 409
 the scratch slot, and every other cache entry stays bit-identical. The whole static step with the kernels
 (and with the Triton attention kernel) gives the torch static step's tokens.
 
-Every case runs in the interpreter child of tests/model/test_slot_attention.py::test_the_interpreted_cases.
+Every case but the compile check runs in the interpreter child of
+tests/model/test_slot_attention.py::test_the_interpreted_cases. The compile check runs Triton's real compiler
+for an H200 (sm_90, PTX and cubin; no GPU needed), so a kernel the interpreter accepts but the compiler refuses
+fails here and not on the device.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch.nn.functional as F
 
 from audio_interaction_server.model import fused_kernels
 from audio_interaction_server.model.lm import LMConfig, RMSNorm, apply_rope, rope_table
-from tests.model.triton_interpreter import interpreted_only
+from tests.model.triton_interpreter import INTERPRETED, interpreted_only
 
-pytestmark = [pytest.mark.skipif(not fused_kernels.triton_available(),
-                                 reason="triton is not installed (optional: the gpu/test extra)"), interpreted_only]
+pytestmark = pytest.mark.skipif(not fused_kernels.triton_available(),
+                                reason="triton is not installed (optional: the gpu/test extra)")
 
 H, G, D = 4, 2, 16
 SLOTS, P = 4, 4096  # the last slot is the scratch slot; 4096 positions reach the [2048, 4096) rounding range
@@ -36,6 +39,7 @@ def rope_config(rope_n_elem: int) -> LMConfig:
                     bias=False, lm_head_bias=False, norm_unit_offset=False)
 
 
+@interpreted_only
 @pytest.mark.parametrize("unit_offset", [False, True])
 def test_add_rms_norm_is_the_models_rms_norm(unit_offset):
     generator = torch.Generator().manual_seed(int(unit_offset))
@@ -52,6 +56,7 @@ def test_add_rms_norm_is_the_models_rms_norm(unit_offset):
     torch.testing.assert_close(after_add, norm(x + residual), atol=1e-6, rtol=1e-6)
 
 
+@interpreted_only
 def test_silu_mul_is_silu_times_up():
     generator = torch.Generator().manual_seed(2)
     gate = 4 * torch.randn(7, 160, generator=generator)
@@ -64,6 +69,7 @@ def test_silu_mul_is_silu_times_up():
 BOUNDARY_POSITIONS = [0, 1, 2046, 2047, 2048, 2049, 2050, 2051, 3001, 4094, 4095]
 
 
+@interpreted_only
 @pytest.mark.parametrize("rope_n_elem", [D, D // 2])  # the model's full-width RoPE, and a partial one (passthrough)
 def test_rope_and_cache_write_are_the_models_bit_for_bit(rope_n_elem):
     cfg = rope_config(rope_n_elem)
@@ -102,6 +108,7 @@ def test_rope_and_cache_write_are_the_models_bit_for_bit(rope_n_elem):
     assert torch.equal(cos[2051], cos[2052]) and not torch.equal(cos[2050], cos[2048])
 
 
+@interpreted_only
 def test_the_static_step_with_the_fused_kernels_gives_the_torch_steps_tokens(tiny_model):
     """The whole static step: the torch code vs the fused kernels with the Triton attention kernel, on the same
     history, at positions across the float16 boundary at 2048 and up to the cache's end, in a bucket with a
@@ -155,6 +162,7 @@ def test_the_static_step_with_the_fused_kernels_gives_the_torch_steps_tokens(tin
             assert torch.equal(sessions[:, :, ~written], want_sessions[:, :, ~written])  # untouched: bit-identical
 
 
+@interpreted_only
 def test_the_gpu_checks_fused_stage_compares_both_sides(tiny_model):
     """benchmarks.gpu_check's fused stage with the fused side really run (here interpreted, on one tiny bucket):
     its comparison of tokens, hidden states and launches cannot first meet Python on the device."""
@@ -168,3 +176,42 @@ def test_the_gpu_checks_fused_stage_compares_both_sides(tiny_model):
     assert stage.data["fused_run"] and set(record["launches"]) == set(record["ms"]) == {"torch", "fused"}
     assert record["tokens_equal"] and record["max_hidden_diff_share"] < 1e-5, record
     assert "tokens equal in every bucket" in stage.note and "| 1x16+1 | 2 |" in stage.lines[-1]
+
+
+# The 3B model's shapes (n_head 16, 2 KV groups, head size 128, n_embd 2048): what the device compiles.
+H200 = ("cuda", 90, 32)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not compiled; this runs in the parent")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_kernels_compile_for_an_h200_without_fused_multiply_adds(dtype):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = fused_kernels._kernels()
+    activations = {name: f"*{dtype}" for name in ("X", "Residual", "Out", "W")}
+    cases = [
+        (kernels.add_rms_norm, {**activations, **dict.fromkeys(("stride_x", "stride_r", "stride_o", "n_cols"), "i32"),
+                                "eps": "fp32"},
+         {"BLOCK": 2048, "HAS_RESIDUAL": True, "UNIT_OFFSET": False}),
+        (kernels.rope_and_write_cache,
+         {**{name: f"*{dtype}" for name in ("QKV", "Q", "K", "V")}, "Cos": "*fp32", "Sin": "*fp32", "Positions": "*i64",
+          "Slots": "*i64", **dict.fromkeys(("stride_qkv", "stride_qt", "stride_qh", "stride_ks", "stride_kp",
+                                            "stride_vs", "stride_vp", "stride_cos"), "i32"),
+          "stride_kg": "i64", "stride_vg": "i64"},
+         {"N_HEAD": 16, "N_GROUP": 2, "HEAD_DIM": 128, "ROPE_DIM": 128, "BLOCK_H": 16, "BLOCK_G": 2, "BLOCK_D": 128}),
+        (kernels.silu_mul, {"Gate": f"*{dtype}", "Up": f"*{dtype}", "Out": f"*{dtype}", "count": "i32"},
+         {"BLOCK": 1024}),
+    ]
+    for kernel, signature, constexprs in cases:
+        source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+                           constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+        try:
+            compiled = triton.compile(source, target=GPUTarget(*H200), options=fused_kernels._launch_options(
+                torch.device("cuda")))
+        except RuntimeError as error:
+            if "ptxas" in str(error).lower():
+                pytest.skip(f"Triton's ptxas cannot run here: {error}")
+            raise
+        assert compiled.asm["cubin"] and "fma.rn.f32" not in compiled.asm["ptx"], kernel
