@@ -13,6 +13,8 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,15 +37,27 @@ def speech(shared_audio) -> np.ndarray:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2")
 
 
+@contextmanager
+def live_port(checkpoint, **settings) -> Iterator[int]:
+    """A live server (uvicorn in this process, built as ``python -m audio_interaction_server`` builds it) with
+    ``settings``; its port. In this process, not spawned: resuming is the same either way, and a spawn pays the
+    imports and the model load again (about 7 s of this file's run each)."""
+    from audio_interaction_server.config import ServerConfig
+    from benchmarks.harness import LiveServer
+
+    config = ServerConfig.model_validate(dict(port=0, log_level="warning", **settings,
+                                              engine={"checkpoint": checkpoint, "device": "cpu"}))
+    server = LiveServer(config).start()
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server, stop_server
-
-    process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20"})
-    try:
+    with live_port(tiny_checkpoint, resume_grace_s=20) as port:
         yield port
-    finally:
-        stop_server(process)
 
 
 @dataclass
@@ -235,10 +249,7 @@ def test_an_unknown_session_is_resume_expired(server):
 
 
 def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
-    from benchmarks.harness import spawn_server, stop_server
-
-    process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "0.5"})
-    try:
+    with live_port(tiny_checkpoint, resume_grace_s=0.5) as port:
         created = asyncio.run(connect_and_drop(port))
 
         async def expired():
@@ -250,14 +261,9 @@ def test_expiry_and_a_restarted_server_fail_cleanly(tiny_checkpoint):
 
         asyncio.run(expired())
         created = asyncio.run(connect_and_drop(port))
-    finally:
-        stop_server(process)
-    process, port_after = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "30"})  # a restarted server
-    try:
+    with live_port(tiny_checkpoint, resume_grace_s=30) as port_after:  # a restarted server
         ws, first = asyncio.run(resume(port_after, created))
         assert first["code"] == "resume_expired"
-    finally:
-        stop_server(process)
 
 
 def metric(port: int, name: str) -> float:
@@ -396,15 +402,9 @@ def test_a_wrong_token_gets_the_same_answer_whatever_the_sessions_state(server):
 def small_server(tiny_checkpoint):
     """4 slots, at most 2 detached sessions per client address; 127.0.0.1 is a trusted proxy, so a test picks
     each client's address with X-Forwarded-For."""
-    from benchmarks.harness import spawn_server, stop_server
-
-    process, port = spawn_server(tiny_checkpoint, {
-        "AIS_RESUME_GRACE_S": "30", "AIS_MAX_SESSIONS": "4", "AIS_MAX_DETACHED_PER_IP": "2",
-        "AIS_TRANSPORT__TRUSTED_PROXIES": "127.0.0.1"})
-    try:
+    with live_port(tiny_checkpoint, resume_grace_s=30, max_sessions=4, max_detached_per_ip=2,
+                   transport={"trusted_proxies": "127.0.0.1"}) as port:
         yield port
-    finally:
-        stop_server(process)
 
 
 async def open_session(port: int, address: str = "10.9.9.9"):
@@ -566,10 +566,7 @@ def test_a_session_longer_than_its_replay_window_still_resumes(tiny_checkpoint):
     """The replay log is a window of the newest events while connected; once full (a session of a few minutes at
     the default 2,000 events), the first event after a drop must push out the oldest events the client was sent
     before it, not end the session as resume_buffer_full."""
-    from benchmarks.harness import spawn_server, stop_server
-
-    process, port = spawn_server(tiny_checkpoint, {"AIS_RESUME_GRACE_S": "20", "AIS_RESUME_MAX_EVENTS": "10"})
-    try:
+    with live_port(tiny_checkpoint, resume_grace_s=20, resume_max_events=10) as port:
         async def main():
             ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream")
             created = json.loads(await ws.recv())
@@ -591,8 +588,6 @@ def test_a_session_longer_than_its_replay_window_still_resumes(tiny_checkpoint):
             assert [e["seq"] for e in replayed if "seq" in e][:1] == [last_seq + 1], "nothing missed"
 
         asyncio.run(main())
-    finally:
-        stop_server(process)
 
 
 # ---- the replay log's bounds (no server: ReplayLog alone)
