@@ -248,14 +248,15 @@ def connect_stream(port: int):
     return connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10)
 
 
-def start_long_reply(ws) -> None:
-    """A reply of seconds: at temperature 2 with seed 0 the tiny random model runs to max_turn_tokens (512)."""
+def start_long_reply(ws, max_turn_tokens: int = 512) -> None:
+    """A reply in progress: at temperature 2 with seed 0 the tiny random model runs to ``max_turn_tokens`` (512: a
+    reply of seconds, longer than any drain deadline here)."""
     import json
 
     import numpy as np
 
     ws.recv(timeout=10)  # session.created
-    ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": 512,
+    ws.send(json.dumps({"type": "session.configure", "reply_mode": "on_request", "max_turn_tokens": max_turn_tokens,
                         "sampling": {"temperature": 2.0, "seed": 0}}))
     ws.send(json.dumps({"type": "response.create"}))
     ws.send(np.zeros(8000, dtype=np.int16).tobytes())
@@ -282,7 +283,9 @@ def test_sigterm_with_a_drain_time_lets_the_reply_finish_closes_1012_and_exits_0
     log = LogReader(process)
     try:
         with connect_stream(port) as ws:
-            start_long_reply(ws)
+            # 128 tokens: about 1.3 s here, so the reply can finish inside the drain's 4 s session deadline (the
+            # deadline's cut is the drain call's test below); a 512-token reply made every run wait out the deadline.
+            start_long_reply(ws, max_turn_tokens=128)
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
             events, code = events_to_close(ws)
@@ -344,7 +347,8 @@ def test_sigterm_after_the_drain_call_joins_the_drain(tiny_checkpoint):
     drain short (the session still ends with 1012 after its reply, not with the immediate stop's 1001)."""
     import urllib.request
 
-    process, port = spawn_server(tiny_checkpoint, {"AIS_DRAIN_TIMEOUT_S": "8", "AIS_API_KEY": ""})
+    # 4 s: the sessions' deadline 2 s, past which the long reply is cut (an immediate stop would close it at once).
+    process, port = spawn_server(tiny_checkpoint, {"AIS_DRAIN_TIMEOUT_S": "4", "AIS_API_KEY": ""})
     log = LogReader(process)
     try:
         with connect_stream(port) as ws:
