@@ -22,10 +22,17 @@ import torch.nn.functional as F
 
 from audio_interaction_server.model import fused_kernels
 from audio_interaction_server.model.lm import LMConfig, RMSNorm, apply_rope, rope_table
-from tests.model.triton_interpreter import INTERPRETED, interpreted_only
+from tests.model.triton_interpreter import INTERPRETED, interpreted_only, tiny_model_of_the_run
 
 pytestmark = pytest.mark.skipif(not fused_kernels.triton_available(),
                                 reason="triton is not installed (optional: the gpu/test extra)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(request):
+    """Overrides conftest's: in the interpreter child, the checkpoint the parent wrote is loaded, not rebuilt."""
+    return tiny_model_of_the_run(request)
+
 
 H, G, D = 4, 2, 16
 SLOTS, P = 4, 4096  # the last slot is the scratch slot; 4096 positions reach the [2048, 4096) rounding range

@@ -26,10 +26,10 @@ H = G * HEADS_PER_GROUP
 SCRATCH = SLOTS - 1
 
 
-def test_the_interpreted_cases(tmp_path):
+def test_the_interpreted_cases(tmp_path, tiny_checkpoint):
     if INTERPRETED:
         pytest.skip("this is the child process")
-    run_interpreted_files(tmp_path)
+    run_interpreted_files(tmp_path, tiny_checkpoint)
 
 
 def rows_case(generator, rows: list[tuple[int, int, int]], width: int):
