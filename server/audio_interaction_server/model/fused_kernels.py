@@ -186,8 +186,8 @@ def _kernels() -> _Kernels:
             x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(X + row * stride_x + cols, x, mask=ok)
         xf = x.to(tl.float32)
-        mean_square = tl.sum(xf * xf, axis=0) / n_cols
-        # Correctly rounded sqrt and division (Triton's defaults on a GPU are approximations).
+        # Correctly rounded divisions and sqrt (Triton's defaults on a GPU are approximations).
+        mean_square = tl.math.div_rn(tl.sum(xf * xf, axis=0), n_cols * 1.0)
         inverse_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean_square + eps))
         w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
         if UNIT_OFFSET:
