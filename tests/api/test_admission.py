@@ -159,21 +159,27 @@ def test_only_a_local_client_may_drain_a_server_without_a_key():
     assert admission.is_local_client(peer("127.0.0.1"), trusted_proxies=["10.0.0.2"])
 
 
+@pytest.fixture(scope="module")
+def keyless_drainable(tiny_checkpoint):
+    """No API key, a drain time: the drain call is open to a local client. Shared by the refusals below (a refusal
+    that drained it anyway would fail its own case, and every case after it, on ``is_draining``)."""
+    server = LiveServer(server_config(tiny_checkpoint, api_key=None, drain_timeout_s=6.0)).start()
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("headers", [
     {"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9;proto=http"}, {"X-Real-IP": "203.0.113.9"},
     # A web page open on the server's machine: a no-cors POST from loopback says where it comes from.
     {"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
     {"Origin": "null"},
 ])
-def test_without_a_key_a_proxied_or_browser_drain_call_is_refused(tiny_checkpoint, headers):
-    server = LiveServer(server_config(tiny_checkpoint, api_key=None, drain_timeout_s=6.0)).start()
-    try:
-        status, body = post(server, "/v1/admin/drain", headers)
-        assert status == 403 and "error" in body and not server.runtime.is_draining, (status, body)
-        for path in ("/v1/admin%2Fdrain", "/v1/%61dmin/drain", "/v1/admin/%64rain"):  # the same route, decoded
-            assert post(server, path, headers)[0] == 403 and not server.runtime.is_draining, path
-    finally:
-        server.stop()
+def test_without_a_key_a_proxied_or_browser_drain_call_is_refused(keyless_drainable, headers):
+    server = keyless_drainable
+    status, body = post(server, "/v1/admin/drain", headers)
+    assert status == 403 and "error" in body and not server.runtime.is_draining, (status, body)
+    for path in ("/v1/admin%2Fdrain", "/v1/%61dmin/drain", "/v1/admin/%64rain"):  # the same route, decoded
+        assert post(server, path, headers)[0] == 403 and not server.runtime.is_draining, path
 
 
 def test_a_browser_drain_call_is_refused_even_with_the_key(busy_503):
