@@ -28,14 +28,17 @@ REPLY_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server, stop_server
+    """The live server in this process (both endpoints are served the same way either way; a spawn would pay the
+    imports and the model load again)."""
+    from audio_interaction_server.config import ServerConfig
+    from benchmarks.harness import LiveServer
 
-    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__SCRIPTED_TURNS__EVERY_CHUNKS": str(EVERY_CHUNKS),
-                                                    "AIS_ENGINE__SCRIPTED_TURNS__REPLY_TOKENS": str(REPLY_TOKENS)})
-    try:
-        yield port
-    finally:
-        stop_server(process)
+    config = ServerConfig.model_validate(dict(port=0, log_level="warning", engine={
+        "checkpoint": tiny_checkpoint, "device": "cpu",
+        "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}))
+    live = LiveServer(config).start()
+    yield live.port
+    live.stop()
 
 
 @pytest.fixture(scope="module")
