@@ -16,11 +16,26 @@ NUM_STREAMS = 32
 DRAIN_LIMIT_S = 15.0  # the server's graceful-shutdown budget is CLOSE_GRACE_S + 5 = 10 s
 
 
-async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, results: list) -> None:
+class Deciding:
+    """Set once every stream has had a chunk decided: all sessions live, mid-stream (instead of sleeping on it)."""
+
+    def __init__(self) -> None:
+        self.streams: set[int] = set()
+        self.all = asyncio.Event()
+
+    def heard(self, index: int, event: dict) -> None:
+        if event["type"] == "decision":
+            self.streams.add(index)
+            if len(self.streams) == NUM_STREAMS:
+                self.all.set()
+
+
+async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, deciding: Deciding,
+                              results: list) -> None:
     rng = np.random.default_rng(index)
     async with websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None) as ws:
         events = [json.loads(await ws.recv())]
-        await ws.send(json.dumps({"type": "session.configure", "max_turn_tokens": 8}))
+        await ws.send(json.dumps({"type": "session.configure", "max_turn_tokens": 8, "decision_events": True}))
         await ready.wait()
 
         async def send_audio() -> None:
@@ -35,6 +50,7 @@ async def stream_until_closed(port: int, index: int, ready: asyncio.Barrier, res
         try:
             async for message in ws:
                 events.append(json.loads(message))
+                deciding.heard(index, events[-1])
         except websockets.ConnectionClosed:
             pass
         sender.cancel()
@@ -46,11 +62,11 @@ def test_sigterm_with_32_live_sessions_closes_each_with_a_final_event(tiny_check
     results: list = [None] * NUM_STREAMS
     try:
         async def main() -> float:
-            ready = asyncio.Barrier(NUM_STREAMS + 1)
-            clients = [asyncio.create_task(stream_until_closed(port, i, ready, results))
+            ready, deciding = asyncio.Barrier(NUM_STREAMS + 1), Deciding()
+            clients = [asyncio.create_task(stream_until_closed(port, i, ready, deciding, results))
                        for i in range(NUM_STREAMS)]
             await ready.wait()
-            await asyncio.sleep(2.0)  # every session live, mid-stream
+            await asyncio.wait_for(deciding.all.wait(), timeout=30)  # every session live, mid-stream
             sent = time.monotonic()
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*clients), timeout=DRAIN_LIMIT_S)
