@@ -220,16 +220,20 @@ def test_compiled_in_place_attention_equals_gather():
     gather = random_lm(small_config(), attention="gather")
     gen = torch.Generator().manual_seed(8)
     # Histories that end inside, just before and exactly on 128-position block boundaries.
-    lengths = [300, 127, 128, 5, 260]
+    lengths = [300, 127, 128, 5]
     histories = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in lengths]
-    slots = [4, 0, 2, 5, 1]
+    slots = [3, 0, 2, 1]
     caches = {}
     for model in (flex, gather):
-        cache = caches[model.attention_backend] = model.new_cache(6, 512)
+        # The cache (and attention shape) the worker's in-place test compiles for (tests/engine/test_worker.py:
+        # 4 sessions, the engine's 4096 positions, small_config's heads are the tiny model's), so that a suite run
+        # compiles the kernel once (about 7 s on a 2-core machine) and this proof holds whichever test runs first.
+        cache = caches[model.attention_backend] = model.new_cache(4, 4096)
         for history, slot in zip(histories, slots):
             feed(model, cache, history, 0, slot=slot)
     for step in range(2):
-        rows = [torch.randint(0, 500, (13 if (i + step) % 2 else 1,), generator=gen).tolist() for i in range(5)]
+        rows = [torch.randint(0, 500, (13 if (i + step) % 2 else 1,), generator=gen).tolist()
+                for i in range(len(slots))]
         starts = list(lengths)
         outputs = []
         for model in (flex, gather):
