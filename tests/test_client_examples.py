@@ -272,19 +272,28 @@ def test_stream_file_retries_a_full_server_with_backoff_until_a_session_frees(ti
     assert SUMMARY_LINE.match(script.stdout[-1])
 
 
-@pytest.mark.parametrize("retry_s", ["0", "1.5"])
-def test_stream_file_gives_up_on_a_server_that_stays_full(tiny_checkpoint, shared_audio, tmp_path, retry_s):
+@pytest.fixture(scope="module")
+def one_slot(tiny_checkpoint):
+    """A server of one session, which each test below fills itself (and frees when it is done)."""
     server = LiveServer(client_config(tiny_checkpoint, max_sessions=1)).start()
-    try:
-        with server.connect() as occupant:
-            occupant.recv(timeout=10)
-            started = time.monotonic()
-            code, out, err = run_script("stream_file.py", server.ws_url,
-                                        str(shared_audio / "01_count_bark" / "sample01_02.wav"), "--api-key",
-                                        API_KEY, "--busy-retry-s", retry_s, cwd=tmp_path)
-            elapsed_s = time.monotonic() - started
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("retry_s", ["0", "1.5"])
+def test_stream_file_gives_up_on_a_server_that_stays_full(one_slot, shared_audio, tmp_path, retry_s):
+    server = one_slot
+    deadline = time.monotonic() + 10
+    while server.runtime.streams:  # the other case's occupant closes a moment after its socket
+        assert time.monotonic() < deadline, "the previous occupant's session never closed"
+        time.sleep(0.02)
+    with server.connect() as occupant:
+        assert json.loads(occupant.recv(timeout=10))["type"] == "session.created"
+        started = time.monotonic()
+        code, out, err = run_script("stream_file.py", server.ws_url,
+                                    str(shared_audio / "01_count_bark" / "sample01_02.wav"), "--api-key",
+                                    API_KEY, "--busy-retry-s", retry_s, cwd=tmp_path)
+        elapsed_s = time.monotonic() - started
     num_retries = len([line for line in err if BUSY_LINE.match(line)])
     assert code == 1 and (num_retries > 0) == (retry_s != "0"), err
     assert re.fullmatch(rf"error: server busy \(capacity: [^)]*\): gave up after {num_retries} retries in "
@@ -706,8 +715,9 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
     draining = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
     other = LiveServer(client_config(tiny_checkpoint)).start()
     relay = CutProxy(draining.port)
+    # Twice real time: the drain still comes mid-file (after chunk 2 of 6.3 s), and the run takes 3 s less.
     script = Script("stream_file.py", f"ws://127.0.0.1:{relay.port}", str(shared_audio / "01_count_bark"),
-                    "--api-key", API_KEY, "--speed", "1", "--json", "--decisions", cwd=tmp_path)
+                    "--api-key", API_KEY, "--speed", "2", "--json", "--decisions", cwd=tmp_path)
     try:
         script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
         relay.target_port = other.port  # new connections go to the replica that stays
