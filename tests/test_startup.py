@@ -193,7 +193,7 @@ class LogReader:
             self.text += line
 
 
-def test_start_up_log_announces_readiness_and_the_version(tiny_checkpoint):
+def test_start_up_log_announces_readiness_and_the_version_and_sigint_stops_it_cleanly(tiny_checkpoint):
     import json
     import urllib.request
 
@@ -201,16 +201,19 @@ def test_start_up_log_announces_readiness_and_the_version(tiny_checkpoint):
 
     process, port = spawn_server(tiny_checkpoint)
     try:
+        log = LogReader(process)
         # The line comes once the worker runs; /ready may answer just before it.
-        announced = LogReader(process).wait_for(r"ready.*serving (ws://\S+) \(audio-interaction (\S+);", timeout_s=30)
+        announced = log.wait_for(r"ready.*serving (ws://\S+) \(audio-interaction (\S+);", timeout_s=30)
         assert announced.group(1) == f"ws://127.0.0.1:{port}/v1/stream"
         assert announced.group(2) == __version__
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as response:
             assert json.load(response)["server_version"] == __version__
-    finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-        process.stderr.close()
+        assert process.wait(timeout=30) == 0
+        log.read_to_end()
+    finally:
+        end_process(process)
+    assert "Application shutdown complete" in log.text and "Traceback" not in log.text
 
 
 def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_path):
