@@ -9,7 +9,8 @@ def test_realtime_latency_benchmark_times_replies_on_both_protocols(tmp_path, sh
     from benchmarks.realtime_latency import main
 
     out = tmp_path / "figures.json"
-    main(["--streams", "1", "--seconds", "5", "--repeat", "1", "--json", str(out)])
+    # 4 s a phase: the 2 s warm-up, then one request (at 2 s) with 2 s for its reply to begin.
+    main(["--streams", "1", "--seconds", "4", "--repeat", "1", "--json", str(out)])
     phases = json.loads(out.read_text())
     assert sorted(phase["protocol"] for phase in phases) == ["realtime", "stream"]
     for phase in phases:
