@@ -95,6 +95,23 @@ class EngineConfig(BaseModel):
         "SiLU x up as fused Triton kernels when triton imports (fewer kernels per layer, the same math); "
         "off = the torch code. The CPU always runs the torch code",
     )
+    step_max_listening_rows: int | None = Field(
+        None, ge=1,
+        description="listening rows (short, with their audio chunk) one step runs at most, the oldest chunks first; "
+        "the rest wait for the next step. Bounds a step's work so a burst (every stream's chunk due at once) is "
+        "spread over a few short steps; None = auto: 256 (a listening bucket), or max_batch_rows if smaller",
+    )
+    step_max_reply_rows: int | None = Field(
+        None, ge=1,
+        description="reply rows (one token each) one step runs at most, the longest-waiting first; None = auto: "
+        "the largest reply bucket of the static step (at least 96, a quarter of max_batch_rows)",
+    )
+    step_max_long_tokens: int | None = Field(
+        None, ge=1,
+        description="tokens of long rows (a session's first row with its prompt, a context rollover) one step "
+        "runs at most, the oldest chunks first; one long row always runs. Spreads a burst of new sessions; "
+        "None = auto: 4096",
+    )
     kv_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0,
         description="share of the accelerator memory free after loading that the KV cache may take; "
