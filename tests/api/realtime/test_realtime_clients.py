@@ -23,7 +23,6 @@ import asyncio
 import base64
 import json
 import logging
-import threading
 import time
 import urllib.request
 import warnings
@@ -50,32 +49,43 @@ def speech_24k(shared_audio: Path, name: str) -> bytes:
     return (np.clip(mono, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-class ServerLog:
-    """Drains the server's stderr (a full pipe would block it) and keeps the lines."""
+class ServerLog(logging.Handler):
+    """The server's own errors (its loggers and uvicorn's), kept while the module's server runs; the clients' records
+    are client_logs' matter."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
         self.lines: list[str] = []
-        self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
-        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("audio_interaction_server", "uvicorn")):
+            self.lines.append(f"{record.levelname} {record.name}: {self.format(record)}")
 
     def problems(self) -> list[str]:
-        return [line for line in self.lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        return self.lines
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    from benchmarks.harness import spawn_server, stop_server
+    """The live server in this process (a spawn would pay the imports and the model load again, ~7 s)."""
+    from audio_interaction_server.config import ServerConfig
+    from benchmarks.harness import LiveServer
 
-    process, port = spawn_server(tiny_checkpoint, {
-        "AIS_API_KEY": KEY, "AIS_MAX_SESSIONS": "2",
-        "AIS_ENGINE__SCRIPTED_TURNS__EVERY_CHUNKS": str(EVERY_CHUNKS),
-        "AIS_ENGINE__SCRIPTED_TURNS__REPLY_TOKENS": str(REPLY_TOKENS),
-    })
-    log = ServerLog(process.stderr)
+    config = ServerConfig.model_validate(dict(port=0, api_key=KEY, max_sessions=2, log_level="warning", engine={
+        "checkpoint": tiny_checkpoint, "device": "cpu",
+        "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}))
+    log = ServerLog()
+    live = LiveServer(config).start()
+    # uvicorn's loggers stop at "uvicorn" (configured as the server is built, so the handler is added after).
+    watched = [logging.getLogger(), logging.getLogger("uvicorn")]
+    for logger in watched:
+        logger.addHandler(log)
     try:
-        yield port, log
+        yield live.port, log
     finally:
-        stop_server(process)
+        live.stop()
+        for logger in watched:
+            logger.removeHandler(log)
     assert not log.problems(), log.problems()
 
 
