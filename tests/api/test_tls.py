@@ -8,18 +8,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import re
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
 
-from audio_interaction_server.config import ConfigError, load_config
+from audio_interaction_server.config import ConfigError, ServerConfig, load_config
+from benchmarks.harness import LiveServer
 from tests.test_deployment import healthcheck_argv
 
 x509 = pytest.importorskip("cryptography.x509", reason="self-signed certificates are made with `cryptography`")
@@ -54,32 +53,20 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     return write_self_signed(tmp_path_factory.mktemp("tls"))
 
 
-def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint, certificate, tmp_path):
+def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint, certificate):
+    """The server built as ``python -m audio_interaction_server --ssl-certfile ... --ssl-keyfile ...`` builds it (in
+    this process: test_ssl_flags_reach_the_config covers the flags, and a spawn would pay the imports and the model
+    load again)."""
     cert_path, key_path = certificate
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "audio_interaction_server", "--port", "0", "--checkpoint", str(tiny_checkpoint),
-             "--device", "cpu", "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path)],
-            stdout=log, stderr=subprocess.STDOUT, text=True)
+    config = ServerConfig.model_validate(dict(port=0, log_level="warning", ssl_certfile=cert_path,
+                                              ssl_keyfile=key_path,
+                                              engine={"checkpoint": tiny_checkpoint, "device": "cpu"}))
+    server = LiveServer(config).start()
+    port = server.port
     trusted = ssl.create_default_context(cafile=str(cert_path))  # this certificate and nothing else
     try:
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None:
-            found = re.search(r"running on https://127\.0\.0\.1:(\d+)", log_path.read_text())
-            port = int(found[1]) if found else None
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        while True:  # https: the same endpoints, over TLS
-            try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/ready", timeout=5, context=trusted) as reply:
-                    assert reply.status == 200
-                    break
-            except urllib.error.HTTPError:  # 503 while the model loads
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/ready", timeout=5, context=trusted) as reply:
+            assert reply.status == 200  # https: the same endpoints, over TLS
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=5, context=trusted) as reply:
             assert "<html" in reply.read().decode()  # the page: over https, the microphone is allowed
         # The image's HEALTHCHECK (and Compose's) follows the AIS_SSL_* variables, as it follows AIS_PORT.
@@ -106,8 +93,7 @@ def test_server_started_with_a_certificate_serves_wss_and_https(tiny_checkpoint,
             with connect(f"wss://127.0.0.1:{port}/v1/stream", ssl=ssl.create_default_context(), open_timeout=5):
                 pass
     finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0, log_path.read_text()
+        server.stop()
 
 
 def test_tls_settings_need_both_files_and_the_files_must_exist(certificate, tmp_path):
