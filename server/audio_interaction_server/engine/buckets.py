@@ -16,10 +16,19 @@ from dataclasses import dataclass
 
 from audio_interaction_server.model.static_step import ROW_TOKENS, Bucket
 
-__all__ = ["ROW_TOKENS", "Bucket", "BucketSet", "listening_sizes", "reply_sizes"]
+__all__ = ["ROW_TOKENS", "Bucket", "BucketSet", "listening_sizes", "max_reply_rows", "reply_sizes"]
 
 # Reply-row bucket sizes before doubling takes over (gpu-step.md: replies are a minority of rows).
 _REPLY_SIZES = (0, 8, 16, 32, 64, 96)
+
+# Reply rows per step that the buckets cover at least (gpu-step.md: about one stream in ten is mid-reply);
+# more in one batch run as a second step.
+MIN_REPLY_BUCKET_ROWS = 96
+
+
+def max_reply_rows(max_rows: int) -> int:
+    """The reply rows the largest bucket is built for, with ``max_rows`` rows per step."""
+    return max(1, min(max_rows, max(MIN_REPLY_BUCKET_ROWS, max_rows // 4)))
 
 
 def listening_sizes(max_rows: int) -> tuple[int, ...]:

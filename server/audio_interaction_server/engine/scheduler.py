@@ -1,8 +1,9 @@
 """Which sessions run in a step, with which rows, and what their tokens mean: the worker's bookkeeping.
 
 ``Scheduler`` holds the session registry and the free KV-cache slots. ``schedule()`` picks the
-ready sessions (round robin when there are more than a step's rows, catch-up pacing for audio
-backlogs), asks each conversation for its row and splits the rows into batches: a ``StepPlan``.
+ready sessions (catch-up pacing for audio backlogs), asks each conversation for its row, longest
+waiting first, until the step's bounds are reached (``step_policy.py``: the rest run next step),
+and splits the rows into batches: a ``StepPlan``.
 ``update(batch, result)`` turns the runner's tokens into each session's engine events: the
 session's turn policy applies first (scripted turns, a requested reply, ``reply_mode``), then
 the conversation commits the token. No tensors here (``runner.py``), no threads and no
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
-from typing import Callable
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,15 +31,12 @@ from audio_interaction_server.engine.events import AudioCleared, EndCode, Engine
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
 from audio_interaction_server.engine.scripted import scripted_token
-from audio_interaction_server.model.lm import FLEX_QUERY_ROWS
+from audio_interaction_server.engine.step_policy import LONG_ROW_TOKENS, Candidate, StepLimits, choose_rows
 from audio_interaction_server.spec import CHUNK_S
 
 log = logging.getLogger(__name__)
 
-# Rows longer than a listening block (a session's first row, a context rollover) run in a batch of their own.
-# The bound is the in-place attention's query length: a batch whose rows all fit it can take that path, so a
-# short batch holding one row longer than it would silently fall back to gather attention for every row.
-LONG_ROW_TOKENS = FLEX_QUERY_ROWS
+__all__ = ["LONG_ROW_TOKENS", "Scheduler", "SessionState", "StepLimits", "StepPlan", "StepUpdate"]
 
 COMMIT_FAILED = "session state error"
 PLAN_FAILED = "planning its step failed"
@@ -57,6 +56,17 @@ class SessionState:
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
     credits_at_s: float = 0.0
+    # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
+    chunk_tickets: deque[int] = field(default_factory=deque)
+    last_row_ticket: int = -1
+
+    def waiting_since(self) -> int:
+        """The ticket of the moment this session started waiting: its oldest queued chunk, or its last row."""
+        queue, tickets = self.conversation.audio_queue, self.chunk_tickets
+        while len(tickets) > len(queue):  # chunks leave the queue at the front (decided, or all cleared)
+            tickets.popleft()
+        oldest = tickets[0] if queue and len(tickets) == len(queue) else -1  # -1: queued without a ticket
+        return max(oldest, self.last_row_ticket)
 
 
 @dataclass(frozen=True)
@@ -109,13 +119,14 @@ class Scheduler:
         """``clear_slot``: resets a slot's KV cache for a new session (the runner's); ``clock``: pacing's clock."""
         self.config = config
         self.max_batch_rows = max_batch_rows
+        self.limits = StepLimits.from_config(config, max_batch_rows)
+        self._next_ticket = 0
         self.prompts = prompts
         self.clear_slot = clear_slot
         self.clock = clock
         self.is_paced = True  # catch-up pacing applies (the worker turns it off inside run_until_idle)
         self.sessions: dict[str, SessionState] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
-        self._round_robin = 0
 
     # ---- the registry ------------------------------------------------------------------------------
     def open(self, session_id: str, options: SessionOptions, emit: EmitFn) -> SessionState:
@@ -170,10 +181,14 @@ class Scheduler:
         self._free_slots.sort(reverse=True)  # pop() gives the lowest
 
     # ---- session requests (applied between steps) --------------------------------------------------
-    @staticmethod
-    def add_audio(session: SessionState, mel_chunks) -> None:
+    def add_audio(self, session: SessionState, mel_chunks) -> None:
         for chunk in mel_chunks:
             session.conversation.add_audio(chunk)
+            session.chunk_tickets.append(self._ticket())
+
+    def _ticket(self) -> int:
+        self._next_ticket += 1
+        return self._next_ticket
 
     @staticmethod
     def cancel(session: SessionState) -> list[EngineEvent]:
@@ -213,34 +228,34 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        rows, failures = [], []
-        for session in self._ready_sessions():
+        """The rows of the ready sessions that waited longest, within the step's bounds (``self.limits``)."""
+        failures: list[Failure] = []
+        now_s = self.clock()
+        ready = [s for s in self.sessions.values() if s.conversation.is_ready and self._may_listen(s, now_s)]
+        ready.sort(key=SessionState.waiting_since)  # stable: equal tickets keep the registry's order
+        short, long = choose_rows(self._candidates(ready, failures), self.limits)
+        chosen = {row.session_id: row for row in (*short, *long)}
+        for session in ready:  # in the order they waited, so they keep it among themselves next time
+            row = chosen.get(session.session_id)
+            if row is None:
+                continue
+            session.last_row_ticket = self._ticket()  # it waits again from now, behind everyone waiting already
+            if self._pacing and row.is_decision:
+                # _may_listen let it in, and a paced listening session leaves it with its credits counted.
+                assert session.listen_credits is not None
+                session.listen_credits -= 1.0
+        return StepPlan(tuple(tuple(batch) for batch in (short, long) if batch), tuple(failures))
+
+    def _candidates(self, ready: list[SessionState], failures: list[Failure]) -> Iterator[Candidate[PlannedRow]]:
+        """Each ready session's row, planned only when the policy asks for it; failed plans go to ``failures``."""
+        for session in ready:
             try:
                 plan = session.conversation.plan()
             except Exception as exc:  # ContextFull, or this session's state is broken: it alone ends
                 failures.append(Failure(session, exc, PLAN_FAILED))
                 continue
-            rows.append(PlannedRow(session.session_id, session.slot, plan, session.options.sampling,
-                                   session.generator))
-        short = tuple(row for row in rows if row.num_tokens <= LONG_ROW_TOKENS)
-        long = tuple(row for row in rows if row.num_tokens > LONG_ROW_TOKENS)
-        return StepPlan(tuple(batch for batch in (short, long) if batch), tuple(failures))
-
-    def _ready_sessions(self) -> list[SessionState]:
-        now_s = self.clock()
-        ready = [s for s in self.sessions.values() if s.conversation.is_ready and self._may_listen(s, now_s)]
-        if len(ready) > self.max_batch_rows:
-            # More ready sessions than rows: rotate the start so nobody starves.
-            start = self._round_robin % len(ready)
-            self._round_robin += self.max_batch_rows
-            ready = (ready[start:] + ready[:start])[: self.max_batch_rows]
-        if self._pacing:
-            for session in ready:
-                if session.conversation.phase is Phase.LISTENING:
-                    # _may_listen let it in, and a paced listening session leaves it with its credits counted.
-                    assert session.listen_credits is not None
-                    session.listen_credits -= 1.0
-        return ready
+            row = PlannedRow(session.session_id, session.slot, plan, session.options.sampling, session.generator)
+            yield Candidate(session.waiting_since(), row, row.num_tokens, row.is_decision)
 
     @property
     def _pacing(self) -> bool:

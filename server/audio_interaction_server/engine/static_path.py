@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import torch
 
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.buckets import BucketSet
+from audio_interaction_server.engine.buckets import BucketSet, max_reply_rows
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.packing import SlotRow, StepStaging, fits_static_step
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
@@ -33,10 +33,6 @@ from audio_interaction_server.model.slot_attention import triton_available
 from audio_interaction_server.model.static_step import StaticAttention, StaticStep
 
 log = logging.getLogger(__name__)
-
-# Reply rows per step that the buckets cover at least (gpu-step.md: about one stream in ten is mid-reply);
-# more in one batch run as a second step.
-MIN_REPLY_BUCKET_ROWS = 96
 
 
 @dataclass(frozen=True)
@@ -110,8 +106,7 @@ class StaticPath:
               max_rows: int) -> StaticPath | None:
         if not choice.static:
             return None
-        max_reply = max(1, min(max_rows, max(MIN_REPLY_BUCKET_ROWS, max_rows // 4)))
-        buckets = BucketSet.for_rows(max_rows, max_reply)
+        buckets = BucketSet.for_rows(max_rows, max_reply_rows(max_rows))
         step = StaticStep(model.lm, encoder, cache, buckets.largest, DECISION_TOKENS, choice.attention,
                           fused=choice.fused)
         log.info("%s; buckets: listening %s x reply %s", choice.reason, buckets.listening, buckets.reply)
