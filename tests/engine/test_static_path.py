@@ -12,7 +12,7 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.buckets import BucketSet, listening_sizes, reply_sizes
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.packing import SlotRow, StepStaging, fits_static_step
-from audio_interaction_server.engine.static_path import choose_step
+from audio_interaction_server.engine.static_path import StepChoice, choose_eager_attention, choose_step
 from audio_interaction_server.engine.step_graphs import StepSnapshot, compare_steps
 from audio_interaction_server.model.static_step import ROW_TOKENS, Bucket, StepLayout
 
@@ -146,3 +146,14 @@ def test_the_step_configuration():
     assert not choose_step(EngineConfig(cuda_graphs="off", static_attention="gather"), cuda).graphs
     with pytest.raises(ValueError, match="needs a CUDA device"):
         choose_step(EngineConfig(step="static", static_attention="triton"), cpu)
+
+
+def test_with_the_static_step_the_eager_path_takes_gather_without_compiling_flex(tiny_model):
+    """The eager path then runs only long rows, which flex cannot serve (more than FLEX_QUERY_ROWS tokens)."""
+    cache = tiny_model.lm.new_cache(2, 256, scratch_slot=True)
+    static = StepChoice(True, False, "gather", "configured")
+    chosen = choose_eager_attention("auto", static, tiny_model, cache, 2)
+    assert (chosen.backend, chosen.compiled) == ("gather", False) and "static step" in chosen.reason
+    assert (tiny_model.lm.attention_backend, tiny_model.lm.compile_attention) == ("gather", False)
+    eager = StepChoice(False, False, "gather", "CPU device")
+    assert "static step" not in choose_eager_attention("auto", eager, tiny_model, cache, 2).reason

@@ -28,6 +28,7 @@ from audio_interaction_server.engine.sampling import DECISION_TOKENS
 from audio_interaction_server.engine.step_graphs import CaptureStats, StepGraphs
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.fit import AttentionChoice, choose_attention
 from audio_interaction_server.model.lm import SlotKVCache
 from audio_interaction_server.model.slot_attention import triton_available
 from audio_interaction_server.model.static_step import StaticAttention, StaticStep
@@ -66,6 +67,21 @@ def choose_step(config: EngineConfig, device: torch.device) -> StepChoice:
     fused = on_cuda and config.fused_kernels == "auto" and triton_available()
     return StepChoice(True, graphs, attention, f"static step ({where}), attention {attention}, "
                       f"CUDA graphs {'on' if graphs else 'off'}, fused kernels {'on' if fused else 'off'}", fused)
+
+
+def choose_eager_attention(requested: str, choice: StepChoice, model: LoadedModel, cache: SlotKVCache,
+                           max_rows: int) -> AttentionChoice:
+    """The eager path's attention (``engine.attention``), given how short rows are stepped.
+
+    With the static step, the eager path runs only long rows (first rows, rollovers), which the in-place
+    attention's query bound (``FLEX_QUERY_ROWS``) leaves to gather anyway; ``auto`` then takes gather at once
+    instead of compiling and timing FlexAttention for every batch bucket at start-up (about 39 s per worker
+    start on the H200 of 2026-12-04, whose ramp then chose gather as the faster one). ``flex`` still compiles.
+    """
+    if requested == "auto" and choice.static:
+        model.lm.attention_backend, model.lm.compile_attention = "gather", False
+        return AttentionChoice("gather", False, "the static step serves every short row; long rows use gather")
+    return choose_attention(requested, model.lm, cache, max_rows)
 
 
 class HasSlotAndPlan(Protocol):

@@ -37,12 +37,12 @@ from audio_interaction_server.engine.conversation import ContextFull, check_room
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
-from audio_interaction_server.engine.static_path import StaticPath, choose_step
+from audio_interaction_server.engine.static_path import StaticPath, choose_eager_attention, choose_step
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.scheduler import Failure, OpenRefused, Scheduler, SessionState, StepUpdate
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
-from audio_interaction_server.model.fit import check_kv_fits, choose_attention
+from audio_interaction_server.model.fit import check_kv_fits
 
 log = logging.getLogger(__name__)
 # What clients hear when the worker dies; the exception and its traceback go to the log only.
@@ -88,7 +88,7 @@ class Worker:
         self.step_choice = choose_step(config, model.device)
         cache = model.lm.new_cache(config.max_sessions, config.max_positions, scratch_slot=self.step_choice.static)
         self.max_batch_rows = config.max_batch_rows or config.max_sessions
-        self.attention = choose_attention(config.attention, model.lm, cache, self.max_batch_rows)
+        self.attention = choose_eager_attention(config.attention, self.step_choice, model, cache, self.max_batch_rows)
         if config.scripted_turns is not None:
             log.warning("scripted turns (%s): decisions and replies follow a benchmark schedule, not the model",
                         config.scripted_turns)
