@@ -329,6 +329,10 @@ class ServerConfig(BaseModel):
     agent_port: int | None = Field(
         None, ge=0, le=65535, description="TCP port of the capacity agent for HAProxy's agent-check (on host); "
         "0 = any free port; None = no agent")
+    fronts: int = Field(
+        1, ge=1, le=64, description="front processes (sockets, sessions, audio front-end, rendering) on one engine "
+        "process (docs/scaling.md, several fronts per engine): front i listens on port + i, its agent on "
+        "agent_port + i (0: any free port each), its replica id is replica_id + '-f<i>'; 1 = one process as ever")
     agent_probes_per_s: float = Field(
         50.0, gt=0, description="connections the capacity agent takes per second, all clients together (one at a "
         "time: each gets its line and is closed at once); more wait in the kernel's accept queue, so a flood of "
@@ -388,6 +392,18 @@ class ServerConfig(BaseModel):
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
                     "('owner/name' or 'owner/name@revision')"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fronts_ports_fit(self) -> ServerConfig:
+        last = self.fronts - 1
+        if max(self.port, self.agent_port or 0) + last > 65535:
+            raise ValueError(f"fronts ({self.fronts}): port + {last} and agent_port + {last} must be ports")
+        if last and self.port and self.agent_port and abs(self.agent_port - self.port) <= last:
+            raise ValueError(f"fronts ({self.fronts}) listen on port..port+{last} ({self.port}..{self.port + last}) "
+                             f"and their agents on agent_port..agent_port+{last}: the two ranges overlap")
+        if last and self.replica_id is not None and len(self.replica_id) + len(f"-f{last}") > 64:
+            raise ValueError(f"replica_id is too long for {self.fronts} fronts (each adds -f<i>; 64 characters in all)")
         return self
 
     @model_validator(mode="after")
