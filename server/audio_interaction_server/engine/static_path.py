@@ -4,10 +4,13 @@
 which attention); ``StaticPath.build`` makes the path for a choice. ``StaticPath.run(rows)``
 takes a batch whose rows all fit a static step (``fits_static_step``: listening blocks of at most
 ``ROW_TOKENS`` tokens with their chunk, one-token reply rows), cuts it into buckets
-(``BucketSet.split``), and for each: packs the staging buffer, copies it to the device in one
+(``BucketSet.split``), and for each: packs a staging buffer, copies it to the device in one
 transfer, runs the step (its graph if one was captured, else the same step eagerly) and reads
-the outputs back in one transfer. Rows that sample with a temperature read their logits after
-that, like the eager path. Everything else (first rows, rollovers) stays on the eager path.
+the outputs back in one transfer. Two staging buffers take turns: while one step runs on the
+device, the next bucket's inputs are packed into the other, so the host's packing overlaps the
+device's work (on the CPU everything is synchronous and the order alone differs). Rows that
+sample with a temperature read their logits after that, like the eager path. Everything else
+(first rows, rollovers) stays on the eager path.
 
 Threading: the worker thread only.
 """
@@ -31,7 +34,7 @@ from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.fit import AttentionChoice, choose_attention
 from audio_interaction_server.model.lm import SlotKVCache
 from audio_interaction_server.model.slot_attention import triton_available
-from audio_interaction_server.model.static_step import StaticAttention, StaticStep
+from audio_interaction_server.model.static_step import Bucket, StaticAttention, StaticStep
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +105,18 @@ class StepCounts:
 
 
 class StaticPath:
-    def __init__(self, step: StaticStep, buckets: BucketSet, graphs: bool) -> None:
+    def __init__(self, step: StaticStep, buckets: BucketSet, graphs: bool, num_staging: int = 2) -> None:
+        """``num_staging``: 2 packs the next bucket while a step runs; 1 packs each after the previous one's read."""
+        if num_staging not in (1, 2):
+            raise ValueError(f"num_staging must be 1 or 2, got {num_staging}")
         self.step = step
         self.buckets = buckets
         cache = step.cache
         on_cuda = step.device.type == "cuda"
         assert cache.scratch_slot is not None  # StaticStep checked it
-        self.staging = StepStaging(step.layout, cache.scratch_slot, cache.max_positions, pin_memory=on_cuda)
+        self.stagings = [StepStaging(step.layout, cache.scratch_slot, cache.max_positions, pin_memory=on_cuda)
+                         for _ in range(num_staging)]
+        self.staging = self.stagings[0]  # what graph capture and the self-check pack into
         self._host_outputs = torch.zeros(step.outputs.shape, dtype=torch.int64, pin_memory=on_cuda)
         self._read_done = torch.cuda.Event() if on_cuda else None
         self.counts = StepCounts()
@@ -156,25 +164,42 @@ class StaticPath:
         listening = [i for i, row in enumerate(rows) if row.plan.is_decision]
         reply = [i for i, row in enumerate(rows) if not row.plan.is_decision]
         chosen: list[tuple[int, bool, torch.Tensor | None]] = [(0, False, None)] * len(rows)
+        steps: list[tuple[Bucket, list[int], list[int]]] = []
         taken_listening = taken_reply = 0
         for bucket, num_listening, num_reply in self.buckets.split(len(listening), len(reply)):
-            step_listening = listening[taken_listening: taken_listening + num_listening]
-            step_reply = reply[taken_reply: taken_reply + num_reply]
+            steps.append((bucket, listening[taken_listening: taken_listening + num_listening],
+                          reply[taken_reply: taken_reply + num_reply]))
             taken_listening, taken_reply = taken_listening + num_listening, taken_reply + num_reply
-            self.staging.pack(bucket, [SlotRow(rows[i].slot, rows[i].plan) for i in step_listening],
-                              [SlotRow(rows[i].slot, rows[i].plan) for i in step_reply])
-            self.step.load(self.staging.bytes, bucket)
+
+        def pack(k: int) -> StepStaging:
+            bucket, step_listening, step_reply = steps[k]
+            staging = self.stagings[k % len(self.stagings)]
+            staging.pack(bucket, [SlotRow(rows[i].slot, rows[i].plan) for i in step_listening],
+                         [SlotRow(rows[i].slot, rows[i].plan) for i in step_reply])
+            return staging
+
+        staging = pack(0) if steps else None
+        for k, (bucket, step_listening, step_reply) in enumerate(steps):
+            assert staging is not None
+            self.step.load(staging.bytes, bucket)
             if self.graphs is not None and self.graphs.replay(bucket):
                 self.counts.graph_steps += 1
             else:
                 self.step.run(bucket)
                 self.counts.static_eager_steps += 1
+            is_last = k + 1 == len(steps)
+            # The other buffer's copy finished before the previous step's read, so it can be packed while this
+            # step runs; with one buffer the copy may still be reading it until this step's read.
+            if not is_last and len(self.stagings) > 1:
+                staging = pack(k + 1)
             values = self._read(bucket.num_rows)
-            for k, i in enumerate(step_listening):
-                chosen[i] = (values[k][0], bool(values[k][1]), None)
-            for k, i in enumerate(step_reply):
-                row_values = values[bucket.listening + k]
-                logits = self.step.reply_logits[k].clone() if logits_for[i] else None
+            if not is_last and len(self.stagings) == 1:
+                staging = pack(k + 1)
+            for j, i in enumerate(step_listening):
+                chosen[i] = (values[j][0], bool(values[j][1]), None)
+            for j, i in enumerate(step_reply):
+                row_values = values[bucket.listening + j]
+                logits = self.step.reply_logits[j].clone() if logits_for[i] else None
                 chosen[i] = (row_values[0], bool(row_values[1]), logits)
         return chosen
 
