@@ -74,7 +74,8 @@ from audio_interaction_server.model.fit import kv_bytes_per_slot, self_check_fle
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model  # noqa: E402
 from audio_interaction_server.model.encoder import AudioEncoder, batch_bucket  # noqa: E402
 from audio_interaction_server.model.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
-from audio_interaction_server.config import ScriptedTurns  # noqa: E402
+from audio_interaction_server.config import EngineConfig, ScriptedTurns  # noqa: E402
+from audio_interaction_server.engine.static_path import choose_step  # noqa: E402
 from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
 
 TARGETS = capacity.Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0,
@@ -275,6 +276,10 @@ def warm_up(args, served: Served, report: Report, stage: Stage) -> None:
              + ", ".join(f"{n}: {ms} ({ms / n:.2f})" for n, ms in call_ms.items())]
     if model.device.type != "cuda":
         stage.lines = lines + ["FlexAttention: not compiled (the engine serves gather on the CPU)"]
+        return
+    if served.attention == "auto" and choose_step(EngineConfig(), model.device).static:
+        stage.lines = lines + ["FlexAttention: not compiled (the static step serves every short row; the workers "
+                               "give the eager path's long rows gather, static_path.choose_eager_attention)"]
         return
     stage.lines = lines
     compile_flex_buckets(args, served, report, stage)
