@@ -1,7 +1,8 @@
 """The step policy against unbounded steps: the same streams through the real scheduler and worker, twice.
 
-    python -m benchmarks.step_policy [--streams 96] [--seconds 8] [--model tiny] [--step eager|static]
+    python -m benchmarks.step_policy [--streams 96] [--seconds 8] [--model tiny|real] [--step eager|static]
                                      [--listening-rows 16] [--reply-rows 8] [--long-tokens 600]
+                                     [--repeats 2] [--max-positions 3072]
 
 Each run is ``benchmarks.capacity``'s direct mode (N streams of real audio at real-time pace,
 staggered over one chunk, scripted replies 25:20): once with the given ``engine.step_max_*``
@@ -10,7 +11,9 @@ Per run: rows per step (mean / max), steps, the rows and tokens run in all (the 
 when both runs decided the same chunks and replies), decision latency p50/p95/p99, first reply
 token p95 and the slowest 5% of replies in tokens/s. The auto bounds (256 listening rows) are
 sized for a GPU; on a CPU with the tiny model pass smaller ones, at a stream count that keeps
-this machine's worker busy.
+this machine's worker busy. ``--repeats R`` alternates the two R times (unbounded first, then
+bounded first, ...), so a neighbour's load on a shared machine shows as spread, not as a verdict.
+On a GPU: ``--model real --device cuda --streams 600 --seconds 15 --max-positions 3072`` (auto bounds).
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reply-rows", type=int, default=None)
     parser.add_argument("--long-tokens", type=int, default=None)
     parser.add_argument("--cpu-threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max-positions", type=int, default=4096)
     parser.add_argument("--audio", default=shared_audio_dir())
     args = parser.parse_args(argv)
     model, _ = load(args.model, args.device, "auto")
     chunks = mel_chunks(audio_loop(args.audio))
     engine = {"step": args.step, "scripted_turns": {"every_chunks": 25, "reply_tokens": 20},
-              "cpu_threads": args.cpu_threads}
+              "cpu_threads": args.cpu_threads, "max_positions": args.max_positions}
     bounded = {"step_max_listening_rows": args.listening_rows, "step_max_reply_rows": args.reply_rows,
                "step_max_long_tokens": args.long_tokens}
     unbounded = {"step_max_listening_rows": args.streams, "step_max_reply_rows": args.streams,
@@ -59,9 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | steps | rows/step mean / max | rows run | tokens fed | decisions | decision p50 / p95 / p99 ms | "
           "first token p95 ms | slowest 5% reply tok/s | step ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, limits in (("unbounded", unbounded), ("bounded", bounded)):
-        run = run_direct(model, chunks, args.streams, args.seconds, {**engine, **limits}, drain_s=20.0)
-        print(describe(name, run), flush=True)
+    runs = [("unbounded", unbounded), ("bounded", bounded)]
+    for repeat in range(args.repeats):
+        for name, limits in (runs if repeat % 2 == 0 else runs[::-1]):
+            run = run_direct(model, chunks, args.streams, args.seconds, {**engine, **limits}, drain_s=20.0)
+            print(describe(name, run), flush=True)
 
 
 if __name__ == "__main__":
