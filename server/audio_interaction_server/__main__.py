@@ -1,11 +1,12 @@
 """Run the server (also ``audio-interaction serve``)::
 
-    python -m audio_interaction_server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo]
+    python -m audio_interaction_server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo] [--fronts N]
 
 Settings come from the package's default.yaml (or ``--config``), then ``AIS_*`` environment
 variables (every setting is documented in the package's config.py), then these flags. The port is bound before the model
 loads, so a busy port fails at once; /health answers while the model loads, /ready once it
-is loaded, and a "ready: serving ws://..." log line says so.
+is loaded, and a "ready: serving ws://..." log line says so. With --fronts N (N > 1) this process
+supervises one engine process and N front processes, front i on port P + i (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from audio_interaction_server import __version__
+from audio_interaction_server.api.serving import (  # noqa: F401  (the statuses are named from here too)
+    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, stop_requested,
+)
 
 VERSION_TEXT = f"audio-interaction {__version__}"
 
@@ -34,6 +38,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--engine-process", action="store_true",
                         help="run the engine in a process of its own (engine.transport: process; the default on CUDA)")
+    parser.add_argument("--fronts", type=int, metavar="N",
+                        help="N front processes (sockets, sessions, audio front-end) on one engine process, front i "
+                        "on port PORT + i with replica id REPLICA_ID-f<i> and agent port AGENT_PORT + i (default 1: "
+                        "one process)")
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="json: one JSON object a line, session_id and replica_id as fields (default: text)")
     parser.add_argument("--ssl-certfile", type=Path,
@@ -73,21 +81,18 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
             overrides[name] = getattr(args, name)
     if args.drain_timeout is not None:
         overrides["drain_timeout_s"] = args.drain_timeout
+    if args.fronts is not None:
+        overrides["fronts"] = args.fronts
     if engine:
         overrides["engine"] = engine
     return overrides
 
 
-# Exit statuses (documented in --help and docs/deployment.md; supervisors act on them).
-EXIT_STOPPED = 0  # SIGINT or SIGTERM, also while the model was loading
-EXIT_CANNOT_SERVE = 1  # the model could not be loaded, or its worker died
-EXIT_BAD_CONFIG = 2  # as argparse's usage errors
-EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind error
-
 EXIT_STATUSES = f"""exit status:
   {EXIT_STOPPED}  stopped by SIGINT (Ctrl-C) or SIGTERM (docker stop), also while the model was loading;
      a drain (SIGTERM with --drain-timeout, or POST /v1/admin/drain) that finished
-  {EXIT_CANNOT_SERVE}  the model could not be loaded, or the model worker died (an error: line says why)
+  {EXIT_CANNOT_SERVE}  the model could not be loaded, or the model worker died (an error: line says why);
+     with --fronts: also the engine process died, or a front kept dying
   {EXIT_BAD_CONFIG}  invalid configuration or command line (the message names the field and its source)
   {EXIT_CANNOT_LISTEN}  cannot listen on the host and port (in use, not permitted, no such address)
 """
@@ -128,23 +133,15 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     return None
 
 
-class _StopRequested(Exception):
-    pass
-
-
-def _stop_requested(signum: int, frame: Any) -> None:
-    raise _StopRequested()
-
-
 def serve(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, k8s) and SIGINT (Ctrl-C) are a normal stop at any point: also during the
     # seconds of imports before uvicorn runs, and after uvicorn's graceful shutdown, which re-raises
     # the signal with the handler installed before it ran. SIGINT gets our handler too, not Python's:
     # a background job (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves it ignored.
-    previous_handlers = {signum: signal.signal(signum, _stop_requested) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {signum: signal.signal(signum, stop_requested) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _serve(args)
-    except (KeyboardInterrupt, _StopRequested):
+    except (KeyboardInterrupt, StopRequested):
         return EXIT_STOPPED
     finally:
         for signum, handler in previous_handlers.items():
@@ -163,62 +160,23 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    from audio_interaction_server.logs import configure_logging, route_uvicorn_logs
+    from audio_interaction_server.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format)
     log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
-    from audio_interaction_server.api.app import build_server, create_app
-
     no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
                              "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
     if no_cuda is not None:
         print(f"error: {no_cuda}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    fatal: list[str] = []
-    server = None
+    if config.fronts > 1:  # one engine process, N fronts, supervised by this process (api/fronts.py)
+        from audio_interaction_server.api.fronts import supervise
 
-    def on_fatal(reason: str) -> None:
-        fatal.append(reason)
-        if server is not None:
-            server.should_exit = True
+        return supervise(config)
+    from audio_interaction_server.api.serving import serve_config
 
-    app = create_app(config, on_fatal=on_fatal)
-    server = build_server(app, config)
-    if config.log_format == "json":
-        route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
-    # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
-    try:
-        listener = server.config.bind_socket()
-    except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
-        print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
-              file=sys.stderr)
-        return EXIT_CANNOT_LISTEN
-    runtime = app.state.runtime
-    runtime.stream_url = _stream_url(server.config, listener)
-    try:
-        server.run(sockets=[listener])
-    except (KeyboardInterrupt, _StopRequested):
-        pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
-    status = EXIT_STOPPED
-    if fatal:
-        print(f"error: {fatal[0]}", file=sys.stderr)
-        status = EXIT_CANNOT_SERVE
-    if runtime.is_loading:
-        # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and
-        # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
-
-
-def _stream_url(uv_config: Any, listener: Any) -> str:
-    host = uv_config.host or "0.0.0.0"
-    host = f"[{host}]" if ":" in host else host
-    scheme = "wss" if uv_config.is_ssl else "ws"
-    return f"{scheme}://{host}:{listener.getsockname()[1]}/v1/stream"
+    return serve_config(config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,13 @@ HAProxy connects every ``agent-inter``, reads one line and closes; the words on 
   and a subscriber must still reach a full replica. It is a constant, so the line tells whoever can reach
   the port nothing about the load; a new session sent to a full replica is refused with HTTP 503
   (``busy_refusal: http_503``) and retried on another one (``retry-on 503``).
+- One of several fronts of one engine (``serve --fronts N``), the engine's slots are shared, so the line
+  also carries a weight from the engine's free slots: ``up ready 100% maxconn:<N>`` while the engine has a
+  free slot, ``up ready 0% maxconn:<N>`` while it has none (HAProxy then sends no new session to any front of
+  that engine, as for a drain, and ``use-server`` still reaches their sessions). Full or not is all it tells,
+  as ``/ready`` does to anyone; HAProxy keeps a weight until told another, so every line carries one.
 - ``up drain`` while draining: no new sessions from the balancing algorithm, while ``use-server`` still
-  routes subscribers of the sessions finishing here.
+  routes subscribers of the sessions finishing here. A drain is per front.
 - ``down#<reason>`` while the model loads, after it failed, or while the process stops.
 
 What a probe may cost is bounded, since anyone who reaches the port can probe it: connections are taken
@@ -51,7 +56,10 @@ def agent_line(runtime: Runtime) -> str:
     if report.draining:
         return "up drain"
     config = runtime.config
-    return f"up ready maxconn:{config.session_capacity * (1 + config.max_subscribers_per_session)}"
+    maxconn = f"maxconn:{config.session_capacity * (1 + config.max_subscribers_per_session)}"
+    if report.engine_free is None:
+        return f"up ready {maxconn}"
+    return f"up ready {100 if report.engine_free > 0 else 0}% {maxconn}"
 
 
 class CapacityAgent:
@@ -76,7 +84,8 @@ class CapacityAgent:
         self._socket = socket.create_server((self.host, self.requested_port), backlog=ACCEPT_BACKLOG)
         self._socket.setblocking(False)
         self._task = asyncio.get_running_loop().create_task(self._serve(self._socket))
-        log.info("capacity agent (HAProxy agent-check) on %s:%d", self.host, self.port)
+        log.info("capacity agent (HAProxy agent-check) of replica %s on %s:%d", self.runtime.replica_id, self.host,
+                 self.port)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -35,6 +35,8 @@ from audio_interaction_server.model.progress import LoadProgress
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.client import EngineClient, ModelSummary
+    from audio_interaction_server.engine.process_client import EngineProcessClient
+    from audio_interaction_server.engine.wire import EngineEndpoints
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,12 @@ class LoadReport:
     subscribers: int
     ready: bool  # model loaded, worker alive, not stopping
     draining: bool
+    engine_free: int | None = None  # one of several fronts: the shared engine's free slots (None: not shared)
 
     @property
     def free(self) -> int:
-        return max(0, self.max - self.active)
+        own = max(0, self.max - self.active)
+        return own if self.engine_free is None else min(own, self.engine_free)
 
 
 def split_session_id(session_id: str) -> tuple[str, str] | None:
@@ -135,6 +139,10 @@ class Runtime:
         self.drain_task: asyncio.Task | None = None
         self.drain_deadline_s: float | None = None  # time.monotonic() by which every session is closed
         self.request_stop: Callable[[], None] | None = None  # set by build_server: ends uvicorn (exit 0)
+        # One of several fronts (``serve --fronts N``, api/fronts.py): set before serving, the engine process to
+        # attach to instead of loading a model or starting an engine; its slots are shared with the other fronts.
+        self.attach_to: EngineEndpoints | None = None
+        self.shared_engine: EngineProcessClient | None = None
 
     # ---- sessions: ids, factory, registry --------------------------------------------------------------
 
@@ -157,12 +165,12 @@ class Runtime:
         """Count a session against capacity. Call before the first await after admission, so that two
         handshakes cannot both take the last slot. With every slot taken (admission let it in because one
         is held by a detached session), the oldest detached session gives its slot up."""
-        if len(self.streams) >= self.config.session_capacity:
+        if len(self.streams) >= self.config.session_capacity or self.engine_free_slots == 0:
             oldest = next(iter(self.detached_sessions()), None)
             if oldest is not None:
                 oldest.end_detached("detached_evicted", "a new session took its slot (the server was full)")
         self.streams[session_id] = connection
-        self.metrics.sessions_active.set(len(self.streams))
+        self._count_sessions()
 
     def release(self, session_id: str, reason: str) -> None:
         """The session ended (``reason`` labels ``ais_sessions_total``); its slot is free again. A session cut for
@@ -175,10 +183,15 @@ class Runtime:
             cooldown_s = self.flood_cooldown.cut(address, time.monotonic())
             log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
                         address, cooldown_s)
-        self.metrics.sessions_active.set(len(self.streams))
+        self._count_sessions()
         self.metrics.sessions_total.labels(reason).inc()
         if self.is_draining:
             self.metrics.drain_sessions_left.set(len(self.streams))
+
+    def _count_sessions(self) -> None:
+        self.metrics.sessions_active.set(len(self.streams))
+        if self.shared_engine is not None:  # the other fronts see the slots taken before the first audio opens them
+            self.shared_engine.num_admitted = len(self.streams)
 
     def detached_sessions(self) -> list[RegisteredConnection]:
         """Sessions waiting for their client to resume them, the longest waiting first."""
@@ -230,10 +243,20 @@ class Runtime:
         return self.drain_task is not None
 
     @property
+    def engine_free_slots(self) -> int | None:
+        """One of several fronts: the shared engine's free slots as of its latest heartbeat (at most
+        ``HEARTBEAT_S`` old, so two fronts may both see the last one: the engine then refuses one session with
+        ``capacity``); None when this process's sessions are the engine's only ones."""
+        status = self.shared_engine.engine_status if self.shared_engine is not None else None
+        return None if status is None else status.free_slots
+
+    @property
     def is_full(self) -> bool:
         """No room for a new session: every slot is held by a connected client (a detached session's slot
-        goes to a new session: ``register``)."""
+        goes to a new session: ``register``), or, one of several fronts, the shared engine has none free."""
         num_detached = sum(stream.is_detached for stream in self.streams.values())
+        if num_detached == 0 and self.engine_free_slots == 0:
+            return True
         return len(self.streams) - num_detached >= self.config.session_capacity
 
     def not_ready_reason(self) -> str:
@@ -257,7 +280,8 @@ class Runtime:
 
     def load_report(self) -> LoadReport:
         return LoadReport(replica_id=self.replica_id, active=len(self.streams), max=self.config.session_capacity,
-                          subscribers=self.num_subscribers, ready=self.is_ready, draining=self.is_draining)
+                          subscribers=self.num_subscribers, ready=self.is_ready, draining=self.is_draining,
+                          engine_free=self.engine_free_slots)
 
     # ---- drain ---------------------------------------------------------------------------------------------
 
@@ -360,11 +384,18 @@ class Runtime:
         from audio_interaction_server.model.checkpoint import load_model
 
         engine = self.config.engine
+        worker: EngineClient
+        if self.attach_to is not None:  # one of several fronts: the supervisor started the engine (api/fronts.py)
+            from audio_interaction_server.engine.process_client import EngineProcessClient
+
+            log.info("attaching to the engine process at %s; /health answers meanwhile, /ready once it serves",
+                     self.attach_to.commands)
+            worker = self.shared_engine = EngineProcessClient(self.attach_to)
+            return self._start_worker(worker)
         checkpoint = engine.checkpoint
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",
                  "the tiny demo" if self.config.is_demo else checkpoint, engine.device)
         checkpoint = resolve_model_source(checkpoint, self.config.is_demo, self.load_progress)
-        worker: EngineClient
         if choose_transport(engine) == "process":  # the weights load there (docs/engine.md, the engine process)
             from audio_interaction_server.engine.process_client import EngineProcessClient
 
@@ -372,6 +403,9 @@ class Runtime:
                 configure_logging, self.config.log_level, self.config.log_format))
         else:
             worker = Worker(load_model(checkpoint, engine.device, engine.dtype, self.load_progress), engine)
+        return self._start_worker(worker)
+
+    def _start_worker(self, worker: EngineClient) -> tuple[LoadedModel | ModelSummary, EngineClient]:
         if self.is_shutting_down:  # stopped while loading: no worker to start, nobody to serve
             raise RuntimeError("the server stopped while the model loaded")
         worker.on_step = self._on_step

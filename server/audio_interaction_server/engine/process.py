@@ -1,10 +1,12 @@
 """The engine in a process of its own: it loads the model as the server would and serves the same ``Worker``.
 
-The front that starts it holds an ``EngineProcess`` and reaches it through ``process_client.EngineProcessClient``
-(what crosses: ``engine/wire.py``). Liveness:
+The process that starts it holds an ``EngineProcess``: a server's one front, or the supervisor of
+``serve --fronts N`` (``api/fronts.py``). Every front reaches it through ``process_client.EngineProcessClient``
+(what crosses: ``engine/wire.py``), with its own front id. Liveness:
 
-* the front watches this process's sentinel: when it ends unasked, every session of the front ends with
-  ``worker_failed`` (as when the worker thread dies) and ``on_failure`` fires;
+* the engine sends every front an ``EngineStatus`` every ``HEARTBEAT_S`` (with its free slots); a front that
+  hears nothing for ``ENGINE_TIMEOUT_S``, or that started the engine and sees its process end, ends every
+  session with ``worker_failed`` (as when the worker thread dies) and ``on_failure`` fires;
 * the engine expects each front's heartbeat every ``HEARTBEAT_S``; a front silent for ``FRONT_TIMEOUT_S``
   (its process died, its client was dropped) has its sessions closed, so their slots are free within a second;
 * the engine leaves when the process that started it is gone, so an engine never outlives its server.
@@ -40,8 +42,8 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, Goodbye, Heartbeat, Hello, OpenRemote,
-    SessionEvents, Shutdown, decode, encode,
+    FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode,
 )
 from audio_interaction_server.engine.worker import Worker
 
@@ -101,6 +103,19 @@ class EngineProcess:
         self.process.join(1.0)
         return self.process.exitcode
 
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Tell the engine to stop (open sessions end with ``server_shutdown``) and wait for it, as ``join``; for
+        a starter that is no front (the supervisor of several fronts)."""
+        if self.process.is_alive():
+            context = zmq.Context()
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, int(STOP_FLUSH_S * 1000))
+            sock.connect(self.endpoints.commands)
+            sock.send_multipart(encode(Shutdown()), copy=False)
+            sock.close()
+            context.term()
+        self.join(timeout_s)
+
     def join(self, timeout_s: float) -> None:
         self.process.join(timeout_s)
         if self.process.is_alive():
@@ -143,7 +158,12 @@ def run_engine(spec: EngineSpec) -> None:
 @dataclass
 class _Front:
     last_seen_s: float
-    sessions: set[str] = field(default_factory=set)
+    sessions: set[str] = field(default_factory=set)  # opened here and not ended
+    num_admitted: int = 0  # what its heartbeat says it holds, sessions not yet opened here included
+
+    @property
+    def num_slots_held(self) -> int:
+        return max(self.num_admitted, len(self.sessions))
 
 
 class EngineHost:
@@ -195,13 +215,17 @@ class EngineHost:
     def _serve_commands(self, worker: Worker, ready: EngineReady) -> int:
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
+        next_status_s = 0.0
         while True:
+            if time.monotonic() >= next_status_s:  # on this thread: a hung command loop goes silent, as it should
+                self._outbox.put((None, self._status()))
+                next_status_s = time.monotonic() + HEARTBEAT_S
             if self._worker_failed.is_set():
                 return 1  # the worker ended every session with worker_failed; the fronts see this process end
             if os.getppid() != self.spec.parent_pid:
                 log.error("the server process that started the engine is gone; the engine stops")
                 return 1
-            if poller.poll(int(POLL_S * 1000)):
+            if poller.poll(int(min(POLL_S, HEARTBEAT_S) * 1000)):
                 while True:
                     try:
                         frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -219,8 +243,8 @@ class EngineHost:
                 front = self.fronts[front_id] = _Front(time.monotonic())
             front.last_seen_s = time.monotonic()
         match message:
-            case Heartbeat():
-                pass
+            case Heartbeat(num_sessions=num_sessions):
+                front.num_admitted = num_sessions
             case Hello():
                 self._outbox.put((front_id, ready))
             case OpenRemote(session_id=session_id, options=options):
@@ -244,6 +268,13 @@ class EngineHost:
             case _:
                 log.error("front %s sent an unknown message %r", front_id.hex(), type(message).__name__)
         return False
+
+    def _status(self) -> EngineStatus:
+        """Free slots: those no front's session holds, has asked for, or has been admitted for (a front counts a
+        session from its handshake; it opens here at its first audio)."""
+        with self._fronts_lock:
+            held = sum(front.num_slots_held for front in self.fronts.values())
+        return EngineStatus(max(0, self.spec.config.max_sessions - held), self.spec.config.max_sessions)
 
     def _expire_fronts(self, worker: Worker) -> None:
         now_s = time.monotonic()
@@ -297,7 +328,7 @@ class EngineHost:
             everyone = list(self.fronts)
         per_front: dict[bytes, list[Any]] = {}
         for front_id, message in waiting:
-            for target in everyone if front_id is None else [front_id]:  # step figures go to every front
+            for target in everyone if front_id is None else [front_id]:  # step figures, status: every front
                 per_front.setdefault(target, []).append(message)
         for front_id, messages in per_front.items():
             try:

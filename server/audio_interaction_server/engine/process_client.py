@@ -1,8 +1,9 @@
 """A server front's client of the engine process: the same calls as ``Worker`` (``engine.client.EngineClient``).
 
 Threading contract: the session calls and ``check_options`` may come from any thread (a lock guards the
-command socket); events are delivered on the client's reader thread, which owns the event socket and sends
-the heartbeats, to each session's ``emit`` exactly as the worker thread delivers them in the thread transport.
+command socket); events are delivered on the client's reader thread, which owns the event socket, sends
+the heartbeats and watches the engine's (``EngineStatus``), to each session's ``emit`` exactly as the worker
+thread delivers them in the thread transport.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from audio_interaction_server.engine.events import EndCode, EngineEvent, Session
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.wire import (
-    HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, Goodbye, Heartbeat, Hello, OpenRemote,
-    SessionEvents, Shutdown, decode, encode,
+    ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -40,7 +41,8 @@ class EngineProcessClient:
     """The engine in another process, behind the same calls as ``Worker`` (``engine.client.EngineClient``).
 
     With ``process`` (the engine this front started), ``start`` starts it and ``stop`` stops it, and its end
-    is watched; without, the client attaches to a running engine at ``endpoints``.
+    is watched; without, the client attaches to a running engine at ``endpoints`` (one of several fronts).
+    Either way an engine silent for ``ENGINE_TIMEOUT_S`` is dead to this front.
     """
 
     def __init__(self, endpoints: EngineEndpoints, process: EngineProcess | None = None) -> None:
@@ -50,6 +52,8 @@ class EngineProcessClient:
         self.model: ModelSummary | None = None
         self.config: EngineConfig | None = None
         self.failure: BaseException | None = None
+        self.engine_status: EngineStatus | None = None  # the engine's latest heartbeat: its free slots
+        self.num_admitted = 0  # sessions the front holds, opened here or not yet (set by it; sent in heartbeats)
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
         self._context = zmq.Context()
@@ -197,29 +201,38 @@ class EngineProcessClient:
         if self.process is not None:
             poller.register(self.process.sentinel, zmq.POLLIN)
         next_beat_s = 0.0
+        heard_s = time.monotonic()
         while True:
             now_s = time.monotonic()
             if now_s >= next_beat_s:
-                self._send(Heartbeat())
+                self._send(Heartbeat(self.num_admitted))
                 next_beat_s = now_s + HEARTBEAT_S
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
-            if self._events in ready:
-                self._receive_waiting()
+            if self._events in ready and self._receive_waiting():
+                heard_s = time.monotonic()
             if self.process is not None and self.process.sentinel in ready:
                 self._receive_waiting()  # what it sent before it ended comes first
                 if not self._leaving.is_set():
-                    self._engine_died()
+                    self._engine_died(f"the engine process exited with status {self.process.ended_status()}")
                 return
             if self._stopping.is_set():
                 self._receive_waiting()
                 return
+            silent_s = time.monotonic() - heard_s
+            if silent_s > ENGINE_TIMEOUT_S and not self._leaving.is_set():
+                # An engine this front did not start (or one that hangs): its end shows only as silence.
+                self._engine_died(f"the engine process is gone: nothing heard from it for {silent_s:.1f} s")
+                return
 
-    def _receive_waiting(self) -> None:
+    def _receive_waiting(self) -> bool:
+        """Deliver what has arrived; True if anything had."""
+        received = False
         while True:
             try:
                 frames = self._events.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return received
+            received = True
             for message in decode(frames):
                 match message:
                     case SessionEvents(session_id=session_id, events=events, state=state):
@@ -228,6 +241,8 @@ class EngineProcessClient:
                         else:
                             self._states[session_id] = state
                         self._dispatch(session_id, events)
+                    case EngineStatus():
+                        self.engine_status = message
                     case StepStats():
                         if self.on_step is not None:
                             self.on_step(message)
@@ -255,10 +270,9 @@ class EngineProcessClient:
             log.exception("emit callback of session %s failed", session_id)
             return False
 
-    def _engine_died(self) -> None:
+    def _engine_died(self, why: str) -> None:
         """The engine process ended unasked: end every session of this front as the dying worker thread does."""
-        assert self.process is not None
-        error = RuntimeError(f"the engine process exited with status {self.process.ended_status()}")
+        error = RuntimeError(why)
         with self._emits_lock:
             self.failure = error
             left = list(self._emits.items())

@@ -6,7 +6,8 @@ Two ``ipc://`` sockets in a temporary directory:
   without its callback: ``OpenRemote``), pickled with protocol 5; a push's mel chunks travel out of band as a
   raw frame (a numpy array's buffer), never copied into the pickle;
 * events: the engine's ROUTER -> each front's DEALER, in batches: ``SessionEvents`` (exactly the lists the
-  worker hands a session's ``emit``) and each step's ``StepStats``.
+  worker hands a session's ``emit``), each step's ``StepStats``, and every ``HEARTBEAT_S`` an ``EngineStatus``
+  (the engine is alive, and how many of its slots are free: several fronts share them).
 
 Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
 not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
@@ -31,6 +32,10 @@ HEARTBEAT_S = 0.1  # how often a front says it is alive
 # A front silent this long is gone: its sessions are closed. Five missed beats, so a front briefly starved of
 # CPU is not cut, and its slots are still free within a second of its end (the engine polls every 0.1 s).
 FRONT_TIMEOUT_S = 0.5
+# An engine silent this long is dead to its fronts (its process ended, or hangs): they end their sessions with
+# worker_failed. Longer than FRONT_TIMEOUT_S: a false alarm costs every session of every front, a late one only
+# the time a front takes to notice (a front that started the engine sees its process end at once).
+ENGINE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,10 @@ class Hello:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """The front is alive (every ``HEARTBEAT_S``)."""
+    """The front is alive (every ``HEARTBEAT_S``), and holds this many sessions: a session is admitted (counted
+    against capacity) before its first audio opens it in the engine, and the engine's free slots count both."""
+
+    num_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,14 @@ class EngineFailedToLoad:
     says why exactly as it does with the engine on a thread."""
 
     error: BaseException
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """The engine's heartbeat to every front (every ``HEARTBEAT_S``): it is alive, and its slots now."""
+
+    free_slots: int  # slots no session of any front holds or has asked for
+    max_sessions: int
 
 
 @dataclass(frozen=True)

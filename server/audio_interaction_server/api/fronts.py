@@ -1,0 +1,253 @@
+"""``serve --fronts N``: one engine process and N front processes on one host, and the process that supervises them.
+
+A front is a whole server but for the model: sockets, sessions, audio front-end, rendering, subscribers, resume
+logs, ``/ready``, metrics, its capacity agent. Each is a replica to a load balancer: front i listens on
+``port + i`` (its agent on ``agent_port + i``; a port of 0 gives each its own free one) and its replica id is
+``<replica_id>-f<i>``, so a session id routes a subscriber or a resume to the front that holds the session.
+All attach to the one engine process over its ZeroMQ endpoints, which keeps every front's sessions apart.
+
+What the supervisor (this process: ``python -m audio_interaction_server --fronts N``) does:
+
+* starts the fronts first (they bind at once, answer ``/health``, and wait for the engine), then resolves the
+  checkpoint (a Hub download happens here) and starts the engine process;
+* SIGINT or SIGTERM: passed on once to every front (a SIGTERM drains each, with ``drain_timeout_s``); once every
+  front has exited, the engine is stopped. A second signal is passed on too (a front then stops at once);
+* the engine process ends unasked: every front hears its heartbeat stop (``ENGINE_TIMEOUT_S``), ends its sessions
+  with ``worker_failed`` (close 1011), answers ``/ready`` 503 and exits 1; so does the tree. The engine is not
+  restarted here: every session died with its KV cache anyway, reloading takes minutes either way, and a GPU in
+  a bad state wants a fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree
+  with its back-off and counts the restarts where operators look;
+* a front ends unasked (killed, crashed, or drained on its own and exited 0): the engine frees its slots within
+  a second (``FRONT_TIMEOUT_S``), the other fronts' sessions go on, and the front is started again on the same
+  port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
+  loss of one. More than ``MAX_FRONT_RESTARTS`` within ``FRONT_RESTART_WINDOW_S`` is no accident: the tree exits
+  1. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with
+  that status, since a restart would meet the same.
+
+Signals: each front leaves the supervisor's process group, so a terminal's Ctrl-C reaches the supervisor (and the
+engine, which ignores it), which passes it on exactly once; under systemd use ``KillMode=mixed``, so that only
+the supervisor is sent the SIGTERM (``control-group`` would signal every front twice: the second stops a drain).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from audio_interaction_server.api.runtime import default_replica_id
+from audio_interaction_server.api.serving import (
+    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, serve_config,
+    stop_requested,
+)
+from audio_interaction_server.config import ServerConfig
+from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S, EngineEndpoints, EngineProcess
+from audio_interaction_server.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
+FRONT_RESTART_WINDOW_S = 60.0
+STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
+PARENT_CHECK_S = 0.5  # how often a front looks whether its supervisor is still there
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass(frozen=True)
+class FrontSpec:
+    """What a front process is started with (pickled to it)."""
+
+    index: int
+    config: ServerConfig  # this front's: its port, agent port and replica id
+    endpoints: EngineEndpoints
+    supervisor_pid: int
+
+
+def front_config(config: ServerConfig, index: int) -> ServerConfig:
+    """Front ``index``'s settings: port + i, agent_port + i (0 stays 0: any free port), replica id + ``-f<i>``."""
+    suffix = f"-f{index}"
+    base_id = config.replica_id or default_replica_id()[:64 - len(suffix)]
+    return config.model_copy(update={
+        "port": config.port + index if config.port else 0,
+        "agent_port": None if config.agent_port is None else (config.agent_port + index if config.agent_port else 0),
+        "replica_id": base_id + suffix,
+        "fronts": 1,
+    })
+
+
+def run_front(spec: FrontSpec) -> None:
+    """A front process's main: leave the supervisor's process group, then serve as one server does."""
+    os.setpgrp()
+    for signum in _STOP_SIGNALS:  # discards a signal that arrived while the supervisor held them blocked
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, stop_requested)
+    config = spec.config
+    configure_logging(config.log_level, config.log_format)
+    threading.Thread(target=_leave_with_supervisor, args=(spec.supervisor_pid,), name="supervisor-watch",
+                     daemon=True).start()
+    try:
+        status = serve_config(config, attach_to=spec.endpoints)
+    except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
+        status = EXIT_STOPPED
+    sys.exit(status)
+
+
+def _leave_with_supervisor(supervisor_pid: int) -> None:
+    """A front outlives neither its supervisor nor, through its heartbeat, the engine the supervisor started."""
+    while os.getppid() == supervisor_pid:
+        time.sleep(PARENT_CHECK_S)
+    log.error("the supervising process %d is gone; this front stops", supervisor_pid)
+    logging.shutdown()
+    os._exit(EXIT_CANNOT_SERVE)
+
+
+class Supervisor:
+    """The engine process and the front processes of one host; main thread only (signals land there)."""
+
+    def __init__(self, config: ServerConfig, directory: Path) -> None:
+        self.config = config
+        self.setup_logging = functools.partial(configure_logging, config.log_level, config.log_format)
+        self.engine: EngineProcess | None = None
+        self.directory = directory  # the engine's sockets: known before it starts, so the fronts can start first
+        self.endpoints = EngineEndpoints.in_directory(directory)
+        self.fronts: dict[int, BaseProcess] = {}
+        self.restarts_s: list[float] = []
+        self.stopping = False
+        self.status = EXIT_STOPPED
+        self._context = multiprocessing.get_context("spawn")
+
+    # ---- signals ------------------------------------------------------------------------------------------
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            log.warning("%s: stopping every front, then the engine", signal.Signals(signum).name)
+        self.stopping = True
+        self._signal_fronts(signum)
+
+    def _signal_fronts(self, signum: int) -> None:
+        for front in self.fronts.values():
+            if front.pid is not None and front.exitcode is None:
+                try:
+                    os.kill(front.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    # ---- the tree -----------------------------------------------------------------------------------------
+    def start_front(self, index: int) -> None:
+        spec = FrontSpec(index, front_config(self.config, index), self.endpoints, os.getpid())
+        front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)
+        # Blocked while it starts: until it has left this process group, a Ctrl-C must not stop it behind the
+        # supervisor's back (it discards what arrived meanwhile; the supervisor passes the signal on).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            front.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        self.fronts[index] = front
+        log.info("front %d (replica %s) started as process %d", index, spec.config.replica_id, front.pid)
+
+    def run(self) -> int:
+        from audio_interaction_server.demo.source import resolve_model_source
+
+        config = self.config
+        for index in range(config.fronts):
+            self.start_front(index)
+        try:
+            checkpoint = resolve_model_source(config.engine.checkpoint, config.is_demo)
+        except Exception as error:
+            log.error("cannot serve: %s: %s", type(error).__name__, error)
+            return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
+        if self.stopping:
+            return self._stop()
+        self.engine = EngineProcess(checkpoint, config.engine, self.setup_logging, directory=self.directory)
+        self.engine.start()
+        return self._watch()
+
+    def _watch(self) -> int:
+        assert self.engine is not None
+        while True:
+            waiting = [self.engine.sentinel, *(front.sentinel for front in self.fronts.values())]
+            multiprocessing.connection.wait(waiting, timeout=0.5)
+            if self.stopping:
+                return self._stop()
+            if self.engine.exitcode is not None:
+                log.error("the engine process exited with status %s: every front ends its sessions "
+                          "(worker_failed); stopping", self.engine.exitcode)
+                return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=ENGINE_TIMEOUT_S + STOP_GRACE_S)
+            for index, front in list(self.fronts.items()):
+                if front.exitcode is not None:
+                    status = self._front_ended(index, front.exitcode)
+                    if status is not None:
+                        return status
+
+    def _front_ended(self, index: int, exitcode: int) -> int | None:
+        """A front ended unasked: restart it, or the tree's exit status."""
+        if exitcode in (EXIT_CANNOT_SERVE, EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN):
+            log.error("front %d exited with status %d; stopping", index, exitcode)
+            return self._take_down(exitcode, signal.SIGINT)
+        now_s = time.monotonic()
+        self.restarts_s = [at for at in self.restarts_s if now_s - at < FRONT_RESTART_WINDOW_S] + [now_s]
+        if len(self.restarts_s) > MAX_FRONT_RESTARTS:
+            log.error("front %d exited with status %d, the %d-th front to end within %.0f s; stopping", index,
+                      exitcode, len(self.restarts_s), FRONT_RESTART_WINDOW_S)
+            return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
+        log.error("front %d exited with status %d; the engine frees its slots, the other fronts' sessions go on; "
+                  "starting it again", index, exitcode)
+        self.start_front(index)
+        return None
+
+    def _stop(self) -> int:
+        """After SIGINT/SIGTERM: every front has been signalled; wait for them, then stop the engine."""
+        self._wait_fronts((self.config.drain_timeout_s or 0.0) + STOP_GRACE_S)
+        if self.engine is not None:
+            self.engine.stop()
+        return self.status
+
+    def _take_down(self, status: int, signum: int, wait_s: float = STOP_GRACE_S) -> int:
+        """Stop the tree for good: wait ``wait_s`` for the fronts to leave by themselves (after the engine's end
+        they do, having told their clients), then signal what is left, then stop the engine."""
+        self.status = status
+        self.stopping = True
+        self._wait_fronts(wait_s, kill_late=False)
+        self._signal_fronts(signum)
+        self._wait_fronts(STOP_GRACE_S)
+        if self.engine is not None:
+            self.engine.stop()
+        return status
+
+    def _wait_fronts(self, timeout_s: float, kill_late: bool = True) -> None:
+        deadline_s = time.monotonic() + timeout_s
+        for index, front in self.fronts.items():
+            front.join(max(0.0, deadline_s - time.monotonic()))
+            if front.exitcode is None and kill_late:
+                log.error("front %d did not stop within %.0f s; killing it", index, timeout_s)
+                front.kill()
+                front.join(5.0)
+
+
+def supervise(config: ServerConfig) -> int:
+    """Run the engine and ``config.fronts`` fronts until stopped; the tree's exit status (``api/serving.py``)."""
+    log.info("serving with %d fronts on one engine process: ports %s, replica ids %s", config.fronts,
+             ", ".join(str(front_config(config, i).port) for i in range(config.fronts)),
+             ", ".join(str(front_config(config, i).replica_id) for i in range(config.fronts)))
+    supervisor = Supervisor(config, Path(tempfile.mkdtemp(prefix="ais-engine-")))
+    previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS}
+    try:
+        return supervisor.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(supervisor.directory, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""One server process's life: build the app, bind, serve until stopped, and the exit status it ends with.
+
+``python -m audio_interaction_server`` runs it once (the server owns its engine thread or engine process);
+``serve --fronts N`` runs it in each front process, attached to the one engine process (``api/fronts.py``).
+Only the standard library at import: ``__main__`` imports this for ``--help``, which must answer at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from audio_interaction_server.config import ServerConfig
+    from audio_interaction_server.engine.wire import EngineEndpoints
+
+# Exit statuses (documented in --help and docs/deployment.md; supervisors act on them).
+EXIT_STOPPED = 0  # SIGINT or SIGTERM, also while the model was loading
+EXIT_CANNOT_SERVE = 1  # the model could not be loaded, or its worker died
+EXIT_BAD_CONFIG = 2  # as argparse's usage errors
+EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind error
+
+log = logging.getLogger("audio_interaction_server")
+
+
+class StopRequested(Exception):
+    """Raised by the SIGINT/SIGTERM handler installed before uvicorn takes the signals over (imports, load)."""
+
+
+def stop_requested(signum: int, frame: Any) -> None:
+    raise StopRequested()
+
+
+def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None) -> int:
+    """Serve ``config`` until stopped; the exit status. ``attach_to``: one of several fronts, the engine process
+    to attach to (started by the supervisor) instead of loading the model here."""
+    from audio_interaction_server.api.app import build_server, create_app
+    from audio_interaction_server.logs import route_uvicorn_logs
+
+    fatal: list[str] = []
+    server = None
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_fatal=on_fatal)
+    runtime = app.state.runtime
+    runtime.attach_to = attach_to
+    server = build_server(app, config)
+    if config.log_format == "json":
+        route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
+    # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
+    try:
+        listener = server.config.bind_socket()
+    except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
+        print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
+              file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    runtime.stream_url = _stream_url(server.config, listener)
+    try:
+        server.run(sockets=[listener])
+    except (KeyboardInterrupt, StopRequested):
+        pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
+    status = EXIT_STOPPED
+    if fatal:
+        print(f"error: {fatal[0]}", file=sys.stderr)
+        status = EXIT_CANNOT_SERVE
+    if runtime.is_loading:
+        # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and
+        # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _stream_url(uv_config: Any, listener: Any) -> str:
+    host = uv_config.host or "0.0.0.0"
+    host = f"[{host}]" if ":" in host else host
+    scheme = "wss" if uv_config.is_ssl else "ws"
+    return f"{scheme}://{host}:{listener.getsockname()[1]}/v1/stream"

@@ -1,0 +1,205 @@
+"""``serve --fronts N`` (api/fronts.py): one engine process, several front processes, and their faults.
+
+One real tree (``python -m audio_interaction_server --fronts 2``, the tiny model, 2 engine slots) is shared by the
+module; the tests run in file order, and the last one kills its engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.engine.wire import EngineEndpoints
+from benchmarks.harness import LiveServer
+from tests.api.test_agent import probe
+from tests.api.test_app import recv_event, recv_to_close, recv_until, send_configure, send_pcm, server_config
+
+READY = re.compile(r"ready: serving ws://127\.0\.0\.1:(\d+)/v1/stream .*; replica (\S+);")
+AGENT = re.compile(r"capacity agent \(HAProxy agent-check\) of replica (\S+) on 127\.0\.0\.1:(\d+)")
+ENGINE = re.compile(r"engine process (\d+) started \((\S+)\)")
+FRONT = re.compile(r"front (\d+) \(replica (\S+)\) started as process (\d+)")
+
+
+@dataclass
+class Tree:
+    """The spawned tree and what its log said: each front's port, agent port and pid by replica id."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern, count: int = 1, since: int = 0, timeout_s: float = 60) -> list:
+        """The first ``count`` matches of ``pattern`` in the log from line ``since`` on, waiting for them."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while True:
+                found = [m for line in self.lines[since:] if (m := pattern.search(line))]
+                if len(found) >= count:
+                    return found[:count]
+                left_s = deadline - time.monotonic()
+                assert left_s > 0 and self.process.poll() is None, "".join(self.lines[-30:])
+                self.changed.wait(left_s)
+
+    def ports(self, since: int = 0, count: int = 2) -> dict[str, int]:
+        return {m.group(2): int(m.group(1)) for m in self.wait_for(READY, count, since)}
+
+    def agents(self, since: int = 0, count: int = 2) -> dict[str, int]:
+        return {m.group(1): int(m.group(2)) for m in self.wait_for(AGENT, count, since)}
+
+    def front_pids(self) -> dict[str, int]:
+        return {m.group(2): int(m.group(3)) for m in self.wait_for(FRONT, 2)}
+
+    def engine(self) -> tuple[int, EngineEndpoints]:
+        found = self.wait_for(ENGINE)[0]
+        commands = found.group(2)
+        return int(found.group(1)), EngineEndpoints(commands, commands.removesuffix("commands") + "events")
+
+
+@pytest.fixture(scope="module")
+def tree(tiny_checkpoint):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIS_")}
+    env.update(AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu", AIS_ENGINE__MAX_SESSIONS="2", AIS_AGENT_PORT="0",
+               AIS_REPLICA_ID="box", AIS_RESUME_GRACE_S="0", AIS_AGENT_PROBES_PER_S_PER_IP="1000",
+               AIS_AGENT_PROBES_PER_S="1000")  # probed in a loop here
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--fronts", "2", "--port", "0",
+                                "--checkpoint", str(tiny_checkpoint)], env=env, stderr=subprocess.PIPE, text=True)
+    spawned = Tree(process)
+    threading.Thread(target=spawned.read_log, daemon=True).start()
+    yield spawned
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def open_session(port: int) -> ClientConnection:
+    return connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None)
+
+
+def start_session(ws: ClientConnection) -> str:
+    """The session's id, once configured for f32 audio and decision events."""
+    created = recv_event(ws)
+    assert created["type"] == "session.created", created
+    send_configure(ws, audio={"sample_format": "pcm_f32le", "sample_rate_hz": 16_000}, decision_events=True)
+    return created["session_id"]
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> float:
+    """Seconds until ``condition()`` held (polled every 10 ms)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "never happened"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_two_fronts_share_the_engine_stream_real_audio_and_report_its_free_slots(tree, shared_audio):
+    ports, agents = tree.ports(), tree.agents()
+    assert set(ports) == set(agents) == {"box-f0", "box-f1"}
+    samples = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")  # 3.3 s
+    assert probe(agents["box-f0"]).startswith("up ready 100% maxconn:")
+    with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
+        id0, id1 = start_session(ws0), start_session(ws1)
+        # Session ids carry their front's replica id, so a balancer routes subscribers and resumes to it.
+        assert id0.startswith("box-f0_") and id1.startswith("box-f1_")
+        # One session each: each front alone has room for two, but the engine's two slots are taken.
+        wait_until(lambda: probe(agents["box-f1"]).startswith("up ready 0% maxconn:"))
+        assert probe(agents["box-f0"]).startswith("up ready 0% maxconn:")
+        assert http_status(ports["box-f0"], "/ready") == 503 and http_status(ports["box-f1"], "/ready") == 503
+        decisions = []
+        for ws in (ws0, ws1):
+            send_pcm(ws, samples, 16_000, frame_s=0.25)
+            ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.4}))
+        for ws in (ws0, ws1):
+            events = recv_until(ws, lambda e: e["type"] == "input.flushed")
+            assert not [e for e in events if e["type"] == "error"], events
+            decisions.append([e["chunk"] for e in events if e["type"] == "decision"])
+            ws.send(json.dumps({"type": "session.close"}))
+            assert recv_to_close(ws)[1] == 1000
+    assert decisions[0] == decisions[1] == list(range(len(decisions[0]))) and len(decisions[0]) >= 9
+    wait_until(lambda: probe(agents["box-f0"]).startswith("up ready 100% maxconn:"))
+    assert http_status(ports["box-f1"], "/ready") == 200
+
+
+def test_a_killed_front_frees_its_slots_within_a_second_and_is_started_again(tree):
+    ports, pids = tree.ports(), tree.front_pids()
+    with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
+        for ws in (ws0, ws1):  # a whole chunk each, so both hold an engine slot
+            start_session(ws)
+            ws.send(np.zeros(8000, dtype=np.float32).tobytes())
+            recv_until(ws, lambda e: e["type"] == "decision")
+        wait_until(lambda: http_status(ports["box-f0"], "/ready") == 503)  # the engine is full (as last heard)
+        since = len(tree.lines)
+        os.kill(pids["box-f1"], signal.SIGKILL)
+        killed_s = time.monotonic()
+        freed_s = wait_until(lambda: http_status(ports["box-f0"], "/ready") == 200)
+        assert time.monotonic() - killed_s < 1.0, f"the dead front's slot was freed after {freed_s:.2f} s"
+        ws0.send(np.zeros(16000, dtype=np.float32).tobytes())  # the other front's session goes on
+        ws0.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.2}))
+        after = recv_until(ws0, lambda e: e["type"] == "input.flushed")
+        assert [e["chunk"] for e in after if e["type"] == "decision"] == [1, 2, 3, 4]
+        assert not [e for e in after if e["type"] == "error"]
+    # The supervisor starts the front again, with its replica id (port 0: a new free port).
+    restarted = tree.ports(since, count=1)
+    assert list(restarted) == ["box-f1"]
+    with open_session(restarted["box-f1"]) as ws:
+        assert start_session(ws).startswith("box-f1_")
+    assert probe(tree.agents(since, count=1)["box-f1"]).startswith("up ready ")
+
+
+def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tree_exits_1(tree, tiny_checkpoint):
+    engine_pid, endpoints = tree.engine()
+    ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}  # the latest of each: f1 restarted
+    # A third front attached in this process, as the tree's are, to look at it from inside.
+    attached = LiveServer(server_config(tiny_checkpoint, engine={"checkpoint": tiny_checkpoint, "device": "cpu",
+                                                                  "max_sessions": 2}, replica_id="probe"))
+    attached.runtime.attach_to = endpoints
+    attached.start()
+    try:
+        with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
+            for ws in (ws0, ws1):  # open in the engine: its first chunk decided
+                start_session(ws)
+                ws.send(np.zeros(8000, dtype=np.float32).tobytes())
+                recv_until(ws, lambda e: e["type"] == "decision")
+            os.kill(engine_pid, signal.SIGKILL)
+            for ws in (ws0, ws1):
+                events, code = recv_to_close(ws)
+                assert code == 1011, events
+                assert [e["code"] for e in events if e["type"] == "error"] == ["worker_failed"]
+                assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
+        wait_until(lambda: bool(attached.fatal))
+        assert "engine process is gone" in attached.fatal[0]
+        status, body = attached.get("/ready")
+        assert status == 503 and "worker died" in json.loads(body)["reason"]
+    finally:
+        attached.stop()
+    assert tree.process.wait(30) == 1
