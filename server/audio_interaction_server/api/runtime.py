@@ -35,8 +35,7 @@ from audio_interaction_server.model.progress import LoadProgress
 
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.client import EngineClient, ModelSummary
-    from audio_interaction_server.engine.process_client import EngineProcessClient
-    from audio_interaction_server.engine.wire import EngineEndpoints
+    from audio_interaction_server.engine.process_client import EngineEndpoints, EngineProcessClient
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from audio_interaction_server.config import ServerConfig
-    from audio_interaction_server.engine.wire import EngineEndpoints
+    from audio_interaction_server.engine.process_client import EngineEndpoints
 
 # Exit statuses (documented in --help and docs/deployment.md; supervisors act on them).
 EXIT_STOPPED = 0  # SIGINT or SIGTERM, also while the model was loading
