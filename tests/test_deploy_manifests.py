@@ -276,3 +276,84 @@ def test_compose_only_variables_of_the_overlay_do_not_use_the_settings_prefix():
     interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_OVERLAY.read_text()))
     assert {"LB_ADDRESS", "REPLICA_SUBNET", "AIS_DRAIN_TIMEOUT_S"} <= interpolated
     assert sorted(name for name in interpolated if name.startswith("AIS_") and not is_setting(name)) == []
+
+
+# ---- one GPU host, several fronts on its engine (serve --fronts N) ------------------------------------------
+
+FRONTS_COMPOSE = DEPLOY / "docker-compose.fronts.yml"
+FRONTS_KUBERNETES = KUBERNETES / "fronts"
+
+
+def fronts_documents() -> list[dict]:
+    return [document for path in sorted(FRONTS_KUBERNETES.glob("*.yaml"))
+            for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def fronts_environments() -> dict[str, dict[str, str]]:
+    services = yaml.safe_load(FRONTS_COMPOSE.read_text())["services"]
+    deployment = next(doc for doc in fronts_documents() if doc["kind"] == "Deployment")
+    return {"compose ais1": {key: compose_defaults(value) for key, value in services["ais1"]["environment"].items()},
+            "kubernetes ais-fronts": {key: value.replace("$(POD_IP)", "10.1.2.3")
+                                      for key, value in container_env(deployment).items()}}
+
+
+@pytest.mark.parametrize("where", sorted(fronts_environments()))
+def test_every_fronts_host_environment_is_a_valid_configuration_of_four_fronts(where, tmp_path):
+    environ = {key: value for key, value in fronts_environments()[where].items() if key.startswith("AIS_")}
+    environ["AIS_ENGINE__CHECKPOINT"] = str(tmp_path)
+    config = load_config(None, environ)
+    assert config.fronts == 4 and config.busy_refusal == "http_503" and config.drain_timeout_s
+    assert (config.port, config.agent_port) == (8000, 8100)
+
+
+def test_the_fronts_balancer_names_each_front_by_its_replica_id_port_and_agent_port(tmp_path):
+    """haproxy-fronts.cfg's servers are the fronts the compose host starts: the names their session ids begin
+    with, their ports and their agents' ports, as api/fronts.front_config gives them."""
+    from audio_interaction_server.api.fronts import front_config
+
+    environ = {key: value for key, value in fronts_environments()["compose ais1"].items() if key.startswith("AIS_")}
+    config = load_config(None, {**environ, "AIS_ENGINE__CHECKPOINT": str(tmp_path)})
+    servers = re.findall(r'^\s*server (\S+) "\$\{AIS1_HOST-ais1\}:(\d+)" agent-port (\d+)$',
+                         (DEPLOY / "haproxy" / "haproxy-fronts.cfg").read_text(), re.M)
+    fronts = [front_config(config, index) for index in range(config.fronts)]
+    assert servers == [(front.replica_id, str(front.port), str(front.agent_port)) for front in fronts]
+    compose = yaml.safe_load(FRONTS_COMPOSE.read_text())
+    assert int(compose["services"]["ais1"]["stop_grace_period"].removesuffix("s")) > config.drain_timeout_s
+    # Kubernetes: the pod's and the Service's ports are the fronts' ports, the balancer's templates their agents.
+    deployment, service = (next(doc for doc in fronts_documents() if doc["kind"] == kind)
+                           for kind in ("Deployment", "Service"))
+    ports = {port["name"]: port["containerPort"]
+             for port in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert [ports[f"http-f{i}"] for i in range(4)] == [front.port for front in fronts]
+    assert [ports[f"agent-f{i}"] for i in range(4)] == [front.agent_port for front in fronts]
+    assert {port["name"]: port["port"] for port in service["spec"]["ports"]} == \
+        {f"http-f{i}": front.port for i, front in enumerate(fronts)}
+    cfg = next(doc for doc in fronts_documents() if doc["kind"] == "ConfigMap")["data"]["haproxy.cfg"]
+    assert re.findall(r"server-template f(\d)- \d+ \"_http-f(\d)\._tcp\.ais-fronts\..*\" agent-port (\d+)", cfg) == \
+        [(str(i), str(i), str(front.agent_port)) for i, front in enumerate(fronts)]
+
+
+def test_the_fronts_kubernetes_manifests_are_valid_against_the_kubernetes_schema():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate "
+                                              "(the [test] extra)")
+    kinds = []
+    for document in fronts_documents():
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        kinds.append(document["kind"])
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+    # Replacing ../haproxy.yaml's configuration: the same ConfigMap, which its HAProxy Deployment mounts.
+    assert next(doc for doc in fronts_documents() if doc["kind"] == "ConfigMap")["metadata"]["name"] == \
+        of_kind("ConfigMap", "ais-haproxy")["metadata"]["name"]
+
+
+@needs_haproxy
+def test_both_fronts_haproxy_configurations_pass_haproxy_check(tmp_path):
+    env = {**os.environ, "AIS_LB_ADMIN_SOCKET": str(tmp_path / "admin.sock")}
+    compose = subprocess.run([HAPROXY, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy-fronts.cfg")], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert compose.returncode == 0, compose.stdout + compose.stderr
+    cfg = tmp_path / "kubernetes-fronts-haproxy.cfg"
+    cfg.write_text(next(doc for doc in fronts_documents() if doc["kind"] == "ConfigMap")["data"]["haproxy.cfg"])
+    kubernetes = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "POD_CIDR": "10.0.0.0/8", "POD_NAMESPACE": "audio-interaction"})
+    assert kubernetes.returncode == 0, kubernetes.stdout + kubernetes.stderr
