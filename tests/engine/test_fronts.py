@@ -1,7 +1,7 @@
 """``serve --fronts N`` (api/fronts.py): one engine process, several front processes, and their faults.
 
 One real tree (``python -m audio_interaction_server --fronts 2``, the tiny model, 2 engine slots) is shared by the
-module; the tests run in file order, and the last one kills its engine.
+module's first three tests, in file order: the third kills its engine. The last test stops a tree of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,10 @@ class Tree:
     process: subprocess.Popen
     lines: list[str] = field(default_factory=list)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    reader: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self.read_log, daemon=True)
 
     def read_log(self) -> None:
         assert self.process.stderr is not None
@@ -74,20 +79,26 @@ class Tree:
         return int(found.group(1)), EngineEndpoints(commands, commands.removesuffix("commands") + "events")
 
 
+def spawn_tree(checkpoint: Path, **settings: str) -> Tree:
+    """``python -m audio_interaction_server --fronts 2`` on free ports, 2 engine slots, its log read as it comes."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIS_")}
+    env.update(AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu", AIS_ENGINE__MAX_SESSIONS="2", AIS_REPLICA_ID="box",
+               AIS_RESUME_GRACE_S="0", **settings)
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--fronts", "2", "--port", "0",
+                                "--checkpoint", str(checkpoint)], env=env, stderr=subprocess.PIPE, text=True)
+    spawned = Tree(process)
+    spawned.reader.start()
+    return spawned
+
+
 @pytest.fixture(scope="module")
 def tree(tiny_checkpoint):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AIS_")}
-    env.update(AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu", AIS_ENGINE__MAX_SESSIONS="2", AIS_AGENT_PORT="0",
-               AIS_REPLICA_ID="box", AIS_RESUME_GRACE_S="0", AIS_AGENT_PROBES_PER_S_PER_IP="1000",
-               AIS_AGENT_PROBES_PER_S="1000")  # probed in a loop here
-    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--fronts", "2", "--port", "0",
-                                "--checkpoint", str(tiny_checkpoint)], env=env, stderr=subprocess.PIPE, text=True)
-    spawned = Tree(process)
-    threading.Thread(target=spawned.read_log, daemon=True).start()
+    spawned = spawn_tree(tiny_checkpoint, AIS_AGENT_PORT="0", AIS_AGENT_PROBES_PER_S_PER_IP="1000",
+                         AIS_AGENT_PROBES_PER_S="1000")  # probed in a loop here
     yield spawned
-    if process.poll() is None:
-        process.kill()
-    process.wait()
+    if spawned.process.poll() is None:
+        spawned.process.kill()
+    spawned.process.wait()
 
 
 def open_session(port: int) -> ClientConnection:
@@ -203,3 +214,29 @@ def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tre
     finally:
         attached.stop()
     assert tree.process.wait(30) == 1
+
+
+def test_a_sigterm_to_the_supervisor_drains_every_front_then_stops_the_engine(tiny_checkpoint):
+    tree = spawn_tree(tiny_checkpoint, AIS_DRAIN_TIMEOUT_S="2")
+    try:
+        ports = tree.ports()
+        with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
+            for ws in (ws0, ws1):
+                start_session(ws)
+                ws.send(np.zeros(8000, dtype=np.float32).tobytes())
+                recv_until(ws, lambda e: e["type"] == "decision")
+            tree.process.send_signal(signal.SIGTERM)
+            for ws in (ws0, ws1):  # each front drained: going away, then closed with 1012
+                events, code = recv_to_close(ws)
+                assert code == 1012 and events[-1]["type"] == "session.closed", events[-3:]
+                assert "session.going_away" in [e["type"] for e in events]
+                assert "worker_failed" not in [e.get("code") for e in events]
+        assert tree.process.wait(30) == 0
+        tree.reader.join(10)  # the whole log
+        log = "".join(tree.lines)
+        assert log.count("Application shutdown complete") == 2 and "Traceback" not in log
+        assert "engine process exited" not in log and "is gone" not in log  # stopped, not lost
+    finally:
+        if tree.process.poll() is None:
+            tree.process.kill()
+        tree.process.wait()
