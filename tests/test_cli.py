@@ -233,3 +233,25 @@ def test_help_and_default_yaml_name_config_py_where_settings_are_documented():
     user_facing = [REPO / "README.md", default_yaml, *REPO.glob("docs/*.md"), *REPO.glob("client_examples/*.md")]
     stale = [path.relative_to(REPO) for path in user_facing if "settings.py" in path.read_text()]
     assert "settings.py" not in result.stdout and not stale, stale
+
+
+def test_serve_fronts_sets_the_config_and_overlapping_ports_are_one_clear_line_before_anything_starts():
+    """``--fronts N``: front i on port + i, its agent on agent_port + i; ranges that overlap are refused (exit 2)
+    before any process starts, naming both ranges."""
+    import argparse
+
+    from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
+    from audio_interaction_server.api.fronts import front_config
+    from audio_interaction_server.config import load_config
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    config = load_config(None, {}, overrides_from(parser.parse_args(["--fronts", "3", "--port", "9000",
+                                                                      "--agent-port", "9100", "--replica-id", "gpu7"])))
+    assert config.fronts == 3 and load_config(None, {}, {}).fronts == 1
+    assert [(f.port, f.agent_port, f.replica_id, f.fronts) for f in (front_config(config, i) for i in range(3))] == \
+        [(9000, 9100, "gpu7-f0", 1), (9001, 9101, "gpu7-f1", 1), (9002, 9102, "gpu7-f2", 1)]
+    served = command("serve", "--fronts", "2", "--port", "8000", "--agent-port", "8001", "--demo")
+    assert served.returncode == 2, served.stderr
+    assert "fronts (2) listen on port..port+1 (8000..8001)" in served.stderr and "overlap" in served.stderr
+    assert "Uvicorn running" not in served.stderr and "front 0" not in served.stderr
