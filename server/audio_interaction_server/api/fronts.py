@@ -154,9 +154,9 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             front.start()
+            self.fronts[index] = front  # before a signal that waited is handled: it is passed on to this front too
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        self.fronts[index] = front
         log.info("front %d (replica %s) started as process %d", index, spec.config.replica_id, front.pid)
 
     def run(self) -> int:
