@@ -1,7 +1,8 @@
 """``serve --fronts N`` (api/fronts.py): one engine process, several front processes, and their faults.
 
 One real tree (``python -m audio_interaction_server --fronts 2``, the tiny model, 2 engine slots) is shared by the
-module's first three tests, in file order: the third kills its engine. The last test stops a tree of its own.
+module's first three tests, in file order: the third kills its engine. The last test drains and stops a tree of
+its own.
 """
 
 from __future__ import annotations
@@ -218,7 +219,10 @@ def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tre
     assert tree.process.wait(30) == 1
 
 
-def test_a_sigterm_to_the_supervisor_drains_every_front_then_stops_the_engine(tiny_checkpoint):
+def test_a_drain_of_one_front_leaves_the_other_alone_and_sigterm_drains_every_front_then_the_engine(
+        tiny_checkpoint):
+    import urllib.request
+
     tree = spawn_tree(tiny_checkpoint, AIS_DRAIN_TIMEOUT_S="2")
     try:
         ports = tree.ports()
@@ -227,16 +231,25 @@ def test_a_sigterm_to_the_supervisor_drains_every_front_then_stops_the_engine(ti
                 start_session(ws)
                 ws.send(np.zeros(8000, dtype=np.float32).tobytes())
                 recv_until(ws, lambda e: e["type"] == "decision")
+            since = len(tree.lines)
+            drain = urllib.request.Request(f"http://127.0.0.1:{ports['box-f1']}/v1/admin/drain", method="POST")
+            with urllib.request.urlopen(drain, timeout=5) as answer:
+                assert answer.status == 202
+            events, code = recv_to_close(ws1)  # front 1 alone drains: going away, then 1012
+            assert code == 1012 and "session.going_away" in [e["type"] for e in events], events[-3:]
+            wait_until(lambda: http_status(ports["box-f0"], "/ready") == 200)  # the slot it left is free again
+            ws0.send(np.zeros(6400, dtype=np.float32).tobytes())  # front 0's session goes on
+            assert recv_until(ws0, lambda e: e["type"] == "decision")[-1]["chunk"] == 1
+            # Its drain done, front 1 exits 0 and the supervisor starts it again; a SIGTERM meanwhile stops all.
+            tree.wait_for(re.compile(r"front 1 exited with status 0; .* starting it again"), since=since)
             tree.process.send_signal(signal.SIGTERM)
-            for ws in (ws0, ws1):  # each front drained: going away, then closed with 1012
-                events, code = recv_to_close(ws)
-                assert code == 1012 and events[-1]["type"] == "session.closed", events[-3:]
-                assert "session.going_away" in [e["type"] for e in events]
-                assert "worker_failed" not in [e.get("code") for e in events]
+            events, code = recv_to_close(ws0)
+            assert code == 1012 and events[-1]["type"] == "session.closed", events[-3:]
+            assert "worker_failed" not in [e.get("code") for e in events]
         assert tree.process.wait(30) == 0
         tree.reader.join(10)  # the whole log
         log = "".join(tree.lines)
-        assert log.count("Application shutdown complete") == 2 and "Traceback" not in log
+        assert "Traceback" not in log and "did not stop" not in log
         assert "engine process exited" not in log and "is gone" not in log  # stopped, not lost
     finally:
         if tree.process.poll() is None:

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
-PARENT_CHECK_S = 0.5  # how often a front looks whether its supervisor is still there
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -72,7 +72,10 @@ class FrontSpec:
     index: int
     config: ServerConfig  # this front's: its port, agent port and replica id
     endpoints: EngineEndpoints
-    supervisor_pid: int
+    # The read end of a pipe from the supervisor: the stop signals it passes on come this way, not by kill(), so
+    # that one sent while the front still starts waits in the pipe instead of being lost; its end (the
+    # supervisor is gone) stops the front.
+    orders: Connection
 
 
 def front_config(config: ServerConfig, index: int) -> ServerConfig:
@@ -89,30 +92,30 @@ def front_config(config: ServerConfig, index: int) -> ServerConfig:
 
 def run_front(spec: FrontSpec) -> None:
     """A front process's main: leave the supervisor's process group, then serve as one server does."""
-    os.setpgrp()
-    for signum in _STOP_SIGNALS:  # discards a signal that arrived while the supervisor held them blocked
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, stop_requested)
+    os.setpgrp()  # a terminal's Ctrl-C now reaches the supervisor, which passes it on once
     config = spec.config
-    configure_logging(config.log_level, config.log_format)
-    threading.Thread(target=_leave_with_supervisor, args=(spec.supervisor_pid,), name="supervisor-watch",
-                     daemon=True).start()
     try:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, stop_requested)
+        configure_logging(config.log_level, config.log_format)
+        threading.Thread(target=_obey_supervisor, args=(spec.orders,), name="supervisor-orders", daemon=True).start()
         status = serve_config(config, attach_to=spec.endpoints)
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
 
 
-def _leave_with_supervisor(supervisor_pid: int) -> None:
-    """A front outlives neither its supervisor nor, through its heartbeat, the engine the supervisor started."""
-    while os.getppid() == supervisor_pid:
-        time.sleep(PARENT_CHECK_S)
-    log.error("the supervising process %d is gone; this front stops", supervisor_pid)
-    logging.shutdown()
-    os._exit(EXIT_CANNOT_SERVE)
+def _obey_supervisor(orders: Connection) -> None:
+    """Each signal number the supervisor sends is raised in this process (the handlers are in place by now); the
+    pipe's end means the supervisor is gone, and a front outlives neither it nor the engine it started."""
+    while True:
+        try:
+            signum = orders.recv()
+        except (EOFError, OSError):
+            log.error("the supervising process is gone; this front stops")
+            logging.shutdown()
+            os._exit(EXIT_CANNOT_SERVE)
+        os.kill(os.getpid(), signum)
 
 
 class Supervisor:
@@ -125,6 +128,7 @@ class Supervisor:
         self.directory = directory  # the engine's sockets: known before it starts, so the fronts can start first
         self.endpoints = EngineEndpoints.in_directory(directory)
         self.fronts: dict[int, BaseProcess] = {}
+        self._orders: dict[int, Connection] = {}  # the write end of each front's pipe
         self.restarts_s: list[float] = []
         self.stopping = False
         self.status = EXIT_STOPPED
@@ -138,25 +142,23 @@ class Supervisor:
         self._signal_fronts(signum)
 
     def _signal_fronts(self, signum: int) -> None:
-        for front in self.fronts.values():
-            if front.pid is not None and front.exitcode is None:
+        for index, front in self.fronts.items():
+            if front.exitcode is None:
                 try:
-                    os.kill(front.pid, signum)
-                except ProcessLookupError:
-                    pass
+                    self._orders[index].send(signum)
+                except OSError:
+                    pass  # it has just ended
 
     # ---- the tree -----------------------------------------------------------------------------------------
     def start_front(self, index: int) -> None:
-        spec = FrontSpec(index, front_config(self.config, index), self.endpoints, os.getpid())
+        orders, self_orders = self._context.Pipe(duplex=False)
+        spec = FrontSpec(index, front_config(self.config, index), self.endpoints, orders)
         front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)
-        # Blocked while it starts: until it has left this process group, a Ctrl-C must not stop it behind the
-        # supervisor's back (it discards what arrived meanwhile; the supervisor passes the signal on).
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            front.start()
-            self.fronts[index] = front  # before a signal that waited is handled: it is passed on to this front too
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        front.start()
+        orders.close()  # the front holds the read end; when this process ends, the front reads the pipe's end
+        if index in self._orders:
+            self._orders[index].close()
+        self.fronts[index], self._orders[index] = front, self_orders
         log.info("front %d (replica %s) started as process %d", index, spec.config.replica_id, front.pid)
 
     def run(self) -> int:
@@ -204,8 +206,9 @@ class Supervisor:
             log.error("front %d exited with status %d, the %d-th front to end within %.0f s; stopping", index,
                       exitcode, len(self.restarts_s), FRONT_RESTART_WINDOW_S)
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
-        log.error("front %d exited with status %d; the engine frees its slots, the other fronts' sessions go on; "
-                  "starting it again", index, exitcode)
+        # Status 0: it stopped by itself (its own drain, a signal sent to it alone); anything else is a crash.
+        log.log(logging.WARNING if exitcode == 0 else logging.ERROR, "front %d exited with status %d; the engine "
+                "frees its slots, the other fronts' sessions go on; starting it again", index, exitcode)
         self.start_front(index)
         return None
 

@@ -25,8 +25,9 @@ EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind
 log = logging.getLogger("audio_interaction_server")
 
 
-class StopRequested(Exception):
-    """Raised by the SIGINT/SIGTERM handler installed before uvicorn takes the signals over (imports, load)."""
+class StopRequested(BaseException):
+    """Raised by the SIGINT/SIGTERM handler installed before uvicorn takes the signals over (imports, load). A
+    BaseException, as KeyboardInterrupt is: an ``except Exception`` in code it interrupts must not swallow it."""
 
 
 def stop_requested(signum: int, frame: Any) -> None:
