@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
@@ -183,6 +184,36 @@ def _log_mel_block(padded_samples: torch.Tensor) -> torch.Tensor:
     return torch.log10(torch.clamp(mel, min=_LOG_FLOOR))
 
 
+def log_mel_blocks(padded_blocks: torch.Tensor) -> torch.Tensor:
+    """``_log_mel_block`` of each row, in one call: (N, 6640) centre-padded blocks → (N, 128, 40), bit-identical.
+
+    The engine's batched front-end (every chunk due in a step at once). The STFT, the power and the log are
+    batched: they work frame by frame or element by element, and a block's 40 x 201 values are whole SIMD
+    vectors, so a row's result does not depend on its neighbours. The mel matmul is not batched: a GEMM's
+    rounding depends on its shape, so each block keeps the (128, 201) @ (201, 40) product of the per-block
+    path. All-zero rows (flushed silence) take the cached silent block. ``tests/audio/test_batched_log_mel.py``
+    checks the equality bit for bit.
+    """
+    if padded_blocks.dim() != 2 or padded_blocks.shape[1] != _BLOCK_INPUT_SAMPLES:
+        raise ValueError(f"expected blocks (N, {_BLOCK_INPUT_SAMPLES}), got {tuple(padded_blocks.shape)}")
+    num_blocks = padded_blocks.shape[0]
+    log_mel = torch.empty(num_blocks, NUM_MEL_BINS, MEL_FRAMES_PER_CHUNK)  # (N, 128, 40)
+    is_sounding = padded_blocks.ne(0).any(dim=1)  # (N,)
+    if not bool(is_sounding.all()):
+        log_mel[~is_sounding] = _silent_block_log_mel()
+    sounding = padded_blocks[is_sounding].contiguous()  # (S, 6640), a fresh allocation like the clone above
+    if sounding.shape[0] == 0:
+        return log_mel
+    spectrum = torch.stft(
+        sounding, N_FFT, HOP_SAMPLES, window=_hann_window(), center=False, return_complex=True
+    )  # (S, 201, 40)
+    power = spectrum.abs() ** 2
+    filters = mel_filters()
+    mel = torch.stack([filters @ block_power for block_power in power])  # (S, 128, 40), one GEMM shape per block
+    log_mel[is_sounding] = torch.log10(torch.clamp(mel, min=_LOG_FLOOR))
+    return log_mel
+
+
 @functools.cache
 def _silent_block_log_mel() -> torch.Tensor:
     """``_log_mel_block`` of an all-zero block, computed once by the same function (so bit-identical).
@@ -196,6 +227,35 @@ def _silent_block_log_mel() -> torch.Tensor:
 def normalize_log_mel(log_mel: torch.Tensor, max_value: float) -> torch.Tensor:
     """Whisper's clamp and scaling, given the maximum to clamp against (whole-file or running)."""
     return (torch.clamp(log_mel, min=max_value - _DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def normalize_stream(raw_chunks: torch.Tensor, running_max: float) -> tuple[torch.Tensor, float]:
+    """``StreamingLogMel``'s clamp over consecutive chunks (N, 128, 40) of one stream: each chunk against the
+    maximum of every chunk so far (itself included). Returns the normalized chunks and the new maximum."""
+    normalized = []
+    for raw_chunk in raw_chunks:
+        running_max = max(running_max, float(raw_chunk.max()))
+        normalized.append(normalize_log_mel(raw_chunk, running_max))
+    if not normalized:
+        return raw_chunks.new_empty(0, NUM_MEL_BINS, MEL_FRAMES_PER_CHUNK), running_max
+    return torch.stack(normalized), running_max
+
+
+@dataclass(frozen=True)
+class PaddedBlocks:
+    """Consecutive chunks of one 16 kHz stream, as the padded sample blocks their log-mel is computed from.
+
+    What a session sends the engine instead of features: the engine turns them into normalized chunks
+    (``log_mel_blocks``, then ``normalize_stream``), batched over every session's blocks due in a step.
+    ``first_chunk_index`` is the index of ``samples[0]`` in its front-end stream; 0 starts a new stream, whose
+    running maximum starts afresh (after a flush or clear_audio, as ``StreamingLogMel`` is replaced then).
+    """
+
+    samples: np.ndarray  # (N, 6640) float32: chunk k's block = stream samples [6400k - 200, 6400k + 6440)
+    first_chunk_index: int
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
 
 
 def log_mel_raw(samples_16k: np.ndarray) -> torch.Tensor:
@@ -271,6 +331,22 @@ class LogMelChunker:
         return self._buffer_start + self._num_buffered
 
     def push(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
+        return [self._log_mel(block) for block in self.push_blocks(samples_16k)]
+
+    def flush(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
+        """End the stream. ``pad_to_chunk`` zero-pads a partial last chunk (as the reference pads
+        files); otherwise it is dropped. The final chunk uses reflect padding at the stream end,
+        like whole-file STFT on the padded signal."""
+        return [self._log_mel(block) for block in self.flush_blocks(pad_to_chunk)]
+
+    @staticmethod
+    def _log_mel(block: torch.Tensor) -> torch.Tensor:
+        if not block.any():  # digital silence (a flush): its mel is known
+            return _silent_block_log_mel().clone()
+        return _log_mel_block(block)  # (128, 40)
+
+    def push_blocks(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
+        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
         if self._is_flushed:
             raise RuntimeError("stream was flushed; call reset() to start a new one")
         samples = np.asarray(samples_16k, dtype=np.float32)
@@ -286,13 +362,11 @@ class LogMelChunker:
             self._num_buffered += count
             position += count
             while self.num_samples_pushed >= CHUNK_SAMPLES * (self.num_chunks_emitted + 1) + LOOKAHEAD_SAMPLES:
-                chunks.append(self._emit(stream_end=None))
+                chunks.append(self._next_block(stream_end=None))
         return chunks
 
-    def flush(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
-        """End the stream. ``pad_to_chunk`` zero-pads a partial last chunk (as the reference pads
-        files); otherwise it is dropped. The final chunk uses reflect padding at the stream end,
-        like whole-file STFT on the padded signal."""
+    def flush_blocks(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
+        """As ``flush``, but each chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
         if self._is_flushed:
             return []
         self._is_flushed = True
@@ -304,10 +378,11 @@ class LogMelChunker:
             self._num_buffered += num_zeros
         chunks = []
         while CHUNK_SAMPLES * (self.num_chunks_emitted + 1) <= stream_end:
-            chunks.append(self._emit(stream_end=stream_end))
+            chunks.append(self._next_block(stream_end=stream_end))
         return chunks
 
-    def _emit(self, stream_end: int | None) -> torch.Tensor:
+    def _next_block(self, stream_end: int | None) -> torch.Tensor:
+        """The next chunk's centre-padded block (6640,), a copy (the buffer is reused), and advance past it."""
         # Padded-domain block of chunk k = original samples [6400k - 200, 6400k + 6440); the
         # parts outside [0, stream_end) are reflections, exactly as F.pad does for the whole file.
         first = CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES
@@ -316,16 +391,12 @@ class LogMelChunker:
         right_pad = 0 if stream_end is None else max(0, last - stream_end)
         offset = self._buffer_start
         window = self._buffer[first + left_pad - offset : last - right_pad - offset]
-        if not window.any():  # digital silence (a flush): the padded block is zeros too, its mel is known
-            chunk = _silent_block_log_mel().clone()
-        else:
-            block = torch.from_numpy(window)
-            if left_pad or right_pad:
-                block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
-            chunk = _log_mel_block(block)  # (128, 40); it clones, so the buffer may be reused below
+        block = torch.from_numpy(window.copy())
+        if left_pad or right_pad:
+            block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
         self.num_chunks_emitted += 1
         self._drop_consumed()
-        return chunk
+        return block
 
     def _drop_consumed(self) -> None:
         keep_from = max(0, CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES)

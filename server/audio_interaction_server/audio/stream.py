@@ -1,6 +1,11 @@
-"""A session's audio input chain: PCM frames -> mono float32 -> 16 kHz -> log-mel chunks -> the engine.
+"""A session's audio input chain: PCM frames -> mono float32 -> 16 kHz -> padded chunk blocks -> the engine.
 
-Sans-I/O: ``push_chunks`` is how chunks leave (the session passes ``engine.push_audio``).
+The front's share of the log-mel front-end is the cheap one: decoding, resampling, and cutting the 16 kHz
+stream into each 0.4 s chunk's centre-padded sample block (``LogMelChunker.push_blocks``: copies and
+reflections, no arithmetic). The engine computes the features from the blocks, batched over every session's
+chunks of a step (``frontend.log_mel_blocks``), bit-identical to ``StreamingLogMel`` on the same stream.
+
+Sans-I/O: ``push_chunks`` is how chunks leave, as ``PaddedBlocks`` (the session passes ``engine.push_audio``).
 It also keeps the stream-time books the session's limits and counters need.
 Not thread-safe: one instance per session, used from one task.
 """
@@ -14,18 +19,19 @@ import numpy as np
 import torch
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import StreamingLogMel, StreamingResampler, decode_pcm
+from audio_interaction_server.audio.frontend import LogMelChunker, PaddedBlocks, StreamingResampler, decode_pcm
 from audio_interaction_server.protocol import AudioFormat
 
 CHUNK_S = T.CHUNK_S  # re-exported: the session and the app take it from here
 
 
 class AudioInput:
-    def __init__(self, push_chunks: Callable[[torch.Tensor], None]) -> None:
+    def __init__(self, push_chunks: Callable[[PaddedBlocks], None]) -> None:
         self._push_chunks = push_chunks
         self.format = AudioFormat()
         self._resampler: StreamingResampler | None = None
-        self._front_end: StreamingLogMel | None = None
+        # A new chunker is a new feature stream: the engine restarts its running maximum at chunk index 0.
+        self._front_end: LogMelChunker | None = None
         self.num_chunks_pushed = 0
         self.audio_received_s = 0.0  # accepted client audio
         self.stream_s = 0.0  # stream time given to the front-end: audio, flush silence and padding
@@ -52,8 +58,8 @@ class AudioInput:
         if self._resampler is None:
             self._resampler = StreamingResampler(self.format.sample_rate_hz)
         if self._front_end is None:
-            self._front_end = StreamingLogMel()
-        return self._push(self._front_end.push(self._resampler.process(samples)))
+            self._front_end = LogMelChunker()
+        return self._push(self._front_end, self._front_end.push_blocks(self._resampler.process(samples)))
 
     def stream_s_after_flush(self, trailing_silence_s: float) -> float:
         """Stream time once ``flush(trailing_silence_s)`` has run: the silence, then the last chunk padded.
@@ -71,9 +77,9 @@ class AudioInput:
         after a pause between utterances; the engine's conversation itself goes on.
         """
         num_pushed = self._end_resampler()
-        front_end = self._front_end or StreamingLogMel()
-        chunks = front_end.push(np.zeros(int(round(trailing_silence_s * T.SAMPLE_RATE_HZ)), dtype=np.float32))
-        num_pushed += self._push(chunks + front_end.flush(pad_to_chunk=True))
+        front_end = self._front_end or LogMelChunker()
+        blocks = front_end.push_blocks(np.zeros(int(round(trailing_silence_s * T.SAMPLE_RATE_HZ)), dtype=np.float32))
+        num_pushed += self._push(front_end, blocks + front_end.flush_blocks(pad_to_chunk=True))
         self._front_end = None
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return num_pushed
@@ -91,12 +97,13 @@ class AudioInput:
         """Drain the resampler's filter delay into the feature stream (soxr holds some samples back)."""
         num_pushed = 0
         if self._resampler is not None and self._front_end is not None:
-            num_pushed = self._push(self._front_end.push(self._resampler.flush()))
+            num_pushed = self._push(self._front_end, self._front_end.push_blocks(self._resampler.flush()))
         self._resampler = None
         return num_pushed
 
-    def _push(self, chunks: list[torch.Tensor]) -> int:
-        if chunks:
-            self._push_chunks(torch.stack(chunks))  # (N, 128, 40)
-            self.num_chunks_pushed += len(chunks)
-        return len(chunks)
+    def _push(self, front_end: LogMelChunker, blocks: list[torch.Tensor]) -> int:
+        if blocks:
+            first_chunk_index = front_end.num_chunks_emitted - len(blocks)
+            self._push_chunks(PaddedBlocks(torch.stack(blocks).numpy(), first_chunk_index))  # (N, 6640)
+            self.num_chunks_pushed += len(blocks)
+        return len(blocks)

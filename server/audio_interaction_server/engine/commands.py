@@ -28,10 +28,14 @@ class OpenSession:
 
 @dataclass(frozen=True)
 class PushAudio:
-    """Queue mel chunks (N, 128, 40) for the session, consumed in order, one decision each."""
+    """Queue chunks for the session, consumed in order, one decision each.
+
+    Either features (a torch.Tensor (N, 128, 40), or a sequence of (128, 40) chunks), or a live stream's
+    ``PaddedBlocks``, whose features the worker computes, batched with every other push it applies at once.
+    """
 
     session_id: str
-    mel_chunks: Any  # a torch.Tensor (N, 128, 40), or a sequence of (128, 40) chunks
+    mel_chunks: Any  # torch.Tensor (N, 128, 40) | sequence of (128, 40) | audio.frontend.PaddedBlocks (N, 6640)
     action: ClassVar[str] = "audio"
 
 

@@ -39,6 +39,7 @@ import torch
 import zmq
 
 from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.engine.wire import (
@@ -252,7 +253,9 @@ class EngineHost:
                     front.sessions.add(session_id)
                 worker.open_session(session_id, options, functools.partial(self._emit, front_id, session_id))
             case PushAudio(session_id=session_id, mel_chunks=chunks):
-                worker.push_audio(session_id, torch.from_numpy(np.array(chunks)))  # a copy the worker may own
+                # Features: a copy the worker may own; PaddedBlocks: the worker copies them as it batches.
+                worker.push_audio(session_id, chunks if isinstance(chunks, PaddedBlocks)
+                                  else torch.from_numpy(np.array(chunks)))
             case CancelReply(session_id=session_id):
                 worker.cancel(session_id)
             case RequestReply(session_id=session_id):

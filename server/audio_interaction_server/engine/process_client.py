@@ -20,6 +20,7 @@ import zmq
 
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.client import ModelSummary
+from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
 )
@@ -163,9 +164,9 @@ class EngineProcessClient:
         # As the Worker does after its death: the open is answered at once, so no client waits for nothing.
         self._deliver(session_id, emit, [SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
 
-    def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None:
-        """Queue (N, 128, 40) mel chunks; they cross as one raw frame (a numpy array's buffer, out of band)."""
-        self._send(PushAudio(session_id, mel_chunks.numpy()))
+    def push_audio(self, session_id: str, mel_chunks: torch.Tensor | PaddedBlocks) -> None:
+        """Queue (N, 128, 40) mel chunks or PaddedBlocks: one raw frame (a numpy array's buffer, out of band)."""
+        self._send(PushAudio(session_id, mel_chunks if isinstance(mel_chunks, PaddedBlocks) else mel_chunks.numpy()))
 
     def cancel(self, session_id: str) -> None:
         self._send(CancelReply(session_id))

@@ -15,19 +15,28 @@ A step is three calls: ``scheduler.schedule()`` (which sessions, which rows),
 result)`` (each session's events). This module adds what makes it a thread:
 the inbox, failure isolation (a failing batch is retried row by row; a failure
 in one session's own path ends that session alone), delivery and stop.
+
+Live sessions push ``PaddedBlocks`` (16 kHz samples cut into chunk blocks), not
+features: the worker computes the log-mel of every block posted since the last
+step in one batched call (``frontend.log_mel_blocks``, on the CPU: bit-identical
+to the streaming front-end there), then applies the commands in their order, so
+a clear_audio posted after a push still drops that push's chunks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
+from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import (
@@ -107,13 +116,15 @@ class Worker:
         self.failure: BaseException | None = None
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None  # called on the dying worker thread
+        # Each live session's log-mel running maximum (StreamingLogMel's clamp), carried across pushes.
+        self._feature_max: dict[str, float] = {}
 
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
         self._post(OpenSession(session_id, options, emit))
 
-    def push_audio(self, session_id: str, mel_chunks: torch.Tensor) -> None:
-        """Queue (N, 128, 40) mel chunks for the session, consumed in order."""
+    def push_audio(self, session_id: str, mel_chunks: torch.Tensor | PaddedBlocks) -> None:
+        """Queue (N, 128, 40) mel chunks for the session, or the ``PaddedBlocks`` they are computed from; in order."""
         self._post(PushAudio(session_id, mel_chunks))
 
     def cancel(self, session_id: str) -> None:
@@ -309,12 +320,50 @@ class Worker:
             command = self._inbox.get(timeout=block_s) if block_s > 0 else self._inbox.get_nowait()
         except queue.Empty:
             return
+        commands = [command]
         while True:
-            self._apply(command)
             try:
-                command = self._inbox.get_nowait()
+                commands.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                break
+        for command in self._with_features(commands):
+            self._apply(command)
+
+    def _with_features(self, commands: list[Command]) -> list[Command]:
+        """The commands, each push of ``PaddedBlocks`` replaced by one of its normalized features.
+
+        One ``log_mel_blocks`` call for all of them; the running maxima advance in posting order. A push of a
+        session that is gone (and not opened in this batch) is left as is: ``_apply`` drops it.
+        """
+        live = set(self.scheduler.sessions)
+        live.update(command.session_id for command in commands if isinstance(command, OpenSession))
+        pushes = [index for index, command in enumerate(commands) if isinstance(command, PushAudio)
+                  and isinstance(command.mel_chunks, PaddedBlocks) and command.session_id in live]
+        if not pushes:
+            return commands
+        blocks: list[PaddedBlocks] = [commands[index].mel_chunks for index in pushes]  # type: ignore[union-attr]
+        try:
+            raw = list(log_mel_blocks(torch.from_numpy(np.concatenate([b.samples for b in blocks]))).split(
+                [len(b) for b in blocks]))  # each push's (n, 128, 40)
+        except Exception:  # bad blocks from one front: find whose, the others go on
+            log.exception("batched log-mel of %d pushes failed; computing them one by one", len(blocks))
+            raw = [self._raw_log_mel_or_none(b) for b in blocks]
+        commands = list(commands)
+        for index, pushed, pushed_raw in zip(pushes, blocks, raw):
+            if pushed_raw is None:
+                continue  # _apply fails the session: its push still holds blocks
+            session_id = commands[index].session_id  # type: ignore[union-attr]
+            running_max = -math.inf if pushed.first_chunk_index == 0 else self._feature_max.get(session_id, -math.inf)
+            features, self._feature_max[session_id] = normalize_stream(pushed_raw, running_max)
+            commands[index] = PushAudio(session_id, features)
+        return commands
+
+    @staticmethod
+    def _raw_log_mel_or_none(blocks: PaddedBlocks) -> torch.Tensor | None:
+        try:
+            return log_mel_blocks(torch.from_numpy(np.array(blocks.samples, dtype=np.float32)))
+        except Exception:
+            return None
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -328,6 +377,8 @@ class Worker:
             return  # the session already ended; late commands are harmless
         try:
             match command:
+                case PushAudio(mel_chunks=PaddedBlocks()):
+                    raise ValueError("the log-mel of the pushed audio blocks could not be computed")
                 case PushAudio(mel_chunks=chunks):
                     self.scheduler.add_audio(session, chunks)
                 case CancelReply():
@@ -384,6 +435,7 @@ class Worker:
             self._end(session, EndCode.INTERNAL_ERROR, "event delivery failed", notify=False)
 
     def _end(self, session: SessionState, error_code: EndCode | None, message: str, notify: bool = True) -> None:
+        self._feature_max.pop(session.session_id, None)
         events = self.scheduler.end(session, error_code, message)
         if events is None or not notify:
             return
