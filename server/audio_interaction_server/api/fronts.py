@@ -46,16 +46,19 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from audio_interaction_server.api.runtime import default_replica_id
 from audio_interaction_server.api.serving import (
     EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, serve_config,
     stop_requested,
 )
 from audio_interaction_server.config import ServerConfig
-from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S, EngineEndpoints, EngineProcess
 from audio_interaction_server.logs import configure_logging
+
+# Nothing that imports torch at import time: a front process imports this module first (its main is here), and a
+# stop passed on while it starts is obeyed only once the front reads its orders, before the torch import.
+if TYPE_CHECKING:
+    from audio_interaction_server.engine.process_client import EngineProcess
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ class FrontSpec:
 
     index: int
     config: ServerConfig  # this front's: its port, agent port and replica id
-    endpoints: EngineEndpoints
+    engine_commands: str  # the engine's endpoints (engine.wire.EngineEndpoints), as text: see the imports
+    engine_events: str
     # The read end of a pipe from the supervisor: the stop signals it passes on come this way, not by kill(), so
     # that one sent while the front still starts waits in the pipe instead of being lost; its end (the
     # supervisor is gone) stops the front.
@@ -81,6 +85,8 @@ class FrontSpec:
 def front_config(config: ServerConfig, index: int) -> ServerConfig:
     """Front ``index``'s settings: port + i, agent_port + i (0 stays 0: any free port), replica id + ``-f<i>``."""
     suffix = f"-f{index}"
+    from audio_interaction_server.api.runtime import default_replica_id
+
     base_id = config.replica_id or default_replica_id()[:64 - len(suffix)]
     return config.model_copy(update={
         "port": config.port + index if config.port else 0,
@@ -99,7 +105,9 @@ def run_front(spec: FrontSpec) -> None:
             signal.signal(signum, stop_requested)
         configure_logging(config.log_level, config.log_format)
         threading.Thread(target=_obey_supervisor, args=(spec.orders,), name="supervisor-orders", daemon=True).start()
-        status = serve_config(config, attach_to=spec.endpoints)
+        from audio_interaction_server.engine.process_client import EngineEndpoints
+
+        status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events))
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
@@ -126,9 +134,9 @@ class Supervisor:
         self.setup_logging = functools.partial(configure_logging, config.log_level, config.log_format)
         self.engine: EngineProcess | None = None
         self.directory = directory  # the engine's sockets: known before it starts, so the fronts can start first
-        self.endpoints = EngineEndpoints.in_directory(directory)
         self.fronts: dict[int, BaseProcess] = {}
         self._orders: dict[int, Connection] = {}  # the write end of each front's pipe
+        self._passed_on: list[int] = []  # the stop signals passed on so far: a front started since gets them too
         self.restarts_s: list[float] = []
         self.stopping = False
         self.status = EXIT_STOPPED
@@ -142,27 +150,37 @@ class Supervisor:
         self._signal_fronts(signum)
 
     def _signal_fronts(self, signum: int) -> None:
+        self._passed_on.append(signum)
         for index, front in self.fronts.items():
             if front.exitcode is None:
-                try:
-                    self._orders[index].send(signum)
-                except OSError:
-                    pass  # it has just ended
+                self._order(index, signum)
+
+    def _order(self, index: int, signum: int) -> None:
+        try:
+            self._orders[index].send(signum)
+        except OSError:
+            pass  # it has just ended
 
     # ---- the tree -----------------------------------------------------------------------------------------
     def start_front(self, index: int) -> None:
         orders, self_orders = self._context.Pipe(duplex=False)
-        spec = FrontSpec(index, front_config(self.config, index), self.endpoints, orders)
+        from audio_interaction_server.engine.process_client import EngineEndpoints
+
+        endpoints = EngineEndpoints.in_directory(self.directory)
+        spec = FrontSpec(index, front_config(self.config, index), endpoints.commands, endpoints.events, orders)
         front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)
         front.start()
         orders.close()  # the front holds the read end; when this process ends, the front reads the pipe's end
         if index in self._orders:
             self._orders[index].close()
         self.fronts[index], self._orders[index] = front, self_orders
+        for signum in self._passed_on:  # a stop that came while it was started (a signal handled mid-start)
+            self._order(index, signum)
         log.info("front %d (replica %s) started as process %d", index, spec.config.replica_id, front.pid)
 
     def run(self) -> int:
         from audio_interaction_server.demo.source import resolve_model_source
+        from audio_interaction_server.engine.process_client import EngineProcess
 
         config = self.config
         for index in range(config.fronts):
@@ -188,6 +206,8 @@ class Supervisor:
             if self.engine.exitcode is not None:
                 log.error("the engine process exited with status %s: every front ends its sessions "
                           "(worker_failed); stopping", self.engine.exitcode)
+                from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S
+
                 return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=ENGINE_TIMEOUT_S + STOP_GRACE_S)
             for index, front in list(self.fronts.items()):
                 if front.exitcode is not None:
