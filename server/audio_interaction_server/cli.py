@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import torch
     from pydantic import ValidationError
 
+    from audio_interaction_server.audio.frontend import PaddedBlocks
+
 log = logging.getLogger("audio_interaction_server.cli")
 
 
@@ -104,11 +106,12 @@ def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
     return clips
 
 
-def streaming_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
-    """The live server's audio path: files back to back, then a client's ``input.flush``."""
+def streaming_clips(files: list[Path], silence_s: float) -> list[PaddedBlocks]:
+    """The live server's audio path: files back to back, then a client's ``input.flush``; the blocks the worker
+    computes each chunk's log-mel from, as a live session's."""
     from audio_interaction_server.audio.stream import AudioInput
 
-    clips: list[torch.Tensor] = []
+    clips: list[PaddedBlocks] = []
     audio = AudioInput(clips.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
         audio.accept(read_audio(path))
