@@ -7,11 +7,12 @@ connection must close after sending them. The events are ``audio_interaction_ser
 a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is an argument
 (``now_s``, monotonic), so tests drive timeouts without sleeping.
 
-Audio path: PCM bytes -> ``decode_pcm`` -> ``StreamingResampler`` -> ``StreamingLogMel``
--> ``engine.push_audio``. A frame is either accepted whole (it reaches the model, or
-``session.closed`` counts it as cut) or refused with an ``error`` event; nothing is
-dropped silently. What a client may make the event loop do is bounded (api/flood.py): a
-client that floods is cut with a fatal ``event_flood``/``audio_flood`` error and close 1008.
+Audio path: PCM bytes -> ``decode_pcm`` -> ``StreamingResampler`` -> ``LogMelChunker.push_blocks``
+-> ``engine.push_audio`` (``PaddedBlocks``: the engine computes the log-mel, see audio/stream.py).
+A frame is either accepted whole (it reaches the model, or ``session.closed`` counts it as cut)
+or refused with an ``error`` event; nothing is dropped silently. What a client may make the
+event loop do is bounded (api/flood.py): a client that floods is cut with a fatal
+``event_flood``/``audio_flood`` error and close 1008.
 
 Threading contract: not thread-safe. The app calls every method from its event loop;
 the engine's ``emit`` (worker thread) must hop there before calling ``on_engine_events``.
