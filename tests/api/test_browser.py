@@ -296,10 +296,19 @@ FAKE_SOCKET_JS = """
         const made = [];
         class FakeSocket {
             static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
-            constructor(url) { this.url = url; this.sent = []; this.readyState = 0; made.push(this); }
-            send(data) { this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data)); }
+            constructor(url) {
+              this.url = url; this.sent = []; this.sentNotOpen = 0; this.readyState = 0; made.push(this);
+            }
+            send(data) {  // as a browser: a send on a socket that is not open goes nowhere
+              if (this.readyState !== 1) { this.sentNotOpen += 1; return; }
+              this.sent.push(typeof data === "string" ? JSON.parse(data) : Array.from(data));
+            }
             close(code = 1000) { this.drop(code); }
-            deliver(event) { this.onopen?.(); this.onmessage({ data: JSON.stringify(event) }); }
+            deliver(event) {
+              if (this.readyState === 0) { this.readyState = 1; this.onopen?.(); }
+              this.onmessage({ data: JSON.stringify(event) });
+            }
+            closing() { this.readyState = 2; }  // the server's close frame came; onclose has not fired yet
             drop(code, reason = "") {
               if (this.readyState !== 3) { this.readyState = 3; this.onclose({ code, reason }); }
             }
@@ -338,6 +347,36 @@ def test_protocol_client_sends_each_waiting_configure_on_its_own(live, page: Pag
     assert result["outcomes"] == ["accepted", "invalid_event"]
     assert [{k: v for k, v in event.items() if k != "event_id"} for event in result["resent"]] == [
         {"type": "session.configure", "decision_events": True}]
+
+
+def test_protocol_client_sends_nothing_on_a_closing_socket_and_resends_it_after_the_resume(live, page: Page):
+    """Scripted sockets: between the server's close frame and onclose the socket is CLOSING while the client is
+    still open. Audio offered then is not sent into the closing socket (a browser drops it with a console error)
+    but kept, and the resume sends it."""
+    page.goto(live.url)
+    result = page.evaluate("""async () => {
+        const { ProtocolClient } = await import("/static/protocol-client.js");
+        """ + FAKE_SOCKET_JS + """
+        const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+        const client = new ProtocolClient("ws://server.example/v1/stream", { apiKey: "k", WebSocket: FakeSocket,
+            backoff: { initialDelayMs: 5, maxDelayMs: 20, factor: 2, jitter: 0 } });
+        client.configure({ audio: { sample_format: "pcm_s16le", sample_rate_hz: 10, num_channels: 1 } });
+        const connected = client.connect();
+        made[0].deliver({ type: "session.created", session_id: "s1", seq: 1, resume_token: "t", resume_grace_s: 5,
+            audio: { sample_format: "pcm_s16le", sample_rate_hz: 10, num_channels: 1 } });
+        await connected;
+        client.sendAudio(new Int16Array([1, 1]));
+        made[0].closing();
+        client.sendAudio(new Int16Array([2, 2]));
+        const wrongSends = made[0].sentNotOpen;
+        made[0].drop(1006);
+        await sleep(350);
+        made[1].deliver({ type: "session.resumed", session_id: "s1", last_seq: 1, num_replayed: 0,
+                          audio_received_s: 0.2, num_chunks_decided: 0 });
+        return { wrongSends, first: made[0].sent.length, resent: made[1].sent };
+    }""")
+    assert result["wrongSends"] == 0
+    assert result["resent"][-1] == [2, 2], result["resent"]  # the frame offered while closing, resent
 
 
 def test_protocol_client_resumes_a_dropped_session_and_resends_what_the_server_lacks(live, page: Page):

@@ -344,7 +344,7 @@ export class ProtocolClient {
   }
 
   _finishResume(plan) {
-    if (!this._ws) return; // dropped meanwhile: the next attempt plans again
+    if (!this._isSocketOpen()) return; // dropped or closing meanwhile: the next attempt plans again
     const { resumed } = this._resume;
     let resentS = 0;
     for (const frame of this._outbound.frames) {
@@ -444,16 +444,24 @@ export class ProtocolClient {
 
   // A frame of the session: sent now when the session is open, else kept for the resume to send.
   _transmit(frame) {
-    if (this._state !== ConnectionState.OPEN || !this._ws) return;
+    if (this._state !== ConnectionState.OPEN || !this._isSocketOpen()) return;
     this._ws.send(frame.payload);
     frame.isTransmitted = true;
     this._outbound.trim();
   }
 
   _send(event) {
-    if (this._state !== ConnectionState.OPEN || !this._ws) return false;
+    if (this._state !== ConnectionState.OPEN || !this._isSocketOpen()) return false;
     this._ws.send(JSON.stringify(event));
     return true;
+  }
+
+  // Between the server's close frame and onclose the socket is CLOSING while our state is still OPEN: a send
+  // then goes nowhere (the browser logs an error). The frame stays kept, for a resume to send.
+  // (Our state is OPEN only after session.created, which a CONNECTING socket cannot have delivered.)
+  _isSocketOpen() {
+    return this._ws != null && this._ws.readyState !== this._WebSocket.CLOSING
+      && this._ws.readyState !== this._WebSocket.CLOSED;
   }
 
   _setState(state, details) {
