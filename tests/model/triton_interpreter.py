@@ -35,7 +35,7 @@ interpreted_only = pytest.mark.skipif(
 def run_interpreted_files(tmp_path: Path, tiny_checkpoint: Path) -> str:
     """Run every interpreted case in one child; returns its output. Fails on any failure or skip in it."""
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", *INTERPRETED_FILES, "-x", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", *INTERPRETED_FILES, "-x", "-p", "no:cacheprovider", "-n", "0",
          "-k", " and ".join(f"not {name}" for name in PARENT_ONLY), "--basetemp", str(tmp_path / "child")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", CHECKPOINT_ENV: str(tiny_checkpoint)},
