@@ -148,8 +148,11 @@ def direction_problems(source: str, target: str) -> list[str]:
         problems.append(f"{source} imports {target} (the wire schema and the config depend on the options only)")
     if source_group == "model" and target_group not in {"model", "spec"}:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")
-    if source_group == "engine" and target_group not in {"engine", "model", "spec", "options", "config"}:
-        problems.append(f"engine module {source} imports {target} (the engine speaks token ids only)")
+    # The worker batches a step's log-mel (host-path.md): of the front-end, the engine takes only that kernel and
+    # its padded blocks (audio.frontend, sans-I/O), never the streams, formats or resampling around it.
+    if source_group == "engine" and target_group not in {"engine", "model", "spec", "options", "config"} \
+            and target != "audio.frontend":
+        problems.append(f"engine module {source} imports {target} (the engine speaks token ids and log-mel blocks)")
     if source_group == "render" and (target_group in {"model", "api", "audio", "demo", "cli"}
                                      or (target_group == "engine" and target != "engine.events")):
         problems.append(f"render module {source} imports {target} (of the engine, only its events)")
