@@ -66,13 +66,19 @@ class ServerLog(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def engine_transport() -> str:
+    """Where the server's engine runs; test_realtime_clients_over_process.py runs tests again with "process"."""
+    return "thread"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, engine_transport):
     """The live server in this process (a spawn would pay the imports and the model load again, ~7 s)."""
     from audio_interaction_server.config import ServerConfig
     from benchmarks.harness import LiveServer
 
     config = ServerConfig.model_validate(dict(port=0, api_key=KEY, max_sessions=2, log_level="warning", engine={
-        "checkpoint": tiny_checkpoint, "device": "cpu",
+        "checkpoint": tiny_checkpoint, "device": "cpu", "transport": engine_transport,
         "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}))
     log = ServerLog()
     live = LiveServer(config).start()

@@ -27,14 +27,20 @@ REPLY_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def engine_transport() -> str:
+    """Where the server's engine runs; test_realtime_over_process.py runs these tests again with "process"."""
+    return "thread"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, engine_transport):
     """The live server in this process (both endpoints are served the same way either way; a spawn would pay the
     imports and the model load again)."""
     from audio_interaction_server.config import ServerConfig
     from benchmarks.harness import LiveServer
 
     config = ServerConfig.model_validate(dict(port=0, log_level="warning", engine={
-        "checkpoint": tiny_checkpoint, "device": "cpu",
+        "checkpoint": tiny_checkpoint, "device": "cpu", "transport": engine_transport,
         "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}))
     live = LiveServer(config).start()
     yield live.port

@@ -1,0 +1,29 @@
+"""The openai SDK on /v1/realtime with the server's engine in a process of its own (``engine.transport: process``).
+
+test_realtime_clients.py's SDK cases run here unchanged: they are imported, so pytest runs them again with this
+module's ``engine_transport``, which its ``server`` fixture reads (and, as there, no error may reach the server's
+log). One engine process, shared by the module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.api.realtime.test_realtime_clients import (  # noqa: F401  (imported tests run here over the process transport)
+    client_logs, server,
+    test_openai_sdk_manual_turns,
+    test_openai_sdk_replies_manual_turn_cancel_and_refusal,
+)
+from tests.engine.test_process_transport import engine_pid_of
+
+
+@pytest.fixture(scope="module")
+def engine_transport() -> str:
+    return "process"
+
+
+@pytest.mark.usefixtures("server")
+def test_the_server_here_runs_its_engine_in_a_process():
+    assert engine_pid_of(os.getpid())  # the module's live server runs in this process; its engine is our child
