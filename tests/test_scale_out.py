@@ -2,8 +2,10 @@
 
 The replicas are ``python -m audio_interaction_server`` processes on the tiny real model, configured as
 docs/scaling.md says (busy_refusal http_503, the capacity agent, a drain time, replica ids ais1..ais3);
-HAProxy gets loopback addresses through the environment variables the file reads. The tests run in file
-order on one cluster: the drain ends ais1 and the kill ends ais2, so they come last.
+HAProxy gets loopback addresses through the environment variables the file reads. ais1 and ais3 run their
+engines in a process of their own (``engine.transport: process``, as on a GPU), ais2 on a thread: every test here
+runs over both transports, for two engine processes more rather than a second cluster. The tests run in file
+order on one cluster: the drain ends ais1 and the kill ends ais3, so they come last.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from benchmarks.harness import free_port, spawn_server
+from tests.engine.test_process_transport import engine_pid_of, wait_until_gone
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -34,6 +37,7 @@ REPLICAS = ("ais1", "ais2", "ais3")
 MAX_SESSIONS = 2  # per replica: small, so "every replica full" takes six sessions
 DRAIN_TIMEOUT_S = 4.0
 AGENT_INTER = "100ms"  # the file's default is 1s; a test should not wait seconds for each agent probe
+ENGINE_TRANSPORTS = {"ais1": "process", "ais2": "thread", "ais3": "process"}
 
 pytestmark = [
     pytest.mark.skipif(not os.access(HAPROXY, os.X_OK),
@@ -49,8 +53,10 @@ class Replica:
         self.agent_port = free_port()
         env = {"AIS_REPLICA_ID": replica_id, "AIS_BUSY_REFUSAL": "http_503", "AIS_AGENT_PORT": str(self.agent_port),
                "AIS_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "AIS_MAX_SESSIONS": str(MAX_SESSIONS),
-               "AIS_ENGINE__MAX_SESSIONS": str(MAX_SESSIONS), "AIS_TRANSPORT__TRUSTED_PROXIES": "127.0.0.1"}
+               "AIS_ENGINE__MAX_SESSIONS": str(MAX_SESSIONS), "AIS_TRANSPORT__TRUSTED_PROXIES": "127.0.0.1",
+               "AIS_ENGINE__TRANSPORT": ENGINE_TRANSPORTS[replica_id]}
         self.process, self.port = spawn_server(checkpoint, env)
+        self.engine_pid = engine_pid_of(self.process.pid) if ENGINE_TRANSPORTS[replica_id] == "process" else None
         self.log: list[str] = []
         # The rest of its log, read on a thread: a full pipe would stall the replica.
         threading.Thread(target=self._read_log, daemon=True).start()
@@ -421,6 +427,7 @@ def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(clus
     print(f"\ndrain: session closed with 1012 {closed_s:.2f} s and the process exited {status} {exited_s:.2f} s "
           f"after SIGTERM (drain_timeout_s {DRAIN_TIMEOUT_S})")
     assert status == 0 and drained, ais1.log[-20:]
+    wait_until_gone(ais1.engine_pid, timeout_s=5)  # its engine process stopped with it
     # The drain ends by its deadline; then the process stops (uvicorn, the worker, the interpreter with torch).
     assert exited_s < DRAIN_TIMEOUT_S + 5
     for ws, _ in sessions + newcomers:
@@ -435,10 +442,13 @@ def test_a_killed_replica_ends_its_streams_and_new_sessions_land_on_the_others(c
     victim_ws, victim = open_session(balancer)
     other_ws, other = open_session(balancer)
     assert {replica_of(victim), replica_of(other)} == {"ais2", "ais3"}
-    killed = replicas[replica_of(victim)]
-    survivor = "ais3" if killed.replica_id == "ais2" else "ais2"
+    if replica_of(victim) != "ais3":  # the one with an engine process: that process must not outlive its server
+        (victim_ws, victim), (other_ws, other) = (other_ws, other), (victim_ws, victim)
+    killed = replicas["ais3"]
+    survivor = "ais2"
     killed.process.send_signal(signal.SIGKILL)
     killed.process.wait(timeout=10)
+    wait_until_gone(killed.engine_pid, timeout_s=5)  # orphaned, the engine process ends itself
     # Its client's stream ends without a close frame from the server (the process is gone).
     _, code = recv_to_close(victim_ws, timeout_s=10)
     assert code is None

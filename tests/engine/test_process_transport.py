@@ -221,6 +221,20 @@ def engine_pid_of(server_pid: int) -> int:
     raise AssertionError(f"server {server_pid} has no engine process")
 
 
+def wait_until_gone(pid: int | None, timeout_s: float) -> None:
+    """Wait for a process that is not our child to end (a zombie counts as ended: its reaper is not ours)."""
+    assert pid is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        assert time.monotonic() < deadline, f"process {pid} still runs {timeout_s:g} s on"
+        time.sleep(0.02)
+
+
 def stream_until_decisions(ws, shared_audio: Path) -> None:
     recv_event(ws)
     send_configure(ws, decision_events=True)
