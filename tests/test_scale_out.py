@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from benchmarks.harness import free_port, spawn_server
-from tests.engine.test_process_transport import engine_pid_of, wait_until_gone
+from tests.engine.test_process_transport import engine_pid_of, stream_tokens, wait_until_gone
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -250,6 +250,24 @@ def test_sessions_spread_by_least_connections_and_a_full_cluster_refuses_at_once
         assert events[-1]["session_id"] == created["session_id"]
     for ws, _ in sessions[3:]:
         close_session(ws)
+
+
+def test_the_same_audio_gives_the_same_tokens_on_every_replica_whatever_its_transport(cluster, shared_audio):
+    """ais1 and ais3 decode through an engine process, ais2 on a thread: the same samples, the same decisions and
+    replies (each session opened on its replica directly, so that each transport is sure to serve one)."""
+    from audio_interaction_server.audio.frontend import load_audio_file
+
+    _, replicas = cluster
+    samples = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")  # 3.3 s
+
+    def tokens_of(replica: Replica) -> tuple[list, list]:
+        return stream_tokens(lambda: connect(f"ws://127.0.0.1:{replica.port}/v1/stream", compression=None,
+                                             open_timeout=10), samples)
+
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        tokens = dict(zip(replicas, pool.map(tokens_of, replicas.values())))
+    assert tokens["ais1"] == tokens["ais2"] == tokens["ais3"]
+    assert tokens["ais2"][0] and tokens["ais2"][1], "the tiny model neither decided nor replied: nothing was compared"
 
 
 # Every spelling of the drain call's path that the replica decodes to /v1/admin/drain (uvicorn unquotes the path,

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.sync.client import ClientConnection
 
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
@@ -87,9 +89,9 @@ def test_the_transport_is_chosen_by_config_flag_and_device():
     assert choose_transport(EngineConfig(device="cuda", transport="thread")) == "thread"
 
 
-def stream_tokens(server: LiveServer, samples: np.ndarray) -> tuple[list, list]:
-    """(decisions, replies' token ids) of ``samples`` streamed in one session, then flushed."""
-    with server.connect() as ws:
+def stream_tokens(connect: Callable[[], ClientConnection], samples: np.ndarray) -> tuple[list, list]:
+    """(decisions, replies' token ids) of ``samples`` streamed in one session on ``connect()``, then flushed."""
+    with connect() as ws:
         recv_event(ws)
         send_configure(ws, audio={"sample_format": "pcm_f32le", "sample_rate_hz": 16_000}, decision_events=True)
         send_pcm(ws, samples, 16_000, frame_s=0.25)
@@ -107,10 +109,10 @@ def test_tokens_are_identical_over_the_thread_and_the_process_transport(live, ti
                                                                   "device": "cpu", "transport": "thread"})).start()
     try:
         assert not isinstance(threaded.runtime.worker, EngineProcessClient)
-        over_thread = stream_tokens(threaded, samples)
+        over_thread = stream_tokens(threaded.connect, samples)
     finally:
         threaded.stop()
-    over_process = stream_tokens(live, samples)
+    over_process = stream_tokens(live.connect, samples)
     assert over_process == over_thread
     assert over_thread[0] and over_thread[1], "the tiny model neither decided nor replied: nothing was compared"
 
