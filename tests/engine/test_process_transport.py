@@ -4,6 +4,10 @@ Representative cases of the live session suite (tests/api/test_app.py) and the r
 (tests/api/test_resume.py) run here unchanged over the process transport: they are imported, so pytest runs
 them again with this module's ``live`` and ``server`` fixtures, which serve through an engine process. One
 engine process per server, shared by the module; the fault tests come last because they kill them.
+
+Elsewhere over the process transport: the Realtime suite (tests/api/realtime/test_realtime_over_process.py,
+test_realtime_clients_over_process.py) and the scale-out suite (tests/test_scale_out.py, whose replicas ais1 and
+ais3 run their engines in a process and ais2 on a thread).
 """
 
 from __future__ import annotations
