@@ -30,7 +30,19 @@ class StopRequested(BaseException):
     BaseException, as KeyboardInterrupt is: an ``except Exception`` in code it interrupts must not swallow it."""
 
 
+# True until uvicorn is about to run: the process is still importing and setting up, and holds nothing to save.
+_in_start_up = True
+
+
 def stop_requested(signum: int, frame: Any) -> None:
+    if _in_start_up:
+        # A stop in the start-up imports ends the process here rather than unwinding them: an exception raised
+        # inside a half-done import (torch's C++ initialisation) can leave interpreter shutdown waiting on an
+        # import lock, or aborting in a half-built extension; both were seen under load (a hang, a SIGABRT).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
     raise StopRequested()
 
 
@@ -62,6 +74,8 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None)
               file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     runtime.stream_url = _stream_url(server.config, listener)
+    global _in_start_up
+    _in_start_up = False  # from here a stop unwinds: uvicorn's graceful shutdown, then the status below
     try:
         server.run(sockets=[listener])
     except (KeyboardInterrupt, StopRequested):
