@@ -198,6 +198,16 @@ def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tre
                                                                   "max_sessions": 2}, replica_id="probe"))
     attached.runtime.attach_to = endpoints
     attached.start()
+    # A front that has attached knows the engine's free slots at once (its agent and /ready weigh by them), not
+    # only from the engine's next heartbeat: a probe right after the start once got no weight under load.
+    from audio_interaction_server.engine.process_client import EngineProcessClient
+
+    client = EngineProcessClient(endpoints)
+    client.start()
+    try:
+        assert client.engine_status is not None and client.engine_status.free_slots >= 0
+    finally:
+        client.stop()
     try:
         with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
             for ws in (ws0, ws1):  # open in the engine: its first chunk decided

@@ -155,6 +155,45 @@ def open_probe(client: EngineProcessClient, session_id: str) -> object:
     return first[0]
 
 
+def test_a_front_starved_of_cpu_for_a_second_keeps_its_sessions(live):
+    """A live front that sends no heartbeat for a while (here: stopped with SIGSTOP for 1.2 s, as a loaded host
+    can starve it) keeps its sessions: only a front whose process ended, or one silent past FRONT_TIMEOUT_S, is
+    cut. With the old 0.5 s heartbeat bound the engine closed its live sessions (seen under two pytest workers
+    on a 2-core machine)."""
+    client = live.runtime.worker
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, decision_events=True)
+        ws.send(np.zeros(8000, dtype=np.int16).tobytes())  # one whole chunk: this front holds one engine slot
+        recv_until(ws, lambda e: e["type"] == "decision")
+        other = subprocess.Popen([sys.executable, "-c", FRONT_SCRIPT, client.endpoints.commands,
+                                  client.endpoints.events, "1"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline().strip() == "opened"
+            other.send_signal(signal.SIGSTOP)
+            time.sleep(1.2)
+            refused = open_probe(client, "probe-while-stopped")
+            assert isinstance(refused, SessionEnded) and refused.error_code == EndCode.CAPACITY, refused
+            other.send_signal(signal.SIGCONT)
+        finally:
+            other.kill()
+            other.wait(10)
+            other.stdout.close()
+        freed = wait_for_free_slot(client)
+        client.close_session(freed)
+
+
+def wait_for_free_slot(client: EngineProcessClient) -> str:
+    """Open probe sessions until one starts (the slot a killed front held is freed); its session id."""
+    for attempt in range(250):
+        first = open_probe(client, f"probe-free-{attempt}")
+        if isinstance(first, SessionStarted):
+            return f"probe-free-{attempt}"
+        assert first.error_code == EndCode.CAPACITY, first
+        time.sleep(0.02)
+    raise AssertionError("the killed front's slot was never freed")
+
+
 def test_a_front_that_dies_has_its_slots_freed_within_a_second(live):
     """A second front attached to the live server's engine takes the slot this front's session leaves, then is
     killed (-9): the engine hears no heartbeat and closes its session, so this front opens one within a second,

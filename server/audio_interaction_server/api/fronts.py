@@ -18,7 +18,7 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   a bad state wants a fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree
   with its back-off and counts the restarts where operators look;
 * a front ends unasked (killed, crashed, or drained on its own and exited 0): the engine frees its slots within
-  a second (``FRONT_TIMEOUT_S``), the other fronts' sessions go on, and the front is started again on the same
+  a second (it watches each front's pid), the other fronts' sessions go on, and the front is started again on the same
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
   loss of one. More than ``MAX_FRONT_RESTARTS`` within ``FRONT_RESTART_WINDOW_S`` is no accident: the tree exits
   1. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with

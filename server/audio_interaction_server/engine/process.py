@@ -7,8 +7,9 @@ The process that starts it holds an ``EngineProcess``: a server's one front, or 
 * the engine sends every front an ``EngineStatus`` every ``HEARTBEAT_S`` (with its free slots); a front that
   hears nothing for ``ENGINE_TIMEOUT_S``, or that started the engine and sees its process end, ends every
   session with ``worker_failed`` (as when the worker thread dies) and ``on_failure`` fires;
-* the engine expects each front's heartbeat every ``HEARTBEAT_S``; a front silent for ``FRONT_TIMEOUT_S``
-  (its process died, its client was dropped) has its sessions closed, so their slots are free within a second;
+* the engine watches each front's process (its pid comes with its ``Hello``): a front whose process ended has
+  its sessions closed at the next poll, so their slots are free within a second; a front that says nothing for
+  ``FRONT_TIMEOUT_S`` (hung, its client dropped) has them closed too;
 * the engine leaves when the process that started it is gone, so an engine never outlives its server.
 
 Threading contract: the main thread reads commands and posts them to the worker (whose API is thread-safe);
@@ -156,9 +157,28 @@ def run_engine(spec: EngineSpec) -> None:
     sys.exit(status)
 
 
+def process_has_ended(pid: int) -> bool:
+    """Whether process ``pid`` of this host is gone: no such process, or a zombie its parent has not reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]  # after the command name, which may hold spaces
+        return state in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (not Linux): whether the process exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
 @dataclass
 class _Front:
     last_seen_s: float
+    pid: int | None = None  # its process, from its Hello: watched, so its death is seen at the next poll
     sessions: set[str] = field(default_factory=set)  # opened here and not ended
     num_admitted: int = 0  # what its heartbeat says it holds, sessions not yet opened here included
 
@@ -246,7 +266,8 @@ class EngineHost:
         match message:
             case Heartbeat(num_sessions=num_sessions):
                 front.num_admitted = num_sessions
-            case Hello():
+            case Hello(pid=pid):
+                front.pid = pid
                 self._outbox.put((front_id, ready))
             case OpenRemote(session_id=session_id, options=options):
                 with self._fronts_lock:
@@ -282,8 +303,12 @@ class EngineHost:
     def _expire_fronts(self, worker: Worker) -> None:
         now_s = time.monotonic()
         with self._fronts_lock:
+            ended = [front_id for front_id, front in self.fronts.items()
+                     if front.pid is not None and process_has_ended(front.pid)]
             silent = [front_id for front_id, front in self.fronts.items()
-                      if now_s - front.last_seen_s > FRONT_TIMEOUT_S]
+                      if now_s - front.last_seen_s > FRONT_TIMEOUT_S and front_id not in ended]
+        for front_id in ended:
+            self._drop_front(worker, front_id, "its process ended")
         for front_id in silent:
             self._drop_front(worker, front_id, f"no heartbeat for {FRONT_TIMEOUT_S:g} s")
 

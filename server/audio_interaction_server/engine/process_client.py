@@ -9,6 +9,7 @@ thread delivers them in the thread transport.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -112,15 +113,23 @@ class EngineProcessClient:
         poller.register(self._events, zmq.POLLIN)
         if self.process is not None:
             poller.register(self.process.sentinel, zmq.POLLIN)
+        answer: EngineReady | None = None
         while True:
-            self._send(Hello())
+            if answer is None:
+                self._send(Hello(os.getpid()))
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000 * 5)))
             if self._events in ready:  # first: an engine that failed to load says why, then ends
                 for message in decode(self._events.recv_multipart(copy=False)):
                     if isinstance(message, EngineReady):
-                        return message
-                    if isinstance(message, EngineFailedToLoad):
+                        answer = message
+                    elif isinstance(message, EngineStatus):
+                        self.engine_status = message
+                    elif isinstance(message, EngineFailedToLoad):
                         raise message.error
+            # Ready once the engine's free slots are known too (its status follows within HEARTBEAT_S): a front
+            # of several weighs its agent and /ready by them from its first answer.
+            if answer is not None and self.engine_status is not None:
+                return answer
             if self.process is not None and self.process.sentinel in ready:
                 raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
                                    "served (the server log says why)")

@@ -29,11 +29,13 @@ from audio_interaction_server.engine.worker import SessionStateSize
 from audio_interaction_server.options import SessionOptions
 
 HEARTBEAT_S = 0.1  # how often a front says it is alive
-# A front silent this long is gone: its sessions are closed. Five missed beats, so a front briefly starved of
-# CPU is not cut, and its slots are still free within a second of its end (the engine polls every 0.1 s).
-FRONT_TIMEOUT_S = 0.5
+# A front silent this long is gone (hung, or on a host whose process the engine cannot watch): its sessions are
+# closed. A front that dies is seen sooner, by its process id (engine/process.py, within a poll of 0.1 s), so
+# this bound is for hangs and may be generous: at 0.5 s, fronts starved of CPU on a loaded 2-core machine had
+# their live sessions cut.
+FRONT_TIMEOUT_S = 3.0
 # An engine silent this long is dead to its fronts (its process ended, or hangs): they end their sessions with
-# worker_failed. Longer than FRONT_TIMEOUT_S: a false alarm costs every session of every front, a late one only
+# worker_failed. Not short: a false alarm costs every session of every front, a late one only
 # the time a front takes to notice (a front that started the engine sees its process end at once).
 ENGINE_TIMEOUT_S = 2.0
 
@@ -53,7 +55,9 @@ class EngineEndpoints:
 @dataclass(frozen=True)
 class Hello:
     """A front asks to be served; answered with ``EngineReady`` (sent until one arrives: the event socket may
-    still be connecting)."""
+    still be connecting). ``pid``: the front's process, which the engine watches (both on one host: ipc://)."""
+
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
