@@ -76,15 +76,11 @@ def choose_eager_attention(requested: str, choice: StepChoice, model: LoadedMode
                            max_rows: int) -> AttentionChoice:
     """The eager path's attention (``engine.attention``), given how short rows are stepped.
 
-    With the static step, the eager path runs only long rows (first rows, rollovers), which the in-place
-    attention's query bound (``FLEX_QUERY_ROWS``) leaves to gather anyway; ``auto`` then takes gather at once
-    instead of compiling and timing FlexAttention for every batch bucket at start-up (about 39 s per worker
-    start on the H200 of 2026-12-04, whose ramp then chose gather as the faster one). ``flex`` still compiles.
+    With the static step, the eager path runs only long rows (first rows, rollovers), so ``auto`` takes gather
+    at once instead of compiling and timing FlexAttention at start-up (about 39 s per worker start on the H200
+    of 2026-12-04, whose ramp then chose gather as the faster one). ``flex`` still compiles.
     """
-    if requested == "auto" and choice.static:
-        model.lm.attention_backend, model.lm.compile_attention = "gather", False
-        return AttentionChoice("gather", False, "the static step serves every short row; long rows use gather")
-    return choose_attention(requested, model.lm, cache, max_rows)
+    return choose_attention(requested, model.lm, cache, max_rows, long_rows_only=choice.static)
 
 
 class HasSlotAndPlan(Protocol):

@@ -94,10 +94,18 @@ class AttentionChoice:
     reason: str
 
 
-def choose_attention(requested: str, lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int) -> AttentionChoice:
-    """Apply the configured attention path to ``lm``; ``auto`` tries flex on CUDA and keeps it only if it checks out."""
+def choose_attention(requested: str, lm: AudioInteractionLM, cache: SlotKVCache, max_rows: int,
+                     long_rows_only: bool = False) -> AttentionChoice:
+    """Apply the configured attention path to ``lm``; ``auto`` tries flex on CUDA and keeps it only if it checks out.
+
+    ``long_rows_only``: another path (the static step) serves every short row, so this one runs only rows longer
+    than flex's query bound (``FLEX_QUERY_ROWS``), which take gather anyway: ``auto`` is then gather at once,
+    without compiling and timing flex for every batch bucket.
+    """
     on_cuda = cache.k.device.type == "cuda"
-    if requested == "gather" or (requested == "auto" and not on_cuda):
+    if requested == "auto" and long_rows_only:
+        choice = AttentionChoice("gather", False, "the static step serves every short row; long rows use gather")
+    elif requested == "gather" or (requested == "auto" and not on_cuda):
         choice = AttentionChoice("gather", False, "configured" if requested == "gather" else "CPU device")
     elif cache.max_positions % FLEX_BLOCK:
         if requested == "flex":
