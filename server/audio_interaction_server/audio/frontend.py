@@ -229,13 +229,20 @@ def normalize_log_mel(log_mel: torch.Tensor, max_value: float) -> torch.Tensor:
     return (torch.clamp(log_mel, min=max_value - _DYNAMIC_RANGE) + 4.0) / 4.0
 
 
+def normalize_next_chunk(raw_chunk: torch.Tensor, running_max: float) -> tuple[torch.Tensor, float]:
+    """The streaming clamp of one chunk (128, 40): against the maximum of every chunk so far, itself included.
+    Returns the normalized chunk and the new maximum."""
+    running_max = max(running_max, float(raw_chunk.max()))
+    return normalize_log_mel(raw_chunk, running_max), running_max
+
+
 def normalize_stream(raw_chunks: torch.Tensor, running_max: float) -> tuple[torch.Tensor, float]:
-    """``StreamingLogMel``'s clamp over consecutive chunks (N, 128, 40) of one stream: each chunk against the
-    maximum of every chunk so far (itself included). Returns the normalized chunks and the new maximum."""
+    """``normalize_next_chunk`` over consecutive chunks (N, 128, 40) of one stream, as ``StreamingLogMel`` does.
+    Returns the normalized chunks and the new maximum."""
     normalized = []
     for raw_chunk in raw_chunks:
-        running_max = max(running_max, float(raw_chunk.max()))
-        normalized.append(normalize_log_mel(raw_chunk, running_max))
+        chunk, running_max = normalize_next_chunk(raw_chunk, running_max)
+        normalized.append(chunk)
     if not normalized:
         return raw_chunks.new_empty(0, NUM_MEL_BINS, MEL_FRAMES_PER_CHUNK), running_max
     return torch.stack(normalized), running_max
@@ -439,5 +446,5 @@ class StreamingLogMel:
         return [self._normalize(chunk) for chunk in self._chunker.flush(pad_to_chunk)]
 
     def _normalize(self, raw_chunk: torch.Tensor) -> torch.Tensor:
-        self.running_max = max(self.running_max, float(raw_chunk.max()))
-        return normalize_log_mel(raw_chunk, self.running_max)
+        chunk, self.running_max = normalize_next_chunk(raw_chunk, self.running_max)
+        return chunk
