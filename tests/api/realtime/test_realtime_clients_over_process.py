@@ -7,23 +7,11 @@ log). One engine process, shared by the module.
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from tests.api.realtime.test_realtime_clients import (  # noqa: F401  (imported tests run here over the process transport)
     client_logs, server,
     test_openai_sdk_manual_turns,
     test_openai_sdk_replies_manual_turn_cancel_and_refusal,
 )
-from tests.engine.test_process_transport import engine_pid_of
-
-
-@pytest.fixture(scope="module")
-def engine_transport() -> str:
-    return "process"
-
-
-@pytest.mark.usefixtures("server")
-def test_the_server_here_runs_its_engine_in_a_process():
-    assert engine_pid_of(os.getpid())  # the module's live server runs in this process; its engine is our child
+from tests.api.realtime.over_process import (  # noqa: F401  (this module's transport, and its check)
+    engine_transport, test_the_server_here_runs_its_engine_in_a_process,
+)

@@ -8,24 +8,11 @@ the same over both transports (tests/engine/test_process_transport.py): the same
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from tests.api.realtime.test_realtime_equality import (  # noqa: F401  (imported tests run here over the process transport)
     server, speech,
     test_manual_turns_reply_at_the_chunk_after_a_request_on_both_endpoints,
     test_the_same_samples_give_the_same_replies_on_both_endpoints,
 )
-from tests.engine.test_process_transport import engine_pid_of
-
-
-@pytest.fixture(scope="module")
-def engine_transport() -> str:
-    return "process"
-
-
-@pytest.mark.usefixtures("server")
-def test_the_server_here_runs_its_engine_in_a_process():
-    assert engine_pid_of(os.getpid())  # the module's live server runs in this process; its engine is our child
-
+from tests.api.realtime.over_process import (  # noqa: F401  (this module's transport, and its check)
+    engine_transport, test_the_server_here_runs_its_engine_in_a_process,
+)
