@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from audio_interaction_server.api.serving import (
-    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, serve_config,
-    stop_requested,
+    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, exit_at_once,
+    serve_config, stop_requested,
 )
 from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.logs import configure_logging
@@ -121,8 +121,7 @@ def _obey_supervisor(orders: Connection) -> None:
             signum = orders.recv()
         except (EOFError, OSError):
             log.error("the supervising process is gone; this front stops")
-            logging.shutdown()
-            os._exit(EXIT_CANNOT_SERVE)
+            exit_at_once(EXIT_CANNOT_SERVE)
         os.kill(os.getpid(), signum)
 
 

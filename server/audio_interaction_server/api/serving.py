@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from audio_interaction_server.config import ServerConfig
@@ -30,6 +30,15 @@ class StopRequested(BaseException):
     BaseException, as KeyboardInterrupt is: an ``except Exception`` in code it interrupts must not swallow it."""
 
 
+def exit_at_once(status: int) -> NoReturn:
+    """End the process now, logs and output flushed, without interpreter shutdown: for a process whose other
+    threads may hold import locks or sit in a torch call, and that has nothing left to save."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 # True until uvicorn is about to run: the process is still importing and setting up, and holds nothing to save.
 _in_start_up = True
 
@@ -39,10 +48,7 @@ def stop_requested(signum: int, frame: Any) -> None:
         # A stop in the start-up imports ends the process here rather than unwinding them: an exception raised
         # inside a half-done import (torch's C++ initialisation) can leave interpreter shutdown waiting on an
         # import lock, or aborting in a half-built extension; both were seen under load (a hang, a SIGABRT).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_STOPPED)
+        exit_at_once(EXIT_STOPPED)
     raise StopRequested()
 
 
@@ -87,10 +93,7 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None)
     if runtime.is_loading:
         # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and
         # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        exit_at_once(status)
     return status
 
 
