@@ -22,31 +22,31 @@ OPTIONS = SessionOptions(max_turn_tokens=6)
 CHUNK = torch.zeros(128, 40)
 
 
-def candidate(ticket: int, name: str, num_tokens: int, is_decision: bool = True) -> Candidate[str]:
-    return Candidate(ticket, name, num_tokens, is_decision)
+def candidate(name: str, num_tokens: int, is_decision: bool = True) -> Candidate[str]:
+    return Candidate(name, num_tokens, is_decision)
 
 
 def test_each_kind_is_bounded_and_the_longest_waiting_go_first():
     limits = StepLimits(listening_rows=2, reply_rows=1, long_tokens=100, total_rows=10)
-    rows = [candidate(1, "listen-a", 13), candidate(2, "reply-a", 1, False), candidate(3, "first-a", 60),
-            candidate(4, "listen-b", 13), candidate(5, "reply-b", 1, False), candidate(6, "first-b", 60),
-            candidate(7, "listen-c", 13)]
+    rows = [candidate("listen-a", 13), candidate("reply-a", 1, False), candidate("first-a", 60),
+            candidate("listen-b", 13), candidate("reply-b", 1, False), candidate("first-b", 60),
+            candidate("listen-c", 13)]
     short, long = choose_rows(iter(rows), limits)
     assert short == ["listen-a", "reply-a", "listen-b"] and long == ["first-a"]  # first-b: 120 tokens > 100
 
 
 def test_the_oldest_long_row_always_runs_and_younger_ones_never_overtake_it():
     limits = StepLimits(listening_rows=4, reply_rows=4, long_tokens=100, total_rows=10)
-    short, long = choose_rows(iter([candidate(1, "rollover", 900), candidate(2, "first", 60)]), limits)
+    short, long = choose_rows(iter([candidate("rollover", 900), candidate("first", 60)]), limits)
     assert long == ["rollover"] and short == []
-    short, long = choose_rows(iter([candidate(1, "first", 60), candidate(2, "rollover", 900),
-                                    candidate(3, "first-2", 30)]), limits)
+    short, long = choose_rows(iter([candidate("first", 60), candidate("rollover", 900),
+                                    candidate("first-2", 30)]), limits)
     assert long == ["first"]  # first-2 would fit, but waits behind the rollover
 
 
 def test_total_rows_bound_all_kinds_together_in_ticket_order():
     limits = StepLimits(listening_rows=5, reply_rows=5, long_tokens=1000, total_rows=2)
-    rows = [candidate(1, "reply", 1, False), candidate(2, "first", 60), candidate(3, "listen", 13)]
+    rows = [candidate("reply", 1, False), candidate("first", 60), candidate("listen", 13)]
     assert choose_rows(iter(rows), limits) == (["reply"], ["first"])
 
 

@@ -255,7 +255,7 @@ class Scheduler:
                 failures.append(Failure(session, exc, PLAN_FAILED))
                 continue
             row = PlannedRow(session.session_id, session.slot, plan, session.options.sampling, session.generator)
-            yield Candidate(session.waiting_since(), row, row.num_tokens, row.is_decision)
+            yield Candidate(row, row.num_tokens, row.is_decision)
 
     @property
     def _pacing(self) -> bool:

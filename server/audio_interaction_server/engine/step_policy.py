@@ -67,9 +67,8 @@ class StepLimits:
 
 @dataclass(frozen=True)
 class Candidate(Generic[Row]):
-    """A ready row with its ticket (smaller = waiting longer) and its kind."""
+    """A ready row and its kind; ``choose_rows`` takes candidates in ticket order (longest waiting first)."""
 
-    ticket: int
     row: Row
     num_tokens: int
     is_decision: bool
