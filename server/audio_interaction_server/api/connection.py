@@ -589,8 +589,9 @@ class StreamConnection:
                 self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
                 return
             if outbox.is_closing:
-                # Once this socket closes, nothing more is read: uvicorn stops reading it, so a client cut for a
-                # flood (or closed as too slow) that goes on sending costs no parsing; the send loop ends it.
+                # Once this socket closes, nothing more is taken from it: the transport stops reading once
+                # PAUSE_READING_QUEUED_BYTES wait (api/transport.py), so a client cut for a flood (or closed as
+                # too slow) that goes on sending costs a bounded parse at most; the send loop ends it.
                 await asyncio.Event().wait()
             payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
             if payload is not None:
