@@ -22,7 +22,8 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
   loss of one. More than ``MAX_FRONT_RESTARTS`` within ``FRONT_RESTART_WINDOW_S`` is no accident: the tree exits
   1. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with
-  that status, since a restart would meet the same.
+  that status, since a restart would meet the same. The other fronts are then stopped at once, but after a lost
+  engine, which they lose too: they are given the time to tell their clients first.
 
 Signals: each front leaves the supervisor's process group, so a terminal's Ctrl-C reaches the supervisor (and the
 engine, which ignores it), which passes it on exactly once; under systemd use ``KillMode=mixed``, so that only
@@ -66,6 +67,9 @@ MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before th
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# What each exit status a front is not restarted after says of it: a restart would meet the same.
+_FINAL_FRONT_STATUSES = {EXIT_CANNOT_LISTEN: "cannot listen on {address}", EXIT_BAD_CONFIG: "has a bad configuration",
+                         EXIT_CANNOT_SERVE: "cannot serve (its engine is lost)"}
 
 
 @dataclass(frozen=True)
@@ -205,9 +209,7 @@ class Supervisor:
             if self.engine.exitcode is not None:
                 log.error("the engine process exited with status %s: every front ends its sessions "
                           "(worker_failed); stopping", self.engine.exitcode)
-                from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S
-
-                return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=ENGINE_TIMEOUT_S + STOP_GRACE_S)
+                return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=_lost_engine_wait_s())
             for index, front in list(self.fronts.items()):
                 if front.exitcode is not None:
                     status = self._front_ended(index, front.exitcode)
@@ -216,14 +218,20 @@ class Supervisor:
 
     def _front_ended(self, index: int, exitcode: int) -> int | None:
         """A front ended unasked: restart it, or the tree's exit status."""
-        if exitcode in (EXIT_CANNOT_SERVE, EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN):
-            log.error("front %d exited with status %d; stopping", index, exitcode)
-            return self._take_down(exitcode, signal.SIGINT)
+        if exitcode in _FINAL_FRONT_STATUSES:
+            config = front_config(self.config, index)
+            what = _FINAL_FRONT_STATUSES[exitcode].format(address=f"{config.host}:{config.port}")
+            log.error("front %d %s (exit status %d); a restart would meet the same: stopping every front, then the "
+                      "engine", index, what, exitcode)
+            # Only a lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
+            return self._take_down(exitcode, signal.SIGINT,
+                                   wait_s=_lost_engine_wait_s() if exitcode == EXIT_CANNOT_SERVE else 0.0)
         now_s = time.monotonic()
         self.restarts_s = [at for at in self.restarts_s if now_s - at < FRONT_RESTART_WINDOW_S] + [now_s]
         if len(self.restarts_s) > MAX_FRONT_RESTARTS:
-            log.error("front %d exited with status %d, the %d-th front to end within %.0f s; stopping", index,
-                      exitcode, len(self.restarts_s), FRONT_RESTART_WINDOW_S)
+            log.error("front %d exited with status %d: %d fronts ended within %.0f s, more than %d; something a "
+                      "restart does not cure: stopping every front, then the engine", index, exitcode,
+                      len(self.restarts_s), FRONT_RESTART_WINDOW_S, MAX_FRONT_RESTARTS)
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
         # Status 0: it stopped by itself (its own drain, a signal sent to it alone); anything else is a crash.
         log.log(logging.WARNING if exitcode == 0 else logging.ERROR, "front %d exited with status %d; the engine "
@@ -238,7 +246,7 @@ class Supervisor:
             self.engine.stop()
         return self.status
 
-    def _take_down(self, status: int, signum: int, wait_s: float = STOP_GRACE_S) -> int:
+    def _take_down(self, status: int, signum: int, wait_s: float = 0.0) -> int:
         """Stop the tree for good: wait ``wait_s`` for the fronts to leave by themselves (after the engine's end
         they do, having told their clients), then signal what is left, then stop the engine."""
         self.status = status
@@ -258,6 +266,13 @@ class Supervisor:
                 log.error("front %d did not stop within %.0f s; killing it", index, timeout_s)
                 front.kill()
                 front.join(5.0)
+
+
+def _lost_engine_wait_s() -> float:
+    """How long fronts that lost the engine have to notice (its heartbeat's silence), tell their clients and exit."""
+    from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S
+
+    return ENGINE_TIMEOUT_S + STOP_GRACE_S
 
 
 def supervise(config: ServerConfig) -> int:

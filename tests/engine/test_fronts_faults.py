@@ -1,0 +1,173 @@
+"""``serve --fronts N`` (api/fronts.py): the faults that end the whole tree, each on a real tree of its own.
+
+A front that cannot listen, fronts that keep dying: each must stop the tree with its exit status, a log line that
+says why, soon (no front left serving a tree that is going down), and no process of the tree left behind. The
+tree's pids come from its log (every front started, the engine) and from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from audio_interaction_server.api.serving import EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE
+from audio_interaction_server.engine.process import process_has_ended
+from tests.engine.test_fronts import ENGINE, FRONT, Tree, wait_until
+
+# How soon after the fault's log line every front must be gone: no front goes on serving for a tree that is going
+# down. They stop in a second or two; the supervisor once waited 15 s (STOP_GRACE_S) for the other fronts to leave
+# by themselves, which they never do after a front's fault. (The engine may then take a few seconds more: one still
+# loading reads its stop only once loaded.)
+FRONTS_GONE_WITHIN_S = 10.0
+
+
+@dataclass
+class TimedTree(Tree):
+    """A tree whose log lines carry the time each was read (to time the exit from a line)."""
+
+    read_at_s: list[float] = field(default_factory=list)
+
+    def read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self.changed:
+                self.read_at_s.append(time.monotonic())
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def line_read_at_s(self, pattern: re.Pattern) -> float:
+        return next(at for at, line in zip(self.read_at_s, self.lines) if pattern.search(line))
+
+    def every_front_pid(self) -> set[int]:
+        """Every front the supervisor started, by its log (restarts included)."""
+        return {int(m.group(3)) for line in self.lines if (m := FRONT.search(line))}
+
+    def started_pids(self) -> set[int]:
+        """Every process the supervisor started, by its log: each front and the engine."""
+        return self.every_front_pid() | {int(m.group(1)) for line in self.lines if (m := ENGINE.search(line))}
+
+
+def spawn(args: list[str], **settings: str) -> TimedTree:
+    """``python -m audio_interaction_server --fronts 2 ARGS`` with 2 engine slots, its log read as it comes."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIS_")}
+    env.update(AIS_LOG_LEVEL="info", AIS_ENGINE__DEVICE="cpu", AIS_ENGINE__MAX_SESSIONS="2", AIS_REPLICA_ID="box",
+               AIS_RESUME_GRACE_S="0", **settings)
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--fronts", "2", *args], env=env,
+                               stderr=subprocess.PIPE, text=True)
+    tree = TimedTree(process)
+    tree.reader.start()
+    return tree
+
+
+def descendants(root_pid: int) -> dict[int, str]:
+    """The processes below ``root_pid`` now, with their command lines (``/proc``: each process's parent)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # it ended meanwhile
+    found: set[int] = set()
+    frontier = {root_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {pid: command_line(pid) for pid in found}
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "(ended)"
+
+
+def exit_status(tree: TimedTree, fault: re.Pattern, seen: dict[int, str]) -> int:
+    """The tree's exit status, once every front has ended within ``FRONTS_GONE_WITHIN_S`` of the ``fault`` line
+    and the tree has exited, leaving no process of it (``seen`` and those its log names) behind."""
+    fronts = tree.every_front_pid()  # the caller has seen the last one started
+    wait_until(lambda: all(process_has_ended(pid) for pid in fronts), timeout_s=60)
+    fronts_gone_s = time.monotonic()
+    status = tree.process.wait(30)
+    tree.reader.join(10)  # the whole log
+    log = "".join(tree.lines)
+    took_s = fronts_gone_s - tree.line_read_at_s(fault)
+    assert took_s < FRONTS_GONE_WITHIN_S, f"the fronts were gone {took_s:.1f} s after the fault:\n{log}"
+    started = tree.started_pids()
+    left = {pid: command_line(pid) for pid in started if not process_has_ended(pid)}
+    assert not left, f"processes of the tree outlived it: {left}\n{log}"
+    # The other processes it had: multiprocessing's resource tracker (spawn's helper), which leaves by itself once
+    # every process holding its pipe has ended, so moments after the tree.
+    helpers = {pid: command for pid, command in seen.items() if pid not in started}
+    assert all("resource_tracker" in command for command in helpers.values()), helpers
+    wait_until(lambda: all(process_has_ended(pid) for pid in helpers), timeout_s=5)
+    return status
+
+
+def free_port_with_busy_next() -> tuple[int, socket.socket]:
+    """A free port P, and a socket listening on P + 1 (front 1's port), held by the caller."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        busy = socket.socket()
+        try:
+            busy.bind(("127.0.0.1", port + 1))
+            busy.listen()
+            return port, busy
+        except OSError:
+            busy.close()
+
+
+def stop(tree: TimedTree) -> None:
+    if tree.process.poll() is None:
+        tree.process.kill()
+    tree.process.wait()
+
+
+def test_a_front_that_cannot_listen_stops_the_tree_with_status_3_naming_the_port(tiny_checkpoint):
+    port, busy = free_port_with_busy_next()
+    with busy:
+        tree = spawn(["--port", str(port), "--checkpoint", str(tiny_checkpoint)])
+        try:
+            tree.wait_for(ENGINE)  # by now every process of the tree is started; front 1 has yet to bind
+            seen = descendants(tree.process.pid)
+            assert exit_status(tree, re.compile(r"front 1 .*status 3"), seen) == EXIT_CANNOT_LISTEN
+        finally:
+            stop(tree)
+    log = "".join(tree.lines)
+    assert f"front 1 cannot listen on 127.0.0.1:{port + 1} (exit status 3)" in log  # the supervisor's
+    assert f"error: cannot listen on 127.0.0.1:{port + 1}: [Errno 98] Address already in use" in log  # front 1's
+    assert "starting it again" not in log and "Traceback" not in log  # a restart would meet the same busy port
+
+
+def test_fronts_that_keep_dying_exhaust_the_restart_budget_and_the_tree_exits_1(tiny_checkpoint):
+    from audio_interaction_server.api.fronts import MAX_FRONT_RESTARTS
+
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)])
+    try:
+        tree.wait_for(ENGINE)
+        seen = descendants(tree.process.pid)
+        # Front 1 killed as soon as each of its processes is started (as a front that crashes at start-up): the
+        # first MAX_FRONT_RESTARTS ends are restarts, the next one is one too many.
+        for restarts in range(MAX_FRONT_RESTARTS + 1):
+            front_1 = [int(m.group(3)) for m in tree.wait_for(FRONT, 2 + restarts) if m.group(1) == "1"][-1]
+            os.kill(front_1, signal.SIGKILL)
+        assert exit_status(tree, re.compile(r"front 1 exited with status -9\W.*stopping"), seen) == EXIT_CANNOT_SERVE
+    finally:
+        stop(tree)
+    log = "".join(tree.lines)
+    assert f"front 1 exited with status -9: {MAX_FRONT_RESTARTS + 1} fronts ended within 60 s, more than " \
+        f"{MAX_FRONT_RESTARTS}" in log
+    assert log.count("front 1 exited with status -9; ") == MAX_FRONT_RESTARTS  # each restarted
+    assert "Traceback" not in log
+    assert len([line for line in tree.lines if FRONT.search(line)]) == 2 + MAX_FRONT_RESTARTS
