@@ -319,12 +319,12 @@ class Session:
                 return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
             return refused
         try:
-            samples = self.audio.decode(command.data)
+            frame = self.audio.check_frame(command.data)
         except AudioFormatError as error:
             return self._error("invalid_audio", f"{error}; frame ignored", command)
         self._observer.audio_received(frame_s)
-        self._open_engine()
-        self._note_pushed(self.audio.accept(samples), now_s)
+        self._open_engine()  # before accept_frame, which may push chunks to the engine
+        self._note_pushed(self.audio.accept_frame(frame), now_s)
         return []
 
     def _configure(self, command: Configure, now_s: float) -> list:

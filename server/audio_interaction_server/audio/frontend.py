@@ -55,8 +55,9 @@ class AudioFormatError(ValueError):
     """Audio bytes or files that cannot be turned into samples."""
 
 
-def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
-    """Interleaved little-endian PCM → float32 mono (channels averaged)."""
+def check_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> int:
+    """The checks of ``decode_pcm`` without the decoding, with the same errors: lets a stream refuse a bad frame
+    when it arrives and decode the good ones later, many at once. Returns the number of sample frames."""
     if sample_format not in _SAMPLE_DTYPES:
         raise AudioFormatError(f"unknown sample format {sample_format!r}; expected {list(_SAMPLE_DTYPES)}")
     if num_channels < 1:
@@ -68,16 +69,27 @@ def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> n
             f"{len(data)} bytes is not a whole number of {sample_format} frames "
             f"({dtype.itemsize} bytes x {num_channels} channels = {frame_bytes} bytes per frame)"
         )
-    samples = np.frombuffer(data, dtype=dtype)
+    if sample_format == "pcm_f32le" and data:
+        samples = np.frombuffer(data, dtype=dtype)
+        # max and min propagate NaN and reach +-Inf, so two reductions (no temporaries) cover every check.
+        largest, smallest = float(samples.max()), float(samples.min())
+        if not (math.isfinite(largest) and math.isfinite(smallest)):
+            # NaN/Inf would poison the STFT and the running max of the whole stream.
+            raise AudioFormatError("pcm_f32le data contains NaN or Inf samples")
+        magnitude = max(largest, -smallest)
+        if magnitude > MAX_ABS_F32_SAMPLE:
+            raise AudioFormatError(
+                f"pcm_f32le sample of magnitude {magnitude:.3g} is more than "
+                f"{MAX_ABS_F32_SAMPLE:g}x full scale (1.0); no microphone produces that")
+    return len(data) // frame_bytes
+
+
+def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
+    """Interleaved little-endian PCM → float32 mono (channels averaged); raises ``AudioFormatError`` (``check_pcm``)."""
+    check_pcm(data, sample_format, num_channels)
+    samples = np.frombuffer(data, dtype=_SAMPLE_DTYPES[sample_format])
     if sample_format == "pcm_s16le":
         samples = samples.astype(np.float32) / 32768.0  # same scaling as whisper.load_audio
-    elif not np.isfinite(samples).all():
-        # NaN/Inf would poison the STFT and the running max of the whole stream.
-        raise AudioFormatError("pcm_f32le data contains NaN or Inf samples")
-    elif samples.size and float(np.abs(samples).max()) > MAX_ABS_F32_SAMPLE:
-        raise AudioFormatError(
-            f"pcm_f32le sample of magnitude {float(np.abs(samples).max()):.3g} is more than "
-            f"{MAX_ABS_F32_SAMPLE:g}x full scale (1.0); no microphone produces that")
     if num_channels > 1:
         samples = samples.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
     return np.ascontiguousarray(samples, dtype=np.float32)

@@ -5,6 +5,13 @@ stream into each 0.4 s chunk's centre-padded sample block (``LogMelChunker.push_
 reflections, no arithmetic). The engine computes the features from the blocks, batched over every session's
 chunks of a step (``frontend.log_mel_blocks``), bit-identical to ``StreamingLogMel`` on the same stream.
 
+Deferred work: clients send a frame every 20-100 ms but a chunk completes every 0.4 s, and on the event loop
+the numpy calls per frame cost more than the samples they move. So a frame is only checked when it arrives
+(``check_frame``: the same errors as decoding it) and its bytes are kept; they are decoded, resampled and cut
+only once they could complete a chunk, or when something needs the stream (a flush, a format change). Every
+chunk still leaves at the frame that completes it, bit-identical: decoding and soxr's streaming output do
+not depend on how the input is split (``tests/audio/test_deferred_audio_input.py`` checks both).
+
 Sans-I/O: ``push_chunks`` is how chunks leave, as ``PaddedBlocks`` (the session passes ``engine.push_audio``).
 It also keeps the stream-time books the session's limits and counters need.
 Not thread-safe: one instance per session, used from one task.
@@ -14,15 +21,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import LogMelChunker, PaddedBlocks, StreamingResampler, decode_pcm
+from audio_interaction_server.audio.frontend import (
+    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, check_pcm, decode_pcm,
+)
 from audio_interaction_server.protocol import AudioFormat
 
 CHUNK_S = T.CHUNK_S  # re-exported: the session and the app take it from here
+# soxr's streaming output lags the input by its filter delay (>= 50 samples at 16 kHz for every rate tried);
+# the margin only covers rounding, so the bound below holds with room to spare.
+_RESAMPLER_MARGIN_SAMPLES = 2
+
+
+def max_resampled_samples(num_input_frames: int, input_rate_hz: int) -> int:
+    """An upper bound on the 16 kHz samples a ``StreamingResampler`` has returned after ``num_input_frames``
+    (exact at 16 kHz, which passes through). Deferred frames are processed once this reaches a chunk's end, so
+    a chunk is never pushed at a later frame than processing every frame at once would push it."""
+    if input_rate_hz == T.SAMPLE_RATE_HZ:
+        return num_input_frames
+    return -(-num_input_frames * T.SAMPLE_RATE_HZ // input_rate_hz) + _RESAMPLER_MARGIN_SAMPLES
+
+
+def min_input_frames(num_resampled_samples: int, input_rate_hz: int) -> int:
+    """The fewest input frames for which ``max_resampled_samples`` reaches ``num_resampled_samples`` (>= 0)."""
+    if input_rate_hz == T.SAMPLE_RATE_HZ:
+        return max(0, num_resampled_samples)
+    # ceil(n * 16000 / rate) >= k  <=>  n * 16000 > (k - 1) * rate, with k = num_resampled_samples - margin
+    return max(0, (num_resampled_samples - _RESAMPLER_MARGIN_SAMPLES - 1) * input_rate_hz // T.SAMPLE_RATE_HZ + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedFrame:
+    """A client frame that passed ``AudioInput.check_frame`` for ``audio_format``."""
+
+    data: bytes
+    num_frames: int  # sample frames (one sample per channel)
+    audio_format: AudioFormat
 
 
 class AudioInput:
@@ -30,18 +69,36 @@ class AudioInput:
         self._push_chunks = push_chunks
         self.format = AudioFormat()
         self._resampler: StreamingResampler | None = None
+        self._num_resampler_input_frames = 0  # given to the current resampler
+        self._num_resampler_output_samples = 0  # 16 kHz samples it returned
         # A new chunker is a new feature stream: the engine restarts its running maximum at chunk index 0.
         self._front_end: LogMelChunker | None = None
+        self._pending_frames: list[bytes] = []  # checked frames of self.format not yet decoded, in order
+        self._num_pending_frames = 0
+        # Decoding waits until this many frames are pending: then they might complete the next chunk.
+        self._num_pending_frames_to_decode = 0
         self.num_chunks_pushed = 0
         self.audio_received_s = 0.0  # accepted client audio
         self.stream_s = 0.0  # stream time given to the front-end: audio, flush silence and padding
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Frame bytes -> mono float32 at the client's rate; raises ``AudioFormatError``."""
-        return decode_pcm(data, self.format.sample_format, self.format.num_channels)
+    def check_frame(self, data: bytes) -> CheckedFrame:
+        """A client frame checked as decoding it would (raises ``AudioFormatError``); changes nothing."""
+        audio_format = self.format
+        return CheckedFrame(data, check_pcm(data, audio_format.sample_format, audio_format.num_channels), audio_format)
 
-    def duration_s(self, samples: np.ndarray) -> float:
-        return samples.shape[0] / self.format.sample_rate_hz
+    def accept_frame(self, frame: CheckedFrame) -> int:
+        """A checked frame into the stream; returns how many chunks that completed (and pushed)."""
+        if frame.audio_format is not self.format:
+            raise ValueError("the frame was checked against another audio format; check it again")
+        self._receive(frame.num_frames)
+        self._pending_frames.append(frame.data)
+        self._num_pending_frames += frame.num_frames
+        return self._decode_pending() if self._num_pending_frames >= self._num_pending_frames_to_decode else 0
+
+    def accept(self, samples: np.ndarray) -> int:
+        """Decoded samples (mono float32 at the format's rate) into the stream; returns chunks pushed."""
+        self._receive(samples.shape[0])
+        return self._decode_pending() + self._resample_and_cut(samples)
 
     def set_format(self, audio_format: AudioFormat) -> int:
         """Switch the input format; the 16 kHz stream goes on unbroken. Returns chunks pushed."""
@@ -50,16 +107,6 @@ class AudioInput:
             num_pushed = self._end_resampler()
         self.format = audio_format
         return num_pushed
-
-    def accept(self, samples: np.ndarray) -> int:
-        """Decoded samples into the stream; returns how many chunks that completed (and pushed)."""
-        self.audio_received_s += self.duration_s(samples)
-        self.stream_s += self.duration_s(samples)
-        if self._resampler is None:
-            self._resampler = StreamingResampler(self.format.sample_rate_hz)
-        if self._front_end is None:
-            self._front_end = LogMelChunker()
-        return self._push(self._front_end, self._front_end.push_blocks(self._resampler.process(samples)))
 
     def stream_s_after_flush(self, trailing_silence_s: float) -> float:
         """Stream time once ``flush(trailing_silence_s)`` has run: the silence, then the last chunk padded.
@@ -85,21 +132,68 @@ class AudioInput:
         return num_pushed
 
     def clear(self) -> float:
-        """Drop the partial chunk (and the resampler's held-back samples): the client asked to forget audio
-        the model has not heard. Returns the stream seconds dropped; the next audio starts a fresh front-end."""
+        """Drop the partial chunk (the resampler's held-back samples and the frames not yet decoded with it): the
+        client asked to forget audio the model has not heard. Returns the stream seconds dropped; the next audio
+        starts a fresh front-end."""
         dropped_s = max(0.0, self.stream_s - self.num_chunks_pushed * CHUNK_S)
-        self._resampler = None
+        self._drop_resampler()
         self._front_end = None
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return dropped_s
 
+    def _receive(self, num_frames: int) -> None:
+        """The books of accepted audio; the first audio after a flush, clear or format change starts its stages."""
+        duration_s = num_frames / self.format.sample_rate_hz
+        self.audio_received_s += duration_s
+        self.stream_s += duration_s
+        if self._resampler is None or self._front_end is None:
+            self._resampler = self._resampler or StreamingResampler(self.format.sample_rate_hz)
+            self._front_end = self._front_end or LogMelChunker()
+            self._count_frames_to_decode()
+
+    def _count_frames_to_decode(self) -> None:
+        """The fewest pending frames that might complete the front-end's next chunk (never too many: a chunk
+        must leave at the frame that completes it)."""
+        assert self._front_end is not None
+        next_chunk_needs = T.CHUNK_SAMPLES * (self._front_end.num_chunks_emitted + 1) + LOOKAHEAD_SAMPLES
+        # The chunker's count when the current resampler started: the resampler's output so far went in since.
+        num_pushed_before_resampler = self._front_end.num_samples_pushed - self._num_resampler_output_samples
+        self._num_pending_frames_to_decode = min_input_frames(
+            next_chunk_needs - num_pushed_before_resampler, self.format.sample_rate_hz
+        ) - self._num_resampler_input_frames
+
+    def _decode_pending(self) -> int:
+        if not self._pending_frames:
+            return 0
+        data = self._pending_frames[0] if len(self._pending_frames) == 1 else b"".join(self._pending_frames)
+        self._pending_frames.clear()
+        self._num_pending_frames = 0
+        return self._resample_and_cut(decode_pcm(data, self.format.sample_format, self.format.num_channels))
+
+    def _resample_and_cut(self, samples: np.ndarray) -> int:
+        assert self._resampler is not None and self._front_end is not None
+        resampled = self._resampler.process(samples)
+        self._num_resampler_input_frames += samples.shape[0]
+        self._num_resampler_output_samples += resampled.shape[0]
+        num_pushed = self._push(self._front_end, self._front_end.push_blocks(resampled))
+        self._count_frames_to_decode()
+        return num_pushed
+
     def _end_resampler(self) -> int:
-        """Drain the resampler's filter delay into the feature stream (soxr holds some samples back)."""
+        """Decode the pending frames and drain the resampler's filter delay into the feature stream (soxr holds
+        some samples back)."""
         num_pushed = 0
         if self._resampler is not None and self._front_end is not None:
-            num_pushed = self._push(self._front_end, self._front_end.push_blocks(self._resampler.flush()))
-        self._resampler = None
+            num_pushed = self._decode_pending()
+            num_pushed += self._push(self._front_end, self._front_end.push_blocks(self._resampler.flush()))
+        self._drop_resampler()
         return num_pushed
+
+    def _drop_resampler(self) -> None:
+        self._resampler = None
+        self._num_resampler_input_frames = self._num_resampler_output_samples = 0
+        self._pending_frames.clear()
+        self._num_pending_frames = 0
 
     def _push(self, front_end: LogMelChunker, blocks: list[torch.Tensor]) -> int:
         if blocks:
