@@ -1,8 +1,8 @@
 """``serve --fronts N`` (api/fronts.py): the faults that end the whole tree, each on a real tree of its own.
 
-A front that cannot listen, fronts that keep dying: each must stop the tree with its exit status, a log line that
-says why, soon (no front left serving a tree that is going down), and no process of the tree left behind. The
-tree's pids come from its log (every front started, the engine) and from ``/proc``.
+A front that cannot listen, fronts that keep dying, an engine that cannot load: each must stop the tree with its
+exit status, a log line that says why, soon (no front left serving a tree that is going down), and no process of
+the tree left behind. The tree's pids come from its log (every front started, the engine) and from ``/proc``.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from audio_interaction_server.api.serving import EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE
 from audio_interaction_server.engine.process import process_has_ended
-from tests.engine.test_fronts import ENGINE, FRONT, Tree, wait_until
+from tests.engine.test_fronts import ENGINE, FRONT, READY, Tree, wait_until
 
 # How soon after the fault's log line every front must be gone: no front goes on serving for a tree that is going
 # down. They stop in a second or two; the supervisor once waited 15 s (STOP_GRACE_S) for the other fronts to leave
-# by themselves, which they never do after a front's fault. (The engine may then take a few seconds more: one still
-# loading reads its stop only once loaded.)
+# by themselves, which they never do after a front's fault, and 17 s for fronts that never heard of an engine that
+# failed before it served. (The engine may then take a few seconds more: one still loading reads its stop only once
+# loaded.)
 FRONTS_GONE_WITHIN_S = 10.0
 
 
@@ -171,3 +173,21 @@ def test_fronts_that_keep_dying_exhaust_the_restart_budget_and_the_tree_exits_1(
     assert log.count("front 1 exited with status -9; ") == MAX_FRONT_RESTARTS  # each restarted
     assert "Traceback" not in log
     assert len([line for line in tree.lines if FRONT.search(line)]) == 2 + MAX_FRONT_RESTARTS
+
+
+def test_an_engine_that_cannot_load_stops_the_tree_within_seconds_with_status_1(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    tree = spawn(["--port", "0", "--checkpoint", str(tmp_path)])
+    try:
+        tree.wait_for(ENGINE)
+        seen = descendants(tree.process.pid)
+        fault = re.compile(r"the engine process exited with status 1")
+        assert exit_status(tree, fault, seen) == EXIT_CANNOT_SERVE
+    finally:
+        stop(tree)
+    log = "".join(tree.lines)
+    assert f"{tmp_path} is not in the release layout" in log  # the engine says why
+    # Each front says it cannot serve: told by the engine (if it asked before the engine failed) or by the
+    # supervisor (an engine that never served sends no heartbeat to miss).
+    assert len(re.findall(r"ERROR audio_interaction_server[.\w]*: cannot serve: ", log)) == 2, log
+    assert not READY.search(log)

@@ -13,10 +13,12 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
 * SIGINT or SIGTERM: passed on once to every front (a SIGTERM drains each, with ``drain_timeout_s``); once every
   front has exited, the engine is stopped. A second signal is passed on too (a front then stops at once);
 * the engine process ends unasked: every front hears its heartbeat stop (``ENGINE_TIMEOUT_S``), ends its sessions
-  with ``worker_failed`` (close 1011), answers ``/ready`` 503 and exits 1; so does the tree. The engine is not
-  restarted here: every session died with its KV cache anyway, reloading takes minutes either way, and a GPU in
-  a bad state wants a fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree
-  with its back-off and counts the restarts where operators look;
+  with ``worker_failed`` (close 1011), answers ``/ready`` 503 and exits 1; so does the tree. A front still waiting
+  for the engine to serve (one that failed to load) has no heartbeat to miss: the supervisor tells it the engine
+  ended (``EngineEnded``, by its orders pipe), and it exits 1 at once. The engine is not restarted here: every
+  session died with its KV cache anyway, reloading takes minutes either way, and a GPU in a bad state wants a
+  fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree with its back-off and
+  counts the restarts where operators look;
 * a front ends unasked (killed, crashed, or drained on its own and exited 0): the engine frees its slots within
   a second (it watches each front's pid), the other fronts' sessions go on, and the front is started again on the same
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
@@ -73,6 +75,13 @@ _FINAL_FRONT_STATUSES = {EXIT_CANNOT_LISTEN: "cannot listen on {address}", EXIT_
 
 
 @dataclass(frozen=True)
+class EngineEnded:
+    """The supervisor's word to a front, by its orders pipe, that the engine process has ended."""
+
+    exitcode: int | None
+
+
+@dataclass(frozen=True)
 class FrontSpec:
     """What a front process is started with (pickled to it)."""
 
@@ -80,9 +89,9 @@ class FrontSpec:
     config: ServerConfig  # this front's: its port, agent port and replica id
     engine_commands: str  # the engine's endpoints (engine.wire.EngineEndpoints), as text: see the imports
     engine_events: str
-    # The read end of a pipe from the supervisor: the stop signals it passes on come this way, not by kill(), so
-    # that one sent while the front still starts waits in the pipe instead of being lost; its end (the
-    # supervisor is gone) stops the front.
+    # The read end of a pipe from the supervisor: the stop signals it passes on (and ``EngineEnded``) come this
+    # way, not by kill(), so that one sent while the front still starts waits in the pipe instead of being lost;
+    # its end (the supervisor is gone) stops the front.
     orders: Connection
 
 
@@ -108,25 +117,32 @@ def run_front(spec: FrontSpec) -> None:
         for signum in _STOP_SIGNALS:
             signal.signal(signum, stop_requested)
         configure_logging(config.log_level, config.log_format)
-        threading.Thread(target=_obey_supervisor, args=(spec.orders,), name="supervisor-orders", daemon=True).start()
+        engine_ended = threading.Event()
+        threading.Thread(target=_obey_supervisor, args=(spec.orders, engine_ended), name="supervisor-orders",
+                         daemon=True).start()
         from audio_interaction_server.engine.process_client import EngineEndpoints
 
-        status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events))
+        status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events),
+                              engine_ended=engine_ended)
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
 
 
-def _obey_supervisor(orders: Connection) -> None:
-    """Each signal number the supervisor sends is raised in this process (the handlers are in place by now); the
-    pipe's end means the supervisor is gone, and a front outlives neither it nor the engine it started."""
+def _obey_supervisor(orders: Connection, engine_ended: threading.Event) -> None:
+    """Each signal number the supervisor sends is raised in this process (the handlers are in place by now), its
+    ``EngineEnded`` sets ``engine_ended``; the pipe's end means the supervisor is gone, and a front outlives
+    neither it nor the engine it started."""
     while True:
         try:
-            signum = orders.recv()
+            order = orders.recv()
         except (EOFError, OSError):
             log.error("the supervising process is gone; this front stops")
             exit_at_once(EXIT_CANNOT_SERVE)
-        os.kill(os.getpid(), signum)
+        if isinstance(order, EngineEnded):
+            engine_ended.set()
+        else:
+            os.kill(os.getpid(), order)
 
 
 class Supervisor:
@@ -158,9 +174,9 @@ class Supervisor:
             if front.exitcode is None:
                 self._order(index, signum)
 
-    def _order(self, index: int, signum: int) -> None:
+    def _order(self, index: int, order: int | EngineEnded) -> None:
         try:
-            self._orders[index].send(signum)
+            self._orders[index].send(order)
         except OSError:
             pass  # it has just ended
 
@@ -251,6 +267,12 @@ class Supervisor:
         they do, having told their clients), then signal what is left, then stop the engine."""
         self.status = status
         self.stopping = True
+        if self.engine is not None and self.engine.exitcode is not None:
+            # A front still waiting for the engine to serve would wait for ever: an engine that never served
+            # sends no heartbeat whose silence it could notice. One that attached notices the silence anyway.
+            for index, front in self.fronts.items():
+                if front.exitcode is None:
+                    self._order(index, EngineEnded(self.engine.exitcode))
         self._wait_fronts(wait_s, kill_late=False)
         self._signal_fronts(signum)
         self._wait_fronts(STOP_GRACE_S)

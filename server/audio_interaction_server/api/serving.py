@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+import threading
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
     from audio_interaction_server.config import ServerConfig
@@ -52,9 +53,11 @@ def stop_requested(signum: int, frame: Any) -> None:
     raise StopRequested()
 
 
-def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None) -> int:
+def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
+                 engine_ended: threading.Event | None = None) -> int:
     """Serve ``config`` until stopped; the exit status. ``attach_to``: one of several fronts, the engine process
-    to attach to (started by the supervisor) instead of loading the model here."""
+    to attach to (started by the supervisor) instead of loading the model here; ``engine_ended``: set by the
+    supervisor once that engine process has ended."""
     from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.logs import route_uvicorn_logs
 
@@ -70,6 +73,9 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None)
     runtime = app.state.runtime
     runtime.attach_to = attach_to
     server = build_server(app, config)
+    if engine_ended is not None:
+        threading.Thread(target=_fail_if_engine_ends_first, args=(engine_ended, runtime, on_fatal),
+                         name="engine-ended", daemon=True).start()
     if config.log_format == "json":
         route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
     # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
@@ -95,6 +101,17 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None)
         # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
         exit_at_once(status)
     return status
+
+
+def _fail_if_engine_ends_first(engine_ended: threading.Event, runtime: Any, on_fatal: Callable[[str], None]) -> None:
+    """A front still waiting for its engine to serve hears nothing from one that ended first (only a serving engine
+    sends heartbeats) and would wait for ever: told that it ended, such a front fails. One that attached notices
+    the heartbeat's silence by itself, and ends its sessions with ``worker_failed``. (Reads the runtime's fields
+    from this thread: a stale read errs only towards the heartbeat's verdict, seconds later.)"""
+    engine_ended.wait()
+    if runtime.worker is None and runtime.load_error is None and not runtime.is_shutting_down:
+        log.error("cannot serve: the engine process ended before it served (the engine's log says why)")
+        on_fatal("the engine process ended before it served")
 
 
 def _stream_url(uv_config: Any, listener: Any) -> str:
