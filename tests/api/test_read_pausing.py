@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -78,7 +79,7 @@ class GuardedServer:
 
         config = uvicorn.Config(self.app, ws=Counted, log_level="warning")
         config.load()
-        state = ServerState()
+        self.state = state = ServerState()
         self.loop = asyncio.new_event_loop()
         thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         thread.start()
@@ -93,6 +94,9 @@ class GuardedServer:
         return transport.num_pauses, transport.num_resumes
 
     def close(self) -> None:
+        deadline = time.monotonic() + 5  # the app tasks of closed connections end before the loop stops
+        while self.state.tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.loop.call_soon_threadsafe(self._listening.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
 

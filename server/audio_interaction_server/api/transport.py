@@ -40,10 +40,12 @@ import logging
 import re
 import time
 from collections import Counter as Tally
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 import h11
 from prometheus_client import CollectorRegistry, Counter
+from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -401,6 +403,15 @@ class _DeadlineOnClose:
         return getattr(self._transport, name)
 
 
+def _payload_bytes(message: Mapping[str, Any]) -> int:
+    """The size of a ``websocket.receive`` message as it came off the wire (0 for the other kinds)."""
+    text = message.get("text")
+    if text is not None:
+        return len(text.encode())
+    data = message.get("bytes")
+    return 0 if data is None else len(data)
+
+
 class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets sans-I/O) with bounded pings, writes and closes."""
 
@@ -454,10 +465,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             self.read_paused = True
             self.transport.pause_reading()
 
-    async def receive(self) -> Any:
+    async def receive(self) -> ASGIReceiveEvent:
         message = await super().receive()  # resumes reading once the queue is empty
-        payload = message.get("bytes") if message.get("text") is None else message["text"].encode()
-        self._queued_bytes -= len(payload or b"")
+        self._queued_bytes -= _payload_bytes(cast(Mapping[str, Any], message))
         return message
 
     def handle_ping(self) -> None:
