@@ -97,21 +97,24 @@ def exit_status(tree: TimedTree, fault: re.Pattern, seen: dict[int, str]) -> int
     """The tree's exit status, once every front has ended within ``FRONTS_GONE_WITHIN_S`` of the ``fault`` line
     and the tree has exited, leaving no process of it (``seen`` and those its log names) behind."""
     fronts = tree.every_front_pid()  # the caller has seen the last one started
-    wait_until(lambda: all(process_has_ended(pid) for pid in fronts), timeout_s=60)
+    wait_until(lambda: tree.process.poll() is not None or all(process_has_ended(pid) for pid in fronts),
+               timeout_s=60)
     fronts_gone_s = time.monotonic()
     status = tree.process.wait(30)
+    started = tree.started_pids()
+    left = {pid: command_line(pid) for pid in started if not process_has_ended(pid)}  # at once: none may outlive it
     tree.reader.join(10)  # the whole log
     log = "".join(tree.lines)
+    assert not left, f"processes of the tree outlived it: {left}\n{log}"
     took_s = fronts_gone_s - tree.line_read_at_s(fault)
     assert took_s < FRONTS_GONE_WITHIN_S, f"the fronts were gone {took_s:.1f} s after the fault:\n{log}"
-    started = tree.started_pids()
-    left = {pid: command_line(pid) for pid in started if not process_has_ended(pid)}
-    assert not left, f"processes of the tree outlived it: {left}\n{log}"
-    # The other processes it had: multiprocessing's resource tracker (spawn's helper), which leaves by itself once
-    # every process holding its pipe has ended, so moments after the tree.
-    helpers = {pid: command for pid, command in seen.items() if pid not in started}
-    assert all("resource_tracker" in command for command in helpers.values()), helpers
-    wait_until(lambda: all(process_has_ended(pid) for pid in helpers), timeout_s=5)
+    # Its other processes leave moments after it, by themselves: multiprocessing's resource tracker (the spawn
+    # start method's helper) once every process holding its pipe has ended, a front's passing subprocess if any.
+    others = {pid: command for pid, command in seen.items() if pid not in started}
+    deadline_s = time.monotonic() + 5.0
+    while not all(process_has_ended(pid) for pid in others):
+        assert time.monotonic() < deadline_s, f"processes of the tree outlived it: {others}"
+        time.sleep(0.05)
     return status
 
 
