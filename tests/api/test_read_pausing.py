@@ -73,9 +73,15 @@ class GuardedServer:
         server = self
 
         class Counted(base):  # type: ignore[misc, valid-type]
+            num_reads_while_paused = 0
+
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(CountingTransport(transport))
                 server.protocols.append(self)
+
+            def data_received(self, data: bytes) -> None:
+                self.num_reads_while_paused += self.read_paused
+                super().data_received(data)
 
         config = uvicorn.Config(self.app, ws=Counted, log_level="warning")
         config.load()
@@ -94,6 +100,7 @@ class GuardedServer:
         return transport.num_pauses, transport.num_resumes
 
     def close(self) -> None:
+        self.app.reading.set()
         deadline = time.monotonic() + 5  # the app tasks of closed connections end before the loop stops
         while self.state.tasks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -118,19 +125,22 @@ def test_a_backlog_pauses_reading_until_the_app_takes_it_and_no_frame_is_lost():
     try:
         with connect(f"ws://127.0.0.1:{server.port}/", max_queue=None) as client:
             server.app.reading.clear()  # the app stops taking messages; the client goes on sending
-            num_frames = 4 * PAUSE_READING_QUEUED_BYTES // 1000
-            for index in range(num_frames):
-                client.send(bytes(1000 + index % 7))
+            num_frames = 8 * PAUSE_READING_QUEUED_BYTES // 1000
+            # Sent from a thread: once reading pauses, the sends block when the kernel's buffers are full.
+            sender = threading.Thread(target=lambda: [client.send(bytes(1000 + index % 7))
+                                                      for index in range(num_frames)])
+            sender.start()
             protocol = server.protocols[0]
-            deadline = server.loop.time() + 5
-            while not protocol.read_paused and server.loop.time() < deadline:
-                threading.Event().wait(0.01)
+            deadline = time.monotonic() + 5
+            while not protocol.read_paused and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert protocol.read_paused, "a backlog the app does not take must pause reading"
-            queued_bytes = sum(1000 + index % 7 for index in range(protocol.queue.qsize()))
-            assert queued_bytes < 2 * PAUSE_READING_QUEUED_BYTES  # what one read adds past the mark, at most
+            time.sleep(0.2)  # the sender goes on meanwhile
+            assert protocol.read_paused and protocol.num_reads_while_paused == 0
             server.app.reading.set()
             answers = [client.recv(timeout=5) for _ in range(num_frames)]
             assert answers == [str(1000 + index % 7) for index in range(num_frames)]
+            sender.join(timeout=5)
         pauses, resumes = server.counts()
         assert pauses >= 1 and resumes >= 1
     finally:
