@@ -1,6 +1,7 @@
 """Host CPU per real-time stream, per process and per thread, beside a bare ``websockets`` server in the same run.
 
     python -m benchmarks.host_cost [--streams 24 48] [--seconds 15] [--checkpoint DIR] [--server-env NAME=VALUE]
+                                   [--asgi-floor]
 
 For each stream count N, one client process (``--client``: neither server's process) opens N WebSockets and
 sends each 100 ms 16 kHz s16 frames of the shared recordings at real time for ``--seconds``, the streams' frames
@@ -8,7 +9,9 @@ spread over the 100 ms; first to ``python -m audio_interaction_server`` (the tin
 ``--checkpoint``; a decision event per 0.4 s chunk, replies only on request and none requested), then to a bare
 server written here (``--bare-server``: plain ``websockets`` on the stock asyncio loop, it receives every frame
 and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways. Both
-servers run for the whole benchmark, the idle one waits.
+servers run for the whole benchmark, the idle one waits. With ``--asgi-floor`` a third server takes the same
+traffic: uvicorn with our transport guard (``api/transport.py``, as ``python -m audio_interaction_server`` runs it)
+and a plain ASGI app doing what the bare server does: what the ASGI stack costs before any of our per-stream work.
 
 CPU is read from ``/proc/<pid>/task/*/stat`` (user + system, per thread) just before the first frame and just
 after the last: the connection handshakes and the closes are not counted. A thread is labelled by its OS name
@@ -214,6 +217,13 @@ def measure(server: str, pid: int, url: str, num_streams: int, seconds: float) -
 
 # ---- the bare server -------------------------------------------------------------------------------------------
 
+def bare_event(chunk: int) -> str:
+    """The decision-sized JSON event the bare servers send per 0.4 s of audio."""
+    return json.dumps({"type": "decision", "session_id": "bare", "server_time_ms": int(time.time() * 1000),
+                       "chunk": chunk, "token_id": 151667, "decision": "keep_silence",
+                       "audio_time_s": 0.4 * (chunk + 1)}, separators=(",", ":"))
+
+
 async def serve_bare(port: int) -> None:
     """Plain ``websockets``: every frame received, one decision-sized JSON event per 0.4 s of audio."""
     from websockets.asyncio.server import ServerConnection, serve
@@ -223,10 +233,7 @@ async def serve_bare(port: int) -> None:
         async for frame in ws:
             received_bytes += len(frame)
             while received_bytes >= (chunk + 1) * BARE_EVENT_EVERY_BYTES:
-                await ws.send(json.dumps({
-                    "type": "decision", "session_id": "bare", "server_time_ms": int(time.time() * 1000),
-                    "chunk": chunk, "token_id": 151667, "decision": "keep_silence", "audio_time_s": 0.4 * (chunk + 1),
-                }, separators=(",", ":")))
+                await ws.send(bare_event(chunk))
                 chunk += 1
 
     async with serve(handler, "127.0.0.1", port, compression=None, max_size=None):
@@ -234,14 +241,57 @@ async def serve_bare(port: int) -> None:
         await asyncio.Future()
 
 
-def spawn_bare_server() -> tuple[subprocess.Popen, int]:
+def serve_asgi_floor(port: int) -> None:
+    """The bare server's work as a plain ASGI app under uvicorn with our transport guard: the ASGI stack's cost."""
+    import uvicorn
+
+    from audio_interaction_server.api.transport import TransportGuard
+    from audio_interaction_server.config import TransportSettings
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+                print("listening", flush=True)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        received_bytes, chunk = 0, 0
+        while (message := await receive())["type"] == "websocket.receive":
+            received_bytes += len(message.get("bytes") or b"")
+            while received_bytes >= (chunk + 1) * BARE_EVENT_EVERY_BYTES:
+                await send({"type": "websocket.send", "text": bare_event(chunk)})
+                chunk += 1
+
+    guard = TransportGuard(TransportSettings())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **guard.uvicorn_options())
+
+
+def spawn_bare_server(kind: str = "--bare-server") -> tuple[subprocess.Popen, int]:
+    """``--bare-server`` (plain websockets) or ``--asgi-floor-server``, in a process of its own."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.host_cost", "--bare-server", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.host_cost", kind, "--port", str(port)],
                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     assert process.stdout is not None
     if process.stdout.readline().strip() != "listening":
-        raise RuntimeError(f"the bare server did not start (exit {process.wait()})")
+        raise RuntimeError(f"the {kind[2:]} did not start (exit {process.wait()})")
+    _wait_for_port(port)  # uvicorn's lifespan start-up ends before it binds
     return process, port
+
+
+def _wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -253,21 +303,30 @@ def event_loop_of(server_env: dict[str, str]) -> str:
     return f"uvloop {probe.stdout.strip()}" if probe.returncode == 0 else "asyncio"
 
 
-def table(points: list[tuple[Measured, Measured]]) -> str:
-    """Markdown: per stream count, each of our threads and process beside the bare server's, with the ratios."""
-    lines = ["| streams | process / thread | ours: % of a core per stream | bare websockets | ours / bare |",
-             "|---|---|---|---|---|"]
-    for ours, bare in points:
+def table(points: list[tuple[Measured, Measured, Measured | None]]) -> str:
+    """Markdown: per stream count, each of our threads and process beside the bare server's (and the ASGI floor's,
+    when measured), with the ratios."""
+    has_floor = any(floor is not None for _, _, floor in points)
+    extra = " ASGI floor | floor / bare |" if has_floor else ""
+    lines = [f"| streams | process / thread | ours: % of a core per stream | bare websockets | ours / bare |{extra}",
+             "|---|---|---|---|---|" + ("---|---|" if has_floor else "")]
+    for ours, bare, asgi_floor in points:
         named = sorted(set(ours.cpu_s) - {EVENT_LOOP, PROCESS, UNNAMED, ALL_PROCESSES})
         labels = [EVENT_LOOP, *named, UNNAMED, PROCESS] + ([ALL_PROCESSES] if ALL_PROCESSES in ours.cpu_s else [])
         for label in labels:
             mine = ours.percent_per_stream(label)
             # The bare server is one process and one thread: the floor of a loop, of a process, of them all.
-            floor = bare.percent_per_stream(PROCESS if label == ALL_PROCESSES else label) \
-                if label in (EVENT_LOOP, PROCESS, ALL_PROCESSES) else None
+            compared = label in (EVENT_LOOP, PROCESS, ALL_PROCESSES)
+            bare_label = PROCESS if label == ALL_PROCESSES else label
+            floor = bare.percent_per_stream(bare_label) if compared else None
             ratio = f"{mine / floor:.2f}" if floor else "-"
-            lines.append(f"| {ours.num_streams} | {label} | {mine:.3f} | "
-                         f"{'-' if floor is None else f'{floor:.3f}'} | {ratio} |")
+            shown = "-" if floor is None else f"{floor:.3f}"
+            line = f"| {ours.num_streams} | {label} | {mine:.3f} | {shown} | {ratio} |"
+            if has_floor:
+                asgi = asgi_floor.percent_per_stream(bare_label) if compared and asgi_floor is not None else None
+                line += (" - | - |" if asgi is None else
+                         f" {asgi:.3f} | {asgi / floor:.2f} |" if floor else f" {asgi:.3f} | - |")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -278,9 +337,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="our server's model (default: the tiny demo model)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for our server only; repeatable")
+    parser.add_argument("--asgi-floor", action="store_true",
+                        help="also measure uvicorn + our transport guard + a plain ASGI app doing the bare "
+                        "server's work")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the bare server process
+    parser.add_argument("--asgi-floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -289,6 +352,9 @@ def main() -> None:
     if args.bare_server:
         asyncio.run(serve_bare(args.port))
         return
+    if args.asgi_floor_server:
+        serve_asgi_floor(args.port)
+        return
 
     server_env = {"AIS_ENGINE__MAX_SESSIONS": str(max(args.streams)), "AIS_ENGINE__DEVICE": "cpu"}
     server_env.update(item.split("=", 1) for item in args.server_env)
@@ -296,25 +362,34 @@ def main() -> None:
         server_env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     print(f"# python -m benchmarks.host_cost {' '.join(sys.argv[1:])}")
     print(f"# {os.cpu_count()} CPUs; our server's event loop: {event_loop_of(server_env)}, server env "
-          f"{args.server_env or 'default'}; bare server: websockets on asyncio; {args.seconds:g} s per point\n")
+          f"{args.server_env or 'default'}; bare server: websockets on asyncio"
+          f"{'; ASGI floor: uvicorn on ' + event_loop_of({}) if args.asgi_floor else ''}; "
+          f"{args.seconds:g} s per point\n")
     ours_process, ours_port = spawn_server(None, server_env, log_to_file=True)
     bare_process, bare_port = spawn_bare_server()
+    floor_process, floor_port = spawn_bare_server("--asgi-floor-server") if args.asgi_floor else (None, 0)
     points = []
     try:
         for num_streams in args.streams:
             ours = measure("ours", ours_process.pid, f"ws://127.0.0.1:{ours_port}/v1/stream", num_streams,
                            args.seconds)
             bare = measure("bare", bare_process.pid, f"ws://127.0.0.1:{bare_port}/", num_streams, args.seconds)
-            points.append((ours, bare))
-            for measured in (ours, bare):
+            asgi_floor = None if floor_process is None else \
+                measure("ASGI floor", floor_process.pid, f"ws://127.0.0.1:{floor_port}/", num_streams, args.seconds)
+            points.append((ours, bare, asgi_floor))
+            for measured in (ours, bare, asgi_floor):
+                if measured is None:
+                    continue
                 expected = num_streams * round(args.seconds / FRAME_SECONDS)
                 print(f"# {num_streams} streams, {measured.server}: {measured.wall_s:.1f} s measured, frames sent "
                       f"{measured.client['frames']}/{expected}, events received {measured.client['events']} "
                       f"({measured.client['events'] / num_streams / args.seconds:.2f} per stream per s)", flush=True)
             _wait_until_idle(ours_port)
     finally:
-        bare_process.terminate()
-        bare_process.wait(timeout=30)
+        for process in (bare_process, floor_process):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
         code = stop_server(ours_process)
         if code != 0 or "Traceback" in server_log(ours_process):
             print(f"# our server exited {code}; its log:\n{server_log(ours_process)[-3000:]}")

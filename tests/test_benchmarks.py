@@ -32,12 +32,12 @@ def test_capacity_benchmark_runs_direct_and_baseline_modes(shared_audio, tiny_ch
 
 def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_audio):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.host_cost", "--streams", "2", "3", "--seconds", "1"],
+        [sys.executable, "-m", "benchmarks.host_cost", "--streams", "2", "3", "--seconds", "1", "--asgi-floor"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for streams in (2, 3):
-        for server in ("ours", "bare"):  # every frame went out in real time, and events came back
+        for server in ("ours", "bare", "ASGI floor"):  # every frame went out in real time, and events came back
             line = next(line for line in result.stdout.splitlines()
                         if line.startswith(f"# {streams} streams, {server}:"))
             assert f"frames sent {streams * 10}/{streams * 10}" in line, line
@@ -46,8 +46,10 @@ def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_a
             for line in result.stdout.splitlines() if line.startswith("| 2 ") or line.startswith("| 3 ")}
     for streams in ("2", "3"):
         # Ours against the bare server's, for the event loop and the whole process; the model worker by its OS name.
+        # The ASGI floor (uvicorn + transport guard + a plain app) beside the bare server on the same rows.
         for label in ("event loop (main thread)", "process (all threads)"):
-            ours, bare, ratio = rows[(streams, label)]
-            assert float(ours) >= 0 and float(bare) >= 0 and ratio != "", rows
-        ours, bare, ratio = rows[(streams, "model-worker")]
-        assert float(ours) > 0 and bare == ratio == "-", rows
+            ours, bare, ratio, asgi_floor, floor_ratio = rows[(streams, label)]
+            assert float(ours) >= 0 and float(bare) >= 0 and float(asgi_floor) >= 0, rows
+            assert ratio != "" and floor_ratio != "", rows
+        ours, bare, ratio, asgi_floor, floor_ratio = rows[(streams, "model-worker")]
+        assert float(ours) > 0 and bare == ratio == asgi_floor == floor_ratio == "-", rows
