@@ -312,8 +312,8 @@ class Session:
         audio_format = self.audio.format
         frame_bytes = _BYTES_PER_SAMPLE[audio_format.sample_format] * audio_format.num_channels
         frame_s = len(command.data) // frame_bytes / audio_format.sample_rate_hz
-        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, f"this frame of {frame_s:.3f} s was "
-                                    "not accepted: send audio no faster than real time")
+        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, lambda: f"this frame of {frame_s:.3f} s "
+                                    "was not accepted: send audio no faster than real time")
         if refused:
             if not self._flood.allows_refused_audio(frame_s, now_s):
                 return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
@@ -381,9 +381,9 @@ class Session:
         # Synthesized silence queues for the model like audio does, so it counts against the same limit:
         # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
         queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_resolved * CHUNK_S
-        refused = self._buffer_full(queued_after_s, command, f"this flush with {silence_s:g} s of silence would "
-                                    f"queue {queued_after_s:.2f} s and was not applied: send it again once the model "
-                                    "has caught up")
+        refused = self._buffer_full(queued_after_s, command, lambda: f"this flush with {silence_s:g} s of silence "
+                                    f"would queue {queued_after_s:.2f} s and was not applied: send it again once the "
+                                    "model has caught up")
         if refused:
             return refused
         self._open_engine()
@@ -391,14 +391,15 @@ class Session:
         self._flush_targets.append(self.audio.num_chunks_pushed)
         return self._flushed_events()
 
-    def _buffer_full(self, queued_after_s: float, command: Command, what_happened: str) -> list:
+    def _buffer_full(self, queued_after_s: float, command: Command, what_happened: Callable[[], str]) -> list:
         """``audio_buffer_full`` when accepting would leave ``queued_after_s`` of audio waiting for the model,
-        past ``max_buffered_audio_s`` (frames and flush silence count alike); else nothing."""
+        past ``max_buffered_audio_s`` (frames and flush silence count alike); else nothing. ``what_happened`` is
+        formatted only then: every frame passes here."""
         limit_s = self.config.max_buffered_audio_s
         if queued_after_s <= limit_s + 1e-9:
             return []
         return self._error("audio_buffer_full", f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
-                           f"{limit_s:g} s); {what_happened}", command)
+                           f"{limit_s:g} s); {what_happened()}", command)
 
     def _clear(self, command: ClearAudio) -> list:
         partial_s = self.audio.clear()
