@@ -3,6 +3,7 @@ session carries its ``session_id`` and ``replica_id`` (logs.py)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import socket
@@ -55,6 +56,9 @@ def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
     loggers = {line["logger"] for line in lines}
     assert {"uvicorn.error", "audio_interaction_server.api.runtime"} <= loggers, loggers  # uvicorn's own too
     assert any(line["message"].startswith("Uvicorn running on") for line in lines)
+    # uvloop is a dependency off Windows (pyproject.toml): the server runs on it, not merely where it happens to be.
+    loop = f"uvloop {importlib.metadata.version('uvloop')}" if sys.platform != "win32" else "asyncio"
+    assert any(line["message"].startswith(f"event loop: {loop}") for line in lines), [line["message"] for line in lines]
     assert all("session_id" not in line for line in lines if line["message"].startswith("ready: serving"))
 
 

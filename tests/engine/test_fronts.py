@@ -7,6 +7,7 @@ its own.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -32,6 +33,9 @@ READY = re.compile(r"ready: serving ws://127\.0\.0\.1:(\d+)/v1/stream .*; replic
 AGENT = re.compile(r"capacity agent \(HAProxy agent-check\) of replica (\S+) on 127\.0\.0\.1:(\d+)")
 ENGINE = re.compile(r"engine process (\d+) started \((\S+)\)")
 FRONT = re.compile(r"front (\d+) \(replica (\S+)\) started as process (\d+)")
+# uvloop is a dependency off Windows (pyproject.toml): every front runs on it, not merely where it happens to be.
+EVENT_LOOP = re.compile("event loop: " + (f"uvloop {importlib.metadata.version('uvloop')}" if sys.platform != "win32"
+                                          else "asyncio"))
 
 
 @dataclass
@@ -137,6 +141,7 @@ def http_status(port: int, path: str) -> int:
 def test_two_fronts_share_the_engine_stream_real_audio_and_report_its_free_slots(tree, shared_audio):
     ports, agents = tree.ports(), tree.agents()
     assert set(ports) == set(agents) == {"box-f0", "box-f1"}
+    tree.wait_for(EVENT_LOOP, 2)  # one line from each front's loop
     samples = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")  # 3.3 s
     assert probe(agents["box-f0"]).startswith("up ready 100% maxconn:")
     with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:

@@ -188,8 +188,9 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     transport_guard = TransportGuard(config.transport, runtime.metrics.registry)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
-        # uvloop where installed (a dependency off Windows), else asyncio's loop: the same code on both. The HTTP
-        # parser stays transport.py's guarded h11 (httptools would bypass its limits), and it only reads handshakes.
+        # uvloop (a dependency off Windows: less event-loop CPU per stream), else asyncio's loop: the same code on
+        # both, and the start-up log names the one chosen. The HTTP parser stays transport.py's guarded h11
+        # (httptools would bypass its limits), and it only reads handshakes.
         loop="auto",
         ws_per_message_deflate=False,
         # Above max_frame_bytes so an oversized frame still reaches the session and gets an
@@ -200,6 +201,15 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
         **transport_guard.uvicorn_options(),
     )
     return _SessionClosingServer(uv_config, runtime, transport_guard)
+
+
+def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop 0.22.1`` or ``asyncio (_UnixSelectorEventLoop)``: which loop uvicorn's ``loop="auto"`` chose."""
+    if type(loop).__module__.partition(".")[0] == "uvloop":
+        import uvloop
+
+        return f"uvloop {uvloop.__version__}"
+    return f"asyncio ({type(loop).__name__})"
 
 
 class _SessionClosingServer(uvicorn.Server):
@@ -222,6 +232,7 @@ class _SessionClosingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        log.info("event loop: %s", event_loop_name(self._loop))
         self.transport_guard.start()
         await super().startup(sockets)
 
