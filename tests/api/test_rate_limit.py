@@ -10,6 +10,7 @@ from websockets.exceptions import InvalidStatus
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from benchmarks.harness import LiveServer
 from tests.api.test_app import metric_samples, recv_event, server_config
+from tests.api.test_transport import wait_until
 
 
 def test_burst_then_the_sustained_rate():
@@ -58,7 +59,8 @@ def test_live_server_answers_429_past_the_burst_and_counts_it(tiny_checkpoint):
         assert response.status_code == 429 and 1 <= int(response.headers["Retry-After"]) <= 10
         metrics = metric_samples(server)
         assert metrics['ais_connections_refused_total{reason="rate_limited"}'] == 2
-        assert metrics["ais_sessions_active"] == 0
+        # The two sessions end once the server has read their clients' close frames.
+        assert wait_until(lambda: metric_samples(server)["ais_sessions_active"] == 0, 5.0)
     finally:
         server.stop()
 
