@@ -223,7 +223,9 @@ class Supervisor:
             if self.stopping:
                 return self._stop()
             if self.engine.exitcode is not None:
-                log.error("the engine process exited with status %s: every front ends its sessions "
+                # It may never have served (a model that failed to load says why in its own log): the fronts
+                # end whatever sessions they hold.
+                log.error("the engine process exited with status %s: the fronts end any sessions they hold "
                           "(worker_failed); stopping", self.engine.exitcode)
                 return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=_lost_engine_wait_s())
             for index, front in list(self.fronts.items()):
