@@ -100,3 +100,33 @@ def test_an_address_cut_for_a_flood_waits_before_it_connects_again(tiny_checkpoi
             assert first["type"] == "session.created", first
     finally:
         server.stop()
+
+
+def test_a_flood_cut_puts_the_address_on_cooldown_before_the_client_reads_session_closed(tiny_checkpoint):
+    """The cooldown starts with the cut, not when the socket has closed: a flooder that reconnects the moment it
+    reads session.closed, and never answers the server's close frame (its socket then lingers for
+    transport.close_timeout_s), is refused at once."""
+    import json
+
+    from tests.api.test_transport import TEXT, client_frame, open_websocket
+
+    server = LiveServer(server_config(tiny_checkpoint, flood={"event_burst": 3, "events_per_s": 0.1,
+                                                               "cut_cooldown_s": 30.0})).start()
+    flooder = None
+    try:
+        flooder, received = open_websocket(server.port, key=server.config.api_key.get_secret_value())
+        for _ in range(5):
+            flooder.sendall(client_frame(TEXT, json.dumps({"type": "input.clear"}).encode()))
+        flooder.settimeout(5.0)
+        while b'"session.closed"' not in received:
+            chunk = flooder.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert b'"event_flood"' in received, received
+        with pytest.raises(InvalidStatus) as refused:
+            server.connect()
+        assert refused.value.response.status_code == 429
+    finally:
+        if flooder is not None:
+            flooder.close()
+        server.stop()

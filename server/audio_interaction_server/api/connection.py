@@ -378,7 +378,8 @@ class StreamConnection:
     def __init__(self, websocket: WebSocket, make_session: Callable[[Callable], Session], max_events: int,
                  poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None,
                  resume: ResumePolicy | None = None,
-                 on_detached: Callable[[StreamConnection], None] | None = None) -> None:
+                 on_detached: Callable[[StreamConnection], None] | None = None,
+                 on_session_closed: Callable[[str], None] | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
         # The session hands this to the worker. It holds the connection weakly: a strong reference would make
@@ -391,7 +392,8 @@ class StreamConnection:
         self.outbox: Outbox | None = None  # None while detached
         self.subscribers: set[Subscriber] = set()
         self.poll_interval_s = poll_interval_s
-        self._on_closed = on_closed
+        self._on_closed = on_closed  # the connection is done: its socket ended too
+        self._on_session_closed = on_session_closed  # the session ended; its last events may still be sending
         self.finished = asyncio.Event()
         self._end_reason = "disconnected"
         self.resume_policy = resume if resume is not None and resume.grace_s > 0 else None
@@ -457,6 +459,8 @@ class StreamConnection:
         elif self.session.close_code is not None:
             self.outbox.close(self.session.close_code)
             self._end_reason = next((e.reason for e in events if e.type == "session.closed"), self._end_reason)
+            if self._on_session_closed is not None:
+                self._on_session_closed(self._end_reason)
 
     def shut_down(self) -> None:
         """Server shutdown: close like a client's session.close would, with code 1001."""

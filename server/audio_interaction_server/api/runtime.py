@@ -129,6 +129,7 @@ class Runtime:
         self.metrics.sessions_max.set(config.session_capacity)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
             ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
+        self._cooled_sessions: set[str] = set()  # sessions whose flood cut already put their address on cooldown
         self.flood_cooldown = None if config.flood.cut_cooldown_s == 0 else \
             CutCooldown(config.flood.cut_cooldown_s, config.flood.max_cut_cooldown_s)
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
@@ -174,18 +175,28 @@ class Runtime:
     def release(self, session_id: str, reason: str) -> None:
         """The session ended (``reason`` labels ``ais_sessions_total``); its slot is free again. A session cut for
         a flood puts its client address on cooldown (admission refuses it for a while)."""
+        self.session_closed(session_id, reason)
         stream = self.streams.pop(session_id, None)
+        self._cooled_sessions.discard(session_id)
         if stream is None:
             return
-        if reason in FLOOD_CUTS and self.flood_cooldown is not None:
-            address = stream.client_address
-            cooldown_s = self.flood_cooldown.cut(address, time.monotonic())
-            log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
-                        address, cooldown_s)
         self._count_sessions()
         self.metrics.sessions_total.labels(reason).inc()
         if self.is_draining:
             self.metrics.drain_sessions_left.set(len(self.streams))
+
+    def session_closed(self, session_id: str, reason: str) -> None:
+        """The session ended, its socket may still be sending the last events: a flood cut puts the client's address
+        on cooldown now, so a client that reconnects the moment it reads session.closed is refused already."""
+        stream = self.streams.get(session_id)
+        if (stream is None or reason not in FLOOD_CUTS or self.flood_cooldown is None
+                or session_id in self._cooled_sessions):
+            return
+        self._cooled_sessions.add(session_id)
+        address = stream.client_address
+        cooldown_s = self.flood_cooldown.cut(address, time.monotonic())
+        log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
+                    address, cooldown_s)
 
     def _count_sessions(self) -> None:
         self.metrics.sessions_active.set(len(self.streams))

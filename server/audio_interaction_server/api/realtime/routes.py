@@ -115,7 +115,8 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
 
     # No resume: a Realtime client that loses its socket opens a new session (the SDKs reconnect that way).
     connection = StreamConnection(websocket, make_session, config.max_queued_events,
-                                  min(1.0, config.idle_timeout_s / 4), on_closed, codec=codec)
+                                  min(1.0, config.idle_timeout_s / 4), on_closed, codec=codec,
+                                  on_session_closed=lambda reason: runtime.session_closed(session_id, reason))
     runtime.register(session_id, connection)  # before the first await: the capacity check cannot be raced
     try:
         await websocket.accept(subprotocol=_chosen_subprotocol(websocket))
