@@ -60,6 +60,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    """Until something accepts TCP connections on loopback ``port``; ``TimeoutError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {port}") from None
+            time.sleep(0.05)
+
+
 class _ConfiguredKey:
     """The default of ``LiveServer.connect``: whatever API key the server was configured with."""
 

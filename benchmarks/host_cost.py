@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import free_port, server_log, spawn_server, stop_server
+from benchmarks.harness import free_port, server_log, spawn_server, stop_server, wait_for_port
 
 FRAME_SECONDS = 0.1
 BARE_EVENT_EVERY_BYTES = 6400 * 2  # one 0.4 s chunk of 16 kHz s16 audio
@@ -276,22 +276,8 @@ def spawn_bare_server(kind: str = "--bare-server") -> tuple[subprocess.Popen, in
     assert process.stdout is not None
     if process.stdout.readline().strip() != "listening":
         raise RuntimeError(f"the {kind[2:]} did not start (exit {process.wait()})")
-    _wait_for_port(port)  # uvicorn's lifespan start-up ends before it binds
+    wait_for_port(port)  # uvicorn's lifespan start-up ends before it binds
     return process, port
-
-
-def _wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_kubernetes_balancer_routes_a_subscriber_to_the_pod_its_session_id_names
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    from benchmarks.harness import free_port
+    from benchmarks.harness import free_port, wait_for_port
 
     replica_port, balancer_port = free_port(), free_port()
     cfg = kubernetes_haproxy_cfg()
@@ -252,20 +252,6 @@ def spawn_replica_on(checkpoint: Path, host: str, port: int) -> subprocess.Popen
         except (urllib.error.URLError, OSError):
             assert time.monotonic() < deadline, "the replica never became ready"
             time.sleep(0.1)
-
-
-def wait_for_port(port: int, timeout_s: float = 10) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {port}"
-            time.sleep(0.05)
 
 
 def test_compose_only_variables_of_the_overlay_do_not_use_the_settings_prefix():
