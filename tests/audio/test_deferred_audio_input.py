@@ -16,7 +16,7 @@ import pytest
 
 from audio_interaction_server.audio import stream
 from audio_interaction_server.audio.frontend import (
-    AudioFormatError, LogMelChunker, PaddedBlocks, StreamingResampler, decode_pcm,
+    AudioFormatError, LogMelChunker, PaddedBlocks, StreamingResampler, decode_checked_pcm, decode_pcm,
 )
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput, max_resampled_samples, min_input_frames
 from audio_interaction_server.protocol import AudioFormat
@@ -200,11 +200,11 @@ def test_at_16_khz_a_chunk_leaves_with_the_very_sample_that_completes_it(sample_
 def test_frames_are_decoded_once_per_chunk_not_once_per_frame(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def counting_decode_pcm(*args):
+    def counting_decode(*args):
         calls.append(args)
-        return decode_pcm(*args)
+        return decode_checked_pcm(*args)
 
-    monkeypatch.setattr(stream, "decode_pcm", counting_decode_pcm)
+    monkeypatch.setattr(stream, "decode_checked_pcm", counting_decode)
     pushed: list[PaddedBlocks] = []
     audio = AudioInput(pushed.append)  # 16 kHz mono s16
     rng = np.random.default_rng(0)

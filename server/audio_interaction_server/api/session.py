@@ -7,7 +7,8 @@ connection must close after sending them. The events are ``audio_interaction_ser
 a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is an argument
 (``now_s``, monotonic), so tests drive timeouts without sleeping.
 
-Audio path: PCM bytes -> ``decode_pcm`` -> ``StreamingResampler`` -> ``LogMelChunker.push_blocks``
+Audio path: PCM bytes, checked as they arrive (``check_pcm``), decoded once they could complete a chunk
+-> ``StreamingResampler`` -> ``LogMelChunker.push_blocks``
 -> ``engine.push_audio`` (``PaddedBlocks``: the engine computes the log-mel, see audio/stream.py).
 A frame is either accepted whole (it reaches the model, or ``session.closed`` counts it as cut)
 or refused with an ``error`` event; nothing is dropped silently. What a client may make the

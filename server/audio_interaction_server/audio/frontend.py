@@ -87,6 +87,11 @@ def check_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> in
 def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
     """Interleaved little-endian PCM → float32 mono (channels averaged); raises ``AudioFormatError`` (``check_pcm``)."""
     check_pcm(data, sample_format, num_channels)
+    return decode_checked_pcm(data, sample_format, num_channels)
+
+
+def decode_checked_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
+    """``decode_pcm`` of bytes ``check_pcm`` has passed already (a stream's kept frames): the checks not again."""
     samples = np.frombuffer(data, dtype=_SAMPLE_DTYPES[sample_format])
     if sample_format == "pcm_s16le":
         samples = samples.astype(np.float32) / 32768.0  # same scaling as whisper.load_audio

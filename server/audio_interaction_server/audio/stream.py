@@ -28,7 +28,7 @@ import torch
 
 from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import (
-    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, check_pcm, decode_pcm,
+    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, check_pcm, decode_checked_pcm,
 )
 from audio_interaction_server.protocol import AudioFormat
 
@@ -168,7 +168,7 @@ class AudioInput:
         data = self._pending_frames[0] if len(self._pending_frames) == 1 else b"".join(self._pending_frames)
         self._pending_frames.clear()
         self._num_pending_frames = 0
-        return self._resample_and_cut(decode_pcm(data, self.format.sample_format, self.format.num_channels))
+        return self._resample_and_cut(decode_checked_pcm(data, self.format.sample_format, self.format.num_channels))
 
     def _resample_and_cut(self, samples: np.ndarray) -> int:
         assert self._resampler is not None and self._front_end is not None
