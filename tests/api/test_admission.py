@@ -115,8 +115,11 @@ def test_the_drain_call_drains_then_stops_the_server(tiny_checkpoint):
             with server.connect(f"/v1/sessions/{session_id}/events") as subscriber:
                 events, code = recv_to_close(speaking)
                 subscribed, subscriber_code = recv_to_close(subscriber)
+        # The reply's text deltas sent before the drain call may still be in flight; the drain's first word is
+        # the going-away notice, and the reply then ends before the close.
         types = [e["type"] for e in events]
-        assert types[0] == "session.going_away" and "turn_end" in types and code == 1012
+        assert set(types[:types.index("session.going_away")]) <= {"text_delta"}
+        assert "turn_end" in types[types.index("session.going_away"):] and code == 1012
         assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
         assert subscribed[-1]["type"] == "session.closed" and subscriber_code == 1000
         server.thread.join(15)  # the drain stops the server by itself
