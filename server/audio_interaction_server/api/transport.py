@@ -48,6 +48,13 @@ from prometheus_client import CollectorRegistry, Counter
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State as WebSocketState
+from websockets.streams import StreamReader
+
+try:  # websockets' C helper (in its wheels); its pure-Python twin where the build has none
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
 from audio_interaction_server.config import TransportSettings
@@ -68,6 +75,12 @@ SLOW_HEADERS_AFTER_S = 1.0
 # client at real-time pace needs (the app takes each frame on the loop's next turn).
 PAUSE_READING_QUEUED_BYTES = 64 * 1024
 PAUSE_READING_QUEUED_MESSAGES = 16
+# Whole, masked, unfragmented text and binary frames (the audio) skip the websockets frame parser (below,
+# ``GuardedWebSocketProtocol._split_frames``): first header bytes 0x81 and 0x82 (FIN set, no reserved bits).
+FAST_PATH_FIRST_BYTES = frozenset((0x81, 0x82))
+# The websockets parser waits here, and only here, between frames: ``Protocol.parse`` asks the reader for EOF
+# before each frame's first byte.
+_BETWEEN_FRAMES_CODE = StreamReader.at_eof.__code__
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 # The loggers a flood of connections can make write: one line per burst, with a count.
@@ -403,6 +416,31 @@ class _DeadlineOnClose:
         return getattr(self._transport, name)
 
 
+def _frame_bounds(data: bytes | bytearray, position: int, end: int) -> tuple[int, int] | None:
+    """(payload start, frame end) of the frame at ``data[position:end]`` from its header (RFC 6455 5.2; the
+    frame end may lie past ``end``), or None while the header is incomplete."""
+    if end - position < 2:
+        return None
+    second_byte = data[position + 1]
+    length = second_byte & 0x7F
+    header_end = position + 2
+    if length == 126:
+        header_end += 2
+        if header_end > end:
+            return None
+        length = int.from_bytes(data[position + 2:header_end], "big")
+    elif length == 127:
+        header_end += 8
+        if header_end > end:
+            return None
+        length = int.from_bytes(data[position + 2:header_end], "big")
+    if second_byte & 0x80:  # the masking key
+        header_end += 4
+        if header_end > end:
+            return None
+    return header_end, header_end + length
+
+
 def _payload_bytes(message: Mapping[str, Any]) -> int:
     """The size of a ``websocket.receive`` message as it came off the wire (0 for the other kinds)."""
     text = message.get("text")
@@ -427,6 +465,11 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._num_control_frames = 0  # received in the slice being parsed
         self._owes_pongs = False
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
+        self._partial_frame = bytearray()  # the start of a frame ``_split_frames`` waits to see whole
+        self.num_fast_frames = 0  # frames that skipped the websockets parser (for tests)
+        # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
+        limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
+        self._max_fast_payload = min(limits, default=2**63)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -441,6 +484,82 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._partial_frame:
+            self._partial_frame += data
+            self._split_frames(self._partial_frame)
+        elif self.conn.state is WebSocketState.OPEN and self._parser_between_frames():
+            self._split_frames(data)
+        else:
+            self._parse(data)
+
+    def _split_frames(self, data: bytes | bytearray) -> None:
+        """Cut ``data`` into frames. A whole, masked, unfragmented text or binary frame, within the size limit,
+        on an open connection with no extension, goes to the app directly: its header read here, its payload
+        unmasked by websockets' own C helper. Every other frame (control frames, fragments, an unmasked or
+        oversized frame, anything after a close) goes to the websockets parser whole, so the parser is always
+        between frames when the next one comes, and does with it exactly what it would have done.
+
+        Why: the general parser is a chain of generators run per frame, and with uvicorn's event dispatch it
+        was about a sixth of the event loop at 48 real-time streams (docs/performance.md, "Host cost per
+        stream"); the audio frames are almost all of the frames.
+        """
+        conn = self.conn
+        end, position = len(data), 0
+        view = memoryview(data)
+        try:
+            while position < end:
+                bounds = _frame_bounds(data, position, end)
+                if bounds is None:  # not even the header yet
+                    break
+                payload_start, frame_end = bounds
+                first_byte = data[position]
+                if (first_byte not in FAST_PATH_FIRST_BYTES or not data[position + 1] & 0x80
+                        or conn.state is not WebSocketState.OPEN or conn.current_size is not None
+                        or conn.extensions or self.close_sent or frame_end - payload_start > self._max_fast_payload):
+                    if frame_end > end:  # the parser takes it from here, a part now; back here between frames
+                        self._parse(bytes(view[position:]))
+                        position = end
+                        break
+                    self._parse(bytes(view[position:frame_end]))
+                    position = frame_end
+                    if self.transport.is_closing():
+                        break
+                    continue
+                if frame_end > end:  # wait for the rest of it
+                    break
+                payload = apply_mask(view[payload_start:frame_end], data[payload_start - 4:payload_start])
+                if first_byte == 0x82:
+                    self._queue_for_app({"type": "websocket.receive", "bytes": payload}, len(payload))
+                else:
+                    try:
+                        text = payload.decode()
+                    except UnicodeDecodeError:  # the parser's path closes with 1007, as for any text
+                        self._parse(bytes(view[position:frame_end]))
+                        position = frame_end
+                        if self.transport.is_closing():
+                            break
+                        continue
+                    self._queue_for_app({"type": "websocket.receive", "text": text}, len(payload))
+                position = frame_end
+                self.num_fast_frames += 1
+        finally:
+            view.release()
+        if position >= end:
+            self._partial_frame = bytearray()
+        elif data is self._partial_frame:
+            del self._partial_frame[:position]
+        else:
+            self._partial_frame = bytearray(data[position:])
+
+    def _parser_between_frames(self) -> bool:
+        """Whether the websockets parser waits for a frame's first byte (not inside a frame's header or payload)."""
+        generator: Any = self.conn.parser  # a generator object: gi_yieldfrom and gi_code are CPython's
+        while generator.gi_yieldfrom is not None:
+            generator = generator.gi_yieldfrom
+        return generator.gi_code is _BETWEEN_FRAMES_CODE
+
+    def _parse(self, data: bytes) -> None:
+        """``data`` through the websockets parser, a slice at a time, the control-frame budget settled per slice."""
         for start in range(0, len(data), PARSE_SLICE_BYTES):
             super().data_received(data[start:start + PARSE_SLICE_BYTES])
             if not self._settle_control_frames() or self.transport.is_closing():
@@ -460,6 +579,15 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self.read_paused = was_paused
         if self.queue.qsize() > num_queued:
             self._queued_bytes += message_bytes
+        self._pause_for_backlog()
+
+    def _queue_for_app(self, message: ASGIReceiveEvent, num_bytes: int) -> None:
+        """A message from ``_split_frames``: as uvicorn queues one, with the backlog's books."""
+        self.queue.put_nowait(message)
+        self._queued_bytes += num_bytes
+        self._pause_for_backlog()
+
+    def _pause_for_backlog(self) -> None:
         if not self.read_paused and (self._queued_bytes >= PAUSE_READING_QUEUED_BYTES
                                      or self.queue.qsize() >= PAUSE_READING_QUEUED_MESSAGES):
             self.read_paused = True
