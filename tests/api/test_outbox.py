@@ -10,8 +10,8 @@ import weakref
 
 import pytest
 
-from audio_interaction_server.api.connection import Outbox
-from audio_interaction_server.protocol import LiveTextDeltaEvent, LiveTurnEndEvent
+from audio_interaction_server.api.connection import Outbox, ReplayLog, queued_bytes
+from audio_interaction_server.protocol import DecisionEvent, LiveTextDeltaEvent, LiveTurnEndEvent
 from benchmarks.harness import LiveServer
 from tests.api.test_app import server_config
 from tests.api.test_transport import (
@@ -40,6 +40,20 @@ def test_deltas_of_one_reply_coalesce_while_unsent():
     assert outbox.put([end(0), delta(1, "a"), delta(1, "b")])  # a new reply starts a new delta
     assert [e.type for e in outbox.queued_events()] == ["text_delta", "turn_end", "text_delta"]
     assert outbox.queued_events()[-1].text == "ab"
+
+
+def test_the_resume_log_counts_each_event_as_the_outbox_sized_it():
+    """The outbox hands the log each event's size, so the log need not serialise the numbered copy to count it
+    (the number's own few bytes aside, the same count)."""
+    events = [DecisionEvent(session_id="s", chunk=i, token_id=5, decision="keep_silence",
+                            audio_time_s=0.4 * (i + 1)) for i in range(12)]
+    events += [delta(0, "héllo"), end(0, "héllo")]
+    given, serialised = ReplayLog(100, 10**6), ReplayLog(100, 10**6)
+    for event in events:
+        given.stamp(event, queued_bytes(event), keep=True)
+        serialised.stamp(event, keep=True)
+    assert given.num_bytes == sum(map(queued_bytes, events))
+    assert 0 <= serialised.num_bytes - given.num_bytes <= len(',"seq":14') * len(events)
 
 
 def test_a_reader_that_stays_behind_hits_the_bound():

@@ -182,7 +182,7 @@ class Outbox:
 
     def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int,
                  encode: Callable[[object], list[str]] = NativeCodec.encode,
-                 stamp: Callable[[object], object] | None = None,
+                 stamp: Callable[[object, int | None], object] | None = None,
                  held_bytes: Callable[[], int] | None = None) -> None:
         self.websocket = websocket
         self.max_events = max_events
@@ -214,10 +214,10 @@ class Outbox:
         self._items.append((event, size))
         self.num_bytes += size
 
-    def _popleft(self):
+    def _popleft(self) -> tuple[Any, int]:
         event, size = self._items.popleft()
         self.num_bytes -= size
-        return event
+        return event, size
 
     def _merge_into_last(self, event) -> bool:
         last = self._items[-1][0] if self._items else None
@@ -271,7 +271,7 @@ class Outbox:
             while not self._items:
                 self._has_items.clear()
                 await self._has_items.wait()
-            item = self._popleft()
+            item, size = self._popleft()
             if isinstance(item, _Close):
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)
@@ -279,7 +279,7 @@ class Outbox:
             if isinstance(item, Unnumbered):
                 item = item.event
             elif self.stamp is not None and item.seq is None:
-                item = self.stamp(item)  # numbered (and kept for a resume) before the send that may fail
+                item = self.stamp(item, size)  # numbered (and kept for a resume) before the send that may fail
             for frame in self._encode(item):
                 await self.websocket.send_text(frame)
             await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
@@ -329,13 +329,15 @@ class ReplayLog:
         self.num_bytes = 0
         self.last_seq = 0
 
-    def stamp(self, event, keep: bool, trim: bool = True):
+    def stamp(self, event, size: int | None = None, *, keep: bool, trim: bool = True):
         """``event`` numbered (1, 2, 3, ... per session); with ``keep`` held for a replay. With ``trim`` (the
-        client is connected) the log stays a window of the newest events; without it, it grows."""
+        client is connected) the log stays a window of the newest events; without it, it grows. ``size``: the
+        event's ``queued_bytes`` as the outbox counted it (its bound is the same estimate, without the few bytes
+        of the number), so the event is not serialised once more to be counted."""
         self.last_seq += 1
         stamped = event.model_copy(update={"seq": self.last_seq})
         if keep:
-            size = queued_bytes(stamped)
+            size = queued_bytes(stamped) if size is None else size
             self._events.append((stamped, size))
             self.num_bytes += size
             while trim and self.is_over_limit:
