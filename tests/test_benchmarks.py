@@ -53,3 +53,11 @@ def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_a
             assert ratio != "" and floor_ratio != "", rows
         ours, bare, ratio, asgi_floor, floor_ratio = rows[(streams, "model-worker")]
         assert float(ours) > 0 and bare == ratio == asgi_floor == floor_ratio == "-", rows
+
+
+def test_the_frame_parsing_benchmark_prints_both_paths_and_their_ratio():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.frame_parsing", "--frames", "50", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| websockets parser |" in result.stdout and "| fast path |" in result.stdout
+    assert "parser / fast path: " in result.stdout

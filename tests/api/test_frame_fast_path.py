@@ -2,9 +2,10 @@
 
 The fast path must change nothing a client or the app can see. Each case feeds a client byte stream, cut at
 different places, to the guarded protocol, and the same frames one read each to the same protocol parsing every
-byte with websockets (``ParserOnly``: the guarded protocol as it was before the fast path), both after a real
-handshake and an app that accepted; then compares what the app was given, what went back to the client (pongs,
-close frames) and whether the connection was closed. Frames are made by websockets' own client-side serialiser.
+byte with websockets (``benchmarks.frame_parsing.ParserOnly``: the guarded protocol as it was before the fast
+path), both after a real handshake and an app that accepted; then compares what the app was given, what went
+back to the client (pongs, close frames) and whether the connection was closed. Frames are made by websockets'
+own client-side serialiser.
 
 One read each for the reference, because on the parser-only path the frames that came in the same read as a
 bad one (unmasked, oversized, reserved bits) never reach the app: uvicorn's ``data_received`` handles the
@@ -20,83 +21,16 @@ import random
 from typing import Any
 
 import pytest
-import uvicorn
-from uvicorn.server import ServerState
 from websockets.frames import Close, Frame, Opcode
 
-from audio_interaction_server.api.transport import GuardedWebSocketProtocol, TransportGuard
-from audio_interaction_server.config import TransportSettings
+from benchmarks.frame_parsing import open_protocol
 
-HANDSHAKE = (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 MAX_SIZE = 100_000  # ws_max_size of the protocols under test
-
-
-class RecordingTransport:
-    """What the protocol writes, and whether it closed; reading can always pause."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-        self.num_pauses = 0
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.num_pauses += 1
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-
-async def accept_and_wait(scope, receive, send) -> None:
-    """Accepts, then leaves every message in the protocol's queue for the test to read."""
-    assert (await receive())["type"] == "websocket.connect"
-    await send({"type": "websocket.accept"})
-    await asyncio.Event().wait()
-
-
-def protocol_class(fast_path: bool) -> type[GuardedWebSocketProtocol]:
-    guarded = TransportGuard(TransportSettings()).uvicorn_options()["ws"]
-    if fast_path:
-        return guarded
-
-    class ParserOnly(guarded):  # type: ignore[misc, valid-type]
-        def data_received(self, data: bytes) -> None:
-            self._parse(data)
-
-    return ParserOnly
 
 
 async def run_stream(fast_path: bool, stream: bytes, cuts: list[int]) -> dict[str, Any]:
     """Handshake, the app accepts, then ``stream`` arrives in the pieces ``cuts`` makes of it."""
-    config = uvicorn.Config(accept_and_wait, ws=protocol_class(fast_path), ws_max_size=MAX_SIZE,
-                            ws_per_message_deflate=False, ws_ping_interval=None, log_level="critical")
-    config.load()
-    protocol = config.ws_protocol_class(config, ServerState(), {}, _loop=asyncio.get_running_loop())
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
-    protocol.data_received(HANDSHAKE)
-    for _ in range(100):  # the app's task accepts
-        if protocol.handshake_complete:
-            break
-        await asyncio.sleep(0)
-    assert protocol.handshake_complete
+    protocol, transport = await open_protocol(fast_path, max_size=MAX_SIZE)
     handshake_reply = bytes(transport.written)
     transport.written.clear()
     for start, end in zip([0, *cuts], [*cuts, len(stream)]):
