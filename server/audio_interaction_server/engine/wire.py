@@ -11,19 +11,26 @@ Two ``ipc://`` sockets in a temporary directory:
 
 Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
 not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
-the bulk (mel chunks) goes as raw bytes either way.
+the bulk (mel chunks) goes as raw bytes either way. The one exception is the most frequent message, a live
+stream's ``PushAudio`` of ``PaddedBlocks`` (every 0.4 s per session, on the front's event loop): its frames are
+written out by hand (``AUDIO_BLOCKS``, the session id, the first chunk index, the samples), since pickling the
+dataclass and its array cost about 12 us where these cost 1-2.
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
+from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.engine.commands import PushAudio
 from audio_interaction_server.engine.events import EngineEvent
 from audio_interaction_server.engine.worker import SessionStateSize
 from audio_interaction_server.options import SessionOptions
@@ -121,8 +128,18 @@ class SessionEvents:
     state: SessionStateSize | None  # what the session holds as these events leave (the front's gauges)
 
 
+# The first frame of a hand-written PushAudio of PaddedBlocks; a pickle's first frame starts b"\x80" instead.
+AUDIO_BLOCKS = b"audio-blocks"
+_BLOCKS_HEADER = struct.Struct("<qqq")  # first chunk index, rows, samples per row
+
+
 def encode(message: Any) -> list[Any]:
     """``message`` as frames: a pickle, then its out-of-band buffers (numpy arrays' memory, not copied)."""
+    if type(message) is PushAudio and type(message.mel_chunks) is PaddedBlocks:
+        blocks = message.mel_chunks
+        samples = np.ascontiguousarray(blocks.samples, dtype=np.float32)
+        return [AUDIO_BLOCKS, message.session_id.encode(),
+                _BLOCKS_HEADER.pack(blocks.first_chunk_index, *samples.shape), samples.data]
     buffers: list[pickle.PickleBuffer] = []
     header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     return [header, *buffers]
@@ -130,4 +147,9 @@ def encode(message: Any) -> list[Any]:
 
 def decode(frames: list[zmq.Frame]) -> Any:
     """What ``encode`` made, from frames received with ``copy=False``; arrays read the frames' memory."""
+    if frames[0].buffer == AUDIO_BLOCKS:
+        _, session_id, header, samples = frames
+        first_chunk_index, num_rows, row_samples = _BLOCKS_HEADER.unpack(header.buffer)
+        blocks = np.frombuffer(samples.buffer, dtype=np.float32).reshape(num_rows, row_samples)
+        return PushAudio(bytes(session_id.buffer).decode(), PaddedBlocks(blocks, first_chunk_index))
     return pickle.loads(frames[0].buffer, buffers=[frame.buffer for frame in frames[1:]])

@@ -1,0 +1,54 @@
+"""What crosses the engine process boundary (engine/wire.py), through real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zmq
+
+from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.engine.commands import CancelReply, PushAudio
+from audio_interaction_server.engine.wire import AUDIO_BLOCKS, decode, encode
+
+
+@pytest.fixture
+def pair():
+    context = zmq.Context()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    sender.bind("inproc://wire-test")
+    receiver.connect("inproc://wire-test")
+    yield sender, receiver
+    sender.close(linger=0)
+    receiver.close(linger=0)
+    context.term()
+
+
+def across(pair, message):
+    sender, receiver = pair
+    sender.send_multipart(encode(message), copy=False)
+    return decode(receiver.recv_multipart(copy=False))
+
+
+def test_a_live_streams_blocks_cross_as_raw_frames_and_arrive_equal(pair):
+    """The most frequent command is written out by hand (no pickle): same session, index and samples, bit for bit."""
+    rng = np.random.default_rng(0)
+    for num_chunks, first_chunk_index in ((1, 0), (3, 17), (2, 2**40)):
+        samples = rng.standard_normal((num_chunks, 6640)).astype(np.float32)
+        sent = PushAudio("s-é-1", PaddedBlocks(samples, first_chunk_index))
+        assert encode(sent)[0] == AUDIO_BLOCKS
+        received = across(pair, sent)
+        assert type(received) is PushAudio and type(received.mel_chunks) is PaddedBlocks
+        assert received.session_id == sent.session_id
+        assert received.mel_chunks.first_chunk_index == first_chunk_index
+        assert received.mel_chunks.samples.dtype == np.float32
+        assert np.array_equal(received.mel_chunks.samples, samples)
+
+
+def test_other_commands_and_features_still_cross_as_pickles(pair):
+    features = np.arange(2 * 128 * 40, dtype=np.float32).reshape(2, 128, 40)
+    received = across(pair, PushAudio("s1", features))
+    assert np.array_equal(received.mel_chunks, features)
+    assert across(pair, CancelReply("s1")) == CancelReply("s1")
+    # A non-contiguous block array is sent as its contiguous copy.
+    strided = np.arange(4 * 6640, dtype=np.float32).reshape(4, 6640)[::2]
+    assert np.array_equal(across(pair, PushAudio("s2", PaddedBlocks(strided, 0))).mel_chunks.samples, strided)
