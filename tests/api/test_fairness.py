@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+from websockets.frames import Frame, Opcode
 
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
@@ -16,6 +17,7 @@ from audio_interaction_server.api.connection import StreamConnection
 from audio_interaction_server.api.session import ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.engine.worker import Worker
+from benchmarks.frame_parsing import open_protocol
 
 OPTIONS = SessionOptions(max_turn_tokens=6)
 
@@ -75,6 +77,23 @@ class BufferedSocket:
         pass
 
 
+class TransportSocket(BufferedSocket):
+    """The app side of the server's own WebSocket protocol (api/transport.py, after a real handshake) whose client
+    has sent ``frames`` in one read: they all wait in its queue when the connection starts."""
+
+    @classmethod
+    async def open(cls, name: str, frames: list[bytes], received: list[str]) -> TransportSocket:
+        socket = cls(name, [], received)
+        socket.protocol, _ = await open_protocol(fast_path=True)
+        socket.protocol.data_received(b"".join(Frame(Opcode.BINARY, frame).serialize(mask=True) for frame in frames))
+        return socket
+
+    async def receive(self) -> dict:
+        message = await self.protocol.receive()
+        self._received.append(self.name)
+        return message
+
+
 def stream_connector(tiny_model):
     """``connect(socket)``: a real ``StreamConnection`` + ``Session`` over a not-started worker (pushes just queue)."""
     worker = Worker(tiny_model, EngineConfig(max_sessions=2))
@@ -103,14 +122,15 @@ async def run_beside(flooder: StreamConnection, neighbour: StreamConnection, is_
 
 def test_a_flooding_connection_yields_the_event_loop_after_every_frame(tiny_model):
     """Frames a flooding client has already delivered are handled one per loop turn: a neighbour's
-    frame that arrives meanwhile waits for one frame of the flood, not for all of it."""
+    frame that arrives meanwhile waits for one frame of the flood, not for all of it. The turn is the
+    transport's (its receive yields while messages wait), under the real receive loop of a session."""
     connect = stream_connector(tiny_model)
     received: list[str] = []
     flood_frames = [np.zeros(1600, "<i2").tobytes()] * 200
 
     async def main() -> None:
-        flooder = connect(BufferedSocket("flooder", flood_frames, received))
-        neighbour = connect(BufferedSocket("neighbour", [np.zeros(1600, "<i2").tobytes()], received))
+        flooder = connect(await TransportSocket.open("flooder", flood_frames, received))
+        neighbour = connect(await TransportSocket.open("neighbour", [np.zeros(1600, "<i2").tobytes()], received))
         await run_beside(flooder, neighbour,
                          lambda: "neighbour" in received and received.count("flooder") >= len(flood_frames))
 

@@ -604,9 +604,8 @@ class StreamConnection:
                 now_s = time.monotonic()
                 for command in self.codec.decode(payload):
                     self.deliver(self.session.handle(command, now_s))
-            # Frames a client already delivered come back without a pause (uvicorn queues them), so a
-            # flooding client would hold the loop for its whole backlog: one frame per loop turn instead.
-            await asyncio.sleep(0)
+            # No yield here for a flood's backlog: the transport's receive takes one queued message per loop turn
+            # (api/transport.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no extra turn.
 
     async def _poll_loop(self) -> None:
         while True:

@@ -594,6 +594,11 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             self.transport.pause_reading()
 
     async def receive(self) -> ASGIReceiveEvent:
+        if not self.queue.empty():
+            # Messages a client already delivered are taken without a wait, so an app's receive loop would not
+            # yield to other connections for a flood's whole backlog: one message per loop turn instead. Only
+            # then: a message that comes to an empty queue has waited a turn already (the app yields every frame).
+            await asyncio.sleep(0)
         message = await super().receive()  # resumes reading once the queue is empty
         self._queued_bytes -= _payload_bytes(cast(Mapping[str, Any], message))
         return message
