@@ -48,13 +48,9 @@ from prometheus_client import CollectorRegistry, Counter
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask  # the parser's own unmasking: its C helper, or its pure-Python twin
 from websockets.protocol import State as WebSocketState
 from websockets.streams import StreamReader
-
-try:  # websockets' C helper (in its wheels); its pure-Python twin where the build has none
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover
-    from websockets.utils import apply_mask
 
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
 from audio_interaction_server.config import TransportSettings
@@ -503,7 +499,6 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         was about a sixth of the event loop at 48 real-time streams (docs/performance.md, "Host cost per
         stream"); the audio frames are almost all of the frames.
         """
-        conn = self.conn
         end, position = len(data), 0
         view = memoryview(data)
         try:
@@ -512,36 +507,22 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
                 if bounds is None:  # not even the header yet
                     break
                 payload_start, frame_end = bounds
-                first_byte = data[position]
-                if (first_byte not in FAST_PATH_FIRST_BYTES or not data[position + 1] & 0x80
-                        or conn.state is not WebSocketState.OPEN or conn.current_size is not None
-                        or conn.extensions or self.close_sent or frame_end - payload_start > self._max_fast_payload):
-                    if frame_end > end:  # the parser takes it from here, a part now; back here between frames
-                        self._parse(bytes(view[position:]))
-                        position = end
-                        break
+                is_fast = self._takes_fast_path(data[position], data[position + 1], frame_end - payload_start)
+                if is_fast and frame_end > end:  # wait for the rest of it
+                    break
+                message = self._fast_message(data[position], view, payload_start, frame_end) if is_fast else None
+                if message is not None:
+                    self._queue_for_app(message, frame_end - payload_start)
+                    self.num_fast_frames += 1
+                    position = frame_end
+                elif frame_end > end:  # the parser takes it from here, a part now; back here between frames
+                    self._parse(bytes(view[position:]))
+                    position = end
+                else:
                     self._parse(bytes(view[position:frame_end]))
                     position = frame_end
                     if self.transport.is_closing():
                         break
-                    continue
-                if frame_end > end:  # wait for the rest of it
-                    break
-                payload = apply_mask(view[payload_start:frame_end], data[payload_start - 4:payload_start])
-                if first_byte == 0x82:
-                    self._queue_for_app({"type": "websocket.receive", "bytes": payload}, len(payload))
-                else:
-                    try:
-                        text = payload.decode()
-                    except UnicodeDecodeError:  # the parser's path closes with 1007, as for any text
-                        self._parse(bytes(view[position:frame_end]))
-                        position = frame_end
-                        if self.transport.is_closing():
-                            break
-                        continue
-                    self._queue_for_app({"type": "websocket.receive", "text": text}, len(payload))
-                position = frame_end
-                self.num_fast_frames += 1
         finally:
             view.release()
         if position >= end:
@@ -550,6 +531,27 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             del self._partial_frame[:position]
         else:
             self._partial_frame = bytearray(data[position:])
+
+    def _takes_fast_path(self, first_byte: int, second_byte: int, payload_bytes: int) -> bool:
+        """A whole text or binary frame (FIN, no reserved bits), masked, within the size limit, on an open
+        connection with no extension and no fragmented message under way."""
+        conn = self.conn
+        return (first_byte in FAST_PATH_FIRST_BYTES and bool(second_byte & 0x80) and conn.state is WebSocketState.OPEN
+                and conn.current_size is None and not conn.extensions and not self.close_sent
+                and payload_bytes <= self._max_fast_payload)
+
+    @staticmethod
+    def _fast_message(first_byte: int, view: memoryview, payload_start: int,
+                      frame_end: int) -> ASGIReceiveEvent | None:
+        """The app's message for a whole fast-path frame in ``view``; None for text that is not UTF-8 (the
+        parser's path closes with 1007, as for any text)."""
+        payload = apply_mask(view[payload_start:frame_end], bytes(view[payload_start - 4:payload_start]))
+        if first_byte == 0x82:
+            return {"type": "websocket.receive", "bytes": payload}
+        try:
+            return {"type": "websocket.receive", "text": payload.decode()}
+        except UnicodeDecodeError:
+            return None
 
     def _parser_between_frames(self) -> bool:
         """Whether the websockets parser waits for a frame's first byte (not inside a frame's header or payload)."""
@@ -597,7 +599,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         if not self.queue.empty():
             # Messages a client already delivered are taken without a wait, so an app's receive loop would not
             # yield to other connections for a flood's whole backlog: one message per loop turn instead. Only
-            # then: a message that comes to an empty queue has waited a turn already (the app yields every frame).
+            # then: an app that finds the queue empty waits, and that wait was its turn.
             await asyncio.sleep(0)
         message = await super().receive()  # resumes reading once the queue is empty
         self._queued_bytes -= _payload_bytes(cast(Mapping[str, Any], message))

@@ -14,7 +14,7 @@ not a schema'd format: both ends are our own code of one version, the messages a
 the bulk (mel chunks) goes as raw bytes either way. The one exception is the most frequent message, a live
 stream's ``PushAudio`` of ``PaddedBlocks`` (every 0.4 s per session, on the front's event loop): its frames are
 written out by hand (``AUDIO_BLOCKS``, the session id, the first chunk index, the samples), since pickling the
-dataclass and its array cost about 12 us where these cost 1-2.
+dataclass and its array cost about 12 us where these cost under 1.
 """
 
 from __future__ import annotations
