@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from audio_interaction_server.audio.frontend import load_audio_file
+from tests.api.test_transport import wait_until
 
 websockets = pytest.importorskip("websockets")
 
@@ -273,13 +274,6 @@ def metric(port: int, name: str) -> float:
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-async def until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time"
-        await asyncio.sleep(0.02)
-
-
 def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
     async def main():
         ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
@@ -465,7 +459,7 @@ def test_one_address_holds_at_most_max_detached_per_ip_detached_sessions(small_s
         for created in [*dropped[1:], other]:
             await resume_and_close(port, created)
         # The client reads its close before the server's session task has ended and unregistered the session.
-        await until(lambda: metric(port, "ais_sessions_active") == 0)
+        assert wait_until(lambda: metric(port, "ais_sessions_active") == 0)
 
     asyncio.run(main())
 
