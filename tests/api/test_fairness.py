@@ -59,6 +59,7 @@ class BufferedSocket:
     def __init__(self, name: str, frames: list[bytes], received: list[str]) -> None:
         self.name = name
         self.application_state = None
+        self.scope: dict = {}  # no ASGI server's extensions: every message comes through receive()
         self._frames: asyncio.Queue = asyncio.Queue()
         for frame in frames:
             self._frames.put_nowait({"type": "websocket.receive", "bytes": frame})
@@ -85,6 +86,7 @@ class TransportSocket(BufferedSocket):
     async def open(cls, name: str, frames: list[bytes], received: list[str]) -> TransportSocket:
         socket = cls(name, [], received)
         socket.protocol, _ = await open_protocol(fast_path=True)
+        socket.scope = socket.protocol.scope  # the transport's extensions, as the app sees them
         socket.protocol.data_received(b"".join(Frame(Opcode.BINARY, frame).serialize(mask=True) for frame in frames))
         return socket
 

@@ -25,11 +25,13 @@ from typing import Any, Protocol
 
 from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
+from audio_interaction_server.api.transport import DIRECT_MESSAGES_EXTENSION
 from audio_interaction_server.engine.events import EngineEvent
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
 
@@ -587,25 +589,47 @@ class StreamConnection:
 
     async def _receive_loop(self, outbox: Outbox) -> None:
         websocket = outbox.websocket
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                # A close frame saying the client is done (1000) or leaving (1001: a page navigated away) ends
-                # the session; a dropped network sends none (1006), and any other code may be a client's error.
-                self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
-                return
-            if outbox.is_closing:
-                # Once this socket closes, nothing more is taken from it: the transport stops reading once
-                # PAUSE_READING_QUEUED_BYTES wait (api/transport.py), so a client cut for a flood (or closed as
-                # too slow) that goes on sending costs a bounded parse at most; the send loop ends it.
-                await asyncio.Event().wait()
-            payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
-            if payload is not None:
-                now_s = time.monotonic()
-                for command in self.codec.decode(payload):
-                    self.deliver(self.session.handle(command, now_s))
-            # No yield here for a flood's backlog: the transport's receive takes one queued message per loop turn
-            # (api/transport.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no extra turn.
+        # Under our transport, a message that arrives while this loop waits is taken in the transport's callback
+        # (no queue, no task wake-up: most of a real-time frame's cost); the rest still come through receive.
+        take_with = websocket.scope.get("extensions", {}).get(DIRECT_MESSAGES_EXTENSION, {}).get("take_with")
+        if take_with is not None:
+            take_with(lambda message: self._take_directly(outbox, message))
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    # A close frame saying the client is done (1000) or leaving (1001: a page navigated away) ends
+                    # the session; a dropped network sends none (1006), and any other code may be a client's error.
+                    self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+                    return
+                if outbox.is_closing:
+                    # Once this socket closes, nothing more is taken from it: the transport stops reading once
+                    # PAUSE_READING_QUEUED_BYTES wait (api/transport.py), so a client cut for a flood (or closed as
+                    # too slow) that goes on sending costs a bounded parse at most; the send loop ends it.
+                    await asyncio.Event().wait()
+                self._take(message)
+                # No yield here for a flood's backlog: the transport's receive takes one queued message per loop
+                # turn (api/transport.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no
+                # extra turn.
+        finally:
+            if take_with is not None:
+                take_with(None)
+
+    def _take_directly(self, outbox: Outbox, message: Message) -> bool:
+        """A message from the transport's callback while the receive loop waits; refused (queued for the loop,
+        which stops there) once the socket closes."""
+        if outbox.is_closing:
+            return False
+        self._take(message)
+        return True
+
+    def _take(self, message: Message) -> None:
+        """A client's data message: its commands through the session, the answers delivered."""
+        payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
+        if payload is not None:
+            now_s = time.monotonic()
+            for command in self.codec.decode(payload):
+                self.deliver(self.session.handle(command, now_s))
 
     async def _poll_loop(self) -> None:
         while True:

@@ -40,7 +40,7 @@ import logging
 import re
 import time
 from collections import Counter as Tally
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, cast
 
 import h11
@@ -77,6 +77,11 @@ FAST_PATH_FIRST_BYTES = frozenset((0x81, 0x82))
 # The websockets parser waits here, and only here, between frames: ``Protocol.parse`` asks the reader for EOF
 # before each frame's first byte.
 _BETWEEN_FRAMES_CODE = StreamReader.at_eof.__code__
+# The ASGI scope extension (``scope["extensions"]``) through which an app takes whole data messages in the
+# transport's own callback (``GuardedWebSocketProtocol.take_messages_with``); absent under other servers.
+DIRECT_MESSAGES_EXTENSION = "ais.direct_messages"
+# An app's handler for such a message: True when it took the message, False to have it queued for its receive.
+DirectMessageHandler = Callable[[ASGIReceiveEvent], bool]
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 # The loggers a flood of connections can make write: one line per burst, with a count.
@@ -463,6 +468,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
         self._partial_frame = bytearray()  # the start of a frame ``_split_frames`` waits to see whole
         self.num_fast_frames = 0  # frames that skipped the websockets parser (for tests)
+        self._direct_handler: DirectMessageHandler | None = None
+        self._may_deliver_directly = False  # one message per read may go to the handler (fairness, below)
+        self.num_direct_messages = 0  # messages the app's handler took (for tests)
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -479,7 +487,27 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             self.transport.deadline.cancel()
         super().connection_lost(exc)
 
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # the app's task is created, not yet run: the scope is still ours
+            self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with}
+
+    def take_messages_with(self, handler: DirectMessageHandler | None) -> None:
+        """Hand whole data messages to ``handler`` as they are read, instead of queueing them for ``receive``
+        (None: back to the queue). The app registers it while its receive loop waits, and only then.
+
+        Why: at real-time pace every audio frame otherwise costs a queue put, a task wake-up and the ASGI
+        receive chain before the app sees it, more than the app's own work for the frame (docs/performance.md,
+        "Host cost per stream"). Order is kept: the handler gets a message only when none waits in the queue,
+        and the app takes queued ones through ``receive`` as before. Fairness is kept: at most one message per
+        read goes to the handler; a flood's other messages queue, and ``receive`` takes them one per loop turn.
+        A handler's exception is the app's failure: logged, and the connection closed with 1011 (as uvicorn does
+        when an app raises), the app seeing the disconnect.
+        """
+        self._direct_handler = handler
+
     def data_received(self, data: bytes) -> None:
+        self._may_deliver_directly = True
         if self._partial_frame:
             self._partial_frame += data
             self._split_frames(self._partial_frame)
@@ -584,10 +612,26 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._pause_for_backlog()
 
     def _queue_for_app(self, message: ASGIReceiveEvent, num_bytes: int) -> None:
-        """A message from ``_split_frames``: as uvicorn queues one, with the backlog's books."""
+        """A message from ``_split_frames``: to the app's direct handler when it may take it, else queued as uvicorn
+        queues one, with the backlog's books."""
+        if self._may_deliver_directly and self._direct_handler is not None and self.queue.empty():
+            self._may_deliver_directly = False
+            if self._deliver_directly(self._direct_handler, message):
+                return
         self.queue.put_nowait(message)
         self._queued_bytes += num_bytes
         self._pause_for_backlog()
+
+    def _deliver_directly(self, handler: DirectMessageHandler, message: ASGIReceiveEvent) -> bool:
+        try:
+            taken = handler(message)
+        except Exception:
+            self.logger.exception("Exception in ASGI application (a message taken from the transport)\n")
+            self._direct_handler = None
+            self._fail(1011, "internal error")
+            return True
+        self.num_direct_messages += taken
+        return taken
 
     def _pause_for_backlog(self) -> None:
         if not self.read_paused and (self._queued_bytes >= PAUSE_READING_QUEUED_BYTES
@@ -640,12 +684,16 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def _fail_policy(self, reason: str, message: str) -> None:
         self.transport_guard.closed(reason, self.client, message)
-        self.conn.data_to_send()  # the pongs the flood asked for are not sent
-        self.conn.fail(1008, message)
+        self._fail(1008, message)
+
+    def _fail(self, code: int, message: str) -> None:
+        """Close with ``code`` now, and tell the app (a disconnect with that code)."""
+        self.conn.data_to_send()  # pongs a flood asked for are not sent
+        self.conn.fail(code, message)
         self.transport.write(b"".join(self.conn.data_to_send()))
         if not self.close_sent:
             self.close_sent = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": message})
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": message})
         self.transport.close()
 
     def _close_timed_out(self) -> None:

@@ -1,0 +1,177 @@
+"""Messages taken in the transport's callback (api/transport.py, ``take_messages_with``; api/connection.py).
+
+While a session's receive loop waits, a whole data message is handed to it as it is read, without the queue and
+the task wake-up. What must hold: the app sees every message once and in order, whatever mix of direct and
+queued; a flood read at once still goes one message per loop turn; control frames and fragments never reach
+the handler; a handler's failure closes only its own connection (1011) and tells the app. The protocol cases
+run the server's own protocol after a real handshake (``benchmarks.frame_parsing.open_protocol``); the last
+case runs a real server and session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.sync.client import connect
+
+from audio_interaction_server.api.transport import DIRECT_MESSAGES_EXTENSION
+from benchmarks.frame_parsing import open_protocol
+from benchmarks.harness import LiveServer
+from tests.api.test_app import API_KEY, recv_event, send_configure, server_config
+from tests.api.test_transport import close_code, server_frames
+
+
+def client_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=True)
+
+
+def audio(index: int) -> bytes:
+    return client_frame(Opcode.BINARY, bytes([index]) * 3200)
+
+
+class Handler:
+    """The app's side: records what it took; ``refuse`` makes it hand messages back to the queue."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.taken: list[bytes] = []
+        self.refuse = refuse
+
+    def __call__(self, message: dict) -> bool:
+        if self.refuse:
+            return False
+        self.taken.append(message["bytes"])
+        return True
+
+
+def queued(protocol) -> list[bytes | str]:
+    messages = []
+    while not protocol.queue.empty():
+        message = protocol.queue.get_nowait()
+        messages.append(message.get("bytes", message.get("text")))
+    return messages
+
+
+async def with_protocol(body) -> None:
+    """``body(protocol, transport, take_with)`` on the server's protocol after a handshake the app accepted."""
+    protocol, transport = await open_protocol(fast_path=True)
+    try:
+        await body(protocol, transport, protocol.scope["extensions"][DIRECT_MESSAGES_EXTENSION]["take_with"])
+    finally:
+        for task in list(protocol.tasks):
+            task.cancel()
+        await asyncio.gather(*protocol.tasks, return_exceptions=True)
+
+
+def test_a_message_read_alone_goes_to_the_handler_and_none_is_queued():
+    async def body(protocol, transport, take_with) -> None:
+        handler = Handler()
+        take_with(handler)
+        for index in range(5):
+            protocol.data_received(audio(index))
+        assert handler.taken == [bytes([index]) * 3200 for index in range(5)]
+        assert queued(protocol) == [] and protocol.num_direct_messages == 5
+
+    asyncio.run(with_protocol(body))
+
+
+def test_of_messages_read_together_one_goes_to_the_handler_and_the_rest_queue_in_order():
+    """Fairness and order: one message per read is taken in the callback; once any wait in the queue, later
+    ones queue behind them (the app's receive takes them one per loop turn) until the queue is empty again."""
+    async def body(protocol, transport, take_with) -> None:
+        handler = Handler()
+        take_with(handler)
+        protocol.data_received(audio(0) + audio(1) + audio(2))
+        protocol.data_received(audio(3))  # the queue is not empty: behind 1 and 2, not before them
+        assert handler.taken == [bytes([0]) * 3200]
+        assert queued(protocol) == [bytes([index]) * 3200 for index in (1, 2, 3)]
+        protocol.data_received(audio(4))  # the queue is empty again
+        assert handler.taken[-1] == bytes([4]) * 3200 and queued(protocol) == []
+
+    asyncio.run(with_protocol(body))
+
+
+def test_control_frames_and_fragments_never_reach_the_handler():
+    async def body(protocol, transport, take_with) -> None:
+        handler = Handler()
+        take_with(handler)
+        transport.written.clear()
+        protocol.data_received(client_frame(Opcode.PING, b"p"))
+        assert transport.written, "the ping was answered"
+        protocol.data_received(client_frame(Opcode.BINARY, b"ab", fin=False))
+        protocol.data_received(client_frame(Opcode.CONT, b"cd"))
+        protocol.data_received(audio(7))  # behind the reassembled message in the queue
+        assert handler.taken == [] and queued(protocol) == [b"abcd", bytes([7]) * 3200]
+
+    asyncio.run(with_protocol(body))
+
+
+def test_a_message_the_handler_refuses_and_any_after_it_unregisters_are_queued():
+    async def body(protocol, transport, take_with) -> None:
+        take_with(Handler(refuse=True))  # a socket that is closing takes nothing more (StreamConnection)
+        protocol.data_received(audio(0))
+        assert queued(protocol) == [bytes([0]) * 3200] and protocol.num_direct_messages == 0
+        handler = Handler()
+        take_with(handler)
+        take_with(None)  # the receive loop ended
+        protocol.data_received(audio(1))
+        assert handler.taken == [] and queued(protocol) == [bytes([1]) * 3200]
+
+    asyncio.run(with_protocol(body))
+
+
+def test_a_failing_handler_closes_its_connection_with_1011_and_the_app_sees_the_disconnect():
+    async def body(protocol, transport, take_with) -> None:
+        taken = []
+
+        def failing(message: dict) -> bool:
+            taken.append(message)
+            raise RuntimeError("a bug in the session")
+
+        take_with(failing)
+        transport.written.clear()
+        logged: list[logging.LogRecord] = []
+        recorder = logging.Handler()
+        recorder.emit = logged.append
+        protocol.logger.addHandler(recorder)  # uvicorn's own logger: it does not propagate to pytest's
+        protocol.logger.setLevel(logging.ERROR)
+        protocol.data_received(audio(0))
+        protocol.data_received(audio(1))  # after the close: neither the handler nor the queue
+        protocol.logger.removeHandler(recorder)
+        assert len(taken) == 1 and transport.closed
+        assert close_code(server_frames(bytes(transport.written))) == 1011
+        assert protocol.queue.get_nowait() == {"type": "websocket.disconnect", "code": 1011,
+                                               "reason": "internal error"}
+        assert protocol.queue.empty()
+        assert [str(record.exc_info[1]) for record in logged] == ["a bug in the session"]
+
+    asyncio.run(with_protocol(body))
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    yield server
+    server.stop()
+
+
+def test_a_live_session_takes_its_audio_in_the_transports_callback(live):
+    """A real session over the real server: every chunk is decided, and the frames were taken directly."""
+    protocols = live.server.config.ws_protocol_class.transport_guard.open_connections
+    with connect(f"{live.ws_url}/v1/stream", additional_headers={"Authorization": f"Bearer {API_KEY}"}) as ws:
+        assert recv_event(ws)["type"] == "session.created"
+        assert send_configure(ws, decision_events=True)["type"] == "session.updated"
+        frame = (np.sin(np.arange(1600) / 7.0) * 3000).astype("<i2").tobytes()  # 100 ms of 16 kHz s16
+        for _ in range(12):  # 1.2 s: 3 chunks
+            ws.send(frame)
+            time.sleep(0.02)  # a frame per read, as from a real-time client
+        ws.send('{"type": "input.flush", "trailing_silence_s": 0}')
+        decided = 0
+        while decided < 3:
+            event = recv_event(ws)
+            decided += event["type"] == "decision"
+        assert sum(protocol.num_direct_messages for protocol in protocols) >= 12
