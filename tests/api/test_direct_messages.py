@@ -1,9 +1,12 @@
-"""Messages taken in the transport's callback (api/transport.py, ``take_messages_with``; api/connection.py).
+"""Messages taken in the transport's callback (api/transport.py, ``take_messages_with``; api/connection.py), and
+events written in the caller's turn (``send_text_now``; ``Outbox.put``).
 
 While a session's receive loop waits, a whole data message is handed to it as it is read, without the queue and
 the task wake-up. What must hold: the app sees every message once and in order, whatever mix of direct and
 queued; a flood read at once still goes one message per loop turn; control frames and fragments never reach
-the handler; a handler's failure closes only its own connection (1011) and tells the app. The protocol cases
+the handler; a handler's failure closes only its own connection (1011) and tells the app. On the way out, an
+event goes at once only with nothing queued or in flight before it, numbered as the send loop would number it,
+and never on a connection that cannot take it (closing, or its peer not reading). The protocol cases
 run the server's own protocol after a real handshake (``benchmarks.frame_parsing.open_protocol``); the last
 case runs a real server and session.
 """
@@ -11,15 +14,20 @@ case runs a real server and session.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 
 import numpy as np
 import pytest
 from websockets.frames import Frame, Opcode
+from starlette.websockets import WebSocket, WebSocketState
 from websockets.sync.client import connect
 
+from audio_interaction_server.api.connection import Outbox, ReplayLog
 from audio_interaction_server.api.transport import DIRECT_MESSAGES_EXTENSION
+from audio_interaction_server.protocol import DecisionEvent
 from benchmarks.frame_parsing import open_protocol
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, recv_event, send_configure, server_config
@@ -175,3 +183,63 @@ def test_a_live_session_takes_its_audio_in_the_transports_callback(live):
             event = recv_event(ws)
             decided += event["type"] == "decision"
         assert sum(protocol.num_direct_messages for protocol in protocols) >= 12
+        assert sum(protocol.num_texts_sent_now for protocol in protocols) >= 3  # the decisions at least
+
+
+# ---- the send side: events written in the caller's turn when nothing waits before them ----------------------
+
+def decision(chunk: int) -> DecisionEvent:
+    return DecisionEvent(session_id="s", chunk=chunk, token_id=1, decision="keep_silence",
+                         audio_time_s=0.4 * (chunk + 1))
+
+
+def sent_texts(transport) -> list[dict]:
+    return [json.loads(payload) for opcode, payload in server_frames(bytes(transport.written)) if opcode == 1]
+
+
+def accepted_websocket(protocol) -> WebSocket:
+    """The app's starlette WebSocket over the protocol, in the state the accepting app left it."""
+    websocket = WebSocket(protocol.scope, protocol.receive, protocol.send)
+    websocket.client_state = websocket.application_state = WebSocketState.CONNECTED
+    return websocket
+
+
+def test_events_with_nothing_queued_before_them_are_written_at_once_numbered_in_order():
+    """Written in the caller's turn while the peer reads; once it does not (the transport paused writing), they
+    queue and the send loop writes them when it may, in order, and later events wait behind them."""
+    async def body(protocol, transport, take_with) -> None:
+        log = ReplayLog(100, 10**6)
+        outbox = Outbox(accepted_websocket(protocol), 100, 10**6, stamp=functools.partial(log.stamp, keep=True))
+        sending = asyncio.create_task(outbox.send_loop())
+        transport.written.clear()
+        outbox.put([decision(0), decision(1)])
+        assert [event["seq"] for event in sent_texts(transport)] == [1, 2] and len(outbox) == 0
+        protocol.pause_writing()  # the peer stopped reading
+        outbox.put([decision(2)])
+        assert len(outbox) == 1 and len(sent_texts(transport)) == 2, "queued, not numbered, not written"
+        for _ in range(5):
+            await asyncio.sleep(0)  # the send loop takes it and waits for the transport
+        assert len(outbox) == 0 and len(sent_texts(transport)) == 2
+        protocol.resume_writing()
+        outbox.put([decision(3)])  # the send loop still holds chunk 2: behind it, not at once
+        assert len(outbox) == 1
+        for _ in range(20):
+            await asyncio.sleep(0)
+        events = sent_texts(transport)
+        assert [(event["chunk"], event["seq"]) for event in events] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+        assert outbox.num_sent_now == 2 and protocol.num_texts_sent_now == 2
+        outbox.put([decision(4)])  # the queue is empty again
+        assert outbox.num_sent_now == 3 and sent_texts(transport)[-1]["seq"] == 5
+        sending.cancel()
+
+    asyncio.run(with_protocol(body))
+
+
+def test_nothing_is_written_at_once_on_a_closing_connection():
+    async def body(protocol, transport, take_with) -> None:
+        made = []
+        protocol.conn.send_close(1000)  # the app's close went out
+        protocol.close_sent = True
+        assert not protocol.send_text_now(lambda: made.append(1) or ["x"]) and made == []
+
+    asyncio.run(with_protocol(body))

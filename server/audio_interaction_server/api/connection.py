@@ -197,12 +197,22 @@ class Outbox:
         self._has_items = asyncio.Event()
         self.is_closing = False
         self.num_coalesced = 0
+        # Under our transport an event with nothing queued before it is written in the caller's turn, without a
+        # wake-up of the send loop (api/transport.py, send_text_now); elsewhere every event goes through it.
+        extensions = getattr(websocket, "scope", {}).get("extensions", {})
+        self._send_now = extensions.get(DIRECT_MESSAGES_EXTENSION, {}).get("send_text_now")
+        self._is_sending = False  # the send loop holds an event it took from the queue: later ones wait behind it
+        self.num_sent_now = 0
 
     def put(self, events: list) -> bool:
         """False once the client is too far behind (the caller then ends the connection)."""
         if self.is_closing:
             return True
         for event in events:
+            if self._send_now is not None and not self._items and not self._is_sending and self._send_now(
+                    functools.partial(self._texts_of, event, None)):
+                self.num_sent_now += 1
+                continue
             if not self._merge_into_last(event):
                 if len(self._items) >= self.max_events:
                     return False
@@ -278,13 +288,22 @@ class Outbox:
                 if self.websocket.application_state is not WebSocketState.DISCONNECTED:
                     await self.websocket.close(item.code)
                 return
-            if isinstance(item, Unnumbered):
-                item = item.event
-            elif self.stamp is not None and item.seq is None:
-                item = self.stamp(item, size)  # numbered (and kept for a resume) before the send that may fail
-            for frame in self._encode(item):
-                await self.websocket.send_text(frame)
+            self._is_sending = True
+            try:
+                for frame in self._texts_of(item, size):
+                    await self.websocket.send_text(frame)
+            finally:
+                self._is_sending = False
             await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
+
+    def _texts_of(self, item, size: int | None) -> list[str]:
+        """The frames of an event as it goes out: numbered first (and kept for a resume) unless it is a replay's
+        or unnumbered."""
+        if isinstance(item, Unnumbered):
+            item = item.event
+        elif self.stamp is not None and item.seq is None:
+            item = self.stamp(item, size)  # numbered before the send that may fail
+        return self._encode(item)
 
 
 class Subscriber:

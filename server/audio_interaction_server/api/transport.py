@@ -471,6 +471,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._direct_handler: DirectMessageHandler | None = None
         self._may_deliver_directly = False  # one message per read may go to the handler (fairness, below)
         self.num_direct_messages = 0  # messages the app's handler took (for tests)
+        self.num_texts_sent_now = 0  # text messages written by send_text_now (for tests)
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -490,7 +491,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101:  # the app's task is created, not yet run: the scope is still ours
-            self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with}
+            self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with,
+                                                                   "send_text_now": self.send_text_now}
 
     def take_messages_with(self, handler: DirectMessageHandler | None) -> None:
         """Hand whole data messages to ``handler`` as they are read, instead of queueing them for ``receive``
@@ -505,6 +507,25 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         when an app raises), the app seeing the disconnect.
         """
         self._direct_handler = handler
+
+    def send_text_now(self, make_texts: Callable[[], list[str]]) -> bool:
+        """Write the text messages ``make_texts()`` returns now, as the ASGI ``websocket.send`` of each would;
+        False, without calling it, where such a send would wait or fail (the peer is not reading, the connection
+        is closing): the app sends them the ASGI way then, behind anything it already queued. ``make_texts`` is
+        called only when they go (an app numbers its events as they are sent).
+
+        Why: the app's send otherwise wakes a sender task per event and goes through the ASGI send chain, a
+        sizeable share of a real-time stream's cost for a 150-byte event (docs/performance.md, "Host cost per
+        stream"). The app calls it only when nothing of its own waits to be sent, so the order holds.
+        """
+        if (not self.writable.is_set() or self.disconnected or self.close_sent or not self.handshake_complete
+                or self.initial_response is not None or self.conn.state is not WebSocketState.OPEN):
+            return False
+        for text in make_texts():
+            self.conn.send_text(text.encode())
+            self.num_texts_sent_now += 1
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
 
     def data_received(self, data: bytes) -> None:
         self._may_deliver_directly = True
