@@ -81,3 +81,13 @@ def test_session_state_gauges_read_the_source_at_each_scrape():
     assert values["ais_session_kv_positions"] == 0
     state["ais_session_history_chunks"] = 2  # read again at the next scrape, not cached
     assert samples(metrics)["ais_session_history_chunks"] == 2
+
+
+def test_audio_received_is_counted_in_seconds_and_exposed_as_a_counter():
+    metrics = Metrics()
+    assert samples(metrics)["ais_audio_received_seconds_total"] == 0
+    for _ in range(25):
+        metrics.audio_received(0.02)  # 20 ms frames
+    metrics.audio_received(0.5)
+    assert samples(metrics)["ais_audio_received_seconds_total"] == pytest.approx(1.0)
+    assert "# TYPE ais_audio_received_seconds_total counter" in metrics.render().decode()
