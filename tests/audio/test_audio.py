@@ -13,6 +13,7 @@ import torch
 
 from audio_interaction_server.audio.frontend import (
     AudioFormatError,
+    decode_checked_pcm,
     LogMelChunker,
     StreamingLogMel,
     StreamingResampler,
@@ -376,3 +377,15 @@ def test_flushed_silence_does_not_cost_one_stft_per_chunk(speech: np.ndarray, mo
     chunks = front_end.push(np.zeros(160_000, np.float32)) + front_end.flush()
     assert len(before) == 1 and len(chunks) == 26
     assert len(calls) <= 3, f"{len(calls)} STFT blocks for 10 s of silence"
+
+
+def test_s16_decoding_is_whispers_scaling_for_every_sample_value():
+    """``decode_checked_pcm`` scales s16 in one pass (a product by 2**-15): bit for bit ``astype(float32) / 32768``,
+    whisper.load_audio's scaling, for all 65,536 values; stereo is their mean in float32."""
+    values = np.arange(-32768, 32768, dtype="<i2")
+    expected = values.astype(np.float32) / 32768.0
+    decoded = decode_checked_pcm(values.tobytes(), "pcm_s16le", 1)
+    assert decoded.dtype == np.float32 and decoded.flags.c_contiguous
+    assert np.array_equal(decoded.view(np.int32), expected.view(np.int32))
+    stereo = decode_checked_pcm(values.tobytes(), "pcm_s16le", 2)
+    assert np.array_equal(stereo, expected.reshape(-1, 2).mean(axis=1, dtype=np.float32))

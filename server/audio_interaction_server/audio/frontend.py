@@ -49,6 +49,7 @@ MAX_ABS_F32_SAMPLE: Final = 100.0
 
 SampleFormat = Literal["pcm_s16le", "pcm_f32le"]
 _SAMPLE_DTYPES: Final[dict[str, np.dtype]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+_S16_SCALE: Final = np.float32(2.0**-15)  # 1 / 32768
 
 
 class AudioFormatError(ValueError):
@@ -94,7 +95,9 @@ def decode_checked_pcm(data: bytes, sample_format: SampleFormat, num_channels: i
     """``decode_pcm`` of bytes ``check_pcm`` has passed already (a stream's kept frames): the checks not again."""
     samples = np.frombuffer(data, dtype=_SAMPLE_DTYPES[sample_format])
     if sample_format == "pcm_s16le":
-        samples = samples.astype(np.float32) / 32768.0  # same scaling as whisper.load_audio
+        # x / 32768 as whisper.load_audio scales, in one pass: int16 -> float32 is exact and so is a power of two,
+        # so the product is the quotient's bits (tests/audio/test_audio.py checks all 65,536 values).
+        samples = np.multiply(samples, _S16_SCALE, dtype=np.float32)
     if num_channels > 1:
         samples = samples.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
     return np.ascontiguousarray(samples, dtype=np.float32)
@@ -140,6 +143,11 @@ class StreamingResampler:
         if input_rate_hz != SAMPLE_RATE_HZ:
             self._stream = soxr.ResampleStream(input_rate_hz, SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
         self._is_flushed = False
+
+    @property
+    def passes_through(self) -> bool:
+        """16 kHz input: ``process`` returns a copy of its input (a caller with samples of its own may skip it)."""
+        return self._stream is None and not self._is_flushed
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         if self._is_flushed:
@@ -369,14 +377,16 @@ class LogMelChunker:
             return _silent_block_log_mel().clone()
         return _log_mel_block(block)  # (128, 40)
 
-    def push_blocks(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
-        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
+    def push_blocks(self, samples_16k: np.ndarray, *, known_finite: bool = False) -> list[torch.Tensor]:
+        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``.
+        ``known_finite``: the caller's samples cannot hold NaN or Inf (decoded from frames ``check_pcm`` passed, as
+        a stream's are), so the check is not paid again per chunk."""
         if self._is_flushed:
             raise RuntimeError("stream was flushed; call reset() to start a new one")
         samples = np.asarray(samples_16k, dtype=np.float32)
         if samples.ndim != 1:
             raise ValueError(f"expected mono samples (1-D), got shape {samples.shape}")
-        if not np.isfinite(samples).all():  # one NaN would poison every later frame's running max
+        if not known_finite and not np.isfinite(samples).all():  # one NaN would poison every later running max
             raise ValueError("samples contain NaN or Inf")
         chunks: list[torch.Tensor] = []
         position = 0

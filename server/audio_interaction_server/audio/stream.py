@@ -98,7 +98,7 @@ class AudioInput:
     def accept(self, samples: np.ndarray) -> int:
         """Decoded samples (mono float32 at the format's rate) into the stream; returns chunks pushed."""
         self._receive(samples.shape[0])
-        return self._decode_pending() + self._resample_and_cut(samples)
+        return self._decode_pending() + self._resample_and_cut(samples, known_finite=False)
 
     def set_format(self, audio_format: AudioFormat) -> int:
         """Switch the input format; the 16 kHz stream goes on unbroken. Returns chunks pushed."""
@@ -168,14 +168,17 @@ class AudioInput:
         data = self._pending_frames[0] if len(self._pending_frames) == 1 else b"".join(self._pending_frames)
         self._pending_frames.clear()
         self._num_pending_frames = 0
-        return self._resample_and_cut(decode_checked_pcm(data, self.format.sample_format, self.format.num_channels))
+        samples = decode_checked_pcm(data, self.format.sample_format, self.format.num_channels)
+        return self._resample_and_cut(samples, known_finite=True)  # check_pcm refused NaN and Inf
 
-    def _resample_and_cut(self, samples: np.ndarray) -> int:
+    def _resample_and_cut(self, samples: np.ndarray, known_finite: bool) -> int:
         assert self._resampler is not None and self._front_end is not None
-        resampled = self._resampler.process(samples)
+        # The chunker copies what it is given into its own buffer: at 16 kHz nothing needs a copy before it.
+        resampled = samples if self._resampler.passes_through else self._resampler.process(samples)
         self._num_resampler_input_frames += samples.shape[0]
         self._num_resampler_output_samples += resampled.shape[0]
-        num_pushed = self._push(self._front_end, self._front_end.push_blocks(resampled))
+        # Resampling finite samples (of bounded magnitude) gives finite samples.
+        num_pushed = self._push(self._front_end, self._front_end.push_blocks(resampled, known_finite=known_finite))
         self._count_frames_to_decode()
         return num_pushed
 
@@ -198,6 +201,8 @@ class AudioInput:
     def _push(self, front_end: LogMelChunker, blocks: list[torch.Tensor]) -> int:
         if blocks:
             first_chunk_index = front_end.num_chunks_emitted - len(blocks)
-            self._push_chunks(PaddedBlocks(torch.stack(blocks).numpy(), first_chunk_index))  # (N, 6640)
+            # One block (the usual case at real time) is already a copy of its own: viewed as (1, 6640), not copied.
+            samples = blocks[0].numpy()[None] if len(blocks) == 1 else torch.stack(blocks).numpy()  # (N, 6640)
+            self._push_chunks(PaddedBlocks(samples, first_chunk_index))
             self.num_chunks_pushed += len(blocks)
         return len(blocks)
