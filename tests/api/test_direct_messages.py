@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from websockets.sync.client import connect
 
 from audio_interaction_server.api.connection import Outbox, ReplayLog
-from audio_interaction_server.api.transport import DIRECT_MESSAGES_EXTENSION
+from audio_interaction_server.api.transport import direct_messages
 from audio_interaction_server.protocol import DecisionEvent
 from benchmarks.frame_parsing import open_protocol
 from benchmarks.harness import LiveServer
@@ -68,7 +68,7 @@ async def with_protocol(body) -> None:
     """``body(protocol, transport, take_with)`` on the server's protocol after a handshake the app accepted."""
     protocol, transport = await open_protocol(fast_path=True)
     try:
-        await body(protocol, transport, protocol.scope["extensions"][DIRECT_MESSAGES_EXTENSION]["take_with"])
+        await body(protocol, transport, direct_messages(protocol).take_with)
     finally:
         for task in list(protocol.tasks):
             task.cancel()

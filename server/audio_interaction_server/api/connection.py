@@ -19,19 +19,18 @@ import secrets
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
-from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
-from audio_interaction_server.api.transport import DIRECT_MESSAGES_EXTENSION
+from audio_interaction_server.api.transport import direct_messages
 from audio_interaction_server.engine.events import EngineEvent
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
 
@@ -199,8 +198,8 @@ class Outbox:
         self.num_coalesced = 0
         # Under our transport an event with nothing queued before it is written in the caller's turn, without a
         # wake-up of the send loop (api/transport.py, send_text_now); elsewhere every event goes through it.
-        extensions = getattr(websocket, "scope", {}).get("extensions", {})
-        self._send_now = extensions.get(DIRECT_MESSAGES_EXTENSION, {}).get("send_text_now")
+        extension = direct_messages(websocket)
+        self._send_now = None if extension is None else extension.send_text_now
         self._is_sending = False  # the send loop holds an event it took from the queue: later ones wait behind it
         self.num_sent_now = 0
 
@@ -610,9 +609,9 @@ class StreamConnection:
         websocket = outbox.websocket
         # Under our transport, a message that arrives while this loop waits is taken in the transport's callback
         # (no queue, no task wake-up: most of a real-time frame's cost); the rest still come through receive.
-        take_with = websocket.scope.get("extensions", {}).get(DIRECT_MESSAGES_EXTENSION, {}).get("take_with")
-        if take_with is not None:
-            take_with(lambda message: self._take_directly(outbox, message))
+        extension = direct_messages(websocket)
+        if extension is not None:
+            extension.take_with(lambda message: self._take_directly(outbox, message))
         try:
             while True:
                 message = await websocket.receive()
@@ -631,10 +630,10 @@ class StreamConnection:
                 # turn (api/transport.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no
                 # extra turn.
         finally:
-            if take_with is not None:
-                take_with(None)
+            if extension is not None:
+                extension.take_with(None)
 
-    def _take_directly(self, outbox: Outbox, message: Message) -> bool:
+    def _take_directly(self, outbox: Outbox, message: Mapping[str, Any]) -> bool:
         """A message from the transport's callback while the receive loop waits; refused (queued for the loop,
         which stops there) once the socket closes."""
         if outbox.is_closing:
@@ -642,7 +641,7 @@ class StreamConnection:
         self._take(message)
         return True
 
-    def _take(self, message: Message) -> None:
+    def _take(self, message: Mapping[str, Any]) -> None:
         """A client's data message: its commands through the session, the answers delivered."""
         payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
         if payload is not None:

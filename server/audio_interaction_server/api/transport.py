@@ -41,7 +41,7 @@ import re
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import h11
 from prometheus_client import CollectorRegistry, Counter
@@ -82,6 +82,21 @@ _BETWEEN_FRAMES_CODE = StreamReader.at_eof.__code__
 DIRECT_MESSAGES_EXTENSION = "ais.direct_messages"
 # An app's handler for such a message: True when it took the message, False to have it queued for its receive.
 DirectMessageHandler = Callable[[ASGIReceiveEvent], bool]
+
+
+class DirectMessages(NamedTuple):
+    """What ``DIRECT_MESSAGES_EXTENSION`` offers an app (``GuardedWebSocketProtocol``'s two methods; in the scope
+    a dict, as ASGI's extensions are)."""
+
+    take_with: Callable[[DirectMessageHandler | None], None]
+    send_text_now: Callable[[Callable[[], Any]], bool]
+
+
+def direct_messages(websocket: Any) -> DirectMessages | None:
+    """The extension of ``websocket``'s connection (an ASGI scope holder, such as starlette's WebSocket), or None
+    where it runs under another server (or is a test's double without a scope)."""
+    extension = getattr(websocket, "scope", {}).get("extensions", {}).get(DIRECT_MESSAGES_EXTENSION)
+    return None if extension is None else DirectMessages(extension["take_with"], extension["send_text_now"])
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 # The loggers a flood of connections can make write: one line per burst, with a count.
