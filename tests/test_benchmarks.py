@@ -61,3 +61,28 @@ def test_the_frame_parsing_benchmark_prints_both_paths_and_their_ratio():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| websockets parser |" in result.stdout and "| fast path |" in result.stdout
     assert "parser / fast path: " in result.stdout
+
+
+def test_the_audio_chain_benchmark_prints_each_format():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.audio_chain", "--seconds", "1", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ") and " kHz " in line}
+    assert set(rows) == {"16 kHz s16 mono, 100 ms", "16 kHz s16 mono, 20 ms", "48 kHz s16 stereo, 20 ms",
+                         "24 kHz s16 mono, 20 ms"}, result.stdout
+    for num_bytes, num_chunks, us_per_frame in rows.values():
+        assert int(num_bytes) > 0 and int(num_chunks) == 2 and float(us_per_frame) > 0  # 1 s of audio: 0.8 s of chunks
+    assert rows["16 kHz s16 mono, 100 ms"][0] == "3200"
+
+
+def test_the_audio_chain_benchmark_compares_against_another_checkout():
+    """``--against``: both chains, each round in its own interpreter; here the other checkout is this one."""
+    command = [sys.executable, "-m", "benchmarks.audio_chain", "--seconds", "1", "--rounds", "1",
+               "--against", str(ROOT / "server")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and " kHz " in line]
+    assert len(rows) == 4, result.stdout
+    for _, this_us, other_us, ratio in rows:
+        assert float(this_us) > 0 and float(other_us) > 0 and float(ratio) > 0

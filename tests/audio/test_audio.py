@@ -13,6 +13,7 @@ import torch
 
 from audio_interaction_server.audio.frontend import (
     AudioFormatError,
+    checked_pcm_values,
     decode_checked_pcm,
     LogMelChunker,
     StreamingLogMel,
@@ -389,3 +390,32 @@ def test_s16_decoding_is_whispers_scaling_for_every_sample_value():
     assert np.array_equal(decoded.view(np.int32), expected.view(np.int32))
     stereo = decode_checked_pcm(values.tobytes(), "pcm_s16le", 2)
     assert np.array_equal(stereo, expected.reshape(-1, 2).mean(axis=1, dtype=np.float32))
+
+
+@pytest.mark.parametrize("num_channels", [1, 2, 3, 4, 5, 6, 7, 8, 16, 600])
+@pytest.mark.parametrize("sample_format", ["pcm_s16le", "pcm_f32le"])
+def test_decoding_averages_channels_as_numpys_mean_bit_for_bit(sample_format: str, num_channels: int) -> None:
+    """Channels are averaged as ``mean(axis=1, dtype=float32)`` of the scaled samples, whatever way the decoder
+    takes (s16 sums the integers when that is exact: up to 512 channels). Extremes, zeros of both signs and
+    subnormals included; ``values * scale`` (what a stream writes into its chunker) is the same bits."""
+    rng = np.random.default_rng(num_channels)
+    num_frames = 20_000
+    if sample_format == "pcm_s16le":
+        values = rng.integers(-32768, 32768, (num_frames, num_channels)).astype("<i2")
+        values[:3] = [[-32768], [32767], [0]]  # the extremes in every channel, and silence
+        expected = values.astype(np.float32) / 32768.0
+    else:
+        values = (rng.standard_normal((num_frames, num_channels)) * np.logspace(-3, 1, num_channels)).astype("<f4")
+        values[:4] = [[-0.0], [1e-40], [-100.0], [100.0]]  # negative zero, a subnormal, the bounds
+        values[4:, 0][rng.random(num_frames - 4) < 0.05] = -0.0
+        expected = values.astype(np.float32)
+    expected = expected.mean(axis=1, dtype=np.float32) if num_channels > 1 else expected[:, 0]
+    decoded = decode_pcm(values.tobytes(), sample_format, num_channels)  # type: ignore[arg-type]
+    assert decoded.dtype == np.float32 and decoded.flags.c_contiguous
+    assert np.array_equal(decoded.view(np.int32), expected.view(np.int32))
+    mono_values, scale = checked_pcm_values(values.tobytes(), sample_format, num_channels)  # type: ignore[arg-type]
+    written = np.empty(num_frames, dtype=np.float32)
+    written[:] = mono_values
+    if scale is not None:
+        written *= scale
+    assert np.array_equal(written.view(np.int32), expected.view(np.int32))

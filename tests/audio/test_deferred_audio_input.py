@@ -1,10 +1,13 @@
-"""``AudioInput`` defers decoding and resampling to the frame that can complete a chunk, and changes nothing else.
+"""``AudioInput`` pushes what the straightforward chain pushes, at the same frame, bit for bit.
 
-The reference is the eager chain (every frame through ``decode_pcm`` -> ``StreamingResampler`` ->
-``LogMelChunker.push_blocks`` at once, as ``AudioInput`` did before it deferred the work), written out below.
-Both get the same seeded random traffic: frames of 1 sample to 0.5 s in every format the tests name, bad
-frames, flushes, clears and format switches; after every call each must have pushed the same chunks (same
-frame, same bits, same first chunk index) and keep the same books.
+``AudioInput`` defers decoding and resampling to the frame that can complete a chunk, decodes 16 kHz frames
+straight into its chunker's buffer and cuts blocks straight into the array it pushes. The reference below does
+none of that: every frame when it arrives, decoded as whisper does (``astype(float32) / 32768``, channels
+averaged by numpy's ``mean``), through ``StreamingResampler`` (pinned to one-shot soxr in test_audio.py), into
+a whole 16 kHz stream from which each chunk's block is sliced after padding the whole stream as ``log_mel_raw``
+pads a file (``F.pad(mode="reflect")``). Both get the same seeded traffic: frames of 1 sample to 0.5 s in
+every format the tests name, bad frames, decoded samples, flushes, clears and format switches; after every call
+each must have pushed the same chunks (same frame, same bits, same first chunk index) and keep the same books.
 """
 
 from __future__ import annotations
@@ -13,19 +16,64 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from audio_interaction_server.audio import stream
 from audio_interaction_server.audio.frontend import (
-    AudioFormatError, LogMelChunker, PaddedBlocks, StreamingResampler, decode_checked_pcm, decode_pcm,
+    AudioFormatError, PaddedBlocks, StreamingResampler, check_pcm, checked_pcm_values,
 )
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput, max_resampled_samples, min_input_frames
 from audio_interaction_server.protocol import AudioFormat
-from audio_interaction_server.spec import SAMPLE_RATE_HZ
+from audio_interaction_server.spec import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 
 RATES_HZ = (8000, 16000, 22050, 24000, 44100, 48000)
 SAMPLE_FORMATS = ("pcm_s16le", "pcm_f32le")
-NUM_CHANNELS = (1, 2, 8)
+NUM_CHANNELS = (1, 2, 3, 6, 8)  # mono; a power of two; the others (s16 decodes them three ways)
 _BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
+_BLOCK_SAMPLES = 6640  # chunk k's block: stream samples [6400k - 200, 6400k + 6440)
+_LEFT_CONTEXT_SAMPLES = 200
+_LOOKAHEAD_SAMPLES = 40
+
+
+def decode(data: bytes, audio_format: AudioFormat) -> np.ndarray:
+    """Whisper's decoding, written out: int16 / 32768 in float32, channels averaged by numpy (float32)."""
+    check_pcm(data, audio_format.sample_format, audio_format.num_channels)  # the errors the chain must give
+    if audio_format.sample_format == "pcm_s16le":
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if audio_format.num_channels > 1:
+        samples = samples.reshape(-1, audio_format.num_channels).mean(axis=1, dtype=np.float32)
+    return samples
+
+
+class WholeStream:
+    """A 16 kHz feature stream kept whole; each chunk's block is sliced from it padded as ``log_mel_raw`` pads."""
+
+    def __init__(self) -> None:
+        self.samples = np.zeros(0, dtype=np.float32)
+        self.num_chunks_emitted = 0
+
+    def push(self, samples: np.ndarray) -> list[np.ndarray]:
+        self.samples = np.concatenate([self.samples, samples])
+        num_complete = (self.samples.shape[0] - _LOOKAHEAD_SAMPLES) // CHUNK_SAMPLES  # look-ahead arrived
+        return self._blocks(num_complete, right_pad=0)
+
+    def flush(self) -> list[np.ndarray]:
+        """The rest, zero-padded to a whole chunk; the stream end reflected, as at the end of a file."""
+        self.samples = np.pad(self.samples, (0, -self.samples.shape[0] % CHUNK_SAMPLES))
+        return self._blocks(self.samples.shape[0] // CHUNK_SAMPLES, right_pad=_LEFT_CONTEXT_SAMPLES)
+
+    def _blocks(self, num_chunks: int, right_pad: int) -> list[np.ndarray]:
+        if num_chunks <= self.num_chunks_emitted:
+            return []
+        padded = F.pad(torch.from_numpy(self.samples)[None, None], (_LEFT_CONTEXT_SAMPLES, right_pad),
+                       mode="reflect")[0, 0].numpy()
+        blocks = [padded[CHUNK_SAMPLES * k : CHUNK_SAMPLES * k + _BLOCK_SAMPLES]
+                  for k in range(self.num_chunks_emitted, num_chunks)]
+        self.num_chunks_emitted = num_chunks
+        return blocks
 
 
 class EagerInput:
@@ -35,18 +83,18 @@ class EagerInput:
         self.pushed: list[PaddedBlocks] = []
         self.format = AudioFormat()
         self.resampler: StreamingResampler | None = None
-        self.front_end: LogMelChunker | None = None
+        self.front_end: WholeStream | None = None
         self.num_chunks_pushed = 0
         self.audio_received_s = 0.0
         self.stream_s = 0.0
 
     def accept_frame(self, data: bytes) -> int:
-        samples = decode_pcm(data, self.format.sample_format, self.format.num_channels)
-        self.audio_received_s += samples.shape[0] / self.format.sample_rate_hz
-        self.stream_s += samples.shape[0] / self.format.sample_rate_hz
-        self.resampler = self.resampler or StreamingResampler(self.format.sample_rate_hz)
-        self.front_end = self.front_end or LogMelChunker()
-        return self._push(self.front_end.push_blocks(self.resampler.process(samples)))
+        return self._accept_samples(decode(data, self.format))
+
+    def accept(self, samples: np.ndarray) -> int:
+        if not np.isfinite(samples).all():
+            raise ValueError("samples contain NaN or Inf")
+        return self._accept_samples(samples)
 
     def set_format(self, audio_format: AudioFormat) -> int:
         num_pushed = self._end_resampler() if audio_format != self.format else 0
@@ -55,9 +103,9 @@ class EagerInput:
 
     def flush(self, trailing_silence_s: float) -> int:
         num_pushed = self._end_resampler()
-        self.front_end = self.front_end or LogMelChunker()
+        self.front_end = self.front_end or WholeStream()
         silence = np.zeros(int(round(trailing_silence_s * SAMPLE_RATE_HZ)), dtype=np.float32)
-        num_pushed += self._push(self.front_end.push_blocks(silence) + self.front_end.flush_blocks(pad_to_chunk=True))
+        num_pushed += self._push(self.front_end.push(silence) + self.front_end.flush())
         self.front_end = None
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return num_pushed
@@ -68,18 +116,25 @@ class EagerInput:
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return dropped_s
 
+    def _accept_samples(self, samples: np.ndarray) -> int:
+        self.audio_received_s += samples.shape[0] / self.format.sample_rate_hz
+        self.stream_s += samples.shape[0] / self.format.sample_rate_hz
+        self.resampler = self.resampler or StreamingResampler(self.format.sample_rate_hz)
+        self.front_end = self.front_end or WholeStream()
+        return self._push(self.front_end.push(self.resampler.process(samples)))
+
     def _end_resampler(self) -> int:
         num_pushed = 0
         if self.resampler is not None and self.front_end is not None:
-            num_pushed = self._push(self.front_end.push_blocks(self.resampler.flush()))
+            num_pushed = self._push(self.front_end.push(self.resampler.flush()))
         self.resampler = None
         return num_pushed
 
-    def _push(self, blocks: list) -> int:
+    def _push(self, blocks: list[np.ndarray]) -> int:
         if blocks:
             assert self.front_end is not None
             first_chunk_index = self.front_end.num_chunks_emitted - len(blocks)
-            self.pushed.append(PaddedBlocks(np.stack([block.numpy() for block in blocks]), first_chunk_index))
+            self.pushed.append(PaddedBlocks(np.stack(blocks), first_chunk_index))
             self.num_chunks_pushed += len(blocks)
         return len(blocks)
 
@@ -106,11 +161,19 @@ def _random_format(rng: np.random.Generator) -> AudioFormat:
 
 
 def _call(action, *args):
-    """(result, error message) of one call, so a refused frame is compared like an accepted one."""
+    """(result, error message) of one call, so refused audio is compared like accepted audio."""
     try:
         return action(*args), None
-    except AudioFormatError as error:
+    except ValueError as error:  # AudioFormatError for a frame; ValueError for samples ``accept`` refuses
         return None, str(error)
+
+
+def _steady_frame(rng: np.random.Generator, audio_format: AudioFormat, frame_ms: int) -> bytes:
+    """A client's usual frame: ``frame_ms`` of full-scale noise (s16) or of noise at -10 dBFS (f32)."""
+    num_values = audio_format.sample_rate_hz * frame_ms // 1000 * audio_format.num_channels
+    if audio_format.sample_format == "pcm_s16le":
+        return rng.integers(-32768, 32768, num_values).astype("<i2").tobytes()
+    return (rng.standard_normal(num_values) * 0.3).astype("<f4").tobytes()
 
 
 def _accept_frame(audio: AudioInput, data: bytes) -> int:
@@ -139,10 +202,15 @@ def test_deferred_input_pushes_what_the_eager_chain_pushes_at_the_same_frame(see
     num_frames_accepted = 0
     for _ in range(400):
         draw = rng.random()
-        if draw < 0.9:
+        if draw < 0.88:
             data = _frame(rng, deferred.format)
             got, expected = _call(_accept_frame, deferred, data), _call(eager.accept_frame, data)
             num_frames_accepted += expected[1] is None
+        elif draw < 0.9:  # decoded samples, the offline CLI's way in; now and then one NaN, refused
+            samples = (rng.standard_normal(int(rng.integers(1, 10_000))) * 0.3).astype(np.float32)
+            if rng.random() < 0.2:
+                samples[rng.integers(samples.shape[0])] = np.nan
+            got, expected = _call(deferred.accept, samples), _call(eager.accept, samples)
         elif draw < 0.94:
             silence_s = float(rng.choice([0.0, rng.uniform(0.0, 1.0)]))
             assert deferred.stream_s_after_flush(silence_s) == pytest.approx(
@@ -156,6 +224,49 @@ def test_deferred_input_pushes_what_the_eager_chain_pushes_at_the_same_frame(see
         assert got == expected
         _assert_same_state(deferred, pushed, eager)
     assert num_frames_accepted > 300 and eager.num_chunks_pushed > 20  # the traffic did exercise the chain
+
+
+@pytest.mark.parametrize(("audio_format", "frame_ms"), [
+    (AudioFormat(), 100),  # 16 kHz s16 mono: decoded straight into the chunker's buffer
+    (AudioFormat(), 20),
+    (AudioFormat(num_channels=2), 20),  # 16 kHz s16, channels summed and scaled into the buffer
+    (AudioFormat(num_channels=6), 20),  # ... and divided as numpy's mean divides
+    (AudioFormat(sample_format="pcm_f32le"), 20),
+    (AudioFormat(sample_rate_hz=48_000, num_channels=2), 20),  # resampled
+    (AudioFormat(sample_rate_hz=24_000), 20),  # the OpenAI Realtime dialect's format
+    (AudioFormat(sample_format="pcm_f32le", sample_rate_hz=44_100, num_channels=2), 20),
+])
+def test_steady_frames_of_each_format_push_what_the_eager_chain_pushes(audio_format: AudioFormat,
+                                                                      frame_ms: int) -> None:
+    """A session's usual traffic, format by format: steady frames from the first chunk (its block reflected at
+    the stream start) on, a flush (the last block reflected at the stream end), more audio, a clear, a switch to
+    another format and back mid-stream, and a last flush."""
+    rng = np.random.default_rng(frame_ms)
+    pushed: list[PaddedBlocks] = []
+    deferred, eager = AudioInput(pushed.append), EagerInput()
+
+    def both(action: str, *args) -> None:
+        assert getattr(deferred, action)(*args) == getattr(eager, action)(*args)
+        _assert_same_state(deferred, pushed, eager)
+
+    def frames(seconds: float) -> None:
+        for _ in range(round(seconds * 1000 / frame_ms)):
+            data = _steady_frame(rng, deferred.format, frame_ms)
+            assert _accept_frame(deferred, data) == eager.accept_frame(data)
+            _assert_same_state(deferred, pushed, eager)
+
+    both("set_format", audio_format)
+    frames(3.0)
+    both("flush", 0.3)
+    frames(1.3)
+    both("clear")
+    frames(1.0)
+    both("set_format", AudioFormat(sample_rate_hz=22_050) if audio_format == AudioFormat() else AudioFormat())
+    frames(0.7)
+    both("set_format", audio_format)
+    frames(1.1)
+    both("flush", 0.0)
+    assert eager.num_chunks_pushed >= 15 and deferred.stream_s == eager.num_chunks_pushed * CHUNK_S
 
 
 @pytest.mark.parametrize("input_rate_hz", RATES_HZ + (1000, 11025, 384000))
@@ -202,9 +313,9 @@ def test_frames_are_decoded_once_per_chunk_not_once_per_frame(monkeypatch: pytes
 
     def counting_decode(*args):
         calls.append(args)
-        return decode_checked_pcm(*args)
+        return checked_pcm_values(*args)
 
-    monkeypatch.setattr(stream, "decode_checked_pcm", counting_decode)
+    monkeypatch.setattr(stream, "checked_pcm_values", counting_decode)
     pushed: list[PaddedBlocks] = []
     audio = AudioInput(pushed.append)  # 16 kHz mono s16
     rng = np.random.default_rng(0)

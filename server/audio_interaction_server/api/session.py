@@ -8,7 +8,7 @@ a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is 
 (``now_s``, monotonic), so tests drive timeouts without sleeping.
 
 Audio path: PCM bytes, checked as they arrive (``check_pcm``), decoded once they could complete a chunk
--> ``StreamingResampler`` -> ``LogMelChunker.push_blocks``
+-> ``StreamingResampler`` -> ``LogMelChunker.push_block_array``
 -> ``engine.push_audio`` (``PaddedBlocks``: the engine computes the log-mel, see audio/stream.py).
 A frame is either accepted whole (it reaches the model, or ``session.closed`` counts it as cut)
 or refused with an ``error`` event; nothing is dropped silently. What a client may make the

@@ -50,6 +50,7 @@ MAX_ABS_F32_SAMPLE: Final = 100.0
 SampleFormat = Literal["pcm_s16le", "pcm_f32le"]
 _SAMPLE_DTYPES: Final[dict[str, np.dtype]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 _S16_SCALE: Final = np.float32(2.0**-15)  # 1 / 32768
+_MAX_EXACT_S16_CHANNELS: Final = 2**24 // 32768  # float32 adds up this many scaled s16 samples exactly
 
 
 class AudioFormatError(ValueError):
@@ -93,14 +94,63 @@ def decode_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> n
 
 def decode_checked_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> np.ndarray:
     """``decode_pcm`` of bytes ``check_pcm`` has passed already (a stream's kept frames): the checks not again."""
-    samples = np.frombuffer(data, dtype=_SAMPLE_DTYPES[sample_format])
+    values, scale = checked_pcm_values(data, sample_format, num_channels)
+    if scale is not None:
+        values = np.multiply(values, scale, dtype=np.float32)
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def checked_pcm_values(
+    data: bytes, sample_format: SampleFormat, num_channels: int
+) -> tuple[np.ndarray, np.float32 | None]:
+    """``decode_checked_pcm`` but for its last pass: mono ``values`` (1-D, one per sample frame) and the ``scale``
+    that makes them the decoded float32 samples (``values * scale`` in float32; ``None``: they are the samples).
+
+    Lets a caller with a buffer of its own do that pass straight into it (``LogMelChunker.push_block_array``)
+    instead of through an intermediate array. The samples are bit for bit numpy's: s16 is whisper.load_audio's
+    ``x / 32768``, channels are averaged as ``mean(axis=1, dtype=float32)`` (tests/audio/test_audio.py checks
+    every s16 value, and each channel count against numpy's mean).
+    """
+    values = np.frombuffer(data, dtype=_SAMPLE_DTYPES[sample_format])
     if sample_format == "pcm_s16le":
-        # x / 32768 as whisper.load_audio scales, in one pass: int16 -> float32 is exact and so is a power of two,
-        # so the product is the quotient's bits (tests/audio/test_audio.py checks all 65,536 values).
-        samples = np.multiply(samples, _S16_SCALE, dtype=np.float32)
+        # int16 -> float32 is exact and so is a product by a power of two, so x * 2**-15 is x / 32768's bits.
+        if num_channels == 1:
+            return values, _S16_SCALE
+        if num_channels <= _MAX_EXACT_S16_CHANNELS:
+            return _s16_channel_mean(values, num_channels)
+        values = np.multiply(values, _S16_SCALE, dtype=np.float32)
     if num_channels > 1:
-        samples = samples.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
-    return np.ascontiguousarray(samples, dtype=np.float32)
+        values = values.reshape(-1, num_channels).mean(axis=1, dtype=np.float32)
+    return values, None
+
+
+def _s16_channel_mean(values: np.ndarray, num_channels: int) -> tuple[np.ndarray, np.float32 | None]:
+    """numpy's ``mean(axis=1, dtype=float32)`` of the scaled channels, as ``checked_pcm_values`` returns it, without
+    numpy's reduction over rows of a few values (about 15 ns a sample frame, 20x the sums below).
+
+    Each scaled sample is an integer times 2**-15, so any float32 sum of up to 512 of them is exact (at most 2**24
+    units): numpy's sum, in whatever order it adds, equals the sum of the integers scaled afterwards.
+    """
+    channels = values.reshape(-1, num_channels).astype(np.float32)  # (frames, channels), exact
+    channel_sum = channels[:, 0] + channels[:, 1]
+    for channel in range(2, num_channels):
+        channel_sum += channels[:, channel]
+    if num_channels & (num_channels - 1) == 0:  # dividing by a power of two is exact too: one product
+        return channel_sum, np.float32(_S16_SCALE / num_channels)
+    channel_sum *= _S16_SCALE
+    # The very division numpy's mean does, by its count (an intp: computed in float64, rounded to float32).
+    return np.true_divide(channel_sum, np.intp(num_channels), out=channel_sum, casting="unsafe"), None
+
+
+def check_mono_samples(samples: np.ndarray) -> np.ndarray:
+    """Decoded samples as float32, or ``ValueError`` if they are not 1-D or hold NaN or Inf (one NaN would poison
+    every later running maximum of the stream's features)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"expected mono samples (1-D), got shape {samples.shape}")
+    if not np.isfinite(samples).all():
+        raise ValueError("samples contain NaN or Inf")
+    return samples
 
 
 def load_audio_file(path: str | Path) -> np.ndarray:
@@ -331,6 +381,10 @@ def offline_chunks(samples_16k: np.ndarray) -> torch.Tensor:
     return log_mel.reshape(NUM_MEL_BINS, num_chunks, MEL_FRAMES_PER_CHUNK).permute(1, 0, 2).contiguous()
 
 
+# What a push that completes no chunk returns: shared, which is safe as it has no elements to write.
+_NO_BLOCKS: Final = np.empty((0, _BLOCK_INPUT_SAMPLES), dtype=np.float32)
+
+
 class LogMelChunker:
     """Streaming unclamped log-mel: 16 kHz samples in, (128, 40) chunks out, each bit-identical
     to the same frames of ``log_mel_raw`` on the whole (zero-padded) stream.
@@ -377,32 +431,35 @@ class LogMelChunker:
             return _silent_block_log_mel().clone()
         return _log_mel_block(block)  # (128, 40)
 
-    def push_blocks(self, samples_16k: np.ndarray, *, known_finite: bool = False) -> list[torch.Tensor]:
-        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``.
-        ``known_finite``: the caller's samples cannot hold NaN or Inf (decoded from frames ``check_pcm`` passed, as
-        a stream's are), so the check is not paid again per chunk."""
-        if self._is_flushed:
-            raise RuntimeError("stream was flushed; call reset() to start a new one")
-        samples = np.asarray(samples_16k, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"expected mono samples (1-D), got shape {samples.shape}")
-        if not known_finite and not np.isfinite(samples).all():  # one NaN would poison every later running max
-            raise ValueError("samples contain NaN or Inf")
-        chunks: list[torch.Tensor] = []
-        position = 0
-        while position < samples.shape[0]:  # large pushes go in pieces so the buffer never grows
-            count = min(samples.shape[0] - position, self._CAPACITY_SAMPLES - self._num_buffered)
-            self._buffer[self._num_buffered : self._num_buffered + count] = samples[position : position + count]
-            self._num_buffered += count
-            position += count
-            while self.num_samples_pushed >= CHUNK_SAMPLES * (self.num_chunks_emitted + 1) + LOOKAHEAD_SAMPLES:
-                chunks.append(self._next_block(stream_end=None))
-        return chunks
+    def push_blocks(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
+        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
+        return list(torch.from_numpy(self.push_block_array(check_mono_samples(samples_16k))))
 
     def flush_blocks(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
         """As ``flush``, but each chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
+        return list(torch.from_numpy(self.flush_block_array(pad_to_chunk)))
+
+    def push_block_array(self, values: np.ndarray, scale: np.float32 | None = None) -> np.ndarray:
+        """As ``push_blocks``, the blocks of the completed chunks as one (N, 6640) float32 array, for samples given
+        as ``checked_pcm_values`` gives them: ``values * scale`` in float32 is computed straight into the buffer.
+
+        Not checked (a stream's hot path): ``values`` must be 1-D and finite, as samples decoded from frames
+        ``check_pcm`` passed are and as resampling keeps them; other samples go through ``push_blocks``.
+        """
         if self._is_flushed:
-            return []
+            raise RuntimeError("stream was flushed; call reset() to start a new one")
+        pieces = []
+        # Large pushes go in pieces so the buffer never grows: each piece but the last fills it, completing a chunk.
+        while (room := self._CAPACITY_SAMPLES - self._num_buffered) < values.shape[0]:
+            pieces.append(self._append_and_cut(values[:room], scale))
+            values = values[room:]
+        blocks = self._append_and_cut(values, scale)
+        return np.concatenate([*pieces, blocks]) if pieces else blocks
+
+    def flush_block_array(self, pad_to_chunk: bool = True) -> np.ndarray:
+        """As ``flush_blocks``, the blocks as one (N, 6640) float32 array."""
+        if self._is_flushed:
+            return _NO_BLOCKS
         self._is_flushed = True
         round_chunks = math.ceil if pad_to_chunk else math.floor
         stream_end = round_chunks(self.num_samples_pushed / CHUNK_SAMPLES) * CHUNK_SAMPLES
@@ -410,27 +467,55 @@ class LogMelChunker:
         if num_zeros > 0:  # < 6400, fits: the buffer holds < 6640 samples after push
             self._buffer[self._num_buffered : self._num_buffered + num_zeros] = 0.0
             self._num_buffered += num_zeros
-        chunks = []
-        while CHUNK_SAMPLES * (self.num_chunks_emitted + 1) <= stream_end:
-            chunks.append(self._next_block(stream_end=stream_end))
-        return chunks
+        return self._cut_blocks(stream_end)
 
-    def _next_block(self, stream_end: int | None) -> torch.Tensor:
-        """The next chunk's centre-padded block (6640,), a copy (the buffer is reused), and advance past it."""
-        # Padded-domain block of chunk k = original samples [6400k - 200, 6400k + 6440); the
-        # parts outside [0, stream_end) are reflections, exactly as F.pad does for the whole file.
-        first = CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES
-        last = first + _BLOCK_INPUT_SAMPLES
+    def _append_and_cut(self, values: np.ndarray, scale: np.float32 | None) -> np.ndarray:
+        """``values * scale`` after the buffered samples (there is room), then the blocks of the chunks completed."""
+        start = self._num_buffered
+        self._num_buffered += values.shape[0]
+        destination = self._buffer[start : self._num_buffered]
+        # int16 values become float32 exactly here; the product in place then costs less than numpy's casting loop
+        # of a mixed-type multiply, for the same bits.
+        destination[:] = values
+        if scale is not None:
+            destination *= scale
+        return self._cut_blocks(stream_end=None)
+
+    def _cut_blocks(self, stream_end: int | None) -> np.ndarray:
+        """Every chunk the buffer completes (all of them up to ``stream_end`` if given, else the ones whose
+        look-ahead has arrived) as centre-padded blocks (N, 6640), copied out; then drop what no chunk needs."""
+        first_chunk_index = self.num_chunks_emitted
+        if stream_end is None:
+            num_blocks = (self.num_samples_pushed - LOOKAHEAD_SAMPLES) // CHUNK_SAMPLES - first_chunk_index
+        else:
+            num_blocks = stream_end // CHUNK_SAMPLES - first_chunk_index
+        if num_blocks <= 0:
+            return _NO_BLOCKS
+        blocks = np.empty((num_blocks, _BLOCK_INPUT_SAMPLES), dtype=np.float32)
+        for row in range(num_blocks):  # rows by index: iterating over a 2-D array costs as much as the copies
+            # Chunk k's block is samples [6400k - 200, 6400k + 6440) of the stream, reflected where they fall outside
+            # [0, stream_end): only the first chunk's start and a flush's last chunk's end.
+            first = CHUNK_SAMPLES * (first_chunk_index + row) - _HALF_WINDOW_SAMPLES
+            last = first + _BLOCK_INPUT_SAMPLES
+            if first < 0 or (stream_end is not None and last > stream_end):
+                self._cut_reflected_block(blocks[row], first, last, stream_end)
+            else:
+                blocks[row] = self._buffer[first - self._buffer_start : last - self._buffer_start]
+        self.num_chunks_emitted += num_blocks
+        self._drop_consumed()
+        return blocks
+
+    def _cut_reflected_block(self, block: np.ndarray, first: int, last: int, stream_end: int | None) -> None:
+        """The block of stream samples [first, last) with the parts outside [0, stream_end) reflected, as
+        F.pad(mode="reflect") pads the whole file: copies of samples, so the same bits."""
         left_pad = max(0, -first)
         right_pad = 0 if stream_end is None else max(0, last - stream_end)
-        offset = self._buffer_start
-        window = self._buffer[first + left_pad - offset : last - right_pad - offset]
-        block = torch.from_numpy(window.copy())
-        if left_pad or right_pad:
-            block = F.pad(block[None, None], (left_pad, right_pad), mode="reflect")[0, 0]
-        self.num_chunks_emitted += 1
-        self._drop_consumed()
-        return block
+        window = self._buffer[first + left_pad - self._buffer_start : last - right_pad - self._buffer_start]
+        block[left_pad : _BLOCK_INPUT_SAMPLES - right_pad] = window
+        if left_pad:  # window[left_pad], ..., window[1]: the edge sample is not repeated
+            block[:left_pad] = window[left_pad:0:-1]
+        if right_pad:  # window[-2], ..., window[-1 - right_pad]
+            block[_BLOCK_INPUT_SAMPLES - right_pad :] = window[-2 : -2 - right_pad : -1]
 
     def _drop_consumed(self) -> None:
         keep_from = max(0, CHUNK_SAMPLES * self.num_chunks_emitted - _HALF_WINDOW_SAMPLES)
