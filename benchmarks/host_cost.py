@@ -1,14 +1,16 @@
 """Host CPU per real-time stream, per process and per thread, beside a bare ``websockets`` server in the same run.
 
     python -m benchmarks.host_cost [--streams 24 48] [--seconds 15] [--checkpoint DIR] [--server-env NAME=VALUE]
-                                   [--asgi-floor]
+                                   [--asgi-floor] [--traffic gentle|browser]
 
 For each stream count N, one client process (``--client``: neither server's process) opens N WebSockets and
 sends each 100 ms 16 kHz s16 frames of the shared recordings at real time for ``--seconds``, the streams' frames
 spread over the 100 ms; first to ``python -m audio_interaction_server`` (the tiny demo model unless
 ``--checkpoint``; a decision event per 0.4 s chunk, replies only on request and none requested), then to a bare
 server written here (``--bare-server``: plain ``websockets`` on the stock asyncio loop, it receives every frame
-and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways. Both
+and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways. ``--traffic browser`` sends instead what the
+browser page sends from a stereo microphone (``api/web``: 48 kHz s16 stereo in 20 ms frames, five times the
+frames): the same recordings, resampled and doubled to two channels by the client. Both
 servers run for the whole benchmark, the idle one waits. With ``--asgi-floor`` a third server takes the same
 traffic: uvicorn with our transport guard (``api/transport.py``, as ``python -m audio_interaction_server`` runs it)
 and a plain ASGI app doing what the bare server does: what the ASGI stack costs before any of our per-stream work.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,14 +43,41 @@ from pathlib import Path
 
 from benchmarks.harness import free_port, server_log, spawn_server, stop_server, wait_for_port
 
-FRAME_SECONDS = 0.1
-BARE_EVENT_EVERY_BYTES = 6400 * 2  # one 0.4 s chunk of 16 kHz s16 audio
+CHUNK_SECONDS = 0.4  # the bare servers send one event per this much audio, as ours sends a decision
 AFTER_LAST_FRAME_S = 1.0  # the events of the last frames, before the clients close
 EVENT_LOOP = "event loop (main thread)"
 UNNAMED = "other threads (unnamed)"
 PROCESS = "process (all threads)"
 ALL_PROCESSES = "all server processes"
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What each client stream sends: s16 PCM in this format, one frame every ``frame_s``."""
+
+    sample_rate_hz: int
+    num_channels: int
+    frame_s: float
+
+    @property
+    def frame_bytes(self) -> int:
+        return round(self.sample_rate_hz * self.frame_s) * self.num_channels * 2
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of 0.4 s of audio: a bare server's event per this many received."""
+        return round(self.sample_rate_hz * CHUNK_SECONDS) * self.num_channels * 2
+
+    def describe(self) -> str:
+        return (f"{self.sample_rate_hz // 1000} kHz s16 {'mono' if self.num_channels == 1 else 'stereo'}, "
+                f"{self.frame_s * 1000:g} ms frames")
+
+
+TRAFFIC = {
+    "gentle": Traffic(16_000, 1, 0.1),  # the model's own format, in large frames: the least work a stream can be
+    "browser": Traffic(48_000, 2, 0.02),  # the browser page's frames from a stereo microphone (api/web/app.js)
+}
 
 
 # ---- CPU time from /proc ---------------------------------------------------------------------------------------
@@ -123,21 +153,24 @@ class Start:
     at: float = 0.0
 
 
-async def _configure_decisions_only(ws) -> None:
-    """16 kHz s16, a decision event per chunk and replies only on request (none is asked): the bare server's traffic."""
+async def _configure_decisions_only(ws, traffic: Traffic) -> None:
+    """The traffic's format, a decision event per chunk and replies only on request (none is asked): the bare
+    server's traffic."""
     assert json.loads(await ws.recv())["type"] == "session.created"
+    audio = {"sample_format": "pcm_s16le", "sample_rate_hz": traffic.sample_rate_hz,
+             "num_channels": traffic.num_channels}
     await ws.send(json.dumps({"type": "session.configure", "decision_events": True, "reply_mode": "on_request",
-                              "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": 16000, "num_channels": 1}}))
+                              "audio": audio}))
     assert json.loads(await ws.recv())["type"] == "session.updated"
 
 
-async def _stream(url: str, pcm: bytes, is_ours: bool, offset_s: float, num_frames: int, start: Start,
-                  tally: Counter) -> None:
+async def _stream(url: str, pcm: bytes, traffic: Traffic, is_ours: bool, offset_s: float, num_frames: int,
+                  start: Start, tally: Counter) -> None:
     import websockets
 
     async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
         if is_ours:
-            await _configure_decisions_only(ws)
+            await _configure_decisions_only(ws, traffic)
         tally["connected"] += 1
         await start.event.wait()
 
@@ -146,36 +179,49 @@ async def _stream(url: str, pcm: bytes, is_ours: bool, offset_s: float, num_fram
                 tally["events"] += 1
 
         receiver = asyncio.create_task(receive())
-        frame_bytes = len(pcm) // num_frames
+        frame_bytes = traffic.frame_bytes
         first_frame_at = start.at + offset_s
         for frame in range(num_frames):
-            delay = first_frame_at + frame * FRAME_SECONDS - time.perf_counter()
+            delay = first_frame_at + frame * traffic.frame_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             await ws.send(pcm[frame * frame_bytes:(frame + 1) * frame_bytes])
             tally["frames"] += 1
         # Every stream's last frame is out at the same moment (the latest offset): its events still arrive.
-        await asyncio.sleep(max(0.0, start.at + num_frames * FRAME_SECONDS + AFTER_LAST_FRAME_S - time.perf_counter()))
+        await asyncio.sleep(max(0.0, start.at + num_frames * traffic.frame_s + AFTER_LAST_FRAME_S - time.perf_counter()))
         receiver.cancel()
         if is_ours:
             await ws.send(json.dumps({"type": "session.close"}))
 
 
-async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool) -> None:
+def stream_pcm(loop_audio, stream: int, num_frames: int, traffic: Traffic) -> bytes:
+    """``num_frames`` of the shared recordings (``loop_audio``, 16 kHz) for one stream, in the traffic's format."""
+    import numpy as np
+    import soxr
+
+    from benchmarks.served import stream_audio
+
+    num_samples_16k = math.ceil(num_frames * traffic.frame_s * 16_000) + 64  # soxr's output may come out short
+    samples = stream_audio(loop_audio, stream, num_samples_16k)
+    if traffic.sample_rate_hz != 16_000:
+        samples = soxr.resample(samples, 16_000, traffic.sample_rate_hz)
+    samples = samples[:num_frames * traffic.frame_bytes // (2 * traffic.num_channels)]
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    return np.repeat(pcm, traffic.num_channels).tobytes()  # channels interleaved: the same signal in each
+
+
+async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool, traffic: Traffic) -> None:
     """N real-time streams; prints ``streaming`` before the first frame, ``sent`` once every stream's last frame
     is out, then a JSON summary (frames sent, events received)."""
-    import numpy as np
-
-    from benchmarks.served import FRAME_SAMPLES, audio_loop, stream_audio
+    from benchmarks.served import audio_loop
 
     loop_audio = audio_loop()
-    num_frames = round(seconds / FRAME_SECONDS)
-    pcms = [(np.clip(stream_audio(loop_audio, i, num_frames * FRAME_SAMPLES), -1, 1) * 32767).astype("<i2").tobytes()
-            for i in range(num_streams)]
+    num_frames = round(seconds / traffic.frame_s)
+    pcms = [stream_pcm(loop_audio, i, num_frames, traffic) for i in range(num_streams)]
     tally: Counter = Counter()
     start = Start(asyncio.Event())
-    streams = [asyncio.create_task(_stream(url, pcms[i], is_ours, FRAME_SECONDS * i / num_streams, num_frames,
-                                           start, tally)) for i in range(num_streams)]
+    streams = [asyncio.create_task(_stream(url, pcms[i], traffic, is_ours, traffic.frame_s * i / num_streams,
+                                           num_frames, start, tally)) for i in range(num_streams)]
     while tally["connected"] < num_streams:
         failed = [task for task in streams if task.done()]
         if failed:
@@ -184,17 +230,17 @@ async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool)
     start.at = time.perf_counter() + 0.5  # the parent reads the servers' CPU meanwhile
     print("streaming", flush=True)
     start.event.set()
-    await asyncio.sleep(start.at + num_frames * FRAME_SECONDS - time.perf_counter())
+    await asyncio.sleep(start.at + num_frames * traffic.frame_s - time.perf_counter())
     print("sent", flush=True)
     await asyncio.gather(*streams)
     print(json.dumps({"frames": tally["frames"], "events": tally["events"]}), flush=True)
 
 
-def measure(server: str, pid: int, url: str, num_streams: int, seconds: float) -> Measured:
+def measure(server: str, pid: int, url: str, num_streams: int, seconds: float, traffic_name: str) -> Measured:
     """One point: the client process against one server, the server's CPU read around the streaming."""
     client = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.host_cost", "--client", url, "--streams", str(num_streams),
-         "--seconds", str(seconds)] + (["--ours"] if server == "ours" else []),
+         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server == "ours" else []),
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert client.stdout is not None
@@ -224,7 +270,7 @@ def bare_event(chunk: int) -> str:
                        "audio_time_s": 0.4 * (chunk + 1)}, separators=(",", ":"))
 
 
-async def serve_bare(port: int) -> None:
+async def serve_bare(port: int, traffic: Traffic) -> None:
     """Plain ``websockets``: every frame received, one decision-sized JSON event per 0.4 s of audio."""
     from websockets.asyncio.server import ServerConnection, serve
 
@@ -232,7 +278,7 @@ async def serve_bare(port: int) -> None:
         received_bytes, chunk = 0, 0
         async for frame in ws:
             received_bytes += len(frame)
-            while received_bytes >= (chunk + 1) * BARE_EVENT_EVERY_BYTES:
+            while received_bytes >= (chunk + 1) * traffic.chunk_bytes:
                 await ws.send(bare_event(chunk))
                 chunk += 1
 
@@ -241,7 +287,7 @@ async def serve_bare(port: int) -> None:
         await asyncio.Future()
 
 
-def serve_asgi_floor(port: int) -> None:
+def serve_asgi_floor(port: int, traffic: Traffic) -> None:
     """The bare server's work as a plain ASGI app under uvicorn with our transport guard: the ASGI stack's cost."""
     import uvicorn
 
@@ -260,7 +306,7 @@ def serve_asgi_floor(port: int) -> None:
         received_bytes, chunk = 0, 0
         while (message := await receive())["type"] == "websocket.receive":
             received_bytes += len(message.get("bytes") or b"")
-            while received_bytes >= (chunk + 1) * BARE_EVENT_EVERY_BYTES:
+            while received_bytes >= (chunk + 1) * traffic.chunk_bytes:
                 await send({"type": "websocket.send", "text": bare_event(chunk)})
                 chunk += 1
 
@@ -268,10 +314,11 @@ def serve_asgi_floor(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **guard.uvicorn_options())
 
 
-def spawn_bare_server(kind: str = "--bare-server") -> tuple[subprocess.Popen, int]:
-    """``--bare-server`` (plain websockets) or ``--asgi-floor-server``, in a process of its own."""
+def spawn_bare_server(kind: str = "--bare-server", traffic_name: str = "gentle") -> tuple[subprocess.Popen, int]:
+    """``--bare-server`` (plain websockets) or ``--asgi-floor-server``, in a process of its own, for that traffic."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.host_cost", kind, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.host_cost", kind, "--port", str(port),
+                                "--traffic", traffic_name],
                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     assert process.stdout is not None
     if process.stdout.readline().strip() != "listening":
@@ -326,20 +373,23 @@ def main() -> None:
     parser.add_argument("--asgi-floor", action="store_true",
                         help="also measure uvicorn + our transport guard + a plain ASGI app doing the bare "
                         "server's work")
+    parser.add_argument("--traffic", choices=sorted(TRAFFIC), default="gentle",
+                        help="gentle: 16 kHz s16 mono in 100 ms frames; browser: 48 kHz s16 stereo in 20 ms frames")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the bare server process
     parser.add_argument("--asgi-floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    traffic = TRAFFIC[args.traffic]
     if args.client:
-        asyncio.run(run_clients(args.client, args.streams[0], args.seconds, args.ours))
+        asyncio.run(run_clients(args.client, args.streams[0], args.seconds, args.ours, traffic))
         return
     if args.bare_server:
-        asyncio.run(serve_bare(args.port))
+        asyncio.run(serve_bare(args.port, traffic))
         return
     if args.asgi_floor_server:
-        serve_asgi_floor(args.port)
+        serve_asgi_floor(args.port, traffic)
         return
 
     server_env = {"AIS_ENGINE__MAX_SESSIONS": str(max(args.streams)), "AIS_ENGINE__DEVICE": "cpu"}
@@ -350,23 +400,26 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs; our server's event loop: {event_loop_of(server_env)}, server env "
           f"{args.server_env or 'default'}; bare server: websockets on asyncio"
           f"{'; ASGI floor: uvicorn on ' + event_loop_of({}) if args.asgi_floor else ''}; "
-          f"{args.seconds:g} s per point\n")
+          f"{args.seconds:g} s per point; traffic: {traffic.describe()}\n")
     ours_process, ours_port = spawn_server(None, server_env, log_to_file=True)
-    bare_process, bare_port = spawn_bare_server()
-    floor_process, floor_port = spawn_bare_server("--asgi-floor-server") if args.asgi_floor else (None, 0)
+    bare_process, bare_port = spawn_bare_server("--bare-server", args.traffic)
+    floor_process, floor_port = (spawn_bare_server("--asgi-floor-server", args.traffic) if args.asgi_floor
+                                 else (None, 0))
     points = []
     try:
         for num_streams in args.streams:
             ours = measure("ours", ours_process.pid, f"ws://127.0.0.1:{ours_port}/v1/stream", num_streams,
-                           args.seconds)
-            bare = measure("bare", bare_process.pid, f"ws://127.0.0.1:{bare_port}/", num_streams, args.seconds)
-            asgi_floor = None if floor_process is None else \
-                measure("ASGI floor", floor_process.pid, f"ws://127.0.0.1:{floor_port}/", num_streams, args.seconds)
+                           args.seconds, args.traffic)
+            bare = measure("bare", bare_process.pid, f"ws://127.0.0.1:{bare_port}/", num_streams, args.seconds,
+                           args.traffic)
+            asgi_floor = None if floor_process is None else measure(
+                "ASGI floor", floor_process.pid, f"ws://127.0.0.1:{floor_port}/", num_streams, args.seconds,
+                args.traffic)
             points.append((ours, bare, asgi_floor))
             for measured in (ours, bare, asgi_floor):
                 if measured is None:
                     continue
-                expected = num_streams * round(args.seconds / FRAME_SECONDS)
+                expected = num_streams * round(args.seconds / traffic.frame_s)
                 print(f"# {num_streams} streams, {measured.server}: {measured.wall_s:.1f} s measured, frames sent "
                       f"{measured.client['frames']}/{expected}, events received {measured.client['events']} "
                       f"({measured.client['events'] / num_streams / args.seconds:.2f} per stream per s)", flush=True)

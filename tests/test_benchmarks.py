@@ -55,6 +55,24 @@ def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_a
         assert float(ours) > 0 and bare == ratio == asgi_floor == floor_ratio == "-", rows
 
 
+def test_host_cost_browser_traffic_is_the_pages_format_cut_into_its_frames(shared_audio):
+    """``--traffic browser``: 48 kHz s16 stereo in 20 ms frames (3,840 bytes), the same recordings in both channels;
+    a bare server's event per 0.4 s is per 76,800 bytes. The gentle traffic is the 16 kHz recordings as they are."""
+    import numpy as np
+
+    from benchmarks.host_cost import TRAFFIC, stream_pcm
+    from benchmarks.served import audio_loop
+
+    browser, gentle = TRAFFIC["browser"], TRAFFIC["gentle"]
+    assert (browser.frame_bytes, browser.chunk_bytes, gentle.frame_bytes, gentle.chunk_bytes) == (3840, 76800, 3200,
+                                                                                                  12800)
+    loop_audio = audio_loop()
+    pcm = np.frombuffer(stream_pcm(loop_audio, 1, 50, browser), dtype="<i2").reshape(-1, 2)
+    assert pcm.shape == (50 * 960, 2) and np.array_equal(pcm[:, 0], pcm[:, 1]) and np.abs(pcm).max() > 1000
+    mono = np.frombuffer(stream_pcm(loop_audio, 1, 10, gentle), dtype="<i2")
+    assert mono.shape == (10 * 1600,)
+
+
 def test_the_frame_parsing_benchmark_prints_both_paths_and_their_ratio():
     result = subprocess.run([sys.executable, "-m", "benchmarks.frame_parsing", "--frames", "50", "--rounds", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

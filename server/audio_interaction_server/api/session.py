@@ -48,7 +48,6 @@ from audio_interaction_server.render.presenter import ReplyPresenter
 from audio_interaction_server.config import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
-_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
 # How each way the engine can end a session closes the WebSocket: one entry per EndCode (a test checks it).
@@ -170,6 +169,9 @@ class Session:
 
     def handle(self, command: Command, now_s: float) -> list:
         """One client command (from any protocol's codec) -> the events that answer it."""
+        if type(command) is AppendAudio and self._closing_since_s is None and self.close_code is None:
+            self._last_frame_s = now_s  # a live stream's audio frame, most of all commands: straight to its work
+            return self._append_audio(command, now_s)
         if self.is_closed:
             return []
         self._last_frame_s = now_s
@@ -310,23 +312,29 @@ class Session:
     def _append_audio(self, command: AppendAudio, now_s: float) -> list:
         # The buffer is checked before anything is decoded: a client sending into a full buffer makes each of
         # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
-        audio_format = self.audio.format
-        frame_bytes = _BYTES_PER_SAMPLE[audio_format.sample_format] * audio_format.num_channels
-        frame_s = len(command.data) // frame_bytes / audio_format.sample_rate_hz
-        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, lambda: f"this frame of {frame_s:.3f} s "
-                                    "was not accepted: send audio no faster than real time")
-        if refused:
-            if not self._flood.allows_refused_audio(frame_s, now_s):
-                return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
-            return refused
+        audio = self.audio
+        frame_s = audio.seconds_in(command.data)
+        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
+            return self._refuse_frame(command, frame_s, now_s)
         try:
-            frame = self.audio.check_frame(command.data)
+            frame = audio.check_frame(command.data)
         except AudioFormatError as error:
             return self._error("invalid_audio", f"{error}; frame ignored", command)
         self._observer.audio_received(frame_s)
-        self._open_engine()  # before accept_frame, which may push chunks to the engine
-        self._note_pushed(self.audio.accept_frame(frame), now_s)
+        if not self._is_engine_open:
+            self._open_engine()  # before accept_frame, which may push chunks to the engine
+        num_pushed = audio.accept_frame(frame)
+        if num_pushed:
+            self._note_pushed(num_pushed, now_s)
         return []
+
+    def _refuse_frame(self, command: AppendAudio, frame_s: float, now_s: float) -> list:
+        """A frame that would overfill the buffer: ``audio_buffer_full``, or the cut for a flood of them."""
+        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, lambda: f"this frame of {frame_s:.3f} s "
+                                    "was not accepted: send audio no faster than real time")
+        if not self._flood.allows_refused_audio(frame_s, now_s):
+            return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
+        return refused
 
     def _configure(self, command: Configure, now_s: float) -> list:
         given = command.given()

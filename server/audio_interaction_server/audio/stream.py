@@ -52,6 +52,9 @@ def max_resampled_samples(num_input_frames: int, input_rate_hz: int) -> int:
     return -(-num_input_frames * T.SAMPLE_RATE_HZ // input_rate_hz) + _RESAMPLER_MARGIN_SAMPLES
 
 
+_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
+
+
 def min_input_frames(num_resampled_samples: int, input_rate_hz: int) -> int:
     """The fewest input frames for which ``max_resampled_samples`` reaches ``num_resampled_samples`` (>= 0)."""
     if input_rate_hz == T.SAMPLE_RATE_HZ:
@@ -74,7 +77,7 @@ class CheckedFrame(NamedTuple):
 class AudioInput:
     def __init__(self, push_chunks: Callable[[PaddedBlocks], None]) -> None:
         self._push_chunks = push_chunks
-        self.format = AudioFormat()
+        self._set_layout(AudioFormat())
         self._resampler: StreamingResampler | None = None
         self._num_resampler_input_frames = 0  # given to the current resampler
         self._num_resampler_output_samples = 0  # 16 kHz samples it returned
@@ -91,6 +94,8 @@ class AudioInput:
     def check_frame(self, data: bytes) -> CheckedFrame:
         """A client frame checked as decoding it would (raises ``AudioFormatError``); changes nothing."""
         audio_format = self.format
+        if not self._checks_samples and not len(data) % self.bytes_per_frame:
+            return CheckedFrame(data, len(data) // self.bytes_per_frame, audio_format)  # what check_pcm returns
         return CheckedFrame(data, check_pcm(data, audio_format.sample_format, audio_format.num_channels), audio_format)
 
     def accept_frame(self, frame: CheckedFrame) -> int:
@@ -114,8 +119,19 @@ class AudioInput:
         num_pushed = 0
         if audio_format != self.format:
             num_pushed = self._end_resampler()
-        self.format = audio_format
+        self._set_layout(audio_format)
         return num_pushed
+
+    def _set_layout(self, audio_format: AudioFormat) -> None:
+        """``format``, and what every frame needs of it, worked out once (a frame's books are per-frame work)."""
+        self.format = audio_format
+        self.bytes_per_frame = _BYTES_PER_SAMPLE[audio_format.sample_format] * audio_format.num_channels
+        # s16 frames need no look at their samples: any whole number of sample frames is audio.
+        self._checks_samples = audio_format.sample_format != "pcm_s16le"
+
+    def seconds_in(self, data: bytes) -> float:
+        """The audio a frame of ``data`` would hold in the current format (its whole sample frames)."""
+        return len(data) // self.bytes_per_frame / self.format.sample_rate_hz
 
     def stream_s_after_flush(self, trailing_silence_s: float) -> float:
         """Stream time once ``flush(trailing_silence_s)`` has run: the silence, then the last chunk padded.
