@@ -8,9 +8,10 @@ sends each 100 ms 16 kHz s16 frames of the shared recordings at real time for ``
 spread over the 100 ms; first to ``python -m audio_interaction_server`` (the tiny demo model unless
 ``--checkpoint``; a decision event per 0.4 s chunk, replies only on request and none requested), then to a bare
 server written here (``--bare-server``: plain ``websockets`` on the stock asyncio loop, it receives every frame
-and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways. ``--traffic browser`` sends instead what the
-browser page sends from a stereo microphone (``api/web``: 48 kHz s16 stereo in 20 ms frames, five times the
-frames): the same recordings, resampled and doubled to two channels by the client. Both
+and sends one small JSON event, shaped like a decision, per 0.4 s of audio): the same traffic both ways.
+``--traffic browser`` sends instead what the browser page sends from a stereo microphone (``api/web``: 48 kHz
+s16 stereo in 20 ms frames, five times the frames): the same recordings, resampled and doubled to two channels
+by the client. Both
 servers run for the whole benchmark, the idle one waits. With ``--asgi-floor`` a third server takes the same
 traffic: uvicorn with our transport guard (``api/transport.py``, as ``python -m audio_interaction_server`` runs it)
 and a plain ASGI app doing what the bare server does: what the ASGI stack costs before any of our per-stream work.
@@ -188,7 +189,8 @@ async def _stream(url: str, pcm: bytes, traffic: Traffic, is_ours: bool, offset_
             await ws.send(pcm[frame * frame_bytes:(frame + 1) * frame_bytes])
             tally["frames"] += 1
         # Every stream's last frame is out at the same moment (the latest offset): its events still arrive.
-        await asyncio.sleep(max(0.0, start.at + num_frames * traffic.frame_s + AFTER_LAST_FRAME_S - time.perf_counter()))
+        last_events_at = start.at + num_frames * traffic.frame_s + AFTER_LAST_FRAME_S
+        await asyncio.sleep(max(0.0, last_events_at - time.perf_counter()))
         receiver.cancel()
         if is_ours:
             await ws.send(json.dumps({"type": "session.close"}))
