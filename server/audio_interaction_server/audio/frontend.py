@@ -57,6 +57,11 @@ class AudioFormatError(ValueError):
     """Audio bytes or files that cannot be turned into samples."""
 
 
+def bytes_per_sample_frame(sample_format: SampleFormat, num_channels: int) -> int:
+    """Bytes of one sample frame (one sample per channel) of a known format."""
+    return _SAMPLE_DTYPES[sample_format].itemsize * num_channels
+
+
 def check_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> int:
     """The checks of ``decode_pcm`` without the decoding, with the same errors: lets a stream refuse a bad frame
     when it arrives and decode the good ones later, many at once. Returns the number of sample frames."""
@@ -65,7 +70,7 @@ def check_pcm(data: bytes, sample_format: SampleFormat, num_channels: int) -> in
     if num_channels < 1:
         raise AudioFormatError(f"num_channels must be >= 1, got {num_channels}")
     dtype = _SAMPLE_DTYPES[sample_format]
-    frame_bytes = dtype.itemsize * num_channels
+    frame_bytes = bytes_per_sample_frame(sample_format, num_channels)
     if len(data) % frame_bytes:
         raise AudioFormatError(
             f"{len(data)} bytes is not a whole number of {sample_format} frames "

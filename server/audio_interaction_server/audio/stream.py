@@ -32,8 +32,8 @@ import numpy as np
 
 from audio_interaction_server import spec as T
 from audio_interaction_server.audio.frontend import (
-    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, check_mono_samples, check_pcm,
-    checked_pcm_values,
+    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, bytes_per_sample_frame, check_mono_samples,
+    check_pcm, checked_pcm_values,
 )
 from audio_interaction_server.protocol import AudioFormat
 
@@ -50,9 +50,6 @@ def max_resampled_samples(num_input_frames: int, input_rate_hz: int) -> int:
     if input_rate_hz == T.SAMPLE_RATE_HZ:
         return num_input_frames
     return -(-num_input_frames * T.SAMPLE_RATE_HZ // input_rate_hz) + _RESAMPLER_MARGIN_SAMPLES
-
-
-_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
 def min_input_frames(num_resampled_samples: int, input_rate_hz: int) -> int:
@@ -125,7 +122,7 @@ class AudioInput:
     def _set_layout(self, audio_format: AudioFormat) -> None:
         """``format``, and what every frame needs of it, worked out once (a frame's books are per-frame work)."""
         self.format = audio_format
-        self.bytes_per_frame = _BYTES_PER_SAMPLE[audio_format.sample_format] * audio_format.num_channels
+        self.bytes_per_frame = bytes_per_sample_frame(audio_format.sample_format, audio_format.num_channels)
         # s16 frames need no look at their samples: any whole number of sample frames is audio.
         self._checks_samples = audio_format.sample_format != "pcm_s16le"
 
