@@ -27,7 +27,11 @@ direct-exact  ``direct`` with every encoder call at its own batch size instead o
            padding costs.
 websocket  ``python -m audio_interaction_server`` in a subprocess, one WebSocket client per stream sending
            100 ms PCM frames. Clock: frame completing the chunk sent -> ``decision`` received.
-           Needs a checkpoint directory (the tiny demo by default), not ``--model real``.
+           Needs a checkpoint directory (the tiny demo by default), not ``--model real`` (write a real-size
+           one with ``python -m audio_interaction_server.demo.make_tiny_checkpoint DIR --preset real``).
+           ``--fronts N`` serves with N front processes on one engine (``serve --fronts N``, stream i on
+           front i mod N); ``--client-processes K`` runs the clients in K processes of their own, as many
+           streams need (one Python process tops out near 300). Run alone, this mode loads no model itself.
 baseline   the reference's way of serving, as a mode of our engine (same model code):
            one stream at a time, batch size 1, log-mel + audio encoder over the
            whole audio history for every chunk, reply tokens generated inline, and
@@ -52,9 +56,11 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -117,6 +123,7 @@ class Run:
     max_sessions: int = 0  # KV-cache slots of the worker (direct modes); may exceed ``streams``
     setup_s: float = 0.0  # worker start-up: KV cache, attention self-check and compilation
     attention: str = ""  # the attention path the worker chose, and why
+    sessions_per_front: list[int] = field(default_factory=list)  # websocket: sessions each front served
 
     @property
     def is_complete(self) -> bool:
@@ -343,32 +350,119 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: float, engine: dict) -> Run:
+@dataclass(frozen=True)
+class ClientShare:
+    """What one client process streams in a ``websocket`` run: its streams, the fronts they go to, when they start.
+    Crosses to the process as JSON; ``start_wall_s`` is wall-clock time (every process on the host shares it)."""
+
+    urls: list[str]  # one per front: stream i goes to urls[i % len(urls)]
+    stream_ids: list[int]
+    total_streams: int  # the run's streams: they are staggered over one chunk together
+    seconds: float
+    start_wall_s: float
+    audio_dir: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+async def run_client_share(share: ClientShare, loop: np.ndarray, run: Run) -> None:
+    """Stream ``share``'s streams into ``run`` (decision and first-token latencies, reply rates, errors)."""
+    num_frames = int(share.seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
+    start = time.perf_counter() + (share.start_wall_s - time.time())
+    await asyncio.gather(*(websocket_client(share.urls[i % len(share.urls)], i, stream_seconds(loop, i, share.seconds),
+                                            i * CHUNK_S / share.total_streams, start, run, num_frames)
+                           for i in share.stream_ids))
+
+
+def client_process_main(spec: str) -> None:
+    """``--websocket-clients SPEC``: a client process of a ``websocket`` run; its results as one JSON line."""
+    share = ClientShare(**json.loads(spec))
+    run = Run("websocket", len(share.stream_ids), share.seconds)
+    asyncio.run(run_client_share(share, audio_loop(Path(share.audio_dir) if share.audio_dir else None), run))
+    print(json.dumps({"decision_s": run.decision_s, "first_token_s": run.first_token_s,
+                      "reply_rates": run.reply_rates, "errors": run.errors}), flush=True)
+
+
+def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: float, engine: dict,
+                  fronts: int = 1, client_processes: int = 1, device: str = "cpu",
+                  audio_dir: Path | None = None) -> Run:
+    """The server with ``fronts`` front processes on one engine (``--fronts``; stream i to front i mod N), its
+    clients in this process or, with ``client_processes`` > 1, in that many processes of their own (one Python
+    process tops out near 300 streams of socket work)."""
     run = Run("websocket", streams, seconds)
     env = {"AIS_ENGINE__MAX_SESSIONS": str(streams), "AIS_ENGINE__CHECKPOINT": str(checkpoint),
-           "AIS_MAX_SESSIONS": str(streams)}
+           "AIS_MAX_SESSIONS": str(streams), "AIS_ENGINE__DEVICE": device, "AIS_FRONTS": str(fronts)}
     for key, value in engine.items():
         if isinstance(value, dict):
             env.update({f"AIS_ENGINE__{key.upper()}__{k.upper()}": str(v) for k, v in value.items()})
         else:
             env[f"AIS_ENGINE__{key.upper()}"] = str(value)
-    process, port = spawn_server(None, env, log_to_file=True, timeout_s=600)
-    url = f"ws://127.0.0.1:{port}/v1/stream"
+    process, port = spawn_server(None, env, log_to_file=True, timeout_s=600, free_ports=fronts)
+    urls = [f"ws://127.0.0.1:{port + i}/v1/stream" for i in range(fronts)]
     num_frames = int(seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
     run.expected_decisions = streams * (chunks_decided(num_frames) - WARMUP_CHUNKS)
     try:
-        async def main() -> None:
-            start = time.perf_counter() + 1.0
-            await asyncio.gather(*(websocket_client(url, i, stream_seconds(loop, i, seconds), i * CHUNK_S / streams,
-                                                    start, run, num_frames) for i in range(streams)))
-        asyncio.run(main())
-        run.memory_mib = peak_rss_mib(process.pid)  # the server's, not this client's
+        wait_until_ready(port + 1, fronts - 1)
+        # Every client connects and loads its audio before the first frame: 2 s, and 1 s per 100 streams.
+        start_wall_s = time.time() + 2.0 + streams / 100
+        shares = [ClientShare(urls, list(range(k, streams, client_processes)), streams, seconds, start_wall_s,
+                              None if audio_dir is None else str(audio_dir)) for k in range(client_processes)]
+        if client_processes == 1:
+            asyncio.run(run_client_share(shares[0], loop, run))
+        else:
+            clients = [subprocess.Popen([sys.executable, "-m", "benchmarks.capacity", "--websocket-clients",
+                                         share.to_json()], stdout=subprocess.PIPE, text=True) for share in shares]
+            for client in clients:
+                out, _ = client.communicate(timeout=seconds + 300)
+                if client.returncode != 0:
+                    run.errors += len(shares[clients.index(client)].stream_ids)
+                    continue
+                result = json.loads(out.strip().splitlines()[-1])
+                run.decision_s += result["decision_s"]
+                run.first_token_s += result["first_token_s"]
+                run.reply_rates += result["reply_rates"]
+                run.errors += result["errors"]
+        run.memory_mib = peak_rss_mib(process.pid) if fronts == 1 else 0.0  # the server's, not the clients'
+        run.sessions_per_front = sessions_ended_per_front(port, fronts, streams)
     finally:
         process.terminate()
         process.wait(timeout=60)
     if run.errors:
         print(server_log(process)[-2000:], file=sys.stderr)
     return run
+
+
+def sessions_ended_per_front(first_port: int, count: int, streams: int, timeout_s: float = 10.0) -> list[int]:
+    """Sessions each front has ended (``ais_sessions_total``), once they add up to ``streams`` or after
+    ``timeout_s``: where the streams went."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = []
+        for port in range(first_port, first_port + count):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            counts.append(round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                    if line.startswith("ais_sessions_total{"))))
+        if sum(counts) >= streams or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def wait_until_ready(first_port: int, count: int, timeout_s: float = 120.0) -> None:
+    """Each of ``count`` fronts from ``first_port`` on answers /ready (the first one did, in ``spawn_server``)."""
+    deadline = time.monotonic() + timeout_s
+    for port in range(first_port, first_port + count):
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the front on port {port} did not become ready in {timeout_s:g} s")
+            time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +588,18 @@ def load(model_arg: str, device: str, dtype: str) -> tuple[LoadedModel, Path | N
     return load_model(Path(model_arg), device, dtype), Path(model_arg)
 
 
+def checkpoint_for_server(model_arg: str) -> Path | None:
+    """The checkpoint directory a server loads for ``--model``: the tiny demo's, or the one named; None for
+    ``real`` (write one first: ``python -m audio_interaction_server.demo.make_tiny_checkpoint DIR --preset real``)."""
+    if Path(model_arg).is_dir():
+        return Path(model_arg)
+    if model_arg == "tiny":
+        from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
+
+        return ensure_demo_checkpoint()
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", nargs="+", choices=["direct", "direct-exact", "websocket", "baseline"],
@@ -510,18 +616,33 @@ def main() -> None:
     parser.add_argument("--ttft-target-ms", type=float, default=50.0)
     parser.add_argument("--stop-after-fail", action="store_true", help="stop a mode's ramp at its first failure")
     parser.add_argument("--audio", type=Path, default=shared_audio_dir(), help="folder of recording folders to loop")
+    parser.add_argument("--fronts", type=int, default=1, help="websocket: the server's front processes "
+                        "(serve --fronts N), stream i on front i mod N")
+    parser.add_argument("--client-processes", type=int, default=1, help="websocket: the clients' processes")
+    parser.add_argument("--websocket-clients", metavar="SPEC", help=argparse.SUPPRESS)  # one of those processes
     args = parser.parse_args()
+    if args.websocket_clients:
+        client_process_main(args.websocket_clients)
+        return
     targets = Targets(args.target_ms, args.ttft_target_ms)
 
-    model, checkpoint = load(args.model, args.device, args.dtype)
+    if set(args.mode) == {"websocket"}:  # the server loads the model: not this process too
+        model, checkpoint = None, checkpoint_for_server(args.model)
+    else:
+        model, checkpoint = load(args.model, args.device, args.dtype)
     script = None
     engine: dict = {"attention": args.attention}
     if args.schedule != "model":
         every, length = (int(x) for x in args.schedule.split(":"))
         script = ScriptedTurns(every_chunks=every, reply_tokens=length)
         engine["scripted_turns"] = {"every_chunks": every, "reply_tokens": length}
-    device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
-    print(f"# {model.name} on {model.device} ({device_name}; {os.cpu_count()} CPUs), {model.dtype}, torch "
+    if model is None:
+        where = (f"{checkpoint} served by {args.fronts} front(s), {args.client_processes} client process(es), "
+                 f"device {args.device} ({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
+    else:
+        device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+        where = f"{model.name} on {model.device} ({device_name}"
+    print(f"# {where}; {os.cpu_count()} CPUs), {model.dtype if model else args.dtype}, torch "
           f"{torch.__version__}; {args.seconds:g} s of real audio per stream in real time; replies: "
           + (f"SCRIPTED every {script.every_chunks} chunks x {script.reply_tokens} tokens" if script
              else "decided by the model") + f"; targets p95 decision <= {args.target_ms:g} ms, "
@@ -530,23 +651,30 @@ def main() -> None:
           "step ms | encoder | LM | host | rows/step | peak MiB | decisions | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     loop = audio_loop(args.audio)
-    chunks = mel_chunks(loop)
+    chunks = mel_chunks(loop) if model is not None else []
     capacity: dict[str, int] = {}
+    spread: dict[int, list[int]] = {}  # websocket with fronts: sessions each front served, per N
     for mode in args.mode:
         for streams in args.streams:
-            if mode == "direct":
+            if mode == "websocket":
+                if checkpoint is None:
+                    print("| websocket | - | needs a checkpoint directory (the server loads one) |")
+                    break
+                run = run_websocket(checkpoint, loop, streams, args.seconds, engine, args.fronts,
+                                    args.client_processes, args.device if model is None else model.device.type,
+                                    args.audio)
+            elif model is None:
+                raise AssertionError("only the websocket mode runs without a model here")
+            elif mode == "direct":
                 run = run_direct(model, chunks, streams, args.seconds, engine)
             elif mode == "direct-exact":
                 run = run_direct(model, chunks, streams, args.seconds, {**engine, "encoder_batch_buckets": False},
                                  name=mode)
-            elif mode == "websocket":
-                if checkpoint is None:
-                    print("| websocket | - | needs a checkpoint directory (the server loads one) |")
-                    break
-                run = run_websocket(checkpoint, loop, streams, args.seconds, engine)
             else:
                 run = run_baseline(model, loop, streams, args.seconds, script)
             print_row(run, targets)
+            if run.sessions_per_front and args.fronts > 1:
+                spread[streams] = run.sessions_per_front
             if targets.passes(run):
                 capacity[mode] = max(capacity.get(mode, 0), streams)
             elif args.stop_after_fail:
@@ -554,6 +682,8 @@ def main() -> None:
     print()
     for mode in args.mode:
         print(f"- largest N that held the targets, {mode}: {capacity.get(mode, 0)} (of {args.streams})")
+    for streams, counts in spread.items():
+        print(f"- sessions per front at {streams} streams: {counts}")
     if capacity.get("baseline") and "direct" in capacity:
         print(f"- capacity ratio direct / baseline: {capacity['direct'] / capacity['baseline']:.1f}x")
 

@@ -60,6 +60,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports free right now (``serve --fronts N`` binds port + i)."""
+    if count == 1:
+        return free_port()
+    for _ in range(100):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
     """Until something accepts TCP connections on loopback ``port``; ``TimeoutError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -161,7 +182,7 @@ class LiveServer:
 
 def spawn_server(checkpoint: Path | None, extra_env: dict[str, str] | None = None, *, log_to_file: bool = False,
                  timeout_s: float | None = None, cwd: Path | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen, int]:
+                 preexec_fn: Callable[[], None] | None = None, free_ports: int = 1) -> tuple[subprocess.Popen, int]:
     """``python -m audio_interaction_server`` as a real subprocess on 127.0.0.1; returns (process, port) once
     ``/ready`` is 200. With ``checkpoint`` None the server picks its model as it would for a user
     (``AIS_ENGINE__CHECKPOINT`` in ``extra_env``, else the tiny demo model).
@@ -174,10 +195,11 @@ def spawn_server(checkpoint: Path | None, extra_env: dict[str, str] | None = Non
     * ``log_to_file`` (for benchmarks, which run long and read the log at the end): log level
       warning unless ``extra_env`` says otherwise, a free port chosen here, the log in a temporary
       file that ``server_log(process)`` reads back. ``timeout_s`` (default 120 s) bounds the start:
-      the process is killed and RuntimeError raised past it.
+      the process is killed and RuntimeError raised past it. ``free_ports``: how many consecutive ports from
+      the one chosen must be free (``AIS_FRONTS`` in ``extra_env``: front i binds port + i).
     """
     if log_to_file:
-        return _spawn_logging_to_file(checkpoint, extra_env or {}, timeout_s or 120.0, cwd, preexec_fn)
+        return _spawn_logging_to_file(checkpoint, extra_env or {}, timeout_s or 120.0, cwd, preexec_fn, free_ports)
     env = {**os.environ, "AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", **(extra_env or {})}
     command = [sys.executable, "-m", "audio_interaction_server", "--port", "0"]
     if checkpoint is not None:
@@ -201,8 +223,8 @@ def spawn_server(checkpoint: Path | None, extra_env: dict[str, str] | None = Non
 
 
 def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], timeout_s: float, cwd: Path | None,
-                           preexec_fn: Callable[[], None] | None) -> tuple[subprocess.Popen, int]:
-    port = free_port()  # the warning-level log does not say which port was bound
+                           preexec_fn: Callable[[], None] | None, free_ports: int = 1) -> tuple[subprocess.Popen, int]:
+    port = free_port_run(free_ports)  # the warning-level log does not say which port was bound
     env = {**os.environ, "AIS_LOG_LEVEL": "warning", **extra_env, "AIS_PORT": str(port)}
     command = [sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"]
     if checkpoint is not None:

@@ -104,3 +104,21 @@ def test_the_audio_chain_benchmark_compares_against_another_checkout():
     assert len(rows) == 4, result.stdout
     for _, this_us, other_us, ratio in rows:
         assert float(this_us) > 0 and float(other_us) > 0 and float(ratio) > 0
+
+
+def test_capacity_websocket_mode_spreads_streams_over_fronts_and_client_processes(shared_audio, tiny_checkpoint):
+    """``--fronts 2 --client-processes 2``: the real server with two front processes on one engine, the clients
+    in two processes of their own; every decision of every stream comes back and each front served half."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.capacity", "--mode", "websocket", "--streams", "4", "--seconds", "2.5",
+         "--schedule", "4:3", "--fronts", "2", "--client-processes", "2", "--model", str(tiny_checkpoint),
+         "--target-ms", "10000", "--ttft-target-ms", "10000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| websocket")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "4" and cells[-2] == "12/12" and cells[-1] == "PASS", row  # 4 x (6 chunks - 3 warm-up)
+    assert cells[5] != "-", f"no scripted reply was timed: {row}"
+    assert "- sessions per front at 4 streams: [2, 2]" in result.stdout, result.stdout
+    assert "served by 2 front(s), 2 client process(es)" in result.stdout
