@@ -163,6 +163,33 @@ def test_make_checkpoint_command_writes_the_seeded_release_layout(tmp_path, tiny
             assert (out / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
 
 
+def test_make_checkpoint_in_bfloat16_stores_the_same_seeded_weights_rounded_and_it_loads(tmp_path, tiny_checkpoint):
+    """``--dtype bfloat16``: every stored tensor is bf16 and equals the float32 checkpoint's rounded; the index
+    counts its bytes; the loader reads it as any checkpoint (cast to its own dtype) and the model runs."""
+    from safetensors.torch import load_file
+
+    from audio_interaction_server.model.checkpoint import load_model
+
+    out = tmp_path / "bf16"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-checkpoint", str(out), "--preset", "tiny", "--seed", "0", "--dtype", "bfloat16"])
+    assert exit_info.value.code == 0
+    total = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        made, reference = load_file(str(shard)), load_file(str(tiny_checkpoint / shard.name))
+        assert made.keys() == reference.keys()
+        for name, tensor in made.items():
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+            total += tensor.numel() * 2
+    assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == total
+    tower = torch.load(out / "audiointeraction_ChunkwisedEncoder.pth", weights_only=True)
+    reference_tower = torch.load(tiny_checkpoint / "audiointeraction_ChunkwisedEncoder.pth", weights_only=True)
+    assert all(tower[name].dtype == torch.bfloat16 and torch.equal(tower[name], tensor.to(torch.bfloat16))
+               for name, tensor in reference_tower.items())
+    model = load_model(out, "cpu", "float32")
+    assert model.dtype == torch.float32 and next(model.lm.parameters()).dtype == torch.float32
+
+
 # ---- the command line itself: --version, --help, and one clear line for what cannot work ----------------------
 
 def command(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
     audio-interaction serve [--config PATH] [--host H] [--port P] [--checkpoint DIR | --demo] ...
     audio-interaction run [--checkpoint DIR | --demo] [--features offline|streaming] FILE_OR_FOLDER...
     audio-interaction schema
-    audio-interaction make-checkpoint OUT [--preset tiny|real] [--seed N]
+    audio-interaction make-checkpoint OUT [--preset tiny|real] [--seed N] [--dtype float32|bfloat16]
 
 ``run`` prints one JSON event per line; all its files form one continuous session.
 ``--features offline`` lays the stream out like the reference's offline runner: every
@@ -241,7 +241,7 @@ def print_schema(args: argparse.Namespace) -> int:
 def make_checkpoint(args: argparse.Namespace) -> int:
     from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint as write_checkpoint
 
-    write_checkpoint(args.out, args.preset, args.seed)
+    write_checkpoint(args.out, args.preset, args.seed, args.dtype)
     return 0
 
 
