@@ -81,7 +81,7 @@ from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.spec import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
 
-from benchmarks.harness import server_log, shared_audio_dir, spawn_server
+from benchmarks.harness import server_log, shared_audio_dir, spawn_server, wait_until_ready
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time, stream_audio,
 )
@@ -403,7 +403,9 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
     num_frames = int(seconds * SAMPLE_RATE_HZ) // FRAME_SAMPLES + 1
     run.expected_decisions = streams * (chunks_decided(num_frames) - WARMUP_CHUNKS)
     try:
-        wait_until_ready(port + 1, fronts - 1)
+        for front_port in range(port + 1, port + fronts):  # the first front answered in spawn_server
+            if not wait_until_ready(front_port, 120.0):
+                raise RuntimeError(f"the front on port {front_port} did not become ready in 120 s")
         # Every client connects and loads its audio before the first frame: 2 s, and 1 s per 100 streams.
         start_wall_s = time.time() + 2.0 + streams / 100
         shares = [ClientShare(urls, list(range(k, streams, client_processes)), streams, seconds, start_wall_s,
@@ -447,22 +449,6 @@ def sessions_ended_per_front(first_port: int, count: int, streams: int, timeout_
         if sum(counts) >= streams or time.monotonic() > deadline:
             return counts
         time.sleep(0.2)
-
-
-def wait_until_ready(first_port: int, count: int, timeout_s: float = 120.0) -> None:
-    """Each of ``count`` fronts from ``first_port`` on answers /ready (the first one did, in ``spawn_server``)."""
-    deadline = time.monotonic() + timeout_s
-    for port in range(first_port, first_port + count):
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the front on port {port} did not become ready in {timeout_s:g} s")
-            time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------------------------

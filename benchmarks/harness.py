@@ -233,16 +233,24 @@ def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], t
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                preexec_fn=preexec_fn)
     process.log_file = log
+    if wait_until_ready(port, timeout_s):
+        return process, port
+    process.kill()
+    raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
+
+
+def wait_until_ready(port: int, timeout_s: float) -> bool:
+    """Whether a server on loopback ``port`` answered ``/ready`` with 200 within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
                 if response.status == 200:
-                    return process, port
+                    return True
         except OSError:  # not listening yet, or 503 while the model loads
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def server_log(process: subprocess.Popen) -> str:

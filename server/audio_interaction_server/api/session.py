@@ -403,7 +403,8 @@ class Session:
     def _buffer_full(self, queued_after_s: float, command: Command, what_happened: Callable[[], str]) -> list:
         """``audio_buffer_full`` when accepting would leave ``queued_after_s`` of audio waiting for the model,
         past ``max_buffered_audio_s`` (frames and flush silence count alike); else nothing. ``what_happened`` is
-        formatted only then: every frame passes here."""
+        formatted only then (a flush passes here whatever happens; a frame only once it is over the limit, which
+        ``_append_audio`` checks inline, per frame)."""
         limit_s = self.config.max_buffered_audio_s
         if queued_after_s <= limit_s + 1e-9:
             return []
