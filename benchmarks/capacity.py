@@ -614,6 +614,10 @@ def main() -> None:
 
     if set(args.mode) == {"websocket"}:  # the server loads the model: not this process too
         model, checkpoint = None, checkpoint_for_server(args.model)
+        if checkpoint is None:
+            parser.error(f"--model {args.model}: the websocket mode serves a checkpoint directory; write a real-size "
+                         "one first: python -m audio_interaction_server.demo.make_tiny_checkpoint DIR --preset real "
+                         "--dtype bfloat16")
     else:
         model, checkpoint = load(args.model, args.device, args.dtype)
     script = None
