@@ -60,7 +60,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,7 +80,7 @@ from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.spec import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import StepStats, Worker
 
-from benchmarks.harness import server_log, shared_audio_dir, spawn_server, wait_until_ready
+from benchmarks.harness import scrape, server_log, shared_audio_dir, spawn_server, wait_until_ready
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, chunks_decided, completing_frame, configure_s16_stream, send_in_real_time, stream_audio,
 )
@@ -415,10 +414,10 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
         else:
             clients = [subprocess.Popen([sys.executable, "-m", "benchmarks.capacity", "--websocket-clients",
                                          share.to_json()], stdout=subprocess.PIPE, text=True) for share in shares]
-            for client in clients:
+            for client, share in zip(clients, shares):
                 out, _ = client.communicate(timeout=seconds + 300)
                 if client.returncode != 0:
-                    run.errors += len(shares[clients.index(client)].stream_ids)
+                    run.errors += len(share.stream_ids)
                     continue
                 result = json.loads(out.strip().splitlines()[-1])
                 run.decision_s += result["decision_s"]
@@ -440,12 +439,9 @@ def sessions_ended_per_front(first_port: int, count: int, streams: int, timeout_
     ``timeout_s``: where the streams went."""
     deadline = time.monotonic() + timeout_s
     while True:
-        counts = []
-        for port in range(first_port, first_port + count):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-            counts.append(round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                    if line.startswith("ais_sessions_total{"))))
+        counts = [round(sum(value for name, value in scrape(f"http://127.0.0.1:{port}").items()
+                            if name.startswith("ais_sessions_total{")))
+                  for port in range(first_port, first_port + count)]
         if sum(counts) >= streams or time.monotonic() > deadline:
             return counts
         time.sleep(0.2)

@@ -253,6 +253,18 @@ def wait_until_ready(port: int, timeout_s: float) -> bool:
     return False
 
 
+def scrape(base: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """A server's /metrics samples, keyed by name with labels (``ais_malloc_heap_bytes{state="free"}``)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=timeout_s) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def server_log(process: subprocess.Popen) -> str:
     """Everything a ``spawn_server(..., log_to_file=True)`` server has logged so far."""
     process.log_file.seek(0)

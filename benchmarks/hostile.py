@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_interaction_server.spec import SAMPLE_RATE_HZ
-from benchmarks.harness import REPO_ROOT, free_port, spawn_server
+from benchmarks.harness import REPO_ROOT, free_port, scrape, spawn_server
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,
 )
@@ -267,12 +267,7 @@ async def victim(url: str, audio: np.ndarray, latencies: list[float]) -> None:
 
 def worker_busy(port: int) -> tuple[float, float]:
     """(seconds in model steps, steps) so far, from the server's /metrics."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith(("ais_worker_step_seconds_sum", "ais_worker_step_seconds_count"))}
+    values = scrape(f"http://127.0.0.1:{port}", timeout_s=10)
     return values.get("ais_worker_step_seconds_sum", 0.0), values.get("ais_worker_step_seconds_count", 0.0)
 
 

@@ -32,7 +32,7 @@ import websockets
 
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 
-from benchmarks.harness import server_log, spawn_server
+from benchmarks.harness import scrape, server_log, spawn_server
 from benchmarks.served import audio_loop, slope_per_hour
 
 FRAME_SAMPLES = 1600
@@ -44,18 +44,6 @@ MIB = 1 << 20
 def info(base: str) -> dict:
     with urllib.request.urlopen(f"{base}/v1/info", timeout=5) as response:
         return json.loads(response.read())
-
-
-def scrape(base: str) -> dict[str, float]:
-    """The server's /metrics samples, keyed by name with labels (``ais_malloc_heap_bytes{state="free"}``)."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 class Tally:

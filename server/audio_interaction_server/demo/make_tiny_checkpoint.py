@@ -108,15 +108,16 @@ def write_lm(out: Path, preset: Preset, generator: torch.Generator, dtype: str =
         # A purely random head almost never ranks TEXT_END first, so every reply would run to the
         # turn cap; a larger TEXT_END row lets random replies end on their own too.
         state["lm_head.weight"][TEXT_END] *= preset.text_end_logit_scale
+    stored = getattr(torch, dtype)  # the generator's float32 values, rounded to what is stored
     names = list(state)
     per_shard = -(-len(names) // preset.num_shards)
     weight_map = {}
     for i in range(preset.num_shards):
         shard = f"model-{i + 1:05d}-of-{preset.num_shards:05d}.safetensors"
-        part = {n: state[n].to(getattr(torch, dtype)).contiguous() for n in names[i * per_shard:(i + 1) * per_shard]}
+        part = {n: state[n].to(stored).contiguous() for n in names[i * per_shard:(i + 1) * per_shard]}
         save_file(part, str(out / shard), metadata={"format": "pt"})
         weight_map.update({n: shard for n in part})
-    total = sum(t.numel() * getattr(torch, dtype).itemsize for t in state.values())
+    total = sum(t.numel() * stored.itemsize for t in state.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
