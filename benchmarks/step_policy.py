@@ -23,6 +23,10 @@ import argparse
 from benchmarks.capacity import audio_loop, load, mel_chunks, pct, run_direct, shared_audio_dir, step_split
 
 
+HEADER = ("| run | steps | rows/step mean / max | rows run | tokens fed | decisions | decision p50 / p95 / p99 ms | "
+          "first token p95 ms | slowest 5% reply tok/s | step ms |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
 def describe(name: str, run) -> str:
     split = step_split(run)
     rows = sum(s.num_rows for s in run.steps)
@@ -61,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                  "step_max_long_tokens": 10**9}
     print(f"# {model.name} on {model.device}, {args.streams} streams x {args.seconds:g} s, step {args.step}, "
           f"bounds {bounded} (None = auto)\n")
-    print("| run | steps | rows/step mean / max | rows run | tokens fed | decisions | decision p50 / p95 / p99 ms | "
-          "first token p95 ms | slowest 5% reply tok/s | step ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     runs = [("unbounded", unbounded), ("bounded", bounded)]
     for repeat in range(args.repeats):
         for name, limits in (runs if repeat % 2 == 0 else runs[::-1]):

@@ -30,6 +30,24 @@ def test_capacity_benchmark_runs_direct_and_baseline_modes(shared_audio, tiny_ch
     assert "SCRIPTED every 4 chunks x 3 tokens" in result.stdout
 
 
+def test_prefix_kv_benchmark_compares_fed_and_kept_prompts_in_a_burst_and_in_real_time(shared_audio,
+                                                                                       tiny_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.prefix_kv", "--streams", "3", "--seconds", "1.6", "--model",
+         str(tiny_checkpoint)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| prompt")]
+    (fed_burst, kept_burst, fed_run, kept_run) = rows
+    # Burst: every first chunk decided; 3 x (46 + 12) tokens fed against 3 x 12, and every kept prompt copied.
+    assert fed_burst[1] == kept_burst[1] == "3/3"
+    assert (fed_burst[4], fed_burst[6]) == ("174", "0") and (kept_burst[4], kept_burst[6]) == ("36", "3")
+    assert fed_run[5] == kept_run[5] == "3/3"  # 4 chunks each, 3 of them warm-up
+    assert int(fed_run[4]) - int(kept_run[4]) == 3 * 46
+
+
 def test_host_cost_benchmark_reports_each_thread_beside_the_bare_server(shared_audio):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.host_cost", "--streams", "2", "3", "--seconds", "1", "--asgi-floor"],

@@ -142,6 +142,12 @@ class EngineConfig(BaseModel):
         description="encoded system prompts kept for reuse, least recently used dropped first; 4 bytes a "
         "token, and a prompt longer than max_positions (which cannot run) is not kept; 0 = encode at every open",
     )
+    prefix_kv_positions: int = Field(
+        4096, ge=0,
+        description="keys and values of system-prompt prefixes kept, in positions over all prompts (least recently "
+        "used dropped first): a new session with a kept prompt copies them into its slot instead of feeding its "
+        "prompt, so its first row is a short one (a static step on CUDA); 0 = every session feeds its prompt",
+    )
     rollover_window_positions: int | None = Field(
         2048,
         ge=0,

@@ -307,6 +307,8 @@ def test_metrics_show_what_a_session_holds_and_nothing_after_it_closes(live):
         assert held["ais_session_kv_positions"] > held["ais_session_history_tokens"]  # plus the system prompt
         assert held["ais_sessions_active"] == 1 and held["ais_session_queued_events"] == 0
         assert held["ais_audio_received_seconds_total"] >= 1.0  # this session's second (the server is shared)
+        # Its open copied the trained prompt's keys and values, kept at start-up, instead of feeding the prompt.
+        assert held["ais_prefix_kv_reused_total"] >= 1
         ws.send(json.dumps({"type": "session.close"}))
         recv_to_close(ws)
     deadline = time.monotonic() + 10

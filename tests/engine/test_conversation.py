@@ -280,11 +280,13 @@ def reference_sequence(prefix: list[int], events) -> tuple[list[int], list[int],
     return tokens, pad_columns, choices
 
 
-@pytest.mark.parametrize("cancel_turn", [None, 1])
-def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_chunks, cancel_turn):
+@pytest.mark.parametrize("cancel_turn, prefix_kv_positions", [(None, 4096), (1, 4096), (None, 0)])
+def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_chunks, cancel_turn,
+                                                           prefix_kv_positions):
     """What the worker fed (prefix, blocks with audio, replies capped, or cancelled by the client after
     their first token) is exactly the reference's sequence, and every decision and greedy reply token is
-    the argmax at its position without the cache."""
+    the argmax at its position without the cache. With the prefix's keys and values kept (the default), the
+    prefix is copied into the slot at the open instead of fed with the first block."""
     import torch
 
     from audio_interaction_server.config import EngineConfig
@@ -296,11 +298,14 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
     audio = torch.cat(stream_chunks[:4])  # 48 chunks of real speech
     # Unpaced: the whole file is pushed at once and stepped until idle, as the offline runner does.
     worker = Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=None,
-                                             max_catch_up_speed=None))
+                                             max_catch_up_speed=None, prefix_kv_positions=prefix_kv_positions))
     events, fed = [], []
     worker.open_session("s", SessionOptions(max_turn_tokens=3), events.extend)
     worker.step()
     conversation = worker.scheduler.sessions["s"].conversation
+    assert conversation.prefix_in_slot == bool(prefix_kv_positions)
+    if conversation.prefix_in_slot:
+        fed.extend(conversation.prefix_ids)
     commit = conversation.commit
 
     def recording_commit(row, token_id):

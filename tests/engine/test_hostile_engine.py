@@ -401,9 +401,10 @@ def test_an_open_refused_to_a_callback_that_raises_leaves_the_worker_running(tin
 def test_a_prompt_too_long_to_run_is_refused_and_not_cached(tiny_model):
     """The cache's worst case stays max_positions tokens per entry, however long the prompts clients send."""
     worker = Worker(tiny_model, EngineConfig(max_sessions=1, max_positions=1024, rollover_window_positions=256))
+    trained = worker.prompts.cached_prompts()  # the trained prompt (None), encoded at start-up for its keys and values
     too_long = SessionOptions(system_prompt="ຂ" * 2000)  # 6,000 byte tokens: far over 1,024 positions
     with pytest.raises(ValueError, match="does not fit"):
         worker.check_options(too_long)
-    assert worker.prompts.num_cached == 0
+    assert worker.prompts.cached_prompts() == trained
     worker.check_options(SessionOptions(system_prompt="Be brief.", max_turn_tokens=64))
-    assert worker.prompts.cached_prompts() == ["Be brief."]
+    assert worker.prompts.cached_prompts() == [*trained, "Be brief."]

@@ -27,8 +27,13 @@ CHUNK = torch.zeros(128, 40)
 def make_scheduler(tiny_model, *, max_batch_rows=None, **config):
     config = EngineConfig(**{"max_sessions": 3, "max_catch_up_speed": None, **config})
     cleared: list[int] = []
+
+    def prepare_slot(slot: int, prefix: list[int]) -> bool:
+        cleared.append(slot)
+        return False
+
     scheduler = Scheduler(config, max_batch_rows or config.max_sessions, PromptEncoder(tiny_model.tokenizer, 4),
-                          cleared.append, clock=lambda: 0.0)
+                          prepare_slot, clock=lambda: 0.0)
     return scheduler, cleared
 
 

@@ -65,7 +65,7 @@ def test_every_due_chunk_is_decided_within_a_bounded_number_of_steps(tiny_model)
     num_sessions, listening_rows, reply_rows = 9, 2, 1
     config = EngineConfig(max_sessions=num_sessions, max_catch_up_speed=None, step_max_listening_rows=listening_rows,
                           step_max_reply_rows=reply_rows, step_max_long_tokens=1)
-    scheduler = Scheduler(config, num_sessions, PromptEncoder(tiny_model.tokenizer, 4), lambda slot: None,
+    scheduler = Scheduler(config, num_sessions, PromptEncoder(tiny_model.tokenizer, 4), lambda slot, prefix: False,
                           clock=lambda: 0.0)
     sessions = [scheduler.open(f"s{i}", OPTIONS, print) for i in range(num_sessions)]
     rng = random.Random(0)

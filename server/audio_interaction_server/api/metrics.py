@@ -45,8 +45,13 @@ class Metrics:
         self.sessions_total = Counter("ais_sessions", "streaming sessions by how they ended", ["reason"], registry=r)
         self.refused_total = Counter("ais_connections_refused", "connections refused", ["reason"], registry=r)
         self.errors_total = Counter("ais_error_events", "error events sent to clients", ["code"], registry=r)
-        self._audio_seconds = _AudioSecondsCollector()
+        self._audio_seconds = _PlainCounter("ais_audio_received_seconds", "audio accepted from clients")
         r.register(self._audio_seconds)
+        # The engine's own count, as its latest step reports it (with several fronts, every front shows the engine's).
+        self._prefixes_reused = _PlainCounter(
+            "ais_prefix_kv_reused", "sessions the engine opened with their system prompt's keys and values copied "
+            "from kept ones (engine.prefix_kv_positions) instead of feeding the prompt")
+        r.register(self._prefixes_reused)
         self.chunks_total = Counter("ais_chunks_decided", "0.4 s chunks the model decided on", registry=r)
         self.turns_total = Counter("ais_turns", "replies by end reason", ["end_reason"], registry=r)
         self.reply_tokens_total = Counter("ais_reply_tokens", "reply tokens generated", registry=r)
@@ -73,7 +78,7 @@ class Metrics:
 
     # ---- audio_interaction_server.api.session.SessionObserver ----------------------------
     def audio_received(self, seconds: float) -> None:
-        self._audio_seconds.total_s += seconds
+        self._audio_seconds.total += seconds
 
     def chunk_decided(self, latency_s: float | None = None) -> None:
         self.chunks_total.inc()
@@ -95,6 +100,7 @@ class Metrics:
     def observe_step(self, stats) -> None:
         self.step_seconds.observe(stats.total_s)
         self.step_rows.observe(stats.num_rows)
+        self._prefixes_reused.total = stats.prefixes_reused_total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -114,16 +120,19 @@ SESSION_STATE = {
 }
 
 
-class _AudioSecondsCollector(Collector):
-    """``ais_audio_received_seconds_total`` from a plain float. Added to for every accepted frame, on the event loop
-    only (sessions live there): a prometheus_client ``Counter`` takes a lock per ``inc``, a few percent of the event
-    loop at 48 real-time streams, for a value with a single writer. A scrape reads it whole (a float under the GIL)."""
+class _PlainCounter(Collector):
+    """A counter from a plain number with one writer. ``ais_audio_received_seconds_total`` is added to for every
+    accepted frame, on the event loop only (sessions live there): a prometheus_client ``Counter`` takes a lock per
+    ``inc``, a few percent of the event loop at 48 real-time streams. A scrape reads it whole (a float under the
+    GIL)."""
 
-    def __init__(self) -> None:
-        self.total_s = 0.0
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.total: float = 0
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("ais_audio_received_seconds", "audio accepted from clients", value=self.total_s)
+        yield CounterMetricFamily(self.name, self.documentation, value=self.total)
 
 
 class _StateCollector(Collector):

@@ -63,6 +63,9 @@ class RowPlan:
     # yet fed when the reply was cut. They belong to the previous block's history.
     num_carried: int = 0
     discards_prediction: bool = False  # feeds a capped reply's last token; TEXT_END follows whatever is sampled
+    # The session's prefix fills this row's first columns from position 0 (a first row, a rollover): once the row
+    # has run, its slot holds the prefix's keys and values (engine/prefix_kv.py keeps them for later sessions).
+    prefix_tokens: int = 0
 
     @property
     def is_decision(self) -> bool:
@@ -84,6 +87,9 @@ class Conversation:
     max_turn_tokens: int
     max_positions: int
     rollover_window: int | None = None  # positions of history kept at a rollover; None = never roll over
+    # The slot already holds the prefix's keys and values (copied from engine/prefix_kv.py): the first row feeds
+    # the first block alone, from position len(prefix_ids).
+    prefix_in_slot: bool = False
     phase: Phase = Phase.LISTENING
     next_position: int = 0
     num_chunks_consumed: int = 0
@@ -96,7 +102,9 @@ class Conversation:
     _history_tokens: int = 0
 
     def __post_init__(self) -> None:
-        self._unfed = list(self.prefix_ids)
+        self._unfed = [] if self.prefix_in_slot else list(self.prefix_ids)
+        if self.prefix_in_slot:
+            self.next_position = len(self.prefix_ids)
         check_room(len(self.prefix_ids), self.max_turn_tokens, self.max_positions, self.rollover_window)
 
     @property
@@ -143,7 +151,8 @@ class Conversation:
         if self.rollover_window is None or not needs_rollover or is_first:
             new_block_start = len(self._unfed) - (0 if is_first else 1)
             return RowPlan(block, self.next_position, (_pad_span(len(self._unfed)),), (self.audio_queue[0],),
-                           new_block_start, num_carried=num_carried)
+                           new_block_start, num_carried=num_carried,
+                           prefix_tokens=len(self.prefix_ids) if is_first and not self.prefix_in_slot else 0)
         tokens, spans, audio = list(self.prefix_ids), [], []
         for i, kept in enumerate(self._history):
             # The oldest kept block follows the prefix directly, as the first block of a session does.
@@ -155,7 +164,7 @@ class Conversation:
         spans.append(_pad_span(len(tokens) + len(self._unfed)))
         audio.append(self.audio_queue[0])
         return RowPlan(tokens + block, 0, tuple(spans), tuple(audio), new_block_start, rolls_over=True,
-                       num_carried=num_carried)
+                       num_carried=num_carried, prefix_tokens=len(self.prefix_ids))
 
     def commit(self, row: RowPlan, token_id: int) -> list[EngineEvent]:
         """Apply the model's next token after ``row`` was fed."""

@@ -23,6 +23,7 @@ import torch
 
 from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.conversation import RowPlan
+from audio_interaction_server.engine.prefix_kv import PrefixKVStore
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
 from audio_interaction_server.engine.static_path import StaticPath
 from audio_interaction_server.model.checkpoint import LoadedModel
@@ -77,17 +78,43 @@ class BatchResult:
 
 class Runner:
     def __init__(self, model: LoadedModel, cache: SlotKVCache, encoder: AudioEncoder,
-                 static: StaticPath | None = None) -> None:
-        """``static``: the static path short batches take (``StaticPath.build``); None = every batch eager."""
+                 static: StaticPath | None = None, prefix_kv_positions: int = 0) -> None:
+        """``static``: the static path short batches take (``StaticPath.build``); None = every batch eager.
+        ``prefix_kv_positions``: the prefixes' keys and values kept for new sessions (``prefix_kv.py``); 0 = none."""
         self.model = model
         self.cache = cache
         self.encoder = encoder
         self.static = static
+        self.prefixes = PrefixKVStore(cache, prefix_kv_positions) if prefix_kv_positions else None
         self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
 
     def clear_slot(self, slot: int) -> None:
         """A reused slot starts from zeros (stale NaN at masked positions would still poison attention)."""
         self.cache.clear_slot(slot)
+
+    def prepare_slot(self, slot: int, prefix: Sequence[int]) -> bool:
+        """Clear ``slot`` for a new session whose context starts with ``prefix``; True if the prefix's keys and
+        values are in it now (kept from an earlier session), so its first row starts after them."""
+        self.clear_slot(slot)
+        return self.prefixes is not None and self.prefixes.load(slot, tuple(prefix))
+
+    def keep_prefix(self, slot: int, prefix: Sequence[int]) -> None:
+        """Feed ``prefix`` alone into ``slot`` and keep its keys and values for the sessions that start with it
+        (the worker's start-up, for the trained prompt); the slot is cleared after."""
+        if self.prefixes is None or tuple(prefix) in self.prefixes:
+            return
+        row = PlannedRow("prefix", slot, RowPlan(list(prefix), 0, (), (), prefix_tokens=len(prefix)))
+        self.last_hidden([row], None)
+        self._keep_prefixes([row], (RowResult(0),))
+        self.clear_slot(slot)
+
+    def _keep_prefixes(self, rows: Sequence[PlannedRow], results: Sequence[RowResult]) -> None:
+        """Keep the prefix of every row that fed one from position 0 and ran without error."""
+        if self.prefixes is None:
+            return
+        for row, result in zip(rows, results):
+            if row.plan.prefix_tokens and result.error is None:
+                self.prefixes.keep(row.slot, tuple(row.plan.tokens[:row.plan.prefix_tokens]))
 
     def run(self, rows: Sequence[PlannedRow], audio_embeds: torch.Tensor | None = None) -> BatchResult:
         """Run ``rows`` as one batch. Raises if the batch as a whole failed (the caller may retry rows alone);
@@ -102,6 +129,7 @@ class Runner:
             static_chosen = self.static.run(rows, [not row.sampling.is_greedy for row in rows])
             forwarded = time.perf_counter()
             results = tuple(self._host_choice(row, *choice) for row, choice in zip(rows, static_chosen))
+            self._keep_prefixes(rows, results)
             return BatchResult(results, 0.0, forwarded - started)
         if audio_embeds is None:
             audio_embeds = self.encode(rows)
@@ -112,6 +140,7 @@ class Runner:
             torch.cuda.synchronize()
         forwarded = time.perf_counter()
         results = tuple(self._host_choice(row, *choice) for row, choice in zip(rows, chosen))
+        self._keep_prefixes(rows, results)
         return BatchResult(results, encoded - started, forwarded - encoded)
 
     def encode(self, rows: Sequence[PlannedRow]) -> torch.Tensor | None:

@@ -115,14 +115,16 @@ class StepUpdate:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, max_batch_rows: int, prompts: PromptEncoder,
-                 clear_slot: Callable[[int], None], clock: Callable[[], float]) -> None:
-        """``clear_slot``: resets a slot's KV cache for a new session (the runner's); ``clock``: pacing's clock."""
+                 prepare_slot: Callable[[int, list[int]], bool], clock: Callable[[], float]) -> None:
+        """``prepare_slot(slot, prefix)``: resets a slot's KV cache for a new session that starts with ``prefix``,
+        True if the prefix's keys and values are in it then (the runner's); ``clock``: pacing's clock."""
         self.config = config
         self.max_batch_rows = max_batch_rows
         self.limits = StepLimits.from_config(config, max_batch_rows)
         self._next_ticket = 0
         self.prompts = prompts
-        self.clear_slot = clear_slot
+        self.prepare_slot = prepare_slot
+        self.num_prefixes_reused = 0  # sessions opened with their prefix already in their slot, since start
         self.clock = clock
         self.is_paced = True  # catch-up pacing applies (the worker turns it off inside run_until_idle)
         self.sessions: dict[str, SessionState] = {}
@@ -145,13 +147,14 @@ class Scheduler:
         return session
 
     def _new_session(self, session_id: str, options: SessionOptions, emit: EmitFn, slot: int) -> SessionState:
-        self.clear_slot(slot)
         try:  # the contract of both calls: ValueError = this prompt or turn cap cannot run in this budget
             prefix = self.prompts.prefix(options.system_prompt)
+            prefix_in_slot = self.prepare_slot(slot, prefix)
             conversation = Conversation(prefix, options.max_turn_tokens, self.config.max_positions,
-                                        self.config.rollover_window_positions)
+                                        self.config.rollover_window_positions, prefix_in_slot=prefix_in_slot)
         except ValueError as exc:  # our own words: which option, which limit
             raise OpenRefused(EndCode.INVALID_OPTIONS, str(exc)) from exc
+        self.num_prefixes_reused += prefix_in_slot
         generator = None
         if not options.sampling.is_greedy:
             generator = torch.Generator()

@@ -76,6 +76,7 @@ class StepStats:
     encode_s: float
     forward_s: float
     total_s: float
+    prefixes_reused_total: int = 0  # sessions opened since start with their prompt's keys and values copied
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,14 @@ class Worker:
                         config.scripted_turns)
         encoder = AudioEncoder(model.encoder_tower, pad_to_buckets=config.encoder_batch_buckets)
         self.runner = Runner(model, cache, encoder,
-                             StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows))
+                             StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows),
+                             config.prefix_kv_positions)
         # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
         self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
-        self.scheduler = Scheduler(config, self.max_batch_rows, self.prompts, self.runner.clear_slot, time.monotonic)
+        # The trained prompt's keys and values, before any session: the sessions starting at once after start-up
+        # (a burst of clients at a replica's first /ready) all take the short first row.
+        self.runner.keep_prefix(0, self.prompts.prefix(None))
+        self.scheduler = Scheduler(config, self.max_batch_rows, self.prompts, self.runner.prepare_slot, time.monotonic)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         # Held while posting and while the dying worker sets ``failure`` and drains the inbox,
         # so every command is either drained (opens answered) or sees the failure.
@@ -285,6 +290,7 @@ class Worker:
             encode_s=sum(result.encode_s for result in results),
             forward_s=sum(result.forward_s for result in results),
             total_s=time.perf_counter() - started,
+            prefixes_reused_total=self.scheduler.num_prefixes_reused,
         )
         if self.on_step is not None:
             self.on_step(stats)

@@ -448,6 +448,16 @@ class SlotKVCache:
         self.k[:, :, slot].zero_()
         self.v[:, :, slot].zero_()
 
+    def read_positions(self, slot: int, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of ``slot``'s keys and values at positions 0..num_positions-1: (layers, groups, P, head_size)."""
+        return self.k[:, :, slot, :num_positions].clone(), self.v[:, :, slot, :num_positions].clone()
+
+    def write_positions(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put ``read_positions``' copies (of any slot) at positions 0..P-1 of ``slot``."""
+        num_positions = keys.shape[2]
+        self.k[:, :, slot, :num_positions].copy_(keys)
+        self.v[:, :, slot, :num_positions].copy_(values)
+
 
 class AudioInteractionLM(nn.Module):
     """Qwen2 decoder in the release's LitGPT layout, stepping many slots per forward."""
