@@ -23,8 +23,8 @@ OPTIONS = SessionOptions(max_turn_tokens=6)
 
 
 def test_a_short_row_is_emitted_before_a_neighbours_long_row_runs(tiny_model, stream_chunks, monkeypatch):
-    """A newcomer's first row (the whole system prompt) or a context rollover (a history of audio
-    re-encoded) is a long batch of its own; a listening session in the same step gets its decision
+    """A newcomer's first row (the whole system prompt, one not kept yet) or a context rollover (a history of
+    audio re-encoded) is a long batch of its own; a listening session in the same step gets its decision
     as soon as its short batch is done, not after the long one."""
     log: list[tuple[str, str]] = []
     real_last_hidden = tiny_model.lm.last_hidden
@@ -45,7 +45,8 @@ def test_a_short_row_is_emitted_before_a_neighbours_long_row_runs(tiny_model, st
     worker.run_until_idle()  # the listener's own long first row is behind it
     log.clear()
     worker.push_audio("listener", chunks[1:2])
-    worker.open_session("newcomer", OPTIONS, emit_for("newcomer"))
+    own_prompt = SessionOptions(max_turn_tokens=6, system_prompt="A prompt of its own, fed with its first block.")
+    worker.open_session("newcomer", own_prompt, emit_for("newcomer"))
     worker.push_audio("newcomer", chunks[:1])
     stats = worker.step()
     assert stats is not None and stats.num_rows == 2 and stats.num_decisions == 2
