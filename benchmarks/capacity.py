@@ -121,6 +121,7 @@ class Run:
     errors: int = 0
     max_sessions: int = 0  # KV-cache slots of the worker (direct modes); may exceed ``streams``
     setup_s: float = 0.0  # worker start-up: KV cache, attention self-check and compilation
+    started_worker: bool = True  # the run started its worker (False: a ramp's shared one served it)
     attention: str = ""  # the attention path the worker chose, and why
     sessions_per_front: list[int] = field(default_factory=list)  # websocket: sessions each front served
 
@@ -231,18 +232,57 @@ class TurnClock:
 # direct: the worker thread, fed in this process
 
 
+def start_worker(model: LoadedModel, engine: dict, max_sessions: int) -> tuple[Worker, float]:
+    """A started worker for ``run_direct`` calls to share, and its start-up seconds (cache, graphs, checks)."""
+    started = time.perf_counter()
+    worker = Worker(model, EngineConfig(max_sessions=max_sessions, **engine))
+    worker.start()
+    return worker, time.perf_counter() - started
+
+
 def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, seconds: float,
                engine: dict, name: str = "direct", max_sessions: int | None = None, drain_s: float = 30.0,
-               on_serving: Callable[[], None] | None = None) -> Run:
+               on_serving: Callable[[], None] | None = None, worker: Worker | None = None) -> Run:
     """``max_sessions`` (default ``streams``): the worker's slots. A ramp that keeps it at its largest N
     serves every N with one cache shape, as a deployed server does, so compiled kernels are reused.
     ``drain_s``: how long decisions may still arrive after the last chunk (later ones count as missing).
-    ``on_serving``: called once the worker is up, before the first chunk (e.g. to start a profiler then)."""
-    run = Run(name, streams, seconds, max_sessions=max_sessions or streams)
+    ``on_serving``: called once the worker is up, before the first chunk (e.g. to start a profiler then).
+    ``worker``: a started worker (``start_worker``) to serve the run, ``engine`` and ``max_sessions`` then being
+    its own: the run's sessions are closed at its end and the worker goes on, so a ramp pays one start-up (on
+    CUDA, every bucket's graph captured: 23-29 s on the H200) instead of one per N, as a deployed server does.
+    Without, the run starts its own worker and stops it."""
+    owned = worker is None
+    if worker is None:
+        worker, setup_s = start_worker(model, engine, max_sessions or streams)
+    else:
+        setup_s = 0.0
+    run = Run(name, streams, seconds, max_sessions=worker.config.max_sessions)
+    run.setup_s, run.started_worker = setup_s, owned
+    try:
+        return _run_direct(run, model, worker, chunks, drain_s, on_serving)
+    finally:
+        if owned:
+            worker.stop()
+        else:
+            _close_sessions(worker, streams)
+
+
+def _close_sessions(worker: Worker, streams: int, timeout_s: float = 30.0) -> None:
+    """Close a run's sessions on a shared worker and wait until it holds none (their slots are free again)."""
+    worker.on_step = None
+    for i in range(streams):
+        worker.close_session(f"s{i}")
+    deadline = time.monotonic() + timeout_s
+    while worker.num_sessions and worker.is_alive:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{worker.num_sessions} sessions still open {timeout_s:g} s after the run's close")
+        time.sleep(0.01)
+
+
+def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch.Tensor], drain_s: float,
+                on_serving: Callable[[], None] | None) -> Run:
+    streams, seconds = run.streams, run.seconds
     reset_peak_memory(model.device)
-    started = time.perf_counter()
-    worker = Worker(model, EngineConfig(max_sessions=run.max_sessions, **engine))
-    run.setup_s = time.perf_counter() - started
     run.attention = f"{worker.attention.backend} ({worker.attention.reason})"
     worker.on_step = run.steps.append
     chunks_per_stream = int(seconds / CHUNK_S)
@@ -254,6 +294,8 @@ def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, sec
         clock = TurnClock(run)
 
         def emit(events) -> None:
+            if stopping.is_set():
+                return  # the run's end: a reply cut by its close is not a reply timed
             now = time.perf_counter()
             for event in events:
                 if isinstance(event, Decision):
@@ -274,7 +316,6 @@ def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, sec
     options = SessionOptions(max_turn_tokens=MAX_TURN_TOKENS)
     for i in range(streams):
         worker.open_session(f"s{i}", options, emit_for(i))
-    worker.start()
     if on_serving is not None:
         on_serving()
     offsets = [(i * 7) % len(chunks) for i in range(streams)]
@@ -293,7 +334,6 @@ def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, sec
     while pushed_at and time.perf_counter() < deadline:
         time.sleep(0.02)
     stopping.set()
-    worker.stop()
     run.memory_mib = memory_mib(model.device)
     return run
 

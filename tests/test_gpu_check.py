@@ -97,6 +97,9 @@ def test_the_static_step_stages_ran_their_cpu_side(stages):
 def test_the_ramps_and_the_baseline_measured_every_point(stages):
     ramp = stages["ramp"]["data"]["runs"]
     assert [run["streams"] for run in ramp] == [1, 2]
+    # One worker serves every N in turn: one start-up (on CUDA the graph capture) for the whole ramp.
+    assert [run["started_worker"] for run in ramp] == [True, False] and ramp[1]["setup_s"] == 0
+    assert "1 start(s)" in "\n".join(stages["ramp"]["lines"])
     for run in ramp:
         assert run["decisions"] == run["expected_decisions"] == run["streams"] * 2  # 5 chunks - 3 warm-up
         decision = run["decision_ms"]
