@@ -18,13 +18,12 @@ On a GPU: ``--model real --device cuda --streams 600 --seconds 15 --max-position
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from benchmarks.capacity import audio_loop, load, mel_chunks, run_direct, shared_audio_dir
-from benchmarks.step_policy import HEADER, describe
+from benchmarks.capacity import run_direct
+from benchmarks.step_policy import HEADER, alternated, comparison_parser, comparison_setup, describe
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.worker import StepStats, Worker
 from audio_interaction_server.options import SessionOptions
@@ -51,37 +50,22 @@ def first_rows_burst(model, chunks: list[torch.Tensor], streams: int, engine: di
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=96)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--step", choices=["auto", "eager", "static"], default="auto")
-    parser.add_argument("--cpu-threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--max-positions", type=int, default=4096)
-    parser.add_argument("--audio", default=shared_audio_dir())
-    args = parser.parse_args(argv)
-    model, _ = load(args.model, args.device, "auto")
-    chunks = mel_chunks(audio_loop(args.audio))
-    engine = {"step": args.step, "scripted_turns": {"every_chunks": 25, "reply_tokens": 20},
-              "cpu_threads": args.cpu_threads, "max_positions": args.max_positions}
+    args = comparison_parser(__doc__, seconds=6.0).parse_args(argv)
+    model, chunks, engine = comparison_setup(args)
     kept = EngineConfig.model_fields["prefix_kv_positions"].default
     print(f"# {model.name} on {model.device}, {args.streams} streams x {args.seconds:g} s, step {args.step}\n")
     runs = [("prompt fed", 0), (f"prompt kept ({kept} positions)", kept)]
     print("| burst | first decisions | wall ms | steps | tokens fed | eager batches (static step) | prompts copied |")
     print("|---|---|---|---|---|---|---|")
-    for repeat in range(args.repeats):
-        for name, positions in (runs if repeat % 2 == 0 else runs[::-1]):
-            burst = first_rows_burst(model, chunks, args.streams, {**engine, "prefix_kv_positions": positions})
-            print(f"| {name} | {burst} |", flush=True)
+    for name, positions in alternated(runs, args.repeats):
+        burst = first_rows_burst(model, chunks, args.streams, {**engine, "prefix_kv_positions": positions})
+        print(f"| {name} | {burst} |", flush=True)
     print()
     print(HEADER)
-    for repeat in range(args.repeats):
-        for name, positions in (runs if repeat % 2 == 0 else runs[::-1]):
-            run = run_direct(model, chunks, args.streams, args.seconds, {**engine, "prefix_kv_positions": positions},
-                             drain_s=20.0)
-            print(describe(name, run), flush=True)
+    for name, positions in alternated(runs, args.repeats):
+        run = run_direct(model, chunks, args.streams, args.seconds, {**engine, "prefix_kv_positions": positions},
+                         drain_s=20.0)
+        print(describe(name, run), flush=True)
 
 
 if __name__ == "__main__":

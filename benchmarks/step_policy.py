@@ -19,8 +19,11 @@ On a GPU: ``--model real --device cuda --streams 600 --seconds 15 --max-position
 from __future__ import annotations
 
 import argparse
+from typing import Any, Iterator, TypeVar
 
 from benchmarks.capacity import audio_loop, load, mel_chunks, pct, run_direct, shared_audio_dir, step_split
+
+T = TypeVar("T")
 
 
 HEADER = ("| run | steps | rows/step mean / max | rows run | tokens fed | decisions | decision p50 / p95 / p99 ms | "
@@ -40,25 +43,42 @@ def describe(name: str, run) -> str:
             f"{replies:.1f} | {split.step_ms:.1f} |")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def comparison_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
+    """The arguments of a side-by-side run of the real scheduler and worker (here and ``benchmarks.prefix_kv``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=96)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--step", choices=["auto", "eager", "static"], default="auto")
-    parser.add_argument("--listening-rows", type=int, default=None)
-    parser.add_argument("--reply-rows", type=int, default=None)
-    parser.add_argument("--long-tokens", type=int, default=None)
     parser.add_argument("--cpu-threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--max-positions", type=int, default=4096)
     parser.add_argument("--audio", default=shared_audio_dir())
-    args = parser.parse_args(argv)
+    return parser
+
+
+def comparison_setup(args: argparse.Namespace) -> tuple[Any, list, dict]:
+    """The model, the audio's mel chunks and the engine settings both sides share (scripted replies 25:20)."""
     model, _ = load(args.model, args.device, "auto")
-    chunks = mel_chunks(audio_loop(args.audio))
     engine = {"step": args.step, "scripted_turns": {"every_chunks": 25, "reply_tokens": 20},
               "cpu_threads": args.cpu_threads, "max_positions": args.max_positions}
+    return model, mel_chunks(audio_loop(args.audio)), engine
+
+
+def alternated(runs: list[T], repeats: int) -> Iterator[T]:
+    """``runs`` ``repeats`` times, every other time in reverse: a shared machine's drift shows as spread."""
+    for repeat in range(repeats):
+        yield from runs if repeat % 2 == 0 else runs[::-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = comparison_parser(__doc__, seconds=8.0)
+    parser.add_argument("--listening-rows", type=int, default=None)
+    parser.add_argument("--reply-rows", type=int, default=None)
+    parser.add_argument("--long-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+    model, chunks, engine = comparison_setup(args)
     bounded = {"step_max_listening_rows": args.listening_rows, "step_max_reply_rows": args.reply_rows,
                "step_max_long_tokens": args.long_tokens}
     unbounded = {"step_max_listening_rows": args.streams, "step_max_reply_rows": args.streams,
@@ -66,11 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {model.name} on {model.device}, {args.streams} streams x {args.seconds:g} s, step {args.step}, "
           f"bounds {bounded} (None = auto)\n")
     print(HEADER)
-    runs = [("unbounded", unbounded), ("bounded", bounded)]
-    for repeat in range(args.repeats):
-        for name, limits in (runs if repeat % 2 == 0 else runs[::-1]):
-            run = run_direct(model, chunks, args.streams, args.seconds, {**engine, **limits}, drain_s=20.0)
-            print(describe(name, run), flush=True)
+    for name, limits in alternated([("unbounded", unbounded), ("bounded", bounded)], args.repeats):
+        run = run_direct(model, chunks, args.streams, args.seconds, {**engine, **limits}, drain_s=20.0)
+        print(describe(name, run), flush=True)
 
 
 if __name__ == "__main__":
