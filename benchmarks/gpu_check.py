@@ -422,18 +422,18 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     # One worker serves every N (its slots at the largest N), as a deployed server does: one start-up (the graph
     # capture, 23-29 s on the H200) instead of one per N. A point that failed may leave it dead: the next starts
     # another.
-    shared: list[capacity.Worker] = []
+    worker: capacity.Worker | None = None
 
     def run_at(streams: int) -> capacity.Run:
-        setup_s, started = 0.0, not shared or not shared[0].is_alive
+        nonlocal worker
+        setup_s, started = 0.0, worker is None or not worker.is_alive
         if started:
-            if shared:
-                shared.pop().stop()
+            if worker is not None:
+                worker.stop()
             worker, setup_s = capacity.start_worker(served.model, engine, served.max_sessions or streams)
-            shared.append(worker)
         run = capacity.run_direct(served.model, served.chunks, streams, args.seconds, engine,
                                   name="direct" if script else "direct (model-decided)", drain_s=10.0,
-                                  worker=shared[0])
+                                  worker=worker)
         run.setup_s, run.started_worker = setup_s, started
         return run
 
@@ -457,7 +457,7 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     try:
         ramp_points(stage, ramp_streams, point, args.stop_after_failures)
     finally:
-        for worker in shared:
+        if worker is not None:
             worker.stop()
         release_memory()
 

@@ -103,9 +103,8 @@ class Runner:
         (the worker's start-up, for the trained prompt); the slot is cleared after."""
         if self.prefixes is None or tuple(prefix) in self.prefixes:
             return
-        row = PlannedRow("prefix", slot, RowPlan(list(prefix), 0, (), (), prefix_tokens=len(prefix)))
-        self.last_hidden([row], None)
-        self._keep_prefixes([row], (RowResult(0),))
+        self.last_hidden([PlannedRow("prefix", slot, RowPlan(list(prefix), 0, (), ()))], None)
+        self.prefixes.keep(slot, tuple(prefix))
         self.clear_slot(slot)
 
     def _keep_prefixes(self, rows: Sequence[PlannedRow], results: Sequence[RowResult]) -> None:
@@ -128,8 +127,8 @@ class Runner:
             # Encoder, LM and heads in one static step per bucket (a graph replay on CUDA): no separate encode time.
             static_chosen = self.static.run(rows, [not row.sampling.is_greedy for row in rows])
             forwarded = time.perf_counter()
+            # No prefix to keep: a row that feeds one (prefix + block, a rollover) is too long for a static step.
             results = tuple(self._host_choice(row, *choice) for row, choice in zip(rows, static_chosen))
-            self._keep_prefixes(rows, results)
             return BatchResult(results, 0.0, forwarded - started)
         if audio_embeds is None:
             audio_embeds = self.encode(rows)
