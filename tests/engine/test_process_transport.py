@@ -12,6 +12,7 @@ ais3 run their engines in a process and ais2 on a thread).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -119,6 +120,66 @@ def test_tokens_are_identical_over_the_thread_and_the_process_transport(live, ti
     over_process = stream_tokens(live.connect, samples)
     assert over_process == over_thread
     assert over_thread[0] and over_thread[1], "the tiny model neither decided nor replied: nothing was compared"
+
+
+def test_session_commands_of_one_loop_turn_leave_in_one_send_and_keep_their_order(tiny_checkpoint):
+    """After ``send_in_loop_turns``, what the loop's thread asks in one turn (two opens, audio for both, a reply
+    request) leaves when the turn ends, as one message, and the engine applies it in order: both sessions start,
+    every chunk is decided, the requested reply begins. A call from another thread leaves at once. (Heartbeats,
+    one message per send, go on meanwhile: the counts compare messages with sends.)"""
+    from audio_interaction_server.audio.frontend import PaddedBlocks
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.engine.events import Decision, TurnBegin
+
+    client = EngineProcessClient.spawn(tiny_checkpoint, EngineConfig(device="cpu", max_sessions=2))
+    client.start()
+
+    def batched() -> int:  # messages that left in the same send as another
+        return client.num_messages_sent - client.num_sends
+
+    async def main() -> dict[str, list]:
+        loop = asyncio.get_running_loop()
+        received: dict[str, list] = {"a": [], "b": []}
+        arrived = asyncio.Event()
+
+        def emitter(session_id: str):
+            def on_loop(events: list) -> None:
+                received[session_id].extend(events)
+                arrived.set()
+            return lambda events: loop.call_soon_threadsafe(on_loop, events)
+
+        def have(session_id: str, predicate) -> bool:
+            return any(predicate(event) for event in received[session_id])
+
+        async def wait_for(condition) -> None:
+            async with asyncio.timeout(30):
+                while not condition():
+                    arrived.clear()
+                    await arrived.wait()
+
+        client.send_in_loop_turns()
+        before = batched()
+        blocks = PaddedBlocks(np.zeros((2, 6640), dtype=np.float32), 0)
+        for session_id in ("a", "b"):
+            client.open_session(session_id, SessionOptions(max_turn_tokens=2), emitter(session_id))
+            client.push_audio(session_id, blocks)
+        client.request_reply("b")
+        assert batched() == before  # nothing has left: the turn is not over
+        await asyncio.sleep(0)  # the turn ends
+        assert batched() == before + 4  # five commands in one send
+        await wait_for(lambda: all(have(s, lambda e: isinstance(e, Decision) and e.chunk_index == 1) for s in "ab")
+                       and have("b", lambda e: isinstance(e, TurnBegin)))
+        await asyncio.to_thread(client.close_session, "a")  # another thread: sent at once, alone
+        assert batched() == before + 4
+        await wait_for(lambda: have("a", lambda e: isinstance(e, SessionEnded)))
+        return received
+
+    try:
+        received = asyncio.run(main())
+    finally:
+        client.stop()
+    assert type(received["a"][0]) is SessionStarted and type(received["b"][0]) is SessionStarted
+    assert [e.chunk_index for e in received["a"] if isinstance(e, Decision)] == [0, 1]
 
 
 FRONT_SCRIPT = """

@@ -7,8 +7,11 @@ import pytest
 import zmq
 
 from audio_interaction_server.audio.frontend import PaddedBlocks
-from audio_interaction_server.engine.commands import CancelReply, PushAudio
-from audio_interaction_server.engine.wire import AUDIO_BLOCKS, decode, encode
+from audio_interaction_server.engine.commands import CancelReply, PushAudio, RequestReply
+from audio_interaction_server.engine.wire import (
+    AUDIO_BLOCKS, COMMAND_BATCH, OpenRemote, decode, decode_batch, encode, encode_batch,
+)
+from audio_interaction_server.options import SessionOptions
 
 
 @pytest.fixture
@@ -52,3 +55,30 @@ def test_other_commands_and_features_still_cross_as_pickles(pair):
     # A non-contiguous block array is sent as its contiguous copy.
     strided = np.arange(4 * 6640, dtype=np.float32).reshape(4, 6640)[::2]
     assert np.array_equal(across(pair, PushAudio("s2", PaddedBlocks(strided, 0))).mel_chunks.samples, strided)
+
+
+def test_one_loop_turns_commands_cross_as_one_message_and_arrive_in_order(pair):
+    """``encode_batch``: hand-written blocks, pickles with out-of-band arrays and plain pickles, mixed in one
+    message, come out as they went in, in order; a lone command is sent exactly as ``encode`` writes it."""
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((n, 6640)).astype(np.float32) for n in (1, 2)]
+    features = np.arange(128 * 40, dtype=np.float32).reshape(1, 128, 40)
+    sent = [OpenRemote("a", SessionOptions(max_turn_tokens=7)), PushAudio("a", PaddedBlocks(blocks[0], 0)),
+            RequestReply("a"), PushAudio("b", features), PushAudio("b", PaddedBlocks(blocks[1], 5)), CancelReply("b")]
+    frames = encode_batch(sent)
+    assert frames[0] == COMMAND_BATCH
+    sender, receiver = pair
+    sender.send_multipart(frames, copy=False)
+    received = decode_batch(receiver.recv_multipart(copy=False))
+    assert [type(message) for message in received] == [type(message) for message in sent]
+    assert received[0] == sent[0] and received[2] == sent[2] and received[5] == sent[5]
+    assert [m.session_id for m in received] == ["a", "a", "a", "b", "b", "b"]
+    assert np.array_equal(received[1].mel_chunks.samples, blocks[0]) and received[1].mel_chunks.first_chunk_index == 0
+    assert np.array_equal(received[3].mel_chunks, features)
+    assert np.array_equal(received[4].mel_chunks.samples, blocks[1]) and received[4].mel_chunks.first_chunk_index == 5
+
+    lone = PushAudio("c", PaddedBlocks(blocks[0], 3))
+    assert [bytes(frame) for frame in encode_batch([lone])] == [bytes(frame) for frame in encode(lone)]
+    sender.send_multipart(encode(lone), copy=False)
+    (received_lone,) = decode_batch(receiver.recv_multipart(copy=False))
+    assert received_lone.session_id == "c" and np.array_equal(received_lone.mel_chunks.samples, blocks[0])

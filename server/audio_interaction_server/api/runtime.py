@@ -345,6 +345,7 @@ class Runtime:
         started = time.perf_counter()
         try:
             model, self.worker = await self._on_loader_thread(self._load_blocking)
+            self.worker.send_in_loop_turns()
             self.model = model
             self.metrics.model_ready.set(1)
         except Exception as error:  # a server without its model is useless: say why, then stop

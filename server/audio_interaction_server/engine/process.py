@@ -45,7 +45,7 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode,
 )
 from audio_interaction_server.engine.worker import Worker
 
@@ -219,7 +219,7 @@ class EngineHost:
                 frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if isinstance(decode(frames[1:]), Hello):
+            if any(isinstance(message, Hello) for message in decode_batch(frames[1:])):
                 self._outbox.put((frames[0].bytes, answer))
 
     def serve(self, worker: Worker, ready: EngineReady) -> int:
@@ -252,8 +252,9 @@ class EngineHost:
                         frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if self._apply(worker, ready, frames[0].bytes, decode(frames[1:])):
-                        return 0
+                    for message in decode_batch(frames[1:]):  # a front's commands of one loop turn, in order
+                        if self._apply(worker, ready, frames[0].bytes, message):
+                            return 0
             self._expire_fronts(worker)
 
     def _apply(self, worker: Worker, ready: EngineReady, front_id: bytes, message: Any) -> bool:

@@ -3,18 +3,20 @@
 Threading contract: the session calls and ``check_options`` may come from any thread (a lock guards the
 command socket); events are delivered on the client's reader thread, which owns the event socket, sends
 the heartbeats and watches the engine's (``EngineStatus``), to each session's ``emit`` exactly as the worker
-thread delivers them in the thread transport.
+thread delivers them in the thread transport. After ``send_in_loop_turns`` the session calls made on that event
+loop's thread leave at the end of the loop's turn, together (``_send_turn``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import zmq
@@ -31,7 +33,7 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -62,6 +64,11 @@ class EngineProcessClient:
         self._commands = self._socket(endpoints.commands)
         self._events = self._socket(endpoints.events)
         self._send_lock = threading.Lock()  # the command socket: session calls (any thread), heartbeats (reader)
+        self._turn_loop: asyncio.AbstractEventLoop | None = None  # set by send_in_loop_turns
+        self._turn_thread: int | None = None  # that loop's thread
+        self._turn_commands: list[OpenRemote | SessionCommand] = []  # sent on it this turn, leaving at its end
+        self.num_messages_sent = 0  # to the engine, and the ZeroMQ sends that carried them (fewer: loop turns)
+        self.num_sends = 0
         self._emits: dict[str, EmitFn] = {}  # open sessions of this front: where their events go
         self._states: dict[str, SessionStateSize] = {}  # what each holds, as of its latest events
         self._emits_lock = threading.Lock()  # held while registering an open and while failing every session
@@ -140,6 +147,7 @@ class EngineProcessClient:
             return
         self._leaving.set()
         self._send(Shutdown() if self.process is not None else Goodbye())
+        log.info("sent the engine %d messages in %d sends", self.num_messages_sent, self.num_sends)
         if self.process is not None:
             self.process.join(timeout_s)  # its last events (each open session's end) are sent before it exits
         self._stopping.set()
@@ -199,10 +207,41 @@ class EngineProcessClient:
         """What the session held when its latest events left the engine (for monitoring)."""
         return self._states.get(session_id)
 
+    def send_in_loop_turns(self) -> None:
+        """Called on the running event loop that makes the session calls: from now on the session commands made on
+        its thread wait for the end of the loop's turn (``call_soon``: after the rest of this turn's callbacks,
+        before the loop polls again) and leave in one message. A ZeroMQ send costs the loop tens of microseconds
+        whatever it carries, and a loaded loop reads many streams' audio in one turn, so the busier the front, the
+        more chunks each send carries. Commands keep their order: every session command of this front is sent on
+        the loop's thread, and control messages (hello, heartbeat, goodbye) do not depend on them, except that
+        one sent on the loop's thread first sends the turn's commands."""
+        self._turn_loop = asyncio.get_running_loop()
+        self._turn_thread = threading.get_ident()
+
     def _send(self, message: Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand) -> None:
+        if threading.get_ident() != self._turn_thread:
+            self._send_now([message])
+        elif isinstance(message, (Hello, Heartbeat, Goodbye, Shutdown)):
+            self._send_turn()
+            self._send_now([message])
+        else:
+            assert self._turn_loop is not None
+            self._turn_commands.append(message)
+            if len(self._turn_commands) == 1:
+                self._turn_loop.call_soon(self._send_turn)
+
+    def _send_turn(self) -> None:
+        """Send the session commands made on the loop's thread since its last turn (none: nothing)."""
+        if self._turn_commands:
+            commands, self._turn_commands = self._turn_commands, []
+            self._send_now(commands)
+
+    def _send_now(self, messages: list[Any]) -> None:
         with self._send_lock:
             if not self._commands.closed:
-                self._commands.send_multipart(encode(message), copy=False)
+                self._commands.send_multipart(encode_batch(messages), copy=False)
+                self.num_messages_sent += len(messages)
+                self.num_sends += 1
 
     # ---- the reader thread --------------------------------------------------------------------------------
     def _read_events(self) -> None:

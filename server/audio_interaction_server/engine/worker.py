@@ -153,6 +153,10 @@ class Worker:
     def close_session(self, session_id: str) -> None:
         self._post(CloseSession(session_id))
 
+    def send_in_loop_turns(self) -> None:
+        """Nothing to batch: a command is a put on the worker's inbox (the engine process's client batches its
+        sends per loop turn)."""
+
     def _post(self, command: Command) -> None:
         with self._inbox_lock:
             if self.failure is None:
