@@ -58,6 +58,17 @@ def test_the_store_is_bounded_in_positions_least_recently_used_dropped_first(tin
     assert store.positions == 80 and a in store
 
 
+def test_a_prompt_longer_than_the_store_is_not_fed_at_start_up(tiny_model):
+    """``keep_prefix`` with a store too small for the prompt does nothing: no forward into the slot (which it
+    would then clear) for keys and values the store would refuse."""
+    prefix = T.prompt_prefix(tiny_model.tokenizer.encode(T.SYSTEM_PROMPT).ids)
+    cache = filled_cache(tiny_model, max_positions=128)
+    before = cache.k.clone()
+    runner = Runner(tiny_model, cache, AudioEncoder(tiny_model.encoder_tower), prefix_kv_positions=len(prefix) - 1)
+    runner.keep_prefix(0, prefix)
+    assert torch.equal(cache.k, before) and runner.prefixes.positions == 0
+
+
 def test_a_session_with_a_kept_prefix_feeds_its_first_block_alone_with_the_same_hidden_state(tiny_model,
                                                                                             stream_chunks):
     """The first row from a copied prefix: 12 tokens from position P, a row a static step takes; its last hidden

@@ -46,6 +46,10 @@ class PrefixKVStore:
     def __contains__(self, prefix: tuple[int, ...]) -> bool:
         return prefix in self._kept
 
+    def can_keep(self, prefix: tuple[int, ...]) -> bool:
+        """Whether ``prefix`` fits the bound at all (alone, with every other prefix dropped)."""
+        return 0 < len(prefix) <= self.max_positions
+
     def load(self, slot: int, prefix: tuple[int, ...]) -> bool:
         """Copy ``prefix``'s keys and values into positions 0..P-1 of ``slot``; False if it is not kept."""
         kept = self._kept.get(prefix)
@@ -60,7 +64,7 @@ class PrefixKVStore:
         if prefix in self._kept:
             self._kept.move_to_end(prefix)
             return
-        if not prefix or len(prefix) > self.max_positions:
+        if not self.can_keep(prefix):
             return
         while self._positions + len(prefix) > self.max_positions:
             _, dropped = self._kept.popitem(last=False)

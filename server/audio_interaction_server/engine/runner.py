@@ -101,10 +101,11 @@ class Runner:
     def keep_prefix(self, slot: int, prefix: Sequence[int]) -> None:
         """Feed ``prefix`` alone into ``slot`` and keep its keys and values for the sessions that start with it
         (the worker's start-up, for the trained prompt); the slot is cleared after."""
-        if self.prefixes is None or tuple(prefix) in self.prefixes:
-            return
+        prefix = tuple(prefix)
+        if self.prefixes is None or prefix in self.prefixes or not self.prefixes.can_keep(prefix):
+            return  # no store, kept already, or too long to keep: feeding it would be wasted
         self.last_hidden([PlannedRow("prefix", slot, RowPlan(list(prefix), 0, (), ()))], None)
-        self.prefixes.keep(slot, tuple(prefix))
+        self.prefixes.keep(slot, prefix)
         self.clear_slot(slot)
 
     def _keep_prefixes(self, rows: Sequence[PlannedRow], results: Sequence[RowResult]) -> None:
