@@ -267,11 +267,16 @@ def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, sec
             _close_sessions(worker, streams)
 
 
+def session_name(stream: int) -> str:
+    """A direct run's session id for stream ``stream`` (the same in every run: a shared worker closes them)."""
+    return f"s{stream}"
+
+
 def _close_sessions(worker: Worker, streams: int, timeout_s: float = 30.0) -> None:
     """Close a run's sessions on a shared worker and wait until it holds none (their slots are free again)."""
     worker.on_step = None
     for i in range(streams):
-        worker.close_session(f"s{i}")
+        worker.close_session(session_name(i))
     deadline = time.monotonic() + timeout_s
     while worker.num_sessions and worker.is_alive:
         if time.monotonic() > deadline:
@@ -315,7 +320,7 @@ def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch
 
     options = SessionOptions(max_turn_tokens=MAX_TURN_TOKENS)
     for i in range(streams):
-        worker.open_session(f"s{i}", options, emit_for(i))
+        worker.open_session(session_name(i), options, emit_for(i))
     if on_serving is not None:
         on_serving()
     offsets = [(i * 7) % len(chunks) for i in range(streams)]
@@ -329,7 +334,7 @@ def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch
             time.sleep(delay)
         with lock:
             pushed_at[(stream, k)] = time.perf_counter()
-        worker.push_audio(f"s{stream}", chunks[(offsets[stream] + k) % len(chunks)].unsqueeze(0))
+        worker.push_audio(session_name(stream), chunks[(offsets[stream] + k) % len(chunks)].unsqueeze(0))
     deadline = time.perf_counter() + drain_s
     while pushed_at and time.perf_counter() < deadline:
         time.sleep(0.02)
