@@ -133,12 +133,24 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     return None
 
 
+def prefer_passive_omp_wait() -> None:
+    """Have torch's CPU threads sleep, not spin, when they wait (``OMP_WAIT_POLICY=PASSIVE``), unless the
+    environment says otherwise. Set before torch is imported (OpenMP reads it as it loads), here and in every
+    process the server starts (they inherit it). By default a thread that finishes its part of an operation
+    spins for its partners; on a CPU host shared with busy processes (a browser, clients, another server) a
+    partner descheduled mid-step leaves it spinning on the core the partner needs, and one encoder call took
+    30-200 ms instead of 3: victims of a flooding neighbour saw decisions 50-190 ms late in every run, none
+    with passive waiting (docs/reliability.md). On a quiet machine the step took as long either way."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def serve(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, k8s) and SIGINT (Ctrl-C) are a normal stop at any point: also during the
     # seconds of imports before uvicorn runs, and after uvicorn's graceful shutdown, which re-raises
     # the signal with the handler installed before it ran. SIGINT gets our handler too, not Python's:
     # a background job (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves it ignored.
     previous_handlers = {signum: signal.signal(signum, stop_requested) for signum in (signal.SIGINT, signal.SIGTERM)}
+    prefer_passive_omp_wait()
     try:
         return _serve(args)
     except (KeyboardInterrupt, StopRequested):

@@ -327,6 +327,24 @@ def engine_pid_of(server_pid: int) -> int:
     raise AssertionError(f"server {server_pid} has no engine process")
 
 
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_engine_process_runs_torch_with_passive_openmp_waits_unless_told_otherwise(tiny_checkpoint, given):
+    """``OMP_WAIT_POLICY=PASSIVE`` is in the environment the engine process (the one that runs torch) starts with;
+    a policy the operator set is kept. OpenMP reads it as torch loads, so it must be there before, not set later."""
+    env = {"AIS_ENGINE__TRANSPORT": "process"} | ({} if given is None else {"OMP_WAIT_POLICY": given})
+    saved = os.environ.pop("OMP_WAIT_POLICY", None)  # the server inherits the suite's environment
+    try:
+        process, _ = spawn_server(tiny_checkpoint, env)
+    finally:
+        if saved is not None:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    try:
+        engine_env = Path(f"/proc/{engine_pid_of(process.pid)}/environ").read_bytes().split(b"\0")
+        assert f"OMP_WAIT_POLICY={given or 'PASSIVE'}".encode() in engine_env
+    finally:
+        stop_server(process)
+
+
 def wait_until_gone(pid: int | None, timeout_s: float) -> None:
     """Wait for a process that is not our child to end (a zombie counts as ended: its reaper is not ours)."""
     assert pid is not None
