@@ -8,7 +8,7 @@ never go back), adds the ``segment`` events of each reply, and the onset latency
 
 from __future__ import annotations
 
-from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.engine.events import Decision, EngineEvent
 from audio_interaction_server.protocol import (
     LIVE_FORMS, SegmentEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent,
 )
@@ -32,6 +32,8 @@ class ReplyPresenter:
 
     def present(self, event: EngineEvent, stamp_ms: int, onset_s: float | None = None) -> list:
         """The wire events of one engine event; ``onset_s`` is the onset latency a TurnBegin reports."""
+        if type(event) is Decision and not self.decision_events:
+            return []  # not sent (the default), and a decision ends no reply and completes no sentence
         return [live for wire in self._renderer.render(event) for live in self._live(wire, stamp_ms, onset_s)]
 
     def cut(self, stamp_ms: int) -> list:
