@@ -63,6 +63,11 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from audio_interaction_server.__main__ import prefer_passive_omp_wait  # noqa: E402
+
+prefer_passive_omp_wait()  # torch's CPU threads wait as the server's do: set before torch loads
+
 import torch  # noqa: E402
 
 from benchmarks import capacity, precision  # noqa: E402

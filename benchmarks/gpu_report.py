@@ -139,6 +139,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        # How torch's CPU threads wait (the server sets PASSIVE; unset is OpenMP's spinning default).
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
     for module in ("transformers", "triton"):
         try:

@@ -57,6 +57,8 @@ def test_the_dry_run_runs_every_stage_without_the_web_stack(dry_run, stages):
     for key, stage in stages.items():
         assert stage["status"] == "done", (key, stage["note"], stage["error"])
     assert report["header"]["torch"] and report["header"]["gpu"] == "none (CPU run)"
+    # torch's CPU threads wait as the server's do, and the report says how.
+    assert report["header"]["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     for heading in ("# GPU check: DRY RUN", "## Summary", "## Correctness: bf16",
                     "## Correctness: in-place FlexAttention", "## Static step: attention candidates",
                     "## Static step: CUDA graphs per bucket", "## Static step: fused kernels vs the torch layers",
