@@ -125,8 +125,9 @@ def test_tokens_are_identical_over_the_thread_and_the_process_transport(live, ti
 def test_session_commands_of_one_loop_turn_leave_in_one_send_and_keep_their_order(tiny_checkpoint):
     """After ``send_in_loop_turns``, what the loop's thread asks in one turn (two opens, audio for both, a reply
     request) leaves when the turn ends, as one message, and the engine applies it in order: both sessions start,
-    every chunk is decided, the requested reply begins. A call from another thread leaves at once. (Heartbeats,
-    one message per send, go on meanwhile: the counts compare messages with sends.)"""
+    every chunk is decided, the requested reply begins. A call from another thread leaves at once, and so does one
+    from the loop's thread once its loop is closed. (Heartbeats, one message per send, go on meanwhile: the counts
+    compare messages with sends.)"""
     from audio_interaction_server.audio.frontend import PaddedBlocks
     from audio_interaction_server.config import EngineConfig
     from audio_interaction_server.engine.events import Decision, TurnBegin
@@ -176,6 +177,9 @@ def test_session_commands_of_one_loop_turn_leave_in_one_send_and_keep_their_orde
 
     try:
         received = asyncio.run(main())
+        answered = threading.Event()  # on the loop's thread once its loop is closed: no turn ends, so sent now
+        client.open_session("c", SessionOptions(), lambda events: answered.set())
+        assert answered.wait(10), "an open made after the loop closed never reached the engine"
     finally:
         client.stop()
     assert type(received["a"][0]) is SessionStarted and type(received["b"][0]) is SessionStarted

@@ -212,36 +212,48 @@ class EngineProcessClient:
         its thread wait for the end of the loop's turn (``call_soon``: after the rest of this turn's callbacks,
         before the loop polls again) and leave in one message. A ZeroMQ send costs the loop tens of microseconds
         whatever it carries, and a loaded loop reads many streams' audio in one turn, so the busier the front, the
-        more chunks each send carries. Commands keep their order: every session command of this front is sent on
-        the loop's thread, and control messages (hello, heartbeat, goodbye) do not depend on them, except that
-        one sent on the loop's thread first sends the turn's commands."""
+        more chunks each send carries. Commands keep their order: the session commands of this front are made on
+        the loop's thread; a control message sent there, and a goodbye or shutdown from any thread (the server
+        stops its engine from a worker thread), first sends what the turn holds; heartbeats depend on nothing."""
         self._turn_loop = asyncio.get_running_loop()
         self._turn_thread = threading.get_ident()
 
     def _send(self, message: Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand) -> None:
-        if threading.get_ident() != self._turn_thread:
-            self._send_now([message])
-        elif isinstance(message, (Hello, Heartbeat, Goodbye, Shutdown)):
-            self._send_turn()
-            self._send_now([message])
+        on_turn_thread = threading.get_ident() == self._turn_thread
+        if on_turn_thread and not isinstance(message, (Hello, Heartbeat, Goodbye, Shutdown)):
+            self._hold_for_turn(message)
+        elif on_turn_thread or isinstance(message, (Goodbye, Shutdown)):
+            self._send_turn(then=message)
         else:
-            assert self._turn_loop is not None
+            with self._send_lock:
+                self._write([message])
+
+    def _hold_for_turn(self, message: OpenRemote | SessionCommand) -> None:
+        with self._send_lock:  # a goodbye from another thread may be taking the turn's commands
             self._turn_commands.append(message)
-            if len(self._turn_commands) == 1:
+            is_first = len(self._turn_commands) == 1
+        if is_first:
+            assert self._turn_loop is not None
+            try:
                 self._turn_loop.call_soon(self._send_turn)
+            except RuntimeError:  # the loop is closed: no turn will end, so the command goes now
+                self._send_turn()
 
-    def _send_turn(self) -> None:
-        """Send the session commands made on the loop's thread since its last turn (none: nothing)."""
-        if self._turn_commands:
-            commands, self._turn_commands = self._turn_commands, []
-            self._send_now(commands)
-
-    def _send_now(self, messages: list[Any]) -> None:
+    def _send_turn(self, then: Hello | Heartbeat | Goodbye | Shutdown | None = None) -> None:
+        """Send the session commands held for the loop's turn, and ``then`` after them, in one message."""
         with self._send_lock:
-            if not self._commands.closed:
-                self._commands.send_multipart(encode_batch(messages), copy=False)
-                self.num_messages_sent += len(messages)
-                self.num_sends += 1
+            messages, self._turn_commands = self._turn_commands, []
+            if then is not None:
+                messages.append(then)
+            if messages:
+                self._write(messages)
+
+    def _write(self, messages: list[Any]) -> None:
+        """One ZeroMQ message of ``messages``; the send lock is held."""
+        if not self._commands.closed:
+            self._commands.send_multipart(encode_batch(messages), copy=False)
+            self.num_messages_sent += len(messages)
+            self.num_sends += 1
 
     # ---- the reader thread --------------------------------------------------------------------------------
     def _read_events(self) -> None:
