@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import zmq
@@ -39,6 +39,8 @@ from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, Sessio
 from audio_interaction_server.options import SessionOptions
 
 log = logging.getLogger(__name__)
+
+FrontMessage = Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand  # what a front sends the engine
 
 
 class EngineProcessClient:
@@ -66,7 +68,7 @@ class EngineProcessClient:
         self._send_lock = threading.Lock()  # the command socket: session calls (any thread), heartbeats (reader)
         self._turn_loop: asyncio.AbstractEventLoop | None = None  # set by send_in_loop_turns
         self._turn_thread: int | None = None  # that loop's thread
-        self._turn_commands: list[OpenRemote | SessionCommand] = []  # sent on it this turn, leaving at its end
+        self._turn_commands: list[FrontMessage] = []  # session commands made on it this turn, leaving at its end
         self.num_messages_sent = 0  # to the engine, and the ZeroMQ sends that carried them (fewer: loop turns)
         self.num_sends = 0
         self._emits: dict[str, EmitFn] = {}  # open sessions of this front: where their events go
@@ -218,7 +220,7 @@ class EngineProcessClient:
         self._turn_loop = asyncio.get_running_loop()
         self._turn_thread = threading.get_ident()
 
-    def _send(self, message: Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand) -> None:
+    def _send(self, message: FrontMessage) -> None:
         on_turn_thread = threading.get_ident() == self._turn_thread
         if on_turn_thread and not isinstance(message, (Hello, Heartbeat, Goodbye, Shutdown)):
             self._hold_for_turn(message)
@@ -239,7 +241,7 @@ class EngineProcessClient:
             except RuntimeError:  # the loop is closed: no turn will end, so the command goes now
                 self._send_turn()
 
-    def _send_turn(self, then: Hello | Heartbeat | Goodbye | Shutdown | None = None) -> None:
+    def _send_turn(self, then: FrontMessage | None = None) -> None:
         """Send the session commands held for the loop's turn, and ``then`` after them, in one message."""
         with self._send_lock:
             messages, self._turn_commands = self._turn_commands, []
@@ -248,7 +250,7 @@ class EngineProcessClient:
             if messages:
                 self._write(messages)
 
-    def _write(self, messages: list[Any]) -> None:
+    def _write(self, messages: list[FrontMessage]) -> None:
         """One ZeroMQ message of ``messages``; the send lock is held."""
         if not self._commands.closed:
             self._commands.send_multipart(encode_batch(messages), copy=False)
