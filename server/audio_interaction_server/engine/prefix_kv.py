@@ -36,12 +36,11 @@ class PrefixKVStore:
         self.cache = cache
         self.max_positions = max_positions
         self._kept: OrderedDict[tuple[int, ...], KeptPrefix] = OrderedDict()
-        self._positions = 0
 
     @property
     def positions(self) -> int:
-        """Positions kept now, over every prefix."""
-        return self._positions
+        """Positions kept now, over every prefix (a handful of prefixes: summed when asked)."""
+        return sum(map(len, self._kept))
 
     def __contains__(self, prefix: tuple[int, ...]) -> bool:
         return prefix in self._kept
@@ -66,9 +65,7 @@ class PrefixKVStore:
             return
         if not self.can_keep(prefix):
             return
-        while self._positions + len(prefix) > self.max_positions:
-            _, dropped = self._kept.popitem(last=False)
-            self._positions -= dropped.keys.shape[2]
+        while self.positions + len(prefix) > self.max_positions:
+            self._kept.popitem(last=False)
         keys, values = self.cache.read_positions(slot, len(prefix))
         self._kept[prefix] = KeptPrefix(keys, values)
-        self._positions += len(prefix)
