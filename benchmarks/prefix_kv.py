@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.capacity import run_direct
+from benchmarks.capacity import run_direct, session_name
 from benchmarks.step_policy import HEADER, alternated, comparison_parser, comparison_setup, describe
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.worker import StepStats, Worker
@@ -34,8 +34,8 @@ def first_rows_burst(model, chunks: list[torch.Tensor], streams: int, engine: di
     worker = Worker(model, EngineConfig(max_sessions=streams, **engine))
     steps: list[StepStats] = []
     for i in range(streams):
-        worker.open_session(f"s{i}", SessionOptions(reply_mode="on_request"), lambda events: None)  # no replies
-        worker.push_audio(f"s{i}", chunks[i % len(chunks)].unsqueeze(0))
+        worker.open_session(session_name(i), SessionOptions(reply_mode="on_request"), lambda events: None)  # no replies
+        worker.push_audio(session_name(i), chunks[i % len(chunks)].unsqueeze(0))
     worker.scheduler.is_paced = False
     started = time.perf_counter()
     while (stats := worker.step()) is not None:
