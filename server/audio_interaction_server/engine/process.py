@@ -45,7 +45,7 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode, send_frames,
 )
 from audio_interaction_server.engine.worker import Worker
 
@@ -113,7 +113,7 @@ class EngineProcess:
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, int(STOP_FLUSH_S * 1000))
             sock.connect(self.endpoints.commands)
-            sock.send_multipart(encode(Shutdown()), copy=False)
+            send_frames(sock, encode(Shutdown()))
             sock.close()
             context.term()
         self.join(timeout_s)
@@ -361,7 +361,7 @@ class EngineHost:
                 per_front.setdefault(target, []).append(message)
         for front_id, messages in per_front.items():
             try:
-                self.events.send_multipart([front_id, *encode(messages)], copy=False)
+                send_frames(self.events, [front_id, *encode(messages)])
             except zmq.ZMQError as error:  # not connected (yet, or any more): its heartbeat decides its fate
                 log.debug("events for front %s not sent: %s", front_id.hex(), error)
 

@@ -33,7 +33,7 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, send_frames,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -253,7 +253,7 @@ class EngineProcessClient:
     def _write(self, messages: list[FrontMessage]) -> None:
         """One ZeroMQ message of ``messages``; the send lock is held."""
         if not self._commands.closed:
-            self._commands.send_multipart(encode_batch(messages), copy=False)
+            send_frames(self._commands, encode_batch(messages))
             self.num_messages_sent += len(messages)
             self.num_sends += 1
 
