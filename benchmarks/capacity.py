@@ -233,35 +233,57 @@ class TurnClock:
 
 
 def start_worker(model: LoadedModel, engine: dict, max_sessions: int) -> tuple[Worker, float]:
-    """A started worker for ``run_direct`` calls to share, and its start-up seconds (cache, graphs, checks)."""
+    """A started worker, and its start-up seconds (cache, graphs, checks)."""
     started = time.perf_counter()
     worker = Worker(model, EngineConfig(max_sessions=max_sessions, **engine))
     worker.start()
     return worker, time.perf_counter() - started
 
 
+class SharedWorker:
+    """One worker serving a ramp of ``run_direct`` calls in turn, its slots at the ramp's largest N, as a deployed
+    server serves every load: one start-up (on CUDA, every bucket's graph captured: 23-29 s on the H200) instead
+    of one per N, and one cache shape, so compiled kernels are reused. The first run that needs it starts it; a
+    run that left it dead (a failing N) makes the next start another."""
+
+    def __init__(self, model: LoadedModel, engine: dict, max_sessions: int) -> None:
+        self.model, self.engine, self.max_sessions = model, engine, max_sessions
+        self.worker: Worker | None = None
+
+    def take(self) -> tuple[Worker, float | None]:
+        """The worker, and its start-up seconds if this call started it (None: it was serving already)."""
+        if self.worker is not None and self.worker.is_alive:
+            return self.worker, None
+        self.stop()
+        self.worker, setup_s = start_worker(self.model, self.engine, self.max_sessions)
+        return self.worker, setup_s
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+
 def run_direct(model: LoadedModel, chunks: list[torch.Tensor], streams: int, seconds: float,
                engine: dict, name: str = "direct", max_sessions: int | None = None, drain_s: float = 30.0,
-               on_serving: Callable[[], None] | None = None, worker: Worker | None = None) -> Run:
+               on_serving: Callable[[], None] | None = None, shared: SharedWorker | None = None) -> Run:
     """``max_sessions`` (default ``streams``): the worker's slots. A ramp that keeps it at its largest N
     serves every N with one cache shape, as a deployed server does, so compiled kernels are reused.
     ``drain_s``: how long decisions may still arrive after the last chunk (later ones count as missing).
     ``on_serving``: called once the worker is up, before the first chunk (e.g. to start a profiler then).
-    ``worker``: a started worker (``start_worker``) to serve the run, ``engine`` and ``max_sessions`` then being
-    its own: the run's sessions are closed at its end and the worker goes on, so a ramp pays one start-up (on
-    CUDA, every bucket's graph captured: 23-29 s on the H200) instead of one per N, as a deployed server does.
-    Without, the run starts its own worker and stops it."""
-    owned = worker is None
-    if worker is None:
+    ``shared``: the ramp's worker serves the run (``engine`` and ``max_sessions`` then being its own), started
+    now if it is not serving; the run's sessions are closed at its end and the worker goes on. Without, the run
+    starts its own worker and stops it."""
+    if shared is None:
         worker, setup_s = start_worker(model, engine, max_sessions or streams)
     else:
-        setup_s = 0.0
+        worker, setup_s = shared.take()
     run = Run(name, streams, seconds, max_sessions=worker.config.max_sessions)
-    run.setup_s, run.started_worker = setup_s, owned
+    run.setup_s, run.started_worker = setup_s or 0.0, setup_s is not None
     try:
         return _run_direct(run, model, worker, chunks, drain_s, on_serving)
     finally:
-        if owned:
+        if shared is None:
             worker.stop()
         else:
             _close_sessions(worker, streams)

@@ -424,23 +424,13 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     # engine.fused_kernels as configured: auto fuses where the static step runs on CUDA with triton.
     stage.data["fused_kernels"] = served.fused_kernels
     estimate_s = args.seconds + 15  # start-up, the 0.2 s lead, draining, stopping
-    # One worker serves every N (its slots at the largest N), as a deployed server does: one start-up (the graph
-    # capture, 23-29 s on the H200) instead of one per N. A point that failed may leave it dead: the next starts
-    # another.
-    worker: capacity.Worker | None = None
+    # One start-up for every N (its slots at the layout's largest N, the ramp's if the layout stage did not run).
+    shared = capacity.SharedWorker(served.model, engine, served.max_sessions or max(ramp_streams, default=1))
 
     def run_at(streams: int) -> capacity.Run:
-        nonlocal worker
-        setup_s, started = 0.0, worker is None or not worker.is_alive
-        if started:
-            if worker is not None:
-                worker.stop()
-            worker, setup_s = capacity.start_worker(served.model, engine, served.max_sessions or streams)
-        run = capacity.run_direct(served.model, served.chunks, streams, args.seconds, engine,
-                                  name="direct" if script else "direct (model-decided)", drain_s=10.0,
-                                  worker=worker)
-        run.setup_s, run.started_worker = setup_s, started
-        return run
+        return capacity.run_direct(served.model, served.chunks, streams, args.seconds, engine,
+                                   name="direct" if script else "direct (model-decided)", drain_s=10.0,
+                                   shared=shared)
 
     def point(streams: int) -> dict | None:
         """Measure N streams, or None (and say why) when the compiled buckets or the budget rule it out."""
@@ -462,8 +452,7 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
     try:
         ramp_points(stage, ramp_streams, point, args.stop_after_failures)
     finally:
-        if worker is not None:
-            worker.stop()
+        shared.stop()
         release_memory()
 
 

@@ -140,3 +140,22 @@ def test_capacity_websocket_mode_spreads_streams_over_fronts_and_client_processe
     assert cells[5] != "-", f"no scripted reply was timed: {row}"
     assert "- sessions per front at 4 streams: [2, 2]" in result.stdout, result.stdout
     assert "served by 2 front(s), 2 client process(es)" in result.stdout
+
+
+def test_a_ramps_shared_worker_starts_once_and_again_after_a_run_left_it_dead(tiny_checkpoint):
+    """``capacity.SharedWorker``: the first run starts it (its start-up reported), the next ones find it serving;
+    one that left it dead makes the next start another, so one failing N does not fail the rest of a ramp."""
+    from benchmarks import capacity
+
+    model, _ = capacity.load(str(tiny_checkpoint), "cpu", "float32")
+    shared = capacity.SharedWorker(model, {}, max_sessions=2)
+    try:
+        first, setup_s = shared.take()
+        assert setup_s is not None and setup_s > 0 and first.is_alive
+        assert shared.take() == (first, None)
+        first.stop()  # as a run that killed it would leave it
+        second, setup_s = shared.take()
+        assert second is not first and second.is_alive and setup_s is not None
+    finally:
+        shared.stop()
+    assert shared.worker is None and not second.is_alive
