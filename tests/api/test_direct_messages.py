@@ -14,7 +14,6 @@ case runs a real server and session.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from websockets.sync.client import connect
 
 from audio_interaction_server.api.connection import Outbox, ReplayLog
 from audio_interaction_server.api.transport import direct_messages
-from audio_interaction_server.protocol import DecisionEvent
+from audio_interaction_server.protocol import DecisionEvent, TextDeltaEvent
 from benchmarks.frame_parsing import open_protocol
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, recv_event, send_configure, server_config
@@ -209,7 +208,7 @@ def test_events_with_nothing_queued_before_them_are_written_at_once_numbered_in_
     queue and the send loop writes them when it may, in order, and later events wait behind them."""
     async def body(protocol, transport, take_with) -> None:
         log = ReplayLog(100, 10**6)
-        outbox = Outbox(accepted_websocket(protocol), 100, 10**6, stamp=functools.partial(log.stamp, keep=True))
+        outbox = Outbox(accepted_websocket(protocol), 100, 10**6, log=log, keeps_sent=True)
         sending = asyncio.create_task(outbox.send_loop())
         transport.written.clear()
         outbox.put([decision(0), decision(1)])
@@ -231,6 +230,21 @@ def test_events_with_nothing_queued_before_them_are_written_at_once_numbered_in_
         outbox.put([decision(4)])  # the queue is empty again
         assert outbox.num_sent_now == 3 and sent_texts(transport)[-1]["seq"] == 5
         sending.cancel()
+
+    asyncio.run(with_protocol(body))
+
+
+def test_the_resume_log_counts_an_event_written_at_once_as_the_text_written():
+    """An event written at once is serialised once: the resume log keeps it counted as the text that went out
+    (a text delta included, which the outbox's own estimate would count otherwise), not serialised again."""
+    async def body(protocol, transport, take_with) -> None:
+        log = ReplayLog(100, 10**6)
+        outbox = Outbox(accepted_websocket(protocol), 100, 10**6, log=log, keeps_sent=True)
+        transport.written.clear()
+        outbox.put([decision(0), TextDeltaEvent(session_id="s", turn=0, text="héllo, wörld"), decision(1)])
+        texts = [payload for opcode, payload in server_frames(bytes(transport.written)) if opcode == 1]
+        assert outbox.num_sent_now == 3 and len(texts) == 3
+        assert log.num_bytes == sum(len(text.decode()) for text in texts)
 
     asyncio.run(with_protocol(body))
 

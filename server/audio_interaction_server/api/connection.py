@@ -177,19 +177,21 @@ class Outbox:
     wait for it is disconnected. ``held_bytes`` (a codec's) adds what the connection keeps
     elsewhere until these events are sent: the realtime codec's items awaiting their echo.
 
-    ``stamp`` numbers each event as it goes out (after any merge, so the numbers the client
-    sees never skip); an event that already has its number (a replay) is sent as it is.
+    ``log`` numbers each event as it goes out (after any merge, so the numbers the client
+    sees never skip), and with ``keeps_sent`` keeps it for a resume; an event that already has its
+    number (a replay) is sent as it is.
     """
 
     def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int,
                  encode: Callable[[object], list[str]] = NativeCodec.encode,
-                 stamp: Callable[[object, int | None], object] | None = None,
+                 log: ReplayLog | None = None, keeps_sent: bool = False,
                  held_bytes: Callable[[], int] | None = None) -> None:
         self.websocket = websocket
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._encode = encode
-        self.stamp = stamp
+        self.log = log
+        self._keeps_sent = keeps_sent
         self._held_bytes = held_bytes
         self._items: deque[tuple[Any, int]] = deque()  # (event, its queued_bytes)
         self.num_bytes = 0
@@ -297,12 +299,17 @@ class Outbox:
 
     def _texts_of(self, item, size: int | None) -> list[str]:
         """The frames of an event as it goes out: numbered first (and kept for a resume) unless it is a replay's
-        or unnumbered."""
+        or unnumbered. ``size``: what the event counted while queued; one that was not queued (written at once)
+        is counted as the text that goes out, so it is serialised once."""
         if isinstance(item, Unnumbered):
-            item = item.event
-        elif self.stamp is not None and item.seq is None:
-            item = self.stamp(item, size)  # numbered before the send that may fail
-        return self._encode(item)
+            return self._encode(item.event)
+        if self.log is None or item.seq is not None:
+            return self._encode(item)
+        numbered = self.log.number(item)  # numbered, and kept, before the send that may fail
+        texts = self._encode(numbered)
+        if self._keeps_sent:
+            self.log.keep(numbered, sum(map(len, texts)) if size is None else size)
+        return texts
 
 
 class Subscriber:
@@ -339,30 +346,39 @@ class ResumePolicy:
 class ReplayLog:
     """A session's most recent events, numbered, so a resuming client gets exactly what it missed.
 
-    Bounded in events and in bytes (each event counted as the outbox counts it, ``queued_bytes``): 2,000
-    events that each echo an 8,000-character system prompt would otherwise hold 16 MB of text alone."""
+    Bounded in events and in bytes (each event counted as the outbox counted it while queued, ``queued_bytes``, or
+    as the text it went out as when it was written at once): 2,000 events that each echo an 8,000-character system
+    prompt would otherwise hold 16 MB of text alone."""
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self._events: deque[tuple[Any, int]] = deque()  # (event, its queued_bytes)
+        self._events: deque[tuple[Any, int]] = deque()  # (event, the bytes it counts for)
         self.num_bytes = 0
         self.last_seq = 0
 
     def stamp(self, event, size: int | None = None, *, keep: bool, trim: bool = True):
-        """``event`` numbered (1, 2, 3, ... per session); with ``keep`` held for a replay. With ``trim`` (the
-        client is connected) the log stays a window of the newest events; without it, it grows. ``size``: the
-        event's ``queued_bytes`` as the outbox counted it (its bound is the same estimate, without the few bytes
-        of the number), so the event is not serialised once more to be counted."""
-        self.last_seq += 1
-        stamped = event.model_copy(update={"seq": self.last_seq})
+        """``event`` numbered (``number``); with ``keep`` also held for a replay (``keep``), counted as ``size`` or,
+        without one, as its ``queued_bytes``."""
+        numbered = self.number(event)
         if keep:
-            size = queued_bytes(stamped) if size is None else size
-            self._events.append((stamped, size))
-            self.num_bytes += size
-            while trim and self.is_over_limit:
-                self.num_bytes -= self._events.popleft()[1]
-        return stamped
+            self.keep(numbered, queued_bytes(numbered) if size is None else size, trim)
+        return numbered
+
+    def number(self, event):
+        """A copy of ``event`` with the session's next number (1, 2, 3, ...)."""
+        self.last_seq += 1
+        return event.model_copy(update={"seq": self.last_seq})
+
+    def keep(self, numbered, size: int, trim: bool = True) -> None:
+        """Hold a numbered event for a replay, counted as ``size`` bytes: as the outbox counted it while queued,
+        or as the text it went out as (the log's bound is the same estimate, so the event is not serialised once
+        more to be counted). With ``trim`` (the client is connected) the log stays a window of the newest events;
+        without it, it grows."""
+        self._events.append((numbered, size))
+        self.num_bytes += size
+        while trim and self.is_over_limit:
+            self.num_bytes -= self._events.popleft()[1]
 
     def __len__(self) -> int:
         return len(self._events)
@@ -432,9 +448,8 @@ class StreamConnection:
     def _attach(self, websocket: WebSocket) -> Outbox:
         self.websocket = websocket
         codec = self.codec  # referenced by the outbox, not through self: no cycle back to the connection
-        self.outbox = Outbox(websocket, self.max_events, self.max_bytes, codec.encode,
-                             stamp=functools.partial(self._log.stamp, keep=self.resume_policy is not None),
-                             held_bytes=lambda: codec.held_bytes)
+        self.outbox = Outbox(websocket, self.max_events, self.max_bytes, codec.encode, log=self._log,
+                             keeps_sent=self.resume_policy is not None, held_bytes=lambda: codec.held_bytes)
         return self.outbox
 
     @property
@@ -526,7 +541,7 @@ class StreamConnection:
             missed += self._keep_unsent(self.outbox)
             error = fatal_error(self.session.session_id, "session_resumed_elsewhere",
                                 "another connection resumed this session")
-            self.outbox.stamp = None  # the old socket's last words are not the session's
+            self.outbox.log = None  # the old socket's last words are not the session's
             self.outbox.abandon(CloseCode.RESUMED_ELSEWHERE, [error])
         if self._expiry is not None:
             self._expiry.cancel()
