@@ -626,7 +626,7 @@ class StreamConnection:
         # (no queue, no task wake-up: most of a real-time frame's cost); the rest still come through receive.
         extension = direct_messages(websocket)
         if extension is not None:
-            extension.take_with(lambda message: self._take_directly(outbox, message))
+            extension.take_with(functools.partial(self._take_directly, outbox))  # a partial: no Python frame of its own
         try:
             while True:
                 message = await websocket.receive()

@@ -482,6 +482,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._owes_pongs = False
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
         self._partial_frame = bytearray()  # the start of a frame ``_split_frames`` waits to see whole
+        self._parser_seen_between_frames = False  # since the parser was last fed (``_parse``): no need to look again
         self.num_fast_frames = 0  # frames that skipped the websockets parser (for tests)
         self._direct_handler: DirectMessageHandler | None = None
         self._may_deliver_directly = False  # one message per read may go to the handler (fairness, below)
@@ -547,7 +548,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         if self._partial_frame:
             self._partial_frame += data
             self._split_frames(self._partial_frame)
-        elif self.conn.state is WebSocketState.OPEN and self._parser_between_frames():
+        elif self.conn.state is WebSocketState.OPEN and (self._parser_seen_between_frames
+                                                         or self._parser_between_frames()):
             self._split_frames(data)
         else:
             self._parse(data)
@@ -590,7 +592,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         finally:
             view.release()
         if position >= end:
-            self._partial_frame = bytearray()
+            if self._partial_frame:
+                self._partial_frame = bytearray()
         elif data is self._partial_frame:
             del self._partial_frame[:position]
         else:
@@ -618,14 +621,17 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             return None
 
     def _parser_between_frames(self) -> bool:
-        """Whether the websockets parser waits for a frame's first byte (not inside a frame's header or payload)."""
+        """Whether the websockets parser waits for a frame's first byte (not inside a frame's header or payload);
+        remembered until ``_parse`` feeds it again, since frames of the fast path never reach it."""
         generator: Any = self.conn.parser  # a generator object: gi_yieldfrom and gi_code are CPython's
         while generator.gi_yieldfrom is not None:
             generator = generator.gi_yieldfrom
-        return generator.gi_code is _BETWEEN_FRAMES_CODE
+        self._parser_seen_between_frames = generator.gi_code is _BETWEEN_FRAMES_CODE
+        return self._parser_seen_between_frames
 
     def _parse(self, data: bytes) -> None:
         """``data`` through the websockets parser, a slice at a time, the control-frame budget settled per slice."""
+        self._parser_seen_between_frames = False
         for start in range(0, len(data), PARSE_SLICE_BYTES):
             super().data_received(data[start:start + PARSE_SLICE_BYTES])
             if not self._settle_control_frames() or self.transport.is_closing():
