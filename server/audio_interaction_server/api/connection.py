@@ -662,7 +662,9 @@ class StreamConnection:
         if payload is not None:
             now_s = time.monotonic()
             for command in self.codec.decode(payload):
-                self.deliver(self.session.handle(command, now_s))
+                answers = self.session.handle(command, now_s)
+                if answers:  # most frames are answered by nothing
+                    self.deliver(answers)
 
     async def _poll_loop(self) -> None:
         while True:
