@@ -159,3 +159,11 @@ def test_a_ramps_shared_worker_starts_once_and_again_after_a_run_left_it_dead(ti
     finally:
         shared.stop()
     assert shared.worker is None and not second.is_alive
+
+
+def test_front_paths_benchmark_times_a_push_and_an_event_written_at_once():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.front_paths", "--count", "50", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| a ")]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows), result.stdout
