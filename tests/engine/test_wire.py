@@ -9,7 +9,7 @@ import zmq
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import CancelReply, PushAudio, RequestReply
 from audio_interaction_server.engine.wire import (
-    AUDIO_BLOCKS, COMMAND_BATCH, OpenRemote, decode, decode_batch, encode, encode_batch, send_frames,
+    AUDIO_BLOCKS, COMMAND_BATCH, OpenRemote, decode, decode_batch, encode, encode_batch, recv_frames, send_frames,
 )
 from audio_interaction_server.options import SessionOptions
 
@@ -29,7 +29,7 @@ def pair():
 def across(pair, message):
     sender, receiver = pair
     send_frames(sender, encode(message))
-    return decode(receiver.recv_multipart(copy=False))
+    return decode(recv_frames(receiver))
 
 
 def test_a_live_streams_blocks_cross_as_raw_frames_and_arrive_equal(pair):
@@ -70,7 +70,7 @@ def test_one_loop_turns_commands_cross_as_one_message_and_arrive_in_order(pair):
     assert frames[0] == COMMAND_BATCH
     sender, receiver = pair
     send_frames(sender, frames)
-    received = decode_batch(receiver.recv_multipart(copy=False))
+    received = decode_batch(recv_frames(receiver))
     assert [type(message) for message in received] == [type(message) for message in sent]
     assert received[0] == sent[0] and received[2] == sent[2] and received[5] == sent[5]
     assert [m.session_id for m in received] == ["a", "a", "a", "b", "b", "b"]

@@ -45,13 +45,13 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode, send_frames,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode, recv_frames, send_frames,
 )
 from audio_interaction_server.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.1  # how often the engine looks at its parent and its fronts' heartbeats when no command comes
+POLL_S = 0.1  # how often the engine looks at its parent and its fronts (their processes, their heartbeats)
 STOP_FLUSH_S = 2.0  # how long a stopping engine waits for its last events to reach the fronts
 
 
@@ -216,7 +216,7 @@ class EngineHost:
             answer = EngineFailedToLoad(RuntimeError(f"{type(answer.error).__name__}: {answer.error}"))
         while True:
             try:
-                frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.commands, zmq.NOBLOCK)
             except zmq.Again:
                 return
             if any(isinstance(message, Hello) for message in decode_batch(frames[1:])):
@@ -236,26 +236,31 @@ class EngineHost:
     def _serve_commands(self, worker: Worker, ready: EngineReady) -> int:
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
-        next_status_s = 0.0
+        next_status_s = next_look_s = 0.0
         while True:
-            if time.monotonic() >= next_status_s:  # on this thread: a hung command loop goes silent, as it should
+            now_s = time.monotonic()
+            if now_s >= next_status_s:  # on this thread: a hung command loop goes silent, as it should
                 self._outbox.put((None, self._status()))
-                next_status_s = time.monotonic() + HEARTBEAT_S
+                next_status_s = now_s + HEARTBEAT_S
             if self._worker_failed.is_set():
                 return 1  # the worker ended every session with worker_failed; the fronts see this process end
-            if os.getppid() != self.spec.parent_pid:
-                log.error("the server process that started the engine is gone; the engine stops")
-                return 1
+            # The parent and the fronts are looked at every POLL_S, not at every wake-up: under load commands
+            # arrive hundreds of times a second, and each look reads /proc once per front.
+            if now_s >= next_look_s:
+                if os.getppid() != self.spec.parent_pid:
+                    log.error("the server process that started the engine is gone; the engine stops")
+                    return 1
+                self._expire_fronts(worker)
+                next_look_s = now_s + POLL_S
             if poller.poll(int(min(POLL_S, HEARTBEAT_S) * 1000)):
                 while True:
                     try:
-                        frames = self.commands.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(self.commands, zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     for message in decode_batch(frames[1:]):  # a front's commands of one loop turn, in order
                         if self._apply(worker, ready, frames[0].bytes, message):
                             return 0
-            self._expire_fronts(worker)
 
     def _apply(self, worker: Worker, ready: EngineReady, front_id: bytes, message: Any) -> bool:
         """Apply one front's message; True when the engine is told to stop."""

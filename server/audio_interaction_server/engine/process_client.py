@@ -33,7 +33,7 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, send_frames,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -128,7 +128,7 @@ class EngineProcessClient:
                 self._send(Hello(os.getpid()))
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000 * 5)))
             if self._events in ready:  # first: an engine that failed to load says why, then ends
-                for message in decode(self._events.recv_multipart(copy=False)):
+                for message in decode(recv_frames(self._events)):
                     if isinstance(message, EngineReady):
                         answer = message
                     elif isinstance(message, EngineStatus):
@@ -292,7 +292,7 @@ class EngineProcessClient:
         received = False
         while True:
             try:
-                frames = self._events.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._events, zmq.NOBLOCK)
             except zmq.Again:
                 return received
             received = True

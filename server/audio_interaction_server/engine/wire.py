@@ -19,7 +19,7 @@ samples), since pickling the dataclass and its array cost about 12 us where thes
 A front sends the session commands of one event-loop turn as one message (``encode_batch``: ``COMMAND_BATCH``,
 each command's number of frames, then their frames in order): a ZeroMQ send costs the loop tens of microseconds
 whatever it carries, and under load one turn reads many streams' audio. Messages go out through
-``send_frames``, not pyzmq's ``send_multipart``.
+``send_frames`` and come in through ``recv_frames``, not pyzmq's ``send_multipart`` and ``recv_multipart``.
 """
 
 from __future__ import annotations
@@ -178,6 +178,18 @@ def send_frames(socket: zmq.Socket, frames: list[Any]) -> None:
     for frame in frames[:-1]:
         send(frame, _SEND_MORE, copy=False)
     send(frames[-1], 0, copy=False)
+
+
+def recv_frames(socket: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """One ZeroMQ message's frames, not copied (as ``recv_multipart(flags, copy=False)``), asking each frame whether
+    more follow rather than the socket (``recv_multipart`` reads the ``RCVMORE`` option per frame, through
+    pyzmq's option enum in Python)."""
+    frame = socket.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = socket.recv(flags, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def encode_batch(messages: list[Any]) -> list[Any]:
