@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -31,6 +28,7 @@ import numpy as np
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.audio.stream import AudioInput
 from audio_interaction_server.protocol import AudioFormat
+from benchmarks import side_by_side
 
 
 @dataclass(frozen=True)
@@ -89,26 +87,14 @@ def best_seconds_per_frame(seconds: float, rounds: int) -> tuple[dict[str, float
     return best, num_chunks
 
 
-def round_in_process(server_dir: str, seconds: float) -> dict[str, float]:
-    """One round of every case in a fresh interpreter that imports the server from ``server_dir``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [server_dir, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "benchmarks.audio_chain", "--seconds", str(seconds), "--rounds", "1", "--json"]
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
-    return json.loads(output)["seconds_per_frame"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per case and round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--against", metavar="SERVER_DIR", help="another checkout's server/ folder to compare with")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one side of --against
+    side_by_side.add_options(parser)
     args = parser.parse_args()
     if args.json:
         best_seconds_per_frame(min(args.seconds, 2.0), 1)  # a fresh interpreter's first calls are not the chain's
-        best, num_chunks = best_seconds_per_frame(args.seconds, args.rounds)
-        print(json.dumps({"seconds_per_frame": best, "chunks": num_chunks}))
+        print(json.dumps(best_seconds_per_frame(args.seconds, args.rounds)[0]))
         return
     if not args.against:
         best, num_chunks = best_seconds_per_frame(args.seconds, args.rounds)
@@ -118,13 +104,8 @@ def main() -> None:
         for case in CASES:
             print(f"| {case.name} | {case.frame_bytes()} | {num_chunks[case.name]} | {best[case.name] * 1e6:.2f} |")
         return
-    this_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "server")
-    best_this = {case.name: float("inf") for case in CASES}
-    best_other = dict(best_this)
-    for _ in range(args.rounds):  # alternate, so drift in the machine's speed falls on both chains alike
-        for best, server_dir in ((best_this, this_dir), (best_other, args.against)):
-            for name, elapsed in round_in_process(server_dir, args.seconds).items():
-                best[name] = min(best[name], elapsed)
+    best_this, best_other = side_by_side.best_of_alternating(
+        "benchmarks.audio_chain", ["--seconds", str(args.seconds)], args.against, args.rounds)
     print(f"# AudioInput.accept_frame(check_frame(frame)), {args.seconds:g} s of audio per case, "
           f"best of {args.rounds} alternated rounds; other chain: {args.against}")
     print("| case | this chain, us per frame | other chain, us per frame | other / this |\n|---|---|---|---|")

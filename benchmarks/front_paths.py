@@ -14,8 +14,8 @@ Prints the best of ``--rounds`` rounds of ``--count`` each. Hot loops on one cor
 it costs a busy server (``benchmarks.host_cost`` measures that).
 
 Side by side: ``--against`` names another checkout's ``server`` folder (``git worktree add /tmp/base <commit>``
-then ``--against /tmp/base/server``). Each round then runs once per tree, in its own process with that tree
-first on ``PYTHONPATH``, the two alternating, and the table gains the other tree's column and the ratio.
+then ``--against /tmp/base/server``); rounds then alternate between the trees in fresh interpreters
+(``benchmarks.side_by_side``), and the table gains the other tree's column and the ratio.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import argparse
 import asyncio
 import inspect
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,8 +39,8 @@ from audio_interaction_server.audio.frontend import LogMelChunker, PaddedBlocks
 from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.engine.wire import EngineEndpoints
 from audio_interaction_server.protocol import DecisionEvent
+from benchmarks import side_by_side
 
-ROOT = Path(__file__).resolve().parents[1]
 PUSH_PAUSE_S = 0.0002  # between pushes: the receiver keeps up, so no send meets a backlog
 
 
@@ -122,14 +119,6 @@ def best_seconds(count: int, rounds: int) -> dict[str, float]:
     return best
 
 
-def round_in_process(server_dir: str, count: int) -> dict[str, float]:
-    """One round of both paths in a fresh interpreter that imports the server from ``server_dir``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [server_dir, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "benchmarks.front_paths", "--count", str(count), "--rounds", "1", "--json"]
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    return json.loads(output)
-
-
 LABELS = {"push": "a chunk's push to the engine process (CPU of the posting thread)",
           "event": "a decision event written at once, resume log on"}
 
@@ -137,9 +126,7 @@ LABELS = {"push": "a chunk's push to the engine process (CPU of the posting thre
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=4000, help="pushes and events per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--against", metavar="SERVER_DIR", help="another checkout's server/ folder to compare with")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one side of --against
+    side_by_side.add_options(parser)
     args = parser.parse_args()
     if args.json:
         best_seconds(min(args.count, 200), 1)  # a fresh interpreter's first calls are not the paths'
@@ -152,12 +139,8 @@ def main() -> None:
         for name, label in LABELS.items():
             print(f"| {label} | {best[name] * 1e6:.2f} |")
         return
-    best_this = {name: float("inf") for name in LABELS}
-    best_other = dict(best_this)
-    for _ in range(args.rounds):  # alternate, so drift in the machine's speed falls on both trees alike
-        for best, server_dir in ((best_this, str(ROOT / "server")), (best_other, args.against)):
-            for name, seconds in round_in_process(server_dir, args.count).items():
-                best[name] = min(best[name], seconds)
+    best_this, best_other = side_by_side.best_of_alternating(
+        "benchmarks.front_paths", ["--count", str(args.count)], args.against, args.rounds)
     print(f"# best of {args.rounds} alternated rounds of {args.count}; other tree: {args.against}")
     print("| path | this tree, us each | other tree, us each | other / this |\n|---|---|---|---|")
     for name, label in LABELS.items():
