@@ -31,7 +31,7 @@ websocket  ``python -m audio_interaction_server`` in a subprocess, one WebSocket
            one with ``python -m audio_interaction_server.demo.make_tiny_checkpoint DIR --preset real``).
            ``--fronts N`` serves with N front processes on one engine (``serve --fronts N``, stream i on
            front i mod N); ``--client-processes K`` runs the clients in K processes of their own, as many
-           streams need (one Python process tops out near 300). Run alone, this mode loads no model itself.
+           streams need (a process's event loop is one core). Run alone, this mode loads no model itself.
 baseline   the reference's way of serving, as a mode of our engine (same model code):
            one stream at a time, batch size 1, log-mel + audio encoder over the
            whole audio history for every chunk, reply tokens generated inline, and
@@ -454,8 +454,8 @@ def run_websocket(checkpoint: Path, loop: np.ndarray, streams: int, seconds: flo
                   fronts: int = 1, client_processes: int = 1, device: str = "cpu",
                   audio_dir: Path | None = None) -> Run:
     """The server with ``fronts`` front processes on one engine (``--fronts``; stream i to front i mod N), its
-    clients in this process or, with ``client_processes`` > 1, in that many processes of their own (one Python
-    process tops out near 300 streams of socket work)."""
+    clients in this process or, with ``client_processes`` > 1, in that many processes of their own (each
+    process's event loop is one core)."""
     run = Run("websocket", streams, seconds)
     env = {"AIS_ENGINE__MAX_SESSIONS": str(streams), "AIS_ENGINE__CHECKPOINT": str(checkpoint),
            "AIS_MAX_SESSIONS": str(streams), "AIS_ENGINE__DEVICE": device, "AIS_FRONTS": str(fronts)}
