@@ -137,7 +137,7 @@ class SessionEvents:
 # How the first frame of a hand-written PushAudio of PaddedBlocks starts (a pickle's starts b"\x80"); then the
 # first chunk index, rows and samples per row, then the session id (UTF-8).
 AUDIO_BLOCKS = b"audio-blocks"
-_BLOCKS_HEADER = struct.Struct("<12sqqq")
+_BLOCKS_HEADER = struct.Struct(f"<{len(AUDIO_BLOCKS)}sqqq")
 # The first frame of several commands in one message; then the number of frames of each, as uint32s.
 COMMAND_BATCH = b"command-batch"
 

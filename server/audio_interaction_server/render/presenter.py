@@ -54,10 +54,7 @@ class ReplyPresenter:
         fields = dict(wire.__dict__, server_time_ms=stamp_ms)
         if isinstance(wire, TurnBeginEvent):
             fields["onset_latency_ms"] = None if onset_s is None else round(onset_s * 1000, 3)
-        live = LIVE_FORMS[type(wire)](**fields)
-        if live.type == "decision" and not self.decision_events:
-            return before + after
-        return before + [live] + after
+        return before + [LIVE_FORMS[type(wire)](**fields)] + after
 
     def _segments(self, turn: int, texts: list[str], stamp_ms: int) -> list:
         out = []
