@@ -6,9 +6,10 @@
   to its engine process (from a thread with no loop turns, so it is sent at once), to a ROUTER socket standing
   in for the engine; the posting thread's CPU time per push (``time.thread_time``), paced by a short sleep
   between pushes so the receiver keeps up, as at real time.
-* **event**: a ``decision`` event through ``Outbox.put`` with nothing queued before it, as a ``/v1/stream``
-  session sends it by default (the resume log keeps it), written at once on the server's own WebSocket protocol
-  after a real handshake (``benchmarks.frame_parsing.open_protocol``); wall time per event, a hot loop.
+* **event**: the engine's ``Decision`` for a chunk rendered by the session's ``ReplyPresenter`` (decision
+  events on) and the ``decision`` event through ``Outbox.put`` with nothing queued before it, as a
+  ``/v1/stream`` session sends it (the resume log keeps it), written at once on the server's own WebSocket
+  protocol after a real handshake (``benchmarks.frame_parsing.open_protocol``); wall time per event, a hot loop.
 
 Prints the best of ``--rounds`` rounds of ``--count`` each. Hot loops on one core: a path's own cost, not what
 it costs a busy server (``benchmarks.host_cost`` measures that).
@@ -36,9 +37,10 @@ from starlette.websockets import WebSocket, WebSocketState
 from audio_interaction_server import spec as T
 from audio_interaction_server.api.connection import Outbox, ReplayLog
 from audio_interaction_server.audio.frontend import LogMelChunker, PaddedBlocks
+from audio_interaction_server.engine.events import Decision
 from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.engine.wire import EngineEndpoints
-from audio_interaction_server.protocol import DecisionEvent
+from audio_interaction_server.render.presenter import ReplyPresenter
 from benchmarks import side_by_side
 
 PUSH_PAUSE_S = 0.0002  # between pushes: the receiver keeps up, so no send meets a backlog
@@ -97,12 +99,13 @@ async def event_seconds(count: int) -> float:
     websocket = WebSocket(protocol.scope, protocol.receive, protocol.send)
     websocket.client_state = websocket.application_state = WebSocketState.CONNECTED
     outbox = outbox_with_log(websocket)
-    events = [[DecisionEvent(session_id="s", chunk=i, token_id=1, decision="keep_silence",
-                             audio_time_s=round(0.4 * (i + 1), 3))] for i in range(count)]
+    presenter = ReplyPresenter(tokenizer=None, session_id="s", decision_events=True)  # a decision needs no tokens
+    decisions = [Decision(index, T.KEEP_SILENCE) for index in range(count)]
+    stamp_ms = int(time.time() * 1000)
     transport.written.clear()
     started = time.perf_counter()
-    for event in events:
-        outbox.put(event)
+    for decision in decisions:
+        outbox.put(presenter.present(decision, stamp_ms))
     elapsed = time.perf_counter() - started
     assert len(outbox) == 0 and transport.written, "every event should have been written at once"
     for task in list(protocol.tasks):
@@ -120,7 +123,7 @@ def best_seconds(count: int, rounds: int) -> dict[str, float]:
 
 
 LABELS = {"push": "a chunk's push to the engine process (CPU of the posting thread)",
-          "event": "a decision event written at once, resume log on"}
+          "event": "a decision from the engine, presented and written at once, resume log on"}
 
 
 def main() -> None:

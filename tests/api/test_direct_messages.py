@@ -257,3 +257,31 @@ def test_nothing_is_written_at_once_on_a_closing_connection():
         assert not protocol.send_text_now(lambda: made.append(1) or ["x"]) and made == []
 
     asyncio.run(with_protocol(body))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])
+def test_a_text_written_at_once_is_framed_as_websockets_frames_it(size):
+    """``send_text_now`` frames text itself (one FIN text frame, unmasked, as a server sends): the bytes are
+    websockets' own serialisation of the same message, at every length-field boundary, multi-byte text too."""
+    text = ("é" * size)[: max(0, size // 2)] + "x" * (size - max(0, size // 2) * 2)  # ``size`` bytes of UTF-8
+
+    async def body(protocol, transport, take_with) -> None:
+        transport.written.clear()
+        assert protocol.send_text_now(lambda: [text, "{}"])
+        expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False) + Frame(Opcode.TEXT, b"{}").serialize(
+            mask=False)
+        assert len(text.encode()) == size and bytes(transport.written) == expected
+
+    asyncio.run(with_protocol(body))
+
+
+def test_a_text_written_at_once_goes_after_what_the_protocol_already_holds():
+    """A pong websockets queued (answering a ping read in the same turn) is written before the text."""
+    async def body(protocol, transport, take_with) -> None:
+        protocol.conn.send_pong(b"beat")  # held by the protocol, not yet written
+        transport.written.clear()
+        assert protocol.send_text_now(lambda: ["{}"])
+        assert bytes(transport.written) == (Frame(Opcode.PONG, b"beat").serialize(mask=False)
+                                            + Frame(Opcode.TEXT, b"{}").serialize(mask=False))
+
+    asyncio.run(with_protocol(body))

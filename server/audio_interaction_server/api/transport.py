@@ -38,6 +38,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import struct
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
@@ -432,6 +433,22 @@ class _DeadlineOnClose:
         return getattr(self._transport, name)
 
 
+_SHORT_TEXT_HEADER = struct.Struct("!BB")
+_MEDIUM_TEXT_HEADER = struct.Struct("!BBH")
+_LONG_TEXT_HEADER = struct.Struct("!BBQ")
+
+
+def _server_text_frame(payload: bytes) -> bytes:
+    """A whole text message as a server frames it (RFC 6455 5.2: FIN and opcode 1, no mask, the shortest length
+    field that holds the payload's length)."""
+    size = len(payload)
+    if size < 126:
+        return _SHORT_TEXT_HEADER.pack(0x81, size) + payload
+    if size < 65536:
+        return _MEDIUM_TEXT_HEADER.pack(0x81, 126, size) + payload
+    return _LONG_TEXT_HEADER.pack(0x81, 127, size) + payload
+
+
 def _frame_bounds(data: bytes | bytearray, position: int, end: int) -> tuple[int, int] | None:
     """(payload start, frame end) of the frame at ``data[position:end]`` from its header (RFC 6455 5.2; the
     frame end may lie past ``end``), or None while the header is incomplete."""
@@ -534,13 +551,20 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         sizeable share of a real-time stream's cost for a 150-byte event (docs/performance.md, "Host cost per
         stream"). The app calls it only when nothing of its own waits to be sent, so the order holds.
         """
+        conn = self.conn
         if (not self.writable.is_set() or self.disconnected or self.close_sent or not self.handshake_complete
-                or self.initial_response is not None or self.conn.state is not WebSocketState.OPEN):
+                or self.initial_response is not None or conn.state is not WebSocketState.OPEN):
             return False
-        for text in make_texts():
-            self.conn.send_text(text.encode())
-            self.num_texts_sent_now += 1
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        texts = make_texts()
+        self.num_texts_sent_now += len(texts)
+        if conn.extensions or conn.expect_continuation_frame or conn.writes:
+            for text in texts:  # websockets frames them: an extension's transform, or after what it holds
+                conn.send_text(text.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:
+            # A server's whole text message is one unmasked FIN frame: written here, the bytes websockets' own
+            # send_text would write, without its Frame object, serialiser and write list per event.
+            self.transport.write(b"".join([_server_text_frame(text.encode()) for text in texts]))
         return True
 
     def data_received(self, data: bytes) -> None:

@@ -1,16 +1,16 @@
 """A session's replies as the client sees them: rendered, stamped, cut into sentences for TTS.
 
-``ReplyRenderer`` turns token-level engine events into wire events; the presenter stamps them
-with the server clock (one stamp for an event and the segments its text completes, so stamps
-never go back), adds the ``segment`` events of each reply, and the onset latency of each
-``turn_begin``. The session decides which events exist; this decides how they read.
+``ReplyRenderer`` turns token-level engine events into wire events, built stamped with the server
+clock the presenter gives (one stamp for an event and the segments its text completes, so stamps
+never go back); the presenter adds the ``segment`` events of each reply, and the onset latency of
+each ``turn_begin``. The session decides which events exist; this decides how they read.
 """
 
 from __future__ import annotations
 
 from audio_interaction_server.engine.events import Decision, EngineEvent
 from audio_interaction_server.protocol import (
-    LIVE_FORMS, SegmentEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent,
+    LiveDecisionEvent, SegmentEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent,
 )
 from audio_interaction_server.render.replies import ReplyRenderer
 from audio_interaction_server.render.segmenter import Segmenter
@@ -34,27 +34,28 @@ class ReplyPresenter:
         """The wire events of one engine event; ``onset_s`` is the onset latency a TurnBegin reports."""
         if type(event) is Decision and not self.decision_events:
             return []  # not sent (the default), and a decision ends no reply and completes no sentence
-        return [live for wire in self._renderer.render(event) for live in self._live(wire, stamp_ms, onset_s)]
+        return [out for live in self._renderer.render(event, stamp_ms) for out in self._live(live, stamp_ms, onset_s)]
 
     def cut(self, stamp_ms: int) -> list:
         """The open reply's ``turn_end`` (``session_closed``) for a session that ends without the engine's."""
-        return [live for wire in self._renderer.cut() for live in self._live(wire, stamp_ms, None)]
+        return [out for live in self._renderer.cut(stamp_ms) for out in self._live(live, stamp_ms, None)]
 
-    def _live(self, wire, stamp_ms: int, onset_s: float | None) -> list:
+    def _live(self, live, stamp_ms: int, onset_s: float | None) -> list:
+        """A stamped event the renderer made (made here, no one else holds it) and the segments around it."""
+        if type(live) is LiveDecisionEvent:
+            return [live]  # most events: no reply of its own, no sentence
         before: list = []  # a reply's last segment goes before its turn_end
         after: list = []  # a delta's completed sentences go right after it
-        if isinstance(wire, TurnBeginEvent):
+        if isinstance(live, TurnBeginEvent):
             self._segmenter, self._num_segments = Segmenter(), 0
-        if isinstance(wire, TextDeltaEvent) and self._segmenter is not None:
-            after = self._segments(wire.turn, self._segmenter.push(wire.text), stamp_ms)
-        if isinstance(wire, TurnEndEvent) and self._segmenter is not None:
-            if wire.end_reason in _SPOKEN_ENDS:
-                before = self._segments(wire.turn, self._segmenter.finish(), stamp_ms)
+            live.onset_latency_ms = None if onset_s is None else round(onset_s * 1000, 3)
+        if isinstance(live, TextDeltaEvent) and self._segmenter is not None:
+            after = self._segments(live.turn, self._segmenter.push(live.text), stamp_ms)
+        if isinstance(live, TurnEndEvent) and self._segmenter is not None:
+            if live.end_reason in _SPOKEN_ENDS:
+                before = self._segments(live.turn, self._segmenter.finish(), stamp_ms)
             self._segmenter = None
-        fields = dict(wire.__dict__, server_time_ms=stamp_ms)
-        if isinstance(wire, TurnBeginEvent):
-            fields["onset_latency_ms"] = None if onset_s is None else round(onset_s * 1000, 3)
-        return before + [LIVE_FORMS[type(wire)](**fields)] + after
+        return before + [live] + after
 
     def _segments(self, turn: int, texts: list[str], stamp_ms: int) -> list:
         out = []
