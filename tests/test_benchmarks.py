@@ -161,9 +161,9 @@ def test_a_ramps_shared_worker_starts_once_and_again_after_a_run_left_it_dead(ti
     assert shared.worker is None and not second.is_alive
 
 
-def test_front_paths_benchmark_times_a_push_and_a_decision_presented_and_written():
+def test_front_paths_benchmark_times_a_push_a_decision_written_and_a_chunks_cycle():
     result = subprocess.run([sys.executable, "-m", "benchmarks.front_paths", "--count", "50", "--rounds", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| a ")]
-    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows), result.stdout
+    assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), result.stdout

@@ -21,6 +21,7 @@ the engine's ``emit`` (worker thread) must hop there before calling ``on_engine_
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -108,7 +109,7 @@ class Session:
         self._engine_emit = engine_emit
         self._observer = observer or _NullObserver()
         self._wall_clock = wall_clock
-        self.audio = AudioInput(lambda chunks: engine.push_audio(session_id, chunks))
+        self.audio = AudioInput(functools.partial(engine.push_audio, session_id))  # a chunk's call: no lambda frame
         self.options: SessionOptions = config.session
         self.decision_events = config.decision_events
         self.close_code: int | None = None
