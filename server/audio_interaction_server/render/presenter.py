@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from audio_interaction_server.engine.events import Decision, EngineEvent
 from audio_interaction_server.protocol import (
-    LiveDecisionEvent, SegmentEvent, TextDeltaEvent, TurnBeginEvent, TurnEndEvent,
+    LiveDecisionEvent, LiveTurnBeginEvent, SegmentEvent, TextDeltaEvent, TurnEndEvent,
 )
 from audio_interaction_server.render.replies import ReplyRenderer
 from audio_interaction_server.render.segmenter import Segmenter
@@ -46,7 +46,7 @@ class ReplyPresenter:
             return [live]  # most events: no reply of its own, no sentence
         before: list = []  # a reply's last segment goes before its turn_end
         after: list = []  # a delta's completed sentences go right after it
-        if isinstance(live, TurnBeginEvent):
+        if isinstance(live, LiveTurnBeginEvent):
             self._segmenter, self._num_segments = Segmenter(), 0
             live.onset_latency_ms = None if onset_s is None else round(onset_s * 1000, 3)
         if isinstance(live, TextDeltaEvent) and self._segmenter is not None:
