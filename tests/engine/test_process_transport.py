@@ -426,3 +426,36 @@ def test_a_sigterm_to_the_whole_process_group_drains_before_the_engine_stops(tin
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_an_engine_orphaned_by_a_killed_server_removes_its_sockets_directory(tiny_checkpoint):
+    """A server killed outright (SIGKILL, the OOM killer) cannot remove the directory of its engine's sockets; the
+    engine, which ends itself once its parent is gone, removes it, so crash loops leave nothing behind in /tmp."""
+    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__TRANSPORT": "process"})
+    try:
+        engine_pid = engine_pid_of(process.pid)
+        directory = sockets_directory_of(engine_pid)
+        assert directory.name.startswith("ais-engine-") and directory.is_dir()
+        process.kill()
+        process.wait(10)
+        deadline_s = time.monotonic() + 10
+        while time.monotonic() < deadline_s and Path(f"/proc/{engine_pid}").exists():
+            time.sleep(0.05)
+        assert not Path(f"/proc/{engine_pid}").exists(), "the orphaned engine should have ended itself"
+        assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def sockets_directory_of(pid: int) -> Path:
+    """The directory of the Unix sockets process ``pid`` listens on (its descriptors' inodes in /proc/net/unix)."""
+    inodes = set()
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(descriptor)
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    paths = {Path(line.split()[7]).parent for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+             if len(line.split()) > 7 and line.split()[6] in inodes}
+    assert len(paths) == 1, paths
+    return paths.pop()

@@ -19,6 +19,7 @@ the worker thread's ``emit`` only queues; one sender thread owns the event socke
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -154,7 +155,23 @@ def run_engine(spec: EngineSpec) -> None:
                         spec.config)
     status = host.serve(worker, ready)
     host.close()
+    if host.is_orphaned:
+        remove_endpoints(spec.endpoints)
     sys.exit(status)
+
+
+def remove_endpoints(endpoints: EngineEndpoints) -> None:
+    """The socket files of ``endpoints``, and their directory once empty: for an engine whose server was killed
+    outright (SIGKILL, the OOM killer), which could not remove them itself. Nothing else is ever removed."""
+    directories = set()
+    for endpoint in (endpoints.commands, endpoints.events):
+        path = Path(endpoint.removeprefix("ipc://"))
+        directories.add(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+            directory.rmdir()
 
 
 def process_has_ended(pid: int) -> bool:
@@ -206,6 +223,7 @@ class EngineHost:
         self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
         self._worker_failed = threading.Event()
         self._worker: Worker | None = None
+        self.is_orphaned = False  # it stopped because the server that started it is gone
 
     def answer_hellos(self, answer: EngineFailedToLoad) -> None:
         """Answer every front that has said hello by now (the one that started the engine said it first)."""
@@ -249,6 +267,7 @@ class EngineHost:
             if now_s >= next_look_s:
                 if os.getppid() != self.spec.parent_pid:
                     log.error("the server process that started the engine is gone; the engine stops")
+                    self.is_orphaned = True
                     return 1
                 self._expire_fronts(worker)
                 next_look_s = now_s + POLL_S
