@@ -188,7 +188,7 @@ LABELS = {"push": "a chunk's push to the engine process (CPU of the posting thre
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=4000, help="pushes and events per round")
+    parser.add_argument("--count", type=int, default=4000, help="pushes, events and chunk cycles per round")
     side_by_side.add_options(parser)
     args = parser.parse_args()
     if args.json:

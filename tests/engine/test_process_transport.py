@@ -455,7 +455,7 @@ def sockets_directory_of(pid: int) -> Path:
         target = os.readlink(descriptor)
         if target.startswith("socket:["):
             inodes.add(target[len("socket:["):-1])
-    paths = {Path(line.split()[7]).parent for line in Path("/proc/net/unix").read_text().splitlines()[1:]
-             if len(line.split()) > 7 and line.split()[6] in inodes}
+    rows = [line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:]]
+    paths = {Path(row[7]).parent for row in rows if len(row) > 7 and row[6] in inodes}  # inode, then path
     assert len(paths) == 1, paths
     return paths.pop()

@@ -41,7 +41,8 @@ class ReplyPresenter:
         return [out for live in self._renderer.cut(stamp_ms) for out in self._live(live, stamp_ms, None)]
 
     def _live(self, live, stamp_ms: int, onset_s: float | None) -> list:
-        """A stamped event the renderer made (made here, no one else holds it) and the segments around it."""
+        """A stamped event the renderer just made for this session (no one else holds it, so its onset is set on
+        it) and the segments around it."""
         if type(live) is LiveDecisionEvent:
             return [live]  # most events: no reply of its own, no sentence
         before: list = []  # a reply's last segment goes before its turn_end
