@@ -1,7 +1,8 @@
 """Host CPU per real-time stream, per process and per thread, beside a bare ``websockets`` server in the same run.
 
     python -m benchmarks.host_cost [--streams 24 48] [--seconds 15] [--checkpoint DIR] [--server-env NAME=VALUE]
-                                   [--asgi-floor] [--traffic gentle|browser]
+                                   [--asgi-floor] [--traffic gentle|browser] [--rounds 1]
+                                   [--against OTHER_CHECKOUT/server]
 
 For each stream count N, one client process (``--client``: neither server's process) opens N WebSockets and
 sends each 100 ms 16 kHz s16 frames of the shared recordings at real time for ``--seconds``, the streams' frames
@@ -26,6 +27,19 @@ engine process, fronts) get rows of their own and a sum over all.
 Cost per stream = CPU seconds / (seconds measured x N), in % of one core; flat from the small count to the large
 one means it grows with streams only. The ratios divide ours by the bare server's at the same count, measured a
 minute apart under the same clients: on a shared machine, compare ratios.
+
+Rounds, and another version of ours, for figures that a shared machine's drift does not decide:
+
+* ``--rounds R`` measures every server R times at each count, the servers' order rotated from round to round (one
+  round starts with ours, the next with the bare server, ...). Each round's ratio divides by the bare server's
+  figure of the same round, a few seconds away; a summary table gives each server's median and range over the
+  rounds, and the median and range of its ratios.
+* ``--against SERVER_DIR`` runs a second server of ours, another checkout's ``server`` folder first on its
+  ``PYTHONPATH`` (``git worktree add /tmp/base <commit>``, then ``--against /tmp/base/server``), with the same
+  environment, in the same rotation: this tree, that one and the bare server measured round by round under the
+  same clients, instead of two runs minutes apart.
+
+The per-thread table shows the first round.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -132,9 +147,12 @@ def cpu_by_thread(pid: int) -> dict[str, float]:
     return dict(seconds)
 
 
+OURS, OTHER, BARE, ASGI_FLOOR = "ours", "other tree", "bare", "ASGI floor"  # the servers a run can measure
+
+
 @dataclass
 class Measured:
-    server: str  # "ours" or "bare"
+    server: str  # OURS, OTHER, BARE or ASGI_FLOOR
     num_streams: int
     wall_s: float
     cpu_s: dict[str, float]  # per thread label, and PROCESS
@@ -242,7 +260,7 @@ def measure(server: str, pid: int, url: str, num_streams: int, seconds: float, t
     """One point: the client process against one server, the server's CPU read around the streaming."""
     client = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.host_cost", "--client", url, "--streams", str(num_streams),
-         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server == "ours" else []),
+         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server in (OURS, OTHER) else []),
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert client.stdout is not None
@@ -365,6 +383,61 @@ def table(points: list[tuple[Measured, Measured, Measured | None]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server the clients stream to: its process, port and WebSocket path."""
+
+    process: subprocess.Popen
+    port: int
+    path: str
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{self.path}"
+
+
+def print_point(measured: Measured, seconds: float, traffic: Traffic, round_number: int | None) -> None:
+    """What the client saw of one point: every frame should have gone out, and events come back."""
+    expected = measured.num_streams * round(seconds / traffic.frame_s)
+    where = f"round {round_number}, " if round_number is not None else ""
+    print(f"# {where}{measured.num_streams} streams, {measured.server}: {measured.wall_s:.1f} s measured, frames sent "
+          f"{measured.client['frames']}/{expected}, events received {measured.client['events']} "
+          f"({measured.client['events'] / measured.num_streams / seconds:.2f} per stream per s)", flush=True)
+
+
+def _ratios(mine: list[float], bare: list[float]) -> list[float]:
+    """Round by round; a round where the bare server used no clock tick (a very short run) has none."""
+    return [value / floor for value, floor in zip(mine, bare) if floor > 0]
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """``median (lowest-highest)``, the one value, or ``-`` for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def summary_table(rounds: list[dict[int, dict[str, Measured]]], stream_counts: list[int]) -> str:
+    """Markdown: per stream count and server, the event loop's and the process's % of a core per stream over the
+    rounds, and their ratios to the bare server of each round (the bare server's row gives its own figures)."""
+    lines = ["| streams | server | event loop | process | loop / bare | process / bare |", "|---|---|---|---|---|---|"]
+    for num_streams in stream_counts:
+        points = [by_count[num_streams] for by_count in rounds]
+        for name in points[0]:
+            loops = [point[name].percent_per_stream(EVENT_LOOP) for point in points]
+            processes = [point[name].percent_per_stream(PROCESS) for point in points]
+            if name == BARE:
+                lines.append(f"| {num_streams} | {name} | {_spread(loops, 3)} | {_spread(processes, 3)} | - | - |")
+                continue
+            ratios = [_spread(_ratios(mine, [point[BARE].percent_per_stream(label) for point in points]), 2)
+                      for mine, label in ((loops, EVENT_LOOP), (processes, PROCESS))]
+            lines.append(f"| {num_streams} | {name} | {_spread(loops, 3)} | {_spread(processes, 3)} | "
+                         f"{ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, nargs="+", default=[24, 48])
@@ -377,6 +450,10 @@ def main() -> None:
                         "server's work")
     parser.add_argument("--traffic", choices=sorted(TRAFFIC), default="gentle",
                         help="gentle: 16 kHz s16 mono in 100 ms frames; browser: 48 kHz s16 stereo in 20 ms frames")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every server this many times at each count, the order rotated each round")
+    parser.add_argument("--against", metavar="SERVER_DIR",
+                        help="also measure our server from another checkout's server/ folder, in the same rounds")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the bare server process
@@ -400,42 +477,49 @@ def main() -> None:
         server_env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     print(f"# python -m benchmarks.host_cost {' '.join(sys.argv[1:])}")
     print(f"# {os.cpu_count()} CPUs; our server's event loop: {event_loop_of(server_env)}, server env "
-          f"{args.server_env or 'default'}; bare server: websockets on asyncio"
+          f"{args.server_env or 'default'}{'; other tree: ' + args.against if args.against else ''}; "
+          f"bare server: websockets on asyncio"
           f"{'; ASGI floor: uvicorn on ' + event_loop_of({}) if args.asgi_floor else ''}; "
           f"{args.seconds:g} s per point; traffic: {traffic.describe()}\n")
-    ours_process, ours_port = spawn_server(None, server_env, log_to_file=True)
-    bare_process, bare_port = spawn_bare_server("--bare-server", args.traffic)
-    floor_process, floor_port = (spawn_bare_server("--asgi-floor-server", args.traffic) if args.asgi_floor
-                                 else (None, 0))
-    points = []
+    servers = {OURS: Served(*spawn_server(None, server_env, log_to_file=True), "/v1/stream")}
+    if args.against:
+        other_env = {**server_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.against).resolve()),
+                                                                            server_env.get("PYTHONPATH")]))}
+        servers[OTHER] = Served(*spawn_server(None, other_env, log_to_file=True), "/v1/stream")
+    servers[BARE] = Served(*spawn_bare_server("--bare-server", args.traffic), "/")
+    if args.asgi_floor:
+        servers[ASGI_FLOOR] = Served(*spawn_bare_server("--asgi-floor-server", args.traffic), "/")
+    rounds: list[dict[int, dict[str, Measured]]] = []  # per round, per stream count, per server
     try:
-        for num_streams in args.streams:
-            ours = measure("ours", ours_process.pid, f"ws://127.0.0.1:{ours_port}/v1/stream", num_streams,
-                           args.seconds, args.traffic)
-            bare = measure("bare", bare_process.pid, f"ws://127.0.0.1:{bare_port}/", num_streams, args.seconds,
-                           args.traffic)
-            asgi_floor = None if floor_process is None else measure(
-                "ASGI floor", floor_process.pid, f"ws://127.0.0.1:{floor_port}/", num_streams, args.seconds,
-                args.traffic)
-            points.append((ours, bare, asgi_floor))
-            for measured in (ours, bare, asgi_floor):
-                if measured is None:
-                    continue
-                expected = num_streams * round(args.seconds / traffic.frame_s)
-                print(f"# {num_streams} streams, {measured.server}: {measured.wall_s:.1f} s measured, frames sent "
-                      f"{measured.client['frames']}/{expected}, events received {measured.client['events']} "
-                      f"({measured.client['events'] / num_streams / args.seconds:.2f} per stream per s)", flush=True)
-            _wait_until_idle(ours_port)
+        for round_index in range(args.rounds):
+            rounds.append({})
+            for num_streams in args.streams:
+                names = list(servers)
+                names = names[round_index % len(names):] + names[:round_index % len(names)]  # who goes first rotates
+                rounds[-1][num_streams] = measured = {}
+                for name in names:
+                    served = servers[name]
+                    measured[name] = measure(name, served.process.pid, served.url, num_streams, args.seconds,
+                                             args.traffic)
+                    if served.path == "/v1/stream":
+                        _wait_until_idle(served.port)  # its sessions closed before its next point
+                    print_point(measured[name], args.seconds, traffic, round_index + 1 if args.rounds > 1 else None)
     finally:
-        for process in (bare_process, floor_process):
-            if process is not None:
-                process.terminate()
-                process.wait(timeout=30)
-        code = stop_server(ours_process)
-        if code != 0 or "Traceback" in server_log(ours_process):
-            print(f"# our server exited {code}; its log:\n{server_log(ours_process)[-3000:]}")
+        for name, served in servers.items():
+            if served.path == "/":
+                served.process.terminate()
+                served.process.wait(timeout=30)
+                continue
+            code = stop_server(served.process)
+            if code != 0 or "Traceback" in server_log(served.process):
+                print(f"# {name}: the server exited {code}; its log:\n{server_log(served.process)[-3000:]}")
     print()
-    print(table(points))
+    if args.rounds > 1:
+        print("# round 1:")
+    print(table([(points[OURS], points[BARE], points.get(ASGI_FLOOR)) for points in rounds[0].values()]))
+    if args.rounds > 1 or args.against:
+        print(f"\n# every round ({args.rounds}): median (lowest-highest); a ratio divides by its round's bare server")
+        print(summary_table(rounds, args.streams))
 
 
 def _wait_until_idle(port: int) -> None:
