@@ -316,6 +316,18 @@ def test_an_engine_that_cannot_load_raises_the_loaders_own_error(tiny_checkpoint
     assert client.process.exitcode == 1
 
 
+def test_the_front_and_engine_threads_carry_their_names_for_top_and_profilers(resume_server):
+    """The threads that carry the boundary have OS names (``top -H``, py-spy, ``benchmarks.host_cost`` rows): the
+    front's reader of engine events, the engine's model worker and its sender of events."""
+    process, _ = resume_server
+
+    def thread_names(pid: int) -> set[str]:
+        return {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+
+    assert "engine-events" in thread_names(process.pid)
+    assert {"model-worker", "engine-sender"} <= thread_names(engine_pid_of(process.pid))
+
+
 def engine_pid_of(server_pid: int) -> int:
     """The engine process the server spawned (its child running multiprocessing's spawn_main)."""
     for entry in Path("/proc").iterdir():

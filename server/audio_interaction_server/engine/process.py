@@ -44,6 +44,7 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
 from audio_interaction_server.engine.events import EngineEvent, SessionEnded
+from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
     Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode, recv_frames, send_frames,
@@ -360,6 +361,7 @@ class EngineHost:
 
     def _send_loop(self) -> None:
         """Send what the worker queued, one message per front for all that waits (a step's events together)."""
+        name_native_thread("engine-sender")
         while True:
             item = self._outbox.get()
             if item is None:

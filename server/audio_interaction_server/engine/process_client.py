@@ -31,6 +31,7 @@ from audio_interaction_server.engine.conversation import check_room
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
+from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
     Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames,
@@ -259,6 +260,7 @@ class EngineProcessClient:
 
     # ---- the reader thread --------------------------------------------------------------------------------
     def _read_events(self) -> None:
+        name_native_thread("engine-events")  # its own row in top -H, py-spy and benchmarks.host_cost
         poller = zmq.Poller()
         poller.register(self._events, zmq.POLLIN)
         if self.process is not None:
