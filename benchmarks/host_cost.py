@@ -52,6 +52,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -230,12 +231,16 @@ def stream_pcm(loop_audio, stream: int, num_frames: int, traffic: Traffic) -> by
     return np.repeat(pcm, traffic.num_channels).tobytes()  # channels interleaved: the same signal in each
 
 
-async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool, traffic: Traffic) -> None:
+async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool, traffic: Traffic,
+                      audio_loop_file: Path | None = None) -> None:
     """N real-time streams; prints ``streaming`` before the first frame, ``sent`` once every stream's last frame
-    is out, then a JSON summary (frames sent, events received)."""
+    is out, then a JSON summary (frames sent, events received). ``audio_loop_file``: the shared recordings' loop
+    as ``numpy.save`` wrote it (the parent loads them once for every point), else loaded here."""
+    import numpy as np
+
     from benchmarks.served import audio_loop
 
-    loop_audio = audio_loop()
+    loop_audio = audio_loop() if audio_loop_file is None else np.load(audio_loop_file)
     num_frames = round(seconds / traffic.frame_s)
     pcms = [stream_pcm(loop_audio, i, num_frames, traffic) for i in range(num_streams)]
     tally: Counter = Counter()
@@ -256,11 +261,13 @@ async def run_clients(url: str, num_streams: int, seconds: float, is_ours: bool,
     print(json.dumps({"frames": tally["frames"], "events": tally["events"]}), flush=True)
 
 
-def measure(server: str, pid: int, url: str, num_streams: int, seconds: float, traffic_name: str) -> Measured:
+def measure(server: str, pid: int, url: str, num_streams: int, seconds: float, traffic_name: str,
+            audio_loop_file: Path | None = None) -> Measured:
     """One point: the client process against one server, the server's CPU read around the streaming."""
     client = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.host_cost", "--client", url, "--streams", str(num_streams),
-         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server in (OURS, OTHER) else []),
+         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server in (OURS, OTHER) else [])
+        + ([] if audio_loop_file is None else ["--audio-loop", str(audio_loop_file)]),
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert client.stdout is not None
@@ -455,6 +462,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="SERVER_DIR",
                         help="also measure our server from another checkout's server/ folder, in the same rounds")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
+    parser.add_argument("--audio-loop", type=Path, help=argparse.SUPPRESS)  # the client's audio, as the parent saved it
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the bare server process
     parser.add_argument("--asgi-floor-server", action="store_true", help=argparse.SUPPRESS)
@@ -462,7 +470,7 @@ def main() -> None:
     args = parser.parse_args()
     traffic = TRAFFIC[args.traffic]
     if args.client:
-        asyncio.run(run_clients(args.client, args.streams[0], args.seconds, args.ours, traffic))
+        asyncio.run(run_clients(args.client, args.streams[0], args.seconds, args.ours, traffic, args.audio_loop))
         return
     if args.bare_server:
         asyncio.run(serve_bare(args.port, traffic))
@@ -470,6 +478,10 @@ def main() -> None:
     if args.asgi_floor_server:
         serve_asgi_floor(args.port, traffic)
         return
+
+    import numpy as np
+
+    from benchmarks.served import audio_loop
 
     server_env = {"AIS_ENGINE__MAX_SESSIONS": str(max(args.streams)), "AIS_ENGINE__DEVICE": "cpu"}
     server_env.update(item.split("=", 1) for item in args.server_env)
@@ -490,6 +502,9 @@ def main() -> None:
     if args.asgi_floor:
         servers[ASGI_FLOOR] = Served(*spawn_bare_server("--asgi-floor-server", args.traffic), "/")
     rounds: list[dict[int, dict[str, Measured]]] = []  # per round, per stream count, per server
+    audio_directory = tempfile.TemporaryDirectory(prefix="host-cost-")
+    audio_loop_file = Path(audio_directory.name) / "loop.npy"
+    np.save(audio_loop_file, audio_loop())  # once here, not in every point's client process
     try:
         for round_index in range(args.rounds):
             rounds.append({})
@@ -500,11 +515,12 @@ def main() -> None:
                 for name in names:
                     served = servers[name]
                     measured[name] = measure(name, served.process.pid, served.url, num_streams, args.seconds,
-                                             args.traffic)
+                                             args.traffic, audio_loop_file)
                     if served.path == "/v1/stream":
                         _wait_until_idle(served.port)  # its sessions closed before its next point
                     print_point(measured[name], args.seconds, traffic, round_index + 1 if args.rounds > 1 else None)
     finally:
+        audio_directory.cleanup()
         for name, served in servers.items():
             if served.path == "/":
                 served.process.terminate()

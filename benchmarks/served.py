@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
 from audio_interaction_server.spec import CHUNK_SAMPLES, SAMPLE_RATE_HZ
 from benchmarks.harness import shared_audio_dir
 
@@ -22,6 +21,10 @@ LOOKAHEAD_SAMPLES = 40  # a chunk is complete once 40 samples past its end have 
 
 def audio_loop(audio_dir: Path | None = None) -> np.ndarray:
     """Every recording under ``audio_dir`` (the shared ones by default), 16 kHz mono, in folder and sequence order."""
+    # Imported here: the audio front-end brings torch and transformers (two seconds), which a client process that
+    # is handed the loop (benchmarks.host_cost) does not need.
+    from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
+
     audio_dir = shared_audio_dir() if audio_dir is None else Path(audio_dir)
     pieces = [load_audio_file(p) for folder in sorted(audio_dir.iterdir()) if folder.is_dir()
               for p in load_audio_sequence(folder)]
