@@ -493,6 +493,9 @@ def main() -> None:
           f"bare server: websockets on asyncio"
           f"{'; ASGI floor: uvicorn on ' + event_loop_of({}) if args.asgi_floor else ''}; "
           f"{args.seconds:g} s per point; traffic: {traffic.describe()}\n")
+    audio_directory = tempfile.TemporaryDirectory(prefix="host-cost-")
+    audio_loop_file = Path(audio_directory.name) / "loop.npy"
+    np.save(audio_loop_file, audio_loop())  # once here, not in every point's client process
     servers = {OURS: Served(*spawn_server(None, server_env, log_to_file=True), "/v1/stream")}
     if args.against:
         other_env = {**server_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.against).resolve()),
@@ -502,9 +505,6 @@ def main() -> None:
     if args.asgi_floor:
         servers[ASGI_FLOOR] = Served(*spawn_bare_server("--asgi-floor-server", args.traffic), "/")
     rounds: list[dict[int, dict[str, Measured]]] = []  # per round, per stream count, per server
-    audio_directory = tempfile.TemporaryDirectory(prefix="host-cost-")
-    audio_loop_file = Path(audio_directory.name) / "loop.npy"
-    np.save(audio_loop_file, audio_loop())  # once here, not in every point's client process
     try:
         for round_index in range(args.rounds):
             rounds.append({})
