@@ -149,6 +149,7 @@ def cpu_by_thread(pid: int) -> dict[str, float]:
 
 
 OURS, OTHER, BARE, ASGI_FLOOR = "ours", "other tree", "bare", "ASGI floor"  # the servers a run can measure
+OUR_SERVERS = (OURS, OTHER)  # python -m audio_interaction_server: its /v1/stream, its sessions, its stop
 
 
 @dataclass
@@ -266,7 +267,7 @@ def measure(server: str, pid: int, url: str, num_streams: int, seconds: float, t
     """One point: the client process against one server, the server's CPU read around the streaming."""
     client = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.host_cost", "--client", url, "--streams", str(num_streams),
-         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server in (OURS, OTHER) else [])
+         "--seconds", str(seconds), "--traffic", traffic_name] + (["--ours"] if server in OUR_SERVERS else [])
         + ([] if audio_loop_file is None else ["--audio-loop", str(audio_loop_file)]),
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
@@ -516,13 +517,13 @@ def main() -> None:
                     served = servers[name]
                     measured[name] = measure(name, served.process.pid, served.url, num_streams, args.seconds,
                                              args.traffic, audio_loop_file)
-                    if served.path == "/v1/stream":
+                    if name in OUR_SERVERS:
                         _wait_until_idle(served.port)  # its sessions closed before its next point
                     print_point(measured[name], args.seconds, traffic, round_index + 1 if args.rounds > 1 else None)
     finally:
         audio_directory.cleanup()
         for name, served in servers.items():
-            if served.path == "/":
+            if name not in OUR_SERVERS:  # the bare server, the ASGI floor: plain processes of this benchmark
                 served.process.terminate()
                 served.process.wait(timeout=30)
                 continue
