@@ -223,6 +223,39 @@ def test_a_refused_configure_leaves_the_reported_session_unchanged():
     assert frame["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
 
 
+@pytest.mark.parametrize("code", ["rate_limited", "invalid_state", "invalid_event"])
+def test_a_configure_the_session_refuses_with_any_code_applies_nothing_of_its_own_later(code):
+    """The session refuses a Configure with an error whatever its code (``rate_limited``: a system prompt over the
+    per-session budget): the refused format must not be applied by the next update's answer, or the audio that
+    follows is decoded as the refused format (G.711 at 8 kHz read as 24 kHz PCM) while the session says nothing."""
+    h = Harness()
+    [refused] = h.client({"type": "session.update", "event_id": "u2", "session": {
+        "instructions": "x" * 100, "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}}})
+    [error] = h.session(h.error(refused, code=code, message="not applied"))
+    assert error["error"]["event_id"] == "u2"
+    [plain] = h.client({"type": "session.update", "event_id": "u3", "session": {"type": "realtime"}})
+    assert isinstance(plain, Configure)
+    [updated] = h.session(h.updated())
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert updated["session"]["audio"]["input"]["turn_detection"] is not None  # the refused null did not apply
+    [audio] = h.client(append(np.zeros(2400, dtype=np.int16)))
+    assert audio == AppendAudio(np.zeros(2400, dtype="<i2").tobytes())  # PCM, not decoded as mu-law
+
+
+def test_a_codec_refusal_before_an_accepted_update_with_the_same_id_leaves_that_update_its_answer():
+    """The codec's own refusal of an update and an accepted update with the same event id: the refusal's error
+    is not taken for the accepted one's answer."""
+    h = Harness()
+    [accepted] = h.client({"type": "session.update", "event_id": "same", "session": {
+        "audio": {"input": {"format": {"type": "audio/pcma"}}}}})
+    [refused] = h.client({"type": "session.update", "event_id": "same", "session": {"type": "transcription"}})
+    assert isinstance(accepted, Configure) and isinstance(refused, Malformed)
+    [updated] = h.session(h.updated())
+    [error] = h.session(h.error(refused))
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcma"}
+    assert error["error"]["param"] == "session.type"
+
+
 def test_pcm_at_another_rate_is_an_extension_the_session_resamples():
     h = Harness()
     [command] = h.client({"type": "session.update", "session": {
@@ -408,6 +441,13 @@ def test_an_item_the_session_refuses_is_neither_held_nor_added():
     (b"\x00\x01", "invalid_frame"),
     (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 70_000}), "frame_too_large"),
     ("[" * 30_000 + "]" * 30_000, "invalid_json"),  # nested deeper than any parser's recursion
+    # An integer literal longer than Python's int conversion allows (4,300 digits): json.loads raises a plain
+    # ValueError, which reached the transport as an exception (close 1011, or a dropped connection).
+    ('{"type": "input_audio_buffer.append", "audio": "", "event_id": ' + "1" * 5000 + "}", "invalid_json"),
+    # A lone surrogate escape in a text the codec echoes back: it cannot be written as JSON again.
+    (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "a\udc00"}]}}), "invalid_json"),
+    (json.dumps({"type": "response.create", "response": {"metadata": {"k\ud800": "v"}}}), "invalid_json"),
 ])
 def test_a_bad_frame_becomes_one_error_and_nothing_else(frame, code):
     h = Harness()

@@ -13,6 +13,10 @@ counted and ordered like every other error. Conversation items (``conversation.i
 answers with ``ItemAcknowledged`` in its place in the event order (and counts as a text event),
 and the codec words that answer as the Realtime acknowledgement. The ``_answers`` queue says what
 each ``Configure`` the codec sent stands for, the ``_acks`` queue what each ``AcknowledgeItem`` does.
+The session answers each of those with exactly one event, in order: its acknowledgement, or an error naming
+the command's event type and id, whatever the error's code (``invalid_state``, ``invalid_event``,
+``rate_limited``, ...). An error the codec's own ``Malformed`` asked for names its event the same way, so those
+are counted (``_own_refusals``) and told apart by their code.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,7 +54,6 @@ _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
                  "audio_flood", "event_flood"}
-_REFUSALS = {"invalid_state", "invalid_event"}  # how the session refuses a Configure or an AcknowledgeItem
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
 MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
@@ -106,6 +109,8 @@ class RealtimeCodec:
         self._turn_detection: TurnDetectionObject | None = TurnDetectionObject()
         self._answers: deque[_Answer] = deque()
         self._acks: deque[_Ack] = deque()
+        # (event type, event id, code) of each Malformed sent whose error has not come back yet
+        self._own_refusals: Counter[tuple[str | None, str | None, str]] = Counter()
         self.held_bytes = 0  # the items in _acks (connection.py bounds them with the events still unsent)
         self._params: dict[tuple[str | None, str], str] = {}  # (event_id, code) -> the field a codec error names
         self._is_started = False
@@ -125,7 +130,11 @@ class RealtimeCodec:
             self._is_started = True
             first.append(Configure(audio=self._session_format(self._format), event_type="session.update"))
             self._answers.append(_Answer("internal", "session.update", None))
-        return first + self._decode(message)
+        commands = self._decode(message)
+        for command in commands:
+            if isinstance(command, Malformed):
+                self._own_refusals[(command.event_type, command.event_id, command.code)] += 1
+        return first + commands
 
     def _decode(self, message: str | bytes) -> list[Command]:
         if isinstance(message, bytes):
@@ -136,14 +145,15 @@ class RealtimeCodec:
                               "audio in smaller appends)")]
         try:
             event = parse_client_event(message)
-        except (json.JSONDecodeError, RecursionError) as error:
-            reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
-            return [Malformed("invalid_json", f"text frames must hold one JSON object: {reason}")]
         except DuplicateKey as error:
             return [self._refuse("invalid_value", f"duplicate key {_shown(error.key)}: each key may appear once per "
                                  "object; event ignored", None, None)]
         except ValidationError as error:
             return [self._invalid(error)]
+        except (ValueError, RecursionError) as error:  # no JSON, or JSON this server cannot take (see the parser)
+            reason = (error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+                      if isinstance(error, RecursionError) else str(error))
+            return [Malformed("invalid_json", f"text frames must hold one JSON object: {reason}")]
         match event:
             case InputAudioBufferAppend():
                 return self._append(event)
@@ -425,14 +435,16 @@ class RealtimeCodec:
         return [SessionUpdated(event_id=self.ids.new("event"), session=self.session_object())]
 
     def _error(self, event) -> list:
-        # The session's own refusals of a Configure or an AcknowledgeItem (the codec's Malformed errors have codes
-        # of their own): nothing of the refused command applies.
-        if event.code in _REFUSALS:
-            if self._acks and (self._acks[0].event_type, self._acks[0].event_id) == (event.event_type, event.event_id):
-                self.held_bytes -= self._acks.popleft().num_bytes
-            elif self._answers and \
-                    (self._answers[0].event_type, self._answers[0].event_id) == (event.event_type, event.event_id):
-                self._answers.popleft()
+        named = (event.event_type, event.event_id)
+        if self._own_refusals[(*named, event.code)]:  # the answer to one of the codec's own Malformed commands
+            self._own_refusals[(*named, event.code)] -= 1
+            if not self._own_refusals[(*named, event.code)]:
+                del self._own_refusals[(*named, event.code)]
+        elif self._acks and (self._acks[0].event_type, self._acks[0].event_id) == named:
+            # The session refused an AcknowledgeItem or a Configure: nothing of it applies.
+            self.held_bytes -= self._acks.popleft().num_bytes
+        elif self._answers and (self._answers[0].event_type, self._answers[0].event_id) == named:
+            self._answers.popleft()
         if event.event_type == "response.create":
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":

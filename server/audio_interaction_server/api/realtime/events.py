@@ -16,8 +16,10 @@ not coerced ("100" and true are no numbers), ids and metadata have the Realtime 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Union
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 # ---- shared pieces ------------------------------------------------------------------------
@@ -416,7 +418,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+# A \\u escape of a UTF-16 surrogate (D800-DFFF): only then can a string hold a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_client_event(text: str) -> ClientEvent:
-    """One text frame -> its event. Raises ``json.JSONDecodeError`` or ``RecursionError`` (nested deeper than
-    Python's stack) when it is no JSON, ``DuplicateKey``, and pydantic's ``ValidationError``."""
-    return CLIENT_EVENT_ADAPTER.validate_python(json.loads(text, object_pairs_hook=_unique_keys), strict=True)
+    """One text frame -> its event. Raises ``DuplicateKey``, pydantic's ``ValidationError``, ``RecursionError``
+    (nested deeper than Python's stack), and ``ValueError`` (``json.JSONDecodeError`` among them) for text that is
+    no JSON or JSON no event can hold: an integer longer than Python converts (4,300 digits), and a lone
+    surrogate escape, valid JSON grammar but no text: the codec could not write it back out."""
+    data = json.loads(text, object_pairs_hook=_unique_keys)
+    if _SURROGATE_ESCAPE.search(text):
+        pydantic_core.from_json(text)  # its parser refuses a lone surrogate (ValueError) and takes a pair
+    return CLIENT_EVENT_ADAPTER.validate_python(data, strict=True)
