@@ -30,7 +30,8 @@ from audio_interaction_server.protocol import DecisionEvent, TextDeltaEvent
 from benchmarks.frame_parsing import open_protocol
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, recv_event, send_configure, server_config
-from tests.api.test_transport import close_code, server_frames
+from tests.api.test_transport import TEXT, close_code, open_websocket, read_until_closed, server_frames
+from tests.api.test_transport import client_frame as tcp_client_frame
 
 
 def client_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
@@ -183,6 +184,44 @@ def test_a_live_session_takes_its_audio_in_the_transports_callback(live):
             decided += event["type"] == "decision"
         assert sum(protocol.num_direct_messages for protocol in protocols) >= 12
         assert sum(protocol.num_texts_sent_now for protocol in protocols) >= 3  # the decisions at least
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["taken_directly", "queued"])
+def test_a_message_the_session_fails_on_ends_that_session_with_an_error_and_1011_and_no_other(live, monkeypatch,
+                                                                                              queued):
+    """An exception where a client's message is decoded or handled (a bug, as the Realtime codec's crashes on a
+    4,301-digit number or a lone surrogate were) ends that session: an ``internal_error`` event, its
+    ``session.closed``, close 1011, one traceback in the log. Taken in the transport's callback or from the queue
+    (a frame read together with another), the same: before, the queued one tore the connection down without a close
+    frame, and the direct one closed without a word."""
+    from audio_interaction_server.api.native import NativeCodec
+
+    decode = NativeCodec.decode
+
+    def failing_decode(self, message):
+        if message == "boom":
+            raise RuntimeError("a bug in a codec")
+        return decode(self, message)
+
+    monkeypatch.setattr(NativeCodec, "decode", failing_decode)
+    with connect(f"{live.ws_url}/v1/stream", additional_headers={"Authorization": f"Bearer {API_KEY}"}) as bystander:
+        assert recv_event(bystander)["type"] == "session.created"
+        sock, rest = open_websocket(live.port)
+        try:
+            configure = tcp_client_frame(TEXT, json.dumps({"type": "session.configure"}).encode())
+            boom = tcp_client_frame(TEXT, b"boom")
+            # Two frames in one write are read together: the first is taken directly, the second queued.
+            sock.sendall(configure + boom if queued else boom)
+            data, closed = read_until_closed(sock, 10.0)
+        finally:
+            sock.close()
+        frames = server_frames(rest + data)
+        events = [json.loads(payload) for opcode, payload in frames if opcode == TEXT]
+        assert closed and close_code(frames) == 1011, events
+        errors = [event for event in events if event["type"] == "error"]
+        assert [(error["code"], error["is_fatal"]) for error in errors] == [("internal_error", True)], events
+        assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "internal_error"
+        assert send_configure(bystander)["type"] == "session.updated"  # the other session goes on
 
 
 # ---- the send side: events written in the caller's turn when nothing waits before them ----------------------

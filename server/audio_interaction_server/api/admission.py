@@ -174,7 +174,8 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
         return resume_expired(session_id, "no session to resume: it ended, expired, gave its slot to a new session, "
                                           "or this server restarted; start a new session")
     # The token before anything else of the session: a wrong one gets the same answer whatever its state, so a
-    # stranger who knows the session id learns nothing of it.
+    # stranger who knows the session id learns nothing of what it holds. That it exists is no secret from a client
+    # with the key (the subscriber endpoint says as much), so one that does not is resume_expired above.
     if not stream.holds_token(connection.query_params.get("token", "")):
         return Refusal("resume_refused", "wrong resume token", CloseCode.RESUME_FAILED, session_id)
     last_seq = connection.query_params.get("last_seq", "0")

@@ -661,10 +661,26 @@ class StreamConnection:
         payload = message["bytes"] if message.get("bytes") is not None else message.get("text")
         if payload is not None:
             now_s = time.monotonic()
-            for command in self.codec.decode(payload):
-                answers = self.session.handle(command, now_s)
-                if answers:  # most frames are answered by nothing
-                    self.deliver(answers)
+            try:
+                for command in self.codec.decode(payload):
+                    answers = self.session.handle(command, now_s)
+                    if answers:  # most frames are answered by nothing
+                        self.deliver(answers)
+            except Exception:
+                self._failed_on_a_message()
+
+    def _failed_on_a_message(self) -> None:
+        """Decoding or handling a client's message raised (a bug: bad input has error events of its own). The
+        session's state may be half changed, so it ends, and only it: an ``internal_error``, its last events, close
+        1011. Not left to the transport, which closed a message taken in its callback without a word and tore a
+        queued one's connection down without a close frame."""
+        session_id = self.session.session_id
+        log.exception("session %s: a message from its client could not be handled; the session ends", session_id)
+        closed = self._abort("internal_error")
+        error = fatal_error(session_id, "internal_error", "the server failed on a message of this session (its log "
+                            "says why); the session is ended")
+        if self.outbox is not None:
+            self.outbox.close(CloseCode.INTERNAL, [error, *closed])
 
     async def _poll_loop(self) -> None:
         while True:
