@@ -142,10 +142,16 @@ class CloseCode(IntEnum):
 # ---- client -> server ---------------------------------------------------------------------
 
 
+MAX_EVENT_ID_CHARS = 64
+# An event id as a client event may carry one: a refused event's is echoed only if it is one.
+_EVENT_ID_ADAPTER: TypeAdapter[str] = TypeAdapter(Annotated[str, Field(max_length=MAX_EVENT_ID_CHARS)])
+
+
 class _ClientEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    event_id: str | None = Field(None, max_length=64, description="echoed by an `error` this event causes")
+    event_id: str | None = Field(None, max_length=MAX_EVENT_ID_CHARS, description="echoed by an `error` this event "
+                                 "causes")
 
 
 class SessionConfigureEvent(_ClientEvent):
@@ -205,11 +211,12 @@ CLIENT_EVENT_ADAPTER: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 
 
 class ClientEventError(ValueError):
-    """A text frame that is not a valid client event; ``code`` is the `error` event's code."""
+    """A text frame that is not a valid client event; ``code`` is the `error` event's code, ``event_id`` the one
+    the frame gave (echoed by the error) where it is one an event may carry."""
 
-    def __init__(self, code: str, message: str, event_type: str | None = None) -> None:
+    def __init__(self, code: str, message: str, event_type: str | None = None, event_id: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.event_type = code, message, event_type
+        self.code, self.message, self.event_type, self.event_id = code, message, event_type, event_id
 
 
 def parse_client_event(text: str | bytes) -> ClientEvent:
@@ -227,14 +234,26 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
             raise ClientEventError("invalid_json", f"text frames must hold one JSON object: {first['msg']}") from None
         if first["type"] == "union_tag_invalid":
             raise ClientEventError("unknown_event", f"unknown event type {context.get('tag')!r}; expected one of "
-                                   f"{context.get('expected_tags')}", str(context.get("tag"))) from None
+                                   f"{context.get('expected_tags')}", str(context.get("tag")),
+                                   _echoable_event_id(text)) from None
         has_type = first["loc"] and first["type"] != "union_tag_not_found"
-        raise ClientEventError("invalid_event", summarize(error), str(first["loc"][0]) if has_type else None) from None
+        raise ClientEventError("invalid_event", summarize(error), str(first["loc"][0]) if has_type else None,
+                               _echoable_event_id(text)) from None
     duplicate = _first_duplicate_key(text)
     if duplicate is not None:
         raise ClientEventError("invalid_event", f"duplicate key {duplicate!r}: each key may appear once per object; "
-                               "event ignored", event.type)
+                               "event ignored", event.type, event.event_id)
     return event
+
+
+def _echoable_event_id(text: str | bytes) -> str | None:
+    """The ``event_id`` of a frame refused as an event (valid JSON), if it is one a valid event could carry."""
+    data = json.loads(text)
+    event_id = data.get("event_id") if isinstance(data, dict) else None
+    try:
+        return _EVENT_ID_ADAPTER.validate_python(event_id, strict=True)
+    except ValidationError:
+        return None
 
 
 def _first_duplicate_key(text: str | bytes) -> str | None:

@@ -139,6 +139,45 @@ def test_error_names_the_event_that_caused_it(tiny_model):
     assert (error.code, error.event_type, error.event_id) == ("invalid_state", "session.configure", "c7")
 
 
+@pytest.mark.parametrize("frame, code", [
+    ('{"type": "session.configure", "event_id": "e1", "max_turn_tokens": 0}', "invalid_event"),
+    ('{"type": "input.flush", "event_id": "e1", "trailing_silence_s": -1}', "invalid_event"),
+    ('{"type": "session.configure", "event_id": "e1", "colour": "blue"}', "invalid_event"),
+    ('{"type": "session.configure", "event_id": "e1", "decision_events": true, "decision_events": false}',
+     "invalid_event"),
+    ('{"type": "telepathy", "event_id": "e1"}', "unknown_event"),
+])
+def test_an_event_refused_as_malformed_still_has_its_event_id_echoed(tiny_model, frame, code):
+    """docs/protocol.md: an event's ``event_id`` is echoed by an error it causes, a malformed event's too."""
+    h = Harness(tiny_model)
+    (error,) = h.send(frame)
+    assert (error.code, error.event_id) == (code, "e1")
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "session.configure", "event_id": "' + "x" * 65 + '", "colour": "blue"}',  # over the id's 64
+    '{"type": "session.configure", "event_id": 7, "colour": "blue"}',
+    '{"type": "session.configure", "event_id": "a\\udc00", "colour": "blue"}',  # no text: cannot be written back
+    '["session.configure"]',
+])
+def test_an_event_id_that_is_itself_refused_is_not_echoed(tiny_model, frame):
+    h = Harness(tiny_model)
+    (error,) = h.send(frame)
+    assert error.type == "error" and error.event_id is None
+
+
+def test_an_empty_audio_frame_changes_nothing_so_options_stay_open(tiny_model):
+    """A 0-byte binary frame holds no audio: it neither opens the model's session (after which the model options
+    are fixed) nor counts as audio. Likewise a flush with nothing to flush."""
+    h = Harness(tiny_model)
+    assert h.audio(b"") == []
+    (flushed,) = h.send({"type": "input.flush", "trailing_silence_s": 0})
+    assert flushed.type == "input.flushed"
+    (updated,) = h.send({"type": "session.configure", "max_turn_tokens": 8})
+    assert updated.type == "session.updated" and updated.options.max_turn_tokens == 8
+    assert h.session.audio.audio_received_s == 0.0
+
+
 def test_model_options_apply_before_audio_and_null_resets_them(tiny_model):
     h = Harness(tiny_model)
     (updated,) = h.send({"type": "session.configure", "system_prompt": "Be brief.", "max_turn_tokens": 7,

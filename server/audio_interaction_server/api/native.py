@@ -36,7 +36,7 @@ class NativeCodec:
         try:
             event = parse_client_event(message)
         except ClientEventError as error:
-            return [Malformed(error.code, error.message, event_type=error.event_type)]
+            return [Malformed(error.code, error.message, event_type=error.event_type, event_id=error.event_id)]
         return [command_of(event)]
 
     @staticmethod

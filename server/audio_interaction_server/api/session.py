@@ -311,6 +311,8 @@ class Session:
 
     # ---- client commands -------------------------------------------------------------
     def _append_audio(self, command: AppendAudio, now_s: float) -> list:
+        if not command.data:
+            return []  # no audio: not the first audio frame either, after which the model options are fixed
         # The buffer is checked before anything is decoded: a client sending into a full buffer makes each of
         # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
         audio = self.audio
@@ -396,7 +398,8 @@ class Session:
                                     "model has caught up")
         if refused:
             return refused
-        self._open_engine()
+        if queued_after_s > 0:  # a flush of nothing (no audio, no silence) does not open the model's session
+            self._open_engine()
         self._note_pushed(self.audio.flush(silence_s), now_s)
         self._flush_targets.append(self.audio.num_chunks_pushed)
         return self._flushed_events()
