@@ -248,6 +248,133 @@ def test_a_front_starved_of_cpu_for_a_second_keeps_its_sessions(live):
         client.close_session(freed)
 
 
+# A front attached to another's engine that opens sessions on request and says what became of them: stdin "open"
+# opens one more, "report" prints the client's failure and the end codes its sessions heard (JSON).
+REPORTING_FRONT_SCRIPT = """
+import json, sys, threading
+from audio_interaction_server.engine.events import SessionEnded, SessionStarted
+from audio_interaction_server.engine.process_client import EngineProcessClient
+from audio_interaction_server.engine.wire import EngineEndpoints
+from audio_interaction_server.options import SessionOptions
+
+client = EngineProcessClient(EngineEndpoints(sys.argv[1], sys.argv[2]))
+client.start()
+started, ended = threading.Semaphore(0), []
+
+def emit(events):
+    for event in events:
+        if isinstance(event, SessionStarted):
+            started.release()
+        elif isinstance(event, SessionEnded):
+            ended.append(str(event.error_code))
+
+for line in sys.stdin:
+    if line.strip() == "open":
+        client.num_admitted += 1
+        client.open_session(f"reporting-front-{client.num_admitted}", SessionOptions(), emit)
+        assert started.acquire(timeout=30)
+        print("opened", flush=True)
+    elif line.strip() == "report":
+        print(json.dumps({"failure": None if client.failure is None else str(client.failure), "ended": ended}),
+              flush=True)
+"""
+
+
+def reporting_front(client: EngineProcessClient) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", REPORTING_FRONT_SCRIPT, client.endpoints.commands,
+                             client.endpoints.events], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def ask(front: subprocess.Popen, line: str) -> str:
+    front.stdin.write(line + "\n")
+    front.stdin.flush()
+    return front.stdout.readline().strip()
+
+
+def stop_front(front: subprocess.Popen) -> None:
+    if front.poll() is None:
+        front.kill()
+    front.wait(10)
+    front.stdin.close()
+    front.stdout.close()
+
+
+def test_a_front_stopped_longer_than_the_engines_silence_bound_keeps_its_sessions(live):
+    """A front frozen for 2.5 s (SIGSTOP: a loaded host, swap, a long pause) hears nothing meanwhile, and neither
+    does its ZeroMQ thread, so the engine's statuses of those seconds are still unread when it resumes. Its
+    reader judged the engine's silence from that first wake-up, ended every session with worker_failed and
+    stopped the server (2 s, ENGINE_TIMEOUT_S, where the engine waits 3 s, FRONT_TIMEOUT_S, for a starved front).
+    The time the front itself stood still is not the engine's silence."""
+    front = reporting_front(live.runtime.worker)
+    try:
+        assert ask(front, "open") == "opened"
+        front.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)
+        front.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        assert json.loads(ask(front, "report")) == {"failure": None, "ended": []}
+    finally:
+        stop_front(front)
+
+
+def test_a_front_silent_past_the_engines_bound_has_its_sessions_ended_with_a_reason_and_is_watched_again(live):
+    """A front frozen past FRONT_TIMEOUT_S (3 s) has its sessions ended by the engine: with front_unresponsive,
+    not as if its clients had closed them (their clients were told a normal close, their audio dropped without a
+    word). The front goes on; its heartbeats carry its process id, so the engine again sees it die within a
+    second (it was re-registered without one, and its death then waited for 3 s of silence)."""
+    client = live.runtime.worker
+    front = reporting_front(client)
+    try:
+        assert ask(front, "open") == "opened"
+        front.send_signal(signal.SIGSTOP)
+        time.sleep(3.6)
+        front.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while not (report := json.loads(ask(front, "report")))["ended"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert report == {"failure": None, "ended": [EndCode.FRONT_UNRESPONSIVE.value]}, report
+        assert ask(front, "open") == "opened"  # both slots held now: this front's new session and ...
+        held = open_probe(client, "probe-held")
+        assert isinstance(held, SessionStarted)  # ... this one
+        front.send_signal(signal.SIGKILL)
+        front.wait(10)
+        killed_s = time.monotonic()
+        freed = wait_for_free_slot(client)
+        freed_after_s = time.monotonic() - killed_s
+        client.close_session(freed)
+        client.close_session("probe-held")
+    finally:
+        stop_front(front)
+    assert freed_after_s < 1.5, f"the dead front's slot was freed only after {freed_after_s:.2f} s"
+
+
+def test_a_front_that_leaves_frees_what_it_held_at_once_even_if_a_heartbeat_follows_its_goodbye(live, monkeypatch):
+    """An attached front that stops sends Goodbye; a heartbeat its reader sent just after it (before the reader
+    stopped) made the engine count the front again, holding its admitted sessions' slots for FRONT_TIMEOUT_S
+    (the window widened here as the review that found it did: the line logged between the two made slow)."""
+    from audio_interaction_server.engine import process_client
+
+    client = live.runtime.worker
+    leaving = EngineProcessClient(client.endpoints)
+    leaving.start()
+    leaving.num_admitted = 2  # a front holding both slots for sessions it admitted
+    assert wait_until_free_slots(client, 0), "the engine never counted the front's admitted sessions"
+    info = process_client.log.info
+    monkeypatch.setattr(process_client.log, "info", lambda *args: (time.sleep(0.3), info(*args)))
+    leaving.stop()
+    assert wait_until_free_slots(client, 2, timeout_s=1.0), \
+        f"the engine still counts the front that left: {client.engine_status}"
+
+
+def wait_until_free_slots(client: EngineProcessClient, free: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.engine_status is not None and client.engine_status.free_slots == free:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def wait_for_free_slot(client: EngineProcessClient) -> str:
     """Open probe sessions until one starts (the slot a killed front held is freed); its session id."""
     for attempt in range(250):

@@ -60,6 +60,7 @@ CLOSE_CODE_OF_END: dict[EndCode, CloseCode] = {
     EndCode.SERVER_SHUTDOWN: CloseCode.GOING_AWAY,
     EndCode.NUMERICAL_ERROR: CloseCode.INTERNAL,
     EndCode.INTERNAL_ERROR: CloseCode.INTERNAL,
+    EndCode.FRONT_UNRESPONSIVE: CloseCode.INTERNAL,
     EndCode.WORKER_FAILED: CloseCode.INTERNAL,
 }
 

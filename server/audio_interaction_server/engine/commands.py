@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Union
 
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.engine.events import EndCode, EngineEvent
 
 EmitFn = Callable[[list[EngineEvent]], None]
 
@@ -68,9 +68,13 @@ class ClearAudio:
 
 @dataclass(frozen=True)
 class CloseSession:
-    """Close the session at the client's request: a running reply ends with ``session_closed``."""
+    """Close the session: at the client's request (no ``error_code``), or for a reason of the host's, said in its
+    ``SessionEnded`` (the engine process ends the sessions of a front gone silent). A running reply ends with
+    ``session_closed``."""
 
     session_id: str
+    error_code: EndCode | None = None
+    message: str = "closed by the client"
     action: ClassVar[str] = "close"
 
 

@@ -89,6 +89,9 @@ class EndCode(StrEnum):
     """The model produced non-finite values for this session (its own audio or state); others go on."""
     INTERNAL_ERROR = "internal_error"
     """Something in this session's own path raised (the server log says what); others go on."""
+    FRONT_UNRESPONSIVE = "front_unresponsive"
+    """The server front that holds the session went silent past the engine process's bound (FRONT_TIMEOUT_S):
+    the engine ended its sessions; a front that comes back tells its clients so."""
     WORKER_FAILED = "worker_failed"
     """The model worker itself died: every session ends with this, and later opens are refused with it."""
 

@@ -43,7 +43,7 @@ import zmq
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
-from audio_interaction_server.engine.events import EngineEvent, SessionEnded
+from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
@@ -290,8 +290,9 @@ class EngineHost:
                 front = self.fronts[front_id] = _Front(time.monotonic())
             front.last_seen_s = time.monotonic()
         match message:
-            case Heartbeat(num_sessions=num_sessions):
+            case Heartbeat(num_sessions=num_sessions, pid=pid):
                 front.num_admitted = num_sessions
+                front.pid = front.pid or pid
             case Hello(pid=pid):
                 front.pid = pid
                 self._outbox.put((front_id, ready))
@@ -336,9 +337,12 @@ class EngineHost:
         for front_id in ended:
             self._drop_front(worker, front_id, "its process ended")
         for front_id in silent:
-            self._drop_front(worker, front_id, f"no heartbeat for {FRONT_TIMEOUT_S:g} s")
+            # It may come back (a front stopped, or starved of CPU, for longer): its clients are then told why.
+            self._drop_front(worker, front_id, f"no heartbeat for {FRONT_TIMEOUT_S:g} s", EndCode.FRONT_UNRESPONSIVE)
 
-    def _drop_front(self, worker: Worker, front_id: bytes, why: str) -> None:
+    def _drop_front(self, worker: Worker, front_id: bytes, why: str, end: EndCode | None = None) -> None:
+        """Forget a front and close its sessions: as closed by their clients (a front that left or ended hears
+        nothing more), or ended with ``end``."""
         with self._fronts_lock:
             front = self.fronts.pop(front_id, None)
         if front is None:
@@ -346,7 +350,11 @@ class EngineHost:
         if front.sessions:
             log.warning("front %s is gone (%s): closing its %d session(s)", front_id.hex(), why, len(front.sessions))
         for session_id in front.sessions:
-            worker.close_session(session_id)
+            if end is None:
+                worker.close_session(session_id)
+            else:
+                worker.end_session(session_id, end, f"the server's front did not answer the engine for "
+                                   f"{FRONT_TIMEOUT_S:g} s; the session was ended (start a new one)")
 
     def _emit(self, front_id: bytes, session_id: str, events: list[EngineEvent]) -> None:
         """The worker thread's ``emit`` of one session: queued for the sender, never blocking the step."""

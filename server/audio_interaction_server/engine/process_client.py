@@ -34,7 +34,7 @@ from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames,
+    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -270,7 +270,7 @@ class EngineProcessClient:
         while True:
             now_s = time.monotonic()
             if now_s >= next_beat_s:
-                self._send(Heartbeat(self.num_admitted))
+                self._send_heartbeat()
                 next_beat_s = now_s + HEARTBEAT_S
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
             if self._events in ready and self._receive_waiting():
@@ -283,11 +283,22 @@ class EngineProcessClient:
             if self._stopping.is_set():
                 self._receive_waiting()
                 return
-            silent_s = time.monotonic() - heard_s
+            # A front that stood still (stopped, starved of CPU) wakes before it has read what the engine sent
+            # meanwhile: that time is not the engine's silence, or a front stopped for 2 s ends every session.
+            awake_s = time.monotonic()
+            heard_s = min(awake_s, heard_s + stood_still_s(awake_s - now_s, HEARTBEAT_S))
+            silent_s = awake_s - heard_s
             if silent_s > ENGINE_TIMEOUT_S and not self._leaving.is_set():
                 # An engine this front did not start (or one that hangs): its end shows only as silence.
                 self._engine_died(f"the engine process is gone: nothing heard from it for {silent_s:.1f} s")
                 return
+
+    def _send_heartbeat(self) -> None:
+        """A heartbeat, unless the front is leaving: one sent after its goodbye (``stop`` runs on another thread)
+        would make the engine count the front again, and the sessions it held, until FRONT_TIMEOUT_S."""
+        with self._send_lock:  # stop() sets _leaving before it takes the lock to send its goodbye
+            if not self._leaving.is_set():
+                self._write([Heartbeat(self.num_admitted, os.getpid())])
 
     def _receive_waiting(self) -> bool:
         """Deliver what has arrived; True if anything had."""

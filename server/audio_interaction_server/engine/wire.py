@@ -51,6 +51,10 @@ FRONT_TIMEOUT_S = 3.0
 # worker_failed. Not short: a false alarm costs every session of every front, a late one only
 # the time a front takes to notice (a front that started the engine sees its process end at once).
 ENGINE_TIMEOUT_S = 2.0
+# A wait of a front's reader that ends this much later than it was asked to: the front's process itself stood
+# still (stopped, starved of CPU, swapped out) and heard nothing meanwhile, ZeroMQ's thread included; that time
+# is not the engine's silence (``stood_still_s``).
+STOOD_STILL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,11 @@ class Hello:
 @dataclass(frozen=True)
 class Heartbeat:
     """The front is alive (every ``HEARTBEAT_S``), and holds this many sessions: a session is admitted (counted
-    against capacity) before its first audio opens it in the engine, and the engine's free slots count both."""
+    against capacity) before its first audio opens it in the engine, and the engine's free slots count both.
+    ``pid`` as in ``Hello``: a front the engine dropped as silent, and that comes back, is watched again."""
 
     num_sessions: int = 0
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,12 @@ AUDIO_BLOCKS = b"audio-blocks"
 _BLOCKS_HEADER = struct.Struct(f"<{len(AUDIO_BLOCKS)}sqqq")
 # The first frame of several commands in one message; then the number of frames of each, as uint32s.
 COMMAND_BATCH = b"command-batch"
+
+
+def stood_still_s(waited_s: float, asked_s: float) -> float:
+    """How long a process stood still during a wait of ``waited_s`` that was asked to last ``asked_s`` at most:
+    all of it when it overran by ``STOOD_STILL_S`` or more, else none (a busy machine's ordinary lateness)."""
+    return waited_s if waited_s - asked_s >= STOOD_STILL_S else 0.0
 
 
 def encode(message: Any) -> list[Any]:

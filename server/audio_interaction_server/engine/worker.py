@@ -153,6 +153,11 @@ class Worker:
     def close_session(self, session_id: str) -> None:
         self._post(CloseSession(session_id))
 
+    def end_session(self, session_id: str, error_code: EndCode, message: str) -> None:
+        """End the session for a reason of the host's, which its ``SessionEnded`` gives (the engine process ends
+        the sessions of a front gone silent)."""
+        self._post(CloseSession(session_id, error_code, message))
+
     def send_in_loop_turns(self) -> None:
         """Nothing to batch: a command is a put on the worker's inbox (the engine process's client batches its
         sends per loop turn)."""
@@ -397,8 +402,8 @@ class Worker:
                     self.scheduler.request_reply(session)
                 case ClearAudio():
                     self._emit(session, self.scheduler.clear_audio(session))
-                case CloseSession():
-                    self._end(session, None, "closed by the client")
+                case CloseSession(error_code=error_code, message=message):
+                    self._end(session, error_code, message)
                 case _:
                     raise TypeError(f"unknown command {command!r}")
         except Exception as exc:  # one session's bad state ends that session, never the worker
