@@ -216,6 +216,52 @@ def test_rollover_rebuilds_prefix_plus_recent_blocks_at_a_safe_point():
     assert conv.history_tokens <= 60 + 13
 
 
+@pytest.mark.parametrize("window, cancels", [(0, False), (5, True)])
+def test_a_rollover_that_keeps_no_history_starts_its_block_right_after_the_prefix(window, cancels):
+    """A window smaller than the last block and its reply keeps no history: the rebuilt context is the prefix and
+    the new block, which follows it as a session's first block does (AUDIO_BEGIN first). Its lead token (and a cut
+    reply's last token) went with the forgotten history; they were put right after the prefix, a layout no
+    session starts with. The next rollover keeps that block whole: it has no lead to strip."""
+    conv = Conversation(PREFIX, max_turn_tokens=4, max_positions=200, rollover_window=window)
+    for chunk in range(40):
+        conv.add_audio(f"c{chunk}")
+    while conv.next_position + 3 * 13 <= conv.rollover_at:
+        conv.commit(conv.plan(), T.KEEP_SILENCE)
+    if cancels:
+        conv.commit(conv.plan(), T.TEXT_BEGIN)
+        conv.commit(conv.plan(), 151618)
+        conv.cancel()
+    rollovers = []
+    while len(rollovers) < 2:
+        row = conv.plan()
+        if row.rolls_over:
+            rollovers.append(row)
+        conv.commit(row, T.KEEP_SILENCE)
+    for row in rollovers:
+        assert row.tokens[:len(PREFIX)] == PREFIX and row.tokens[len(PREFIX):] == T.listening_block(), row.tokens
+        assert len(row.audio) == 1 and row.new_block_start == len(PREFIX)
+        (lo, hi), = row.audio_spans
+        assert row.tokens[lo - 1] == T.AUDIO_BEGIN and row.tokens[lo:hi] == [T.PAD] * 10
+
+
+def test_a_rollover_keeps_a_block_without_lead_whole():
+    """With a window that keeps one block, the block a history-less rollover fed (no lead token) is kept whole
+    at the next rollover: its AUDIO_BEGIN is not stripped as a lead would be."""
+    conv = Conversation(PREFIX, max_turn_tokens=4, max_positions=200, rollover_window=13)
+    for chunk in range(60):
+        conv.add_audio(f"c{chunk}")
+    rollovers = []
+    while len(rollovers) < 3:
+        row = conv.plan()
+        if row.rolls_over:
+            rollovers.append(row)
+        conv.commit(row, T.KEEP_SILENCE)
+    for row in rollovers:
+        assert row.tokens[len(PREFIX)] == T.AUDIO_BEGIN, row.tokens
+        for (lo, hi) in row.audio_spans:
+            assert row.tokens[lo - 1] == T.AUDIO_BEGIN and row.tokens[lo:hi] == [T.PAD] * 10
+
+
 def test_rollover_window_that_cannot_fit_is_rejected():
     with pytest.raises(ValueError, match="too large for context rollover.* largest possible here is 425"):
         Conversation(PREFIX, max_turn_tokens=512, max_positions=1024, rollover_window=500)

@@ -6,10 +6,12 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from audio_interaction_server import spec as T
+from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
@@ -236,6 +238,39 @@ def test_a_dead_worker_answers_every_open_with_worker_failed(tiny_model, stream_
     worker.push_audio("late", stream_chunks[1][:2])  # dropped: there is no session to feed
     for recorder in (queued, late):
         assert recorder.events == [SessionEnded("worker_failed", WORKER_FAILED_MESSAGE)]  # details: the log
+
+
+def test_opens_queued_when_the_worker_stops_or_posted_after_are_answered_with_server_shutdown(tiny_model):
+    """An open still in the inbox when the step loop stops (a front's first audio racing the shutdown), and one
+    posted after, got neither SessionStarted nor SessionEnded: the client waited for the front's own timeout."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    queued, late = Recorder(), Recorder()
+    worker.open_session("queued", OPTIONS, queued)  # never applied: the worker never steps
+    worker.stop()
+    worker.open_session("late", OPTIONS, late)
+    for recorder in (queued, late):
+        assert recorder.events == [SessionEnded("server_shutdown", "the server is shutting down")]
+
+
+def test_a_refused_open_whose_first_audio_came_with_it_leaves_nothing_behind(tiny_model):
+    """The server posts a session's open and its first audio together: a refused open (here: no free slot) had
+    that audio's features computed and their running maximum kept, one entry per refused session, for ever."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    blocks = PaddedBlocks(np.random.default_rng(0).standard_normal((1, 6640)).astype(np.float32) * 0.1, 0)
+    worker.open_session("holder", OPTIONS, Recorder())
+    worker.push_audio("holder", blocks)
+    worker.step()
+    refused = [Recorder() for _ in range(20)]
+    for index, recorder in enumerate(refused):
+        worker.open_session(f"refused-{index}", OPTIONS, recorder)
+        worker.push_audio(f"refused-{index}", blocks)
+        worker.step()
+    assert all(recorder.events[0].error_code == "capacity" for recorder in refused)
+    assert list(worker._feature_max) == ["holder"]
+    duplicate = Recorder()  # a refused duplicate of a live session keeps that session's running maximum
+    worker.open_session("holder", OPTIONS, duplicate)
+    worker.step()
+    assert duplicate.events[0].error_code == "duplicate_session" and list(worker._feature_max) == ["holder"]
 
 
 def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):

@@ -66,6 +66,7 @@ class RowPlan:
     # The session's prefix fills this row's first columns from position 0 (a first row, a rollover): once the row
     # has run, its slot holds the prefix's keys and values (engine/prefix_kv.py keeps them for later sessions).
     prefix_tokens: int = 0
+    block_has_lead: bool = False  # listening rows: the block starts with the previous token, not AUDIO_BEGIN
 
     @property
     def is_decision(self) -> bool:
@@ -152,7 +153,8 @@ class Conversation:
             new_block_start = len(self._unfed) - (0 if is_first else 1)
             return RowPlan(block, self.next_position, (_pad_span(len(self._unfed)),), (self.audio_queue[0],),
                            new_block_start, num_carried=num_carried,
-                           prefix_tokens=len(self.prefix_ids) if is_first and not self.prefix_in_slot else 0)
+                           prefix_tokens=len(self.prefix_ids) if is_first and not self.prefix_in_slot else 0,
+                           block_has_lead=not is_first)
         tokens, spans, audio = list(self.prefix_ids), [], []
         for i, kept in enumerate(self._history):
             # The oldest kept block follows the prefix directly, as the first block of a session does.
@@ -160,11 +162,17 @@ class Conversation:
             spans.append(_pad_span(len(tokens) + body.index(T.AUDIO_BEGIN)))
             audio.append(kept.audio)
             tokens += body
+        lead = self._unfed
+        if not self._history:
+            # Nothing kept (a window smaller than the last block and its reply): the new block follows the prefix
+            # directly too. Its lead, and a cut reply's carried token, belonged to the history just forgotten.
+            lead, num_carried = [], 0
         new_block_start = len(tokens) + num_carried
-        spans.append(_pad_span(len(tokens) + len(self._unfed)))
+        spans.append(_pad_span(len(tokens) + len(lead)))
         audio.append(self.audio_queue[0])
-        return RowPlan(tokens + block, 0, tuple(spans), tuple(audio), new_block_start, rolls_over=True,
-                       num_carried=num_carried, prefix_tokens=len(self.prefix_ids))
+        return RowPlan(tokens + lead + T.listening_block(), 0, tuple(spans), tuple(audio), new_block_start,
+                       rolls_over=True, num_carried=num_carried, prefix_tokens=len(self.prefix_ids),
+                       block_has_lead=bool(lead))
 
     def commit(self, row: RowPlan, token_id: int) -> list[EngineEvent]:
         """Apply the model's next token after ``row`` was fed."""
@@ -179,9 +187,9 @@ class Conversation:
                 carried = row.tokens[row.new_block_start - row.num_carried:row.new_block_start]
                 self._history[-1].tokens.extend(carried)
                 self._history_tokens += len(carried)
-            # Every block but the session's first starts with the token sampled before it.
-            has_lead = self.num_chunks_consumed > 0
-            self._remember(_Block(row.tokens[row.new_block_start:], has_lead, row.audio[-1]))
+            # Every block but the session's first (and one a rollover fed with no history) starts with the token
+            # sampled before it.
+            self._remember(_Block(row.tokens[row.new_block_start:], row.block_has_lead, row.audio[-1]))
             return events + self._decide(token_id)
         if self._history:
             self._history[-1].tokens.extend(row.tokens)

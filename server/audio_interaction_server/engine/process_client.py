@@ -36,7 +36,7 @@ from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
     Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
-from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
+from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class EngineProcessClient:
             left = list(self._emits.items())
             self._emits.clear()
         for session_id, emit in left:
-            self._deliver(session_id, emit, [SessionEnded(EndCode.SERVER_SHUTDOWN, "the server is shutting down")])
+            self._deliver(session_id, emit, [SessionEnded(EndCode.SERVER_SHUTDOWN, SHUTDOWN_MESSAGE)])
         self._close_sockets()
 
     def _close_sockets(self) -> None:

@@ -56,6 +56,7 @@ from audio_interaction_server.model.fit import check_kv_fits
 log = logging.getLogger(__name__)
 # What clients hear when the worker dies; the exception and its traceback go to the log only.
 WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
+SHUTDOWN_MESSAGE = "the server is shutting down"
 
 __all__ = ["EmitFn", "SessionStateSize", "StepStats", "WORKER_FAILED_MESSAGE", "Worker"]
 
@@ -164,16 +165,18 @@ class Worker:
 
     def _post(self, command: Command) -> None:
         with self._inbox_lock:
-            if self.failure is None:
+            if self.failure is None and not self._stop.is_set():
                 self._inbox.put(command)
                 return
         self._refuse(command)
 
     def _refuse(self, command: Command) -> None:
-        """After the worker died: an open is answered with ``worker_failed`` at once, so no client
-        waits for a session that never starts; other commands have no session left to act on."""
+        """After the worker died or stopped: an open is answered at once (``worker_failed``, ``server_shutdown``),
+        so no client waits for a session that never starts; other commands have no session left to act on."""
         if isinstance(command, OpenSession):
-            self._refuse_open(command, SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE))
+            ended = (SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE) if self.failure is not None
+                     else SessionEnded(EndCode.SERVER_SHUTDOWN, SHUTDOWN_MESSAGE))
+            self._refuse_open(command, ended)
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
@@ -219,8 +222,10 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop stepping; sessions still open get a final ``SessionEnded(EndCode.SERVER_SHUTDOWN)``."""
-        self._stop.set()
+        """Stop stepping; sessions still open get a final ``SessionEnded(EndCode.SERVER_SHUTDOWN)``, and so do
+        opens not applied yet and any posted from now on."""
+        with self._inbox_lock:  # a command posted from now on is refused, not left in the inbox
+            self._stop.set()
         self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -228,7 +233,12 @@ class Worker:
                 log.error("model worker did not stop within %.1f s", timeout_s)
                 return  # it still owns the sessions; touching them here would race
         for session in list(self.scheduler.sessions.values()):
-            self._end(session, EndCode.SERVER_SHUTDOWN, "the server is shutting down")
+            self._end(session, EndCode.SERVER_SHUTDOWN, SHUTDOWN_MESSAGE)
+        while True:  # what the step loop left in the inbox
+            try:
+                self._refuse(self._inbox.get_nowait())
+            except queue.Empty:
+                break
 
     # ---- worker thread ---------------------------------------------------
     def _run(self) -> None:
@@ -422,6 +432,8 @@ class Worker:
         self._emit(session, [SessionStarted(session.slot, len(session.conversation.prefix_ids))])
 
     def _refuse_open(self, command: OpenSession, ended: SessionEnded) -> None:
+        if command.session_id not in self.scheduler.sessions:  # not a refused duplicate of a live session
+            self._feature_max.pop(command.session_id, None)  # its first audio may have come with it
         try:
             command.emit([ended])
         except Exception:  # a callback that cannot deliver must not take the worker down with it
