@@ -154,8 +154,12 @@ def test_only_a_local_client_may_drain_a_server_without_a_key():
     assert admission.is_local_client(peer("127.0.0.1")) and admission.is_local_client(peer("::1"))
     assert not admission.is_local_client(peer("10.0.0.7")) and not admission.is_local_client(peer("unknown"))
     # A request a proxy forwarded is not local, whoever it came from (a balancer on this host is loopback too).
+    # Proxies differ in what they add: Apache's X-Forwarded-Host and -Server, Varnish's and Squid's Via, a CDN's
+    # True-Client-IP. Any of them says the peer is a proxy.
     for header in ((b"x-forwarded-for", b"203.0.113.9"), (b"forwarded", b"for=203.0.113.9"),
-                   (b"x-real-ip", b"203.0.113.9"), (b"x-forwarded-for", b"127.0.0.1")):
+                   (b"x-real-ip", b"203.0.113.9"), (b"x-forwarded-for", b"127.0.0.1"),
+                   (b"x-forwarded-host", b"example.com"), (b"x-forwarded-proto", b"https"),
+                   (b"via", b"1.1 varnish"), (b"true-client-ip", b"203.0.113.9"), (b"x-client-ip", b"203.0.113.9")):
         assert not admission.is_local_client(peer("127.0.0.1", header)), header
     # Nor is one from a trusted proxy's address: it forwards other machines' requests.
     assert not admission.is_local_client(peer("127.0.0.1"), trusted_proxies=["127.0.0.0/8"])

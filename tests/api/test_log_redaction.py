@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from audio_interaction_server.api.log_redaction import QuerySecretFilter, redact_query_secrets
+from audio_interaction_server.api.log_redaction import SecretFilter, redact_query_secrets
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -24,5 +24,21 @@ def test_secret_query_values_are_redacted_and_nothing_else(line, expected):
 def test_the_filter_rewrites_the_arguments_uvicorn_logs_with():
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                                ("127.0.0.1:5000", "GET", "/v1/load?api_key=k3y", "1.1", 200), None)
-    assert QuerySecretFilter().filter(record)
+    assert SecretFilter().filter(record)
     assert record.getMessage() == '127.0.0.1:5000 - "GET /v1/load?api_key=[redacted] HTTP/1.1" 200'
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("authorization", "Bearer k3y", "[redacted]"),
+    ("Authorization", "Basic dXNlcjpwYXNz", "[redacted]"),
+    ("x-api-key", "k3y", "[redacted]"),
+    ("sec-websocket-protocol", "realtime, openai-insecure-api-key.ek_1_abc",
+     "realtime, openai-insecure-api-key.[redacted]"),
+    ("user-agent", "python-websockets/17", "python-websockets/17"),
+])
+def test_secret_headers_are_redacted_from_the_handshake_lines_of_debug_logging(name, value, shown):
+    """At log_level debug the websockets protocol (through uvicorn.error) writes every handshake header, one line
+    each: the API key and a Realtime client secret went to the log in clear."""
+    record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1, "< %s: %s", (name, value), None)
+    assert SecretFilter().filter(record)
+    assert record.getMessage() == f"< {name}: {shown}"

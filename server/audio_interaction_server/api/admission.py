@@ -187,9 +187,10 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
     return ResumeGranted(stream, int(last_seq))
 
 
-# Headers a proxy adds to say whom it forwards for. The replica reads them only from trusted proxies, but their
-# mere presence says the peer is a proxy: its loopback address is not a person on this machine.
-FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+# Headers a proxy adds to say whom it forwards for (the replica reads those only from trusted proxies) or that it
+# is one (Via; Apache's X-Forwarded-Host and -Server; a CDN's client address): their mere presence says the peer
+# is a proxy, and its loopback address is not a person on this machine. Every X-Forwarded-* header counts.
+FORWARDING_HEADERS = ("forwarded", "via", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip")
 
 
 def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] = ()) -> bool:
@@ -197,7 +198,7 @@ def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] =
     connects from loopback too, and a path it did not recognise as ``/v1/admin/`` (``/v1/admin%2Fdrain``) would
     otherwise reach the drain call as a local one. (The transport has already replaced a trusted proxy's
     address by its client's; a trusted proxy's own address is never local, since it forwards for others.)"""
-    if any(header in connection.headers for header in FORWARDING_HEADERS):
+    if any(header in FORWARDING_HEADERS or header.startswith("x-forwarded-") for header in connection.headers):
         return False
     host = connection.client.host if connection.client is not None else ""
     try:

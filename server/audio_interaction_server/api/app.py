@@ -34,7 +34,7 @@ from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
     CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber,
 )
-from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_query_secrets_out_of
+from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
@@ -74,7 +74,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     uvicorn_log = logging.getLogger("uvicorn.error")
     if _CLIENT_NOISE_FILTER not in uvicorn_log.filters:  # process-wide, like the logger: added once
         uvicorn_log.addFilter(_CLIENT_NOISE_FILTER)
-    keep_query_secrets_out_of(UVICORN_REQUEST_LOGGERS)  # ?token= (a resume) and ?api_key= in request lines
+    keep_secrets_out_of(UVICORN_REQUEST_LOGGERS)  # ?token= (a resume), ?api_key=, and the handshake's headers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -3,9 +3,11 @@
 A resume is ``/v1/stream?resume=<id>&token=<resume_token>&last_seq=<n>`` and a browser, which cannot set
 headers on a WebSocket, sends its key as ``?api_key=``. uvicorn logs the first as a WebSocket line
 (``uvicorn.error``: ``"WebSocket /v1/stream?..." [accepted]``) and plain HTTP requests as access lines
-(``uvicorn.access``); whoever reads the log could resume another's session or use the key. ``QuerySecretFilter``
-replaces the values of those parameters with ``[redacted]`` in every line of the loggers it is added to, before
-any handler writes it. Thread-safe (it keeps no state).
+(``uvicorn.access``); whoever reads the log could resume another's session or use the key. At ``log_level:
+debug`` the websockets protocol also writes every handshake header to ``uvicorn.error``, one ``< name: value``
+line each: the key (``Authorization``, ``X-API-Key``) and a Realtime client secret (the
+``openai-insecure-api-key.<secret>`` subprotocol). ``SecretFilter`` replaces those values with ``[redacted]``
+in every line of the loggers it is added to, before any handler writes it. Thread-safe (it keeps no state).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from urllib.parse import unquote_plus
 
 # Query parameters whose value is a secret; a name is compared as the app reads it (percent-decoded).
 SECRET_QUERY_PARAMETERS = frozenset({"token", "api_key"})
+# Request headers whose value is a secret (names compared in lower case).
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
 REDACTED = "[redacted]"
+# How websockets logs a handshake header (its logger is uvicorn.error): "< name: value" in, "> name: value" out.
+_HEADER_LINES = frozenset({"< %s: %s", "> %s: %s"})
+# A key or client secret offered as a WebSocket subprotocol (api/realtime/routes.py), in any header or line.
+_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+")
 
 # The loggers that write request paths with their query.
 UVICORN_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
@@ -37,23 +45,33 @@ def redact_query_secrets(text: str) -> str:
     return _QUERY_PARAMETER.sub(redact, text)
 
 
-class QuerySecretFilter(logging.Filter):
-    """Rewrites a record's message and string arguments (uvicorn passes the path as an argument)."""
+def redact_secrets(text: str) -> str:
+    """``text`` with its secret query values and subprotocol secrets replaced."""
+    text = redact_query_secrets(text)
+    return _SUBPROTOCOL_SECRET.sub(rf"\g<1>{REDACTED}", text) if "openai-insecure-api-key." in text else text
+
+
+class SecretFilter(logging.Filter):
+    """Rewrites a record's message and string arguments (uvicorn passes the path as an argument, websockets a
+    header's name and value)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
-            record.msg = redact_query_secrets(record.msg)
+            record.msg = redact_secrets(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(redact_query_secrets(arg) if isinstance(arg, str) else arg for arg in record.args)
+            args = record.args
+            if record.msg in _HEADER_LINES and len(args) == 2 and str(args[0]).lower() in SECRET_HEADERS:
+                args = (args[0], REDACTED)
+            record.args = tuple(redact_secrets(arg) if isinstance(arg, str) else arg for arg in args)
         return True
 
 
-_QUERY_SECRET_FILTER = QuerySecretFilter()
+_SECRET_FILTER = SecretFilter()
 
 
-def keep_query_secrets_out_of(logger_names: tuple[str, ...] = UVICORN_REQUEST_LOGGERS) -> None:
+def keep_secrets_out_of(logger_names: tuple[str, ...] = UVICORN_REQUEST_LOGGERS) -> None:
     """Add the filter to each logger, once (loggers are process-wide, and so is the filter)."""
     for name in logger_names:
         logger = logging.getLogger(name)
-        if _QUERY_SECRET_FILTER not in logger.filters:
-            logger.addFilter(_QUERY_SECRET_FILTER)
+        if _SECRET_FILTER not in logger.filters:
+            logger.addFilter(_SECRET_FILTER)

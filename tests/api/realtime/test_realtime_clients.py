@@ -342,6 +342,11 @@ def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotoco
                 as socket:
             assert socket.subprotocol == "realtime"
             assert json.loads(await socket.recv())["type"] == "session.created"
+        # Behind a proxy with HTTP basic auth the browser adds that Authorization header by itself: the secret in
+        # the subprotocol still counts (any Authorization header used to switch the subprotocol off).
+        async with websockets.connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{secret.value}"],
+                                      additional_headers={"Authorization": "Basic dXNlcjpwYXNz"}) as socket:
+            assert json.loads(await socket.recv())["type"] == "session.created"
         async with websockets.connect(url, subprotocols=["realtime", "openai-insecure-api-key.ek_1_x_0"]) as socket:
             refused = check_frame(await socket.recv())
             assert refused["error"]["code"] == "invalid_api_key"

@@ -137,13 +137,16 @@ def _chosen_subprotocol(websocket: WebSocket) -> str | None:
 
 def _with_subprotocol_key(websocket: WebSocket) -> HTTPConnection:
     """A browser cannot set headers on a WebSocket: the Realtime API lets it offer the key (or an ephemeral
-    secret) as the subprotocol ``openai-insecure-api-key.<key>``. Admission then sees it as a bearer header."""
-    if websocket.headers.get("authorization"):
+    secret) as the subprotocol ``openai-insecure-api-key.<key>``. Admission then sees it as a bearer header. A
+    bearer header of the client's own comes first; any other Authorization (a proxy's HTTP basic auth, which a
+    browser adds by itself) is not a key, and gives way to the subprotocol's."""
+    if websocket.headers.get("authorization", "").lower().startswith("bearer "):
         return websocket
     for name in _offered_subprotocols(websocket):
         if name.startswith(KEY_SUBPROTOCOL_PREFIX) and len(name) > len(KEY_SUBPROTOCOL_PREFIX):
             key = name[len(KEY_SUBPROTOCOL_PREFIX):]
-            headers = [*websocket.scope["headers"], (b"authorization", f"Bearer {key}".encode("latin-1"))]
+            headers = [(header, value) for header, value in websocket.scope["headers"] if header != b"authorization"]
+            headers.append((b"authorization", f"Bearer {key}".encode("latin-1")))
             return HTTPConnection({**websocket.scope, "headers": headers})
     return websocket
 
