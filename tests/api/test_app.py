@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 import logging
 import time
 from pathlib import Path
@@ -282,6 +283,15 @@ def test_health_ready_info_metrics(live):
     status, body = live.get("/metrics")
     assert status == 200 and b"ais_model_ready 1.0" in body and b"ais_worker_step_seconds_bucket" in body
     assert b"ais_decision_latency_seconds_bucket" in body and b"ais_turn_onset_latency_seconds_bucket" in body
+
+
+def test_operations_endpoints_answer_head_as_get_without_a_body(live):
+    """Uptime checkers and some balancers probe with HEAD: it got 405 on every operations endpoint."""
+    for path, headers in (("/health", {}), ("/ready", {}), ("/v1/info", {}), ("/metrics", {}),
+                          ("/v1/load", AUTHORIZED)):
+        request = urllib.request.Request(f"http://127.0.0.1:{live.port}{path}", headers=headers, method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert (response.status, response.read()) == (live.get(path, headers)[0], b""), path
 
 
 def metric_samples(live: LiveServer) -> dict[str, float]:

@@ -103,11 +103,11 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     app.state.agent = agent
     app.include_router(static_pages_router)  # the browser front-end at / (web/)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime checkers, some balancers
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready(capacity: str | None = None) -> Response:
         """200 when a new session would be admitted. ``?capacity=ignore``: full still counts as ready (for a
         Kubernetes readinessProbe, where 'not ready' would stall rollouts and evictions: docs/scaling.md)."""
@@ -122,12 +122,12 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
             return JSONResponse({"status": "full", "reason": "all sessions are in use"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/v1/info")
+    @app.api_route("/v1/info", methods=["GET", "HEAD"])
     async def info(request: Request) -> dict:
         # The model, device and load only for the API key: a client secret opens sessions, nothing more.
         return _info(runtime, is_authorized=admission.is_api_key(runtime, admission.offered_key(request)))
 
-    @app.get("/v1/load")
+    @app.api_route("/v1/load", methods=["GET", "HEAD"])
     async def load(request: Request) -> Response:
         """How full this replica is; needs the API key (when one is set: a client secret is not enough)."""
         if not admission.is_api_key(runtime, admission.offered_key(request)):
@@ -152,7 +152,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         return JSONResponse({"draining": True, "deadline_s": round(runtime.drain_seconds_left(), 3),
                              "sessions_left": len(runtime.streams)}, status_code=202)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         runtime.metrics.model_ready.set(1 if runtime.is_ready else 0)
         return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
