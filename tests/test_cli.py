@@ -282,3 +282,12 @@ def test_serve_fronts_sets_the_config_and_overlapping_ports_are_one_clear_line_b
     assert served.returncode == 2, served.stderr
     assert "fronts (2) listen on port..port+1 (8000..8001)" in served.stderr and "overlap" in served.stderr
     assert "Uvicorn running" not in served.stderr and "front 0" not in served.stderr
+
+
+def test_make_checkpoint_onto_an_existing_file_is_one_clear_line(tmp_path):
+    """It ended with a FileExistsError traceback and exit 1."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a checkpoint")
+    result = command("make-checkpoint", str(taken))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: ") and str(taken) in result.stderr

@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:  # a path given
+        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

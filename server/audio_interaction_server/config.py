@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -260,6 +261,10 @@ class FloodLimits(BaseModel):
     max_cut_cooldown_s: float = Field(300.0, gt=0, description="the longest cut_cooldown_s grows to")
 
 
+# An Origin header's value: a scheme, "://", a host and an optional port; no path, no wildcard.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s*?#@]+")
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -351,9 +356,16 @@ class ServerConfig(BaseModel):
 
     @field_validator("allowed_origins")
     @classmethod
-    def _no_trailing_slash(cls, origins: list[str]) -> list[str]:
-        # Browsers send "https://a.example", never with a path; a trailing slash would never match.
-        return [origin.rstrip("/") for origin in origins]
+    def _browser_origins(cls, origins: list[str]) -> list[str]:
+        # Browsers send "https://a.example", never with a path; a trailing slash would never match. An entry no
+        # browser sends (no scheme, a path, a wildcard) would refuse every page with nothing said at start-up.
+        origins = [origin.rstrip("/") for origin in origins]
+        for origin in origins:
+            if origin != "null" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an Origin a browser sends: scheme://host[:port], e.g. "
+                                 "https://app.example.com or http://localhost:8000 (leave the list empty to allow "
+                                 "any; 'null' is what a page opened from a file sends)")
+        return origins
 
     @field_validator("api_key")
     @classmethod
@@ -466,6 +478,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give the YAML file in it") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if data is None:

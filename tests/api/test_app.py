@@ -469,6 +469,27 @@ def test_config_yaml_env_and_errors(tmp_path):
         load_config(None, {"AIS_ENGINE__CHECKPOINT": str(tmp_path / "missing")})
 
 
+def test_a_config_file_that_cannot_be_read_is_one_clear_error(tmp_path):
+    """A folder, a file that is not UTF-8 text: a traceback and exit 1, where a missing or non-YAML file was
+    already one line."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("port: 9001  # caf\xe9\n".encode("latin-1"))
+    for path, reason in ((tmp_path, "is a folder"), (latin1, "not UTF-8")):
+        with pytest.raises(ConfigError, match=reason):
+            load_config(path, {})
+
+
+@pytest.mark.parametrize("origin", ["localhost:8790", "example.com", "https://", "*.example.com", "*",
+                                    "https://a.example/app"])
+def test_an_allowed_origin_that_no_browser_can_send_is_a_configuration_error(origin):
+    """A browser's Origin is scheme://host[:port]: an entry without a scheme matched nothing, and every page was
+    refused with nothing said at start-up."""
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        load_config(None, {"AIS_ALLOWED_ORIGINS": origin})
+    assert load_config(None, {"AIS_ALLOWED_ORIGINS": "http://localhost:8790,https://a.example/,null"}) \
+        .allowed_origins == ["http://localhost:8790", "https://a.example", "null"]
+
+
 def test_serve_command_line_builds_overrides():
     from audio_interaction_server.__main__ import overrides_from
     from audio_interaction_server.cli import build_parser
