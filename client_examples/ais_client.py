@@ -57,11 +57,11 @@ class ClientError(Exception):
 
 
 class ServerBusy(ClientError):
-    """The server refused for now (loading, full or draining: close 1013, HTTP 503, or 429 for too many attempts);
-    it may take the client a little later."""
+    """The server refused for now (loading, full or draining: close 1013, HTTP 503, or 429 for too many attempts),
+    or does not listen yet (starting, restarting); it may take the client a little later."""
 
-    def __init__(self, reason: str, retry_after_s: float = 0.0) -> None:
-        super().__init__(f"server busy ({reason})")
+    def __init__(self, reason: str, retry_after_s: float = 0.0, state: str = "busy") -> None:
+        super().__init__(f"server {state} ({reason})")
         self.retry_after_s = retry_after_s
 
 
@@ -105,6 +105,8 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
         raise ServerBusy(reason, float(retry_after) if retry_after.isdigit() else 0.0) from None
     except InvalidURI as error:
         raise ClientError(f"bad URL {url!r}: {error}") from None
+    except ConnectionRefusedError:  # a server starting (it imports torch before it listens) or restarting
+        raise ServerBusy(f"connection refused at {url}", state="not listening yet") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
         raise ClientError(f"cannot connect to {url}: {error or type(error).__name__}") from None
 
@@ -450,6 +452,15 @@ class StreamSession:
             self.config = previous  # a refused change must not be told to a new session
             raise ClientError(f"session.configure {fields} was refused: {answer['message']}")
         return answer
+
+    async def keep_alive(self) -> None:
+        """An empty audio frame: it holds no audio, but it is a frame, so the server's idle timeout
+        (``limits.idle_timeout_s``) does not close a session that waits before it streams. Not kept for a resume."""
+        if self._connected:
+            try:
+                await self.websocket.send(b"")
+            except ConnectionClosed:
+                pass  # the receive loop sees the close too, and recovers
 
     async def send_pcm(self, pcm: bytes, duration_s: float) -> None:
         while self.sent_s - self.heard_s > self.max_ahead_s:

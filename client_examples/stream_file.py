@@ -103,7 +103,7 @@ class FileSender:
 
     async def __call__(self, session: StreamSession) -> None:
         if self.wait:
-            await wait_for_enter("press Enter to start streaming")
+            await self._wait_keeping_alive(session)
         loop = asyncio.get_running_loop()
         start_s, audio_s, current_format = loop.time(), 0.0, None
         for audio_file in self.files:
@@ -126,6 +126,17 @@ class FileSender:
                 duration_s = len(frame) / audio_file.sample_rate_hz
                 await session.send_pcm(frame.tobytes(), duration_s)
                 audio_s += duration_s
+
+
+    @staticmethod
+    async def _wait_keeping_alive(session: StreamSession) -> None:
+        """Wait for Enter; meanwhile keep the session from timing out idle (a subscriber may take a while)."""
+        entered = wait_for_enter("press Enter to start streaming")
+        interval_s = session.created["limits"]["idle_timeout_s"] / 3
+        while not entered.done():
+            await asyncio.wait([entered], timeout=interval_s)
+            if not entered.done():
+                await session.keep_alive()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -272,6 +272,46 @@ def test_stream_file_retries_a_full_server_with_backoff_until_a_session_frees(ti
     assert SUMMARY_LINE.match(script.stdout[-1])
 
 
+def test_stream_file_waits_for_a_server_that_is_not_listening_yet(tiny_checkpoint, shared_audio, tmp_path):
+    """A client started beside its server (or during a restart) meets a closed port for the seconds the server
+    takes to import torch: it exited at once, where --busy-retry-s is documented to cover a restart."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on, for now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Script("stream_file.py", f"ws://127.0.0.1:{port}", str(shared_audio / "01_count_bark" /
+                    "sample01_02.wav"), "--api-key", API_KEY, "--speed", "0", "--busy-retry-s", "60", cwd=tmp_path)
+    server = None
+    try:
+        script.wait_for_line(re.compile(r"^server not listening yet \(.*\), retrying in \d+\.\d s$"))
+        server = LiveServer(client_config(tiny_checkpoint, port=port)).start()
+        code = script.finish(timeout_s=60)
+    finally:
+        if server is not None:
+            server.stop()
+    assert code == 0, script.stderr
+    assert SUMMARY_LINE.match(script.stdout[-1])
+
+
+def test_stream_file_wait_keeps_its_session_while_nobody_presses_enter(tiny_checkpoint, shared_audio, tmp_path):
+    """--wait leaves time to attach a subscriber; a session that hears nothing for idle_timeout_s is closed
+    (4000), so the waiting client keeps it alive (an empty audio frame: no audio, but a frame)."""
+    server = LiveServer(client_config(tiny_checkpoint, idle_timeout_s=1.5)).start()
+    try:
+        script = Script("stream_file.py", server.ws_url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
+                        "--api-key", API_KEY, "--speed", "0", "--wait", cwd=tmp_path, stdin=True)
+        script.wait_for_line(SESSION_LINE)
+        time.sleep(4.0)  # well past the idle timeout
+        script.process.stdin.write("\n")
+        script.process.stdin.flush()
+        code = script.finish(timeout_s=60)
+    finally:
+        server.stop()
+    assert code == 0, script.stderr
+    assert SUMMARY_LINE.match(script.stdout[-1]) and "idle" not in " ".join(script.stderr)
+
+
 @pytest.fixture(scope="module")
 def one_slot(tiny_checkpoint):
     """A server of one session, which each test below fills itself (and frees when it is done)."""
