@@ -69,6 +69,8 @@ def _sequence(folder: Path) -> list[Path]:
         raise ClientError(f"{listing} is not a JSON list of file names: {error}") from None
     if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
         raise ClientError(f"{listing} is not a JSON list of file names")
+    if not entries:
+        raise ClientError(f"{listing} lists no files: name the audio files to play, in order")
     return [folder / entry for entry in entries]
 
 

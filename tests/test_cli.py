@@ -124,6 +124,13 @@ def test_a_sequence_naming_missing_files_is_reported_before_the_model_loads(caps
     assert "sequence.json" in err and "a.wav" in err and "b.wav" in err
 
 
+def test_an_empty_sequence_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path):
+    """An empty list is no sequence to play: run loaded the model, printed nothing and exited 0."""
+    (tmp_path / "sequence.json").write_text("[]")
+    err = run_cli_error(capsys, str(tmp_path))
+    assert "sequence.json" in err and "lists no files" in err
+
+
 def test_bad_options_are_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path, shared_audio):
     err = run_cli_error(capsys, "--max-turn-tokens", "0", str(shared_audio / "02_translate"))
     assert "--max-turn-tokens" in err and "greater than or equal to 1" in err

@@ -272,6 +272,13 @@ def test_stream_file_retries_a_full_server_with_backoff_until_a_session_frees(ti
     assert SUMMARY_LINE.match(script.stdout[-1])
 
 
+def test_stream_file_refuses_an_empty_sequence_before_connecting(tmp_path):
+    """It streamed nothing but the flush's silence and exited 0."""
+    (tmp_path / "sequence.json").write_text("[]")
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(tmp_path), cwd=tmp_path)
+    assert code == 2 and "lists no files" in " ".join(err), (code, err)
+
+
 def test_stream_file_waits_for_a_server_that_is_not_listening_yet(tiny_checkpoint, shared_audio, tmp_path):
     """A client started beside its server (or during a restart) meets a closed port for the seconds the server
     takes to import torch: it exited at once, where --busy-retry-s is documented to cover a restart."""

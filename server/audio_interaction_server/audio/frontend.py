@@ -179,6 +179,8 @@ def load_audio_sequence(folder: str | Path) -> list[Path]:
     names = json.loads((folder / "sequence.json").read_text(encoding="utf-8"))
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"{folder / 'sequence.json'} must be a JSON list of file names")
+    if not names:
+        raise ValueError(f"{folder / 'sequence.json'} lists no files: name the audio files to play, in order")
     paths = [folder / name for name in names]
     missing = sorted({str(p) for p in paths if not p.is_file()})
     if missing:
