@@ -216,6 +216,17 @@ def test_rollover_rebuilds_prefix_plus_recent_blocks_at_a_safe_point():
     assert conv.history_tokens <= 60 + 13
 
 
+def listen_through_rollovers(conv: Conversation, count: int) -> list:
+    """Keep listening (KEEP_SILENCE at every chunk) until ``count`` rollover rows have been fed; those rows."""
+    rollovers = []
+    while len(rollovers) < count:
+        row = conv.plan()
+        if row.rolls_over:
+            rollovers.append(row)
+        conv.commit(row, T.KEEP_SILENCE)
+    return rollovers
+
+
 @pytest.mark.parametrize("window, cancels", [(0, False), (5, True)])
 def test_a_rollover_that_keeps_no_history_starts_its_block_right_after_the_prefix(window, cancels):
     """A window smaller than the last block and its reply keeps no history: the rebuilt context is the prefix and
@@ -231,13 +242,7 @@ def test_a_rollover_that_keeps_no_history_starts_its_block_right_after_the_prefi
         conv.commit(conv.plan(), T.TEXT_BEGIN)
         conv.commit(conv.plan(), 151618)
         conv.cancel()
-    rollovers = []
-    while len(rollovers) < 2:
-        row = conv.plan()
-        if row.rolls_over:
-            rollovers.append(row)
-        conv.commit(row, T.KEEP_SILENCE)
-    for row in rollovers:
+    for row in listen_through_rollovers(conv, 2):
         assert row.tokens[:len(PREFIX)] == PREFIX and row.tokens[len(PREFIX):] == T.listening_block(), row.tokens
         assert len(row.audio) == 1 and row.new_block_start == len(PREFIX)
         (lo, hi), = row.audio_spans
@@ -250,13 +255,7 @@ def test_a_rollover_keeps_a_block_without_lead_whole():
     conv = Conversation(PREFIX, max_turn_tokens=4, max_positions=200, rollover_window=13)
     for chunk in range(60):
         conv.add_audio(f"c{chunk}")
-    rollovers = []
-    while len(rollovers) < 3:
-        row = conv.plan()
-        if row.rolls_over:
-            rollovers.append(row)
-        conv.commit(row, T.KEEP_SILENCE)
-    for row in rollovers:
+    for row in listen_through_rollovers(conv, 3):
         assert row.tokens[len(PREFIX)] == T.AUDIO_BEGIN, row.tokens
         for (lo, hi) in row.audio_spans:
             assert row.tokens[lo - 1] == T.AUDIO_BEGIN and row.tokens[lo:hi] == [T.PAD] * 10
