@@ -218,7 +218,9 @@ def test_start_up_log_announces_readiness_and_the_version_and_sigint_stops_it_cl
 
 def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_path):
     """A fresh cache: the demo model is generated and the vocabulary fetched; the log says so, and the
-    transformers config warnings about the talker's token ids (never used here) stay out of it."""
+    transformers config warnings about the talker's token ids (never used here) stay out of it. A first start
+    stopped while it generated left its staging folder (78 MB) for good: the next start removes it."""
+    from audio_interaction_server.demo.make_tiny_checkpoint import GENERATOR_VERSION
     from audio_interaction_server.demo.qwen_vocab import VocabUnavailable, qwen_tiktoken_path
 
     try:
@@ -228,6 +230,10 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
     cache = tmp_path / "cache"
     cache.mkdir()
     shutil.copy(ranks, cache / ranks.name)  # the ranks only: the tokenizer and the demo model are built
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its process id is no one's now: the staging folder of a start stopped mid-way
+    stale = cache / f"demo-tiny-v{GENERATOR_VERSION}-seed0.tmp-{ended.pid}"
+    (stale / "weights").mkdir(parents=True)
     process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--port", "0", "--demo"],
                                env=server_env(AUDIO_INTERACTION_CACHE=str(cache)), stderr=subprocess.PIPE, text=True)
     log = LogReader(process)
@@ -240,6 +246,7 @@ def test_first_demo_start_says_what_it_builds_without_transformers_noise(tmp_pat
         end_process(process)
     assert "generating the tiny demo model" in log.text
     assert "[transformers]" not in log.text and "Traceback" not in log.text
+    assert not stale.exists(), "the interrupted start's staging folder is still there"
 
 
 # ---- drain (docs/scaling.md): SIGTERM with a drain time -----------------------------------------------------

@@ -169,3 +169,17 @@ def toy_ranks(draw: st.DrawFn) -> dict[bytes, int]:
 def test_toy_vocabulary_tokenizes_like_reference(ranks: dict[bytes, int], text: str) -> None:
     tokenizer = qwen_vocab.tokenizer_from_ranks(ranks, added_tokens=())
     assert tokenizer.encode(text).ids == reference_encode(tokenizer, ranks, text)
+
+
+def test_a_vocabulary_that_cannot_be_fetched_says_how_to_start_offline(tmp_path, monkeypatch) -> None:
+    """A first start with no package index at hand ended on pip's last line alone."""
+    from audio_interaction_server.demo import qwen_vocab
+
+    monkeypatch.setenv("AUDIO_INTERACTION_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no index, no local wheel folder: the download must fail
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setattr(qwen_vocab, "_read_installed_dashscope", lambda: None)
+    with pytest.raises(qwen_vocab.VocabUnavailable) as failed:
+        qwen_vocab.qwen_tiktoken_path()
+    message = str(failed.value)
+    assert "dashscope" in message and str(tmp_path / "qwen.tiktoken") in message and "--checkpoint" in message

@@ -198,6 +198,7 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
     root = (cache_dir or default_cache_dir()) / f"demo-tiny-v{GENERATOR_VERSION}-seed{seed}"
     if root.is_dir():
         return root
+    _remove_stale_staging(root)
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     log.info("first start: generating the tiny demo model into %s (it needs the Qwen vocabulary: fetched once "
@@ -208,6 +209,26 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
     except OSError:  # another process published it first
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Staging folders of ``root`` whose process has ended (a first start stopped while it generated: ~78 MB
+    each). One whose process lives is another start generating now, and stays."""
+    for staging in root.parent.glob(f"{root.name}.tmp-*"):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            log.info("removing %s, left by a start that was stopped while it generated the demo model", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -98,7 +98,14 @@ def qwen_tiktoken_path() -> Path:
             # Other dashscope versions may ship other ranks; the pinned wheel is the reference.
             log.info("fetching the Qwen vocabulary: pip download dashscope==%s (once; cached in %s)",
                      DASHSCOPE_VERSION, cached.parent)
-            data = _download_from_wheel()
+            try:
+                data = _download_from_wheel()
+            except VocabUnavailable as error:
+                raise VocabUnavailable(
+                    f"{error}. Without a package index: copy qwen.tiktoken (in the dashscope=={DASHSCOPE_VERSION} "
+                    f"wheel, or another machine's cache) to {cached}, or set AUDIO_INTERACTION_CACHE to a folder "
+                    "that holds it; or serve a checkpoint (--checkpoint DIR, which carries its own tokenizer: "
+                    "make-checkpoint writes one on a machine with the index)") from None
             if not _is_expected(data):
                 raise VocabUnavailable(f"dashscope=={DASHSCOPE_VERSION} qwen.tiktoken fails its sha256 check")
         _write_atomic(cached, data)
