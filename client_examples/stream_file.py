@@ -25,7 +25,7 @@ import numpy as np
 import soundfile
 
 from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
-                        default_api_key, run_main, run_stream)
+                        default_api_key, endpoint_url, run_main, run_stream)
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --speed and --busy-retry-s must be >= 0, --frame-ms between 1 and 1000", file=sys.stderr)
         return EXIT_USAGE
     try:
+        endpoint_url(args.url, "/v1/stream")  # a URL that is none is a bad argument, said before anything is read
         files = expand_inputs(args.inputs)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -279,6 +279,12 @@ def test_stream_file_refuses_an_empty_sequence_before_connecting(tmp_path):
     assert code == 2 and "lists no files" in " ".join(err), (code, err)
 
 
+def test_stream_file_refuses_a_url_that_is_no_server_url_as_a_bad_argument(shared_audio, tmp_path):
+    """A URL without its scheme is a bad argument: exit 2, as the README says (it was 1)."""
+    code, out, err = run_script("stream_file.py", "127.0.0.1:8790", str(shared_audio / "02_translate"), cwd=tmp_path)
+    assert code == 2 and err == ["error: not a server URL: '127.0.0.1:8790' (expected ws://HOST:PORT)"], (code, err)
+
+
 def test_stream_file_waits_for_a_server_that_is_not_listening_yet(tiny_checkpoint, shared_audio, tmp_path):
     """A client started beside its server (or during a restart) meets a closed port for the seconds the server
     takes to import torch: it exited at once, where --busy-retry-s is documented to cover a restart."""
