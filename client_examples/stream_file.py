@@ -129,7 +129,6 @@ class FileSender:
                 await session.send_pcm(frame.tobytes(), duration_s)
                 audio_s += duration_s
 
-
     @staticmethod
     async def _wait_keeping_alive(session: StreamSession) -> None:
         """Wait for Enter; meanwhile keep the session from timing out idle (a subscriber may take a while)."""

@@ -349,12 +349,13 @@ class EngineHost:
             return
         if front.sessions:
             log.warning("front %s is gone (%s): closing its %d session(s)", front_id.hex(), why, len(front.sessions))
+        message = f"the server's front did not answer the engine for {FRONT_TIMEOUT_S:g} s; the session was ended " \
+                  "(start a new one)"
         for session_id in front.sessions:
             if end is None:
                 worker.close_session(session_id)
             else:
-                worker.end_session(session_id, end, f"the server's front did not answer the engine for "
-                                   f"{FRONT_TIMEOUT_S:g} s; the session was ended (start a new one)")
+                worker.end_session(session_id, end, message)
 
     def _emit(self, front_id: bytes, session_id: str, events: list[EngineEvent]) -> None:
         """The worker thread's ``emit`` of one session: queued for the sender, never blocking the step."""

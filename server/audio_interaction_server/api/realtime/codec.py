@@ -436,10 +436,11 @@ class RealtimeCodec:
 
     def _error(self, event) -> list:
         named = (event.event_type, event.event_id)
-        if self._own_refusals[(*named, event.code)]:  # the answer to one of the codec's own Malformed commands
-            self._own_refusals[(*named, event.code)] -= 1
-            if not self._own_refusals[(*named, event.code)]:
-                del self._own_refusals[(*named, event.code)]
+        own = (*named, event.code)
+        if self._own_refusals[own]:  # the answer to one of the codec's own Malformed commands
+            self._own_refusals[own] -= 1
+            if not self._own_refusals[own]:
+                del self._own_refusals[own]
         elif self._acks and (self._acks[0].event_type, self._acks[0].event_id) == named:
             # The session refused an AcknowledgeItem or a Configure: nothing of it applies.
             self.held_bytes -= self._acks.popleft().num_bytes
