@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -355,6 +356,49 @@ def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotoco
             assert closed.value.rcvd.code == 1008
 
     asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def mint(port: int, body: object, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """``POST /v1/realtime/client_secrets`` as raw HTTP: the status and the JSON answer."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/realtime/client_secrets", method="POST",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json",
+                                                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_mint_checks_its_session_as_session_update_would_and_takes_the_key_as_every_endpoint_does(server):
+    """docs/realtime.md: the mint request's ``session`` is validated (not stored). It used to be taken as any
+    object; settings that ``session.update`` refuses now get the same refusal as a 400. The key is read as
+    everywhere else (``X-API-Key`` too, not only a bearer header), and an expiry must be a number, not ``true``."""
+    port, _ = server
+    as_bearer = {"Authorization": f"Bearer {KEY}"}
+    status, answer = mint(port, {"session": {"type": "realtime", "instructions": "Be brief.",
+                                             "output_modalities": ["text"], "max_output_tokens": 64,
+                                             "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                                                 "turn_detection": None}}}}, as_bearer)
+    assert status == 200 and answer["value"].startswith("ek_")
+    refused = [
+        ({"type": "transcription"}, "session.type"),
+        ({"output_modalities": ["audio"]}, "session.output_modalities"),
+        ({"tools": [{"type": "function", "name": "f"}]}, "session.tools"),
+        ({"max_output_tokens": 0}, "session.max_output_tokens"),
+        ({"audio": {"input": {"format": {"type": "audio/opus"}}}}, "session.audio.input.format"),
+        ({"audio": {"input": {"turn_detection": {"type": "push_to_talk"}}}}, "session.audio.input.turn_detection.type"),
+        ({"instructions": 7}, "session.instructions"),
+    ]
+    for session, param in refused:
+        status, answer = mint(port, {"session": session}, as_bearer)
+        assert status == 400 and answer["error"]["param"] == param, (session, answer)
+    status, answer = mint(port, {"expires_after": {"anchor": "created_at", "seconds": True}}, as_bearer)
+    assert status == 400 and answer["error"]["param"] == "expires_after.seconds", answer
+    assert "integer" in answer["error"]["message"]
+    status, answer = mint(port, {}, {"X-API-Key": KEY})
+    assert status == 200 and answer["value"].startswith("ek_")
+    assert mint(port, {}, {"X-API-Key": "wrong"})[0] == 401
 
 
 def test_a_full_server_refuses_with_an_error_and_close_1013(server):

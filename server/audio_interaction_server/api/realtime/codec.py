@@ -38,8 +38,8 @@ from audio_interaction_server.api.realtime.events import (
     ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, DuplicateKey,
     Error, ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
     InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
-    ResponseCreate, SessionCreated, SessionObject, SessionUpdate, SessionUpdated, TextContent, TurnDetectionObject,
-    parse_client_event,
+    ResponseCreate, SessionCreated, SessionIn, SessionObject, SessionUpdate, SessionUpdated, TextContent,
+    TurnDetectionObject, parse_client_event,
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
@@ -290,19 +290,11 @@ class RealtimeCodec:
 
     def _session_update(self, event: SessionUpdate) -> list[Command]:
         session = event.session
-
-        def refuse(message: str, param: str) -> list[Command]:
+        refusal = session_refusal(session)
+        if refusal is not None:
+            message, param = refusal
             return [self._refuse("invalid_value", message, event.type, event.event_id, param)]
-
         given = session.model_fields_set
-        if "type" in given and session.type != "realtime":
-            return refuse(f"session type {_shown(session.type)} is not supported: the model does not transcribe; use "
-                          "type 'realtime'", "session.type")
-        if session.output_modalities is not None and set(session.output_modalities) != {"text"}:
-            return refuse(f"output_modalities {_shown(session.output_modalities)} is not supported: the model produces "
-                          "text (pair it with a text-to-speech)", "session.output_modalities")
-        if session.tools:
-            return refuse("tools are not supported: the model does not call functions", "session.tools")
         fields: dict = {}
         settings = self._settings
         if "instructions" in given:
@@ -311,9 +303,6 @@ class RealtimeCodec:
                 fields["system_prompt"] = prompt
         if "max_output_tokens" in given:
             cap = session.max_output_tokens
-            if isinstance(cap, int) and not 1 <= cap <= MAX_TURN_TOKENS:
-                return refuse(f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not {cap}",
-                              "session.max_output_tokens")
             cap = self._default_max_turn_tokens if cap in (None, "inf") else cap
             if settings is None or cap != settings.max_turn_tokens:
                 fields["max_turn_tokens"] = cap
@@ -322,18 +311,11 @@ class RealtimeCodec:
         turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
         if audio_input is not None and audio_input.format is not None:
             new_format = _format_object(audio_input.format.type, audio_input.format.rate)
-            if new_format is None:
-                return refuse(f"audio format {_shown(audio_input.format.type)} (rate {audio_input.format.rate}) is not "
-                              "supported: use audio/pcm (24000 Hz, or another rate from 8000 to 48000), audio/pcmu "
-                              "or audio/pcma", "session.audio.input.format")
+            assert new_format is not None  # session_refusal refused the formats this server does not take
             if new_format != self._format:
                 fields["audio"] = self._session_format(new_format)
         if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
             requested = audio_input.turn_detection
-            if requested is not None and requested.type not in ("server_vad", "semantic_vad"):
-                return refuse(f"turn_detection type {_shown(requested.type)} is not supported: server_vad or "
-                              "semantic_vad (the model decides when to reply) or null (manual turns)",
-                              "session.audio.input.turn_detection.type")
             turn_detection = None if requested is None else TurnDetectionObject(type=requested.type)
             reply_mode = "on_request" if requested is None else "model"
             if settings is None or reply_mode != settings.reply_mode:
@@ -456,6 +438,34 @@ class RealtimeCodec:
                              code=_CODES.get(event.code, event.code), message=event.message, param=param,
                              event_id=event.event_id)
         return [Error(event_id=self.ids.new("event"), error=detail)]
+
+
+def session_refusal(session: SessionIn) -> tuple[str, str] | None:
+    """Why this server cannot run a session with these settings, as (message, param), or None: what a
+    ``session.update`` is refused for, and a client secret's mint request (``routes.py``) for its ``session``."""
+    if "type" in session.model_fields_set and session.type != "realtime":
+        return (f"session type {_shown(session.type)} is not supported: the model does not transcribe; use type "
+                "'realtime'", "session.type")
+    if session.output_modalities is not None and set(session.output_modalities) != {"text"}:
+        return (f"output_modalities {_shown(session.output_modalities)} is not supported: the model produces text "
+                "(pair it with a text-to-speech)", "session.output_modalities")
+    if session.tools:
+        return "tools are not supported: the model does not call functions", "session.tools"
+    cap = session.max_output_tokens
+    if isinstance(cap, int) and not 1 <= cap <= MAX_TURN_TOKENS:
+        return f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not {cap}", "session.max_output_tokens"
+    audio_input = session.audio.input if session.audio is not None else None
+    if audio_input is None:
+        return None
+    if audio_input.format is not None and _format_object(audio_input.format.type, audio_input.format.rate) is None:
+        return (f"audio format {_shown(audio_input.format.type)} (rate {audio_input.format.rate}) is not supported: "
+                "use audio/pcm (24000 Hz, or another rate from 8000 to 48000), audio/pcmu or audio/pcma",
+                "session.audio.input.format")
+    requested = audio_input.turn_detection
+    if requested is not None and requested.type not in ("server_vad", "semantic_vad"):
+        return (f"turn_detection type {_shown(requested.type)} is not supported: server_vad or semantic_vad (the "
+                "model decides when to reply) or null (manual turns)", "session.audio.input.turn_detection.type")
+    return None
 
 
 def _format_object(type_name: str, rate: int | None) -> AudioPcm | AudioPcmu | AudioPcma | None:

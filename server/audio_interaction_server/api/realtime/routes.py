@@ -7,15 +7,16 @@ the session, its connection and the engine are the same too: only the codec diff
 
 from __future__ import annotations
 
-import hmac
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import HTTPConnection
 
-from audio_interaction_server.api.realtime.codec import RealtimeCodec
+from audio_interaction_server.api import admission
+from audio_interaction_server.api.realtime.codec import RealtimeCodec, session_refusal
+from audio_interaction_server.api.realtime.events import SessionIn
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
 from audio_interaction_server.protocol import CloseCode
 
@@ -23,19 +24,20 @@ KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 class ExpiresAfter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # ``true`` is no number of seconds
 
     anchor: Literal["created_at"] = "created_at"
     seconds: int = Field(DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S)
 
 
 class ClientSecretRequest(BaseModel):
-    """OpenAI's ``POST /v1/realtime/client_secrets`` body; ``session`` is accepted and not stored (see docs)."""
+    """OpenAI's ``POST /v1/realtime/client_secrets`` body. ``session`` is checked as a ``session.update``'s would be
+    (a setting this server cannot run is refused now rather than ignored) and not stored (see docs)."""
 
     model_config = ConfigDict(extra="forbid")
 
     expires_after: ExpiresAfter = ExpiresAfter()
-    session: dict[str, Any] | None = None
+    session: SessionIn | None = None
 
 
 def client_secrets_of(runtime) -> ClientSecrets:
@@ -47,16 +49,6 @@ def client_secrets_of(runtime) -> ClientSecrets:
         minter = ClientSecrets(None if key is None else key.get_secret_value())
         runtime.client_secrets = minter
     return minter
-
-
-def _has_api_key(runtime, request: Request) -> bool:
-    """Only the API key mints secrets: a secret that could mint more would never really expire."""
-    key = runtime.config.api_key
-    if key is None:
-        return True
-    authorization = request.headers.get("authorization", "")
-    offered = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-    return bool(offered) and hmac.compare_digest(offered.encode(), key.get_secret_value().encode())
 
 
 def _http_error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
@@ -75,7 +67,9 @@ def add_realtime_routes(app: FastAPI, runtime) -> None:
 
     @app.post("/v1/realtime/client_secrets")
     async def create_client_secret(request: Request) -> JSONResponse:
-        if not _has_api_key(runtime, request):
+        # Only the API key mints secrets (taken as every endpoint takes it): a secret that could mint more would
+        # never really expire.
+        if not admission.is_api_key(runtime, admission.offered_key(request)):
             return _http_error(401, "invalid_api_key", "missing or wrong API key (a client secret cannot mint "
                                "another)")
         try:
@@ -85,13 +79,15 @@ def add_realtime_routes(app: FastAPI, runtime) -> None:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             return _http_error(400, "invalid_value", f"{where or 'body'}: {first['msg']}", where or None)
+        refusal = None if parsed.session is None else session_refusal(parsed.session)
+        if refusal is not None:
+            return _http_error(400, "invalid_value", *refusal)
         minted = client_secrets_of(runtime).mint(parsed.expires_after.seconds)
         return JSONResponse({"value": minted.value, "expires_at": minted.expires_at_s,
                              "session": _default_session_object(runtime)})
 
 
 async def serve_realtime(runtime, websocket: WebSocket) -> None:
-    from audio_interaction_server.api import admission
     from audio_interaction_server.api.connection import StreamConnection
 
     config = runtime.config
