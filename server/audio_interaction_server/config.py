@@ -435,6 +435,8 @@ class ServerConfig(BaseModel):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a file")
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            _check_certificate_and_key(self.ssl_certfile, self.ssl_keyfile)
         return self
 
     @property
@@ -445,6 +447,22 @@ class ServerConfig(BaseModel):
     def session_capacity(self) -> int:
         assert self.max_sessions is not None  # filled in by the validator
         return self.max_sessions
+
+
+def _check_certificate_and_key(certfile: Path, keyfile: Path) -> None:
+    """Load the pair as uvicorn will: a swapped pair, a key of another certificate, a file that is no PEM or an
+    encrypted key (there is no passphrase setting, and ssl would ask for one on the terminal) fail here."""
+    import ssl
+
+    def no_passphrase() -> str:
+        raise ValueError("the key is encrypted")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except (ssl.SSLError, ValueError) as error:
+        reason = getattr(error, "reason", None) or str(error)
+        raise ValueError(f"ssl_certfile {str(certfile)!r} and ssl_keyfile {str(keyfile)!r} are not a PEM certificate "
+                         f"and its unencrypted private key ({reason})") from None
 
 
 def load_config(

@@ -110,6 +110,27 @@ def test_tls_settings_need_both_files_and_the_files_must_exist(certificate, tmp_
         load_config(None, {}, {"ssl_certfile": missing, "ssl_keyfile": key_path})
 
 
+def test_files_that_do_not_make_a_certificate_and_its_key_are_configuration_errors(certificate, tmp_path):
+    """A swapped pair, a key of another certificate, a file that is no PEM and an encrypted key (the server has
+    no passphrase setting; ssl would ask for one on the terminal) were taken by the configuration and failed in
+    uvicorn: a traceback and exit 1 (the model's status) after 'Uvicorn running on https://'. They are
+    configuration errors now (exit 2, the files named)."""
+    cert_path, key_path = certificate
+    _, other_key = write_self_signed(tmp_path)
+    not_pem = tmp_path / "hostname.txt"
+    not_pem.write_text("example\n")
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    encrypted_key = tmp_path / "encrypted.pem"
+    encrypted_key.write_bytes(load_pem_private_key(key_path.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    for certfile, keyfile in ((key_path, cert_path), (cert_path, other_key), (not_pem, not_pem),
+                              (cert_path, encrypted_key)):
+        with pytest.raises(ConfigError, match="ssl_certfile .* ssl_keyfile"):
+            load_config(None, {}, {"ssl_certfile": certfile, "ssl_keyfile": keyfile})
+
+
 def test_ssl_flags_reach_the_config():
     import argparse
 
