@@ -89,6 +89,32 @@ def test_invalid_client_events_fail_both_pydantic_and_the_schema(event):
     assert not validator("client").is_valid(event)
 
 
+@pytest.mark.parametrize("event", [
+    {"type": "session.configure", "max_turn_tokens": True},  # was read as a 1-token reply cap
+    {"type": "session.configure", "max_turn_tokens": "7"},
+    {"type": "session.configure", "sampling": {"temperature": "0.5"}},
+    {"type": "session.configure", "sampling": {"temperature": 0.7, "seed": "3"}},
+    {"type": "session.configure", "decision_events": "true"},
+    {"type": "session.configure", "decision_events": 1},
+    {"type": "session.configure", "audio": {"sample_rate_hz": "16000"}},
+    {"type": "input.flush", "trailing_silence_s": "0.4"},
+    {"type": "input.flush", "trailing_silence_s": False},
+])
+def test_fields_are_read_strictly_as_the_schema_types_them(event):
+    """docs/realtime.md: /v1/stream reads its fields strictly. A string or a boolean where a number belongs (and
+    a number where a boolean does) used to be converted without a word: the wire path refuses it now."""
+    with pytest.raises(P.ClientEventError) as refused:
+        P.parse_client_event(json.dumps({**event, "event_id": "e1"}))
+    assert refused.value.code == "invalid_event" and refused.value.event_id == "e1"
+    assert not validator("client").is_valid(event)
+
+
+def test_whole_numbers_are_numbers_where_a_float_belongs():
+    event = P.parse_client_event('{"type": "input.flush", "trailing_silence_s": 1}')
+    assert event.trailing_silence_s == 1.0
+    assert P.parse_client_event('{"type": "session.configure", "sampling": {"temperature": 1}}').sampling.temperature == 1
+
+
 def test_everything_a_session_emits_validates_against_the_schema(tiny_model, shared_audio):
     """A session run through every event kind: created, updated, errors, decisions, turns, segments,
     flushed, closed; each serialised exactly as the app sends it."""

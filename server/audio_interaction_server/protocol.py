@@ -226,7 +226,7 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
     (ours would silently take the last), so such an event has no one meaning to act on.
     """
     try:
-        event = CLIENT_EVENT_ADAPTER.validate_json(text)
+        event = CLIENT_EVENT_ADAPTER.validate_json(text, strict=True)  # "7" or true is no number (the schema)
     except ValidationError as error:
         first = error.errors()[0]
         context = first.get("ctx", {})
