@@ -112,7 +112,8 @@ def test_fields_are_read_strictly_as_the_schema_types_them(event):
 def test_whole_numbers_are_numbers_where_a_float_belongs():
     event = P.parse_client_event('{"type": "input.flush", "trailing_silence_s": 1}')
     assert event.trailing_silence_s == 1.0
-    assert P.parse_client_event('{"type": "session.configure", "sampling": {"temperature": 1}}').sampling.temperature == 1
+    configure = P.parse_client_event('{"type": "session.configure", "sampling": {"temperature": 1}}')
+    assert configure.sampling.temperature == 1
 
 
 def test_everything_a_session_emits_validates_against_the_schema(tiny_model, shared_audio):

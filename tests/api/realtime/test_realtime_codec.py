@@ -512,6 +512,34 @@ def test_realtime_events_are_parsed_strictly(name):
     assert error["error"]["param"] == param and len(error["error"]["message"]) < 300, error
 
 
+@pytest.mark.parametrize("frame, code", [
+    ({"type": "output_audio_buffer.clear", "event_id": "ev2"}, "unknown_event"),
+    ({"type": "session.update", "event_id": "ev2", "session": {"max_output_tokens": "100"}}, "invalid_value"),
+    ({"type": "input_audio_buffer.append", "event_id": "ev2"}, "invalid_value"),
+    ('{"type": "session.update", "event_id": "ev2", "session": {"instructions": "x", "instructions": "y"}}',
+     "invalid_value"),
+])
+def test_an_event_refused_as_it_is_parsed_names_its_event_id(frame, code):
+    """docs/realtime.md: an error's event_id is the event_id of the client event that caused it. Events refused
+    by the parser (an unknown type, a bad field, a duplicate key) answered with null."""
+    h = Harness()
+    [command] = h.client(frame if isinstance(frame, str) else json.dumps(frame))
+    assert isinstance(command, Malformed) and command.code == code and command.event_id == "ev2", command
+    [error] = h.session(h.error(command))
+    assert error["error"]["event_id"] == "ev2"
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "response.create", "event_id": "a", "event_id": "b"}',  # which one?
+    json.dumps({"type": "nope", "event_id": "e" * 129}),  # longer than an event may carry
+    json.dumps({"type": "nope", "event_id": 7}),
+    json.dumps({"type": "nope", "session": {"event_id": "inner"}}),
+])
+def test_an_event_id_no_valid_event_could_carry_is_not_echoed(frame):
+    [command] = Harness().client(frame)
+    assert isinstance(command, Malformed) and command.event_id is None
+
+
 def test_ids_and_types_in_error_messages_are_cut_short():
     """What a client sent is quoted in an error at most 64 characters long (an unknown event type, an item id
     the conversation does not hold), so an error never echoes a frame back."""

@@ -39,7 +39,7 @@ from audio_interaction_server.api.realtime.events import (
     Error, ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
     InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
     ResponseCreate, SessionCreated, SessionIn, SessionObject, SessionUpdate, SessionUpdated, TextContent,
-    TurnDetectionObject, parse_client_event,
+    TurnDetectionObject, echoable_event_id, parse_client_event,
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
@@ -147,9 +147,9 @@ class RealtimeCodec:
             event = parse_client_event(message)
         except DuplicateKey as error:
             return [self._refuse("invalid_value", f"duplicate key {_shown(error.key)}: each key may appear once per "
-                                 "object; event ignored", None, None)]
+                                 "object; event ignored", None, echoable_event_id(message))]
         except ValidationError as error:
-            return [self._invalid(error)]
+            return [self._invalid(error, echoable_event_id(message))]
         except (ValueError, RecursionError) as error:  # no JSON, or JSON this server cannot take (see the parser)
             reason = (error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
                       if isinstance(error, RecursionError) else str(error))
@@ -173,14 +173,14 @@ class RealtimeCodec:
                 return self._item_delete(event)
         raise TypeError(f"no command for {event!r}")
 
-    def _invalid(self, error: ValidationError) -> Malformed:
+    def _invalid(self, error: ValidationError, event_id: str | None) -> Malformed:
         first = error.errors()[0]
         context = first.get("ctx", {})
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = context.get("tag")
             return Malformed("unknown_event", f"event type {_shown(tag)} is not supported by this server (see "
                              "docs/realtime.md for the supported events)",
-                             event_type=None if tag is None else str(tag)[:MAX_SHOWN_CHARS])
+                             event_type=None if tag is None else str(tag)[:MAX_SHOWN_CHARS], event_id=event_id)
         if first["type"] == "model_type" and not first["loc"]:
             return Malformed("invalid_json", "text frames must hold one JSON object")
         event_type = str(first["loc"][0]) if first["loc"] else None
@@ -190,7 +190,7 @@ class RealtimeCodec:
         # pydantic names the union member it tried ("int", "literal['inf']"): not a field the client knows.
         where = ".".join(str(part)[:MAX_SHOWN_CHARS] for part in loc
                          if not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)))
-        return self._refuse("invalid_value", f"{where or 'event'}: {first['msg']}", event_type, None, where or None)
+        return self._refuse("invalid_value", f"{where or 'event'}: {first['msg']}", event_type, event_id, where or None)
 
     def _refuse(self, code: str, message: str, event_type: str | None, event_id: str | None,
                 param: str | None = None) -> Malformed:

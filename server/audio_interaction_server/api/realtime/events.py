@@ -292,8 +292,11 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
+MAX_EVENT_ID_CHARS = 128
+
+
 class _ClientEvent(_Lenient):
-    event_id: str | None = Field(None, max_length=128)
+    event_id: str | None = Field(None, max_length=MAX_EVENT_ID_CHARS)
 
 
 class FormatIn(_Lenient):
@@ -431,3 +434,13 @@ def parse_client_event(text: str) -> ClientEvent:
     if _SURROGATE_ESCAPE.search(text):
         pydantic_core.from_json(text)  # its parser refuses a lone surrogate (ValueError) and takes a pair
     return CLIENT_EVENT_ADAPTER.validate_python(data, strict=True)
+
+
+def echoable_event_id(text: str) -> str | None:
+    """The ``event_id`` of a frame ``parse_client_event`` refused (valid JSON, an object) for its error to name:
+    only one a valid event could carry, given once at the top level (of two, neither is the event's)."""
+    top = json.loads(text, object_pairs_hook=list)
+    given = [value for key, value in top if key == "event_id"] if isinstance(top, list) else []
+    if len(given) == 1 and isinstance(given[0], str) and len(given[0]) <= MAX_EVENT_ID_CHARS:
+        return given[0]
+    return None
