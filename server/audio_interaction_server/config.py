@@ -9,7 +9,8 @@ Environment variables: ``AIS_`` + the field path in capitals, ``__`` between lev
     AIS_PORT=9000  AIS_API_KEY=secret  AIS_ENGINE__CHECKPOINT=/models/ai  AIS_SESSION__MAX_TURN_TOKENS=256
     AIS_ALLOWED_ORIGINS=https://a.example,https://b.example      (or a JSON list)
 
-An unknown ``AIS_*`` name is an error, so a typo cannot be silently ignored.
+An unknown ``AIS_*`` name is an error, so a typo cannot be silently ignored; ``AIS_LB_*`` names are the load
+balancer's (``deploy/haproxy``), left to it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from audio_interaction_server.options import SessionOptions
 
 ENV_PREFIX = "AIS_"
+# deploy/haproxy's settings: a shell (or a Compose file) may set them for HAProxy and run a replica too.
+LOAD_BALANCER_ENV_PREFIX = "AIS_LB_"
 ENV_NESTING = "__"
 # Shipped as package data, so an installed package finds its defaults without a checkout.
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
@@ -481,7 +484,7 @@ def load_config(
     if yaml_path is not None:
         _merge(merged, _read_yaml(yaml_path), sources, str(yaml_path))
     for name, value in sorted((environ or {}).items()):
-        if name.startswith(ENV_PREFIX):
+        if name.startswith(ENV_PREFIX) and not name.startswith(LOAD_BALANCER_ENV_PREFIX):
             keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
             _merge(merged, _nest(keys, _env_value(value)), sources, f"environment {name}")
     _merge(merged, dict(overrides or {}), sources, "command line")
