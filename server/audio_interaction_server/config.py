@@ -71,8 +71,8 @@ class EngineConfig(BaseModel):
     attention: Literal["auto", "gather", "flex"] = Field(
         "auto",
         description="how attention reads the KV cache: flex = in place (compiled FlexAttention, for GPUs), "
-        "gather = copy each row's slot (fast for small models on CPU); auto = flex on CUDA if its start-up "
-        "self-check passes, else gather",
+        "gather = copy each row's slot (fast for small models on CPU); auto = gather on CPU and beside the static "
+        "step (which serves every row flex could), else flex on CUDA if its start-up self-check passes",
     )
     step: Literal["auto", "eager", "static"] = Field(
         "auto",
