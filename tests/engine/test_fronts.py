@@ -270,3 +270,21 @@ def test_a_drain_of_one_front_leaves_the_other_alone_and_sigterm_drains_every_fr
         if tree.process.poll() is None:
             tree.process.kill()
         tree.process.wait()
+
+
+def test_fronts_that_stop_by_themselves_are_started_again_without_limit_and_crashes_are_counted(tmp_path, monkeypatch):
+    """A front that exits 0 stopped as asked (its own drain, a SIGTERM to it alone): drained one after another,
+    the sixth drain within a minute took the whole tree down (exit 1, every other front's sessions cut) as if
+    fronts kept crashing. Only crashes count towards MAX_FRONT_RESTARTS."""
+    from audio_interaction_server.api import fronts
+    from audio_interaction_server.config import load_config
+
+    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "3"}), tmp_path)
+    started: list[int] = []
+    monkeypatch.setattr(supervisor, "start_front", started.append)
+    for drain in range(3 * fronts.MAX_FRONT_RESTARTS):
+        assert supervisor._front_ended(1 + drain % 2, 0) is None
+    assert len(started) == 3 * fronts.MAX_FRONT_RESTARTS and not supervisor.stopping
+    for crash in range(fronts.MAX_FRONT_RESTARTS):
+        assert supervisor._front_ended(2, -9) is None  # killed (1 would be final: its engine is lost)
+    assert supervisor._front_ended(2, -9) == fronts.EXIT_CANNOT_SERVE and supervisor.stopping

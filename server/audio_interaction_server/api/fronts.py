@@ -22,8 +22,8 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
 * a front ends unasked (killed, crashed, or drained on its own and exited 0): the engine frees its slots within
   a second (it watches each front's pid), the other fronts' sessions go on, and the front is started again on the same
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
-  loss of one. More than ``MAX_FRONT_RESTARTS`` within ``FRONT_RESTART_WINDOW_S`` is no accident: the tree exits
-  1. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with
+  loss of one. More than ``MAX_FRONT_RESTARTS`` crashes (a status other than 0) within ``FRONT_RESTART_WINDOW_S``
+  is no accident: the tree exits 1. A front that exits 0 stopped as asked and does not count. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with
   that status, since a restart would meet the same. The other fronts are then stopped at once, but after a lost
   engine, which they lose too: they are given the time to tell their clients first.
 
@@ -244,14 +244,16 @@ class Supervisor:
             # Only a lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
             return self._take_down(exitcode, signal.SIGINT,
                                    wait_s=_lost_engine_wait_s() if exitcode == EXIT_CANNOT_SERVE else 0.0)
-        now_s = time.monotonic()
-        self.restarts_s = [at for at in self.restarts_s if now_s - at < FRONT_RESTART_WINDOW_S] + [now_s]
-        if len(self.restarts_s) > MAX_FRONT_RESTARTS:
-            log.error("front %d exited with status %d: %d fronts ended within %.0f s, more than %d; something a "
+        # Status 0: it stopped as asked (its own drain, a signal sent to it alone); anything else is a crash, and
+        # only crashes count towards the limit: an operator may drain fronts one after another.
+        if exitcode != 0:
+            now_s = time.monotonic()
+            self.restarts_s = [at for at in self.restarts_s if now_s - at < FRONT_RESTART_WINDOW_S] + [now_s]
+        if exitcode != 0 and len(self.restarts_s) > MAX_FRONT_RESTARTS:
+            log.error("front %d exited with status %d: %d fronts crashed within %.0f s, more than %d; something a "
                       "restart does not cure: stopping every front, then the engine", index, exitcode,
                       len(self.restarts_s), FRONT_RESTART_WINDOW_S, MAX_FRONT_RESTARTS)
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
-        # Status 0: it stopped by itself (its own drain, a signal sent to it alone); anything else is a crash.
         log.log(logging.WARNING if exitcode == 0 else logging.ERROR, "front %d exited with status %d; the engine "
                 "frees its slots, the other fronts' sessions go on; starting it again", index, exitcode)
         self.start_front(index)
