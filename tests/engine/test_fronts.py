@@ -195,6 +195,68 @@ def test_a_killed_front_frees_its_slots_within_a_second_and_is_started_again(tre
     assert probe(tree.agents(since, count=1)["box-f1"]).startswith("up ready ")
 
 
+def attach_front(tree: Tree, checkpoint: Path, **settings) -> LiveServer:
+    """A front of the tree's engine in this process, as the tree's are, to look at it from inside."""
+    _, endpoints = tree.engine()
+    front = LiveServer(server_config(checkpoint, engine={"checkpoint": checkpoint, "device": "cpu", "max_sessions": 2},
+                                     replica_id="probe", **{"api_key": None, **settings}))
+    front.runtime.attach_to = endpoints
+    return front.start()
+
+
+def test_a_burst_of_handshakes_takes_no_more_slots_than_the_engine_has(tree, tiny_checkpoint):
+    """A front weighed new sessions by the engine's free slots as last heard: the sessions it admitted since were
+    not in them (they reach the engine in its next heartbeat, their count comes back in the next status), so a
+    burst took more slots than there were, and the extra sessions were created and then refused by the engine.
+    Each status now says how many slots it counted for the front it goes to, and the front takes off the
+    sessions it admitted beyond those."""
+    ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}  # the latest of each: f1 restarted
+    front = attach_front(tree, tiny_checkpoint)
+    try:
+        with open_session(ports["box-f1"]) as held:
+            start_session(held)  # one of the engine's two slots
+            wait_until(lambda: front.runtime.engine_free_slots == 1)
+            created: list[str] = []
+
+            def handshake() -> None:
+                with open_session(front.port) as ws:
+                    first = recv_event(ws)
+                    created.append(first["type"] if first["type"] == "session.created" else first["code"])
+                    time.sleep(0.5)  # hold it while the other handshake is answered
+
+            burst = [threading.Thread(target=handshake) for _ in range(3)]
+            for thread in burst:
+                thread.start()
+            for thread in burst:
+                thread.join(20)
+        assert sorted(created) == ["capacity", "capacity", "session.created"], created
+    finally:
+        front.stop()
+
+
+def test_the_front_holding_a_detached_session_tells_its_balancer_it_has_room(tree, tiny_checkpoint):
+    """Every slot taken, one by a detached session: only the front that holds it can admit (it gives the new
+    session that slot, docs/protocol.md), and its agent said 0% like every other front's, so HAProxy refused
+    every client itself while the slot waited out its grace. Its agent now says what its /ready says."""
+    import asyncio
+
+    from tests.api.test_resume import connect_and_drop
+
+    ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}
+    front = attach_front(tree, tiny_checkpoint, resume_grace_s=30, agent_port=0)
+    try:
+        with open_session(ports["box-f1"]) as held:
+            start_session(held)
+            asyncio.run(connect_and_drop(front.port))  # the engine's other slot, now held by a detached session
+            wait_until(lambda: front.runtime.engine_free_slots == 0 and front.runtime.detached_sessions())
+            assert http_status(front.port, "/ready") == 200
+            assert probe(front.app.state.agent.port).startswith("up ready 100%")
+            with open_session(front.port) as ws:  # it takes the detached session's slot
+                assert recv_event(ws)["type"] == "session.created"
+    finally:
+        front.stop()
+
+
 def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tree_exits_1(tree, tiny_checkpoint):
     engine_pid, endpoints = tree.engine()
     ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}  # the latest of each: f1 restarted

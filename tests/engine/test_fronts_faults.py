@@ -171,7 +171,7 @@ def test_fronts_that_keep_dying_exhaust_the_restart_budget_and_the_tree_exits_1(
     finally:
         stop(tree)
     log = "".join(tree.lines)
-    assert f"front 1 exited with status -9: {MAX_FRONT_RESTARTS + 1} fronts ended within 60 s, more than " \
+    assert f"front 1 exited with status -9: {MAX_FRONT_RESTARTS + 1} fronts crashed within 60 s, more than " \
         f"{MAX_FRONT_RESTARTS}" in log
     assert log.count("front 1 exited with status -9; ") == MAX_FRONT_RESTARTS  # each restarted
     assert "Traceback" not in log

@@ -59,7 +59,8 @@ def agent_line(runtime: Runtime) -> str:
     maxconn = f"maxconn:{config.session_capacity * (1 + config.max_subscribers_per_session)}"
     if report.engine_free is None:
         return f"up ready {maxconn}"
-    return f"up ready {100 if report.engine_free > 0 else 0}% {maxconn}"
+    # Weighed as /ready admits: a front holding a detached session gives its slot to a new one (Runtime.is_full).
+    return f"up ready {0 if runtime.is_full else 100}% {maxconn}"
 
 
 class CapacityAgent:

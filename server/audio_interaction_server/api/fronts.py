@@ -23,8 +23,9 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   a second (it watches each front's pid), the other fronts' sessions go on, and the front is started again on the same
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
   loss of one. More than ``MAX_FRONT_RESTARTS`` crashes (a status other than 0) within ``FRONT_RESTART_WINDOW_S``
-  is no accident: the tree exits 1. A front that exits 0 stopped as asked and does not count. A front that cannot listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with
-  that status, since a restart would meet the same. The other fronts are then stopped at once, but after a lost
+  is no accident: the tree exits 1; a front that exits 0 stopped as asked and does not count. A front that cannot
+  listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with that status, since a restart
+  would meet the same. The other fronts are then stopped at once, but after a lost
   engine, which they lose too: they are given the time to tell their clients first.
 
 Signals: each front leaves the supervisor's process group, so a terminal's Ctrl-C reaches the supervisor (and the

@@ -254,11 +254,15 @@ class Runtime:
 
     @property
     def engine_free_slots(self) -> int | None:
-        """One of several fronts: the shared engine's free slots as of its latest heartbeat (at most
-        ``HEARTBEAT_S`` old, so two fronts may both see the last one: the engine then refuses one session with
+        """One of several fronts: the shared engine's free slots as of its latest heartbeat, less the sessions this
+        front admitted that it did not count yet (a burst of handshakes on this front cannot overshoot; two fronts
+        may still both see the last slot within ``HEARTBEAT_S``: the engine then refuses one session with
         ``capacity``); None when this process's sessions are the engine's only ones."""
-        status = self.shared_engine.engine_status if self.shared_engine is not None else None
-        return None if status is None else status.free_slots
+        engine = self.shared_engine
+        status = engine.engine_status if engine is not None else None
+        if engine is None or status is None:
+            return None
+        return status.slots_free_for(engine.front_id, len(self.streams))
 
     @property
     def is_full(self) -> bool:

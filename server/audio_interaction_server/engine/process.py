@@ -324,8 +324,9 @@ class EngineHost:
         """Free slots: those no front's session holds, has asked for, or has been admitted for (a front counts a
         session from its handshake; it opens here at its first audio)."""
         with self._fronts_lock:
-            held = sum(front.num_slots_held for front in self.fronts.values())
-        return EngineStatus(max(0, self.spec.config.max_sessions - held), self.spec.config.max_sessions)
+            held_by_front = {front_id: front.num_slots_held for front_id, front in self.fronts.items()}
+        return EngineStatus(max(0, self.spec.config.max_sessions - sum(held_by_front.values())),
+                            self.spec.config.max_sessions, held_by_front)
 
     def _expire_fronts(self, worker: Worker) -> None:
         now_s = time.monotonic()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,13 @@ class EngineStatus:
 
     free_slots: int  # slots no session of any front holds or has asked for
     max_sessions: int
+    # The slots counted for each front (by routing id): a front that has admitted sessions since its last heartbeat
+    # takes those off ``free_slots`` itself (``slots_free_for``), or a burst of handshakes overshoots.
+    held_by_front: dict[bytes, int] = field(default_factory=dict)
+
+    def slots_free_for(self, front_id: bytes, num_admitted: int) -> int:
+        """The free slots as a front that holds ``num_admitted`` sessions now sees them."""
+        return max(0, self.free_slots - max(0, num_admitted - self.held_by_front.get(front_id, 0)))
 
 
 @dataclass(frozen=True)
