@@ -621,3 +621,81 @@ def test_the_replay_log_is_bounded_in_bytes_as_well_as_in_events():
     assert not detached.is_over_limit
     detached.stamp(reply(5, text), keep=True, trim=False)
     assert detached.is_over_limit
+
+
+# ---- a replay that did not go out before its connection went ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def echo_server(tiny_checkpoint):
+    """Resumable sessions, and room for a burst of session.configure (each answered with an 8 KB echo) and for a
+    replay of them."""
+    with live_port(tiny_checkpoint, resume_grace_s=30, resume_max_bytes=32 * 1024 * 1024, flood={"event_burst": 4000},
+                   max_queued_bytes=64 * 1024 * 1024) as port:
+        yield port
+
+
+ECHOED_PROMPT = ("a prompt to echo " * 500)[:7_990]  # every session.updated carries it: about 8 KB each
+
+
+async def session_with_a_long_past(port: int, speech: np.ndarray) -> tuple[dict, list[dict]]:
+    """A session whose client read 1,000 events of 8 KB, then decisions and a flush; then its network drops."""
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None)
+    events = [json.loads(await ws.recv())]
+    # (A short reply cap: with the long prompt the default one would not fit the context's rollover window.)
+    await ws.send(json.dumps({"type": "session.configure", "system_prompt": ECHOED_PROMPT, "max_turn_tokens": 16}))
+    for _ in range(1000):  # 8 MB: more than loopback's socket buffers take (a few MB), less than the log holds
+        await ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+    await ws.send(speech[:3 * 16000].tobytes())
+    await ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.4}))
+    while events[-1]["type"] != "input.flushed":
+        events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    assert not [event for event in events if event["type"] == "error"], "the setup was refused"
+    ws.transport.abort()
+    await asyncio.sleep(0.3)
+    return events[0], events
+
+
+async def resume_without_reading(port: int, created: dict) -> websockets.ClientConnection:
+    """A resume whose client does not read (a network that stalls again): its replay stays queued in the server."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    query = urllib.parse.urlencode({"resume": created["session_id"], "token": created["resume_token"], "last_seq": 2})
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?{query}", sock=sock, max_size=None, max_queue=1)
+    ws.transport.pause_reading()
+    await asyncio.sleep(0.5)
+    return ws
+
+
+async def replay_after(port: int, created: dict) -> list[dict]:
+    ws, first = await resume(port, created, last_seq=2)
+    assert first["type"] == "session.resumed", first
+    replayed = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(first["num_replayed"])]
+    await ws.send(json.dumps({"type": "session.close"}))
+    await read_until_closed(ws)
+    return replayed
+
+
+@pytest.mark.parametrize("then", ["displaced", "dropped"])
+def test_a_replay_still_queued_when_its_connection_goes_is_replayed_once(echo_server, speech, then):
+    """A resume whose replay was still queued when another resume displaced it, or when its network dropped
+    again: the next resume replayed those events twice, the copies numbered anew (seq went on without a gap, so a
+    client could not tell them apart): every decision and the flush came twice. Replayed events are in the log
+    already; only events never numbered are numbered when a socket's unsent events are kept."""
+    async def main():
+        created, seen = await session_with_a_long_past(echo_server, speech)
+        stalled = await resume_without_reading(echo_server, created)
+        assert metric(echo_server, "ais_session_queued_events") > 0, "the stalled resume's replay all went out"
+        if then == "dropped":
+            stalled.transport.abort()
+            await asyncio.sleep(0.3)
+        replayed = await replay_after(echo_server, created)
+        stalled.transport.abort()
+        missed = [event for event in seen if event.get("seq", 0) > 2]
+        assert [e["seq"] for e in replayed] == [e["seq"] for e in missed]
+        assert [e["type"] for e in replayed] == [e["type"] for e in missed]
+
+    asyncio.run(main())

@@ -594,8 +594,10 @@ class StreamConnection:
         self._end_now(reason)
 
     def _keep_unsent(self, outbox: Outbox) -> list:
-        """Number and keep the events the socket did not send, so a replay includes them."""
-        return [self._log.stamp(event, keep=True, trim=False) for event in outbox.take_unsent()]
+        """Number and keep the events the socket did not send, so a replay includes them. A replay's own events,
+        numbered and kept already, are left as they are: numbered again, they came twice in the next replay,
+        under numbers a client could not tell from new ones."""
+        return [self._log.stamp(event, keep=True, trim=False) for event in outbox.take_unsent() if event.seq is None]
 
     def _abort(self, reason: str) -> list:
         """End the session now (the engine slot is freed); its last events, the cut reply's turn_end and
