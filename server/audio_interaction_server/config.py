@@ -387,6 +387,16 @@ class ServerConfig(BaseModel):
         return key
 
     @model_validator(mode="after")
+    def _a_whole_replay_fits_the_outbox(self) -> ServerConfig:
+        # A resume replays up to the log's bounds at once; the connection's queue must take them and go on.
+        if self.resume_grace_s > 0:
+            for kept, queued in (("resume_max_events", "max_queued_events"), ("resume_max_bytes", "max_queued_bytes")):
+                if getattr(self, kept) > getattr(self, queued):
+                    raise ValueError(f"{kept} ({getattr(self, kept)}) must be at most {queued} "
+                                     f"({getattr(self, queued)}): a resume replays up to {kept} at once")
+        return self
+
+    @model_validator(mode="after")
     def _one_frames_answer_fits_the_outbox(self) -> ServerConfig:
         if self.max_queued_bytes < 2 * self.max_frame_bytes:
             raise ValueError(f"max_queued_bytes ({self.max_queued_bytes}) must be at least twice max_frame_bytes "

@@ -168,3 +168,26 @@ def test_a_connection_closed_by_its_client_is_freed_without_the_cyclic_gc(tiny_c
     finally:
         server.stop()
 
+
+
+def test_a_replay_is_queued_whole_whatever_the_bound():
+    """A resume's replay is held in the session's log already; queued past the outbox's bound in events, the rest of
+    it was dropped without a word (the client saw a gap in seq and no error)."""
+    outbox = Outbox(websocket=None, max_events=3, max_bytes=MAX_QUEUED_BYTES)
+    replay = [end(turn).model_copy(update={"seq": turn + 1}) for turn in range(5)]
+    assert outbox.put(replay, bounded=False)
+    assert [event.seq for event in outbox.queued_events()] == [1, 2, 3, 4, 5]
+    assert not outbox.put([end(5)]), "live events behind it are held to the bound again"
+
+
+def test_a_whole_replay_fits_the_queue_bounds():
+    """A resume replays up to resume_max_events / resume_max_bytes; a queue bound below them (max_queued_events
+    100, the lowest allowed, against 2,000 kept events) cut every long replay short."""
+    from audio_interaction_server.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="resume_max_events"):
+        load_config(None, {"AIS_MAX_QUEUED_EVENTS": "100"})
+    with pytest.raises(ConfigError, match="resume_max_bytes"):
+        load_config(None, {"AIS_MAX_QUEUED_BYTES": str(1024 * 1024)})
+    assert load_config(None, {"AIS_MAX_QUEUED_EVENTS": "100", "AIS_RESUME_MAX_EVENTS": "100"}).max_queued_events == 100
+    assert load_config(None, {"AIS_MAX_QUEUED_EVENTS": "100", "AIS_RESUME_GRACE_S": "0"}).max_queued_events == 100

@@ -205,8 +205,9 @@ class Outbox:
         self._is_sending = False  # the send loop holds an event it took from the queue: later ones wait behind it
         self.num_sent_now = 0
 
-    def put(self, events: list) -> bool:
-        """False once the client is too far behind (the caller then ends the connection)."""
+    def put(self, events: list, *, bounded: bool = True) -> bool:
+        """False once the client is too far behind (the caller then ends the connection). Not ``bounded``: a
+        resume's replay, which the session's log holds anyway, goes in whole (live events behind it are bounded)."""
         if self.is_closing:
             return True
         for event in events:
@@ -215,12 +216,12 @@ class Outbox:
                 self.num_sent_now += 1
                 continue
             if not self._merge_into_last(event):
-                if len(self._items) >= self.max_events:
+                if bounded and len(self._items) >= self.max_events:
                     return False
                 self._append(event)
         self._wake()
         held_bytes = self._held_bytes() if self._held_bytes is not None else 0
-        return self.num_bytes + held_bytes <= self.max_bytes
+        return not bounded or self.num_bytes + held_bytes <= self.max_bytes
 
     def _append(self, event) -> None:
         size = queued_bytes(event)
@@ -550,7 +551,7 @@ class StreamConnection:
         self._generation += 1
         self._client_said_goodbye = False
         outbox = self._attach(websocket)
-        outbox.put([Unnumbered(self.session.resumed(last_seq, len(missed), time.monotonic())), *missed])
+        outbox.put([Unnumbered(self.session.resumed(last_seq, len(missed), time.monotonic())), *missed], bounded=False)
         log.info("session %s resumed after seq %d; %d events replayed", self.session.session_id, last_seq,
                  len(missed))
         await self._serve(outbox, self._generation)
