@@ -699,3 +699,25 @@ def test_a_replay_still_queued_when_its_connection_goes_is_replayed_once(echo_se
         assert [e["type"] for e in replayed] == [e["type"] for e in missed]
 
     asyncio.run(main())
+
+
+def test_a_subscriber_to_a_session_that_has_closed_is_refused_while_its_last_events_wait(echo_server):
+    """A session closes while its client does not read: it stays registered until its last events are out or the
+    write stall ends the socket. A subscriber that joined then was accepted and waited for ever, no event, no
+    close, counted in ais_subscribers_active. It is now refused as for a session that is gone (4004)."""
+    async def main():
+        ws = await websockets.connect(f"ws://127.0.0.1:{echo_server}/v1/stream", max_size=None, max_queue=1)
+        created = json.loads(await ws.recv())
+        ws.transport.pause_reading()
+        await ws.send(json.dumps({"type": "session.configure", "system_prompt": ECHOED_PROMPT, "max_turn_tokens": 16}))
+        for _ in range(1000):  # 8 MB of answers: more than the sockets take
+            await ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+        await ws.send(json.dumps({"type": "session.close"}))
+        await asyncio.sleep(0.5)
+        assert metric(echo_server, "ais_session_queued_events") > 0, "everything went out"
+        subscriber = await websockets.connect(f"ws://127.0.0.1:{echo_server}/v1/sessions/{created['session_id']}/events")
+        first = json.loads(await asyncio.wait_for(subscriber.recv(), 5))
+        assert await refusal(subscriber, first) == ("unknown_session", 4004)
+        ws.transport.abort()
+
+    asyncio.run(main())

@@ -136,7 +136,9 @@ def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: s
     if refusal is not None:
         return Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
     stream = runtime.streams.get(session_id)
-    if stream is None:
+    # A session that has ended stays registered until its last events are out (a client that does not read: up to
+    # the write stall's bound); a subscriber would hear nothing of it, its session.closed gone already.
+    if stream is None or stream.has_ended:
         return Refusal("unknown_session", f"no open session {session_id!r}", CloseCode.NOT_FOUND, session_id)
     if len(stream.subscribers) >= runtime.config.max_subscribers_per_session:
         return Refusal("too_many_subscribers", "this session has its maximum of subscribers", CloseCode.TRY_AGAIN,

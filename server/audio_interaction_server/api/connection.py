@@ -458,6 +458,11 @@ class StreamConnection:
         return self.outbox is None and not self.finished.is_set()
 
     @property
+    def has_ended(self) -> bool:
+        """The session has closed (``session.closed`` is out or queued); the socket may still be sending."""
+        return self.session.is_closed
+
+    @property
     def client_address(self) -> str:
         """The address of the client on the latest socket (a trusted proxy's client, as the transport says)."""
         return self.websocket.client.host if self.websocket.client is not None else "unknown"

@@ -63,6 +63,9 @@ class RegisteredConnection(Protocol):
     def is_detached(self) -> bool: ...
 
     @property
+    def has_ended(self) -> bool: ...
+
+    @property
     def num_replay_events(self) -> int: ...
 
     @property
