@@ -274,6 +274,29 @@ def test_subscriber_needs_key_and_a_live_session(live):
         assert events[0]["code"] == "unauthorized" and code == 1008
 
 
+def test_a_subscriber_that_floods_is_cut_as_a_streaming_client_would_be(live):
+    """A subscriber only listens; what it sent was read and dropped without a bound (gigabytes in seconds, taking
+    the event loop from every session). Its messages now spend the same event budget as a streaming client's
+    text events (flood.event_burst at once, flood.events_per_s after): past it, event_flood and close 1008."""
+    burst = live.runtime.config.flood.event_burst
+    with live.connect() as stream:
+        session_id = recv_event(stream)["session_id"]
+        with live.connect(f"/v1/sessions/{session_id}/events") as ws:
+            for _ in range(burst):  # within the budget: ignored, as before
+                ws.send("hello")
+            stream.send(json.dumps({"type": "session.configure", "decision_events": True}))
+            assert recv_event(stream)["type"] == "session.updated"  # the session is untouched
+            try:
+                for _ in range(burst):
+                    ws.send(b"\0" * 1024)
+            except ConnectionClosed:
+                pass  # cut as it sent
+            events, code = recv_to_close(ws)
+        assert [e["code"] for e in events if e["type"] == "error"] == ["event_flood"] and code == 1008
+        stream.send(json.dumps({"type": "session.configure", "decision_events": False}))
+        assert recv_event(stream)["type"] == "session.updated"
+
+
 def test_health_ready_info_metrics(live):
     assert live.get("/health") == (200, b'{"status":"ok"}')
     assert live.get("/ready")[0] == 200

@@ -315,7 +315,8 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
         await admission.refuse(runtime, websocket, refusal)
         return
     stream = runtime.streams[session_id]
-    subscriber = Subscriber(websocket, runtime.config.max_queued_events, runtime.config.max_queued_bytes)
+    config = runtime.config
+    subscriber = Subscriber(websocket, config.max_queued_events, config.max_queued_bytes, session_id, config.flood)
     # Subscribed before the handshake completes: once the client sees it open, no event is missed.
     stream.subscribers.add(subscriber)
     runtime.metrics.subscribers_active.inc()

@@ -28,9 +28,11 @@ from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from audio_interaction_server.api.commands import Command
+from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
 from audio_interaction_server.api.transport import direct_messages
+from audio_interaction_server.config import FloodLimits
 from audio_interaction_server.engine.events import EngineEvent
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
 
@@ -314,8 +316,14 @@ class Outbox:
 
 
 class Subscriber:
-    def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int) -> None:
+    """A client following another's session (``/v1/sessions/{id}/events``): it only listens. What it sends is read
+    and dropped, at most as many messages as a streaming client's text events (``flood``): past that it is cut."""
+
+    def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int, session_id: str,
+                 flood: FloodLimits) -> None:
         self.outbox = Outbox(websocket, max_events, max_bytes)
+        self.session_id = session_id
+        self._flood = FloodGuard(flood, time.monotonic())
 
     def deliver(self, events: list) -> None:
         wanted = [event for event in events if event.type in SUBSCRIBED_TYPES]
@@ -329,10 +337,15 @@ class Subscriber:
         await run_first_exit(self._receive_loop(), self.outbox.send_loop())
 
     async def _receive_loop(self) -> None:
-        while True:  # subscribers only listen; what they send is read and dropped
+        while True:
             message = await self.outbox.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if not self._flood.allows_event(time.monotonic()):
+                error = fatal_error(self.session_id, "event_flood", self._flood.event_flood_message())
+                self.outbox.abandon(CloseCode.POLICY, [error])
+                # Read nothing more; the send loop writes the error and the close, and its end ends the run.
+                await asyncio.Event().wait()
 
 
 @dataclass(frozen=True)
