@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 import logging
 import time
@@ -18,6 +19,7 @@ from audio_interaction_server.audio.frontend import load_audio_file, load_audio_
 from audio_interaction_server.api.metrics import SESSION_STATE, heap_stats
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.config import ConfigError, ServerConfig, load_config
+from audio_interaction_server.api.runtime import SESSION_ID_SEPARATOR
 from benchmarks.harness import LiveServer
 
 API_KEY = "test-key"
@@ -295,6 +297,19 @@ def test_a_subscriber_that_floods_is_cut_as_a_streaming_client_would_be(live):
         assert [e["code"] for e in events if e["type"] == "error"] == ["event_flood"] and code == 1008
         stream.send(json.dumps({"type": "session.configure", "decision_events": False}))
         assert recv_event(stream)["type"] == "session.updated"
+
+
+def test_a_session_of_another_replica_is_named_so_when_resumed_or_followed_here(live):
+    """A resume or a subscriber sent to the wrong replica (another front of the host, another pod: an L4 balancer,
+    DNS) was told that the session ended or expired, while it went on where it was opened. The session id names
+    its replica: the answer now says where to go."""
+    elsewhere = f"other-box{SESSION_ID_SEPARATOR}{'0' * 32}"
+    query = urllib.parse.urlencode({"resume": elsewhere, "token": "t", "last_seq": 1})
+    for path in (f"/v1/stream?{query}", f"/v1/sessions/{elsewhere}/events"):
+        with live.connect(path) as ws:
+            events, code = recv_to_close(ws)
+        assert events[0]["code"] in ("resume_expired", "unknown_session") and code in (4009, 4004)
+        assert "replica other-box" in events[0]["message"] and live.runtime.replica_id in events[0]["message"]
 
 
 def test_health_ready_info_metrics(live):

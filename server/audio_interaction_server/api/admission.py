@@ -139,7 +139,8 @@ def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: s
     # A session that has ended stays registered until its last events are out (a client that does not read: up to
     # the write stall's bound); a subscriber would hear nothing of it, its session.closed gone already.
     if stream is None or stream.has_ended:
-        return Refusal("unknown_session", f"no open session {session_id!r}", CloseCode.NOT_FOUND, session_id)
+        return Refusal("unknown_session", opened_elsewhere(runtime, session_id) or f"no open session {session_id!r}",
+                       CloseCode.NOT_FOUND, session_id)
     if len(stream.subscribers) >= runtime.config.max_subscribers_per_session:
         return Refusal("too_many_subscribers", "this session has its maximum of subscribers", CloseCode.TRY_AGAIN,
                        session_id)
@@ -159,6 +160,18 @@ class ResumeGranted:
     last_seq: int
 
 
+def opened_elsewhere(runtime: Runtime, session_id: str) -> str | None:
+    """What to tell a client that asks this replica for a session another replica opened (its id names it): a
+    resume or a subscriber sent past the balancer's routing by session id (another front of the host, another pod)."""
+    from audio_interaction_server.api.runtime import split_session_id
+
+    parts = split_session_id(session_id)
+    if parts is None or parts[0] == runtime.replica_id:
+        return None
+    return (f"session {session_id!r} was opened on replica {parts[0]}, not on this one ({runtime.replica_id}): "
+            "connect to that replica (a load balancer routes by the session id, docs/scaling.md)")
+
+
 def resume_expired(session_id: str, message: str) -> Refusal:
     return Refusal("resume_expired", message, CloseCode.RESUME_FAILED, session_id)
 
@@ -173,8 +186,9 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
         return Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
     stream = runtime.streams.get(session_id)
     if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
-        return resume_expired(session_id, "no session to resume: it ended, expired, gave its slot to a new session, "
-                                          "or this server restarted; start a new session")
+        return resume_expired(session_id, opened_elsewhere(runtime, session_id) or (
+            "no session to resume: it ended, expired, gave its slot to a new session, or this server restarted; "
+            "start a new session"))
     # The token before anything else of the session: a wrong one gets the same answer whatever its state, so a
     # stranger who knows the session id learns nothing of what it holds. That it exists is no secret from a client
     # with the key (the subscriber endpoint says as much), so one that does not is resume_expired above.
