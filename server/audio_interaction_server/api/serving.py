@@ -105,11 +105,15 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
 
 def _fail_if_engine_ends_first(engine_ended: threading.Event, runtime: Any, on_fatal: Callable[[str], None]) -> None:
     """A front still waiting for its engine to serve hears nothing from one that ended first (only a serving engine
-    sends heartbeats) and would wait for ever: told that it ended, such a front fails. One that attached notices
-    the heartbeat's silence by itself, and ends its sessions with ``worker_failed``. (Reads the runtime's fields
-    from this thread: a stale read errs only towards the heartbeat's verdict, seconds later.)"""
+    sends heartbeats) and would wait for ever: told that it ended, such a front fails. One that attached ends its
+    sessions with ``worker_failed`` now, not on the heartbeat's silence ``ENGINE_TIMEOUT_S`` later, meanwhile
+    admitting sessions bound to fail. (Reads the runtime's fields from this thread: a stale read errs only towards
+    the heartbeat's verdict, seconds later.)"""
     engine_ended.wait()
-    if runtime.worker is None and runtime.load_error is None and not runtime.is_shutting_down:
+    worker = runtime.worker
+    if worker is not None:
+        worker.engine_ended("the engine process ended (the supervisor saw it)")
+    elif runtime.load_error is None and not runtime.is_shutting_down:
         log.error("cannot serve: the engine process ended before it served (the engine's log says why)")
         on_fatal("the engine process ended before it served")
 

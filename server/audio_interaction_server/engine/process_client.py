@@ -283,6 +283,8 @@ class EngineProcessClient:
             if self._stopping.is_set():
                 self._receive_waiting()
                 return
+            if self.failure is not None:  # engine_ended: told by whoever watches its process
+                return
             # A front that stood still (stopped, starved of CPU) wakes before it has read what the engine sent
             # meanwhile: that time is not the engine's silence, or a front stopped for 2 s ends every session.
             awake_s = time.monotonic()
@@ -346,10 +348,19 @@ class EngineProcessClient:
             log.exception("emit callback of session %s failed", session_id)
             return False
 
+    def engine_ended(self, why: str) -> None:
+        """Whoever watches the engine's process (the supervisor of several fronts) saw it end: fail now, rather than
+        on its silence ``ENGINE_TIMEOUT_S`` later (any thread). Nothing more it sent is read: it ended."""
+        if not self._leaving.is_set():
+            self._engine_died(why)
+
     def _engine_died(self, why: str) -> None:
-        """The engine process ended unasked: end every session of this front as the dying worker thread does."""
+        """The engine process ended unasked: end every session of this front as the dying worker thread does (once,
+        whoever sees it first: the reader, or ``engine_ended``)."""
         error = RuntimeError(why)
         with self._emits_lock:
+            if self.failure is not None:
+                return
             self.failure = error
             left = list(self._emits.items())
             self._emits.clear()
