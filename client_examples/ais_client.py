@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -86,6 +86,13 @@ def default_api_key() -> str | None:
     return os.environ.get("AIS_API_KEY")
 
 
+def shown_url(url: str) -> str:
+    """``url`` as messages show it: a resume URL's token (the session's password) redacted, like the server's logs."""
+    parts = urlsplit(url)
+    query = [(name, "[redacted]" if name == "token" else value) for name, value in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
+
+
 async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 15.0) -> ClientConnection:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -95,7 +102,7 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
     except InvalidStatus as error:
         response = error.response
         if response.status_code not in (429, 503):  # 503: busy, refused before the handshake (behind a balancer)
-            raise ClientError(f"cannot connect to {url}: {error}") from None
+            raise ClientError(f"cannot connect to {shown_url(url)}: {error}") from None
         try:
             refusal = json.loads(response.body or b"")  # the server's error event, as the in-band refusal says it
             reason = f"{refusal['code']}: {refusal['message']}"
@@ -104,11 +111,11 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
         retry_after = response.headers.get("Retry-After", "")
         raise ServerBusy(reason, float(retry_after) if retry_after.isdigit() else 0.0) from None
     except InvalidURI as error:
-        raise ClientError(f"bad URL {url!r}: {error}") from None
+        raise ClientError(f"bad URL {shown_url(url)!r}: {error}") from None
     except ConnectionRefusedError:  # a server starting (it imports torch before it listens) or restarting
-        raise ServerBusy(f"connection refused at {url}", state="not listening yet") from None
+        raise ServerBusy(f"connection refused at {shown_url(url)}", state="not listening yet") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
-        raise ClientError(f"cannot connect to {url}: {error or type(error).__name__}") from None
+        raise ClientError(f"cannot connect to {shown_url(url)}: {error or type(error).__name__}") from None
 
 
 # ---- a busy server: loading, full or draining ----------------------------------------------------------------
@@ -167,6 +174,8 @@ class ReplyConsole:
         self.as_json, self.show_decisions = as_json, show_decisions
         self.out, self.err = out, err
         self.num_turns = 0
+        self.num_decisions = 0  # chunks the model heard, every session together (the scripts always ask for them)
+        self.num_sessions = 1
         self.onsets_ms: list[float] = []
         self.closed: dict | None = None
         self._turn: dict | None = None  # the open reply's turn_begin
@@ -190,6 +199,8 @@ class ReplyConsole:
             self.num_turns += 1
         elif kind == "session.closed":
             self.closed = event
+        elif kind == "decision":
+            self.num_decisions += 1
         if kind == "decision" and not self.show_decisions:
             pass  # asked for by the client to pace itself, not by the user
         elif self.as_json:
@@ -205,17 +216,26 @@ class ReplyConsole:
         """A new session after the last was lost: its turns count from 0 again."""
         self._end_line()
         self._turn = None
+        self.num_sessions += 1
 
-    def print_summary(self) -> None:
+    def print_summary(self, sent_s: float | None = None) -> None:
         if self.as_json:
-            self.note(self.summary())
+            self.note(self.summary(sent_s))
         else:
             self._end_line()
-            self._write(self.summary() + "\n")
+            self._write(self.summary(sent_s) + "\n")
 
-    def summary(self) -> str:
-        chunks = "?" if self.closed is None else self.closed["num_chunks_decided"]
-        audio = "" if self.closed is None else f" ({self.closed['audio_received_s']:.1f} s of audio sent)"
+    def summary(self, sent_s: float | None = None) -> str:
+        """Every session together: the chunks decided (as decision events came), the audio the client sent (the
+        server's count where the client has none), the turns and their onsets."""
+        if self.num_decisions or self.closed is None:
+            chunks: int | str = self.num_decisions if sent_s is not None or self.num_decisions else "?"
+        else:  # no decision events asked for: the last session's own count
+            chunks = self.closed["num_chunks_decided"]
+        if sent_s is None and self.closed is not None:
+            sent_s = self.closed["audio_received_s"]
+        sessions = f", {self.num_sessions} sessions" if self.num_sessions > 1 else ""
+        audio = "" if sent_s is None else f" ({sent_s:.1f} s of audio sent{sessions})"
         onset = f"{sum(self.onsets_ms) / len(self.onsets_ms):.0f} ms" if self.onsets_ms else "n/a"
         return f"summary: {chunks} chunks heard{audio}, {self.num_turns} turns, mean onset latency {onset}"
 
@@ -260,8 +280,7 @@ class ReplyConsole:
 
 RESUME_FIRST_DELAY_S = 0.25  # then doubling, up to RESUME_MAX_DELAY_S, for as long as the server keeps the session
 RESUME_MAX_DELAY_S = 4.0
-NEW_SESSION_ATTEMPTS = 3  # after a drain (1012), a refused resume (4009) or "try again" (1013)
-NEW_SESSION_DELAY_S = 1.0  # before each new-session attempt after "try again" (1013), doubling
+NEW_SESSION_DELAY_S = 1.0  # before the first new-session attempt after "try again" (1013)
 # An input.flush sent just before the drop is the one command whose arrival the replay cannot show: the
 # server answers it only once the model has heard its silence. A server that had it is busy with it (its
 # silence chunks produce decision events, and the client always asks for those), so one quiet this long,
@@ -390,13 +409,15 @@ class StreamSession:
 
     Every frame goes through an ``Outbound`` log. When the connection drops without a close frame (1006),
     ``receive_loop`` resumes the session on a new connection, reads the events the client missed, and
-    re-sends what the server did not have; when the session is gone (4009, a drain's 1012, 1013) it starts
-    a new one with the same settings. Meanwhile the sender's frames wait in the log.
+    re-sends what the server did not have; when the session is gone (4009, a drain's 1012, a restart's 1001,
+    1013) it starts a new one with the same settings, trying a busy or restarting server for up to
+    ``busy_retry_s``. Meanwhile the sender's frames wait in the log.
     """
 
     def __init__(self, url: str, api_key: str | None, websocket: ClientConnection, console: ReplyConsole,
-                 created: dict) -> None:
+                 created: dict, busy_retry_s: float = DEFAULT_BUSY_RETRY_S) -> None:
         self.url, self.api_key, self.console = url, api_key, console
+        self.busy_retry_s = busy_retry_s
         self.websocket = websocket
         self.config: dict = {}  # every configure's fields, merged: what a new session is told before anything else
         self.audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
@@ -590,6 +611,8 @@ class StreamSession:
         if self.closed is not None:  # the session ended on the server; the close code says whether to go on
             if code == 1012 and not self.is_closing:  # a drain: another replica takes a new session
                 return await self._new_session(f"the server drains ({describe_close(code, reason)})")
+            if code == 1001 and not self.is_closing:  # a stop without a drain: a restart, or another replica
+                return await self._new_session(f"the server stopped ({describe_close(code, reason)})")
             return False
         if code == 1006 and self.resume_token:  # no close frame: the network dropped, the session waits for us
             return await self._resume(code, reason)
@@ -711,30 +734,21 @@ class StreamSession:
         return resent_s
 
     async def _new_session(self, why: str, delay_s: float = 0.0) -> bool:
-        """The session is gone: a new one, told the same settings, then the frames the old one never got."""
+        """The session is gone: a new one, told the same settings, then the frames the old one never got. A busy
+        or restarting server (1013, 503, not listening yet) is tried again for up to ``busy_retry_s``, as at start."""
         endpoint = endpoint_url(self.url, "/v1/stream")
-        for attempt in range(1, NEW_SESSION_ATTEMPTS + 1):
-            self.console.note(f"{why}: starting a new session" + (f" in {delay_s:.1f} s" if delay_s else "")
-                              + f" (attempt {attempt})")
-            await asyncio.sleep(delay_s)
-            delay_s = max(2 * delay_s, NEW_SESSION_DELAY_S)
-            try:
-                websocket = await open_websocket(endpoint, self.api_key)
-                raw = await websocket.recv()
-            except (ClientError, ConnectionClosed) as error:
-                why = str(error) if isinstance(error, ClientError) else "the connection closed"
-                continue
-            created = json.loads(raw)
-            self.console.show(raw, created)
-            if created.get("type") == "session.created":
-                break
-            await websocket.wait_closed()
-            why = describe_close(websocket.close_code, websocket.close_reason or "")
-            if websocket.close_code == 1008:
-                self.console.note(why)
-                return False
-        else:
-            self.console.note(f"gave up after {NEW_SESSION_ATTEMPTS} attempts to start a new session")
+        self.console.note(f"{why}: starting a new session" + (f" in {delay_s:.1f} s" if delay_s else ""))
+        await asyncio.sleep(delay_s)
+        try:
+            websocket, raw = await retry_while_busy(lambda: _open_session(endpoint, self.api_key), self.busy_retry_s,
+                                                    self.console.note)
+        except ClientError as error:
+            self.console.note(f"error: no new session: {error}")
+            return False
+        created = json.loads(raw)
+        self.console.show(raw, created)
+        if created.get("type") != "session.created":  # a refusal that is no "try again" (the key, the origin)
+            self.console.note(describe_close(websocket.close_code, websocket.close_reason or ""))
             return False
         old = self.outbound
         self.num_new_sessions += 1
@@ -790,7 +804,7 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
     console.note(f"session: {first['session_id']}")
     demo = " (demo model: its replies are random noise)" if first.get("is_demo") else ""
     console.note(f"model: {first['model']}{demo}")
-    session = StreamSession(url, api_key, websocket, console, first)
+    session = StreamSession(url, api_key, websocket, console, first, busy_retry_s)
     try:
         return await _converse(session, send_audio)
     finally:
@@ -848,7 +862,7 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
         console.note(failure)
     if code != 1000:
         console.note(describe_close(code, reason))
-    console.print_summary()
+    console.print_summary(session.sent_s)
     is_ok = code == 1000 and not session.saw_fatal_error and failure is None
     return EXIT_OK if is_ok else EXIT_FAILED
 

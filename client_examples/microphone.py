@@ -24,14 +24,11 @@ FRAME_MS = 20
 
 
 class MicrophoneSender:
-    def __init__(self, sounddevice, device: int | None) -> None:
-        self.sounddevice, self.device = sounddevice, device
+    def __init__(self, sounddevice, device: int | None, info: dict) -> None:
+        self.sounddevice, self.device, self.info = sounddevice, device, info
 
     async def __call__(self, session: StreamSession) -> None:
-        try:
-            info = self.sounddevice.query_devices(self.device, "input")
-        except (ValueError, self.sounddevice.PortAudioError) as error:  # no such device, no input at all
-            raise ClientError(f"no usable input device: {error}") from None
+        info = self.info
         rate_hz = int(info["default_samplerate"])
         await session.configure(audio={"sample_format": "pcm_s16le", "sample_rate_hz": rate_hz, "num_channels": 1})
         session.console.note(f"listening on {info['name']} at {rate_hz} Hz; Ctrl-C to finish")
@@ -89,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: sounddevice cannot load PortAudio ({error}); on Debian/Ubuntu: apt-get install "
               "libportaudio2", file=sys.stderr)
         return EXIT_USAGE
+    try:  # before connecting: a wrong device is a bad argument, not a session that opens for nothing
+        info = sounddevice.query_devices(args.device, "input")
+    except (ValueError, sounddevice.PortAudioError) as error:  # no such device, no input at all
+        print(f"error: no usable input device: {error}", file=sys.stderr)
+        return EXIT_USAGE
     console = ReplyConsole(as_json=args.json)
-    sender = MicrophoneSender(sounddevice, args.device)
+    sender = MicrophoneSender(sounddevice, args.device, info)
     return run_main(run_stream(args.url, args.api_key, console, sender, args.busy_retry_s))
 
 

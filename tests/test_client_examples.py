@@ -28,8 +28,8 @@ API_KEY = "client-test-key"
 MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
 SESSION_LINE = re.compile(r"^session: ([A-Za-z0-9.-]+_[0-9a-f]{32})$")  # <replica id>_<32 hex>
 TURN_LINE = re.compile(r"^\[turn (\d+) \| (happy|sad|angry|surprise|normal|urgent|-) \| onset \d+ ms\] ")
-SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent\), (\d+) turns, "
-                          r"mean onset latency (\d+ ms|n/a)$")
+SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent(?:, \d+ sessions)?\), "
+                          r"(\d+) turns, mean onset latency (\d+ ms|n/a)$")
 
 
 def client_config(checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
@@ -526,6 +526,8 @@ class PortAudioError(Exception):
 
 
 def query_devices(device=None, kind=None):
+    if device not in (None, 0):
+        raise ValueError(f"No input device matching {device}")
     return {"name": "fake microphone", "default_samplerate": 44100.0}
 
 
@@ -560,6 +562,16 @@ def test_microphone_streams_until_ctrl_c_then_flushes_and_closes(live, shared_au
     assert summary and float(summary[2]) == pytest.approx(audio_seconds(recording), abs=0.05)
     assert all(TURN_LINE.match(line) for line in microphone.stdout[:-1])
     assert "finishing: waiting for the model to hear the end" in microphone.stderr
+
+
+def test_microphone_checks_its_input_device_before_it_connects(tmp_path):
+    """A wrong --device was found only once a session was open (after up to --busy-retry-s of waiting for a busy
+    server), in a line without 'error:', exit 1; a bad argument is exit 2, said before connecting."""
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    script = Script("microphone.py", "ws://127.0.0.1:9", "--device", "7", "--busy-retry-s", "0", cwd=tmp_path,
+                    env={"PYTHONPATH": str(tmp_path)})
+    code, err = script.finish(), script.stderr
+    assert code == 2 and err == ["error: no usable input device: No input device matching 7"], err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sounddevice") is not None, reason="sounddevice is installed")
@@ -747,8 +759,10 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
     old_id = created[0]["session_id"]
     assert f"resuming session {old_id}" in message
     assert "server error resume_expired (fatal)" in message
-    assert f"session {old_id} could not be resumed: starting a new session (attempt 1)" in message
+    assert f"session {old_id} could not be resumed: starting a new session" in message
     assert f"session: {created[1]['session_id']} (new;" in message
+    # The failed resumes are reported without the resume token (the session's password), which their URLs carry.
+    assert "cannot connect to ws:" in message and created[0]["resume_token"] not in message, message
     closed = events[-1]
     assert closed["type"] == "session.closed" and closed["session_id"] == created[1]["session_id"]
     assert closed["reason"] == "client_closed" and 0 < closed["audio_received_s"] < audio_seconds(folder)
@@ -756,6 +770,42 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
     updated = [e for e in events if e["type"] == "session.updated" and e["session_id"] == created[1]["session_id"]]
     assert updated and updated[0]["options"]["decision_events"] is True
     assert updated[0]["audio"] != {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
+
+
+def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_busy_retry(tiny_checkpoint,
+                                                                                          shared_audio, tmp_path):
+    """A server stopped without a drain (SIGTERM, docker stop: session.closed server_shutdown, close 1001) and back
+    a few seconds later, as after a restart: the client ended with status 1 at the 1001, and after a drain it gave
+    up 3 s into its new-session attempts whatever --busy-retry-s said. It now starts a new session as after a
+    drain, trying for as long as --busy-retry-s, and its summary counts every session's chunks and audio."""
+    first = LiveServer(client_config(tiny_checkpoint)).start()
+    second = None
+    folder = shared_audio / "01_count_bark"
+    script = Script("stream_file.py", f"ws://127.0.0.1:{first.port}", str(folder), "--api-key", API_KEY,
+                    "--speed", "1", "--json", "--decisions", "--busy-retry-s", "30", cwd=tmp_path)
+    try:
+        script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
+        first.stop()
+        time.sleep(5.0)  # longer than the 3 s the client used to try for
+        second = LiveServer(client_config(tiny_checkpoint, port=first.port)).start()
+        code = script.finish()
+    finally:
+        if script.process.poll() is None:
+            script.process.kill()
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+    events = [json.loads(line) for line in script.stdout]
+    message = "\n".join(script.stderr)
+    assert code == 0, message
+    created = [e for e in events if e["type"] == "session.created"]
+    closed = [e for e in events if e["type"] == "session.closed"]
+    assert len(created) == 2 and [e["reason"] for e in closed] == ["server_shutdown", "client_closed"], message
+    assert "server not listening yet" in message and "starting a new session" in message
+    summary = SUMMARY_LINE.match(script.stderr[-1])
+    assert summary, script.stderr[-3:]
+    assert int(summary[1]) == len([e for e in events if e["type"] == "decision"])
+    assert abs(float(summary[2]) - audio_seconds(folder)) <= 0.1
 
 
 def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_checkpoint, shared_audio, tmp_path):
