@@ -93,6 +93,16 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
 
 
+def connection_hint(url: str, error: str) -> str:
+    """What to check after a failed connection, for the usual mistakes ("" when there is nothing to add)."""
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        return ("; a self-signed certificate (docs/browser.md): let Python trust it with "
+                "SSL_CERT_FILE=/path/to/cert.pem")
+    if url.startswith("ws://") and "did not receive a valid HTTP response" in error:
+        return "; a server with TLS (--ssl-certfile) takes wss://"
+    return ""
+
+
 async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 15.0) -> ClientConnection:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -101,6 +111,9 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
                              open_timeout=open_timeout_s)
     except InvalidStatus as error:
         response = error.response
+        if response.status_code in (403, 404) and not response.body:  # no WebSocket route there (Starlette: 403)
+            raise ClientError(f"cannot connect to {shown_url(url)}: no WebSocket endpoint at {urlsplit(url).path} "
+                              f"(HTTP {response.status_code}): give the server's URL, ws://HOST:PORT") from None
         if response.status_code not in (429, 503):  # 503: busy, refused before the handshake (behind a balancer)
             raise ClientError(f"cannot connect to {shown_url(url)}: {error}") from None
         try:
@@ -115,7 +128,8 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
     except ConnectionRefusedError:  # a server starting (it imports torch before it listens) or restarting
         raise ServerBusy(f"connection refused at {shown_url(url)}", state="not listening yet") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
-        raise ClientError(f"cannot connect to {shown_url(url)}: {error or type(error).__name__}") from None
+        why = str(error) or type(error).__name__
+        raise ClientError(f"cannot connect to {shown_url(url)}: {why}{connection_hint(url, why)}") from None
 
 
 # ---- a busy server: loading, full or draining ----------------------------------------------------------------

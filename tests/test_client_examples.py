@@ -432,6 +432,26 @@ def load_client_module():
     return module
 
 
+def test_connection_errors_say_what_to_check(live, tmp_path):
+    """A path with no endpoint got "HTTP 403" (it reads as a refused key), a self-signed certificate the bare
+    verification error, and ws:// to a TLS server "did not receive a valid HTTP response": each now says what to
+    check."""
+    code, out, err = run_script("stream_file.py", f"ws://127.0.0.1:{live.port}/wrong/path", "missing.wav",
+                                cwd=tmp_path)
+    assert code == 2  # the file is checked first
+    recording = tmp_path / "silence.wav"
+    soundfile.write(recording, [0.0] * 1600, 16000)
+    code, out, err = run_script("stream_file.py", f"ws://127.0.0.1:{live.port}/wrong/path", str(recording),
+                                "--api-key", API_KEY, cwd=tmp_path)
+    assert code == 1 and "no WebSocket endpoint at /wrong/path/v1/stream" in err[-1], err
+    client = load_client_module()
+    hint = client.connection_hint
+    assert "SSL_CERT_FILE" in hint("wss://h:1/v1/stream", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+                                   "failed: self-signed certificate (_ssl.c:1006)")
+    assert "wss://" in hint("ws://h:1/v1/stream", "did not receive a valid HTTP response")
+    assert hint("ws://h:1/v1/stream", "[Errno -2] Name or service not known") == ""
+
+
 @pytest.mark.parametrize("given, stream, events", [
     ("ws://h:1", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
     ("http://h:1/", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
