@@ -727,6 +727,21 @@ def test_wrong_api_key_is_shown_and_not_retried(live, page: Page):
     assert len(wire.of_type("error")) == 1 and not page.locator("#start").is_disabled()
 
 
+def test_a_blocked_microphone_says_how_to_allow_it_or_use_a_file(live, page: Page):
+    """The browser refuses the microphone (the user blocked it: getUserMedia rejects with NotAllowedError, as
+    Chromium does without a grant). The page said only "start_failed: Permission denied"."""
+    page.add_init_script("""navigator.mediaDevices.getUserMedia = () =>
+        Promise.reject(new DOMException("Permission denied", "NotAllowedError"));""")
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.click("#start")
+    page.wait_for_function("() => window.audioInteraction.errors.length > 0")
+    error = seen(page)["errors"][0]
+    assert error["code"] == "microphone_blocked", error
+    assert "allow" in error["message"] and "Audio file" in error["message"]
+    page.wait_for_function("() => !document.querySelector('#start').disabled")
+
+
 def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint, page: Page):
     first = LiveServer(browser_config(tiny_checkpoint)).start()
     port = first.port

@@ -61,7 +61,7 @@ for (const radio of form.elements.source) radio.addEventListener("change", syncC
 syncControls();
 form.addEventListener("submit", (event) => {
   event.preventDefault();
-  start().catch((error) => showError("start_failed", error.message, { isFatal: true }));
+  start().catch((error) => showError(error.code ?? "start_failed", error.message, { isFatal: true }));
 });
 el("stop").addEventListener("click", () => stop());
 // Leaving the page ends the session for good (session.close): otherwise the server would keep it, waiting

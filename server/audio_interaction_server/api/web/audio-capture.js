@@ -37,7 +37,11 @@ export class AudioCapture {
     }
     // The model was trained on plain recordings; the browser's voice-call processing would alter them.
     const constraints = { audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } };
-    this._stream = await navigator.mediaDevices.getUserMedia(constraints);
+    try {
+      this._stream = await navigator.mediaDevices.getUserMedia(constraints);
+    } catch (error) {
+      throw microphoneError(error);
+    }
     try {
       await this._open("microphone");
       this._source = new MediaStreamAudioSourceNode(this.context, { mediaStream: this._stream });
@@ -125,4 +129,20 @@ export class AudioCapture {
       this.node.port.postMessage({ type: "drain" });
     });
   }
+}
+
+/**
+ * The browser's refusal of the microphone as an Error whose message says the way out, and whose code names it
+ * (the page shows both): its own message ("Permission denied") does not say what to do.
+ */
+function microphoneError(error) {
+  const reasons = {
+    NotAllowedError: ["microphone_blocked", "the browser blocks the microphone for this page: allow it (the icon " +
+      "beside the address, or the site's settings) and press Start again, or choose Audio file"],
+    NotFoundError: ["no_microphone", "no microphone was found: connect one and press Start again, or choose Audio file"],
+    NotReadableError: ["microphone_unavailable", "the microphone cannot be read (another program may hold it): " +
+      "free it and press Start again, or choose Audio file"],
+  };
+  const [code, message] = reasons[error?.name] ?? ["start_failed", error?.message ?? String(error)];
+  return Object.assign(new Error(message), { code });
 }
