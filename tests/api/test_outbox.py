@@ -13,7 +13,7 @@ import pytest
 from audio_interaction_server.api.connection import Outbox, ReplayLog, queued_bytes
 from audio_interaction_server.protocol import DecisionEvent, LiveTextDeltaEvent, LiveTurnEndEvent
 from benchmarks.harness import LiveServer
-from tests.api.test_app import server_config
+from tests.api.test_app import metric_samples, server_config
 from tests.api.test_transport import (
     CLOSE, TEXT, close_code, open_socket, read_response_head, read_until_closed, server_frames, upgrade_request,
     wait_until,
@@ -143,6 +143,11 @@ def test_a_realtime_client_that_does_not_read_is_closed_at_the_byte_bound_and_fr
         num_echoed = sum(1 for opcode, payload in frames if opcode == TEXT and b"conversation.item.done" in payload)
         assert num_echoed < 150 and CLOSE in [opcode for opcode, _ in frames]
         assert wait_until(lambda: not server.runtime.streams), "the session was not released"
+        # Counted as what it was: the cut was ais_sessions_total{reason="disconnected"}, and its error uncounted.
+        metrics = metric_samples(server)
+        assert metrics.get('ais_sessions_total{reason="client_too_slow"}') == 1, metrics
+        assert metrics.get('ais_error_events_total{code="client_too_slow"}') == 1
+        assert 'ais_sessions_total{reason="disconnected"}' not in metrics
         # Freed by reference counting: no cycle keeps the closed connection's outbox and items in memory.
         assert wait_until(lambda: all(ref() is None for ref in objects)), [type(r()).__name__ for r in objects if r()]
         with server.connect("/v1/realtime") as ws:  # the server serves the next client

@@ -508,10 +508,8 @@ class StreamConnection:
             return
         if not self.outbox.put(events):
             log.warning("session %s: client does not read its events; closing", self.session.session_id)
-            closed = self._abort("client_too_slow")
-            error = fatal_error(self.session.session_id, "client_too_slow",
-                                "the client does not read: too many unsent events or bytes")
-            self.outbox.abandon(CloseCode.TOO_SLOW, [error, *closed])
+            self.outbox.abandon(CloseCode.TOO_SLOW, self._abort_with_error(
+                "client_too_slow", "the client does not read: too many unsent events or bytes"))
         elif self.session.close_code is not None:
             self.outbox.close(self.session.close_code)
             self._end_reason = next((e.reason for e in events if e.type == "session.closed"), self._end_reason)
@@ -626,6 +624,15 @@ class StreamConnection:
             subscriber.deliver(closed)
         return closed
 
+    def _abort_with_error(self, reason: str, message: str) -> list:
+        """End the session now for ``reason``, which its release counts (``ais_sessions_total``); the fatal error
+        (counted) and the closing events, for the client (subscribers get the closing events)."""
+        self._end_reason = reason
+        last = self.session.abort_with_error(reason, message)
+        for subscriber in list(self.subscribers):
+            subscriber.deliver(last)  # an error is not among what subscribers receive
+        return last
+
     def _end_now(self, reason: str) -> None:
         """For a session with no socket to tell: end it and release its registration."""
         if self.finished.is_set():
@@ -697,11 +704,10 @@ class StreamConnection:
         queued one's connection down without a close frame."""
         session_id = self.session.session_id
         log.exception("session %s: a message from its client could not be handled; the session ends", session_id)
-        closed = self._abort("internal_error")
-        error = fatal_error(session_id, "internal_error", "the server failed on a message of this session (its log "
-                            "says why); the session is ended")
+        last = self._abort_with_error("internal_error", "the server failed on a message of this session (its log "
+                                      "says why); the session is ended")
         if self.outbox is not None:
-            self.outbox.close(CloseCode.INTERNAL, [error, *closed])
+            self.outbox.close(CloseCode.INTERNAL, last)
 
     async def _poll_loop(self) -> None:
         while True:

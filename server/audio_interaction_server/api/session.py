@@ -293,6 +293,11 @@ class Session:
         reply's turn_end (the engine's own comes too late, after the session is closed), then the close."""
         return self._end_now(reason, CloseCode.NORMAL)
 
+    def abort_with_error(self, code: str, message: str) -> list:
+        """The connection ends the session for ``code`` (its client does not read, a message failed): the fatal
+        ``error`` (counted like every error the session sends), then what ``abort`` returns."""
+        return self._error(code, message, is_fatal=True) + self.abort(code)
+
     def _cut_off(self, code: str, message: str, command: Command) -> list:
         """A flooding client: a fatal error, the session ended now (its reply cut), close 1008. Nothing it
         sends after this is handled (and the connection stops reading it once the close is sent)."""
