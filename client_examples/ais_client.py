@@ -215,6 +215,9 @@ class ReplyConsole:
             self.closed = event
         elif kind == "decision":
             self.num_decisions += 1
+        elif kind == "session.going_away":  # said when it comes, not only at the 1012 that follows
+            self.note(f"the server is draining: this session ends within {event['deadline_s']:g} s (after the reply "
+                      "in progress)")
         if kind == "decision" and not self.show_decisions:
             pass  # asked for by the client to pace itself, not by the user
         elif self.as_json:
