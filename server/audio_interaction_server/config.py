@@ -155,8 +155,9 @@ class EngineConfig(BaseModel):
     rollover_window_positions: int | None = Field(
         2048,
         ge=0,
-        description="history re-fed when a session nears max_positions (context rollover); "
-        "None = no rollover: the session ends with context_full at the budget",
+        description="history re-fed when a session nears max_positions (context rollover); about half of "
+        "max_positions keeps rollovers rare (a window close to the budget rolls over every few chunks, and start-up "
+        "warns); None = no rollover: the session ends with context_full at the budget",
     )
     transport: Literal["auto", "thread", "process"] = Field(
         "auto",

@@ -572,3 +572,16 @@ def test_every_end_code_has_a_docstring_and_its_wire_string():
                                                 "server_shutdown", "numerical_error", "internal_error",
                                                 "front_unresponsive", "worker_failed"}
     assert EndCode.CAPACITY == "capacity" and f"{EndCode.CONTEXT_FULL}" == "context_full"  # a str on the wire
+
+
+def test_a_rollover_window_that_leaves_little_room_between_rollovers_is_warned_of(tiny_model, caplog):
+    """A window near the largest the budget allows (3,485 positions at the defaults) is accepted, and a session
+    then rolls over every few chunks, each time re-feeding the whole window as a long row (44 rollovers in 130
+    chunks at 3,480, 2 at the default 2,048): the start-up log now says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="audio_interaction_server.engine.worker"):
+        Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=2048))
+        assert "rollover_window_positions" not in caplog.text
+        Worker(tiny_model, EngineConfig(max_sessions=1, rollover_window_positions=3480))
+    assert "rollover_window_positions 3480 leaves room for" in caplog.text

@@ -273,6 +273,15 @@ def rollover_point(max_positions: int, max_turn_tokens: int) -> int:
     return max_positions - max_turn_tokens - 2 * BLOCK_TOKENS
 
 
+def chunks_between_rollovers(max_positions: int, max_turn_tokens: int, rollover_window: int | None) -> int | None:
+    """Listening blocks a rebuilt context takes before it rolls over again (no prompt, no reply counted; None:
+    no rollover). ``check_room`` only asks that a rollover fits; a window close to that rolls over all the time."""
+    if rollover_window is None:
+        return None
+    room = rollover_point(max_positions, max_turn_tokens) - (rollover_window + 2 * BLOCK_TOKENS)
+    return max(0, room // BLOCK_TOKENS)
+
+
 def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
     """Raise ValueError if a session with these settings could not run (or could not roll over)."""
     first_row = prefix_tokens + BLOCK_TOKENS

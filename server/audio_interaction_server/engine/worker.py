@@ -42,7 +42,7 @@ from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
-from audio_interaction_server.engine.conversation import ContextFull, check_room
+from audio_interaction_server.engine.conversation import ContextFull, check_room, chunks_between_rollovers
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
@@ -54,6 +54,9 @@ from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.fit import check_kv_fits
 
 log = logging.getLogger(__name__)
+
+# Below this, a session with the default reply cap rolls its context over every few seconds of audio (a warning).
+MIN_CHUNKS_BETWEEN_ROLLOVERS = 30
 # What clients hear when the worker dies; the exception and its traceback go to the log only.
 WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
 SHUTDOWN_MESSAGE = "the server is shutting down"
@@ -103,6 +106,12 @@ class Worker:
         if config.scripted_turns is not None:
             log.warning("scripted turns (%s): decisions and replies follow a benchmark schedule, not the model",
                         config.scripted_turns)
+        between = chunks_between_rollovers(config.max_positions, SessionOptions().max_turn_tokens,
+                                           config.rollover_window_positions)
+        if between is not None and between < MIN_CHUNKS_BETWEEN_ROLLOVERS:
+            log.warning("rollover_window_positions %d leaves room for about %d chunks between context rollovers at "
+                        "max_positions %d (each re-feeds the window as a long row); a window of about half the "
+                        "budget keeps them rare", config.rollover_window_positions, between, config.max_positions)
         encoder = AudioEncoder(model.encoder_tower, pad_to_buckets=config.encoder_batch_buckets)
         self.runner = Runner(model, cache, encoder,
                              StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows),
