@@ -302,6 +302,27 @@ def test_clear_drops_unheard_audio_and_says_so():
     assert isinstance(h.client({"type": "input_audio_buffer.commit"})[0], Malformed)  # nothing left to commit
 
 
+def test_audio_appended_after_a_clear_is_committed_though_the_clear_is_answered_later():
+    """clear, append, commit in one burst: the codec reads all three before the session answers the clear. The
+    answer reset "audio to commit", so the commit's flush came back to nothing (no committed event, no error), or,
+    read after that answer, the commit was refused as empty. And a commit right after a clear, with no audio since,
+    must be refused as empty even before the clear is answered."""
+    h = Harness()
+    h.client(append(np.zeros(2400)))
+    h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
+    h.client(append(np.zeros(9600)))
+    [flush] = h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert flush == Flush(event_id="c1", event_type="input_audio_buffer.commit")
+    [cleared] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.1))
+    assert cleared["type"] == "input_audio_buffer.cleared"
+    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=2, audio_time_s=0.8))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+    h.client(append(np.zeros(2400)))
+    h.client({"type": "input_audio_buffer.clear", "event_id": "y"})
+    [empty] = h.client({"type": "input_audio_buffer.commit", "event_id": "c2"})
+    assert isinstance(empty, Malformed) and empty.code == "input_audio_buffer_commit_empty"
+
+
 def test_nothing_is_sent_while_the_model_listens():
     h = Harness()
     h.client(append(np.zeros(4800)))

@@ -119,7 +119,14 @@ class RealtimeCodec:
         self._settings = None  # the session's SessionSettings, from its last session.created/updated
         self._default_max_turn_tokens = 512
         self._request: _Request | None = None
-        self._has_uncommitted_audio = False
+        # Audio in the client's order (decoding): appended since the last commit or clear, for commit_empty.
+        self._appended_since_commit = False
+        # Audio in the session's order (encoding): appends decoded so far, and how many of them are an item already
+        # or were cleared. A clear drops the appends decoded before it once the session answers it, not the ones the
+        # client sent after it, which may be decoded before that answer comes.
+        self._num_appends = 0
+        self._appends_before_clear: deque[int] = deque()  # per clear not yet answered
+        self._appends_done = 0
         self._num_commits_waiting = 0
 
     # ---- client frames -> commands ----------------------------------------------------------
@@ -162,7 +169,7 @@ class RealtimeCodec:
             case InputAudioBufferCommit():
                 return self._commit(event)
             case InputAudioBufferClear():
-                return [ClearAudio(event_id=event.event_id, event_type=event.type)]
+                return self._clear(event)
             case ResponseCreate():
                 return self._response_create(event)
             case ResponseCancel():
@@ -211,13 +218,20 @@ class RealtimeCodec:
         elif isinstance(self._format, AudioPcma):
             data = alaw_to_s16le(data)
         if data:
-            self._has_uncommitted_audio = True
+            self._appended_since_commit = True
+            self._num_appends += 1
         return [AppendAudio(data, event_id=event.event_id)]
 
+    def _clear(self, event: InputAudioBufferClear) -> list[Command]:
+        self._appended_since_commit = False
+        self._appends_before_clear.append(self._num_appends)
+        return [ClearAudio(event_id=event.event_id, event_type=event.type)]
+
     def _commit(self, event: InputAudioBufferCommit) -> list[Command]:
-        if not self._has_uncommitted_audio:
+        if not self._appended_since_commit:
             return [self._refuse("input_audio_buffer_commit_empty", "Error committing input audio buffer: no audio "
                                  "was appended since the last commit", event.type, event.event_id)]
+        self._appended_since_commit = False
         self._num_commits_waiting += 1
         # Pads the partial chunk and adds trailing silence, so the model hears all of it; committed follows.
         return [Flush(event_id=event.event_id, event_type=event.type)]
@@ -354,7 +368,8 @@ class RealtimeCodec:
             self._num_commits_waiting -= 1
             return self._commit_audio()
         if kind == "input.cleared":
-            self._has_uncommitted_audio = False
+            cleared = self._appends_before_clear.popleft() if self._appends_before_clear else self._num_appends
+            self._appends_done = max(self._appends_done, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
             request, self._request = self._request, None
@@ -384,9 +399,10 @@ class RealtimeCodec:
 
     def _commit_audio(self) -> list:
         """Before a reply opens (and at a commit): the audio not yet committed becomes a user item."""
-        if not self._has_uncommitted_audio or (self.replies.reply is not None and self.replies.reply.is_open):
+        if self._num_appends <= self._appends_done or (self.replies.reply is not None and self.replies.reply.is_open):
             return []
-        self._has_uncommitted_audio = False
+        self._appends_done = self._num_appends
+        self._appended_since_commit = False  # every append decoded so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
 
     def _acknowledged(self) -> list:
