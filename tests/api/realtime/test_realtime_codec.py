@@ -268,6 +268,20 @@ def test_pcm_at_another_rate_is_an_extension_the_session_resamples():
 # ---- audio and turns ----------------------------------------------------------------------------------------
 
 
+def test_a_turn_detection_that_does_not_create_responses_is_manual_turns():
+    """server_vad with create_response: false (the app decides when to reply) was echoed as true, and the model
+    replied by itself. It is manual turns, as turn_detection: null, and is echoed as asked."""
+    h = Harness()
+    [command] = h.client({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "server_vad", "create_response": False, "interrupt_response": False}}}}})
+    assert command == Configure(reply_mode="on_request", event_type="session.update")
+    [frame] = h.session(h.updated(reply_mode="on_request"))
+    assert frame["session"]["audio"]["input"]["turn_detection"] == {"type": "server_vad", "create_response": False}
+    [command] = h.client({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "semantic_vad"}}}}})
+    assert command == Configure(reply_mode="model", event_type="session.update")
+
+
 def test_g711_audio_is_decoded_before_the_session_sees_it():
     h = Harness()
     h.client({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}})

@@ -330,8 +330,10 @@ class RealtimeCodec:
                 fields["audio"] = self._session_format(new_format)
         if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
             requested = audio_input.turn_detection
-            turn_detection = None if requested is None else TurnDetectionObject(type=requested.type)
-            reply_mode = "on_request" if requested is None else "model"
+            turn_detection = None if requested is None else TurnDetectionObject(
+                type=requested.type, create_response=requested.create_response is not False)
+            # A detection that creates no responses leaves each reply to response.create: manual turns.
+            reply_mode = "model" if turn_detection is not None and turn_detection.create_response else "on_request"
             if settings is None or reply_mode != settings.reply_mode:
                 fields["reply_mode"] = reply_mode
         self._answers.append(_Answer("session.update", event.type, event.event_id, audio_format=new_format,

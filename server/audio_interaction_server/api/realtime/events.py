@@ -306,6 +306,7 @@ class FormatIn(_Lenient):
 
 class TurnDetectionIn(_Lenient):
     type: str = "server_vad"
+    create_response: bool | None = None  # False: the app asks for each reply (manual turns here)
 
 
 class AudioInputIn(_Lenient):
