@@ -282,6 +282,21 @@ def test_a_turn_detection_that_does_not_create_responses_is_manual_turns():
     assert command == Configure(reply_mode="model", event_type="session.update")
 
 
+def test_settings_refused_after_the_first_audio_are_named_as_the_realtime_api_names_them():
+    """The session refuses model settings after the first audio (invalid_state); the error said
+    "['system_prompt'] can only change ..." with param null. It names the Realtime fields, in param too."""
+    h = Harness()
+    for session, param in (({"instructions": "B"}, "session.instructions"),
+                           ({"max_output_tokens": 7, "instructions": "C"}, "session.instructions"),
+                           ({"audio": {"input": {"turn_detection": None}}}, "session.audio.input.turn_detection")):
+        [command] = h.client({"type": "session.update", "event_id": "u1", "session": session})
+        [frame] = h.session(h.error(command, code="invalid_state", message="['max_turn_tokens', 'system_prompt'] "
+                                    "can only change before the first audio frame; open a new session for other "
+                                    "model options"))
+        assert frame["error"]["param"] == param and frame["error"]["event_id"] == "u1", frame
+        assert "system_prompt" not in frame["error"]["message"] and param in frame["error"]["message"]
+
+
 def test_g711_audio_is_decoded_before_the_session_sees_it():
     h = Harness()
     h.client({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}})

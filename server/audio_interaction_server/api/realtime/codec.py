@@ -48,6 +48,9 @@ from audio_interaction_server.protocol import AudioFormat
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
 MAX_TURN_TOKENS = 4096  # SessionOptions.max_turn_tokens' bound, checked here to name the Realtime field
+# The session's model settings a session.update may change, with the Realtime fields they come from.
+_MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_tokens", "session.max_output_tokens"),
+                         ("reply_mode", "session.audio.input.turn_detection"))
 
 # Session error codes -> the Realtime API's, where it has its own name for the same thing.
 _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
@@ -77,6 +80,8 @@ class _Answer:
     event_id: str | None
     audio_format: AudioPcm | AudioPcmu | AudioPcma | None = None
     turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
+    # The Realtime fields of the model settings it changes (refused after the first audio: invalid_state).
+    model_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -336,8 +341,9 @@ class RealtimeCodec:
             reply_mode = "model" if turn_detection is not None and turn_detection.create_response else "on_request"
             if settings is None or reply_mode != settings.reply_mode:
                 fields["reply_mode"] = reply_mode
+        model_params = tuple(param for field, param in _MODEL_SETTING_PARAMS if field in fields)
         self._answers.append(_Answer("session.update", event.type, event.event_id, audio_format=new_format,
-                                     turn_detection=turn_detection))
+                                     turn_detection=turn_detection, model_params=model_params))
         return [Configure(**fields, event_id=event.event_id, event_type=event.type)]
 
     @staticmethod
@@ -445,7 +451,12 @@ class RealtimeCodec:
             # The session refused an AcknowledgeItem or a Configure: nothing of it applies.
             self.held_bytes -= self._acks.popleft().num_bytes
         elif self._answers and (self._answers[0].event_type, self._answers[0].event_id) == named:
-            self._answers.popleft()
+            answer = self._answers.popleft()
+            if event.code == "invalid_state" and answer.model_params:  # named as the client named them
+                message = (f"{', '.join(answer.model_params)} can only change before the first audio; open a new "
+                           "session to change it")
+                event = event.model_copy(update={"message": message})
+                self._params[(event.event_id, event.code)] = answer.model_params[0]
         if event.event_type == "response.create":
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
