@@ -425,6 +425,10 @@ def test_cancel_stops_the_active_reply_and_is_refused_without_one():
     assert cancel == CancelReply(event_id="c1", event_type="response.cancel")
     [wrong] = h.client({"type": "response.cancel", "response_id": "resp_other"})
     assert wrong.code == "response_cancel_not_active"
+    # A second cancel of the same reply, before its response.done: the session has nothing more to do for it, and
+    # it got no answer at all. It is refused as a cancel without an active response.
+    [again] = h.client({"type": "response.cancel", "event_id": "c2"})
+    assert isinstance(again, Malformed) and again.code == "response_cancel_not_active" and again.event_id == "c2"
     done = h.session(*events[3:])[-1]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}

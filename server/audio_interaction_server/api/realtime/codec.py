@@ -133,6 +133,7 @@ class RealtimeCodec:
         self._appends_before_clear: deque[int] = deque()  # per clear not yet answered
         self._appends_done = 0
         self._num_commits_waiting = 0
+        self._cancelled_response_id: str | None = None  # the response a cancel was sent for
 
     # ---- client frames -> commands ----------------------------------------------------------
     def decode(self, message: str | bytes) -> list[Command]:
@@ -264,6 +265,10 @@ class RealtimeCodec:
                 else "no active response found"
             return [self._refuse("response_cancel_not_active", f"Cancellation failed: {reason}", event.type,
                                  event.event_id)]
+        if active == self._cancelled_response_id:  # its response.done is on its way; the session would say nothing
+            return [self._refuse("response_cancel_not_active", "Cancellation failed: the response is being cancelled "
+                                 "already", event.type, event.event_id)]
+        self._cancelled_response_id = active
         return [CancelReply(event_id=event.event_id, event_type=event.type)]
 
     def _item_create(self, event: ConversationItemCreate) -> list[Command]:
