@@ -636,6 +636,22 @@ def cut_now(proxy) -> None:
     assert proxy.cut() == 1
 
 
+def stop_all(script: Script, *parts) -> None:
+    """The script killed if it still runs, then each relay closed and each server stopped (None: never started)."""
+    if script.process.poll() is None:
+        script.process.kill()
+    for part in parts:
+        if part is not None:
+            part.close() if hasattr(part, "close") else part.stop()
+
+
+def succeeded(script: Script, code: int) -> tuple[list[dict], str]:
+    """A --json run that exited 0: its events, and its stderr as one text."""
+    message = "\n".join(script.stderr)
+    assert code == 0, message
+    return [json.loads(line) for line in script.stdout], message
+
+
 @pytest.fixture
 def proxy(live):
     from tests.cut_proxy import CutProxy
@@ -765,15 +781,8 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
         relay.refusing = False
         code = script.finish()
     finally:
-        if script.process.poll() is None:
-            script.process.kill()
-        relay.close()
-        for server in (first, second):
-            if server is not None:
-                server.stop()
-    events = [json.loads(line) for line in script.stdout]
-    message = "\n".join(script.stderr)
-    assert code == 0, message
+        stop_all(script, relay, first, second)
+    events, message = succeeded(script, code)
     created = [e for e in events if e["type"] == "session.created"]
     assert len(created) == 2 and created[0]["session_id"] != created[1]["session_id"]
     old_id = created[0]["session_id"]
@@ -810,14 +819,8 @@ def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_
         second = LiveServer(client_config(tiny_checkpoint, port=first.port)).start()
         code = script.finish()
     finally:
-        if script.process.poll() is None:
-            script.process.kill()
-        for server in (first, second):
-            if server is not None:
-                server.stop()
-    events = [json.loads(line) for line in script.stdout]
-    message = "\n".join(script.stderr)
-    assert code == 0, message
+        stop_all(script, first, second)
+    events, message = succeeded(script, code)
     created = [e for e in events if e["type"] == "session.created"]
     closed = [e for e in events if e["type"] == "session.closed"]
     assert len(created) == 2 and [e["reason"] for e in closed] == ["server_shutdown", "client_closed"], message
@@ -850,14 +853,8 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
             assert response.status == 202
         code = script.finish()
     finally:
-        if script.process.poll() is None:
-            script.process.kill()
-        relay.close()
-        draining.stop()
-        other.stop()
-    events = [json.loads(line) for line in script.stdout]
-    message = "\n".join(script.stderr)
-    assert code == 0, message
+        stop_all(script, relay, draining, other)
+    events, message = succeeded(script, code)
     created = [e for e in events if e["type"] == "session.created"]
     assert len(created) == 2
     closed = [e for e in events if e["type"] == "session.closed"]
