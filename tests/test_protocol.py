@@ -109,6 +109,16 @@ def test_fields_are_read_strictly_as_the_schema_types_them(event):
     assert not validator("client").is_valid(event)
 
 
+@pytest.mark.parametrize("type_value", [None, 5, True, [1], {"a": 1}])
+def test_a_type_that_is_no_string_is_an_invalid_event(type_value):
+    """A `type` of the wrong JSON type was answered as an unknown event named by its Python text ("None",
+    "True"); it is a value of the wrong JSON type: invalid_event, no event_type."""
+    with pytest.raises(P.ClientEventError) as refused:
+        P.parse_client_event(json.dumps({"type": type_value, "event_id": "e1"}))
+    assert (refused.value.code, refused.value.event_type, refused.value.event_id) == ("invalid_event", None, "e1")
+    assert "type" in refused.value.message
+
+
 def test_whole_numbers_are_numbers_where_a_float_belongs():
     event = P.parse_client_event('{"type": "input.flush", "trailing_silence_s": 1}')
     assert event.trailing_silence_s == 1.0

@@ -232,6 +232,10 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
         context = first.get("ctx", {})
         if first["type"] == "json_invalid":
             raise ClientEventError("invalid_json", f"text frames must hold one JSON object: {first['msg']}") from None
+        if first["type"] == "union_tag_invalid" and not _type_is_a_string(text):
+            # pydantic names a tag of any JSON type by its str() ("None", "5"): that is no event name.
+            raise ClientEventError("invalid_event", "type must be a string naming a client event", None,
+                                   _echoable_event_id(text)) from None
         if first["type"] == "union_tag_invalid":
             raise ClientEventError("unknown_event", f"unknown event type {context.get('tag')!r}; expected one of "
                                    f"{context.get('expected_tags')}", str(context.get("tag")),
@@ -244,6 +248,12 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
         raise ClientEventError("invalid_event", f"duplicate key {duplicate!r}: each key may appear once per object; "
                                "event ignored", event.type, event.event_id)
     return event
+
+
+def _type_is_a_string(text: str | bytes) -> bool:
+    """Whether the ``type`` of a frame refused as an event (valid JSON, an object) is a string."""
+    data = json.loads(text)
+    return isinstance(data, dict) and isinstance(data.get("type"), str)
 
 
 def _echoable_event_id(text: str | bytes) -> str | None:
