@@ -298,3 +298,24 @@ def test_make_checkpoint_onto_an_existing_file_is_one_clear_line(tmp_path):
     result = command("make-checkpoint", str(taken))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: ") and str(taken) in result.stderr
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, shared_audio):
+    """Ctrl-C during `run` (here while the model loads) or `make-checkpoint` printed a KeyboardInterrupt traceback
+    of 10-40 lines; `serve` already stopped cleanly."""
+    def interrupted(checkpoint):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "resolve_checkpoint", interrupted)
+    with pytest.raises(BaseException) as caught:
+        cli.main(["run", str(shared_audio / "01_count_bark" / "sample01_01.mp3")])
+    assert isinstance(caught.value, SystemExit) and caught.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_run_with_a_small_context_budget_rolls_over_within_it(capsys, tiny_checkpoint, shared_audio):
+    """`run --max-positions` below 2,700 failed after the model had loaded ("the largest possible here is -1547"):
+    the engine's default rollover window (2,048 positions) did not fit. The window follows the budget now."""
+    events = run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--max-positions", "1024",
+                     str(shared_audio / "01_count_bark"))
+    assert [event.type for event in events].count("decision") >= 9

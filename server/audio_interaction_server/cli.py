@@ -153,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         options = SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling)
-        engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions)
+        # The server's rollover window (2,048) from its budget (4,096) up, as the server runs; below, where it does
+        # not fit, half of what a full reply leaves.
+        window = 2048 if args.max_positions >= 4096 else max(0, (args.max_positions - args.max_turn_tokens) // 2)
+        engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions,
+                                     rollover_window_positions=window)
     except ValidationError as error:
         raise InputError(_one_line(error)) from None
     if args.trailing_silence < 0:
@@ -257,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:  # a path given
         print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C, whatever was running: one line, the shell's status for SIGINT
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
