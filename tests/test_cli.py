@@ -319,3 +319,11 @@ def test_run_with_a_small_context_budget_rolls_over_within_it(capsys, tiny_check
     events = run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--max-positions", "1024",
                      str(shared_audio / "01_count_bark"))
     assert [event.type for event in events].count("decision") >= 9
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e12", "nan", "10.5", "-1"])
+def test_trailing_silence_is_held_to_the_servers_range(capsys, model_must_not_load, shared_audio, seconds):
+    """--trailing-silence had no upper bound: inf and 1e12 gave tracebacks, nan meant no silence. The server takes
+    0 to 10 s; so does run, said before the model loads."""
+    err = run_cli_error(capsys, "--trailing-silence", seconds, str(shared_audio / "02_translate"))
+    assert "--trailing-silence" in err and "0 to 10" in err

@@ -160,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
                                      rollover_window_positions=window)
     except ValidationError as error:
         raise InputError(_one_line(error)) from None
-    if args.trailing_silence < 0:
-        raise InputError(f"--trailing-silence: must be 0 or more seconds (got {args.trailing_silence})")
+    if not 0 <= args.trailing_silence <= 10:  # the server's input.flush range; NaN fails it too
+        raise InputError(f"--trailing-silence: must be 0 to 10 seconds, as the server takes "
+                         f"(got {args.trailing_silence})")
     files = expand_inputs(args.files)
     make_clips = offline_clips if args.features == "offline" else streaming_clips
     clips = make_clips(files, args.trailing_silence)
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--features", choices=["offline", "streaming"], default="offline")
     run_cmd.add_argument("--max-turn-tokens", type=int, default=512)
     run_cmd.add_argument("--max-positions", type=int, default=4096, help="context budget of the session")
-    run_cmd.add_argument("--trailing-silence", type=float, default=1.0, help="seconds of zeros after audio")
+    run_cmd.add_argument("--trailing-silence", type=float, default=1.0, help="seconds of zeros after audio (0 to 10)")
     run_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy replies")
     run_cmd.add_argument("--top-p", type=float, default=1.0)
     run_cmd.add_argument("--top-k", type=int, default=0)
