@@ -114,7 +114,9 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
         if response.status_code in (403, 404) and not response.body:  # no WebSocket route there (Starlette: 403)
             raise ClientError(f"cannot connect to {shown_url(url)}: no WebSocket endpoint at {urlsplit(url).path} "
                               f"(HTTP {response.status_code}): give the server's URL, ws://HOST:PORT") from None
-        if response.status_code not in (429, 503):  # 503: busy, refused before the handshake (behind a balancer)
+        # 503: busy, refused before the handshake (behind a balancer); 500, 502, 504: a server stopping or restarting
+        # (uvicorn while it shuts down, a proxy whose backend is gone): tried again as busy.
+        if response.status_code not in (429, 500, 502, 503, 504):
             raise ClientError(f"cannot connect to {shown_url(url)}: {error}") from None
         try:
             refusal = json.loads(response.body or b"")  # the server's error event, as the in-band refusal says it
