@@ -23,7 +23,7 @@ from typing import Any, TextIO, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -54,6 +54,11 @@ def printable(text: str) -> str:
 
 class ClientError(Exception):
     """A failure the scripts report as one readable line, then exit non-zero."""
+
+
+class HandshakeDropped(ClientError):
+    """The server closed the connection without answering the handshake: a TLS server spoken to with ws://, or a
+    server in its last moments (stopping, restarting) or a proxy whose backend is gone."""
 
 
 class ServerBusy(ClientError):
@@ -93,12 +98,15 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
 
 
+DROPPED = "the server closed the connection without answering"
+
+
 def connection_hint(url: str, error: str) -> str:
     """What to check after a failed connection, for the usual mistakes ("" when there is nothing to add)."""
     if "CERTIFICATE_VERIFY_FAILED" in error:
         return ("; a self-signed certificate (docs/browser.md): let Python trust it with "
                 "SSL_CERT_FILE=/path/to/cert.pem")
-    if url.startswith("ws://") and "did not receive a valid HTTP response" in error:
+    if url.startswith("ws://") and ("did not receive a valid HTTP response" in error or DROPPED in error):
         return "; a server with TLS (--ssl-certfile) takes wss://"
     return ""
 
@@ -129,6 +137,12 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
         raise ClientError(f"bad URL {shown_url(url)!r}: {error}") from None
     except ConnectionRefusedError:  # a server starting (it imports torch before it listens) or restarting
         raise ServerBusy(f"connection refused at {shown_url(url)}", state="not listening yet") from None
+    except (InvalidMessage, ConnectionResetError, ConnectionAbortedError) as error:
+        if isinstance(error, InvalidMessage) and not isinstance(error.__cause__, (EOFError, ConnectionError)):
+            why = str(error)  # an answer, but no HTTP: something else listens there
+            raise ClientError(f"cannot connect to {shown_url(url)}: {why}{connection_hint(url, why)}") from None
+        raise HandshakeDropped(f"cannot connect to {shown_url(url)}: {DROPPED}{connection_hint(url, DROPPED)}") \
+            from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
         why = str(error) or type(error).__name__
         raise ClientError(f"cannot connect to {shown_url(url)}: {why}{connection_hint(url, why)}") from None
@@ -759,8 +773,8 @@ class StreamSession:
         self.console.note(f"{why}: starting a new session" + (f" in {delay_s:.1f} s" if delay_s else ""))
         await asyncio.sleep(delay_s)
         try:
-            websocket, raw = await retry_while_busy(lambda: _open_session(endpoint, self.api_key), self.busy_retry_s,
-                                                    self.console.note)
+            websocket, raw = await retry_while_busy(lambda: _open_session(endpoint, self.api_key, after_a_session=True),
+                                                    self.busy_retry_s, self.console.note)
         except ClientError as error:
             self.console.note(f"error: no new session: {error}")
             return False
@@ -830,10 +844,17 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
         await session.websocket.close()  # a no-op after the server's close
 
 
-async def _open_session(endpoint: str, api_key: str | None) -> tuple[ClientConnection, str]:
+async def _open_session(endpoint: str, api_key: str | None, after_a_session: bool = False
+                        ) -> tuple[ClientConnection, str]:
     """The connection and its first event (``session.created``, or a refusal once the server has closed);
-    ``ServerBusy`` for a refusal that says "try again" (close 1013)."""
-    websocket = await open_websocket(endpoint, api_key)
+    ``ServerBusy`` for a refusal that says "try again" (close 1013). ``after_a_session``: this URL served a
+    session, so a handshake dropped unanswered is a server stopping or restarting (not TLS): tried again too."""
+    try:
+        websocket = await open_websocket(endpoint, api_key)
+    except HandshakeDropped:
+        if not after_a_session:
+            raise
+        raise ServerBusy(f"{DROPPED} at {shown_url(endpoint)}", state="stopping or restarting") from None
     try:
         raw_first = await websocket.recv()
     except ConnectionClosed:

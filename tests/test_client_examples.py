@@ -21,7 +21,7 @@ import soundfile
 
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.config import ServerConfig
-from benchmarks.harness import LiveServer
+from benchmarks.harness import LiveServer, free_port
 
 CLIENTS = Path(__file__).resolve().parents[1] / "client_examples"
 API_KEY = "client-test-key"
@@ -449,6 +449,19 @@ def test_connection_errors_say_what_to_check(live, tmp_path):
     assert "SSL_CERT_FILE" in hint("wss://h:1/v1/stream", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
                                    "failed: self-signed certificate (_ssl.c:1006)")
     assert "wss://" in hint("ws://h:1/v1/stream", "did not receive a valid HTTP response")
+    # A first connection closed unanswered (ws:// to a TLS server, say) ends at once with that hint; only a URL
+    # that served a session is tried again (a restart: test_a_server_that_stops_and_comes_back_later...).
+    port, done = free_port(), threading.Event()
+    dropper = threading.Thread(target=drop_handshakes, args=(port, 30.0, done))
+    dropper.start()
+    try:
+        code, out, err = run_script("stream_file.py", f"ws://127.0.0.1:{port}", str(recording), "--api-key", API_KEY,
+                                    "--busy-retry-s", "30", cwd=tmp_path)
+    finally:
+        done.set()
+        dropper.join()
+    assert code == 1 and err[-1].endswith("closed the connection without answering; a server with TLS "
+                                          "(--ssl-certfile) takes wss://"), err
     assert hint("ws://h:1/v1/stream", "[Errno -2] Name or service not known") == ""
 
 
@@ -801,6 +814,28 @@ def test_a_session_the_server_lost_is_replaced_by_a_new_one(tiny_checkpoint, sha
     assert updated[0]["audio"] != {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
 
 
+def drop_handshakes(port: int, seconds: float, done: threading.Event | None = None) -> int:
+    """For ``seconds`` (or until ``done``), accept every connection on ``port`` and close it without a byte, as a
+    server does in its last moments or a proxy with no backend; how many it dropped."""
+    import socket
+
+    num_dropped = 0
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        listener.settimeout(0.05)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (done and done.is_set()):
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
+            num_dropped += 1
+    return num_dropped
+
+
 def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_busy_retry(tiny_checkpoint,
                                                                                           shared_audio, tmp_path):
     """A server stopped without a drain (SIGTERM, docker stop: session.closed server_shutdown, close 1001) and back
@@ -815,7 +850,11 @@ def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_
     try:
         script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
         first.stop()
-        time.sleep(5.0)  # longer than the 3 s the client used to try for
+        time.sleep(2.0)  # nothing listening: connection refused
+        # Then something that accepts and closes without answering, as a server does while it stops (uvicorn) or
+        # before it serves (a proxy whose backend is gone): the client gave up at once, "did not receive a valid
+        # HTTP response" (seen in CI, in the old server's last moments).
+        num_dropped = drop_handshakes(first.port, seconds=3.0)  # with the 2 s, more than the 3 s it once tried
         second = LiveServer(client_config(tiny_checkpoint, port=first.port)).start()
         code = script.finish()
     finally:
@@ -825,6 +864,7 @@ def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_
     closed = [e for e in events if e["type"] == "session.closed"]
     assert len(created) == 2 and [e["reason"] for e in closed] == ["server_shutdown", "client_closed"], message
     assert "server not listening yet" in message and "starting a new session" in message
+    assert num_dropped and "closed the connection without answering" in message, message
     summary = SUMMARY_LINE.match(script.stderr[-1])
     assert summary, script.stderr[-3:]
     assert int(summary[1]) == len([e for e in events if e["type"] == "decision"])
