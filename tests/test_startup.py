@@ -374,3 +374,39 @@ def test_sigterm_after_the_drain_call_joins_the_drain(tiny_checkpoint):
         end_process(process)
     assert events[-1]["reason"] == "server_draining" and code == 1012
     assert status == 0 and log.text.count("draining: admitting no new sessions") == 1
+
+
+def test_a_busy_agent_port_fails_before_the_model_loads_in_one_line(tiny_checkpoint):
+    """The capacity agent bound its port in the app's start-up: after "Uvicorn running on ...", a traceback and
+    "Application startup failed". It now binds with the server's port, before anything loads."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        agent_port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "audio_interaction_server", "--port", "0", "--agent-port", str(agent_port),
+             "--checkpoint", str(tiny_checkpoint)],
+            env=server_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{agent_port} (agent_port): [Errno 98] Address already in use" \
+        in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "loaded audio-interaction-tiny" not in result.stderr
+
+
+@pytest.mark.parametrize("transport", ["thread", "process"])
+def test_default_session_options_that_the_loaded_prompt_does_not_fit_stop_the_server(tiny_checkpoint, transport):
+    """A rollover window that fits the budget without the system prompt but not with it (the configuration
+    cannot count the prompt's tokens): the server said "ready" and refused every session with invalid_options.
+    Start-up now checks the default options once the prompt is known, and stops (exit 1) saying why."""
+    # Positions left for a rebuilt context at 2,048 with the default 512-token cap: rollover_point - 1 - 2 blocks.
+    from audio_interaction_server.spec import BLOCK_TOKENS, rollover_point
+
+    window = rollover_point(2048, 512) - 2 * BLOCK_TOKENS - 10  # fits without a prompt, not with one of 10 tokens
+    result = subprocess.run(
+        [sys.executable, "-m", "audio_interaction_server", "--port", "0", "--checkpoint", str(tiny_checkpoint)],
+        env=server_env(AIS_ENGINE__MAX_POSITIONS="2048", AIS_ENGINE__ROLLOVER_WINDOW_POSITIONS=str(window),
+                       AIS_ENGINE__TRANSPORT=transport),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the default session options do not fit the context budget") and \
+        "session.max_turn_tokens" in last and "engine.rollover_window_positions" in last, result.stderr
+    assert "ready: serving" not in result.stderr

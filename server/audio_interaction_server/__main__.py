@@ -27,12 +27,19 @@ from audio_interaction_server.api.serving import (  # noqa: F401  (the statuses 
 VERSION_TEXT = f"audio-interaction {__version__}"
 
 
+def given_path(text: str) -> Path:
+    """An argparse type: a path, not empty (``Path("")`` is the current directory, which nobody means by it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty: give a path, or leave the option out")
+    return Path(text)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML settings file (default: the package's default.yaml)")
+    parser.add_argument("--config", type=given_path, help="YAML settings file (default: the package's default.yaml)")
     parser.add_argument("--host", help="interface to listen on (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default from the config: 8000)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path,
+    source.add_argument("--checkpoint", type=given_path,
                         help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -44,10 +51,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "one process)")
     parser.add_argument("--log-format", choices=["text", "json"],
                         help="json: one JSON object a line, session_id and replica_id as fields (default: text)")
-    parser.add_argument("--ssl-certfile", type=Path,
+    parser.add_argument("--ssl-certfile", type=given_path,
                         help="PEM certificate: serve https:// and wss:// (browsers on other hosts need it for the "
                         "microphone); with --ssl-keyfile")
-    parser.add_argument("--ssl-keyfile", type=Path, help="PEM private key of --ssl-certfile")
+    parser.add_argument("--ssl-keyfile", type=given_path, help="PEM private key of --ssl-certfile")
     replicas = parser.add_argument_group("one of several replicas behind a load balancer (docs/scaling.md)")
     replicas.add_argument("--replica-id", help="begins every session id, so a balancer can route subscribers to "
                           "this replica (default: the host name)")

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.spec import BLOCK_TOKENS, check_room, rollover_point
 
 ENV_PREFIX = "AIS_"
 # deploy/haproxy's settings: a shell (or a Compose file) may set them for HAProxy and run a replica too.
@@ -43,16 +44,20 @@ class ScriptedTurns(BaseModel):
     them) load without the engine's state machine.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     every_chunks: int = Field(ge=2, description="a reply starts every this many chunks per session")
     reply_tokens: int = Field(ge=1, description="tokens per reply, TEXT_END excluded")
 
 
+# Above the cores of any host we would run on; torch.set_num_threads(100000) ends the process with SIGSEGV.
+MAX_CPU_THREADS = 1024
+
+
 class EngineConfig(BaseModel):
     """What the worker needs: where the model is, where it runs, and its capacity."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     checkpoint: Path | None = Field(None, description="release checkpoint directory; None = tiny demo model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -65,8 +70,8 @@ class EngineConfig(BaseModel):
     )
     max_batch_rows: int | None = Field(None, ge=1, description="rows per step; None = max_sessions")
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads (process-wide); None = torch's default. On a shared "
-        "CPU host fewer threads than cores avoids oversubscription stalls"
+        None, ge=1, le=MAX_CPU_THREADS, description="torch intra-op threads (process-wide); None = torch's "
+        "default. On a shared CPU host fewer threads than cores avoids oversubscription stalls"
     )
     attention: Literal["auto", "gather", "flex"] = Field(
         "auto",
@@ -185,7 +190,7 @@ class TransportSettings(BaseModel):
     pings, a peer that stops reading), so a hostile client costs the server a bounded amount.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     trusted_proxies: list[str] = Field(
         default_factory=list, description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For and "
@@ -239,7 +244,7 @@ class FloodLimits(BaseModel):
     that keeps it busy makes everybody's decisions late. Each limit is a token bucket per session.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     events_per_s: float = Field(
         20.0, gt=0, description="text events (everything but audio, refused ones too) a client may send per "
@@ -270,7 +275,7 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s*?#@]+")
 
 
 class ServerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
@@ -385,6 +390,9 @@ class ServerConfig(BaseModel):
         if value != value.strip():
             raise ValueError("the API key must not begin or end with whitespace (clients' keys are stripped "
                              "of it, so such a key could never match)")
+        if not all(" " <= character <= "~" for character in value):
+            raise ValueError("the API key must be printable ASCII (letters, digits, punctuation, spaces): clients "
+                             "send it in an HTTP header, where other characters are read differently or end it")
         return key
 
     @model_validator(mode="after")
@@ -427,10 +435,36 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _the_default_session_fits_the_context(self) -> ServerConfig:
+        # The engine holds every session's options to its context budget (spec.check_room) and refuses those that
+        # do not fit: with defaults that do not, the server said "ready" and refused every session. Checked here
+        # without the system prompt, whose tokens are known once the model loads (start-up checks again then).
+        engine, cap, window = self.engine, self.session.max_turn_tokens, self.engine.rollover_window_positions
+        try:
+            check_room(0, cap, engine.max_positions, window)
+        except ValueError:
+            if window is None or cap + 2 * BLOCK_TOKENS + 1 > engine.max_positions:
+                raise ValueError(f"engine.max_positions ({engine.max_positions}) cannot hold one reply of "
+                                 f"session.max_turn_tokens ({cap}) after the system prompt and an audio chunk: "
+                                 "raise the first or lower the second") from None
+            largest = rollover_point(engine.max_positions, cap) - 2 * BLOCK_TOKENS - 1
+            half = (engine.max_positions - cap) // 2
+            raise ValueError(f"engine.rollover_window_positions ({window}) leaves no room for a context rollover at "
+                             f"engine.max_positions ({engine.max_positions}) with session.max_turn_tokens ({cap}): "
+                             "the window, the system prompt, two chunks and a full reply must fit the budget; set "
+                             f"a window below {largest} less the prompt" + (f" (about {half} keeps rollovers rare)"
+                                                                            if 0 < half < largest else "")
+                             + ", or null (sessions end with context_full)") from None
+        return self
+
+    @model_validator(mode="after")
     def _fronts_ports_fit(self) -> ServerConfig:
         last = self.fronts - 1
         if max(self.port, self.agent_port or 0) + last > 65535:
             raise ValueError(f"fronts ({self.fronts}): port + {last} and agent_port + {last} must be ports")
+        if not last and self.port and self.agent_port == self.port:
+            raise ValueError(f"agent_port ({self.agent_port}) must differ from port ({self.port}): the capacity "
+                             "agent would take the server's connections")
         if last and self.port and self.agent_port and abs(self.agent_port - self.port) <= last:
             raise ValueError(f"fronts ({self.fronts}) listen on port..port+{last} ({self.port}..{self.port + last}) "
                              f"and their agents on agent_port..agent_port+{last}: the two ranges overlap")
@@ -507,7 +541,9 @@ def load_config(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -517,12 +553,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{_where(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, at: tuple[str, ...] = ()) -> None:
+    """YAML lets a mapping name a key twice (the last value wins): a pasted block would undo a setting above it
+    with nothing said. Read from the composed nodes, which keep the keys' lines."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"config file {path}: {'.'.join((*at, key))} is set twice (lines {seen[key]} and "
+                              f"{line})")
+        seen[key] = line
+        _refuse_duplicate_keys(value_node, path, (*at, key))
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """`` (line L, column C): what`` of a YAML error, on one line (PyYAML's own text spans several, and names the
+    text "<unicode string>" rather than the file)."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f": {error}"
+    mark = error.problem_mark
+    return f" (line {mark.line + 1}, column {mark.column + 1}): {error.problem or error.context}"
 
 
 def _env_value(text: str) -> Any:

@@ -13,7 +13,13 @@ from audio_interaction_server.api.log_redaction import SecretFilter, redact_quer
     ('"WebSocket /v1/stream?resume=vm_1&token=s3cret&last_seq=4" [accepted]',
      '"WebSocket /v1/stream?resume=vm_1&token=[redacted]&last_seq=4" [accepted]'),
     ('"GET /v1/info?api_key=k3y HTTP/1.1" 200', '"GET /v1/info?api_key=[redacted] HTTP/1.1" 200'),
-    ("/v1/stream?t%6Fken=s3cret&api%5Fkey=k3y#x", "/v1/stream?t%6Fken=[redacted]&api%5Fkey=[redacted]#x"),
+    ("/v1/stream?t%6Fken=s3cret&api%5Fkey=k3y#x", "/v1/stream?t%6Fken=[redacted]&api%5Fkey=[redacted]"),
+    # Sent raw, a "#" or '"' is part of the query the app reads (a key "abc#TAIL"Q" was accepted): a secret's value
+    # runs to the next "&" or space; a quote that closes the logged request line is kept.
+    ('/v1/load?api_key=abc#TAILSECRET"Q', "/v1/load?api_key=[redacted]"),
+    ('"GET /v1/load?api_key=abc#TAIL%22Q HTTP/1.1" 200', '"GET /v1/load?api_key=[redacted] HTTP/1.1" 200'),
+    ('"WebSocket /v1/stream?token=s3#c" [accepted]', '"WebSocket /v1/stream?token=[redacted]" [accepted]'),
+    ('/v1/stream?a=b#c&token=s3cret', "/v1/stream?a=b#c&token=[redacted]"),
     ("/v1/stream?last_seq=4&tokens=kept&my_token=kept", "/v1/stream?last_seq=4&tokens=kept&my_token=kept"),
     ("no query at all: token=plain text", "no query at all: token=plain text"),
 ])

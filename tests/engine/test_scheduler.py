@@ -13,7 +13,8 @@ import torch
 from audio_interaction_server import spec as T
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.engine.conversation import BLOCK_TOKENS, Phase
+from audio_interaction_server.engine.conversation import Phase
+from audio_interaction_server.spec import BLOCK_TOKENS
 from audio_interaction_server.engine.events import AudioCleared, Decision, EndCode, SessionEnded, TurnBegin, TurnEnd
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, RowResult

@@ -81,9 +81,16 @@ class CapacityAgent:
     def port(self) -> int | None:
         return None if self._socket is None else self._socket.getsockname()[1]
 
+    def bind(self) -> None:
+        """Take the port (``OSError`` if it cannot): the server calls it with its own bind, before the model loads,
+        so a busy port fails in a second with one line; ``start`` binds if nobody did."""
+        if self._socket is None:
+            self._socket = socket.create_server((self.host, self.requested_port), backlog=ACCEPT_BACKLOG)
+            self._socket.setblocking(False)
+
     async def start(self) -> None:
-        self._socket = socket.create_server((self.host, self.requested_port), backlog=ACCEPT_BACKLOG)
-        self._socket.setblocking(False)
+        self.bind()
+        assert self._socket is not None
         self._task = asyncio.get_running_loop().create_task(self._serve(self._socket))
         log.info("capacity agent (HAProxy agent-check) of replica %s on %s:%d", self.runtime.replica_id, self.host,
                  self.port)

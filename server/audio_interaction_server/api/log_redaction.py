@@ -29,8 +29,10 @@ _SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+")
 # The loggers that write request paths with their query.
 UVICORN_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
 
-# One "name=value" of a query: after "?" or "&", up to the next "&", whitespace, quote or fragment.
-_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&\s\"#]+)=([^&\s\"#]*)")
+# One "name=value" of a query: after "?" or "&", the value up to the next "&" or whitespace. Not up to a "#" or
+# a quote: sent raw (no browser does, a hand-written client may), they are part of the query the app reads, and
+# of a key it accepts.
+_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&\s\"#]+)=([^&\s]*)")
 
 
 def redact_query_secrets(text: str) -> str:
@@ -39,8 +41,10 @@ def redact_query_secrets(text: str) -> str:
         return text
 
     def redact(parameter: re.Match) -> str:
-        name = parameter.group(1)
-        return f"{name}={REDACTED}" if unquote_plus(name) in SECRET_QUERY_PARAMETERS else parameter.group(0)
+        name, value = parameter.group(1, 2)
+        if unquote_plus(name) not in SECRET_QUERY_PARAMETERS:
+            return parameter.group(0)
+        return f"{name}={REDACTED}" + ('"' if value.endswith('"') else "")  # the quote that closes a logged line
 
     return _QUERY_PARAMETER.sub(redact, text)
 

@@ -40,6 +40,10 @@ if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at 
 
 log = logging.getLogger(__name__)
 
+
+class CannotServe(RuntimeError):
+    """Start-up found a reason the server cannot serve; its message says it whole (no exception name)."""
+
 # Session ids are "<replica id>_<32 hex>": a replica id never holds "_" (settings.REPLICA_ID_PATTERN), so a
 # load balancer finds the replica as the text before the first "_" (deploy/haproxy/haproxy.cfg).
 SESSION_ID_SEPARATOR = "_"
@@ -358,7 +362,7 @@ class Runtime:
         except Exception as error:  # a server without its model is useless: say why, then stop
             if self.is_shutting_down:
                 return  # stopped while loading: whatever the load did is moot
-            self.load_error = f"{type(error).__name__}: {error}"
+            self.load_error = str(error) if isinstance(error, CannotServe) else f"{type(error).__name__}: {error}"
             log.error("cannot serve: %s", self.load_error)
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
@@ -430,7 +434,23 @@ class Runtime:
         worker.on_failure = self._on_worker_failure
         worker.start()
         assert worker.model is not None
+        self._check_default_session(worker)
         return worker.model, worker
+
+    def _check_default_session(self, worker: EngineClient) -> None:
+        """The configuration checked the default session options against the context budget without the system
+        prompt; its tokens are known now. Options that do not fit would have every session refused by a server
+        that says it is ready: stop instead, saying which settings."""
+        try:
+            worker.check_options(self.config.session)
+        except ValueError as error:
+            worker.stop()
+            engine = self.config.engine
+            raise CannotServe(
+                "the default session options do not fit the context budget (session.max_turn_tokens "
+                f"{self.config.session.max_turn_tokens}, engine.max_positions {engine.max_positions}, "
+                f"engine.rollover_window_positions {engine.rollover_window_positions}, the system prompt): {error}"
+            ) from None
 
     def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
         self.metrics.observe_step(stats)

@@ -85,6 +85,15 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
         print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
               file=sys.stderr)
         return EXIT_CANNOT_LISTEN
+    agent = app.state.agent
+    if agent is not None:
+        try:
+            agent.bind()
+        except OSError as error:
+            listener.close()
+            print(f"error: cannot listen on {config.host}:{config.agent_port} (agent_port): [Errno {error.errno}] "
+                  f"{error.strerror}", file=sys.stderr)
+            return EXIT_CANNOT_LISTEN
     runtime.stream_url = _stream_url(server.config, listener)
     global _in_start_up
     _in_start_up = False  # from here a stop unwinds: uvicorn's graceful shutdown, then the status below

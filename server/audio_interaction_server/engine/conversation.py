@@ -31,6 +31,7 @@ from enum import Enum
 from typing import Any
 
 from audio_interaction_server import spec as T
+from audio_interaction_server.spec import check_room, rollover_point
 from audio_interaction_server.engine.events import (
     ContextRollover,
     Decision,
@@ -260,45 +261,7 @@ class Conversation:
         return [event]
 
 
-BLOCK_TOKENS = 1 + len(T.listening_block())  # lead token + AUDIO_BEGIN + PADs + ASSISTANT
-
-
 def _pad_span(audio_begin_column: int) -> tuple[int, int]:
     """PAD columns of a block whose AUDIO_BEGIN sits at ``audio_begin_column``."""
     start = audio_begin_column + 1
     return (start, start + T.AUDIO_FRAMES_PER_CHUNK)
-
-
-def rollover_point(max_positions: int, max_turn_tokens: int) -> int:
-    return max_positions - max_turn_tokens - 2 * BLOCK_TOKENS
-
-
-def chunks_between_rollovers(max_positions: int, max_turn_tokens: int, rollover_window: int | None) -> int | None:
-    """Listening blocks a rebuilt context takes before it rolls over again (no prompt, no reply counted; None:
-    no rollover). ``check_room`` only asks that a rollover fits; a window close to that rolls over all the time."""
-    if rollover_window is None:
-        return None
-    room = rollover_point(max_positions, max_turn_tokens) - (rollover_window + 2 * BLOCK_TOKENS)
-    return max(0, room // BLOCK_TOKENS)
-
-
-def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
-    """Raise ValueError if a session with these settings could not run (or could not roll over)."""
-    first_row = prefix_tokens + BLOCK_TOKENS
-    # A full reply feeds TEXT_BEGIN and every reply token (the cap-th one included) before the next block.
-    if first_row + 1 + max_turn_tokens + BLOCK_TOKENS > max_positions:
-        raise ValueError(
-            f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
-            f"{max_positions}-position context budget"
-        )
-    if rollover_window is None:
-        return
-    rebuilt_max = prefix_tokens + rollover_window + 2 * BLOCK_TOKENS
-    at = rollover_point(max_positions, max_turn_tokens)
-    if rebuilt_max >= at:
-        raise ValueError(
-            f"max_turn_tokens {max_turn_tokens} is too large for context rollover: a rebuilt context "
-            f"(prompt {prefix_tokens} + window {rollover_window} + 2 blocks = {rebuilt_max} positions) plus "
-            f"a full reply must fit {max_positions} positions; the largest possible here is "
-            f"{max_positions - rebuilt_max - 2 * BLOCK_TOKENS - 1}"
-        )

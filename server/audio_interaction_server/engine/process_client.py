@@ -27,7 +27,6 @@ from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
 )
-from audio_interaction_server.engine.conversation import check_room
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
@@ -38,6 +37,7 @@ from audio_interaction_server.engine.wire import (
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.spec import check_room
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,11 @@ import torch
 from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.spec import check_room, chunks_between_rollovers
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
-from audio_interaction_server.engine.conversation import ContextFull, check_room, chunks_between_rollovers
+from audio_interaction_server.engine.conversation import ContextFull
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner

@@ -1,0 +1,101 @@
+"""config.py: a setting that would start a server unable to serve, or one that breaks it later, is refused when the
+configuration loads (exit status 2, one message naming the field), before anything binds or loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from audio_interaction_server.config import ConfigError, load_config
+
+
+def test_agent_port_equal_to_port_is_refused():
+    """The agent took the server's port (both bind with SO_REUSEADDR): the log said "ready", every connection got
+    the agent's line, and HAProxy's agent-check saw "up ready" on a replica with no HTTP at all."""
+    with pytest.raises(ConfigError, match=r"agent_port \(8000\) must differ from port \(8000\)"):
+        load_config(None, {"AIS_AGENT_PORT": "8000"})
+    assert load_config(None, {"AIS_PORT": "0", "AIS_AGENT_PORT": "0"}).agent_port == 0  # each any free port
+
+
+@pytest.mark.parametrize("name", [
+    "AIS_FLOOD__CUT_COOLDOWN_S", "AIS_DRAIN_TIMEOUT_S", "AIS_IDLE_TIMEOUT_S", "AIS_MAX_SESSION_S",
+    "AIS_MEMORY_TRIM_INTERVAL_S", "AIS_CONNECT_RATE_PER_IP", "AIS_MAX_BUFFERED_AUDIO_S",
+    "AIS_TRANSPORT__HEADER_TIMEOUT_S", "AIS_TRANSPORT__WRITE_STALL_TIMEOUT_S", "AIS_FLOOD__EVENTS_PER_S",
+    "AIS_ENGINE__MAX_CATCH_UP_SPEED", "AIS_ENGINE__CATCH_UP_BURST_S", "AIS_AGENT_PROBES_PER_S",
+])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "-inf", "nan"])
+def test_an_infinite_or_undefined_number_is_refused(name, value):
+    """``gt=0`` let ``inf`` through: a flood cooldown of inf made every later handshake from that address an HTTP
+    500 (``math.ceil(inf)``), a drain timeout of inf an HTTP 500 from /v1/admin/drain (inf is no JSON)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {name: value})
+    field = name.removeprefix("AIS_").lower().replace("__", ".")
+    assert field in str(error.value) and name in str(error.value)
+
+
+def test_cpu_threads_is_bounded():
+    """torch.set_num_threads(100000) ended the server with SIGSEGV after the model loaded, no message."""
+    with pytest.raises(ConfigError, match="engine.cpu_threads"):
+        load_config(None, {"AIS_ENGINE__CPU_THREADS": "100000"})
+    assert load_config(None, {"AIS_ENGINE__CPU_THREADS": "64"}).engine.cpu_threads == 64
+
+
+@pytest.mark.parametrize("environ", [
+    {"AIS_ENGINE__MAX_POSITIONS": "2048"},  # the window (2,048) is the whole budget
+    {"AIS_ENGINE__MAX_POSITIONS": "512", "AIS_SESSION__MAX_TURN_TOKENS": "64"},
+    {"AIS_ENGINE__MAX_POSITIONS": "256"},  # not even one reply of the default cap fits
+])
+def test_a_context_budget_the_default_session_cannot_use_is_refused(environ):
+    """max_positions in its documented range (128..32768) with the default window and reply cap: the server said
+    "ready", /ready answered 200, and every session was refused with invalid_options, the client told its own
+    options were wrong."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, environ)
+    message = str(error.value)
+    assert "engine.max_positions" in message and "session.max_turn_tokens" in message, message
+
+
+def test_a_small_context_budget_with_a_window_that_fits_loads():
+    config = load_config(None, {"AIS_ENGINE__MAX_POSITIONS": "2048", "AIS_ENGINE__ROLLOVER_WINDOW_POSITIONS": "700"})
+    assert config.engine.max_positions == 2048
+    no_rollover = load_config(None, {"AIS_ENGINE__MAX_POSITIONS": "1024", "AIS_ENGINE__ROLLOVER_WINDOW_POSITIONS": ""})
+    assert no_rollover.engine.rollover_window_positions is None
+
+
+@pytest.mark.parametrize("key", ["k\u00e9y", "two\nlines", "nul\x00"])
+def test_an_api_key_no_header_can_carry_is_refused(key):
+    """Header values are read as Latin-1 and a line break ends a header: such a key matched no Authorization or
+    X-API-Key header, only a percent-encoded ?api_key=."""
+    with pytest.raises(ConfigError, match="api_key"):
+        load_config(None, {"AIS_API_KEY": key})
+
+
+def test_a_setting_given_twice_in_one_yaml_file_is_refused(tmp_path):
+    """YAML's last value won in silence: a pasted block could undo a setting above it."""
+    path = tmp_path / "server.yaml"
+    path.write_text("port: 9001\nengine:\n  max_sessions: 4\n  device: cpu\n  max_sessions: 8\nport: 9002\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, {})
+    assert str(error.value) == f"config file {path}: engine.max_sessions is set twice (lines 3 and 5)"
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "server.yaml"
+    path.write_text("port: 9001\n  engine: [\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, {})
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"config file {path} is not valid YAML (line 2") \
+        and "<unicode string>" not in message, message
+
+
+def test_an_empty_checkpoint_argument_is_a_usage_error():
+    """``--checkpoint ''`` meant the current directory: the server bound its port, then failed the load (exit 1).
+    An empty AIS_ENGINE__CHECKPOINT means null (the demo); an empty argument is a slip."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIS_")}
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--checkpoint", "", "--port", "0"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--checkpoint" in result.stderr and "empty" in result.stderr, result.stderr
