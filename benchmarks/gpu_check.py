@@ -80,6 +80,8 @@ from audio_interaction_server.model.checkpoint import LoadedModel, load_model  #
 from audio_interaction_server.model.encoder import AudioEncoder, batch_bucket  # noqa: E402
 from audio_interaction_server.model.lm import FLEX_BLOCK, flex_batch_bucket  # noqa: E402
 from audio_interaction_server.config import EngineConfig, ScriptedTurns  # noqa: E402
+from audio_interaction_server.options import SessionOptions  # noqa: E402
+from audio_interaction_server.spec import fitting_rollover_window  # noqa: E402
 from audio_interaction_server.engine.static_path import choose_step  # noqa: E402
 from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint  # noqa: E402
 
@@ -206,6 +208,7 @@ class Served:
     chunks: list[torch.Tensor] | None = None
     max_sessions: int = 0
     max_positions: int = 0
+    rollover_window: int | None = None  # one that fits max_positions (lowered to fit the slots, it may not be 4,096)
     attention: str = "auto"  # "gather" once flex failed to compile here, so no worker retries it per N
     max_batch_rows: int | None = None  # the largest compiled flex bucket, when compiling ran out of time
     fused_kernels: str = "auto"  # "off" once the fused stage failed, so the ramp still measures the torch layers
@@ -248,6 +251,7 @@ def ramp_kv_layout(args, served: Served, stage: Stage) -> None:
         if positions < MIN_RAMP_POSITIONS:
             raise RuntimeError(f"{served.max_sessions} slots do not fit even at {MIN_RAMP_POSITIONS} positions")
     served.max_positions = positions
+    served.rollover_window = fitting_rollover_window(positions, SessionOptions().max_turn_tokens)
     kv_gib = served.max_sessions * kv_bytes_per_slot(lm, positions) / 2**30
     stage.data.update(max_sessions=served.max_sessions, max_positions=positions, kv_cache_gib=round(kv_gib, 2))
 
@@ -416,6 +420,7 @@ def ramp(args, served: Served, report: Report, stage: Stage, script: ScriptedTur
 
     ``reserve_s`` is kept back for the stages after this one (the baseline must still run)."""
     engine: dict = {"attention": served.attention, "max_positions": served.max_positions,
+                    "rollover_window_positions": served.rollover_window,
                     "max_batch_rows": served.max_batch_rows, "fused_kernels": served.fused_kernels}
     if script is not None:
         engine["scripted_turns"] = {"every_chunks": script.every_chunks, "reply_tokens": script.reply_tokens}
@@ -536,6 +541,7 @@ def gpu_busy(args, served: Served, report: Report, stage: Stage) -> None:
     on_cuda = served.model.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU])
     engine = {"attention": served.attention, "max_positions": served.max_positions,
+              "rollover_window_positions": served.rollover_window,
               "max_batch_rows": served.max_batch_rows, "fused_kernels": served.fused_kernels,
               "scripted_turns": {"every_chunks": args.script.every_chunks, "reply_tokens": args.script.reply_tokens}}
     try:

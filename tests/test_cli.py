@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -327,3 +328,167 @@ def test_trailing_silence_is_held_to_the_servers_range(capsys, model_must_not_lo
     0 to 10 s; so does run, said before the model loads."""
     err = run_cli_error(capsys, "--trailing-silence", seconds, str(shared_audio / "02_translate"))
     assert "--trailing-silence" in err and "0 to 10" in err
+
+
+# ---- first runs without the vocabulary, closed pipes, input formats, and the exact words of each error -----------
+
+def offline_first_run_env(scratch: Path) -> dict[str, str]:
+    """A first run on a machine that cannot reach a package index: an empty cache, and pip told to use no index
+    and no local wheels, so fetching the Qwen vocabulary fails at once."""
+    (scratch / "no-wheels").mkdir()
+    return {**os.environ, "AIS_ENGINE__DEVICE": "cpu", "AUDIO_INTERACTION_CACHE": str(scratch / "cache"),
+            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(scratch / "no-wheels")}
+
+
+def test_a_first_run_without_the_vocabulary_is_one_error_line_with_status_2(tmp_path, shared_audio):
+    """`run` (demo model) and `make-checkpoint` on a first run that cannot fetch qwen.tiktoken ended with a
+    25-line VocabUnavailable traceback and status 1; make-checkpoint had written the weights by then."""
+    env = offline_first_run_env(tmp_path)
+    out = tmp_path / "made"
+    made = subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", "make-checkpoint", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    ran = subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", "run", "--demo",
+                          str(shared_audio / "02_translate")], capture_output=True, text=True, timeout=120, env=env)
+    for result in (made, ran):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("error: ") and "qwen.tiktoken" in last, result.stderr
+    assert not out.exists(), "the checkpoint folder was created before the vocabulary was known to be there"
+    assert not list((tmp_path / "cache").glob("demo-tiny-*")), "a half-written demo model was left in the cache"
+
+
+def without_root_file_access(args: list[str]) -> list[str]:
+    """``args`` run so that file permissions hold: root reads a mode-000 file unless it drops the capabilities
+    that let it (the command still runs as root, so it reaches the interpreter under /root)."""
+    if os.geteuid() != 0:
+        return args
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a mode-000 file stays readable")
+    capabilities = "-dac_override,-dac_read_search"
+    dropped = ["setpriv", f"--inh-caps={capabilities}", f"--bounding-set={capabilities}"]
+    if subprocess.run([*dropped, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and not allowed to drop the capabilities that read a mode-000 file")
+    return [*dropped, *args]
+
+
+def test_an_unreadable_file_is_called_unreadable(tmp_path, shared_audio):
+    """A file without read permission was reported as "not an audio file this server can decode: ... System
+    error." — the user looked for a codec problem."""
+    locked = tmp_path / "locked.wav"
+    shutil.copyfile(shared_audio / "02_translate" / "sample02_02.wav", locked)
+    locked.chmod(0)
+    result = subprocess.run(without_root_file_access(
+        [sys.executable, "-m", "audio_interaction_server.cli", "run", "--checkpoint", "/nope", str(locked)]),
+        capture_output=True, text=True, timeout=120, env={**os.environ, "AIS_ENGINE__DEVICE": "cpu"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: {locked}: permission denied (the file cannot be read)"]
+
+
+def test_a_folder_named_in_sequence_json_is_called_a_folder(capsys, model_must_not_load, tmp_path, shared_audio):
+    """It was reported among "missing files", though it is there."""
+    shutil.copyfile(shared_audio / "02_translate" / "sample02_02.wav", tmp_path / "a.wav")
+    (tmp_path / "takes").mkdir()
+    (tmp_path / "sequence.json").write_text('["a.wav", "takes"]')
+    err = run_cli_error(capsys, str(tmp_path))
+    assert err == (f"error: {tmp_path / 'sequence.json'} names folders, not audio files: "
+                   f"{[str(tmp_path / 'takes')]}")
+
+
+@pytest.mark.parametrize(("rate_hz", "num_channels", "says"), [
+    (500, 1, "sample rate 500 Hz"), (400_000, 1, "sample rate 400000 Hz"), (16_000, 9, "9 channels")])
+def test_audio_formats_the_server_refuses_are_refused_before_the_model_loads(
+        capsys, model_must_not_load, tmp_path, rate_hz, num_channels, says):
+    """The server takes 1,000 to 384,000 Hz and 1 to 8 channels (protocol.AudioFormat); run took anything."""
+    import numpy as np
+    import soundfile
+
+    path = tmp_path / "odd.wav"
+    soundfile.write(path, np.zeros((rate_hz // 10, num_channels), dtype=np.float32), rate_hz)
+    err = run_cli_error(capsys, str(path))
+    assert err.startswith(f"error: {path}: {says}") and "the server takes 1000 to 384000 Hz, 1 to 8 channels" in err
+
+
+def test_files_are_decoded_one_at_a_time_as_the_session_reaches_them(capsys, tiny_checkpoint, tmp_path):
+    """Every file was decoded (and held) before the model loaded: memory grew with the number of files. The
+    traced peak of a run over eight files stays near that of a run over one."""
+    import tracemalloc
+
+    import numpy as np
+    import soundfile
+
+    path = tmp_path / "noise.wav"
+    soundfile.write(path, np.random.default_rng(0).uniform(-0.1, 0.1, 16_000 * 8).astype(np.float32), 16_000)
+    peaks = {}
+    for num_files in (1, 8):
+        tracemalloc.start()
+        run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--features", "streaming", "--max-turn-tokens", "2",
+                "--trailing-silence", "0", *[str(path)] * num_files)
+        peaks[num_files] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[8] < 2 * peaks[1], peaks
+
+
+def close_stdout_early(args: list[str], num_lines_read: int) -> subprocess.CompletedProcess:
+    """``audio-interaction ARGS | head -N``: the reader takes ``num_lines_read`` lines, then goes. With none read it
+    goes before the command writes anything (it takes a second to start), so its first write meets a closed
+    pipe; output that fits the pipe's buffer could otherwise be written whole before the reader left."""
+    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "AIS_ENGINE__DEVICE": "cpu"})
+    assert process.stdout is not None and process.stderr is not None
+    lines_read = "".join(process.stdout.readline() for _ in range(num_lines_read))
+    process.stdout.close()
+    stderr = process.stderr.read()
+    return subprocess.CompletedProcess(args, process.wait(timeout=120), lines_read, stderr)
+
+
+@pytest.mark.parametrize("subcommand", ["run", "schema"])
+def test_stdout_closed_early_ends_quietly_with_the_sigpipe_status(tiny_checkpoint, shared_audio, subcommand):
+    """`run ... | head -1` printed a BrokenPipeError traceback (and ran on); `schema | head -1` exited 1 with one
+    when a write met the closed pipe. As `yes | head -1` does: no message, status 141 (128 + SIGPIPE)."""
+    if subcommand == "run":  # a line a step: the reader leaves after the first, while the model still runs
+        result = close_stdout_early(["run", "--checkpoint", str(tiny_checkpoint), str(shared_audio / "01_count_bark")],
+                                    num_lines_read=1)
+        assert result.stdout.startswith('{"type":"decision"'), result.stderr
+    else:
+        result = close_stdout_early(["schema"], num_lines_read=0)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "broken pipe" not in result.stderr.lower(), result.stderr
+    assert "emit callback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_make_checkpoint_refuses_a_seed_out_of_range_before_creating_anything(capsys, tmp_path, seed):
+    """2**64 failed with "Overflow when unpacking long long" after creating OUT (left empty); -1 was taken as
+    2**64 - 1 without a word."""
+    out = tmp_path / "made"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-checkpoint", str(out), "--seed", seed])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"argument --seed: must be a whole number from 0 to {2**64 - 1} (got {seed})")
+    assert not out.exists()
+
+
+def test_with_json_logs_the_final_error_line_is_json_too(tmp_path):
+    """`--log-format json` (or AIS_LOG_FORMAT=json) made every line JSON but the last, `error: ...` in plain text."""
+    ran = command("run", "--log-format", "json", str(tmp_path / "nope.wav"))
+    taken = tmp_path / "taken"
+    taken.write_text("not a checkpoint")
+    made = subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", "make-checkpoint", str(taken)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "AIS_LOG_FORMAT": "json"})
+    for result, says in ((ran, f"{tmp_path / 'nope.wav'}: no such file or folder"), (made, str(taken))):
+        assert result.returncode == 2, result.stderr
+        lines = [json.loads(line) for line in result.stderr.splitlines()]
+        assert lines[-1]["level"] == "error" and says in lines[-1]["message"], lines
+
+
+def test_run_make_checkpoint_and_schema_help_list_their_exit_statuses():
+    expected = {"run": [("0", "finished"), ("1", "session"), ("2", "command line"), ("130", "ctrl-c"),
+                        ("141", "stdout")],
+                "make-checkpoint": [("0", "written"), ("2", "command line"), ("130", "ctrl-c")],
+                "schema": [("0", "printed"), ("141", "stdout")]}
+    for subcommand, statuses in expected.items():
+        result = command(subcommand, "--help")
+        assert result.returncode == 0 and "exit status:" in result.stdout, result.stdout
+        for status, meaning in statuses:
+            assert re.search(rf"^\s+{status}\s.*{meaning}", result.stdout, re.M | re.I), (subcommand, status)

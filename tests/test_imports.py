@@ -143,8 +143,10 @@ def direction_problems(source: str, target: str) -> list[str]:
         problems.append(f"{source} imports cli (only __main__ may)")
     if source in LEAVES and target != source:
         problems.append(f"{source} is a leaf but imports {target}")
-    # config checks at start-up that a checkpoint that is no directory names a Hub repo: the Hub's own parser.
-    if source in ("protocol", "config") and target != "options" and (source, target) != ("config", "model.hub"):
+    # config checks at start-up that a checkpoint that is no directory names a Hub repo: the Hub's own parser; and
+    # that the default session fits the context budget: the token layout's arithmetic (spec, a leaf).
+    if source in ("protocol", "config") and target != "options" and \
+            (source, target) not in {("config", "model.hub"), ("config", "spec")}:
         problems.append(f"{source} imports {target} (the wire schema and the config depend on the options only)")
     if source_group == "model" and target_group not in {"model", "spec"}:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")

@@ -11,6 +11,11 @@ file zero-padded to whole 0.4 s chunks and featurised as one clip, then
 ``--trailing-silence`` seconds of zeros as a clip of its own. ``--features streaming``
 feeds the files back to back through the live server's streaming front-end and ends
 with the same trailing silence, as a client's ``flush`` would.
+
+Every file's header (readable, decodable, a sample rate and channel count the server takes) is checked before
+the model loads; the samples are decoded one file at a time as the session reaches it, so memory does not grow
+with the number of files. A command that cannot go on ends with one ``error:`` line on stderr (a JSON log record
+with ``--log-format json`` / ``AIS_LOG_FORMAT=json``) and the exit statuses each command's ``--help`` lists.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from audio_interaction_server.__main__ import EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, serve
-from audio_interaction_server.logs import configure_logging
+from audio_interaction_server.logs import LOG_FORMATS, configure_logging
 
 # Everything heavier (numpy, torch, the engine, pydantic models) is imported by the command that uses it:
 # torch alone takes seconds, and --help, --version and a mistyped flag should answer at once.
@@ -37,6 +43,34 @@ if TYPE_CHECKING:
     from audio_interaction_server.audio.frontend import PaddedBlocks
 
 log = logging.getLogger("audio_interaction_server.cli")
+
+EXIT_OK = 0
+EXIT_SESSION_FAILED = 1
+EXIT_BAD_INPUT = 2  # serve's EXIT_BAD_CONFIG: what the user gave cannot work, said in one line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+# 128 + SIGPIPE: what a shell reports for `yes | head -1`'s yes. Python ignores SIGPIPE and raises
+# BrokenPipeError instead; ending with the signal's status keeps `set -o pipefail` scripts seeing what they
+# would see for any other tool.
+EXIT_STDOUT_CLOSED = 141
+
+RUN_EXIT_STATUSES = f"""exit status:
+  {EXIT_OK}    finished: every file ran through the model and the session ended normally
+  {EXIT_SESSION_FAILED}    the session ended with an error (an error: line says why)
+  {EXIT_BAD_INPUT}    invalid command line, input file, checkpoint or device, or the demo model's Qwen vocabulary
+       cannot be fetched (one error: line says why)
+  {EXIT_INTERRUPTED}  stopped by Ctrl-C (SIGINT)
+  {EXIT_STDOUT_CLOSED}  stdout was closed early (`| head`): it stops at once and quietly, as a tool ended by SIGPIPE
+"""
+MAKE_CHECKPOINT_EXIT_STATUSES = f"""exit status:
+  {EXIT_OK}    written
+  {EXIT_BAD_INPUT}    invalid command line, OUT is not a folder that can be written, or the Qwen vocabulary cannot
+       be fetched (one error: line says why; nothing is written)
+  {EXIT_INTERRUPTED}  stopped by Ctrl-C (SIGINT)
+"""
+SCHEMA_EXIT_STATUSES = f"""exit status:
+  {EXIT_OK}    printed
+  {EXIT_STDOUT_CLOSED}  stdout was closed early (`| head`): it stops quietly, as a tool ended by SIGPIPE
+"""
 
 
 class InputError(ValueError):
@@ -70,8 +104,49 @@ def _sequence_files(folder: Path) -> list[Path]:
         raise InputError(f"{sequence} is not valid JSON: {error}") from None
     except UnicodeDecodeError:
         raise InputError(f"{sequence} is not UTF-8 text") from None
-    except FileNotFoundError as error:  # names files that are not there: the message lists them
+    except FileNotFoundError as error:  # names entries that are not files: the message lists them
+        # The loader counts a folder among the missing files; it is there, so say what it is.
+        named = [folder / name for name in json.loads(sequence.read_text(encoding="utf-8"))]
+        folders = sorted({str(path) for path in named if path.is_dir()})
+        if folders:
+            raise InputError(f"{sequence} names folders, not audio files: {folders}") from None
         raise InputError(str(error)) from None
+
+
+def _field_range(field: str) -> tuple[int, int]:
+    """The inclusive bounds of an ``AudioFormat`` field: the server's limits, stated once, in the protocol."""
+    from audio_interaction_server.protocol import AudioFormat
+
+    constraints = AudioFormat.model_fields[field].metadata
+    lowest = next(constraint.ge for constraint in constraints if hasattr(constraint, "ge"))
+    highest = next(constraint.le for constraint in constraints if hasattr(constraint, "le"))
+    return lowest, highest
+
+
+def check_audio_file(path: Path) -> None:
+    """Refuses, from the header alone, a file that cannot be read or decoded, or whose sample rate or channel
+    count the server refuses on a live stream: said before the model loads, without holding the samples."""
+    import soundfile
+
+    try:
+        with path.open("rb"):  # libsndfile reports a file it may not read as a "System error."
+            pass
+        info = soundfile.info(str(path))
+    except PermissionError:
+        raise InputError(f"{path}: permission denied (the file cannot be read)") from None
+    except soundfile.LibsndfileError as error:
+        raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {error}") from None
+    lowest_rate_hz, highest_rate_hz = _field_range("sample_rate_hz")
+    fewest_channels, most_channels = _field_range("num_channels")
+    problems = []
+    if not lowest_rate_hz <= info.samplerate <= highest_rate_hz:
+        problems.append(f"sample rate {info.samplerate} Hz")
+    if not fewest_channels <= info.channels <= most_channels:
+        problems.append(f"{info.channels} channels")
+    if problems:
+        raise InputError(f"{path}: {' and '.join(problems)}; the server takes {lowest_rate_hz} to "
+                         f"{highest_rate_hz} Hz, {fewest_channels} to {most_channels} channels (resample or "
+                         "down-mix it first)")
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -79,11 +154,9 @@ def read_audio(path: Path) -> np.ndarray:
 
     try:
         return load_audio_file(path)
-    except AudioFormatError as error:
+    except AudioFormatError as error:  # a header that reads but a body that does not
         reason = str(error.__cause__ or error).strip()
         raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {reason}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: a folder inside sequence.json; list audio files") from None
 
 
 def trailing_silence(seconds: float) -> np.ndarray:
@@ -94,29 +167,31 @@ def trailing_silence(seconds: float) -> np.ndarray:
     return np.zeros(int(round(seconds * T.SAMPLE_RATE_HZ)), dtype=np.float32)
 
 
-def offline_clips(files: list[Path], silence_s: float) -> list[torch.Tensor]:
-    """Per file: its chunks, then a silence clip; each clip featurised as a whole."""
+def offline_clips(files: list[Path], silence_s: float) -> Iterator[list[torch.Tensor]]:
+    """Per file, decoded when asked for: its chunks, then a silence clip; each clip featurised as a whole."""
     from audio_interaction_server.audio.frontend import offline_chunks
 
-    clips = []
     for path in files:
-        clips.append(offline_chunks(read_audio(path)))
+        clips = [offline_chunks(read_audio(path))]
         if silence_s > 0:
             clips.append(offline_chunks(trailing_silence(silence_s)))
-    return clips
+        yield clips
 
 
-def streaming_clips(files: list[Path], silence_s: float) -> list[PaddedBlocks]:
+def streaming_clips(files: list[Path], silence_s: float) -> Iterator[list[PaddedBlocks]]:
     """The live server's audio path: files back to back, then a client's ``input.flush``; the blocks the worker
-    computes each chunk's log-mel from, as a live session's."""
+    computes each chunk's log-mel from, as a live session's. One list per file, decoded when asked for, then
+    the flush's."""
     from audio_interaction_server.audio.stream import AudioInput
 
-    clips: list[PaddedBlocks] = []
-    audio = AudioInput(clips.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
+    blocks: list[PaddedBlocks] = []
+    audio = AudioInput(blocks.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
         audio.accept(read_audio(path))
+        yield list(blocks)
+        blocks.clear()
     audio.flush(silence_s)
-    return clips
+    yield blocks
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
@@ -142,20 +217,21 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.demo.qwen_vocab import VocabUnavailable
     from audio_interaction_server.engine.events import EngineEvent, SessionEnded
     from audio_interaction_server.engine.worker import Worker
     from audio_interaction_server.model.checkpoint import CheckpointError, load_model
     from audio_interaction_server.options import SamplingOptions, SessionOptions
     from audio_interaction_server.render.replies import ReplyRenderer
+    from audio_interaction_server.spec import fitting_rollover_window
 
-    # Everything the user typed is checked, and every file decoded, before the model loads:
+    # Everything the user typed is checked, and every file's header read, before the model loads:
     # a typo should cost a second, not a multi-gigabyte load.
     try:
         sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         options = SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling)
-        # The server's rollover window (2,048) from its budget (4,096) up, as the server runs; below, where it does
-        # not fit, half of what a full reply leaves.
-        window = 2048 if args.max_positions >= 4096 else max(0, (args.max_positions - args.max_turn_tokens) // 2)
+        # The server's rollover window from its budget (4,096) up, as the server runs; below, one that fits.
+        window = fitting_rollover_window(args.max_positions, args.max_turn_tokens)
         engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions,
                                      rollover_window_positions=window)
     except ValidationError as error:
@@ -164,38 +240,56 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--trailing-silence: must be 0 to 10 seconds, as the server takes "
                          f"(got {args.trailing_silence})")
     files = expand_inputs(args.files)
-    make_clips = offline_clips if args.features == "offline" else streaming_clips
-    clips = make_clips(files, args.trailing_silence)
+    for path in files:
+        check_audio_file(path)
     no_cuda = no_cuda_reason(args.device)
     if no_cuda is not None:
         raise InputError(no_cuda)
 
     try:
         model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
-    except CheckpointError as error:  # unreadable, incomplete, or not there: one line, like serve's
+    except (CheckpointError, VocabUnavailable) as error:  # unreadable, incomplete, not there: one line, like serve's
         raise InputError(str(error)) from None
     worker = Worker(model, engine_config)
     session_id = uuid.uuid4().hex[:12]
     renderer = ReplyRenderer(model.tokenizer)
     ended: list[SessionEnded] = []
+    stdout_closed: list[BrokenPipeError] = []
 
     def emit(events: list[EngineEvent]) -> None:
         for event in events:
             if isinstance(event, SessionEnded):
                 ended.append(event)
-            for wire_event in renderer.render(event):
-                print(wire_event.model_dump_json(exclude_none=True), flush=True)
+            if stdout_closed:
+                continue  # the reader has gone; the session is closing
+            try:
+                for wire_event in renderer.render(event):
+                    print(wire_event.model_dump_json(exclude_none=True), flush=True)
+            except BrokenPipeError as error:
+                # Raised here, the worker would log it as a failed callback with a traceback; instead the session
+                # closes at the next step and the run stops after it, quietly.
+                stdout_closed.append(error)
+                worker.close_session(session_id)
 
     worker.open_session(session_id, options, emit)
-    for clip in clips:
-        worker.push_audio(session_id, clip)
-    worker.run_until_idle()
+    clips_per_file = offline_clips if args.features == "offline" else streaming_clips
+    # Each file's clips run to idle before the next file is decoded: one file's samples in memory at a time.
+    # A session decides its queued chunks in order whether they arrived at once or file by file, so the
+    # events are those of pushing every file first.
+    for clips in clips_per_file(files, args.trailing_silence):
+        for clip in clips:
+            worker.push_audio(session_id, clip)
+        worker.run_until_idle()
+        if stdout_closed:
+            raise stdout_closed[0]
     worker.close_session(session_id)
     worker.step()
+    if stdout_closed:
+        raise stdout_closed[0]
     failures = [e for e in ended if e.error_code is not None]
     for failure in failures:
-        print(f"error: {failure.error_code}: {failure.message}", file=sys.stderr)
-    return 1 if failures else 0
+        report_error(f"{failure.error_code}: {failure.message}", log_format_of(args))
+    return EXIT_SESSION_FAILED if failures else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=VERSION_TEXT)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events")
+    run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events",
+                                  epilog=RUN_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = run_cmd.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="release checkpoint directory or Hugging Face repo id (owner/name[@rev])")
     source.add_argument("--demo", action="store_true", help="tiny random model (the default without --checkpoint)")
@@ -217,20 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--top-p", type=float, default=1.0)
     run_cmd.add_argument("--top-k", type=int, default=0)
     run_cmd.add_argument("--seed", type=int, default=None)
-    run_cmd.add_argument("--log-format", choices=["text", "json"], default=None,
-                         help="json: one JSON object a line on stderr (default: AIS_LOG_FORMAT, else text)")
+    run_cmd.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                         help="json: one JSON object a line on stderr, the final error line too (default: "
+                         "AIS_LOG_FORMAT, else text)")
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
     serve_cmd = commands.add_parser("serve", epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                     help="run the WebSocket server (same as python -m audio_interaction_server)")
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(handler=serve)
-    schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event")
+    schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event",
+                                     epilog=SCHEMA_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     schema_cmd.set_defaults(handler=print_schema)
     from audio_interaction_server.demo import make_tiny_checkpoint
 
     checkpoint_cmd = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint in the release "
-                                         "layout (tests, demo, throughput runs; its replies are noise)")
+                                         "layout (tests, demo, throughput runs; its replies are noise)",
+                                         epilog=MAKE_CHECKPOINT_EXIT_STATUSES,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
     make_tiny_checkpoint.add_arguments(checkpoint_cmd)
     checkpoint_cmd.set_defaults(handler=make_checkpoint)
     return parser
@@ -240,31 +339,75 @@ def print_schema(args: argparse.Namespace) -> int:
     from audio_interaction_server.protocol import json_schema
 
     print(json.dumps(json_schema(), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def make_checkpoint(args: argparse.Namespace) -> int:
     from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint as write_checkpoint
+    from audio_interaction_server.demo.qwen_vocab import VocabUnavailable
 
-    write_checkpoint(args.out, args.preset, args.seed, args.dtype)
-    return 0
+    try:
+        write_checkpoint(args.out, args.preset, args.seed, args.dtype)
+    except VocabUnavailable as error:  # a first run without a package index: the message says what to do
+        raise InputError(str(error)) from None
+    return EXIT_OK
+
+
+def log_format_of(args: argparse.Namespace) -> str:
+    """The format of stderr's lines: the command's --log-format, else AIS_LOG_FORMAT, else text."""
+    return getattr(args, "log_format", None) or os.environ.get("AIS_LOG_FORMAT") or "text"
+
+
+def report_error(message: str, log_format: str) -> None:
+    """A command's ``error:`` line; with JSON logs a JSON record like every other line, so a log pipeline
+    that parses each line does not choke on the one that matters most."""
+    if log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
+def _send_stdout_to_devnull() -> None:
+    """stdout's reader has gone: output still buffered would raise again when the interpreter flushes it at exit
+    (an "Exception ignored" message and status 120), so stdout now writes nowhere (Python's documented way)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    log_format = log_format_of(args)
+    if log_format not in LOG_FORMATS:  # only AIS_LOG_FORMAT can get here: the flag's choices are checked
+        print(f"error: AIS_LOG_FORMAT={log_format!r} is not a log format; use one of {', '.join(LOG_FORMATS)}",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     # serve sets its own up from its configuration (log_level, log_format) once that is read.
-    configure_logging("info", getattr(args, "log_format", None) or os.environ.get("AIS_LOG_FORMAT") or "text")
+    configure_logging("info", log_format)
+    sys.exit(_run_command(args, log_format))
+
+
+def _run_command(args: argparse.Namespace, log_format: str) -> int:
+    """The command's exit status; what ends it early becomes one line, never a traceback."""
     try:
-        sys.exit(args.handler(args))
+        status = args.handler(args)
+        sys.stdout.flush()  # a closed pipe meets output still buffered here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # `| head` took what it wanted: stop quietly, as a tool ended by SIGPIPE
+        _send_stdout_to_devnull()
+        return EXIT_STDOUT_CLOSED
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        report_error(str(exc), log_format)
+        return EXIT_BAD_INPUT
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:  # a path given
-        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
-        sys.exit(2)
+        report_error(f"{exc.strerror}: {exc.filename}", log_format)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C, whatever was running: one line, the shell's status for SIGINT
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        if log_format == "json":
+            log.warning("interrupted")
+        else:
+            print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -105,3 +105,15 @@ def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rol
             f"a full reply must fit {max_positions} positions; the largest possible here is "
             f"{max_positions - rebuilt_max - 2 * BLOCK_TOKENS - 1}"
         )
+
+
+DEFAULT_ROLLOVER_WINDOW: Final = 2048  # engine.rollover_window_positions' default, for the default 4,096 budget
+
+
+def fitting_rollover_window(max_positions: int, max_turn_tokens: int) -> int:
+    """A rollover window for a budget chosen without one (a benchmark's, the offline CLI's ``--max-positions``):
+    the server's default from 4,096 positions up; below, half of what a full reply leaves, which keeps rollovers
+    rare (the default would not fit below about 2,700)."""
+    if max_positions >= 4096:
+        return DEFAULT_ROLLOVER_WINDOW
+    return max(0, (max_positions - max_turn_tokens) // 2)

@@ -168,18 +168,28 @@ def write_audio_tower(out: Path, preset: Preset, generator: torch.Generator, dty
                out / "audiointeraction_ChunkwisedEncoder.pth")
 
 
+# torch.Generator.manual_seed takes 0 to 2**64 - 1; it also takes negative seeds, wrapped (-1 is 2**64 - 1), which
+# would make two command lines one checkpoint without a word.
+MAX_SEED = 2**64 - 1
+
+
 def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
     import torch
 
     from audio_interaction_server.demo.qwen_vocab import write_tokenizer_files
 
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed}: must be 0 to {MAX_SEED}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     chosen = PRESETS[preset]
+    # The tokenizer first: it is what a first run without a package index cannot get, and failing before any
+    # weights are written leaves no folder behind. It draws nothing from the generator, so the order keeps the
+    # seeded values.
+    write_tokenizer_files(out)
+    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     write_lm(out, chosen, generator, dtype)
     write_audio_tower(out, chosen, generator, dtype)
-    write_tokenizer_files(out)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
     log.info("wrote %s checkpoint (seed %d, %s) to %s", preset, seed, dtype, out)
     return out
@@ -231,12 +241,23 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def seed_value(text: str) -> int:
+    """``--seed``'s type: refused by argparse (status 2) before anything is created, not by torch after."""
+    try:
+        seed: int | None = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED} (got {text})")
+    return seed
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of this tool, shared with ``audio-interaction make-checkpoint``."""
     parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: a few-MB test/demo model; real: the release's 3B shapes, random weights")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0, help=f"0 to {MAX_SEED}; the same seed, the same bytes")
     parser.add_argument("--dtype", choices=CHECKPOINT_DTYPES, default="float32",
                         help="the stored weights' type: bfloat16 halves a real-size checkpoint (the same seeded "
                         "values, rounded)")
