@@ -257,6 +257,39 @@ def test_the_front_holding_a_detached_session_tells_its_balancer_it_has_room(tre
         front.stop()
 
 
+def test_a_detached_session_on_one_front_gives_its_slot_to_a_new_client_of_another(tree, tiny_checkpoint):
+    """Every engine slot taken, one by a session detached on front A: a client of front B was refused with
+    `capacity` and B's /ready said full for the whole grace, though docs/protocol.md promises that a detached
+    session never keeps a live client out. Fronts now tell the engine which of their sessions are detached; a
+    front admits while any front holds one, and the engine, asked to open a session with every slot taken,
+    has the session detached longest give its slot up (it ends with detached_evicted on its own front)."""
+    import asyncio
+
+    from tests.api.test_resume import connect_and_drop
+
+    ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}
+    front = attach_front(tree, tiny_checkpoint, resume_grace_s=30)
+    try:
+        with open_session(ports["box-f1"]) as held:
+            start_session(held)
+            send_pcm(held, np.zeros(8_000, "<f4"), 16_000)  # open in the engine: a slot of the worker's own
+            recv_until(held, lambda e: e["type"] == "decision")
+            asyncio.run(connect_and_drop(front.port))  # the engine's other slot, held by a detached session on A
+            wait_until(lambda: front.runtime.engine_free_slots == 0 and front.runtime.detached_sessions())
+            assert http_status(ports["box-f0"], "/ready") == 200  # front B: a slot can be had
+            with open_session(ports["box-f0"]) as ws:
+                session_id = start_session(ws)
+                send_pcm(ws, np.zeros(16_000, "<f4"), 16_000)  # its first chunks open it in the engine
+                decision = recv_until(ws, lambda e: e["type"] in ("decision", "error"))[-1]
+                assert decision["type"] == "decision", decision
+                assert decision["session_id"] == session_id
+            wait_until(lambda: not front.runtime.streams)  # A's detached session gave its slot up
+            metrics = front.get("/metrics")[1].decode()
+            assert 'ais_sessions_total{reason="detached_evicted"} 1.0' in metrics
+    finally:
+        front.stop()
+
+
 def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tree_exits_1(tree, tiny_checkpoint):
     engine_pid, endpoints = tree.engine()
     ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}  # the latest of each: f1 restarted

@@ -281,6 +281,7 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
                                   resume=ResumePolicy(config.resume_grace_s, config.resume_max_events,
                                                       config.resume_max_bytes),
                                   on_detached=runtime.session_detached,
+                                  on_reattached=runtime.session_reattached,
                                   on_session_closed=lambda reason: runtime.session_closed(session_id, reason))
     # Registered before the first await, so the capacity check above cannot be raced.
     runtime.register(session_id, connection)

@@ -431,6 +431,7 @@ class StreamConnection:
                  poll_interval_s: float, on_closed: Callable[[str], None], codec: Codec | None = None,
                  resume: ResumePolicy | None = None,
                  on_detached: Callable[[StreamConnection], None] | None = None,
+                 on_reattached: Callable[[StreamConnection], None] | None = None,
                  on_session_closed: Callable[[str], None] | None = None) -> None:
         self.websocket = websocket
         self._loop = asyncio.get_running_loop()
@@ -457,6 +458,7 @@ class StreamConnection:
         self._expiry: asyncio.TimerHandle | None = None
         self.detached_since_s: float | None = None  # time.monotonic() of the drop, while detached
         self._on_detached = on_detached  # the registry's bound on detached sessions (Runtime.session_detached)
+        self._on_reattached = on_reattached  # and its slot its own again (Runtime.session_reattached)
         self._attach(websocket)
 
     def _attach(self, websocket: WebSocket) -> Outbox:
@@ -563,7 +565,9 @@ class StreamConnection:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        self.detached_since_s = None
+        was_detached, self.detached_since_s = self.detached_since_s is not None, None
+        if was_detached and self._on_reattached is not None:
+            self._on_reattached(self)
         self._generation += 1
         self._client_said_goodbye = False
         outbox = self._attach(websocket)

@@ -225,6 +225,27 @@ class Runtime:
         for stream in same_address[:max(0, len(same_address) - limit)]:
             stream.end_detached("detached_per_ip_limit", f"its client address holds more than "
                                 f"max_detached_per_ip ({limit}) detached sessions")
+        session_id = self._id_of(connection)
+        if self.shared_engine is not None and session_id is not None and connection.is_detached:
+            # Its slot may go to a new session of another front (the engine decides: Runtime._evicted_by_engine).
+            assert connection.detached_since_s is not None
+            self.shared_engine.session_detached(session_id, connection.detached_since_s)
+
+    def session_reattached(self, connection: RegisteredConnection) -> None:
+        """``connection``'s client resumed it: its slot is its own again."""
+        session_id = self._id_of(connection)
+        if self.shared_engine is not None and session_id is not None:
+            self.shared_engine.session_reattached(session_id)
+
+    def _id_of(self, connection: RegisteredConnection) -> str | None:
+        return next((session_id for session_id, stream in self.streams.items() if stream is connection), None)
+
+    def _evicted_by_engine(self, session_id: str) -> None:
+        """One of several fronts: the shared engine gave this detached session's slot to a new session (of this
+        front or another, every slot being taken); it has closed it there already."""
+        stream = self.streams.get(session_id)
+        if stream is not None and stream.is_detached:
+            stream.end_detached("detached_evicted", "a new session took its slot (every engine slot was taken)")
 
     @property
     def num_subscribers(self) -> int:
@@ -271,12 +292,19 @@ class Runtime:
             return None
         return status.slots_free_for(engine.front_id, len(self.streams))
 
+    def _detached_on_other_fronts(self) -> int:
+        """Slots the shared engine's other fronts hold with detached sessions (as of its latest heartbeat): the
+        engine gives one to a new session of this front when no slot is free (``EngineHost._make_room``)."""
+        engine = self.shared_engine
+        status = engine.engine_status if engine is not None else None
+        return 0 if engine is None or status is None else status.detached_elsewhere(engine.front_id)
+
     @property
     def is_full(self) -> bool:
         """No room for a new session: every slot is held by a connected client (a detached session's slot
         goes to a new session: ``register``), or, one of several fronts, the shared engine has none free."""
         num_detached = sum(stream.is_detached for stream in self.streams.values())
-        if num_detached == 0 and self.engine_free_slots == 0:
+        if num_detached == 0 and self.engine_free_slots == 0 and self._detached_on_other_fronts() == 0:
             return True
         return len(self.streams) - num_detached >= self.config.session_capacity
 
@@ -432,6 +460,8 @@ class Runtime:
             raise RuntimeError("the server stopped while the model loaded")
         worker.on_step = self._on_step
         worker.on_failure = self._on_worker_failure
+        if self.shared_engine is not None:
+            self.shared_engine.on_evicted = self._on_evicted_by_engine
         worker.start()
         assert worker.model is not None
         self._check_default_session(worker)
@@ -454,6 +484,12 @@ class Runtime:
 
     def _on_step(self, stats) -> None:  # worker thread; prometheus_client is thread-safe
         self.metrics.observe_step(stats)
+
+    def _on_evicted_by_engine(self, session_id: str) -> None:  # the engine client's reader thread
+        try:
+            self._loop.call_soon_threadsafe(self._evicted_by_engine, session_id)
+        except RuntimeError:
+            pass  # the event loop is already closed: the server is stopping anyway
 
     def _on_worker_failure(self, error: BaseException) -> None:  # the dying worker thread
         try:

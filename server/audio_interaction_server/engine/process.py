@@ -46,8 +46,9 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode_batch, encode, recv_frames, send_frames,
+    FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached,
+    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode_batch,
+    encode, recv_frames, send_frames,
 )
 from audio_interaction_server.engine.worker import Worker
 
@@ -199,6 +200,7 @@ class _Front:
     pid: int | None = None  # its process, from its Hello: watched, so its death is seen at the next poll
     sessions: set[str] = field(default_factory=set)  # opened here and not ended
     num_admitted: int = 0  # what its heartbeat says it holds, sessions not yet opened here included
+    detached: dict[str, float] = field(default_factory=dict)  # its sessions waiting for a resume: since when
 
     @property
     def num_slots_held(self) -> int:
@@ -297,9 +299,17 @@ class EngineHost:
                 front.pid = pid
                 self._outbox.put((front_id, ready))
             case OpenRemote(session_id=session_id, options=options):
+                self._make_room(worker)
                 with self._fronts_lock:
                     front.sessions.add(session_id)
                 worker.open_session(session_id, options, functools.partial(self._emit, front_id, session_id))
+            case SessionDetached(session_id=session_id, since_s=since_s):
+                with self._fronts_lock:
+                    if session_id in front.sessions:
+                        front.detached[session_id] = since_s
+            case SessionReattached(session_id=session_id):
+                with self._fronts_lock:
+                    front.detached.pop(session_id, None)
             case PushAudio(session_id=session_id, mel_chunks=chunks):
                 # Features: a copy the worker may own; PaddedBlocks: the worker copies them as it batches.
                 worker.push_audio(session_id, chunks if isinstance(chunks, PaddedBlocks)
@@ -311,6 +321,9 @@ class EngineHost:
             case ClearAudio(session_id=session_id):
                 worker.clear_audio(session_id)
             case CloseSession(session_id=session_id):
+                with self._fronts_lock:  # its slot is free for the next open: the worker takes commands in order
+                    front.sessions.discard(session_id)
+                    front.detached.pop(session_id, None)
                 worker.close_session(session_id)
             case Goodbye():
                 self._drop_front(worker, front_id, "it left")
@@ -320,13 +333,36 @@ class EngineHost:
                 log.error("front %s sent an unknown message %r", front_id.hex(), type(message).__name__)
         return False
 
+    def _make_room(self, worker: Worker) -> None:
+        """Before an open: with every slot taken by an open session and one of them detached (on any front), the
+        session detached longest gives its slot up, as a single server does (docs/protocol.md). Closed here, it
+        frees the slot before the open (the worker takes commands in order); its front is told first, so that
+        it ends the session as evicted, not as closed by its client."""
+        with self._fronts_lock:
+            if sum(len(front.sessions) for front in self.fronts.values()) < self.spec.config.max_sessions:
+                return
+            detached = [(since_s, front_id, session_id) for front_id, front in self.fronts.items()
+                        for session_id, since_s in front.detached.items()]
+            if not detached:
+                return  # every slot held by a live client: the worker refuses the open (capacity)
+            _, owner_id, session_id = min(detached)
+            owner = self.fronts[owner_id]
+            del owner.detached[session_id]
+            owner.sessions.discard(session_id)
+        log.info("session %s (front %s) gives its slot up to a new session: every slot was taken and it was the "
+                 "session detached longest", session_id, owner_id.hex())
+        self._outbox.put((owner_id, EvictDetached(session_id)))
+        worker.close_session(session_id)
+
     def _status(self) -> EngineStatus:
         """Free slots: those no front's session holds, has asked for, or has been admitted for (a front counts a
         session from its handshake; it opens here at its first audio)."""
         with self._fronts_lock:
             held_by_front = {front_id: front.num_slots_held for front_id, front in self.fronts.items()}
+            detached_by_front = {front_id: len(front.detached) for front_id, front in self.fronts.items()
+                                 if front.detached}
         return EngineStatus(max(0, self.spec.config.max_sessions - sum(held_by_front.values())),
-                            self.spec.config.max_sessions, held_by_front)
+                            self.spec.config.max_sessions, held_by_front, detached_by_front)
 
     def _expire_fronts(self, worker: Worker) -> None:
         now_s = time.monotonic()
@@ -367,6 +403,7 @@ class EngineHost:
                 front = self.fronts.get(front_id)
                 if front is not None:
                     front.sessions.discard(session_id)
+                    front.detached.pop(session_id, None)
         self._outbox.put((front_id, SessionEvents(session_id, events, state)))
 
     def _send_loop(self) -> None:

@@ -32,8 +32,9 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, Goodbye, Heartbeat,
-    Hello, OpenRemote, SessionEvents, Shutdown, decode, encode_batch, recv_frames, send_frames, stood_still_s,
+    ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached,
+    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode,
+    encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
@@ -41,7 +42,9 @@ from audio_interaction_server.spec import check_room
 
 log = logging.getLogger(__name__)
 
-FrontMessage = Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand  # what a front sends the engine
+# What a front sends the engine.
+FrontMessage = (Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand | SessionDetached
+                | SessionReattached)
 
 
 class EngineProcessClient:
@@ -63,6 +66,8 @@ class EngineProcessClient:
         self.num_admitted = 0  # sessions the front holds, opened here or not yet (set by it; sent in heartbeats)
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
+        # The engine gave a detached session's slot to a new session (reader thread): the front ends it.
+        self.on_evicted: Callable[[str], None] | None = None
         self._context = zmq.Context()
         self._commands = self._socket(endpoints.commands)
         self._events = self._socket(endpoints.events)
@@ -200,6 +205,14 @@ class EngineProcessClient:
     def close_session(self, session_id: str) -> None:
         self._send(CloseSession(session_id))
 
+    def session_detached(self, session_id: str, since_s: float) -> None:
+        """The session lost its client at ``since_s`` (``time.monotonic()``) and waits for a resume: the engine may
+        give its slot to a new session of any front (``EvictDetached`` tells this front when it does)."""
+        self._send(SessionDetached(session_id, since_s))
+
+    def session_reattached(self, session_id: str) -> None:
+        self._send(SessionReattached(session_id))
+
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
         assert self._prompts is not None and self.config is not None, "options checked before the engine served"
@@ -231,7 +244,7 @@ class EngineProcessClient:
             with self._send_lock:
                 self._write([message])
 
-    def _hold_for_turn(self, message: OpenRemote | SessionCommand) -> None:
+    def _hold_for_turn(self, message: OpenRemote | SessionCommand | SessionDetached | SessionReattached) -> None:
         with self._send_lock:  # a goodbye from another thread may be taking the turn's commands
             self._turn_commands.append(message)
             is_first = len(self._turn_commands) == 1
@@ -321,6 +334,9 @@ class EngineProcessClient:
                         self._dispatch(session_id, events)
                     case EngineStatus():
                         self.engine_status = message
+                    case EvictDetached(session_id=session_id):
+                        if self.on_evicted is not None:
+                            self.on_evicted(session_id)
                     case StepStats():
                         if self.on_step is not None:
                             self.on_step(message)

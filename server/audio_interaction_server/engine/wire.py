@@ -107,6 +107,31 @@ class OpenRemote:
 
 
 @dataclass(frozen=True)
+class SessionDetached:
+    """A front's session lost its client and waits to be resumed: its slot may go to a new session of any front
+    (docs/protocol.md: a detached session never keeps a live client out). ``since_s``: ``time.monotonic()``, one
+    clock for every process of a host, so the engine can pick the session detached longest over all fronts."""
+
+    session_id: str
+    since_s: float
+
+
+@dataclass(frozen=True)
+class SessionReattached:
+    """The detached session's client is back: its slot is its own again."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class EvictDetached:
+    """The engine to a front: its detached session's slot went to a new session, of this front or another (the
+    engine has closed it already); the front ends it with ``detached_evicted``."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
 class EngineReady:
     """The engine's answer to ``Hello``: what the front needs to describe the model and check options."""
 
@@ -134,10 +159,16 @@ class EngineStatus:
     # The slots counted for each front (by routing id): a front that has admitted sessions since its last heartbeat
     # takes those off ``free_slots`` itself (``slots_free_for``), or a burst of handshakes overshoots.
     held_by_front: dict[bytes, int] = field(default_factory=dict)
+    # Sessions each front has said are detached: their slots go to new sessions of any front when none is free.
+    detached_by_front: dict[bytes, int] = field(default_factory=dict)
 
     def slots_free_for(self, front_id: bytes, num_admitted: int) -> int:
         """The free slots as a front that holds ``num_admitted`` sessions now sees them."""
         return max(0, self.free_slots - max(0, num_admitted - self.held_by_front.get(front_id, 0)))
+
+    def detached_elsewhere(self, front_id: bytes) -> int:
+        """Slots held by other fronts' detached sessions: a new session of this front may have one."""
+        return sum(count for front, count in self.detached_by_front.items() if front != front_id)
 
 
 @dataclass(frozen=True)
