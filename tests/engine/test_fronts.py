@@ -290,6 +290,42 @@ def test_a_detached_session_on_one_front_gives_its_slot_to_a_new_client_of_anoth
         front.stop()
 
 
+def test_an_address_cut_for_a_flood_on_one_front_is_refused_by_every_front(tree, tiny_checkpoint):
+    """The flood cut's cooldown was each front's own: a client cut on front A reconnected at once through front B
+    of the same engine, with a fresh budget and a fresh backlog for the engine they share (docs/reliability.md:
+    its address is refused new connections for flood.cut_cooldown_s). A cut now reaches every front through
+    the engine."""
+    import socket
+
+    from websockets.exceptions import InvalidStatus
+
+    ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}
+    front = attach_front(tree, tiny_checkpoint, flood={"event_burst": 3, "events_per_s": 0.1, "cut_cooldown_s": 30.0})
+
+    def connect_from_127_0_0_2(port: int) -> ClientConnection:  # loopback too, and no other test's address
+        sock = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        return connect(f"ws://127.0.0.1:{port}/v1/stream", sock=sock, max_size=None)
+
+    try:
+        with connect_from_127_0_0_2(front.port) as flooder:
+            recv_event(flooder)
+            for _ in range(5):
+                flooder.send(json.dumps({"type": "input.clear"}))
+            closing = recv_until(flooder, lambda e: e["type"] == "session.closed")
+            assert any(e.get("code") == "event_flood" for e in closing), closing
+        time.sleep(0.5)  # the cut crosses to the other fronts through the engine (one message each way)
+        for port in (ports["box-f0"], ports["box-f1"]):
+            with pytest.raises(InvalidStatus) as refused:
+                connect_from_127_0_0_2(port).close()
+            response = refused.value.response
+            assert response.status_code == 429 and b"flood" in response.body, (response.status_code, response.body)
+            assert 20 <= int(response.headers["Retry-After"]) <= 30  # the cut's own cooldown
+        with open_session(ports["box-f0"]) as other:  # 127.0.0.1 connects as before
+            assert recv_event(other)["type"] == "session.created"
+    finally:
+        front.stop()
+
+
 def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tree_exits_1(tree, tiny_checkpoint):
     engine_pid, endpoints = tree.engine()
     ports = {m.group(2): int(m.group(1)) for m in tree.wait_for(READY, 3)}  # the latest of each: f1 restarted

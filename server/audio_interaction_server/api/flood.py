@@ -118,6 +118,16 @@ class CutCooldown:
             self._cuts.popitem(last=False)
         return cooldown_s
 
+    def impose(self, address: str, until_s: float, cooldown_s: float) -> None:
+        """Another front of the same engine cut ``address`` (engine/wire.py, ``AddressCut``): refused here until
+        ``until_s`` too, and a cut here soon after doubles that cooldown, as if it had been this front's."""
+        current_until_s, _ = self._cuts.get(address, (-1.0, 0.0))
+        if until_s > current_until_s:
+            self._cuts.pop(address, None)
+            self._cuts[address] = (until_s, cooldown_s)
+            while len(self._cuts) > self.max_tracked:
+                self._cuts.popitem(last=False)
+
     def retry_after_s(self, address: str, now_s: float) -> float | None:
         """None when ``address`` may connect now; else seconds until it may."""
         entry = self._cuts.get(address)

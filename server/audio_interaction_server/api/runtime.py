@@ -36,6 +36,7 @@ from audio_interaction_server.model.progress import LoadProgress
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.client import EngineClient, ModelSummary
     from audio_interaction_server.engine.process_client import EngineEndpoints, EngineProcessClient
+    from audio_interaction_server.engine.wire import AddressCut
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,12 @@ class Runtime:
             return
         self._cooled_sessions.add(session_id)
         address = stream.client_address
-        cooldown_s = self.flood_cooldown.cut(address, time.monotonic())
+        now_s = time.monotonic()
+        cooldown_s = self.flood_cooldown.cut(address, now_s)
+        if self.shared_engine is not None:  # a cut client must not come back through another front
+            from audio_interaction_server.engine.wire import AddressCut
+
+            self.shared_engine.address_cut(AddressCut(address, now_s + cooldown_s, cooldown_s))
         log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
                     address, cooldown_s)
 
@@ -462,6 +468,7 @@ class Runtime:
         worker.on_failure = self._on_worker_failure
         if self.shared_engine is not None:
             self.shared_engine.on_evicted = self._on_evicted_by_engine
+            self.shared_engine.on_address_cut = self._on_address_cut
         worker.start()
         assert worker.model is not None
         self._check_default_session(worker)
@@ -490,6 +497,16 @@ class Runtime:
             self._loop.call_soon_threadsafe(self._evicted_by_engine, session_id)
         except RuntimeError:
             pass  # the event loop is already closed: the server is stopping anyway
+
+    def _on_address_cut(self, cut: AddressCut) -> None:  # the engine client's reader thread
+        try:
+            self._loop.call_soon_threadsafe(self._impose_cut, cut)
+        except RuntimeError:
+            pass  # the event loop is already closed: the server is stopping anyway
+
+    def _impose_cut(self, cut: AddressCut) -> None:
+        if self.flood_cooldown is not None:
+            self.flood_cooldown.impose(cut.address, cut.until_s, cut.cooldown_s)
 
     def _on_worker_failure(self, error: BaseException) -> None:  # the dying worker thread
         try:

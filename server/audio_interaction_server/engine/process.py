@@ -46,7 +46,8 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached,
+    FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
+    EvictDetached,
     Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode_batch,
     encode, recv_frames, send_frames,
 )
@@ -310,6 +311,8 @@ class EngineHost:
             case SessionReattached(session_id=session_id):
                 with self._fronts_lock:
                     front.detached.pop(session_id, None)
+            case AddressCut():
+                self._outbox.put((None, message))  # every front refuses the address (the cutting one already does)
             case PushAudio(session_id=session_id, mel_chunks=chunks):
                 # Features: a copy the worker may own; PaddedBlocks: the worker copies them as it batches.
                 worker.push_audio(session_id, chunks if isinstance(chunks, PaddedBlocks)

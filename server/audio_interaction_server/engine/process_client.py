@@ -32,7 +32,8 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    ENGINE_TIMEOUT_S, HEARTBEAT_S, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached,
+    ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
+    EvictDetached,
     Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode,
     encode_batch, recv_frames, send_frames, stood_still_s,
 )
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # What a front sends the engine.
 FrontMessage = (Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand | SessionDetached
-                | SessionReattached)
+                | SessionReattached | AddressCut)
 
 
 class EngineProcessClient:
@@ -68,6 +69,8 @@ class EngineProcessClient:
         self.on_failure: Callable[[BaseException], None] | None = None
         # The engine gave a detached session's slot to a new session (reader thread): the front ends it.
         self.on_evicted: Callable[[str], None] | None = None
+        # A front of the engine (this one too) cut a session for a flood (reader thread): refuse its address.
+        self.on_address_cut: Callable[[AddressCut], None] | None = None
         self._context = zmq.Context()
         self._commands = self._socket(endpoints.commands)
         self._events = self._socket(endpoints.events)
@@ -213,6 +216,10 @@ class EngineProcessClient:
     def session_reattached(self, session_id: str) -> None:
         self._send(SessionReattached(session_id))
 
+    def address_cut(self, cut: AddressCut) -> None:
+        """This front cut a session of ``cut.address`` for a flood: every front of the engine is told."""
+        self._send(cut)
+
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
         assert self._prompts is not None and self.config is not None, "options checked before the engine served"
@@ -244,7 +251,7 @@ class EngineProcessClient:
             with self._send_lock:
                 self._write([message])
 
-    def _hold_for_turn(self, message: OpenRemote | SessionCommand | SessionDetached | SessionReattached) -> None:
+    def _hold_for_turn(self, message: FrontMessage) -> None:
         with self._send_lock:  # a goodbye from another thread may be taking the turn's commands
             self._turn_commands.append(message)
             is_first = len(self._turn_commands) == 1
@@ -337,6 +344,9 @@ class EngineProcessClient:
                     case EvictDetached(session_id=session_id):
                         if self.on_evicted is not None:
                             self.on_evicted(session_id)
+                    case AddressCut():
+                        if self.on_address_cut is not None:
+                            self.on_address_cut(message)
                     case StepStats():
                         if self.on_step is not None:
                             self.on_step(message)

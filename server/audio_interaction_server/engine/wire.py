@@ -132,6 +132,17 @@ class EvictDetached:
 
 
 @dataclass(frozen=True)
+class AddressCut:
+    """A front cut a session for a flood: its client address may not connect again until ``until_s``
+    (``time.monotonic()``, one clock for the host's processes). The engine passes it to every front: a cut
+    client that reconnected through another front of the same engine got a fresh budget there."""
+
+    address: str
+    until_s: float
+    cooldown_s: float  # what this cut cost (it doubles while the address keeps being cut)
+
+
+@dataclass(frozen=True)
 class EngineReady:
     """The engine's answer to ``Hello``: what the front needs to describe the model and check options."""
 
