@@ -265,6 +265,27 @@ def test_pcm_at_another_rate_is_an_extension_the_session_resamples():
     assert updated.session.audio.input.format.rate == 16_000  # outside the SDK's Literal[24000]: documented
 
 
+@pytest.mark.parametrize("session, param, ga_field", [
+    # What the SDK's client.beta.realtime.connect sends: the first beta field is named.
+    ({"modalities": ["text"], "input_audio_format": "g711_ulaw", "turn_detection": None,
+      "max_response_output_tokens": 5}, "session.modalities", "session.output_modalities"),
+    ({"input_audio_format": "g711_ulaw"}, "session.input_audio_format", "session.audio.input.format"),
+    ({"turn_detection": None}, "session.turn_detection", "session.audio.input.turn_detection"),
+    ({"max_response_output_tokens": 5}, "session.max_response_output_tokens", "session.max_output_tokens"),
+    ({"instructions": "Be brief.", "voice": "alloy"}, "session.voice", "session.audio.output.voice"),
+    ({"temperature": 0.8}, "session.temperature", "no temperature"),
+])
+def test_a_beta_interface_session_is_refused_naming_the_ga_field(session, param, ga_field):
+    """A client on the SDK's beta interface puts its settings directly under ``session``: they were dropped
+    without a word, so its G.711 audio was read as PCM16 and its manual turns and cap were ignored."""
+    h = Harness()
+    [command] = h.client({"type": "session.update", "event_id": "beta", "session": session})
+    assert isinstance(command, Malformed) and command.code == "invalid_value", command
+    [frame] = h.session(h.error(command))
+    assert frame["error"]["param"] == param and frame["error"]["event_id"] == "beta"
+    assert "GA" in frame["error"]["message"] and ga_field in frame["error"]["message"], frame
+
+
 # ---- audio and turns ----------------------------------------------------------------------------------------
 
 
@@ -297,6 +318,20 @@ def test_settings_refused_after_the_first_audio_are_named_as_the_realtime_api_na
         assert "system_prompt" not in frame["error"]["message"] and param in frame["error"]["message"]
 
 
+def test_an_update_refused_after_the_first_audio_says_its_allowed_changes_were_not_applied_either():
+    """Instructions (fixed once audio flows) and the audio format (free at any time) in one update: the session
+    refuses the update whole, and the error named only session.instructions, so the format change was lost
+    without a word (G.711 then read as PCM16)."""
+    h = Harness()
+    [command] = h.client({"type": "session.update", "event_id": "u1", "session": {
+        "instructions": "B", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}})
+    [frame] = h.session(h.error(command, code="invalid_state", message="['system_prompt'] can only change before "
+                                "the first audio frame; open a new session for other model options"))
+    message = frame["error"]["message"]
+    assert frame["error"]["param"] == "session.instructions"
+    assert "session.audio.input.format" in message and "not applied" in message, message
+
+
 def test_g711_audio_is_decoded_before_the_session_sees_it():
     h = Harness()
     h.client({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}})
@@ -319,6 +354,37 @@ def test_commit_flushes_and_is_acknowledged_once_the_audio_is_heard():
     assert frames[0]["item_id"] == item["id"] and item["role"] == "user"
     assert item["content"] == [{"type": "input_audio", "transcript": None}]
     assert h.session(InputFlushedEvent(**STAMP, num_chunks=3, audio_time_s=1.2)) == []  # nobody asked
+
+
+def test_an_append_the_session_refuses_leaves_nothing_to_commit():
+    """3 bytes of 16-bit PCM are no whole sample: the session refuses the frame (invalid_audio, "frame ignored"),
+    so a commit after it has nothing to commit. It made a user item of nothing (and fed the model 1 s of silence)."""
+    h = Harness()
+    [odd] = h.client(append(b"\x01\x02\x03"))
+    assert odd == AppendAudio(b"\x01\x02\x03")  # the session refuses it, in the client's order
+    [commit] = h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert isinstance(commit, Malformed) and commit.code == "input_audio_buffer_commit_empty", commit
+
+
+def test_a_commit_during_a_reply_is_acknowledged_once_heard_not_after_the_reply():
+    """The model hears while it speaks: a commit's flush answered mid-reply is committed then (docs: "committed
+    once the model has heard it"). It waited for the next reply, so a client waiting for it stalled."""
+    h = Harness()
+    h.client(append(np.zeros(4800)))
+    events = reply(0, ["a", "b"])
+    opened = h.session(*events[:3])  # turn_begin, emotion, one delta: the response is open
+    assistant_item_id = next(frame["item"]["id"] for frame in opened if frame["type"] == "response.output_item.added")
+    h.client(append(np.zeros(2400)))
+    [flush] = h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert isinstance(flush, Flush)
+    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=5, audio_time_s=2.0))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+    assert frames[0]["previous_item_id"] == assistant_item_id  # heard while the reply streamed: after its item
+    rest = h.session(*events[3:])
+    assert [frame["type"] for frame in rest][-1] == "response.done" and "input_audio_buffer.committed" not in [
+        frame["type"] for frame in rest]
+    # Nothing was appended since: the next reply commits nothing more.
+    assert "input_audio_buffer.committed" not in [frame["type"] for frame in h.session(*reply(1, ["c"]))]
 
 
 def test_clear_drops_unheard_audio_and_says_so():
@@ -392,6 +458,15 @@ def test_a_capped_reply_is_incomplete_with_reason_max_output_tokens():
     assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
 
 
+def test_usage_totals_the_output_tokens():
+    """LiveKit reads usage["total_tokens"] for its metrics (it reported 0): input tokens are not counted (docs), so
+    the total is the output."""
+    h = Harness()
+    done = h.session(*reply(0, ["a", "b"]))[-1]  # check_frame holds usage to the SDK's RealtimeResponseUsage
+    usage = done["response"]["usage"]
+    assert usage["total_tokens"] == usage["output_tokens"] == 3 and usage["input_tokens"] == 0, usage
+
+
 def test_response_create_forces_a_reply_carrying_the_clients_metadata_merged_with_the_emotion():
     h = Harness()
     [command] = h.client({"type": "response.create", "event_id": "r1",
@@ -412,6 +487,25 @@ def test_response_create_for_audio_is_refused():
                           "response": {"output_modalities": ["audio"]}})
     [frame] = h.session(h.error(command))
     assert frame["error"]["code"] == "invalid_value" and frame["error"]["param"] == "response.output_modalities"
+    assert isinstance(h.client({"type": "response.create"})[0], RequestReply)  # the refused one left no request
+
+
+@pytest.mark.parametrize("cap, is_refused", [
+    (3, True), (63, True), (0, True), (4097, True),  # below the session's cap of 64; out of range
+    (64, False), (4096, False), ("inf", False),  # no cap below the session's: the reply is within it already
+])
+def test_response_create_with_a_cap_the_reply_would_pass_is_refused_naming_the_field(cap, is_refused):
+    """response.max_output_tokens was dropped: a reply asked for 3 tokens ran to the session's cap, reported
+    "completed". A reply's cap is the session's (fixed with the first audio), so a lower one is refused."""
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r1", "response": {"max_output_tokens": cap}})
+    if not is_refused:
+        assert command == RequestReply(event_id="r1", event_type="response.create")
+        return
+    assert isinstance(command, Malformed) and command.code == "invalid_value", command
+    [frame] = h.session(h.error(command))
+    assert frame["error"]["param"] == "response.max_output_tokens" and frame["error"]["event_id"] == "r1"
+    assert "session.max_output_tokens" in frame["error"]["message"] or not 1 <= cap <= 4096, frame
     assert isinstance(h.client({"type": "response.create"})[0], RequestReply)  # the refused one left no request
 
 
@@ -484,6 +578,81 @@ def test_an_item_the_session_refuses_is_neither_held_nor_added():
                                                                              "conversation.item.done"]
 
 
+def message_item(item_id: str, previous_item_id: str | None = None, event_id: str | None = None) -> dict:
+    event = {"type": "conversation.item.create", "item": {
+        "id": item_id, "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}
+    if previous_item_id is not None:
+        event["previous_item_id"] = previous_item_id
+    if event_id is not None:
+        event["event_id"] = event_id
+    return event
+
+
+def test_an_item_after_an_unknown_item_is_refused_and_not_added():
+    """SDK: "If the ID cannot be found, an error will be returned and the item will not be added." It was added
+    at the tail."""
+    h = Harness()
+    h.session(h.acknowledged(h.client(message_item("lk_1"))[0]))
+    [refused] = h.client(message_item("lk_2", previous_item_id="nope", event_id="e2"))
+    assert isinstance(refused, Malformed) and refused.code == "item_create_invalid_previous_item_id", refused
+    [error] = h.session(h.error(refused))
+    assert error["error"]["param"] == "previous_item_id" and error["error"]["event_id"] == "e2"
+    [again] = h.client(message_item("lk_2"))  # it was not added: the id is free
+    assert h.session(h.acknowledged(again))[0]["previous_item_id"] == "lk_1"
+
+
+def test_an_item_may_follow_one_created_in_the_same_burst():
+    """LiveKit sends its history as a burst of creates, each after the one before: the earlier ones are not echoed
+    yet when the later ones are read, and must count as known."""
+    h = Harness()
+    [first] = h.client(message_item("lk_1"))
+    [second] = h.client(message_item("lk_2", previous_item_id="lk_1"))
+    [deleted] = h.client({"type": "conversation.item.delete", "item_id": "lk_1"})
+    [refused] = h.client(message_item("lk_3", previous_item_id="lk_1"))  # deleted in the same burst
+    assert isinstance(second, AcknowledgeItem) and isinstance(deleted, AcknowledgeItem)
+    assert isinstance(refused, Malformed) and refused.code == "item_create_invalid_previous_item_id"
+    assert h.session(h.acknowledged(first), h.acknowledged(second))[2]["previous_item_id"] == "lk_1"
+
+
+def test_an_item_inserted_before_the_tail_leaves_the_tail_where_it_was():
+    """An item inserted at "root" became the tail: every later item (the client's, the user's audio, the replies)
+    was announced right after it, in the middle of a mirrored history."""
+    h = Harness()
+    for item_id in ("lk_1", "lk_2"):
+        h.session(h.acknowledged(h.client(message_item(item_id))[0]))
+    first, _ = h.session(h.acknowledged(h.client(message_item("lk_0", previous_item_id="root"))[0]))
+    assert first["previous_item_id"] is None
+    middle, _ = h.session(h.acknowledged(h.client(message_item("lk_1b", previous_item_id="lk_1"))[0]))
+    assert middle["previous_item_id"] == "lk_1"
+    tail, _ = h.session(h.acknowledged(h.client(message_item("lk_3"))[0]))
+    assert tail["previous_item_id"] == "lk_2"
+    h.client(append(np.zeros(2400)))
+    h.client({"type": "input_audio_buffer.commit"})
+    committed = h.session(InputFlushedEvent(**STAMP, num_chunks=1, audio_time_s=0.4))[0]
+    assert committed["previous_item_id"] == "lk_3"
+    [deleted] = h.session(h.acknowledged(h.client({"type": "conversation.item.delete", "item_id": committed[
+        "item_id"]})[0]))
+    assert deleted["type"] == "conversation.item.deleted"
+    after_delete, _ = h.session(h.acknowledged(h.client(message_item("lk_4"))[0]))
+    assert after_delete["previous_item_id"] == "lk_3"  # the tail before the deleted one, not the newest insert
+
+
+def test_the_item_of_the_reply_in_progress_cannot_be_deleted():
+    """Deleting the streaming reply's item: its deltas went on and its conversation.item.done came after the
+    conversation.item.deleted, for an item the client was told is gone."""
+    h = Harness()
+    events = reply(0, ["a", "b"])
+    opened = h.session(*events[:3])
+    item_id = next(frame["item"]["id"] for frame in opened if frame["type"] == "response.output_item.added")
+    [refused] = h.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": item_id})
+    assert isinstance(refused, Malformed), refused
+    [error] = h.session(h.error(refused))
+    assert error["error"]["param"] == "item_id" and "response.cancel" in error["error"]["message"], error
+    h.session(*events[3:])
+    [ack] = h.client({"type": "conversation.item.delete", "event_id": "d2", "item_id": item_id})
+    assert isinstance(ack, AcknowledgeItem)  # once the response is done, its item can go
+
+
 # ---- bad frames and errors ----------------------------------------------------------------------------------
 
 
@@ -537,6 +706,8 @@ STRICTLY_REFUSED = {
         "type": "audio/pcm", "rate": "24000"}}}}}), "session.audio.input.format.rate"),
     "list as a string": (json.dumps({"type": "session.update", "session": {"output_modalities": "text"}}),
                          "session.output_modalities"),
+    "response cap as a string": (json.dumps({"type": "response.create", "response": {"max_output_tokens": "3"}}),
+                                 "response.max_output_tokens"),
     "17 metadata keys": (json.dumps({"type": "response.create", "response": {"metadata": {
         f"k{i}": "v" for i in range(17)}}}), "response.metadata"),
     "long metadata value": (json.dumps({"type": "response.create", "response": {"metadata": {"k": "v" * 513}}}),

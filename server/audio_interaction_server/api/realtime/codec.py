@@ -34,7 +34,7 @@ from audio_interaction_server.api.commands import (
     AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, Command, Configure, Flush, Malformed, RequestReply,
 )
 from audio_interaction_server.api.realtime.events import (
-    AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
+    BETA_SESSION_FIELDS, AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
     ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, DuplicateKey,
     Error, ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
     InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
@@ -47,6 +47,7 @@ from audio_interaction_server.protocol import AudioFormat
 
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
+PCM16_SAMPLE_BYTES = 2  # the session's format here is always mono 16-bit PCM (G.711 is decoded to it)
 MAX_TURN_TOKENS = 4096  # SessionOptions.max_turn_tokens' bound, checked here to name the Realtime field
 # The session's model settings a session.update may change, with the Realtime fields they come from.
 _MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_tokens", "session.max_output_tokens"),
@@ -82,6 +83,8 @@ class _Answer:
     turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
     # The Realtime fields of the model settings it changes (refused after the first audio: invalid_state).
     model_params: tuple[str, ...] = ()
+    # The fields it changes that may change at any time: not applied either when the update is refused.
+    other_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class _Ack:
     event_type: str
     event_id: str | None
     item: Item | None = None
-    previous_item_id: str | None = None
+    previous_item_id: str | None = None  # where the item goes: after this one (None: first of all) ...
+    is_at_tail: bool = False  # ... or after the newest item when it is acknowledged
     deleted_item_id: str | None = None
     num_bytes: int = 0  # the item's JSON: held until its echo is sent, counted by the connection's outbox
 
@@ -223,7 +227,10 @@ class RealtimeCodec:
             data = mulaw_to_s16le(data)
         elif isinstance(self._format, AudioPcma):
             data = alaw_to_s16le(data)
-        if data:
+        # The session refuses a frame of no whole 16-bit sample (invalid_audio, "frame ignored"): such a frame is no
+        # audio to commit. (A frame refused for a full buffer still counts: that is known only when the session
+        # answers, after the client's next events may have been read.)
+        if data and not len(data) % PCM16_SAMPLE_BYTES:
             self._appended_since_commit = True
             self._num_appends += 1
         return [AppendAudio(data, event_id=event.event_id)]
@@ -249,6 +256,10 @@ class RealtimeCodec:
             return [self._refuse("invalid_value", f"output_modalities {_shown(modalities)} is not supported: the model "
                                  "produces text (pair it with a text-to-speech)", event.type, event.event_id,
                                  "response.output_modalities")]
+        cap_refusal = self._response_cap_refusal(None if response is None else response.max_output_tokens)
+        if cap_refusal is not None:
+            return [self._refuse("invalid_value", cap_refusal, event.type, event.event_id,
+                                 "response.max_output_tokens")]
         if self.replies.reply is not None or self._request is not None:
             active = self.replies.response_id or "(requested)"
             return [self._refuse("conversation_already_has_active_response", f"Conversation already has an active "
@@ -256,6 +267,23 @@ class RealtimeCodec:
                                  "creating a new one.", event.type, event.event_id)]
         self._request = _Request(event.event_id, None if response is None else response.metadata)
         return [RequestReply(event_id=event.event_id, event_type=event.type)]
+
+    def _response_cap_refusal(self, cap: int | Literal["inf"] | None) -> str | None:
+        """Why a ``response.create``'s ``max_output_tokens`` cannot be honoured, or None.
+
+        A reply's cap is the session's: the engine session opens with it, and the codec cannot stop a reply early
+        (it speaks only when a client frame arrives, and the text deltas it sees are not tokens). A cap at or above
+        the session's is met by every reply; one below it would be silently exceeded, so it is refused."""
+        if cap is None or cap == "inf":
+            return None
+        if not 1 <= cap <= MAX_TURN_TOKENS:
+            return f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not {cap}"
+        session_cap = self._default_max_turn_tokens if self._settings is None else self._settings.max_turn_tokens
+        if cap < session_cap:
+            return (f"max_output_tokens {cap} per response is not supported: every reply is capped at the session's "
+                    f"{session_cap} tokens (session.max_output_tokens, set before the first audio); send 'inf' or "
+                    "leave it out")
+        return None
 
     def _response_cancel(self, event: ResponseCancel) -> list[Command]:
         active = self.replies.response_id
@@ -274,7 +302,7 @@ class RealtimeCodec:
     def _item_create(self, event: ConversationItemCreate) -> list[Command]:
         given = event.item
         item_id = given.id or self.ids.new("item")
-        if item_id in self.conversation.item_ids:
+        if self._will_hold(item_id):
             return [self._refuse("item_create_duplicate_item_id", f"an item with id {_shown(item_id)} already exists",
                                  event.type, event.event_id, "item.id")]
         item: Item
@@ -294,15 +322,35 @@ class RealtimeCodec:
                                  "are not supported: the model neither calls tools nor takes them", event.type,
                                  event.event_id, "item.type")]
         previous = event.previous_item_id
-        if previous == "root":
-            previous = None
-        elif previous is None or previous not in self.conversation.item_ids:
-            previous = self.conversation.last_item_id
-        return self._acknowledge(_Ack(event.type, event.event_id, item=item, previous_item_id=previous,
-                                      num_bytes=len(item.model_dump_json())))
+        if previous is not None and previous != "root" and not self._will_hold(previous):
+            # The SDK: "If the ID cannot be found, an error will be returned and the item will not be added."
+            return [self._refuse("item_create_invalid_previous_item_id", f"no item with id {_shown(previous)} to "
+                                 "place the item after; item not added", event.type, event.event_id,
+                                 "previous_item_id")]
+        return self._acknowledge(_Ack(event.type, event.event_id, item=item,
+                                      previous_item_id=None if previous == "root" else previous,
+                                      is_at_tail=previous is None, num_bytes=len(item.model_dump_json())))
+
+    def _will_hold(self, item_id: str) -> bool:
+        """Whether the conversation holds ``item_id`` once the acknowledgements on their way are sent: a client may
+        name an item it created (or deleted) in the same burst, before its echo (LiveKit syncs its history so)."""
+        is_held = item_id in self.conversation.item_ids
+        for ack in self._acks:
+            if ack.item is not None and ack.item.id == item_id:
+                is_held = True
+            elif ack.deleted_item_id == item_id:
+                is_held = False
+        return is_held
 
     def _item_delete(self, event: ConversationItemDelete) -> list[Command]:
-        if event.item_id not in self.conversation.item_ids:
+        reply = self.replies.reply
+        if reply is not None and reply.is_open and event.item_id == reply.item_id:
+            # Its deltas, output_item.done and conversation.item.done would still come, for an item the client was
+            # told is gone. Refusing is simpler than cancelling first, and the client can do both in order.
+            return [self._refuse("invalid_state", f"item {_shown(event.item_id)} is the output of the response in "
+                                 f"progress ({reply.response_id}): send response.cancel, then delete it after its "
+                                 "response.done", event.type, event.event_id, "item_id")]
+        if not self._will_hold(event.item_id):
             return [self._refuse("item_delete_invalid_item_id", f"no item with id {_shown(event.item_id)}", event.type,
                                  event.event_id, "item_id")]
         return self._acknowledge(_Ack(event.type, event.event_id, deleted_item_id=event.item_id))
@@ -347,8 +395,10 @@ class RealtimeCodec:
             if settings is None or reply_mode != settings.reply_mode:
                 fields["reply_mode"] = reply_mode
         model_params = tuple(param for field, param in _MODEL_SETTING_PARAMS if field in fields)
+        other_params = ("session.audio.input.format",) if "audio" in fields else ()
         self._answers.append(_Answer("session.update", event.type, event.event_id, audio_format=new_format,
-                                     turn_detection=turn_detection, model_params=model_params))
+                                     turn_detection=turn_detection, model_params=model_params,
+                                     other_params=other_params))
         return [Configure(**fields, event_id=event.event_id, event_type=event.type)]
 
     @staticmethod
@@ -379,7 +429,7 @@ class RealtimeCodec:
             if self._num_commits_waiting == 0:
                 return []
             self._num_commits_waiting -= 1
-            return self._commit_audio()
+            return self._commit_audio(is_asked=True)
         if kind == "input.cleared":
             cleared = self._appends_before_clear.popleft() if self._appends_before_clear else self._num_appends
             self._appends_done = max(self._appends_done, cleared)
@@ -410,9 +460,17 @@ class RealtimeCodec:
             audio=AudioObject(input=AudioInputObject(format=self._format, turn_detection=self._turn_detection)),
         )
 
-    def _commit_audio(self) -> list:
-        """Before a reply opens (and at a commit): the audio not yet committed becomes a user item."""
-        if self._num_appends <= self._appends_done or (self.replies.reply is not None and self.replies.reply.is_open):
+    def _commit_audio(self, is_asked: bool = False) -> list:
+        """Before a reply opens, and at a commit the client asked for (``is_asked``): the audio not yet committed
+        becomes a user item.
+
+        While a reply streams, the audio the model hears is committed only when asked: it waits for the next reply
+        otherwise, since committing at each delta would make a user item of every 20 ms append. An asked commit is
+        answered at once, mid-reply too, as OpenAI commits speech heard during a response: the user item follows the
+        reply's item (added when the response opened), whose own item.done keeps its place before the user's."""
+        if self._num_appends <= self._appends_done:
+            return []
+        if not is_asked and self.replies.reply is not None and self.replies.reply.is_open:
             return []
         self._appends_done = self._num_appends
         self._appended_since_commit = False  # every append decoded so far is in this item: a commit now is empty
@@ -424,11 +482,13 @@ class RealtimeCodec:
         ack = self._acks.popleft()
         self.held_bytes -= ack.num_bytes
         if ack.item is not None:
-            self.conversation.add(ack.item.id)
-            return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=ack.previous_item_id,
-                                          item=ack.item),
-                    ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=ack.previous_item_id,
-                                         item=ack.item)]
+            if ack.is_at_tail:  # the tail now: items the server made since the create was read come before it
+                previous = self.conversation.add(ack.item.id)
+            else:
+                previous = ack.previous_item_id
+                self.conversation.insert(ack.item.id, after=previous)
+            return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=previous, item=ack.item),
+                    ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=previous, item=ack.item)]
         if ack.deleted_item_id is not None:
             self.conversation.remove(ack.deleted_item_id)
             return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=ack.deleted_item_id)]
@@ -460,6 +520,11 @@ class RealtimeCodec:
             if event.code == "invalid_state" and answer.model_params:  # named as the client named them
                 message = (f"{', '.join(answer.model_params)} can only change before the first audio; open a new "
                            "session to change it")
+                if answer.other_params:
+                    # The session applies an update whole or not at all: a change allowed now, lost without a
+                    # word, would leave the client streaming a format the server does not read.
+                    message += (f". This session.update was not applied at all, {', '.join(answer.other_params)} "
+                                "included: send that again on its own")
                 event = event.model_copy(update={"message": message})
                 self._params[(event.event_id, event.code)] = answer.model_params[0]
         if event.event_type == "response.create":
@@ -477,6 +542,14 @@ class RealtimeCodec:
 def session_refusal(session: SessionIn) -> tuple[str, str] | None:
     """Why this server cannot run a session with these settings, as (message, param), or None: what a
     ``session.update`` is refused for, and a client secret's mint request (``routes.py``) for its ``session``."""
+    if session.beta_fields:
+        # Refused on the fields, not on the OpenAI-Beta header: GA clients may send that header too.
+        field = session.beta_fields[0]
+        ga_field = BETA_SESSION_FIELDS[field]
+        instead = f"use {ga_field}" if ga_field is not None else f"the GA interface has no {field} setting"
+        return (f"session.{field} is a field of the Realtime beta interface; this server speaks the GA interface "
+                f"(client.realtime, not client.beta.realtime): {instead}; nothing of this update was applied",
+                f"session.{field}")
     if "type" in session.model_fields_set and session.type != "realtime":
         return (f"session type {_shown(session.type)} is not supported: the model does not transcribe; use type "
                 "'realtime'", "session.type")

@@ -20,7 +20,10 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, StringConstraints, TypeAdapter,
+    model_validator,
+)
 
 # ---- shared pieces ------------------------------------------------------------------------
 
@@ -134,8 +137,11 @@ class OutputTokenDetails(_Wire):
 
 
 class Usage(_Wire):
-    """Counts of the model's own tokens; input tokens are not counted (the model hears audio chunks)."""
+    """Counts of the model's own tokens; input tokens are not counted (the model hears audio chunks), so they are 0
+    and the total is the output (LiveKit's metrics read ``total_tokens``)."""
 
+    total_tokens: int
+    input_tokens: int = 0
     output_tokens: int
     output_token_details: OutputTokenDetails
 
@@ -327,6 +333,24 @@ class AudioIn(_Lenient):
     output: AudioOutputIn | None = None
 
 
+# The session fields of the Realtime *beta* interface (the SDK's ``client.beta.realtime.connect``) that the GA
+# interface moved or dropped, with where GA has them (None: nowhere). Ignored like other unknown fields, they
+# silently changed the session a beta client gets (its G.711 read as PCM16, its manual turns and cap dropped).
+BETA_SESSION_FIELDS: dict[str, str | None] = {
+    "modalities": "session.output_modalities",
+    "input_audio_format": "session.audio.input.format",
+    "output_audio_format": "session.audio.output.format",
+    "input_audio_transcription": "session.audio.input.transcription",
+    "input_audio_noise_reduction": "session.audio.input.noise_reduction",
+    "turn_detection": "session.audio.input.turn_detection",
+    "max_response_output_tokens": "session.max_output_tokens",
+    "voice": "session.audio.output.voice",
+    "speed": "session.audio.output.speed",
+    "temperature": None,
+    "client_secret": "POST /v1/realtime/client_secrets",
+}
+
+
 class SessionIn(_Lenient):
     """A ``session.update``'s session; which fields were given matters (``model_fields_set``)."""
 
@@ -336,6 +360,20 @@ class SessionIn(_Lenient):
     output_modalities: list[str] | None = None
     audio: AudioIn | None = None
     tools: list[Any] | None = None
+    # The beta-interface fields given (BETA_SESSION_FIELDS), in the client's order: the codec refuses them.
+    _beta_fields: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_beta_fields(cls, data: Any, handler: ModelWrapValidatorHandler[SessionIn]) -> SessionIn:
+        session = handler(data)
+        if isinstance(data, dict):
+            session._beta_fields = tuple(key for key in data if key in BETA_SESSION_FIELDS)
+        return session
+
+    @property
+    def beta_fields(self) -> tuple[str, ...]:
+        return self._beta_fields
 
 
 class SessionUpdate(_ClientEvent):
@@ -358,6 +396,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 class ResponseIn(_Lenient):
     output_modalities: list[str] | None = None
+    max_output_tokens: int | Literal["inf"] | None = None  # only the session's cap or above (codec.py says why)
     metadata: Metadata | None = None
     conversation: str | None = None  # "none" = out of band: this server has one conversation, the audio's
 

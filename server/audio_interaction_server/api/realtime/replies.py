@@ -50,25 +50,40 @@ _ENDINGS: dict[str, tuple[str, StatusDetails | None]] = {
 
 @dataclass
 class Conversation:
-    """The items this connection announced, in order: what ``previous_item_id`` refers to."""
+    """The items this connection announced, in conversation order: what ``previous_item_id`` refers to."""
 
-    last_item_id: str | None = None
-    item_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    item_ids: dict[str, None] = field(default_factory=dict)  # an ordered set, in conversation order
     max_items: int = 4096  # a long session must not grow without bound: old ids are forgotten first
 
+    @property
+    def last_item_id(self) -> str | None:
+        return next(reversed(self.item_ids), None)
+
     def add(self, item_id: str) -> str | None:
-        """Record ``item_id`` as the newest item; returns the item it follows."""
+        """Record ``item_id`` as the newest item, at the tail; returns the item it follows."""
         previous = self.last_item_id
         self.item_ids[item_id] = None
-        while len(self.item_ids) > self.max_items:
-            del self.item_ids[next(iter(self.item_ids))]
-        self.last_item_id = item_id
+        self._forget_the_oldest()
         return previous
+
+    def insert(self, item_id: str, after: str | None) -> None:
+        """Record ``item_id`` right after ``after`` (None: first of all). The tail moves only when ``after`` is
+        the tail: later items still go after the newest, not after an item a client placed in its history."""
+        if after is not None and (after == self.last_item_id or after not in self.item_ids):
+            self.add(item_id)  # not held: forgotten past ``max_items`` since the client named it
+            return
+        # A client's insertion into its own history, rare: rebuilding the order costs one pass.
+        ordered = list(self.item_ids)
+        ordered.insert(0 if after is None else ordered.index(after) + 1, item_id)
+        self.item_ids = dict.fromkeys(ordered)
+        self._forget_the_oldest()
 
     def remove(self, item_id: str) -> None:
         self.item_ids.pop(item_id, None)
-        if self.last_item_id == item_id:
-            self.last_item_id = next(reversed(self.item_ids), None)
+
+    def _forget_the_oldest(self) -> None:
+        while len(self.item_ids) > self.max_items:
+            del self.item_ids[next(iter(self.item_ids))]
 
 
 @dataclass
@@ -135,7 +150,7 @@ class ReplyBuilder:
         part = TextPart(text=text)
         response = self._response(status, output=[item])
         response.status_details = details
-        response.usage = Usage(output_tokens=num_tokens,
+        response.usage = Usage(total_tokens=num_tokens, output_tokens=num_tokens,
                                output_token_details=OutputTokenDetails(text_tokens=num_tokens))
         out += [
             ResponseOutputTextDone(event_id=self.ids.new("event"), text=text, **self._part_ids()),
