@@ -36,7 +36,6 @@ from audio_interaction_server.model.progress import LoadProgress
 if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at import
     from audio_interaction_server.engine.client import EngineClient, ModelSummary
     from audio_interaction_server.engine.process_client import EngineEndpoints, EngineProcessClient
-    from audio_interaction_server.engine.wire import AddressCut
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -205,9 +204,7 @@ class Runtime:
         now_s = time.monotonic()
         cooldown_s = self.flood_cooldown.cut(address, now_s)
         if self.shared_engine is not None:  # a cut client must not come back through another front
-            from audio_interaction_server.engine.wire import AddressCut
-
-            self.shared_engine.address_cut(AddressCut(address, now_s + cooldown_s, cooldown_s))
+            self.shared_engine.address_cut(address, now_s + cooldown_s, cooldown_s)
         log.warning("session %s was cut for a flood (%s): %s may not connect for %.0f s", session_id, reason,
                     address, cooldown_s)
 
@@ -498,15 +495,15 @@ class Runtime:
         except RuntimeError:
             pass  # the event loop is already closed: the server is stopping anyway
 
-    def _on_address_cut(self, cut: AddressCut) -> None:  # the engine client's reader thread
+    def _on_address_cut(self, address: str, until_s: float, cooldown_s: float) -> None:  # the engine client's reader
         try:
-            self._loop.call_soon_threadsafe(self._impose_cut, cut)
+            self._loop.call_soon_threadsafe(self._impose_cut, address, until_s, cooldown_s)
         except RuntimeError:
             pass  # the event loop is already closed: the server is stopping anyway
 
-    def _impose_cut(self, cut: AddressCut) -> None:
+    def _impose_cut(self, address: str, until_s: float, cooldown_s: float) -> None:
         if self.flood_cooldown is not None:
-            self.flood_cooldown.impose(cut.address, cut.until_s, cut.cooldown_s)
+            self.flood_cooldown.impose(address, until_s, cooldown_s)
 
     def _on_worker_failure(self, error: BaseException) -> None:  # the dying worker thread
         try:

@@ -70,7 +70,7 @@ class EngineProcessClient:
         # The engine gave a detached session's slot to a new session (reader thread): the front ends it.
         self.on_evicted: Callable[[str], None] | None = None
         # A front of the engine (this one too) cut a session for a flood (reader thread): refuse its address.
-        self.on_address_cut: Callable[[AddressCut], None] | None = None
+        self.on_address_cut: Callable[[str, float, float], None] | None = None  # address, until_s, cooldown_s
         self._context = zmq.Context()
         self._commands = self._socket(endpoints.commands)
         self._events = self._socket(endpoints.events)
@@ -216,9 +216,10 @@ class EngineProcessClient:
     def session_reattached(self, session_id: str) -> None:
         self._send(SessionReattached(session_id))
 
-    def address_cut(self, cut: AddressCut) -> None:
-        """This front cut a session of ``cut.address`` for a flood: every front of the engine is told."""
-        self._send(cut)
+    def address_cut(self, address: str, until_s: float, cooldown_s: float) -> None:
+        """This front cut a session of ``address`` for a flood, refusing it until ``until_s`` (``time.monotonic()``):
+        every front of the engine is told (``AddressCut``)."""
+        self._send(AddressCut(address, until_s, cooldown_s))
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
@@ -344,9 +345,9 @@ class EngineProcessClient:
                     case EvictDetached(session_id=session_id):
                         if self.on_evicted is not None:
                             self.on_evicted(session_id)
-                    case AddressCut():
+                    case AddressCut(address=address, until_s=until_s, cooldown_s=cooldown_s):
                         if self.on_address_cut is not None:
-                            self.on_address_cut(message)
+                            self.on_address_cut(address, until_s, cooldown_s)
                     case StepStats():
                         if self.on_step is not None:
                             self.on_step(message)
