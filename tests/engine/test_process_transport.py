@@ -366,6 +366,42 @@ def test_a_front_that_leaves_frees_what_it_held_at_once_even_if_a_heartbeat_foll
         f"the engine still counts the front that left: {client.engine_status}"
 
 
+def test_a_detached_session_whose_slot_goes_to_a_new_one_is_ended_with_a_reason_not_closed(live):
+    """Every slot taken, one by a detached session: the engine gives that slot to the next open. It closed the
+    session as if its client had asked, so a client whose resume was accepted at that very moment (its front read
+    the eviction notice after the resume) got `session.closed` "closed" and 1000, a normal end it never asked for
+    (seen 7 of 7 times in a review's race). The engine now ends it with detached_evicted: a fatal error and 4009,
+    so the client starts a new session; a front that still holds it detached ends it as before."""
+    front = EngineProcessClient(live.runtime.worker.endpoints)
+    evicted: list[str] = []
+    front.on_evicted = evicted.append
+    front.start()
+    events: dict[str, list] = {"evict-a": [], "evict-b": [], "evict-c": []}
+    try:
+        for session_id in ("evict-a", "evict-b"):
+            front.num_admitted += 1
+            front.open_session(session_id, SessionOptions(), events[session_id].extend)
+        wait_until(lambda: all(events[s] and isinstance(events[s][0], SessionStarted) for s in ("evict-a", "evict-b")))
+        front.session_detached("evict-a", time.monotonic())
+        front.open_session("evict-c", SessionOptions(), events["evict-c"].extend)
+        wait_until(lambda: events["evict-c"] and any(isinstance(e, SessionEnded) for e in events["evict-a"]))
+        assert isinstance(events["evict-c"][0], SessionStarted), events["evict-c"]
+        assert evicted == ["evict-a"]
+        ended = [e for e in events["evict-a"] if isinstance(e, SessionEnded)]
+        assert ended[0].error_code == "detached_evicted", ended
+    finally:
+        for session_id in ("evict-b", "evict-c"):
+            front.close_session(session_id)
+        front.stop()
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)
+
+
 def wait_until_free_slots(client: EngineProcessClient, free: int, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -61,6 +61,7 @@ CLOSE_CODE_OF_END: dict[EndCode, CloseCode] = {
     EndCode.NUMERICAL_ERROR: CloseCode.INTERNAL,
     EndCode.INTERNAL_ERROR: CloseCode.INTERNAL,
     EndCode.FRONT_UNRESPONSIVE: CloseCode.INTERNAL,
+    EndCode.DETACHED_EVICTED: CloseCode.RESUME_FAILED,  # as a resume that came too late: start a new session
     EndCode.WORKER_FAILED: CloseCode.INTERNAL,
 }
 

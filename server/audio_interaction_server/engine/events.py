@@ -92,6 +92,9 @@ class EndCode(StrEnum):
     FRONT_UNRESPONSIVE = "front_unresponsive"
     """The server front that holds the session went silent past the engine process's bound (FRONT_TIMEOUT_S):
     the engine ended its sessions; a front that comes back tells its clients so."""
+    DETACHED_EVICTED = "detached_evicted"
+    """Every slot was taken and this session, waiting for its client to resume it, gave its slot to a new session
+    (the one detached longest, over all fronts of the engine): its client starts a new session."""
     WORKER_FAILED = "worker_failed"
     """The model worker itself died: every session ends with this, and later opens are refused with it."""
 

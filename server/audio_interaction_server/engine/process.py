@@ -338,9 +338,9 @@ class EngineHost:
 
     def _make_room(self, worker: Worker) -> None:
         """Before an open: with every slot taken by an open session and one of them detached (on any front), the
-        session detached longest gives its slot up, as a single server does (docs/protocol.md). Closed here, it
+        session detached longest gives its slot up, as a single server does (docs/protocol.md). Ended here, it
         frees the slot before the open (the worker takes commands in order); its front is told first, so that
-        it ends the session as evicted, not as closed by its client."""
+        it ends the session as evicted."""
         with self._fronts_lock:
             if sum(len(front.sessions) for front in self.fronts.values()) < self.spec.config.max_sessions:
                 return
@@ -355,7 +355,10 @@ class EngineHost:
         log.info("session %s (front %s) gives its slot up to a new session: every slot was taken and it was the "
                  "session detached longest", session_id, owner_id.hex())
         self._outbox.put((owner_id, EvictDetached(session_id)))
-        worker.close_session(session_id)
+        # Ended with a reason, not closed as if asked: a client whose resume its front accepted just before it read
+        # the notice above is told to start over (error detached_evicted, 4009), not closed with 1000.
+        worker.end_session(session_id, EndCode.DETACHED_EVICTED, "this session's slot went to a new session while "
+                           "its connection was away (every slot was taken); start a new session")
 
     def _status(self) -> EngineStatus:
         """Free slots: those no front's session holds, has asked for, or has been admitted for (a front counts a
