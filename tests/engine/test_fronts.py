@@ -322,6 +322,14 @@ def test_an_address_cut_for_a_flood_on_one_front_is_refused_by_every_front(tree,
             assert 20 <= int(response.headers["Retry-After"]) <= 30  # the cut's own cooldown
         with open_session(ports["box-f0"]) as other:  # 127.0.0.1 connects as before
             assert recv_event(other)["type"] == "session.created"
+        # A front that starts while the cut holds (one restarted after a crash) learns it from the engine too.
+        late = attach_front(tree, tiny_checkpoint)
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                connect_from_127_0_0_2(late.port).close()
+            assert refused.value.response.status_code == 429
+        finally:
+            late.stop()
     finally:
         front.stop()
 

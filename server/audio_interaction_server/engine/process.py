@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the engine looks at its parent and its fronts (their processes, their heartbeats)
 STOP_FLUSH_S = 2.0  # how long a stopping engine waits for its last events to reach the fronts
+MAX_CUTS_KEPT = 65_536  # flood cuts remembered for fronts that start later, the oldest forgotten first (as a front's)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class EngineHost:
         self.events.setsockopt(zmq.LINGER, int(STOP_FLUSH_S * 1000))
         self.events.bind(spec.endpoints.events)
         self.fronts: dict[bytes, _Front] = {}
+        self._cuts: OrderedDict[str, AddressCut] = OrderedDict()  # flood cuts by address, oldest first
         self._fronts_lock = threading.Lock()  # the worker thread's emits end sessions; the main thread opens them
         self._outbox: queue.SimpleQueue[tuple[bytes | None, Any] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
@@ -298,6 +301,8 @@ class EngineHost:
                 front.pid = front.pid or pid
             case Hello(pid=pid):
                 front.pid = pid
+                for cut in self._cuts_in_force():  # before its answer: a front serves once it has the answer
+                    self._outbox.put((front_id, cut))
                 self._outbox.put((front_id, ready))
             case OpenRemote(session_id=session_id, options=options):
                 self._make_room(worker)
@@ -311,8 +316,12 @@ class EngineHost:
             case SessionReattached(session_id=session_id):
                 with self._fronts_lock:
                     front.detached.pop(session_id, None)
-            case AddressCut():
+            case AddressCut(address=address):
                 self._outbox.put((None, message))  # every front refuses the address (the cutting one already does)
+                self._cuts.pop(address, None)
+                self._cuts[address] = message
+                while len(self._cuts) > MAX_CUTS_KEPT:
+                    self._cuts.popitem(last=False)
             case PushAudio(session_id=session_id, mel_chunks=chunks):
                 # Features: a copy the worker may own; PaddedBlocks: the worker copies them as it batches.
                 worker.push_audio(session_id, chunks if isinstance(chunks, PaddedBlocks)
@@ -335,6 +344,13 @@ class EngineHost:
             case _:
                 log.error("front %s sent an unknown message %r", front_id.hex(), type(message).__name__)
         return False
+
+    def _cuts_in_force(self) -> list[AddressCut]:
+        """The flood cuts whose cooldown still runs, for a front that says hello (one restarted after a crash)."""
+        now_s = time.monotonic()
+        for address in [address for address, cut in self._cuts.items() if cut.until_s <= now_s]:
+            del self._cuts[address]
+        return list(self._cuts.values())
 
     def _make_room(self, worker: Worker) -> None:
         """Before an open: with every slot taken by an open session and one of them detached (on any front), the

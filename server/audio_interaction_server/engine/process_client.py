@@ -144,6 +144,10 @@ class EngineProcessClient:
                         self.engine_status = message
                     elif isinstance(message, EngineFailedToLoad):
                         raise message.error
+                    elif isinstance(message, AddressCut) and self.on_address_cut is not None:
+                        # The cuts in force come with the answer to a hello: a front (re)started within one refuses
+                        # the address from its first session on.
+                        self.on_address_cut(message.address, message.until_s, message.cooldown_s)
             # Ready once the engine's free slots are known too (its status follows within HEARTBEAT_S): a front
             # of several weighs its agent and /ready by them from its first answer.
             if answer is not None and self.engine_status is not None:
