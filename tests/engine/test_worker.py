@@ -570,7 +570,7 @@ def test_every_end_code_has_a_docstring_and_its_wire_string():
     assert documented == set(EndCode.__members__)
     assert {code.value for code in EndCode} == {"capacity", "duplicate_session", "invalid_options", "context_full",
                                                 "server_shutdown", "numerical_error", "internal_error",
-                                                "front_unresponsive", "worker_failed"}
+                                                "front_unresponsive", "detached_evicted", "worker_failed"}
     assert EndCode.CAPACITY == "capacity" and f"{EndCode.CONTEXT_FULL}" == "context_full"  # a str on the wire
 
 
