@@ -429,7 +429,7 @@ class RealtimeCodec:
             if self._num_commits_waiting == 0:
                 return []
             self._num_commits_waiting -= 1
-            return self._commit_audio(is_asked=True)
+            return self._commit_audio()
         if kind == "input.cleared":
             cleared = self._appends_before_clear.popleft() if self._appends_before_clear else self._num_appends
             self._appends_done = max(self._appends_done, cleared)
@@ -460,17 +460,11 @@ class RealtimeCodec:
             audio=AudioObject(input=AudioInputObject(format=self._format, turn_detection=self._turn_detection)),
         )
 
-    def _commit_audio(self, is_asked: bool = False) -> list:
-        """Before a reply opens, and at a commit the client asked for (``is_asked``): the audio not yet committed
-        becomes a user item.
-
-        While a reply streams, the audio the model hears is committed only when asked: it waits for the next reply
-        otherwise, since committing at each delta would make a user item of every 20 ms append. An asked commit is
-        answered at once, mid-reply too, as OpenAI commits speech heard during a response: the user item follows the
-        reply's item (added when the response opened), whose own item.done keeps its place before the user's."""
-        if self._num_appends <= self._appends_done:
-            return []
-        if not is_asked and self.replies.reply is not None and self.replies.reply.is_open:
+    def _commit_audio(self) -> list:
+        """Before a reply opens (and at a commit): the audio not yet committed becomes a user item. Never while a
+        reply streams: the model hears audio sent meanwhile only once the reply ends (the session answers a
+        commit's flush then), and committing at each delta would make a user item of every 20 ms append."""
+        if self._num_appends <= self._appends_done or (self.replies.reply is not None and self.replies.reply.is_open):
             return []
         self._appends_done = self._num_appends
         self._appended_since_commit = False  # every append decoded so far is in this item: a commit now is empty
