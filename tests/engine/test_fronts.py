@@ -286,8 +286,33 @@ def test_a_detached_session_on_one_front_gives_its_slot_to_a_new_client_of_anoth
             wait_until(lambda: not front.runtime.streams)  # A's detached session gave its slot up
             metrics = front.get("/metrics")[1].decode()
             assert 'ais_sessions_total{reason="detached_evicted"} 1.0' in metrics
+            # The same for a session that dropped before its first audio (admitted, never opened in the engine):
+            # front B was still locked out for the whole grace.
+            wait_until(lambda: front.runtime.engine_free_slots == 1)  # B's session closed, and the engine said so
+            asyncio.run(drop_before_any_audio(front.port))
+            wait_until(lambda: front.runtime.engine_free_slots == 0 and front.runtime.detached_sessions())
+            assert http_status(ports["box-f0"], "/ready") == 200
+            with open_session(ports["box-f0"]) as ws:
+                start_session(ws)
+                send_pcm(ws, np.zeros(16_000, "<f4"), 16_000)
+                assert recv_until(ws, lambda e: e["type"] in ("decision", "error"))[-1]["type"] == "decision"
+            wait_until(lambda: not front.runtime.streams)
+            assert 'ais_sessions_total{reason="detached_evicted"} 2.0' in front.get("/metrics")[1].decode()
     finally:
         front.stop()
+
+
+async def drop_before_any_audio(port: int) -> None:
+    """A session whose connection drops, without a close frame, before it sent any audio: detached, and never
+    opened in the engine (a session opens there at its first audio)."""
+    import asyncio
+
+    import websockets
+
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream")
+    await ws.recv()  # session.created
+    ws.transport.abort()
+    await asyncio.sleep(0.3)
 
 
 def test_an_address_cut_for_a_flood_on_one_front_is_refused_by_every_front(tree, tiny_checkpoint):

@@ -187,6 +187,8 @@ class Runtime:
         self._cooled_sessions.discard(session_id)
         if stream is None:
             return
+        if self.shared_engine is not None and stream.detached_since_s is not None:
+            self.shared_engine.detach_ended(session_id)  # one never opened in the engine is known there only so
         self._count_sessions()
         self.metrics.sessions_total.labels(reason).inc()
         if self.is_draining:
@@ -238,7 +240,7 @@ class Runtime:
         """``connection``'s client resumed it: its slot is its own again."""
         session_id = self._id_of(connection)
         if self.shared_engine is not None and session_id is not None:
-            self.shared_engine.session_reattached(session_id)
+            self.shared_engine.detach_ended(session_id)
 
     def _id_of(self, connection: RegisteredConnection) -> str | None:
         return next((session_id for session_id, stream in self.streams.items() if stream is connection), None)

@@ -49,7 +49,7 @@ from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
     EvictDetached,
-    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode_batch,
+    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, DetachEnded, Shutdown, decode_batch,
     encode, recv_frames, send_frames,
 )
 from audio_interaction_server.engine.worker import Worker
@@ -305,15 +305,14 @@ class EngineHost:
                     self._outbox.put((front_id, cut))
                 self._outbox.put((front_id, ready))
             case OpenRemote(session_id=session_id, options=options):
-                self._make_room(worker)
+                self._make_room(worker, front)
                 with self._fronts_lock:
                     front.sessions.add(session_id)
                 worker.open_session(session_id, options, functools.partial(self._emit, front_id, session_id))
             case SessionDetached(session_id=session_id, since_s=since_s):
-                with self._fronts_lock:
-                    if session_id in front.sessions:
-                        front.detached[session_id] = since_s
-            case SessionReattached(session_id=session_id):
+                with self._fronts_lock:  # opened here or not yet: either way its front counts it as holding a slot
+                    front.detached[session_id] = since_s
+            case DetachEnded(session_id=session_id):
                 with self._fronts_lock:
                     front.detached.pop(session_id, None)
             case AddressCut(address=address):
@@ -352,13 +351,18 @@ class EngineHost:
             del self._cuts[address]
         return list(self._cuts.values())
 
-    def _make_room(self, worker: Worker) -> None:
-        """Before an open: with every slot taken by an open session and one of them detached (on any front), the
-        session detached longest gives its slot up, as a single server does (docs/protocol.md). Ended here, it
-        frees the slot before the open (the worker takes commands in order); its front is told first, so that
-        it ends the session as evicted."""
+    def _make_room(self, worker: Worker, opener: _Front) -> None:
+        """Before ``opener``'s open: with every slot taken, by open sessions or by sessions the fronts admitted
+        (this one counted), and one of them detached (on any front), the session detached longest gives its slot
+        up, as a single server does (docs/protocol.md). Ended here, it frees the slot before the open (the worker
+        takes commands in order); its front is told first, so that it ends the session as evicted (one that never
+        opened here is ended by its front alone)."""
+        max_sessions = self.spec.config.max_sessions
         with self._fronts_lock:
-            if sum(len(front.sessions) for front in self.fronts.values()) < self.spec.config.max_sessions:
+            num_open = sum(len(front.sessions) for front in self.fronts.values())
+            num_held = sum(max(front.num_admitted, len(front.sessions) + (front is opener))
+                           for front in self.fronts.values())
+            if num_open < max_sessions and num_held <= max_sessions:
                 return
             detached = [(since_s, front_id, session_id) for front_id, front in self.fronts.items()
                         for session_id, since_s in front.detached.items()]

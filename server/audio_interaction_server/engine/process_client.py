@@ -34,7 +34,7 @@ from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
     EvictDetached,
-    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, SessionReattached, Shutdown, decode,
+    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, DetachEnded, Shutdown, decode,
     encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # What a front sends the engine.
 FrontMessage = (Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand | SessionDetached
-                | SessionReattached | AddressCut)
+                | DetachEnded | AddressCut)
 
 
 class EngineProcessClient:
@@ -217,8 +217,9 @@ class EngineProcessClient:
         give its slot to a new session of any front (``EvictDetached`` tells this front when it does)."""
         self._send(SessionDetached(session_id, since_s))
 
-    def session_reattached(self, session_id: str) -> None:
-        self._send(SessionReattached(session_id))
+    def detach_ended(self, session_id: str) -> None:
+        """The detached session was resumed, or it ended: its slot is no longer one to give away."""
+        self._send(DetachEnded(session_id))
 
     def address_cut(self, address: str, until_s: float, cooldown_s: float) -> None:
         """This front cut a session of ``address`` for a flood, refusing it until ``until_s`` (``time.monotonic()``):

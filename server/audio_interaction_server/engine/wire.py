@@ -117,8 +117,9 @@ class SessionDetached:
 
 
 @dataclass(frozen=True)
-class SessionReattached:
-    """The detached session's client is back: its slot is its own again."""
+class DetachEnded:
+    """The session is no longer detached: its client resumed it (its slot is its own again), or it ended (a
+    session that never opened here is known to the engine only by this)."""
 
     session_id: str
 
