@@ -47,10 +47,9 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
-    EvictDetached,
-    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, DetachEnded, Shutdown, decode_batch,
-    encode, recv_frames, send_frames,
+    FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
+    EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
+    decode_batch, encode, recv_frames, send_frames,
 )
 from audio_interaction_server.engine.worker import Worker
 

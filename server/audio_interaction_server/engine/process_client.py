@@ -32,10 +32,9 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, EngineEndpoints, EngineFailedToLoad, EngineReady, EngineStatus,
-    EvictDetached,
-    Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, DetachEnded, Shutdown, decode,
-    encode_batch, recv_frames, send_frames, stood_still_s,
+    ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
+    EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
+    decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
