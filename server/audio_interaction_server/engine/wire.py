@@ -9,6 +9,11 @@ Two ``ipc://`` sockets in a temporary directory:
   worker hands a session's ``emit``), each step's ``StepStats``, and every ``HEARTBEAT_S`` an ``EngineStatus``
   (the engine is alive, and how many of its slots are free: several fronts share them).
 
+What several fronts share goes through the engine too: which sessions wait detached for a resume
+(``SessionDetached``, ``DetachEnded``; the engine gives the slot of the one detached longest to a new session
+when none is free, and tells its front with ``EvictDetached``), and the client addresses cut for a flood
+(``AddressCut``, passed on to every front).
+
 Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
 not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
 the bulk (mel chunks) goes as raw bytes either way. The one exception is the most frequent message, a live
