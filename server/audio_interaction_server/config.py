@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import BLOCK_TOKENS, check_room, rollover_point
+from audio_interaction_server.spec import reply_fits, rollover_slack
 
 ENV_PREFIX = "AIS_"
 # deploy/haproxy's settings: a shell (or a Compose file) may set them for HAProxy and run a replica too.
@@ -436,25 +436,24 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _the_default_session_fits_the_context(self) -> ServerConfig:
-        # The engine holds every session's options to its context budget (spec.check_room) and refuses those that
-        # do not fit: with defaults that do not, the server said "ready" and refused every session. Checked here
-        # without the system prompt, whose tokens are known once the model loads (start-up checks again then).
+        # The engine holds every session's options to its context budget (spec.check_room, with these same rules)
+        # and refuses those that do not fit: with defaults that do not, the server said "ready" and refused every
+        # session. Checked here without the system prompt, whose tokens are known once the model loads (start-up
+        # checks again then).
         engine, cap, window = self.engine, self.session.max_turn_tokens, self.engine.rollover_window_positions
-        try:
-            check_room(0, cap, engine.max_positions, window)
-        except ValueError:
-            if window is None or cap + 2 * BLOCK_TOKENS + 1 > engine.max_positions:
-                raise ValueError(f"engine.max_positions ({engine.max_positions}) cannot hold one reply of "
-                                 f"session.max_turn_tokens ({cap}) after the system prompt and an audio chunk: "
-                                 "raise the first or lower the second") from None
-            largest = rollover_point(engine.max_positions, cap) - 2 * BLOCK_TOKENS - 1
+        if not reply_fits(0, cap, engine.max_positions):
+            raise ValueError(f"engine.max_positions ({engine.max_positions}) cannot hold one reply of "
+                             f"session.max_turn_tokens ({cap}) after the system prompt and an audio chunk: "
+                             "raise the first or lower the second")
+        if window is not None and (slack := rollover_slack(0, cap, engine.max_positions, window)) <= 0:
+            largest = window + slack - 1  # the largest that fits without a prompt
             half = (engine.max_positions - cap) // 2
             raise ValueError(f"engine.rollover_window_positions ({window}) leaves no room for a context rollover at "
                              f"engine.max_positions ({engine.max_positions}) with session.max_turn_tokens ({cap}): "
                              "the window, the system prompt, two chunks and a full reply must fit the budget; set "
                              f"a window below {largest} less the prompt" + (f" (about {half} keeps rollovers rare)"
                                                                             if 0 < half < largest else "")
-                             + ", or null (sessions end with context_full)") from None
+                             + ", or null (sessions end with context_full)")
         return self
 
     @model_validator(mode="after")

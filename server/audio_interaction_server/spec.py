@@ -76,34 +76,43 @@ def rollover_point(max_positions: int, max_turn_tokens: int) -> int:
     return max_positions - max_turn_tokens - 2 * BLOCK_TOKENS
 
 
+def reply_fits(prefix_tokens: int, max_turn_tokens: int, max_positions: int) -> bool:
+    """Whether a session's first row (its prompt and a block) and one full reply fit the budget. A full reply feeds
+    TEXT_BEGIN and every reply token (the cap-th one included) before the next block."""
+    return prefix_tokens + BLOCK_TOKENS + 1 + max_turn_tokens + BLOCK_TOKENS <= max_positions
+
+
+def rollover_slack(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int) -> int:
+    """Positions between a rebuilt context at its largest (prompt, window, two blocks) and the rollover point: a
+    rollover fits while this is above 0."""
+    return rollover_point(max_positions, max_turn_tokens) - (prefix_tokens + rollover_window + 2 * BLOCK_TOKENS)
+
+
 def chunks_between_rollovers(max_positions: int, max_turn_tokens: int, rollover_window: int | None) -> int | None:
     """Listening blocks a rebuilt context takes before it rolls over again (no prompt, no reply counted; None:
     no rollover). ``check_room`` only asks that a rollover fits; a window close to that rolls over all the time."""
     if rollover_window is None:
         return None
-    room = rollover_point(max_positions, max_turn_tokens) - (rollover_window + 2 * BLOCK_TOKENS)
-    return max(0, room // BLOCK_TOKENS)
+    return max(0, rollover_slack(0, max_turn_tokens, max_positions, rollover_window) // BLOCK_TOKENS)
 
 
 def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
     """Raise ValueError if a session with these settings could not run (or could not roll over)."""
-    first_row = prefix_tokens + BLOCK_TOKENS
-    # A full reply feeds TEXT_BEGIN and every reply token (the cap-th one included) before the next block.
-    if first_row + 1 + max_turn_tokens + BLOCK_TOKENS > max_positions:
+    if not reply_fits(prefix_tokens, max_turn_tokens, max_positions):
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
             f"{max_positions}-position context budget"
         )
     if rollover_window is None:
         return
-    rebuilt_max = prefix_tokens + rollover_window + 2 * BLOCK_TOKENS
-    at = rollover_point(max_positions, max_turn_tokens)
-    if rebuilt_max >= at:
+    slack = rollover_slack(prefix_tokens, max_turn_tokens, max_positions, rollover_window)
+    if slack <= 0:
+        rebuilt_max = prefix_tokens + rollover_window + 2 * BLOCK_TOKENS
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} is too large for context rollover: a rebuilt context "
             f"(prompt {prefix_tokens} + window {rollover_window} + 2 blocks = {rebuilt_max} positions) plus "
             f"a full reply must fit {max_positions} positions; the largest possible here is "
-            f"{max_positions - rebuilt_max - 2 * BLOCK_TOKENS - 1}"
+            f"{max_turn_tokens + slack - 1}"
         )
 
 

@@ -143,10 +143,10 @@ class EngineProcessClient:
                         self.engine_status = message
                     elif isinstance(message, EngineFailedToLoad):
                         raise message.error
-                    elif isinstance(message, AddressCut) and self.on_address_cut is not None:
+                    elif isinstance(message, AddressCut):
                         # The cuts in force come with the answer to a hello: a front (re)started within one refuses
                         # the address from its first session on.
-                        self.on_address_cut(message.address, message.until_s, message.cooldown_s)
+                        self._heard_address_cut(message)
             # Ready once the engine's free slots are known too (its status follows within HEARTBEAT_S): a front
             # of several weighs its agent and /ready by them from its first answer.
             if answer is not None and self.engine_status is not None:
@@ -349,14 +349,17 @@ class EngineProcessClient:
                     case EvictDetached(session_id=session_id):
                         if self.on_evicted is not None:
                             self.on_evicted(session_id)
-                    case AddressCut(address=address, until_s=until_s, cooldown_s=cooldown_s):
-                        if self.on_address_cut is not None:
-                            self.on_address_cut(address, until_s, cooldown_s)
+                    case AddressCut():
+                        self._heard_address_cut(message)
                     case StepStats():
                         if self.on_step is not None:
                             self.on_step(message)
                     case EngineReady():
                         pass  # an answer to one of the hellos sent while the engine loaded
+
+    def _heard_address_cut(self, cut: AddressCut) -> None:
+        if self.on_address_cut is not None:
+            self.on_address_cut(cut.address, cut.until_s, cut.cooldown_s)
 
     def _dispatch(self, session_id: str, events: list[EngineEvent]) -> None:
         if isinstance(events[-1], SessionEnded):
