@@ -5,6 +5,12 @@ session's history) and run the same generated rows: listening blocks of 12-16 to
 chunk, one-token reply rows, at positions around the kernel tiles (64), the FlexAttention blocks (128)
 and the end of the cache. The static step must give the same tokens, the same final hidden states
 (fp32, 1e-5), the same cache writes, and leave every other slot bit-identical.
+
+Why 1e-5 and not equality: the eager path is not bit-stable against itself either. The same rows run in one
+batch and each alone differ by up to 7.5e-6 in the final hidden states (60 random mixes of this strategy, values
+of magnitude 2-4: tens of float32 ulps after the layers), because the matmuls' reduction order follows the batch's
+shape; the static step (padded buckets, another attention) lands in the same range (up to 7.4e-6 in 150 mixes, one
+KV element 1.2e-5 in a wider search). The derandomised profile keeps CI on fixed examples.
 """
 
 from __future__ import annotations
