@@ -456,5 +456,26 @@ def test_fronts_that_stop_by_themselves_are_started_again_without_limit_and_cras
         assert supervisor._front_ended(1 + drain % 2, 0) is None
     assert len(started) == 3 * fronts.MAX_FRONT_RESTARTS and not supervisor.stopping
     for crash in range(fronts.MAX_FRONT_RESTARTS):
-        assert supervisor._front_ended(2, -9) is None  # killed (1 would be final: its engine is lost)
+        assert supervisor._front_ended(2, -9) is None  # killed
     assert supervisor._front_ended(2, -9) == fronts.EXIT_CANNOT_SERVE and supervisor.stopping
+
+
+def test_a_front_whose_main_raised_is_restarted_and_one_that_cannot_serve_ends_the_tree(tmp_path, monkeypatch):
+    """Python ends a process whose main raised with status 1, which the supervisor read as "its engine is lost":
+    one front's uncaught exception took every other front's sessions down and the tree with it (exit 1, the
+    engine healthy). A front that cannot serve has a status of its own; a front's 1 is a crash, restarted."""
+    from audio_interaction_server.api import fronts
+    from audio_interaction_server.config import load_config
+
+    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "2"}), tmp_path)
+    started: list[int] = []
+    monkeypatch.setattr(supervisor, "start_front", started.append)
+    taken_down: list[tuple] = []
+    monkeypatch.setattr(supervisor, "_take_down", lambda status, signum, **how: taken_down.append((status, how))
+                        or status)
+    assert supervisor._front_ended(1, 1) is None and started == [1] and not taken_down
+    assert len(supervisor.restarts_s) == 1  # a crash: counted towards MAX_FRONT_RESTARTS
+    assert supervisor._front_ended(1, fronts.EXIT_FRONT_CANNOT_SERVE) == fronts.EXIT_CANNOT_SERVE
+    # The other fronts are given the time to tell their clients; an engine still running then hangs: killed soon.
+    assert taken_down == [(fronts.EXIT_CANNOT_SERVE, {"wait_s": fronts._lost_engine_wait_s(),
+                                                      "engine_stop_s": fronts.HUNG_ENGINE_STOP_S})]

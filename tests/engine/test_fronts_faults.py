@@ -17,8 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+from websockets.sync.client import connect
+
 from audio_interaction_server.api.serving import EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE
 from audio_interaction_server.engine.process import process_has_ended
+from tests.api.test_app import recv_event, recv_to_close
 from tests.engine.test_fronts import ENGINE, FRONT, READY, Tree, wait_until
 
 # How soon after the fault's log line every front must be gone: no front goes on serving for a tree that is going
@@ -194,3 +198,57 @@ def test_an_engine_that_cannot_load_stops_the_tree_within_seconds_with_status_1(
     # supervisor (an engine that never served sends no heartbeat to miss).
     assert len(re.findall(r"ERROR audio_interaction_server[.\w]*: cannot serve: ", log)) == 2, log
     assert not READY.search(log)
+
+
+def test_a_hung_engine_is_killed_once_its_fronts_have_lost_it_and_the_tree_exits_1_soon(tiny_checkpoint):
+    """An engine that hangs (here SIGSTOP) is lost to its fronts after ENGINE_TIMEOUT_S; they end their sessions
+    and exit. The supervisor then asked the stopped engine to stop and waited 10 s for it before killing it: the
+    tree took 16 s to exit, holding the host's GPU all along."""
+    from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S
+
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)])
+    try:
+        tree.ports()
+        engine_pid = int(tree.wait_for(ENGINE)[0].group(1))
+        seen = descendants(tree.process.pid)
+        os.kill(engine_pid, signal.SIGSTOP)
+        stopped_s = time.monotonic()
+        status = tree.process.wait(60)
+        took_s = time.monotonic() - stopped_s
+        assert status == EXIT_CANNOT_SERVE
+        assert exit_status(tree, re.compile(r"front \d cannot serve \(its engine is lost"), seen) == EXIT_CANNOT_SERVE
+    finally:
+        if not process_has_ended(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
+        stop(tree)
+    log = "".join(tree.lines)
+    assert f"engine process {engine_pid} did not stop within 1.0 s; killing it" in log, log
+    assert took_s < ENGINE_TIMEOUT_S + 8.0, f"the tree exited {took_s:.1f} s after its engine hung:\n{log}"
+
+
+@pytest.mark.parametrize("fault", ["SIGHUP", "supervisor killed"])
+def test_a_hang_up_or_a_killed_supervisor_closes_every_client_with_a_close_frame(tiny_checkpoint, fault):
+    """A SIGHUP (the terminal that started ``serve`` closed) killed the supervisor outright, and a front that lost
+    its supervisor ended at once: every client saw its connection cut (1006, no close frame), which a client reads
+    as a network fault and tries to resume, in vain. Now a hang-up stops the tree as SIGTERM does, and a front
+    whose supervisor is gone stops as on SIGINT: its clients are told and closed."""
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)])
+    try:
+        port = tree.ports()["box-f0"]
+        seen = descendants(tree.process.pid)
+        with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+            assert recv_event(ws)["type"] == "session.created"
+            os.kill(tree.process.pid, signal.SIGHUP if fault == "SIGHUP" else signal.SIGKILL)
+            events, code = recv_to_close(ws)
+        assert code in (1001, 1011), (code, events)  # server_shutdown, or worker_failed: the engine went too
+        assert events and events[-1]["type"] in ("session.closed", "error"), events
+        status = tree.process.wait(60)
+        if fault == "SIGHUP":
+            assert status == 0, "".join(tree.lines)
+        for pid in tree.started_pids():  # no process of the tree outlives it
+            wait_until(lambda: process_has_ended(pid), timeout_s=20)
+    finally:
+        for pid in descendants(tree.process.pid) | dict.fromkeys(seen):
+            if not process_has_ended(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop(tree)

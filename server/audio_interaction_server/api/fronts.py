@@ -24,13 +24,17 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
   loss of one. More than ``MAX_FRONT_RESTARTS`` crashes (a status other than 0) within ``FRONT_RESTART_WINDOW_S``
   is no accident: the tree exits 1; a front that exits 0 stopped as asked and does not count. A front that cannot
-  listen (3), has a bad configuration (2) or lost its engine (1) ends the tree with that status, since a restart
-  would meet the same. The other fronts are then stopped at once, but after a lost
-  engine, which they lose too: they are given the time to tell their clients first.
+  listen (3), has a bad configuration (2) or cannot serve (``EXIT_FRONT_CANNOT_SERVE``: it lost its engine, or the
+  engine cannot serve its settings) ends the tree, since a restart would meet the same: with status 3, 2 and 1.
+  A front's own 1 is a crash (an exception out of its main), restarted like any other. The other fronts are then
+  stopped at once, but after a lost engine, which they lose too: they are given the time to tell their clients
+  first, and an engine that is still running then (one that hangs) is killed without the wait a stop gives it.
 
 Signals: each front leaves the supervisor's process group, so a terminal's Ctrl-C reaches the supervisor (and the
 engine, which ignores it), which passes it on exactly once; under systemd use ``KillMode=mixed``, so that only
 the supervisor is sent the SIGTERM (``control-group`` would signal every front twice: the second stops a drain).
+A SIGHUP (the terminal that started the tree closed) stops the tree as a SIGTERM does. A front whose supervisor is
+gone (killed outright) stops as on a SIGINT, so that its clients are told and closed, not cut.
 """
 
 from __future__ import annotations
@@ -69,10 +73,18 @@ log = logging.getLogger(__name__)
 MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
+HUNG_ENGINE_STOP_S = 1.0  # how long an engine its fronts have lost, but still running, gets to stop before it is killed
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-# What each exit status a front is not restarted after says of it: a restart would meet the same.
-_FINAL_FRONT_STATUSES = {EXIT_CANNOT_LISTEN: "cannot listen on {address}", EXIT_BAD_CONFIG: "has a bad configuration",
-                         EXIT_CANNOT_SERVE: "cannot serve (its engine is lost)"}
+# A front's status for serve_config's EXIT_CANNOT_SERVE (its engine is lost, or cannot serve its settings): told
+# apart from the 1 with which Python ends a process whose main raised, a crash that a restart may cure.
+EXIT_FRONT_CANNOT_SERVE = 4
+# What each exit status a front is not restarted after says of it, and the tree's status: a restart would meet the
+# same.
+_FINAL_FRONT_STATUSES = {
+    EXIT_CANNOT_LISTEN: ("cannot listen on {address}", EXIT_CANNOT_LISTEN),
+    EXIT_BAD_CONFIG: ("has a bad configuration", EXIT_BAD_CONFIG),
+    EXIT_FRONT_CANNOT_SERVE: ("cannot serve (its engine is lost, or cannot serve its settings)", EXIT_CANNOT_SERVE),
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def run_front(spec: FrontSpec) -> None:
         from audio_interaction_server.engine.process_client import EngineEndpoints
 
         status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events),
-                              engine_ended=engine_ended)
+                              engine_ended=engine_ended, cannot_serve_status=EXIT_FRONT_CANNOT_SERVE)
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
@@ -133,12 +145,15 @@ def run_front(spec: FrontSpec) -> None:
 def _obey_supervisor(orders: Connection, engine_ended: threading.Event) -> None:
     """Each signal number the supervisor sends is raised in this process (the handlers are in place by now), its
     ``EngineEnded`` sets ``engine_ended``; the pipe's end means the supervisor is gone, and a front outlives
-    neither it nor the engine it started."""
+    neither it nor the engine it started: it stops as on a SIGINT (its clients told and closed, not cut), and ends
+    at once if that takes longer than ``STOP_GRACE_S``."""
     while True:
         try:
             order = orders.recv()
         except (EOFError, OSError):
             log.error("the supervising process is gone; this front stops")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(STOP_GRACE_S)
             exit_at_once(EXIT_CANNOT_SERVE)
         if isinstance(order, EngineEnded):
             engine_ended.set()
@@ -167,7 +182,8 @@ class Supervisor:
         if not self.stopping:
             log.warning("%s: stopping every front, then the engine", signal.Signals(signum).name)
         self.stopping = True
-        self._signal_fronts(signum)
+        # A front's own SIGHUP would end it at once (no handler): the hang-up asks what a SIGTERM asks.
+        self._signal_fronts(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     def _signal_fronts(self, signum: int) -> None:
         self._passed_on.append(signum)
@@ -239,12 +255,15 @@ class Supervisor:
         """A front ended unasked: restart it, or the tree's exit status."""
         if exitcode in _FINAL_FRONT_STATUSES:
             config = front_config(self.config, index)
-            what = _FINAL_FRONT_STATUSES[exitcode].format(address=f"{config.host}:{config.port}")
+            what, status = _FINAL_FRONT_STATUSES[exitcode]
             log.error("front %d %s (exit status %d); a restart would meet the same: stopping every front, then the "
-                      "engine", index, what, exitcode)
-            # Only a lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
-            return self._take_down(exitcode, signal.SIGINT,
-                                   wait_s=_lost_engine_wait_s() if exitcode == EXIT_CANNOT_SERVE else 0.0)
+                      "engine", index, what.format(address=f"{config.host}:{config.port}"), exitcode)
+            if exitcode != EXIT_FRONT_CANNOT_SERVE:
+                return self._take_down(status, signal.SIGINT)
+            # A lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
+            # One still running by then does not answer (it hangs): killed soon, not after a stop's wait.
+            return self._take_down(status, signal.SIGINT, wait_s=_lost_engine_wait_s(),
+                                   engine_stop_s=HUNG_ENGINE_STOP_S)
         # Status 0: it stopped as asked (its own drain, a signal sent to it alone); anything else is a crash, and
         # only crashes count towards the limit: an operator may drain fronts one after another.
         if exitcode != 0:
@@ -267,9 +286,10 @@ class Supervisor:
             self.engine.stop()
         return self.status
 
-    def _take_down(self, status: int, signum: int, wait_s: float = 0.0) -> int:
+    def _take_down(self, status: int, signum: int, wait_s: float = 0.0, engine_stop_s: float = 10.0) -> int:
         """Stop the tree for good: wait ``wait_s`` for the fronts to leave by themselves (after the engine's end
-        they do, having told their clients), then signal what is left, then stop the engine."""
+        they do, having told their clients), then signal what is left, then stop the engine (killed if it has not
+        stopped within ``engine_stop_s``)."""
         self.status = status
         self.stopping = True
         if self.engine is not None and self.engine.exitcode is not None:
@@ -282,7 +302,7 @@ class Supervisor:
         self._signal_fronts(signum)
         self._wait_fronts(STOP_GRACE_S)
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(engine_stop_s)
         return status
 
     def _wait_fronts(self, timeout_s: float, kill_late: bool = True) -> None:
@@ -308,7 +328,7 @@ def supervise(config: ServerConfig) -> int:
              ", ".join(str(front_config(config, i).port) for i in range(config.fronts)),
              ", ".join(str(front_config(config, i).replica_id) for i in range(config.fronts)))
     supervisor = Supervisor(config, Path(tempfile.mkdtemp(prefix="ais-engine-")))
-    previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
         return supervisor.run()
     finally:

@@ -54,10 +54,11 @@ def stop_requested(signum: int, frame: Any) -> None:
 
 
 def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
-                 engine_ended: threading.Event | None = None) -> int:
+                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE) -> int:
     """Serve ``config`` until stopped; the exit status. ``attach_to``: one of several fronts, the engine process
     to attach to (started by the supervisor) instead of loading the model here; ``engine_ended``: set by the
-    supervisor once that engine process has ended."""
+    supervisor once that engine process has ended; ``cannot_serve_status``: the status when the model or its engine
+    cannot serve (a front's own, which its supervisor tells apart from a crash)."""
     from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.logs import route_uvicorn_logs
 
@@ -104,7 +105,7 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
     status = EXIT_STOPPED
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
-        status = EXIT_CANNOT_SERVE
+        status = cannot_serve_status
     if runtime.is_loading:
         # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and
         # holds import locks that interpreter shutdown could wait on; nothing of it needs saving.
