@@ -25,6 +25,7 @@ def test_agent_port_equal_to_port_is_refused():
     "AIS_MEMORY_TRIM_INTERVAL_S", "AIS_CONNECT_RATE_PER_IP", "AIS_MAX_BUFFERED_AUDIO_S",
     "AIS_TRANSPORT__HEADER_TIMEOUT_S", "AIS_TRANSPORT__WRITE_STALL_TIMEOUT_S", "AIS_FLOOD__EVENTS_PER_S",
     "AIS_ENGINE__MAX_CATCH_UP_SPEED", "AIS_ENGINE__CATCH_UP_BURST_S", "AIS_AGENT_PROBES_PER_S",
+    "AIS_ENGINE__PREFILL_TOKENS_PER_S_PER_IP", "AIS_ENGINE__PREFILL_TOKEN_BURST_PER_IP",
 ])
 @pytest.mark.parametrize("value", ["inf", "Infinity", "-inf", "nan"])
 def test_an_infinite_or_undefined_number_is_refused(name, value):
@@ -34,6 +35,21 @@ def test_an_infinite_or_undefined_number_is_refused(name, value):
         load_config(None, {name: value})
     field = name.removeprefix("AIS_").lower().replace("__", ".")
     assert field in str(error.value) and name in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("AIS_ENGINE__PREFILL_TOKENS_PER_S_PER_IP", "0"), ("AIS_ENGINE__PREFILL_TOKENS_PER_S_PER_IP", "-5"),
+    ("AIS_ENGINE__PREFILL_TOKEN_BURST_PER_IP", "0"), ("AIS_ENGINE__PREFILL_TOKEN_BURST_PER_IP", "2.5"),
+])
+def test_the_prefill_budget_is_positive(name, value):
+    """A rate of 0 would refuse every new prompt for ever (and divide by zero for its wait); a burst of 0 too."""
+    with pytest.raises(ConfigError, match=name.removeprefix("AIS_").lower().replace("__", ".")):
+        load_config(None, {name: value})
+    engine = load_config(None, {"AIS_ENGINE__PREFILL_TOKENS_PER_S_PER_IP": "", "AIS_ENGINE__PREFILL_TOKEN_BURST_PER_IP":
+                                "4096"}).engine
+    assert engine.prefill_tokens_per_s_per_ip is None and engine.prefill_token_burst_per_ip == 4096  # null: no limit
+    defaults = load_config(None, {}).engine
+    assert (defaults.prefill_tokens_per_s_per_ip, defaults.prefill_token_burst_per_ip) == (500.0, 32_768)
 
 
 def test_cpu_threads_is_bounded():

@@ -157,6 +157,23 @@ class EngineConfig(BaseModel):
         "used dropped first): a new session with a kept prompt copies them into its slot instead of feeding its "
         "prompt, so its first row is a short one (a static step on CUDA); 0 = every session feeds its prompt",
     )
+    # A client that starts a few sessions a minute, each with its own prompt of a few thousand tokens (4,096 at
+    # most: max_positions), or one that reconnects, never meets these: 32,768 tokens are eight such prompts at
+    # once, and 500 a second are 30,000 a minute after that. Churning new ~1,800-token prompts at
+    # connect_rate_per_ip (10 sessions a second) asks for 18,000 a second; it gets these 500.
+    prefill_tokens_per_s_per_ip: float | None = Field(
+        500.0, gt=0,
+        description="system-prompt tokens a client address may have the engine feed per second, sustained, over "
+        "every front of the engine: a new session whose prompt is not kept (prefix_kv_positions) costs its "
+        "prompt's tokens, a kept one nothing. Beyond prefill_token_burst_per_ip the session is refused at its "
+        "first audio with a fatal rate_limited error and close 1013, saying when to try again (docs/reliability.md, "
+        "prompt churn). None = no limit",
+    )
+    prefill_token_burst_per_ip: int = Field(
+        32_768, ge=1,
+        description="system-prompt tokens one client address may have fed at once; a longer prompt runs from a "
+        "full budget and is paid for by waiting",
+    )
     rollover_window_positions: int | None = Field(
         2048,
         ge=0,

@@ -130,3 +130,116 @@ def test_a_flood_cut_puts_the_address_on_cooldown_before_the_client_reads_sessio
         if flooder is not None:
             flooder.close()
         server.stop()
+
+
+def churned_prompt(index: int, num_chars: int = 3_000) -> str:
+    """A system prompt no other session used (so no kept prompt serves it): about 1,700 tokens."""
+    words = " ".join(f"rule{index}x{n}" for n in range(num_chars // 10))
+    return f"Session {index}. {words}"[:num_chars]
+
+
+def churn_one_session(server: LiveServer, prompt: str, sock=None) -> tuple[list[dict], int | None]:
+    """A session with a new prompt, 0.8 s of audio, closed after its first decision (or what ended it)."""
+    import json
+
+    import numpy as np
+    from websockets.sync.client import connect
+
+    from tests.api.test_app import recv_to_close, recv_until, send_configure
+
+    key = server.config.api_key.get_secret_value()
+    with connect(f"ws://127.0.0.1:{server.port}/v1/stream", sock=sock, max_size=None,
+                 additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        assert recv_event(ws)["type"] == "session.created"
+        answer = send_configure(ws, system_prompt=prompt, decision_events=True)  # None: the default prompt
+        assert answer["type"] == "session.updated", (answer.get("code"), answer.get("message"))
+        ws.send(np.zeros(12_800, "<i2").tobytes())
+        events = recv_until(ws, lambda e: e["type"] in ("decision", "session.closed"))
+        if events[-1]["type"] == "decision":
+            ws.send(json.dumps({"type": "session.close"}))
+        rest, code = recv_to_close(ws)
+        return events + rest, code
+
+
+def test_one_address_churning_new_prompts_is_refused_past_its_prefill_budget(tiny_checkpoint):
+    """docs/reliability.md, prompt churn: within connect_rate_per_ip one address opened session after session,
+    each with a new long system prompt fed in full (a long first row no per-session budget saw), and a victim's
+    latency went from 0.1 s to 3.7 s. With the defaults, an address now gets about its burst of new-prompt
+    prefill (engine.prefill_token_burst_per_ip) and then only the sustained rate: the next such session is
+    refused with a fatal rate_limited error and 1013, its accepted audio counted in session.closed."""
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        outcomes = []
+        for index in range(40):
+            events, code = churn_one_session(server, churned_prompt(index))
+            outcomes.append((events, code))
+            if code != 1000:
+                break
+        events, code = outcomes[-1]
+        assert code == 1013, f"{len(outcomes)} sessions with new prompts all ran: {[c for _, c in outcomes]}"
+        error = next(e for e in events if e["type"] == "error")
+        assert error["code"] == "rate_limited" and error["is_fatal"], error
+        closed = events[-1]
+        assert closed["type"] == "session.closed" and closed["reason"] == "rate_limited", closed
+        # Its audio is accounted for, as for any refusal at the open: accepted, and heard by no model.
+        assert closed["audio_received_s"] == 0.8 and closed["num_chunks_decided"] == 0, closed
+        assert 10 <= len(outcomes) <= 30  # the default burst took about 32,768 tokens of these prompts
+    finally:
+        server.stop()
+
+
+def test_past_its_prefill_budget_an_address_is_refused_on_both_dialects_and_others_are_not(tiny_checkpoint, caplog):
+    """One new ~1,700-token prompt fits the budget, a second does not: on /v1/stream and on /v1/realtime (a
+    session.update with instructions is the same prefill) the session is refused at its first audio with a fatal
+    rate_limited error saying when to try again, and close 1013. The same address with the default prompt (kept),
+    and another address with a new prompt, run as before; the refusals are counted and the address is logged."""
+    import base64
+    import json
+    import logging
+
+    import numpy as np
+
+    server = LiveServer(server_config(tiny_checkpoint, engine={
+        "checkpoint": tiny_checkpoint, "max_sessions": 2, "device": "cpu", "prefill_tokens_per_s_per_ip": 10.0,
+        "prefill_token_burst_per_ip": 2_000})).start()
+    try:
+        assert churn_one_session(server, churned_prompt(0))[1] == 1000
+        with caplog.at_level(logging.WARNING, logger="audio_interaction_server.engine.scheduler"):
+            events, code = churn_one_session(server, churned_prompt(1))
+        assert code == 1013, events
+        error = next(e for e in events if e["type"] == "error")
+        assert error["code"] == "rate_limited" and error["is_fatal"] and " s or later" in error["message"], error
+        assert "127.0.0.1" in caplog.text and "prefill budget" in caplog.text
+        with server.connect("/v1/realtime") as ws:
+            assert json.loads(ws.recv(timeout=20))["type"] == "session.created"
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime",
+                                                                      "instructions": churned_prompt(2)}}))
+            while json.loads(ws.recv(timeout=20))["type"] != "session.updated":
+                pass
+            audio = base64.b64encode(np.zeros(19_200, "<i2").tobytes()).decode()  # 0.8 s at 24 kHz
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            frames, code = recv_to_close_realtime(ws)
+        refused = next(f for f in frames if f["type"] == "error")["error"]
+        assert code == 1013 and refused["code"] == "rate_limited", (code, frames)
+        assert refused["type"] == "invalid_request_error"  # the client's doing, not the server's fault
+        assert churn_one_session(server, None)[1] == 1000  # the default prompt is kept: it costs nothing
+        other = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.2", 0))
+        assert churn_one_session(server, churned_prompt(3), sock=other)[1] == 1000  # another address
+        metrics = metric_samples(server)
+        assert metrics["ais_prefill_budget_refusals_total"] == 2
+        assert metrics['ais_sessions_total{reason="rate_limited"}'] == 2
+    finally:
+        server.stop()
+
+
+def recv_to_close_realtime(ws) -> tuple[list[dict], int | None]:
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(ws.recv(timeout=20)))
+    except ConnectionClosed as closed:
+        return frames, closed.rcvd.code if closed.rcvd is not None else None

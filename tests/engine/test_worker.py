@@ -517,9 +517,12 @@ def test_commands_are_frozen_and_the_public_methods_post_them(tiny_model):
             command.session_id = "other"
     # The api calls these: their signatures stay as they were.
     assert str(inspect.signature(Worker.open_session)) == "(self, session_id: 'str', options: 'SessionOptions', " \
-        "emit: 'EmitFn') -> 'None'"
-    for name in ("cancel", "close_session", "request_reply", "clear_audio"):
+        "emit: 'EmitFn', client_address: 'str | None' = None) -> 'None'"  # the address: engine/prefill_budget.py
+    for name in ("cancel", "close_session", "clear_audio"):
         assert list(inspect.signature(getattr(Worker, name)).parameters) == ["self", "session_id"]
+    # The reply's own cap (a Realtime response.create's max_output_tokens), optional.
+    assert str(inspect.signature(Worker.request_reply)) == "(self, session_id: 'str', max_turn_tokens: 'int | None' " \
+        "= None) -> 'None'"
 
 
 def engine_sources():
@@ -570,7 +573,8 @@ def test_every_end_code_has_a_docstring_and_its_wire_string():
     assert documented == set(EndCode.__members__)
     assert {code.value for code in EndCode} == {"capacity", "duplicate_session", "invalid_options", "context_full",
                                                 "server_shutdown", "numerical_error", "internal_error",
-                                                "front_unresponsive", "detached_evicted", "worker_failed"}
+                                                "front_unresponsive", "detached_evicted", "rate_limited",
+                                                "worker_failed"}
     assert EndCode.CAPACITY == "capacity" and f"{EndCode.CONTEXT_FULL}" == "context_full"  # a str on the wire
 
 

@@ -270,8 +270,11 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
     config = runtime.config
     session_id = runtime.new_session_id()
 
+    # Whose prefill budget the engine charges for the session's prompt (the same address the per-IP limits see).
+    address = websocket.client.host if websocket.client is not None else None
+
     def make_session(engine_emit: Callable):
-        return runtime.make_session(session_id, engine_emit)
+        return runtime.make_session(session_id, engine_emit, client_address=address)
 
     def on_closed(reason: str) -> None:
         runtime.release(session_id, reason)

@@ -118,10 +118,12 @@ class ClearAudio:
 @dataclass(frozen=True)
 class RequestReply:
     """Reply at the next chunk, whatever the model would decide (a chunk of silence is added when no
-    audio waits); ignored while a reply is running."""
+    audio waits); ignored while a reply is running. ``max_turn_tokens`` caps that reply below the session's
+    cap (None: the session's)."""
 
     event_id: str | None = None
     event_type: str = "response.create"
+    max_turn_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ class Metrics:
         self.sessions_total = Counter("ais_sessions", "streaming sessions by how they ended", ["reason"], registry=r)
         self.refused_total = Counter("ais_connections_refused", "connections refused", ["reason"], registry=r)
         self.errors_total = Counter("ais_error_events", "error events sent to clients", ["code"], registry=r)
+        self.prefill_refusals_total = Counter(
+            "ais_prefill_budget_refusals", "sessions refused (rate_limited, 1013) because their client address had "
+            "the engine feed more new system prompts than engine.prefill_tokens_per_s_per_ip allows", registry=r)
         self._audio_seconds = _PlainCounter("ais_audio_received_seconds", "audio accepted from clients")
         r.register(self._audio_seconds)
         # The engine's own count, as its latest step reports it (with several fronts, every front shows the engine's).

@@ -30,6 +30,7 @@ from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
+from audio_interaction_server.engine.events import EndCode
 from audio_interaction_server.logs import bind_session, configure_logging
 from audio_interaction_server.model.progress import LoadProgress
 
@@ -48,6 +49,9 @@ class CannotServe(RuntimeError):
 # load balancer finds the replica as the text before the first "_" (deploy/haproxy/haproxy.cfg).
 SESSION_ID_SEPARATOR = "_"
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+# How a session the engine refused for its address's prefill budget ends (engine/prefill_budget.py).
+PREFILL_REFUSED = EndCode.RATE_LIMITED.value
 
 # Of the drain's time, what is kept back after the sessions' own deadline (Runtime._drain); at most half.
 DRAIN_FINAL_CLOSE_S = 2.0
@@ -160,13 +164,15 @@ class Runtime:
         bind_session(session_id)  # what the connection's task logs from now on is about this session (logs.py)
         return session_id
 
-    def make_session(self, session_id: str, engine_emit: Callable, observer: Any | None = None) -> Session:
-        """A session on this runtime's worker; call only while ``is_ready`` (admission checked it)."""
+    def make_session(self, session_id: str, engine_emit: Callable, observer: Any | None = None,
+                     client_address: str | None = None) -> Session:
+        """A session on this runtime's worker; call only while ``is_ready`` (admission checked it).
+        ``client_address`` pays for its prompt's prefill in the engine (``engine.prefill_tokens_per_s_per_ip``)."""
         model = self.model
         assert model is not None and self.worker is not None, "a session before the model was loaded"
         info = ModelInfo(model.name, self.config.is_demo, model.tokenizer)
         return Session(session_id, self.config, info, self.worker, engine_emit, time.monotonic(),
-                       observer=self.metrics if observer is None else observer)
+                       observer=self.metrics if observer is None else observer, client_address=client_address)
 
     def register(self, session_id: str, connection: RegisteredConnection) -> None:
         """Count a session against capacity. Call before the first await after admission, so that two
@@ -191,6 +197,8 @@ class Runtime:
             self.shared_engine.detach_ended(session_id)  # one never opened in the engine is known there only so
         self._count_sessions()
         self.metrics.sessions_total.labels(reason).inc()
+        if reason == PREFILL_REFUSED:  # the engine refused its open (and logged the address)
+            self.metrics.prefill_refusals_total.inc()
         if self.is_draining:
             self.metrics.drain_sessions_left.set(len(self.streams))
 

@@ -62,6 +62,7 @@ CLOSE_CODE_OF_END: dict[EndCode, CloseCode] = {
     EndCode.INTERNAL_ERROR: CloseCode.INTERNAL,
     EndCode.FRONT_UNRESPONSIVE: CloseCode.INTERNAL,
     EndCode.DETACHED_EVICTED: CloseCode.RESUME_FAILED,  # as a resume that came too late: start a new session
+    EndCode.RATE_LIMITED: CloseCode.TRY_AGAIN,  # its address's prefill budget: a new session later (the message: when)
     EndCode.WORKER_FAILED: CloseCode.INTERNAL,
 }
 
@@ -69,10 +70,11 @@ CLOSE_CODE_OF_END: dict[EndCode, CloseCode] = {
 class Engine(Protocol):
     """The part of ``audio_interaction_server.engine.worker.Worker`` a session uses (thread-safe, non-blocking)."""
 
-    def open_session(self, session_id: str, options: SessionOptions, emit: Callable) -> None: ...
+    def open_session(self, session_id: str, options: SessionOptions, emit: Callable,
+                     client_address: str | None = None) -> None: ...
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
     def cancel(self, session_id: str) -> None: ...
-    def request_reply(self, session_id: str) -> None: ...
+    def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None: ...
     def clear_audio(self, session_id: str) -> None: ...
     def close_session(self, session_id: str) -> None: ...
     def check_options(self, options: SessionOptions) -> None: ...
@@ -103,8 +105,10 @@ class ModelInfo:
 class Session:
     def __init__(self, session_id: str, config: ServerConfig, model: ModelInfo, engine: Engine,
                  engine_emit: Callable[[list[EngineEvent]], None], now_s: float,
-                 observer: SessionObserver | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 observer: SessionObserver | None = None, wall_clock: Callable[[], float] = time.time,
+                 client_address: str | None = None) -> None:
         self.session_id = session_id
+        self.client_address = client_address  # the engine charges it for the prompt's prefill (None: nobody)
         self.config = config
         self.model = model
         self.engine = engine
@@ -198,7 +202,7 @@ class Session:
             case ClearAudio():
                 return self._clear(command)
             case RequestReply():
-                return self._request_reply(now_s)
+                return self._request_reply(command, now_s)
             case CancelReply():
                 if self._is_engine_open:
                     self.engine.cancel(self.session_id)  # its turn_end (end_reason "cancelled") follows
@@ -442,13 +446,13 @@ class Session:
         return InputClearedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
                                  num_chunks_dropped=num_chunks, audio_dropped_s=dropped_s)
 
-    def _request_reply(self, now_s: float) -> list:
+    def _request_reply(self, command: RequestReply, now_s: float) -> list:
         if self._is_speaking:
             return []  # one reply at a time; the engine would ignore it too
         self._open_engine()
         # The request goes first: the worker may decide a pushed chunk before it reads a later command, and a
         # request that arrives after its chunk was decided waits for one that may never come.
-        self.engine.request_reply(self.session_id)
+        self.engine.request_reply(self.session_id, command.max_turn_tokens)
         if self.num_chunks_pending == 0:
             self._push_a_chunk_to_reply_at(now_s)
         # Else chunks wait for the model, as far as this session knows: their decisions may already be on their
@@ -466,7 +470,7 @@ class Session:
         """The engine session opens at the first audio, so model options can be configured before it."""
         if not self._is_engine_open:
             self._is_engine_open = True
-            self.engine.open_session(self.session_id, self.options, self._engine_emit)
+            self.engine.open_session(self.session_id, self.options, self._engine_emit, self.client_address)
 
     def _note_pushed(self, num_chunks: int, now_s: float) -> None:
         self._chunk_push_s.extend([now_s] * num_chunks)  # for the onset latency of a reply they trigger

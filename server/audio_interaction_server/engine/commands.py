@@ -23,6 +23,8 @@ class OpenSession:
     session_id: str
     options: SessionOptions
     emit: EmitFn  # called on the worker thread with each batch of the session's events
+    # Whose prompt prefill it is (engine/prefill_budget.py): the client's address; None = nobody's (not budgeted).
+    client_address: str | None = None
     action: ClassVar[str] = "open"
 
 
@@ -51,10 +53,12 @@ class CancelReply:
 class RequestReply:
     """The next chunk decided for the session starts a reply, whatever the model's logits say.
 
-    Ignored while a reply runs; one request is consumed by one reply.
+    Ignored while a reply runs; one request is consumed by one reply. ``max_turn_tokens`` caps that reply below
+    the session's cap (None: the session's; a larger one changes nothing: the context budget is sized for that).
     """
 
     session_id: str
+    max_turn_tokens: int | None = None
     action: ClassVar[str] = "reply request"
 
 

@@ -100,6 +100,7 @@ class Conversation:
     audio_queue: deque = field(default_factory=deque)
     _unfed: list[int] = field(default_factory=list)
     _turn_tokens: list[int] = field(default_factory=list)
+    reply_cap_tokens: int | None = None  # the reply in progress's own cap (a requested one's), under max_turn_tokens
     _history: deque = field(default_factory=deque)  # of _Block, oldest first
     _history_tokens: int = 0
 
@@ -238,7 +239,9 @@ class Conversation:
     @property
     def _turn_is_capped(self) -> bool:
         """The reply has all its tokens; the next row only feeds the last one."""
-        return self.phase is Phase.SPEAKING and len(self._turn_tokens) >= self.max_turn_tokens
+        cap = self.max_turn_tokens if self.reply_cap_tokens is None else min(self.max_turn_tokens,
+                                                                             self.reply_cap_tokens)
+        return self.phase is Phase.SPEAKING and len(self._turn_tokens) >= cap
 
     def _speak(self, token_id: int) -> list[EngineEvent]:
         if token_id == T.TEXT_END:
@@ -256,6 +259,7 @@ class Conversation:
         self.phase = Phase.LISTENING
         self._unfed = list(unfed_reply_tokens or []) + [T.TEXT_END]
         self._turn_tokens = []
+        self.reply_cap_tokens = None
         self.num_turns += 1
         self._forget_old_blocks()
         return [event]

@@ -95,6 +95,10 @@ class EndCode(StrEnum):
     DETACHED_EVICTED = "detached_evicted"
     """Every slot was taken and this session, waiting for its client to resume it, gave its slot to a new session
     (the one detached longest, over all fronts of the engine): its client starts a new session."""
+    RATE_LIMITED = "rate_limited"
+    """The session's client address had the engine feed more new system prompts than its budget allows
+    (``engine.prefill_tokens_per_s_per_ip``, over every front): refused at its open, before its prompt was fed;
+    the message says when to try again."""
     WORKER_FAILED = "worker_failed"
     """The model worker itself died: every session ends with this, and later opens are refused with it."""
 

@@ -303,11 +303,13 @@ class EngineHost:
                 for cut in self._cuts_in_force():  # before its answer: a front serves once it has the answer
                     self._outbox.put((front_id, cut))
                 self._outbox.put((front_id, ready))
-            case OpenRemote(session_id=session_id, options=options):
+            case OpenRemote(session_id=session_id, options=options, client_address=client_address):
                 self._make_room(worker, front)
                 with self._fronts_lock:
                     front.sessions.add(session_id)
-                worker.open_session(session_id, options, functools.partial(self._emit, front_id, session_id))
+                # The one worker charges the address's prefill budget, whichever front the session came from.
+                worker.open_session(session_id, options, functools.partial(self._emit, front_id, session_id),
+                                    client_address)
             case SessionDetached(session_id=session_id, since_s=since_s):
                 with self._fronts_lock:  # opened here or not yet: either way its front counts it as holding a slot
                     front.detached[session_id] = since_s
@@ -326,8 +328,8 @@ class EngineHost:
                                   else torch.from_numpy(np.array(chunks)))
             case CancelReply(session_id=session_id):
                 worker.cancel(session_id)
-            case RequestReply(session_id=session_id):
-                worker.request_reply(session_id)
+            case RequestReply(session_id=session_id, max_turn_tokens=max_turn_tokens):
+                worker.request_reply(session_id, max_turn_tokens)
             case ClearAudio(session_id=session_id):
                 worker.clear_audio(session_id)
             case CloseSession(session_id=session_id):

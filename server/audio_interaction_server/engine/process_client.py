@@ -186,11 +186,12 @@ class EngineProcessClient:
                 and (self.process is None or self.process.exitcode is None))
 
     # ---- the session calls --------------------------------------------------------------------------------
-    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
+    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
+                     client_address: str | None = None) -> None:
         with self._emits_lock:
             if self.failure is None:
                 self._emits[session_id] = emit
-                self._send(OpenRemote(session_id, options))
+                self._send(OpenRemote(session_id, options, client_address))
                 return
         # As the Worker does after its death: the open is answered at once, so no client waits for nothing.
         self._deliver(session_id, emit, [SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
@@ -202,8 +203,8 @@ class EngineProcessClient:
     def cancel(self, session_id: str) -> None:
         self._send(CancelReply(session_id))
 
-    def request_reply(self, session_id: str) -> None:
-        self._send(RequestReply(session_id))
+    def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None:
+        self._send(RequestReply(session_id, max_turn_tokens))
 
     def clear_audio(self, session_id: str) -> None:
         self._send(ClearAudio(session_id))

@@ -28,6 +28,7 @@ from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import EmitFn
 from audio_interaction_server.engine.conversation import Conversation, Phase, RowPlan
 from audio_interaction_server.engine.events import AudioCleared, EndCode, EngineEvent, ReplyWaitsForAudio, SessionEnded
+from audio_interaction_server.engine.prefill_budget import PrefillBudget
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
 from audio_interaction_server.engine.scripted import scripted_token
@@ -53,6 +54,7 @@ class SessionState:
     emit: EmitFn
     generator: torch.Generator | None
     reply_requested: bool = False  # the next decision is TEXT_BEGIN (request_reply), consumed by that reply
+    requested_reply_tokens: int | None = None  # that reply's own cap (request_reply's max_turn_tokens)
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
     credits_at_s: float = 0.0
@@ -125,28 +127,33 @@ class Scheduler:
         self.prompts = prompts
         self.prepare_slot = prepare_slot
         self.num_prefixes_reused = 0  # sessions opened with their prefix already in their slot, since start
-        self.clock = clock
+        self.clock = clock  # pacing's and the prefill budget's
+        self.prefill_budget = None if config.prefill_tokens_per_s_per_ip is None else \
+            PrefillBudget(config.prefill_tokens_per_s_per_ip, config.prefill_token_burst_per_ip)
         self.is_paced = True  # catch-up pacing applies (the worker turns it off inside run_until_idle)
         self.sessions: dict[str, SessionState] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
 
     # ---- the registry ------------------------------------------------------------------------------
-    def open(self, session_id: str, options: SessionOptions, emit: EmitFn) -> SessionState:
-        """Register a session in the lowest free slot; raises ``OpenRefused``, or what building it raised."""
+    def open(self, session_id: str, options: SessionOptions, emit: EmitFn,
+             client_address: str | None = None) -> SessionState:
+        """Register a session in the lowest free slot; raises ``OpenRefused``, or what building it raised.
+        ``client_address`` pays for its prompt's prefill (None: nobody does)."""
         if session_id in self.sessions:
             raise OpenRefused(EndCode.DUPLICATE_SESSION, f"session {session_id} is already open")
         if not self._free_slots:
             raise OpenRefused(EndCode.CAPACITY, f"all {self.config.max_sessions} session slots are in use")
         slot = self._free_slots.pop()
         try:
-            session = self._new_session(session_id, options, emit, slot)
+            session = self._new_session(session_id, options, emit, slot, client_address)
         except BaseException:
             self._release_slot(slot)
             raise
         self.sessions[session_id] = session
         return session
 
-    def _new_session(self, session_id: str, options: SessionOptions, emit: EmitFn, slot: int) -> SessionState:
+    def _new_session(self, session_id: str, options: SessionOptions, emit: EmitFn, slot: int,
+                     client_address: str | None) -> SessionState:
         try:  # the contract of both calls: ValueError = this prompt or turn cap cannot run in this budget
             prefix = self.prompts.prefix(options.system_prompt)
             prefix_in_slot = self.prepare_slot(slot, prefix)
@@ -154,6 +161,8 @@ class Scheduler:
                                         self.config.rollover_window_positions, prefix_in_slot=prefix_in_slot)
         except ValueError as exc:  # our own words: which option, which limit
             raise OpenRefused(EndCode.INVALID_OPTIONS, str(exc)) from exc
+        if not prefix_in_slot and client_address is not None:
+            self._charge_prefill(session_id, client_address, len(prefix))
         self.num_prefixes_reused += prefix_in_slot
         generator = None
         if not options.sampling.is_greedy:
@@ -161,6 +170,27 @@ class Scheduler:
             seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
         return SessionState(session_id, slot, options, conversation, emit, generator)
+
+    def _charge_prefill(self, session_id: str, address: str, num_tokens: int) -> None:
+        """The session's prompt is not kept: its first row would feed ``num_tokens``, which ``address`` pays for;
+        raises ``OpenRefused`` (before anything is fed) when its budget cannot."""
+        budget = self.prefill_budget
+        if budget is None:
+            return
+        refused = budget.charge(address, num_tokens, self.clock())
+        if refused is None:
+            return
+        wait_s = max(0.1, refused.retry_after_s)
+        if refused.num_refused_to_log is not None:
+            log.warning("session %s refused: client address %s is past its prefill budget (%s of new system "
+                        "prompts' tokens; this prompt has %d); %d refused since the last line, the next in %.1f s "
+                        "at the earliest", session_id, address, budget.describe(), num_tokens,
+                        refused.num_refused_to_log, wait_s)
+        raise OpenRefused(EndCode.RATE_LIMITED, (
+            f"this client address has started too many sessions with new system prompts: the server feeds one "
+            f"address {budget.describe()} of prompts it does not keep, and this prompt ({num_tokens} tokens) was not "
+            f"fed. Start a new session in {wait_s:.1f} s or later; the default prompt, or one the server still keeps "
+            "from a recent session, costs nothing"))
 
     def end(self, session: SessionState, code: EndCode | None, message: str) -> list[EngineEvent] | None:
         """Unregister the session and free its slot; its final events, or None if it had already ended.
@@ -197,14 +227,16 @@ class Scheduler:
     def cancel(session: SessionState) -> list[EngineEvent]:
         """Cut the reply in progress, and withdraw a requested one that has not started: a client that asks
         for a reply and cancels before it begins wants none."""
-        session.reply_requested = False
+        session.reply_requested, session.requested_reply_tokens = False, None
         return session.conversation.cancel()
 
     @staticmethod
-    def request_reply(session: SessionState) -> None:
-        """The next decision of this session is TEXT_BEGIN; ignored while a reply runs (it would start another)."""
+    def request_reply(session: SessionState, max_turn_tokens: int | None = None) -> None:
+        """The next decision of this session is TEXT_BEGIN, that reply capped at ``max_turn_tokens`` (None: the
+        session's cap); ignored while a reply runs (it would start another)."""
         if session.conversation.phase is Phase.LISTENING:
             session.reply_requested = True
+            session.requested_reply_tokens = max_turn_tokens
             session.told_reply_waits = False
 
     def replies_waiting_for_audio(self) -> list[tuple[SessionState, list[EngineEvent]]]:
@@ -303,7 +335,9 @@ class Scheduler:
                 failures.append(Failure(session, exc, COMMIT_FAILED))
                 continue
             if row.is_decision and token == T.TEXT_BEGIN:
-                session.reply_requested = False  # a request is consumed by the reply that starts here
+                # A request, and its cap, is consumed by the reply that starts here (before its first token).
+                session.conversation.reply_cap_tokens = session.requested_reply_tokens
+                session.reply_requested, session.requested_reply_tokens = False, None
         return StepUpdate(tuple(events), tuple(failures))
 
     def turn_policy(self, session: SessionState, plan: RowPlan, model_token: int | None) -> int:

@@ -12,7 +12,8 @@ Two ``ipc://`` sockets in a temporary directory:
 What several fronts share goes through the engine too: which sessions wait detached for a resume
 (``SessionDetached``, ``DetachEnded``; the engine gives the slot of the one detached longest to a new session
 when none is free, and tells its front with ``EvictDetached``), and the client addresses cut for a flood
-(``AddressCut``, passed on to every front).
+(``AddressCut``, passed on to every front). Each open carries its client's address: the engine charges it the
+prompt tokens the session makes it feed, over every front (``prefill_budget.py``).
 
 Both DEALERs of a front carry its front id as routing id, so the engine knows whose sessions are whose. Pickle,
 not a schema'd format: both ends are our own code of one version, the messages are our frozen dataclasses, and
@@ -109,6 +110,7 @@ class OpenRemote:
 
     session_id: str
     options: SessionOptions
+    client_address: str | None = None  # charged for the prompt's prefill (engine/prefill_budget.py)
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,10 @@ class Worker:
         self._feature_max: dict[str, float] = {}
 
     # ---- thread-safe API -------------------------------------------------
-    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn) -> None:
-        self._post(OpenSession(session_id, options, emit))
+    def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
+                     client_address: str | None = None) -> None:
+        """``client_address``: whose budget pays for the prompt's prefill (engine/prefill_budget.py); None: none."""
+        self._post(OpenSession(session_id, options, emit, client_address))
 
     def push_audio(self, session_id: str, mel_chunks: torch.Tensor | PaddedBlocks) -> None:
         """Queue (N, 128, 40) mel chunks for the session, or the ``PaddedBlocks`` they are computed from; in order."""
@@ -146,13 +148,14 @@ class Worker:
     def cancel(self, session_id: str) -> None:
         self._post(CancelReply(session_id))
 
-    def request_reply(self, session_id: str) -> None:
+    def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None:
         """The next chunk decided for the session starts a reply (TEXT_BEGIN), whatever the model's logits say.
 
-        Ignored while the session is replying; a request is consumed by one reply. With
-        ``reply_mode="on_request"`` this is the only way the session ever replies.
+        Ignored while the session is replying; a request is consumed by one reply, capped at ``max_turn_tokens``
+        when that is below the session's cap. With ``reply_mode="on_request"`` this is the only way the session
+        ever replies.
         """
-        self._post(RequestReply(session_id))
+        self._post(RequestReply(session_id, max_turn_tokens))
 
     def clear_audio(self, session_id: str) -> None:
         """Drop the session's queued, not yet decided chunks; it gets ``AudioCleared(num_chunks)``.
@@ -418,8 +421,8 @@ class Worker:
                     self.scheduler.add_audio(session, chunks)
                 case CancelReply():
                     self._emit(session, self.scheduler.cancel(session))
-                case RequestReply():
-                    self.scheduler.request_reply(session)
+                case RequestReply(max_turn_tokens=max_turn_tokens):
+                    self.scheduler.request_reply(session, max_turn_tokens)
                 case ClearAudio():
                     self._emit(session, self.scheduler.clear_audio(session))
                 case CloseSession(error_code=error_code, message=message):
@@ -431,7 +434,7 @@ class Worker:
 
     def _open(self, command: OpenSession) -> None:
         try:
-            session = self.scheduler.open(command.session_id, command.options, command.emit)
+            session = self.scheduler.open(command.session_id, command.options, command.emit, command.client_address)
         except OpenRefused as refused:
             self._refuse_open(command, SessionEnded(refused.code, str(refused)))
             return

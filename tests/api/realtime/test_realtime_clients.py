@@ -75,12 +75,23 @@ def engine_transport() -> str:
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, engine_transport):
     """The live server in this process (a spawn would pay the imports and the model load again, ~7 s)."""
+    yield from live_server(tiny_checkpoint, engine_transport)
+
+
+@pytest.fixture(scope="module")
+def small_buffer_server(tiny_checkpoint, engine_transport):
+    """A live server that buffers at most 2 s of audio for the model: one append of 3 s is refused, whatever the
+    model has heard, and a commit's 1 s of silence still fits."""
+    yield from live_server(tiny_checkpoint, engine_transport, max_buffered_audio_s=2.0)
+
+
+def live_server(tiny_checkpoint, engine_transport, **settings):
     from audio_interaction_server.config import ServerConfig
     from benchmarks.harness import LiveServer
 
     config = ServerConfig.model_validate(dict(port=0, api_key=KEY, max_sessions=2, log_level="warning", engine={
         "checkpoint": tiny_checkpoint, "device": "cpu", "transport": engine_transport,
-        "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}))
+        "scripted_turns": {"every_chunks": EVERY_CHUNKS, "reply_tokens": REPLY_TOKENS}}, **settings))
     log = ServerLog()
     live = LiveServer(config).start()
     # uvicorn's loggers stop at "uvicorn" (configured as the server is built, so the handler is added after).
@@ -315,6 +326,104 @@ def test_openai_sdk_telephony_audio_g711(server, shared_audio):
     for format_type, encode in (("audio/pcmu", audioop.lin2ulaw), ("audio/pcma", audioop.lin2alaw)):
         response = asyncio.run(asyncio.wait_for(run(format_type, encode), 60))
         assert response["status"] == "completed" and response["usage"]["output_tokens"] == REPLY_TOKENS
+
+
+def test_openai_sdk_response_max_output_tokens_caps_that_response_only(server, shared_audio):
+    """response.max_output_tokens below the session's cap was refused (invalid_value). The Realtime API honours it:
+    that response stops after that many output tokens, incomplete for max_output_tokens, and a later response
+    without one (or with "inf", or one above the session's cap) has the session's cap again."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+    caps = [5, None, 1, "inf", 4096]
+
+    async def run() -> tuple[SdkRun, dict, list[dict]]:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            session = (await sdk.until("session.updated"))["session"]
+            await sdk.stream(speech_24k(shared_audio, FILES[0]), speed=8.0)
+            await connection.input_audio_buffer.commit()
+            await sdk.until("input_audio_buffer.committed")
+            responses = []
+            for cap in caps:
+                asked = {} if cap is None else {"response": {"max_output_tokens": cap}}
+                await connection.response.create(**asked, event_id=f"cap_{cap}")
+                responses.append((await sdk.until("response.done"))["response"])
+            return sdk, session, responses
+
+    sdk, session, responses = asyncio.run(asyncio.wait_for(run(), 120))
+    assert not sdk.of("error"), sdk.of("error")
+    session_cap = session["max_output_tokens"]
+    assert isinstance(session_cap, int) and session_cap > REPLY_TOKENS
+    for cap, response in zip(caps, responses):
+        deltas = [f["delta"] for f in sdk.frames if f["type"] == "response.output_text.delta"
+                  and f["response_id"] == response["id"]]
+        text = response["output"][0]["content"][0]["text"]
+        assert "".join(deltas) == text, (cap, response)
+        created = next(f for f in sdk.of("response.created") if f["response"]["id"] == response["id"])
+        if isinstance(cap, int) and cap < session_cap:
+            assert response["status"] == "incomplete", (cap, response)
+            assert response["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+            assert response["output"][0]["status"] == "incomplete"
+            assert response["usage"]["output_tokens"] == response["usage"]["total_tokens"] == cap
+            assert response["max_output_tokens"] == created["response"]["max_output_tokens"] == cap
+        else:
+            assert response["status"] == "completed" and response["status_details"] is None, (cap, response)
+            assert response["usage"]["output_tokens"] == REPLY_TOKENS
+            assert response["max_output_tokens"] == created["response"]["max_output_tokens"] == session_cap
+
+
+def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
+    """An append refused for a full buffer (audio_buffer_full) still counted as audio to commit: the commit after it
+    was answered input_audio_buffer.committed, a user item of audio the server had refused, instead of
+    input_audio_buffer_commit_empty; and the next reply, too, committed it first."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port = idle(small_buffer_server)
+    too_long = base64.b64encode(bytes(3 * RATE_HZ * 2)).decode()  # 3 s of silence: over the 2 s buffer
+    short = base64.b64encode(bytes(RATE_HZ // 5 * 2)).decode()  # 0.2 s
+
+    async def answer(sdk: SdkRun) -> dict:
+        """The answer to a commit: committed, or an error."""
+        while (frame := await sdk.next())["type"] not in ("error", "input_audio_buffer.committed"):
+            pass
+        return frame
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await sdk.until("session.updated")
+            await connection.input_audio_buffer.append(audio=too_long, event_id="refused_1")
+            assert (await sdk.until("error"))["error"]["code"] == "audio_buffer_full"
+            await connection.input_audio_buffer.commit(event_id="commit_1")
+            empty = (await answer(sdk)).get("error")
+            assert empty and (empty["code"], empty["event_id"]) == ("input_audio_buffer_commit_empty", "commit_1")
+            # Audio taken, then audio refused: the commit holds the audio taken, and the next commit has none.
+            await connection.input_audio_buffer.append(audio=short)
+            await connection.input_audio_buffer.commit(event_id="commit_2")
+            assert (await answer(sdk))["type"] == "input_audio_buffer.committed"
+            await connection.input_audio_buffer.append(audio=too_long, event_id="refused_2")
+            assert (await sdk.until("error"))["error"]["code"] == "audio_buffer_full"
+            await connection.input_audio_buffer.commit(event_id="commit_3")
+            empty = (await answer(sdk)).get("error")
+            assert empty and (empty["code"], empty["event_id"]) == ("input_audio_buffer_commit_empty", "commit_3")
+            # A reply commits the audio not yet committed first: the refused audio is none.
+            await connection.input_audio_buffer.append(audio=too_long, event_id="refused_3")
+            assert (await sdk.until("error"))["error"]["code"] == "audio_buffer_full"
+            await connection.response.create()
+            await sdk.until("response.done")
+            return sdk
+
+    sdk = asyncio.run(asyncio.wait_for(run(), 60))
+    assert len(sdk.of("input_audio_buffer.committed")) == 1, sdk.of("input_audio_buffer.committed")
+    full, empty = "audio_buffer_full", "input_audio_buffer_commit_empty"
+    assert [f["error"]["code"] for f in sdk.of("error")] == [full, empty, full, empty, full]
 
 
 def test_client_secret_minted_by_a_backend_opens_the_socket_also_as_a_subprotocol(server):

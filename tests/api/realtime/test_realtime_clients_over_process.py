@@ -11,6 +11,7 @@ from tests.api.realtime.test_realtime_clients import (  # noqa: F401  (imported 
     client_logs, server,
     test_openai_sdk_manual_turns,
     test_openai_sdk_replies_manual_turn_cancel_and_refusal,
+    test_openai_sdk_response_max_output_tokens_caps_that_response_only,
 )
 from tests.api.realtime.over_process import (  # noqa: F401  (this module's transport, and its check)
     engine_transport, test_the_server_here_runs_its_engine_in_a_process,

@@ -95,6 +95,8 @@ class Harness:
 
     def __init__(self) -> None:
         self.codec = RealtimeCodec(max_frame_bytes=64 * 1024)
+        self.taken_bytes = 0  # the audio the session took, as its clock (audio_received_s) counts it
+        self.codec.follow(lambda: self.taken_bytes)
         self.adapter = sdk_adapter()
         self.frames: list[dict] = []
         self.options = settings()
@@ -107,8 +109,14 @@ class Harness:
         assert first[0] == Configure(audio=AudioFormat(sample_rate_hz=24_000), event_type="session.update")
         assert self.session(self.updated()) == []  # the codec's own Configure: its answer is not sent
 
-    def client(self, event: dict | str | bytes) -> list:
-        return self.codec.decode(json.dumps(event) if isinstance(event, dict) else event)
+    def client(self, event: dict | str | bytes, is_refused: bool = False) -> list:
+        """The commands of one client frame. The session takes each append at once (as the connection has it), unless
+        it is no whole sample or ``is_refused`` (a full buffer): its clock grows with the audio it took."""
+        commands = self.codec.decode(json.dumps(event) if isinstance(event, dict) else event)
+        for command in commands:
+            if isinstance(command, AppendAudio) and not is_refused and not len(command.data) % 2:
+                self.taken_bytes += len(command.data)
+        return commands
 
     def session(self, *events) -> list[dict]:
         out = [check_frame(frame, self.adapter) for event in events for frame in self.codec.encode(event)]
@@ -366,6 +374,26 @@ def test_an_append_the_session_refuses_leaves_nothing_to_commit():
     assert isinstance(commit, Malformed) and commit.code == "input_audio_buffer_commit_empty", commit
 
 
+def test_an_append_refused_for_a_full_buffer_is_no_audio_to_commit():
+    """The session refuses a frame that would overfill its buffer (audio_buffer_full). The codec counted it as audio
+    to commit: the commit after it was flushed and answered input_audio_buffer.committed, a user item of refused audio,
+    and so was the next reply's begin."""
+    h = Harness()
+    [refused] = h.client(append(np.zeros(2400)), is_refused=True)
+    assert refused == AppendAudio(bytes(4800))
+    [commit] = h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert isinstance(commit, Malformed) and commit.code == "input_audio_buffer_commit_empty", commit
+    h.client(append(np.zeros(2400)))  # taken, then one refused: the commit holds the one taken
+    h.client(append(np.zeros(2400)), is_refused=True)
+    assert isinstance(h.client({"type": "input_audio_buffer.commit", "event_id": "c2"})[0], Flush)
+    assert [f["type"] for f in h.session(InputFlushedEvent(**STAMP, num_chunks=1, audio_time_s=0.4))] == COMMIT_TYPES
+    h.client(append(np.zeros(2400)), is_refused=True)
+    [commit] = h.client({"type": "input_audio_buffer.commit", "event_id": "c3"})
+    assert isinstance(commit, Malformed) and commit.code == "input_audio_buffer_commit_empty", commit
+    frames = h.session(*reply(0, ["a"]))  # a reply commits the audio not committed yet first: none here
+    assert [frame["type"] for frame in frames] == REPLY_TYPES[:4] + REPLY_TYPES[5:], frames
+
+
 def test_clear_drops_unheard_audio_and_says_so():
     h = Harness()
     h.client(append(np.zeros(2400)))
@@ -469,22 +497,36 @@ def test_response_create_for_audio_is_refused():
     assert isinstance(h.client({"type": "response.create"})[0], RequestReply)  # the refused one left no request
 
 
-@pytest.mark.parametrize("cap, is_refused", [
-    (3, True), (63, True), (0, True), (4097, True),  # below the session's cap of 64; out of range
-    (64, False), (4096, False), ("inf", False),  # no cap below the session's: the reply is within it already
+@pytest.mark.parametrize("cap, sent, reported", [
+    (3, 3, 3), (1, 1, 1), (63, 63, 63),  # below the session's cap of 64: that response's own cap
+    (64, 64, 64), (4096, 4096, 64), ("inf", None, 64),  # the session's cap bounds every reply
 ])
-def test_response_create_with_a_cap_the_reply_would_pass_is_refused_naming_the_field(cap, is_refused):
-    """response.max_output_tokens was dropped: a reply asked for 3 tokens ran to the session's cap, reported
-    "completed". A reply's cap is the session's (fixed with the first audio), so a lower one is refused."""
+def test_response_create_caps_its_own_response_and_the_next_has_the_sessions_cap(cap, sent, reported):
+    """response.max_output_tokens below the session's cap was refused; the Realtime API honours it for that response
+    only. The engine ends the reply at that cap as at the session's (turn_end max_tokens); the response reports the
+    cap in force, and a later response.create without one has the session's."""
     h = Harness()
     [command] = h.client({"type": "response.create", "event_id": "r1", "response": {"max_output_tokens": cap}})
-    if not is_refused:
-        assert command == RequestReply(event_id="r1", event_type="response.create")
-        return
+    assert command == RequestReply(event_id="r1", event_type="response.create", max_turn_tokens=sent)
+    frames = h.session(*reply(0, ["a"], end_reason="max_tokens" if reported < 64 else "text_end"))
+    created, done = frames[0], frames[-1]  # no audio came: no user item before the response
+    assert created["type"] == "response.created" and done["type"] == "response.done"
+    assert created["response"]["max_output_tokens"] == done["response"]["max_output_tokens"] == reported
+    [later] = h.client({"type": "response.create", "event_id": "r2"})
+    assert later == RequestReply(event_id="r2", event_type="response.create")
+    frames = h.session(*reply(1, ["b"]))
+    assert frames[0]["type"] == "response.created" and frames[0]["response"]["max_output_tokens"] == 64
+    assert frames[-1]["response"]["max_output_tokens"] == 64
+
+
+@pytest.mark.parametrize("cap", [0, -1, 4097])
+def test_response_create_with_a_cap_out_of_range_is_refused_naming_the_field(cap):
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r1", "response": {"max_output_tokens": cap}})
     assert isinstance(command, Malformed) and command.code == "invalid_value", command
     [frame] = h.session(h.error(command))
     assert frame["error"]["param"] == "response.max_output_tokens" and frame["error"]["event_id"] == "r1"
-    assert "session.max_output_tokens" in frame["error"]["message"] or not 1 <= cap <= 4096, frame
+    assert "1 to 4096" in frame["error"]["message"]
     assert isinstance(h.client({"type": "response.create"})[0], RequestReply)  # the refused one left no request
 
 

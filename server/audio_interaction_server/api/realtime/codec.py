@@ -25,6 +25,7 @@ import base64
 import binascii
 import json
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,7 +48,6 @@ from audio_interaction_server.protocol import AudioFormat
 
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
-PCM16_SAMPLE_BYTES = 2  # the session's format here is always mono 16-bit PCM (G.711 is decoded to it)
 MAX_TURN_TOKENS = 4096  # SessionOptions.max_turn_tokens' bound, checked here to name the Realtime field
 # The session's model settings a session.update may change, with the Realtime fields they come from.
 _MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_tokens", "session.max_output_tokens"),
@@ -57,7 +57,7 @@ _MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_t
 _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
-                 "audio_flood", "event_flood"}
+                 "audio_flood", "event_flood", "rate_limited"}
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
 MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
@@ -106,6 +106,7 @@ class _Request:
 
     event_id: str | None
     metadata: dict[str, str] | None
+    max_output_tokens: int | None  # its reply's own cap (the session's bounds it); None: the session's
 
 
 class RealtimeCodec:
@@ -128,16 +129,24 @@ class RealtimeCodec:
         self._settings = None  # the session's SessionSettings, from its last session.created/updated
         self._default_max_turn_tokens = 512
         self._request: _Request | None = None
-        # Audio in the client's order (decoding): appended since the last commit or clear, for commit_empty.
-        self._appended_since_commit = False
-        # Audio in the session's order (encoding): appends decoded so far, and how many of them are an item already
-        # or were cleared. A clear drops the appends decoded before it once the session answers it, not the ones the
-        # client sent after it, which may be decoded before that answer comes.
-        self._num_appends = 0
-        self._appends_before_clear: deque[int] = deque()  # per clear not yet answered
-        self._appends_done = 0
+        # What a commit commits is the audio the session took, read off its clock (``follow``); until then, none.
+        self._taken_audio: Callable[[], float] = lambda: 0.0
+        # Audio in the client's order (decoding): the clock at the last commit or clear, for commit_empty.
+        self._taken_at_commit = 0.0
+        # Audio in the session's order (encoding): the clock when the last user item was made, or a clear answered.
+        # A clear drops the audio taken before it once the session answers it, not the audio the client sent after
+        # it, which may be taken before that answer comes.
+        self._taken_before_clear: deque[float] = deque()  # the clock at each clear not yet answered
+        self._taken_done = 0.0
         self._num_commits_waiting = 0
         self._cancelled_response_id: str | None = None  # the response a cancel was sent for
+
+    def follow(self, taken_audio_s: Callable[[], float]) -> None:
+        """Read what audio the session took off ``taken_audio_s`` (its ``audio.audio_received_s``, which grows with
+        each frame it accepts): a frame it refused (a full buffer, no whole sample, a closing session) is answered
+        with an error, and is no audio to commit. The connection has the session handle each command as soon as it
+        is decoded, so when the next frame is decoded the clock has every earlier append's verdict."""
+        self._taken_audio = taken_audio_s
 
     # ---- client frames -> commands ----------------------------------------------------------
     def decode(self, message: str | bytes) -> list[Command]:
@@ -227,24 +236,20 @@ class RealtimeCodec:
             data = mulaw_to_s16le(data)
         elif isinstance(self._format, AudioPcma):
             data = alaw_to_s16le(data)
-        # The session refuses a frame of no whole 16-bit sample (invalid_audio, "frame ignored"): such a frame is no
-        # audio to commit. (A frame refused for a full buffer still counts: that is known only when the session
-        # answers, after the client's next events may have been read.)
-        if data and not len(data) % PCM16_SAMPLE_BYTES:
-            self._appended_since_commit = True
-            self._num_appends += 1
         return [AppendAudio(data, event_id=event.event_id)]
 
     def _clear(self, event: InputAudioBufferClear) -> list[Command]:
-        self._appended_since_commit = False
-        self._appends_before_clear.append(self._num_appends)
+        self._taken_at_commit = self._taken_audio()
+        self._taken_before_clear.append(self._taken_at_commit)
         return [ClearAudio(event_id=event.event_id, event_type=event.type)]
 
     def _commit(self, event: InputAudioBufferCommit) -> list[Command]:
-        if not self._appended_since_commit:
+        taken = self._taken_audio()
+        if taken <= self._taken_at_commit:
             return [self._refuse("input_audio_buffer_commit_empty", "Error committing input audio buffer: no audio "
-                                 "was appended since the last commit", event.type, event.event_id)]
-        self._appended_since_commit = False
+                                 "was taken since the last commit (an append answered with an error is none)",
+                                 event.type, event.event_id)]
+        self._taken_at_commit = taken
         self._num_commits_waiting += 1
         # Pads the partial chunk and adds trailing silence, so the model hears all of it; committed follows.
         return [Flush(event_id=event.event_id, event_type=event.type)]
@@ -256,34 +261,21 @@ class RealtimeCodec:
             return [self._refuse("invalid_value", f"output_modalities {_shown(modalities)} is not supported: the model "
                                  "produces text (pair it with a text-to-speech)", event.type, event.event_id,
                                  "response.output_modalities")]
-        cap_refusal = self._response_cap_refusal(None if response is None else response.max_output_tokens)
-        if cap_refusal is not None:
-            return [self._refuse("invalid_value", cap_refusal, event.type, event.event_id,
-                                 "response.max_output_tokens")]
+        cap = None if response is None else response.max_output_tokens
+        if isinstance(cap, int) and not 1 <= cap <= MAX_TURN_TOKENS:
+            return [self._refuse("invalid_value", f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not "
+                                 f"{cap}", event.type, event.event_id, "response.max_output_tokens")]
         if self.replies.reply is not None or self._request is not None:
             active = self.replies.response_id or "(requested)"
             return [self._refuse("conversation_already_has_active_response", f"Conversation already has an active "
                                  f"response in progress: {active}. Wait until the response is finished before "
                                  "creating a new one.", event.type, event.event_id)]
-        self._request = _Request(event.event_id, None if response is None else response.metadata)
-        return [RequestReply(event_id=event.event_id, event_type=event.type)]
-
-    def _response_cap_refusal(self, cap: int | Literal["inf"] | None) -> str | None:
-        """Why a ``response.create``'s ``max_output_tokens`` cannot be honoured, or None.
-
-        A reply's cap is the session's: the engine session opens with it, and the codec cannot stop a reply early
-        (it speaks only when a client frame arrives, and the text deltas it sees are not tokens). A cap at or above
-        the session's is met by every reply; one below it would be silently exceeded, so it is refused."""
-        if cap is None or cap == "inf":
-            return None
-        if not 1 <= cap <= MAX_TURN_TOKENS:
-            return f"max_output_tokens must be 1 to {MAX_TURN_TOKENS} or 'inf', not {cap}"
-        session_cap = self._default_max_turn_tokens if self._settings is None else self._settings.max_turn_tokens
-        if cap < session_cap:
-            return (f"max_output_tokens {cap} per response is not supported: every reply is capped at the session's "
-                    f"{session_cap} tokens (session.max_output_tokens, set before the first audio); send 'inf' or "
-                    "leave it out")
-        return None
+        # The engine caps the reply it starts for this request (the codec could not: the text deltas it sees are
+        # not tokens, and a cancel would land tokens later). The session's cap bounds it: the context is sized for
+        # that, so a larger one (or "inf") gives the session's.
+        reply_cap = cap if isinstance(cap, int) else None
+        self._request = _Request(event.event_id, None if response is None else response.metadata, reply_cap)
+        return [RequestReply(event_id=event.event_id, event_type=event.type, max_turn_tokens=reply_cap)]
 
     def _response_cancel(self, event: ResponseCancel) -> list[Command]:
         active = self.replies.response_id
@@ -431,13 +423,15 @@ class RealtimeCodec:
             self._num_commits_waiting -= 1
             return self._commit_audio()
         if kind == "input.cleared":
-            cleared = self._appends_before_clear.popleft() if self._appends_before_clear else self._num_appends
-            self._appends_done = max(self._appends_done, cleared)
+            cleared = self._taken_before_clear.popleft() if self._taken_before_clear else self._taken_audio()
+            self._taken_done = max(self._taken_done, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
             request, self._request = self._request, None
-            self.replies.begin(event.turn, self._settings.max_turn_tokens if self._settings else 0,
-                               None if request is None else request.metadata)
+            cap = self._settings.max_turn_tokens if self._settings else 0
+            if request is not None and request.max_output_tokens is not None:
+                cap = min(cap, request.max_output_tokens)  # as the engine caps the reply
+            self.replies.begin(event.turn, cap, None if request is None else request.metadata)
             # The audio the decision was made on is committed now; the response itself opens at its first
             # token (replies.py says why), so these frames are out before the engine has produced it.
             return self._commit_audio()
@@ -464,10 +458,11 @@ class RealtimeCodec:
         """Before a reply opens (and at a commit): the audio not yet committed becomes a user item. Never while a
         reply streams: the model hears audio sent meanwhile only once the reply ends (the session answers a
         commit's flush then), and committing at each delta would make a user item of every 20 ms append."""
-        if self._num_appends <= self._appends_done or (self.replies.reply is not None and self.replies.reply.is_open):
+        taken = self._taken_audio()
+        if taken <= self._taken_done or (self.replies.reply is not None and self.replies.reply.is_open):
             return []
-        self._appends_done = self._num_appends
-        self._appended_since_commit = False  # every append decoded so far is in this item: a commit now is empty
+        self._taken_done = taken
+        self._taken_at_commit = taken  # every append taken so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
 
     def _acknowledged(self) -> list:

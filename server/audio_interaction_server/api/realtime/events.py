@@ -396,7 +396,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 class ResponseIn(_Lenient):
     output_modalities: list[str] | None = None
-    max_output_tokens: int | Literal["inf"] | None = None  # only the session's cap or above (codec.py says why)
+    max_output_tokens: int | Literal["inf"] | None = None  # this response's cap; the session's bounds it
     metadata: Metadata | None = None
     conversation: str | None = None  # "none" = out of band: this server has one conversation, the audio's
 

@@ -103,8 +103,13 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
         return
     session_id = runtime.new_session_id()
 
+    # Whose prefill budget the engine charges for the session's prompt (the same address the per-IP limits see).
+    address = websocket.client.host if websocket.client is not None else None
+
     def make_session(engine_emit):
-        return runtime.make_session(session_id, engine_emit)
+        session = runtime.make_session(session_id, engine_emit, client_address=address)
+        codec.follow(lambda: session.audio.audio_received_s)  # what a commit commits: the audio it took
+        return session
 
     def on_closed(reason: str) -> None:
         runtime.release(session_id, reason)
