@@ -33,7 +33,7 @@ from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
 from audio_interaction_server.api.transport import direct_messages
 from audio_interaction_server.config import FloodLimits
-from audio_interaction_server.engine.events import EngineEvent
+from audio_interaction_server.engine.events import WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
 
 log = logging.getLogger(__name__)
@@ -517,6 +517,11 @@ class StreamConnection:
             self._end_reason = next((e.reason for e in events if e.type == "session.closed"), self._end_reason)
             if self._on_session_closed is not None:
                 self._on_session_closed(self._end_reason)
+
+    def engine_lost(self) -> None:
+        """The model worker or engine process is gone: the session ends as the engine ends the sessions it holds
+        (``worker_failed``, close 1011), also one that has not reached it yet; one already ended stays as it is."""
+        self._on_engine_events([SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
 
     def shut_down(self) -> None:
         """Server shutdown: close like a client's session.close would, with code 1001."""

@@ -83,6 +83,8 @@ class RegisteredConnection(Protocol):
 
     def end_detached(self, reason: str, why: str) -> None: ...
 
+    def engine_lost(self) -> None: ...
+
     def shut_down(self) -> None: ...
 
     def drain(self, deadline_s: float) -> None: ...
@@ -526,6 +528,10 @@ class Runtime:
         # process gets a new one, so stop (exit status 1) and let the supervisor restart us.
         self.metrics.model_ready.set(0)
         log.error("cannot serve: %s; stopping so that a supervisor can restart the server", reason)
+        # The engine ended those it held; those it never heard of (no audio yet) end the same way, not as at a
+        # shutdown asked for (server_shutdown, 1001), which would tell their clients nothing failed.
+        for stream in list(self.streams.values()):
+            stream.engine_lost()
         if self.on_fatal is not None:
             self.on_fatal(reason)
 

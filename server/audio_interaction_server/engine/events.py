@@ -103,6 +103,10 @@ class EndCode(StrEnum):
     """The model worker itself died: every session ends with this, and later opens are refused with it."""
 
 
+# What clients hear when the worker (or the engine process) is lost; the exception and its traceback go to the log.
+WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
+
+
 @dataclass(frozen=True)
 class SessionEnded:
     """Final event of a session: ``error_code`` is None for a normal close (the client asked for it)."""

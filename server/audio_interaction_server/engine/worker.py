@@ -44,7 +44,9 @@ from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
 from audio_interaction_server.engine.conversation import ContextFull
-from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded, SessionStarted
+from audio_interaction_server.engine.events import (
+    WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted,
+)
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
 from audio_interaction_server.engine.static_path import StaticPath, choose_eager_attention, choose_step
@@ -58,8 +60,6 @@ log = logging.getLogger(__name__)
 
 # Below this, a session with the default reply cap rolls its context over every few seconds of audio (a warning).
 MIN_CHUNKS_BETWEEN_ROLLOVERS = 30
-# What clients hear when the worker dies; the exception and its traceback go to the log only.
-WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
 SHUTDOWN_MESSAGE = "the server is shutting down"
 
 __all__ = ["EmitFn", "SessionStateSize", "StepStats", "WORKER_FAILED_MESSAGE", "Worker"]
