@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.engine.process import process_has_ended
 from audio_interaction_server.engine.wire import EngineEndpoints
 from benchmarks.harness import LiveServer
 from tests.api.test_agent import probe
@@ -180,6 +182,11 @@ def test_a_killed_front_frees_its_slots_within_a_second_and_is_started_again(tre
         since = len(tree.lines)
         os.kill(pids["box-f1"], signal.SIGKILL)
         killed_s = time.monotonic()
+        # Its port stays the supervisor's: another process that took it made the restart fail and ended the tree.
+        wait_until(lambda: process_has_ended(pids["box-f1"]))  # its own socket is closed by now
+        with socket.socket() as thief, pytest.raises(OSError, match="Address already in use"):
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            thief.bind(("127.0.0.1", ports["box-f1"]))
         freed_s = wait_until(lambda: http_status(ports["box-f0"], "/ready") == 200)
         assert time.monotonic() - killed_s < 1.0, f"the dead front's slot was freed after {freed_s:.2f} s"
         ws0.send(np.zeros(16000, dtype=np.float32).tobytes())  # the other front's session goes on
@@ -187,9 +194,9 @@ def test_a_killed_front_frees_its_slots_within_a_second_and_is_started_again(tre
         after = recv_until(ws0, lambda e: e["type"] == "input.flushed")
         assert [e["chunk"] for e in after if e["type"] == "decision"] == [1, 2, 3, 4]
         assert not [e for e in after if e["type"] == "error"]
-    # The supervisor starts the front again, with its replica id (port 0: a new free port).
+    # The supervisor starts the front again, with its replica id, on its port (even with --port 0).
     restarted = tree.ports(since, count=1)
-    assert list(restarted) == ["box-f1"]
+    assert restarted == {"box-f1": ports["box-f1"]}
     with open_session(restarted["box-f1"]) as ws:
         assert start_session(ws).startswith("box-f1_")
     assert probe(tree.agents(since, count=1)["box-f1"]).startswith("up ready ")

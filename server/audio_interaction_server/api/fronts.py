@@ -8,7 +8,10 @@ All attach to the one engine process over its ZeroMQ endpoints, which keeps ever
 
 What the supervisor (this process: ``python -m audio_interaction_server --fronts N``) does:
 
-* starts the fronts first (they bind at once, answer ``/health``, and wait for the engine), then resolves the
+* binds every front's port (and agent port) and keeps them: a busy one stops the tree at once (status 3), before
+  anything starts; a front is handed its sockets, again when it is restarted, so its port stays taken meanwhile
+  and connections wait in the kernel's queue for the new front (``serving.Listeners``);
+* starts the fronts first (they answer ``/health`` at once and wait for the engine), then resolves the
   checkpoint (a Hub download happens here) and starts the engine process;
 * SIGINT or SIGTERM: passed on once to every front (a SIGTERM drains each, with ``drain_timeout_s``); once every
   front has exited, the engine is stopped. A second signal is passed on too (a front then stops at once);
@@ -24,7 +27,8 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
   loss of one. More than ``MAX_FRONT_RESTARTS`` crashes (a status other than 0) within ``FRONT_RESTART_WINDOW_S``
   is no accident: the tree exits 1; a front that exits 0 stopped as asked and does not count. A front that cannot
-  listen (3), has a bad configuration (2) or cannot serve (``EXIT_FRONT_CANNOT_SERVE``: it lost its engine, or the
+  listen (3: not on the sockets it is handed, unless something is badly wrong), has a bad configuration (2) or
+  cannot serve (``EXIT_FRONT_CANNOT_SERVE``: it lost its engine, or the
   engine cannot serve its settings) ends the tree, since a restart would meet the same: with status 3, 2 and 1.
   A front's own 1 is a crash (an exception out of its main), restarted like any other. The other fronts are then
   stopped at once, but after a lost engine, which they lose too: they are given the time to tell their clients
@@ -57,8 +61,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from audio_interaction_server.api.serving import (
-    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, StopRequested, exit_at_once,
-    serve_config, stop_requested,
+    EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, CannotListen, Listeners, StopRequested,
+    bind_listeners, exit_at_once, serve_config, stop_requested,
 )
 from audio_interaction_server.config import ServerConfig
 from audio_interaction_server.logs import configure_logging
@@ -100,6 +104,7 @@ class FrontSpec:
 
     index: int
     config: ServerConfig  # this front's: its port, agent port and replica id
+    listeners: Listeners  # its ports, bound by the supervisor (which keeps them while the front restarts)
     engine_commands: str  # the engine's endpoints (engine.wire.EngineEndpoints), as text: see the imports
     engine_events: str
     # The read end of a pipe from the supervisor: the stop signals it passes on (and ``EngineEnded``) come this
@@ -136,7 +141,8 @@ def run_front(spec: FrontSpec) -> None:
         from audio_interaction_server.engine.process_client import EngineEndpoints
 
         status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events),
-                              engine_ended=engine_ended, cannot_serve_status=EXIT_FRONT_CANNOT_SERVE)
+                              engine_ended=engine_ended, cannot_serve_status=EXIT_FRONT_CANNOT_SERVE,
+                              listeners=spec.listeners)
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
@@ -170,6 +176,7 @@ class Supervisor:
         self.engine: EngineProcess | None = None
         self.directory = directory  # the engine's sockets: known before it starts, so the fronts can start first
         self.fronts: dict[int, BaseProcess] = {}
+        self.listeners: dict[int, Listeners] = {}  # each front's ports, bound here before any front starts
         self._orders: dict[int, Connection] = {}  # the write end of each front's pipe
         self._passed_on: list[int] = []  # the stop signals passed on so far: a front started since gets them too
         self.restarts_s: list[float] = []
@@ -203,7 +210,8 @@ class Supervisor:
         from audio_interaction_server.engine.process_client import EngineEndpoints
 
         endpoints = EngineEndpoints.in_directory(self.directory)
-        spec = FrontSpec(index, front_config(self.config, index), endpoints.commands, endpoints.events, orders)
+        spec = FrontSpec(index, front_config(self.config, index), self.listeners[index], endpoints.commands,
+                         endpoints.events, orders)
         front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)
         front.start()
         orders.close()  # the front holds the read end; when this process ends, the front reads the pipe's end
@@ -219,6 +227,15 @@ class Supervisor:
         from audio_interaction_server.engine.process_client import EngineProcess
 
         config = self.config
+        try:  # every port first: a busy one stops the tree before anything starts
+            for index in range(config.fronts):
+                self.listeners[index] = bind_listeners(front_config(config, index))
+        except CannotListen as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_CANNOT_LISTEN
+        log.info("serving with %d fronts on one engine process: ports %s, replica ids %s", config.fronts,
+                 ", ".join(str(self.listeners[i].server.getsockname()[1]) for i in range(config.fronts)),
+                 ", ".join(str(front_config(config, i).replica_id) for i in range(config.fronts)))
         for index in range(config.fronts):
             self.start_front(index)
         try:
@@ -324,9 +341,6 @@ def _lost_engine_wait_s() -> float:
 
 def supervise(config: ServerConfig) -> int:
     """Run the engine and ``config.fronts`` fronts until stopped; the tree's exit status (``api/serving.py``)."""
-    log.info("serving with %d fronts on one engine process: ports %s, replica ids %s", config.fronts,
-             ", ".join(str(front_config(config, i).port) for i in range(config.fronts)),
-             ", ".join(str(front_config(config, i).replica_id) for i in range(config.fronts)))
     supervisor = Supervisor(config, Path(tempfile.mkdtemp(prefix="ais-engine-")))
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
@@ -334,4 +348,6 @@ def supervise(config: ServerConfig) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        for listeners in supervisor.listeners.values():
+            listeners.close()
         shutil.rmtree(supervisor.directory, ignore_errors=True)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
@@ -24,6 +26,59 @@ EXIT_BAD_CONFIG = 2  # as argparse's usage errors
 EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind error
 
 log = logging.getLogger("audio_interaction_server")
+
+LISTEN_BACKLOG = 2048  # uvicorn's own default
+# The capacity agent's (api/agent.py): connections waiting to be taken; beyond, the kernel refuses new ones (a
+# prober retries at its next interval).
+AGENT_LISTEN_BACKLOG = 64
+
+
+class CannotListen(Exception):
+    """A port could not be bound: the message is the one error line (host, port, the OS's reason)."""
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """A server's sockets, bound and listening before it starts: its port, and its capacity agent's if it has one.
+
+    The supervisor of several fronts binds each front's and hands them to it, again to a front it restarts, and
+    keeps them: a front's port stays taken while the front restarts (no other process can take it, which ended
+    the tree), and connections that arrive meanwhile wait in the kernel's queue for the new front instead of
+    being refused."""
+
+    server: socket.socket
+    agent: socket.socket | None = None
+
+    def close(self) -> None:
+        self.server.close()
+        if self.agent is not None:
+            self.agent.close()
+
+
+def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.socket:
+    """A TCP socket listening on ``host:port`` (port 0: any free one), bound as uvicorn binds (``SO_REUSEADDR``;
+    IPv6 for a host with a colon); ``CannotListen`` if it cannot be."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except OSError as error:
+        listener.close()
+        raise CannotListen(f"cannot listen on {host}:{port}{what}: [Errno {error.errno}] {error.strerror}") from error
+    return listener
+
+
+def bind_listeners(config: ServerConfig) -> Listeners:
+    """``config``'s port, and its ``agent_port`` when it has one, bound (``CannotListen``: neither is kept)."""
+    server = bind_listener(config.host, config.port, LISTEN_BACKLOG)
+    if config.agent_port is None:
+        return Listeners(server)
+    try:
+        return Listeners(server, bind_listener(config.host, config.agent_port, AGENT_LISTEN_BACKLOG, " (agent_port)"))
+    except CannotListen:
+        server.close()
+        raise
 
 
 class StopRequested(BaseException):
@@ -54,11 +109,13 @@ def stop_requested(signum: int, frame: Any) -> None:
 
 
 def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
-                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE) -> int:
+                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE,
+                 listeners: Listeners | None = None) -> int:
     """Serve ``config`` until stopped; the exit status. ``attach_to``: one of several fronts, the engine process
     to attach to (started by the supervisor) instead of loading the model here; ``engine_ended``: set by the
     supervisor once that engine process has ended; ``cannot_serve_status``: the status when the model or its engine
-    cannot serve (a front's own, which its supervisor tells apart from a crash)."""
+    cannot serve (a front's own, which its supervisor tells apart from a crash); ``listeners``: sockets bound for
+    this server (by the supervisor of several fronts) instead of binding its ports here."""
     from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.logs import route_uvicorn_logs
 
@@ -80,14 +137,19 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
     if config.log_format == "json":
         route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
     # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
-    try:
-        listener = server.config.bind_socket()
-    except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
-        print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
-              file=sys.stderr)
-        return EXIT_CANNOT_LISTEN
+    if listeners is not None:
+        listener = listeners.server
+    else:
+        try:
+            listener = server.config.bind_socket()
+        except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
+            print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
+                  file=sys.stderr)
+            return EXIT_CANNOT_LISTEN
     agent = app.state.agent
-    if agent is not None:
+    if agent is not None and listeners is not None and listeners.agent is not None:
+        agent.adopt(listeners.agent)
+    elif agent is not None:
         try:
             agent.bind()
         except OSError as error:
