@@ -11,6 +11,7 @@ from audio_interaction_server.api.connection import ConnectionRateLimiter
 from benchmarks.harness import LiveServer
 from tests.api.test_app import metric_samples, recv_event, server_config
 from tests.api.test_transport import wait_until
+from tests.test_startup import events_to_close
 
 
 def test_burst_then_the_sustained_rate():
@@ -218,7 +219,7 @@ def test_past_its_prefill_budget_an_address_is_refused_on_both_dialects_and_othe
                 pass
             audio = base64.b64encode(np.zeros(19_200, "<i2").tobytes()).decode()  # 0.8 s at 24 kHz
             ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
-            frames, code = recv_to_close_realtime(ws)
+            frames, code = events_to_close(ws)
         refused = next(f for f in frames if f["type"] == "error")["error"]
         assert code == 1013 and refused["code"] == "rate_limited", (code, frames)
         assert refused["type"] == "invalid_request_error"  # the client's doing, not the server's fault
@@ -230,16 +231,3 @@ def test_past_its_prefill_budget_an_address_is_refused_on_both_dialects_and_othe
         assert metrics['ais_sessions_total{reason="rate_limited"}'] == 2
     finally:
         server.stop()
-
-
-def recv_to_close_realtime(ws) -> tuple[list[dict], int | None]:
-    import json
-
-    from websockets.exceptions import ConnectionClosed
-
-    frames = []
-    try:
-        while True:
-            frames.append(json.loads(ws.recv(timeout=20)))
-    except ConnectionClosed as closed:
-        return frames, closed.rcvd.code if closed.rcvd is not None else None

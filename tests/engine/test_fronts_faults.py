@@ -226,7 +226,8 @@ def test_a_hung_engine_is_killed_once_its_fronts_have_lost_it_and_the_tree_exits
         stop(tree)
     log = "".join(tree.lines)
     assert f"engine process {engine_pid} did not stop within 1.0 s; killing it" in log, log
-    assert took_s < ENGINE_TIMEOUT_S + 8.0, f"the tree exited {took_s:.1f} s after its engine hung:\n{log}"
+    # The fronts' own exits take seconds on a busy machine; the old wait for the hung engine alone took 10 s more.
+    assert took_s < ENGINE_TIMEOUT_S + 12.0, f"the tree exited {took_s:.1f} s after its engine hung:\n{log}"
 
 
 @pytest.mark.parametrize("fault", ["SIGHUP", "supervisor killed"])

@@ -35,12 +35,14 @@ import time
 from typing import TYPE_CHECKING
 
 from audio_interaction_server.api.connection import ConnectionRateLimiter
-from audio_interaction_server.api.serving import AGENT_LISTEN_BACKLOG
 
 if TYPE_CHECKING:
     from audio_interaction_server.api.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+# Connections waiting to be taken; beyond, the kernel refuses new ones (a prober retries at its next interval).
+ACCEPT_BACKLOG = 64
 
 # What the agent reads of a probe before it closes (HAProxy's optional agent-send string): reading it lets the
 # close be a FIN, not a reset that could overtake the line.
@@ -84,11 +86,12 @@ class CapacityAgent:
         """Take the port (``OSError`` if it cannot): the server calls it with its own bind, before the model loads,
         so a busy port fails in a second with one line; ``start`` binds if nobody did."""
         if self._socket is None:
-            self._socket = socket.create_server((self.host, self.requested_port), backlog=AGENT_LISTEN_BACKLOG)
+            self._socket = socket.create_server((self.host, self.requested_port), backlog=ACCEPT_BACKLOG)
             self._socket.setblocking(False)
 
     def adopt(self, listener: socket.socket) -> None:
         """Serve on ``listener``, bound and listening already (``serving.Listeners``), instead of binding."""
+        listener.listen(ACCEPT_BACKLOG)  # its own queue's length, as bind() gives it
         listener.setblocking(False)
         self._socket = listener
 

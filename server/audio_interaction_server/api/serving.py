@@ -27,10 +27,7 @@ EXIT_CANNOT_LISTEN = 3  # uvicorn's own start-up failure status, kept for a bind
 
 log = logging.getLogger("audio_interaction_server")
 
-LISTEN_BACKLOG = 2048  # uvicorn's own default
-# The capacity agent's (api/agent.py): connections waiting to be taken; beyond, the kernel refuses new ones (a
-# prober retries at its next interval).
-AGENT_LISTEN_BACKLOG = 64
+LISTEN_BACKLOG = 2048  # uvicorn's own default (the capacity agent sets its own when it adopts its socket)
 
 
 class CannotListen(Exception):
@@ -75,7 +72,7 @@ def bind_listeners(config: ServerConfig) -> Listeners:
     if config.agent_port is None:
         return Listeners(server)
     try:
-        return Listeners(server, bind_listener(config.host, config.agent_port, AGENT_LISTEN_BACKLOG, " (agent_port)"))
+        return Listeners(server, bind_listener(config.host, config.agent_port, LISTEN_BACKLOG, " (agent_port)"))
     except CannotListen:
         server.close()
         raise
