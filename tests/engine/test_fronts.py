@@ -488,3 +488,28 @@ def test_a_front_whose_main_raised_is_restarted_and_one_that_cannot_serve_ends_t
     # The other fronts are given the time to tell their clients; an engine still running then hangs: killed soon.
     assert taken_down == [(fronts.EXIT_CANNOT_SERVE, {"wait_s": fronts._lost_engine_wait_s(),
                                                       "engine_stop_s": fronts.HUNG_ENGINE_STOP_S})]
+
+
+def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
+    """A SIGHUP (the terminal that started ``serve`` closed) ended the supervisor outright, and with it every
+    front's clients' connections (1006). It is one of the signals the supervisor handles, and what it passes on to
+    each front is a SIGTERM (a front's own SIGHUP would end it at once)."""
+    from audio_interaction_server.api import fronts
+    from audio_interaction_server.config import load_config
+
+    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "2"}), tmp_path)
+    seen: list[int] = []
+    monkeypatch.setattr(supervisor, "run", lambda: seen.append(signal.getsignal(signal.SIGHUP)) or 0)
+    monkeypatch.setattr(fronts, "Supervisor", lambda config, directory: supervisor)
+    before = signal.getsignal(signal.SIGHUP)
+    assert fronts.supervise(load_config(None, {"AIS_FRONTS": "2"})) == 0
+    assert seen == [supervisor.on_signal] and signal.getsignal(signal.SIGHUP) == before
+    ordered: list[tuple[int, int]] = []
+    monkeypatch.setattr(supervisor, "_order", lambda index, order: ordered.append((index, order)))
+    supervisor.fronts = {0: _Running(), 1: _Running()}
+    supervisor.on_signal(signal.SIGHUP, None)
+    assert supervisor.stopping and ordered == [(0, signal.SIGTERM), (1, signal.SIGTERM)]
+
+
+class _Running:
+    exitcode = None
