@@ -133,8 +133,9 @@ def test_a_flood_cut_puts_the_address_on_cooldown_before_the_client_reads_sessio
         server.stop()
 
 
-def churned_prompt(index: int, num_chars: int = 3_000) -> str:
-    """A system prompt no other session used (so no kept prompt serves it): about 1,700 tokens."""
+def churned_prompt(index: int, num_chars: int = 2_300) -> str:
+    """A system prompt no other session used (so no kept prompt serves it): about 1,300 tokens (with the test
+    server's reply cap, about the longest that leaves MIN_CHUNKS_BETWEEN_ROLLOVERS chunks between rollovers)."""
     words = " ".join(f"rule{index}x{n}" for n in range(num_chars // 10))
     return f"Session {index}. {words}"[:num_chars]
 
@@ -190,7 +191,7 @@ def test_one_address_churning_new_prompts_is_refused_past_its_prefill_budget(tin
 
 
 def test_past_its_prefill_budget_an_address_is_refused_on_both_dialects_and_others_are_not(tiny_checkpoint, caplog):
-    """One new ~1,700-token prompt fits the budget, a second does not: on /v1/stream and on /v1/realtime (a
+    """One new ~1,300-token prompt fits the budget, a second does not: on /v1/stream and on /v1/realtime (a
     session.update with instructions is the same prefill) the session is refused at its first audio with a fatal
     rate_limited error saying when to try again, and close 1013. The same address with the default prompt (kept),
     and another address with a new prompt, run as before; the refusals are counted and the address is logged."""
@@ -229,5 +230,37 @@ def test_past_its_prefill_budget_an_address_is_refused_on_both_dialects_and_othe
         metrics = metric_samples(server)
         assert metrics["ais_prefill_budget_refusals_total"] == 2
         assert metrics['ais_sessions_total{reason="rate_limited"}'] == 2
+    finally:
+        server.stop()
+
+
+def test_options_that_would_roll_the_context_over_every_few_chunks_are_refused(tiny_checkpoint):
+    """A prompt and reply cap that leave a rebuilt context a few chunks short of its rollover point passed: the
+    session then rolled over every couple of chunks, each time re-feeding the prompt and the window (about 4,000
+    tokens) as one long row that no prefill budget paid for, and other streams waited. Such options are refused at
+    configure, naming the limit; the same prompt with room for MIN_CHUNKS_BETWEEN_ROLLOVERS chunks runs."""
+    from audio_interaction_server import spec
+    from audio_interaction_server.options import SessionOptions
+    from tests.api.test_app import send_configure
+
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        engine = server.runtime.config.engine
+        prompt = churned_prompt(0, num_chars=1_500)
+        prefix = server.runtime.worker.prompt_length(SessionOptions(system_prompt=prompt))
+
+        def reply_cap_leaving(num_chunks: int) -> int:  # the rebuilt context's slack: num_chunks blocks and a bit
+            return (engine.max_positions - 4 * spec.BLOCK_TOKENS - prefix - engine.rollover_window_positions
+                    - num_chunks * spec.BLOCK_TOKENS - 1)
+
+        assert spec.chunks_after_rollover(prefix, reply_cap_leaving(2), engine.max_positions,
+                                          engine.rollover_window_positions) == 2
+        with server.connect() as ws:
+            assert recv_event(ws)["type"] == "session.created"
+            answer = send_configure(ws, system_prompt=prompt, max_turn_tokens=reply_cap_leaving(2))
+            assert answer["type"] == "error" and "2 chunks of audio between context rollovers" in answer["message"]
+            assert "at least 30 are needed" in answer["message"], answer
+            answer = send_configure(ws, system_prompt=prompt, max_turn_tokens=reply_cap_leaving(30))
+            assert answer["type"] == "session.updated", answer
     finally:
         server.stop()

@@ -486,8 +486,7 @@ def test_a_front_whose_main_raised_is_restarted_and_one_that_cannot_serve_ends_t
     assert len(supervisor.restarts_s) == 1  # a crash: counted towards MAX_FRONT_RESTARTS
     assert supervisor._front_ended(1, fronts.EXIT_FRONT_CANNOT_SERVE) == fronts.EXIT_CANNOT_SERVE
     # The other fronts are given the time to tell their clients; an engine still running then hangs: killed soon.
-    assert taken_down == [(fronts.EXIT_CANNOT_SERVE, {"wait_s": fronts._lost_engine_wait_s(),
-                                                      "engine_stop_s": fronts.HUNG_ENGINE_STOP_S})]
+    assert taken_down == [(fronts.EXIT_CANNOT_SERVE, {"wait_s": fronts._lost_engine_wait_s(), "engine_hangs": True})]
 
 
 def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
@@ -509,6 +508,11 @@ def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
     supervisor.fronts = {0: _Running(), 1: _Running()}
     supervisor.on_signal(signal.SIGHUP, None)
     assert supervisor.stopping and ordered == [(0, signal.SIGTERM), (1, signal.SIGTERM)]
+    # A closing terminal hangs up more than once: a second SIGTERM would cut the fronts' drains short.
+    supervisor.on_signal(signal.SIGHUP, None)
+    assert ordered == [(0, signal.SIGTERM), (1, signal.SIGTERM)]
+    supervisor.on_signal(signal.SIGINT, None)  # an operator's second signal still is one
+    assert ordered[2:] == [(0, signal.SIGINT), (1, signal.SIGINT)]
 
 
 class _Running:

@@ -8,6 +8,7 @@ new sessions make the engine feed (a kept prompt costs nothing) and refuses an o
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -92,7 +93,8 @@ def test_one_address_opening_sessions_with_new_prompts_is_refused_past_its_budge
         refused, _ = open_and_run_first_row(worker, "a3", new_prompt(3), "10.0.0.1")
     assert isinstance(refused, SessionEnded) and refused.error_code is EndCode.RATE_LIMITED, refused
     wait_s = (cost[3] - (1_000 - cost[1] - cost[2])) / 100.0
-    assert f"in {wait_s:.1f} s" in refused.message and f"({cost[3]} tokens)" in refused.message, refused.message
+    told_s = math.ceil(wait_s * 10) / 10  # rounded up: a retry then is admitted
+    assert f"in {told_s:.1f} s" in refused.message and f"({cost[3]} tokens)" in refused.message, refused.message
     assert "a3" not in worker.scheduler.sessions and len(worker.scheduler._free_slots) == 2  # nothing held
     assert "10.0.0.1" in caplog.text and "prefill budget" in caplog.text  # the address, named at warning level
     # Other addresses are not affected; opens that name no address are not budgeted.
@@ -160,3 +162,15 @@ def test_two_fronts_of_one_engine_share_one_budget_per_address(tiny_checkpoint):
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_retry_at_the_time_the_refusal_gives_is_admitted():
+    """The refusal told the wait rounded to the nearest tenth of a second: a client that retried exactly then was
+    up to 0.05 s early and refused again (4 of 16 retries, by hand). The wait told is rounded up."""
+    for tokens_per_s, first, second in ((7.0, 90, 60), (3.0, 100, 37), (11.0, 55, 99), (500.0, 32_000, 1_234)):
+        budget = PrefillBudget(tokens_per_s, burst_tokens=100 if first < 1_000 else 32_768)
+        assert budget.charge("a", first, now_s=0.0) is None
+        refused = budget.charge("a", second, now_s=0.0)
+        assert refused is not None and refused.told_wait_s >= refused.retry_after_s
+        assert refused.told_wait_s == round(refused.told_wait_s, 1)  # as the message says it
+        assert budget.charge("a", second, now_s=refused.told_wait_s) is None

@@ -611,6 +611,9 @@ def test_an_engine_orphaned_by_a_killed_server_removes_its_sockets_directory(tin
         engine_pid = engine_pid_of(process.pid)
         directory = sockets_directory_of(engine_pid)
         assert directory.name.startswith("ais-engine-") and directory.is_dir()
+        # A closing terminal's SIGHUP reaches the whole process group too: it killed the engine mid-drain (every
+        # session then ended worker_failed); like SIGINT and SIGTERM, the engine's server stops it.
+        assert ignored_signals(engine_pid) >= {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
         process.kill()
         process.wait(10)
         wait_until_gone(engine_pid, 10)  # the orphaned engine ends itself, its sockets removed before it exits
@@ -618,6 +621,13 @@ def test_an_engine_orphaned_by_a_killed_server_removes_its_sockets_directory(tin
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals process ``pid`` ignores (``SigIgn`` in /proc/<pid>/status: bit n - 1 for signal n)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
 
 
 def sockets_directory_of(pid: int) -> Path:

@@ -37,7 +37,8 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
 Signals: each front leaves the supervisor's process group, so a terminal's Ctrl-C reaches the supervisor (and the
 engine, which ignores it), which passes it on exactly once; under systemd use ``KillMode=mixed``, so that only
 the supervisor is sent the SIGTERM (``control-group`` would signal every front twice: the second stops a drain).
-A SIGHUP (the terminal that started the tree closed) stops the tree as a SIGTERM does. A front whose supervisor is
+A SIGHUP (the terminal that started the tree closed) stops the tree as a SIGTERM does (once: a terminal hangs up
+more than once, and a second SIGTERM would cut the drains short; the engine ignores it). A front whose supervisor is
 gone (killed outright) stops as on a SIGINT, so that its clients are told and closed, not cut.
 """
 
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
-HUNG_ENGINE_STOP_S = 1.0  # how long an engine its fronts have lost, but still running, gets to stop before it is killed
+HUNG_ENGINE_STOP_S = 1.0  # how long an engine its fronts have lost, but still running, gets to end before it is killed
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # A front's status for serve_config's EXIT_CANNOT_SERVE (its engine is lost, or cannot serve its settings): told
 # apart from the 1 with which Python ends a process whose main raised, a crash that a restart may cure.
@@ -186,6 +187,8 @@ class Supervisor:
 
     # ---- signals ------------------------------------------------------------------------------------------
     def on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP and self.stopping:
+            return  # a closing terminal hangs up more than once: only a second SIGINT/SIGTERM cuts a drain short
         if not self.stopping:
             log.warning("%s: stopping every front, then the engine", signal.Signals(signum).name)
         self.stopping = True
@@ -279,8 +282,7 @@ class Supervisor:
                 return self._take_down(status, signal.SIGINT)
             # A lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
             # One still running by then does not answer (it hangs): killed soon, not after a stop's wait.
-            return self._take_down(status, signal.SIGINT, wait_s=_lost_engine_wait_s(),
-                                   engine_stop_s=HUNG_ENGINE_STOP_S)
+            return self._take_down(status, signal.SIGINT, wait_s=_lost_engine_wait_s(), engine_hangs=True)
         # Status 0: it stopped as asked (its own drain, a signal sent to it alone); anything else is a crash, and
         # only crashes count towards the limit: an operator may drain fronts one after another.
         if exitcode != 0:
@@ -299,14 +301,15 @@ class Supervisor:
     def _stop(self) -> int:
         """After SIGINT/SIGTERM: every front has been signalled; wait for them, then stop the engine."""
         self._wait_fronts((self.config.drain_timeout_s or 0.0) + STOP_GRACE_S)
+        self._close_listeners()
         if self.engine is not None:
             self.engine.stop()
         return self.status
 
-    def _take_down(self, status: int, signum: int, wait_s: float = 0.0, engine_stop_s: float = 10.0) -> int:
+    def _take_down(self, status: int, signum: int, wait_s: float = 0.0, engine_hangs: bool = False) -> int:
         """Stop the tree for good: wait ``wait_s`` for the fronts to leave by themselves (after the engine's end
-        they do, having told their clients), then signal what is left, then stop the engine (killed if it has not
-        stopped within ``engine_stop_s``)."""
+        they do, having told their clients), then signal what is left, then stop the engine (one that
+        ``engine_hangs`` reads no stop: it is killed after ``HUNG_ENGINE_STOP_S``)."""
         self.status = status
         self.stopping = True
         if self.engine is not None and self.engine.exitcode is not None:
@@ -318,9 +321,17 @@ class Supervisor:
         self._wait_fronts(wait_s, kill_late=False)
         self._signal_fronts(signum)
         self._wait_fronts(STOP_GRACE_S)
-        if self.engine is not None:
-            self.engine.stop(engine_stop_s)
+        self._close_listeners()
+        if self.engine is not None and engine_hangs:
+            self.engine.join(HUNG_ENGINE_STOP_S)
+        elif self.engine is not None:
+            self.engine.stop()
         return status
+
+    def _close_listeners(self) -> None:
+        """The fronts are gone for good: their ports refuse connections now rather than queue them for nobody."""
+        for listeners in self.listeners.values():
+            listeners.close()
 
     def _wait_fronts(self, timeout_s: float, kill_late: bool = True) -> None:
         deadline_s = time.monotonic() + timeout_s

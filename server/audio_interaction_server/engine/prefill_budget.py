@@ -20,6 +20,7 @@ Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the worke
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ class PrefillRefusal:
 
     retry_after_s: float
     num_refused_to_log: int | None  # refusals of the address since its last line, this one included
+
+    @property
+    def told_wait_s(self) -> float:
+        """The wait a client is told, in tenths of a second, rounded up: a retry exactly then is admitted (rounded
+        to the nearest tenth, it could come up to 0.05 s early and be refused again)."""
+        return max(0.1, math.ceil(round(self.retry_after_s * 10, 6)) / 10)
 
 
 class PrefillBudget:

@@ -138,11 +138,11 @@ def run_engine(spec: EngineSpec) -> None:
     """The engine process's main: load, serve until told to stop or orphaned, exit 0 (stopped) or 1 (failed)."""
     if spec.setup_logging is not None:
         spec.setup_logging()
-    # Ctrl-C in a terminal, ``kill -TERM -PGID`` and systemd's stop (KillMode=control-group) signal every process
-    # of the server: the engine must outlive the server's drain, and is stopped by it (``Shutdown``), by its
-    # parent's end, or by the parent's exit handler (``EngineProcess.start``).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C in a terminal, ``kill -TERM -PGID``, systemd's stop (KillMode=control-group) and a closing terminal's
+    # SIGHUP signal every process of the server's group: the engine must outlive the server's drain, and is stopped
+    # by it (``Shutdown``), by its parent's end, or by the parent's exit handler (``EngineProcess.start``).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     from audio_interaction_server.model.checkpoint import load_model
 
     context = zmq.Context()

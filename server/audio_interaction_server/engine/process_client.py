@@ -38,7 +38,7 @@ from audio_interaction_server.engine.wire import (
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import check_room
+from audio_interaction_server.spec import check_room, check_rollover_rate, rollover_floor
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,13 @@ class EngineProcessClient:
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
         assert self._prompts is not None and self.config is not None, "options checked before the engine served"
-        check_room(len(self._prompts.prefix(options.system_prompt)), options.max_turn_tokens,
-                   self.config.max_positions, self.config.rollover_window_positions)
+        prompt_length = len(self._prompts.prefix(options.system_prompt))
+        check_room(prompt_length, options.max_turn_tokens, self.config.max_positions,
+                   self.config.rollover_window_positions)
+        floor = rollover_floor(len(self._prompts.prefix(None)), SessionOptions().max_turn_tokens,
+                               self.config.max_positions, self.config.rollover_window_positions)
+        check_rollover_rate(prompt_length, options.max_turn_tokens, self.config.max_positions,
+                            self.config.rollover_window_positions, floor)
 
     def state_size(self, session_id: str) -> SessionStateSize | None:
         """What the session held when its latest events left the engine (for monitoring)."""

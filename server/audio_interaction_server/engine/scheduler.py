@@ -180,7 +180,7 @@ class Scheduler:
         refused = budget.charge(address, num_tokens, self.clock())
         if refused is None:
             return
-        wait_s = max(0.1, refused.retry_after_s)
+        wait_s = refused.told_wait_s
         if refused.num_refused_to_log is not None:
             log.warning("session %s refused: client address %s is past its prefill budget (%s of new system "
                         "prompts' tokens; this prompt has %d); %d refused since the last line, the next in %.1f s "

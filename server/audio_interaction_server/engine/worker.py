@@ -39,7 +39,9 @@ import torch
 from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import check_room, chunks_between_rollovers
+from audio_interaction_server.spec import (
+    MIN_CHUNKS_BETWEEN_ROLLOVERS, check_room, check_rollover_rate, chunks_between_rollovers, rollover_floor,
+)
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
@@ -58,8 +60,6 @@ from audio_interaction_server.model.fit import check_kv_fits
 
 log = logging.getLogger(__name__)
 
-# Below this, a session with the default reply cap rolls its context over every few seconds of audio (a warning).
-MIN_CHUNKS_BETWEEN_ROLLOVERS = 30
 SHUTDOWN_MESSAGE = "the server is shutting down"
 
 __all__ = ["EmitFn", "SessionStateSize", "StepStats", "WORKER_FAILED_MESSAGE", "Worker"]
@@ -119,6 +119,8 @@ class Worker:
                              config.prefix_kv_positions)
         # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
         self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
+        self._rollover_floor = rollover_floor(len(self.prompts.prefix(None)), SessionOptions().max_turn_tokens,
+                                              config.max_positions, config.rollover_window_positions)
         # The trained prompt's keys and values, before any session: the sessions starting at once after start-up
         # (a burst of clients at a replica's first /ready) all take the short first row.
         self.runner.keep_prefix(0, self.prompts.prefix(None))
@@ -193,8 +195,11 @@ class Worker:
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
-        check_room(self.prompt_length(options), options.max_turn_tokens, self.config.max_positions,
+        prompt_length = self.prompt_length(options)
+        check_room(prompt_length, options.max_turn_tokens, self.config.max_positions,
                    self.config.rollover_window_positions)
+        check_rollover_rate(prompt_length, options.max_turn_tokens, self.config.max_positions,
+                            self.config.rollover_window_positions, self._rollover_floor)
 
     def prompt_length(self, options: SessionOptions) -> int:
         """Tokens of the prefix a session with these options starts with (callable from any thread)."""
