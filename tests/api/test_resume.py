@@ -635,14 +635,15 @@ def echo_server(tiny_checkpoint):
         yield port
 
 
-ECHOED_PROMPT = ("a prompt to echo " * 500)[:7_990]  # every session.updated carries it: about 8 KB each
+# Every session.updated carries it: about 8 KB each, in about 130 tokens (a prompt of ~1,900 tokens left too few
+# chunks between context rollovers, which the server refuses).
+ECHOED_PROMPT = "-" * 7_990
 
 
 async def session_with_a_long_past(port: int, speech: np.ndarray) -> tuple[dict, list[dict]]:
     """A session whose client read 1,000 events of 8 KB, then decisions and a flush; then its network drops."""
     ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None)
     events = [json.loads(await ws.recv())]
-    # (A short reply cap: with the long prompt the default one would not fit the context's rollover window.)
     await ws.send(json.dumps({"type": "session.configure", "system_prompt": ECHOED_PROMPT, "max_turn_tokens": 16}))
     for _ in range(1000):  # 8 MB: more than loopback's socket buffers take (a few MB), less than the log holds
         await ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
