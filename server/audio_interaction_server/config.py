@@ -158,7 +158,7 @@ class EngineConfig(BaseModel):
         "prompt, so its first row is a short one (a static step on CUDA); 0 = every session feeds its prompt",
     )
     # A client that starts a few sessions a minute, each with its own prompt (about 1,090 tokens at most with the
-    # default budget and reply cap: spec.check_rollover_rate), or one that reconnects, never meets these: 32,768
+    # default budget and reply cap: spec.check_room), or one that reconnects, never meets these: 32,768
     # tokens are about thirty such prompts at once, and 500 a second are 30,000 a minute after that. Churning new
     # ~1,000-token prompts at connect_rate_per_ip (10 sessions a second) asks for 10,000 a second; it gets these 500.
     prefill_tokens_per_s_per_ip: float | None = Field(

@@ -88,16 +88,40 @@ def rollover_slack(prefix_tokens: int, max_turn_tokens: int, max_positions: int,
     return rollover_point(max_positions, max_turn_tokens) - (prefix_tokens + rollover_window + 2 * BLOCK_TOKENS)
 
 
+# A session's own options (its prompt, its reply cap) may not leave fewer listening chunks than this between context
+# rollovers, unless the server's default session leaves fewer (a small budget): each rollover re-feeds the prompt and
+# the window as one long row that no prefill budget pays for, and a session one chunk away from its rollover point
+# once made the engine re-feed 4,000 tokens every 0.8 s of its audio.
+MIN_CHUNKS_BETWEEN_ROLLOVERS: Final = 30
+
+
+def chunks_after_rollover(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int) -> int:
+    """Listening blocks a session's rebuilt context (its prompt, the window) takes before it rolls over again."""
+    return max(0, rollover_slack(prefix_tokens, max_turn_tokens, max_positions, rollover_window) // BLOCK_TOKENS)
+
+
 def chunks_between_rollovers(max_positions: int, max_turn_tokens: int, rollover_window: int | None) -> int | None:
     """Listening blocks a rebuilt context takes before it rolls over again (no prompt, no reply counted; None:
     no rollover). ``check_room`` only asks that a rollover fits; a window close to that rolls over all the time."""
     if rollover_window is None:
         return None
-    return max(0, rollover_slack(0, max_turn_tokens, max_positions, rollover_window) // BLOCK_TOKENS)
+    return chunks_after_rollover(0, max_turn_tokens, max_positions, rollover_window)
 
 
-def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None) -> None:
-    """Raise ValueError if a session with these settings could not run (or could not roll over)."""
+def rollover_floor(default_prefix_tokens: int, default_max_turn_tokens: int, max_positions: int,
+                   rollover_window: int | None) -> int:
+    """The fewest chunks between rollovers a session's options may leave (``check_room``'s ``min_chunks``):
+    ``MIN_CHUNKS_BETWEEN_ROLLOVERS``, or what the default session leaves where that is fewer."""
+    if rollover_window is None:
+        return 0
+    return min(MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_after_rollover(default_prefix_tokens, default_max_turn_tokens,
+                                                                   max_positions, rollover_window))
+
+
+def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None,
+               min_chunks: int = 0) -> None:
+    """Raise ValueError if a session with these settings could not run (or could not roll over), or would roll its
+    context over more often than every ``min_chunks`` listening chunks (``rollover_floor``: a client's options)."""
     if not reply_fits(prefix_tokens, max_turn_tokens, max_positions):
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
@@ -114,42 +138,12 @@ def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rol
             f"a full reply must fit {max_positions} positions; the largest possible here is "
             f"{max_turn_tokens + slack - 1}"
         )
-
-
-# A session's own options (its prompt, its reply cap) may not leave fewer listening chunks than this between context
-# rollovers, unless the server's default session leaves fewer (a small budget): each rollover re-feeds the prompt and
-# the window as one long row that no prefill budget pays for, and a session one chunk away from its rollover point
-# once made the engine re-feed 4,000 tokens every 0.8 s of its audio.
-MIN_CHUNKS_BETWEEN_ROLLOVERS: Final = 30
-
-
-def chunks_after_rollover(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int) -> int:
-    """Listening blocks a session's rebuilt context (its prompt, the window) takes before it rolls over again."""
-    return max(0, rollover_slack(prefix_tokens, max_turn_tokens, max_positions, rollover_window) // BLOCK_TOKENS)
-
-
-def rollover_floor(default_prefix_tokens: int, default_max_turn_tokens: int, max_positions: int,
-                   rollover_window: int | None) -> int:
-    """The fewest chunks between rollovers a session's options may leave (``check_rollover_rate``):
-    ``MIN_CHUNKS_BETWEEN_ROLLOVERS``, or what the default session leaves where that is fewer."""
-    if rollover_window is None:
-        return 0
-    return min(MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_after_rollover(default_prefix_tokens, default_max_turn_tokens,
-                                                                   max_positions, rollover_window))
-
-
-def check_rollover_rate(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None,
-                        floor_chunks: int) -> None:
-    """Raise ValueError if a session with these settings would roll its context over more often than every
-    ``floor_chunks`` listening chunks (``rollover_floor``)."""
-    if rollover_window is None:
-        return
     chunks = chunks_after_rollover(prefix_tokens, max_turn_tokens, max_positions, rollover_window)
-    if chunks < floor_chunks:
+    if chunks < min_chunks:
         raise ValueError(
             f"a {prefix_tokens}-token prompt with max_turn_tokens {max_turn_tokens} leaves room for {chunks} chunks "
             f"of audio between context rollovers (each re-feeds the prompt and {rollover_window} positions of "
-            f"history); at least {floor_chunks} are needed: use a shorter system prompt or a smaller max_turn_tokens"
+            f"history); at least {min_chunks} are needed: use a shorter system prompt or a smaller max_turn_tokens"
         )
 
 

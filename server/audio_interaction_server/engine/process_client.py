@@ -38,7 +38,7 @@ from audio_interaction_server.engine.wire import (
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import check_room, check_rollover_rate, rollover_floor
+from audio_interaction_server.spec import check_room, rollover_floor
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class EngineProcessClient:
         self._states: dict[str, SessionStateSize] = {}  # what each holds, as of its latest events
         self._emits_lock = threading.Lock()  # held while registering an open and while failing every session
         self._prompts: PromptEncoder | None = None
+        self._rollover_floor = 0  # spec.rollover_floor, once the engine has said what it serves
         self._reader: threading.Thread | None = None
         self._leaving = threading.Event()  # stop() began: the engine's end from now on is no failure
         self._stopping = threading.Event()  # the reader thread ends
@@ -122,6 +123,8 @@ class EngineProcessClient:
         self.config = ready.config
         self._prompts = PromptEncoder(tokenizer, ready.config.prompt_cache_size,
                                       max_cached_tokens=ready.config.max_positions)
+        self._rollover_floor = rollover_floor(len(self._prompts.prefix(None)), SessionOptions().max_turn_tokens,
+                                              ready.config.max_positions, ready.config.rollover_window_positions)
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)
         self._reader.start()
 
@@ -229,13 +232,8 @@ class EngineProcessClient:
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
         assert self._prompts is not None and self.config is not None, "options checked before the engine served"
-        prompt_length = len(self._prompts.prefix(options.system_prompt))
-        check_room(prompt_length, options.max_turn_tokens, self.config.max_positions,
-                   self.config.rollover_window_positions)
-        floor = rollover_floor(len(self._prompts.prefix(None)), SessionOptions().max_turn_tokens,
-                               self.config.max_positions, self.config.rollover_window_positions)
-        check_rollover_rate(prompt_length, options.max_turn_tokens, self.config.max_positions,
-                            self.config.rollover_window_positions, floor)
+        check_room(len(self._prompts.prefix(options.system_prompt)), options.max_turn_tokens,
+                   self.config.max_positions, self.config.rollover_window_positions, self._rollover_floor)
 
     def state_size(self, session_id: str) -> SessionStateSize | None:
         """What the session held when its latest events left the engine (for monitoring)."""

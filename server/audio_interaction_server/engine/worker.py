@@ -40,7 +40,7 @@ from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.spec import (
-    MIN_CHUNKS_BETWEEN_ROLLOVERS, check_room, check_rollover_rate, chunks_between_rollovers, rollover_floor,
+    MIN_CHUNKS_BETWEEN_ROLLOVERS, check_room, chunks_between_rollovers, rollover_floor,
 )
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
@@ -195,11 +195,8 @@ class Worker:
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
-        prompt_length = self.prompt_length(options)
-        check_room(prompt_length, options.max_turn_tokens, self.config.max_positions,
-                   self.config.rollover_window_positions)
-        check_rollover_rate(prompt_length, options.max_turn_tokens, self.config.max_positions,
-                            self.config.rollover_window_positions, self._rollover_floor)
+        check_room(self.prompt_length(options), options.max_turn_tokens, self.config.max_positions,
+                   self.config.rollover_window_positions, self._rollover_floor)
 
     def prompt_length(self, options: SessionOptions) -> int:
         """Tokens of the prefix a session with these options starts with (callable from any thread)."""
