@@ -40,6 +40,8 @@ class TurnBeginEvent(_Event):
     turn: int
     chunk: int = Field(description="the chunk that triggered the reply")
     audio_time_s: float = Field(description="stream time at the end of the triggering chunk")
+    requested: bool = Field(False, description="the reply answers the session's `response.create`; false: the "
+                                               "model chose to reply")
 
 
 class EmotionEvent(_Event):
@@ -191,7 +193,8 @@ class InputClearEvent(_ClientEvent):
 
 class ResponseCreateEvent(_ClientEvent):
     """Reply at the next chunk, whatever the model would decide (a chunk of silence is added when no audio
-    waits); ignored while a reply is running. With `reply_mode: "on_request"` it is the only way to a reply."""
+    waits); refused (`reply_in_progress`) while a reply is running. With `reply_mode: "on_request"` it is the only
+    way to a reply."""
 
     type: Literal["response.create"]
 

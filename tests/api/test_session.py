@@ -11,7 +11,7 @@ import pytest
 
 from audio_interaction_server.audio.frontend import load_audio_file
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, SessionEnded
+from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, SessionEnded, TurnBegin
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
@@ -438,6 +438,60 @@ def test_a_request_whose_chunk_is_on_its_way_gets_no_second_chunk(tiny_model, sp
     assert h.session.num_chunks_pending == 1 and h.session.audio.num_chunks_pushed == 2
     h.run()
     assert [(b.turn, b.chunk) for b in h.of("turn_begin")] == [(0, 1)]
+
+
+def test_a_request_the_models_own_reply_overtook_gets_reply_in_progress(tiny_model, speech):
+    """The model began its own reply while response.create was on its way to the engine: the session, not yet
+    told, sent the request; the engine dropped it (one reply at a time) without a word. A Realtime client then
+    had its request matched to the model's reply and lost. The begun reply now says it was not requested, the
+    dropped request gets ``reply_in_progress`` with its event id, and the next request after the reply works."""
+    h = Harness(tiny_model, decision_events=True)
+    h.audio(s16(speech))
+    h.holding = []  # the model's decisions (and its turn_begin) are on their way to the session
+    while not any(isinstance(e, TurnBegin) for events in h.holding for e in events):
+        assert h.worker.step() is not None, "the tiny model replies to this audio by itself"
+    assert h.send({"type": "response.create", "event_id": "r1"}) == []  # the session thinks the model listens
+    h.worker.step()  # the engine reads the request mid-reply
+    held, h.holding = h.holding, None
+    for engine_events in held:
+        h._emit(engine_events)
+    (begin,) = h.of("turn_begin")
+    assert begin.requested is False
+    (error,) = h.of("error")
+    assert (error.code, error.event_id, error.event_type, error.is_fatal) == (
+        "reply_in_progress", "r1", "response.create", False)
+    h.run()
+    assert h.of("turn_end") and h.session.close_code is None
+    h.send({"type": "response.create", "event_id": "r2"})  # not taken for a duplicate of the dropped one
+    h.run()
+    assert [b.requested for b in h.of("turn_begin")][-1] is True and len(h.of("error")) == 1
+
+
+def test_response_create_while_a_reply_runs_is_refused_with_reply_in_progress(tiny_model, speech):
+    h = Harness(tiny_model)
+    h.audio(s16(speech))
+    h.holding = []
+    while not any(isinstance(e, TurnBegin) for events in h.holding for e in events):
+        assert h.worker.step() is not None
+    held, h.holding = h.holding, None
+    for engine_events in held:
+        h._emit(engine_events)
+    (refused,) = h.send({"type": "response.create", "event_id": "r1"})
+    assert (refused.type, refused.code, refused.event_id, refused.is_fatal) == (
+        "error", "reply_in_progress", "r1", False)
+
+
+def test_a_withdrawn_request_leaves_no_error_and_the_next_one_is_taken(tiny_model, speech):
+    h = Harness(tiny_model, decision_events=True, session={"max_turn_tokens": 40, "reply_mode": "on_request"})
+    h.audio(s16(speech[:6400]))
+    h.run()
+    h.send({"type": "response.create", "event_id": "r1"})
+    h.send({"type": "response.cancel", "event_id": "c1"})  # before the reply began: withdrawn
+    h.run()
+    assert h.of("turn_begin") == [] and h.of("error") == []
+    h.send({"type": "response.create", "event_id": "r2"})
+    h.run()
+    assert [b.requested for b in h.of("turn_begin")] == [True] and h.of("error") == []
 
 
 def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech):

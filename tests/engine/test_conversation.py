@@ -353,10 +353,10 @@ def test_a_whole_session_replays_through_one_plain_forward(tiny_model, stream_ch
         fed.extend(conversation.prefix_ids)
     commit = conversation.commit
 
-    def recording_commit(row, token_id):
+    def recording_commit(row, token_id, request=None):
         assert row.start_position == len(fed), "rows must be fed at consecutive positions"
         fed.extend(row.tokens)
-        return commit(row, token_id)
+        return commit(row, token_id, request)
 
     conversation.commit = recording_commit
     worker.push_audio("s", audio)

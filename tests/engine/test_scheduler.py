@@ -15,7 +15,9 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.conversation import Phase
 from audio_interaction_server.spec import BLOCK_TOKENS
-from audio_interaction_server.engine.events import AudioCleared, Decision, EndCode, SessionEnded, TurnBegin, TurnEnd
+from audio_interaction_server.engine.events import (
+    AudioCleared, Decision, EndCode, ReplyRequestDropped, SessionEnded, TurnBegin, TurnEnd,
+)
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, RowResult
 from audio_interaction_server.engine.scheduler import LONG_ROW_TOKENS, OpenRefused, Scheduler
@@ -138,15 +140,30 @@ def test_turn_policy_forces_a_requested_reply_once_and_on_request_stays_silent(t
     manual = scheduler.open("manual", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
     assert first_decision(scheduler, manual, T.TEXT_BEGIN) == [Decision(0, T.KEEP_SILENCE)]  # the model wanted to
     assert first_decision(scheduler, model, T.KEEP_SILENCE) == [Decision(0, T.KEEP_SILENCE)]
-    scheduler.request_reply(model)
+    assert scheduler.request_reply(model) == []
     events = first_decision(scheduler, model, T.KEEP_SILENCE)
-    assert events == [Decision(1, T.TEXT_BEGIN), TurnBegin(0, 1)] and not model.reply_requested
+    assert events == [Decision(1, T.TEXT_BEGIN), TurnBegin(0, 1, requested=True)] and model.requested_reply is None
     assert model.conversation.phase is Phase.SPEAKING
-    scheduler.request_reply(model)  # mid-reply: ignored
-    assert not model.reply_requested
+    assert scheduler.request_reply(model) == [ReplyRequestDropped("reply_in_progress")]  # mid-reply: dropped
+    assert model.requested_reply is None
     scheduler.end(model, None, "done")  # its reply row would share the next step
     scheduler.request_reply(manual)
     assert first_decision(scheduler, manual, T.KEEP_SILENCE)[0] == Decision(1, T.TEXT_BEGIN)
+
+
+def test_every_reply_request_is_answered_once_begun_or_dropped(tiny_model):
+    """A request the model's own reply overtook was dropped without a word: the Realtime codec then matched the
+    model's reply to it (the request's cap and metadata on a reply it never asked for) and the request was lost.
+    The engine now answers each request: the reply it begins says it was requested, or the request is dropped."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", OPTIONS, print)
+    events = first_decision(scheduler, session, T.TEXT_BEGIN)  # the model's own reply
+    assert events == [Decision(0, T.TEXT_BEGIN), TurnBegin(0, 0, requested=False)]
+    assert scheduler.request_reply(session, 3) == [ReplyRequestDropped("reply_in_progress")]
+    scheduler.cancel(session)
+    assert scheduler.request_reply(session, 3) == []  # listening: taken ...
+    assert scheduler.cancel(session) == [ReplyRequestDropped("cancelled")]  # ... and withdrawn before it began
+    assert session.requested_reply is None and scheduler.cancel(session) == []
 
 
 def test_clear_audio_counts_what_it_drops(tiny_model):

@@ -15,7 +15,8 @@ from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
-    AudioCleared, ContextRollover, Decision, EndCode, SessionEnded, SessionStarted, TurnBegin, TurnEnd, TurnToken,
+    AudioCleared, ContextRollover, Decision, EndCode, ReplyRequestDropped, SessionEnded, SessionStarted, TurnBegin,
+    TurnEnd, TurnToken,
 )
 from audio_interaction_server.engine.worker import WORKER_FAILED_MESSAGE, Worker
 
@@ -416,7 +417,7 @@ def test_a_cancel_withdraws_a_requested_reply_that_has_not_begun(tiny_model, str
     assert len(rec.of(Decision)) == len(audio) and not rec.of(TurnBegin)
 
 
-def test_a_request_while_a_reply_runs_is_ignored(tiny_model, stream_chunks):
+def test_a_request_while_a_reply_runs_is_dropped_and_changes_nothing_else(tiny_model, stream_chunks):
     chunks = torch.cat(stream_chunks)
     options = SessionOptions(max_turn_tokens=50)
     plain = Worker(tiny_model, EngineConfig(max_sessions=1))
@@ -434,7 +435,9 @@ def test_a_request_while_a_reply_runs_is_ignored(tiny_model, stream_chunks):
     worker.request_reply("s")  # mid-reply: must not start another reply once this one ends
     worker.push_audio("s", chunks[replied_at:replied_at + 8])
     worker.run_until_idle()
-    assert rec.protocol == expected.protocol
+    dropped = [e for e in rec.protocol if isinstance(e, ReplyRequestDropped)]
+    assert dropped == [ReplyRequestDropped("reply_in_progress")]  # said, so the session can tell its client
+    assert [e for e in rec.protocol if e not in dropped] == expected.protocol
 
 
 def test_clear_drops_exactly_the_queued_chunks_and_later_audio_is_decided(tiny_model, stream_chunks):

@@ -118,7 +118,7 @@ class ClearAudio:
 @dataclass(frozen=True)
 class RequestReply:
     """Reply at the next chunk, whatever the model would decide (a chunk of silence is added when no
-    audio waits); ignored while a reply is running. ``max_turn_tokens`` caps that reply below the session's
+    audio waits); refused while a reply is running. ``max_turn_tokens`` caps that reply below the session's
     cap (None: the session's)."""
 
     event_id: str | None = None

@@ -39,7 +39,8 @@ from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (
-    AudioCleared, Decision, EndCode, EngineEvent, ReplyWaitsForAudio, SessionEnded, TurnBegin, TurnEnd,
+    AudioCleared, Decision, EndCode, EngineEvent, ReplyRequestDropped, ReplyWaitsForAudio, SessionEnded, TurnBegin,
+    TurnEnd,
 )
 from audio_interaction_server.protocol import (
     AudioFormat, CloseCode, ErrorEvent, InputClearedEvent, InputFlushedEvent, SessionClosedEvent, SessionCreatedEvent,
@@ -49,6 +50,8 @@ from audio_interaction_server.render.presenter import ReplyPresenter
 from audio_interaction_server.config import ServerConfig
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
+REPLY_IN_PROGRESS_MESSAGE = ("a reply is in progress (the model may have begun its own as this request arrived): "
+                             "this request was not applied; send it again after the reply's turn_end")
 
 
 # How each way the engine can end a session closes the WebSocket: one entry per EndCode (a test checks it).
@@ -125,6 +128,9 @@ class Session:
         self._close_code_pending: int = CloseCode.NORMAL
         self._is_engine_open = False
         self._is_speaking = False
+        # The reply request sent to the engine and not answered yet (by the reply it begins, or its drop): one at a
+        # time, so the engine's answer names it.
+        self._reply_request: RequestReply | None = None
         self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
         self._num_chunks_decided = 0
         self._chunk_push_s: deque[float] = deque()  # push time of each undecided chunk, for onset latency
@@ -221,6 +227,9 @@ class Session:
             if isinstance(event, AudioCleared):
                 out += self._cleared(event)
                 continue
+            if isinstance(event, ReplyRequestDropped):
+                out += self._reply_request_dropped(event)
+                continue
             if isinstance(event, ReplyWaitsForAudio):
                 # Every decision the engine made before saying this has arrived (events come in order): with
                 # nothing pending now, no chunk is on its way to the engine either. One that is (pushed with the
@@ -236,6 +245,8 @@ class Session:
             onset_s = None
             if isinstance(event, TurnBegin):
                 self._is_speaking = True
+                if event.requested:
+                    self._reply_request = None
                 pushed_s = self._last_decided_push_s  # the chunk whose decision began the reply
                 onset_s = None if pushed_s is None else max(0.0, now_s - pushed_s)
                 self._observer.turn_began(onset_s)
@@ -448,7 +459,10 @@ class Session:
 
     def _request_reply(self, command: RequestReply, now_s: float) -> list:
         if self._is_speaking:
-            return []  # one reply at a time; the engine would ignore it too
+            return self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE, command)  # one reply at a time
+        if self._reply_request is not None:
+            return []  # already asked for: the next chunk's reply answers both
+        self._reply_request = command
         self._open_engine()
         # The request goes first: the worker may decide a pushed chunk before it reads a later command, and a
         # request that arrives after its chunk was decided waits for one that may never come.
@@ -458,6 +472,13 @@ class Session:
         # Else chunks wait for the model, as far as this session knows: their decisions may already be on their
         # way here, with nothing left in the engine's queue; the engine then says ReplyWaitsForAudio.
         return []
+
+    def _reply_request_dropped(self, event: ReplyRequestDropped) -> list:
+        request, self._reply_request = self._reply_request, None
+        if request is None or event.reason == "cancelled":
+            return []  # the client withdrew it: nothing to say
+        # The model began its own reply before the request reached it (this session sent it not knowing yet).
+        return self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE, request)
 
     def _push_a_chunk_to_reply_at(self, now_s: float) -> None:
         """The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence."""

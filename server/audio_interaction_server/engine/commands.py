@@ -53,8 +53,9 @@ class CancelReply:
 class RequestReply:
     """The next chunk decided for the session starts a reply, whatever the model's logits say.
 
-    Ignored while a reply runs; one request is consumed by one reply. ``max_turn_tokens`` caps that reply below
-    the session's cap (None: the session's; a larger one changes nothing: the context budget is sized for that).
+    Dropped while a reply runs (``ReplyRequestDropped`` says so); one request is consumed by one reply.
+    ``max_turn_tokens`` caps that reply below the session's cap (None: the session's; a larger one changes nothing:
+    the context budget is sized for that).
     """
 
     session_id: str

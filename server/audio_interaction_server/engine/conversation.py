@@ -53,6 +53,13 @@ class ContextFull(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ReplyRequest:
+    """A client's request for a reply at the next decision, whatever the model would decide."""
+
+    max_turn_tokens: int | None = None  # that reply's own cap, under the session's (None: the session's)
+
+
+@dataclass(frozen=True)
 class RowPlan:
     tokens: list[int]
     start_position: int
@@ -176,8 +183,9 @@ class Conversation:
                        rolls_over=True, num_carried=num_carried, prefix_tokens=len(self.prefix_ids),
                        block_has_lead=bool(lead))
 
-    def commit(self, row: RowPlan, token_id: int) -> list[EngineEvent]:
-        """Apply the model's next token after ``row`` was fed."""
+    def commit(self, row: RowPlan, token_id: int, request: ReplyRequest | None = None) -> list[EngineEvent]:
+        """Apply the model's next token after ``row`` was fed; a decision of TEXT_BEGIN with ``request`` begins
+        that request's reply."""
         events: list[EngineEvent] = []
         if row.rolls_over:
             events.append(ContextRollover(self.next_position, len(row.tokens), len(row.audio) - 1))
@@ -192,7 +200,7 @@ class Conversation:
             # Every block but the session's first (and one a rollover fed with no history) starts with the token
             # sampled before it.
             self._remember(_Block(row.tokens[row.new_block_start:], row.block_has_lead, row.audio[-1]))
-            return events + self._decide(token_id)
+            return events + self._decide(token_id, request)
         if self._history:
             self._history[-1].tokens.extend(row.tokens)
             self._history_tokens += len(row.tokens)
@@ -220,7 +228,7 @@ class Conversation:
             return []
         return self._end_turn(reason, unfed_reply_tokens=self._unfed)
 
-    def _decide(self, token_id: int) -> list[EngineEvent]:
+    def _decide(self, token_id: int, request: ReplyRequest | None) -> list[EngineEvent]:
         self.audio_queue.popleft()
         chunk_index = self.num_chunks_consumed
         self.num_chunks_consumed += 1
@@ -231,7 +239,8 @@ class Conversation:
         if token_id == T.TEXT_BEGIN:
             self.phase = Phase.SPEAKING
             self._turn_tokens = []
-            events.append(TurnBegin(self.num_turns, chunk_index))
+            self.reply_cap_tokens = None if request is None else request.max_turn_tokens
+            events.append(TurnBegin(self.num_turns, chunk_index, requested=request is not None))
         else:
             self._forget_old_blocks()
         return events

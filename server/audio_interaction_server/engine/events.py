@@ -22,6 +22,7 @@ class Decision:
 class TurnBegin:
     turn_index: int
     chunk_index: int  # the chunk whose decision was TEXT_BEGIN
+    requested: bool = False  # the reply answers the session's reply request; False: the model chose to reply
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class ContextRollover:
 class ReplyWaitsForAudio:
     """A requested reply has no chunk to begin at: the session's queue is empty. The session, which may
     still count chunks whose decisions are on their way to it, answers with a chunk of silence."""
+
+
+@dataclass(frozen=True)
+class ReplyRequestDropped:
+    """The session's reply request will begin no reply: it came while a reply ran (one at a time), or a cancel
+    withdrew it before its reply began. Every request is answered once: by the ``TurnBegin`` that says it was
+    requested, or by this."""
+
+    reason: Literal["reply_in_progress", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -116,4 +126,4 @@ class SessionEnded:
 
 
 EngineEvent = Union[Decision, TurnBegin, TurnToken, TurnEnd, ContextRollover, AudioCleared, ReplyWaitsForAudio,
-                    SessionStarted, SessionEnded]
+                    ReplyRequestDropped, SessionStarted, SessionEnded]

@@ -26,8 +26,10 @@ from audio_interaction_server import spec as T
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.commands import EmitFn
-from audio_interaction_server.engine.conversation import Conversation, Phase, RowPlan
-from audio_interaction_server.engine.events import AudioCleared, EndCode, EngineEvent, ReplyWaitsForAudio, SessionEnded
+from audio_interaction_server.engine.conversation import Conversation, Phase, ReplyRequest, RowPlan
+from audio_interaction_server.engine.events import (
+    AudioCleared, EndCode, EngineEvent, ReplyRequestDropped, ReplyWaitsForAudio, SessionEnded,
+)
 from audio_interaction_server.engine.prefill_budget import PrefillBudget
 from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
@@ -53,8 +55,7 @@ class SessionState:
     conversation: Conversation
     emit: EmitFn
     generator: torch.Generator | None
-    reply_requested: bool = False  # the next decision is TEXT_BEGIN (request_reply), consumed by that reply
-    requested_reply_tokens: int | None = None  # that reply's own cap (request_reply's max_turn_tokens)
+    requested_reply: ReplyRequest | None = None  # the next decision is TEXT_BEGIN, consumed by that reply
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
     credits_at_s: float = 0.0
@@ -227,17 +228,20 @@ class Scheduler:
     def cancel(session: SessionState) -> list[EngineEvent]:
         """Cut the reply in progress, and withdraw a requested one that has not started: a client that asks
         for a reply and cancels before it begins wants none."""
-        session.reply_requested, session.requested_reply_tokens = False, None
-        return session.conversation.cancel()
+        withdrawn: list[EngineEvent] = [ReplyRequestDropped("cancelled")] if session.requested_reply else []
+        session.requested_reply = None
+        return session.conversation.cancel() + withdrawn
 
     @staticmethod
-    def request_reply(session: SessionState, max_turn_tokens: int | None = None) -> None:
+    def request_reply(session: SessionState, max_turn_tokens: int | None = None) -> list[EngineEvent]:
         """The next decision of this session is TEXT_BEGIN, that reply capped at ``max_turn_tokens`` (None: the
-        session's cap); ignored while a reply runs (it would start another)."""
-        if session.conversation.phase is Phase.LISTENING:
-            session.reply_requested = True
-            session.requested_reply_tokens = max_turn_tokens
-            session.told_reply_waits = False
+        session's cap). Dropped, and said so, while a reply runs: it would start another, and the session may have
+        sent it before it heard of this reply (the model began it as the request was on its way)."""
+        if session.conversation.phase is not Phase.LISTENING:
+            return [ReplyRequestDropped("reply_in_progress")]
+        session.requested_reply = ReplyRequest(max_turn_tokens)
+        session.told_reply_waits = False
+        return []
 
     def replies_waiting_for_audio(self) -> list[tuple[SessionState, list[EngineEvent]]]:
         """Sessions whose requested reply has no queued chunk to begin at, each told once per request.
@@ -248,7 +252,7 @@ class Scheduler:
         """
         waiting: list[tuple[SessionState, list[EngineEvent]]] = []
         for session in self.sessions.values():
-            if session.reply_requested and not session.told_reply_waits and not session.conversation.audio_queue \
+            if session.requested_reply and not session.told_reply_waits and not session.conversation.audio_queue \
                     and session.conversation.phase is Phase.LISTENING:
                 session.told_reply_waits = True
                 waiting.append((session, [ReplyWaitsForAudio()]))
@@ -330,14 +334,14 @@ class Scheduler:
                 continue
             try:
                 token = self.turn_policy(session, row.plan, outcome.token)
-                events.append((session, session.conversation.commit(row.plan, token)))
+                # A request, and its cap, is consumed by the reply that starts here (before its first token).
+                request = session.requested_reply if row.is_decision and token == T.TEXT_BEGIN else None
+                events.append((session, session.conversation.commit(row.plan, token, request)))
             except Exception as exc:
                 failures.append(Failure(session, exc, COMMIT_FAILED))
                 continue
-            if row.is_decision and token == T.TEXT_BEGIN:
-                # A request, and its cap, is consumed by the reply that starts here (before its first token).
-                session.conversation.reply_cap_tokens = session.requested_reply_tokens
-                session.reply_requested, session.requested_reply_tokens = False, None
+            if request is not None:
+                session.requested_reply = None
         return StepUpdate(tuple(events), tuple(failures))
 
     def turn_policy(self, session: SessionState, plan: RowPlan, model_token: int | None) -> int:
@@ -354,7 +358,7 @@ class Scheduler:
         if self.config.scripted_turns is not None:
             token = scripted_token(self.config.scripted_turns, session.conversation, session.slot, token)
         if plan.is_decision:
-            if session.reply_requested:
+            if session.requested_reply:
                 token = T.TEXT_BEGIN
             elif session.options.reply_mode == "on_request":
                 token = T.KEEP_SILENCE

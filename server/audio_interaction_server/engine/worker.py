@@ -424,7 +424,7 @@ class Worker:
                 case CancelReply():
                     self._emit(session, self.scheduler.cancel(session))
                 case RequestReply(max_turn_tokens=max_turn_tokens):
-                    self.scheduler.request_reply(session, max_turn_tokens)
+                    self._emit(session, self.scheduler.request_reply(session, max_turn_tokens))
                 case ClearAudio():
                     self._emit(session, self.scheduler.clear_audio(session))
                 case CloseSession(error_code=error_code, message=message):

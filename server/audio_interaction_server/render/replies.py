@@ -41,7 +41,7 @@ class ReplyRenderer:
             self._num_turn_tokens = 0
             self._turn_index, self._turn_token_ids = event.turn_index, []
             return [self._new(TurnBeginEvent, stamp_ms, session_id=sid, turn=event.turn_index, chunk=event.chunk_index,
-                              audio_time_s=round((event.chunk_index + 1) * T.CHUNK_S, 3))]
+                              audio_time_s=round((event.chunk_index + 1) * T.CHUNK_S, 3), requested=event.requested)]
         if isinstance(event, TurnToken):
             return self._token(event, stamp_ms)
         if isinstance(event, TurnEnd):

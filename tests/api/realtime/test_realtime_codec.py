@@ -140,8 +140,10 @@ class Harness:
                           event_id=command.event_id, **fields)
 
 
-def reply(turn: int, texts: list[str], end_reason: str = "text_end", emotion: str | None = "happy") -> list:
-    events = [LiveTurnBeginEvent(**STAMP, turn=turn, chunk=3, audio_time_s=1.6)]
+def reply(turn: int, texts: list[str], end_reason: str = "text_end", emotion: str | None = "happy",
+          requested: bool = False) -> list:
+    """A reply's session events; ``requested``: it answers a ``response.create``."""
+    events = [LiveTurnBeginEvent(**STAMP, turn=turn, chunk=3, audio_time_s=1.6, requested=requested)]
     if emotion is not None:
         events.append(LiveEmotionEvent(**STAMP, turn=turn, emotion=emotion, token_id=7))
     events += [LiveTextDeltaEvent(**STAMP, turn=turn, text=text) for text in texts]
@@ -481,7 +483,7 @@ def test_response_create_forces_a_reply_carrying_the_clients_metadata_merged_wit
     assert command == RequestReply(event_id="r1", event_type="response.create")
     [busy] = h.client({"type": "response.create", "event_id": "r2"})
     assert busy.code == "conversation_already_has_active_response" and busy.event_id == "r2"
-    frames = h.session(*reply(0, ["x"], emotion="sad"))
+    frames = h.session(*reply(0, ["x"], emotion="sad", requested=True))
     created = next(frame for frame in frames if frame["type"] == "response.created")
     assert created["response"]["metadata"] == {"client_event_id": "r1", "emotion": "sad"}
     later = h.session(*reply(1, ["y"], emotion=None))  # a reply the model chose: no client metadata
@@ -508,15 +510,38 @@ def test_response_create_caps_its_own_response_and_the_next_has_the_sessions_cap
     h = Harness()
     [command] = h.client({"type": "response.create", "event_id": "r1", "response": {"max_output_tokens": cap}})
     assert command == RequestReply(event_id="r1", event_type="response.create", max_turn_tokens=sent)
-    frames = h.session(*reply(0, ["a"], end_reason="max_tokens" if reported < 64 else "text_end"))
+    frames = h.session(*reply(0, ["a"], end_reason="max_tokens" if reported < 64 else "text_end", requested=True))
     created, done = frames[0], frames[-1]  # no audio came: no user item before the response
     assert created["type"] == "response.created" and done["type"] == "response.done"
     assert created["response"]["max_output_tokens"] == done["response"]["max_output_tokens"] == reported
     [later] = h.client({"type": "response.create", "event_id": "r2"})
     assert later == RequestReply(event_id="r2", event_type="response.create")
-    frames = h.session(*reply(1, ["b"]))
+    frames = h.session(*reply(1, ["b"], requested=True))
     assert frames[0]["type"] == "response.created" and frames[0]["response"]["max_output_tokens"] == 64
     assert frames[-1]["response"]["max_output_tokens"] == 64
+
+
+def test_a_reply_the_model_began_before_a_request_reached_it_is_not_that_requests():
+    """server_vad: the model began its own reply as a response.create was on its way. The codec matched that
+    reply to the request: response.done reported the request's cap (3) and metadata on an uncapped reply, and the
+    request itself was lost. The reply is the model's; the request's answer is the session's reply_in_progress,
+    as the Realtime API's own refusal; after both, a new request is taken."""
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r1",
+                          "response": {"max_output_tokens": 3, "metadata": {"topic": "weather"}}})
+    assert command == RequestReply(event_id="r1", event_type="response.create", max_turn_tokens=3)
+    frames = h.session(*reply(0, ["a"] * 5, requested=False))
+    created, done = frames[0], frames[-1]
+    assert created["type"] == "response.created" and done["type"] == "response.done"
+    assert done["response"]["max_output_tokens"] == 64 and done["response"]["status"] == "completed"
+    assert done["response"]["metadata"] == {"emotion": "happy"}
+    [busy] = h.client({"type": "response.create", "event_id": "r2"})  # r1 still has no answer
+    assert busy.code == "conversation_already_has_active_response"
+    [error] = h.session(h.error(command, code="reply_in_progress", message="a reply is in progress"))
+    assert error["error"]["code"] == "conversation_already_has_active_response"
+    assert error["error"]["event_id"] == "r1" and error["error"]["type"] == "invalid_request_error"
+    [again] = h.client({"type": "response.create", "event_id": "r3"})
+    assert again == RequestReply(event_id="r3", event_type="response.create")
 
 
 @pytest.mark.parametrize("cap", [0, -1, 4097])
@@ -801,7 +826,7 @@ def test_response_metadata_within_the_bounds_is_echoed_in_the_response():
     metadata = {f"k{i}": "v" * 512 for i in range(16)}
     [request] = h.client({"type": "response.create", "response": {"metadata": metadata}})
     assert isinstance(request, RequestReply)
-    frames = h.session(*reply(1, ["Hi"]))
+    frames = h.session(*reply(1, ["Hi"], requested=True))
     done = next(frame for frame in frames if frame["type"] == "response.done")
     assert {key: done["response"]["metadata"][key] for key in metadata} == metadata
 

@@ -54,7 +54,8 @@ _MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_t
                          ("reply_mode", "session.audio.input.turn_detection"))
 
 # Session error codes -> the Realtime API's, where it has its own name for the same thing.
-_CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value"}
+_CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value",
+          "reply_in_progress": "conversation_already_has_active_response"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
                  "audio_flood", "event_flood", "rate_limited"}
@@ -427,7 +428,11 @@ class RealtimeCodec:
             self._taken_done = max(self._taken_done, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
-            request, self._request = self._request, None
+            # A reply the model chose leaves a request pending: it reached the engine after the model began, and
+            # the session's reply_in_progress answers it (the Realtime API's refusal of a second response).
+            request = self._request if event.requested else None
+            if event.requested:
+                self._request = None
             cap = self._settings.max_turn_tokens if self._settings else 0
             if request is not None and request.max_output_tokens is not None:
                 cap = min(cap, request.max_output_tokens)  # as the engine caps the reply
