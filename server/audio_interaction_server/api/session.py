@@ -128,9 +128,9 @@ class Session:
         self._close_code_pending: int = CloseCode.NORMAL
         self._is_engine_open = False
         self._is_speaking = False
-        # The reply request sent to the engine and not answered yet (by the reply it begins, or its drop): one at a
-        # time, so the engine's answer names it.
-        self._reply_request: RequestReply | None = None
+        # The reply request sent to the engine and not answered yet (by the reply it begins, or its drop), with the
+        # ones that came before that answer, merged into it: the engine's answer is theirs too.
+        self._reply_requests: list[RequestReply] = []
         self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
         self._num_chunks_decided = 0
         self._chunk_push_s: deque[float] = deque()  # push time of each undecided chunk, for onset latency
@@ -246,7 +246,7 @@ class Session:
             if isinstance(event, TurnBegin):
                 self._is_speaking = True
                 if event.requested:
-                    self._reply_request = None
+                    self._reply_requests = []
                 pushed_s = self._last_decided_push_s  # the chunk whose decision began the reply
                 onset_s = None if pushed_s is None else max(0.0, now_s - pushed_s)
                 self._observer.turn_began(onset_s)
@@ -460,9 +460,9 @@ class Session:
     def _request_reply(self, command: RequestReply, now_s: float) -> list:
         if self._is_speaking:
             return self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE, command)  # one reply at a time
-        if self._reply_request is not None:
+        self._reply_requests.append(command)
+        if len(self._reply_requests) > 1:
             return []  # already asked for: the next chunk's reply answers both
-        self._reply_request = command
         self._open_engine()
         # The request goes first: the worker may decide a pushed chunk before it reads a later command, and a
         # request that arrives after its chunk was decided waits for one that may never come.
@@ -474,11 +474,12 @@ class Session:
         return []
 
     def _reply_request_dropped(self, event: ReplyRequestDropped) -> list:
-        request, self._reply_request = self._reply_request, None
-        if request is None or event.reason == "cancelled":
+        requests, self._reply_requests = self._reply_requests, []
+        if event.reason == "cancelled":
             return []  # the client withdrew it: nothing to say
         # The model began its own reply before the request reached it (this session sent it not knowing yet).
-        return self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE, request)
+        return [error for request in requests for error in self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE,
+                                                                       request)]
 
     def _push_a_chunk_to_reply_at(self, now_s: float) -> None:
         """The forced decision needs a chunk to decide on: the partial chunk padded, or one of silence."""

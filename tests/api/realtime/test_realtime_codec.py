@@ -521,6 +521,25 @@ def test_response_create_caps_its_own_response_and_the_next_has_the_sessions_cap
     assert frames[-1]["response"]["max_output_tokens"] == 64
 
 
+@pytest.mark.parametrize("second", [{}, {"response": {"max_output_tokens": 5000}}])
+def test_a_refused_second_request_leaves_the_first_pending(second):
+    """Two response.create back to back: the codec refuses the second (or a bad value in it), and the session
+    echoes that refusal. It cleared the first request too: its reply then had the session's cap and no metadata,
+    and the first request had no answer at all."""
+    h = Harness()
+    [first] = h.client({"type": "response.create", "event_id": "r1",
+                        "response": {"max_output_tokens": 3, "metadata": {"trial": "7"}}})
+    assert isinstance(first, RequestReply)
+    [refused] = h.client({"type": "response.create", "event_id": "r2", **second})
+    assert isinstance(refused, Malformed)
+    [error] = h.session(h.error(refused))
+    assert error["error"]["event_id"] == "r2"
+    frames = h.session(*reply(0, ["a"] * 2, end_reason="max_tokens", requested=True))
+    created, done = frames[0], frames[-1]
+    assert created["response"]["max_output_tokens"] == done["response"]["max_output_tokens"] == 3
+    assert done["response"]["metadata"] == {"trial": "7", "emotion": "happy"}
+
+
 def test_a_reply_the_model_began_before_a_request_reached_it_is_not_that_requests():
     """server_vad: the model began its own reply as a response.create was on its way. The codec matched that
     reply to the request: response.done reported the request's cap (3) and metadata on an uncapped reply, and the

@@ -502,7 +502,8 @@ class RealtimeCodec:
     def _error(self, event) -> list:
         named = (event.event_type, event.event_id)
         own = (*named, event.code)
-        if self._own_refusals[own]:  # the answer to one of the codec's own Malformed commands
+        is_own_refusal = bool(self._own_refusals[own])
+        if is_own_refusal:  # the answer to one of the codec's own Malformed commands
             self._own_refusals[own] -= 1
             if not self._own_refusals[own]:
                 del self._own_refusals[own]
@@ -521,7 +522,9 @@ class RealtimeCodec:
                                 "included: send that again on its own")
                 event = event.model_copy(update={"message": message})
                 self._params[(event.event_id, event.code)] = answer.model_params[0]
-        if event.event_type == "response.create":
+        if event.event_type == "response.create" and not is_own_refusal:
+            # The session's answer to the one request it has: that request ends. A refusal of the codec's own (a
+            # second request while one is pending, a bad value) leaves the pending one as it is.
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
             self._num_commits_waiting = max(0, self._num_commits_waiting - 1)
