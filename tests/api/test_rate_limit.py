@@ -34,6 +34,24 @@ def test_remembers_a_bounded_number_of_addresses():
     assert limiter.retry_after_s("10.0.3.231", 0.0) is not None  # the most recent ones are still limited
 
 
+def test_addresses_of_one_ipv6_64_share_one_bucket_and_one_cooldown():
+    """An IPv6 client holds a /64: keyed per address, it met neither the connection rate nor a flood cut's cooldown
+    by connecting from the next address each time."""
+    from audio_interaction_server.api.flood import CutCooldown
+
+    limiter = ConnectionRateLimiter(rate_per_s=1.0, burst=2)
+    assert limiter.retry_after_s("2001:db8:0:1::1", 0.0) is None
+    assert limiter.retry_after_s("2001:db8:0:1::2", 0.0) is None
+    assert limiter.retry_after_s("2001:db8:0:1::3", 0.0) is not None
+    assert limiter.retry_after_s("2001:db8:0:2::1", 0.0) is None  # the next /64 is someone else
+    cooldown = CutCooldown(cooldown_s=10.0, max_cooldown_s=40.0)
+    cooldown.cut("2001:db8:0:1::1", 0.0)
+    assert cooldown.retry_after_s("2001:db8:0:1:aaaa::7", 1.0) == pytest.approx(9.0)
+    cooldown.impose("2001:db8:0:3::1", 20.0, 10.0)  # another front's cut, by address
+    assert cooldown.retry_after_s("2001:db8:0:3::2", 1.0) == pytest.approx(19.0)
+    assert cooldown.retry_after_s("2001:db8:0:2::1", 1.0) is None
+
+
 def test_a_flood_cut_cools_an_address_down_doubling_while_it_keeps_flooding():
     from audio_interaction_server.api.flood import CutCooldown
 

@@ -445,18 +445,23 @@ def test_a_new_client_takes_the_slot_of_the_oldest_detached_session(small_server
     asyncio.run(main())
 
 
-def test_one_address_holds_at_most_max_detached_per_ip_detached_sessions(small_server):
+@pytest.mark.parametrize("addresses, other", [
+    (["10.0.0.3"] * 3, "10.0.0.4"),
+    # One IPv6 client holds a /64: a new address per connection held a detached session from each.
+    (["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:ffff::3"], "2001:db8:0:8::1"),
+])
+def test_one_address_holds_at_most_max_detached_per_ip_detached_sessions(small_server, addresses, other):
     port = small_server
 
     async def main():
         ended_before = sessions_ended(port, "detached_per_ip_limit")
-        dropped = [await connect_and_drop(port, address="10.0.0.3") for _ in range(3)]
+        dropped = [await connect_and_drop(port, address=address) for address in addresses]
         assert metric(port, "ais_sessions_detached") == 2
         assert sessions_ended(port, "detached_per_ip_limit") == ended_before + 1
         assert await refusal(*await resume(port, dropped[0])) == ("resume_expired", 4009), "the oldest ended"
-        other = await connect_and_drop(port, address="10.0.0.4")  # another address is not counted with it
+        someone_else = await connect_and_drop(port, address=other)  # another client is not counted with it
         assert metric(port, "ais_sessions_detached") == 3
-        for created in [*dropped[1:], other]:
+        for created in [*dropped[1:], someone_else]:
             await resume_and_close(port, created)
         # The client reads its close before the server's session task has ended and unregistered the session.
         assert wait_until(lambda: metric(port, "ais_sessions_active") == 0)

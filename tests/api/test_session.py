@@ -495,6 +495,22 @@ def test_a_withdrawn_request_leaves_no_error_and_the_next_one_is_taken(tiny_mode
     assert [b.requested for b in h.of("turn_begin")] == [True] and h.of("error") == []
 
 
+def test_sessions_from_one_ipv6_64_share_the_engines_prefill_budget(tiny_model):
+    """An IPv6 client holds a /64: its sessions reached the engine's prefill budget by their whole address, so it
+    had a fresh budget at each address it took. Another /64 is another client."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=3, prefill_token_burst_per_ip=200,
+                                             prefill_tokens_per_s_per_ip=1.0))
+    closed = {}
+    for n, address in enumerate(["2001:db8:0:1::1", "2001:db8:0:1::2", "2001:db8:0:2::1"]):
+        h = Harness(tiny_model, worker=worker, session_id=f"s{n}")
+        h.session.client_address = address
+        h.send({"type": "session.configure", "system_prompt": f"Prompt {n}: " + "word " * 100})
+        h.audio(np.zeros(6400, dtype="<i2"))
+        h.run()
+        closed[address] = [e.code for e in h.of("error")]
+    assert closed == {"2001:db8:0:1::1": [], "2001:db8:0:1::2": ["rate_limited"], "2001:db8:0:2::1": []}
+
+
 def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech):
     h = Harness(tiny_model, decision_events=True)
     (cleared,) = h.send({"type": "input.clear"})  # nothing reached the model yet: answered at once

@@ -20,6 +20,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from audio_interaction_server.api.log_bursts import BurstLimiter
+from audio_interaction_server.api.transport import TransportGuard
+from audio_interaction_server.config import TransportSettings
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, metric_samples, recv_event, server_config
 
@@ -503,3 +505,15 @@ def test_the_count_of_a_burst_is_written_when_its_window_ends():
     finally:
         logger.removeFilter(limiter)
         logger.removeHandler(records)
+
+
+def test_pending_handshakes_are_counted_per_ipv6_64():
+    """One IPv6 client holds a /64: per address, it could hold a pending handshake from every one of them."""
+    guard = TransportGuard(TransportSettings(max_pending_handshakes=100, max_pending_handshakes_per_ip=2))
+    guard.count_slow("2001:db8:0:1::1", 1)
+    guard.count_slow("2001:db8:0:1::2", 1)
+    assert guard.handshake_refusal("2001:db8:0:1::3") == (429, "too_many_handshakes_from_ip")
+    assert guard.handshake_refusal("2001:db8:0:2::1") is None
+    guard.count_slow("2001:db8:0:1::1", -1)
+    guard.count_slow("2001:db8:0:1::2", -1)
+    assert guard.handshake_refusal("2001:db8:0:1::3") is None and guard.num_slow == 0

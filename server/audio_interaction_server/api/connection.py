@@ -27,6 +27,7 @@ from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.api.native import NativeCodec
@@ -74,14 +75,16 @@ class ConnectionRateLimiter:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at time)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (tokens, at time)
 
     def retry_after_s(self, address: str, now_s: float) -> float | None:
-        """None and one attempt counted when ``address`` may connect now; else seconds until it may."""
-        tokens, at_s = self._buckets.pop(address, (float(self.burst), now_s))
+        """None and one attempt counted when ``address`` may connect now; else seconds until it may. An IPv6
+        address counts with its /64 (``addresses.client_key``)."""
+        key = client_key(address)
+        tokens, at_s = self._buckets.pop(key, (float(self.burst), now_s))
         tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
         allowed = tokens >= 1.0
-        self._buckets[address] = (tokens - 1.0 if allowed else tokens, now_s)
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now_s)
         while len(self._buckets) > self.max_tracked:
             self._buckets.popitem(last=False)
         return None if allowed else (1.0 - tokens) / self.rate_per_s

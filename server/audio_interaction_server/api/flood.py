@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.config import FloodLimits
 
 # A refused frame costs at least this much audio: a flood of one-sample frames is a flood too.
@@ -99,21 +100,23 @@ class CutCooldown:
     The first cut costs ``cooldown_s``; a cut within one cooldown after the last one ended doubles it (up to
     ``max_cooldown_s``), so a client that floods, reconnects and floods again waits longer each time, while one
     that misbehaved once is back after ``cooldown_s``. At most ``max_tracked`` addresses are remembered, the
-    least recently cut forgotten first (forgetting one only lets it in sooner).
+    least recently cut forgotten first (forgetting one only lets it in sooner). An IPv6 address counts with its
+    /64 (``addresses.client_key``): a cut client may not come back from the next address of its network.
     """
 
     def __init__(self, cooldown_s: float, max_cooldown_s: float, max_tracked: int = 65_536) -> None:
         self.cooldown_s = cooldown_s
         self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
         self.max_tracked = max_tracked
-        self._cuts: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (refused until, cooldown)
+        self._cuts: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (refused until, cooldown)
 
     def cut(self, address: str, now_s: float) -> float:
         """``address``'s session was cut now; returns how long it is refused."""
-        until_s, last_cooldown_s = self._cuts.pop(address, (-1.0, 0.0))
+        key = client_key(address)
+        until_s, last_cooldown_s = self._cuts.pop(key, (-1.0, 0.0))
         again_soon = now_s < until_s + last_cooldown_s
         cooldown_s = min(self.max_cooldown_s, 2 * last_cooldown_s) if again_soon else self.cooldown_s
-        self._cuts[address] = (now_s + cooldown_s, cooldown_s)
+        self._cuts[key] = (now_s + cooldown_s, cooldown_s)
         while len(self._cuts) > self.max_tracked:
             self._cuts.popitem(last=False)
         return cooldown_s
@@ -121,16 +124,17 @@ class CutCooldown:
     def impose(self, address: str, until_s: float, cooldown_s: float) -> None:
         """Another front of the same engine cut ``address`` (engine/wire.py, ``AddressCut``): refused here until
         ``until_s`` too, and a cut here soon after doubles that cooldown, as if it had been this front's."""
-        current_until_s, _ = self._cuts.get(address, (-1.0, 0.0))
+        key = client_key(address)
+        current_until_s, _ = self._cuts.get(key, (-1.0, 0.0))
         if until_s > current_until_s:
-            self._cuts.pop(address, None)
-            self._cuts[address] = (until_s, cooldown_s)
+            self._cuts.pop(key, None)
+            self._cuts[key] = (until_s, cooldown_s)
             while len(self._cuts) > self.max_tracked:
                 self._cuts.popitem(last=False)
 
     def retry_after_s(self, address: str, now_s: float) -> float | None:
         """None when ``address`` may connect now; else seconds until it may."""
-        entry = self._cuts.get(address)
+        entry = self._cuts.get(client_key(address))
         if entry is None or now_s >= entry[0]:
             return None
         return entry[0] - now_s

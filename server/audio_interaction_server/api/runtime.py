@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
+from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.connection import ConnectionRateLimiter
 from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
@@ -235,8 +236,8 @@ class Runtime:
         sessions (its oldest end beyond that), so clients that connect and drop in a loop cannot hold every
         slot's memory and context for ``resume_grace_s`` (a new session would evict them, one at a time)."""
         limit = self.config.max_detached_per_ip
-        same_address = [stream for stream in self.detached_sessions()
-                        if stream.client_address == connection.client_address]
+        client = client_key(connection.client_address)  # an IPv6 client: its /64
+        same_address = [stream for stream in self.detached_sessions() if client_key(stream.client_address) == client]
         for stream in same_address[:max(0, len(same_address) - limit)]:
             stream.end_detached("detached_per_ip_limit", f"its client address holds more than "
                                 f"max_detached_per_ip ({limit}) detached sessions")

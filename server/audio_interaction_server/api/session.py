@@ -34,6 +34,7 @@ from audio_interaction_server.api.commands import (
     AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, ItemAcknowledged,
     Malformed, RequestReply, Unset,
 )
+from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.audio.frontend import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
@@ -492,7 +493,9 @@ class Session:
         """The engine session opens at the first audio, so model options can be configured before it."""
         if not self._is_engine_open:
             self._is_engine_open = True
-            self.engine.open_session(self.session_id, self.options, self._engine_emit, self.client_address)
+            # The engine's prefill budget counts a client by its key: an IPv6 client is its /64 (api/addresses.py).
+            address = None if self.client_address is None else client_key(self.client_address)
+            self.engine.open_session(self.session_id, self.options, self._engine_emit, address)
 
     def _note_pushed(self, num_chunks: int, now_s: float) -> None:
         self._chunk_push_s.extend([now_s] * num_chunks)  # for the onset latency of a reply they trigger

@@ -53,6 +53,7 @@ from websockets.frames import apply_mask  # the parser's own unmasking: its C he
 from websockets.protocol import State as WebSocketState
 from websockets.streams import StreamReader
 
+from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
 from audio_interaction_server.config import TransportSettings
 
@@ -168,16 +169,17 @@ class TransportGuard:
         """(HTTP status, reason) when a new connection from ``host`` must be refused, else None."""
         if self.num_slow >= self.settings.max_pending_handshakes:
             return 503, "too_many_handshakes"
-        if self._slow_by_address[host] >= self.settings.max_pending_handshakes_per_ip and \
+        if self._slow_by_address[client_key(host)] >= self.settings.max_pending_handshakes_per_ip and \
                 not self.is_trusted_proxy(host):
             return 429, "too_many_handshakes_from_ip"
         return None
 
     def count_slow(self, host: str, delta: int) -> None:
+        key = client_key(host)  # an IPv6 client counts with its /64
         self.num_slow += delta
-        self._slow_by_address[host] += delta
-        if self._slow_by_address[host] <= 0:
-            del self._slow_by_address[host]
+        self._slow_by_address[key] += delta
+        if self._slow_by_address[key] <= 0:
+            del self._slow_by_address[key]
 
     def closed(self, reason: str, peer: tuple[str, int] | None, detail: str) -> None:
         self.closes_total.labels(reason).inc()

@@ -9,7 +9,8 @@ refused (``EndCode.RATE_LIMITED``, close 1013) with the seconds to wait; a refus
 
 Why here, in the engine: it is the one place that sees the sessions of every front (``serve --fronts N``
 gives each front its own sockets, limits and buckets), and the one that knows whether a prompt is kept now.
-The fronts pass each session's client address with its open (``OpenSession``, ``wire.OpenRemote``).
+The fronts pass each session's client address with its open (``OpenSession``, ``wire.OpenRemote``); an IPv6
+client's is its /64 network (``api/addresses.py``), so it cannot take a fresh budget at each of its addresses.
 
 A prompt longer than the burst runs from a full bucket and leaves the bucket in debt, so it costs its whole
 length in waiting: the sustained rate holds whatever the prompts' sizes. At most ``max_tracked`` addresses are

@@ -1,0 +1,33 @@
+"""What one client's per-address limits count under.
+
+Every per-address limit (connection attempts, pending handshakes, detached sessions, a flood cut's cooldown, the
+engine's prefill budget) counts a client by its address. An IPv4 client has one. An IPv6 client has a whole
+network: an ISP gives each customer at least a /64 (RFC 6177), and any host on it may take a new address per
+connection (RFC 8981's temporary addresses do it on their own). Counted per IPv6 address, one client would meet no
+limit at all; counted per /64, it meets them as an IPv4 client behind one address does.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+IPV6_CLIENT_PREFIX_BITS = 64  # the smallest network an ISP gives one customer
+
+
+@functools.lru_cache(maxsize=4096)  # the same few addresses connect again and again: parse each once
+def client_key(address: str) -> str:
+    """``address`` itself for IPv4; the /64 network for IPv6 (``2001:db8:1:2::/64``); an IPv4-mapped IPv6 address
+    (an IPv4 client on a dual-stack socket) as IPv4; loopback ``::1`` as itself. Anything that is no IP address
+    (a Unix socket's peer, ``unknown``) is returned as given."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ip.is_loopback:
+            return str(ip)
+        return str(ipaddress.IPv6Network((int(ip), IPV6_CLIENT_PREFIX_BITS), strict=False))  # int(): no zone
+    return str(ip)
