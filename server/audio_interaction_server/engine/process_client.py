@@ -29,7 +29,7 @@ from audio_interaction_server.engine.commands import (
 )
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
-from audio_interaction_server.engine.prompt import PromptEncoder
+from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
@@ -38,7 +38,6 @@ from audio_interaction_server.engine.wire import (
 )
 from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import check_room, rollover_floor
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +81,7 @@ class EngineProcessClient:
         self._emits: dict[str, EmitFn] = {}  # open sessions of this front: where their events go
         self._states: dict[str, SessionStateSize] = {}  # what each holds, as of its latest events
         self._emits_lock = threading.Lock()  # held while registering an open and while failing every session
-        self._prompts: PromptEncoder | None = None
-        self._rollover_floor = 0  # spec.rollover_floor, once the engine has said what it serves
+        self._fit: SessionFit | None = None  # once the engine has said what it serves
         self._reader: threading.Thread | None = None
         self._leaving = threading.Event()  # stop() began: the engine's end from now on is no failure
         self._stopping = threading.Event()  # the reader thread ends
@@ -121,10 +119,7 @@ class EngineProcessClient:
         tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
         self.model = ModelSummary(ready.name, torch.device(ready.device), getattr(torch, ready.dtype), tokenizer)
         self.config = ready.config
-        self._prompts = PromptEncoder(tokenizer, ready.config.prompt_cache_size,
-                                      max_cached_tokens=ready.config.max_positions)
-        self._rollover_floor = rollover_floor(len(self._prompts.prefix(None)), SessionOptions().max_turn_tokens,
-                                              ready.config.max_positions, ready.config.rollover_window_positions)
+        self._fit = SessionFit(PromptEncoder.for_engine(tokenizer, ready.config), ready.config)
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)
         self._reader.start()
 
@@ -231,9 +226,8 @@ class EngineProcessClient:
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run there (the engine's own check)."""
-        assert self._prompts is not None and self.config is not None, "options checked before the engine served"
-        check_room(len(self._prompts.prefix(options.system_prompt)), options.max_turn_tokens,
-                   self.config.max_positions, self.config.rollover_window_positions, self._rollover_floor)
+        assert self._fit is not None, "options checked before the engine served"
+        self._fit.check(options)
 
     def state_size(self, session_id: str) -> SessionStateSize | None:
         """What the session held when its latest events left the engine (for monitoring)."""

@@ -18,6 +18,9 @@ from collections import OrderedDict
 from typing import Any
 
 from audio_interaction_server import spec as T
+from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.spec import check_room, rollover_floor
 
 
 class PromptEncoder:
@@ -33,6 +36,12 @@ class PromptEncoder:
         # unsigned ints: a tuple of Python ints costs about 36 bytes a token, 9 times more.
         self._cache: OrderedDict[str | None, array] = OrderedDict()
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_engine(cls, tokenizer: Any, config: EngineConfig) -> PromptEncoder:
+        """Bounded by ``prompt_cache_size``: every distinct system prompt a client sends would otherwise stay in
+        memory for good."""
+        return cls(tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
 
     @property
     def num_cached(self) -> int:
@@ -90,3 +99,24 @@ class PromptEncoder:
             raise ValueError(f"system_prompt: the text of token {control_id} cannot be encoded without control "
                              "tokens by this tokenizer")
         return byte_ids
+
+
+class SessionFit:
+    """Whether a session's options fit an engine's context budget: the engine's own check, which each front of an
+    engine process runs too, before a session's first audio (``spec.check_room``; its rollover-rate floor comes
+    from the default session's, worked out once). Thread-safe, as ``PromptEncoder``."""
+
+    def __init__(self, prompts: PromptEncoder, config: EngineConfig) -> None:
+        self.prompts = prompts
+        self._config = config
+        self._rollover_floor = rollover_floor(len(prompts.prefix(None)), SessionOptions().max_turn_tokens,
+                                              config.max_positions, config.rollover_window_positions)
+
+    def prompt_length(self, options: SessionOptions) -> int:
+        """Tokens of the prefix a session with these options starts with."""
+        return len(self.prompts.prefix(options.system_prompt))
+
+    def check(self, options: SessionOptions) -> None:
+        """Raise ValueError if a session with these options could not run on this engine."""
+        check_room(self.prompt_length(options), options.max_turn_tokens, self._config.max_positions,
+                   self._config.rollover_window_positions, self._rollover_floor)

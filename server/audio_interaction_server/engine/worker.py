@@ -39,9 +39,7 @@ import torch
 from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import (
-    MIN_CHUNKS_BETWEEN_ROLLOVERS, check_room, chunks_between_rollovers, rollover_floor,
-)
+from audio_interaction_server.spec import MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_between_rollovers
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
@@ -49,7 +47,7 @@ from audio_interaction_server.engine.conversation import ContextFull
 from audio_interaction_server.engine.events import (
     WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted,
 )
-from audio_interaction_server.engine.prompt import PromptEncoder
+from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
 from audio_interaction_server.engine.static_path import StaticPath, choose_eager_attention, choose_step
 from audio_interaction_server.engine.thread_name import name_native_thread
@@ -117,10 +115,8 @@ class Worker:
         self.runner = Runner(model, cache, encoder,
                              StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows),
                              config.prefix_kv_positions)
-        # Bounded: every distinct system prompt a client sends would otherwise stay in memory for good.
-        self.prompts = PromptEncoder(model.tokenizer, config.prompt_cache_size, max_cached_tokens=config.max_positions)
-        self._rollover_floor = rollover_floor(len(self.prompts.prefix(None)), SessionOptions().max_turn_tokens,
-                                              config.max_positions, config.rollover_window_positions)
+        self.prompts = PromptEncoder.for_engine(model.tokenizer, config)
+        self._fit = SessionFit(self.prompts, config)
         # The trained prompt's keys and values, before any session: the sessions starting at once after start-up
         # (a burst of clients at a replica's first /ready) all take the short first row.
         self.runner.keep_prefix(0, self.prompts.prefix(None))
@@ -195,12 +191,11 @@ class Worker:
 
     def check_options(self, options: SessionOptions) -> None:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
-        check_room(self.prompt_length(options), options.max_turn_tokens, self.config.max_positions,
-                   self.config.rollover_window_positions, self._rollover_floor)
+        self._fit.check(options)
 
     def prompt_length(self, options: SessionOptions) -> int:
         """Tokens of the prefix a session with these options starts with (callable from any thread)."""
-        return len(self.prompts.prefix(options.system_prompt))
+        return self._fit.prompt_length(options)
 
     def state_size(self, session_id: str) -> "SessionStateSize | None":
         """What one session holds right now (a racy read from other threads: for monitoring only)."""
