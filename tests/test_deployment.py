@@ -144,19 +144,26 @@ def pinned_constraints() -> dict[str, str]:
     return pins
 
 
-def readme_install_command() -> str:
-    """The README's first command, up to the server's start."""
-    return re.search(r"^pip install .*?(?= &&)", (ROOT / "README.md").read_text(), flags=re.MULTILINE)[0]
+def readme_install_command(then: str = "python -m audio_interaction_server") -> str:
+    """The install of the README's command that goes on with ``then``: the first command (the server's start) or
+    the test command (``python -m pytest``)."""
+    return re.search(rf"^(pip install .*?) && {re.escape(then)}$", (ROOT / "README.md").read_text(),
+                     flags=re.MULTILINE)[1]
 
 
 def test_readme_and_ci_install_from_the_lock():
     """A fresh install resolves from constraints.txt: an upstream release cannot turn a green clone red (on
-    2026-12-04 transformers 5.25 began to require kernels and tomlkit, and an unlocked install then differed)."""
-    readme = readme_install_command().split()
-    assert readme[readme.index("-c") + 1] == "constraints.txt", readme
+    2026-12-04 transformers 5.25 began to require kernels and tomlkit, and an unlocked install then differed).
+    The server's install takes no test extra (1.7 GB of the clients and tools the suite drives); CI runs the
+    README's test command, its install included."""
+    serve, test = readme_install_command().split(), readme_install_command("python -m pytest").split()
+    for install in (serve, test):
+        assert install[install.index("-c") + 1] == "constraints.txt", install
+    assert "-e" in serve and serve[serve.index("-e") + 1] == ".", serve
     ci = [line.split() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.startswith("python -m pip install")]
-    assert len(ci) == 1 and [word for word in ci[0][2:] if word != "--quiet"] == readme, ci
+    assert len(ci) == 1 and [word for word in ci[0][2:] if word != "--quiet"] == test, ci
+    assert (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == "python -m pytest"
 
 
 def test_constraints_pin_every_dependency_of_the_server_and_its_tests_but_torch():
