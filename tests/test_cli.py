@@ -301,6 +301,28 @@ def test_make_checkpoint_onto_an_existing_file_is_one_clear_line(tmp_path):
     assert result.stderr.splitlines()[-1].startswith("error: ") and str(taken) in result.stderr
 
 
+def test_make_checkpoint_into_a_folder_that_holds_files_writes_nothing(tmp_path):
+    """It wrote over whatever the folder held (a downloaded release's index, tokenizer and config, given
+    ``./checkpoints`` by mistake) and said nothing, exit 0. An empty folder, or a new one, is written."""
+    held = tmp_path / "checkpoints"
+    held.mkdir()
+    (held / "model.safetensors.index.json").write_text('{"real": "index"}')
+    result = command("make-checkpoint", str(held))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: {held} is not empty: make-checkpoint writes into a new or " \
+                                             "empty folder, and overwrites nothing"
+    assert [path.name for path in held.iterdir()] == ["model.safetensors.index.json"]
+    assert (held / "model.safetensors.index.json").read_text() == '{"real": "index"}'
+
+
+def test_a_made_checkpoint_is_readable_by_other_users(tmp_path, tiny_checkpoint):
+    """The weight shards were written owner-only (0600) beside 0644 files: mounted into the container, which
+    serves as another user, the checkpoint could not be read."""
+    for path in tiny_checkpoint.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o044 == 0o044, (path.name, oct(path.stat().st_mode))
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, shared_audio):
     """Ctrl-C during `run` (here while the model loads) or `make-checkpoint` printed a KeyboardInterrupt traceback
     of 10-40 lines; `serve` already stopped cleanly."""

@@ -92,9 +92,17 @@ def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std
     return out
 
 
+def save_readable(tensors: dict, path: Path) -> None:
+    """A safetensors file, readable by all as the checkpoint's other files are: safetensors creates it owner-only
+    (0600), and a checkpoint made on the host is read by the container's own user."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)
+
+
 def write_lm(out: Path, preset: Preset, generator: torch.Generator, dtype: str = "float32") -> None:
     import torch
-    from safetensors.torch import save_file
 
     from audio_interaction_server.model.checkpoint import parse_lm_config
     from audio_interaction_server.model.lm import AudioInteractionLM
@@ -115,7 +123,7 @@ def write_lm(out: Path, preset: Preset, generator: torch.Generator, dtype: str =
     for i in range(preset.num_shards):
         shard = f"model-{i + 1:05d}-of-{preset.num_shards:05d}.safetensors"
         part = {n: state[n].to(stored).contiguous() for n in names[i * per_shard:(i + 1) * per_shard]}
-        save_file(part, str(out / shard), metadata={"format": "pt"})
+        save_readable(part, out / shard)
         weight_map.update({n: shard for n in part})
     total = sum(t.numel() * stored.itemsize for t in state.values())
     (out / "model.safetensors.index.json").write_text(
@@ -181,6 +189,9 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed {seed}: must be 0 to {MAX_SEED}")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):  # a real checkpoint's folder given by mistake loses nothing
+        raise ValueError(f"{out} is not empty: make-checkpoint writes into a new or empty folder, and overwrites "
+                         "nothing")
     chosen = PRESETS[preset]
     # The tokenizer first: it is what a first run without a package index cannot get, and failing before any
     # weights are written leaves no folder behind. It draws nothing from the generator, so the order keeps the
@@ -256,7 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of this tool, shared with ``audio-interaction make-checkpoint``."""
     parser.add_argument("out", type=Path, help="directory to write the checkpoint into")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: a few-MB test/demo model; real: the release's 3B shapes, random weights")
+                        help="tiny: an 86 MB test/demo model (its tokenizer included); real: the release's 3B "
+                        "shapes, random weights")
     parser.add_argument("--seed", type=seed_value, default=0, help=f"0 to {MAX_SEED}; the same seed, the same bytes")
     parser.add_argument("--dtype", choices=CHECKPOINT_DTYPES, default="float32",
                         help="the stored weights' type: bfloat16 halves a real-size checkpoint (the same seeded "
