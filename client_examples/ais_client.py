@@ -68,6 +68,7 @@ class ServerBusy(ClientError):
     def __init__(self, reason: str, retry_after_s: float = 0.0, state: str = "busy") -> None:
         super().__init__(f"server {state} ({reason})")
         self.retry_after_s = retry_after_s
+        self.is_listening = state != "not listening yet"
 
 
 # The server's own endpoints (and their /v1 root), at the end of a URL's path: whatever comes
@@ -108,6 +109,8 @@ def connection_hint(url: str, error: str) -> str:
                 "SSL_CERT_FILE=/path/to/cert.pem")
     if url.startswith("ws://") and ("did not receive a valid HTTP response" in error or DROPPED in error):
         return "; a server with TLS (--ssl-certfile) takes wss://"
+    if url.startswith("wss://") and "WRONG_VERSION_NUMBER" in error:
+        return "; the server there does not speak TLS: give ws://"
     return ""
 
 
@@ -169,7 +172,8 @@ def add_busy_retry_argument(parser: Any) -> None:
 async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None]) -> T:
     """``attempt()``, again after each ``ServerBusy`` with a growing delay, for up to ``retry_s`` seconds."""
     loop = asyncio.get_running_loop()
-    deadline_s = loop.time() + retry_s
+    started_s = loop.time()
+    deadline_s = started_s + retry_s
     num_retries = 0
     while True:
         try:
@@ -178,8 +182,10 @@ async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, 
             delay_s = min(BUSY_MAX_DELAY_S, BUSY_FIRST_DELAY_S * 2 ** num_retries)
             delay_s = max(busy.retry_after_s, delay_s * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER))
             if loop.time() + delay_s > deadline_s:
-                raise ClientError(f"{busy}: gave up after {num_retries} retries in {retry_s:g} s "
-                                  "(--busy-retry-s)") from None
+                # A port nothing ever listened on looks like a server still starting: say what to check.
+                check = "" if busy.is_listening else "; nothing listens there: check the host and port"
+                raise ClientError(f"{busy}: gave up after {num_retries} retries in {loop.time() - started_s:.0f} s "
+                                  f"(--busy-retry-s {retry_s:g}){check}") from None
             num_retries += 1
             note(f"{busy}, retrying in {delay_s:.1f} s")
             await asyncio.sleep(delay_s)
