@@ -228,6 +228,18 @@ def test_help_and_version_answer_without_importing_torch(args):
     assert result.stdout.startswith(("usage: ", "audio-interaction "))
 
 
+def test_run_help_gives_each_options_default_and_where_the_silence_goes(capsys):
+    """A first-hour review: `run --help` showed no defaults, and read as if the trailing silence came once, while
+    the offline layout puts it after every file (a folder of five files heard five silences)."""
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--features", "offline"), ("--trailing-silence", "1.0"), ("--max-turn-tokens", "512"),
+                            ("--max-positions", "4096"), ("--temperature", "0.0"), ("--top-k", "0")):
+        assert re.search(rf"{option} \S+ .*?\(default: {re.escape(default)}\)", shown), option
+    assert "after each file (offline)" in shown and "(default: None)" not in shown
+
+
 def test_serve_help_lists_the_exit_statuses():
     result = command("serve", "--help")
     assert result.returncode == 0

@@ -7,10 +7,11 @@
 
 ``run`` prints one JSON event per line; all its files form one continuous session.
 ``--features offline`` lays the stream out like the reference's offline runner: every
-file zero-padded to whole 0.4 s chunks and featurised as one clip, then
-``--trailing-silence`` seconds of zeros as a clip of its own. ``--features streaming``
-feeds the files back to back through the live server's streaming front-end and ends
-with the same trailing silence, as a client's ``flush`` would.
+file zero-padded to whole 0.4 s chunks and featurised as one clip, each followed by
+``--trailing-silence`` seconds of zeros as a clip of its own (after every file, as that
+runner does). ``--features streaming`` feeds the files back to back through the live
+server's streaming front-end and ends with the trailing silence once, as a client's
+``flush`` would (``client_examples/stream_file.py`` sends the same).
 
 Every file's header (readable, decodable, a sample rate and channel count the server takes) is checked before
 the model loads; the samples are decoded one file at a time as the session reaches it, so memory does not grow
@@ -292,26 +293,43 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SESSION_FAILED if failures else EXIT_OK
 
 
+class DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written, and each option's default after its help (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        shown = action.help
+        default = action.default  # by identity: 0 and 0.0 are defaults worth showing, None and False are not
+        if shown and "%(default)" not in shown and action.option_strings and not any(
+                default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            shown += " (default: %(default)s)"
+        return shown
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audio-interaction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=VERSION_TEXT)
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="run audio files through the model, print JSON events",
-                                  epilog=RUN_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=RUN_EXIT_STATUSES, formatter_class=DescriptionAndDefaults)
     source = run_cmd.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="release checkpoint directory or Hugging Face repo id (owner/name[@rev])")
     source.add_argument("--demo", action="store_true", help="tiny random model (the default without --checkpoint)")
-    run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run_cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    run_cmd.add_argument("--features", choices=["offline", "streaming"], default="offline")
-    run_cmd.add_argument("--max-turn-tokens", type=int, default=512)
+    run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="auto: a GPU when there is one")
+    run_cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                         help="auto: bfloat16 on a GPU, float32 on CPU")
+    run_cmd.add_argument("--features", choices=["offline", "streaming"], default="offline",
+                         help="offline: the reference's offline layout (each file a clip, silence after each); "
+                         "streaming: the live server's front-end (files back to back, silence once at the end)")
+    run_cmd.add_argument("--max-turn-tokens", type=int, default=512, help="tokens a reply may have")
     run_cmd.add_argument("--max-positions", type=int, default=4096, help="context budget of the session")
-    run_cmd.add_argument("--trailing-silence", type=float, default=1.0, help="seconds of zeros after audio (0 to 10)")
+    run_cmd.add_argument("--trailing-silence", type=float, default=1.0,
+                         help="seconds of zeros (0 to 10) after each file (offline) or after the last (streaming)")
     run_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy replies")
-    run_cmd.add_argument("--top-p", type=float, default=1.0)
-    run_cmd.add_argument("--top-k", type=int, default=0)
-    run_cmd.add_argument("--seed", type=int, default=None)
+    run_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (1 = off)")
+    run_cmd.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = no limit)")
+    run_cmd.add_argument("--seed", type=int, default=None, help="the sampling's seed (none: random)")
     run_cmd.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                          help="json: one JSON object a line on stderr, the final error line too (default: "
                          "AIS_LOG_FORMAT, else text)")
