@@ -335,6 +335,23 @@ def test_a_made_checkpoint_is_readable_by_other_users(tmp_path, tiny_checkpoint)
             assert path.stat().st_mode & 0o044 == 0o044, (path.name, oct(path.stat().st_mode))
 
 
+def test_a_wav_file_cut_short_is_refused_before_the_model_loads(tmp_path, shared_audio):
+    """A WAV whose body was cut (an interrupted copy) ran as the few hundredths of a second it held, exit 0, though
+    the README says a damaged body is reported: libsndfile reads what is there. Its header says how much should be."""
+    whole = (shared_audio / "02_translate" / "sample02_02.wav").read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[:1000])
+    result = command("run", str(cut))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(cut))}: cut short: its header declares [\d,]+ bytes of audio and "
+                        r"the file holds [\d,]+ \(\d+\.\d\d s\); an interrupted copy\?", last_line), result.stderr
+    streamed = tmp_path / "streamed.wav"  # a writer that did not know the length leaves 0 or 0xFFFFFFFF there
+    data_at = whole.index(b"data")
+    streamed.write_bytes(whole[:data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8:data_at + 8 + 64000])
+    assert command("run", "--trailing-silence", "0", str(streamed)).returncode == 0
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, shared_audio):
     """Ctrl-C during `run` (here while the model loads) or `make-checkpoint` printed a KeyboardInterrupt traceback
     of 10-40 lines; `serve` already stopped cleanly."""

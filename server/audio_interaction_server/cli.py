@@ -137,6 +137,11 @@ def check_audio_file(path: Path) -> None:
         raise InputError(f"{path}: permission denied (the file cannot be read)") from None
     except soundfile.LibsndfileError as error:
         raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {error}") from None
+    shortfall = wav_shortfall(path) if info.format == "WAV" else None
+    if shortfall is not None:
+        declared, held = shortfall
+        raise InputError(f"{path}: cut short: its header declares {declared:,} bytes of audio and the file holds "
+                         f"{held:,} ({info.duration:.2f} s); an interrupted copy?")
     lowest_rate_hz, highest_rate_hz = _field_range("sample_rate_hz")
     fewest_channels, most_channels = _field_range("num_channels")
     problems = []
@@ -148,6 +153,31 @@ def check_audio_file(path: Path) -> None:
         raise InputError(f"{path}: {' and '.join(problems)}; the server takes {lowest_rate_hz} to "
                          f"{highest_rate_hz} Hz, {fewest_channels} to {most_channels} channels (resample or "
                          "down-mix it first)")
+
+
+UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)  # what a writer that streamed the file, not knowing its length, leaves
+
+
+def wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """(bytes of audio the ``data`` chunk's header declares, bytes the file holds) when it holds fewer; else None.
+
+    libsndfile reads a cut WAV as the samples that are there, without a word: a file cut by an interrupted copy
+    would run as a fraction of itself."""
+    size = path.stat().st_size
+    with path.open("rb") as wav:
+        head = wav.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return None  # RF64, Wave64: other layouts, not checked here
+        offset = 12
+        while offset + 8 <= size:
+            wav.seek(offset)
+            chunk = wav.read(8)
+            chunk_bytes = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                held = size - offset - 8
+                return None if chunk_bytes in UNKNOWN_WAV_SIZES or held >= chunk_bytes else (chunk_bytes, held)
+            offset += 8 + chunk_bytes + (chunk_bytes & 1)  # chunks are padded to an even length
+    return None
 
 
 def read_audio(path: Path) -> np.ndarray:
