@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,34 @@ def test_an_empty_checkpoint_argument_is_a_usage_error():
     result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--checkpoint", "", "--port", "0"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--checkpoint" in result.stderr and "empty" in result.stderr, result.stderr
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["gpu-host.yaml", "cpu-demo.yaml"])
+def test_the_example_configs_load_and_change_what_they_say(name, tmp_path):
+    """The files in configs/ (docs/deployment.md, Configuration) are valid settings, and each setting they write
+    differs from the default it replaces: an example that restates defaults teaches nothing. (The GPU host's
+    checkpoint folder is this test's own: the configuration checks that it exists.)"""
+    import yaml
+
+    given = yaml.safe_load((CONFIGS / name).read_text())
+    checkpoint = given.get("engine", {}).get("checkpoint")
+    if checkpoint is not None:
+        given["engine"]["checkpoint"] = str(tmp_path)  # in place of the host's folder
+        (tmp_path / "example.yaml").write_text(yaml.safe_dump(given))
+    config = load_config(tmp_path / "example.yaml" if checkpoint else CONFIGS / name, environ={})
+    default = load_config(environ={})
+
+    def differs(written: dict, loaded, defaults, at: str = "") -> list[str]:
+        same = []
+        for key, value in written.items():
+            here, there = getattr(loaded, key), getattr(defaults, key)
+            if isinstance(value, dict):
+                same += differs(value, here, there, f"{at}{key}.")
+            elif here == there:
+                same.append(at + key)
+        return same
+
+    assert differs(given, config, default) == []
