@@ -240,6 +240,14 @@ def test_run_help_gives_each_options_default_and_where_the_silence_goes(capsys):
     assert "after each file (offline)" in shown and "(default: None)" not in shown
 
 
+def test_serve_help_says_what_python_m_says():
+    """`audio-interaction serve --help` had no description; `python -m audio_interaction_server --help` has one."""
+    served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    description = served.stdout.split("\n\n")[1]
+    assert description.startswith("Run the server") and description in command("serve", "--help").stdout
+
+
 def test_serve_help_lists_the_exit_statuses():
     result = command("serve", "--help")
     assert result.returncode == 0

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from audio_interaction_server import __main__ as server_main
 from audio_interaction_server.__main__ import EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, serve
 from audio_interaction_server.logs import LOG_FORMATS, configure_logging
 
@@ -366,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("files", nargs="+", help="audio files (wav/flac/mp3) or folders with sequence.json")
     run_cmd.set_defaults(handler=run)
     serve_cmd = commands.add_parser("serve", epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                    help="run the WebSocket server (same as python -m audio_interaction_server)")
+                                    help="run the WebSocket server (same as python -m audio_interaction_server)",
+                                    description=server_main.__doc__)
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(handler=serve)
     schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event",
