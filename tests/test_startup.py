@@ -47,6 +47,10 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
     assert "loaded audio-interaction-tiny" not in result.stderr  # never loaded: the bind came first
     assert elapsed_s < 60
+    # One line, before torch is imported (it said uvicorn's "ERROR: [Errno 98] ..." too, after seconds of imports).
+    assert [line for line in result.stderr.splitlines() if "Errno 98" in line] == [
+        f"error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use"], result.stderr
+    assert "importing the engine" not in result.stderr, result.stderr
 
 
 def test_help_documents_the_exit_statuses():

@@ -182,7 +182,6 @@ def _serve(args: argparse.Namespace) -> int:
     from audio_interaction_server.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format)
-    log.info("starting the server: importing the engine (torch), then listening on %s:%d", config.host, config.port)
     no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
                              "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
     if no_cuda is not None:
@@ -193,9 +192,15 @@ def _serve(args: argparse.Namespace) -> int:
         from audio_interaction_server.api.fronts import supervise
 
         return supervise(config)
-    from audio_interaction_server.api.serving import serve_config
+    from audio_interaction_server.api.serving import CannotListen, bind_listeners, serve_config
 
-    return serve_config(config)
+    try:  # the ports first: a busy one fails in a moment, not after seconds of imports and a model load
+        listeners = bind_listeners(config)
+    except CannotListen as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    log.info("starting the server: listening on %s:%d, importing the engine (torch)", config.host, config.port)
+    return serve_config(config, listeners=listeners)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,14 +105,14 @@ def stop_requested(signum: int, frame: Any) -> None:
     raise StopRequested()
 
 
-def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
-                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE,
-                 listeners: Listeners | None = None) -> int:
-    """Serve ``config`` until stopped; the exit status. ``attach_to``: one of several fronts, the engine process
-    to attach to (started by the supervisor) instead of loading the model here; ``engine_ended``: set by the
-    supervisor once that engine process has ended; ``cannot_serve_status``: the status when the model or its engine
-    cannot serve (a front's own, which its supervisor tells apart from a crash); ``listeners``: sockets bound for
-    this server (by the supervisor of several fronts) instead of binding its ports here."""
+def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEndpoints | None = None,
+                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE) -> int:
+    """Serve ``config`` until stopped; the exit status. ``listeners``: its ports, bound before anything loads (by
+    ``__main__``, or by the supervisor of several fronts), so that a busy port fails in a moment, not after a
+    model load of minutes; ``attach_to``: one of several fronts, the engine process to attach to (started by the
+    supervisor) instead of loading the model here; ``engine_ended``: set by the supervisor once that engine
+    process has ended; ``cannot_serve_status``: the status when the model or its engine cannot serve (a front's
+    own, which its supervisor tells apart from a crash)."""
     from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.logs import route_uvicorn_logs
 
@@ -133,28 +133,17 @@ def serve_config(config: ServerConfig, attach_to: EngineEndpoints | None = None,
                          name="engine-ended", daemon=True).start()
     if config.log_format == "json":
         route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
-    # Bind before anything loads: a busy port must fail in a second, not after a model load of minutes.
-    if listeners is not None:
-        listener = listeners.server
-    else:
-        try:
-            listener = server.config.bind_socket()
-        except SystemExit as error:  # uvicorn logs the OSError and exits; the OSError is the context
-            print(f"error: cannot listen on {config.host}:{config.port}: {error.__context__ or 'bind failed'}",
-                  file=sys.stderr)
-            return EXIT_CANNOT_LISTEN
+    listener = listeners.server
     agent = app.state.agent
-    if agent is not None and listeners is not None and listeners.agent is not None:
+    if agent is not None and listeners.agent is not None:
         agent.adopt(listeners.agent)
-    elif agent is not None:
-        try:
-            agent.bind()
-        except OSError as error:
-            listener.close()
-            print(f"error: cannot listen on {config.host}:{config.agent_port} (agent_port): [Errno {error.errno}] "
-                  f"{error.strerror}", file=sys.stderr)
-            return EXIT_CANNOT_LISTEN
     runtime.stream_url = _stream_url(server.config, listener)
+    # uvicorn names the address it serves only when it binds the socket itself: the same line for the one bound
+    # here (operators, the test harness and log pipelines read it).
+    host = server.config.host or "0.0.0.0"
+    logging.getLogger("uvicorn.error").info(
+        f"Uvicorn running on %s://{'[%s]' if ':' in host else '%s'}:%d (Press CTRL+C to quit)",
+        "https" if server.config.is_ssl else "http", host, listener.getsockname()[1])
     global _in_start_up
     _in_start_up = False  # from here a stop unwinds: uvicorn's graceful shutdown, then the status below
     try:
