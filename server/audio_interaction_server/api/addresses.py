@@ -1,4 +1,4 @@
-"""What one client's per-address limits count under.
+"""A client's address, and what one client's per-address limits count under.
 
 Every per-address limit (connection attempts, pending handshakes, detached sessions, a flood cut's cooldown, the
 engine's prefill budget) counts a client by its address. An IPv4 client has one. An IPv6 client has a whole
@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from typing import Any
 
 IPV6_CLIENT_PREFIX_BITS = 64  # the smallest network an ISP gives one customer
+
+
+def peer_address(connection: Any) -> str | None:
+    """The address of a request's or WebSocket's client (Starlette's ``connection.client``), as the transport gives
+    it: a trusted proxy's client, read from its ``X-Forwarded-For``. None when the server has none (a test client)."""
+    return connection.client.host if connection.client is not None else None
 
 
 @functools.lru_cache(maxsize=4096)  # the same few addresses connect again and again: parse each once

@@ -32,6 +32,7 @@ from fastapi import Response, WebSocket
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
+from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.connection import StreamConnection, fatal_error, send_and_close
 from audio_interaction_server.protocol import CloseCode
 
@@ -216,7 +217,7 @@ def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] =
     address by its client's; a trusted proxy's own address is never local, since it forwards for others.)"""
     if any(header in FORWARDING_HEADERS or header.startswith("x-forwarded-") for header in connection.headers):
         return False
-    host = connection.client.host if connection.client is not None else ""
+    host = peer_address(connection) or ""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -294,7 +295,7 @@ def close_reason(refusal: Refusal) -> str:
 async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
     """Refuse with HTTP 429, before the handshake, a client IP on cooldown after a flood cut or over its
     connection-attempt rate."""
-    address = websocket.client.host if websocket.client is not None else "unknown"
+    address = peer_address(websocket) or "unknown"
     if runtime.flood_cooldown is not None:
         cooldown_left_s = runtime.flood_cooldown.retry_after_s(address, time.monotonic())
         if cooldown_left_s is not None:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from audio_interaction_server import __version__
 from audio_interaction_server import spec as T
 from audio_interaction_server.api import admission
+from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
     CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber,
@@ -271,7 +272,7 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
     session_id = runtime.new_session_id()
 
     # Whose prefill budget the engine charges for the session's prompt (the same address the per-IP limits see).
-    address = websocket.client.host if websocket.client is not None else None
+    address = peer_address(websocket)
 
     def make_session(engine_emit: Callable):
         return runtime.make_session(session_id, engine_emit, client_address=address)

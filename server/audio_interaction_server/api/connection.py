@@ -27,7 +27,7 @@ from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from audio_interaction_server.api.addresses import client_key
+from audio_interaction_server.api.addresses import client_key, peer_address
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import FloodGuard
 from audio_interaction_server.api.native import NativeCodec
@@ -483,7 +483,7 @@ class StreamConnection:
     @property
     def client_address(self) -> str:
         """The address of the client on the latest socket (a trusted proxy's client, as the transport says)."""
-        return self.websocket.client.host if self.websocket.client is not None else "unknown"
+        return peer_address(self.websocket) or "unknown"
 
     @property
     def num_replay_events(self) -> int:

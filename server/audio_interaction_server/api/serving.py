@@ -137,13 +137,12 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     agent = app.state.agent
     if agent is not None and listeners.agent is not None:
         agent.adopt(listeners.agent)
-    runtime.stream_url = _stream_url(server.config, listener)
+    address = _address(server.config, listener)
+    runtime.stream_url = f"{'wss' if server.config.is_ssl else 'ws'}://{address}/v1/stream"
     # uvicorn names the address it serves only when it binds the socket itself: the same line for the one bound
     # here (operators, the test harness and log pipelines read it).
-    host = server.config.host or "0.0.0.0"
-    logging.getLogger("uvicorn.error").info(
-        f"Uvicorn running on %s://{'[%s]' if ':' in host else '%s'}:%d (Press CTRL+C to quit)",
-        "https" if server.config.is_ssl else "http", host, listener.getsockname()[1])
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s://%s (Press CTRL+C to quit)",
+                                            "https" if server.config.is_ssl else "http", address)
     global _in_start_up
     _in_start_up = False  # from here a stop unwinds: uvicorn's graceful shutdown, then the status below
     try:
@@ -176,8 +175,7 @@ def _fail_if_engine_ends_first(engine_ended: threading.Event, runtime: Any, on_f
         on_fatal("the engine process ended before it served")
 
 
-def _stream_url(uv_config: Any, listener: Any) -> str:
+def _address(uv_config: Any, listener: Any) -> str:
+    """``host:port`` of the server's socket as a URL writes it (``[host]:port`` for IPv6)."""
     host = uv_config.host or "0.0.0.0"
-    host = f"[{host}]" if ":" in host else host
-    scheme = "wss" if uv_config.is_ssl else "ws"
-    return f"{scheme}://{host}:{listener.getsockname()[1]}/v1/stream"
+    return f"{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"

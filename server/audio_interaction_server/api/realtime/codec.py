@@ -430,9 +430,9 @@ class RealtimeCodec:
         if kind == "turn_begin":
             # A reply the model chose leaves a request pending: it reached the engine after the model began, and
             # the session's reply_in_progress answers it (the Realtime API's refusal of a second response).
-            request = self._request if event.requested else None
+            request = None
             if event.requested:
-                self._request = None
+                request, self._request = self._request, None
             cap = self._settings.max_turn_tokens if self._settings else 0
             if request is not None and request.max_output_tokens is not None:
                 cap = min(cap, request.max_output_tokens)  # as the engine caps the reply

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import HTTPConnection
 
 from audio_interaction_server.api import admission
+from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.realtime.codec import RealtimeCodec, session_refusal
 from audio_interaction_server.api.realtime.events import SessionIn
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
@@ -104,7 +105,7 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
     session_id = runtime.new_session_id()
 
     # Whose prefill budget the engine charges for the session's prompt (the same address the per-IP limits see).
-    address = websocket.client.host if websocket.client is not None else None
+    address = peer_address(websocket)
 
     def make_session(engine_emit):
         session = runtime.make_session(session_id, engine_emit, client_address=address)
