@@ -196,18 +196,21 @@ def test_kubernetes_balancer_routes_a_subscriber_to_the_pod_its_session_id_names
 
     from benchmarks.harness import free_port, wait_for_port
 
-    replica_port, balancer_port = free_port(), free_port()
-    cfg = kubernetes_haproxy_cfg()
-    for old, new in (("bind :8000", f"bind 127.0.0.1:{balancer_port}"),
-                     ("bind 127.0.0.1:8404", f"bind 127.0.0.1:{free_port()}"),
-                     ("/tmp/haproxy-admin.sock", str(tmp_path / "admin.sock")),
-                     ("set-dst-port int(8000)", f"set-dst-port int({replica_port})")):
-        assert old in cfg
-        cfg = cfg.replace(old, new)
-    (tmp_path / "haproxy.cfg").write_text(cfg)
+    skip_unless_loopback_binds("127.0.0.2")
     replica = balancer = None
     try:
-        replica = spawn_replica_on(tiny_checkpoint, "127.0.0.2", replica_port)
+        # The replica picks its own port (port 0) and logs it: a port chosen here and bound later may be taken
+        # in between by a test on another worker (one on 0.0.0.0 takes it on every address).
+        replica, replica_port = spawn_replica_on(tiny_checkpoint, "127.0.0.2", tmp_path / "replica.log")
+        balancer_port = free_port()
+        cfg = kubernetes_haproxy_cfg()
+        for old, new in (("bind :8000", f"bind 127.0.0.1:{balancer_port}"),
+                         ("bind 127.0.0.1:8404", f"bind 127.0.0.1:{free_port()}"),
+                         ("/tmp/haproxy-admin.sock", str(tmp_path / "admin.sock")),
+                         ("set-dst-port int(8000)", f"set-dst-port int({replica_port})")):
+            assert old in cfg
+            cfg = cfg.replace(old, new)
+        (tmp_path / "haproxy.cfg").write_text(cfg)
         balancer = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL,
                                     env={**os.environ, "POD_CIDR": "127.0.0.0/8", "POD_NAMESPACE": "test"})
@@ -232,26 +235,48 @@ def test_kubernetes_balancer_routes_a_subscriber_to_the_pod_its_session_id_names
                 process.wait(timeout=10)
 
 
-def spawn_replica_on(checkpoint: Path, host: str, port: int) -> subprocess.Popen:
-    """The real entry point on the pod's address (conftest's spawn_server binds 127.0.0.1 on a free port)."""
+def skip_unless_loopback_binds(host: str) -> None:
+    """Skip, saying so, where this machine cannot listen on the loopback address ``host`` (Linux serves all of
+    127.0.0.0/8 on lo; a sandboxed network stack may serve 127.0.0.1 alone)."""
+    import errno
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as error:
+            if error.errno != errno.EADDRNOTAVAIL:
+                raise
+            pytest.skip(f"this machine cannot listen on {host} (the pod's address in this test): {error}")
+
+
+def spawn_replica_on(checkpoint: Path, host: str, log_path: Path) -> tuple[subprocess.Popen, int]:
+    """The real entry point on the pod's address, on a port it picks itself; (process, port) once ready. Its log
+    goes to ``log_path`` and is quoted if it exits or never serves."""
     import sys
     import time
     import urllib.error
     import urllib.request
 
-    env = {**os.environ, "AIS_ENGINE__DEVICE": "cpu", "AIS_REPLICA_ID": host, "AIS_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", host, "--port", str(port),
-                                "--checkpoint", str(checkpoint)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    env = {**os.environ, "AIS_ENGINE__DEVICE": "cpu", "AIS_REPLICA_ID": host, "AIS_LOG_LEVEL": "info"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "audio_interaction_server", "--host", host, "--port", "0",
+                                    "--checkpoint", str(checkpoint)], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
+    port = None
     while True:
-        assert process.poll() is None, "the replica exited"
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=5):
-                return process
-        except (urllib.error.URLError, OSError):
-            assert time.monotonic() < deadline, "the replica never became ready"
-            time.sleep(0.1)
+        assert process.poll() is None, f"the replica exited ({process.returncode}):\n{log_path.read_text()}"
+        assert time.monotonic() < deadline, f"the replica never became ready:\n{log_path.read_text()}"
+        if port is None:
+            found = re.search(rf"running on http://{re.escape(host)}:(\d+)", log_path.read_text())
+            port = int(found.group(1)) if found else None
+        if port is not None:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=5):
+                    return process, port
+            except (urllib.error.URLError, OSError):  # 503 while the model loads
+                pass
+        time.sleep(0.1)
 
 
 def test_compose_only_variables_of_the_overlay_do_not_use_the_settings_prefix():
