@@ -14,6 +14,7 @@ are imported where a live server is really built.
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import signal
@@ -52,33 +53,61 @@ def shared_audio_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "audio"
 
 
-def free_port() -> int:
-    """A loopback port free right now (another process may take it before it is bound: use port 0
-    where the server can report what it bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Ports handed to servers started later lie below the kernel's ephemeral range, which every ``bind`` to port 0
+# and every outgoing connection draws from: a port chosen inside it can be given by the kernel to another
+# process (another test worker's server on port 0) between the choice and the bind. Chosen at random from
+# below it, a port can only meet another pick of this function.
+_PORT_PICKER = random.SystemRandom()  # not the global generator: tests seed that, alike on every worker
+_LOWEST_PICKED_PORT = 10000
 
 
-def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports free right now (``serve --fronts N`` binds port + i)."""
-    if count == 1:
-        return free_port()
-    for _ in range(100):
-        first = free_port()
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range's start
+        return 49152
+
+
+def _free_on_every_address(ports: range) -> bool:
+    """Whether each of ``ports`` can be bound on 0.0.0.0 now (so on every address: a server bound to 127.0.0.2
+    or to 0.0.0.0 on that port would fail it)."""
+    sockets = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("0.0.0.0", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port_run(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports free now on every address (``serve --fronts N`` binds port + i),
+    chosen at random below the ephemeral range (another process may still take them before they are bound: use
+    port 0 where the server can report what it bound)."""
+    highest_first = _ephemeral_ports_start() - count
+    for _ in range(200):
+        if highest_first <= _LOWEST_PICKED_PORT:
+            break  # an unusual ephemeral range: fall back to the kernel's choice
+        first = _PORT_PICKER.randrange(_LOWEST_PICKED_PORT, highest_first)
+        if _free_on_every_address(range(first, first + count)):
             return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            first = sock.getsockname()[1]
+        if _free_on_every_address(range(first, first + count)):
+            return first
     raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def free_port() -> int:
+    """A port free now on every address, for a server started later (see ``free_port_run``)."""
+    return free_port_run(1)
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:

@@ -289,11 +289,9 @@ def test_stream_file_refuses_a_url_that_is_no_server_url_as_a_bad_argument(share
 def test_stream_file_waits_for_a_server_that_is_not_listening_yet(tiny_checkpoint, shared_audio, tmp_path):
     """A client started beside its server (or during a restart) meets a closed port for the seconds the server
     takes to import torch: it exited at once, where --busy-retry-s is documented to cover a restart."""
-    import socket
+    from benchmarks.harness import free_port
 
-    with socket.socket() as probe:  # a port nothing listens on, for now
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nothing listens on, for now
     script = Script("stream_file.py", f"ws://127.0.0.1:{port}", str(shared_audio / "01_count_bark" /
                     "sample01_02.wav"), "--api-key", API_KEY, "--speed", "0", "--busy-retry-s", "60", cwd=tmp_path)
     server = None

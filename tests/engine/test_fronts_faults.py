@@ -19,6 +19,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
+from benchmarks.harness import free_port
 from audio_interaction_server.api.serving import EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE
 from audio_interaction_server.engine.process import process_has_ended
 from tests.api.test_app import recv_event, recv_to_close
@@ -124,9 +125,7 @@ def exit_status(tree: TimedTree, fault: re.Pattern, seen: dict[int, str]) -> int
 def free_port_with_busy_next() -> tuple[int, socket.socket]:
     """A free port P, and a socket listening on P + 1 (front 1's port), held by the caller."""
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         busy = socket.socket()
         try:
             busy.bind(("127.0.0.1", port + 1))

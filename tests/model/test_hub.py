@@ -283,9 +283,9 @@ def test_hub_errors_name_the_repo_and_the_cause(answer, expected, tmp_path, monk
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     if answer is None:  # a port nobody listens on: connection refused
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        from benchmarks.harness import free_port
+
+        port = free_port()
         server = None
     else:
         handler = type("Hub", (_FakeHub,), {"error_code": answer})
