@@ -7,6 +7,7 @@ the tree left behind. The tree's pids come from its log (every front started, th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from websockets.sync.client import connect
 
-from benchmarks.harness import free_port
 from audio_interaction_server.api.serving import EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE
 from audio_interaction_server.engine.process import process_has_ended
-from tests.api.test_app import recv_event, recv_to_close
+from benchmarks.harness import free_port
+from tests.api.test_app import recv_event, recv_to_close, recv_until
 from tests.engine.test_fronts import ENGINE, FRONT, READY, Tree, wait_until
 
 # How soon after the fault's log line every front must be gone: no front goes on serving for a tree that is going
@@ -250,3 +252,45 @@ def test_a_killed_supervisor_closes_every_client_with_a_close_frame(tiny_checkpo
             if not process_has_ended(pid):
                 os.kill(pid, signal.SIGKILL)
         stop(tree)
+
+
+def test_a_hung_front_is_killed_and_started_again_while_the_other_front_serves_on(tiny_checkpoint):
+    """A front that hangs without dying (here SIGSTOP: a deadlock or a call that never returns looks the same from
+    outside) was left as it was: the engine freed its slots, but it kept its port, and its clients and every new
+    connection to that port waited, hearing nothing, for as long as it hung. Its event loop's heartbeat stops; the
+    supervisor kills it after front_hang_timeout_s and starts it again on its port."""
+    from tests.engine.test_fronts import open_session, start_session
+
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], AIS_FRONT_HANG_TIMEOUT_S="2")
+    hung_pid = None
+    try:
+        ports = tree.ports()
+        pids = {m.group(2): int(m.group(3)) for m in tree.wait_for(FRONT, 2)}
+        hung_pid = pids["box-f1"]
+        with open_session(ports["box-f0"]) as ws0:
+            start_session(ws0)
+            since = len(tree.lines)
+            os.kill(hung_pid, signal.SIGSTOP)
+            stopped_s = time.monotonic()
+            tree.wait_for(re.compile(rf"front 1 \(process {hung_pid}\) hangs: its event loop has not turned for "
+                                     r"[\d.]+ s \(front_hang_timeout_s 2\); killing it"), since=since)
+            restarted = tree.ports(since, count=1)
+            took_s = time.monotonic() - stopped_s
+            assert restarted == {"box-f1": ports["box-f1"]} and process_has_ended(hung_pid)
+            restarted_pid = {m.group(2): int(m.group(3)) for m in tree.wait_for(FRONT, 1, since)}["box-f1"]
+            assert restarted_pid != hung_pid
+            # The other front's session went on throughout.
+            ws0.send(np.zeros(16000, dtype=np.float32).tobytes())
+            ws0.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.2}))
+            after = recv_until(ws0, lambda e: e["type"] == "input.flushed")
+            assert [e["chunk"] for e in after if e["type"] == "decision"] == [0, 1, 2]
+            assert not [e for e in after if e["type"] == "error"], after
+        with open_session(restarted["box-f1"]) as ws1:
+            assert start_session(ws1).startswith("box-f1_")
+        assert took_s < 30.0, f"the hung front was serving again {took_s:.1f} s after it hung"
+    finally:
+        if hung_pid is not None and not process_has_ended(hung_pid):
+            os.kill(hung_pid, signal.SIGKILL)
+        stop(tree)
+    log = "".join(tree.lines)
+    assert "front 1 exited with status -9" in log and "Traceback" not in log, log

@@ -21,7 +21,7 @@ import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
@@ -42,6 +42,9 @@ from audio_interaction_server.api.static_pages import router as static_pages_rou
 from audio_interaction_server.api.transport import TransportGuard
 from audio_interaction_server.protocol import PROTOCOL_VERSION
 from audio_interaction_server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from audio_interaction_server.api.liveness import LoopHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +186,8 @@ def _add_realtime_routes(app: FastAPI, runtime: Runtime) -> None:
     add_realtime_routes(app, runtime)
 
 
-def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
+def build_server(app: FastAPI, config: ServerConfig, heartbeat: LoopHeartbeat | None = None) -> uvicorn.Server:
+    """``heartbeat``: a front's, beaten at each tick of the server's loop for its supervisor (api/fronts.py)."""
     runtime = app.state.runtime
     # Connection limits below the app (pings, headers, stuck readers, proxies): transport.py.
     transport_guard = TransportGuard(config.transport, runtime.metrics.registry)
@@ -201,7 +205,7 @@ def build_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,  # https/wss when both are set
         **transport_guard.uvicorn_options(),
     )
-    return _SessionClosingServer(uv_config, runtime, transport_guard)
+    return _SessionClosingServer(uv_config, runtime, transport_guard, heartbeat)
 
 
 def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -220,13 +224,15 @@ class _SessionClosingServer(uvicorn.Server):
     or SIGINT, stops at once); a drain, however started, stops the server when it is done.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, transport_guard: TransportGuard) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, transport_guard: TransportGuard,
+                 loop_heartbeat: LoopHeartbeat | None) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.transport_guard = transport_guard
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_signalled = False
         runtime.request_stop = self._stop_after_drain
+        self.loop_heartbeat = loop_heartbeat
 
     def _stop_after_drain(self) -> None:
         self.should_exit = True
@@ -251,7 +257,14 @@ class _SessionClosingServer(uvicorn.Server):
             return
         super().handle_exit(sig, frame)
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.loop_heartbeat is not None:  # 10 a second while the server runs: this loop turns
+            self.loop_heartbeat.beat()
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets: Any = None) -> None:
+        if self.loop_heartbeat is not None:
+            self.loop_heartbeat.stop()  # no more ticks; the shutdown has deadlines of its own
         self.transport_guard.begin_shutdown()  # before the drain: a client that does not read cannot hold it
         await self.runtime.shutdown()
         await super().shutdown(sockets)

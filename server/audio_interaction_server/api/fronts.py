@@ -22,6 +22,10 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   session died with its KV cache anyway, reloading takes minutes either way, and a GPU in a bad state wants a
   fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree with its back-off and
   counts the restarts where operators look;
+* a front hangs (its event loop has not turned for ``front_hang_timeout_s``: deadlocked, stopped, stuck in a
+  call; each front writes the time of its loop's every tick, ``LoopHeartbeat``): it is killed, and so ends
+  unasked. Its clients' connections drop (a hung loop can send no close frame); left alone, it would hold its port
+  and its clients, who hear nothing, for as long as it hangs;
 * a front ends unasked (killed, crashed, or drained on its own and exited 0): the engine frees its slots within
   a second (it watches each front's pid), the other fronts' sessions go on, and the front is started again on the same
   port with the same replica id. Taking the tree down instead would cut every other front's sessions for the
@@ -61,6 +65,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from audio_interaction_server.api.liveness import LoopHeartbeat
 from audio_interaction_server.api.serving import (
     EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, CannotListen, Listeners, StopRequested,
     bind_listeners, exit_at_once, serve_config, stop_requested,
@@ -112,6 +117,7 @@ class FrontSpec:
     # way, not by kill(), so that one sent while the front still starts waits in the pipe instead of being lost;
     # its end (the supervisor is gone) stops the front.
     orders: Connection
+    heartbeat: LoopHeartbeat  # its event loop's, watched by the supervisor
 
 
 def front_config(config: ServerConfig, index: int) -> ServerConfig:
@@ -143,7 +149,7 @@ def run_front(spec: FrontSpec) -> None:
 
         status = serve_config(config, attach_to=EngineEndpoints(spec.engine_commands, spec.engine_events),
                               engine_ended=engine_ended, cannot_serve_status=EXIT_FRONT_CANNOT_SERVE,
-                              listeners=spec.listeners)
+                              listeners=spec.listeners, heartbeat=spec.heartbeat)
     except (KeyboardInterrupt, StopRequested):  # a stop before uvicorn took the signals over: a normal stop
         status = EXIT_STOPPED
     sys.exit(status)
@@ -179,6 +185,7 @@ class Supervisor:
         self.fronts: dict[int, BaseProcess] = {}
         self.listeners: dict[int, Listeners] = {}  # each front's ports, bound here before any front starts
         self._orders: dict[int, Connection] = {}  # the write end of each front's pipe
+        self.heartbeats: dict[int, LoopHeartbeat] = {}  # each front's event loop's, as it last started
         self._passed_on: list[int] = []  # the stop signals passed on so far: a front started since gets them too
         self.restarts_s: list[float] = []
         self.stopping = False
@@ -213,14 +220,15 @@ class Supervisor:
         from audio_interaction_server.engine.process_client import EngineEndpoints
 
         endpoints = EngineEndpoints.in_directory(self.directory)
+        heartbeat = LoopHeartbeat()
         spec = FrontSpec(index, front_config(self.config, index), self.listeners[index], endpoints.commands,
-                         endpoints.events, orders)
+                         endpoints.events, orders, heartbeat)
         front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)
         front.start()
         orders.close()  # the front holds the read end; when this process ends, the front reads the pipe's end
         if index in self._orders:
             self._orders[index].close()
-        self.fronts[index], self._orders[index] = front, self_orders
+        self.fronts[index], self._orders[index], self.heartbeats[index] = front, self_orders, heartbeat
         for signum in self._passed_on:  # a stop that came while it was started (a signal handled mid-start)
             self._order(index, signum)
         log.info("front %d (replica %s) started as process %d", index, spec.config.replica_id, front.pid)
@@ -270,6 +278,20 @@ class Supervisor:
                     status = self._front_ended(index, front.exitcode)
                     if status is not None:
                         return status
+            self._kill_hung_fronts()
+
+    def _kill_hung_fronts(self) -> None:
+        """Kill each front whose event loop has stood still for ``front_hang_timeout_s``: it then ends unasked,
+        and is started again as a crashed front is (and counted as one)."""
+        now_s = time.monotonic()
+        for index, front in self.fronts.items():
+            stood_still_s = self.heartbeats[index].stood_still_s(now_s)
+            if front.exitcode is None and stood_still_s > self.config.front_hang_timeout_s:
+                log.error("front %d (process %s) hangs: its event loop has not turned for %.1f s "
+                          "(front_hang_timeout_s %g); killing it", index, front.pid, stood_still_s,
+                          self.config.front_hang_timeout_s)
+                self.heartbeats[index].stop()  # killed once
+                front.kill()
 
     def _front_ended(self, index: int, exitcode: int) -> int | None:
         """A front ended unasked: restart it, or the tree's exit status."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
     from audio_interaction_server.config import ServerConfig
+    from audio_interaction_server.api.liveness import LoopHeartbeat
     from audio_interaction_server.engine.process_client import EngineEndpoints
 
 # Exit statuses (documented in --help and docs/deployment.md; supervisors act on them).
@@ -106,13 +107,15 @@ def stop_requested(signum: int, frame: Any) -> None:
 
 
 def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEndpoints | None = None,
-                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE) -> int:
+                 engine_ended: threading.Event | None = None, cannot_serve_status: int = EXIT_CANNOT_SERVE,
+                 heartbeat: LoopHeartbeat | None = None) -> int:
     """Serve ``config`` until stopped; the exit status. ``listeners``: its ports, bound before anything loads (by
     ``__main__``, or by the supervisor of several fronts), so that a busy port fails in a moment, not after a
     model load of minutes; ``attach_to``: one of several fronts, the engine process to attach to (started by the
     supervisor) instead of loading the model here; ``engine_ended``: set by the supervisor once that engine
     process has ended; ``cannot_serve_status``: the status when the model or its engine cannot serve (a front's
-    own, which its supervisor tells apart from a crash)."""
+    own, which its supervisor tells apart from a crash); ``heartbeat``: a front's, beaten by its event loop's ticks
+    for the supervisor to see it hang."""
     from audio_interaction_server.api.app import build_server, create_app
     from audio_interaction_server.logs import route_uvicorn_logs
 
@@ -127,7 +130,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     app = create_app(config, on_fatal=on_fatal)
     runtime = app.state.runtime
     runtime.attach_to = attach_to
-    server = build_server(app, config)
+    server = build_server(app, config, heartbeat)
     if engine_ended is not None:
         threading.Thread(target=_fail_if_engine_ends_first, args=(engine_ended, runtime, on_fatal),
                          name="engine-ended", daemon=True).start()
