@@ -223,8 +223,8 @@ def test_sessions_spread_by_least_connections_and_a_full_cluster_refuses_at_once
     assert sorted(replica_of(created) for _, created in sessions) == sorted(REPLICAS * 2)
     for replica in replicas.values():
         assert replica.get("/v1/load")[1] | {"subscribers": 0} == {
-            "replica_id": replica.replica_id, "active": 2, "max": 2, "free": 0, "subscribers": 0, "ready": True,
-            "draining": False}
+            "replica_id": replica.replica_id, "active": 2, "detached": 0, "max": 2, "free": 0, "subscribers": 0,
+            "ready": True, "draining": False}
         assert replica.get("/ready")[0] == 503 and replica.get("/ready?capacity=ignore")[0] == 200
 
     # Every replica full: each refuses the upgrade with 503, HAProxy retries the others, then answers 503.
@@ -422,7 +422,8 @@ def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(clus
     assert 0 < going_away["deadline_s"] <= DRAIN_TIMEOUT_S
     # Draining, with its session still open: the agent says so, and HAProxy stops balancing onto it.
     assert ais1.get("/v1/load")[1] | {"subscribers": 0} == {
-        "replica_id": "ais1", "active": 1, "max": 2, "free": 1, "subscribers": 0, "ready": True, "draining": True}
+        "replica_id": "ais1", "active": 1, "detached": 0, "max": 2, "free": 1, "subscribers": 0, "ready": True,
+        "draining": True}
     assert ais1.get("/ready")[0] == 503
     metrics = ais1.metrics()
     assert "ais_draining 1.0" in metrics and "ais_drain_sessions_left 1.0" in metrics

@@ -57,8 +57,8 @@ def test_a_full_replica_refuses_the_upgrade_with_503_before_the_handshake(busy_5
         assert busy_503.get("/ready?capacity=ignore")[0] == 200
         status, body = busy_503.get("/v1/load", AUTHORIZED)
         assert status == 200 and json.loads(body) == {
-            "replica_id": "gpu-node-3.example", "active": 1, "max": 1, "free": 0, "subscribers": 0, "ready": True,
-            "draining": False}
+            "replica_id": "gpu-node-3.example", "active": 1, "detached": 0, "max": 1, "free": 0, "subscribers": 0,
+            "ready": True, "draining": False}
     assert split_session_id(created["session_id"])[0] == "gpu-node-3.example"
     assert metric_samples(busy_503)['ais_connections_refused_total{reason="capacity"}'] == 1
 

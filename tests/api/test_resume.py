@@ -274,7 +274,15 @@ def metric(port: int, name: str) -> float:
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
+def load(port: int) -> dict:
+    """``GET /v1/load`` (this fixture's server has no API key)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/load", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_detached_session_shows_in_metrics_and_load_and_keeps_its_subscribers(server):
     async def main():
         ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
         created = json.loads(await ws.recv())
@@ -285,8 +293,10 @@ def test_a_detached_session_shows_in_metrics_and_keeps_its_subscribers(server):
         await asyncio.sleep(0.3)
         assert metric(server, "ais_sessions_detached") == 1 and metric(server, "ais_sessions_active") >= 1
         assert metric(server, "ais_session_replay_events") >= 1
+        assert {key: load(server)[key] for key in ("active", "detached")} == {"active": 1, "detached": 1}
         resumed, first = await resume(server, created)
         assert first["type"] == "session.resumed" and metric(server, "ais_sessions_detached") == 0
+        assert {key: load(server)[key] for key in ("active", "detached")} == {"active": 1, "detached": 0}
         await resumed.send(json.dumps({"type": "session.close"}))
         await read_until_closed(resumed)
         seen = await read_until_closed(subscriber)

@@ -137,9 +137,9 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         if not admission.is_api_key(runtime, admission.offered_key(request)):
             return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
         report = runtime.load_report()
-        return JSONResponse({"replica_id": report.replica_id, "active": report.active, "max": report.max,
-                             "free": report.free, "subscribers": report.subscribers, "ready": report.ready,
-                             "draining": report.draining})
+        return JSONResponse({"replica_id": report.replica_id, "active": report.active, "detached": report.detached,
+                             "max": report.max, "free": report.free, "subscribers": report.subscribers,
+                             "ready": report.ready, "draining": report.draining})
 
     @app.post("/v1/admin/drain")
     async def drain(request: Request) -> Response:

@@ -96,7 +96,8 @@ class LoadReport:
     """``GET /v1/load`` and the capacity agent: how full this replica is."""
 
     replica_id: str
-    active: int  # open sessions, all protocols
+    active: int  # open sessions, all protocols, detached ones included (they hold their slots)
+    detached: int  # of those, the ones waiting for their client to resume: the oldest gives its slot to a new one
     max: int  # session_capacity
     subscribers: int
     ready: bool  # model loaded, worker alive, not stopping
@@ -344,7 +345,9 @@ class Runtime:
         return report.as_json() if report is not None and self.is_loading and not self.is_shutting_down else None
 
     def load_report(self) -> LoadReport:
-        return LoadReport(replica_id=self.replica_id, active=len(self.streams), max=self.config.session_capacity,
+        return LoadReport(replica_id=self.replica_id, active=len(self.streams),
+                          detached=sum(stream.is_detached for stream in self.streams.values()),
+                          max=self.config.session_capacity,
                           subscribers=self.num_subscribers, ready=self.is_ready, draining=self.is_draining,
                           engine_free=self.engine_free_slots)
 
