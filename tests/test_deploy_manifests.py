@@ -317,6 +317,18 @@ def test_every_fronts_host_environment_is_a_valid_configuration_of_four_fronts(w
     assert (config.port, config.agent_port) == (8000, 8100)
 
 
+def test_a_hung_front_is_the_supervisors_to_restart_before_the_pods_liveness_probe_restarts_the_pod(tmp_path):
+    """Front 0 answers the pod's liveness probe: the supervisor must kill and restart a hung front 0 (with some
+    seconds for its start) before the probe's failures restart the whole pod, engine and every front with it."""
+    deployment = next(doc for doc in fronts_documents() if doc["kind"] == "Deployment")
+    probe = deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    environ = {key: value for key, value in fronts_environments()["kubernetes ais-fronts"].items()
+               if key.startswith("AIS_")}
+    config = load_config(None, {**environ, "AIS_ENGINE__CHECKPOINT": str(tmp_path)})
+    front_start_s = 10.0
+    assert config.front_hang_timeout_s + front_start_s < probe["periodSeconds"] * probe["failureThreshold"]
+
+
 def test_the_fronts_balancer_names_each_front_by_its_replica_id_port_and_agent_port(tmp_path):
     """haproxy-fronts.cfg's servers are the fronts the compose host starts: the names their session ids begin
     with, their ports and their agents' ports, as api/fronts.front_config gives them."""
