@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -57,6 +59,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.harness import free_port, server_log, spawn_server, stop_server, wait_for_port
 
@@ -497,14 +500,26 @@ def main() -> None:
     audio_directory = tempfile.TemporaryDirectory(prefix="host-cost-")
     audio_loop_file = Path(audio_directory.name) / "loop.npy"
     np.save(audio_loop_file, audio_loop())  # once here, not in every point's client process
-    servers = {OURS: Served(*spawn_server(None, server_env, log_to_file=True), "/v1/stream")}
+    # Every server starts at once (each start is seconds of imports and, for ours, a model load), then waits.
+    starts: dict[str, Callable[[], tuple[subprocess.Popen, int]]] = {
+        OURS: functools.partial(spawn_server, None, server_env, log_to_file=True)}
     if args.against:
         other_env = {**server_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.against).resolve()),
                                                                             server_env.get("PYTHONPATH")]))}
-        servers[OTHER] = Served(*spawn_server(None, other_env, log_to_file=True), "/v1/stream")
-    servers[BARE] = Served(*spawn_bare_server("--bare-server", args.traffic), "/")
+        starts[OTHER] = functools.partial(spawn_server, None, other_env, log_to_file=True)
+    starts[BARE] = functools.partial(spawn_bare_server, "--bare-server", args.traffic)
     if args.asgi_floor:
-        servers[ASGI_FLOOR] = Served(*spawn_bare_server("--asgi-floor-server", args.traffic), "/")
+        starts[ASGI_FLOOR] = functools.partial(spawn_bare_server, "--asgi-floor-server", args.traffic)
+    with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:
+        started = {name: pool.submit(start) for name, start in starts.items()}
+    failed = [future.exception() for future in started.values() if future.exception() is not None]
+    if failed:  # none may outlive the benchmark
+        for future in started.values():
+            if future.exception() is None:
+                future.result()[0].kill()
+        raise failed[0]
+    servers = {name: Served(*future.result(), "/" if name in (BARE, ASGI_FLOOR) else "/v1/stream")
+               for name, future in started.items()}
     rounds: list[dict[int, dict[str, Measured]]] = []  # per round, per stream count, per server
     try:
         for round_index in range(args.rounds):
