@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -54,9 +55,30 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
             info = soundfile.info(str(path))
         except RuntimeError as error:  # undecodable (soundfile.LibsndfileError)
             raise ClientError(f"cannot decode {path}{named_in}: {str(error).strip()}") from None
+        shortfall = wav_shortfall(info.extra_info)
+        if shortfall is not None:
+            declared, held = shortfall
+            raise ClientError(f"{path}{named_in}: cut short: its header declares {declared:,} bytes of audio and the "
+                              f"file holds {held:,}; an interrupted copy?")
         # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
         files.append(AudioFile(path, info.samplerate, info.channels))
     return files
+
+
+# libsndfile reads a WAV whose body was cut as the samples that are there, without a word, but its header log
+# (soundfile's ``extra_info``) says ``data : <declared> (should be <held>)``. A writer that streamed the file, not
+# knowing its length, leaves 0 or 0xFFFFFFFF there: no shortfall.
+_CUT_DATA_CHUNK = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
+
+
+def wav_shortfall(header_log: str) -> tuple[int, int] | None:
+    """(bytes of audio the header declares, bytes the file holds) of a WAV cut short, from libsndfile's log."""
+    found = _CUT_DATA_CHUNK.search(header_log)
+    if found is None:
+        return None
+    declared, held = int(found[1]), int(found[2])
+    return None if declared in _UNKNOWN_WAV_SIZES or held >= declared else (declared, held)
 
 
 def _sequence(folder: Path) -> list[Path]:

@@ -437,6 +437,23 @@ def test_stream_file_names_a_missing_file_in_plain_words(tmp_path):
     assert "System error" not in err[0]
 
 
+def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp_path):
+    """A WAV whose body was cut (an interrupted copy) streamed as the few hundredths of a second it held, exit 0, as
+    ``run`` did before it checked. A streamed WAV's unknown size (0xFFFFFFFF) is no shortfall."""
+    whole = (shared_audio / "02_translate" / "sample02_02.wav").read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[:1000])
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(cut), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {cut}: cut short: its header declares 345,920 bytes of audio and the file "
+                                 "holds 922; an interrupted copy?"], (code, err)
+    streamed = tmp_path / "streamed.wav"
+    data_at = whole.index(b"data")
+    streamed.write_bytes(whole[:data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8:data_at + 8 + 64000])
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(streamed), "--busy-retry-s", "0",
+                                cwd=tmp_path)
+    assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing on port 9)
+
+
 def load_client_module():
     spec = importlib.util.spec_from_file_location("ais_client", CLIENTS / "ais_client.py")
     module = importlib.util.module_from_spec(spec)
