@@ -269,7 +269,8 @@ class FloodLimits(BaseModel):
     event_burst: int = Field(200, ge=1, description="text events a client may send at once (a Realtime client "
                              "replaying a chat history as conversation.item.create events)")
     refused_audio_speed: float = Field(
-        2.0, gt=0, description="audio refused as audio_buffer_full a client may send, in seconds per second, "
+        2.0, gt=0, description="audio refused (audio_buffer_full, invalid_audio, empty frames, frames while the "
+        "session closes) a client may send, in seconds per second, "
         "sustained (a real-time client is refused at most 1x); beyond refused_audio_burst_s the session ends "
         "with an audio_flood error and close 1008. A refused frame counts at least 10 ms")
     refused_audio_burst_s: float = Field(10.0, gt=0, description="refused audio a client may send at once (a "

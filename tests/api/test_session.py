@@ -645,6 +645,47 @@ def test_a_client_that_keeps_sending_into_a_full_buffer_is_cut_with_1008(tiny_mo
     assert h.audio(frame) == [] and h.send({"type": "input.clear"}) == []
 
 
+@pytest.mark.parametrize("refused", ["not whole samples", "not finite", "empty", "after session.close"])
+def test_a_client_whose_frames_are_all_refused_is_cut_once_they_come_faster_than_real_time(tiny_model, refused):
+    """A frame refused because of what it holds (invalid_audio: not whole samples, NaN), an empty frame, or one
+    sent while the session closes (invalid_state) spent no budget: one connection sending 1-byte frames as fast as
+    its socket took them had ~60,000 invalid_audio errors a second serialised and sent, never cut, and its
+    neighbours' decisions came up to 3.3 s late (a hostile-client probe). Every frame not taken spends the
+    refused-audio budget (at least 10 ms a frame), as one refused for a full buffer does."""
+    h = Harness(tiny_model, flood={"refused_audio_burst_s": 2.0, "refused_audio_speed": 2.0})
+    if refused == "not finite":
+        h.send({"type": "session.configure", "audio": {"sample_format": "pcm_f32le"}})
+        frame = np.full(1600, np.nan, "<f4").tobytes()  # 0.1 s
+    elif refused == "after session.close":
+        h.audio(np.zeros(800, "<i2"))  # a model reply may follow: the session closes only at a listening point
+        h.send({"type": "session.close"})
+        frame = np.zeros(1600, "<i2").tobytes()
+    else:
+        frame = {"not whole samples": b"\x01", "empty": b""}[refused]
+    frame_s = max(0.01, len(frame) / 2 / 16_000 if refused != "not finite" else 0.1)
+    answers = [h.audio(frame) for _ in range(round(2.0 / frame_s))]  # the whole burst
+    if h.session.close_code is not None and refused == "after session.close":
+        pytest.skip("the session closed at once (no reply under way): no frame can come while it closes")
+    assert h.session.close_code is None
+    expected_code = {"after session.close": "invalid_state", "empty": None}.get(refused, "invalid_audio")
+    assert all([e.code for e in out] == ([] if expected_code is None else [expected_code]) for out in answers)
+    cut = h.audio(frame)
+    assert [(e.type, getattr(e, "code", None)) for e in cut] == [("error", "audio_flood"), ("session.closed", None)]
+    assert cut[0].is_fatal and h.session.close_code == CloseCode.POLICY
+
+
+def test_a_client_sending_bad_frames_at_real_time_is_told_each_time_and_never_cut(tiny_model):
+    """A broken client whose every 20 ms frame is one byte short is answered invalid_audio for each, at real time
+    for ever: refused, not a flood."""
+    h = Harness(tiny_model, flood={"refused_audio_burst_s": 2.0, "refused_audio_speed": 2.0})
+    frame = np.zeros(320, "<i2").tobytes()[:-1]
+    for _ in range(1000):  # 20 s
+        h.audio(frame)
+        h.now_s += 0.02
+    assert h.session.close_code is None and {e.code for e in h.of("error")} == {"invalid_audio"}
+    assert len(h.of("error")) == 1000
+
+
 def test_a_client_refused_at_real_time_is_never_cut(tiny_model):
     """A real-time client whose server fell behind gets audio_buffer_full for frame after frame, never more
     than real time: that is not a flood, and it is never cut."""

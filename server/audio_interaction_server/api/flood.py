@@ -6,9 +6,10 @@ new long system prompt to tokenise every few milliseconds) makes every neighbour
 A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
 
 - text events (everything but audio, refused ones included): a client past it is cut (1008);
-- audio refused as ``audio_buffer_full``, in seconds: a real-time client whose server fell behind
-  is refused at most 1x real time and never runs out; a client sending into a full buffer faster
-  than that is cut (1008);
+- audio refused, in seconds (a frame counts at least 10 ms): for a full buffer (``audio_buffer_full``), for
+  what it holds (``invalid_audio``: not whole samples, not finite), empty, or sent while the session closes. A
+  real-time client whose server fell behind, or whose every frame is bad, is refused at most 1x real time and
+  never runs out; a client whose frames are refused faster than that is cut (1008);
 - system prompt characters checked (tokenised) on the event loop: past it, the event is refused
   with ``rate_limited`` and may be sent again later.
 
@@ -71,7 +72,7 @@ class FloodGuard:
         return self._events.take(1.0, now_s)
 
     def allows_refused_audio(self, frame_s: float, now_s: float) -> bool:
-        """One frame refused as audio_buffer_full; False: the client floods (cut it)."""
+        """One audio frame refused (not taken, whatever the reason); False: the client floods (cut it)."""
         return self._refused_audio_s.take(max(frame_s, MIN_REFUSED_FRAME_S), now_s)
 
     def prompt_wait_s(self, num_chars: int, now_s: float) -> float:
@@ -85,9 +86,10 @@ class FloodGuard:
                 "after that; closing")
 
     def audio_flood_message(self) -> str:
-        return (f"audio keeps arriving into a full buffer faster than real time (more than "
-                f"{self.limits.refused_audio_burst_s:g} s refused at once, or {self.limits.refused_audio_speed:g} s a "
-                "second after that); closing: send audio no faster than real time")
+        return (f"audio keeps being refused faster than real time (into a full buffer, not valid audio, or while the "
+                f"session closes; more than {self.limits.refused_audio_burst_s:g} s refused at once, or "
+                f"{self.limits.refused_audio_speed:g} s a second after that); closing: send valid audio no faster "
+                "than real time")
 
 
 # The session end reasons that are a flood cut (api/session.py _cut_off).

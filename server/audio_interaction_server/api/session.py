@@ -194,8 +194,10 @@ class Session:
         if isinstance(command, Malformed):
             return self._error(command.code, command.message, command)
         if self._closing_since_s is not None:
-            what = "audio frame ignored" if isinstance(command, AppendAudio) else "event ignored"
-            return self._error("invalid_state", f"the session is closing; {what}", command)
+            if isinstance(command, AppendAudio):
+                return self._refused_audio(command, self.audio.seconds_in(command.data), now_s, lambda: self._error(
+                    "invalid_state", "the session is closing; audio frame ignored", command))
+            return self._error("invalid_state", "the session is closing; event ignored", command)
         match command:
             case AppendAudio():
                 return self._append_audio(command, now_s)
@@ -334,8 +336,8 @@ class Session:
 
     # ---- client commands -------------------------------------------------------------
     def _append_audio(self, command: AppendAudio, now_s: float) -> list:
-        if not command.data:
-            return []  # no audio: not the first audio frame either, after which the model options are fixed
+        if not command.data:  # no audio: not the first audio frame either, after which the model options are fixed
+            return self._refused_audio(command, 0.0, now_s, list)
         # The buffer is checked before anything is decoded: a client sending into a full buffer makes each of
         # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
         audio = self.audio
@@ -345,7 +347,8 @@ class Session:
         try:
             frame = audio.check_frame(command.data)
         except AudioFormatError as error:
-            return self._error("invalid_audio", f"{error}; frame ignored", command)
+            why = f"{error}; frame ignored"
+            return self._refused_audio(command, frame_s, now_s, lambda: self._error("invalid_audio", why, command))
         self._observer.audio_received(frame_s)
         if not self._is_engine_open:
             self._open_engine()  # before accept_frame, which may push chunks to the engine
@@ -356,11 +359,18 @@ class Session:
 
     def _refuse_frame(self, command: AppendAudio, frame_s: float, now_s: float) -> list:
         """A frame that would overfill the buffer: ``audio_buffer_full``, or the cut for a flood of them."""
-        refused = self._buffer_full(self.buffered_audio_s + frame_s, command, lambda: f"this frame of {frame_s:.3f} s "
-                                    "was not accepted: send audio no faster than real time")
+        return self._refused_audio(command, frame_s, now_s, lambda: self._buffer_full(
+            self.buffered_audio_s + frame_s, command,
+            lambda: f"this frame of {frame_s:.3f} s was not accepted: send audio no faster than real time"))
+
+    def _refused_audio(self, command: AppendAudio, frame_s: float, now_s: float, answer: Callable[[], list]) -> list:
+        """``answer()`` to an audio frame not taken (a full buffer, not valid audio, empty, the session closing):
+        each spends the refused-audio budget, or, once that is spent, the session is cut (``audio_flood``). A frame
+        refused for what it holds is refused at socket speed: counted, as one refused for a full buffer, a flood
+        of them cannot keep the event loop busy (api/flood.py)."""
         if not self._flood.allows_refused_audio(frame_s, now_s):
             return self._cut_off("audio_flood", self._flood.audio_flood_message(), command)
-        return refused
+        return answer()
 
     def _configure(self, command: Configure, now_s: float) -> list:
         given = command.given()
