@@ -22,19 +22,19 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO_ROOT, spawn_server
+from benchmarks.harness import REPO_ROOT, server_package_dir, spawn_server
 
 PROBE_AT_S = (2.0, 5.0, 12.0)
 
 
 def start_server(root: Path, fd_limit: int, checkpoint: Path | None) -> tuple[subprocess.Popen, int]:
-    """The server of checkout ``root`` (its server/ package first on the path), logging at info level (the
-    flood's log volume is one of the figures) to ``server_log(process)``, with a low soft fd limit."""
+    """The server whose package is in ``root`` (a checkout's server/ folder, first on the path), logging at info
+    level (the flood's log volume is one of the figures) to ``server_log(process)``, with a low soft fd limit."""
 
     def lower_fd_limit() -> None:  # in the child only: the client side here needs more descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    env = {"AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", "PYTHONPATH": str(root / "server")}
+    env = {"AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu", "PYTHONPATH": str(root)}
     if checkpoint is not None:  # by environment, which an older checkout understands too
         env["AIS_ENGINE__CHECKPOINT"] = str(checkpoint)
     return spawn_server(None, env, log_to_file=True, cwd=root, preexec_fn=lower_fd_limit)
@@ -56,10 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=1500)
     parser.add_argument("--fd-limit", type=int, default=1024)
-    parser.add_argument("--server-root", type=Path, default=REPO_ROOT)
+    parser.add_argument("--server-root", type=server_package_dir, default=REPO_ROOT / "server",
+                        help="start the server from this checkout (or its server/ folder)")
     parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
-    root = args.server_root.resolve()
+    root = args.server_root
     process, port = start_server(root, args.fd_limit, args.checkpoint)
     log = process.log_file
     log_start = log.seek(0, os.SEEK_END)

@@ -13,6 +13,7 @@ are imported where a live server is really built.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -108,6 +109,19 @@ def free_port_run(count: int = 1) -> int:
 def free_port() -> int:
     """A port free now on every address, for a server started later (see ``free_port_run``)."""
     return free_port_run(1)
+
+
+def server_package_dir(text: str) -> Path:
+    """An argparse type for another checkout's server to run: the checkout or its ``server/`` folder, given as
+    the folder holding the ``audio_interaction_server`` package (what goes on ``PYTHONPATH``). Anything else is
+    refused: with ``PYTHONPATH`` naming no package, the installed one would run instead, and a comparison would
+    time the same code twice without a word."""
+    path = Path(text).resolve()
+    for candidate in (path, path / "server"):
+        if (candidate / "audio_interaction_server" / "__init__.py").is_file():
+            return candidate
+    raise argparse.ArgumentTypeError(f"{text}: neither a checkout of this project nor its server/ folder (no "
+                                     "audio_interaction_server package there or in its server/)")
 
 
 def wait_for_port(port: int, timeout_s: float = 10.0) -> None:

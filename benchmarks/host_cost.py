@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.harness import free_port, server_log, spawn_server, stop_server, wait_for_port
+from benchmarks.harness import free_port, server_log, server_package_dir, spawn_server, stop_server, wait_for_port
 
 CHUNK_SECONDS = 0.4  # the bare servers send one event per this much audio, as ours sends a decision
 AFTER_LAST_FRAME_S = 1.0  # the events of the last frames, before the clients close
@@ -463,8 +463,9 @@ def main() -> None:
                         help="gentle: 16 kHz s16 mono in 100 ms frames; browser: 48 kHz s16 stereo in 20 ms frames")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every server this many times at each count, the order rotated each round")
-    parser.add_argument("--against", metavar="SERVER_DIR",
-                        help="also measure our server from another checkout's server/ folder, in the same rounds")
+    parser.add_argument("--against", metavar="SERVER_DIR", type=server_package_dir,
+                        help="also measure our server from another checkout (or its server/ folder), in the same "
+                        "rounds")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the client process
     parser.add_argument("--audio-loop", type=Path, help=argparse.SUPPRESS)  # the client's audio, as the parent saved it
     parser.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
@@ -493,7 +494,7 @@ def main() -> None:
         server_env["AIS_ENGINE__CHECKPOINT"] = str(args.checkpoint)
     print(f"# python -m benchmarks.host_cost {' '.join(sys.argv[1:])}")
     print(f"# {os.cpu_count()} CPUs; our server's event loop: {event_loop_of(server_env)}, server env "
-          f"{args.server_env or 'default'}{'; other tree: ' + args.against if args.against else ''}; "
+          f"{args.server_env or 'default'}{'; other tree: ' + str(args.against) if args.against else ''}; "
           f"bare server: websockets on asyncio"
           f"{'; ASGI floor: uvicorn on ' + event_loop_of({}) if args.asgi_floor else ''}; "
           f"{args.seconds:g} s per point; traffic: {traffic.describe()}\n")
@@ -504,7 +505,7 @@ def main() -> None:
     starts: dict[str, Callable[[], tuple[subprocess.Popen, int]]] = {
         OURS: functools.partial(spawn_server, None, server_env, log_to_file=True)}
     if args.against:
-        other_env = {**server_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.against).resolve()),
+        other_env = {**server_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.against),
                                                                             server_env.get("PYTHONPATH")]))}
         starts[OTHER] = functools.partial(spawn_server, None, other_env, log_to_file=True)
     starts[BARE] = functools.partial(spawn_bare_server, "--bare-server", args.traffic)

@@ -17,6 +17,8 @@ fast_sender     100 ms s16 frames at 100x real time (one per ms), events read an
 flush_flood     a 10-sample frame and an `input.flush` of 10 s of silence, repeated every ms
 audio_flood     100 ms s16 frames on /v1/stream as fast as the socket takes them (once the buffer is
                 full, refused as audio_buffer_full)
+bad_audio_flood 1-byte frames on /v1/stream (not whole s16 samples: each refused as invalid_audio) as
+                fast as the socket takes them
 realtime_flood  the same on /v1/realtime: 100 ms of 24 kHz PCM per input_audio_buffer.append
 prompt_flood    session.configure with a new 8,000-digit system prompt (too long for the context; the
                 slowest kind to tokenise), 300 a second
@@ -53,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_interaction_server.spec import SAMPLE_RATE_HZ
-from benchmarks.harness import REPO_ROOT, free_port, scrape, spawn_server
+from benchmarks.harness import REPO_ROOT, free_port, scrape, server_package_dir, spawn_server
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, configure_s16_stream, stream_audio, stream_timing_decisions,
 )
@@ -107,6 +109,11 @@ async def _stream_attack(ws, kind: str, stats: Counter, end_s: float) -> None:
         elif kind == "audio_flood":
             for _ in range(20):  # as fast as the socket takes them (send waits while its buffer is full)
                 await ws.send(frame)
+                stats["sent"] += 1
+            await asyncio.sleep(0)
+        elif kind == "bad_audio_flood":
+            for _ in range(200):  # tiny frames: a burst, then let the reader drop the answers
+                await ws.send(b"\x01")
                 stats["sent"] += 1
             await asyncio.sleep(0)
         elif kind == "prompt_flood":
@@ -171,6 +178,7 @@ AGENT_PORT = "agent port"
 ATTACKERS = {
     "ping_flood": ("/v1/stream", _stream_attack), "fast_sender": ("/v1/stream", _stream_attack),
     "flush_flood": ("/v1/stream", _stream_attack), "audio_flood": ("/v1/stream", _stream_attack),
+    "bad_audio_flood": ("/v1/stream", _stream_attack),
     "realtime_flood": ("/v1/realtime", _realtime_attack), "prompt_flood": ("/v1/stream", _stream_attack),
     "item_flood": ("/v1/realtime", _realtime_attack), "agent_flood": (AGENT_PORT, _agent_attack),
 }
@@ -299,8 +307,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="victim audio per case (real time)")
     parser.add_argument("--cases", nargs="+", default=["alone", *ATTACKS], choices=["alone", *ATTACKS])
-    parser.add_argument("--server-root", type=Path,
-                        help="start `python -m audio_interaction_server` from this checkout")
+    parser.add_argument("--server-root", type=server_package_dir,
+                        help="start `python -m audio_interaction_server` from this checkout (or its server/ folder)")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--server-env", nargs="*", default=[], metavar="AIS_X=VALUE",
                         help="extra server settings, e.g. AIS_ENGINE__CPU_THREADS=1")
@@ -327,9 +335,8 @@ def main() -> None:
     if "agent_flood" in args.cases:  # the agent listens only where a port is configured
         env.setdefault("AIS_AGENT_PORT", str(free_port()))
         agent_port = int(env["AIS_AGENT_PORT"])
-    root = (args.server_root or REPO_ROOT).resolve()
-    # The package of that checkout (server/audio_interaction_server/) comes before any installed one.
-    env["PYTHONPATH"] = str(root / "server")
+    root = args.server_root or REPO_ROOT / "server"
+    env["PYTHONPATH"] = str(root)  # that checkout's package comes before any installed one
     process, port = spawn_server(None, env, log_to_file=True)
     revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()

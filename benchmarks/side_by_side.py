@@ -15,13 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.harness import server_package_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_options(parser: argparse.ArgumentParser, rounds: int = 5) -> None:
     """``--rounds``, ``--against`` and the hidden ``--json`` (one tree's round, run by ``round_in_tree``)."""
     parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--against", metavar="SERVER_DIR", help="another checkout's server/ folder to compare with")
+    parser.add_argument("--against", metavar="SERVER_DIR", type=server_package_dir,
+                        help="another checkout (or its server/ folder) to compare with")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -33,7 +36,7 @@ def round_in_tree(module: str, args: list[str], server_dir: str | Path) -> dict[
     return json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 
 
-def best_of_alternating(module: str, args: list[str], other_server_dir: str,
+def best_of_alternating(module: str, args: list[str], other_server_dir: str | Path,
                         rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """The best seconds of each case over ``rounds`` alternated rounds: (this checkout's, the other's)."""
     best_this: dict[str, float] = {}
