@@ -70,6 +70,7 @@ class Speaker:
         self.command, self.out_dir = command, out_dir
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # None: the session ended
         self.num_done = self.num_failed = 0
+        self._stderr_shown: str | None = None  # what the command last wrote to stderr, shown once while it repeats
 
     async def run(self) -> None:
         while (segment := await self.queue.get()) is not None:
@@ -78,7 +79,13 @@ class Speaker:
     async def _speak(self, segment: dict) -> None:
         name = f"turn{segment['turn']}_seg{segment['index']}"
         wav = None if self.out_dir is None else self.out_dir / f"{name}.wav"
-        failure = await self._run(self.command.expand(segment["text"], wav))
+        failure, said = await self._run(self.command.expand(segment["text"], wav))
+        if failure is None and said and said != self._stderr_shown:
+            # A command may succeed and still say that nothing was heard: espeak-ng on a machine without a sound
+            # card prints ALSA errors and exits 0.
+            self._stderr_shown = said
+            hint = "" if wav is not None else " (no sound on this machine? --out-dir writes WAV files instead)"
+            print(f"{name}: the TTS command wrote to stderr{hint}:\n{said}", file=sys.stderr, flush=True)
         done = "spoken"
         if failure is None and wav is not None:
             try:
@@ -93,23 +100,24 @@ class Speaker:
             print(f"{name}: TTS command failed: {failure}", file=sys.stderr, flush=True)
 
     @staticmethod
-    async def _run(argv: list[str]) -> str | None:
-        """Run one command to the end; what went wrong, or None."""
+    async def _run(argv: list[str]) -> tuple[str | None, str]:
+        """Run one command to the end: (what went wrong, or None; what it wrote to stderr)."""
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as error:
-            return str(error)
+            return str(error), ""
         try:
             _, stderr = await asyncio.wait_for(process.communicate(), TTS_TIMEOUT_S)
         except TimeoutError:
             process.kill()
             await process.wait()
-            return f"took over {TTS_TIMEOUT_S:g} s"
+            return f"took over {TTS_TIMEOUT_S:g} s", ""
+        said = stderr.decode(errors="replace").strip()
         if process.returncode != 0:
-            return f"exit status {process.returncode}: {stderr.decode(errors='replace').strip()}"
-        return None
+            return f"exit status {process.returncode}: {said}", said
+        return None, said
 
 
 async def confirm_subscription(websocket: ClientConnection) -> bool:

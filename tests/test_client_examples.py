@@ -572,6 +572,31 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
     assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
 
 
+# What espeak-ng does on a machine without a sound card: it says so on stderr and exits 0.
+SILENT_TTS = '''
+import sys
+print("ALSA lib pcm.c:2666:(snd_pcm_open_noupdate) Unknown PCM default", file=sys.stderr)
+print("error: No such file or directory", file=sys.stderr)
+'''
+
+
+def test_tts_subscriber_shows_what_a_tts_command_that_succeeded_said_on_stderr(live, shared_audio, tmp_path):
+    """On a machine without an audio device espeak-ng prints ALSA errors and exits 0: the subscriber said
+    "spoken" for every segment and "0 failed", exit 0, and nothing was heard. A command's stderr is shown (once
+    while it repeats), with the hint for a machine without sound."""
+    silent_tts = tmp_path / "silent_tts.py"
+    silent_tts.write_text(SILENT_TTS)
+    events, subscriber = drive_session_with_subscriber(
+        live, shared_audio / "01_count_bark", tmp_path, "--tts-command", shlex.join([sys.executable, str(silent_tts),
+                                                                                     "{text}"]))
+    segments = [e for e in events if e["type"] == "segment"]
+    assert len(segments) >= 2, "fewer than two segments: the repeated warning went untested"
+    warnings = [line for line in subscriber.stderr if "the TTS command wrote to stderr" in line]
+    assert len(warnings) == 1 and "Unknown PCM default" in " ".join(subscriber.stderr), subscriber.stderr
+    assert "--out-dir" in " ".join(subscriber.stderr)  # the way out on a machine without sound
+    assert sum(line.endswith(": spoken") for line in subscriber.stdout) == len(segments), subscriber.stdout
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_tts_subscriber_default_command_is_espeak_ng(live, shared_audio, tmp_path):
     out_dir = tmp_path / "speech"
