@@ -114,3 +114,39 @@ def test_the_flag_and_the_setting_reach_the_config():
         load_config(None, {"AIS_LOG_FORMAT": "xml"})
     assert "log_format" in str(error.value)
     assert Path(REPO_ROOT, "server/audio_interaction_server/default.yaml").read_text().count("log_format:") == 1
+
+
+@pytest.mark.parametrize("how", ["missing checkpoint", "bad setting", "checkpoint not in the layout",
+                                 "busy port"])
+def test_serve_ends_with_a_json_record_not_a_text_line_when_logs_are_json(how, tmp_path):
+    """`--log-format json` / AIS_LOG_FORMAT=json: serve's last word (the error that stopped it) came as a plain
+    `error:` line, or as nothing but that line, for a log pipeline that parses every line as JSON."""
+    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("AIS_")}
+    env.update(AIS_LOG_FORMAT="json", AIS_ENGINE__DEVICE="cpu")
+    args = ["--port", "0"]
+    busy = None
+    if how == "missing checkpoint":
+        args += ["--checkpoint", str(tmp_path / "nope")]
+    elif how == "bad setting":
+        env["AIS_PORT"] = "abc"
+        args = []
+    elif how == "checkpoint not in the layout":
+        (tmp_path / "empty").mkdir()
+        args += ["--checkpoint", str(tmp_path / "empty")]
+    else:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = ["--port", str(busy.getsockname()[1]), "--demo"]
+    try:
+        result = subprocess.run([sys.executable, "-m", "audio_interaction_server", *args], env=env,
+                                capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    finally:
+        if busy is not None:
+            busy.close()
+    assert result.returncode in (1, 2, 3), result.stderr
+    lines = json_lines(result.stderr)
+    assert lines and lines[-1]["level"] == "error", lines
+    expected = {"missing checkpoint": "not an existing directory", "bad setting": "AIS_PORT",
+                "checkpoint not in the layout": "release layout", "busy port": "cannot listen on"}[how]
+    assert expected in lines[-1]["message"], lines[-1]

@@ -170,22 +170,23 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from audio_interaction_server.config import ConfigError, load_config
 
+    from audio_interaction_server.logs import configure_logging, log_format_before_config, report_error
+
     checkpoint_error = checkpoint_flag_error(args.checkpoint)
     if checkpoint_error is not None:
-        print(f"error: {checkpoint_error}", file=sys.stderr)
+        report_error(checkpoint_error, log_format_before_config(args.log_format))
         return EXIT_BAD_CONFIG
     try:
         config = load_config(args.config, os.environ, overrides_from(args))
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(str(error), log_format_before_config(args.log_format))
         return EXIT_BAD_CONFIG
-    from audio_interaction_server.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format)
     no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
                              "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
     if no_cuda is not None:
-        print(f"error: {no_cuda}", file=sys.stderr)
+        report_error(no_cuda, config.log_format)
         return EXIT_BAD_CONFIG
 
     if config.fronts > 1:  # one engine process, N fronts, supervised by this process (api/fronts.py)
@@ -197,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:  # the ports first: a busy one fails in a moment, not after seconds of imports and a model load
         listeners = bind_listeners(config)
     except CannotListen as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(str(error), config.log_format)
         return EXIT_CANNOT_LISTEN
     log.info("starting the server: listening on %s:%d, importing the engine (torch)", config.host, config.port)
     return serve_config(config, listeners=listeners)

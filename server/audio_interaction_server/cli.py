@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from audio_interaction_server import __main__ as server_main
 from audio_interaction_server.__main__ import EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, serve
 from audio_interaction_server.logs import LOG_FORMATS, configure_logging
+from audio_interaction_server.logs import report_error as write_error
 
 # Everything heavier (numpy, torch, the engine, pydantic models) is imported by the command that uses it:
 # torch alone takes seconds, and --help, --version and a mistyped flag should answer at once.
@@ -409,12 +410,8 @@ def log_format_of(args: argparse.Namespace) -> str:
 
 
 def report_error(message: str, log_format: str) -> None:
-    """A command's ``error:`` line; with JSON logs a JSON record like every other line, so a log pipeline
-    that parses each line does not choke on the one that matters most."""
-    if log_format == "json":
-        log.error("%s", message)
-    else:
-        print(f"error: {message}", file=sys.stderr)
+    """A command's ``error:`` line (a JSON record with JSON logs: ``logs.report_error``)."""
+    write_error(message, log_format, log.name)
 
 
 def _send_stdout_to_devnull() -> None:

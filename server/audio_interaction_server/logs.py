@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -96,6 +97,26 @@ def configure_logging(level: str, log_format: str) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.captureWarnings(log_format == "json")
+
+
+def report_error(message: str, log_format: str, logger: str = "audio_interaction_server") -> None:
+    """A command's last word, the error that stopped it: one ``error: ...`` line on stderr, or with JSON logs a JSON
+    record like every other line, so a log pipeline that parses each line does not choke on the one that matters
+    most. Written whether or not logging is set up yet (a bad configuration stops the server before it is)."""
+    if log_format == "json":
+        record = logging.LogRecord(logger, logging.ERROR, __file__, 0, message, None, None)
+        SessionFields().filter(record)
+        line = JsonFormatter().format(record)
+    else:
+        line = f"error: {message}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def log_format_before_config(flag: str | None, environ: dict[str, str] | None = None) -> str:
+    """The log format for what is said before the configuration is read (or when it cannot be): the flag, else
+    ``AIS_LOG_FORMAT``, else text (an unknown value: text, and the configuration's own check names it)."""
+    chosen = flag or (os.environ if environ is None else environ).get("AIS_LOG_FORMAT") or "text"
+    return chosen if chosen in LOG_FORMATS else "text"
 
 
 def route_uvicorn_logs() -> None:

@@ -33,6 +33,8 @@ from tests.engine.test_fronts import ENGINE, FRONT, READY, Tree, wait_until
 # failed before it served. (The engine may then take a few seconds more: one still loading reads its stop only once
 # loaded.)
 FRONTS_GONE_WITHIN_S = 10.0
+# A front's "cannot serve" line (the engine that failed to load logs one of its own).
+FRONT_CANNOT_SERVE = re.compile(r"ERROR audio_interaction_server(?!\.engine\.process)[.\w]*: cannot serve: ")
 
 
 @dataclass
@@ -199,8 +201,14 @@ def test_an_engine_that_cannot_load_stops_the_tree_within_seconds_with_status_1(
     assert f"{tmp_path} is not in the release layout" in log  # the engine says why
     # Each front says it cannot serve: told by the engine (if it asked before the engine failed) or by the
     # supervisor (an engine that never served sends no heartbeat to miss).
-    assert len(re.findall(r"ERROR audio_interaction_server[.\w]*: cannot serve: ", log)) == 2, log
+    assert len(re.findall(FRONT_CANNOT_SERVE, log)) == 2, log
     assert not READY.search(log)
+    # The reason, once, in one line: the engine's log said it in a traceback, and the tree's last lines were
+    # "error: the engine process ended before it served", once from each front, as a single server says its cause.
+    assert "Traceback" not in log, log
+    error_lines = [line for line in tree.lines if line.startswith("error: ")]
+    assert len(error_lines) == 1 and error_lines == tree.lines[-1:], log
+    assert error_lines[0].startswith(f"error: CheckpointError: {tmp_path} is not in the release layout"), log
 
 
 def test_a_hung_engine_is_killed_once_its_fronts_have_lost_it_and_the_tree_exits_1_soon(tiny_checkpoint):

@@ -71,7 +71,7 @@ from audio_interaction_server.api.serving import (
     bind_listeners, exit_at_once, serve_config, stop_requested,
 )
 from audio_interaction_server.config import ServerConfig
-from audio_interaction_server.logs import configure_logging
+from audio_interaction_server.logs import configure_logging, report_error
 
 # Nothing that imports torch at import time: a front process imports this module first (its main is here), and a
 # stop passed on while it starts is obeyed only once the front reads its orders, before the torch import.
@@ -190,6 +190,7 @@ class Supervisor:
         self.restarts_s: list[float] = []
         self.stopping = False
         self.status = EXIT_STOPPED
+        self.last_word: str | None = None  # why the tree stopped, when it failed: its last line (``supervise``)
         self._context = multiprocessing.get_context("spawn")
 
     # ---- signals ------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class Supervisor:
             for index in range(config.fronts):
                 self.listeners[index] = bind_listeners(front_config(config, index))
         except CannotListen as error:
-            print(f"error: {error}", file=sys.stderr)
+            report_error(str(error), config.log_format)
             return EXIT_CANNOT_LISTEN
         log.info("serving with %d fronts on one engine process: ports %s, replica ids %s", config.fronts,
                  ", ".join(str(self.listeners[i].server.getsockname()[1]) for i in range(config.fronts)),
@@ -253,6 +254,7 @@ class Supervisor:
             checkpoint = resolve_model_source(config.engine.checkpoint, config.is_demo)
         except Exception as error:
             log.error("cannot serve: %s: %s", type(error).__name__, error)
+            self.last_word = f"{type(error).__name__}: {error}"
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
         if self.stopping:
             return self._stop()
@@ -272,6 +274,8 @@ class Supervisor:
                 # end whatever sessions they hold.
                 log.error("the engine process exited with status %s: the fronts end any sessions they hold "
                           "(worker_failed); stopping", self.engine.exitcode)
+                self.last_word = self.engine.failure_reason() or \
+                    f"the engine process exited with status {self.engine.exitcode} (its log says why)"
                 return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=_lost_engine_wait_s())
             for index, front in list(self.fronts.items()):
                 if front.exitcode is not None:
@@ -298,8 +302,10 @@ class Supervisor:
         if exitcode in _FINAL_FRONT_STATUSES:
             config = front_config(self.config, index)
             what, status = _FINAL_FRONT_STATUSES[exitcode]
+            what = what.format(address=f"{config.host}:{config.port}")
             log.error("front %d %s (exit status %d); a restart would meet the same: stopping every front, then the "
-                      "engine", index, what.format(address=f"{config.host}:{config.port}"), exitcode)
+                      "engine", index, what, exitcode)
+            self.last_word = f"front {index} {what} (its log says why)"
             if exitcode != EXIT_FRONT_CANNOT_SERVE:
                 return self._take_down(status, signal.SIGINT)
             # A lost engine is lost by the other fronts too: they leave by themselves, having told their clients.
@@ -314,6 +320,8 @@ class Supervisor:
             log.error("front %d exited with status %d: %d fronts crashed within %.0f s, more than %d; something a "
                       "restart does not cure: stopping every front, then the engine", index, exitcode,
                       len(self.restarts_s), FRONT_RESTART_WINDOW_S, MAX_FRONT_RESTARTS)
+            self.last_word = (f"fronts crashed {len(self.restarts_s)} times within {FRONT_RESTART_WINDOW_S:.0f} s "
+                              "(their log says why)")
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
         log.log(logging.WARNING if exitcode == 0 else logging.ERROR, "front %d exited with status %d; the engine "
                 "frees its slots, the other fronts' sessions go on; starting it again", index, exitcode)
@@ -377,7 +385,10 @@ def supervise(config: ServerConfig) -> int:
     supervisor = Supervisor(config, Path(tempfile.mkdtemp(prefix="ais-engine-")))
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
-        return supervisor.run()
+        status = supervisor.run()
+        if supervisor.last_word is not None:
+            report_error(supervisor.last_word, config.log_format)  # the tree's last line, as a single server's
+        return status
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -31,6 +31,7 @@ from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
+from audio_interaction_server.engine.client import CannotServe
 from audio_interaction_server.engine.events import EndCode
 from audio_interaction_server.logs import bind_session, configure_logging
 from audio_interaction_server.model.progress import LoadProgress
@@ -42,9 +43,6 @@ if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at 
 
 log = logging.getLogger(__name__)
 
-
-class CannotServe(RuntimeError):
-    """Start-up found a reason the server cannot serve; its message says it whole (no exception name)."""
 
 # Session ids are "<replica id>_<32 hex>": a replica id never holds "_" (settings.REPLICA_ID_PATTERN), so a
 # load balancer finds the replica as the text before the first "_" (deploy/haproxy/haproxy.cfg).

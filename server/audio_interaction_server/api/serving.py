@@ -117,7 +117,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     own, which its supervisor tells apart from a crash); ``heartbeat``: a front's, beaten by its event loop's ticks
     for the supervisor to see it hang."""
     from audio_interaction_server.api.app import build_server, create_app
-    from audio_interaction_server.logs import route_uvicorn_logs
+    from audio_interaction_server.logs import report_error, route_uvicorn_logs
 
     fatal: list[str] = []
     server = None
@@ -154,7 +154,8 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
         pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
     status = EXIT_STOPPED
     if fatal:
-        print(f"error: {fatal[0]}", file=sys.stderr)
+        if attach_to is None:  # a front's supervisor says the tree's last word (api/fronts.py); its log has this
+            report_error(fatal[0], config.log_format)
         status = cannot_serve_status
     if runtime.is_loading:
         # Stopped mid-load: the loader thread may sit in a download or a torch call for minutes and

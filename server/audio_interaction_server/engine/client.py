@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 Transport = Literal["thread", "process"]
 
 
+class CannotServe(RuntimeError):
+    """Start-up found a reason the server cannot serve; its message says it whole (no exception name)."""
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """What the front needs to know of a model that lives in another process (a ``LoadedModel`` has the same)."""

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +70,9 @@ class EngineSpec:
     endpoints: EngineEndpoints
     parent_pid: int
     setup_logging: Callable[[], None] | None = None  # the server's log set-up, run first in the new process
+    # The write end of a pipe to the process that started it: why the model could not be loaded, in one line, for
+    # its starter to say last (a supervisor of several fronts ends the tree with it).
+    failure_report: Connection | None = None
 
 
 class EngineProcess:
@@ -79,13 +83,18 @@ class EngineProcess:
         self.directory = directory or Path(tempfile.mkdtemp(prefix="ais-engine-"))
         self.endpoints = EngineEndpoints.in_directory(self.directory)
         self._owns_directory = directory is None
-        spec = EngineSpec(Path(checkpoint), config, self.endpoints, os.getpid(), setup_logging)
+        self._failure_report, failure_report = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        self._failure_report_sender: Connection | None = failure_report
+        spec = EngineSpec(Path(checkpoint), config, self.endpoints, os.getpid(), setup_logging, failure_report)
         # spawn, not fork: the front has threads (uvicorn, the loader) and maybe CUDA, which a fork cannot copy.
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine, args=(spec,), name="ais-engine", daemon=True)
 
     def start(self) -> None:
         self.process.start()
+        if self._failure_report_sender is not None:
+            self._failure_report_sender.close()  # the engine holds the write end now
+            self._failure_report_sender = None
         # Before multiprocessing's own exit handler, which would wait for ever on an engine that ignores SIGTERM:
         # a server leaving without stopping its engine (an error on the way out) kills it.
         atexit.register(self._kill_at_exit)
@@ -104,6 +113,15 @@ class EngineProcess:
     @property
     def exitcode(self) -> int | None:
         return self.process.exitcode
+
+    def failure_reason(self) -> str | None:
+        """Why the engine could not load the model, once it said so (before it exits 1); else None."""
+        try:
+            if self._failure_report.poll():
+                return str(self._failure_report.recv())
+        except (EOFError, OSError):
+            pass  # it ended without a word
+        return None
 
     def ended_status(self) -> int | None:
         """The exit status once the sentinel said it ended (reaping it may take a moment after that)."""
@@ -151,7 +169,14 @@ def run_engine(spec: EngineSpec) -> None:
         model = load_model(spec.checkpoint, spec.config.device, spec.config.dtype)
         worker = Worker(model, spec.config)
     except Exception as error:
-        log.exception("the engine process could not load the model")
+        # One line, as a single server says it (api/runtime.py): an expected failure (a checkpoint not in the
+        # release layout, no vocabulary) is no crash; the traceback is there at debug level.
+        reason = f"{type(error).__name__}: {error}"
+        log.error("cannot serve: %s", reason)
+        log.debug("the model load failed", exc_info=True)
+        if spec.failure_report is not None:
+            with contextlib.suppress(OSError):
+                spec.failure_report.send(reason)
         host.answer_hellos(EngineFailedToLoad(error))
         host.close()
         sys.exit(1)

@@ -22,7 +22,7 @@ import torch
 import zmq
 
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.client import ModelSummary
+from audio_interaction_server.engine.client import CannotServe, ModelSummary
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
@@ -150,8 +150,9 @@ class EngineProcessClient:
             if answer is not None and self.engine_status is not None:
                 return answer
             if self.process is not None and self.process.sentinel in ready:
-                raise RuntimeError(f"the engine process exited with status {self.process.ended_status()} before it "
-                                   "served (the server log says why)")
+                status = self.process.ended_status()
+                raise CannotServe(self.process.failure_reason() or f"the engine process exited with status {status} "
+                                  "before it served (the server log says why)")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Leave the engine (stop it, if this front started it); sessions still open end with server_shutdown."""
