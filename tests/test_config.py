@@ -21,6 +21,21 @@ def test_agent_port_equal_to_port_is_refused():
     assert load_config(None, {"AIS_PORT": "0", "AIS_AGENT_PORT": "0"}).agent_port == 0  # each any free port
 
 
+def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_came_from(tmp_path):
+    """An error of one field names its source ("(from environment AIS_PORT)"); one across fields (agent_port equal
+    to port, fronts' port ranges overlapping, a certificate without its key) said "(top level): Value error, ..."
+    on a second line, and where none of the values came from."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"AIS_AGENT_PORT": "8000"}, {"port": 8000})
+    message = str(error.value)
+    assert "\n" not in message and "top level" not in message and "Value error" not in message, message
+    assert message.startswith("invalid server configuration: agent_port (8000) must differ from port (8000)"), message
+    assert "agent_port from environment AIS_AGENT_PORT" in message and "port from command line" in message, message
+    with pytest.raises(ConfigError) as error:  # two errors: a line each
+        load_config(None, {"AIS_PORT": "abc", "AIS_IDLE_TIMEOUT_S": "-1"})
+    assert str(error.value).count("\n") == 2 and "(from environment AIS_PORT)" in str(error.value)
+
+
 @pytest.mark.parametrize("name", [
     "AIS_FLOOD__CUT_COOLDOWN_S", "AIS_DRAIN_TIMEOUT_S", "AIS_IDLE_TIMEOUT_S", "AIS_MAX_SESSION_S",
     "AIS_MEMORY_TRIM_INTERVAL_S", "AIS_CONNECT_RATE_PER_IP", "AIS_MAX_BUFFERED_AUDIO_S",

@@ -489,7 +489,8 @@ class ServerConfig(BaseModel):
                              "agent would take the server's connections")
         if last and self.port and self.agent_port and abs(self.agent_port - self.port) <= last:
             raise ValueError(f"fronts ({self.fronts}) listen on port..port+{last} ({self.port}..{self.port + last}) "
-                             f"and their agents on agent_port..agent_port+{last}: the two ranges overlap")
+                             f"and their agents on agent_port..agent_port+{last} ({self.agent_port}.."
+                             f"{self.agent_port + last}): the two ranges overlap")
         if last and self.replica_id is not None and len(self.replica_id) + len(f"-f{last}") > 64:
             raise ValueError(f"replica_id is too long for {self.fronts} fronts (each adds -f<i>; 64 characters in all)")
         return self
@@ -641,10 +642,33 @@ def _merge(into: dict[str, Any], update: dict[str, Any], sources: dict, source: 
 
 
 def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
-    lines = ["invalid server configuration:"]
+    """What is wrong, naming where each value came from: one line for one error, else a line each."""
+    described = []
     for item in error.errors():
         path = tuple(str(part) for part in item["loc"])
-        source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
-        where = ".".join(path) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}" + (f" (from {source})" if source else ""))
-    return "\n".join(lines)
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a check's own ValueError
+        if path:
+            source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+            described.append(f"{'.'.join(path)}: {message}" + (f" (from {source})" if source else ""))
+        else:  # a check across settings: where each setting its message names came from
+            described.append(message + _sources_named_in(message, sources))
+    if len(described) == 1:
+        return f"invalid server configuration: {described[0]}"
+    return "\n".join(["invalid server configuration:", *(f"  {line}" for line in described)])
+
+
+def _sources_named_in(message: str, sources: dict[tuple[str, ...], str]) -> str:
+    """`` (fronts and port from command line; agent_port from environment AIS_AGENT_PORT)`` for the settings that
+    ``message`` names and that were given (a default has no source)."""
+    by_source: dict[str, list[str]] = {}
+    for path, source in sources.items():
+        name = ".".join(path)
+        if re.search(rf"(?<!\w)(?<!\w\.){re.escape(name)}(?!\w|\.\w)", message):  # not inside another name
+            by_source.setdefault(source, []).append(name)
+    if not by_source:
+        return ""
+    return " (" + "; ".join(f"{_and(names)} from {source}" for source, names in by_source.items()) + ")"
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
