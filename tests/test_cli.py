@@ -214,6 +214,19 @@ def test_version_flag_prints_the_packaged_version():
     served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--version"], capture_output=True,
                             text=True, timeout=60)
     assert served.returncode == 0 and served.stdout == result.stdout
+    # The README: `audio-interaction serve` is python -m audio_interaction_server, same flags (--version was refused).
+    assert command("serve", "--version").stdout == result.stdout
+
+
+def test_help_texts_show_no_markup():
+    """The descriptions come from module docstrings: --help showed their reStructuredText literally ("``run``",
+    "Run the server (also ``audio-interaction serve``)::")."""
+    for args in (["--help"], ["serve", "--help"]):
+        shown = command(*args).stdout
+        assert "``" not in shown and "::" not in shown, shown
+    served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
+                            text=True, timeout=60).stdout
+    assert "``" not in served and "::" not in served and "(also audio-interaction serve):" in served, served
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["serve", "--help"], ["run", "--help"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -34,7 +35,15 @@ def given_path(text: str) -> Path:
     return Path(text)
 
 
+def plain(docstring: str | None) -> str:
+    """A module docstring as --help shows it: without its reStructuredText markup (````x```` is x; a paragraph's
+    closing ``::`` is a colon)."""
+    text = (docstring or "").replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=VERSION_TEXT)
     parser.add_argument("--config", type=given_path, help="YAML settings file (default: the package's default.yaml)")
     parser.add_argument("--host", help="interface to listen on (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default from the config: 8000)")
@@ -205,10 +214,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m audio_interaction_server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m audio_interaction_server", description=plain(__doc__),
                                      epilog=EXIT_STATUSES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=VERSION_TEXT)
     add_serve_arguments(parser)
     sys.exit(serve(parser.parse_args(argv)))
 

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from audio_interaction_server import __main__ as server_main
-from audio_interaction_server.__main__ import EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, serve
+from audio_interaction_server.__main__ import (
+    EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, plain, serve,
+)
 from audio_interaction_server.logs import LOG_FORMATS, configure_logging
 from audio_interaction_server.logs import report_error as write_error
 
@@ -338,7 +340,7 @@ class DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audio-interaction", description=__doc__,
+    parser = argparse.ArgumentParser(prog="audio-interaction", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=VERSION_TEXT)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -369,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.set_defaults(handler=run)
     serve_cmd = commands.add_parser("serve", epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                     help="run the WebSocket server (same as python -m audio_interaction_server)",
-                                    description=server_main.__doc__)
+                                    description=plain(server_main.__doc__))
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(handler=serve)
     schema_cmd = commands.add_parser("schema", help="print the JSON Schema of every wire event",
