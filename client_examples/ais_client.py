@@ -217,6 +217,7 @@ class ReplyConsole:
         self._turn: dict | None = None  # the open reply's turn_begin
         self._emotion = "-"
         self._is_line_open = False
+        self._told_audio_ignored = False  # the session is closing: the server ignores each audio frame after this
 
     def note(self, text: str) -> None:
         """Status and diagnostics go to stderr, so ``--json`` output stays one event per line."""
@@ -245,11 +246,22 @@ class ReplyConsole:
         elif self.as_json:
             self._write(raw + "\n")
             if kind == "error":
-                self.note(describe_error(event))
+                self._note_error(event)
         else:
             self._show_readable(kind, event)
         if kind == "turn_end":
             self._turn = None
+
+    def _note_error(self, event: dict) -> None:
+        if event.get("code") == "invalid_state" and "audio frame ignored" in str(event.get("message")):
+            # A closing session (a drain, a close under way) refuses every frame the client still sends: say it
+            # once, not a line per frame.
+            if not self._told_audio_ignored:
+                self._told_audio_ignored = True
+                self.note(f"{describe_error(event)} (said once: the session is closing, the audio sent from now on "
+                          "is not heard)")
+            return
+        self.note(describe_error(event))
 
     def start_session(self) -> None:
         """A new session after the last was lost: its turns count from 0 again."""
@@ -291,7 +303,7 @@ class ReplyConsole:
         elif kind == "decision":
             self.note(f"chunk {event['chunk']} @ {event['audio_time_s']:.1f} s: {event['decision']}")
         elif kind == "error":
-            self.note(describe_error(event))
+            self._note_error(event)
         elif kind == "context_rollover":
             self.note(f"context rebuilt: {event['from_positions']} -> {event['to_positions']} positions")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import importlib.util
 import json
 import math
@@ -452,6 +453,23 @@ def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp
     code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(streamed), "--busy-retry-s", "0",
                                 cwd=tmp_path)
     assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing on port 9)
+
+
+def test_a_closing_sessions_refusals_of_audio_are_told_once():
+    """During a drain the server refuses every frame the client still sends (invalid_state, "audio frame
+    ignored"): the console printed a "server error" line per frame, which reads like a failure each time."""
+    client = load_client_module()
+    for as_json in (False, True):
+        err = io.StringIO()
+        console = client.ReplyConsole(as_json=as_json, err=err, out=io.StringIO())
+        refusal = {"type": "error", "code": "invalid_state", "is_fatal": False,
+                   "message": "the session is closing; audio frame ignored"}
+        for _ in range(5):
+            console.show(json.dumps(refusal), refusal)
+        other = {"type": "error", "code": "invalid_audio", "is_fatal": False, "message": "odd; frame ignored"}
+        console.show(json.dumps(other), other)
+        lines = err.getvalue().splitlines()
+        assert len(lines) == 2 and "said once" in lines[0] and "invalid_audio" in lines[1], lines
 
 
 def load_client_module():

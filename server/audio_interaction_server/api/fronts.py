@@ -386,6 +386,7 @@ def supervise(config: ServerConfig) -> int:
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
         status = supervisor.run()
+        log.info("stopped: every front and the engine have exited (exit status %d)", status)
         if supervisor.last_word is not None:
             report_error(supervisor.last_word, config.log_format)  # the tree's last line, as a single server's
         return status
