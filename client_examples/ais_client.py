@@ -267,6 +267,7 @@ class ReplyConsole:
         """A new session after the last was lost: its turns count from 0 again."""
         self._end_line()
         self._turn = None
+        self._told_audio_ignored = False
         self.num_sessions += 1
 
     def print_summary(self, sent_s: float | None = None) -> None:

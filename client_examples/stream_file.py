@@ -67,9 +67,9 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
 
 # libsndfile reads a WAV whose body was cut as the samples that are there, without a word, but its header log
 # (soundfile's ``extra_info``) says ``data : <declared> (should be <held>)``. A writer that streamed the file, not
-# knowing its length, leaves 0 or 0xFFFFFFFF there: no shortfall.
+# knowing its length, leaves 0, 0xFFFFFFFF or a size near 2 GiB there (arecord to a pipe: 0x7FFFFF00): no shortfall.
 _CUT_DATA_CHUNK = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
-_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
+_LEAST_UNKNOWN_WAV_SIZE = 0x7FFF0000
 
 
 def wav_shortfall(header_log: str) -> tuple[int, int] | None:
@@ -78,7 +78,8 @@ def wav_shortfall(header_log: str) -> tuple[int, int] | None:
     if found is None:
         return None
     declared, held = int(found[1]), int(found[2])
-    return None if declared in _UNKNOWN_WAV_SIZES or held >= declared else (declared, held)
+    unknown = declared == 0 or declared >= _LEAST_UNKNOWN_WAV_SIZE
+    return None if unknown or held >= declared else (declared, held)
 
 
 def _sequence(folder: Path) -> list[Path]:

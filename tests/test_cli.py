@@ -371,6 +371,9 @@ def test_a_wav_file_cut_short_is_refused_before_the_model_loads(tmp_path, shared
     data_at = whole.index(b"data")
     streamed.write_bytes(whole[:data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8:data_at + 8 + 64000])
     assert command("run", "--trailing-silence", "0", str(streamed)).returncode == 0
+    assert cli.wav_shortfall(cut) is not None
+    streamed.write_bytes(whole[:data_at + 4] + b"\x00\xff\xff\x7f" + whole[data_at + 8:data_at + 8 + 64000])
+    assert cli.wav_shortfall(streamed) is None  # 0x7FFFFF00: what arecord writes when it streams to a pipe
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch, shared_audio):

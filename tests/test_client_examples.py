@@ -447,12 +447,13 @@ def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp
     code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(cut), cwd=tmp_path)
     assert code == 2 and err == [f"error: {cut}: cut short: its header declares 345,920 bytes of audio and the file "
                                  "holds 922; an interrupted copy?"], (code, err)
-    streamed = tmp_path / "streamed.wav"
     data_at = whole.index(b"data")
-    streamed.write_bytes(whole[:data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8:data_at + 8 + 64000])
-    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(streamed), "--busy-retry-s", "0",
-                                cwd=tmp_path)
-    assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing on port 9)
+    for unknown in (b"\xff\xff\xff\xff", b"\x00\xff\xff\x7f"):  # 0x7FFFFF00: what arecord writes to a pipe
+        streamed = tmp_path / "streamed.wav"
+        streamed.write_bytes(whole[:data_at + 4] + unknown + whole[data_at + 8:data_at + 8 + 64000])
+        code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(streamed), "--busy-retry-s", "0",
+                                    cwd=tmp_path)
+        assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing there)
 
 
 def test_a_closing_sessions_refusals_of_audio_are_told_once():
@@ -470,6 +471,9 @@ def test_a_closing_sessions_refusals_of_audio_are_told_once():
         console.show(json.dumps(other), other)
         lines = err.getvalue().splitlines()
         assert len(lines) == 2 and "said once" in lines[0] and "invalid_audio" in lines[1], lines
+        console.start_session()  # a new session after the last was lost: its own closing is told too
+        console.show(json.dumps(refusal), refusal)
+        assert "said once" in err.getvalue().splitlines()[-1]
 
 
 def load_client_module():

@@ -159,7 +159,10 @@ def check_audio_file(path: Path) -> None:
                          "down-mix it first)")
 
 
-UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)  # what a writer that streamed the file, not knowing its length, leaves
+def is_unknown_wav_size(declared: int) -> bool:
+    """Whether a WAV header's data size is a writer's "not known" (it streamed the file, not knowing its length):
+    0, 0xFFFFFFFF, or the near-2-GiB sizes such writers put there (arecord to a pipe writes 0x7FFFFF00)."""
+    return declared == 0 or declared >= 0x7FFF0000
 
 
 def wav_shortfall(path: Path) -> tuple[int, int] | None:
@@ -179,7 +182,7 @@ def wav_shortfall(path: Path) -> tuple[int, int] | None:
             chunk_bytes = int.from_bytes(chunk[4:], "little")
             if chunk[:4] == b"data":
                 held = size - offset - 8
-                return None if chunk_bytes in UNKNOWN_WAV_SIZES or held >= chunk_bytes else (chunk_bytes, held)
+                return None if is_unknown_wav_size(chunk_bytes) or held >= chunk_bytes else (chunk_bytes, held)
             offset += 8 + chunk_bytes + (chunk_bytes & 1)  # chunks are padded to an even length
     return None
 

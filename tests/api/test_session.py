@@ -674,6 +674,16 @@ def test_a_client_whose_frames_are_all_refused_is_cut_once_they_come_faster_than
     assert cut[0].is_fatal and h.session.close_code == CloseCode.POLICY
 
 
+def test_one_refused_frame_longer_than_the_whole_refused_audio_burst_is_answered_not_cut(tiny_model):
+    """A frame counts at most the whole burst: one long invalid frame (16 s of 8 kHz audio, within max_frame_bytes)
+    gets its invalid_audio; only what comes after it, before the budget refills, is the cut."""
+    h = Harness(tiny_model, flood={"refused_audio_burst_s": 10.0, "refused_audio_speed": 2.0})
+    h.send({"type": "session.configure", "audio": {"sample_format": "pcm_s16le", "sample_rate_hz": 8000}})
+    frame = np.zeros(8000 * 16, "<i2").tobytes() + b"\x01"  # 16 s and a byte: not whole samples
+    assert [e.code for e in h.audio(frame)] == ["invalid_audio"] and h.session.close_code is None
+    assert [e.code for e in h.audio(frame) if e.type == "error"] == ["audio_flood"]
+
+
 def test_a_client_sending_bad_frames_at_real_time_is_told_each_time_and_never_cut(tiny_model):
     """A broken client whose every 20 ms frame is one byte short is answered invalid_audio for each, at real time
     for ever: refused, not a flood."""

@@ -515,5 +515,40 @@ def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
     assert ordered[2:] == [(0, signal.SIGINT), (1, signal.SIGINT)]
 
 
+def test_a_supervisor_that_stood_still_itself_judges_no_front_hung_until_its_next_look(tmp_path, monkeypatch):
+    """A pause of the whole tree (docker pause, a VM or host stall) longer than front_hang_timeout_s: CLOCK_MONOTONIC
+    went on, and on waking the supervisor saw every front's heartbeat that old, before the fronts' loops had their
+    turn, and killed them all as hung (each a crash: with six fronts the tree then exited 1)."""
+    from audio_interaction_server.api import fronts
+    from audio_interaction_server.config import load_config
+
+    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "2"}), tmp_path)
+    killed: list[int] = []
+    supervisor.fronts = {0: _Killable(0, killed), 1: _Killable(1, killed)}
+    supervisor.heartbeats = {0: fronts.LoopHeartbeat(), 1: fronts.LoopHeartbeat()}
+    now_s = [1000.0]
+    monkeypatch.setattr(fronts.time, "monotonic", lambda: now_s[0])
+    for heartbeat in supervisor.heartbeats.values():
+        heartbeat.beat()
+    supervisor._kill_hung_fronts()
+    now_s[0] += 60.0  # the pause
+    supervisor._kill_hung_fronts()
+    assert killed == []
+    supervisor.heartbeats[0].beat()  # front 0's loop had its turn since; front 1's did not: it hangs
+    now_s[0] += 0.5
+    supervisor._kill_hung_fronts()
+    assert killed == [1]
+
+
+class _Killable:
+    exitcode = None
+
+    def __init__(self, index: int, killed: list[int]) -> None:
+        self.index, self.killed, self.pid = index, killed, 100 + index
+
+    def kill(self) -> None:
+        self.killed.append(self.index)
+
+
 class _Running:
     exitcode = None

@@ -302,3 +302,16 @@ def test_a_hung_front_is_killed_and_started_again_while_the_other_front_serves_o
         stop(tree)
     log = "".join(tree.lines)
     assert "front 1 exited with status -9" in log and "Traceback" not in log, log
+
+
+def test_the_engines_failure_reason_is_one_bounded_line():
+    """The reason crosses a pipe that its starter reads only once the engine has exited: a write past the pipe's
+    buffer (64 KiB) blocked, so an exception with a long text (a state dict's mismatches, a line per tensor) kept
+    the engine from exiting and the tree hung, /health 200, instead of exiting 1."""
+    from audio_interaction_server.engine.process import MAX_REPORTED_REASON_CHARS, one_line
+
+    assert one_line("CheckpointError: short") == "CheckpointError: short"
+    long_reason = one_line("RuntimeError: " + "x" * 70_000)
+    assert len(long_reason) < MAX_REPORTED_REASON_CHARS + 50 and long_reason.endswith("(the engine's log has it whole)")
+    lines = one_line("RuntimeError: Error(s) in loading state_dict:\n\tMissing key(s): a.weight\n\tb.weight")
+    assert lines == "RuntimeError: Error(s) in loading state_dict: ... (the engine's log has it whole)"

@@ -9,7 +9,8 @@ A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
 - audio refused, in seconds (a frame counts at least 10 ms): for a full buffer (``audio_buffer_full``), for
   what it holds (``invalid_audio``: not whole samples, not finite), empty, or sent while the session closes. A
   real-time client whose server fell behind, or whose every frame is bad, is refused at most 1x real time and
-  never runs out; a client whose frames are refused faster than that is cut (1008);
+  never runs out (with frames of 5 ms or more: a frame counts at least 10 ms, refilled at 2x); a client whose
+  frames are refused faster than that is cut (1008);
 - system prompt characters checked (tokenised) on the event loop: past it, the event is refused
   with ``rate_limited`` and may be sent again later.
 
@@ -72,8 +73,11 @@ class FloodGuard:
         return self._events.take(1.0, now_s)
 
     def allows_refused_audio(self, frame_s: float, now_s: float) -> bool:
-        """One audio frame refused (not taken, whatever the reason); False: the client floods (cut it)."""
-        return self._refused_audio_s.take(max(frame_s, MIN_REFUSED_FRAME_S), now_s)
+        """One audio frame refused (not taken, whatever the reason); False: the client floods (cut it). A frame
+        counts at least ``MIN_REFUSED_FRAME_S`` and at most the whole burst, so one long frame alone is answered,
+        not cut."""
+        return self._refused_audio_s.take(min(max(frame_s, MIN_REFUSED_FRAME_S), self.limits.refused_audio_burst_s),
+                                          now_s)
 
     def prompt_wait_s(self, num_chars: int, now_s: float) -> float:
         """0 and ``num_chars`` spent when a prompt that long may be checked now; else seconds to wait."""

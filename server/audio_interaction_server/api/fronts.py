@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
+# The watch loop looks every 0.5 s: a look this much later than the last means the supervisor itself stood still.
+WATCH_LATE_S = 2.0
 HUNG_ENGINE_STOP_S = 1.0  # how long an engine its fronts have lost, but still running, gets to end before it is killed
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # A front's status for serve_config's EXIT_CANNOT_SERVE (its engine is lost, or cannot serve its settings): told
@@ -191,6 +193,7 @@ class Supervisor:
         self.stopping = False
         self.status = EXIT_STOPPED
         self.last_word: str | None = None  # why the tree stopped, when it failed: its last line (``supervise``)
+        self._hangs_watched_s: float | None = None  # when the fronts' heartbeats were last looked at
         self._context = multiprocessing.get_context("spawn")
 
     # ---- signals ------------------------------------------------------------------------------------------
@@ -288,6 +291,11 @@ class Supervisor:
         """Kill each front whose event loop has stood still for ``front_hang_timeout_s``: it then ends unasked,
         and is started again as a crashed front is (and counted as one)."""
         now_s = time.monotonic()
+        watched_s, self._hangs_watched_s = self._hangs_watched_s, now_s
+        if watched_s is not None and now_s - watched_s > WATCH_LATE_S:
+            # This process stood still too (the container paused, the host stalled): the fronts' loops, frozen
+            # with it, have not had their turn since it ended. Judge them at the next look.
+            return
         for index, front in self.fronts.items():
             stood_still_s = self.heartbeats[index].stood_still_s(now_s)
             if front.exitcode is None and stood_still_s > self.config.front_hang_timeout_s:
@@ -387,8 +395,12 @@ def supervise(config: ServerConfig) -> int:
     try:
         status = supervisor.run()
         log.info("stopped: every front and the engine have exited (exit status %d)", status)
-        if supervisor.last_word is not None:
-            report_error(supervisor.last_word, config.log_format)  # the tree's last line, as a single server's
+        # An engine that could not load says why: that is the tree's cause whichever process's end was seen first
+        # (a front told of the failure may exit before the engine does).
+        engine_reason = supervisor.engine.failure_reason() if supervisor.engine is not None else None
+        last_word = engine_reason or supervisor.last_word
+        if status != EXIT_STOPPED and last_word is not None:
+            report_error(last_word, config.log_format)  # the tree's last line, as a single server's
         return status
     finally:
         for signum, handler in previous.items():

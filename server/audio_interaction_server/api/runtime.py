@@ -315,10 +315,15 @@ class Runtime:
         return 0 if engine is None or status is None else status.detached_elsewhere(engine.front_id)
 
     @property
+    def num_detached(self) -> int:
+        """Sessions waiting for their client to resume (each holds its slot)."""
+        return sum(stream.is_detached for stream in self.streams.values())
+
+    @property
     def is_full(self) -> bool:
         """No room for a new session: every slot is held by a connected client (a detached session's slot
         goes to a new session: ``register``), or, one of several fronts, the shared engine has none free."""
-        num_detached = sum(stream.is_detached for stream in self.streams.values())
+        num_detached = self.num_detached
         if num_detached == 0 and self.engine_free_slots == 0 and self._detached_on_other_fronts() == 0:
             return True
         return len(self.streams) - num_detached >= self.config.session_capacity
@@ -344,7 +349,7 @@ class Runtime:
 
     def load_report(self) -> LoadReport:
         return LoadReport(replica_id=self.replica_id, active=len(self.streams),
-                          detached=sum(stream.is_detached for stream in self.streams.values()),
+                          detached=self.num_detached,
                           max=self.config.session_capacity,
                           subscribers=self.num_subscribers, ready=self.is_ready, draining=self.is_draining,
                           engine_free=self.engine_free_slots)

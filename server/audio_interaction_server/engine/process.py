@@ -85,6 +85,7 @@ class EngineProcess:
         self._owns_directory = directory is None
         self._failure_report, failure_report = multiprocessing.get_context("spawn").Pipe(duplex=False)
         self._failure_report_sender: Connection | None = failure_report
+        self._failure_reason: str | None = None
         spec = EngineSpec(Path(checkpoint), config, self.endpoints, os.getpid(), setup_logging, failure_report)
         # spawn, not fork: the front has threads (uvicorn, the loader) and maybe CUDA, which a fork cannot copy.
         self.process = multiprocessing.get_context("spawn").Process(
@@ -115,13 +116,14 @@ class EngineProcess:
         return self.process.exitcode
 
     def failure_reason(self) -> str | None:
-        """Why the engine could not load the model, once it said so (before it exits 1); else None."""
-        try:
-            if self._failure_report.poll():
-                return str(self._failure_report.recv())
-        except (EOFError, OSError):
-            pass  # it ended without a word
-        return None
+        """Why the engine could not load the model, once it said so (as it exits 1); else None. Kept once read."""
+        if self._failure_reason is None and not self._failure_report.closed:
+            try:
+                if self._failure_report.poll():
+                    self._failure_reason = str(self._failure_report.recv())
+            except (EOFError, OSError):
+                pass  # it ended without a word
+        return self._failure_reason
 
     def ended_status(self) -> int | None:
         """The exit status once the sentinel said it ended (reaping it may take a moment after that)."""
@@ -148,8 +150,23 @@ class EngineProcess:
             self.process.kill()
             self.process.join(5.0)
         atexit.unregister(self._kill_at_exit)
+        self.failure_reason()  # read before the pipe is closed: a supervisor may ask for it after the join
+        self._failure_report.close()
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# A pipe's write blocks past its buffer (64 KiB on Linux) until the reader reads, and the starter reads the reason
+# only once the engine has exited: one bounded line, however long the exception's text.
+MAX_REPORTED_REASON_CHARS = 2000
+
+
+def one_line(reason: str) -> str:
+    """``reason``'s first line, at most ``MAX_REPORTED_REASON_CHARS`` long, saying where the rest is."""
+    first, _, rest = reason.strip().partition("\n")
+    if rest or len(first) > MAX_REPORTED_REASON_CHARS:
+        return first[:MAX_REPORTED_REASON_CHARS] + " ... (the engine's log has it whole)"
+    return first
 
 
 def run_engine(spec: EngineSpec) -> None:
@@ -161,7 +178,7 @@ def run_engine(spec: EngineSpec) -> None:
     # by it (``Shutdown``), by its parent's end, or by the parent's exit handler (``EngineProcess.start``).
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    from audio_interaction_server.model.checkpoint import load_model
+    from audio_interaction_server.model.checkpoint import CheckpointError, load_model
 
     context = zmq.Context()
     host = EngineHost(context, spec)
@@ -169,16 +186,16 @@ def run_engine(spec: EngineSpec) -> None:
         model = load_model(spec.checkpoint, spec.config.device, spec.config.dtype)
         worker = Worker(model, spec.config)
     except Exception as error:
-        # One line, as a single server says it (api/runtime.py): an expected failure (a checkpoint not in the
-        # release layout, no vocabulary) is no crash; the traceback is there at debug level.
         reason = f"{type(error).__name__}: {error}"
-        log.error("cannot serve: %s", reason)
-        log.debug("the model load failed", exc_info=True)
-        if spec.failure_report is not None:
-            with contextlib.suppress(OSError):
-                spec.failure_report.send(reason)
+        # An expected failure (a checkpoint not in the release layout, a vocabulary it cannot fetch, a file it
+        # cannot read) is said in one line, as a single server says it (api/runtime.py); anything else may be a
+        # bug, and keeps its traceback.
+        log.error("cannot serve: %s", reason, exc_info=not isinstance(error, (CheckpointError, OSError)))
         host.answer_hellos(EngineFailedToLoad(error))
         host.close()
+        if spec.failure_report is not None:  # last: nothing the fronts must hear waits on it
+            with contextlib.suppress(OSError):
+                spec.failure_report.send(one_line(reason))
         sys.exit(1)
     ready = EngineReady(model.files.root, model.name, str(model.device), str(model.dtype).removeprefix("torch."),
                         spec.config)
