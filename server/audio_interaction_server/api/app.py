@@ -263,12 +263,23 @@ class _SessionClosingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: Any = None) -> None:
-        if self.loop_heartbeat is not None:
-            self.loop_heartbeat.stop()  # no more ticks; the shutdown has deadlines of its own
-        self.transport_guard.begin_shutdown()  # before the drain: a client that does not read cannot hold it
-        await self.runtime.shutdown()
-        await super().shutdown(sockets)
-        self.transport_guard.stop()
+        # The ticks have ended: the heartbeat goes on from a task, so a loop that hangs in the shutdown (closing
+        # sessions, the engine's goodbye) is seen as one that hangs while serving.
+        beating = None if self.loop_heartbeat is None else asyncio.create_task(self._beat(self.loop_heartbeat))
+        try:
+            self.transport_guard.begin_shutdown()  # before the drain: a client that does not read cannot hold it
+            await self.runtime.shutdown()
+            await super().shutdown(sockets)
+            self.transport_guard.stop()
+        finally:
+            if beating is not None:
+                beating.cancel()
+
+    @staticmethod
+    async def _beat(heartbeat: LoopHeartbeat) -> None:
+        while True:
+            heartbeat.beat()
+            await asyncio.sleep(0.1)
 
 
 # ---- WebSocket handlers ---------------------------------------------------------------------

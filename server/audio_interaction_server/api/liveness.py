@@ -8,9 +8,9 @@ import time
 
 class LoopHeartbeat:
     """When a front's event loop last turned, in memory shared with its supervisor, which kills a front whose loop
-    stands still. Written at each of uvicorn's ticks (10 a second); CLOCK_MONOTONIC is one clock for every process
-    of a host. 0 means not watched: a front that is still starting (imports, no loop yet) or shutting down (its
-    ticks have ended; the shutdown has deadlines of its own)."""
+    stands still. Written at each of uvicorn's ticks (10 a second), and by a task of its own while the server shuts
+    down; CLOCK_MONOTONIC is one clock for every process of a host. 0 means not watched: a front still starting
+    (imports, no loop yet), or one whose loop has ended (what is left of the process has bounded waits)."""
 
     def __init__(self) -> None:
         # Shared memory handed to the front process as it is started (pickled with its FrontSpec then, only).
