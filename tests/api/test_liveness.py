@@ -44,3 +44,15 @@ def test_a_heartbeat_not_yet_beaten_or_stopped_is_not_watched():
     assert heartbeat.stood_still_s(time.monotonic() + 100) > 99
     heartbeat.stop()
     assert heartbeat.stood_still_s(time.monotonic() + 100) == 0.0
+
+
+def test_a_starting_front_is_allowed_its_start_then_judged(monkeypatch):
+    """A front that hung before its loop's first tick (in its imports) was never watched: its port stayed taken and
+    dead, with no log line. It is allowed FRONT_START_ALLOWANCE_S, then judged as any loop that stopped turning."""
+    from audio_interaction_server.api import liveness
+
+    heartbeat = LoopHeartbeat()
+    started_s = time.monotonic()
+    heartbeat.allow(liveness.FRONT_START_ALLOWANCE_S)
+    assert heartbeat.stood_still_s(started_s + liveness.FRONT_START_ALLOWANCE_S - 1) == 0.0
+    assert heartbeat.stood_still_s(started_s + liveness.FRONT_START_ALLOWANCE_S + 20) >= 19.0

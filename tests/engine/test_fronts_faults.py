@@ -315,3 +315,40 @@ def test_the_engines_failure_reason_is_one_bounded_line():
     assert len(long_reason) < MAX_REPORTED_REASON_CHARS + 50 and long_reason.endswith("(the engine's log has it whole)")
     lines = one_line("RuntimeError: Error(s) in loading state_dict:\n\tMissing key(s): a.weight\n\tb.weight")
     assert lines == "RuntimeError: Error(s) in loading state_dict: ... (the engine's log has it whole)"
+
+
+def test_a_pause_of_the_whole_tree_ends_no_session(tiny_checkpoint):
+    """docker pause, a VM migration or a host stall: every process of the tree stands still together. On waking,
+    the engine read its fronts' silence as theirs (no heartbeat for 3 s) before the heartbeats queued meanwhile, and
+    ended every session of every front with front_unresponsive (1011). The engine, like the supervisor and the
+    fronts, now counts the time it stood still itself as nobody's silence."""
+    from tests.engine.test_fronts import open_session, start_session
+
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], AIS_FRONT_HANG_TIMEOUT_S="2")
+    try:
+        ports = tree.ports()
+        pids = set(tree.started_pids())
+        with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:
+            for ws in (ws0, ws1):
+                start_session(ws)
+                ws.send(np.zeros(8000, dtype=np.float32).tobytes())  # a whole chunk and its look-ahead
+                recv_until(ws, lambda e: e["type"] == "decision")
+            tree_pids = sorted(pids | {tree.process.pid})
+            for pid in tree_pids:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(5.0)  # past the engine's 3 s and the hang timeout's 2 s
+            for pid in tree_pids:
+                os.kill(pid, signal.SIGCONT)
+            for ws in (ws0, ws1):  # each session goes on
+                ws.send(np.zeros(12800, dtype=np.float32).tobytes())
+                ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0.2}))
+                after = recv_until(ws, lambda e: e["type"] in ("input.flushed", "session.closed"), timeout=15)
+                assert after[-1]["type"] == "input.flushed", after
+                assert not [e for e in after if e["type"] == "error"], after
+    finally:
+        for pid in tree.started_pids() | {tree.process.pid}:
+            if not process_has_ended(pid):
+                os.kill(pid, signal.SIGCONT)
+        stop(tree)
+    log = "".join(tree.lines)
+    assert "hangs:" not in log and "no heartbeat for" not in log, log  # no front killed, none cut by the engine

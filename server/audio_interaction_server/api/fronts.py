@@ -65,7 +65,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from audio_interaction_server.api.liveness import LoopHeartbeat
+from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, LoopHeartbeat
 from audio_interaction_server.api.serving import (
     EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, CannotListen, Listeners, StopRequested,
     bind_listeners, exit_at_once, serve_config, stop_requested,
@@ -225,6 +225,7 @@ class Supervisor:
 
         endpoints = EngineEndpoints.in_directory(self.directory)
         heartbeat = LoopHeartbeat()
+        heartbeat.allow(FRONT_START_ALLOWANCE_S)  # watched from its start: one that hangs in its imports is killed too
         spec = FrontSpec(index, front_config(self.config, index), self.listeners[index], endpoints.commands,
                          endpoints.events, orders, heartbeat)
         front = self._context.Process(target=run_front, args=(spec,), name=f"ais-front-{index}", daemon=True)

@@ -6,11 +6,17 @@ import multiprocessing
 import time
 
 
+# How long a front may take to start (imports, the app) before its loop's first tick; past it, and then
+# front_hang_timeout_s more, it is killed as one that hangs.
+FRONT_START_ALLOWANCE_S = 60.0
+
+
 class LoopHeartbeat:
     """When a front's event loop last turned, in memory shared with its supervisor, which kills a front whose loop
-    stands still. Written at each of uvicorn's ticks (10 a second), and by a task of its own while the server shuts
-    down; CLOCK_MONOTONIC is one clock for every process of a host. 0 means not watched: a front still starting
-    (imports, no loop yet), or one whose loop has ended (what is left of the process has bounded waits)."""
+    stands still. Written at each of uvicorn's ticks (10 a second), by a task of its own while the server shuts
+    down, and once more when its loop has ended (the process must then end within the same bound); a front starting
+    is allowed ``FRONT_START_ALLOWANCE_S`` for its imports first. CLOCK_MONOTONIC is one clock for every process of
+    a host. 0 means not watched (a front that is not running, or already killed)."""
 
     def __init__(self) -> None:
         # Shared memory handed to the front process as it is started (pickled with its FrontSpec then, only).
@@ -22,7 +28,12 @@ class LoopHeartbeat:
     def stop(self) -> None:
         self._last_s.value = 0.0
 
+    def allow(self, seconds: float) -> None:
+        """The loop need not turn for ``seconds`` from now (a front's start: its imports, before any loop runs);
+        past that, it is judged as one that stopped turning."""
+        self._last_s.value = time.monotonic() + seconds
+
     def stood_still_s(self, now_s: float) -> float:
-        """Seconds since the loop last turned; 0 while not watched."""
+        """Seconds since the loop last turned (or since its allowance ran out); 0 while not watched."""
         last_s = self._last_s.value
-        return 0.0 if last_s == 0.0 else now_s - last_s
+        return 0.0 if last_s == 0.0 else max(0.0, now_s - last_s)

@@ -154,7 +154,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
         pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
     finally:
         if heartbeat is not None:
-            heartbeat.stop()  # the loop is done: what is left of the process has bounded waits of its own
+            heartbeat.beat()  # the loop is done: what is left of the process must end within the same bound
     status = EXIT_STOPPED
     if fatal:
         if attach_to is None:  # a front's supervisor says the tree's last word (api/fronts.py); its log has this

@@ -50,7 +50,7 @@ from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
     EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
-    decode_batch, encode, recv_frames, send_frames,
+    decode_batch, encode, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.engine.worker import Worker
 
@@ -319,7 +319,17 @@ class EngineHost:
                     return 1
                 self._expire_fronts(worker)
                 next_look_s = now_s + POLL_S
-            if poller.poll(int(min(POLL_S, HEARTBEAT_S) * 1000)):
+            asked_s = min(POLL_S, HEARTBEAT_S)
+            polled_at_s = time.monotonic()
+            is_ready = poller.poll(int(asked_s * 1000))
+            stood_s = stood_still_s(time.monotonic() - polled_at_s, asked_s)
+            if stood_s:
+                # This process stood still (the whole tree paused, the host stalled): the fronts' heartbeats of
+                # that time are queued unread, so their silence is not theirs to answer for.
+                with self._fronts_lock:
+                    for front in self.fronts.values():
+                        front.last_seen_s += stood_s
+            if is_ready:
                 while True:
                     try:
                         frames = recv_frames(self.commands, zmq.NOBLOCK)
