@@ -534,9 +534,14 @@ def test_a_supervisor_that_stood_still_itself_judges_no_front_hung_until_its_nex
     now_s[0] += 60.0  # the pause
     supervisor._kill_hung_fronts()
     assert killed == []
-    supervisor.heartbeats[0].beat()  # front 0's loop had its turn since; front 1's did not: it hangs
+    supervisor.heartbeats[0].beat()  # front 0's loop had its turn since; front 1's did not
     now_s[0] += 0.5
     supervisor._kill_hung_fronts()
+    assert killed == []  # stillness counts from the end of the pause: a whole front_hang_timeout_s from there
+    for _ in range(round(supervisor.config.front_hang_timeout_s / 0.5)):
+        now_s[0] += 0.5
+        supervisor.heartbeats[0].beat()
+        supervisor._kill_hung_fronts()
     assert killed == [1]
 
 

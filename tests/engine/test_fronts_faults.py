@@ -324,7 +324,7 @@ def test_a_pause_of_the_whole_tree_ends_no_session(tiny_checkpoint):
     fronts, now counts the time it stood still itself as nobody's silence."""
     from tests.engine.test_fronts import open_session, start_session
 
-    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], AIS_FRONT_HANG_TIMEOUT_S="2")
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], AIS_FRONT_HANG_TIMEOUT_S="3")
     try:
         ports = tree.ports()
         pids = set(tree.started_pids())
@@ -336,7 +336,7 @@ def test_a_pause_of_the_whole_tree_ends_no_session(tiny_checkpoint):
             tree_pids = sorted(pids | {tree.process.pid})
             for pid in tree_pids:
                 os.kill(pid, signal.SIGSTOP)
-            time.sleep(5.0)  # past the engine's 3 s and the hang timeout's 2 s
+            time.sleep(5.0)  # past the engine's 3 s and the hang timeout's 3 s
             for pid in tree_pids:
                 os.kill(pid, signal.SIGCONT)
             for ws in (ws0, ws1):  # each session goes on

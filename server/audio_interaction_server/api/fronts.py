@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -194,6 +195,7 @@ class Supervisor:
         self.status = EXIT_STOPPED
         self.last_word: str | None = None  # why the tree stopped, when it failed: its last line (``supervise``)
         self._hangs_watched_s: float | None = None  # when the fronts' heartbeats were last looked at
+        self._judged_from_s = -math.inf  # no stillness before this counts (the end of the supervisor's own pause)
         self._context = multiprocessing.get_context("spawn")
 
     # ---- signals ------------------------------------------------------------------------------------------
@@ -295,10 +297,11 @@ class Supervisor:
         watched_s, self._hangs_watched_s = self._hangs_watched_s, now_s
         if watched_s is not None and now_s - watched_s > WATCH_LATE_S:
             # This process stood still too (the container paused, the host stalled): the fronts' loops, frozen
-            # with it, have not had their turn since it ended. Judge them at the next look.
+            # with it, have not had their turn since it ended. Their stillness counts from now on.
+            self._judged_from_s = now_s
             return
         for index, front in self.fronts.items():
-            stood_still_s = self.heartbeats[index].stood_still_s(now_s)
+            stood_still_s = min(self.heartbeats[index].stood_still_s(now_s), now_s - self._judged_from_s)
             if front.exitcode is None and stood_still_s > self.config.front_hang_timeout_s:
                 log.error("front %d (process %s) hangs: its event loop has not turned for %.1f s "
                           "(front_hang_timeout_s %g); killing it", index, front.pid, stood_still_s,
