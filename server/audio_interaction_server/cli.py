@@ -35,7 +35,7 @@ from audio_interaction_server import __main__ as server_main
 from audio_interaction_server.__main__ import (
     EXIT_STATUSES, VERSION_TEXT, add_serve_arguments, no_cuda_reason, plain, serve,
 )
-from audio_interaction_server.logs import LOG_FORMATS, configure_logging
+from audio_interaction_server.logs import LOG_FORMATS, configure_logging, requested_log_format
 from audio_interaction_server.logs import report_error as write_error
 
 # Everything heavier (numpy, torch, the engine, pydantic models) is imported by the command that uses it:
@@ -411,7 +411,7 @@ def make_checkpoint(args: argparse.Namespace) -> int:
 
 def log_format_of(args: argparse.Namespace) -> str:
     """The format of stderr's lines: the command's --log-format, else AIS_LOG_FORMAT, else text."""
-    return getattr(args, "log_format", None) or os.environ.get("AIS_LOG_FORMAT") or "text"
+    return requested_log_format(getattr(args, "log_format", None))
 
 
 def report_error(message: str, log_format: str) -> None:

@@ -658,8 +658,8 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
 
 
 def _sources_named_in(message: str, sources: dict[tuple[str, ...], str]) -> str:
-    """`` (fronts and port from command line; agent_port from environment AIS_AGENT_PORT)`` for the settings that
-    ``message`` names and that were given (a default has no source)."""
+    """`` (port, agent_port and fronts from command line; replica_id from environment AIS_REPLICA_ID)`` for the
+    settings that ``message`` names, each under the source its value came from (the package's default.yaml too)."""
     by_source: dict[str, list[str]] = {}
     for path, source in sources.items():
         name = ".".join(path)

@@ -112,10 +112,16 @@ def report_error(message: str, log_format: str, logger: str = "audio_interaction
     print(line, file=sys.stderr, flush=True)
 
 
-def log_format_before_config(flag: str | None, environ: dict[str, str] | None = None) -> str:
-    """The log format for what is said before the configuration is read (or when it cannot be): the flag, else
-    ``AIS_LOG_FORMAT``, else text (an unknown value: text, and the configuration's own check names it)."""
-    chosen = flag or (os.environ if environ is None else environ).get("AIS_LOG_FORMAT") or "text"
+def requested_log_format(flag: str | None) -> str:
+    """The log format asked for, before any configuration is read: the flag, else ``AIS_LOG_FORMAT``, else text
+    (not checked: the caller says what an unknown one means)."""
+    return flag or os.environ.get("AIS_LOG_FORMAT") or "text"
+
+
+def log_format_before_config(flag: str | None) -> str:
+    """The log format for what is said before the configuration is read (or when it cannot be): the one asked for,
+    or text for an unknown one (the configuration's own check names it)."""
+    chosen = requested_log_format(flag)
     return chosen if chosen in LOG_FORMATS else "text"
 
 

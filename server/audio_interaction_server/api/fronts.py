@@ -280,8 +280,8 @@ class Supervisor:
                 # end whatever sessions they hold.
                 log.error("the engine process exited with status %s: the fronts end any sessions they hold "
                           "(worker_failed); stopping", self.engine.exitcode)
-                self.last_word = self.engine.failure_reason() or \
-                    f"the engine process exited with status {self.engine.exitcode} (its log says why)"
+                # (Its own reason, if it said one, is preferred as the tree's last line: ``supervise``.)
+                self.last_word = f"the engine process exited with status {self.engine.exitcode} (its log says why)"
                 return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=_lost_engine_wait_s())
             for index, front in list(self.fronts.items()):
                 if front.exitcode is not None:
