@@ -32,12 +32,32 @@ import torch
 from audio_interaction_server import spec as T
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.runner import PlannedRow, Runner
-from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.encoder import AudioEncoder, AudioTower
 from audio_interaction_server.model.fit import median_wall_ms
 from audio_interaction_server.model.lm import StepBatch
 from audio_interaction_server.demo.random_model import random_model
 
 LISTEN_ROW_TOKENS = 13
+
+
+def transformers_tower(tower: AudioTower) -> torch.nn.Module:
+    """transformers' ``Qwen2_5OmniAudioEncoder`` (the reference's module) with ``tower``'s weights, on its device
+    and in its dtype."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    c = tower.config
+    config = Qwen2_5OmniAudioEncoderConfig(
+        num_mel_bins=c.num_mel_bins, d_model=c.d_model, encoder_layers=c.encoder_layers,
+        encoder_attention_heads=c.encoder_attention_heads, encoder_ffn_dim=c.encoder_ffn_dim,
+        max_source_positions=c.max_source_positions, n_window=c.n_window, output_dim=c.output_dim)
+    config._attn_implementation = "sdpa"
+    weight = tower.conv1.weight
+    with torch.device(weight.device):
+        theirs = Qwen2_5OmniAudioEncoder._from_config(config)
+    theirs = theirs.to(weight.dtype)
+    theirs.load_state_dict(tower.state_dict(), strict=True)
+    return theirs.eval()
 START_POSITION = 500  # about 15 s into a session
 
 
@@ -86,12 +106,13 @@ def main() -> None:
     emit("| chunks | transformers forward | AudioEncoder (batched) | ratio |")
     emit("|---|---|---|---|")
     batched = AudioEncoder(model.encoder_tower, pad_to_buckets=False)
+    theirs = transformers_tower(model.encoder_tower)
     for n in args.chunks:
         mel = torch.randn(n, 128, 40, device=device)
 
         def tower_forward(mel=mel, n=n):
             with torch.inference_mode():
-                return model.encoder_tower(
+                return theirs(
                     input_features=mel.permute(1, 0, 2).reshape(128, -1),
                     feature_lens=torch.full((n,), 40, device=device),
                     aftercnn_lens=torch.full((n,), 20, device=device),

@@ -34,6 +34,20 @@ def test_the_wire_schema_and_settings_load_neither_torch_nor_the_engine(module):
     assert not heavy, f"importing {module} loads {heavy}"
 
 
+def test_a_server_and_its_model_load_neither_transformers_nor_torch_dynamo(tiny_checkpoint):
+    """What a server start pays for: transformers' Omni modelling module pulls in torch._dynamo, and the two took
+    about three of a demo start's seconds; the server writes its audio tower and mel table itself. (Tests,
+    benchmarks and the demo checkpoint's writer use transformers.)"""
+    code = ("import json, sys; import audio_interaction_server.__main__, audio_interaction_server.api.serving, "
+            "audio_interaction_server.engine.process; "
+            "from audio_interaction_server.model.checkpoint import load_model; "
+            f"load_model({str(tiny_checkpoint)!r}, 'cpu', 'float32'); print(json.dumps(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout)
+    assert not [name for name in loaded if name.split(".")[0] == "transformers" or name == "torch._dynamo"]
+
+
 # ---- import directions, read from the source: the ones that hold today, so that none is lost -------------
 
 PACKAGE = "audio_interaction_server"

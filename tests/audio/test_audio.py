@@ -226,6 +226,17 @@ def test_mel_filters_match_whisper_feature_extractor(whisper_extractor) -> None:
     assert (filters >= 0).all() and (filters.sum(dim=1) > 0).all()  # every mel band sees some bins
 
 
+def test_mel_filters_are_transformers_table_bit_for_bit_before_rounding_too() -> None:
+    from transformers.audio_utils import mel_filter_bank
+
+    from audio_interaction_server.audio.frontend import mel_filters_float64
+
+    reference = mel_filter_bank(num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
+                                sampling_rate=16000, norm="slaney", mel_scale="slaney")
+    assert mel_filters_float64().dtype == np.float64
+    np.testing.assert_array_equal(mel_filters_float64(), reference)
+
+
 def test_log_mel_whole_matches_whisper_feature_extractor(speech: np.ndarray, whisper_extractor) -> None:  # type: ignore[no-untyped-def]
     ours = log_mel_whole(speech)
     assert ours.shape == (128, speech.shape[0] // 160) and ours.dtype == torch.float32

@@ -24,7 +24,6 @@ import soundfile
 import soxr
 import torch
 import torch.nn.functional as F
-from transformers.audio_utils import mel_filter_bank
 
 from audio_interaction_server.spec import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
 
@@ -229,17 +228,51 @@ class StreamingResampler:
         self._is_flushed = False
 
 
+# The Slaney mel scale (Auditory Toolbox; librosa's and whisper's default): linear, 3 mels per 200 Hz, up to
+# 1 kHz (15 mels), logarithmic above it, 27 mels per factor of 6.4. The float64 operations are librosa's, in its
+# order, so that the table comes out bit-equal to the reference's.
+_SLANEY_LOG_START_HZ: Final = 1000.0
+_SLANEY_LOG_START_MEL: Final = 15.0
+
+
+def _hz_to_slaney_mel(hz: float) -> float:
+    if hz < _SLANEY_LOG_START_HZ:
+        return 3.0 * hz / 200.0
+    return _SLANEY_LOG_START_MEL + float(np.log(hz / _SLANEY_LOG_START_HZ)) * (27.0 / float(np.log(6.4)))
+
+
+def _slaney_mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    linear = 200.0 * mels / 3.0
+    logarithmic = _SLANEY_LOG_START_HZ * np.exp((float(np.log(6.4)) / 27.0) * (mels - _SLANEY_LOG_START_MEL))
+    return np.where(mels < _SLANEY_LOG_START_MEL, linear, logarithmic)
+
+
+def mel_filters_float64() -> np.ndarray:
+    """(201, 128) float64: ``mel_filters`` before its rounding."""
+    corners_mel = np.linspace(_hz_to_slaney_mel(0.0), _hz_to_slaney_mel(SAMPLE_RATE_HZ / 2), NUM_MEL_BINS + 2)
+    corners_hz = _slaney_mel_to_hz(corners_mel)  # (130,): filter m rises from corner m to m+1, falls to m+2
+    bins_hz = np.linspace(0, SAMPLE_RATE_HZ // 2, N_FFT // 2 + 1)  # (201,)
+    widths = np.diff(corners_hz)  # (129,)
+    to_corner = corners_hz[None, :] - bins_hz[:, None]  # (201, 130)
+    rising = -to_corner[:, :-2] / widths[:-1]
+    falling = to_corner[:, 2:] / widths[1:]
+    filters = np.maximum(np.zeros(1), np.minimum(rising, falling))  # (201, 128)
+    filters *= (2.0 / (corners_hz[2:] - corners_hz[:-2]))[None, :]
+    return filters
+
+
 @functools.cache
 def mel_filters() -> torch.Tensor:
     """(128, 201) float32 Slaney mel filterbank = librosa.filters.mel(sr=16000, n_fft=400, n_mels=128).
 
-    Computed in float64 and rounded once; whisper's mel_filters.npz (librosa applies the norm in
-    float32) may differ by an ulp. Shared and cached: treat it as read-only.
+    Triangles on the FFT bins, their corners evenly spaced in mels from 0 Hz to 8 kHz, each scaled to unit area
+    per Hz (Slaney's norm). Computed in float64 and rounded once; equal, bit for bit, to transformers'
+    ``mel_filter_bank`` with these arguments (``tests/audio/test_audio.py``); whisper's mel_filters.npz
+    (librosa applies the norm in float32) may differ by an ulp. Written here rather than imported: importing
+    transformers costs a process about 0.7 s, and only this table was used of it. Shared and cached: treat it
+    as read-only.
     """
-    filters = mel_filter_bank(
-        num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=NUM_MEL_BINS, min_frequency=0.0,
-        max_frequency=SAMPLE_RATE_HZ / 2, sampling_rate=SAMPLE_RATE_HZ, norm="slaney", mel_scale="slaney",
-    )  # (201, 128) float64
+    filters = mel_filters_float64()
     return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32))
 
 

@@ -21,8 +21,9 @@ import yaml
 from audio_interaction_server.model.checkpoint import (
     LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
 )
+from audio_interaction_server.model.encoder import AudioTower, AudioTowerConfig
 from audio_interaction_server.model.lm import AudioInteractionLM
-from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, audio_config_of, ensure_demo_checkpoint
+from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +42,18 @@ def random_model(preset: str = "real", device: str = "auto", dtype: str = "auto"
     lm = lm.to(torch_dtype).to_empty(device=torch_device)
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     _fill(lm, generator, std=0.02)
-    encoder = _random_audio_tower(chosen.audio, chosen.lm["padded_vocab_size"], torch_device, torch_dtype, generator)
+    encoder = _random_audio_tower(chosen.audio, torch_device, torch_dtype, generator)
     log.info("random %s model on %s (%s): LM %.2fB, audio tower %.2fB parameters", preset, torch_device,
              torch_dtype, _count(lm) / 1e9, _count(encoder) / 1e9)
     return LoadedModel(files, lm.eval(), encoder.eval(), load_tokenizer(files), torch_device, torch_dtype)
 
 
-def _random_audio_tower(audio: dict, vocab_size: int, device: torch.device, dtype: torch.dtype,
-                        generator: torch.Generator) -> torch.nn.Module:
-    from transformers import Qwen2_5OmniConfig
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
-
-    from transformers.utils import logging as hf_logging
-
-    # transformers warns about the talker's token ids, which the audio tower never uses.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        omni = Qwen2_5OmniConfig(thinker_config={"audio_config": audio, "text_config": {"vocab_size": vocab_size}})
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    audio_config = audio_config_of(omni)
-    audio_config._attn_implementation = "sdpa"
-    # Built on the device (not meta): its sinusoidal position table is a buffer computed at construction.
-    with torch.device(device):
-        tower = Qwen2_5OmniAudioEncoder._from_config(audio_config)
-    tower = tower.to(dtype)
+def _random_audio_tower(audio: dict, device: torch.device, dtype: torch.dtype,
+                        generator: torch.Generator) -> AudioTower:
+    with torch.device("meta"):
+        tower = AudioTower(AudioTowerConfig.from_json(audio))
+    tower = tower.to(dtype).to_empty(device=device)
+    tower.reset_position_table()
     _fill(tower, generator, std=0.02)
     return tower
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from audio_interaction_server.model.encoder import AudioTower, AudioTowerConfig
 from audio_interaction_server.model.lm import AudioInteractionLM, LMConfig
 from audio_interaction_server.model.progress import LoadProgress
 
@@ -247,32 +248,32 @@ def load_lm(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_audio_config(files: CheckpointFiles) -> Any:
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    # transformers 5.x warns about the talker's default token ids, which the audio tower never uses.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+def load_audio_config(files: CheckpointFiles) -> AudioTowerConfig:
+    """``thinker_config.audio_config`` of ``qwen25OmniConfig/config.json``, read as JSON: the tower needs a dozen
+    numbers of it, and transformers' ``AutoConfig`` would import its whole Omni package for them."""
+    path = files.omni_config_dir / "config.json"
     try:
-        omni = AutoConfig.from_pretrained(str(files.omni_config_dir))
-        return omni.thinker_config.audio_config
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{files.omni_config_dir / 'config.json'} is not a Qwen2.5-Omni config with "
-            f"thinker_config.audio_config: {exc}"
-        ) from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        omni = json.loads(path.read_text())
+        if not isinstance(omni, dict) or omni.get("model_type") != "qwen2_5_omni":
+            raise ValueError(f"model_type is {omni.get('model_type') if isinstance(omni, dict) else None!r}, "
+                             "expected 'qwen2_5_omni'")
+        thinker = omni.get("thinker_config")
+        if not isinstance(thinker, dict) or "audio_config" not in thinker:
+            raise ValueError("it has no thinker_config.audio_config")
+        return AudioTowerConfig.from_json(thinker["audio_config"])
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not a Qwen2.5-Omni config with a usable thinker_config.audio_config: "
+                              f"{exc}") from exc
 
 
-def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    """The transformers audio tower; ``dtype=None`` keeps the config's own dtype (the reference's behaviour)."""
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
-
-    audio_config = load_audio_config(files)
-    audio_config._attn_implementation = "sdpa"
-    encoder = Qwen2_5OmniAudioEncoder._from_config(audio_config)
+def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torch.dtype | None) -> AudioTower:
+    """The audio tower; ``dtype=None`` keeps the config's own dtype (the reference's behaviour)."""
+    config = load_audio_config(files)
+    # Meta first, then storage in the config's dtype: nothing is spent initialising weights that are overwritten.
+    with torch.device("meta"):
+        tower = AudioTower(config)
+    tower = tower.to_empty(device="cpu").to(config.dtype)
+    tower.reset_position_table()
     try:
         state = torch.load(files.encoder_weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign pickle
@@ -280,11 +281,11 @@ def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torc
     if not isinstance(state, dict):
         raise CheckpointError(f"{files.encoder_weights} must hold a plain state dict, got {type(state).__name__}")
     # The sinusoidal positions are a non-persistent buffer; only parameters are in the file.
-    load_strict(encoder, state, files.encoder_weights)
-    encoder = encoder.to(device)
+    load_strict(tower, state, files.encoder_weights)
+    tower = tower.to(device)
     if dtype is not None:
-        encoder = encoder.to(dtype)
-    return encoder.eval()
+        tower = tower.to(dtype)
+    return tower.eval()
 
 
 def load_tokenizer(files: CheckpointFiles):  # -> tokenizers.Tokenizer
@@ -302,7 +303,7 @@ class LoadedModel:
 
     files: CheckpointFiles
     lm: AudioInteractionLM
-    encoder_tower: torch.nn.Module
+    encoder_tower: AudioTower
     tokenizer: Any  # tokenizers.Tokenizer
     device: torch.device
     dtype: torch.dtype

@@ -30,6 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """``nn.Embedding``, except that on the meta device (where loaders build modules before the weights are read
+    in) its weight is not drawn at random: ``normal_`` on a meta tensor runs torch's Python reference kernels,
+    whose first use imports ``torch._dynamo``, about a second of every server start. The other layers' init has
+    native meta kernels."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
+    return nn.Embedding(num_embeddings, embedding_dim)
+
+
 @dataclass(frozen=True)
 class LMConfig:
     """The subset of LitGPT's ``Config`` that the Qwen2 decoder needs (derived fields resolved)."""
@@ -155,7 +165,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wte = embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.h = Blocks(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.norm_unit_offset)
 
