@@ -230,6 +230,11 @@ class TransportSettings(BaseModel):
         5.0, gt=0, description="WebSocket pings and pongs a client may send per second, sustained; beyond "
         "control_frame_burst the connection is closed with 1008")
     control_frame_burst: int = Field(50, ge=1, description="pings and pongs a client may send at once")
+    data_frames_per_s: float = Field(
+        1000.0, gt=0, description="WebSocket data frames (messages, and each fragment of one) a client may send "
+        "per second, sustained; beyond data_frame_burst the connection is closed with 1008. A page sending each "
+        "128-sample AudioWorklet block at 48 kHz sends 375 a second")
+    data_frame_burst: int = Field(4000, ge=1, description="data frames a client may send at once (after a stall)")
     max_write_buffer_bytes: int = Field(
         1024 * 1024, ge=64 * 1024, description="bytes waiting for a client that does not read; beyond, the connection "
         "is aborted")

@@ -9,6 +9,7 @@ suite stays fast, and checks the server bounds it without affecting anyone else.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import socket
@@ -255,6 +256,75 @@ def test_pings_are_answered_but_a_ping_flood_is_closed_with_1008(guarded):
     assert sum(opcode == PONG for opcode, _ in frames) <= 2 + 50  # the flood is not answered
     assert wait_until(lambda: not guarded.runtime.streams)  # its session ended with it
     assert metric_samples(guarded)['ais_transport_closes_total{reason="control_frame_flood"}'] == 1
+
+
+def data_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """A masked data frame (text 0x1, binary 0x2, continuation 0x0), FIN or not; payloads up to 125 bytes."""
+    frame = client_frame(opcode, payload)
+    return frame if fin else bytes([frame[0] & 0x7F]) + frame[1:]
+
+
+def test_endless_empty_continuation_frames_are_closed_with_1008(guarded):
+    """A message begun and never finished, continued by empty frames as fast as the socket takes them: nothing
+    reached the app, so no session budget saw them; the loop parsed ~200k frames a second for the idle timeout's
+    two minutes, and uvicorn kept a list entry per frame (hostile probe, 2026-12-06)."""
+    sock, _ = open_websocket(guarded.port)
+    with sock:
+        sock.sendall(data_frame(TEXT, b"x", fin=False) + data_frame(0x0, fin=False) * 20_000)
+        rest, closed = read_until_closed(sock, timeout_s=5.0)
+    assert closed and close_code(server_frames(rest)) == 1008
+    assert wait_until(lambda: not guarded.runtime.streams)
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="data_frame_flood"}'] >= 1
+
+
+def test_a_flood_of_one_sample_audio_frames_is_closed_with_1008(guarded):
+    """Each frame is valid audio and the tiny model keeps up, so the buffer never fills and no refused-audio
+    budget is spent: the frame count is what costs the loop."""
+    sock, _ = open_websocket(guarded.port)
+    with sock:
+        rest, closed = b"", False
+        for _ in range(10):
+            try:
+                sock.sendall(data_frame(0x2, b"\x01\x00") * 2_000)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        more, closed_now = read_until_closed(sock, timeout_s=5.0)
+        rest += more
+    assert closed or closed_now
+    assert close_code(server_frames(rest)) in (1008, None)  # None: reset before the close frame could be read
+    assert wait_until(lambda: not guarded.runtime.streams)
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="data_frame_flood"}'] >= 1
+
+
+def test_small_frames_at_a_browsers_rate_and_a_burst_of_them_are_taken(guarded):
+    """128-sample frames at 48 kHz (what an AudioWorklet hands a page, 375 a second), two seconds of them at
+    once after a stall, and fragmented messages a client library may send, are not a flood."""
+    import websockets.sync.client as ws_client
+
+    flood_cuts = 'ais_transport_closes_total{reason="data_frame_flood"}'
+    cuts_before = metric_samples(guarded).get(flood_cuts, 0)
+    with ws_client.connect(f"ws://127.0.0.1:{guarded.port}/v1/stream",
+                           additional_headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        client.recv(timeout=5)  # session.created
+        client.send(json.dumps({"type": "session.configure", "audio": {"sample_rate_hz": 48000}}))
+        frame = b"\x00\x01" * 128
+        for _ in range(750):
+            client.send(frame)
+        client.send([b"\x00\x01" * 16] * 8)  # one message in eight fragments
+        for _ in range(100):
+            client.send(frame)
+            time.sleep(128 / 48000)
+        client.send('{"type": "input.flush"}')
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            event = json.loads(client.recv(timeout=10))
+            if event["type"] == "input.flushed":
+                break
+            assert event["type"] not in ("error", "session.closed"), event
+        else:
+            raise AssertionError("no flushed event")
+    assert metric_samples(guarded).get(flood_cuts, 0) == cuts_before
 
 
 def test_a_refused_client_is_closed_promptly_and_its_pings_go_unanswered(guarded):

@@ -19,6 +19,8 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
 * WebSocket pings and pongs from a client within a token bucket (``control_frames_per_s``,
   ``control_frame_burst``); beyond, close 1008 without answering the flood; input is parsed in
   slices so a flood is cut off after a few kilobytes, not after a 256 KiB read;
+* data frames (messages and their fragments) within another (``data_frames_per_s``, ``data_frame_burst``):
+  beyond, close 1008; a message begun and continued by empty fragments forever reaches no session's budget;
 * no pongs once the server has sent its close frame, and ``close_timeout_s`` (not uvicorn's 10 s)
   for the client to answer it; a closing transport still not gone after that is aborted;
 * unsent bytes bounded (``max_write_buffer_bytes``) and a write stall (the transport paused
@@ -499,6 +501,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._control_tokens_at_s = time.monotonic()
         self._num_control_frames = 0  # received in the slice being parsed
         self._owes_pongs = False
+        # Data frames (whole messages and fragments): spent one a frame, refilled only when spent (_take_data_frame).
+        self._data_frame_tokens = float(settings.data_frame_burst)
+        self._data_frame_tokens_at_s = time.monotonic()
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
         self._partial_frame = bytearray()  # the start of a frame ``_split_frames`` waits to see whole
         self._parser_seen_between_frames = False  # since the parser was last fed (``_parse``): no need to look again
@@ -604,6 +609,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
                     break
                 message = self._fast_message(data[position], view, payload_start, frame_end) if is_fast else None
                 if message is not None:
+                    if not self._take_data_frame():
+                        break
                     self._queue_for_app(message, frame_end - payload_start)
                     self.num_fast_frames += 1
                     position = frame_end
@@ -716,6 +723,44 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         message = await super().receive()  # resumes reading once the queue is empty
         self._queued_bytes -= _payload_bytes(cast(Mapping[str, Any], message))
         return message
+
+    # Data frames the websockets parser reads (fragments, and whole frames off the fast path) are spent here.
+    def handle_text(self, event: Any) -> None:
+        if self._take_data_frame():
+            super().handle_text(event)
+
+    def handle_bytes(self, event: Any) -> None:
+        if self._take_data_frame():
+            super().handle_bytes(event)
+
+    def handle_cont(self, event: Any) -> None:
+        if self._take_data_frame():
+            super().handle_cont(event)
+
+    def _take_data_frame(self) -> bool:
+        """One data frame from the budget (``data_frames_per_s``, ``data_frame_burst``); False when the connection
+        was closed for a flood. A frame that never completes a message (empty continuations, one after another)
+        reaches no session's budget, and one whose message is valid audio costs the session nothing either while
+        the model keeps up; each still costs the event loop a parse. The clock is read only once the tokens are
+        spent, so a frame within them costs one subtraction."""
+        self._data_frame_tokens -= 1.0
+        if self._data_frame_tokens >= 0.0:
+            return True
+        settings = self.transport_guard.settings
+        now_s = time.monotonic()
+        self._data_frame_tokens = min(float(settings.data_frame_burst), self._data_frame_tokens
+                                      + (now_s - self._data_frame_tokens_at_s) * settings.data_frames_per_s)
+        self._data_frame_tokens_at_s = now_s
+        if self._data_frame_tokens >= 0.0:
+            return True
+        if self.transport.is_closing():  # cut already: what is left of the read goes nowhere
+            return False
+        if self.close_sent:  # it floods past our close frame (a refused client, say): no more of it is parsed
+            self.transport_guard.closed("data_frame_flood", self.client, "too many WebSocket frames after the close")
+            self.transport.abort()
+        else:
+            self._fail_policy("data_frame_flood", "too many WebSocket frames")
+        return False
 
     def handle_ping(self) -> None:
         # websockets has queued the pong; it is written once per slice, after the budget check.
