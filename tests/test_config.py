@@ -162,3 +162,23 @@ def test_the_example_configs_load_and_change_what_they_say(name, tmp_path):
         return same
 
     assert differs(given, config, default) == []
+
+
+@pytest.mark.parametrize("environ", [{"AIS_MAX_BUFFERED_AUDIO_S": "1.5"},
+                                     {"AIS_MAX_BUFFERED_AUDIO_S": "3", "AIS_TRAILING_SILENCE_S": "3"}])
+def test_a_buffer_too_small_for_a_default_flush_is_named_at_start(environ):
+    """With max_buffered_audio_s 1 or 1.5 every input.flush was refused (it queues the padded partial chunk and
+    the trailing silence in whole chunks: 1.6 s by default), so every shipped client failed at each file's end,
+    and nothing said so at start (first-hour review, 2026-12-06)."""
+    problem = load_config(None, environ).flush_headroom_problem()
+    assert problem is not None and "max_buffered_audio_s" in problem and "trailing_silence_s" in problem, problem
+    # An address no interface has: the server says what it says of its settings, then cannot listen, at once.
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--demo", "--host", "192.0.2.1"],
+                            env=dict(os.environ, **environ), capture_output=True, text=True, timeout=60)
+    assert "every such flush will be refused" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_buffer_that_holds_a_default_flush_is_fine():
+    assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "1.6"}).flush_headroom_problem() is None
+    assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "0.5", "AIS_TRAILING_SILENCE_S": "0"}
+                       ).flush_headroom_problem() is None

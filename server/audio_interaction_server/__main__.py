@@ -193,6 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
 
     configure_logging(config.log_level, config.log_format)
+    if (flush_problem := config.flush_headroom_problem()) is not None:
+        log.warning("%s", flush_problem)
     no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
                              "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
     if no_cuda is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -25,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import reply_fits, rollover_slack
+from audio_interaction_server.spec import CHUNK_S, reply_fits, rollover_slack
 
 ENV_PREFIX = "AIS_"
 # deploy/haproxy's settings: a shell (or a Compose file) may set them for HAProxy and run a replica too.
@@ -432,6 +433,18 @@ class ServerConfig(BaseModel):
                     raise ValueError(f"{kept} ({getattr(self, kept)}) must be at most {queued} "
                                      f"({getattr(self, queued)}): a resume replays up to {kept} at once")
         return self
+
+    def flush_headroom_problem(self) -> str | None:
+        """Why every default ``input.flush`` would be refused, or None. A flush queues the partial chunk and the
+        trailing silence, padded to whole chunks; a buffer smaller than that refuses each one, and a client's last
+        words are never heard. Said at start (a warning: tests and benchmarks run such buffers on purpose)."""
+        worst_s = math.ceil(round((self.trailing_silence_s + CHUNK_S) / CHUNK_S, 9)) * CHUNK_S
+        if self.max_buffered_audio_s >= worst_s - 1e-9:
+            return None
+        return (f"max_buffered_audio_s ({self.max_buffered_audio_s:g}) is below {worst_s:g} s, what a default "
+                f"input.flush queues (the partial chunk and trailing_silence_s ({self.trailing_silence_s:g} s), in "
+                f"whole {CHUNK_S:g} s chunks): every such flush will be refused with audio_buffer_full; raise "
+                "max_buffered_audio_s or lower trailing_silence_s")
 
     @model_validator(mode="after")
     def _one_frames_answer_fits_the_outbox(self) -> ServerConfig:

@@ -855,3 +855,13 @@ def test_a_flooding_client_is_told_it_is_at_fault():
     for code in ("audio_flood", "event_flood"):
         [error] = h.session(ErrorEvent(**STAMP, code=code, message="closing", is_fatal=True))
         assert error["error"]["type"] == "invalid_request_error" and error["error"]["code"] == code
+
+
+@pytest.mark.parametrize("frame", ["[0]", "[]", "[[\"event_id\", \"x\"]]", "0", "\"text\"", "null"])
+def test_json_that_is_not_an_object_is_refused_as_an_event_not_an_internal_error(frame):
+    """A JSON array raised inside the lookup of the refused frame's event_id, and the session ended with
+    internal_error (1011), a traceback logged per frame (hostile probe, 2026-12-06); an array of pairs had its
+    "event_id" echoed as if it were an object's."""
+    [command] = Harness().client(frame)
+    assert isinstance(command, Malformed) and command.code == "invalid_value" and command.event_id is None, command
+    assert "valid dictionary or object" in command.message

@@ -476,11 +476,15 @@ def parse_client_event(text: str) -> ClientEvent:
     return CLIENT_EVENT_ADAPTER.validate_python(data, strict=True)
 
 
+class _KeyValuePairs(list):
+    """A JSON object as its (key, value) pairs, every key kept (a JSON array stays a plain list)."""
+
+
 def echoable_event_id(text: str) -> str | None:
     """The ``event_id`` of a frame ``parse_client_event`` refused (valid JSON, an object) for its error to name:
     only one a valid event could carry, given once at the top level (of two, neither is the event's)."""
-    top = json.loads(text, object_pairs_hook=list)
-    given = [value for key, value in top if key == "event_id"] if isinstance(top, list) else []
+    top = json.loads(text, object_pairs_hook=_KeyValuePairs)
+    given = [value for key, value in top if key == "event_id"] if isinstance(top, _KeyValuePairs) else []
     if len(given) == 1 and isinstance(given[0], str) and len(given[0]) <= MAX_EVENT_ID_CHARS:
         return given[0]
     return None
