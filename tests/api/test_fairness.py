@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 import torch
 from websockets.frames import Frame, Opcode
 
@@ -235,3 +236,40 @@ def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
     asyncio.run(main())
     assert any('"event_flood"' in text for text in socket.sent)
     assert len(received) <= 8, f"{len(received)} frames taken after the cut at the 6th"
+
+
+@pytest.mark.parametrize("frame", [
+    # a /v1/stream event with thousands of unknown keys (~60 ms of the loop each to parse and validate)
+    '{"type": "session.configure", ' + ", ".join(f'"k{i}": 0' for i in range(21_000)) + "}",
+    # an event with a huge array in a field the codec ignores
+    '{"type": "input.clear", "junk": [' + ",".join("0" for _ in range(80_000)) + "]}",
+])
+def test_events_heavy_in_json_items_spend_the_event_budget_by_their_size_before_they_are_parsed(tiny_model, frame,
+                                                                                                 monkeypatch):
+    """The event budget counted events, not their cost, and a frame was parsed whole before it was counted: ~8 such
+    frames a second (under half the rate) made a neighbour's decisions 9 s late (hostile probe, 2026-12-06). A frame
+    now spends a token per 256 of its JSON items (commas and colons, counted without parsing) first."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    config = ServerConfig(engine={"max_sessions": 2})
+    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
+    received: list[str] = []
+    socket = BufferedSocket("flooder", [], received)
+    for _ in range(20):
+        socket._frames.put_nowait({"type": "websocket.receive", "text": frame})
+    decoded: list[int] = []
+
+    async def main() -> None:
+        connection = StreamConnection(
+            socket, lambda emit: Session("flooder", config, model, worker, emit, time.monotonic()), 10_000, 1.0,
+            on_closed=lambda reason: None)
+        decode = connection.codec.decode
+        monkeypatch.setattr(connection.codec, "decode", lambda payload: decoded.append(1) or decode(payload))
+        task = asyncio.create_task(connection.run())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert any('"event_flood"' in text for text in socket.sent)
+    assert len(decoded) <= 2, f"{len(decoded)} heavy frames parsed"

@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from audio_interaction_server.api.addresses import client_key, peer_address
 from audio_interaction_server.api.commands import Command
-from audio_interaction_server.api.flood import FloodGuard
+from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
 from audio_interaction_server.api.transport import direct_messages
@@ -702,6 +702,11 @@ class StreamConnection:
         if payload is not None:
             now_s = time.monotonic()
             try:
+                # A frame heavy in JSON items spends its cost before it is parsed (api/flood.py).
+                num_items = payload.count(",") + payload.count(":") if isinstance(payload, str) else 0
+                if num_items >= JSON_ITEMS_PER_EVENT and (cut := self.session.take_json_items(num_items, now_s)):
+                    self.deliver(cut)
+                    return
                 for command in self.codec.decode(payload):
                     answers = self.session.handle(command, now_s)
                     if answers:  # most frames are answered by nothing

@@ -5,7 +5,8 @@ that keeps it busy (frames refused as fast as its socket takes them, thousands o
 new long system prompt to tokenise every few milliseconds) makes every neighbour's decisions late.
 A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
 
-- text events (everything but audio, refused ones included): a client past it is cut (1008);
+- text events (everything but audio, refused ones included), a frame heavy in JSON items counting more
+  (``JSON_ITEMS_PER_EVENT``, before it is parsed): a client past it is cut (1008);
 - audio refused, in seconds (a frame counts at least 10 ms): for a full buffer (``audio_buffer_full``), for
   what it holds (``invalid_audio``: not whole samples, not finite), empty, or sent while the session closes. A
   real-time client whose server fell behind, or whose every frame is bad, is refused at most 1x real time and
@@ -29,6 +30,11 @@ from audio_interaction_server.config import FloodLimits
 
 # A refused frame costs at least this much audio: a flood of one-sample frames is a flood too.
 MIN_REFUSED_FRAME_S = 0.01
+# A text frame with this many JSON items (commas and colons, counted before it is parsed) costs one more event: the
+# parse and validation of a frame grow with its items (256 KiB of 21,000 unknown keys took ~60 ms), not with
+# its bytes (a base64 audio string is one item however long). An 8,000-character system prompt of nothing but
+# commas would cost 31; a frame with more items than the whole burst is cut unparsed.
+JSON_ITEMS_PER_EVENT = 256
 
 _SLACK = 1e-9  # float sums of exact budgets (0.1 s frames) must not refuse the last one
 
@@ -71,6 +77,12 @@ class FloodGuard:
     def allows_event(self, now_s: float) -> bool:
         """One text event; False: the client floods (cut it)."""
         return self._events.take(1.0, now_s)
+
+    def allows_json_items(self, num_items: int, now_s: float) -> bool:
+        """A text frame's JSON items, before it is parsed (``JSON_ITEMS_PER_EVENT`` per event token); False: the
+        client floods (cut it). The frame's own event is counted as any other, once it is decoded."""
+        cost = num_items // JSON_ITEMS_PER_EVENT
+        return cost == 0 or self._events.take(float(cost), now_s)
 
     def allows_refused_audio(self, frame_s: float, now_s: float) -> bool:
         """One audio frame refused (not taken, whatever the reason); False: the client floods (cut it). A frame

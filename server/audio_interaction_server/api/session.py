@@ -220,6 +220,13 @@ class Session:
                 return self.begin_close("client_closed", CloseCode.NORMAL, now_s)
         raise TypeError(f"not a session command: {command!r}")
 
+    def take_json_items(self, num_items: int, now_s: float) -> list:
+        """A text frame's JSON items, counted before it is decoded (api/flood.py): nothing, or the cut for a flood
+        (the frame is then not decoded)."""
+        if self.is_closed or self._flood.allows_json_items(num_items, now_s):
+            return []
+        return self._cut_off("event_flood", self._flood.event_flood_message(), Malformed("event_flood", ""))
+
     def on_engine_events(self, events: list[EngineEvent], now_s: float) -> list:
         if self.is_closed:
             return []  # late events of a session already gone
