@@ -446,6 +446,15 @@ class ServerConfig(BaseModel):
                 f"whole {CHUNK_S:g} s chunks): every such flush will be refused with audio_buffer_full; raise "
                 "max_buffered_audio_s or lower trailing_silence_s")
 
+    @field_validator("replica_id")
+    @classmethod
+    def _not_the_realtime_prefix(cls, value: str | None) -> str | None:
+        # sess_<id> is how the Realtime API shows a session (api/realtime); a subscriber may give it so, and the
+        # server and HAProxy drop the prefix: a replica of that name would have its ids read as that prefix.
+        if value is not None and value.lower() == "sess":
+            raise ValueError("'sess' is taken: the Realtime API's session ids begin sess_ (docs/realtime.md)")
+        return value
+
     @model_validator(mode="after")
     def _one_frames_answer_fits_the_outbox(self) -> ServerConfig:
         if self.max_queued_bytes < 2 * self.max_frame_bytes:

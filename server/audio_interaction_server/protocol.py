@@ -87,6 +87,8 @@ TurnEvent = Annotated[
 # ``CLIENT_EVENT_ADAPTER``; every server event carries ``server_time_ms``.
 
 PROTOCOL_VERSION = "1"
+# The Realtime API (docs/realtime.md) shows a session id as sess_<id>; the subscriber endpoint takes either form.
+REALTIME_SESSION_ID_PREFIX = "sess_"
 
 SampleFormatName = Literal["pcm_s16le", "pcm_f32le"]
 

@@ -3,6 +3,7 @@ what stays in-band whatever the setting, readiness and load, the drain call, cli
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -251,3 +252,24 @@ def test_replica_ids_hold_no_separator_and_default_to_the_host_name(tiny_checkpo
     finally:
         server.stop()
     assert split_session_id("nohex") is None and split_session_id("a_" + "0" * 31) is None
+
+
+def test_a_subscriber_may_name_a_realtime_session_by_its_sess_id(tiny_checkpoint):
+    """The Realtime API shows the id as sess_<id>; given so to the subscriber endpoint, it was refused as a session
+    of replica "sess", sending the user to debug a balancer (first-hour review, 2026-12-06)."""
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    try:
+        with server.connect("/v1/realtime") as ws:
+            created = json.loads(ws.recv(timeout=10))
+            assert created["type"] == "session.created" and created["session"]["id"].startswith("sess_"), created
+            with server.connect(f"/v1/sessions/{created['session']['id']}/events") as subscriber:
+                ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                    "audio": base64.b64encode(np.zeros(9600, "<i2").tobytes()).decode()}))
+                ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                event = json.loads(subscriber.recv(timeout=10))
+                assert event["type"] != "error", event
+        with server.connect("/v1/sessions/sess_nothing/events") as subscriber:
+            events, code = recv_to_close(subscriber)
+        assert events[0]["code"] == "unknown_session" and "replica" not in events[0]["message"], events
+    finally:
+        server.stop()

@@ -34,7 +34,7 @@ from starlette.websockets import WebSocketState
 
 from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.connection import StreamConnection, fatal_error, send_and_close
-from audio_interaction_server.protocol import CloseCode
+from audio_interaction_server.protocol import REALTIME_SESSION_ID_PREFIX, CloseCode
 
 if TYPE_CHECKING:  # admission reads the runtime it is given; the runtime never imports admission
     from audio_interaction_server.api.runtime import Runtime
@@ -126,6 +126,15 @@ def admit_session(runtime: Runtime, connection: HTTPConnection) -> Refusal | Non
         capacity = runtime.config.session_capacity
         return Refusal("capacity", f"all {capacity} sessions are in use; retry later", CloseCode.TRY_AGAIN)
     return None
+
+
+def registered_session_id(session_id: str) -> str:
+    """The id a subscriber named, as the registry knows it: ``sess_<id>``, as the Realtime API shows a session, is
+    ``<id>`` (only where ``<id>`` is itself one of our ids: a replica may not be called "sess", config.py)."""
+    from audio_interaction_server.api.runtime import split_session_id
+
+    bare = session_id.removeprefix(REALTIME_SESSION_ID_PREFIX)
+    return bare if bare != session_id and split_session_id(bare) is not None else session_id
 
 
 def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: str) -> Refusal | None:

@@ -339,6 +339,7 @@ async def _resume_stream(runtime: Runtime, websocket: WebSocket, session_id: str
 async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: str) -> None:
     if await admission.rate_limited(runtime, websocket):
         return
+    session_id = admission.registered_session_id(session_id)
     refusal = admission.admit_subscriber(runtime, websocket, session_id)
     if refusal is not None:
         await admission.refuse(runtime, websocket, refusal)

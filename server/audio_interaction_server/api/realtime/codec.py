@@ -44,7 +44,7 @@ from audio_interaction_server.api.realtime.events import (
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
-from audio_interaction_server.protocol import AudioFormat
+from audio_interaction_server.protocol import REALTIME_SESSION_ID_PREFIX, AudioFormat
 
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
@@ -409,7 +409,7 @@ class RealtimeCodec:
         if kind in _NOT_SENT:
             return []  # no Realtime counterpart; nothing is sent while the model listens
         if kind == "session.created":
-            self._session_id, self._model = f"sess_{event.session_id}", event.model
+            self._session_id, self._model = f"{REALTIME_SESSION_ID_PREFIX}{event.session_id}", event.model
             self._settings, self._default_max_turn_tokens = event.options, event.options.max_turn_tokens
             return [SessionCreated(event_id=self.ids.new("event"), session=self.session_object())]
         if kind == "session.updated":
