@@ -236,6 +236,11 @@ class TransportSettings(BaseModel):
         "per second, sustained; beyond data_frame_burst the connection is closed with 1008. A page sending each "
         "128-sample AudioWorklet block at 48 kHz sends 375 a second")
     data_frame_burst: int = Field(4000, ge=1, description="data frames a client may send at once (after a stall)")
+    http_requests_per_s: float = Field(
+        100.0, gt=0, description="plain HTTP requests (health, readiness, metrics, info; not WebSocket upgrades) one "
+        "client address may make per second, sustained; beyond http_request_burst the answer is HTTP 429 and the "
+        "connection is closed. trusted_proxies are exempt (their clients are behind them)")
+    http_request_burst: int = Field(500, ge=1, description="plain HTTP requests one client address may make at once")
     max_write_buffer_bytes: int = Field(
         1024 * 1024, ge=64 * 1024, description="bytes waiting for a client that does not read; beyond, the connection "
         "is aborted")

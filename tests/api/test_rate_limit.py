@@ -7,7 +7,7 @@ import socket
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from audio_interaction_server.api.connection import ConnectionRateLimiter
+from audio_interaction_server.api.addresses import AddressRateLimiter
 from benchmarks.harness import LiveServer
 from tests.api.test_app import metric_samples, recv_event, server_config
 from tests.api.test_transport import wait_until
@@ -15,7 +15,7 @@ from tests.test_startup import events_to_close
 
 
 def test_burst_then_the_sustained_rate():
-    limiter = ConnectionRateLimiter(rate_per_s=2.0, burst=3)
+    limiter = AddressRateLimiter(rate_per_s=2.0, burst=3)
     assert [limiter.retry_after_s("a", 0.0) for _ in range(3)] == [None, None, None]
     assert limiter.retry_after_s("a", 0.0) == pytest.approx(0.5)  # empty: the next token in 1 / 2 s
     assert limiter.retry_after_s("b", 0.0) is None  # another address has its own bucket
@@ -27,7 +27,7 @@ def test_burst_then_the_sustained_rate():
 
 
 def test_remembers_a_bounded_number_of_addresses():
-    limiter = ConnectionRateLimiter(rate_per_s=1.0, burst=1, max_tracked=100)
+    limiter = AddressRateLimiter(rate_per_s=1.0, burst=1, max_tracked=100)
     for i in range(1000):
         limiter.retry_after_s(f"10.0.{i // 256}.{i % 256}", 0.0)
     assert len(limiter) == 100
@@ -39,7 +39,7 @@ def test_addresses_of_one_ipv6_64_share_one_bucket_and_one_cooldown():
     by connecting from the next address each time."""
     from audio_interaction_server.api.flood import CutCooldown
 
-    limiter = ConnectionRateLimiter(rate_per_s=1.0, burst=2)
+    limiter = AddressRateLimiter(rate_per_s=1.0, burst=2)
     assert limiter.retry_after_s("2001:db8:0:1::1", 0.0) is None
     assert limiter.retry_after_s("2001:db8:0:1::2", 0.0) is None
     assert limiter.retry_after_s("2001:db8:0:1::3", 0.0) is not None

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -587,3 +588,32 @@ def test_pending_handshakes_are_counted_per_ipv6_64():
     guard.count_slow("2001:db8:0:1::1", -1)
     guard.count_slow("2001:db8:0:1::2", -1)
     assert guard.handshake_refusal("2001:db8:0:1::3") is None and guard.num_slow == 0
+
+
+def test_a_pipelined_flood_of_plain_requests_is_answered_429_and_closed_and_other_addresses_are_served(
+        tiny_checkpoint):
+    """One keep-alive connection with ~64 pipelined GET /health in flight made ~3,500 requests a second, and the
+    loop (and through the GIL the worker thread) had no time left: neighbours' decisions up to 6 s late (hostile
+    probe, 2026-12-06). Plain requests now spend a per-address budget; upgrades do not."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 5.0, "http_request_burst": 20})
+    try:
+        with open_socket(server.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+            data, closed = read_until_closed(sock, timeout_s=5.0)
+        statuses = re.findall(rb"HTTP/1.1 (\d{3})", data)
+        assert closed and statuses.count(b"200") <= 21 and statuses[-1] == b"429", statuses
+        with open_socket(server.port) as sock:  # the same address, a new connection: refused at once
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data, closed = read_until_closed(sock, timeout_s=5.0)
+        assert closed and data.startswith(b"HTTP/1.1 429"), data[:100]
+        with open_socket(server.port, source="127.0.0.3") as sock:  # another client is served
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data, _ = read_until_closed(sock, timeout_s=5.0)
+        assert data.startswith(b"HTTP/1.1 200"), data[:100]
+        with connect(f"ws://127.0.0.1:{server.port}/v1/stream", sock=open_socket(server.port, source="127.0.0.3"),
+                     additional_headers={"Authorization": f"Bearer {API_KEY}"}) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        time.sleep(0.5)  # the flooding address (this test's own) earns a request back: 5 a second
+        assert metric_samples(server)['ais_transport_closes_total{reason="http_request_flood"}'] >= 2
+    finally:
+        server.stop()

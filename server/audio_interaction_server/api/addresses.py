@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections import OrderedDict
 from typing import Any
 
 IPV6_CLIENT_PREFIX_BITS = 64  # the smallest network an ISP gives one customer
@@ -38,3 +39,36 @@ def client_key(address: str) -> str:
             return str(ip)
         return str(ipaddress.IPv6Network((int(ip), IPV6_CLIENT_PREFIX_BITS), strict=False))  # int(): no zone
     return str(ip)
+
+
+class AddressRateLimiter:
+    """Attempts per client IP (WebSocket connections, plain HTTP requests, agent probes): a token bucket of
+    ``burst`` attempts refilled at ``rate_per_s``.
+
+    Sessions are long and reconnects rare, so a client that opens connections in a tight
+    loop (a reconnect bug, a flood) is refused before the handshake, at the cost of a dict
+    lookup. Memory is bounded: at most ``max_tracked`` addresses are remembered, least
+    recently seen forgotten first (forgetting an address only gives it a full bucket again).
+    Event loop only.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, max_tracked: int = 65_536) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (tokens, at time)
+
+    def retry_after_s(self, address: str, now_s: float, take: bool = True) -> float | None:
+        """None (and one attempt counted, unless ``take`` is False) when ``address`` may make one now; else seconds
+        until it may. An IPv6 address counts with its /64 (``client_key``)."""
+        key = client_key(address)
+        tokens, at_s = self._buckets.pop(key, (float(self.burst), now_s))
+        tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed and take else tokens, now_s)
+        while len(self._buckets) > self.max_tracked:
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate_per_s
+
+    def __len__(self) -> int:
+        return len(self._buckets)

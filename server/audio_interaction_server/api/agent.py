@@ -34,7 +34,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from audio_interaction_server.api.connection import ConnectionRateLimiter
+from audio_interaction_server.api.addresses import AddressRateLimiter
 
 if TYPE_CHECKING:
     from audio_interaction_server.api.runtime import Runtime
@@ -72,8 +72,8 @@ class CapacityAgent:
         self.host = host
         self.requested_port = port
         config = runtime.config
-        self._accepts = ConnectionRateLimiter(config.agent_probes_per_s, max(1, round(config.agent_probes_per_s)))
-        self._lines = ConnectionRateLimiter(config.agent_probes_per_s_per_ip,
+        self._accepts = AddressRateLimiter(config.agent_probes_per_s, max(1, round(config.agent_probes_per_s)))
+        self._lines = AddressRateLimiter(config.agent_probes_per_s_per_ip,
                                             max(1, round(config.agent_probes_per_s_per_ip)))
         self._socket: socket.socket | None = None
         self._task: asyncio.Task | None = None

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from audio_interaction_server.api.addresses import client_key, peer_address
+from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard
 from audio_interaction_server.api.native import NativeCodec
@@ -59,38 +59,6 @@ class Codec(Protocol):
 
     def decode(self, message: str | bytes) -> list[Command]: ...
     def encode(self, event) -> list[str]: ...
-
-
-class ConnectionRateLimiter:
-    """WebSocket connection attempts per client IP: a token bucket of ``burst`` attempts refilled at ``rate_per_s``.
-
-    Sessions are long and reconnects rare, so a client that opens connections in a tight
-    loop (a reconnect bug, a flood) is refused before the handshake, at the cost of a dict
-    lookup. Memory is bounded: at most ``max_tracked`` addresses are remembered, least
-    recently seen forgotten first (forgetting an address only gives it a full bucket again).
-    Event loop only.
-    """
-
-    def __init__(self, rate_per_s: float, burst: int, max_tracked: int = 65_536) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (tokens, at time)
-
-    def retry_after_s(self, address: str, now_s: float) -> float | None:
-        """None and one attempt counted when ``address`` may connect now; else seconds until it may. An IPv6
-        address counts with its /64 (``addresses.client_key``)."""
-        key = client_key(address)
-        tokens, at_s = self._buckets.pop(key, (float(self.burst), now_s))
-        tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now_s)
-        while len(self._buckets) > self.max_tracked:
-            self._buckets.popitem(last=False)
-        return None if allowed else (1.0 - tokens) / self.rate_per_s
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
 
 class _Close:

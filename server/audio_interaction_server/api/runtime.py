@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
 from audio_interaction_server.api.addresses import client_key
-from audio_interaction_server.api.connection import ConnectionRateLimiter
+from audio_interaction_server.api.addresses import AddressRateLimiter
 from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
@@ -141,7 +141,7 @@ class Runtime:
         self.metrics.set_state_source(self.state_totals)
         self.metrics.sessions_max.set(config.session_capacity)
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
-            ConnectionRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
+            AddressRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._cooled_sessions: set[str] = set()  # sessions whose flood cut already put their address on cooldown
         self.flood_cooldown = None if config.flood.cut_cooldown_s == 0 else \
             CutCooldown(config.flood.cut_cooldown_s, config.flood.max_cut_cooldown_s)

@@ -27,6 +27,9 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
   because the peer does not read) limited to ``write_stall_timeout_s``: the connection is
   aborted, so its session ends and its slot is freed; on shutdown a stalled connection gets only
   ``close_timeout_s``, so one stuck reader cannot hold the drain;
+* plain HTTP requests (not upgrades) per client address within a token bucket (``http_requests_per_s``,
+  ``http_request_burst``; trusted proxies exempt): beyond, 429 and the connection closed; a pipelined flood of
+  ``/health`` kept the loop, and through the GIL the worker thread, busy;
 * ``X-Forwarded-For`` believed only from ``trusted_proxies`` (uvicorn trusts 127.0.0.1 by default,
   which lets any local client, or a proxy that forwards the header unchecked, pick its address).
 
@@ -55,7 +58,7 @@ from websockets.frames import apply_mask  # the parser's own unmasking: its C he
 from websockets.protocol import State as WebSocketState
 from websockets.streams import StreamReader
 
-from audio_interaction_server.api.addresses import client_key
+from audio_interaction_server.api.addresses import AddressRateLimiter, client_key
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
 from audio_interaction_server.config import TransportSettings
 
@@ -117,6 +120,7 @@ class TransportGuard:
         self.num_slow = 0  # connections slow to send their headers (SLOW_HEADERS_AFTER_S)
         self._slow_by_address: Tally[str] = Tally()
         self.open_connections: set[GuardedHttpProtocol | GuardedWebSocketProtocol] = set()
+        self._http_requests = AddressRateLimiter(settings.http_requests_per_s, settings.http_request_burst)
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
                                     "(transport.py)", ["reason"], registry=registry)
         self._flusher: asyncio.TimerHandle | None = None
@@ -175,6 +179,13 @@ class TransportGuard:
                 not self.is_trusted_proxy(host):
             return 429, "too_many_handshakes_from_ip"
         return None
+
+    def takes_http_request(self, host: str, take: bool = True) -> bool:
+        """Whether ``host`` may make a plain HTTP request now (one counted unless ``take`` is False); trusted
+        proxies always may."""
+        if self.is_trusted_proxy(host):
+            return True
+        return self._http_requests.retry_after_s(host, time.monotonic(), take) is None
 
     def count_slow(self, host: str, delta: int) -> None:
         key = client_key(host)  # an IPv6 client counts with its /64
@@ -278,6 +289,9 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             status, reason = refusal
             self._answer_and_close(status, reason, f"{guard.num_slow} connections slow to send their headers")
             return
+        if not guard.takes_http_request(self._host, take=False):  # spent by plain requests: not a new connection
+            self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
+            return
         self._slow_timer = self.loop.call_later(min(SLOW_HEADERS_AFTER_S, guard.settings.header_timeout_s),
                                                 self._became_slow)
         self._await_head()
@@ -377,7 +391,17 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             self.transport_guard.closed(reason, self.client, detail)
             self.transport.close()
 
+    def _http_flood_detail(self) -> str:
+        settings = self.transport_guard.settings
+        return (f"more than {settings.http_request_burst} HTTP requests at once or {settings.http_requests_per_s:g} "
+                "a second from this address")
+
     def on_response_complete(self) -> None:
+        # A plain request is counted as its answer completes (an upgrade never gets here): a keep-alive or
+        # pipelined connection past its address's budget is answered 429 and closed, not served its next one.
+        if not self.transport_guard.takes_http_request(self._host):
+            self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
+            return
         super().on_response_complete()
         # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
         # timer stops at its first byte); not when it is already in (pipelined).
