@@ -127,6 +127,18 @@ def test_unsupported_architecture_is_rejected(checkpoint_copy: Path):
         ckpt.load_model(checkpoint_copy, "cpu", "float32")
 
 
+def test_missing_layout_files_and_missing_shards_are_named_in_one_line(checkpoint_copy: Path):
+    """A missing shard was named only on the next start, once the missing layout files were back (first-hour
+    review, 2026-12-06): fixing a download one error at a time costs a start each."""
+    (checkpoint_copy / "tokenizer.json").unlink()
+    (checkpoint_copy / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+    message = str(error.value)
+    assert "tokenizer.json is missing" in message and "model-00002-of-00002.safetensors is missing" in message
+    assert len(message.splitlines()) == 1
+
+
 def test_an_empty_folder_names_every_missing_file(tmp_path: Path):
     with pytest.raises(ckpt.CheckpointError) as error:
         ckpt.load_model(tmp_path, "cpu", "float32")

@@ -97,6 +97,8 @@ def resolve_files(root: Path) -> CheckpointFiles:
         (TOKENIZER_FILE, (root / TOKENIZER_FILE).is_file(), "the HF tokenizers tokenizer.json"),
     ]
     missing = [f"{name} is missing ({what})" for name, is_there, what in expected if not is_there]
+    missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in _listed_shards(root / INDEX_FILE)
+                if not (root / name).is_file()]
     if missing:
         raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing))
     assert encoder is not None
@@ -112,6 +114,15 @@ def resolve_files(root: Path) -> CheckpointFiles:
         tokenizer=root / TOKENIZER_FILE,
         tokenizer_config=tokenizer_config if tokenizer_config.is_file() else None,
     )
+
+
+def _listed_shards(index: Path) -> list[str]:
+    """The shard files ``index`` names; none where it is missing or unreadable (read_lm_state_dict says why)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({name for name in weight_map.values() if isinstance(name, str)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def find_multiple(n: int, k: int) -> int:
