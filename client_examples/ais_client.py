@@ -186,8 +186,12 @@ async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, 
                 check = "" if busy.is_listening else "; nothing listens there: check the host and port"
                 raise ClientError(f"{busy}: gave up after {num_retries} retries in {loop.time() - started_s:.0f} s "
                                   f"(--busy-retry-s {retry_s:g}){check}") from None
+            # The first refusal says both readings, so that a typo in the port is not waited out for a minute.
+            first_hint = "" if busy.is_listening or num_retries else (
+                f" (a server still starting, or the wrong host or port; trying for up to {retry_s:g} s, "
+                "--busy-retry-s 0 exits at once)")
             num_retries += 1
-            note(f"{busy}, retrying in {delay_s:.1f} s")
+            note(f"{busy}, retrying in {delay_s:.1f} s{first_hint}")
             await asyncio.sleep(delay_s)
 
 

@@ -297,7 +297,11 @@ def test_stream_file_waits_for_a_server_that_is_not_listening_yet(tiny_checkpoin
                     "sample01_02.wav"), "--api-key", API_KEY, "--speed", "0", "--busy-retry-s", "60", cwd=tmp_path)
     server = None
     try:
-        script.wait_for_line(re.compile(r"^server not listening yet \(.*\), retrying in \d+\.\d s$"))
+        # The first retry also says that the host or port may be wrong (first-hour review, 2026-12-06: a typo in
+        # the port was waited out for 78 s before the client said what to check).
+        script.wait_for_line(re.compile(r"^server not listening yet \(.*\), retrying in \d+\.\d s \(a server "
+                                        r"still starting, or the wrong host or port; trying for up to 60 s, "
+                                        r"--busy-retry-s 0 exits at once\)$"))
         server = LiveServer(client_config(tiny_checkpoint, port=port)).start()
         code = script.finish(timeout_s=60)
     finally:
