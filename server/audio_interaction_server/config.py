@@ -341,6 +341,10 @@ class ServerConfig(BaseModel):
         4 * 1024 * 1024, ge=64 * 1024, description="the same bound in bytes (each event as JSON, estimated as the "
         "outbox counts it): while connected the oldest events are dropped past it; while detached, as for "
         "resume_max_events")
+    max_sessions_per_ip: int | None = Field(
+        None, ge=1, description="sessions (/v1/stream and /v1/realtime, connected or detached) one client address "
+        "may hold; beyond, a new one is refused with too_many_sessions_from_ip and close 1013. None = no limit "
+        "(clients behind one NAT share an address); set it where one client must not be able to hold every slot")
     max_detached_per_ip: int = Field(
         4, ge=1, description="detached sessions (waiting for a resume) one client address may hold; when one more "
         "detaches, the oldest of that address ends. Whatever this says, a new session takes the slot of the "

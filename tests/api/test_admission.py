@@ -273,3 +273,37 @@ def test_a_subscriber_may_name_a_realtime_session_by_its_sess_id(tiny_checkpoint
         assert events[0]["code"] == "unknown_session" and "replica" not in events[0]["message"], events
     finally:
         server.stop()
+
+
+def test_one_client_address_may_hold_at_most_max_sessions_per_ip_sessions(tiny_checkpoint):
+    """A client that opened every slot from one address and sent an empty frame a minute held the server for as
+    long as it liked (hostile probe, 2026-12-06). With max_sessions_per_ip, its next session is refused and other
+    addresses still get theirs; realtime sessions count alike."""
+    import socket
+
+    from websockets.sync.client import connect
+
+    def connect_from(source: str, path: str = "/v1/stream"):
+        sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+        return connect(f"ws://127.0.0.1:{server.port}{path}", sock=sock,
+                       additional_headers={"Authorization": f"Bearer {API_KEY}"})
+
+    server = LiveServer(server_config(tiny_checkpoint, engine={"checkpoint": tiny_checkpoint, "max_sessions": 4,
+                                                              "device": "cpu"}, max_sessions_per_ip=2)).start()
+    try:
+        with connect_from("127.0.0.1") as first, connect_from("127.0.0.1", "/v1/realtime") as second:
+            assert recv_event(first)["type"] == "session.created"
+            assert json.loads(second.recv(timeout=10))["type"] == "session.created"
+            with connect_from("127.0.0.1") as third:
+                events, code = recv_to_close(third)
+            assert events[0]["code"] == "too_many_sessions_from_ip" and code == 1013, events
+            assert "max_sessions_per_ip (2)" in events[0]["message"]
+            with connect_from("127.0.0.3") as elsewhere:
+                assert recv_event(elsewhere)["type"] == "session.created"
+        deadline = time.monotonic() + 10
+        while server.runtime.streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with connect_from("127.0.0.1") as again:  # its sessions ended: the address may open one again
+            assert recv_event(again)["type"] == "session.created"
+    finally:
+        server.stop()

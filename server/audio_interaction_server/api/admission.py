@@ -125,6 +125,10 @@ def admit_session(runtime: Runtime, connection: HTTPConnection) -> Refusal | Non
     if runtime.is_full:
         capacity = runtime.config.session_capacity
         return Refusal("capacity", f"all {capacity} sessions are in use; retry later", CloseCode.TRY_AGAIN)
+    limit = runtime.config.max_sessions_per_ip
+    if limit is not None and (held := runtime.num_sessions_of(peer_address(connection) or "")) >= limit:
+        return Refusal("too_many_sessions_from_ip", f"this client address holds {held} sessions, as many as "
+                       f"max_sessions_per_ip ({limit}) allows; end one, then connect again", CloseCode.TRY_AGAIN)
     return None
 
 

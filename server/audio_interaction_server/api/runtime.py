@@ -225,6 +225,11 @@ class Runtime:
         if self.shared_engine is not None:  # the other fronts see the slots taken before the first audio opens them
             self.shared_engine.num_admitted = len(self.streams)
 
+    def num_sessions_of(self, address: str) -> int:
+        """Sessions (connected or detached, either endpoint) whose client has ``address`` (an IPv6 one: its /64)."""
+        client = client_key(address)
+        return sum(1 for stream in self.streams.values() if client_key(stream.client_address) == client)
+
     def detached_sessions(self) -> list[RegisteredConnection]:
         """Sessions waiting for their client to resume them, the longest waiting first."""
         detached = [stream for stream in self.streams.values() if stream.is_detached]
