@@ -122,7 +122,8 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
                              open_timeout=open_timeout_s)
     except InvalidStatus as error:
         response = error.response
-        if response.status_code in (403, 404) and not response.body:  # no WebSocket route there (Starlette: 403)
+        # No WebSocket route there: our server says 404 (older ones, and bare Starlette apps, an empty 403).
+        if response.status_code == 404 or (response.status_code == 403 and not response.body):
             raise ClientError(f"cannot connect to {shown_url(url)}: no WebSocket endpoint at {urlsplit(url).path} "
                               f"(HTTP {response.status_code}): give the server's URL, ws://HOST:PORT") from None
         # 503: busy, refused before the handshake (behind a balancer); 500, 502, 504: a server stopping or restarting

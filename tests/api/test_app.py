@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
@@ -715,3 +715,16 @@ def test_a_client_killed_mid_reply_still_ends_the_turn_for_its_subscribers(live,
     assert cut["end_reason"] in ("session_closed", "text_end", "max_tokens")
     streamed = "".join(e["text"] for e in events if e["type"] == "text_delta" and e["turn"] == cut["turn"])
     assert cut["text"] == streamed and cut["num_tokens"] == len(cut["token_ids"]) >= 1
+
+
+def test_a_websocket_to_an_unknown_path_is_404_and_a_plain_get_on_an_endpoint_is_426(live):
+    """A handshake on a path no route serves got HTTP 403, which reads as a refused key, and `curl /v1/stream` got
+    404, which reads as "no such endpoint" (first-hour review, 2026-12-06)."""
+    with pytest.raises(InvalidStatus) as refused:
+        live.connect("/v1/strem")
+    assert refused.value.response.status_code == 404
+    assert b"no WebSocket endpoint at /v1/strem" in refused.value.response.body
+    for path in ("/v1/stream", "/v1/realtime", "/v1/sessions/vm_0123/events"):
+        status, body = live.get(path)
+        assert status == 426 and b"WebSocket" in body, (path, status, body)
+    assert live.get("/v1/nothing")[0] == 404

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from audio_interaction_server import __version__
 from audio_interaction_server import spec as T
@@ -40,7 +40,7 @@ from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
 from audio_interaction_server.api.transport import TransportGuard
-from audio_interaction_server.protocol import PROTOCOL_VERSION
+from audio_interaction_server.protocol import PROTOCOL_VERSION, CloseCode
 from audio_interaction_server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -170,7 +170,31 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         await _serve_subscriber(runtime, websocket, session_id)
 
     _add_realtime_routes(app, runtime)
+    _add_wrong_path_answers(app)
     return app
+
+
+# The WebSocket endpoints, as a plain GET names them (curl, a browser tab): 426 says how to connect.
+WEBSOCKET_PATHS = ("/v1/stream", "/v1/realtime", "/v1/sessions/{session_id}/events")
+
+
+def _add_wrong_path_answers(app: FastAPI) -> None:
+    """After every other route: a plain GET on a WebSocket endpoint gets 426 Upgrade Required (not 404, which
+    reads as "no such endpoint"), and a WebSocket on a path no route serves gets 404 (not Starlette's 403, which
+    reads as a refused key)."""
+    async def upgrade_required(request: Request) -> Response:
+        return PlainTextResponse(f"{request.url.path} is a WebSocket endpoint: connect with ws:// (or wss://), "
+                                 "as docs/protocol.md shows\n", status_code=426, headers={"Upgrade": "websocket"})
+
+    for path in WEBSOCKET_PATHS:
+        app.add_api_route(path, upgrade_required, methods=["GET", "HEAD"], include_in_schema=False)
+
+    @app.websocket("/{path:path}")
+    async def no_such_endpoint(websocket: WebSocket, path: str) -> None:
+        text = (f"no WebSocket endpoint at /{path}: the server's are /v1/stream, /v1/realtime and "
+                "/v1/sessions/<id>/events\n")
+        if not await admission.deny_upgrade(websocket, PlainTextResponse(text, status_code=404)):
+            await websocket.close(CloseCode.POLICY)  # no denial-response extension: a plain refusal (HTTP 403)
 
 
 def _add_realtime_routes(app: FastAPI, runtime: Runtime) -> None:
