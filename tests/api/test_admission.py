@@ -307,3 +307,19 @@ def test_one_client_address_may_hold_at_most_max_sessions_per_ip_sessions(tiny_c
             assert recv_event(again)["type"] == "session.created"
     finally:
         server.stop()
+
+
+def test_each_session_logs_its_open_and_its_end_and_a_refusal_says_why(busy_503, caplog):
+    """The log held no line with a session id, its end or its duration, and a session refused for capacity looked
+    like an accepted connection (first-hour review, 2026-12-06)."""
+    with caplog.at_level(logging.INFO, logger="audio_interaction_server"):
+        with busy_503.connect() as ws:
+            session_id = recv_event(ws)["session_id"]
+            ws.send(json.dumps({"type": "session.close"}))
+            recv_to_close(ws)
+        deadline = time.monotonic() + 5
+        while session_id in busy_503.runtime.streams and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = [record.getMessage() for record in caplog.records]
+    assert f"session {session_id} opened for 127.0.0.1" in lines, lines
+    assert any(line.startswith(f"session {session_id} ended (client_closed) after ") for line in lines), lines

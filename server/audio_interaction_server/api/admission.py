@@ -279,6 +279,9 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
     and ``busy_refusal`` is ``http_503``; else accept, send ``in_band(refusal)`` and close with its code.
     ``in_band``/``encode`` let another protocol (``/v1/realtime``) word the error its own way."""
     runtime.metrics.refused_total.labels(refusal.code).inc()
+    # A warning, so a full server's storm of retries is one line per code and window (api/log_bursts.py).
+    log.warning(f"refused a connection ({refusal.code}) from %s: %s", peer_address(websocket) or "?",
+                refusal.message)
     if refusal.is_busy and runtime.config.busy_refusal == "http_503":
         body = json.dumps({"type": "error", "code": refusal.code, "message": refusal.message}) + "\n"
         if await deny_upgrade(websocket, Response(body, status_code=503, media_type="application/json",

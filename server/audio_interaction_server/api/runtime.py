@@ -143,6 +143,7 @@ class Runtime:
         self.rate_limiter = None if config.connect_rate_per_ip is None else \
             AddressRateLimiter(config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._cooled_sessions: set[str] = set()  # sessions whose flood cut already put their address on cooldown
+        self._opened_at_s: dict[str, float] = {}  # when each registered session was (for its end's log line)
         self.flood_cooldown = None if config.flood.cut_cooldown_s == 0 else \
             CutCooldown(config.flood.cut_cooldown_s, config.flood.max_cut_cooldown_s)
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
@@ -185,6 +186,8 @@ class Runtime:
             if oldest is not None:
                 oldest.end_detached("detached_evicted", "a new session took its slot (the server was full)")
         self.streams[session_id] = connection
+        self._opened_at_s[session_id] = time.monotonic()
+        log.info("session %s opened for %s", session_id, connection.client_address)
         self._count_sessions()
 
     def release(self, session_id: str, reason: str) -> None:
@@ -195,6 +198,9 @@ class Runtime:
         self._cooled_sessions.discard(session_id)
         if stream is None:
             return
+        opened_at_s = self._opened_at_s.pop(session_id, None)
+        lasted = "" if opened_at_s is None else f" after {time.monotonic() - opened_at_s:.1f} s"
+        log.info("session %s ended (%s)%s", session_id, reason, lasted)
         if self.shared_engine is not None and stream.detached_since_s is not None:
             self.shared_engine.detach_ended(session_id)  # one never opened in the engine is known there only so
         self._count_sessions()
