@@ -182,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.speed < 0 or not 1 <= args.frame_ms <= 1000 or args.busy_retry_s < 0:
-        print("error: --speed and --busy-retry-s must be >= 0, --frame-ms between 1 and 1000", file=sys.stderr)
+    wrong = [f"--speed {args.speed:g}: must be 0 (as fast as the server takes it) or more"] * (args.speed < 0) + \
+        [f"--frame-ms {args.frame_ms:g}: must be between 1 and 1000"] * (not 1 <= args.frame_ms <= 1000) + \
+        [f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more"] * (args.busy_retry_s < 0)
+    if wrong:
+        print("error: " + "; ".join(wrong), file=sys.stderr)
         return EXIT_USAGE
     try:
         endpoint_url(args.url, "/v1/stream")  # a URL that is none is a bad argument, said before anything is read

@@ -1193,3 +1193,11 @@ def test_microphone_resumes_after_a_cut_and_nothing_it_captured_is_lost(live, pr
     closed = events[-1]
     assert closed["type"] == "session.closed" and closed["reason"] == "client_closed"
     assert closed["audio_received_s"] == pytest.approx(audio_seconds(recording), abs=1e-3)
+
+
+def test_stream_file_names_each_bad_argument_alone(tmp_path):
+    """Three checks shared one message, whichever argument was wrong (first-hour review, 2026-12-06)."""
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--frame-ms", "0", cwd=tmp_path)
+    assert code == 2 and err[-1] == "error: --frame-ms 0: must be between 1 and 1000", err
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", "-1", cwd=tmp_path)
+    assert code == 2 and err[-1] == "error: --speed -1: must be 0 (as fast as the server takes it) or more", err

@@ -166,3 +166,12 @@ def test_the_documented_example_exchange_is_valid():
         validator("client").validate(json.loads(line))
     for line in server:
         validator("server").validate(json.loads(line))
+
+
+def test_an_event_without_a_type_is_told_what_it_lacks_in_our_words():
+    """pydantic's "Unable to extract tag using discriminator 'type'" reached the client (first-hour review)."""
+    for frame in ('{"foo": 1}', '{}'):
+        with pytest.raises(P.ClientEventError) as error:
+            P.parse_client_event(frame)
+        assert error.value.code == "invalid_event" and "every event needs a \"type\"" in str(error.value), frame
+        assert "discriminator" not in str(error.value)

@@ -49,7 +49,8 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
     assert elapsed_s < 60
     # One line, before torch is imported (it said uvicorn's "ERROR: [Errno 98] ..." too, after seconds of imports).
     assert [line for line in result.stderr.splitlines() if "Errno 98" in line] == [
-        f"error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use"], result.stderr
+        f"error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use; another program uses the "
+        "port: choose another with --port or AIS_PORT"], result.stderr
     assert "importing the engine" not in result.stderr, result.stderr
 
 

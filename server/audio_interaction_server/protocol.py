@@ -241,6 +241,10 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
             # pydantic names a tag of any JSON type by its str() ("None", "5"): that is no event name.
             raise ClientEventError("invalid_event", "type must be a string naming a client event", None,
                                    _echoable_event_id(text)) from None
+        if first["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator 'type'"
+            raise ClientEventError("invalid_event", "every event needs a \"type\" naming a client event (for "
+                                   "example \"session.configure\" or \"input.flush\")", None,
+                                   _echoable_event_id(text)) from None
         if first["type"] == "union_tag_invalid":
             raise ClientEventError("unknown_event", f"unknown event type {context.get('tag')!r}; expected one of "
                                    f"{context.get('expected_tags')}", str(context.get("tag")),

@@ -7,6 +7,7 @@ Only the standard library at import: ``__main__`` imports this for ``--help``, w
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -63,7 +64,11 @@ def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.
         listener.listen(backlog)
     except OSError as error:
         listener.close()
-        raise CannotListen(f"cannot listen on {host}:{port}{what}: [Errno {error.errno}] {error.strerror}") from error
+        # A port in use is the common case on a development machine: say how to choose another.
+        other = "; another program uses the port: choose another with --port or AIS_PORT" if \
+            error.errno == errno.EADDRINUSE and not what else ""
+        raise CannotListen(f"cannot listen on {host}:{port}{what}: [Errno {error.errno}] {error.strerror}{other}") \
+            from error
     return listener
 
 
