@@ -78,7 +78,8 @@ from audio_interaction_server.engine.events import Decision, SessionEnded, TurnB
 from audio_interaction_server.engine.runner import PlannedRow, Runner
 from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.spec import CHUNK_S, CHUNK_SAMPLES, SAMPLE_RATE_HZ
-from audio_interaction_server.engine.worker import StepStats, Worker
+from audio_interaction_server.engine.events import StepStats
+from audio_interaction_server.engine.worker import Worker
 
 from benchmarks.harness import scrape, server_log, shared_audio_dir, spawn_server, wait_until_ready
 from benchmarks.served import (

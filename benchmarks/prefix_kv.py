@@ -25,7 +25,8 @@ import torch
 from benchmarks.capacity import run_direct, session_name
 from benchmarks.step_policy import HEADER, alternated, comparison_parser, comparison_setup, describe
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.engine.worker import StepStats, Worker
+from audio_interaction_server.engine.events import StepStats
+from audio_interaction_server.engine.worker import Worker
 from audio_interaction_server.options import SessionOptions
 
 

@@ -129,7 +129,7 @@ def test_the_device_ramp_covers_the_issues_points():
 
 
 def test_targets_judge_every_figure_separately():
-    from audio_interaction_server.engine.worker import StepStats
+    from audio_interaction_server.engine.events import StepStats
 
     from benchmarks import capacity
     targets = capacity.Targets(decision_p95_ms=100, first_token_p95_ms=50, reply_tokens_per_s=20, host_share=0.2)

@@ -166,6 +166,13 @@ def test_two_fronts_share_the_engine_stream_real_audio_and_report_its_free_slots
             assert recv_to_close(ws)[1] == 1000
     # The same recording, the same model: the same decisions on both fronts, every chunk in order.
     assert decisions[0] == decisions[1] and [chunk for chunk, _ in decisions[0]] == list(range(len(decisions[0])))
+    # Neither front imported torch (each front's share of a host's memory: ~370 MB with it, ~170 without, on the
+    # 2-core VM); only the engine process did.
+    if Path("/proc/self/maps").exists():
+        engine_pid = tree.engine()[0]
+        for replica, pid in tree.front_pids().items():
+            assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), f"front {replica} loaded torch"
+        assert "libtorch" in Path(f"/proc/{engine_pid}/maps").read_text()
     assert len(decisions[0]) >= 9
     wait_until(lambda: probe(agents["box-f0"]).startswith("up ready 100% maxconn:"))
     assert http_status(ports["box-f1"], "/ready") == 200

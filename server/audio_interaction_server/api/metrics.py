@@ -99,7 +99,7 @@ class Metrics:
     def error_sent(self, code: str) -> None:
         self.errors_total.labels(code).inc()
 
-    # ---- the worker's on_step (a worker.StepStats) ------------------------------
+    # ---- the worker's on_step (an events.StepStats) ------------------------------
     def observe_step(self, stats) -> None:
         self.step_seconds.observe(stats.total_s)
         self.step_rows.observe(stats.num_rows)

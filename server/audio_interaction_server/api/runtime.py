@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
-from audio_interaction_server.api.addresses import client_key
-from audio_interaction_server.api.addresses import AddressRateLimiter
+from audio_interaction_server.api.addresses import AddressRateLimiter, client_key
 from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
@@ -42,6 +41,10 @@ if TYPE_CHECKING:  # the engine and the model load on the loader thread, not at 
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
+
+# How a detached session ends without its client (RegisteredConnection.end_detached logs each, with its time
+# detached and why).
+_ENDS_OF_DETACHED_SESSIONS = frozenset({"resume_expired", "detached_evicted", "detached_per_ip_limit"})
 
 
 # Session ids are "<replica id>_<32 hex>": a replica id never holds "_" (settings.REPLICA_ID_PATTERN), so a
@@ -199,8 +202,9 @@ class Runtime:
         if stream is None:
             return
         opened_at_s = self._opened_at_s.pop(session_id, None)
-        lasted = "" if opened_at_s is None else f" after {time.monotonic() - opened_at_s:.1f} s"
-        log.info("session %s ended (%s)%s", session_id, reason, lasted)
+        if reason not in _ENDS_OF_DETACHED_SESSIONS:  # those have a line of their own (end_detached), with more
+            lasted = "" if opened_at_s is None else f" after {time.monotonic() - opened_at_s:.1f} s"
+            log.info("session %s ended (%s)%s", session_id, reason, lasted)
         if self.shared_engine is not None and stream.detached_since_s is not None:
             self.shared_engine.detach_ended(session_id)  # one never opened in the engine is known there only so
         self._count_sessions()
@@ -463,8 +467,6 @@ class Runtime:
     def _load_blocking(self) -> tuple[LoadedModel | ModelSummary, EngineClient]:
         from audio_interaction_server.demo.source import resolve_model_source
         from audio_interaction_server.engine.client import choose_transport
-        from audio_interaction_server.engine.worker import Worker
-        from audio_interaction_server.model.checkpoint import load_model
 
         engine = self.config.engine
         worker: EngineClient
@@ -484,7 +486,10 @@ class Runtime:
 
             worker = EngineProcessClient.spawn(checkpoint, engine, functools.partial(
                 configure_logging, self.config.log_level, self.config.log_format))
-        else:
+        else:  # torch and the model in this process: imported here, so that a front of an engine process never does
+            from audio_interaction_server.engine.worker import Worker
+            from audio_interaction_server.model.checkpoint import load_model
+
             worker = Worker(load_model(checkpoint, engine.device, engine.dtype, self.load_progress), engine)
         return self._start_worker(worker)
 

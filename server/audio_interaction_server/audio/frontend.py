@@ -5,6 +5,10 @@ arrays/tensors out. The streaming log-mel reproduces whole-file STFT bit-for-bit
 samples of look-ahead; only the clamp differs, because it uses the running maximum of the
 stream (model-notes §4.3, decision 5).
 
+torch is imported inside the functions that compute mels, not with the module: a front process (api/fronts.py,
+the engine in its own process) decodes, resamples and cuts audio into blocks with numpy here, and never computes a
+mel; importing torch would cost each front a second and some 200 MB.
+
 Threading contract: nothing here is thread-safe. ``StreamingResampler``, ``LogMelChunker``
 and ``StreamingLogMel`` hold per-stream state; use one instance per stream, owned by one
 thread (or one asyncio task) at a time. The module-level functions are pure and re-entrant.
@@ -17,15 +21,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 import soundfile
 import soxr
-import torch
-import torch.nn.functional as F
 
 from audio_interaction_server.spec import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
+
+if TYPE_CHECKING:  # torch is imported where a mel is computed (below: why)
+    import torch
 
 N_FFT: Final = 400
 HOP_SAMPLES: Final = 160
@@ -272,12 +277,16 @@ def mel_filters() -> torch.Tensor:
     transformers costs a process about 0.7 s, and only this table was used of it. Shared and cached: treat it
     as read-only.
     """
+    import torch
+
     filters = mel_filters_float64()
     return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32))
 
 
 @functools.cache
 def _hann_window() -> torch.Tensor:
+    import torch
+
     return torch.hann_window(N_FFT)
 
 
@@ -289,6 +298,8 @@ def _log_mel_block(padded_samples: torch.Tensor) -> torch.Tensor:
     observed), and the clone gives both paths the same allocator-aligned storage, so whole-file
     and streaming frames are bit-identical by construction rather than by luck of the kernels.
     """
+    import torch
+
     if padded_samples.shape != (_BLOCK_INPUT_SAMPLES,):
         raise ValueError(f"expected {_BLOCK_INPUT_SAMPLES} samples, got {tuple(padded_samples.shape)}")
     spectrum = torch.stft(
@@ -309,6 +320,8 @@ def log_mel_blocks(padded_blocks: torch.Tensor) -> torch.Tensor:
     path. All-zero rows (flushed silence) take the cached silent block. ``tests/audio/test_batched_log_mel.py``
     checks the equality bit for bit.
     """
+    import torch
+
     if padded_blocks.dim() != 2 or padded_blocks.shape[1] != _BLOCK_INPUT_SAMPLES:
         raise ValueError(f"expected blocks (N, {_BLOCK_INPUT_SAMPLES}), got {tuple(padded_blocks.shape)}")
     num_blocks = padded_blocks.shape[0]
@@ -336,11 +349,15 @@ def _silent_block_log_mel() -> torch.Tensor:
     Flushed silence is pure zeros: 10 s of it would otherwise cost 25 STFTs on the event loop
     per ``input.flush``. Shared: callers get a clone.
     """
+    import torch
+
     return _log_mel_block(torch.zeros(_BLOCK_INPUT_SAMPLES))
 
 
 def normalize_log_mel(log_mel: torch.Tensor, max_value: float) -> torch.Tensor:
     """Whisper's clamp and scaling, given the maximum to clamp against (whole-file or running)."""
+    import torch
+
     return (torch.clamp(log_mel, min=max_value - _DYNAMIC_RANGE) + 4.0) / 4.0
 
 
@@ -354,6 +371,8 @@ def normalize_next_chunk(raw_chunk: torch.Tensor, running_max: float) -> tuple[t
 def normalize_stream(raw_chunks: torch.Tensor, running_max: float) -> tuple[torch.Tensor, float]:
     """``normalize_next_chunk`` over consecutive chunks (N, 128, 40) of one stream, as ``StreamingLogMel`` does.
     Returns the normalized chunks and the new maximum."""
+    import torch
+
     normalized = []
     for raw_chunk in raw_chunks:
         chunk, running_max = normalize_next_chunk(raw_chunk, running_max)
@@ -386,6 +405,9 @@ def log_mel_raw(samples_16k: np.ndarray) -> torch.Tensor:
     Equal to torch.stft(center=True, pad_mode="reflect") with the last frame dropped, computed
     in 40-frame blocks (see ``_log_mel_block``); the reflect padding is F.pad's, as in torch.stft.
     """
+    import torch
+    import torch.nn.functional as F
+
     samples = torch.from_numpy(np.ascontiguousarray(samples_16k, dtype=np.float32))
     num_frames = samples.shape[0] // HOP_SAMPLES
     if num_frames == 0:
@@ -473,10 +495,14 @@ class LogMelChunker:
 
     def push_blocks(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
         """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
+        import torch
+
         return list(torch.from_numpy(self.push_block_array(check_mono_samples(samples_16k))))
 
     def flush_blocks(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
         """As ``flush``, but each chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
+        import torch
+
         return list(torch.from_numpy(self.flush_block_array(pad_to_chunk)))
 
     def push_block_array(self, values: np.ndarray, scale: np.float32 | None = None) -> np.ndarray:

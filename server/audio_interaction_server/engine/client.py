@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from audio_interaction_server.audio.frontend import PaddedBlocks
-    from audio_interaction_server.engine.worker import SessionStateSize, StepStats
+    from audio_interaction_server.engine.events import SessionStateSize, StepStats
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 Transport = Literal["thread", "process"]
@@ -37,8 +37,8 @@ class ModelSummary:
     """What the front needs to know of a model that lives in another process (a ``LoadedModel`` has the same)."""
 
     name: str
-    device: torch.device
-    dtype: torch.dtype
+    device: str  # as the engine names it ("cuda:0"): str() of a LoadedModel's torch.device says the same
+    dtype: str  # "bfloat16": str() of a LoadedModel's torch.dtype, without "torch."
     tokenizer: Any  # a tokenizers.Tokenizer, loaded by the front from the same checkpoint
 
 

@@ -115,6 +115,30 @@ class EndCode(StrEnum):
 
 # What clients hear when the worker (or the engine process) is lost; the exception and its traceback go to the log.
 WORKER_FAILED_MESSAGE = "the model worker failed (the server log says why)"
+SHUTDOWN_MESSAGE = "the server is shutting down"
+
+
+# What a step and a session hold, for the fronts' metrics: here, with the events, and not with the worker, so that
+# a front of an engine process (engine/process_client.py) reads them without importing torch.
+@dataclass(frozen=True)
+class StepStats:
+    num_rows: int
+    num_decisions: int
+    num_reply_tokens: int
+    num_tokens_fed: int
+    encode_s: float
+    forward_s: float
+    total_s: float
+    prefixes_reused_total: int = 0  # sessions opened since start with their prompt's keys and values copied
+
+
+@dataclass(frozen=True)
+class SessionStateSize:
+    positions: int  # KV-cache positions in use
+    history_tokens: int  # tokens kept for a context rollover
+    history_chunks: int  # audio chunks kept for a context rollover
+    queued_chunks: int  # audio received but not yet consumed
+    num_rollovers: int
 
 
 @dataclass(frozen=True)

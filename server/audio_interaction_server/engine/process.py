@@ -36,10 +36,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 import zmq
 
 from audio_interaction_server.config import EngineConfig
@@ -52,7 +51,11 @@ from audio_interaction_server.engine.wire import (
     EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
     decode_batch, encode, recv_frames, send_frames, stood_still_s,
 )
-from audio_interaction_server.engine.worker import Worker
+
+# The front side of this module (EngineProcess, which a front imports to start or watch the engine) needs neither
+# torch nor the worker: the engine's side imports them where it runs (run_engine, EngineHost).
+if TYPE_CHECKING:
+    from audio_interaction_server.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,7 @@ def run_engine(spec: EngineSpec) -> None:
     # by it (``Shutdown``), by its parent's end, or by the parent's exit handler (``EngineProcess.start``).
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    from audio_interaction_server.engine.worker import Worker
     from audio_interaction_server.model.checkpoint import CheckpointError, load_model
 
     context = zmq.Context()
@@ -255,7 +259,10 @@ class EngineHost:
     """The engine process's side of the sockets: commands in, the worker's events out, fronts watched."""
 
     def __init__(self, context: zmq.Context, spec: EngineSpec) -> None:
+        import torch
+
         self.spec = spec
+        self._tensor_of = torch.from_numpy  # for mel features pushed as arrays
         self.commands = context.socket(zmq.ROUTER)
         self.commands.setsockopt(zmq.RCVHWM, 0)  # never drop a command: audio a session accepted must arrive
         self.commands.bind(spec.endpoints.commands)
@@ -377,7 +384,7 @@ class EngineHost:
             case PushAudio(session_id=session_id, mel_chunks=chunks):
                 # Features: a copy the worker may own; PaddedBlocks: the worker copies them as it batches.
                 worker.push_audio(session_id, chunks if isinstance(chunks, PaddedBlocks)
-                                  else torch.from_numpy(np.array(chunks)))
+                                  else self._tensor_of(np.array(chunks)))
             case CancelReply(session_id=session_id):
                 worker.cancel(session_id)
             case RequestReply(session_id=session_id, max_turn_tokens=max_turn_tokens):

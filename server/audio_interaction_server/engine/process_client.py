@@ -16,10 +16,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 import zmq
+
+if TYPE_CHECKING:
+    import torch
 
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.client import CannotServe, ModelSummary
@@ -27,7 +29,9 @@ from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
 )
-from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
+from audio_interaction_server.engine.events import (
+    SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStateSize, StepStats,
+)
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.thread_name import name_native_thread
@@ -36,7 +40,6 @@ from audio_interaction_server.engine.wire import (
     EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
     decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
-from audio_interaction_server.engine.worker import SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, SessionStateSize, StepStats
 from audio_interaction_server.options import SessionOptions
 
 log = logging.getLogger(__name__)
@@ -114,10 +117,10 @@ class EngineProcessClient:
                 self.process.join(STOP_FLUSH_S + 5.0)
             self._close_sockets()
             raise
-        from audio_interaction_server.model.checkpoint import load_tokenizer, resolve_files
+        from audio_interaction_server.model.layout import load_tokenizer, resolve_files
 
         tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
-        self.model = ModelSummary(ready.name, torch.device(ready.device), getattr(torch, ready.dtype), tokenizer)
+        self.model = ModelSummary(ready.name, ready.device, ready.dtype, tokenizer)
         self.config = ready.config
         self._fit = SessionFit(PromptEncoder.for_engine(tokenizer, ready.config), ready.config)
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)

@@ -43,8 +43,7 @@ import zmq
 from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.commands import PushAudio
-from audio_interaction_server.engine.events import EngineEvent
-from audio_interaction_server.engine.worker import SessionStateSize
+from audio_interaction_server.engine.events import EngineEvent, SessionStateSize
 from audio_interaction_server.options import SessionOptions
 
 HEARTBEAT_S = 0.1  # how often a front says it is alive

@@ -30,7 +30,6 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -45,7 +44,8 @@ from audio_interaction_server.engine.commands import (
 )
 from audio_interaction_server.engine.conversation import ContextFull
 from audio_interaction_server.engine.events import (
-    WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted,
+    SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted, SessionStateSize,
+    StepStats,
 )
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
@@ -58,8 +58,6 @@ from audio_interaction_server.model.fit import check_kv_fits
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_MESSAGE = "the server is shutting down"
-
 __all__ = ["EmitFn", "SessionStateSize", "StepStats", "WORKER_FAILED_MESSAGE", "Worker"]
 
 
@@ -68,27 +66,6 @@ def _failure(exc: BaseException, what: str) -> SessionEnded:
     if isinstance(exc, FloatingPointError):
         return SessionEnded(EndCode.NUMERICAL_ERROR, f"{what}: the model produced non-finite values")
     return SessionEnded(EndCode.INTERNAL_ERROR, f"{what} (the server log says why)")
-
-
-@dataclass(frozen=True)
-class StepStats:
-    num_rows: int
-    num_decisions: int
-    num_reply_tokens: int
-    num_tokens_fed: int
-    encode_s: float
-    forward_s: float
-    total_s: float
-    prefixes_reused_total: int = 0  # sessions opened since start with their prompt's keys and values copied
-
-
-@dataclass(frozen=True)
-class SessionStateSize:
-    positions: int  # KV-cache positions in use
-    history_tokens: int  # tokens kept for a context rollover
-    history_chunks: int  # audio chunks kept for a context rollover
-    queued_chunks: int  # audio received but not yet consumed
-    num_rollovers: int
 
 
 class Worker:

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_interaction_server.model.checkpoint import (
+from audio_interaction_server.model.layout import (
     ENCODER_FILES,
     INDEX_FILE,
     MODEL_CONFIG_FILE,

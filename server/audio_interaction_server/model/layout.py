@@ -1,0 +1,94 @@
+"""The release checkpoint's layout: which files a directory must hold, found and checked without reading a weight.
+
+Apart from ``checkpoint.py`` (which builds the modules, with torch) so that what needs only the files (the model
+hub's download, a front of an engine process loading the tokenizer) imports no torch. Layout::
+
+    model_config.yaml                    LitGPT Config fields
+    model.safetensors.index.json         {"weight_map": {param: shard}}
+    model-0000k-of-0000N.safetensors     LitGPT-named LM weights
+    audiointeraction_ChunkwisedEncoder.pth   (or MiniOmni3_ChunkwisedEncoder.pth)
+    qwen25OmniConfig/config.json         Qwen2.5-Omni config; thinker_config.audio_config is used
+    tokenizer.json                       HF tokenizers file (prompt encoding, reply decoding)
+    tokenizer_config.json                optional, not read
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+INDEX_FILE = "model.safetensors.index.json"
+ENCODER_FILES = ("audiointeraction_ChunkwisedEncoder.pth", "MiniOmni3_ChunkwisedEncoder.pth")
+OMNI_CONFIG_DIR = "qwen25OmniConfig"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that does not match the release layout."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    root: Path
+    model_config: Path
+    index: Path
+    encoder_weights: Path
+    omni_config_dir: Path
+    tokenizer: Path
+    tokenizer_config: Path | None
+
+
+def resolve_files(root: Path) -> CheckpointFiles:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    encoder = next((root / n for n in ENCODER_FILES if (root / n).is_file()), None)
+    omni_dir = root / OMNI_CONFIG_DIR
+    # Every missing file at once: fixing a download one error at a time wastes a reload per file.
+    expected = [
+        (MODEL_CONFIG_FILE, (root / MODEL_CONFIG_FILE).is_file(), "the LitGPT model config (YAML)"),
+        (INDEX_FILE, (root / INDEX_FILE).is_file(), 'the safetensors index {"weight_map": {...}}'),
+        (" or ".join(ENCODER_FILES), encoder is not None, "the audio tower, a Qwen2_5OmniAudioEncoder state dict"),
+        (OMNI_CONFIG_DIR if not omni_dir.is_dir() else f"{OMNI_CONFIG_DIR}/config.json",
+         (omni_dir / "config.json").is_file(), "the Qwen2.5-Omni config with thinker_config.audio_config"),
+        (TOKENIZER_FILE, (root / TOKENIZER_FILE).is_file(), "the HF tokenizers tokenizer.json"),
+    ]
+    missing = [f"{name} is missing ({what})" for name, is_there, what in expected if not is_there]
+    missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in _listed_shards(root / INDEX_FILE)
+                if not (root / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing))
+    assert encoder is not None
+    # Optional and not read: replies are decoded, and the prompt encoded, with tokenizer.json alone
+    # (the prompt layout brings its own control tokens, so the bos/eos it declares are never used).
+    tokenizer_config = root / TOKENIZER_CONFIG_FILE
+    return CheckpointFiles(
+        root=root,
+        model_config=root / MODEL_CONFIG_FILE,
+        index=root / INDEX_FILE,
+        encoder_weights=encoder,
+        omni_config_dir=omni_dir,
+        tokenizer=root / TOKENIZER_FILE,
+        tokenizer_config=tokenizer_config if tokenizer_config.is_file() else None,
+    )
+
+
+def _listed_shards(index: Path) -> list[str]:
+    """The shard files ``index`` names; none where it is missing or unreadable (read_lm_state_dict says why)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({name for name in weight_map.values() if isinstance(name, str)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def load_tokenizer(files: CheckpointFiles):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(files.tokenizer))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+        raise CheckpointError(f"{files.tokenizer} is not a HF tokenizers file: {exc}") from exc
