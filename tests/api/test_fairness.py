@@ -212,21 +212,24 @@ def test_a_connection_with_many_queued_events_yields_the_event_loop_after_every_
     assert order.index("neighbour") <= 10, f"the neighbour's frame waited for {order.index('neighbour')} sends"
 
 
-def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
-    """After the session is cut (here for an event flood), the connection stops taking frames from the socket
-    (uvicorn then stops reading it): what the client goes on sending is not parsed, let alone decoded."""
+def flood_one_connection(tiny_model, frames: list[str], config: ServerConfig) -> tuple[BufferedSocket, list[str],
+                                                                                      list[str]]:
+    """``frames`` queued on one connection of a real session, run for 50 loop turns: (its socket, the frames the
+    connection took from it, the frames its codec decoded)."""
     worker = Worker(tiny_model, EngineConfig(max_sessions=2))
-    config = ServerConfig(engine={"max_sessions": 2}, flood={"event_burst": 5, "events_per_s": 1.0})
     model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
     received: list[str] = []
     socket = BufferedSocket("flooder", [], received)
-    for _ in range(100):
-        socket._frames.put_nowait({"type": "websocket.receive", "text": '{"type": "input.clear"}'})
+    for frame in frames:
+        socket._frames.put_nowait({"type": "websocket.receive", "text": frame})
+    decoded: list[str] = []
 
     async def main() -> None:
         connection = StreamConnection(
             socket, lambda emit: Session("flooder", config, model, worker, emit, time.monotonic()), 10_000, 1.0,
             on_closed=lambda reason: None)
+        decode = connection.codec.decode
+        connection.codec.decode = lambda payload: decoded.append(payload) or decode(payload)
         task = asyncio.create_task(connection.run())
         for _ in range(50):
             await asyncio.sleep(0)
@@ -234,6 +237,14 @@ def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
+    return socket, received, decoded
+
+
+def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
+    """After the session is cut (here for an event flood), the connection stops taking frames from the socket
+    (uvicorn then stops reading it): what the client goes on sending is not parsed, let alone decoded."""
+    config = ServerConfig(engine={"max_sessions": 2}, flood={"event_burst": 5, "events_per_s": 1.0})
+    socket, received, _ = flood_one_connection(tiny_model, ['{"type": "input.clear"}'] * 100, config)
     assert any('"event_flood"' in text for text in socket.sent)
     assert len(received) <= 8, f"{len(received)} frames taken after the cut at the 6th"
 
@@ -244,32 +255,10 @@ def test_a_connection_cut_for_a_flood_reads_nothing_more(tiny_model):
     # an event with a huge array in a field the codec ignores
     '{"type": "input.clear", "junk": [' + ",".join("0" for _ in range(80_000)) + "]}",
 ])
-def test_events_heavy_in_json_items_spend_the_event_budget_by_their_size_before_they_are_parsed(tiny_model, frame,
-                                                                                                 monkeypatch):
+def test_events_heavy_in_json_items_spend_the_event_budget_by_their_size_before_they_are_parsed(tiny_model, frame):
     """The event budget counted events, not their cost, and a frame was parsed whole before it was counted: ~8 such
     frames a second (under half the rate) made a neighbour's decisions 9 s late (hostile probe, 2026-12-06). A frame
     now spends a token per 256 of its JSON items (commas and colons, counted without parsing) first."""
-    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
-    config = ServerConfig(engine={"max_sessions": 2})
-    model = ModelInfo(tiny_model.name, False, tiny_model.tokenizer)
-    received: list[str] = []
-    socket = BufferedSocket("flooder", [], received)
-    for _ in range(20):
-        socket._frames.put_nowait({"type": "websocket.receive", "text": frame})
-    decoded: list[int] = []
-
-    async def main() -> None:
-        connection = StreamConnection(
-            socket, lambda emit: Session("flooder", config, model, worker, emit, time.monotonic()), 10_000, 1.0,
-            on_closed=lambda reason: None)
-        decode = connection.codec.decode
-        monkeypatch.setattr(connection.codec, "decode", lambda payload: decoded.append(1) or decode(payload))
-        task = asyncio.create_task(connection.run())
-        for _ in range(50):
-            await asyncio.sleep(0)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(main())
+    socket, _, decoded = flood_one_connection(tiny_model, [frame] * 20, ServerConfig(engine={"max_sessions": 2}))
     assert any('"event_flood"' in text for text in socket.sent)
     assert len(decoded) <= 2, f"{len(decoded)} heavy frames parsed"
