@@ -83,12 +83,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is written, not the one there at set-up: a server run
+    inside another program (tests run servers in-process, one after another, each test with its own captured
+    stderr) would otherwise write to a stream closed since, and logging prints an error per record instead."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it: the property stands instead
+        pass
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """The root logger writes ``level`` and above to stderr in ``log_format`` (``text`` or ``json``),
     replacing any earlier set-up; Python warnings become log records, so they are JSON lines too."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}: choose one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(SessionFields())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
