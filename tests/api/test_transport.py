@@ -617,3 +617,25 @@ def test_a_pipelined_flood_of_plain_requests_is_answered_429_and_closed_and_othe
         assert metric_samples(server)['ais_transport_closes_total{reason="http_request_flood"}'] >= 2
     finally:
         server.stop()
+
+
+def test_a_burst_of_data_frames_after_a_quiet_spell_is_held_to_data_frame_burst(tiny_checkpoint):
+    """Tokens spent without a clock read were refilled, once they ran out, with all the time since the last refill
+    on top of what was left: after a quiet spell a client could send up to twice data_frame_burst at once. A
+    steady stream at half the rate, more frames in all than the burst, is never cut."""
+    server = start(tiny_checkpoint, transport={"data_frames_per_s": 100.0, "data_frame_burst": 50})
+    try:
+        sock, _ = open_websocket(server.port)
+        with sock:
+            frame = data_frame(TEXT, b'{"type": "input.clear"}')
+            for _ in range(120):  # 2.4 s at 50 a second
+                sock.sendall(frame)
+                time.sleep(0.02)
+            time.sleep(1.0)  # 100 tokens' worth of quiet, the bucket full at 50 all along
+            assert server.runtime.streams, "the steady stream was cut"
+            sock.sendall(frame * 75)
+            rest, closed = read_until_closed(sock, timeout_s=5.0)
+        assert closed and close_code(server_frames(rest)) == 1008, server_frames(rest)[-3:]
+        assert metric_samples(server)['ais_transport_closes_total{reason="data_frame_flood"}'] == 1
+    finally:
+        server.stop()

@@ -525,7 +525,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._control_tokens_at_s = time.monotonic()
         self._num_control_frames = 0  # received in the slice being parsed
         self._owes_pongs = False
-        # Data frames (whole messages and fragments): spent one a frame, refilled only when spent (_take_data_frame).
+        # Data frames (whole messages and fragments): refilled once per read, spent one a frame (_take_data_frame).
         self._data_frame_tokens = float(settings.data_frame_burst)
         self._data_frame_tokens_at_s = time.monotonic()
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
@@ -600,6 +600,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._may_deliver_directly = True
+        self._refill_data_frames()
         if self._partial_frame:
             self._partial_frame += data
             self._split_frames(self._partial_frame)
@@ -761,20 +762,21 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         if self._take_data_frame():
             super().handle_cont(event)
 
-    def _take_data_frame(self) -> bool:
-        """One data frame from the budget (``data_frames_per_s``, ``data_frame_burst``); False when the connection
-        was closed for a flood. A frame that never completes a message (empty continuations, one after another)
-        reaches no session's budget, and one whose message is valid audio costs the session nothing either while
-        the model keeps up; each still costs the event loop a parse. The clock is read only once the tokens are
-        spent, so a frame within them costs one subtraction."""
-        self._data_frame_tokens -= 1.0
-        if self._data_frame_tokens >= 0.0:
-            return True
+    def _refill_data_frames(self) -> None:
+        """The data-frame budget's refill for the time since the last read (once per read, not per frame)."""
         settings = self.transport_guard.settings
         now_s = time.monotonic()
         self._data_frame_tokens = min(float(settings.data_frame_burst), self._data_frame_tokens
                                       + (now_s - self._data_frame_tokens_at_s) * settings.data_frames_per_s)
         self._data_frame_tokens_at_s = now_s
+
+    def _take_data_frame(self) -> bool:
+        """One data frame from the budget (``data_frames_per_s``, ``data_frame_burst``); False when the connection
+        was closed for a flood. A frame that never completes a message (empty continuations, one after another)
+        reaches no session's budget, and one whose message is valid audio costs the session nothing either while
+        the model keeps up; each still costs the event loop a parse. The bucket is refilled once per read
+        (``data_received``), so a frame costs one subtraction."""
+        self._data_frame_tokens -= 1.0
         if self._data_frame_tokens >= 0.0:
             return True
         if self.transport.is_closing():  # cut already: what is left of the read goes nowhere
