@@ -50,10 +50,7 @@ def random_model(preset: str = "real", device: str = "auto", dtype: str = "auto"
 
 def _random_audio_tower(audio: dict, device: torch.device, dtype: torch.dtype,
                         generator: torch.Generator) -> AudioTower:
-    with torch.device("meta"):
-        tower = AudioTower(AudioTowerConfig.from_json(audio))
-    tower = tower.to(dtype).to_empty(device=device)
-    tower.reset_position_table()
+    tower = AudioTower.unfilled(AudioTowerConfig.from_json(audio), device, dtype)
     _fill(tower, generator, std=0.02)
     return tower
 

@@ -206,11 +206,8 @@ def load_audio_config(files: CheckpointFiles) -> AudioTowerConfig:
 def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torch.dtype | None) -> AudioTower:
     """The audio tower; ``dtype=None`` keeps the config's own dtype (the reference's behaviour)."""
     config = load_audio_config(files)
-    # Meta first, then storage in the config's dtype: nothing is spent initialising weights that are overwritten.
-    with torch.device("meta"):
-        tower = AudioTower(config)
-    tower = tower.to_empty(device="cpu").to(config.dtype)
-    tower.reset_position_table()
+    # Storage in the config's dtype first (the weights are rounded to it), as the reference's _from_config makes it.
+    tower = AudioTower.unfilled(config, "cpu", config.dtype)
     try:
         state = torch.load(files.encoder_weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign pickle

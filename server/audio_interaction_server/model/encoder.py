@@ -17,6 +17,7 @@ Threading: not thread-safe; only the worker thread calls it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,7 @@ class AudioTowerConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"thinker_config.audio_config is a {type(raw).__name__}, expected an object")
         fields: dict[str, Any] = {}
-        for name in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-                     "max_source_positions", "n_window", "output_dim"):
+        for name in (field.name for field in dataclasses.fields(cls) if field.type == "int"):  # the sizes
             if name in raw:
                 value = raw[name]
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -78,11 +78,9 @@ class AudioTowerConfig:
             if dtype_name not in _TOWER_DTYPES:
                 raise ValueError(f"audio_config.dtype is {dtype_name!r}, expected one of {sorted(_TOWER_DTYPES)}")
             fields["dtype"] = _TOWER_DTYPES[dtype_name]
-        config = cls(**fields)
-        config.check()
-        return config
+        return cls(**fields)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:  # every config is checked, whether read from a file or built in code
         if self.num_mel_bins != NUM_MEL_BINS:
             raise ValueError(f"audio_config.num_mel_bins is {self.num_mel_bins}; the server's log-mel front-end "
                              f"makes {NUM_MEL_BINS}")
@@ -177,7 +175,6 @@ class AudioTower(nn.Module):
 
     def __init__(self, config: AudioTowerConfig) -> None:
         super().__init__()
-        config.check()
         self.config = config
         width = config.d_model
         self.conv1 = nn.Conv1d(config.num_mel_bins, width, kernel_size=3, padding=1)
@@ -190,12 +187,20 @@ class AudioTower(nn.Module):
         # Not in the state dict: computed, like the reference's, at construction (again after ``to_empty``).
         self.register_buffer("position_table", self._position_table(), persistent=False)
 
+    @classmethod
+    def unfilled(cls, config: AudioTowerConfig, device: torch.device | str, dtype: torch.dtype) -> AudioTower:
+        """A tower with storage on ``device`` in ``dtype`` and its weights not yet set (the loader copies a state
+        dict in, the benchmarks' random model draws them): built on the meta device, so nothing is spent
+        initialising them."""
+        with torch.device("meta"):
+            tower = cls(config)
+        tower = tower.to(dtype).to_empty(device=device)
+        # to_empty gave the (non-persistent) table storage but not its values.
+        tower.position_table = tower._position_table().to(tower.position_table.device)
+        return tower
+
     def _position_table(self) -> torch.Tensor:
         return sinusoid_positions(self.config.max_source_positions, self.config.d_model)
-
-    def reset_position_table(self) -> None:
-        """Fill the table again: a tower built on the meta device and then given storage has garbage in it."""
-        self.position_table = self._position_table().to(self.position_table.device)
 
     def forward(self, mel_chunks: torch.Tensor) -> torch.Tensor:
         """(N, 128, 40) mel chunks -> (N, 10, output_dim), in the tower's dtype."""
