@@ -285,7 +285,7 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
     if refusal.is_busy and runtime.config.busy_refusal == "http_503":
         body = json.dumps({"type": "error", "code": refusal.code, "message": refusal.message}) + "\n"
         if await deny_upgrade(websocket, Response(body, status_code=503, media_type="application/json",
-                                           headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
+                                                  headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
             return
     if websocket.application_state is WebSocketState.CONNECTING:  # a resume is refused after its handshake too
         await websocket.accept()
@@ -334,7 +334,7 @@ async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
 
 async def _refuse_with_429(websocket: WebSocket, text: str, retry_after_s: float) -> None:
     if not await deny_upgrade(websocket, Response(text, status_code=429, media_type="text/plain",
-                                           headers={"Retry-After": str(math.ceil(retry_after_s))})):
+                                                  headers={"Retry-After": str(math.ceil(retry_after_s))})):
         await websocket.close(CloseCode.TRY_AGAIN)  # no denial-response extension: a plain refusal (HTTP 403)
 
 

@@ -74,7 +74,7 @@ class CapacityAgent:
         config = runtime.config
         self._accepts = AddressRateLimiter(config.agent_probes_per_s, max(1, round(config.agent_probes_per_s)))
         self._lines = AddressRateLimiter(config.agent_probes_per_s_per_ip,
-                                            max(1, round(config.agent_probes_per_s_per_ip)))
+                                         max(1, round(config.agent_probes_per_s_per_ip)))
         self._socket: socket.socket | None = None
         self._task: asyncio.Task | None = None
 

@@ -34,7 +34,8 @@ class CannotServe(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """What the front needs to know of a model that lives in another process (a ``LoadedModel`` has the same)."""
+    """What the front needs to know of a model that lives in another process (a ``LoadedModel`` has the same
+    fields, its device and dtype as torch's types: their ``str()`` is what the front shows)."""
 
     name: str
     device: str  # as the engine names it ("cuda:0"): str() of a LoadedModel's torch.device says the same

@@ -20,9 +20,6 @@ from typing import TYPE_CHECKING, Callable
 
 import zmq
 
-if TYPE_CHECKING:
-    import torch
-
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.client import CannotServe, ModelSummary
 from audio_interaction_server.audio.frontend import PaddedBlocks
@@ -41,6 +38,9 @@ from audio_interaction_server.engine.wire import (
     decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.options import SessionOptions
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
