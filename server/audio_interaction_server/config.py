@@ -297,6 +297,13 @@ class FloodLimits(BaseModel):
         "connections (HTTP 429, reason flood_cooldown) for this long, doubling (up to max_cut_cooldown_s) while "
         "it is cut again soon after: a flooder that reconnects must not get a fresh budget each time. 0 = off")
     max_cut_cooldown_s: float = Field(300.0, gt=0, description="the longest cut_cooldown_s grows to")
+    resumes_per_s: float = Field(
+        0.5, gt=0, description="resumes of one /v1/stream session per second, sustained (each replays what the "
+        "client missed, up to resume_max_events, on the shared event loop); beyond resume_burst a resume is "
+        "refused with rate_limited and close 1013, its message saying when to try again, and the session stays "
+        "resumable")
+    resume_burst: int = Field(5, ge=1, description="resumes of one session at once (a client on a flaky network "
+                              "that drops and resumes several times in a few seconds)")
 
 
 # An Origin header's value: a scheme, "://", a host and an optional port; no path, no wildcard.

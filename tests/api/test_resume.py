@@ -224,6 +224,29 @@ def test_a_wrong_token_is_refused_and_the_session_stays_resumable(server):
     asyncio.run(main())
 
 
+def test_a_session_resumed_over_and_over_is_refused_for_a_while_and_stays_resumable(server):
+    """A client that resumes its own session in a loop has its whole log replayed each time, on the event loop
+    every session shares: past ``flood.resume_burst`` (5) resumes at once, one more is refused with rate_limited
+    and 1013 (the shipped client's resume loop tries again), its message saying when; the session stays detached,
+    and resumes once that time has passed."""
+    async def main():
+        created = await connect_and_drop(server)
+        for _ in range(5):
+            ws, first = await resume(server, created)
+            assert first["type"] == "session.resumed", first
+            ws.transport.abort()
+        ws, first = await resume(server, created)
+        await read_until_closed(ws)
+        assert (first["type"], first["code"], first["is_fatal"], ws.close_code) == \
+            ("error", "rate_limited", True, 1013), first
+        wait_s = float(re.search(r"again in ([0-9.]+) s", first["message"]).group(1))
+        assert 0 < wait_s <= 2.0
+        await asyncio.sleep(wait_s + 0.1)
+        await resume_and_close(server, created)
+
+    asyncio.run(main())
+
+
 def test_of_two_racing_resumes_the_newest_wins(server):
     async def main():
         created = await connect_and_drop(server)

@@ -214,6 +214,12 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
                        session_id)
     if not stream.can_replay_since(int(last_seq)):
         return resume_expired(session_id, "this session can no longer be resumed: start a new one")
+    # Last: only a resume that would be served spends one, and a refused one leaves the session as it was.
+    wait_s = stream.resume_wait_s(time.monotonic())
+    if wait_s > 0:
+        return Refusal("rate_limited", f"this session was resumed too often (more than "
+                       f"{stream.resume_policy.resume_burst} times at once); resume again in "
+                       f"{math.ceil(wait_s * 10) / 10:.1f} s", CloseCode.TRY_AGAIN, session_id)
     return ResumeGranted(stream, int(last_seq))
 
 

@@ -331,7 +331,8 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
     connection = StreamConnection(websocket, make_session, config.max_queued_events,
                                   min(1.0, config.idle_timeout_s / 4), on_closed,
                                   resume=ResumePolicy(config.resume_grace_s, config.resume_max_events,
-                                                      config.resume_max_bytes),
+                                                      config.resume_max_bytes, config.flood.resumes_per_s,
+                                                      config.flood.resume_burst),
                                   on_detached=runtime.session_detached,
                                   on_reattached=runtime.session_reattached,
                                   on_session_closed=lambda reason: runtime.session_closed(session_id, reason))

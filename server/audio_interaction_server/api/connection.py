@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.commands import Command
-from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard
+from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard, TokenBucket
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
 from audio_interaction_server.api.transport import direct_messages
@@ -326,6 +326,10 @@ class ResumePolicy:
     grace_s: float  # how long a detached session waits for its client
     max_events: int  # events kept for a replay; while detached, one more ends the session
     max_bytes: int  # the same bound in bytes (as the outbox counts them): a few long echoes weigh as much
+    # Resumes a session may make (flood.resumes_per_s, flood.resume_burst): each replays up to max_events on the
+    # event loop every session shares, and a client that resumes in a loop would replay its log over and over.
+    resumes_per_s: float
+    resume_burst: int
 
 
 class ReplayLog:
@@ -424,6 +428,7 @@ class StreamConnection:
         self.resume_token = secrets.token_urlsafe(24) if self.resume_policy else None
         policy = self.resume_policy
         self._log = ReplayLog(policy.max_events if policy else 0, policy.max_bytes if policy else 0)
+        self._resumes = TokenBucket(policy.resumes_per_s, policy.resume_burst, time.monotonic()) if policy else None
         self._generation = 0
         self._client_said_goodbye = False  # the socket ended with a close frame saying the client is done
         self._expiry: asyncio.TimerHandle | None = None
@@ -516,6 +521,13 @@ class StreamConnection:
     def holds_token(self, token: str) -> bool:
         """Whether ``token`` is this session's resume token (constant time: a guess learns nothing of it)."""
         return self.resume_token is not None and hmac.compare_digest(token.encode(), self.resume_token.encode())
+
+    def resume_wait_s(self, now_s: float) -> float:
+        """0, and one resume spent, if the session may be resumed now; else the seconds until it may be."""
+        assert self._resumes is not None, "only a resumable session is asked"
+        if self._resumes.take(1.0, now_s):
+            return 0.0
+        return self._resumes.wait_s(1.0, now_s)
 
     def can_replay_since(self, last_seq: int) -> bool:
         """Whether a client that saw events up to ``last_seq`` can be given everything after it."""
