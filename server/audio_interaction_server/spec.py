@@ -118,14 +118,31 @@ def rollover_floor(default_prefix_tokens: int, default_max_turn_tokens: int, max
                                                                    max_positions, rollover_window))
 
 
+def largest_turn_tokens(prefix_tokens: int, max_positions: int, rollover_window: int | None,
+                        min_chunks: int = 0) -> int:
+    """The largest ``max_turn_tokens`` that ``check_room`` accepts with these settings (below 1: none does)."""
+    largest = max_positions - prefix_tokens - 2 * BLOCK_TOKENS - 1  # reply_fits
+    if rollover_window is not None:
+        # rollover_slack falls by one per reply token; it must stay above 0 and hold min_chunks blocks.
+        slack_needed = max(1, min_chunks * BLOCK_TOKENS)
+        largest = min(largest, max_positions - prefix_tokens - rollover_window - 4 * BLOCK_TOKENS - slack_needed)
+    return largest
+
+
 def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rollover_window: int | None,
                min_chunks: int = 0) -> None:
     """Raise ValueError if a session with these settings could not run (or could not roll over), or would roll its
-    context over more often than every ``min_chunks`` listening chunks (``rollover_floor``: a client's options)."""
+    context over more often than every ``min_chunks`` listening chunks (``rollover_floor``: a client's options).
+    Each message ends with the largest ``max_turn_tokens`` this prompt allows, or says that none does."""
+    largest = largest_turn_tokens(prefix_tokens, max_positions, rollover_window, min_chunks)
+    if largest >= 1:
+        advice = f"the largest possible here is {largest}"
+    else:
+        advice = "no reply fits with this prompt: use a shorter system prompt"
     if not reply_fits(prefix_tokens, max_turn_tokens, max_positions):
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} with a {prefix_tokens}-token prompt does not fit the "
-            f"{max_positions}-position context budget"
+            f"{max_positions}-position context budget; {advice}"
         )
     if rollover_window is None:
         return
@@ -135,15 +152,15 @@ def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rol
         raise ValueError(
             f"max_turn_tokens {max_turn_tokens} is too large for context rollover: a rebuilt context "
             f"(prompt {prefix_tokens} + window {rollover_window} + 2 blocks = {rebuilt_max} positions) plus "
-            f"a full reply must fit {max_positions} positions; the largest possible here is "
-            f"{max_turn_tokens + slack - 1}"
+            f"a full reply must fit {max_positions} positions; {advice}"
         )
     chunks = chunks_after_rollover(prefix_tokens, max_turn_tokens, max_positions, rollover_window)
     if chunks < min_chunks:
         raise ValueError(
             f"a {prefix_tokens}-token prompt with max_turn_tokens {max_turn_tokens} leaves room for {chunks} chunks "
             f"of audio between context rollovers (each re-feeds the prompt and {rollover_window} positions of "
-            f"history); at least {min_chunks} are needed: use a shorter system prompt or a smaller max_turn_tokens"
+            f"history); at least {min_chunks} are needed: use a shorter system prompt or a smaller max_turn_tokens "
+            f"({advice})"
         )
 
 

@@ -323,6 +323,22 @@ def test_health_ready_info_metrics(live):
     assert b"ais_decision_latency_seconds_bucket" in body and b"ais_turn_onset_latency_seconds_bucket" in body
 
 
+def test_info_says_the_largest_max_turn_tokens_a_session_may_ask_for(live):
+    """A client learned the largest reply cap only by being refused (first-hour review): /v1/info says it (with the
+    default system prompt), a session may ask for exactly that, and one more is refused naming it."""
+    largest = json.loads(live.get("/v1/info")[1])["limits"]["max_turn_tokens"]
+    assert 1 <= largest < 4096
+    with live.connect("/v1/stream") as ws:
+        recv_event(ws)
+        ws.send(json.dumps({"type": "session.configure", "max_turn_tokens": largest}))
+        assert recv_event(ws)["options"]["max_turn_tokens"] == largest
+        ws.send(json.dumps({"type": "session.configure", "max_turn_tokens": largest + 1}))
+        refusal = recv_event(ws)
+        assert refusal["type"] == "error" and f"the largest possible here is {largest}" in refusal["message"], refusal
+        ws.send(json.dumps({"type": "session.close"}))
+        recv_to_close(ws)
+
+
 def test_operations_endpoints_answer_head_as_get_without_a_body(live):
     """Uptime checkers and some balancers probe with HEAD: it got 405 on every operations endpoint."""
     for path, headers in (("/health", {}), ("/ready", {}), ("/v1/info", {}), ("/metrics", {}),

@@ -268,6 +268,25 @@ def test_rollover_window_that_cannot_fit_is_rejected():
         Conversation(PREFIX, max_turn_tokens=400, max_positions=300, rollover_window=None)
 
 
+@pytest.mark.parametrize("max_positions, rollover_window, min_chunks", [
+    (4096, 2048, 30), (4096, 2048, 0), (4096, None, 0), (1024, 500, 3), (300, None, 0), (2000, 1900, 30)])
+def test_every_refusal_names_the_largest_max_turn_tokens_and_that_one_fits(max_positions, rollover_window,
+                                                                          min_chunks):
+    """A client refused for max_turn_tokens 4096 was told the budget it did not fit, not what would (first-hour
+    review): every refusal names the largest cap the prompt allows, and that cap is accepted, one more is not."""
+    from audio_interaction_server.spec import check_room, largest_turn_tokens
+
+    for prefix_tokens in (10, 57, 800):
+        largest = largest_turn_tokens(prefix_tokens, max_positions, rollover_window, min_chunks)
+        if largest >= 1:
+            check_room(prefix_tokens, largest, max_positions, rollover_window, min_chunks)
+        for too_many in {max(1, largest + 1), 4096}:
+            with pytest.raises(ValueError) as refusal:
+                check_room(prefix_tokens, too_many, max_positions, rollover_window, min_chunks)
+            named = f"the largest possible here is {largest}" if largest >= 1 else "no reply fits with this prompt"
+            assert named in str(refusal.value), str(refusal.value)
+
+
 # ---- a whole session on the tiny real model, replayed without the KV cache ----------------------------------
 
 

@@ -403,6 +403,9 @@ def _info(runtime: Runtime, is_authorized: bool) -> dict:
                       "realtime": "/v1/realtime", "client_secrets": "/v1/realtime/client_secrets", "load": "/v1/load"},
         "resume_grace_s": config.resume_grace_s,
     }
+    if runtime.worker is not None and runtime.is_ready:
+        # With the server's default system prompt: a longer one leaves less (the refusal says how much).
+        info["limits"]["max_turn_tokens"] = runtime.worker.largest_turn_tokens(config.session)
     if is_authorized:
         info.update({
             "model": None if model is None else model.name,

@@ -233,6 +233,11 @@ class EngineProcessClient:
         assert self._fit is not None, "options checked before the engine served"
         self._fit.check(options)
 
+    def largest_turn_tokens(self, options: SessionOptions) -> int:
+        """The largest ``max_turn_tokens`` ``check_options`` allows with these options' prompt."""
+        assert self._fit is not None, "asked before the engine served"
+        return self._fit.largest_turn_tokens(options)
+
     def state_size(self, session_id: str) -> SessionStateSize | None:
         """What the session held when its latest events left the engine (for monitoring)."""
         return self._states.get(session_id)

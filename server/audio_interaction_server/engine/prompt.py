@@ -20,7 +20,7 @@ from typing import Any
 from audio_interaction_server import spec as T
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
-from audio_interaction_server.spec import check_room, rollover_floor
+from audio_interaction_server.spec import check_room, largest_turn_tokens, rollover_floor
 
 
 class PromptEncoder:
@@ -120,3 +120,8 @@ class SessionFit:
         """Raise ValueError if a session with these options could not run on this engine."""
         check_room(self.prompt_length(options), options.max_turn_tokens, self._config.max_positions,
                    self._config.rollover_window_positions, self._rollover_floor)
+
+    def largest_turn_tokens(self, options: SessionOptions) -> int:
+        """The largest ``max_turn_tokens`` that ``check`` accepts with these options' system prompt."""
+        return largest_turn_tokens(self.prompt_length(options), self._config.max_positions,
+                                   self._config.rollover_window_positions, self._rollover_floor)

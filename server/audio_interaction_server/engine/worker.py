@@ -170,6 +170,10 @@ class Worker:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
         self._fit.check(options)
 
+    def largest_turn_tokens(self, options: SessionOptions) -> int:
+        """The largest ``max_turn_tokens`` ``check_options`` allows with these options' prompt (any thread)."""
+        return self._fit.largest_turn_tokens(options)
+
     def prompt_length(self, options: SessionOptions) -> int:
         """Tokens of the prefix a session with these options starts with (callable from any thread)."""
         return self._fit.prompt_length(options)
