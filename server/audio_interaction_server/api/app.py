@@ -40,6 +40,7 @@ from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
 from audio_interaction_server.api.transport import TransportGuard
+from audio_interaction_server.engine.client import dtype_name
 from audio_interaction_server.protocol import PROTOCOL_VERSION, CloseCode
 from audio_interaction_server.config import ServerConfig
 
@@ -410,7 +411,7 @@ def _info(runtime: Runtime, is_authorized: bool) -> dict:
         info.update({
             "model": None if model is None else model.name,
             "device": None if model is None else str(model.device),
-            "dtype": None if model is None else str(model.dtype).removeprefix("torch."),
+            "dtype": None if model is None else dtype_name(model),
             "sessions": {"active": len(runtime.streams), "max": config.session_capacity},
             "replica_id": runtime.replica_id,
         })

@@ -30,7 +30,7 @@ from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
-from audio_interaction_server.engine.client import CannotServe
+from audio_interaction_server.engine.client import CannotServe, dtype_name
 from audio_interaction_server.engine.events import EndCode
 from audio_interaction_server.logs import bind_session, configure_logging
 from audio_interaction_server.model.progress import LoadProgress
@@ -434,7 +434,7 @@ class Runtime:
             return
         log.info("ready: serving %s (audio-interaction %s; %s on %s, %s; up to %d sessions; replica %s; loaded in "
                  "%.1f s)", self.stream_url or "/v1/stream", __version__, model.name, model.device,
-                 str(model.dtype).removeprefix("torch."), self.config.session_capacity, self.replica_id,
+                 dtype_name(model), self.config.session_capacity, self.replica_id,
                  time.perf_counter() - started)
 
     async def _on_loader_thread(self, load: Callable[[], Any]) -> Any:

@@ -43,6 +43,11 @@ class ModelSummary:
     tokenizer: Any  # a tokenizers.Tokenizer, loaded by the front from the same checkpoint
 
 
+def dtype_name(model: LoadedModel | ModelSummary) -> str:
+    """The model's dtype as users read it ("bfloat16"), whichever side of the process boundary holds it."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 class EngineClient(Protocol):
     """The engine as its callers see it. The session calls are thread-safe and never block on a step."""
 

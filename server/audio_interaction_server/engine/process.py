@@ -43,6 +43,7 @@ import zmq
 
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.engine.client import dtype_name
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
@@ -201,7 +202,7 @@ def run_engine(spec: EngineSpec) -> None:
             with contextlib.suppress(OSError):
                 spec.failure_report.send(one_line(reason))
         sys.exit(1)
-    ready = EngineReady(model.files.root, model.name, str(model.device), str(model.dtype).removeprefix("torch."),
+    ready = EngineReady(model.files.root, model.name, str(model.device), dtype_name(model),
                         spec.config)
     status = host.serve(worker, ready)
     host.close()
