@@ -211,8 +211,11 @@ class ReplyConsole:
     """Shows a session's events: each reply on one line that grows with its text, or raw JSON lines."""
 
     def __init__(self, as_json: bool = False, show_decisions: bool = False,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr, faster_than_real_time: bool = False) -> None:
         self.as_json, self.show_decisions = as_json, show_decisions
+        # The audio goes out faster than it plays (stream_file --speed 0, or above 1): each chunk waits behind the
+        # ones sent before it, and its onset says how long, not how fast the model is.
+        self.faster_than_real_time = faster_than_real_time
         self.out, self.err = out, err
         self.num_turns = 0
         self.num_decisions = 0  # chunks the model heard, every session together (the scripts always ask for them)
@@ -294,6 +297,8 @@ class ReplyConsole:
         sessions = f", {self.num_sessions} sessions" if self.num_sessions > 1 else ""
         audio = "" if sent_s is None else f" ({sent_s:.1f} s of audio sent{sessions})"
         onset = f"{sum(self.onsets_ms) / len(self.onsets_ms):.0f} ms" if self.onsets_ms else "n/a"
+        if self.onsets_ms and self.faster_than_real_time:
+            onset += " (audio sent faster than real time: onsets include the wait in the server's queue)"
         return f"summary: {chunks} chunks heard{audio}, {self.num_turns} turns, mean onset latency {onset}"
 
     def _show_readable(self, kind: str | None, event: dict) -> None:

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    console = ReplyConsole(as_json=args.json, show_decisions=args.decisions)
+    console = ReplyConsole(as_json=args.json, show_decisions=args.decisions,
+                           faster_than_real_time=args.speed == 0 or args.speed > 1)
     sender = FileSender(files, args.speed, args.frame_ms, args.wait)
     return run_main(run_stream(args.url, args.api_key, console, sender, args.busy_retry_s))
 

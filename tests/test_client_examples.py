@@ -31,7 +31,10 @@ MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
 SESSION_LINE = re.compile(r"^session: ([A-Za-z0-9.-]+_[0-9a-f]{32})$")  # <replica id>_<32 hex>
 TURN_LINE = re.compile(r"^\[turn (\d+) \| (happy|sad|angry|surprise|normal|urgent|-) \| onset \d+ ms\] ")
 SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent(?:, \d+ sessions)?\), "
-                          r"(\d+) turns, mean onset latency (\d+ ms|n/a)$")
+                          r"(\d+) turns, mean onset latency (\d+ ms|n/a)"
+                          r"( \(audio sent faster than real time: [^)]+\))?$")
+# An onset measured while the audio was sent faster than real time is mostly its wait in the server's queue.
+QUEUED_ONSETS = "(audio sent faster than real time: onsets include the wait in the server's queue)"
 
 
 def client_config(checkpoint: Path, max_buffered_audio_s: float = 2.0, port: int = 0,
@@ -164,6 +167,7 @@ def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live
     assert SESSION_LINE.match(err[0]) and SESSION_LINE.match(err[0])[1] == closed["session_id"]
     summary = SUMMARY_LINE.match(err[-1])
     assert summary and int(summary[1]) == closed["num_chunks_decided"] and int(summary[3]) == len(turns)
+    assert err[-1].endswith(QUEUED_ONSETS), err[-1]  # --speed 0: the first-hour review read 1,485 ms as latency
 
 
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
@@ -178,7 +182,7 @@ def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, sha
     assert turn_lines and all(turn_lines), out
     assert [int(m[1]) for m in turn_lines] == list(range(len(turn_lines)))
     summary = SUMMARY_LINE.match(out[-1])
-    assert summary and int(summary[3]) == len(turn_lines) and summary[4] != "n/a"
+    assert summary and int(summary[3]) == len(turn_lines) and summary[4] != "n/a" and out[-1].endswith(QUEUED_ONSETS)
     decisions = [line for line in err if re.match(r"chunk \d+ @ \d+\.\d s: (keep_silence|text_begin)$", line)]
     assert len(decisions) == int(summary[1])
 
