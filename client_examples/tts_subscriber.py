@@ -86,7 +86,7 @@ class Speaker:
             self._stderr_shown = said
             hint = "" if wav is not None else " (no sound on this machine? --out-dir writes WAV files instead)"
             print(f"{name}: the TTS command wrote to stderr{hint}:\n{said}", file=sys.stderr, flush=True)
-        done = "spoken"
+        done = "spoken" if not said else "TTS command ran but wrote to stderr: perhaps not heard"
         if failure is None and wav is not None:
             try:
                 done = f"wrote {wav} ({soundfile.info(str(wav)).duration:.2f} s)"

@@ -624,7 +624,11 @@ def test_tts_subscriber_shows_what_a_tts_command_that_succeeded_said_on_stderr(l
     warnings = [line for line in subscriber.stderr if "the TTS command wrote to stderr" in line]
     assert len(warnings) == 1 and "Unknown PCM default" in " ".join(subscriber.stderr), subscriber.stderr
     assert "--out-dir" in " ".join(subscriber.stderr)  # the way out on a machine without sound
-    assert sum(line.endswith(": spoken") for line in subscriber.stdout) == len(segments), subscriber.stdout
+    # Nor is a segment called "spoken" when the command said something went wrong (first-hour review).
+    unsure = [line for line in subscriber.stdout if line.endswith(": TTS command ran but wrote to stderr: perhaps "
+                                                                  "not heard")]
+    assert len(unsure) == len(segments) and not any(line.endswith(": spoken") for line in subscriber.stdout), \
+        subscriber.stdout
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
