@@ -432,9 +432,10 @@ class Runtime:
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
             return
-        log.info("ready: serving %s (audio-interaction %s; %s on %s, %s; up to %d sessions; replica %s; loaded in "
+        capacity = self.config.session_capacity
+        log.info("ready: serving %s (audio-interaction %s; %s on %s, %s; up to %d session%s; replica %s; loaded in "
                  "%.1f s)", self.stream_url or "/v1/stream", __version__, model.name, model.device,
-                 dtype_name(model), self.config.session_capacity, self.replica_id,
+                 dtype_name(model), capacity, "" if capacity == 1 else "s", self.replica_id,
                  time.perf_counter() - started)
 
     async def _on_loader_thread(self, load: Callable[[], Any]) -> Any:
