@@ -22,13 +22,16 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from audio_interaction_server.audio.frontend import PaddedBlocks
 from audio_interaction_server.audio.stream import AudioInput
 from audio_interaction_server.protocol import AudioFormat
 from benchmarks import side_by_side
+
+if TYPE_CHECKING:  # not imported: --against may name a tree from before audio/blocks.py
+    from audio_interaction_server.audio.blocks import PaddedBlocks
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import StreamingLogMel, log_mel_whole
+from audio_interaction_server.audio.mel import StreamingLogMel, log_mel_whole
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model
 from audio_interaction_server.config import EngineConfig, ScriptedTurns
 from audio_interaction_server.options import SessionOptions

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file, load_audio_sequence, log_mel_whole
+from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.mel import StreamingLogMel, log_mel_whole
 from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions

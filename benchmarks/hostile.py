@@ -240,7 +240,7 @@ def refused_frame_cost(num_frames: int = 20_000) -> None:
     from audio_interaction_server.api.commands import AppendAudio
     from audio_interaction_server.api.native import NativeCodec
     from audio_interaction_server.api.session import ModelInfo, Session
-    from audio_interaction_server.audio.frontend import decode_pcm
+    from audio_interaction_server.audio.pcm import decode_pcm
     from audio_interaction_server.config import EngineConfig, ServerConfig
     from audio_interaction_server.demo.source import resolve_model_source
     from audio_interaction_server.engine.worker import Worker

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence, offline_chunks
+from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.mel import offline_chunks
 from audio_interaction_server.model.checkpoint import LoadedModel, load_model
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.model.encoder import AudioEncoder

@@ -21,7 +21,7 @@ import numpy as np
 from audio_interaction_server.api.connection import ReplayLog
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import ModelInfo, Session
-from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.audio.files import load_audio_file
 from audio_interaction_server.config import EngineConfig, ScriptedTurns
 from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint
 from audio_interaction_server.engine.worker import Worker

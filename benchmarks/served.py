@@ -23,7 +23,7 @@ def audio_loop(audio_dir: Path | None = None) -> np.ndarray:
     """Every recording under ``audio_dir`` (the shared ones by default), 16 kHz mono, in folder and sequence order."""
     # Imported here: the audio front-end brings torch and transformers (two seconds), which a client process that
     # is handed the loop (benchmarks.host_cost) does not need.
-    from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
+    from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
 
     audio_dir = shared_audio_dir() if audio_dir is None else Path(audio_dir)
     pieces = [load_audio_file(p) for folder in sorted(audio_dir.iterdir()) if folder.is_dir()

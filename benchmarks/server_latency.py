@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_interaction_server.audio.frontend import StreamingLogMel
+from audio_interaction_server.audio.mel import StreamingLogMel
 from audio_interaction_server.model.checkpoint import load_model
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions

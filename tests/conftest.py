@@ -62,7 +62,8 @@ def stream_chunks(shared_audio: Path) -> list:
     """Streaming mel chunks (N, 128, 40) of six real recordings, one tensor per recording."""
     import torch
 
-    from audio_interaction_server.audio.frontend import StreamingLogMel, load_audio_file
+    from audio_interaction_server.audio.files import load_audio_file
+    from audio_interaction_server.audio.mel import StreamingLogMel
 
     names = ["01_count_bark/sample01_01.mp3", "02_translate/sample02_02.wav", "03_cough_music/sample03_01.wav",
              "02_translate/sample02_01.mp3", "03_cough_music/sample03_03.wav", "01_count_bark/sample01_02.wav"]

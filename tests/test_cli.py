@@ -17,7 +17,7 @@ import torch
 from pydantic import TypeAdapter
 
 from audio_interaction_server import __version__, cli
-from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
 from audio_interaction_server.protocol import TurnEvent
 
 EVENTS = TypeAdapter(TurnEvent)

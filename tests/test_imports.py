@@ -165,9 +165,9 @@ def direction_problems(source: str, target: str) -> list[str]:
     if source_group == "model" and target_group not in {"model", "spec"}:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")
     # The worker batches a step's log-mel (host-path.md): of the front-end, the engine takes only that kernel and
-    # its padded blocks (audio.frontend, sans-I/O), never the streams, formats or resampling around it.
+    # its padded blocks (audio.mel, audio.blocks: sans-I/O), never the streams, formats or resampling around it.
     if source_group == "engine" and target_group not in {"engine", "model", "spec", "options", "config"} \
-            and target != "audio.frontend":
+            and target not in ("audio.mel", "audio.blocks"):
         problems.append(f"engine module {source} imports {target} (the engine speaks token ids and log-mel blocks)")
     if source_group == "render" and (target_group in {"model", "api", "audio", "demo", "cli"}
                                      or (target_group == "engine" and target != "engine.events")):

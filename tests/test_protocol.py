@@ -131,7 +131,7 @@ def test_everything_a_session_emits_validates_against_the_schema(tiny_model, sha
     flushed, closed; each serialised exactly as the app sends it."""
     from tests.api.test_session import Harness, s16
 
-    from audio_interaction_server.audio.frontend import load_audio_file
+    from audio_interaction_server.audio.files import load_audio_file
 
     speech = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")
     h = Harness(tiny_model)

@@ -257,7 +257,7 @@ def test_sessions_spread_by_least_connections_and_a_full_cluster_refuses_at_once
 def test_the_same_audio_gives_the_same_tokens_on_every_replica_whatever_its_transport(cluster, shared_audio):
     """ais1 and ais3 decode through an engine process, ais2 on a thread: the same samples, the same decisions and
     replies (each session opened on its replica directly, so that each transport is sure to serve one)."""
-    from audio_interaction_server.audio.frontend import load_audio_file
+    from audio_interaction_server.audio.files import load_audio_file
 
     _, replicas = cluster
     samples = load_audio_file(shared_audio / "01_count_bark" / "sample01_01.mp3")  # 3.3 s

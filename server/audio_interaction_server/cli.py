@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic import ValidationError
 
-    from audio_interaction_server.audio.frontend import PaddedBlocks
+    from audio_interaction_server.audio.blocks import PaddedBlocks
 
 log = logging.getLogger("audio_interaction_server.cli")
 
@@ -97,7 +97,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _sequence_files(folder: Path) -> list[Path]:
-    from audio_interaction_server.audio.frontend import load_audio_sequence
+    from audio_interaction_server.audio.files import load_audio_sequence
 
     sequence = folder / "sequence.json"
     if not sequence.is_file():
@@ -188,7 +188,8 @@ def wav_shortfall(path: Path) -> tuple[int, int] | None:
 
 
 def read_audio(path: Path) -> np.ndarray:
-    from audio_interaction_server.audio.frontend import AudioFormatError, load_audio_file
+    from audio_interaction_server.audio.files import load_audio_file
+    from audio_interaction_server.audio.pcm import AudioFormatError
 
     try:
         return load_audio_file(path)
@@ -207,7 +208,7 @@ def trailing_silence(seconds: float) -> np.ndarray:
 
 def offline_clips(files: list[Path], silence_s: float) -> Iterator[list[torch.Tensor]]:
     """Per file, decoded when asked for: its chunks, then a silence clip; each clip featurised as a whole."""
-    from audio_interaction_server.audio.frontend import offline_chunks
+    from audio_interaction_server.audio.mel import offline_chunks
 
     for path in files:
         clips = [offline_chunks(read_audio(path))]

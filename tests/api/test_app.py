@@ -15,7 +15,7 @@ import soundfile
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from audio_interaction_server.audio.frontend import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
 from audio_interaction_server.api.metrics import SESSION_STATE, heap_stats
 from audio_interaction_server.protocol import SERVER_EVENT_ADAPTER
 from audio_interaction_server.config import ConfigError, ServerConfig, load_config

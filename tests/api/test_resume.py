@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.audio.files import load_audio_file
 from tests.api.test_transport import wait_until
 
 websockets = pytest.importorskip("websockets")

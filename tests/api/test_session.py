@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.audio.files import load_audio_file
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, SessionEnded, TurnBegin
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN

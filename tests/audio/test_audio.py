@@ -11,22 +11,12 @@ import soundfile
 import soxr
 import torch
 
-from audio_interaction_server.audio.frontend import (
-    AudioFormatError,
-    checked_pcm_values,
-    decode_checked_pcm,
-    LogMelChunker,
-    StreamingLogMel,
-    StreamingResampler,
-    decode_pcm,
-    load_audio_file,
-    load_audio_sequence,
-    log_mel_raw,
-    log_mel_whole,
-    mel_filters,
-    normalize_log_mel,
-    offline_chunks,
+from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
+from audio_interaction_server.audio.mel import (
+    LogMelChunker, StreamingLogMel, log_mel_raw, log_mel_whole, mel_filters, normalize_log_mel, offline_chunks,
 )
+from audio_interaction_server.audio.pcm import AudioFormatError, checked_pcm_values, decode_checked_pcm, decode_pcm
+from audio_interaction_server.audio.resampler import StreamingResampler
 from audio_interaction_server.spec import CHUNK_SAMPLES, MEL_FRAMES_PER_CHUNK, SAMPLE_RATE_HZ
 
 
@@ -229,7 +219,7 @@ def test_mel_filters_match_whisper_feature_extractor(whisper_extractor) -> None:
 def test_mel_filters_are_transformers_table_bit_for_bit_before_rounding_too() -> None:
     from transformers.audio_utils import mel_filter_bank
 
-    from audio_interaction_server.audio.frontend import mel_filters_float64
+    from audio_interaction_server.audio.mel import mel_filters_float64
 
     reference = mel_filter_bank(num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
                                 sampling_rate=16000, norm="slaney", mel_scale="slaney")
@@ -322,7 +312,7 @@ def test_history_stays_bounded_over_a_minute() -> None:
             num_chunks += len(chunker.push(piece))
             # 200 samples of left context + less than one chunk and its 40-sample look-ahead
             assert chunker.num_buffered_samples < 200 + CHUNK_SAMPLES + 40
-        assert chunker._buffer.shape[0] == 200 + 2 * CHUNK_SAMPLES + 40  # never grew
+        assert chunker._cutter._buffer.shape[0] == 200 + 2 * CHUNK_SAMPLES + 40  # never grew
         assert num_chunks == 60 * SAMPLE_RATE_HZ // CHUNK_SAMPLES - 1  # the last waits for look-ahead
         assert len(chunker.flush()) == 1
 
@@ -378,11 +368,11 @@ def test_streaming_raw_mel_stays_bit_identical_across_digital_silence(speech: np
 def test_flushed_silence_does_not_cost_one_stft_per_chunk(speech: np.ndarray, monkeypatch) -> None:
     """input.flush appends up to 10 s of zeros (25 chunks) on the event loop: chunks whose whole
     window is zeros reuse one precomputed block instead of an STFT each."""
-    import audio_interaction_server.audio.frontend
+    import audio_interaction_server.audio.mel
 
     calls = []
-    computed = audio_interaction_server.audio.frontend._log_mel_block
-    monkeypatch.setattr(audio_interaction_server.audio.frontend, "_log_mel_block",
+    computed = audio_interaction_server.audio.mel._log_mel_block
+    monkeypatch.setattr(audio_interaction_server.audio.mel, "_log_mel_block",
                         lambda block: calls.append(1) or computed(block))
     front_end = StreamingLogMel()
     before = front_end.push(speech[:8000])  # 0.5 s of speech: chunk 0 is out

@@ -16,9 +16,9 @@ import pytest
 import torch
 import zmq
 
-from audio_interaction_server.audio.frontend import (
-    PaddedBlocks, StreamingLogMel, _log_mel_block, load_audio_file, log_mel_blocks,
-)
+from audio_interaction_server.audio.blocks import PaddedBlocks
+from audio_interaction_server.audio.files import load_audio_file
+from audio_interaction_server.audio.mel import StreamingLogMel, _log_mel_block, log_mel_blocks
 from audio_interaction_server.audio.stream import AudioInput
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine import wire

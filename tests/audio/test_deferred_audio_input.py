@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from audio_interaction_server.audio import stream
-from audio_interaction_server.audio.frontend import (
-    AudioFormatError, PaddedBlocks, StreamingResampler, check_pcm, checked_pcm_values,
-)
+from audio_interaction_server.audio.blocks import PaddedBlocks
+from audio_interaction_server.audio.pcm import AudioFormatError, check_pcm, checked_pcm_values
+from audio_interaction_server.audio.resampler import StreamingResampler
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput, max_resampled_samples, min_input_frames
 from audio_interaction_server.protocol import AudioFormat
 from audio_interaction_server.spec import CHUNK_SAMPLES, SAMPLE_RATE_HZ

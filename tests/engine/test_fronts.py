@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.audio.files import load_audio_file
 from audio_interaction_server.engine.process import process_has_ended
 from audio_interaction_server.engine.wire import EngineEndpoints
 from benchmarks.harness import LiveServer

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
 from audio_interaction_server.engine.prefill_budget import LOG_EVERY_S, PrefillBudget

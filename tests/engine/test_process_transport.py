@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import ClientConnection
 
-from audio_interaction_server.audio.frontend import load_audio_file
+from audio_interaction_server.audio.files import load_audio_file
 from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
 from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.options import SessionOptions
@@ -128,7 +128,7 @@ def test_session_commands_of_one_loop_turn_leave_in_one_send_and_keep_their_orde
     every chunk is decided, the requested reply begins. A call from another thread leaves at once, and so does one
     from the loop's thread once its loop is closed. (Heartbeats, one message per send, go on meanwhile: the counts
     compare messages with sends.)"""
-    from audio_interaction_server.audio.frontend import PaddedBlocks
+    from audio_interaction_server.audio.blocks import PaddedBlocks
     from audio_interaction_server.config import EngineConfig
     from audio_interaction_server.engine.events import Decision, TurnBegin
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zmq
 
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.engine.commands import CancelReply, PushAudio, RequestReply
 from audio_interaction_server.engine.wire import (
     AUDIO_BLOCKS, COMMAND_BATCH, OpenRemote, decode, decode_batch, encode, encode_batch, recv_frames, send_frames,

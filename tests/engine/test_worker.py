@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (

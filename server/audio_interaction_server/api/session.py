@@ -8,7 +8,7 @@ a codec encodes (``/v1/stream``) or translates (``/v1/realtime``) them. Time is 
 (``now_s``, monotonic), so tests drive timeouts without sleeping.
 
 Audio path: PCM bytes, checked as they arrive (``check_pcm``), decoded once they could complete a chunk
--> ``StreamingResampler`` -> ``LogMelChunker.push_block_array``
+-> ``StreamingResampler`` -> ``blocks.BlockCutter.push``
 -> ``engine.push_audio`` (``PaddedBlocks``: the engine computes the log-mel, see audio/stream.py).
 A frame is either accepted whole (it reaches the model, or ``session.closed`` counts it as cut)
 or refused with an ``error`` event; nothing is dropped silently. What a client may make the
@@ -36,7 +36,7 @@ from audio_interaction_server.api.commands import (
 )
 from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.flood import FloodGuard
-from audio_interaction_server.audio.frontend import AudioFormatError
+from audio_interaction_server.audio.pcm import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.events import (

@@ -1,9 +1,9 @@
 """A session's audio input chain: PCM frames -> mono float32 -> 16 kHz -> padded chunk blocks -> the engine.
 
 The front's share of the log-mel front-end is the cheap one: decoding, resampling, and cutting the 16 kHz
-stream into each 0.4 s chunk's centre-padded sample block (``LogMelChunker.push_block_array``: copies and
+stream into each 0.4 s chunk's centre-padded sample block (``blocks.BlockCutter``: copies and
 reflections, no arithmetic). The engine computes the features from the blocks, batched over every session's
-chunks of a step (``frontend.log_mel_blocks``), bit-identical to ``StreamingLogMel`` on the same stream.
+chunks of a step (``mel.log_mel_blocks``), bit-identical to ``StreamingLogMel`` on the same stream.
 
 Deferred work: clients send a frame every 20-100 ms but a chunk completes every 0.4 s, and on the event loop
 the numpy calls per frame cost more than the samples they move. So a frame is only checked when it arrives
@@ -31,10 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.audio.frontend import (
-    LOOKAHEAD_SAMPLES, LogMelChunker, PaddedBlocks, StreamingResampler, bytes_per_sample_frame, check_mono_samples,
-    check_pcm, checked_pcm_values,
-)
+from audio_interaction_server.audio.blocks import LOOKAHEAD_SAMPLES, BlockCutter, PaddedBlocks
+from audio_interaction_server.audio.pcm import bytes_per_sample_frame, check_mono_samples, check_pcm, checked_pcm_values
+from audio_interaction_server.audio.resampler import StreamingResampler
 from audio_interaction_server.protocol import AudioFormat
 
 CHUNK_S = T.CHUNK_S  # re-exported: the session and the app take it from here
@@ -79,7 +78,7 @@ class AudioInput:
         self._num_resampler_input_frames = 0  # given to the current resampler
         self._num_resampler_output_samples = 0  # 16 kHz samples it returned
         # A new chunker is a new feature stream: the engine restarts its running maximum at chunk index 0.
-        self._front_end: LogMelChunker | None = None
+        self._front_end: BlockCutter | None = None
         self._pending_frames: list[bytes] = []  # checked frames of self.format not yet decoded, in order
         self._num_pending_frames = 0
         # Decoding waits until this many frames are pending: then they might complete the next chunk.
@@ -146,10 +145,10 @@ class AudioInput:
         after a pause between utterances; the engine's conversation itself goes on.
         """
         num_pushed = self._end_resampler()
-        front_end = self._front_end or LogMelChunker()
+        front_end = self._front_end or BlockCutter()
         silence = np.zeros(int(round(trailing_silence_s * T.SAMPLE_RATE_HZ)), dtype=np.float32)
-        blocks = front_end.push_block_array(silence)
-        num_pushed += self._push(front_end, np.concatenate([blocks, front_end.flush_block_array(pad_to_chunk=True)]))
+        blocks = front_end.push(silence)
+        num_pushed += self._push(front_end, np.concatenate([blocks, front_end.flush(pad_to_chunk=True)]))
         self._front_end = None
         self.stream_s = self.num_chunks_pushed * CHUNK_S
         return num_pushed
@@ -171,7 +170,7 @@ class AudioInput:
         self.stream_s += duration_s
         if self._resampler is None or self._front_end is None:
             self._resampler = self._resampler or StreamingResampler(self.format.sample_rate_hz)
-            self._front_end = self._front_end or LogMelChunker()
+            self._front_end = self._front_end or BlockCutter()
             self._count_frames_to_decode()
 
     def _count_frames_to_decode(self) -> None:
@@ -201,13 +200,13 @@ class AudioInput:
         if self._resampler.passes_through:
             # 16 kHz: decoding's last pass (the s16 scaling) writes straight into the chunker's buffer.
             num_resampled = values.shape[0]
-            blocks = front_end.push_block_array(values, scale)
+            blocks = front_end.push(values, scale)
         else:
             samples = values if scale is None else np.multiply(values, scale, dtype=np.float32)
             resampled = self._resampler.process(samples)
             num_resampled = resampled.shape[0]
             # Resampling finite samples (of bounded magnitude) gives finite samples.
-            blocks = front_end.push_block_array(resampled)
+            blocks = front_end.push(resampled)
         self._num_resampler_input_frames += values.shape[0]
         self._num_resampler_output_samples += num_resampled
         num_pushed = self._push(front_end, blocks)
@@ -220,7 +219,7 @@ class AudioInput:
         num_pushed = 0
         if self._resampler is not None and self._front_end is not None:
             num_pushed = self._decode_pending()
-            num_pushed += self._push(self._front_end, self._front_end.push_block_array(self._resampler.flush()))
+            num_pushed += self._push(self._front_end, self._front_end.push(self._resampler.flush()))
         self._drop_resampler()
         return num_pushed
 
@@ -230,7 +229,7 @@ class AudioInput:
         self._pending_frames.clear()
         self._num_pending_frames = 0
 
-    def _push(self, front_end: LogMelChunker, blocks: np.ndarray) -> int:
+    def _push(self, front_end: BlockCutter, blocks: np.ndarray) -> int:
         """The chunks just cut, (N, 6640) and of their own (the chunker never reuses them), to the engine."""
         num_blocks = blocks.shape[0]
         if num_blocks:

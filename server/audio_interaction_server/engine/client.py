@@ -21,7 +21,7 @@ from audio_interaction_server.options import SessionOptions
 if TYPE_CHECKING:
     import torch
 
-    from audio_interaction_server.audio.frontend import PaddedBlocks
+    from audio_interaction_server.audio.blocks import PaddedBlocks
     from audio_interaction_server.engine.events import SessionStateSize, StepStats
     from audio_interaction_server.model.checkpoint import LoadedModel
 

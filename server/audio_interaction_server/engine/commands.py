@@ -37,7 +37,7 @@ class PushAudio:
     """
 
     session_id: str
-    mel_chunks: Any  # torch.Tensor (N, 128, 40) | sequence of (128, 40) | audio.frontend.PaddedBlocks (N, 6640)
+    mel_chunks: Any  # torch.Tensor (N, 128, 40) | sequence of (128, 40) | audio.blocks.PaddedBlocks (N, 6640)
     action: ClassVar[str] = "audio"
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import zmq
 
 from audio_interaction_server.config import EngineConfig
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.engine.client import dtype_name
 from audio_interaction_server.engine.commands import CancelReply, ClearAudio, CloseSession, PushAudio, RequestReply
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded

@@ -22,7 +22,7 @@ import zmq
 
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.client import CannotServe, ModelSummary
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
 )

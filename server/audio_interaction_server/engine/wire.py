@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from audio_interaction_server.audio.frontend import PaddedBlocks
+from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.commands import PushAudio
 from audio_interaction_server.engine.events import EngineEvent, SessionStateSize

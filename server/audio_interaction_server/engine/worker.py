@@ -18,7 +18,7 @@ in one session's own path ends that session alone), delivery and stop.
 
 Live sessions push ``PaddedBlocks`` (16 kHz samples cut into chunk blocks), not
 features: the worker computes the log-mel of every block posted since the last
-step in one batched call (``frontend.log_mel_blocks``, on the CPU: bit-identical
+step in one batched call (``mel.log_mel_blocks``, on the CPU: bit-identical
 to the streaming front-end there), then applies the commands in their order, so
 a clear_audio posted after a push still drops that push's chunks.
 """
@@ -35,7 +35,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from audio_interaction_server.audio.frontend import PaddedBlocks, log_mel_blocks, normalize_stream
+from audio_interaction_server.audio.blocks import PaddedBlocks
+from audio_interaction_server.audio.mel import log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.spec import MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_between_rollovers

@@ -49,7 +49,7 @@ def server(tiny_checkpoint, engine_transport):
 
 @pytest.fixture(scope="module")
 def speech(shared_audio) -> list[bytes]:
-    from audio_interaction_server.audio.frontend import load_audio_file
+    from audio_interaction_server.audio.files import load_audio_file
 
     return [(np.clip(load_audio_file(shared_audio / name), -1, 1) * 32767).astype("<i2").tobytes() for name in FILES]
 
