@@ -151,6 +151,43 @@ def test_turn_policy_forces_a_requested_reply_once_and_on_request_stays_silent(t
     assert first_decision(scheduler, manual, T.KEEP_SILENCE)[0] == Decision(1, T.TEXT_BEGIN)
 
 
+def decide_queued(scheduler, session, model_token) -> list:
+    """Decide every chunk the session has queued, the model choosing ``model_token`` each time; the events."""
+    events = []
+    while session.conversation.audio_queue:
+        (batch,) = scheduler.schedule().batches
+        update = scheduler.update(batch, answered(batch, model_token))
+        assert not update.failures
+        events += [event for _, batch_events in update.events for event in batch_events]
+    return events
+
+
+@pytest.mark.parametrize("reply_mode", ["model", "on_request"])
+def test_a_requested_reply_answers_the_audio_queued_before_the_request(tiny_model, reply_mode):
+    """A push-to-talk client sent its utterance faster than real time, then input.flush and response.create: the reply
+    began at the first queued chunk, after 0.4 s of a 10.8 s utterance (first-hour review). It begins at the last
+    chunk queued when the request came, once the model has heard everything sent before it."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6, reply_mode=reply_mode), print)
+    scheduler.add_audio(session, [CHUNK] * 3)
+    assert scheduler.request_reply(session) == []
+    scheduler.add_audio(session, [CHUNK])  # after the request: heard after the reply
+    events = decide_queued(scheduler, session, T.KEEP_SILENCE)
+    assert events[:4] == [Decision(0, T.KEEP_SILENCE), Decision(1, T.KEEP_SILENCE), Decision(2, T.TEXT_BEGIN),
+                          TurnBegin(0, 2, requested=True)], events
+
+
+def test_a_requested_reply_whose_audio_was_cleared_begins_at_the_next_chunk(tiny_model):
+    """input.clear drops the audio a pending request was to answer: the request stays, for the audio that follows."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
+    scheduler.add_audio(session, [CHUNK] * 3)
+    scheduler.request_reply(session)
+    assert scheduler.clear_audio(session) == [AudioCleared(3)]
+    assert first_decision(scheduler, session, T.KEEP_SILENCE)[:2] == [Decision(0, T.TEXT_BEGIN),
+                                                                      TurnBegin(0, 0, requested=True)]
+
+
 def test_every_reply_request_is_answered_once_begun_or_dropped(tiny_model):
     """A request the model's own reply overtook was dropped without a word: the Realtime codec then matched the
     model's reply to it (the request's cap and metadata on a reply it never asked for) and the request was lost.

@@ -55,13 +55,19 @@ class SessionState:
     conversation: Conversation
     emit: EmitFn
     generator: torch.Generator | None
-    requested_reply: ReplyRequest | None = None  # the next decision is TEXT_BEGIN, consumed by that reply
+    requested_reply: ReplyRequest | None = None  # a reply asked for, begun by the decision of reply_due_chunk
+    reply_due_chunk: int = 0  # that decision's chunk index: the last chunk queued when the request came
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
     credits_at_s: float = 0.0
     # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
     chunk_tickets: deque[int] = field(default_factory=deque)
     last_row_ticket: int = -1
+
+    @property
+    def is_reply_due(self) -> bool:
+        """A requested reply begins at the decision planned now: the model has heard the audio sent before it."""
+        return self.requested_reply is not None and self.conversation.num_chunks_consumed >= self.reply_due_chunk
 
     def waiting_since(self) -> int:
         """The ticket of the moment this session started waiting: its oldest queued chunk, or its last row."""
@@ -234,12 +240,17 @@ class Scheduler:
 
     @staticmethod
     def request_reply(session: SessionState, max_turn_tokens: int | None = None) -> list[EngineEvent]:
-        """The next decision of this session is TEXT_BEGIN, that reply capped at ``max_turn_tokens`` (None: the
-        session's cap). Dropped, and said so, while a reply runs: it would start another, and the session may have
-        sent it before it heard of this reply (the model began it as the request was on its way)."""
-        if session.conversation.phase is not Phase.LISTENING:
+        """A reply, capped at ``max_turn_tokens`` (None: the session's cap), answering the audio sent before the
+        request: its decision is TEXT_BEGIN at the last chunk queued now (at the next chunk when none is), so a
+        client that sent an utterance faster than real time, flushed it and asked for a reply is answered once
+        the model has heard all of it. Dropped, and said so, while a reply runs: it would start another, and the
+        session may have sent it before it heard of this reply (the model began it as the request was on its way).
+        """
+        conversation = session.conversation
+        if conversation.phase is not Phase.LISTENING:
             return [ReplyRequestDropped("reply_in_progress")]
         session.requested_reply = ReplyRequest(max_turn_tokens)
+        session.reply_due_chunk = conversation.num_chunks_consumed + max(0, len(conversation.audio_queue) - 1)
         session.told_reply_waits = False
         return []
 
@@ -263,6 +274,8 @@ class Scheduler:
         """Drop the queued chunks. Between steps no chunk is in flight: a row's chunk leaves the queue at commit."""
         dropped = len(session.conversation.audio_queue)
         session.conversation.audio_queue.clear()
+        # A pending request's audio was dropped with the rest: it answers the audio that comes next.
+        session.reply_due_chunk = min(session.reply_due_chunk, session.conversation.num_chunks_consumed)
         return [AudioCleared(dropped)]
 
     # ---- the step ----------------------------------------------------------------------------------
@@ -334,8 +347,10 @@ class Scheduler:
                 continue
             try:
                 token = self.turn_policy(session, row.plan, outcome.token)
-                # A request, and its cap, is consumed by the reply that starts here (before its first token).
-                request = session.requested_reply if row.is_decision and token == T.TEXT_BEGIN else None
+                # A request, and its cap, is consumed by the reply that starts here (before its first token); a reply
+                # the model begins before the request is due is its own, and the request waits for its chunk.
+                request = session.requested_reply if row.is_decision and token == T.TEXT_BEGIN and \
+                    session.is_reply_due else None
                 events.append((session, session.conversation.commit(row.plan, token, request)))
             except Exception as exc:
                 failures.append(Failure(session, exc, COMMIT_FAILED))
@@ -358,7 +373,7 @@ class Scheduler:
         if self.config.scripted_turns is not None:
             token = scripted_token(self.config.scripted_turns, session.conversation, session.slot, token)
         if plan.is_decision:
-            if session.requested_reply:
+            if session.is_reply_due:
                 token = T.TEXT_BEGIN
             elif session.options.reply_mode == "on_request":
                 token = T.KEEP_SILENCE
