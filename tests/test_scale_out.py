@@ -294,6 +294,23 @@ def test_the_balancer_refuses_the_drain_call_however_its_path_is_spelled(cluster
     assert not any(replica.get("/v1/load")[1]["draining"] for replica in replicas.values())
 
 
+def test_the_balancer_keeps_the_replicas_metrics_to_the_inside(cluster):
+    """/metrics needs no key and is the dearest plain request there is (every counter rendered): the public side
+    could scrape it through the balancer as fast as it liked (hostile probe, round 4). Prometheus scrapes each
+    replica directly; through the balancer, /metrics is refused however it is spelled, and /health is served."""
+    balancer, replicas = cluster
+    for path in ("/metrics", "/Metrics", "/%6detrics", "//metrics", "/metrics/"):
+        with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as raw:
+            raw.sendall(f"GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 403"), (path, answer[:200])
+    with urllib.request.urlopen(f"http://127.0.0.1:{balancer.port}/health", timeout=10) as response:
+        assert response.status == 200
+    assert "ais_sessions_active" in replicas["ais1"].metrics()  # the replica's own port still serves it
+
+
 def open_direct_session(replica: Replica) -> ClientConnection:
     """A session the balancer does not carry (as one opened through another balancer, or detached and awaiting
     its client's resume): it holds a slot HAProxy cannot count."""

@@ -239,7 +239,8 @@ class TransportSettings(BaseModel):
     http_requests_per_s: float = Field(
         100.0, gt=0, description="plain HTTP requests (health, readiness, metrics, info; not WebSocket upgrades) one "
         "client address may make per second, sustained; beyond http_request_burst the answer is HTTP 429 and the "
-        "connection is closed. trusted_proxies are exempt (their clients are behind them)")
+        "connection is closed. A request from one of the trusted_proxies spends the budget of the client it is "
+        "forwarded for, who then gets 429 request by request (the proxy's connection is kept)")
     http_request_burst: int = Field(500, ge=1, description="plain HTTP requests one client address may make at once")
     max_write_buffer_bytes: int = Field(
         1024 * 1024, ge=64 * 1024, description="bytes waiting for a client that does not read; beyond, the connection "

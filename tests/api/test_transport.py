@@ -619,6 +619,64 @@ def test_a_pipelined_flood_of_plain_requests_is_answered_429_and_closed_and_othe
         server.stop()
 
 
+def test_plain_requests_through_a_trusted_proxy_spend_the_budget_of_the_client_it_forwards_for(tiny_checkpoint):
+    """Behind the shipped HAProxy configs every request comes from the balancer, a trusted proxy, which is exempt:
+    a flood of /health or /metrics through it was never refused (hostile probe, round 4: a neighbour's p95 224 ms).
+    A forwarded request spends the budget of the client it is forwarded for; past it that client gets 429 without
+    the proxy's connection being closed (its next request may be another client's), and other clients are served."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 5.0, "http_request_burst": 20,
+                                               "trusted_proxies": ["127.0.0.9"]})
+    try:
+        def forwarded(client: str) -> bytes:
+            return f"GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {client}\r\n\r\n".encode()
+
+        with open_socket(server.port, source="127.0.0.9") as sock:
+            statuses = []
+            for _ in range(40):
+                sock.sendall(forwarded("203.0.113.7"))
+                statuses.append(read_response_status(sock))
+            assert statuses.count(200) <= 21 and statuses[-1] == 429, statuses
+            sock.sendall(forwarded("198.51.100.1"))  # another client, on the same proxy connection
+            assert read_response_status(sock) == 200
+    finally:
+        server.stop()
+
+
+def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
+    """/metrics renders every counter, about 20 times the work of /health (5-6 ms on the event loop), and counted
+    as one request: one address inside its budget could spend half the loop on scrapes (hostile probe, round 4). A
+    scrape now costs METRICS_REQUEST_COST requests of the budget."""
+    from audio_interaction_server.api.transport import METRICS_REQUEST_COST
+
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 100})
+    try:
+        with open_socket(server.port) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+            data, closed = read_until_closed(sock, timeout_s=5.0)
+        statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", data)
+        assert closed and statuses.count(b"200") <= 100 // METRICS_REQUEST_COST + 1 and statuses[-1] == b"429", \
+            statuses
+    finally:
+        server.stop()
+
+
+def read_response_status(sock) -> int:
+    """One whole response with a Content-Length from ``sock``: its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    assert len(body) == length, "more than one response at once: the test reads them one by one"
+    return int(head.split()[1])
+
+
 def test_a_burst_of_data_frames_after_a_quiet_spell_is_held_to_data_frame_burst(tiny_checkpoint):
     """Tokens spent without a clock read were refilled, once they ran out, with all the time since the last refill
     on top of what was left: after a quiet spell a client could send up to twice data_frame_burst at once. A

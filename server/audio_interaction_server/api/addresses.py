@@ -58,14 +58,16 @@ class AddressRateLimiter:
         self.max_tracked = max_tracked
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (tokens, at time)
 
-    def retry_after_s(self, address: str, now_s: float, take: bool = True) -> float | None:
-        """None (and one attempt counted, unless ``take`` is False) when ``address`` may make one now; else seconds
-        until it may. An IPv6 address counts with its /64 (``client_key``)."""
+    def retry_after_s(self, address: str, now_s: float, take: bool = True, cost: float = 1.0) -> float | None:
+        """None (and ``cost`` attempts counted, unless ``take`` is False) when ``address`` may make one now; else
+        seconds until it may. An attempt is allowed while a whole one is left, and one that costs more leaves the
+        bucket in debt, paid back before the next (what a request cost is known once it is answered). An IPv6
+        address counts with its /64 (``client_key``)."""
         key = client_key(address)
         tokens, at_s = self._buckets.pop(key, (float(self.burst), now_s))
         tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
         allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed and take else tokens, now_s)
+        self._buckets[key] = (tokens - cost if allowed and take else tokens, now_s)
         while len(self._buckets) > self.max_tracked:
             self._buckets.popitem(last=False)
         return None if allowed else (1.0 - tokens) / self.rate_per_s

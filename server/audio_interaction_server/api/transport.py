@@ -28,7 +28,8 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
   aborted, so its session ends and its slot is freed; on shutdown a stalled connection gets only
   ``close_timeout_s``, so one stuck reader cannot hold the drain;
 * plain HTTP requests (not upgrades) per client address within a token bucket (``http_requests_per_s``,
-  ``http_request_burst``; trusted proxies exempt): beyond, 429 and the connection closed; a pipelined flood of
+  ``http_request_burst``; a trusted proxy's requests spend their clients' budgets, ``TransportGuard.wrap``): beyond,
+  429 and the connection closed (a proxy's kept); a pipelined flood of
   ``/health`` kept the loop, and through the GIL the worker thread, busy;
 * ``X-Forwarded-For`` believed only from ``trusted_proxies`` (uvicorn trusts 127.0.0.1 by default,
   which lets any local client, or a proxy that forwards the header unchecked, pick its address).
@@ -51,6 +52,7 @@ from typing import Any, ClassVar, NamedTuple, cast
 
 import h11
 from prometheus_client import CollectorRegistry, Counter
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -111,6 +113,12 @@ LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_i
                                  window_s=10.0)
 
 
+# What a /metrics answer costs of its client's plain-request budget: it renders every counter, about 20 times the work
+# of /health (5-6 ms of the event loop on the 2-core VM), and a scrape counted as one request let one address spend
+# half the loop inside its budget. A Prometheus scrape every few seconds is still far inside it.
+METRICS_REQUEST_COST = 20.0
+
+
 class TransportGuard:
     """The limits and the state every connection of one server shares."""
 
@@ -123,6 +131,9 @@ class TransportGuard:
         self._http_requests = AddressRateLimiter(settings.http_requests_per_s, settings.http_request_burst)
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
                                     "(transport.py)", ["reason"], registry=registry)
+        self.refusals_total = Counter("ais_transport_refusals", "requests forwarded by a trusted proxy refused by "
+                                      "a transport limit, the proxy's connection kept (transport.py)", ["reason"],
+                                      registry=registry)
         self._flusher: asyncio.TimerHandle | None = None
 
     def uvicorn_options(self) -> dict[str, Any]:
@@ -180,12 +191,44 @@ class TransportGuard:
             return 429, "too_many_handshakes_from_ip"
         return None
 
-    def takes_http_request(self, host: str, take: bool = True) -> bool:
-        """Whether ``host`` may make a plain HTTP request now (one counted unless ``take`` is False); trusted
-        proxies always may."""
+    def takes_http_request(self, host: str, take: bool = True, cost: float = 1.0) -> bool:
+        """Whether ``host`` may make a plain HTTP request now (``cost`` requests counted unless ``take`` is False);
+        trusted proxies always may."""
         if self.is_trusted_proxy(host):
             return True
-        return self._http_requests.retry_after_s(host, time.monotonic(), take) is None
+        return self._http_requests.retry_after_s(host, time.monotonic(), take, cost) is None
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind the per-client check of plain requests that came through a trusted proxy.
+
+        A proxy's connection carries many clients' requests, so it is neither refused nor closed for one of them
+        (``GuardedHttpProtocol``); each request it forwards spends the budget of the client it names
+        (``X-Forwarded-For``: uvicorn has made it the scope's client by the time a request gets here), and a
+        client past its budget gets 429 here, request by request. A direct client's requests were checked by
+        its connection already; looking again costs a dictionary lookup."""
+        guard = self
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            client = scope.get("client") if scope["type"] == "http" else None
+            if client is not None and not guard.takes_http_request(client[0], take=False):
+                guard.refused_forwarded(client[0])
+                body = f"Too Many Requests: {guard.http_flood_detail()}\n".encode()
+                await send({"type": "http.response.start", "status": 429,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await app(scope, receive, send)
+
+        return guarded
+
+    def http_flood_detail(self) -> str:
+        return (f"more than {self.settings.http_request_burst} HTTP requests at once or "
+                f"{self.settings.http_requests_per_s:g} a second from this address")
+
+    def refused_forwarded(self, client: str) -> None:
+        self.refusals_total.labels("http_request_flood").inc()
+        log.warning("refused a request (http_request_flood) forwarded for %s: %s", client, self.http_flood_detail())
 
     def count_slow(self, host: str, delta: int) -> None:
         key = client_key(host)  # an IPv6 client counts with its /64
@@ -392,14 +435,19 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             self.transport.close()
 
     def _http_flood_detail(self) -> str:
-        settings = self.transport_guard.settings
-        return (f"more than {settings.http_request_burst} HTTP requests at once or {settings.http_requests_per_s:g} "
-                "a second from this address")
+        return self.transport_guard.http_flood_detail()
 
     def on_response_complete(self) -> None:
         # A plain request is counted as its answer completes (an upgrade never gets here): a keep-alive or
         # pipelined connection past its address's budget is answered 429 and closed, not served its next one.
-        if not self.transport_guard.takes_http_request(self._host):
+        # A trusted proxy's request is its client's: counted against it, refused by ``TransportGuard.wrap``.
+        guard = self.transport_guard
+        cost = METRICS_REQUEST_COST if self.scope.get("path") == "/metrics" else 1.0
+        if guard.is_trusted_proxy(self._host):
+            client = self.scope.get("client")
+            if client is not None:
+                guard.takes_http_request(client[0], cost=cost)
+        elif not guard.takes_http_request(self._host, cost=cost):
             self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
             return
         super().on_response_complete()
