@@ -311,6 +311,31 @@ def test_the_balancer_keeps_the_replicas_metrics_to_the_inside(cluster):
     assert "ais_sessions_active" in replicas["ais1"].metrics()  # the replica's own port still serves it
 
 
+def test_the_balancer_answers_a_request_flood_from_one_address_429_before_any_replica_works(cluster):
+    """Behind the balancer every request reaches a replica as the balancer's own: a client flooding /health through
+    it kept a replica's event loop busy whatever the replica answered (hostile probe, round 4: a neighbour's
+    decisions up to 7 s late). HAProxy counts requests per client address (AIS_LB_REQUESTS_PER_10S, 1,000) and
+    answers 429 itself past it; another address is served meanwhile."""
+    balancer, replicas = cluster
+    statuses = []
+    with socket.create_connection(("127.0.0.1", balancer.port), timeout=10, source_address=("127.0.0.2", 0)) as raw:
+        reader = raw.makefile("rb")
+        for _ in range(1100):
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: lb\r\n\r\n")
+            status_line = reader.readline()
+            statuses.append(int(status_line.split()[1]))
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            if statuses[-1] == 429:
+                break
+    assert statuses[-1] == 429 and 900 <= statuses.count(200) <= 1001, (len(statuses), statuses[-3:])
+    with urllib.request.urlopen(f"http://127.0.0.1:{balancer.port}/health", timeout=10) as response:
+        assert response.status == 200  # this test's other address (127.0.0.1)
+
+
 def open_direct_session(replica: Replica) -> ClientConnection:
     """A session the balancer does not carry (as one opened through another balancer, or detached and awaiting
     its client's resume): it holds a slot HAProxy cannot count."""
