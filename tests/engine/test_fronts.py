@@ -508,7 +508,13 @@ def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
     monkeypatch.setattr(supervisor, "run", lambda: seen.append(signal.getsignal(signal.SIGHUP)) or 0)
     monkeypatch.setattr(fronts, "Supervisor", lambda config, directory: supervisor)
     before = signal.getsignal(signal.SIGHUP)
+    made: list[str] = []
+    monkeypatch.setattr(fronts.tempfile, "mkdtemp", lambda prefix: made.append(str(tmp_path / prefix)) or
+                        (tmp_path / prefix).mkdir() or made[-1])
     assert fronts.supervise(load_config(None, {"AIS_FRONTS": "2"})) == 0
+    # The folder supervise made for the engine's sockets is gone, though this stand-in supervisor never used it
+    # (one was left in /tmp by every run of this test: hostile probe, round 4).
+    assert made and not Path(made[0]).exists()
     assert seen == [supervisor.on_signal] and signal.getsignal(signal.SIGHUP) == before
     ordered: list[tuple[int, int]] = []
     monkeypatch.setattr(supervisor, "_order", lambda index, order: ordered.append((index, order)))

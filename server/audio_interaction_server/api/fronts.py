@@ -394,7 +394,8 @@ def _lost_engine_wait_s() -> float:
 
 def supervise(config: ServerConfig) -> int:
     """Run the engine and ``config.fronts`` fronts until stopped; the tree's exit status (``api/serving.py``)."""
-    supervisor = Supervisor(config, Path(tempfile.mkdtemp(prefix="ais-engine-")))
+    directory = Path(tempfile.mkdtemp(prefix="ais-engine-"))  # removed below, whatever the supervisor did with it
+    supervisor = Supervisor(config, directory)
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
         status = supervisor.run()
@@ -411,4 +412,4 @@ def supervise(config: ServerConfig) -> int:
             signal.signal(signum, handler)
         for listeners in supervisor.listeners.values():
             listeners.close()
-        shutil.rmtree(supervisor.directory, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
