@@ -503,14 +503,14 @@ def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
     from audio_interaction_server.api import fronts
     from audio_interaction_server.config import load_config
 
-    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "2"}), tmp_path)
+    supervisor = fronts.Supervisor(load_config(None, {"AIS_FRONTS": "2"}), tmp_path / "stand-in")
     seen: list[int] = []
     monkeypatch.setattr(supervisor, "run", lambda: seen.append(signal.getsignal(signal.SIGHUP)) or 0)
     monkeypatch.setattr(fronts, "Supervisor", lambda config, directory: supervisor)
     before = signal.getsignal(signal.SIGHUP)
     made: list[str] = []
-    monkeypatch.setattr(fronts.tempfile, "mkdtemp", lambda prefix: made.append(str(tmp_path / prefix)) or
-                        (tmp_path / prefix).mkdir() or made[-1])
+    monkeypatch.setattr(fronts.tempfile, "mkdtemp", lambda prefix: made.append(str(tmp_path / "made" / prefix)) or
+                        Path(made[-1]).mkdir(parents=True) or made[-1])
     assert fronts.supervise(load_config(None, {"AIS_FRONTS": "2"})) == 0
     # The folder supervise made for the engine's sockets is gone, though this stand-in supervisor never used it
     # (one was left in /tmp by every run of this test: hostile probe, round 4).
