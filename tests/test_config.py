@@ -178,6 +178,15 @@ def test_a_buffer_too_small_for_a_default_flush_is_named_at_start(environ):
     assert "every such flush will be refused" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("seconds", ["0.4", "0.3", "0.01"])
+def test_a_buffer_that_cannot_hold_a_chunk_is_refused_at_start(seconds):
+    """With max_buffered_audio_s at or below one chunk the server started (with trailing_silence_s 0, without a
+    word) and then refused every frame of a real-time client, "send audio no faster than real time": a chunk is
+    heard once its 0.4 s and the frame carrying its look-ahead are in (first-hour review, round 4)."""
+    with pytest.raises(ConfigError, match="max_buffered_audio_s.*0.5"):
+        load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": seconds, "AIS_TRAILING_SILENCE_S": "0"})
+
+
 def test_a_buffer_that_holds_a_default_flush_is_fine():
     assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "1.6"}).flush_headroom_problem() is None
     assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "0.5", "AIS_TRAILING_SILENCE_S": "0"}

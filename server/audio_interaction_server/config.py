@@ -311,6 +311,10 @@ class FloodLimits(BaseModel):
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s*?#@]+")
 
 
+# The smallest max_buffered_audio_s: a chunk and a 100 ms frame, the largest the shipped clients send.
+MIN_BUFFERED_AUDIO_S = 0.5
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -329,7 +333,9 @@ class ServerConfig(BaseModel):
         "connect_burst_per_ip at once); more get HTTP 429 before the handshake. None = no limit")
     connect_burst_per_ip: int = Field(100, ge=1, description="connection attempts one client IP may make at once")
     max_frame_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
-    max_buffered_audio_s: float = Field(60.0, gt=0, description="audio accepted but not yet heard by the model")
+    max_buffered_audio_s: float = Field(
+        60.0, description="audio accepted but not yet heard by the model; at least 0.5 s: a chunk is heard "
+        "once its 0.4 s and the frame that carries its look-ahead are in, and a smaller buffer refuses every frame")
     max_queued_events: int = Field(10_000, ge=100, description="unsent events per connection before it is closed")
     max_queued_bytes: int = Field(
         8 * 1024 * 1024, ge=64 * 1024, description="bytes of unsent events per connection (as JSON, estimated), "
@@ -462,6 +468,15 @@ class ServerConfig(BaseModel):
                 f"input.flush queues (the partial chunk and trailing_silence_s ({self.trailing_silence_s:g} s), in "
                 f"whole {CHUNK_S:g} s chunks): every such flush will be refused with audio_buffer_full; raise "
                 "max_buffered_audio_s or lower trailing_silence_s")
+
+    @field_validator("max_buffered_audio_s")
+    @classmethod
+    def _holds_a_chunk(cls, value: float) -> float:
+        if value < MIN_BUFFERED_AUDIO_S:
+            raise ValueError(f"must be at least {MIN_BUFFERED_AUDIO_S:g} s: a chunk ({CHUNK_S:g} s) is heard once it "
+                             "and the frame that carries its look-ahead are in, and a smaller buffer refuses every "
+                             "frame of a client streaming in real time")
+        return value
 
     @field_validator("replica_id")
     @classmethod
