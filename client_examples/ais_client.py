@@ -609,6 +609,8 @@ class StreamSession:
     async def send_event(self, event: dict) -> None:
         if event.get("type") == "session.close":
             self.is_closing = True
+            # Its answer gets a quiet limit of its own: a client that gave up on a quiet server waited its limit out.
+            self._last_event_s = asyncio.get_running_loop().time()
         await self._send(self.outbound.add_event(event))
 
     async def _send(self, frame: SentFrame) -> None:
@@ -917,6 +919,7 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
             receiver.cancel()
             raise error
         failure = str(error)
+        console.note(failure)  # now: why the client gives up, whatever becomes of the close
         await session.send_event({"type": "session.close"})  # end the session cleanly all the same
     while not receiver.done():  # the server answers session.close with session.closed, then closes
         try:
@@ -927,8 +930,6 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
         await asyncio.wait([receiver], timeout=time_left_s)
     await receiver
     code, reason = session.websocket.close_code, session.websocket.close_reason or ""
-    if failure:
-        console.note(failure)
     if code != 1000:
         console.note(describe_close(code, reason))
     console.print_summary(session.sent_s)

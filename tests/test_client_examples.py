@@ -1183,6 +1183,42 @@ def test_a_server_that_goes_quiet_ends_the_wait_with_what_it_waited_for(monkeypa
     assert waited_s < 2
 
 
+def test_a_client_that_gives_up_on_a_quiet_server_says_what_it_waited_for(monkeypatch):
+    """A server quiet past the limit mid-stream: the client sent session.close and failed at once, "waited 30 s for
+    the server to close the session after session.close", never saying what the 30 s were spent waiting for (the
+    model to hear the audio), and the close had had no time at all (first-hour review, round 4). The reason is
+    said first, and the close gets a quiet limit of its own."""
+    import asyncio
+    import io
+
+    client = load_client_module()
+    monkeypatch.setattr(client, "SERVER_QUIET_LIMIT_S", 0.5)
+    err = io.StringIO()
+
+    async def main() -> tuple[str, float]:
+        socket = ScriptedSocket()
+        # The answer to the session.configure that asks for decision events, once it has gone out.
+        asyncio.get_running_loop().call_later(0.05, socket.give, {"type": "session.updated", "seq": 2})
+        created = {"type": "session.created", "session_id": "s", "seq": 1,
+                   "limits": {"chunk_s": 0.4, "max_buffered_audio_s": 10.0}}
+        session = client.StreamSession("ws://h:1", None, socket, client.ReplyConsole(err=err, out=io.StringIO()),
+                                       created)
+
+        async def send_audio(session) -> None:
+            for _ in range(10):
+                await session.send_pcm(bytes(3200), 0.1)
+
+        started_s = asyncio.get_running_loop().time()
+        with pytest.raises(client.ClientError) as raised:
+            await asyncio.wait_for(client._converse(session, send_audio), 10)
+        return str(raised.value), asyncio.get_running_loop().time() - started_s
+
+    message, waited_s = asyncio.run(main())
+    notes = err.getvalue()
+    assert "while this client waited for the model to hear the audio before input.flush" in notes, notes
+    assert "after session.close" in message and waited_s >= 0.9, (message, waited_s)  # two quiet limits
+
+
 def test_microphone_resumes_after_a_cut_and_nothing_it_captured_is_lost(live, proxy, shared_audio, tmp_path):
     (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
     recording = shared_audio / "01_count_bark" / "sample01_01.mp3"  # 44.1 kHz mono
