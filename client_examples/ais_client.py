@@ -196,8 +196,14 @@ async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, 
             await asyncio.sleep(delay_s)
 
 
+# A 1008 whose reason begins so is the server's transport cutting a connection that sent too many frames.
+FLOOD_CLOSE_REASON = "too many"
+
+
 def describe_close(code: int | None, reason: str = "") -> str:
     meaning = CLOSE_MEANINGS.get(code or 0, "the connection ended abnormally" if code in (None, 1006) else "")
+    if code == 1008 and reason.startswith(FLOOD_CLOSE_REASON):
+        meaning = "cut for sending too fast: use a larger --frame-ms or a lower --speed"
     return f"connection closed with code {code}" + (f": {meaning}" if meaning else "") + \
         (f" ({reason})" if reason else "")
 

@@ -180,11 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The frames a second a server takes from one connection by default (transport.data_frames_per_s); past them it cuts
+# the connection (1008, "too many WebSocket frames").
+MAX_FRAMES_PER_S = 1000
+
+
+def frames_per_s(args: argparse.Namespace) -> float:
+    """Frames a second the pacing sends at ``--speed`` (0: as fast as the server takes them, not known here)."""
+    return args.speed * 1000 / args.frame_ms if args.frame_ms > 0 else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     wrong = [f"--speed {args.speed:g}: must be 0 (as fast as the server takes it) or more"] * (args.speed < 0) + \
         [f"--frame-ms {args.frame_ms:g}: must be between 1 and 1000"] * (not 1 <= args.frame_ms <= 1000) + \
-        [f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more"] * (args.busy_retry_s < 0)
+        [f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more"] * (args.busy_retry_s < 0) + \
+        [f"--frame-ms {args.frame_ms:g} at --speed {args.speed:g} sends {frames_per_s(args):.0f} frames a second; "
+         f"a server takes at most {MAX_FRAMES_PER_S} (transport.data_frames_per_s): use a larger --frame-ms"] * \
+        (frames_per_s(args) > MAX_FRAMES_PER_S)
     if wrong:
         print("error: " + "; ".join(wrong), file=sys.stderr)
         return EXIT_USAGE

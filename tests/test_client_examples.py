@@ -484,6 +484,21 @@ def test_a_closing_sessions_refusals_of_audio_are_told_once():
         assert "said once" in err.getvalue().splitlines()[-1]
 
 
+def test_a_connection_cut_for_a_flood_is_not_blamed_on_the_api_key(tmp_path):
+    """The transport's cut for too many frames closes with 1008, and the client said "refused: check --api-key"
+    (first-hour review, round 4: stream_file --frame-ms 1 --speed 2). The server's reason decides; and a frame
+    rate past what a server takes (1,000 frames a second by default) is refused before anything is sent."""
+    client = load_client_module()
+    cut = client.describe_close(1008, "too many WebSocket frames")
+    assert "api-key" not in cut and "too many WebSocket frames" in cut and "--frame-ms" in cut, cut
+    assert "check --api-key" in client.describe_close(1008, "unauthorized")
+    recording = tmp_path / "silence.wav"
+    soundfile.write(recording, [0.0] * 1600, 16000)
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(recording), "--frame-ms", "1",
+                                "--speed", "2", cwd=tmp_path)
+    assert code == 2 and "frames a second" in " ".join(err), err
+
+
 def load_client_module():
     spec = importlib.util.spec_from_file_location("ais_client", CLIENTS / "ais_client.py")
     module = importlib.util.module_from_spec(spec)

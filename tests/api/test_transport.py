@@ -37,7 +37,9 @@ def start(checkpoint, transport: dict | None = None, **overrides) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoint):
-    server = start(tiny_checkpoint)
+    # No cooldown after a flood cut: the flooding tests here share this server and its one client address (the
+    # cooldown has a test of its own, test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_...).
+    server = start(tiny_checkpoint, flood={"cut_cooldown_s": 0})
     yield server
     server.stop()
 
@@ -656,6 +658,30 @@ def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
         statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", data)
         assert closed and statuses.count(b"200") <= 100 // METRICS_REQUEST_COST + 1 and statuses[-1] == b"429", \
             statuses
+    finally:
+        server.stop()
+
+
+def test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_and_its_address_cools_down(tiny_checkpoint):
+    """The transport's flood cuts (data_frame_flood, control_frame_flood) closed the socket with 1008 and the session
+    then waited for a resume like one whose network dropped: a client sending audio in 1 ms frames resumed, flooded
+    and was cut again, round and round (first-hour review, round 4). The session now ends with the cut, as a
+    session's own flood cut ends it, and the address is refused for flood.cut_cooldown_s."""
+    server = start(tiny_checkpoint, transport={"data_frames_per_s": 100.0, "data_frame_burst": 50},
+                   resume_grace_s=30)
+    try:
+        sock, _ = open_websocket(server.port)
+        with sock:
+            sock.sendall(data_frame(0x2, b"\x00\x00") * 200)  # binary: one sample each
+            rest, closed = read_until_closed(sock, timeout_s=5.0)
+        assert closed and close_code(server_frames(rest)) == 1008, server_frames(rest)[-3:]
+        assert wait_until(lambda: not server.runtime.streams), "the cut session waits for a resume"
+        samples = metric_samples(server)
+        assert samples['ais_sessions_total{reason="data_frame_flood"}'] == 1, samples
+        with open_socket(server.port) as again:  # the address is cooling down: refused before the handshake
+            again.sendall(upgrade_request())
+            head, _ = read_response_head(again)
+        assert head.startswith(b"HTTP/1.1 429"), head
     finally:
         server.stop()
 

@@ -32,7 +32,7 @@ from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard, TokenBucket
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
-from audio_interaction_server.api.transport import direct_messages
+from audio_interaction_server.api.transport import TRANSPORT_CUT, direct_messages
 from audio_interaction_server.config import FloodLimits
 from audio_interaction_server.engine.events import WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
@@ -654,6 +654,8 @@ class StreamConnection:
                     # A close frame saying the client is done (1000) or leaving (1001: a page navigated away) ends
                     # the session; a dropped network sends none (1006), and any other code may be a client's error.
                     self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+                    if (cut := message.get(TRANSPORT_CUT)) is not None:
+                        self._cut_by_transport(cut)
                     return
                 if outbox.is_closing:
                     # Once this socket closes, nothing more is taken from it: the transport stops reading once
@@ -667,6 +669,15 @@ class StreamConnection:
         finally:
             if extension is not None:
                 extension.take_with(None)
+
+    def _cut_by_transport(self, reason: str) -> None:
+        """The transport closed the socket for a flood (``transport.TRANSPORT_CUT``): the session ends with it, as a
+        flood the session itself sees ends it, and is not kept for a resume (a client resuming would flood again);
+        its address cools down as for any flood cut (``Runtime.session_closed``)."""
+        self._client_said_goodbye = True  # no resume: the socket's end ends the session (_socket_ended)
+        self._end_reason = reason
+        if self._on_session_closed is not None:
+            self._on_session_closed(reason)
 
     def _take_directly(self, outbox: Outbox, message: Mapping[str, Any]) -> bool:
         """A message from the transport's callback while the receive loop waits; refused (queued for the loop,

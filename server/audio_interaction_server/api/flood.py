@@ -108,8 +108,9 @@ class FloodGuard:
                 "than real time")
 
 
-# The session end reasons that are a flood cut (api/session.py _cut_off).
-FLOOD_CUTS = frozenset({"audio_flood", "event_flood"})
+# The session end reasons that are a flood cut: the session's own (api/session.py _cut_off) and the transport's, whose
+# socket was closed for a flood of frames (api/transport.py, TRANSPORT_CUT).
+FLOOD_CUTS = frozenset({"audio_flood", "event_flood", "data_frame_flood", "control_frame_flood"})
 
 
 class CutCooldown:

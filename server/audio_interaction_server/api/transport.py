@@ -89,6 +89,9 @@ _BETWEEN_FRAMES_CODE = StreamReader.at_eof.__code__
 # The ASGI scope extension (``scope["extensions"]``) through which an app takes whole data messages in the
 # transport's own callback (``GuardedWebSocketProtocol.take_messages_with``); absent under other servers.
 DIRECT_MESSAGES_EXTENSION = "ais.direct_messages"
+# In the disconnect message of a socket the transport closed for a flood (1008): which flood. The client did not
+# drop: its session is not kept for a resume (api/connection.py).
+TRANSPORT_CUT = "ais.transport_cut"
 # An app's handler for such a message: True when it took the message, False to have it queued for its receive.
 DirectMessageHandler = Callable[[ASGIReceiveEvent], bool]
 
@@ -871,16 +874,20 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def _fail_policy(self, reason: str, message: str) -> None:
         self.transport_guard.closed(reason, self.client, message)
-        self._fail(1008, message)
+        self._fail(1008, message, cut=reason)
 
-    def _fail(self, code: int, message: str) -> None:
-        """Close with ``code`` now, and tell the app (a disconnect with that code)."""
+    def _fail(self, code: int, message: str, cut: str | None = None) -> None:
+        """Close with ``code`` now, and tell the app (a disconnect with that code; ``cut``: the flood it was closed
+        for, under ``TRANSPORT_CUT``, so the app ends the session rather than keep it for a resume)."""
         self.conn.data_to_send()  # pongs a flood asked for are not sent
         self.conn.fail(code, message)
         self.transport.write(b"".join(self.conn.data_to_send()))
         if not self.close_sent:
             self.close_sent = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": message})
+            disconnect: dict[str, Any] = {"type": "websocket.disconnect", "code": code, "reason": message}
+            if cut is not None:
+                disconnect[TRANSPORT_CUT] = cut
+            self.queue.put_nowait(disconnect)  # type: ignore[arg-type]
         self.transport.close()
 
     def _close_timed_out(self) -> None:
