@@ -104,6 +104,9 @@ DROPPED = "the server closed the connection without answering"
 
 def connection_hint(url: str, error: str) -> str:
     """What to check after a failed connection, for the usual mistakes ("" when there is nothing to add)."""
+    if "CERTIFICATE_VERIFY_FAILED" in error and "mismatch" in error:
+        return ("; the certificate is trusted but made for another name: connect with a name it has (its "
+                "subjectAltName), or make one that names this host or address (docs/browser.md)")
     if "CERTIFICATE_VERIFY_FAILED" in error:
         return ("; a self-signed certificate (docs/browser.md): let Python trust it with "
                 "SSL_CERT_FILE=/path/to/cert.pem")

@@ -524,6 +524,13 @@ def test_connection_errors_say_what_to_check(live, tmp_path):
     assert "SSL_CERT_FILE" in hint("wss://h:1/v1/stream", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
                                    "failed: self-signed certificate (_ssl.c:1006)")
     assert "wss://" in hint("ws://h:1/v1/stream", "did not receive a valid HTTP response")
+    # The certificate trusted, but made for another name: SSL_CERT_FILE was set already, and the hint repeated it
+    # (first-hour review, round 4).
+    for mismatch in ("IP address mismatch, certificate is not valid for '127.0.0.1'.",
+                     "Hostname mismatch, certificate is not valid for 'localhost'."):
+        named = hint("wss://127.0.0.1:1/v1/stream", f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                                    f"{mismatch} (_ssl.c:1006)")
+        assert "SSL_CERT_FILE" not in named and "subjectAltName" in named, named
     # A first connection closed unanswered (ws:// to a TLS server, say) ends at once with that hint; only a URL
     # that served a session is tried again (a restart: test_a_server_that_stops_and_comes_back_later...).
     port, done = free_port(), threading.Event()
