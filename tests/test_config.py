@@ -191,3 +191,23 @@ def test_a_buffer_that_holds_a_default_flush_is_fine():
     assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "1.6"}).flush_headroom_problem() is None
     assert load_config(None, {"AIS_MAX_BUFFERED_AUDIO_S": "0.5", "AIS_TRAILING_SILENCE_S": "0"}
                        ).flush_headroom_problem() is None
+
+
+def test_a_log_level_in_capitals_is_taken():
+    """AIS_LOG_LEVEL=DEBUG, as most tools take it, was refused with a regular expression (first-hour review, round
+    4)."""
+    assert load_config(None, {"AIS_LOG_LEVEL": "DEBUG"}).log_level == "debug"
+    assert load_config(None, {"AIS_LOG_LEVEL": "Warning"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_config(None, {"AIS_LOG_LEVEL": "verbose"})
+
+
+def test_the_ready_line_of_a_server_on_every_interface_names_no_address_a_client_cannot_use():
+    """configs/cpu-demo.yaml binds 0.0.0.0 so a phone can connect, and the ready line said ws://0.0.0.0:8000, which
+    no phone can open (first-hour review, round 4)."""
+    from audio_interaction_server.api.serving import stream_url_for_log
+
+    assert stream_url_for_log(False, "127.0.0.1", "127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/stream"
+    for host, address in (("0.0.0.0", "0.0.0.0:8000"), ("::", "[::]:8000")):
+        line = stream_url_for_log(True, host, address)
+        assert line.startswith(f"wss://{address}/v1/stream") and "every interface" in line, line

@@ -469,6 +469,11 @@ class ServerConfig(BaseModel):
                 f"whole {CHUNK_S:g} s chunks): every such flush will be refused with audio_buffer_full; raise "
                 "max_buffered_audio_s or lower trailing_silence_s")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_in_any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # DEBUG, as most tools take it
+
     @field_validator("max_buffered_audio_s")
     @classmethod
     def _holds_a_chunk(cls, value: float) -> float:

@@ -54,6 +54,15 @@ class Listeners:
             self.agent.close()
 
 
+def stream_url_for_log(is_ssl: bool, host: str, address: str) -> str:
+    """The stream endpoint as the ready line shows it; bound to every interface, ``ws://0.0.0.0:...`` is a URL no
+    client can use (a phone on the network was told to open it, configs/cpu-demo.yaml), so the line says so."""
+    url = f"{'wss' if is_ssl else 'ws'}://{address}/v1/stream"
+    if host in ("0.0.0.0", "::", ""):
+        url += " on every interface (clients use this machine's address)"
+    return url
+
+
 def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.socket:
     """A TCP socket listening on ``host:port`` (port 0: any free one), bound as uvicorn binds (``SO_REUSEADDR``;
     IPv6 for a host with a colon); ``CannotListen`` if it cannot be."""
@@ -146,7 +155,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     if agent is not None and listeners.agent is not None:
         agent.adopt(listeners.agent)
     address = _address(server.config, listener)
-    runtime.stream_url = f"{'wss' if server.config.is_ssl else 'ws'}://{address}/v1/stream"
+    runtime.stream_url = stream_url_for_log(server.config.is_ssl, server.config.host, address)
     # uvicorn names the address it serves only when it binds the socket itself: the same line for the one bound
     # here (operators, the test harness and log pipelines read it).
     logging.getLogger("uvicorn.error").info("Uvicorn running on %s://%s (Press CTRL+C to quit)",

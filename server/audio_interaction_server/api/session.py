@@ -383,8 +383,8 @@ class Session:
         given = command.given()
         model_fields = given & {"system_prompt", "sampling", "max_turn_tokens", "reply_mode"}
         if model_fields and self._is_engine_open:
-            return self._error("invalid_state", f"{sorted(model_fields)} can only change before the first audio "
-                               "frame; open a new session for other model options", command)
+            return self._error("invalid_state", f"{', '.join(sorted(model_fields))} can only change before the first "
+                               "audio frame; open a new session for other model options", command)
         if model_fields:
             refused = self._apply_model_options(command, model_fields, now_s)
             if refused:
