@@ -362,14 +362,18 @@ def test_every_refused_resume_is_counted_as_a_refused_connection_by_its_reason(s
 @pytest.mark.parametrize("code", [1000, 1001])
 def test_a_client_that_closes_saying_it_is_done_is_not_kept_for_a_resume(server, code):
     """1000 (done) and 1001 (going away: a browser leaving the page) end the session at once; only a
-    connection that drops without a close frame is kept."""
+    connection that drops without a close frame is kept. Such an end is the client's close, and counted so: every
+    /v1/realtime session, which has no session.close, was counted as disconnected, like a dropped network (first-
+    hour review, round 4)."""
     async def main():
+        closed_before = sessions_ended(server, "client_closed")
         ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
         created = json.loads(await ws.recv())
         await ws.send(np.zeros(8000, "<i2").tobytes())
         await ws.close(code=code)
         await asyncio.sleep(0.3)
         assert metric(server, "ais_sessions_detached") == 0
+        assert sessions_ended(server, "client_closed") == closed_before + 1
         again, first = await resume(server, created)
         assert (first["code"], first["is_fatal"]) == ("resume_expired", True)
         await read_until_closed(again)

@@ -654,6 +654,8 @@ class StreamConnection:
                     # A close frame saying the client is done (1000) or leaving (1001: a page navigated away) ends
                     # the session; a dropped network sends none (1006), and any other code may be a client's error.
                     self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+                    if self._client_said_goodbye and not self.session.is_closed:
+                        self._end_reason = "client_closed"  # as session.close (how a /v1/realtime client ends)
                     if (cut := message.get(TRANSPORT_CUT)) is not None:
                         self._cut_by_transport(cut)
                     return
