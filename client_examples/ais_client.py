@@ -387,7 +387,8 @@ class SentFrame:
     bytes_per_sample: int = 0  # audio: one sample of every channel
     waiters: list[asyncio.Future] = field(default_factory=list)  # a command's callers, resolved by its answer
     is_answered: bool = False  # a command the server answered: it has this frame and every frame before it
-    is_transmitted: bool = False  # written to a socket at least once
+    is_transmitted: bool = False  # handed to a socket at least once (the write may have failed)
+    is_written: bool = False  # written to a socket at least once, and the write returned
 
 
 @dataclass(frozen=True)
@@ -493,6 +494,7 @@ class StreamSession:
         self.config: dict = {}  # every configure's fields, merged: what a new session is told before anything else
         self.audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": 16_000, "num_channels": 1}
         self.sent_s = 0.0  # audio handed to send_pcm, all sessions together
+        self.transmitted_s = 0.0  # of it, what was written to a socket (the summary's "audio sent")
         self.heard_s = 0.0  # how far the model has heard, on the same scale
         self.is_closing = False  # session.close was sent
         self.num_resumes = 0
@@ -622,13 +624,21 @@ class StreamSession:
             self._last_event_s = asyncio.get_running_loop().time()
         await self._send(self.outbound.add_event(event))
 
+    async def _write(self, websocket: ClientConnection, frame: SentFrame) -> None:
+        """``frame`` to ``websocket`` (``ConnectionClosed`` if it is gone); its audio counts as sent the first time a
+        write of it returns, not when it is offered: a client whose server was gone goes on pacing into the log."""
+        frame.is_transmitted = True
+        await websocket.send(frame.payload)
+        if not frame.is_written:
+            frame.is_written = True
+            self.transmitted_s += frame.audio_end_s - frame.audio_start_s
+
     async def _send(self, frame: SentFrame) -> None:
         if not self._connected:
             return  # kept in the log: the resume (or the new session) sends it
-        frame.is_transmitted = True
         websocket = self.websocket
         try:
-            await websocket.send(frame.payload)
+            await self._write(websocket, frame)
         except ConnectionClosed:
             if websocket is self.websocket:  # not an old socket's send failing after a resume
                 self._connected = False  # the receive loop sees the close too, and recovers
@@ -795,8 +805,7 @@ class StreamSession:
             # By index, to the end as it is then: the sender may add frames while we send (they wait in the log).
             while index < len(self.outbound.frames):
                 frame = self.outbound.frames[index]
-                frame.is_transmitted = True
-                await websocket.send(frame.payload)
+                await self._write(websocket, frame)
                 resent_s += frame.audio_end_s - frame.audio_start_s
                 index += 1
         except ConnectionClosed:
@@ -941,7 +950,7 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
     code, reason = session.websocket.close_code, session.websocket.close_reason or ""
     if code != 1000:
         console.note(describe_close(code, reason))
-    console.print_summary(session.sent_s)
+    console.print_summary(session.transmitted_s)
     is_ok = code == 1000 and not session.saw_fatal_error and failure is None
     return EXIT_OK if is_ok else EXIT_FAILED
 

@@ -1241,6 +1241,32 @@ def test_a_client_that_gives_up_on_a_quiet_server_says_what_it_waited_for(monkey
     assert "after session.close" in message and waited_s >= 0.9, (message, waited_s)  # two quiet limits
 
 
+def test_the_summary_counts_only_audio_that_went_out(monkeypatch):
+    """A client whose server was gone went on pacing the file into its resume log and counted it as sent: "6.9 s of
+    audio sent" for a session that ended after 3.6 s (first-hour review, round 4). Audio never written to a socket
+    is not counted."""
+    import asyncio
+    import io
+
+    client = load_client_module()
+
+    async def main() -> tuple[float, float]:
+        socket = ScriptedSocket()
+        created = {"type": "session.created", "session_id": "s", "seq": 1,
+                   "limits": {"chunk_s": 0.4, "max_buffered_audio_s": 10.0}}
+        session = client.StreamSession("ws://h:1", None, socket, client.ReplyConsole(err=io.StringIO(),
+                                                                                     out=io.StringIO()), created)
+        for _ in range(5):
+            await session.send_pcm(bytes(3200), 0.1)
+        socket.close_code = 1006  # the connection is gone: what follows is kept, not written
+        for _ in range(5):
+            await session.send_pcm(bytes(3200), 0.1)
+        return session.sent_s, session.transmitted_s
+
+    offered_s, transmitted_s = asyncio.run(main())
+    assert offered_s == pytest.approx(1.0) and transmitted_s == pytest.approx(0.5)
+
+
 def test_microphone_resumes_after_a_cut_and_nothing_it_captured_is_lost(live, proxy, shared_audio, tmp_path):
     (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
     recording = shared_audio / "01_count_bark" / "sample01_01.mp3"  # 44.1 kHz mono
