@@ -73,7 +73,7 @@ class ServerBusy(ClientError):
 
 # The server's own endpoints (and their /v1 root), at the end of a URL's path: whatever comes
 # before them is a reverse-proxy prefix, so pasting any endpoint's URL works for every script.
-_API_PATH = re.compile(r"/v1(/stream|/sessions/[^/]+/events)?/*$")
+_API_PATH = re.compile(r"/v1(/stream|/realtime|/info|/load|/sessions/[^/]+/events)?/*$")
 
 
 def endpoint_url(base_url: str, path: str) -> str:

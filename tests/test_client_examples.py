@@ -564,6 +564,11 @@ def test_connection_errors_say_what_to_check(live, tmp_path):
     ("ws://h:1/v1/sessions/abc/events", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
     ("https://h/ais/v1/stream", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
     ("wss://h/ais/", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
+    # The Realtime endpoint's URL, as an OpenAI client is given it: it became /v1/realtime/v1/stream (first-hour
+    # review, round 4); so did /v1/info and /v1/load.
+    ("ws://h:1/v1/realtime", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("http://h:1/v1/info", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("wss://h/ais/v1/load", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
 ])
 def test_a_url_with_a_path_never_gets_an_api_path_twice(given, stream, events):
     client = load_client_module()
