@@ -211,3 +211,24 @@ def test_the_ready_line_of_a_server_on_every_interface_names_no_address_a_client
     for host, address in (("0.0.0.0", "0.0.0.0:8000"), ("::", "[::]:8000")):
         line = stream_url_for_log(True, host, address)
         assert line.startswith(f"wss://{address}/v1/stream") and "every interface" in line, line
+
+
+def test_the_default_file_lists_every_setting():
+    """default.yaml is where a user reads the settings and their defaults; four were missing from it (first-hour
+    review, round 4), and two added since (flood.resumes_per_s, flood.resume_burst) would have been too."""
+    import yaml
+    from pydantic import BaseModel
+
+    from audio_interaction_server.config import DEFAULT_CONFIG_PATH, ServerConfig
+
+    def missing(model: type[BaseModel], given: dict, at: str = "") -> list[str]:
+        names = []
+        for name, field in model.model_fields.items():
+            if name not in given:
+                names.append(at + name)
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+                    and isinstance(given[name], dict):
+                names += missing(field.annotation, given[name], f"{at}{name}.")
+        return names
+
+    assert missing(ServerConfig, yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())) == []
