@@ -226,7 +226,7 @@ def test_help_texts_show_no_markup():
         assert "``" not in shown and "::" not in shown, shown
     served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
                             text=True, timeout=60).stdout
-    assert "``" not in served and "::" not in served and "(also audio-interaction serve):" in served, served
+    assert "``" not in served and "::" not in served and "are the same\ncommand, with the same flags:" in served, served
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["serve", "--help"], ["run", "--help"],
@@ -258,7 +258,7 @@ def test_serve_help_says_what_python_m_says():
     served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
                             text=True, timeout=60)
     description = served.stdout.split("\n\n")[1]
-    assert description.startswith("Run the server") and description in command("serve", "--help").stdout
+    assert description.startswith("Run the WebSocket server") and description in command("serve", "--help").stdout
 
 
 def test_serve_help_lists_the_exit_statuses():

@@ -1,6 +1,7 @@
-"""Run the server (also ``audio-interaction serve``)::
+"""Run the WebSocket server; ``audio-interaction serve`` and ``python -m audio_interaction_server`` are the same
+command, with the same flags::
 
-    python -m audio_interaction_server [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo] [--fronts N]
+    audio-interaction serve [--config PATH] [--host H] [--port P] [--checkpoint DIR] [--demo] [--fronts N]
 
 Settings come from the package's default.yaml (or ``--config``), then ``AIS_*`` environment
 variables (every setting is documented in the package's config.py), then these flags. The port is bound before the model
