@@ -592,6 +592,15 @@ def test_pending_handshakes_are_counted_per_ipv6_64():
     assert guard.handshake_refusal("2001:db8:0:1::3") is None and guard.num_slow == 0
 
 
+def pipelined_statuses(port: int, request: bytes, count: int) -> tuple[list[int], bool]:
+    """``count`` copies of ``request`` written at once on one connection: the statuses of the answers, and whether
+    the server closed the connection within 5 s."""
+    with open_socket(port) as sock:
+        sock.sendall(request * count)
+        data, closed = read_until_closed(sock, timeout_s=5.0)
+    return [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)], closed
+
+
 def test_a_pipelined_flood_of_plain_requests_is_answered_429_and_closed_and_other_addresses_are_served(
         tiny_checkpoint):
     """One keep-alive connection with ~64 pipelined GET /health in flight made ~3,500 requests a second, and the
@@ -599,11 +608,8 @@ def test_a_pipelined_flood_of_plain_requests_is_answered_429_and_closed_and_othe
     probe, 2026-12-06). Plain requests now spend a per-address budget; upgrades do not."""
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 5.0, "http_request_burst": 20})
     try:
-        with open_socket(server.port) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
-            data, closed = read_until_closed(sock, timeout_s=5.0)
-        statuses = re.findall(rb"HTTP/1.1 (\d{3})", data)
-        assert closed and statuses.count(b"200") <= 21 and statuses[-1] == b"429", statuses
+        statuses, closed = pipelined_statuses(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 200)
+        assert closed and statuses.count(200) <= 21 and statuses[-1] == 429, statuses
         with open_socket(server.port) as sock:  # the same address, a new connection: refused at once
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             data, closed = read_until_closed(sock, timeout_s=5.0)
@@ -652,12 +658,8 @@ def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
 
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 100})
     try:
-        with open_socket(server.port) as sock:
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
-            data, closed = read_until_closed(sock, timeout_s=5.0)
-        statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", data)
-        assert closed and statuses.count(b"200") <= 100 // METRICS_REQUEST_COST + 1 and statuses[-1] == b"429", \
-            statuses
+        statuses, closed = pipelined_statuses(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 20)
+        assert closed and statuses.count(200) <= 100 // METRICS_REQUEST_COST + 1 and statuses[-1] == 429, statuses
     finally:
         server.stop()
 
