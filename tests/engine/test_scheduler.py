@@ -177,6 +177,20 @@ def test_a_requested_reply_answers_the_audio_queued_before_the_request(tiny_mode
                           TurnBegin(0, 2, requested=True)], events
 
 
+def test_a_reply_the_model_begins_on_audio_queued_before_a_request_comes_first_and_the_request_follows(tiny_model):
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=2), print)
+    scheduler.add_audio(session, [CHUNK] * 3)
+    scheduler.request_reply(session)
+    (batch,) = scheduler.schedule().batches  # chunk 0: the model begins a reply of its own
+    ((_, events),) = scheduler.update(batch, answered(batch, T.TEXT_BEGIN)).events
+    assert events == [Decision(0, T.TEXT_BEGIN), TurnBegin(0, 0, requested=False)]
+    assert session.requested_reply is not None  # still pending: its audio is not all heard
+    events = decide_queued(scheduler, session, T.KEEP_SILENCE)
+    begins = [event for event in events if isinstance(event, TurnBegin)]
+    assert begins == [TurnBegin(1, 2, requested=True)] and session.requested_reply is None, events
+
+
 def test_a_requested_reply_whose_audio_was_cleared_begins_at_the_next_chunk(tiny_model):
     """input.clear drops the audio a pending request was to answer: the request stays, for the audio that follows."""
     scheduler, _ = make_scheduler(tiny_model)
