@@ -688,6 +688,54 @@ def test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_and_its_address_co
         server.stop()
 
 
+def test_a_frame_flood_cut_ends_the_session_even_while_its_events_are_going_out(tiny_checkpoint):
+    """The cut was noted only where the receive loop read the disconnect; a session with events going out had its
+    send fail first, the loops ended without reading it, and the session was kept for a resume: 12 of 15 cut sessions
+    resumed (review of this change, cut_race.py). Each trial here floods while decisions flow, then resumes."""
+    import asyncio
+
+    import numpy as np
+    import websockets
+
+    server = start(tiny_checkpoint, resume_grace_s=30, flood={"cut_cooldown_s": 0})
+    noise = (np.random.default_rng(0).standard_normal(16) * 3000).astype("<i2").tobytes()  # 1 ms at 16 kHz
+
+    async def trial() -> str:
+        url = f"ws://127.0.0.1:{server.port}/v1/stream"
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            created = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "session.configure", "decision_events": True}))
+            last_seq = 1
+
+            async def read() -> None:
+                nonlocal last_seq
+                try:
+                    async for text in ws:
+                        last_seq = max(last_seq, json.loads(text).get("seq") or last_seq)
+                except websockets.ConnectionClosed:
+                    pass
+
+            reader = asyncio.create_task(read())
+            try:
+                for _ in range(8000):
+                    await ws.send(noise)
+            except websockets.ConnectionClosed:
+                pass
+            await reader
+        query = f"resume={created['session_id']}&token={created['resume_token']}&last_seq={last_seq}"
+        async with websockets.connect(f"{url}?{query}", additional_headers=headers) as again:
+            first = json.loads(await again.recv())
+        return first.get("code") or first["type"]
+
+    try:
+        outcomes = [asyncio.run(trial()) for _ in range(5)]
+        assert outcomes == ["resume_expired"] * 5, outcomes
+        assert metric_samples(server)['ais_sessions_total{reason="data_frame_flood"}'] == 5
+    finally:
+        server.stop()
+
+
 def read_response_status(sock) -> int:
     """One whole response with a Content-Length from ``sock``: its status."""
     data = b""

@@ -32,7 +32,7 @@ from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard, TokenBucket
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
-from audio_interaction_server.api.transport import TRANSPORT_CUT, direct_messages
+from audio_interaction_server.api.transport import direct_messages
 from audio_interaction_server.config import FloodLimits
 from audio_interaction_server.engine.events import WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
@@ -530,8 +530,9 @@ class StreamConnection:
         return self._resumes.wait_s(1.0, now_s)
 
     def can_replay_since(self, last_seq: int) -> bool:
-        """Whether a client that saw events up to ``last_seq`` can be given everything after it."""
-        return not self.session.is_closed and self._log.since(last_seq) is not None
+        """Whether a client that saw events up to ``last_seq`` can be given everything after it (not when its socket
+        was cut for a flood and has not quite ended yet: the session ends with it)."""
+        return not self.session.is_closed and self._transport_cut() is None and self._log.since(last_seq) is not None
 
     async def resume(self, websocket: WebSocket, last_seq: int) -> bool:
         """A client back with the last ``seq`` it saw (its token checked by admission.admit_resume): replay what
@@ -541,7 +542,7 @@ class StreamConnection:
         The newest connection wins: a client that changed networks may still look connected on its
         old socket, which is closed with 4010.
         """
-        missed = self._log.since(last_seq) if not self.session.is_closed else None
+        missed = self._log.since(last_seq) if self.can_replay_since(last_seq) else None
         if missed is None:
             return False
         if self.outbox is not None:  # still attached on an older socket: what it has not sent is kept
@@ -575,6 +576,14 @@ class StreamConnection:
                 self._socket_ended()
 
     def _socket_ended(self) -> None:
+        if not self.session.is_closed and (cut := self._transport_cut()) is not None:
+            # The transport closed the socket for a flood: the session ends with it, as a flood the session itself
+            # sees ends it, and is not kept for a resume (the client would resume and flood again); its address
+            # cools down as after any flood cut (Runtime.session_closed).
+            self._client_said_goodbye = True
+            self._end_reason = cut
+            if self._on_session_closed is not None:
+                self._on_session_closed(cut)
         if self.session.is_closed:
             self._finish(self._end_reason)
         elif self.resume_policy is not None and not self._client_said_goodbye:
@@ -656,8 +665,6 @@ class StreamConnection:
                     self._client_said_goodbye = message.get("code") in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
                     if self._client_said_goodbye and not self.session.is_closed:
                         self._end_reason = "client_closed"  # as session.close (how a /v1/realtime client ends)
-                    if (cut := message.get(TRANSPORT_CUT)) is not None:
-                        self._cut_by_transport(cut)
                     return
                 if outbox.is_closing:
                     # Once this socket closes, nothing more is taken from it: the transport stops reading once
@@ -672,14 +679,10 @@ class StreamConnection:
             if extension is not None:
                 extension.take_with(None)
 
-    def _cut_by_transport(self, reason: str) -> None:
-        """The transport closed the socket for a flood (``transport.TRANSPORT_CUT``): the session ends with it, as a
-        flood the session itself sees ends it, and is not kept for a resume (a client resuming would flood again);
-        its address cools down as for any flood cut (``Runtime.session_closed``)."""
-        self._client_said_goodbye = True  # no resume: the socket's end ends the session (_socket_ended)
-        self._end_reason = reason
-        if self._on_session_closed is not None:
-            self._on_session_closed(reason)
+    def _transport_cut(self) -> str | None:
+        """The flood the transport closed the attached socket for (``DirectMessages.cut_reason``), or None."""
+        extension = direct_messages(self.websocket) if self.outbox is not None else None
+        return None if extension is None else extension.cut_reason()
 
     def _take_directly(self, outbox: Outbox, message: Mapping[str, Any]) -> bool:
         """A message from the transport's callback while the receive loop waits; refused (queued for the loop,

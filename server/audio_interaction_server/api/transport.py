@@ -89,26 +89,27 @@ _BETWEEN_FRAMES_CODE = StreamReader.at_eof.__code__
 # The ASGI scope extension (``scope["extensions"]``) through which an app takes whole data messages in the
 # transport's own callback (``GuardedWebSocketProtocol.take_messages_with``); absent under other servers.
 DIRECT_MESSAGES_EXTENSION = "ais.direct_messages"
-# In the disconnect message of a socket the transport closed for a flood (1008): which flood. The client did not
-# drop: its session is not kept for a resume (api/connection.py).
-TRANSPORT_CUT = "ais.transport_cut"
 # An app's handler for such a message: True when it took the message, False to have it queued for its receive.
 DirectMessageHandler = Callable[[ASGIReceiveEvent], bool]
 
 
 class DirectMessages(NamedTuple):
-    """What ``DIRECT_MESSAGES_EXTENSION`` offers an app (``GuardedWebSocketProtocol``'s two methods; in the scope
+    """What ``DIRECT_MESSAGES_EXTENSION`` offers an app (``GuardedWebSocketProtocol``'s methods; in the scope
     a dict, as ASGI's extensions are)."""
 
     take_with: Callable[[DirectMessageHandler | None], None]
     send_text_now: Callable[[Callable[[], Any]], bool]
+    # The flood the transport closed the socket for (1008), or None: the app asks when the socket has ended, since
+    # the disconnect message that says so may never be read (a send that failed first ends the app's loops).
+    cut_reason: Callable[[], str | None]
 
 
 def direct_messages(websocket: Any) -> DirectMessages | None:
     """The extension of ``websocket``'s connection (an ASGI scope holder, such as starlette's WebSocket), or None
     where it runs under another server (or is a test's double without a scope)."""
     extension = getattr(websocket, "scope", {}).get("extensions", {}).get(DIRECT_MESSAGES_EXTENSION)
-    return None if extension is None else DirectMessages(extension["take_with"], extension["send_text_now"])
+    return None if extension is None else DirectMessages(extension["take_with"], extension["send_text_now"],
+                                                         extension["cut_reason"])
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 # The loggers a flood of connections can make write: one line per burst, with a count.
@@ -587,6 +588,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._may_deliver_directly = False  # one message per read may go to the handler (fairness, below)
         self.num_direct_messages = 0  # messages the app's handler took (for tests)
         self.num_texts_sent_now = 0  # text messages written by send_text_now (for tests)
+        self.cut_reason: str | None = None  # the flood this socket was closed for (_fail_policy)
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -607,7 +609,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if self.response.status_code == 101:  # the app's task is created, not yet run: the scope is still ours
             self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with,
-                                                                   "send_text_now": self.send_text_now}
+                                                                   "send_text_now": self.send_text_now,
+                                                                   "cut_reason": lambda: self.cut_reason}
 
     def take_messages_with(self, handler: DirectMessageHandler | None) -> None:
         """Hand whole data messages to ``handler`` as they are read, instead of queueing them for ``receive``
@@ -874,20 +877,17 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def _fail_policy(self, reason: str, message: str) -> None:
         self.transport_guard.closed(reason, self.client, message)
-        self._fail(1008, message, cut=reason)
+        self.cut_reason = reason  # the app ends the session rather than keep it for a resume (DirectMessages)
+        self._fail(1008, message)
 
-    def _fail(self, code: int, message: str, cut: str | None = None) -> None:
-        """Close with ``code`` now, and tell the app (a disconnect with that code; ``cut``: the flood it was closed
-        for, under ``TRANSPORT_CUT``, so the app ends the session rather than keep it for a resume)."""
+    def _fail(self, code: int, message: str) -> None:
+        """Close with ``code`` now, and tell the app (a disconnect with that code)."""
         self.conn.data_to_send()  # pongs a flood asked for are not sent
         self.conn.fail(code, message)
         self.transport.write(b"".join(self.conn.data_to_send()))
         if not self.close_sent:
             self.close_sent = True
-            disconnect: dict[str, Any] = {"type": "websocket.disconnect", "code": code, "reason": message}
-            if cut is not None:
-                disconnect[TRANSPORT_CUT] = cut
-            self.queue.put_nowait(disconnect)  # type: ignore[arg-type]
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": message})
         self.transport.close()
 
     def _close_timed_out(self) -> None:
