@@ -191,6 +191,23 @@ def test_a_reply_the_model_begins_on_audio_queued_before_a_request_comes_first_a
     assert begins == [TurnBegin(1, 2, requested=True)] and session.requested_reply is None, events
 
 
+def test_cancelling_the_models_own_reply_keeps_a_request_waiting_for_its_chunk(tiny_model):
+    """response.cancel during a reply the model began of its own withdrew a request that waited for its chunk too,
+    and said so with nothing a client hears: the Realtime codec then refused every later response.create (review of
+    e6c3154). A cancel ends the reply in progress; only while the model listens does it withdraw a request."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6), print)
+    scheduler.add_audio(session, [CHUNK] * 3)
+    scheduler.request_reply(session)
+    (batch,) = scheduler.schedule().batches
+    scheduler.update(batch, answered(batch, T.TEXT_BEGIN))  # chunk 0: the model's own reply begins
+    cancelled = scheduler.cancel(session)
+    assert not any(isinstance(event, ReplyRequestDropped) for event in cancelled), cancelled
+    assert session.requested_reply is not None
+    events = decide_queued(scheduler, session, T.KEEP_SILENCE)
+    assert [e for e in events if isinstance(e, TurnBegin)] == [TurnBegin(1, 2, requested=True)], events
+
+
 def test_a_requested_reply_whose_audio_was_cleared_begins_at_the_next_chunk(tiny_model):
     """input.clear drops the audio a pending request was to answer: the request stays, for the audio that follows."""
     scheduler, _ = make_scheduler(tiny_model)

@@ -232,8 +232,11 @@ class Scheduler:
 
     @staticmethod
     def cancel(session: SessionState) -> list[EngineEvent]:
-        """Cut the reply in progress, and withdraw a requested one that has not started: a client that asks
-        for a reply and cancels before it begins wants none."""
+        """Cut the reply in progress; while the model listens, withdraw a requested one that has not begun (a client
+        that asks for a reply and cancels before it begins wants none). A request waiting for its chunk while a reply
+        the model began of its own runs stays: the cancel was that reply's."""
+        if session.conversation.phase is not Phase.LISTENING:
+            return session.conversation.cancel()
         withdrawn: list[EngineEvent] = [ReplyRequestDropped("cancelled")] if session.requested_reply else []
         session.requested_reply = None
         return session.conversation.cancel() + withdrawn

@@ -125,11 +125,12 @@ class Worker:
         self._post(CancelReply(session_id))
 
     def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None:
-        """The next chunk decided for the session starts a reply (TEXT_BEGIN), whatever the model's logits say.
+        """A reply (TEXT_BEGIN, whatever the model's logits say) at the last chunk the session has queued when the
+        request is applied, or at its next chunk when none is (``Scheduler.request_reply``).
 
-        Ignored while the session is replying; a request is consumed by one reply, capped at ``max_turn_tokens``
-        when that is below the session's cap. With ``reply_mode="on_request"`` this is the only way the session
-        ever replies.
+        Dropped (``ReplyRequestDropped``) while the session is replying; consumed by the reply it begins, capped at
+        ``max_turn_tokens`` when that is below the session's cap. A reply the model begins of its own before that
+        chunk does not consume it. With ``reply_mode="on_request"`` this is the only way the session ever replies.
         """
         self._post(RequestReply(session_id, max_turn_tokens))
 

@@ -428,8 +428,9 @@ class RealtimeCodec:
             self._taken_done = max(self._taken_done, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
-            # A reply the model chose leaves a request pending: it reached the engine after the model began, and
-            # the session's reply_in_progress answers it (the Realtime API's refusal of a second response).
+            # A reply the model chose leaves a request pending: one that reached the engine after the model began
+            # is answered by the session's reply_in_progress (the Realtime API's refusal of a second response); one
+            # that waits for the chunk it answers (audio queued before it) gets its own response after this one.
             request = None
             if event.requested:
                 request, self._request = self._request, None
