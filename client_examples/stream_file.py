@@ -120,6 +120,11 @@ def wait_for_enter(prompt: str) -> asyncio.Future:
     return done
 
 
+# The frames a second a server takes from one connection by default (transport.data_frames_per_s); past them it cuts
+# the connection (1008, "too many WebSocket frames"). At --speed 0 the client sends at most half as many.
+MAX_FRAMES_PER_S = 1000
+
+
 class FileSender:
     """Sends the files frame by frame, re-declaring the format whenever it changes."""
 
@@ -130,7 +135,7 @@ class FileSender:
         if self.wait:
             await self._wait_keeping_alive(session)
         loop = asyncio.get_running_loop()
-        start_s, audio_s, current_format = loop.time(), 0.0, None
+        start_s, audio_s, current_format, num_frames = loop.time(), 0.0, None, 0
         for audio_file in self.files:
             audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": audio_file.sample_rate_hz,
                             "num_channels": audio_file.num_channels}
@@ -148,6 +153,9 @@ class FileSender:
                 frame = samples[begin:begin + frame_samples]
                 if self.speed > 0:  # real-time pacing against one clock, so waits never accumulate drift
                     await asyncio.sleep(max(0.0, start_s + audio_s / self.speed - loop.time()))
+                else:  # as fast as the server takes it, but never past its frame limit (small frames, a fast model)
+                    await asyncio.sleep(max(0.0, start_s + num_frames / (MAX_FRAMES_PER_S / 2) - loop.time()))
+                num_frames += 1
                 duration_s = len(frame) / audio_file.sample_rate_hz
                 await session.send_pcm(frame.tobytes(), duration_s)
                 audio_s += duration_s
@@ -170,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wav/flac/mp3 files, or folders with a sequence.json")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
     parser.add_argument("--speed", type=float, default=1.0,
-                        help="1 = real time, 2 = twice as fast, 0 = as fast as the server takes it")
+                        help="1 = real time, 2 = twice as fast, 0 = as fast as the server takes it (at most 500 "
+                        "frames a second)")
     parser.add_argument("--frame-ms", type=float, default=20.0, help="audio per WebSocket frame (default 20)")
     parser.add_argument("--decisions", action="store_true", help="also show the per-chunk listen/speak decisions")
     parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
@@ -178,11 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for Enter before streaming (time to attach tts_subscriber.py to the session)")
     add_busy_retry_argument(parser)
     return parser
-
-
-# The frames a second a server takes from one connection by default (transport.data_frames_per_s); past them it cuts
-# the connection (1008, "too many WebSocket frames").
-MAX_FRAMES_PER_S = 1000
 
 
 def frames_per_s(args: argparse.Namespace) -> float:

@@ -499,6 +499,22 @@ def test_a_connection_cut_for_a_flood_is_not_blamed_on_the_api_key(tmp_path):
     assert code == 2 and "frames a second" in " ".join(err), err
 
 
+def test_as_fast_as_the_server_takes_it_is_never_faster_than_its_frame_limit(tiny_checkpoint, tmp_path):
+    """--speed 0 with small frames sent them as fast as the socket took them and was cut for a frame flood, resumed,
+    and flooded again (review of this session's frame check, which let --speed 0 through). At --speed 0 the client
+    sends at most MAX_FRAMES_PER_S / 2 frames a second (here against a server taking 600 a second, 100 at once)."""
+    server = LiveServer(client_config(tiny_checkpoint, transport={"data_frames_per_s": 600.0,
+                                                                  "data_frame_burst": 100})).start()
+    try:
+        recording = tmp_path / "noise.wav"
+        soundfile.write(recording, [0.3 * ((i * 7919) % 200 - 100) / 100 for i in range(16000)], 16000)  # 1 s, loud
+        code, out, err = run_script("stream_file.py", server.ws_url, str(recording), "--api-key", API_KEY,
+                                    "--speed", "0", "--frame-ms", "1", cwd=tmp_path)
+    finally:
+        server.stop()
+    assert code == 0 and not [line for line in err if "1008" in line or "resuming" in line], err
+
+
 def load_client_module():
     spec = importlib.util.spec_from_file_location("ais_client", CLIENTS / "ais_client.py")
     module = importlib.util.module_from_spec(spec)
