@@ -736,6 +736,21 @@ def test_a_frame_flood_cut_ends_the_session_even_while_its_events_are_going_out(
         server.stop()
 
 
+def test_a_direct_client_in_debt_gets_one_429_for_its_next_request_and_the_connection_closes(tiny_checkpoint):
+    """After a /metrics scrape left a direct keep-alive connection's budget in debt, its next request was answered
+    429 by the app's check and then a second, unrequested 429 followed (review of this change)."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 20})
+    try:
+        with open_socket(server.port) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response_status(sock) == 200  # 20 of 20: the budget is spent to the last request
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data, closed = read_until_closed(sock, timeout_s=5.0)
+        assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"429"], data
+    finally:
+        server.stop()
+
+
 def read_response_status(sock) -> int:
     """One whole response with a Content-Length from ``sock``: its status."""
     data = b""

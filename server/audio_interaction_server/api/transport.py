@@ -117,6 +117,8 @@ LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_i
                                  window_s=10.0)
 
 
+# Set in a plain request's scope that ``TransportGuard.wrap`` answered 429 before the app.
+REFUSED_BEFORE_THE_APP = "ais.refused_before_the_app"
 # What a /metrics answer costs of its client's plain-request budget: it renders every counter, about 20 times the work
 # of /health (5-6 ms of the event loop on the 2-core VM), and a scrape counted as one request let one address spend
 # half the loop inside its budget. A Prometheus scrape every few seconds is still far inside it.
@@ -135,9 +137,9 @@ class TransportGuard:
         self._http_requests = AddressRateLimiter(settings.http_requests_per_s, settings.http_request_burst)
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
                                     "(transport.py)", ["reason"], registry=registry)
-        self.refusals_total = Counter("ais_transport_refusals", "requests forwarded by a trusted proxy refused by "
-                                      "a transport limit, the proxy's connection kept (transport.py)", ["reason"],
-                                      registry=registry)
+        self.refusals_total = Counter("ais_transport_refusals", "plain requests answered 429 by a transport limit "
+                                      "before the app (a trusted proxy's connection is kept) (transport.py)",
+                                      ["reason"], registry=registry)
         self._flusher: asyncio.TimerHandle | None = None
 
     def uvicorn_options(self) -> dict[str, Any]:
@@ -215,7 +217,8 @@ class TransportGuard:
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
             client = scope.get("client") if scope["type"] == "http" else None
             if client is not None and not guard.takes_http_request(client[0], take=False):
-                guard.refused_forwarded(client[0])
+                scope[REFUSED_BEFORE_THE_APP] = True  # its connection knows it was answered (on_response_complete)
+                guard.refused_request(client[0])
                 body = f"Too Many Requests: {guard.http_flood_detail()}\n".encode()
                 await send({"type": "http.response.start", "status": 429,
                             "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1"),
@@ -230,9 +233,9 @@ class TransportGuard:
         return (f"more than {self.settings.http_request_burst} HTTP requests at once or "
                 f"{self.settings.http_requests_per_s:g} a second from this address")
 
-    def refused_forwarded(self, client: str) -> None:
+    def refused_request(self, client: str) -> None:
         self.refusals_total.labels("http_request_flood").inc()
-        log.warning("refused a request (http_request_flood) forwarded for %s: %s", client, self.http_flood_detail())
+        log.warning("refused a request (http_request_flood) of %s: %s", client, self.http_flood_detail())
 
     def count_slow(self, host: str, delta: int) -> None:
         key = client_key(host)  # an IPv6 client counts with its /64
@@ -451,6 +454,10 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             client = self.scope.get("client")
             if client is not None:
                 guard.takes_http_request(client[0], cost=cost)
+        elif self.scope.get(REFUSED_BEFORE_THE_APP):  # answered 429 already (a connection in debt): closed, no more
+            guard.closed("http_request_flood", self.client, self._http_flood_detail())
+            self.transport.close()
+            return
         elif not guard.takes_http_request(self._host, cost=cost):
             self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
             return
