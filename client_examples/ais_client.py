@@ -73,7 +73,10 @@ class ServerBusy(ClientError):
 
 # The server's own endpoints (and their /v1 root), at the end of a URL's path: whatever comes
 # before them is a reverse-proxy prefix, so pasting any endpoint's URL works for every script.
-_API_PATH = re.compile(r"/v1(/stream|/realtime|/info|/load|/sessions/[^/]+/events)?/*$")
+_API_PATH = re.compile(r"(/v1(/stream|/realtime(/client_secrets)?|/info|/load|/sessions/[^/]+/events)?"
+                       r"|/health|/ready)/*$")
+# A resume's query names one session: a URL pasted from one does not carry it to the next connection.
+_RESUME_PARAMETERS = frozenset({"resume", "token", "last_seq"})
 
 
 def endpoint_url(base_url: str, path: str) -> str:
@@ -83,7 +86,8 @@ def endpoint_url(base_url: str, path: str) -> str:
     if scheme not in ("ws", "wss") or not parts.netloc:
         raise ClientError(f"not a server URL: {base_url!r} (expected ws://HOST:PORT)")
     prefix = _API_PATH.sub("", parts.path).rstrip("/")
-    return urlunsplit((scheme, parts.netloc, prefix + path, parts.query, ""))
+    query = urlencode([(name, value) for name, value in parse_qsl(parts.query) if name not in _RESUME_PARAMETERS])
+    return urlunsplit((scheme, parts.netloc, prefix + path, query, ""))
 
 
 def default_api_key() -> str | None:
@@ -366,6 +370,10 @@ DECIDE_LOOKAHEAD_S = 0.15
 # text while it replies. This long without any event while connected means the answer is not coming.
 SERVER_QUIET_LIMIT_S = 30.0
 _SAME_AUDIO_S = 1e-6  # the client sums frame durations exactly as the server does; this only absorbs rounding
+
+
+# How a resume refused for its rate says when to come back (api/admission.py).
+RESUME_WAIT = re.compile(r"resume again in ([0-9.]+) s")
 
 
 def _resume_url(url: str, session_id: str, token: str, last_seq: int) -> str:
@@ -709,10 +717,11 @@ class StreamSession:
         deadline_s = loop.time() + self.resume_grace_s
         url = _resume_url(endpoint_url(self.url, "/v1/stream"), self.session_id, self.resume_token or "",
                           self.last_seq)
-        attempt, why = 0, describe_close(code, reason)
+        attempt, why, asked_delay_s = 0, describe_close(code, reason), None
         while True:
             attempt += 1
-            delay_s = min(RESUME_MAX_DELAY_S, RESUME_FIRST_DELAY_S * 2 ** (attempt - 1))
+            delay_s = asked_delay_s or min(RESUME_MAX_DELAY_S, RESUME_FIRST_DELAY_S * 2 ** (attempt - 1))
+            asked_delay_s = None
             if loop.time() + delay_s >= deadline_s:
                 self.console.note(f"could not resume session {self.session_id} within its {self.resume_grace_s:g} s "
                                   "grace period")
@@ -735,7 +744,12 @@ class StreamSession:
             if first.get("type") == "session.resumed":
                 await self._resumed(websocket, raw, first)
                 return True
-            self.console.show(raw, first)  # the refusal (an error event), shown as such
+            if first.get("code") == "rate_limited" and (wait := RESUME_WAIT.search(first.get("message", ""))):
+                # Resumed too often (docs/protocol.md): the session waits for us; again when the server says.
+                asked_delay_s = float(wait.group(1))
+                self.console.note(f"the server asks to resume session {self.session_id} again in {asked_delay_s:g} s")
+            else:
+                self.console.show(raw, first)  # the refusal (an error event), shown as such
             await websocket.wait_closed()
             code = websocket.close_code
             why = describe_close(code, websocket.close_reason or "")

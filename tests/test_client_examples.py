@@ -585,6 +585,12 @@ def test_connection_errors_say_what_to_check(live, tmp_path):
     ("ws://h:1/v1/realtime", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
     ("http://h:1/v1/info", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
     ("wss://h/ais/v1/load", "wss://h/ais/v1/stream", "wss://h/ais/v1/sessions/ID/events"),
+    ("http://h:1/health", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("http://h:1/ready", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("https://h/v1/realtime/client_secrets", "wss://h/v1/stream", "wss://h/v1/sessions/ID/events"),
+    # A resume URL pasted as the server's: its session's query is not the new connection's.
+    ("ws://h:1/v1/stream?resume=a_b&token=t&last_seq=3", "ws://h:1/v1/stream", "ws://h:1/v1/sessions/ID/events"),
+    ("ws://h:1/v1/stream?api_key=k", "ws://h:1/v1/stream?api_key=k", "ws://h:1/v1/sessions/ID/events?api_key=k"),
 ])
 def test_a_url_with_a_path_never_gets_an_api_path_twice(given, stream, events):
     client = load_client_module()
