@@ -753,12 +753,7 @@ def test_a_direct_client_in_debt_gets_one_429_for_its_next_request_and_the_conne
 
 def read_response_status(sock) -> int:
     """One whole response with a Content-Length from ``sock``: its status."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, body = read_response_head(sock)
     length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
     while len(body) < length:
         chunk = sock.recv(65536)
