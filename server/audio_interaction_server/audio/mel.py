@@ -206,7 +206,6 @@ def offline_chunks(samples_16k: np.ndarray) -> torch.Tensor:
     return log_mel.reshape(NUM_MEL_BINS, num_chunks, MEL_FRAMES_PER_CHUNK).permute(1, 0, 2).contiguous()
 
 
-
 class LogMelChunker:
     """Streaming unclamped log-mel: 16 kHz samples in, (128, 40) chunks out, each bit-identical
     to the same frames of ``log_mel_raw`` on the whole (zero-padded) stream: a ``BlockCutter``'s blocks, each
@@ -227,30 +226,18 @@ class LogMelChunker:
         """Retained history: 200 samples of left context + the not-yet-emitted samples (< 6640)."""
         return self._cutter.num_buffered_samples
 
-    @property
-    def num_samples_pushed(self) -> int:
-        return self._cutter.num_samples_pushed
-
     def push(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
-        return [self._log_mel(block) for block in self.push_blocks(samples_16k)]
+        return self._log_mels(self._cutter.push(check_mono_samples(samples_16k)))
 
     def flush(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
         """End the stream (``BlockCutter.flush``: ``pad_to_chunk`` zero-pads a partial last chunk)."""
-        return [self._log_mel(block) for block in self.flush_blocks(pad_to_chunk)]
-
-    def push_blocks(self, samples_16k: np.ndarray) -> list[torch.Tensor]:
-        """As ``push``, but each completed chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
-        return list(torch.from_numpy(self._cutter.push(check_mono_samples(samples_16k))))
-
-    def flush_blocks(self, pad_to_chunk: bool = True) -> list[torch.Tensor]:
-        """As ``flush``, but each chunk comes as its padded block (6640,) for ``log_mel_blocks``."""
-        return list(torch.from_numpy(self._cutter.flush(pad_to_chunk)))
+        return self._log_mels(self._cutter.flush(pad_to_chunk))
 
     @staticmethod
-    def _log_mel(block: torch.Tensor) -> torch.Tensor:
-        if not block.any():  # digital silence (a flush): its mel is known
-            return _silent_block_log_mel().clone()
-        return _log_mel_block(block)  # (128, 40)
+    def _log_mels(blocks: np.ndarray) -> list[torch.Tensor]:
+        """Each (6640,) row's (128, 40) log-mel; digital silence (a flush) has a known one."""
+        return [_silent_block_log_mel().clone() if not block.any() else _log_mel_block(block)
+                for block in torch.from_numpy(blocks)]
 
 
 class StreamingLogMel:
