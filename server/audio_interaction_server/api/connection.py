@@ -525,9 +525,7 @@ class StreamConnection:
     def resume_wait_s(self, now_s: float) -> float:
         """0, and one resume spent, if the session may be resumed now; else the seconds until it may be."""
         assert self._resumes is not None, "only a resumable session is asked"
-        if self._resumes.take(1.0, now_s):
-            return 0.0
-        return self._resumes.wait_s(1.0, now_s)
+        return self._resumes.take_or_wait_s(1.0, now_s)
 
     def can_replay_since(self, last_seq: int) -> bool:
         """Whether a client that saw events up to ``last_seq`` can be given everything after it (not when its socket
@@ -576,17 +574,17 @@ class StreamConnection:
                 self._socket_ended()
 
     def _socket_ended(self) -> None:
-        if not self.session.is_closed and (cut := self._transport_cut()) is not None:
+        cut = None if self.session.is_closed else self._transport_cut()
+        if cut is not None:
             # The transport closed the socket for a flood: the session ends with it, as a flood the session itself
             # sees ends it, and is not kept for a resume (the client would resume and flood again); its address
             # cools down as after any flood cut (Runtime.session_closed).
-            self._client_said_goodbye = True
             self._end_reason = cut
             if self._on_session_closed is not None:
                 self._on_session_closed(cut)
         if self.session.is_closed:
             self._finish(self._end_reason)
-        elif self.resume_policy is not None and not self._client_said_goodbye:
+        elif self.resume_policy is not None and not self._client_said_goodbye and cut is None:
             assert self.outbox is not None, "a socket ended: it was attached"
             # What the socket sent is the window a connected log keeps; what it had not sent, and what comes
             # while detached, must all be kept for the client's return.

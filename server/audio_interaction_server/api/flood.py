@@ -56,6 +56,10 @@ class TokenBucket:
         self._tokens = max(0.0, self._tokens - amount)
         return True
 
+    def take_or_wait_s(self, amount: float, now_s: float) -> float:
+        """0, and ``amount`` spent, if the bucket holds it; else the seconds until it would (nothing spent)."""
+        return 0.0 if self.take(amount, now_s) else self.wait_s(amount, now_s)
+
     def wait_s(self, amount: float, now_s: float) -> float:
         """Seconds until ``amount`` could be taken (0 = now)."""
         self._refill(now_s)
@@ -93,9 +97,7 @@ class FloodGuard:
 
     def prompt_wait_s(self, num_chars: int, now_s: float) -> float:
         """0 and ``num_chars`` spent when a prompt that long may be checked now; else seconds to wait."""
-        if self._prompt_chars.take(num_chars, now_s):
-            return 0.0
-        return self._prompt_chars.wait_s(num_chars, now_s)
+        return self._prompt_chars.take_or_wait_s(num_chars, now_s)
 
     def event_flood_message(self) -> str:
         return (f"more than {self.limits.event_burst} events at once or {self.limits.events_per_s:g} a second "

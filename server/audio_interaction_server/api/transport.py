@@ -340,7 +340,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             self._answer_and_close(status, reason, f"{guard.num_slow} connections slow to send their headers")
             return
         if not guard.takes_http_request(self._host, take=False):  # spent by plain requests: not a new connection
-            self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
+            self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
         self._slow_timer = self.loop.call_later(min(SLOW_HEADERS_AFTER_S, guard.settings.header_timeout_s),
                                                 self._became_slow)
@@ -441,9 +441,6 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             self.transport_guard.closed(reason, self.client, detail)
             self.transport.close()
 
-    def _http_flood_detail(self) -> str:
-        return self.transport_guard.http_flood_detail()
-
     def on_response_complete(self) -> None:
         # A plain request is counted as its answer completes (an upgrade never gets here): a keep-alive or
         # pipelined connection past its address's budget is answered 429 and closed, not served its next one.
@@ -455,11 +452,11 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             if client is not None:
                 guard.takes_http_request(client[0], cost=cost)
         elif self.scope.get(REFUSED_BEFORE_THE_APP):  # answered 429 already (a connection in debt): closed, no more
-            guard.closed("http_request_flood", self.client, self._http_flood_detail())
+            guard.closed("http_request_flood", self.client, guard.http_flood_detail())
             self.transport.close()
             return
         elif not guard.takes_http_request(self._host, cost=cost):
-            self._answer_and_close(429, "http_request_flood", self._http_flood_detail())
+            self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
         super().on_response_complete()
         # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
