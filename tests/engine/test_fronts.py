@@ -413,7 +413,7 @@ def test_a_dead_engine_ends_every_fronts_sessions_with_worker_failed_and_the_tre
         attached.stop()
     assert tree.process.wait(30) == 1
     # Told by the supervisor, which sees the engine's process end at once: the fronts end their sessions then, not
-    # ENGINE_TIMEOUT_S later on the engine's silence (meanwhile /ready said 200 and new sessions were admitted).
+    # seconds later on the engine's silence (meanwhile /ready said 200 and new sessions were admitted).
     tree.reader.join(10)
     log = "".join(tree.lines)
     assert log.count("the engine process ended (the supervisor saw it); every session is ended") == 2, log[-3000:]

@@ -551,6 +551,60 @@ def assert_closed_by_engine_failure(events: list[dict], code: int) -> None:
     assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "worker_failed"
 
 
+def test_a_front_whose_engine_took_seconds_to_answer_is_not_taken_for_one_that_stopped_answering(live):
+    """The engine's silence was counted from the client's construction until its reader thread first ran: a front
+    whose engine loaded for over 2 s said it was ready, and its first client was refused for an engine that "has
+    not answered" (the review of the engine-stall change, a tree's restarted front under load)."""
+    client = EngineProcessClient(live.runtime.worker.endpoints)
+    time.sleep(2.5)  # as while the engine loads
+    client.start()
+    try:
+        assert client.quiet_s is None
+    finally:
+        client.stop()
+
+
+def test_an_engine_stopped_for_a_few_seconds_loses_no_session(live):
+    """An engine process stopped for 2 s (SIGSTOP here: a debugger, CPU starvation, a page-in, a cgroup freeze) was
+    taken for dead: every session of every front ended with worker_failed and the server exited (hostile probe,
+    round four). Its process lives, so its silence is a stall until engine.hang_timeout_s (10 s): meanwhile new
+    sessions are refused (not_ready, 1013) and /ready answers 503; once it answers, the open session gets a decision
+    for every chunk it sent, and new sessions are admitted again."""
+    engine = live.runtime.worker.process.process
+    chunk = np.zeros(6400, dtype=np.float32).tobytes()  # 0.4 s at 16 kHz
+    with live.connect() as ws:
+        recv_event(ws)
+        send_configure(ws, decision_events=True)
+        ws.send(chunk)
+        assert recv_until(ws, lambda e: e["type"] == "decision")[-1]["chunk"] == 0
+        os.kill(engine.pid, signal.SIGSTOP)
+        try:
+            stopped_s = time.monotonic()
+            for _ in range(7):  # at real time, through the stop
+                time.sleep(0.4)
+                ws.send(chunk)
+            while time.monotonic() < stopped_s + 3.0:
+                time.sleep(0.05)
+            status, body = live.get("/ready")
+            assert status == 503 and "has not answered" in json.loads(body)["reason"], body
+            with live.connect() as refused:
+                events, code = recv_to_close(refused, timeout=10)
+            assert events[0]["code"] == "not_ready" and "has not answered" in events[0]["message"], events
+            assert code == 1013
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
+        events = recv_until(ws, lambda e: e["type"] == "decision" and e["chunk"] == 7, timeout=30)
+        assert [e["chunk"] for e in events if e["type"] == "decision"] == list(range(1, 8))
+        assert not [e for e in events if e["type"] == "error"], events
+    assert live.fatal == []
+    deadline = time.monotonic() + 10
+    while live.get("/ready")[0] != 200:
+        assert time.monotonic() < deadline, live.get("/ready")
+        time.sleep(0.05)
+    with live.connect() as ws:
+        assert recv_event(ws)["type"] == "session.created"
+
+
 def test_an_engine_killed_mid_session_closes_sessions_and_takes_the_server_to_not_ready(live, shared_audio):
     engine = live.runtime.worker.process.process
     with live.connect() as ws:

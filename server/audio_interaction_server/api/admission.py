@@ -119,6 +119,8 @@ def admit_session(runtime: Runtime, connection: HTTPConnection) -> Refusal | Non
         return refusal
     if not runtime.is_ready:
         return Refusal("not_ready", f"the server is not ready: {runtime.not_ready_reason()}", CloseCode.TRY_AGAIN)
+    if (quiet := runtime.engine_quiet_reason()) is not None:
+        return Refusal("not_ready", f"the server is not ready: {quiet}; connect again", CloseCode.TRY_AGAIN)
     if runtime.is_draining:
         return Refusal("draining", "this server is draining (restarting or scaling down); connect again",
                        CloseCode.TRY_AGAIN)

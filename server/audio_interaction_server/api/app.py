@@ -121,6 +121,8 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
             if (progress := runtime.load_progress_json()) is not None:  # downloading or loading: how far
                 answer["progress"] = progress
             return JSONResponse(answer, status_code=503)
+        if (quiet := runtime.engine_quiet_reason()) is not None:  # it may answer again: not_ready, for now
+            return JSONResponse({"status": "not_ready", "reason": quiet}, status_code=503)
         if runtime.is_draining:
             return JSONResponse({"status": "draining", "reason": "draining: no new sessions"}, status_code=503)
         if runtime.is_full and capacity != "ignore":

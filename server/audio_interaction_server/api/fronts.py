@@ -15,10 +15,11 @@ What the supervisor (this process: ``python -m audio_interaction_server --fronts
   checkpoint (a Hub download happens here) and starts the engine process;
 * SIGINT or SIGTERM: passed on once to every front (a SIGTERM drains each, with ``drain_timeout_s``); once every
   front has exited, the engine is stopped. A second signal is passed on too (a front then stops at once);
-* the engine process ends unasked: every front hears its heartbeat stop (``ENGINE_TIMEOUT_S``), ends its sessions
-  with ``worker_failed`` (close 1011), answers ``/ready`` 503 and exits 1; so does the tree. A front still waiting
-  for the engine to serve (one that failed to load) has no heartbeat to miss: the supervisor tells it the engine
-  ended (``EngineEnded``, by its orders pipe), and it exits 1 at once. The engine is not restarted here: every
+* the engine process ends unasked: the supervisor tells every front (``EngineEnded``, by its orders pipe); each
+  ends its sessions with ``worker_failed`` (close 1011), answers ``/ready`` 503 and exits 1; so does the tree. An
+  engine that hangs (alive, silent for ``engine.hang_timeout_s``) is lost the same way, each front on its own
+  silence; a shorter silence (``ENGINE_QUIET_S``) only pauses new sessions: a stopped or starved engine may answer
+  again. The engine is not restarted here: every
   session died with its KV cache anyway, reloading takes minutes either way, and a GPU in a bad state wants a
   fresh container; the orchestrator (Docker's ``restart``, Kubernetes) restarts the tree with its back-off and
   counts the restarts where operators look;
@@ -386,10 +387,11 @@ class Supervisor:
 
 
 def _lost_engine_wait_s() -> float:
-    """How long fronts that lost the engine have to notice (its heartbeat's silence), tell their clients and exit."""
-    from audio_interaction_server.engine.process_client import ENGINE_TIMEOUT_S
+    """How long fronts that lost the engine have to notice, tell their clients and exit: told that it ended, at
+    once; one that hangs, each on its own silence, which began for all at once (a margin for a late reader)."""
+    from audio_interaction_server.engine.process_client import ENGINE_QUIET_S
 
-    return ENGINE_TIMEOUT_S + STOP_GRACE_S
+    return ENGINE_QUIET_S + STOP_GRACE_S
 
 
 def supervise(config: ServerConfig) -> int:

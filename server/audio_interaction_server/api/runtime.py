@@ -306,6 +306,14 @@ class Runtime:
         """The model serves: loaded, its worker alive, the process not stopping (draining or full still count)."""
         return self.worker is not None and self.worker.is_alive and not self.is_shutting_down
 
+    def engine_quiet_reason(self) -> str | None:
+        """Why a new session is refused while the engine (in its own process) has not answered for a while; None
+        while it answers. Its sessions go on, and resumes and subscribers are admitted: it may answer again."""
+        quiet_s = self.worker.quiet_s if self.worker is not None else None
+        if quiet_s is None:
+            return None
+        return f"the model engine has not answered for {quiet_s:.0f} s"
+
     @property
     def is_draining(self) -> bool:
         return self.drain_task is not None
@@ -476,7 +484,7 @@ class Runtime:
 
             log.info("attaching to the engine process at %s; /health answers meanwhile, /ready once it serves",
                      self.attach_to.commands)
-            worker = self.shared_engine = EngineProcessClient(self.attach_to)
+            worker = self.shared_engine = EngineProcessClient(self.attach_to, hang_timeout_s=engine.hang_timeout_s)
             return self._start_worker(worker)
         checkpoint = engine.checkpoint
         log.info("loading the model (%s, device %s); /health answers meanwhile, /ready once it is loaded",

@@ -184,7 +184,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
 def _fail_if_engine_ends_first(engine_ended: threading.Event, runtime: Any, on_fatal: Callable[[str], None]) -> None:
     """A front still waiting for its engine to serve hears nothing from one that ended first (only a serving engine
     sends heartbeats) and would wait for ever: told that it ended, such a front fails. One that attached ends its
-    sessions with ``worker_failed`` now, not on the heartbeat's silence ``ENGINE_TIMEOUT_S`` later, meanwhile
+    sessions with ``worker_failed`` now, not on the heartbeat's silence ``engine.hang_timeout_s`` later, meanwhile
     admitting sessions bound to fail. (Reads the runtime's fields from this thread: a stale read errs only towards
     the heartbeat's verdict, seconds later.)"""
     engine_ended.wait()

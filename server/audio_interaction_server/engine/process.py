@@ -5,8 +5,9 @@ The process that starts it holds an ``EngineProcess``: a server's one front, or 
 (what crosses: ``engine/wire.py``), with its own front id. Liveness:
 
 * the engine sends every front an ``EngineStatus`` every ``HEARTBEAT_S`` (with its free slots); a front that
-  hears nothing for ``ENGINE_TIMEOUT_S``, or that started the engine and sees its process end, ends every
-  session with ``worker_failed`` (as when the worker thread dies) and ``on_failure`` fires;
+  sees its process end (it started the engine, or the supervisor says so), or hears nothing for
+  ``engine.hang_timeout_s`` (it hangs), ends every session with ``worker_failed`` (as when the worker thread dies)
+  and ``on_failure`` fires; a silence of ``ENGINE_QUIET_S`` only pauses its new sessions;
 * the engine watches each front's process (its pid comes with its ``Hello``): a front whose process ended has
   its sessions closed at the next poll, so their slots are free within a second; a front that says nothing for
   ``FRONT_TIMEOUT_S`` (hung, its client dropped) has them closed too;
@@ -202,8 +203,8 @@ def run_engine(spec: EngineSpec) -> None:
             with contextlib.suppress(OSError):
                 spec.failure_report.send(one_line(reason))
         sys.exit(1)
-    ready = EngineReady(model.files.root, model.name, str(model.device), dtype_name(model),
-                        spec.config)
+    ready = EngineReady(model.files.root, model.name, str(model.device), dtype_name(model), spec.config,
+                        os.getpid())
     status = host.serve(worker, ready)
     host.close()
     if host.is_orphaned:

@@ -29,11 +29,11 @@ from audio_interaction_server.engine.commands import (
 from audio_interaction_server.engine.events import (
     SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStateSize, StepStats,
 )
-from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess
+from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess, process_has_ended
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    ENGINE_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
+    ENGINE_QUIET_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
     EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
     decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
@@ -53,13 +53,20 @@ class EngineProcessClient:
     """The engine in another process, behind the same calls as ``Worker`` (``engine.client.EngineClient``).
 
     With ``process`` (the engine this front started), ``start`` starts it and ``stop`` stops it, and its end
-    is watched; without, the client attaches to a running engine at ``endpoints`` (one of several fronts).
-    Either way an engine silent for ``ENGINE_TIMEOUT_S`` is dead to this front.
+    is watched; without, the client attaches to a running engine at ``endpoints`` (one of several fronts), and
+    whoever started it says when it ends (``engine_ended``). Either way an engine silent for ``hang_timeout_s`` hangs,
+    and is dead to this front; one silent for ``ENGINE_QUIET_S`` is not answering (``quiet_s``).
     """
 
-    def __init__(self, endpoints: EngineEndpoints, process: EngineProcess | None = None) -> None:
+    def __init__(self, endpoints: EngineEndpoints, process: EngineProcess | None = None,
+                 hang_timeout_s: float = 10.0) -> None:
         self.endpoints = endpoints
         self.process = process
+        self.hang_timeout_s = hang_timeout_s
+        # When the engine was last heard (the reader thread's, less any time this process itself stood still).
+        self._heard_s = time.monotonic()
+        self._is_quiet = False  # silent past ENGINE_QUIET_S, and said so in the log
+        self._engine_pid: int | None = None  # from its EngineReady
         self.front_id = uuid.uuid4().bytes
         self.model: ModelSummary | None = None
         self.config: EngineConfig | None = None
@@ -94,7 +101,7 @@ class EngineProcessClient:
               setup_logging: Callable[[], None] | None = None) -> EngineProcessClient:
         """A client of a new engine process (started by ``start``) that loads ``checkpoint`` with ``config``."""
         process = EngineProcess(checkpoint, config, setup_logging)
-        return cls(process.endpoints, process)
+        return cls(process.endpoints, process, config.hang_timeout_s)
 
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -112,6 +119,7 @@ class EngineProcessClient:
             self.process.start()
         try:
             ready = self._wait_ready()
+            self._heard_s = time.monotonic()  # it just answered; not the construction's time, before its load
         except BaseException:
             if self.process is not None:  # it exits by itself once its answer is out
                 self.process.join(STOP_FLUSH_S + 5.0)
@@ -121,6 +129,7 @@ class EngineProcessClient:
 
         tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
         self.model = ModelSummary(ready.name, ready.device, ready.dtype, tokenizer)
+        self._engine_pid = ready.pid
         self.config = ready.config
         self._fit = SessionFit(PromptEncoder.for_engine(tokenizer, ready.config), ready.config)
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)
@@ -298,7 +307,6 @@ class EngineProcessClient:
         if self.process is not None:
             poller.register(self.process.sentinel, zmq.POLLIN)
         next_beat_s = 0.0
-        heard_s = time.monotonic()
         while True:
             now_s = time.monotonic()
             if now_s >= next_beat_s:
@@ -306,7 +314,7 @@ class EngineProcessClient:
                 next_beat_s = now_s + HEARTBEAT_S
             ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
             if self._events in ready and self._receive_waiting():
-                heard_s = time.monotonic()
+                self._heard_again()
             if self.process is not None and self.process.sentinel in ready:
                 self._receive_waiting()  # what it sent before it ended comes first
                 if not self._leaving.is_set():
@@ -318,14 +326,40 @@ class EngineProcessClient:
             if self.failure is not None:  # engine_ended: told by whoever watches its process
                 return
             # A front that stood still (stopped, starved of CPU) wakes before it has read what the engine sent
-            # meanwhile: that time is not the engine's silence, or a front stopped for 2 s ends every session.
+            # meanwhile: that time is not the engine's silence, or a front stopped past its bound ends every session.
             awake_s = time.monotonic()
-            heard_s = min(awake_s, heard_s + stood_still_s(awake_s - now_s, HEARTBEAT_S))
-            silent_s = awake_s - heard_s
-            if silent_s > ENGINE_TIMEOUT_S and not self._leaving.is_set():
-                # An engine this front did not start (or one that hangs): its end shows only as silence.
-                self._engine_died(f"the engine process is gone: nothing heard from it for {silent_s:.1f} s")
+            self._heard_s = min(awake_s, self._heard_s + stood_still_s(awake_s - now_s, HEARTBEAT_S))
+            silent_s = awake_s - self._heard_s
+            if self._leaving.is_set() or silent_s <= ENGINE_QUIET_S:
+                continue
+            if self._engine_pid is not None and process_has_ended(self._engine_pid):
+                # An engine this front did not start, and that nobody said had ended: its process is gone.
+                self._engine_died(f"the engine process is gone: nothing heard from it for {silent_s:.1f} s, and "
+                                  f"its process {self._engine_pid} has ended")
                 return
+            if silent_s > self.hang_timeout_s:
+                # Its process lives (its end is seen at once), yet it has said nothing: it hangs.
+                self._engine_died(f"the engine process hangs: nothing heard from it for {silent_s:.1f} s "
+                                  f"(engine.hang_timeout_s {self.hang_timeout_s:g})")
+                return
+            if not self._is_quiet:
+                self._is_quiet = True
+                log.warning("the engine process has sent nothing for %.1f s: new sessions are refused until it "
+                            "answers; its sessions end if it stays silent for %g s (engine.hang_timeout_s)",
+                            silent_s, self.hang_timeout_s)
+
+    def _heard_again(self) -> None:
+        self._heard_s = time.monotonic()
+        if self._is_quiet:
+            self._is_quiet = False
+            log.warning("the engine process answers again: new sessions are admitted")
+
+    @property
+    def quiet_s(self) -> float | None:
+        """How long the engine has been silent, once that is past ``ENGINE_QUIET_S`` (None before: it answers).
+        Silence this long is no heartbeat's lateness: the engine's loop stands still (stopped, starved, hung)."""
+        silent_s = time.monotonic() - self._heard_s
+        return silent_s if silent_s > ENGINE_QUIET_S and self.model is not None else None
 
     def _send_heartbeat(self) -> None:
         """A heartbeat, unless the front is leaving: one sent after its goodbye (``stop`` runs on another thread)
@@ -391,7 +425,7 @@ class EngineProcessClient:
 
     def engine_ended(self, why: str) -> None:
         """Whoever watches the engine's process (the supervisor of several fronts) saw it end: fail now, rather than
-        on its silence ``ENGINE_TIMEOUT_S`` later (any thread). Nothing more it sent is read: it ended."""
+        on its silence ``hang_timeout_s`` later (any thread). Nothing more it sent is read: it ended."""
         if not self._leaving.is_set():
             self._engine_died(why)
 

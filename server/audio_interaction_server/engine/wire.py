@@ -52,10 +52,10 @@ HEARTBEAT_S = 0.1  # how often a front says it is alive
 # this bound is for hangs and may be generous: at 0.5 s, fronts starved of CPU on a loaded 2-core machine had
 # their live sessions cut.
 FRONT_TIMEOUT_S = 3.0
-# An engine silent this long is dead to its fronts (its process ended, or hangs): they end their sessions with
-# worker_failed. Not short: a false alarm costs every session of every front, a late one only
-# the time a front takes to notice (a front that started the engine sees its process end at once).
-ENGINE_TIMEOUT_S = 2.0
+# An engine silent this long is not answering: its fronts refuse new sessions and say so in their log, until it is
+# heard again or ``engine.hang_timeout_s`` passes (then it is lost: every session ends with worker_failed). Silence
+# is the sign of a hang only: an engine process that ends is seen at once (its sentinel, or the supervisor's word).
+ENGINE_QUIET_S = 2.0
 # A wait of a front's reader that ends this much later than it was asked to: the front's process itself stood
 # still (stopped, starved of CPU, swapped out) and heard nothing meanwhile, ZeroMQ's thread included; that time
 # is not the engine's silence (``stood_still_s``).
@@ -158,6 +158,7 @@ class EngineReady:
     device: str
     dtype: str
     config: EngineConfig
+    pid: int | None = None  # the engine's process: a front that did not start it looks whether it ended
 
 
 @dataclass(frozen=True)

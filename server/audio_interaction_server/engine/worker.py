@@ -198,6 +198,11 @@ class Worker:
         return self.failure is None and (self._thread is None or self._thread.is_alive())
 
     @property
+    def quiet_s(self) -> float | None:
+        """Always None: the engine is this process (``EngineClient.quiet_s``)."""
+        return None
+
+    @property
     def clock(self) -> Callable[[], float]:
         """Catch-up pacing's clock (monotonic seconds); tests set their own."""
         return self.scheduler.clock
