@@ -61,6 +61,35 @@ def test_the_agent_says_up_with_room_for_subscribers_then_drain(tiny_checkpoint)
         server.stop()
 
 
+def test_the_agent_says_drain_while_the_engine_process_stalls_and_ready_once_it_answers(tiny_checkpoint):
+    """A stalled engine (its process alive, silent past 2 s) refuses new sessions at /ready and at the handshake;
+    the agent said 'up ready' all along, so the balancer kept sending new clients to be refused there."""
+    import os
+    import signal
+
+    server = LiveServer(server_config(tiny_checkpoint, agent_port=0, engine={
+        "checkpoint": tiny_checkpoint, "device": "cpu", "transport": "process"})).start()
+    try:
+        port = agent_port(server)
+        assert probe(port).startswith("up ready")
+        engine = server.runtime.worker.process.process
+        os.kill(engine.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 10
+            while server.runtime.engine_quiet_reason() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert probe(port) == "up drain"
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while (line := probe(port)) != "up ready maxconn:80":
+            assert time.monotonic() < deadline, line
+            time.sleep(0.05)
+    finally:
+        server.stop()
+
+
 def test_the_agent_says_down_without_a_model(tmp_path):
     server = LiveServer(server_config(tmp_path, agent_port=0)).start(wait_ready=False)  # an empty checkpoint dir
     try:

@@ -16,7 +16,8 @@ HAProxy connects every ``agent-inter``, reads one line and closes; the words on 
   that engine, as for a drain, and ``use-server`` still reaches their sessions). Full or not is all it tells,
   as ``/ready`` does to anyone; HAProxy keeps a weight until told another, so every line carries one.
 - ``up drain`` while draining: no new sessions from the balancing algorithm, while ``use-server`` still
-  routes subscribers of the sessions finishing here. A drain is per front.
+  routes subscribers of the sessions finishing here. A drain is per front. Also while the engine process has not
+  answered for a while (``Runtime.engine_quiet_reason``): a stalled engine may answer again.
 - ``down#<reason>`` while the model loads, after it failed, or while the process stops.
 
 What a probe may cost is bounded, since anyone who reaches the port can probe it: connections are taken
@@ -54,7 +55,9 @@ def agent_line(runtime: Runtime) -> str:
     report = runtime.load_report()
     if not report.ready:
         return f"down#{runtime.not_ready_reason()}"
-    if report.draining:
+    if report.draining or runtime.engine_quiet_reason() is not None:
+        # A stalled engine may answer again: no new sessions meanwhile, its sessions still reached (``ready``,
+        # in the next line once it answers, undoes the drain).
         return "up drain"
     config = runtime.config
     maxconn = f"maxconn:{config.session_capacity * (1 + config.max_subscribers_per_session)}"
