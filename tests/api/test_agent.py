@@ -90,6 +90,57 @@ def test_the_agent_says_drain_while_the_engine_process_stalls_and_ready_once_it_
         server.stop()
 
 
+# A capacity agent on uvloop, as the server runs it, whose process runs out of descriptors while a probe waits.
+AGENT_OUT_OF_DESCRIPTORS = """
+import asyncio, resource, socket, sys
+import uvloop
+from audio_interaction_server.api.agent import CapacityAgent
+from audio_interaction_server.api.runtime import Runtime
+from audio_interaction_server.config import ServerConfig
+
+async def main():
+    agent = CapacityAgent(Runtime(ServerConfig(), on_fatal=None), "127.0.0.1", 0)
+    await agent.start()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(socket.socket())
+    except OSError:
+        pass
+    held.pop().close()  # one descriptor for the probe's own end: the agent's accept finds none
+    first = socket.create_connection(("127.0.0.1", agent.port))
+    await asyncio.sleep(0.5)
+    for sock in held:
+        sock.close()
+    second = socket.create_connection(("127.0.0.1", agent.port))
+    second.setblocking(False)
+    for _ in range(60):
+        await asyncio.sleep(0.1)
+        try:
+            print(second.recv(256).decode().strip(), flush=True)
+            return
+        except BlockingIOError:
+            pass
+    print("no answer", flush=True)
+
+uvloop.run(main())
+"""
+
+
+def test_the_agent_answers_again_after_its_process_ran_out_of_descriptors():
+    """One failed accept (EMFILE, while a flood of slow connections held every descriptor) ended the agent's task
+    for good, silently: HAProxy kept its last word, a drain, a weight or down never reached it (hostile probe,
+    round five)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", AGENT_OUT_OF_DESCRIPTORS], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "down#loading the model", (done.stdout, done.stderr[-2000:])
+    assert "could not accept a probe ([Errno 24] Too many open files); trying again in 1 s" in done.stderr
+
+
 def test_the_agent_says_down_without_a_model(tmp_path):
     server = LiveServer(server_config(tmp_path, agent_port=0)).start(wait_ready=False)  # an empty checkpoint dir
     try:

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Connections waiting to be taken; beyond, the kernel refuses new ones (a prober retries at its next interval).
 ACCEPT_BACKLOG = 64
 
+# How long the agent waits after an accept failed (out of descriptors, mostly) before it tries again: what asyncio's
+# own servers wait, so that a full descriptor table is not polled in a busy loop.
+ACCEPT_RETRY_S = 1.0
+
 # What the agent reads of a probe before it closes (HAProxy's optional agent-send string): reading it lets the
 # close be a FIN, not a reset that could overtake the line.
 MAX_PROBE_BYTES = 1024
@@ -124,7 +128,16 @@ class CapacityAgent:
             if wait_s is not None:
                 await asyncio.sleep(wait_s)
                 continue
-            connection, address = await loop.sock_accept(listener)
+            try:
+                connection, address = await loop.sock_accept(listener)
+            except OSError as error:
+                # Out of descriptors (EMFILE, ENFILE: a flood of connections elsewhere in the process), out of
+                # memory, a connection aborted before it was taken: the agent goes on, or the balancer would keep
+                # its last word (a drain, a weight, down) for the process's life.
+                log.warning("capacity agent: could not accept a probe (%s); trying again in %g s", error,
+                            ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             with connection:
                 self._answer(connection, str(address[0]))
 
