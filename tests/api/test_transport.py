@@ -231,6 +231,19 @@ def test_a_trickled_body_is_cut_at_the_body_timeout_while_others_are_served(guar
     assert metric_samples(guarded)['ais_transport_closes_total{reason="body_timeout"}'] >= 1
 
 
+def test_a_body_cut_at_its_timeout_is_no_server_error_in_the_log(guarded, caplog):
+    """The route still awaiting the body got starlette's ClientDisconnect when the 408 closed the connection, and
+    uvicorn logged 'Exception in ASGI application' at ERROR with a 55-line traceback, once per connection (hostile
+    probe, round five: '990 more like this in 10 s' under a flood of trickled bodies)."""
+    sock = open_socket(guarded.port)
+    sock.sendall(post_head("Content-Length: 100\r\n") + b'{"expires_a')
+    data, closed = read_until_closed(sock, timeout_s=5.0)
+    sock.close()
+    assert closed and data.startswith(b"HTTP/1.1 408"), data[:100]
+    time.sleep(0.3)  # the route's end, after the close
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text[-3000:]
+
+
 def test_a_websocket_session_outlives_the_body_timeout(guarded):
     # An upgrade request has no body, but h11 still waits for its end of message: no 408 may be written into
     # the WebSocket stream body_timeout_s (1.0 here) after the handshake.

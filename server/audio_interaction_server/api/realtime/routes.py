@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.addresses import peer_address
@@ -67,7 +67,7 @@ def add_realtime_routes(app: FastAPI, runtime) -> None:
         await serve_realtime(runtime, websocket)
 
     @app.post("/v1/realtime/client_secrets")
-    async def create_client_secret(request: Request) -> JSONResponse:
+    async def create_client_secret(request: Request) -> Response:
         # Only the API key mints secrets (taken as every endpoint takes it): a secret that could mint more would
         # never really expire.
         if not admission.is_api_key(runtime, admission.offered_key(request)):
@@ -76,6 +76,10 @@ def add_realtime_routes(app: FastAPI, runtime) -> None:
         try:
             body = await request.body()
             parsed = ClientSecretRequest.model_validate_json(body or b"{}")
+        except ClientDisconnect:
+            # Gone before its body was whole: the transport's body timeout answered 408 and closed it (or the client
+            # left). Nobody reads an answer; a client's trickle is no server error for the log.
+            return Response(status_code=408)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
