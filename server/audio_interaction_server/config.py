@@ -229,8 +229,9 @@ class TransportSettings(BaseModel):
     body_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's whole body once "
                                   "its headers are in; else HTTP 408 and the connection closed")
     max_pending_handshakes: int = Field(
-        512, ge=1, description="connections still sending their request headers after a second, all clients "
-        "together; beyond, new connections get HTTP 503 at once")
+        512, ge=1, description="connections still sending their request headers or body after a second, all "
+        "clients together; beyond, the oldest of the address holding the most is closed with HTTP 503 (a new "
+        "connection is never refused for the total)")
     max_pending_handshakes_per_ip: int = Field(
         16, ge=1, description="the same per client address (trusted proxies exempt); beyond, HTTP 429 at once")
     control_frames_per_s: float = Field(

@@ -13,9 +13,11 @@ websockets sans-I/O implementation), handed to ``uvicorn.Config`` as ``http=`` a
   408/413: from the Content-Length before any body is read, or as a chunked body arrives; the
   route never runs for a body refused by its length),
   and at most ``max_pending_handshakes`` connections (per address: ``..._per_ip``) that have
-  been sending them for over ``SLOW_HEADERS_AFTER_S``; beyond, a new connection gets 503/429 at
-  once, and one that turns slow is answered so and closed (a burst of fast clients never counts:
-  their headers arrive in milliseconds);
+  been sending their headers, or a body, for over ``SLOW_HEADERS_AFTER_S``. Past an address's share, a new
+  connection of that address gets 429 at once, and one that turns slow is answered so and closed; past the
+  total, the address holding the most slow connections loses its oldest (503), never a connection that has not
+  been slow: a burst of fast clients never counts (their requests arrive in milliseconds), and a few dozen
+  addresses holding their shares cannot keep everyone else out;
 * WebSocket pings and pongs from a client within a token bucket (``control_frames_per_s``,
   ``control_frame_burst``); beyond, close 1008 without answering the flood; input is parsed in
   slices so a flood is cut off after a few kilobytes, not after a 256 KiB read;
@@ -46,7 +48,6 @@ import logging
 import re
 import struct
 import time
-from collections import Counter as Tally
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple, cast
 
@@ -131,8 +132,9 @@ class TransportGuard:
     def __init__(self, settings: TransportSettings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self._trusted = [ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies]
-        self.num_slow = 0  # connections slow to send their headers (SLOW_HEADERS_AFTER_S)
-        self._slow_by_address: Tally[str] = Tally()
+        # Connections slow to send their headers or body (SLOW_HEADERS_AFTER_S), per client key, oldest first.
+        self._slow_by_address: dict[str, dict[GuardedHttpProtocol, None]] = {}
+        self.num_slow = 0
         self.open_connections: set[GuardedHttpProtocol | GuardedWebSocketProtocol] = set()
         self._http_requests = AddressRateLimiter(settings.http_requests_per_s, settings.http_request_burst)
         self.closes_total = Counter("ais_transport_closes", "connections closed by a transport limit "
@@ -189,11 +191,10 @@ class TransportGuard:
         return any(address in network for network in self._trusted)
 
     def handshake_refusal(self, host: str) -> tuple[int, str] | None:
-        """(HTTP status, reason) when a new connection from ``host`` must be refused, else None."""
-        if self.num_slow >= self.settings.max_pending_handshakes:
-            return 503, "too_many_handshakes"
-        if self._slow_by_address[client_key(host)] >= self.settings.max_pending_handshakes_per_ip and \
-                not self.is_trusted_proxy(host):
+        """(HTTP status, reason) when a connection from ``host`` must be refused (its address holds its share of
+        slow connections), else None. The total is never a reason to refuse one: ``count_slow`` sheds instead."""
+        num_held = len(self._slow_by_address.get(client_key(host), ()))
+        if num_held >= self.settings.max_pending_handshakes_per_ip and not self.is_trusted_proxy(host):
             return 429, "too_many_handshakes_from_ip"
         return None
 
@@ -237,12 +238,24 @@ class TransportGuard:
         self.refusals_total.labels("http_request_flood").inc()
         log.warning("refused a request (http_request_flood) of %s: %s", client, self.http_flood_detail())
 
-    def count_slow(self, host: str, delta: int) -> None:
-        key = client_key(host)  # an IPv6 client counts with its /64
-        self.num_slow += delta
-        self._slow_by_address[key] += delta
-        if self._slow_by_address[key] <= 0:
-            del self._slow_by_address[key]
+    def count_slow(self, connection: GuardedHttpProtocol, host: str) -> None:
+        """``connection`` (of ``host``) has turned slow. Past the total, the address holding the most slow
+        connections loses its oldest: refusing new connections instead let 32 addresses, each within its share,
+        keep every other client out (hostile probe, round five)."""
+        if self.num_slow >= self.settings.max_pending_handshakes:
+            holder = max(self._slow_by_address.values(), key=len)
+            next(iter(holder)).shed()  # leaves the count through uncount_slow
+        self._slow_by_address.setdefault(client_key(host), {})[connection] = None  # an IPv6 client: its /64
+        self.num_slow += 1
+
+    def uncount_slow(self, connection: GuardedHttpProtocol, host: str) -> None:
+        key = client_key(host)
+        held = self._slow_by_address.get(key)
+        if held is not None and connection in held:
+            del held[connection]
+            self.num_slow -= 1
+            if not held:
+                del self._slow_by_address[key]
 
     def closed(self, reason: str, peer: tuple[str, int] | None, detail: str) -> None:
         self.closes_total.labels(reason).inc()
@@ -337,27 +350,51 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         refusal = guard.handshake_refusal(self._host)
         if refusal is not None:
             status, reason = refusal
-            self._answer_and_close(status, reason, f"{guard.num_slow} connections slow to send their headers")
+            self._answer_and_close(status, reason, "too many connections of this address slow to send their "
+                                   "requests")
             return
         if not guard.takes_http_request(self._host, take=False):  # spent by plain requests: not a new connection
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
-        self._slow_timer = self.loop.call_later(min(SLOW_HEADERS_AFTER_S, guard.settings.header_timeout_s),
-                                                self._became_slow)
+        self._watch_slowness(guard.settings.header_timeout_s)
         self._await_head()
+
+    def _watch_slowness(self, timeout_s: float) -> None:
+        """Count the connection as slow if what it is sending (headers, a body) is not in within a second."""
+        if self._slow_timer is None and not self._is_counted_slow:
+            self._slow_timer = self.loop.call_later(min(SLOW_HEADERS_AFTER_S, timeout_s), self._became_slow)
+
+    def _no_longer_slow(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        if self._is_counted_slow:
+            self._is_counted_slow = False
+            self.transport_guard.uncount_slow(self, self._host)
 
     def _became_slow(self) -> None:
         self._slow_timer = None
         # Checked again now: a burst of connections opened within the last second was admitted
-        # (none was slow yet); those beyond the cap go now rather than at the header timeout.
+        # (none was slow yet); those beyond the address's share go now rather than at the timeout.
         refusal = self.transport_guard.handshake_refusal(self._host)
         if refusal is not None:
-            self._head_received()
             status, reason = refusal
-            self._answer_and_close(status, reason, "too many connections slow to send their headers")
+            self._cut(status, reason, "too many connections of this address slow to send their requests")
             return
         self._is_counted_slow = True
-        self.transport_guard.count_slow(self._host, +1)
+        self.transport_guard.count_slow(self, self._host)
+
+    def shed(self) -> None:
+        """Closed to make room: the server holds ``max_pending_handshakes`` slow connections, and this one is the
+        oldest of the address holding the most."""
+        self._cut(503, "too_many_handshakes", "too many connections slow to send their requests; this one was the "
+                  "oldest of the address holding the most")
+
+    def _cut(self, status: int, reason: str, detail: str) -> None:
+        """Answer a connection still sending its request (headers or body) and close it."""
+        self._head_received()
+        self._stop_body_timer()
+        self._answer_or_close(status, reason, detail)
 
     def _await_head(self) -> None:
         self._head_bytes = 0
@@ -369,12 +406,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self._slow_timer is not None:
-            self._slow_timer.cancel()
-            self._slow_timer = None
-        if self._is_counted_slow:
-            self._is_counted_slow = False
-            self.transport_guard.count_slow(self._host, -1)
+        self._no_longer_slow()
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is not None:
@@ -418,8 +450,10 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         is_upgraded = self.transport.get_protocol() is not self
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and not is_upgraded:
             if self._body_timer is None:
-                self._body_timer = self.loop.call_later(self.transport_guard.settings.body_timeout_s,
-                                                        self._body_timed_out)
+                timeout_s = self.transport_guard.settings.body_timeout_s
+                self._body_timer = self.loop.call_later(timeout_s, self._body_timed_out)
+                # A trickled body holds a descriptor as a trickled head does: counted with them.
+                self._watch_slowness(timeout_s)
         else:
             self._stop_body_timer()
 
@@ -427,9 +461,11 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+            self._no_longer_slow()
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
+        self._no_longer_slow()
         self._answer_or_close(408, "body_timeout",
                               f"no complete request body in {self.transport_guard.settings.body_timeout_s} s")
 
