@@ -270,7 +270,7 @@ def emit(events):
 
 for line in sys.stdin:
     if line.strip() == "open":
-        client.num_admitted += 1
+        client.set_num_admitted(client.num_admitted + 1)
         client.open_session(f"reporting-front-{client.num_admitted}", SessionOptions(), emit)
         assert started.acquire(timeout=30)
         print("opened", flush=True)
@@ -357,7 +357,7 @@ def test_a_front_that_leaves_frees_what_it_held_at_once_even_if_a_heartbeat_foll
     client = live.runtime.worker
     leaving = EngineProcessClient(client.endpoints)
     leaving.start()
-    leaving.num_admitted = 2  # a front holding both slots for sessions it admitted
+    leaving.set_num_admitted(2)  # a front holding both slots for sessions it admitted
     assert wait_until_free_slots(client, 0), "the engine never counted the front's admitted sessions"
     info = process_client.log.info
     monkeypatch.setattr(process_client.log, "info", lambda *args: (time.sleep(0.3), info(*args)))
@@ -379,7 +379,7 @@ def test_a_detached_session_whose_slot_goes_to_a_new_one_is_ended_with_a_reason_
     events: dict[str, list] = {"evict-a": [], "evict-b": [], "evict-c": []}
     try:
         for session_id in ("evict-a", "evict-b"):
-            front.num_admitted += 1
+            front.set_num_admitted(front.num_admitted + 1)
             front.open_session(session_id, SessionOptions(), events[session_id].extend)
         wait_until(lambda: all(events[s] and isinstance(events[s][0], SessionStarted) for s in ("evict-a", "evict-b")))
         front.session_detached("evict-a", time.monotonic())

@@ -233,7 +233,7 @@ class Runtime:
     def _count_sessions(self) -> None:
         self.metrics.sessions_active.set(len(self.streams))
         if self.shared_engine is not None:  # the other fronts see the slots taken before the first audio opens them
-            self.shared_engine.num_admitted = len(self.streams)
+            self.shared_engine.set_num_admitted(len(self.streams))
 
     def num_sessions_of(self, address: str) -> int:
         """Sessions (connected or detached, either endpoint) whose client has ``address`` (an IPv6 one: its /64)."""

@@ -4,8 +4,8 @@ The process that starts it holds an ``EngineProcess``: a server's one front, or 
 ``serve --fronts N`` (``api/fronts.py``). Every front reaches it through ``process_client.EngineProcessClient``
 (what crosses: ``engine/wire.py``), with its own front id. Liveness:
 
-* the engine sends every front an ``EngineStatus`` every ``HEARTBEAT_S`` (with its free slots); a front that
-  sees its process end (it started the engine, or the supervisor says so), or hears nothing for
+* the engine sends every front an ``EngineStatus`` (its free slots) as it changes and every ``KEEPALIVE_S``; a
+  front that sees its process end (it started the engine, or the supervisor says so), or hears nothing for
   ``engine.hang_timeout_s`` (it hangs), ends every session with ``worker_failed`` (as when the worker thread dies)
   and ``on_failure`` fires; a silence of ``ENGINE_QUIET_S`` only pauses its new sessions;
 * the engine watches each front's process (its pid comes with its ``Hello``): a front whose process ended has
@@ -49,9 +49,9 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
-    EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
-    decode_batch, encode, recv_frames, send_frames, stood_still_s,
+    FRONT_TIMEOUT_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad,
+    EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents,
+    Shutdown, decode_batch, encode, recv_frames, send_frames, stood_still_s,
 )
 
 # The front side of this module (EngineProcess, which a front imports to start or watch the engine) needs neither
@@ -311,11 +311,15 @@ class EngineHost:
     def _serve_commands(self, worker: Worker, ready: EngineReady) -> int:
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
-        next_status_s = next_look_s = 0.0
+        next_status_s = next_look_s = keepalive_s = 0.0
+        last_status: EngineStatus | None = None
         while True:
             now_s = time.monotonic()
             if now_s >= next_status_s:  # on this thread: a hung command loop goes silent, as it should
-                self._outbox.put((None, self._status()))
+                status = self._status()
+                if status != last_status or now_s >= keepalive_s:  # a change at once; else only that it lives
+                    self._outbox.put((None, status))
+                    last_status, keepalive_s = status, now_s + KEEPALIVE_S
                 next_status_s = now_s + HEARTBEAT_S
             if self._worker_failed.is_set():
                 return 1  # the worker ended every session with worker_failed; the fronts see this process end

@@ -33,9 +33,9 @@ from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess,
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    ENGINE_QUIET_S, HEARTBEAT_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad, EngineReady,
-    EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents, Shutdown,
-    decode, encode_batch, recv_frames, send_frames, stood_still_s,
+    ENGINE_QUIET_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad,
+    EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents,
+    Shutdown, decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
 from audio_interaction_server.options import SessionOptions
 
@@ -72,7 +72,7 @@ class EngineProcessClient:
         self.config: EngineConfig | None = None
         self.failure: BaseException | None = None
         self.engine_status: EngineStatus | None = None  # the engine's latest heartbeat: its free slots
-        self.num_admitted = 0  # sessions the front holds, opened here or not yet (set by it; sent in heartbeats)
+        self.num_admitted = 0  # sessions the front holds, opened here or not yet (set_num_admitted; in heartbeats)
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
         # The engine gave a detached session's slot to a new session (reader thread): the front ends it.
@@ -95,6 +95,7 @@ class EngineProcessClient:
         self._reader: threading.Thread | None = None
         self._leaving = threading.Event()  # stop() began: the engine's end from now on is no failure
         self._stopping = threading.Event()  # the reader thread ends
+        self._wake_reader, self._reader_woken = os.pipe()  # stop() wakes the reader's poll with a byte
 
     @classmethod
     def spawn(cls, checkpoint: Path, config: EngineConfig,
@@ -177,6 +178,8 @@ class EngineProcessClient:
             self.process.join(timeout_s)  # its last events (each open session's end) are sent before it exits
         self._stopping.set()
         if self._reader is not None:
+            os.write(self._reader_woken, b"\0")
+        if self._reader is not None:
             self._reader.join(timeout_s)
         with self._emits_lock:
             left = list(self._emits.items())
@@ -190,6 +193,9 @@ class EngineProcessClient:
             self._commands.close()
         self._events.close()
         self._context.term()
+        if self._reader is None or not self._reader.is_alive():  # else it is left to the process's end
+            os.close(self._wake_reader)
+            os.close(self._reader_woken)
 
     @property
     def is_alive(self) -> bool:
@@ -304,15 +310,17 @@ class EngineProcessClient:
         name_native_thread("engine-events")  # its own row in top -H, py-spy and benchmarks.host_cost
         poller = zmq.Poller()
         poller.register(self._events, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
         if self.process is not None:
             poller.register(self.process.sentinel, zmq.POLLIN)
         next_beat_s = 0.0
         while True:
             now_s = time.monotonic()
-            if now_s >= next_beat_s:
+            if now_s >= next_beat_s:  # that it lives; a change of its sessions is told as it happens
                 self._send_heartbeat()
-                next_beat_s = now_s + HEARTBEAT_S
-            ready = dict(poller.poll(int(HEARTBEAT_S * 1000)))
+                next_beat_s = now_s + KEEPALIVE_S
+            asked_s = next_beat_s - now_s
+            ready = dict(poller.poll(max(1, round(asked_s * 1000))))
             if self._events in ready and self._receive_waiting():
                 self._heard_again()
             if self.process is not None and self.process.sentinel in ready:
@@ -328,7 +336,7 @@ class EngineProcessClient:
             # A front that stood still (stopped, starved of CPU) wakes before it has read what the engine sent
             # meanwhile: that time is not the engine's silence, or a front stopped past its bound ends every session.
             awake_s = time.monotonic()
-            self._heard_s = min(awake_s, self._heard_s + stood_still_s(awake_s - now_s, HEARTBEAT_S))
+            self._heard_s = min(awake_s, self._heard_s + stood_still_s(awake_s - now_s, asked_s))
             silent_s = awake_s - self._heard_s
             if self._leaving.is_set() or silent_s <= ENGINE_QUIET_S:
                 continue
@@ -360,6 +368,14 @@ class EngineProcessClient:
         Silence this long is no heartbeat's lateness: the engine's loop stands still (stopped, starved, hung)."""
         silent_s = time.monotonic() - self._heard_s
         return silent_s if silent_s > ENGINE_QUIET_S and self.model is not None else None
+
+    def set_num_admitted(self, num_sessions: int) -> None:
+        """The front now holds ``num_sessions`` (admitted, opened here or not yet): told to the engine at once, which
+        counts them against the slots every front shares (any thread)."""
+        if num_sessions != self.num_admitted:
+            self.num_admitted = num_sessions
+            if self._reader is not None:
+                self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
         """A heartbeat, unless the front is leaving: one sent after its goodbye (``stop`` runs on another thread)

@@ -6,7 +6,8 @@ Two ``ipc://`` sockets in a temporary directory:
   without its callback: ``OpenRemote``), pickled with protocol 5; a push's mel chunks travel out of band as a
   raw frame (a numpy array's buffer), never copied into the pickle;
 * events: the engine's ROUTER -> each front's DEALER, in batches: ``SessionEvents`` (exactly the lists the
-  worker hands a session's ``emit``), each step's ``StepStats``, and every ``HEARTBEAT_S`` an ``EngineStatus``
+  worker hands a session's ``emit``), each step's ``StepStats``, and an ``EngineStatus`` when it changes (checked
+  every ``HEARTBEAT_S``) or ``KEEPALIVE_S`` after the last
   (the engine is alive, and how many of its slots are free: several fronts share them).
 
 What several fronts share goes through the engine too: which sessions wait detached for a resume
@@ -46,7 +47,13 @@ from audio_interaction_server.engine.commands import PushAudio
 from audio_interaction_server.engine.events import EngineEvent, SessionStateSize
 from audio_interaction_server.options import SessionOptions
 
-HEARTBEAT_S = 0.1  # how often a front says it is alive
+# How soon a change is told: the engine's free slots to every front, checked this often (and a front's admitted
+# sessions, told as they change).
+HEARTBEAT_S = 0.1
+# How often each side says it is alive when nothing changed. Not every HEARTBEAT_S: an idle front's reader then woke
+# 20 times a second, for about 0.3 % of a core (the engine's side as much again), which a front of a few streams
+# pays per stream. Far inside both silence bounds below.
+KEEPALIVE_S = 0.5
 # A front silent this long is gone (hung, or on a host whose process the engine cannot watch): its sessions are
 # closed. A front that dies is seen sooner, by its process id (engine/process.py, within a poll of 0.1 s), so
 # this bound is for hangs and may be generous: at 0.5 s, fronts starved of CPU on a loaded 2-core machine had
@@ -84,8 +91,9 @@ class Hello:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """The front is alive (every ``HEARTBEAT_S``), and holds this many sessions: a session is admitted (counted
-    against capacity) before its first audio opens it in the engine, and the engine's free slots count both.
+    """The front is alive (every ``KEEPALIVE_S``, and as its count changes), and holds this many sessions: a
+    session is admitted (counted against capacity) before its first audio opens it in the engine, and the engine's
+    free slots count both.
     ``pid`` as in ``Hello``: a front the engine dropped as silent, and that comes back, is watched again."""
 
     num_sessions: int = 0
@@ -171,7 +179,8 @@ class EngineFailedToLoad:
 
 @dataclass(frozen=True)
 class EngineStatus:
-    """The engine's heartbeat to every front (every ``HEARTBEAT_S``): it is alive, and its slots now."""
+    """The engine's heartbeat to every front (as it changes, at most every ``HEARTBEAT_S``; else every
+    ``KEEPALIVE_S``): it is alive, and its slots now."""
 
     free_slots: int  # slots no session of any front holds or has asked for
     max_sessions: int
