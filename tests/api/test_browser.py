@@ -685,6 +685,22 @@ def test_file_is_streamed_in_real_time_and_flushed(live, page: Page, shared_audi
     assert wire.num_audio_bytes_sent == audio_bytes and len(wire.of_type("session.created")) == 1
 
 
+def test_a_file_the_browser_cannot_decode_is_named_with_what_would_work(live, page: Page, tmp_path):
+    """A text file (or an empty WAV) chosen as the audio: the badge read '0: Unable to decode audio data', the
+    browser's DOMException code 0 taken for ours (first-hour review, round five)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not audio at all\n")
+    page.goto(live.url)
+    page.fill("#api-key", API_KEY)
+    page.check('input[name="source"][value="file"]')
+    page.set_input_files("#audio-file", str(notes))
+    page.click("#start")
+    page.wait_for_function("() => document.querySelectorAll('#errors li').length > 0", timeout=20_000)
+    shown = page.locator("#errors li").first.text_content()
+    assert shown.startswith("undecodable_file") and "notes.txt" in shown and "WAV, MP3, Ogg or FLAC" in shown, shown
+    page.wait_for_function("() => !document.querySelector('#start').disabled")  # the session was stopped
+
+
 def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, page: Page):
     """server/audio_interaction_server/api/web/ from a plain static server (as ``python -m http.server`` serves it),
     ``?server=`` in the URL."""

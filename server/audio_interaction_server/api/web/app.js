@@ -61,7 +61,9 @@ for (const radio of form.elements.source) radio.addEventListener("change", syncC
 syncControls();
 form.addEventListener("submit", (event) => {
   event.preventDefault();
-  start().catch((error) => showError(error.code ?? "start_failed", error.message, { isFatal: true }));
+  // Our own errors carry a string code; a browser's DOMException carries a legacy number (0 for most): not ours.
+  start().catch((error) => showError(typeof error.code === "string" ? error.code : "start_failed", error.message,
+    { isFatal: true }));
 });
 el("stop").addEventListener("click", () => stop());
 // Leaving the page ends the session for good (session.close): otherwise the server would keep it, waiting

@@ -62,7 +62,7 @@ export class AudioCapture {
     await this._open("file");
     try {
       // decodeAudioData resamples to the context's rate, so frames come out at the native rate here too.
-      const buffer = await this.context.decodeAudioData(await file.arrayBuffer());
+      const buffer = await decodeFile(this.context, file);
       this._source = new AudioBufferSourceNode(this.context, { buffer });
       this._source.connect(this.node);
       if (monitor) this._source.connect(this.context.destination);
@@ -145,4 +145,18 @@ function microphoneError(error) {
   };
   const [code, message] = reasons[error?.name] ?? ["start_failed", error?.message ?? String(error)];
   return Object.assign(new Error(message), { code });
+}
+
+/**
+ * ``file`` decoded at ``context``'s rate; a file the browser cannot decode (not audio, an empty WAV, a codec it
+ * lacks) is an Error that names the file and says what would work, with code ``undecodable_file``.
+ */
+async function decodeFile(context, file) {
+  try {
+    return await context.decodeAudioData(await file.arrayBuffer());
+  } catch (error) {
+    const message = `${file.name}: this browser cannot decode it as audio (${error?.message ?? error}); ` +
+      "choose a WAV, MP3, Ogg or FLAC file with sound in it";
+    throw Object.assign(new Error(message), { code: "undecodable_file" });
+  }
 }
