@@ -26,6 +26,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 128 + SIGPIPE, what a shell reports for a tool whose reader left (`| head`): Python ignores SIGPIPE and raises
+# BrokenPipeError instead; this status keeps `set -o pipefail` scripts seeing what they would see for any other tool.
+EXIT_STDOUT_CLOSED = 141
 
 # What a close code means to someone running the examples (docs/protocol.md, "Close codes").
 CLOSE_MEANINGS = {
@@ -614,9 +617,14 @@ class StreamSession:
         """Until the server's next event or a new connection, at most ``timeout_s``; the caller looks again."""
         time_left_s = self.check_server_alive(what)
         self._progress.clear()
+        # asyncio.wait, not wait_for: Python 3.11's wait_for returns the event's result when a cancel comes as the
+        # event fires, so a sender cancelled then (its receiver died: a closed stdout) paced on until the quiet limit.
+        progress = asyncio.ensure_future(self._progress.wait())
         try:
-            await asyncio.wait_for(self._progress.wait(), min(timeout_s, time_left_s))
-        except TimeoutError:
+            done, _ = await asyncio.wait([progress], timeout=min(timeout_s, time_left_s))
+        finally:
+            progress.cancel()
+        if not done:
             self.check_server_alive(what)
 
     async def _answer(self, answer: asyncio.Future, what: str) -> dict:
@@ -989,6 +997,12 @@ def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr) -> int:
     except ClientError as error:
         print(f"error: {error}", file=err)
         return EXIT_FAILED
+    except BrokenPipeError:  # the reader took what it wanted (`--json | head -2`): stop quietly
+        # Output still buffered would raise again as the interpreter flushes it at exit: stdout now writes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_STDOUT_CLOSED
     except KeyboardInterrupt:
         print("interrupted", file=err)
         return 130

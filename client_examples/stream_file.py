@@ -8,7 +8,7 @@ answer the end, then ``session.close``. A folder stands for the files its
 ``sequence.json`` lists. A busy server (loading, full or draining) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 Exit status: 0 on a normal session, 1 on a fatal error, an abnormal close or a server that
-stayed busy, 2 on bad arguments or unreadable files.
+stayed busy, 2 on bad arguments or unreadable files, 141 when stdout's reader left early (``| head``).
 """
 
 from __future__ import annotations

@@ -207,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file of that name, no permission, a read-only place: before connecting
+            print(f"error: --out-dir {args.out_dir}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
     print(f"TTS command: {shlex.join(command.argv)}", flush=True)
     speaker = Speaker(command, args.out_dir)
     return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s))

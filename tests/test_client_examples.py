@@ -170,6 +170,25 @@ def test_stream_file_json_streams_every_format_and_ends_with_session_closed(live
     assert err[-1].endswith(QUEUED_ONSETS), err[-1]  # --speed 0: the first-hour review read 1,485 ms as latency
 
 
+@pytest.mark.parametrize("json_mode", [True, False], ids=["json", "readable"])
+def test_stream_file_stops_quietly_when_its_reader_has_what_it_wanted(live, shared_audio, tmp_path, json_mode):
+    """``stream_file.py --json | head -2``: the reader closed the pipe and the client died of a BrokenPipeError
+    traceback with status 1 (first-hour review, round five). Now it stops as a tool ended by SIGPIPE: 141, no
+    traceback, its session closed as the client's own end."""
+    process = subprocess.Popen(
+        [sys.executable, str(CLIENTS / "stream_file.py"), live.ws_url, str(shared_audio / "01_count_bark"),
+         "--api-key", API_KEY, "--speed", "0", *(["--json"] if json_mode else [])],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()  # as `head -1` does: one line, then the pipe is closed
+    process.stdout.close()
+    closed_s = time.monotonic()
+    err = process.stderr.read()
+    assert process.wait(60) == 141, err
+    assert first and "Traceback" not in err and "BrokenPipeError" not in err, err
+    # Not after the client's 30 s quiet limit: its sender, cancelled as an event came, went on pacing until then.
+    assert time.monotonic() - closed_s < 15, f"{time.monotonic() - closed_s:.1f} s from the closed pipe to the exit"
+
+
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
     folder = shared_audio / "01_count_bark"
     started = time.monotonic()
@@ -424,6 +443,16 @@ def test_the_openai_sdk_snippet_in_realtime_md_runs_as_written(tiny_checkpoint, 
     # It leaves at once after its reply. It used to stop reading there while the server still sent (the model's
     # own replies), leaving the server's close frame unread: the SDK's websockets waited 10 s, then closed as 1006.
     assert exited_s - replied_s < 5, f"{exited_s - replied_s:.1f} s from the reply's end to the script's"
+
+
+def test_tts_subscriber_names_an_out_dir_it_cannot_make_as_a_bad_argument(tmp_path):
+    """An --out-dir that is a file (or cannot be made) ended in a FileExistsError traceback and status 1 (first-hour
+    review, round five): a bad argument is one line and status 2, before connecting."""
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", "vm_" + "0" * 32, "--out-dir", str(taken),
+                                cwd=tmp_path)
+    assert code == 2 and err == [f"error: --out-dir {taken}: File exists"], err
 
 
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):

@@ -254,6 +254,47 @@ def test_connections_trickling_a_body_count_as_slow_ones_per_address(tiny_checkp
         server.stop()
 
 
+def test_a_kept_alive_connections_next_head_counts_as_slow_while_it_trickles(tiny_checkpoint):
+    """Only a connection's first head was watched: the next request of a kept-alive connection could trickle
+    uncounted until header_timeout_s, about 1,500 of them from one address (review of the slow-body change)."""
+    server = start(tiny_checkpoint, {"header_timeout_s": 30.0, "max_pending_handshakes_per_ip": 1})
+    try:
+        sock = open_socket(server.port)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head, _ = read_response_head(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
+        time.sleep(1.5)
+        over_address = open_socket(server.port)  # the address's one slow connection is that one
+        head, _ = read_response_head(over_address, timeout_s=3.0)
+        over_address.close()
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 429"), head
+    finally:
+        server.stop()
+
+
+def test_a_pipelined_requests_body_has_the_first_ones_limits(tiny_checkpoint):
+    """A request whose head came in one packet with the request before it got no body deadline and no length check:
+    its body never came and the connection was held past body_timeout_s (review of the slow-body change)."""
+    server = start(tiny_checkpoint, {"body_timeout_s": 1.0})
+    try:
+        sock = open_socket(server.port)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" + post_head("Content-Length: 100\r\n"))
+        started_s = time.monotonic()
+        data, closed = read_until_closed(sock, timeout_s=5.0)
+        sock.close()
+        assert closed and time.monotonic() - started_s < 4.0, data
+        assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data, data
+        too_long = open_socket(server.port)
+        too_long.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" + post_head("Content-Length: 99999999\r\n"))
+        data, closed = read_until_closed(too_long, timeout_s=5.0)
+        too_long.close()
+        assert closed and b"HTTP/1.1 413" in data, data
+    finally:
+        server.stop()
+
+
 def test_a_body_cut_at_its_timeout_is_no_server_error_in_the_log(guarded, caplog):
     """The route still awaiting the body got starlette's ClientDisconnect when the 408 closed the connection, and
     uvicorn logged 'Exception in ASGI application' at ERROR with a 55-line traceback, once per connection (hostile
@@ -618,6 +659,34 @@ def test_the_count_of_a_burst_is_written_when_its_window_ends():
     finally:
         logger.removeFilter(limiter)
         logger.removeHandler(records)
+
+
+def test_past_the_total_a_trusted_proxy_loses_a_slow_connection_only_when_nobody_else_holds_one():
+    """The proxy has no share of its own, so it held the most and lost its clients' connections first while
+    clients reaching the port directly held theirs (review of the shedding change)."""
+    guard = TransportGuard(TransportSettings(max_pending_handshakes=3, trusted_proxies=["10.0.0.1"]))
+    shed: list[str] = []
+
+    class Connection:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+        def shed(self) -> None:
+            shed.append(self.host)
+            guard.uncount_slow(self, self.host)
+
+    for host in ("10.0.0.1", "10.0.0.1", "192.0.2.7"):
+        guard.count_slow(Connection(host), host)
+    guard.count_slow(Connection("192.0.2.8"), "192.0.2.8")
+    assert shed == ["192.0.2.7"] and guard.num_slow == 3
+    guard.count_slow(Connection("192.0.2.9"), "192.0.2.9")
+    assert shed == ["192.0.2.7", "192.0.2.8"]
+    only_proxy = TransportGuard(TransportSettings(max_pending_handshakes=2, trusted_proxies=["10.0.0.1"]))
+    shed.clear()
+    guard = only_proxy
+    for _ in range(3):
+        guard.count_slow(Connection("10.0.0.1"), "10.0.0.1")
+    assert shed == ["10.0.0.1"] and guard.num_slow == 2
 
 
 def test_pending_handshakes_are_counted_per_ipv6_64():

@@ -151,7 +151,8 @@ def test_two_fronts_share_the_engine_stream_real_audio_and_report_its_free_slots
         # Session ids carry their front's replica id, so a balancer routes subscribers and resumes to it.
         assert id0.startswith("box-f0_") and id1.startswith("box-f1_")
         # One session each: each front alone has room for two, but the engine's two slots are taken. Each front
-        # hears it from the engine's next status (every HEARTBEAT_S): wait for both, not one then the other.
+        # hears it from the engine's next status (within HEARTBEAT_S of the change): wait for both, not one then
+        # the other.
         wait_until(lambda: all(probe(agents[front]).startswith("up ready 0% maxconn:") for front in agents))
         assert http_status(ports["box-f0"], "/ready") == 503 and http_status(ports["box-f1"], "/ready") == 503
         decisions = []

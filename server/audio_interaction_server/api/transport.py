@@ -243,7 +243,10 @@ class TransportGuard:
         connections loses its oldest: refusing new connections instead let 32 addresses, each within its share,
         keep every other client out (hostile probe, round five)."""
         if self.num_slow >= self.settings.max_pending_handshakes:
-            holder = max(self._slow_by_address.values(), key=len)
+            # A trusted proxy carries many clients and has no share of its own: it loses one only when nobody
+            # else holds any, or clients reaching the port directly would have the proxy's clients shed.
+            holders = [held for key, held in self._slow_by_address.items() if not self.is_trusted_proxy(key)]
+            holder = max(holders or self._slow_by_address.values(), key=len)
             next(iter(holder)).shed()  # leaves the count through uncount_slow
         self._slow_by_address.setdefault(client_key(host), {})[connection] = None  # an IPv6 client: its /64
         self.num_slow += 1
@@ -356,7 +359,6 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         if not guard.takes_http_request(self._host, take=False):  # spent by plain requests: not a new connection
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
-        self._watch_slowness(guard.settings.header_timeout_s)
         self._await_head()
 
     def _watch_slowness(self, timeout_s: float) -> None:
@@ -397,6 +399,8 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         self._answer_or_close(status, reason, detail)
 
     def _await_head(self) -> None:
+        """The deadline for a request's head, the first or a kept-alive connection's next: either may trickle."""
+        self._watch_slowness(self.transport_guard.settings.header_timeout_s)
         self._head_bytes = 0
         self._head_parts: list[bytes] = []  # the head so far (at most max_header_bytes), for its Content-Length
         self._head_tail = b""  # the last bytes seen, for an end of head split across reads
@@ -433,6 +437,11 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 return
         super().data_received(data)
         self._watch_body()
+
+    def _declared_body_over_limit(self) -> bool:
+        """``_body_over_limit`` for a request uvicorn has parsed already, by the Content-Length in its scope."""
+        declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")
+        return self._body_over_limit(b"\ncontent-length: " + declared + b"\r\n" if declared.isdigit() else b"")
 
     def _body_over_limit(self, head: bytes) -> bool:
         """Answers 413 and closes when the body (as declared in ``head``, or as received) is over the limit."""
@@ -497,8 +506,16 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         super().on_response_complete()
         # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
         # timer stops at its first byte); not when it is already in (pipelined).
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self._head_timer is None:
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE and self._head_timer is None:
             self._await_head()
+        elif self.conn.their_state is h11.SEND_BODY:
+            # A pipelined request whose head came with the one answered: uvicorn has just begun it, and its body
+            # gets the limits the first request's had (its length, its deadline, counted while it trickles).
+            self._body_bytes = 0
+            if not self._declared_body_over_limit():
+                self._watch_body()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

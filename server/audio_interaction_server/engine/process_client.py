@@ -364,10 +364,10 @@ class EngineProcessClient:
 
     @property
     def quiet_s(self) -> float | None:
-        """How long the engine has been silent, once that is past ``ENGINE_QUIET_S`` (None before: it answers).
-        Silence this long is no heartbeat's lateness: the engine's loop stands still (stopped, starved, hung)."""
-        silent_s = time.monotonic() - self._heard_s
-        return silent_s if silent_s > ENGINE_QUIET_S and self.model is not None else None
+        """How long the engine has been silent, once the reader has found that past ``ENGINE_QUIET_S`` (None while
+        it answers). The reader judges it, having taken out any time this process itself stood still: the loop's
+        own look, right after such a pause, would take that time for the engine's silence."""
+        return max(ENGINE_QUIET_S, time.monotonic() - self._heard_s) if self._is_quiet else None
 
     def set_num_admitted(self, num_sessions: int) -> None:
         """The front now holds ``num_sessions`` (admitted, opened here or not yet): told to the engine at once, which
