@@ -276,16 +276,23 @@ def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], t
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                preexec_fn=preexec_fn)
     process.log_file = log
-    if wait_until_ready(port, timeout_s):
+    if wait_until_ready(port, timeout_s, process):
         return process, port
+    if process.poll() is not None:  # it said why in its log: that, not a wait's timeout
+        lines = server_log(process).strip().splitlines()
+        raise RuntimeError(f"the server exited with status {process.returncode} before it was ready: "
+                           f"{lines[-1] if lines else '(nothing logged)'}")
     process.kill()
     raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
 
 
-def wait_until_ready(port: int, timeout_s: float) -> bool:
-    """Whether a server on loopback ``port`` answered ``/ready`` with 200 within ``timeout_s``."""
+def wait_until_ready(port: int, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+    """Whether a server on loopback ``port`` answered ``/ready`` with 200 within ``timeout_s`` (False at once if
+    ``process``, the server, has exited: a bad setting ends it in a second, and waiting on would hide why)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
                 if response.status == 200:

@@ -150,3 +150,15 @@ def test_serve_ends_with_a_json_record_not_a_text_line_when_logs_are_json(how, t
     expected = {"missing checkpoint": "not an existing directory", "bad setting": "AIS_PORT",
                 "checkpoint not in the layout": "release layout", "busy port": "cannot listen on"}[how]
     assert expected in lines[-1]["message"], lines[-1]
+
+
+def test_a_spawned_server_that_cannot_start_is_reported_with_its_reason_at_once(tiny_checkpoint):
+    """A server refusing an unknown AIS_ setting exits in a second; the harness polled /ready for its whole 120 s
+    and reported only that it never became ready (first-hour review, round five: AIS_TEST_CHROMIUM, exported for
+    the browser tests, reached every spawned server)."""
+    started_s = time.monotonic()
+    with pytest.raises(RuntimeError) as refused:
+        spawn_server(tiny_checkpoint, {"AIS_NOT_A_SETTING": "1"}, log_to_file=True)
+    assert time.monotonic() - started_s < 60
+    message = str(refused.value)
+    assert message.startswith("the server exited with status 2 before it was ready: ") and "not_a_setting" in message

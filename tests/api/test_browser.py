@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-CHROMIUM = Path(os.environ.get("AIS_TEST_CHROMIUM", "/usr/bin/chromium"))
+# Not an AIS_ name: the servers the tests spawn take the environment, and refuse AIS_ names they do not know.
+CHROMIUM = Path(os.environ.get("TEST_CHROMIUM_PATH", "/usr/bin/chromium"))
 if not CHROMIUM.is_file():
     pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 try:
