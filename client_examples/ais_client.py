@@ -180,6 +180,16 @@ def add_busy_retry_argument(parser: Any) -> None:
                         "0 = exit at once")
 
 
+def busy_delay_s(num_retries: int, retry_after_s: float, time_left_s: float) -> float | None:
+    """The wait before retry ``num_retries + 1``: doubling from ``BUSY_FIRST_DELAY_S``, spread by ``BUSY_JITTER``, at
+    most ``BUSY_MAX_DELAY_S`` (jitter included) unless the server asked for longer (``Retry-After``); the last one
+    ends at the deadline, so ``--busy-retry-s 3`` tries for 3 s. None once no time is left."""
+    if time_left_s <= 0:
+        return None
+    delay_s = BUSY_FIRST_DELAY_S * 2 ** min(num_retries, 16) * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER)
+    return min(time_left_s, max(retry_after_s, min(BUSY_MAX_DELAY_S, delay_s)))
+
+
 async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None]) -> T:
     """``attempt()``, again after each ``ServerBusy`` with a growing delay, for up to ``retry_s`` seconds."""
     loop = asyncio.get_running_loop()
@@ -190,9 +200,8 @@ async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, 
         try:
             return await attempt()
         except ServerBusy as busy:
-            delay_s = min(BUSY_MAX_DELAY_S, BUSY_FIRST_DELAY_S * 2 ** num_retries)
-            delay_s = max(busy.retry_after_s, delay_s * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER))
-            if loop.time() + delay_s > deadline_s:
+            delay_s = busy_delay_s(num_retries, busy.retry_after_s, deadline_s - loop.time())
+            if delay_s is None:
                 # A port nothing ever listened on looks like a server still starting: say what to check.
                 check = "" if busy.is_listening else "; nothing listens there: check the host and port"
                 raise ClientError(f"{busy}: gave up after {num_retries} retries in {loop.time() - started_s:.0f} s "
@@ -911,6 +920,9 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
     session = StreamSession(url, api_key, websocket, console, first, busy_retry_s)
     try:
         return await _converse(session, send_audio)
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels this first): the open line ended, what was heard
+        console.print_summary(session.transmitted_s)
+        raise
     finally:
         await session.websocket.close()  # a no-op after the server's close
 

@@ -8,7 +8,8 @@ answer the end, then ``session.close``. A folder stands for the files its
 ``sequence.json`` lists. A busy server (loading, full or draining) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 Exit status: 0 on a normal session, 1 on a fatal error, an abnormal close or a server that
-stayed busy, 2 on bad arguments or unreadable files, 141 when stdout's reader left early (``| head``).
+stayed busy, 2 on bad arguments or unreadable files, 141 when stdout's reader left early (``| head``), 130 on
+Ctrl-C (after the summary of what was heard).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, ad
                         default_api_key, endpoint_url, run_main, run_stream)
 
 
+# What session.configure's audio format takes (docs/protocol.md): a file outside it is refused before connecting.
+MIN_RATE_HZ, MAX_RATE_HZ, MAX_CHANNELS = 1_000, 384_000, 8
+
+
 @dataclass(frozen=True)
 class AudioFile:
     path: Path
@@ -45,10 +50,16 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
             paths += [(entry, f" (listed in {path / 'sequence.json'})") for entry in _sequence(path)]
         elif path.exists():
             paths.append((path, ""))
+        elif name == "-":
+            raise ClientError("-: audio from stdin is not read here (its rate and channels come from a file's "
+                              "header before anything is sent): save it to a file and name that")
         else:
             raise ClientError(f"{path}: no such file or folder")
     files = []
     for path, named_in in paths:
+        if path.exists() and not path.is_file():  # /dev/stdin fed by a pipe, a FIFO, a device
+            raise ClientError(f"{path}{named_in}: a pipe or device, not a file (its rate and channels come from a "
+                              "file's header before anything is sent): save the audio to a file and name that")
         if not path.is_file():  # libsndfile would only say "System error."
             raise ClientError(f"{path}{named_in}: no such file")
         try:
@@ -60,6 +71,10 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
             declared, held = shortfall
             raise ClientError(f"{path}{named_in}: cut short: its header declares {declared:,} bytes of audio and the "
                               f"file holds {held:,}; an interrupted copy?")
+        if not (MIN_RATE_HZ <= info.samplerate <= MAX_RATE_HZ and 1 <= info.channels <= MAX_CHANNELS):
+            raise ClientError(f"{path}{named_in}: {info.samplerate} Hz, {info.channels} channels; the server takes "
+                              f"{MIN_RATE_HZ} to {MAX_RATE_HZ} Hz, 1 to {MAX_CHANNELS} channels (resample or down-mix "
+                              "it first)")
         # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
         files.append(AudioFile(path, info.samplerate, info.channels))
     return files

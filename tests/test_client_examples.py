@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -187,6 +188,20 @@ def test_stream_file_stops_quietly_when_its_reader_has_what_it_wanted(live, shar
     assert first and "Traceback" not in err and "BrokenPipeError" not in err, err
     # Not after the client's 30 s quiet limit: its sender, cancelled as an event came, went on pacing until then.
     assert time.monotonic() - closed_s < 15, f"{time.monotonic() - closed_s:.1f} s from the closed pipe to the exit"
+
+
+def test_stream_file_ctrl_c_ends_the_reply_line_and_sums_up_what_was_heard(live, shared_audio, tmp_path):
+    """Ctrl-C left the reply line open ('interrupted' landed on it) and printed no summary (first-hour review,
+    round five)."""
+    import signal
+
+    script = Script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
+                    cwd=tmp_path)
+    script.wait_for_line(TURN_LINE)  # mid-stream, a reply shown (real time: the file takes seconds)
+    script.process.send_signal(signal.SIGINT)
+    assert script.finish(30) == 130, script.stderr
+    assert SUMMARY_LINE.match(script.stdout[-1]), script.stdout[-3:]
+    assert script.stderr[-1] == "interrupted", script.stderr
 
 
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
@@ -491,6 +506,35 @@ def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp
         code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(streamed), "--busy-retry-s", "0",
                                     cwd=tmp_path)
         assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing there)
+
+
+def test_stream_file_refuses_what_it_cannot_send_before_connecting(tmp_path):
+    """A 9-channel file opened a session and was refused there (status 1), where ``run`` says why up front with
+    status 2; a pipe as /dev/stdin was 'no such file', and '-' 'no such file or folder' (first-hour review, round
+    five)."""
+    nine = tmp_path / "nine.wav"
+    soundfile.write(nine, np.zeros((1600, 9), dtype=np.int16), 16_000)
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(nine), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {nine}: 16000 Hz, 9 channels; the server takes 1000 to 384000 Hz, 1 to 8 "
+                                 "channels (resample or down-mix it first)"], err
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", "-", cwd=tmp_path)
+    assert code == 2 and err[0].startswith("error: -: audio from stdin is not read here"), err
+    process = subprocess.run(f"cat {shlex.quote(str(nine))} | {shlex.quote(sys.executable)} "
+                             f"{shlex.quote(str(CLIENTS / 'stream_file.py'))} ws://127.0.0.1:9 /dev/stdin", shell=True,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert process.returncode == 2 and "/dev/stdin: a pipe or device, not a file" in process.stderr, process.stderr
+
+
+def test_busy_retries_are_at_most_15_s_apart_and_the_last_comes_at_the_deadline(monkeypatch):
+    """The jitter came after the 15 s cap (17.6 s between retries, against the docs' 'at most 15 s'), and a retry
+    that would pass the deadline was not made: --busy-retry-s 3 gave up after 1.2 s (first-hour review, round
+    five)."""
+    client = load_client_module()
+    monkeypatch.setattr(client.random, "uniform", lambda low, high: high)  # the longest jitter
+    assert [client.busy_delay_s(n, 0.0, 1000.0) for n in range(6)] == [1.2, 2.4, 4.8, 9.6, 15.0, 15.0]
+    assert client.busy_delay_s(1, 0.0, 0.7) == 0.7  # the last try, at the deadline
+    assert client.busy_delay_s(1, 0.0, 0.0) is None
+    assert client.busy_delay_s(0, 30.0, 1000.0) == 30.0  # the server's Retry-After, when it asks for longer
 
 
 def test_a_closing_sessions_refusals_of_audio_are_told_once():
