@@ -116,7 +116,8 @@ class Speaker:
             return f"took over {TTS_TIMEOUT_S:g} s", ""
         said = stderr.decode(errors="replace").strip()
         if process.returncode != 0:
-            return f"exit status {process.returncode}: {said}", said
+            why = f": {said}" if said else " (it wrote nothing to stderr)"
+            return f"exit status {process.returncode}{why}", said
         return None, said
 
 

@@ -1393,3 +1393,15 @@ def test_stream_file_names_each_bad_argument_alone(tmp_path):
     assert code == 2 and err[-1] == "error: --frame-ms 0: must be between 1 and 1000", err
     code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", "-1", cwd=tmp_path)
     assert code == 2 and err[-1] == "error: --speed -1: must be 0 (as fast as the server takes it) or more", err
+
+
+def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
+    """'TTS command failed: exit status 1:' ended in a colon with nothing after it (first-hour review, round five)."""
+    import asyncio
+
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    assert asyncio.run(tts_subscriber.Speaker._run(["false"])) == ("exit status 1 (it wrote nothing to stderr)", "")
+    failure, said = asyncio.run(tts_subscriber.Speaker._run([sys.executable, "-c", "import sys; sys.exit('no voice')"]))
+    assert failure == "exit status 1: no voice" and said == "no voice"

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
@@ -351,3 +352,19 @@ def test_compose_only_variables_do_not_use_the_settings_prefix():
     assert is_setting("AIS_ENGINE__CHECKPOINT") and not is_setting("AIS_ENGINE__NOPE")
     misnamed = sorted(name for name in interpolated | documented if name.startswith("AIS_") and not is_setting(name))
     assert misnamed == []
+
+
+def test_freezing_the_lock_without_the_test_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
+    """In an environment without the test extra, the tool ended with a LookupError traceback (first-hour review,
+    round five): one line now, saying what to install, and nothing written."""
+    from packaging.requirements import Requirement
+
+    from audio_interaction_server.tools import freeze_constraints
+
+    monkeypatch.setattr(freeze_constraints, "locked_requirements",
+                        lambda: [Requirement("surely-not-installed-here==1.0")])
+    with pytest.raises(SystemExit) as ended:
+        freeze_constraints.main([str(tmp_path / "constraints.txt")])
+    assert str(ended.value.code).startswith("error: surely-not-installed-here==1.0 is required but not installed "
+                                            "here: install the project with its test extra first")
+    assert not (tmp_path / "constraints.txt").exists()

@@ -682,9 +682,10 @@ def _where(error: yaml.YAMLError) -> str:
 
 def _env_value(text: str) -> Any:
     """Strings stay strings (pydantic converts numbers and booleans); JSON lists/objects are parsed;
-    an empty value means null, so ``AIS_API_KEY=`` turns authentication off. A blank value (spaces)
-    is not empty: it goes to validation, which reports it against its field."""
-    if not text:
+    an empty value means null, so ``AIS_API_KEY=`` turns authentication off, and so does ``null``, as
+    default.yaml writes it (``AIS_MAX_SESSIONS=null``). A blank value (spaces) is not empty: it goes to
+    validation, which reports it against its field."""
+    if not text or text == "null":
         return None
     stripped = text.strip()
     if not stripped:

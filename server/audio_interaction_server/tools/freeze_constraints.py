@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import re
+import sys
 import tomllib
 from datetime import date
 from pathlib import Path
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    versions = runtime_closure(locked_requirements())
+    try:
+        versions = runtime_closure(locked_requirements())
+    except LookupError as missing:  # the lock is written from what is installed: all of it must be
+        sys.exit(f"error: {missing}: install the project with its test extra first "
+                 "(pip install \"torch==2.13.0\" -e \".[test]\"), then run this again")
     args.output.write_text(constraints_text(versions))
     num_pinned = len(versions.keys() - EXCLUDED) + len(CUDA_BUILD_PINS)
     print(f"{args.output}: {num_pinned} pinned packages")
