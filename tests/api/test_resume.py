@@ -367,13 +367,17 @@ def test_a_client_that_closes_saying_it_is_done_is_not_kept_for_a_resume(server,
     hour review, round 4)."""
     async def main():
         closed_before = sessions_ended(server, "client_closed")
+        dropped_before = sessions_ended(server, "disconnected")
         ws = await websockets.connect(f"ws://127.0.0.1:{server}/v1/stream")
         created = json.loads(await ws.recv())
         await ws.send(np.zeros(8000, "<i2").tobytes())
         await ws.close(code=code)
         await asyncio.sleep(0.3)
         assert metric(server, "ais_sessions_detached") == 0
-        assert sessions_ended(server, "client_closed") == closed_before + 1
+        # At least one more: the module's server is shared, and an earlier test's session may end meanwhile (a CI
+        # run counted 8 against 7); none more as a dropped connection.
+        assert sessions_ended(server, "client_closed") >= closed_before + 1
+        assert sessions_ended(server, "disconnected") == dropped_before
         again, first = await resume(server, created)
         assert (first["code"], first["is_fatal"]) == ("resume_expired", True)
         await read_until_closed(again)
