@@ -280,8 +280,10 @@ def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], t
         return process, port
     if process.poll() is not None:  # it said why in its log: that, not a wait's timeout
         lines = server_log(process).strip().splitlines()
-        raise RuntimeError(f"the server exited with status {process.returncode} before it was ready: "
-                           f"{lines[-1] if lines else '(nothing logged)'}")
+        # Its error and the lines that go with it (a refused configuration names each setting on a line).
+        first = next((i for i, line in enumerate(lines) if line.startswith("error")), max(0, len(lines) - 1))
+        said = " / ".join(line.strip() for line in lines[first:]) or "(nothing logged)"
+        raise RuntimeError(f"the server exited with status {process.returncode} before it was ready: {said}")
     process.kill()
     raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
 

@@ -184,10 +184,12 @@ def busy_delay_s(num_retries: int, retry_after_s: float, time_left_s: float) -> 
     """The wait before retry ``num_retries + 1``: doubling from ``BUSY_FIRST_DELAY_S``, spread by ``BUSY_JITTER``, at
     most ``BUSY_MAX_DELAY_S`` (jitter included) unless the server asked for longer (``Retry-After``); the last one
     ends at the deadline, so ``--busy-retry-s 3`` tries for 3 s. None once no time is left."""
-    if time_left_s <= 0:
+    if time_left_s < 0.05:
         return None
-    delay_s = BUSY_FIRST_DELAY_S * 2 ** min(num_retries, 16) * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER)
-    return min(time_left_s, max(retry_after_s, min(BUSY_MAX_DELAY_S, delay_s)))
+    # The cap before the spread, shrunk by it: clients refused together stay apart at the cap too.
+    base_s = min(BUSY_MAX_DELAY_S / (1 + BUSY_JITTER), BUSY_FIRST_DELAY_S * 2 ** min(num_retries, 16))
+    delay_s = base_s * random.uniform(1 - BUSY_JITTER, 1 + BUSY_JITTER)
+    return min(time_left_s, max(retry_after_s, delay_s))
 
 
 async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None]) -> T:
@@ -961,7 +963,13 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
     receiver = asyncio.create_task(session.receive_loop())
     sender = asyncio.create_task(_send_then_close(session, send_audio))
     failure: str | None = None
-    await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # Ctrl-C: both end here, so nothing they show follows the caller's summary
+        for task in (receiver, sender):
+            task.cancel()
+        await asyncio.gather(receiver, sender, return_exceptions=True)
+        raise
     if not sender.done():  # the server ended the session first: stop sending
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)

@@ -57,6 +57,8 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
             raise ClientError(f"{path}: no such file or folder")
     files = []
     for path, named_in in paths:
+        if path.is_dir():
+            raise ClientError(f"{path}{named_in}: a folder, not an audio file")
         if path.exists() and not path.is_file():  # /dev/stdin fed by a pipe, a FIFO, a device
             raise ClientError(f"{path}{named_in}: a pipe or device, not a file (its rate and channels come from a "
                               "file's header before anything is sent): save the audio to a file and name that")

@@ -517,6 +517,12 @@ def test_stream_file_refuses_what_it_cannot_send_before_connecting(tmp_path):
     code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(nine), cwd=tmp_path)
     assert code == 2 and err == [f"error: {nine}: 16000 Hz, 9 channels; the server takes 1000 to 384000 Hz, 1 to 8 "
                                  "channels (resample or down-mix it first)"], err
+    listed = tmp_path / "listed"
+    (listed / "inner").mkdir(parents=True)
+    (listed / "sequence.json").write_text('["inner"]')
+    code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(listed), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {listed / 'inner'} (listed in {listed / 'sequence.json'}): a folder, not an "
+                                 "audio file"], err
     code, out, err = run_script("stream_file.py", "ws://127.0.0.1:9", "-", cwd=tmp_path)
     assert code == 2 and err[0].startswith("error: -: audio from stdin is not read here"), err
     process = subprocess.run(f"cat {shlex.quote(str(nine))} | {shlex.quote(sys.executable)} "
@@ -532,6 +538,8 @@ def test_busy_retries_are_at_most_15_s_apart_and_the_last_comes_at_the_deadline(
     client = load_client_module()
     monkeypatch.setattr(client.random, "uniform", lambda low, high: high)  # the longest jitter
     assert [client.busy_delay_s(n, 0.0, 1000.0) for n in range(6)] == [1.2, 2.4, 4.8, 9.6, 15.0, 15.0]
+    monkeypatch.setattr(client.random, "uniform", lambda low, high: low)  # the shortest: still spread at the cap
+    assert [client.busy_delay_s(n, 0.0, 1000.0) for n in (4, 9)] == [10.0, 10.0]
     assert client.busy_delay_s(1, 0.0, 0.7) == 0.7  # the last try, at the deadline
     assert client.busy_delay_s(1, 0.0, 0.0) is None
     assert client.busy_delay_s(0, 30.0, 1000.0) == 30.0  # the server's Retry-After, when it asks for longer

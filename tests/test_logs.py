@@ -158,7 +158,8 @@ def test_a_spawned_server_that_cannot_start_is_reported_with_its_reason_at_once(
     the browser tests, reached every spawned server)."""
     started_s = time.monotonic()
     with pytest.raises(RuntimeError) as refused:
-        spawn_server(tiny_checkpoint, {"AIS_NOT_A_SETTING": "1"}, log_to_file=True)
+        spawn_server(tiny_checkpoint, {"AIS_NOT_A_SETTING": "1", "AIS_NOR_THIS": "2"}, log_to_file=True)
     assert time.monotonic() - started_s < 60
     message = str(refused.value)
-    assert message.startswith("the server exited with status 2 before it was ready: ") and "not_a_setting" in message
+    assert message.startswith("the server exited with status 2 before it was ready: error: ")
+    assert "not_a_setting" in message and "nor_this" in message, message

@@ -682,10 +682,11 @@ def _where(error: yaml.YAMLError) -> str:
 
 def _env_value(text: str) -> Any:
     """Strings stay strings (pydantic converts numbers and booleans); JSON lists/objects are parsed;
-    an empty value means null, so ``AIS_API_KEY=`` turns authentication off, and so does ``null``, as
-    default.yaml writes it (``AIS_MAX_SESSIONS=null``). A blank value (spaces) is not empty: it goes to
+    an empty value means null, so ``AIS_API_KEY=`` turns authentication off. ``null`` is the text "null" (an API
+    key of that name stays one: reading it as null would turn authentication off unasked); where a setting
+    refuses it, the message says to leave the value empty. A blank value (spaces) is not empty: it goes to
     validation, which reports it against its field."""
-    if not text or text == "null":
+    if not text:
         return None
     stripped = text.strip()
     if not stripped:
@@ -722,6 +723,8 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
         message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a check's own ValueError
         if path:
             source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+            if source is not None and source.startswith("environment ") and item.get("input") == "null":
+                message += f"; for null, leave it empty ({source.removeprefix('environment ')}=)"
             described.append(f"{'.'.join(path)}: {message}" + (f" (from {source})" if source else ""))
         else:  # a check across settings: where each setting its message names came from
             described.append(message + _sources_named_in(message, sources))
