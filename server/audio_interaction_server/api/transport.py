@@ -429,25 +429,21 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 self._head_received()
                 head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
                 self._body_bytes = len(window) - end.end()  # what came with the head (pipelined requests too)
-                if self._body_over_limit(head):
+                declared = CONTENT_LENGTH.search(head)
+                if self._body_over_limit(None if declared is None else int(declared.group(1))):
                     return
         elif self._body_timer is not None:
             self._body_bytes += len(data)  # chunk framing included: the limit is on what the client sends
-            if self._body_over_limit(b""):
+            if self._body_over_limit():
                 return
         super().data_received(data)
         self._watch_body()
 
-    def _declared_body_over_limit(self) -> bool:
-        """``_body_over_limit`` for a request uvicorn has parsed already, by the Content-Length in its scope."""
-        declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")
-        return self._body_over_limit(b"\ncontent-length: " + declared + b"\r\n" if declared.isdigit() else b"")
-
-    def _body_over_limit(self, head: bytes) -> bool:
-        """Answers 413 and closes when the body (as declared in ``head``, or as received) is over the limit."""
+    def _body_over_limit(self, declared_bytes: int | None = None) -> bool:
+        """Answers 413 and closes when the body (as its Content-Length declares it, or as received) is over the
+        limit."""
         max_bytes = self.transport_guard.settings.max_request_body_bytes
-        declared = CONTENT_LENGTH.search(head)
-        if self._body_bytes <= max_bytes and (declared is None or int(declared.group(1)) <= max_bytes):
+        if self._body_bytes <= max_bytes and (declared_bytes is None or declared_bytes <= max_bytes):
             return False
         self._stop_body_timer()
         self._answer_or_close(413, "body_too_large", f"request body over {max_bytes} bytes")
@@ -514,7 +510,8 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             # A pipelined request whose head came with the one answered: uvicorn has just begun it, and its body
             # gets the limits the first request's had (its length, its deadline, counted while it trickles).
             self._body_bytes = 0
-            if not self._declared_body_over_limit():
+            declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")  # h11 has checked it
+            if not self._body_over_limit(int(declared) if declared.isdigit() else None):
                 self._watch_body()
 
     def _head_timed_out(self) -> None:

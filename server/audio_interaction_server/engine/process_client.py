@@ -59,7 +59,7 @@ class EngineProcessClient:
     """
 
     def __init__(self, endpoints: EngineEndpoints, process: EngineProcess | None = None,
-                 hang_timeout_s: float = 10.0) -> None:
+                 hang_timeout_s: float = EngineConfig.model_fields["hang_timeout_s"].default) -> None:
         self.endpoints = endpoints
         self.process = process
         self.hang_timeout_s = hang_timeout_s
