@@ -922,9 +922,6 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
     session = StreamSession(url, api_key, websocket, console, first, busy_retry_s)
     try:
         return await _converse(session, send_audio)
-    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels this first): the open line ended, what was heard
-        console.print_summary(session.transmitted_s)
-        raise
     finally:
         await session.websocket.close()  # a no-op after the server's close
 
@@ -965,10 +962,11 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
     failure: str | None = None
     try:
         await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # Ctrl-C: both end here, so nothing they show follows the caller's summary
-        for task in (receiver, sender):
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels the main task first)
+        for task in (receiver, sender):  # both end before the summary, so nothing they show follows it
             task.cancel()
         await asyncio.gather(receiver, sender, return_exceptions=True)
+        console.print_summary(session.transmitted_s)  # the open line ended, and what was heard so far
         raise
     if not sender.done():  # the server ended the session first: stop sending
         sender.cancel()
