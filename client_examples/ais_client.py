@@ -946,7 +946,8 @@ async def _open_session(endpoint: str, api_key: str | None, after_a_session: boo
     first = json.loads(raw_first)
     if first.get("type") != "session.created":  # a refusal: the close follows at once
         try:
-            await asyncio.wait_for(websocket.wait_closed(), SERVER_QUIET_LIMIT_S)
+            async with asyncio.timeout(SERVER_QUIET_LIMIT_S):  # not wait_for, which can lose a cancel on 3.11
+                await websocket.wait_closed()
         except TimeoutError:
             await websocket.close()
         if websocket.close_code == 1013:

@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import soundfile
@@ -109,7 +110,8 @@ class Speaker:
         except OSError as error:
             return str(error), ""
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(), TTS_TIMEOUT_S)
+            async with asyncio.timeout(TTS_TIMEOUT_S):  # not wait_for: see confirm_subscription
+                _, stderr = await process.communicate()
         except TimeoutError:
             process.kill()
             await process.wait()
@@ -131,7 +133,10 @@ async def confirm_subscription(websocket: ClientConnection) -> bool:
     """
     try:
         pong = await websocket.ping()
-        await asyncio.wait_for(pong, PONG_TIMEOUT_S)
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the pong when a cancel (Ctrl-C) comes in
+        # the same turn of the loop, and the cancel is lost.
+        async with asyncio.timeout(PONG_TIMEOUT_S):
+            await pong
     except (ConnectionClosed, TimeoutError):
         return False
     return websocket.state is State.OPEN
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir is not None:
         try:
             args.out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.out_dir):  # a folder that exists may still refuse new files
+                pass
         except OSError as error:  # a file of that name, no permission, a read-only place: before connecting
             print(f"error: --out-dir {args.out_dir}: {error.strerror or error}", file=sys.stderr)
             return EXIT_USAGE

@@ -470,6 +470,15 @@ def test_tts_subscriber_names_an_out_dir_it_cannot_make_as_a_bad_argument(tmp_pa
     assert code == 2 and err == [f"error: --out-dir {taken}: File exists"], err
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs /sys/kernel, a folder nobody may write in")
+def test_tts_subscriber_finds_an_out_dir_it_cannot_write_in_before_connecting(tmp_path):
+    """An existing folder it may not write in was found only at the first reply's segment, after connecting
+    (review, 2026-12-06). /sys/kernel refuses new files even to root, for whom permission bits do not."""
+    code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", "vm_" + "0" * 32, "--out-dir",
+                                "/sys/kernel", cwd=tmp_path)
+    assert code == 2 and err == ["error: --out-dir /sys/kernel: Permission denied"], (code, err)
+
+
 def test_tts_subscriber_exits_non_zero_for_an_unknown_session(live, tmp_path):
     code, out, err = run_script("tts_subscriber.py", live.ws_url, "0" * 32, "--api-key", API_KEY, *ANY_TTS,
                                 cwd=tmp_path)
@@ -1413,3 +1422,34 @@ def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
     assert asyncio.run(tts_subscriber.Speaker._run(["false"])) == ("exit status 1 (it wrote nothing to stderr)", "")
     failure, said = asyncio.run(tts_subscriber.Speaker._run([sys.executable, "-c", "import sys; sys.exit('no voice')"]))
     assert failure == "exit status 1: no voice" and said == "no voice"
+
+
+def test_a_cancel_that_comes_with_the_pong_still_ends_the_subscriber(monkeypatch):
+    """On Python 3.11, ``asyncio.wait_for`` returns the awaited result when a cancel (Ctrl-C) arrives in the same
+    turn of the loop, and the cancel is lost: the subscriber went on (review, 2026-12-06). Here the pong and the
+    cancel come together, on a connection that is only what the check reads: ``ping()`` and ``state``."""
+    import asyncio
+
+    from websockets.protocol import State
+
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    async def scenario() -> None:
+        pong = asyncio.get_running_loop().create_future()
+
+        class StandingSubscription:
+            state = State.OPEN
+
+            async def ping(self) -> asyncio.Future:
+                return pong
+
+        check = asyncio.create_task(tts_subscriber.confirm_subscription(StandingSubscription()))
+        for _ in range(3):  # the check is waiting for its pong
+            await asyncio.sleep(0)
+        pong.set_result(0.001)
+        check.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await check
+
+    asyncio.run(scenario())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import urllib.parse
 import urllib.request
 import logging
@@ -744,3 +747,45 @@ def test_a_websocket_to_an_unknown_path_is_404_and_a_plain_get_on_an_endpoint_is
         status, body = live.get(path)
         assert status == 426 and b"WebSocket" in body, (path, status, body)
     assert live.get("/v1/nothing")[0] == 404
+
+
+def _raw_request(port: int, target: str, headers: str = "") -> bytes:
+    """One request with ``target`` exactly as written (clients libraries send only the origin form, ``/path``);
+    what came back within a second, or up to the first event of an accepted WebSocket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode())
+        answer = b""
+        deadline = time.monotonic() + 5
+        while b"\r\n\r\n" not in answer or (b" 101 " in answer and b"session.created" not in answer):
+            if time.monotonic() > deadline:
+                break
+            piece = connection.recv(4096)
+            if not piece:
+                break
+            answer += piece
+        return answer
+
+
+AUTH_LINE = f"Authorization: Bearer {API_KEY}\r\n"
+
+
+def test_a_request_naming_the_whole_url_is_served_as_its_path(live):
+    """RFC 9112 3.2.2: a server must accept a request target in absolute form (``GET http://host/health``, what a
+    client talking through a forward proxy sends). uvicorn passed the whole URL on as the path: 404 for /health and
+    403 for /v1/stream (probe, round five)."""
+    port = live.port
+    answer = _raw_request(port, f"http://127.0.0.1:{port}/health")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer
+    upgrade = (f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{AUTH_LINE}"
+               f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n")
+    for scheme in ("ws", "WS", "http"):
+        deadline = time.monotonic() + 10
+        # The fixture's server has two sessions: the one before may take a moment to end once its socket is gone.
+        while b'"code":"capacity"' in (answer := _raw_request(port, f"{scheme}://127.0.0.1:{port}/v1/stream",
+                                                               upgrade)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 101 ") and b'"session.created"' in answer, (scheme, answer)
+    answer = _raw_request(port, f"ws://127.0.0.1:{port}/v1/strem", upgrade)
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"no WebSocket endpoint at /v1/strem" in answer, answer
+    # Only a scheme makes it a URL: a target that is neither form is still no path of ours.
+    assert _raw_request(port, "health").startswith(b"HTTP/1.1 404 ")
