@@ -15,6 +15,7 @@ and SIGTERM as a drain when ``drain_timeout_s`` is set.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import signal
@@ -270,7 +271,20 @@ class _SessionClosingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         log.info("event loop: %s", event_loop_name(self._loop))
         self.transport_guard.start()
-        await super().startup(sockets)
+        if not self.config.is_ssl:
+            await super().startup(sockets)
+            return
+        # transport.py's limits start once TLS is up: until then only the loop's TLS handshake timeout bounds a
+        # client that connects and never says hello, 60 s by default. uvicorn does not pass one on, so the
+        # listening sockets get the request head's deadline for it, set on the loop for as long as uvicorn creates
+        # them.
+        create_server = self._loop.create_server
+        self._loop.create_server = functools.partial(  # type: ignore[method-assign]
+            create_server, ssl_handshake_timeout=self.transport_guard.settings.header_timeout_s)
+        try:
+            await super().startup(sockets)
+        finally:
+            del self._loop.create_server  # the loop's own method again
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler on the loop's thread, possibly in the middle of a loop callback: only
