@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Stream audio files to an Audio-Interaction server.")
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
-                        help="wav/flac/mp3 files, or folders with a sequence.json")
+                        help="audio files (anything libsndfile reads: wav, flac, mp3, ogg/opus, aiff, ...), "
+                             "or folders with a sequence.json")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="1 = real time, 2 = twice as fast, 0 = as fast as the server takes it (at most 500 "
