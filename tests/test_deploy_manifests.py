@@ -167,6 +167,16 @@ def test_compose_replicas_trust_their_balancer_alone_as_a_proxy():
             assert list(services[name]["networks"]) == [network], name  # where the balancer reaches it
 
 
+def test_the_public_service_keeps_the_clients_address_for_haproxy_to_forward():
+    """Behind a LoadBalancer Service with the default externalTrafficPolicy (Cluster), the node that takes a
+    connection NATs it: HAProxy saw node addresses and forwarded those, so every client that one node carried
+    shared one address's limits on the replicas (one flooder could get the others refused). ``Local`` keeps the
+    client's address (review, 2026-12-06)."""
+    service = of_kind("Service", "ais")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"].get("externalTrafficPolicy") == "Local"
+
+
 # ---- HAProxy ------------------------------------------------------------------------------------------------
 
 
