@@ -394,3 +394,24 @@ def test_both_fronts_haproxy_configurations_pass_haproxy_check(tmp_path):
     kubernetes = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30,
                                 env={**os.environ, "POD_CIDR": "10.0.0.0/8", "POD_NAMESPACE": "audio-interaction"})
     assert kubernetes.returncode == 0, kubernetes.stdout + kubernetes.stderr
+
+
+def haproxy_configurations() -> dict[str, str]:
+    """Every HAProxy configuration in deploy/, by where it is."""
+    return {"compose": (DEPLOY / "haproxy" / "haproxy.cfg").read_text(),
+            "compose fronts": (DEPLOY / "haproxy" / "haproxy-fronts.cfg").read_text(),
+            "kubernetes": kubernetes_haproxy_cfg(),
+            "kubernetes fronts": next(doc for doc in fronts_documents()
+                                      if doc["kind"] == "ConfigMap")["data"]["haproxy.cfg"]}
+
+
+def test_every_balancer_limits_each_clients_requests_before_a_replica_works():
+    """Behind a balancer every request reaches a replica from the balancer's address, so the replica's own limits
+    see one client only through X-Forwarded-For, after its loop has read the request: a client flooding through
+    an unlimited balancer keeps the replica busy (probe, round four). The Kubernetes configurations had no limit
+    of their own; the Compose ones did."""
+    for where, cfg in haproxy_configurations().items():
+        frontend = cfg.partition("frontend ")[2].partition("\n    backend ")[0].partition("\nbackend ")[0]
+        assert re.search(r"stick-table type ipv6 .*store http_req_rate\(10s\)", frontend), where
+        assert "http-request track-sc0 src" in frontend, where
+        assert re.search(r"http-request deny deny_status 429 if \{ sc_http_req_rate\(0\) gt ", frontend), where
