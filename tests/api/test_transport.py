@@ -702,10 +702,10 @@ def test_pending_handshakes_are_counted_per_ipv6_64():
     assert guard.handshake_refusal("2001:db8:0:1::3") is None and guard.num_slow == 0
 
 
-def pipelined_statuses(port: int, request: bytes, count: int) -> tuple[list[int], bool]:
+def pipelined_statuses(port: int, request: bytes, count: int, source: str = "127.0.0.1") -> tuple[list[int], bool]:
     """``count`` copies of ``request`` written at once on one connection: the statuses of the answers, and whether
     the server closed the connection within 5 s."""
-    with open_socket(port) as sock:
+    with open_socket(port, source=source) as sock:
         sock.sendall(request * count)
         data, closed = read_until_closed(sock, timeout_s=5.0)
     return [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)], closed
@@ -894,3 +894,52 @@ def test_a_burst_of_data_frames_after_a_quiet_spell_is_held_to_data_frame_burst(
         assert metric_samples(server)['ais_transport_closes_total{reason="data_frame_flood"}'] == 1
     finally:
         server.stop()
+
+
+def test_a_content_length_of_thousands_of_digits_is_answered_413(tiny_checkpoint, caplog):
+    """Python refuses to read an integer of over 4,300 digits: the transport's check raised in the protocol's
+    callback, the connection was dropped without an answer, uncounted, with an ERROR traceback, outside the
+    request budget (probe, round six)."""
+    server = start(tiny_checkpoint)
+    try:
+        for digits in ("9" * 5000, "1" + "0" * 40, "0" * 5000 + "7"):
+            with open_socket(server.port) as sock:
+                sock.sendall(post_head(f"Content-Length: {digits}\r\n") + b"{}")
+                data, closed = read_until_closed(sock, timeout_s=3.0)
+            assert closed and data.startswith(b"HTTP/1.1 413"), (digits[:8], data[:100])
+        assert metric_samples(server)['ais_transport_closes_total{reason="body_too_large"}'] == 3
+        assert server.get("/health")[0] == 200
+    finally:
+        server.stop()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
+def test_pipelined_requests_without_a_body_are_not_taken_for_the_first_ones_body(guarded):
+    """2,000 pipelined GET /health (70 KB in one write) were answered "413 request body over 65536 bytes", the
+    bytes after the first head counted as its body; and a WebSocket's first frames sent with its upgrade
+    request likewise (probe, round six). A request without Content-Length or Transfer-Encoding has no body."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    # From addresses of their own: the pipelined flood spends its address's request budget.
+    statuses, _ = pipelined_statuses(guarded.port, request, 70_000 // len(request) + 1, source="127.0.0.4")
+    assert statuses[:10] == [200] * 10, statuses[:10]
+    with open_socket(guarded.port, source="127.0.0.5") as sock:
+        sock.sendall(upgrade_request() + client_frame(0x1, b'{"type": "session.close"}') + b"\x00" * 70_000)
+        head, _ = read_response_head(sock)
+    assert head.startswith(b"HTTP/1.1 101"), head
+
+
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(guarded):
+    """Two framings of one body: h11 reads the chunked one and kept the connection open, where a proxy in front
+    that reads Content-Length sees another request in the rest: the shape of request smuggling. RFC 9112 6.1:
+    the connection must close; here the request is refused 400 (probe, round six)."""
+    body = b'{"expires_after": {"anchor": "created_at", "seconds": 60}}'
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    for pipelined in (False, True):
+        with open_socket(guarded.port) as sock:
+            first = smuggled if pipelined else b""  # the second request of a connection, pipelined after the first
+            sock.sendall(first + post_head(f"Content-Length: {len(chunked) + len(smuggled)}\r\n"
+                                           "Transfer-Encoding: chunked\r\n") + chunked + smuggled)
+            data, closed = read_until_closed(sock, timeout_s=3.0)
+        statuses = [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)]
+        assert closed and statuses == ([200, 400] if pipelined else [400]), (pipelined, data[:300])

@@ -8,6 +8,10 @@ debug`` the websockets protocol also writes every handshake header to ``uvicorn.
 line each: the key (``Authorization``, ``X-API-Key``) and a Realtime client secret (the
 ``openai-insecure-api-key.<secret>`` subprotocol). ``SecretFilter`` replaces those values with ``[redacted]``
 in every line of the loggers it is added to, before any handler writes it. Thread-safe (it keeps no state).
+
+It also shortens what a client chose to make long: a request target (up to ``max_header_bytes``, 16 KB) is
+logged up to ``MAX_LOGGED_TARGET_CHARS``, with its length. uvicorn writes an access line for every request, and a
+client inside its request budget could otherwise make the server write 1.5 MB of log a second.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ REDACTED = "[redacted]"
 _HEADER_LINES = frozenset({"< %s: %s", "> %s: %s"})
 # A key or client secret offered as a WebSocket subprotocol (api/realtime/routes.py), in any header or line.
 _SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+")
+
+# How much of a string argument (a request target, a header's value) a line shows; the rest is counted.
+MAX_LOGGED_TARGET_CHARS = 256
 
 # The loggers that write request paths with their query.
 UVICORN_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
@@ -49,6 +56,13 @@ def redact_query_secrets(text: str) -> str:
     return _QUERY_PARAMETER.sub(redact, text)
 
 
+def shortened(text: str) -> str:
+    """``text``, or its first ``MAX_LOGGED_TARGET_CHARS`` characters and how many it had."""
+    if len(text) <= MAX_LOGGED_TARGET_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_TARGET_CHARS]}...({len(text)} characters)"
+
+
 def redact_secrets(text: str) -> str:
     """``text`` with its secret query values and subprotocol secrets replaced."""
     text = redact_query_secrets(text)
@@ -57,7 +71,7 @@ def redact_secrets(text: str) -> str:
 
 class SecretFilter(logging.Filter):
     """Rewrites a record's message and string arguments (uvicorn passes the path as an argument, websockets a
-    header's name and value)."""
+    header's name and value): secrets redacted, then long arguments shortened."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
@@ -66,7 +80,7 @@ class SecretFilter(logging.Filter):
             args = record.args
             if record.msg in _HEADER_LINES and len(args) == 2 and str(args[0]).lower() in SECRET_HEADERS:
                 args = (args[0], REDACTED)
-            record.args = tuple(redact_secrets(arg) if isinstance(arg, str) else arg for arg in args)
+            record.args = tuple(shortened(redact_secrets(arg)) if isinstance(arg, str) else arg for arg in args)
         return True
 
 

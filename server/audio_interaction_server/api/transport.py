@@ -113,6 +113,9 @@ def direct_messages(websocket: Any) -> DirectMessages | None:
                                                          extension["cut_reason"])
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
+TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
+# A declared length of more digits is over any limit (and Python would refuse to read one of over 4,300).
+MAX_LENGTH_DIGITS = 18
 # The loggers a flood of connections can make write: one line per burst, with a count.
 LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_interaction_server.api.admission"),
                                  window_s=10.0)
@@ -334,6 +337,12 @@ class _WatchedWrites:
         self.transport.abort()
 
 
+def declared_length(digits: bytes) -> int:
+    """A Content-Length's value; one of more than ``MAX_LENGTH_DIGITS`` digits (leading zeros too) as the largest
+    such number, over every limit."""
+    return int(digits) if len(digits) <= MAX_LENGTH_DIGITS else 10 ** MAX_LENGTH_DIGITS
+
+
 class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
     """uvicorn's h11 protocol with a header deadline, a header size cap and a handshake count."""
 
@@ -428,9 +437,15 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             else:
                 self._head_received()
                 head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
-                self._body_bytes = len(window) - end.end()  # what came with the head (pipelined requests too)
                 declared = CONTENT_LENGTH.search(head)
-                if self._body_over_limit(None if declared is None else int(declared.group(1))):
+                is_chunked = TRANSFER_ENCODING.search(head) is not None
+                if declared is not None and is_chunked:
+                    self._refuse_two_framings()
+                    return
+                # What came with the head is its body only if it has one: a request without a length or chunks is
+                # followed by the next request (pipelined) or, after an upgrade, by WebSocket frames.
+                self._body_bytes = len(window) - end.end() if declared is not None or is_chunked else 0
+                if self._body_over_limit(None if declared is None else declared_length(declared.group(1))):
                     return
         elif self._body_timer is not None:
             self._body_bytes += len(data)  # chunk framing included: the limit is on what the client sends
@@ -438,6 +453,13 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 return
         super().data_received(data)
         self._watch_body()
+
+    def _refuse_two_framings(self) -> None:
+        """A request with both Content-Length and Transfer-Encoding: h11 would read the chunks and keep the
+        connection, where a proxy in front that reads the length sees another request in the rest (request
+        smuggling). RFC 9112 (6.1) has the connection closed; the request is refused with it."""
+        self._stop_body_timer()
+        self._answer_or_close(400, "two_body_lengths", "a request with both Content-Length and Transfer-Encoding")
 
     def _body_over_limit(self, declared_bytes: int | None = None) -> bool:
         """Answers 413 and closes when the body (as its Content-Length declares it, or as received) is over the
@@ -499,19 +521,23 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         elif not guard.takes_http_request(self._host, cost=cost):
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
+        answered_scope = self.scope
         super().on_response_complete()
         # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
         # timer stops at its first byte); not when it is already in (pipelined).
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.IDLE and self._head_timer is None:
+        headers = dict(self.scope.get("headers", ()))
+        if self.scope is not answered_scope and b"content-length" in headers and b"transfer-encoding" in headers:
+            self._refuse_two_framings()  # a pipelined request uvicorn has just begun, its body perhaps all in
+        elif self.conn.their_state is h11.IDLE and self._head_timer is None:
             self._await_head()
         elif self.conn.their_state is h11.SEND_BODY:
             # A pipelined request whose head came with the one answered: uvicorn has just begun it, and its body
             # gets the limits the first request's had (its length, its deadline, counted while it trickles).
             self._body_bytes = 0
-            declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")  # h11 has checked it
-            if not self._body_over_limit(int(declared) if declared.isdigit() else None):
+            declared = headers.get(b"content-length", b"")  # h11 has checked it
+            if not self._body_over_limit(declared_length(declared) if declared.isdigit() else None):
                 self._watch_body()
 
     def _head_timed_out(self) -> None:
@@ -524,7 +550,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def _answer_and_close(self, status: int, reason: str, detail: str) -> None:
         self.transport_guard.closed(reason, self.client, detail)
-        phrase = {408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
+        phrase = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
         body = f"{phrase}: {detail}\n".encode()
         retry = b"Retry-After: 1\r\n" if status in (429, 503) else b""
