@@ -190,7 +190,8 @@ class EngineConfig(BaseModel):
     )
     hang_timeout_s: float = Field(
         10.0, ge=2.0, description="with the engine in its own process: an engine whose process is alive but has "
-        "sent nothing for this many seconds (stopped, deadlocked, starved of CPU) is lost: its sessions end with "
+        "sent nothing for this many seconds (stopped, deadlocked, starved of CPU), or whose worker thread has not "
+        "finished a step for this long (the engine process then exits), is lost: its sessions end with "
         "worker_failed and the server exits (docs/reliability.md). An engine process that ends is seen at once "
         "whatever this says; while it is silent for over 2 s new sessions are refused (not_ready) and /ready says 503 "
         "(so at least 2 s)",

@@ -9,6 +9,7 @@ import socket
 import urllib.parse
 import urllib.request
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -789,3 +790,38 @@ def test_a_request_naming_the_whole_url_is_served_as_its_path(live):
     assert answer.startswith(b"HTTP/1.1 404 ") and b"no WebSocket endpoint at /v1/strem" in answer, answer
     # Only a scheme makes it a URL: a target that is neither form is still no path of ours.
     assert _raw_request(port, "health").startswith(b"HTTP/1.1 404 ")
+
+
+def test_a_worker_thread_that_hangs_makes_the_server_refuse_new_sessions_until_it_turns(tiny_checkpoint,
+                                                                                         shared_audio):
+    """The engine on a thread of the server: a step that hangs (a kernel that never returns, a deadlock) left the
+    server saying it was ready and admitting sessions that would never hear a decision (review, 2026-12-07). Past
+    ENGINE_QUIET_S without a turn of the step loop, new sessions are refused ``not_ready`` and /ready is 503; once
+    it turns again both are as before, and the open session goes on."""
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    worker = server.runtime.worker
+    release = threading.Event()
+    step = worker.step
+
+    def hanging_step():
+        release.wait()
+        return step()
+
+    try:
+        with server.connect() as ws:
+            recv_event(ws)
+            send_configure(ws, decision_events=True)
+            worker.step = hanging_step  # the step loop's next turn hangs
+            send_count_bark(ws, shared_audio)
+            time.sleep(2.6)
+            status, body = server.get("/ready")
+            assert status == 503 and "has not answered" in json.loads(body)["reason"], body
+            with server.connect() as refused:
+                events, code = recv_to_close(refused, timeout=10)
+            assert events[0]["code"] == "not_ready" and code == 1013, events
+            release.set()
+            assert recv_until(ws, lambda e: e["type"] == "decision")[-1]["type"] == "decision"
+            assert server.get("/ready")[0] == 200
+    finally:
+        release.set()
+        server.stop()

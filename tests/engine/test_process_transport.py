@@ -635,6 +635,69 @@ def test_an_engine_killed_mid_session_makes_the_server_exit_1(resume_server, sha
     assert "engine process exited with status -9" in process.stderr.read()
 
 
+HUNG_STEP = """
+# Loaded by every Python process started with this folder first on PYTHONPATH, the engine process too: once
+# {trigger} exists, the worker thread's next step blocks for ever (a kernel that never returns), the rest lives.
+import os
+import threading
+
+from audio_interaction_server.engine import worker
+
+_step = worker.Worker.step
+
+
+def _step_or_hang(self):
+    if os.path.exists({trigger!r}):
+        threading.Event().wait()
+    return _step(self)
+
+
+worker.Worker.step = _step_or_hang
+"""
+
+
+def test_an_engine_whose_worker_thread_hangs_stops_admitting_then_is_lost(tiny_checkpoint, shared_audio, tmp_path):
+    """Only the worker thread hangs (a CUDA kernel that never returns, a deadlock in a torch op): the engine's
+    command thread went on sending its status, so the fronts kept hearing it: no quiet, no hang verdict, /ready 200,
+    new sessions admitted into a dead engine, open ones waiting for ever (review, 2026-12-07)."""
+    from websockets.sync.client import connect
+
+    trigger = tmp_path / "hang-now"
+    (tmp_path / "sitecustomize.py").write_text(HUNG_STEP.format(trigger=str(trigger)))
+    python_path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__TRANSPORT": "process", "PYTHONPATH": python_path,
+                                                   "AIS_ENGINE__HANG_TIMEOUT_S": "5"})
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+            stream_until_decisions(ws, shared_audio)
+            trigger.touch()
+            hung_s = time.monotonic()
+            send_count_bark(ws, shared_audio)  # the next step hangs
+            deadline = hung_s + 4.5
+            while (ready := http_status(port, "/ready")) == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ready == 503, "the front still said it was ready with the engine's worker hung"
+            events, code = recv_to_close(ws, timeout=15)
+        assert_closed_by_engine_failure(events, code)
+        assert time.monotonic() - hung_s < 12
+        assert process.wait(30) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "the model worker has not turned for" in process.stderr.read()
+
+
+def http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_a_sigterm_to_the_whole_process_group_drains_before_the_engine_stops(tiny_checkpoint, shared_audio):
     """systemd (KillMode=control-group) and ``kill -TERM -PGID`` signal the engine too: the engine waits for its
     server, whose drain closes the session with 1012, then exits 0; the engine did not die mid-drain."""

@@ -18,6 +18,12 @@ from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.commands import EmitFn
 from audio_interaction_server.options import SessionOptions
 
+# An engine silent this long is not answering: its fronts refuse new sessions and say so in their log, until it is
+# heard again or ``engine.hang_timeout_s`` passes (then it is lost: every session ends with worker_failed). Silence
+# is the sign of a hang only: an engine process that ends is seen at once (its sentinel, or the supervisor's word).
+# On the thread transport, a worker whose step loop has not turned this long is quiet in the same way.
+ENGINE_QUIET_S = 2.0
+
 if TYPE_CHECKING:
     import torch
 
@@ -74,7 +80,7 @@ class EngineClient(Protocol):
     def is_alive(self) -> bool: ...
 
     # How long an engine that is alive has not answered, once that is long enough to refuse new sessions for
-    # (the engine process: ``ENGINE_QUIET_S``); None while it answers. The thread transport always answers.
+    # (``ENGINE_QUIET_S``); None while it answers.
     @property
     def quiet_s(self) -> float | None: ...
 

@@ -7,7 +7,9 @@ The process that starts it holds an ``EngineProcess``: a server's one front, or 
 * the engine sends every front an ``EngineStatus`` (its free slots) as it changes and every ``KEEPALIVE_S``; a
   front that sees its process end (it started the engine, or the supervisor says so), or hears nothing for
   ``engine.hang_timeout_s`` (it hangs), ends every session with ``worker_failed`` (as when the worker thread dies)
-  and ``on_failure`` fires; a silence of ``ENGINE_QUIET_S`` only pauses its new sessions;
+  and ``on_failure`` fires; a silence of ``ENGINE_QUIET_S`` only pauses its new sessions. The status goes out only
+  while the worker's step loop turns (``WorkerStall``): a worker thread that hangs silences the engine as a hung
+  process would, and past ``engine.hang_timeout_s`` the engine process exits;
 * the engine watches each front's process (its pid comes with its ``Hello``): a front whose process ended has
   its sessions closed at the next poll, so their slots are free within a second; a front that says nothing for
   ``FRONT_TIMEOUT_S`` (hung, its client dropped) has them closed too;
@@ -49,9 +51,9 @@ from audio_interaction_server.engine.commands import CancelReply, ClearAudio, Cl
 from audio_interaction_server.engine.events import EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
-    FRONT_TIMEOUT_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints, EngineFailedToLoad,
-    EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents,
-    Shutdown, decode_batch, encode, recv_frames, send_frames, stood_still_s,
+    ENGINE_QUIET_S, FRONT_TIMEOUT_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints,
+    EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote,
+    SessionDetached, SessionEvents, Shutdown, decode_batch, encode, recv_frames, send_frames, stood_still_s,
 )
 
 # The front side of this module (EngineProcess, which a front imports to start or watch the engine) needs neither
@@ -209,7 +211,48 @@ def run_engine(spec: EngineSpec) -> None:
     host.close()
     if host.is_orphaned:
         remove_endpoints(spec.endpoints)
+    if host.worker_hung:
+        os._exit(status)  # not the interpreter's exit, which may wait on a lock the hung thread holds
     sys.exit(status)
+
+
+class WorkerStall:
+    """Whether the worker's step loop still turns, judged on the engine's command thread.
+
+    A thread that hangs in a step (a CUDA kernel that never returns, a deadlock in a torch op) leaves the rest of
+    the process alive: the command thread would go on telling every front that the engine works. Past
+    ``ENGINE_QUIET_S`` without a turn the engine's status stops (the fronts refuse new sessions, as for any
+    silence, and admit again once it turns), and past ``hang_timeout_s`` the engine process exits, so that its
+    fronts end its sessions at once and it can be restarted. A step that legitimately takes seconds (a first
+    step's kernel compiles) is the same silence while it lasts."""
+
+    def __init__(self, worker: Worker, hang_timeout_s: float) -> None:
+        self.worker = worker
+        self.hang_timeout_s = hang_timeout_s
+        self._counted_from_s = time.monotonic()  # a stall counts from here at the earliest (``excuse``)
+        self.is_stalled = False
+
+    def has_hung(self, now_s: float) -> bool:
+        stalled_s = now_s - max(self.worker.last_turn_s, self._counted_from_s)
+        if stalled_s <= ENGINE_QUIET_S:
+            if self.is_stalled:
+                self.is_stalled = False
+                log.warning("the model worker turns again: the engine answers its fronts again")
+            return False
+        if stalled_s > self.hang_timeout_s:
+            log.error("the model worker has not turned for %.1f s (engine.hang_timeout_s %g): it hangs; the engine "
+                      "process exits, its sessions end", stalled_s, self.hang_timeout_s)
+            return True
+        if not self.is_stalled:
+            self.is_stalled = True
+            log.warning("the model worker has not turned for %.1f s (one step that long, or a hang): the engine "
+                        "stops answering its fronts, which refuse new sessions until it turns; past %g s "
+                        "(engine.hang_timeout_s) the engine process exits", stalled_s, self.hang_timeout_s)
+        return False
+
+    def excuse(self) -> None:
+        """The whole process has just stood still (stopped, starved of CPU): the worker's stall counts from now."""
+        self._counted_from_s = time.monotonic()
 
 
 def remove_endpoints(endpoints: EngineEndpoints) -> None:
@@ -281,6 +324,7 @@ class EngineHost:
         self._worker_failed = threading.Event()
         self._worker: Worker | None = None
         self.is_orphaned = False  # it stopped because the server that started it is gone
+        self.worker_hung = False  # it stopped because the worker thread hangs (WorkerStall)
 
     def answer_hellos(self, answer: EngineFailedToLoad) -> None:
         """Answer every front that has said hello by now (the one that started the engine said it first)."""
@@ -305,7 +349,8 @@ class EngineHost:
         worker.start()
         log.info("engine process %d serving %s on %s", os.getpid(), ready.name, ready.device)
         status = self._serve_commands(worker, ready)
-        worker.stop()  # sessions still open end with server_shutdown; their events are queued before this returns
+        if not self.worker_hung:  # a hung worker would not stop: its sessions end with this process
+            worker.stop()  # sessions still open end with server_shutdown; their events are queued before this returns
         return status
 
     def _serve_commands(self, worker: Worker, ready: EngineReady) -> int:
@@ -313,9 +358,15 @@ class EngineHost:
         poller.register(self.commands, zmq.POLLIN)
         next_status_s = next_look_s = keepalive_s = 0.0
         last_status: EngineStatus | None = None
+        stall = WorkerStall(worker, self.spec.config.hang_timeout_s)
         while True:
             now_s = time.monotonic()
-            if now_s >= next_status_s:  # on this thread: a hung command loop goes silent, as it should
+            if stall.has_hung(now_s):
+                self.worker_hung = True
+                return 1  # its fronts see this process end and end its sessions (worker_failed) at once
+            # The status says the engine works: on this thread, and only while the worker's loop turns, so that a
+            # hung command loop or a hung worker both go silent and the fronts stop admitting sessions.
+            if now_s >= next_status_s and not stall.is_stalled:
                 status = self._status()
                 if status != last_status or now_s >= keepalive_s:  # a change at once; else only that it lives
                     self._outbox.put((None, status))
@@ -338,7 +389,8 @@ class EngineHost:
             stood_s = stood_still_s(time.monotonic() - polled_at_s, asked_s)
             if stood_s:
                 # This process stood still (the whole tree paused, the host stalled): the fronts' heartbeats of
-                # that time are queued unread, so their silence is not theirs to answer for.
+                # that time are queued unread, so their silence is not theirs to answer for; nor is the worker's.
+                stall.excuse()
                 with self._fronts_lock:
                     for front in self.fronts.values():
                         front.last_seen_s += stood_s

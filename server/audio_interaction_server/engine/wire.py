@@ -43,6 +43,7 @@ import zmq
 
 from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
+from audio_interaction_server.engine.client import ENGINE_QUIET_S  # noqa: F401  (the wire's bound too)
 from audio_interaction_server.engine.commands import PushAudio
 from audio_interaction_server.engine.events import EngineEvent, SessionStateSize
 from audio_interaction_server.options import SessionOptions
@@ -59,10 +60,6 @@ KEEPALIVE_S = 0.5
 # this bound is for hangs and may be generous: at 0.5 s, fronts starved of CPU on a loaded 2-core machine had
 # their live sessions cut.
 FRONT_TIMEOUT_S = 3.0
-# An engine silent this long is not answering: its fronts refuse new sessions and say so in their log, until it is
-# heard again or ``engine.hang_timeout_s`` passes (then it is lost: every session ends with worker_failed). Silence
-# is the sign of a hang only: an engine process that ends is seen at once (its sentinel, or the supervisor's word).
-ENGINE_QUIET_S = 2.0
 # A wait of a front's reader that ends this much later than it was asked to: the front's process itself stood
 # still (stopped, starved of CPU, swapped out) and heard nothing meanwhile, ZeroMQ's thread included; that time
 # is not the engine's silence (``stood_still_s``).

@@ -40,6 +40,7 @@ from audio_interaction_server.audio.mel import log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.spec import MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_between_rollovers
+from audio_interaction_server.engine.client import ENGINE_QUIET_S
 from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
@@ -108,6 +109,9 @@ class Worker:
         self.failure: BaseException | None = None
         self.on_step: Callable[[StepStats], None] | None = None
         self.on_failure: Callable[[BaseException], None] | None = None  # called on the dying worker thread
+        # When the step loop last turned (at least every 50 ms while it lives): a thread that hangs in a step (a
+        # kernel that never returns, a deadlock in a library) stops here, while the threads around it go on.
+        self.last_turn_s = time.monotonic()
         # Each live session's log-mel running maximum (StreamingLogMel's clamp), carried across pushes.
         self._feature_max: dict[str, float] = {}
 
@@ -199,8 +203,13 @@ class Worker:
 
     @property
     def quiet_s(self) -> float | None:
-        """Always None: the engine is this process (``EngineClient.quiet_s``)."""
-        return None
+        """How long the step loop has not turned, once over ``ENGINE_QUIET_S`` (``EngineClient.quiet_s``): a worker
+        thread that hangs in a step, or one step that long. Read from the event loop at admissions and readiness
+        checks; the process transport judges it in the engine process (``engine/process.py``, ``WorkerStall``)."""
+        if self._thread is None or not self._thread.is_alive():
+            return None
+        stalled_s = time.monotonic() - self.last_turn_s
+        return stalled_s if stalled_s > ENGINE_QUIET_S else None
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -243,6 +252,7 @@ class Worker:
         name_native_thread("model-worker")  # its own row in top -H, py-spy and benchmarks.host_cost
         try:
             while not self._stop.is_set():
+                self.last_turn_s = time.monotonic()  # read on other threads: a worker that hangs stops here
                 if self.step() is None:
                     self._apply_commands(block_s=0.05)
         except BaseException as exc:  # the worker must never die silently
