@@ -238,6 +238,32 @@ def test_a_hung_engine_is_killed_once_its_fronts_have_lost_it_and_the_tree_exits
     assert took_s < hang_timeout_s + 12.0, f"the tree exited {took_s:.1f} s after its engine hung:\n{log}"
 
 
+def test_an_engine_that_dies_while_the_tree_stops_makes_the_tree_exit_non_zero(tiny_checkpoint):
+    """SIGTERM, then the engine dies while the fronts drain: the supervisor, stopping, never looked at how the
+    engine had ended, and the tree exited 0, as after a clean stop (review, 2026-12-07). An orchestrator reads 0 as
+    "stopped as asked" and does not look further."""
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], AIS_DRAIN_TIMEOUT_S="20")
+    try:
+        tree.ports()
+        engine_pid = int(tree.wait_for(ENGINE)[0].group(1))
+        fronts = tree.every_front_pid()
+        for pid in fronts:  # the fronts hold the stop until the engine has died (a drain that takes a while)
+            os.kill(pid, signal.SIGSTOP)
+        tree.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: any("SIGTERM: stopping every front" in line for line in tree.lines), timeout_s=10)
+        os.kill(engine_pid, signal.SIGKILL)
+        wait_until(lambda: process_has_ended(engine_pid), timeout_s=10)
+        for pid in fronts:
+            os.kill(pid, signal.SIGCONT)
+        status = tree.process.wait(60)
+    finally:
+        stop(tree)
+    tree.reader.join(10)
+    log = "".join(tree.lines)
+    assert status == EXIT_CANNOT_SERVE, log
+    assert "the engine process exited with status -9" in log, log
+
+
 def test_a_killed_supervisor_closes_every_client_with_a_close_frame(tiny_checkpoint):
     """A front that lost its supervisor (killed outright, or by a SIGHUP before the supervisor handled those) ended
     at once: every client saw its connection cut (1006, no close frame), which a client reads as a network fault

@@ -464,6 +464,51 @@ def test_a_front_that_dies_has_its_slots_freed_within_a_second(live):
         assert not [e for e in after if e["type"] == "error"]
 
 
+def test_a_front_that_reads_slower_than_the_engine_sends_keeps_its_sessions(live):
+    """A front whose reader delivers each engine message in 20 ms (a busy process) while the engine sends one per
+    step: the reader read on until the socket was empty, never got back to its heartbeat, and the engine, hearing
+    nothing for 3 s from a front that had no command to send (its client done talking, a reply being made), ended
+    its session with front_unresponsive (review, 2026-12-07)."""
+    from audio_interaction_server.audio.blocks import PaddedBlocks
+
+    slow = EngineProcessClient(live.runtime.worker.endpoints)
+    slow.start()
+    ended: list[SessionEnded] = []
+    delivery_s = [0.02]  # what delivering costs this front now
+    all_read = threading.Event()
+
+    def deliver(events) -> None:
+        time.sleep(delivery_s[0])
+        ended.extend(event for event in events if isinstance(event, SessionEnded))
+        if ended:
+            all_read.set()
+
+    try:
+        slow.open_session("slow-reader", SessionOptions(max_turn_tokens=400), deliver)
+        noise = np.random.default_rng(0).normal(0, 0.1, (75, 6640)).astype(np.float32)
+        slow.push_audio("slow-reader", PaddedBlocks(noise, 0))  # 30 s at once: a step, and a message, per chunk
+        slow.request_reply("slow-reader")  # then no command while the engine works through it
+        time.sleep(6.0)
+        delivery_s[0] = 0.0  # fast again: what is queued behind the backlog (an end, if any) comes through
+        slow.close_session("slow-reader")
+        assert all_read.wait(30), "the session's end never arrived"
+        assert [event.error_code for event in ended] != [EndCode.FRONT_UNRESPONSIVE], ended
+    finally:
+        slow.stop()
+
+
+def test_an_open_after_the_client_stopped_is_answered_at_once(live):
+    """As the thread transport's Worker does: an open after stop() ends at once with server_shutdown. Over the
+    process transport it went into a closed socket and was never answered (review, 2026-12-07)."""
+    client = EngineProcessClient(live.runtime.worker.endpoints)
+    client.start()
+    client.stop()
+    answered: list = []
+    client.open_session("after-stop", SessionOptions(), answered.extend)
+    assert [type(event) for event in answered] == [SessionEnded], answered
+    assert answered[0].error_code == EndCode.SERVER_SHUTDOWN
+
+
 def test_an_engine_that_cannot_load_raises_the_loaders_own_error(tiny_checkpoint, tmp_path):
     """The server says why (its ``error:`` line) as it does with the engine on a thread, not only 'exited 1'."""
     from audio_interaction_server.config import EngineConfig

@@ -346,6 +346,10 @@ class Supervisor:
         self._wait_fronts((self.config.drain_timeout_s or 0.0) + STOP_GRACE_S)
         self._close_listeners()
         if self.engine is not None:
+            if self.engine.exitcode not in (None, 0):  # it died while the fronts stopped: not a clean stop
+                log.error("the engine process exited with status %s while the fronts stopped", self.engine.exitcode)
+                self.last_word = f"the engine process exited with status {self.engine.exitcode} (its log says why)"
+                self.status = EXIT_CANNOT_SERVE
             self.engine.stop()
         return self.status
 

@@ -1,7 +1,7 @@
 """What the server's front asks of the engine, whatever carries it: one interface, two transports.
 
 * ``engine.worker.Worker``: the engine on a thread of this process (tests, the CPU demo);
-* ``engine.process.EngineProcessClient``: the engine in a process of its own, reached over ZeroMQ, so its
+* ``engine.process_client.EngineProcessClient``: the engine in a process of its own, reached over ZeroMQ, so its
   host work (scheduling, packing rows, fanning events out) never waits for the sockets' GIL, nor they for it.
 
 Both take the same calls and deliver the same events the same way: each session's ``emit`` is called with a

@@ -12,7 +12,7 @@ The process that starts it holds an ``EngineProcess``: a server's one front, or 
   process would, and past ``engine.hang_timeout_s`` the engine process exits;
 * the engine watches each front's process (its pid comes with its ``Hello``): a front whose process ended has
   its sessions closed at the next poll, so their slots are free within a second; a front that says nothing for
-  ``FRONT_TIMEOUT_S`` (hung, its client dropped) has them closed too;
+  ``FRONT_TIMEOUT_S`` (stopped, its client dropped) has them closed too;
 * the engine leaves when the process that started it is gone, so an engine never outlives its server.
 
 Threading contract: the main thread reads commands and posts them to the worker (whose API is thread-safe);
@@ -395,7 +395,10 @@ class EngineHost:
                     for front in self.fronts.values():
                         front.last_seen_s += stood_s
             if is_ready:
-                while True:
+                # At most HEARTBEAT_S of commands before the top of the loop again: under a stream of commands the
+                # status, the watch on the fronts and the worker's stall are still looked at.
+                until_s = time.monotonic() + HEARTBEAT_S
+                while time.monotonic() < until_s:
                     try:
                         frames = recv_frames(self.commands, zmq.NOBLOCK)
                     except zmq.Again:

@@ -95,7 +95,7 @@ class EngineProcessClient:
         self._reader: threading.Thread | None = None
         self._leaving = threading.Event()  # stop() began: the engine's end from now on is no failure
         self._stopping = threading.Event()  # the reader thread ends
-        self._wake_reader, self._reader_woken = os.pipe()  # stop() wakes the reader's poll with a byte
+        self._wake_read_end, self._wake_write_end = os.pipe()  # stop() wakes the reader's poll with a byte
 
     @classmethod
     def spawn(cls, checkpoint: Path, config: EngineConfig,
@@ -178,8 +178,7 @@ class EngineProcessClient:
             self.process.join(timeout_s)  # its last events (each open session's end) are sent before it exits
         self._stopping.set()
         if self._reader is not None:
-            os.write(self._reader_woken, b"\0")
-        if self._reader is not None:
+            os.write(self._wake_write_end, b"\0")
             self._reader.join(timeout_s)
         with self._emits_lock:
             left = list(self._emits.items())
@@ -194,8 +193,8 @@ class EngineProcessClient:
         self._events.close()
         self._context.term()
         if self._reader is None or not self._reader.is_alive():  # else it is left to the process's end
-            os.close(self._wake_reader)
-            os.close(self._reader_woken)
+            os.close(self._wake_read_end)
+            os.close(self._wake_write_end)
 
     @property
     def is_alive(self) -> bool:
@@ -206,12 +205,15 @@ class EngineProcessClient:
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
                      client_address: str | None = None) -> None:
         with self._emits_lock:
-            if self.failure is None:
+            if self.failure is None and not self._leaving.is_set():
                 self._emits[session_id] = emit
                 self._send(OpenRemote(session_id, options, client_address))
                 return
-        # As the Worker does after its death: the open is answered at once, so no client waits for nothing.
-        self._deliver(session_id, emit, [SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE)])
+        # As the Worker does after its death or its stop: the open is answered at once, so no client waits for
+        # nothing.
+        ended = SessionEnded(EndCode.WORKER_FAILED, WORKER_FAILED_MESSAGE) if self.failure is not None \
+            else SessionEnded(EndCode.SERVER_SHUTDOWN, SHUTDOWN_MESSAGE)
+        self._deliver(session_id, emit, [ended])
 
     def push_audio(self, session_id: str, mel_chunks: torch.Tensor | PaddedBlocks) -> None:
         """Queue (N, 128, 40) mel chunks or PaddedBlocks: one raw frame (a numpy array's buffer, out of band)."""
@@ -310,7 +312,7 @@ class EngineProcessClient:
         name_native_thread("engine-events")  # its own row in top -H, py-spy and benchmarks.host_cost
         poller = zmq.Poller()
         poller.register(self._events, zmq.POLLIN)
-        poller.register(self._wake_reader, zmq.POLLIN)
+        poller.register(self._wake_read_end, zmq.POLLIN)
         if self.process is not None:
             poller.register(self.process.sentinel, zmq.POLLIN)
         next_beat_s = 0.0
@@ -321,7 +323,10 @@ class EngineProcessClient:
                 next_beat_s = now_s + KEEPALIVE_S
             asked_s = next_beat_s - now_s
             ready = dict(poller.poll(max(1, round(asked_s * 1000))))
-            if self._events in ready and self._receive_waiting():
+            # At most HEARTBEAT_S of reading before the heartbeat is looked at again: a front that reads slower
+            # than the engine sends (a busy process) would otherwise never get back to it, and the engine takes a
+            # front that says nothing for FRONT_TIMEOUT_S for one that hangs.
+            if self._events in ready and self._receive_waiting(budget_s=HEARTBEAT_S):
                 self._heard_again()
             if self.process is not None and self.process.sentinel in ready:
                 self._receive_waiting()  # what it sent before it ended comes first
@@ -384,10 +389,12 @@ class EngineProcessClient:
             if not self._leaving.is_set():
                 self._write([Heartbeat(self.num_admitted, os.getpid())])
 
-    def _receive_waiting(self) -> bool:
-        """Deliver what has arrived; True if anything had."""
+    def _receive_waiting(self, budget_s: float | None = None) -> bool:
+        """Deliver what has arrived, or what arrives within ``budget_s`` of reading (the rest stays queued); True if
+        anything had."""
         received = False
-        while True:
+        until_s = None if budget_s is None else time.monotonic() + budget_s
+        while until_s is None or time.monotonic() < until_s:
             try:
                 frames = recv_frames(self._events, zmq.NOBLOCK)
             except zmq.Again:
@@ -413,6 +420,7 @@ class EngineProcessClient:
                             self.on_step(message)
                     case EngineReady():
                         pass  # an answer to one of the hellos sent while the engine loaded
+        return received
 
     def _heard_address_cut(self, cut: AddressCut) -> None:
         if self.on_address_cut is not None:

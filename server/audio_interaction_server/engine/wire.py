@@ -55,10 +55,11 @@ HEARTBEAT_S = 0.1
 # 20 times a second, for about 0.3 % of a core (the engine's side as much again), which a front of a few streams
 # pays per stream. Far inside both silence bounds below.
 KEEPALIVE_S = 0.5
-# A front silent this long is gone (hung, or on a host whose process the engine cannot watch): its sessions are
-# closed. A front that dies is seen sooner, by its process id (engine/process.py, within a poll of 0.1 s), so
-# this bound is for hangs and may be generous: at 0.5 s, fronts starved of CPU on a loaded 2-core machine had
-# their live sessions cut.
+# A front silent this long is gone (stopped as a whole, or on a host whose process the engine cannot watch): its
+# sessions are closed. Heartbeats come from the front's reader thread, so a front whose event loop alone hangs is
+# not silent: the supervisor of several fronts kills it (``front_hang_timeout_s``). A front that dies is seen
+# sooner, by its process id (engine/process.py, within a poll of 0.1 s), so this bound may be generous: at 0.5 s,
+# fronts starved of CPU on a loaded 2-core machine had their live sessions cut.
 FRONT_TIMEOUT_S = 3.0
 # A wait of a front's reader that ends this much later than it was asked to: the front's process itself stood
 # still (stopped, starved of CPU, swapped out) and heard nothing meanwhile, ZeroMQ's thread included; that time
