@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # 128 + SIGPIPE, what a shell reports for a tool whose reader left (`| head`): Python ignores SIGPIPE and raises
 # BrokenPipeError instead; this status keeps `set -o pipefail` scripts seeing what they would see for any other tool.
 EXIT_STDOUT_CLOSED = 141
+
+
+def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)") -> str:
+    """The exit statuses, for a script's --help (argparse.RawDescriptionHelpFormatter keeps the lines)."""
+    return ("exit status:\n"
+            "  0    the session ended normally\n"
+            "  1    the server refused or ended it, or stayed busy past --busy-retry-s (the last line says why)\n"
+            "  2    bad arguments or input it cannot send, said before connecting\n"
+            f"  130  {on_ctrl_c}\n"
+            "  141  its output was closed early (| head)")
 
 # What a close code means to someone running the examples (docs/protocol.md, "Close codes").
 CLOSE_MEANINGS = {
@@ -157,6 +168,9 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
             raise ClientError(f"cannot connect to {shown_url(url)}: {why}{connection_hint(url, why)}") from None
         raise HandshakeDropped(f"cannot connect to {shown_url(url)}: {DROPPED}{connection_hint(url, DROPPED)}") \
             from None
+    except socket.gaierror as error:  # before OSError, which it is
+        raise ClientError(f"cannot connect to {shown_url(url)}: {error}; no such host name: check the host in the "
+                          "URL") from None
     except (OSError, InvalidHandshake, TimeoutError) as error:
         why = str(error) or type(error).__name__
         raise ClientError(f"cannot connect to {shown_url(url)}: {why}{connection_hint(url, why)}") from None
@@ -192,8 +206,10 @@ def busy_delay_s(num_retries: int, retry_after_s: float, time_left_s: float) -> 
     return min(time_left_s, max(retry_after_s, delay_s))
 
 
-async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None]) -> T:
-    """``attempt()``, again after each ``ServerBusy`` with a growing delay, for up to ``retry_s`` seconds."""
+async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, note: Callable[[str], None],
+                           served_before: bool = False) -> T:
+    """``attempt()``, again after each ``ServerBusy`` with a growing delay, for up to ``retry_s`` seconds.
+    ``served_before``: the URL served this client a session a moment ago (the host and port are right)."""
     loop = asyncio.get_running_loop()
     started_s = loop.time()
     deadline_s = started_s + retry_s
@@ -205,7 +221,9 @@ async def retry_while_busy(attempt: Callable[[], Awaitable[T]], retry_s: float, 
             delay_s = busy_delay_s(num_retries, busy.retry_after_s, deadline_s - loop.time())
             if delay_s is None:
                 # A port nothing ever listened on looks like a server still starting: say what to check.
-                check = "" if busy.is_listening else "; nothing listens there: check the host and port"
+                check = "" if busy.is_listening else \
+                    "; the server went away and did not come back in that time" if served_before else \
+                    "; nothing listens there: check the host and port"
                 raise ClientError(f"{busy}: gave up after {num_retries} retries in {loop.time() - started_s:.0f} s "
                                   f"(--busy-retry-s {retry_s:g}){check}") from None
             # The first refusal says both readings, so that a typo in the port is not waited out for a minute.
@@ -521,6 +539,7 @@ class StreamSession:
         self.is_closing = False  # session.close was sent
         self.num_resumes = 0
         self.num_new_sessions = 0
+        self.gave_up = False  # a lost session could not be replaced by a new one (said so as an error)
         self._connected = True  # False while reconnecting: frames wait in the outbound log
         self._progress = asyncio.Event()  # set by every event: whoever waits looks again
         self._num_configures = 0
@@ -856,9 +875,10 @@ class StreamSession:
         await asyncio.sleep(delay_s)
         try:
             websocket, raw = await retry_while_busy(lambda: _open_session(endpoint, self.api_key, after_a_session=True),
-                                                    self.busy_retry_s, self.console.note)
+                                                    self.busy_retry_s, self.console.note, served_before=True)
         except ClientError as error:
             self.console.note(f"error: no new session: {error}")
+            self.gave_up = True
             return False
         created = json.loads(raw)
         self.console.show(raw, created)
@@ -989,7 +1009,7 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
         await asyncio.wait([receiver], timeout=time_left_s)
     await receiver
     code, reason = session.websocket.close_code, session.websocket.close_reason or ""
-    if code != 1000:
+    if code != 1000 and not session.gave_up:  # else the old close was said already, and the last word is why
         console.note(describe_close(code, reason))
     console.print_summary(session.transmitted_s)
     is_ok = code == 1000 and not session.saw_fatal_error and failure is None
@@ -1025,3 +1045,9 @@ def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=err)
         return 130
+
+
+if __name__ == "__main__":  # a helper module of the other scripts, not a client of its own
+    print("ais_client.py is the helper the client examples share: run stream_file.py, microphone.py or "
+          "tts_subscriber.py (client_examples/README.md)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

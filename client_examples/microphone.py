@@ -18,7 +18,7 @@ import signal
 import sys
 
 from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
-                        default_api_key, run_main, run_stream)
+                        default_api_key, exit_status_help, run_main, run_stream)
 
 FRAME_MS = 20
 
@@ -67,7 +67,10 @@ class MicrophoneSender:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Talk to an Audio-Interaction server through the microphone.")
+    parser = argparse.ArgumentParser(
+        description="Talk to an Audio-Interaction server through the microphone.",
+        epilog=exit_status_help("a second Ctrl-C (the first flushes, closes the session and ends with 0)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
     parser.add_argument("--device", type=int, help="input device number (python -m sounddevice lists them)")

@@ -27,7 +27,7 @@ import numpy as np
 import soundfile
 
 from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
-                        default_api_key, endpoint_url, run_main, run_stream)
+                        default_api_key, endpoint_url, exit_status_help, run_main, run_stream)
 
 
 # What session.configure's audio format takes (docs/protocol.md): a file outside it is refused before connecting.
@@ -67,14 +67,17 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
         try:
             info = soundfile.info(str(path))
         except RuntimeError as error:  # undecodable (soundfile.LibsndfileError)
-            raise ClientError(f"cannot decode {path}{named_in}: {str(error).strip()}") from None
+            raise ClientError(f"cannot decode {path}{named_in}: {str(error).strip()} (it reads wav, flac, mp3, "
+                              "ogg/opus, aiff and other formats libsndfile knows; convert others, m4a/AAC for one, "
+                              "to wav or flac)") from None
         shortfall = wav_shortfall(info.extra_info)
         if shortfall is not None:
             declared, held = shortfall
             raise ClientError(f"{path}{named_in}: cut short: its header declares {declared:,} bytes of audio and the "
                               f"file holds {held:,}; an interrupted copy?")
         if not (MIN_RATE_HZ <= info.samplerate <= MAX_RATE_HZ and 1 <= info.channels <= MAX_CHANNELS):
-            raise ClientError(f"{path}{named_in}: {info.samplerate} Hz, {info.channels} channels; the server takes "
+            channels = "1 channel" if info.channels == 1 else f"{info.channels} channels"
+            raise ClientError(f"{path}{named_in}: {info.samplerate} Hz, {channels}; the server takes "
                               f"{MIN_RATE_HZ} to {MAX_RATE_HZ} Hz, 1 to {MAX_CHANNELS} channels (resample or down-mix "
                               "it first)")
         # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
@@ -102,7 +105,8 @@ def wav_shortfall(header_log: str) -> tuple[int, int] | None:
 def _sequence(folder: Path) -> list[Path]:
     listing = folder / "sequence.json"
     if not listing.is_file():
-        raise ClientError(f"{folder} is a folder without a sequence.json listing its files")
+        raise ClientError(f"{folder} is a folder without a sequence.json (a JSON list of its audio files in playing "
+                          "order): name the files themselves, or add one")
     try:
         entries = json.loads(listing.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -162,10 +166,9 @@ class FileSender:
                 await session.configure(audio=audio_format)
                 current_format = audio_format
             samples = await asyncio.to_thread(read_pcm, audio_file.path)
-            frame_samples = max(1, round(audio_file.sample_rate_hz * self.frame_s))
-            if frame_samples * samples.shape[1] * 2 > session.created["limits"]["max_frame_bytes"]:
-                raise ClientError(f"--frame-ms {self.frame_s * 1000:g} gives frames over the server's "
-                                  f"max_frame_bytes for {audio_file.path}")
+            if not len(samples):  # a failed recording, most likely: the replies that follow are to silence
+                print(f"note: {audio_file.path} holds no audio", file=sys.stderr, flush=True)
+            frame_samples = self._frame_samples(audio_file, session.created["limits"]["max_frame_bytes"])
             for begin in range(0, len(samples), frame_samples):
                 frame = samples[begin:begin + frame_samples]
                 if self.speed > 0:  # real-time pacing against one clock, so waits never accumulate drift
@@ -176,6 +179,19 @@ class FileSender:
                 duration_s = len(frame) / audio_file.sample_rate_hz
                 await session.send_pcm(frame.tobytes(), duration_s)
                 audio_s += duration_s
+
+    def _frame_samples(self, audio_file: AudioFile, max_frame_bytes: int) -> int:
+        """Samples per frame: --frame-ms of the file, or as many as the server takes in one frame (said once)."""
+        frame_samples = max(1, round(audio_file.sample_rate_hz * self.frame_s))
+        sample_bytes = 2 * audio_file.num_channels
+        if frame_samples * sample_bytes <= max_frame_bytes:
+            return frame_samples
+        fitting = max_frame_bytes // sample_bytes
+        print(f"note: --frame-ms {self.frame_s * 1000:g} makes frames of {frame_samples * sample_bytes:,} bytes for "
+              f"{audio_file.path} ({audio_file.sample_rate_hz} Hz, {audio_file.num_channels} ch), over the server's "
+              f"max_frame_bytes ({max_frame_bytes:,}): sending frames of "
+              f"{1000 * fitting / audio_file.sample_rate_hz:.0f} ms", file=sys.stderr, flush=True)
+        return fitting
 
     @staticmethod
     async def _wait_keeping_alive(session: StreamSession) -> None:
@@ -189,7 +205,9 @@ class FileSender:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Stream audio files to an Audio-Interaction server.")
+    parser = argparse.ArgumentParser(
+        description="Stream audio files to an Audio-Interaction server.",
+        epilog=exit_status_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
                         help="audio files (anything libsndfile reads: wav, flac, mp3, ogg/opus, aiff, ...), "

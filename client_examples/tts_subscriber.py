@@ -31,8 +31,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, ServerBusy, add_busy_retry_argument,
-                        default_api_key, describe_close, describe_error, endpoint_url, open_websocket, printable,
-                        retry_while_busy, run_main)
+                        default_api_key, describe_close, describe_error, endpoint_url, exit_status_help,
+                        open_websocket, printable, retry_while_busy, run_main)
 
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
@@ -190,7 +190,9 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Speak a live session's replies with a TTS command.")
+    parser = argparse.ArgumentParser(
+        description="Speak a live session's replies with a TTS command.",
+        epilog=exit_status_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("session_id", help="the id stream_file.py / microphone.py print as 'session: ID'")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
@@ -201,10 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a session id is made of: "<replica id>_<32 hex>", a replica id being letters, digits, '.' and '-'.
+SESSION_ID_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.busy_retry_s < 0:
         print("error: --busy-retry-s must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if not SESSION_ID_CHARACTERS.fullmatch(args.session_id):  # else it lands in the URL's path, and the server's
+        # answer (no such endpoint, a bad request) would point at the URL
+        print(f"error: {args.session_id!r} is not a session id (letters, digits, '.', '-' and '_'): copy the id "
+              "stream_file.py or microphone.py prints after 'session:'", file=sys.stderr)
         return EXIT_USAGE
     template = args.tts_command or (SPEAK_COMMAND if args.out_dir is None else WAV_COMMAND)
     try:

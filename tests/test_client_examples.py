@@ -1453,3 +1453,100 @@ def test_a_cancel_that_comes_with_the_pong_still_ends_the_subscriber(monkeypatch
             await check
 
     asyncio.run(scenario())
+
+
+def test_stream_file_sends_a_file_whose_frames_would_be_too_large_in_frames_the_server_takes(live, tmp_path):
+    """--frame-ms 1000 on a 96 kHz stereo file makes 384,000-byte frames, over the server's max_frame_bytes: the
+    session was opened, then the script ended with a line without "error:" nor what would fit, status 1 (first-hour
+    review, round six). It now says so once and sends the largest frames the server takes."""
+    recording = tmp_path / "wide.wav"
+    soundfile.write(recording, np.zeros((int(96_000 * 1.2), 2), dtype=np.int16), 96_000)
+    code, out, err = run_script("stream_file.py", live.ws_url, str(recording), "--api-key", API_KEY, "--speed", "0",
+                                "--frame-ms", "1000", cwd=tmp_path)
+    assert code == 0, err
+    assert f"note: --frame-ms 1000 makes frames of 384,000 bytes for {recording} (96000 Hz, 2 ch), over the " \
+           "server's max_frame_bytes (262,144): sending frames of 683 ms" in err, err
+    assert any(line.startswith("summary: ") and "(1.2 s of audio sent)" in line for line in err + out), (out, err)
+
+
+def test_stream_file_says_what_would_work_for_a_format_or_folder_it_cannot_take(tmp_path):
+    """Its answers said less than ``run``'s: no word on which formats work, or what a sequence.json holds; and "1
+    channels" (first-hour review, round six)."""
+    (tmp_path / "clip.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(tmp_path / "clip.m4a"), cwd=tmp_path)
+    assert code == 2 and "convert others, m4a/AAC for one, to wav or flac" in err[-1], err
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(folder), cwd=tmp_path)
+    assert code == 2 and err == [f"error: {folder} is a folder without a sequence.json (a JSON list of its audio "
+                                 "files in playing order): name the files themselves, or add one"], err
+    slow = tmp_path / "slow.wav"
+    soundfile.write(slow, np.zeros(500, dtype=np.int16), 500)
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(slow), cwd=tmp_path)
+    assert code == 2 and err[-1].startswith(f"error: {slow}: 500 Hz, 1 channel; "), err
+
+
+@pytest.mark.parametrize("session_id", ["../../etc", "a b", "vm_0123)", "vm_0123/"])
+def test_tts_subscriber_names_a_malformed_session_id_before_connecting(session_id, tmp_path):
+    """A stray space or slash pasted with the id made the server's answer blame the URL ("no WebSocket endpoint ...:
+    give the server's URL"), or gave a bare HTTP 400 (first-hour review, round six)."""
+    code, _, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", session_id, cwd=tmp_path)
+    assert code == 2 and err == [f"error: {session_id!r} is not a session id (letters, digits, '.', '-' and '_'): "
+                                 "copy the id stream_file.py or microphone.py prints after 'session:'"], err
+
+
+def test_a_host_name_that_does_not_resolve_and_the_helper_run_alone_say_what_to_do(tmp_path):
+    """A host name that does not resolve said only "[Errno -2] Name or service not known"; ``python ais_client.py``
+    printed nothing and exited 0 (first-hour review, round six)."""
+    recording = tmp_path / "a.wav"
+    soundfile.write(recording, np.zeros(1600, dtype=np.int16), 16_000)
+    code, _, err = run_script("stream_file.py", "ws://no-such-host.invalid:8000", str(recording), cwd=tmp_path)
+    assert code == 1 and err[-1].endswith("; no such host name: check the host in the URL"), err
+    code, _, err = run_script("ais_client.py", cwd=tmp_path)
+    assert code == 2 and "run stream_file.py, microphone.py or tts_subscriber.py" in err[-1], err
+
+
+@pytest.mark.parametrize("script", ["stream_file.py", "microphone.py", "tts_subscriber.py"])
+def test_each_clients_help_lists_its_exit_statuses(script, tmp_path):
+    """As every ``audio-interaction`` command's does; they were only in client_examples/README.md (first-hour review,
+    round six)."""
+    code, out, _ = run_script(script, "--help", cwd=tmp_path)
+    statuses = out[out.index("exit status:") + 1:]
+    assert code == 0 and [line.split()[0] for line in statuses] == ["0", "1", "2", "130", "141"], out
+
+
+def test_stream_file_says_a_file_holds_no_audio(live, tmp_path):
+    """An empty recording (a failed capture) was streamed without a word, the replies to the flush's silence
+    looking like replies to it (first-hour review, round six)."""
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, dtype=np.int16), 16_000)
+    code, _, err = run_script("stream_file.py", live.ws_url, str(empty), "--api-key", API_KEY, "--speed", "0",
+                              cwd=tmp_path)
+    assert code == 0 and f"note: {empty} holds no audio" in err, err
+
+
+def test_a_client_that_cannot_replace_a_drained_session_ends_on_why(tiny_checkpoint, shared_audio, tmp_path):
+    """After a drain the client tries for a new session; when none comes in --busy-retry-s, its last line said to
+    "check the host and port" (of a server it had just used), and the drain's old "connection closed with code
+    1012" line followed the error (first-hour review, round six)."""
+    import urllib.request
+
+    draining = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
+    # A drain stops the server once it is done: the port then refuses connections.
+    script = Script("stream_file.py", draining.ws_url, str(shared_audio / "01_count_bark"),
+                    "--api-key", API_KEY, "--speed", "2", "--json", "--decisions", "--busy-retry-s", "1",
+                    cwd=tmp_path)
+    try:
+        script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
+        request = urllib.request.Request(f"http://127.0.0.1:{draining.port}/v1/admin/drain", method="POST",
+                                         headers={"Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202
+        code = script.finish()
+    finally:
+        stop_all(script, draining)
+    assert code == 1, script.stderr
+    gave_up = next(i for i, line in enumerate(script.stderr) if line.startswith("error: no new session: "))
+    assert script.stderr[gave_up].endswith("; the server went away and did not come back in that time"), \
+        script.stderr
+    assert not [line for line in script.stderr[gave_up:] if "connection closed with code" in line], script.stderr

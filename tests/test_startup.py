@@ -54,6 +54,18 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_checkpoint):
     assert "importing the engine" not in result.stderr, result.stderr
 
 
+def test_a_host_address_this_machine_does_not_have_is_said_so_with_what_to_give(tiny_checkpoint):
+    """``--host 10.255.255.1`` said only "[Errno 99] Cannot assign requested address" (first-hour review, round
+    six)."""
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--host", "192.0.2.1", "--port", "0",
+                             "--checkpoint", str(tiny_checkpoint)], env=server_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: cannot listen on 192.0.2.1:0: [Errno 99] Cannot assign requested address; not an address of this "
+        "machine: give one it has (127.0.0.1 for this machine only, 0.0.0.0 for every interface)"), result.stderr
+
+
 def test_help_documents_the_exit_statuses():
     result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,
                             text=True, timeout=60)

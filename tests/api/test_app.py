@@ -747,6 +747,8 @@ def test_a_websocket_to_an_unknown_path_is_404_and_a_plain_get_on_an_endpoint_is
     for path in ("/v1/stream", "/v1/realtime", "/v1/sessions/vm_0123/events"):
         status, body = live.get(path)
         assert status == 426 and b"WebSocket" in body, (path, status, body)
+        # The page that documents it: the Realtime dialect has its own (first-hour review, round six).
+        assert (b"docs/realtime.md" if path == "/v1/realtime" else b"docs/protocol.md") in body, (path, body)
     assert live.get("/v1/nothing")[0] == 404
 
 

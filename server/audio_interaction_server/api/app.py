@@ -189,8 +189,9 @@ def _add_wrong_path_answers(app: FastAPI) -> None:
     reads as "no such endpoint"), and a WebSocket on a path no route serves gets 404 (not Starlette's 403, which
     reads as a refused key)."""
     async def upgrade_required(request: Request) -> Response:
+        doc = "docs/realtime.md" if request.url.path == "/v1/realtime" else "docs/protocol.md"
         return PlainTextResponse(f"{request.url.path} is a WebSocket endpoint: connect with ws:// (or wss://), "
-                                 "as docs/protocol.md shows\n", status_code=426, headers={"Upgrade": "websocket"})
+                                 f"as {doc} shows\n", status_code=426, headers={"Upgrade": "websocket"})
 
     for path in WEBSOCKET_PATHS:
         app.add_api_route(path, upgrade_required, methods=["GET", "HEAD"], include_in_schema=False)

@@ -76,6 +76,9 @@ def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.
         # A port in use is the common case on a development machine: say how to choose another.
         other = "; another program uses the port: choose another with --port or AIS_PORT" if \
             error.errno == errno.EADDRINUSE and not what else ""
+        if error.errno == errno.EADDRNOTAVAIL:
+            other = ("; not an address of this machine: give one it has (127.0.0.1 for this machine only, 0.0.0.0 "
+                     "for every interface)")
         raise CannotListen(f"cannot listen on {host}:{port}{what}: [Errno {error.errno}] {error.strerror}{other}") \
             from error
     return listener
