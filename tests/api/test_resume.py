@@ -224,6 +224,23 @@ def test_a_wrong_token_is_refused_and_the_session_stays_resumable(server):
     asyncio.run(main())
 
 
+def test_a_last_seq_beyond_what_the_session_sent_is_named_as_such_and_the_session_stays_resumable(server):
+    """A last_seq above every seq the session sent (a client's bug, or a number from another session) was answered
+    resume_expired, "start a new one", while the session lived on, holding its slot till its grace ended (probe,
+    round six): the resume is refused as invalid_event naming the highest seq sent, and a right one works."""
+    async def main():
+        created = await connect_and_drop(server)
+        ws, first = await resume(server, created, last_seq=999_999_999)
+        await read_until_closed(ws)
+        assert (first["type"], first["code"], ws.close_code) == ("error", "invalid_event", 4009), first
+        assert "beyond the last event this session sent" in first["message"], first["message"]
+        ws, first = await resume(server, created)
+        assert first["type"] == "session.resumed"
+        await ws.close()
+
+    asyncio.run(main())
+
+
 def test_a_session_resumed_over_and_over_is_refused_for_a_while_and_stays_resumable(server):
     """A client that resumes its own session in a loop has its whole log replayed each time, on the event loop
     every session shares: past ``flood.resume_burst`` (5) resumes at once, one more is refused with rate_limited

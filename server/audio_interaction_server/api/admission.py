@@ -214,6 +214,10 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
     if not SEQ_PATTERN.fullmatch(last_seq):
         return Refusal("invalid_event", "last_seq must be the seq of the last event seen", CloseCode.RESUME_FAILED,
                        session_id)
+    if int(last_seq) > stream.last_seq_sent:  # no client saw it: a bug, or another session's number
+        return Refusal("invalid_event", f"last_seq {last_seq} is beyond the last event this session sent "
+                       f"({stream.last_seq_sent}): resume with the seq of the last event received",
+                       CloseCode.RESUME_FAILED, session_id)
     if not stream.can_replay_since(int(last_seq)):
         return resume_expired(session_id, "this session can no longer be resumed: start a new one")
     # Last: only a resume that would be served spends one, and a refused one leaves the session as it was.

@@ -527,6 +527,11 @@ class StreamConnection:
         assert self._resumes is not None, "only a resumable session is asked"
         return self._resumes.take_or_wait_s(1.0, now_s)
 
+    @property
+    def last_seq_sent(self) -> int:
+        """The seq of the newest event numbered for this session's client."""
+        return self._log.last_seq
+
     def can_replay_since(self, last_seq: int) -> bool:
         """Whether a client that saw events up to ``last_seq`` can be given everything after it (not when its socket
         was cut for a flood and has not quite ended yet: the session ends with it)."""

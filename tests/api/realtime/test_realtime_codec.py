@@ -865,3 +865,15 @@ def test_json_that_is_not_an_object_is_refused_as_an_event_not_an_internal_error
     [command] = Harness().client(frame)
     assert isinstance(command, Malformed) and command.code == "invalid_value" and command.event_id is None, command
     assert "valid dictionary or object" in command.message
+
+
+def test_a_model_setting_the_session_refuses_as_a_value_names_the_field_the_client_sent():
+    """An ``instructions`` too long for the context was refused with invalid_value and no ``param``, where the SDKs
+    key on it (probe, round six); an item of another type said "(role None)"."""
+    h = Harness()
+    [command] = h.client({"type": "session.update", "event_id": "u1", "session": {"instructions": "x" * 8000}})
+    [error] = h.session(h.error(command, code="invalid_value", message="max_turn_tokens 512 with a 8005-token "
+                                "prompt does not fit the 4096-position context budget"))
+    assert error["error"]["param"] == "session.instructions", error
+    [call] = h.client({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}})
+    assert "role" not in call.message and "function_call" in call.message, call.message

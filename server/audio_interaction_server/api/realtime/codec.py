@@ -311,9 +311,9 @@ class RealtimeCodec:
         elif given.type == "function_call_output" and given.call_id is not None:
             item = FunctionCallOutputItem(id=item_id, call_id=given.call_id, output=given.output or "")
         else:
-            return [self._refuse("invalid_value", f"items of type {_shown(given.type)} (role {_shown(given.role)}) "
-                                 "are not supported: the model neither calls tools nor takes them", event.type,
-                                 event.event_id, "item.type")]
+            kind = _shown(given.type) + (f" (role {_shown(given.role)})" if given.type == "message" else "")
+            return [self._refuse("invalid_value", f"items of type {kind} are not supported: the model neither calls "
+                                 "tools nor takes them", event.type, event.event_id, "item.type")]
         previous = event.previous_item_id
         if previous is not None and previous != "root" and not self._will_hold(previous):
             # The SDK: "If the ID cannot be found, an error will be returned and the item will not be added."
@@ -522,6 +522,7 @@ class RealtimeCodec:
                     message += (f". This session.update was not applied at all, {', '.join(answer.other_params)} "
                                 "included: send that again on its own")
                 event = event.model_copy(update={"message": message})
+            if answer.model_params:  # refused for one of them (a prompt too long for the context, ...): named so
                 self._params[(event.event_id, event.code)] = answer.model_params[0]
         if event.event_type == "response.create" and not is_own_refusal:
             # The session's answer to the one request it has: that request ends. A refusal of the codec's own (a
