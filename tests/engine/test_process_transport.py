@@ -803,3 +803,20 @@ def sockets_directory_of(pid: int) -> Path:
     paths = {Path(row[7]).parent for row in rows if len(row) > 7 and row[6] in inodes}  # inode, then path
     assert len(paths) == 1, paths
     return paths.pop()
+
+
+def test_an_engine_serves_where_the_temporary_folders_path_is_too_long_for_a_socket(tiny_checkpoint, tmp_path):
+    """A Unix socket's path holds 107 bytes: under a long TMPDIR (a CI workspace, a pytest folder) the server said
+    "cannot serve: ZMQError: File name too long" and left its socket folder behind (review, 2026-12-07). Its
+    sockets now go to /tmp where $TMPDIR's path is too long."""
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    process, port = spawn_server(tiny_checkpoint, {"AIS_ENGINE__TRANSPORT": "process", "TMPDIR": str(long_tmp)})
+    try:
+        from websockets.sync.client import connect
+
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+    finally:
+        stop_server(process)
+    assert list(long_tmp.iterdir()) == []

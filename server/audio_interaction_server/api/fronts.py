@@ -58,7 +58,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -400,7 +399,9 @@ def _lost_engine_wait_s() -> float:
 
 def supervise(config: ServerConfig) -> int:
     """Run the engine and ``config.fronts`` fronts until stopped; the tree's exit status (``api/serving.py``)."""
-    directory = Path(tempfile.mkdtemp(prefix="ais-engine-"))  # removed below, whatever the supervisor did with it
+    from audio_interaction_server.engine.process_client import make_socket_directory
+
+    directory = make_socket_directory()  # removed below, whatever the supervisor did with it
     supervisor = Supervisor(config, directory)
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:

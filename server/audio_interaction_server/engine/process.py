@@ -32,7 +32,6 @@ import queue
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -53,7 +52,8 @@ from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_QUIET_S, FRONT_TIMEOUT_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints,
     EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote,
-    SessionDetached, SessionEvents, Shutdown, decode_batch, encode, recv_frames, send_frames, stood_still_s,
+    SessionDetached, SessionEvents, Shutdown, decode_batch, encode, make_socket_directory, recv_frames, send_frames,
+    stood_still_s,
 )
 
 # The front side of this module (EngineProcess, which a front imports to start or watch the engine) needs neither
@@ -87,7 +87,7 @@ class EngineProcess:
 
     def __init__(self, checkpoint: Path, config: EngineConfig, setup_logging: Callable[[], None] | None = None,
                  directory: Path | None = None) -> None:
-        self.directory = directory or Path(tempfile.mkdtemp(prefix="ais-engine-"))
+        self.directory = directory or make_socket_directory()
         self.endpoints = EngineEndpoints.in_directory(self.directory)
         self._owns_directory = directory is None
         self._failure_report, failure_report = multiprocessing.get_context("spawn").Pipe(duplex=False)

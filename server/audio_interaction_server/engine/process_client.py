@@ -37,6 +37,8 @@ from audio_interaction_server.engine.wire import (
     EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote, SessionDetached, SessionEvents,
     Shutdown, decode, encode_batch, recv_frames, send_frames, stood_still_s,
 )
+# For the supervisor of several fronts (api/fronts.py), which reaches the engine's modules through this one.
+from audio_interaction_server.engine.wire import make_socket_directory  # noqa: F401
 from audio_interaction_server.options import SessionOptions
 
 if TYPE_CHECKING:

@@ -32,8 +32,10 @@ whatever it carries, and under load one turn reads many streams' audio. Messages
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,28 @@ class EngineEndpoints:
     @classmethod
     def in_directory(cls, directory: Path) -> EngineEndpoints:
         return cls(f"ipc://{directory}/commands", f"ipc://{directory}/events")
+
+
+# A Unix socket's path holds at most 107 bytes (``sun_path``); ZeroMQ refuses a longer one.
+MAX_SOCKET_PATH_BYTES = 107
+# The longest name of a socket in the directory (``EngineEndpoints.in_directory``).
+_LONGEST_SOCKET_NAME = "/commands"
+
+
+def make_socket_directory() -> Path:
+    """A new private directory for the engine's sockets: in the temporary folder ($TMPDIR), or in /tmp where
+    that folder's path is too long for a socket's (a CI workspace, a pytest folder, macOS's /var/folders/...)."""
+    directory = Path(tempfile.mkdtemp(prefix="ais-engine-"))
+    if len(os.fsencode(f"{directory}{_LONGEST_SOCKET_NAME}")) <= MAX_SOCKET_PATH_BYTES:
+        return directory
+    directory.rmdir()
+    if os.path.isdir("/tmp"):
+        directory = Path(tempfile.mkdtemp(prefix="ais-engine-", dir="/tmp"))
+        if len(os.fsencode(f"{directory}{_LONGEST_SOCKET_NAME}")) <= MAX_SOCKET_PATH_BYTES:
+            return directory
+        directory.rmdir()
+    raise OSError(f"the engine's sockets need a folder whose path is under {MAX_SOCKET_PATH_BYTES - 30} bytes: "
+                  f"{tempfile.gettempdir()} is too long and /tmp is not there; set TMPDIR to a shorter one")
 
 
 @dataclass(frozen=True)
