@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import socket
 import subprocess
 import sys
@@ -510,7 +511,7 @@ def test_a_hang_up_stops_the_tree_as_sigterm_does(tmp_path, monkeypatch):
     monkeypatch.setattr(fronts, "Supervisor", lambda config, directory: supervisor)
     before = signal.getsignal(signal.SIGHUP)
     made: list[str] = []
-    monkeypatch.setattr(fronts.tempfile, "mkdtemp", lambda prefix: made.append(str(tmp_path / "made" / prefix)) or
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix, dir=None: made.append(str(tmp_path / "m" / prefix)) or
                         Path(made[-1]).mkdir(parents=True) or made[-1])
     assert fronts.supervise(load_config(None, {"AIS_FRONTS": "2"})) == 0
     # The folder supervise made for the engine's sockets is gone, though this stand-in supervisor never used it
