@@ -378,3 +378,42 @@ def test_a_pause_of_the_whole_tree_ends_no_session(tiny_checkpoint):
         stop(tree)
     log = "".join(tree.lines)
     assert "hangs:" not in log and "no heartbeat for" not in log, log  # no front killed, none cut by the engine
+
+
+SLOW_DOWNLOAD = """
+# Loaded by every Python process started with this folder first on PYTHONPATH: the supervisor's download of the
+# model takes a minute (a Hub checkpoint of many GB).
+import time
+
+from audio_interaction_server.demo import source
+
+_resolve = source.resolve_model_source
+
+
+def _slow_resolve(*args, **kwargs):
+    time.sleep(60)
+    return _resolve(*args, **kwargs)
+
+
+source.resolve_model_source = _slow_resolve
+"""
+
+
+def test_a_stop_signal_while_the_supervisor_downloads_the_model_stops_the_tree_at_once(tiny_checkpoint, tmp_path):
+    """The supervisor downloads the model on its main thread, after starting the fronts: a SIGINT or SIGTERM then
+    only set a flag and the download ran to its end (38 s after the first Ctrl-C in the review's run, 2026-12-07)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_DOWNLOAD)
+    python_path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], PYTHONPATH=python_path)
+    try:
+        tree.wait_for(FRONT)
+        time.sleep(1.0)  # in the download
+        tree.process.send_signal(signal.SIGINT)
+        signalled_s = time.monotonic()
+        status = tree.process.wait(60)
+        took_s = time.monotonic() - signalled_s
+    finally:
+        stop(tree)
+    tree.reader.join(10)
+    assert status == 0 and took_s < 15, (status, took_s, "".join(tree.lines))
+    assert not [pid for pid in tree.every_front_pid() if not process_has_ended(pid)]

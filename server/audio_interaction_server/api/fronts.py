@@ -197,6 +197,8 @@ class Supervisor:
         self._hangs_watched_s: float | None = None  # when the fronts' heartbeats were last looked at
         self._judged_from_s = -math.inf  # no stillness before this counts (the end of the supervisor's own pause)
         self._context = multiprocessing.get_context("spawn")
+        self._resolving = False  # finding or downloading the model, on the main thread (``run``)
+        self.stopped_mid_download = False  # a signal ended that: its threads may still run
 
     # ---- signals ------------------------------------------------------------------------------------------
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -207,6 +209,9 @@ class Supervisor:
         self.stopping = True
         # A front's own SIGHUP would end it at once (no handler): the hang-up asks what a SIGTERM asks.
         self._signal_fronts(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        if self._resolving:  # a download of many GB on this thread: it ends here, not when it is done
+            self._resolving = False
+            raise _StoppedWhileResolving
 
     def _signal_fronts(self, signum: int) -> None:
         self._passed_on.append(signum)
@@ -257,11 +262,17 @@ class Supervisor:
         for index in range(config.fronts):
             self.start_front(index)
         try:
+            self._resolving = not self.stopping
             checkpoint = resolve_model_source(config.engine.checkpoint, config.is_demo)
+        except _StoppedWhileResolving:
+            self.stopped_mid_download = True
+            return self._stop()
         except Exception as error:
             log.error("cannot serve: %s: %s", type(error).__name__, error)
             self.last_word = f"{type(error).__name__}: {error}"
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
+        finally:
+            self._resolving = False
         if self.stopping:
             return self._stop()
         self.engine = EngineProcess(checkpoint, config.engine, self.setup_logging, directory=self.directory)
@@ -397,6 +408,10 @@ def _lost_engine_wait_s() -> float:
     return ENGINE_QUIET_S + STOP_GRACE_S
 
 
+class _StoppedWhileResolving(BaseException):
+    """Raised by a stop signal's handler into the model's download (no ``except Exception`` holds it)."""
+
+
 def supervise(config: ServerConfig) -> int:
     """Run the engine and ``config.fronts`` fronts until stopped; the tree's exit status (``api/serving.py``)."""
     from audio_interaction_server.engine.process_client import make_socket_directory
@@ -413,10 +428,12 @@ def supervise(config: ServerConfig) -> int:
         last_word = engine_reason or supervisor.last_word
         if status != EXIT_STOPPED and last_word is not None:
             report_error(last_word, config.log_format)  # the tree's last line, as a single server's
-        return status
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for listeners in supervisor.listeners.values():
             listeners.close()
         shutil.rmtree(directory, ignore_errors=True)
+    if supervisor.stopped_mid_download:  # the download's threads would hold the interpreter's exit until done
+        exit_at_once(status)
+    return status
