@@ -244,3 +244,16 @@ def test_null_in_the_environment_is_refused_with_how_to_give_null():
                                        "AIS_MAX_SESSIONS)"), refused.value
     assert load_config(environ={"AIS_MAX_SESSIONS": ""}).max_sessions == load_config(environ={}).max_sessions
     assert load_config(environ={"AIS_API_KEY": "null"}).api_key.get_secret_value() == "null"
+
+
+@pytest.mark.parametrize("environment, expected", [
+    ({"AIS_PROT": "9463"}, "prot: no such setting (did you mean AIS_PORT?) (from environment AIS_PROT)"),
+    ({"AIS_ENGINE__DEVCE": "cpu"}, "engine.devce: no such setting (did you mean AIS_ENGINE__DEVICE?) (from environment "
+                                   "AIS_ENGINE__DEVCE)"),
+    ({"AIS_ZZZZZ": "1"}, "zzzzz: no such setting (from environment AIS_ZZZZZ)"),
+])
+def test_a_misspelt_setting_is_named_with_the_one_meant(environment, expected):
+    """pydantic's "Extra inputs are not permitted" for AIS_PROT (first-hour review, round six)."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, environment)
+    assert str(refused.value) == f"invalid server configuration: {expected}"

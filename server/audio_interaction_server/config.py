@@ -15,6 +15,7 @@ balancer's (``deploy/haproxy``), left to it.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -724,6 +725,10 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
         message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a check's own ValueError
         if path:
             source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+            if item["type"] == "extra_forbidden":  # a misspelt name, most likely: the one meant, spelt as given
+                meant = difflib.get_close_matches(path[-1], _setting_names(path[:-1]), n=1)
+                message = "no such setting" + (f" (did you mean {_spelt(path[:-1] + (meant[0],), source)}?)"
+                                               if meant else "")
             if source is not None and source.startswith("environment ") and item.get("input") == "null":
                 message += f"; for null, leave it empty ({source.removeprefix('environment ')}=)"
             described.append(f"{'.'.join(path)}: {message}" + (f" (from {source})" if source else ""))
@@ -732,6 +737,24 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
     if len(described) == 1:
         return f"invalid server configuration: {described[0]}"
     return "\n".join(["invalid server configuration:", *(f"  {line}" for line in described)])
+
+
+def _setting_names(path: tuple[str, ...]) -> list[str]:
+    """The settings of the section at ``path`` (``()``: the top level; ``("engine",)``: engine's)."""
+    model: Any = ServerConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _spelt(path: tuple[str, ...], source: str | None) -> str:
+    """A setting as its source would name it: ``AIS_ENGINE__DEVICE`` for the environment, else ``engine.device``."""
+    if source is not None and source.startswith("environment "):
+        return "AIS_" + "__".join(part.upper() for part in path)
+    return ".".join(path)
 
 
 def _sources_named_in(message: str, sources: dict[tuple[str, ...], str]) -> str:
