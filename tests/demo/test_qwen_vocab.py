@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,25 @@ def test_a_vocabulary_that_cannot_be_fetched_says_how_to_start_offline(tmp_path,
         qwen_vocab.qwen_tiktoken_path()
     message = str(failed.value)
     assert "dashscope" in message and str(tmp_path / "qwen.tiktoken") in message and "--checkpoint" in message
+
+
+def test_scratch_left_in_the_cache_by_a_stopped_start_is_removed_by_the_next(tmp_path, monkeypatch):
+    """Ctrl-C ends a starting server at once, without unwinding: a start stopped while it built the vocabulary left
+    an empty tmpXXXX folder in the user's cache for good (first-hour review, round six). Scratch names carry their
+    process's id; a later start removes those of processes that have ended, and leaves a live one's alone."""
+    import subprocess
+    import sys
+
+    from audio_interaction_server.demo import qwen_vocab
+
+    monkeypatch.setenv("AUDIO_INTERACTION_CACHE", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    (tmp_path / f"scratch-{dead_pid}-abc").mkdir()
+    (tmp_path / f"scratch-{dead_pid}-def").write_bytes(b"half a file")
+    (tmp_path / f"scratch-{os.getpid()}-ghi").mkdir()  # a start building now
+    (tmp_path / "qwen.tiktoken").write_bytes(b"kept")
+    qwen_vocab._ensure_cache_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([f"scratch-{os.getpid()}-ghi", "qwen.tiktoken"])
+    with qwen_vocab.tempfile.TemporaryDirectory(dir=tmp_path, prefix=qwen_vocab._scratch_prefix()) as scratch:
+        assert Path(scratch).name.startswith(f"scratch-{os.getpid()}-")

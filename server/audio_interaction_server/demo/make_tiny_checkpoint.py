@@ -235,21 +235,13 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
 def _remove_stale_staging(root: Path) -> None:
     """Staging folders of ``root`` whose process has ended (a first start stopped while it generated: ~78 MB
     each). One whose process lives is another start generating now, and stays."""
+    from audio_interaction_server.demo.qwen_vocab import process_exists
+
     for staging in root.parent.glob(f"{root.name}.tmp-*"):
         pid = staging.name.rpartition("-")[2]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             log.info("removing %s, left by a start that was stopped while it generated the demo model", staging)
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def seed_value(text: str) -> int:

@@ -245,7 +245,7 @@ def write_tokenizer_files(out_dir: Path) -> None:
     """Writes tokenizer.json and tokenizer_config.json into ``out_dir`` (converted once, then cached)."""
     cached = cache_dir() / _TOKENIZER_CACHE_NAME
     if not cached.is_file():
-        with tempfile.TemporaryDirectory(dir=_ensure_cache_dir()) as scratch:
+        with tempfile.TemporaryDirectory(dir=_ensure_cache_dir(), prefix=_scratch_prefix()) as scratch:
             built = build_qwen_tokenizer_json(Path(scratch) / _TOKENIZER_CACHE_NAME)
             os.replace(built, cached)  # atomic: concurrent builders never see half a file
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,12 +257,43 @@ def write_tokenizer_files(out_dir: Path) -> None:
 def _ensure_cache_dir() -> Path:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(directory)
     return directory
+
+
+# Scratch files and folders in the cache carry their process's id: a start stopped while it fetched or built
+# (Ctrl-C ends a starting server at once, without unwinding) leaves them, and the next start removes them.
+SCRATCH_PREFIX = "scratch-"
+
+
+def _scratch_prefix() -> str:
+    return f"{SCRATCH_PREFIX}{os.getpid()}-"
+
+
+def _remove_stale_scratch(directory: Path) -> None:
+    for scratch in directory.glob(f"{SCRATCH_PREFIX}*"):
+        pid = scratch.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            if scratch.is_dir():
+                shutil.rmtree(scratch, ignore_errors=True)
+            else:
+                scratch.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is alive on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     _ensure_cache_dir()
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=_scratch_prefix(), delete=False) as handle:
         handle.write(data)
     os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; the cache may be shared
     os.replace(handle.name, path)
