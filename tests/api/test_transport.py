@@ -922,6 +922,12 @@ def test_pipelined_requests_without_a_body_are_not_taken_for_the_first_ones_body
     # From addresses of their own: the pipelined flood spends its address's request budget.
     statuses, _ = pipelined_statuses(guarded.port, request, 70_000 // len(request) + 1, source="127.0.0.4")
     assert statuses[:10] == [200] * 10, statuses[:10]
+    # Nor a small body taken for more than its length: the GETs after it are requests of their own (review).
+    body = b'{"expires_after": {"anchor": "created_at", "seconds": 60}}'
+    with open_socket(guarded.port, source="127.0.0.6") as sock:
+        sock.sendall(post_head(f"Content-Length: {len(body)}\r\n") + body + request * (70_000 // len(request)))
+        data, _ = read_until_closed(sock, timeout_s=5.0)
+    assert [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)][:3] == [200] * 3, data[:300]
     with open_socket(guarded.port, source="127.0.0.5") as sock:
         sock.sendall(upgrade_request() + client_frame(0x1, b'{"type": "session.close"}') + b"\x00" * 70_000)
         head, _ = read_response_head(sock)
@@ -943,3 +949,54 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
             data, closed = read_until_closed(sock, timeout_s=3.0)
         statuses = [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)]
         assert closed and statuses == ([200, 400] if pipelined else [400]), (pipelined, data[:300])
+
+
+def test_a_pipelined_request_with_two_body_lengths_never_reaches_the_app_however_its_head_arrives(tiny_checkpoint):
+    """The 400 for a pipelined request with both lengths came after uvicorn had begun it: a POST /v1/admin/drain
+    so sent was answered 400 and the server drained all the same; and a pipelined head split over two reads was
+    never looked at, served 200 on a connection kept open (review of the change, 2026-12-07)."""
+    server = start(tiny_checkpoint, drain_timeout_s=30.0)
+    try:
+        first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        drain = (f"POST /v1/admin/drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                 "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode()
+        for split_at in (None, len(first) + 20):  # the second head whole with the first, or cut in two reads
+            with open_socket(server.port) as sock:
+                if split_at is None:
+                    sock.sendall(first + drain)
+                else:
+                    sock.sendall((first + drain)[:split_at])
+                    time.sleep(0.2)
+                    sock.sendall((first + drain)[split_at:])
+                data, closed = read_until_closed(sock, timeout_s=3.0)
+            statuses = [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)]
+            assert closed and statuses == [200, 400], (split_at, data[:300])
+            assert server.get("/ready")[0] == 200, "the refused request drained the server"
+        assert metric_samples(server)['ais_transport_closes_total{reason="two_body_lengths"}'] == 2
+    finally:
+        server.stop()
+
+
+def test_a_malformed_url_as_a_request_target_is_400_not_a_server_error(guarded, caplog):
+    """``GET http://[/x`` raised inside the target's rewrite: a 500 and an ERROR traceback, for HTTP and for a
+    WebSocket (review of the change, 2026-12-07). And a user's name and password in the URL never become the Host
+    header."""
+    for extra in ("", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"):
+        with open_socket(guarded.port) as sock:
+            sock.sendall(f"GET http://[/x HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+            data, _ = read_until_closed(sock, timeout_s=3.0)
+        assert data.startswith(b"HTTP/1.1 400 "), (extra, data[:200])
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
+def test_absolute_form_targets_spend_what_their_path_costs(tiny_checkpoint):
+    """``GET http://host/metrics`` was charged as one request, not the twenty a /metrics answer costs: the cost was
+    read from the target as uvicorn gave it (review of the change, 2026-12-07)."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 100})
+    try:
+        request = f"GET http://127.0.0.1:{server.port}/metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        statuses, _ = pipelined_statuses(server.port, request, 20)
+        assert statuses.count(200) <= 6 and statuses[-1] == 429, statuses
+    finally:
+        server.stop()

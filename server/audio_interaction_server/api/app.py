@@ -36,7 +36,6 @@ from audio_interaction_server.api.agent import CapacityAgent
 from audio_interaction_server.api.connection import (
     CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber,
 )
-from audio_interaction_server.api.request_targets import OriginFormTargets
 from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
@@ -108,7 +107,6 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan, **docs)
     app.state.runtime = runtime
     app.state.agent = agent
-    app.add_middleware(OriginFormTargets)  # GET http://host/health is /health (RFC 9112 3.2.2)
     app.include_router(static_pages_router)  # the browser front-end at / (web/)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime checkers, some balancers

@@ -63,6 +63,7 @@ from websockets.streams import StreamReader
 
 from audio_interaction_server.api.addresses import AddressRateLimiter, client_key
 from audio_interaction_server.api.log_bursts import SharedBurstLimiter
+from audio_interaction_server.api.request_targets import has_two_body_lengths, is_absolute_form, to_origin_form
 from audio_interaction_server.config import TransportSettings
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,16 @@ class TransportGuard:
         guard = self
 
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] not in ("http", "websocket"):
+                await app(scope, receive, send)
+                return
+            if is_absolute_form(scope) and not to_origin_form(scope):
+                await refuse(scope, send, 400, "bad_target", "a request target that is no URL nor path")
+                return
+            if scope["type"] == "http" and has_two_body_lengths(scope):
+                await refuse(scope, send, 400, "two_body_lengths",
+                             "a request with both Content-Length and Transfer-Encoding")
+                return
             client = scope.get("client") if scope["type"] == "http" else None
             if client is not None and not guard.takes_http_request(client[0], take=False):
                 scope[REFUSED_BEFORE_THE_APP] = True  # its connection knows it was answered (on_response_complete)
@@ -230,6 +241,22 @@ class TransportGuard:
                 await send({"type": "http.response.body", "body": body})
                 return
             await app(scope, receive, send)
+
+        async def refuse(scope: Scope, send: Send, status: int, reason: str, detail: str) -> None:
+            """Answer ``status`` without the app and close the connection (an HTTP request's, or a WebSocket's
+            handshake: by the denial-response extension where the server has it, else a plain refusal)."""
+            guard.closed(reason, scope.get("client"), detail)
+            body = f"Bad Request: {detail}\n".encode()
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            elif "websocket.http.response" in scope.get("extensions", {}):
+                await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1008})
 
         return guarded
 
@@ -438,14 +465,16 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 self._head_received()
                 head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
                 declared = CONTENT_LENGTH.search(head)
-                is_chunked = TRANSFER_ENCODING.search(head) is not None
-                if declared is not None and is_chunked:
-                    self._refuse_two_framings()
-                    return
-                # What came with the head is its body only if it has one: a request without a length or chunks is
-                # followed by the next request (pipelined) or, after an upgrade, by WebSocket frames.
-                self._body_bytes = len(window) - end.end() if declared is not None or is_chunked else 0
-                if self._body_over_limit(None if declared is None else declared_length(declared.group(1))):
+                declared_bytes = None if declared is None else declared_length(declared.group(1))
+                # What came with the head is its body as far as it has one: what follows a request without a
+                # length or chunks, or after its declared length, is the next request (pipelined) or, after an
+                # upgrade, WebSocket frames. (Both a length and chunks: refused before the app, ``wrap``.)
+                after_head = len(window) - end.end()
+                if TRANSFER_ENCODING.search(head) is not None:
+                    self._body_bytes = after_head
+                else:
+                    self._body_bytes = min(after_head, declared_bytes or 0)
+                if self._body_over_limit(declared_bytes):
                     return
         elif self._body_timer is not None:
             self._body_bytes += len(data)  # chunk framing included: the limit is on what the client sends
@@ -453,13 +482,6 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
                 return
         super().data_received(data)
         self._watch_body()
-
-    def _refuse_two_framings(self) -> None:
-        """A request with both Content-Length and Transfer-Encoding: h11 would read the chunks and keep the
-        connection, where a proxy in front that reads the length sees another request in the rest (request
-        smuggling). RFC 9112 (6.1) has the connection closed; the request is refused with it."""
-        self._stop_body_timer()
-        self._answer_or_close(400, "two_body_lengths", "a request with both Content-Length and Transfer-Encoding")
 
     def _body_over_limit(self, declared_bytes: int | None = None) -> bool:
         """Answers 413 and closes when the body (as its Content-Length declares it, or as received) is over the
@@ -521,22 +543,18 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         elif not guard.takes_http_request(self._host, cost=cost):
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
-        answered_scope = self.scope
         super().on_response_complete()
         # A kept-alive connection's next request gets the same deadline (uvicorn's keep-alive
         # timer stops at its first byte); not when it is already in (pipelined).
         if self.transport.is_closing():
             return
-        headers = dict(self.scope.get("headers", ()))
-        if self.scope is not answered_scope and b"content-length" in headers and b"transfer-encoding" in headers:
-            self._refuse_two_framings()  # a pipelined request uvicorn has just begun, its body perhaps all in
-        elif self.conn.their_state is h11.IDLE and self._head_timer is None:
+        if self.conn.their_state is h11.IDLE and self._head_timer is None:
             self._await_head()
         elif self.conn.their_state is h11.SEND_BODY:
             # A pipelined request whose head came with the one answered: uvicorn has just begun it, and its body
             # gets the limits the first request's had (its length, its deadline, counted while it trickles).
             self._body_bytes = 0
-            declared = headers.get(b"content-length", b"")  # h11 has checked it
+            declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")  # h11 has checked it
             if not self._body_over_limit(declared_length(declared) if declared.isdigit() else None):
                 self._watch_body()
 
@@ -550,7 +568,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def _answer_and_close(self, status: int, reason: str, detail: str) -> None:
         self.transport_guard.closed(reason, self.client, detail)
-        phrase = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
+        phrase = {408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
         body = f"{phrase}: {detail}\n".encode()
         retry = b"Retry-After: 1\r\n" if status in (429, 503) else b""
