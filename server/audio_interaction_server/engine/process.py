@@ -52,8 +52,8 @@ from audio_interaction_server.engine.thread_name import name_native_thread
 from audio_interaction_server.engine.wire import (
     ENGINE_QUIET_S, FRONT_TIMEOUT_S, HEARTBEAT_S, KEEPALIVE_S, AddressCut, DetachEnded, EngineEndpoints,
     EngineFailedToLoad, EngineReady, EngineStatus, EvictDetached, Goodbye, Heartbeat, Hello, OpenRemote,
-    SessionDetached, SessionEvents, Shutdown, decode_batch, encode, make_socket_directory, recv_frames, send_frames,
-    stood_still_s,
+    STOOD_STILL_S, SessionDetached, SessionEvents, Shutdown, decode_batch, encode, make_socket_directory,
+    recv_frames, send_frames, stood_still_s,
 )
 
 # The front side of this module (EngineProcess, which a front imports to start or watch the engine) needs neither
@@ -230,9 +230,16 @@ class WorkerStall:
         self.worker = worker
         self.hang_timeout_s = hang_timeout_s
         self._counted_from_s = time.monotonic()  # a stall counts from here at the earliest (``excuse``)
+        self._looked_s = self._counted_from_s
         self.is_stalled = False
 
     def has_hung(self, now_s: float) -> bool:
+        # The command loop looks every HEARTBEAT_S or so: a look that comes much later means this process itself
+        # stood still meanwhile (frozen, starved of CPU), whatever the loop was doing then, and the worker, frozen
+        # with it, has not had its turn since.
+        if now_s - self._looked_s > STOOD_STILL_S:
+            self._counted_from_s = now_s
+        self._looked_s = now_s
         stalled_s = now_s - max(self.worker.last_turn_s, self._counted_from_s)
         if stalled_s <= ENGINE_QUIET_S:
             if self.is_stalled:

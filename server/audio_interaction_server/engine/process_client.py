@@ -393,16 +393,17 @@ class EngineProcessClient:
 
     def _receive_waiting(self, budget_s: float | None = None) -> bool:
         """Deliver what has arrived, or what arrives within ``budget_s`` of reading (the rest stays queued); True if
-        anything had."""
-        received = False
+        any of it says the engine works: its events, its steps, its status (which it sends only while its worker
+        turns). A flood cut passed on, or an answer to a hello, comes from its command thread alone."""
+        progressed = False
         until_s = None if budget_s is None else time.monotonic() + budget_s
         while until_s is None or time.monotonic() < until_s:
             try:
                 frames = recv_frames(self._events, zmq.NOBLOCK)
             except zmq.Again:
-                return received
-            received = True
+                return progressed
             for message in decode(frames):
+                progressed = progressed or isinstance(message, (SessionEvents, EngineStatus, StepStats))
                 match message:
                     case SessionEvents(session_id=session_id, events=events, state=state):
                         if state is None:
@@ -422,7 +423,7 @@ class EngineProcessClient:
                             self.on_step(message)
                     case EngineReady():
                         pass  # an answer to one of the hellos sent while the engine loaded
-        return received
+        return progressed
 
     def _heard_address_cut(self, cut: AddressCut) -> None:
         if self.on_address_cut is not None:
