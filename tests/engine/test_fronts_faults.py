@@ -382,8 +382,10 @@ def test_a_pause_of_the_whole_tree_ends_no_session(tiny_checkpoint):
 
 SLOW_DOWNLOAD = """
 # Loaded by every Python process started with this folder first on PYTHONPATH: the supervisor's download of the
-# model takes a minute (a Hub checkpoint of many GB).
+# model takes a minute (a Hub checkpoint of many GB), its files fetched by a pool of threads that is waited for
+# however the wait ends, as the Hub's library does.
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from audio_interaction_server.demo import source
 
@@ -391,7 +393,8 @@ _resolve = source.resolve_model_source
 
 
 def _slow_resolve(*args, **kwargs):
-    time.sleep(60)
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(time.sleep, 60).result()
     return _resolve(*args, **kwargs)
 
 
@@ -400,8 +403,9 @@ source.resolve_model_source = _slow_resolve
 
 
 def test_a_stop_signal_while_the_supervisor_downloads_the_model_stops_the_tree_at_once(tiny_checkpoint, tmp_path):
-    """The supervisor downloads the model on its main thread, after starting the fronts: a SIGINT or SIGTERM then
-    only set a flag and the download ran to its end (38 s after the first Ctrl-C in the review's run, 2026-12-07)."""
+    """The supervisor downloaded the model on its main thread, after starting the fronts: a SIGINT or SIGTERM then
+    only set a flag and the download ran to its end (38 s after the first Ctrl-C in the review's run, 2026-12-07);
+    an exception raised into it waited for the files in flight (the second review)."""
     (tmp_path / "sitecustomize.py").write_text(SLOW_DOWNLOAD)
     python_path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], PYTHONPATH=python_path)

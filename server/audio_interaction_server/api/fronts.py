@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, LoopHeartbeat
@@ -197,8 +198,7 @@ class Supervisor:
         self._hangs_watched_s: float | None = None  # when the fronts' heartbeats were last looked at
         self._judged_from_s = -math.inf  # no stillness before this counts (the end of the supervisor's own pause)
         self._context = multiprocessing.get_context("spawn")
-        self._resolving = False  # finding or downloading the model, on the main thread (``run``)
-        self.stopped_mid_download = False  # a signal ended that: its threads may still run
+        self.stopped_mid_download = False  # a stop came while the model was found or fetched: that thread runs on
 
     # ---- signals ------------------------------------------------------------------------------------------
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -209,9 +209,6 @@ class Supervisor:
         self.stopping = True
         # A front's own SIGHUP would end it at once (no handler): the hang-up asks what a SIGTERM asks.
         self._signal_fronts(signal.SIGTERM if signum == signal.SIGHUP else signum)
-        if self._resolving:  # a download of many GB on this thread: it ends here, not when it is done
-            self._resolving = False
-            raise _StoppedWhileResolving
 
     def _signal_fronts(self, signum: int) -> None:
         self._passed_on.append(signum)
@@ -261,18 +258,23 @@ class Supervisor:
                  ", ".join(str(front_config(config, i).replica_id) for i in range(config.fronts)))
         for index in range(config.fronts):
             self.start_front(index)
-        try:
-            self._resolving = not self.stopping
-            checkpoint = resolve_model_source(config.engine.checkpoint, config.is_demo)
-        except _StoppedWhileResolving:
+        # On a thread of its own: a download of many GB takes minutes, and a stop must not wait for it (the
+        # download's library holds a signal's exception until its files in flight are done).
+        found: dict[str, Any] = {}
+        resolver = threading.Thread(target=_resolve_into, args=(found, resolve_model_source, config),
+                                    name="model-download", daemon=True)
+        resolver.start()
+        while resolver.is_alive() and not self.stopping:
+            resolver.join(0.1)
+        if self.stopping and resolver.is_alive():
             self.stopped_mid_download = True
             return self._stop()
-        except Exception as error:
+        error = found.get("error")
+        if error is not None:
             log.error("cannot serve: %s: %s", type(error).__name__, error)
             self.last_word = f"{type(error).__name__}: {error}"
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
-        finally:
-            self._resolving = False
+        checkpoint = found["checkpoint"]
         if self.stopping:
             return self._stop()
         self.engine = EngineProcess(checkpoint, config.engine, self.setup_logging, directory=self.directory)
@@ -408,8 +410,13 @@ def _lost_engine_wait_s() -> float:
     return ENGINE_QUIET_S + STOP_GRACE_S
 
 
-class _StoppedWhileResolving(BaseException):
-    """Raised by a stop signal's handler into the model's download (no ``except Exception`` holds it)."""
+def _resolve_into(found: dict[str, Any], resolve: Callable[..., Path], config: ServerConfig) -> None:
+    """The model's local directory (found, generated or downloaded) into ``found["checkpoint"]``, or what went
+    wrong into ``found["error"]``: the supervisor's download thread."""
+    try:
+        found["checkpoint"] = resolve(config.engine.checkpoint, config.is_demo)
+    except Exception as error:
+        found["error"] = error
 
 
 def supervise(config: ServerConfig) -> int:
