@@ -269,10 +269,10 @@ class Supervisor:
         if self.stopping and resolver.is_alive():
             self.stopped_mid_download = True
             return self._stop()
-        error = found.get("error")
-        if error is not None:
-            log.error("cannot serve: %s: %s", type(error).__name__, error)
-            self.last_word = f"{type(error).__name__}: {error}"
+        failure = found.get("error")
+        if failure is not None:
+            log.error("cannot serve: %s: %s", type(failure).__name__, failure)
+            self.last_word = f"{type(failure).__name__}: {failure}"
             return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT)
         checkpoint = found["checkpoint"]
         if self.stopping:
