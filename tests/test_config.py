@@ -251,6 +251,14 @@ def test_null_in_the_environment_is_refused_with_how_to_give_null():
     ({"AIS_ENGINE__DEVCE": "cpu"}, "engine.devce: no such setting (did you mean AIS_ENGINE__DEVICE?) (from environment "
                                    "AIS_ENGINE__DEVCE)"),
     ({"AIS_ZZZZZ": "1"}, "zzzzz: no such setting (from environment AIS_ZZZZZ)"),
+    # One underscore where a section's two belong, and a setting given outside its section (review of the change).
+    ({"AIS_ENGINE_DEVICE": "cpu"}, "engine_device: no such setting (did you mean AIS_ENGINE__DEVICE?) (from "
+                                   "environment AIS_ENGINE_DEVICE)"),
+    ({"AIS_TRANSPORT_HEADER_TIMEOUT_S": "5"}, "transport_header_timeout_s: no such setting (did you mean "
+                                             "AIS_TRANSPORT__HEADER_TIMEOUT_S?) (from environment "
+                                             "AIS_TRANSPORT_HEADER_TIMEOUT_S)"),
+    ({"AIS_HANG_TIMEOUT_S": "5"}, "hang_timeout_s: no such setting (did you mean AIS_ENGINE__HANG_TIMEOUT_S?) (from "
+                                  "environment AIS_HANG_TIMEOUT_S)"),
 ])
 def test_a_misspelt_setting_is_named_with_the_one_meant(environment, expected):
     """pydantic's "Extra inputs are not permitted" for AIS_PROT (first-hour review, round six)."""

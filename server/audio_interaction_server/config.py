@@ -227,8 +227,8 @@ class TransportSettings(BaseModel):
                                   description="request line and headers; larger gets HTTP 431")
     max_request_body_bytes: int = Field(
         64 * 1024, ge=1024, description="an HTTP request's body (every route takes a few hundred bytes of JSON at "
-        "most); larger gets HTTP 413 and the connection closed: from its Content-Length before any of it is read, "
-        "or once a chunked body passes it")
+        "most); larger gets HTTP 413 and the connection closed: from its Content-Length before the route runs, or "
+        "once a chunked body passes it (docs/deployment.md)")
     body_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's whole body once "
                                   "its headers are in; else HTTP 408 and the connection closed")
     max_pending_handshakes: int = Field(
@@ -726,9 +726,8 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
         if path:
             source = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
             if item["type"] == "extra_forbidden":  # a misspelt name, most likely: the one meant, spelt as given
-                meant = difflib.get_close_matches(path[-1], _setting_names(path[:-1]), n=1)
-                message = "no such setting" + (f" (did you mean {_spelt(path[:-1] + (meant[0],), source)}?)"
-                                               if meant else "")
+                meant = _meant(path)
+                message = "no such setting" + (f" (did you mean {_spelt(meant, source)}?)" if meant else "")
             if source is not None and source.startswith("environment ") and item.get("input") == "null":
                 message += f"; for null, leave it empty ({source.removeprefix('environment ')}=)"
             described.append(f"{'.'.join(path)}: {message}" + (f" (from {source})" if source else ""))
@@ -737,6 +736,32 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
     if len(described) == 1:
         return f"invalid server configuration: {described[0]}"
     return "\n".join(["invalid server configuration:", *(f"  {line}" for line in described)])
+
+
+def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The setting most likely meant by ``path``, which names none: one underscore where a section's two belong
+    (``AIS_ENGINE_DEVICE``), the name of a setting of another section (``hang_timeout_s`` at the top level), or a
+    name close to one of its own section's."""
+    section, name = path[:-1], path[-1]
+    words = name.split("_")
+    for cut in range(1, len(words)):
+        inner = (*section, "_".join(words[:cut]))
+        if "_".join(words[cut:]) in _setting_names(inner):
+            return (*inner, "_".join(words[cut:]))
+    elsewhere = [other for other in _setting_paths(()) if other[-1] == name]
+    if elsewhere:
+        return elsewhere[0]
+    close = difflib.get_close_matches(name, _setting_names(section), n=1)
+    return (*section, close[0]) if close else None
+
+
+def _setting_paths(section: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every setting under ``section``, sections' own settings included (depth first)."""
+    paths = []
+    for name in _setting_names(section):
+        inner = _setting_names((*section, name))
+        paths += _setting_paths((*section, name)) if inner else [(*section, name)]
+    return paths
 
 
 def _setting_names(path: tuple[str, ...]) -> list[str]:

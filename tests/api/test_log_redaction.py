@@ -69,3 +69,13 @@ def test_a_long_request_target_is_logged_shortened_with_its_length():
                                ("127.0.0.1:5000", "/v1/sessions/" + "a" * 4000 + "/events", "[accepted]"), None)
     assert SecretFilter().filter(record) and len(record.getMessage()) < MAX_LOGGED_TARGET_CHARS + 80
     assert record.args[0] == "127.0.0.1:5000" and record.args[2] == "[accepted]"
+
+
+def test_a_urls_user_and_password_are_redacted():
+    """A request target in absolute form may carry ``user:password@``; a refused one is logged as sent (review of
+    the change, 2026-12-07)."""
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "http://alice:s3cret@[/x", "1.1", 400), None)
+    assert SecretFilter().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET http://[redacted]@[/x HTTP/1.1" 400'
+    assert redact_query_secrets("no url: alice@example.com") == "no url: alice@example.com"

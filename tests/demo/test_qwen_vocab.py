@@ -189,7 +189,9 @@ def test_a_vocabulary_that_cannot_be_fetched_says_how_to_start_offline(tmp_path,
 def test_scratch_left_in_the_cache_by_a_stopped_start_is_removed_by_the_next(tmp_path, monkeypatch):
     """Ctrl-C ends a starting server at once, without unwinding: a start stopped while it built the vocabulary left
     an empty tmpXXXX folder in the user's cache for good (first-hour review, round six). Scratch names carry their
-    process's id; a later start removes those of processes that have ended, and leaves a live one's alone."""
+    host and process; a later start on the same host removes those of processes that have ended, and leaves a live
+    one's alone, and another host's (a shared cache: its process ids mean nothing here; review of the change), and
+    files not named as ours."""
     import subprocess
     import sys
 
@@ -198,11 +200,15 @@ def test_scratch_left_in_the_cache_by_a_stopped_start_is_removed_by_the_next(tmp
     monkeypatch.setenv("AUDIO_INTERACTION_CACHE", str(tmp_path))
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(ended.stdout)
-    (tmp_path / f"scratch-{dead_pid}-abc").mkdir()
-    (tmp_path / f"scratch-{dead_pid}-def").write_bytes(b"half a file")
-    (tmp_path / f"scratch-{os.getpid()}-ghi").mkdir()  # a start building now
-    (tmp_path / "qwen.tiktoken").write_bytes(b"kept")
+    ours = qwen_vocab._scratch_prefix().removesuffix(f"{os.getpid()}-")
+    (tmp_path / f"{ours}{dead_pid}-abc").mkdir()
+    (tmp_path / f"{ours}{dead_pid}-def").write_bytes(b"half a file")
+    kept = [f"{ours}{os.getpid()}-ghi",  # a start building now
+            f"ais-scratch-another.host-{dead_pid}-jkl",  # another host's, sharing the cache
+            f"scratch-{dead_pid}-mno", "qwen.tiktoken"]  # not ours
+    for name in kept:
+        (tmp_path / name).mkdir() if "-" in name else (tmp_path / name).write_bytes(b"kept")
     qwen_vocab._ensure_cache_dir()
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([f"scratch-{os.getpid()}-ghi", "qwen.tiktoken"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
     with qwen_vocab.tempfile.TemporaryDirectory(dir=tmp_path, prefix=qwen_vocab._scratch_prefix()) as scratch:
-        assert Path(scratch).name.startswith(f"scratch-{os.getpid()}-")
+        assert Path(scratch).name.startswith(f"{ours}{os.getpid()}-")

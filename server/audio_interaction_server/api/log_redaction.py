@@ -63,9 +63,15 @@ def shortened(text: str) -> str:
     return f"{text[:MAX_LOGGED_TARGET_CHARS]}...({len(text)} characters)"
 
 
+# A URL's user and password (``http://alice:s3cret@host/``), as a request target in absolute form may carry them.
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s\"]*@")
+
+
 def redact_secrets(text: str) -> str:
-    """``text`` with its secret query values and subprotocol secrets replaced."""
+    """``text`` with its secret query values, a URL's user and password, and subprotocol secrets replaced."""
     text = redact_query_secrets(text)
+    if "@" in text:
+        text = _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", text)
     return _SUBPROTOCOL_SECRET.sub(rf"\g<1>{REDACTED}", text) if "openai-insecure-api-key." in text else text
 
 

@@ -122,6 +122,9 @@ LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_i
                                  window_s=10.0)
 
 
+# The reason phrases of the answers the transport makes itself.
+HTTP_PHRASES = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
+                431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 # Set in a plain request's scope that ``TransportGuard.wrap`` answered 429 before the app.
 REFUSED_BEFORE_THE_APP = "ais.refused_before_the_app"
 # What a /metrics answer costs of its client's plain-request budget: it renders every counter, about 20 times the work
@@ -210,7 +213,10 @@ class TransportGuard:
         return self._http_requests.retry_after_s(host, time.monotonic(), take, cost) is None
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
-        """``app`` behind the per-client check of plain requests that came through a trusted proxy.
+        """``app`` behind what is settled before any route runs: a request target in absolute form is rewritten
+        to its path, and one that is no URL refused (400, ``request_targets.py``); a request with two body lengths
+        (400) or a declared body over ``max_request_body_bytes`` (413) is refused and its connection closed; and
+        the per-client check of plain requests that came through a trusted proxy.
 
         A proxy's connection carries many clients' requests, so it is neither refused nor closed for one of them
         (``GuardedHttpProtocol``); each request it forwards spends the budget of the client it names
@@ -230,6 +236,13 @@ class TransportGuard:
                 await refuse(scope, send, 400, "two_body_lengths",
                              "a request with both Content-Length and Transfer-Encoding")
                 return
+            # The length as h11 read it ("N, N" and a folded line made one number), for every request: the
+            # connection's own check sees only a first request's head, and only a length written plainly.
+            declared = dict(scope.get("headers", ())).get(b"content-length", b"") if scope["type"] == "http" else b""
+            max_bytes = guard.settings.max_request_body_bytes
+            if declared.isdigit() and declared_length(declared) > max_bytes:
+                await refuse(scope, send, 413, "body_too_large", f"request body over {max_bytes} bytes")
+                return
             client = scope.get("client") if scope["type"] == "http" else None
             if client is not None and not guard.takes_http_request(client[0], take=False):
                 scope[REFUSED_BEFORE_THE_APP] = True  # its connection knows it was answered (on_response_complete)
@@ -246,7 +259,7 @@ class TransportGuard:
             """Answer ``status`` without the app and close the connection (an HTTP request's, or a WebSocket's
             handshake: by the denial-response extension where the server has it, else a plain refusal)."""
             guard.closed(reason, scope.get("client"), detail)
-            body = f"Bad Request: {detail}\n".encode()
+            body = f"{HTTP_PHRASES[status]}: {detail}\n".encode()
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
             if scope["type"] == "http":
@@ -568,8 +581,7 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
 
     def _answer_and_close(self, status: int, reason: str, detail: str) -> None:
         self.transport_guard.closed(reason, self.client, detail)
-        phrase = {408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
-                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
+        phrase = HTTP_PHRASES[status]
         body = f"{phrase}: {detail}\n".encode()
         retry = b"Retry-After: 1\r\n" if status in (429, 503) else b""
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"

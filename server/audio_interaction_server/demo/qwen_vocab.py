@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import glob
 import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -261,18 +264,25 @@ def _ensure_cache_dir() -> Path:
     return directory
 
 
-# Scratch files and folders in the cache carry their process's id: a start stopped while it fetched or built
-# (Ctrl-C ends a starting server at once, without unwinding) leaves them, and the next start removes them.
-SCRATCH_PREFIX = "scratch-"
+# Scratch files and folders in the cache carry their host's name and their process's id: a start stopped while it
+# fetched or built (Ctrl-C ends a starting server at once, without unwinding) leaves them, and a later start on
+# the same host removes those whose process has ended. Another host's (a cache shared over NFS, or by containers,
+# each its own host name and process ids) are never touched: their processes cannot be looked at from here.
+SCRATCH_PREFIX = "ais-scratch-"
 
 
 def _scratch_prefix() -> str:
-    return f"{SCRATCH_PREFIX}{os.getpid()}-"
+    return f"{SCRATCH_PREFIX}{_host_label()}-{os.getpid()}-"
+
+
+def _host_label() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
 def _remove_stale_scratch(directory: Path) -> None:
-    for scratch in directory.glob(f"{SCRATCH_PREFIX}*"):
-        pid = scratch.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+    ours = f"{SCRATCH_PREFIX}{_host_label()}-"
+    for scratch in directory.glob(f"{glob.escape(ours)}*"):
+        pid = scratch.name.removeprefix(ours).partition("-")[0]
         if pid.isdigit() and not process_exists(int(pid)):
             if scratch.is_dir():
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -81,7 +81,7 @@ class EngineEndpoints:
         return cls(f"ipc://{directory}/commands", f"ipc://{directory}/events")
 
 
-# A Unix socket's path holds at most 107 bytes (``sun_path``); ZeroMQ refuses a longer one.
+# A Unix socket's path holds at most 107 bytes on Linux (``sun_path``; 103 on macOS); ZeroMQ refuses a longer one.
 MAX_SOCKET_PATH_BYTES = 107
 # The longest name of a socket in the directory (``EngineEndpoints.in_directory``).
 _LONGEST_SOCKET_NAME = "/commands"
