@@ -257,6 +257,8 @@ def test_null_in_the_environment_is_refused_with_how_to_give_null():
     ({"AIS_TRANSPORT_HEADER_TIMEOUT_S": "5"}, "transport_header_timeout_s: no such setting (did you mean "
                                              "AIS_TRANSPORT__HEADER_TIMEOUT_S?) (from environment "
                                              "AIS_TRANSPORT_HEADER_TIMEOUT_S)"),
+    ({"AIS_ENGINE_DEVICEE": "cpu"}, "engine_devicee: no such setting (did you mean AIS_ENGINE__DEVICE?) (from "
+                                    "environment AIS_ENGINE_DEVICEE)"),  # a setting, never a section's name
     ({"AIS_HANG_TIMEOUT_S": "5"}, "hang_timeout_s: no such setting (did you mean AIS_ENGINE__HANG_TIMEOUT_S?) (from "
                                   "environment AIS_HANG_TIMEOUT_S)"),
 ])

@@ -744,15 +744,25 @@ def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
     name close to one of its own section's."""
     section, name = path[:-1], path[-1]
     words = name.split("_")
+    near: tuple[str, ...] | None = None
     for cut in range(1, len(words)):
         inner = (*section, "_".join(words[:cut]))
-        if "_".join(words[cut:]) in _setting_names(inner):
-            return (*inner, "_".join(words[cut:]))
+        rest = "_".join(words[cut:])
+        if rest in _leaf_names(inner):
+            return (*inner, rest)
+        close = difflib.get_close_matches(rest, _leaf_names(inner), n=1)
+        near = near or ((*inner, close[0]) if close else None)
     elsewhere = [other for other in _setting_paths(()) if other[-1] == name]
     if elsewhere:
         return elsewhere[0]
-    close = difflib.get_close_matches(name, _setting_names(section), n=1)
+    if near is not None:
+        return near
+    close = difflib.get_close_matches(name, _leaf_names(section), n=1)  # a setting, never a section's name
     return (*section, close[0]) if close else None
+
+
+def _leaf_names(section: tuple[str, ...]) -> list[str]:
+    return [name for name in _setting_names(section) if not _setting_names((*section, name))]
 
 
 def _setting_paths(section: tuple[str, ...]) -> list[tuple[str, ...]]:

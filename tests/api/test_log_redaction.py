@@ -79,3 +79,5 @@ def test_a_urls_user_and_password_are_redacted():
     assert SecretFilter().filter(record)
     assert record.getMessage() == '127.0.0.1:5000 - "GET http://[redacted]@[/x HTTP/1.1" 400'
     assert redact_query_secrets("no url: alice@example.com") == "no url: alice@example.com"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", ("http://alice:p@ss@host/x",), None)
+    assert SecretFilter().filter(record) and record.getMessage() == "http://[redacted]@host/x"

@@ -421,3 +421,22 @@ def test_a_stop_signal_while_the_supervisor_downloads_the_model_stops_the_tree_a
     tree.reader.join(10)
     assert status == 0 and took_s < 15, (status, took_s, "".join(tree.lines))
     assert not [pid for pid in tree.every_front_pid() if not process_has_ended(pid)]
+
+
+def test_a_download_that_raises_systemexit_is_said_and_stops_the_tree_as_a_failure(tiny_checkpoint, tmp_path):
+    """A download thread ended by SystemExit (a library calling sys.exit) left no result: the supervisor crashed on
+    a KeyError with status 1 and no 'cannot serve' line (review of the change, 2026-12-07)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "from audio_interaction_server.demo import source\n\n\n"
+        "def _exits(*args, **kwargs):\n    raise SystemExit('the download library gave up')\n\n\n"
+        "source.resolve_model_source = _exits\n")
+    python_path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    tree = spawn(["--port", "0", "--checkpoint", str(tiny_checkpoint)], PYTHONPATH=python_path)
+    try:
+        status = tree.process.wait(60)
+    finally:
+        stop(tree)
+    tree.reader.join(10)
+    log = "".join(tree.lines)
+    assert status == EXIT_CANNOT_SERVE and "cannot serve: SystemExit: the download library gave up" in log, log
+    assert "Traceback" not in log, log

@@ -415,7 +415,7 @@ def _resolve_into(found: dict[str, Any], resolve: Callable[..., Path], config: S
     wrong into ``found["error"]``: the supervisor's download thread."""
     try:
         found["checkpoint"] = resolve(config.engine.checkpoint, config.is_demo)
-    except Exception as error:
+    except BaseException as error:  # SystemExit, KeyboardInterrupt too: the supervisor says why and stops
         found["error"] = error
 
 

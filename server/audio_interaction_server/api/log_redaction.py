@@ -64,7 +64,7 @@ def shortened(text: str) -> str:
 
 
 # A URL's user and password (``http://alice:s3cret@host/``), as a request target in absolute form may carry them.
-_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s\"]*@")
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s\"]*@")  # to the last "@" before the path
 
 
 def redact_secrets(text: str) -> str:
