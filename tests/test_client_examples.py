@@ -1109,10 +1109,19 @@ def test_a_server_that_stops_and_comes_back_later_gets_a_new_session_within_the_
     assert abs(float(summary[2]) - audio_seconds(folder)) <= 0.1
 
 
+def begin_drain(server: LiveServer) -> None:
+    """The drain call, as an operator makes it: the server drains, then stops."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/admin/drain", method="POST",
+                                     headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+
+
 def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_checkpoint, shared_audio, tmp_path):
     """A drain (session.going_away, session.closed, close 1012) ends the session on purpose: nothing to resume.
     The client says so and starts a new session, which the relay (a balancer) sends to the other replica."""
-    import urllib.request
 
     from tests.cut_proxy import CutProxy
 
@@ -1125,10 +1134,7 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
     try:
         script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
         relay.target_port = other.port  # new connections go to the replica that stays
-        request = urllib.request.Request(f"http://127.0.0.1:{draining.port}/v1/admin/drain", method="POST",
-                                         headers={"Authorization": f"Bearer {API_KEY}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 202
+        begin_drain(draining)
         code = script.finish()
     finally:
         stop_all(script, relay, draining, other)
@@ -1531,7 +1537,6 @@ def test_a_client_that_cannot_replace_a_drained_session_ends_on_why(tiny_checkpo
     """After a drain the client tries for a new session; when none comes in --busy-retry-s, its last line said to
     "check the host and port" (of a server it had just used), and the drain's old "connection closed with code
     1012" line followed the error (first-hour review, round six)."""
-    import urllib.request
 
     draining = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
     # A drain stops the server once it is done: the port then refuses connections.
@@ -1540,10 +1545,7 @@ def test_a_client_that_cannot_replace_a_drained_session_ends_on_why(tiny_checkpo
                     cwd=tmp_path)
     try:
         script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 2)
-        request = urllib.request.Request(f"http://127.0.0.1:{draining.port}/v1/admin/drain", method="POST",
-                                         headers={"Authorization": f"Bearer {API_KEY}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 202
+        begin_drain(draining)
         code = script.finish()
     finally:
         stop_all(script, draining)

@@ -33,6 +33,7 @@ from audio_interaction_server.engine.events import EndCode, SessionEnded, Sessio
 from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.options import SessionOptions
 from benchmarks.harness import LiveServer, spawn_server, stop_server
+from tests.engine.test_fronts import http_status
 from tests.api.test_app import (  # noqa: F401  (imported tests run here over the process transport)
     recv_event, recv_to_close, recv_until, send_configure, send_count_bark, send_pcm, server_config,
     test_bad_input_gets_error_events_and_session_survives,
@@ -732,17 +733,6 @@ def test_an_engine_whose_worker_thread_hangs_stops_admitting_then_is_lost(tiny_c
         if process.poll() is None:
             process.kill()
     assert "the model worker has not turned for" in process.stderr.read()
-
-
-def http_status(port: int, path: str) -> int:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def test_a_sigterm_to_the_whole_process_group_drains_before_the_engine_stops(tiny_checkpoint, shared_audio):
