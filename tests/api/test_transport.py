@@ -1031,3 +1031,22 @@ def test_an_absolute_form_target_gives_the_route_its_path_and_host_never_a_users
     bare = {"type": "http", "path": "http:///health", "raw_path": b"http:///health", "headers": [(b"host", b"sent")]}
     assert to_origin_form(bare) and bare["path"] == "/health" and bare["headers"] == [(b"host", b"sent")]
     assert not is_absolute_form({"raw_path": b"/http://x"}) and not is_absolute_form({"raw_path": b"health"})
+
+
+def test_a_client_sending_a_body_over_the_limit_reads_the_413_not_a_reset(guarded):
+    """The 413 was written and the socket closed at once, with the body still coming: the kernel reset the
+    connection as the unread bytes arrived, and an HTTP client saw a reset or a broken pipe, never the answer
+    (20 of 20 with a 10 MB body; review of the change, 2026-12-07). The rest of the body is now read and dropped
+    for a while first."""
+    import http.client
+
+    for _ in range(3):
+        connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=10,
+                                                source_address=("127.0.0.8", 0))
+        try:
+            connection.request("POST", "/v1/realtime/client_secrets", body=b"x" * 10_000_000,
+                               headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+            answer = connection.getresponse()
+            assert answer.status == 413 and b"request body over 65536 bytes" in answer.read()
+        finally:
+            connection.close()
