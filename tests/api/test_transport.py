@@ -1036,17 +1036,33 @@ def test_an_absolute_form_target_gives_the_route_its_path_and_host_never_a_users
 def test_a_client_sending_a_body_over_the_limit_reads_the_413_not_a_reset(guarded):
     """The 413 was written and the socket closed at once, with the body still coming: the kernel reset the
     connection as the unread bytes arrived, and an HTTP client saw a reset or a broken pipe, never the answer
-    (20 of 20 with a 10 MB body; review of the change, 2026-12-07). The rest of the body is now read and dropped
-    for a while first."""
+    (20 of 20 with a 10 MB body; review of the change, 2026-12-07). The rest of the body, up to 4 MiB, is now read
+    and dropped for a while first."""
     import http.client
 
     for _ in range(3):
         connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=10,
                                                 source_address=("127.0.0.8", 0))
         try:
-            connection.request("POST", "/v1/realtime/client_secrets", body=b"x" * 10_000_000,
+            connection.request("POST", "/v1/realtime/client_secrets", body=b"x" * 3_000_000,
                                headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
             answer = connection.getresponse()
             assert answer.status == 413 and b"request body over 65536 bytes" in answer.read()
         finally:
             connection.close()
+
+
+def test_refused_bodies_spend_their_addresses_request_budget(tiny_checkpoint):
+    """Each refused body is read and dropped for a while after its 413: a churn of them from one address must not
+    be free. The refusal spends a request of the address's budget, as a served one does."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.1, "http_request_burst": 3})
+    try:
+        statuses = []
+        for _ in range(5):
+            with open_socket(server.port) as sock:
+                sock.sendall(post_head("Content-Length: 300000000\r\n") + b"{")
+                data, _ = read_until_closed(sock, timeout_s=5.0)
+            statuses.append(int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else None)
+        assert statuses == [413, 413, 413, 429, 429], statuses
+    finally:
+        server.stop()

@@ -126,7 +126,7 @@ LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_i
 # reset as those bytes arrive, and the client sees the reset, not the answer (20 of 20 times with a 10 MB body):
 # the rest is read and dropped, the socket's write side shut, for up to LINGER_S or LINGER_MAX_BYTES.
 LINGER_S = 2.0
-LINGER_MAX_BYTES = 16 * 1024 * 1024
+LINGER_MAX_BYTES = 4 * 1024 * 1024
 # The reason phrases of the answers the transport makes itself.
 HTTP_PHRASES = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
                 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
@@ -515,6 +515,9 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         if self._body_bytes <= max_bytes and (declared_bytes is None or declared_bytes <= max_bytes):
             return False
         self._stop_body_timer()
+        # A request of its address's budget, as a served one is: a churn of refused bodies, each read and dropped
+        # for a while (``LINGER_S``), is then refused with 429 at its connections' start.
+        self.transport_guard.takes_http_request(self._host)
         self._answer_or_close(413, "body_too_large", f"request body over {max_bytes} bytes", linger=True)
         return True
 
