@@ -259,6 +259,9 @@ def test_null_in_the_environment_is_refused_with_how_to_give_null():
                                              "AIS_TRANSPORT_HEADER_TIMEOUT_S)"),
     ({"AIS_ENGINE_DEVICEE": "cpu"}, "engine_devicee: no such setting (did you mean AIS_ENGINE__DEVICE?) (from "
                                     "environment AIS_ENGINE_DEVICEE)"),  # a setting, never a section's name
+    ({"AIS_SESSION_SAMPLING_TOP_K": "5"}, "session_sampling_top_k: no such setting (did you mean "
+                                          "AIS_SESSION__SAMPLING__TOP_K?) (from environment "
+                                          "AIS_SESSION_SAMPLING_TOP_K)"),
     ({"AIS_HANG_TIMEOUT_S": "5"}, "hang_timeout_s: no such setting (did you mean AIS_ENGINE__HANG_TIMEOUT_S?) (from "
                                   "environment AIS_HANG_TIMEOUT_S)"),
 ])

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -743,14 +744,14 @@ def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
     (``AIS_ENGINE_DEVICE``), the name of a setting of another section (``hang_timeout_s`` at the top level), or a
     name close to one of its own section's."""
     section, name = path[:-1], path[-1]
+    split = _split_into_sections(section, name.split("_"))
+    if split is not None:
+        return split
     words = name.split("_")
     near: tuple[str, ...] | None = None
     for cut in range(1, len(words)):
         inner = (*section, "_".join(words[:cut]))
-        rest = "_".join(words[cut:])
-        if rest in _leaf_names(inner):
-            return (*inner, rest)
-        close = difflib.get_close_matches(rest, _leaf_names(inner), n=1)
+        close = difflib.get_close_matches("_".join(words[cut:]), _leaf_names(inner), n=1)
         near = near or ((*inner, close[0]) if close else None)
     elsewhere = [other for other in _setting_paths(()) if other[-1] == name]
     if elsewhere:
@@ -759,6 +760,20 @@ def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
         return near
     close = difflib.get_close_matches(name, _leaf_names(section), n=1)  # a setting, never a section's name
     return (*section, close[0]) if close else None
+
+
+def _split_into_sections(section: tuple[str, ...], words: list[str]) -> tuple[str, ...] | None:
+    """The setting that ``words`` spell with single underscores between sections (``session_sampling_top_k``:
+    ``session.sampling.top_k``), or None."""
+    for cut in range(1, len(words) + 1):
+        head = "_".join(words[:cut])
+        if cut == len(words):
+            return (*section, head) if head in _leaf_names(section) else None
+        if _setting_names((*section, head)):
+            inner = _split_into_sections((*section, head), words[cut:])
+            if inner is not None:
+                return inner
+    return None
 
 
 def _leaf_names(section: tuple[str, ...]) -> list[str]:
@@ -781,8 +796,14 @@ def _setting_names(path: tuple[str, ...]) -> list[str]:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []
-        model = field.annotation
+        model = _section_model(field.annotation)
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _section_model(annotation: Any) -> Any:
+    """The settings class of a section, also of one that may be null (``ScriptedTurns | None``)."""
+    members = [member for member in typing.get_args(annotation) if member is not type(None)]
+    return members[0] if len(members) == 1 else annotation
 
 
 def _spelt(path: tuple[str, ...], source: str | None) -> str:
