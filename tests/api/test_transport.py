@@ -929,9 +929,13 @@ def test_pipelined_requests_without_a_body_are_not_taken_for_the_first_ones_body
         data, _ = read_until_closed(sock, timeout_s=5.0)
     assert [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)][:3] == [200] * 3, data[:300]
     with open_socket(guarded.port, source="127.0.0.5") as sock:
-        sock.sendall(upgrade_request() + client_frame(0x1, b'{"type": "session.close"}') + b"\x00" * 70_000)
-        head, _ = read_response_head(sock)
-    assert head.startswith(b"HTTP/1.1 101"), head
+        # Frames (70 KB of audio, then a close) sent before the 101, as a client must not (RFC 6455 4.1): the
+        # answer is the 101, or, when the WebSocket parser reads the frames before the app has accepted, the
+        # connection dropped without one (uvicorn's parser refuses them); never a 413 for a body.
+        sock.sendall(upgrade_request() + data_frame(0x2, b"\x00" * 124) * 540
+                     + client_frame(0x1, b'{"type": "session.close"}'))
+        data, _ = read_until_closed(sock, timeout_s=5.0)
+    assert data == b"" or data.startswith(b"HTTP/1.1 101"), data[:200]
 
 
 def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(guarded):
