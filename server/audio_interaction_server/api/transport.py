@@ -580,11 +580,10 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             self._await_head()
         elif self.conn.their_state is h11.SEND_BODY:
             # A pipelined request whose head came with the one answered: uvicorn has just begun it, and its body
-            # gets the limits the first request's had (its length, its deadline, counted while it trickles).
+            # gets the first request's deadline and is counted while it trickles. Its declared length is checked
+            # where every request's is, before the app (``wrap``): checked here as well, it was refused twice.
             self._body_bytes = 0
-            declared = dict(self.scope.get("headers", ())).get(b"content-length", b"")  # h11 has checked it
-            if not self._body_over_limit(declared_length(declared) if declared.isdigit() else None):
-                self._watch_body()
+            self._watch_body()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
