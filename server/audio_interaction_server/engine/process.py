@@ -229,7 +229,7 @@ class WorkerStall:
     def __init__(self, worker: Worker, hang_timeout_s: float) -> None:
         self.worker = worker
         self.hang_timeout_s = hang_timeout_s
-        self._counted_from_s = time.monotonic()  # a stall counts from here at the earliest (``excuse``)
+        self._counted_from_s = time.monotonic()  # a stall counts from here at the earliest (a late look resets it)
         self._looked_s = self._counted_from_s
         self.is_stalled = False
 
@@ -256,10 +256,6 @@ class WorkerStall:
                         "stops answering its fronts, which refuse new sessions until it turns; past %g s "
                         "(engine.hang_timeout_s) the engine process exits", stalled_s, self.hang_timeout_s)
         return False
-
-    def excuse(self) -> None:
-        """The whole process has just stood still (stopped, starved of CPU): the worker's stall counts from now."""
-        self._counted_from_s = time.monotonic()
 
 
 def remove_endpoints(endpoints: EngineEndpoints) -> None:
@@ -396,8 +392,8 @@ class EngineHost:
             stood_s = stood_still_s(time.monotonic() - polled_at_s, asked_s)
             if stood_s:
                 # This process stood still (the whole tree paused, the host stalled): the fronts' heartbeats of
-                # that time are queued unread, so their silence is not theirs to answer for; nor is the worker's.
-                stall.excuse()
+                # that time are queued unread, so their silence is not theirs to answer for. (The worker's stall
+                # sees the same: its next look is late.)
                 with self._fronts_lock:
                     for front in self.fronts.values():
                         front.last_seen_s += stood_s
