@@ -929,13 +929,63 @@ def test_pipelined_requests_without_a_body_are_not_taken_for_the_first_ones_body
         data, _ = read_until_closed(sock, timeout_s=5.0)
     assert [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3}) ", data)][:3] == [200] * 3, data[:300]
     with open_socket(guarded.port, source="127.0.0.5") as sock:
-        # Frames (70 KB of audio, then a close) sent before the 101, as a client must not (RFC 6455 4.1): the
-        # answer is the 101, or, when the WebSocket parser reads the frames before the app has accepted, the
-        # connection dropped without one (uvicorn's parser refuses them); never a 413 for a body.
+        # A WebSocket's first frames (70 KB of audio, then a close) sent with its upgrade request: never a 413.
         sock.sendall(upgrade_request() + data_frame(0x2, b"\x00" * 124) * 540
                      + client_frame(0x1, b'{"type": "session.close"}'))
         data, _ = read_until_closed(sock, timeout_s=5.0)
-    assert data == b"" or data.startswith(b"HTTP/1.1 101"), data[:200]
+    assert data.startswith(b"HTTP/1.1 101"), data[:200]
+    assert session_closed_event(data)["audio_received_s"] == pytest.approx(540 * 62 / 16_000, abs=0.001)
+
+
+def session_closed_event(data: bytes) -> dict:
+    """The ``session.closed`` event among the text frames after a 101 in ``data``."""
+    _, _, frames = data.partition(b"\r\n\r\n")
+    events = [json.loads(payload) for opcode, payload in server_frames(frames) if opcode == TEXT]
+    closed = [event for event in events if event["type"] == "session.closed"]
+    assert closed, [event["type"] for event in events]
+    return closed[0]
+
+
+@pytest.mark.parametrize("cut", ["whole", "in_a_frame"])
+def test_frames_sent_with_the_upgrade_request_reach_the_session(guarded, caplog, cut):
+    """A client's first frames in the same read as its upgrade request were dropped: uvicorn hands the WebSocket
+    protocol the request rebuilt from its head, not the bytes read after it. The session never saw that audio,
+    nor the close that followed it (the connection hung open); and a frame cut by the read's end left the parser
+    reading the frame's second part as a header, which uvicorn met with an AssertionError ("Fatal error on
+    transport") and a dropped connection. RFC 6455 4.1 has a client wait for the 101; a client that does not has
+    its frames taken in order, as websockets' own server takes them."""
+    audio = data_frame(0x2, b"\x00" * 124) * 5
+    close = client_frame(0x1, b'{"type": "session.close"}')
+    with open_socket(guarded.port, source="127.0.0.7") as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cut == "whole":
+            sock.sendall(upgrade_request() + audio + close)
+        else:  # the server's first read ends inside the second frame
+            sock.sendall(upgrade_request() + audio[:200])
+            time.sleep(0.3)
+            sock.sendall(audio[200:] + close)
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and data.startswith(b"HTTP/1.1 101"), data[:200]
+    event = session_closed_event(data)
+    assert event["reason"] == "client_closed" and event["audio_received_s"] == pytest.approx(5 * 62 / 16_000, abs=0.001)
+    assert close_code(server_frames(data.partition(b"\r\n\r\n")[2])) == 1000
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
+def test_an_invalid_frame_sent_with_the_upgrade_request_is_answered_400(guarded, caplog):
+    """A frame the WebSocket parser refuses before the handshake's answer (here unmasked, which a client's may not
+    be) failed the connection where websockets sends no close frame, and uvicorn's handler of a parser error
+    assumes one: an AssertionError logged as "Fatal error on transport" and the connection dropped unanswered."""
+    before = metric_samples(guarded).get('ais_transport_closes_total{reason="bad_handshake"}', 0)
+    unmasked = bytes([0x82, 4]) + b"\x00" * 4
+    with open_socket(guarded.port, source="127.0.0.8") as sock:
+        sock.sendall(upgrade_request() + unmasked)
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert b"before the handshake" in data, data
+    assert metric_samples(guarded)['ais_transport_closes_total{reason="bad_handshake"}'] == before + 1
+    assert guarded.get("/health")[0] == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(guarded):

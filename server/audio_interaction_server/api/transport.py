@@ -49,6 +49,7 @@ import re
 import struct
 import time
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import Any, ClassVar, NamedTuple, cast
 
 import h11
@@ -622,6 +623,12 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         self.write_watch.cancel()  # the WebSocket protocol watches from here on
         self.transport_guard.open_connections.discard(self)
         super().handle_websocket_upgrade(event)
+        # uvicorn hands the WebSocket protocol the request rebuilt from its head, not what was read after it: a
+        # client's first frames that came in the same read (RFC 6455 has a client wait for the 101; not every
+        # client does) were dropped, or, cut by the read's end, left the parser reading a frame's middle as a header.
+        frames, _ = self.conn.trailing_data
+        if frames and not self.transport.is_closing():
+            self.transport.get_protocol().data_received(bytes(frames))
 
 class _DeadlineOnClose:
     """The connection's transport, with a deadline on ``close()``.
@@ -886,6 +893,23 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport_guard.closed("bad_handshake", self.client, str(self.conn.handshake_exc))
             self.transport.close()
+
+    def handle_parser_exception(self) -> None:
+        if self.conn.close_sent is not None:
+            super().handle_parser_exception()
+            return
+        # The parser refused a frame before the handshake's answer (one a client sent with its request): websockets
+        # fails such a connection without a close frame, and uvicorn's handler assumes one (an AssertionError, the
+        # connection dropped unanswered). The app has not accepted yet (an accept on a closing transport is a no-op).
+        detail = f"an invalid frame before the handshake's answer: {self.conn.parser_exc}"
+        self.conn.data_to_send()  # the end of file websockets queued: the answer below is written first
+        refusal = self.conn.reject(HTTPStatus.BAD_REQUEST, f"Failed to open a WebSocket connection: {detail}.\n")
+        self.transport.write(refusal.serialize())
+        self.transport_guard.closed("bad_handshake", self.client, detail)
+        if not self.close_sent:
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1002, "reason": detail})
+        self.transport.close()
 
     def send_receive_event_to_app(self) -> None:
         was_paused, self.read_paused = self.read_paused, True  # keeps uvicorn from pausing for this message
