@@ -108,8 +108,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 EXIT_STATUSES = f"""exit status:
   {EXIT_STOPPED}  stopped by SIGINT (Ctrl-C) or SIGTERM (docker stop), also while the model was loading;
      a drain (SIGTERM with --drain-timeout, or POST /v1/admin/drain) that finished
-  {EXIT_CANNOT_SERVE}  the model could not be loaded, or the model worker died (an error: line says why);
-     with --fronts: also the engine process died, or a front kept dying
+  {EXIT_CANNOT_SERVE}  the model could not be loaded, the model worker died, or the event loop hung for
+     front_hang_timeout_s (an error: line says why); with --fronts: also the engine process died, or a
+     front kept dying
   {EXIT_BAD_CONFIG}  invalid configuration or command line (the message names the field and its source), also a
      --checkpoint that is neither a directory nor a Hugging Face repo id
   {EXIT_CANNOT_LISTEN}  cannot listen on the host and port (in use, not permitted, no such address)

@@ -412,10 +412,11 @@ class ServerConfig(BaseModel):
         "process (docs/scaling.md, several fronts per engine): front i listens on port + i, its agent on "
         "agent_port + i (0: any free port each), its replica id is replica_id + '-f<i>'; 1 = one process as ever")
     front_hang_timeout_s: float = Field(
-        15.0, ge=1.0, description="with fronts > 1: a front whose event loop has not turned for this many seconds "
-        "(deadlocked, stopped, stuck in a call) is killed by the supervisor and started again, as a crashed front is "
-        "(docs/scaling.md); its clients' connections drop. With one process, the orchestrator's liveness probe "
-        "(/health) has that part. At least 1 s (the loop ticks 10 times a second, the supervisor looks twice)")
+        15.0, ge=1.0, description="a server whose event loop has not turned for this many seconds (deadlocked, "
+        "stuck in a call that never returns) hangs. With fronts > 1 the supervisor kills such a front and starts it "
+        "again, as a crashed front is (docs/scaling.md); a server of one process logs where its loop stands and "
+        "exits 1, for its orchestrator to restart it (docs/reliability.md). Either way its clients' connections "
+        "drop. At least 1 s (the loop ticks 10 times a second, the watcher looks twice)")
     agent_probes_per_s: float = Field(
         50.0, gt=0, description="connections the capacity agent takes per second, all clients together (one at a "
         "time: each gets its line and is closed at once); more wait in the kernel's accept queue, so a flood of "

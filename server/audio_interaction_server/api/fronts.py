@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -67,7 +66,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, LoopHeartbeat
+from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, WATCH_S, HangJudge, LoopHeartbeat
 from audio_interaction_server.api.serving import (
     EXIT_BAD_CONFIG, EXIT_CANNOT_LISTEN, EXIT_CANNOT_SERVE, EXIT_STOPPED, CannotListen, Listeners, StopRequested,
     bind_listeners, exit_at_once, serve_config, stop_requested,
@@ -85,8 +84,6 @@ log = logging.getLogger(__name__)
 MAX_FRONT_RESTARTS = 5  # front restarts within FRONT_RESTART_WINDOW_S before the tree gives up (exit 1)
 FRONT_RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 15.0  # after the drain's time, how long a stopping front has to exit before it is killed
-# The watch loop looks every 0.5 s: a look this much later than the last means the supervisor itself stood still.
-WATCH_LATE_S = 2.0
 HUNG_ENGINE_STOP_S = 1.0  # how long an engine its fronts have lost, but still running, gets to end before it is killed
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # A front's status for serve_config's EXIT_CANNOT_SERVE (its engine is lost, or cannot serve its settings): told
@@ -195,8 +192,7 @@ class Supervisor:
         self.stopping = False
         self.status = EXIT_STOPPED
         self.last_word: str | None = None  # why the tree stopped, when it failed: its last line (``supervise``)
-        self._hangs_watched_s: float | None = None  # when the fronts' heartbeats were last looked at
-        self._judged_from_s = -math.inf  # no stillness before this counts (the end of the supervisor's own pause)
+        self._hang_judge = HangJudge()  # of the fronts' heartbeats
         self._context = multiprocessing.get_context("spawn")
         self.stopped_mid_download = False  # a stop came while the model was found or fetched: that thread runs on
 
@@ -285,7 +281,7 @@ class Supervisor:
         assert self.engine is not None
         while True:
             waiting = [self.engine.sentinel, *(front.sentinel for front in self.fronts.values())]
-            multiprocessing.connection.wait(waiting, timeout=0.5)
+            multiprocessing.connection.wait(waiting, timeout=WATCH_S)
             if self.stopping:
                 return self._stop()
             if self.engine.exitcode is not None:
@@ -307,14 +303,10 @@ class Supervisor:
         """Kill each front whose event loop has stood still for ``front_hang_timeout_s``: it then ends unasked,
         and is started again as a crashed front is (and counted as one)."""
         now_s = time.monotonic()
-        watched_s, self._hangs_watched_s = self._hangs_watched_s, now_s
-        if watched_s is not None and now_s - watched_s > WATCH_LATE_S:
-            # This process stood still too (the container paused, the host stalled): the fronts' loops, frozen
-            # with it, have not had their turn since it ended. Their stillness counts from now on.
-            self._judged_from_s = now_s
+        if not self._hang_judge.look(now_s):  # this process stood still too: the fronts' loops had no turn either
             return
         for index, front in self.fronts.items():
-            stood_still_s = min(self.heartbeats[index].stood_still_s(now_s), now_s - self._judged_from_s)
+            stood_still_s = self._hang_judge.stood_still_s(self.heartbeats[index], now_s)
             if front.exitcode is None and stood_still_s > self.config.front_hang_timeout_s:
                 log.error("front %d (process %s) hangs: its event loop has not turned for %.1f s "
                           "(front_hang_timeout_s %g); killing it", index, front.pid, stood_still_s,

@@ -147,6 +147,12 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     app = create_app(config, on_fatal=on_fatal)
     runtime = app.state.runtime
     runtime.attach_to = attach_to
+    if heartbeat is None:  # one process, no supervisor: it watches its own loop (a front's supervisor does that)
+        from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, LoopHeartbeat, LoopWatchdog
+
+        heartbeat = LoopHeartbeat()
+        heartbeat.allow(FRONT_START_ALLOWANCE_S)  # uvicorn's start-up, before the loop's first tick
+        LoopWatchdog(heartbeat, config.front_hang_timeout_s, cannot_serve_status, exit_at_once).start()
     server = build_server(app, config, heartbeat)
     if engine_ended is not None:
         threading.Thread(target=_fail_if_engine_ends_first, args=(engine_ended, runtime, on_fatal),
