@@ -77,9 +77,16 @@ def redact_secrets(text: str) -> str:
 
 class SecretFilter(logging.Filter):
     """Rewrites a record's message and string arguments (uvicorn passes the path as an argument, websockets a
-    header's name and value): secrets redacted, then long arguments shortened."""
+    header's name and value): secrets redacted, then long arguments shortened. A record's exception is written
+    out here, redacted, in its place (websockets logs a refused handshake with its exception, whose text quotes
+    the header)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = redact_secrets(_EXCEPTION_FORMATTER.formatException(record.exc_info))
+            record.exc_info = None  # every formatter then writes exc_text, as it would have written exc_info
+        elif record.exc_text:
+            record.exc_text = redact_secrets(record.exc_text)
         if isinstance(record.msg, str):
             record.msg = redact_secrets(record.msg)
         if isinstance(record.args, tuple):
@@ -91,6 +98,7 @@ class SecretFilter(logging.Filter):
 
 
 _SECRET_FILTER = SecretFilter()
+_EXCEPTION_FORMATTER = logging.Formatter()
 
 
 def keep_secrets_out_of(logger_names: tuple[str, ...] = UVICORN_REQUEST_LOGGERS) -> None:
