@@ -103,6 +103,7 @@ def test_a_secret_in_a_logged_exceptions_text_is_redacted(log_format):
                                    sys.exc_info())
     assert "s3cret" in logging.Formatter().format(logging.makeLogRecord(record.__dict__))  # the exception says it
     assert SecretFilter().filter(record)
+    assert record.exc_info is not None  # kept for handlers that read the exception itself
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter()
     line = formatter.format(record)
     assert "s3cret" not in line and "invalid Sec-WebSocket-Protocol header" in line, line

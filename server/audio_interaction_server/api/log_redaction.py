@@ -78,15 +78,14 @@ def redact_secrets(text: str) -> str:
 class SecretFilter(logging.Filter):
     """Rewrites a record's message and string arguments (uvicorn passes the path as an argument, websockets a
     header's name and value): secrets redacted, then long arguments shortened. A record's exception is written
-    out here, redacted, in its place (websockets logs a refused handshake with its exception, whose text quotes
-    the header)."""
+    out here, redacted, as the text formatters write (websockets logs a refused handshake with its exception,
+    whose text quotes the header)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            record.exc_text = redact_secrets(_EXCEPTION_FORMATTER.formatException(record.exc_info))
-            record.exc_info = None  # every formatter then writes exc_text, as it would have written exc_info
-        elif record.exc_text:
-            record.exc_text = redact_secrets(record.exc_text)
+        if record.exc_info or record.exc_text:
+            # Formatters write a record's exception from ``exc_text`` once it is set (logging's own cache of it).
+            text = record.exc_text or _EXCEPTION_FORMATTER.formatException(record.exc_info)  # type: ignore[arg-type]
+            record.exc_text = redact_secrets(text)
         if isinstance(record.msg, str):
             record.msg = redact_secrets(record.msg)
         if isinstance(record.args, tuple):
