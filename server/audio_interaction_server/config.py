@@ -299,9 +299,10 @@ class FloodLimits(BaseModel):
     refused_audio_burst_s: float = Field(10.0, gt=0, description="refused audio a client may send at once (a "
                                          "real-time client catching up after a network stall)")
     prompt_chars_per_s: float = Field(
-        1000.0, gt=0, description="system prompt characters a client may have checked against the context "
-        "budget per second, sustained (checking tokenises the prompt on the event loop); beyond "
-        "prompt_char_burst a session.configure or session.update with a prompt is refused with rate_limited")
+        1000.0, gt=0, description="system prompt characters a client address may have checked against the "
+        "context budget per second, sustained, over all its sessions (checking tokenises the prompt on the event "
+        "loop; a prompt encoded before costs nothing); beyond prompt_char_burst a session.configure or "
+        "session.update with a new prompt is refused with rate_limited")
     prompt_char_burst: int = Field(16_000, ge=8_000, description="system prompt characters checked at once "
                                    "(at least one prompt of the longest allowed, 8,000)")
     cut_cooldown_s: float = Field(

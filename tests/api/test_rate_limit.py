@@ -188,8 +188,10 @@ def test_one_address_churning_new_prompts_is_refused_past_its_prefill_budget(tin
     each with a new long system prompt fed in full (a long first row no per-session budget saw), and a victim's
     latency went from 0.1 s to 3.7 s. With the defaults, an address now gets about its burst of new-prompt
     prefill (engine.prefill_token_burst_per_ip) and then only the sustained rate: the next such session is
-    refused with a fatal rate_limited error and 1013, its accepted audio counted in session.closed."""
-    server = LiveServer(server_config(tiny_checkpoint)).start()
+    refused with a fatal rate_limited error and 1013, its accepted audio counted in session.closed. (The address's
+    budget of prompt checks, flood.prompt_char_burst, is raised out of the way: it would refuse the configures
+    first.)"""
+    server = LiveServer(server_config(tiny_checkpoint, flood={"prompt_char_burst": 200_000})).start()
     try:
         outcomes = []
         for index in range(40):
@@ -282,5 +284,40 @@ def test_options_that_would_roll_the_context_over_every_few_chunks_are_refused(t
             assert "at least 30 are needed" in answer["message"], answer
             answer = send_configure(ws, system_prompt=prompt, max_turn_tokens=reply_cap_leaving(30))
             assert answer["type"] == "session.updated", answer
+    finally:
+        server.stop()
+
+
+def test_prompt_checks_are_budgeted_per_address_over_its_connections_and_a_known_prompt_is_free(tiny_checkpoint):
+    """flood.prompt_char_burst was a connection's: an address that reconnected had a full budget each time and,
+    well inside every other limit, kept the event loop tokenising new prompts (each checked and never fed, so no
+    prefill budget saw them), its neighbours' decisions 3 to 6 times later (probe, round seven). The budget is now
+    the client address's, over all its connections; another address has its own, and a prompt the server has
+    encoded already (a backend that opens every session with the same prompt) costs nothing to check."""
+    from websockets.sync.client import connect
+
+    from tests.api.test_app import send_configure
+
+    server = LiveServer(server_config(tiny_checkpoint, flood={"prompt_char_burst": 8_000,
+                                                              "prompt_chars_per_s": 10.0})).start()
+    key = server.config.api_key.get_secret_value()
+
+    def configure(prompt: str, source: str = "127.0.0.1") -> str:
+        """A new connection's answer to a configure with ``prompt``: its type, or its error's code."""
+        sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+        with connect(f"ws://127.0.0.1:{server.port}/v1/stream", sock=sock, max_size=None,
+                     additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert recv_event(ws)["type"] == "session.created"
+            answer = send_configure(ws, system_prompt=prompt)
+        return answer["type"] if answer["type"] != "error" else answer["code"]
+
+    try:
+        known = churned_prompt(9)  # 2,300 characters of the 8,000
+        assert configure(known) == "session.updated"
+        assert configure(churned_prompt(0)) == "session.updated"
+        assert configure(churned_prompt(1)) == "session.updated"  # 1,100 characters left
+        assert configure(churned_prompt(2)) == "rate_limited"  # a new connection: the address's budget is spent
+        assert configure(churned_prompt(3), source="127.0.0.3") == "session.updated"  # another address
+        assert [configure(known) for _ in range(3)] == ["session.updated"] * 3  # encoded already: no tokenising
     finally:
         server.stop()

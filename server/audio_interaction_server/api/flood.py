@@ -13,9 +13,10 @@ A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
   never runs out (with frames of 5 ms or more: a frame counts at least 10 ms, refilled at 2x); a client whose
   frames are refused faster than that is cut (1008);
 - system prompt characters checked (tokenised) on the event loop: past it, the event is refused
-  with ``rate_limited`` and may be sent again later.
+  with ``rate_limited`` and may be sent again later. This one is the client address's, shared by its sessions
+  (``AddressBuckets``): refused without a cut, a client could otherwise refill it by reconnecting, at will.
 
-A budget is a session's, so a client cut for a flood that reconnects at once would start with a full one:
+The first two are a session's, so a client cut for a flood that reconnects at once would start with full ones:
 ``CutCooldown`` refuses its address new connections for a while (admission answers HTTP 429).
 
 Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the event loop's).
@@ -71,12 +72,37 @@ class TokenBucket:
             self._at_s = now_s
 
 
+class AddressBuckets:
+    """A ``TokenBucket`` per client address (``addresses.client_key``: an IPv6 client's /64), shared by all of the
+    address's sessions. At most ``max_tracked`` addresses are remembered, the least recently seen forgotten first
+    (forgetting one only gives its next session a full bucket)."""
+
+    def __init__(self, rate_per_s: float, burst: float, max_tracked: int = 65_536) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def bucket(self, address: str, now_s: float) -> TokenBucket:
+        key = client_key(address)
+        bucket = self._buckets.pop(key, None) or TokenBucket(self.rate_per_s, self.burst, now_s)
+        self._buckets[key] = bucket
+        while len(self._buckets) > self.max_tracked:
+            self._buckets.popitem(last=False)
+        return bucket
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 class FloodGuard:
-    def __init__(self, limits: FloodLimits, now_s: float) -> None:
+    def __init__(self, limits: FloodLimits, now_s: float, prompt_chars: TokenBucket | None = None) -> None:
+        """``prompt_chars``: the client address's budget of prompt characters (``AddressBuckets``); None: one of
+        the session's own (a session without a client address)."""
         self.limits = limits
         self._events = TokenBucket(limits.events_per_s, limits.event_burst, now_s)
         self._refused_audio_s = TokenBucket(limits.refused_audio_speed, limits.refused_audio_burst_s, now_s)
-        self._prompt_chars = TokenBucket(limits.prompt_chars_per_s, limits.prompt_char_burst, now_s)
+        self._prompt_chars = prompt_chars or TokenBucket(limits.prompt_chars_per_s, limits.prompt_char_burst, now_s)
 
     def allows_event(self, now_s: float) -> bool:
         """One text event; False: the client floods (cut it)."""

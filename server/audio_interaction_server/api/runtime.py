@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
 from audio_interaction_server.api.addresses import AddressRateLimiter, client_key
-from audio_interaction_server.api.flood import FLOOD_CUTS, CutCooldown
+from audio_interaction_server.api.flood import FLOOD_CUTS, AddressBuckets, CutCooldown
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
@@ -149,6 +149,9 @@ class Runtime:
         self._opened_at_s: dict[str, float] = {}  # when each registered session was (for its end's log line)
         self.flood_cooldown = None if config.flood.cut_cooldown_s == 0 else \
             CutCooldown(config.flood.cut_cooldown_s, config.flood.max_cut_cooldown_s)
+        # System prompt characters each client address may have checked (tokenised on the event loop), over all of
+        # its sessions: a session's own budget would be full again at every reconnect.
+        self.prompt_checks = AddressBuckets(config.flood.prompt_chars_per_s, config.flood.prompt_char_burst)
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
         # accepts a valid one wherever it accepts the API key. None = API key only.
         self.client_secrets: Any | None = None
@@ -177,8 +180,11 @@ class Runtime:
         model = self.model
         assert model is not None and self.worker is not None, "a session before the model was loaded"
         info = ModelInfo(model.name, self.config.is_demo, model.tokenizer)
-        return Session(session_id, self.config, info, self.worker, engine_emit, time.monotonic(),
-                       observer=self.metrics if observer is None else observer, client_address=client_address)
+        now_s = time.monotonic()
+        prompt_chars = None if client_address is None else self.prompt_checks.bucket(client_address, now_s)
+        return Session(session_id, self.config, info, self.worker, engine_emit, now_s,
+                       observer=self.metrics if observer is None else observer, client_address=client_address,
+                       prompt_chars=prompt_chars)
 
     def register(self, session_id: str, connection: RegisteredConnection) -> None:
         """Count a session against capacity. Call before the first await after admission, so that two

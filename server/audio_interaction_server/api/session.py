@@ -35,7 +35,7 @@ from audio_interaction_server.api.commands import (
     Malformed, RequestReply, Unset,
 )
 from audio_interaction_server.api.addresses import client_key
-from audio_interaction_server.api.flood import FloodGuard
+from audio_interaction_server.api.flood import FloodGuard, TokenBucket
 from audio_interaction_server.audio.pcm import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
@@ -82,6 +82,7 @@ class Engine(Protocol):
     def clear_audio(self, session_id: str) -> None: ...
     def close_session(self, session_id: str) -> None: ...
     def check_options(self, options: SessionOptions) -> None: ...
+    def checks_without_tokenising(self, system_prompt: str | None) -> bool: ...
 
 
 class SessionObserver(Protocol):
@@ -110,7 +111,8 @@ class Session:
     def __init__(self, session_id: str, config: ServerConfig, model: ModelInfo, engine: Engine,
                  engine_emit: Callable[[list[EngineEvent]], None], now_s: float,
                  observer: SessionObserver | None = None, wall_clock: Callable[[], float] = time.time,
-                 client_address: str | None = None) -> None:
+                 client_address: str | None = None, prompt_chars: TokenBucket | None = None) -> None:
+        """``prompt_chars``: the client address's budget of system prompt characters checked (``flood.py``)."""
         self.session_id = session_id
         self.client_address = client_address  # the engine charges it for the prompt's prefill (None: nobody)
         self.config = config
@@ -140,7 +142,7 @@ class Session:
         self._num_chunks_dropped = 0  # queued chunks input.clear dropped before the model heard them
         self._clears_waiting: deque[float] = deque()  # partial-chunk seconds of each clear the engine has not done
         self._drain_deadline_s: float | None = None
-        self._flood = FloodGuard(config.flood, now_s)
+        self._flood = FloodGuard(config.flood, now_s, prompt_chars)
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -412,13 +414,13 @@ class Session:
         except ValidationError as error:
             return self._error("invalid_event", summarize(error), command)
         prompt = update.get("system_prompt")
-        if prompt:
-            # The check below tokenises the prompt on the event loop: its characters are budgeted per session.
+        if prompt and not self.engine.checks_without_tokenising(prompt):
+            # The check below tokenises the prompt on the event loop: its characters are budgeted per client address.
             wait_s = self._flood.prompt_wait_s(len(prompt), now_s)
             if wait_s:
-                return self._error("rate_limited", f"system prompts of {self._flood.limits.prompt_char_burst} "
+                return self._error("rate_limited", f"new system prompts of {self._flood.limits.prompt_char_burst} "
                                    f"characters at once, then {self._flood.limits.prompt_chars_per_s:g} a second, "
-                                   f"are checked per session; this one was not applied: send it again in "
+                                   f"are checked per client address; this one was not applied: send it again in "
                                    f"{wait_s:.1f} s", command)
         try:
             self.engine.check_options(options)

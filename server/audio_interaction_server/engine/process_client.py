@@ -252,6 +252,10 @@ class EngineProcessClient:
         assert self._fit is not None, "options checked before the engine served"
         self._fit.check(options)
 
+    def checks_without_tokenising(self, system_prompt: str | None) -> bool:
+        """Whether ``check_options`` with this system prompt finds its encoding kept (this front checked it)."""
+        return self._fit is not None and self._fit.prompts.is_cached(system_prompt)
+
     def largest_turn_tokens(self, options: SessionOptions) -> int:
         """The largest ``max_turn_tokens`` ``check_options`` allows with these options' prompt."""
         assert self._fit is not None, "asked before the engine served"

@@ -52,6 +52,11 @@ class PromptEncoder:
         with self._lock:
             return list(self._cache)
 
+    def is_cached(self, system_prompt: str | None) -> bool:
+        """Whether ``prefix`` would find this prompt's encoding kept (no tokenising)."""
+        with self._lock:
+            return system_prompt in self._cache
+
     def prefix(self, system_prompt: str | None) -> list[int]:
         """The session prefix for this prompt (None = the trained prompt); raises ValueError if unencodable."""
         with self._lock:

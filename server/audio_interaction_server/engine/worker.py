@@ -176,6 +176,10 @@ class Worker:
         """Raise ValueError if a session with these options could not run here (callable from any thread)."""
         self._fit.check(options)
 
+    def checks_without_tokenising(self, system_prompt: str | None) -> bool:
+        """Whether ``check_options`` with this system prompt finds its encoding kept (callable from any thread)."""
+        return self.prompts.is_cached(system_prompt)
+
     def largest_turn_tokens(self, options: SessionOptions) -> int:
         """The largest ``max_turn_tokens`` ``check_options`` allows with these options' prompt (any thread)."""
         return self._fit.largest_turn_tokens(options)
