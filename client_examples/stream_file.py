@@ -119,8 +119,14 @@ def _sequence(folder: Path) -> list[Path]:
 
 
 def read_pcm(path: Path) -> np.ndarray:
-    """(T, C) little-endian int16: the wire format, interleaved once ``tobytes`` flattens it."""
-    return soundfile.read(str(path), dtype="int16", always_2d=True)[0].astype("<i2", copy=False)
+    """(T, C) little-endian int16: the wire format, interleaved once ``tobytes`` flattens it. Only the header was
+    read before connecting: a body damaged after it is found here, and said in one line."""
+    try:
+        samples = soundfile.read(str(path), dtype="int16", always_2d=True)[0]
+    except RuntimeError as error:  # soundfile.LibsndfileError
+        raise ClientError(f"cannot decode {path}: its audio is damaged after its header ({str(error).strip()})") \
+            from None
+    return samples.astype("<i2", copy=False)
 
 
 def wait_for_enter(prompt: str) -> asyncio.Future:

@@ -519,6 +519,26 @@ def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp
         assert code == 1 and "cut short" not in " ".join(err), (code, err)  # it went on to connect (nothing there)
 
 
+def test_stream_file_says_in_one_line_that_a_files_body_is_damaged_and_closes_its_session(live, tmp_path):
+    """A FLAC whose header reads but whose body is damaged passed the check before connecting, then ended the client
+    with a 40-line traceback when its samples were read (first-hour review, round seven). It is now one line naming
+    the file, the session closed cleanly, status 1 (the session had begun)."""
+    whole = tmp_path / "whole.flac"
+    seconds = np.arange(19_200) / 16_000
+    soundfile.write(whole, (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32), 16_000)
+    data = bytearray(whole.read_bytes())
+    data[3000:8000] = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.flac"
+    damaged.write_bytes(bytes(data))
+    code, out, err = run_script("stream_file.py", live.ws_url, str(damaged), "--api-key", API_KEY, "--speed", "0",
+                                "--json", cwd=tmp_path)
+    assert code == 1 and "Traceback" not in "\n".join(err), err
+    assert f"cannot decode {damaged}: its audio is damaged after its header (Error : flac decoder lost sync.)" \
+        in err, err
+    events = [json.loads(line) for line in out]
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "client_closed", events[-1]
+
+
 def test_stream_file_refuses_what_it_cannot_send_before_connecting(tmp_path):
     """A 9-channel file opened a session and was refused there (status 1), where ``run`` says why up front with
     status 2; a pipe as /dev/stdin was 'no such file', and '-' 'no such file or folder' (first-hour review, round
