@@ -143,7 +143,7 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     from audio_interaction_server.model.checkpoint import CheckpointError
     from audio_interaction_server.model.hub import parse_repo_id, resolve_checkpoint_source
 
-    if parse_repo_id(str(checkpoint)) is not None:
+    if parse_repo_id(str(checkpoint)) is not None and not checkpoint.exists():
         return None  # the loader fetches it
     try:
         resolve_checkpoint_source(checkpoint)  # raises, for such a value, without touching the network

@@ -527,6 +527,9 @@ class ServerConfig(BaseModel):
 
             # Fail at start-up, not minutes later in the background loader; a repo id is
             # fetched (or found in the HF cache) by the loader, see model/hub.py.
+            if checkpoint.exists():
+                raise ValueError(f"engine.checkpoint {str(checkpoint)!r} is a file, not a checkpoint directory: "
+                                 "name the directory that holds it")
             if parse_repo_id(str(checkpoint)) is None:
                 raise ValueError(
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "

@@ -141,8 +141,29 @@ def test_neither_a_directory_nor_a_repo_id_is_named_in_the_error(value, tmp_path
     with pytest.raises(CheckpointError) as error:
         resolve_checkpoint_source(file)
     message = str(error.value)
-    assert "is a file, not a checkpoint directory, and not a Hugging Face repo id" in message
+    assert "is a file, not a checkpoint directory: pass the directory that holds it" in message
     assert "nor a Hugging Face" not in message
+
+
+def test_an_existing_file_shaped_like_a_repo_id_is_never_fetched(tmp_path, monkeypatch):
+    """`--checkpoint ck1/model_config.yaml` (a checkpoint's own file, named instead of its folder) is shaped like a
+    repo id: it went to the Hub, and after a network timeout the error said no such directory exists and proposed
+    `hf download ck1/model_config.yaml` (first-hour review, round seven). An existing file is said to be one,
+    naming its folder when that is a checkpoint, with no network, in `run`, in `serve` and in the configuration."""
+    from audio_interaction_server.__main__ import checkpoint_flag_error
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck1").mkdir()
+    (tmp_path / "ck1" / "model_config.yaml").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("audio_interaction_server.model.hub._fetch", lambda *args: pytest.fail("fetched"))
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint_source("ck1/model_config.yaml")
+    assert str(error.value).startswith("checkpoint 'ck1/model_config.yaml' is a file, not a checkpoint directory: "
+                                       "pass the directory that holds it ('ck1')"), error.value
+    assert "is a file" in checkpoint_flag_error(Path("ck1/model_config.yaml"))
+    with pytest.raises(ValueError, match="engine.checkpoint 'ck1/model_config.yaml' is a file"):
+        load_config(None, {"AIS_ENGINE__CHECKPOINT": "ck1/model_config.yaml"})
 
 
 def test_config_accepts_a_repo_id_and_names_a_bad_value(tmp_path):

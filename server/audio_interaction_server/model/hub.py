@@ -90,12 +90,18 @@ def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None,
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if path.exists():  # a file of a checkpoint (its index, its config), named for its folder: never a repo id
+        raise CheckpointError(
+            f"checkpoint {text!r} is a file, not a checkpoint directory: pass the directory that holds it"
+            f"{f' ({str(path.parent)!r})' if (path.parent / 'model_config.yaml').is_file() else ''}, in the release "
+            "layout, or a Hugging Face repo id such as zhifeixie/AudioInteraction"
+        )
     source = parse_repo_id(text)
     if source is None:
-        what = "is a file, not a checkpoint directory," if path.exists() else "is not an existing directory"
         raise CheckpointError(
-            f"checkpoint {text!r} {what} and not a Hugging Face repo id ('owner/name' or 'owner/name@revision'); "
-            "pass a checkpoint directory in the release layout or a repo id such as zhifeixie/AudioInteraction"
+            f"checkpoint {text!r} is not an existing directory and not a Hugging Face repo id ('owner/name' or "
+            "'owner/name@revision'); pass a checkpoint directory in the release layout or a repo id such as "
+            "zhifeixie/AudioInteraction"
         )
     return _fetch(source, cache_dir, progress or LoadProgress())
 
