@@ -160,6 +160,8 @@ def test_a_busy_port_stops_the_tree_with_status_3_naming_it_before_anything_star
     log = "".join(tree.lines)
     assert f"error: cannot listen on 127.0.0.1:{port + 1}: [Errno 98] Address already in use" in log
     assert not FRONT.search(log) and not ENGINE.search(log) and "Traceback" not in log, log
+    # The error is the last line: no "every front and the engine have exited" for a tree that started none of them.
+    assert log.rstrip("\n").splitlines()[-1].startswith("error: cannot listen on"), log
     with socket.socket() as again:  # the port it did bind was let go
         again.bind(("127.0.0.1", port))
 

@@ -420,7 +420,8 @@ def supervise(config: ServerConfig) -> int:
     previous = {signum: signal.signal(signum, supervisor.on_signal) for signum in _STOP_SIGNALS | {signal.SIGHUP}}
     try:
         status = supervisor.run()
-        log.info("stopped: every front and the engine have exited (exit status %d)", status)
+        if supervisor.fronts or supervisor.engine is not None:  # else it stopped before it started any (a busy port)
+            log.info("stopped: every front and the engine have exited (exit status %d)", status)
         # An engine that could not load says why: that is the tree's cause whichever process's end was seen first
         # (a front told of the failure may exit before the engine does).
         engine_reason = supervisor.engine.failure_reason() if supervisor.engine is not None else None
