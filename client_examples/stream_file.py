@@ -157,6 +157,7 @@ class FileSender:
 
     def __init__(self, files: list[AudioFile], speed: float, frame_ms: float, wait: bool) -> None:
         self.files, self.speed, self.frame_s, self.wait = files, speed, frame_ms / 1000, wait
+        self._formats_noted: set[tuple[int, int]] = set()  # (rate, channels) whose shorter frames were said
 
     async def __call__(self, session: StreamSession) -> None:
         if self.wait:
@@ -174,7 +175,7 @@ class FileSender:
             samples = await asyncio.to_thread(read_pcm, audio_file.path)
             if not len(samples):  # a failed recording, most likely: the replies that follow are to silence
                 print(f"note: {audio_file.path} holds no audio", file=sys.stderr, flush=True)
-            frame_samples = self._frame_samples(audio_file, session.created["limits"]["max_frame_bytes"])
+            frame_samples = self._frame_samples(audio_file, session)
             for begin in range(0, len(samples), frame_samples):
                 frame = samples[begin:begin + frame_samples]
                 if self.speed > 0:  # real-time pacing against one clock, so waits never accumulate drift
@@ -186,17 +187,23 @@ class FileSender:
                 await session.send_pcm(frame.tobytes(), duration_s)
                 audio_s += duration_s
 
-    def _frame_samples(self, audio_file: AudioFile, max_frame_bytes: int) -> int:
-        """Samples per frame: --frame-ms of the file, or as many as the server takes in one frame (said once)."""
+    def _frame_samples(self, audio_file: AudioFile, session: StreamSession) -> int:
+        """Samples per frame: --frame-ms of the file, or as many as the server takes in one frame (said once per
+        format, on a line of its own)."""
+        max_frame_bytes = session.created["limits"]["max_frame_bytes"]
         frame_samples = max(1, round(audio_file.sample_rate_hz * self.frame_s))
         sample_bytes = 2 * audio_file.num_channels
         if frame_samples * sample_bytes <= max_frame_bytes:
             return frame_samples
         fitting = max_frame_bytes // sample_bytes
-        print(f"note: --frame-ms {self.frame_s * 1000:g} makes frames of {frame_samples * sample_bytes:,} bytes for "
-              f"{audio_file.path} ({audio_file.sample_rate_hz} Hz, {audio_file.num_channels} ch), over the server's "
-              f"max_frame_bytes ({max_frame_bytes:,}): sending frames of "
-              f"{1000 * fitting / audio_file.sample_rate_hz:.0f} ms", file=sys.stderr, flush=True)
+        audio_format = (audio_file.sample_rate_hz, audio_file.num_channels)
+        if audio_format not in self._formats_noted:
+            self._formats_noted.add(audio_format)
+            session.console.note(f"note: --frame-ms {self.frame_s * 1000:g} makes frames of "
+                                 f"{frame_samples * sample_bytes:,} bytes at {audio_file.sample_rate_hz} Hz, "
+                                 f"{audio_file.num_channels} ch (from {audio_file.path}), over the server's "
+                                 f"max_frame_bytes ({max_frame_bytes:,}): sending frames of "
+                                 f"{1000 * fitting / audio_file.sample_rate_hz:.0f} ms")
         return fitting
 
     @staticmethod

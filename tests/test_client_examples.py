@@ -1486,15 +1486,19 @@ def test_a_cancel_that_comes_with_the_pong_still_ends_the_subscriber(monkeypatch
 def test_stream_file_sends_a_file_whose_frames_would_be_too_large_in_frames_the_server_takes(live, tmp_path):
     """--frame-ms 1000 on a 96 kHz stereo file makes 384,000-byte frames, over the server's max_frame_bytes: the
     session was opened, then the script ended with a line without "error:" nor what would fit, status 1 (first-hour
-    review, round six). It now says so once and sends the largest frames the server takes."""
+    review, round six). It now says so once and sends the largest frames the server takes. Once a format, not once a
+    file: a sequence.json that lists the file three times said it three times, in the middle of reply lines
+    (first-hour review, round seven)."""
     recording = tmp_path / "wide.wav"
     soundfile.write(recording, np.zeros((int(96_000 * 1.2), 2), dtype=np.int16), 96_000)
-    code, out, err = run_script("stream_file.py", live.ws_url, str(recording), "--api-key", API_KEY, "--speed", "0",
+    (tmp_path / "sequence.json").write_text('["wide.wav", "wide.wav", "wide.wav"]')
+    code, out, err = run_script("stream_file.py", live.ws_url, str(tmp_path), "--api-key", API_KEY, "--speed", "0",
                                 "--frame-ms", "1000", cwd=tmp_path)
     assert code == 0, err
-    assert f"note: --frame-ms 1000 makes frames of 384,000 bytes for {recording} (96000 Hz, 2 ch), over the " \
-           "server's max_frame_bytes (262,144): sending frames of 683 ms" in err, err
-    assert any(line.startswith("summary: ") and "(1.2 s of audio sent)" in line for line in err + out), (out, err)
+    notes = [line for line in err if "makes frames of" in line]
+    assert notes == [f"note: --frame-ms 1000 makes frames of 384,000 bytes at 96000 Hz, 2 ch (from {recording}), "
+                     "over the server's max_frame_bytes (262,144): sending frames of 683 ms"], err
+    assert any(line.startswith("summary: ") and "(3.6 s of audio sent)" in line for line in err + out), (out, err)
 
 
 def test_stream_file_says_what_would_work_for_a_format_or_folder_it_cannot_take(tmp_path):
