@@ -110,7 +110,16 @@ def test_a_file_that_is_not_audio_is_reported_before_the_model_loads(capsys, mod
     text = tmp_path / "README.md"
     text.write_text("# not audio\n")
     err = run_cli_error(capsys, str(text))
-    assert err.startswith(f"error: {text}: not an audio file this server can decode (wav, flac, mp3)")
+    assert err.startswith(f"error: {text}: not an audio file this server can decode (wav, flac, mp3, ogg/opus, "
+                          "aiff and other formats libsndfile knows; convert others, m4a/AAC for one, to wav or flac)")
+
+
+def test_stdin_as_dash_is_said_not_to_be_read(capsys, model_must_not_load, monkeypatch, tmp_path):
+    """`run -` looked for a file named "-" (stream_file.py explains it; first-hour review, round seven)."""
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(capsys, "-")
+    assert err == ("error: -: audio from stdin is not read (the whole file is decoded from its header on): save it "
+                   "to a file and name that")
 
 
 def test_a_folder_without_sequence_json_is_one_clear_line(capsys, model_must_not_load, tmp_path):

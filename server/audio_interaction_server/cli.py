@@ -82,6 +82,11 @@ class InputError(ValueError):
     """A command-line input that cannot be used; the message is the one line the user sees."""
 
 
+# What libsndfile (through soundfile) decodes, as a user reads it.
+DECODED_FORMATS = ("wav, flac, mp3, ogg/opus, aiff and other formats libsndfile knows; convert others, m4a/AAC for "
+                   "one, to wav or flac")
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; a folder stands for the files its ``sequence.json`` lists, in order."""
     paths: list[Path] = []
@@ -91,6 +96,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths.extend(_sequence_files(path))
         elif path.exists():
             paths.append(path)
+        elif item == "-":
+            raise InputError("-: audio from stdin is not read (the whole file is decoded from its header on): save "
+                             "it to a file and name that")
         else:
             raise InputError(f"{path}: no such file or folder")
     return paths
@@ -140,7 +148,7 @@ def check_audio_file(path: Path) -> None:
     except PermissionError:
         raise InputError(f"{path}: permission denied (the file cannot be read)") from None
     except soundfile.LibsndfileError as error:
-        raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {error}") from None
+        raise InputError(f"{path}: not an audio file this server can decode ({DECODED_FORMATS}): {error}") from None
     shortfall = wav_shortfall(path) if info.format == "WAV" else None
     if shortfall is not None:
         declared, held = shortfall
@@ -195,7 +203,7 @@ def read_audio(path: Path) -> np.ndarray:
         return load_audio_file(path)
     except AudioFormatError as error:  # a header that reads but a body that does not
         reason = str(error.__cause__ or error).strip()
-        raise InputError(f"{path}: not an audio file this server can decode (wav, flac, mp3): {reason}") from None
+        raise InputError(f"{path}: not an audio file this server can decode ({DECODED_FORMATS}): {reason}") from None
 
 
 def trailing_silence(seconds: float) -> np.ndarray:
