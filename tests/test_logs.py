@@ -163,3 +163,28 @@ def test_a_spawned_server_that_cannot_start_is_reported_with_its_reason_at_once(
     message = str(refused.value)
     assert message.startswith("the server exited with status 2 before it was ready: error: ")
     assert "not_a_setting" in message and "nor_this" in message, message
+
+
+def test_torchs_own_info_records_are_not_written_at_info_level(capsys):
+    """torch logs its FakeTensor cache statistics at INFO as the interpreter exits: a Ctrl-C'd `run` printed them
+    after its last line, `interrupted` (first-hour review, round seven). Our loggers and uvicorn's keep the level."""
+    import logging
+
+    from audio_interaction_server.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("torch").level)
+    try:
+        configure_logging("info", "text")
+        logging.getLogger("torch._subclasses.fake_tensor").info("FakeTensor cache stats:")
+        logging.getLogger("audio_interaction_server.cli").info("ours")
+        logging.getLogger("torch").warning("a warning of torch's")
+        err = capsys.readouterr().err
+        assert "FakeTensor" not in err and "ours" in err and "a warning of torch's" in err, err
+        configure_logging("debug", "text")
+        logging.getLogger("torch._subclasses.fake_tensor").debug("asked for")
+        assert "asked for" in capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("torch").setLevel(saved[2])

@@ -110,6 +110,9 @@ def configure_logging(level: str, log_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # torch's INFO records are its own bookkeeping (FakeTensor cache statistics written as the interpreter exits,
+    # after a command's last line): from warnings up, unless debugging.
+    logging.getLogger("torch").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(log_format == "json")
 
 
