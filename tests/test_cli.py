@@ -406,6 +406,27 @@ def test_run_with_a_small_context_budget_rolls_over_within_it(capsys, tiny_check
     assert [event.type for event in events].count("decision") >= 9
 
 
+def test_a_context_budget_too_small_for_the_reply_cap_is_said_in_flags_before_the_model_loads(
+        capsys, monkeypatch, tiny_checkpoint, shared_audio):
+    """`run --max-positions 600` (a reply cap of 512) was refused only after the whole model load, with status 1
+    and advice about a system prompt and a window `run` has no flag for; and `--max-positions 128 --max-turn-tokens
+    10`, which fits, was refused too: the window ignored the prompt (first-hour review, round seven)."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the budget was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("audio_interaction_server.model.checkpoint.load_model", load_model)
+        err = run_cli_error(capsys, "--checkpoint", str(tiny_checkpoint), "--max-positions", "600",
+                            str(shared_audio / "02_translate"))
+    assert err == ("error: --max-positions 600 leaves no room for a reply of --max-turn-tokens 512 after the model's "
+                   "46-token prompt (and a context rollover's window): use --max-turn-tokens 501 or less, or "
+                   "--max-positions 611 or more"), err
+    events = run_cli(capsys, "--checkpoint", str(tiny_checkpoint), "--max-positions", "128", "--max-turn-tokens",
+                     "10", str(shared_audio / "02_translate"))
+    assert [event.type for event in events].count("decision") >= 5
+
+
 @pytest.mark.parametrize("seconds", ["inf", "1e12", "nan", "10.5", "-1"])
 def test_trailing_silence_is_held_to_the_servers_range(capsys, model_must_not_load, shared_audio, seconds):
     """--trailing-silence had no upper bound: inf and 1e12 gave tracebacks, nan meant no silence. The server takes

@@ -260,6 +260,29 @@ def _one_line(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def context_budget_error(prefix_tokens: int, max_positions: int, max_turn_tokens: int) -> str | None:
+    """None when a session of the trained prompt (``prefix_tokens``) with ``--max-turn-tokens`` fits
+    ``--max-positions`` (with its rollover window, ``fitting_rollover_window``); else what to change, in flags."""
+    from audio_interaction_server.spec import check_room, fitting_rollover_window
+
+    def fits(positions: int, turn_tokens: int) -> bool:
+        try:
+            check_room(prefix_tokens, turn_tokens, positions,
+                       fitting_rollover_window(positions, turn_tokens, prefix_tokens))
+        except ValueError:
+            return False
+        return True
+
+    if fits(max_positions, max_turn_tokens):
+        return None
+    fewer = next((tokens for tokens in range(max_turn_tokens - 1, 0, -1) if fits(max_positions, tokens)), None)
+    more = next(positions for positions in range(max_positions + 1, 1 << 20) if fits(positions, max_turn_tokens))
+    use = (f"use --max-turn-tokens {fewer} or less, or --max-positions {more} or more" if fewer is not None
+           else f"use --max-positions {more} or more")
+    return (f"--max-positions {max_positions} leaves no room for a reply of --max-turn-tokens {max_turn_tokens} "
+            f"after the model's {prefix_tokens}-token prompt (and a context rollover's window): {use}")
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -270,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     from audio_interaction_server.model.checkpoint import CheckpointError, load_model
     from audio_interaction_server.options import SamplingOptions, SessionOptions
     from audio_interaction_server.render.replies import ReplyRenderer
+    from audio_interaction_server.engine.prompt import PromptEncoder
+    from audio_interaction_server.model.layout import load_tokenizer, resolve_files
     from audio_interaction_server.spec import fitting_rollover_window
 
     # Everything the user typed is checked, and every file's header read, before the model loads:
@@ -277,10 +302,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         options = SessionOptions(max_turn_tokens=args.max_turn_tokens, sampling=sampling)
-        # The server's rollover window from its budget (4,096) up, as the server runs; below, one that fits.
-        window = fitting_rollover_window(args.max_positions, args.max_turn_tokens)
-        engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions,
-                                     rollover_window_positions=window)
+        EngineConfig(max_sessions=1, max_positions=args.max_positions)  # the flag's own range
     except ValidationError as error:
         raise InputError(_one_line(error)) from None
     if not 0 <= args.trailing_silence <= 10:  # the server's input.flush range; NaN fails it too
@@ -294,7 +316,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(no_cuda)
 
     try:
-        model = load_model(resolve_checkpoint(args.checkpoint), args.device, args.dtype)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        # The context budget against the trained prompt's length, from the tokenizer alone: before the weights.
+        prefix_tokens = len(PromptEncoder(load_tokenizer(resolve_files(checkpoint)), 0).prefix(None))
+        budget_error = context_budget_error(prefix_tokens, args.max_positions, args.max_turn_tokens)
+        if budget_error is not None:
+            raise InputError(budget_error)
+        # The server's rollover window from its budget (4,096) up, as the server runs; below, one that fits.
+        window = fitting_rollover_window(args.max_positions, args.max_turn_tokens, prefix_tokens)
+        engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions,
+                                     rollover_window_positions=window)
+        model = load_model(checkpoint, args.device, args.dtype)
     except (CheckpointError, VocabUnavailable) as error:  # unreadable, incomplete, not there: one line, like serve's
         raise InputError(str(error)) from None
     worker = Worker(model, engine_config)

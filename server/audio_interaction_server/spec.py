@@ -167,10 +167,10 @@ def check_room(prefix_tokens: int, max_turn_tokens: int, max_positions: int, rol
 DEFAULT_ROLLOVER_WINDOW: Final = 2048  # engine.rollover_window_positions' default, for the default 4,096 budget
 
 
-def fitting_rollover_window(max_positions: int, max_turn_tokens: int) -> int:
+def fitting_rollover_window(max_positions: int, max_turn_tokens: int, prefix_tokens: int = 0) -> int:
     """A rollover window for a budget chosen without one (a benchmark's, the offline CLI's ``--max-positions``):
-    the server's default from 4,096 positions up; below, half of what a full reply leaves, which keeps rollovers
-    rare (the default would not fit below about 2,700)."""
+    the server's default from 4,096 positions up; below, half of what a full reply and a rebuilt context's prompt
+    and blocks leave, which keeps rollovers rare (the default would not fit below about 2,700)."""
     if max_positions >= 4096:
         return DEFAULT_ROLLOVER_WINDOW
-    return max(0, (max_positions - max_turn_tokens) // 2)
+    return max(0, (max_positions - max_turn_tokens - prefix_tokens - 4 * BLOCK_TOKENS) // 2)
