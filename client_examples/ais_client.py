@@ -263,6 +263,7 @@ class ReplyConsole:
         self.faster_than_real_time = faster_than_real_time
         self.out, self.err = out, err
         self.num_turns = 0
+        self.num_cut_turns = 0  # replies the user's Ctrl-C cut short
         self.num_decisions = 0  # chunks the model heard, every session together (the scripts always ask for them)
         self.num_sessions = 1
         self.onsets_ms: list[float] = []
@@ -323,6 +324,17 @@ class ReplyConsole:
         self._told_audio_ignored = False
         self.num_sessions += 1
 
+    def cut_reply(self) -> None:
+        """The user stopped the client (Ctrl-C) during a reply: its line ends marked, and it is counted as cut."""
+        if self._turn is None:
+            return
+        if not self.as_json:
+            self._start_line()
+            self._write("  [interrupted]")
+            self._end_line()
+        self.num_cut_turns += 1
+        self._turn = None
+
     def print_summary(self, sent_s: float | None = None) -> None:
         if self.as_json:
             self.note(self.summary(sent_s))
@@ -344,7 +356,8 @@ class ReplyConsole:
         onset = f"{sum(self.onsets_ms) / len(self.onsets_ms):.0f} ms" if self.onsets_ms else "n/a"
         if self.onsets_ms and self.faster_than_real_time:
             onset += " (audio sent faster than real time: onsets include the wait in the server's queue)"
-        return f"summary: {chunks} chunks heard{audio}, {self.num_turns} turns, mean onset latency {onset}"
+        cut = f" and {self.num_cut_turns} cut short" if self.num_cut_turns else ""
+        return f"summary: {chunks} chunks heard{audio}, {self.num_turns} turns{cut}, mean onset latency {onset}"
 
     def _show_readable(self, kind: str | None, event: dict) -> None:
         if kind == "emotion":
@@ -987,6 +1000,7 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
         for task in (receiver, sender):  # both end before the summary, so nothing they show follows it
             task.cancel()
         await asyncio.gather(receiver, sender, return_exceptions=True)
+        console.cut_reply()
         console.print_summary(session.transmitted_s)  # the open line ended, and what was heard so far
         raise
     if not sender.done():  # the server ended the session first: stop sending

@@ -576,6 +576,23 @@ def test_busy_retries_are_at_most_15_s_apart_and_the_last_comes_at_the_deadline(
     assert client.busy_delay_s(0, 30.0, 1000.0) == 30.0  # the server's Retry-After, when it asks for longer
 
 
+def test_a_reply_cut_by_ctrl_c_is_marked_and_counted_in_the_summary():
+    """Ctrl-C mid-reply left the reply's line simply ending, and the summary's turns left it out (first-hour review,
+    round seven): the line ends with [interrupted], and the summary counts it as cut short."""
+    client = load_client_module()
+    out = io.StringIO()
+    console = client.ReplyConsole(err=io.StringIO(), out=out)
+    for event in ({"type": "turn_begin", "turn": 0, "onset_latency_ms": 5.0}, {"type": "emotion", "emotion": "calm"},
+                  {"type": "text_delta", "text": "Hello"}, {"type": "turn_end", "turn": 0, "end_reason": "text_end"},
+                  {"type": "turn_begin", "turn": 1, "onset_latency_ms": 7.0}, {"type": "text_delta", "text": "Dri"}):
+        console.show(json.dumps(event), event)
+    console.cut_reply()
+    console.print_summary(3.7)
+    assert out.getvalue().splitlines() == [
+        "[turn 0 | calm | onset 5 ms] Hello", "[turn 1 | - | onset 7 ms] Dri  [interrupted]",
+        "summary: 0 chunks heard (3.7 s of audio sent), 1 turns and 1 cut short, mean onset latency 6 ms"]
+
+
 def test_a_closing_sessions_refusals_of_audio_are_told_once():
     """During a drain the server refuses every frame the client still sends (invalid_state, "audio frame
     ignored"): the console printed a "server error" line per frame, which reads like a failure each time."""
