@@ -36,6 +36,17 @@ def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_ca
     assert str(error.value).count("\n") == 2 and "(from environment AIS_PORT)" in str(error.value)
 
 
+def test_a_setting_of_a_yaml_section_is_named_with_its_file_in_a_check_across_settings(tmp_path):
+    """max_sessions and engine.max_sessions from one YAML file: the error named only max_sessions's source, as a
+    section new to the merge recorded its own path, not its settings' (first-hour review, round seven)."""
+    config = tmp_path / "cross.yaml"
+    config.write_text("max_sessions: 8\nengine:\n  max_sessions: 4\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config, {})
+    message = str(error.value)
+    assert f"max_sessions and engine.max_sessions from {config}" in message, message
+
+
 @pytest.mark.parametrize("name", [
     "AIS_FLOOD__CUT_COOLDOWN_S", "AIS_DRAIN_TIMEOUT_S", "AIS_IDLE_TIMEOUT_S", "AIS_MAX_SESSION_S",
     "AIS_MEMORY_TRIM_INTERVAL_S", "AIS_CONNECT_RATE_PER_IP", "AIS_MAX_BUFFERED_AUDIO_S",

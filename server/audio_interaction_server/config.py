@@ -716,7 +716,10 @@ def _nest(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
 def _merge(into: dict[str, Any], update: dict[str, Any], sources: dict, source: str, at: tuple = ()) -> None:
     for key, value in update.items():
         path = (*at, key)
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, dict):  # a section: each of its settings keeps its own source (a check names them)
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+                sources[path] = source
             _merge(into[key], value, sources, source, path)
         else:
             into[key] = value
