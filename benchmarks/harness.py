@@ -144,6 +144,18 @@ class _ConfiguredKey:
 CONFIGURED_KEY = _ConfiguredKey()
 
 
+def _forget_fastapi_endpoints() -> None:
+    """Empty FastAPI's module-level caches of endpoint callables (``lru_cache``s in ``fastapi.dependencies.models``,
+    up to 4,096 entries each). Our endpoints are closures over their app's runtime, and so over its model: every
+    server a test process built stayed in memory, about 200 MB each, and an xdist worker of the suite grew past
+    9 GB and was killed for memory (flake hunt, 2026-12-07). A server process builds one app, and is not affected."""
+    import fastapi.dependencies.models as models
+
+    for value in vars(models).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+
+
 class LiveServer:
     """uvicorn in a background thread, built exactly as ``python -m audio_interaction_server`` builds it.
 
@@ -189,6 +201,7 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        _forget_fastapi_endpoints()
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """(status, body) of a GET; an HTTP error status is returned, not raised."""

@@ -181,3 +181,22 @@ def test_front_paths_benchmark_times_a_push_a_decision_written_and_a_chunks_cycl
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| a ")]
     assert len(rows) == 3 and all(float(row.split("|")[2]) > 0 for row in rows), result.stdout
+
+
+def test_a_stopped_live_server_leaves_nothing_of_its_model_in_memory(tiny_checkpoint):
+    """FastAPI keeps the endpoint callables it has seen in module-level caches, and our endpoints close over their
+    runtime and its model: every LiveServer a test process started stayed in memory (about 200 MB each), and an
+    xdist worker of the suite grew past 9 GB and was killed for memory (flake hunt, 2026-12-07)."""
+    import gc
+    import weakref
+
+    from benchmarks.harness import LiveServer
+    from tests.api.test_app import server_config
+
+    server = LiveServer(server_config(tiny_checkpoint)).start()
+    assert server.get("/health")[0] == 200
+    server.stop()
+    runtime = weakref.ref(server.runtime)
+    del server
+    gc.collect()
+    assert runtime() is None, [type(referrer).__name__ for referrer in gc.get_referrers(runtime())][:10]
