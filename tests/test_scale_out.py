@@ -478,24 +478,27 @@ def test_a_draining_replica_takes_no_new_session_and_ends_its_own_with_1012(clus
     newcomers = [open_session(balancer) for _ in range(2)]
     assert sorted(replica_of(created) for _, created in newcomers) == ["ais2", "ais3"]
 
-    events, code = recv_to_close(draining)
-    closed_s = time.monotonic() - signalled
-    assert code == 1012, (code, events[-3:])
-    assert closed_s < DRAIN_TIMEOUT_S
-    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
-    assert [e["type"] for e in events if e["type"] in ("turn_end",)] == ["turn_end"]  # the reply ended first
-    status = ais1.process.wait(timeout=DRAIN_TIMEOUT_S + 10)
-    exited_s = time.monotonic() - signalled
-    drained = [line for line in ais1.log if "drained" in line]
-    print(f"\ndrain: session closed with 1012 {closed_s:.2f} s and the process exited {status} {exited_s:.2f} s "
-          f"after SIGTERM (drain_timeout_s {DRAIN_TIMEOUT_S})")
-    assert status == 0 and drained, ais1.log[-20:]
-    wait_until_gone(ais1.engine_pid, timeout_s=5)  # its engine process stopped with it
-    # The drain ends by its deadline; then the process stops (uvicorn, the worker, the interpreter with torch).
-    assert exited_s < DRAIN_TIMEOUT_S + 5
-    for ws, _ in sessions + newcomers:
-        if ws is not draining:
-            close_session(ws)
+    try:
+        events, code = recv_to_close(draining)
+        closed_s = time.monotonic() - signalled
+        assert code == 1012, (code, events[-3:])
+        assert closed_s < DRAIN_TIMEOUT_S
+        assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "server_draining"
+        assert [e["type"] for e in events if e["type"] in ("turn_end",)] == ["turn_end"]  # the reply ended first
+        status = ais1.process.wait(timeout=DRAIN_TIMEOUT_S + 20)
+        exited_s = time.monotonic() - signalled
+        drained = [line for line in ais1.log if "drained" in line]
+        print(f"\ndrain: session closed with 1012 {closed_s:.2f} s and the process exited {status} {exited_s:.2f} s "
+              f"after SIGTERM (drain_timeout_s {DRAIN_TIMEOUT_S})")
+        assert status == 0 and drained, ais1.log[-20:]
+        wait_until_gone(ais1.engine_pid, timeout_s=5)  # its engine process stopped with it
+        # The drain ends by its deadline; then the process stops (uvicorn, the worker, the interpreter with torch:
+        # 3-4 s alone, 9.5 s once on a loaded 2-core machine).
+        assert exited_s < DRAIN_TIMEOUT_S + 15
+    finally:  # the sessions on the other replicas end whatever happened here: the next test needs their slots
+        for ws, _ in sessions + newcomers:
+            if ws is not draining:
+                close_session(ws)
 
 
 def test_a_killed_replica_ends_its_streams_and_new_sessions_land_on_the_others(cluster):
