@@ -32,11 +32,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_STDOUT_CLOSED = 141
 
 
-def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)") -> str:
-    """The exit statuses, for a script's --help (argparse.RawDescriptionHelpFormatter keeps the lines)."""
+def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)",
+                     also_fails: str = "") -> str:
+    """The exit statuses, for a script's --help (argparse.RawDescriptionHelpFormatter keeps the lines);
+    ``also_fails``: what else ends the script with 1."""
     return ("exit status:\n"
             "  0    the session ended normally\n"
-            "  1    the server refused or ended it, or stayed busy past --busy-retry-s (the last line says why)\n"
+            "  1    the server refused or ended it, or stayed busy past --busy-retry-s"
+            f"{also_fails} (the last line says why)\n"
             "  2    bad arguments or input it cannot send, said before connecting\n"
             f"  130  {on_ctrl_c}\n"
             "  141  its output was closed early (| head)")
