@@ -36,6 +36,16 @@ def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_ca
     assert str(error.value).count("\n") == 2 and "(from environment AIS_PORT)" in str(error.value)
 
 
+def test_a_reply_cap_that_leaves_no_room_for_a_rollover_is_told_which_cap_would():
+    """session.max_turn_tokens 4000 at the default budget was told to "set a window below 43 less the prompt":
+    below zero with any prompt, and nothing about the setting that was changed (first-hour review, round seven)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"AIS_SESSION__MAX_TURN_TOKENS": "4000"})
+    message = str(error.value)
+    assert "lower session.max_turn_tokens to at most 1995 less the prompt" in message, message
+    assert "below 43" not in message, message
+
+
 def test_a_setting_of_a_yaml_section_is_named_with_its_file_in_a_check_across_settings(tmp_path):
     """max_sessions and engine.max_sessions from one YAML file: the error named only max_sessions's source, as a
     section new to the merge recorded its own path, not its settings' (first-hour review, round seven)."""

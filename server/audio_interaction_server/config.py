@@ -549,14 +549,18 @@ class ServerConfig(BaseModel):
                              f"session.max_turn_tokens ({cap}) after the system prompt and an audio chunk: "
                              "raise the first or lower the second")
         if window is not None and (slack := rollover_slack(0, cap, engine.max_positions, window)) <= 0:
-            largest = window + slack - 1  # the largest that fits without a prompt
+            largest = window + slack - 1  # the largest window that fits without a prompt
+            largest_cap = cap + slack - 1  # the largest reply cap with which this window fits, without a prompt
             half = (engine.max_positions - cap) // 2
+            # A window "below N less the prompt" helps only where N leaves room for a prompt (about 50 tokens).
+            window_advice = (f"set a window below {largest} less the prompt" + (
+                f" (about {half} keeps rollovers rare)" if 0 < half < largest else "") + ", "
+                if largest > 100 else "")
             raise ValueError(f"engine.rollover_window_positions ({window}) leaves no room for a context rollover at "
                              f"engine.max_positions ({engine.max_positions}) with session.max_turn_tokens ({cap}): "
-                             "the window, the system prompt, two chunks and a full reply must fit the budget; set "
-                             f"a window below {largest} less the prompt" + (f" (about {half} keeps rollovers rare)"
-                                                                            if 0 < half < largest else "")
-                             + ", or null (sessions end with context_full)")
+                             "the window, the system prompt, two chunks and a full reply must fit the budget; "
+                             f"lower session.max_turn_tokens to at most {largest_cap} less the prompt, {window_advice}"
+                             "or set the window to null (sessions end with context_full)")
         return self
 
     @model_validator(mode="after")
