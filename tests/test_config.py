@@ -36,6 +36,15 @@ def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_ca
     assert str(error.value).count("\n") == 2 and "(from environment AIS_PORT)" in str(error.value)
 
 
+def test_a_relative_checkpoint_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A YAML file's `checkpoint: ../ck1` is read from the current directory, not the file's folder; the error did
+    not say so (first-hour review, round seven)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"AIS_ENGINE__CHECKPOINT": "../no-such-ck"})
+    assert f"a relative path is read from the current directory, {tmp_path}" in str(error.value), error.value
+
+
 def test_a_reply_cap_that_leaves_no_room_for_a_rollover_is_told_which_cap_would():
     """session.max_turn_tokens 4000 at the default budget was told to "set a window below 43 less the prompt":
     below zero with any prompt, and nothing about the setting that was changed (first-hour review, round seven)."""

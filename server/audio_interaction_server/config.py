@@ -531,9 +531,11 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"engine.checkpoint {str(checkpoint)!r} is a file, not a checkpoint directory: "
                                  "name the directory that holds it")
             if parse_repo_id(str(checkpoint)) is None:
+                relative = "" if checkpoint.is_absolute() else \
+                    f"; a relative path is read from the current directory, {Path.cwd()}"
                 raise ValueError(
                     f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
-                    "('owner/name' or 'owner/name@revision')"
+                    f"('owner/name' or 'owner/name@revision'){relative}"
                 )
         return self
 
