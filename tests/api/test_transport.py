@@ -972,6 +972,31 @@ def test_frames_sent_with_the_upgrade_request_reach_the_session(guarded, caplog,
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
+def test_a_ping_sent_with_the_upgrade_request_is_not_answered_before_the_101(guarded):
+    """Frames sent with the upgrade request are parsed before the handshake's answer: a ping's pong was written
+    first, and the client read it where its 101 should be, failing its handshake (review of 80bc35e). A pong
+    before the 101 is no frame a client can read: such pings go unanswered."""
+    with open_socket(guarded.port, source="127.0.0.9") as sock:
+        sock.sendall(upgrade_request() + client_frame(PING, b"hi"))
+        time.sleep(0.5)
+        sock.sendall(client_frame(TEXT, b'{"type": "session.close"}'))
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and data.startswith(b"HTTP/1.1 101"), data[:200]
+    assert session_closed_event(data)["reason"] == "client_closed"
+
+
+def test_a_frame_flood_sent_with_the_upgrade_request_is_answered_in_http(guarded, caplog):
+    """A flood of frames sent with the upgrade request was cut before the handshake's answer, where websockets
+    writes no close frame: the client got nothing at all (review of 80bc35e). It gets an HTTP answer saying why."""
+    with open_socket(guarded.port, source="127.0.0.10") as sock:
+        sock.sendall(upgrade_request() + data_frame(0x2, b"\x00\x00") * 5000)
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and data.startswith(b"HTTP/1.1 429"), data[:200]
+    assert b"too many WebSocket frames" in data, data[:400]
+    assert guarded.get("/health")[0] == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+
+
 def test_an_invalid_frame_sent_with_the_upgrade_request_is_answered_400(guarded, caplog):
     """A frame the WebSocket parser refuses before the handshake's answer (here unmasked, which a client's may not
     be) failed the connection where websockets sends no close frame, and uvicorn's handler of a parser error

@@ -903,8 +903,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         # connection dropped unanswered). The app has not accepted yet (an accept on a closing transport is a no-op).
         detail = f"an invalid frame before the handshake's answer: {self.conn.parser_exc}"
         self.conn.data_to_send()  # the end of file websockets queued: the answer below is written first
-        refusal = self.conn.reject(HTTPStatus.BAD_REQUEST, f"Failed to open a WebSocket connection: {detail}.\n")
-        self.transport.write(refusal.serialize())
+        if not self.handshake_complete and self.initial_response is None:
+            refusal = self.conn.reject(HTTPStatus.BAD_REQUEST, f"Failed to open a WebSocket connection: {detail}.\n")
+            self.transport.write(refusal.serialize())
         self.transport_guard.closed("bad_handshake", self.client, detail)
         if not self.close_sent:
             self.close_sent = True
@@ -1023,7 +1024,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         if self._owes_pongs:
             self._owes_pongs = False
             pongs = self.conn.data_to_send()
-            if not self.close_sent:  # after our close frame, pings go unanswered
+            # After our close frame, pings go unanswered; and before the handshake's answer (pings sent with the
+            # upgrade request) too: a pong written ahead of the 101 is where the client reads its answer.
+            if not self.close_sent and self.handshake_complete:
                 self.transport.write(b"".join(pongs))
                 if self.transport.get_write_buffer_size() > self.transport_guard.settings.max_write_buffer_bytes:
                     self.transport_guard.closed("write_buffer_full", self.client, "the client does not read")
@@ -1037,10 +1040,17 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._fail(1008, message)
 
     def _fail(self, code: int, message: str) -> None:
-        """Close with ``code`` now, and tell the app (a disconnect with that code)."""
+        """Close with ``code`` now, and tell the app (a disconnect with that code). Before the handshake's answer
+        (frames sent with the upgrade request) there is no WebSocket to close: the answer is HTTP."""
         self.conn.data_to_send()  # pongs a flood asked for are not sent
         self.conn.fail(code, message)
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.handshake_complete or self.initial_response is not None:
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        else:
+            self.conn.data_to_send()  # the end of file websockets queued
+            status = HTTPStatus.TOO_MANY_REQUESTS if code == 1008 else HTTPStatus.BAD_REQUEST
+            self.transport.write(self.conn.reject(status, f"Failed to open a WebSocket connection: {message}.\n")
+                                 .serialize())
         if not self.close_sent:
             self.close_sent = True
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": message})
