@@ -124,6 +124,8 @@ def read_pcm(path: Path) -> np.ndarray:
     try:
         samples = soundfile.read(str(path), dtype="int16", always_2d=True)[0]
     except RuntimeError as error:  # soundfile.LibsndfileError
+        if not path.is_file():  # removed or replaced while the files before it streamed
+            raise ClientError(f"{path}: no longer there (it was when streaming began)") from None
         raise ClientError(f"cannot decode {path}: its audio is damaged after its header ({str(error).strip()})") \
             from None
     return samples.astype("<i2", copy=False)

@@ -169,8 +169,10 @@ DEFAULT_ROLLOVER_WINDOW: Final = 2048  # engine.rollover_window_positions' defau
 
 def fitting_rollover_window(max_positions: int, max_turn_tokens: int, prefix_tokens: int = 0) -> int:
     """A rollover window for a budget chosen without one (a benchmark's, the offline CLI's ``--max-positions``):
-    the server's default from 4,096 positions up; below, half of what a full reply and a rebuilt context's prompt
-    and blocks leave, which keeps rollovers rare (the default would not fit below about 2,700)."""
-    if max_positions >= 4096:
+    the server's default from 4,096 positions up where it fits; else half of what a full reply and a rebuilt
+    context's prompt and blocks leave, which keeps rollovers rare (the default would not fit below about 2,700)."""
+    half = max(0, (max_positions - max_turn_tokens - prefix_tokens - 4 * BLOCK_TOKENS) // 2)
+    if max_positions >= 4096 and rollover_slack(prefix_tokens, max_turn_tokens, max_positions,
+                                                 DEFAULT_ROLLOVER_WINDOW) > 0:
         return DEFAULT_ROLLOVER_WINDOW
-    return max(0, (max_positions - max_turn_tokens - prefix_tokens - 4 * BLOCK_TOKENS) // 2)
+    return half  # below 4,096 positions, or a reply cap the default window leaves no room for

@@ -108,3 +108,12 @@ def test_a_secret_in_a_logged_exceptions_text_is_redacted(log_format):
     line = formatter.format(record)
     assert "s3cret" not in line and "invalid Sec-WebSocket-Protocol header" in line, line
     assert "openai-insecure-api-key.[redacted]" in line, line
+
+
+def test_a_subprotocol_secret_is_redacted_however_its_prefix_is_cased():
+    """A client offering ``OpenAI-Insecure-API-Key.<secret>`` had it logged whole: the pattern was matched in one
+    case only (review, round seven)."""
+    from audio_interaction_server.api.log_redaction import redact_secrets
+
+    line = "< sec-websocket-protocol: realtime, OpenAI-Insecure-API-Key.s3cret"
+    assert redact_secrets(line) == "< sec-websocket-protocol: realtime, OpenAI-Insecure-API-Key.[redacted]"

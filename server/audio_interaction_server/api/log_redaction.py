@@ -28,7 +28,7 @@ REDACTED = "[redacted]"
 # How websockets logs a handshake header (its logger is uvicorn.error): "< name: value" in, "> name: value" out.
 _HEADER_LINES = frozenset({"< %s: %s", "> %s: %s"})
 # A key or client secret offered as a WebSocket subprotocol (api/realtime/routes.py), in any header or line.
-_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+")
+_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+", re.IGNORECASE)  # as a client spells it
 
 # How much of a string argument (a request target, a header's value) a line shows; the rest is counted.
 MAX_LOGGED_TARGET_CHARS = 256
@@ -72,7 +72,7 @@ def redact_secrets(text: str) -> str:
     text = redact_query_secrets(text)
     if "@" in text:
         text = _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", text)
-    return _SUBPROTOCOL_SECRET.sub(rf"\g<1>{REDACTED}", text) if "openai-insecure-api-key." in text else text
+    return _SUBPROTOCOL_SECRET.sub(rf"\g<1>{REDACTED}", text) if "-api-key." in text.lower() else text
 
 
 class SecretFilter(logging.Filter):

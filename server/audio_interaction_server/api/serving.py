@@ -147,6 +147,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     app = create_app(config, on_fatal=on_fatal)
     runtime = app.state.runtime
     runtime.attach_to = attach_to
+    watches_itself = heartbeat is None
     if heartbeat is None:  # one process, no supervisor: it watches its own loop (a front's supervisor does that)
         from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, LoopHeartbeat, LoopWatchdog
 
@@ -176,7 +177,9 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     except (KeyboardInterrupt, StopRequested):
         pass  # re-raised by uvicorn after its graceful shutdown: a normal stop
     finally:
-        if heartbeat is not None:
+        if watches_itself:
+            heartbeat.stop()  # the loop is done: the process's own exit (atexit work, a device's teardown) is not it
+        elif heartbeat is not None:
             heartbeat.beat()  # the loop is done: what is left of the process must end within the same bound
     status = EXIT_STOPPED
     if fatal:
