@@ -758,10 +758,10 @@ def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
     (``AIS_ENGINE_DEVICE``), the name of a setting of another section (``hang_timeout_s`` at the top level), or a
     name close to one of its own section's."""
     section, name = path[:-1], path[-1]
-    split = _split_into_sections(section, name.split("_"))
+    words = name.split("_")
+    split = _split_into_sections(section, words)
     if split is not None:
         return split
-    words = name.split("_")
     near: tuple[str, ...] | None = None
     for cut in range(1, len(words)):
         inner = (*section, "_".join(words[:cut]))

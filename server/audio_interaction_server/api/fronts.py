@@ -59,11 +59,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from audio_interaction_server.api.liveness import FRONT_START_ALLOWANCE_S, WATCH_S, HangJudge, LoopHeartbeat

@@ -902,15 +902,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         # fails such a connection without a close frame, and uvicorn's handler assumes one (an AssertionError, the
         # connection dropped unanswered). The app has not accepted yet (an accept on a closing transport is a no-op).
         detail = f"an invalid frame before the handshake's answer: {self.conn.parser_exc}"
-        self.conn.data_to_send()  # the end of file websockets queued: the answer below is written first
-        if not self.handshake_complete and self.initial_response is None:
-            refusal = self.conn.reject(HTTPStatus.BAD_REQUEST, f"Failed to open a WebSocket connection: {detail}.\n")
-            self.transport.write(refusal.serialize())
         self.transport_guard.closed("bad_handshake", self.client, detail)
-        if not self.close_sent:
-            self.close_sent = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1002, "reason": detail})
-        self.transport.close()
+        self._fail(1002, detail)  # answered 400 in HTTP, the handshake not being answered yet
 
     def send_receive_event_to_app(self) -> None:
         was_paused, self.read_paused = self.read_paused, True  # keeps uvicorn from pausing for this message
