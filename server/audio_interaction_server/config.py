@@ -142,7 +142,9 @@ class EngineConfig(BaseModel):
         "(the offline runner) is never paced",
     )
     catch_up_burst_s: float = Field(
-        10.0, ge=0.4, description="audio backlog a session may catch up on at full speed before pacing applies",
+        10.0, ge=0.4, description="audio backlog a session may catch up on at full speed before pacing applies; a "
+        "new session's opening backlog draws on a burst of this size that its client address shares among its "
+        "sessions (engine/catch_up.py), so reconnecting does not buy another",
     )
     scripted_turns: ScriptedTurns | None = Field(
         None,

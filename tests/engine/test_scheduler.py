@@ -125,6 +125,39 @@ def test_pacing_lets_a_backlog_through_at_its_burst_then_at_the_catch_up_speed(t
     assert run_step() == 1
 
 
+def test_an_addresss_sessions_share_one_opening_burst(tiny_model):
+    """Connection churn (probe round 7): every session started with a full catch-up burst, so a client that
+    opened connection after connection, each sending 10 s of audio at once, had it all heard at full speed. A
+    session with a client address starts with no credits of its own: its opening backlog comes from its address's
+    burst, shared by the address's sessions; what a session earns while connected stays its own."""
+    now = [0.0]
+    scheduler, _ = make_scheduler(tiny_model, max_sessions=3, max_catch_up_speed=2.0, catch_up_burst_s=0.8)
+    scheduler.clock = lambda: now[0]
+
+    def run_step() -> list[str]:
+        plan = scheduler.schedule()
+        for batch in plan.batches:
+            scheduler.update(batch, answered(batch, *[T.KEEP_SILENCE] * len(batch)))
+        return [row.session_id for row in plan.rows]
+
+    first = scheduler.open("first", OPTIONS, print, client_address="203.0.113.7")
+    scheduler.add_audio(first, [CHUNK] * 10)
+    assert [run_step() for _ in range(3)] == [["first"], ["first"], []]  # the address's burst: 2 chunks
+    scheduler.end(first, None, "closed")
+    again = scheduler.open("again", OPTIONS, print, client_address="203.0.113.7")  # reconnects at once
+    other = scheduler.open("other", OPTIONS, print, client_address="198.51.100.1")
+    scheduler.add_audio(again, [CHUNK] * 10)
+    scheduler.add_audio(other, [CHUNK] * 10)
+    assert [run_step() for _ in range(3)] == [["other"], ["other"], []]  # a burst of its own for another address
+    now[0] = 0.2  # at 2x real time, 0.2 s earns each session one chunk, and each address's burst one more
+    assert [sorted(run_step()) for _ in range(3)] == [["again", "other"], ["again", "other"], []]
+    scheduler.end(again, None, "closed")
+    scheduler.end(other, None, "closed")
+    anonymous = scheduler.open("anonymous", OPTIONS, print)  # no client address (a Unix socket): its own burst
+    scheduler.add_audio(anonymous, [CHUNK] * 10)
+    assert [run_step() for _ in range(3)] == [["anonymous"], ["anonymous"], []]
+
+
 def first_decision(scheduler, session, model_token):
     scheduler.add_audio(session, [CHUNK])
     (batch,) = scheduler.schedule().batches

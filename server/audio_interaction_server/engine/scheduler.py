@@ -25,6 +25,7 @@ import torch
 from audio_interaction_server import spec as T
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.engine.catch_up import CatchUpPacing, ListenCredits
 from audio_interaction_server.engine.commands import EmitFn
 from audio_interaction_server.engine.conversation import Conversation, Phase, ReplyRequest, RowPlan
 from audio_interaction_server.engine.events import (
@@ -35,7 +36,6 @@ from audio_interaction_server.engine.prompt import PromptEncoder
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow
 from audio_interaction_server.engine.scripted import scripted_token
 from audio_interaction_server.engine.step_policy import LONG_ROW_TOKENS, Candidate, StepLimits, choose_rows
-from audio_interaction_server.spec import CHUNK_S
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class SessionState:
     requested_reply: ReplyRequest | None = None  # a reply asked for, begun by the decision of reply_due_chunk
     reply_due_chunk: int = 0  # that decision's chunk index: the last chunk queued when the request came
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
-    listen_credits: float | None = None  # catch-up pacing: listening rows it may run now; None = a full burst
-    credits_at_s: float = 0.0
+    client_address: str | None = None  # pays for its prompt's prefill and its opening catch-up (None: nobody)
+    listen_credits: ListenCredits | None = None  # catch-up pacing's own bucket (catch_up.py); None: not paced
     # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
     chunk_tickets: deque[int] = field(default_factory=deque)
     last_row_ticket: int = -1
@@ -138,6 +138,8 @@ class Scheduler:
         self.prefill_budget = None if config.prefill_tokens_per_s_per_ip is None else \
             PrefillBudget(config.prefill_tokens_per_s_per_ip, config.prefill_token_burst_per_ip)
         self.is_paced = True  # catch-up pacing applies (the worker turns it off inside run_until_idle)
+        self.catch_up = None if config.max_catch_up_speed is None else \
+            CatchUpPacing(config.max_catch_up_speed, config.catch_up_burst_s)
         self.sessions: dict[str, SessionState] = {}
         self._free_slots = list(range(config.max_sessions - 1, -1, -1))  # pop() gives the lowest
 
@@ -176,7 +178,10 @@ class Scheduler:
             generator = torch.Generator()
             seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
-        return SessionState(session_id, slot, options, conversation, emit, generator)
+        # Its own catch-up credits count from its open: a real-time stream has earned its first row by its first chunk.
+        credits = None if self.catch_up is None else self.catch_up.credits_for(client_address, self.clock())
+        return SessionState(session_id, slot, options, conversation, emit, generator,
+                            client_address=client_address, listen_credits=credits)
 
     def _charge_prefill(self, session_id: str, address: str, num_tokens: int) -> None:
         """The session's prompt is not kept: its first row would feed ``num_tokens``, which ``address`` pays for;
@@ -295,10 +300,10 @@ class Scheduler:
             if row is None:
                 continue
             session.last_row_ticket = self._ticket()  # it waits again from now, behind everyone waiting already
-            if self._pacing and row.is_decision:
+            if self.catch_up is not None and self.is_paced and row.is_decision:
                 # _may_listen let it in, and a paced listening session leaves it with its credits counted.
                 assert session.listen_credits is not None
-                session.listen_credits -= 1.0
+                self.catch_up.spend(session.listen_credits, session.client_address, now_s)
         return StepPlan(tuple(tuple(batch) for batch in (short, long) if batch), tuple(failures))
 
     def _candidates(self, ready: list[SessionState], failures: list[Failure]) -> Iterator[Candidate[PlannedRow]]:
@@ -312,29 +317,13 @@ class Scheduler:
             row = PlannedRow(session.session_id, session.slot, plan, session.options.sampling, session.generator)
             yield Candidate(row, row.num_tokens, row.is_decision)
 
-    @property
-    def _pacing(self) -> bool:
-        return self.config.max_catch_up_speed is not None and self.is_paced
-
     def _may_listen(self, session: SessionState, now_s: float) -> bool:
-        """Catch-up pacing: a token bucket of listening rows per session (replies are never paced).
-
-        A session's audio backlog (queued while it spoke, or sent faster than real time) is heard at
-        full speed up to ``catch_up_burst_s``; beyond that at ``max_catch_up_speed`` x real time. A
-        client flooding audio would otherwise keep the worker, and with it the CPU, busy for every
-        other session all the time: that is what made a real-time neighbour's decisions late.
-        """
-        speed = self.config.max_catch_up_speed
-        if speed is None or not self.is_paced or session.conversation.phase is not Phase.LISTENING:
-            return True  # not self._pacing, with the speed known to be set below
-        burst = self.config.catch_up_burst_s / CHUNK_S
-        if session.listen_credits is None:
-            session.listen_credits = burst
-        else:
-            earned = (now_s - session.credits_at_s) * speed / CHUNK_S
-            session.listen_credits = min(burst, session.listen_credits + earned)
-        session.credits_at_s = now_s
-        return session.listen_credits >= 1.0 - 1e-9
+        """Catch-up pacing (``catch_up.py``): a listening row waits while the session's backlog is heard faster
+        than its burst and ``max_catch_up_speed`` allow. Replies are never paced."""
+        pacing, credits = self.catch_up, session.listen_credits
+        if pacing is None or credits is None or not self.is_paced or session.conversation.phase is not Phase.LISTENING:
+            return True
+        return pacing.may_listen(credits, session.client_address, now_s)
 
     def update(self, batch: tuple[PlannedRow, ...], result: BatchResult) -> StepUpdate:
         """Commit each row's token to its conversation (decisions first, then reply tokens)."""

@@ -1,0 +1,44 @@
+"""Catch-up pacing's buckets alone (engine/catch_up.py); the scheduler's use of them: tests/engine/test_scheduler.py."""
+
+from __future__ import annotations
+
+from audio_interaction_server.engine.catch_up import CatchUpPacing
+
+
+def run_rows(pacing: CatchUpPacing, credits, address, now_s: float, wanted: int) -> int:
+    ran = 0
+    while ran < wanted and pacing.may_listen(credits, address, now_s):
+        pacing.spend(credits, address, now_s)
+        ran += 1
+    return ran
+
+
+def test_own_credits_first_then_the_addresss_and_a_last_row_shared_is_paid_by_both():
+    pacing = CatchUpPacing(speed=2.0, burst_s=0.8)  # 2 rows of burst, 5 rows a second
+    a, b = pacing.credits_for("198.51.100.1", 0.0), pacing.credits_for("198.51.100.1", 0.0)
+    assert run_rows(pacing, a, "198.51.100.1", 0.4, 10) == 4  # its own 2 rows earned in 0.4 s, then the burst's 2
+    assert run_rows(pacing, b, "198.51.100.1", 0.4, 10) == 2  # its own only: the address's burst is spent
+    # Two sessions let in by the address's last row both run it: the address owes a row, paid before its next.
+    c, d = pacing.credits_for("203.0.113.9", 0.0), pacing.credits_for("203.0.113.9", 0.0)
+    assert run_rows(pacing, c, "203.0.113.9", 0.0, 1) == 1
+    assert pacing.may_listen(c, "203.0.113.9", 0.0) and pacing.may_listen(d, "203.0.113.9", 0.0)
+    pacing.spend(c, "203.0.113.9", 0.0)
+    pacing.spend(d, "203.0.113.9", 0.0)
+    late = pacing.credits_for("203.0.113.9", 0.2)  # 0.2 s refilled one row of the address's: the one it owed
+    assert not pacing.may_listen(late, "203.0.113.9", 0.2)
+    assert pacing.may_listen(late, "203.0.113.9", 0.4)
+
+
+def test_a_session_without_an_address_has_a_full_burst_and_no_address_is_remembered():
+    pacing = CatchUpPacing(speed=4.0, burst_s=10.0)
+    credits = pacing.credits_for(None, 0.0)
+    assert run_rows(pacing, credits, None, 0.0, 100) == 25 and len(pacing) == 0
+
+
+def test_the_least_recently_used_addresses_are_forgotten_past_the_limit():
+    pacing = CatchUpPacing(speed=4.0, burst_s=0.8, max_tracked=2)
+    for address in ("a", "b", "c"):
+        run_rows(pacing, pacing.credits_for(address, 0.0), address, 0.0, 100)
+    assert len(pacing) == 2
+    # "a" was forgotten: its next session draws a full burst again (forgetting gives a burst sooner, never less).
+    assert run_rows(pacing, pacing.credits_for("a", 0.0), "a", 0.0, 100) == 2
