@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
         # The context budget against the trained prompt's length, from the tokenizer alone: before the weights.
-        prefix_tokens = len(PromptEncoder(load_tokenizer(resolve_files(checkpoint)), 0).prefix(None))
+        tokenizer = load_tokenizer(resolve_files(checkpoint))
+        prefix_tokens = len(PromptEncoder(tokenizer, 0).prefix(None))
         budget_error = context_budget_error(prefix_tokens, args.max_positions, args.max_turn_tokens)
         if budget_error is not None:
             raise InputError(budget_error)
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         window = fitting_rollover_window(args.max_positions, args.max_turn_tokens, prefix_tokens)
         engine_config = EngineConfig(max_sessions=1, max_positions=args.max_positions,
                                      rollover_window_positions=window)
-        model = load_model(checkpoint, args.device, args.dtype)
+        model = load_model(checkpoint, args.device, args.dtype, tokenizer=tokenizer)
     except (CheckpointError, VocabUnavailable) as error:  # unreadable, incomplete, not there: one line, like serve's
         raise InputError(str(error)) from None
     worker = Worker(model, engine_config)

@@ -38,8 +38,10 @@ UVICORN_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
 
 # One "name=value" of a query: after "?" or "&", the value up to the next "&" or whitespace. Not up to a "#" or
 # a quote: sent raw (no browser does, a hand-written client may), they are part of the query the app reads, and
-# of a key it accepts.
-_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&\s\"#]+)=([^&\s]*)")
+# of a key it accepts. A name holds no "?": every "?" is a place a name may start, and a name that could run over
+# them made each of them scan to the line's end (16,000 "?" took 3 s of the event loop, probe round eight); a
+# name that is cut at a "?" is redacted as if it began there (more than the app reads as a secret, never less).
+_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&?\s\"#]+)=([^&\s]*)")
 
 
 def redact_query_secrets(text: str) -> str:
@@ -63,15 +65,23 @@ def shortened(text: str) -> str:
     return f"{text[:MAX_LOGGED_TARGET_CHARS]}...({len(text)} characters)"
 
 
-# A URL's user and password (``http://alice:s3cret@host/``), as a request target in absolute form may carry them.
-_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s\"]*@")  # to the last "@" before the path
+# A URL's user and password (``http://alice:s3cret@host/``), as a request target in absolute form may carry them;
+# to the last "@" before the path. A scheme of any length made every word of a long line scan to its end.
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]{0,31}://)[^/\s\"]*@")
+# websockets refuses a header it cannot read with an exception that quotes it without its name (at debug level the
+# refusal is logged): whichever header it was, the quoted part is redacted.
+_REFUSED_HEADER = re.compile(r"(invalid HTTP header (?:line|name|value): ).*")
 
 
 def redact_secrets(text: str) -> str:
-    """``text`` with its secret query values, a URL's user and password, and subprotocol secrets replaced."""
+    """``text`` with its secret query values, a URL's user and password, subprotocol secrets and headers websockets
+    refused replaced. Every pattern takes time in proportion to ``text``'s length: this runs on the event loop for
+    every request line, before any authentication (tests/api/test_log_redaction.py's adversarial lines)."""
     text = redact_query_secrets(text)
     if "@" in text:
         text = _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", text)
+    if "invalid HTTP header" in text:
+        text = _REFUSED_HEADER.sub(rf"\g<1>{REDACTED}", text)
     return _SUBPROTOCOL_SECRET.sub(rf"\g<1>{REDACTED}", text) if "-api-key." in text.lower() else text
 
 

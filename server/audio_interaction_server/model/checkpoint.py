@@ -256,8 +256,9 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(root: Path, device: str = "auto", dtype: str = "auto",
-               progress: LoadProgress | None = None) -> LoadedModel:
-    """``progress`` (model/progress.py) counts the weight files read: the log and ``/ready`` show it."""
+               progress: LoadProgress | None = None, tokenizer: Any = None) -> LoadedModel:
+    """``progress`` (model/progress.py) counts the weight files read: the log and ``/ready`` show it.
+    ``tokenizer``: the checkpoint's, where the caller loaded it already (to check a budget before the weights)."""
     files = resolve_files(Path(root))
     torch_device, torch_dtype = resolve_device(device, dtype)
     progress = progress or LoadProgress()
@@ -267,6 +268,7 @@ def load_model(root: Path, device: str = "auto", dtype: str = "auto",
     encoder = load_audio_encoder(files, torch_device, torch_dtype)
     progress.advance()
     progress.finish()
-    tokenizer = load_tokenizer(files)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(files)
     log.info("loaded %s from %s on %s (%s)", lm.cfg.name, root, torch_device, torch_dtype)
     return LoadedModel(files, lm, encoder, tokenizer, torch_device, torch_dtype)
