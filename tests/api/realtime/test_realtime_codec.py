@@ -427,6 +427,27 @@ def test_audio_appended_after_a_clear_is_committed_though_the_clear_is_answered_
     assert isinstance(empty, Malformed) and empty.code == "input_audio_buffer_commit_empty"
 
 
+def test_a_commit_whose_audio_a_clear_dropped_is_answered_with_an_error_naming_it():
+    """commit, then clear before the model had heard the committed audio: the clear drops every chunk not heard
+    yet, the committed ones included, and the commit's flush came back to nothing: no committed, no error, the
+    client waiting for an answer that never came (probe, round eight). It is answered, naming the commit."""
+    h = Harness()
+    h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.0))  # the harness's own clear
+    h.client(append(np.zeros(9600)))
+    h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
+    [cleared] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=3, audio_dropped_s=1.2))
+    assert cleared["type"] == "input_audio_buffer.cleared"
+    [error] = h.session(InputFlushedEvent(**STAMP, num_chunks=0, audio_time_s=0.0))
+    assert error["type"] == "error" and error["error"]["event_id"] == "c1", error
+    assert error["error"]["code"] == "input_audio_buffer_commit_empty" and "clear" in error["error"]["message"]
+    # Audio appended after the clear is the next commit's, committed as ever.
+    h.client(append(np.zeros(9600)))
+    h.client({"type": "input_audio_buffer.commit", "event_id": "c2"})
+    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=2, audio_time_s=0.8))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+
+
 def test_nothing_is_sent_while_the_model_listens():
     h = Harness()
     h.client(append(np.zeros(4800)))

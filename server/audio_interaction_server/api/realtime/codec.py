@@ -101,6 +101,14 @@ class _Ack:
     num_bytes: int = 0  # the item's JSON: held until its echo is sent, counted by the connection's outbox
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """An ``input_audio_buffer.commit`` whose flush the session has not answered yet."""
+
+    event_id: str | None
+    taken_s: float  # the session's clock of audio taken when it was read: what it commits
+
+
 @dataclass
 class _Request:
     """A ``response.create`` whose reply has not begun yet."""
@@ -139,7 +147,8 @@ class RealtimeCodec:
         # it, which may be taken before that answer comes.
         self._taken_before_clear: deque[float] = deque()  # the clock at each clear not yet answered
         self._taken_done = 0.0
-        self._num_commits_waiting = 0
+        self._taken_cleared = 0.0  # the clock at the last clear the session answered: unheard audio before it dropped
+        self._commits_waiting: deque[_Commit] = deque()
         self._cancelled_response_id: str | None = None  # the response a cancel was sent for
 
     def follow(self, taken_audio_s: Callable[[], float]) -> None:
@@ -251,7 +260,7 @@ class RealtimeCodec:
                                  "was taken since the last commit (an append answered with an error is none)",
                                  event.type, event.event_id)]
         self._taken_at_commit = taken
-        self._num_commits_waiting += 1
+        self._commits_waiting.append(_Commit(event.event_id, taken))
         # Pads the partial chunk and adds trailing silence, so the model hears all of it; committed follows.
         return [Flush(event_id=event.event_id, event_type=event.type)]
 
@@ -419,13 +428,16 @@ class RealtimeCodec:
         if kind == "error":
             return self._error(event)
         if kind == "input.flushed":
-            if self._num_commits_waiting == 0:
+            if not self._commits_waiting:
                 return []
-            self._num_commits_waiting -= 1
+            commit = self._commits_waiting.popleft()
+            if commit.taken_s <= self._taken_cleared:
+                return [self._commit_cleared(commit)]
             return self._commit_audio()
         if kind == "input.cleared":
             cleared = self._taken_before_clear.popleft() if self._taken_before_clear else self._taken_audio()
             self._taken_done = max(self._taken_done, cleared)
+            self._taken_cleared = max(self._taken_cleared, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
             # A reply the model chose leaves a request pending: one that reached the engine after the model began
@@ -470,6 +482,16 @@ class RealtimeCodec:
         self._taken_done = taken
         self._taken_at_commit = taken  # every append taken so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
+
+    def _commit_cleared(self, commit: _Commit) -> Error:
+        """The answer to a commit whose audio a clear read after it dropped before the model had heard all of it (a
+        clear drops every chunk not heard yet): nothing was committed, and the client is told so, by the commit's
+        id, rather than left waiting for its ``committed``."""
+        detail = ErrorDetail(type="invalid_request_error", code="input_audio_buffer_commit_empty",
+                             message="Error committing input audio buffer: an input_audio_buffer.clear sent after "
+                             "this commit dropped its audio before the model had heard all of it; nothing was "
+                             "committed", event_id=commit.event_id)
+        return Error(event_id=self.ids.new("event"), error=detail)
 
     def _acknowledged(self) -> list:
         if not self._acks:
@@ -529,7 +551,10 @@ class RealtimeCodec:
             # second request while one is pending, a bad value) leaves the pending one as it is.
             self._request = None
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
-            self._num_commits_waiting = max(0, self._num_commits_waiting - 1)
+            # The session refused a commit's flush: that commit waits no more (the oldest, if none has its id).
+            waiting = [commit for commit in self._commits_waiting if commit.event_id == event.event_id]
+            if waiting or self._commits_waiting:
+                self._commits_waiting.remove(waiting[0] if waiting else self._commits_waiting[0])
         param = self._params.pop((event.event_id, event.code), None)
         is_server_fault = event.is_fatal and event.code not in _CLIENT_FATAL
         detail = ErrorDetail(type="server_error" if is_server_fault else "invalid_request_error",
