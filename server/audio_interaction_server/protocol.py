@@ -224,6 +224,19 @@ class ClientEventError(ValueError):
         self.code, self.message, self.event_type, self.event_id = code, message, event_type, event_id
 
 
+MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
+
+
+def cut_short(text: str) -> str:
+    """``text``, or its first ``MAX_SHOWN_CHARS`` characters ending in "...": a client's value as an error quotes it."""
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS - 3]}..."
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message quotes it: its repr, cut short."""
+    return cut_short(repr(value))
+
+
 def parse_client_event(text: str | bytes) -> ClientEvent:
     """Parse one text frame through the discriminated union; raises ``ClientEventError``.
 
@@ -246,8 +259,9 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
                                    "example \"session.configure\" or \"input.flush\")", None,
                                    _echoable_event_id(text)) from None
         if first["type"] == "union_tag_invalid":
-            raise ClientEventError("unknown_event", f"unknown event type {context.get('tag')!r}; expected one of "
-                                   f"{context.get('expected_tags')}", str(context.get("tag")),
+            tag = context.get("tag")
+            raise ClientEventError("unknown_event", f"unknown event type {shown(tag)}; expected one of "
+                                   f"{context.get('expected_tags')}", cut_short(str(tag)),
                                    _echoable_event_id(text)) from None
         has_type = first["loc"] and first["type"] != "union_tag_not_found"
         raise ClientEventError("invalid_event", summarize(error), str(first["loc"][0]) if has_type else None,
@@ -291,7 +305,7 @@ def _first_duplicate_key(text: str | bytes) -> str | None:
 
 def summarize(error: ValidationError, max_errors: int = 5) -> str:
     """A validation error in one line: ``where: what; ...``."""
-    return "; ".join(f"{'.'.join(str(p) for p in item['loc']) or 'event'}: {item['msg']}"
+    return "; ".join(f"{'.'.join(cut_short(str(p)) for p in item['loc']) or 'event'}: {item['msg']}"
                      for item in error.errors()[:max_errors])
 
 

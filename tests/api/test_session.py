@@ -166,6 +166,20 @@ def test_an_event_id_that_is_itself_refused_is_not_echoed(tiny_model, frame):
     assert error.type == "error" and error.event_id is None
 
 
+@pytest.mark.parametrize("frame", [
+    json.dumps({"type": "y" * 250_000}),
+    json.dumps({"type": "session.configure", "k" * 250_000: 1}),
+])
+def test_an_error_quotes_what_the_client_sent_at_most_64_characters_long(tiny_model, frame):
+    """An unknown event type of 250,000 characters was quoted whole in the error's message and again as its
+    event_type: 500 KB answered a 250 KB frame (probe, round eight). /v1/realtime quotes 64 characters at most;
+    so does /v1/stream now, an unknown key included."""
+    h = Harness(tiny_model)
+    (error,) = h.send(frame)
+    assert error.code in ("unknown_event", "invalid_event")
+    assert len(error.message) < 400 and len(error.event_type or "") <= 64, (len(error.message), error.event_type)
+
+
 def test_an_empty_audio_frame_changes_nothing_so_options_stay_open(tiny_model):
     """A 0-byte binary frame holds no audio: it neither opens the model's session (after which the model options
     are fixed) nor counts as audio. Likewise a flush with nothing to flush."""

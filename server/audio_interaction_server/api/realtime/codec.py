@@ -44,7 +44,7 @@ from audio_interaction_server.api.realtime.events import (
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
-from audio_interaction_server.protocol import REALTIME_SESSION_ID_PREFIX, AudioFormat
+from audio_interaction_server.protocol import REALTIME_SESSION_ID_PREFIX, AudioFormat, cut_short, shown
 
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
@@ -61,13 +61,6 @@ _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unautho
                  "audio_flood", "event_flood", "rate_limited"}
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
-MAX_SHOWN_CHARS = 64  # of a client's value quoted in an error: an error never echoes a frame back
-
-
-def _shown(value: object) -> str:
-    """``value`` as an error message quotes it: its repr, cut to ``MAX_SHOWN_CHARS``."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS - 3]}..."
 
 
 _Unchanged = Literal["unchanged"]
@@ -182,7 +175,7 @@ class RealtimeCodec:
         try:
             event = parse_client_event(message)
         except DuplicateKey as error:
-            return [self._refuse("invalid_value", f"duplicate key {_shown(error.key)}: each key may appear once per "
+            return [self._refuse("invalid_value", f"duplicate key {shown(error.key)}: each key may appear once per "
                                  "object; event ignored", None, echoable_event_id(message))]
         except ValidationError as error:
             return [self._invalid(error, echoable_event_id(message))]
@@ -214,9 +207,9 @@ class RealtimeCodec:
         context = first.get("ctx", {})
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = context.get("tag")
-            return Malformed("unknown_event", f"event type {_shown(tag)} is not supported by this server (see "
+            return Malformed("unknown_event", f"event type {shown(tag)} is not supported by this server (see "
                              "docs/realtime.md for the supported events)",
-                             event_type=None if tag is None else str(tag)[:MAX_SHOWN_CHARS], event_id=event_id)
+                             event_type=None if tag is None else cut_short(str(tag)), event_id=event_id)
         if first["type"] == "model_type" and not first["loc"]:
             return Malformed("invalid_json", "text frames must hold one JSON object")
         event_type = str(first["loc"][0]) if first["loc"] else None
@@ -224,7 +217,7 @@ class RealtimeCodec:
         if loc and loc[-1] == "[key]":  # a dict's key refused: the dict is the field (the key may be long)
             loc = loc[:-2]
         # pydantic names the union member it tried ("int", "literal['inf']"): not a field the client knows.
-        where = ".".join(str(part)[:MAX_SHOWN_CHARS] for part in loc
+        where = ".".join(cut_short(str(part)) for part in loc
                          if not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)))
         return self._refuse("invalid_value", f"{where or 'event'}: {first['msg']}", event_type, event_id, where or None)
 
@@ -268,7 +261,7 @@ class RealtimeCodec:
         response = event.response
         modalities = response.output_modalities if response is not None else None
         if modalities is not None and set(modalities) != {"text"}:
-            return [self._refuse("invalid_value", f"output_modalities {_shown(modalities)} is not supported: the model "
+            return [self._refuse("invalid_value", f"output_modalities {shown(modalities)} is not supported: the model "
                                  "produces text (pair it with a text-to-speech)", event.type, event.event_id,
                                  "response.output_modalities")]
         cap = None if response is None else response.max_output_tokens
@@ -305,7 +298,7 @@ class RealtimeCodec:
         given = event.item
         item_id = given.id or self.ids.new("item")
         if self._will_hold(item_id):
-            return [self._refuse("item_create_duplicate_item_id", f"an item with id {_shown(item_id)} already exists",
+            return [self._refuse("item_create_duplicate_item_id", f"an item with id {shown(item_id)} already exists",
                                  event.type, event.event_id, "item.id")]
         item: Item
         if given.type == "message" and given.role in ("user", "assistant", "system"):
@@ -320,13 +313,13 @@ class RealtimeCodec:
         elif given.type == "function_call_output" and given.call_id is not None:
             item = FunctionCallOutputItem(id=item_id, call_id=given.call_id, output=given.output or "")
         else:
-            kind = _shown(given.type) + (f" (role {_shown(given.role)})" if given.type == "message" else "")
+            kind = shown(given.type) + (f" (role {shown(given.role)})" if given.type == "message" else "")
             return [self._refuse("invalid_value", f"items of type {kind} are not supported: the model neither calls "
                                  "tools nor takes them", event.type, event.event_id, "item.type")]
         previous = event.previous_item_id
         if previous is not None and previous != "root" and not self._will_hold(previous):
             # The SDK: "If the ID cannot be found, an error will be returned and the item will not be added."
-            return [self._refuse("item_create_invalid_previous_item_id", f"no item with id {_shown(previous)} to "
+            return [self._refuse("item_create_invalid_previous_item_id", f"no item with id {shown(previous)} to "
                                  "place the item after; item not added", event.type, event.event_id,
                                  "previous_item_id")]
         return self._acknowledge(_Ack(event.type, event.event_id, item=item,
@@ -349,11 +342,11 @@ class RealtimeCodec:
         if reply is not None and reply.is_open and event.item_id == reply.item_id:
             # Its deltas, output_item.done and conversation.item.done would still come, for an item the client was
             # told is gone. Refusing is simpler than cancelling first, and the client can do both in order.
-            return [self._refuse("invalid_state", f"item {_shown(event.item_id)} is the output of the response in "
+            return [self._refuse("invalid_state", f"item {shown(event.item_id)} is the output of the response in "
                                  f"progress ({reply.response_id}): send response.cancel, then delete it after its "
                                  "response.done", event.type, event.event_id, "item_id")]
         if not self._will_hold(event.item_id):
-            return [self._refuse("item_delete_invalid_item_id", f"no item with id {_shown(event.item_id)}", event.type,
+            return [self._refuse("item_delete_invalid_item_id", f"no item with id {shown(event.item_id)}", event.type,
                                  event.event_id, "item_id")]
         return self._acknowledge(_Ack(event.type, event.event_id, deleted_item_id=event.item_id))
 
@@ -575,10 +568,10 @@ def session_refusal(session: SessionIn) -> tuple[str, str] | None:
                 f"(client.realtime, not client.beta.realtime): {instead}; nothing of this update was applied",
                 f"session.{field}")
     if "type" in session.model_fields_set and session.type != "realtime":
-        return (f"session type {_shown(session.type)} is not supported: the model does not transcribe; use type "
+        return (f"session type {shown(session.type)} is not supported: the model does not transcribe; use type "
                 "'realtime'", "session.type")
     if session.output_modalities is not None and set(session.output_modalities) != {"text"}:
-        return (f"output_modalities {_shown(session.output_modalities)} is not supported: the model produces text "
+        return (f"output_modalities {shown(session.output_modalities)} is not supported: the model produces text "
                 "(pair it with a text-to-speech)", "session.output_modalities")
     if session.tools:
         return "tools are not supported: the model does not call functions", "session.tools"
@@ -589,12 +582,12 @@ def session_refusal(session: SessionIn) -> tuple[str, str] | None:
     if audio_input is None:
         return None
     if audio_input.format is not None and _format_object(audio_input.format.type, audio_input.format.rate) is None:
-        return (f"audio format {_shown(audio_input.format.type)} (rate {audio_input.format.rate}) is not supported: "
+        return (f"audio format {shown(audio_input.format.type)} (rate {audio_input.format.rate}) is not supported: "
                 "use audio/pcm (24000 Hz, or another rate from 8000 to 48000), audio/pcmu or audio/pcma",
                 "session.audio.input.format")
     requested = audio_input.turn_detection
     if requested is not None and requested.type not in ("server_vad", "semantic_vad"):
-        return (f"turn_detection type {_shown(requested.type)} is not supported: server_vad or semantic_vad (the "
+        return (f"turn_detection type {shown(requested.type)} is not supported: server_vad or semantic_vad (the "
                 "model decides when to reply) or null (manual turns)", "session.audio.input.turn_detection.type")
     return None
 
