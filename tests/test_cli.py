@@ -114,6 +114,29 @@ def test_a_file_that_is_not_audio_is_reported_before_the_model_loads(capsys, mod
                           "aiff and other formats libsndfile knows; convert others, m4a/AAC for one, to wav or flac)")
 
 
+@pytest.mark.parametrize("name", ["take.raw", "TAKE.RAW"])
+def test_headerless_pcm_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path, name):
+    """soundfile reads a file named .raw as headerless PCM and, with no rate given, raised a TypeError: a traceback
+    with exit 1 (first-hour review, round eight). Such a file has no rate, channels or sample format to read."""
+    import numpy as np
+
+    raw = tmp_path / name
+    raw.write_bytes(np.zeros(16_000, "<i2").tobytes())
+    err = run_cli_error(capsys, str(raw))
+    assert err.startswith(f"error: {raw}: raw PCM without a header: its sample rate, channels and sample format "
+                          "are unknown; add a WAV header first, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 "), err
+
+
+def test_headerless_pcm_is_refused_in_one_line_by_the_file_loader(tmp_path):
+    from audio_interaction_server.audio.files import load_audio_file
+    from audio_interaction_server.audio.pcm import AudioFormatError
+
+    raw = tmp_path / "take.raw"
+    raw.write_bytes(bytes(3200))
+    with pytest.raises(AudioFormatError, match="raw PCM without a header"):
+        load_audio_file(raw)
+
+
 def test_stdin_as_dash_is_said_not_to_be_read(capsys, model_must_not_load, monkeypatch, tmp_path):
     """`run -` looked for a file named "-" (stream_file.py explains it; first-hour review, round seven)."""
     monkeypatch.chdir(tmp_path)

@@ -141,6 +141,8 @@ def check_audio_file(path: Path) -> None:
     count the server refuses on a live stream: said before the model loads, without holding the samples."""
     import soundfile
 
+    from audio_interaction_server.audio.files import headerless_pcm_error
+
     try:
         with path.open("rb"):  # libsndfile reports a file it may not read as a "System error."
             pass
@@ -149,6 +151,8 @@ def check_audio_file(path: Path) -> None:
         raise InputError(f"{path}: permission denied (the file cannot be read)") from None
     except soundfile.LibsndfileError as error:
         raise InputError(f"{path}: not an audio file this server can decode ({DECODED_FORMATS}): {error}") from None
+    except TypeError:  # soundfile's "samplerate must be specified", for a headerless format
+        raise InputError(headerless_pcm_error(path)) from None
     shortfall = wav_shortfall(path) if info.format == "WAV" else None
     if shortfall is not None:
         declared, held = shortfall

@@ -13,6 +13,14 @@ from audio_interaction_server.audio.pcm import AudioFormatError
 from audio_interaction_server.spec import SAMPLE_RATE_HZ
 
 
+def headerless_pcm_error(path: Path) -> str:
+    """What is wrong with a file soundfile takes for headerless PCM (by its name, ``.raw``): it raises a TypeError
+    for the sample rate it cannot read, before it looks at the file."""
+    return (f"{path}: raw PCM without a header: its sample rate, channels and sample format are unknown; add a WAV "
+            f"header first, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 {path.name} {path.stem}.wav (with the "
+            "rate, sample format and channels it was recorded with)")
+
+
 def load_audio_file(path: str | Path) -> np.ndarray:
     """Decode wav/flac/mp3 (libsndfile >= 1.1) → float32 mono at 16 kHz."""
     path = Path(path)
@@ -22,6 +30,8 @@ def load_audio_file(path: str | Path) -> np.ndarray:
         samples, rate_hz = soundfile.read(path, dtype="float32", always_2d=True)  # (T, C)
     except soundfile.LibsndfileError as error:
         raise AudioFormatError(f"cannot decode {path}: {error}") from error
+    except TypeError:  # soundfile's "samplerate must be specified", for a headerless format
+        raise AudioFormatError(headerless_pcm_error(path)) from None
     mono = samples.mean(axis=1, dtype=np.float32)  # down-mix first: resampling is linear, 1 channel is cheaper
     if rate_hz != SAMPLE_RATE_HZ:
         mono = soxr.resample(mono, rate_hz, SAMPLE_RATE_HZ, quality="HQ")
