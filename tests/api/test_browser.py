@@ -70,6 +70,12 @@ class WireLog:
         return [event for event in list(self.received) if event["type"] == kind]
 
 
+def session_label(session_id: str) -> str:
+    """The page's label of a session (protocol-client.js ``sessionLabel``, tested on its own below)."""
+    replica, _, own = session_id.rpartition("_")
+    return f"{replica}_{own[:5]}"
+
+
 @pytest.fixture(scope="module")
 def live(tiny_checkpoint):
     server = LiveServer(browser_config(tiny_checkpoint)).start()
@@ -173,6 +179,19 @@ def test_pcm_conversion_rounds_clips_and_frames(live, page: Page):
     interleaved = [s for v in as_int for s in (v, -v)]
     assert result["frames"] == [interleaved[0:6], interleaved[6:12]]  # 3 stereo sample frames each
     assert result["rest"] == interleaved[12:14] and result["empty"] is None
+
+
+def test_a_session_is_labelled_by_its_replica_and_its_own_part(live, page: Page):
+    """The page labelled a session by its first 8 characters: behind --fronts, in a container or a pod (replica ids
+    such as ais1-f0, a container's 12 hex digits, a pod's address) that is the replica id alone, the same for every
+    session (first-hour review, round eight)."""
+    page.goto(live.url)
+    labels = page.evaluate("""async () => {
+        const { sessionLabel } = await import("/static/protocol-client.js");
+        return ["ais1-f0_7328f0a1b2c3d4e5f60718293a4b5c6d", "vm_7328f0a1b2c3d4e5f60718293a4b5c6d",
+                "10.4.2.1_0a1b2c3d4e5f60718293a4b5c6d7e8f", "no-underscore"].map(sessionLabel);
+    }""")
+    assert labels == ["ais1-f0_7328f", "vm_7328f", "10.4.2.1_0a1b2", "no-under"]
 
 
 def test_protocol_client_resends_configuration_and_stops_on_final_close_codes(live, page: Page):
@@ -541,10 +560,10 @@ def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
                                " && window.audioInteraction.connectionStates.at(-1).state === 'open'", timeout=15_000)
         session_id = seen(page)["sessionCreated"]["session_id"]
         badge_texts = page.evaluate("window.badgeTexts")
-        assert any(text.startswith(f"Connection lost (code 1006); resuming session {session_id[:8]} in 0.3 s "
-                                   "(attempt 1)") for text in badge_texts), badge_texts
+        lost = f"Connection lost (code 1006); resuming session {session_label(session_id)} in 0.3 s (attempt 1)"
+        assert any(text.startswith(lost) for text in badge_texts), badge_texts
         assert page.locator("#connection").text_content().startswith(
-            f"Connected · session {session_id[:8]} · resumed: "), page.locator("#connection").text_content()
+            f"Connected · session {session_label(session_id)} · resumed: "), page.locator("#connection").text_content()
         decided = seen(page)["numDecisions"]
         page.wait_for_function(f"() => window.audioInteraction.numDecisions >= {decided + 3}", timeout=15_000)
         page.click("#stop")
@@ -898,14 +917,14 @@ def test_a_new_session_starts_with_a_clean_view_and_the_badge_shows_the_latest_e
     first_session = seen(page)["sessionCreated"]["session_id"]
     assert not in_viewport(page, "#errors-panel"), "the scenario needs the error below the fold"
     badge = page.locator("#connection").text_content()
-    assert badge.startswith(f"Connected · session {first_session[:8]}") and "invalid_event" in badge, badge
+    assert badge.startswith(f"Connected · session {session_label(first_session)}") and "invalid_event" in badge, badge
     assert page.locator("#connection").get_attribute("data-has-error") == "true"
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
     assert in_viewport(page, "#errors-panel") and in_viewport(page, "#connection"), "the badge scrolled away"
     page.evaluate("window.scrollTo(0, 0)")
     # The replies are grouped under their session.
     assert page.locator(f'.session-replies[data-session="{first_session}"] .session-head').text_content() \
-        .startswith(f"Session {first_session[:8]}")
+        .startswith(f"Session {session_label(first_session)} ")
     page.click("#stop")
     page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
 

@@ -1,7 +1,7 @@
 // The page: wires the form, an AudioCapture and a ProtocolClient together and renders the events.
 
 import { AudioCapture } from "./audio-capture.js";
-import { ConnectionState, ProtocolClient } from "./protocol-client.js";
+import { ConnectionState, ProtocolClient, sessionLabel } from "./protocol-client.js";
 import { ReplySpeaker } from "./speech.js";
 
 const MAX_CHUNKS_SHOWN = 75; // 30 s of 0.4 s chunks
@@ -245,14 +245,14 @@ function onConnectionState({ state, attempt, delayMs, code, reason, hadSession, 
       // The same session, back: the reply in progress goes on, and nothing sent or said was lost (unless lostS).
       seen.resumes.push(resumed);
       const lost = resumed.lostS > 0 ? `; ${resumed.lostS.toFixed(1)} s of audio could not be re-sent` : "";
-      badgeText.textContent = `Connected · session ${resumed.sessionId.slice(0, 8)} · resumed: ` +
+      badgeText.textContent = `Connected · session ${sessionLabel(resumed.sessionId)} · resumed: ` +
         `${resumed.numReplayed} events replayed, re-sent ${resumed.resentS.toFixed(1)} s of audio${lost}`;
     } else {
       badgeText.textContent = "Connected";
     }
   } else if (state === ConnectionState.RESUMING) {
     // Audio and the reply in progress wait: the server keeps the session, and replays what the page missed.
-    badgeText.textContent = `Connection lost${why}; resuming session ${sessionId.slice(0, 8)} in ` +
+    badgeText.textContent = `Connection lost${why}; resuming session ${sessionLabel(sessionId)} in ` +
       `${(delayMs / 1000).toFixed(1)} s (attempt ${attempt})…`;
   } else if (state === ConnectionState.RECONNECTING) {
     const what = resumeFailed ? "Could not resume the session; starting a new one"
@@ -307,11 +307,11 @@ function onServerEvent(event) {
   switch (event.type) {
     case "session.created":
       seen.sessionCreated = event;
-      el("session-id").textContent = event.session_id.slice(0, 8);
+      el("session-id").textContent = sessionLabel(event.session_id);
       el("session-id").title = event.session_id;
       el("model-name").textContent = event.model;
       el("demo-warning").hidden = !event.is_demo;
-      el("connection-state").textContent = `Connected · session ${event.session_id.slice(0, 8)}`;
+      el("connection-state").textContent = `Connected · session ${sessionLabel(event.session_id)}`;
       beginSessionView(event); // a resumed session gets session.resumed instead: its view goes on
       break;
     case "session.updated": {
@@ -526,7 +526,7 @@ function beginSessionView(event) {
   const head = document.createElement("h3");
   head.className = "session-head";
   const startedAt = new Date(event.server_time_ms ?? Date.now()).toLocaleTimeString();
-  head.textContent = `Session ${event.session_id.slice(0, 8)} · started ${startedAt}` +
+  head.textContent = `Session ${sessionLabel(event.session_id)} · started ${startedAt}` +
     (isFirst ? "" : " · a new session: the one below ended");
   head.title = event.session_id;
   const list = document.createElement("div");

@@ -47,6 +47,16 @@ export function backoffDelayMs(attempt, { initialDelayMs = 500, maxDelayMs = 150
   return Math.round(Math.min(maxDelayMs, base * spread));
 }
 
+/**
+ * A session's short label: its replica id and the first 5 hex digits of its own part (a session id is
+ * `<replica id>_<32 hex digits>`). Its first 8 characters were the replica id alone behind several fronts, in a
+ * container or in a pod, the same for every session there.
+ */
+export function sessionLabel(sessionId) {
+  const cut = sessionId.lastIndexOf("_");
+  return cut < 0 ? sessionId.slice(0, 8) : sessionId.slice(0, cut + 6);
+}
+
 export class ProtocolClient {
   /**
    * @param {string} url ws:// or wss:// URL of /v1/stream
