@@ -324,6 +324,19 @@ def test_device_cuda_without_a_gpu_is_one_clear_line_before_anything_loads(share
     assert "DEMO MODE" not in ran.stderr, "it prepared the model before saying the device is missing"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_device_cuda_from_a_config_file_without_a_gpu_names_the_file(tmp_path):
+    """The refusal said "from the config file or AIS_ENGINE__DEVICE" though the configuration knows which (first-hour
+    review, round eight)."""
+    config = tmp_path / "gpu-host.yaml"
+    config.write_text("engine:\n  device: cuda\n")
+    env = {key: value for key, value in os.environ.items() if key != "AIS_ENGINE__DEVICE"}
+    served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--demo", "--port", "0", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120, env=env)
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.splitlines()[-1].startswith(f"error: engine.device cuda (from {config}): torch "), served.stderr
+
+
 def test_help_and_default_yaml_name_config_py_where_settings_are_documented():
     """The settings are documented in config.py (settings.py was its old name): user-facing text says so."""
     result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,

@@ -232,6 +232,39 @@ def test_a_log_level_in_capitals_is_taken():
         load_config(None, {"AIS_LOG_LEVEL": "verbose"})
 
 
+def test_settings_with_a_fixed_shape_are_refused_in_words_not_a_regular_expression():
+    """A replica id with "_" and a log level "warn" were refused with pydantic's regular expression (first-hour
+    review, round eight); "warn" is what many tools call the level, so it is taken."""
+    with pytest.raises(ConfigError) as bad_replica:
+        load_config(None, {}, {"replica_id": "gpu_1"})
+    assert str(bad_replica.value) == (
+        "invalid server configuration: replica_id: 'gpu_1' is not a replica id: letters, digits, '.' and '-', "
+        "beginning with a letter or digit, at most 64 characters (no '_': it separates the replica id from a session "
+        "id's own part) (from command line)")
+    assert load_config(None, {"AIS_LOG_LEVEL": "warn"}).log_level == "warning"
+    with pytest.raises(ConfigError) as bad_level:
+        load_config(None, {"AIS_LOG_LEVEL": "loud"})
+    assert str(bad_level.value) == ("invalid server configuration: log_level: 'loud' is not a log level: one of "
+                                    "critical, error, warning, info, debug (from environment AIS_LOG_LEVEL)")
+    assert "pattern" not in str(bad_replica.value) + str(bad_level.value)
+
+
+def test_an_empty_allowed_origins_in_the_environment_allows_any_origin():
+    """``export AIS_ALLOWED_ORIGINS=`` (an empty value: null, as for every setting) was refused as "Input should be a
+    valid list" (first-hour review, round eight); null is the default: no check of the Origin."""
+    assert load_config(None, {"AIS_ALLOWED_ORIGINS": ""}).allowed_origins == []
+
+
+def test_the_source_of_each_setting_is_given_to_a_caller_that_asks(tmp_path):
+    """A refusal made after loading (no CUDA for engine.device cuda) names where the setting came from."""
+    yaml_file = tmp_path / "gpu.yaml"
+    yaml_file.write_text("engine:\n  device: cuda\n")
+    sources: dict = {}
+    load_config(yaml_file, {"AIS_PORT": "9001"}, {"agent_port": 9002}, sources=sources)
+    assert sources[("engine", "device")] == str(yaml_file)
+    assert sources[("port",)] == "environment AIS_PORT" and sources[("agent_port",)] == "command line"
+
+
 def test_the_ready_line_of_a_server_on_every_interface_names_no_address_a_client_cannot_use():
     """configs/cpu-demo.yaml binds 0.0.0.0 so a phone can connect, and the ready line said ws://0.0.0.0:8000, which
     no phone can open (first-hour review, round 4)."""

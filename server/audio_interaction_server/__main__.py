@@ -188,8 +188,9 @@ def _serve(args: argparse.Namespace) -> int:
     if checkpoint_error is not None:
         report_error(checkpoint_error, log_format_before_config(args.log_format))
         return EXIT_BAD_CONFIG
+    sources: dict[tuple[str, ...], str] = {}
     try:
-        config = load_config(args.config, os.environ, overrides_from(args))
+        config = load_config(args.config, os.environ, overrides_from(args), sources=sources)
     except ConfigError as error:
         report_error(str(error), log_format_before_config(args.log_format))
         return EXIT_BAD_CONFIG
@@ -197,8 +198,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     if (flush_problem := config.flush_headroom_problem()) is not None:
         log.warning("%s", flush_problem)
+    device_source = sources.get(("engine", "device"), "the default")
     no_cuda = no_cuda_reason(config.engine.device, "--device cuda" if args.device == "cuda" else
-                             "engine.device cuda (from the config file or AIS_ENGINE__DEVICE)")
+                             f"engine.device cuda (from {device_source})")
     if no_cuda is not None:
         report_error(no_cuda, config.log_format)
         return EXIT_BAD_CONFIG

@@ -38,6 +38,7 @@ ENV_NESTING = "__"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 # A replica id is a host name's characters: no "_", which separates it from the rest of a session id.
 REPLICA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 class ScriptedTurns(BaseModel):
@@ -389,13 +390,13 @@ class ServerConfig(BaseModel):
     demo: bool = Field(False, description="serve the tiny random demo model whatever engine.checkpoint says")
     api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
                            "off by default: they map the server for anyone who can reach it")
-    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    log_level: str = Field("info", description="one of " + ", ".join(LOG_LEVELS) + " (any case; warn = warning)")
     log_format: Literal["text", "json"] = Field(
         "text", description="text = one readable line per record; json = one JSON object a line (time, level, "
         "logger, message, and session_id and replica_id when it is about a session) for log pipelines (logs.py)")
     # ---- running as one of several replicas behind a load balancer (docs/scaling.md) ----
     replica_id: str | None = Field(
-        None, pattern=REPLICA_ID_PATTERN, description="begins every session id (<replica_id>_<32 hex>) so a load "
+        None, description="begins every session id (<replica_id>_<32 hex>) so a load "
         "balancer can send a subscriber to the replica holding the session; None = this host's name")
     busy_refusal: Literal["error_event", "http_503"] = Field(
         "error_event", description="how a new session is refused when all sessions are in use, the server drains "
@@ -428,7 +429,11 @@ class ServerConfig(BaseModel):
         20.0, gt=0, description="lines the agent answers one client address per second (as many at once); beyond, "
         "its connection is closed unanswered. HAProxy probes once per agent-inter per server line")
 
-    _split_origins = field_validator("allowed_origins", mode="before")(split_list)
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        # An empty AIS_ALLOWED_ORIGINS is null, as for every setting: the default, any Origin.
+        return [] if value is None else split_list(value)
 
     @field_validator("allowed_origins")
     @classmethod
@@ -487,7 +492,13 @@ class ServerConfig(BaseModel):
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level_in_any_case(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value  # DEBUG, as most tools take it
+        if not isinstance(value, str):
+            return value
+        level = value.lower()  # DEBUG, as most tools take it; warn, as many call it
+        level = "warning" if level == "warn" else level
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("max_buffered_audio_s")
     @classmethod
@@ -500,7 +511,11 @@ class ServerConfig(BaseModel):
 
     @field_validator("replica_id")
     @classmethod
-    def _not_the_realtime_prefix(cls, value: str | None) -> str | None:
+    def _a_replica_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(REPLICA_ID_PATTERN, value):
+            raise ValueError(f"{value!r} is not a replica id: letters, digits, '.' and '-', beginning with a letter or "
+                             "digit, at most 64 characters (no '_': it separates the replica id from a session id's "
+                             "own part)")
         # sess_<id> is how the Realtime API shows a session (api/realtime); a subscriber may give it so, and the
         # server and HAProxy drop the prefix: a replica of that name would have its ids read as that prefix.
         if value is not None and value.lower() == "sess":
@@ -628,14 +643,17 @@ def load_config(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sources: dict[tuple[str, ...], str] | None = None,
 ) -> ServerConfig:
     """Defaults < YAML (``path``, else the package's default.yaml) < ``AIS_*`` in ``environ`` < overrides.
 
     ``overrides`` uses nested dicts (``{"engine": {"checkpoint": ...}}``); the caller passes
-    ``os.environ`` explicitly so tests and embedders control what is read.
+    ``os.environ`` explicitly so tests and embedders control what is read. ``sources``, if given, receives where
+    each setting given was read (``("engine", "device")`` -> ``"configs/gpu-host.yaml"``, ``"environment
+    AIS_PORT"``, ``"command line"``), for a refusal made after loading to name it.
     """
     merged: dict[str, Any] = {}
-    sources: dict[tuple[str, ...], str] = {}
+    sources = {} if sources is None else sources
     yaml_path = path if path is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
     if yaml_path is not None:
         _merge(merged, _read_yaml(yaml_path), sources, str(yaml_path))
