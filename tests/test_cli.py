@@ -334,7 +334,31 @@ def test_device_cuda_from_a_config_file_without_a_gpu_names_the_file(tmp_path):
     served = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--demo", "--port", "0", "--config",
                              str(config)], capture_output=True, text=True, timeout=120, env=env)
     assert served.returncode == 2, served.stderr
-    assert served.stderr.splitlines()[-1].startswith(f"error: engine.device cuda (from {config}): torch "), served.stderr
+    last_line = served.stderr.splitlines()[-1]
+    assert last_line.startswith(f"error: engine.device cuda (from {config}): torch "), served.stderr
+
+
+def _files_of_at_most_20_mb() -> None:  # in the child, before it runs: a disk that fills up at 20 MB a file
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, 20_000_000))
+
+
+def test_a_checkpoint_that_cannot_be_written_whole_leaves_nothing_and_says_why_in_one_line(tmp_path,
+                                                                                           qwen_tokenizer_dir):
+    """A full disk ended make-checkpoint in a 20-line traceback (exit 1) and left a half-written folder that the
+    next run refused as not empty (first-hour review, round eight). The weights are written past a size limit the
+    OS enforces, as a full disk would stop them."""
+    out = tmp_path / "ck"
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server.cli", "make-checkpoint", str(out)],
+                            capture_output=True, text=True, timeout=300, preexec_fn=_files_of_at_most_20_mb)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: cannot write the checkpoint to {out}: ") and "nothing was kept" in lines[0]
+    assert not out.exists() and not list(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 def test_help_and_default_yaml_name_config_py_where_settings_are_documented():

@@ -445,12 +445,13 @@ def print_schema(args: argparse.Namespace) -> int:
 
 
 def make_checkpoint(args: argparse.Namespace) -> int:
+    from audio_interaction_server.demo.make_tiny_checkpoint import CheckpointWriteError
     from audio_interaction_server.demo.make_tiny_checkpoint import make_checkpoint as write_checkpoint
     from audio_interaction_server.demo.qwen_vocab import VocabUnavailable
 
     try:
         write_checkpoint(args.out, args.preset, args.seed, args.dtype)
-    except VocabUnavailable as error:  # a first run without a package index: the message says what to do
+    except (VocabUnavailable, CheckpointWriteError) as error:  # no package index, a full disk: one line says it
         raise InputError(str(error)) from None
     return EXIT_OK
 

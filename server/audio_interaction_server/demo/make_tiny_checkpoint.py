@@ -14,6 +14,7 @@ checkpoint): half the bytes to write and read, about 7.5 GB for ``real``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -193,17 +194,52 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
         raise ValueError(f"{out} is not empty: make-checkpoint writes into a new or empty folder, and overwrites "
                          "nothing")
     chosen = PRESETS[preset]
-    # The tokenizer first: it is what a first run without a package index cannot get, and failing before any
-    # weights are written leaves no folder behind. It draws nothing from the generator, so the order keeps the
-    # seeded values.
-    write_tokenizer_files(out)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    write_lm(out, chosen, generator, dtype)
-    write_audio_tower(out, chosen, generator, dtype)
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
+    # Written into a staging folder beside it, renamed into place once whole: a full disk, a write error or a
+    # Ctrl-C leaves nothing behind (a half-written folder was refused by the next run as not empty).
+    target = out.resolve()
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        # The tokenizer first: it is what a first run without a package index cannot get. It draws nothing from
+        # the generator, so the order keeps the seeded values.
+        write_tokenizer_files(staging)
+        generator = torch.Generator().manual_seed(seed)
+        write_lm(staging, chosen, generator, dtype)
+        write_audio_tower(staging, chosen, generator, dtype)
+        (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
+        if target.is_dir():
+            target.rmdir()  # empty (checked above): the staging folder takes its place
+        staging.rename(target)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = _write_failure(error, staging.parent)
+        if reason is None:
+            raise
+        raise CheckpointWriteError(f"cannot write the checkpoint to {out}: {reason}; nothing was kept") from None
     log.info("wrote %s checkpoint (seed %d, %s) to %s", preset, seed, dtype, out)
     return out
+
+
+class CheckpointWriteError(Exception):
+    """The checkpoint could not be written whole (a full disk, a write error); nothing of it was kept."""
+
+
+def _write_failure(error: BaseException, folder: Path) -> str | None:
+    """What stopped a checkpoint's writing, in words, if it was the file system; None for anything else.
+    safetensors reports a failed write as its own error, with the OS's text in it ("os error 28")."""
+    text = str(error)
+    is_disk_full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "os error 28" in text
+    if is_disk_full:
+        try:
+            free_mb = shutil.disk_usage(folder).free / 1e6
+        except OSError:
+            return "no space left on the device"
+        return f"no space left on the device ({free_mb:,.0f} MB free in {folder})"
+    if isinstance(error, OSError):
+        return error.strerror or text
+    if type(error).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.rpartition("I/O error: ")[2]
+    return None
 
 
 CHECKPOINT_DTYPES = ("float32", "bfloat16")
