@@ -189,3 +189,52 @@ def test_torchs_own_info_records_are_not_written_at_info_level(capsys):
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("torch").setLevel(saved[2])
+
+
+@pytest.mark.parametrize("path, status, written", [
+    ("/health", 200, False), ("/ready", 200, False), ("/metrics", 200, False), ("/ready?capacity=ignore", 200, False),
+    ("/ready", 503, True),  # a replica that stopped being ready: worth its line
+    ("/v1/info", 200, True), ("/healthz", 200, True),
+])
+def test_successful_probe_requests_are_not_written_at_info_level(path, status, written):
+    """Behind the shipped HAProxy configuration four lines in five of a front's log were a balancer's /health
+    probes, burying the session lines (first-hour review, round eight). ``log_probe_requests: false`` (the default)
+    leaves out the access line of a successful /health, /ready or /metrics request; debug level writes them."""
+    from audio_interaction_server.logs import ProbeRequestFilter
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", path, "1.1", status), None)
+    assert ProbeRequestFilter(debug=False).filter(record) is written
+    assert ProbeRequestFilter(debug=True).filter(record)
+
+
+def test_a_served_sessions_end_line_says_what_it_heard_and_probes_are_not_logged(tiny_checkpoint):
+    import urllib.request
+
+    # JSON: text-format access lines go to stdout (uvicorn's own handler), which the harness does not keep.
+    process, port = spawn_server(tiny_checkpoint, {"AIS_LOG_LEVEL": "info", "AIS_ENGINE__DEVICE": "cpu",
+                                                   "AIS_LOG_FORMAT": "json"}, log_to_file=True)
+    try:
+        for path in ("/health", "/ready", "/health", "/v1/info"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read()
+        with connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10) as ws:
+            session_id = json.loads(ws.recv(timeout=10))["session_id"]
+            ws.send(b"\x00\x00" * 16_000)  # 1 s of silence: two whole chunks and a part
+            ws.send(json.dumps({"type": "input.flush", "trailing_silence_s": 0}))
+            while json.loads(ws.recv(timeout=30))["type"] != "input.flushed":
+                pass
+            ws.send(json.dumps({"type": "session.close"}))
+            while json.loads(ws.recv(timeout=30))["type"] != "session.closed":
+                pass
+        deadline = time.monotonic() + 30
+        while f"session {session_id} ended" not in server_log(process):
+            assert time.monotonic() < deadline and process.poll() is None, server_log(process)
+            time.sleep(0.05)
+    finally:
+        assert stop_server(process) == 0
+    messages = [line["message"] for line in json_lines(server_log(process))]
+    assert any('"GET /v1/info HTTP/1.1" 200' in message for message in messages), messages
+    probes = [message for message in messages if "GET /health" in message or "GET /ready" in message]
+    assert probes and all(message.endswith('HTTP/1.1" 503') for message in probes), probes  # the start's are kept
+    ended = next(message for message in messages if message.startswith(f"session {session_id} ended"))
+    assert ended.endswith(": 1.0 s of audio received, 3 chunks heard"), ended

@@ -391,6 +391,10 @@ class ServerConfig(BaseModel):
     api_docs: bool = Field(False, description="serve the generated HTTP API docs (/docs, /redoc, /openapi.json); "
                            "off by default: they map the server for anyone who can reach it")
     log_level: str = Field("info", description="one of " + ", ".join(LOG_LEVELS) + " (any case; warn = warning)")
+    log_probe_requests: bool = Field(
+        False, description="write the access line of each successful /health, /ready and /metrics request (a "
+        "balancer's, an orchestrator's or a scraper's probes, every few seconds); false = only failed ones, or "
+        "all at log_level debug")
     log_format: Literal["text", "json"] = Field(
         "text", description="text = one readable line per record; json = one JSON object a line (time, level, "
         "logger, message, and session_id and replica_id when it is about a session) for log pipelines (logs.py)")

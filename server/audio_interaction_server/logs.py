@@ -142,6 +142,36 @@ def log_format_before_config(flag: str | None) -> str:
     return chosen if chosen in LOG_FORMATS else "text"
 
 
+# Requests a balancer, an orchestrator or a metrics scraper makes every few seconds (HAProxy's health check every
+# 2 s per front per balancer): their access lines buried the session lines.
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+class ProbeRequestFilter(logging.Filter):
+    """Leaves out the access line of a successful probe request (``PROBE_PATHS``, status below 400), unless the log
+    is at debug level; a failed one (``/ready`` answering 503: a replica stopped being ready) is written."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if self.debug or not isinstance(args, tuple) or len(args) != 5:  # uvicorn's access line: 5 arguments
+            return True
+        _client, _method, target, _version, status = args
+        path = str(target).partition("?")[0]
+        return not (path in PROBE_PATHS and isinstance(status, int) and status < 400)
+
+
+def quiet_probe_requests(debug: bool) -> None:
+    """Add ``ProbeRequestFilter`` to uvicorn's access logger, once (``log_probe_requests: false``)."""
+    logger = logging.getLogger("uvicorn.access")
+    for existing in [f for f in logger.filters if isinstance(f, ProbeRequestFilter)]:
+        logger.removeFilter(existing)
+    logger.addFilter(ProbeRequestFilter(debug))
+
+
 def route_uvicorn_logs() -> None:
     """uvicorn gives its loggers handlers and formats of its own when its config is built; send them through
     the root's handler instead (call after that, for ``json``: uvicorn's lines would not be JSON)."""

@@ -210,7 +210,9 @@ class Runtime:
         opened_at_s = self._opened_at_s.pop(session_id, None)
         if reason not in _ENDS_OF_DETACHED_SESSIONS:  # those have a line of their own (end_detached), with more
             lasted = "" if opened_at_s is None else f" after {time.monotonic() - opened_at_s:.1f} s"
-            log.info("session %s ended (%s)%s", session_id, reason, lasted)
+            session = stream.session
+            log.info("session %s ended (%s)%s: %.1f s of audio received, %d chunks heard", session_id, reason, lasted,
+                     session.audio.audio_received_s, session.num_chunks_decided)
         if self.shared_engine is not None and stream.detached_since_s is not None:
             self.shared_engine.detach_ended(session_id)  # one never opened in the engine is known there only so
         self._count_sessions()
