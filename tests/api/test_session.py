@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -178,6 +179,24 @@ def test_an_error_quotes_what_the_client_sent_at_most_64_characters_long(tiny_mo
     (error,) = h.send(frame)
     assert error.code in ("unknown_event", "invalid_event")
     assert len(error.message) < 400 and len(error.event_type or "") <= 64, (len(error.message), error.event_type)
+
+
+def test_a_close_the_engine_never_confirms_is_closed_after_the_grace_and_logged(tiny_model, speech, caplog):
+    """A close waits for the engine's last events; one the engine never confirms (its worker stalled) was closed
+    after CLOSE_GRACE_S with nothing logged, and an operator had no line to tell a stalled engine from a client
+    that went quiet (the resume-stall hunt of round eight: the machine was out of memory)."""
+    from audio_interaction_server.api.session import CLOSE_GRACE_S
+
+    h = Harness(tiny_model)
+    h.audio(speech[:6400])  # 0.4 s: the engine's session opens
+    h.send({"type": "session.close"})  # the worker is not run: nothing confirms the close
+    assert not h.of("session.closed")
+    with caplog.at_level(logging.WARNING, logger="audio_interaction_server.api.session"):
+        assert h.session.poll(h.now_s + CLOSE_GRACE_S / 2) == []
+        closed = h.session.poll(h.now_s + CLOSE_GRACE_S + 0.1)
+    assert [event.type for event in closed] == ["session.closed"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "s1" in warnings[0] and "did not confirm" in warnings[0], warnings
 
 
 def test_an_empty_audio_frame_changes_nothing_so_options_stay_open(tiny_model):

@@ -22,6 +22,7 @@ the engine's ``emit`` (worker thread) must hop there before calling ``on_engine_
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from audio_interaction_server.protocol import (
 )
 from audio_interaction_server.render.presenter import ReplyPresenter
 from audio_interaction_server.config import ServerConfig
+
+log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 5.0  # how long a close waits for the engine's last events before giving up on them
 REPLY_IN_PROGRESS_MESSAGE = ("a reply is in progress (the model may have begun its own as this request arrived): "
@@ -278,6 +281,9 @@ class Session:
             return []
         if self._closing_since_s is not None:
             if now_s - self._closing_since_s > CLOSE_GRACE_S:  # the engine never confirmed; close anyway
+                # Said, so a stalled engine (its worker stuck, the host swapping) is told apart from a quiet client.
+                log.warning("session %s: the engine did not confirm its close within %g s (is the model worker "
+                            "stalled?); closed without the engine's last events", self.session_id, CLOSE_GRACE_S)
                 return self._closed(self._close_reason, self._close_code_pending)
             return []
         if self._drain_deadline_s is not None and now_s >= self._drain_deadline_s:

@@ -118,9 +118,10 @@ CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.I
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
 # A declared length of more digits is over any limit (and Python would refuse to read one of over 4,300).
 MAX_LENGTH_DIGITS = 18
-# The loggers a flood of connections can make write: one line per burst, with a count.
-LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_interaction_server.api.admission"),
-                                 window_s=10.0)
+# The loggers a flood of connections can make write: one line per burst, with a count. The session's too: a stalled
+# engine leaves every closing session's close unconfirmed at once.
+LOG_LIMITER = SharedBurstLimiter(("uvicorn.error", "asyncio", __name__, "audio_interaction_server.api.admission",
+                                  "audio_interaction_server.api.session"), window_s=10.0)
 
 
 # After a 413 the client is most likely still sending the body it was refused for. Closed at once, the socket is
