@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import re
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
@@ -64,12 +66,22 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
                               "file's header before anything is sent): save the audio to a file and name that")
         if not path.is_file():  # libsndfile would only say "System error."
             raise ClientError(f"{path}{named_in}: no such file")
+        if path.suffix.lower() == ".raw":
+            # soundfile reads this extension as headerless PCM and wants the rate and channels from its caller (a
+            # TypeError otherwise): a file does not say them, so the user must, once, in a header.
+            raise ClientError(raw_pcm_advice(path, named_in))
         try:
             info = soundfile.info(str(path))
         except RuntimeError as error:  # undecodable (soundfile.LibsndfileError)
             raise ClientError(f"cannot decode {path}{named_in}: {str(error).strip()} (it reads wav, flac, mp3, "
                               "ogg/opus, aiff and other formats libsndfile knows; convert others, m4a/AAC for one, "
                               "to wav or flac)") from None
+        except UnicodeEncodeError:  # soundfile encodes the name before libsndfile sees it (a name from Latin-1)
+            encoding = codecs.lookup(sys.getfilesystemencoding()).name.upper()
+            raise ClientError(f"{path}{named_in}: its name is not {encoding} text, and libsndfile opens a file by a "
+                              f"{encoding} name: rename it") from None
+        except (TypeError, ValueError) as error:  # soundfile's own checks, before libsndfile: never a traceback
+            raise ClientError(f"cannot open {path}{named_in}: {error}") from None
         shortfall = wav_shortfall(info.extra_info)
         if shortfall is not None:
             declared, held = shortfall
@@ -83,6 +95,15 @@ def expand_inputs(names: list[str]) -> list[AudioFile]:
         # Not info.frames: for an mp3 that is an estimate (wrong by seconds when an ID3 tag is large).
         files.append(AudioFile(path, info.samplerate, info.channels))
     return files
+
+
+def raw_pcm_advice(path: Path, named_in: str = "") -> str:
+    """Why a ``.raw`` file cannot be sent, and the commands that give it a header (16 kHz mono s16le as the
+    example: the usual raw recording; the user puts in what theirs is)."""
+    raw, wav = shlex.quote(str(path)), shlex.quote(str(path.with_suffix(".wav")))
+    return (f"{path}{named_in}: raw PCM has no header, so its rate, channels and sample format are unknown: add a "
+            f"WAV header that says the ones it was recorded with, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 {raw} "
+            f"{wav} (or ffmpeg -f s16le -ar 16000 -ac 1 -i {raw} {wav})")
 
 
 # libsndfile reads a WAV whose body was cut as the samples that are there, without a word, but its header log

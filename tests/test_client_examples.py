@@ -562,6 +562,34 @@ def test_stream_file_refuses_what_it_cannot_send_before_connecting(tmp_path):
     assert process.returncode == 2 and "/dev/stdin: a pipe or device, not a file" in process.stderr, process.stderr
 
 
+def test_stream_file_says_how_to_give_raw_pcm_a_header_before_connecting(tmp_path):
+    """A headerless ``.raw`` file (``arecord -t raw``, a telephony dump) ended in a TypeError traceback, exit 1:
+    soundfile reads that extension as raw PCM and asks for the rate and channels before libsndfile sees the file,
+    raising TypeError where the check caught only LibsndfileError (first-hour review, round eight, finding 1)."""
+    for name in ("voice.raw", "CALL.RAW"):
+        raw = tmp_path / name
+        soundfile.write(raw, np.zeros(3200, dtype=np.int16), 16_000, format="RAW", subtype="PCM_16")
+        code, _, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(raw), "--busy-retry-s", "0", cwd=tmp_path)
+        wav = raw.with_suffix(".wav")
+        assert code == 2 and err == [
+            f"error: {raw}: raw PCM has no header, so its rate, channels and sample format are unknown: add a WAV "
+            f"header that says the ones it was recorded with, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 {raw} "
+            f"{wav} (or ffmpeg -f s16le -ar 16000 -ac 1 -i {raw} {wav})"], (code, err)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name that is not UTF-8 needs a file system that takes "
+                    "any bytes")
+def test_stream_file_names_a_file_whose_name_libsndfile_cannot_open_in_one_line(tmp_path):
+    """The other way soundfile fails at open without reaching libsndfile: a name with bytes that are not UTF-8
+    (copied from an old Latin-1 system) raised UnicodeEncodeError, a ValueError, and a traceback (round eight)."""
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.wav")
+    soundfile.write(tmp_path / "cafe.wav", np.zeros(1600, dtype=np.int16), 16_000)
+    (tmp_path / "cafe.wav").rename(latin1)
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:9", str(latin1), "--busy-retry-s", "0", cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].endswith(": its name is not UTF-8 text, and libsndfile opens a "
+                                                           "file by a UTF-8 name: rename it"), (code, err)
+
+
 def test_busy_retries_are_at_most_15_s_apart_and_the_last_comes_at_the_deadline(monkeypatch):
     """The jitter came after the 15 s cap (17.6 s between retries, against the docs' 'at most 15 s'), and a retry
     that would pass the deadline was not made: --busy-retry-s 3 gave up after 1.2 s (first-hour review, round
