@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import codecs
 import json
+import math
 import re
 import shlex
 import sys
@@ -266,14 +267,37 @@ def frames_per_s(args: argparse.Namespace) -> float:
     return args.speed * 1000 / args.frame_ms if args.frame_ms > 0 else 0.0
 
 
+MAX_FRAME_MS = 1000
+
+
+def argument_errors(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the options, each said alone."""
+    wrong = []
+    if not math.isfinite(args.speed):  # NaN passes every comparison: it streamed unpaced, as --speed 0 without saying
+        wrong.append(f"--speed {args.speed:g}: must be a finite number: 0 (as fast as the server takes it) or more")
+    elif args.speed < 0:
+        wrong.append(f"--speed {args.speed:g}: must be 0 (as fast as the server takes it) or more")
+    if not 1 <= args.frame_ms <= MAX_FRAME_MS:
+        wrong.append(f"--frame-ms {args.frame_ms:g}: must be between 1 and {MAX_FRAME_MS}")
+    if args.busy_retry_s < 0:
+        wrong.append(f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more")
+    if math.isfinite(args.speed) and frames_per_s(args) > MAX_FRAMES_PER_S:
+        too_many = (f"--frame-ms {args.frame_ms:g} at --speed {args.speed:g} sends {frames_per_s(args):.0f} frames a "
+                    f"second; a server takes at most {MAX_FRAMES_PER_S} (transport.data_frames_per_s)")
+        # Frames a second are speed * 1000 / frame_ms: --frame-ms equal to the speed sends exactly the most.
+        fewest_frame_ms = math.ceil(args.speed * 1000 / MAX_FRAMES_PER_S)
+        if fewest_frame_ms <= MAX_FRAME_MS:
+            wrong.append(f"{too_many}: use --frame-ms {fewest_frame_ms} or more, or --speed 0 (as fast as the server "
+                         "takes it)")
+        else:  # no frame is long enough: only the unpaced mode, which keeps under the limit itself, is left
+            wrong.append(f"{too_many}, and no --frame-ms ({MAX_FRAME_MS} at most) makes that few: use --speed 0 (as "
+                         "fast as the server takes it)")
+    return wrong
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    wrong = [f"--speed {args.speed:g}: must be 0 (as fast as the server takes it) or more"] * (args.speed < 0) + \
-        [f"--frame-ms {args.frame_ms:g}: must be between 1 and 1000"] * (not 1 <= args.frame_ms <= 1000) + \
-        [f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more"] * (args.busy_retry_s < 0) + \
-        [f"--frame-ms {args.frame_ms:g} at --speed {args.speed:g} sends {frames_per_s(args):.0f} frames a second; "
-         f"a server takes at most {MAX_FRAMES_PER_S} (transport.data_frames_per_s): use a larger --frame-ms"] * \
-        (frames_per_s(args) > MAX_FRAMES_PER_S)
+    wrong = argument_errors(args)
     if wrong:
         print("error: " + "; ".join(wrong), file=sys.stderr)
         return EXIT_USAGE

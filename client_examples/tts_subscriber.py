@@ -45,9 +45,16 @@ class TtsCommand:
     """A command template, checked once, expanded per segment."""
 
     def __init__(self, template: str, writes_wav: bool) -> None:
-        self.argv = shlex.split(template)
+        try:
+            self.argv = shlex.split(template)
+        except ValueError as error:  # an unbalanced quote: an apostrophe in a voice name or an option is enough
+            raise ClientError(f"--tts-command {template!r} cannot be split into arguments ({error}): it is split as "
+                              "a shell splits a command line, so an apostrophe goes inside double quotes or after a "
+                              "backslash") from None
         if not self.argv:
-            raise ClientError("--tts-command is empty")
+            default = WAV_COMMAND if writes_wav else SPEAK_COMMAND
+            raise ClientError(f"--tts-command is empty: give a command line with {{text}}, or leave the flag out for "
+                              f"the default, {default!r}")
         placeholders = set(_PLACEHOLDER.findall(template))
         if "text" not in placeholders:
             raise ClientError(f"--tts-command must contain {{text}}: {template!r}")
@@ -218,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.session_id!r} is not a session id (letters, digits, '.', '-' and '_'): copy the id "
               "stream_file.py or microphone.py prints after 'session:'", file=sys.stderr)
         return EXIT_USAGE
-    template = args.tts_command or (SPEAK_COMMAND if args.out_dir is None else WAV_COMMAND)
+    # Only a missing flag takes the default: an empty one is a mistake TtsCommand says (it was silently replaced).
+    template = args.tts_command if args.tts_command is not None else \
+        SPEAK_COMMAND if args.out_dir is None else WAV_COMMAND
     try:
         command = TtsCommand(template, writes_wav=args.out_dir is not None)
     except ClientError as error:

@@ -1485,6 +1485,48 @@ def test_stream_file_names_each_bad_argument_alone(tmp_path):
     assert code == 2 and err[-1] == "error: --speed -1: must be 0 (as fast as the server takes it) or more", err
 
 
+def test_stream_file_refuses_a_speed_that_is_no_finite_number_and_advises_a_frame_rate_it_can_send(tmp_path):
+    """--speed nan was taken (streamed unpaced, its summary without the note on queued onsets); and too many frames
+    a second were refused with "use a larger --frame-ms" even where none is allowed (--frame-ms 1000 is the most)
+    (first-hour review, round eight, finding 2). The advice is now one that can be followed."""
+    for speed in ("nan", "inf"):
+        code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", speed, cwd=tmp_path)
+        assert code == 2 and err == [f"error: --speed {speed}: must be a finite number: 0 (as fast as the server "
+                                     "takes it) or more"], err
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", "25", cwd=tmp_path)
+    assert code == 2 and err == ["error: --frame-ms 20 at --speed 25 sends 1250 frames a second; a server takes at "
+                                 "most 1000 (transport.data_frames_per_s): use --frame-ms 25 or more, or --speed 0 "
+                                 "(as fast as the server takes it)"], err
+    # The advice works: past the argument checks, to the missing file.
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", "25", "--frame-ms", "25",
+                              cwd=tmp_path)
+    assert code == 2 and err == ["error: x.wav: no such file or folder"], err
+    code, _, err = run_script("stream_file.py", "ws://127.0.0.1:1", "x.wav", "--speed", "2000", "--frame-ms", "1000",
+                              cwd=tmp_path)
+    assert code == 2 and err == ["error: --frame-ms 1000 at --speed 2000 sends 2000 frames a second; a server takes "
+                                 "at most 1000 (transport.data_frames_per_s), and no --frame-ms (1000 at most) makes "
+                                 "that few: use --speed 0 (as fast as the server takes it)"], err
+
+
+def test_tts_subscriber_refuses_a_tts_command_it_cannot_split_or_an_empty_one(tmp_path):
+    """An apostrophe in --tts-command ended in a shlex ValueError traceback, exit 1; an empty one was silently
+    replaced by the default, so TtsCommand's own "is empty" check never ran (first-hour review, round eight,
+    finding 2). Both are bad arguments: one line, exit 2, before connecting."""
+    session_id = "vm_" + "0" * 32
+    template = "espeak-ng -v en-us -- {text} it's"
+    code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", session_id, "--tts-command", template,
+                                "--busy-retry-s", "0", cwd=tmp_path)
+    assert code == 2 and err == [f"error: --tts-command {template!r} cannot be split into arguments (No closing "
+                                 "quotation): it is split as a shell splits a command line, so an apostrophe goes "
+                                 "inside double quotes or after a backslash"], err
+    for empty, out_dir, default in [("", (), "espeak-ng -- {text}"), ("  ", (), "espeak-ng -- {text}"),
+                                    ("", ("--out-dir", str(tmp_path / "speech")), "espeak-ng -w {wav} -- {text}")]:
+        code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", session_id, "--tts-command", empty,
+                                    *out_dir, "--busy-retry-s", "0", cwd=tmp_path)
+        assert code == 2 and not out and err == ["error: --tts-command is empty: give a command line with {text}, "
+                                                 f"or leave the flag out for the default, {default!r}"], (out, err)
+
+
 def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
     """'TTS command failed: exit status 1:' ended in a colon with nothing after it (first-hour review, round five)."""
     import asyncio
