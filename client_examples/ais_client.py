@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 from collections import deque
@@ -30,10 +31,15 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # 128 + SIGPIPE, what a shell reports for a tool whose reader left (`| head`): Python ignores SIGPIPE and raises
 # BrokenPipeError instead; this status keeps `set -o pipefail` scripts seeing what they would see for any other tool.
 EXIT_STDOUT_CLOSED = 141
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended (`timeout`, `kill`, a process manager): the scripts
+# handle SIGTERM (to close their session first) and still exit with it, as a supervisor expects of any tool.
+EXIT_TERMINATED = 143
 
 
 def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)",
-                     also_fails: str = "") -> str:
+                     also_fails: str = "",
+                     on_sigterm: str = "SIGTERM (kill, timeout, a process manager): as Ctrl-C, its session is closed "
+                                       "first") -> str:
     """The exit statuses, for a script's --help (argparse.RawDescriptionHelpFormatter keeps the lines);
     ``also_fails``: what else ends the script with 1."""
     return ("exit status:\n"
@@ -42,7 +48,8 @@ def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)",
             f"{also_fails} (the last line says why)\n"
             "  2    bad arguments or input it cannot send, said before connecting\n"
             f"  130  {on_ctrl_c}\n"
-            "  141  its output was closed early (| head)")
+            "  141  its output was closed early (| head)\n"
+            f"  143  {on_sigterm}")
 
 # What a close code means to someone running the examples (docs/protocol.md, "Close codes").
 CLOSE_MEANINGS = {
@@ -1042,6 +1049,45 @@ async def _send_then_close(session: StreamSession, send_audio: SendAudio) -> Non
     await session.send_event({"type": "session.close"})
 
 
+class Terminated(Exception):
+    """SIGTERM ended the script, after the same clean end as Ctrl-C (``until_sigterm``)."""
+
+
+async def until_sigterm(coroutine: Awaitable[int]) -> int:
+    """``coroutine``, ended by SIGTERM as by the first Ctrl-C, then ``Terminated``.
+
+    Both cancel the main task: the scripts' cancel paths close what they opened (``_converse`` cuts the open reply
+    line, prints the summary, and ``run_stream`` closes the socket with 1000, which ends the session on the server;
+    a subscriber only closes its subscription). Unhandled, SIGTERM ended the process at once: no close frame, so
+    the session stayed detached for its resume grace and its subscribers waited that long.
+    """
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    is_terminated = False
+
+    def terminate() -> None:
+        nonlocal is_terminated
+        is_terminated = True
+        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once, as a supervisor means
+        main_task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError):  # Windows loops take no signal handlers; nor a thread's own loop
+        return await coroutine
+    try:
+        result = await coroutine
+    except asyncio.CancelledError:
+        if is_terminated:
+            raise Terminated from None
+        raise  # Ctrl-C: asyncio.run makes it KeyboardInterrupt
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    if is_terminated:  # the cancel came as it ended, and was absorbed: SIGTERM stopped it all the same
+        raise Terminated
+    return result
+
+
 def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr) -> int:
     """``asyncio.run`` with the scripts' error reporting: one line, a non-zero status."""
     # Replies can hold any character; a console that cannot show one must not end the session.
@@ -1049,7 +1095,10 @@ def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        return asyncio.run(coroutine)
+        return asyncio.run(until_sigterm(coroutine))
+    except Terminated:
+        print("terminated", file=err)
+        return EXIT_TERMINATED
     except ClientError as error:
         print(f"error: {error}", file=err)
         return EXIT_FAILED

@@ -5,7 +5,8 @@
 
 Captures mono s16le PCM at the input device's native rate (the server resamples), sends
 it in 20 ms frames and prints replies like stream_file.py. The first Ctrl-C flushes (so
-the model can answer the last words) and closes the session; a second one quits at once.
+the model can answer the last words) and closes the session; a second one quits at once. SIGTERM (``kill``,
+``timeout``, a process manager) closes the session at once, without the flush, prints the summary and exits 143.
 A busy server (loading, full or draining) is tried again with a growing delay for up to
 ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 """
@@ -69,7 +70,9 @@ class MicrophoneSender:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Talk to an Audio-Interaction server through the microphone.",
-        epilog=exit_status_help("a second Ctrl-C (the first flushes, closes the session and ends with 0)"),
+        epilog=exit_status_help("a second Ctrl-C (the first flushes, closes the session and ends with 0)",
+                                on_sigterm="SIGTERM (kill, timeout, a process manager): its session is closed at once, "
+                                "without the first Ctrl-C's flush"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")

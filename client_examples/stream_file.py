@@ -9,7 +9,7 @@ answer the end, then ``session.close``. A folder stands for the files its
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 Exit status: 0 on a normal session, 1 on a fatal error, an abnormal close or a server that
 stayed busy, 2 on bad arguments or unreadable files, 141 when stdout's reader left early (``| head``), 130 on
-Ctrl-C (after the summary of what was heard).
+Ctrl-C and 143 on SIGTERM (both after closing the session and printing the summary of what was heard).
 """
 
 from __future__ import annotations

@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Speak a live session's replies with a TTS command.",
         epilog=exit_status_help("Ctrl-C (it stops following; the session goes on)", also_fails=", or a TTS "
-                                "command failed"), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                "command failed", on_sigterm="SIGTERM (kill, timeout, a process manager): it stops "
+                                "following, as on Ctrl-C; the session goes on"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="server URL, e.g. ws://127.0.0.1:8000")
     parser.add_argument("session_id", help="the id stream_file.py / microphone.py print as 'session: ID'")
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")

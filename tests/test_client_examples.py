@@ -204,6 +204,79 @@ def test_stream_file_ctrl_c_ends_the_reply_line_and_sums_up_what_was_heard(live,
     assert script.stderr[-1] == "interrupted", script.stderr
 
 
+def start_with_subscriber(live, folder: Path, tmp_path: Path, *stream_args: str) -> tuple[Script, Script, str]:
+    """stream_file.py --wait, and tts_subscriber.py following its session (subscribed, so it sees the end); the
+    stream waits for Enter on its stdin."""
+    stream = Script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--wait", *stream_args,
+                    cwd=tmp_path, stdin=True)
+    subscriber = None
+    try:
+        session_id = stream.wait_for_line(SESSION_LINE)[1]
+        subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY, *ANY_TTS,
+                            cwd=tmp_path)
+        subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
+    except BaseException:
+        kill_all(stream, subscriber)
+        raise
+    return stream, subscriber, session_id
+
+
+def kill_all(*scripts: Script | None) -> None:
+    """Each script that still runs killed (None: never started)."""
+    for script in scripts:
+        if script is not None and script.process.poll() is None:
+            script.process.kill()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_stream_file_stopped_by_sigterm_closes_its_session_and_sums_up(live, shared_audio, tmp_path):
+    """SIGTERM (``timeout``, ``kill``, a process manager) ended the client at once, 143 without a word: its session
+    stayed detached on the server for the resume grace, and its subscribers waited that long (first-hour review,
+    round eight, finding 6). It is handled as the first Ctrl-C: the session closed, the summary printed, then 143."""
+    import signal
+
+    stream = subscriber = None
+    try:
+        stream, subscriber, session_id = start_with_subscriber(live, shared_audio / "01_count_bark", tmp_path)
+        stream.process.stdin.write("\n")
+        stream.process.stdin.close()
+        stream.wait_for_line(TURN_LINE)  # mid-stream (real time: the folder takes seconds), a reply shown
+        stream.process.send_signal(signal.SIGTERM)
+        terminated_s = time.monotonic()
+        assert stream.finish(30) == 143, stream.stderr
+        # Closed by its client: a detached session would end only after the resume grace (20 s), as resume_expired.
+        subscriber.wait_for_line(re.compile(r"^session closed \(client_closed\)$"), timeout_s=10)
+        assert time.monotonic() - terminated_s < 10
+        assert subscriber.finish(30) == 0, subscriber.stderr
+    finally:
+        kill_all(stream, subscriber)
+    assert SUMMARY_LINE.match(stream.stdout[-1]), stream.stdout[-3:]
+    assert stream.stderr[-1] == "terminated" and "Traceback" not in "\n".join(stream.stderr), stream.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_tts_subscriber_stopped_by_sigterm_stops_following_and_the_session_goes_on(live, shared_audio, tmp_path):
+    """A subscriber ended by SIGTERM died with it (round eight, finding 6); it now stops following, says so, exits
+    143, and the session it followed is not its to close: it goes on to its normal end."""
+    import signal
+
+    stream = subscriber = None
+    try:
+        stream, subscriber, session_id = start_with_subscriber(live, shared_audio / "01_count_bark", tmp_path,
+                                                               "--speed", "0", "--json")
+        subscriber.process.send_signal(signal.SIGTERM)
+        assert subscriber.finish(30) == 143, subscriber.stderr
+        stream.process.stdin.write("\n")
+        stream.process.stdin.close()
+        assert stream.finish() == 0, stream.stderr
+    finally:
+        kill_all(stream, subscriber)
+    assert subscriber.stderr[-1] == "terminated" and "Traceback" not in "\n".join(subscriber.stderr), \
+        subscriber.stderr
+    closed = json.loads(stream.stdout[-1])
+    assert closed["type"] == "session.closed" and closed["reason"] == "client_closed", closed
+
+
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
     folder = shared_audio / "01_count_bark"
     started = time.monotonic()
@@ -884,7 +957,8 @@ class RawInputStream:
         for begin in range(0, len(samples), self.blocksize):
             block = samples[begin:begin + self.blocksize]
             self.callback(block.tobytes(), len(block), None, "")
-        os.kill(os.getpid(), signal.SIGINT)
+        # The user's Ctrl-C, or a process manager's SIGTERM.
+        os.kill(os.getpid(), getattr(signal, os.environ.get("FAKE_MICROPHONE_STOP", "SIGINT")))
 '''
 
 
@@ -898,6 +972,21 @@ def test_microphone_streams_until_ctrl_c_then_flushes_and_closes(live, shared_au
     assert summary and float(summary[2]) == pytest.approx(audio_seconds(recording), abs=0.05)
     assert all(TURN_LINE.match(line) for line in microphone.stdout[:-1])
     assert "finishing: waiting for the model to hear the end" in microphone.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_microphone_stopped_by_sigterm_closes_its_session_and_sums_up(live, shared_audio, tmp_path):
+    """SIGTERM killed microphone.py without a word (round eight, finding 6). It now ends as stream_file.py does: the
+    session closed at once (no flush: a process manager waits for no model), the summary, then 143."""
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    recording = shared_audio / "01_count_bark" / "sample01_01.mp3"
+    microphone = Script("microphone.py", live.ws_url, "--api-key", API_KEY, cwd=tmp_path,
+                        env={"PYTHONPATH": str(tmp_path), "FAKE_MICROPHONE_FILE": str(recording),
+                             "FAKE_MICROPHONE_STOP": "SIGTERM"})
+    assert microphone.finish() == 143, microphone.stderr
+    assert SUMMARY_LINE.match(microphone.stdout[-1]), microphone.stdout[-3:]
+    assert microphone.stderr[-1] == "terminated", microphone.stderr
+    assert "finishing: waiting for the model to hear the end" not in microphone.stderr
 
 
 def test_microphone_checks_its_input_device_before_it_connects(tmp_path):
@@ -1631,9 +1720,11 @@ def test_each_clients_help_lists_its_exit_statuses(script, tmp_path):
     round six)."""
     code, out, _ = run_script(script, "--help", cwd=tmp_path)
     statuses = out[out.index("exit status:") + 1:]
-    assert code == 0 and [line.split()[0] for line in statuses] == ["0", "1", "2", "130", "141"], out
+    assert code == 0 and [line.split()[0] for line in statuses] == ["0", "1", "2", "130", "141", "143"], out
+    assert "SIGTERM" in statuses[5], statuses  # what kill, timeout and process managers send (round eight, finding 6)
     if script == "tts_subscriber.py":  # it follows another's session: its Ctrl-C closes nothing (first hour, round 7)
         assert "or a TTS command failed" in statuses[1] and "the session goes on" in statuses[3], statuses
+        assert "the session goes on" in statuses[5], statuses
 
 
 def test_stream_file_says_a_file_holds_no_audio(live, tmp_path):
