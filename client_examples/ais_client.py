@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -194,6 +195,13 @@ BUSY_JITTER = 0.2  # each delay spread by +-20 %: clients refused together (a dr
 DEFAULT_BUSY_RETRY_S = 90.0  # a restart with a model load fits; an outage ends in a message
 
 T = TypeVar("T")
+
+
+def busy_retry_problem(seconds: float) -> str | None:
+    """What is wrong with ``--busy-retry-s``, or None. NaN fails every comparison: ``< 0`` let it through."""
+    if math.isfinite(seconds) and seconds >= 0:
+        return None
+    return f"--busy-retry-s {seconds:g}: must be a finite number of seconds, 0 (exit at once) or more"
 
 
 def add_busy_retry_argument(parser: Any) -> None:

@@ -19,7 +19,7 @@ import signal
 import sys
 
 from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
-                        default_api_key, exit_status_help, run_main, run_stream)
+                        busy_retry_problem, default_api_key, exit_status_help, run_main, run_stream)
 
 FRAME_MS = 20
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
     add_busy_retry_argument(parser)
     args = parser.parse_args(argv)
-    if args.busy_retry_s < 0:
-        print("error: --busy-retry-s must be >= 0", file=sys.stderr)
+    if (problem := busy_retry_problem(args.busy_retry_s)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         import sounddevice  # optional: only this example needs an audio device

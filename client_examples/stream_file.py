@@ -30,7 +30,7 @@ import numpy as np
 import soundfile
 
 from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
-                        default_api_key, endpoint_url, exit_status_help, run_main, run_stream)
+                        busy_retry_problem, default_api_key, endpoint_url, exit_status_help, run_main, run_stream)
 
 
 # What session.configure's audio format takes (docs/protocol.md): a file outside it is refused before connecting.
@@ -279,8 +279,8 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
         wrong.append(f"--speed {args.speed:g}: must be 0 (as fast as the server takes it) or more")
     if not 1 <= args.frame_ms <= MAX_FRAME_MS:
         wrong.append(f"--frame-ms {args.frame_ms:g}: must be between 1 and {MAX_FRAME_MS}")
-    if args.busy_retry_s < 0:
-        wrong.append(f"--busy-retry-s {args.busy_retry_s:g}: must be 0 (exit at once) or more")
+    if (problem := busy_retry_problem(args.busy_retry_s)) is not None:
+        wrong.append(problem)
     if math.isfinite(args.speed) and frames_per_s(args) > MAX_FRAMES_PER_S:
         too_many = (f"--frame-ms {args.frame_ms:g} at --speed {args.speed:g} sends {frames_per_s(args):.0f} frames a "
                     f"second; a server takes at most {MAX_FRAMES_PER_S} (transport.data_frames_per_s)")

@@ -31,8 +31,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, ServerBusy, add_busy_retry_argument,
-                        default_api_key, describe_close, describe_error, endpoint_url, exit_status_help,
-                        open_websocket, printable, retry_while_busy, run_main)
+                        busy_retry_problem, default_api_key, describe_close, describe_error, endpoint_url,
+                        exit_status_help, open_websocket, printable, retry_while_busy, run_main)
 
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
@@ -219,8 +219,8 @@ SESSION_ID_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.busy_retry_s < 0:
-        print("error: --busy-retry-s must be >= 0", file=sys.stderr)
+    if (problem := busy_retry_problem(args.busy_retry_s)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if not SESSION_ID_CHARACTERS.fullmatch(args.session_id):  # else it lands in the URL's path, and the server's
         # answer (no such endpoint, a bad request) would point at the URL

@@ -1758,3 +1758,16 @@ def test_a_client_that_cannot_replace_a_drained_session_ends_on_why(tiny_checkpo
     assert script.stderr[gave_up].endswith("; the server went away and did not come back in that time"), \
         script.stderr
     assert not [line for line in script.stderr[gave_up:] if "connection closed with code" in line], script.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("stream_file.py", ["some.wav"]), ("microphone.py", []),
+    ("tts_subscriber.py", ["vm_0123456789abcdef0123456789abcdef"]),
+])
+@pytest.mark.parametrize("seconds", ["nan", "inf", "-1"])
+def test_a_busy_retry_that_is_no_finite_number_of_seconds_is_refused_before_connecting(tmp_path, script, args, seconds):
+    """``--busy-retry-s nan`` passed the ``< 0`` check every script made (NaN fails every comparison), as --speed
+    nan did (first-hour review, round eight)."""
+    code, out, err = run_script(script, "ws://127.0.0.1:9", *args, "--busy-retry-s", seconds, cwd=tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == f"error: --busy-retry-s {seconds}: must be a finite number of seconds, 0 (exit at once) or more"
