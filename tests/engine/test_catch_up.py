@@ -42,3 +42,12 @@ def test_the_least_recently_used_addresses_are_forgotten_past_the_limit():
     assert len(pacing) == 2
     # "a" was forgotten: its next session draws a full burst again (forgetting gives a burst sooner, never less).
     assert run_rows(pacing, pacing.credits_for("a", 0.0), "a", 0.0, 100) == 2
+
+
+def test_a_lone_session_with_an_address_is_heard_at_its_burst_then_the_catch_up_speed_not_twice_it():
+    """The address's burst pays an opening backlog, not a second catch-up speed beside the session's own: a lone
+    flooding session drew on both, refilled at 4x each, and was heard at 8x real time (review, round eight)."""
+    pacing = CatchUpPacing(speed=2.0, burst_s=0.8)  # 2 rows of burst, 5 rows a second
+    credits = pacing.credits_for("198.51.100.7", 0.0)
+    heard = sum(run_rows(pacing, credits, "198.51.100.7", step / 10, 1000) for step in range(0, 101))
+    assert heard == 2 + 50, heard  # the burst, then 10 s at 2x real time: one 0.4 s chunk every 0.2 s

@@ -65,6 +65,7 @@ class RegisteredConnection(Protocol):
 
     subscribers: set
     finished: asyncio.Event
+    session: Session  # what its end line reports: the audio it received, the chunks the model heard
 
     @property
     def queued_events(self) -> int: ...

@@ -10,10 +10,11 @@ Two token buckets of listening rows, each refilled at the catch-up speed up to t
 - a session's own, which starts empty when the session has a client address: what it earns while connected is
   its own, so a real-time stream (one row per 0.4 s, earning several) never waits;
 - its client address's, shared by the address's sessions (over every front of this engine): the opening backlog of
-  a new session, and any backlog a session's own bucket cannot cover, is paid from it. Before, every session
-  started with a full burst of its own, so connection churn (each connection sending 10 s of audio at once, then
-  leaving) was heard at full speed again and again: about 120 s of audio a second from one address. Now an
-  address's sessions together catch up by one burst more than staying connected earns them.
+  a new session, and any backlog a session's own bucket cannot cover, is paid from it, up to one burst in a
+  session's life (it pays an opening backlog, not a second catch-up speed beside the session's own). Before, every
+  session started with a full burst of its own, so connection churn (each connection sending 10 s of audio at
+  once, then leaving) was heard at full speed again and again: about 120 s of audio a second from one address.
+  Now an address's sessions together catch up by one burst more than staying connected earns them.
 
 A session without a client address (a Unix socket, the offline runner) starts with a full burst of its own.
 At most ``max_tracked`` addresses are remembered, the least recently used forgotten first (forgetting one only
@@ -38,6 +39,7 @@ class ListenCredits:
 
     rows: float
     at_s: float
+    from_address: float = 0.0  # rows its address's bucket paid for it: at most one burst in its life
 
     def refill(self, now_s: float, rows_per_s: float, burst_rows: float) -> None:
         if now_s > self.at_s:
@@ -66,16 +68,26 @@ class CatchUpPacing:
         own.refill(now_s, self.rows_per_s, self.burst_rows)
         if own.has_a_row:
             return True
-        shared = self._shared(client_address, now_s)
+        shared = self._shared_for(own, client_address, now_s)
         return shared is not None and shared.has_a_row
 
     def spend(self, own: ListenCredits, client_address: str | None, now_s: float) -> None:
         """A row ``may_listen`` let in runs: paid from the session's own bucket, else from its address's. Two
         sessions of one address let in by its last row both pay: the bucket goes below empty, and the next row
         waits until it has refilled."""
-        shared = None if own.has_a_row else self._shared(client_address, now_s)
+        shared = None if own.has_a_row else self._shared_for(own, client_address, now_s)
         payer = own if shared is None else shared
         payer.rows -= 1.0
+        if shared is not None:
+            own.from_address += 1.0
+
+    def _shared_for(self, own: ListenCredits, client_address: str | None, now_s: float) -> ListenCredits | None:
+        """The address's bucket, while the session has drawn less than one burst from it: the address pays an
+        opening backlog, not a second catch-up speed beside the session's own (a lone flooding session was heard
+        at twice ``max_catch_up_speed``)."""
+        if own.from_address >= self.burst_rows - _SLACK:
+            return None
+        return self._shared(client_address, now_s)
 
     def _shared(self, client_address: str | None, now_s: float) -> ListenCredits | None:
         if client_address is None:
