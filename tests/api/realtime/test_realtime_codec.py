@@ -448,6 +448,23 @@ def test_a_commit_whose_audio_a_clear_dropped_is_answered_with_an_error_naming_i
     assert [frame["type"] for frame in frames] == COMMIT_TYPES
 
 
+def test_a_commit_whose_audio_a_reply_committed_first_is_not_answered_again_after_a_clear():
+    """commit, the model begins a reply on that audio (committed is sent then), a clear during the reply: after the
+    reply the commit's flush came back, and the commit was answered with an error saying nothing was committed,
+    though its audio was the reply's user item (review, round eight)."""
+    h = Harness()
+    h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.0))  # the harness's own clear
+    h.client(append(np.zeros(9600)))
+    h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    begin, *rest = reply(0, ["Hi", "!"])
+    assert [frame["type"] for frame in h.session(begin)] == COMMIT_TYPES  # the commit's audio: the user item
+    h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
+    h.session(*rest)
+    [cleared] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.0))
+    assert cleared["type"] == "input_audio_buffer.cleared"
+    assert h.session(InputFlushedEvent(**STAMP, num_chunks=3, audio_time_s=1.2)) == []
+
+
 def test_nothing_is_sent_while_the_model_listens():
     h = Harness()
     h.client(append(np.zeros(4800)))

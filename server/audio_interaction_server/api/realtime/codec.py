@@ -141,6 +141,7 @@ class RealtimeCodec:
         self._taken_before_clear: deque[float] = deque()  # the clock at each clear not yet answered
         self._taken_done = 0.0
         self._taken_cleared = 0.0  # the clock at the last clear the session answered: unheard audio before it dropped
+        self._taken_committed = 0.0  # the clock when the last user item was made (a clear does not move it)
         self._commits_waiting: deque[_Commit] = deque()
         self._cancelled_response_id: str | None = None  # the response a cancel was sent for
 
@@ -424,6 +425,8 @@ class RealtimeCodec:
             if not self._commits_waiting:
                 return []
             commit = self._commits_waiting.popleft()
+            if commit.taken_s <= self._taken_committed:
+                return []  # its audio became a user item already (a reply began on it): committed was sent
             if commit.taken_s <= self._taken_cleared:
                 return [self._commit_cleared(commit)]
             return self._commit_audio()
@@ -473,6 +476,7 @@ class RealtimeCodec:
         if taken <= self._taken_done or (self.replies.reply is not None and self.replies.reply.is_open):
             return []
         self._taken_done = taken
+        self._taken_committed = taken
         self._taken_at_commit = taken  # every append taken so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
 
