@@ -203,6 +203,28 @@ def test_make_checkpoint_command_writes_the_seeded_release_layout(tmp_path, tiny
             assert (out / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
 
 
+def test_make_checkpoint_into_an_existing_empty_folder_keeps_that_folder(tmp_path, monkeypatch, qwen_tokenizer_dir):
+    """The staging folder of 203e752 replaced an existing empty folder by renaming another into its place: a mount
+    point then failed (busy), ``make-checkpoint .`` removed the caller's current folder, and the folder's own mode
+    was lost (review, round eight). An existing folder is kept and filled. A staging folder a killed run left
+    behind (its process gone) is removed, beside the folder and in it."""
+    out = tmp_path / "volume"
+    out.mkdir(mode=0o750)
+    out.chmod(0o750)
+    dead_pid = 2**22 + 12345  # above any pid this kernel hands out (pid_max is at most 2**22)
+    (tmp_path / f".volume.partial-{dead_pid}").mkdir()
+    monkeypatch.chdir(out)
+    before = out.stat()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-checkpoint", "."])
+    assert exit_info.value.code == 0
+    after = out.stat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)  # the same folder, as it was
+    assert (out / "model.safetensors.index.json").is_file() and Path.cwd() == out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["volume"]  # the dead run's staging is gone
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+
+
 def test_make_checkpoint_in_bfloat16_stores_the_same_seeded_weights_rounded_and_it_loads(tmp_path, tiny_checkpoint):
     """``--dtype bfloat16``: every stored tensor is bf16 and equals the float32 checkpoint's rounded; the index
     counts its bytes; the loader reads it as any checkpoint (cast to its own dtype) and the model runs."""

@@ -190,14 +190,22 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed {seed}: must be 0 to {MAX_SEED}")
     out = Path(out)
+    if out.is_dir():
+        _remove_dead_staging(out.resolve())
     if out.is_dir() and any(out.iterdir()):  # a real checkpoint's folder given by mistake loses nothing
         raise ValueError(f"{out} is not empty: make-checkpoint writes into a new or empty folder, and overwrites "
                          "nothing")
     chosen = PRESETS[preset]
     # Written into a staging folder beside it, renamed into place once whole: a full disk, a write error or a
     # Ctrl-C leaves nothing behind (a half-written folder was refused by the next run as not empty).
+    # An existing (empty) folder is the caller's (a mount point, the cwd, one it may write into but not its parent):
+    # it is kept, with the staging folder inside it; else the staging folder is beside it and renamed into place.
     target = out.resolve()
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    is_existing = target.is_dir()
+    staging = (target / f".partial-{os.getpid()}" if is_existing
+               else target.parent / f".{target.name}.partial-{os.getpid()}")
+    if not is_existing:
+        _remove_dead_staging(target)  # beside it (one in it was removed before the emptiness check)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         # The tokenizer first: it is what a first run without a package index cannot get. It draws nothing from
@@ -207,9 +215,12 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
         write_lm(staging, chosen, generator, dtype)
         write_audio_tower(staging, chosen, generator, dtype)
         (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643, "bos_token_id": 151643}))
-        if target.is_dir():
-            target.rmdir()  # empty (checked above): the staging folder takes its place
-        staging.rename(target)
+        if is_existing:
+            for entry in staging.iterdir():
+                os.replace(entry, target / entry.name)
+            staging.rmdir()
+        else:
+            staging.rename(target)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         reason = _write_failure(error, staging.parent)
@@ -218,6 +229,19 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
         raise CheckpointWriteError(f"cannot write the checkpoint to {out}: {reason}; nothing was kept") from None
     log.info("wrote %s checkpoint (seed %d, %s) to %s", preset, seed, dtype, out)
     return out
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Staging folders of ``target`` (beside it or in it) whose process has ended: killed while it wrote."""
+    from audio_interaction_server.demo.qwen_vocab import process_exists
+
+    for pattern, folder in ((f".{target.name}.partial-*", target.parent), (".partial-*", target)):
+        if not folder.is_dir():
+            continue
+        for staging in folder.glob(pattern):
+            pid = staging.name.rpartition("-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 class CheckpointWriteError(Exception):
@@ -273,7 +297,7 @@ def _remove_stale_staging(root: Path) -> None:
     each). One whose process lives is another start generating now, and stays."""
     from audio_interaction_server.demo.qwen_vocab import process_exists
 
-    for staging in root.parent.glob(f"{root.name}.tmp-*"):
+    for staging in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.tmp-*.partial-*")]:
         pid = staging.name.rpartition("-")[2]
         if pid.isdigit() and not process_exists(int(pid)):
             log.info("removing %s, left by a start that was stopped while it generated the demo model", staging)
