@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_a_file_that_is_not_audio_is_reported_before_the_model_loads(capsys, mod
                           "aiff and other formats libsndfile knows; convert others, m4a/AAC for one, to wav or flac)")
 
 
-@pytest.mark.parametrize("name", ["take.raw", "TAKE.RAW"])
+@pytest.mark.parametrize("name", ["take.raw", "TAKE.RAW", "my take.raw"])
 def test_headerless_pcm_is_reported_before_the_model_loads(capsys, model_must_not_load, tmp_path, name):
     """soundfile reads a file named .raw as headerless PCM and, with no rate given, raised a TypeError: a traceback
     with exit 1 (first-hour review, round eight). Such a file has no rate, channels or sample format to read."""
@@ -125,6 +126,9 @@ def test_headerless_pcm_is_reported_before_the_model_loads(capsys, model_must_no
     err = run_cli_error(capsys, str(raw))
     assert err.startswith(f"error: {raw}: raw PCM without a header: its sample rate, channels and sample format "
                           "are unknown; add a WAV header first, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 "), err
+    # The command as given can be pasted: both paths whole (its folder too), quoted where they need it.
+    command = err.split("e.g. ", 1)[1].split(" (with", 1)[0]
+    assert shlex.split(command)[-2:] == [str(raw), str(raw.with_suffix(".wav"))], command
 
 
 def test_headerless_pcm_is_refused_in_one_line_by_the_file_loader(tmp_path):

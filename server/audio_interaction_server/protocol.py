@@ -268,8 +268,8 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
                                _echoable_event_id(text)) from None
     duplicate = _first_duplicate_key(text)
     if duplicate is not None:
-        raise ClientEventError("invalid_event", f"duplicate key {duplicate!r}: each key may appear once per object; "
-                               "event ignored", event.type, event.event_id)
+        raise ClientEventError("invalid_event", f"duplicate key {shown(duplicate)}: each key may appear once per "
+                               "object; event ignored", event.type, event.event_id)
     return event
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ from audio_interaction_server.spec import SAMPLE_RATE_HZ
 def headerless_pcm_error(path: Path) -> str:
     """What is wrong with a file soundfile takes for headerless PCM (by its name, ``.raw``): it raises a TypeError
     for the sample rate it cannot read, before it looks at the file."""
+    wav = path.with_suffix(".wav")
     return (f"{path}: raw PCM without a header: its sample rate, channels and sample format are unknown; add a WAV "
-            f"header first, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 {path.name} {path.stem}.wav (with the "
-            "rate, sample format and channels it was recorded with)")
+            f"header first, e.g. sox -t raw -r 16000 -e signed -b 16 -c 1 {shlex.quote(str(path))} "
+            f"{shlex.quote(str(wav))} (with the rate, sample format and channels it was recorded with)")
 
 
 def load_audio_file(path: str | Path) -> np.ndarray:
