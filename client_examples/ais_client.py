@@ -11,6 +11,7 @@ cancel the sender when the receive loop ends (``run_stream`` does).
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, TextIO, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -146,6 +148,37 @@ def connection_hint(url: str, error: str) -> str:
     return ""
 
 
+# A refusal's body is shown in the one line a retry prints, so a long one (a balancer's page of explanations) is cut.
+HTTP_BODY_MAX_CHARS = 160
+# What a page holds that is not its text: the head (its title repeats the heading), scripts, styles, comments.
+_PAGE_HIDDEN = re.compile(r"<(head|script|style)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def http_refusal(status: int, phrase: str, body: bytes, content_type: str) -> str:
+    """An HTTP refusal that is not the server's own (JSON), as one line. The server never answers with HTML: a page
+    is a proxy's (HAProxy's 503 with no backend up, nginx's or a cloud balancer's 502 or 504), shown by its text,
+    without the heading that repeats the status ("503 Service Unavailable")."""
+    text = body.decode(errors="replace")
+    is_page = "html" in content_type.lower() or text.lstrip().startswith("<")
+    if is_page:
+        text = html.unescape(_TAG.sub(" ", _PAGE_HIDDEN.sub(" ", text)))
+    text = " ".join(printable(text).split())
+    if is_page:
+        try:
+            phrases = {phrase, HTTPStatus(status).phrase}
+        except ValueError:  # a status Python does not know
+            phrases = {phrase}
+        for heading in (f"{status} {name}".lower() for name in phrases if name):
+            if text.lower().startswith(heading) and text[len(heading):].strip(" :-"):
+                text = text[len(heading):].lstrip(" :-")
+                break
+    if len(text) > HTTP_BODY_MAX_CHARS:  # cut at a word, "..." saying that there was more
+        text = text[:HTTP_BODY_MAX_CHARS - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+    source = f"HTTP {status} from a proxy" if is_page else f"HTTP {status}"
+    return f"{source}: {text}" if text else source
+
+
 async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 15.0) -> ClientConnection:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -166,7 +199,8 @@ async def open_websocket(url: str, api_key: str | None, open_timeout_s: float = 
             refusal = json.loads(response.body or b"")  # the server's error event, as the in-band refusal says it
             reason = f"{refusal['code']}: {refusal['message']}"
         except (ValueError, TypeError, KeyError):
-            reason = f"HTTP {response.status_code}: " + (response.body or b"").decode(errors="replace").strip()
+            reason = http_refusal(response.status_code, response.reason_phrase, response.body or b"",
+                                  response.headers.get("Content-Type", ""))
         retry_after = response.headers.get("Retry-After", "")
         raise ServerBusy(reason, float(retry_after) if retry_after.isdigit() else 0.0) from None
     except InvalidURI as error:

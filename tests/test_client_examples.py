@@ -471,6 +471,72 @@ def test_stream_file_gives_up_on_a_server_that_stays_full(one_slot, shared_audio
     assert elapsed_s < 20
 
 
+# HAProxy's own answer when no backend is up (its built-in 503 page, byte for byte), and a 502 as a cloud balancer or
+# nginx in front of it may give one: a head, a style sheet and a paragraph longer than a line.
+HAPROXY_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 107\r\ncache-control: no-cache\r\n"
+               b"content-type: text/html\r\n\r\n<html><body><h1>503 Service Unavailable</h1>\n"
+               b"No server is available to handle this request.\n</body></html>\n")
+BALANCER_PAGE = ("<!DOCTYPE html>\n<html>\n<head><title>502 Bad Gateway</title>\n"
+                 "<style>body { font-family: sans-serif; }</style></head>\n<body>\n"
+                 "<center><h1>502 Bad Gateway</h1></center>\n<p>This gateway&#39;s upstream "
+                 "server sent an invalid response while it tried to fulfill the request.\r\n   Please try again in 30 "
+                 "seconds; if the problem persists, contact the site&#39;s owner with the request id 6f1c2a.</p>\n"
+                 "<hr><center>nginx</center>\n</body>\n</html>\n").encode()
+BALANCER_502 = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % len(BALANCER_PAGE) + BALANCER_PAGE)
+
+
+def answer_every_request(listener, response: bytes, done: threading.Event) -> None:
+    """Until ``done``, answer each connection's request with ``response`` and close it, as a proxy in front of no
+    server answers a WebSocket upgrade."""
+    import socket
+
+    listener.settimeout(0.05)
+    while not done.is_set():
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with connection:
+            connection.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request and (chunk := connection.recv(4096)):
+                request += chunk
+            connection.sendall(response)
+            connection.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("response, reason", [
+    (HAPROXY_503, "HTTP 503 from a proxy: No server is available to handle this request."),
+    (BALANCER_502, "HTTP 502 from a proxy: This gateway's upstream server sent an invalid response while it tried to "
+                   "fulfill the request. Please try again in 30 seconds; if the problem persists..."),
+], ids=["haproxy_503", "balancer_502"])
+def test_a_proxys_html_error_page_is_one_line_per_retry(tmp_path, response, reason):
+    """Behind HAProxy with no backend up (a drain, an update), every retry printed HAProxy's HTML page, three lines
+    each, and so did the last line (first-hour review, round eight): the page's text is shown on one line, its tags,
+    its head and the heading that repeats the status left out, its length capped."""
+    import socket
+
+    recording = tmp_path / "a.wav"
+    soundfile.write(recording, np.zeros(1600, dtype=np.int16), 16_000)
+    done = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        proxy = threading.Thread(target=answer_every_request, args=(listener, response, done))
+        proxy.start()
+        try:
+            code, out, err = run_script("stream_file.py", f"ws://127.0.0.1:{listener.getsockname()[1]}",
+                                        str(recording), "--busy-retry-s", "2", cwd=tmp_path)
+        finally:
+            done.set()
+            proxy.join()
+    retry = re.compile(rf"^server busy \({re.escape(reason)}\), retrying in \d+\.\d s$")
+    assert code == 1 and len(err) >= 2 and all(retry.match(line) for line in err[:-1]), err
+    assert re.fullmatch(rf"error: server busy \({re.escape(reason)}\): gave up after {len(err) - 1} retries in 2 s "
+                        r"\(--busy-retry-s 2\)", err[-1]), err
+
+
 def test_tts_subscriber_retries_while_the_session_has_its_maximum_of_subscribers(tiny_checkpoint, tmp_path):
     server = LiveServer(client_config(tiny_checkpoint, max_subscribers_per_session=1)).start()
     try:
