@@ -7,7 +7,8 @@ Subscribes to ``/v1/sessions/{id}/events`` (a second device, e.g. a speaker box,
 someone else's stream) and runs the TTS command once per ``segment`` event, in order. The
 command is a template: ``{text}`` becomes the sentence and ``{wav}`` the output file, each
 inside its own argument; it runs without a shell, so nothing in a reply is ever interpreted.
-With ``--out-dir`` every segment is written to ``turn{N}_seg{M}.wav`` instead of spoken.
+With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
+spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 Exits when the session closes: 0 if it closed normally and every command succeeded.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shlex
 import shutil
@@ -72,13 +74,30 @@ class TtsCommand:
 
 
 class Speaker:
-    """Runs the command for each queued segment, one at a time, in arrival order."""
+    """Runs the command for each queued segment, one at a time, in arrival order; with ``out_dir`` (the session's
+    own folder, which main() found absent), the command writes each segment's wav file there."""
 
     def __init__(self, command: TtsCommand, out_dir: Path | None) -> None:
         self.command, self.out_dir = command, out_dir
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # None: the session ended
         self.num_done = self.num_failed = 0
         self._stderr_shown: str | None = None  # what the command last wrote to stderr, shown once while it repeats
+        self._out_dir_problem: str | None = None  # why out_dir could not be made; "" once made
+
+    def _make_out_dir(self) -> str:
+        """Why the segment cannot be written ("" when it can). The folder is made at the first segment, not at the
+        start: a subscription that is refused (a wrong key, a mistyped id) leaves nothing that would refuse the next
+        try. Made exclusively: one that appeared since main() looked is another subscriber's, and is left alone."""
+        if self._out_dir_problem is None:
+            try:
+                self.out_dir.mkdir()
+                self._out_dir_problem = ""
+            except FileExistsError:
+                self._out_dir_problem = (f"{self.out_dir} was made since this subscriber started (another one "
+                                         "following this session there?): nothing is overwritten")
+            except OSError as error:
+                self._out_dir_problem = f"cannot make {self.out_dir}: {error.strerror or error}"
+        return self._out_dir_problem
 
     async def run(self) -> None:
         while (segment := await self.queue.get()) is not None:
@@ -87,6 +106,10 @@ class Speaker:
     async def _speak(self, segment: dict) -> None:
         name = f"turn{segment['turn']}_seg{segment['index']}"
         wav = None if self.out_dir is None else self.out_dir / f"{name}.wav"
+        if wav is not None and (problem := self._make_out_dir()):
+            self.num_failed += 1
+            print(f"{name}: not written: {problem}", file=sys.stderr, flush=True)
+            return
         failure, said = await self._run(self.command.expand(segment["text"], wav))
         if failure is None and said and said != self._stderr_shown:
             # A command may succeed and still say that nothing was heard: espeak-ng on a machine without a sound
@@ -208,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=default_api_key(), help="the server's API key (default: $AIS_API_KEY)")
     parser.add_argument("--tts-command", help=f"template with {{text}} (and {{wav}} with --out-dir); default "
                                               f"{SPEAK_COMMAND!r}, or {WAV_COMMAND!r} with --out-dir")
-    parser.add_argument("--out-dir", type=Path, help="write turn{N}_seg{M}.wav files here instead of speaking")
+    parser.add_argument("--out-dir", type=Path, help="write the replies to OUT_DIR/SESSION_ID/turn{N}_seg{M}.wav "
+                        "instead of speaking them (a folder per session, refused if it exists: nothing is overwritten)")
     add_busy_retry_argument(parser)
     return parser
 
@@ -243,8 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:  # a file of that name, no permission, a read-only place: before connecting
             print(f"error: --out-dir {args.out_dir}: {error.strerror or error}", file=sys.stderr)
             return EXIT_USAGE
+        # Files named by turn alone, in one folder, were overwritten by the next session followed there: each session
+        # has a folder of its own, and one that exists (the same session followed there before) is kept as it is.
+        session_dir = args.out_dir / args.session_id
+        if os.path.lexists(session_dir):
+            print(f"error: --out-dir {args.out_dir}: {session_dir} exists already (this session was followed into it "
+                  "before): give another --out-dir, or move it away; nothing is overwritten", file=sys.stderr)
+            return EXIT_USAGE
     print(f"TTS command: {shlex.join(command.argv)}", flush=True)
-    speaker = Speaker(command, args.out_dir)
+    speaker = Speaker(command, None if args.out_dir is None else args.out_dir / args.session_id)
     return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s))
 
 

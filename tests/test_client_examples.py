@@ -939,12 +939,64 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
                                                        "--tts-command", command, "--out-dir", str(out_dir))
     segments = {f"turn{e['turn']}_seg{e['index']}": e["text"] for e in events if e["type"] == "segment"}
     assert segments, "no segments: the TTS path went untested"
-    assert sorted(path.stem for path in out_dir.glob("*.wav")) == sorted(segments)
+    session_dir = out_dir / events[0]["session_id"]  # a folder per session, so that none overwrites another's
+    assert sorted(path.stem for path in session_dir.glob("*.wav")) == sorted(segments)
     for name, text in segments.items():
-        assert soundfile.info(str(out_dir / f"{name}.wav")).frames == 1600
-        assert (out_dir / f"{name}.txt").read_text(encoding="utf-8") == text
+        assert soundfile.info(str(session_dir / f"{name}.wav")).frames == 1600
+        assert (session_dir / f"{name}.txt").read_text(encoding="utf-8") == text
+        assert f"{name}: wrote {session_dir / name}.wav (0.10 s)" in subscriber.stdout
     assert "session closed (client_closed)" in subscriber.stdout
     assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
+
+
+def test_tts_subscriber_keeps_each_sessions_wav_files_apart_and_overwrites_none(live, shared_audio, tmp_path):
+    """Two sessions followed in a row into one --out-dir: the second's turn0_seg0.wav... replaced the first's without
+    a word (first-hour review, round eight). Each session now has a folder of its own, and following a session into a
+    folder that already has one is refused before connecting."""
+    fake_tts = tmp_path / "fake_tts.py"
+    fake_tts.write_text(FAKE_TTS)
+    out_dir = tmp_path / "speech"
+    command = shlex.join([sys.executable, str(fake_tts), "{wav}", "{text}"])
+    sessions = []
+    for _ in range(2):
+        events, _ = drive_session_with_subscriber(live, shared_audio / "01_count_bark", tmp_path,
+                                                  "--tts-command", command, "--out-dir", str(out_dir))
+        segments = {f"turn{e['turn']}_seg{e['index']}": e["text"] for e in events if e["type"] == "segment"}
+        assert segments, "no segments: the TTS path went untested"
+        sessions.append((events[0]["session_id"], segments))
+    for session_id, segments in sessions:
+        assert sorted(path.stem for path in (out_dir / session_id).glob("*.wav")) == sorted(segments)
+        for name, text in segments.items():
+            assert (out_dir / session_id / f"{name}.txt").read_text(encoding="utf-8") == text
+    session_id = sessions[0][0]
+    code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", session_id, "--tts-command", command,
+                                "--out-dir", str(out_dir), cwd=tmp_path)
+    assert code == 2 and err == [f"error: --out-dir {out_dir}: {out_dir / session_id} exists already (this session was "
+                                 "followed into it before): give another --out-dir, or move it away; nothing is "
+                                 "overwritten"], (code, err)
+
+
+def test_a_session_folder_another_subscriber_made_meanwhile_is_left_alone(monkeypatch, tmp_path):
+    """Two subscribers of one session started together into one --out-dir both find its folder absent at the start:
+    the second to reach a segment writes nothing there (each segment is said not written, and counted failed)."""
+    import asyncio
+
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    session_dir = tmp_path / "vm_0123456789abcdef0123456789abcdef"
+    session_dir.mkdir()
+    (session_dir / "turn0_seg0.wav").write_bytes(b"the other subscriber's")
+    command = tts_subscriber.TtsCommand(shlex.join([sys.executable, "-c", "open(__import__('sys').argv[1], 'w')",
+                                                    "{wav}", "{text}"]), writes_wav=True)
+    speaker = tts_subscriber.Speaker(command, session_dir)
+    for index in range(2):
+        speaker.queue.put_nowait({"turn": 0, "index": index, "text": "hello"})
+    speaker.queue.put_nowait(None)
+    asyncio.run(speaker.run())
+    assert (speaker.num_done, speaker.num_failed) == (0, 2)
+    assert sorted(path.name for path in session_dir.iterdir()) == ["turn0_seg0.wav"]
+    assert (session_dir / "turn0_seg0.wav").read_bytes() == b"the other subscriber's"
 
 
 # What espeak-ng does on a machine without a sound card: it says so on stderr and exits 0.
@@ -982,8 +1034,9 @@ def test_tts_subscriber_default_command_is_espeak_ng(live, shared_audio, tmp_pat
     events, subscriber = drive_session_with_subscriber(live, shared_audio / "01_count_bark", tmp_path,
                                                        "--out-dir", str(out_dir))
     segments = [f"turn{e['turn']}_seg{e['index']}" for e in events if e["type"] == "segment"]
-    assert segments and sorted(path.stem for path in out_dir.glob("*.wav")) == sorted(segments)
-    assert all(soundfile.info(str(path)).frames > 0 for path in out_dir.glob("*.wav"))
+    session_dir = out_dir / events[0]["session_id"]
+    assert segments and sorted(path.stem for path in session_dir.glob("*.wav")) == sorted(segments)
+    assert all(soundfile.info(str(path)).frames > 0 for path in session_dir.glob("*.wav"))
     assert subscriber.stdout[0].startswith("TTS command: espeak-ng -w ")
 
 
