@@ -150,6 +150,9 @@ def connection_hint(url: str, error: str) -> str:
 
 # A refusal's body is shown in the one line a retry prints, so a long one (a balancer's page of explanations) is cut.
 HTTP_BODY_MAX_CHARS = 160
+# Of a refusal's body, only this much is read: the patterns below scan to the end from each "<head" or "<!--" they
+# meet unclosed, so a megabyte of them took minutes; a proxy's page says what it has to say in its first lines.
+HTTP_BODY_READ_BYTES = 16 * 1024
 # What a page holds that is not its text: the head (its title repeats the heading), scripts, styles, comments.
 _PAGE_HIDDEN = re.compile(r"<(head|script|style)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]*>")
@@ -159,7 +162,7 @@ def http_refusal(status: int, phrase: str, body: bytes, content_type: str) -> st
     """An HTTP refusal that is not the server's own (JSON), as one line. The server never answers with HTML: a page
     is a proxy's (HAProxy's 503 with no backend up, nginx's or a cloud balancer's 502 or 504), shown by its text,
     without the heading that repeats the status ("503 Service Unavailable")."""
-    text = body.decode(errors="replace")
+    text = body[:HTTP_BODY_READ_BYTES].decode(errors="replace")
     is_page = "html" in content_type.lower() or text.lstrip().startswith("<")
     if is_page:
         text = html.unescape(_TAG.sub(" ", _PAGE_HIDDEN.sub(" ", text)))

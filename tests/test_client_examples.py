@@ -1890,3 +1890,14 @@ def test_a_busy_retry_that_is_no_finite_number_of_seconds_is_refused_before_conn
     code, out, err = run_script(script, "ws://127.0.0.1:9", *args, "--busy-retry-s", seconds, cwd=tmp_path)
     assert code == 2 and len(err) == 1, err
     assert err[0] == f"error: --busy-retry-s {seconds}: must be a finite number of seconds, 0 (exit at once) or more"
+
+
+def test_a_refusal_page_is_read_in_time_in_proportion_to_its_length():
+    """A page of many unclosed ``<head`` (or ``<!--``) made the page-stripping patterns scan to the body's end from
+    each: a megabyte took minutes. Only the body's start is read (a line shows 160 characters)."""
+    client = load_client_module()
+    started = time.perf_counter()
+    for body in (b"<head" * 200_000, b"<!--" * 250_000, b"<" * 1_000_000):
+        line = client.http_refusal(502, "Bad Gateway", body, "text/html")
+        assert line.startswith("HTTP 502 from a proxy") and len(line) < 220, line
+    assert time.perf_counter() - started < 2.0
