@@ -204,7 +204,8 @@ def test_stream_file_ctrl_c_ends_the_reply_line_and_sums_up_what_was_heard(live,
     assert script.stderr[-1] == "interrupted", script.stderr
 
 
-def start_with_subscriber(live, folder: Path, tmp_path: Path, *stream_args: str) -> tuple[Script, Script, str]:
+def start_with_subscriber(live, folder: Path, tmp_path: Path, *stream_args: str,
+                          tts_args: tuple[str, ...] | None = None) -> tuple[Script, Script, str]:
     """stream_file.py --wait, and tts_subscriber.py following its session (subscribed, so it sees the end); the
     stream waits for Enter on its stdin."""
     stream = Script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--wait", *stream_args,
@@ -212,8 +213,8 @@ def start_with_subscriber(live, folder: Path, tmp_path: Path, *stream_args: str)
     subscriber = None
     try:
         session_id = stream.wait_for_line(SESSION_LINE)[1]
-        subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY, *ANY_TTS,
-                            cwd=tmp_path)
+        subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY,
+                            *(ANY_TTS if tts_args is None else tts_args), cwd=tmp_path)
         subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
     except BaseException:
         kill_all(stream, subscriber)
@@ -896,22 +897,15 @@ def test_a_url_with_a_path_never_gets_an_api_path_twice(given, stream, events):
 
 def drive_session_with_subscriber(live, folder: Path, tmp_path: Path, *tts_args: str) -> tuple[list[dict], Script]:
     """stream_file.py waits (--wait) until tts_subscriber.py has subscribed, so no segment is missed."""
-    stream = Script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--speed", "0", "--json",
-                    "--wait", cwd=tmp_path, stdin=True)
-    subscriber = None
+    stream, subscriber, _ = start_with_subscriber(live, folder, tmp_path, "--speed", "0", "--json",
+                                                  tts_args=tts_args)
     try:
-        session_id = stream.wait_for_line(SESSION_LINE)[1]
-        subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY, *tts_args,
-                            cwd=tmp_path)
-        subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
         stream.process.stdin.write("\n")
         stream.process.stdin.close()
         assert stream.finish() == 0, stream.stderr
         assert subscriber.finish() == 0, subscriber.stderr
     finally:
-        for script in (stream, subscriber):
-            if script is not None and script.process.poll() is None:
-                script.process.kill()
+        kill_all(stream, subscriber)
     return [json.loads(line) for line in stream.stdout], subscriber
 
 

@@ -33,6 +33,14 @@ def json_lines(text: str) -> list[dict]:
     return lines
 
 
+def wait_for_log(process, text: str, timeout_s: float = 30) -> None:
+    """Until the server's log holds ``text`` (it logs on its own threads, after the client has its answer)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in server_log(process):
+        assert time.monotonic() < deadline and process.poll() is None, server_log(process)
+        time.sleep(0.05)
+
+
 def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
     process, port = spawn_server(tiny_checkpoint, {"AIS_LOG_FORMAT": "json", "AIS_LOG_LEVEL": "info",
                                                    "AIS_REPLICA_ID": REPLICA_ID, "AIS_ENGINE__DEVICE": "cpu"},
@@ -42,10 +50,7 @@ def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
             session_id = json.loads(ws.recv(timeout=10))["session_id"]
             ws.send(b"\x00\x00" * 1600)  # 0.1 s of silence
             ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the session is detached, and says so
-        deadline = time.monotonic() + 30
-        while f"session {session_id} detached" not in server_log(process):
-            assert time.monotonic() < deadline and process.poll() is None, server_log(process)
-            time.sleep(0.05)
+        wait_for_log(process, f"session {session_id} detached")
     finally:
         assert stop_server(process) == 0
     lines = json_lines(server_log(process))
@@ -226,10 +231,7 @@ def test_a_served_sessions_end_line_says_what_it_heard_and_probes_are_not_logged
             ws.send(json.dumps({"type": "session.close"}))
             while json.loads(ws.recv(timeout=30))["type"] != "session.closed":
                 pass
-        deadline = time.monotonic() + 30
-        while f"session {session_id} ended" not in server_log(process):
-            assert time.monotonic() < deadline and process.poll() is None, server_log(process)
-            time.sleep(0.05)
+        wait_for_log(process, f"session {session_id} ended")
     finally:
         assert stop_server(process) == 0
     messages = [line["message"] for line in json_lines(server_log(process))]
