@@ -843,6 +843,9 @@ class StreamSession:
                 continue
             try:
                 raw = await websocket.recv()
+            except asyncio.CancelledError:  # this connection may have resumed the session: close it, not drop it
+                await _close_on_cancel(websocket)
+                raise
             except ConnectionClosed:
                 why = describe_close(websocket.close_code, websocket.close_reason or "")
                 continue
@@ -1014,6 +1017,16 @@ async def run_stream(url: str, api_key: str | None, console: ReplyConsole, send_
         await session.websocket.close()  # a no-op after the server's close
 
 
+async def _close_on_cancel(websocket: ClientConnection) -> None:
+    """Close a connection its opener was cancelled on (Ctrl-C, SIGTERM) with 1000, so that the session it opened or
+    resumed ends on the server rather than waiting detached for a resume; bounded, as a second signal may be near."""
+    try:
+        async with asyncio.timeout(2.0):
+            await websocket.close()
+    except (TimeoutError, ConnectionClosed, OSError):
+        pass
+
+
 async def _open_session(endpoint: str, api_key: str | None, after_a_session: bool = False
                         ) -> tuple[ClientConnection, str]:
     """The connection and its first event (``session.created``, or a refusal once the server has closed);
@@ -1027,6 +1040,9 @@ async def _open_session(endpoint: str, api_key: str | None, after_a_session: boo
         raise ServerBusy(f"{DROPPED} at {shown_url(endpoint)}", state="stopping or restarting") from None
     try:
         raw_first = await websocket.recv()
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM before session.created: the session is ours to close
+        await _close_on_cancel(websocket)
+        raise
     except ConnectionClosed:
         if websocket.close_code == 1013:
             raise ServerBusy(websocket.close_reason or "close 1013") from None

@@ -256,6 +256,49 @@ def test_stream_file_stopped_by_sigterm_closes_its_session_and_sums_up(live, sha
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_a_client_stopped_before_its_session_is_created_closes_the_connection(tmp_path, shared_audio):
+    """SIGTERM while the client waited for ``session.created`` left the new socket unclosed (it was not the session's
+    yet): the server saw the connection drop (1006) and kept the session waiting detached for its resume grace
+    (review, round eight). A server that holds ``session.created`` back stands in for a busy one."""
+    import asyncio
+    import signal
+    import threading
+
+    from websockets.asyncio.server import serve
+
+    accepted, closes = threading.Event(), []
+
+    async def hold_back(websocket) -> None:
+        accepted.set()
+        try:
+            await websocket.wait_closed()
+        finally:
+            closes.append(websocket.close_code)
+
+    async def serve_for_a_while(started: threading.Event, port: list[int]) -> None:
+        async with serve(hold_back, "127.0.0.1", 0) as server:
+            port.append(server.sockets[0].getsockname()[1])
+            started.set()
+            while not closes:
+                await asyncio.sleep(0.05)
+
+    started, port = threading.Event(), []
+    thread = threading.Thread(target=asyncio.run, args=(serve_for_a_while(started, port),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    stream = Script("stream_file.py", f"ws://127.0.0.1:{port[0]}",
+                    str(shared_audio / "01_count_bark" / "sample01_02.wav"), cwd=tmp_path)
+    try:
+        assert accepted.wait(30), "the client never connected"
+        stream.process.send_signal(signal.SIGTERM)
+        assert stream.finish(30) == 143, stream.stderr
+    finally:
+        kill_all(stream)
+    thread.join(10)
+    assert closes == [1000], closes
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
 def test_tts_subscriber_stopped_by_sigterm_stops_following_and_the_session_goes_on(live, shared_audio, tmp_path):
     """A subscriber ended by SIGTERM died with it (round eight, finding 6); it now stops following, says so, exits
     143, and the session it followed is not its to close: it goes on to its normal end."""
