@@ -217,6 +217,7 @@ def test_make_checkpoint_into_an_existing_empty_folder_keeps_that_folder(tmp_pat
     out.chmod(0o750)
     dead_pid = 2**22 + 12345  # above any pid this kernel hands out (pid_max is at most 2**22)
     (tmp_path / f".volume.partial-{dead_pid}").mkdir()
+    (out / f".partial-{dead_pid}" / "weights").mkdir(parents=True)  # in it: the folder counts as empty
     monkeypatch.chdir(out)
     before = out.stat()
     with pytest.raises(SystemExit) as exit_info:

@@ -192,9 +192,12 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     out = Path(out)
     if out.is_dir():
         _remove_dead_staging(out.resolve())
-    if out.is_dir() and any(out.iterdir()):  # a real checkpoint's folder given by mistake loses nothing
-        raise ValueError(f"{out} is not empty: make-checkpoint writes into a new or empty folder, and overwrites "
-                         "nothing")
+    if out.is_dir() and (held := sorted(path.name for path in out.iterdir())):  # a checkpoint's folder loses nothing
+        hidden = [name for name in held if name.startswith(".partial-")]
+        why = (f" (it holds {', '.join(hidden)}: the staging folder of a make-checkpoint run still running, or of a "
+               "killed one whose process id is in use again: remove it if no run writes there)") if hidden else ""
+        raise ValueError(f"{out} is not empty{why}: make-checkpoint writes into a new or empty folder, and "
+                         "overwrites nothing")
     chosen = PRESETS[preset]
     # Written into a staging folder beside it, renamed into place once whole: a full disk, a write error or a
     # Ctrl-C leaves nothing behind (a half-written folder was refused by the next run as not empty).
@@ -207,6 +210,14 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     if not is_existing:
         _remove_dead_staging(target)  # beside it (one in it was removed before the emptiness check)
     shutil.rmtree(staging, ignore_errors=True)
+    if is_existing:
+        # Claimed before anything is written: two runs into one empty folder both passed the check above while the
+        # tokenizer was built, then each moved its files over the other's. Each sees the other's staging folder now.
+        staging.mkdir()
+        if others := sorted(path.name for path in target.iterdir() if path != staging):
+            staging.rmdir()
+            raise ValueError(f"{out} is not empty (it holds {', '.join(others)}: another make-checkpoint run writes "
+                             "there now?): make-checkpoint writes into a new or empty folder, and overwrites nothing")
     try:
         # The tokenizer first: it is what a first run without a package index cannot get. It draws nothing from
         # the generator, so the order keeps the seeded values.
