@@ -51,3 +51,19 @@ def test_a_lone_session_with_an_address_is_heard_at_its_burst_then_the_catch_up_
     credits = pacing.credits_for("198.51.100.7", 0.0)
     heard = sum(run_rows(pacing, credits, "198.51.100.7", step / 10, 1000) for step in range(0, 101))
     assert heard == 2 + 50, heard  # the burst, then 10 s at 2x real time: one 0.4 s chunk every 0.2 s
+
+
+def test_an_address_whose_client_reconnects_again_and_again_is_heard_at_little_more_than_the_catch_up_speed():
+    """A client that replaced its session every 2.5 s drew a fresh burst from its address each time, and the
+    address's bucket refilled at the catch-up speed too: 7.8x real time where a session staying connected gets 4x
+    (review, round eight). The address's bucket refills at real time: at most 1x beyond what the sessions earn."""
+    pacing = CatchUpPacing(speed=4.0, burst_s=10.0)  # 25 rows of burst, 10 rows a second of a session's own
+    heard, now_s = 0, 0.0
+    while now_s < 60.0:
+        credits = pacing.credits_for("203.0.113.50", now_s)  # a new session, with a backlog it sends at once
+        session_ends_s = now_s + 2.5
+        while now_s < session_ends_s:
+            heard += run_rows(pacing, credits, "203.0.113.50", now_s, 1000)
+            now_s = round(now_s + 0.1, 6)
+    speed = heard * 0.4 / 60.0
+    assert 4.0 < speed < 5.5, speed  # its sessions' own 4x, the address's 1x, and one burst over the minute

@@ -149,11 +149,14 @@ def test_an_addresss_sessions_share_one_opening_burst(tiny_model):
     scheduler.add_audio(again, [CHUNK] * 10)
     scheduler.add_audio(other, [CHUNK] * 10)
     assert [run_step() for _ in range(3)] == [["other"], ["other"], []]  # a burst of its own for another address
-    # At 2x real time, 0.2 s earns each session one chunk, and each address's burst one more; "other" has drawn a
-    # whole burst from its address already (a session draws at most one: the address pays an opening backlog, not a
-    # second catch-up speed), "again" none.
+    # At 2x real time, 0.2 s earns each session one chunk of its own; an address's burst refills at real time, half
+    # a chunk in 0.2 s, so neither address pays one more yet.
     now[0] = 0.2
-    assert [sorted(run_step()) for _ in range(3)] == [["again", "other"], ["again"], []]
+    assert [sorted(run_step()) for _ in range(3)] == [["again", "other"], [], []]
+    # 0.4 s more: the address of "again" pays one chunk; "other" has drawn a whole burst from its address already (a
+    # session draws at most one: the address pays an opening backlog, not a second catch-up speed).
+    now[0] = 0.6
+    assert [sorted(run_step()) for _ in range(4)] == [["again", "other"], ["again", "other"], ["again"], []]
     scheduler.end(again, None, "closed")
     scheduler.end(other, None, "closed")
     anonymous = scheduler.open("anonymous", OPTIONS, print)  # no client address (a Unix socket): its own burst

@@ -5,16 +5,18 @@ full speed up to a burst (``engine.catch_up_burst_s``), beyond that at ``engine.
 client sending audio far faster than real time would otherwise keep the worker, and with it the CPU, busy for every
 other session (docs/reliability.md, hostile clients). Replies are never paced.
 
-Two token buckets of listening rows, each refilled at the catch-up speed up to the burst:
+Two token buckets of listening rows, each holding at most the burst:
 
-- a session's own, which starts empty when the session has a client address: what it earns while connected is
-  its own, so a real-time stream (one row per 0.4 s, earning several) never waits;
-- its client address's, shared by the address's sessions (over every front of this engine): the opening backlog of
-  a new session, and any backlog a session's own bucket cannot cover, is paid from it, up to one burst in a
-  session's life (it pays an opening backlog, not a second catch-up speed beside the session's own). Before, every
-  session started with a full burst of its own, so connection churn (each connection sending 10 s of audio at
-  once, then leaving) was heard at full speed again and again: about 120 s of audio a second from one address.
-  Now an address's sessions together catch up by one burst more than staying connected earns them.
+- a session's own, refilled at the catch-up speed, which starts empty when the session has a client address: what
+  it earns while connected is its own, so a real-time stream (one row per 0.4 s, earning several) never waits;
+- its client address's, shared by the address's sessions (over every front of this engine), refilled at real
+  time: the opening backlog of a new session, and any backlog a session's own bucket cannot cover, is paid from
+  it, up to one burst in a session's life (it pays an opening backlog, not a second catch-up speed beside the
+  session's own). Before, every session started with a full burst of its own, so connection churn (each
+  connection sending 10 s of audio at once, then leaving) was heard at full speed again and again: about 120 s of
+  audio a second from one address. Now an address's sessions together catch up by what staying connected earns
+  them, plus one burst, plus real time (a client replacing its session every 2.5 s: about 5x real time, against
+  4x for one that stays).
 
 A session without a client address (a Unix socket, the offline runner) starts with a full burst of its own.
 At most ``max_tracked`` addresses are remembered, the least recently used forgotten first (forgetting one only
@@ -55,6 +57,7 @@ class CatchUpPacing:
     def __init__(self, speed: float, burst_s: float, max_tracked: int = 65_536) -> None:
         """``speed``: x real time beyond the burst; ``burst_s``: seconds of backlog heard at full speed."""
         self.rows_per_s = speed / CHUNK_S
+        self.address_rows_per_s = 1.0 / CHUNK_S  # real time: at the catch-up speed, churn doubled it (review)
         self.burst_rows = burst_s / CHUNK_S
         self.max_tracked = max_tracked
         self._addresses: OrderedDict[str, ListenCredits] = OrderedDict()
@@ -96,7 +99,7 @@ class CatchUpPacing:
         self._addresses[client_address] = credits  # the most recently used last
         while len(self._addresses) > self.max_tracked:
             self._addresses.popitem(last=False)
-        credits.refill(now_s, self.rows_per_s, self.burst_rows)
+        credits.refill(now_s, self.address_rows_per_s, self.burst_rows)
         return credits
 
     def __len__(self) -> int:
