@@ -135,11 +135,10 @@ class RealtimeCodec:
         self._taken_audio: Callable[[], float] = lambda: 0.0
         # Audio in the client's order (decoding): the clock at the last commit or clear, for commit_empty.
         self._taken_at_commit = 0.0
-        # Audio in the session's order (encoding): the clock when the last user item was made, or a clear answered.
-        # A clear drops the audio taken before it once the session answers it, not the audio the client sent after
-        # it, which may be taken before that answer comes.
+        # Audio in the session's order (encoding): the clock when the last user item was made, or a clear answered
+        # (``_taken_done``). A clear drops the audio taken before it once the session answers it, not the audio the
+        # client sent after it, which may be taken before that answer comes.
         self._taken_before_clear: deque[float] = deque()  # the clock at each clear not yet answered
-        self._taken_done = 0.0
         self._taken_cleared = 0.0  # the clock at the last clear the session answered: unheard audio before it dropped
         self._taken_committed = 0.0  # the clock when the last user item was made (a clear does not move it)
         self._commits_waiting: deque[_Commit] = deque()
@@ -432,7 +431,6 @@ class RealtimeCodec:
             return self._commit_audio()
         if kind == "input.cleared":
             cleared = self._taken_before_clear.popleft() if self._taken_before_clear else self._taken_audio()
-            self._taken_done = max(self._taken_done, cleared)
             self._taken_cleared = max(self._taken_cleared, cleared)
             return [InputAudioBufferCleared(event_id=self.ids.new("event"))]
         if kind == "turn_begin":
@@ -468,6 +466,11 @@ class RealtimeCodec:
             audio=AudioObject(input=AudioInputObject(format=self._format, turn_detection=self._turn_detection)),
         )
 
+    @property
+    def _taken_done(self) -> float:
+        """The clock up to which the session's audio is dealt with: made a user item, or dropped by a clear."""
+        return max(self._taken_committed, self._taken_cleared)
+
     def _commit_audio(self) -> list:
         """Before a reply opens (and at a commit): the audio not yet committed becomes a user item. Never while a
         reply streams: the model hears audio sent meanwhile only once the reply ends (the session answers a
@@ -475,7 +478,6 @@ class RealtimeCodec:
         taken = self._taken_audio()
         if taken <= self._taken_done or (self.replies.reply is not None and self.replies.reply.is_open):
             return []
-        self._taken_done = taken
         self._taken_committed = taken
         self._taken_at_commit = taken  # every append taken so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
