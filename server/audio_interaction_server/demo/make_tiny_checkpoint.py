@@ -190,8 +190,7 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed {seed}: must be 0 to {MAX_SEED}")
     out = Path(out)
-    if out.is_dir():
-        _remove_dead_staging(out.resolve())
+    _remove_dead_staging(out.resolve())  # beside it, or in it (which then counts as empty)
     if out.is_dir() and (held := sorted(path.name for path in out.iterdir())):  # a checkpoint's folder loses nothing
         hidden = [name for name in held if name.startswith(".partial-")]
         why = (f" (it holds {', '.join(hidden)}: the staging folder of a make-checkpoint run still running, or of a "
@@ -207,8 +206,6 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     is_existing = target.is_dir()
     staging = (target / f".partial-{os.getpid()}" if is_existing
                else target.parent / f".{target.name}.partial-{os.getpid()}")
-    if not is_existing:
-        _remove_dead_staging(target)  # beside it (one in it was removed before the emptiness check)
     shutil.rmtree(staging, ignore_errors=True)
     if is_existing:
         # Claimed before anything is written: two runs into one empty folder both passed the check above while the
@@ -242,17 +239,26 @@ def make_checkpoint(out: Path, preset: str = "tiny", seed: int = 0, dtype: str =
     return out
 
 
-def _remove_dead_staging(target: Path) -> None:
-    """Staging folders of ``target`` (beside it or in it) whose process has ended: killed while it wrote."""
+def _staging_of_ended_runs(folder: Path, pattern: str) -> list[Path]:
+    """The staging folders in ``folder`` matching ``pattern`` (each named ``...-<pid>``) whose process has ended: a
+    run killed while it wrote. One whose process lives is another run writing now."""
     from audio_interaction_server.demo.qwen_vocab import process_exists
 
-    for pattern, folder in ((f".{target.name}.partial-*", target.parent), (".partial-*", target)):
-        if not folder.is_dir():
-            continue
-        for staging in folder.glob(pattern):
-            pid = staging.name.rpartition("-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
-                shutil.rmtree(staging, ignore_errors=True)
+    if not folder.is_dir():
+        return []
+    ended = []
+    for staging in folder.glob(pattern):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
+            ended.append(staging)
+    return ended
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Staging folders of ``target`` (beside it or in it) whose process has ended: killed while it wrote."""
+    for staging in [*_staging_of_ended_runs(target.parent, f".{target.name}.partial-*"),
+                    *_staging_of_ended_runs(target, ".partial-*")]:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class CheckpointWriteError(Exception):
@@ -305,14 +311,11 @@ def ensure_demo_checkpoint(seed: int = 0, cache_dir: Path | None = None) -> Path
 
 def _remove_stale_staging(root: Path) -> None:
     """Staging folders of ``root`` whose process has ended (a first start stopped while it generated: ~78 MB
-    each). One whose process lives is another start generating now, and stays."""
-    from audio_interaction_server.demo.qwen_vocab import process_exists
-
-    for staging in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.tmp-*.partial-*")]:
-        pid = staging.name.rpartition("-")[2]
-        if pid.isdigit() and not process_exists(int(pid)):
-            log.info("removing %s, left by a start that was stopped while it generated the demo model", staging)
-            shutil.rmtree(staging, ignore_errors=True)
+    each), make-checkpoint's own inside them too. One whose process lives is another start generating now."""
+    for staging in [*_staging_of_ended_runs(root.parent, f"{root.name}.tmp-*"),
+                    *_staging_of_ended_runs(root.parent, f".{root.name}.tmp-*.partial-*")]:
+        log.info("removing %s, left by a start that was stopped while it generated the demo model", staging)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def seed_value(text: str) -> int:
