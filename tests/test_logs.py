@@ -104,6 +104,17 @@ def test_a_record_naming_a_session_carries_it_and_a_traceback_stays_on_its_line(
         assert not {"session_id", "replica_id"} & set(json.loads(JsonFormatter().format(other)))
 
 
+def test_a_process_of_several_names_itself_on_every_line_in_both_formats():
+    from audio_interaction_server.logs import TEXT_FORMAT, text_format
+
+    line = record("model worker did not stop within %.1f s", 2.0)
+    assert json.loads(JsonFormatter("f1").format(line))["process"] == "f1"
+    assert "process" not in json.loads(JsonFormatter().format(line))
+    assert logging.Formatter(text_format("engine")).format(line) == (
+        "ERROR [engine] audio_interaction_server.engine.worker: model worker did not stop within 2.0 s")
+    assert text_format(None) == TEXT_FORMAT
+
+
 def test_the_flag_and_the_setting_reach_the_config():
     from audio_interaction_server.__main__ import add_serve_arguments, overrides_from
     from audio_interaction_server.config import ConfigError, load_config

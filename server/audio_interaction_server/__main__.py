@@ -195,7 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
         report_error(str(error), log_format_before_config(args.log_format))
         return EXIT_BAD_CONFIG
 
-    configure_logging(config.log_level, config.log_format)
+    # With several fronts, each process of the tree names itself on every line of the log they share.
+    configure_logging(config.log_level, config.log_format, process="supervisor" if config.fronts > 1 else None)
     if (flush_problem := config.flush_headroom_problem()) is not None:
         log.warning("%s", flush_problem)
     device_source = sources.get(("engine", "device"), "the default")

@@ -6,6 +6,11 @@ process is JSON. A JSON line holds ``time`` (UTC, ISO 8601), ``level``, ``logger
 ``session_id`` and ``replica_id`` when the record is about a session, and ``exception`` (the traceback)
 when it has one.
 
+Several processes writing one log (``serve --fronts N``: a supervisor, an engine process, N fronts) each name
+themselves on every line (``configure_logging(..., process="f0")``): ``INFO [f0] uvicorn.access: ...`` in text, a
+``process`` field in JSON. Their uvicorn lines then go through the same handler, in text too, so that a front's
+access lines say which front served them.
+
 Which session a record is about, without changing the calls that log it:
 
 * ``bind_session(session_id)``, called where a connection's session id is minted, marks the current
@@ -29,6 +34,8 @@ from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# Which of several processes writes this log (``configure_logging``), or None for a server of one process.
+_process: str | None = None
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 # "<replica id>_<32 hex>": the replica id's characters as config.REPLICA_ID_PATTERN allows them.
@@ -60,8 +67,22 @@ class SessionFields(logging.Filter):
         return True
 
 
+def text_format(process: str | None = None) -> str:
+    """The text line's format, naming ``process`` (one of several writing one log) when there is one."""
+    return TEXT_FORMAT if process is None else TEXT_FORMAT.replace(" ", f" [{process.replace('%', '%%')}] ", 1)
+
+
+def process_name() -> str | None:
+    """The process named on every line (``configure_logging``'s ``process``), or None."""
+    return _process
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line; the fields that do not apply are left out."""
+    """One JSON object a line; the fields that do not apply are left out. ``process``: see ``configure_logging``."""
+
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
@@ -70,6 +91,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.process is not None:
+            line["process"] = self.process
         for field in ("session_id", "replica_id"):
             value = getattr(record, field, None)
             if value is not None:
@@ -97,14 +120,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, process: str | None = None) -> None:
     """The root logger writes ``level`` and above to stderr in ``log_format`` (``text`` or ``json``),
-    replacing any earlier set-up; Python warnings become log records, so they are JSON lines too."""
+    replacing any earlier set-up; Python warnings become log records, so they are JSON lines too. ``process``:
+    the name this process gives itself on every line, where several write one log (``supervisor``, ``engine``,
+    ``f0``...)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}: choose one of {', '.join(LOG_FORMATS)}")
+    global _process
+    _process = process
     handler = _StderrHandler()
     handler.addFilter(SessionFields())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter(process) if log_format == "json" else logging.Formatter(text_format(process)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -180,6 +180,22 @@ def test_two_fronts_share_the_engine_stream_real_audio_and_report_its_free_slots
     assert http_status(ports["box-f1"], "/ready") == 200
 
 
+def test_every_line_of_the_tree_says_which_process_wrote_it(tree):
+    """The processes of a tree write one log: each line names its process, uvicorn's access lines included (two
+    fronts' requests looked the same)."""
+    ports = tree.ports()
+    since = len(tree.lines)
+    for replica, port in ports.items():
+        assert http_status(port, f"/no-such-page-{replica}") == 404
+    for replica in ports:
+        front = rf"^INFO \[{replica.removeprefix('box-')}\] uvicorn"
+        tree.wait_for(re.compile(front + rf'\.access: 127\.0\.0\.1:\d+ - "GET /no-such-page-{replica} '), since=since)
+        tree.wait_for(re.compile(front + rf"\.error: Uvicorn running on http://127\.0\.0\.1:{ports[replica]} "))
+    package = "audio_interaction_server"
+    tree.wait_for(re.compile(rf"^INFO \[engine\] {package}\.engine\.process: engine process \d+ serving "))
+    tree.wait_for(re.compile(rf"^INFO \[supervisor\] {package}\.api\.fronts: front 1 \(replica box-f1\)"))
+
+
 def test_a_killed_front_frees_its_slots_within_a_second_and_is_started_again(tree):
     ports, pids = tree.ports(), tree.front_pids()
     with open_session(ports["box-f0"]) as ws0, open_session(ports["box-f1"]) as ws1:

@@ -142,7 +142,7 @@ def run_front(spec: FrontSpec) -> None:
     try:
         for signum in _STOP_SIGNALS:
             signal.signal(signum, stop_requested)
-        configure_logging(config.log_level, config.log_format)
+        configure_logging(config.log_level, config.log_format, process=f"f{spec.index}")
         engine_ended = threading.Event()
         threading.Thread(target=_obey_supervisor, args=(spec.orders, engine_ended), name="supervisor-orders",
                          daemon=True).start()
@@ -180,7 +180,8 @@ class Supervisor:
 
     def __init__(self, config: ServerConfig, directory: Path) -> None:
         self.config = config
-        self.setup_logging = functools.partial(configure_logging, config.log_level, config.log_format)
+        self.setup_logging = functools.partial(configure_logging, config.log_level, config.log_format,
+                                               process="engine")
         self.engine: EngineProcess | None = None
         self.directory = directory  # the engine's sockets: known before it starts, so the fronts can start first
         self.fronts: dict[int, BaseProcess] = {}

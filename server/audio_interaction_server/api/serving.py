@@ -134,7 +134,7 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     own, which its supervisor tells apart from a crash); ``heartbeat``: a front's, beaten by its event loop's ticks
     for the supervisor to see it hang."""
     from audio_interaction_server.api.app import build_server, create_app
-    from audio_interaction_server.logs import quiet_probe_requests, report_error, route_uvicorn_logs
+    from audio_interaction_server.logs import process_name, quiet_probe_requests, report_error, route_uvicorn_logs
 
     fatal: list[str] = []
     server = None
@@ -158,8 +158,10 @@ def serve_config(config: ServerConfig, listeners: Listeners, attach_to: EngineEn
     if engine_ended is not None:
         threading.Thread(target=_fail_if_engine_ends_first, args=(engine_ended, runtime, on_fatal),
                          name="engine-ended", daemon=True).start()
-    if config.log_format == "json":
-        route_uvicorn_logs()  # uvicorn set up its own text handlers while its config was built
+    if config.log_format == "json" or process_name() is not None:
+        # uvicorn set up its own text handlers while its config was built: they write neither JSON nor which
+        # front (of several) a line is from
+        route_uvicorn_logs()
     if not config.log_probe_requests:
         quiet_probe_requests(debug=config.log_level == "debug")
     listener = listeners.server
