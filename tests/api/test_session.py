@@ -16,7 +16,7 @@ from audio_interaction_server.engine.events import EndCode, ReplyWaitsForAudio, 
 from audio_interaction_server.spec import KEEP_SILENCE, TEXT_BEGIN
 from audio_interaction_server.render.segmenter import Segmenter
 from audio_interaction_server.protocol import CloseCode
-from audio_interaction_server.api.commands import AcknowledgeItem, Configure
+from audio_interaction_server.api.commands import AcknowledgeItem, ClearAudio, Configure
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.api.session import CLOSE_CODE_OF_END, ModelInfo, Session
@@ -559,6 +559,55 @@ def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech)
     h.send({"type": "input.flush", "trailing_silence_s": 0})
     h.run()
     assert len(h.of("decision")) == 2 and h.types()[-1] == "input.flushed" and h.of("error") == []
+
+
+def test_a_clear_that_keeps_flushed_audio_drops_only_what_came_after_the_last_flush(tiny_model, speech):
+    """The Realtime dialect's clear (``keep_flushed``): audio committed (flushed) before it is the conversation's, and
+    the model hears it; only the audio sent after the flush goes. It dropped every chunk not heard yet, the committed
+    ones too (probe, round eight)."""
+    h = Harness(tiny_model, decision_events=True)
+    h.audio(s16(speech[:16000]))  # 2 whole chunks, 0.2 s in the partial one
+    h.send({"type": "input.flush", "trailing_silence_s": 0})  # pads it: 3 chunks to hear
+    h.audio(s16(speech[16000:int(2.7 * 16000)]))  # 4 more chunks, 0.1 s in the partial one
+    assert h.session.num_chunks_pending == 7
+    assert h.session.handle(ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True), h.now_s) == []
+    h.run()
+    cleared = h.of("input.cleared")[-1]
+    assert cleared.num_chunks_dropped == 4 and cleared.audio_dropped_s == pytest.approx(1.7, abs=0.02)
+    assert [event.chunk for event in h.of("decision")] == [0, 1, 2]
+    assert [(event.num_chunks, event.audio_time_s) for event in h.of("input.flushed")] == [(3, 1.2)]
+    assert h.session.num_chunks_pending == 0 and h.session.buffered_audio_s == 0 and h.of("error") == []
+    h.audio(s16(speech[:8000]))  # the stream goes on
+    h.send({"type": "input.flush", "trailing_silence_s": 0})
+    h.send({"type": "input.clear"})  # the native clear keeps nothing: the flushed chunks not heard yet go too
+    h.run()
+    assert h.of("input.cleared")[-1].num_chunks_dropped == 2 and len(h.of("decision")) == 3
+
+
+def test_clears_that_keep_flushed_audio_one_after_another_answer_each_flush_once_its_chunks_are_heard(
+        tiny_model, speech):
+    """Two commits, each followed by more audio and a clear, before the model heard any of it: the second clear keeps
+    the first commit's chunks and the second's, which lie on either side of the chunks the first clear dropped."""
+    h = Harness(tiny_model, decision_events=True, session={"reply_mode": "on_request"})  # no reply holds a flush
+    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True)
+    h.audio(s16(speech[:12800]))  # chunks 0, 1
+    h.send({"type": "input.flush", "trailing_silence_s": 0})
+    h.audio(s16(speech[12800:27200]))  # chunks 2, 3 (and 0.1 s): dropped by the first clear
+    h.session.handle(keep, h.now_s)
+    h.audio(s16(speech[27200:40000]))  # chunks 4, 5
+    h.send({"type": "input.flush", "trailing_silence_s": 0})
+    h.audio(s16(speech[40000:54400]))  # chunks 6, 7 (and 0.1 s): dropped by the second clear
+    h.session.handle(keep, h.now_s)
+    held = h.holding = []  # the engine's answers, delivered one at a time below
+    h.run()
+    h.holding = None
+    for events in held:
+        h.events += h.session.on_engine_events(events, h.now_s)
+        decided = len(h.of("decision"))
+        # a flush is answered once the model heard its chunks, never before
+        assert [e.num_chunks for e in h.of("input.flushed")] == [n for n in (2, 4) if decided >= n], h.types()
+    assert [e.num_chunks_dropped for e in h.of("input.cleared")] == [2, 2] and len(h.of("decision")) == 4
+    assert h.session.num_chunks_pending == 0 and h.of("error") == []
 
 
 def test_drain_closes_a_listening_session_with_1012_after_going_away(tiny_model):

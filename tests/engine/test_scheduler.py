@@ -281,6 +281,27 @@ def test_clear_audio_counts_what_it_drops(tiny_model):
     assert scheduler.schedule().batches == ()
 
 
+def test_a_clear_keeps_the_chunks_pushed_before_its_bound_and_drops_the_newest(tiny_model):
+    """A Realtime commit's chunks outlive a clear after it (``ClearAudio.keep_before``, counted over every chunk the
+    session pushed: decided, dropped and queued); the chunks after them go, with their tickets, and a pending
+    request answers the last chunk kept."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
+    scheduler.add_audio(session, [CHUNK] * 2)  # pushed 0, 1
+    assert scheduler.clear_audio(session) == [AudioCleared(2)]
+    assert first_decision(scheduler, session, T.KEEP_SILENCE) == [Decision(0, T.KEEP_SILENCE)]  # pushed 2
+    scheduler.add_audio(session, [CHUNK] * 4)  # pushed 3 to 6
+    oldest = session.waiting_since()
+    scheduler.request_reply(session)  # due at the last chunk queued: pushed 6
+    assert scheduler.clear_audio(session, keep_before=5) == [AudioCleared(2, 2)]  # 3 and 4 stay, 5 and 6 go
+    assert len(session.conversation.audio_queue) == 2 and session.waiting_since() == oldest
+    events = decide_queued(scheduler, session, T.KEEP_SILENCE)
+    assert events[:3] == [Decision(1, T.KEEP_SILENCE), Decision(2, T.TEXT_BEGIN), TurnBegin(0, 2, requested=True)]
+    assert scheduler.clear_audio(session, keep_before=5) == [AudioCleared(0, 0)]  # nothing queued: still answered
+    scheduler.add_audio(session, [CHUNK] * 2)  # pushed 7, 8: a bound below them keeps none
+    assert scheduler.clear_audio(session, keep_before=7) == [AudioCleared(2, 0)]
+
+
 def test_a_normal_close_ends_the_running_reply_first(tiny_model):
     scheduler, _ = make_scheduler(tiny_model)
     session = scheduler.open("s", OPTIONS, print)

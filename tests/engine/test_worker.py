@@ -521,8 +521,10 @@ def test_commands_are_frozen_and_the_public_methods_post_them(tiny_model):
     # The api calls these: their signatures stay as they were.
     assert str(inspect.signature(Worker.open_session)) == "(self, session_id: 'str', options: 'SessionOptions', " \
         "emit: 'EmitFn', client_address: 'str | None' = None) -> 'None'"  # the address: engine/prefill_budget.py
-    for name in ("cancel", "close_session", "clear_audio"):
+    for name in ("cancel", "close_session"):
         assert list(inspect.signature(getattr(Worker, name)).parameters) == ["self", "session_id"]
+    # keep_before: what a Realtime commit keeps of a clear (defaults to keeping nothing, as before)
+    assert str(inspect.signature(Worker.clear_audio)) == "(self, session_id: 'str', keep_before: 'int' = 0) -> 'None'"
     # The reply's own cap (a Realtime response.create's max_output_tokens), optional.
     assert str(inspect.signature(Worker.request_reply)) == "(self, session_id: 'str', max_turn_tokens: 'int | None' " \
         "= None) -> 'None'"

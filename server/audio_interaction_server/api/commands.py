@@ -109,10 +109,12 @@ class Flush:
 
 @dataclass(frozen=True)
 class ClearAudio:
-    """Drop the audio the model has not heard yet (queued chunks and the partial chunk)."""
+    """Drop the audio the model has not heard yet (queued chunks and the partial chunk). ``keep_flushed``: but
+    not the audio of a flush the session has not answered yet (a Realtime commit's, which a clear leaves alone)."""
 
     event_id: str | None = None
     event_type: str = "input.clear"
+    keep_flushed: bool = False
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class Engine(Protocol):
     def push_audio(self, session_id: str, mel_chunks) -> None: ...
     def cancel(self, session_id: str) -> None: ...
     def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None: ...
-    def clear_audio(self, session_id: str) -> None: ...
+    def clear_audio(self, session_id: str, keep_before: int = 0) -> None: ...
     def close_session(self, session_id: str) -> None: ...
     def check_options(self, options: SessionOptions) -> None: ...
     def checks_without_tokenising(self, system_prompt: str | None) -> bool: ...
@@ -143,6 +143,11 @@ class Session:
         self._last_decided_push_s: float | None = None
         self._flush_targets: deque[int] = deque()  # chunk counts that end each input.flush
         self._num_chunks_dropped = 0  # queued chunks input.clear dropped before the model heard them
+        # Every chunk pushed before this one was decided or dropped (a flush is answered once it passes the flush's
+        # chunks). Not ``_num_chunks_resolved``: a clear that keeps flushed chunks drops the ones after them, which
+        # it counts at once, so the count runs ahead of the chunks done with until the kept ones are decided.
+        self._chunks_done_through = 0
+        self._drops_ahead: deque[tuple[int, int]] = deque()  # (first chunk, how many) dropped behind kept ones
         self._clears_waiting: deque[float] = deque()  # partial-chunk seconds of each clear the engine has not done
         self._drain_deadline_s: float | None = None
         self._flood = FloodGuard(config.flood, now_s, prompt_chars)
@@ -159,7 +164,8 @@ class Session:
 
     @property
     def _num_chunks_resolved(self) -> int:
-        """Chunks the model decided on or ``input.clear`` dropped: every chunk before these is done with."""
+        """Chunks the model decided on or ``input.clear`` dropped (not all of them the first ones pushed: see
+        ``_chunks_done_through``)."""
         return self._num_chunks_decided + self._num_chunks_dropped
 
     @property
@@ -254,6 +260,7 @@ class Session:
                 continue
             if isinstance(event, Decision):
                 self._num_chunks_decided += 1
+                self._pass_chunks(1)
                 self._last_decided_push_s = self._chunk_push_s.popleft() if self._chunk_push_s else None
                 pushed_s = self._last_decided_push_s
                 self._observer.chunk_decided(None if pushed_s is None else max(0.0, now_s - pushed_s))
@@ -468,13 +475,40 @@ class Session:
         if not self._is_engine_open:  # nothing reached the engine: only the partial chunk goes
             return [self._cleared_event(0, partial_s)]
         self._clears_waiting.append(partial_s)
-        self.engine.clear_audio(self.session_id)  # its AudioCleared, with the chunks dropped, answers
+        # The chunks of the last flush not answered yet stay queued, when kept: a flush pads its partial chunk, so
+        # they are whole chunks, the first ``_flush_targets[-1]`` the session pushed.
+        keep_before = self._flush_targets[-1] if command.keep_flushed and self._flush_targets else 0
+        self.engine.clear_audio(self.session_id, keep_before)  # its AudioCleared, with the chunks dropped, answers
         return []
+
+    def _pass_chunks(self, num_chunks: int) -> None:
+        """``num_chunks`` more of the first chunks not done with are done with, and dropped ones right after them."""
+        self._chunks_done_through += num_chunks
+        while self._drops_ahead and self._drops_ahead[0][0] <= self._chunks_done_through:
+            self._chunks_done_through += self._drops_ahead.popleft()[1]
+
+    def _after_chunks_not_done(self, num_chunks: int) -> int:
+        """The chunk after the first ``num_chunks`` not done with (those an earlier clear kept come before the chunks
+        it dropped, and those after them)."""
+        position, left = self._chunks_done_through, num_chunks
+        for start, count in self._drops_ahead:
+            if left < start - position:
+                break
+            left -= start - position
+            position = start + count
+        return position + left
 
     def _cleared(self, event: AudioCleared) -> list:
         self._num_chunks_dropped += event.num_chunks
+        if event.num_chunks:  # every decision made before the clear has come (in order): the kept chunks are next
+            self._drops_ahead.append((self._after_chunks_not_done(event.num_kept), event.num_chunks))
+            self._pass_chunks(0)
+        # The engine dropped the newest of the chunks it had queued, after the ones it kept; chunks pushed since the
+        # clear left come after those.
+        kept = [self._chunk_push_s.popleft() for _ in range(min(event.num_kept, len(self._chunk_push_s)))]
         for _ in range(min(event.num_chunks, len(self._chunk_push_s))):
-            self._chunk_push_s.popleft()  # the engine drops the oldest undecided chunks: all it had queued
+            self._chunk_push_s.popleft()
+        self._chunk_push_s.extendleft(reversed(kept))
         partial_s = self._clears_waiting.popleft() if self._clears_waiting else 0.0
         return [self._cleared_event(event.num_chunks, partial_s)]
 
@@ -527,7 +561,7 @@ class Session:
 
     def _flushed_events(self) -> list:
         out = []
-        while self._flush_targets and self._num_chunks_resolved >= self._flush_targets[0] and not self._is_speaking:
+        while self._flush_targets and self._chunks_done_through >= self._flush_targets[0] and not self._is_speaking:
             self._flush_targets.popleft()
             out.append(InputFlushedEvent(session_id=self.session_id, server_time_ms=self._now_ms(),
                                          num_chunks=self._num_chunks_decided,

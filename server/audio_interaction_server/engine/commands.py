@@ -65,9 +65,13 @@ class RequestReply:
 
 @dataclass(frozen=True)
 class ClearAudio:
-    """Drop the session's queued, not yet decided chunks; answered with ``AudioCleared(num_chunks)``."""
+    """Drop the session's queued, not yet decided chunks; answered with ``AudioCleared(num_chunks, num_kept)``.
+
+    ``keep_before``: chunks the session pushed before its ``keep_before``-th (counting every chunk it ever pushed,
+    dropped ones too) stay queued: a Realtime commit's audio, which a clear does not take back. 0: none stay."""
 
     session_id: str
+    keep_before: int = 0
     action: ClassVar[str] = "clear"
 
 

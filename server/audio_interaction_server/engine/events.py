@@ -67,10 +67,12 @@ class AudioCleared:
     """The session's queued, not yet decided chunks were dropped at the client's request (``clear_audio``).
 
     The dropped chunks never get a Decision: the session counts them here so its chunk accounting
-    (received = decided + cleared + still queued) stays whole.
+    (received = decided + cleared + still queued) stays whole. ``num_kept``: the oldest queued chunks the clear
+    left queued (``ClearAudio.keep_before``); the dropped ones came after them.
     """
 
     num_chunks: int
+    num_kept: int = 0
 
 
 @dataclass(frozen=True)

@@ -453,8 +453,8 @@ class EngineHost:
                 worker.cancel(session_id)
             case RequestReply(session_id=session_id, max_turn_tokens=max_turn_tokens):
                 worker.request_reply(session_id, max_turn_tokens)
-            case ClearAudio(session_id=session_id):
-                worker.clear_audio(session_id)
+            case ClearAudio(session_id=session_id, keep_before=keep_before):
+                worker.clear_audio(session_id, keep_before)
             case CloseSession(session_id=session_id):
                 with self._fronts_lock:  # its slot is free for the next open: the worker takes commands in order
                     front.sessions.discard(session_id)

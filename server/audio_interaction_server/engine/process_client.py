@@ -227,8 +227,8 @@ class EngineProcessClient:
     def request_reply(self, session_id: str, max_turn_tokens: int | None = None) -> None:
         self._send(RequestReply(session_id, max_turn_tokens))
 
-    def clear_audio(self, session_id: str) -> None:
-        self._send(ClearAudio(session_id))
+    def clear_audio(self, session_id: str, keep_before: int = 0) -> None:
+        self._send(ClearAudio(session_id, keep_before))
 
     def close_session(self, session_id: str) -> None:
         self._send(CloseSession(session_id))

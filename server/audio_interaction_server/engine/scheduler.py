@@ -63,6 +63,7 @@ class SessionState:
     # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
     chunk_tickets: deque[int] = field(default_factory=deque)
     last_row_ticket: int = -1
+    num_chunks_cleared: int = 0  # chunks a clear dropped: with those decided and queued, every chunk pushed
 
     @property
     def is_reply_due(self) -> bool:
@@ -278,13 +279,25 @@ class Scheduler:
         return waiting
 
     @staticmethod
-    def clear_audio(session: SessionState) -> list[EngineEvent]:
-        """Drop the queued chunks. Between steps no chunk is in flight: a row's chunk leaves the queue at commit."""
-        dropped = len(session.conversation.audio_queue)
-        session.conversation.audio_queue.clear()
-        # A pending request's audio was dropped with the rest: it answers the audio that comes next.
-        session.reply_due_chunk = min(session.reply_due_chunk, session.conversation.num_chunks_consumed)
-        return [AudioCleared(dropped)]
+    def clear_audio(session: SessionState, keep_before: int = 0) -> list[EngineEvent]:
+        """Drop the queued chunks but those the session pushed before its ``keep_before``-th (``ClearAudio``): the
+        oldest ones, so the newest go. Between steps no chunk is in flight: a row's chunk leaves the queue at
+        commit."""
+        conversation = session.conversation
+        queue = conversation.audio_queue
+        first_queued = conversation.num_chunks_consumed + session.num_chunks_cleared  # its number among all pushed
+        kept = min(len(queue), max(0, keep_before - first_queued))
+        dropped = len(queue) - kept
+        tickets = session.chunk_tickets  # one per queued chunk, after those of decided chunks not yet let go
+        for _ in range(dropped):
+            queue.pop()
+            if tickets:
+                tickets.pop()
+        session.num_chunks_cleared += dropped
+        # A pending request's audio was dropped with the rest: it answers the audio that comes next (the last kept
+        # chunk when some are kept: the audio the client had committed).
+        session.reply_due_chunk = min(session.reply_due_chunk, conversation.num_chunks_consumed + max(0, kept - 1))
+        return [AudioCleared(dropped, kept)]
 
     # ---- the step ----------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:

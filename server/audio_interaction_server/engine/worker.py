@@ -138,12 +138,13 @@ class Worker:
         """
         self._post(RequestReply(session_id, max_turn_tokens))
 
-    def clear_audio(self, session_id: str) -> None:
-        """Drop the session's queued, not yet decided chunks; it gets ``AudioCleared(num_chunks)``.
+    def clear_audio(self, session_id: str, keep_before: int = 0) -> None:
+        """Drop the session's queued, not yet decided chunks but those it pushed before its ``keep_before``-th
+        (``ClearAudio``); it gets ``AudioCleared(num_chunks, num_kept)``.
 
         Applied between steps: a chunk in the step running now is decided as usual.
         """
-        self._post(ClearAudio(session_id))
+        self._post(ClearAudio(session_id, keep_before))
 
     def close_session(self, session_id: str) -> None:
         self._post(CloseSession(session_id))
@@ -422,8 +423,8 @@ class Worker:
                     self._emit(session, self.scheduler.cancel(session))
                 case RequestReply(max_turn_tokens=max_turn_tokens):
                     self._emit(session, self.scheduler.request_reply(session, max_turn_tokens))
-                case ClearAudio():
-                    self._emit(session, self.scheduler.clear_audio(session))
+                case ClearAudio(keep_before=keep_before):
+                    self._emit(session, self.scheduler.clear_audio(session, keep_before))
                 case CloseSession(error_code=error_code, message=message):
                     self._end(session, error_code, message)
                 case _:

@@ -376,6 +376,40 @@ def test_openai_sdk_response_max_output_tokens_caps_that_response_only(server, s
             assert response["max_output_tokens"] == created["response"]["max_output_tokens"] == session_cap
 
 
+def test_openai_sdk_a_clear_after_a_commit_keeps_the_committed_audio(server, shared_audio):
+    """The Realtime API's clear empties the input buffer; audio committed before it is the conversation's. The server
+    dropped every chunk the model had not heard yet, committed ones too, and answered the commit with an error
+    (commit_empty). The commit is answered committed, its user item made, and only the audio after it dropped."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+    speech = speech_24k(shared_audio, FILES[0])
+    committed, after = speech[:RATE_HZ * 2 * 6 // 5], speech[RATE_HZ * 2 * 6 // 5:RATE_HZ * 2 * 2]  # 1.2 s, 0.8 s
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await sdk.until("session.updated")
+            await connection.input_audio_buffer.append(audio=base64.b64encode(committed).decode())
+            await connection.input_audio_buffer.commit(event_id="commit_1")
+            await connection.input_audio_buffer.append(audio=base64.b64encode(after).decode())
+            await connection.input_audio_buffer.clear(event_id="clear_1")
+            while not (sdk.of("input_audio_buffer.committed") and sdk.of("input_audio_buffer.cleared")):
+                assert (await sdk.next())["type"] != "error", sdk.frames[-1]
+            await sdk.until("conversation.item.done")
+            await connection.input_audio_buffer.commit(event_id="commit_2")  # nothing since the clear
+            assert (await sdk.until("error"))["error"]["event_id"] == "commit_2"
+        return sdk
+
+    sdk = asyncio.run(run())
+    assert [frame["error"]["code"] for frame in sdk.of("error")] == ["input_audio_buffer_commit_empty"]
+    [item] = [frame["item"] for frame in sdk.of("conversation.item.done")]
+    assert item["role"] == "user" and item["id"] == sdk.of("input_audio_buffer.committed")[0]["item_id"]
+
+
 def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
     """An append refused for a full buffer (audio_buffer_full) still counted as audio to commit: the commit after it
     was answered input_audio_buffer.committed, a user item of audio the server had refused, instead of

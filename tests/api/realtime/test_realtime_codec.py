@@ -400,7 +400,8 @@ def test_clear_drops_unheard_audio_and_says_so():
     h = Harness()
     h.client(append(np.zeros(2400)))
     [clear] = h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
-    assert clear == ClearAudio(event_id="x", event_type="input_audio_buffer.clear")
+    # The Realtime API's clear empties the buffer not committed: the session keeps a commit's chunks.
+    assert clear == ClearAudio(event_id="x", event_type="input_audio_buffer.clear", keep_flushed=True)
     [frame] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=1, audio_dropped_s=0.5))
     assert frame["type"] == "input_audio_buffer.cleared"
     assert isinstance(h.client({"type": "input_audio_buffer.commit"})[0], Malformed)  # nothing left to commit
@@ -427,25 +428,31 @@ def test_audio_appended_after_a_clear_is_committed_though_the_clear_is_answered_
     assert isinstance(empty, Malformed) and empty.code == "input_audio_buffer_commit_empty"
 
 
-def test_a_commit_whose_audio_a_clear_dropped_is_answered_with_an_error_naming_it():
-    """commit, then clear before the model had heard the committed audio: the clear drops every chunk not heard
-    yet, the committed ones included, and the commit's flush came back to nothing: no committed, no error, the
-    client waiting for an answer that never came (probe, round eight). It is answered, naming the commit."""
+def test_a_commit_is_committed_though_a_clear_follows_it_before_the_model_heard_it():
+    """commit, then clear before the model had heard the committed audio: the commit was answered with an error
+    saying nothing was committed (the clear dropped every chunk not heard). The session keeps a commit's chunks
+    through a clear, so its flush is answered once they are heard: committed, whether the clear's answer came first
+    or not, and the audio after the commit, which the clear dropped, is in no item."""
     h = Harness()
     h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.0))  # the harness's own clear
     h.client(append(np.zeros(9600)))
     h.client({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    h.client(append(np.zeros(4800)))
     h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
-    [cleared] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=3, audio_dropped_s=1.2))
+    [cleared] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=1, audio_dropped_s=0.4))
     assert cleared["type"] == "input_audio_buffer.cleared"
-    [error] = h.session(InputFlushedEvent(**STAMP, num_chunks=0, audio_time_s=0.0))
-    assert error["type"] == "error" and error["error"]["event_id"] == "c1", error
-    assert error["error"]["code"] == "input_audio_buffer_commit_empty" and "clear" in error["error"]["message"]
-    # Audio appended after the clear is the next commit's, committed as ever.
+    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=3, audio_time_s=1.2))
+    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+    assert h.session(*reply(0, ["Hi"]))[0]["type"] != "input_audio_buffer.committed"  # nothing new to commit
+    # A model's reply on the kept chunks before the flush is answered commits them then, once.
     h.client(append(np.zeros(9600)))
     h.client({"type": "input_audio_buffer.commit", "event_id": "c2"})
-    frames = h.session(InputFlushedEvent(**STAMP, num_chunks=2, audio_time_s=0.8))
-    assert [frame["type"] for frame in frames] == COMMIT_TYPES
+    h.client({"type": "input_audio_buffer.clear", "event_id": "y"})
+    h.session(InputClearedEvent(**STAMP, num_chunks_dropped=0, audio_dropped_s=0.0))
+    begin, *rest = reply(1, ["Yes"])
+    assert [frame["type"] for frame in h.session(begin)] == COMMIT_TYPES
+    h.session(*rest)
+    assert h.session(InputFlushedEvent(**STAMP, num_chunks=7, audio_time_s=2.8)) == []
 
 
 def test_a_commit_whose_audio_a_reply_committed_first_is_not_answered_again_after_a_clear():

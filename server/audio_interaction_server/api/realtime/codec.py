@@ -137,7 +137,8 @@ class RealtimeCodec:
         self._taken_at_commit = 0.0
         # Audio in the session's order (encoding): the clock when the last user item was made, or a clear answered
         # (``_taken_done``). A clear drops the audio taken before it once the session answers it, not the audio the
-        # client sent after it, which may be taken before that answer comes.
+        # client sent after it, which may be taken before that answer comes, nor audio a commit waits for (the
+        # session keeps the chunks of its flush: a clear empties only the buffer not committed).
         self._taken_before_clear: deque[float] = deque()  # the clock at each clear not yet answered
         self._taken_cleared = 0.0  # the clock at the last clear the session answered: unheard audio before it dropped
         self._taken_committed = 0.0  # the clock when the last user item was made (a clear does not move it)
@@ -244,7 +245,8 @@ class RealtimeCodec:
     def _clear(self, event: InputAudioBufferClear) -> list[Command]:
         self._taken_at_commit = self._taken_audio()
         self._taken_before_clear.append(self._taken_at_commit)
-        return [ClearAudio(event_id=event.event_id, event_type=event.type)]
+        # The Realtime API's clear empties the input buffer: audio committed before it is the conversation's already.
+        return [ClearAudio(event_id=event.event_id, event_type=event.type, keep_flushed=True)]
 
     def _commit(self, event: InputAudioBufferCommit) -> list[Command]:
         taken = self._taken_audio()
@@ -426,9 +428,7 @@ class RealtimeCodec:
             commit = self._commits_waiting.popleft()
             if commit.taken_s <= self._taken_committed:
                 return []  # its audio became a user item already (a reply began on it): committed was sent
-            if commit.taken_s <= self._taken_cleared:
-                return [self._commit_cleared(commit)]
-            return self._commit_audio()
+            return self._commit_audio(commit.taken_s)
         if kind == "input.cleared":
             cleared = self._taken_before_clear.popleft() if self._taken_before_clear else self._taken_audio()
             self._taken_cleared = max(self._taken_cleared, cleared)
@@ -471,26 +471,21 @@ class RealtimeCodec:
         """The clock up to which the session's audio is dealt with: made a user item, or dropped by a clear."""
         return max(self._taken_committed, self._taken_cleared)
 
-    def _commit_audio(self) -> list:
+    def _commit_audio(self, answering_s: float = 0.0) -> list:
         """Before a reply opens (and at a commit): the audio not yet committed becomes a user item. Never while a
         reply streams: the model hears audio sent meanwhile only once the reply ends (the session answers a
-        commit's flush then), and committing at each delta would make a user item of every 20 ms append."""
+        commit's flush then), and committing at each delta would make a user item of every 20 ms append.
+        ``answering_s``: the clock of the commit whose flush is answered now."""
         taken = self._taken_audio()
-        if taken <= self._taken_done or (self.replies.reply is not None and self.replies.reply.is_open):
+        if self.replies.reply is not None and self.replies.reply.is_open:
+            return []
+        # A commit's audio is kept by a clear after it (only the audio after it went): still to become an item.
+        committing_s = max([answering_s, *(commit.taken_s for commit in self._commits_waiting)])
+        if taken <= self._taken_done and committing_s <= self._taken_committed:
             return []
         self._taken_committed = taken
         self._taken_at_commit = taken  # every append taken so far is in this item: a commit now is empty
         return self.replies.commit_user_audio()
-
-    def _commit_cleared(self, commit: _Commit) -> Error:
-        """The answer to a commit whose audio a clear read after it dropped before the model had heard all of it (a
-        clear drops every chunk not heard yet): nothing was committed, and the client is told so, by the commit's
-        id, rather than left waiting for its ``committed``."""
-        detail = ErrorDetail(type="invalid_request_error", code="input_audio_buffer_commit_empty",
-                             message="Error committing input audio buffer: an input_audio_buffer.clear sent after "
-                             "this commit dropped its audio before the model had heard all of it; nothing was "
-                             "committed", event_id=commit.event_id)
-        return Error(event_id=self.ids.new("event"), error=detail)
 
     def _acknowledged(self) -> list:
         if not self._acks:
