@@ -33,8 +33,8 @@ from tests.engine.test_fronts import ENGINE, FRONT, READY, Tree, wait_until
 # failed before it served. (The engine may then take a few seconds more: one still loading reads its stop only once
 # loaded.)
 FRONTS_GONE_WITHIN_S = 10.0
-# A front's "cannot serve" line (the engine that failed to load logs one of its own).
-FRONT_CANNOT_SERVE = re.compile(r"ERROR audio_interaction_server(?!\.engine\.process)[.\w]*: cannot serve: ")
+# A front's "cannot serve" line (each line names its process: the engine that failed to load logs one of its own).
+FRONT_CANNOT_SERVE = re.compile(r"ERROR \[f\d+\] audio_interaction_server[.\w]*: cannot serve: ")
 
 
 @dataclass
