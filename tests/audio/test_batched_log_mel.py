@@ -1,10 +1,10 @@
 """The engine's batched log-mel equals the per-session streaming front-end bit for bit.
 
-Live sessions send padded 16 kHz blocks (``AudioInput`` -> ``PaddedBlocks``); the worker computes the
-features of every block posted since its last step in one ``log_mel_blocks`` call and clamps each session's
-chunks against its own running maximum. These tests drive the real chain (``AudioInput`` on the session side,
-the worker's inbox on the engine side, a tiny real model) and compare with ``StreamingLogMel`` fed the same
-16 kHz stream, which ``test_audio.py`` pins to whole-file features.
+Live sessions send padded 16 kHz blocks (``AudioInput`` -> ``PaddedBlocks``); before each step the worker
+computes the features of the chunk at the head of every session's queue in one ``log_mel_blocks`` call and clamps
+each against its session's own running maximum (``engine/features.py``). These tests drive the real chain
+(``AudioInput`` on the session side, the worker's inbox on the engine side, a tiny real model) and compare with
+``StreamingLogMel`` fed the same 16 kHz stream, which ``test_audio.py`` pins to whole-file features.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from audio_interaction_server.audio.stream import AudioInput
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine import wire
 from audio_interaction_server.engine.commands import PushAudio
+from audio_interaction_server.engine.features import QueuedBlock
 from audio_interaction_server.engine.worker import Worker
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.protocol import AudioFormat
@@ -86,16 +87,21 @@ class _Script:
 
 def test_worker_features_equal_streaming_front_end_per_session(tiny_model, speech: np.ndarray) -> None:
     """Four sessions with different chunk phases, interleaved in the worker's batches, with flush (trailing
-    silence, padding), clear_audio and audio after both (a fresh stream: the running maximum restarts)."""
+    silence, padding), clear_audio and audio after both (a fresh stream: the running maximum restarts). What the
+    model hears: each chunk's features as the worker computes them, when the chunk is next in its queue."""
     worker = Worker(tiny_model, EngineConfig(max_sessions=4))
     heard: dict[str, list[torch.Tensor]] = {}
-    add_audio = worker.scheduler.add_audio
+    compute = worker.features.compute
 
-    def recording_add_audio(session, mel_chunks) -> None:  # what the scheduler queues, then the real call
-        heard.setdefault(session.session_id, []).extend(mel_chunks)
-        add_audio(session, mel_chunks)
+    def recording_compute(sessions):  # the real call, then the features it put at the head of each queue
+        due = [session for session in sessions if session.conversation.audio_queue
+               and isinstance(session.conversation.audio_queue[0], QueuedBlock)]
+        failures = compute(sessions)
+        for session in due:
+            heard.setdefault(session.session_id, []).append(session.conversation.audio_queue[0])
+        return failures
 
-    worker.scheduler.add_audio = recording_add_audio  # type: ignore[method-assign]
+    worker.features.compute = recording_compute  # type: ignore[method-assign]
     scripts, inputs = [], []
     for i in range(4):
         offset = 1_337 * i + 701 * (i % 2)  # different phases against the 6400-sample chunk grid
@@ -116,11 +122,11 @@ def test_worker_features_equal_streaming_front_end_per_session(tiny_model, speec
                 script.flush(audio, trailing_silence_s=0.3 + 0.5 * (script.session_id == "s2"))
             if round_index == num_rounds // 2 and script.session_id in ("s1", "s2"):
                 script.clear(audio)
-        if rng.random() < 0.4:  # between steps: several pushes of several sessions in one batch
-            worker._apply_commands()
+        if rng.random() < 0.4:  # a step: several pushes of several sessions applied before it
+            worker.step()
     for script, audio in zip(scripts, inputs):
         script.flush(audio, trailing_silence_s=0.2)
-    worker._apply_commands()
+    worker.run_until_idle()
     for script, audio in zip(scripts, inputs):
         got = heard[script.session_id]
         assert len(got) == len(script.reference) == audio.num_chunks_pushed

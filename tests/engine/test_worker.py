@@ -267,11 +267,41 @@ def test_a_refused_open_whose_first_audio_came_with_it_leaves_nothing_behind(tin
         worker.push_audio(f"refused-{index}", blocks)
         worker.step()
     assert all(recorder.events[0].error_code == "capacity" for recorder in refused)
-    assert list(worker._feature_max) == ["holder"]
+    assert "holder" in worker.features and not any(f"refused-{i}" in worker.features for i in range(20))
     duplicate = Recorder()  # a refused duplicate of a live session keeps that session's running maximum
     worker.open_session("holder", OPTIONS, duplicate)
     worker.step()
-    assert duplicate.events[0].error_code == "duplicate_session" and list(worker._feature_max) == ["holder"]
+    assert duplicate.events[0].error_code == "duplicate_session" and "holder" in worker.features
+
+
+def test_audio_the_model_never_hears_costs_no_features(tiny_model, monkeypatch):
+    """The worker computed every pushed chunk's log-mel as it arrived, heard or not: a client that sent 56 s and
+    cleared it (or left), again and again, had it compute about a thousand seconds of features a second, and its
+    neighbours' decisions came seconds late (probe, round nine). A chunk's features are computed when it is next to
+    be heard."""
+    worker = Worker(tiny_model, EngineConfig(max_sessions=2))
+    noise = np.random.default_rng(0).standard_normal((140, 6640)).astype(np.float32) * 0.1  # 56 s of chunks
+    stft_rows: list[int] = []
+    real_stft = torch.stft
+
+    def counting_stft(signal, *args, **kwargs):
+        stft_rows.append(signal.shape[0] if signal.dim() == 2 else 1)
+        return real_stft(signal, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "stft", counting_stft)
+    clears, leaves = Recorder(), Recorder()
+    worker.open_session("clears", OPTIONS, clears)
+    worker.open_session("leaves", OPTIONS, leaves)
+    worker.push_audio("clears", PaddedBlocks(noise, 0))
+    worker.clear_audio("clears")
+    worker.push_audio("leaves", PaddedBlocks(noise, 0))
+    worker.close_session("leaves")
+    worker.run_until_idle()
+    assert clears.of(AudioCleared) == [AudioCleared(140)] and leaves.events[-1].error_code is None
+    assert sum(stft_rows) == 0
+    worker.push_audio("clears", PaddedBlocks(noise[:3], 0))  # audio heard: each chunk's features, once
+    worker.run_until_idle()
+    assert len(clears.of(Decision)) == 3 and sum(stft_rows) == 3
 
 
 def test_emit_failure_ends_only_that_session(tiny_model, stream_chunks):

@@ -17,26 +17,25 @@ the inbox, failure isolation (a failing batch is retried row by row; a failure
 in one session's own path ends that session alone), delivery and stop.
 
 Live sessions push ``PaddedBlocks`` (16 kHz samples cut into chunk blocks), not
-features: the worker computes the log-mel of every block posted since the last
-step in one batched call (``mel.log_mel_blocks``, on the CPU: bit-identical
-to the streaming front-end there), then applies the commands in their order, so
-a clear_audio posted after a push still drops that push's chunks.
+features: the chunks wait as blocks, and before each step the worker computes
+the features of the chunk at the head of every queue in one batched call
+(``engine/features.py``: on the CPU, bit-identical to the streaming front-end),
+so audio that is never heard (a clear drops it, its session ends first) costs no
+STFT. Commands are applied in their order, so a clear_audio posted after a push
+drops that push's chunks.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from audio_interaction_server.audio.blocks import PaddedBlocks
-from audio_interaction_server.audio.mel import log_mel_blocks, normalize_stream
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.spec import MIN_CHUNKS_BETWEEN_ROLLOVERS, chunks_between_rollovers
@@ -45,6 +44,7 @@ from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, Command, EmitFn, OpenSession, PushAudio, RequestReply, Wake,
 )
 from audio_interaction_server.engine.conversation import ContextFull
+from audio_interaction_server.engine.features import HeadFeatures, queued_blocks
 from audio_interaction_server.engine.events import (
     SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted, SessionStateSize,
     StepStats,
@@ -112,8 +112,8 @@ class Worker:
         # When the step loop last turned (at least every 50 ms while it lives): a thread that hangs in a step (a
         # kernel that never returns, a deadlock in a library) stops here, while the threads around it go on.
         self.last_turn_s = time.monotonic()
-        # Each live session's log-mel running maximum (StreamingLogMel's clamp), carried across pushes.
-        self._feature_max: dict[str, float] = {}
+        # The features of each queue's next chunk, and each live session's log-mel running maximum.
+        self.features = HeadFeatures()
 
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
@@ -297,6 +297,7 @@ class Worker:
         self._apply_commands()
         for session, events in self.scheduler.replies_waiting_for_audio():
             self._emit(session, events)
+        self._end_failed(tuple(self.features.compute(list(self.scheduler.sessions.values()))))
         plan = self.scheduler.schedule()
         self._end_failed(plan.failures)
         if not plan.batches:
@@ -364,44 +365,8 @@ class Worker:
                 commands.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        for command in self._with_features(commands):
+        for command in commands:
             self._apply(command)
-
-    def _with_features(self, commands: list[Command]) -> list[Command]:
-        """The commands, each push of ``PaddedBlocks`` replaced by one of its normalized features.
-
-        One ``log_mel_blocks`` call for all of them; the running maxima advance in posting order. A push of a
-        session that is gone (and not opened in this batch) is left as is: ``_apply`` drops it.
-        """
-        live = set(self.scheduler.sessions)
-        live.update(command.session_id for command in commands if isinstance(command, OpenSession))
-        pushes = [index for index, command in enumerate(commands) if isinstance(command, PushAudio)
-                  and isinstance(command.mel_chunks, PaddedBlocks) and command.session_id in live]
-        if not pushes:
-            return commands
-        blocks: list[PaddedBlocks] = [commands[index].mel_chunks for index in pushes]  # type: ignore[union-attr]
-        try:
-            raw = list(log_mel_blocks(torch.from_numpy(np.concatenate([b.samples for b in blocks]))).split(
-                [len(b) for b in blocks]))  # each push's (n, 128, 40)
-        except Exception:  # bad blocks from one front: find whose, the others go on
-            log.exception("batched log-mel of %d pushes failed; computing them one by one", len(blocks))
-            raw = [self._raw_log_mel_or_none(b) for b in blocks]
-        commands = list(commands)
-        for index, pushed, pushed_raw in zip(pushes, blocks, raw):
-            if pushed_raw is None:
-                continue  # _apply fails the session: its push still holds blocks
-            session_id = commands[index].session_id  # type: ignore[union-attr]
-            running_max = -math.inf if pushed.first_chunk_index == 0 else self._feature_max.get(session_id, -math.inf)
-            features, self._feature_max[session_id] = normalize_stream(pushed_raw, running_max)
-            commands[index] = PushAudio(session_id, features)
-        return commands
-
-    @staticmethod
-    def _raw_log_mel_or_none(blocks: PaddedBlocks) -> torch.Tensor | None:
-        try:
-            return log_mel_blocks(torch.from_numpy(np.array(blocks.samples, dtype=np.float32)))
-        except Exception:
-            return None
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -415,8 +380,8 @@ class Worker:
             return  # the session already ended; late commands are harmless
         try:
             match command:
-                case PushAudio(mel_chunks=PaddedBlocks()):
-                    raise ValueError("the log-mel of the pushed audio blocks could not be computed")
+                case PushAudio(mel_chunks=PaddedBlocks() as blocks):
+                    self.scheduler.add_audio(session, queued_blocks(blocks))  # features once it is heard
                 case PushAudio(mel_chunks=chunks):
                     self.scheduler.add_audio(session, chunks)
                 case CancelReply():
@@ -446,7 +411,7 @@ class Worker:
 
     def _refuse_open(self, command: OpenSession, ended: SessionEnded) -> None:
         if command.session_id not in self.scheduler.sessions:  # not a refused duplicate of a live session
-            self._feature_max.pop(command.session_id, None)  # its first audio may have come with it
+            self.features.forget(command.session_id)  # its first audio may have come with it
         try:
             command.emit([ended])
         except Exception:  # a callback that cannot deliver must not take the worker down with it
@@ -475,7 +440,7 @@ class Worker:
             self._end(session, EndCode.INTERNAL_ERROR, "event delivery failed", notify=False)
 
     def _end(self, session: SessionState, error_code: EndCode | None, message: str, notify: bool = True) -> None:
-        self._feature_max.pop(session.session_id, None)
+        self.features.forget(session.session_id)
         events = self.scheduler.end(session, error_code, message)
         if events is None or not notify:
             return
