@@ -610,6 +610,27 @@ def test_clears_that_keep_flushed_audio_one_after_another_answer_each_flush_once
     assert h.session.num_chunks_pending == 0 and h.of("error") == []
 
 
+def test_audio_a_clear_dropped_unheard_holds_its_place_in_the_buffer_until_it_could_have_been_heard(tiny_model):
+    """A client that filled the buffer, cleared it and filled it again at once (56 s, clear, 56 s, ...) had ~1,000 s
+    of audio a second taken, decoded and pushed (with each chunk's features computed, then), and its neighbours'
+    decisions came seconds late (probe round nine). Audio a clear dropped
+    unheard counts against ``max_buffered_audio_s`` until the model could have heard it at
+    ``engine.max_catch_up_speed`` (4x real time)."""
+    h = Harness(tiny_model, max_buffered_audio_s=4.0)
+    noise = s16(np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 4))
+    assert h.audio(noise) == []  # 4 s: the buffer is full
+    assert h.send({"type": "input.clear"}) == []
+    h.run()
+    assert h.of("input.cleared")[-1].num_chunks_dropped == 9  # 3.6 s had reached the model (the rest is partial)
+    refused = h.audio(noise[:32000])  # 1 s more at once: the 3.6 s dropped could not have been heard yet
+    assert [e.code for e in refused] == ["audio_buffer_full"] and "input.clear dropped 3.60 s" in refused[0].message
+    h.now_s += 0.5  # 2 s of it could have been heard by now: 2 s fit, 3 s do not
+    assert [e.code for e in h.audio(noise[:96000])] == ["audio_buffer_full"]
+    assert h.audio(noise[:64000]) == []
+    h.now_s += 10.0  # long since heard: the buffer holds only the 2 s accepted
+    assert h.audio(noise[:64000]) == [] and h.session.buffered_audio_s == pytest.approx(4.0)
+
+
 def test_drain_closes_a_listening_session_with_1012_after_going_away(tiny_model):
     h = Harness(tiny_model)
     h.audio(np.zeros(8000, dtype="<i2"))

@@ -149,6 +149,11 @@ class Session:
         self._chunks_done_through = 0
         self._drops_ahead: deque[tuple[int, int]] = deque()  # (first chunk, how many) dropped behind kept ones
         self._clears_waiting: deque[float] = deque()  # partial-chunk seconds of each clear the engine has not done
+        # Audio input.clear dropped unheard still holds its place in the buffer until the model could have heard it
+        # at max_catch_up_speed: else a client sending 56 s, clearing and sending again had the server take a
+        # thousand seconds of audio a second and more, all of it decoded, resampled and cut (probe round nine).
+        self._dropped_unheard_s = 0.0
+        self._dropped_unheard_at_s = now_s
         self._drain_deadline_s: float | None = None
         self._flood = FloodGuard(config.flood, now_s, prompt_chars)
 
@@ -246,7 +251,7 @@ class Session:
             if isinstance(event, SessionEnded):  # always the engine's last event: session.closed goes last
                 return out + self._flushed_events() + self._engine_ended(event)
             if isinstance(event, AudioCleared):
-                out += self._cleared(event)
+                out += self._cleared(event, now_s)
                 continue
             if isinstance(event, ReplyRequestDropped):
                 out += self._reply_request_dropped(event)
@@ -364,7 +369,9 @@ class Session:
         # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
         audio = self.audio
         frame_s = audio.seconds_in(command.data)
-        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
+        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9 or \
+                (self._dropped_unheard_s and self._buffered_with_dropped_s(now_s) + frame_s >
+                 self.config.max_buffered_audio_s + 1e-9):
             return self._refuse_frame(command, frame_s, now_s)
         try:
             frame = audio.check_frame(command.data)
@@ -381,9 +388,22 @@ class Session:
 
     def _refuse_frame(self, command: AppendAudio, frame_s: float, now_s: float) -> list:
         """A frame that would overfill the buffer: ``audio_buffer_full``, or the cut for a flood of them."""
+        dropped_s = self._buffered_with_dropped_s(now_s) - self.buffered_audio_s
+        cleared = f" (input.clear dropped {dropped_s:.2f} s of it unheard just now)" if dropped_s > 0.005 else ""
         return self._refused_audio(command, frame_s, now_s, lambda: self._buffer_full(
-            self.buffered_audio_s + frame_s, command,
-            lambda: f"this frame of {frame_s:.3f} s was not accepted: send audio no faster than real time"))
+            self.buffered_audio_s + dropped_s + frame_s, command,
+            lambda: f"this frame of {frame_s:.3f} s was not accepted{cleared}: send audio no faster than real time",
+            queued_s=self.buffered_audio_s + dropped_s))
+
+    def _buffered_with_dropped_s(self, now_s: float) -> float:
+        """``buffered_audio_s``, plus the audio ``input.clear`` dropped that the model could not have heard by now
+        at ``engine.max_catch_up_speed`` (no pacing: nothing is added)."""
+        speed = self.config.engine.max_catch_up_speed
+        if speed is None or not self._dropped_unheard_s:
+            return self.buffered_audio_s
+        self._dropped_unheard_s = max(0.0, self._dropped_unheard_s - (now_s - self._dropped_unheard_at_s) * speed)
+        self._dropped_unheard_at_s = max(self._dropped_unheard_at_s, now_s)
+        return self.buffered_audio_s + self._dropped_unheard_s
 
     def _refused_audio(self, command: AppendAudio, frame_s: float, now_s: float, answer: Callable[[], list]) -> list:
         """``answer()`` to an audio frame not taken (a full buffer, not valid audio, empty, the session closing):
@@ -459,7 +479,8 @@ class Session:
         self._flush_targets.append(self.audio.num_chunks_pushed)
         return self._flushed_events()
 
-    def _buffer_full(self, queued_after_s: float, command: Command, what_happened: Callable[[], str]) -> list:
+    def _buffer_full(self, queued_after_s: float, command: Command, what_happened: Callable[[], str],
+                     queued_s: float | None = None) -> list:
         """``audio_buffer_full`` when accepting would leave ``queued_after_s`` of audio waiting for the model,
         past ``max_buffered_audio_s`` (frames and flush silence count alike); else nothing. ``what_happened`` is
         formatted only then (a flush passes here whatever happens; a frame only once it is over the limit, which
@@ -467,7 +488,8 @@ class Session:
         limit_s = self.config.max_buffered_audio_s
         if queued_after_s <= limit_s + 1e-9:
             return []
-        return self._error("audio_buffer_full", f"{self.buffered_audio_s:.2f} s of audio wait for the model (limit "
+        queued_s = self.buffered_audio_s if queued_s is None else queued_s
+        return self._error("audio_buffer_full", f"{queued_s:.2f} s of audio wait for the model (limit "
                            f"{limit_s:g} s); {what_happened()}", command)
 
     def _clear(self, command: ClearAudio) -> list:
@@ -498,8 +520,11 @@ class Session:
             position = start + count
         return position + left
 
-    def _cleared(self, event: AudioCleared) -> list:
+    def _cleared(self, event: AudioCleared, now_s: float) -> list:
         self._num_chunks_dropped += event.num_chunks
+        self._buffered_with_dropped_s(now_s)  # what was dropped before has drained up to now
+        self._dropped_unheard_at_s = max(self._dropped_unheard_at_s, now_s)
+        self._dropped_unheard_s += event.num_chunks * CHUNK_S
         if event.num_chunks:  # every decision made before the clear has come (in order): the kept chunks are next
             self._drops_ahead.append((self._after_chunks_not_done(event.num_kept), event.num_chunks))
             self._pass_chunks(0)
