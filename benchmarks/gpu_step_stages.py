@@ -191,6 +191,7 @@ def graph_buckets(model: LoadedModel, dry_run: bool, stage: Stage) -> None:
         eager = StepSnapshot.of(step, real_rows)
         record = {"bucket": str(bucket), "real_rows": len(real_rows), "eager_static_ms": round(eager_ms, 2)}
         if graphs is not None:
+            step.poison_outputs()  # the replays must write every output themselves, not inherit the eager run's
             replay_ms = _median_us(lambda: graphs.replay(bucket), model.device, 10) / 1e3
             disagreement = compare_steps(eager, StepSnapshot.of(step, real_rows))
             record.update(replay_ms=round(replay_ms, 2), eager_over_replay=round(eager_ms / replay_ms, 2),
@@ -269,6 +270,7 @@ def fused_buckets(model: LoadedModel, dry_run: bool, stage: Stage, buckets: list
             step.fused = fused
             record["launches"][name] = launches_per_step(lambda: step.run(bucket), device)
             if name in graphs:
+                step.poison_outputs()  # what is compared below must come from the replays
                 record["ms"][name] = round(_median_us(lambda: graphs[name].replay(bucket), device, repeats) / 1e3, 3)
             else:
                 record["ms"][name] = round(_median_us(lambda: step.run(bucket), device, repeats) / 1e3, 3)

@@ -166,6 +166,16 @@ class StaticStep:
     def largest(self) -> Bucket:
         return self.layout.largest
 
+    def poison_outputs(self) -> None:
+        """Overwrite every output buffer with values no step gives (token -1, NaN hidden states and logits).
+
+        A check that runs the step eagerly and then replays its graph on the same buffers poisons them in
+        between: a replay that writes nothing (or not every row) then shows, instead of passing on the eager
+        run's leftovers."""
+        self.outputs.fill_(-1)
+        self.hidden.fill_(float("nan"))
+        self.reply_logits.fill_(float("nan"))
+
     def load(self, staging: torch.Tensor, bucket: Bucket) -> None:
         """The step's one host->device copy: the prefix of ``staging`` (same layout) that ``bucket`` reads."""
         used = self.layout.bytes_used(bucket)

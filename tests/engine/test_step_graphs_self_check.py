@@ -1,0 +1,58 @@
+"""The CUDA-graph self-check's own power, on the CPU: ``StepGraphs.self_check`` with stand-in graphs.
+
+The self-check runs the static step eagerly, then replays the bucket's graph on the same buffers and compares.
+A replay that writes nothing (a graph captured empty, on another stream, or into buffers rebound since) must
+be refused, not pass on the eager run's leftovers in ``outputs``/``hidden``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from audio_interaction_server.engine.buckets import BucketSet
+from audio_interaction_server.engine.sampling import DECISION_TOKENS
+from audio_interaction_server.engine.static_path import StaticPath
+from audio_interaction_server.engine.step_graphs import StepGraphs
+from audio_interaction_server.model.encoder import AudioEncoder
+from audio_interaction_server.model.static_step import StaticStep
+
+
+class DoesNothing:
+    """A graph whose replay launches nothing."""
+
+    def replay(self) -> None:
+        pass
+
+
+class RunsTheStep:
+    """A graph whose replay is the step itself: what a correct capture replays."""
+
+    def __init__(self, step: StaticStep, bucket) -> None:
+        self.step, self.bucket = step, bucket
+
+    def replay(self) -> None:
+        self.step.run(self.bucket)
+
+
+def graphs_on_the_cpu(tiny_model, make_graph):
+    cache = tiny_model.lm.new_cache(8, 256, scratch_slot=True)
+    buckets = BucketSet.for_rows(8, 8)
+    step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
+    path = StaticPath(step, buckets, graphs=False)
+    graphs = StepGraphs.__new__(StepGraphs)  # __init__ refuses a CPU step; the self-check itself is device-neutral
+    graphs.step, graphs.staging = step, path.staging
+    graphs.buckets = sorted(buckets.all(), key=lambda b: (b.num_tokens, b.num_rows), reverse=True)
+    graphs.graphs = {bucket: make_graph(step, bucket) for bucket in graphs.buckets}
+    return graphs, cache
+
+
+def test_the_self_check_refuses_replays_that_write_nothing(tiny_model):
+    graphs, cache = graphs_on_the_cpu(tiny_model, lambda step, bucket: DoesNothing())
+    problems = graphs.self_check(cache.num_slots, cache.max_positions, tiny_model.lm.cfg.vocab_size)
+    assert problems and all("expected" in p or "non-finite" in p for p in problems), problems
+
+
+def test_the_self_check_passes_replays_that_run_the_step(tiny_model):
+    graphs, cache = graphs_on_the_cpu(tiny_model, RunsTheStep)
+    assert graphs.self_check(cache.num_slots, cache.max_positions, tiny_model.lm.cfg.vocab_size) == []
+    assert torch.isfinite(graphs.step.hidden).any()
