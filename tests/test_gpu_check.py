@@ -172,3 +172,50 @@ def test_report_records_a_failing_stage_and_goes_on(tmp_path):
     assert third["status"] == "skipped" and "needs about 1000 s" in third["note"]
     markdown = (tmp_path / "report.md").read_text()
     assert "RuntimeError: out of memory at N=768" in markdown and "measured" in markdown and "never" not in markdown
+
+
+def test_the_ramp_budgets_the_worker_start_once(monkeypatch, tmp_path):
+    """The shared worker starts (captures its graphs) at the first point only: the first point's wall time,
+    start-up included, must not become every later point's estimate, or the ramp stops N points early (the
+    H200 run of 2026-12-04 stopped before N=600 with 93 s left after a 72 s start; a second run was needed)."""
+    from types import SimpleNamespace
+
+    from benchmarks import capacity, gpu_check, gpu_report
+
+    clock = {"now": 0.0}
+
+    class Budget(gpu_report.Budget):
+        @property
+        def elapsed_s(self) -> float:
+            return clock["now"]
+
+    class Shared:
+        def __init__(self, *args) -> None:
+            self.worker = None
+
+        def stop(self) -> None:
+            pass
+
+    shared: list[Shared] = []
+    monkeypatch.setattr(capacity, "SharedWorker", lambda *a: shared.append(Shared()) or shared[-1])
+
+    def measure(streams, run_at):
+        started = shared[-1].worker is None
+        shared[-1].worker = SimpleNamespace(is_alive=True)
+        wall, setup = (70.0, 50.0) if started else (22.0, 0.0)  # a 50 s graph capture, then 20 s per point
+        clock["now"] += wall
+        record = gpu_check.run_record(capacity.Run("direct", streams, 10.0, expected_decisions=1, decision_s=[0.01],
+                                                   max_sessions=1024, attention="triton"))
+        record.update(setup_s=setup, started_worker=started, wall_s=wall)
+        return record
+
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    report = gpu_report.Report(tmp_path, {"title": "unit"}, Budget(200.0))
+    stage = gpu_report.Stage("ramp", "ramp")
+    args = SimpleNamespace(seconds=10.0, stop_after_failures=0)
+    served = gpu_check.Served()
+    served.worker_start_s = 50.0  # the device's guess before any worker started
+    gpu_check.ramp(args, served, report, stage, None, 20.0, [256, 512, 600, 768, 800, 1024])
+    # Each later point needs 10 + 15 s and 20 s stay for the baseline: 200 s hold 256 (70 s) and four more (22 s each).
+    assert [r["streams"] for r in stage.data["runs"]] == [256, 512, 600, 768, 800], stage.note
+    assert served.worker_start_s == 50.0  # measured, for the stages that start their own worker
