@@ -60,7 +60,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +125,7 @@ class Run:
     started_worker: bool = True  # the run started its worker (False: a ramp's shared one served it)
     attention: str = ""  # the attention path the worker chose, and why
     sessions_per_front: list[int] = field(default_factory=list)  # websocket: sessions each front served
+    step_path: dict = field(default_factory=dict)  # direct: how short batches ran (static_step_path)
 
     @property
     def is_complete(self) -> bool:
@@ -307,11 +308,30 @@ def _close_sessions(worker: Worker, streams: int, timeout_s: float = 30.0) -> No
         time.sleep(0.01)
 
 
+def static_step_path(worker: Worker, counts_before=None) -> dict:
+    """Whether the worker serves short batches by graph replays, the static step run eagerly or the eager path,
+    and how many of this run's batches took each (the counts since ``counts_before``, a copy taken at its start).
+
+    A worker whose start-up self-check refused its CUDA graphs serves on without them (a log line says so): the
+    figures of such a run are the eager static step's, and the report has to say it."""
+    static = worker.runner.static
+    if static is None:
+        return {"path": "eager", "graphs": "none: no static step"}
+    capture = static.capture
+    graphs = ("on" if static.graphs is not None else
+              "REFUSED by the self-check" if capture.num_graphs else "off")
+    counts = {name: value - (getattr(counts_before, name) if counts_before is not None else 0)
+              for name, value in vars(static.counts).items()}
+    return {"path": "static", "graphs": graphs, "captured": capture.num_graphs,
+            "capture_s": round(capture.capture_s, 2), "pool_mib": round(capture.pool_bytes / 2**20, 1), **counts}
+
+
 def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch.Tensor], drain_s: float,
                 on_serving: Callable[[], None] | None) -> Run:
     streams, seconds = run.streams, run.seconds
     reset_peak_memory(model.device)
     run.attention = f"{worker.attention.backend} ({worker.attention.reason})"
+    counts_before = replace(worker.runner.static.counts) if worker.runner.static is not None else None
     worker.on_step = run.steps.append
     chunks_per_stream = int(seconds / CHUNK_S)
     pushed_at: dict[tuple[int, int], float] = {}
@@ -363,6 +383,7 @@ def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch
         time.sleep(0.02)
     stopping.set()
     run.memory_mib = memory_mib(model.device)
+    run.step_path = static_step_path(worker, counts_before)
     return run
 
 

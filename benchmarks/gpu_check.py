@@ -373,9 +373,18 @@ def run_record(run: capacity.Run) -> dict:
                                for q in (50, 5)},
         "step": None if split is None else {k: round(v, 3) for k, v in vars(split).items()},
         "peak_memory_mib": round(run.memory_mib), "setup_s": round(run.setup_s, 2),
-        "started_worker": run.started_worker, "attention": run.attention,
+        "started_worker": run.started_worker, "attention": run.attention, "step_path": run.step_path,
         "checks": checks, "passes": TARGETS.passes(run),
     }
+
+
+def describe_step_path(path: dict) -> str:
+    """One ramp point's step path in words: a point served without its graphs must say so in the report."""
+    if path.get("path") != "static":
+        return path.get("graphs", "unknown")
+    return (f"graphs {path['graphs']} ({path['captured']} captured in {path['capture_s']} s, "
+            f"{path['pool_mib']} MiB pool): {path['graph_steps']} replayed, {path['static_eager_steps']} static "
+            f"steps run eagerly, {path['eager_batches']} batches on the eager path")
 
 
 def ramp_row(record: dict) -> str:
@@ -505,7 +514,8 @@ def ramp_lines(stage: Stage, records: list[dict]) -> None:
         worker = (f"Worker: {measured[0]['max_sessions']} slots for every N, one worker serving every N in turn; "
                   f"attention {measured[0]['attention']}; worker start-up {' + '.join(map(str, starts)) or '0'} s "
                   f"({len(starts)} start(s), not part of the figures); engine.fused_kernels "
-                  f"{stage.data.get('fused_kernels', 'auto')}")
+                  f"{stage.data.get('fused_kernels', 'auto')}; short batches: "
+                  + "; ".join(f"N={r['streams']} {describe_step_path(r.get('step_path') or {})}" for r in measured))
     in_order = sorted(records, key=lambda r: r["streams"])
     stage.lines = [worker, "", RAMP_COLUMNS, RAMP_SEPARATOR, *map(ramp_row, in_order), "",
                    f"Largest N that held every target: **{stage.data['capacity']}** "
@@ -638,8 +648,11 @@ def describe(record: dict) -> str:
         split = ", step {:.1f} ms = encoder {:.0f}% / LM {:.0f}% / host {:.0f}%, {:.1f} rows/step".format(
             step["step_ms"], *(100 * step[k] / step["step_ms"] for k in ("encoder_ms", "lm_ms", "host_ms")),
             step["rows_mean"])
+    path = record.get("step_path") or {}
+    graphs = f", CUDA graphs {path['graphs']}" if path.get("path") == "static" else ""
     return (f"p95 decision {record['decision_ms'][95]} ms, p95 first token {record['first_token_ms'][95]} ms, "
-            f"slowest-5% reply {record['reply_tokens_per_s'][5]} tok/s{split}, peak {record['peak_memory_mib']} MiB")
+            f"slowest-5% reply {record['reply_tokens_per_s'][5]} tok/s{split}, peak {record['peak_memory_mib']} MiB"
+            f"{graphs}")
 
 
 def _verdict(stage: Stage | None) -> str:

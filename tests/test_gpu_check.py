@@ -219,3 +219,26 @@ def test_the_ramp_budgets_the_worker_start_once(monkeypatch, tmp_path):
     # Each later point needs 10 + 15 s and 20 s stay for the baseline: 200 s hold 256 (70 s) and four more (22 s each).
     assert [r["streams"] for r in stage.data["runs"]] == [256, 512, 600, 768, 800], stage.note
     assert served.worker_start_s == 50.0  # measured, for the stages that start their own worker
+
+
+def test_a_ramp_point_says_whether_its_graphs_served(tiny_model, stream_chunks):
+    """A worker whose self-check refused its CUDA graphs serves on with the static step run eagerly: the ramp's
+    record (and report) must say which path served each point, with this run's step counts."""
+    from types import SimpleNamespace
+
+    from audio_interaction_server.engine.static_path import StepCounts
+    from audio_interaction_server.engine.step_graphs import CaptureStats
+    from benchmarks import capacity, gpu_check
+
+    refused = SimpleNamespace(runner=SimpleNamespace(static=SimpleNamespace(
+        graphs=None, capture=CaptureStats(119, 25.0, 2**30), counts=StepCounts(0, 7, 2))))
+    path = capacity.static_step_path(refused, StepCounts(0, 3, 1))
+    assert path["graphs"] == "REFUSED by the self-check"
+    assert (path["static_eager_steps"], path["eager_batches"]) == (4, 1)  # this run's, not the worker's lifetime
+    assert "graphs REFUSED" in gpu_check.describe_step_path(path)
+
+    chunks = [chunk for stream in stream_chunks[:1] for chunk in stream]
+    run = capacity.run_direct(tiny_model, chunks, 1, 2.0, {"step": "static"}, drain_s=5.0)
+    assert run.step_path["path"] == "static" and run.step_path["graphs"] == "off"  # no CUDA: no graphs
+    assert run.step_path["static_eager_steps"] > 0 and run.step_path["graph_steps"] == 0
+    assert gpu_check.run_record(run)["step_path"] == run.step_path
