@@ -67,3 +67,45 @@ def test_the_kernel_equals_gather(width, block_n):
     real = (torch.arange(width).view(1, -1) < spans.q_len.view(-1, 1)).flatten()  # (rows x width,)
     torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(out[~real], torch.zeros_like(out[~real]))  # padding rows and columns are never written
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter's kernels are not compiled; this runs in the parent")
+@pytest.mark.parametrize("block_q", [16, 2])  # listening rows (16 tokens x 8 heads) and reply rows (2 x 8)
+def test_the_kernels_compile_for_an_h200_at_the_3b_shapes_without_spilling(block_q, tmp_path):
+    """The served launch configuration (KernelConfig's defaults) compiled by Triton's real compiler for sm_90 at
+    the 3B model's shapes (2 KV groups x 8 query heads, head size 128, bf16), then assembled by its ptxas: the
+    shared memory fits a Hopper block and the registers do not spill (no GPU needed)."""
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    kernel = slot_attention._kernel()
+    config = KernelConfig()
+    constexprs = dict(HEADS_PER_GROUP=8, HEAD_DIM=128, BLOCK_D=128, BLOCK_Q=block_q, BLOCK_N=config.block_n,
+                      EXACT_FP32=False, WHILE_LOOPS=False)
+    signature = {**dict.fromkeys(("Q", "K", "V", "Out"), "*bf16"),
+                 **dict.fromkeys(("row_q_start", "row_q_len", "row_slot", "row_key_len"), "*i64"),
+                 **dict.fromkeys(("stride_qt", "stride_qh", "stride_kg", "stride_ks", "stride_kp", "stride_vg",
+                                  "stride_vs", "stride_vp", "stride_ot", "stride_oh"), "i32"),
+                 "scale": "fp32", **dict.fromkeys(constexprs, "constexpr")}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    except RuntimeError as error:
+        if "ptxas" in str(error).lower():
+            pytest.skip(f"Triton's ptxas cannot run here: {error}")
+        raise
+    assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared  # a Hopper block's shared memory
+    ptx = tmp_path / "slot_attention.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    spilled = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report.stderr))
+    assert spilled <= 64, report.stderr[-1000:]
