@@ -318,7 +318,8 @@ def static_step_path(worker: Worker, counts_before=None) -> dict:
     if static is None:
         return {"path": "eager", "graphs": "none: no static step"}
     capture = static.capture
-    graphs = ("on" if static.graphs is not None else
+    error = getattr(static, "capture_error", None)
+    graphs = ("on" if static.graphs is not None else f"capture FAILED ({error})" if error else
               "REFUSED by the self-check" if capture.num_graphs else "off")
     counts = {name: value - (getattr(counts_before, name) if counts_before is not None else 0)
               for name, value in vars(static.counts).items()}

@@ -56,3 +56,23 @@ def test_the_self_check_passes_replays_that_run_the_step(tiny_model):
     graphs, cache = graphs_on_the_cpu(tiny_model, RunsTheStep)
     assert graphs.self_check(cache.num_slots, cache.max_positions, tiny_model.lm.cfg.vocab_size) == []
     assert torch.isfinite(graphs.step.hidden).any()
+
+
+def test_a_capture_that_raises_leaves_the_static_step_running_eagerly(tiny_model, monkeypatch):
+    """Issue 23's eager fallback: a bucket that cannot be captured (an operation CUDA graphs refuse, the pool out
+    of memory) must not stop the worker from starting; the static step serves eagerly and says why."""
+    from audio_interaction_server.engine import static_path
+
+    class CannotCapture:
+        def __init__(self, *args) -> None:
+            pass
+
+        def capture(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_path, "StepGraphs", CannotCapture)
+    cache = tiny_model.lm.new_cache(8, 256, scratch_slot=True)
+    buckets = BucketSet.for_rows(8, 8)
+    step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
+    path = StaticPath(step, buckets, graphs=True)
+    assert path.graphs is None and "not permitted when stream is capturing" in path.capture_error

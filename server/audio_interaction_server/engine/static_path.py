@@ -118,6 +118,7 @@ class StaticPath:
         self.counts = StepCounts()
         self.graphs: StepGraphs | None = None
         self.capture = CaptureStats()
+        self.capture_error: str | None = None  # why capturing failed (the static step then runs eagerly)
         if graphs:
             self._capture_and_check()
 
@@ -134,11 +135,15 @@ class StaticPath:
 
     def _capture_and_check(self) -> None:
         step = self.step
-        graphs = StepGraphs(step, self.staging, self.buckets.all())
         try:
+            graphs = StepGraphs(step, self.staging, self.buckets.all())
             self.capture = graphs.capture()
             cfg = step.lm.cfg
             problems = graphs.self_check(step.cache.num_slots, step.cache.max_positions, cfg.vocab_size)
+        except Exception as exc:  # a step that cannot be captured still runs eagerly: the eager fallback
+            self.capture_error = repr(exc)
+            log.exception("CUDA graph capture FAILED; serving the static step without graphs")
+            return
         finally:
             for slot in range(step.cache.num_slots):
                 step.cache.clear_slot(slot)
