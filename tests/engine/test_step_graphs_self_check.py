@@ -76,3 +76,16 @@ def test_a_capture_that_raises_leaves_the_static_step_running_eagerly(tiny_model
     step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
     path = StaticPath(step, buckets, graphs=True)
     assert path.graphs is None and "not permitted when stream is capturing" in path.capture_error
+
+
+def test_the_self_check_replays_listening_rows_alone_and_reply_rows_alone_too():
+    """At start-up it replayed the largest bucket, the smallest and some between: at 256 and 1,024 rows never a
+    bucket of listening rows alone, whose capture takes a branch of its own (GPU pre-flight review)."""
+    for max_listening, max_reply in [(1024, 384), (256, 96), (768, 192), (8, 8)]:
+        graphs = StepGraphs.__new__(StepGraphs)  # the choice needs only the buckets, in the order the engine keeps
+        buckets = BucketSet.for_rows(max_listening, max_reply).all()
+        graphs.buckets = sorted(buckets, key=lambda b: (b.num_tokens, b.num_rows), reverse=True)
+        picks = graphs.buckets_to_check(4)
+        assert len(picks) == min(4, len(buckets)) and picks[0] == graphs.buckets[0], picks
+        assert any(bucket.reply == 0 for bucket in picks) and any(bucket.listening == 0 for bucket in picks), picks
+        assert graphs.buckets[-1] in picks and picks == sorted(picks, key=graphs.buckets.index)

@@ -171,18 +171,26 @@ class StepGraphs:
         graph.replay()
         return True
 
+    def buckets_to_check(self, max_buckets: int = 4) -> list[Bucket]:
+        """At most ``max_buckets``: the largest bucket, the largest of listening rows alone and of reply rows alone
+        (their captures take branches of their own: no reply part, no listening part), the smallest, then some
+        between. Largest first."""
+        ordered = self.buckets  # largest first
+        alone = [next((b for b in ordered if b.reply == 0), None), next((b for b in ordered if b.listening == 0), None)]
+        between = ordered[:: max(1, len(ordered) // max(1, max_buckets - 2))]
+        wanted = [ordered[0], *(b for b in alone if b is not None), ordered[-1], *between]
+        return sorted(list(dict.fromkeys(wanted))[:max_buckets], key=ordered.index)
+
     def self_check(self, num_slots: int, max_positions: int, vocab_size: int,
                    max_buckets: int = 4) -> list[str]:
-        """Replay a few buckets (the largest, the smallest, some between) against the eager static step.
+        """Replay a few buckets (``buckets_to_check``) against the eager static step.
 
         Uses session slots 0 .. as scratch; the caller clears them (no session is open at start-up).
         Returns one line per bucket that disagreed; empty when every checked one agreed.
         """
-        ordered = self.buckets
-        picks = {ordered[0], ordered[-1], *ordered[:: max(1, len(ordered) // max(1, max_buckets - 2))]}
         generator = torch.Generator().manual_seed(0)
         problems = []
-        for bucket in sorted(picks, reverse=True)[:max_buckets]:
+        for bucket in self.buckets_to_check(max_buckets):
             listening, reply = synthetic_rows(bucket, num_slots, max_positions, vocab_size, generator)
             real_rows = list(range(len(listening))) + [bucket.listening + k for k in range(len(reply))]
             self.staging.pack(bucket, listening, reply)
