@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision-rows", type=int,
                         help="rows per recording in the correctness checks (default: all; 6 with --dry-run)")
     parser.add_argument("--no-model-ramp", action="store_true", help="skip the last stage (model-decided replies)")
+    parser.add_argument("--no-flex", action="store_true",
+                        help="skip the FlexAttention check (about 25 s on an H200): the static step serves the "
+                        "Triton slot attention, and long rows take gather unless flex was chosen")
     args = parser.parse_args(argv)
     if not args.audio.is_dir():
         parser.error(f"--audio {args.audio} is not a folder (it should hold the recording folders of ../shared/audio)")
@@ -683,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     report.run_stage("precision", "Correctness: bf16 on the device vs fp32 on the CPU (tiny checkpoint)", 20,
                      lambda stage: check_precision(args, report, stage))
     report.run_stage("flex", "Correctness: in-place FlexAttention vs gather on the device (tiny checkpoint)", 30,
-                     lambda stage: check_flex(args, report, stage))
+                     lambda stage: check_flex(args, report, stage), skip_reason="--no-flex" if args.no_flex else None)
     served = Served(worker_start_s=WORKER_START_S["cuda" if device.type == "cuda" else "cpu"])
     built = report.run_stage("model", "Real-size model" if args.model == "real" else f"Model: {args.model}", 30,
                              lambda stage: build_model(args, served, stage))
