@@ -191,3 +191,36 @@ def test_without_an_arch_list_the_cuda_13_minimum_applies(monkeypatch):
     fake_gpu(monkeypatch, (6, 1), [], name="NVIDIA GeForce GTX 1080")
     with pytest.raises(ckpt.CheckpointError, match="compute capability 6.1.*needs 7.5 or newer"):
         ckpt.resolve_device("cuda", "auto")
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 1280000000\n")
+
+
+@pytest.mark.parametrize("name", ["model-00002-of-00002.safetensors", "audiointeraction_ChunkwisedEncoder.pth",
+                                  "tokenizer.json"])
+def test_git_lfs_pointers_are_named_before_a_weight_is_read(checkpoint_copy: Path, name: str):
+    """`git clone` of the Hub's repo without Git LFS leaves pointer files; the .pth one got torch's advice to load
+    with weights_only=False and to file an issue with PyTorch, a shard 'header too large' (first-hour round 9)."""
+    (checkpoint_copy / name).write_text(LFS_POINTER)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.resolve_files(checkpoint_copy)
+    message = str(error.value)
+    assert f"{name} is a Git LFS pointer" in message and "git lfs pull" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_an_html_page_saved_as_the_encoder_is_named(checkpoint_copy: Path):
+    (checkpoint_copy / "audiointeraction_ChunkwisedEncoder.pth").write_text("<!DOCTYPE html>\n<html><body>x</body>")
+    with pytest.raises(ckpt.CheckpointError, match="audiointeraction_ChunkwisedEncoder.pth is an HTML page"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_a_damaged_encoder_file_is_one_line_without_torchs_weights_only_advice(checkpoint_copy: Path):
+    (checkpoint_copy / "audiointeraction_ChunkwisedEncoder.pth").write_bytes(b"garbage that is no pickle")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+    message = str(error.value)
+    assert "not a readable torch state dict" in message and "download it again" in message
+    assert "weights_only" not in message and "file an issue" not in message
+    assert len(message.splitlines()) == 1

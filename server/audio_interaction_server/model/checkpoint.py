@@ -203,6 +203,18 @@ def load_audio_config(files: CheckpointFiles) -> AudioTowerConfig:
                               f"{exc}") from exc
 
 
+def _torch_load_reason(exc: BaseException) -> str:
+    """torch.load's own reason in one line, without its advice: the weights-only refusal suggests loading with
+    ``weights_only=False`` (running whatever the file holds) and filing an issue with PyTorch, neither of which
+    applies to a damaged file."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return reason if len(reason) <= 200 else reason[:199] + "…"
+
+
 def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torch.dtype | None) -> AudioTower:
     """The audio tower; ``dtype=None`` keeps the config's own dtype (the reference's behaviour)."""
     config = load_audio_config(files)
@@ -211,7 +223,8 @@ def load_audio_encoder(files: CheckpointFiles, device: torch.device, dtype: torc
     try:
         state = torch.load(files.encoder_weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign pickle
-        raise CheckpointError(f"{files.encoder_weights} is not a readable torch state dict: {exc}") from exc
+        raise CheckpointError(f"{files.encoder_weights} is not a readable torch state dict (damaged, cut short, "
+                              f"or not saved by torch.save): {_torch_load_reason(exc)}; download it again") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{files.encoder_weights} must hold a plain state dict, got {type(state).__name__}")
     # The sinusoidal positions are a non-persistent buffer; only parameters are in the file.

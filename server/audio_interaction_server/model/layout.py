@@ -57,11 +57,20 @@ def resolve_files(root: Path) -> CheckpointFiles:
         (TOKENIZER_FILE, (root / TOKENIZER_FILE).is_file(), "the HF tokenizers tokenizer.json"),
     ]
     missing = [f"{name} is missing ({what})" for name, is_there, what in expected if not is_there]
-    missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in _listed_shards(root / INDEX_FILE)
-                if not (root / name).is_file()]
+    shards = _listed_shards(root / INDEX_FILE)
+    missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in shards if not (root / name).is_file()]
     if missing:
         raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing))
     assert encoder is not None
+    # A clone without Git LFS leaves small pointer files where the weights should be, and a file saved from the
+    # Hub's web page is HTML: both are named here, at once, before a weight is read (a real shard takes minutes).
+    stand_ins = [f"{path.name} is {what}"
+                 for path in (*(root / name for name in shards), encoder, root / TOKENIZER_FILE)
+                 if (what := stand_in(path)) is not None]
+    if stand_ins:
+        raise CheckpointError(f"{root} holds stand-ins, not the files themselves: " + "; ".join(stand_ins)
+                              + ". Fetch the real files: `git lfs install && git lfs pull` in a Git clone of the "
+                              "repo, or `hf download OWNER/NAME --local-dir DIR` and pass DIR")
     # Optional and not read: replies are decoded, and the prompt encoded, with tokenizer.json alone
     # (the prompt layout brings its own control tokens, so the bos/eos it declares are never used).
     tokenizer_config = root / TOKENIZER_CONFIG_FILE
@@ -74,6 +83,25 @@ def resolve_files(root: Path) -> CheckpointFiles:
         tokenizer=root / TOKENIZER_FILE,
         tokenizer_config=tokenizer_config if tokenizer_config.is_file() else None,
     )
+
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+
+
+def stand_in(path: Path) -> str | None:
+    """What ``path`` holds instead of the file it is named after, from its first bytes: a Git LFS pointer (a
+    clone made without Git LFS) or an HTML page (a 'blob' page of the Hub saved as the file); None otherwise."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(512)
+    except OSError:
+        return None  # unreadable: the loader says why
+    if head.startswith(LFS_POINTER_PREFIX):
+        return f"a Git LFS pointer ({path.stat().st_size} bytes), the repo cloned without Git LFS"
+    start = head.lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a web page saved under its name)"
+    return None
 
 
 def _listed_shards(index: Path) -> list[str]:
