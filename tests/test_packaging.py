@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -66,3 +68,20 @@ def test_the_source_parses_under_the_oldest_python_it_declares():
         except SyntaxError as error:
             too_new.append(f"{path.relative_to(ROOT)}:{error.lineno}: {error.msg}")
     assert not too_new, f"not Python {major}.{minor} syntax:\n" + "\n".join(too_new)
+
+
+def test_the_websockets_floor_has_the_protocol_state_the_transport_uses():
+    """pyproject said websockets>=12; with 15 (or 12) installed beside the project, without the lock, the server
+    loaded, said ready, then closed every WebSocket handshake on an AttributeError of ServerProtocol's
+    max_message_size / current_size, which websockets has since 16 (first-hour round 9)."""
+    import websockets
+    from websockets.server import ServerProtocol
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in dependencies if re.match(r"websockets\b", d)]
+    floor = re.fullmatch(r"websockets\s*>=\s*(\d+)(?:\.\d+)*", spec)
+    assert floor is not None, spec
+    assert int(floor.group(1)) >= 16, spec
+    protocol = ServerProtocol()
+    for name in ("max_message_size", "max_fragment_size", "current_size"):  # what api/transport.py reads
+        assert hasattr(protocol, name), (name, websockets.__version__)
