@@ -523,6 +523,7 @@ class SentFrame:
     is_answered: bool = False  # a command the server answered: it has this frame and every frame before it
     is_transmitted: bool = False  # handed to a socket at least once (the write may have failed)
     is_written: bool = False  # written to a socket at least once, and the write returned
+    config_before: dict | None = None  # a session.configure: every earlier configure's fields, merged
 
 
 @dataclass(frozen=True)
@@ -671,9 +672,10 @@ class StreamSession:
         answer_future = asyncio.get_running_loop().create_future()
         previous = dict(self.config)
         self.config.update(fields)
-        await self._send(self.outbound.add_event({"type": "session.configure",
-                                                  "event_id": f"configure-{self._num_configures}", **fields},
-                                                 [answer_future]))
+        frame = self.outbound.add_event({"type": "session.configure", "event_id": f"configure-{self._num_configures}",
+                                         **fields}, [answer_future])
+        frame.config_before = previous
+        await self._send(frame)
         if "audio" in fields:  # the frames after this one are in that format, whatever the answer
             self.audio_format = fields["audio"]
         answer = await self._answer(answer_future, "the answer to session.configure")
@@ -991,9 +993,14 @@ class StreamSession:
         # The settings first, answering whatever configure the old session left unanswered; then the flushes it
         # left unanswered (their callers still wait); then what was never sent at all, in order.
         configures = [f for f in old.unanswered["session.configure"] if f.is_transmitted]
+        # The settings as of the first frame never sent: a configure still waiting in the log (the sender blocks on
+        # its answer, so it is often the log's last frame) follows audio in the format before it. Told its fields
+        # first, the new session read that audio in the next file's format (16 kHz speech heard as 44.1 kHz).
+        pending = next((f for f in old.frames if not f.is_transmitted and f.config_before is not None), None)
         self._num_configures += 1
         self.outbound.add_event({"type": "session.configure", "event_id": f"configure-{self._num_configures}",
-                                 **self.config}, [w for f in configures for w in f.waiters])
+                                 **(pending.config_before if pending is not None else self.config)},
+                                [w for f in configures for w in f.waiters])
         for frame in old.unanswered["input.flush"]:
             if frame.is_transmitted:
                 self.outbound.add_event(json.loads(frame.payload), frame.waiters)

@@ -1945,3 +1945,33 @@ def test_a_refusal_page_is_read_in_time_in_proportion_to_its_length():
             b"</html>")
     assert client.http_refusal(502, "Bad Gateway", page, "text/html") == \
         "HTTP 502 from a proxy: The upstream & its peers failed"
+
+
+def test_a_new_session_hears_the_audio_left_in_the_log_in_its_own_format(tiny_checkpoint, tmp_path):
+    """A server restart while a 16 kHz file's end waits in the log behind the next file's (44.1 kHz) configure: the
+    new session was told the merged settings first, the 44.1 kHz format included, so it read the 16 kHz backlog as
+    44.1 kHz audio (first-hour round 9: 14.1 s sent to the new session, 8.8 s received; the summary said all was
+    sent). Every second of both files must reach the servers, in the format it was recorded in."""
+    folder = tmp_path / "two_formats"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    soundfile.write(folder / "a.wav", (0.1 * rng.standard_normal(3 * 16_000)).astype("float32"), 16_000)
+    soundfile.write(folder / "b.wav", (0.1 * rng.standard_normal(44_100)).astype("float32"), 44_100)
+    (folder / "sequence.json").write_text(json.dumps(["a.wav", "b.wav"]))
+    first = LiveServer(client_config(tiny_checkpoint, max_buffered_audio_s=10.0)).start()
+    second = None
+    script = Script("stream_file.py", f"ws://127.0.0.1:{first.port}", str(folder), "--api-key", API_KEY,
+                    "--speed", "1", "--json", "--decisions", "--busy-retry-s", "30", cwd=tmp_path)
+    try:
+        script.wait_for_event(lambda e: e["type"] == "decision" and e["chunk"] == 0)
+        first.stop()
+        time.sleep(3.5)  # the sender offers the rest of a.wav, then waits on b.wav's configure, unsent
+        second = LiveServer(client_config(tiny_checkpoint, max_buffered_audio_s=10.0, port=first.port)).start()
+        code = script.finish()
+    finally:
+        stop_all(script, first, second)
+    events, message = succeeded(script, code)
+    closed = [e for e in events if e["type"] == "session.closed"]
+    assert len(closed) == 2 and "starting a new session" in message, message
+    received_s = sum(e["audio_received_s"] for e in closed)
+    assert abs(received_s - 4.0) <= 0.1, (received_s, [e["audio_received_s"] for e in closed], message)
