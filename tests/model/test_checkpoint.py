@@ -224,3 +224,17 @@ def test_a_damaged_encoder_file_is_one_line_without_torchs_weights_only_advice(c
     assert "not a readable torch state dict" in message and "download it again" in message
     assert "weights_only" not in message and "file an issue" not in message
     assert len(message.splitlines()) == 1
+
+
+def test_the_folder_above_a_checkpoint_names_it(tiny_checkpoint: Path, tmp_path: Path):
+    """`--checkpoint models` for models/AudioInteraction, or a Hugging Face cache's models--owner--name (the files are
+    in snapshots/<commit>/): every file was named missing, with no word of where they are (first-hour round 9)."""
+    shutil.copytree(tiny_checkpoint, tmp_path / "models" / "AudioInteraction")
+    shutil.copytree(tiny_checkpoint, tmp_path / "models--o--n" / "snapshots" / "0123abc")
+    for given, holder in ((tmp_path / "models", tmp_path / "models" / "AudioInteraction"),
+                          (tmp_path / "models--o--n", tmp_path / "models--o--n" / "snapshots" / "0123abc")):
+        with pytest.raises(ckpt.CheckpointError) as error:
+            ckpt.resolve_files(given)
+        message = str(error.value)
+        assert f"{holder} holds the layout: pass it as the checkpoint" in message, message
+        assert len(message.splitlines()) == 1

@@ -60,7 +60,10 @@ def resolve_files(root: Path) -> CheckpointFiles:
     shards = _listed_shards(root / INDEX_FILE)
     missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in shards if not (root / name).is_file()]
     if missing:
-        raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing))
+        nested = _nested_checkpoints(root) if not (root / MODEL_CONFIG_FILE).is_file() else []
+        hint = (f"; {' and '.join(str(n) for n in nested)} {'holds' if len(nested) == 1 else 'hold'} the layout: pass "
+                f"{'it' if len(nested) == 1 else 'one of them'} as the checkpoint") if nested else ""
+        raise CheckpointError(f"{root} is not in the release layout: " + "; ".join(missing) + hint)
     assert encoder is not None
     # A clone without Git LFS leaves small pointer files where the weights should be, and a file saved from the
     # Hub's web page is HTML: both are named here, at once, before a weight is read (a real shard takes minutes).
@@ -102,6 +105,21 @@ def stand_in(path: Path) -> str | None:
     if start.startswith((b"<!doctype html", b"<html")):
         return "an HTML page (a web page saved under its name)"
     return None
+
+
+def _nested_checkpoints(root: Path, limit: int = 3) -> list[Path]:
+    """Folders one or two levels below ``root`` with a model_config.yaml: the folder above a download
+    (``--local-dir models/AudioInteraction`` passed as ``models``), or a Hugging Face cache's
+    ``models--owner--name`` whose files are in ``snapshots/<commit>/``."""
+    found: list[Path] = []
+    try:
+        for config in sorted(root.glob(f"*/{MODEL_CONFIG_FILE}")) + sorted(root.glob(f"*/*/{MODEL_CONFIG_FILE}")):
+            found.append(config.parent)
+            if len(found) == limit:
+                break
+    except OSError:
+        return []
+    return found
 
 
 def _listed_shards(index: Path) -> list[str]:
