@@ -164,7 +164,10 @@ def wait_for_enter(prompt: str) -> asyncio.Future:
 
     def read() -> None:
         sys.stdin.readline()
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        try:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        except RuntimeError:  # the loop closed first (a Ctrl-C that also ended a pipe into stdin): nobody waits
+            pass
 
     print(prompt, file=sys.stderr, flush=True)
     threading.Thread(target=read, name="stdin", daemon=True).start()

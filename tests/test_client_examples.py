@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import io
 import importlib.util
 import json
@@ -853,6 +854,38 @@ def test_as_fast_as_the_server_takes_it_is_never_faster_than_its_frame_limit(tin
     finally:
         server.stop()
     assert code == 0 and not [line for line in err if "1008" in line or "resuming" in line], err
+
+
+def test_a_line_on_stdin_after_the_loop_closed_is_no_traceback(monkeypatch):
+    """Ctrl-C of ``stream_file.py --wait`` while it waits for Enter, with stdin ending just after (a pipe's writer,
+    ended by the same Ctrl-C): the stdin thread called into the closed loop and printed a RuntimeError traceback
+    after ``interrupted`` (first-hour review, round nine, finding 6)."""
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    spec = importlib.util.spec_from_file_location("stream_file_under_test", CLIENTS / "stream_file.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    line_comes = threading.Event()
+
+    class Stdin:
+        def readline(self) -> str:
+            line_comes.wait(5)
+            return "\n"
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    failures: list = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    loop = asyncio.new_event_loop()
+
+    async def wait_then_leave() -> None:
+        module.wait_for_enter("press Enter")
+
+    loop.run_until_complete(wait_then_leave())
+    loop.close()
+    line_comes.set()
+    for reader in [thread for thread in threading.enumerate() if thread.name == "stdin"]:
+        reader.join(5)
+    assert failures == []
 
 
 def load_client_module():
