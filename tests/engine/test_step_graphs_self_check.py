@@ -12,7 +12,7 @@ import torch
 from audio_interaction_server.engine.buckets import BucketSet
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
 from audio_interaction_server.engine.static_path import StaticPath
-from audio_interaction_server.engine.step_graphs import StepGraphs
+from audio_interaction_server.engine.step_graphs import GraphCaptureError, StepGraphs
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.static_step import StaticStep
 
@@ -68,7 +68,7 @@ def test_a_capture_that_raises_leaves_the_static_step_running_eagerly(tiny_model
             pass
 
         def capture(self):
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise GraphCaptureError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(static_path, "StepGraphs", CannotCapture)
     cache = tiny_model.lm.new_cache(8, 256, scratch_slot=True)
@@ -89,3 +89,111 @@ def test_the_self_check_replays_listening_rows_alone_and_reply_rows_alone_too():
         assert len(picks) == min(4, len(buckets)) and picks[0] == graphs.buckets[0], picks
         assert any(bucket.reply == 0 for bucket in picks) and any(bucket.listening == 0 for bucket in picks), picks
         assert graphs.buckets[-1] in picks and picks == sorted(picks, key=graphs.buckets.index)
+
+
+class FakeCuda:
+    """Just enough of torch.cuda for ``StepGraphs.capture`` on the CPU: streams, and a ``torch.cuda.graph`` that
+    behaves as torch's does when the body raises: ``capture_end`` raises too (the capture is invalidated) and its
+    ``__exit__`` then never restores the stream it switched to."""
+
+    def __init__(self, monkeypatch) -> None:
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None, name: str = "side") -> None:
+                self.name = name
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        self.current = Stream(name="default")
+        capture_stream = Stream(name="capture")
+
+        class StreamContext:
+            def __init__(self, stream) -> None:
+                self.stream = stream
+
+            def __enter__(self):
+                self.before, fake.current = fake.current, self.stream
+                return self
+
+            def __exit__(self, *exc) -> None:
+                fake.current = self.before
+
+        class CUDAGraph:
+            def pool(self):
+                return "pool"
+
+            def replay(self) -> None:
+                raise AssertionError("not reached: the capture failed")
+
+        class Graph:
+            def __init__(self, graph, pool=None) -> None:
+                pass
+
+            def __enter__(self):
+                self.before, fake.current = fake.current, capture_stream
+
+            def __exit__(self, exc_type, *rest) -> None:
+                if exc_type is not None:  # capture_end() raises before stream_ctx.__exit__ restores the stream
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+                fake.current = self.before
+
+        def set_stream(stream) -> None:
+            fake.current = stream
+
+        for name, value in dict(synchronize=lambda device=None: None, memory_reserved=lambda device=None: 0,
+                                Stream=Stream, stream=StreamContext, current_stream=lambda device=None: fake.current,
+                                CUDAGraph=CUDAGraph, graph=Graph, set_stream=set_stream).items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+
+
+def static_path_with_fake_cuda(tiny_model, monkeypatch, run):
+    """A StaticPath whose start-up runs the real StepGraphs.capture (on FakeCuda) with ``run`` as its step."""
+    from audio_interaction_server.engine import static_path
+
+    class CpuStepGraphs(StepGraphs):
+        def __init__(self, step, staging, buckets) -> None:  # StepGraphs refuses a CPU step; capture does not care
+            self.step, self.staging = step, staging
+            self.buckets = sorted(buckets, key=lambda b: (b.num_tokens, b.num_rows), reverse=True)
+            self.graphs = {}
+
+    cuda = FakeCuda(monkeypatch)
+    monkeypatch.setattr(static_path, "StepGraphs", CpuStepGraphs)
+    cache = tiny_model.lm.new_cache(8, 256, scratch_slot=True)
+    buckets = BucketSet.for_rows(8, 8)
+    step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
+    eager = step.run
+    step.run = lambda bucket: run(cuda, eager, bucket)
+    return cuda, step, buckets
+
+
+def test_a_refused_capture_falls_back_on_the_stream_it_started_from(tiny_model, monkeypatch):
+    """An operation CUDA graphs refuse, inside the capture only: the static step serves eagerly, on the worker's own
+    stream (torch.cuda.graph leaves the capture stream current when capture_end raises)."""
+
+    def run(cuda, eager, bucket):
+        if cuda.current.name == "capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return eager(bucket)
+
+    cuda, step, buckets = static_path_with_fake_cuda(tiny_model, monkeypatch, run)
+    path = StaticPath(step, buckets, graphs=True)
+    assert path.graphs is None and path.capture_error is not None, path.capture_error
+    assert cuda.current.name == "default"  # the eager fallback does not run on the abandoned capture stream
+    # capture_end's error, and the one that invalidated the capture (what the report should name)
+    assert "during capture" in path.capture_error and "not permitted when stream is capturing" in path.capture_error
+
+
+def test_an_eager_step_that_fails_at_start_up_is_not_a_capture_failure(tiny_model, monkeypatch):
+    """The capture's warm-up runs the static step eagerly; if that fails (a kernel that does not compile, out of
+    memory at the largest bucket), serving it eagerly would fail every short batch: the start-up must fail, loudly,
+    instead of 'falling back' to the same step."""
+    import pytest
+
+    def run(cuda, eager, bucket):
+        raise RuntimeError("triton: out of resources")
+
+    cuda, step, buckets = static_path_with_fake_cuda(tiny_model, monkeypatch, run)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        StaticPath(step, buckets, graphs=True)

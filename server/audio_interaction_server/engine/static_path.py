@@ -28,7 +28,7 @@ from audio_interaction_server.engine.buckets import BucketSet, max_reply_rows
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.packing import SlotRow, StepStaging, fits_static_step
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
-from audio_interaction_server.engine.step_graphs import CaptureStats, StepGraphs
+from audio_interaction_server.engine.step_graphs import CaptureStats, GraphCaptureError, StepGraphs
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.fit import AttentionChoice, choose_attention
@@ -140,7 +140,9 @@ class StaticPath:
             self.capture = graphs.capture()
             cfg = step.lm.cfg
             problems = graphs.self_check(step.cache.num_slots, step.cache.max_positions, cfg.vocab_size)
-        except Exception as exc:  # a step that cannot be captured still runs eagerly: the eager fallback
+        except GraphCaptureError as exc:  # a step that cannot be captured still runs eagerly: the eager fallback.
+            # Anything else (the eager step's own warm-up or check run failing) would fail serving as well: it
+            # stops the start-up, as before the fallback existed.
             self.capture_error = repr(exc)
             log.exception("CUDA graph capture FAILED; serving the static step without graphs")
             return

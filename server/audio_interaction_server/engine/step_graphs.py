@@ -117,6 +117,11 @@ def load_padding_step(step: StaticStep, staging: StepStaging, bucket: Bucket) ->
     step.load(staging.bytes, bucket)
 
 
+class GraphCaptureError(RuntimeError):
+    """A bucket's graph could not be recorded or replayed, though the same step had just run eagerly: the static
+    step can still serve without graphs. (An error of the eager step itself is not one: it would fail serving too.)"""
+
+
 @dataclass
 class CaptureStats:
     num_graphs: int = 0
@@ -152,8 +157,17 @@ class StepGraphs:
                     step.run(bucket)
             torch.cuda.current_stream(step.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                step.run(bucket)
+            stream = torch.cuda.current_stream(step.device)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    step.run(bucket)
+            except Exception as exc:
+                # The warm-ups above ran this step eagerly: what failed is the capture. torch.cuda.graph's __exit__
+                # does not restore the current stream when capture_end raises (an invalidated capture), so the
+                # eager fallback would otherwise run on the capture stream.
+                torch.cuda.set_stream(stream)
+                first = exc.__context__  # what invalidated the capture, when capture_end's error replaced it
+                raise GraphCaptureError(f"bucket {bucket}: {exc!r}" + (f", after {first!r}" if first else "")) from exc
             pool = graph.pool() if pool is None else pool
             self.graphs[bucket] = graph
         torch.cuda.synchronize(step.device)
@@ -198,7 +212,10 @@ class StepGraphs:
             self.step.run(bucket)
             expected = StepSnapshot.of(self.step, real_rows)
             self.step.poison_outputs()  # else a replay that writes nothing would pass on the eager run's outputs
-            self.replay(bucket)
+            try:
+                self.replay(bucket)
+            except Exception as exc:
+                raise GraphCaptureError(f"bucket {bucket}: replay failed: {exc!r}") from exc
             got = StepSnapshot.of(self.step, real_rows)
             reason = compare_steps(expected, got)
             if reason is not None:
