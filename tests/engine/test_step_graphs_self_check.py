@@ -12,7 +12,7 @@ import torch
 from audio_interaction_server.engine.buckets import BucketSet
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
 from audio_interaction_server.engine.static_path import StaticPath
-from audio_interaction_server.engine.step_graphs import GraphCaptureError, StepGraphs
+from audio_interaction_server.engine.step_graphs import GraphCaptureError, StepGraphs, StepSnapshot
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.static_step import StaticStep
 
@@ -197,3 +197,12 @@ def test_an_eager_step_that_fails_at_start_up_is_not_a_capture_failure(tiny_mode
     cuda, step, buckets = static_path_with_fake_cuda(tiny_model, monkeypatch, run)
     with pytest.raises(RuntimeError, match="out of resources"):
         StaticPath(step, buckets, graphs=True)
+
+
+def test_poisoned_outputs_read_as_no_step_ever_gave_them(tiny_model):
+    """Between an eager run and a replay the outputs are poisoned; the finite flag was poisoned to -1, which reads
+    as True (finite), so two replays that wrote nothing compared as equal and finite (GPU patch review)."""
+    graphs, _ = graphs_on_the_cpu(tiny_model, RunsTheStep)
+    graphs.step.poison_outputs()
+    poisoned = StepSnapshot.of(graphs.step, list(range(graphs.step.outputs.shape[0])))
+    assert set(poisoned.tokens) == {-1} and not any(poisoned.finite) and torch.isnan(poisoned.hidden).all()

@@ -167,12 +167,14 @@ class StaticStep:
         return self.layout.largest
 
     def poison_outputs(self) -> None:
-        """Overwrite every output buffer with values no step gives (token -1, NaN hidden states and logits).
+        """Overwrite every output buffer with values no step gives (token -1, NaN hidden states and logits) and a
+        finite flag of 0 (-1 would read as True: finite).
 
         A check that runs the step eagerly and then replays its graph on the same buffers poisons them in
         between: a replay that writes nothing (or not every row) then shows, instead of passing on the eager
         run's leftovers."""
-        self.outputs.fill_(-1)
+        self.outputs[:, 0].fill_(-1)
+        self.outputs[:, 1].fill_(0)
         self.hidden.fill_(float("nan"))
         self.reply_logits.fill_(float("nan"))
 
