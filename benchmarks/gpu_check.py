@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     if warm.status == "skipped" and no_model is None:
         no_layout = "warm-up skipped: no time for compiling"
     report.run_stage("ramp", f"Capacity ramp, direct mode, SCRIPTED replies {args.schedule}",
-                     args.seconds + 15 + baseline_reserve_s,
+                     args.seconds + 15 + served.worker_start_s + baseline_reserve_s,  # its first point starts one
                      lambda stage: ramp(args, served, report, stage, args.script, baseline_reserve_s, args.streams),
                      skip_reason=no_layout)
     summarize(args, report)
