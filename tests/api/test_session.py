@@ -888,3 +888,23 @@ def test_a_realtime_item_create_reaches_the_session_as_an_acknowledgement_not_a_
     assert [(frame["type"], frame["item"]["id"]) for frame in frames] == [("conversation.item.added", "lk_1"),
                                                                           ("conversation.item.done", "lk_1")]
     assert h.codec.held_bytes == 0
+# appended to tests/api/test_session.py
+
+
+def test_a_second_clear_before_the_model_heard_a_commit_still_keeps_the_commit(tiny_model, speech):
+    """Commit (flush), more audio, clear, more audio, clear again, all before the model heard the commit: the second
+    clear keeps the commit's chunks as the first did. The engine placed its queue by every chunk a clear ever
+    dropped, the first clear's drops after the commit's chunks too, and the second clear dropped the commit."""
+    h = Harness(tiny_model, decision_events=True, session={"reply_mode": "on_request"})
+    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True)
+    h.audio(s16(speech[:12800]))  # chunks 0, 1
+    h.send({"type": "input.flush", "trailing_silence_s": 0})  # the commit: 2 chunks
+    h.audio(s16(speech[12800:27200]))  # chunks 2, 3 (and 0.1 s): dropped by the first clear
+    h.session.handle(keep, h.now_s)
+    h.audio(s16(speech[27200:41600]))  # chunks 4, 5 (and 0.1 s): dropped by the second clear
+    h.session.handle(keep, h.now_s)
+    h.run()
+    assert [e.num_chunks_dropped for e in h.of("input.cleared")] == [2, 2]
+    assert [e.chunk for e in h.of("decision")] == [0, 1]
+    assert [e.num_chunks for e in h.of("input.flushed")] == [2]
+    assert h.session.num_chunks_pending == 0 and h.of("error") == []

@@ -322,3 +322,30 @@ def test_a_failed_row_and_a_failed_commit_are_reported_for_their_session_only(ti
     assert [(f.session.session_id, type(f.error)) for f in update.failures] == [("b", FloatingPointError),
                                                                                ("c", ValueError)]
     assert [(s.session_id, events) for s, events in update.events] == [("a", [Decision(0, T.KEEP_SILENCE)])]
+
+
+def test_a_second_clear_with_the_same_bound_keeps_the_chunks_the_first_one_kept(tiny_model):
+    """A Realtime commit (the session's flush: chunks 0 and 1), then audio, a clear, more audio and a clear again
+    before the model heard anything: each clear keeps the committed chunks. The first clear's drops (2, 3) lie after
+    the bound, so they say nothing of where the queue starts; the second clear dropped the commit's chunks too."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
+    scheduler.add_audio(session, [CHUNK] * 4)  # pushed 0, 1 (flushed: a commit), 2, 3
+    assert scheduler.clear_audio(session, keep_before=2) == [AudioCleared(2, 2)]  # 0 and 1 stay, 2 and 3 go
+    scheduler.add_audio(session, [CHUNK] * 2)  # pushed 4, 5
+    assert scheduler.clear_audio(session, keep_before=2) == [AudioCleared(2, 2)]  # 0 and 1 stay, 4 and 5 go
+    assert len(session.conversation.audio_queue) == 2
+    scheduler.add_audio(session, [CHUNK] * 2)  # pushed 6, 7 (flushed: a second commit at 8)
+    scheduler.add_audio(session, [CHUNK] * 1)  # pushed 8
+    assert scheduler.clear_audio(session, keep_before=8) == [AudioCleared(1, 4)]  # 0, 1, 6, 7 stay; 8 goes
+
+
+def test_the_numbers_of_decided_chunks_are_let_go_at_the_next_push(tiny_model):
+    """Without a clear, a long session's decided chunks leave nothing behind."""
+    scheduler, _ = make_scheduler(tiny_model)
+    session = scheduler.open("s", SessionOptions(max_turn_tokens=6, reply_mode="on_request"), print)
+    for _ in range(5):
+        scheduler.add_audio(session, [CHUNK] * 2)
+        decide_queued(scheduler, session, T.KEEP_SILENCE)
+    scheduler.add_audio(session, [CHUNK])
+    assert list(session.chunk_numbers) == [10]

@@ -63,7 +63,11 @@ class SessionState:
     # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
     chunk_tickets: deque[int] = field(default_factory=deque)
     last_row_ticket: int = -1
-    num_chunks_cleared: int = 0  # chunks a clear dropped: with those decided and queued, every chunk pushed
+    # Each queued chunk's number among every chunk the session pushed (``ClearAudio.keep_before`` counts so), in the
+    # queue's order, after those of decided chunks not yet let go (as the tickets). Not derived from counts: a clear
+    # that keeps a commit's chunks drops the ones after them, so dropped chunks lie between queued ones.
+    chunk_numbers: deque[int] = field(default_factory=deque)
+    num_chunks_pushed: int = 0
 
     @property
     def is_reply_due(self) -> bool:
@@ -228,9 +232,20 @@ class Scheduler:
 
     # ---- session requests (applied between steps) --------------------------------------------------
     def add_audio(self, session: SessionState, mel_chunks) -> None:
+        self._let_go_of_decided(session)  # else the numbers of decided chunks pile up until a clear
         for chunk in mel_chunks:
             session.conversation.add_audio(chunk)
             session.chunk_tickets.append(self._ticket())
+            session.chunk_numbers.append(session.num_chunks_pushed)
+            session.num_chunks_pushed += 1
+
+    @staticmethod
+    def _let_go_of_decided(session: SessionState) -> deque[int]:
+        """``session.chunk_numbers``, those of the chunks decided since (they leave the queue at the front) let go."""
+        numbers, queue = session.chunk_numbers, session.conversation.audio_queue
+        while len(numbers) > len(queue):
+            numbers.popleft()
+        return numbers
 
     def _ticket(self) -> int:
         self._next_ticket += 1
@@ -285,15 +300,19 @@ class Scheduler:
         commit."""
         conversation = session.conversation
         queue = conversation.audio_queue
-        first_queued = conversation.num_chunks_consumed + session.num_chunks_cleared  # its number among all pushed
-        kept = min(len(queue), max(0, keep_before - first_queued))
+        numbers = Scheduler._let_go_of_decided(session)
+        kept = 0
+        for number in numbers:
+            if number >= keep_before:
+                break
+            kept += 1
         dropped = len(queue) - kept
         tickets = session.chunk_tickets  # one per queued chunk, after those of decided chunks not yet let go
         for _ in range(dropped):
             queue.pop()
+            numbers.pop()
             if tickets:
                 tickets.pop()
-        session.num_chunks_cleared += dropped
         # A pending request's audio was dropped with the rest: it answers the audio that comes next (the last kept
         # chunk when some are kept: the audio the client had committed).
         session.reply_due_chunk = min(session.reply_due_chunk, conversation.num_chunks_consumed + max(0, kept - 1))
