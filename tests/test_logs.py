@@ -251,3 +251,33 @@ def test_a_served_sessions_end_line_says_what_it_heard_and_probes_are_not_logged
     assert probes and all(message.endswith('HTTP/1.1" 503') for message in probes), probes  # the start's are kept
     ended = next(message for message in messages if message.startswith(f"session {session_id} ended"))
     assert ended.endswith(": 1.0 s of audio received, 3 chunks heard"), ended
+
+
+def test_with_several_processes_a_python_warning_and_the_last_word_name_their_process(capsys):
+    """``--fronts``: every line names its process (af6056a); a warnings.warn line in text went out unnamed, and the
+    supervisor's JSON last word (``report_error``) had no process field."""
+    import logging
+    import warnings
+
+    from audio_interaction_server import logs
+    from audio_interaction_server.logs import configure_logging, report_error
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("torch").level)
+    try:
+        configure_logging("info", "text", process="f1")
+        warnings.warn("something is deprecated", UserWarning)
+        err = capsys.readouterr().err
+        assert "WARNING [f1] py.warnings:" in err, err
+        configure_logging("info", "json", process="supervisor")
+        report_error("the engine process could not load the model", "json")
+        assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["process"] == "supervisor"
+    finally:
+        logging.captureWarnings(False)
+        logs._process = None
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        logging.getLogger("torch").setLevel(saved[2])

@@ -140,7 +140,8 @@ def configure_logging(level: str, log_format: str, process: str | None = None) -
     # torch's INFO records are its own bookkeeping (FakeTensor cache statistics written as the interpreter exits,
     # after a command's last line): from warnings up, unless debugging.
     logging.getLogger("torch").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
-    logging.captureWarnings(log_format == "json")
+    # Python warnings become records where a line must be JSON, or name its process (warnings.warn writes no name).
+    logging.captureWarnings(log_format == "json" or process is not None)
 
 
 def report_error(message: str, log_format: str, logger: str = "audio_interaction_server") -> None:
@@ -150,7 +151,7 @@ def report_error(message: str, log_format: str, logger: str = "audio_interaction
     if log_format == "json":
         record = logging.LogRecord(logger, logging.ERROR, __file__, 0, message, None, None)
         SessionFields().filter(record)
-        line = JsonFormatter().format(record)
+        line = JsonFormatter(_process).format(record)  # the supervisor's last word names it as its other lines do
     else:
         line = f"error: {message}"
     print(line, file=sys.stderr, flush=True)
