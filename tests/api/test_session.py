@@ -631,6 +631,19 @@ def test_audio_a_clear_dropped_unheard_holds_its_place_in_the_buffer_until_it_co
     assert h.audio(noise[:64000]) == [] and h.session.buffered_audio_s == pytest.approx(4.0)
 
 
+def test_flush_silence_after_a_clear_counts_the_audio_the_clear_dropped_unheard(tiny_model):
+    """A frame after a clear was refused while the dropped audio could not have been heard yet, but 3.6 s of flush
+    silence were taken (review of this change): silence queues for the model as audio does."""
+    h = Harness(tiny_model, max_buffered_audio_s=4.0)
+    h.audio(s16(np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 4)))
+    h.send({"type": "input.clear"})
+    h.run()
+    refused = h.send({"type": "input.flush", "trailing_silence_s": 3.6})
+    assert [e.code for e in refused] == ["audio_buffer_full"], refused
+    h.now_s += 10.0  # long since heard
+    assert h.send({"type": "input.flush", "trailing_silence_s": 3.6}) == []
+
+
 def test_drain_closes_a_listening_session_with_1012_after_going_away(tiny_model):
     h = Harness(tiny_model)
     h.audio(np.zeros(8000, dtype="<i2"))

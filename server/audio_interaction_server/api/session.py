@@ -468,9 +468,12 @@ class Session:
         # Synthesized silence queues for the model like audio does, so it counts against the same limit:
         # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
         queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_resolved * CHUNK_S
-        refused = self._buffer_full(queued_after_s, command, lambda: f"this flush with {silence_s:g} s of silence "
-                                    f"would queue {queued_after_s:.2f} s and was not applied: send it again once the "
-                                    "model has caught up")
+        # Audio a clear just dropped holds its place, as it does for frames (``_buffered_with_dropped_s``).
+        dropped_s = self._buffered_with_dropped_s(now_s) - self.buffered_audio_s
+        refused = self._buffer_full(queued_after_s + dropped_s, command,
+                                    lambda: f"this flush with {silence_s:g} s of silence would queue "
+                                    f"{queued_after_s:.2f} s and was not applied: send it again once the model has "
+                                    "caught up", queued_s=self.buffered_audio_s + dropped_s)
         if refused:
             return refused
         if queued_after_s > 0:  # a flush of nothing (no audio, no silence) does not open the model's session
