@@ -183,6 +183,12 @@ class SdkRun:
     def of(self, kind: str) -> list[dict]:
         return [frame for frame in self.frames if frame["type"] == kind]
 
+    async def manual_turns(self) -> dict:
+        """Turn detection off (the client commits and asks for replies itself); the session as updated."""
+        await self.connection.session.update(session={"type": "realtime",
+                                                      "audio": {"input": {"turn_detection": None}}})
+        return (await self.until("session.updated"))["session"]
+
 
 # What may arrive while no response is open: the model listening sends nothing of its own; the user's audio
 # becomes an item when a reply starts or a commit is heard.
@@ -342,8 +348,7 @@ def test_openai_sdk_response_max_output_tokens_caps_that_response_only(server, s
         client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
         async with client.realtime.connect(model="gpt-realtime") as connection:
             sdk = SdkRun(connection)
-            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-            session = (await sdk.until("session.updated"))["session"]
+            session = await sdk.manual_turns()
             await sdk.stream(speech_24k(shared_audio, FILES[0]), speed=8.0)
             await connection.input_audio_buffer.commit()
             await sdk.until("input_audio_buffer.committed")
@@ -391,8 +396,7 @@ def test_openai_sdk_a_clear_after_a_commit_keeps_the_committed_audio(server, sha
         client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
         async with client.realtime.connect(model="gpt-realtime") as connection:
             sdk = SdkRun(connection)
-            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-            await sdk.until("session.updated")
+            await sdk.manual_turns()
             await connection.input_audio_buffer.append(audio=base64.b64encode(committed).decode())
             await connection.input_audio_buffer.commit(event_id="commit_1")
             await connection.input_audio_buffer.append(audio=base64.b64encode(after).decode())
@@ -431,8 +435,7 @@ def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
         client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
         async with client.realtime.connect(model="gpt-realtime") as connection:
             sdk = SdkRun(connection)
-            await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-            await sdk.until("session.updated")
+            await sdk.manual_turns()
             await connection.input_audio_buffer.append(audio=too_long, event_id="refused_1")
             assert (await sdk.until("error"))["error"]["code"] == "audio_buffer_full"
             await connection.input_audio_buffer.commit(event_id="commit_1")
