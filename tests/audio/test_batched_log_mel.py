@@ -93,10 +93,10 @@ def test_worker_features_equal_streaming_front_end_per_session(tiny_model, speec
     heard: dict[str, list[torch.Tensor]] = {}
     compute = worker.features.compute
 
-    def recording_compute(sessions):  # the real call, then the features it put at the head of each queue
-        due = [session for session in sessions if session.conversation.audio_queue
+    def recording_compute():  # the real call, then the features it put at the head of each queue
+        due = [session for session in worker.scheduler.sessions.values() if session.conversation.audio_queue
                and isinstance(session.conversation.audio_queue[0], QueuedBlock)]
-        failures = compute(sessions)
+        failures = compute()
         for session in due:
             heard.setdefault(session.session_id, []).append(session.conversation.audio_queue[0])
         return failures

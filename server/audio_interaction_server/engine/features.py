@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,21 +42,32 @@ def queued_blocks(blocks: PaddedBlocks) -> list[QueuedBlock]:
 
 
 class HeadFeatures:
-    """Turns the head of each session's queue into features; keeps each session's running maximum. Worker thread."""
+    """Turns the head of each session's queue into features; keeps each session's running maximum. Worker thread.
+
+    Only the sessions ``watch`` named since the last ``compute`` are looked at (audio came; a row of theirs ran, so
+    a chunk may have left the head): the queues of the others did not change, and a scan of every session each
+    step cost about 0.4 ms at 600 sessions."""
 
     def __init__(self) -> None:
         self._running_max: dict[str, float] = {}
+        self._watched: dict[str, SessionState] = {}
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._running_max
 
+    def watch(self, session: SessionState) -> None:
+        """The head of ``session``'s queue may be a chunk whose features are not computed yet."""
+        self._watched[session.session_id] = session
+
     def forget(self, session_id: str) -> None:
         self._running_max.pop(session_id, None)
+        self._watched.pop(session_id, None)
 
-    def compute(self, sessions: Iterable[SessionState]) -> list[Failure]:
-        """Features for every queue's head chunk not computed yet, in one batched call; the sessions whose audio
-        could not be computed (each fails alone)."""
-        due = [session for session in sessions
+    def compute(self) -> list[Failure]:
+        """Features for the head chunk of every watched queue that has none yet, in one batched call; the sessions
+        whose audio could not be computed (each fails alone)."""
+        watched, self._watched = self._watched, {}
+        due = [session for session in watched.values()
                if session.conversation.audio_queue and type(session.conversation.audio_queue[0]) is QueuedBlock]
         if not due:
             return []

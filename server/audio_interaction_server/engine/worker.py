@@ -297,7 +297,7 @@ class Worker:
         self._apply_commands()
         for session, events in self.scheduler.replies_waiting_for_audio():
             self._emit(session, events)
-        self._end_failed(tuple(self.features.compute(list(self.scheduler.sessions.values()))))
+        self._end_failed(tuple(self.features.compute()))
         plan = self.scheduler.schedule()
         self._end_failed(plan.failures)
         if not plan.batches:
@@ -309,6 +309,10 @@ class Worker:
         for batch in plan.batches:
             result = self._run_isolated(batch)
             self._deliver(self.scheduler.update(batch, result))
+            sessions = self.scheduler.sessions
+            for row in batch:  # a chunk each of these heard left its queue: the next one's features are due
+                if (ran := sessions.get(row.session_id)) is not None:
+                    self.features.watch(ran)
             results.append(result)
         return self._stats(plan.rows, results, started)
 
@@ -382,6 +386,7 @@ class Worker:
             match command:
                 case PushAudio(mel_chunks=PaddedBlocks() as blocks):
                     self.scheduler.add_audio(session, queued_blocks(blocks))  # features once it is heard
+                    self.features.watch(session)
                 case PushAudio(mel_chunks=chunks):
                     self.scheduler.add_audio(session, chunks)
                 case CancelReply():
