@@ -11,6 +11,9 @@ With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav``
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
+A connection that drops (no close from the server: a Wi-Fi blip, a proxy restarting) is subscribed
+again, for as long, while the session goes on; a subscription is live-only, so the replies in between
+are missed, and it says how long that was.
 Exits when the session closes: 0 if it closed normally and every command succeeded.
 """
 
@@ -32,14 +35,16 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ClientError, ServerBusy, add_busy_retry_argument,
-                        busy_retry_problem, default_api_key, describe_close, describe_error, endpoint_url,
-                        exit_status_help, open_websocket, printable, retry_while_busy, run_main)
+from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, RESUME_FIRST_DELAY_S, RESUME_MAX_DELAY_S, ClientError,
+                        ServerBusy, add_busy_retry_argument, busy_retry_problem, default_api_key, describe_close,
+                        describe_error, endpoint_url, exit_status_help, open_websocket, printable, retry_while_busy,
+                        run_main)
 
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
 TTS_TIMEOUT_S = 60.0
 PONG_TIMEOUT_S = 15.0
+ABNORMAL_CLOSURE = 1006  # the connection ended without a close frame: the network, not the server, ended it
 _PLACEHOLDER = re.compile(r"\{(text|wav)\}")
 
 
@@ -195,6 +200,34 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
     worker = asyncio.create_task(speaker.run())
     is_fatal = False
     try:
+        while True:
+            is_fatal |= await read_events(websocket, speaker)
+            if not is_subscribed or websocket.close_code != ABNORMAL_CLOSURE:
+                break  # the server closed it: the session ended, or refused this subscriber
+            loop = asyncio.get_running_loop()
+            dropped_s = loop.time()
+            again = await subscribe_again(endpoint, api_key, busy_retry_s)
+            if again is None:
+                break
+            websocket, is_subscribed = again
+            if is_subscribed:
+                print(f"subscribed to session {session_id} again after {loop.time() - dropped_s:.1f} s: replies in "
+                      "that time were missed", flush=True)
+    finally:
+        speaker.queue.put_nowait(None)
+        await worker  # the segments already received are still spoken
+    code = websocket.close_code
+    print(f"{speaker.num_done} segments done, {speaker.num_failed} failed", flush=True)
+    if code != 1000:
+        print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
+    return EXIT_OK if code == 1000 and not is_fatal and speaker.num_failed == 0 else EXIT_FAILED
+
+
+async def read_events(websocket: ClientConnection, speaker: Speaker) -> bool:
+    """The subscription's events until its connection ends, each segment queued for the speaker; whether a fatal
+    error came."""
+    is_fatal = False
+    try:
         async with websocket:
             while True:
                 event = json.loads(await websocket.recv())
@@ -209,14 +242,28 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
                     print(f"session closed ({event['reason']})", flush=True)
     except ConnectionClosed:
         pass
-    finally:
-        speaker.queue.put_nowait(None)
-        await worker  # the segments already received are still spoken
-    code = websocket.close_code
-    print(f"{speaker.num_done} segments done, {speaker.num_failed} failed", flush=True)
-    if code != 1000:
-        print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
-    return EXIT_OK if code == 1000 and not is_fatal and speaker.num_failed == 0 else EXIT_FAILED
+    return is_fatal
+
+
+async def subscribe_again(endpoint: str, api_key: str | None, retry_s: float
+                          ) -> tuple[ClientConnection, bool] | None:
+    """A new subscription after a dropped connection, tried with a growing delay for up to ``retry_s`` seconds
+    (the network may stay down a while); None when it never came back (said on stderr)."""
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + retry_s
+    delay_s = RESUME_FIRST_DELAY_S
+    note(f"{describe_close(ABNORMAL_CLOSURE)}; subscribing again in {delay_s:.2f} s")
+    while True:
+        await asyncio.sleep(delay_s)
+        try:
+            return await subscribe(endpoint, api_key)
+        except ClientError as error:  # busy, refused, dropped again, unreachable: the URL served a moment ago
+            why = str(error)
+        delay_s = min(2 * delay_s, RESUME_MAX_DELAY_S)
+        if loop.time() + delay_s > deadline_s:
+            note(f"{why}: gave up subscribing again after {retry_s:g} s (--busy-retry-s)")
+            return None
+        note(f"{why}; subscribing again in {delay_s:.2f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1019,6 +1019,36 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
     assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
 
 
+def test_tts_subscriber_subscribes_again_after_a_dropped_connection(live, proxy, shared_audio, tmp_path):
+    """The subscriber is the piece on another device (a speaker box on Wi-Fi), the one most likely to drop: it exited
+    1 at the first 1006 while the session it followed went on, and the rest of the conversation was never spoken
+    (first-hour review, round nine, finding 5). It subscribes again, says what it missed, and follows to the end."""
+    stream = Script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
+                    "--wait", cwd=tmp_path, stdin=True)
+    subscriber = None
+    try:
+        session_id = stream.wait_for_line(SESSION_LINE)[1]
+        subscriber = Script("tts_subscriber.py", f"ws://127.0.0.1:{proxy.port}", session_id, "--api-key", API_KEY,
+                            *ANY_TTS, cwd=tmp_path)
+        subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
+        proxy.refusing = True  # the network stays down a moment: the first attempt fails
+        assert proxy.cut() == 1
+        stream.process.stdin.write("\n")  # the session goes on meanwhile
+        stream.process.stdin.close()
+        time.sleep(0.6)
+        proxy.refusing = False
+        subscriber.wait_for_line(re.compile(rf"^subscribed to session {session_id} again after \d+\.\d s: replies in "
+                                            "that time were missed$"), timeout_s=20)
+        assert stream.finish(60) == 0, stream.stderr
+        subscriber.wait_for_line(re.compile(r"^session closed \(client_closed\)$"), timeout_s=20)
+        assert subscriber.finish(30) == 0, subscriber.stderr
+    finally:
+        kill_all(stream, subscriber)
+    assert any("1006" in line and "subscribing again in 0.25 s" in line for line in subscriber.stderr), \
+        subscriber.stderr
+    assert [line for line in subscriber.stdout if re.match(r"turn\d+_seg\d+: ", line)], "no segment after the drop"
+
+
 def test_tts_subscriber_keeps_each_sessions_wav_files_apart_and_overwrites_none(live, shared_audio, tmp_path):
     """Two sessions followed in a row into one --out-dir: the second's turn0_seg0.wav... replaced the first's without
     a word (first-hour review, round eight). Each session now has a folder of its own, and following a session into a
