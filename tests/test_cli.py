@@ -388,6 +388,26 @@ def test_a_checkpoint_that_cannot_be_written_whole_leaves_nothing_and_says_why_i
     assert not out.exists() and not list(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
+def test_make_checkpoint_short_of_memory_says_so_in_one_line_and_keeps_nothing(tmp_path, qwen_tokenizer_dir,
+                                                                                monkeypatch):
+    """Short of memory, the real preset ended in torch's 21-line allocator traceback, exit 1 (first-hour review,
+    round nine, finding 7). torch's allocator failing is stood in for here (the real preset's draw takes GBs)."""
+    import torch
+
+    from audio_interaction_server.demo.make_tiny_checkpoint import CheckpointWriteError, make_checkpoint
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 90177536 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(torch, "randn", no_memory)
+    out = tmp_path / "ck"
+    with pytest.raises(CheckpointWriteError) as refused:
+        make_checkpoint(out, "tiny", 0, "bfloat16")
+    assert "not enough memory to draw the random weights" in str(refused.value) and "\n" not in str(refused.value)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_help_and_default_yaml_name_config_py_where_settings_are_documented():
     """The settings are documented in config.py (settings.py was its old name): user-facing text says so."""
     result = subprocess.run([sys.executable, "-m", "audio_interaction_server", "--help"], capture_output=True,

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,18 +80,23 @@ PRESETS = {
 }
 
 
-def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+def _random_tensors(state: dict[str, torch.Tensor], generator: torch.Generator, std: float
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random float32 tensor of each shape in ``state``, drawn in the names' sorted order (the seed alone decides
+    every value), one at a time."""
     import torch
 
-    out = {}
-    for name in sorted(state):  # sorted: the seed alone decides every value
+    for name in sorted(state):
         shape = state[name].shape
         if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight") \
                 or name.endswith("layer_norm.weight") or name.endswith("ln_post.weight"):
-            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            yield name, 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
-            out[name] = std * torch.randn(shape, generator=generator)
-    return out
+            yield name, std * torch.randn(shape, generator=generator)
+
+
+def _random_like(state: dict[str, torch.Tensor], generator: torch.Generator, std: float) -> dict[str, torch.Tensor]:
+    return dict(_random_tensors(state, generator, std))
 
 
 def save_readable(tensors: dict, path: Path) -> None:
@@ -112,21 +118,28 @@ def write_lm(out: Path, preset: Preset, generator: torch.Generator, dtype: str =
     cfg = parse_lm_config(out / "model_config.yaml")
     with torch.device("meta"):
         shapes = AudioInteractionLM(cfg).state_dict()
-    state = _random_like(shapes, generator, std=0.02 if preset is PRESETS["real"] else 0.2)
-    if preset.text_end_logit_scale != 1.0:
-        # A purely random head almost never ranks TEXT_END first, so every reply would run to the
-        # turn cap; a larger TEXT_END row lets random replies end on their own too.
-        state["lm_head.weight"][TEXT_END] *= preset.text_end_logit_scale
     stored = getattr(torch, dtype)  # the generator's float32 values, rounded to what is stored
-    names = list(state)
+    std = 0.02 if preset is PRESETS["real"] else 0.2
+    # One shard at a time, each tensor rounded to the stored type as it is drawn: the real preset's float32 values
+    # are 13.6 GB at once, which a 16 GB machine does not have. The shards hold consecutive names in sorted order,
+    # the order the generator draws them in, so the values are those of drawing every tensor first.
+    names = sorted(shapes)
     per_shard = -(-len(names) // preset.num_shards)
     weight_map = {}
     for i in range(preset.num_shards):
         shard = f"model-{i + 1:05d}-of-{preset.num_shards:05d}.safetensors"
-        part = {n: state[n].to(stored).contiguous() for n in names[i * per_shard:(i + 1) * per_shard]}
+        part = {}
+        for name, values in _random_tensors({n: shapes[n] for n in names[i * per_shard:(i + 1) * per_shard]},
+                                            generator, std):
+            if name == "lm_head.weight" and preset.text_end_logit_scale != 1.0:
+                # A purely random head almost never ranks TEXT_END first, so every reply would run to the
+                # turn cap; a larger TEXT_END row lets random replies end on their own too.
+                values[TEXT_END] *= preset.text_end_logit_scale
+            part[name] = values.to(stored).contiguous()
         save_readable(part, out / shard)
         weight_map.update({n: shard for n in part})
-    total = sum(t.numel() * stored.itemsize for t in state.values())
+        del part
+    total = sum(shapes[n].numel() * stored.itemsize for n in names)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
@@ -266,7 +279,7 @@ class CheckpointWriteError(Exception):
 
 
 def _write_failure(error: BaseException, folder: Path) -> str | None:
-    """What stopped a checkpoint's writing, in words, if it was the file system; None for anything else.
+    """What stopped a checkpoint's writing, in words, if it was the file system or memory; None for anything else.
     safetensors reports a failed write as its own error, with the OS's text in it ("os error 28")."""
     text = str(error)
     is_disk_full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "os error 28" in text
@@ -280,6 +293,9 @@ def _write_failure(error: BaseException, folder: Path) -> str | None:
         return error.strerror or text
     if type(error).__name__ == "SafetensorError" and "I/O error" in text:
         return text.rpartition("I/O error: ")[2]
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in text):
+        # torch's allocator says so in a RuntimeError; the real preset draws its largest tensor (1.2 GB) in float32
+        return "not enough memory to draw the random weights (the real preset needs a few GB free)"
     return None
 
 
