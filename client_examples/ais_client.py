@@ -1060,17 +1060,37 @@ async def _close_on_cancel(websocket: ClientConnection) -> None:
         pass
 
 
+async def _close_once_open(opening: asyncio.Future) -> None:
+    """A handshake its opener was cancelled during: the server may have accepted it and opened a session already,
+    its answer on the way. One that completes within a second is closed with 1000 (``_close_on_cancel``); else it
+    is given up (cancelled), and the server sees the connection drop."""
+    try:
+        async with asyncio.timeout(1.0):
+            websocket = await asyncio.shield(opening)
+    except (TimeoutError, ClientError, OSError):
+        opening.cancel()
+        return
+    except asyncio.CancelledError:  # a second signal: no more waiting
+        opening.cancel()
+        raise
+    await _close_on_cancel(websocket)
+
+
 async def _open_session(endpoint: str, api_key: str | None, after_a_session: bool = False
                         ) -> tuple[ClientConnection, str]:
     """The connection and its first event (``session.created``, or a refusal once the server has closed);
     ``ServerBusy`` for a refusal that says "try again" (close 1013). ``after_a_session``: this URL served a
     session, so a handshake dropped unanswered is a server stopping or restarting (not TLS): tried again too."""
+    opening = asyncio.ensure_future(open_websocket(endpoint, api_key))
     try:
-        websocket = await open_websocket(endpoint, api_key)
+        websocket = await asyncio.shield(opening)
     except HandshakeDropped:
         if not after_a_session:
             raise
         raise ServerBusy(f"{DROPPED} at {shown_url(endpoint)}", state="stopping or restarting") from None
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM mid-handshake: the server may have opened the session
+        await _close_once_open(opening)
+        raise
     try:
         raw_first = await websocket.recv()
     except asyncio.CancelledError:  # Ctrl-C or SIGTERM before session.created: the session is ours to close

@@ -257,6 +257,63 @@ def test_stream_file_stopped_by_sigterm_closes_its_session_and_sums_up(live, sha
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_a_client_stopped_while_its_handshake_is_answered_closes_the_connection(tmp_path, shared_audio):
+    """SIGTERM while the server's answer to the handshake was on its way (the server has opened the session; the
+    client is still in ``connect``): the client ended without closing, the server saw the connection drop (1006)
+    and kept the session detached for its resume grace (seen once in a loaded CI run of the test below). A server
+    that holds its 101 back until the signal was sent makes the moment certain."""
+    import asyncio
+    import base64
+    import hashlib
+    import signal
+
+    accepted, signalled, closes = threading.Event(), threading.Event(), []
+
+    async def answer_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = re.search(r"(?im)^sec-websocket-key:\s*(\S+)", request)[1]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        accepted.set()
+        await asyncio.get_running_loop().run_in_executor(None, signalled.wait, 10)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        try:
+            head = await reader.readexactly(2)
+            payload = await reader.readexactly(4 + (head[1] & 0x7F))  # the mask, then a short close's payload
+            code = bytes(b ^ payload[i % 4] for i, b in enumerate(payload[4:6]))
+            closes.append(int.from_bytes(code, "big") if head[0] & 0x0F == 0x8 else f"opcode {head[0] & 0x0F}")
+        except asyncio.IncompleteReadError:
+            closes.append(1006)  # no close frame: the connection just ended
+        writer.close()
+
+    async def serve_for_a_while(started: threading.Event, port: list[int]) -> None:
+        server = await asyncio.start_server(answer_late, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        started.set()
+        while not closes:
+            await asyncio.sleep(0.05)
+        server.close()
+
+    started, port = threading.Event(), []
+    thread = threading.Thread(target=asyncio.run, args=(serve_for_a_while(started, port),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    stream = Script("stream_file.py", f"ws://127.0.0.1:{port[0]}",
+                    str(shared_audio / "01_count_bark" / "sample01_02.wav"), cwd=tmp_path)
+    try:
+        assert accepted.wait(30), "the client never connected"
+        stream.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the signal is handled while the handshake waits for its answer
+        signalled.set()
+        assert stream.finish(30) == 143, stream.stderr
+    finally:
+        signalled.set()
+        kill_all(stream)
+    thread.join(10)
+    assert closes == [1000], closes
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
 def test_a_client_stopped_before_its_session_is_created_closes_the_connection(tmp_path, shared_audio):
     """SIGTERM while the client waited for ``session.created`` left the new socket unclosed (it was not the session's
     yet): the server saw the connection drop (1006) and kept the session waiting detached for its resume grace
