@@ -256,6 +256,17 @@ def test_stream_file_stopped_by_sigterm_closes_its_session_and_sums_up(live, sha
     assert stream.stderr[-1] == "terminated" and "Traceback" not in "\n".join(stream.stderr), stream.stderr
 
 
+def stream_file_against(serve_for_a_while, shared_audio: Path, tmp_path: Path) -> tuple[Script, threading.Thread]:
+    """stream_file.py on a short recording against a server the test runs on a thread of its own
+    (``serve_for_a_while(started, port)`` sets ``started`` once it listens on ``port[0]``)."""
+    started, port = threading.Event(), []
+    thread = threading.Thread(target=asyncio.run, args=(serve_for_a_while(started, port),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    return Script("stream_file.py", f"ws://127.0.0.1:{port[0]}",
+                  str(shared_audio / "01_count_bark" / "sample01_02.wav"), cwd=tmp_path), thread
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
 def test_a_client_stopped_while_its_handshake_is_answered_closes_the_connection(tmp_path, shared_audio):
     """SIGTERM while the server's answer to the handshake was on its way (the server has opened the session; the
@@ -294,12 +305,7 @@ def test_a_client_stopped_while_its_handshake_is_answered_closes_the_connection(
             await asyncio.sleep(0.05)
         server.close()
 
-    started, port = threading.Event(), []
-    thread = threading.Thread(target=asyncio.run, args=(serve_for_a_while(started, port),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    stream = Script("stream_file.py", f"ws://127.0.0.1:{port[0]}",
-                    str(shared_audio / "01_count_bark" / "sample01_02.wav"), cwd=tmp_path)
+    stream, thread = stream_file_against(serve_for_a_while, shared_audio, tmp_path)
     try:
         assert accepted.wait(30), "the client never connected"
         stream.process.send_signal(signal.SIGTERM)
@@ -340,12 +346,7 @@ def test_a_client_stopped_before_its_session_is_created_closes_the_connection(tm
             while not closes:
                 await asyncio.sleep(0.05)
 
-    started, port = threading.Event(), []
-    thread = threading.Thread(target=asyncio.run, args=(serve_for_a_while(started, port),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    stream = Script("stream_file.py", f"ws://127.0.0.1:{port[0]}",
-                    str(shared_audio / "01_count_bark" / "sample01_02.wav"), cwd=tmp_path)
+    stream, thread = stream_file_against(serve_for_a_while, shared_audio, tmp_path)
     try:
         assert accepted.wait(30), "the client never connected"
         stream.process.send_signal(signal.SIGTERM)
