@@ -91,3 +91,30 @@ def test_audio_received_is_counted_in_seconds_and_exposed_as_a_counter():
     metrics.audio_received(0.5)
     assert samples(metrics)["ais_audio_received_seconds_total"] == pytest.approx(1.0)
     assert "# TYPE ais_audio_received_seconds_total counter" in metrics.render().decode()
+
+
+def test_the_models_steps_are_counted_by_how_they_ran(tiny_model):
+    """Issue 23 asks for steps by graph vs eager on /metrics; the static path counted them and nothing showed them.
+    On the CPU (no static path) every batch is eager; the engine's counts reach the front with each step's figures."""
+    import numpy as np
+
+    from audio_interaction_server.audio.blocks import PaddedBlocks
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.engine.events import StepStats
+    from audio_interaction_server.engine.worker import Worker
+    from audio_interaction_server.options import SessionOptions
+
+    metrics = Metrics()
+    assert samples(metrics)['ais_model_steps_total{path="eager"}'] == 0
+    worker = Worker(tiny_model, EngineConfig(max_sessions=1))
+    worker.on_step = metrics.observe_step
+    worker.open_session("s", SessionOptions(max_turn_tokens=2, reply_mode="on_request"), lambda events: None)
+    worker.push_audio("s", PaddedBlocks(np.zeros((3, 6640), np.float32), 0))
+    worker.run_until_idle()
+    counted = samples(metrics)
+    assert counted['ais_model_steps_total{path="eager"}'] == 3  # one listening row a step, a chunk each
+    assert counted['ais_model_steps_total{path="graph"}'] == counted['ais_model_steps_total{path="static"}'] == 0
+    metrics.observe_step(StepStats(1, 1, 0, 1, 0.0, 0.0, 0.0, graph_steps_total=7, static_eager_steps_total=2,
+                                   eager_batches_total=5))
+    counted = samples(metrics)
+    assert [counted[f'ais_model_steps_total{{path="{path}"}}'] for path in ("graph", "static", "eager")] == [7, 2, 5]

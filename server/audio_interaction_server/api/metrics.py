@@ -55,6 +55,8 @@ class Metrics:
             "ais_prefix_kv_reused", "sessions the engine opened with their system prompt's keys and values copied "
             "from kept ones (engine.prefix_kv_positions) instead of feeding the prompt")
         r.register(self._prefixes_reused)
+        self._model_steps = _PathCounter()
+        r.register(self._model_steps)
         self.chunks_total = Counter("ais_chunks_decided", "0.4 s chunks the model decided on", registry=r)
         self.turns_total = Counter("ais_turns", "replies by end reason", ["end_reason"], registry=r)
         self.reply_tokens_total = Counter("ais_reply_tokens", "reply tokens generated", registry=r)
@@ -104,6 +106,8 @@ class Metrics:
         self.step_seconds.observe(stats.total_s)
         self.step_rows.observe(stats.num_rows)
         self._prefixes_reused.total = stats.prefixes_reused_total
+        self._model_steps.totals = {"graph": stats.graph_steps_total, "static": stats.static_eager_steps_total,
+                                    "eager": stats.eager_batches_total}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -136,6 +140,22 @@ class _PlainCounter(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self.name, self.documentation, value=self.total)
+
+
+class _PathCounter(Collector):
+    """``ais_model_steps_total{path}``, the engine's own counts as its latest step reports them: ``graph`` (a CUDA
+    graph replayed: one fixed-shape step), ``static`` (the same step run eagerly: graphs off, refused, or the bucket
+    not captured), ``eager`` (a batch of any shape: long rows, or no static path, as on the CPU)."""
+
+    def __init__(self) -> None:
+        self.totals: Mapping[str, int] = {"graph": 0, "static": 0, "eager": 0}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("ais_model_steps", "the model's steps by how they ran (graph, static, eager)",
+                                     labels=["path"])
+        for path, total in self.totals.items():
+            family.add_metric([path], total)
+        yield family
 
 
 class _StateCollector(Collector):

@@ -132,6 +132,10 @@ class StepStats:
     forward_s: float
     total_s: float
     prefixes_reused_total: int = 0  # sessions opened since start with their prompt's keys and values copied
+    # How the model's steps ran since start: CUDA graph replays, static steps run eagerly, eager batches.
+    graph_steps_total: int = 0
+    static_eager_steps_total: int = 0
+    eager_batches_total: int = 0
 
 
 @dataclass(frozen=True)

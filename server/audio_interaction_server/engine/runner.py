@@ -25,7 +25,7 @@ from audio_interaction_server.options import SamplingOptions
 from audio_interaction_server.engine.conversation import RowPlan
 from audio_interaction_server.engine.prefix_kv import PrefixKVStore
 from audio_interaction_server.engine.sampling import DECISION_TOKENS, decide, sample
-from audio_interaction_server.engine.static_path import StaticPath
+from audio_interaction_server.engine.static_path import StaticPath, StepCounts
 from audio_interaction_server.model.checkpoint import LoadedModel
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.lm import SlotKVCache, StepBatch
@@ -85,6 +85,9 @@ class Runner:
         self.cache = cache
         self.encoder = encoder
         self.static = static
+        # How batches ran (graph replays, static steps run eagerly, eager batches): the static path's own count, or
+        # this runner's eager batches where there is none.
+        self.counts = static.counts if static is not None else StepCounts()
         self.prefixes = PrefixKVStore(cache, prefix_kv_positions) if prefix_kv_positions else None
         self._decision_ids = torch.tensor(DECISION_TOKENS, device=model.device)
 
@@ -132,6 +135,8 @@ class Runner:
             results = tuple(self._host_choice(row, *choice) for row, choice in zip(rows, static_chosen))
             return BatchResult(results, 0.0, forwarded - started)
         if audio_embeds is None:
+            if self.static is None:  # (the static path counted the batches it left to the eager path)
+                self.counts.eager_batches += 1
             audio_embeds = self.encode(rows)
         encoded = time.perf_counter()
         hidden = self.last_hidden(rows, audio_embeds)

@@ -328,6 +328,9 @@ class Worker:
             forward_s=sum(result.forward_s for result in results),
             total_s=time.perf_counter() - started,
             prefixes_reused_total=self.scheduler.num_prefixes_reused,
+            graph_steps_total=self.runner.counts.graph_steps,
+            static_eager_steps_total=self.runner.counts.static_eager_steps,
+            eager_batches_total=self.runner.counts.eager_batches,
         )
         if self.on_step is not None:
             self.on_step(stats)
