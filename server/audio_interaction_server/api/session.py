@@ -369,9 +369,8 @@ class Session:
         # its frames cost a comparison and an error event, and its refused audio is budgeted (api/flood.py).
         audio = self.audio
         frame_s = audio.seconds_in(command.data)
-        if self.buffered_audio_s + frame_s > self.config.max_buffered_audio_s + 1e-9 or \
-                (self._dropped_unheard_s and self._buffered_with_dropped_s(now_s) + frame_s >
-                 self.config.max_buffered_audio_s + 1e-9):
+        queued_s = self.buffered_audio_s + (self._unheard_dropped_s(now_s) if self._dropped_unheard_s else 0.0)
+        if queued_s + frame_s > self.config.max_buffered_audio_s + 1e-9:
             return self._refuse_frame(command, frame_s, now_s)
         try:
             frame = audio.check_frame(command.data)
@@ -388,22 +387,22 @@ class Session:
 
     def _refuse_frame(self, command: AppendAudio, frame_s: float, now_s: float) -> list:
         """A frame that would overfill the buffer: ``audio_buffer_full``, or the cut for a flood of them."""
-        dropped_s = self._buffered_with_dropped_s(now_s) - self.buffered_audio_s
+        dropped_s = self._unheard_dropped_s(now_s)
         cleared = f" (input.clear dropped {dropped_s:.2f} s of it unheard just now)" if dropped_s > 0.005 else ""
         return self._refused_audio(command, frame_s, now_s, lambda: self._buffer_full(
             self.buffered_audio_s + dropped_s + frame_s, command,
             lambda: f"this frame of {frame_s:.3f} s was not accepted{cleared}: send audio no faster than real time",
             queued_s=self.buffered_audio_s + dropped_s))
 
-    def _buffered_with_dropped_s(self, now_s: float) -> float:
-        """``buffered_audio_s``, plus the audio ``input.clear`` dropped that the model could not have heard by now
-        at ``engine.max_catch_up_speed`` (no pacing: nothing is added)."""
+    def _unheard_dropped_s(self, now_s: float) -> float:
+        """The audio ``input.clear`` dropped that the model could not have heard by now at
+        ``engine.max_catch_up_speed``: it holds its place in the buffer (none without pacing)."""
         speed = self.config.engine.max_catch_up_speed
-        if speed is None or not self._dropped_unheard_s:
-            return self.buffered_audio_s
+        if speed is None:
+            return 0.0
         self._dropped_unheard_s = max(0.0, self._dropped_unheard_s - (now_s - self._dropped_unheard_at_s) * speed)
         self._dropped_unheard_at_s = max(self._dropped_unheard_at_s, now_s)
-        return self.buffered_audio_s + self._dropped_unheard_s
+        return self._dropped_unheard_s
 
     def _refused_audio(self, command: AppendAudio, frame_s: float, now_s: float, answer: Callable[[], list]) -> list:
         """``answer()`` to an audio frame not taken (a full buffer, not valid audio, empty, the session closing):
@@ -468,8 +467,8 @@ class Session:
         # Synthesized silence queues for the model like audio does, so it counts against the same limit:
         # otherwise a stream of tiny flush events queues unbounded chunks (and memory).
         queued_after_s = self.audio.stream_s_after_flush(silence_s) - self._num_chunks_resolved * CHUNK_S
-        # Audio a clear just dropped holds its place, as it does for frames (``_buffered_with_dropped_s``).
-        dropped_s = self._buffered_with_dropped_s(now_s) - self.buffered_audio_s
+        # Audio a clear just dropped holds its place, as it does for frames (``_unheard_dropped_s``).
+        dropped_s = self._unheard_dropped_s(now_s)
         refused = self._buffer_full(queued_after_s + dropped_s, command,
                                     lambda: f"this flush with {silence_s:g} s of silence would queue "
                                     f"{queued_after_s:.2f} s and was not applied: send it again once the model has "
@@ -525,9 +524,8 @@ class Session:
 
     def _cleared(self, event: AudioCleared, now_s: float) -> list:
         self._num_chunks_dropped += event.num_chunks
-        self._buffered_with_dropped_s(now_s)  # what was dropped before has drained up to now
-        self._dropped_unheard_at_s = max(self._dropped_unheard_at_s, now_s)
-        self._dropped_unheard_s += event.num_chunks * CHUNK_S
+        # What was dropped before has drained up to now; these chunks join it.
+        self._dropped_unheard_s = self._unheard_dropped_s(now_s) + event.num_chunks * CHUNK_S
         if event.num_chunks:  # every decision made before the clear has come (in order): the kept chunks are next
             self._drops_ahead.append((self._after_chunks_not_done(event.num_kept), event.num_chunks))
             self._pass_chunks(0)
