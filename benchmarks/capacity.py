@@ -315,16 +315,15 @@ def static_step_path(worker: Worker, counts_before=None) -> dict:
     A worker whose start-up self-check refused its CUDA graphs serves on without them (a log line says so): the
     figures of such a run are the eager static step's, and the report has to say it."""
     static = worker.runner.static
-    if static is None:
+    path = worker.step_path
+    if static is None or not path.static:
         return {"path": "eager", "graphs": "none: no static step"}
-    capture = static.capture
-    error = getattr(static, "capture_error", None)
-    graphs = ("on" if static.graphs is not None else f"capture FAILED ({error})" if error else
-              "REFUSED by the self-check" if capture.num_graphs else "off")
+    graphs = {"failed": f"capture FAILED ({path.capture_error})", "refused": "REFUSED by the self-check"}.get(
+        path.graphs, path.graphs)
     counts = {name: value - (getattr(counts_before, name) if counts_before is not None else 0)
               for name, value in vars(static.counts).items()}
-    return {"path": "static", "graphs": graphs, "captured": capture.num_graphs,
-            "capture_s": round(capture.capture_s, 2), "pool_mib": round(capture.pool_bytes / 2**20, 1), **counts}
+    return {"path": "static", "graphs": graphs, "captured": path.num_graphs,
+            "capture_s": round(path.capture_s, 2), "pool_mib": round(path.pool_bytes / 2**20, 1), **counts}
 
 
 def _run_direct(run: Run, model: LoadedModel, worker: Worker, chunks: list[torch.Tensor], drain_s: float,

@@ -226,12 +226,12 @@ def test_a_ramp_point_says_whether_its_graphs_served(tiny_model, stream_chunks):
     record (and report) must say which path served each point, with this run's step counts."""
     from types import SimpleNamespace
 
+    from audio_interaction_server.engine.events import StepPath
     from audio_interaction_server.engine.static_path import StepCounts
-    from audio_interaction_server.engine.step_graphs import CaptureStats
     from benchmarks import capacity, gpu_check
 
-    refused = SimpleNamespace(runner=SimpleNamespace(static=SimpleNamespace(
-        graphs=None, capture=CaptureStats(119, 25.0, 2**30), counts=StepCounts(0, 7, 2))))
+    refused = SimpleNamespace(step_path=StepPath(True, "refused", 119, 25.0, 2**30),
+                              runner=SimpleNamespace(static=SimpleNamespace(counts=StepCounts(0, 7, 2))))
     path = capacity.static_step_path(refused, StepCounts(0, 3, 1))
     assert path["graphs"] == "REFUSED by the self-check"
     assert (path["static_eager_steps"], path["eager_batches"]) == (4, 1)  # this run's, not the worker's lifetime

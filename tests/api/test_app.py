@@ -377,6 +377,9 @@ def test_metrics_show_what_a_session_holds_and_nothing_after_it_closes(live):
         assert held["ais_audio_received_seconds_total"] >= 1.0  # this session's second (the server is shared)
         # Its open copied the trained prompt's keys and values, kept at start-up, instead of feeding the prompt.
         assert held["ais_prefix_kv_reused_total"] >= 1
+        # How the engine steps, from its start-up (over the process transport, from its answer to the front's hello).
+        assert held['ais_step_path_info{graphs="off",step="eager"}'] == 1  # the CPU: no static step, no graphs
+        assert held["ais_cuda_graphs_captured"] == held["ais_cuda_graph_pool_bytes"] == 0
         ws.send(json.dumps({"type": "session.close"}))
         recv_to_close(ws)
     deadline = time.monotonic() + 10

@@ -118,3 +118,25 @@ def test_the_models_steps_are_counted_by_how_they_ran(tiny_model):
                                    eager_batches_total=5))
     counted = samples(metrics)
     assert [counted[f'ais_model_steps_total{{path="{path}"}}'] for path in ("graph", "static", "eager")] == [7, 2, 5]
+
+
+def test_how_the_engine_steps_is_shown_once_it_started(tiny_model):
+    """Issue 23 asks for the CUDA graphs' capture time and pool bytes on /metrics; they were in the start-up log
+    only. Nothing is shown before the engine says how it steps; the CPU worker's path is the eager one, or the
+    static step without graphs where configured."""
+    from audio_interaction_server.config import EngineConfig
+    from audio_interaction_server.engine.events import StepPath
+    from audio_interaction_server.engine.worker import Worker
+
+    metrics = Metrics()
+    assert not any(name.startswith(("ais_step_path", "ais_cuda_graph")) for name in samples(metrics))
+    metrics.set_step_path(Worker(tiny_model, EngineConfig(max_sessions=1)).step_path)
+    assert samples(metrics)['ais_step_path_info{graphs="off",step="eager"}'] == 1
+    metrics.set_step_path(Worker(tiny_model, EngineConfig(max_sessions=1, step="static")).step_path)
+    assert samples(metrics)['ais_step_path_info{graphs="off",step="static"}'] == 1
+    metrics.set_step_path(StepPath(True, "refused", num_graphs=119, capture_s=25.5, pool_bytes=3 * 2**30))
+    shown = samples(metrics)
+    assert shown['ais_step_path_info{graphs="refused",step="static"}'] == 1
+    assert not any(name.startswith("ais_step_path_info") and "refused" not in name for name in shown)
+    assert (shown["ais_cuda_graphs_captured"], shown["ais_cuda_graph_capture_seconds"],
+            shown["ais_cuda_graph_pool_bytes"]) == (119, 25.5, 3 * 2**30)

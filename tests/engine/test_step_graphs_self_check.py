@@ -76,6 +76,37 @@ def test_a_capture_that_raises_leaves_the_static_step_running_eagerly(tiny_model
     step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
     path = StaticPath(step, buckets, graphs=True)
     assert path.graphs is None and "not permitted when stream is capturing" in path.capture_error
+    assert (path.describe().graphs, path.describe().capture_error) == ("failed", path.capture_error)
+
+
+def test_the_step_path_says_whether_graphs_serve_and_what_they_cost(tiny_model, monkeypatch):
+    """What /metrics shows (``ais_step_path_info``, capture seconds, pool bytes): graphs that passed the self-check
+    serve (``on``); graphs it refused were captured, cost their time and memory, and do not serve (``refused``)."""
+    from audio_interaction_server.engine import static_path
+    from audio_interaction_server.engine.step_graphs import CaptureStats
+
+    problems: list[str] = []
+
+    class Captures:
+        def __init__(self, *args) -> None:
+            pass
+
+        def capture(self):
+            return CaptureStats(3, 1.5, 4096)
+
+        def self_check(self, *args):
+            return problems
+
+    monkeypatch.setattr(static_path, "StepGraphs", Captures)
+    cache = tiny_model.lm.new_cache(8, 256, scratch_slot=True)
+    buckets = BucketSet.for_rows(8, 8)
+    step = StaticStep(tiny_model.lm, AudioEncoder(tiny_model.encoder_tower), cache, buckets.largest, DECISION_TOKENS)
+    assert StaticPath(step, buckets, graphs=False).describe() == static_path.StepPath(True, "off")
+    serving = StaticPath(step, buckets, graphs=True).describe()
+    assert (serving.graphs, serving.num_graphs, serving.capture_s, serving.pool_bytes) == ("on", 3, 1.5, 4096)
+    problems.append("bucket (1, 0): tokens differ")
+    refused = StaticPath(step, buckets, graphs=True).describe()
+    assert (refused.graphs, refused.num_graphs, refused.capture_error) == ("refused", 3, None)
 
 
 def test_the_self_check_replays_listening_rows_alone_and_reply_rows_alone_too():

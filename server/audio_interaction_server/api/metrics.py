@@ -57,6 +57,8 @@ class Metrics:
         r.register(self._prefixes_reused)
         self._model_steps = _PathCounter()
         r.register(self._model_steps)
+        self._step_path = _StepPathCollector()
+        r.register(self._step_path)
         self.chunks_total = Counter("ais_chunks_decided", "0.4 s chunks the model decided on", registry=r)
         self.turns_total = Counter("ais_turns", "replies by end reason", ["end_reason"], registry=r)
         self.reply_tokens_total = Counter("ais_reply_tokens", "reply tokens generated", registry=r)
@@ -109,6 +111,10 @@ class Metrics:
         self._model_steps.totals = {"graph": stats.graph_steps_total, "static": stats.static_eager_steps_total,
                                     "eager": stats.eager_batches_total}
 
+    def set_step_path(self, path) -> None:
+        """The engine's ``events.StepPath``, once it has started (None: not known, nothing shown)."""
+        self._step_path.path = path
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -156,6 +162,30 @@ class _PathCounter(Collector):
         for path, total in self.totals.items():
             family.add_metric([path], total)
         yield family
+
+
+class _StepPathCollector(Collector):
+    """How the engine steps, fixed at its start-up: whether CUDA graphs serve (and why not), and what capturing
+    them cost in time and device memory: a dashboard tells a replica that fell back to eager steps."""
+
+    def __init__(self) -> None:
+        self.path = None  # an events.StepPath (this module imports nothing of the package)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        path = self.path
+        if path is None:
+            return
+        info = GaugeMetricFamily("ais_step_path_info", "1, labelled with how the engine steps short rows: step "
+                                 "static or eager; graphs on, off, refused (by the start-up self-check) or failed "
+                                 "(the capture raised)", labels=["step", "graphs"])
+        info.add_metric(["static" if path.static else "eager", path.graphs], 1)
+        yield info
+        yield GaugeMetricFamily("ais_cuda_graphs_captured", "CUDA graphs captured at start-up, one per bucket "
+                                "(refused ones included)", value=path.num_graphs)
+        yield GaugeMetricFamily("ais_cuda_graph_capture_seconds", "start-up time spent warming up and capturing "
+                                "the CUDA graphs", value=path.capture_s)
+        yield GaugeMetricFamily("ais_cuda_graph_pool_bytes", "device memory reserved by the CUDA graphs' shared "
+                                "pool", value=path.pool_bytes)
 
 
 class _StateCollector(Collector):

@@ -521,6 +521,7 @@ class Runtime:
             self.shared_engine.on_address_cut = self._on_address_cut
         worker.start()
         assert worker.model is not None
+        self.metrics.set_step_path(worker.step_path)
         self._check_default_session(worker)
         return worker.model, worker
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from audio_interaction_server.audio.blocks import PaddedBlocks
-    from audio_interaction_server.engine.events import SessionStateSize, StepStats
+    from audio_interaction_server.engine.events import SessionStateSize, StepPath, StepStats
     from audio_interaction_server.model.checkpoint import LoadedModel
 
 Transport = Literal["thread", "process"]
@@ -62,6 +62,9 @@ class EngineClient(Protocol):
 
     @property
     def model(self) -> LoadedModel | ModelSummary | None: ...  # None until ``start`` has returned
+
+    @property
+    def step_path(self) -> StepPath | None: ...  # how the engine steps (graphs or not); None until it is known
 
     # client_address: whose prefill budget the session's prompt is charged to (engine/prefill_budget.py)
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,

@@ -138,6 +138,25 @@ class StepStats:
     eager_batches_total: int = 0
 
 
+GraphsState = Literal["on", "off", "refused", "failed"]
+
+
+@dataclass(frozen=True)
+class StepPath:
+    """How the engine steps short rows, fixed at its start-up (``/metrics``, the benchmarks' reports).
+
+    ``graphs``: ``on`` (CUDA graphs replay the static step), ``off`` (not asked for, or no CUDA device), ``refused``
+    (captured, but the start-up self-check found replays that disagree with the eager static step), ``failed`` (the
+    capture raised; ``capture_error`` says what). Refused or failed, the static step serves eagerly."""
+
+    static: bool  # short rows take the static step (else every batch runs the eager path)
+    graphs: GraphsState = "off"
+    num_graphs: int = 0  # buckets captured (refused graphs included)
+    capture_s: float = 0.0  # warm-ups and captures of every bucket
+    pool_bytes: int = 0  # device memory the graphs' shared pool reserved
+    capture_error: str | None = None
+
+
 @dataclass(frozen=True)
 class SessionStateSize:
     positions: int  # KV-cache positions in use

@@ -206,7 +206,7 @@ def run_engine(spec: EngineSpec) -> None:
                 spec.failure_report.send(one_line(reason))
         sys.exit(1)
     ready = EngineReady(model.files.root, model.name, str(model.device), dtype_name(model), spec.config,
-                        os.getpid())
+                        os.getpid(), worker.step_path)
     status = host.serve(worker, ready)
     host.close()
     if host.is_orphaned:

@@ -27,7 +27,7 @@ from audio_interaction_server.engine.commands import (
     CancelReply, ClearAudio, CloseSession, EmitFn, PushAudio, RequestReply, SessionCommand,
 )
 from audio_interaction_server.engine.events import (
-    SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStateSize, StepStats,
+    SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStateSize, StepPath, StepStats,
 )
 from audio_interaction_server.engine.process import STOP_FLUSH_S, EngineProcess, process_has_ended
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
@@ -71,6 +71,7 @@ class EngineProcessClient:
         self._engine_pid: int | None = None  # from its EngineReady
         self.front_id = uuid.uuid4().bytes
         self.model: ModelSummary | None = None
+        self.step_path: StepPath | None = None  # from its EngineReady
         self.config: EngineConfig | None = None
         self.failure: BaseException | None = None
         self.engine_status: EngineStatus | None = None  # the engine's latest heartbeat: its free slots
@@ -133,6 +134,7 @@ class EngineProcessClient:
         tokenizer = load_tokenizer(resolve_files(ready.checkpoint))
         self.model = ModelSummary(ready.name, ready.device, ready.dtype, tokenizer)
         self._engine_pid = ready.pid
+        self.step_path = ready.step_path
         self.config = ready.config
         self._fit = SessionFit(PromptEncoder.for_engine(tokenizer, ready.config), ready.config)
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)

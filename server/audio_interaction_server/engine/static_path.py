@@ -26,6 +26,7 @@ import torch
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.buckets import BucketSet, max_reply_rows
 from audio_interaction_server.engine.conversation import RowPlan
+from audio_interaction_server.engine.events import GraphsState, StepPath
 from audio_interaction_server.engine.packing import SlotRow, StepStaging, fits_static_step
 from audio_interaction_server.engine.sampling import DECISION_TOKENS
 from audio_interaction_server.engine.step_graphs import CaptureStats, GraphCaptureError, StepGraphs
@@ -154,6 +155,13 @@ class StaticPath:
                       "step without graphs", "; ".join(problems))
             return
         self.graphs = graphs
+
+    def describe(self) -> StepPath:
+        """Whether graphs serve this path, and what capturing them cost."""
+        capture = self.capture
+        graphs: GraphsState = ("on" if self.graphs is not None else "failed" if self.capture_error is not None
+                               else "refused" if capture.num_graphs else "off")
+        return StepPath(True, graphs, capture.num_graphs, capture.capture_s, capture.pool_bytes, self.capture_error)
 
     def accepts(self, rows: Sequence[HasSlotAndPlan]) -> bool:
         ok = bool(rows) and all(fits_static_step(row.plan) for row in rows)

@@ -47,7 +47,7 @@ from audio_interaction_server.audio.blocks import PaddedBlocks
 from audio_interaction_server.config import EngineConfig
 from audio_interaction_server.engine.client import ENGINE_QUIET_S  # noqa: F401  (the wire's bound too)
 from audio_interaction_server.engine.commands import PushAudio
-from audio_interaction_server.engine.events import EngineEvent, SessionStateSize
+from audio_interaction_server.engine.events import EngineEvent, SessionStateSize, StepPath
 from audio_interaction_server.options import SessionOptions
 
 # How soon a change is told: the engine's free slots to every front, checked this often (and a front's admitted
@@ -189,6 +189,7 @@ class EngineReady:
     dtype: str
     config: EngineConfig
     pid: int | None = None  # the engine's process: a front that did not start it looks whether it ended
+    step_path: StepPath | None = None  # how the engine steps short rows (graphs or not), for the fronts' /metrics
 
 
 @dataclass(frozen=True)

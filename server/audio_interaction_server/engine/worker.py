@@ -47,7 +47,7 @@ from audio_interaction_server.engine.conversation import ContextFull
 from audio_interaction_server.engine.features import HeadFeatures, queued_blocks
 from audio_interaction_server.engine.events import (
     SHUTDOWN_MESSAGE, WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded, SessionStarted, SessionStateSize,
-    StepStats,
+    StepPath, StepStats,
 )
 from audio_interaction_server.engine.prompt import PromptEncoder, SessionFit
 from audio_interaction_server.engine.runner import BatchResult, PlannedRow, RowResult, Runner
@@ -94,6 +94,7 @@ class Worker:
         self.runner = Runner(model, cache, encoder,
                              StaticPath.build(self.step_choice, model, cache, encoder, self.max_batch_rows),
                              config.prefix_kv_positions)
+        self.step_path = self.runner.static.describe() if self.runner.static is not None else StepPath(False)
         self.prompts = PromptEncoder.for_engine(model.tokenizer, config)
         self._fit = SessionFit(self.prompts, config)
         # The trained prompt's keys and values, before any session: the sessions starting at once after start-up
