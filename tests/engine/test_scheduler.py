@@ -348,4 +348,4 @@ def test_the_numbers_of_decided_chunks_are_let_go_at_the_next_push(tiny_model):
         scheduler.add_audio(session, [CHUNK] * 2)
         decide_queued(scheduler, session, T.KEEP_SILENCE)
     scheduler.add_audio(session, [CHUNK])
-    assert list(session.chunk_numbers) == [10]
+    assert [chunk.number for chunk in session.queued_chunks] == [10]

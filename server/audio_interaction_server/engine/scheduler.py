@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -45,6 +45,14 @@ COMMIT_FAILED = "session state error"
 PLAN_FAILED = "planning its step failed"
 
 
+class QueuedChunk(NamedTuple):
+    ticket: int  # the step policy's (step_policy.py): a session waits from its oldest queued chunk's
+    # Its number among every chunk the session pushed (``ClearAudio.keep_before`` counts so). Not derived from
+    # counts: a clear that keeps a commit's chunks drops the ones after them, so dropped chunks lie between queued
+    # ones.
+    number: int
+
+
 @dataclass
 class SessionState:
     """One open session as the worker thread sees it."""
@@ -60,13 +68,10 @@ class SessionState:
     told_reply_waits: bool = False  # ReplyWaitsForAudio went out for the request now pending
     client_address: str | None = None  # pays for its prompt's prefill and its opening catch-up (None: nobody)
     listen_credits: ListenCredits | None = None  # catch-up pacing's own bucket (catch_up.py); None: not paced
-    # The step policy's tickets (step_policy.py): one per queued chunk, in the queue's order, and its last row's.
-    chunk_tickets: deque[int] = field(default_factory=deque)
-    last_row_ticket: int = -1
-    # Each queued chunk's number among every chunk the session pushed (``ClearAudio.keep_before`` counts so), in the
-    # queue's order, after those of decided chunks not yet let go (as the tickets). Not derived from counts: a clear
-    # that keeps a commit's chunks drops the ones after them, so dropped chunks lie between queued ones.
-    chunk_numbers: deque[int] = field(default_factory=deque)
+    # One per queued chunk, in the queue's order, after those of decided chunks not yet let go (chunks leave the
+    # queue at the front, decided, or at the back, cleared): its step-policy ticket and its number.
+    queued_chunks: deque[QueuedChunk] = field(default_factory=deque)
+    last_row_ticket: int = -1  # the step policy's ticket of the session's last row
     num_chunks_pushed: int = 0
 
     @property
@@ -76,11 +81,16 @@ class SessionState:
 
     def waiting_since(self) -> int:
         """The ticket of the moment this session started waiting: its oldest queued chunk, or its last row."""
-        queue, tickets = self.conversation.audio_queue, self.chunk_tickets
-        while len(tickets) > len(queue):  # chunks leave the queue at the front (decided, or all cleared)
-            tickets.popleft()
-        oldest = tickets[0] if queue and len(tickets) == len(queue) else -1  # -1: queued without a ticket
-        return max(oldest, self.last_row_ticket)
+        queued = self.let_go_of_decided()
+        oldest = queued[0].ticket if queued and len(queued) == len(self.conversation.audio_queue) else -1
+        return max(oldest, self.last_row_ticket)  # -1 above: queued without a ticket (not by ``Scheduler.add_audio``)
+
+    def let_go_of_decided(self) -> deque[QueuedChunk]:
+        """``queued_chunks``, with those of the chunks decided since (they left the queue at the front) let go."""
+        queued, queue = self.queued_chunks, self.conversation.audio_queue
+        while len(queued) > len(queue):
+            queued.popleft()
+        return queued
 
 
 @dataclass(frozen=True)
@@ -232,20 +242,11 @@ class Scheduler:
 
     # ---- session requests (applied between steps) --------------------------------------------------
     def add_audio(self, session: SessionState, mel_chunks) -> None:
-        self._let_go_of_decided(session)  # else the numbers of decided chunks pile up until a clear
+        queued = session.let_go_of_decided()  # else those of decided chunks pile up until the session steps
         for chunk in mel_chunks:
             session.conversation.add_audio(chunk)
-            session.chunk_tickets.append(self._ticket())
-            session.chunk_numbers.append(session.num_chunks_pushed)
+            queued.append(QueuedChunk(self._ticket(), session.num_chunks_pushed))
             session.num_chunks_pushed += 1
-
-    @staticmethod
-    def _let_go_of_decided(session: SessionState) -> deque[int]:
-        """``session.chunk_numbers``, those of the chunks decided since (they leave the queue at the front) let go."""
-        numbers, queue = session.chunk_numbers, session.conversation.audio_queue
-        while len(numbers) > len(queue):
-            numbers.popleft()
-        return numbers
 
     def _ticket(self) -> int:
         self._next_ticket += 1
@@ -300,19 +301,17 @@ class Scheduler:
         commit."""
         conversation = session.conversation
         queue = conversation.audio_queue
-        numbers = Scheduler._let_go_of_decided(session)
+        queued = session.let_go_of_decided()
         kept = 0
-        for number in numbers:
-            if number >= keep_before:
+        for chunk in queued:
+            if chunk.number >= keep_before:
                 break
             kept += 1
         dropped = len(queue) - kept
-        tickets = session.chunk_tickets  # one per queued chunk, after those of decided chunks not yet let go
         for _ in range(dropped):
             queue.pop()
-            numbers.pop()
-            if tickets:
-                tickets.pop()
+            if queued:
+                queued.pop()
         # A pending request's audio was dropped with the rest: it answers the audio that comes next (the last kept
         # chunk when some are kept: the audio the client had committed).
         session.reply_due_chunk = min(session.reply_due_chunk, conversation.num_chunks_consumed + max(0, kept - 1))
