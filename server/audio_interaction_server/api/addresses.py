@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections import OrderedDict
 from typing import Any
+
+from audio_interaction_server.recent import RecentTable
 
 IPV6_CLIENT_PREFIX_BITS = 64  # the smallest network an ISP gives one customer
 
@@ -56,7 +57,7 @@ class AddressRateLimiter:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (tokens, at time)
+        self._buckets: RecentTable[tuple[float, float]] = RecentTable(max_tracked)  # client key -> (tokens, at time)
 
     def retry_after_s(self, address: str, now_s: float, take: bool = True, cost: float = 1.0) -> float | None:
         """None (and ``cost`` attempts counted, unless ``take`` is False) when ``address`` may make one now; else
@@ -64,12 +65,10 @@ class AddressRateLimiter:
         bucket in debt, paid back before the next (what a request cost is known once it is answered). An IPv6
         address counts with its /64 (``client_key``)."""
         key = client_key(address)
-        tokens, at_s = self._buckets.pop(key, (float(self.burst), now_s))
+        tokens, at_s = self._buckets.get(key) or (float(self.burst), now_s)
         tokens = min(float(self.burst), tokens + (now_s - at_s) * self.rate_per_s)
         allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - cost if allowed and take else tokens, now_s)
-        while len(self._buckets) > self.max_tracked:
-            self._buckets.popitem(last=False)
+        self._buckets.put(key, (tokens - cost if allowed and take else tokens, now_s))
         return None if allowed else (1.0 - tokens) / self.rate_per_s
 
     def __len__(self) -> int:

@@ -24,10 +24,9 @@ Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the event
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.config import FloodLimits
+from audio_interaction_server.recent import RecentTable
 
 # A refused frame costs at least this much audio: a flood of one-sample frames is a flood too.
 MIN_REFUSED_FRAME_S = 0.01
@@ -81,15 +80,10 @@ class AddressBuckets:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._buckets: RecentTable[TokenBucket] = RecentTable(max_tracked)
 
     def bucket(self, address: str, now_s: float) -> TokenBucket:
-        key = client_key(address)
-        bucket = self._buckets.pop(key, None) or TokenBucket(self.rate_per_s, self.burst, now_s)
-        self._buckets[key] = bucket
-        while len(self._buckets) > self.max_tracked:
-            self._buckets.popitem(last=False)
-        return bucket
+        return self._buckets.use(client_key(address), lambda: TokenBucket(self.rate_per_s, self.burst, now_s))
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -155,29 +149,25 @@ class CutCooldown:
         self.cooldown_s = cooldown_s
         self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
         self.max_tracked = max_tracked
-        self._cuts: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client key -> (refused until, cooldown)
+        # client key -> (refused until, cooldown)
+        self._cuts: RecentTable[tuple[float, float]] = RecentTable(max_tracked)
 
     def cut(self, address: str, now_s: float) -> float:
         """``address``'s session was cut now; returns how long it is refused."""
         key = client_key(address)
-        until_s, last_cooldown_s = self._cuts.pop(key, (-1.0, 0.0))
+        until_s, last_cooldown_s = self._cuts.get(key) or (-1.0, 0.0)
         again_soon = now_s < until_s + last_cooldown_s
         cooldown_s = min(self.max_cooldown_s, 2 * last_cooldown_s) if again_soon else self.cooldown_s
-        self._cuts[key] = (now_s + cooldown_s, cooldown_s)
-        while len(self._cuts) > self.max_tracked:
-            self._cuts.popitem(last=False)
+        self._cuts.put(key, (now_s + cooldown_s, cooldown_s))
         return cooldown_s
 
     def impose(self, address: str, until_s: float, cooldown_s: float) -> None:
         """Another front of the same engine cut ``address`` (engine/wire.py, ``AddressCut``): refused here until
         ``until_s`` too, and a cut here soon after doubles that cooldown, as if it had been this front's."""
         key = client_key(address)
-        current_until_s, _ = self._cuts.get(key, (-1.0, 0.0))
+        current_until_s, _ = self._cuts.get(key) or (-1.0, 0.0)
         if until_s > current_until_s:
-            self._cuts.pop(key, None)
-            self._cuts[key] = (until_s, cooldown_s)
-            while len(self._cuts) > self.max_tracked:
-                self._cuts.popitem(last=False)
+            self._cuts.put(key, (until_s, cooldown_s))
 
     def retry_after_s(self, address: str, now_s: float) -> float | None:
         """None when ``address`` may connect now; else seconds until it may."""

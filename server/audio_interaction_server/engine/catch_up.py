@@ -27,9 +27,9 @@ Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the worke
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from audio_interaction_server.recent import RecentTable
 from audio_interaction_server.spec import CHUNK_S
 
 _SLACK = 1e-9  # float sums of exact rates must not refuse the row they earned
@@ -60,7 +60,7 @@ class CatchUpPacing:
         self.address_rows_per_s = 1.0 / CHUNK_S  # real time: at the catch-up speed, churn doubled it (review)
         self.burst_rows = burst_s / CHUNK_S
         self.max_tracked = max_tracked
-        self._addresses: OrderedDict[str, ListenCredits] = OrderedDict()
+        self._addresses: RecentTable[ListenCredits] = RecentTable(max_tracked)
 
     def credits_for(self, client_address: str | None, now_s: float) -> ListenCredits:
         """A new session's own bucket: empty if an address pays for its opening backlog, else a full burst."""
@@ -95,10 +95,7 @@ class CatchUpPacing:
     def _shared(self, client_address: str | None, now_s: float) -> ListenCredits | None:
         if client_address is None:
             return None
-        credits = self._addresses.pop(client_address, None) or ListenCredits(self.burst_rows, now_s)
-        self._addresses[client_address] = credits  # the most recently used last
-        while len(self._addresses) > self.max_tracked:
-            self._addresses.popitem(last=False)
+        credits = self._addresses.use(client_address, lambda: ListenCredits(self.burst_rows, now_s))
         credits.refill(now_s, self.address_rows_per_s, self.burst_rows)
         return credits
 

@@ -22,8 +22,9 @@ Sans-I/O: time is an argument (``now_s``, monotonic). Not thread-safe (the worke
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
+
+from audio_interaction_server.recent import RecentTable
 
 LOG_EVERY_S = 10.0  # an address refused again and again is logged once per this many seconds, with a count
 _SLACK = 1e-9
@@ -56,16 +57,11 @@ class PrefillBudget:
         self.tokens_per_s = tokens_per_s
         self.burst_tokens = burst_tokens
         self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: RecentTable[_Bucket] = RecentTable(max_tracked)
 
     def charge(self, address: str, num_tokens: int, now_s: float) -> PrefillRefusal | None:
         """Spend ``num_tokens`` of ``address``'s budget (None), or refuse and spend nothing."""
-        bucket = self._buckets.pop(address, None)
-        if bucket is None:
-            bucket = _Bucket(float(self.burst_tokens), now_s)
-        self._buckets[address] = bucket  # the most recently charged last
-        while len(self._buckets) > self.max_tracked:
-            self._buckets.popitem(last=False)
+        bucket = self._buckets.use(address, lambda: _Bucket(float(self.burst_tokens), now_s))
         if now_s > bucket.at_s:
             bucket.tokens = min(float(self.burst_tokens), bucket.tokens + (now_s - bucket.at_s) * self.tokens_per_s)
             bucket.at_s = now_s
