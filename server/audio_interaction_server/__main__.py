@@ -139,17 +139,9 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     said before the configuration is read (whose check of the same value words it as a validation error)."""
     if checkpoint is None or checkpoint.is_dir():
         return None
-    # Only for a value that is not a directory: these import torch.
-    from audio_interaction_server.model.checkpoint import CheckpointError
-    from audio_interaction_server.model.hub import parse_repo_id, resolve_checkpoint_source
+    from audio_interaction_server.model.hub import checkpoint_source_problem  # imports torch: only for a non-directory
 
-    if parse_repo_id(str(checkpoint)) is not None and not checkpoint.exists():
-        return None  # the loader fetches it
-    try:
-        resolve_checkpoint_source(checkpoint)  # raises, for such a value, without touching the network
-    except CheckpointError as error:
-        return str(error)
-    return None
+    return checkpoint_source_problem(checkpoint)
 
 
 def prefer_passive_omp_wait() -> None:

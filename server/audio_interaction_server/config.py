@@ -544,20 +544,12 @@ class ServerConfig(BaseModel):
             )
         checkpoint = self.engine.checkpoint
         if checkpoint is not None and not self.demo and not checkpoint.is_dir():
-            from audio_interaction_server.model.hub import parse_repo_id
+            from audio_interaction_server.model.hub import checkpoint_source_problem
 
             # Fail at start-up, not minutes later in the background loader; a repo id is
             # fetched (or found in the HF cache) by the loader, see model/hub.py.
-            if checkpoint.exists():
-                raise ValueError(f"engine.checkpoint {str(checkpoint)!r} is a file, not a checkpoint directory: "
-                                 "name the directory that holds it")
-            if parse_repo_id(str(checkpoint)) is None:
-                relative = "" if checkpoint.is_absolute() else \
-                    f"; a relative path is read from the current directory, {Path.cwd()}"
-                raise ValueError(
-                    f"engine.checkpoint {str(checkpoint)!r} is not a directory, nor a Hugging Face repo id "
-                    f"('owner/name' or 'owner/name@revision'){relative}"
-                )
+            if (problem := checkpoint_source_problem(checkpoint)) is not None:
+                raise ValueError(f"engine.{problem}")
         return self
 
     @model_validator(mode="after")

@@ -171,7 +171,7 @@ def test_config_accepts_a_repo_id_and_names_a_bad_value(tmp_path):
     assert str(config.engine.checkpoint) == f"{REPO_ID}@main" and not config.is_demo
     with pytest.raises(ConfigError) as error:
         load_config(None, {"AIS_ENGINE__CHECKPOINT": "not a checkpoint"})
-    assert "'not a checkpoint' is not a directory, nor a Hugging Face repo id" in str(error.value)
+    assert "'not a checkpoint' is not an existing directory and not a Hugging Face repo id" in str(error.value)
 
 
 def test_cli_run_reports_a_bad_checkpoint_and_exits_2(capsys, tmp_path, monkeypatch):

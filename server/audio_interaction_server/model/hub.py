@@ -82,27 +82,37 @@ def parse_repo_id(value: str) -> HubSource | None:
     return HubSource(match["repo_id"], match["revision"])
 
 
+def checkpoint_source_problem(value: str | Path) -> str | None:
+    """Why ``value`` names neither a directory nor a Hugging Face repo id, in one line (None: it may name one);
+    without the network. What the configuration, ``run``'s flag and the loader say of such a value."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():  # a file of a checkpoint (its index, its config), named for its folder: never a repo id
+        return (f"checkpoint {text!r} is a file, not a checkpoint directory: pass the directory that holds it"
+                f"{f' ({str(path.parent)!r})' if (path.parent / 'model_config.yaml').is_file() else ''}, in the "
+                "release layout, or a Hugging Face repo id such as zhifeixie/AudioInteraction")
+    if parse_repo_id(text) is None:
+        relative = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        return (f"checkpoint {text!r} is not an existing directory and not a Hugging Face repo id ('owner/name' or "
+                f"'owner/name@revision'){relative}; pass a checkpoint directory in the release layout or a repo id "
+                "such as zhifeixie/AudioInteraction")
+    return None
+
+
 def resolve_checkpoint_source(value: str | Path, cache_dir: Path | None = None,
                               progress: LoadProgress | None = None) -> Path:
     """A directory in the release layout for ``value``; ``cache_dir`` overrides the HF cache; a download
     reports to ``progress``."""
-    text = str(value)
-    path = Path(text).expanduser()
+    problem = checkpoint_source_problem(value)
+    if problem is not None:
+        raise CheckpointError(problem)
+    path = Path(str(value)).expanduser()
     if path.is_dir():
         return path
-    if path.exists():  # a file of a checkpoint (its index, its config), named for its folder: never a repo id
-        raise CheckpointError(
-            f"checkpoint {text!r} is a file, not a checkpoint directory: pass the directory that holds it"
-            f"{f' ({str(path.parent)!r})' if (path.parent / 'model_config.yaml').is_file() else ''}, in the release "
-            "layout, or a Hugging Face repo id such as zhifeixie/AudioInteraction"
-        )
-    source = parse_repo_id(text)
-    if source is None:
-        raise CheckpointError(
-            f"checkpoint {text!r} is not an existing directory and not a Hugging Face repo id ('owner/name' or "
-            "'owner/name@revision'); pass a checkpoint directory in the release layout or a repo id such as "
-            "zhifeixie/AudioInteraction"
-        )
+    source = parse_repo_id(str(value))
+    assert source is not None  # checkpoint_source_problem said so
     return _fetch(source, cache_dir, progress or LoadProgress())
 
 
