@@ -20,6 +20,7 @@ class CutProxy:
         self.target_port = target_port
         self.refusing = False
         self.num_connections = 0  # relayed (not refused) connections so far
+        self.num_refused = 0  # connections refused while ``refusing``
         self.num_cut = 0
         self._text_cut: bool | None = None  # armed: cut at the client's next text frame, after delivering it or not
         self._writers: set[asyncio.StreamWriter] = set()
@@ -34,6 +35,7 @@ class CutProxy:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
+            self.num_refused += 1
             writer.transport.abort()
             return
         try:
