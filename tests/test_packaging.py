@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -85,3 +87,27 @@ def test_the_websockets_floor_has_the_protocol_state_the_transport_uses():
     protocol = ServerProtocol()
     for name in ("max_message_size", "max_fragment_size", "current_size"):  # what api/transport.py reads
         assert hasattr(protocol, name), (name, websockets.__version__)
+
+
+def test_a_websockets_below_the_floor_stops_the_server_with_one_line(capsys, monkeypatch):
+    """`pip install "openai[realtime]"` (OpenAI's documented install for the Realtime API) into the server's
+    environment takes websockets to 15.0.1 (that extra pins <16) with only a resolver warning; the server then said
+    ready and dropped every handshake. It refuses to start instead, naming the version and the fix (first-hour 10)."""
+    from audio_interaction_server import __main__ as server_main
+
+    assert server_main.websockets_problem() is None  # the installed one (the lock's) serves
+    assert server_main.websockets_problem("16.0") is None
+    problem = server_main.websockets_problem("15.0.1")
+    assert "websockets 15.0.1" in problem and 'pip install "websockets>=16"' in problem
+    assert "openai[realtime]" in problem
+    assert server_main.WEBSOCKETS_FLOOR == 16
+
+    installed_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "15.0.1" if name == "websockets" else installed_version(name))
+    parser = argparse.ArgumentParser()
+    server_main.add_serve_arguments(parser)
+    status = server_main.serve(parser.parse_args(["--demo", "--port", "1"]))  # refused before any port is bound
+    assert status == server_main.EXIT_BAD_CONFIG
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: websockets 15.0.1 is installed")

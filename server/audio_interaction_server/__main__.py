@@ -13,6 +13,7 @@ supervises one engine process and N front processes, front i on port P + i (docs
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import re
@@ -112,7 +113,7 @@ EXIT_STATUSES = f"""exit status:
      front_hang_timeout_s (an error: line says why); with --fronts: also the engine process died, or a
      front kept dying
   {EXIT_BAD_CONFIG}  invalid configuration or command line (the message names the field and its source), also a
-     --checkpoint that is neither a directory nor a Hugging Face repo id
+     --checkpoint that is neither a directory nor a Hugging Face repo id, or a websockets older than 16
   {EXIT_CANNOT_LISTEN}  cannot listen on the host and port (in use, not permitted, no such address)
 """
 
@@ -142,6 +143,28 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     from audio_interaction_server.model.hub import checkpoint_source_problem  # imports torch: only for a non-directory
 
     return checkpoint_source_problem(checkpoint)
+
+
+# pyproject.toml's floor, for the reason given there: api/transport.py drives the state of websockets' sans-I/O
+# ServerProtocol that releases before 16 do not have, so with one the server says ready and every handshake dies.
+WEBSOCKETS_FLOOR = 16
+
+
+def websockets_problem(version: str | None = None) -> str | None:
+    """Why the installed websockets cannot serve, or None. pip installs the floor, but another package installed
+    later into the same environment can take it below: ``pip install "openai[realtime]"`` (what OpenAI's own
+    documentation says for the Realtime API) pins websockets<16 and gets 15.0.1, with only a resolver warning."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("websockets")
+        except importlib.metadata.PackageNotFoundError:
+            return f'websockets is not installed: pip install "websockets>={WEBSOCKETS_FLOOR}"'
+    major = re.match(r"\d+", version)
+    if major is not None and int(major.group()) >= WEBSOCKETS_FLOOR:
+        return None
+    return (f"websockets {version} is installed, and the server needs {WEBSOCKETS_FLOOR} or newer (with it every "
+            f'WebSocket handshake would fail): pip install "websockets>={WEBSOCKETS_FLOOR}" (pip check names the '
+            "package that took it lower; openai[realtime] does: the openai SDK works without that extra)")
 
 
 def prefer_passive_omp_wait() -> None:
@@ -196,6 +219,9 @@ def _serve(args: argparse.Namespace) -> int:
                              f"engine.device cuda (from {device_source})")
     if no_cuda is not None:
         report_error(no_cuda, config.log_format)
+        return EXIT_BAD_CONFIG
+    if (too_old := websockets_problem()) is not None:
+        report_error(too_old, config.log_format)
         return EXIT_BAD_CONFIG
 
     if config.fronts > 1:  # one engine process, N fronts, supervised by this process (api/fronts.py)
