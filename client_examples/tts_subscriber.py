@@ -88,6 +88,7 @@ class Speaker:
         self.num_done = self.num_failed = 0
         self._stderr_shown: str | None = None  # what the command last wrote to stderr, shown once while it repeats
         self._out_dir_problem: str | None = None  # why out_dir could not be made; "" once made
+        self.is_speaking = False  # a segment's command is running
 
     def _make_out_dir(self) -> str:
         """Why the segment cannot be written ("" when it can). The folder is made at the first segment, not at the
@@ -106,7 +107,15 @@ class Speaker:
 
     async def run(self) -> None:
         while (segment := await self.queue.get()) is not None:
-            await self._speak(segment)
+            self.is_speaking = True
+            try:
+                await self._speak(segment)
+            finally:
+                self.is_speaking = False
+
+    def num_left(self) -> int:
+        """Segments received and not yet spoken, the one being spoken included."""
+        return self.queue.qsize() + self.is_speaking
 
     async def _speak(self, segment: dict) -> None:
         name = f"turn{segment['turn']}_seg{segment['index']}"
@@ -213,6 +222,11 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
             if is_subscribed:
                 print(f"subscribed to session {session_id} again after {loop.time() - dropped_s:.1f} s: replies in "
                       "that time were missed", flush=True)
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: said at once, since speaking what is left can take minutes
+        if left := speaker.num_left():
+            note(f"stopped following; speaking the {left} segment{'s' if left != 1 else ''} already received "
+                 "first (Ctrl-C again, or a second SIGTERM, stops at once)")
+        raise
     finally:
         speaker.queue.put_nowait(None)
         await worker  # the segments already received are still spoken

@@ -1157,6 +1157,47 @@ def test_a_session_folder_another_subscriber_made_meanwhile_is_left_alone(monkey
     assert (session_dir / "turn0_seg0.wav").read_bytes() == b"the other subscriber's"
 
 
+def test_a_subscriber_stopped_with_segments_left_to_speak_says_so_at_once(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) stops following, then the segments already received are still spoken: with a backlog of
+    sentences that took half a minute and more, without a word, so Ctrl-C looked ignored (first-hour round 10)."""
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    command = tts_subscriber.TtsCommand(shlex.join([sys.executable, "-c", "import time; time.sleep(0.2)", "{text}"]),
+                                        writes_wav=False)
+    speaker = tts_subscriber.Speaker(command, None)
+
+    class Subscription:
+        close_code = None
+        close_reason = ""
+
+    async def subscribed(*_args, **_kwargs):
+        return Subscription(), True
+
+    async def three_segments_then_nothing(_websocket, speaker):
+        for index in range(3):
+            speaker.queue.put_nowait({"turn": 0, "index": index, "text": f"sentence {index}"})
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(tts_subscriber, "retry_while_busy", subscribed)
+    monkeypatch.setattr(tts_subscriber, "read_events", three_segments_then_nothing)
+
+    async def scenario() -> None:
+        following = asyncio.create_task(tts_subscriber.follow("ws://127.0.0.1:9", "vm_0123456789abcdef0123456789abcdef",
+                                                              None, speaker, 0))
+        await asyncio.sleep(0.1)  # the first segment is being spoken, two wait
+        capsys.readouterr()
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+
+    asyncio.run(scenario())
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("stopped following; speaking the 3 segments already received first (Ctrl-C again, or a second "
+                      "SIGTERM, stops at once)"), err
+    assert speaker.num_done == 3
+
+
 # What espeak-ng does on a machine without a sound card: it says so on stderr and exits 0.
 SILENT_TTS = '''
 import sys
