@@ -368,3 +368,29 @@ def test_freezing_the_lock_without_the_test_extra_says_what_to_install(monkeypat
     assert str(ended.value.code).startswith("error: surely-not-installed-here==1.0 is required but not installed "
                                             "here: install the project with its test extra first")
     assert not (tmp_path / "constraints.txt").exists()
+
+
+def test_the_lock_follows_the_extras_of_a_project_reached_again_with_them():
+    """The closure skipped a project it had seen, whatever extras the new edge asked for: reached first as
+    `livekit-agents` and then as `livekit-agents[codecs,images]` (livekit-plugins-openai's edge), the images extra's
+    pillow was left out of the lock, depending only on the order the edges were walked (first-hour round 10)."""
+    from packaging.requirements import Requirement
+
+    from audio_interaction_server.tools.freeze_constraints import runtime_closure
+
+    with_extras = Requirement("livekit-agents[codecs,images]")
+    alone = runtime_closure([with_extras])
+    assert "pillow" in alone
+    for roots in ([with_extras, Requirement("livekit-agents")], [Requirement("livekit-agents"), with_extras]):
+        assert runtime_closure(roots) == alone
+
+
+def test_freezing_the_lock_into_a_folder_or_a_missing_one_is_one_line(tmp_path):
+    """A folder, or a path in a folder that does not exist, ended in an IsADirectoryError / FileNotFoundError
+    traceback (first-hour round 10)."""
+    from audio_interaction_server.tools import freeze_constraints
+
+    for output, why in ((tmp_path, "Is a directory"), (tmp_path / "nope" / "constraints.txt", "No such file")):
+        with pytest.raises(SystemExit) as ended:
+            freeze_constraints.main([str(output)])
+        assert str(ended.value.code).startswith(f"error: cannot write {output}: {why}"), ended.value.code

@@ -68,22 +68,27 @@ def runtime_closure(roots: list[Requirement]) -> dict[str, str]:
     environment that cannot run the server would pin the wrong thing.
     """
     versions: dict[str, str] = {}
+    expanded: dict[str, set[str]] = {}  # the extras (and "", the base) whose requirements were followed, by project
     pending = list(roots)
     while pending:
         requirement = pending.pop()
         name = canonical_name(requirement.name)
-        if name in versions:
+        # A project reached again with extras not followed before (`pkg` first, then `pkg[extra]`) adds their
+        # requirements: checking the name alone dropped them, depending on the order the edges were walked.
+        extras = {canonical_name(extra) for extra in requirement.extras} | {""}
+        new_extras = extras - expanded.get(name, set())
+        if not new_extras:
             continue
         try:
             distribution = importlib.metadata.distribution(requirement.name)
         except importlib.metadata.PackageNotFoundError:
             raise LookupError(f"{requirement} is required but not installed here") from None
         versions[name] = distribution.version
+        expanded.setdefault(name, set()).update(new_extras)
         # Only the extras this edge asked for switch on "extra == ..." requirements.
-        extras = requirement.extras or {""}
         for text in distribution.requires or []:
             child = Requirement(text)
-            if child.marker is None or any(child.marker.evaluate({"extra": extra}) for extra in extras):
+            if child.marker is None or any(child.marker.evaluate({"extra": extra}) for extra in new_extras):
                 pending.append(child)
     return versions
 
@@ -113,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     except LookupError as missing:  # the lock is written from what is installed: all of it must be
         sys.exit(f"error: {missing}: install the project with its test extra first "
                  "(pip install \"torch==2.13.0\" -e \".[test]\"), then run this again")
-    args.output.write_text(constraints_text(versions))
+    try:
+        args.output.write_text(constraints_text(versions))
+    except OSError as error:  # a folder, a folder that does not exist, no permission: one line, not a traceback
+        sys.exit(f"error: cannot write {args.output}: {error.strerror or error}")
     num_pinned = len(versions.keys() - EXCLUDED) + len(CUDA_BUILD_PINS)
     print(f"{args.output}: {num_pinned} pinned packages")
 
