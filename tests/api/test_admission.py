@@ -220,9 +220,17 @@ def test_a_client_secret_opens_the_two_session_endpoints_and_nothing_else(tiny_c
             with server.connect(f"/v1/sessions/{session_id}/events", key=secret) as subscriber:
                 events, code = recv_to_close(subscriber)
             assert [e["code"] for e in events] == ["unauthorized"] and code == 1008
+            # Said so: "missing or wrong API key" alone sent the holder of a valid secret to check it (first-hour 10)
+            assert events[0]["message"] == ("missing or wrong API key (a client secret opens only /v1/stream and "
+                                             "/v1/realtime; this needs the API key)"), events
+            assert len(f"unauthorized: {events[0]['message']}".encode()) <= 123  # whole in the close frame too
+            with server.connect(f"/v1/sessions/{session_id}/events", key="wrong") as subscriber:
+                events, code = recv_to_close(subscriber)
+            assert events[0]["message"] == "missing or wrong API key" and code == 1008, events
         with server.connect("/v1/realtime", key=secret) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
-        assert server.get("/v1/load", as_secret)[0] == 401
+        status, body = server.get("/v1/load", as_secret)
+        assert status == 401 and "a client secret opens only /v1/stream and /v1/realtime" in json.loads(body)["error"]
         assert "sessions" not in json.loads(server.get("/v1/info", as_secret)[1])
         assert "sessions" in json.loads(server.get("/v1/info", AUTHORIZED)[1])
         assert post(server, "/v1/admin/drain", as_secret)[0] == 401 and not server.runtime.is_draining

@@ -94,6 +94,19 @@ def opens_sessions(runtime: Runtime, offered: str | None) -> bool:
     return runtime.client_secrets is not None and runtime.client_secrets.is_valid(offered, time.time())
 
 
+# What an endpoint that takes the API key itself tells a valid client secret: "missing or wrong API key" alone sent
+# a browser's developer, whose secret had just opened /v1/stream, to check a key that was right for what it opens.
+# Short enough for the whole refusal to fit a close frame's reason.
+SECRET_NOT_ENOUGH = "a client secret opens only /v1/stream and /v1/realtime; this needs the API key"
+
+
+def wrong_key_message(runtime: Runtime, offered: str | None) -> str:
+    """Why ``offered`` is refused where the API key itself is needed (a subscriber, /v1/load)."""
+    if offered is not None and opens_sessions(runtime, offered):
+        return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"
+    return "missing or wrong API key"
+
+
 def origin_refusal(runtime: Runtime, connection: HTTPConnection) -> Refusal | None:
     origin = connection.headers.get("origin")
     allowed = runtime.config.allowed_origins
@@ -107,8 +120,8 @@ def _client_refusal(runtime: Runtime, connection: HTTPConnection,
                     is_accepted: Callable[[Runtime, str | None], bool] = opens_sessions) -> Refusal | None:
     # The key first: a client without it gets the same answer whatever its Origin, so the
     # allowed list cannot be probed one origin at a time.
-    if not is_accepted(runtime, offered_key(connection)):
-        return Refusal("unauthorized", "missing or wrong API key", CloseCode.POLICY)
+    if not is_accepted(runtime, offered := offered_key(connection)):
+        return Refusal("unauthorized", wrong_key_message(runtime, offered), CloseCode.POLICY)
     return origin_refusal(runtime, connection)
 
 

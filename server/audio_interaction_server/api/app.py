@@ -138,8 +138,8 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     @app.api_route("/v1/load", methods=["GET", "HEAD"])
     async def load(request: Request) -> Response:
         """How full this replica is; needs the API key (when one is set: a client secret is not enough)."""
-        if not admission.is_api_key(runtime, admission.offered_key(request)):
-            return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
+        if not admission.is_api_key(runtime, offered := admission.offered_key(request)):
+            return JSONResponse({"error": admission.wrong_key_message(runtime, offered)}, status_code=401)
         report = runtime.load_report()
         return JSONResponse({"replica_id": report.replica_id, "active": report.active, "detached": report.detached,
                              "max": report.max, "free": report.free, "subscribers": report.subscribers,
