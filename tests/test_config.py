@@ -21,6 +21,20 @@ def test_agent_port_equal_to_port_is_refused():
     assert load_config(None, {"AIS_PORT": "0", "AIS_AGENT_PORT": "0"}).agent_port == 0  # each any free port
 
 
+def test_fronts_past_the_last_port_name_only_the_port_that_overflows():
+    """`--fronts 2 --port 65535` without an agent said "port + 1 and agent_port + 1 must be ports ... agent_port from
+    default.yaml": an agent port that is null, and no word of the limit or the way out (first-hour round 10)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {}, {"port": 65535, "fronts": 2})
+    message = str(error.value)
+    assert message.startswith("invalid server configuration: fronts (2): front 1 would listen on port + 1 = 65536, "
+                              "past 65535, the last TCP port: choose a lower port, or fewer fronts"), message
+    assert "agent_port" not in message, message
+    with pytest.raises(ConfigError, match=r"would listen on agent_port \+ 2 = 65537, past 65535"):
+        load_config(None, {"AIS_AGENT_PORT": "65535"}, {"port": 9000, "fronts": 3})
+    assert load_config(None, {}, {"port": 65534, "fronts": 2}).fronts == 2
+
+
 def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_came_from(tmp_path):
     """An error of one field names its source ("(from environment AIS_PORT)"); one across fields (agent_port equal
     to port, fronts' port ranges overlapping, a certificate without its key) said "(top level): Value error, ..."

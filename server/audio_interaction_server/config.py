@@ -581,8 +581,13 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _fronts_ports_fit(self) -> ServerConfig:
         last = self.fronts - 1
-        if max(self.port, self.agent_port or 0) + last > 65535:
-            raise ValueError(f"fronts ({self.fronts}): port + {last} and agent_port + {last} must be ports")
+        # Only the ports that overflow are named: agent_port null (no agent) was named all the same.
+        ports = (("port", self.port), ("agent_port", self.agent_port))
+        past = [f"{name} + {last} = {value + last}" for name, value in ports
+                if value is not None and value + last > 65535]
+        if past:
+            raise ValueError(f"fronts ({self.fronts}): front {last} would listen on {' and '.join(past)}, past 65535, "
+                             "the last TCP port: choose a lower port, or fewer fronts")
         if not last and self.port and self.agent_port == self.port:
             raise ValueError(f"agent_port ({self.agent_port}) must differ from port ({self.port}): the capacity "
                              "agent would take the server's connections")
