@@ -35,6 +35,27 @@ def test_fronts_past_the_last_port_name_only_the_port_that_overflows():
     assert load_config(None, {}, {"port": 65534, "fronts": 2}).fronts == 2
 
 
+def test_settings_under_a_section_that_does_not_exist_are_told_where_they_belong(tmp_path):
+    """`server: {port: 9000}` (a guess at where the port goes) said only "server: no such setting"; the settings of
+    another section under a made-up one (`model: {checkpoint: ...}`) the same (first-hour round 10)."""
+    config = tmp_path / "server.yaml"
+    config.write_text("server:\n  port: 9000\n  host: 0.0.0.0\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config, {})
+    assert str(error.value) == ("invalid server configuration: server: no such section: host, port are top-level "
+                                f"settings, written without a section (from {config})"), error.value
+    config.write_text("model:\n  checkpoint: /models\n")
+    with pytest.raises(ConfigError, match=r"model: no such section: checkpoint is a setting of engine \(did you mean "
+                                          r"engine.checkpoint\?\)"):
+        load_config(config, {})
+    with pytest.raises(ConfigError, match=r"server: no such section: port is a top-level setting \(did you mean "
+                                          r"AIS_PORT\?\) \(from environment AIS_SERVER__PORT\)"):
+        load_config(None, {"AIS_SERVER__PORT": "9000"})
+    config.write_text("server:\n  prot: 9000\n")  # a name no section has: as before
+    with pytest.raises(ConfigError, match=r"server: no such setting \(from"):
+        load_config(config, {})
+
+
 def test_a_check_across_settings_says_in_one_line_where_each_setting_it_names_came_from(tmp_path):
     """An error of one field names its source ("(from environment AIS_PORT)"); one across fields (agent_port equal
     to port, fronts' port ranges overlapping, a certificate without its key) said "(top level): Value error, ..."

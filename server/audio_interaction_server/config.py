@@ -764,6 +764,8 @@ def _describe(error: ValidationError, sources: dict[tuple[str, ...], str]) -> st
             if item["type"] == "extra_forbidden":  # a misspelt name, most likely: the one meant, spelt as given
                 meant = _meant(path)
                 message = "no such setting" + (f" (did you mean {_spelt(meant, source)}?)" if meant else "")
+                if (section := _section_meant(path, item.get("input"))) is not None:
+                    message = _section_hint(section, item["input"], source)
             if source is not None and source.startswith("environment ") and item.get("input") == "null":
                 message += f"; for null, leave it empty ({source.removeprefix('environment ')}=)"
             described.append(f"{'.'.join(path)}: {message}" + (f" (from {source})" if source else ""))
@@ -795,6 +797,37 @@ def _meant(path: tuple[str, ...]) -> tuple[str, ...] | None:
         return near
     close = difflib.get_close_matches(name, _leaf_names(section), n=1)  # a setting, never a section's name
     return (*section, close[0]) if close else None
+
+
+def _section_meant(path: tuple[str, ...], value: Any) -> tuple[str, ...] | None:
+    """The section whose settings ``value``, given as an unknown section at ``path``, are (``()``: the top level),
+    or None: ``server: {port: 9000}`` (a guess at a section the top level's own settings do not have) is ``()``."""
+    if not isinstance(value, dict) or not value or not all(isinstance(key, str) for key in value):
+        return None
+    for section in _sections(()):
+        if section != path and set(value) <= set(_leaf_names(section)):
+            return section
+    return None
+
+
+def _section_hint(section: tuple[str, ...], value: dict, source: str | None) -> str:
+    names = sorted(value)
+    where = "a top-level setting" if not section else f"a setting of {'.'.join(section)}"
+    if len(names) > 1:
+        where = "top-level settings" if not section else f"settings of {'.'.join(section)}"
+    said = f"no such section: {', '.join(names)} {'is' if len(names) == 1 else 'are'} {where}"
+    if not section and not (source or "").startswith("environment "):
+        return f"{said}, written without a section"
+    return f"{said} (did you mean {_spelt((*section, names[0]), source)}?)"
+
+
+def _sections(section: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """``section`` and every section inside it, depth first."""
+    found = [section]
+    for name in _setting_names(section):
+        if _setting_names((*section, name)):
+            found += _sections((*section, name))
+    return found
 
 
 def _split_into_sections(section: tuple[str, ...], words: list[str]) -> tuple[str, ...] | None:
