@@ -713,3 +713,29 @@ def test_every_budget_from_the_one_the_hint_names_up_fits():
     assert hint is not None
     least = int(re.search(r"--max-positions (\d+) or more", hint).group(1))
     assert all(cli.context_budget_error(46, positions, 2500) is None for positions in range(least, 8192, 7))
+
+
+def test_run_without_checkpoint_says_it_does_not_read_the_servers_exported_one(capsys, monkeypatch, tiny_checkpoint,
+                                                                               tmp_path):
+    """With the server's AIS_ENGINE__CHECKPOINT exported and no --checkpoint, run served the demo, and the demo's
+    banner said to give AIS_ENGINE__CHECKPOINT, the variable that was set (first-hour round 10)."""
+    import numpy as np
+    import soundfile
+
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, np.zeros(6400, dtype=np.int16), 16000)
+
+    def run_err(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run", "--max-turn-tokens", "4", "--trailing-silence", "0", *args, str(clip)])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().err
+
+    monkeypatch.setenv("AIS_ENGINE__CHECKPOINT", "/models/audio-interaction")
+    monkeypatch.setattr("audio_interaction_server.demo.make_tiny_checkpoint.ensure_demo_checkpoint",
+                        lambda: tiny_checkpoint)
+    err = run_err()
+    assert ("AIS_ENGINE__CHECKPOINT (/models/audio-interaction) is the server's setting, which run does not read: it "
+            "takes the checkpoint as --checkpoint (--checkpoint /models/audio-interaction)") in err, err
+    assert "Give a checkpoint (--checkpoint) for the real one." in err and "AIS_ENGINE__CHECKPOINT for" not in err
+    assert "server's setting" not in run_err("--demo")  # --demo asked for the demo

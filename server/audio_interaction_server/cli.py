@@ -248,7 +248,15 @@ def streaming_clips(files: list[Path], silence_s: float) -> Iterator[list[Padded
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     from audio_interaction_server.demo.source import resolve_model_source
 
-    return resolve_model_source(checkpoint)
+    return resolve_model_source(checkpoint, given_by="--checkpoint")
+
+
+def warn_of_the_servers_checkpoint(args: argparse.Namespace) -> None:
+    """run reads no AIS_* setting of the server's: with the server's checkpoint exported and no --checkpoint it ran
+    the demo, whose warning told the user to set the AIS_ENGINE__CHECKPOINT they had set (first-hour round 10)."""
+    if args.checkpoint is None and not args.demo and (exported := os.environ.get("AIS_ENGINE__CHECKPOINT")):
+        log.warning("AIS_ENGINE__CHECKPOINT (%s) is the server's setting, which run does not read: it takes the "
+                    "checkpoint as --checkpoint (--checkpoint %s)", exported, exported)
 
 
 # Which command-line flag sets each validated field, so an error names what the user typed.
@@ -320,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(no_cuda)
 
     try:
+        warn_of_the_servers_checkpoint(args)
         checkpoint = resolve_checkpoint(args.checkpoint)
         # The context budget against the trained prompt's length, from the tokenizer alone: before the weights.
         tokenizer = load_tokenizer(resolve_files(checkpoint))
