@@ -212,3 +212,24 @@ def test_scratch_left_in_the_cache_by_a_stopped_start_is_removed_by_the_next(tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
     with qwen_vocab.tempfile.TemporaryDirectory(dir=tmp_path, prefix=qwen_vocab._scratch_prefix()) as scratch:
         assert Path(scratch).name.startswith(f"{ours}{os.getpid()}-")
+
+
+def test_the_readme_tools_say_in_one_line_what_they_cannot_do(tmp_path, capsys) -> None:
+    """Two tools of the README's table ended in a traceback: qwen_vocab given a file (FileExistsError) and
+    random_model --device cuda on a host without CUDA (CheckpointError) (first-hour round 10)."""
+    import torch
+
+    from audio_interaction_server.demo import qwen_vocab, random_model
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as ended:
+        qwen_vocab.main([str(a_file)])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot write the tokenizer files into {a_file}: it is a file, not a "
+                                       "folder\n")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as ended:
+            random_model.main(["--preset", "tiny", "--device", "cuda"])
+        assert ended.value.code == 2
+        assert capsys.readouterr().err == "error: device 'cuda' was requested but torch sees no CUDA device\n"

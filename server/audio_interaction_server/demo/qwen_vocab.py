@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
         write_tokenizer_files(args.out_dir)
     except VocabUnavailable as error:
         parser.exit(1, f"error: {error}\n")
+    except OSError as error:  # a file of that name, no permission: one line, not a traceback
+        why = "it is a file, not a folder" if args.out_dir.is_file() else (error.strerror or str(error))
+        parser.exit(2, f"error: cannot write the tokenizer files into {args.out_dir}: {why}\n")
     print(f"wrote {args.out_dir / 'tokenizer.json'} and {args.out_dir / 'tokenizer_config.json'}")
 
 

@@ -22,6 +22,7 @@ from audio_interaction_server.model.checkpoint import (
     LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
 )
 from audio_interaction_server.model.encoder import AudioTower, AudioTowerConfig
+from audio_interaction_server.model.layout import CheckpointError
 from audio_interaction_server.model.lm import AudioInteractionLM
 from audio_interaction_server.demo.make_tiny_checkpoint import PRESETS, ensure_demo_checkpoint
 
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    random_model(args.preset, args.device, args.dtype)
+    try:
+        random_model(args.preset, args.device, args.dtype)
+    except CheckpointError as error:  # --device cuda without one, a dtype the device lacks: one line
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":
