@@ -661,7 +661,8 @@ def test_an_engine_killed_mid_session_closes_sessions_and_takes_the_server_to_no
     while not live.fatal:  # what makes `python -m audio_interaction_server` exit 1 (next test)
         assert time.monotonic() < deadline, "the engine's death did not reach on_fatal"
         time.sleep(0.02)
-    assert "engine process exited" in live.fatal[0]
+    assert "the engine process was killed by SIGKILL (status -9; most often the kernel's out-of-memory killer" \
+        in live.fatal[0], live.fatal
     status, body = live.get("/ready")
     assert status == 503 and "worker died" in json.loads(body)["reason"]
     with live.connect() as ws:  # a new stream is refused at once, not left waiting for an engine
@@ -678,7 +679,7 @@ def test_an_engine_killed_mid_session_makes_the_server_exit_1(resume_server, sha
         os.kill(engine_pid_of(process.pid), signal.SIGKILL)
         assert_closed_by_engine_failure(*recv_to_close(ws))
     assert process.wait(30) == 1
-    assert "engine process exited with status -9" in process.stderr.read()
+    assert "engine process was killed by SIGKILL (status -9; " in process.stderr.read()
 
 
 HUNG_STEP = """
@@ -835,3 +836,16 @@ def test_a_worker_stall_is_not_judged_across_a_stillness_of_the_engine_process_i
             break
     else:
         raise AssertionError("a worker still for 4 s after the thaw was never judged hung")
+
+
+def test_the_end_of_the_engine_process_names_a_killing_signal():
+    """A tree whose engine the out-of-memory killer took ended with "error: the engine process exited with status -9
+    (its log says why)": a killed process logs nothing (first-hour round 10)."""
+    from audio_interaction_server.engine.process_client import engine_ended
+
+    assert engine_ended(1) == "the engine process exited with status 1 (its log says why)"
+    assert engine_ended(1, log_hint=None) == "the engine process exited with status 1"
+    killed = engine_ended(-signal.SIGKILL)
+    assert killed.startswith("the engine process was killed by SIGKILL (status -9; most often the kernel's "
+                             "out-of-memory killer") and "its log says why" not in killed, killed
+    assert engine_ended(-signal.SIGSEGV) == "the engine process was killed by SIGSEGV (status -11)"

@@ -98,6 +98,13 @@ _FINAL_FRONT_STATUSES = {
 }
 
 
+def _engine_ended(status: int | None) -> str:
+    """The tree's last word on its engine's end (a killing signal named); imported late: no torch at import."""
+    from audio_interaction_server.engine.process_client import engine_ended
+
+    return engine_ended(status)
+
+
 @dataclass(frozen=True)
 class EngineEnded:
     """The supervisor's word to a front, by its orders pipe, that the engine process has ended."""
@@ -291,7 +298,7 @@ class Supervisor:
                 log.error("the engine process exited with status %s: the fronts end any sessions they hold "
                           "(worker_failed); stopping", self.engine.exitcode)
                 # (Its own reason, if it said one, is preferred as the tree's last line: ``supervise``.)
-                self.last_word = f"the engine process exited with status {self.engine.exitcode} (its log says why)"
+                self.last_word = _engine_ended(self.engine.exitcode)
                 return self._take_down(EXIT_CANNOT_SERVE, signal.SIGINT, wait_s=_lost_engine_wait_s())
             for index, front in list(self.fronts.items()):
                 if front.exitcode is not None:
@@ -353,7 +360,7 @@ class Supervisor:
         if self.engine is not None:
             if self.engine.exitcode not in (None, 0):  # it died while the fronts stopped: not a clean stop
                 log.error("the engine process exited with status %s while the fronts stopped", self.engine.exitcode)
-                self.last_word = f"the engine process exited with status {self.engine.exitcode} (its log says why)"
+                self.last_word = _engine_ended(self.engine.exitcode)
                 self.status = EXIT_CANNOT_SERVE
             self.engine.stop()
         return self.status

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -49,6 +50,23 @@ log = logging.getLogger(__name__)
 # What a front sends the engine.
 FrontMessage = (Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCommand | SessionDetached
                 | DetachEnded | AddressCut)
+
+
+
+def engine_ended(status: int | None, log_hint: str | None = "its log says why") -> str:
+    """How the engine process ended, for the operator's last line: ``exited with status 1 (its log says why)``, or
+    the signal that killed it. A SIGKILL (status -9) is most often the kernel's out-of-memory killer, and a killed
+    process logs nothing: "its log says why" sent the operator to a log without a word of it."""
+    if status is None or status >= 0:
+        return f"the engine process exited with status {status}" + (f" ({log_hint})" if log_hint else "")
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    if -status == signal.SIGKILL:
+        return (f"the engine process was killed by {name} (status {status}; most often the kernel's out-of-memory "
+                "killer, which `dmesg` or `journalctl -k` shows; it could log nothing)")
+    return f"the engine process was killed by {name} (status {status})"
 
 
 class EngineProcessClient:
@@ -168,8 +186,8 @@ class EngineProcessClient:
                 return answer
             if self.process is not None and self.process.sentinel in ready:
                 status = self.process.ended_status()
-                raise CannotServe(self.process.failure_reason() or f"the engine process exited with status {status} "
-                                  "before it served (the server log says why)")
+                raise CannotServe(self.process.failure_reason()
+                                  or f"{engine_ended(status, 'the server log says why')} before it served")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Leave the engine (stop it, if this front started it); sessions still open end with server_shutdown."""
@@ -339,7 +357,7 @@ class EngineProcessClient:
             if self.process is not None and self.process.sentinel in ready:
                 self._receive_waiting()  # what it sent before it ended comes first
                 if not self._leaving.is_set():
-                    self._engine_died(f"the engine process exited with status {self.process.ended_status()}")
+                    self._engine_died(engine_ended(self.process.ended_status(), log_hint=None))
                 return
             if self._stopping.is_set():
                 self._receive_waiting()
