@@ -321,3 +321,35 @@ def test_prompt_checks_are_budgeted_per_address_over_its_connections_and_a_known
         assert [configure(known) for _ in range(3)] == ["session.updated"] * 3  # encoded already: no tokenising
     finally:
         server.stop()
+
+
+def test_frames_heavy_in_json_items_are_budgeted_per_address_over_its_connections(tiny_checkpoint):
+    """A heavy frame spends the session's event budget by its JSON items, but each connection had a full one: an
+    address opening 9 connections a second, each sending one /v1/realtime frame of 49,000 wrong list items (~0.4 s
+    of the event loop to refuse) and leaving, within every limit, made a neighbour's decisions 3-5 s late (hostile
+    probe, round ten). The items are now also the client address's, over all its connections: beyond them such a
+    frame is refused unparsed with rate_limited; another address has its own."""
+    from websockets.sync.client import connect
+
+    # 20 events of 256 items at once: 5,120 items an address, 256 a second after that.
+    server = LiveServer(server_config(tiny_checkpoint, flood={"event_burst": 20, "events_per_s": 1.0})).start()
+    key = server.config.api_key.get_secret_value()
+    heavy = '{"type": "session.configure", ' + ", ".join(f'"k{i}": 0' for i in range(1_500)) + "}"  # 3,000 items
+
+    def answer(source: str = "127.0.0.1") -> str:
+        """A new connection's answer to the heavy frame: its error's code."""
+        sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+        with connect(f"ws://127.0.0.1:{server.port}/v1/stream", sock=sock, max_size=None,
+                     additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert recv_event(ws)["type"] == "session.created"
+            ws.send(heavy)
+            event = recv_event(ws)
+        assert event["type"] == "error", event
+        return event["code"]
+
+    try:
+        assert answer() == "invalid_event"  # parsed: unknown keys
+        assert answer() == "rate_limited"  # a new connection, the same address: its items are spent
+        assert answer(source="127.0.0.3") == "invalid_event"  # another address
+    finally:
+        server.stop()

@@ -3,7 +3,7 @@
 The event loop is shared by every session, and through the GIL by the worker thread too: a client
 that keeps it busy (frames refused as fast as its socket takes them, thousands of text events, a
 new long system prompt to tokenise every few milliseconds) makes every neighbour's decisions late.
-A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
+A ``FloodGuard`` gives each session four budgets (``config.FloodLimits``):
 
 - text events (everything but audio, refused ones included), a frame heavy in JSON items counting more
   (``JSON_ITEMS_PER_EVENT``, before it is parsed): a client past it is cut (1008);
@@ -15,6 +15,12 @@ A ``FloodGuard`` gives each session three budgets (``config.FloodLimits``):
 - system prompt characters checked (tokenised) on the event loop: past it, the event is refused
   with ``rate_limited`` and may be sent again later. This one is the client address's, shared by its sessions
   (``AddressBuckets``): refused without a cut, a client could otherwise refill it by reconnecting, at will.
+- JSON items of frames heavy in them, over all of a client address's sessions (``AddressBuckets``, as much as
+  one session's event budget holds, ``JSON_ITEMS_PER_EVENT`` per event): past it, such a frame is refused unparsed
+  with ``rate_limited``. The session's own event budget is a fresh one at every connection, and one frame of
+  ~50,000 items within it took ~0.4 s of the loop to refuse (a Realtime list of 49,000 wrong items): an address
+  opening 9 connections a second, each sending one such frame, kept the loop busy and made a neighbour's decisions
+  seconds late (hostile probe, round ten).
 
 The first two are a session's, so a client cut for a flood that reconnects at once would start with full ones:
 ``CutCooldown`` refuses its address new connections for a while (admission answers HTTP 429).
@@ -37,6 +43,15 @@ MIN_REFUSED_FRAME_S = 0.01
 JSON_ITEMS_PER_EVENT = 256
 
 _SLACK = 1e-9  # float sums of exact budgets (0.1 s frames) must not refuse the last one
+
+
+def json_items_rate_and_burst(limits: FloodLimits) -> tuple[float, float]:
+    """A client address's budget of the JSON items of heavy frames: what one session's event budget holds."""
+    return limits.events_per_s * JSON_ITEMS_PER_EVENT, float(limits.event_burst * JSON_ITEMS_PER_EVENT)
+
+
+def json_items_bucket(limits: FloodLimits, now_s: float) -> TokenBucket:
+    return TokenBucket(*json_items_rate_and_burst(limits), now_s)
 
 
 class TokenBucket:
@@ -90,13 +105,15 @@ class AddressBuckets:
 
 
 class FloodGuard:
-    def __init__(self, limits: FloodLimits, now_s: float, prompt_chars: TokenBucket | None = None) -> None:
-        """``prompt_chars``: the client address's budget of prompt characters (``AddressBuckets``); None: one of
-        the session's own (a session without a client address)."""
+    def __init__(self, limits: FloodLimits, now_s: float, prompt_chars: TokenBucket | None = None,
+                 json_items: TokenBucket | None = None) -> None:
+        """``prompt_chars``, ``json_items``: the client address's budgets of prompt characters and of the JSON items
+        of heavy frames (``AddressBuckets``); None: one of the session's own (a session without a client address)."""
         self.limits = limits
         self._events = TokenBucket(limits.events_per_s, limits.event_burst, now_s)
         self._refused_audio_s = TokenBucket(limits.refused_audio_speed, limits.refused_audio_burst_s, now_s)
         self._prompt_chars = prompt_chars or TokenBucket(limits.prompt_chars_per_s, limits.prompt_char_burst, now_s)
+        self._json_items = json_items or json_items_bucket(limits, now_s)
 
     def allows_event(self, now_s: float) -> bool:
         """One text event; False: the client floods (cut it)."""
@@ -107,6 +124,11 @@ class FloodGuard:
         client floods (cut it). The frame's own event is counted as any other, once it is decoded."""
         cost = num_items // JSON_ITEMS_PER_EVENT
         return cost == 0 or self._events.take(float(cost), now_s)
+
+    def json_items_wait_s(self, num_items: int, now_s: float) -> float:
+        """0 and ``num_items`` spent from the client address's budget when a frame that heavy may be parsed now; else
+        seconds to wait (nothing spent)."""
+        return self._json_items.take_or_wait_s(float(num_items), now_s)
 
     def allows_refused_audio(self, frame_s: float, now_s: float) -> bool:
         """One audio frame refused (not taken, whatever the reason); False: the client floods (cut it). A frame

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from audio_interaction_server import __version__
 from audio_interaction_server.api.addresses import AddressRateLimiter, client_key
-from audio_interaction_server.api.flood import FLOOD_CUTS, AddressBuckets, CutCooldown
+from audio_interaction_server.api.flood import FLOOD_CUTS, AddressBuckets, CutCooldown, json_items_rate_and_burst
 from audio_interaction_server.api.metrics import SESSION_STATE, Metrics, malloc_trim
 from audio_interaction_server.api.session import CLOSE_GRACE_S, ModelInfo, Session
 from audio_interaction_server.config import ServerConfig
@@ -153,6 +153,8 @@ class Runtime:
         # System prompt characters each client address may have checked (tokenised on the event loop), over all of
         # its sessions: a session's own budget would be full again at every reconnect.
         self.prompt_checks = AddressBuckets(config.flood.prompt_chars_per_s, config.flood.prompt_char_burst)
+        # The JSON items of heavy text frames each client address may have parsed, over all of its sessions (flood.py).
+        self.json_item_checks = AddressBuckets(*json_items_rate_and_burst(config.flood))
         # Ephemeral client secrets (api/realtime/secrets.ClientSecrets, set by the realtime routes): admission
         # accepts a valid one wherever it accepts the API key. None = API key only.
         self.client_secrets: Any | None = None
@@ -183,9 +185,10 @@ class Runtime:
         info = ModelInfo(model.name, self.config.is_demo, model.tokenizer)
         now_s = time.monotonic()
         prompt_chars = None if client_address is None else self.prompt_checks.bucket(client_address, now_s)
+        json_items = None if client_address is None else self.json_item_checks.bucket(client_address, now_s)
         return Session(session_id, self.config, info, self.worker, engine_emit, now_s,
                        observer=self.metrics if observer is None else observer, client_address=client_address,
-                       prompt_chars=prompt_chars)
+                       prompt_chars=prompt_chars, json_items=json_items)
 
     def register(self, session_id: str, connection: RegisteredConnection) -> None:
         """Count a session against capacity. Call before the first await after admission, so that two

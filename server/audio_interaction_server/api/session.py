@@ -36,7 +36,7 @@ from audio_interaction_server.api.commands import (
     Malformed, RequestReply, Unset,
 )
 from audio_interaction_server.api.addresses import client_key
-from audio_interaction_server.api.flood import FloodGuard, TokenBucket
+from audio_interaction_server.api.flood import FloodGuard, TokenBucket, json_items_rate_and_burst
 from audio_interaction_server.audio.pcm import AudioFormatError
 from audio_interaction_server.audio.stream import CHUNK_S, AudioInput
 from audio_interaction_server.options import SessionOptions
@@ -114,8 +114,10 @@ class Session:
     def __init__(self, session_id: str, config: ServerConfig, model: ModelInfo, engine: Engine,
                  engine_emit: Callable[[list[EngineEvent]], None], now_s: float,
                  observer: SessionObserver | None = None, wall_clock: Callable[[], float] = time.time,
-                 client_address: str | None = None, prompt_chars: TokenBucket | None = None) -> None:
-        """``prompt_chars``: the client address's budget of system prompt characters checked (``flood.py``)."""
+                 client_address: str | None = None, prompt_chars: TokenBucket | None = None,
+                 json_items: TokenBucket | None = None) -> None:
+        """``prompt_chars``, ``json_items``: the client address's budgets of system prompt characters checked and of
+        the JSON items of heavy frames parsed (``flood.py``)."""
         self.session_id = session_id
         self.client_address = client_address  # the engine charges it for the prompt's prefill (None: nobody)
         self.config = config
@@ -155,7 +157,7 @@ class Session:
         self._dropped_unheard_s = 0.0
         self._dropped_unheard_at_s = now_s
         self._drain_deadline_s: float | None = None
-        self._flood = FloodGuard(config.flood, now_s, prompt_chars)
+        self._flood = FloodGuard(config.flood, now_s, prompt_chars, json_items)
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -237,11 +239,21 @@ class Session:
         raise TypeError(f"not a session command: {command!r}")
 
     def take_json_items(self, num_items: int, now_s: float) -> list:
-        """A text frame's JSON items, counted before it is decoded (api/flood.py): nothing, or the cut for a flood
-        (the frame is then not decoded)."""
-        if self.is_closed or self._flood.allows_json_items(num_items, now_s):
+        """A text frame's JSON items, counted before it is decoded (api/flood.py): nothing; or, and the frame is then
+        not decoded, the cut for a flood, or ``rate_limited`` while the client address's budget of items is spent
+        (over all of its connections: a new connection's own event budget is a full one)."""
+        if self.is_closed:
             return []
-        return self._cut_off("event_flood", self._flood.event_flood_message(), Malformed("event_flood", ""))
+        if not self._flood.allows_json_items(num_items, now_s):
+            return self._cut_off("event_flood", self._flood.event_flood_message(), Malformed("event_flood", ""))
+        wait_s = self._flood.json_items_wait_s(num_items, now_s)
+        if not wait_s:
+            return []
+        rate_per_s, burst = json_items_rate_and_burst(self.config.flood)
+        return self._error("rate_limited", f"a text frame of {num_items} JSON items (commas and colons) was not "
+                           f"parsed: frames heavy in them are budgeted per client address, over all its connections "
+                           f"({burst:.0f} items at once, then {rate_per_s:g} a second); send it again in "
+                           f"{wait_s:.1f} s")
 
     def on_engine_events(self, events: list[EngineEvent], now_s: float) -> list:
         if self.is_closed:
