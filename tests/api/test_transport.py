@@ -774,6 +774,22 @@ def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
         server.stop()
 
 
+def test_a_client_secret_request_spends_the_budget_by_its_json_items(tiny_checkpoint):
+    """POST /v1/realtime/client_secrets parses its body with pydantic, which builds an error per wrong item: a 60 KB
+    body of 30,000 wrong list items took ~0.2 s of the loop to refuse and counted as one request, so a server without
+    an API key let three keep-alive connections hold a real-time neighbour's decisions 3-5 s late (hostile probe,
+    round ten). Such a request now costs one more request of its client's budget per 256 JSON items."""
+    body = b'{"session": {"output_modalities": [' + b",".join([b"0"] * 3_000) + b"]}}"  # 3,000 items: 12 requests
+    request = (b"POST /v1/realtime/client_secrets HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 100})
+    try:
+        statuses, closed = pipelined_statuses(server.port, request, 20)
+        assert closed and statuses.count(400) <= 100 // 12 + 1 and statuses[-1] == 429, statuses
+    finally:
+        server.stop()
+
+
 def test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_and_its_address_cools_down(tiny_checkpoint):
     """The transport's flood cuts (data_frame_flood, control_frame_flood) closed the socket with 1008 and the session
     then waited for a resume like one whose network dropped: a client sending audio in 1 ms frames resumed, flooded

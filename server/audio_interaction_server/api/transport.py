@@ -138,6 +138,9 @@ REFUSED_BEFORE_THE_APP = "ais.refused_before_the_app"
 # of /health (5-6 ms of the event loop on the 2-core VM), and a scrape counted as one request let one address spend
 # half the loop inside its budget. A Prometheus scrape every few seconds is still far inside it.
 METRICS_REQUEST_COST = 20.0
+# Set in a plain request's scope by a route whose work grows with what the client sent (a JSON body: pydantic's error
+# per wrong item), as a count of requests: what the answer costs of its client's plain-request budget.
+REQUEST_COST = "ais.request_cost"
 
 
 class TransportGuard:
@@ -561,7 +564,8 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
         # pipelined connection past its address's budget is answered 429 and closed, not served its next one.
         # A trusted proxy's request is its client's: counted against it, refused by ``TransportGuard.wrap``.
         guard = self.transport_guard
-        cost = METRICS_REQUEST_COST if self.scope.get("path") == "/metrics" else 1.0
+        cost = cast(float, self.scope.get(REQUEST_COST) or (METRICS_REQUEST_COST if self.scope.get("path") == "/metrics"
+                                                             else 1.0))
         if guard.is_trusted_proxy(self._host):
             client = self.scope.get("client")
             if client is not None:
