@@ -790,6 +790,33 @@ def test_a_client_secret_request_spends_the_budget_by_its_json_items(tiny_checkp
         server.stop()
 
 
+def test_refused_websocket_handshakes_spend_the_plain_request_budget(tiny_checkpoint):
+    """A refused handshake (429 past connect_rate_per_ip, 404 on a path no WebSocket route serves, 401) costs the
+    loop what a plain request does, and spent nothing: one address opening connections as fast as it could, each
+    refused, held a real-time neighbour's decisions 2-6 s late (hostile probe, round ten). It now spends a request
+    of its client's plain-request budget, so that address's next connections are answered 429 as they are made."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.1, "http_request_burst": 5},
+                   connect_rate_per_ip=0.1, connect_burst_per_ip=1)
+    upgrade = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    def status(request: str, source: str = "127.0.0.1") -> int:
+        with open_socket(server.port, source=source) as sock:
+            sock.sendall(request.encode())
+            data, _ = read_until_closed(sock, timeout_s=5.0)
+        return int(data.split()[1])
+
+    try:
+        statuses = [status(upgrade.format(path="/nope")) for _ in range(3)]
+        statuses += [status(upgrade.format(path="/v1/stream")) for _ in range(3)]  # 101 (in-band 401), then 429
+        assert statuses[:3] == [404] * 3 and statuses[4:] == [429] * 2, statuses
+        # Five refusals spent the burst: a plain request of that address is refused as its connection is made.
+        assert status("GET /health HTTP/1.1\r\nHost: x\r\n\r\n") == 429
+        assert status("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", source="127.0.0.3") == 200
+    finally:
+        server.stop()
+
+
 def test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_and_its_address_cools_down(tiny_checkpoint):
     """The transport's flood cuts (data_frame_flood, control_frame_flood) closed the socket with 1008 and the session
     then waited for a resume like one whose network dropped: a client sending audio in 1 ms frames resumed, flooded

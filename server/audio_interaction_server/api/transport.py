@@ -733,6 +733,7 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self.num_direct_messages = 0  # messages the app's handler took (for tests)
         self.num_texts_sent_now = 0  # text messages written by send_text_now (for tests)
         self.cut_reason: str | None = None  # the flood this socket was closed for (_fail_policy)
+        self._refusal_counted = False  # a refused handshake spent its client's plain-request budget
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -751,10 +752,34 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        if self.response.status_code != 101:  # no WebSocket handshake (uvicorn answered it and closed)
+            self._count_refusal()
         if self.response.status_code == 101:  # the app's task is created, not yet run: the scope is still ours
             self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with,
                                                                    "send_text_now": self.send_text_now,
                                                                    "cut_reason": lambda: self.cut_reason}
+
+    async def send(self, message: Any) -> None:
+        if not self.handshake_complete and self.initial_response is None and \
+                message["type"] in ("websocket.close", "websocket.http.response.start"):
+            self._count_refusal()  # the app refuses the handshake (429, 404, 401, 503, ...)
+        await super().send(message)
+
+    def _count_refusal(self) -> None:
+        """A refused handshake costs the event loop what a plain request does (the head parsed, an answer written)
+        and spends a request of its client's plain-request budget, as one would: once that is spent, the address's
+        next connections are answered 429 as they are made (``GuardedHttpProtocol.connection_made``), before any
+        parsing. Upgrades spent nothing, so one address opening connections as fast as it could, each refused
+        (429 past ``connect_rate_per_ip``, 404 on a path no WebSocket route serves), kept the loop busy: ~1,500
+        a second held a real-time neighbour's decisions 2-6 s late (hostile probe, round ten). Accepted handshakes
+        are bounded by ``connect_rate_per_ip`` and spend nothing here."""
+        if self._refusal_counted:
+            return
+        self._refusal_counted = True
+        scope = getattr(self, "scope", None)
+        client = (scope or {}).get("client") or self.client  # a trusted proxy's client, as uvicorn resolved it
+        if client:
+            self.transport_guard.takes_http_request(client[0])
 
     def take_messages_with(self, handler: DirectMessageHandler | None) -> None:
         """Hand whole data messages to ``handler`` as they are read, instead of queueing them for ``receive``
