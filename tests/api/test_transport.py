@@ -634,6 +634,41 @@ def test_a_burst_of_the_same_warning_is_logged_once_then_counted(tiny_checkpoint
     assert lines[1].startswith("19 more like this")
 
 
+def test_the_log_lines_of_refused_websocket_handshakes_are_folded_into_bursts(tiny_checkpoint):
+    """uvicorn writes two INFO lines for each refused WebSocket handshake ('"WebSocket /nope" 404' and 'connection
+    rejected (404 Not Found)'), outside the burst limiter that folds warnings: one address opening connections as
+    fast as it could, each refused, grew the log by ~100 KB a second (hostile probe, round ten). They are now folded
+    like warnings: the first of each kind per window, then a count. An accepted handshake's lines are kept."""
+    server = start(tiny_checkpoint)
+    records = _Records()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level = uvicorn_log.level
+    uvicorn_log.setLevel(logging.INFO)  # as the server's default log_level has it
+    uvicorn_log.addHandler(records)
+    upgrade = (b"GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    try:
+        for _ in range(20):
+            with open_socket(server.port) as sock:
+                sock.sendall(upgrade)
+                data, _ = read_until_closed(sock, timeout_s=2.0)
+            assert data.startswith(b"HTTP/1.1 404"), data[:100]
+        with connect(f"ws://127.0.0.1:{server.port}/v1/stream",
+                     additional_headers={"Authorization": f"Bearer {API_KEY}"}):
+            pass
+        server.stop()  # the counts are written when their windows close, or at the latest on stop
+    finally:
+        uvicorn_log.removeHandler(records)
+        uvicorn_log.setLevel(level)
+        server.stop()
+    lines = [record.getMessage() for record in records.records]
+    rejected = [line for line in lines if "connection rejected" in line]
+    access = [line for line in lines if '"WebSocket /nope" 404' in line]
+    assert len(rejected) == 2 and rejected[1].startswith("19 more like this"), rejected
+    assert len(access) == 2 and access[1].startswith("19 more like this"), access
+    assert any('"WebSocket /v1/stream" [accepted]' in line for line in lines), lines
+
+
 def test_the_count_of_a_burst_is_written_when_its_window_ends():
     limiter = BurstLimiter(window_s=10.0)
     logger = logging.getLogger("test_transport.burst")

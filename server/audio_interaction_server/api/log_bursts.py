@@ -15,6 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+# INFO lines uvicorn writes once per refused WebSocket handshake (its access line for it, and websockets' "connection
+# rejected"): folded as warnings are. A flood of refused connections (429 past connect_rate_per_ip, 404 on a path no
+# WebSocket route serves) wrote two lines a connection, ~100 KB of log a second from one address (hostile probe,
+# round ten). An accepted handshake's lines ("[accepted]", "connection open") are another template: never held back.
+FOLDED_INFO_MESSAGES = frozenset({'%s - "WebSocket %s" %d', "connection rejected (%d %s)"})
+
 # Records are grouped by logger, level, the message's first line and the exception type;
 # beyond this many kinds, the rest share one (a message with a varying first line cannot
 # grow the table without bound).
@@ -29,7 +35,8 @@ class _Burst:
 
 
 class BurstLimiter(logging.Filter):
-    """Passes the first WARNING-or-above record of a kind per ``window_s``; counts the others."""
+    """Passes the first WARNING-or-above record of a kind per ``window_s`` (and of the INFO lines of refused
+    handshakes, ``FOLDED_INFO_MESSAGES``); counts the others."""
 
     def __init__(self, window_s: float = 10.0) -> None:
         super().__init__()
@@ -38,7 +45,10 @@ class BurstLimiter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or getattr(record, "is_burst_summary", False):
+        if getattr(record, "is_burst_summary", False):
+            return True
+        folded = isinstance(record.msg, str) and record.msg in FOLDED_INFO_MESSAGES
+        if record.levelno < logging.WARNING and not folded:
             return True
         now_s = time.monotonic()
         with self._lock:
