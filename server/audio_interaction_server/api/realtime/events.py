@@ -351,15 +351,23 @@ BETA_SESSION_FIELDS: dict[str, str | None] = {
 }
 
 
+# Bounds on the lists a client sends, far above what one uses (OpenAI's API takes at most 128 tools): an over-long
+# list is refused with one error, where validating it item by item built an error per wrong item (49,000 of them
+# took about 0.1 s of the event loop).
+MAX_MODALITIES = 16
+MAX_TOOLS = 128
+MAX_CONTENT_PARTS = 64
+
+
 class SessionIn(_Lenient):
     """A ``session.update``'s session; which fields were given matters (``model_fields_set``)."""
 
     type: str | None = None
     instructions: str | None = Field(None, max_length=8_000)
     max_output_tokens: int | Literal["inf"] | None = None
-    output_modalities: list[str] | None = None
+    output_modalities: list[str] | None = Field(None, max_length=MAX_MODALITIES)
     audio: AudioIn | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)
     # The beta-interface fields given (BETA_SESSION_FIELDS), in the client's order: the codec refuses them.
     _beta_fields: tuple[str, ...] = PrivateAttr(default=())
 
@@ -395,7 +403,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 
 class ResponseIn(_Lenient):
-    output_modalities: list[str] | None = None
+    output_modalities: list[str] | None = Field(None, max_length=MAX_MODALITIES)
     max_output_tokens: int | Literal["inf"] | None = None  # this response's cap; the session's bounds it
     metadata: Metadata | None = None
     conversation: str | None = None  # "none" = out of band: this server has one conversation, the audio's
@@ -421,7 +429,7 @@ class ItemIn(_Lenient):
     id: ClientId | None = None
     type: str
     role: str | None = None
-    content: list[ContentIn] | None = None
+    content: list[ContentIn] | None = Field(None, max_length=MAX_CONTENT_PARTS)
     call_id: ClientId | None = None
     output: str | None = None
 
