@@ -49,7 +49,8 @@ def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)",
             "  0    the session ended normally\n"
             "  1    the server refused or ended it, or stayed busy past --busy-retry-s"
             f"{also_fails} (the last line says why)\n"
-            "  2    bad arguments or input it cannot send, said before connecting\n"
+            "  2    bad arguments or input it cannot send, said before connecting (or, for a file damaged after its\n"
+            "       header, once the audio before it was heard)\n"
             f"  130  {on_ctrl_c}\n"
             "  141  its output was closed early (| head)\n"
             f"  143  {on_sigterm}")
@@ -81,6 +82,11 @@ def printable(text: str) -> str:
 
 class ClientError(Exception):
     """A failure the scripts report as one readable line, then exit non-zero."""
+
+
+class InputError(ClientError):
+    """The input failed while it streamed (a file damaged after its header): the audio sent before it is still
+    heard and answered, then the session closes and the script exits 2, the line saying why last."""
 
 
 class HandshakeDropped(ClientError):
@@ -635,6 +641,7 @@ class StreamSession:
         self.num_resumes = 0
         self.num_new_sessions = 0
         self.gave_up = False  # a lost session could not be replaced by a new one (said so as an error)
+        self.input_error: InputError | None = None  # the input failed mid-stream: what was sent is heard, then exit 2
         self._connected = True  # False while reconnecting: frames wait in the outbound log
         self._progress = asyncio.Event()  # set by every event: whoever waits looks again
         self._num_configures = 0
@@ -1150,6 +1157,9 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
     if code != 1000 and not session.gave_up:  # else the old close was said already, and the last word is why
         console.note(describe_close(code, reason))
     console.print_summary(session.transmitted_s)
+    if session.input_error is not None and failure is None:  # the input's own fault: said last, as a bad input
+        print(f"error: {session.input_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     is_ok = code == 1000 and not session.saw_fatal_error and failure is None
     return EXIT_OK if is_ok else EXIT_FAILED
 
@@ -1158,7 +1168,11 @@ async def _send_then_close(session: StreamSession, send_audio: SendAudio) -> Non
     # Decision events tell the sender how far the model has heard (see StreamSession.send_pcm); after a drop,
     # they also show whether the server had a flush (FLUSH_QUIET_S).
     await session.configure(decision_events=True)
-    await send_audio(session)
+    try:
+        await send_audio(session)
+    except InputError as error:  # what was sent before it is the user's audio all the same: heard, then closed
+        session.input_error = error
+        session.console.note(f"{error}: stopped sending; the audio sent before it is heard, then the session closes")
     await session.flush()
     await session.send_event({"type": "session.close"})
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from ais_client import (EXIT_USAGE, ClientError, ReplyConsole, StreamSession, add_busy_retry_argument,
+from ais_client import (EXIT_USAGE, ClientError, InputError, ReplyConsole, StreamSession, add_busy_retry_argument,
                         busy_retry_problem, default_api_key, endpoint_url, exit_status_help, run_main, run_stream)
 
 
@@ -147,8 +147,8 @@ def read_pcm(path: Path) -> np.ndarray:
         samples = soundfile.read(str(path), dtype="int16", always_2d=True)[0]
     except RuntimeError as error:  # soundfile.LibsndfileError
         if not path.is_file():  # removed or replaced while the files before it streamed
-            raise ClientError(f"{path}: no longer there (it was when streaming began)") from None
-        raise ClientError(f"cannot decode {path}: its audio is damaged after its header ({str(error).strip()})") \
+            raise InputError(f"{path}: no longer there (it was when streaming began)") from None
+        raise InputError(f"cannot decode {path}: its audio is damaged after its header ({str(error).strip()})") \
             from None
     return samples.astype("<i2", copy=False)
 

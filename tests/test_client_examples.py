@@ -763,22 +763,30 @@ def test_stream_file_refuses_a_wav_cut_short_before_connecting(shared_audio, tmp
 
 def test_stream_file_says_in_one_line_that_a_files_body_is_damaged_and_closes_its_session(live, tmp_path):
     """A FLAC whose header reads but whose body is damaged passed the check before connecting, then ended the client
-    with a 40-line traceback when its samples were read (first-hour review, round seven). It is now one line naming
-    the file, the session closed cleanly, status 1 (the session had begun)."""
-    whole = tmp_path / "whole.flac"
+    with a 40-line traceback when its samples were read (first-hour review, round seven); then with one line, the
+    session closed at once: the audio of the files before it, sent and accepted, was never heard, and the client
+    exited 1 with the summary last (round ten). The audio sent is heard now (flushed), and the last line says why
+    the rest was not sent, with a bad input's status, 2."""
     seconds = np.arange(19_200) / 16_000
-    soundfile.write(whole, (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32), 16_000)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32)
+    good = tmp_path / "good.wav"
+    soundfile.write(good, tone, 16_000)  # 1.2 s: three chunks
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, tone, 16_000)
     data = bytearray(whole.read_bytes())
     data[3000:8000] = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     damaged = tmp_path / "damaged.flac"
     damaged.write_bytes(bytes(data))
-    code, out, err = run_script("stream_file.py", live.ws_url, str(damaged), "--api-key", API_KEY, "--speed", "0",
-                                "--json", cwd=tmp_path)
-    assert code == 1 and "Traceback" not in "\n".join(err), err
-    assert f"cannot decode {damaged}: its audio is damaged after its header (Error : flac decoder lost sync.)" \
-        in err, err
+    code, out, err = run_script("stream_file.py", live.ws_url, str(good), str(damaged), "--api-key", API_KEY,
+                                "--speed", "0", "--json", "--decisions", cwd=tmp_path)
+    assert code == 2 and "Traceback" not in "\n".join(err), (code, err)
+    assert err[-1] == f"error: cannot decode {damaged}: its audio is damaged after its header (Error : flac decoder " \
+        "lost sync.)", err
     events = [json.loads(line) for line in out]
+    assert any(e["type"] == "input.flushed" for e in events), events  # what was sent was heard
+    assert [e["chunk"] for e in events if e["type"] == "decision"][:3] == [0, 1, 2]
     assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "client_closed", events[-1]
+    assert events[-1]["audio_received_s"] >= 1.2, events[-1]
 
 
 def test_stream_file_refuses_what_it_cannot_send_before_connecting(tmp_path):
