@@ -625,7 +625,9 @@ def test_unauthenticated_clients_learn_only_what_they_need(live):
     """Without the key: no API docs, no device or load figures, and the same refusal whatever the Origin
     (a different code for a foreign Origin would let anyone probe the allowed list)."""
     for path in ("/docs", "/redoc", "/openapi.json"):
-        assert live.get(path)[0] == 404, path
+        status, body = live.get(path)[:2]
+        # A bare {"detail": "Not Found"} left the user to find api_docs in docs/deployment.md (first-hour round 10).
+        assert status == 404 and b"AIS_API_DOCS=true" in body, (path, body)
     public = json.loads(live.get("/v1/info")[1])
     assert public["auth"] == "api_key" and public["protocol_version"] and public["audio"] and public["limits"]
     assert not {"model", "device", "dtype", "sessions"} & set(public), public

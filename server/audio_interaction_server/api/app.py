@@ -174,7 +174,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
         await _serve_subscriber(runtime, websocket, session_id)
 
     _add_realtime_routes(app, runtime)
-    _add_wrong_path_answers(app)
+    _add_wrong_path_answers(app, config)
     return app
 
 
@@ -182,10 +182,13 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
 WEBSOCKET_PATHS = ("/v1/stream", "/v1/realtime", "/v1/sessions/{session_id}/events")
 
 
-def _add_wrong_path_answers(app: FastAPI) -> None:
+API_DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+def _add_wrong_path_answers(app: FastAPI, config: ServerConfig) -> None:
     """After every other route: a plain GET on a WebSocket endpoint gets 426 Upgrade Required (not 404, which
-    reads as "no such endpoint"), and a WebSocket on a path no route serves gets 404 (not Starlette's 403, which
-    reads as a refused key)."""
+    reads as "no such endpoint"), a WebSocket on a path no route serves gets 404 (not Starlette's 403, which
+    reads as a refused key), and the API docs' paths, while they are off, a 404 that says how to turn them on."""
     async def upgrade_required(request: Request) -> Response:
         doc = "docs/realtime.md" if request.url.path == "/v1/realtime" else "docs/protocol.md"
         return PlainTextResponse(f"{request.url.path} is a WebSocket endpoint: connect with ws:// (or wss://), "
@@ -193,6 +196,14 @@ def _add_wrong_path_answers(app: FastAPI) -> None:
 
     for path in WEBSOCKET_PATHS:
         app.add_api_route(path, upgrade_required, methods=["GET", "HEAD"], include_in_schema=False)
+
+    async def api_docs_off(request: Request) -> Response:
+        return PlainTextResponse(f"the API docs are off: set api_docs: true (AIS_API_DOCS=true) to serve "
+                                 f"{', '.join(API_DOC_PATHS)}\n", status_code=404)
+
+    if not config.api_docs:
+        for path in API_DOC_PATHS:
+            app.add_api_route(path, api_docs_off, methods=["GET", "HEAD"], include_in_schema=False)
 
     @app.websocket("/{path:path}")
     async def no_such_endpoint(websocket: WebSocket, path: str) -> None:
