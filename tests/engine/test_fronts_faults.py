@@ -158,7 +158,10 @@ def test_a_busy_port_stops_the_tree_with_status_3_naming_it_before_anything_star
             stop(tree)
     tree.reader.join(10)
     log = "".join(tree.lines)
-    assert f"error: cannot listen on 127.0.0.1:{port + 1}: [Errno 98] Address already in use" in log
+    # Which front's port it is, and which ports the fronts need (it said only the port: the user gave another).
+    assert (f"error: cannot listen on 127.0.0.1:{port + 1} (front 1's: --port + 1): [Errno 98] Address already in "
+            f"use; another program uses the port: the 2 fronts listen on ports {port} to {port + 1}; choose a --port "
+            "(AIS_PORT) with the 2 ports from it free") in log, log
     assert not FRONT.search(log) and not ENGINE.search(log) and "Traceback" not in log, log
     # The error is the last line: no "every front and the engine have exited" for a tree that started none of them.
     assert log.rstrip("\n").splitlines()[-1].startswith("error: cannot listen on"), log

@@ -253,7 +253,7 @@ class Supervisor:
         config = self.config
         try:  # every port first: a busy one stops the tree before anything starts
             for index in range(config.fronts):
-                self.listeners[index] = bind_listeners(front_config(config, index))
+                self.listeners[index] = bind_listeners(front_config(config, index), (index, config.fronts))
         except CannotListen as error:
             report_error(str(error), config.log_format)
             return EXIT_CANNOT_LISTEN

@@ -63,9 +63,13 @@ def stream_url_for_log(is_ssl: bool, host: str, address: str) -> str:
     return url
 
 
-def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.socket:
+PORT_IN_USE = "another program uses the port: choose another with --port or AIS_PORT"
+
+
+def bind_listener(host: str, port: int, backlog: int, what: str = "", in_use: str = PORT_IN_USE) -> socket.socket:
     """A TCP socket listening on ``host:port`` (port 0: any free one), bound as uvicorn binds (``SO_REUSEADDR``;
-    IPv6 for a host with a colon); ``CannotListen`` if it cannot be."""
+    IPv6 for a host with a colon); ``CannotListen`` if it cannot be. ``what`` names the port's role; ``in_use`` is
+    what to do about a port in use (said only where ``what`` is empty or names a front)."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -74,8 +78,7 @@ def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.
     except OSError as error:
         listener.close()
         # A port in use is the common case on a development machine: say how to choose another.
-        other = "; another program uses the port: choose another with --port or AIS_PORT" if \
-            error.errno == errno.EADDRINUSE and not what else ""
+        other = f"; {in_use}" if error.errno == errno.EADDRINUSE and (not what or "front" in what) else ""
         if error.errno == errno.EADDRNOTAVAIL:
             other = ("; not an address of this machine: give one it has (127.0.0.1 for this machine only, 0.0.0.0 "
                      "for every interface)")
@@ -84,9 +87,18 @@ def bind_listener(host: str, port: int, backlog: int, what: str = "") -> socket.
     return listener
 
 
-def bind_listeners(config: ServerConfig) -> Listeners:
-    """``config``'s port, and its ``agent_port`` when it has one, bound (``CannotListen``: neither is kept)."""
-    server = bind_listener(config.host, config.port, LISTEN_BACKLOG)
+def bind_listeners(config: ServerConfig, front: tuple[int, int] | None = None) -> Listeners:
+    """``config``'s port, and its ``agent_port`` when it has one, bound (``CannotListen``: neither is kept).
+    ``front``: (index, count) of the front whose settings ``config`` is (``api/fronts.front_config``), named in the
+    error: with ``--fronts`` the port in use may be another than the one given."""
+    if front is None:
+        server = bind_listener(config.host, config.port, LISTEN_BACKLOG)
+    else:
+        index, count = front
+        first = config.port - index
+        server = bind_listener(config.host, config.port, LISTEN_BACKLOG, f" (front {index}'s: --port + {index})",
+                               f"another program uses the port: the {count} fronts listen on ports {first} to "
+                               f"{first + count - 1}; choose a --port (AIS_PORT) with the {count} ports from it free")
     if config.agent_port is None:
         return Listeners(server)
     try:
