@@ -49,8 +49,8 @@ def exit_status_help(on_ctrl_c: str = "Ctrl-C (its session is closed first)",
             "  0    the session ended normally\n"
             "  1    the server refused or ended it, or stayed busy past --busy-retry-s"
             f"{also_fails} (the last line says why)\n"
-            "  2    bad arguments or input it cannot send, said before connecting (or, for a file damaged after its\n"
-            "       header, once the audio before it was heard)\n"
+            "  2    bad arguments or input it cannot send, said before connecting (a file damaged after its header: "
+            "once the audio before it was heard)\n"
             f"  130  {on_ctrl_c}\n"
             "  141  its output was closed early (| head)\n"
             f"  143  {on_sigterm}")

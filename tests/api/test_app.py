@@ -528,7 +528,7 @@ def test_config_yaml_env_and_errors(tmp_path):
         load_config(custom, {"AIS_MAX_SESSIONS": "5"})
     # AIS_LB_* belong to the HAProxy configuration (deploy/haproxy): one shell may export them and run a replica.
     assert load_config(custom, {"AIS_LB_RETRIES": "5", "AIS_LB_BIND": ":9000"}).port == 9001
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="not an existing directory"):
         load_config(None, {"AIS_ENGINE__CHECKPOINT": str(tmp_path / "missing")})
 
 
