@@ -852,6 +852,30 @@ def test_refused_websocket_handshakes_spend_the_plain_request_budget(tiny_checkp
         server.stop()
 
 
+def test_handshakes_the_websockets_parser_refuses_spend_the_plain_request_budget(tiny_checkpoint):
+    """An upgrade h11 reads but websockets' parser does not (a control character in a header value, a
+    Transfer-Encoding) is answered 400 by uvicorn before any app; it spent nothing, so a flood of them went round the
+    refused-handshake cost (review of a0695a4)."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.1, "http_request_burst": 5})
+    upgrade = ("GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n")
+
+    def status(request: str, source: str) -> int:
+        with open_socket(server.port, source=source) as sock:
+            sock.sendall(request.encode())
+            data, _ = read_until_closed(sock, timeout_s=5.0)
+        return int(data.split()[1])
+
+    try:
+        for source, extra in (("127.0.0.4", "X: \x01\r\n"), ("127.0.0.5", "Transfer-Encoding: chunked\r\n")):
+            statuses = [status(upgrade.format(extra=extra), source) for _ in range(6)]
+            assert statuses == [400] * 5 + [429], (extra, statuses)
+            assert status("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", source) == 429
+        assert status("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.6") == 200
+    finally:
+        server.stop()
+
+
 def test_a_session_whose_socket_is_cut_for_a_frame_flood_ends_and_its_address_cools_down(tiny_checkpoint):
     """The transport's flood cuts (data_frame_flood, control_frame_flood) closed the socket with 1008 and the session
     then waited for a resume like one whose network dropped: a client sending audio in 1 ms frames resumed, flooded

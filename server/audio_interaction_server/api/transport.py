@@ -759,6 +759,12 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
                                                                    "send_text_now": self.send_text_now,
                                                                    "cut_reason": lambda: self.cut_reason}
 
+    def handle_handshake_exception(self) -> None:
+        # A handshake websockets could not parse (a header h11 let through, a Transfer-Encoding): refused with 400
+        # by uvicorn before any app, a refusal all the same, and as cheap to repeat as one.
+        super().handle_handshake_exception()
+        self._count_refusal()
+
     async def send(self, message: Any) -> None:
         if not self.handshake_complete and self.initial_response is None and \
                 message["type"] in ("websocket.close", "websocket.http.response.start"):
