@@ -795,6 +795,32 @@ def test_plain_requests_through_a_trusted_proxy_spend_the_budget_of_the_client_i
         server.stop()
 
 
+def test_websocket_upgrades_through_a_trusted_proxy_of_a_client_past_its_budget_are_refused(tiny_checkpoint):
+    """A refused upgrade spends its client's plain-request budget so that the address's next connections are answered
+    429 before the app (a0695a4); a direct client's are, at connection_made. Through a trusted proxy the client's
+    plain requests were refused past it, but its upgrades still reached the app, each one routed and refused at full
+    cost (review of a0695a4). They are refused with 429 too; other clients of the proxy are not."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.1, "http_request_burst": 5,
+                                               "trusted_proxies": ["127.0.0.9"]})
+    upgrade = ("GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               "X-Forwarded-For: {client}\r\n\r\n")
+
+    def status(client: str) -> tuple[int, bytes]:
+        with open_socket(server.port, source="127.0.0.9") as sock:
+            sock.sendall(upgrade.format(client=client).encode())
+            data, _ = read_until_closed(sock, timeout_s=5.0)
+        return int(data.split()[1]), data
+
+    try:
+        statuses = [status("203.0.113.7")[0] for _ in range(8)]
+        assert statuses == [404] * 5 + [429] * 3, statuses
+        assert b"no WebSocket endpoint" not in status("203.0.113.7")[1]  # refused before the app
+        assert status("198.51.100.1")[0] == 404  # another client of the same proxy
+    finally:
+        server.stop()
+
+
 def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
     """/metrics renders every counter, about 20 times the work of /health (5-6 ms on the event loop), and counted
     as one request: one address inside its budget could spend half the loop on scrapes (hostile probe, round 4). A
