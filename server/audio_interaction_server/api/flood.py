@@ -122,6 +122,8 @@ class FloodGuard:
     def allows_json_items(self, num_items: int, now_s: float) -> bool:
         """A text frame's JSON items, before it is parsed (``JSON_ITEMS_PER_EVENT`` per event token); False: the
         client floods (cut it). The frame's own event is counted as any other, once it is decoded."""
+        if num_items > self.limits.event_burst * JSON_ITEMS_PER_EVENT:  # more than any budget holds: cut unread
+            return False
         cost = num_items // JSON_ITEMS_PER_EVENT
         return cost == 0 or self._events.take(float(cost), now_s)
 
