@@ -1157,10 +1157,10 @@ async def _converse(session: StreamSession, send_audio: SendAudio) -> int:
     if code != 1000 and not session.gave_up:  # else the old close was said already, and the last word is why
         console.note(describe_close(code, reason))
     console.print_summary(session.transmitted_s)
-    if session.input_error is not None and failure is None:  # the input's own fault: said last, as a bad input
-        print(f"error: {session.input_error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
     is_ok = code == 1000 and not session.saw_fatal_error and failure is None
+    if session.input_error is not None and failure is None:  # the input's own fault: said last
+        print(f"error: {session.input_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE if is_ok else EXIT_FAILED  # a bad input's status, unless the server failed as well
     return EXIT_OK if is_ok else EXIT_FAILED
 
 
