@@ -415,3 +415,53 @@ def test_every_balancer_limits_each_clients_requests_before_a_replica_works():
         assert re.search(r"stick-table type ipv6 .*store http_req_rate\(10s\)", frontend), where
         assert "http-request track-sc0 src" in frontend, where
         assert re.search(r"http-request deny deny_status 429 if \{ sc_http_req_rate\(0\) gt ", frontend), where
+
+
+# ---- Kubernetes service links: the variables the kubelet adds to every container --------------------------------
+
+
+def service_link_environment(services: list[dict]) -> dict[str, str]:
+    """The Docker-link variables Kubernetes puts in a pod's environment for every Service of its namespace that has
+    a cluster IP (headless ones give none), unless the pod sets ``enableServiceLinks: false``: for the Service
+    ``ais``, ``AIS_SERVICE_HOST``, ``AIS_PORT=tcp://...`` and more, all in the server's settings prefix."""
+    environ: dict[str, str] = {}
+    for service in services:
+        spec = service["spec"]
+        if spec.get("clusterIP") == "None":
+            continue
+        name, address = service["metadata"]["name"].upper().replace("-", "_"), "10.96.0.12"
+        for index, port in enumerate(spec["ports"]):
+            number, protocol = port["port"], port.get("protocol", "TCP")
+            url = f"{protocol.lower()}://{address}:{number}"
+            if index == 0:
+                environ |= {f"{name}_SERVICE_HOST": address, f"{name}_SERVICE_PORT": str(number), f"{name}_PORT": url}
+            if "name" in port:
+                environ[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+            prefix = f"{name}_PORT_{number}_{protocol}"
+            environ |= {prefix: url, f"{prefix}_PROTO": protocol.lower(), f"{prefix}_PORT": str(number),
+                        f"{prefix}_ADDR": address}
+    return environ
+
+
+def server_pods() -> dict[str, tuple[dict, list[dict]]]:
+    """Each Deployment that runs the server, with the Services of its namespace when it is applied as documented
+    (haproxy.yaml's public Service ``ais`` among them: the fronts are applied after it)."""
+    core = [document for _, document in documents()]
+    every = core + fronts_documents()
+    services = [document for document in every if document["kind"] == "Service"]
+    return {document["metadata"]["name"]: (document, services) for document in every
+            if document["kind"] == "Deployment" and "AIS_REPLICA_ID" in container_env(document)}
+
+
+@pytest.mark.parametrize("name", sorted(server_pods()))
+def test_the_kubelets_service_link_variables_do_not_stop_a_replica(name, tmp_path):
+    """Kubernetes adds AIS_PORT=tcp://<ip>:80, AIS_SERVICE_HOST, ... for the Service ``ais`` to every pod of the
+    namespace: AIS_* names the server reads as settings, so a replica would stop at start-up with exit status 2
+    (port not an integer, service_host no such setting), in a crash loop, unless its pod turns the links off."""
+    deployment, services = server_pods()[name]
+    pod = deployment["spec"]["template"]["spec"]
+    links = {} if pod.get("enableServiceLinks") is False else service_link_environment(services)
+    container = {key: value.replace("$(POD_IP)", "10.1.2.3") for key, value in container_env(deployment).items()}
+    environ = {key: value for key, value in (links | container).items() if key.startswith("AIS_")}
+    environ["AIS_ENGINE__CHECKPOINT"] = str(tmp_path)
+    load_config(None, environ)  # an unknown AIS_* name or a bad value raises, naming it
