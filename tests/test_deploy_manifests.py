@@ -465,3 +465,53 @@ def test_the_kubelets_service_link_variables_do_not_stop_a_replica(name, tmp_pat
     environ = {key: value for key, value in (links | container).items() if key.startswith("AIS_")}
     environ["AIS_ENGINE__CHECKPOINT"] = str(tmp_path)
     load_config(None, environ)  # an unknown AIS_* name or a bad value raises, naming it
+
+
+# ---- HAProxy's own 503: what a client hears when no replica takes a new session --------------------------------
+
+
+def balancer_configurations() -> dict[str, str]:
+    fronts_map = next(doc for doc in fronts_documents() if doc["kind"] == "ConfigMap")
+    return {"compose replicas": (DEPLOY / "haproxy" / "haproxy.cfg").read_text(),
+            "compose fronts": (DEPLOY / "haproxy" / "haproxy-fronts.cfg").read_text(),
+            "kubernetes replicas": kubernetes_haproxy_cfg(),
+            "kubernetes fronts": fronts_map["data"]["haproxy.cfg"]}
+
+
+@needs_haproxy
+@pytest.mark.parametrize("where", sorted(balancer_configurations()))
+def test_the_balancers_own_503_says_retry_after_as_a_replicas_does(where, tmp_path):
+    """docs/scaling.md, "What a client sees": every replica full is HTTP 503 with Retry-After: 1. With several
+    fronts a full engine's agents say weight 0, and a draining or loading replica is out of rotation too: then
+    HAProxy answers the 503 itself, which was its HTML page without Retry-After. Here no replica resolves at all."""
+    import urllib.error
+    import urllib.request
+
+    from benchmarks.harness import free_port, wait_for_port
+
+    port = free_port()
+    cfg = balancer_configurations()[where]
+    cfg = re.sub(r'bind "\$\{AIS_LB_BIND-:8000\}"|bind :8000', f"bind 127.0.0.1:{port}", cfg)
+    cfg = re.sub(r'bind "\$\{AIS_LB_STATS_BIND-127.0.0.1:8404\}"|bind 127.0.0.1:8404',
+                 f"bind 127.0.0.1:{free_port()}", cfg)
+    cfg = cfg.replace('"${AIS_LB_ADMIN_SOCKET-/tmp/haproxy-admin.sock}"', str(tmp_path / "admin.sock"))
+    cfg = cfg.replace("/tmp/haproxy-admin.sock", str(tmp_path / "admin.sock"))
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    env = {**os.environ, "POD_CIDR": "127.0.0.0/8", "POD_NAMESPACE": "test", "AIS1_HOST": "absent.invalid",
+           **{f"AIS{i}_ADDR": "absent.invalid:1" for i in (1, 2, 3)}}
+    balancer = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp_path / "haproxy.cfg")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/stream",
+                                         headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503
+        assert refused.value.headers["Retry-After"] == "1"
+        assert refused.value.headers["Content-Type"] == "application/json"
+        body = json.loads(refused.value.read())
+        assert body["type"] == "error" and body["code"] == "capacity" and "retry later" in body["message"]
+    finally:
+        balancer.kill()
+        balancer.wait(timeout=10)
