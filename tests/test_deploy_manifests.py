@@ -515,3 +515,23 @@ def test_the_balancers_own_503_says_retry_after_as_a_replicas_does(where, tmp_pa
     finally:
         balancer.kill()
         balancer.wait(timeout=10)
+
+
+def test_the_gpu_host_example_config_is_the_fronts_balancers_host(tmp_path):
+    """configs/gpu-host.yaml says it runs behind deploy/haproxy/haproxy-fronts.cfg, with the balancer on the same
+    host (its only trusted proxy is 127.0.0.1). It had agent_port 9000 (the balancer's agents are on 8100-8103: no
+    drain or full signal ever reached HAProxy), no replica_id (session ids began with the host name, so no
+    subscriber or resume was routed to its front), and host 0.0.0.0: the fronts on 8000-8003 of every address,
+    past the balancer's rules, and on the port the balancer binds by default."""
+    from audio_interaction_server.api.fronts import front_config
+
+    given = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "gpu-host.yaml").read_text())
+    given["engine"]["checkpoint"] = str(tmp_path)
+    (tmp_path / "gpu-host.yaml").write_text(yaml.safe_dump(given))
+    config = load_config(tmp_path / "gpu-host.yaml", environ={})
+    servers = re.findall(r'^\s*server (\S+) "\$\{AIS1_HOST-ais1\}:(\d+)" agent-port (\d+)$',
+                         (DEPLOY / "haproxy" / "haproxy-fronts.cfg").read_text(), re.M)
+    fronts = [front_config(config, index) for index in range(config.fronts)]
+    assert servers == [(front.replica_id, str(front.port), str(front.agent_port)) for front in fronts]
+    assert [str(proxy) for proxy in config.transport.trusted_proxies] in (["127.0.0.1"], ["127.0.0.1/32"])
+    assert config.host == "127.0.0.1"  # the balancer is on this host: nobody else needs the fronts' ports
