@@ -281,7 +281,8 @@ class Supervisor:
         checkpoint = found["checkpoint"]
         if self.stopping:
             return self._stop()
-        self.engine = EngineProcess(checkpoint, config.engine, self.setup_logging, directory=self.directory)
+        self.engine = EngineProcess(checkpoint, config.engine, self.setup_logging, directory=self.directory,
+                                    memory_trim_interval_s=config.memory_trim_interval_s)
         self.engine.start()
         return self._watch()
 

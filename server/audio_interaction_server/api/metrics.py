@@ -202,7 +202,8 @@ class _ProcessMemoryCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         rss = resident_bytes()
         if rss is not None:
-            yield GaugeMetricFamily("ais_process_resident_memory_bytes", "resident set size of the server process",
+            yield GaugeMetricFamily("ais_process_resident_memory_bytes", "resident set size of this process "
+                                    "(a front alone when the engine runs in a process of its own)",
                                     value=rss)
         fds = open_fds()
         if fds is not None:

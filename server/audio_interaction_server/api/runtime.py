@@ -506,7 +506,8 @@ class Runtime:
             from audio_interaction_server.engine.process_client import EngineProcessClient
 
             worker = EngineProcessClient.spawn(checkpoint, engine, functools.partial(
-                configure_logging, self.config.log_level, self.config.log_format))
+                configure_logging, self.config.log_level, self.config.log_format),
+                memory_trim_interval_s=self.config.memory_trim_interval_s)
         else:  # torch and the model in this process: imported here, so that a front of an engine process never does
             from audio_interaction_server.engine.worker import Worker
             from audio_interaction_server.model.checkpoint import load_model

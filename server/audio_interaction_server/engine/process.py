@@ -80,20 +80,25 @@ class EngineSpec:
     # The write end of a pipe to the process that started it: why the model could not be loaded, in one line, for
     # its starter to say last (a supervisor of several fronts ends the tree with it).
     failure_report: Connection | None = None
+    # The server's memory_trim_interval_s: the engine process trims its own heap this often (None: never). The
+    # front's trim (api/runtime.py) reaches only the front's process, and the mel chunks, histories and queued
+    # audio the trim is for live here when the engine has a process of its own (the default on CUDA).
+    memory_trim_interval_s: float | None = None
 
 
 class EngineProcess:
     """The engine's process, as the front that starts it holds it."""
 
     def __init__(self, checkpoint: Path, config: EngineConfig, setup_logging: Callable[[], None] | None = None,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, memory_trim_interval_s: float | None = None) -> None:
         self.directory = directory or make_socket_directory()
         self.endpoints = EngineEndpoints.in_directory(self.directory)
         self._owns_directory = directory is None
         self._failure_report, failure_report = multiprocessing.get_context("spawn").Pipe(duplex=False)
         self._failure_report_sender: Connection | None = failure_report
         self._failure_reason: str | None = None
-        spec = EngineSpec(Path(checkpoint), config, self.endpoints, os.getpid(), setup_logging, failure_report)
+        spec = EngineSpec(Path(checkpoint), config, self.endpoints, os.getpid(), setup_logging, failure_report,
+                          memory_trim_interval_s)
         # spawn, not fork: the front has threads (uvicorn, the loader) and maybe CUDA, which a fork cannot copy.
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine, args=(spec,), name="ais-engine", daemon=True)
@@ -207,6 +212,9 @@ def run_engine(spec: EngineSpec) -> None:
         sys.exit(1)
     ready = EngineReady(model.files.root, model.name, str(model.device), dtype_name(model), spec.config,
                         os.getpid(), worker.step_path)
+    if spec.memory_trim_interval_s is not None:
+        threading.Thread(target=trim_memory_periodically, args=(spec.memory_trim_interval_s,),
+                         name=MEMORY_TRIM_THREAD, daemon=True).start()
     status = host.serve(worker, ready)
     host.close()
     if host.is_orphaned:
@@ -214,6 +222,23 @@ def run_engine(spec: EngineSpec) -> None:
     if host.worker_hung:
         os._exit(status)  # not the interpreter's exit, which may wait on a lock the hung thread holds
     sys.exit(status)
+
+
+MEMORY_TRIM_THREAD = "ais-malloc-trim"  # also its name in /proc/<pid>/task/*/comm
+
+
+def trim_memory_periodically(interval_s: float, trim: Callable[[], bool] | None = None,
+                             stop: threading.Event | None = None) -> None:
+    """The engine process's own periodic ``malloc_trim`` (a daemon thread; ``memory_trim_interval_s``): glibc keeps
+    freed pages of this process's arenas too, and the front's trim cannot return them."""
+    from audio_interaction_server.api.metrics import malloc_trim
+
+    name_native_thread(MEMORY_TRIM_THREAD)
+    trim = trim or malloc_trim
+    stop = stop or threading.Event()
+    while not stop.wait(interval_s):
+        if not trim():
+            return  # not glibc: nothing to trim
 
 
 class WorkerStall:

@@ -120,9 +120,10 @@ class EngineProcessClient:
 
     @classmethod
     def spawn(cls, checkpoint: Path, config: EngineConfig,
-              setup_logging: Callable[[], None] | None = None) -> EngineProcessClient:
+              setup_logging: Callable[[], None] | None = None,
+              memory_trim_interval_s: float | None = None) -> EngineProcessClient:
         """A client of a new engine process (started by ``start``) that loads ``checkpoint`` with ``config``."""
-        process = EngineProcess(checkpoint, config, setup_logging)
+        process = EngineProcess(checkpoint, config, setup_logging, memory_trim_interval_s=memory_trim_interval_s)
         return cls(process.endpoints, process, config.hang_timeout_s)
 
     def _socket(self, endpoint: str) -> zmq.Socket:
