@@ -55,8 +55,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
 
 # The folders are the threads (docs/architecture.md); a module's group is its folder, or its own name at the top.
 FOLDERS = {"model", "engine", "audio", "render", "api", "demo", "tools"}
-TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol", "logs", "recent"}
-LEAVES = {"options", "spec", "engine.events", "logs", "recent"}  # import nothing of the package
+TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol", "logs", "recent", "process_memory"}
+LEAVES = {"options", "spec", "engine.events", "logs", "recent", "process_memory"}  # import nothing of the package
 LIGHT = {"protocol", "options", "config", "spec", "engine.events"}  # what clients and config tools import
 
 
@@ -166,7 +166,8 @@ def direction_problems(source: str, target: str) -> list[str]:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")
     # The worker batches a step's log-mel (host-path.md): of the front-end, the engine takes only that kernel and
     # its padded blocks (audio.mel, audio.blocks: sans-I/O), never the streams, formats or resampling around it.
-    if source_group == "engine" and target_group not in {"engine", "model", "spec", "options", "config", "recent"} \
+    engine_may_import = {"engine", "model", "spec", "options", "config", "recent", "process_memory"}
+    if source_group == "engine" and target_group not in engine_may_import \
             and target not in ("audio.mel", "audio.blocks"):
         problems.append(f"engine module {source} imports {target} (the engine speaks token ids and log-mel blocks)")
     if source_group == "render" and (target_group in {"model", "api", "audio", "demo", "cli"}

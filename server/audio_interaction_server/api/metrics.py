@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server instance (imports nothing else of the package).
+"""Prometheus metrics of one server instance (of the package, imports only process_memory).
 
 A private registry per instance, so several apps in one process (tests) do not
 collide in prometheus_client's global one. Everything here is thread-safe: the
@@ -13,15 +13,15 @@ bytes it has not returned to the OS).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from audio_interaction_server.process_memory import (  # noqa: F401  (heap_stats, malloc_trim: the front's users)
+    HeapStats, heap_stats, malloc_trim, open_fds, resident_bytes,
+)
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 _STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -218,66 +218,3 @@ class _ProcessMemoryCollector(Collector):
             family.add_metric(["free"], heap.free)
             family.add_metric(["mmapped"], heap.mmapped)
             yield family
-
-
-# ---- process memory (Linux, glibc) ------------------------------------------------------
-
-
-def resident_bytes(pid: int | str = "self") -> int | None:
-    """Resident set size from /proc (None where there is no /proc)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def open_fds(pid: int | str = "self") -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True)
-class HeapStats:
-    in_use: int  # bytes of live allocations in the arenas
-    free: int  # bytes the arenas hold that nobody uses (RSS only where touched and not yet trimmed)
-    mmapped: int  # bytes of live large allocations mapped directly (unmapped, not kept, when freed)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _load_glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.malloc_trim.restype = ctypes.c_int
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no heap figures, no trimming
-        return None
-    return libc
-
-
-_GLIBC = _load_glibc()
-
-
-def heap_stats() -> HeapStats | None:
-    """glibc's heap figures summed over all arenas (None off glibc)."""
-    if _GLIBC is None:
-        return None
-    info = _GLIBC.mallinfo2()
-    return HeapStats(in_use=info.uordblks, free=info.fordblks, mmapped=info.hblkhd)
-
-
-def malloc_trim() -> bool:
-    """Return free heap pages of every arena to the OS; False where that is not possible."""
-    if _GLIBC is None:
-        return False
-    _GLIBC.malloc_trim(0)
-    return True

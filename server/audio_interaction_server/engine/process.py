@@ -231,7 +231,7 @@ def trim_memory_periodically(interval_s: float, trim: Callable[[], bool] | None 
                              stop: threading.Event | None = None) -> None:
     """The engine process's own periodic ``malloc_trim`` (a daemon thread; ``memory_trim_interval_s``): glibc keeps
     freed pages of this process's arenas too, and the front's trim cannot return them."""
-    from audio_interaction_server.api.metrics import malloc_trim
+    from audio_interaction_server.process_memory import malloc_trim
 
     name_native_thread(MEMORY_TRIM_THREAD)
     trim = trim or malloc_trim
