@@ -739,3 +739,20 @@ def test_run_without_checkpoint_says_it_does_not_read_the_servers_exported_one(c
             "takes the checkpoint as --checkpoint (--checkpoint /models/audio-interaction)") in err, err
     assert "Give a checkpoint (--checkpoint) for the real one." in err and "AIS_ENGINE__CHECKPOINT for" not in err
     assert "server's setting" not in run_err("--demo")  # --demo asked for the demo
+
+
+@pytest.mark.parametrize("features", ["offline", "streaming"])
+def test_a_float_file_with_nan_samples_is_one_input_error_naming_it(capsys, tiny_checkpoint, tmp_path, features):
+    import numpy as np
+    import soundfile
+
+    path = tmp_path / "nan.wav"
+    samples = np.zeros(16000, dtype=np.float32)
+    samples[100] = np.nan
+    soundfile.write(path, samples, 16000, subtype="FLOAT")
+    with pytest.raises(SystemExit) as exit_info:  # found once decoded, so after the model's load lines
+        cli.main(["run", "--checkpoint", str(tiny_checkpoint), "--features", features, str(path)])
+    assert exit_info.value.code == 2  # bad input, not a failed session (1)
+    err = capsys.readouterr().err.strip()
+    assert "numerical_error" not in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: {path}: holds NaN or Inf samples"), err

@@ -203,11 +203,20 @@ def read_audio(path: Path) -> np.ndarray:
     from audio_interaction_server.audio.files import load_audio_file
     from audio_interaction_server.audio.pcm import AudioFormatError
 
+    import numpy as np
+
     try:
-        return load_audio_file(path)
+        samples = load_audio_file(path)
     except AudioFormatError as error:  # a header that reads but a body that does not
         reason = str(error.__cause__ or error).strip()
         raise InputError(f"{path}: not an audio file this server can decode ({DECODED_FORMATS}): {reason}") from None
+    if not np.isfinite(samples).all():
+        # A float WAV/FLAC may hold NaN or Inf: the live server refuses such pcm_f32le frames; here they would
+        # reach the model and end the session as a numerical_error (status 1), or, streaming, as an error that
+        # names no file.
+        raise InputError(f"{path}: holds NaN or Inf samples (a float recording with invalid values); the server "
+                         "takes finite samples only: fix or re-export the file")
+    return samples
 
 
 def trailing_silence(seconds: float) -> np.ndarray:
