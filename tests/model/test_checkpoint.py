@@ -238,3 +238,13 @@ def test_the_folder_above_a_checkpoint_names_it(tiny_checkpoint: Path, tmp_path:
         message = str(error.value)
         assert f"{holder} holds the layout: pass it as the checkpoint" in message, message
         assert len(message.splitlines()) == 1
+
+
+def test_model_config_that_is_not_yaml_is_one_line_naming_the_file_and_the_place(checkpoint_copy: Path):
+    config = checkpoint_copy / "model_config.yaml"
+    config.write_text("name: x\nn_layer: [\n")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.parse_lm_config(config)
+    message = str(error.value)
+    assert "\n" not in message and "<unicode string>" not in message, message
+    assert message.startswith(f"{config} is not valid YAML (line 3, column 1): "), message

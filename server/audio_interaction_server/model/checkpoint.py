@@ -60,7 +60,9 @@ def parse_lm_config(path: Path) -> LMConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path} is not valid YAML: {exc}") from exc
+        from audio_interaction_server.config import _where  # one line (PyYAML's own text spans several)
+
+        raise CheckpointError(f"{path} is not valid YAML{_where(exc)}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a mapping of LitGPT Config fields")
     unknown = sorted(set(raw) - LITGPT_FIELDS)
