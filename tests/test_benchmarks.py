@@ -203,3 +203,14 @@ def test_a_stopped_live_server_leaves_nothing_of_its_model_in_memory(tiny_checkp
     del server
     gc.collect()
     assert runtime() is None, [type(referrer).__name__ for referrer in gc.get_referrers(runtime())][:10]
+
+
+def test_capacity_ratio_is_a_bound_when_the_ramp_stops_before_a_capacity():
+    from benchmarks.capacity import capacity_ratio
+
+    assert capacity_ratio({"direct": 64, "baseline": 16}, [1, 16, 64, 128]) == "4.0x"
+    # direct held the largest N tried: its capacity, and so the ratio, may be larger
+    assert capacity_ratio({"direct": 128, "baseline": 16}, [1, 16, 128]).startswith("at least 8.0x")
+    # both held every N: the ramp says nothing about the ratio (it printed "1.0x")
+    assert capacity_ratio({"direct": 4, "baseline": 4}, [1, 4]).startswith("not measured")
+    assert capacity_ratio({"direct": 4}, [1, 4]) is None
