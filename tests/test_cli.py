@@ -756,3 +756,15 @@ def test_a_float_file_with_nan_samples_is_one_input_error_naming_it(capsys, tiny
     err = capsys.readouterr().err.strip()
     assert "numerical_error" not in err and "Traceback" not in err
     assert err.splitlines()[-1].startswith(f"error: {path}: holds NaN or Inf samples"), err
+
+
+@pytest.mark.parametrize("name", ["run", "make-checkpoint", "serve"])
+def test_python_m_server_given_a_cli_command_says_where_that_command_is(name, capsys):
+    """`python -m audio_interaction_server run x.wav` said "unrecognized arguments: run x.wav"."""
+    from audio_interaction_server import __main__ as server_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        server_main.main([name, "x.wav"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"python -m audio_interaction_server.cli {name}" in last and "unrecognized" not in last, last

@@ -244,7 +244,16 @@ def main(argv: list[str] | None = None) -> None:
                                      epilog=EXIT_STATUSES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
+    given = sys.argv[1:] if argv is None else argv
+    if given and given[0] in _CLI_COMMANDS:  # `python -m audio_interaction_server run x.wav`: the README's commands
+        # are audio-interaction's; argparse said "unrecognized arguments: run x.wav" and nothing about where it is.
+        parser.error(f"{given[0]!r} is a command of audio-interaction, not of the server: use audio-interaction "
+                     f"{given[0]} ... (or python -m audio_interaction_server.cli {given[0]} ...)"
+                     + ("; the server takes its flags directly" if given[0] == "serve" else ""))
     sys.exit(serve(parser.parse_args(argv)))
+
+
+_CLI_COMMANDS = ("run", "serve", "schema", "make-checkpoint")
 
 
 if __name__ == "__main__":
