@@ -69,7 +69,7 @@ import torch
 
 from audio_interaction_server import spec as T
 from audio_interaction_server.audio.mel import StreamingLogMel, log_mel_whole
-from audio_interaction_server.model.checkpoint import LoadedModel, load_model
+from audio_interaction_server.model.checkpoint import MODEL_DTYPES, LoadedModel, load_model
 from audio_interaction_server.config import EngineConfig, ScriptedTurns
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
@@ -680,7 +680,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny (demo checkpoint), real (random 3B shapes "
                         "built on the device), or a checkpoint directory")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     parser.add_argument("--attention", choices=["auto", "gather", "flex"], default="auto")
     parser.add_argument("--schedule", default="25:20", help="K:L scripted replies, or 'model'")
     parser.add_argument("--target-ms", type=float, default=100.0)

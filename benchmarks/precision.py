@@ -30,7 +30,7 @@ import torch
 from audio_interaction_server import spec as T
 from audio_interaction_server.audio.files import load_audio_file, load_audio_sequence
 from audio_interaction_server.audio.mel import offline_chunks
-from audio_interaction_server.model.checkpoint import LoadedModel, load_model
+from audio_interaction_server.model.checkpoint import MODEL_DTYPES, LoadedModel, load_model
 from audio_interaction_server.engine.conversation import Conversation
 from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.engine.runner import PlannedRow, Runner
@@ -190,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="bfloat16")
     parser.add_argument("--max-turn-tokens", type=int, default=16)
     parser.add_argument("--audio", type=Path, default=shared_audio_dir(), help="folder of recording folders")
     args = parser.parse_args()

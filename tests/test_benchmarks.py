@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -214,3 +216,21 @@ def test_capacity_ratio_is_a_bound_when_the_ramp_stops_before_a_capacity():
     # both held every N: the ramp says nothing about the ratio (it printed "1.0x")
     assert capacity_ratio({"direct": 4, "baseline": 4}, [1, 4]).startswith("not measured")
     assert capacity_ratio({"direct": 4}, [1, 4]) is None
+
+
+@pytest.mark.parametrize("module", ["benchmarks.capacity", "benchmarks.precision",
+                                    "audio_interaction_server.demo.random_model"])
+def test_a_dtype_the_server_does_not_run_is_a_usage_error_not_a_traceback(module):
+    """`--dtype fp16` ended in "AttributeError: module 'torch' has no attribute 'fp16'" after the model load began."""
+    result = subprocess.run([sys.executable, "-m", module, "--dtype", "fp16"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "invalid choice: 'fp16'" in result.stderr
+
+
+def test_load_model_refuses_a_dtype_the_server_does_not_run_in_one_line(tiny_checkpoint):
+    from audio_interaction_server.model.checkpoint import CheckpointError, load_model
+
+    for dtype in ("fp16", "float16", "nn"):
+        with pytest.raises(CheckpointError, match=f"dtype '{dtype}' is not one this server runs"):
+            load_model(tiny_checkpoint, "cpu", dtype)

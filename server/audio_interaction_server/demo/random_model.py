@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from audio_interaction_server.model.checkpoint import (
-    LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
+    MODEL_DTYPES, LoadedModel, load_tokenizer, parse_lm_config, resolve_device, resolve_files,
 )
 from audio_interaction_server.model.encoder import AudioTower, AudioTowerConfig
 from audio_interaction_server.model.layout import CheckpointError
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="real")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

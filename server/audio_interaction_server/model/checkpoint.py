@@ -253,7 +253,13 @@ class LoadedModel:
         return self.lm.cfg.name or self.files.root.name
 
 
+# The weight types this server runs (engine.dtype's choices); "auto": bfloat16 on a GPU, float32 on CPU.
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+
+
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if dtype not in MODEL_DTYPES:  # getattr(torch, "fp16") raised AttributeError; "float16" loaded, unsupported
+        raise CheckpointError(f"dtype {dtype!r} is not one this server runs: use {', '.join(MODEL_DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
