@@ -69,7 +69,7 @@ import torch
 
 from audio_interaction_server import spec as T
 from audio_interaction_server.audio.mel import StreamingLogMel, log_mel_whole
-from audio_interaction_server.model.checkpoint import MODEL_DTYPES, LoadedModel, load_model
+from audio_interaction_server.model.checkpoint import MODEL_DTYPES, CheckpointError, LoadedModel, load_model
 from audio_interaction_server.config import EngineConfig, ScriptedTurns
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.engine.conversation import Conversation
@@ -671,6 +671,34 @@ def checkpoint_for_server(model_arg: str) -> Path | None:
     return None
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ScriptedTurns | None:
+    """What the command line asks for, checked before anything loads: one usage line, not a traceback (a bad
+    --schedule, --device or --audio raised one) nor a row of a run that counts nothing (--seconds 0 printed
+    'decisions 0/-3'). Returns the --schedule's scripted turns (None for 'model')."""
+    if min(args.streams) < 1:
+        parser.error(f"--streams: every N must be 1 or more (got {min(args.streams)})")
+    if args.fronts < 1 or args.client_processes < 1:
+        parser.error("--fronts and --client-processes must be 1 or more")
+    least_s = (WARMUP_CHUNKS + 2) * CHUNK_S  # the websocket mode decides one chunk fewer (no flush)
+    if not args.seconds >= least_s:
+        parser.error(f"--seconds {args.seconds:g}: the first {WARMUP_CHUNKS} chunks of each stream are warm-up, "
+                     f"not counted; give at least {least_s:g} s")
+    try:
+        torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (auto, cpu, cuda, cuda:N)")
+    if not args.audio.is_dir():
+        parser.error(f"--audio {args.audio}: not a folder (of recording folders with sequence.json)")
+    if args.schedule == "model":
+        return None
+    every, _, length = args.schedule.partition(":")
+    try:
+        return ScriptedTurns(every_chunks=int(every), reply_tokens=int(length))
+    except ValueError:  # not K:L integers, or pydantic's ValidationError (a ValueError) for their ranges
+        parser.error(f"--schedule {args.schedule!r}: give K:L (a reply every K >= 2 chunks of L >= 1 tokens) or "
+                     "'model'")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", nargs="+", choices=["direct", "direct-exact", "websocket", "baseline"],
@@ -695,6 +723,7 @@ def main() -> None:
     if args.websocket_clients:
         client_process_main(args.websocket_clients)
         return
+    engine_script = check_arguments(parser, args)
     targets = Targets(args.target_ms, args.ttft_target_ms)
 
     if set(args.mode) == {"websocket"}:  # the server loads the model: not this process too
@@ -704,13 +733,14 @@ def main() -> None:
                          "one first: python -m audio_interaction_server.demo.make_tiny_checkpoint DIR --preset real "
                          "--dtype bfloat16")
     else:
-        model, checkpoint = load(args.model, args.device, args.dtype)
-    script = None
+        try:
+            model, checkpoint = load(args.model, args.device, args.dtype)
+        except CheckpointError as error:
+            parser.error(f"--model {args.model}: {error}")
+    script = engine_script
     engine: dict = {"attention": args.attention}
-    if args.schedule != "model":
-        every, length = (int(x) for x in args.schedule.split(":"))
-        script = ScriptedTurns(every_chunks=every, reply_tokens=length)
-        engine["scripted_turns"] = {"every_chunks": every, "reply_tokens": length}
+    if script is not None:
+        engine["scripted_turns"] = {"every_chunks": script.every_chunks, "reply_tokens": script.reply_tokens}
     if model is None:
         where = (f"{checkpoint} served by {args.fronts} front(s), {args.client_processes} client process(es), "
                  f"device {args.device} ({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")

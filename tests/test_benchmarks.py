@@ -234,3 +234,19 @@ def test_load_model_refuses_a_dtype_the_server_does_not_run_in_one_line(tiny_che
     for dtype in ("fp16", "float16", "nn"):
         with pytest.raises(CheckpointError, match=f"dtype '{dtype}' is not one this server runs"):
             load_model(tiny_checkpoint, "cpu", dtype)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--schedule", "bad"], "--schedule 'bad': give K:L"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--audio", "/nonexistent-audio"], "--audio /nonexistent-audio: not a folder"),
+    (["--model", "/nonexistent-model"], "--model /nonexistent-model: checkpoint directory"),
+    (["--seconds", "0"], "--seconds 0: the first 3 chunks of each stream are warm-up"),
+    (["--streams", "0"], "--streams: every N must be 1 or more"),
+])
+def test_capacity_refuses_a_bad_command_line_in_one_usage_line(args, says):
+    """A bad --schedule/--device/--audio/--model ended in a traceback; --seconds 0 ran and printed 'decisions 0/-3'."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.capacity", "--mode", "direct", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and says in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
