@@ -768,3 +768,15 @@ def test_python_m_server_given_a_cli_command_says_where_that_command_is(name, ca
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"python -m audio_interaction_server.cli {name}" in last and "unrecognized" not in last, last
+
+
+def test_make_tiny_checkpoint_module_refuses_a_non_empty_folder_in_one_line(tmp_path):
+    """The benchmarks' messages name python -m audio_interaction_server.demo.make_tiny_checkpoint: a non-empty OUT
+    was a ValueError traceback there (exit 1), one line with status 2 under audio-interaction make-checkpoint."""
+    (tmp_path / "keep.txt").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "audio_interaction_server.demo.make_tiny_checkpoint",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {tmp_path} is not empty: make-checkpoint writes into a new or empty "
+                                     "folder, and overwrites nothing")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,11 +359,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_checkpoint(args.out, args.preset, args.seed, args.dtype)
+    """``audio-interaction make-checkpoint``, under the name the benchmarks' messages give: the same one-line errors
+    and exit statuses (a non-empty or unwritable OUT was a ValueError / CheckpointWriteError traceback here)."""
+    from audio_interaction_server import cli
+
+    cli.main(["make-checkpoint", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
