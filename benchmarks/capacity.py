@@ -745,7 +745,8 @@ def main() -> None:
         where = (f"{checkpoint} served by {args.fronts} front(s), {args.client_processes} client process(es), "
                  f"device {args.device} ({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
     else:
-        device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+        device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else (
+            platform.processor() or platform.machine())  # processor() is "" on most Linux: "cpu (; 2 CPUs)"
         where = f"{model.name} on {model.device} ({device_name}"
     print(f"# {where}; {os.cpu_count()} CPUs), {model.dtype if model else args.dtype}, torch "
           f"{torch.__version__}; {args.seconds:g} s of real audio per stream in real time; replies: "

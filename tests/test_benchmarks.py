@@ -30,6 +30,7 @@ def test_capacity_benchmark_runs_direct_and_baseline_modes(shared_audio, tiny_ch
         assert decided == expected == "6"  # 2 streams x (6 chunks in 2.5 s - 3 warm-up)
         assert cells[5] != "-", f"no scripted reply was timed: {line}"
     assert "SCRIPTED every 4 chunks x 3 tokens" in result.stdout
+    assert "(;" not in result.stdout.splitlines()[0], result.stdout.splitlines()[0]  # the CPU's name was empty
 
 
 def test_prefix_kv_benchmark_compares_fed_and_kept_prompts_in_a_burst_and_in_real_time(shared_audio,
