@@ -29,6 +29,7 @@ import numpy as np
 from audio_interaction_server.audio.stream import AudioInput
 from audio_interaction_server.protocol import AudioFormat
 from benchmarks import side_by_side
+from benchmarks.harness import seconds_above
 
 if TYPE_CHECKING:  # not imported: --against may name a tree from before audio/blocks.py
     from audio_interaction_server.audio.blocks import PaddedBlocks
@@ -92,7 +93,7 @@ def best_seconds_per_frame(seconds: float, rounds: int) -> tuple[dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="audio per case and round")
+    parser.add_argument("--seconds", type=seconds_above(0), default=60.0, help="audio per case and round")
     side_by_side.add_options(parser)
     args = parser.parse_args()
     if args.json:

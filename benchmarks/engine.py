@@ -35,7 +35,7 @@ from audio_interaction_server.model.encoder import AudioEncoder
 from audio_interaction_server.model.fit import median_wall_ms
 from audio_interaction_server.spec import CHUNK_SAMPLES
 from audio_interaction_server.engine.worker import Worker
-from benchmarks.harness import shared_audio_dir
+from benchmarks.harness import positive_int, shared_audio_dir
 
 
 
@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("which", nargs="?", choices=["frontend", "batching", "attention", "all"], default="all")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--chunks", type=int, default=25, help="chunks per session in the batching run")
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--chunks", type=positive_int, default=25, help="chunks per session in the batching run")
     args = parser.parse_args()
     if args.checkpoint is None:
         from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint

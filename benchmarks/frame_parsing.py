@@ -26,6 +26,7 @@ from websockets.frames import Frame, Opcode
 
 from audio_interaction_server.api.transport import GuardedWebSocketProtocol, TransportGuard
 from audio_interaction_server.config import TransportSettings
+from benchmarks.harness import positive_int
 
 HANDSHAKE = (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -117,9 +118,9 @@ async def seconds_per_frame(fast_path: bool, frames: list[bytes]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=5000)
-    parser.add_argument("--bytes", type=int, default=3200, help="payload bytes per frame")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frames", type=positive_int, default=5000)
+    parser.add_argument("--bytes", type=positive_int, default=3200, help="payload bytes per frame")
+    parser.add_argument("--rounds", type=positive_int, default=3)
     args = parser.parse_args()
     rng = random.Random(0)
     frames = [Frame(Opcode.BINARY, rng.randbytes(args.bytes)).serialize(mask=True) for _ in range(args.frames)]

@@ -86,6 +86,32 @@ def _free_on_every_address(ports: range) -> bool:
             sock.close()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (a count of streams, frames, rounds or chunks). Zero ran and
+    ended in a ZeroDivisionError, an empty min() or a KeyError traceback instead of a usage line."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
+    return value
+
+
+def seconds_above(least_s: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds above ``least_s`` (a run's warm-up, or 0)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text!r})") from None
+        if not least_s < value < float("inf"):  # NaN fails it too
+            raise argparse.ArgumentTypeError(f"must be more than {least_s:g} s (got {text})")
+        return value
+
+    return parse
+
+
 def free_port_run(count: int = 1) -> int:
     """The first of ``count`` consecutive ports free now on every address (``serve --fronts N`` binds port + i),
     chosen at random below the ephemeral range (another process may still take them before they are bound: use

@@ -36,7 +36,7 @@ import numpy as np
 import soxr
 
 from audio_interaction_server.spec import SAMPLE_RATE_HZ
-from benchmarks.harness import server_log, spawn_server
+from benchmarks.harness import positive_int, seconds_above, server_log, spawn_server
 from benchmarks.served import FRAME_SAMPLES, audio_loop, stream_audio
 
 REALTIME_RATE_HZ = 24_000
@@ -178,9 +178,10 @@ async def run_phase(port: int, protocol: str, num_streams: int, seconds: float, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.realtime_latency", description=__doc__.split("\n")[0])
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--seconds", type=float, default=20.0, help="per phase, warm-up included")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds per stream count, the protocol order "
+    parser.add_argument("--streams", type=positive_int, nargs="+", default=[1, 32])
+    parser.add_argument("--seconds", type=seconds_above(WARMUP_S + REQUEST_EVERY_S), default=20.0,
+                        help="per phase, warm-up included")
+    parser.add_argument("--repeat", type=positive_int, default=2, help="rounds per stream count, the protocol order "
                         "alternating, so a drift in the machine's load does not favour one protocol")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the tiny demo model")

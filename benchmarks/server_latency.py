@@ -40,7 +40,7 @@ from audio_interaction_server.engine.events import Decision
 from audio_interaction_server.spec import CHUNK_S, SAMPLE_RATE_HZ
 from audio_interaction_server.engine.worker import Worker
 
-from benchmarks.harness import spawn_server
+from benchmarks.harness import positive_int, seconds_above, spawn_server
 from benchmarks.served import (
     FRAME_SAMPLES, audio_loop, stream_audio, stream_timing_decisions,
 )
@@ -130,8 +130,9 @@ def run_server(checkpoint: Path, num_streams: int, seconds: float) -> list[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream (streamed in real time)")
+    parser.add_argument("--streams", type=positive_int, nargs="+", default=[1, 32])
+    parser.add_argument("--seconds", type=seconds_above(0), default=20.0,
+                        help="audio per stream (streamed in real time)")
     args = parser.parse_args()
     if args.checkpoint is None:
         from audio_interaction_server.demo.make_tiny_checkpoint import ensure_demo_checkpoint

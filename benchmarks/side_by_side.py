@@ -15,14 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import server_package_dir
+from benchmarks.harness import positive_int, server_package_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_options(parser: argparse.ArgumentParser, rounds: int = 5) -> None:
     """``--rounds``, ``--against`` and the hidden ``--json`` (one tree's round, run by ``round_in_tree``)."""
-    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
     parser.add_argument("--against", metavar="SERVER_DIR", type=server_package_dir,
                         help="another checkout (or its server/ folder) to compare with")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)

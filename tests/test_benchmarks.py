@@ -251,3 +251,16 @@ def test_capacity_refuses_a_bad_command_line_in_one_usage_line(args, says):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr and says in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [
+    ["frame_parsing", "--frames", "0"], ["frame_parsing", "--rounds", "0"], ["audio_chain", "--seconds", "0"],
+    ["audio_chain", "--rounds", "0"], ["realtime_latency", "--seconds", "0"], ["realtime_latency", "--repeat", "0"],
+    ["server_latency", "--streams", "0"], ["engine", "batching", "--chunks", "0"], ["engine", "--repeats", "0"],
+])
+def test_a_count_or_duration_of_zero_is_a_usage_line_not_a_traceback(command):
+    """Each of these ran and ended in a ZeroDivisionError, an empty min(), a KeyError or an empty torch.stack."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{command[0]}", *command[1:]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and f"argument {command[-2]}: must be" in result.stderr, result.stderr
