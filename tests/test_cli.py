@@ -780,3 +780,23 @@ def test_make_tiny_checkpoint_module_refuses_a_non_empty_folder_in_one_line(tmp_
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: {tmp_path} is not empty: make-checkpoint writes into a new or empty "
                                      "folder, and overwrites nothing")
+
+
+@pytest.mark.parametrize("flags, warned", [
+    (["--seed", "5"], "--seed has no effect at --temperature 0"),
+    (["--top-k", "50", "--top-p", "0.9"], "--top-p, --top-k have no effect at --temperature 0"),
+    (["--temperature", "1", "--seed", "5"], None),
+    ([], None),
+])
+def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(capsys, tiny_checkpoint, shared_audio, flags,
+                                                                      warned):
+    """The default is greedy: --seed 5 alone ran the greedy reply with nothing said."""
+    wav = shared_audio / "03_cough_music" / "sample03_01.wav"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--checkpoint", str(tiny_checkpoint), "--trailing-silence", "0", *flags, str(wav)])
+    assert exit_info.value.code == 0
+    err = capsys.readouterr().err
+    if warned is None:
+        assert "no effect" not in err, err
+    else:
+        assert warned in err, err

@@ -268,6 +268,18 @@ def warn_of_the_servers_checkpoint(args: argparse.Namespace) -> None:
                     "checkpoint as --checkpoint (--checkpoint %s)", exported, exported)
 
 
+def warn_of_sampling_flags_without_temperature(args: argparse.Namespace) -> None:
+    """--seed, --top-p and --top-k shape sampling, which --temperature 0 (the default: greedy) never does: the run
+    would be the greedy one with nothing said, and a researcher comparing seeds would see the same output."""
+    if args.temperature != 0:
+        return
+    given = [flag for flag, unset in (("--seed", args.seed is None), ("--top-p", args.top_p == 1.0),
+                                      ("--top-k", args.top_k == 0)) if not unset]
+    if given:
+        log.warning("%s %s no effect at --temperature 0 (greedy, the default): add --temperature (e.g. 1.0) to "
+                    "sample", ", ".join(given), "has" if len(given) == 1 else "have")
+
+
 # Which command-line flag sets each validated field, so an error names what the user typed.
 _FLAGS = {"max_turn_tokens": "--max-turn-tokens", "max_positions": "--max-positions", "temperature": "--temperature",
           "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
@@ -326,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         EngineConfig(max_sessions=1, max_positions=args.max_positions)  # the flag's own range
     except ValidationError as error:
         raise InputError(_one_line(error)) from None
+    warn_of_sampling_flags_without_temperature(args)
     if not 0 <= args.trailing_silence <= 10:  # the server's input.flush range; NaN fails it too
         raise InputError(f"--trailing-silence: must be 0 to 10 seconds, as the server takes "
                          f"(got {args.trailing_silence})")
