@@ -55,8 +55,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
 
 # The folders are the threads (docs/architecture.md); a module's group is its folder, or its own name at the top.
 FOLDERS = {"model", "engine", "audio", "render", "api", "demo", "tools"}
-TOP_LEVEL = {"__init__", "__main__", "cli", "options", "spec", "config", "protocol", "logs", "recent", "process_memory"}
-LEAVES = {"options", "spec", "engine.events", "logs", "recent", "process_memory"}  # import nothing of the package
+# Leaves import nothing of the package: the helpers several folders share (recent, process_memory, yaml_errors) too.
+LEAVES = {"options", "spec", "engine.events", "logs", "recent", "process_memory", "yaml_errors"}
+TOP_LEVEL = {"__init__", "__main__", "cli", "config", "protocol"} | {leaf for leaf in LEAVES if "." not in leaf}
 LIGHT = {"protocol", "options", "config", "spec", "engine.events"}  # what clients and config tools import
 
 
@@ -158,11 +159,12 @@ def direction_problems(source: str, target: str) -> list[str]:
     if source in LEAVES and target != source:
         problems.append(f"{source} is a leaf but imports {target}")
     # config checks at start-up that a checkpoint that is no directory names a Hub repo: the Hub's own parser; and
-    # that the default session fits the context budget: the token layout's arithmetic (spec, a leaf).
+    # that the default session fits the context budget: the token layout's arithmetic (spec, a leaf); a YAML error in
+    # one line, as a checkpoint's is said (yaml_errors, a leaf).
     if source in ("protocol", "config") and target != "options" and \
-            (source, target) not in {("config", "model.hub"), ("config", "spec")}:
+            (source, target) not in {("config", "model.hub"), ("config", "spec"), ("config", "yaml_errors")}:
         problems.append(f"{source} imports {target} (the wire schema and the config depend on the options only)")
-    if source_group == "model" and target_group not in {"model", "spec"}:
+    if source_group == "model" and target_group not in {"model", "spec", "yaml_errors"}:
         problems.append(f"model module {source} imports {target} (models take plain arguments)")
     # The worker batches a step's log-mel (host-path.md): of the front-end, the engine takes only that kernel and
     # its padded blocks (audio.mel, audio.blocks: sans-I/O), never the streams, formats or resampling around it.

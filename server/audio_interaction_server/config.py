@@ -27,6 +27,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from audio_interaction_server import yaml_errors
 from audio_interaction_server.options import SessionOptions
 from audio_interaction_server.spec import CHUNK_S, reply_fits, rollover_slack
 
@@ -683,7 +684,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML{_where(error)}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{yaml_errors.where(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -704,15 +705,6 @@ def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, at: tuple[str, ..
                               f"{line})")
         seen[key] = line
         _refuse_duplicate_keys(value_node, path, (*at, key))
-
-
-def _where(error: yaml.YAMLError) -> str:
-    """`` (line L, column C): what`` of a YAML error, on one line (PyYAML's own text spans several, and names the
-    text "<unicode string>" rather than the file)."""
-    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
-        return f": {error}"
-    mark = error.problem_mark
-    return f" (line {mark.line + 1}, column {mark.column + 1}): {error.problem or error.context}"
 
 
 def _env_value(text: str) -> Any:

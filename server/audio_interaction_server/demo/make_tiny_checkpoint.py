@@ -359,11 +359,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``audio-interaction make-checkpoint``, under the name the benchmarks' messages give: the same one-line errors
-    and exit statuses (a non-empty or unwritable OUT was a ValueError / CheckpointWriteError traceback here)."""
-    from audio_interaction_server import cli
+    """``audio-interaction make-checkpoint``'s work under the name the benchmarks' messages give, with its one-line
+    errors and status 2 (a non-empty or unwritable OUT was a ValueError / CheckpointWriteError traceback here)."""
+    from audio_interaction_server.demo.qwen_vocab import VocabUnavailable
 
-    cli.main(["make-checkpoint", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        make_checkpoint(args.out, args.preset, args.seed, args.dtype)
+    except (ValueError, VocabUnavailable, CheckpointWriteError) as error:  # the input, no index, a full disk
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

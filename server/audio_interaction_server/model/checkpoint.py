@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+from audio_interaction_server import yaml_errors
 from audio_interaction_server.model.encoder import AudioTower, AudioTowerConfig
 from audio_interaction_server.model.layout import (
     CheckpointError, CheckpointFiles, load_tokenizer, resolve_files,
@@ -60,9 +61,7 @@ def parse_lm_config(path: Path) -> LMConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        from audio_interaction_server.config import _where  # one line (PyYAML's own text spans several)
-
-        raise CheckpointError(f"{path} is not valid YAML{_where(exc)}") from exc
+        raise CheckpointError(f"{path} is not valid YAML{yaml_errors.where(exc)}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a mapping of LitGPT Config fields")
     unknown = sorted(set(raw) - LITGPT_FIELDS)
