@@ -380,6 +380,12 @@ def test_metrics_show_what_a_session_holds_and_nothing_after_it_closes(live):
         # How the engine steps, from its start-up (over the process transport, from its answer to the front's hello).
         assert held['ais_step_path_info{graphs="off",step="eager"}'] == 1  # the CPU: no static step, no graphs
         assert held["ais_cuda_graphs_captured"] == held["ais_cuda_graph_pool_bytes"] == 0
+        # The engine's own process, where it has one, holds the model: its memory is shown (it was not: an operator's
+        # first hour, 2026-12-07); on a thread, the process's own figure covers it.
+        if type(live.runtime.worker).__name__ == "EngineProcessClient":
+            assert held["ais_engine_process_resident_memory_bytes"] > 100 * (1 << 20)
+        else:
+            assert "ais_engine_process_resident_memory_bytes" not in held
         ws.send(json.dumps({"type": "session.close"}))
         recv_to_close(ws)
     deadline = time.monotonic() + 10

@@ -77,7 +77,8 @@ class Metrics:
             buckets=_STEP_BUCKETS_S, registry=r)
         self._state = _StateCollector()
         r.register(self._state)
-        r.register(_ProcessMemoryCollector())
+        self._process_memory = _ProcessMemoryCollector()
+        r.register(self._process_memory)
 
     def set_state_source(self, source: Callable[[], Mapping[str, float]]) -> None:
         """``source()`` -> {name: value} for the ``SESSION_STATE`` gauges, called at each scrape."""
@@ -110,6 +111,10 @@ class Metrics:
         self._prefixes_reused.total = stats.prefixes_reused_total
         self._model_steps.totals = {"graph": stats.graph_steps_total, "static": stats.static_eager_steps_total,
                                     "eager": stats.eager_batches_total}
+
+    def set_engine_pid(self, pid: int | None) -> None:
+        """The engine's own process, where it runs in one (its resident memory is shown); None: this process."""
+        self._process_memory.engine_pid = pid
 
     def set_step_path(self, path) -> None:
         """The engine's ``events.StepPath``, once it has started (None: not known, nothing shown)."""
@@ -199,12 +204,20 @@ class _StateCollector(Collector):
 
 
 class _ProcessMemoryCollector(Collector):
+    def __init__(self) -> None:
+        self.engine_pid: int | None = None  # the engine's process, where it has one of its own (on this host)
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         rss = resident_bytes()
         if rss is not None:
             yield GaugeMetricFamily("ais_process_resident_memory_bytes", "resident set size of this process "
                                     "(a front alone when the engine runs in a process of its own)",
                                     value=rss)
+        engine_rss = resident_bytes(self.engine_pid) if self.engine_pid is not None else None
+        if engine_rss is not None:  # the weights, the KV cache and the sessions' audio live there
+            yield GaugeMetricFamily("ais_engine_process_resident_memory_bytes", "resident set size of the engine's "
+                                    "own process (only where it runs in one: the CUDA default, and --fronts)",
+                                    value=engine_rss)
         fds = open_fds()
         if fds is not None:
             yield GaugeMetricFamily("ais_process_open_fds", "open file descriptors (sockets included)", value=fds)

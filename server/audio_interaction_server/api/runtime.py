@@ -526,6 +526,7 @@ class Runtime:
         worker.start()
         assert worker.model is not None
         self.metrics.set_step_path(worker.step_path)
+        self.metrics.set_engine_pid(worker.engine_pid)
         self._check_default_session(worker)
         return worker.model, worker
 

@@ -66,6 +66,9 @@ class EngineClient(Protocol):
     @property
     def step_path(self) -> StepPath | None: ...  # how the engine steps (graphs or not); None until it is known
 
+    @property
+    def engine_pid(self) -> int | None: ...  # the engine's own process, where it runs in one; None: this one
+
     # client_address: whose prefill budget the session's prompt is charged to (engine/prefill_budget.py)
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
                      client_address: str | None = None) -> None: ...

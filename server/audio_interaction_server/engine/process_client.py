@@ -159,6 +159,10 @@ class EngineProcessClient:
         self._reader = threading.Thread(target=self._read_events, name="engine-client-reader", daemon=True)
         self._reader.start()
 
+    @property
+    def engine_pid(self) -> int | None:
+        return self._engine_pid
+
     def _wait_ready(self) -> EngineReady:
         poller = zmq.Poller()
         poller.register(self._events, zmq.POLLIN)

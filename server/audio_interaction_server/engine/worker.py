@@ -116,6 +116,8 @@ class Worker:
         # The features of each queue's next chunk, and each live session's log-mel running maximum.
         self.features = HeadFeatures()
 
+    engine_pid = None  # the engine runs in its caller's process (EngineClient.engine_pid)
+
     # ---- thread-safe API -------------------------------------------------
     def open_session(self, session_id: str, options: SessionOptions, emit: EmitFn,
                      client_address: str | None = None) -> None:
