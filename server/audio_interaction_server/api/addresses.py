@@ -56,7 +56,6 @@ class AddressRateLimiter:
     def __init__(self, rate_per_s: float, burst: int, max_tracked: int = 65_536) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst
-        self.max_tracked = max_tracked
         self._buckets: RecentTable[tuple[float, float]] = RecentTable(max_tracked)  # client key -> (tokens, at time)
 
     def retry_after_s(self, address: str, now_s: float, take: bool = True, cost: float = 1.0) -> float | None:

@@ -94,7 +94,6 @@ class AddressBuckets:
     def __init__(self, rate_per_s: float, burst: float, max_tracked: int = 65_536) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst
-        self.max_tracked = max_tracked
         self._buckets: RecentTable[TokenBucket] = RecentTable(max_tracked)
 
     def bucket(self, address: str, now_s: float) -> TokenBucket:
@@ -172,7 +171,6 @@ class CutCooldown:
     def __init__(self, cooldown_s: float, max_cooldown_s: float, max_tracked: int = 65_536) -> None:
         self.cooldown_s = cooldown_s
         self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
-        self.max_tracked = max_tracked
         # client key -> (refused until, cooldown)
         self._cuts: RecentTable[tuple[float, float]] = RecentTable(max_tracked)
 

@@ -59,7 +59,6 @@ class CatchUpPacing:
         self.rows_per_s = speed / CHUNK_S
         self.address_rows_per_s = 1.0 / CHUNK_S  # real time: at the catch-up speed, churn doubled it (review)
         self.burst_rows = burst_s / CHUNK_S
-        self.max_tracked = max_tracked
         self._addresses: RecentTable[ListenCredits] = RecentTable(max_tracked)
 
     def credits_for(self, client_address: str | None, now_s: float) -> ListenCredits:

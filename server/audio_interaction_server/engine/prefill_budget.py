@@ -56,7 +56,6 @@ class PrefillBudget:
     def __init__(self, tokens_per_s: float, burst_tokens: int, max_tracked: int = 65_536) -> None:
         self.tokens_per_s = tokens_per_s
         self.burst_tokens = burst_tokens
-        self.max_tracked = max_tracked
         self._buckets: RecentTable[_Bucket] = RecentTable(max_tracked)
 
     def charge(self, address: str, num_tokens: int, now_s: float) -> PrefillRefusal | None:
