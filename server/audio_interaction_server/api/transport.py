@@ -254,19 +254,15 @@ class TransportGuard:
                 await refuse(scope, send, 413, "body_too_large", f"request body over {max_bytes} bytes")
                 return
             client = scope.get("client")
-            if scope["type"] == "websocket":
-                # A WebSocket upgrade of a client past its budget (spent by its requests and refused upgrades):
-                # refused as its direct connection would have been (``GuardedHttpProtocol.connection_made``); one
-                # that came through a trusted proxy was let through, so its refused upgrades went on at full cost.
-                if client is not None and not guard.takes_http_request(client[0], take=False):
-                    guard.refused_request(client[0])
+            if client is not None and not guard.takes_http_request(client[0], take=False):
+                guard.refused_request(client[0])
+                if scope["type"] == "websocket":
+                    # An upgrade of a client past its budget (spent by its requests and refused upgrades): refused
+                    # as its direct connection would have been (``GuardedHttpProtocol.connection_made``); one that
+                    # came through a trusted proxy was let through, so its refused upgrades went on at full cost.
                     await refuse(scope, send, 429, "http_request_flood", guard.http_flood_detail())
                     return
-                await app(scope, receive, send)
-                return
-            if client is not None and not guard.takes_http_request(client[0], take=False):
                 scope[REFUSED_BEFORE_THE_APP] = True  # its connection knows it was answered (on_response_complete)
-                guard.refused_request(client[0])
                 body = f"Too Many Requests: {guard.http_flood_detail()}\n".encode()
                 await send({"type": "http.response.start", "status": 429,
                             "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1"),
