@@ -66,10 +66,11 @@ def stream_url_for_log(is_ssl: bool, host: str, address: str) -> str:
 PORT_IN_USE = "another program uses the port: choose another with --port or AIS_PORT"
 
 
-def bind_listener(host: str, port: int, backlog: int, what: str = "", in_use: str = PORT_IN_USE) -> socket.socket:
+def bind_listener(host: str, port: int, backlog: int, what: str = "",
+                  in_use: str | None = PORT_IN_USE) -> socket.socket:
     """A TCP socket listening on ``host:port`` (port 0: any free one), bound as uvicorn binds (``SO_REUSEADDR``;
     IPv6 for a host with a colon); ``CannotListen`` if it cannot be. ``what`` names the port's role; ``in_use`` is
-    what to do about a port in use (said only where ``what`` is empty or names a front)."""
+    what to do about a port in use (None: nothing to add)."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -78,7 +79,7 @@ def bind_listener(host: str, port: int, backlog: int, what: str = "", in_use: st
     except OSError as error:
         listener.close()
         # A port in use is the common case on a development machine: say how to choose another.
-        other = f"; {in_use}" if error.errno == errno.EADDRINUSE and (not what or "front" in what) else ""
+        other = f"; {in_use}" if error.errno == errno.EADDRINUSE and in_use else ""
         if error.errno == errno.EADDRNOTAVAIL:
             other = ("; not an address of this machine: give one it has (127.0.0.1 for this machine only, 0.0.0.0 "
                      "for every interface)")
@@ -102,7 +103,8 @@ def bind_listeners(config: ServerConfig, front: tuple[int, int] | None = None) -
     if config.agent_port is None:
         return Listeners(server)
     try:
-        return Listeners(server, bind_listener(config.host, config.agent_port, LISTEN_BACKLOG, " (agent_port)"))
+        agent = bind_listener(config.host, config.agent_port, LISTEN_BACKLOG, " (agent_port)", in_use=None)
+        return Listeners(server, agent)
     except CannotListen:
         server.close()
         raise
