@@ -174,7 +174,7 @@ class _StepPathCollector(Collector):
     them cost in time and device memory: a dashboard tells a replica that fell back to eager steps."""
 
     def __init__(self) -> None:
-        self.path = None  # an events.StepPath (this module imports nothing of the package)
+        self.path = None  # an events.StepPath (this module does not import the engine)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         path = self.path

@@ -52,7 +52,6 @@ FrontMessage = (Hello | Heartbeat | Goodbye | Shutdown | OpenRemote | SessionCom
                 | DetachEnded | AddressCut)
 
 
-
 def engine_ended(status: int | None, log_hint: str | None = "its log says why") -> str:
     """How the engine process ended, for the operator's last line: ``exited with status 1 (its log says why)``, or
     the signal that killed it. A SIGKILL (status -9) is most often the kernel's out-of-memory killer, and a killed
