@@ -25,12 +25,16 @@ EVENTS = TypeAdapter(TurnEvent)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(capsys, *args: str) -> list:
+def run_cli_lines(capsys, *args: str) -> list[dict]:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", *args])
     assert exit_info.value.code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    return [EVENTS.validate_python(json.loads(line)) for line in lines]
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def run_cli(capsys, *args: str) -> list:
+    """The session's events, each a wire event; ``run``'s own ``file_begin`` lines left out."""
+    return [EVENTS.validate_python(line) for line in run_cli_lines(capsys, *args) if line["type"] != "file_begin"]
 
 
 def check_turns(events) -> None:
@@ -71,6 +75,31 @@ def test_streaming_features_run_files_as_one_stream(capsys, tiny_checkpoint, sha
     total = sum(len(load_audio_file(p)) for p in files) + 8000
     assert len([e for e in events if e.type == "decision"]) == math.ceil(total / 6400)
     check_turns(events)
+
+
+@pytest.mark.parametrize("features", ["offline", "streaming"])
+def test_a_line_before_each_file_says_where_it_starts_in_the_stream(capsys, tiny_checkpoint, shared_audio, features):
+    """Decisions number chunks over the whole session, padding and inserted silence included (offline: 1 s after
+    every file), so a decision could not be mapped back to its file without redoing the layout (a researcher's
+    first hour). Each file's audio is now preceded by a ``file_begin`` line: where it starts, how long it is."""
+    files = load_audio_sequence(shared_audio / "01_count_bark")[:3]
+    lines = run_cli_lines(capsys, "--checkpoint", str(tiny_checkpoint), "--features", features,
+                          "--max-turn-tokens", "4", *map(str, files))
+    markers = [line for line in lines if line["type"] == "file_begin"]
+    lengths = [len(load_audio_file(path)) for path in files]
+    if features == "offline":  # each file padded to whole chunks, then 1.0 s of silence padded to 3 chunks
+        starts = [sum(math.ceil(n / 6400) + 3 for n in lengths[:i]) * 6400 for i in range(len(files))]
+    else:  # back to back
+        starts = [sum(lengths[:i]) for i in range(len(files))]
+    assert markers == [{"type": "file_begin", "file": str(path), "index": i, "chunk": start // 6400,
+                        "audio_time_s": start / 16_000, "duration_s": n / 16_000}
+                       for i, (path, start, n) in enumerate(zip(files, starts, lengths))]
+    for i, marker in enumerate(markers):  # each before the decisions of its file's chunks, after the ones before
+        position = lines.index(marker)
+        before = [line["chunk"] for line in lines[:position] if line["type"] == "decision"]
+        after = [line["chunk"] for line in lines[position:] if line["type"] == "decision"]
+        assert all(chunk < marker["chunk"] + (features == "streaming") for chunk in before), (i, before)
+        assert after and after[0] >= marker["chunk"] - (features == "streaming"), (i, after[:3])
 
 
 def test_unreadable_checkpoint_is_a_clean_error(capsys, tmp_path, shared_audio):
@@ -657,10 +686,10 @@ def close_stdout_early(args: list[str], num_lines_read: int) -> subprocess.Compl
 def test_stdout_closed_early_ends_quietly_with_the_sigpipe_status(tiny_checkpoint, shared_audio, subcommand):
     """`run ... | head -1` printed a BrokenPipeError traceback (and ran on); `schema | head -1` exited 1 with one
     when a write met the closed pipe. As `yes | head -1` does: no message, status 141 (128 + SIGPIPE)."""
-    if subcommand == "run":  # a line a step: the reader leaves after the first, while the model still runs
+    if subcommand == "run":  # a line a step: the reader leaves after the first decision, while the model still runs
         result = close_stdout_early(["run", "--checkpoint", str(tiny_checkpoint), str(shared_audio / "01_count_bark")],
-                                    num_lines_read=1)
-        assert result.stdout.startswith('{"type":"decision"'), result.stderr
+                                    num_lines_read=2)
+        assert result.stdout.splitlines()[1].startswith('{"type":"decision"'), result.stderr
     else:
         result = close_stdout_early(["schema"], num_lines_read=0)
     assert result.returncode == 141, result.stderr

@@ -5,7 +5,8 @@
     audio-interaction schema
     audio-interaction make-checkpoint OUT [--preset tiny|real] [--seed N] [--dtype float32|bfloat16]
 
-``run`` prints one JSON event per line; all its files form one continuous session.
+``run`` prints one JSON event per line, and a ``file_begin`` line before each file's audio (where it starts in
+the stream); all its files form one continuous session.
 ``--features offline`` lays the stream out like the reference's offline runner: every
 file zero-padded to whole 0.4 s chunks and featurised as one clip, each followed by
 ``--trailing-silence`` seconds of zeros as a clip of its own (after every file, as that
@@ -28,6 +29,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -227,18 +229,51 @@ def trailing_silence(seconds: float) -> np.ndarray:
     return np.zeros(int(round(seconds * T.SAMPLE_RATE_HZ)), dtype=np.float32)
 
 
-def offline_clips(files: list[Path], silence_s: float) -> Iterator[list[torch.Tensor]]:
+@dataclass(frozen=True)
+class FileAudio:
+    """One input's part of the session's stream, decoded when the session reaches it."""
+
+    path: Path | None  # None: the streaming layout's closing silence, after the last file
+    num_samples: int  # the file's own 16 kHz samples, before any padding or silence
+    stream_samples: int  # how far it moves the stream: with the offline layout, padding and silence included
+    clips: list[torch.Tensor] | list[PaddedBlocks]  # offline: featurised clips; streaming: sample blocks
+
+
+@dataclass(frozen=True)
+class FileBegin:
+    """``run``'s line before a file's audio: where the file starts in the session's stream. Decisions number
+    chunks and give ``audio_time_s`` over the whole stream (offline: each file's padding and the silence after it
+    included); a decision whose chunk is at or after this ``chunk`` and before the next file's heard this file, or,
+    offline, the padding and silence after it."""
+
+    file: str
+    index: int  # the file's place among the inputs (a folder's files in its sequence.json order), from 0
+    chunk: int  # the chunk that holds the file's first sample
+    audio_time_s: float  # the stream time of the file's first sample
+    duration_s: float  # the file's length, before padding or silence
+    type: str = "file_begin"
+
+    def to_json(self) -> str:
+        return json.dumps({"type": self.type, "file": self.file, "index": self.index, "chunk": self.chunk,
+                           "audio_time_s": self.audio_time_s, "duration_s": self.duration_s},
+                          separators=(",", ":"))
+
+
+def offline_clips(files: list[Path], silence_s: float) -> Iterator[FileAudio]:
     """Per file, decoded when asked for: its chunks, then a silence clip; each clip featurised as a whole."""
+    from audio_interaction_server import spec as T
     from audio_interaction_server.audio.mel import offline_chunks
 
     for path in files:
-        clips = [offline_chunks(read_audio(path))]
+        samples = read_audio(path)
+        clips = [offline_chunks(samples)]
         if silence_s > 0:
             clips.append(offline_chunks(trailing_silence(silence_s)))
-        yield clips
+        num_chunks = sum(clip.shape[0] for clip in clips)  # every clip padded to whole chunks
+        yield FileAudio(path, len(samples), num_chunks * T.CHUNK_SAMPLES, clips)
 
 
-def streaming_clips(files: list[Path], silence_s: float) -> Iterator[list[PaddedBlocks]]:
+def streaming_clips(files: list[Path], silence_s: float) -> Iterator[FileAudio]:
     """The live server's audio path: files back to back, then a client's ``input.flush``; the blocks the worker
     computes each chunk's log-mel from, as a live session's. One list per file, decoded when asked for, then
     the flush's."""
@@ -247,11 +282,12 @@ def streaming_clips(files: list[Path], silence_s: float) -> Iterator[list[Padded
     blocks: list[PaddedBlocks] = []
     audio = AudioInput(blocks.append)  # 16 kHz mono s16 by default; files are already 16 kHz mono
     for path in files:
-        audio.accept(read_audio(path))
-        yield list(blocks)
+        samples = read_audio(path)
+        audio.accept(samples)
+        yield FileAudio(path, len(samples), len(samples), list(blocks))
         blocks.clear()
     audio.flush(silence_s)
-    yield blocks
+    yield FileAudio(None, 0, 0, blocks)
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
@@ -328,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     from audio_interaction_server.render.replies import ReplyRenderer
     from audio_interaction_server.engine.prompt import PromptEncoder
     from audio_interaction_server.model.layout import load_tokenizer, resolve_files
-    from audio_interaction_server.spec import fitting_rollover_window
+    from audio_interaction_server.spec import CHUNK_SAMPLES, SAMPLE_RATE_HZ, fitting_rollover_window
 
     # Everything the user typed is checked, and every file's header read, before the model loads:
     # a typo should cost a second, not a multi-gigabyte load.
@@ -391,8 +427,14 @@ def run(args: argparse.Namespace) -> int:
     # Each file's clips run to idle before the next file is decoded: one file's samples in memory at a time.
     # A session decides its queued chunks in order whether they arrived at once or file by file, so the
     # events are those of pushing every file first.
-    for clips in clips_per_file(files, args.trailing_silence):
-        for clip in clips:
+    stream_samples = 0
+    for index, file_audio in enumerate(clips_per_file(files, args.trailing_silence)):
+        if file_audio.path is not None:
+            print(FileBegin(str(file_audio.path), index, stream_samples // CHUNK_SAMPLES,
+                            stream_samples / SAMPLE_RATE_HZ, file_audio.num_samples / SAMPLE_RATE_HZ).to_json(),
+                  flush=True)
+        stream_samples += file_audio.stream_samples
+        for clip in file_audio.clips:
             worker.push_audio(session_id, clip)
         worker.run_until_idle()
         if stdout_closed:
