@@ -17,6 +17,10 @@ server  `python -m audio_interaction_server` in a subprocess on 127.0.0.1 and on
 
 A decision that waits behind a reply of the same session counts in both
 modes (audio is queued while the model speaks), so p95 includes replies.
+"server - engine" is the difference of the two modes' percentiles, not a
+percentile of each decision's added time (the two runs hear the same audio,
+one after the other, not the same decisions): it can come out below the p50's,
+or negative, when the server's run was the luckier one.
 """
 
 from __future__ import annotations
@@ -141,7 +145,8 @@ def main() -> None:
     model = load_model(args.checkpoint, "cpu")
     print(f"# {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"model {model.name}, {args.seconds:g} s of audio per stream, 100 ms frames, real time\n")
-    print("| streams | engine p50 ms | engine p95 ms | server p50 ms | server p95 ms | added p50 ms | added p95 ms |"
+    print("| streams | engine p50 ms | engine p95 ms | server p50 ms | server p95 ms | server - engine p50 ms |"
+          " server - engine p95 ms |"
           " decisions |")
     print("|---|---|---|---|---|---|---|---|")
     for num_streams in args.streams:
