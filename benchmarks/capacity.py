@@ -14,7 +14,8 @@ pace, staggered over one 0.4 s chunk, and the run reports:
   and host (planning, batch building, commits, event fan-out);
 * peak accelerator memory of the run (or the process's peak RSS so far on CPU);
 * PASS when p95 decision latency <= --target-ms, p95 time to first token <=
-  --ttft-target-ms and every decision arrived; the largest passing N is the capacity.
+  --ttft-target-ms and every decision arrived; the largest passing N is the capacity. A target with nothing to
+  judge (no reply timed in a short run) does not fail a run; its PASS names it ("PASS; not judged: first token").
   (``Targets`` can also hold reply speed and host share; ``benchmarks.gpu_check`` checks all four.)
 
 Modes:
@@ -185,6 +186,19 @@ class Targets:
 
     def passes(self, run: Run) -> bool:
         return all(verdict is not False for verdict in self.checks(run).values())
+
+    def verdict(self, run: Run) -> str:
+        """PASS or fail, and which targets a pass did not judge (a run too short to time a reply passed without a
+        word about its first-token target)."""
+        if not self.passes(run):
+            return "fail"
+        unjudged = [UNJUDGED_NAMES[name] for name, verdict in self.checks(run).items() if verdict is None]
+        return f"PASS; not judged: {', '.join(unjudged)}" if unjudged else "PASS"
+
+
+# A target with nothing to judge in a run, as its verdict says it.
+UNJUDGED_NAMES = {"first_token_p95": "first token (no reply timed)", "reply_rate_p5": "reply speed (no reply timed)",
+                  "host_share": "host share (no step timed)"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -639,7 +653,7 @@ def step_breakdown(run: Run) -> str:
 def print_row(run: Run, targets: Targets) -> None:
     rate = f"{statistics.median(run.reply_rates):.0f}" if run.reply_rates else "-"
     memory = f"{run.memory_mib:.0f}" if run.memory_mib else "-"
-    verdict = "PASS" if targets.passes(run) else "fail"
+    verdict = targets.verdict(run)
     print(f"| {run.mode} | {run.streams} | {fmt_ms(run.decision_s, 50)} | {fmt_ms(run.decision_s, 95)} | "
           f"{fmt_ms(run.decision_s, 99)} | {fmt_ms(run.first_token_s, 50)} | {fmt_ms(run.first_token_s, 95)} | "
           f"{rate} | {step_breakdown(run)} | {memory} | "

@@ -242,6 +242,21 @@ def test_capacity_ratio_is_a_bound_when_the_ramp_stops_before_a_capacity():
     assert capacity_ratio({"direct": 4}, [1, 4]) is None
 
 
+def test_a_capacity_pass_says_which_targets_it_did_not_judge():
+    """A run too short to time a reply passed as a plain PASS under a header naming a first-token target (the
+    researcher's first hour): the verdict now says what it could not judge."""
+    from benchmarks.capacity import Run, Targets
+
+    targets = Targets(decision_p95_ms=100.0, first_token_p95_ms=50.0, reply_tokens_per_s=20.0)
+    no_reply = Run("direct", 2, 5.0, expected_decisions=2, decision_s=[0.01, 0.02])
+    assert targets.verdict(no_reply) == "PASS; not judged: first token (no reply timed), reply speed (no reply timed)"
+    replied = Run("direct", 2, 5.0, expected_decisions=2, decision_s=[0.01, 0.02], first_token_s=[0.01],
+                  reply_rates=[30.0])
+    assert targets.verdict(replied) == "PASS"
+    slow = Run("direct", 2, 5.0, expected_decisions=2, decision_s=[0.01, 0.5])
+    assert targets.verdict(slow) == "fail"
+
+
 @pytest.mark.parametrize("module", ["benchmarks.capacity", "benchmarks.precision",
                                     "audio_interaction_server.demo.random_model"])
 def test_a_dtype_the_server_does_not_run_is_a_usage_error_not_a_traceback(module):
