@@ -190,6 +190,23 @@ def test_without_a_key_a_proxied_or_browser_drain_call_is_refused(keyless_draina
         assert post(server, path, headers)[0] == 403 and not server.runtime.is_draining, path
 
 
+def test_a_drain_call_refused_as_not_local_says_why(tiny_checkpoint):
+    """An operator's curl on the host of a balancer that the replica trusts (transport.trusted_proxies: loopback)
+    was told "only for a client on this machine, not through a proxy", which it is, and through none."""
+    server = LiveServer(server_config(tiny_checkpoint, api_key=None, drain_timeout_s=6.0,
+                                      transport={"trusted_proxies": ["127.0.0.1/32"]})).start()
+    try:
+        status, body = post(server, "/v1/admin/drain")
+        assert status == 403 and not server.runtime.is_draining
+        assert "127.0.0.1 is in transport.trusted_proxies (127.0.0.1/32)" in body["error"], body
+        assert "drain by SIGTERM, or set an API key" in body["error"], body
+    finally:
+        server.stop()
+    forwarded = HTTPConnection({"type": "http", "client": ("127.0.0.1", 40000),
+                                "headers": [(b"x-forwarded-for", b"203.0.113.9")]})
+    assert admission.not_local_because(forwarded) == "this request came through a proxy (it carries x-forwarded-for)"
+
+
 def test_a_browser_drain_call_is_refused_even_with_the_key(busy_503):
     status, body = post(busy_503, "/v1/admin/drain", {**AUTHORIZED, "Origin": GOOD_ORIGIN})
     assert status == 403 and "browser" in body["error"] and not busy_503.runtime.is_draining

@@ -253,16 +253,28 @@ def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] =
     connects from loopback too, and a path it did not recognise as ``/v1/admin/`` (``/v1/admin%2Fdrain``) would
     otherwise reach the drain call as a local one. (The transport has already replaced a trusted proxy's
     address by its client's; a trusted proxy's own address is never local, since it forwards for others.)"""
-    if any(header in FORWARDING_HEADERS or header.startswith("x-forwarded-") for header in connection.headers):
-        return False
+    return not_local_because(connection, trusted_proxies) is None
+
+
+def not_local_because(connection: HTTPConnection, trusted_proxies: Sequence[str] = ()) -> str | None:
+    """Why the peer is not a local client (``is_local_client``), in words for the one refused; None when it is."""
+    forwarded = [header for header in connection.headers
+                 if header in FORWARDING_HEADERS or header.startswith("x-forwarded-")]
+    if forwarded:
+        return f"this request came through a proxy (it carries {forwarded[0]})"
     host = peer_address(connection) or ""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
-    if any(address in ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies):
-        return False
-    return address.is_loopback
+        return f"its peer ({host or 'unknown'}) is no address of this machine"
+    trusted = [proxy for proxy in trusted_proxies if address in ipaddress.ip_network(proxy, strict=False)]
+    if trusted:
+        # An operator's curl on the balancer's own host: from loopback, which the replica trusts as a proxy.
+        return (f"{host} is in transport.trusted_proxies ({trusted[0]}), so a request from it may be a proxy's "
+                "(a balancer on this host): drain by SIGTERM, or set an API key and send it")
+    if not address.is_loopback:
+        return f"{host} is not this machine"
+    return None
 
 
 # Headers only a browser sends with a request a page makes (fetch, a form, an image): the drain call is for an
@@ -284,8 +296,9 @@ def admin_refusal(runtime: Runtime, connection: HTTPConnection) -> tuple[int, st
         if not is_api_key(runtime, offered_key(connection)):
             return 401, "the drain call needs the API key (a client secret is not enough)"
         return None
-    if not is_local_client(connection, runtime.config.transport.trusted_proxies):
-        return 403, "without an API key the drain call is only for a client on this machine, not through a proxy"
+    if (why := not_local_because(connection, runtime.config.transport.trusted_proxies)) is not None:
+        return 403, ("without an API key the drain call is only for a client on this machine, not through a proxy: "
+                     f"{why}")
     return None
 
 
