@@ -300,6 +300,32 @@ def test_a_subscriber_may_name_a_realtime_session_by_its_sess_id(tiny_checkpoint
         server.stop()
 
 
+def test_a_session_of_another_replica_asked_for_through_the_balancer_says_that_replica_is_down(tiny_checkpoint):
+    """Behind the shipped HAProxy, a subscriber or a resume for a session of a replica that died is sent to another
+    one (use-server skips a server that is down). It was told "connect to that replica (a load balancer routes by
+    the session id)": the user went to debug a balancer that had routed it right (first-hour review, round 11)."""
+    from websockets.sync.client import connect
+
+    server = LiveServer(server_config(tiny_checkpoint, replica_id="ais2")).start()
+    other = "ais1_" + "0" * 32
+    try:
+        for path in (f"/v1/sessions/{other}/events", f"/v1/stream?resume={other}&token=x&last_seq=3"):
+            messages = {}
+            for proxied in (False, True):
+                headers = {"Authorization": f"Bearer {API_KEY}"}
+                if proxied:  # as HAProxy's option forwardfor sends it
+                    headers["X-Forwarded-For"] = "203.0.113.9"
+                with connect(f"ws://127.0.0.1:{server.port}{path}", additional_headers=headers) as ws:
+                    events, _ = recv_to_close(ws)
+                messages[proxied] = events[0]["message"]
+            assert "connect to that replica" in messages[False], (path, messages)
+            assert "connect to that replica" not in messages[True], (path, messages)
+            assert "the load balancer sent this here: replica ais1 is most likely down or gone" in messages[True], (
+                path, messages)
+    finally:
+        server.stop()
+
+
 def test_one_client_address_may_hold_at_most_max_sessions_per_ip_sessions(tiny_checkpoint):
     """A client that opened every slot from one address and sent an empty frame a minute held the server for as
     long as it liked (hostile probe, 2026-12-06). With max_sessions_per_ip, its next session is refused and other

@@ -168,7 +168,8 @@ def admit_subscriber(runtime: Runtime, connection: HTTPConnection, session_id: s
     # A session that has ended stays registered until its last events are out (a client that does not read: up to
     # the write stall's bound); a subscriber would hear nothing of it, its session.closed gone already.
     if stream is None or stream.has_ended:
-        return Refusal("unknown_session", opened_elsewhere(runtime, session_id) or f"no open session {session_id!r}",
+        return Refusal("unknown_session",
+                       opened_elsewhere(runtime, session_id, connection) or f"no open session {session_id!r}",
                        CloseCode.NOT_FOUND, session_id)
     if len(stream.subscribers) >= runtime.config.max_subscribers_per_session:
         return Refusal("too_many_subscribers", "this session has its maximum of subscribers", CloseCode.TRY_AGAIN,
@@ -189,16 +190,21 @@ class ResumeGranted:
     last_seq: int
 
 
-def opened_elsewhere(runtime: Runtime, session_id: str) -> str | None:
+def opened_elsewhere(runtime: Runtime, session_id: str, connection: HTTPConnection | None = None) -> str | None:
     """What to tell a client that asks this replica for a session another replica opened (its id names it): a
-    resume or a subscriber sent past the balancer's routing by session id (another front of the host, another pod)."""
+    resume or a subscriber sent past the balancer's routing by session id (another front of the host, another pod).
+    One that came through a proxy was most likely routed right: a balancer that routes by the session id (the
+    shipped HAProxy configurations) sends it elsewhere only when that replica is down or gone."""
     from audio_interaction_server.api.runtime import split_session_id
 
     parts = split_session_id(session_id)
     if parts is None or parts[0] == runtime.replica_id:
         return None
-    return (f"session {session_id!r} was opened on replica {parts[0]}, not on this one ({runtime.replica_id}): "
-            "connect to that replica (a load balancer routes by the session id, docs/scaling.md)")
+    where = f"session {session_id!r} was opened on replica {parts[0]}, not on this one ({runtime.replica_id})"
+    if connection is not None and came_through_a_proxy(connection):
+        return (f"{where}, and the load balancer sent this here: replica {parts[0]} is most likely down or gone, and "
+                "its sessions with it (or the balancer does not route by the session id: docs/scaling.md)")
+    return f"{where}: connect to that replica (a load balancer routes by the session id, docs/scaling.md)"
 
 
 def resume_expired(session_id: str, message: str) -> Refusal:
@@ -215,7 +221,7 @@ def admit_resume(runtime: Runtime, connection: HTTPConnection, session_id: str) 
         return Refusal(refusal.code, refusal.message, refusal.close_code, session_id)
     stream = runtime.streams.get(session_id)
     if not isinstance(stream, StreamConnection) or stream.resume_policy is None:
-        return resume_expired(session_id, opened_elsewhere(runtime, session_id) or (
+        return resume_expired(session_id, opened_elsewhere(runtime, session_id, connection) or (
             "no session to resume: it ended, expired, gave its slot to a new session, or this server restarted; "
             "start a new session"))
     # The token before anything else of the session: a wrong one gets the same answer whatever its state, so a
@@ -256,12 +262,16 @@ def is_local_client(connection: HTTPConnection, trusted_proxies: Sequence[str] =
     return not_local_because(connection, trusted_proxies) is None
 
 
+def came_through_a_proxy(connection: HTTPConnection) -> str | None:
+    """The first header a proxy adds that the request carries (its name), or None."""
+    return next((header for header in connection.headers
+                 if header in FORWARDING_HEADERS or header.startswith("x-forwarded-")), None)
+
+
 def not_local_because(connection: HTTPConnection, trusted_proxies: Sequence[str] = ()) -> str | None:
     """Why the peer is not a local client (``is_local_client``), in words for the one refused; None when it is."""
-    forwarded = [header for header in connection.headers
-                 if header in FORWARDING_HEADERS or header.startswith("x-forwarded-")]
-    if forwarded:
-        return f"this request came through a proxy (it carries {forwarded[0]})"
+    if (header := came_through_a_proxy(connection)) is not None:
+        return f"this request came through a proxy (it carries {header})"
     host = peer_address(connection) or ""
     try:
         address = ipaddress.ip_address(host)
