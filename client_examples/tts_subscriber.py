@@ -14,7 +14,8 @@ growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on
 A connection that drops (no close from the server: a Wi-Fi blip, a proxy restarting) is subscribed
 again, for as long, while the session goes on; a subscription is live-only, so the replies in between
 are missed, and it says how long that was.
-Exits when the session closes: 0 if it closed normally and every command succeeded.
+Exits when the session closes: 0 if it closed normally and every command succeeded, 1 if the server ended it (a
+drain or a stop: the streaming client goes on in a new session, with a new id, that this subscriber does not follow).
 """
 
 from __future__ import annotations
@@ -207,10 +208,11 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
     if is_subscribed:
         print(f"subscribed to session {session_id}", flush=True)
     worker = asyncio.create_task(speaker.run())
-    is_fatal = False
+    is_fatal, closed_reason = False, None
     try:
         while True:
-            is_fatal |= await read_events(websocket, speaker)
+            fatal, reason = await read_events(websocket, speaker)
+            is_fatal, closed_reason = is_fatal or fatal, reason or closed_reason
             if not is_subscribed or websocket.close_code != ABNORMAL_CLOSURE:
                 break  # the server closed it: the session ended, or refused this subscriber
             loop = asyncio.get_running_loop()
@@ -234,13 +236,25 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
     print(f"{speaker.num_done} segments done, {speaker.num_failed} failed", flush=True)
     if code != 1000:
         print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
-    return EXIT_OK if code == 1000 and not is_fatal and speaker.num_failed == 0 else EXIT_FAILED
+    if closed_reason in SERVER_ENDS:
+        print(f"the server ended the session it followed ({closed_reason}: {SERVER_ENDS[closed_reason]}); a client "
+              "that goes on does so in a new session, with a new id (stream_file.py and microphone.py print it as "
+              "'session: ID (new; ...)'), which this subscriber does not follow: start it again with that id",
+              file=sys.stderr)
+    is_normal = code == 1000 and not is_fatal and closed_reason not in SERVER_ENDS
+    return EXIT_OK if is_normal and speaker.num_failed == 0 else EXIT_FAILED
 
 
-async def read_events(websocket: ClientConnection, speaker: Speaker) -> bool:
+# Sessions the server ended on its own (docs/deployment.md, ais_sessions_total reasons): during a rolling update the
+# streaming client goes on in a new session elsewhere, and its replies are no longer this subscriber's.
+SERVER_ENDS = {"server_draining": "its server drains, for an update or a scale-down",
+               "server_shutdown": "its server stopped"}
+
+
+async def read_events(websocket: ClientConnection, speaker: Speaker) -> tuple[bool, str | None]:
     """The subscription's events until its connection ends, each segment queued for the speaker; whether a fatal
-    error came."""
-    is_fatal = False
+    error came, and why the session closed (its session.closed reason; None when none came)."""
+    is_fatal, closed_reason = False, None
     try:
         async with websocket:
             while True:
@@ -253,10 +267,11 @@ async def read_events(websocket: ClientConnection, speaker: Speaker) -> bool:
                     is_fatal |= bool(event.get("is_fatal"))
                     print(describe_error(event), file=sys.stderr, flush=True)
                 elif kind == "session.closed":
-                    print(f"session closed ({event['reason']})", flush=True)
+                    closed_reason = event["reason"]
+                    print(f"session closed ({closed_reason})", flush=True)
     except ConnectionClosed:
         pass
-    return is_fatal
+    return is_fatal, closed_reason
 
 
 async def subscribe_again(endpoint: str, api_key: str | None, retry_s: float

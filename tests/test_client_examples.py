@@ -1636,6 +1636,30 @@ def test_a_draining_server_sends_the_client_to_a_new_session_elsewhere(tiny_chec
     assert f"session: {created[1]['session_id']} (new;" in message
 
 
+def test_a_subscriber_whose_session_the_server_drained_exits_1_and_says_the_client_goes_on_elsewhere(
+        tiny_checkpoint, tmp_path):
+    """In a rolling update the streaming client goes on in a new session on another replica (the test above), with a
+    new id; its subscriber (the TTS box) printed `session closed (server_draining)` and exited 0, as after a
+    conversation that ended, and the rest of the conversation was never spoken (first-hour review, round 11)."""
+    server = LiveServer(client_config(tiny_checkpoint, drain_timeout_s=10.0)).start()
+    subscriber = None
+    try:
+        with server.connect() as ws:
+            session_id = json.loads(ws.recv(timeout=10))["session_id"]
+            subscriber = Script("tts_subscriber.py", server.ws_url, session_id, "--api-key", API_KEY, *ANY_TTS,
+                                cwd=tmp_path)
+            subscriber.wait_for_line(re.compile(f"^subscribed to session {session_id}$"))
+            begin_drain(server)
+            code = subscriber.finish(30)
+    finally:
+        kill_all(subscriber)
+        server.stop()
+    assert "session closed (server_draining)" in subscriber.stdout, subscriber.stdout
+    assert code == 1, (code, subscriber.stderr)
+    assert any("the server ended the session it followed (server_draining" in line and "start it again with that id"
+               in line for line in subscriber.stderr), subscriber.stderr
+
+
 def test_outbound_log_resends_exactly_what_the_server_lacks():
     """Outbound.plan_resend, frame by frame: audio_received_s and the answered commands mark the prefix the
     server has; an unanswered flush right after it is the one ambiguous frame."""
