@@ -49,6 +49,48 @@ ABNORMAL_CLOSURE = 1006  # the connection ended without a close frame: the netwo
 _PLACEHOLDER = re.compile(r"\{(text|wav)\}")
 
 
+# Programs that run one of their arguments as code (sh -c SCRIPT, python -c CODE, perl -e CODE), and the option letter
+# that says which: a sentence substituted into that argument would be run, not read (a pipeline to a player, e.g.
+# sh -c "espeak-ng --stdout {text} | aplay", is the natural way to write one). Versioned names: python3.11, ...
+_CODE_OPTION = {"sh": "c", "bash": "c", "dash": "c", "zsh": "c", "ksh": "c", "mksh": "c", "ash": "c", "fish": "c",
+                "python": "c", "python3": "c", "pypy3": "c", "perl": "e", "ruby": "e", "node": "e"}
+_ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _program(argv: list[str]) -> tuple[str, list[str]]:
+    """The program a command line runs (its name without folder or version) and its arguments, past an ``env`` and
+    its NAME=value settings."""
+    args = list(argv)
+    if args and Path(args[0]).name == "env":
+        args = args[1:]
+        while args and (args[0].startswith("-") or _ENV_ASSIGNMENT.match(args[0])):
+            args = args[1:]
+    if not args:
+        return "", []
+    return re.sub(r"[0-9.]+$", "", Path(args[0]).name), args[1:]
+
+
+def code_argument(argv: list[str]) -> str | None:
+    """The argument that a shell or an interpreter in ``argv`` runs as code (the SCRIPT of ``sh -c SCRIPT``, of
+    ``bash -lc SCRIPT``, ...), or None."""
+    name, args = _program(argv)
+    letter = _CODE_OPTION.get(name)
+    if letter is None:
+        return None
+    for index, arg in enumerate(args):
+        if arg == "--" or not arg.startswith("-"):
+            return None  # the options ended before any code option
+        if not arg.startswith("--") and letter in arg[1:]:
+            return args[index + 1] if index + 1 < len(args) else None
+    return None
+
+
+def code_runner(argv: list[str]) -> str:
+    name, args = _program(argv)
+    letter = _CODE_OPTION.get(name, "c")
+    return f"{name} -{letter}"
+
+
 class TtsCommand:
     """A command template, checked once, expanded per segment."""
 
@@ -69,6 +111,11 @@ class TtsCommand:
         if writes_wav != ("wav" in placeholders):
             need = "must contain {wav} with --out-dir" if writes_wav else "has {wav}: pass --out-dir"
             raise ClientError(f"--tts-command {need}: {template!r}")
+        if (code := code_argument(self.argv)) is not None and "{text}" in code:
+            raise ClientError(f"--tts-command {template!r}: {{text}} is inside the code that {code_runner(self.argv)} "
+                              "runs, so a reply would be run as code ($(...), ; or a quote in it runs commands): pass "
+                              "the sentence as an argument of its own, e.g. sh -c 'espeak-ng --stdout -- \"$1\" | "
+                              "aplay' sh {text}")
         if shutil.which(self.argv[0]) is None:
             hint = " (apt-get install espeak-ng, or pass --tts-command)" if self.argv[0] == "espeak-ng" else ""
             raise ClientError(f"TTS program {self.argv[0]!r} not found{hint}")

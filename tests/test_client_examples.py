@@ -1971,6 +1971,31 @@ def test_tts_subscriber_refuses_a_tts_command_it_cannot_split_or_an_empty_one(tm
                                                  f"or leave the flag out for the default, {default!r}"], (out, err)
 
 
+def test_tts_subscriber_refuses_a_sentence_inside_the_code_a_shell_or_interpreter_runs(tmp_path, monkeypatch):
+    """A pipeline to a player is the natural TTS template (sh -c "espeak-ng --stdout {text} | aplay"): the sentence
+    went into the shell's script, so a reply holding $(...) or ; ran commands, while the README said nothing in a reply
+    is ever interpreted (first-hour review, round 11). Refused before connecting; the sentence as an argument of the
+    script (sh -c '... "$1" ...' sh {text}) is taken."""
+    session_id = "vm_" + "0" * 32
+    for template, runner in [('sh -c "espeak-ng --stdout {text} | aplay"', "sh -c"),
+                             ('bash -lc "echo {text}"', "bash -c"), ('env LANG=C sh -c "echo {text}"', "sh -c"),
+                             ('python3 -c "print({text})"', "python -c")]:
+        code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", session_id, "--tts-command", template,
+                                    "--busy-retry-s", "0", cwd=tmp_path)
+        assert code == 2 and not out and len(err) == 1, (template, out, err)
+        assert err[0].startswith(f"error: --tts-command {template!r}: {{text}} is inside the code that {runner} runs, "
+                                 "so a reply would be run as code"), err
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    safe = tts_subscriber.TtsCommand("sh -c 'echo \"$1\" > /dev/null' sh {text}", writes_wav=False)
+    argv = safe.expand("$(touch pwned); echo hi", None)
+    assert argv[-1] == "$(touch pwned); echo hi" and subprocess.run(argv, cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "pwned").exists()
+    assert tts_subscriber.code_argument(shlex.split("espeak-ng -- {text}")) is None
+    assert tts_subscriber.code_argument(shlex.split("sh script.sh {text}")) is None
+
+
 def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
     """'TTS command failed: exit status 1:' ended in a colon with nothing after it (first-hour review, round five)."""
     import asyncio
