@@ -91,6 +91,18 @@ def code_runner(argv: list[str]) -> str:
     return f"{name} -{letter}"
 
 
+# A session as the Realtime API shows it: sess_ and the session's own id, <replica id>_<32 hex digits> (no replica is
+# called "sess", so this reads one way only).
+_REALTIME_SESSION_ID = re.compile(r"sess_(.+_[0-9a-f]{32})")
+
+
+def session_folder(session_id: str) -> str:
+    """The --out-dir folder of a session: its own id, whether it was named as ``/v1/stream`` shows it or as
+    ``/v1/realtime`` does (``sess_<id>``), so the same session followed both ways lands in one folder."""
+    realtime = _REALTIME_SESSION_ID.fullmatch(session_id)
+    return realtime.group(1) if realtime else session_id
+
+
 class TtsCommand:
     """A command template, checked once, expanded per segment."""
 
@@ -392,13 +404,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         # Files named by turn alone, in one folder, were overwritten by the next session followed there: each session
         # has a folder of its own, and one that exists (the same session followed there before) is kept as it is.
-        session_dir = args.out_dir / args.session_id
+        session_dir = args.out_dir / session_folder(args.session_id)
         if os.path.lexists(session_dir):
             print(f"error: --out-dir {args.out_dir}: {session_dir} exists already (this session was followed into it "
                   "before): give another --out-dir, or move it away; nothing is overwritten", file=sys.stderr)
             return EXIT_USAGE
     print(f"TTS command: {shlex.join(command.argv)}", flush=True)
-    speaker = Speaker(command, None if args.out_dir is None else args.out_dir / args.session_id)
+    speaker = Speaker(command, None if args.out_dir is None else args.out_dir / session_folder(args.session_id))
     return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s))
 
 

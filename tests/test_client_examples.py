@@ -1142,6 +1142,23 @@ def test_tts_subscriber_keeps_each_sessions_wav_files_apart_and_overwrites_none(
                                  "overwritten"], (code, err)
 
 
+def test_a_session_followed_by_its_realtime_id_shares_the_folder_of_its_own_id(tmp_path):
+    """A session is named ``vm_<hex>`` on /v1/stream and ``sess_vm_<hex>`` on /v1/realtime, and the subscriber takes
+    both; --out-dir named the folder by the id as given, so the same session followed both ways wrote into two
+    folders, and the check that nothing is overwritten saw neither from the other (first hour, round 11)."""
+    fake_tts = tmp_path / "fake_tts.py"
+    fake_tts.write_text(FAKE_TTS)
+    command = shlex.join([sys.executable, str(fake_tts), "{wav}", "{text}"])
+    out_dir = tmp_path / "speech"
+    session_id = "vm_" + "0123456789abcdef" * 2
+    (out_dir / session_id).mkdir(parents=True)
+    code, out, err = run_script("tts_subscriber.py", "ws://127.0.0.1:9", "sess_" + session_id, "--tts-command",
+                                command, "--out-dir", str(out_dir), cwd=tmp_path)
+    assert code == 2 and err == [f"error: --out-dir {out_dir}: {out_dir / session_id} exists already (this session was "
+                                 "followed into it before): give another --out-dir, or move it away; nothing is "
+                                 "overwritten"], (code, err)
+
+
 def test_a_session_folder_another_subscriber_made_meanwhile_is_left_alone(monkeypatch, tmp_path):
     """Two subscribers of one session started together into one --out-dir both find its folder absent at the start:
     the second to reach a segment writes nothing there (each segment is said not written, and counted failed)."""
