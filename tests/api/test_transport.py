@@ -25,7 +25,7 @@ from audio_interaction_server.api.log_bursts import BurstLimiter
 from audio_interaction_server.api.transport import TransportGuard
 from audio_interaction_server.config import TransportSettings
 from benchmarks.harness import LiveServer
-from tests.api.test_app import API_KEY, metric_samples, recv_event, server_config
+from tests.api.test_app import API_KEY, metric_samples, recv_event, recv_until, server_config
 
 FAST_LIMITS = dict(header_timeout_s=0.5, close_timeout_s=0.5, write_stall_timeout_s=1.0, body_timeout_s=1.0)
 TRUSTED_PROXY = "127.0.0.2"  # a second loopback address: Linux routes all of 127/8 to lo
@@ -355,6 +355,30 @@ def test_endless_empty_continuation_frames_are_closed_with_1008(guarded):
     assert closed and close_code(server_frames(rest)) == 1008
     assert wait_until(lambda: not guarded.runtime.streams)
     assert metric_samples(guarded)['ais_transport_closes_total{reason="data_frame_flood"}'] >= 1
+
+
+def test_a_subscribers_unfinished_message_is_held_to_its_event_budget_not_the_audio_frame_budget(guarded):
+    """A subscriber only listens, and its whole messages meet its event budget (20 a second, 200 at once); the
+    fragments of a message it never finishes reached no receive, and the transport took 1,000 of them a second per
+    connection: 48 subscribers of 12 sessions from one address, sending empty continuations, held a real-time
+    neighbour's decisions 0.6 s late (p50) and 1.4 s (p95) (hostile probe, round twelve). Now its data frames are
+    held to twice its event budget; the session it follows goes on."""
+    import websockets.sync.client as ws_client
+
+    with ws_client.connect(f"ws://127.0.0.1:{guarded.port}/v1/stream",
+                           additional_headers={"Authorization": f"Bearer {API_KEY}"}) as stream:
+        session_id = recv_event(stream, timeout=5)["session_id"]
+        sock = open_socket(guarded.port)
+        with sock:
+            sock.sendall(upgrade_request(f"/v1/sessions/{session_id}/events"))
+            head, _ = read_response_head(sock)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            sock.sendall(data_frame(TEXT, b"x", fin=False) + data_frame(0x0, fin=False) * 1_000)  # a quarter of 4,000
+            rest, closed = read_until_closed(sock, timeout_s=3.0)
+        assert closed and close_code(server_frames(rest)) == 1008, server_frames(rest)[-3:]
+        stream.send(json.dumps({"type": "input.flush"}))  # the session it followed still answers
+        assert recv_until(stream, lambda event: event["type"] in ("input.flushed", "error"), timeout=5)[-1]["type"] \
+            == "input.flushed"
 
 
 def test_a_flood_of_one_sample_audio_frames_is_closed_with_1008(guarded):

@@ -295,6 +295,12 @@ class Subscriber:
         self.outbox = Outbox(websocket, max_events, max_bytes)
         self.session_id = session_id
         self._flood = FloodGuard(flood, time.monotonic())
+        # The frames of a message it never finishes (empty continuations) reach no receive, so the budget above never
+        # sees them: its transport holds its data frames to twice that budget (whole messages still meet this one
+        # first, and its event_flood error), not to the 1,000 a second a streaming client's audio may need.
+        extension = direct_messages(websocket)
+        if extension is not None:
+            extension.limit_data_frames(2 * flood.events_per_s, 2 * flood.event_burst)
 
     def deliver(self, events: list) -> None:
         wanted = [event for event in events if event.type in SUBSCRIBED_TYPES]

@@ -105,6 +105,9 @@ class DirectMessages(NamedTuple):
     # The flood the transport closed the socket for (1008), or None: the app asks when the socket has ended, since
     # the disconnect message that says so may never be read (a send that failed first ends the app's loops).
     cut_reason: Callable[[], str | None]
+    # Lowers this connection's data-frame budget (frames a second, burst) below the transport's: for a connection
+    # whose client has nothing to send (a subscriber), so that its fragments cost what its messages may.
+    limit_data_frames: Callable[[float, int], None]
 
 
 def direct_messages(websocket: Any) -> DirectMessages | None:
@@ -112,7 +115,7 @@ def direct_messages(websocket: Any) -> DirectMessages | None:
     where it runs under another server (or is a test's double without a scope)."""
     extension = getattr(websocket, "scope", {}).get("extensions", {}).get(DIRECT_MESSAGES_EXTENSION)
     return None if extension is None else DirectMessages(extension["take_with"], extension["send_text_now"],
-                                                         extension["cut_reason"])
+                                                         extension["cut_reason"], extension["limit_data_frames"])
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
@@ -728,7 +731,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         self._num_control_frames = 0  # received in the slice being parsed
         self._owes_pongs = False
         # Data frames (whole messages and fragments): refilled once per read, spent one a frame (_take_data_frame).
-        self._data_frame_tokens = float(settings.data_frame_burst)
+        self._data_frames_per_s = settings.data_frames_per_s
+        self._data_frame_burst = float(settings.data_frame_burst)
+        self._data_frame_tokens = self._data_frame_burst
         self._data_frame_tokens_at_s = time.monotonic()
         self._queued_bytes = 0  # payload bytes of the messages waiting in ``queue`` for the app
         self._partial_frame = bytearray()  # the start of a frame ``_split_frames`` waits to see whole
@@ -763,7 +768,8 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
         if self.response.status_code == 101:  # the app's task is created, not yet run: the scope is still ours
             self.scope["extensions"][DIRECT_MESSAGES_EXTENSION] = {"take_with": self.take_messages_with,
                                                                    "send_text_now": self.send_text_now,
-                                                                   "cut_reason": lambda: self.cut_reason}
+                                                                   "cut_reason": lambda: self.cut_reason,
+                                                                   "limit_data_frames": self.limit_data_frames}
 
     def handle_handshake_exception(self) -> None:
         # A handshake websockets could not parse (a header h11 let through, a Transfer-Encoding): refused with 400
@@ -832,6 +838,20 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
             # send_text would write, without its Frame object, serialiser and write list per event.
             self.transport.write(b"".join([_server_text_frame(text.encode()) for text in texts]))
         return True
+
+    def limit_data_frames(self, per_s: float, burst: int) -> None:
+        """Hold this connection's data frames (whole messages and fragments) to ``per_s`` a second and ``burst`` at
+        once, where that is below the transport's own budget (``data_frames_per_s``, ``data_frame_burst``).
+
+        Why: a subscriber only listens; its messages are read and dropped within its event budget (20 a second),
+        but the fragments of a message it never finishes reach no app at all, and the transport let each
+        connection send 1,000 of them a second. One address holding 12 sessions, each with its 4 subscribers
+        sending empty continuation frames, kept the event loop busy enough that a real-time neighbour's decisions
+        came 0.6 s late (p50) and 1.4 s (p95) (hostile probe, round twelve)."""
+        self._refill_data_frames()
+        self._data_frames_per_s = min(self._data_frames_per_s, per_s)
+        self._data_frame_burst = min(self._data_frame_burst, float(burst))
+        self._data_frame_tokens = min(self._data_frame_tokens, self._data_frame_burst)
 
     def data_received(self, data: bytes) -> None:
         self._may_deliver_directly = True
@@ -1010,10 +1030,9 @@ class GuardedWebSocketProtocol(_WatchedWrites, WebSocketsSansIOProtocol):
 
     def _refill_data_frames(self) -> None:
         """The data-frame budget's refill for the time since the last read (once per read, not per frame)."""
-        settings = self.transport_guard.settings
         now_s = time.monotonic()
-        self._data_frame_tokens = min(float(settings.data_frame_burst), self._data_frame_tokens
-                                      + (now_s - self._data_frame_tokens_at_s) * settings.data_frames_per_s)
+        self._data_frame_tokens = min(self._data_frame_burst, self._data_frame_tokens
+                                      + (now_s - self._data_frame_tokens_at_s) * self._data_frames_per_s)
         self._data_frame_tokens_at_s = now_s
 
     def _take_data_frame(self) -> bool:
