@@ -230,9 +230,10 @@ class TransportSettings(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's line and headers")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
                                   description="request line and headers; larger gets HTTP 431")
-    max_headers: int = Field(100, ge=8, le=10_000, description="header lines of a request (Apache's default limit); "
+    max_headers: int = Field(100, ge=8, le=10_000, description="header lines of a request (Apache's default limit), "
+                             "each comma of a Connection, Upgrade or Sec-WebSocket-Protocol value counted as one more; "
                              "more gets HTTP 431 before they are parsed, and spends the address's plain-request budget "
-                             "by their number (each line is ~1% of a request's parsing)")
+                             "by their number (each is ~1% of a request's parsing)")
     max_request_body_bytes: int = Field(
         64 * 1024, ge=1024, description="an HTTP request's body (every route takes a few hundred bytes of JSON at "
         "most); larger gets HTTP 413 and the connection closed: from its Content-Length before the route runs, or "

@@ -119,6 +119,10 @@ def direct_messages(websocket: Any) -> DirectMessages | None:
 END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 accepts bare LF line ends too
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:", re.IGNORECASE)
+# The headers of a handshake the websockets library reads element by element with its pure-Python tokenizer
+# (``websockets.headers.parse_connection``, ``parse_upgrade``, ``parse_subprotocol``): their values' commas.
+TOKENIZED_HEADERS = re.compile(rb"\n(?:connection|upgrade|sec-websocket-protocol):([^\n]*)", re.IGNORECASE)
+TOKENIZED_HEADER_NAMES = frozenset((b"connection", b"upgrade", b"sec-websocket-protocol"))
 # A declared length of more digits is over any limit (and Python would refuse to read one of over 4,300).
 MAX_LENGTH_DIGITS = 18
 # The loggers a flood of connections can make write: one line per burst, with a count. The session's too: a stalled
@@ -257,11 +261,11 @@ class TransportGuard:
                 await refuse(scope, send, 413, "body_too_large", f"request body over {max_bytes} bytes")
                 return
             client = scope.get("client")
-            if len(scope.get("headers", ())) > guard.settings.max_headers:
+            if (num_elements := header_elements(scope.get("headers", ()))) > guard.settings.max_headers:
                 # A pipelined request's head (h11 parsed it, unseen by the connection's own check): refused all the
                 # same, its parsing paid for.
                 if client is not None:
-                    guard.too_many_headers(client[0], len(scope["headers"]))
+                    guard.too_many_headers(client[0], num_elements)
                 await refuse(scope, send, 431, "too_many_headers", guard.too_many_headers_detail())
                 return
             if client is not None and not guard.takes_http_request(client[0], take=False):
@@ -299,16 +303,18 @@ class TransportGuard:
 
         return guarded
 
-    def too_many_headers(self, host: str, num_headers: int) -> None:
-        """A request of ``num_headers`` header lines, over ``max_headers``, refused: it spends ``host``'s plain-request
-        budget by their number. Why: h11 parses a header line in ~3 us, a hundredth of what a plain request costs
-        the loop, and the budget counted requests alone; a /health request of 1,900 tiny headers (16 KB) took 6.5 ms
-        against 0.33, and one address's budget of them (500 at once, 100 a second) held a real-time neighbour's
-        decisions at p95 0.9 s (hostile probe, round twelve)."""
-        self.takes_http_request(host, cost=max(1.0, num_headers / self.settings.max_headers))
+    def too_many_headers(self, host: str, num_elements: int) -> None:
+        """A request of ``num_elements`` header elements (``header_elements``), over ``max_headers``, refused: it
+        spends ``host``'s plain-request budget by their number. Why: h11 parses a header line in ~3 us, a hundredth
+        of what a plain request costs the loop, and the budget counted requests alone; a /health request of 1,900
+        tiny headers (16 KB) took 6.5 ms against 0.33, and one address's budget of them (500 at once, 100 a second)
+        held a real-time neighbour's decisions at p95 0.9 s (hostile probe, round twelve). The same for the elements
+        of a handshake's Sec-WebSocket-Protocol: 7,800 of them in two lines took 13.5 ms of a refused upgrade."""
+        self.takes_http_request(host, cost=max(1.0, num_elements / self.settings.max_headers))
 
     def too_many_headers_detail(self) -> str:
-        return f"more than {self.settings.max_headers} header lines"
+        return (f"more than {self.settings.max_headers} header lines and elements of Connection, Upgrade and "
+                "Sec-WebSocket-Protocol")
 
     def http_flood_detail(self) -> str:
         return (f"more than {self.settings.http_request_burst} HTTP requests at once or "
@@ -412,6 +418,19 @@ class _WatchedWrites:
     def _write_stalled(self) -> None:
         self.transport_guard.closed("write_stall", self.client, "the client stopped reading")
         self.transport.abort()
+
+
+def head_elements(head: bytes) -> int:
+    """What parsing a request head costs, in header lines: one a line, and one more for each comma of a header the
+    websockets library tokenizes element by element (``TOKENIZED_HEADERS``). ``head``: the request line, the headers
+    and the empty line that ends them."""
+    num_lines = head.count(b"\n") - 2  # the request line and the empty line
+    return num_lines + sum(value.count(b",") for value in TOKENIZED_HEADERS.findall(head))
+
+
+def header_elements(headers: Any) -> int:
+    """``head_elements`` of a request as h11 parsed it (a scope's ``headers``: lowercase names, folded lines)."""
+    return len(headers) + sum(value.count(b",") for name, value in headers if name in TOKENIZED_HEADER_NAMES)
 
 
 def declared_length(digits: bytes) -> int:
@@ -521,9 +540,9 @@ class GuardedHttpProtocol(_WatchedWrites, H11Protocol):
             else:
                 self._head_received()
                 head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
-                num_headers = head.count(b"\n") - 2  # the request line and the empty line that ends the head
-                if num_headers > self.transport_guard.settings.max_headers:
-                    self.transport_guard.too_many_headers(self._host, num_headers)
+                num_elements = head_elements(head)
+                if num_elements > self.transport_guard.settings.max_headers:
+                    self.transport_guard.too_many_headers(self._host, num_elements)
                     self._answer_and_close(431, "too_many_headers", self.transport_guard.too_many_headers_detail())
                     return
                 declared = CONTENT_LENGTH.search(head)
