@@ -231,7 +231,8 @@ class TransportSettings(BaseModel):
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
                                   description="request line and headers; larger gets HTTP 431")
     max_headers: int = Field(100, ge=8, le=10_000, description="header lines of a request (Apache's default limit), "
-                             "each comma of a Connection, Upgrade or Sec-WebSocket-Protocol value counted as one more; "
+                             "each query parameter (an '&' of the target) and each comma of a Connection, Upgrade or "
+                             "Sec-WebSocket-Protocol value counted as one more; "
                              "more gets HTTP 431 before they are parsed, and spends the address's plain-request budget "
                              "by their number (each is ~1% of a request's parsing)")
     max_request_body_bytes: int = Field(

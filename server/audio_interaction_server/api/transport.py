@@ -261,7 +261,7 @@ class TransportGuard:
                 await refuse(scope, send, 413, "body_too_large", f"request body over {max_bytes} bytes")
                 return
             client = scope.get("client")
-            if (num_elements := header_elements(scope.get("headers", ()))) > guard.settings.max_headers:
+            if (num_elements := request_elements(scope)) > guard.settings.max_headers:
                 # A pipelined request's head (h11 parsed it, unseen by the connection's own check): refused all the
                 # same, its parsing paid for.
                 if client is not None:
@@ -309,12 +309,14 @@ class TransportGuard:
         of what a plain request costs the loop, and the budget counted requests alone; a /health request of 1,900
         tiny headers (16 KB) took 6.5 ms against 0.33, and one address's budget of them (500 at once, 100 a second)
         held a real-time neighbour's decisions at p95 0.9 s (hostile probe, round twelve). The same for the elements
-        of a handshake's Sec-WebSocket-Protocol: 7,800 of them in two lines took 13.5 ms of a refused upgrade."""
+        of a handshake's Sec-WebSocket-Protocol (7,800 of them in two lines took 13.5 ms of a refused upgrade) and
+        the parameters of a query (3,900 took a /v1/info request 10 ms: Starlette parses them, the log's redaction
+        looks at each)."""
         self.takes_http_request(host, cost=max(1.0, num_elements / self.settings.max_headers))
 
     def too_many_headers_detail(self) -> str:
-        return (f"more than {self.settings.max_headers} header lines and elements of Connection, Upgrade and "
-                "Sec-WebSocket-Protocol")
+        return (f"more than {self.settings.max_headers} header lines, query parameters and elements of Connection, "
+                "Upgrade and Sec-WebSocket-Protocol")
 
     def http_flood_detail(self) -> str:
         return (f"more than {self.settings.http_request_burst} HTTP requests at once or "
@@ -421,16 +423,21 @@ class _WatchedWrites:
 
 
 def head_elements(head: bytes) -> int:
-    """What parsing a request head costs, in header lines: one a line, and one more for each comma of a header the
-    websockets library tokenizes element by element (``TOKENIZED_HEADERS``). ``head``: the request line, the headers
-    and the empty line that ends them."""
+    """What parsing a request head costs, in header lines: one a line, one more for each comma of a header the
+    websockets library tokenizes element by element (``TOKENIZED_HEADERS``), and one for each "&" of the request
+    target (Starlette parses a query parameter by parameter, and the log's redaction looks at each). ``head``: the
+    request line, the headers and the empty line that ends them."""
     num_lines = head.count(b"\n") - 2  # the request line and the empty line
-    return num_lines + sum(value.count(b",") for value in TOKENIZED_HEADERS.findall(head))
+    num_parameters = head.count(b"&", 0, head.find(b"\n"))
+    return num_lines + num_parameters + sum(value.count(b",") for value in TOKENIZED_HEADERS.findall(head))
 
 
-def header_elements(headers: Any) -> int:
-    """``head_elements`` of a request as h11 parsed it (a scope's ``headers``: lowercase names, folded lines)."""
-    return len(headers) + sum(value.count(b",") for name, value in headers if name in TOKENIZED_HEADER_NAMES)
+def request_elements(scope: Scope) -> int:
+    """``head_elements`` of a request as h11 parsed it (its scope: headers with lowercase names, folded lines; the
+    query string apart)."""
+    headers = scope.get("headers", ())
+    return len(headers) + scope.get("query_string", b"").count(b"&") + sum(
+        value.count(b",") for name, value in headers if name in TOKENIZED_HEADER_NAMES)
 
 
 def declared_length(digits: bytes) -> int:
