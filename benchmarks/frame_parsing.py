@@ -24,7 +24,9 @@ import uvicorn
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from audio_interaction_server.api.transport import GuardedWebSocketProtocol, TransportGuard
+from audio_interaction_server.api.transport import uvicorn_options
+from audio_interaction_server.api.transport_guard import TransportGuard
+from audio_interaction_server.api.websocket_guard import GuardedWebSocketProtocol
 from audio_interaction_server.config import TransportSettings
 from benchmarks.harness import positive_int
 
@@ -75,7 +77,7 @@ def protocol_class(fast_path: bool) -> type[GuardedWebSocketProtocol]:
     """The guarded protocol as the server runs it, or (``fast_path=False``) parsing every byte with websockets."""
     # The frame budget lifted: the benchmark sends thousands of frames at once, which the server would cut as a flood.
     unlimited = TransportSettings(data_frames_per_s=1e9, data_frame_burst=10**9)
-    guarded = TransportGuard(unlimited).uvicorn_options()["ws"]
+    guarded = uvicorn_options(TransportGuard(unlimited))["ws"]
     if fast_path:
         return guarded
 

@@ -322,7 +322,8 @@ def serve_asgi_floor(port: int, traffic: Traffic) -> None:
     """The bare server's work as a plain ASGI app under uvicorn with our transport guard: the ASGI stack's cost."""
     import uvicorn
 
-    from audio_interaction_server.api.transport import TransportGuard
+    from audio_interaction_server.api.transport import uvicorn_options
+    from audio_interaction_server.api.transport_guard import TransportGuard
     from audio_interaction_server.config import TransportSettings
 
     async def app(scope, receive, send) -> None:
@@ -342,7 +343,7 @@ def serve_asgi_floor(port: int, traffic: Traffic) -> None:
                 chunk += 1
 
     guard = TransportGuard(TransportSettings())
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **guard.uvicorn_options())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(guard))
 
 
 def spawn_bare_server(kind: str = "--bare-server", traffic_name: str = "gentle") -> tuple[subprocess.Popen, int]:

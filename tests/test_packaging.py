@@ -85,7 +85,7 @@ def test_the_websockets_floor_has_the_protocol_state_the_transport_uses():
     assert floor is not None, spec
     assert int(floor.group(1)) >= 16, spec
     protocol = ServerProtocol()
-    for name in ("max_message_size", "max_fragment_size", "current_size"):  # what api/transport.py reads
+    for name in ("max_message_size", "max_fragment_size", "current_size"):  # what api/websocket_guard.py reads
         assert hasattr(protocol, name), (name, websockets.__version__)
 
 

@@ -145,7 +145,7 @@ def checkpoint_flag_error(checkpoint: Path | None) -> str | None:
     return checkpoint_source_problem(checkpoint)
 
 
-# pyproject.toml's floor, for the reason given there: api/transport.py drives the state of websockets' sans-I/O
+# pyproject.toml's floor, for the reason given there: api/websocket_guard.py drives the state of websockets' sans-I/O
 # ServerProtocol that releases before 16 do not have, so with one the server says ready and every handshake dies.
 WEBSOCKETS_FLOOR = 16
 

@@ -1,4 +1,4 @@
-"""Messages taken in the transport's callback (api/transport.py, ``take_messages_with``; api/connection.py), and
+"""Messages taken in the transport's callback (api/websocket_guard.py, ``take_messages_with``; api/connection.py), and
 events written in the caller's turn (``send_text_now``; ``Outbox.put``).
 
 While a session's receive loop waits, a whole data message is handed to it as it is read, without the queue and
@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from websockets.sync.client import connect
 
 from audio_interaction_server.api.connection import Outbox, ReplayLog
-from audio_interaction_server.api.transport import direct_messages
+from audio_interaction_server.api.websocket_guard import direct_messages
 from audio_interaction_server.protocol import DecisionEvent, TextDeltaEvent
 from benchmarks.frame_parsing import open_protocol
 from benchmarks.harness import LiveServer

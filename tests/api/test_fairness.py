@@ -81,7 +81,7 @@ class BufferedSocket:
 
 
 class TransportSocket(BufferedSocket):
-    """The app side of the server's own WebSocket protocol (api/transport.py, after a real handshake) whose client
+    """The app side of the server's own WebSocket protocol (api/websocket_guard.py, after a real handshake) whose client
     has sent ``frames`` in one read: they all wait in its queue when the connection starts."""
 
     @classmethod

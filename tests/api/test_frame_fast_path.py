@@ -1,4 +1,5 @@
-"""Whole audio frames skip the websockets frame parser (api/transport.py, ``GuardedWebSocketProtocol._split_frames``).
+"""Whole audio frames skip the websockets frame parser (api/websocket_guard.py,
+``GuardedWebSocketProtocol._split_frames``).
 
 The fast path must change nothing a client or the app can see. Each case feeds a client byte stream, cut at
 different places, to the guarded protocol, and the same frames one read each to the same protocol parsing every

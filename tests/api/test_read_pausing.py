@@ -1,4 +1,4 @@
-"""When the server's WebSocket protocol stops reading a client (api/transport.py, ``GuardedWebSocketProtocol``).
+"""When the server's WebSocket protocol stops reading a client (api/websocket_guard.py, ``GuardedWebSocketProtocol``).
 
 uvicorn's protocol pauses the socket for every message it hands the app and resumes it when the app takes the
 message: two epoll changes per audio frame, about a tenth of the event loop's time at 48 real-time streams
@@ -18,7 +18,9 @@ import uvicorn
 from uvicorn.server import ServerState
 from websockets.sync.client import connect
 
-from audio_interaction_server.api.transport import PAUSE_READING_QUEUED_BYTES, TransportGuard
+from audio_interaction_server.api.transport import uvicorn_options
+from audio_interaction_server.api.transport_guard import TransportGuard
+from audio_interaction_server.api.websocket_guard import PAUSE_READING_QUEUED_BYTES
 from audio_interaction_server.config import TransportSettings
 
 
@@ -68,7 +70,7 @@ class GuardedServer:
     def __init__(self) -> None:
         self.app = EchoLengths()
         guard = TransportGuard(TransportSettings())
-        base = guard.uvicorn_options()["ws"]
+        base = uvicorn_options(guard)["ws"]
         self.protocols: list[Any] = []
         server = self
 

@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from audio_interaction_server.api.log_bursts import BurstLimiter
-from audio_interaction_server.api.transport import TransportGuard
+from audio_interaction_server.api.transport_guard import TransportGuard
 from audio_interaction_server.config import TransportSettings
 from benchmarks.harness import LiveServer
 from tests.api.test_app import API_KEY, metric_samples, recv_event, recv_until, server_config
@@ -934,7 +934,7 @@ def test_a_metrics_scrape_spends_what_it_costs(tiny_checkpoint):
     """/metrics renders every counter, about 20 times the work of /health (5-6 ms on the event loop), and counted
     as one request: one address inside its budget could spend half the loop on scrapes (hostile probe, round 4). A
     scrape now costs METRICS_REQUEST_COST requests of the budget."""
-    from audio_interaction_server.api.transport import METRICS_REQUEST_COST
+    from audio_interaction_server.api.http_guard import METRICS_REQUEST_COST
 
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 1.0, "http_request_burst": 100})
     try:

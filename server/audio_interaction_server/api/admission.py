@@ -372,7 +372,8 @@ async def rate_limited(runtime: Runtime, websocket: WebSocket) -> bool:
     if retry_after_s is None:
         return False
     runtime.metrics.refused_total.labels("rate_limited").inc()
-    # One line per burst however many attempts are refused: this logger is under log_bursts' limiter (transport.py).
+    # One line per burst however many attempts are refused: this logger is under log_bursts' limiter
+    # (transport_guard.py).
     config = runtime.config
     log.warning("refused connection attempts from %s with HTTP 429: over connect_rate_per_ip (%g/s, burst %d)",
                 address, config.connect_rate_per_ip, config.connect_burst_per_ip)

@@ -40,7 +40,8 @@ from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, 
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
 from audio_interaction_server.api.static_pages import router as static_pages_router
-from audio_interaction_server.api.transport import TransportGuard
+from audio_interaction_server.api.transport import uvicorn_options
+from audio_interaction_server.api.transport_guard import TransportGuard
 from audio_interaction_server.engine.client import dtype_name
 from audio_interaction_server.protocol import PROTOCOL_VERSION, CloseCode
 from audio_interaction_server.config import ServerConfig
@@ -59,7 +60,7 @@ class _ClientNoiseFilter(logging.Filter):
     our own HTTP refusals (429, 503) and text frames that are not UTF-8 (closed with 1007, as the
     WebSocket RFC says). Neither is a server fault: the first is dropped (the app logs or counts its
     refusals), the second becomes a warning without traceback, which log_bursts' limiter on uvicorn's
-    logger (transport.py) then writes once per burst with a count."""
+    logger (transport_guard.py) then writes once per burst with a count."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _UVICORN_NO_HANDSHAKE and admission.refused_before_handshake.get():
@@ -243,7 +244,7 @@ def build_server(app: FastAPI, config: ServerConfig, heartbeat: LoopHeartbeat | 
         ws_max_size=max(4 * config.max_frame_bytes, 1 << 20),
         timeout_graceful_shutdown=int(CLOSE_GRACE_S + 5),
         ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,  # https/wss when both are set
-        **transport_guard.uvicorn_options(),
+        **uvicorn_options(transport_guard),
     )
     return _SessionClosingServer(uv_config, runtime, transport_guard, heartbeat)
 

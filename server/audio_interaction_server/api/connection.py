@@ -32,7 +32,7 @@ from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard, TokenBucket
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import Session
-from audio_interaction_server.api.transport import direct_messages
+from audio_interaction_server.api.websocket_guard import direct_messages
 from audio_interaction_server.config import FloodLimits
 from audio_interaction_server.engine.events import WORKER_FAILED_MESSAGE, EndCode, EngineEvent, SessionEnded
 from audio_interaction_server.protocol import CloseCode, ErrorEvent
@@ -172,7 +172,7 @@ class Outbox:
         self.is_closing = False
         self.num_coalesced = 0
         # Under our transport an event with nothing queued before it is written in the caller's turn, without a
-        # wake-up of the send loop (api/transport.py, send_text_now); elsewhere every event goes through it.
+        # wake-up of the send loop (api/websocket_guard.py, send_text_now); elsewhere every event goes through it.
         extension = direct_messages(websocket)
         self._send_now = None if extension is None else extension.send_text_now
         self._is_sending = False  # the send loop holds an event it took from the queue: later ones wait behind it
@@ -677,12 +677,12 @@ class StreamConnection:
                     return
                 if outbox.is_closing:
                     # Once this socket closes, nothing more is taken from it: the transport stops reading once
-                    # PAUSE_READING_QUEUED_BYTES wait (api/transport.py), so a client cut for a flood (or closed as
-                    # too slow) that goes on sending costs a bounded parse at most; the send loop ends it.
+                    # PAUSE_READING_QUEUED_BYTES wait (api/websocket_guard.py), so a client cut for a flood (or
+                    # closed as too slow) that goes on sending costs a bounded parse at most; the send loop ends it.
                     await asyncio.Event().wait()
                 self._take(message)
                 # No yield here for a flood's backlog: the transport's receive takes one queued message per loop
-                # turn (api/transport.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no
+                # turn (api/websocket_guard.py, GuardedWebSocketProtocol.receive), so frames at real-time pace cost no
                 # extra turn.
         finally:
             if extension is not None:

@@ -154,7 +154,7 @@ class FloodGuard:
 
 
 # The session end reasons that are a flood cut: the session's own (api/session.py _cut_off) and the transport's, whose
-# socket was closed for a flood of frames (api/transport.py, DirectMessages.cut_reason).
+# socket was closed for a flood of frames (api/websocket_guard.py, DirectMessages.cut_reason).
 FLOOD_CUTS = frozenset({"audio_flood", "event_flood", "data_frame_flood", "control_frame_flood"})
 
 

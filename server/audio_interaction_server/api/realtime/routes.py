@@ -20,7 +20,7 @@ from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT
 from audio_interaction_server.api.realtime.codec import RealtimeCodec, session_refusal
 from audio_interaction_server.api.realtime.events import SessionIn
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
-from audio_interaction_server.api.transport import REQUEST_COST
+from audio_interaction_server.api.http_guard import REQUEST_COST
 from audio_interaction_server.protocol import CloseCode
 
 KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
