@@ -177,6 +177,24 @@ def test_oversized_headers_of_a_plain_request_get_431(guarded):
 
 
 
+def refuses_heavy_heads_with_431_and_spends_the_budget(server, heavy: bytes, pipelined_heavy: bytes, plain: bytes,
+                                                       first: str, second: str, num_plain_left: int) -> None:
+    """``heavy`` from ``first`` is refused 431 unparsed; ``pipelined_heavy`` behind a ``plain`` request from ``second``
+    (h11 parsed it) is refused before the app; then ``first`` has ``num_plain_left`` plain requests of its budget."""
+    with open_socket(server.port, source=first) as sock:
+        sock.sendall(heavy)
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
+    with open_socket(server.port, source=second) as sock:
+        sock.sendall(plain + pipelined_heavy)
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"431"], data[:300]
+    with open_socket(server.port, source=first) as sock:
+        sock.sendall(plain * (num_plain_left + 1))
+        data, closed = read_until_closed(sock, timeout_s=3.0)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200"] * num_plain_left + [b"429"], data[-300:]
+
+
 def test_a_request_of_too_many_header_lines_gets_431_unparsed_and_spends_the_budget_by_their_number(tiny_checkpoint):
     """h11 parses a header line in ~3 us, a hundredth of a plain request's cost, and the plain-request budget counted
     requests alone: a /health of 1,900 tiny headers (16 KB, within max_header_bytes) took 6.5 ms of the loop against
@@ -185,22 +203,11 @@ def test_a_request_of_too_many_header_lines_gets_431_unparsed_and_spends_the_bud
     parsed) before the app, and each spends the address's budget by its number of lines."""
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.01, "http_request_burst": 40})
     heavy = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"a%d:b\r\n" % i for i in range(1_900)) + b"\r\n"
-    plain = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
-        with open_socket(server.port, source="127.0.0.7") as sock:
-            sock.sendall(heavy)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
-        with open_socket(server.port, source="127.0.0.8") as sock:  # pipelined behind a plain request
-            sock.sendall(plain + heavy)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"431"], data[:300]
-        # 19.01 requests' worth (1,901 lines with Host's, / 100): 127.0.0.7 has 20.99 of its 40 left, so 20 more
-        # plain requests and the 21st is refused.
-        with open_socket(server.port, source="127.0.0.7") as sock:
-            sock.sendall(plain * 21)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200"] * 20 + [b"429"], data[-300:]
+        # 19.01 requests' worth (1,901 lines with Host's, / 100): 127.0.0.7 has 20.99 of its 40 left.
+        refuses_heavy_heads_with_431_and_spends_the_budget(
+            server, heavy, heavy, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.7", "127.0.0.8",
+            num_plain_left=20)
         assert metric_samples(server)['ais_transport_closes_total{reason="too_many_headers"}'] == 2
     finally:
         server.stop()
@@ -214,21 +221,11 @@ def test_a_handshake_of_too_many_subprotocols_gets_431_unparsed_and_spends_the_b
     pipelined behind a plain request is refused before the app."""
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.01, "http_request_burst": 40})
     protocols = "Sec-WebSocket-Protocol: " + ",".join(["a"] * 1_900) + "\r\n"
-    plain = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
-        with open_socket(server.port, source="127.0.0.9") as sock:
-            sock.sendall(upgrade_request("/v1/stream", extra=protocols))
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
-        with open_socket(server.port, source="127.0.0.10") as sock:
-            sock.sendall(plain + upgrade_request("/nope", key=None, extra=protocols))
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"431"], data[:300]
         # 1,906 elements (7 header lines, 1,899 commas): 19.06 of the first address's 40 requests spent.
-        with open_socket(server.port, source="127.0.0.9") as sock:
-            sock.sendall(plain * 21)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200"] * 20 + [b"429"], data[-300:]
+        refuses_heavy_heads_with_431_and_spends_the_budget(
+            server, upgrade_request("/v1/stream", extra=protocols), upgrade_request("/nope", key=None, extra=protocols),
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.9", "127.0.0.10", num_plain_left=20)
         with connect(f"ws://127.0.0.1:{server.port}/v1/realtime", subprotocols=["realtime", "openai-beta.realtime-v1"],
                      additional_headers={"Authorization": f"Bearer {API_KEY}"}) as client:  # a few are a client's
             assert json.loads(client.recv(timeout=5))["type"] == "session.created"
@@ -243,21 +240,11 @@ def test_a_request_of_too_many_query_parameters_gets_431_before_the_app(tiny_che
     target counts as a header line toward max_headers; a pipelined request is refused before the app."""
     server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.01, "http_request_burst": 40})
     heavy = b"GET /v1/info?" + b"&".join([b"a=1"] * 1_900) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    plain = b"GET /health?capacity=ignore&b=2 HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
-        with open_socket(server.port, source="127.0.0.11") as sock:
-            sock.sendall(heavy)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and data.startswith(b"HTTP/1.1 431"), data[:100]
-        with open_socket(server.port, source="127.0.0.12") as sock:
-            sock.sendall(plain + heavy)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"431"], data[:300]
         # 1,900 elements (1 header line, 1,899 "&"): 19 of the first address's 40 requests spent.
-        with open_socket(server.port, source="127.0.0.11") as sock:
-            sock.sendall(plain * 22)
-            data, closed = read_until_closed(sock, timeout_s=3.0)
-        assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200"] * 21 + [b"429"], data[-300:]
+        refuses_heavy_heads_with_431_and_spends_the_budget(
+            server, heavy, heavy, b"GET /health?capacity=ignore&b=2 HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.11",
+            "127.0.0.12", num_plain_left=21)
     finally:
         server.stop()
 
