@@ -41,7 +41,8 @@ import zmq
 from starlette.websockets import WebSocket, WebSocketState
 
 from audio_interaction_server import spec as T
-from audio_interaction_server.api.connection import Outbox, ReplayLog
+from audio_interaction_server.api.outbox import Outbox
+from audio_interaction_server.api.replay_log import ReplayLog
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import ModelInfo, Session
 from audio_interaction_server.config import ServerConfig

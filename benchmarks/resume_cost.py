@@ -18,7 +18,7 @@ import tracemalloc
 
 import numpy as np
 
-from audio_interaction_server.api.connection import ReplayLog
+from audio_interaction_server.api.replay_log import ReplayLog
 from audio_interaction_server.api.native import NativeCodec
 from audio_interaction_server.api.session import ModelInfo, Session
 from audio_interaction_server.audio.files import load_audio_file

@@ -24,7 +24,8 @@ from websockets.frames import Frame, Opcode
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.sync.client import connect
 
-from audio_interaction_server.api.connection import Outbox, ReplayLog
+from audio_interaction_server.api.outbox import Outbox
+from audio_interaction_server.api.replay_log import ReplayLog
 from audio_interaction_server.api.websocket_guard import direct_messages
 from audio_interaction_server.protocol import DecisionEvent, TextDeltaEvent
 from benchmarks.frame_parsing import open_protocol

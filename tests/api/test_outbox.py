@@ -10,7 +10,8 @@ import weakref
 
 import pytest
 
-from audio_interaction_server.api.connection import Outbox, ReplayLog, queued_bytes
+from audio_interaction_server.api.outbox import Outbox, queued_bytes
+from audio_interaction_server.api.replay_log import ReplayLog
 from audio_interaction_server.protocol import DecisionEvent, LiveTextDeltaEvent, LiveTurnEndEvent
 from benchmarks.harness import LiveServer
 from tests.api.test_app import metric_samples, server_config

@@ -659,7 +659,8 @@ def test_a_session_longer_than_its_replay_window_still_resumes(tiny_checkpoint):
 
 
 def test_the_replay_log_is_bounded_in_bytes_as_well_as_in_events():
-    from audio_interaction_server.api.connection import ReplayLog, queued_bytes
+    from audio_interaction_server.api.outbox import queued_bytes
+    from audio_interaction_server.api.replay_log import ReplayLog
     from audio_interaction_server.protocol import LiveTurnEndEvent
 
     def reply(turn: int, text: str) -> LiveTurnEndEvent:

@@ -33,9 +33,8 @@ from audio_interaction_server import spec as T
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.agent import CapacityAgent
-from audio_interaction_server.api.connection import (
-    CLIENT_GONE, ResumePolicy, StreamConnection, Subscriber,
-)
+from audio_interaction_server.api.connection import CLIENT_GONE, StreamConnection, Subscriber
+from audio_interaction_server.api.replay_log import ResumePolicy
 from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S

@@ -18,19 +18,19 @@ import logging
 import secrets
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from fastapi import WebSocket
 from starlette import websockets as _starlette_ws
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 
 from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.commands import Command
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT, FloodGuard, TokenBucket
 from audio_interaction_server.api.native import NativeCodec
+from audio_interaction_server.api.outbox import Outbox, Unnumbered
+from audio_interaction_server.api.replay_log import ReplayLog, ResumePolicy
 from audio_interaction_server.api.session import Session
 from audio_interaction_server.api.websocket_guard import direct_messages
 from audio_interaction_server.config import FloodLimits
@@ -59,18 +59,6 @@ class Codec(Protocol):
 
     def decode(self, message: str | bytes) -> list[Command]: ...
     def encode(self, event) -> list[str]: ...
-
-
-class _Close:
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-class Unnumbered:
-    """An event about the connection rather than the session (``session.resumed``): sent without a seq."""
-
-    def __init__(self, event) -> None:
-        self.event = event
 
 
 async def run_first_exit(*loops: Coroutine) -> None:
@@ -124,168 +112,6 @@ async def send_and_close(websocket: WebSocket, events: list, code: int,
         pass  # the client left first
 
 
-# A text delta's JSON beside its text (type, session id, times, turn): its size without serialising it,
-# which would double the cost of the most frequent event.
-DELTA_ENVELOPE_BYTES = 160
-
-
-def queued_bytes(item) -> int:
-    """What one queued event costs, estimated as its JSON length."""
-    if isinstance(item, Unnumbered):
-        item = item.event
-    if isinstance(item, _Close):
-        return 0
-    if item.type == "text_delta":
-        return DELTA_ENVELOPE_BYTES + len(item.text)
-    return len(item.model_dump_json(exclude_none=True))
-
-
-class Outbox:
-    """Events waiting for one client, bounded in events and in bytes so a client that stops reading cannot eat
-    the memory.
-
-    While a client is behind, consecutive unsent text deltas of one reply merge into one
-    event (same text, fewer events), so a slow reader costs memory per reply, not per
-    token; only a client that stays behind until ``max_events`` events or ``max_bytes`` bytes
-    wait for it is disconnected. ``held_bytes`` (a codec's) adds what the connection keeps
-    elsewhere until these events are sent: the realtime codec's items awaiting their echo.
-
-    ``log`` numbers each event as it goes out (after any merge, so the numbers the client
-    sees never skip), and with ``keeps_sent`` keeps it for a resume; an event that already has its
-    number (a replay) is sent as it is.
-    """
-
-    def __init__(self, websocket: WebSocket, max_events: int, max_bytes: int,
-                 encode: Callable[[object], list[str]] = NativeCodec.encode,
-                 log: ReplayLog | None = None, keeps_sent: bool = False,
-                 held_bytes: Callable[[], int] | None = None) -> None:
-        self.websocket = websocket
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self._encode = encode
-        self.log = log
-        self._keeps_sent = keeps_sent
-        self._held_bytes = held_bytes
-        self._items: deque[tuple[Any, int]] = deque()  # (event, its queued_bytes)
-        self.num_bytes = 0
-        self._has_items = asyncio.Event()
-        self.is_closing = False
-        self.num_coalesced = 0
-        # Under our transport an event with nothing queued before it is written in the caller's turn, without a
-        # wake-up of the send loop (api/websocket_guard.py, send_text_now); elsewhere every event goes through it.
-        extension = direct_messages(websocket)
-        self._send_now = None if extension is None else extension.send_text_now
-        self._is_sending = False  # the send loop holds an event it took from the queue: later ones wait behind it
-        self.num_sent_now = 0
-
-    def put(self, events: list, *, bounded: bool = True) -> bool:
-        """False once the client is too far behind (the caller then ends the connection). Not ``bounded``: a
-        resume's replay, which the session's log holds anyway, goes in whole (live events behind it are bounded)."""
-        if self.is_closing:
-            return True
-        for event in events:
-            if self._send_now is not None and not self._items and not self._is_sending and self._send_now(
-                    functools.partial(self._texts_of, event, None)):
-                self.num_sent_now += 1
-                continue
-            if not self._merge_into_last(event):
-                if bounded and len(self._items) >= self.max_events:
-                    return False
-                self._append(event)
-        self._wake()
-        held_bytes = self._held_bytes() if self._held_bytes is not None else 0
-        return not bounded or self.num_bytes + held_bytes <= self.max_bytes
-
-    def _append(self, event) -> None:
-        size = queued_bytes(event)
-        self._items.append((event, size))
-        self.num_bytes += size
-
-    def _popleft(self) -> tuple[Any, int]:
-        event, size = self._items.popleft()
-        self.num_bytes -= size
-        return event, size
-
-    def _merge_into_last(self, event) -> bool:
-        last = self._items[-1][0] if self._items else None
-        if (getattr(event, "type", None) != "text_delta" or last is None or getattr(last, "type", None) != "text_delta"
-                or last.turn != event.turn or last.seq is not None):  # a numbered event is sent as numbered
-            return False
-        merged = last.model_copy(update={"text": last.text + event.text})
-        self._items[-1] = (merged, self._items[-1][1] + len(event.text))
-        self.num_bytes += len(event.text)
-        self.num_coalesced += 1
-        return True
-
-    def close(self, code: int, last_events: Sequence = ()) -> None:
-        """Queue the close after everything already queued (``last_events`` go in regardless of the bound)."""
-        if self.is_closing:
-            return
-        for event in last_events:
-            self._append(event)
-        self.is_closing = True
-        self._append(_Close(code))
-        self._wake()
-
-    def take_unsent(self) -> list:
-        """The events not sent yet (the close, if queued, stays): for a session that outlives this socket."""
-        events = [item for item, _ in self._items if not isinstance(item, (_Close, Unnumbered))]
-        self._clear(keep_close=True)
-        return events
-
-    def abandon(self, code: int, last_events: list) -> None:
-        """Drop what is queued, send ``last_events`` and close: for a client that does not read."""
-        self._clear(keep_close=False)
-        self.is_closing = False
-        self.close(code, last_events)
-
-    def _clear(self, keep_close: bool) -> None:
-        self._items = deque(entry for entry in self._items if keep_close and isinstance(entry[0], _Close))
-        self.num_bytes = 0
-
-    def queued_events(self) -> list:
-        return [item for item, _ in self._items]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _wake(self) -> None:
-        if self._items:
-            self._has_items.set()
-
-    async def send_loop(self) -> None:
-        while True:
-            while not self._items:
-                self._has_items.clear()
-                await self._has_items.wait()
-            item, size = self._popleft()
-            if isinstance(item, _Close):
-                if self.websocket.application_state is not WebSocketState.DISCONNECTED:
-                    await self.websocket.close(item.code)
-                return
-            self._is_sending = True
-            try:
-                for frame in self._texts_of(item, size):
-                    await self.websocket.send_text(frame)
-            finally:
-                self._is_sending = False
-            await asyncio.sleep(0)  # a send that does not block does not yield: one event per loop turn
-
-    def _texts_of(self, item, size: int | None) -> list[str]:
-        """The frames of an event as it goes out: numbered first (and kept for a resume) unless it is a replay's
-        or unnumbered. ``size``: what the event counted while queued; one that was not queued (written at once)
-        is counted as the text that goes out, so it is serialised once."""
-        if isinstance(item, Unnumbered):
-            return self._encode(item.event)
-        if self.log is None or item.seq is not None:
-            return self._encode(item)
-        numbered = self.log.number(item)  # numbered, and kept, before the send that may fail
-        texts = self._encode(numbered)
-        if self._keeps_sent:
-            self.log.keep(numbered, sum(map(len, texts)) if size is None else size)
-        return texts
-
-
 class Subscriber:
     """A client following another's session (``/v1/sessions/{id}/events``): it only listens. What it sends is read
     and dropped, at most as many messages as a streaming client's text events (``flood``): past that it is cut."""
@@ -323,79 +149,6 @@ class Subscriber:
                 self.outbox.abandon(CloseCode.POLICY, [error])
                 # Read nothing more; the send loop writes the error and the close, and its end ends the run.
                 await asyncio.Event().wait()
-
-
-@dataclass(frozen=True)
-class ResumePolicy:
-    """How a ``/v1/stream`` session outlives a dropped connection (docs/protocol.md, resume)."""
-
-    grace_s: float  # how long a detached session waits for its client
-    max_events: int  # events kept for a replay; while detached, one more ends the session
-    max_bytes: int  # the same bound in bytes (as the outbox counts them): a few long echoes weigh as much
-    # Resumes a session may make (flood.resumes_per_s, flood.resume_burst): each replays up to max_events on the
-    # event loop every session shares, and a client that resumes in a loop would replay its log over and over.
-    resumes_per_s: float
-    resume_burst: int
-
-
-class ReplayLog:
-    """A session's most recent events, numbered, so a resuming client gets exactly what it missed.
-
-    Bounded in events and in bytes (each event counted as the outbox counted it while queued, ``queued_bytes``, or
-    as the text it went out as when it was written at once): 2,000 events that each echo an 8,000-character system
-    prompt would otherwise hold 16 MB of text alone."""
-
-    def __init__(self, max_events: int, max_bytes: int) -> None:
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self._events: deque[tuple[Any, int]] = deque()  # (event, the bytes it counts for)
-        self.num_bytes = 0
-        self.last_seq = 0
-
-    def stamp(self, event, size: int | None = None, *, keep: bool, trim: bool = True):
-        """``event`` numbered (``number``); with ``keep`` also held for a replay (``keep``), counted as ``size`` or,
-        without one, as its ``queued_bytes``."""
-        numbered = self.number(event)
-        if keep:
-            self.keep(numbered, queued_bytes(numbered) if size is None else size, trim)
-        return numbered
-
-    def number(self, event):
-        """A copy of ``event`` with the session's next number (1, 2, 3, ...)."""
-        self.last_seq += 1
-        return event.model_copy(update={"seq": self.last_seq})
-
-    def keep(self, numbered, size: int, trim: bool = True) -> None:
-        """Hold a numbered event for a replay, counted as ``size`` bytes: as the outbox counted it while queued,
-        or as the text it went out as (the log's bound is the same estimate, so the event is not serialised once
-        more to be counted). With ``trim`` (the client is connected) the log stays a window of the newest events;
-        without it, it grows."""
-        self._events.append((numbered, size))
-        self.num_bytes += size
-        while trim and self.is_over_limit:
-            self.num_bytes -= self._events.popleft()[1]
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    @property
-    def is_over_limit(self) -> bool:
-        return len(self._events) > self.max_events or self.num_bytes > self.max_bytes
-
-    def make_room(self, keep_after_seq: int) -> bool:
-        """While over a bound, drop the oldest events numbered up to ``keep_after_seq`` (those a detached session
-        sent before its socket ended: a window, as while connected); whether the log is now within its bounds.
-        False: the events since then alone are over a bound."""
-        while self.is_over_limit and self._events and self._events[0][0].seq <= keep_after_seq:
-            self.num_bytes -= self._events.popleft()[1]
-        return not self.is_over_limit
-
-    def since(self, last_seq: int) -> list | None:
-        """The events after ``last_seq``, or None when some of them are no longer held."""
-        first_held = self._events[0][0].seq if self._events else self.last_seq + 1
-        if not first_held - 1 <= last_seq <= self.last_seq:
-            return None
-        return [event for event, _ in self._events if event.seq > last_seq]
 
 
 class StreamConnection:
