@@ -19,6 +19,7 @@ the next chunk, and manual turns still wait for it). test_realtime_equality.py r
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import json
@@ -39,6 +40,7 @@ from tests.api.realtime.test_realtime_codec import check_frame, sdk_adapter
 KEY = "realtime-test-key"
 EVERY_CHUNKS = 6  # a reply the model "decides on" every 2.4 s of audio
 REPLY_TOKENS = 40  # long enough that a cancel sent at response.created lands mid-reply
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "realtime.md"
 FILES = ["02_translate/sample02_04.wav", "03_cough_music/sample03_01.wav", "02_translate/sample02_01.mp3"]
 RATE_HZ = 24_000
 
@@ -629,6 +631,57 @@ def test_livekit_realtime_model_manual_turns_and_interrupt(server, shared_audio,
     assert not errors, errors
     unexpected = [r for r in client_logs if r.startswith("livekit") and "discarded due to session closed" not in r]
     assert not unexpected, unexpected
+
+
+def docs_livekit_model_kwargs() -> dict:
+    """The keyword arguments docs/realtime.md's "LiveKit Agents" snippet gives LiveKit's ``RealtimeModel``."""
+    section = DOCS.read_text().split("### LiveKit Agents", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("RealtimeModel"):
+            return {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+    raise AssertionError("no RealtimeModel(...) in the docs' LiveKit snippet")
+
+
+def test_livekit_model_as_the_docs_build_it_keeps_the_sessions_stt_transcripts(server, shared_audio):
+    """LiveKit's RealtimeModel defaults input_audio_transcription to gpt-4o-mini-transcribe, and then takes the model
+    for the transcriber of the user's speech (capabilities.user_transcription): its AgentSession drops its own STT's
+    transcripts and waits for conversation.item.input_audio_transcription.* events. The server never sends them
+    (speech streamed and answered below), so with the docs' model as it was no user transcript ever appeared."""
+    pytest.importorskip("livekit.plugins.openai", reason="livekit-plugins-openai is not installed")
+    from livekit import rtc
+    from livekit.plugins.openai.realtime import RealtimeModel
+
+    port = idle(server)
+    adapter = sdk_adapter()
+
+    async def run() -> tuple[list[dict], bool]:
+        model = RealtimeModel(**{**docs_livekit_model_kwargs(), "base_url": f"http://127.0.0.1:{port}/v1",
+                                 "api_key": KEY})
+        session = model.session()
+        received: list[dict] = []
+        session.on("openai_server_event_received", lambda event: received.append(
+            check_frame(json.dumps(event), adapter)))
+        try:
+            audio = np.frombuffer(speech_24k(shared_audio, FILES[0]), dtype="<i2")
+            for start in range(0, len(audio), RATE_HZ // 10):
+                frame = audio[start:start + RATE_HZ // 10]
+                session.push_audio(rtc.AudioFrame(frame.tobytes(), RATE_HZ, 1, len(frame)))
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 30
+            while not any(event["type"] == "response.done" for event in received):  # the model replied by itself
+                assert time.monotonic() < deadline, "no response.done"
+                await asyncio.sleep(0.05)
+        finally:
+            await session.aclose()
+            await model.aclose()
+        return received, model.capabilities.user_transcription
+
+    received, takes_model_transcripts = asyncio.run(asyncio.wait_for(run(), 60))
+    assert [event for event in received if event["type"] == "input_audio_buffer.committed"]
+    transcripts = [event for event in received if event["type"].startswith("conversation.item.input_audio_transcr")]
+    assert not transcripts
+    assert takes_model_transcripts is False, "LiveKit would drop the STT's transcripts and wait for the server's"
 
 
 # ---- pipecat ------------------------------------------------------------------------------------------------
