@@ -684,6 +684,21 @@ def test_livekit_model_as_the_docs_build_it_keeps_the_sessions_stt_transcripts(s
     assert takes_model_transcripts is False, "LiveKit would drop the STT's transcripts and wait for the server's"
 
 
+def test_livekit_model_as_the_docs_build_it_never_replaces_its_session():
+    """LiveKit replaces its connection every max_session_duration (20 minutes by default). Here that is a new session
+    whose model heard nothing, and LiveKit sends its whole chat history at once into it, one conversation.item.create
+    per message: past the event burst (200) the server cuts it (event_flood, 1008) and refuses the agent's address
+    for a while. The docs' model keeps its one session (the server's max_session_s bounds it)."""
+    pytest.importorskip("livekit.plugins.openai", reason="livekit-plugins-openai is not installed")
+    from livekit.plugins.openai.realtime import RealtimeModel
+
+    from audio_interaction_server.config import FloodLimits, ServerConfig
+
+    model = RealtimeModel(**{**docs_livekit_model_kwargs(), "api_key": KEY})
+    assert model._opts.max_session_duration is None, "LiveKit would open a new session every 20 minutes"
+    assert FloodLimits().event_burst == 200 and ServerConfig.model_fields["max_session_s"].default >= 3600
+
+
 # ---- pipecat ------------------------------------------------------------------------------------------------
 
 
