@@ -775,3 +775,71 @@ def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
     assert alive, "pipecat's receive loop ended"
     assert len(collect.texts) >= 4 and all(collect.texts), collect.texts
     assert not collect.errors and not problems, (collect.errors, problems)
+
+
+def test_pipecat_retrieves_conversation_items(server):
+    """pipecat's retrieve_conversation_item sends conversation.item.retrieve. The server answered unknown_event, which
+    pipecat takes as fatal: its receive loop ended, and the retrieval waited for an answer that could never come."""
+    pytest.importorskip("pipecat.services.openai.realtime.llm", reason="pipecat-ai is not installed")
+    from pipecat.frames.frames import EndFrame, LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineWorker
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.services.openai.realtime import events
+    from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+    from pipecat.workers.runner import WorkerRunner
+
+    port = idle(server)
+
+    class Collect(FrameProcessor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text = ""
+            self.is_done = False
+
+        async def process_frame(self, frame, direction) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, LLMTextFrame):
+                self.text += frame.text
+            elif isinstance(frame, LLMFullResponseEndFrame) and self.text:
+                self.is_done = True
+            await self.push_frame(frame, direction)
+
+    async def run() -> None:
+        llm = OpenAIRealtimeLLMService(
+            api_key=KEY, base_url=f"ws://127.0.0.1:{port}/v1/realtime",
+            settings=OpenAIRealtimeLLMService.Settings(session_properties=events.SessionProperties(
+                output_modalities=["text"], instructions="Answer briefly.")))
+        created: dict[str, str] = {}
+
+        @llm.event_handler("on_conversation_item_created")
+        async def on_created(service, item_id, item) -> None:
+            created[item.role] = item_id
+
+        collect = Collect()
+        task = PipelineWorker(Pipeline([llm, collect]))
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(task)
+        running = asyncio.create_task(runner.run())
+        while not llm._api_session_ready:
+            await asyncio.sleep(0.05)
+        await task.queue_frame(LLMContextFrame(context=LLMContext(messages=[{"role": "user", "content": "Hi"}])))
+        deadline = time.monotonic() + 30
+        while not collect.is_done:
+            assert time.monotonic() < deadline, "no reply"
+            await asyncio.sleep(0.05)
+        try:
+            reply = await asyncio.wait_for(llm.retrieve_conversation_item(created["assistant"]), 10)
+            assert reply.role == "assistant" and reply.status == "completed"
+            assert reply.content[0].text == collect.text
+            asked = await asyncio.wait_for(llm.retrieve_conversation_item(created["user"]), 10)
+            assert asked.role == "user" and asked.content[0].text == "Hi"
+            with pytest.raises(Exception, match="no item with id 'nope'"):
+                await asyncio.wait_for(llm.retrieve_conversation_item("nope"), 10)
+            assert llm._receive_task is not None and not llm._receive_task.done(), "pipecat's receive loop ended"
+        finally:
+            await task.queue_frame(EndFrame())
+            await asyncio.wait_for(running, 30)
+
+    asyncio.run(asyncio.wait_for(run(), 90))

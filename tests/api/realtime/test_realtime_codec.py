@@ -763,6 +763,57 @@ def test_the_item_of_the_reply_in_progress_cannot_be_deleted():
     assert isinstance(ack, AcknowledgeItem)  # once the response is done, its item can go
 
 
+def test_a_retrieve_answers_each_item_as_it_stands_in_event_order():
+    """conversation.item.retrieve was answered unknown_event: pipecat (retrieve_conversation_item) takes any error it
+    does not expect as fatal, ending its receive loop, and its caller waited forever."""
+    h = Harness()
+    [create] = h.client({"type": "conversation.item.create", "item": {
+        "id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    [ask] = h.client({"type": "conversation.item.retrieve", "event_id": "r1", "item_id": "u1"})  # same burst
+    assert ask == AcknowledgeItem(event_id="r1", event_type="conversation.item.retrieve")
+    h.session(h.acknowledged(create))
+    [retrieved] = h.session(h.acknowledged(ask))
+    assert retrieved["type"] == "conversation.item.retrieved"
+    assert retrieved["item"]["content"] == [{"type": "input_text", "text": "hi"}]
+    events = reply(0, ["a", "b"])
+    opened = h.session(*events[:3])
+    item_id = next(frame["item"]["id"] for frame in opened if frame["type"] == "response.output_item.added")
+    [ask] = h.client({"type": "conversation.item.retrieve", "item_id": item_id})
+    [streaming] = h.session(h.acknowledged(ask))
+    assert streaming["item"]["status"] == "in_progress"
+    assert streaming["item"]["content"] == [{"type": "output_text", "text": "a"}]
+    h.session(*events[3:])
+    [ask] = h.client({"type": "conversation.item.retrieve", "item_id": item_id})
+    [done] = h.session(h.acknowledged(ask))
+    assert done["item"]["status"] == "completed" and done["item"]["content"][0]["text"] == "ab"
+    [unknown] = h.client({"type": "conversation.item.retrieve", "event_id": "r9", "item_id": "nope"})
+    [error] = h.session(h.error(unknown))
+    assert (error["error"]["code"], error["error"]["param"], error["error"]["event_id"]) == (
+        "item_retrieve_invalid_item_id", "item_id", "r9")  # the code pipecat's retrieve handles
+
+
+def test_a_retrieve_of_an_item_older_than_the_kept_bytes_is_refused_and_its_id_still_places_items():
+    h = Harness()
+    h.codec.conversation.max_item_bytes = 400
+    for index in range(3):
+        content = [{"type": "input_text", "text": "x" * 100}]
+        [create] = h.client({"type": "conversation.item.create", "item": {
+            "id": f"u{index}", "type": "message", "role": "user", "content": content}})
+        h.session(h.acknowledged(create))
+    [ask] = h.client({"type": "conversation.item.retrieve", "event_id": "r0", "item_id": "u0"})
+    [error] = h.session(h.acknowledged(ask))
+    assert error["error"]["code"] == "item_retrieve_invalid_item_id" and error["error"]["event_id"] == "r0"
+    [ask] = h.client({"type": "conversation.item.retrieve", "item_id": "u2"})
+    assert h.session(h.acknowledged(ask))[0]["item"]["id"] == "u2"
+    [create] = h.client({"type": "conversation.item.create", "previous_item_id": "u0", "item": {
+        "id": "u3", "type": "message", "role": "user", "content": []}})
+    assert h.session(h.acknowledged(create))[0]["previous_item_id"] == "u0"
+    [delete] = h.client({"type": "conversation.item.delete", "item_id": "u2"})
+    h.session(h.acknowledged(delete))
+    assert "u2" not in h.codec.conversation.bodies and h.codec.conversation._body_bytes == sum(
+        len(body.encode()) for body in h.codec.conversation.bodies.values())
+
+
 # ---- bad frames and errors ----------------------------------------------------------------------------------
 
 

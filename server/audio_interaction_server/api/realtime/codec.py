@@ -9,7 +9,7 @@ ids, the audio format on the wire (G.711 is decoded here), the turn-detection na
 Answers that are the codec's own (a ``response.cancel`` with nothing to cancel, an unsupported
 ``output_modalities``) still go through the session as ``Malformed`` commands, so they are
 counted and ordered like every other error. Conversation items (``conversation.item.create``/
-``delete``) change nothing the session holds: they go to it as ``AcknowledgeItem``, which it
+``delete``/``retrieve``) change nothing the session holds: they go to it as ``AcknowledgeItem``, which it
 answers with ``ItemAcknowledged`` in its place in the event order (and counts as a text event),
 and the codec words that answer as the Realtime acknowledgement. The ``_answers`` queue says what
 each ``Configure`` the codec sent stands for, the ``_acks`` queue what each ``AcknowledgeItem`` does.
@@ -36,7 +36,8 @@ from audio_interaction_server.api.commands import (
 )
 from audio_interaction_server.api.realtime.events import (
     BETA_SESSION_FIELDS, AudioInputObject, AudioObject, AudioPcm, AudioPcma, AudioPcmu, ConversationItemAdded,
-    ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone, DuplicateKey,
+    ConversationItemCreate, ConversationItemDelete, ConversationItemDeleted, ConversationItemDone,
+    ConversationItemRetrieve, ConversationItemRetrieved, DuplicateKey,
     Error, ErrorDetail, FunctionCallOutputItem, ImageContent, InputAudioBufferAppend, InputAudioBufferClear,
     InputAudioBufferCleared, InputAudioBufferCommit, InputAudioContent, Item, MessageItem, ResponseCancel,
     ResponseCreate, SessionCreated, SessionIn, SessionObject, SessionUpdate, SessionUpdated, TextContent,
@@ -91,6 +92,7 @@ class _Ack:
     previous_item_id: str | None = None  # where the item goes: after this one (None: first of all) ...
     is_at_tail: bool = False  # ... or after the newest item when it is acknowledged
     deleted_item_id: str | None = None
+    retrieved_item_id: str | None = None  # a conversation.item.retrieve: the item as it stands when it is answered
     num_bytes: int = 0  # the item's JSON: held until its echo is sent, counted by the connection's outbox
 
 
@@ -201,6 +203,8 @@ class RealtimeCodec:
                 return self._item_create(event)
             case ConversationItemDelete():
                 return self._item_delete(event)
+            case ConversationItemRetrieve():
+                return self._item_retrieve(event)
         raise TypeError(f"no command for {event!r}")
 
     def _invalid(self, error: ValidationError, event_id: str | None) -> Malformed:
@@ -352,6 +356,13 @@ class RealtimeCodec:
                                  event.event_id, "item_id")]
         return self._acknowledge(_Ack(event.type, event.event_id, deleted_item_id=event.item_id))
 
+    def _item_retrieve(self, event: ConversationItemRetrieve) -> list[Command]:
+        if not self._will_hold(event.item_id):
+            return [self._refuse("item_retrieve_invalid_item_id", f"no item with id {shown(event.item_id)}",
+                                 event.type, event.event_id, "item_id")]
+        # Answered in its place in the event order, as the item stands then (a reply's item with its text so far).
+        return self._acknowledge(_Ack(event.type, event.event_id, retrieved_item_id=event.item_id))
+
     def _acknowledge(self, ack: _Ack) -> list[Command]:
         self._acks.append(ack)
         self.held_bytes += ack.num_bytes
@@ -494,15 +505,24 @@ class RealtimeCodec:
         self.held_bytes -= ack.num_bytes
         if ack.item is not None:
             if ack.is_at_tail:  # the tail now: items the server made since the create was read come before it
-                previous = self.conversation.add(ack.item.id)
+                previous = self.conversation.add(ack.item.id, ack.item)
             else:
                 previous = ack.previous_item_id
-                self.conversation.insert(ack.item.id, after=previous)
+                self.conversation.insert(ack.item.id, after=previous, item=ack.item)
             return [ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=previous, item=ack.item),
                     ConversationItemDone(event_id=self.ids.new("event"), previous_item_id=previous, item=ack.item)]
         if ack.deleted_item_id is not None:
             self.conversation.remove(ack.deleted_item_id)
             return [ConversationItemDeleted(event_id=self.ids.new("event"), item_id=ack.deleted_item_id)]
+        if ack.retrieved_item_id is not None:
+            item = self.replies.item(ack.retrieved_item_id)
+            if item is not None:
+                return [ConversationItemRetrieved(event_id=self.ids.new("event"), item=item)]
+            detail = ErrorDetail(type="invalid_request_error", code="item_retrieve_invalid_item_id",
+                                 message=f"item {shown(ack.retrieved_item_id)} is no longer kept: this server keeps "
+                                 f"the most recent {self.conversation.max_item_bytes // 1024} KiB of items",
+                                 param="item_id", event_id=ack.event_id)
+            return [Error(event_id=self.ids.new("event"), error=detail)]
         return []
 
     def _answered(self, event) -> list:

@@ -220,6 +220,11 @@ class ConversationItemDeleted(_ServerEvent):
     item_id: str
 
 
+class ConversationItemRetrieved(_ServerEvent):
+    type: Literal["conversation.item.retrieved"] = "conversation.item.retrieved"
+    item: Item
+
+
 class ResponseCreated(_ServerEvent):
     type: Literal["response.created"] = "response.created"
     response: ResponseObject
@@ -273,7 +278,8 @@ class ResponseOutputTextDone(_PartEvent):
 
 ServerEvent = Annotated[
     Union[SessionCreated, SessionUpdated, Error, InputAudioBufferCommitted, InputAudioBufferCleared,
-          ConversationItemAdded, ConversationItemDone, ConversationItemDeleted, ResponseCreated, ResponseDone,
+          ConversationItemAdded, ConversationItemDone, ConversationItemDeleted, ConversationItemRetrieved,
+          ResponseCreated, ResponseDone,
           ResponseOutputItemAdded, ResponseOutputItemDone, ResponseContentPartAdded, ResponseContentPartDone,
           ResponseOutputTextDelta, ResponseOutputTextDone],
     Field(discriminator="type"),
@@ -445,9 +451,14 @@ class ConversationItemDelete(_ClientEvent):
     item_id: ClientId
 
 
+class ConversationItemRetrieve(_ClientEvent):
+    type: Literal["conversation.item.retrieve"]
+    item_id: ClientId
+
+
 ClientEvent = Annotated[
     Union[SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear, ResponseCreate,
-          ResponseCancel, ConversationItemCreate, ConversationItemDelete],
+          ResponseCancel, ConversationItemCreate, ConversationItemDelete, ConversationItemRetrieve],
     Field(discriminator="type"),
 ]
 CLIENT_EVENT_ADAPTER: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)

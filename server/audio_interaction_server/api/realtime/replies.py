@@ -20,8 +20,10 @@ import secrets
 from dataclasses import dataclass, field
 from itertools import count
 
+from pydantic import TypeAdapter
+
 from audio_interaction_server.api.realtime.events import (
-    ConversationItemAdded, ConversationItemDone, InputAudioBufferCommitted, InputAudioContent, MessageItem,
+    ConversationItemAdded, ConversationItemDone, InputAudioBufferCommitted, InputAudioContent, Item, MessageItem,
     OutputTokenDetails, ResponseContentPartAdded, ResponseContentPartDone, ResponseCreated, ResponseDone,
     ResponseObject, ResponseOutputItemAdded, ResponseOutputItemDone, ResponseOutputTextDelta, ResponseOutputTextDone,
     StatusDetails, TextContent, TextPart, Usage,
@@ -48,42 +50,77 @@ _ENDINGS: dict[str, tuple[str, StatusDetails | None]] = {
 }
 
 
+_ITEM_ADAPTER: TypeAdapter[Item] = TypeAdapter(Item)
+
+
 @dataclass
 class Conversation:
-    """The items this connection announced, in conversation order: what ``previous_item_id`` refers to."""
+    """The items this connection announced, in conversation order: what ``previous_item_id`` refers to, and what
+    ``conversation.item.retrieve`` answers with (each item as last announced, kept as its JSON)."""
 
     item_ids: dict[str, None] = field(default_factory=dict)  # an ordered set, in conversation order
     max_items: int = 4096  # a long session must not grow without bound: old ids are forgotten first
+    # The items themselves, oldest announced first, within ``max_item_bytes`` of JSON: a client's items may be long
+    # (up to a frame each), so the oldest are forgotten first (their ids stay, for previous_item_id).
+    bodies: dict[str, str] = field(default_factory=dict)
+    max_item_bytes: int = 1 << 20
+    _body_bytes: int = 0
 
     @property
     def last_item_id(self) -> str | None:
         return next(reversed(self.item_ids), None)
 
-    def add(self, item_id: str) -> str | None:
+    def add(self, item_id: str, item: Item | None = None) -> str | None:
         """Record ``item_id`` as the newest item, at the tail; returns the item it follows."""
         previous = self.last_item_id
         self.item_ids[item_id] = None
+        self.keep(item)
         self._forget_the_oldest()
         return previous
 
-    def insert(self, item_id: str, after: str | None) -> None:
+    def insert(self, item_id: str, after: str | None, item: Item | None = None) -> None:
         """Record ``item_id`` right after ``after`` (None: first of all). The tail moves only when ``after`` is
         the tail: later items still go after the newest, not after an item a client placed in its history."""
         if after is not None and (after == self.last_item_id or after not in self.item_ids):
-            self.add(item_id)  # not held: forgotten past ``max_items`` since the client named it
+            self.add(item_id, item)  # not held: forgotten past ``max_items`` since the client named it
             return
         # A client's insertion into its own history, rare: rebuilding the order costs one pass.
         ordered = list(self.item_ids)
         ordered.insert(0 if after is None else ordered.index(after) + 1, item_id)
         self.item_ids = dict.fromkeys(ordered)
+        self.keep(item)
         self._forget_the_oldest()
+
+    def keep(self, item: Item | None) -> None:
+        """Keep ``item`` as the latest state of its item (one the conversation holds), for a retrieve."""
+        if item is None or item.id not in self.item_ids:
+            return
+        self._drop_body(item.id)
+        body = item.model_dump_json()
+        self.bodies[item.id] = body
+        self._body_bytes += len(body.encode())
+        while self._body_bytes > self.max_item_bytes:
+            self._drop_body(next(iter(self.bodies)))
+
+    def item(self, item_id: str) -> Item | None:
+        """The item as last announced; None when the conversation does not hold it, or no longer keeps its body."""
+        body = self.bodies.get(item_id)
+        return None if body is None else _ITEM_ADAPTER.validate_json(body)
 
     def remove(self, item_id: str) -> None:
         self.item_ids.pop(item_id, None)
+        self._drop_body(item_id)
+
+    def _drop_body(self, item_id: str) -> None:
+        body = self.bodies.pop(item_id, None)
+        if body is not None:
+            self._body_bytes -= len(body.encode())
 
     def _forget_the_oldest(self) -> None:
         while len(self.item_ids) > self.max_items:
-            del self.item_ids[next(iter(self.item_ids))]
+            oldest = next(iter(self.item_ids))
+            del self.item_ids[oldest]
+            self._drop_body(oldest)
 
 
 @dataclass
@@ -125,7 +162,7 @@ class ReplyBuilder:
     def commit_user_audio(self) -> list:
         """The audio heard so far becomes a user item (no transcript: the model does not transcribe)."""
         item = MessageItem(id=self.ids.new("item"), role="user", content=[InputAudioContent()])
-        previous = self.conversation.add(item.id)
+        previous = self.conversation.add(item.id, item)
         return [
             InputAudioBufferCommitted(event_id=self.ids.new("event"), previous_item_id=previous, item_id=item.id),
             ConversationItemAdded(event_id=self.ids.new("event"), previous_item_id=previous, item=item),
@@ -147,6 +184,7 @@ class ReplyBuilder:
         reply = self._open_reply
         status, details = _ENDINGS.get(end_reason, ("cancelled", StatusDetails(type="cancelled")))
         item = self._item("completed" if status == "completed" else "incomplete", text)
+        self.conversation.keep(item)
         part = TextPart(text=text)
         response = self._response(status, output=[item])
         response.status_details = details
@@ -164,6 +202,13 @@ class ReplyBuilder:
         self.reply = None
         return out
 
+    def item(self, item_id: str) -> Item | None:
+        """An item as a retrieve shows it: the open reply's with its text so far, any other as last announced."""
+        reply = self.reply
+        if reply is not None and reply.is_open and item_id == reply.item_id:
+            return self._item("in_progress", reply.text or None)
+        return self.conversation.item(item_id)
+
     # ---- helpers ---------------------------------------------------------------------
     def _open(self) -> list:
         reply = self._open_reply
@@ -171,7 +216,7 @@ class ReplyBuilder:
             return []
         reply.is_open = True
         item = self._item("in_progress", None)
-        previous = self.conversation.add(reply.item_id)
+        previous = self.conversation.add(reply.item_id, item)
         self._previous = previous
         return [
             ResponseCreated(event_id=self.ids.new("event"), response=self._response("in_progress", output=[])),
