@@ -549,6 +549,31 @@ def test_a_mint_checks_its_session_as_session_update_would_and_takes_the_key_as_
     assert mint(port, {}, {"X-API-Key": "wrong"})[0] == 401
 
 
+def test_a_transcription_intent_is_refused_as_the_clients_error(server):
+    """The SDK's connect(extra_query={"intent": "transcription"}) was refused with an error of type server_error, as if
+    the server had failed: what is refused is the client's request, an invalid_request_error as the same refusal of
+    a session.update's session.type is."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    import websockets
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+
+    async def run() -> dict:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime", extra_query={"intent": "transcription"}) as connection:
+            sdk = SdkRun(connection)
+            refused = await sdk.next()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await sdk.next()
+            assert closed.value.rcvd.code == 1008
+            return refused
+
+    refused = asyncio.run(asyncio.wait_for(run(), 30))
+    assert refused["type"] == "error" and refused["error"]["code"] == "invalid_value", refused
+    assert refused["error"]["type"] == "invalid_request_error", refused
+
+
 def test_a_full_server_refuses_with_an_error_and_close_1013(server):
     import websockets
 

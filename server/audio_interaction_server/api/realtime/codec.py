@@ -59,7 +59,7 @@ _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value",
           "reply_in_progress": "conversation_already_has_active_response"}
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
-                 "audio_flood", "event_flood", "rate_limited"}
+                 "audio_flood", "event_flood", "rate_limited", "invalid_value"}
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
 
