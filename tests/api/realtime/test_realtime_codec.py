@@ -672,6 +672,20 @@ def test_conversation_items_are_acknowledged_in_event_order_with_the_clients_id(
     assert call.code == "invalid_value"
 
 
+def test_an_items_audio_part_is_echoed_with_its_transcript_not_dropped():
+    """A user item's input_audio part vanished from the echo (conversation.item.added held the item without it), with
+    no word: the client's history and the server's disagreed (LiveKit sends such parts for its AudioContent)."""
+    h = Harness()
+    audio = base64.b64encode(bytes(4800)).decode()
+    [ack] = h.client({"type": "conversation.item.create", "item": {"id": "a1", "type": "message", "role": "user",
+                                                                  "content": [{"type": "input_text", "text": "hi"},
+                                                                              {"type": "input_audio", "audio": audio,
+                                                                               "transcript": "hello"}]}})
+    added, _ = h.session(h.acknowledged(ack))
+    assert added["item"]["content"] == [{"type": "input_text", "text": "hi"},
+                                        {"type": "input_audio", "transcript": "hello"}]
+
+
 def test_an_item_the_session_refuses_is_neither_held_nor_added():
     """A closing session refuses an AcknowledgeItem with invalid_state: the item's bytes are let go and the
     item never joins the conversation, so the same id can be created again."""

@@ -315,6 +315,8 @@ class RealtimeCodec:
                     content.append(TextContent(type=kind, text=part.text or part.transcript or ""))
                 elif part.type == "input_image":
                     content.append(ImageContent())
+                elif part.type == "input_audio" and given.role == "user":
+                    content.append(InputAudioContent(transcript=part.transcript))  # as an image: never its data
             item = MessageItem(id=item_id, role=given.role, content=content)
         elif given.type == "function_call_output" and given.call_id is not None:
             item = FunctionCallOutputItem(id=item_id, call_id=given.call_id, output=given.output or "")

@@ -90,7 +90,8 @@ def default_session_object(model_name: str | None, max_turn_tokens: int, session
 
 class InputAudioContent(_Wire):
     type: Literal["input_audio"] = "input_audio"
-    transcript: None = None  # the model does not transcribe what it hears
+    # The model does not transcribe what it hears: only a client's own item carries one (its audio is not echoed).
+    transcript: str | None = None
 
 
 class TextContent(_Wire):
