@@ -574,6 +574,40 @@ def test_a_transcription_intent_is_refused_as_the_clients_error(server):
     assert refused["error"]["type"] == "invalid_request_error", refused
 
 
+def test_a_client_quiet_between_turns_keeps_its_session_with_an_empty_session_update(tiny_checkpoint, engine_transport):
+    """docs/realtime.md, idle sessions: the server closes a session after idle_timeout_s without a client event, which
+    a push-to-talk client (nothing sent between turns) meets while its user thinks; the SDK's pings do not count. A
+    session.update of {"type": "realtime"} alone keeps the session and changes nothing."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    import websockets
+    from openai import AsyncOpenAI
+
+    live = live_server(tiny_checkpoint, engine_transport, idle_timeout_s=1.0)
+    port, _ = next(live)
+
+    async def run() -> tuple[SdkRun, dict]:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            session = (await sdk.manual_turns())
+            for _ in range(6):  # 3 s, three idle timeouts: kept
+                await asyncio.sleep(0.5)
+                await connection.session.update(session={"type": "realtime"})
+                assert (await sdk.until("session.updated", 5))["session"] == session
+            refused = await sdk.until("error", 5)  # then quiet
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await sdk.next(5)
+            assert closed.value.rcvd.code == 4000
+            return sdk, refused
+
+    try:
+        sdk, refused = asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        next(live, None)
+    assert refused["error"]["code"] == "idle_timeout", refused
+    assert [frame["type"] for frame in sdk.frames[:-1]] == ["session.created"] + ["session.updated"] * 7
+
+
 def test_a_full_server_refuses_with_an_error_and_close_1013(server):
     import websockets
 
