@@ -8,8 +8,9 @@ second protocol, translates). So one session class and one engine path serve eve
 Every command carries the client's ``event_id`` (None when the protocol has none) so an
 error can name the event that caused it.
 
-One answer is not a ``/v1/stream`` wire event: ``ItemAcknowledged``, the session's answer to
-``AcknowledgeItem``, which only the Realtime codec sends and words in its own terms.
+Two answers are not ``/v1/stream`` wire events: ``ItemAcknowledged``, the session's answer to
+``AcknowledgeItem``, and ``ReplyRequestWithdrawn``, its answer to a ``CancelReply`` that
+``withdraws_request``; only the Realtime codec sends those commands, and words the answers in its own terms.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ class ItemAcknowledged(BaseModel):
     event_id: str | None = None
 
 
+class ReplyRequestWithdrawn(BaseModel):
+    """The session's answer to a ``CancelReply`` that ``withdraws_request``, once the engine has dropped the
+    request before its reply began. Numbered and counted like the session's other events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["reply_request.withdrawn"] = "reply_request.withdrawn"
+    session_id: str | None = None
+    seq: int | None = None
+
+
 @dataclass(frozen=True)
 class AppendAudio:
     """PCM in the session's current audio format (``Configure.audio``)."""
@@ -132,6 +144,10 @@ class RequestReply:
 class CancelReply:
     event_id: str | None = None
     event_type: str = "response.cancel"
+    # The client cancels a reply it asked for that has not begun (as far as it knows): when the engine withdraws
+    # that request, the session answers ``ReplyRequestWithdrawn``; when the reply had begun, it is cancelled as
+    # any reply is (its turn_end, end_reason "cancelled").
+    withdraws_request: bool = False
 
 
 @dataclass(frozen=True)

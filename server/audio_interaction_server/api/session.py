@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from audio_interaction_server.api.commands import (
     AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, CloseSession, Command, Configure, Flush, ItemAcknowledged,
-    Malformed, RequestReply, Unset,
+    Malformed, ReplyRequestWithdrawn, RequestReply, Unset,
 )
 from audio_interaction_server.api.addresses import client_key
 from audio_interaction_server.api.flood import FloodGuard, TokenBucket, json_items_rate_and_burst
@@ -139,6 +139,7 @@ class Session:
         # The reply request sent to the engine and not answered yet (by the reply it begins, or its drop), with the
         # ones that came before that answer, merged into it: the engine's answer is theirs too.
         self._reply_requests: list[RequestReply] = []
+        self._withdrawal_asked = False  # a CancelReply that withdraws_request waits for the engine's answer
         self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
         self._num_chunks_decided = 0
         self._chunk_push_s: deque[float] = deque()  # push time of each undecided chunk, for onset latency
@@ -232,7 +233,10 @@ class Session:
                 return self._request_reply(command, now_s)
             case CancelReply():
                 if self._is_engine_open:
-                    self.engine.cancel(self.session_id)  # its turn_end (end_reason "cancelled") follows
+                    # A reply in progress ends with its turn_end (end_reason "cancelled"); a request not yet begun
+                    # is dropped, and the engine says so (ReplyRequestDropped, "cancelled").
+                    self._withdrawal_asked = command.withdraws_request and bool(self._reply_requests)
+                    self.engine.cancel(self.session_id)
                 return []
             case CloseSession():
                 return self.begin_close("client_closed", CloseCode.NORMAL, now_s)
@@ -286,6 +290,7 @@ class Session:
                 self._is_speaking = True
                 if event.requested:
                     self._reply_requests = []
+                    self._withdrawal_asked = False  # the cancel, if one is on its way, ends this reply instead
                 pushed_s = self._last_decided_push_s  # the chunk whose decision began the reply
                 onset_s = None if pushed_s is None else max(0.0, now_s - pushed_s)
                 self._observer.turn_began(onset_s)
@@ -573,8 +578,10 @@ class Session:
 
     def _reply_request_dropped(self, event: ReplyRequestDropped) -> list:
         requests, self._reply_requests = self._reply_requests, []
+        withdrawn, self._withdrawal_asked = self._withdrawal_asked, False
         if event.reason == "cancelled":
-            return []  # the client withdrew it: nothing to say
+            # The client withdrew it: a protocol that promised the client a response for it closes that one.
+            return [ReplyRequestWithdrawn(session_id=self.session_id)] if withdrawn and requests else []
         # The model began its own reply before the request reached it (this session sent it not knowing yet).
         return [error for request in requests for error in self._error("reply_in_progress", REPLY_IN_PROGRESS_MESSAGE,
                                                                        request)]

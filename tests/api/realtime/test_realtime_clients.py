@@ -256,6 +256,18 @@ def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio,
             assert cancelled["metadata"]["asked"] == "yes"
             await connection.response.cancel(event_id="again")
             assert (await sdk.until("error"))["error"]["code"] == "response_cancel_not_active"
+
+            # A forced reply cancelled at once, before it began (pipecat's interruption right after asking): it was
+            # refused, "not started yet", and the reply came all the same. Now the request is withdrawn (or, had the
+            # reply begun, cut) and its response closed as cancelled, without an error.
+            num_errors = len(sdk.of("error"))
+            asked = {"asked": "and withdrawn"}
+            await connection.response.create(response={"metadata": asked}, event_id="ask2")
+            await connection.response.cancel(event_id="stop2")
+            while (withdrawn := (await sdk.until("response.done"))["response"])["metadata"] != asked:
+                pass  # a reply the model began of its own, before
+            assert withdrawn["status"] == "cancelled", withdrawn
+            assert sdk.of("error")[num_errors:] == []
             return sdk
 
     sdk = asyncio.run(asyncio.wait_for(run(), 180))

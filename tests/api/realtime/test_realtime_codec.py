@@ -14,7 +14,8 @@ import pytest
 from pydantic import BaseModel, TypeAdapter
 
 from audio_interaction_server.api.commands import (
-    AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, Configure, Flush, ItemAcknowledged, Malformed, RequestReply,
+    AcknowledgeItem, AppendAudio, CancelReply, ClearAudio, Configure, Flush, ItemAcknowledged, Malformed,
+    ReplyRequestWithdrawn, RequestReply,
 )
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.audio.g711 import MULAW_TO_S16
@@ -636,6 +637,41 @@ def test_cancel_stops_the_active_reply_and_is_refused_without_one():
     done = h.session(*events[3:])[-1]
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+
+
+def test_a_cancel_before_the_requested_response_began_withdraws_it_and_closes_it_as_cancelled():
+    """A cancel sent right after response.create (pipecat's interruption) was refused, "the requested response has
+    not started yet", and the reply came all the same (realtime audit, F4). It now withdraws the request; the
+    session's ReplyRequestWithdrawn closes the response the client waits for: created and done, cancelled."""
+    h = Harness()
+    [ask] = h.client({"type": "response.create", "event_id": "r1", "response": {"metadata": {"asked": "yes"}}})
+    assert isinstance(ask, RequestReply)
+    [cancel] = h.client({"type": "response.cancel", "event_id": "c1"})
+    assert cancel == CancelReply(event_id="c1", event_type="response.cancel", withdraws_request=True)
+    [again] = h.client({"type": "response.cancel", "event_id": "c2"})  # one cancel is on its way
+    assert isinstance(again, Malformed) and again.code == "response_cancel_not_active"
+    frames = h.session(ReplyRequestWithdrawn(session_id=SESSION_ID))
+    assert [frame["type"] for frame in frames][0] == "response.created" and frames[-1]["type"] == "response.done"
+    done = frames[-1]["response"]
+    assert done["status"] == "cancelled" and done["status_details"] == {"type": "cancelled",
+                                                                       "reason": "client_cancelled"}
+    assert done["metadata"] == {"asked": "yes"} and done["id"] == frames[0]["response"]["id"]
+    assert isinstance(h.client({"type": "response.create", "event_id": "r2"})[0], RequestReply)  # none pending
+
+
+def test_a_cancel_that_meets_the_requested_reply_begun_ends_that_reply():
+    """The reply began before the cancel reached the engine: the engine cuts it (its turn_end, cancelled), and a
+    second cancel meanwhile is refused as one already on its way."""
+    h = Harness()
+    h.client({"type": "response.create", "event_id": "r1"})
+    [cancel] = h.client({"type": "response.cancel", "event_id": "c1"})
+    assert cancel.withdraws_request
+    events = reply(0, ["a", "b"], end_reason="cancelled", requested=True)
+    h.session(*events[:3])
+    [again] = h.client({"type": "response.cancel", "event_id": "c2"})
+    assert isinstance(again, Malformed) and again.code == "response_cancel_not_active"
+    done = h.session(*events[3:])[-1]
+    assert done["type"] == "response.done" and done["response"]["status"] == "cancelled"
 
 
 def test_a_reply_cut_by_the_session_closing_still_ends_with_response_done():

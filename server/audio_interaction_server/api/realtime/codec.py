@@ -60,6 +60,8 @@ _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value",
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
                  "audio_flood", "event_flood", "rate_limited", "invalid_value"}
+# The turn of a response closed without a reply (a request withdrawn before it began): no session turn has it.
+WITHDRAWN_TURN = -1
 _NOT_SENT = {"session.closed", "segment", "decision", "context_rollover", "session.going_away"}
 _TYPE_TAGS = {"int", "str", "bool", "float", "list", "dict", "none"}
 
@@ -146,6 +148,7 @@ class RealtimeCodec:
         self._taken_committed = 0.0  # the clock when the last user item was made (a clear does not move it)
         self._commits_waiting: deque[_Commit] = deque()
         self._cancelled_response_id: str | None = None  # the response a cancel was sent for
+        self._withdrawing = False  # a cancel was sent for the requested response before it began
 
     def follow(self, taken_audio_s: Callable[[], float]) -> None:
         """Read what audio the session took off ``taken_audio_s`` (its ``audio.audio_received_s``, which grows with
@@ -288,12 +291,20 @@ class RealtimeCodec:
 
     def _response_cancel(self, event: ResponseCancel) -> list[Command]:
         active = self.replies.response_id
+        if active is None and self._request is not None and event.response_id is None:
+            # The response asked for has not begun (the Realtime API creates it at once; the model begins it at its
+            # next chunk): the cancel withdraws the request, and the session's ReplyRequestWithdrawn closes it as a
+            # cancelled response; had the reply begun meanwhile, the cancel ends it. Refused, a cancel sent at once
+            # after response.create let the reply come all the same (pipecat's interruption).
+            if self._withdrawing:
+                return [self._refuse("response_cancel_not_active", "Cancellation failed: the response is being "
+                                     "cancelled already", event.type, event.event_id)]
+            self._withdrawing = True
+            return [CancelReply(event_id=event.event_id, event_type=event.type, withdraws_request=True)]
         if active is None or (event.response_id is not None and event.response_id != active):
             # "Cancellation failed" is the Realtime API's own wording, which LiveKit recognises and skips.
-            reason = "the requested response has not started yet" if self._request is not None and active is None \
-                else "no active response found"
-            return [self._refuse("response_cancel_not_active", f"Cancellation failed: {reason}", event.type,
-                                 event.event_id)]
+            return [self._refuse("response_cancel_not_active", "Cancellation failed: no active response found",
+                                 event.type, event.event_id)]
         if active == self._cancelled_response_id:  # its response.done is on its way; the session would say nothing
             return [self._refuse("response_cancel_not_active", "Cancellation failed: the response is being cancelled "
                                  "already", event.type, event.event_id)]
@@ -433,6 +444,8 @@ class RealtimeCodec:
             return self._answered(event)
         if kind == "item.acknowledged":
             return self._acknowledged()
+        if kind == "reply_request.withdrawn":
+            return self._withdrawn()
         if kind == "error":
             return self._error(event)
         if kind == "input.flushed":
@@ -457,6 +470,9 @@ class RealtimeCodec:
             if request is not None and request.max_output_tokens is not None:
                 cap = min(cap, request.max_output_tokens)  # as the engine caps the reply
             self.replies.begin(event.turn, cap, None if request is None else request.metadata)
+            if self._withdrawing:  # the reply began before the cancel reached the engine: the cancel ends it
+                self._withdrawing = False
+                self._cancelled_response_id = self.replies.response_id
             # The audio the decision was made on is committed now; the response itself opens at its first
             # token (replies.py says why), so these frames are out before the engine has produced it.
             return self._commit_audio()
@@ -527,6 +543,19 @@ class RealtimeCodec:
             return [Error(event_id=self.ids.new("event"), error=detail)]
         return []
 
+    def _withdrawn(self) -> list:
+        """The requested response, withdrawn before it began: created and done at once, cancelled, with nothing in
+        it (a client that asked for it waits for its response.done)."""
+        request, self._request = self._request, None
+        self._withdrawing = False
+        if request is None:
+            return []
+        cap = self._settings.max_turn_tokens if self._settings else 0
+        if request.max_output_tokens is not None:
+            cap = min(cap, request.max_output_tokens)
+        self.replies.begin(WITHDRAWN_TURN, cap, request.metadata)
+        return self.replies.end("cancelled", "", 0)
+
     def _answered(self, event) -> list:
         self._settings = event.options
         answer = self._answers.popleft() if self._answers else _Answer("session.update", "session.update", None)
@@ -566,6 +595,7 @@ class RealtimeCodec:
             # The session's answer to the one request it has: that request ends. A refusal of the codec's own (a
             # second request while one is pending, a bad value) leaves the pending one as it is.
             self._request = None
+            self._withdrawing = False
         elif event.event_type == "input_audio_buffer.commit" and event.code != "input_audio_buffer_commit_empty":
             # The session refused a commit's flush: that commit waits no more (the oldest, if none has its id).
             waiting = [commit for commit in self._commits_waiting if commit.event_id == event.event_id]
