@@ -29,6 +29,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile
@@ -49,46 +50,97 @@ ABNORMAL_CLOSURE = 1006  # the connection ended without a close frame: the netwo
 _PLACEHOLDER = re.compile(r"\{(text|wav)\}")
 
 
-# Programs that run one of their arguments as code (sh -c SCRIPT, python -c CODE, perl -e CODE), and the option letter
-# that says which: a sentence substituted into that argument would be run, not read (a pipeline to a player, e.g.
-# sh -c "espeak-ng --stdout {text} | aplay", is the natural way to write one). Versioned names: python3.11, ...
-_CODE_OPTION = {"sh": "c", "bash": "c", "dash": "c", "zsh": "c", "ksh": "c", "mksh": "c", "ash": "c", "fish": "c",
-                "python": "c", "python3": "c", "pypy3": "c", "perl": "e", "ruby": "e", "node": "e"}
-_ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+# Programs that run one of their arguments as code (sh -c SCRIPT, python -c CODE, perl -e CODE): a sentence substituted
+# into that argument would be run, not read (a pipeline to a player, e.g. sh -c "espeak-ng --stdout {text} | aplay",
+# is the natural way to write one).
+@dataclass(frozen=True)
+class _Runner:
+    code_letters: str  # the option letters that take the code
+    code_options: frozenset[str] = frozenset()  # long options that take it (node --eval CODE)
+    value_letters: str = ""  # option letters with a value of their own, attached or next (bash -o pipefail, ruby -r x)
+    value_options: frozenset[str] = frozenset()  # long options with a value of their own, = or next
+    attached_letters: str = ""  # option letters whose value is the rest of their argument (perl -Mstrict)
+    is_shell: bool = False  # the code is the first argument past the options (bash -c -e SCRIPT)
 
 
-def _program(argv: list[str]) -> tuple[str, list[str]]:
-    """The program a command line runs (its name without folder or version) and its arguments, past an ``env`` and
-    its NAME=value settings."""
-    args = list(argv)
-    if args and Path(args[0]).name == "env":
-        args = args[1:]
-        while args and (args[0].startswith("-") or _ENV_ASSIGNMENT.match(args[0])):
-            args = args[1:]
-    if not args:
-        return "", []
-    return re.sub(r"[0-9.]+$", "", Path(args[0]).name), args[1:]
+_SHELL = _Runner("c", value_letters="oO", value_options=frozenset({"--rcfile", "--init-file"}), is_shell=True)
+_PYTHON = _Runner("c", value_letters="WX", value_options=frozenset({"--check-hash-based-pycs"}))
+_RUNNERS = {
+    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "fish"), _SHELL),
+    "python": _PYTHON, "pypy": _PYTHON,
+    "perl": _Runner("eE", attached_letters="MmIxiDdCF"),
+    "ruby": _Runner("e", value_letters="rICE", value_options=frozenset({"--encoding"})),
+    "node": _Runner("ep", code_options=frozenset({"--eval", "--print"}), value_letters="rC",
+                    value_options=frozenset({"--require", "--import", "--loader", "--experimental-loader",
+                                             "--conditions", "--input-type", "--title"})),
+}
+
+
+def _runner_name(arg: str) -> str | None:
+    """The shell or interpreter ``arg`` names (a path too, a versioned name such as python3.11 or pypy3), or None."""
+    name = Path(arg).name
+    for candidate in (name, re.sub(r"[0-9.]+$", "", name)):
+        if candidate in _RUNNERS:
+            return candidate
+    return None
+
+
+def _code_of(argv: list[str]) -> tuple[str, str] | None:
+    """(the program, the argument it runs as code) for a shell or an interpreter anywhere in ``argv``: at its start,
+    or after whatever starts it (env NAME=value, timeout 30, nice -n 10, busybox, ...); else None."""
+    found = []
+    for start, arg in enumerate(argv):
+        name = _runner_name(arg)
+        code = None if name is None else _code_argument_of(_RUNNERS[name], argv[start + 1:])
+        if code is not None:
+            found.append((name, code))
+    # sh -c 'exec "$@"' sh python -c CODE: a script may start another that runs its own code
+    return next((each for each in found if "{text}" in each[1]), found[0] if found else None)
+
+
+def _code_argument_of(runner: _Runner, args: list[str]) -> str | None:
+    """The argument of ``args`` (what follows the program's name) that ``runner`` runs as code, or None."""
+    takes_code = False  # a shell's -c seen: its script is the first argument past the options
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--" or len(arg) < 2 or arg[0] not in "-+":  # the options end
+            index += arg == "--"
+            return args[index] if takes_code and index < len(args) else None
+        if arg.startswith("--"):
+            option, has_value, value = arg.partition("=")
+            if option in runner.code_options:
+                return value if has_value else (args[index + 1] if index + 1 < len(args) else None)
+            index += 2 if option in runner.value_options and not has_value else 1
+            continue
+        letters, index = arg[1:], index + 1
+        for position, letter in enumerate(letters):
+            rest = letters[position + 1:]
+            if letter in runner.attached_letters:
+                break
+            if letter in runner.value_letters:
+                index += not rest  # -W ignore; -Wignore carries its value
+                break
+            if letter in runner.code_letters and arg[0] == "-":
+                if runner.is_shell:
+                    takes_code = True
+                    continue
+                # python -cCODE, perl -e'CODE'; else the next argument
+                return rest if rest else (args[index] if index < len(args) else None)
+    return None
 
 
 def code_argument(argv: list[str]) -> str | None:
     """The argument that a shell or an interpreter in ``argv`` runs as code (the SCRIPT of ``sh -c SCRIPT``, of
-    ``bash -lc SCRIPT``, ...), or None."""
-    name, args = _program(argv)
-    letter = _CODE_OPTION.get(name)
-    if letter is None:
-        return None
-    for index, arg in enumerate(args):
-        if arg == "--" or not arg.startswith("-"):
-            return None  # the options ended before any code option
-        if not arg.startswith("--") and letter in arg[1:]:
-            return args[index + 1] if index + 1 < len(args) else None
-    return None
+    ``bash -lc SCRIPT``, of ``timeout 30 bash -o pipefail -c SCRIPT``, ...), or None."""
+    found = _code_of(argv)
+    return None if found is None else found[1]
 
 
 def code_runner(argv: list[str]) -> str:
-    name, args = _program(argv)
-    letter = _CODE_OPTION.get(name, "c")
-    return f"{name} -{letter}"
+    """How ``code_argument``'s code is run, in words (``sh -c``, ``perl -e``)."""
+    name = (_code_of(argv) or ("sh", ""))[0]
+    return f"{name} -{_RUNNERS[name].code_letters[0]}"
 
 
 # A session as the Realtime API shows it: sess_ and the session's own id, <replica id>_<32 hex digits> (no replica is

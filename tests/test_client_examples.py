@@ -2013,6 +2013,42 @@ def test_tts_subscriber_refuses_a_sentence_inside_the_code_a_shell_or_interprete
     assert tts_subscriber.code_argument(shlex.split("sh script.sh {text}")) is None
 
 
+@pytest.mark.parametrize("template, runner", [
+    ('bash -o pipefail -c "espeak-ng --stdout {text} | aplay"', "bash -c"),
+    ('timeout 30 sh -c "espeak-ng {text}"', "sh -c"), ('nice -n 10 bash -c "espeak-ng {text}"', "bash -c"),
+    ('env -u DISPLAY sh -c "espeak-ng {text}"', "sh -c"), ('bash -c -e "espeak-ng {text}"', "bash -c"),
+    ('sh -c \'exec "$@"\' sh python3 -c "print({text})"', "python -c"),
+    ('pypy3 -c "print({text})"', "pypy -c"), ('python -W ignore -c "print({text})"', "python -c"),
+    ('python3 "-cprint({text})"', "python -c"), ('perl -E "say q({text})"', "perl -e"),
+    ('perl -Mfeature=say -e "say q({text})"', "perl -e"), ('node -p "{text}"', "node -e"),
+    ('node --eval "{text}"', "node -e"), ('node --eval="{text}"', "node -e"),
+])
+def test_a_sentence_inside_code_is_refused_however_the_shell_or_interpreter_is_started(monkeypatch, template,
+                                                                                       runner):
+    """Only `sh -c SCRIPT` with nothing between the program and -c was recognised: a pipeline written as
+    bash -o pipefail -c "... {text} | aplay", or started through timeout or nice, a pypy3 (its name stripped of the 3
+    was looked up), perl -E and node -p ran a reply holding $(...) or ; as code."""
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    with pytest.raises(tts_subscriber.ClientError) as refused:
+        tts_subscriber.TtsCommand(template, writes_wav=False)
+    assert f"{{text}} is inside the code that {runner} runs" in str(refused.value), (template, str(refused.value))
+
+
+@pytest.mark.parametrize("template", [
+    "sh -c 'espeak-ng --stdout -- \"$1\" | aplay' sh {text}", "bash -o pipefail -c 'espeak-ng \"$1\"' bash {text}",
+    "python3 -m piper --text {text}", "python tts.py -c conf.yaml {text}", "perl -le 'print $ARGV[0]' {text}",
+    "timeout 30 espeak-ng -- {text}", "sh -e speak.sh {text}",
+])
+def test_a_sentence_given_as_an_argument_of_its_own_is_not_taken_for_code(monkeypatch, template):
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    import tts_subscriber
+
+    code = tts_subscriber.code_argument(shlex.split(template))
+    assert code is None or "{text}" not in code, (template, code)
+
+
 def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
     """'TTS command failed: exit status 1:' ended in a colon with nothing after it (first-hour review, round five)."""
     import asyncio
