@@ -44,7 +44,8 @@ def plot(results: dict, out_path: Path) -> Path:
             axes.plot(streams, [row[f"decision_p{percentile}_ms"] for row in rows], style, color=colour,
                       marker="o", markersize=4, label=f"{mode} p{percentile}")
         # A failed N (targets missed, or decisions that never arrived) gets a hollow ring on its p95.
-        failed = [row for row in rows if row["verdict"] != "PASS"]
+        # "PASS; not judged: ..." (a target with nothing to judge, capacity.py's Targets.verdict) is a pass.
+        failed = [row for row in rows if not row["verdict"].startswith("PASS")]
         axes.plot([row["streams"] for row in failed], [row["decision_p95_ms"] for row in failed], "o",
                   markersize=10, markerfacecolor="none", color=colour)
         for row in rows:

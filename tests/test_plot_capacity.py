@@ -55,3 +55,32 @@ def test_the_script_draws_one_png_per_results_file(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and 10_000 < len(data) < 200_000
         assert (REPO_ROOT / "docs" / "figures" / name).is_file()  # the committed picture exists
+
+
+def test_a_pass_that_names_targets_it_did_not_judge_is_drawn_as_a_pass(tmp_path, monkeypatch):
+    """capacity.py prints "PASS; not judged: first token (no reply timed)" for a run too short to time a reply; a
+    row transcribed so was drawn with the hollow ring of an N that missed the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from benchmarks.plot_capacity import plot
+
+    rings = []
+    original = Axes.plot
+
+    def recording(self, *args, **kwargs):
+        if len(args) == 3 and args[2] == "o":  # the hollow rings: x, y, "o"
+            rings.append(list(args[0]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording)
+    row = dict(mode="direct", decision_p50_ms=10.0, decision_p95_ms=20.0, decisions=[6, 6])
+    results = {"title": "t", "machine": "m", "targets": {"decision_p95_ms": 100.0},
+               "runs": [{"date": "2026-12-07", "rows": [
+                   {**row, "streams": 1, "verdict": "PASS"},
+                   {**row, "streams": 2, "verdict": "PASS; not judged: first token (no reply timed)"},
+                   {**row, "streams": 4, "verdict": "fail", "decision_p95_ms": 200.0}]}]}
+    plot(results, tmp_path / "ramp.png")
+    assert rings == [[4]], rings
