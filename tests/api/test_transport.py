@@ -249,6 +249,30 @@ def test_a_request_of_too_many_query_parameters_gets_431_before_the_app(tiny_che
         server.stop()
 
 
+def test_a_refusal_before_the_app_that_spends_the_last_of_the_budget_is_the_connections_last_answer(
+        tiny_checkpoint):
+    """A pipelined request refused before the app (431 here; 413 and 400 alike) is answered with "Connection: close"
+    and the connection closed; counting that answer against a budget it had just spent wrote a 429 after it on the
+    closed connection: two answers to one request, and a second close counted."""
+    server = start(tiny_checkpoint, transport={"http_requests_per_s": 0.01, "http_request_burst": 15})
+    heavy = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"a%d:b\r\n" % i for i in range(1_900)) + b"\r\n"
+    plain = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        with open_socket(server.port, source="127.0.0.13") as sock:
+            sock.sendall(plain + heavy)  # 1 request, then 19 of a budget of 15
+            data, closed = read_until_closed(sock, timeout_s=3.0)
+        assert closed and re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"431"], data[-300:]
+        samples = metric_samples(server)
+        assert samples['ais_transport_closes_total{reason="too_many_headers"}'] == 1
+        assert 'ais_transport_closes_total{reason="http_request_flood"}' not in samples, samples
+        with open_socket(server.port, source="127.0.0.13") as sock:  # the budget was spent all the same
+            sock.sendall(plain)
+            data, closed = read_until_closed(sock, timeout_s=3.0)
+        assert data.startswith(b"HTTP/1.1 429"), data[:100]
+    finally:
+        server.stop()
+
+
 # ---- request bodies
 
 

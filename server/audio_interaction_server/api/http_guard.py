@@ -213,7 +213,9 @@ class GuardedHttpProtocol(WatchedWrites, H11Protocol):
             guard.closed("http_request_flood", self.client, guard.http_flood_detail())
             self.transport.close()
             return
-        elif not guard.takes_http_request(self._host, cost=cost):
+        elif not guard.takes_http_request(self._host, cost=cost) and not self.transport.is_closing():
+            # (An answer that closed its connection, a refusal before the app with "Connection: close", is the
+            # last: a 429 written after it reached the client as a second, unasked-for response.)
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
         super().on_response_complete()
