@@ -6,7 +6,8 @@
 Subscribes to ``/v1/sessions/{id}/events`` (a second device, e.g. a speaker box, following
 someone else's stream) and runs the TTS command once per ``segment`` event, in order. The
 command is a template: ``{text}`` becomes the sentence and ``{wav}`` the output file, each
-inside its own argument; it runs without a shell, so nothing in a reply is ever interpreted.
+inside its own argument; it runs without a shell, so nothing in a reply is ever interpreted (a template that puts
+``{text}`` inside code a shell or an interpreter runs, ``sh -c "... {text} ..."``, is refused).
 With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a

@@ -175,7 +175,7 @@ class SessionConfigureEvent(_ClientEvent):
 
 
 class InputFlushEvent(_ClientEvent):
-    """End of input: pad the partial chunk, add trailing silence, so the model can answer."""
+    """End of input: add trailing silence, then pad the last chunk to 0.4 s, so the model can answer."""
 
     type: Literal["input.flush"]
     trailing_silence_s: float | None = Field(None, ge=0.0, le=10.0, description="absent = server default")

@@ -234,7 +234,7 @@ def build_server(app: FastAPI, config: ServerConfig, heartbeat: LoopHeartbeat | 
     uv_config = uvicorn.Config(
         transport_guard.wrap(app), host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
         # uvloop (a dependency off Windows: less event-loop CPU per stream), else asyncio's loop: the same code on
-        # both, and the start-up log names the one chosen. The HTTP parser stays transport.py's guarded h11
+        # both, and the start-up log names the one chosen. The HTTP parser stays http_guard.py's guarded h11
         # (httptools would bypass its limits), and it only reads handshakes.
         loop="auto",
         ws_per_message_deflate=False,

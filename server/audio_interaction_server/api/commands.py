@@ -111,8 +111,9 @@ class AppendAudio:
 
 @dataclass(frozen=True)
 class Flush:
-    """End of the client's input for now: pad the partial chunk, then ``trailing_silence_s`` of silence
-    (None = the server default); ``input.flushed`` follows once the model has heard it all."""
+    """End of the client's input for now: ``trailing_silence_s`` of silence (None = the server default), then the
+    last chunk zero-padded to 0.4 s (audio/stream.py flush); ``input.flushed`` follows once the model has heard it
+    all."""
 
     trailing_silence_s: float | None = None
     event_id: str | None = None

@@ -7,8 +7,9 @@ runs, and a peer that stops reading blocks uvicorn's writes and ``transport.clos
 waits for the write buffer to drain first) where the app's timeouts cannot reach. So the limits
 live in small subclasses of the two protocol classes ``python -m audio_interaction_server`` runs (h11 and the
 websockets sans-I/O implementation: ``http_guard.py``, ``websocket_guard.py``; the write-stall watch both use,
-``write_watch.py``), handed to ``uvicorn.Config`` as ``http=`` and ``ws=`` by the ``TransportGuard`` here, which
-holds what every connection of one server shares (the budgets per address, the counts, the metrics):
+``WriteWatch``, is in ``transport_guard.py``), handed to ``uvicorn.Config`` as ``http=`` and ``ws=`` by
+``uvicorn_options`` here, bound to the ``TransportGuard`` (transport_guard.py) that holds what every connection of
+one server shares (the budgets per address, the counts, the metrics):
 
 * request line and headers within ``header_timeout_s``, ``max_header_bytes`` and ``max_headers`` (else 408/431),
   the body within ``body_timeout_s`` once the headers are in and ``max_request_body_bytes`` (else

@@ -263,7 +263,7 @@ class RealtimeCodec:
                                  event.type, event.event_id)]
         self._taken_at_commit = taken
         self._commits_waiting.append(_Commit(event.event_id, taken))
-        # Pads the partial chunk and adds trailing silence, so the model hears all of it; committed follows.
+        # Adds trailing silence and pads the last chunk, so the model hears all of it; committed follows.
         return [Flush(event_id=event.event_id, event_type=event.type)]
 
     def _response_create(self, event: ResponseCreate) -> list[Command]:
