@@ -207,6 +207,16 @@ def test_a_drain_call_refused_as_not_local_says_why(tiny_checkpoint):
     assert admission.not_local_because(forwarded) == "this request came through a proxy (it carries x-forwarded-for)"
 
 
+def test_a_drain_call_from_another_machine_in_a_trusted_proxy_network_is_told_it_is_not_this_machine():
+    """With transport.trusted_proxies a network (a cluster's 10.0.0.0/8), a drain call from another machine in it
+    was told it may be "a balancer on this host" and to drain by SIGTERM (and was shown the trusted network)."""
+    remote = HTTPConnection({"type": "http", "client": ("10.0.0.5", 40000), "headers": []})
+    assert admission.not_local_because(remote, ["10.0.0.0/8"]) == "10.0.0.5 is not this machine"
+    local = HTTPConnection({"type": "http", "client": ("127.0.0.1", 40000), "headers": []})
+    assert "a balancer on this host" in admission.not_local_because(local, ["127.0.0.0/8"])
+    assert admission.not_local_because(local, ["10.0.0.0/8"]) is None
+
+
 def test_a_browser_drain_call_is_refused_even_with_the_key(busy_503):
     status, body = post(busy_503, "/v1/admin/drain", {**AUTHORIZED, "Origin": GOOD_ORIGIN})
     assert status == 403 and "browser" in body["error"] and not busy_503.runtime.is_draining

@@ -277,13 +277,13 @@ def not_local_because(connection: HTTPConnection, trusted_proxies: Sequence[str]
         address = ipaddress.ip_address(host)
     except ValueError:
         return f"its peer ({host or 'unknown'}) is no address of this machine"
+    if not address.is_loopback:  # first: a trusted proxy's network (10.0.0.0/8) is no balancer on this host
+        return f"{host} is not this machine"
     trusted = [proxy for proxy in trusted_proxies if address in ipaddress.ip_network(proxy, strict=False)]
     if trusted:
         # An operator's curl on the balancer's own host: from loopback, which the replica trusts as a proxy.
         return (f"{host} is in transport.trusted_proxies ({trusted[0]}), so a request from it may be a proxy's "
                 "(a balancer on this host): drain by SIGTERM, or set an API key and send it")
-    if not address.is_loopback:
-        return f"{host} is not this machine"
     return None
 
 
