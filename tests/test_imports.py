@@ -56,7 +56,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "server" / PACKAGE
 # The folders are the threads (docs/architecture.md); a module's group is its folder, or its own name at the top.
 FOLDERS = {"model", "engine", "audio", "render", "api", "demo", "tools"}
 # Leaves import nothing of the package: the helpers several folders share (recent, process_memory, yaml_errors) too.
-LEAVES = {"options", "spec", "engine.events", "logs", "recent", "process_memory", "yaml_errors"}
+LEAVES = {"options", "spec", "engine.events", "logs", "recent", "process_memory", "yaml_errors", "api.request_heads"}
 TOP_LEVEL = {"__init__", "__main__", "cli", "config", "protocol"} | {leaf for leaf in LEAVES if "." not in leaf}
 LIGHT = {"protocol", "options", "config", "spec", "engine.events"}  # what clients and config tools import
 
