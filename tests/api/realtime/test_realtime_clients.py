@@ -773,19 +773,33 @@ def test_livekit_model_as_the_docs_build_it_never_replaces_its_session():
 # ---- pipecat ------------------------------------------------------------------------------------------------
 
 
+
+async def run_pipecat_pipeline(llm, sink) -> tuple:
+    """pipecat's pipeline of ``llm`` then ``sink``, running once its realtime session is ready: the worker to queue
+    frames into, and the runner's task."""
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineWorker
+    from pipecat.workers.runner import WorkerRunner
+
+    worker = PipelineWorker(Pipeline([llm, sink]))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    while not llm._api_session_ready:
+        await asyncio.sleep(0.05)
+    return worker, running
+
+
 def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
     pytest.importorskip("pipecat.services.openai.realtime.llm", reason="pipecat-ai is not installed")
     from loguru import logger
     from pipecat.frames.frames import (
         EndFrame, ErrorFrame, InputAudioRawFrame, LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame,
     )
-    from pipecat.pipeline.pipeline import Pipeline
-    from pipecat.pipeline.worker import PipelineWorker
     from pipecat.processors.aggregators.llm_context import LLMContext
     from pipecat.processors.frame_processor import FrameProcessor
     from pipecat.services.openai.realtime import events
     from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
-    from pipecat.workers.runner import WorkerRunner
 
     port = idle(server)
     problems: list[str] = []
@@ -816,12 +830,7 @@ def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
             settings=OpenAIRealtimeLLMService.Settings(session_properties=events.SessionProperties(
                 output_modalities=["text"], instructions="Answer briefly.")))
         collect = Collect()
-        task = PipelineWorker(Pipeline([llm, collect]))
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(task)
-        running = asyncio.create_task(runner.run())
-        while not llm._api_session_ready:
-            await asyncio.sleep(0.05)
+        task, running = await run_pipecat_pipeline(llm, collect)
         # The context's first response: pipecat asks for it with response.create.
         await task.queue_frame(LLMContextFrame(context=LLMContext(messages=[{"role": "user", "content": "Hi"}])))
         for name in FILES:
@@ -853,13 +862,10 @@ def test_pipecat_retrieves_conversation_items(server):
     pipecat takes as fatal: its receive loop ended, and the retrieval waited for an answer that could never come."""
     pytest.importorskip("pipecat.services.openai.realtime.llm", reason="pipecat-ai is not installed")
     from pipecat.frames.frames import EndFrame, LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame
-    from pipecat.pipeline.pipeline import Pipeline
-    from pipecat.pipeline.worker import PipelineWorker
     from pipecat.processors.aggregators.llm_context import LLMContext
     from pipecat.processors.frame_processor import FrameProcessor
     from pipecat.services.openai.realtime import events
     from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
-    from pipecat.workers.runner import WorkerRunner
 
     port = idle(server)
 
@@ -889,12 +895,7 @@ def test_pipecat_retrieves_conversation_items(server):
             created[item.role] = item_id
 
         collect = Collect()
-        task = PipelineWorker(Pipeline([llm, collect]))
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(task)
-        running = asyncio.create_task(runner.run())
-        while not llm._api_session_ready:
-            await asyncio.sleep(0.05)
+        task, running = await run_pipecat_pipeline(llm, collect)
         await task.queue_frame(LLMContextFrame(context=LLMContext(messages=[{"role": "user", "content": "Hi"}])))
         deadline = time.monotonic() + 30
         while not collect.is_done:
