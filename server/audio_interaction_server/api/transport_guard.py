@@ -138,8 +138,8 @@ class TransportGuard:
                 return
             client = scope.get("client")
             if (num_elements := request_elements(scope)) > guard.settings.max_headers:
-                # A pipelined request's head (h11 parsed it, unseen by the connection's own check): refused all the
-                # same, its parsing paid for.
+                # A head the connection's own check did not read (it reads a first head and each pipelined one raw,
+                # ``GuardedHttpProtocol``): refused all the same, its parsing paid for.
                 if client is not None:
                     guard.too_many_headers(client[0], num_elements)
                 await refuse(scope, send, 431, "too_many_headers", guard.too_many_headers_detail())
