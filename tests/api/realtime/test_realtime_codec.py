@@ -861,7 +861,7 @@ def test_a_retrieve_of_an_item_older_than_the_kept_bytes_is_refused_and_its_id_s
     [delete] = h.client({"type": "conversation.item.delete", "item_id": "u2"})
     h.session(h.acknowledged(delete))
     assert "u2" not in h.codec.conversation.bodies and h.codec.conversation._body_bytes == sum(
-        len(body.encode()) for body in h.codec.conversation.bodies.values())
+        len(body) for body in h.codec.conversation.bodies.values())
 
 
 # ---- bad frames and errors ----------------------------------------------------------------------------------
@@ -1038,3 +1038,21 @@ def test_a_model_setting_the_session_refuses_as_a_value_names_the_field_the_clie
     assert error["error"]["param"] == "session.instructions", error
     [call] = h.client({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}})
     assert "role" not in call.message and "function_call" in call.message, call.message
+
+
+def test_the_items_kept_for_a_retrieve_take_the_memory_their_bound_counts():
+    """The bound counted each kept item's JSON in UTF-8 bytes but kept it as a str: with one emoji in it, CPython
+    stores every character in 4 bytes, and 1 MiB of items held about 4 MiB (hostile probe, round thirteen)."""
+    import sys
+
+    from audio_interaction_server.api.realtime.events import MessageItem, TextContent
+    from audio_interaction_server.api.realtime.replies import Conversation
+
+    conversation = Conversation(max_item_bytes=64 * 1024)
+    for i in range(8):  # 8 x ~20 KB: the oldest are forgotten past 64 KiB
+        item = MessageItem(id=f"item_{i}", role="user", content=[TextContent(type="input_text",
+                                                                            text="\U0001F600" + "a" * 20_000)])
+        conversation.add(item.id, item)
+    held = sum(sys.getsizeof(body) for body in conversation.bodies.values())
+    assert held <= conversation.max_item_bytes + 100 * len(conversation.bodies), held
+    assert conversation.item("item_7").content[0].text.startswith("\U0001F600")

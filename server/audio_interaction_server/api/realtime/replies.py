@@ -56,13 +56,15 @@ _ITEM_ADAPTER: TypeAdapter[Item] = TypeAdapter(Item)
 @dataclass
 class Conversation:
     """The items this connection announced, in conversation order: what ``previous_item_id`` refers to, and what
-    ``conversation.item.retrieve`` answers with (each item as last announced, kept as its JSON)."""
+    ``conversation.item.retrieve`` answers with (each item as last announced, kept as its UTF-8 JSON)."""
 
     item_ids: dict[str, None] = field(default_factory=dict)  # an ordered set, in conversation order
     max_items: int = 4096  # a long session must not grow without bound: old ids are forgotten first
     # The items themselves, oldest announced first, within ``max_item_bytes`` of JSON: a client's items may be long
     # (up to a frame each), so the oldest are forgotten first (their ids stay, for previous_item_id).
-    bodies: dict[str, str] = field(default_factory=dict)
+    # Bytes, not str: a str holding one character beyond Latin-1 takes 2 or 4 bytes for each of its characters, so
+    # the bound counted in UTF-8 bytes held up to 4 MiB (hostile probe, round thirteen).
+    bodies: dict[str, bytes] = field(default_factory=dict)
     max_item_bytes: int = 1 << 20
     _body_bytes: int = 0
 
@@ -96,9 +98,9 @@ class Conversation:
         if item is None or item.id not in self.item_ids:
             return
         self._drop_body(item.id)
-        body = item.model_dump_json()
+        body = _ITEM_ADAPTER.dump_json(item)
         self.bodies[item.id] = body
-        self._body_bytes += len(body.encode())
+        self._body_bytes += len(body)
         while self._body_bytes > self.max_item_bytes:
             self._drop_body(next(iter(self.bodies)))
 
@@ -114,7 +116,7 @@ class Conversation:
     def _drop_body(self, item_id: str) -> None:
         body = self.bodies.pop(item_id, None)
         if body is not None:
-            self._body_bytes -= len(body.encode())
+            self._body_bytes -= len(body)
 
     def _forget_the_oldest(self) -> None:
         while len(self.item_ids) > self.max_items:
