@@ -297,19 +297,19 @@ class RealtimeCodec:
             # cancelled response; had the reply begun meanwhile, the cancel ends it. Refused, a cancel sent at once
             # after response.create let the reply come all the same (pipecat's interruption).
             if self._withdrawing:
-                return [self._refuse("response_cancel_not_active", "Cancellation failed: the response is being "
-                                     "cancelled already", event.type, event.event_id)]
+                return [self._refuse_cancel("the response is being cancelled already", event)]
             self._withdrawing = True
             return [CancelReply(event_id=event.event_id, event_type=event.type, withdraws_request=True)]
         if active is None or (event.response_id is not None and event.response_id != active):
-            # "Cancellation failed" is the Realtime API's own wording, which LiveKit recognises and skips.
-            return [self._refuse("response_cancel_not_active", "Cancellation failed: no active response found",
-                                 event.type, event.event_id)]
+            return [self._refuse_cancel("no active response found", event)]
         if active == self._cancelled_response_id:  # its response.done is on its way; the session would say nothing
-            return [self._refuse("response_cancel_not_active", "Cancellation failed: the response is being cancelled "
-                                 "already", event.type, event.event_id)]
+            return [self._refuse_cancel("the response is being cancelled already", event)]
         self._cancelled_response_id = active
         return [CancelReply(event_id=event.event_id, event_type=event.type)]
+
+    def _refuse_cancel(self, reason: str, event: ResponseCancel) -> Malformed:
+        # "Cancellation failed" is the Realtime API's own wording, which LiveKit recognises and skips.
+        return self._refuse("response_cancel_not_active", f"Cancellation failed: {reason}", event.type, event.event_id)
 
     def _item_create(self, event: ConversationItemCreate) -> list[Command]:
         given = event.item
@@ -466,10 +466,7 @@ class RealtimeCodec:
             request = None
             if event.requested:
                 request, self._request = self._request, None
-            cap = self._settings.max_turn_tokens if self._settings else 0
-            if request is not None and request.max_output_tokens is not None:
-                cap = min(cap, request.max_output_tokens)  # as the engine caps the reply
-            self.replies.begin(event.turn, cap, None if request is None else request.metadata)
+            self._begin_response(event.turn, request)
             if self._withdrawing:  # the reply began before the cancel reached the engine: the cancel ends it
                 self._withdrawing = False
                 self._cancelled_response_id = self.replies.response_id
@@ -550,11 +547,16 @@ class RealtimeCodec:
         self._withdrawing = False
         if request is None:
             return []
-        cap = self._settings.max_turn_tokens if self._settings else 0
-        if request.max_output_tokens is not None:
-            cap = min(cap, request.max_output_tokens)
-        self.replies.begin(WITHDRAWN_TURN, cap, request.metadata)
+        self._begin_response(WITHDRAWN_TURN, request)
         return self.replies.end("cancelled", "", 0)
+
+    def _begin_response(self, turn: int, request: _Request | None) -> None:
+        """The next response, for ``request`` (None: a reply the model chose), capped as the engine caps its reply:
+        the session's cap, or the request's below it."""
+        cap = self._settings.max_turn_tokens if self._settings else 0
+        if request is not None and request.max_output_tokens is not None:
+            cap = min(cap, request.max_output_tokens)
+        self.replies.begin(turn, cap, None if request is None else request.metadata)
 
     def _answered(self, event) -> list:
         self._settings = event.options
