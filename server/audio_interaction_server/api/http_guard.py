@@ -130,10 +130,7 @@ class GuardedHttpProtocol(WatchedWrites, H11Protocol):
             else:
                 self._head_received()
                 head = b"".join(self._head_parts) + data[:max(0, end.end() - len(self._head_tail))]
-                num_elements = head_elements(head)
-                if num_elements > self.transport_guard.settings.max_headers:
-                    self.transport_guard.too_many_headers(self._host, num_elements)
-                    self._answer_and_close(431, "too_many_headers", self.transport_guard.too_many_headers_detail())
+                if self._refuses_heavy_head(head):
                     return
                 declared = CONTENT_LENGTH.search(head)
                 declared_bytes = None if declared is None else declared_length(declared.group(1))
@@ -156,6 +153,16 @@ class GuardedHttpProtocol(WatchedWrites, H11Protocol):
                 return
         super().data_received(data)
         self._watch_body()
+
+    def _refuses_heavy_head(self, head: bytes) -> bool:
+        """Answers 431 and closes when ``head`` (as it came, before h11 parses it) costs more than ``max_headers``
+        lines (``head_elements``); they are spent from the address's plain-request budget."""
+        num_elements = head_elements(head)
+        if num_elements <= self.transport_guard.settings.max_headers:
+            return False
+        self.transport_guard.too_many_headers(self._host, num_elements)
+        self._answer_and_close(431, "too_many_headers", self.transport_guard.too_many_headers_detail())
+        return True
 
     def _too_many_chunks(self, data: bytes, answer_now: bool = False) -> bool:
         """Answers 400 and closes when a chunked body's line ends (``data`` the next of its bytes) are more than
@@ -250,9 +257,7 @@ class GuardedHttpProtocol(WatchedWrites, H11Protocol):
             self._answer_and_close(429, "http_request_flood", guard.http_flood_detail())
             return
         pipelined = None if self.transport.is_closing() else self._pipelined_head()  # (closed: nothing follows)
-        if pipelined is not None and (num_elements := head_elements(pipelined)) > guard.settings.max_headers:
-            guard.too_many_headers(self._host, num_elements)
-            self._answer_and_close(431, "too_many_headers", guard.too_many_headers_detail())
+        if pipelined is not None and self._refuses_heavy_head(pipelined):
             return
         self._chunked_lines = None
         if pipelined is not None and TRANSFER_ENCODING.search(pipelined) is not None:
