@@ -14,6 +14,7 @@ are imported where a live server is really built.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import random
 import re
@@ -27,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
@@ -311,7 +312,7 @@ def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], t
     command = [sys.executable, "-m", "audio_interaction_server", "--host", "127.0.0.1"]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
-    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody drains it during the run, it must not stall
+    log = server_log_file()
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                preexec_fn=preexec_fn)
     process.log_file = log
@@ -325,6 +326,15 @@ def _spawn_logging_to_file(checkpoint: Path | None, extra_env: dict[str, str], t
         raise RuntimeError(f"the server exited with status {process.returncode} before it was ready: {said}")
     process.kill()
     raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
+
+
+def server_log_file() -> IO[str]:
+    """A temporary file for a server's log, not a pipe: nobody drains it during a run, and it must not stall the
+    server. Opened for appending: the server writes through the same open file as ``server_log`` reads, one offset
+    for both, so without it a line written while a reader had sought to the start landed over the start."""
+    log = tempfile.TemporaryFile(mode="w+")
+    fcntl.fcntl(log.fileno(), fcntl.F_SETFL, fcntl.fcntl(log.fileno(), fcntl.F_GETFL) | os.O_APPEND)
+    return log
 
 
 def wait_until_ready(port: int, timeout_s: float, process: subprocess.Popen | None = None) -> bool:

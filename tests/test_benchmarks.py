@@ -302,3 +302,19 @@ def test_a_count_or_duration_of_zero_is_a_usage_line_not_a_traceback(command):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr and f"argument {command[-2]}: must be" in result.stderr, result.stderr
+
+
+def test_reading_a_spawned_servers_log_never_moves_where_the_server_writes():
+    """``server_log`` seeks to the start of the log file the server writes through the same open file (one offset,
+    shared): a line the server wrote while a test read its log (``wait_for_log``) landed at that offset,
+    over the start of the log (a test once found ``orn running on ...`` as a line of its JSON log). The
+    server's writes always append."""
+    from benchmarks.harness import server_log_file
+
+    log = server_log_file()
+    log.write("first line\n")
+    log.flush()
+    log.seek(0)  # a reader in the middle of server_log
+    os.write(log.fileno(), b"second line\n")  # the server's write, through the same open file description
+    log.seek(0)
+    assert log.read() == "first line\nsecond line\n"
