@@ -140,6 +140,20 @@ def record_badge_texts(page) -> None:
     }""")
 
 
+def wait_for_badge(page, prefix: str, timeout_ms: int) -> None:
+    """Wait until the connection badge has shown a text starting with ``prefix``; past the timeout, fail with
+    every text it showed and the page's connection states (one run under load timed out here with no clue)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("(prefix) => window.badgeTexts.some((t) => t.startsWith(prefix))", arg=prefix,
+                               timeout=timeout_ms)
+    except PlaywrightTimeout:
+        seen_so_far = page.evaluate("() => [window.badgeTexts, window.audioInteraction.connectionStates]")
+        raise AssertionError(f"the badge never said {prefix!r}; it said {seen_so_far[0]}, the connection went "
+                             f"{seen_so_far[1]}") from None
+
+
 def test_root_serves_the_page_and_its_modules(live):
     import urllib.request
 
@@ -791,8 +805,7 @@ def test_page_reconnects_with_backoff_after_the_server_restarts(tiny_checkpoint,
         page.wait_for_function("() => window.audioInteraction.numDecisions >= 2", timeout=15_000)
     finally:
         first.stop()  # every session gets session.closed (server_shutdown), then close 1001
-    page.wait_for_function("() => window.badgeTexts.some((t) => t.startsWith('Connection lost (code 1001)."
-                           " Reconnecting in'))", timeout=10_000)
+    wait_for_badge(page, "Connection lost (code 1001). Reconnecting in", timeout_ms=10_000)
     # The page was served by the server that went away; it keeps its own copy and comes back on its own.
     second = LiveServer(browser_config(tiny_checkpoint, port=port)).start()
     try:
