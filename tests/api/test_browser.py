@@ -891,6 +891,46 @@ def test_stop_is_neutral_and_a_one_token_reply_says_token(live, page: Page):
     assert not page.locator("#errors-panel").is_visible()
 
 
+def test_a_browser_offering_its_key_as_a_subprotocol_is_answered_on_both_endpoints_refusals_included(live, page: Page):
+    """A browser cannot set headers on a WebSocket, so docs/realtime.md has a page offer its client secret as the
+    subprotocol ``openai-insecure-api-key.<secret>`` beside ``realtime``, for /v1/realtime and /v1/stream. A browser
+    drops a handshake whose answer selects none of the subprotocols it offered: /v1/stream took no subprotocol key
+    and selected nothing, and a refusal on either endpoint selected nothing, so the page saw code 1006 and no word,
+    an expired secret looking like a network failure (first-hour review, round twelve)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{live.url}v1/realtime/client_secrets", method="POST", data=b"{}", headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        secret = json.loads(response.read())["value"]
+    page.goto(live.url)
+    results = page.evaluate("""async ({ port, secret }) => {
+        const open = (path, key) => new Promise((resolve) => {
+            const offered = ["realtime", `openai-insecure-api-key.${key}`];
+            const socket = new WebSocket(`ws://127.0.0.1:${port}${path}`, offered);
+            const events = [];
+            socket.onmessage = (message) => {
+                events.push(JSON.parse(message.data).type);
+                if (events.length === 1) socket.close(1000);
+            };
+            socket.onclose = (closed) => resolve({ protocol: socket.protocol, code: closed.code, reason: closed.reason,
+                                                   events });
+        });
+        return {
+            stream: await open("/v1/stream", secret),
+            realtime: await open("/v1/realtime", secret),
+            streamRefused: await open("/v1/stream", "ek_1_expired_0"),
+            realtimeRefused: await open("/v1/realtime", "ek_1_expired_0"),
+        };
+    }""", {"port": live.port, "secret": secret})
+    page.expected_console_errors = ("WebSocket connection to",)  # the old server's answers, should they come back
+    assert results["stream"] == {"protocol": "realtime", "code": 1000, "reason": "", "events": ["session.created"]}
+    assert results["realtime"] == {"protocol": "realtime", "code": 1000, "reason": "", "events": ["session.created"]}
+    for refused in (results["streamRefused"], results["realtimeRefused"]):
+        assert refused["code"] == 1008 and refused["reason"].startswith("unauthorized"), results
+        assert refused["events"] == ["error"], results
+
+
 def test_page_from_another_host_explains_the_microphone_needs_https(live, page: Page):
     """http:// from a name other than localhost is not a secure context: no getUserMedia. The page says so
     before anyone presses Start, offers the file source instead, and names the TLS option."""

@@ -66,10 +66,39 @@ class Refusal:
 # ---- the checks ----------------------------------------------------------------------------------------------
 
 
+# A browser cannot set headers on a WebSocket: the Realtime API lets it offer the key (or an ephemeral client secret)
+# as the subprotocol ``openai-insecure-api-key.<key>``, beside ``realtime``; both session endpoints take it.
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+# The one subprotocol the server selects when a client offers it. A browser that offered subprotocols drops a
+# handshake whose answer selects none of them (code 1006, nothing said), refusals included.
+SELECTED_SUBPROTOCOL = "realtime"
+
+
+def offered_subprotocols(connection: HTTPConnection) -> list[str]:
+    return [name.strip() for name in connection.headers.get("sec-websocket-protocol", "").split(",") if name.strip()]
+
+
+def chosen_subprotocol(connection: HTTPConnection) -> str | None:
+    """What the handshake's answer selects, for every WebSocket endpoint and for a refusal too. Never the key's:
+    echoing it would put the key in a response header for nothing."""
+    return SELECTED_SUBPROTOCOL if SELECTED_SUBPROTOCOL in offered_subprotocols(connection) else None
+
+
+def subprotocol_key(connection: HTTPConnection) -> str | None:
+    for name in offered_subprotocols(connection):
+        if name.startswith(KEY_SUBPROTOCOL_PREFIX) and len(name) > len(KEY_SUBPROTOCOL_PREFIX):
+            return name[len(KEY_SUBPROTOCOL_PREFIX):]
+    return None
+
+
 def offered_key(connection: HTTPConnection) -> str | None:
+    """The key a client offers: a bearer header of its own first, then the subprotocol (any other Authorization, a
+    proxy's HTTP basic auth that a browser adds by itself, is not a key), then ``X-API-Key``, then ``?api_key=``."""
     authorization = connection.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
+    if (key := subprotocol_key(connection)) is not None:
+        return key
     # Browsers cannot set headers on a WebSocket, hence the query parameter.
     return connection.headers.get("x-api-key") or connection.query_params.get("api_key")
 
@@ -336,7 +365,7 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
                                                   headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
             return
     if websocket.application_state is WebSocketState.CONNECTING:  # a resume is refused after its handshake too
-        await websocket.accept()
+        await websocket.accept(subprotocol=chosen_subprotocol(websocket))
     if encode is None:
         await send_and_close(websocket, in_band(refusal), refusal.close_code, reason=close_reason(refusal))
     else:

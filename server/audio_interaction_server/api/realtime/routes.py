@@ -12,7 +12,7 @@ from typing import Literal
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.requests import ClientDisconnect
 
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.addresses import peer_address
@@ -22,9 +22,6 @@ from audio_interaction_server.api.realtime.events import SessionIn
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
 from audio_interaction_server.api.http_guard import REQUEST_COST
 from audio_interaction_server.protocol import CloseCode
-
-KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
-
 
 class ExpiresAfter(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # ``true`` is no number of seconds
@@ -104,7 +101,7 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
     codec = RealtimeCodec(config.max_frame_bytes)
     if await admission.rate_limited(runtime, websocket):
         return
-    refusal = admission.admit_session(runtime, _with_subprotocol_key(websocket))
+    refusal = admission.admit_session(runtime, websocket)
     if refusal is None and websocket.query_params.get("intent") == "transcription":
         refusal = admission.Refusal("invalid_value", "transcription sessions are not supported: the model does "
                                     "not transcribe", CloseCode.POLICY)
@@ -130,36 +127,11 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
                                   on_session_closed=lambda reason: runtime.session_closed(session_id, reason))
     runtime.register(session_id, connection)  # before the first await: the capacity check cannot be raced
     try:
-        await websocket.accept(subprotocol=_chosen_subprotocol(websocket))
+        await websocket.accept(subprotocol=admission.chosen_subprotocol(websocket))
     except Exception:
         on_closed("handshake_failed")
         raise
     await connection.run()
-
-
-def _offered_subprotocols(websocket: WebSocket) -> list[str]:
-    return [name.strip() for name in websocket.headers.get("sec-websocket-protocol", "").split(",") if name.strip()]
-
-
-def _chosen_subprotocol(websocket: WebSocket) -> str | None:
-    # Never the key's: echoing it would put the key in a response header for nothing.
-    return "realtime" if "realtime" in _offered_subprotocols(websocket) else None
-
-
-def _with_subprotocol_key(websocket: WebSocket) -> HTTPConnection:
-    """A browser cannot set headers on a WebSocket: the Realtime API lets it offer the key (or an ephemeral
-    secret) as the subprotocol ``openai-insecure-api-key.<key>``. Admission then sees it as a bearer header. A
-    bearer header of the client's own comes first; any other Authorization (a proxy's HTTP basic auth, which a
-    browser adds by itself) is not a key, and gives way to the subprotocol's."""
-    if websocket.headers.get("authorization", "").lower().startswith("bearer "):
-        return websocket
-    for name in _offered_subprotocols(websocket):
-        if name.startswith(KEY_SUBPROTOCOL_PREFIX) and len(name) > len(KEY_SUBPROTOCOL_PREFIX):
-            key = name[len(KEY_SUBPROTOCOL_PREFIX):]
-            headers = [(header, value) for header, value in websocket.scope["headers"] if header != b"authorization"]
-            headers.append((b"authorization", f"Bearer {key}".encode("latin-1")))
-            return HTTPConnection({**websocket.scope, "headers": headers})
-    return websocket
 
 
 def _default_session_object(runtime) -> dict:
