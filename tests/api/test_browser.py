@@ -948,6 +948,36 @@ def test_page_from_another_host_explains_the_microphone_needs_https(live, page: 
     assert page.locator('input[name="source"][value="microphone"]').is_checked()
 
 
+def test_a_file_streams_from_a_page_that_is_not_a_secure_context(live, page: Page, shared_audio):
+    """The page from another host over http:// says "Audio files still work" and selects the file source, but the
+    file went through an AudioWorklet, which browsers also keep from such pages: Start ended at once in
+    "start_failed: Cannot read properties of undefined (reading 'addModule')" (first-hour review, round twelve)."""
+    path = shared_audio / "02_translate" / "sample02_04.wav"  # 16 kHz mono, 3.2 s
+    duration_s = soundfile.info(path).duration
+    wire = WireLog(page)
+    page.goto(f"http://{INSECURE_HOST}:{live.port}/")
+    assert page.evaluate("window.isSecureContext || 'audioWorklet' in AudioContext.prototype") is False
+    page.fill("#api-key", API_KEY)
+    page.set_input_files("#audio-file", str(path))
+    page.uncheck("#monitor")
+    started_s = time.monotonic()
+    page.click("#start")
+    page.wait_for_function("() => /was heard/.test(document.querySelector('#capture-info').textContent) || "
+                           "window.audioInteraction.errors.length > 0", timeout=20_000)
+    assert seen(page)["errors"] == []
+    assert time.monotonic() - started_s > duration_s * 0.9, "a file goes out in real time, not as fast as possible"
+    flushed = wire.of_type("input.flushed")
+    assert len(flushed) == 1
+    state = seen(page)
+    assert state["captureFormat"]["numChannels"] == 1
+    server_audio = live.session_audio(flushed[0]["session_id"])
+    assert server_audio.format.sample_rate_hz == state["captureFormat"]["sampleRateHz"]
+    assert server_audio.audio_received_s == pytest.approx(duration_s, abs=0.03)
+    assert page.locator("#listen-state").text_content() == "All audio heard"
+    page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'stopped'")
+
+
 def in_viewport(page: Page, selector: str) -> bool:
     """Whether the element is wholly inside the window as it is scrolled now (not below the fold)."""
     return page.evaluate("""(selector) => {

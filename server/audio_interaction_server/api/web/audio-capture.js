@@ -1,5 +1,9 @@
 // Audio sources for the page: the microphone or a decoded file, both played in real time through
 // the same AudioWorklet (pcm-worklet.js), which hands back int16 frames at the context's native rate.
+// A page that is not a secure context (http:// from another host) has no AudioWorklet and no microphone: there a
+// file is framed here, with the worklet's framer, and paced by the clock.
+
+import { PcmFramer, peakLevel } from "./pcm.js";
 
 const WORKLET_URL = new URL("./pcm-worklet.js", import.meta.url);
 
@@ -63,6 +67,7 @@ export class AudioCapture {
     try {
       // decodeAudioData resamples to the context's rate, so frames come out at the native rate here too.
       const buffer = await decodeFile(this.context, file);
+      if (!this.node) return await this._streamDecoded(buffer, monitor);
       this._source = new AudioBufferSourceNode(this.context, { buffer });
       this._source.connect(this.node);
       if (monitor) this._source.connect(this.context.destination);
@@ -95,6 +100,12 @@ export class AudioCapture {
     // the server resamples; asking the browser for 16 kHz would resample twice.
     this.context = new AudioContext({ latencyHint: "interactive" });
     this.kind = kind;
+    if (!this.context.audioWorklet) {
+      // Browsers offer AudioWorklet only to secure contexts (https://, or localhost), as they do the microphone.
+      if (kind === "microphone") throw new Error("this page cannot use the microphone: it needs a secure context");
+      if (this.context.state === "suspended") await this.context.resume();
+      return; // a file is framed by _streamDecoded
+    }
     await this.context.audioWorklet.addModule(WORKLET_URL);
     // No outputs: such a worklet node is pulled by the renderer without a path to the speakers.
     this.node = new AudioWorkletNode(this.context, "pcm-capture", {
@@ -121,6 +132,38 @@ export class AudioCapture {
     }
   }
 
+  /**
+   * A decoded file without the worklet: the frames the worklet would cut (at the context's rate, more than
+   * maxChannels channels averaged to one), each handed to onFrame when its last sample is due, as if played.
+   * Timers of a background tab run late: the frames then go out in bursts, which the server takes.
+   */
+  async _streamDecoded(buffer, monitor) {
+    const context = this.context;
+    const planar = Array.from({ length: buffer.numberOfChannels }, (_, c) => buffer.getChannelData(c));
+    const channels = planar.length <= this.maxChannels ? planar : [averaged(planar)];
+    this.format = { sampleRateHz: buffer.sampleRate, numChannels: channels.length };
+    this.onFormat?.(this.format);
+    const frameLength = Math.max(1, Math.round((buffer.sampleRate * this.frameMs) / 1000));
+    const framer = new PcmFramer(frameLength, channels.length);
+    if (monitor) {
+      this._source = new AudioBufferSourceNode(context, { buffer });
+      this._source.connect(context.destination);
+      this._source.start();
+    }
+    const startMs = performance.now();
+    for (let start = 0; start < buffer.length; start += frameLength) {
+      const end = Math.min(buffer.length, start + frameLength);
+      const waitMs = startMs + (end / buffer.sampleRate) * 1000 - performance.now();
+      if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
+      if (this.context !== context) return; // stopped meanwhile
+      for (const frame of framer.push(channels.map((channel) => channel.subarray(start, end)))) {
+        this.onFrame?.(frame, peakLevel(frame));
+      }
+    }
+    const partial = framer.drain();
+    if (partial) this.onFrame?.(partial, peakLevel(partial));
+  }
+
   /** Asks the worklet for its partial frame; resolves after that frame was handed to onFrame. */
   _drain() {
     if (!this.node) return Promise.resolve();
@@ -129,6 +172,12 @@ export class AudioCapture {
       this.node.port.postMessage({ type: "drain" });
     });
   }
+}
+
+function averaged(planar) {
+  const mono = new Float32Array(planar[0].length);
+  for (const channel of planar) for (let i = 0; i < mono.length; i += 1) mono[i] += channel[i] / planar.length;
+  return mono;
 }
 
 /**
