@@ -762,6 +762,40 @@ def test_folder_served_elsewhere_connects_to_the_server_named_in_the_url(live, p
         static.shutdown()
 
 
+def test_a_page_of_another_origin_imports_the_client_from_the_server(live, page: Page):
+    """docs/browser.md: ``import { ProtocolClient } from "http://127.0.0.1:8000/static/protocol-client.js"``. A module
+    (and an AudioWorklet's module) is fetched in CORS mode, and /static/ answered without Access-Control-Allow-Origin:
+    "Failed to fetch dynamically imported module" from any other origin (first-hour review, round twelve)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    folder = Path(__file__).parent  # any page of another origin will do: its own files are not used
+    static = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    page.expected_console_errors = ("blocked by CORS policy", "Failed to load resource")  # the old server's answer
+    try:
+        page.goto(f"http://localhost:{static.server_address[1]}/")
+        result = page.evaluate("""async (server) => {
+            try {
+                const { ProtocolClient } = await import(`${server}static/protocol-client.js`);
+                const { AudioCapture } = await import(`${server}static/audio-capture.js`);
+                const context = new AudioContext();
+                await context.audioWorklet.addModule(`${server}static/pcm-worklet.js`);
+                await context.close();
+                return [typeof ProtocolClient, typeof AudioCapture];
+            } catch (error) {
+                return String(error);
+            }
+        }""", live.url)
+    finally:
+        static.shutdown()
+    assert result == ["function", "function"], result
+
+
 def test_wrong_api_key_is_shown_and_not_retried(live, page: Page):
     wire = WireLog(page)
     page.goto(live.url)

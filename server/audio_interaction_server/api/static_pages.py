@@ -21,6 +21,10 @@ _MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 # The files are small and change with the server: let browsers revalidate (ETag) rather than guess.
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# A page of another origin may import the modules from here (docs/browser.md): a browser fetches a module, and an
+# AudioWorklet's, in CORS mode, and refuses one served without this header. They are public, and no credentials
+# are allowed with "*".
+_STATIC_HEADERS = {**_HEADERS, "Access-Control-Allow-Origin": "*"}
 
 
 def build_router(web_dir: Path = WEB_DIR) -> APIRouter:
@@ -45,7 +49,7 @@ def build_router(web_dir: Path = WEB_DIR) -> APIRouter:
         path = files.get(name)
         if path is None:
             raise HTTPException(404, f"no static file {name!r}")
-        return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=_HEADERS)
+        return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=_STATIC_HEADERS)
 
     return router
 
