@@ -598,6 +598,51 @@ def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     assert closed["audio_received_s"] == pytest.approx(state["audioSentS"], abs=1e-3)
 
 
+def test_protocol_client_asks_for_a_fresh_key_to_resume_after_its_client_secret_expired(live, page: Page):
+    """docs/realtime.md: a page whose session dropped after its client secret expired "mints a fresh secret from its
+    backend first, then resumes with it". ProtocolClient took one key for good, so its resume was refused (1008) and
+    the conversation ended; ``apiKey`` as a function is asked before every connection (first-hour review, round
+    twelve). Real secrets, a real drop (a relay cut), a real server."""
+    import urllib.request
+
+    from tests.cut_proxy import CutProxy
+
+    def mint(seconds: int) -> str:
+        body = json.dumps({"expires_after": {"anchor": "created_at", "seconds": seconds}}).encode()
+        request = urllib.request.Request(f"{live.url}v1/realtime/client_secrets", method="POST", data=body, headers={
+            "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["value"]
+
+    short_lived, fresh = mint(10), mint(600)  # 10 s: the shortest a secret may live
+    minted_at_s = time.monotonic()
+    relay = CutProxy(live.port)
+    try:
+        page.goto(live.url)
+        page.evaluate("""async ({ url, keys }) => {
+            const { ProtocolClient } = await import("/static/protocol-client.js");
+            window.keysGiven = 0;
+            const client = new ProtocolClient(url, { apiKey: async () => keys[Math.min(window.keysGiven++, 1)] });
+            window.states = [];
+            client.on("state", (state) => window.states.push(state));
+            await client.connect();
+            client.sendAudio(new Int16Array(6400));  // 0.4 s at 16 kHz
+            window.client = client;
+        }""", {"url": f"ws://127.0.0.1:{relay.port}/v1/stream", "keys": [short_lived, fresh]})
+        time.sleep(max(0.0, minted_at_s + 11 - time.monotonic()))  # the first secret has expired
+        assert relay.cut() == 1
+        page.wait_for_function("() => window.states.at(-1).state === 'open' && window.states.at(-1).resumed "
+                               "|| window.states.at(-1).state === 'closed'", timeout=15_000)
+        states = page.evaluate("window.states.map((s) => ({ state: s.state, code: s.code ?? null }))")
+        result = page.evaluate("({ keysGiven: window.keysGiven, numResumes: window.client.numResumes, "
+                               "state: window.client.state })")
+        page.evaluate("window.client.close()")
+    finally:
+        relay.close()
+    assert result == {"keysGiven": 2, "numResumes": 1, "state": "open"}, (result, states)
+    assert relay.num_connections == 2
+
+
 def test_leaving_the_page_ends_its_session_instead_of_leaving_it_to_wait_for_a_resume(live, page: Page):
     """A page that goes away cannot resume: it ends its session (session.close), so the server frees the slot now
     rather than keeping the session detached for resume_grace_s."""

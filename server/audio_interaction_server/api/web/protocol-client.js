@@ -61,7 +61,10 @@ export class ProtocolClient {
   /**
    * @param {string} url ws:// or wss:// URL of /v1/stream
    * @param {object} [options]
-   * @param {string|null} [options.apiKey] sent as ?api_key= (browsers cannot set WebSocket headers)
+   * @param {string|null|(() => string|Promise<string>)} [options.apiKey] sent as ?api_key= (browsers cannot set
+   *   WebSocket headers). A function is called before every connection, a resume included, for the key to send:
+   *   a page that holds a short-lived client secret fetches a fresh one from its backend there, so a resume or a
+   *   new session after the secret expired is not refused (1008, which ends the client for good)
    * @param {boolean} [options.reconnect=true] resume or reconnect after a dropped connection
    * @param {number} [options.maxAttempts=10] reconnect attempts in a row, after a session was open, before
    *   giving up (about 90 s of retrying with the default backoff: a server restart fits, an outage ends)
@@ -85,8 +88,10 @@ export class ProtocolClient {
       throw new Error(`the server URL must start with ws:// or wss:// (${JSON.stringify(url)}); ` +
         "the server's is like ws://127.0.0.1:8000/v1/stream");
     }
-    if (apiKey) target.searchParams.set("api_key", apiKey);
+    this._apiKey = typeof apiKey === "function" ? apiKey : null; // asked again for every connection
+    if (apiKey && !this._apiKey) target.searchParams.set("api_key", apiKey);
     this.url = target.toString();
+    this._keyRequest = null; // the apiKey() call the latest connection attempt waits for
     this.reconnect = reconnect;
     this.maxAttempts = maxAttempts;
     this.maxAttemptsBeforeFirstSession = maxAttemptsBeforeFirstSession;
@@ -247,6 +252,24 @@ export class ProtocolClient {
       this._setState(this._attempt === 0 ? ConnectionState.CONNECTING : ConnectionState.RECONNECTING,
         { attempt: this._attempt, delayMs: 0 });
     }
+    if (!this._apiKey) {
+      this._openSocket(url);
+      return;
+    }
+    const request = (this._keyRequest = {});
+    const isCurrent = () => this._keyRequest === request && !this._isClosing && this._state !== ConnectionState.CLOSED;
+    Promise.resolve().then(() => this._apiKey()).then((key) => {
+      if (!isCurrent()) return;
+      const target = new URL(url);
+      if (key) target.searchParams.set("api_key", key);
+      this._openSocket(target.toString());
+    }, (error) => {
+      // A backend that could not give a key now: a failed attempt, retried with the backoff like one.
+      if (isCurrent()) this._onClose({ code: 1006, reason: `apiKey() failed: ${error?.message ?? error}` });
+    });
+  }
+
+  _openSocket(url) {
     const ws = new this._WebSocket(url);
     ws.binaryType = "arraybuffer";
     this._ws = ws;
