@@ -614,8 +614,13 @@ def test_protocol_client_asks_for_a_fresh_key_to_resume_after_its_client_secret_
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["value"]
 
-    short_lived, fresh = mint(10), mint(600)  # 10 s: the shortest a secret may live
-    minted_at_s = time.monotonic()
+    from audio_interaction_server.api.realtime.secrets import MIN_TTL_S, ClientSecrets
+
+    # The shortest a secret may live is 10 s: this one was minted (with the server's signing key) as if 5 s ago, so
+    # the test waits 5-6 s for it to expire, not 10 (expiries are whole seconds).
+    expires_at_s = int(time.time()) + 6
+    short_lived = ClientSecrets(API_KEY).mint(MIN_TTL_S, now_s=expires_at_s - MIN_TTL_S).value
+    fresh = mint(600)
     relay = CutProxy(live.port)
     try:
         page.goto(live.url)
@@ -629,7 +634,7 @@ def test_protocol_client_asks_for_a_fresh_key_to_resume_after_its_client_secret_
             client.sendAudio(new Int16Array(6400));  // 0.4 s at 16 kHz
             window.client = client;
         }""", {"url": f"ws://127.0.0.1:{relay.port}/v1/stream", "keys": [short_lived, fresh]})
-        time.sleep(max(0.0, minted_at_s + 11 - time.monotonic()))  # the first secret has expired
+        time.sleep(max(0.0, expires_at_s + 0.1 - time.time()))  # the first secret has expired
         assert relay.cut() == 1
         page.wait_for_function("() => window.states.at(-1).state === 'open' && window.states.at(-1).resumed "
                                "|| window.states.at(-1).state === 'closed'", timeout=15_000)
