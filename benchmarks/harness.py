@@ -255,8 +255,10 @@ class LiveServer:
             headers["X-API-Key"] = key
         elif key is not None and how == "query":
             path += f"?api_key={key}"
+        # No bound on the events kept unread: past websockets' default (16) the client stops reading, and a close
+        # after events nobody read waited out the 10 s close timeout for a close frame it could not see.
         return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, origin=origin,
-                       compression=None, open_timeout=10, max_size=None)
+                       compression=None, open_timeout=10, max_size=None, max_queue=None)
 
     def session_audio(self, session_id: str):
         """The server side of a session's audio: its AudioInput (format, audio_received_s)."""
