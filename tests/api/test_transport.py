@@ -539,6 +539,34 @@ def test_a_subscribers_unfinished_message_is_held_to_its_event_budget_not_the_au
             == "input.flushed"
 
 
+def test_a_subscribers_message_is_held_to_a_few_kilobytes_not_the_streams_megabyte(guarded):
+    """A subscriber takes nothing from what it sends, but each message could be 1 MiB (the transport's size for a
+    streaming client), read, unmasked and UTF-8 checked to be dropped: 48 subscribers sending 1 MB messages within
+    their message budget held a real-time neighbour's p95 at 240 ms against 109 (hostile probe, round thirteen).
+    A small message is read and dropped as before; one past SUBSCRIBER_MAX_MESSAGE_BYTES closes it with 1009."""
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import ConnectionClosed
+
+    from audio_interaction_server.api.connection import SUBSCRIBER_MAX_MESSAGE_BYTES
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with ws_client.connect(f"ws://127.0.0.1:{guarded.port}/v1/stream", additional_headers=headers) as stream:
+        session_id = recv_event(stream, timeout=5)["session_id"]
+        with ws_client.connect(f"ws://127.0.0.1:{guarded.port}/v1/sessions/{session_id}/events",
+                               additional_headers=headers) as subscriber:
+            subscriber.send("x" * 100)
+            subscriber.send(b"\0" * SUBSCRIBER_MAX_MESSAGE_BYTES)
+            subscriber.ping().wait(5)  # both read and dropped: the connection stands
+            subscriber.send("x" * (SUBSCRIBER_MAX_MESSAGE_BYTES + 1))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    subscriber.recv(timeout=5)
+            assert subscriber.close_code == 1009, (subscriber.close_code, subscriber.close_reason)
+        stream.send(json.dumps({"type": "input.flush"}))  # the session it followed still answers
+        assert recv_until(stream, lambda event: event["type"] in ("input.flushed", "error"), timeout=5)[-1]["type"] \
+            == "input.flushed"
+
+
 def test_a_flood_of_one_sample_audio_frames_is_closed_with_1008(guarded):
     """Each frame is valid audio and the tiny model keeps up, so the buffer never fills and no refused-audio
     budget is spent: the frame count is what costs the loop."""

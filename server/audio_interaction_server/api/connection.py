@@ -112,6 +112,11 @@ async def send_and_close(websocket: WebSocket, events: list, code: int,
         pass  # the client left first
 
 
+# The largest message a subscriber may send (it only listens: what it sends is read and dropped). A streaming client
+# may send 1 MiB; past this a subscriber is closed with 1009.
+SUBSCRIBER_MAX_MESSAGE_BYTES = 4096
+
+
 class Subscriber:
     """A client following another's session (``/v1/sessions/{id}/events``): it only listens. What it sends is read
     and dropped, at most as many messages as a streaming client's text events (``flood``): past that it is cut."""
@@ -127,6 +132,7 @@ class Subscriber:
         extension = direct_messages(websocket)
         if extension is not None:
             extension.limit_data_frames(2 * flood.events_per_s, 2 * flood.event_burst)
+            extension.limit_message_bytes(SUBSCRIBER_MAX_MESSAGE_BYTES)
 
     def deliver(self, events: list) -> None:
         wanted = [event for event in events if event.type in SUBSCRIBED_TYPES]
