@@ -763,6 +763,28 @@ def test_a_websocket_to_an_unknown_path_is_404_and_a_plain_get_on_an_endpoint_is
     assert live.get("/v1/nothing")[0] == 404
 
 
+def test_a_trailing_slash_is_redirected_to_the_path_without_it_never_to_the_requests_host(live):
+    """``GET /v1/info/`` was redirected (307) to ``http://<the request's Host>/v1/info``: a client naming another
+    host got a redirect there, which a cache in front that keys without the Host would store for everyone
+    (hostile probe, round twelve). The Location is the path alone, with the query; an unknown path stays 404."""
+    head = _raw_request_with_host(live.port, "/v1/info/?x=1", "evil.example")
+    assert head.startswith(b"HTTP/1.1 307"), head
+    assert b"\r\nlocation: /v1/info?x=1\r\n" in head.lower(), head
+    assert b"evil.example" not in head, head
+    assert _raw_request_with_host(live.port, "/v1/nothing/", "evil.example").startswith(b"HTTP/1.1 404")
+    assert live.get("/v1/info")[0] == 200
+
+
+def _raw_request_with_host(port: int, target: str, host: str) -> bytes:
+    """What came back to one GET of ``target`` naming ``host``, within a second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
 def _raw_request(port: int, target: str, headers: str = "") -> bytes:
     """One request with ``target`` exactly as written (clients libraries send only the origin form, ``/path``);
     what came back within a second, or up to the first event of an accepted WebSocket."""

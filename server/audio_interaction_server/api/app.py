@@ -38,6 +38,7 @@ from audio_interaction_server.api.replay_log import ResumePolicy
 from audio_interaction_server.api.log_redaction import UVICORN_REQUEST_LOGGERS, keep_secrets_out_of
 from audio_interaction_server.api.runtime import Runtime
 from audio_interaction_server.api.session import CHUNK_S, CLOSE_GRACE_S
+from audio_interaction_server.api.slash_redirects import PathOnlySlashRedirects
 from audio_interaction_server.api.static_pages import router as static_pages_router
 from audio_interaction_server.api.transport import uvicorn_options
 from audio_interaction_server.api.transport_guard import TransportGuard
@@ -105,6 +106,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[str], None] | None = No
     docs = dict(docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json") if config.api_docs else \
         dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="Audio-Interaction server", version=PROTOCOL_VERSION, lifespan=lifespan, **docs)
+    app.add_middleware(PathOnlySlashRedirects)  # no Location built from a request's Host (api/slash_redirects.py)
     app.state.runtime = runtime
     app.state.agent = agent
     app.include_router(static_pages_router)  # the browser front-end at / (web/)
