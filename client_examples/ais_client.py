@@ -339,6 +339,13 @@ def describe_error(event: dict) -> str:
     return f"server error {event.get('code')}{fatal}: {event.get('message')}"
 
 
+def seconds_text(seconds: float) -> str:
+    """Tenths of a second, or hundredths under a tenth: a 10 ms file is no "0.0 s"."""
+    if seconds == 0 or seconds >= 0.1:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.2f} s" if seconds >= 0.005 else "under 0.01 s"
+
+
 class ReplyConsole:
     """Shows a session's events: each reply on one line that grows with its text, or raw JSON lines."""
 
@@ -439,7 +446,7 @@ class ReplyConsole:
         if sent_s is None and self.closed is not None:
             sent_s = self.closed["audio_received_s"]
         sessions = f", {self.num_sessions} sessions" if self.num_sessions > 1 else ""
-        audio = "" if sent_s is None else f" ({sent_s:.1f} s of audio sent{sessions})"
+        audio = "" if sent_s is None else f" ({seconds_text(sent_s)} of audio sent{sessions})"
         onset = f"{sum(self.onsets_ms) / len(self.onsets_ms):.0f} ms" if self.onsets_ms else "n/a"
         if self.onsets_ms and self.faster_than_real_time:
             onset += " (audio sent faster than real time: onsets include the wait in the server's queue)"

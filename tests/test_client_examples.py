@@ -871,6 +871,17 @@ def test_a_reply_cut_by_ctrl_c_is_marked_and_counted_in_the_summary():
         "summary: 0 chunks heard (3.7 s of audio sent), 1 turns and 1 cut short, mean onset latency 6 ms"]
 
 
+def test_the_summary_of_audio_under_a_tenth_of_a_second_is_not_zero_seconds():
+    """A 10 ms file's summary said "0.0 s of audio sent" (first-hour review, round eleven): under 0.1 s the
+    summary gives hundredths; above, tenths as before."""
+    client = load_client_module()
+    said = {}
+    for sent_s in (0.01, 0.004, 0.0, 0.25, 6.32):
+        console = client.ReplyConsole(err=io.StringIO(), out=io.StringIO())
+        said[sent_s] = re.search(r"\((.*) of audio sent\)", console.summary(sent_s)).group(1)
+    assert said == {0.01: "0.01 s", 0.004: "under 0.01 s", 0.0: "0.0 s", 0.25: "0.2 s", 6.32: "6.3 s"}
+
+
 def test_a_closing_sessions_refusals_of_audio_are_told_once():
     """During a drain the server refuses every frame the client still sends (invalid_state, "audio frame
     ignored"): the console printed a "server error" line per frame, which reads like a failure each time."""
