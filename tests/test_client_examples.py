@@ -665,6 +665,26 @@ def documented_python(doc: Path, heading: str) -> str:
     return re.search(r"```python\n(.*?)```", after, re.S)[1]
 
 
+def test_the_openai_sdk_snippets_reader_says_an_empty_file_holds_no_audio(tmp_path):
+    """docs/realtime.md's ``pcm24k`` ended in numpy's "ValueError: array of sample points is empty" on a wav with
+    no samples (first-hour review, round eleven): it exits saying the file holds no audio."""
+    snippet = documented_python(CLIENTS.parent / "docs" / "realtime.md", "### openai (Python SDK)")
+    reader = snippet[:snippet.index("async def main")]  # the imports and pcm24k
+    namespace: dict = {}
+    exec(compile(reader, "realtime.md", "exec"), namespace)
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, dtype="int16"), 16000)
+    with pytest.raises(SystemExit, match="holds no audio"):
+        namespace["pcm24k"](str(empty))
+    assert len(namespace["pcm24k"](str(write_tone(tmp_path / "tone.wav")))) == 2 * 2400  # 0.1 s at 24 kHz
+
+
+def write_tone(path: Path) -> Path:
+    """0.1 s of a 440 Hz tone at 16 kHz."""
+    soundfile.write(path, (0.1 * np.sin(2 * np.pi * 440 * np.arange(1600) / 16000)).astype("float32"), 16000)
+    return path
+
+
 def test_the_openai_sdk_snippet_in_realtime_md_runs_as_written(tiny_checkpoint, shared_audio, tmp_path):
     """docs/realtime.md's Python snippet, copied into a file and run against a demo-sized server with the key the
     doc's quick start sets: it streams its recording, prints a reply and ends by itself. Only the port (and the
