@@ -857,6 +857,65 @@ def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
     assert not collect.errors and not problems, (collect.errors, problems)
 
 
+def audio_taken_s(port: int) -> float:
+    """The audio every session of the server took so far (``ais_audio_received_seconds_total``)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("ais_audio_received_seconds_total ")))
+
+
+@pytest.mark.parametrize("updates", [["audio/pcmu"], ["audio/pcmu", "audio/pcm"]])
+def test_appends_after_a_format_update_are_read_in_that_format_while_its_answer_waits_unsent(server, updates):
+    """A session.update of the input format, and appends right after it, while the client has not read the echoes
+    before them: the appends were decoded in the format of the last session.updated *sent*, so 2 s of G.711 went
+    in as 1 s of PCM16; and pcmu then pcm (24 kHz) compared the second update with that stale format, sent no
+    change, and left the session reading the 24 kHz appends as 8 kHz, three times too long, for good."""
+    import socket
+
+    import websockets
+
+    port = idle(server)
+    if updates[-1] == "audio/pcmu":
+        second = np.random.default_rng(0).integers(0, 256, 8_000, dtype=np.uint8).tobytes()  # 1 s at 8 kHz
+    else:
+        second = (np.random.default_rng(0).standard_normal(24_000) * 1000).astype("<i2").tobytes()  # 1 s at 24 kHz
+
+    async def main() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        async with websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime", sock=sock, max_size=None, max_queue=1,
+                                      additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            ws.transport.pause_reading()
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 200_000}]}
+            for _ in range(12):  # echoes the client does not read: what the server sends next waits behind them
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            await asyncio.sleep(0.5)
+            before_s = audio_taken_s(port)
+            for kind in updates:
+                await ws.send(json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "audio": {"input": {"format": {"type": kind}}}}}))
+            for _ in range(2):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(second).decode()}))
+            deadline = time.monotonic() + 5  # polled gently: a /metrics request spends 20 of the address's budget
+            while audio_taken_s(port) - before_s < 2.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # nothing more comes in
+            assert audio_taken_s(port) - before_s == pytest.approx(2.0), "the appends were read in another format"
+            ws.transport.resume_reading()
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            formats = []
+            while len(formats) < len(updates):
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if event["type"] == "session.updated":
+                    formats.append(event["session"]["audio"]["input"]["format"]["type"])
+            assert formats == updates
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_pipecat_retrieves_conversation_items(server):
     """pipecat's retrieve_conversation_item sends conversation.item.retrieve. The server answered unknown_event, which
     pipecat takes as fatal: its receive loop ended, and the retrieval waited for an answer that could never come."""

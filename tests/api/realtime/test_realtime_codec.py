@@ -19,7 +19,7 @@ from audio_interaction_server.api.commands import (
 )
 from audio_interaction_server.api.realtime.codec import RealtimeCodec
 from audio_interaction_server.audio.g711 import MULAW_TO_S16
-from audio_interaction_server.options import SamplingOptions
+from audio_interaction_server.options import SamplingOptions, SessionOptions
 from audio_interaction_server.protocol import (
     AudioFormat, ErrorEvent, InputClearedEvent, InputFlushedEvent, LiveDecisionEvent, LiveEmotionEvent,
     LiveTextDeltaEvent, LiveTurnBeginEvent, LiveTurnEndEvent, SegmentEvent, SessionClosedEvent, SessionCreatedEvent,
@@ -1038,6 +1038,34 @@ def test_a_model_setting_the_session_refuses_as_a_value_names_the_field_the_clie
     assert error["error"]["param"] == "session.instructions", error
     [call] = h.client({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f"}})
     assert "role" not in call.message and "function_call" in call.message, call.message
+
+
+def test_a_session_update_is_compared_with_the_session_as_it_stands_not_with_the_last_answer_sent():
+    """Two updates in one burst, their answers not sent yet (the client has not read what came before them):
+    turn_detection null, then server_vad. The second was compared with the last session.updated *sent*, which still
+    said server_vad, so it changed nothing and the session stayed in manual turns while the client was told
+    server_vad (hostile probe, round fourteen). The session applies each Configure as it is decoded."""
+    from audio_interaction_server.api.commands import Unset
+    from audio_interaction_server.api.realtime.codec import SessionNow
+
+    codec = RealtimeCodec(max_frame_bytes=64 * 1024)
+    options, audio_format = SessionOptions(), AudioFormat()
+    codec.follow(lambda: 0.0, lambda: SessionNow(options, audio_format))
+    codec.encode(SessionCreatedEvent(**STAMP, model="tiny", is_demo=True, audio=AudioFormat(), options=settings(),
+                                     limits=SessionLimits(max_frame_bytes=1, max_buffered_audio_s=1, idle_timeout_s=1,
+                                                          max_session_s=1, chunk_s=0.4)))
+    asked = []
+    for turn_detection in (None, {"type": "server_vad"}):
+        update = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": turn_detection}}}}
+        for command in codec.decode(json.dumps(update)):
+            assert isinstance(command, Configure)
+            if not isinstance(command.audio, Unset):
+                audio_format = command.audio
+            if not isinstance(command.reply_mode, Unset):  # applied at once, as the session does
+                options = options.model_copy(update={"reply_mode": command.reply_mode})
+                asked.append(command.reply_mode)
+    assert asked == ["on_request", "model"]
+    assert options.reply_mode == "model"
 
 
 def test_the_items_kept_for_a_retrieve_take_the_memory_their_bound_counts():

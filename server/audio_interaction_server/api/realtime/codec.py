@@ -45,7 +45,10 @@ from audio_interaction_server.api.realtime.events import (
 )
 from audio_interaction_server.api.realtime.replies import Conversation, Ids, ReplyBuilder
 from audio_interaction_server.audio.g711 import alaw_to_s16le, mulaw_to_s16le
-from audio_interaction_server.protocol import REALTIME_SESSION_ID_PREFIX, AudioFormat, cut_short, shown
+from audio_interaction_server.options import SessionOptions
+from audio_interaction_server.protocol import (
+    REALTIME_SESSION_ID_PREFIX, AudioFormat, SessionSettings, cut_short, shown,
+)
 
 REALTIME_RATE_HZ = 24_000  # the Realtime API's PCM rate (what LiveKit and pipecat send)
 G711_RATE_HZ = 8_000
@@ -77,6 +80,9 @@ class _Answer:
     event_type: str
     event_id: str | None
     audio_format: AudioPcm | AudioPcmu | AudioPcma | None = None
+    # The very AudioFormat its Configure carried, when it changes the format: the session keeps that object while it
+    # reads that format (``AudioInput.set_format``), so the codec can tell whether it was applied before it is answered.
+    session_format: AudioFormat | None = None
     turn_detection: TurnDetectionObject | None | _Unchanged = "unchanged"
     # The Realtime fields of the model settings it changes (refused after the first audio: invalid_state).
     model_params: tuple[str, ...] = ()
@@ -96,6 +102,16 @@ class _Ack:
     deleted_item_id: str | None = None
     retrieved_item_id: str | None = None  # a conversation.item.retrieve: the item as it stands when it is answered
     num_bytes: int = 0  # the item's JSON: held until its echo is sent, counted by the connection's outbox
+
+
+@dataclass(frozen=True)
+class SessionNow:
+    """What the session reads now, in the order of the client's frames: the connection has the session handle each
+    command as soon as it is decoded, while the session's answers may still wait in the outbox behind events the
+    client has not read (and the codec sees an answer only as it is sent)."""
+
+    options: SessionOptions
+    audio_format: AudioFormat  # the object the session reads frames with (``AudioInput.format``)
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,8 @@ class RealtimeCodec:
         self._request: _Request | None = None
         # What a commit commits is the audio the session took, read off its clock (``follow``); until then, none.
         self._taken_audio: Callable[[], float] = lambda: 0.0
+        # What the session reads now (``follow``); until then, what its answers sent so far said.
+        self._session_now: Callable[[], SessionNow] | None = None
         # Audio in the client's order (decoding): the clock at the last commit or clear, for commit_empty.
         self._taken_at_commit = 0.0
         # Audio in the session's order (encoding): the clock when the last user item was made, or a clear answered
@@ -150,12 +168,20 @@ class RealtimeCodec:
         self._cancelled_response_id: str | None = None  # the response a cancel was sent for
         self._withdrawing = False  # a cancel was sent for the requested response before it began
 
-    def follow(self, taken_audio_s: Callable[[], float]) -> None:
+    def follow(self, taken_audio_s: Callable[[], float], session_now: Callable[[], SessionNow] | None = None) -> None:
         """Read what audio the session took off ``taken_audio_s`` (its ``audio.audio_received_s``, which grows with
         each frame it accepts): a frame it refused (a full buffer, no whole sample, a closing session) is answered
         with an error, and is no audio to commit. The connection has the session handle each command as soon as it
-        is decoded, so when the next frame is decoded the clock has every earlier append's verdict."""
+        is decoded, so when the next frame is decoded the clock has every earlier append's verdict.
+
+        ``session_now``: the session's options and audio format as they stand, read the same way, for what decoding
+        depends on (how an append's bytes are read, what a session.update changes). Not the answers sent so far: a
+        session.updated goes out after the events the client has not read yet, and an append decoded meanwhile by
+        the format of the last update *sent* was read as the wrong encoding (3 s of G.711 taken as 1.5 s of PCM16),
+        or a second update that undid the first compared with stale settings and left the session reading 24 kHz
+        PCM as 8 kHz for good (hostile probe, round fourteen)."""
         self._taken_audio = taken_audio_s
+        self._session_now = session_now
 
     # ---- client frames -> commands ----------------------------------------------------------
     def decode(self, message: str | bytes) -> list[Command]:
@@ -163,8 +189,10 @@ class RealtimeCodec:
         if not self._is_started:
             # The session starts at /v1/stream's 16 kHz; the Realtime API's default is 24 kHz PCM.
             self._is_started = True
-            first.append(Configure(audio=self._session_format(self._format), event_type="session.update"))
-            self._answers.append(_Answer("internal", "session.update", None))
+            session_format = self._session_format(self._format)
+            first.append(Configure(audio=session_format, event_type="session.update"))
+            self._answers.append(_Answer("internal", "session.update", None, audio_format=self._format,
+                                         session_format=session_format))
         commands = self._decode(message)
         for command in commands:
             if isinstance(command, Malformed):
@@ -243,11 +271,25 @@ class RealtimeCodec:
         except (binascii.Error, ValueError):
             return [self._refuse("invalid_value", "audio is not valid base64; ignored", event.type, event.event_id,
                                  "audio")]
-        if isinstance(self._format, AudioPcmu):
+        reading = self._format_read_now()
+        if isinstance(reading, AudioPcmu):
             data = mulaw_to_s16le(data)
-        elif isinstance(self._format, AudioPcma):
+        elif isinstance(reading, AudioPcma):
             data = alaw_to_s16le(data)
         return [AppendAudio(data, event_id=event.event_id)]
+
+    def _format_read_now(self) -> AudioPcm | AudioPcmu | AudioPcma:
+        """The wire format of the audio the session reads now: that of the newest update it applied, answered or
+        not. Told by the AudioFormat object the update's Configure carried, not by its value: G.711 and 8 kHz PCM
+        both reach the session as 8 kHz PCM16."""
+        # Looked up only while an update of the format waits for its answer: an append's usual path asks nothing.
+        if self._session_now is not None and any(answer.session_format is not None for answer in self._answers):
+            reading = self._session_now().audio_format
+            for answer in reversed(self._answers):
+                if answer.session_format is reading:
+                    assert answer.audio_format is not None  # set with every session_format
+                    return answer.audio_format
+        return self._format  # the last update answered (a refused one changed nothing)
 
     def _clear(self, event: InputAudioBufferClear) -> list[Command]:
         self._taken_at_commit = self._taken_audio()
@@ -389,7 +431,9 @@ class RealtimeCodec:
             return [self._refuse("invalid_value", message, event.type, event.event_id, param)]
         given = session.model_fields_set
         fields: dict = {}
-        settings = self._settings
+        # Compared with the session as it stands: an earlier update may be applied and not answered yet.
+        settings: SessionOptions | SessionSettings | None = \
+            self._session_now().options if self._session_now is not None else self._settings
         if "instructions" in given:
             prompt = session.instructions or None  # empty = the model's trained system prompt
             if settings is None or prompt != settings.system_prompt:
@@ -405,7 +449,7 @@ class RealtimeCodec:
         if audio_input is not None and audio_input.format is not None:
             new_format = _format_object(audio_input.format.type, audio_input.format.rate)
             assert new_format is not None  # session_refusal refused the formats this server does not take
-            if new_format != self._format:
+            if new_format != self._format_read_now():
                 fields["audio"] = self._session_format(new_format)
         if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
             requested = audio_input.turn_detection
@@ -418,8 +462,8 @@ class RealtimeCodec:
         model_params = tuple(param for field, param in _MODEL_SETTING_PARAMS if field in fields)
         other_params = ("session.audio.input.format",) if "audio" in fields else ()
         self._answers.append(_Answer("session.update", event.type, event.event_id, audio_format=new_format,
-                                     turn_detection=turn_detection, model_params=model_params,
-                                     other_params=other_params))
+                                     session_format=fields.get("audio"), turn_detection=turn_detection,
+                                     model_params=model_params, other_params=other_params))
         return [Configure(**fields, event_id=event.event_id, event_type=event.type)]
 
     @staticmethod

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from audio_interaction_server.api import admission
 from audio_interaction_server.api.addresses import peer_address
 from audio_interaction_server.api.flood import JSON_ITEMS_PER_EVENT
-from audio_interaction_server.api.realtime.codec import RealtimeCodec, session_refusal
+from audio_interaction_server.api.realtime.codec import RealtimeCodec, SessionNow, session_refusal
 from audio_interaction_server.api.realtime.events import SessionIn
 from audio_interaction_server.api.realtime.secrets import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, ClientSecrets
 from audio_interaction_server.api.http_guard import REQUEST_COST
@@ -115,7 +115,8 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
 
     def make_session(engine_emit):
         session = runtime.make_session(session_id, engine_emit, client_address=address)
-        codec.follow(lambda: session.audio.audio_received_s)  # what a commit commits: the audio it took
+        # What a commit commits (the audio it took), and what decoding reads of the session as it stands.
+        codec.follow(lambda: session.audio.audio_received_s, lambda: SessionNow(session.options, session.audio.format))
         return session
 
     def on_closed(reason: str) -> None:
