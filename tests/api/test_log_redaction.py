@@ -40,6 +40,10 @@ def test_the_filter_rewrites_the_arguments_uvicorn_logs_with():
     ("x-api-key", "k3y", "[redacted]"),
     ("sec-websocket-protocol", "realtime, openai-insecure-api-key.ek_1_abc",
      "realtime, openai-insecure-api-key.[redacted]"),
+    # Spaces after the dot (a typo websockets refuses with 400, after logging the header): still the key (hostile
+    # probe, round fourteen).
+    ("sec-websocket-protocol", "realtime, openai-insecure-api-key. \tk3y",
+     "realtime, openai-insecure-api-key.[redacted]"),
     ("user-agent", "python-websockets/17", "python-websockets/17"),
 ])
 def test_secret_headers_are_redacted_from_the_handshake_lines_of_debug_logging(name, value, shown):

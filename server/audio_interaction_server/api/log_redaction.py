@@ -27,8 +27,9 @@ SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key",
 REDACTED = "[redacted]"
 # How websockets logs a handshake header (its logger is uvicorn.error): "< name: value" in, "> name: value" out.
 _HEADER_LINES = frozenset({"< %s: %s", "> %s: %s"})
-# A key or client secret offered as a WebSocket subprotocol (api/realtime/routes.py), in any header or line.
-_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[^\s,]+", re.IGNORECASE)  # as a client spells it
+# A key or client secret offered as a WebSocket subprotocol (api/admission.py), in any header or line; as a client
+# spells it, spaces after the dot included (a typo websockets refuses, after its debug log showed the header).
+_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)\s*[^\s,]+", re.IGNORECASE)
 
 # How much of a string argument (a request target, a header's value) a line shows; the rest is counted.
 MAX_LOGGED_TARGET_CHARS = 256
