@@ -45,6 +45,24 @@ FILES = ["02_translate/sample02_04.wav", "03_cough_music/sample03_01.wav", "02_t
 RATE_HZ = 24_000
 
 
+def run_framework(coroutine, timeout_s: float):
+    """``asyncio.run(asyncio.wait_for(coroutine, timeout_s))``, for a framework's client (LiveKit, pipecat), with
+    a bounded end: asyncio.run cancels every task left and waits for each, and a framework task that outlives its
+    cancel (one pipecat run that failed did) held the test, and the suite, for good. Tasks still running 10 s
+    after their cancel are left to the closed loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coroutine, timeout_s))
+    finally:
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=10))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
 def speech_24k(shared_audio: Path, name: str) -> bytes:
     """A recording as the clients send it: 24 kHz mono s16le, resampled from the file's own rate."""
     samples, rate_hz = soundfile.read(shared_audio / name, dtype="float32", always_2d=True)
@@ -694,7 +712,7 @@ def test_livekit_realtime_model_manual_turns_and_interrupt(server, shared_audio,
             await model.aclose()
         return texts, received, errors
 
-    texts, received, errors = asyncio.run(asyncio.wait_for(run(), 180))
+    texts, received, errors = run_framework(run(), 180)
     assert len(texts) == 3 and all(texts), texts
     responses = responses_in_order(received)
     assert [r["status"] for r in responses] == ["completed"] * 3 + ["cancelled"]
@@ -748,7 +766,7 @@ def test_livekit_model_as_the_docs_build_it_keeps_the_sessions_stt_transcripts(s
             await model.aclose()
         return received, model.capabilities.user_transcription
 
-    received, takes_model_transcripts = asyncio.run(asyncio.wait_for(run(), 60))
+    received, takes_model_transcripts = run_framework(run(), 60)
     assert [event for event in received if event["type"] == "input_audio_buffer.committed"]
     transcripts = [event for event in received if event["type"].startswith("conversation.item.input_audio_transcr")]
     assert not transcripts
@@ -849,7 +867,7 @@ def test_pipecat_openai_realtime_service_in_a_pipeline(server, shared_audio):
         return collect, alive
 
     try:
-        collect, alive = asyncio.run(asyncio.wait_for(run(), 180))
+        collect, alive = run_framework(run(), 180)
     finally:
         logger.remove(sink_id)
     assert alive, "pipecat's receive loop ended"
@@ -973,4 +991,4 @@ def test_pipecat_retrieves_conversation_items(server):
             await task.queue_frame(EndFrame())
             await asyncio.wait_for(running, 30)
 
-    asyncio.run(asyncio.wait_for(run(), 90))
+    run_framework(run(), 90)
