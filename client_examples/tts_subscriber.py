@@ -10,6 +10,8 @@ inside its own argument; it runs without a shell, so nothing in a reply is ever 
 ``{text}`` inside code a shell or an interpreter runs, ``sh -c "... {text} ..."``, is refused).
 With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
+A reply the streaming client cancels (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it) is
+not spoken on: its segment being spoken is stopped, and its segments still queued are dropped.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 A connection that drops (no close from the server: a Wi-Fi blip, a proxy restarting) is subscribed
@@ -199,9 +201,13 @@ class Speaker:
         self.command, self.out_dir = command, out_dir
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # None: the session ended
         self.num_done = self.num_failed = 0
+        self.num_cancelled = 0  # segments of cancelled replies not spoken (or stopped while spoken)
         self._stderr_shown: str | None = None  # what the command last wrote to stderr, shown once while it repeats
         self._out_dir_problem: str | None = None  # why out_dir could not be made; "" once made
         self.is_speaking = False  # a segment's command is running
+        self._speaking: dict | None = None  # the segment whose command runs
+        self._process: asyncio.subprocess.Process | None = None  # that command
+        self._cancelled_turns: set[int] = set()  # replies the streaming client cancelled: none of theirs is spoken
 
     def _make_out_dir(self) -> str:
         """Why the segment cannot be written ("" when it can). The folder is made at the first segment, not at the
@@ -220,11 +226,32 @@ class Speaker:
 
     async def run(self) -> None:
         while (segment := await self.queue.get()) is not None:
-            self.is_speaking = True
+            self.is_speaking, self._speaking = True, segment
             try:
                 await self._speak(segment)
             finally:
-                self.is_speaking = False
+                self.is_speaking, self._speaking = False, None
+
+    def cancel_turn(self, turn: int) -> int:
+        """The streaming client cancelled reply ``turn``: stop speaking it. Its segment being spoken is stopped and
+        its queued ones dropped (sentences arrive faster than they are spoken, so a cancelled reply could go on for
+        many seconds over the user who cut it). Returns how many segments go unspoken, the stopped one included."""
+        self._cancelled_turns.add(turn)
+        kept, num_dropped = [], 0
+        while not self.queue.empty():
+            segment = self.queue.get_nowait()
+            if segment is not None and segment["turn"] == turn:
+                num_dropped += 1
+            else:
+                kept.append(segment)
+        for segment in kept:
+            self.queue.put_nowait(segment)
+        if self._speaking is not None and self._speaking["turn"] == turn:
+            num_dropped += 1
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()
+        self.num_cancelled += num_dropped
+        return num_dropped
 
     def num_left(self) -> int:
         """Segments received and not yet spoken, the one being spoken included."""
@@ -238,6 +265,9 @@ class Speaker:
             print(f"{name}: not written: {problem}", file=sys.stderr, flush=True)
             return
         failure, said = await self._run(self.command.expand(segment["text"], wav))
+        if segment["turn"] in self._cancelled_turns:
+            print(f"{name}: stopped: the reply was cancelled", flush=True)
+            return
         if failure is None and said and said != self._stderr_shown:
             # A command may succeed and still say that nothing was heard: espeak-ng on a machine without a sound
             # card prints ALSA errors and exits 0.
@@ -257,11 +287,11 @@ class Speaker:
             self.num_failed += 1
             print(f"{name}: TTS command failed: {failure}", file=sys.stderr, flush=True)
 
-    @staticmethod
-    async def _run(argv: list[str]) -> tuple[str | None, str]:
-        """Run one command to the end: (what went wrong, or None; what it wrote to stderr)."""
+    async def _run(self, argv: list[str]) -> tuple[str | None, str]:
+        """Run one command to the end (or until its reply is cancelled): (what went wrong, or None; what it wrote to
+        stderr)."""
         try:
-            process = await asyncio.create_subprocess_exec(
+            process = self._process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as error:
@@ -345,7 +375,8 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
         speaker.queue.put_nowait(None)
         await worker  # the segments already received are still spoken
     code = websocket.close_code
-    print(f"{speaker.num_done} segments done, {speaker.num_failed} failed", flush=True)
+    cancelled = f", {speaker.num_cancelled} not spoken (cancelled replies)" if speaker.num_cancelled else ""
+    print(f"{speaker.num_done} segments done, {speaker.num_failed} failed{cancelled}", flush=True)
     if code != 1000:
         print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
     if closed_reason in SERVER_ENDS:
@@ -375,6 +406,10 @@ async def read_events(websocket: ClientConnection, speaker: Speaker) -> tuple[bo
                 if kind == "segment":
                     print(f"turn{event['turn']}_seg{event['index']}: {printable(event['text'])}", flush=True)
                     speaker.queue.put_nowait(event)
+                elif kind == "turn_end" and event.get("end_reason") == "cancelled":
+                    if num_unspoken := speaker.cancel_turn(event["turn"]):
+                        print(f"turn{event['turn']}: cancelled by the streaming client: {num_unspoken} segment"
+                              f"{'s' if num_unspoken != 1 else ''} not spoken", flush=True)
                 elif kind == "error":
                     is_fatal |= bool(event.get("is_fatal"))
                     print(describe_error(event), file=sys.stderr, flush=True)

@@ -1116,6 +1116,52 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
     assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
 
 
+def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_audio, tmp_path):
+    """A user who talks over a reply has the client send response.cancel; sentences arrive faster than they are
+    spoken, so the subscriber had them queued and spoke every one of them, over the user, after the cancel."""
+    from websockets.asyncio.client import connect
+
+    slow_tts = shlex.join([sys.executable, "-c", "import time; time.sleep(5)", "{text}"])
+    speech, rate_hz = soundfile.read(shared_audio / "01_count_bark" / "sample01_02.wav", dtype="int16")
+    subscriber = None
+
+    async def cancel_a_reply_the_subscriber_is_speaking() -> list[dict]:
+        nonlocal subscriber
+        async with connect(live.ws_url + "/v1/stream",
+                           additional_headers={"Authorization": f"Bearer {API_KEY}"}) as websocket:
+            session_id = json.loads(await websocket.recv())["session_id"]
+            subscriber = Script("tts_subscriber.py", live.ws_url, session_id, "--api-key", API_KEY,
+                                "--tts-command", slow_tts, cwd=tmp_path)
+            await asyncio.to_thread(subscriber.wait_for_line, re.compile(f"^subscribed to session {session_id}$"))
+            # Sampled, the random model seldom draws its end token: a reply long enough to cancel mid-way.
+            await websocket.send(json.dumps({"type": "session.configure", "reply_mode": "on_request",
+                                             "max_turn_tokens": 1000, "audio": {"sample_rate_hz": rate_hz},
+                                             "sampling": {"temperature": 1.0, "seed": 1}}))
+            await websocket.send(speech[:rate_hz].tobytes())
+            await websocket.send(json.dumps({"type": "response.create"}))
+            events: list[dict] = []
+            while not events or events[-1]["type"] != "turn_end":
+                events.append(json.loads(await websocket.recv()))
+                if [e["type"] for e in events].count("segment") == 2:
+                    await websocket.send(json.dumps({"type": "response.cancel"}))
+            await websocket.send(json.dumps({"type": "session.close"}))
+            async for _ in websocket:
+                pass
+            return events
+
+    try:
+        events = asyncio.run(cancel_a_reply_the_subscriber_is_speaking())
+        assert events[-1]["end_reason"] == "cancelled", "the reply ended before its cancel: nothing was tested"
+        num_segments = sum(e["type"] == "segment" for e in events)
+        assert subscriber.finish() == 0, subscriber.stderr
+    finally:
+        kill_all(subscriber)
+    assert f"turn0: cancelled by the streaming client: {num_segments} segments not spoken" in subscriber.stdout
+    assert "turn0_seg0: stopped: the reply was cancelled" in subscriber.stdout
+    assert not [line for line in subscriber.stdout if line.endswith(": spoken")], subscriber.stdout
+    assert subscriber.stdout[-1] == f"0 segments done, 0 failed, {num_segments} not spoken (cancelled replies)"
+
+
 def test_tts_subscriber_subscribes_again_after_a_dropped_connection(live, proxy, shared_audio, tmp_path):
     """The subscriber is the piece on another device (a speaker box on Wi-Fi), the one most likely to drop: it exited
     1 at the first 1006 while the session it followed went on, and the rest of the conversation was never spoken
