@@ -775,6 +775,36 @@ def test_a_trailing_slash_is_redirected_to_the_path_without_it_never_to_the_requ
     assert live.get("/v1/info")[0] == 200
 
 
+@pytest.mark.parametrize("target, location", [
+    ("/static/a%20b/", "/static/a%20b"),  # Starlette quotes the space it writes
+    ("/static/%C3%A9/", "/static/%C3%A9"),  # and a letter outside ASCII
+    ("/static/a%3Fb/?x=1", "/static/a%3Fb?x=1"),  # and a "?" of the path
+    ("/static/a%2541/", "/static/a%41"),  # a "%" of the path it writes as it is (its own bug: another path)
+    ("/v1/sessions/a%20b/events/", "/v1/sessions/a%20b/events"),  # a WebSocket endpoint's plain GET (426)
+])
+def test_a_trailing_slash_redirect_of_an_encoded_path_never_names_the_requests_host(live, target, location):
+    """The path-only Location was written only where Starlette's Location, parsed, named the request's path as the
+    app reads it (percent-decoded): any path Starlette quotes when it writes the redirect (a space, a letter outside
+    ASCII, an encoded "?") kept ``http://<the request's Host>/...``, the redirect the fix was for."""
+    head = _raw_request_with_host(live.port, target, "evil.example")
+    assert head.startswith(b"HTTP/1.1 307"), head
+    assert f"\r\nlocation: {location}\r\n".lower().encode() in head.lower(), head
+    assert b"evil.example" not in head, head
+
+
+def test_only_a_redirect_to_the_requests_own_host_is_made_path_only():
+    """Another host's redirect is left as it is; so is a path a browser reads as a host (``//x``, ``/\\x``), which
+    path-only would turn into an open redirect (no route answers one today)."""
+    from audio_interaction_server.api.slash_redirects import path_only
+
+    assert path_only(b"http://evil.example/v1/info?x=%41", b"evil.example") == b"/v1/info?x=%41"
+    assert path_only(b"http://[::1]:8000/v1/info", b"[::1]:8000") == b"/v1/info"
+    assert path_only(b"https://elsewhere.example/v1/info", b"evil.example") == b"https://elsewhere.example/v1/info"
+    assert path_only(b"/v1/info", b"evil.example") == b"/v1/info"
+    for scheme_relative in (b"http://evil.example//other.example", b"http://evil.example/\\other.example"):
+        assert path_only(scheme_relative, b"evil.example") == scheme_relative
+
+
 def _raw_request_with_host(port: int, target: str, host: str) -> bytes:
     """What came back to one GET of ``target`` naming ``host``, within a second."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
