@@ -368,10 +368,22 @@ def scrape(base: str, timeout_s: float = 5.0) -> dict[str, float]:
     return samples
 
 
+# How much of a server's log one read takes (``server_log`` reads until a read comes back empty).
+LOG_READ_BYTES = 1 << 20
+
+
 def server_log(process: subprocess.Popen) -> str:
-    """Everything a ``spawn_server(..., log_to_file=True)`` server has logged so far."""
-    process.log_file.seek(0)
-    return process.log_file.read()
+    """Everything a ``spawn_server(..., log_to_file=True)`` server has logged so far. Read at explicit offsets
+    (``os.pread``), not from the file's position: the server appends through the same open file, and each of its
+    writes moves that one position to the end, so a write between a seek to the start and the read made the read
+    come back empty (or with the newest lines only) while the server was logging."""
+    descriptor = process.log_file.fileno()
+    chunks: list[bytes] = []
+    offset = 0
+    while chunk := os.pread(descriptor, LOG_READ_BYTES, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")  # a line the server is writing may end mid-character
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> int | None:
