@@ -123,6 +123,17 @@ def test_a_subprotocol_secret_is_redacted_however_its_prefix_is_cased():
     assert redact_secrets(line) == "< sec-websocket-protocol: realtime, OpenAI-Insecure-API-Key.[redacted]"
 
 
+def test_a_bare_subprotocol_prefix_at_a_lines_end_leaves_the_next_line_alone():
+    """Spaces after ``openai-insecure-api-key.`` are part of the key a client wrote (c83ccdb), but a newline is not:
+    a header value holds none. A logged exception's text ending a line with the bare prefix lost the line break and
+    the next line's first word ("Traceback", "File") to ``[redacted]``."""
+    from audio_interaction_server.api.log_redaction import redact_secrets
+
+    text = "invalid Sec-WebSocket-Protocol header: openai-insecure-api-key.\nTraceback (most recent call last):"
+    assert redact_secrets(text) == text
+    assert redact_secrets("openai-insecure-api-key. \tk3y\nnext") == "openai-insecure-api-key.[redacted]\nnext"
+
+
 @pytest.mark.parametrize("header", [b"X-API-Key: k3y\x7f", b"Authorization: Bearer k3y\x1b", b"X-API-Key k3y\x01"])
 def test_a_header_websockets_refuses_is_not_quoted_in_the_log(header):
     """websockets refuses a header value with a control character, and its exception quotes the value without the

@@ -28,8 +28,10 @@ REDACTED = "[redacted]"
 # How websockets logs a handshake header (its logger is uvicorn.error): "< name: value" in, "> name: value" out.
 _HEADER_LINES = frozenset({"< %s: %s", "> %s: %s"})
 # A key or client secret offered as a WebSocket subprotocol (api/admission.py), in any header or line; as a client
-# spells it, spaces after the dot included (a typo websockets refuses, after its debug log showed the header).
-_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)\s*[^\s,]+", re.IGNORECASE)
+# spells it, spaces and tabs after the dot included (a typo websockets refuses, after its debug log showed the
+# header). Not a line break, which no header value holds: a logged exception's text that ended a line with the bare
+# prefix lost the break and the next line's first word.
+_SUBPROTOCOL_SECRET = re.compile(r"(openai-insecure-api-key\.)[ \t]*[^\s,]+", re.IGNORECASE)
 
 # How much of a string argument (a request target, a header's value) a line shows; the rest is counted.
 MAX_LOGGED_TARGET_CHARS = 256
