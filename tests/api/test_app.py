@@ -767,11 +767,11 @@ def test_a_trailing_slash_is_redirected_to_the_path_without_it_never_to_the_requ
     """``GET /v1/info/`` was redirected (307) to ``http://<the request's Host>/v1/info``: a client naming another
     host got a redirect there, which a cache in front that keys without the Host would store for everyone
     (hostile probe, round twelve). The Location is the path alone, with the query; an unknown path stays 404."""
-    head = _raw_request_with_host(live.port, "/v1/info/?x=1", "evil.example")
+    head = _raw_request(live.port, "/v1/info/?x=1", host="evil.example")
     assert head.startswith(b"HTTP/1.1 307"), head
     assert b"\r\nlocation: /v1/info?x=1\r\n" in head.lower(), head
     assert b"evil.example" not in head, head
-    assert _raw_request_with_host(live.port, "/v1/nothing/", "evil.example").startswith(b"HTTP/1.1 404")
+    assert _raw_request(live.port, "/v1/nothing/", host="evil.example").startswith(b"HTTP/1.1 404")
     assert live.get("/v1/info")[0] == 200
 
 
@@ -786,7 +786,7 @@ def test_a_trailing_slash_redirect_of_an_encoded_path_never_names_the_requests_h
     """The path-only Location was written only where Starlette's Location, parsed, named the request's path as the
     app reads it (percent-decoded): any path Starlette quotes when it writes the redirect (a space, a letter outside
     ASCII, an encoded "?") kept ``http://<the request's Host>/...``, the redirect the fix was for."""
-    head = _raw_request_with_host(live.port, target, "evil.example")
+    head = _raw_request(live.port, target, host="evil.example")
     assert head.startswith(b"HTTP/1.1 307"), head
     assert f"\r\nlocation: {location}\r\n".lower().encode() in head.lower(), head
     assert b"evil.example" not in head, head
@@ -805,21 +805,13 @@ def test_only_a_redirect_to_the_requests_own_host_is_made_path_only():
         assert path_only(scheme_relative, b"evil.example") == scheme_relative
 
 
-def _raw_request_with_host(port: int, target: str, host: str) -> bytes:
-    """What came back to one GET of ``target`` naming ``host``, within a second."""
+def _raw_request(port: int, target: str, headers: str = "", host: str | None = None) -> bytes:
+    """One request with ``target`` exactly as written (clients libraries send only the origin form, ``/path``),
+    naming ``host`` (else the server's own address); what came back within a second, or up to the first event of
+    an accepted WebSocket."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
-    return answer
-
-
-def _raw_request(port: int, target: str, headers: str = "") -> bytes:
-    """One request with ``target`` exactly as written (clients libraries send only the origin form, ``/path``);
-    what came back within a second, or up to the first event of an accepted WebSocket."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode())
+        host = host or f"127.0.0.1:{port}"
+        connection.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode())
         answer = b""
         deadline = time.monotonic() + 5
         while b"\r\n\r\n" not in answer or (b" 101 " in answer and b"session.created" not in answer):
