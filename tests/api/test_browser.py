@@ -598,29 +598,29 @@ def test_page_resumes_after_the_connection_drops_and_says_so(live, page: Page):
     assert closed["audio_received_s"] == pytest.approx(state["audioSentS"], abs=1e-3)
 
 
+def minted_secret(live) -> str:
+    """A client secret of the default lifetime, minted as a page's backend would (``/v1/realtime/client_secrets``)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{live.url}v1/realtime/client_secrets", method="POST", data=b"{}", headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["value"]
+
+
 def test_protocol_client_asks_for_a_fresh_key_to_resume_after_its_client_secret_expired(live, page: Page):
     """docs/realtime.md: a page whose session dropped after its client secret expired "mints a fresh secret from its
     backend first, then resumes with it". ProtocolClient took one key for good, so its resume was refused (1008) and
     the conversation ended; ``apiKey`` as a function is asked before every connection (first-hour review, round
     twelve). Real secrets, a real drop (a relay cut), a real server."""
-    import urllib.request
-
-    from tests.cut_proxy import CutProxy
-
-    def mint(seconds: int) -> str:
-        body = json.dumps({"expires_after": {"anchor": "created_at", "seconds": seconds}}).encode()
-        request = urllib.request.Request(f"{live.url}v1/realtime/client_secrets", method="POST", data=body, headers={
-            "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["value"]
-
     from audio_interaction_server.api.realtime.secrets import MIN_TTL_S, ClientSecrets
+    from tests.cut_proxy import CutProxy
 
     # The shortest a secret may live is 10 s: this one was minted (with the server's signing key) as if 5 s ago, so
     # the test waits 5-6 s for it to expire, not 10 (expiries are whole seconds).
     expires_at_s = int(time.time()) + 6
     short_lived = ClientSecrets(API_KEY).mint(MIN_TTL_S, now_s=expires_at_s - MIN_TTL_S).value
-    fresh = mint(600)
+    fresh = minted_secret(live)
     relay = CutProxy(live.port)
     try:
         page.goto(live.url)
@@ -981,12 +981,7 @@ def test_a_browser_offering_its_key_as_a_subprotocol_is_answered_on_both_endpoin
     drops a handshake whose answer selects none of the subprotocols it offered: /v1/stream took no subprotocol key
     and selected nothing, and a refusal on either endpoint selected nothing, so the page saw code 1006 and no word,
     an expired secret looking like a network failure (first-hour review, round twelve)."""
-    import urllib.request
-
-    request = urllib.request.Request(f"{live.url}v1/realtime/client_secrets", method="POST", data=b"{}", headers={
-        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        secret = json.loads(response.read())["value"]
+    secret = minted_secret(live)
     page.goto(live.url)
     results = page.evaluate("""async ({ port, secret }) => {
         const open = (path, key) => new Promise((resolve) => {
