@@ -3,7 +3,7 @@
 // A page that is not a secure context (http:// from another host) has no AudioWorklet and no microphone: there a
 // file is framed here, with the worklet's framer, and paced by the clock.
 
-import { PcmFramer, peakLevel } from "./pcm.js";
+import { PcmFramer, peakLevel, samplesPerFrame } from "./pcm.js";
 
 const WORKLET_URL = new URL("./pcm-worklet.js", import.meta.url);
 
@@ -143,7 +143,7 @@ export class AudioCapture {
     const channels = planar.length <= this.maxChannels ? planar : [averaged(planar)];
     this.format = { sampleRateHz: buffer.sampleRate, numChannels: channels.length };
     this.onFormat?.(this.format);
-    const frameLength = Math.max(1, Math.round((buffer.sampleRate * this.frameMs) / 1000));
+    const frameLength = samplesPerFrame(buffer.sampleRate, this.frameMs);
     const framer = new PcmFramer(frameLength, channels.length);
     if (monitor) {
       this._source = new AudioBufferSourceNode(context, { buffer });

@@ -5,13 +5,13 @@
 // whenever the channel count changes; {type: "frame", pcm: Int16Array (transferred), peak};
 // {type: "drained"} after a "drain" request has pushed out the partial frame.
 
-import { PcmFramer, peakLevel } from "./pcm.js";
+import { PcmFramer, peakLevel, samplesPerFrame } from "./pcm.js";
 
 class PcmCaptureProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
     const frameMs = options.processorOptions?.frameMs ?? 20;
-    this.frameLength = Math.max(1, Math.round((sampleRate * frameMs) / 1000)); // sampleRate: worklet global
+    this.frameLength = samplesPerFrame(sampleRate, frameMs); // sampleRate: the worklet global scope's
     this.framer = null;
     this.port.onmessage = (message) => {
       if (message.data?.type === "drain") {

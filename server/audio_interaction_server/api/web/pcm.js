@@ -26,6 +26,11 @@ export function interleaveToInt16(channels, out, offset = 0, start = 0, end = ch
  * interleaved int16 frames of exactly `frameLength` sample frames; `drain()` returns the
  * partial last frame. The channel count is fixed per framer (a change needs a new framer,
  * since the server must be told the new layout before any frame in it). */
+/** Samples per channel in a frame of frameMs at sampleRateHz (at least one): the worklet's and the page's frames. */
+export function samplesPerFrame(sampleRateHz, frameMs) {
+  return Math.max(1, Math.round((sampleRateHz * frameMs) / 1000));
+}
+
 export class PcmFramer {
   constructor(frameLength, numChannels) {
     if (!(frameLength > 0) || !(numChannels > 0)) throw new RangeError("frameLength and numChannels must be > 0");
