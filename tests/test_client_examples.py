@@ -2133,8 +2133,9 @@ def test_a_tts_command_that_fails_without_a_word_is_said_so(monkeypatch):
     monkeypatch.syspath_prepend(str(CLIENTS))
     import tts_subscriber
 
-    assert asyncio.run(tts_subscriber.Speaker._run(["false"])) == ("exit status 1 (it wrote nothing to stderr)", "")
-    failure, said = asyncio.run(tts_subscriber.Speaker._run([sys.executable, "-c", "import sys; sys.exit('no voice')"]))
+    speaker = tts_subscriber.Speaker(tts_subscriber.TtsCommand("true {text}", writes_wav=False), None)
+    assert asyncio.run(speaker._run(["false"])) == ("exit status 1 (it wrote nothing to stderr)", "")
+    failure, said = asyncio.run(speaker._run([sys.executable, "-c", "import sys; sys.exit('no voice')"]))
     assert failure == "exit status 1: no voice" and said == "no voice"
 
 
