@@ -32,8 +32,10 @@ API_KEY = "client-test-key"
 MAX_TURN_TOKENS = 40  # bounds every reply of the tiny random model
 SESSION_LINE = re.compile(r"^session: ([A-Za-z0-9.-]+_[0-9a-f]{32})$")  # <replica id>_<32 hex>
 TURN_LINE = re.compile(r"^\[turn (\d+) \| (happy|sad|angry|surprise|normal|urgent|-) \| onset \d+ ms\] ")
-SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d) s of audio sent(?:, \d+ sessions)?\), "
-                          r"(\d+) turns, mean onset latency (\d+ ms|n/a)"
+# A reply the client stopped mid-way (Ctrl-C, SIGTERM) is counted as cut short; audio under a tenth of a second is
+# given in hundredths.
+SUMMARY_LINE = re.compile(r"^summary: (\d+) chunks heard \((\d+\.\d\d?) s of audio sent(?:, \d+ sessions)?\), "
+                          r"(\d+) turns(?: and \d+ cut short)?, mean onset latency (\d+ ms|n/a)"
                           r"( \(audio sent faster than real time: [^)]+\))?$")
 # An onset measured while the audio was sent faster than real time is mostly its wait in the server's queue.
 QUEUED_ONSETS = "(audio sent faster than real time: onsets include the wait in the server's queue)"
