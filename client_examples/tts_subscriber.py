@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from ais_client import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, RESUME_FIRST_DELAY_S, 
                         describe_error, endpoint_url, exit_status_help, open_websocket, printable, retry_while_busy,
                         run_main)
 
+# A TTS command runs in a process group of its own where the platform has them, so that it is stopped whole.
+HAS_PROCESS_GROUPS = hasattr(os, "killpg")
 SPEAK_COMMAND = "espeak-ng -- {text}"
 WAV_COMMAND = "espeak-ng -w {wav} -- {text}"  # "--": a sentence starting with "-" is not an option
 TTS_TIMEOUT_S = 60.0
@@ -249,7 +252,7 @@ class Speaker:
         if self._speaking is not None and self._speaking["turn"] == turn:
             num_dropped += 1
             if self._process is not None and self._process.returncode is None:
-                self._process.kill()
+                stop_command(self._process)
         self.num_cancelled += num_dropped
         return num_dropped
 
@@ -291,23 +294,42 @@ class Speaker:
         """Run one command to the end (or until its reply is cancelled): (what went wrong, or None; what it wrote to
         stderr)."""
         try:
+            # A process group of its own (POSIX): a command such as sh -c 'espeak-ng ... | aplay' runs its player as
+            # a child, which a kill of the shell alone left playing, holding the stderr this reads open.
             process = self._process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, start_new_session=HAS_PROCESS_GROUPS)
         except OSError as error:
             return str(error), ""
         try:
             async with asyncio.timeout(TTS_TIMEOUT_S):  # not wait_for: see confirm_subscription
                 _, stderr = await process.communicate()
         except TimeoutError:
-            process.kill()
+            stop_command(process)
             await process.wait()
             return f"took over {TTS_TIMEOUT_S:g} s", ""
+        except BaseException:
+            # Ctrl-C or SIGTERM cancelled the subscriber: its own group no longer being the terminal's, the command
+            # hears neither, and is stopped here.
+            stop_command(process)
+            raise
         said = stderr.decode(errors="replace").strip()
         if process.returncode != 0:
             why = f": {said}" if said else " (it wrote nothing to stderr)"
             return f"exit status {process.returncode}{why}", said
         return None, said
+
+
+def stop_command(process: asyncio.subprocess.Process) -> None:
+    """Kill a TTS command and every process it started (its process group), or the command alone where there are no
+    process groups (Windows)."""
+    try:
+        if HAS_PROCESS_GROUPS:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except ProcessLookupError:  # it ended meanwhile
+        pass
 
 
 async def confirm_subscription(websocket: ClientConnection) -> bool:

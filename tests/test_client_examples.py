@@ -1120,12 +1120,16 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
 
 def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_audio, tmp_path):
     """A user who talks over a reply has the client send response.cancel; sentences arrive faster than they are
-    spoken, so the subscriber had them queued and spoke every one of them, over the user, after the cancel."""
+    spoken, so the subscriber had them queued and spoke every one of them, over the user, after the cancel. The
+    command is a shell running its player as a child of its own (as ``sh -c 'espeak-ng ... | aplay'``, the form the
+    subscriber's own advice gives): the whole command is stopped, not only the shell, whose player played on."""
     from websockets.asyncio.client import connect
 
-    slow_tts = shlex.join([sys.executable, "-c", "import time; time.sleep(5)", "{text}"])
+    players = tmp_path / "players"  # the process id of each player the command started
+    slow_tts = shlex.join(["sh", "-c", f"sleep 30 & echo $! >> {players}; wait", "sh", "{text}"])
     speech, rate_hz = soundfile.read(shared_audio / "01_count_bark" / "sample01_02.wav", dtype="int16")
     subscriber = None
+    cancelled_at_s: list[float] = []
 
     async def cancel_a_reply_the_subscriber_is_speaking() -> list[dict]:
         nonlocal subscriber
@@ -1146,6 +1150,7 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
                 events.append(json.loads(await websocket.recv()))
                 if [e["type"] for e in events].count("segment") == 2:
                     await websocket.send(json.dumps({"type": "response.cancel"}))
+                    cancelled_at_s.append(time.monotonic())
             await websocket.send(json.dumps({"type": "session.close"}))
             async for _ in websocket:
                 pass
@@ -1156,12 +1161,25 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
         assert events[-1]["end_reason"] == "cancelled", "the reply ended before its cancel: nothing was tested"
         num_segments = sum(e["type"] == "segment" for e in events)
         assert subscriber.finish() == 0, subscriber.stderr
+        # Its command's output was read to the end, which a player left running held open: the subscriber waited
+        # on it (30 s here) before its summary.
+        assert time.monotonic() - cancelled_at_s[0] < 15
     finally:
         kill_all(subscriber)
     assert f"turn0: cancelled by the streaming client: {num_segments} segments not spoken" in subscriber.stdout
     assert "turn0_seg0: stopped: the reply was cancelled" in subscriber.stdout
     assert not [line for line in subscriber.stdout if line.endswith(": spoken")], subscriber.stdout
     assert subscriber.stdout[-1] == f"0 segments done, 0 failed, {num_segments} not spoken (cancelled replies)"
+    started = [int(pid) for pid in players.read_text().split()]
+    assert len(started) == 1 and not is_running(started[0]), started
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead and waiting for its parent to reap it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_tts_subscriber_subscribes_again_after_a_dropped_connection(live, proxy, shared_audio, tmp_path):
