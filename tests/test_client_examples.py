@@ -1125,6 +1125,8 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
     subscriber's own advice gives): the whole command is stopped, not only the shell, whose player played on."""
     from websockets.asyncio.client import connect
 
+    from audio_interaction_server.engine.process import process_has_ended
+
     players = tmp_path / "players"  # the process id of each player the command started
     slow_tts = shlex.join(["sh", "-c", f"sleep 30 & echo $! >> {players}; wait", "sh", "{text}"])
     speech, rate_hz = soundfile.read(shared_audio / "01_count_bark" / "sample01_02.wav", dtype="int16")
@@ -1171,15 +1173,7 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
     assert not [line for line in subscriber.stdout if line.endswith(": spoken")], subscriber.stdout
     assert subscriber.stdout[-1] == f"0 segments done, 0 failed, {num_segments} not spoken (cancelled replies)"
     started = [int(pid) for pid in players.read_text().split()]
-    assert len(started) == 1 and not is_running(started[0]), started
-
-
-def is_running(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead and waiting for its parent to reap it, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert len(started) == 1 and process_has_ended(started[0]), started  # a zombie counts: its reaper is not ours
 
 
 def test_tts_subscriber_subscribes_again_after_a_dropped_connection(live, proxy, shared_audio, tmp_path):

@@ -30,6 +30,7 @@ from websockets.sync.client import ClientConnection
 
 from audio_interaction_server.audio.files import load_audio_file
 from audio_interaction_server.engine.events import EndCode, SessionEnded, SessionStarted
+from audio_interaction_server.engine.process import process_has_ended
 from audio_interaction_server.engine.process_client import EngineProcessClient
 from audio_interaction_server.options import SessionOptions
 from benchmarks.harness import LiveServer, spawn_server, stop_server
@@ -574,12 +575,7 @@ def wait_until_gone(pid: int | None, timeout_s: float) -> None:
     """Wait for a process that is not our child to end (a zombie counts as ended: its reaper is not ours)."""
     assert pid is not None
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
-                return
-        except (FileNotFoundError, ProcessLookupError):
-            return
+    while not process_has_ended(pid):
         assert time.monotonic() < deadline, f"process {pid} still runs {timeout_s:g} s on"
         time.sleep(0.02)
 
