@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import resource
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO_ROOT, server_package_dir, spawn_server
+from benchmarks.harness import REPO_ROOT, server_log, server_package_dir, spawn_server
 
 PROBE_AT_S = (2.0, 5.0, 12.0)
 
@@ -62,8 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.server_root
     process, port = start_server(root, args.fd_limit, args.checkpoint)
-    log = process.log_file
-    log_start = log.seek(0, os.SEEK_END)
+    log_start = len(server_log(process))  # what the start-up logged: the flood's lines come after it
     revision = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     print(f"# server from {root} (HEAD {revision or '?'}), soft fd limit {args.fd_limit}, "
@@ -102,8 +100,7 @@ def main() -> None:
             sock.close()
         process.terminate()
         process.wait(timeout=30)
-    log.seek(log_start)
-    flood_log = log.read()
+    flood_log = server_log(process)[log_start:]
     print(f"server log during the run: {flood_log.count(chr(10))} lines, {len(flood_log.encode()):,} bytes, "
           f"{flood_log.count('Traceback')} tracebacks")
 
