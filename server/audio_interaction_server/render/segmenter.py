@@ -16,6 +16,8 @@ _CJK_ENDS = frozenset("。！？；…")
 _SOFT_BREAKS = " ,，、"
 # What may close a sentence after its punctuation: quotes and brackets, Latin and CJK.
 _CLOSERS = frozenset("\"'”’»)]}」』）】》〉")
+# What may follow a sentence's punctuation within that sentence: its closers and more punctuation ("?!", "……").
+_SENTENCE_TAIL = _CLOSERS | _CJK_ENDS | _LATIN_ENDS
 
 
 class Segmenter:
@@ -49,7 +51,7 @@ class Segmenter:
             if char not in _CJK_ENDS and char not in _LATIN_ENDS:
                 continue
             end = index + 1
-            while end < len(text) and (text[end] in _CLOSERS or text[end] in _CJK_ENDS or text[end] in _LATIN_ENDS):
+            while end < len(text) and text[end] in _SENTENCE_TAIL:
                 end += 1  # "?!", "……", ".\"" and "。」" end one sentence
             if end == len(text):
                 break  # a closing quote may still come, or (Latin) the whitespace that ends the sentence
