@@ -84,6 +84,11 @@ def chosen_subprotocol(connection: HTTPConnection) -> str | None:
     return SELECTED_SUBPROTOCOL if SELECTED_SUBPROTOCOL in offered_subprotocols(connection) else None
 
 
+async def accept(websocket: WebSocket) -> None:
+    """Complete ``websocket``'s handshake, as every endpoint does: selecting ``chosen_subprotocol``."""
+    await websocket.accept(subprotocol=chosen_subprotocol(websocket))
+
+
 def subprotocol_key(connection: HTTPConnection) -> str | None:
     for name in offered_subprotocols(connection):
         if name.startswith(KEY_SUBPROTOCOL_PREFIX) and len(name) > len(KEY_SUBPROTOCOL_PREFIX):
@@ -365,7 +370,7 @@ async def refuse(runtime: Runtime, websocket: WebSocket, refusal: Refusal,
                                                   headers={"Retry-After": str(runtime.config.busy_retry_after_s)})):
             return
     if websocket.application_state is WebSocketState.CONNECTING:  # a resume is refused after its handshake too
-        await websocket.accept(subprotocol=chosen_subprotocol(websocket))
+        await accept(websocket)
     if encode is None:
         await send_and_close(websocket, in_band(refusal), refusal.close_code, reason=close_reason(refusal))
     else:

@@ -370,7 +370,7 @@ async def _serve_stream(runtime: Runtime, websocket: WebSocket) -> None:
     # Registered before the first await, so the capacity check above cannot be raced.
     runtime.register(session_id, connection)
     try:
-        await websocket.accept(subprotocol=admission.chosen_subprotocol(websocket))
+        await admission.accept(websocket)
     except Exception:
         on_closed("handshake_failed")
         raise
@@ -386,7 +386,7 @@ async def _resume_stream(runtime: Runtime, websocket: WebSocket, session_id: str
     if isinstance(decision, admission.Refusal):
         await admission.refuse(runtime, websocket, decision)
         return
-    await websocket.accept(subprotocol=admission.chosen_subprotocol(websocket))
+    await admission.accept(websocket)
     if not await decision.stream.resume(websocket, decision.last_seq):  # the session ended during the handshake
         await admission.refuse(runtime, websocket, admission.resume_expired(
             session_id, "this session can no longer be resumed: start a new one"))
@@ -407,7 +407,7 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
     stream.subscribers.add(subscriber)
     runtime.metrics.subscribers_active.inc()
     try:
-        await websocket.accept(subprotocol=admission.chosen_subprotocol(websocket))
+        await admission.accept(websocket)
         await subscriber.run()
     except* CLIENT_GONE:
         pass  # the subscriber left; nothing to clean up beyond the registration

@@ -128,7 +128,7 @@ async def serve_realtime(runtime, websocket: WebSocket) -> None:
                                   on_session_closed=lambda reason: runtime.session_closed(session_id, reason))
     runtime.register(session_id, connection)  # before the first await: the capacity check cannot be raced
     try:
-        await websocket.accept(subprotocol=admission.chosen_subprotocol(websocket))
+        await admission.accept(websocket)
     except Exception:
         on_closed("handshake_failed")
         raise
