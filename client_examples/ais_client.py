@@ -1188,8 +1188,10 @@ class Terminated(Exception):
     """SIGTERM ended the script, after the same clean end as Ctrl-C (``until_sigterm``)."""
 
 
-async def until_sigterm(coroutine: Awaitable[int]) -> int:
-    """``coroutine``, ended by SIGTERM as by the first Ctrl-C, then ``Terminated``.
+async def until_sigterm(coroutine: Awaitable[int], before_second_sigterm: Callable[[], None] | None = None) -> int:
+    """``coroutine``, ended by SIGTERM as by the first Ctrl-C, then ``Terminated``; a second SIGTERM ends the process
+    at once, as a supervisor means, ``before_second_sigterm`` run first (what must not outlive the script: a process
+    of its own that no signal to the script reaches).
 
     Both cancel the main task: the scripts' cancel paths close what they opened (``_converse`` cuts the open reply
     line, prints the summary, and ``run_stream`` closes the socket with 1000, which ends the session on the server;
@@ -1200,10 +1202,16 @@ async def until_sigterm(coroutine: Awaitable[int]) -> int:
     main_task = asyncio.current_task()
     is_terminated = False
 
+    def terminate_at_once() -> None:
+        if before_second_sigterm is not None:
+            before_second_sigterm()
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the default action: the process ends here
+
     def terminate() -> None:
         nonlocal is_terminated
         is_terminated = True
-        loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once, as a supervisor means
+        loop.add_signal_handler(signal.SIGTERM, terminate_at_once)
         main_task.cancel()
 
     try:
@@ -1223,14 +1231,16 @@ async def until_sigterm(coroutine: Awaitable[int]) -> int:
     return result
 
 
-def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr) -> int:
-    """``asyncio.run`` with the scripts' error reporting: one line, a non-zero status."""
+def run_main(coroutine: Awaitable[int], err: TextIO = sys.stderr,
+             before_second_sigterm: Callable[[], None] | None = None) -> int:
+    """``asyncio.run`` with the scripts' error reporting: one line, a non-zero status (``until_sigterm`` says what
+    ``before_second_sigterm`` is for)."""
     # Replies can hold any character; a console that cannot show one must not end the session.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        return asyncio.run(until_sigterm(coroutine))
+        return asyncio.run(until_sigterm(coroutine, before_second_sigterm))
     except Terminated:
         print("terminated", file=err)
         return EXIT_TERMINATED

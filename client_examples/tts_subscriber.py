@@ -256,6 +256,12 @@ class Speaker:
         self.num_cancelled += num_dropped
         return num_dropped
 
+    def stop_at_once(self) -> None:
+        """The subscriber ends now (a second SIGTERM): the command being spoken, in a process group no signal to the
+        subscriber reaches, would speak on after it."""
+        if self._process is not None and self._process.returncode is None:
+            stop_command(self._process)
+
     def num_left(self) -> int:
         """Segments received and not yet spoken, the one being spoken included."""
         return self.queue.qsize() + self.is_speaking
@@ -521,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     print(f"TTS command: {shlex.join(command.argv)}", flush=True)
     speaker = Speaker(command, None if args.out_dir is None else args.out_dir / session_folder(args.session_id))
-    return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s))
+    return run_main(follow(args.url, args.session_id, args.api_key, speaker, args.busy_retry_s),
+                    before_second_sigterm=speaker.stop_at_once)
 
 
 if __name__ == "__main__":

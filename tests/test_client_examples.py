@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import io
 import importlib.util
 import json
@@ -380,6 +381,43 @@ def test_tts_subscriber_stopped_by_sigterm_stops_following_and_the_session_goes_
         subscriber.stderr
     closed = json.loads(stream.stdout[-1])
     assert closed["type"] == "session.closed" and closed["reason"] == "client_closed", closed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess on Windows: nothing can handle it")
+def test_a_second_sigterm_ends_the_subscriber_and_the_sentence_it_speaks(live, shared_audio, tmp_path):
+    """A second SIGTERM ends the subscriber at once, as a process manager means. Its TTS command runs in a process
+    group of its own (so a cancel stops a pipeline's player too), where no signal sent to the subscriber reaches it:
+    ended by the default action, the subscriber left that command speaking on (first-hour round 13, left open)."""
+    import signal
+
+    from audio_interaction_server.engine.process import process_has_ended
+
+    players = tmp_path / "players"  # the process id of each player the command started
+    slow_tts = shlex.join(["sh", "-c", f"sleep 30 & echo $! >> {players}; wait", "sh", "{text}"])
+    stream = subscriber = None
+    try:
+        stream, subscriber, _ = start_with_subscriber(live, shared_audio / "01_count_bark", tmp_path, "--speed", "0",
+                                                      tts_args=("--tts-command", slow_tts))
+        stream.process.stdin.write("\n")
+        stream.process.stdin.close()
+        subscriber.wait_for_line(re.compile(r"^turn\d+_seg\d+: "))
+        deadline_s = time.monotonic() + 10
+        while not (players.exists() and players.read_text().strip()) and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+        subscriber.process.send_signal(signal.SIGTERM)
+        subscriber.wait_for_line(re.compile(r"^stopped following; speaking the \d+ segments? already received"))
+        subscriber.process.send_signal(signal.SIGTERM)
+        assert subscriber.finish(10) in (-signal.SIGTERM, 143), subscriber.stderr
+        started = [int(pid) for pid in players.read_text().split()]
+        deadline_s = time.monotonic() + 5
+        while not all(process_has_ended(pid) for pid in started) and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+        assert started and all(process_has_ended(pid) for pid in started), started
+    finally:
+        kill_all(stream, subscriber)
+        for pid in [int(pid) for pid in players.read_text().split()] if players.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_stream_file_readable_mode_prints_a_line_per_turn_in_real_time(live, shared_audio, tmp_path):
