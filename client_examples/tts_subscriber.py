@@ -10,8 +10,9 @@ inside its own argument; it runs without a shell, so nothing in a reply is ever 
 ``{text}`` inside code a shell or an interpreter runs, ``sh -c "... {text} ..."``, is refused).
 With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
-A reply the streaming client cancels (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it) is
-not spoken on: its segment being spoken is stopped, and its segments still queued are dropped.
+A reply the streaming client cuts short (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it;
+``"session_closed"``: the user ended the session mid-reply) is not spoken on: its segment being spoken is stopped,
+and its segments still queued are dropped.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 A connection that drops (no close from the server: a Wi-Fi blip, a proxy restarting) is subscribed
@@ -204,13 +205,13 @@ class Speaker:
         self.command, self.out_dir = command, out_dir
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()  # None: the session ended
         self.num_done = self.num_failed = 0
-        self.num_cancelled = 0  # segments of cancelled replies not spoken (or stopped while spoken)
+        self.num_cancelled = 0  # segments of replies cut short not spoken (or stopped while spoken)
         self._stderr_shown: str | None = None  # what the command last wrote to stderr, shown once while it repeats
         self._out_dir_problem: str | None = None  # why out_dir could not be made; "" once made
         self.is_speaking = False  # a segment's command is running
         self._speaking: dict | None = None  # the segment whose command runs
         self._process: asyncio.subprocess.Process | None = None  # that command
-        self._cancelled_turns: set[int] = set()  # replies the streaming client cancelled: none of theirs is spoken
+        self._cancelled_turns: set[int] = set()  # replies cut short: none of theirs is spoken
 
     def _make_out_dir(self) -> str:
         """Why the segment cannot be written ("" when it can). The folder is made at the first segment, not at the
@@ -236,9 +237,10 @@ class Speaker:
                 self.is_speaking, self._speaking = False, None
 
     def cancel_turn(self, turn: int) -> int:
-        """The streaming client cancelled reply ``turn``: stop speaking it. Its segment being spoken is stopped and
-        its queued ones dropped (sentences arrive faster than they are spoken, so a cancelled reply could go on for
-        many seconds over the user who cut it). Returns how many segments go unspoken, the stopped one included."""
+        """Reply ``turn`` was cut short (cancelled, or its session closed): stop speaking it. Its segment being
+        spoken is stopped and its queued ones dropped (sentences arrive faster than they are spoken, so a cancelled
+        reply could go on for many seconds over the user who cut it, or to a user who has left). Returns how many
+        segments go unspoken, the stopped one included."""
         self._cancelled_turns.add(turn)
         kept, num_dropped = [], 0
         while not self.queue.empty():
@@ -275,7 +277,7 @@ class Speaker:
             return
         failure, said = await self._run(self.command.expand(segment["text"], wav))
         if segment["turn"] in self._cancelled_turns:
-            print(f"{name}: stopped: the reply was cancelled", flush=True)
+            print(f"{name}: stopped: the reply was cut short", flush=True)
             return
         if failure is None and said and said != self._stderr_shown:
             # A command may succeed and still say that nothing was heard: espeak-ng on a machine without a sound
@@ -403,7 +405,7 @@ async def follow(url: str, session_id: str, api_key: str | None, speaker: Speake
         speaker.queue.put_nowait(None)
         await worker  # the segments already received are still spoken
     code = websocket.close_code
-    cancelled = f", {speaker.num_cancelled} not spoken (cancelled replies)" if speaker.num_cancelled else ""
+    cancelled = f", {speaker.num_cancelled} not spoken (replies cut short)" if speaker.num_cancelled else ""
     print(f"{speaker.num_done} segments done, {speaker.num_failed} failed{cancelled}", flush=True)
     if code != 1000:
         print(describe_close(code, websocket.close_reason or ""), file=sys.stderr)
@@ -422,6 +424,11 @@ SERVER_ENDS = {"server_draining": "its server drains, for an update or a scale-d
                "server_shutdown": "its server stopped"}
 
 
+# Replies cut short, by their turn_end's end_reason, and what is said of them: the user talked over the reply
+# (response.cancel), or ended the conversation mid-reply (session.close): either way no one waits for the rest.
+REPLY_CUTS = {"cancelled": "cancelled by the streaming client", "session_closed": "cut short: the session closed"}
+
+
 async def read_events(websocket: ClientConnection, speaker: Speaker) -> tuple[bool, str | None]:
     """The subscription's events until its connection ends, each segment queued for the speaker; whether a fatal
     error came, and why the session closed (its session.closed reason; None when none came)."""
@@ -434,9 +441,9 @@ async def read_events(websocket: ClientConnection, speaker: Speaker) -> tuple[bo
                 if kind == "segment":
                     print(f"turn{event['turn']}_seg{event['index']}: {printable(event['text'])}", flush=True)
                     speaker.queue.put_nowait(event)
-                elif kind == "turn_end" and event.get("end_reason") == "cancelled":
+                elif kind == "turn_end" and (cut := REPLY_CUTS.get(event.get("end_reason"))) is not None:
                     if num_unspoken := speaker.cancel_turn(event["turn"]):
-                        print(f"turn{event['turn']}: cancelled by the streaming client: {num_unspoken} segment"
+                        print(f"turn{event['turn']}: {cut}: {num_unspoken} segment"
                               f"{'s' if num_unspoken != 1 else ''} not spoken", flush=True)
                 elif kind == "error":
                     is_fatal |= bool(event.get("is_fatal"))

@@ -1156,11 +1156,20 @@ def test_tts_subscriber_writes_one_wav_per_segment(live, shared_audio, tmp_path)
     assert f"{len(segments)} segments done, 0 failed" in subscriber.stdout
 
 
-def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_audio, tmp_path):
+# How a streaming client cuts a reply, the turn_end's end_reason, and what the subscriber says of it.
+REPLY_CUTS = {"response.cancel": ("cancelled", "cancelled by the streaming client"),
+              "session.close": ("session_closed", "cut short: the session closed")}
+
+
+@pytest.mark.parametrize("cut", list(REPLY_CUTS))
+def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(cut, live, shared_audio, tmp_path):
     """A user who talks over a reply has the client send response.cancel; sentences arrive faster than they are
     spoken, so the subscriber had them queued and spoke every one of them, over the user, after the cancel. The
     command is a shell running its player as a child of its own (as ``sh -c 'espeak-ng ... | aplay'``, the form the
-    subscriber's own advice gives): the whole command is stopped, not only the shell, whose player played on."""
+    subscriber's own advice gives): the whole command is stopped, not only the shell, whose player played on. A
+    user who ends the conversation mid-reply (session.close) is not spoken to on either (first-hour round 13, left
+    open: the rest of the reply was spoken to no one)."""
+    end_reason, said = REPLY_CUTS[cut]
     from websockets.asyncio.client import connect
 
     from audio_interaction_server.engine.process import process_has_ended
@@ -1188,17 +1197,18 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
             events: list[dict] = []
             while not events or events[-1]["type"] != "turn_end":
                 events.append(json.loads(await websocket.recv()))
-                if [e["type"] for e in events].count("segment") == 2:
-                    await websocket.send(json.dumps({"type": "response.cancel"}))
+                if [e["type"] for e in events].count("segment") == 2 and not cancelled_at_s:
+                    await websocket.send(json.dumps({"type": cut}))
                     cancelled_at_s.append(time.monotonic())
-            await websocket.send(json.dumps({"type": "session.close"}))
+            if cut != "session.close":
+                await websocket.send(json.dumps({"type": "session.close"}))
             async for _ in websocket:
                 pass
             return events
 
     try:
         events = asyncio.run(cancel_a_reply_the_subscriber_is_speaking())
-        assert events[-1]["end_reason"] == "cancelled", "the reply ended before its cancel: nothing was tested"
+        assert events[-1]["end_reason"] == end_reason, "the reply ended before its cut: nothing was tested"
         num_segments = sum(e["type"] == "segment" for e in events)
         assert subscriber.finish() == 0, subscriber.stderr
         # Its command's output was read to the end, which a player left running held open: the subscriber waited
@@ -1206,10 +1216,10 @@ def test_tts_subscriber_stops_speaking_a_reply_the_client_cancels(live, shared_a
         assert time.monotonic() - cancelled_at_s[0] < 15
     finally:
         kill_all(subscriber)
-    assert f"turn0: cancelled by the streaming client: {num_segments} segments not spoken" in subscriber.stdout
-    assert "turn0_seg0: stopped: the reply was cancelled" in subscriber.stdout
+    assert f"turn0: {said}: {num_segments} segments not spoken" in subscriber.stdout
+    assert "turn0_seg0: stopped: the reply was cut short" in subscriber.stdout
     assert not [line for line in subscriber.stdout if line.endswith(": spoken")], subscriber.stdout
-    assert subscriber.stdout[-1] == f"0 segments done, 0 failed, {num_segments} not spoken (cancelled replies)"
+    assert subscriber.stdout[-1] == f"0 segments done, 0 failed, {num_segments} not spoken (replies cut short)"
     started = [int(pid) for pid in players.read_text().split()]
     assert len(started) == 1 and process_has_ended(started[0]), started  # a zombie counts: its reaper is not ours
 
