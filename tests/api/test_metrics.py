@@ -140,3 +140,18 @@ def test_how_the_engine_steps_is_shown_once_it_started(tiny_model):
     assert not any(name.startswith("ais_step_path_info") and "refused" not in name for name in shown)
     assert (shown["ais_cuda_graphs_captured"], shown["ais_cuda_graph_capture_seconds"],
             shown["ais_cuda_graph_pool_bytes"]) == (119, 25.5, 3 * 2**30)
+
+
+def test_no_created_series_that_read_as_a_second_metric():
+    """prometheus_client's ``<name>_created`` timestamps rendered ``ais_sessions_created{reason=...} 1.79e+09`` (a
+    gauge with the help text "streaming sessions by how they ended") beside ``ais_sessions_total``: a dashboard
+    summing it showed billions of sessions created."""
+    metrics = Metrics()
+    metrics.sessions_total.labels("client_closed").inc()
+    metrics.turn_ended(5, "text_end")
+    metrics.chunk_decided(0.05)
+    text = metrics.render().decode()
+    assert 'ais_sessions_total{reason="client_closed"} 1.0' in text
+    names = {line.partition("{")[0].partition(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+    assert not [name for name in names if name.endswith("_created")], sorted(names)
+

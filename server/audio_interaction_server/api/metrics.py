@@ -15,13 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from audio_interaction_server.process_memory import (  # noqa: F401  (heap_stats, malloc_trim: the front's users)
     HeapStats, heap_stats, malloc_trim, open_fds, resident_bytes,
 )
+
+# No ``<name>_created`` series: prometheus_client adds one per counter and histogram (a Unix timestamp), which in
+# the text format reads as a second metric: ``ais_sessions_created{reason="client_closed"} 1.79e+09`` next to
+# ``ais_sessions_total`` looked like 1.8 billion sessions created, typed a gauge with the counter's help text. A
+# scrape sees counter resets without it. (A process-wide switch of prometheus_client's, read at each render.)
+disable_created_metrics()
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 _STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
