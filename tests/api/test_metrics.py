@@ -155,3 +155,13 @@ def test_no_created_series_that_read_as_a_second_metric():
     names = {line.partition("{")[0].partition(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
     assert not [name for name in names if name.endswith("_created")], sorted(names)
 
+
+def test_step_rows_buckets_reach_a_gpu_replicas_batches():
+    """A GPU replica steps hundreds of sessions at once (configs/gpu-host.yaml: 256 slots; 512 measured on an
+    H200); buckets that ended at 64 put all of those steps in +Inf, where no quantile can be read."""
+    metrics = Metrics()
+    metrics.step_rows.observe(200)
+    values = samples(metrics)
+    assert values['ais_worker_step_rows_bucket{le="128.0"}'] == 0
+    assert values['ais_worker_step_rows_bucket{le="256.0"}'] == 1
+    assert values['ais_worker_step_rows_bucket{le="1024.0"}'] == 1
