@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -265,6 +266,10 @@ def test_a_client_secret_opens_the_two_session_endpoints_and_nothing_else(tiny_c
         with server.connect(key=expired) as ws:
             events, code = recv_to_close(ws)
         assert events[0]["code"] == "unauthorized" and code == 1008
+        # Said so: "missing or wrong API key" sent the page's developer to check a key that was right (first-hour 14)
+        assert re.fullmatch(r"client secret expired 3\d\d\d s ago: mint a new one with the API key",
+                            events[0]["message"]), events
+        assert len(f"unauthorized: {events[0]['message']}".encode()) <= 123  # whole in the close frame too
     finally:
         server.stop()
 

@@ -136,6 +136,12 @@ SECRET_NOT_ENOUGH = "a client secret opens only /v1/stream and /v1/realtime; thi
 
 def wrong_key_message(runtime: Runtime, offered: str | None) -> str:
     """Why ``offered`` is refused where the API key itself is needed (a subscriber, /v1/load)."""
+    # An expired secret said "missing or wrong API key", like a forged one: the page's developer (and the operator
+    # reading the refusal's log line) checked the key, when the page had only to mint a fresh secret.
+    if offered is not None and runtime.client_secrets is not None:
+        expired_s = runtime.client_secrets.expired_since(offered, time.time())
+        if expired_s is not None:
+            return f"client secret expired {expired_s:.0f} s ago: mint a new one with the API key"
     if offered is not None and opens_sessions(runtime, offered):
         return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"
     return "missing or wrong API key"

@@ -17,6 +17,16 @@ def test_a_secret_is_valid_until_it_expires():
     assert not secrets.is_valid(minted.value, NOW_S + 60)
 
 
+def test_an_expired_secret_is_told_from_a_wrong_one():
+    secrets = ClientSecrets("api-key")
+    minted = secrets.mint(60, now_s=NOW_S)
+    assert secrets.expired_since(minted.value, NOW_S + 59) is None  # still valid
+    assert secrets.expired_since(minted.value, NOW_S + 60) == 0
+    assert secrets.expired_since(minted.value, NOW_S + 3660) == 3600
+    assert ClientSecrets("rotated-key").expired_since(minted.value, NOW_S + 3660) is None  # not ours: just wrong
+    assert all(secrets.expired_since(v, NOW_S) is None for v in ("", None, "api-key", "ek_x_y_z", minted.value + "0"))
+
+
 def test_any_replica_with_the_same_key_accepts_it_and_another_key_does_not():
     minted = ClientSecrets("api-key").mint(60, now_s=NOW_S)
     assert ClientSecrets("api-key").is_valid(minted.value, NOW_S)  # another process, same key

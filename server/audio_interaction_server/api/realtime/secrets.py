@@ -64,5 +64,17 @@ class ClientSecrets:
         now_s = time.time() if now_s is None else now_s
         return now_s < int(expiry_text)
 
+    def expired_since(self, value: str | None, now_s: float | None = None) -> float | None:
+        """Seconds since ``value`` expired, when it is a secret this key signed that has expired; else None (a
+        valid secret, or anything that is not one of ours). Lets a refusal say "expired" rather than "wrong key"."""
+        if not value or not value.startswith(SECRET_PREFIX) or len(value) > 200:
+            return None
+        body, _, tag = value[len(SECRET_PREFIX):].rpartition("_")
+        expiry_text, _, nonce = body.partition("_")
+        if not expiry_text.isdigit() or not nonce or not hmac.compare_digest(tag.encode(), self._tag(body).encode()):
+            return None
+        now_s = time.time() if now_s is None else now_s
+        return now_s - int(expiry_text) if now_s >= int(expiry_text) else None
+
     def _tag(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:_TAG_HEX_CHARS]
