@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -347,6 +348,16 @@ def test_serve_help_says_what_python_m_says():
                             text=True, timeout=60)
     description = served.stdout.split("\n\n")[1]
     assert description.startswith("Run the WebSocket server") and description in command("serve", "--help").stdout
+
+
+def test_every_serve_option_has_a_help_text():
+    """--device was listed with its choices and not a word of what it sets (first-hour 14)."""
+    from audio_interaction_server.__main__ import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    silent = [action.option_strings for action in parser._actions if action.option_strings and not action.help]
+    assert not silent, silent
 
 
 def test_serve_help_lists_the_exit_statuses():

@@ -53,7 +53,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=given_path,
                         help="release checkpoint directory, or a Hugging Face repo id owner/name[@revision]")
     source.add_argument("--demo", action="store_true", help="serve the tiny random demo model (replies are noise)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs (engine.device; default from the config: auto, cuda when one is "
+                        "visible)")
     parser.add_argument("--engine-process", action="store_true",
                         help="run the engine in a process of its own (engine.transport: process; the default on CUDA)")
     parser.add_argument("--fronts", type=int, metavar="N",
