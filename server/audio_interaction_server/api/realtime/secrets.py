@@ -52,29 +52,28 @@ class ClientSecrets:
         return MintedSecret(value=f"{SECRET_PREFIX}{body}_{self._tag(body)}", expires_at_s=expires_at_s)
 
     def is_valid(self, value: str | None, now_s: float | None = None) -> bool:
-        if not value or not value.startswith(SECRET_PREFIX) or len(value) > 200:
-            return False
-        body, _, tag = value[len(SECRET_PREFIX):].rpartition("_")
-        expiry_text, _, nonce = body.partition("_")
-        if not expiry_text.isdigit() or not nonce:
-            return False
-        # Compared before the clock: how long a check takes must not depend on the expiry.
-        if not hmac.compare_digest(tag.encode(), self._tag(body).encode()):
-            return False
-        now_s = time.time() if now_s is None else now_s
-        return now_s < int(expiry_text)
+        expiry_s = self._signed_expiry(value)
+        return expiry_s is not None and (time.time() if now_s is None else now_s) < expiry_s
 
     def expired_since(self, value: str | None, now_s: float | None = None) -> float | None:
         """Seconds since ``value`` expired, when it is a secret this key signed that has expired; else None (a
         valid secret, or anything that is not one of ours). Lets a refusal say "expired" rather than "wrong key"."""
+        expiry_s = self._signed_expiry(value)
+        now_s = time.time() if now_s is None else now_s
+        return None if expiry_s is None or now_s < expiry_s else now_s - expiry_s
+
+    def _signed_expiry(self, value: str | None) -> int | None:
+        """The expiry (Unix seconds) of a secret this key signed, expired or not; None for anything else."""
         if not value or not value.startswith(SECRET_PREFIX) or len(value) > 200:
             return None
         body, _, tag = value[len(SECRET_PREFIX):].rpartition("_")
         expiry_text, _, nonce = body.partition("_")
-        if not expiry_text.isdigit() or not nonce or not hmac.compare_digest(tag.encode(), self._tag(body).encode()):
+        if not expiry_text.isdigit() or not nonce:
             return None
-        now_s = time.time() if now_s is None else now_s
-        return now_s - int(expiry_text) if now_s >= int(expiry_text) else None
+        # Compared before the clock: how long a check takes must not depend on the expiry.
+        if not hmac.compare_digest(tag.encode(), self._tag(body).encode()):
+            return None
+        return int(expiry_text)
 
     def _tag(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()[:_TAG_HEX_CHARS]
