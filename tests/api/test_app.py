@@ -882,3 +882,16 @@ def test_a_worker_thread_that_hangs_makes_the_server_refuse_new_sessions_until_i
     finally:
         release.set()
         server.stop()
+
+
+def test_a_front_waiting_for_its_engine_says_so_rather_than_loading_the_model():
+    """A front of several (``serve --fronts N``), started again beside an engine that serves, answered /ready and its
+    refusals "loading the model" while it attached: during an incident, a model load that was not happening
+    (first-hour round 14)."""
+    from audio_interaction_server.api.app import create_app
+    from audio_interaction_server.engine.wire import EngineEndpoints
+
+    runtime = create_app(load_config(None, {"AIS_ENGINE__DEVICE": "cpu"})).state.runtime
+    assert runtime.not_ready_reason() == "loading the model"  # one process: it loads the model itself
+    runtime.attach_to = EngineEndpoints.in_directory(Path("/nonexistent"))
+    assert runtime.not_ready_reason() == "waiting for the engine process (it loads the model when it starts)"

@@ -370,6 +370,9 @@ class Runtime:
             return "shutting down"
         if self.load_error is not None:
             return "model failed to load (the server log says why)"
+        if self.worker is None and self.attach_to is not None:  # one of several fronts, often started again beside an
+            # engine that serves: "loading the model" sent an operator after a load that was not happening
+            return "waiting for the engine process (it loads the model when it starts)"
         if self.worker is None:
             report = self.load_progress.report()
             if report is not None and report.phase == "downloading" and not report.is_finished:
