@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import signal
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -43,6 +44,7 @@ from audio_interaction_server.api.static_pages import router as static_pages_rou
 from audio_interaction_server.api.transport import uvicorn_options
 from audio_interaction_server.api.transport_guard import TransportGuard
 from audio_interaction_server.engine.client import dtype_name
+from audio_interaction_server.logs import bind_session
 from audio_interaction_server.protocol import PROTOCOL_VERSION, CloseCode
 from audio_interaction_server.config import ServerConfig
 
@@ -403,9 +405,14 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
     stream = runtime.streams[session_id]
     config = runtime.config
     subscriber = Subscriber(websocket, config.max_queued_events, config.max_queued_bytes, session_id, config.flood)
+    # What this task logs from here is about the session it follows (uvicorn's line of the handshake too): an
+    # operator sees who followed a session, and when.
+    bind_session(session_id)
+    address, joined_s = peer_address(websocket) or "unknown", time.monotonic()
     # Subscribed before the handshake completes: once the client sees it open, no event is missed.
     stream.subscribers.add(subscriber)
     runtime.metrics.subscribers_active.inc()
+    log.info("session %s: a subscriber from %s follows it (%d in all)", session_id, address, len(stream.subscribers))
     try:
         await admission.accept(websocket)
         await subscriber.run()
@@ -414,6 +421,8 @@ async def _serve_subscriber(runtime: Runtime, websocket: WebSocket, session_id: 
     finally:
         stream.subscribers.discard(subscriber)
         runtime.metrics.subscribers_active.dec()
+        log.info("session %s: a subscriber from %s left after %.1f s", session_id, address,
+                 time.monotonic() - joined_s)
 
 
 def _info(runtime: Runtime, is_authorized: bool) -> dict:
