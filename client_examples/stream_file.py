@@ -140,11 +140,22 @@ def _sequence(folder: Path) -> list[Path]:
     return [folder / entry for entry in entries]
 
 
+# Sample formats libsndfile stores as floats: read as int16 it converts them without scaling to full scale.
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+
 def read_pcm(path: Path) -> np.ndarray:
     """(T, C) little-endian int16: the wire format, interleaved once ``tobytes`` flattens it. Only the header was
     read before connecting: a body damaged after it is found here, and said in one line."""
     try:
-        samples = soundfile.read(str(path), dtype="int16", always_2d=True)[0]
+        with soundfile.SoundFile(str(path)) as audio:
+            if audio.subtype in FLOAT_SUBTYPES:
+                # libsndfile reads float samples as int16 unscaled (0.8 -> 1): a float WAV would be sent as
+                # near-silence. Scale full scale (1.0) to 32768, as libsndfile reads 16-bit PCM into float.
+                floats = audio.read(dtype="float32", always_2d=True)
+                samples = np.clip(np.round(floats * 32768.0), -32768, 32767).astype(np.int16)
+            else:
+                samples = audio.read(dtype="int16", always_2d=True)
     except RuntimeError as error:  # soundfile.LibsndfileError
         if not path.is_file():  # removed or replaced while the files before it streamed
             raise InputError(f"{path}: no longer there (it was when streaming began)") from None

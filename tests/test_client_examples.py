@@ -2392,3 +2392,37 @@ def test_a_new_session_hears_the_audio_left_in_the_log_in_its_own_format(tiny_ch
     assert len(closed) == 2 and "starting a new session" in message, message
     received_s = sum(e["audio_received_s"] for e in closed)
     assert abs(received_s - 4.0) <= 0.1, (received_s, [e["audio_received_s"] for e in closed], message)
+
+
+def load_stream_file_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(CLIENTS))
+    spec = importlib.util.spec_from_file_location("stream_file_under_test", CLIENTS / "stream_file.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_stream_file_sends_a_float_wav_at_its_level_not_as_silence(live, shared_audio, tmp_path, monkeypatch,
+                                                                  subtype):
+    """A 32-bit float WAV (what DAWs, sox -e floating-point and many corpora write) was read with soundfile's
+    dtype="int16", which libsndfile converts without scaling: every sample became -1, 0 or 1, and the server heard
+    near-silence with nothing said (first-hour review, round 15). Its samples now go out as those of the same
+    recording in 16-bit PCM, and the model's decisions and replies are the same."""
+    pcm16 = cut_recording(shared_audio / "01_count_bark" / "sample01_02.wav", tmp_path / "pcm16.wav", 2.0, 16_000)
+    samples, rate_hz = soundfile.read(str(pcm16), dtype="float32")
+    floats = tmp_path / f"{subtype.lower()}.wav"
+    soundfile.write(str(floats), samples, rate_hz, subtype=subtype)
+    stream_file = load_stream_file_module(monkeypatch)
+    assert np.array_equal(stream_file.read_pcm(floats), stream_file.read_pcm(pcm16))
+
+    def heard(recording: Path) -> tuple[list, list]:
+        code, out, err = run_script("stream_file.py", live.ws_url, str(recording), "--api-key", API_KEY, "--speed",
+                                    "0", "--json", "--decisions", cwd=tmp_path)
+        assert code == 0, err
+        events = [json.loads(line) for line in out]
+        return ([(e["chunk"], e["decision"]) for e in events if e["type"] == "decision"],
+                [e["token_ids"] for e in events if e["type"] == "turn_end"])
+
+    assert heard(floats) == heard(pcm16)
