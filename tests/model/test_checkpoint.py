@@ -248,3 +248,25 @@ def test_model_config_that_is_not_yaml_is_one_line_naming_the_file_and_the_place
     message = str(error.value)
     assert "\n" not in message and "<unicode string>" not in message, message
     assert message.startswith(f"{config} is not valid YAML (line 3, column 1): "), message
+
+
+def test_an_unsharded_model_safetensors_without_an_index_loads_as_the_shards_do(checkpoint_copy: Path, tiny_model):
+    """A checkpoint of one's own often holds its LM in one ``model.safetensors`` without an index (safetensors'
+    ``save_file``, an unsharded ``save_pretrained``): it was refused as "model.safetensors.index.json is missing"
+    (first-hour review, round 15). It now loads, to the same weights as the release's shards."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((checkpoint_copy / "model.safetensors.index.json").read_text())
+    tensors: dict = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(checkpoint_copy / shard)))
+        (checkpoint_copy / shard).unlink()
+    (checkpoint_copy / "model.safetensors.index.json").unlink()
+    save_file(tensors, str(checkpoint_copy / "model.safetensors"))
+    model = ckpt.load_model(checkpoint_copy, "cpu", "float32")
+    expected = tiny_model.lm.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.lm.state_dict().items())
+    # Damaged, it is named as a shard is.
+    (checkpoint_copy / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")

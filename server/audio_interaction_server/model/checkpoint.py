@@ -129,11 +129,14 @@ def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        index = json.loads(files.index.read_text())
-        shard_names = sorted(set(index["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-        raise CheckpointError(f'{files.index} must be JSON with a "weight_map" object: {exc}') from exc
+    if files.index.suffix == ".safetensors":  # unsharded: the one weights file stands where the index would
+        shard_names = [files.index.name]
+    else:
+        try:
+            index = json.loads(files.index.read_text())
+            shard_names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise CheckpointError(f'{files.index} must be JSON with a "weight_map" object: {exc}') from exc
     if progress is not None:
         progress.set_total(len(shard_names) + 1)  # the LM's shards and the audio tower's file
     state: dict[str, torch.Tensor] = {}

@@ -6,6 +6,7 @@ hub's download, a front of an engine process loading the tokenizer) imports no t
     model_config.yaml                    LitGPT Config fields
     model.safetensors.index.json         {"weight_map": {param: shard}}
     model-0000k-of-0000N.safetensors     LitGPT-named LM weights
+      (or, without an index, one model.safetensors holding them all: an unsharded checkpoint of one's own)
     audiointeraction_ChunkwisedEncoder.pth   (or MiniOmni3_ChunkwisedEncoder.pth)
     qwen25OmniConfig/config.json         Qwen2.5-Omni config; thinker_config.audio_config is used
     tokenizer.json                       HF tokenizers file (prompt encoding, reply decoding)
@@ -20,6 +21,7 @@ from pathlib import Path
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"  # an unsharded LM, taken where there is no index
 ENCODER_FILES = ("audiointeraction_ChunkwisedEncoder.pth", "MiniOmni3_ChunkwisedEncoder.pth")
 OMNI_CONFIG_DIR = "qwen25OmniConfig"
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,7 +36,7 @@ class CheckpointError(RuntimeError):
 class CheckpointFiles:
     root: Path
     model_config: Path
-    index: Path
+    index: Path  # the safetensors index; or, for an unsharded checkpoint, its one model.safetensors
     encoder_weights: Path
     omni_config_dir: Path
     tokenizer: Path
@@ -46,18 +48,22 @@ def resolve_files(root: Path) -> CheckpointFiles:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
     encoder = next((root / n for n in ENCODER_FILES if (root / n).is_file()), None)
+    index = root / INDEX_FILE
+    if not index.is_file() and (root / SINGLE_WEIGHTS_FILE).is_file():
+        index = root / SINGLE_WEIGHTS_FILE  # unsharded: one file holds every LM tensor
     omni_dir = root / OMNI_CONFIG_DIR
     # Every missing file at once: fixing a download one error at a time wastes a reload per file.
     expected = [
         (MODEL_CONFIG_FILE, (root / MODEL_CONFIG_FILE).is_file(), "the LitGPT model config (YAML)"),
-        (INDEX_FILE, (root / INDEX_FILE).is_file(), 'the safetensors index {"weight_map": {...}}'),
+        (INDEX_FILE, index.is_file(), 'the safetensors index {"weight_map": {...}}, or one model.safetensors '
+         "holding every LM tensor"),
         (" or ".join(ENCODER_FILES), encoder is not None, "the audio tower, a Qwen2_5OmniAudioEncoder state dict"),
         (OMNI_CONFIG_DIR if not omni_dir.is_dir() else f"{OMNI_CONFIG_DIR}/config.json",
          (omni_dir / "config.json").is_file(), "the Qwen2.5-Omni config with thinker_config.audio_config"),
         (TOKENIZER_FILE, (root / TOKENIZER_FILE).is_file(), "the HF tokenizers tokenizer.json"),
     ]
     missing = [f"{name} is missing ({what})" for name, is_there, what in expected if not is_there]
-    shards = _listed_shards(root / INDEX_FILE)
+    shards = [SINGLE_WEIGHTS_FILE] if index.name == SINGLE_WEIGHTS_FILE else _listed_shards(index)
     missing += [f"{name} is missing (listed in {INDEX_FILE})" for name in shards if not (root / name).is_file()]
     if missing:
         nested = _nested_checkpoints(root) if not (root / MODEL_CONFIG_FILE).is_file() else []
@@ -80,7 +86,7 @@ def resolve_files(root: Path) -> CheckpointFiles:
     return CheckpointFiles(
         root=root,
         model_config=root / MODEL_CONFIG_FILE,
-        index=root / INDEX_FILE,
+        index=index,
         encoder_weights=encoder,
         omni_config_dir=omni_dir,
         tokenizer=root / TOKENIZER_FILE,
