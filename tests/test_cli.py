@@ -840,3 +840,22 @@ def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(capsys, tin
         assert "no effect" not in err, err
     else:
         assert warned in err, err
+
+
+@pytest.mark.parametrize("features", ["offline", "streaming"])
+def test_a_file_that_holds_no_audio_is_said_to_hold_none(capsys, tiny_checkpoint, tmp_path, features):
+    """A WAV with a header and no samples (a recording that failed) ran without a word: its file_begin and the
+    decisions on the silence after it went into an evaluation as that file's results (first-hour review, round 15;
+    stream_file.py already said "holds no audio")."""
+    import soundfile
+
+    empty = tmp_path / "empty.wav"
+    soundfile.write(str(empty), torch.zeros(0).numpy(), 16_000, subtype="PCM_16")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--checkpoint", str(tiny_checkpoint), "--features", features, "--max-turn-tokens", "2",
+                  "--trailing-silence", "0.4", str(empty)])
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    first = json.loads(out.splitlines()[0])
+    assert first["type"] == "file_begin" and first["duration_s"] == 0
+    assert f"{empty} holds no audio" in err

@@ -429,6 +429,11 @@ def run(args: argparse.Namespace) -> int:
     # events are those of pushing every file first.
     stream_samples = 0
     for index, file_audio in enumerate(clips_per_file(files, args.trailing_silence)):
+        if file_audio.path is not None and file_audio.num_samples == 0:
+            # Said as stream_file.py says it: the events after this file's file_begin answer the silence (and the
+            # files) after it, not a recording, and an evaluation would count them as this file's.
+            log.warning("%s holds no audio (a failed recording?): the decisions after its file_begin hear what "
+                        "follows it, not this file", file_audio.path)
         if file_audio.path is not None:
             print(FileBegin(str(file_audio.path), index, stream_samples // CHUNK_SAMPLES,
                             stream_samples / SAMPLE_RATE_HZ, file_audio.num_samples / SAMPLE_RATE_HZ).to_json(),
