@@ -185,6 +185,8 @@ def wait_for_enter(prompt: str) -> asyncio.Future:
     return done
 
 
+CHUNK_S = 0.4  # the model decides once per 0.4 s of the stream (session.created's limits.chunk_s)
+
 # The frames a second a server takes from one connection by default (transport.data_frames_per_s); past them it cuts
 # the connection (1008, "too many WebSocket frames"). At --speed 0 the client sends at most half as many.
 MAX_FRAMES_PER_S = 1000
@@ -202,7 +204,13 @@ class FileSender:
             await self._wait_keeping_alive(session)
         loop = asyncio.get_running_loop()
         start_s, audio_s, current_format, num_frames = loop.time(), 0.0, None, 0
-        for audio_file in self.files:
+        for index, audio_file in enumerate(self.files):
+            if session.console.as_json:
+                # Where each file begins in the session's stream, in the decisions' own clock (audio_time_s, 16 kHz
+                # chunks of 0.4 s), so that a decision can be traced to the file it heard: the JSON on stdout is the
+                # server's alone, and the server does not know the files.
+                session.console.note(f"file {index}: {audio_file.path} begins at {audio_s:.3f} s of the stream "
+                                     f"(chunk {int(audio_s / CHUNK_S)})")
             audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": audio_file.sample_rate_hz,
                             "num_channels": audio_file.num_channels}
             if audio_format != current_format:

@@ -2426,3 +2426,24 @@ def test_stream_file_sends_a_float_wav_at_its_level_not_as_silence(live, shared_
                 [e["token_ids"] for e in events if e["type"] == "turn_end"])
 
     assert heard(floats) == heard(pcm16)
+
+
+FILE_LINE = re.compile(r"^file (\d+): (.+) begins at (\d+\.\d{3}) s of the stream \(chunk (\d+)\)$")
+
+
+def test_stream_file_json_says_where_each_file_begins_in_the_decisions_clock(live, shared_audio, tmp_path):
+    """``--json`` printed the server's events alone, and the server does not know the files: a researcher streaming
+    a folder could not tell which file a decision heard without re-deriving every file's decoded length (first-hour
+    review, round 15). Each file's start now goes to stderr, in the decisions' clock, as ``run``'s file_begin."""
+    folder = shared_audio / "01_count_bark"
+    code, out, err = run_script("stream_file.py", live.ws_url, str(folder), "--api-key", API_KEY, "--speed", "0",
+                                "--json", "--decisions", cwd=tmp_path)
+    assert code == 0, err
+    begins = [found for line in err if (found := FILE_LINE.match(line))]
+    names = json.loads((folder / "sequence.json").read_text())
+    assert [(int(b[1]), b[2]) for b in begins] == [(i, str(folder / name)) for i, name in enumerate(names)]
+    start_s = 0.0
+    for begin, name in zip(begins, names):
+        assert float(begin[3]) == pytest.approx(start_s, abs=1e-3) and int(begin[4]) == int(start_s / 0.4)
+        start_s += audio_seconds(folder / name)
+    assert all(line.startswith("{") for line in out)  # stdout stays the server's events, one per line
