@@ -270,3 +270,14 @@ def test_an_unsharded_model_safetensors_without_an_index_loads_as_the_shards_do(
     (checkpoint_copy / "model.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors is not a readable safetensors file"):
         ckpt.load_model(checkpoint_copy, "cpu", "float32")
+
+
+def test_a_tokenizer_json_that_is_json_of_another_kind_is_said_to_be_so(checkpoint_copy: Path):
+    """A tokenizer_config.json copied over tokenizer.json was refused with tokenizers' serde error, "expected `,` or
+    `}` at line 1 column ...", which reads as broken JSON where the JSON was fine (first-hour review, round 15)."""
+    (checkpoint_copy / "tokenizer.json").write_text((checkpoint_copy / "tokenizer_config.json").read_text())
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")
+    message = str(error.value)
+    assert 'it is JSON, but not a tokenizer: no "model" section' in message and "expected" not in message
+    assert len(message.splitlines()) == 1

@@ -143,4 +143,21 @@ def load_tokenizer(files: CheckpointFiles):  # -> tokenizers.Tokenizer
     try:
         return Tokenizer.from_file(str(files.tokenizer))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
-        raise CheckpointError(f"{files.tokenizer} is not a HF tokenizers file: {exc}") from exc
+        problem = _tokenizer_problem(files.tokenizer, exc)
+        raise CheckpointError(f"{files.tokenizer} is not a HF tokenizers file: {problem}") from exc
+
+
+def _tokenizer_problem(path: Path, error: Exception) -> str:
+    """Why ``tokenizers`` refused ``path``. For valid JSON of another kind (a tokenizer_config.json or a vocab.json
+    saved under the name) its serde error reads as a syntax error at a place where the JSON is fine: say what the
+    file holds instead."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return str(error)  # not JSON (or unreadable): the parser's own words say where
+    if not isinstance(content, dict) or "model" not in content:
+        held = (f"its keys: {', '.join(json.dumps(key) for key in list(content)[:5])}" if isinstance(content, dict)
+                else f"a JSON {type(content).__name__}")
+        return (f"it is JSON, but not a tokenizer: no \"model\" section ({held}); a tokenizer_config.json or "
+                "vocab.json saved as tokenizer.json? Use the tokenizer.json of the model's release")
+    return str(error)
