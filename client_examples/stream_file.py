@@ -195,8 +195,10 @@ MAX_FRAMES_PER_S = 1000
 class FileSender:
     """Sends the files frame by frame, re-declaring the format whenever it changes."""
 
-    def __init__(self, files: list[AudioFile], speed: float, frame_ms: float, wait: bool) -> None:
+    def __init__(self, files: list[AudioFile], speed: float, frame_ms: float, wait: bool,
+                 options: dict | None = None) -> None:
         self.files, self.speed, self.frame_s, self.wait = files, speed, frame_ms / 1000, wait
+        self.options = options or {}  # session.configure's model options, sent with the first format
         self._formats_noted: set[tuple[int, int]] = set()  # (rate, channels) whose shorter frames were said
 
     async def __call__(self, session: StreamSession) -> None:
@@ -215,8 +217,9 @@ class FileSender:
                             "num_channels": audio_file.num_channels}
             if audio_format != current_format:
                 # A format change continues the same stream (no flush needed); the answer is awaited
-                # so that no frame is read in the old format.
-                await session.configure(audio=audio_format)
+                # so that no frame is read in the old format. The model options go with the first one: the server
+                # takes them only before the first audio.
+                await session.configure(audio=audio_format, **(self.options if current_format is None else {}))
                 current_format = audio_format
             samples = await asyncio.to_thread(read_pcm, audio_file.path)
             if not len(samples):  # a failed recording, most likely: the replies that follow are to silence
@@ -280,8 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the server's events as raw JSON lines")
     parser.add_argument("--wait", action="store_true",
                         help="wait for Enter before streaming (time to attach tts_subscriber.py to the session)")
+    model = parser.add_argument_group("the session's model options (session.configure; the server's defaults "
+                                      "where left out)")
+    model.add_argument("--max-turn-tokens", type=int, help="tokens a reply may have")
+    model.add_argument("--temperature", type=float, help="0 = greedy replies (the server's default)")
+    model.add_argument("--top-p", type=float, help="nucleus sampling's mass")
+    model.add_argument("--top-k", type=int, help="sample among the k likeliest (0 = no limit)")
+    model.add_argument("--seed", type=int, help="the sampling's seed, for replies that come out the same each run")
+    model.add_argument("--system-prompt", help="the system prompt the model reads")
     add_busy_retry_argument(parser)
     return parser
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The session.configure fields the flags give; the server checks their ranges and refuses with the reason."""
+    sampling = {field: value for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                                                  ("top_k", args.top_k), ("seed", args.seed)) if value is not None}
+    options: dict = {"sampling": sampling} if sampling else {}
+    if args.max_turn_tokens is not None:
+        options["max_turn_tokens"] = args.max_turn_tokens
+    if args.system_prompt is not None:
+        options["system_prompt"] = args.system_prompt
+    return options
 
 
 def frames_per_s(args: argparse.Namespace) -> float:
@@ -331,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     console = ReplyConsole(as_json=args.json, show_decisions=args.decisions,
                            faster_than_real_time=args.speed == 0 or args.speed > 1)
-    sender = FileSender(files, args.speed, args.frame_ms, args.wait)
+    sender = FileSender(files, args.speed, args.frame_ms, args.wait, model_options(args))
     return run_main(run_stream(args.url, args.api_key, console, sender, args.busy_retry_s))
 
 

@@ -2447,3 +2447,31 @@ def test_stream_file_json_says_where_each_file_begins_in_the_decisions_clock(liv
         assert float(begin[3]) == pytest.approx(start_s, abs=1e-3) and int(begin[4]) == int(start_s / 0.4)
         start_s += audio_seconds(folder / name)
     assert all(line.startswith("{") for line in out)  # stdout stays the server's events, one per line
+
+
+def test_stream_file_sets_the_sessions_model_options_and_seeded_replies_repeat(live, shared_audio, tmp_path):
+    """stream_file.py had no way to set max_turn_tokens, sampling or the system prompt: a researcher who wanted
+    seeded sampling or short replies through a server had to write a client (first-hour review, round 15). The flags
+    go out with the first session.configure, before any audio; the same seed gives the same replies."""
+    recording = cut_recording(shared_audio / "01_count_bark" / "sample01_02.wav", tmp_path / "cut.wav", 2.0, 16_000)
+
+    def replies() -> list[list[int]]:
+        code, out, err = run_script("stream_file.py", live.ws_url, str(recording), "--api-key", API_KEY, "--speed",
+                                    "0", "--json", "--max-turn-tokens", "3", "--temperature", "1", "--seed", "7",
+                                    "--system-prompt", "You are a test.", cwd=tmp_path)
+        assert code == 0, err
+        events = [json.loads(line) for line in out]
+        options = [e["options"] for e in events if e["type"] == "session.updated"][-1]
+        assert options["max_turn_tokens"] == 3 and options["system_prompt"] == "You are a test."
+        assert options["sampling"]["temperature"] == 1.0 and options["sampling"]["seed"] == 7
+        turns = [e["token_ids"] for e in events if e["type"] == "turn_end"]
+        assert turns and all(len(tokens) <= 3 for tokens in turns)
+        return turns
+
+    assert replies() == replies()
+
+
+def test_stream_file_says_the_servers_reason_for_model_options_it_refuses(live, shared_audio, tmp_path):
+    code, out, err = run_script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark" / "sample01_02.wav"),
+                                "--api-key", API_KEY, "--speed", "0", "--temperature", "9", cwd=tmp_path)
+    assert code == 1 and any("sampling.temperature" in line and "refused" in line for line in err), err
