@@ -1,6 +1,6 @@
 """Engine benchmarks, each printed as ratios measured side by side in one run.
 
-    python -m benchmarks.engine [--checkpoint DIR] [--device cpu] [frontend|batching|all]
+    python -m benchmarks.engine [--checkpoint DIR] [--device cpu] [frontend|batching|attention|all]
 
 frontend  Per-chunk cost of front-end (mel) + audio encoder at 10 s vs 10 min
           into a stream: our streaming path (constant work per chunk) against
