@@ -42,12 +42,18 @@ def wait_for_log(process, text: str, timeout_s: float = 30) -> None:
 
 
 def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
+    """Its own lines, and its subscribers': a subscriber's connection left no line naming the session it followed
+    (uvicorn's lines had only its path, and nothing said when it came or went; first-hour round 13, left open)."""
     process, port = spawn_server(tiny_checkpoint, {"AIS_LOG_FORMAT": "json", "AIS_LOG_LEVEL": "info",
                                                    "AIS_REPLICA_ID": REPLICA_ID, "AIS_ENGINE__DEVICE": "cpu"},
                                  log_to_file=True)
     try:
         with connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10) as ws:
             session_id = json.loads(ws.recv(timeout=10))["session_id"]
+            with connect(f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/events", compression=None,
+                         open_timeout=10):
+                wait_for_log(process, f"session {session_id}: a subscriber from 127.0.0.1 follows it")
+            wait_for_log(process, f"session {session_id}: a subscriber from 127.0.0.1 left")
             ws.send(b"\x00\x00" * 1600)  # 0.1 s of silence
             ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the session is detached, and says so
         wait_for_log(process, f"session {session_id} detached")
@@ -65,25 +71,6 @@ def test_a_served_session_logs_json_lines_that_name_it(tiny_checkpoint):
     loop = f"uvloop {importlib.metadata.version('uvloop')}" if sys.platform != "win32" else "asyncio"
     assert any(line["message"].startswith(f"event loop: {loop}") for line in lines), [line["message"] for line in lines]
     assert all("session_id" not in line for line in lines if line["message"].startswith("ready: serving"))
-
-
-def test_a_subscriber_is_logged_joining_and_leaving_on_lines_that_name_its_session(tiny_checkpoint):
-    """A subscriber's connection left no line naming the session it followed: uvicorn's lines had only its path, and
-    nothing said when it came or went, so an operator could not tell who followed a session (first-hour round 13,
-    left open)."""
-    process, port = spawn_server(tiny_checkpoint, {"AIS_LOG_FORMAT": "json", "AIS_LOG_LEVEL": "info",
-                                                   "AIS_REPLICA_ID": REPLICA_ID, "AIS_ENGINE__DEVICE": "cpu"},
-                                 log_to_file=True)
-    try:
-        with connect(f"ws://127.0.0.1:{port}/v1/stream", compression=None, open_timeout=10) as ws:
-            session_id = json.loads(ws.recv(timeout=10))["session_id"]
-            with connect(f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/events", compression=None,
-                         open_timeout=10):
-                wait_for_log(process, f"session {session_id}: a subscriber from 127.0.0.1 follows it")
-            wait_for_log(process, f"session {session_id}: a subscriber from 127.0.0.1 left")
-    finally:
-        assert stop_server(process) == 0
-    lines = json_lines(server_log(process))
     about = [line for line in lines if "subscriber" in line["message"]]
     assert len(about) == 2 and all(line["session_id"] == session_id for line in about), about
     accepted = [line for line in lines if f"/v1/sessions/{session_id}/events" in line["message"]]
