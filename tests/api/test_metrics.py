@@ -157,8 +157,8 @@ def test_no_created_series_that_read_as_a_second_metric():
 
 
 def test_step_rows_buckets_reach_a_gpu_replicas_batches():
-    """A GPU replica steps hundreds of sessions at once (configs/gpu-host.yaml: 256 slots; 512 measured on an
-    H200); buckets that ended at 64 put all of those steps in +Inf, where no quantile can be read."""
+    """A GPU replica steps hundreds of sessions at once (configs/gpu-host.yaml: 256 slots); buckets that ended at
+    64 put all of those steps in +Inf, where no quantile can be read."""
     metrics = Metrics()
     metrics.step_rows.observe(200)
     values = samples(metrics)

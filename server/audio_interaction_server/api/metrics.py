@@ -79,8 +79,8 @@ class Metrics:
                                        buckets=_LATENCY_BUCKETS_S, registry=r)
         self.step_seconds = Histogram("ais_worker_step_seconds", "one batched model step",
                                       buckets=_STEP_BUCKETS_S, registry=r)
-        # Up to the largest batches a GPU steps (engine.max_sessions 256 in configs/gpu-host.yaml, 512 sessions
-        # measured on an H200): buckets that stopped at 64 put every step of a busy GPU replica in +Inf.
+        # Up to the largest batches a GPU steps (engine.max_sessions 256 in configs/gpu-host.yaml; the GPU step is
+        # built for 600 and more): buckets that stopped at 64 put every step of a busy GPU replica in +Inf.
         self.step_rows = Histogram("ais_worker_step_rows", "sessions advanced per step",
                                    buckets=_STEP_ROW_BUCKETS, registry=r)
         self.malloc_trim_seconds = Histogram(
