@@ -392,3 +392,21 @@ def test_each_session_logs_its_open_and_its_end_and_a_refusal_says_why(busy_503,
     lines = [record.getMessage() for record in caplog.records]
     assert f"session {session_id} opened for 127.0.0.1" in lines, lines
     assert any(line.startswith(f"session {session_id} ended (client_closed) after ") for line in lines), lines
+
+
+def test_an_expired_secret_is_told_to_mint_again_only_where_a_secret_would_open_it():
+    """Where the API key itself is needed (a subscriber, /v1/load, the admin calls) an expired secret was told to
+    mint a new one, and the fresh one was then refused as "a client secret opens only ...": the advice that helps
+    there is that a secret is not enough, expired or not (review of the expired-secret message)."""
+    from audio_interaction_server.api.app import create_app
+    from audio_interaction_server.api.realtime.secrets import ClientSecrets
+
+    runtime = create_app(load_config(None, {"AIS_API_KEY": "k" * 32, "AIS_ENGINE__DEVICE": "cpu"})).state.runtime
+    runtime.client_secrets = ClientSecrets("k" * 32)
+    expired = runtime.client_secrets.mint(10, now_s=time.time() - 3600).value
+    valid = runtime.client_secrets.mint(60).value
+    assert re.fullmatch(r"client secret expired 3\d\d\d s ago: mint a new one with the API key",
+                        admission.wrong_key_message(runtime, expired, takes_secrets=True))
+    not_enough = f"missing or wrong API key ({admission.SECRET_NOT_ENOUGH})"
+    assert [admission.wrong_key_message(runtime, secret) for secret in (expired, valid)] == [not_enough] * 2
+    assert admission.wrong_key_message(runtime, "nope") == "missing or wrong API key"

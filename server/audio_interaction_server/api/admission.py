@@ -134,16 +134,18 @@ def opens_sessions(runtime: Runtime, offered: str | None) -> bool:
 SECRET_NOT_ENOUGH = "a client secret opens only /v1/stream and /v1/realtime; this needs the API key"
 
 
-def wrong_key_message(runtime: Runtime, offered: str | None) -> str:
-    """Why ``offered`` is refused where the API key itself is needed (a subscriber, /v1/load)."""
-    # An expired secret said "missing or wrong API key", like a forged one: the page's developer (and the operator
-    # reading the refusal's log line) checked the key, when the page had only to mint a fresh secret.
-    if offered is not None and runtime.client_secrets is not None:
-        expired_s = runtime.client_secrets.expired_since(offered, time.time())
-        if expired_s is not None:
+def wrong_key_message(runtime: Runtime, offered: str | None, takes_secrets: bool = False) -> str:
+    """Why ``offered`` is refused: by an endpoint a client secret opens (``takes_secrets``: the session endpoints),
+    or by one that needs the API key itself (a subscriber, /v1/load, the admin calls)."""
+    secrets = runtime.client_secrets
+    if offered is not None and secrets is not None:
+        expired_s = secrets.expired_since(offered, time.time())
+        if takes_secrets and expired_s is not None:
+            # "missing or wrong API key", as for a forged secret, sent the page's developer (and the operator
+            # reading the refusal's log line) to check a key, when the page had only to mint a fresh secret.
             return f"client secret expired {expired_s:.0f} s ago: mint a new one with the API key"
-    if offered is not None and opens_sessions(runtime, offered):
-        return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"
+        if not takes_secrets and (expired_s is not None or secrets.is_valid(offered, time.time())):
+            return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"  # a fresh secret would be refused too
     return "missing or wrong API key"
 
 
@@ -161,7 +163,8 @@ def _client_refusal(runtime: Runtime, connection: HTTPConnection,
     # The key first: a client without it gets the same answer whatever its Origin, so the
     # allowed list cannot be probed one origin at a time.
     if not is_accepted(runtime, offered := offered_key(connection)):
-        return Refusal("unauthorized", wrong_key_message(runtime, offered), CloseCode.POLICY)
+        return Refusal("unauthorized", wrong_key_message(runtime, offered, takes_secrets=is_accepted is opens_sessions),
+                       CloseCode.POLICY)
     return origin_refusal(runtime, connection)
 
 
