@@ -187,6 +187,13 @@ def wait_for_enter(prompt: str) -> asyncio.Future:
 
 CHUNK_S = 0.4  # the model decides once per 0.4 s of the stream (session.created's limits.chunk_s)
 
+
+def chunk_at(audio_s: float) -> int:
+    """The chunk that ``audio_s`` seconds into the stream fall in. ``audio_s`` is a sum of frame lengths, which
+    lands a hair below a chunk's boundary (eight 0.1 s frames: 0.7999999999999999 s): a microsecond's tolerance
+    keeps it on the boundary, as the server's count of samples is."""
+    return int(audio_s / CHUNK_S + 1e-6)
+
 # The frames a second a server takes from one connection by default (transport.data_frames_per_s); past them it cuts
 # the connection (1008, "too many WebSocket frames"). At --speed 0 the client sends at most half as many.
 MAX_FRAMES_PER_S = 1000
@@ -212,7 +219,7 @@ class FileSender:
                 # chunks of 0.4 s), so that a decision can be traced to the file it heard: the JSON on stdout is the
                 # server's alone, and the server does not know the files.
                 session.console.note(f"file {index}: {audio_file.path} begins at {audio_s:.3f} s of the stream "
-                                     f"(chunk {int(audio_s / CHUNK_S)})")
+                                     f"(chunk {chunk_at(audio_s)})")
             audio_format = {"sample_format": "pcm_s16le", "sample_rate_hz": audio_file.sample_rate_hz,
                             "num_channels": audio_file.num_channels}
             if audio_format != current_format:

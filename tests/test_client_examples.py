@@ -2444,9 +2444,17 @@ def test_stream_file_json_says_where_each_file_begins_in_the_decisions_clock(liv
     assert [(int(b[1]), b[2]) for b in begins] == [(i, str(folder / name)) for i, name in enumerate(names)]
     start_s = 0.0
     for begin, name in zip(begins, names):
-        assert float(begin[3]) == pytest.approx(start_s, abs=1e-3) and int(begin[4]) == int(start_s / 0.4)
+        assert float(begin[3]) == pytest.approx(start_s, abs=1e-3) and int(begin[4]) == round(start_s * 1e6) // 400_000
         start_s += audio_seconds(folder / name)
     assert all(line.startswith("{") for line in out)  # stdout stays the server's events, one per line
+
+
+def test_a_file_beginning_on_a_chunk_boundary_is_said_to_begin_that_chunk(monkeypatch):
+    """The stream's time is a sum of frame lengths: after eight 0.1 s frames it is 0.7999999999999999 s, which put a
+    file beginning at 0.8 s in chunk 1 where run's file_begin says 2 (review of the per-file lines)."""
+    stream_file = load_stream_file_module(monkeypatch)
+    assert [stream_file.chunk_at(sum([0.1] * n)) for n in (3, 4, 8, 12, 16)] == [0, 1, 2, 3, 4]
+    assert [stream_file.chunk_at(s) for s in (0.0, 0.39, 0.4, 0.7999, 1.2)] == [0, 0, 1, 1, 3]
 
 
 def test_stream_file_sets_the_sessions_model_options_and_seeded_replies_repeat(live, shared_audio, tmp_path):
