@@ -1203,10 +1203,12 @@ async def until_sigterm(coroutine: Awaitable[int], before_second_sigterm: Callab
     is_terminated = False
 
     def terminate_at_once() -> None:
-        if before_second_sigterm is not None:
-            before_second_sigterm()
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.raise_signal(signal.SIGTERM)  # the default action: the process ends here
+        try:
+            if before_second_sigterm is not None:
+                before_second_sigterm()
+        finally:  # whatever it raised, the process ends
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # the default action: the process ends here
 
     def terminate() -> None:
         nonlocal is_terminated
