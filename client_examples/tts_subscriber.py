@@ -11,8 +11,8 @@ inside its own argument; it runs without a shell, so nothing in a reply is ever 
 With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
 A reply the streaming client cuts short (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it;
-``"session_closed"``: the user ended the session mid-reply) is not spoken on: its segment being spoken is stopped,
-and its segments still queued are dropped.
+``"session_closed"``: the session ended mid-reply, closed by its client or ended by the server) is not spoken on:
+its segment being spoken is stopped, and its segments still queued are dropped.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
 growing delay for up to ``--busy-retry-s`` seconds (90 by default), saying so on stderr.
 A connection that drops (no close from the server: a Wi-Fi blip, a proxy restarting) is subscribed
@@ -425,7 +425,8 @@ SERVER_ENDS = {"server_draining": "its server drains, for an update or a scale-d
 
 
 # Replies cut short, by their turn_end's end_reason, and what is said of them: the user talked over the reply
-# (response.cancel), or ended the conversation mid-reply (session.close): either way no one waits for the rest.
+# (response.cancel), or the session ended mid-reply (the user closed it, or the server ended it: a drain, a stop, a
+# limit): either way no one waits for the rest.
 REPLY_CUTS = {"cancelled": "cancelled by the streaming client", "session_closed": "cut short: the session closed"}
 
 

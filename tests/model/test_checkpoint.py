@@ -252,7 +252,7 @@ def test_model_config_that_is_not_yaml_is_one_line_naming_the_file_and_the_place
 
 def test_an_unsharded_model_safetensors_without_an_index_loads_as_the_shards_do(checkpoint_copy: Path, tiny_model):
     """A checkpoint of one's own often holds its LM in one ``model.safetensors`` without an index (safetensors'
-    ``save_file``, an unsharded ``save_pretrained``): it was refused as "model.safetensors.index.json is missing"
+    ``save_file`` with the release's LitGPT tensor names): it was refused as "model.safetensors.index.json is missing"
     (first-hour review, round 15). It now loads, to the same weights as the release's shards."""
     from safetensors.torch import load_file, save_file
 
