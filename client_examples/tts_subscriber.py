@@ -10,7 +10,7 @@ inside its own argument; it runs without a shell, so nothing in a reply is ever 
 ``{text}`` inside code a shell or an interpreter runs, ``sh -c "... {text} ..."``, is refused).
 With ``--out-dir`` every segment is written to ``SESSION_ID/turn{N}_seg{M}.wav`` there instead of
 spoken: a folder of its own per session, which must not exist yet, so nothing is ever overwritten.
-A reply the streaming client cuts short (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it;
+A reply cut short (``turn_end`` with ``end_reason: "cancelled"``: the user talked over it;
 ``"session_closed"``: the session ended mid-reply, closed by its client or ended by the server) is not spoken on:
 its segment being spoken is stopped, and its segments still queued are dropped.
 A busy server (loading, or the session has its maximum of subscribers) is tried again with a
