@@ -281,3 +281,7 @@ def test_a_tokenizer_json_that_is_json_of_another_kind_is_said_to_be_so(checkpoi
     message = str(error.value)
     assert 'it is JSON, but not a tokenizer: no "model" section' in message and "expected" not in message
     assert len(message.splitlines()) == 1
+    # JSON nested past Python's recursion limit is not a tokenizer either, said as tokenizers' own error, in one line
+    (checkpoint_copy / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ckpt.CheckpointError, match="is not a HF tokenizers file"):
+        ckpt.load_model(checkpoint_copy, "cpu", "float32")

@@ -153,7 +153,7 @@ def _tokenizer_problem(path: Path, error: Exception) -> str:
     file holds instead."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested past the limit
         return str(error)  # not JSON (or unreadable): the parser's own words say where
     if not isinstance(content, dict) or "model" not in content:
         held = (f"its keys: {', '.join(json.dumps(key) for key in list(content)[:5])}" if isinstance(content, dict)
