@@ -129,7 +129,7 @@ def read_lm_state_dict(files: CheckpointFiles, cfg: LMConfig,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if files.index.suffix == ".safetensors":  # unsharded: the one weights file stands where the index would
+    if files.is_unsharded:
         shard_names = [files.index.name]
     else:
         try:

@@ -42,6 +42,11 @@ class CheckpointFiles:
     tokenizer: Path
     tokenizer_config: Path | None
 
+    @property
+    def is_unsharded(self) -> bool:
+        """The LM's weights are one model.safetensors (standing where the index would), not shards an index lists."""
+        return self.index.name == SINGLE_WEIGHTS_FILE
+
 
 def resolve_files(root: Path) -> CheckpointFiles:
     root = Path(root)
