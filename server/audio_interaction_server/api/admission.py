@@ -139,13 +139,13 @@ def wrong_key_message(runtime: Runtime, offered: str | None, takes_secrets: bool
     or by one that needs the API key itself (a subscriber, /v1/load, the admin calls)."""
     secrets = runtime.client_secrets
     if offered is not None and secrets is not None:
-        expired_s = secrets.expired_since(offered, time.time())
-        if takes_secrets and expired_s is not None:
-            # "missing or wrong API key", as for a forged secret, sent the page's developer (and the operator
-            # reading the refusal's log line) to check a key, when the page had only to mint a fresh secret.
-            return f"client secret expired {expired_s:.0f} s ago: mint a new one with the API key"
-        if not takes_secrets and (expired_s is not None or secrets.is_valid(offered, time.time())):
-            return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"  # a fresh secret would be refused too
+        if takes_secrets:
+            if (expired_s := secrets.expired_since(offered, time.time())) is not None:
+                # "missing or wrong API key", as for a forged secret, sent the page's developer (and the operator
+                # reading the refusal's log line) to check a key, when the page had only to mint a fresh secret.
+                return f"client secret expired {expired_s:.0f} s ago: mint a new one with the API key"
+        elif secrets.signed_expiry(offered) is not None:  # one of ours, expired or not: a fresh one is refused too
+            return f"missing or wrong API key ({SECRET_NOT_ENOUGH})"
     return "missing or wrong API key"
 
 

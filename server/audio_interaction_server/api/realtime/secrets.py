@@ -52,17 +52,17 @@ class ClientSecrets:
         return MintedSecret(value=f"{SECRET_PREFIX}{body}_{self._tag(body)}", expires_at_s=expires_at_s)
 
     def is_valid(self, value: str | None, now_s: float | None = None) -> bool:
-        expiry_s = self._signed_expiry(value)
+        expiry_s = self.signed_expiry(value)
         return expiry_s is not None and (time.time() if now_s is None else now_s) < expiry_s
 
     def expired_since(self, value: str | None, now_s: float | None = None) -> float | None:
         """Seconds since ``value`` expired, when it is a secret this key signed that has expired; else None (a
         valid secret, or anything that is not one of ours). Lets a refusal say "expired" rather than "wrong key"."""
-        expiry_s = self._signed_expiry(value)
+        expiry_s = self.signed_expiry(value)
         now_s = time.time() if now_s is None else now_s
         return None if expiry_s is None or now_s < expiry_s else now_s - expiry_s
 
-    def _signed_expiry(self, value: str | None) -> int | None:
+    def signed_expiry(self, value: str | None) -> int | None:
         """The expiry (Unix seconds) of a secret this key signed, expired or not; None for anything else."""
         if not value or not value.startswith(SECRET_PREFIX) or len(value) > 200:
             return None
