@@ -253,14 +253,13 @@ class Speaker:
             self.queue.put_nowait(segment)
         if self._speaking is not None and self._speaking["turn"] == turn:
             num_dropped += 1
-            if self._process is not None and self._process.returncode is None:
-                stop_command(self._process)
+            self.stop_at_once()
         self.num_cancelled += num_dropped
         return num_dropped
 
     def stop_at_once(self) -> None:
-        """The subscriber ends now (a second SIGTERM): the command being spoken, in a process group no signal to the
-        subscriber reaches, would speak on after it."""
+        """Stop the command being spoken, if one runs: its reply was cut short, or the subscriber ends now (a second
+        SIGTERM), and the command, in a process group no signal to the subscriber reaches, would speak on."""
         if self._process is not None and self._process.returncode is None:
             stop_command(self._process)
 

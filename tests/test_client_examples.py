@@ -995,15 +995,21 @@ def test_as_fast_as_the_server_takes_it_is_never_faster_than_its_frame_limit(tin
     assert code == 0 and not [line for line in err if "1008" in line or "resuming" in line], err
 
 
-def test_a_line_on_stdin_after_the_loop_closed_is_no_traceback(monkeypatch):
-    """Ctrl-C of ``stream_file.py --wait`` while it waits for Enter, with stdin ending just after (a pipe's writer,
-    ended by the same Ctrl-C): the stdin thread called into the closed loop and printed a RuntimeError traceback
-    after ``interrupted`` (first-hour review, round nine, finding 6)."""
+def load_stream_file_module(monkeypatch):
+    """stream_file.py as a module of its own, for the tests that call into it."""
     monkeypatch.syspath_prepend(str(CLIENTS))
     spec = importlib.util.spec_from_file_location("stream_file_under_test", CLIENTS / "stream_file.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
+    return module
+
+
+def test_a_line_on_stdin_after_the_loop_closed_is_no_traceback(monkeypatch):
+    """Ctrl-C of ``stream_file.py --wait`` while it waits for Enter, with stdin ending just after (a pipe's writer,
+    ended by the same Ctrl-C): the stdin thread called into the closed loop and printed a RuntimeError traceback
+    after ``interrupted`` (first-hour review, round nine, finding 6)."""
+    module = load_stream_file_module(monkeypatch)
     line_comes = threading.Event()
 
     class Stdin:
@@ -2394,15 +2400,6 @@ def test_a_new_session_hears_the_audio_left_in_the_log_in_its_own_format(tiny_ch
     assert len(closed) == 2 and "starting a new session" in message, message
     received_s = sum(e["audio_received_s"] for e in closed)
     assert abs(received_s - 4.0) <= 0.1, (received_s, [e["audio_received_s"] for e in closed], message)
-
-
-def load_stream_file_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(CLIENTS))
-    spec = importlib.util.spec_from_file_location("stream_file_under_test", CLIENTS / "stream_file.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
