@@ -199,9 +199,11 @@ def test_stream_file_ctrl_c_ends_the_reply_line_and_sums_up_what_was_heard(live,
     round five)."""
     import signal
 
-    script = Script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark"), "--api-key", API_KEY,
-                    cwd=tmp_path)
-    script.wait_for_line(TURN_LINE)  # mid-stream, a reply shown (real time: the file takes seconds)
+    # A second recording after the first (23 s at real time), so that Ctrl-C lands mid-stream however late the
+    # first reply comes: on a loaded machine it came as the first file's 6 s ended, and the script had finished.
+    script = Script("stream_file.py", live.ws_url, str(shared_audio / "01_count_bark"),
+                    str(shared_audio / "02_translate"), "--api-key", API_KEY, cwd=tmp_path)
+    script.wait_for_line(TURN_LINE)  # mid-stream, a reply shown
     script.process.send_signal(signal.SIGINT)
     assert script.finish(30) == 130, script.stderr
     assert SUMMARY_LINE.match(script.stdout[-1]), script.stdout[-3:]
