@@ -562,7 +562,7 @@ def test_input_clear_drops_the_audio_the_model_has_not_heard(tiny_model, speech)
 
 
 def test_a_clear_that_keeps_flushed_audio_drops_only_what_came_after_the_last_flush(tiny_model, speech):
-    """The Realtime dialect's clear (``keep_flushed``): audio committed (flushed) before it is the conversation's, and
+    """The Realtime dialect's clear (``keep_committed``): audio committed (flushed) before it is the conversation's, and
     the model hears it; only the audio sent after the flush goes. It dropped every chunk not heard yet, the committed
     ones too (probe, round eight)."""
     h = Harness(tiny_model, decision_events=True)
@@ -570,7 +570,7 @@ def test_a_clear_that_keeps_flushed_audio_drops_only_what_came_after_the_last_fl
     h.send({"type": "input.flush", "trailing_silence_s": 0})  # pads it: 3 chunks to hear
     h.audio(s16(speech[16000:int(2.7 * 16000)]))  # 4 more chunks, 0.1 s in the partial one
     assert h.session.num_chunks_pending == 7
-    assert h.session.handle(ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True), h.now_s) == []
+    assert h.session.handle(ClearAudio(event_type="input_audio_buffer.clear", keep_committed=True), h.now_s) == []
     h.run()
     cleared = h.of("input.cleared")[-1]
     assert cleared.num_chunks_dropped == 4 and cleared.audio_dropped_s == pytest.approx(1.7, abs=0.02)
@@ -589,7 +589,7 @@ def test_clears_that_keep_flushed_audio_one_after_another_answer_each_flush_once
     """Two commits, each followed by more audio and a clear, before the model heard any of it: the second clear keeps
     the first commit's chunks and the second's, which lie on either side of the chunks the first clear dropped."""
     h = Harness(tiny_model, decision_events=True, session={"reply_mode": "on_request"})  # no reply holds a flush
-    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True)
+    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_committed=True)
     h.audio(s16(speech[:12800]))  # chunks 0, 1
     h.send({"type": "input.flush", "trailing_silence_s": 0})
     h.audio(s16(speech[12800:27200]))  # chunks 2, 3 (and 0.1 s): dropped by the first clear
@@ -909,7 +909,7 @@ def test_a_second_clear_before_the_model_heard_a_commit_still_keeps_the_commit(t
     clear keeps the commit's chunks as the first did. The engine placed its queue by every chunk a clear ever
     dropped, the first clear's drops after the commit's chunks too, and the second clear dropped the commit."""
     h = Harness(tiny_model, decision_events=True, session={"reply_mode": "on_request"})
-    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_flushed=True)
+    keep = ClearAudio(event_type="input_audio_buffer.clear", keep_committed=True)
     h.audio(s16(speech[:12800]))  # chunks 0, 1
     h.send({"type": "input.flush", "trailing_silence_s": 0})  # the commit: 2 chunks
     h.audio(s16(speech[12800:27200]))  # chunks 2, 3 (and 0.1 s): dropped by the first clear

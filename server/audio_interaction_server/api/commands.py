@@ -122,12 +122,14 @@ class Flush:
 
 @dataclass(frozen=True)
 class ClearAudio:
-    """Drop the audio the model has not heard yet (queued chunks and the partial chunk). ``keep_flushed``: but
-    not the audio of a flush the session has not answered yet (a Realtime commit's, which a clear leaves alone)."""
+    """Drop the audio the model has not heard yet (queued chunks and the partial chunk). ``keep_committed``: but
+    not the audio a Realtime client committed, which a clear leaves alone: that of a flush the session has not
+    answered yet (a commit's), or the chunks a reply request waits for (a response.create commits the audio before
+    it)."""
 
     event_id: str | None = None
     event_type: str = "input.clear"
-    keep_flushed: bool = False
+    keep_committed: bool = False
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,7 @@ class Session:
         # The reply request sent to the engine and not answered yet (by the reply it begins, or its drop), with the
         # ones that came before that answer, merged into it: the engine's answer is theirs too.
         self._reply_requests: list[RequestReply] = []
+        self._reply_request_chunks = 0  # the chunks pushed when the pending request came: the last is its to answer
         self._withdrawal_asked = False  # a CancelReply that withdraws_request waits for the engine's answer
         self._presenter = ReplyPresenter(model.tokenizer, session_id, self.decision_events)
         self._num_chunks_decided = 0
@@ -517,8 +518,12 @@ class Session:
             return [self._cleared_event(0, partial_s)]
         self._clears_waiting.append(partial_s)
         # The chunks of the last flush not answered yet stay queued, when kept: a flush pads its partial chunk, so
-        # they are whole chunks, the first ``_flush_targets[-1]`` the session pushed.
-        keep_before = self._flush_targets[-1] if command.keep_flushed and self._flush_targets else 0
+        # they are whole chunks, the first ``_flush_targets[-1]`` the session pushed. So do those a pending reply
+        # request answers: dropped, the reply answered the chunk after the clear, not the audio the client asked about.
+        keep_before = 0
+        if command.keep_committed:
+            keep_before = max(self._flush_targets[-1] if self._flush_targets else 0,
+                              self._reply_request_chunks if self._reply_requests else 0)
         self.engine.clear_audio(self.session_id, keep_before)  # its AudioCleared, with the chunks dropped, answers
         return []
 
@@ -572,6 +577,7 @@ class Session:
         self.engine.request_reply(self.session_id, command.max_turn_tokens)
         if self.num_chunks_pending == 0:
             self._push_a_chunk_to_reply_at(now_s)
+        self._reply_request_chunks = self.audio.num_chunks_pushed
         # Else chunks wait for the model, as far as this session knows: their decisions may already be on their
         # way here, with nothing left in the engine's queue; the engine then says ReplyWaitsForAudio.
         return []

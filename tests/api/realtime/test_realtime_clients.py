@@ -446,6 +446,52 @@ def test_openai_sdk_a_clear_after_a_commit_keeps_the_committed_audio(server, sha
     assert item["role"] == "user" and item["id"] == sdk.of("input_audio_buffer.committed")[0]["item_id"]
 
 
+def chunks_decided(port: int) -> float:
+    """The 0.4 s chunks every session of the server heard so far (``ais_chunks_decided_total``)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("ais_chunks_decided_total ")))
+
+
+def test_openai_sdk_a_clear_after_response_create_keeps_the_audio_that_response_answers(server, shared_audio):
+    """docs/realtime.md: a response.create commits the audio taken before it, and a clear keeps committed audio. A
+    clear sent just after the request (a user talking again at once) dropped every chunk the model had not heard:
+    the response answered the first two of 20 chunks, and no user item came before it (first-hour review, round
+    sixteen). The model hears all of that audio, a user item holds it, then the response."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+    speech = b"".join(speech_24k(shared_audio, name) for name in FILES)  # about 8 s: 20 chunks
+    num_whole_chunks = len(speech) // (RATE_HZ * 2 * 2 // 5)
+    heard_before = chunks_decided(port)
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await sdk.manual_turns()
+            step = RATE_HZ // 10 * 2
+            for start in range(0, len(speech), step):  # 100 ms appends at once, far ahead of the model
+                await connection.input_audio_buffer.append(audio=base64.b64encode(speech[start:start + step]).decode())
+            await connection.response.create(event_id="ask")
+            await connection.input_audio_buffer.clear(event_id="clear_1")
+            done = await sdk.until("response.done")
+            assert done["response"]["status"] in ("completed", "incomplete"), done["response"]
+        return sdk
+
+    sdk = asyncio.run(asyncio.wait_for(run(), 120))
+    assert not sdk.of("error"), sdk.of("error")
+    # The last whole chunk may wait for the resampler's few milliseconds of look-ahead: the reply answers the one
+    # before.
+    assert chunks_decided(port) - heard_before >= num_whole_chunks - 1
+    types = [frame["type"] for frame in sdk.frames]
+    assert "input_audio_buffer.committed" in types
+    assert types.index("input_audio_buffer.committed") < types.index("response.created")
+    [user] = [frame["item"] for frame in sdk.of("conversation.item.done") if frame["item"]["role"] == "user"]
+    assert user["id"] == sdk.of("input_audio_buffer.committed")[0]["item_id"]
+
+
 def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
     """An append refused for a full buffer (audio_buffer_full) still counted as audio to commit: the commit after it
     was answered input_audio_buffer.committed, a user item of audio the server had refused, instead of

@@ -402,7 +402,7 @@ def test_clear_drops_unheard_audio_and_says_so():
     h.client(append(np.zeros(2400)))
     [clear] = h.client({"type": "input_audio_buffer.clear", "event_id": "x"})
     # The Realtime API's clear empties the buffer not committed: the session keeps a commit's chunks.
-    assert clear == ClearAudio(event_id="x", event_type="input_audio_buffer.clear", keep_flushed=True)
+    assert clear == ClearAudio(event_id="x", event_type="input_audio_buffer.clear", keep_committed=True)
     [frame] = h.session(InputClearedEvent(**STAMP, num_chunks_dropped=1, audio_dropped_s=0.5))
     assert frame["type"] == "input_audio_buffer.cleared"
     assert isinstance(h.client({"type": "input_audio_buffer.commit"})[0], Malformed)  # nothing left to commit

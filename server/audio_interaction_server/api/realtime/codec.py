@@ -129,6 +129,7 @@ class _Request:
     event_id: str | None
     metadata: dict[str, str] | None
     max_output_tokens: int | None  # its reply's own cap (the session's bounds it); None: the session's
+    taken_s: float = 0.0  # the session's clock of audio taken when it was read: what it commits, as a commit would
 
 
 class RealtimeCodec:
@@ -295,7 +296,7 @@ class RealtimeCodec:
         self._taken_at_commit = self._taken_audio()
         self._taken_before_clear.append(self._taken_at_commit)
         # The Realtime API's clear empties the input buffer: audio committed before it is the conversation's already.
-        return [ClearAudio(event_id=event.event_id, event_type=event.type, keep_flushed=True)]
+        return [ClearAudio(event_id=event.event_id, event_type=event.type, keep_committed=True)]
 
     def _commit(self, event: InputAudioBufferCommit) -> list[Command]:
         taken = self._taken_audio()
@@ -328,7 +329,8 @@ class RealtimeCodec:
         # not tokens, and a cancel would land tokens later). The session's cap bounds it: the context is sized for
         # that, so a larger one (or "inf") gives the session's.
         reply_cap = cap if isinstance(cap, int) else None
-        self._request = _Request(event.event_id, None if response is None else response.metadata, reply_cap)
+        self._request = _Request(event.event_id, None if response is None else response.metadata, reply_cap,
+                                 taken_s=self._taken_audio())
         return [RequestReply(event_id=event.event_id, event_type=event.type, max_turn_tokens=reply_cap)]
 
     def _response_cancel(self, event: ResponseCancel) -> list[Command]:
@@ -515,8 +517,9 @@ class RealtimeCodec:
                 self._withdrawing = False
                 self._cancelled_response_id = self.replies.response_id
             # The audio the decision was made on is committed now; the response itself opens at its first
-            # token (replies.py says why), so these frames are out before the engine has produced it.
-            return self._commit_audio()
+            # token (replies.py says why), so these frames are out before the engine has produced it. A request
+            # committed the audio taken before it: a clear since then kept that audio, and it is the user's item.
+            return self._commit_audio(request.taken_s if request is not None else 0.0)
         if self.replies.reply is None or getattr(event, "turn", None) != self.replies.reply.turn:
             return []  # a reply's tail after the codec closed it (cannot happen in order; never sent twice)
         if kind == "emotion":
