@@ -1084,3 +1084,18 @@ def test_the_items_kept_for_a_retrieve_take_the_memory_their_bound_counts():
     held = sum(sys.getsizeof(body) for body in conversation.bodies.values())
     assert held <= conversation.max_item_bytes + 100 * len(conversation.bodies), held
     assert conversation.item("item_7").content[0].text.startswith("\U0001F600")
+
+
+def test_a_request_the_models_own_reply_overtook_is_refused_in_the_realtime_dialects_words():
+    """The session's refusal told a Realtime client to send the request again "after the reply's turn_end", an event
+    of /v1/stream it never sees (first-hour review, round sixteen). It names the response in progress and its
+    response.done."""
+    from audio_interaction_server.api.session import REPLY_IN_PROGRESS_MESSAGE
+
+    h = Harness()
+    [command] = h.client({"type": "response.create", "event_id": "r1"})
+    frames = h.session(*reply(0, ["a"], requested=False)[:2])  # the model's own reply has begun
+    response_id = next(frame for frame in frames if frame["type"] == "response.created")["response"]["id"]
+    [error] = h.session(h.error(command, code="reply_in_progress", message=REPLY_IN_PROGRESS_MESSAGE))
+    message = error["error"]["message"]
+    assert "turn_end" not in message and "response.done" in message and response_id in message, message

@@ -650,6 +650,12 @@ class RealtimeCodec:
             waiting = [commit for commit in self._commits_waiting if commit.event_id == event.event_id]
             if waiting or self._commits_waiting:
                 self._commits_waiting.remove(waiting[0] if waiting else self._commits_waiting[0])
+        if event.code == "reply_in_progress":  # the session's words name /v1/stream's turn_end, never sent here
+            active = self.replies.response_id or "(the model's own)"
+            event = event.model_copy(update={"message": (
+                f"Conversation already has an active response in progress: {active} (the model may have begun its "
+                "own reply as this request arrived); this request was not applied: send it again after that "
+                "response's response.done")})
         param = self._params.pop((event.event_id, event.code), None)
         is_server_fault = event.is_fatal and event.code not in _CLIENT_FATAL
         detail = ErrorDetail(type="server_error" if is_server_fault else "invalid_request_error",
