@@ -582,9 +582,40 @@ def test_a_flood_of_one_sample_audio_frames_is_closed_with_1008(guarded):
         more, closed_now = read_until_closed(sock, timeout_s=5.0)
         rest += more
     assert closed or closed_now
-    assert close_code(server_frames(rest)) in (1008, None)  # None: reset before the close frame could be read
+    assert close_code(server_frames(rest)) == 1008
     assert wait_until(lambda: not guarded.runtime.streams)
     assert metric_samples(guarded)['ais_transport_closes_total{reason="data_frame_flood"}'] >= 1
+
+
+def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded):
+    """The close frame reaches a flooding client: the server wrote it and closed the socket with the client's
+    frames still unread, so the kernel reset the connection and the client, its close frame lost, saw 1006, which
+    docs/protocol.md says to resume (refused for the cut's cooldown) (first-hour review, round sixteen)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect as connect_async
+    from websockets.exceptions import ConnectionClosed
+
+    async def flood() -> tuple[int | None, str | None]:
+        async with connect_async(f"ws://127.0.0.1:{guarded.port}/v1/stream",
+                                 additional_headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+            await client.recv()  # session.created
+            try:
+                # 7 samples of 44.1 kHz stereo a frame, as fast as the library sends, reading nothing meanwhile:
+                # past the burst (4,000 frames) within a second at any speed that floods at all, and over long
+                # before the close timeout (2 s) for the client to read the close.
+                for _ in range(8_000):
+                    await client.send(b"\x01\x00" * 14)
+            except ConnectionClosed:
+                pass
+            try:
+                async for _ in client:
+                    pass
+            except ConnectionClosed:
+                pass
+            return client.close_code, client.close_reason
+
+    assert asyncio.run(flood()) == (1008, "too many WebSocket frames")
 
 
 def test_small_frames_at_a_browsers_rate_and_a_burst_of_them_are_taken(guarded):

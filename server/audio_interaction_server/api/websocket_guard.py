@@ -70,10 +70,11 @@ def direct_messages(websocket: Any) -> DirectMessages | None:
 
 
 class DeadlineOnClose:
-    """The connection's transport, with a deadline on ``close()``.
+    """The connection's transport, with a deadline on ``close()``, and writes after ``write_eof()`` dropped.
 
     asyncio's ``close()`` waits for the write buffer to drain, forever if the peer never reads;
     this one aborts after ``close_timeout_s``, so a closed connection always releases its socket.
+    A write after our end of file is dropped, as asyncio drops one after ``close()`` (it would raise).
     """
 
     def __init__(self, transport: asyncio.Transport, timeout_s: float, on_timeout: Any) -> None:
@@ -81,11 +82,20 @@ class DeadlineOnClose:
         self._timeout_s = timeout_s
         self._on_timeout = on_timeout
         self.deadline: asyncio.TimerHandle | None = None
+        self.eof_written = False
 
     def close(self) -> None:
         if self.deadline is None and not self._transport.is_closing():
             self.deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._on_timeout)
         self._transport.close()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.eof_written:
+            self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+        self._transport.write_eof()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -170,6 +180,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self.num_texts_sent_now = 0  # text messages written by send_text_now (for tests)
         self.cut_reason: str | None = None  # the flood this socket was closed for (_fail_policy)
         self._refusal_counted = False  # a refused handshake spent its client's plain-request budget
+        self._linger: asyncio.TimerHandle | None = None  # set once closed by us: reads are dropped (_fail)
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -182,6 +193,8 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport_guard.open_connections.discard(self)
         self.write_watch.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         if self.transport.deadline is not None:
             self.transport.deadline.cancel()
         super().connection_lost(exc)
@@ -289,6 +302,8 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self._max_fast_payload = min(self._max_fast_payload, max_bytes)  # a larger frame goes to that parser
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:  # closed by us (_fail): what the client still sends is read and dropped
+            return
         self._may_deliver_directly = True
         self._refill_data_frames()
         if self._partial_frame:
@@ -335,7 +350,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
                 else:
                     self._parse(bytes(view[position:frame_end]))
                     position = frame_end
-                    if self.transport.is_closing():
+                    if self._has_ended():
                         break
         finally:
             view.release()
@@ -382,7 +397,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self._parser_seen_between_frames = False
         for start in range(0, len(data), PARSE_SLICE_BYTES):
             super().data_received(data[start:start + PARSE_SLICE_BYTES])
-            if not self._settle_control_frames() or self.transport.is_closing():
+            if not self._settle_control_frames() or self._has_ended():
                 return
         if not self.handshake_initiated and self.conn.handshake_exc is not None:
             # The handshake parser refused the request (a header line over 8 KiB, more than 128
@@ -479,7 +494,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self._data_frame_tokens -= 1.0
         if self._data_frame_tokens >= 0.0:
             return True
-        if self.transport.is_closing():  # cut already: what is left of the read goes nowhere
+        if self._has_ended():  # cut already: what is left of the read goes nowhere
             return False
         if self.close_sent:  # it floods past our close frame (a refused client, say): no more of it is parsed
             self.transport_guard.closed("data_frame_flood", self.client, "too many WebSocket frames after the close")
@@ -543,7 +558,44 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         if not self.close_sent:
             self.close_sent = True
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": message})
-        self.transport.close()
+        self._close_once_the_client_has_read_it()
+
+    def _close_once_the_client_has_read_it(self) -> None:
+        """Close after our last frame without resetting the connection: our end of file after it, then what the
+        client still sends is read and dropped until its own end of file (asyncio then closes the socket), for at
+        most ``close_timeout_s`` (``_end_linger``).
+
+        Why: a socket closed with the client's data unread in its buffer makes the kernel reset the connection,
+        and the client loses what it had not read yet, our close frame with it. A client flooding small frames
+        saw 1006 (no close frame), which docs/protocol.md says to resume, instead of the 1008 that says why
+        (first-hour review, round sixteen)."""
+        if self._linger is not None or self.transport.is_closing():
+            return
+        # Closed at once as before where lingering would not help: before the handshake's answer (an HTTP refusal
+        # the app's handshake still runs after), a client that does not read (writing paused: our close waits
+        # behind what it left unread, and DeadlineOnClose drops it), a transport that cannot half-close.
+        is_websocket = self.handshake_complete and self.initial_response is None
+        if not is_websocket or not self.writable.is_set() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()  # sent once the close frame has been
+        if self.read_paused:  # a backlog paused reading (_queue_for_app): the client's end of file must be seen
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.close_timer is not None:  # uvicorn's wait for the client's close reply: this one replaces it
+            self.close_timer.cancel()
+        # As uvicorn's close_timer too, which keeps uvicorn from closing the socket when the app returns.
+        self._linger = self.close_timer = asyncio.get_running_loop().call_later(self.close_timeout, self._end_linger)
+
+    def _end_linger(self) -> None:
+        if self.transport.get_write_buffer_size():  # our close frame is still unsent: the client does not read
+            self._close_timed_out()
+        else:  # sent: a client still sending now gets a reset, having had its time to read the close
+            self.transport.close()
+
+    def _has_ended(self) -> bool:
+        """Closed, or closing: by us (lingering until the client has read our close) or by the transport."""
+        return self._linger is not None or self.transport.is_closing()
 
     def _close_timed_out(self) -> None:
         self.transport_guard.closed("close_timeout", self.client, "the client did not take the close")
