@@ -587,6 +587,25 @@ def test_a_flood_of_one_sample_audio_frames_is_closed_with_1008(guarded):
     assert metric_samples(guarded)['ais_transport_closes_total{reason="data_frame_flood"}'] >= 1
 
 
+def test_a_flood_cut_with_answers_still_to_send_is_no_server_error_in_the_log(guarded, caplog):
+    """A flood of invalid events read at once is cut (1008) with 4,000 of them queued ahead of the disconnect, and
+    the app answers each it takes with an error event. The transport now waits for the client to read the close
+    (close_timeout_s) rather than closing at once, so the socket was not gone when those answers were sent: uvicorn's
+    send raised RuntimeError ("after sending 'websocket.close'") instead of ClientDisconnected, and logged 'Exception
+    in ASGI application' at ERROR with a 70-line traceback, once per such cut (hostile probe, round sixteen)."""
+    sock, _ = open_websocket(guarded.port)
+    with sock:
+        try:
+            sock.sendall(data_frame(TEXT, b"{}") * 6_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        rest, closed = read_until_closed(sock, timeout_s=5.0)
+    assert closed and close_code(server_frames(rest)) == 1008
+    assert wait_until(lambda: not guarded.runtime.streams)
+    time.sleep(0.3)  # the app's end, after the close
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text[-3000:]
+
+
 def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded):
     """The close frame reaches a flooding client: the server wrote it and closed the socket with the client's
     frames still unread, so the kernel reset the connection and the client, its close frame lost, saw 1006, which

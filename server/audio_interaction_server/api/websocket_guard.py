@@ -14,6 +14,7 @@ from http import HTTPStatus
 from typing import Any, ClassVar, NamedTuple, cast
 
 from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import apply_mask  # the parser's own unmasking: its C helper, or its pure-Python twin
 from websockets.protocol import State as WebSocketState
@@ -220,6 +221,11 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         if not self.handshake_complete and self.initial_response is None and \
                 message["type"] in ("websocket.close", "websocket.http.response.start"):
             self._count_refusal()  # the app refuses the handshake (429, 404, 401, 503, ...)
+        if self._linger is not None:
+            # Closed by us (_fail), the socket kept only for the client to read the close: to the app it is gone,
+            # as it was once closed at once. uvicorn, the socket not lost yet, raised RuntimeError ("after sending
+            # 'websocket.close'") for the events the app still sent, an 'Exception in ASGI application' in the log.
+            raise ClientDisconnected()
         await super().send(message)
 
     def _count_refusal(self) -> None:
