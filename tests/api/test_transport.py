@@ -606,7 +606,14 @@ def test_a_flood_cut_with_answers_still_to_send_is_no_server_error_in_the_log(gu
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text[-3000:]
 
 
-def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded):
+@pytest.mark.parametrize("path, frame, reason", [
+    # 7 samples of 44.1 kHz stereo a frame: the transport's cut (1008 with its reason)
+    ("/v1/stream", b"\x01\x00" * 14, "too many WebSocket frames"),
+    # Realtime appends: the app's own flood cut (event_flood) closes first, and the frames that go on coming after
+    # its close spent the transport's budget: it reset the connection at once (hostile probe, round sixteen)
+    ("/v1/realtime", json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), ""),
+], ids=["transport_cut", "app_cut"])
+def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded, path, frame, reason):
     """The close frame reaches a flooding client: the server wrote it and closed the socket with the client's
     frames still unread, so the kernel reset the connection and the client, its close frame lost, saw 1006, which
     docs/protocol.md says to resume (refused for the cut's cooldown) (first-hour review, round sixteen)."""
@@ -616,15 +623,15 @@ def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded):
     from websockets.exceptions import ConnectionClosed
 
     async def flood() -> tuple[int | None, str | None]:
-        async with connect_async(f"ws://127.0.0.1:{guarded.port}/v1/stream",
+        async with connect_async(f"ws://127.0.0.1:{guarded.port}{path}",
                                  additional_headers={"Authorization": f"Bearer {API_KEY}"}) as client:
             await client.recv()  # session.created
             try:
-                # 7 samples of 44.1 kHz stereo a frame, as fast as the library sends, reading nothing meanwhile:
-                # past the burst (4,000 frames) within a second at any speed that floods at all, and over long
-                # before the close timeout (2 s) for the client to read the close.
+                # As fast as the library sends, reading nothing meanwhile: past the burst (4,000 frames) within a
+                # second at any speed that floods at all, and over long before the close timeout (2 s) for the
+                # client to read the close.
                 for _ in range(8_000):
-                    await client.send(b"\x01\x00" * 14)
+                    await client.send(frame)
             except ConnectionClosed:
                 pass
             try:
@@ -634,7 +641,7 @@ def test_a_client_library_flooding_small_frames_reads_the_1008_close(guarded):
                 pass
             return client.close_code, client.close_reason
 
-    assert asyncio.run(flood()) == (1008, "too many WebSocket frames")
+    assert asyncio.run(flood()) == (1008, reason)
 
 
 def test_small_frames_at_a_browsers_rate_and_a_burst_of_them_are_taken(guarded):

@@ -504,7 +504,8 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
             return False
         if self.close_sent:  # it floods past our close frame (a refused client, say): no more of it is parsed
             self.transport_guard.closed("data_frame_flood", self.client, "too many WebSocket frames after the close")
-            self.transport.abort()
+            # Not aborted: that reset the connection, and the client lost the close frame it had not read yet.
+            self._close_once_the_client_has_read_it()
         else:
             self._fail_policy("data_frame_flood", "too many WebSocket frames")
         return False
