@@ -492,6 +492,31 @@ def test_openai_sdk_a_clear_after_response_create_keeps_the_audio_that_response_
     assert user["id"] == sdk.of("input_audio_buffer.committed")[0]["item_id"]
 
 
+def test_openai_sdk_an_append_of_no_whole_sample_is_refused_in_the_realtime_dialects_words(server):
+    """An odd number of bytes in audio/pcm was refused as "not a whole number of pcm_s16le frames", /v1/stream's
+    format name and word (first-hour review, round sixteen). It names the format the client declared."""
+    pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
+    from openai import AsyncOpenAI
+
+    port = idle(server)
+
+    async def run() -> SdkRun:
+        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            sdk = SdkRun(connection)
+            await sdk.manual_turns()
+            await connection.input_audio_buffer.append(audio=base64.b64encode(b"\x01\x02\x03").decode(),
+                                                       event_id="odd")
+            await sdk.until("error")
+        return sdk
+
+    [error] = [frame["error"] for frame in asyncio.run(asyncio.wait_for(run(), 60)).of("error")]
+    assert error["event_id"] == "odd" and error["code"] == "invalid_audio", error
+    message = error["message"]
+    assert "pcm_s16le" not in message and " frames" not in message, message
+    assert "3 bytes" in message and "audio/pcm" in message and "16-bit" in message, message
+
+
 def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
     """An append refused for a full buffer (audio_buffer_full) still counted as audio to commit: the commit after it
     was answered input_audio_buffer.committed, a user item of audio the server had refused, instead of

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ _MODEL_SETTING_PARAMS = (("system_prompt", "session.instructions"), ("max_turn_t
 # Session error codes -> the Realtime API's, where it has its own name for the same thing.
 _CODES = {"unauthorized": "invalid_api_key", "invalid_event": "invalid_value",
           "reply_in_progress": "conversation_already_has_active_response"}
+# The session's refusal of a frame of no whole sample names /v1/stream's format and its sample frames; of the
+# Realtime formats only audio/pcm has samples of more than one byte (pcmu and pcma: one each).
+_NOT_WHOLE_SAMPLES = re.compile(r"^(?P<bytes>\d+) bytes is not a whole number of pcm_s16le frames")
 # Fatal errors that are the client's doing; other fatal ones are the server's (type server_error).
 _CLIENT_FATAL = {"idle_timeout", "session_too_long", "client_too_slow", "unauthorized", "origin_not_allowed",
                  "audio_flood", "event_flood", "rate_limited", "invalid_value"}
@@ -656,6 +660,10 @@ class RealtimeCodec:
                 f"Conversation already has an active response in progress: {active} (the model may have begun its "
                 "own reply as this request arrived); this request was not applied: send it again after that "
                 "response's response.done")})
+        if event.code == "invalid_audio" and (odd := _NOT_WHOLE_SAMPLES.match(event.message)):
+            event = event.model_copy(update={"message": (
+                f"{odd['bytes']} bytes of audio/pcm are not a whole number of 16-bit samples (2 bytes each); this "
+                "append was ignored")})
         param = self._params.pop((event.event_id, event.code), None)
         is_server_fault = event.is_fatal and event.code not in _CLIENT_FATAL
         detail = ErrorDetail(type="server_error" if is_server_fault else "invalid_request_error",
