@@ -22,12 +22,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +212,17 @@ class SdkRun:
         return (await self.until("session.updated"))["session"]
 
 
+@contextlib.asynccontextmanager
+async def sdk_session(port: int, **connect_options) -> AsyncIterator[SdkRun]:
+    """A Realtime session of the openai SDK on our server, with the API key (``connect_options``: the SDK's
+    ``realtime.connect`` arguments beside the model)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+    async with client.realtime.connect(model="gpt-realtime", **connect_options) as connection:
+        yield SdkRun(connection)
+
+
 # What may arrive while no response is open: the model listening sends nothing of its own; the user's audio
 # becomes an item when a reply starts or a commit is heard.
 BETWEEN_RESPONSES = {"session.created", "session.updated", "error", "input_audio_buffer.committed",
@@ -237,14 +250,12 @@ def responses_in_order(frames: list[dict]) -> list[dict]:
 
 def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio, client_logs):
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             created = await sdk.next()
             assert created["type"] == "session.created"
             assert created["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": RATE_HZ}
@@ -304,14 +315,12 @@ def test_openai_sdk_replies_manual_turn_cancel_and_refusal(server, shared_audio,
 
 def test_openai_sdk_manual_turns(server, shared_audio):
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await connection.session.update(session={"type": "realtime", "instructions": "Answer briefly.",
                                                      "audio": {"input": {"turn_detection": None}}})
             updated = await sdk.until("session.updated")
@@ -339,16 +348,14 @@ def test_openai_sdk_telephony_audio_g711(server, shared_audio):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         audioop = pytest.importorskip("audioop", reason="the G.711 encoder used here (audioop) left Python 3.13")
-    from openai import AsyncOpenAI
 
     port = idle(server)
     samples, rate_hz = soundfile.read(shared_audio / FILES[0], dtype="float32", always_2d=True)
     pcm_8k = (np.clip(soxr.resample(samples.mean(axis=1), rate_hz, 8_000), -1, 1) * 32767).astype("<i2").tobytes()
 
     async def run(format_type: str, encode) -> dict:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await connection.session.update(session={"type": "realtime", "audio": {"input": {
                 "format": {"type": format_type}, "turn_detection": None}}})
             updated = await sdk.until("session.updated")
@@ -371,15 +378,13 @@ def test_openai_sdk_response_max_output_tokens_caps_that_response_only(server, s
     that response stops after that many output tokens, incomplete for max_output_tokens, and a later response
     without one (or with "inf", or one above the session's cap) has the session's cap again."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
     caps = [5, None, 1, "inf", 4096]
 
     async def run() -> tuple[SdkRun, dict, list[dict]]:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             session = await sdk.manual_turns()
             await sdk.stream(speech_24k(shared_audio, FILES[0]), speed=8.0)
             await connection.input_audio_buffer.commit()
@@ -418,16 +423,14 @@ def test_openai_sdk_a_clear_after_a_commit_keeps_the_committed_audio(server, sha
     dropped every chunk the model had not heard yet, committed ones too, and answered the commit with an error
     (commit_empty). The commit is answered committed, its user item made, and only the audio after it dropped."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
     speech = speech_24k(shared_audio, FILES[0])
     committed, after = speech[:RATE_HZ * 2 * 6 // 5], speech[RATE_HZ * 2 * 6 // 5:RATE_HZ * 2 * 2]  # 1.2 s, 0.8 s
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await sdk.manual_turns()
             await connection.input_audio_buffer.append(audio=base64.b64encode(committed).decode())
             await connection.input_audio_buffer.commit(event_id="commit_1")
@@ -459,7 +462,6 @@ def test_openai_sdk_a_clear_after_response_create_keeps_the_audio_that_response_
     the response answered the first two of 20 chunks, and no user item came before it (first-hour review, round
     sixteen). The model hears all of that audio, a user item holds it, then the response."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
     speech = b"".join(speech_24k(shared_audio, name) for name in FILES)  # about 8 s: 20 chunks
@@ -467,9 +469,8 @@ def test_openai_sdk_a_clear_after_response_create_keeps_the_audio_that_response_
     heard_before = chunks_decided(port)
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await sdk.manual_turns()
             step = RATE_HZ // 10 * 2
             for start in range(0, len(speech), step):  # 100 ms appends at once, far ahead of the model
@@ -496,14 +497,12 @@ def test_openai_sdk_an_append_of_no_whole_sample_is_refused_in_the_realtime_dial
     """An odd number of bytes in audio/pcm was refused as "not a whole number of pcm_s16le frames", /v1/stream's
     format name and word (first-hour review, round sixteen). It names the format the client declared."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(server)
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await sdk.manual_turns()
             await connection.input_audio_buffer.append(audio=base64.b64encode(b"\x01\x02\x03").decode(),
                                                        event_id="odd")
@@ -522,7 +521,6 @@ def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
     was answered input_audio_buffer.committed, a user item of audio the server had refused, instead of
     input_audio_buffer_commit_empty; and the next reply, too, committed it first."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
-    from openai import AsyncOpenAI
 
     port = idle(small_buffer_server)
     too_long = base64.b64encode(bytes(3 * RATE_HZ * 2)).decode()  # 3 s of silence: over the 2 s buffer
@@ -535,9 +533,8 @@ def test_openai_sdk_refused_append_is_no_audio_to_commit(small_buffer_server):
         return frame
 
     async def run() -> SdkRun:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             await sdk.manual_turns()
             await connection.input_audio_buffer.append(audio=too_long, event_id="refused_1")
             assert (await sdk.until("error"))["error"]["code"] == "audio_buffer_full"
@@ -656,14 +653,11 @@ def test_a_transcription_intent_is_refused_as_the_clients_error(server):
     a session.update's session.type is."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
     import websockets
-    from openai import AsyncOpenAI
 
     port = idle(server)
 
     async def run() -> dict:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime", extra_query={"intent": "transcription"}) as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port, extra_query={"intent": "transcription"}) as sdk:
             refused = await sdk.next()
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await sdk.next()
@@ -681,15 +675,13 @@ def test_a_client_quiet_between_turns_keeps_its_session_with_an_empty_session_up
     session.update of {"type": "realtime"} alone keeps the session and changes nothing."""
     pytest.importorskip("openai", reason="the openai SDK is not installed (pip install -e .[test])")
     import websockets
-    from openai import AsyncOpenAI
 
     live = live_server(tiny_checkpoint, engine_transport, idle_timeout_s=1.0)
     port, _ = next(live)
 
     async def run() -> tuple[SdkRun, dict]:
-        client = AsyncOpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as connection:
-            sdk = SdkRun(connection)
+        async with sdk_session(port) as sdk:
+            connection = sdk.connection
             session = (await sdk.manual_turns())
             for _ in range(6):  # 3 s, three idle timeouts: kept
                 await asyncio.sleep(0.5)
