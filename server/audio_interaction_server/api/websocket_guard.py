@@ -181,7 +181,8 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self.num_texts_sent_now = 0  # text messages written by send_text_now (for tests)
         self.cut_reason: str | None = None  # the flood this socket was closed for (_fail_policy)
         self._refusal_counted = False  # a refused handshake spent its client's plain-request budget
-        self._linger: asyncio.TimerHandle | None = None  # set once closed by us: reads are dropped (_fail)
+        # Set once the socket lingers after a close (_close_once_the_client_has_read_it): reads are dropped.
+        self._linger: asyncio.TimerHandle | None = None
         # The websockets parser's own limit on one frame (a fragment or a whole message, whichever is lower).
         limits = [limit for limit in (self.conn.max_message_size, self.conn.max_fragment_size) if limit is not None]
         self._max_fast_payload = min(limits, default=2**63)
@@ -222,7 +223,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
                 message["type"] in ("websocket.close", "websocket.http.response.start"):
             self._count_refusal()  # the app refuses the handshake (429, 404, 401, 503, ...)
         if self._linger is not None:
-            # Closed by us (_fail), the socket kept only for the client to read the close: to the app it is gone,
+            # Closed (ours or the app's), the socket kept only for the client to read the close: to the app it is gone,
             # as it was once closed at once. uvicorn, the socket not lost yet, raised RuntimeError ("after sending
             # 'websocket.close'") for the events the app still sent, an 'Exception in ASGI application' in the log.
             raise ClientDisconnected()
@@ -308,7 +309,7 @@ class GuardedWebSocketProtocol(WatchedWrites, WebSocketsSansIOProtocol):
         self._max_fast_payload = min(self._max_fast_payload, max_bytes)  # a larger frame goes to that parser
 
     def data_received(self, data: bytes) -> None:
-        if self._linger is not None:  # closed by us (_fail): what the client still sends is read and dropped
+        if self._linger is not None:  # closed, lingering: what the client still sends is read and dropped
             return
         self._may_deliver_directly = True
         self._refill_data_frames()
